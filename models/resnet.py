@@ -1,0 +1,259 @@
+"""ResNet-18 encoder-decoder of NSA (Schlueter et al., arXiv 2109.15222), trained from scratch.
+
+The network maps an image ``B x C_in x H x W`` to a pixel-wise anomaly map
+``B x num_classes x H x W`` (H and W divisible by 32):
+
+    encoder     ResNet-18 trunk: 7x7 stride-2 stem, optional 3x3 stride-2 max pool,
+                four stages of two basic blocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2)
+    bottleneck  1x1 convolutions 512 -> 256 -> 128, each followed by BN and ReLU
+    decoder     three residual up-blocks (x2 each) to 64, 32 and 16 channels,
+                bilinear x2 upsampling when the stem pooled,
+                a 7x7 stride-2 transposed convolution to ``num_classes`` channels
+    activation  identity, sigmoid, relu or softmax over channels
+
+The encoder downsamples by 32 with the max pool (16 without); the decoder upsamples by the same
+factor, so the output has the input's height and width. Written without torchvision, in the
+spirit of timm: small blocks composed by one constructor.
+"""
+import inspect
+import numbers
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+STAGE_CHANNELS = (64, 128, 256, 512)
+STAGE_STRIDES = (1, 2, 2, 2)
+DECODER_CHANNELS = (64, 32, 16)
+FINAL_ACTIVATIONS = ('identity', 'sigmoid', 'relu', 'softmax')
+
+
+def conv3x3(in_channels, out_channels, stride=1):
+    """3x3 convolution with padding 1 and no bias (a BN follows)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels, out_channels, stride=1):
+    """1x1 convolution without bias (a BN follows)."""
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016): relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)).
+
+    The shortcut is the identity, or a strided 1x1 convolution + BN when the shape changes.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride),
+                                            nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + shortcut)
+
+
+class PreActBasicBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, "Identity mappings"):
+    conv(relu(bn(conv(relu(bn(x)))))) + shortcut(x).
+
+    When the shape changes the shortcut is a strided 1x1 convolution of the pre-activated input
+    relu(bn(x)), as in the paper; otherwise it is the identity on x.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = conv1x1(in_channels, out_channels, stride)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        out = self.conv1(pre)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet trunk without the classifier; ``forward`` returns the four stage feature maps.
+
+    ``out_channels`` and ``reductions`` give each map's channels and its stride with respect to
+    the input (4, 8, 16, 32 with the max pool; 2, 4, 8, 16 without). With ``preact`` the blocks
+    are pre-activation blocks and a final BN + ReLU is applied to the last stage's output.
+    """
+
+    def __init__(self, in_channels=3, layers=(2, 2, 2, 2), pool=True, preact=False):
+        super().__init__()
+        block = PreActBasicBlock if preact else BasicBlock
+        self.conv1 = nn.Conv2d(in_channels, STAGE_CHANNELS[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(STAGE_CHANNELS[0])
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if pool else None
+        stages, channels = [], STAGE_CHANNELS[0]
+        for num_blocks, out_channels, stride in zip(layers, STAGE_CHANNELS, STAGE_STRIDES):
+            blocks = [block(channels, out_channels, stride)]
+            blocks += [block(out_channels, out_channels) for _ in range(num_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            channels = out_channels
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.final_norm = nn.BatchNorm2d(channels) if preact else None
+
+        self.out_channels = STAGE_CHANNELS
+        stem_reduction = 4 if pool else 2
+        self.reductions = tuple(stem_reduction * 2 ** i for i in range(len(STAGE_CHANNELS)))
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            features.append(x)
+        if self.final_norm is not None:
+            features[-1] = F.relu(self.final_norm(features[-1]))
+        return features
+
+
+def conv_bn_relu_1x1(in_channels, out_channels):
+    """1x1 convolution, BN, ReLU."""
+    return nn.Sequential(conv1x1(in_channels, out_channels), nn.BatchNorm2d(out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class UpBlock(nn.Module):
+    """Residual x2 up-sampling block:
+    relu(bn(conv3x3(relu(bn(tconv3x3_s2(x))))) + bn(conv1x1(upsample_x2(x)))).
+
+    The 3x3 transposed convolution (stride 2, padding 1, output padding 1) doubles H and W; the
+    shortcut upsamples with nearest neighbours and matches the channels with a 1x1 convolution.
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.tconv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1,
+                                        output_padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv = conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
+                                      conv1x1(in_channels, out_channels),
+                                      nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.tconv(x)))
+        out = self.bn2(self.conv(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def make_final_activation(name):
+    """The output non-linearity called ``name`` (softmax is taken over the channel axis)."""
+    activations = {'identity': nn.Identity, 'sigmoid': nn.Sigmoid, 'relu': nn.ReLU,
+                   'softmax': lambda: nn.Softmax(dim=1)}
+    return activations[name]()
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class ResNetEncDec(nn.Module):
+    """ResNet-18 encoder, 1x1 bottleneck and residual up-sampling decoder (see module docstring).
+
+    ``encoder`` returns the four stage feature maps; ``config`` holds the constructor arguments as
+    plain values, so that ``build_model(model.config)`` rebuilds the same architecture.
+    """
+
+    def __init__(self, num_classes=1, in_channels=3, pool=True, preact=False,
+                 final_activation='identity', dropout_rate=0.0):
+        super().__init__()
+        num_classes = _check_int('num_classes', num_classes, 1)
+        in_channels = _check_int('in_channels', in_channels, 1)
+        pool = _check_bool('pool', pool)
+        preact = _check_bool('preact', preact)
+        if final_activation not in FINAL_ACTIVATIONS:
+            raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, "
+                             f"got {final_activation!r}")
+        if (isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real)
+                or not 0 <= dropout_rate < 1):
+            raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
+        self.config = dict(num_classes=num_classes, in_channels=in_channels, pool=pool,
+                           preact=preact, final_activation=final_activation,
+                           dropout_rate=float(dropout_rate))
+        self.size_multiple = 32 if pool else 16
+
+        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
+        self.bottleneck = nn.Sequential(conv_bn_relu_1x1(STAGE_CHANNELS[-1], 256),
+                                        conv_bn_relu_1x1(256, 128))
+        decoder, channels = [], 128
+        for out_channels in DECODER_CHANNELS:
+            decoder.append(UpBlock(channels, out_channels))
+            if dropout_rate > 0:
+                decoder.append(nn.Dropout2d(dropout_rate))
+            channels = out_channels
+        if pool:
+            decoder.append(nn.Upsample(scale_factor=2, mode='bilinear', align_corners=False))
+        decoder.append(nn.ConvTranspose2d(channels, num_classes, 7, stride=2, padding=3,
+                                          output_padding=1))
+        self.decoder = nn.Sequential(*decoder)
+        self.final_activation = make_final_activation(final_activation)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Standard ResNet initialisation: Kaiming normal (fan_out, ReLU) for (transposed)
+        convolutions with zero bias, weight 1 and bias 0 for BN."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(f"input height and width must be multiples of {self.size_multiple} "
+                             f"(pool={self.config['pool']}), got {height}x{width}")
+        x = self.encoder(x)[-1]
+        x = self.decoder(self.bottleneck(x))
+        return self.final_activation(x)
+
+
+def resnet18_enc_dec(num_classes=1, in_channels=3, pool=True, preact=False,
+                     final_activation='identity', dropout_rate=0.0):
+    """NSA's ResNet-18 encoder-decoder: B x in_channels x H x W -> B x num_classes x H x W."""
+    return ResNetEncDec(num_classes=num_classes, in_channels=in_channels, pool=pool,
+                        preact=preact, final_activation=final_activation,
+                        dropout_rate=dropout_rate)
+
+
+def build_model(config):
+    """Rebuild a freshly initialised model from ``model.config`` (e.g. stored in a checkpoint)."""
+    valid = set(inspect.signature(resnet18_enc_dec).parameters)
+    unknown = set(config) - valid
+    if unknown:
+        raise KeyError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+    return resnet18_enc_dec(**config)
