@@ -1,0 +1,213 @@
+"""Result tables: one table per metric, categories as rows, settings as columns.
+
+The input is the long format that the evaluation functions return: a list of dicts, one per
+evaluated checkpoint, each with
+
+    category  the category name (row)
+    kind      'object' | 'texture' | any other group name (rows are grouped by it)
+    setting   the setting key *without* its seed suffix (column)
+    seed      the seed (int) or None
+    <metric>  one float per metric (NaN where it is undefined or the checkpoint is missing)
+
+A table cell merges the seeds of one setting as ``mean ± std`` (sample standard deviation,
+ddof=1); a cell with a single seed shows only the value. Values are fractions written with
+three decimals (``0.972 ± 0.004``), or percent with one decimal (``97.2 ± 0.4``) when
+``percent=True``. An undefined cell reads ``NaN``.
+
+Rows are the categories sorted by name inside their group (objects, then textures, then any
+other group); when there is more than one group each group ends with an ``average`` row, and
+when there is more than one category the table ends with the total ``average`` (group ``all``).
+An average is the mean of the cells' seed means; it is NaN unless every category it covers has
+a value, so a missing checkpoint never silently drops out of an average. Its ``± std`` is the
+standard deviation over seeds of the per-seed averages, shown when all covered categories were
+evaluated with the same two or more seeds.
+"""
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+GROUP_ORDER = ('object', 'texture')
+AVERAGE = 'average'
+TOTAL_GROUP = 'all'
+MIXED_SUFFIX = '-M'
+KEY_COLUMNS = ('category', 'kind', 'setting', 'seed')
+
+
+def results_frame(records):
+    """The long-format records as a DataFrame; checks the key columns and duplicates."""
+    frame = pd.DataFrame(list(records))
+    missing = [c for c in KEY_COLUMNS if c not in frame.columns]
+    if frame.empty or missing:
+        raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; missing {missing or "all rows"}')
+    frame['seed'] = frame['seed'].astype(object).where(frame['seed'].notna(), None)
+    duplicated = frame.duplicated(['category', 'setting', 'seed'])
+    if duplicated.any():
+        row = frame[duplicated].iloc[0]
+        raise ValueError(f'duplicate result for category {row.category!r}, setting {row.setting!r}, '
+                         f'seed {row.seed!r}')
+    return frame
+
+
+def paper_column(setting):
+    """Name of the merged column for ``setting`` (objects) and ``setting-M`` (textures)."""
+    return f'{setting} (-M textures)'
+
+
+def merge_paper_layout(frame):
+    """The paper's layout: objects use ``X`` and textures ``X-M`` in one column ``X (-M textures)``.
+
+    Only pairs where both ``X`` and ``X-M`` occur are merged; the objects' ``X-M`` and the
+    textures' ``X`` results of such a pair are left out, every other setting stays as it is.
+    """
+    settings = list(dict.fromkeys(frame['setting']))
+    renamed = {}
+    for setting in settings:
+        if setting + MIXED_SUFFIX in settings:
+            renamed[(setting, 'object')] = paper_column(setting)
+            renamed[(setting + MIXED_SUFFIX, 'texture')] = paper_column(setting)
+    merged_settings = {s for s, _ in renamed}
+    keep = [(s, k) in renamed or s not in merged_settings for s, k in zip(frame['setting'], frame['kind'])]
+    frame = frame[keep].copy()
+    frame['setting'] = [renamed.get((s, k), s) for s, k in zip(frame['setting'], frame['kind'])]
+    return frame
+
+
+def _group_order(kinds):
+    others = sorted(set(kinds) - set(GROUP_ORDER))
+    return [g for g in GROUP_ORDER if g in set(kinds)] + others
+
+
+def _mean_std(values):
+    """Mean and sample std (ddof=1) of seed values; std is NaN for one seed; NaN propagates."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if len(values) else math.nan
+    std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return mean, std
+
+
+def _average(frame, metric, categories):
+    """Mean over ``categories`` of their seed means, and std over seeds of per-seed averages."""
+    if not set(categories) <= set(frame['category']):
+        return math.nan, math.nan
+    rows = frame[frame['category'].isin(categories)]
+    per_category = rows.groupby('category', sort=False)[metric]
+    mean = float(np.mean([_mean_std(v)[0] for _, v in per_category]))
+    seed_sets = {tuple(sorted(map(str, s))) for _, s in rows.groupby('category', sort=False)['seed']}
+    if len(seed_sets) != 1 or len(next(iter(seed_sets))) < 2 or math.isnan(mean):
+        return mean, math.nan
+    per_seed = rows.assign(seed=rows['seed'].map(str)).groupby('seed')[metric].mean()
+    return mean, _mean_std(per_seed.to_numpy())[1]
+
+
+def summarize(records, metric, paper_layout=False):
+    """Seed means and stds of ``metric``: two DataFrames with the table's rows and columns.
+
+    Rows: MultiIndex (group, category) as described in the module docstring; columns: the
+    settings in order of first appearance.
+    """
+    frame = results_frame(records)
+    if metric not in frame.columns:
+        raise KeyError(f'no metric {metric!r} in the results; they have {[c for c in frame.columns if c not in KEY_COLUMNS]}')
+    if paper_layout:
+        frame = merge_paper_layout(frame)
+    frame['kind'] = frame['kind'].fillna('other')
+    settings = list(dict.fromkeys(frame['setting']))
+    groups = _group_order(frame['kind'])
+    kind_of = dict(zip(frame['category'], frame['kind']))
+    categories = {g: sorted(c for c, k in kind_of.items() if k == g) for g in groups}
+
+    index, means, stds = [], [], []
+
+    def add_row(group, name, cells):
+        index.append((group, name))
+        means.append([c[0] for c in cells])
+        stds.append([c[1] for c in cells])
+
+    by_setting = {s: frame[frame['setting'] == s] for s in settings}
+    for group in groups:
+        for category in categories[group]:
+            add_row(group, category, [_mean_std(by_setting[s].loc[by_setting[s]['category'] == category, metric])
+                                      if category in set(by_setting[s]['category']) else (math.nan, math.nan)
+                                      for s in settings])
+        if len(groups) > 1:
+            add_row(group, AVERAGE, [_average(by_setting[s], metric, categories[group]) for s in settings])
+    if len(kind_of) > 1:
+        everything = [c for g in groups for c in categories[g]]
+        add_row(TOTAL_GROUP, AVERAGE, [_average(by_setting[s], metric, everything) for s in settings])
+
+    index = pd.MultiIndex.from_tuples(index, names=['group', 'category'])
+    columns = pd.Index(settings, name='setting')
+    return (pd.DataFrame(means, index=index, columns=columns),
+            pd.DataFrame(stds, index=index, columns=columns))
+
+
+def format_cell(mean, std, percent=False):
+    """``'0.972 ± 0.004'`` (or ``'97.2 ± 0.4'`` in percent); the value alone without std; ``'NaN'``."""
+    if math.isnan(mean):
+        return 'NaN'
+    scale, digits = (100.0, 1) if percent else (1.0, 3)
+    text = f'{mean * scale:.{digits}f}'
+    return text if math.isnan(std) else f'{text} ± {std * scale:.{digits}f}'
+
+
+def metric_table(records, metric, paper_layout=False, percent=False):
+    """The table of one metric as strings (see the module docstring for layout and format)."""
+    means, stds = summarize(records, metric, paper_layout=paper_layout)
+    cells = [[format_cell(m, s, percent) for m, s in zip(mrow, srow)]
+             for mrow, srow in zip(means.to_numpy(), stds.to_numpy())]
+    return pd.DataFrame(cells, index=means.index, columns=means.columns)
+
+
+def build_tables(records, metrics, paper_layout=False, percent=False):
+    """One table per metric: ``{metric: DataFrame of strings}``."""
+    return {m: metric_table(records, m, paper_layout=paper_layout, percent=percent) for m in metrics}
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def to_markdown(table):
+    return table.reset_index().to_markdown(index=False) + '\n'
+
+
+def to_latex(table):
+    """LaTeX tabular (booktabs) with escaped names and ``$\\pm$`` for ±."""
+    return table.to_latex(escape=True, multirow=True).replace('±', r'$\pm$')
+
+
+EXPORTERS = {'csv': lambda t: t.to_csv(), 'md': to_markdown, 'tex': to_latex}
+
+
+def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
+    """Write each table as ``out_dir/<metric>.<format>``; returns the written paths."""
+    unknown = set(formats) - set(EXPORTERS)
+    if unknown:
+        raise ValueError(f'unknown table formats {sorted(unknown)}; use some of {sorted(EXPORTERS)}')
+    paths = []
+    for metric, table in tables.items():
+        for fmt in formats:
+            path = Path(out_dir) / f'{metric}.{fmt}'
+            write_text_atomic(path, EXPORTERS[fmt](table))
+            paths.append(path)
+    return paths
+
+
+def write_results(records, path):
+    """The long-format results (one row per checkpoint, numeric) as CSV, written atomically."""
+    write_text_atomic(path, results_frame(records).to_csv(index=False))
+    return Path(path)

@@ -1,0 +1,119 @@
+"""Evaluation: result tables, map prediction, checkpoint evaluation and the command line."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import tables
+
+
+def record(category, kind, setting, seed, value, **more):
+    return dict(category=category, kind=kind, setting=setting, seed=seed, image_auroc_mean=value, **more)
+
+
+def two_group_records():
+    return [
+        record('bottle', 'object', 'Shift', 1, 0.90), record('bottle', 'object', 'Shift', 2, 0.80),
+        record('screw', 'object', 'Shift', 1, 0.70), record('screw', 'object', 'Shift', 2, 0.50),
+        record('carpet', 'texture', 'Shift', 1, 1.00), record('carpet', 'texture', 'Shift', 2, 0.60),
+        record('bottle', 'object', 'FPI', None, 0.75),
+        record('screw', 'object', 'FPI', None, 0.65),
+        record('carpet', 'texture', 'FPI', None, 0.5),
+    ]
+
+
+def test_table_layout_and_mean_std_by_hand():
+    table = tables.metric_table(two_group_records(), 'image_auroc_mean')
+    assert list(table.index) == [('object', 'bottle'), ('object', 'screw'), ('object', 'average'),
+                                 ('texture', 'carpet'), ('texture', 'average'), ('all', 'average')]
+    assert list(table.columns) == ['Shift', 'FPI']
+    shift = table['Shift']
+    # bottle: mean 0.85, sample std of (0.9, 0.8) = 0.0707
+    assert shift[('object', 'bottle')] == '0.850 ± 0.071'
+    assert shift[('object', 'screw')] == '0.600 ± 0.141'
+    # object average: per seed (0.8, 0.65) -> mean 0.725, std 0.106
+    assert shift[('object', 'average')] == '0.725 ± 0.106'
+    assert shift[('texture', 'carpet')] == '0.800 ± 0.283'
+    assert shift[('texture', 'average')] == '0.800 ± 0.283'
+    # total: per seed (0.8667, 0.6333) -> mean 0.75, std 0.165
+    assert shift[('all', 'average')] == '0.750 ± 0.165'
+    # one seed: the value alone
+    assert table['FPI'][('object', 'bottle')] == '0.750'
+    assert table['FPI'][('object', 'average')] == '0.700'
+    assert table['FPI'][('all', 'average')] == '0.633'
+
+
+def test_percent_format_and_nan():
+    assert tables.format_cell(0.9724, 0.0041, percent=True) == '97.2 ± 0.4'
+    assert tables.format_cell(0.9724, math.nan) == '0.972'
+    assert tables.format_cell(math.nan, 0.1) == 'NaN'
+
+
+def test_missing_cell_makes_its_averages_nan():
+    records = two_group_records() + [record('carpet', 'texture', 'CutPaste', 1, math.nan),
+                                     record('bottle', 'object', 'CutPaste', 1, 0.9),
+                                     record('screw', 'object', 'CutPaste', 1, 0.7)]
+    means, _ = tables.summarize(records, 'image_auroc_mean')
+    assert means.loc[('object', 'average'), 'CutPaste'] == pytest.approx(0.8)
+    assert math.isnan(means.loc[('texture', 'average'), 'CutPaste'])
+    assert math.isnan(means.loc[('all', 'average'), 'CutPaste'])
+    # a category that has no record at all for a setting also leaves a NaN cell
+    records = [r for r in records if not (r['category'] == 'screw' and r['setting'] == 'CutPaste')]
+    means, _ = tables.summarize(records, 'image_auroc_mean')
+    assert math.isnan(means.loc[('object', 'screw'), 'CutPaste'])
+    assert math.isnan(means.loc[('object', 'average'), 'CutPaste'])
+
+
+def test_average_without_std_when_seeds_differ():
+    records = [record('a', 'texture', 'Shift', 1, 0.5), record('a', 'texture', 'Shift', 2, 0.7),
+               record('b', 'texture', 'Shift', 3, 0.9), record('b', 'texture', 'Shift', 4, 0.9)]
+    table = tables.metric_table(records, 'image_auroc_mean')
+    # one group only: no group average, only the total
+    assert list(table.index) == [('texture', 'a'), ('texture', 'b'), ('all', 'average')]
+    assert table.loc[('all', 'average'), 'Shift'] == '0.750'
+
+
+def test_single_category_has_no_average_rows():
+    table = tables.metric_table([record('tile', 'texture', 'Shift', 1, 0.5)], 'image_auroc_mean')
+    assert list(table.index) == [('texture', 'tile')]
+
+
+def test_paper_layout_merges_mixed_variant_for_textures():
+    records = [record('bottle', 'object', 'Shift-Intensity', 1, 0.9),
+               record('bottle', 'object', 'Shift-Intensity-M', 1, 0.1),
+               record('carpet', 'texture', 'Shift-Intensity', 1, 0.2),
+               record('carpet', 'texture', 'Shift-Intensity-M', 1, 0.8),
+               record('carpet', 'texture', 'FPI', 1, 0.6)]
+    plain = tables.metric_table(records, 'image_auroc_mean')
+    assert list(plain.columns) == ['Shift-Intensity', 'Shift-Intensity-M', 'FPI']
+    merged = tables.metric_table(records, 'image_auroc_mean', paper_layout=True)
+    column = tables.paper_column('Shift-Intensity')
+    assert list(merged.columns) == [column, 'FPI']
+    assert merged.loc[('object', 'bottle'), column] == '0.900'
+    assert merged.loc[('texture', 'carpet'), column] == '0.800'
+    assert merged.loc[('all', 'average'), column] == '0.850'
+
+
+def test_duplicate_and_malformed_results_raise():
+    with pytest.raises(ValueError, match="duplicate result for category 'a'"):
+        tables.results_frame([record('a', 'texture', 'Shift', 1, 0.5)] * 2)
+    with pytest.raises(ValueError, match='seed'):
+        tables.results_frame([dict(category='a', kind='texture', setting='Shift')])
+    with pytest.raises(KeyError, match='pixel_auroc'):
+        tables.summarize([record('a', 'texture', 'Shift', 1, 0.5)], 'pixel_auroc')
+
+
+def test_write_tables_csv_markdown_latex(tmp_path):
+    built = tables.build_tables(two_group_records(), ['image_auroc_mean'])
+    paths = tables.write_tables(built, tmp_path / 'tables')
+    assert sorted(p.name for p in paths) == ['image_auroc_mean.csv', 'image_auroc_mean.md', 'image_auroc_mean.tex']
+    csv = pd.read_csv(tmp_path / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert csv.loc[('object', 'bottle'), 'Shift'] == '0.850 ± 0.071'
+    markdown = (tmp_path / 'tables' / 'image_auroc_mean.md').read_text()
+    assert '| object  | bottle' in markdown and '0.850 ± 0.071' in markdown
+    latex = (tmp_path / 'tables' / 'image_auroc_mean.tex').read_text()
+    assert r'0.850 $\pm$ 0.071' in latex and r'\begin{tabular}' in latex
+    assert not list((tmp_path / 'tables').glob('.*'))  # no temporary files left
+    results = tables.write_results(two_group_records(), tmp_path / 'results.csv')
+    assert len(pd.read_csv(results)) == 9
