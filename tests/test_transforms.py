@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+
+from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
+                                      RandomVerticalFlip, Resize, denormalize, to_image_tensor,
+                                      to_label_tensor)
+
+
+def random_image(height=40, width=40, channels=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def mask_of(image):
+    """A mask that is a function of the image pixels: tells whether the pair stayed aligned."""
+    return (image[:, :, :1] > 127).astype(np.float32)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("transform", [CenterCrop(24), RandomCrop(24), RandomVerticalFlip(1.0),
+                                       Compose([RandomVerticalFlip(), RandomCrop(30), CenterCrop(20)])])
+def test_image_and_mask_move_together(transform, channels):
+    image = random_image(channels=channels)
+    for seed in range(5):
+        out, mask = transform(image, mask_of(image), np.random.default_rng(seed))
+        assert out.dtype == np.uint8 and out.shape[2] == channels and out.flags.c_contiguous
+        assert mask.dtype == np.float32 and mask.shape == out.shape[:2] + (1,)
+        np.testing.assert_array_equal(mask, mask_of(out))
+
+
+@pytest.mark.parametrize("transform", [Resize(17), RandomRotation(10), CenterCrop(9), RandomCrop(9),
+                                       RandomVerticalFlip()])
+def test_mask_none_passes_through(transform):
+    image, mask = transform(random_image(channels=1), None, np.random.default_rng(0))
+    assert mask is None and image.ndim == 3 and image.shape[2] == 1
+
+
+def test_same_generator_state_gives_same_result():
+    transform = Compose([RandomRotation(5), CenterCrop(34), RandomCrop(32), RandomVerticalFlip()])
+    image = random_image()
+    a = transform(image, None, np.random.default_rng(7))[0]
+    b = transform(image, None, np.random.default_rng(7))[0]
+    c = transform(image, None, np.random.default_rng(8))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_center_crop_takes_the_centre():
+    image = random_image(41, 39)
+    out, _ = CenterCrop(21)(image, None, None)
+    np.testing.assert_array_equal(out, image[10:31, 9:30])
+
+
+def test_random_crop_is_a_window_and_covers_all_positions():
+    image = np.arange(10 * 10, dtype=np.uint8).reshape(10, 10, 1)
+    corners = set()
+    for seed in range(200):
+        out, _ = RandomCrop(8)(image, None, np.random.default_rng(seed))
+        top, left = divmod(int(out[0, 0, 0]), 10)
+        np.testing.assert_array_equal(out, image[top:top + 8, left:left + 8])
+        corners.add((top, left))
+    assert corners == {(t, l) for t in range(3) for l in range(3)}
+
+
+def test_vertical_flip_probability():
+    image = random_image()
+    flipped = [not np.array_equal(RandomVerticalFlip()(image, None, np.random.default_rng(s))[0], image)
+               for s in range(400)]
+    assert 0.4 < np.mean(flipped) < 0.6
+    np.testing.assert_array_equal(RandomVerticalFlip(1.0)(image, None, np.random.default_rng(0))[0], image[::-1])
+    np.testing.assert_array_equal(RandomVerticalFlip(0.0)(image, None, np.random.default_rng(0))[0], image)
+
+
+def test_rotation():
+    image = random_image(channels=1)
+    np.testing.assert_array_equal(RandomRotation(0)(image, None, np.random.default_rng(0))[0], image)
+    mask = np.zeros((40, 40, 1), np.float32)
+    mask[10:30, 15:25] = 1  # a vertical bar
+    for seed in range(5):
+        out, rotated = RandomRotation(30)(image, mask, np.random.default_rng(seed))
+        assert out.shape == image.shape and rotated.shape == mask.shape
+        assert set(np.unique(rotated)) <= {0.0, 1.0}
+        assert abs(rotated.sum() - mask.sum()) <= 0.15 * mask.sum()
+    # rotating a constant image leaves it constant (reflected borders, no black corners)
+    flat = np.full((40, 40, 3), 90, np.uint8)
+    np.testing.assert_array_equal(RandomRotation(45)(flat, None, np.random.default_rng(1))[0], flat)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_resize(channels):
+    image = random_image(64, 48, channels)
+    out, mask = Resize(32)(image, mask_of(image), None)
+    assert out.shape == (32, 32, channels) and mask.shape == (32, 32, 1)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert Resize(80)(image, None, None)[0].shape == (80, 80, channels)
+
+
+@pytest.mark.parametrize("transform", [CenterCrop(41), RandomCrop(41)])
+def test_crop_larger_than_image_is_an_error(transform):
+    with pytest.raises(ValueError, match="41"):
+        transform(random_image(), None, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("channels, mean, std", [
+    (3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    (1, [(0.485 + 0.456 + 0.406) / 3], [(0.229 + 0.224 + 0.225) / 3]),
+])
+def test_image_tensor_normalisation_and_inverse(channels, mean, std):
+    image = random_image(8, 6, channels)
+    tensor = to_image_tensor(image)
+    assert tensor.dtype == torch.float32 and tensor.shape == (channels, 8, 6)
+    expected = (image.astype(np.float64) / 255 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(tensor.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_array_equal(denormalize(tensor), image)
+
+
+def test_image_tensor_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        to_image_tensor(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        to_image_tensor(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_label_tensor():
+    label = np.random.default_rng(0).random((5, 7, 1)).astype(np.float32)
+    tensor = to_label_tensor(label)
+    assert tensor.dtype == torch.float32 and tensor.shape == (1, 5, 7)
+    np.testing.assert_array_equal(tensor[0].numpy(), label[:, :, 0])
+    with pytest.raises(ValueError, match="H x W x 1"):
+        to_label_tensor(np.zeros((5, 7), np.float32))
