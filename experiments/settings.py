@@ -1,0 +1,297 @@
+"""Setting keys -> generator arguments, loss and final activation; per-category parameters.
+
+A setting key names one of the self-supervised tasks of the paper's code, written as a small
+grammar rather than a table of every combination::
+
+    BASE[-M][-SEED]
+
+    BASE   Shift, Shift-Intensity, Shift-Raw-Intensity, Shift-Intensity-Swap   (NSA and ablations)
+           FPI, FPI-Poisson                                                     (foreign patch
+                                                                                 interpolation, PII)
+           CutPaste
+    -M     Poisson blending with mixed gradients (cv2.MIXED_CLONE) instead of the source's
+           gradients (cv2.NORMAL_CLONE); only for the bases that blend with Poisson editing
+    -SEED  a non-negative integer seeding the run (default DEFAULT_SEED)
+
+e.g. ``Shift-Intensity-M-923874273``. ``parse_setting(key)`` returns a ``Setting`` with the
+generator (``patch_ex``) arguments that the task fixes; the arguments that depend on the data
+(patch sizes, number of patches, logistic label parameters, object mask) come from the category's
+parameters: ``mvtec_self_sup_args`` and ``chest_xray_self_sup_args`` merge both.
+
+Per-category parameters are data: the paper's values for the 15 MVTec AD categories are in the
+dicts below (``WIDTH_BOUNDS_PCT`` ... ``EPOCHS``) and are gathered into ``CATEGORY_PARAMS``,
+which a user extends for a custom category (``CATEGORY_PARAMS['my_part'] = dict(num_patches=2)``);
+the command lines override single values (``--num-patches``, ``--logistic K X0``, ...).
+A category without an entry gets the defaults of its kind (``KIND_DEFAULTS``).
+"""
+import re
+from dataclasses import dataclass
+
+import cv2
+
+from self_sup_data.mvtec import category_kind
+
+DEFAULT_SEED = 0
+
+# ------------------------------------------------------------------------------------------------
+# Setting keys
+# ------------------------------------------------------------------------------------------------
+
+POISSON = 'poisson'  # placeholder mode of a base: cv2.NORMAL_CLONE, or cv2.MIXED_CLONE with -M
+PAPER_GAMMA_PARAMS = (2, 0.05, 0.03)  # (shape, scale, lower bound) of the patch half-width
+
+
+@dataclass(frozen=True)
+class BaseSetting:
+    """A self-supervised task before the -M and seed suffixes.
+
+    ``self_sup_args`` are the ``patch_ex`` arguments the task fixes; ``gamma_params`` not None
+    means half-widths are drawn from a gamma distribution (the data's parameters replace the
+    paper's MVTec values), None means uniformly between the width bounds.
+    """
+    slug: str
+    self_sup_args: dict
+    loss: str = 'bce'
+    final_activation: str = 'sigmoid'
+
+
+def _shift(label_mode, mode=POISSON):
+    """NSA: a resized patch of another image moved to a random place and blended."""
+    return dict(gamma_params=PAPER_GAMMA_PARAMS, resize=True, shift=True, same=False,
+                mode=mode, label_mode=label_mode)
+
+
+def _foreign_patch(mode, label_mode):
+    """FPI/PII: the patch at the same place in another image, interpolated or Poisson-blended."""
+    return dict(gamma_params=None, resize=False, shift=False, same=False,
+                mode=mode, label_mode=label_mode)
+
+
+BASE_SETTINGS = {
+    'Shift': BaseSetting('shift', _shift('binary')),
+    'Shift-Intensity': BaseSetting('shift_intensity', _shift('logistic-intensity')),
+    'Shift-Raw-Intensity': BaseSetting('shift_raw_intensity', _shift('intensity'),
+                                       loss='mse', final_activation='relu'),
+    'Shift-Intensity-Swap': BaseSetting('shift_intensity_swap',
+                                        _shift('logistic-intensity', mode='swap')),
+    'FPI': BaseSetting('fpi', _foreign_patch('uniform', 'continuous')),
+    'FPI-Poisson': BaseSetting('fpi_poisson', _foreign_patch(POISSON, 'logistic-intensity')),
+    'CutPaste': BaseSetting('cut_paste', dict(gamma_params=None, resize=False, shift=True,
+                                              same=True, mode='swap', label_mode='binary')),
+}
+POISSON_BASES = tuple(name for name, base in BASE_SETTINGS.items()
+                      if base.self_sup_args['mode'] == POISSON)
+LOSSES = ('bce', 'mse')
+
+# longest names first, so that 'Shift-Intensity-Swap' is not read as 'Shift-Intensity' + junk
+_KEY_PATTERN = re.compile(
+    r'^(?P<base>{})(?P<mixed>-M)?(?:-(?P<seed>\d+))?$'.format(
+        '|'.join(re.escape(name) for name in sorted(BASE_SETTINGS, key=len, reverse=True))))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A parsed setting key: the task's ``patch_ex`` arguments, loss and final activation.
+
+    ``seed`` is None when the key has none (then runs use DEFAULT_SEED); ``fname`` names the
+    trained model (e.g. 'shift_intensity_m_923874273') and ``dir_name`` the folder shared by
+    the seeds of a setting (e.g. 'shift_intensity_m').
+    """
+    key: str
+    base: str
+    mixed: bool
+    seed: int | None
+    self_sup_args: dict
+    loss: str
+    final_activation: str
+    fname: str
+    dir_name: str
+
+    @property
+    def run_seed(self):
+        """The seed of a run with this setting: the key's seed, else DEFAULT_SEED."""
+        return DEFAULT_SEED if self.seed is None else self.seed
+
+    def run_name(self, category):
+        """Name of a run on ``category``, e.g. 'zipper_shift_intensity_923874273'."""
+        return f'{category}_{self.fname}'
+
+
+def valid_setting_forms():
+    """One line describing the valid setting keys (for error messages and --help)."""
+    return (f"BASE[-M][-SEED] with BASE one of {', '.join(BASE_SETTINGS)}; "
+            f"-M (mixed gradients) only for {', '.join(POISSON_BASES)}; "
+            f"SEED a non-negative integer (e.g. Shift-Intensity-M-923874273)")
+
+
+def parse_setting(key):
+    """Parse a setting key ``BASE[-M][-SEED]`` into a ``Setting``; ValueError for unknown keys."""
+    match = _KEY_PATTERN.match(key) if isinstance(key, str) else None
+    if match is None:
+        raise ValueError(f"unknown setting key {key!r}; valid keys: {valid_setting_forms()}")
+    name, mixed, seed = match['base'], match['mixed'] is not None, match['seed']
+    base = BASE_SETTINGS[name]
+    args = dict(base.self_sup_args)
+    if args['mode'] == POISSON:
+        args['mode'] = cv2.MIXED_CLONE if mixed else cv2.NORMAL_CLONE
+    elif mixed:
+        raise ValueError(f"setting key {key!r}: -M (mixed gradients) applies only to the "
+                         f"Poisson-blending bases {', '.join(POISSON_BASES)}, not to {name}")
+    dir_name = base.slug + ('_m' if mixed else '')
+    seed = None if seed is None else int(seed)
+    fname = dir_name if seed is None else f'{dir_name}_{seed}'
+    return Setting(key=key, base=name, mixed=mixed, seed=seed, self_sup_args=args,
+                   loss=base.loss, final_activation=base.final_activation,
+                   fname=fname, dir_name=dir_name)
+
+
+def paper_setting_key(base, class_name, kind=None, seed=None):
+    """The key the paper evaluates for a category: source gradients for objects, mixed for textures.
+
+    >>> paper_setting_key('Shift-Intensity', 'carpet')
+    'Shift-Intensity-M'
+    """
+    params = category_params(class_name, kind)
+    key = base + ('-M' if params['mixed_gradients'] else '')
+    key += '' if seed is None else f'-{seed}'
+    parse_setting(key)  # validates
+    return key
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-category parameters (the paper's code, MVTec AD)
+# ------------------------------------------------------------------------------------------------
+# Half-width bounds of a patch as fractions of the image side: ((h_min, h_max), (w_min, w_max)).
+_FULL = ((0.03, 0.4), (0.03, 0.4))
+WIDTH_BOUNDS_PCT = {
+    'bottle': _FULL, 'cable': ((0.1, 0.2), (0.1, 0.2)), 'capsule': ((0.03, 0.15), (0.03, 0.4)),
+    'hazelnut': ((0.03, 0.35), (0.03, 0.35)), 'metal_nut': _FULL,
+    'pill': ((0.03, 0.2), (0.03, 0.4)), 'screw': ((0.03, 0.12), (0.03, 0.12)),
+    'toothbrush': ((0.03, 0.4), (0.03, 0.2)), 'transistor': _FULL,
+    'zipper': ((0.03, 0.4), (0.03, 0.2)),
+    'carpet': _FULL, 'grid': _FULL, 'leather': _FULL, 'tile': _FULL, 'wood': _FULL,
+}
+# Maximum number of patches (the first is always attempted, each further one with probability 1/2).
+NUM_PATCHES = {'bottle': 3, 'cable': 3, 'capsule': 3, 'hazelnut': 3, 'metal_nut': 3, 'pill': 3,
+               'screw': 4, 'toothbrush': 3, 'transistor': 3, 'zipper': 4,
+               'carpet': 4, 'grid': 4, 'leather': 4, 'tile': 4, 'wood': 4}
+# (k, x0) of the logistic label 1 / (1 + exp(-k (d - x0))) of the mean absolute difference d.
+INTENSITY_LOGISTIC_PARAMS = {
+    'bottle': (1 / 12, 24), 'cable': (1 / 12, 24), 'capsule': (1 / 2, 4),
+    'hazelnut': (1 / 12, 24), 'metal_nut': (1 / 3, 7), 'pill': (1 / 3, 7), 'screw': (1, 3),
+    'toothbrush': (1 / 6, 15), 'transistor': (1 / 6, 15), 'zipper': (1 / 6, 15),
+    'carpet': (1 / 3, 7), 'grid': (1 / 3, 7), 'leather': (1 / 3, 7), 'tile': (1 / 3, 7),
+    'wood': (1 / 6, 15),
+}
+# (brightness, threshold) of the background: pixels within threshold of brightness are background.
+BACKGROUND = {'bottle': (200, 60), 'screw': (200, 60), 'capsule': (200, 60), 'zipper': (200, 60),
+              'hazelnut': (20, 20), 'pill': (20, 20), 'toothbrush': (20, 20),
+              'metal_nut': (20, 20)}
+# Minimum object fraction of a patch and minimum overlap of source and destination objects.
+MIN_OBJECT_PCT = {'bottle': 0.7, 'capsule': 0.7, 'hazelnut': 0.7, 'metal_nut': 0.5, 'pill': 0.7,
+                  'screw': 0.5, 'toothbrush': 0.25, 'zipper': 0.7}
+MIN_OVERLAP_PCT = {name: 0.25 for name in MIN_OBJECT_PCT}
+# Unaligned objects train longer.
+EPOCHS = {name: 560 if name in ('hazelnut', 'metal_nut', 'screw') else 320
+          for name in WIDTH_BOUNDS_PCT}
+
+_PAPER_TABLES = dict(width_bounds_pct=WIDTH_BOUNDS_PCT, num_patches=NUM_PATCHES,
+                     intensity_logistic_params=INTENSITY_LOGISTIC_PARAMS, background=BACKGROUND,
+                     min_object_pct=MIN_OBJECT_PCT, min_overlap_pct=MIN_OVERLAP_PCT, epochs=EPOCHS)
+
+# Defaults of a category without its own entry. 'background' None: no object mask.
+# 'mixed_gradients': which Poisson blend the paper evaluates (paper_setting_key).
+KIND_DEFAULTS = {
+    'object': dict(width_bounds_pct=_FULL, num_patches=3, intensity_logistic_params=(1 / 6, 15),
+                   background=None, min_object_pct=None, min_overlap_pct=None,
+                   gamma_params=PAPER_GAMMA_PARAMS, resize_bounds=(0.7, 1.3), epochs=320,
+                   mixed_gradients=False),
+    'texture': dict(width_bounds_pct=_FULL, num_patches=4, intensity_logistic_params=(1 / 3, 7),
+                    background=None, min_object_pct=None, min_overlap_pct=None,
+                    gamma_params=PAPER_GAMMA_PARAMS, resize_bounds=(0.5, 2), epochs=320,
+                    mixed_gradients=True),
+}
+CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture'])
+
+# Per-category parameters: the paper's 15 categories; add entries for custom categories.
+CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.items()
+                          if name in table}
+                   for name in WIDTH_BOUNDS_PCT}
+
+# NIH ChestX-ray14 (the paper's chest X-ray experiments).
+CHEST_XRAY_PARAMS = dict(width_bounds_pct=_FULL, num_patches=3, intensity_logistic_params=(1 / 2, 4),
+                         background=(0, 20), min_object_pct=0.7, min_overlap_pct=0.7,
+                         gamma_params=(2, 0.03, 0.05), resize_bounds=(0.7, 1.3), epochs=240,
+                         mixed_gradients=False)
+
+# --ellipse (paper's code): patches become unions of random ellipses, trained for 240 more epochs.
+NUM_ELLIPSES = 5
+ELLIPSE_EXTRA_EPOCHS = 240
+
+
+def _checked_overrides(overrides):
+    """Drop None values; KeyError for names that are not category parameters."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(CATEGORY_PARAM_NAMES))
+    if unknown:
+        raise KeyError(f"unknown category parameters {unknown}; valid: {list(CATEGORY_PARAM_NAMES)}")
+    return overrides
+
+
+def category_params(class_name, kind=None, overrides=None):
+    """Parameters of an MVTec-layout category: kind defaults < CATEGORY_PARAMS entry < overrides.
+
+    ``kind`` ('object' or 'texture') overrides the category's kind (a name outside the paper's 15
+    is a texture unless ``kind='object'``); ``overrides`` maps parameter names (see
+    ``CATEGORY_PARAM_NAMES``) to values, None meaning 'keep'.
+    """
+    kind = category_kind(class_name, kind)
+    entry = _checked_overrides(CATEGORY_PARAMS.get(class_name))
+    return {**KIND_DEFAULTS[kind], **entry, **_checked_overrides(overrides)}
+
+
+def self_sup_args_for(setting, params, single_patch=False, cutpaste_patch_gen=False,
+                      use_mask=True, ellipse=False):
+    """``patch_ex`` keyword arguments (plain types) of ``setting`` on data with ``params``.
+
+    single_patch: one patch instead of params['num_patches']; cutpaste_patch_gen: CutPaste's
+    patch shapes; use_mask False: ignore the background (no object mask); ellipse: patches made
+    of NUM_ELLIPSES random ellipses.
+    """
+    args = dict(setting.self_sup_args)
+    if args['gamma_params'] is not None:
+        args['gamma_params'] = tuple(params['gamma_params'])
+    args.update(width_bounds_pct=tuple(tuple(b) for b in params['width_bounds_pct']),
+                num_patches=1 if single_patch else int(params['num_patches']),
+                intensity_logistic_params=tuple(params['intensity_logistic_params']),
+                resize_bounds=tuple(params['resize_bounds']))
+    if use_mask and params['background'] is not None:
+        args['skip_background'] = tuple(params['background'])
+        for name in ('min_object_pct', 'min_overlap_pct'):
+            if params[name] is not None:
+                args[name] = float(params[name])
+    if ellipse:
+        args['num_ellipses'] = NUM_ELLIPSES
+    if cutpaste_patch_gen:
+        args['cutpaste_patch_generation'] = True
+    return args
+
+
+def training_epochs(params, ellipse=False):
+    """Number of epochs of the paper for data with ``params`` (more with --ellipse)."""
+    return int(params['epochs']) + (ELLIPSE_EXTRA_EPOCHS if ellipse else 0)
+
+
+def mvtec_self_sup_args(setting, class_name, kind=None, overrides=None, **flags):
+    """``patch_ex`` arguments of ``setting`` on an MVTec-layout category (see self_sup_args_for)."""
+    return self_sup_args_for(setting, category_params(class_name, kind, overrides), **flags)
+
+
+def chest_xray_params(overrides=None):
+    """CHEST_XRAY_PARAMS with ``overrides`` applied (None values keep the default)."""
+    return {**CHEST_XRAY_PARAMS, **_checked_overrides(overrides)}
+
+
+def chest_xray_self_sup_args(setting, overrides=None, **flags):
+    """``patch_ex`` arguments of ``setting`` on chest X-rays (see self_sup_args_for)."""
+    return self_sup_args_for(setting, chest_xray_params(overrides), **flags)

@@ -1,0 +1,176 @@
+"""Setting keys -> generator arguments; per-category and chest X-ray parameters."""
+import io
+
+import cv2
+import pytest
+import torch
+
+from experiments import settings
+from experiments.settings import (CATEGORY_PARAMS, category_params, chest_xray_self_sup_args,
+                                  mvtec_self_sup_args, paper_setting_key, parse_setting,
+                                  training_epochs)
+
+PAPER_SEEDS = (923874273, 2388222932, 676346783, 123425)
+
+# base -> (mode without -M, label_mode, shift, resize, same, uses gamma, loss, activation)
+EXPECTED_BASES = {
+    'Shift': (cv2.NORMAL_CLONE, 'binary', True, True, False, True, 'bce', 'sigmoid'),
+    'Shift-Intensity': (cv2.NORMAL_CLONE, 'logistic-intensity', True, True, False, True, 'bce',
+                        'sigmoid'),
+    'Shift-Raw-Intensity': (cv2.NORMAL_CLONE, 'intensity', True, True, False, True, 'mse', 'relu'),
+    'Shift-Intensity-Swap': ('swap', 'logistic-intensity', True, True, False, True, 'bce',
+                             'sigmoid'),
+    'FPI': ('uniform', 'continuous', False, False, False, False, 'bce', 'sigmoid'),
+    'FPI-Poisson': (cv2.NORMAL_CLONE, 'logistic-intensity', False, False, False, False, 'bce',
+                    'sigmoid'),
+    'CutPaste': ('swap', 'binary', True, False, True, False, 'bce', 'sigmoid'),
+}
+POISSON = ('Shift', 'Shift-Intensity', 'Shift-Raw-Intensity', 'FPI-Poisson')
+
+
+def all_key_forms():
+    for base in EXPECTED_BASES:
+        for mixed in ((False, True) if base in POISSON else (False,)):
+            for seed in (None,) + PAPER_SEEDS:
+                key = base + ('-M' if mixed else '') + ('' if seed is None else f'-{seed}')
+                yield key, base, mixed, seed
+
+
+@pytest.mark.parametrize('key,base,mixed,seed', list(all_key_forms()))
+def test_every_key_form_parses_to_its_base_arguments(key, base, mixed, seed):
+    mode, label_mode, shift, resize, same, gamma, loss, activation = EXPECTED_BASES[base]
+    if mixed:
+        mode = cv2.MIXED_CLONE
+    s = parse_setting(key)
+    assert (s.key, s.base, s.mixed, s.seed) == (key, base, mixed, seed)
+    args = s.self_sup_args
+    assert (args['mode'], args['label_mode'], args['shift'], args['resize'], args['same']) == (
+        mode, label_mode, shift, resize, same)
+    assert args['gamma_params'] == ((2, 0.05, 0.03) if gamma else None)
+    assert (s.loss, s.final_activation) == (loss, activation)
+    slug = base.lower().replace('-', '_') if base != 'CutPaste' else 'cut_paste'
+    assert s.dir_name == slug + ('_m' if mixed else '')
+    assert s.fname == s.dir_name + ('' if seed is None else f'_{seed}')
+    assert s.run_seed == (settings.DEFAULT_SEED if seed is None else seed)
+
+
+def test_examples_from_the_paper():
+    s = parse_setting('Shift-Intensity-M-923874273')
+    assert (s.base, s.mixed, s.seed, s.self_sup_args['mode']) == (
+        'Shift-Intensity', True, 923874273, cv2.MIXED_CLONE)
+    assert s.fname == 'shift_intensity_m_923874273'
+    assert s.run_name('zipper') == 'zipper_shift_intensity_m_923874273'
+    cut = parse_setting('CutPaste').self_sup_args
+    assert (cut['mode'], cut['same']) == ('swap', True)
+
+
+@pytest.mark.parametrize('key', ['shift', 'Shift-X', 'Shift--1', 'Shift-M-M', 'Shift-1-M', '',
+                                 'Shift-Intensity-', 'Shift-Intensity-Swap2', 'NSA', None, 3])
+def test_unknown_keys_raise_with_the_valid_forms(key):
+    with pytest.raises(ValueError, match='BASE\\[-M\\]\\[-SEED\\].*Shift-Intensity-Swap'):
+        parse_setting(key)
+
+
+@pytest.mark.parametrize('key', ['CutPaste-M', 'FPI-M-3', 'Shift-Intensity-Swap-M'])
+def test_mixed_gradients_only_for_poisson_bases(key):
+    with pytest.raises(ValueError, match='-M .*only'):
+        parse_setting(key)
+
+
+def test_setting_is_frozen():
+    with pytest.raises(AttributeError):
+        parse_setting('Shift').seed = 3
+
+
+def test_object_category_arguments_follow_the_paper():
+    args = mvtec_self_sup_args(parse_setting('Shift-Intensity'), 'screw')
+    assert args['width_bounds_pct'] == ((0.03, 0.12), (0.03, 0.12))
+    assert args['num_patches'] == 4
+    assert args['intensity_logistic_params'] == (1, 3)
+    assert args['skip_background'] == (200, 60)
+    assert (args['min_object_pct'], args['min_overlap_pct']) == (0.5, 0.25)
+    assert args['resize_bounds'] == (0.7, 1.3)
+    assert args['gamma_params'] == (2, 0.05, 0.03)
+    assert args['mode'] == cv2.NORMAL_CLONE and args['label_mode'] == 'logistic-intensity'
+    assert training_epochs(category_params('screw')) == 560
+    assert training_epochs(category_params('bottle')) == 320
+
+
+@pytest.mark.parametrize('name', ['cable', 'transistor'])
+def test_objects_without_background_have_no_mask(name):
+    args = mvtec_self_sup_args(parse_setting('Shift'), name)
+    assert 'skip_background' not in args and args['num_patches'] == 3
+
+
+def test_texture_category_arguments_follow_the_paper():
+    args = mvtec_self_sup_args(parse_setting('Shift-Intensity-M'), 'wood')
+    assert args['num_patches'] == 4 and args['resize_bounds'] == (0.5, 2)
+    assert args['intensity_logistic_params'] == (1 / 6, 15)
+    assert 'skip_background' not in args
+    assert args['mode'] == cv2.MIXED_CLONE
+
+
+def test_paper_tables_cover_the_fifteen_categories():
+    assert len(CATEGORY_PARAMS) == 15
+    assert all(len(t) == 15 for t in (settings.WIDTH_BOUNDS_PCT, settings.NUM_PATCHES,
+                                      settings.INTENSITY_LOGISTIC_PARAMS, settings.EPOCHS))
+    assert set(settings.BACKGROUND) == set(settings.MIN_OBJECT_PCT) == set(settings.MIN_OVERLAP_PCT)
+
+
+def test_paper_setting_key_uses_mixed_gradients_for_textures():
+    assert paper_setting_key('Shift-Intensity', 'carpet') == 'Shift-Intensity-M'
+    assert paper_setting_key('Shift-Intensity', 'bottle', seed=123425) == 'Shift-Intensity-123425'
+
+
+def test_custom_category_uses_texture_defaults_unless_object():
+    texture = mvtec_self_sup_args(parse_setting('Shift'), 'my_fabric')
+    assert texture['num_patches'] == 4 and texture['resize_bounds'] == (0.5, 2)
+    obj = mvtec_self_sup_args(parse_setting('Shift'), 'my_part', kind='object')
+    assert obj['num_patches'] == 3 and obj['resize_bounds'] == (0.7, 1.3)
+    assert 'skip_background' not in obj
+
+
+def test_custom_category_params_are_data(monkeypatch):
+    monkeypatch.setitem(CATEGORY_PARAMS, 'my_tile', dict(intensity_logistic_params=(0.5, 2),
+                                                         background=(0, 10), min_object_pct=0.4))
+    args = mvtec_self_sup_args(parse_setting('Shift-Intensity'), 'my_tile')
+    assert args['intensity_logistic_params'] == (0.5, 2)
+    assert args['skip_background'] == (0, 10) and args['min_object_pct'] == 0.4
+    assert 'min_overlap_pct' not in args  # generator default
+
+
+def test_overrides_and_flags():
+    setting = parse_setting('Shift-Intensity')
+    args = mvtec_self_sup_args(setting, 'bottle',
+                               overrides=dict(num_patches=2, intensity_logistic_params=(1, 5),
+                                              width_bounds_pct=((0.1, 0.2), (0.1, 0.3)),
+                                              background=None),
+                               single_patch=False, use_mask=False, ellipse=True,
+                               cutpaste_patch_gen=True)
+    assert args['num_patches'] == 2 and args['intensity_logistic_params'] == (1, 5)
+    assert args['width_bounds_pct'] == ((0.1, 0.2), (0.1, 0.3))
+    assert 'skip_background' not in args  # --no_mask
+    assert args['num_ellipses'] == settings.NUM_ELLIPSES
+    assert args['cutpaste_patch_generation'] is True
+    assert mvtec_self_sup_args(setting, 'bottle', single_patch=True)['num_patches'] == 1
+    assert training_epochs(category_params('bottle'), ellipse=True) == 320 + 240
+    with pytest.raises(KeyError, match='num_patchs'):
+        mvtec_self_sup_args(setting, 'bottle', overrides=dict(num_patchs=2))
+
+
+def test_chest_xray_arguments():
+    args = chest_xray_self_sup_args(parse_setting('Shift-Intensity-M'))
+    assert args['gamma_params'] == (2, 0.03, 0.05)
+    assert args['num_patches'] == 3 and args['intensity_logistic_params'] == (1 / 2, 4)
+    assert args['skip_background'] == (0, 20)
+    assert (args['min_object_pct'], args['min_overlap_pct']) == (0.7, 0.7)
+    assert training_epochs(settings.chest_xray_params()) == 240
+    assert chest_xray_self_sup_args(parse_setting('FPI'))['gamma_params'] is None
+
+
+def test_arguments_are_plain_types_that_load_with_weights_only():
+    args = mvtec_self_sup_args(parse_setting('Shift-Intensity-M-1'), 'capsule', ellipse=True)
+    buffer = io.BytesIO()
+    torch.save(args, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == args
