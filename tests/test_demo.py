@@ -1,0 +1,87 @@
+import socket
+
+import cv2
+import numpy as np
+import pytest
+
+from self_sup_data import demo
+from self_sup_data.demo import DEFECT_KINDS, DEMO_CATEGORY, MIN_CHANGE, add_defect, make_demo_dataset
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("the demo dataset must not touch the network")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", no_network)
+        patch.setattr(socket, "create_connection", no_network)
+        return make_demo_dataset(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+def file_contents(category_dir):
+    return {str(p.relative_to(category_dir)): p.read_bytes()
+            for p in sorted(category_dir.rglob("*")) if p.is_file()}
+
+
+def test_layout(demo_root):
+    assert demo_root.name == DEMO_CATEGORY
+    assert len(list((demo_root / "train" / "good").glob("*.png"))) == demo.N_TRAIN
+    assert len(list((demo_root / "test" / "good").glob("*.png"))) == demo.N_TEST_GOOD
+    assert sorted(p.name for p in (demo_root / "test").iterdir()) == sorted(DEFECT_KINDS + ("good",))
+    for kind in DEFECT_KINDS:
+        images = sorted((demo_root / "test" / kind).glob("*.png"))
+        assert len(images) == demo.N_PER_DEFECT
+        for image_path in images:
+            image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+            mask = cv2.imread(str(demo_root / "ground_truth" / kind / f"{image_path.stem}_mask.png"),
+                              cv2.IMREAD_UNCHANGED)
+            assert image.shape == mask.shape == (demo.IMAGE_SIZE, demo.IMAGE_SIZE)
+            assert image.dtype == mask.dtype == np.uint8
+            assert set(np.unique(mask)) == {0, 255}
+    assert sum(p.stat().st_size for p in demo_root.rglob("*")) < 5e6
+    assert not [p for p in demo_root.parent.iterdir() if p != demo_root]  # no temp folders left
+
+
+def test_deterministic_for_a_seed(demo_root, tmp_path):
+    again = make_demo_dataset(tmp_path / "a", seed=0)
+    assert file_contents(again) == file_contents(demo_root)
+    other = make_demo_dataset(tmp_path / "b", seed=1)
+    assert file_contents(other) != file_contents(demo_root)
+
+
+def test_existing_dataset_is_reused_or_replaced(tmp_path):
+    path = make_demo_dataset(tmp_path, seed=3)
+    marker = path / "train" / "good" / "000.png"
+    stamp = marker.stat().st_mtime_ns
+    assert make_demo_dataset(tmp_path, seed=3) == path and marker.stat().st_mtime_ns == stamp
+    first = file_contents(path)
+    assert make_demo_dataset(tmp_path, seed=4) == path
+    assert file_contents(path) != first
+    assert file_contents(path) == file_contents(make_demo_dataset(tmp_path / "fresh", seed=4))
+    assert [p.name for p in tmp_path.iterdir() if p.name != "fresh"] == [DEMO_CATEGORY]
+
+
+def test_foreign_folder_is_not_overwritten(tmp_path):
+    (tmp_path / DEMO_CATEGORY / "train").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=DEMO_CATEGORY):
+        make_demo_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_masks_are_exact(kind):
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (128, 128)).astype(np.uint8), (0, 0), 2)
+    for _ in range(10):
+        image, mask = add_defect(texture, kind, rng)
+        assert image.dtype == np.uint8 and mask.dtype == bool and mask.shape == texture.shape
+        changed = np.abs(image.astype(int) - texture)
+        np.testing.assert_array_equal(changed > 0, mask)
+        assert changed[mask].min() >= MIN_CHANGE
+        assert mask.sum() >= demo.MIN_DEFECT_PIXELS
+
+
+def test_command_line(tmp_path, capsys):
+    demo.main([str(tmp_path), "--seed", "2"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / DEMO_CATEGORY)
