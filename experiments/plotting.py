@@ -1,0 +1,132 @@
+"""Figures written to PNG files: anomaly heatmaps over test images, training sample grids and the
+loss curve. Inputs are numpy arrays (images uint8 H x W x C, maps and masks float H x W or
+H x W x 1); each function writes its file atomically and returns its path.
+
+Figures are drawn on matplotlib's Agg canvas directly, so nothing here touches pyplot's global
+state or the backend of a notebook that calls it.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ['plot_examples', 'plot_sample_grid', 'plot_loss_curve']
+
+PANEL_INCHES = 2.2
+HEATMAP_CMAP = 'jet'
+CONTOUR_COLOR = 'red'
+
+
+def _save(fig, path):
+    """Write `fig` as PNG to a temporary name next to `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    FigureCanvasAgg(fig)
+    fig.savefig(tmp, format='png', dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def _as_map(values, name):
+    """A float H x W array from H x W or H x W x 1 (or 1 x H x W)."""
+    values = np.squeeze(np.asarray(values, dtype=np.float32))
+    if values.ndim != 2:
+        raise ValueError(f'{name} must be H x W (or with a channel of 1), got shape {np.shape(values)}')
+    return values
+
+
+def _show_image(ax, image):
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f'images must be uint8 H x W x C with C in (1, 3), got {image.dtype} {image.shape}')
+    if image.shape[2] == 1:
+        ax.imshow(image[:, :, 0], cmap='gray', vmin=0, vmax=255)
+    else:
+        ax.imshow(image)
+    ax.set_axis_off()
+    return image.shape[:2]
+
+
+def _draw_contour(ax, mask):
+    if mask.any():
+        ax.contour(mask, levels=[0.5], colors=CONTOUR_COLOR, linewidths=1)
+
+
+def _check_lengths(**sequences):
+    lengths = {name: len(seq) for name, seq in sequences.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f'expected sequences of equal length, got {lengths}')
+    if not next(iter(lengths.values())):
+        raise ValueError(f'expected at least one item to plot, got {lengths}')
+
+
+def plot_examples(images, masks, maps, titles, path, vmin=None, vmax=None):
+    """Columns of test examples: the input image, the image with the ground-truth contour, and
+    the predicted anomaly map as a heatmap over the image (with the same contour).
+
+    images: uint8 H x W x C each; masks: binary H x W each (None for a missing mask); maps: float
+    H x W each; titles: str each. The heatmap colour scale is shared by all columns: [vmin, vmax],
+    by default the range of all maps, so that normal and defective images compare directly.
+    """
+    _check_lengths(images=images, masks=masks, maps=maps, titles=titles)
+    maps = [_as_map(m, 'maps') for m in maps]
+    vmin = min(float(m.min()) for m in maps) if vmin is None else vmin
+    vmax = max(float(m.max()) for m in maps) if vmax is None else vmax
+    fig = Figure(figsize=(PANEL_INCHES * len(maps) + 0.8, PANEL_INCHES * 3), layout='constrained')
+    axes = fig.subplots(3, len(maps), squeeze=False)
+    for col, (image, mask, anomaly_map, title) in enumerate(zip(images, masks, maps, titles)):
+        size = _show_image(axes[0, col], image)
+        _show_image(axes[1, col], image)
+        _show_image(axes[2, col], image)
+        if anomaly_map.shape != size:
+            raise ValueError(f'map {col} has shape {anomaly_map.shape}, its image {size}')
+        heat = axes[2, col].imshow(anomaly_map, cmap=HEATMAP_CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
+        if mask is not None:
+            mask = _as_map(mask, 'masks') > 0.5
+            _draw_contour(axes[1, col], mask)
+            _draw_contour(axes[2, col], mask)
+        axes[0, col].set_title(title, fontsize=9)
+    for row, label in enumerate(('input', 'ground truth', 'prediction')):
+        axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
+                          ha='right', va='center', fontsize=9)
+    fig.colorbar(heat, ax=axes[2, :].tolist(), shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_sample_grid(images, labels, preds, path):
+    """Training samples as rows: the (synthetic-anomaly) input image, its label map and the
+    model's prediction, one column per sample. Label and prediction share the range [0, 1].
+
+    images: uint8 H x W x C each; labels, preds: float H x W (or H x W x 1, 1 x H x W) each.
+    """
+    _check_lengths(images=images, labels=labels, preds=preds)
+    fig = Figure(figsize=(PANEL_INCHES * len(images), PANEL_INCHES * 3), layout='constrained')
+    axes = fig.subplots(3, len(images), squeeze=False)
+    for col, (image, label, pred) in enumerate(zip(images, labels, preds)):
+        _show_image(axes[0, col], image)
+        for row, values in ((1, _as_map(label, 'labels')), (2, _as_map(pred, 'preds'))):
+            axes[row, col].imshow(values, cmap='viridis', vmin=0, vmax=1)
+            axes[row, col].set_axis_off()
+    for row, name in enumerate(('image', 'label', 'prediction')):
+        axes[row, 0].set_title(name, fontsize=9, loc='left')
+    return _save(fig, path)
+
+
+def plot_loss_curve(losses, path):
+    """Training loss per epoch (log scale when all losses are positive)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 1 or losses.size == 0:
+        raise ValueError(f'losses must be a non-empty 1-d sequence of numbers, got shape {losses.shape}')
+    fig = Figure(figsize=(5, 3.5), layout='constrained')
+    ax = fig.subplots()
+    epochs = np.arange(1, losses.size + 1)
+    ax.plot(epochs, losses, marker='.' if losses.size < 50 else None)
+    if np.all(losses > 0):
+        ax.set_yscale('log')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('training loss')
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)

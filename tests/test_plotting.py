@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.plotting import plot_examples, plot_loss_curve, plot_sample_grid
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+SIZE = 32
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert('L'))
+    assert pixels.min() < pixels.max()  # something was drawn
+    assert not list(path.parent.glob('.*.tmp'))
+
+
+def make_images(rng, n, channels):
+    return [rng.integers(0, 256, (SIZE, SIZE, channels), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_plot_examples_writes_png(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((SIZE, SIZE)), np.zeros((SIZE, SIZE, 1)), None]
+    masks[1][8:16, 10:20] = 1
+    maps = [rng.random((SIZE, SIZE)).astype(np.float32) for _ in range(3)]
+    path = plot_examples(make_images(rng, 3, channels), masks, maps, ['good', 'crack', 'no mask'],
+                         tmp_path / 'figs' / 'examples.png')
+    assert path == tmp_path / 'figs' / 'examples.png'
+    assert_png(path)
+
+
+def test_plot_sample_grid_and_loss_curve_write_png(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = [rng.random((SIZE, SIZE, 1)) for _ in range(2)]
+    preds = [rng.random((1, SIZE, SIZE)) for _ in range(2)]
+    assert_png(plot_sample_grid(make_images(rng, 2, 3), labels, preds, tmp_path / 'grid.png'))
+    assert_png(plot_loss_curve([0.7, 0.3, 0.2, 0.15], tmp_path / 'loss.png'))
+    assert_png(plot_loss_curve([0.5], tmp_path / 'one_epoch.png'))
+
+
+def test_plotting_rejects_bad_input(tmp_path):
+    rng = np.random.default_rng(2)
+    images = make_images(rng, 2, 3)
+    with pytest.raises(ValueError, match='equal length'):
+        plot_examples(images, [None], [np.zeros((SIZE, SIZE))] * 2, ['a', 'b'], tmp_path / 'x.png')
+    with pytest.raises(ValueError, match='uint8'):
+        plot_sample_grid([image.astype(float) for image in images], [np.zeros((SIZE, SIZE))] * 2,
+                         [np.zeros((SIZE, SIZE))] * 2, tmp_path / 'x.png')
+    with pytest.raises(ValueError, match='losses'):
+        plot_loss_curve([], tmp_path / 'x.png')
+    assert not (tmp_path / 'x.png').exists()
