@@ -1,0 +1,327 @@
+"""Datasets in the MVTec AD folder layout: the 15 MVTec AD categories and any custom category.
+
+Layout (``root`` holds one folder per category)::
+
+    root/<category>/train/good/*.png                    normal training images
+    root/<category>/test/good/*.png                     normal test images
+    root/<category>/test/<defect>/<name>.png            defective test images
+    root/<category>/ground_truth/<defect>/<name>_mask.png   their masks (optional per image)
+
+Images are decoded (Pillow, which rejects truncated files) and resized once, in parallel, and
+kept in memory as ``uint8 H x W x C``. A category whose images are all grayscale (one channel,
+or three identical channels) stays single-channel; otherwise every image is RGB. Non-square
+images are resized to a square.
+
+Training items are the self-supervised samples of NSA: a randomly transformed training image
+``dest``, a randomly transformed *other* training image ``src``, and
+``patch_ex(dest, src, rng=rng, **self_sup_args)`` -> (anomalous image, label map). The
+generator of item ``i`` is seeded from ``(seed, epoch, i)``, so a seed gives the same samples for
+any number of DataLoader workers (call ``set_epoch`` before each epoch's iterator is created;
+with ``persistent_workers=True`` the workers would not see it).
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from self_sup_data.self_sup_tasks import patch_ex
+from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
+                                      RandomVerticalFlip, resize, to_image_tensor, to_label_tensor)
+
+OBJECTS = ['bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut',
+           'pill', 'screw', 'toothbrush', 'transistor', 'zipper']
+TEXTURES = ['carpet', 'grid', 'leather', 'tile', 'wood']
+CLASS_NAMES = OBJECTS + TEXTURES
+UNALIGNED_OBJECTS = ['bottle', 'hazelnut', 'metal_nut', 'screw']
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+KINDS = ('object', 'texture')
+
+
+# ----------------------------------------------------------------------------- categories
+
+def list_categories(root):
+    """Sorted names of the folders in ``root`` that hold ``train/good`` or ``test``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if (p / 'train' / 'good').is_dir() or (p / 'test').is_dir())
+
+
+def category_kind(class_name, kind=None):
+    """'object' or 'texture': ``kind`` if given, else MVTec AD's grouping; other names -> 'texture'."""
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+        return kind
+    return 'object' if class_name in OBJECTS else 'texture'
+
+
+def _round_to_multiple(x, multiple):
+    return max(multiple, int(np.floor(x / multiple + 0.5)) * multiple)
+
+
+def data_recipe(class_name, res_scale=1.0, kind=None):
+    """The paper's per-category training transform, at resolution factor ``res_scale``.
+
+    At ``res_scale=1`` (the paper):
+      objects:  resize 256, [rotation up to 5 degrees for UNALIGNED_OBJECTS], centre crop 230,
+                random crop 224;
+      textures: resize 264, random vertical flip, random crop 256.
+    Otherwise the training crop is ``train_size = 224 * res_scale`` (objects) or
+    ``256 * res_scale`` (textures) rounded to a multiple of 32 (the network needs it), and the
+    other sizes keep their proportion to it (objects: resize ``train_size * 256/224``, centre crop
+    ``train_size * 230/224``; textures: resize ``train_size * 264/256``), e.g. 0.5 -> 128 for both.
+
+    Returns dict(low_res, train_size, test_res, transform): ``low_res`` is the side training
+    images are resized to, ``test_res`` the side test images are resized to (``low_res`` rounded
+    to a multiple of 32: 256 for both kinds at ``res_scale=1``, as in the paper's evaluation).
+    """
+    if not res_scale > 0:
+        raise ValueError(f"res_scale must be positive, got {res_scale}")
+    if category_kind(class_name, kind) == 'object':
+        train_size = _round_to_multiple(224 * res_scale, 32)
+        low_res = int(train_size * 256 / 224 + 0.5)
+        steps = [RandomRotation(5)] if class_name in UNALIGNED_OBJECTS else []
+        steps += [CenterCrop(int(train_size * 230 / 224 + 0.5)), RandomCrop(train_size)]
+    else:
+        train_size = _round_to_multiple(256 * res_scale, 32)
+        low_res = int(train_size * 264 / 256 + 0.5)
+        steps = [RandomVerticalFlip(), RandomCrop(train_size)]
+    return dict(low_res=low_res, train_size=train_size,
+                test_res=_round_to_multiple(low_res, 32), transform=Compose(steps))
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _decode(path):
+    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+                return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+            if image.mode in ('1', 'LA', 'La'):
+                image = image.convert('L')
+            elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
+                image = image.convert('RGB')
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def read_image(path):
+    """uint8 ``H x W x C``: C = 1 for grayscale (also three identical channels), else 3 (RGB)."""
+    array = _decode(path)
+    if array.ndim == 2:
+        return array[:, :, None]
+    if np.array_equal(array[:, :, 0], array[:, :, 1]) and np.array_equal(array[:, :, 0], array[:, :, 2]):
+        return np.ascontiguousarray(array[:, :, :1])
+    return array
+
+
+def read_mask(path):
+    """Boolean ``H x W`` mask: pixels above 127 (0/255 masks) or above 0 (0/1 masks)."""
+    mask = _decode(path)
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    return mask > (127 if mask.max() > 1 else 0)
+
+
+def to_channels(image, channels):
+    """Convert uint8 ``H x W x C`` to ``channels`` (1: luminance, 3: replicate gray)."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+def _load_item(image_path, mask_path, size):
+    image = read_image(image_path)
+    mask = None
+    if mask_path is not None:
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                             f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return resize(image, size), mask
+
+
+def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images'):
+    """Decode and resize images (and optional masks) in parallel threads.
+
+    Returns (images, masks): images uint8 ``size x size x C`` with one C for all (``channels``,
+    or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size`` in {0, 1},
+    or None where ``mask_paths`` has None.
+    """
+    mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
+    workers = min(16, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * len(image_paths)),
+                           total=len(image_paths), desc=desc, disable=None, leave=False))
+    images = [image for image, _ in loaded]
+    if channels is None:
+        channels = 1 if all(image.shape[2] == 1 for image in images) else 3
+    return [to_channels(image, channels) for image in images], [mask for _, mask in loaded]
+
+
+def _image_files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class SelfSupImageDataset(Dataset):
+    """In-memory images; train items are self-supervised samples, test items labelled images.
+
+    train, self-sup on:  ds[i] -> (image tensor C x H x W, 0, label tensor 1 x H x W)
+    train, self-sup off: ds[i] -> (transformed image tensor, 0, zeros 1 x H x W)
+    test:                ds[i] -> (image tensor at low_res, 0/1, mask tensor 1 x H x W in {0, 1})
+    Subclasses find the files; this class holds the images and makes the items.
+    """
+
+    def __init__(self, images, is_train, transform, train_size, self_sup_args=None, seed=0,
+                 labels=None, masks=None, has_mask=None):
+        self.images = images
+        self.is_train = is_train
+        self.transform = transform
+        self.train_size = train_size
+        self.in_channels = images[0].shape[2]
+        self.low_res = images[0].shape[0]
+        self.self_sup = is_train
+        self.self_sup_args = dict(self_sup_args or {})
+        self.seed = seed
+        self.epoch = 0
+        self.labels = np.zeros(len(images), int) if labels is None else np.asarray(labels, int)
+        self.masks = masks
+        self.has_mask = np.ones(len(images), bool) if has_mask is None else np.asarray(has_mask, bool)
+
+    def configure_self_sup(self, on=True, self_sup_args=None):
+        """Switch self-supervised samples on/off; ``self_sup_args`` updates the patch_ex arguments."""
+        self.self_sup = on
+        self.self_sup_args.update(self_sup_args or {})
+
+    def set_epoch(self, epoch):
+        """Select the epoch whose samples the items are (part of each item's seed)."""
+        self.epoch = int(epoch)
+
+    def item_rng(self, index):
+        """The generator of item ``index`` in the current epoch."""
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if not self.is_train:
+            mask = self.masks[index]
+            if mask is None:
+                mask = np.zeros(self.images[index].shape[:2], np.uint8)
+            return (to_image_tensor(self.images[index]), int(self.labels[index]),
+                    to_label_tensor(mask[:, :, None].astype(np.float32)))
+        rng = self.item_rng(index)
+        image, _ = self.transform(self.images[index].copy(), None, rng)
+        if not self.self_sup:
+            return to_image_tensor(image), 0, torch.zeros((1,) + image.shape[:2])
+        args = dict(self.self_sup_args)
+        if len(self.images) == 1:
+            args['same'] = True
+        source = None
+        if not args.get('same', False):
+            other = int(rng.integers(len(self.images) - 1))
+            other += other >= index
+            source, _ = self.transform(self.images[other].copy(), None, rng)
+        image, label = patch_ex(image, source, rng=rng, **args)
+        return to_image_tensor(image), 0, to_label_tensor(label)
+
+
+def _category_dir(root_path, class_name):
+    root = Path(root_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MVTec-layout root folder {root} does not exist; it should hold one "
+                                f"folder per category (e.g. {root / 'bottle' / 'train' / 'good'})")
+    category_dir = root / class_name
+    if class_name not in list_categories(root):
+        found = list_categories(root)
+        raise FileNotFoundError(f"category {class_name!r} not found in {root} (no {category_dir}/train/good "
+                                f"or {category_dir}/test); categories found: {found or 'none'}")
+    return category_dir
+
+
+def _train_files(category_dir):
+    folder = category_dir / 'train' / 'good'
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; training needs normal images there")
+    files = _image_files(folder)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                         "training needs normal images there")
+    return files
+
+
+def _test_files(category_dir):
+    """(image paths, defect types, mask paths or None) of test/<type>/ in sorted order."""
+    test_dir = category_dir / 'test'
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"{test_dir} does not exist; testing needs test/good and test/<defect> folders")
+    paths, defect_types, mask_paths = [], [], []
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for path in _image_files(type_dir):
+            mask_path = None
+            if type_dir.name != 'good':
+                candidates = sorted((category_dir / 'ground_truth' / type_dir.name).glob(f'{path.stem}_mask.*'))
+                mask_path = candidates[0] if candidates else None
+            paths.append(path)
+            defect_types.append(type_dir.name)
+            mask_paths.append(mask_path)
+    if not paths:
+        raise ValueError(f"{test_dir} holds no images in its sub-folders (expected test/good/*.png, test/<defect>/*.png)")
+    return paths, defect_types, mask_paths
+
+
+class SelfSupMVTecDataset(SelfSupImageDataset):
+    """One category of an MVTec-layout folder (see the module docstring).
+
+    ``low_res`` and ``transform`` default to ``data_recipe(class_name, res_scale, kind)``
+    (``low_res`` for training, ``test_res`` for testing). ``self_sup_args``: keyword arguments of
+    ``patch_ex`` (plain types). Test items: ``.defect_types`` ('good' for normal), ``.paths``,
+    ``.has_mask`` (False for a defect image without a mask file: image-level evaluation only).
+    """
+
+    def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
+                 self_sup_args=None, seed=0, kind=None, res_scale=1.0):
+        category_dir = _category_dir(root_path, class_name)
+        recipe = data_recipe(class_name, res_scale, kind)
+        if low_res is None:
+            low_res = recipe['low_res'] if is_train else recipe['test_res']
+        if is_train:
+            paths, defect_types, mask_paths = _train_files(category_dir), None, None
+        else:
+            paths, defect_types, mask_paths = _test_files(category_dir)
+        images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
+        if transform is None:
+            transform, train_size = recipe['transform'], recipe['train_size']
+        else:
+            train_size = _output_side(transform, images[0])
+        super().__init__(
+            images, is_train, transform, train_size, self_sup_args, seed,
+            labels=None if is_train else [t != 'good' for t in defect_types],
+            masks=masks,
+            has_mask=None if is_train else [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)])
+        self.class_name = class_name
+        self.kind = category_kind(class_name, kind)
+        self.paths = [str(p) for p in paths]
+        self.defect_types = ['good'] * len(paths) if is_train else defect_types
+
+
+def _output_side(transform, image):
+    """Side length of what ``transform`` makes of ``image`` (the training crop size)."""
+    return transform(np.zeros_like(image), None, np.random.default_rng(0))[0].shape[0]

@@ -1,0 +1,321 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from self_sup_data import mvtec
+from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupMVTecDataset, category_kind,
+                                 data_recipe, list_categories, read_image)
+from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
+                                      RandomVerticalFlip, denormalize)
+from tests.conftest import make_mvtec_category
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SMALL = dict(res_scale=0.25)  # custom categories are textures: train crops 64 from 66, test at 64
+ARGS = dict(width_bounds_pct=((0.1, 0.3), (0.1, 0.3)), num_patches=2)
+
+
+def identity(image, mask, rng):
+    return image, mask
+
+
+# ----------------------------------------------------------------------------- categories and recipes
+
+def test_class_names():
+    assert len(CLASS_NAMES) == 15 and sorted(OBJECTS + TEXTURES) == sorted(CLASS_NAMES)
+    assert set(mvtec.UNALIGNED_OBJECTS) <= set(OBJECTS)
+
+
+def test_category_kind():
+    assert category_kind('screw') == 'object' and category_kind('wood') == 'texture'
+    assert category_kind('magnetic_tile') == 'texture'
+    assert category_kind('magnetic_tile', kind='object') == 'object'
+    with pytest.raises(ValueError, match="kind"):
+        category_kind('wood', kind='textures')
+
+
+def test_list_categories(tmp_path):
+    make_mvtec_category(tmp_path, 'b', n_train=1, defects={})
+    (tmp_path / 'a' / 'test' / 'good').mkdir(parents=True)
+    (tmp_path / 'not_a_category').mkdir()
+    assert list_categories(tmp_path) == ['a', 'b']
+    assert list_categories(tmp_path / 'missing') == []
+
+
+def steps(recipe):
+    return [repr(t) for t in recipe['transform'].transforms]
+
+
+def test_paper_recipes():
+    screw, cable, wood = data_recipe('screw'), data_recipe('cable'), data_recipe('wood')
+    assert (screw['low_res'], screw['train_size'], screw['test_res']) == (256, 224, 256)
+    assert steps(screw) == ['RandomRotation(5)', 'CenterCrop(230)', 'RandomCrop(224)']
+    assert steps(cable) == ['CenterCrop(230)', 'RandomCrop(224)']
+    assert (wood['low_res'], wood['train_size'], wood['test_res']) == (264, 256, 256)
+    assert steps(wood) == ['RandomVerticalFlip(p=0.5)', 'RandomCrop(256)']
+    assert steps(data_recipe('wood', kind='object')) == ['CenterCrop(230)', 'RandomCrop(224)']
+
+
+@pytest.mark.parametrize('name', ['screw', 'cable', 'wood', 'custom'])
+@pytest.mark.parametrize('res_scale', [0.25, 0.5, 0.75, 1.0, 2.0])
+def test_scaled_recipes_keep_proportions(name, res_scale):
+    recipe = data_recipe(name, res_scale)
+    train_size, low_res = recipe['train_size'], recipe['low_res']
+    assert train_size % 32 == 0 and recipe['test_res'] % 32 == 0
+    ratio = 256 / 224 if name in OBJECTS else 264 / 256
+    assert abs(low_res / train_size - ratio) < 0.01
+    image = np.zeros((low_res, low_res, 1), np.uint8)
+    assert recipe['transform'](image, None, np.random.default_rng(0))[0].shape == (train_size, train_size, 1)
+    assert data_recipe(name, 0.5)['train_size'] == 128
+    with pytest.raises(ValueError, match="res_scale"):
+        data_recipe(name, 0)
+
+
+# ----------------------------------------------------------------------------- training items
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_train_items(tmp_path, channels):
+    make_mvtec_category(tmp_path, 'cat', channels=channels)
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', self_sup_args=ARGS, **SMALL)
+    assert len(ds) == 6 and ds.in_channels == channels and ds.class_name == 'cat'
+    assert (ds.low_res, ds.train_size) == (66, 64)
+    assert all(im.dtype == np.uint8 and im.shape == (66, 66, channels) for im in ds.images)
+    labelled = 0
+    for i in range(len(ds)):
+        image, zero, label = ds[i]
+        assert image.dtype == torch.float32 and image.shape == (channels, 64, 64)
+        assert zero == 0
+        assert label.dtype == torch.float32 and label.shape == (1, 64, 64)
+        assert 0 <= label.min() and label.max() <= 1
+        labelled += bool(label.max() > 0)
+    assert labelled >= 4  # patch_ex rarely leaves an image unchanged
+
+
+def test_self_sup_off_gives_the_transformed_image(tiny_mvtec):
+    ds = SelfSupMVTecDataset(*tiny_mvtec, **SMALL)
+    ds.configure_self_sup(on=False)
+    image, _, label = ds[2]
+    expected, _ = ds.transform(ds.images[2], None, ds.item_rng(2))
+    np.testing.assert_array_equal(denormalize(image), expected)
+    assert label.shape == (1, 64, 64) and not label.any()
+
+
+def test_configure_self_sup_updates_arguments(tiny_mvtec):
+    ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'num_patches': 3}, **SMALL)
+    ds.configure_self_sup(on=True, self_sup_args={'label_mode': 'continuous'})
+    assert ds.self_sup and ds.self_sup_args == {'num_patches': 3, 'label_mode': 'continuous'}
+
+
+def recording_patch_ex(calls):
+    def fake(dest, src, rng=None, **kwargs):
+        calls.append((dest.copy(), None if src is None else src.copy(), kwargs))
+        return dest, np.zeros(dest.shape[:2] + (1,), np.float32)
+    return fake
+
+
+def test_source_is_another_training_image(tiny_mvtec, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mvtec, 'patch_ex', recording_patch_ex(calls))
+    ds = SelfSupMVTecDataset(*tiny_mvtec, transform=identity, self_sup_args={'mode': 'swap'}, **SMALL)
+    sources = []
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            ds[i]
+            dest, src, kwargs = calls[-1]
+            assert kwargs == {'mode': 'swap'}
+            np.testing.assert_array_equal(dest, ds.images[i])
+            matches = [j for j, im in enumerate(ds.images) if np.array_equal(src, im)]
+            assert len(matches) == 1 and matches[0] != i
+            sources.append(matches[0])
+    assert set(sources) == set(range(len(ds)))
+
+
+def test_same_image_source(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mvtec, 'patch_ex', recording_patch_ex(calls))
+    make_mvtec_category(tmp_path, 'one', n_train=1)
+    SelfSupMVTecDataset(tmp_path, 'one', **SMALL)[0]
+    assert calls[-1][1] is None and calls[-1][2] == {'same': True}
+    SelfSupMVTecDataset(tmp_path, 'one', self_sup_args={'same': True}, **SMALL)[0]
+    assert calls[-1][1] is None
+
+
+def batches(ds, num_workers):
+    loader = DataLoader(ds, batch_size=3, num_workers=num_workers)
+    return [torch.cat([x.flatten(1), y.flatten(1)], 1) for x, _, y in loader]
+
+
+def test_same_samples_for_any_number_of_workers(tiny_mvtec):
+    ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args=ARGS, seed=5, **SMALL)
+    serial = batches(ds, 0)
+    parallel = batches(ds, 2)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+    again = [ds[i] for i in range(len(ds))]
+    assert all(torch.equal(again[i][0], serial[i // 3][i % 3, :64 * 64].view(1, 64, 64)) for i in range(len(ds)))
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][0], again[0][0])
+    other_seed = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args=ARGS, seed=6, **SMALL)
+    assert not torch.equal(other_seed[0][0], again[0][0])
+
+
+def test_paper_recipe_at_full_size(tiny_mvtec):
+    ds = SelfSupMVTecDataset(*tiny_mvtec, kind='object', self_sup_args=ARGS)
+    assert (ds.low_res, ds.train_size) == (256, 224)
+    assert ds[0][0].shape == (1, 224, 224) and ds[0][2].shape == (1, 224, 224)
+
+
+def test_custom_transform_sets_train_size(tiny_mvtec):
+    transform = Compose([RandomRotation(3), CenterCrop(50), RandomCrop(32), RandomVerticalFlip()])
+    ds = SelfSupMVTecDataset(*tiny_mvtec, low_res=60, transform=transform, self_sup_args=ARGS)
+    assert (ds.low_res, ds.train_size) == (60, 32) and ds[1][0].shape == (1, 32, 32)
+
+
+# ----------------------------------------------------------------------------- test items
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_test_items(tmp_path, channels):
+    category = make_mvtec_category(tmp_path, 'cat', channels=channels, defects={'crack': 2, 'hole': 3})
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+    assert len(ds) == 8 and ds.low_res == 64 and ds.in_channels == channels
+    assert ds.defect_types == ['crack'] * 2 + ['good'] * 3 + ['hole'] * 3
+    assert list(ds.labels) == [1, 1, 0, 0, 0, 1, 1, 1] and ds.has_mask.all()
+    assert ds.paths[0] == str(category / 'test' / 'crack' / '000.png')
+    for i in range(len(ds)):
+        image, label, mask = ds[i]
+        assert image.shape == (channels, 64, 64) and image.dtype == torch.float32
+        assert isinstance(label, int) and label == ds.labels[i]
+        assert mask.shape == (1, 64, 64) and mask.dtype == torch.float32
+        if ds.defect_types[i] == 'good':
+            assert not mask.any()
+        else:
+            stem = Path(ds.paths[i]).stem
+            saved = np.asarray(Image.open(category / 'ground_truth' / ds.defect_types[i] / f'{stem}_mask.png'))
+            np.testing.assert_array_equal(mask[0].numpy(), saved / 255)
+            # the test image is the stored file, untransformed
+            np.testing.assert_array_equal(denormalize(image), read_image(ds.paths[i]))
+
+
+def test_test_masks_are_resized_with_their_images(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2})
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    _, _, mask = ds[0]
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask.sum() == (32 // 4) ** 2
+
+
+def test_defect_without_masks_is_image_level_only(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2}, with_masks=False)
+    make_mvtec_category(tmp_path / 'other', 'cat', defects={'hole': 2})
+    (tmp_path / 'other' / 'cat' / 'ground_truth' / 'hole' / '001_mask.png').unlink()
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+    assert list(ds.has_mask) == [False, False, True, True, True]
+    assert not ds[0][2].any() and ds[0][1] == 1
+    partial = SelfSupMVTecDataset(tmp_path / 'other', 'cat', is_train=False, **SMALL)
+    assert list(partial.has_mask) == [True, True, True, True, False]
+
+
+# ----------------------------------------------------------------------------- channels
+
+def test_identical_rgb_channels_are_grayscale(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', n_train=3, channels=1)
+    path = tmp_path / 'cat' / 'train' / 'good' / '000.png'
+    gray = np.asarray(Image.open(path))
+    Image.fromarray(np.stack([gray] * 3, axis=2)).save(path)
+    assert read_image(path).shape == gray.shape + (1,)
+    assert SelfSupMVTecDataset(tmp_path, 'cat', **SMALL).in_channels == 1
+
+
+def test_one_colour_image_makes_the_category_rgb(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', n_train=3, channels=1)
+    make_mvtec_category(tmp_path / 'rgb', 'cat', n_train=1, channels=3)
+    (tmp_path / 'rgb' / 'cat' / 'train' / 'good' / '000.png').replace(tmp_path / 'cat' / 'train' / 'good' / '000.png')
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', **SMALL)
+    assert ds.in_channels == 3 and all(im.shape[2] == 3 for im in ds.images)
+    np.testing.assert_array_equal(ds.images[1][:, :, 0], ds.images[1][:, :, 2])  # gray image replicated
+
+
+def test_rgba_and_palette_files(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / 'rgba.png')
+    np.testing.assert_array_equal(read_image(tmp_path / 'rgba.png'), rgba[:, :, :3])
+    Image.fromarray(rgba[:, :, :3]).convert('P').save(tmp_path / 'palette.png')
+    assert read_image(tmp_path / 'palette.png').shape == (8, 8, 3)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        SelfSupMVTecDataset(tmp_path / 'nowhere', 'cat')
+
+
+def test_missing_category_lists_the_categories_found(tmp_path):
+    make_mvtec_category(tmp_path, 'bottle', n_train=1, defects={})
+    make_mvtec_category(tmp_path, 'wood', n_train=1, defects={})
+    with pytest.raises(FileNotFoundError, match=r"'cable'.*\['bottle', 'wood'\]"):
+        SelfSupMVTecDataset(tmp_path, 'cable')
+
+
+def test_empty_train_folder(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', n_train=0)
+    (tmp_path / 'cat' / 'train' / 'good').mkdir(parents=True)
+    with pytest.raises(ValueError, match=r'train/good holds no images'):
+        SelfSupMVTecDataset(tmp_path, 'cat')
+
+
+def test_missing_train_or_test_folder(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', n_train=0)
+    with pytest.raises(FileNotFoundError, match=r'train/good does not exist'):
+        SelfSupMVTecDataset(tmp_path, 'cat')
+    make_mvtec_category(tmp_path, 'train_only', n_test_good=0, defects={})
+    with pytest.raises(FileNotFoundError, match=r'train_only/test does not exist'):
+        SelfSupMVTecDataset(tmp_path, 'train_only', is_train=False)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    make_mvtec_category(tmp_path, 'cat')
+    bad = tmp_path / 'cat' / 'train' / 'good' / '003.png'
+    bad.write_bytes(b'not a png')
+    with pytest.raises(ValueError, match=f'cannot read image {bad}'):
+        SelfSupMVTecDataset(tmp_path, 'cat', **SMALL)
+
+
+@pytest.mark.parametrize('suffix', ['.png', '.jpg'])
+def test_truncated_image_names_the_file(tmp_path, suffix):
+    make_mvtec_category(tmp_path, 'cat')
+    path = tmp_path / 'cat' / 'test' / 'good' / f'001{suffix}'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ValueError, match=f'cannot read image {path}.*truncated'):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+
+
+def test_mask_size_mismatch_names_both_files(tmp_path):
+    category = make_mvtec_category(tmp_path, 'cat')
+    mask_path = category / 'ground_truth' / 'crack' / '002_mask.png'
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask_path)
+    image_path = category / 'test' / 'crack' / '002.png'
+    with pytest.raises(ValueError, match=f'mask {mask_path} is 32x32 but its image {image_path} is 64x64'):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+
+
+# ----------------------------------------------------------------------------- real data (optional)
+
+MAGNETIC_TILE = SHARED_DATA / 'magnetic_tile'
+
+
+@pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason=f'real data not present: {MAGNETIC_TILE}')
+def test_magnetic_tile():
+    root = MAGNETIC_TILE.parent
+    assert 'magnetic_tile' in list_categories(root)
+    train = SelfSupMVTecDataset(root, 'magnetic_tile', low_res=64, transform=RandomCrop(64))
+    test = SelfSupMVTecDataset(root, 'magnetic_tile', is_train=False, low_res=64)
+    assert len(train) == 712 and train.in_channels == 1
+    assert len(test) == 632 and test.in_channels == 1
+    assert test.labels.sum() == 392 and test.has_mask.all()
+    # 4 'uneven' masks are empty in the data itself; at 64 px nearest-neighbour resizing loses 8 more
+    assert sum(test.masks[i].any() for i in np.flatnonzero(test.labels)) >= 380
