@@ -1,0 +1,190 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.resnet import build_model, resnet18_enc_dec
+
+# torchvision's resnet18 has 11,689,512 parameters; without its fc layer (512*1000 + 1000)
+# the trunk (stem, BN, four stages) has 11,176,512.
+TORCHVISION_RESNET18_TRUNK_PARAMS = 11_176_512
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """These tensors are tiny: one thread avoids oversubscribing a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+MODEL_VARIANTS = [dict(in_channels=c, pool=pool, preact=preact)
+                  for c in (1, 3) for pool in (True, False) for preact in (False, True)]
+
+
+@pytest.fixture(scope='module')
+def models():
+    """One model per (in_channels, pool, preact), shared by the shape tests."""
+    torch.manual_seed(0)
+    return {tuple(v.values()): resnet18_enc_dec(num_classes=2, **v).eval() for v in MODEL_VARIANTS}
+
+
+@pytest.mark.parametrize('variant', MODEL_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+def test_output_has_input_size(models, variant):
+    model = models[tuple(variant.values())]
+    for size in [(64, 64), (64, 96)]:
+        with torch.no_grad():
+            out = model(torch.randn(1, variant['in_channels'], *size))
+        assert out.shape == (1, 2, *size)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('size', [(96, 96), (128, 128), (96, 160)])
+def test_output_has_input_size_larger(models, size):
+    with torch.no_grad():
+        assert models[(3, True, False)](torch.randn(1, 3, *size)).shape == (1, 2, *size)
+
+
+@pytest.mark.parametrize('variant', MODEL_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+def test_encoder_returns_four_stage_maps(models, variant):
+    encoder = models[tuple(variant.values())].encoder
+    reductions = (4, 8, 16, 32) if variant['pool'] else (2, 4, 8, 16)
+    height, width = 64, 96
+    with torch.no_grad():
+        features = encoder(torch.randn(1, variant['in_channels'], height, width))
+    assert isinstance(features, list) and len(features) == 4
+    assert encoder.reductions == reductions
+    assert encoder.out_channels == (64, 128, 256, 512)
+    for feature, channels, r in zip(features, (64, 128, 256, 512), reductions):
+        assert feature.shape == (1, channels, height // r, width // r)
+
+
+def test_encoder_has_torchvision_resnet18_parameter_count():
+    assert num_params(resnet18_enc_dec().encoder) == TORCHVISION_RESNET18_TRUNK_PARAMS
+    # one input channel instead of three removes 2 * 64 * 7 * 7 stem weights
+    assert (num_params(resnet18_enc_dec(in_channels=1).encoder)
+            == TORCHVISION_RESNET18_TRUNK_PARAMS - 2 * 64 * 7 * 7)
+
+
+def test_no_pool_accepts_multiples_of_16():
+    model = resnet18_enc_dec(pool=False)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 80)).shape == (1, 1, 48, 80)
+
+
+@pytest.mark.parametrize('pool, size', [(True, (48, 64)), (False, (64, 40))])
+def test_size_not_divisible_raises(pool, size):
+    model = resnet18_enc_dec(pool=pool)
+    with pytest.raises(ValueError, match='multiples of'):
+        model(torch.randn(1, 3, *size))
+
+
+def test_final_activations():
+    x = torch.randn(1, 3, 32, 32)
+    state = resnet18_enc_dec(num_classes=3).state_dict()
+    outputs = {}
+    for name in ('identity', 'sigmoid', 'relu', 'softmax'):
+        model = resnet18_enc_dec(num_classes=3, final_activation=name)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            outputs[name] = model.eval()(x)
+    logits = outputs['identity']
+    assert (logits < 0).any() and (logits > 0).any()
+    assert ((outputs['sigmoid'] > 0) & (outputs['sigmoid'] < 1)).all()
+    torch.testing.assert_close(outputs['sigmoid'], torch.sigmoid(logits))
+    assert (outputs['relu'] >= 0).all()
+    torch.testing.assert_close(outputs['relu'], F.relu(logits))
+    torch.testing.assert_close(outputs['softmax'].sum(dim=1), torch.ones(1, 32, 32))
+    torch.testing.assert_close(outputs['softmax'], torch.softmax(logits, dim=1))
+
+
+@pytest.mark.parametrize('kwargs, argument', [
+    (dict(final_activation='tanh'), 'final_activation'),
+    (dict(in_channels=0), 'in_channels'),
+    (dict(in_channels=2.5), 'in_channels'),
+    (dict(num_classes=0), 'num_classes'),
+    (dict(dropout_rate=1.0), 'dropout_rate'),
+    (dict(dropout_rate=-0.1), 'dropout_rate'),
+    (dict(pool='yes'), 'pool'),
+    (dict(preact=None), 'preact'),
+])
+def test_invalid_arguments_raise(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        resnet18_enc_dec(**kwargs)
+
+
+def test_any_positive_in_channels_allowed():
+    model = resnet18_enc_dec(in_channels=4)
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_dropout_only_in_training():
+    model = resnet18_enc_dec(dropout_rate=0.5)
+    assert any(isinstance(m, torch.nn.Dropout2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Dropout2d) for m in resnet18_enc_dec().modules())
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(),
+    dict(num_classes=2, in_channels=1, pool=False, preact=True, final_activation='sigmoid',
+         dropout_rate=0.25),
+])
+def test_build_model_from_config_rebuilds_architecture(kwargs):
+    model = resnet18_enc_dec(**kwargs)
+    config = model.config
+    assert all(type(v) in (int, float, bool, str) for v in config.values())
+    rebuilt = build_model(config)
+    assert rebuilt.config == config
+    state, rebuilt_state = model.state_dict(), rebuilt.state_dict()
+    assert list(state) == list(rebuilt_state)
+    assert all(state[k].shape == rebuilt_state[k].shape for k in state)
+    rebuilt.load_state_dict(state)
+    x = torch.randn(1, config['in_channels'], 64, 64)
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), rebuilt(x))
+
+
+def test_build_model_rejects_unknown_keys():
+    with pytest.raises(KeyError, match='unknown_key'):
+        build_model(dict(resnet18_enc_dec().config, unknown_key=1))
+
+
+def test_initialisation_is_standard_resnet():
+    model = resnet18_enc_dec()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
+    stem = model.encoder.conv1.weight  # kaiming normal, fan_out: std = sqrt(2 / (64 * 7 * 7))
+    assert abs(stem.std().item() - (2 / (64 * 49)) ** 0.5) < 0.1 * (2 / (64 * 49)) ** 0.5
+
+
+def test_few_adam_steps_lower_bce_on_one_32px_batch():
+    model = resnet18_enc_dec(in_channels=3, final_activation='sigmoid')
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.zeros(2, 1, 32, 32)
+    labels[:, :, 8:20, 12:24] = 1.0
+    images[:, :, 8:20, 12:24] += 2.0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = F.binary_cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
