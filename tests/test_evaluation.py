@@ -117,3 +117,98 @@ def test_write_tables_csv_markdown_latex(tmp_path):
     assert not list((tmp_path / 'tables').glob('.*'))  # no temporary files left
     results = tables.write_results(two_group_records(), tmp_path / 'results.csv')
     assert len(pd.read_csv(results)) == 9
+
+
+# ------------------------------------------------------------------------------ map prediction
+
+import torch
+from torch import nn
+
+from experiments import mvtec_tasks
+
+
+class FirstChannel(nn.Module):
+    """A stand-in network: the map is the input's first channel; sides must be multiples of 32."""
+
+    def forward(self, x):
+        assert x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0, x.shape
+        return x[:, :1] + 0.0
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, masks, kind, train_size):
+        self.images, self.labels, self.masks = images, labels, masks
+        self.kind, self.train_size = kind, train_size
+        self.has_mask = np.ones(len(images), bool)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], self.masks[i]
+
+
+def random_test_set(kind, size, train_size, n=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=generator) for _ in range(n)]
+    labels = [i % 2 for i in range(n)]
+    masks = [torch.zeros(1, size, size) for _ in range(n)]
+    for i in range(1, n, 2):
+        masks[i][0, 8:24, 8:24] = 1
+    return ListDataset(images, labels, masks, kind, train_size)
+
+
+def test_predict_maps_objects_crop_centre_and_pad_with_zeros():
+    dataset = random_test_set('object', size=80, train_size=64)
+    maps = mvtec_tasks.predict_maps(FirstChannel(), dataset, batch_size=2)
+    assert maps.shape == (5, 80, 80) and maps.dtype == np.float32
+    images = np.stack([image[0].numpy() for image in dataset.images])
+    np.testing.assert_array_equal(maps[:, 8:72, 8:72], images[:, 8:72, 8:72])
+    outside = np.ones((80, 80), bool)
+    outside[8:72, 8:72] = False
+    assert not maps[:, outside].any()
+
+
+def test_predict_maps_textures_whole_image_reflect_padded():
+    dataset = random_test_set('texture', size=72, train_size=64)  # 72 is no multiple of 32
+    maps = mvtec_tasks.predict_maps(FirstChannel(), dataset, batch_size=3)
+    np.testing.assert_array_equal(maps, np.stack([image[0].numpy() for image in dataset.images]))
+    # a size that is a multiple of 32 goes through unchanged; crop_size=None forces whole images
+    dataset = random_test_set('object', size=64, train_size=32)
+    whole = mvtec_tasks.predict_maps(FirstChannel(), dataset, crop_size=None)
+    np.testing.assert_array_equal(whole, np.stack([image[0].numpy() for image in dataset.images]))
+
+
+def test_predict_maps_with_the_real_network_is_batch_independent():
+    from models.resnet import resnet18_enc_dec
+    torch.manual_seed(0)
+    model = resnet18_enc_dec(in_channels=3, final_activation='sigmoid')
+    dataset = random_test_set('object', size=80, train_size=64)
+    one = mvtec_tasks.predict_maps(model, dataset, batch_size=1)
+    five = mvtec_tasks.predict_maps(model, dataset, batch_size=5)
+    assert one.shape == (5, 80, 80)
+    np.testing.assert_allclose(one, five, atol=1e-5)
+    assert not model.training
+    assert one[:, 8:72, 8:72].min() > 0 and one[:, :8].max() == 0
+
+
+def test_predict_maps_rejects_crop_larger_than_the_image():
+    dataset = random_test_set('object', size=64, train_size=96)
+    with pytest.raises(ValueError, match='crop size 96 is larger than the test images'):
+        mvtec_tasks.predict_maps(FirstChannel(), dataset)
+
+
+def test_evaluate_equals_metrics_of_the_predicted_maps():
+    from experiments import metrics
+    dataset = random_test_set('texture', size=64, train_size=64, n=6)
+    for i in range(1, 6, 2):  # make the defect visible in the first channel
+        dataset.images[i][0, 8:24, 8:24] += 1
+    results, maps = mvtec_tasks.evaluate(FirstChannel(), dataset, return_maps=True)
+    labels = np.array(dataset.labels)
+    masks = np.stack([m[0].numpy() for m in dataset.masks])
+    assert results == metrics.evaluate_maps(labels, maps, masks)
+    assert results['image_auroc_max'] == 1.0 and results['pixel_auroc'] > 0.9
+    dataset.has_mask[:] = labels == 0  # no defective image has a mask: pixel metrics are NaN
+    results = mvtec_tasks.evaluate(FirstChannel(), dataset)
+    assert results['image_auroc_max'] == 1.0
+    assert all(math.isnan(results[k]) for k in ('pixel_auroc', 'pixel_ap', 'au_pro'))
