@@ -1,0 +1,303 @@
+"""The training loop: Adam with cosine decay, atomic checkpoints, resume, progress and figures.
+
+Generic: ``train`` fits any model that maps ``B x C x H x W`` images to ``B x 1 x H x W`` maps
+to any Dataset whose items are ``(image, target, label_map)``; it knows nothing of MVTec or of
+setting keys (the scripts wire those in and pass what is needed to rebuild the run as ``meta``).
+
+Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine from ``lr`` to
+``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
+paper's code). The loss is BCE or MSE between the model's output and the label map, computed in
+float32 (on CUDA the forward pass runs in bfloat16 autocast, channels_last).
+
+Files of a run ``name`` in ``run_dir``:
+
+    last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta), written
+                      every ``checkpoint_every`` epochs; ``resume=True`` continues from it
+    final_<name>.pt   the trained model and its meta (``load_model`` reads it)
+    <name>_samples_epoch<E>.png, <name>_loss.png   example predictions and the loss curve
+
+Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
+uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler``), each item's
+randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
+reads the item), and the checkpoint restores torch's RNG state (dropout).
+"""
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss}
+# TrainConfig fields that do not change what is learnt; a resumed run may change them.
+RUNTIME_FIELDS = ('workers', 'device', 'checkpoint_every', 'figure_every', 'figures', 'progress')
+NUM_FIGURE_SAMPLES = 4
+
+
+@dataclass
+class TrainConfig:
+    """Plain values that define a training run (the command lines override them).
+
+    device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
+    """
+    epochs: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    loss: str = 'bce'
+    seed: int = 0
+    workers: int = 0
+    device: str | None = None
+    checkpoint_every: int = 1
+    figure_every: int | None = None
+    figures: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSS_FUNCTIONS:
+            raise ValueError(f"loss must be one of {list(LOSS_FUNCTIONS)}, got {self.loss!r}")
+        for name in ('epochs', 'batch_size', 'checkpoint_every'):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers!r}")
+
+
+def seed_everything(seed):
+    """Seed Python's, numpy's and torch's global generators (model initialisation, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name=None):
+    """torch.device for ``name``; None or 'auto': CUDA when available, else CPU."""
+    if name in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
+    return device
+
+
+def epoch_seed(seed, epoch):
+    """A 32-bit seed derived from (seed, epoch) (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` for every index, in an order shuffled by (seed, epoch).
+
+    The sampler lives in the main process, so ``set_epoch`` reaches persistent workers through
+    the keys it yields (see ``EpochDataset``).
+    """
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        for index in torch.randperm(self.size, generator=generator).tolist():
+            yield self.epoch, index
+
+
+class EpochDataset(Dataset):
+    """Reads ``(epoch, index)`` keys: sets the wrapped dataset's epoch, then returns its item."""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if epoch != self.epoch and hasattr(self.dataset, 'set_epoch'):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[index]
+
+
+def make_loader(dataset, config, device):
+    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0."""
+    return DataLoader(EpochDataset(dataset), batch_size=config.batch_size,
+                      sampler=EpochSampler(len(dataset), config.seed),
+                      num_workers=config.workers, persistent_workers=config.workers > 0,
+                      pin_memory=device.type == 'cuda',
+                      generator=torch.Generator().manual_seed(config.seed))
+
+
+def final_model_path(run_dir, name):
+    """Path of the trained model of run ``name``."""
+    return Path(run_dir) / f'final_{name}.pt'
+
+
+def last_checkpoint_path(run_dir, name):
+    """Path of the checkpoint that ``resume`` continues from."""
+    return Path(run_dir) / f'last_{name}.pt'
+
+
+def save_atomic(obj, path):
+    """torch.save ``obj`` to a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def rng_state():
+    """torch's CPU and CUDA generator states (the data side uses per-item generators)."""
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _cpu_state_dict(module):
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _check_resumable(path, saved_meta, meta):
+    """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+    def learnt(m):
+        config = {k: v for k, v in m['train_config'].items() if k not in RUNTIME_FIELDS}
+        rest = {k: v for k, v in m.items()
+                if k not in ('train_config', 'epoch_losses', 'train_time_s')}
+        return {**rest, **config}
+    saved, current = learnt(saved_meta), learnt(meta)
+    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differing:
+        details = ', '.join(f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing)
+        raise ValueError(f"cannot resume from {path}: it was written by a different run "
+                         f"(checkpoint vs now: {details}); start without resume or use another "
+                         f"output folder")
+
+
+def save_sample_figure(images, labels, preds, path):
+    """Figure of the first NUM_FIGURE_SAMPLES (blended image, label, prediction) of a batch."""
+    from experiments.plotting import plot_sample_grid
+    from self_sup_data.transforms import denormalize
+    n = min(NUM_FIGURE_SAMPLES, len(images))
+    plot_sample_grid([denormalize(image) for image in images[:n].float().cpu()],
+                     [label[0].float().cpu().numpy() for label in labels[:n]],
+                     [pred[0].float().cpu().numpy() for pred in preds[:n]], path)
+
+
+def save_loss_figure(losses, path):
+    from experiments.plotting import plot_loss_curve
+    plot_loss_curve(losses, path)
+
+
+def train(model, dataset, config, run_dir, name, meta=None, resume=False):
+    """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
+
+    ``meta`` (plain types) describes the run for whoever loads the model (setting, category, data
+    arguments ...); ``train`` adds ``model_config`` (``model.config``), ``train_config``,
+    ``epoch_losses`` (mean loss of each epoch) and ``train_time_s`` (seconds spent in training
+    epochs, summed over resumed parts; figures and checkpoint writes excluded). ``resume``
+    continues from the run's last checkpoint when there is one.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"run {name!r}: the training dataset is empty")
+    device = resolve_device(config.device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_path = last_checkpoint_path(run_dir, name)
+    channels_last = device.type == 'cuda'
+    if channels_last:
+        torch.backends.cudnn.benchmark = True
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
+                                                           eta_min=config.min_lr)
+    meta = {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
+            'epoch_losses': [], 'train_time_s': 0.0}
+    start_epoch = 0
+    if resume and last_path.exists():
+        checkpoint = torch.load(last_path, map_location=device, weights_only=True)
+        _check_resumable(last_path, checkpoint['meta'], meta)
+        model.load_state_dict(checkpoint['model'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        set_rng_state(checkpoint['rng'])
+        meta.update(epoch_losses=checkpoint['meta']['epoch_losses'],
+                    train_time_s=checkpoint['meta']['train_time_s'])
+        start_epoch = checkpoint['epoch']
+
+    loader = make_loader(dataset, config, device)
+    loss_function = LOSS_FUNCTIONS[config.loss]
+    figure_every = config.figure_every or max(1, config.epochs // 4)
+    epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
+                  desc=name, unit='epoch', disable=not config.progress)
+    for epoch in epochs:
+        started = time.perf_counter()
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, count = 0.0, 0
+        batches = tqdm(loader, desc=f'epoch {epoch + 1}', unit='batch', leave=False,
+                       disable=not config.progress)
+        for images, _, labels in batches:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+                preds = model(images)
+            loss = loss_function(preds.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(images)
+            count += len(images)
+            batches.set_postfix(loss=f'{loss_sum / count:.4f}')
+        scheduler.step()
+        meta['epoch_losses'].append(loss_sum / count)
+        meta['train_time_s'] += time.perf_counter() - started
+        epochs.set_postfix(loss=f'{loss_sum / count:.4f}', lr=f'{scheduler.get_last_lr()[0]:.2e}')
+
+        done = epoch + 1
+        if config.figures and (epoch == 0 or done % figure_every == 0 or done == config.epochs):
+            save_sample_figure(images, labels, preds.detach(),
+                               run_dir / f'{name}_samples_epoch{done:04d}.png')
+        if done % config.checkpoint_every == 0 or done == config.epochs:
+            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
+                             meta=meta), last_path)
+
+    save_atomic(dict(model=_cpu_state_dict(model), meta=meta), final_model_path(run_dir, name))
+    if config.figures:
+        save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+    return meta
+
+
+def load_model(path, device='cpu'):
+    """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta)."""
+    from models.resnet import build_model
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = build_model(checkpoint['meta']['model_config'])
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device).eval(), checkpoint['meta']

@@ -1,0 +1,224 @@
+"""The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from experiments import training
+from experiments.training import (EpochDataset, EpochSampler, TrainConfig, final_model_path,
+                                  last_checkpoint_path, load_model, make_loader, save_atomic,
+                                  seed_everything, train)
+from models.resnet import resnet18_enc_dec
+
+SIZE = 64
+
+
+class SquaresDataset(torch.utils.data.Dataset):
+    """Gray noise with a bright square whose place depends on (seed, epoch, index); label = square."""
+
+    def __init__(self, n=8, seed=0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = rng.normal(0, 0.1, (3, SIZE, SIZE)).astype(np.float32)
+        label = np.zeros((1, SIZE, SIZE), np.float32)
+        top, left = rng.integers(0, SIZE - 16, 2)
+        image[:, top:top + 16, left:left + 16] += 1.5
+        label[:, top:top + 16, left:left + 16] = 1
+        return torch.from_numpy(image), 0, torch.from_numpy(label)
+
+
+class CrashAtEpoch(SquaresDataset):
+    """Raises when asked for items of ``crash_epoch`` (an interrupted run)."""
+
+    def __init__(self, crash_epoch, **kwargs):
+        super().__init__(**kwargs)
+        self.crash_epoch = crash_epoch
+
+    def set_epoch(self, epoch):
+        if epoch == self.crash_epoch:
+            raise KeyboardInterrupt
+        super().set_epoch(epoch)
+
+
+class TinyNet(torch.nn.Module):
+    """Two convolutions and a sigmoid: the loop is generic, and this keeps the tests fast."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.config = dict(channels=channels)
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1),
+                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1),
+                                          torch.nn.Sigmoid())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def fresh_model(seed=0):
+    seed_everything(seed)
+    return TinyNet()
+
+
+def config(**kwargs):
+    defaults = dict(epochs=2, batch_size=4, seed=0, figures=False, progress=False)
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_training_lowers_the_loss(tmp_path):
+    meta = train(fresh_model(), SquaresDataset(n=8), config(epochs=3), tmp_path, 'toy',
+                 meta=dict(category='squares'))
+    losses = meta['epoch_losses']
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert meta['train_time_s'] > 0 and meta['category'] == 'squares'
+    assert final_model_path(tmp_path, 'toy').is_file()
+    assert last_checkpoint_path(tmp_path, 'toy').is_file()
+
+
+def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / 'whole', tmp_path / 'parts'
+    meta = train(fresh_model(), SquaresDataset(), config(), whole, 'toy')
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), CrashAtEpoch(1), config(), parts, 'toy')
+    assert not final_model_path(parts, 'toy').exists()
+    assert torch.load(last_checkpoint_path(parts, 'toy'), weights_only=True)['epoch'] == 1
+    resumed = train(fresh_model(seed=1), SquaresDataset(), config(), parts, 'toy', resume=True)
+
+    assert resumed['epoch_losses'] == meta['epoch_losses']
+    a = torch.load(last_checkpoint_path(whole, 'toy'), weights_only=True)
+    b = torch.load(last_checkpoint_path(parts, 'toy'), weights_only=True)
+    assert_same_state(a['model'], b['model'])
+    assert a['scheduler'] == b['scheduler']
+    for state_a, state_b in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert_same_state(state_a, state_b)
+    final_a = torch.load(final_model_path(whole, 'toy'), weights_only=True)['model']
+    assert_same_state(final_a, torch.load(final_model_path(parts, 'toy'), weights_only=True)['model'])
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy', meta=dict(category='a'))
+    with pytest.raises(ValueError, match="category: 'a' vs 'b'"):
+        train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy', meta=dict(category='b'),
+              resume=True)
+    with pytest.raises(ValueError, match='epochs: 2 vs 3'):
+        train(fresh_model(), SquaresDataset(), config(epochs=3), tmp_path, 'toy',
+              meta=dict(category='a'), resume=True)
+
+
+def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
+    seed_everything(0)
+    model = resnet18_enc_dec(final_activation='relu')
+    meta = train(model, SquaresDataset(n=4), config(epochs=1, loss='mse'), tmp_path, 'toy',
+                 meta=dict(setting='Shift', self_sup_args=dict(width_bounds_pct=((0.1, 0.2),) * 2)))
+    for path in (final_model_path(tmp_path, 'toy'), last_checkpoint_path(tmp_path, 'toy')):
+        loaded, loaded_meta = load_model(path)
+        assert not loaded.training
+        assert loaded_meta['model_config'] == model.config
+        assert loaded_meta['epoch_losses'] == meta['epoch_losses']
+        assert loaded_meta['train_config']['loss'] == 'mse'
+        assert loaded_meta['self_sup_args']['width_bounds_pct'] == ((0.1, 0.2),) * 2
+        x = torch.randn(2, 3, SIZE, SIZE)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(FileNotFoundError, match='missing.pt'):
+        load_model(tmp_path / 'missing.pt')
+
+
+def test_figures_are_written(tmp_path):
+    pytest.importorskip('experiments.plotting')
+    train(fresh_model(), SquaresDataset(n=4), config(epochs=2, figures=True, figure_every=1),
+          tmp_path, 'toy')
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert 'toy_loss.png' in names
+    assert {'toy_samples_epoch0001.png', 'toy_samples_epoch0002.png'} <= set(names)
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    def order(seed, epoch):
+        sampler = EpochSampler(10, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    assert order(3, 1) == order(3, 1)
+    assert sorted(index for _, index in order(3, 1)) == list(range(10))
+    assert {epoch for epoch, _ in order(3, 1)} == {1}
+    assert order(3, 1) != order(3, 2) and order(3, 1) != order(4, 1)
+
+
+class EpochEcho(torch.utils.data.Dataset):
+    """Item = (epoch, index) as seen by the process that reads it."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return torch.tensor([self.epoch, index]), 0, torch.zeros(1)
+
+
+def test_persistent_workers_see_every_epoch():
+    def items(workers):
+        loader = make_loader(EpochEcho(), config(workers=workers, batch_size=2), torch.device('cpu'))
+        seen = []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)
+            seen.append(torch.cat([batch[0] for batch in loader]).tolist())
+        return seen
+    single = items(0)
+    assert [{e for e, _ in epoch} for epoch in single] == [{0}, {1}, {2}]
+    assert items(2) == single
+
+
+def test_epoch_dataset_sets_the_epoch_once_per_epoch():
+    calls = []
+    dataset = EpochEcho()
+    dataset.set_epoch = calls.append
+    wrapped = EpochDataset(dataset)
+    loader = DataLoader(wrapped, batch_size=2, sampler=EpochSampler(6, 0))
+    list(loader)
+    assert calls == [0]
+
+
+def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint.pt'
+    save_atomic({'epoch': 1}, path)
+
+    def broken_save(obj, f):
+        with open(f, 'wb') as handle:
+            handle.write(b'partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(training.torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        save_atomic({'epoch': 2}, path)
+    assert os.listdir(tmp_path) == ['checkpoint.pt']
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='loss'):
+        TrainConfig(epochs=1, loss='l1')
+    with pytest.raises(ValueError, match='epochs'):
+        TrainConfig(epochs=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA'):
+            training.resolve_device('cuda')
