@@ -1,0 +1,486 @@
+"""Synthetic anomalies by pasting or blending image patches: NSA, CutPaste, FPI and PII in one generator.
+
+`patch_ex` takes a normal image (the destination) and optionally a second normal image (the
+source), moves a few random source patches into the destination and returns the anomalous image
+with a pixel-wise label map (Schlueter et al., "Natural Synthetic Anomalies for Self-Supervised
+Anomaly Detection and Localization", arXiv 2109.15222). The blending `mode` selects the method:
+
+    cv2.NORMAL_CLONE / cv2.MIXED_CLONE   Poisson image editing with source / mixed gradients (NSA, PII)
+    'mix'                                a coin picks one of the two per sample
+    'swap'                               plain paste (CutPaste with ``same=True``)
+    'uniform'                            linear interpolation with a random factor (FPI)
+
+The generator knows nothing of torch: images are uint8 numpy arrays ``H x W x C`` (C = 1 or 3),
+labels float32 ``H x W x 1``, and all randomness comes from a ``numpy.random.Generator``.
+"""
+import warnings
+
+import cv2
+import numpy as np
+from skimage.filters import rank
+from skimage.morphology import disk
+
+POISSON_MODES = (cv2.NORMAL_CLONE, cv2.MIXED_CLONE)
+MODES = POISSON_MODES + ('mix', 'swap', 'uniform')
+LABEL_MODES = ('binary', 'continuous', 'intensity', 'logistic-intensity')
+
+MAX_TRIES = 200  # placement attempts per patch before giving up on it
+MIN_PATCH_SIDE = 8  # pixels; thinner patches leave seamlessClone (mask border and erosion) nothing to solve
+MIN_CLONE_SIDE = 4  # pixels; seamlessClone raises for masks whose non-zero bounding box is under 3 pixels wide
+MIN_IMAGE_SIDE = 2 * MIN_PATCH_SIDE
+FACTOR_BOUNDS = (0.05, 0.95)  # interpolation factor of 'uniform' and the 'continuous' label
+OBJECT_MASK_KSIZE = 7  # median filter that removes grain from the object masks of skip_background
+LABEL_MASK_KSIZE = 5  # median filter that cleans the thresholded change
+INTENSITY_RADIUS = 5  # disk radius of the median filter on the intensity label
+CUTPASTE_AREA_RATIO = (0.02, 0.15)
+CUTPASTE_ASPECT_RATIOS = ((0.3, 1.0), (1.0, 3.3))
+
+_INTENSITY_FOOTPRINT = disk(INTENSITY_RADIUS)
+_BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))  # logistic labels stay below 1 in float32
+
+
+def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_CLONE,
+             width_bounds_pct=((0.05, 0.2), (0.05, 0.2)), min_object_pct=0.25, min_overlap_pct=0.25,
+             shift=True, label_mode='binary', skip_background=None, tol=1, resize=True,
+             gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
+             num_ellipses=None, verbose=True, cutpaste_patch_generation=False, rng=None):
+    """Create a synthetic anomaly by moving random patches of ``ima_src`` into ``ima_dest``.
+
+    Args:
+        ima_dest: uint8 array ``H x W x C`` with C in {1, 3}: the image that receives the patches.
+        ima_src: uint8 array of the same shape, the source of the patches; None or ``same=True``:
+            patches come from ``ima_dest`` itself (as it was before any patch was added).
+        same: take patches from ``ima_dest`` even when ``ima_src`` is given.
+        num_patches: the first patch is always attempted, each further one with probability 1/2.
+        mode: cv2.NORMAL_CLONE, cv2.MIXED_CLONE, 'mix', 'swap' or 'uniform' (see the module docstring).
+        width_bounds_pct: ((min, max) along height, (min, max) along width): bounds of the patch
+            half-widths as fractions of the image size, each within [0, 0.5].
+        min_object_pct: with ``skip_background``, the fraction of the source patch that must be object.
+        min_overlap_pct: with ``skip_background``, the fraction of the source object in the patch that
+            must land on the destination's object.
+        shift: paste at a random position; otherwise centred where the patch was in the source.
+        label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
+            binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
+                5 x 5 median filter (the label mask M);
+            continuous: M times the interpolation factor;
+            intensity: the mean absolute change d inside M, median filtered with a disk of radius 5,
+                inside M;
+            logistic-intensity: ``M / (1 + exp(-k (d - x0)))`` with ``(k, x0) = intensity_logistic_params``
+                (capped at the largest float32 below 1).
+            Every label is zero wherever the image is unchanged.
+        skip_background: None, ``(brightness, threshold)`` or a list of such pairs. A pixel is
+            background if its channel mean lies within ``threshold`` of the ``brightness`` of any pair,
+            object otherwise (then 7 x 7 median filtered). Patches must then cover at least
+            ``min_object_pct`` object in the source and overlap the destination object by
+            ``min_overlap_pct``, and only object pixels (of source or destination) are changed.
+        tol: mean absolute change (grey levels) above which a pixel is labelled anomalous.
+        resize: rescale the source patch by a factor ~ N(1, 0.5) clipped to ``resize_bounds``,
+            keeping its aspect ratio; as in the reference implementation, the rescaled side lengths
+            are clipped to the pixel bounds that ``width_bounds_pct`` gives the half-widths.
+        gamma_params: None (half-widths uniform within the bounds) or ``(shape, scale, lower)``:
+            half-width fraction ``lower + Gamma(shape, scale)``, clipped to the bounds.
+        intensity_logistic_params: ``(k, x0)`` of the logistic label.
+        resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0 < low <= high``.
+        num_ellipses: None or the number of random ellipses whose union replaces the rectangular
+            patch mask.
+        verbose: warn (``warnings.warn``) when a patch cannot be placed.
+        cutpaste_patch_generation: sample one patch as in CutPaste (area ratio U(0.02, 0.15) of the
+            image, aspect ratio from U(0.3, 1) or U(1, 3.3), fully inside the image); width bounds,
+            gamma, resize, skip_background and num_patches are then ignored.
+        rng: ``numpy.random.Generator``; None: one seeded from numpy's global state, so that
+            ``np.random.seed`` makes runs repeatable.
+
+    Sides shorter than ``MIN_PATCH_SIDE`` pixels are raised to it; a patch that cannot be placed
+    in ``MAX_TRIES`` attempts is skipped (the image is returned unchanged, with an all-zero label,
+    if no patch could be placed).
+
+    Returns:
+        (image, label): the anomalous image (uint8, the shape of ``ima_dest``) and the label map
+        (float32, ``H x W x 1``).
+    """
+    _check_image(ima_dest, 'ima_dest')
+    if ima_src is not None and not same:
+        _check_image(ima_src, 'ima_src')
+        if ima_src.shape != ima_dest.shape:
+            raise ValueError(f'ima_src must have the shape of ima_dest {ima_dest.shape}, got {ima_src.shape}')
+    _check_params(num_patches=num_patches, mode=mode, width_bounds_pct=width_bounds_pct,
+                  min_object_pct=min_object_pct, min_overlap_pct=min_overlap_pct, label_mode=label_mode,
+                  skip_background=skip_background, tol=tol, gamma_params=gamma_params,
+                  intensity_logistic_params=intensity_logistic_params, resize_bounds=resize_bounds,
+                  num_ellipses=num_ellipses)
+    if rng is None:
+        rng = np.random.default_rng(np.random.randint(2 ** 31))
+    elif not isinstance(rng, np.random.Generator):
+        raise ValueError(f'rng must be a numpy.random.Generator or None, got {type(rng).__name__}')
+
+    ima_src = ima_dest if same or ima_src is None else ima_src
+    if mode == 'mix':
+        mode = POISSON_MODES[rng.integers(2)]
+    factor = rng.uniform(*FACTOR_BOUNDS) if mode == 'uniform' or label_mode == 'continuous' else 1.0
+    if cutpaste_patch_generation:
+        num_patches, resize, skip_background = 1, False, None
+
+    if skip_background is not None:
+        src_object = object_mask(ima_src, skip_background)
+        dest_object = src_object if ima_src is ima_dest else object_mask(ima_dest, skip_background)
+    else:
+        src_object = dest_object = None
+
+    height, width = ima_dest.shape[:2]
+    bounds_px = _half_width_bounds_px((height, width), width_bounds_pct)
+    image = ima_dest.copy()
+    changed_mask = np.zeros((height, width), dtype=bool)  # union of the pasted patch masks
+    for i in range(num_patches):
+        if i > 0 and rng.integers(2) == 0:
+            continue
+        if cutpaste_patch_generation:
+            source = _cutpaste_source_patch(rng, (height, width))
+        else:
+            source = _sample_source_patch(rng, (height, width), bounds_px, gamma_params, num_ellipses,
+                                          src_object, min_object_pct)
+        placed = None
+        if source is not None:
+            placed = _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift,
+                                  src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor)
+        if placed is None:
+            if verbose:
+                warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=2)
+            continue
+        top, left, mask = placed
+        changed_mask[top:top + mask.shape[0], left:left + mask.shape[1]] |= mask
+
+    label = make_label(ima_dest, image, changed_mask, label_mode, tol, factor, intensity_logistic_params)
+    return image, label
+
+
+class SyntheticAnomaly:
+    """``patch_ex`` with fixed keyword arguments, for use inside a Dataset or a transform pipeline.
+
+    ``SyntheticAnomaly(**patch_ex_kwargs)(dest, src=None, rng=None) -> (image, label)``.
+    """
+
+    def __init__(self, **patch_ex_kwargs):
+        unknown = set(patch_ex_kwargs) - set(_PATCH_EX_OPTIONS)
+        if unknown:
+            raise ValueError(f'unknown patch_ex arguments {sorted(unknown)}; valid: {list(_PATCH_EX_OPTIONS)}')
+        _check_params(**{k: v for k, v in patch_ex_kwargs.items() if k in _CHECKED_OPTIONS})
+        self.kwargs = dict(patch_ex_kwargs)
+
+    def __call__(self, dest, src=None, rng=None):
+        return patch_ex(dest, src, rng=rng, **self.kwargs)
+
+    def __repr__(self):
+        args = ', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())
+        return f'{type(self).__name__}({args})'
+
+
+def object_mask(image, skip_background):
+    """Boolean ``H x W`` mask of the object: pixels whose channel mean differs from the brightness of
+    every ``(brightness, threshold)`` pair by more than its threshold, 7 x 7 median filtered."""
+    mean = image.mean(axis=-1) if image.shape[-1] > 1 else image[..., 0]
+    is_object = np.ones(image.shape[:2], dtype=np.uint8)
+    for brightness, threshold in _background_pairs(skip_background):
+        is_object &= np.abs(mean - brightness) > threshold
+    return cv2.medianBlur(is_object, OBJECT_MASK_KSIZE).astype(bool)
+
+
+def make_label(dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params):
+    """Label map (float32 ``H x W x 1``) of the change from ``dest`` to ``image`` inside ``patch_mask``.
+
+    The median filters only need the region around the changed pixels (a median over zeros is
+    zero), so they run on a crop: the bounding box of ``patch_mask`` padded by the filter radius.
+    The values equal those of whole-image filtering with replicated borders.
+    """
+    height, width, channels = dest.shape
+    label = np.zeros((height, width, 1), dtype=np.float32)
+    rows, cols = np.flatnonzero(patch_mask.any(axis=1)), np.flatnonzero(patch_mask.any(axis=0))
+    if rows.size == 0:
+        return label
+    pad = max(INTENSITY_RADIUS, LABEL_MASK_KSIZE // 2)
+    crop = (slice(max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, height)),
+            slice(max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, width)))
+    abs_sum = np.abs(image[crop].astype(np.int16) - dest[crop]).sum(axis=-1, dtype=np.uint16)
+    abs_sum *= patch_mask[crop]
+    changed = abs_sum > 0
+    label_mask = cv2.medianBlur((abs_sum / channels > tol).astype(np.uint8), LABEL_MASK_KSIZE)
+    label_mask &= changed
+    if label_mode == 'binary':
+        value = label_mask.astype(np.float32)
+    elif label_mode == 'continuous':
+        value = label_mask * np.float32(factor)
+    else:
+        intensity = _median_disk(abs_sum * label_mask) / channels
+        if label_mode == 'intensity':
+            value = label_mask * intensity
+        else:
+            k, x0 = intensity_logistic_params
+            value = np.minimum(label_mask / (1 + np.exp(-k * (intensity - x0))), _BELOW_ONE)
+    label[crop][..., 0] = value
+    return label
+
+
+def _median_disk(values):
+    """Median of uint16 ``values`` over a disk of radius ``INTENSITY_RADIUS`` with replicated borders
+    (as ``scipy.ndimage.median_filter(values, footprint=disk(5), mode='nearest')``)."""
+    padded = np.pad(values, INTENSITY_RADIUS, mode='edge')
+    inner = (slice(INTENSITY_RADIUS, -INTENSITY_RADIUS),) * 2
+    return rank.median(padded, _INTENSITY_FOOTPRINT)[inner]
+
+
+def poisson_blend(dest, src, mask, mode):
+    """Poisson-blend ``src`` into ``dest`` (same size ``h x w x C``) inside ``mask`` (uint8 ``h x w``)
+    with cv2.seamlessClone so that every source pixel lands on the same position in ``dest``.
+
+    seamlessClone centres the content of the mask's non-zero bounding box on the given point and
+    only changes pixels inside that box; the centre is chosen so that the box maps onto itself.
+    The outer pixel ring of ``mask`` is ignored (seamlessClone zeroes it), and the non-zero box
+    must be at least ``MIN_CLONE_SIDE`` pixels wide. Grayscale is replicated to three channels
+    only for this crop. OpenCV 5.0 overwrites the mask it is given (eroded and inverted), so it
+    gets a copy.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    center = (int(cols[0] + (cols[-1] + 1 - cols[0]) // 2), int(rows[0] + (rows[-1] + 1 - rows[0]) // 2))
+    mask = mask.copy()
+    if dest.shape[-1] == 1:
+        blended = cv2.seamlessClone(cv2.merge([src] * 3), cv2.merge([dest] * 3), mask, center, mode)
+        return blended[..., :1]
+    return cv2.seamlessClone(src, dest, mask, center, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch sampling
+
+def _half_width_bounds_px(dims, width_bounds_pct):
+    """Pixel bounds ``[(min, max) per axis]`` of the half-widths, at least MIN_PATCH_SIDE / 2."""
+    min_half = MIN_PATCH_SIDE // 2
+    bounds = []
+    for size, (low, high) in zip(dims, width_bounds_pct):
+        low_px = max(int(round(low * size)), min_half)
+        high_px = min(max(int(round(high * size)), low_px), size // 2)
+        bounds.append((min(low_px, high_px), high_px))
+    return bounds
+
+
+def _sample_half_widths(rng, dims, bounds_px, gamma_params):
+    if gamma_params is None:
+        return [int(rng.integers(low, high, endpoint=True)) for low, high in bounds_px]
+    shape, scale, lower = gamma_params
+    return [int(np.clip((lower + rng.gamma(shape, scale)) * size, low, high))
+            for size, (low, high) in zip(dims, bounds_px)]
+
+
+def _ellipse_mask(rng, shape, num_ellipses, min_axes, max_axes):
+    """Union of ``num_ellipses`` random ellipses (random centre in the patch, orientation, semi-axes)."""
+    rows = np.arange(shape[0])[:, None]
+    cols = np.arange(shape[1])[None, :]
+    mask = np.zeros(shape, dtype=bool)
+    for _ in range(num_ellipses):
+        theta = rng.uniform(0, np.pi)
+        center_row, center_col = rng.integers(shape[0]), rng.integers(shape[1])
+        semi_a = rng.integers(min_axes[0], max_axes[0], endpoint=True)
+        semi_b = rng.integers(min_axes[1], max_axes[1], endpoint=True)
+        d_row, d_col = rows - center_row, cols - center_col
+        u = d_row * np.cos(theta) + d_col * np.sin(theta)
+        v = -d_row * np.sin(theta) + d_col * np.cos(theta)
+        mask |= (u / semi_a) ** 2 + (v / semi_b) ** 2 <= 1
+    return mask
+
+
+def _bbox_sides(mask):
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return 0, 0
+    return rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0]
+
+
+def _sample_source_patch(rng, dims, bounds_px, gamma_params, num_ellipses, src_object, min_object_pct):
+    """Random source rectangle ``(top, left, mask)``: centre uniform with at least the minimal half-width
+    to the border, half-widths uniform or gamma-distributed, clipped to the image. None if no patch
+    with enough object (``skip_background``) is found in MAX_TRIES attempts."""
+    half_widths = _sample_half_widths(rng, dims, bounds_px, gamma_params)
+    for _ in range(MAX_TRIES):
+        box = []
+        for size, (low, _), half in zip(dims, bounds_px, half_widths):
+            center = int(rng.integers(low, max(size - low, low + 1)))
+            box.append((max(center - half, 0), min(center + half, size)))
+        (top, bottom), (left, right) = box
+        shape = (bottom - top, right - left)
+        if num_ellipses is None:
+            mask = np.ones(shape, dtype=bool)
+        else:
+            min_axes = [low for low, _ in bounds_px]
+            max_axes = [max(low + 1, half // 2) for (low, _), half in zip(bounds_px, half_widths)]
+            mask = _ellipse_mask(rng, shape, num_ellipses, min_axes, max_axes)
+            if min(_bbox_sides(mask)) < MIN_PATCH_SIDE:
+                continue
+        if src_object is not None:
+            area = mask.sum()
+            if (mask & src_object[top:bottom, left:right]).sum() <= min_object_pct * area:
+                continue
+        return top, left, mask
+    return None
+
+
+def _cutpaste_source_patch(rng, dims):
+    """Source rectangle as in CutPaste: area ratio U(0.02, 0.15), aspect ratio (height / width) from
+    U(0.3, 1) or U(1, 3.3) with equal probability, fully inside the image."""
+    height, width = dims
+    area = rng.uniform(*CUTPASTE_AREA_RATIO) * height * width
+    aspect = rng.uniform(*CUTPASTE_ASPECT_RATIOS[rng.integers(2)])
+    patch_h = int(np.clip(round(np.sqrt(area * aspect)), MIN_PATCH_SIDE, height - 2))
+    patch_w = int(np.clip(round(area / patch_h), MIN_PATCH_SIDE, width - 2))
+    top = int(rng.integers(0, height - patch_h, endpoint=True))
+    left = int(rng.integers(0, width - patch_w, endpoint=True))
+    return top, left, np.ones((patch_h, patch_w), dtype=bool)
+
+
+def _random_start(rng, size, length):
+    """Start of a segment of ``length`` inside ``size``, one pixel off the border where possible."""
+    margin = 1 if size - length >= 2 else 0
+    return int(rng.integers(margin, size - length - margin, endpoint=True))
+
+
+def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
+    """Rescale the patch by N(1, 0.5) clipped to ``resize_bounds`` keeping the aspect ratio; the sides
+    are clipped to the half-width pixel bounds (reference behaviour)."""
+    height, width = mask.shape
+    (low_h, high_h), (low_w, high_w) = [(max(low, MIN_PATCH_SIDE), max(high, MIN_PATCH_SIDE))
+                                        for low, high in bounds_px]
+    scale = np.clip(rng.normal(1, 0.5), *resize_bounds)
+    new_h = np.clip(scale * height, low_h, high_h)
+    new_w = int(np.clip(int(new_h / height * width), low_w, high_w))
+    new_h = int(np.clip(int(new_w / width * height), low_h, high_h))
+    size = (new_w, new_h)
+    patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR).reshape(new_h, new_w, -1)
+    mask = cv2.resize(mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).view(bool)
+    if src_object is not None:
+        src_object = cv2.resize(src_object.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).view(bool)
+    return patch, mask, src_object
+
+
+def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift, src_object,
+                 dest_object, min_object_pct, min_overlap_pct, mode, factor):
+    """Blend the source patch into ``image`` (in place); return ``(top, left, mask)`` of the changed
+    region in ``image``, or None if the patch could not be placed."""
+    src_top, src_left, mask = source
+    height, width = mask.shape
+    patch = ima_src[src_top:src_top + height, src_left:src_left + width]
+    patch_object = None if src_object is None else src_object[src_top:src_top + height, src_left:src_left + width]
+    if resize:
+        patch, mask, patch_object = _resize_patch(rng, patch, mask, patch_object, bounds_px, resize_bounds)
+        height, width = mask.shape
+
+    image_h, image_w = image.shape[:2]
+    for _ in range(MAX_TRIES if shift else 1):
+        if shift:
+            top, left = _random_start(rng, image_h, height), _random_start(rng, image_w, width)
+        else:  # centred on the source position
+            top = int(np.clip(src_top + (source[2].shape[0] - height) // 2, 0, image_h - height))
+            left = int(np.clip(src_left + (source[2].shape[1] - width) // 2, 0, image_w - width))
+        if patch_object is None:
+            break
+        src_in_mask = patch_object & mask
+        dest_region = dest_object[top:top + height, left:left + width]
+        if (src_in_mask.sum() > min_object_pct * mask.sum()
+                and (src_in_mask & dest_region).sum() > min_overlap_pct * src_in_mask.sum()):
+            break
+    else:
+        return None
+
+    region = (slice(top, top + height), slice(left, left + width))
+    clone_mask = mask
+    if patch_object is not None:
+        dest_region = dest_object[region]
+        mask = mask & (patch_object | dest_region)
+        clone_mask = mask | (~patch_object & ~dest_region)  # background in both: blend it too, against artefacts
+    if mode == 'swap':
+        image[region][mask] = patch[mask]
+    elif mode == 'uniform':
+        dest_values = image[region][mask].astype(np.float64)
+        image[region][mask] = np.floor((1 - factor) * dest_values + factor * patch[mask])
+    else:
+        clone_mask = clone_mask.astype(np.uint8) * np.uint8(np.ceil(factor * 255))
+        clone_mask[[0, -1], :] = 0
+        clone_mask[:, [0, -1]] = 0
+        if min(_bbox_sides(clone_mask)) < MIN_CLONE_SIDE:
+            return None
+        image[region] = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
+        mask = mask.copy()
+        mask[[0, -1], :] = False
+        mask[:, [0, -1]] = False
+    return top, left, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+
+_PATCH_EX_OPTIONS = ('same', 'num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
+                     'shift', 'label_mode', 'skip_background', 'tol', 'resize', 'gamma_params',
+                     'intensity_logistic_params', 'resize_bounds', 'num_ellipses', 'verbose',
+                     'cutpaste_patch_generation')
+_CHECKED_OPTIONS = ('num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
+                    'label_mode', 'skip_background', 'tol', 'gamma_params', 'intensity_logistic_params',
+                    'resize_bounds', 'num_ellipses')
+
+
+def _background_pairs(skip_background):
+    """``skip_background`` as a list of ``(brightness, threshold)`` pairs (one pair or a sequence of them)."""
+    if _pairs(skip_background, 2):
+        return [tuple(skip_background)]
+    return list(skip_background) if isinstance(skip_background, (tuple, list)) else []
+
+
+def _check_image(image, name):
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+        desc = f'{image.dtype} array of shape {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f'{name} must be a uint8 array H x W x C with C in (1, 3), got {desc}')
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(f'{name} must be at least {MIN_IMAGE_SIDE} pixels high and wide, got {image.shape}')
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _pairs(x, n):
+    """True if x is a sequence of n numbers."""
+    return isinstance(x, (tuple, list, np.ndarray)) and len(x) == n and all(_is_number(v) for v in x)
+
+
+def _check_params(num_patches=1, mode=cv2.NORMAL_CLONE, width_bounds_pct=((0.05, 0.2), (0.05, 0.2)),
+                  min_object_pct=0.25, min_overlap_pct=0.25, label_mode='binary', skip_background=None, tol=1,
+                  gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
+                  num_ellipses=None):
+    """Raise ValueError naming the first invalid argument."""
+    if not isinstance(num_patches, (int, np.integer)) or isinstance(num_patches, bool) or num_patches < 1:
+        raise ValueError(f'num_patches must be an integer >= 1, got {num_patches!r}')
+    valid_mode = (mode in MODES[len(POISSON_MODES):] if isinstance(mode, str) else
+                  isinstance(mode, (int, np.integer)) and not isinstance(mode, bool) and mode in POISSON_MODES)
+    if not valid_mode:
+        raise ValueError(f'mode must be one of {MODES} (cv2.NORMAL_CLONE, cv2.MIXED_CLONE, ...), got {mode!r}')
+    if not isinstance(label_mode, str) or label_mode not in LABEL_MODES:
+        raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {label_mode!r}')
+    if (not isinstance(width_bounds_pct, (tuple, list)) or len(width_bounds_pct) != 2
+            or not all(_pairs(b, 2) and 0 <= b[0] <= b[1] <= 0.5 for b in width_bounds_pct)):
+        raise ValueError('width_bounds_pct must be ((min, max), (min, max)) with 0 <= min <= max <= 0.5, '
+                         f'got {width_bounds_pct!r}')
+    for name, value in (('min_object_pct', min_object_pct), ('min_overlap_pct', min_overlap_pct)):
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
+    if skip_background is not None:
+        pairs = _background_pairs(skip_background)
+        if not pairs or not all(_pairs(p, 2) and p[1] >= 0 for p in pairs):
+            raise ValueError('skip_background must be None, (brightness, threshold) or a list of such pairs '
+                             f'with threshold >= 0, got {skip_background!r}')
+    if not _is_number(tol) or tol < 0:
+        raise ValueError(f'tol must be a number >= 0, got {tol!r}')
+    if gamma_params is not None and not (_pairs(gamma_params, 3) and gamma_params[0] > 0
+                                         and gamma_params[1] > 0 and gamma_params[2] >= 0):
+        raise ValueError(f'gamma_params must be None or (shape > 0, scale > 0, lower >= 0), got {gamma_params!r}')
+    if not _pairs(intensity_logistic_params, 2):
+        raise ValueError(f'intensity_logistic_params must be (k, x0), got {intensity_logistic_params!r}')
+    if not (_pairs(resize_bounds, 2) and 0 < resize_bounds[0] <= resize_bounds[1]):
+        raise ValueError(f'resize_bounds must be (low, high) with 0 < low <= high, got {resize_bounds!r}')
+    if num_ellipses is not None and (not isinstance(num_ellipses, (int, np.integer))
+                                     or isinstance(num_ellipses, bool) or num_ellipses < 1):
+        raise ValueError(f'num_ellipses must be None or an integer >= 1, got {num_ellipses!r}')

@@ -1,0 +1,360 @@
+"""Properties of the synthetic-anomaly generator (self_sup_data/self_sup_tasks.py)."""
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings, strategies as st
+from skimage.morphology import disk
+
+from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, SyntheticAnomaly, make_label,
+                                          patch_ex, poisson_blend)
+
+SETTINGS = settings(max_examples=40, deadline=None)
+TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
+               width_bounds_pct=((0.03, 0.4), (0.03, 0.4)))
+
+
+def textured(rng, height, width, channels):
+    """Smooth random texture with noise, uint8 H x W x C."""
+    coarse = rng.uniform(40, 215, (height // 8 + 2, width // 8 + 2, channels)).astype(np.float32)
+    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, channels)
+    return np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def changed_pixels(before, after):
+    return (before != after).any(axis=-1)
+
+
+def box_of(mask):
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+
+
+def reference_label(dest, image, patch_mask, label_mode, tol, factor, logistic_params):
+    """Whole-image label computation, written independently of the cropped one in the module."""
+    diff = np.mean(np.abs(image.astype(np.float64) - dest), axis=-1) * patch_mask
+    label_mask = cv2.medianBlur((diff > tol).astype(np.uint8), 5)
+    label_mask = label_mask * (diff > 0)
+    if label_mode == 'binary':
+        return label_mask.astype(np.float32)[..., None]
+    if label_mode == 'continuous':
+        return (label_mask * np.float32(factor))[..., None]
+    intensity = ndi.median_filter(diff * label_mask, footprint=disk(5), mode='nearest')
+    if label_mode == 'intensity':
+        label = label_mask * intensity
+    else:
+        k, x0 = logistic_params
+        label = np.minimum(label_mask / (1 + np.exp(-k * (intensity - x0))), np.nextafter(np.float32(1), 0))
+    return label.astype(np.float32)[..., None]
+
+
+@st.composite
+def generator_cases(draw):
+    height, width = draw(st.integers(32, 96)), draw(st.integers(32, 96))
+    channels = draw(st.sampled_from([1, 3]))
+    kwargs = dict(
+        mode=draw(st.sampled_from(MODES)),
+        label_mode=draw(st.sampled_from(LABEL_MODES)),
+        num_patches=draw(st.integers(1, 4)),
+        shift=draw(st.booleans()),
+        resize=draw(st.booleans()),
+        same=draw(st.booleans()),
+        num_ellipses=draw(st.sampled_from([None, 1, 3])),
+        gamma_params=draw(st.sampled_from([None, (2, 0.05, 0.03)])),
+        width_bounds_pct=draw(st.sampled_from([((0.05, 0.2), (0.05, 0.2)), ((0.03, 0.4), (0.1, 0.3))])),
+        resize_bounds=draw(st.sampled_from([(0.7, 1.3), (0.5, 2)])),
+        cutpaste_patch_generation=draw(st.booleans()) and draw(st.booleans()),
+    )
+    return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
+
+
+@SETTINGS
+@given(generator_cases())
+def test_output_types_and_label_invariants(case):
+    height, width, channels, kwargs, seed = case
+    rng = np.random.default_rng(seed)
+    dest, src = textured(rng, height, width, channels), textured(rng, height, width, channels)
+    image, label = patch_ex(dest, src, rng=rng, verbose=False, **kwargs)
+
+    assert image.shape == dest.shape and image.dtype == np.uint8
+    assert label.shape == (height, width, 1) and label.dtype == np.float32
+    assert np.all(label[~changed_pixels(dest, image)] == 0)
+    assert np.all(label >= 0)
+    if kwargs['label_mode'] == 'binary':
+        assert set(np.unique(label)) <= {0.0, 1.0}
+    if kwargs['label_mode'] == 'logistic-intensity':
+        assert np.all(label < 1)
+    if kwargs['label_mode'] == 'continuous':
+        assert len(np.unique(label)) <= 2 and np.all(label < 0.95)
+
+
+@SETTINGS
+@given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
+       label_mode=st.sampled_from(LABEL_MODES), tol=st.sampled_from([0, 1, 2.5]),
+       num_boxes=st.integers(1, 3), seed=st.integers(0, 2 ** 32 - 1))
+def test_cropped_label_equals_whole_image_reference(height, width, channels, label_mode, tol, num_boxes, seed):
+    rng = np.random.default_rng(seed)
+    dest = textured(rng, height, width, channels)
+    patch_mask = np.zeros((height, width), dtype=bool)
+    for _ in range(num_boxes):  # boxes anywhere, touching the border included
+        top, left = rng.integers(0, height - 4), rng.integers(0, width - 4)
+        patch_mask[top:top + rng.integers(4, 40), left:left + rng.integers(4, 40)] = True
+    change = rng.integers(-60, 61, dest.shape) * (rng.random(dest.shape[:2]) < 0.9)[..., None]
+    image = np.clip(dest.astype(int) + change * patch_mask[..., None], 0, 255).astype(np.uint8)
+    factor, params = 0.3, (1 / 6, 20)
+
+    label = make_label(dest, image, patch_mask, label_mode, tol, factor, params)
+    expected = reference_label(dest, image, patch_mask, label_mode, tol, factor, params)
+    np.testing.assert_array_equal(label, expected)
+
+
+def test_make_label_without_patch_is_zero():
+    dest = np.full((32, 32, 3), 7, np.uint8)
+    label = make_label(dest, dest.copy(), np.zeros((32, 32), bool), 'logistic-intensity', 1, 1, (1 / 6, 20))
+    assert label.shape == (32, 32, 1) and not label.any()
+
+
+@SETTINGS
+@given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_swap_without_shift_and_resize_copies_source_at_source_position(height, width, channels, seed):
+    rng = np.random.default_rng(seed)
+    dest = textured(rng, height, width, channels)
+    src = dest + np.uint8(128)  # differs from dest everywhere
+    image, label = patch_ex(dest, src, mode='swap', shift=False, resize=False, rng=rng)
+
+    changed = changed_pixels(dest, image)
+    top, bottom, left, right = box_of(changed)
+    assert changed[top:bottom, left:right].all()  # one rectangle
+    assert min(bottom - top, right - left) >= MIN_PATCH_SIDE
+    np.testing.assert_array_equal(image[changed], src[changed])
+    np.testing.assert_array_equal(image[~changed], dest[~changed])
+    assert np.all(label[top + 1:bottom - 1, left + 1:right - 1] == 1)  # the 5 x 5 median only rounds corners
+
+
+@SETTINGS
+@given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
+       mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE, 'uniform']), seed=st.integers(0, 2 ** 32 - 1))
+def test_blends_without_shift_and_resize_stay_at_source_position(height, width, channels, mode, seed):
+    rng = np.random.default_rng(seed)
+    dest = textured(rng, height, width, channels)
+    src = dest + np.uint8(128)
+    kwargs = dict(shift=False, resize=False, label_mode='continuous')
+    swapped, _ = patch_ex(dest, src, mode='swap', rng=np.random.default_rng(seed), **kwargs)
+    blended, label = patch_ex(dest, src, mode=mode, rng=np.random.default_rng(seed), **kwargs)
+
+    top, bottom, left, right = box_of(changed_pixels(dest, swapped))  # the source rectangle
+    inside = np.zeros((height, width), dtype=bool)
+    if mode == 'uniform':
+        inside[top:bottom, left:right] = True
+        factor = label.max()
+        expected = np.floor((1 - factor) * dest.astype(np.float64) + factor * src.astype(np.float64))
+        np.testing.assert_allclose(blended[inside], expected[inside], atol=1)  # factor rounded to float32
+    else:
+        inside[top + 1:bottom - 1, left + 1:right - 1] = True  # the mask's outer ring stays unchanged
+    assert not changed_pixels(dest, blended)[~inside].any()
+
+
+def _ellipse_or_box_mask(rng, height, width):
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if rng.random() < 0.5:
+        center = (int(rng.integers(3, width - 3)), int(rng.integers(3, height - 3)))
+        axes = (int(rng.integers(3, width // 2)), int(rng.integers(3, height // 2)))
+        cv2.ellipse(mask, center, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1)
+    else:
+        mask[rng.integers(1, 4):height - rng.integers(1, 4), rng.integers(1, 4):width - rng.integers(1, 4)] = 255
+    mask[[0, -1], :] = 0
+    mask[:, [0, -1]] = 0
+    return mask
+
+
+@SETTINGS
+@given(height=st.integers(12, 60), width=st.integers(12, 60), channels=st.sampled_from([1, 3]),
+       mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]), seed=st.integers(0, 2 ** 32 - 1))
+def test_poisson_blend_keeps_source_in_place(height, width, channels, mode, seed):
+    """Blending an image into itself must reproduce it: a shifted paste would not."""
+    rng = np.random.default_rng(seed)
+    dest = textured(rng, height, width, channels)
+    mask = _ellipse_or_box_mask(rng, height, width)
+    mask_before = mask.copy()
+    blended = poisson_blend(dest, dest.copy(), mask, mode)
+    np.testing.assert_array_equal(mask, mask_before)  # OpenCV 5.0 would overwrite it
+    assert blended.shape == dest.shape and blended.dtype == np.uint8
+    assert np.abs(blended.astype(int) - dest).max() <= 2
+
+    other = textured(rng, height, width, channels)
+    blended = poisson_blend(dest, other, mask, mode)
+    top, bottom, left, right = box_of(mask > 0)
+    outside = np.ones((height, width), dtype=bool)
+    outside[top:bottom, left:right] = False
+    assert not changed_pixels(dest, blended)[outside].any()
+
+
+@settings(max_examples=20, deadline=None)
+@given(channels=st.sampled_from([1, 3]), mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_poisson_blend_on_crop_equals_whole_image_clone(channels, mode, seed):
+    rng = np.random.default_rng(seed)
+    dest, src = textured(rng, 80, 90, channels), textured(rng, 80, 90, channels)
+    top, left, height, width = rng.integers(0, 40), rng.integers(0, 40), rng.integers(10, 40), rng.integers(10, 50)
+    region = (slice(top, top + height), slice(left, left + width))
+    mask = _ellipse_or_box_mask(rng, height, width)
+    cropped = dest.copy()
+    cropped[region] = poisson_blend(dest[region], src[region], mask, mode)
+
+    full_mask = np.zeros(dest.shape[:2], np.uint8)
+    full_mask[region] = mask
+    rows, cols = box_of(full_mask > 0)[:2], box_of(full_mask > 0)[2:]
+    center = (int(cols[0] + (cols[1] - cols[0]) // 2), int(rows[0] + (rows[1] - rows[0]) // 2))
+    three = (lambda x: cv2.merge([x] * 3)) if channels == 1 else (lambda x: x)
+    whole = cv2.seamlessClone(three(src), three(dest), full_mask, center, mode)[..., :channels]
+    np.testing.assert_array_equal(cropped, whole)
+
+
+@SETTINGS
+@given(mode=st.sampled_from(MODES), channels=st.sampled_from([1, 3]), num_patches=st.integers(1, 4),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_skip_background_never_patches_pure_background(mode, channels, num_patches, seed):
+    rng = np.random.default_rng(seed)
+    background = np.zeros((64, 64, channels), np.uint8)
+    with_object = background.copy()
+    with_object[16:48, 16:48] = textured(rng, 32, 32, channels) // 2 + 100
+    kwargs = dict(mode=mode, num_patches=num_patches, skip_background=(0, 20), verbose=False, rng=rng)
+
+    for dest, src in ((background, background), (background, with_object), (with_object, background)):
+        image, label = patch_ex(dest, src, **kwargs)
+        np.testing.assert_array_equal(image, dest)
+        assert label.shape == (64, 64, 1) and not label.any()
+
+    if mode == 'swap':  # every changed pixel is destination object or now shows source object
+        image, _ = patch_ex(with_object, with_object, **kwargs)
+        changed = changed_pixels(with_object, image)
+        is_object = with_object.mean(axis=-1) > 20
+        assert np.all(is_object[changed] | (image.mean(axis=-1)[changed] > 20))
+
+
+def test_skip_background_accepts_several_backgrounds():
+    rng = np.random.default_rng(0)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 32:] = 255  # two backgrounds, no object
+    out, label = patch_ex(image, skip_background=[(0, 20), (255, 20)], verbose=False, rng=rng)
+    np.testing.assert_array_equal(out, image)
+    assert not label.any()
+
+
+def test_no_patch_placed_warns_when_verbose():
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.warns(RuntimeWarning, match='no suitable patch'):
+        patch_ex(image, skip_background=(0, 5), rng=np.random.default_rng(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        patch_ex(image, skip_background=(0, 5), verbose=False, rng=np.random.default_rng(0))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2 ** 32 - 1), channels=st.sampled_from([1, 3]))
+def test_cutpaste_patch_generation_pastes_one_rectangle(seed, channels):
+    rng = np.random.default_rng(seed)
+    dest = textured(rng, 96, 96, channels)
+    src = dest + np.uint8(128)
+    image, _ = patch_ex(dest, src, mode='swap', shift=False, cutpaste_patch_generation=True, num_patches=4, rng=rng)
+    changed = changed_pixels(dest, image)
+    top, bottom, left, right = box_of(changed)
+    assert changed[top:bottom, left:right].all()
+    height, width = bottom - top, right - left
+    assert 0.015 <= height * width / 96 ** 2 <= 0.16
+    assert 0.25 <= height / width <= 3.6
+
+
+@pytest.mark.parametrize('mode', MODES)
+@pytest.mark.parametrize('channels', [1, 3])
+def test_same_rng_state_gives_same_output(mode, channels):
+    rng = np.random.default_rng(1)
+    dest, src = textured(rng, 64, 72, channels), textured(rng, 64, 72, channels)
+    kwargs = dict(mode=mode, label_mode='logistic-intensity', num_ellipses=2, **TEXTURE)
+    first = patch_ex(dest, src, rng=np.random.default_rng(5), **kwargs)
+    second = patch_ex(dest, src, rng=np.random.default_rng(5), **kwargs)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_global_numpy_seed_makes_default_rng_repeatable():
+    rng = np.random.default_rng(2)
+    dest, src = textured(rng, 64, 64, 3), textured(rng, 64, 64, 3)
+    np.random.seed(3)
+    first = [patch_ex(dest, src, mode='mix') for _ in range(3)]
+    np.random.seed(3)
+    second = [patch_ex(dest, src, mode='mix') for _ in range(3)]
+    for (image_a, label_a), (image_b, label_b) in zip(first, second):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(label_a, label_b)
+    assert not np.array_equal(first[0][0], first[1][0])
+
+
+def test_inputs_are_not_modified():
+    rng = np.random.default_rng(4)
+    dest, src = textured(rng, 64, 64, 3), textured(rng, 64, 64, 3)
+    dest_copy, src_copy = dest.copy(), src.copy()
+    for mode in MODES:
+        patch_ex(dest, src, mode=mode, rng=rng, **TEXTURE)
+        patch_ex(dest, mode=mode, rng=rng, **TEXTURE)
+    np.testing.assert_array_equal(dest, dest_copy)
+    np.testing.assert_array_equal(src, src_copy)
+
+
+def test_synthetic_anomaly_wraps_patch_ex():
+    rng = np.random.default_rng(6)
+    dest, src = textured(rng, 64, 64, 3), textured(rng, 64, 64, 3)
+    kwargs = dict(mode=cv2.MIXED_CLONE, label_mode='logistic-intensity', **TEXTURE)
+    anomaly = SyntheticAnomaly(**kwargs)
+    expected = patch_ex(dest, src, rng=np.random.default_rng(7), **kwargs)
+    for a, b in zip(anomaly(dest, src, rng=np.random.default_rng(7)), expected):
+        np.testing.assert_array_equal(a, b)
+    assert repr(anomaly).startswith('SyntheticAnomaly(') and 'logistic-intensity' in repr(anomaly)
+    with pytest.raises(ValueError, match='label_mode'):
+        SyntheticAnomaly(label_mode='nope')
+    with pytest.raises(ValueError, match='colour'):
+        SyntheticAnomaly(colour=1)
+
+
+IMAGE = np.zeros((32, 32, 3), np.uint8)
+INVALID = [
+    (dict(ima_dest=IMAGE.astype(np.float32)), 'ima_dest'),
+    (dict(ima_dest=IMAGE[..., :2]), 'ima_dest'),
+    (dict(ima_dest=IMAGE[..., 0]), 'ima_dest'),
+    (dict(ima_dest=IMAGE[:8]), 'ima_dest'),
+    (dict(ima_src=np.zeros((32, 30, 3), np.uint8)), 'ima_src'),
+    (dict(ima_src=np.zeros((32, 32, 1), np.uint8)), 'ima_src'),
+    (dict(ima_src=IMAGE.astype(np.uint16)), 'ima_src'),
+    (dict(mode='poisson'), 'mode'),
+    (dict(mode=7), 'mode'),
+    (dict(label_mode='soft'), 'label_mode'),
+    (dict(num_patches=0), 'num_patches'),
+    (dict(num_patches=1.5), 'num_patches'),
+    (dict(width_bounds_pct=((0.1, 0.6), (0.1, 0.2))), 'width_bounds_pct'),
+    (dict(width_bounds_pct=((0.3, 0.2), (0.1, 0.2))), 'width_bounds_pct'),
+    (dict(width_bounds_pct=((-0.1, 0.2), (0.1, 0.2))), 'width_bounds_pct'),
+    (dict(width_bounds_pct=(0.1, 0.2)), 'width_bounds_pct'),
+    (dict(min_object_pct=1.5), 'min_object_pct'),
+    (dict(min_overlap_pct=-0.1), 'min_overlap_pct'),
+    (dict(skip_background=(0,)), 'skip_background'),
+    (dict(skip_background=[(0, 5), (255, -1)]), 'skip_background'),
+    (dict(tol=-1), 'tol'),
+    (dict(gamma_params=(2, 0.05)), 'gamma_params'),
+    (dict(gamma_params=(0, 0.05, 0.03)), 'gamma_params'),
+    (dict(intensity_logistic_params=(1,)), 'intensity_logistic_params'),
+    (dict(resize_bounds=(1.3, 0.7)), 'resize_bounds'),
+    (dict(resize_bounds=(0, 1)), 'resize_bounds'),
+    (dict(num_ellipses=0), 'num_ellipses'),
+    (dict(rng=np.random.RandomState(0)), 'rng'),
+]
+
+
+@pytest.mark.parametrize('kwargs, name', INVALID, ids=[f'{name}-{i}' for i, (_, name) in enumerate(INVALID)])
+def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
+    kwargs = dict(kwargs)
+    dest = kwargs.pop('ima_dest', IMAGE)
+    with pytest.raises(ValueError, match=name):
+        patch_ex(dest, **kwargs)
