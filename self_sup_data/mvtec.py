@@ -182,17 +182,22 @@ def _image_files(folder):
 class SelfSupImageDataset(Dataset):
     """In-memory images; train items are self-supervised samples, test items labelled images.
 
+    ``train_size`` (None: measured by applying ``transform`` to a stored image) is the side of
+    the training crops.
+
     train, self-sup on:  ds[i] -> (image tensor C x H x W, 0, label tensor 1 x H x W)
     train, self-sup off: ds[i] -> (transformed image tensor, 0, zeros 1 x H x W)
     test:                ds[i] -> (image tensor at low_res, 0/1, mask tensor 1 x H x W in {0, 1})
     Subclasses find the files; this class holds the images and makes the items.
     """
 
-    def __init__(self, images, is_train, transform, train_size, self_sup_args=None, seed=0,
+    def __init__(self, images, is_train, transform, train_size=None, self_sup_args=None, seed=0,
                  labels=None, masks=None, has_mask=None):
         self.images = images
         self.is_train = is_train
         self.transform = transform
+        if train_size is None:  # the side of what the transform makes of a stored image
+            train_size = transform(np.zeros_like(images[0]), None, np.random.default_rng(0))[0].shape[0]
         self.train_size = train_size
         self.in_channels = images[0].shape[2]
         self.low_res = images[0].shape[0]
@@ -307,10 +312,9 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         else:
             paths, defect_types, mask_paths = _test_files(category_dir)
         images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
+        train_size = None
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
-        else:
-            train_size = _output_side(transform, images[0])
         super().__init__(
             images, is_train, transform, train_size, self_sup_args, seed,
             labels=None if is_train else [t != 'good' for t in defect_types],
@@ -321,7 +325,3 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
 
-
-def _output_side(transform, image):
-    """Side length of what ``transform`` makes of ``image`` (the training crop size)."""
-    return transform(np.zeros_like(image), None, np.random.default_rng(0))[0].shape[0]

@@ -1,0 +1,230 @@
+"""NIH ChestX-ray14: datasets from file lists, and a list builder over the NIH label table.
+
+Images are read from ``data_dir`` by the names in list files (one file name per line, relative
+to ``data_dir``), converted to one channel and resized once to ``res x res``. Training items are
+NSA's self-supervised samples (as for MVTec, see ``self_sup_data.mvtec``) after the paper's
+augmentation: rotation by up to 3 degrees, centre crop ``230/256 * res``, random crop
+``train_size`` (224 at res 256). Test items are ``(image, 0 normal / 1 anomalous, mask)``;
+masks come from NIH's ``BBox_List_2017.csv`` (boxes drawn as filled rectangles), where given.
+
+List builder (normal = 'No Finding'; every other label is anomalous)::
+
+    python -m self_sup_data.chest_xray --csv Data_Entry_2017.csv[.gz] --out DIR \
+        [--gender M|F] [--min-age 18] [--view PA] [--n-test-normal 300] [--n-test-anom 150] [--seed 0]
+
+writes ``DIR/norm_train.txt``, ``DIR/norm_test.txt`` and ``DIR/anom_test.txt``. The split is by
+patient: test patients are drawn at random until both test lists are full, and no image of a
+test patient is used for training (NIH patients have many follow-up images; an image split
+would put near-duplicates of training images into the test set). The paper's hand-curated lists
+cannot be reproduced by a rule over the table; pass them to the training script instead.
+"""
+import argparse
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from self_sup_data.mvtec import SelfSupImageDataset, load_images
+from self_sup_data.transforms import CenterCrop, Compose, RandomCrop, RandomRotation
+
+NORMAL_FINDING = 'No Finding'
+TABLE_COLUMNS = ('Image Index', 'Finding Labels', 'Patient ID', 'Patient Age', 'Patient Gender',
+                 'View Position')
+BBOX_COLUMNS = ('Image Index', 'Finding Label', 'Bbox [x', 'y', 'w', 'h]')
+BBOX_IMAGE_SIDE = 1024  # NIH boxes are in the coordinates of the distributed 1024 x 1024 images
+LIST_NAMES = ('norm_train', 'norm_test', 'anom_test')
+
+
+def chest_recipe(res=256):
+    """The paper's training augmentation at image side ``res`` -> dict(train_size, transform).
+
+    Rotation up to 3 degrees, centre crop ``round(res * 230/256)``, random crop ``train_size`` =
+    the largest multiple of 32 not above ``res * 224/256`` (224 at 256, 448 at 512, 96 at 128).
+    """
+    train_size = max(32, 32 * math.floor(res * 224 / 256 / 32))
+    crop = int(res * 230 / 256 + 0.5)
+    if train_size > crop:
+        raise ValueError(f"res={res} is too small for a {train_size}-pixel training crop; use res >= 64")
+    return dict(train_size=train_size,
+                transform=Compose([RandomRotation(3), CenterCrop(crop), RandomCrop(train_size)]))
+
+
+def read_file_list(file_list):
+    """Names from a list file (one per line, blank lines skipped), or a given sequence of names."""
+    if isinstance(file_list, (str, os.PathLike)):
+        path = Path(file_list)
+        if not path.is_file():
+            raise FileNotFoundError(f"file list {path} does not exist")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [str(name) for name in file_list]
+
+
+def _existing_paths(data_dir, names, what):
+    if not names:
+        raise ValueError(f"the list of {what} images is empty")
+    paths = [Path(data_dir) / name for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images are missing from "
+                                f"{data_dir}, e.g. {missing[:3]}")
+    return paths
+
+
+def _check_columns(table, required, source):
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise KeyError(f"{source} lacks columns {missing}; expected {list(required)}, "
+                       f"found {list(table.columns)}")
+
+
+def read_bbox_table(bbox_csv):
+    """NIH ``BBox_List_2017.csv`` -> DataFrame with columns image, label, x, y, w, h."""
+    table = pd.read_csv(bbox_csv)
+    _check_columns(table, BBOX_COLUMNS, bbox_csv)
+    table = table[list(BBOX_COLUMNS)]
+    table.columns = ['image', 'label', 'x', 'y', 'w', 'h']
+    return table
+
+
+def box_masks(boxes, names, size):
+    """uint8 ``size x size`` masks (1 inside any box of the image), for the names that have boxes.
+
+    ``boxes``: DataFrame (image, x, y, w, h) in 1024-pixel coordinates, matched by file name.
+    """
+    scale = size / BBOX_IMAGE_SIDE
+    by_image = {name: rows for name, rows in boxes.groupby('image')}
+    masks = {}
+    for name in names:
+        rows = by_image.get(Path(name).name)
+        if rows is None:
+            continue
+        mask = np.zeros((size, size), np.uint8)
+        for x, y, w, h in rows[['x', 'y', 'w', 'h']].to_numpy(float):
+            top, left = max(0, math.floor(y * scale)), max(0, math.floor(x * scale))
+            mask[top:max(top + 1, math.ceil((y + h) * scale)), left:max(left + 1, math.ceil((x + w) * scale))] = 1
+        masks[name] = mask
+    return masks
+
+
+class SelfSupChestXRay(SelfSupImageDataset):
+    """Single-channel chest X-rays from file lists.
+
+    data_dir: folder the names are relative to. normal_files / anom_files: list file paths or
+    sequences of names; training uses the normal images only. bbox_csv: NIH's
+    ``BBox_List_2017.csv`` for test masks; anomalous images without a box (or without bbox_csv)
+    have ``has_mask`` False (image-level evaluation only). res: image side after resizing.
+    transform: training transform (default ``chest_recipe(res)``). self_sup_args: ``patch_ex``
+    keyword arguments. Items and seeding as ``SelfSupImageDataset``; ``.paths``,
+    ``.defect_types`` ('good' / 'anomaly') and ``.has_mask`` describe the test items.
+    """
+
+    def __init__(self, data_dir, normal_files, anom_files=None, bbox_csv=None, is_train=True, res=256,
+                 transform=None, self_sup_args=None, seed=0):
+        normal = read_file_list(normal_files)
+        anomalous = [] if is_train or anom_files is None else read_file_list(anom_files)
+        names = normal + anomalous
+        paths = _existing_paths(data_dir, normal, 'normal') + (
+            _existing_paths(data_dir, anomalous, 'anomalous') if anomalous else [])
+        images, _ = load_images(paths, res, channels=1, desc='loading chest X-rays')
+        train_size = None
+        if transform is None:
+            recipe = chest_recipe(res)
+            transform, train_size = recipe['transform'], recipe['train_size']
+        masks = [None] * len(names)
+        has_mask = [True] * len(normal) + [False] * len(anomalous)
+        if not is_train and bbox_csv is not None:
+            boxed = box_masks(read_bbox_table(bbox_csv), anomalous, res)
+            for i, name in enumerate(anomalous, start=len(normal)):
+                masks[i] = boxed.get(name)
+                has_mask[i] = name in boxed
+        super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
+                         labels=[0] * len(normal) + [1] * len(anomalous), masks=masks, has_mask=has_mask)
+        self.paths = [str(p) for p in paths]
+        self.defect_types = ['good'] * len(normal) + ['anomaly'] * len(anomalous)
+
+
+# ----------------------------------------------------------------------------- list builder
+
+def read_table(csv):
+    """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns."""
+    table = pd.read_csv(csv)
+    _check_columns(table, TABLE_COLUMNS, csv)
+    return table
+
+
+def build_file_lists(table, gender=None, min_age=18, view='PA', n_test_normal=300, n_test_anom=150, seed=0):
+    """Split the rows that pass the filters into normal train, normal test and anomalous test lists.
+
+    Filters: ``Patient Gender == gender`` ('M'/'F'; None: both), ``Patient Age >= min_age``
+    (None: any), ``View Position == view`` ('PA'/'AP'; None: any). Normal means
+    ``Finding Labels == 'No Finding'``. Patients, in an order shuffled with ``seed``, become test
+    patients while they can fill a test list that is not yet full; their images fill the test
+    lists (up to ``n_test_normal`` / ``n_test_anom``, the rest is left out), and the normal images
+    of all other patients form the training list. Returns {name: sorted list of file names}.
+    """
+    rows = table
+    if gender is not None:
+        rows = rows[rows['Patient Gender'] == gender]
+    if min_age is not None:
+        rows = rows[rows['Patient Age'] >= min_age]
+    if view is not None:
+        rows = rows[rows['View Position'] == view]
+    is_normal = rows['Finding Labels'] == NORMAL_FINDING
+    if not is_normal.any():
+        raise ValueError(f"no '{NORMAL_FINDING}' images pass the filters gender={gender!r}, "
+                         f"min_age={min_age!r}, view={view!r}")
+    normal_by_patient = rows[is_normal].groupby('Patient ID')['Image Index'].apply(sorted).to_dict()
+    anom_by_patient = rows[~is_normal].groupby('Patient ID')['Image Index'].apply(sorted).to_dict()
+    rng = np.random.default_rng(seed)
+    test_normal, test_anom, test_patients = [], [], set()
+    for patient in rng.permutation(np.sort(rows['Patient ID'].unique())):
+        needs_normal = len(test_normal) < n_test_normal and patient in normal_by_patient
+        needs_anom = len(test_anom) < n_test_anom and patient in anom_by_patient
+        if needs_normal or needs_anom:
+            test_patients.add(patient)
+            test_normal += normal_by_patient.get(patient, [])
+            test_anom += anom_by_patient.get(patient, [])
+    lists = dict(norm_train=sorted(name for patient, names in normal_by_patient.items()
+                                   if patient not in test_patients for name in names),
+                 norm_test=sorted(test_normal[:n_test_normal]),
+                 anom_test=sorted(test_anom[:n_test_anom]))
+    for name, wanted in (('norm_test', n_test_normal), ('anom_test', n_test_anom)):
+        if len(lists[name]) < wanted:
+            warnings.warn(f"only {len(lists[name])} images for {name} (asked for {wanted})")
+    return lists
+
+
+def write_file_lists(lists, out_dir):
+    """Write ``out_dir/<name>.txt`` for each list (one name per line; temp file + rename)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, names in lists.items():
+        path = out_dir / f'{name}.txt'
+        tmp = path.with_name(f'.{path.name}.tmp')
+        tmp.write_text(''.join(f'{n}\n' for n in names))
+        os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write normal/anomalous train/test file lists from "
+                                                 "NIH ChestX-ray14's label table (split by patient).")
+    parser.add_argument('--csv', required=True, help="Data_Entry_2017.csv (or .csv.gz)")
+    parser.add_argument('--out', required=True, help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
+    parser.add_argument('--gender', choices=['M', 'F'], default=None, help="default: both")
+    parser.add_argument('--min-age', type=int, default=18)
+    parser.add_argument('--view', choices=['PA', 'AP'], default='PA')
+    parser.add_argument('--n-test-normal', type=int, default=300)
+    parser.add_argument('--n-test-anom', type=int, default=150)
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age, view=args.view,
+                             n_test_normal=args.n_test_normal, n_test_anom=args.n_test_anom, seed=args.seed)
+    write_file_lists(lists, args.out)
+    print(', '.join(f'{name}: {len(lists[name])}' for name in LIST_NAMES) + f' -> {args.out}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,196 @@
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from self_sup_data import chest_xray
+from self_sup_data.chest_xray import (SelfSupChestXRay, build_file_lists, chest_recipe, read_file_list,
+                                      read_table)
+
+NIH = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'nih_chestxray'
+NIH_TABLE = NIH / 'Data_Entry_2017_v2020.csv.gz'
+ARGS = dict(width_bounds_pct=((0.1, 0.3), (0.1, 0.3)))
+BBOX_HEADER = 'Image Index,Finding Label,Bbox [x,y,w,h],,,\n'  # as in NIH's BBox_List_2017.csv
+
+
+@pytest.fixture
+def xrays(tmp_path):
+    """data_dir with 4 normal and 3 anomalous images (gray, RGB-gray, RGBA, sizes 160 and 200)."""
+    rng = np.random.default_rng(0)
+    names = [f'{i:08d}_000.png' for i in range(7)]
+    for i, name in enumerate(names):
+        gray = rng.integers(0, 256, (160 + 40 * (i % 2),) * 2, dtype=np.uint8)
+        image = [gray, np.stack([gray] * 3, 2), np.dstack([gray] * 3 + [np.full_like(gray, 255)])][i % 3]
+        Image.fromarray(image).save(tmp_path / name)
+    (tmp_path / 'normal.txt').write_text('\n'.join(names[:4]) + '\n\n')
+    (tmp_path / 'anomalous.txt').write_text('\n'.join(names[4:]) + '\n')
+    return tmp_path, names
+
+
+def test_recipe_sizes():
+    assert chest_recipe(256)['train_size'] == 224
+    assert [repr(t) for t in chest_recipe(256)['transform'].transforms] == [
+        'RandomRotation(3)', 'CenterCrop(230)', 'RandomCrop(224)']
+    assert chest_recipe(512)['train_size'] == 448 and chest_recipe(128)['train_size'] == 96
+    with pytest.raises(ValueError, match='res=32'):
+        chest_recipe(32)
+
+
+def test_read_file_list(tmp_path):
+    (tmp_path / 'list.txt').write_text('a.png\n\n  b.png \n')
+    assert read_file_list(tmp_path / 'list.txt') == ['a.png', 'b.png']
+    assert read_file_list(str(tmp_path / 'list.txt')) == ['a.png', 'b.png']
+    assert read_file_list(['c.png']) == ['c.png']
+    with pytest.raises(FileNotFoundError, match='missing.txt'):
+        read_file_list(tmp_path / 'missing.txt')
+
+
+def test_train_items(xrays):
+    data_dir, _ = xrays
+    ds = SelfSupChestXRay(data_dir, data_dir / 'normal.txt', data_dir / 'anomalous.txt', res=128,
+                          self_sup_args=ARGS)
+    assert len(ds) == 4 and ds.in_channels == 1 and (ds.low_res, ds.train_size) == (128, 96)
+    assert all(im.shape == (128, 128, 1) and im.dtype == np.uint8 for im in ds.images)
+    for i in range(len(ds)):
+        image, zero, label = ds[i]
+        assert image.shape == (1, 96, 96) and image.dtype == torch.float32 and zero == 0
+        assert label.shape == (1, 96, 96) and 0 <= label.min() and label.max() <= 1
+
+
+def test_same_samples_for_any_number_of_workers(xrays):
+    data_dir, _ = xrays
+    ds = SelfSupChestXRay(data_dir, data_dir / 'normal.txt', res=128, self_sup_args=ARGS, seed=3)
+    serial, parallel = (list(DataLoader(ds, batch_size=2, num_workers=n)) for n in (0, 2))
+    for (x0, _, y0), (x2, _, y2) in zip(serial, parallel):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def write_boxes(path, rows):
+    path.write_text(BBOX_HEADER + ''.join(f'{n},{label},{x},{y},{w},{h},,,\n' for n, label, x, y, w, h in rows))
+
+
+def test_test_items_with_box_masks(xrays):
+    data_dir, names = xrays
+    write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', 256.0, 512.0, 128.0, 64.0),
+                                         (names[4], 'Nodule', 800, 800, 8, 8),
+                                         (names[5], 'Effusion', 0, 1000, 1024, 24),
+                                         (names[0], 'Mass', 0, 0, 100, 100)])  # a normal image: ignored
+    ds = SelfSupChestXRay(data_dir, data_dir / 'normal.txt', data_dir / 'anomalous.txt',
+                          bbox_csv=data_dir / 'boxes.csv', is_train=False, res=128)
+    assert len(ds) == 7 and list(ds.labels) == [0, 0, 0, 0, 1, 1, 1]
+    assert list(ds.has_mask) == [True] * 6 + [False]
+    assert ds.defect_types == ['good'] * 4 + ['anomaly'] * 3
+    assert ds.paths == [str(data_dir / n) for n in names]
+    expected = np.zeros((128, 128), np.float32)
+    expected[64:72, 32:48] = 1   # (256, 512, 128, 64) / 8
+    expected[100:101, 100:101] = 1  # an 8-pixel box becomes one pixel
+    image, label, mask = ds[4]
+    assert image.shape == (1, 128, 128) and label == 1
+    np.testing.assert_array_equal(mask[0].numpy(), expected)
+    expected[:] = 0
+    expected[125:128, :] = 1
+    np.testing.assert_array_equal(ds[5][2][0].numpy(), expected)
+    assert not ds[0][2].any() and not ds[6][2].any()
+
+
+def test_test_items_without_boxes_are_image_level(xrays):
+    data_dir, names = xrays
+    ds = SelfSupChestXRay(data_dir, names[:2], names[2:], is_train=False, res=64)
+    assert list(ds.has_mask) == [True, True] + [False] * 5 and ds[3][2].shape == (1, 64, 64)
+
+
+def test_errors(xrays):
+    data_dir, names = xrays
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 normal images are missing .*nope.png"):
+        SelfSupChestXRay(data_dir, [names[0], 'nope.png'])
+    with pytest.raises(ValueError, match='list of normal images is empty'):
+        SelfSupChestXRay(data_dir, [])
+    (data_dir / 'bad.csv').write_text('Image Index,Label\n')
+    with pytest.raises(KeyError, match=r"bad.csv lacks columns \['Finding Label'"):
+        SelfSupChestXRay(data_dir, names[:2], names[2:], bbox_csv=data_dir / 'bad.csv', is_train=False)
+
+
+@pytest.mark.skipif(not (NIH / 'images').is_dir(), reason=f'real images not present: {NIH / "images"}')
+def test_real_images():
+    names = sorted(p.name for p in (NIH / 'images').glob('*.png'))
+    ds = SelfSupChestXRay(NIH / 'images', names[:5], names[5:], is_train=False, res=128)
+    assert len(ds) == len(names) and ds.in_channels == 1
+    assert all(im.shape == (128, 128, 1) for im in ds.images)
+    assert all(20 < im.mean() < 235 and im.std() > 10 for im in ds.images)  # real content, not blank
+
+
+# ----------------------------------------------------------------------------- list builder
+
+def synthetic_table(n_patients=40, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient in range(1, n_patients + 1):
+        gender, age = rng.choice(['M', 'F']), int(rng.integers(5, 90))
+        for follow_up in range(int(rng.integers(1, 6))):
+            finding = rng.choice(['No Finding', 'No Finding', 'Mass', 'Effusion|Mass'])
+            rows.append({'Image Index': f'{patient:08d}_{follow_up:03d}.png', 'Finding Labels': finding,
+                         'Follow-up #': follow_up, 'Patient ID': patient, 'Patient Age': age + follow_up // 3,
+                         'Patient Gender': gender, 'View Position': rng.choice(['PA', 'AP'])})
+    return pd.DataFrame(rows)
+
+
+def check_lists(table, lists, n_normal, n_anom):
+    rows = table.set_index('Image Index')
+    patients = {name: rows.loc[lists[name], 'Patient ID'] for name in lists}
+    assert not set(patients['norm_train']) & (set(patients['norm_test']) | set(patients['anom_test']))
+    assert (rows.loc[lists['norm_train'] + lists['norm_test'], 'Finding Labels'] == 'No Finding').all()
+    assert (rows.loc[lists['anom_test'], 'Finding Labels'] != 'No Finding').all()
+    assert len(lists['norm_test']) == n_normal and len(lists['anom_test']) == n_anom
+    assert all(lists[name] == sorted(lists[name]) for name in lists)
+
+
+def test_build_file_lists():
+    table = synthetic_table()
+    lists = build_file_lists(table, gender='M', min_age=18, view='PA', n_test_normal=5, n_test_anom=4)
+    check_lists(table, lists, 5, 4)
+    chosen = table.set_index('Image Index').loc[sum(lists.values(), [])]
+    assert (chosen['Patient Gender'] == 'M').all() and (chosen['Patient Age'] >= 18).all()
+    assert (chosen['View Position'] == 'PA').all()
+    eligible = table[(table['Patient Gender'] == 'M') & (table['Patient Age'] >= 18) & (table['View Position'] == 'PA')
+                     & (table['Finding Labels'] == 'No Finding')]
+    assert 0 < len(lists['norm_train']) <= len(eligible) - 5
+    assert build_file_lists(table, gender='M', n_test_normal=5, n_test_anom=4) == lists
+    assert build_file_lists(table, gender='M', n_test_normal=5, n_test_anom=4, seed=1) != lists
+    everyone = build_file_lists(table, gender=None, min_age=None, view=None, n_test_normal=10, n_test_anom=10)
+    check_lists(table, everyone, 10, 10)
+
+
+def test_build_file_lists_problems():
+    table = synthetic_table()
+    with pytest.warns(UserWarning, match='anom_test'):
+        build_file_lists(table, n_test_normal=1, n_test_anom=10_000)
+    with pytest.raises(ValueError, match="no 'No Finding' images"):
+        build_file_lists(table, min_age=200)
+    with pytest.raises(KeyError, match='Patient Gender'):
+        read_table(StringIO('Image Index,Finding Labels\na.png,No Finding\n'))
+
+
+def test_command_line(tmp_path, capsys):
+    table = synthetic_table()
+    table.to_csv(tmp_path / 'Data_Entry_2017.csv.gz', index=False)
+    chest_xray.main(['--csv', str(tmp_path / 'Data_Entry_2017.csv.gz'), '--out', str(tmp_path / 'lists'),
+                     '--gender', 'F', '--n-test-normal', '4', '--n-test-anom', '3', '--seed', '2'])
+    written = {name: read_file_list(tmp_path / 'lists' / f'{name}.txt') for name in chest_xray.LIST_NAMES}
+    assert written == build_file_lists(table, gender='F', n_test_normal=4, n_test_anom=3, seed=2)
+    assert sorted(p.name for p in (tmp_path / 'lists').iterdir()) == ['anom_test.txt', 'norm_test.txt',
+                                                                     'norm_train.txt']
+    assert f"norm_test: 4, anom_test: 3 -> {tmp_path / 'lists'}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not NIH_TABLE.is_file(), reason=f'real label table not present: {NIH_TABLE}')
+def test_real_table():
+    table = read_table(NIH_TABLE)
+    assert len(table) == 112_120
+    lists = build_file_lists(table, gender='F', n_test_normal=250, n_test_anom=120)
+    check_lists(table, lists, 250, 120)
+    assert len(lists['norm_train']) > 10_000
