@@ -188,7 +188,10 @@ class SelfSupImageDataset(Dataset):
     train, self-sup on:  ds[i] -> (image tensor C x H x W, 0, label tensor 1 x H x W)
     train, self-sup off: ds[i] -> (transformed image tensor, 0, zeros 1 x H x W)
     test:                ds[i] -> (image tensor at low_res, 0/1, mask tensor 1 x H x W in {0, 1})
-    Subclasses find the files; this class holds the images and makes the items.
+    Attributes: ``images`` (uint8 H x W x C), ``labels`` (int array), ``masks`` (test: uint8
+    H x W in {0, 1} per item; None for training), ``has_mask`` (bool array), ``in_channels``,
+    ``low_res``, ``train_size``. Subclasses find the files; this class holds the images and
+    makes the items.
     """
 
     def __init__(self, images, is_train, transform, train_size=None, self_sup_args=None, seed=0,
@@ -206,7 +209,9 @@ class SelfSupImageDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.labels = np.zeros(len(images), int) if labels is None else np.asarray(labels, int)
-        self.masks = masks
+        # test: uint8 {0, 1} mask per item (zeros for normal images and images without a mask)
+        self.masks = None if is_train else [np.zeros(im.shape[:2], np.uint8) if m is None else m
+                                            for im, m in zip(images, masks or [None] * len(images))]
         self.has_mask = np.ones(len(images), bool) if has_mask is None else np.asarray(has_mask, bool)
 
     def configure_self_sup(self, on=True, self_sup_args=None):
@@ -226,12 +231,10 @@ class SelfSupImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
+        index = range(len(self.images))[index]  # IndexError when out of range; ds[-1] is ds[n - 1]
         if not self.is_train:
-            mask = self.masks[index]
-            if mask is None:
-                mask = np.zeros(self.images[index].shape[:2], np.uint8)
             return (to_image_tensor(self.images[index]), int(self.labels[index]),
-                    to_label_tensor(mask[:, :, None].astype(np.float32)))
+                    to_label_tensor(self.masks[index][:, :, None].astype(np.float32)))
         rng = self.item_rng(index)
         image, _ = self.transform(self.images[index].copy(), None, rng)
         if not self.self_sup:

@@ -85,3 +85,12 @@ def test_masks_are_exact(kind):
 def test_command_line(tmp_path, capsys):
     demo.main([str(tmp_path), "--seed", "2"])
     assert capsys.readouterr().out.strip() == str(tmp_path / DEMO_CATEGORY)
+
+
+def test_loads_as_an_mvtec_category(demo_root):
+    from self_sup_data.mvtec import SelfSupMVTecDataset, list_categories
+    assert list_categories(demo_root.parent) == [DEMO_CATEGORY]
+    test = SelfSupMVTecDataset(demo_root.parent, DEMO_CATEGORY, is_train=False, res_scale=0.5)
+    assert test.in_channels == 1 and test.low_res == 128 and test.has_mask.all()
+    assert len(test) == demo.N_TEST_GOOD + len(DEFECT_KINDS) * demo.N_PER_DEFECT
+    assert all(test.masks[i].any() == bool(test.labels[i]) for i in range(len(test)))

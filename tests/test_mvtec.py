@@ -319,3 +319,11 @@ def test_magnetic_tile():
     assert test.labels.sum() == 392 and test.has_mask.all()
     # 4 'uneven' masks are empty in the data itself; at 64 px nearest-neighbour resizing loses 8 more
     assert sum(test.masks[i].any() for i in np.flatnonzero(test.labels)) >= 380
+
+
+def test_index_range(tiny_mvtec):
+    ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args=ARGS, **SMALL)
+    assert torch.equal(ds[-1][0], ds[len(ds) - 1][0])
+    assert torch.equal(ds[np.int64(2)][2], ds[2][2])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
