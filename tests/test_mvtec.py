@@ -11,7 +11,7 @@ from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupMVTecDat
                                  data_recipe, list_categories, read_image)
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, denormalize)
-from tests.conftest import make_mvtec_category
+from conftest import make_mvtec_category
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 SMALL = dict(res_scale=0.25)  # custom categories are textures: train crops 64 from 66, test at 64
