@@ -14,15 +14,30 @@ The image score is the mean (the paper) or the maximum (MVTec AD's protocol) of 
 
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR [-s SETTING ...] [-n CATEGORY ...]
 """
+import argparse
+import math
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from experiments import metrics
+from experiments import metrics, plotting, tables
+from experiments.settings import BASE_SETTINGS, parse_setting
+from experiments.training import load_model, resolve_device
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind
 
 SIDE_MULTIPLE = 32  # the encoder-decoder downsamples by 32
+METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
+           'pixel_auroc', 'pixel_ap', 'au_pro')
+CHECKPOINT_PATTERN = 'final_*.pt'
+REQUIRED_META = ('setting', 'category')
+EXAMPLES_PER_CLASS = 3  # normal and defective test images in a figure
 
 
 def test_crop_size(dataset):
@@ -86,3 +101,213 @@ def evaluate(model, dataset, batch_size=32, device='cpu', crop_size='auto', retu
     maps, labels, masks = predict(model, dataset, batch_size, device, crop_size)
     results = metrics.evaluate_maps(labels, maps, masks, has_mask=getattr(dataset, 'has_mask', None))
     return (results, maps) if return_maps else results
+
+
+# ------------------------------------------------------------------------------ figures
+
+def example_indices(labels, per_class=EXAMPLES_PER_CLASS):
+    """Up to ``per_class`` normal and ``per_class`` anomalous items, evenly spread over the test set."""
+    labels = np.asarray(labels)
+    chosen = []
+    for label in (0, 1):
+        items = np.flatnonzero(labels == label)
+        if items.size:
+            chosen += sorted(set(items[np.linspace(0, items.size - 1, min(per_class, items.size)).round().astype(int)]))
+    return chosen
+
+
+def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
+    """Figure of a few normal and defective test images: input, ground truth and predicted map."""
+    indices = example_indices(dataset.labels, per_class)
+    masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
+    titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}' for i in indices]
+    return plotting.plot_examples([dataset.images[i] for i in indices], masks, [maps[i] for i in indices],
+                                  titles, path)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def _read_error(path, error):
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}')
+
+
+def read_meta(path):
+    """The meta of a checkpoint without loading its weights; ValueError naming an unreadable file."""
+    try:
+        meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+        raise _read_error(path, error) from error
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f'checkpoint {path} has no {missing} in its meta; is it a model of train_mvtec.py?')
+    return meta
+
+
+def read_model(path, device):
+    """``training.load_model`` with a ValueError naming an unreadable file."""
+    try:
+        return load_model(path, device)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+        raise _read_error(path, error) from error
+
+
+def seedless_key(setting):
+    """The setting key without its seed, e.g. 'Shift-Intensity-M' (a table column)."""
+    return setting.base + ('-M' if setting.mixed else '')
+
+
+def matches(requested, setting):
+    """Whether a checkpoint of ``setting`` belongs to the requested key: same key, or any seed of
+    a requested key without a seed."""
+    same_task = (requested.base, requested.mixed) == (setting.base, setting.mixed)
+    return same_task and (requested.seed is None or requested.seed == setting.seed)
+
+
+def find_checkpoints(model_dir):
+    """Every trained model under ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
+                                f'{CHECKPOINT_PATTERN} files written by train_mvtec.py')
+    return [(path, read_meta(path)) for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN))]
+
+
+def select_checkpoints(found, settings=None, categories=None):
+    """The (path, meta) of ``found`` whose setting matches one of the keys ``settings`` (see
+    ``matches``; None: any) and whose category is in ``categories`` (None: any)."""
+    requested = None if settings is None else [parse_setting(key) for key in settings]
+    return [(path, meta) for path, meta in found
+            if (categories is None or meta['category'] in categories)
+            and (requested is None or any(matches(r, parse_setting(meta['setting'])) for r in requested))]
+
+
+def test_dataset(data_dir, meta):
+    """The test set of a checkpoint's category, at the resolution and kind it was trained with."""
+    return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
+                               res_scale=meta.get('res_scale', 1.0))
+
+
+def _record(meta, setting, path, values):
+    return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
+                setting=seedless_key(setting), seed=meta.get('seed', setting.seed), **values,
+                checkpoint=None if path is None else str(path))
+
+
+def missing_records(found, settings, categories):
+    """NaN records, with a warning each, for the pairs of setting keys and categories that have no
+    checkpoint in ``found``."""
+    records = []
+    kinds = {meta['category']: meta.get('kind') for _, meta in found}
+    for key in settings:
+        for category in categories:
+            if not select_checkpoints(found, [key], [category]):
+                warnings.warn(f'no checkpoint for setting {key!r} on category {category!r}: its cells are NaN')
+                records.append(_record(dict(category=category, kind=kinds.get(category)), parse_setting(key),
+                                       None, dict.fromkeys(METRICS, math.nan)))
+    return records
+
+
+def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
+                         batch_size=32, figure_dir=None):
+    """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
+
+    settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
+    categories: names to evaluate (None: all found). Each model's test set is rebuilt from its
+    meta (category, kind, res_scale); objects are cropped to its ``train_size``. When settings or
+    categories are given, every requested pair (the other list defaulting to all found) without a
+    checkpoint gives a row of NaN and a warning; an unreadable checkpoint raises ValueError naming
+    it. figure_dir: also write ``<category>_<setting>.png`` (first seed found of each setting, see
+    ``plot_test_examples``). Returns the long-format results (see ``experiments.tables``), one
+    dict per checkpoint with the metrics of ``METRICS`` and its path.
+    """
+    device = resolve_device(device)
+    found = find_checkpoints(model_dir)
+    selected = sorted(select_checkpoints(found, settings, categories),
+                      key=lambda item: (item[1]['category'], str(item[0])))
+    records, plotted, data_key = [], set(), None
+    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+        model, meta = read_model(path, device)
+        if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:  # one test set in memory
+            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
+            dataset = test_dataset(data_dir, meta)
+        crop_size = meta['train_size'] if dataset.kind == 'object' else None
+        values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
+        setting = parse_setting(meta['setting'])
+        records.append(_record(meta, setting, path, values))
+        figure_name = f"{meta['category']}_{seedless_key(setting)}.png"
+        if figure_dir is not None and figure_name not in plotted:
+            plot_test_examples(dataset, maps, Path(figure_dir) / figure_name)
+            plotted.add(figure_name)
+    if settings is not None or categories is not None:
+        found_settings = dict.fromkeys(seedless_key(parse_setting(meta['setting'])) for _, meta in found)
+        records += missing_records(found, settings or list(found_settings),
+                                   categories or sorted({meta['category'] for _, meta in found}))
+    return sort_records(records, settings)
+
+
+def sort_records(records, settings=None):
+    """Records ordered by setting (the order of ``settings`` when given, else the paper's order of
+    the base tasks, plain before -M), then category and seed: the tables keep this column order."""
+    requested = None if settings is None else list(dict.fromkeys(seedless_key(parse_setting(k)) for k in settings))
+
+    def order(record):
+        setting = parse_setting(record['setting'])
+        rank = (requested.index(record['setting']),) if requested else (list(BASE_SETTINGS).index(setting.base),
+                                                                          setting.mixed)
+        return rank, record['category'], -1 if record['seed'] is None else record['seed']
+    return sorted(records, key=order)
+
+
+# ------------------------------------------------------------------------------ command line
+
+def write_report(records, out_dir, paper_layout=False, percent=False):
+    """``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``."""
+    out_dir = Path(out_dir)
+    tables.write_results(records, out_dir / 'results.csv')
+    built = tables.build_tables(records, METRICS, paper_layout=paper_layout, percent=percent)
+    return tables.write_tables(built, out_dir / 'tables')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m experiments.mvtec_tasks',
+        description='Evaluate trained models (final_*.pt under MODEL_DIR) on MVTec-layout test sets: '
+                    'writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
+                    'OUT_DIR/figures/<category>_<setting>.png.')
+    parser.add_argument('-m', '--model-dir', required=True, help='folder of the trained models (searched recursively)')
+    parser.add_argument('-d', '--data-dir', required=True, help='MVTec-layout root folder (one folder per category)')
+    parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
+    parser.add_argument('-s', '--settings', nargs='+', default=None,
+                        help='setting keys (a key without seed takes every seed; default: all found)')
+    parser.add_argument('-n', '--categories', nargs='+', default=None, help='categories (default: all found)')
+    parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--paper-layout', action='store_true',
+                        help="merge X (objects) and X-M (textures) into one column, as in the paper")
+    parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
+    parser.add_argument('--no-figures', action='store_true', help='skip the example figures')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', UserWarning)
+            records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
+                                           device=args.device, batch_size=args.batch_size,
+                                           figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
+        for warning in caught:
+            print(f'warning: {warning.message}', file=sys.stderr)
+        if not records:
+            raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and '
+                                    f'categories under {args.model_dir}')
+        paths = write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        sys.exit(f'error: {error.args[0] if error.args else error}')
+    print(f'{len(records)} results; tables in {paths[0].parent}')
+
+
+if __name__ == '__main__':
+    main()

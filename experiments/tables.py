@@ -43,7 +43,7 @@ def results_frame(records):
     missing = [c for c in KEY_COLUMNS if c not in frame.columns]
     if frame.empty or missing:
         raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; missing {missing or "all rows"}')
-    frame['seed'] = frame['seed'].astype(object).where(frame['seed'].notna(), None)
+    frame['seed'] = frame['seed'].astype('Int64')
     duplicated = frame.duplicated(['category', 'setting', 'seed'])
     if duplicated.any():
         row = frame[duplicated].iloc[0]
@@ -182,7 +182,8 @@ def write_text_atomic(path, text):
 
 
 def to_markdown(table):
-    return table.reset_index().to_markdown(index=False) + '\n'
+    """Markdown (pipe table) with the cells as written (no re-parsing of numbers)."""
+    return table.reset_index().to_markdown(index=False, disable_numparse=True) + '\n'
 
 
 def to_latex(table):

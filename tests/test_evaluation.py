@@ -212,3 +212,130 @@ def test_evaluate_equals_metrics_of_the_predicted_maps():
     results = mvtec_tasks.evaluate(FirstChannel(), dataset)
     assert results['image_auroc_max'] == 1.0
     assert all(math.isnan(results[k]) for k in ('pixel_auroc', 'pixel_ap', 'au_pro'))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+from pathlib import Path
+
+from conftest import make_mvtec_category
+from experiments import training
+from experiments.settings import parse_setting
+from models.resnet import resnet18_enc_dec
+
+RES_SCALE = 0.25  # 64-pixel textures (train and test side 64)
+
+
+def save_checkpoint(model_dir, key, category, kind, seed=0):
+    """A freshly initialised model saved the way training saves its final model."""
+    setting = parse_setting(key)
+    torch.manual_seed(seed)
+    model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
+    meta = dict(setting=key, category=category, kind=kind, res_scale=RES_SCALE, train_size=64, seed=seed,
+                model_config=model.config)
+    run_dir = Path(model_dir) / setting.dir_name / category
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = training.final_model_path(run_dir, setting.run_name(category))
+    training.save_atomic(dict(model=model.state_dict(), meta=meta), path)
+    return path
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """The tiny forward passes here run faster on one thread on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """(model_dir, data_dir): two 64-pixel categories, 'Shift' with seeds 1 and 2, 'FPI' seed 1.
+
+    Shared by the tests of this module: they must not change it."""
+    tmp_path = tmp_path_factory.mktemp('trained')
+    data_dir, model_dir = tmp_path / 'data', tmp_path / 'models'
+    make_mvtec_category(data_dir, 'tiles', size=64, seed=1)
+    make_mvtec_category(data_dir, 'parts', size=64, seed=2, defects={'crack': 2, 'dent': 2})
+    for category, kind in (('tiles', 'texture'), ('parts', 'object')):
+        save_checkpoint(model_dir, 'Shift-1', category, kind, seed=1)
+        save_checkpoint(model_dir, 'Shift-2', category, kind, seed=2)
+        save_checkpoint(model_dir, 'FPI-1', category, kind, seed=1)
+    return model_dir, data_dir
+
+
+def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
+    model_dir, data_dir = trained
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir)
+    assert len(records) == 6
+    assert [r['setting'] for r in records] == ['Shift'] * 4 + ['FPI'] * 2  # the paper's order
+    assert {(r['category'], r['kind'], r['setting'], r['seed']) for r in records} == {
+        (c, k, s, seed) for c, k in (('tiles', 'texture'), ('parts', 'object'))
+        for s, seed in (('Shift', 1), ('Shift', 2), ('FPI', 1))}
+    for r in records:
+        assert all(0 <= r[m] <= 1 for m in mvtec_tasks.METRICS), r
+    # the same numbers as evaluating the loaded model directly on the rebuilt test set
+    record = next(r for r in records if r['category'] == 'parts' and r['setting'] == 'FPI')
+    model, meta = training.load_model(record['checkpoint'])
+    dataset = mvtec_tasks.SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object', res_scale=RES_SCALE)
+    assert mvtec_tasks.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
+
+
+def test_evaluate_checkpoints_filters_settings_and_categories(trained):
+    model_dir, data_dir = trained
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['Shift-2'], categories=['tiles'])
+    assert [(r['category'], r['setting'], r['seed']) for r in records] == [('tiles', 'Shift', 2)]
+
+
+def test_missing_checkpoint_gives_nan_and_a_warning(trained):
+    model_dir, data_dir = trained
+    with pytest.warns(UserWarning, match="no checkpoint for setting 'CutPaste' on category 'tiles'"):
+        records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI', 'CutPaste'],
+                                                   categories=['tiles'])
+    missing = [r for r in records if r['setting'] == 'CutPaste']
+    assert len(missing) == 1 and all(math.isnan(missing[0][m]) for m in mvtec_tasks.METRICS)
+    table = tables.metric_table(records, 'image_auroc_mean')
+    assert list(table.columns) == ['FPI', 'CutPaste']  # the requested order
+    assert table.loc[('texture', 'tiles'), 'CutPaste'] == 'NaN'
+    assert table.loc[('texture', 'tiles'), 'FPI'] != 'NaN'
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
+    model_dir, data_dir = trained
+    original = next(Path(model_dir).rglob('final_tiles_fpi_1.pt'))
+    path = tmp_path / 'models' / 'fpi' / 'tiles' / original.name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(original.read_bytes()[:1000] if damage == 'truncated' else b'not a checkpoint')
+    with pytest.raises(ValueError, match=f'cannot read checkpoint {path}'):
+        mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir)
+
+
+def test_command_line_end_to_end(trained, tmp_path):
+    model_dir, data_dir = trained
+    out = tmp_path / 'out'
+    mvtec_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-s', 'Shift',
+                      '--device', 'cpu', '--batch-size', '4'])
+    for metric in mvtec_tasks.METRICS:
+        for fmt in ('csv', 'md', 'tex'):
+            assert (out / 'tables' / f'{metric}.{fmt}').is_file()
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert list(table.columns) == ['Shift']
+    assert list(table.index) == [('object', 'parts'), ('object', 'average'), ('texture', 'tiles'),
+                                 ('texture', 'average'), ('all', 'average')]
+    assert ' ± ' in table.loc[('object', 'parts'), 'Shift']  # two seeds merged
+    results = pd.read_csv(out / 'results.csv')
+    assert len(results) == 4 and set(results['seed']) == {1, 2}
+    assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mvtec_tasks.main(['-m', str(tmp_path / 'nowhere'), '-d', str(tmp_path), '-o', str(tmp_path / 'out')])
+    assert exit_info.value.code != 0
+    message = str(exit_info.value.code)
+    assert message.startswith('error: model folder') and str(tmp_path / 'nowhere') in message and '\n' not in message
+    with pytest.raises(SystemExit) as exit_info:
+        mvtec_tasks.main(['-m', str(tmp_path), '-d', str(tmp_path), '-o', str(tmp_path / 'out'), '-s', 'Nope'])
+    assert "unknown setting key 'Nope'" in str(exit_info.value.code)
