@@ -130,6 +130,7 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
     bounds_px = _half_width_bounds_px((height, width), width_bounds_pct)
     image = ima_dest.copy()
     changed_mask = np.zeros((height, width), dtype=bool)  # union of the pasted patch masks
+    boxes = []
     for i in range(num_patches):
         if i > 0 and rng.integers(2) == 0:
             continue
@@ -148,8 +149,9 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
             continue
         top, left, mask = placed
         changed_mask[top:top + mask.shape[0], left:left + mask.shape[1]] |= mask
+        boxes.append((top, left) + mask.shape)
 
-    label = make_label(ima_dest, image, changed_mask, label_mode, tol, factor, intensity_logistic_params)
+    label = make_label(ima_dest, image, changed_mask, label_mode, tol, factor, intensity_logistic_params, boxes)
     return image, label
 
 
@@ -184,47 +186,72 @@ def object_mask(image, skip_background):
     return cv2.medianBlur(is_object, OBJECT_MASK_KSIZE).astype(bool)
 
 
-def make_label(dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params):
+def make_label(dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params, patch_boxes=None):
     """Label map (float32 ``H x W x 1``) of the change from ``dest`` to ``image`` inside ``patch_mask``.
 
-    The median filters only need the region around the changed pixels (a median over zeros is
-    zero), so they run on a crop: the bounding box of ``patch_mask`` padded by the filter radius.
-    The values equal those of whole-image filtering with replicated borders.
+    ``patch_boxes``: rectangles ``(top, left, height, width)`` that together contain ``patch_mask``
+    (default: the bounding boxes of its connected parts). The median filters only need the
+    neighbourhood of the patches (a median over zeros is zero), so they run on crops around these
+    boxes, padded by the reach of both filters and merged until disjoint; the values equal those
+    of whole-image filtering with replicated borders.
     """
-    height, width, channels = dest.shape
+    height, width = patch_mask.shape
     label = np.zeros((height, width, 1), dtype=np.float32)
-    rows, cols = np.flatnonzero(patch_mask.any(axis=1)), np.flatnonzero(patch_mask.any(axis=0))
-    if rows.size == 0:
-        return label
-    pad = max(INTENSITY_RADIUS, LABEL_MASK_KSIZE // 2)
-    crop = (slice(max(rows[0] - pad, 0), min(rows[-1] + 1 + pad, height)),
-            slice(max(cols[0] - pad, 0), min(cols[-1] + 1 + pad, width)))
-    abs_sum = np.abs(image[crop].astype(np.int16) - dest[crop]).sum(axis=-1, dtype=np.uint16)
-    abs_sum *= patch_mask[crop]
-    changed = abs_sum > 0
-    label_mask = cv2.medianBlur((abs_sum / channels > tol).astype(np.uint8), LABEL_MASK_KSIZE)
-    label_mask &= changed
-    if label_mode == 'binary':
-        value = label_mask.astype(np.float32)
-    elif label_mode == 'continuous':
-        value = label_mask * np.float32(factor)
-    else:
-        intensity = _median_disk(abs_sum * label_mask) / channels
-        if label_mode == 'intensity':
-            value = label_mask * intensity
-        else:
-            k, x0 = intensity_logistic_params
-            value = np.minimum(label_mask / (1 + np.exp(-k * (intensity - x0))), _BELOW_ONE)
-    label[crop][..., 0] = value
+    if patch_boxes is None:
+        _, _, stats, _ = cv2.connectedComponentsWithStats(patch_mask.view(np.uint8), connectivity=8)
+        patch_boxes = [(top, left, h, w) for left, top, w, h, _ in stats[1:]]
+    reach = LABEL_MASK_KSIZE // 2 + INTENSITY_RADIUS
+    for top, left, bottom, right in _merge_boxes(patch_boxes, reach):
+        core = (slice(max(top, 0), min(bottom, height)), slice(max(left, 0), min(right, width)))
+        crop = (slice(max(top - reach, 0), min(bottom + reach, height)),
+                slice(max(left - reach, 0), min(right + reach, width)))
+        inner = tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(core, crop))
+        label[core][..., 0] = _crop_label(dest[crop], image[crop], patch_mask[crop], inner, label_mode, tol,
+                                          factor, intensity_logistic_params)
     return label
 
 
-def _median_disk(values):
-    """Median of uint16 ``values`` over a disk of radius ``INTENSITY_RADIUS`` with replicated borders
-    (as ``scipy.ndimage.median_filter(values, footprint=disk(5), mode='nearest')``)."""
-    padded = np.pad(values, INTENSITY_RADIUS, mode='edge')
-    inner = (slice(INTENSITY_RADIUS, -INTENSITY_RADIUS),) * 2
-    return rank.median(padded, _INTENSITY_FOOTPRINT)[inner]
+def _crop_label(dest, image, patch_mask, inner, label_mode, tol, factor, intensity_logistic_params):
+    """Label values on ``inner`` (a pair of slices of the crop, at least ``INTENSITY_RADIUS`` +
+    ``LABEL_MASK_KSIZE // 2`` pixels from the crop's edges unless those are image borders)."""
+    channels = dest.shape[-1]
+    abs_sum = np.abs(image.astype(np.int16) - dest).sum(axis=-1, dtype=np.uint16)
+    abs_sum *= patch_mask
+    label_mask = cv2.medianBlur((abs_sum / channels > tol).astype(np.uint8), LABEL_MASK_KSIZE)
+    label_mask &= abs_sum > 0
+    inner_mask = label_mask[inner]
+    if label_mode == 'binary':
+        return inner_mask
+    if label_mode == 'continuous':
+        return inner_mask * np.float32(factor)
+    r = INTENSITY_RADIUS
+    padded = cv2.copyMakeBorder(abs_sum * label_mask, r, r, r, r, cv2.BORDER_REPLICATE)
+    window = tuple(slice(s.start, s.stop + 2 * r) for s in inner)  # inner grown by r, in padded coordinates
+    intensity = rank.median(padded[window], _INTENSITY_FOOTPRINT)[r:-r, r:-r] / channels
+    if label_mode == 'intensity':
+        return inner_mask * intensity
+    k, x0 = intensity_logistic_params
+    return np.minimum(inner_mask / (1 + np.exp(-k * (intensity - x0))), _BELOW_ONE)
+
+
+def _merge_boxes(boxes, gap):
+    """Boxes ``(top, left, height, width)`` as ``[top, left, bottom, right]``, merged into their common
+    bounding box while any two of them are closer than ``2 * gap`` pixels (so that the boxes grown
+    by ``gap`` are disjoint)."""
+    merged = [[top, left, top + h, left + w] for top, left, h, w in boxes]
+    i = 0
+    while i < len(merged):
+        for j in range(i + 1, len(merged)):
+            a, b = merged[i], merged[j]
+            if a[0] < b[2] + 2 * gap and b[0] < a[2] + 2 * gap and a[1] < b[3] + 2 * gap and b[1] < a[3] + 2 * gap:
+                merged[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+                del merged[j]
+                break
+        else:
+            i += 1
+            continue
+        i = 0
+    return merged
 
 
 def poisson_blend(dest, src, mask, mode):

@@ -98,16 +98,20 @@ def test_cropped_label_equals_whole_image_reference(height, width, channels, lab
     rng = np.random.default_rng(seed)
     dest = textured(rng, height, width, channels)
     patch_mask = np.zeros((height, width), dtype=bool)
+    boxes = []
     for _ in range(num_boxes):  # boxes anywhere, touching the border included
         top, left = rng.integers(0, height - 4), rng.integers(0, width - 4)
-        patch_mask[top:top + rng.integers(4, 40), left:left + rng.integers(4, 40)] = True
+        box_h, box_w = min(rng.integers(4, 40), height - top), min(rng.integers(4, 40), width - left)
+        patch_mask[top:top + box_h, left:left + box_w] = True
+        boxes.append((top, left, box_h, box_w))
     change = rng.integers(-60, 61, dest.shape) * (rng.random(dest.shape[:2]) < 0.9)[..., None]
     image = np.clip(dest.astype(int) + change * patch_mask[..., None], 0, 255).astype(np.uint8)
     factor, params = 0.3, (1 / 6, 20)
 
-    label = make_label(dest, image, patch_mask, label_mode, tol, factor, params)
     expected = reference_label(dest, image, patch_mask, label_mode, tol, factor, params)
-    np.testing.assert_array_equal(label, expected)
+    for patch_boxes in (None, boxes):  # connected parts of the mask, or the boxes that made it
+        label = make_label(dest, image, patch_mask, label_mode, tol, factor, params, patch_boxes)
+        np.testing.assert_array_equal(label, expected)
 
 
 def test_make_label_without_patch_is_zero():
@@ -229,7 +233,7 @@ def test_skip_background_never_patches_pure_background(mode, channels, num_patch
         assert label.shape == (64, 64, 1) and not label.any()
 
     if mode == 'swap':  # every changed pixel is destination object or now shows source object
-        image, _ = patch_ex(with_object, with_object, **kwargs)
+        image, _ = patch_ex(with_object, with_object, resize=False, **kwargs)
         changed = changed_pixels(with_object, image)
         is_object = with_object.mean(axis=-1) > 20
         assert np.all(is_object[changed] | (image.mean(axis=-1)[changed] > 20))
