@@ -36,11 +36,11 @@ SIDE_MULTIPLE = 32  # the encoder-decoder downsamples by 32
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
            'pixel_auroc', 'pixel_ap', 'au_pro')
 CHECKPOINT_PATTERN = 'final_*.pt'
-REQUIRED_META = ('setting', 'category')
+REQUIRED_META = ('setting',)
 EXAMPLES_PER_CLASS = 3  # normal and defective test images in a figure
 
 
-def test_crop_size(dataset):
+def paper_crop_size(dataset):
     """Side of the central crop the paper predicts on: ``dataset.train_size`` for objects, else None."""
     return dataset.train_size if getattr(dataset, 'kind', None) == 'object' else None
 
@@ -69,11 +69,11 @@ def predict_batch(model, images, crop_size=None):
 def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto'):
     """Predict every test item of ``dataset`` (items ``(image, label, mask)``).
 
-    ``crop_size``: 'auto' -> ``test_crop_size(dataset)``; None or an int as in ``predict_batch``.
+    ``crop_size``: 'auto' -> ``paper_crop_size(dataset)``; None or an int as in ``predict_batch``.
     Returns (maps float32 N x H x W, labels int N, masks uint8 N x H x W), in dataset order.
     """
     if crop_size == 'auto':
-        crop_size = test_crop_size(dataset)
+        crop_size = paper_crop_size(dataset)
     device = torch.device(device)
     model.eval()
     maps, labels, masks = [], [], []
@@ -140,7 +140,7 @@ def read_meta(path):
         raise _read_error(path, error) from error
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
-        raise ValueError(f'checkpoint {path} has no {missing} in its meta; is it a model of train_mvtec.py?')
+        raise ValueError(f'checkpoint {path} has no {missing} in its meta; is it a model of the training scripts?')
     return meta
 
 
@@ -164,13 +164,15 @@ def matches(requested, setting):
     return same_task and (requested.seed is None or requested.seed == setting.seed)
 
 
-def find_checkpoints(model_dir):
-    """Every trained model under ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta)."""
+def find_checkpoints(model_dir, dataset='mvtec'):
+    """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
+    ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
-                                f'{CHECKPOINT_PATTERN} files written by train_mvtec.py')
-    return [(path, read_meta(path)) for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN))]
+                                f'{CHECKPOINT_PATTERN} files written by the training scripts')
+    found = [(path, read_meta(path)) for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN))]
+    return [(path, meta) for path, meta in found if meta.get('dataset', dataset) == dataset]
 
 
 def select_checkpoints(found, settings=None, categories=None):
@@ -182,7 +184,7 @@ def select_checkpoints(found, settings=None, categories=None):
             and (requested is None or any(matches(r, parse_setting(meta['setting'])) for r in requested))]
 
 
-def test_dataset(data_dir, meta):
+def load_test_set(data_dir, meta):
     """The test set of a checkpoint's category, at the resolution and kind it was trained with."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
                                res_scale=meta.get('res_scale', 1.0))
@@ -230,7 +232,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         model, meta = read_model(path, device)
         if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:  # one test set in memory
             data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
-            dataset = test_dataset(data_dir, meta)
+            dataset = load_test_set(data_dir, meta)
         crop_size = meta['train_size'] if dataset.kind == 'object' else None
         values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
         setting = parse_setting(meta['setting'])
@@ -290,22 +292,32 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run_command(work):
+    """Run ``work()`` for a command line: each warning becomes a ``warning: ...`` line and an input
+    error (ValueError, FileNotFoundError, KeyError) one ``error: ...`` line and exit status 1."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', UserWarning)
+        try:
+            return work()
+        except (ValueError, FileNotFoundError, KeyError) as error:
+            sys.exit(f'error: {error.args[0] if error.args else error}')
+        finally:
+            for warning in caught:
+                print(f'warning: {warning.message}', file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always', UserWarning)
-            records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
-                                           device=args.device, batch_size=args.batch_size,
-                                           figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
-        for warning in caught:
-            print(f'warning: {warning.message}', file=sys.stderr)
+
+    def work():
+        records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
+                                       device=args.device, batch_size=args.batch_size,
+                                       figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
         if not records:
             raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and '
                                     f'categories under {args.model_dir}')
-        paths = write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        sys.exit(f'error: {error.args[0] if error.args else error}')
+        return records, write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
+    records, paths = run_command(work)
     print(f'{len(records)} results; tables in {paths[0].parent}')
 
 

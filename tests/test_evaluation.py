@@ -339,3 +339,71 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mvtec_tasks.main(['-m', str(tmp_path), '-d', str(tmp_path), '-o', str(tmp_path / 'out'), '-s', 'Nope'])
     assert "unknown setting key 'Nope'" in str(exit_info.value.code)
+
+
+# ------------------------------------------------------------------------------ chest X-rays
+
+from PIL import Image
+
+from experiments import chest_xray_tasks
+
+
+@pytest.fixture(scope='module')
+def chest(tmp_path_factory):
+    """(model_dir, data_dir, normal list, anomalous list, bbox csv): 64-pixel images, two seeds of 'Shift'."""
+    root = tmp_path_factory.mktemp('chest')
+    rng = np.random.default_rng(0)
+    names = {'normal': [f'n{i}.png' for i in range(4)], 'anomalous': [f'a{i}.png' for i in range(3)]}
+    for name in names['normal'] + names['anomalous']:
+        image = rng.integers(60, 120, (64, 64), dtype=np.uint8)
+        if name.startswith('a'):
+            image[16:32, 16:32] = 250
+        Image.fromarray(image).save(root / name)
+    for kind, listed in names.items():
+        (root / f'{kind}.txt').write_text('\n'.join(listed) + '\n')
+    # boxes in NIH's 1024-pixel coordinates for two of the three anomalous images
+    pd.DataFrame({'Image Index': ['a0.png', 'a1.png'], 'Finding Label': ['Mass', 'Nodule'],
+                  'Bbox [x': [256, 256], 'y': [256, 256], 'w': [256, 256], 'h]': [256, 256]}
+                 ).to_csv(root / 'boxes.csv', index=False)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = resnet18_enc_dec(in_channels=1, final_activation='sigmoid')
+        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', res=64, seed=seed, model_config=model.config)
+        run_dir = root / 'models' / 'shift'
+        run_dir.mkdir(parents=True, exist_ok=True)
+        training.save_atomic(dict(model=model.state_dict(), meta=meta), run_dir / f'final_chest_xray_shift_{seed}.pt')
+    return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'
+
+
+def test_chest_xray_evaluation_image_and_box_metrics(chest):
+    model_dir, data_dir, normal, anomalous, boxes = chest
+    records = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous)
+    assert [(r['category'], r['setting'], r['seed']) for r in records] == [('anomalous', 'Shift', 1),
+                                                                           ('anomalous', 'Shift', 2)]
+    assert all(0 <= r['image_auroc_mean'] <= 1 and math.isnan(r['pixel_auroc']) for r in records)
+    with_boxes = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous, bbox_csv=boxes,
+                                                       settings=['Shift-1'], test_name='male')
+    assert len(with_boxes) == 1 and with_boxes[0]['category'] == 'male'
+    assert with_boxes[0]['image_auroc_mean'] == records[0]['image_auroc_mean']
+    assert 0 <= with_boxes[0]['pixel_auroc'] <= 1 and 0 <= with_boxes[0]['au_pro'] <= 1
+    # the same numbers as the MVTec-style evaluation of the loaded model on the whole images
+    model, _ = training.load_model(with_boxes[0]['checkpoint'])
+    dataset = chest_xray_tasks.load_test_set(data_dir, normal, anomalous, boxes, res=64)
+    expected = mvtec_tasks.evaluate(model, dataset, crop_size=None)
+    assert {m: with_boxes[0][m] for m in expected} == expected
+
+
+def test_chest_xray_command_line(chest, tmp_path, capsys):
+    model_dir, data_dir, normal, anomalous, boxes = chest
+    out = tmp_path / 'out'
+    chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
+                           str(anomalous), '-s', 'Shift', 'CutPaste', '--name', 'male', '--device', 'cpu'])
+    assert "warning: no chest X-ray checkpoint for setting 'CutPaste'" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / 'tables').glob('*.csv')) == ['image_ap_mean.csv', 'image_auroc_mean.csv']
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert list(table.index) == [('chest_xray', 'male')] and list(table.columns) == ['Shift', 'CutPaste']
+    assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift'] and pd.isna(table.loc[('chest_xray', 'male'), 'CutPaste'])
+    assert [p.name for p in (out / 'figures').iterdir()] == ['male_Shift.png']
+    with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
+        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
+                               str(tmp_path / 'missing.txt')])

@@ -1,0 +1,126 @@
+"""Evaluation on chest X-rays (NIH ChestX-ray14 or any folder of images with file lists).
+
+The test set is a list of normal and a list of anomalous image names (as written by
+``python -m self_sup_data.chest_xray``); images are resized to the side the model was trained at
+(meta ``res``, 256 in the paper) and predicted whole (the side is a multiple of 32; otherwise it
+is reflect-padded as for MVTec textures, see ``experiments.mvtec_tasks``).
+
+Image AUROC and AP use the mean of the anomaly map as the image score (the paper); pixel AUROC,
+AP and AU-PRO are computed when NIH's bounding boxes (``BBox_List_2017.csv``) are given, over the
+anomalous images that have a box. Results over settings and seeds are tabulated as for MVTec
+(``experiments.tables``), one row per test set.
+
+    python -m experiments.chest_xray_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
+        -l NORMAL_TEST_LIST ANOMALOUS_TEST_LIST [--bbox-csv BBox_List_2017.csv] [-s SETTING ...]
+"""
+import argparse
+import math
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from experiments import tables
+from experiments.mvtec_tasks import (CHECKPOINT_PATTERN, evaluate, find_checkpoints, plot_test_examples,
+                                     read_model, run_command, select_checkpoints, seedless_key,
+                                     sort_records)
+from experiments.settings import parse_setting
+from experiments.training import resolve_device
+from self_sup_data.chest_xray import SelfSupChestXRay
+
+DATASET = 'chest_xray'
+DEFAULT_RES = 256
+IMAGE_METRICS = ('image_auroc_mean', 'image_ap_mean')
+PIXEL_METRICS = ('pixel_auroc', 'pixel_ap', 'au_pro')
+METRICS = IMAGE_METRICS + PIXEL_METRICS
+
+
+def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFAULT_RES):
+    """The test images of the two lists (names relative to ``data_dir``) at side ``res``."""
+    return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False, res=res)
+
+
+def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
+                         test_name=None, device=None, batch_size=32, figure_dir=None):
+    """Evaluate the chest X-ray models under ``model_dir`` (meta 'dataset' == 'chest_xray') on one test set.
+
+    settings: keys (a key without a seed takes every seed found; None: all found); a requested
+    key without a checkpoint gives a row of NaN and a warning. test_name: the row name (default:
+    the anomalous list's file stem). figure_dir: ``<test_name>_<setting>.png`` of examples for
+    the first seed of each setting. Returns long-format results (``experiments.tables``): one
+    dict per checkpoint with the metrics of ``metrics.evaluate_maps`` and its path.
+    """
+    device = resolve_device(device)
+    test_name = test_name or (Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET)
+    selected = select_checkpoints(find_checkpoints(model_dir, DATASET), settings)
+    records, plotted, datasets = [], set(), {}
+    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+        model, meta = read_model(path, device)
+        res = meta.get('res', DEFAULT_RES)
+        if res not in datasets:
+            datasets[res] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, res)
+        values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None, return_maps=True)
+        setting = parse_setting(meta['setting'])
+        records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
+                            seed=meta.get('seed', setting.seed), **values, checkpoint=str(path)))
+        figure_name = f'{test_name}_{seedless_key(setting)}.png'
+        if figure_dir is not None and figure_name not in plotted:
+            plot_test_examples(datasets[res], maps, Path(figure_dir) / figure_name)
+            plotted.add(figure_name)
+    for key in settings or []:
+        if not select_checkpoints([(path, meta) for path, meta in selected], [key]):
+            warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: its cells are NaN')
+            records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(parse_setting(key)),
+                                seed=parse_setting(key).seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))
+    return sort_records(records, settings)
+
+
+def write_report(records, out_dir, percent=False):
+    """``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only when
+    some result has them)."""
+    out_dir = Path(out_dir)
+    tables.write_results(records, out_dir / 'results.csv')
+    with_pixels = any(not math.isnan(r[m]) for r in records for m in PIXEL_METRICS)
+    built = tables.build_tables(records, METRICS if with_pixels else IMAGE_METRICS, percent=percent)
+    return tables.write_tables(built, out_dir / 'tables')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m experiments.chest_xray_tasks',
+        description='Evaluate trained chest X-ray models (final_*.pt under MODEL_DIR) on a test set given by '
+                    'two file lists: writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
+                    'OUT_DIR/figures/<name>_<setting>.png.')
+    parser.add_argument('-m', '--model-dir', required=True, help='folder of the trained models (searched recursively)')
+    parser.add_argument('-d', '--data-dir', required=True, help='folder the listed image names are relative to')
+    parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
+    parser.add_argument('-l', '--lists', nargs=2, required=True, metavar=('NORMAL_LIST', 'ANOMALOUS_LIST'),
+                        help='file lists of the normal and the anomalous test images (one name per line)')
+    parser.add_argument('--bbox-csv', help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
+    parser.add_argument('-s', '--settings', nargs='+', default=None,
+                        help='setting keys (a key without seed takes every seed; default: all found)')
+    parser.add_argument('--name', help='row name of the test set (default: the anomalous list\'s file name)')
+    parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
+    parser.add_argument('--no-figures', action='store_true', help='skip the example figures')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def work():
+        records = evaluate_checkpoints(args.model_dir, args.data_dir, *args.lists, bbox_csv=args.bbox_csv,
+                                       settings=args.settings, test_name=args.name, device=args.device,
+                                       batch_size=args.batch_size,
+                                       figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
+        if not records:
+            raise FileNotFoundError(f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
+        return records, write_report(records, args.out_dir, percent=args.percent)
+    records, paths = run_command(work)
+    print(f'{len(records)} results; tables in {paths[0].parent}')
+
+
+if __name__ == '__main__':
+    main()
