@@ -76,13 +76,14 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
 
 def write_report(records, out_dir, percent=False):
-    """``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only when
-    some result has them)."""
+    """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
+    when some result has them); returns the tables ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     tables.write_results(records, out_dir / 'results.csv')
     with_pixels = any(not math.isnan(r[m]) for r in records for m in PIXEL_METRICS)
     built = tables.build_tables(records, METRICS if with_pixels else IMAGE_METRICS, percent=percent)
-    return tables.write_tables(built, out_dir / 'tables')
+    tables.write_tables(built, out_dir / 'tables')
+    return built
 
 
 def parse_args(argv=None):
@@ -117,9 +118,10 @@ def main(argv=None):
                                        figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
         if not records:
             raise FileNotFoundError(f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
-        return records, write_report(records, args.out_dir, percent=args.percent)
-    records, paths = run_command(work)
-    print(f'{len(records)} results; tables in {paths[0].parent}')
+        write_report(records, args.out_dir, percent=args.percent)
+        return records
+    records = run_command(work)
+    print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
 
 
 if __name__ == '__main__':

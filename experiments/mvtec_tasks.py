@@ -264,11 +264,13 @@ def sort_records(records, settings=None):
 # ------------------------------------------------------------------------------ command line
 
 def write_report(records, out_dir, paper_layout=False, percent=False):
-    """``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``."""
+    """Write ``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``;
+    returns the tables ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     tables.write_results(records, out_dir / 'results.csv')
     built = tables.build_tables(records, METRICS, paper_layout=paper_layout, percent=percent)
-    return tables.write_tables(built, out_dir / 'tables')
+    tables.write_tables(built, out_dir / 'tables')
+    return built
 
 
 def parse_args(argv=None):
@@ -316,9 +318,10 @@ def main(argv=None):
         if not records:
             raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and '
                                     f'categories under {args.model_dir}')
-        return records, write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
-    records, paths = run_command(work)
-    print(f'{len(records)} results; tables in {paths[0].parent}')
+        write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
+        return records
+    records = run_command(work)
+    print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
 
 
 if __name__ == '__main__':
