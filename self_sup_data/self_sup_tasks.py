@@ -129,7 +129,7 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
     height, width = ima_dest.shape[:2]
     bounds_px = _half_width_bounds_px((height, width), width_bounds_pct)
     image = ima_dest.copy()
-    changed_mask = np.zeros((height, width), dtype=bool)  # union of the pasted patch masks
+    patch_mask = np.zeros((height, width), dtype=bool)  # union of the pasted patch masks
     boxes = []
     for i in range(num_patches):
         if i > 0 and rng.integers(2) == 0:
@@ -148,10 +148,10 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
                 warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=2)
             continue
         top, left, mask = placed
-        changed_mask[top:top + mask.shape[0], left:left + mask.shape[1]] |= mask
+        patch_mask[top:top + mask.shape[0], left:left + mask.shape[1]] |= mask
         boxes.append((top, left) + mask.shape)
 
-    label = make_label(ima_dest, image, changed_mask, label_mode, tol, factor, intensity_logistic_params, boxes)
+    label = make_label(ima_dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params, boxes)
     return image, label
 
 
@@ -179,7 +179,7 @@ class SyntheticAnomaly:
 def object_mask(image, skip_background):
     """Boolean ``H x W`` mask of the object: pixels whose channel mean differs from the brightness of
     every ``(brightness, threshold)`` pair by more than its threshold, 7 x 7 median filtered."""
-    mean = image.mean(axis=-1) if image.shape[-1] > 1 else image[..., 0]
+    mean = image.mean(axis=-1)
     is_object = np.ones(image.shape[:2], dtype=np.uint8)
     for brightness, threshold in _background_pairs(skip_background):
         is_object &= np.abs(mean - brightness) > threshold
@@ -215,7 +215,10 @@ def _crop_label(dest, image, patch_mask, inner, label_mode, tol, factor, intensi
     """Label values on ``inner`` (a pair of slices of the crop, at least ``INTENSITY_RADIUS`` +
     ``LABEL_MASK_KSIZE // 2`` pixels from the crop's edges unless those are image borders)."""
     channels = dest.shape[-1]
-    abs_sum = np.abs(image.astype(np.int16) - dest).sum(axis=-1, dtype=np.uint16)
+    abs_diff = cv2.absdiff(image, dest).reshape(image.shape)
+    abs_sum = abs_diff[..., 0].astype(np.uint16)
+    for channel in range(1, channels):
+        abs_sum += abs_diff[..., channel]
     abs_sum *= patch_mask
     label_mask = cv2.medianBlur((abs_sum / channels > tol).astype(np.uint8), LABEL_MASK_KSIZE)
     label_mask &= abs_sum > 0
@@ -224,14 +227,22 @@ def _crop_label(dest, image, patch_mask, inner, label_mode, tol, factor, intensi
         return inner_mask
     if label_mode == 'continuous':
         return inner_mask * np.float32(factor)
+    value = np.zeros(inner_mask.shape, dtype=np.float32)
+    rows, cols = np.flatnonzero(inner_mask.any(axis=1)), np.flatnonzero(inner_mask.any(axis=0))
+    if rows.size == 0:
+        return value
+    # the median is only needed on the bounding box of the label mask; its windows reach r further
     r = INTENSITY_RADIUS
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     padded = cv2.copyMakeBorder(abs_sum * label_mask, r, r, r, r, cv2.BORDER_REPLICATE)
-    window = tuple(slice(s.start, s.stop + 2 * r) for s in inner)  # inner grown by r, in padded coordinates
+    window = tuple(slice(i.start + b.start, i.start + b.stop + 2 * r) for i, b in zip(inner, box))
     intensity = rank.median(padded[window], _INTENSITY_FOOTPRINT)[r:-r, r:-r] / channels
     if label_mode == 'intensity':
-        return inner_mask * intensity
-    k, x0 = intensity_logistic_params
-    return np.minimum(inner_mask / (1 + np.exp(-k * (intensity - x0))), _BELOW_ONE)
+        value[box] = inner_mask[box] * intensity
+    else:
+        k, x0 = intensity_logistic_params
+        value[box] = np.minimum(inner_mask[box] / (1 + np.exp(-k * (intensity - x0))), _BELOW_ONE)
+    return value
 
 
 def _merge_boxes(boxes, gap):
@@ -292,7 +303,7 @@ def _sample_half_widths(rng, dims, bounds_px, gamma_params):
     if gamma_params is None:
         return [int(rng.integers(low, high, endpoint=True)) for low, high in bounds_px]
     shape, scale, lower = gamma_params
-    return [int(np.clip((lower + rng.gamma(shape, scale)) * size, low, high))
+    return [int(min(max((lower + rng.gamma(shape, scale)) * size, low), high))
             for size, (low, high) in zip(dims, bounds_px)]
 
 
@@ -354,8 +365,8 @@ def _cutpaste_source_patch(rng, dims):
     height, width = dims
     area = rng.uniform(*CUTPASTE_AREA_RATIO) * height * width
     aspect = rng.uniform(*CUTPASTE_ASPECT_RATIOS[rng.integers(2)])
-    patch_h = int(np.clip(round(np.sqrt(area * aspect)), MIN_PATCH_SIDE, height - 2))
-    patch_w = int(np.clip(round(area / patch_h), MIN_PATCH_SIDE, width - 2))
+    patch_h = min(max(round(np.sqrt(area * aspect)), MIN_PATCH_SIDE), height - 2)
+    patch_w = min(max(round(area / patch_h), MIN_PATCH_SIDE), width - 2)
     top = int(rng.integers(0, height - patch_h, endpoint=True))
     left = int(rng.integers(0, width - patch_w, endpoint=True))
     return top, left, np.ones((patch_h, patch_w), dtype=bool)
@@ -373,10 +384,10 @@ def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
     height, width = mask.shape
     (low_h, high_h), (low_w, high_w) = [(max(low, MIN_PATCH_SIDE), max(high, MIN_PATCH_SIDE))
                                         for low, high in bounds_px]
-    scale = np.clip(rng.normal(1, 0.5), *resize_bounds)
-    new_h = np.clip(scale * height, low_h, high_h)
-    new_w = int(np.clip(int(new_h / height * width), low_w, high_w))
-    new_h = int(np.clip(int(new_w / width * height), low_h, high_h))
+    scale = min(max(rng.normal(1, 0.5), resize_bounds[0]), resize_bounds[1])
+    new_h = min(max(scale * height, low_h), high_h)
+    new_w = min(max(int(new_h / height * width), low_w), high_w)
+    new_h = min(max(int(new_w / width * height), low_h), high_h)
     size = (new_w, new_h)
     patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR).reshape(new_h, new_w, -1)
     mask = cv2.resize(mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).view(bool)
@@ -402,8 +413,8 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         if shift:
             top, left = _random_start(rng, image_h, height), _random_start(rng, image_w, width)
         else:  # centred on the source position
-            top = int(np.clip(src_top + (source[2].shape[0] - height) // 2, 0, image_h - height))
-            left = int(np.clip(src_left + (source[2].shape[1] - width) // 2, 0, image_w - width))
+            top = min(max(src_top + (source[2].shape[0] - height) // 2, 0), image_h - height)
+            left = min(max(src_left + (source[2].shape[1] - width) // 2, 0), image_w - width)
         if patch_object is None:
             break
         src_in_mask = patch_object & mask
@@ -420,7 +431,9 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         dest_region = dest_object[region]
         mask = mask & (patch_object | dest_region)
         clone_mask = mask | (~patch_object & ~dest_region)  # background in both: blend it too, against artefacts
-    if mode == 'swap':
+    if mode == 'swap' and mask.all():
+        image[region] = patch
+    elif mode == 'swap':
         image[region][mask] = patch[mask]
     elif mode == 'uniform':
         dest_values = image[region][mask].astype(np.float64)

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from skimage.morphology import disk
 
 from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, SyntheticAnomaly, make_label,
-                                          patch_ex, poisson_blend)
+                                          object_mask, patch_ex, poisson_blend)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
@@ -237,6 +237,19 @@ def test_skip_background_never_patches_pure_background(mode, channels, num_patch
         changed = changed_pixels(with_object, image)
         is_object = with_object.mean(axis=-1) > 20
         assert np.all(is_object[changed] | (image.mean(axis=-1)[changed] > 20))
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('skip_background', [(200, 10), [(200, 10), (30, 5)], ((0, 20), (255, 20))])
+def test_object_mask_is_pixels_far_from_every_background(channels, skip_background):
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 256, (40, 48, channels), dtype=np.uint8)
+    image[10:30, 10:30] = 200  # a background block, whatever else is noise
+    pairs = [skip_background] if isinstance(skip_background[0], int) else skip_background
+    mean = image.astype(np.float64).mean(axis=-1)
+    expected = np.all([np.abs(mean - b) > t for b, t in pairs], axis=0)
+    expected = ndi.median_filter(expected.astype(np.uint8), size=7, mode='nearest').astype(bool)
+    np.testing.assert_array_equal(object_mask(image, skip_background), expected)
 
 
 def test_skip_background_accepts_several_backgrounds():
