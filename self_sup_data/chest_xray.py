@@ -10,7 +10,7 @@ masks come from NIH's ``BBox_List_2017.csv`` (boxes drawn as filled rectangles),
 List builder (normal = 'No Finding'; every other label is anomalous)::
 
     python -m self_sup_data.chest_xray --csv Data_Entry_2017.csv[.gz] --out DIR \
-        [--gender M|F] [--min-age 18] [--view PA] [--n-test-normal 300] [--n-test-anom 150] [--seed 0]
+        [--gender M|F] [--min-age 18] [--view PA|AP|any] [--n-test-normal 300] [--n-test-anom 150] [--seed 0]
 
 writes ``DIR/norm_train.txt``, ``DIR/norm_test.txt`` and ``DIR/anom_test.txt``. The split is by
 patient: test patients are drawn at random until both test lists are full, and no image of a
@@ -104,7 +104,8 @@ def box_masks(boxes, names, size):
         mask = np.zeros((size, size), np.uint8)
         for x, y, w, h in rows[['x', 'y', 'w', 'h']].to_numpy(float):
             top, left = max(0, math.floor(y * scale)), max(0, math.floor(x * scale))
-            mask[top:max(top + 1, math.ceil((y + h) * scale)), left:max(left + 1, math.ceil((x + w) * scale))] = 1
+            bottom, right = math.ceil((y + h) * scale), math.ceil((x + w) * scale)
+            mask[top:max(top + 1, bottom), left:max(left + 1, right)] = 1  # at least one pixel
         masks[name] = mask
     return masks
 
@@ -215,12 +216,13 @@ def main(argv=None):
     parser.add_argument('--out', required=True, help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
     parser.add_argument('--gender', choices=['M', 'F'], default=None, help="default: both")
     parser.add_argument('--min-age', type=int, default=18)
-    parser.add_argument('--view', choices=['PA', 'AP'], default='PA')
+    parser.add_argument('--view', choices=['PA', 'AP', 'any'], default='PA')
     parser.add_argument('--n-test-normal', type=int, default=300)
     parser.add_argument('--n-test-anom', type=int, default=150)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age, view=args.view,
+    lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age,
+                             view=None if args.view == 'any' else args.view,
                              n_test_normal=args.n_test_normal, n_test_anom=args.n_test_anom, seed=args.seed)
     write_file_lists(lists, args.out)
     print(', '.join(f'{name}: {len(lists[name])}' for name in LIST_NAMES) + f' -> {args.out}')

@@ -275,23 +275,28 @@ def _train_files(category_dir):
     return files
 
 
+def _mask_file(category_dir, defect_type, image_path):
+    """ground_truth/<defect_type>/<image stem>_mask.<any suffix>, or None if there is none."""
+    candidates = sorted((category_dir / 'ground_truth' / defect_type).glob(f'{image_path.stem}_mask.*'))
+    return candidates[0] if candidates else None
+
+
 def _test_files(category_dir):
     """(image paths, defect types, mask paths or None) of test/<type>/ in sorted order."""
     test_dir = category_dir / 'test'
     if not test_dir.is_dir():
-        raise FileNotFoundError(f"{test_dir} does not exist; testing needs test/good and test/<defect> folders")
+        raise FileNotFoundError(f"{test_dir} does not exist; testing needs test/good and "
+                                "test/<defect> folders")
     paths, defect_types, mask_paths = [], [], []
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         for path in _image_files(type_dir):
-            mask_path = None
-            if type_dir.name != 'good':
-                candidates = sorted((category_dir / 'ground_truth' / type_dir.name).glob(f'{path.stem}_mask.*'))
-                mask_path = candidates[0] if candidates else None
             paths.append(path)
             defect_types.append(type_dir.name)
+            mask_path = None if type_dir.name == 'good' else _mask_file(category_dir, type_dir.name, path)
             mask_paths.append(mask_path)
     if not paths:
-        raise ValueError(f"{test_dir} holds no images in its sub-folders (expected test/good/*.png, test/<defect>/*.png)")
+        raise ValueError(f"{test_dir} holds no images in its sub-folders "
+                         "(expected test/good/*.png, test/<defect>/*.png)")
     return paths, defect_types, mask_paths
 
 
@@ -318,11 +323,12 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         train_size = None
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
-        super().__init__(
-            images, is_train, transform, train_size, self_sup_args, seed,
-            labels=None if is_train else [t != 'good' for t in defect_types],
-            masks=masks,
-            has_mask=None if is_train else [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)])
+        labels = has_mask = None
+        if not is_train:
+            labels = [t != 'good' for t in defect_types]
+            has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
+        super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
+                         labels=labels, masks=masks, has_mask=has_mask)
         self.class_name = class_name
         self.kind = category_kind(class_name, kind)
         self.paths = [str(p) for p in paths]
