@@ -13,6 +13,7 @@ Anomaly Detection and Localization", arXiv 2109.15222). The blending `mode` sele
 The generator knows nothing of torch: images are uint8 numpy arrays ``H x W x C`` (C = 1 or 3),
 labels float32 ``H x W x 1``, and all randomness comes from a ``numpy.random.Generator``.
 """
+import itertools
 import warnings
 
 import cv2
@@ -246,23 +247,19 @@ def _crop_label(dest, image, patch_mask, inner, label_mode, tol, factor, intensi
 
 
 def _merge_boxes(boxes, gap):
-    """Boxes ``(top, left, height, width)`` as ``[top, left, bottom, right]``, merged into their common
-    bounding box while any two of them are closer than ``2 * gap`` pixels (so that the boxes grown
-    by ``gap`` are disjoint)."""
-    merged = [[top, left, top + h, left + w] for top, left, h, w in boxes]
-    i = 0
-    while i < len(merged):
-        for j in range(i + 1, len(merged)):
-            a, b = merged[i], merged[j]
-            if a[0] < b[2] + 2 * gap and b[0] < a[2] + 2 * gap and a[1] < b[3] + 2 * gap and b[1] < a[3] + 2 * gap:
-                merged[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                del merged[j]
-                break
-        else:
-            i += 1
-            continue
-        i = 0
-    return merged
+    """Boxes ``(top, left, height, width)`` as ``(top, left, bottom, right)``, any two that are closer
+    than ``2 * gap`` pixels replaced by their common bounding box until the boxes grown by ``gap``
+    are disjoint."""
+    merged = [(top, left, top + h, left + w) for top, left, h, w in boxes]
+    while True:
+        close = next(((a, b) for a, b in itertools.combinations(merged, 2)
+                      if all(a[i] < b[i + 2] + 2 * gap and b[i] < a[i + 2] + 2 * gap for i in (0, 1))), None)
+        if close is None:
+            return merged
+        a, b = close
+        merged.remove(a)
+        merged.remove(b)
+        merged.append((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])))
 
 
 def poisson_blend(dest, src, mask, mode):

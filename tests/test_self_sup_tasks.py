@@ -210,10 +210,10 @@ def test_poisson_blend_on_crop_equals_whole_image_clone(channels, mode, seed):
 
     full_mask = np.zeros(dest.shape[:2], np.uint8)
     full_mask[region] = mask
-    rows, cols = box_of(full_mask > 0)[:2], box_of(full_mask > 0)[2:]
-    center = (int(cols[0] + (cols[1] - cols[0]) // 2), int(rows[0] + (rows[1] - rows[0]) // 2))
-    three = (lambda x: cv2.merge([x] * 3)) if channels == 1 else (lambda x: x)
-    whole = cv2.seamlessClone(three(src), three(dest), full_mask, center, mode)[..., :channels]
+    mask_top, mask_bottom, mask_left, mask_right = box_of(full_mask > 0)
+    center = (int(mask_left + (mask_right - mask_left) // 2), int(mask_top + (mask_bottom - mask_top) // 2))
+    src3, dest3 = (cv2.merge([src] * 3), cv2.merge([dest] * 3)) if channels == 1 else (src, dest)
+    whole = cv2.seamlessClone(src3, dest3, full_mask, center, mode)[..., :channels]
     np.testing.assert_array_equal(cropped, whole)
 
 
