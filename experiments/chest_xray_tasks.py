@@ -18,12 +18,13 @@ import math
 import warnings
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from experiments import tables
-from experiments.mvtec_tasks import (CHECKPOINT_PATTERN, evaluate, find_checkpoints, plot_test_examples,
-                                     read_model, run_command, select_checkpoints, seedless_key,
-                                     sort_records)
+from experiments.mvtec_tasks import (CHECKPOINT_PATTERN, evaluate, figure_path, find_checkpoints,
+                                     plot_test_examples, read_model, run_command, select_checkpoints,
+                                     seedless_key, sort_records)
+from experiments.mvtec_tasks import figure_paths  # noqa: F401  (re-exported for the notebook)
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.chest_xray import SelfSupChestXRay
@@ -63,10 +64,10 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         setting = parse_setting(meta['setting'])
         records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
                             seed=meta.get('seed', setting.seed), **values, checkpoint=str(path)))
-        figure_name = f'{test_name}_{seedless_key(setting)}.png'
-        if figure_dir is not None and figure_name not in plotted:
-            plot_test_examples(datasets[res], maps, Path(figure_dir) / figure_name)
-            plotted.add(figure_name)
+        figure = None if figure_dir is None else figure_path(figure_dir, test_name, seedless_key(setting))
+        if figure is not None and figure not in plotted:
+            plot_test_examples(datasets[res], maps, figure)
+            plotted.add(figure)
     for key in settings or []:
         if not select_checkpoints([(path, meta) for path, meta in selected], [key]):
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: its cells are NaN')

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from experiments import metrics, plotting, tables
 from experiments.settings import BASE_SETTINGS, parse_setting
@@ -123,6 +123,17 @@ def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
     titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}' for i in indices]
     return plotting.plot_examples([dataset.images[i] for i in indices], masks, [maps[i] for i in indices],
                                   titles, path)
+
+
+def figure_path(figure_dir, category, setting_key):
+    """``figure_dir/<category>_<setting without seed>.png``: the examples of a category and setting."""
+    return Path(figure_dir) / f'{category}_{setting_key}.png'
+
+
+def figure_paths(records, figure_dir):
+    """The example figures of the results ``records`` that exist in ``figure_dir``, in record order."""
+    paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records)
+    return [path for path in paths if path.is_file()]
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -237,10 +248,10 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
         setting = parse_setting(meta['setting'])
         records.append(_record(meta, setting, path, values))
-        figure_name = f"{meta['category']}_{seedless_key(setting)}.png"
-        if figure_dir is not None and figure_name not in plotted:
-            plot_test_examples(dataset, maps, Path(figure_dir) / figure_name)
-            plotted.add(figure_name)
+        figure = None if figure_dir is None else figure_path(figure_dir, meta['category'], seedless_key(setting))
+        if figure is not None and figure not in plotted:
+            plot_test_examples(dataset, maps, figure)
+            plotted.add(figure)
     if settings is not None or categories is not None:
         found_settings = dict.fromkeys(seedless_key(parse_setting(meta['setting'])) for _, meta in found)
         records += missing_records(found, settings or list(found_settings),

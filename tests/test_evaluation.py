@@ -348,10 +348,10 @@ from PIL import Image
 from experiments import chest_xray_tasks
 
 
-@pytest.fixture(scope='module')
-def chest(tmp_path_factory):
-    """(model_dir, data_dir, normal list, anomalous list, bbox csv): 64-pixel images, two seeds of 'Shift'."""
-    root = tmp_path_factory.mktemp('chest')
+def make_chest_test_set(root, seeds=(1, 2)):
+    """A 64-pixel chest X-ray test set and models of 'Shift' under ``root``:
+    returns (model_dir, data_dir, normal list, anomalous list, bbox csv)."""
+    root = Path(root)
     rng = np.random.default_rng(0)
     names = {'normal': [f'n{i}.png' for i in range(4)], 'anomalous': [f'a{i}.png' for i in range(3)]}
     for name in names['normal'] + names['anomalous']:
@@ -365,14 +365,20 @@ def chest(tmp_path_factory):
     pd.DataFrame({'Image Index': ['a0.png', 'a1.png'], 'Finding Label': ['Mass', 'Nodule'],
                   'Bbox [x': [256, 256], 'y': [256, 256], 'w': [256, 256], 'h]': [256, 256]}
                  ).to_csv(root / 'boxes.csv', index=False)
-    for seed in (1, 2):
+    for seed in seeds:
         torch.manual_seed(seed)
         model = resnet18_enc_dec(in_channels=1, final_activation='sigmoid')
-        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', res=64, seed=seed, model_config=model.config)
-        run_dir = root / 'models' / 'shift'
+        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64, seed=seed,
+                    model_config=model.config)
+        run_dir = root / 'models' / 'shift' / 'chest_xray'
         run_dir.mkdir(parents=True, exist_ok=True)
         training.save_atomic(dict(model=model.state_dict(), meta=meta), run_dir / f'final_chest_xray_shift_{seed}.pt')
     return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'
+
+
+@pytest.fixture(scope='module')
+def chest(tmp_path_factory):
+    return make_chest_test_set(tmp_path_factory.mktemp('chest'))
 
 
 def test_chest_xray_evaluation_image_and_box_metrics(chest):

@@ -1,0 +1,85 @@
+"""The evaluation notebooks run end to end (nbclient) on tiny generated data and checkpoints.
+
+The parameters cell (tagged 'parameters') is replaced by one that points at the generated
+data; everything else runs as a user would run it, from the repository root.
+"""
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import make_mvtec_category
+from test_evaluation import make_chest_test_set, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parameter_names(source):
+    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+            for target in node.targets}
+
+
+def run_notebook(name, parameters, monkeypatch):
+    """Execute notebook ``name`` with its parameters cell replaced -> the executed notebook."""
+    notebook = nbformat.read(REPO / name, as_version=4)
+    cells = [cell for cell in notebook.cells if 'parameters' in cell.metadata.get('tags', [])]
+    assert len(cells) == 1, f'{name} needs exactly one cell tagged "parameters"'
+    assert parameter_names(cells[0].source) == set(parameters), 'the test sets every parameter of the notebook'
+    cells[0].source = '\n'.join(f'{key} = {value!r}' for key, value in parameters.items())
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # tiny models; a shared machine
+    NotebookClient(notebook, timeout=120, kernel_name='python3',
+                   resources={'metadata': {'path': str(REPO)}}).execute()
+    return notebook
+
+
+def outputs(notebook, mime):
+    """The outputs of type ``mime`` ('text/plain', 'text/markdown', 'image/png', ...) and streams ('stream')."""
+    return [output.get('text', '') if mime == 'stream' else output['data'][mime]
+            for cell in notebook.cells if cell.cell_type == 'code' for output in cell.outputs
+            if (output.output_type == 'stream') == (mime == 'stream') and mime in output.get('data', {mime: 0})]
+
+
+def assert_clean_run(notebook):
+    """No errors and no missing-checkpoint warnings printed by any cell."""
+    streams = ''.join(outputs(notebook, 'stream'))
+    assert 'Error' not in streams and 'Traceback' not in streams and 'no checkpoint' not in streams, streams
+
+
+def test_mvtec_notebook(tmp_path, monkeypatch):
+    data_dir, model_dir, out_dir = tmp_path / 'data', tmp_path / 'models', tmp_path / 'out'
+    make_mvtec_category(data_dir, 'tiles', size=64)
+    save_checkpoint(model_dir, 'Shift-Intensity-M-3', 'tiles', 'texture', seed=3)
+    notebook = run_notebook('mvtec_evaluation.ipynb', dict(
+        MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), SETTINGS=None, CATEGORIES=['tiles'],
+        PAPER_LAYOUT=False, OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
+    assert_clean_run(notebook)
+    headings = outputs(notebook, 'text/markdown')
+    assert '### image_auroc_mean' in headings and '### au_pro' in headings
+    assert sum('Shift-Intensity-M' in html and 'tiles' in html for html in outputs(notebook, 'text/html')) == 7
+    assert (out_dir / 'tables' / 'au_pro.md').is_file()
+    assert [p.name for p in (out_dir / 'figures').iterdir()] == ['tiles_Shift-Intensity-M.png']
+    assert len(outputs(notebook, 'image/png')) == 1
+
+
+def test_chestxray_notebook(tmp_path, monkeypatch):
+    model_dir, data_dir, normal, anomalous, boxes = make_chest_test_set(tmp_path, seeds=(1,))
+    out_dir = tmp_path / 'out'
+    notebook = run_notebook('chestxray_evaluation.ipynb', dict(
+        MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), NORMAL_LIST=str(normal), ANOMALOUS_LIST=str(anomalous),
+        BBOX_CSV=str(boxes), SETTINGS=['Shift'], TEST_NAME='tiny', OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
+    assert_clean_run(notebook)
+    headings = outputs(notebook, 'text/markdown')
+    assert '### image_auroc_mean' in headings and '### pixel_auroc' in headings  # boxes given
+    assert sum('tiny' in html for html in outputs(notebook, 'text/html')) == 5
+    assert (out_dir / 'results.csv').is_file() and len(outputs(notebook, 'image/png')) == 1
+    assert [p.name for p in (out_dir / 'figures').iterdir()] == ['tiny_Shift.png']
+
+
+@pytest.mark.parametrize('name', ['mvtec_evaluation.ipynb', 'chestxray_evaluation.ipynb'])
+def test_notebooks_are_stored_without_outputs(name):
+    notebook = nbformat.read(REPO / name, as_version=4)
+    nbformat.validate(notebook)
+    assert all(not cell.get('outputs') and cell.get('execution_count') is None
+               for cell in notebook.cells if cell.cell_type == 'code')
