@@ -26,6 +26,7 @@ A category without an entry gets the defaults of its kind (``KIND_DEFAULTS``).
 """
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 
@@ -115,6 +116,10 @@ class Setting:
     def run_name(self, category):
         """Name of a run on ``category``, e.g. 'zipper_shift_intensity_923874273'."""
         return f'{category}_{self.fname}'
+
+    def run_dir(self, out_dir, category):
+        """Folder of the runs of this setting on ``category``: out_dir/<dir_name>/<category>."""
+        return Path(out_dir) / self.dir_name / category
 
 
 def valid_setting_forms():
@@ -295,3 +300,68 @@ def chest_xray_params(overrides=None):
 def chest_xray_self_sup_args(setting, overrides=None, **flags):
     """``patch_ex`` arguments of ``setting`` on chest X-rays (see self_sup_args_for)."""
     return self_sup_args_for(setting, chest_xray_params(overrides), **flags)
+
+
+def trained_model_path(out_dir, setting, category):
+    """Where the training scripts put the model of ``setting`` (key or Setting) on ``category``:
+    ``out_dir/<setting.dir_name>/<category>/final_<category>_<setting.fname>.pt``."""
+    from experiments.training import final_model_path
+    setting = parse_setting(setting) if isinstance(setting, str) else setting
+    return final_model_path(setting.run_dir(out_dir, category), setting.run_name(category))
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line overrides of the category parameters
+# ------------------------------------------------------------------------------------------------
+
+def add_task_arguments(parser):
+    """Add the paper's task flags and the options that override single category parameters."""
+    group = parser.add_argument_group('task flags (as in the paper\'s code)')
+    group.add_argument('--single_patch', action='store_true', help='one patch per sample')
+    group.add_argument('--cutpaste_patch_gen', action='store_true', help="CutPaste's patch shapes")
+    group.add_argument('--no_mask', action='store_true', help='no object mask (ignore backgrounds)')
+    group.add_argument('--ellipse', action='store_true',
+                       help=f'patches made of {NUM_ELLIPSES} random ellipses '
+                            f'(+{ELLIPSE_EXTRA_EPOCHS} epochs, as in the paper\'s code)')
+    group = parser.add_argument_group('category parameters (override the per-category values)')
+    group.add_argument('--width-bounds', type=float, nargs=4, metavar=('H_MIN', 'H_MAX', 'W_MIN', 'W_MAX'),
+                       help='half-width bounds of a patch as fractions of the image side')
+    group.add_argument('--num-patches', type=int, metavar='N', help='maximum number of patches')
+    group.add_argument('--logistic', type=float, nargs=2, metavar=('K', 'X0'),
+                       help='logistic label parameters: label = 1 / (1 + exp(-K (d - X0)))')
+    group.add_argument('--background', type=float, nargs=2, metavar=('BRIGHTNESS', 'THRESHOLD'),
+                       help='object mask: pixels within THRESHOLD of BRIGHTNESS are background')
+    group.add_argument('--min-object-pct', type=float, metavar='F',
+                       help='minimum object fraction of a patch (with a background)')
+    group.add_argument('--min-overlap-pct', type=float, metavar='F',
+                       help='minimum overlap of source and destination objects (with a background)')
+    group.add_argument('--resize-bounds', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                       help='bounds of the random patch rescaling factor')
+    group.add_argument('--gamma', type=float, nargs=3, metavar=('SHAPE', 'SCALE', 'LOWER'),
+                       help='gamma distribution of the patch half-width (settings that use it)')
+
+
+def param_overrides(args):
+    """Category parameter overrides from parsed ``add_task_arguments`` options."""
+    def pairs(values):
+        return None if values is None else tuple(values)
+    width = args.width_bounds
+    overrides = dict(
+        width_bounds_pct=None if width is None else ((width[0], width[1]), (width[2], width[3])),
+        num_patches=args.num_patches, intensity_logistic_params=pairs(args.logistic),
+        background=pairs(args.background), min_object_pct=args.min_object_pct,
+        min_overlap_pct=args.min_overlap_pct, resize_bounds=pairs(args.resize_bounds),
+        gamma_params=pairs(args.gamma))
+    if args.num_patches is not None and args.num_patches < 1:
+        raise ValueError(f"--num-patches must be at least 1, got {args.num_patches}")
+    if width is not None and not (all(0 < w <= 0.5 for w in width)
+                                  and width[0] <= width[1] and width[2] <= width[3]):
+        raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def self_sup_args_from_args(setting, params, args):
+    """``self_sup_args_for`` with the task flags of parsed ``add_task_arguments`` options."""
+    return self_sup_args_for(setting, params, single_patch=args.single_patch,
+                             cutpaste_patch_gen=args.cutpaste_patch_gen, use_mask=not args.no_mask,
+                             ellipse=args.ellipse)

@@ -23,8 +23,10 @@ reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
 import os
 import random
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -301,3 +303,69 @@ def load_model(path, device='cpu'):
     model = build_model(checkpoint['meta']['model_config'])
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), checkpoint['meta']
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line helpers shared by the training scripts
+# ------------------------------------------------------------------------------------------------
+
+def add_training_arguments(parser):
+    """Add the model and loop options: --epochs ... --no_pool, --preact (see train_config)."""
+    group = parser.add_argument_group('model and training loop')
+    group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
+    group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
+    group.add_argument('--lr', type=float, default=1e-3,
+                       help='initial learning rate, decayed with a cosine to 1e-6 (default: 1e-3)')
+    group.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                       help='DataLoader worker processes generating the samples '
+                            '(default: min(4, CPUs); 0: in the main process)')
+    group.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' ... (default: CUDA if available)")
+    group.add_argument('--resume', action='store_true',
+                       help='continue interrupted runs from their last checkpoint; skip finished ones')
+    group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
+                       help='write the resume checkpoint every E epochs (default: 1)')
+    group.add_argument('--figure-every', type=int, metavar='E',
+                       help='example figure every E epochs (default: a quarter of the epochs)')
+    group.add_argument('--no-figures', action='store_true', help='write no figures')
+    group.add_argument('--no_pool', action='store_true', help='no max pool in the stem')
+    group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
+
+
+def train_config(args, epochs, seed, loss):
+    """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
+    return TrainConfig(epochs=args.epochs or epochs,
+                       batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
+                       loss=loss, seed=seed, workers=args.workers, device=args.device,
+                       checkpoint_every=args.checkpoint_every, figure_every=args.figure_every,
+                       figures=not args.no_figures)
+
+
+def model_from_args(args, in_channels, final_activation, seed):
+    """NSA's encoder-decoder with the --no_pool/--preact options, initialised from ``seed``."""
+    from models.resnet import resnet18_enc_dec
+    seed_everything(seed)
+    return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
+                            preact=args.preact, final_activation=final_activation)
+
+
+def prepare_output_dir(path):
+    """Create folder ``path`` if needed and check that files can be written there -> Path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to output folder {path}: {error.strerror or error}") from error
+    return path
+
+
+@contextmanager
+def exit_on_input_error(prog):
+    """Turn a ValueError, KeyError or OSError into a one-line message and exit status 1."""
+    try:
+        yield
+    except (ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,148 @@
+"""Training scripts: input errors end in one line and write nothing; short real runs; resume."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_chest_xray
+import train_mvtec
+from conftest import make_mvtec_category
+from experiments.settings import trained_model_path
+from experiments.training import last_checkpoint_path, load_model
+
+FAST = ['--epochs', '2', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
+        '--no-figures', '--checkpoint-every', '100']
+
+
+def run_error(main, argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0
+    assert len(message.splitlines()) == 1
+    return message
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['-s', 'Shift-Intensty'], 'unknown setting key'),
+    (['-s', 'CutPaste-M'], '-M (mixed gradients) applies only'),
+    (['-s', 'Shift', '-n', 'carpet'], "category 'carpet' not found"),
+    (['-s', 'Shift', '-c', 'object'], 'no object categories'),
+    (['-s', 'Shift', '--num-patches', '0'], '--num-patches'),
+    (['-s', 'Shift', '--width-bounds', '0.1', '0.6', '0.1', '0.2'], '--width-bounds'),
+    (['-s', 'Shift', '--batch-size', '-1'], 'batch_size'),
+    (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
+])
+def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, argv + ['-d', str(root), '-o', str(out)], capsys)
+    assert expected in message and 'train_mvtec.py: error:' in message
+    assert not out.exists()
+
+
+def test_missing_data_dir_and_unwritable_output(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'nowhere'),
+                                           '-o', str(tmp_path / 'out')], capsys)
+    assert 'nowhere' in message and 'does not exist' in message
+    assert not (tmp_path / 'out').exists()
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('not a folder')
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-n', name,
+                                           '-o', str(blocker / 'out')], capsys)
+    assert 'cannot write to output folder' in message
+
+
+def test_unknown_category_lists_the_found_ones(tmp_path, capsys):
+    make_mvtec_category(tmp_path / 'data', 'gears', n_train=2)
+    make_mvtec_category(tmp_path / 'data', 'fabric', n_train=2)
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-n', 'gear',
+                                           '-o', str(tmp_path / 'out')], capsys)
+    assert "'gear' not found" in message and 'fabric, gears' in message
+
+
+def test_training_a_tiny_category_lowers_the_loss_and_resume_skips_it(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    out = tmp_path / 'out'
+    argv = ['-s', 'Shift-Intensity-M-7', '-d', str(root), '-o', str(out), '-n', name] + FAST
+    assert train_mvtec.main(argv) == 0
+    path = trained_model_path(out, 'Shift-Intensity-M-7', name)
+    assert path == out / 'shift_intensity_m' / name / f'final_{name}_shift_intensity_m_7.pt'
+    assert last_checkpoint_path(path.parent, f'{name}_shift_intensity_m_7').is_file()
+    model, meta = load_model(path)
+    assert (meta['setting'], meta['category'], meta['seed'], meta['kind']) == (
+        'Shift-Intensity-M-7', name, 7, 'texture')
+    assert (meta['train_size'], meta['in_channels'], meta['res_scale']) == (64, 1, 0.25)
+    assert meta['self_sup_args']['label_mode'] == 'logistic-intensity'
+    assert meta['self_sup_args']['mode'] == 2  # cv2.MIXED_CLONE
+    assert meta['model_config']['final_activation'] == 'sigmoid'
+    losses = meta['epoch_losses']
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+    modified = path.stat().st_mtime_ns
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ['--resume']) == 0
+    assert 'skipping' in capsys.readouterr().out
+    assert path.stat().st_mtime_ns == modified
+
+
+def test_category_groups_and_overrides_reach_the_run(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'gears', n_train=2)
+    make_mvtec_category(data, 'fabric', n_train=2)
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'),
+                                   '-c', 'object', '--kind', 'object', '--logistic', '0.5', '3',
+                                   '--no_mask', '--single_patch', '--res-scale', '0.25'])
+    setting, _, categories, _ = train_mvtec.plan(args)
+    assert categories == ['fabric', 'gears']
+    dataset, model, config, meta = train_mvtec.prepare_run(args, setting, data, 'gears')
+    assert meta['kind'] == 'object' and meta['self_sup_args']['num_patches'] == 1
+    assert meta['self_sup_args']['intensity_logistic_params'] == (0.5, 3)
+    assert config.epochs == 320 and config.batch_size == 64 and config.lr == 1e-3
+    assert model.config['in_channels'] == dataset.in_channels == 1
+
+
+def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
+    args = train_mvtec.parse_args(['-s', 'Shift-Intensity', '-o', str(tmp_path)])
+    _, data_dir, categories, _ = train_mvtec.plan(args)
+    assert data_dir == tmp_path / 'demo_data' and categories == ['demo_texture']
+    assert (data_dir / 'demo_texture' / 'train' / 'good').is_dir()
+    assert (args.epochs, args.batch_size, args.res_scale) == (
+        train_mvtec.DEMO_EPOCHS, train_mvtec.DEMO_BATCH_SIZE, train_mvtec.DEMO_RES_SCALE)
+    assert 'demo dataset' in capsys.readouterr().out
+
+
+def write_chest_images(folder, count=4, size=64):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    names = []
+    for i in range(count):
+        image = (60 + 120 * rng.random((size // 8, size // 8))).astype(np.uint8)
+        Image.fromarray(image).resize((size, size), Image.BICUBIC).save(folder / f'{i:05d}.png')
+        names.append(f'{i:05d}.png')
+    return names
+
+
+def test_chest_xray_training_and_errors(tmp_path, capsys):
+    names = write_chest_images(tmp_path / 'images')
+    listing = tmp_path / 'norm_train.txt'
+    listing.write_text('\n'.join(names) + '\n')
+    out = tmp_path / 'out'
+    base = ['-s', 'Shift-Intensity', '-d', str(tmp_path / 'images'), '-o', str(out), '--res', '64',
+            '--epochs', '1', '--batch-size', '2', '--workers', '0', '--no-figures']
+    assert train_chest_xray.main(base + ['-l', str(listing)]) == 0
+    model, meta = load_model(trained_model_path(out, 'Shift-Intensity', 'chest_xray'))
+    assert meta['dataset'] == 'chest_xray' and meta['self_sup_args']['gamma_params'] == (2, 0.03, 0.05)
+    assert meta['train_config']['epochs'] == 1 and meta['in_channels'] == 1
+
+    listing.write_text('\n'.join(names + ['missing.png']) + '\n')
+    fresh = tmp_path / 'fresh'
+    message = run_error(train_chest_xray.main,
+                        base[:5] + [str(fresh)] + base[6:] + ['-l', str(listing)], capsys)
+    assert 'missing.png' in message and not fresh.exists()
+    message = run_error(train_chest_xray.main, base + ['-l', str(tmp_path / 'nolist.txt')], capsys)
+    assert 'nolist.txt' in message

@@ -1,0 +1,94 @@
+"""Train NSA (or a baseline task) on chest X-rays (NIH ChestX-ray14) from a list of normal images.
+
+    python train_chest_xray.py -s SETTING -d DATA_DIR -l LIST -o OUT_DIR [--no_pool] [--preact]
+                               [--epochs E] [--batch-size B] [--res R] [--workers W] [--device D]
+                               [--resume] ...
+
+LIST holds the file names (relative to DATA_DIR) of the normal training images, one per line
+(see ``python -m self_sup_data.chest_xray`` to build lists from NIH's table). The model is
+written to OUT_DIR/<setting dir>/chest_xray/final_chest_xray_<setting fname>.pt.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from experiments import settings
+from experiments.training import (add_training_arguments, exit_on_input_error, final_model_path,
+                                  model_from_args, prepare_output_dir, resolve_device, train,
+                                  train_config)
+from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
+
+PROG = 'train_chest_xray.py'
+CATEGORY = 'chest_xray'
+PAPER_RES = 256  # image side; training crops of 224
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split('\n\n')[0],
+        epilog=f'setting keys: {settings.valid_setting_forms()}')
+    parser.add_argument('-s', '--setting', required=True, help='setting key, e.g. Shift-Intensity-M')
+    parser.add_argument('-d', '--data_dir', required=True, help='folder the listed names are relative to')
+    parser.add_argument('-l', '--list', required=True, help='file list of the normal training images')
+    parser.add_argument('-o', '--out_dir', required=True, help='where models and figures go')
+    parser.add_argument('--res', type=int, default=PAPER_RES,
+                        help=f'side the images are resized to (default: {PAPER_RES}, the paper)')
+    add_training_arguments(parser)
+    settings.add_task_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def plan(args):
+    """Check every input before anything is trained -> (setting, params, out_dir)."""
+    setting = settings.parse_setting(args.setting)
+    params = settings.chest_xray_params(settings.param_overrides(args))
+    resolve_device(args.device)
+    train_config(args, epochs=1, seed=0, loss=setting.loss)  # validates the loop's options
+    chest_recipe(args.res)
+    if not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"data folder {args.data_dir} does not exist")
+    names = read_file_list(args.list)
+    if not names:
+        raise ValueError(f"file list {args.list} names no images")
+    missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(names)} images of {args.list} are missing "
+                                f"from {args.data_dir}, e.g. {missing[:3]}")
+    return setting, params, prepare_output_dir(args.out_dir)
+
+
+def prepare_run(args, setting, params):
+    """Dataset, model, TrainConfig and meta of the run (errors here are input errors)."""
+    self_sup_args = settings.self_sup_args_from_args(setting, params, args)
+    seed = setting.run_seed
+    dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
+                               self_sup_args=self_sup_args, seed=seed)
+    dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
+    model = model_from_args(args, dataset.in_channels, setting.final_activation, seed)
+    config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
+                          seed=seed, loss=setting.loss)
+    meta = dict(dataset='chest_xray', setting=setting.key, category=CATEGORY,
+                data_dir=str(Path(args.data_dir).resolve()), normal_list=str(Path(args.list).resolve()),
+                res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
+                in_channels=dataset.in_channels, seed=seed, category_params=params,
+                self_sup_args=self_sup_args)
+    return dataset, model, config, meta
+
+
+def main(argv=None):
+    """Run the command line; bad input ends with a one-line error and exit status 1."""
+    args = parse_args(argv)
+    with exit_on_input_error(PROG):
+        setting, params, out_dir = plan(args)
+    run_dir, name = setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY)
+    if args.resume and final_model_path(run_dir, name).is_file():
+        print(f"{PROG}: {final_model_path(run_dir, name)} exists, nothing to do")
+        return 0
+    with exit_on_input_error(PROG):
+        dataset, model, config, meta = prepare_run(args, setting, params)
+    train(model, dataset, config, run_dir, name, meta=meta, resume=args.resume)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

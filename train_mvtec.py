@@ -1,0 +1,143 @@
+"""Train NSA (or a baseline task) on MVTec-layout data: one, several or all categories.
+
+    python train_mvtec.py -s SETTING -d DATA_DIR -o OUT_DIR [-n CATEGORY | -c all|texture|object]
+                          [--single_patch] [--cutpaste_patch_gen] [--no_mask] [--no_pool]
+                          [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
+                          [--workers W] [--device D] [--resume] [--kind object|texture] ...
+    python train_mvtec.py -o OUT_DIR      # quick start: the built-in demo dataset, small budget
+
+SETTING is a key such as Shift-Intensity-M-923874273 (see experiments/settings.py). The model of
+category C is written to OUT_DIR/<setting dir>/C/final_C_<setting fname>.pt (e.g.
+OUT_DIR/shift_intensity_m/carpet/final_carpet_shift_intensity_m_923874273.pt) with a resume
+checkpoint, example figures and the loss curve next to it.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from experiments import settings
+from experiments.training import (add_training_arguments, exit_on_input_error, final_model_path,
+                                  model_from_args, prepare_output_dir, resolve_device, train,
+                                  train_config)
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
+
+PROG = 'train_mvtec.py'
+CATEGORY_GROUPS = ('all', 'texture', 'object')
+# Quick start without -d: the demo category at its own 128-pixel size, a budget of minutes on a CPU.
+DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 12, 16, 0.5
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split('\n\n')[0],
+        epilog=f'setting keys: {settings.valid_setting_forms()}')
+    parser.add_argument('-s', '--setting', required=True, help='setting key, e.g. Shift-Intensity-M')
+    parser.add_argument('-d', '--data_dir', help='MVTec-layout root folder (default: the demo dataset)')
+    parser.add_argument('-o', '--out_dir', required=True, help='where models and figures go')
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument('-n', '--class_name', help='one category (a folder of DATA_DIR)')
+    which.add_argument('-c', '--categories', choices=CATEGORY_GROUPS, default='all',
+                       help='the categories found in DATA_DIR: all, or those of one kind (default: all)')
+    parser.add_argument('--kind', choices=('object', 'texture'),
+                        help='treat the categories as this kind (default: MVTec AD\'s grouping; '
+                             'other names are textures)')
+    parser.add_argument('--res-scale', type=float,
+                        help="resolution relative to the paper's (224/256-pixel crops); "
+                             "0.5 trains at half (default: 1)")
+    add_training_arguments(parser)
+    settings.add_task_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def has_training_images(data_dir, category):
+    return (Path(data_dir) / category / 'train' / 'good').is_dir()
+
+
+def select_categories(args, data_dir):
+    """The categories to train: -n, or the -c group among the folders found in ``data_dir``."""
+    found = [c for c in list_categories(data_dir) if has_training_images(data_dir, c)]
+    if args.class_name is not None:
+        if args.class_name not in found:
+            raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} "
+                                    f"(no {Path(data_dir) / args.class_name / 'train' / 'good'}); "
+                                    f"categories found: {', '.join(found) or 'none'}")
+        return [args.class_name]
+    chosen = [c for c in found
+              if args.categories == 'all' or category_kind(c, args.kind) == args.categories]
+    if not chosen:
+        raise FileNotFoundError(f"no {'' if args.categories == 'all' else args.categories + ' '}"
+                                f"categories with train/good images in {data_dir}; "
+                                f"found: {', '.join(found) or 'none'}")
+    return chosen
+
+
+def plan(args):
+    """Check every input before anything is trained -> (setting, data_dir, categories, out_dir).
+
+    Without -d, generates the demo dataset in OUT_DIR/demo_data and sets the demo budget.
+    """
+    setting = settings.parse_setting(args.setting)
+    overrides = settings.param_overrides(args)
+    resolve_device(args.device)
+    train_config(args, epochs=1, seed=0, loss=setting.loss)  # validates the loop's options
+    if args.res_scale is not None and not args.res_scale > 0:
+        raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
+    if args.data_dir is not None:
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data folder {data_dir} does not exist")
+        categories = select_categories(args, data_dir)
+        for category in categories:
+            settings.category_params(category, args.kind, overrides)
+        return setting, data_dir, categories, prepare_output_dir(args.out_dir)
+
+    out_dir = prepare_output_dir(args.out_dir)
+    from self_sup_data.demo import make_demo_dataset
+    category_dir = make_demo_dataset(out_dir / 'demo_data')
+    args.epochs = args.epochs or DEMO_EPOCHS
+    args.res_scale = args.res_scale or DEMO_RES_SCALE
+    args.batch_size = args.batch_size or DEMO_BATCH_SIZE
+    print(f"{PROG}: no -d DATA_DIR given: training on the built-in demo dataset {category_dir} "
+          f"with a small budget ({args.epochs} epochs, batch {args.batch_size}, "
+          f"res-scale {args.res_scale}); pass -d for real data")
+    return setting, category_dir.parent, [category_dir.name], out_dir
+
+
+def prepare_run(args, setting, data_dir, category):
+    """Dataset, model, TrainConfig and meta of one category (errors here are input errors)."""
+    params = settings.category_params(category, args.kind, settings.param_overrides(args))
+    self_sup_args = settings.self_sup_args_from_args(setting, params, args)
+    seed = setting.run_seed
+    res_scale = args.res_scale or 1.0
+    dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, self_sup_args=self_sup_args,
+                                  seed=seed, kind=args.kind, res_scale=res_scale)
+    dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
+    model = model_from_args(args, dataset.in_channels, setting.final_activation, seed)
+    config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
+                          seed=seed, loss=setting.loss)
+    meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
+                data_dir=str(Path(data_dir).resolve()), res_scale=res_scale,
+                low_res=dataset.low_res, train_size=dataset.train_size,
+                in_channels=dataset.in_channels, seed=seed, category_params=params,
+                self_sup_args=self_sup_args)
+    return dataset, model, config, meta
+
+
+def main(argv=None):
+    """Run the command line; bad input ends with a one-line error and exit status 1."""
+    args = parse_args(argv)
+    with exit_on_input_error(PROG):
+        setting, data_dir, categories, out_dir = plan(args)
+    for category in categories:
+        run_dir, name = setting.run_dir(out_dir, category), setting.run_name(category)
+        if args.resume and final_model_path(run_dir, name).is_file():
+            print(f"{PROG}: {final_model_path(run_dir, name)} exists, skipping {category}")
+            continue
+        with exit_on_input_error(PROG):
+            dataset, model, config, meta = prepare_run(args, setting, data_dir, category)
+        train(model, dataset, config, run_dir, name, meta=meta, resume=args.resume)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
