@@ -231,8 +231,8 @@ def save_checkpoint(model_dir, key, category, kind, seed=0):
     setting = parse_setting(key)
     torch.manual_seed(seed)
     model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
-    meta = dict(setting=key, category=category, kind=kind, res_scale=RES_SCALE, train_size=64, seed=seed,
-                model_config=model.config)
+    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE, train_size=64,
+                seed=seed, model_config=model.config)
     run_dir = Path(model_dir) / setting.dir_name / category
     run_dir.mkdir(parents=True, exist_ok=True)
     path = training.final_model_path(run_dir, setting.run_name(category))
@@ -299,6 +299,20 @@ def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     assert list(table.columns) == ['FPI', 'CutPaste']  # the requested order
     assert table.loc[('texture', 'tiles'), 'CutPaste'] == 'NaN'
     assert table.loc[('texture', 'tiles'), 'FPI'] != 'NaN'
+
+
+def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
+    for name, meta in (('final_a.pt', dict(dataset='mvtec', setting='Shift', category='a')),
+                       ('sub/final_b.pt', dict(dataset='chest_xray', setting='Shift', category='chest_xray')),
+                       ('final_c.pt', dict(setting='FPI', category='c')),  # no dataset: any
+                       ('last_a.pt', dict(dataset='mvtec', setting='Shift', category='a'))):  # not a final model
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        training.save_atomic(dict(model={}, meta=meta), tmp_path / name)
+    assert [p.name for p, _ in mvtec_tasks.find_checkpoints(tmp_path)] == ['final_a.pt', 'final_c.pt']
+    assert [p.name for p, _ in mvtec_tasks.find_checkpoints(tmp_path, 'chest_xray')] == ['final_c.pt', 'final_b.pt']
+    training.save_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'final_d.pt'} has no \\['setting'\\]"):
+        mvtec_tasks.find_checkpoints(tmp_path)
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
@@ -410,6 +424,8 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     assert list(table.index) == [('chest_xray', 'male')] and list(table.columns) == ['Shift', 'CutPaste']
     assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift'] and pd.isna(table.loc[('chest_xray', 'male'), 'CutPaste'])
     assert [p.name for p in (out / 'figures').iterdir()] == ['male_Shift.png']
+    records = pd.read_csv(out / 'results.csv').to_dict('records')
+    assert chest_xray_tasks.figure_paths(records, out / 'figures') == [out / 'figures' / 'male_Shift.png']
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
                                str(tmp_path / 'missing.txt')])
