@@ -69,7 +69,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             plot_test_examples(datasets[res], maps, figure)
             plotted.add(figure)
     for key in settings or []:
-        if not select_checkpoints([(path, meta) for path, meta in selected], [key]):
+        if not select_checkpoints(selected, [key]):
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: its cells are NaN')
             records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(parse_setting(key)),
                                 seed=parse_setting(key).seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))

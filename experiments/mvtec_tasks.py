@@ -244,7 +244,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:  # one test set in memory
             data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
             dataset = load_test_set(data_dir, meta)
-        crop_size = meta['train_size'] if dataset.kind == 'object' else None
+        crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
         setting = parse_setting(meta['setting'])
         records.append(_record(meta, setting, path, values))
