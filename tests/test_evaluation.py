@@ -220,7 +220,7 @@ from pathlib import Path
 
 from conftest import make_mvtec_category
 from experiments import training
-from experiments.settings import parse_setting
+from experiments.settings import parse_setting, trained_model_path
 from models.resnet import resnet18_enc_dec
 
 RES_SCALE = 0.25  # 64-pixel textures (train and test side 64)
@@ -233,9 +233,8 @@ def save_checkpoint(model_dir, key, category, kind, seed=0):
     model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
     meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE, train_size=64,
                 seed=seed, model_config=model.config)
-    run_dir = Path(model_dir) / setting.dir_name / category
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = training.final_model_path(run_dir, setting.run_name(category))
+    path = trained_model_path(model_dir, setting, category)
+    path.parent.mkdir(parents=True, exist_ok=True)
     training.save_atomic(dict(model=model.state_dict(), meta=meta), path)
     return path
 
@@ -342,6 +341,18 @@ def test_command_line_end_to_end(trained, tmp_path):
     results = pd.read_csv(out / 'results.csv')
     assert len(results) == 4 and set(results['seed']) == {1, 2}
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
+
+
+def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
+    import train_mvtec
+    make_mvtec_category(tmp_path / 'data', 'bottle', size=64, channels=3)  # an object, RGB
+    assert train_mvtec.main(['-s', 'Shift-Intensity-5', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'models'),
+                             '--epochs', '1', '--res-scale', str(RES_SCALE), '--batch-size', '6', '--workers', '0',
+                             '--no-figures', '--device', 'cpu']) == 0
+    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data', settings=['Shift-Intensity'])
+    assert [(r['category'], r['kind'], r['setting'], r['seed']) for r in records] == [
+        ('bottle', 'object', 'Shift-Intensity', 5)]
+    assert all(0 <= records[0][m] <= 1 for m in mvtec_tasks.METRICS)
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
