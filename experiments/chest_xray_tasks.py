@@ -38,12 +38,13 @@ METRICS = IMAGE_METRICS + PIXEL_METRICS
 
 def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFAULT_RES):
     """The test images of the two lists (names relative to ``data_dir``) at side ``res``."""
-    return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False, res=res)
+    return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False,
+                            res=res)
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
                          test_name=None, device=None, batch_size=32, figure_dir=None):
-    """Evaluate the chest X-ray models under ``model_dir`` (meta 'dataset' == 'chest_xray') on one test set.
+    """Evaluate the chest X-ray models (meta 'dataset' 'chest_xray') under ``model_dir`` on a test set.
 
     settings: keys (a key without a seed takes every seed found; None: all found); a requested
     key without a checkpoint gives a row of NaN and a warning. test_name: the row name (default:
@@ -52,7 +53,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     dict per checkpoint with the metrics of ``metrics.evaluate_maps`` and its path.
     """
     device = resolve_device(device)
-    test_name = test_name or (Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET)
+    if test_name is None:
+        test_name = Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET
     selected = select_checkpoints(find_checkpoints(model_dir, DATASET), settings)
     records, plotted, datasets = [], set(), {}
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
@@ -60,19 +62,22 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         res = meta.get('res', DEFAULT_RES)
         if res not in datasets:
             datasets[res] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, res)
-        values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None, return_maps=True)
+        values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None,
+                                return_maps=True)
         setting = parse_setting(meta['setting'])
         records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
                             seed=meta.get('seed', setting.seed), **values, checkpoint=str(path)))
-        figure = None if figure_dir is None else figure_path(figure_dir, test_name, seedless_key(setting))
-        if figure is not None and figure not in plotted:
+        figure = figure_dir and figure_path(figure_dir, test_name, seedless_key(setting))
+        if figure and figure not in plotted:
             plot_test_examples(datasets[res], maps, figure)
             plotted.add(figure)
     for key in settings or []:
         if not select_checkpoints(selected, [key]):
-            warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: its cells are NaN')
-            records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(parse_setting(key)),
-                                seed=parse_setting(key).seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))
+            warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: '
+                          'its cells are NaN')
+            setting = parse_setting(key)
+            records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
+                                seed=setting.seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))
     return sort_records(records, settings)
 
 
@@ -90,18 +95,23 @@ def write_report(records, out_dir, percent=False):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog='python -m experiments.chest_xray_tasks',
-        description='Evaluate trained chest X-ray models (final_*.pt under MODEL_DIR) on a test set given by '
-                    'two file lists: writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
-                    'OUT_DIR/figures/<name>_<setting>.png.')
-    parser.add_argument('-m', '--model-dir', required=True, help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=True, help='folder the listed image names are relative to')
+        description='Evaluate trained chest X-ray models (final_*.pt under MODEL_DIR) on a test '
+                    'set given by two file lists: writes OUT_DIR/results.csv, '
+                    'OUT_DIR/tables/<metric>.{csv,md,tex} and OUT_DIR/figures/<name>_<setting>.png.')
+    parser.add_argument('-m', '--model-dir', required=True,
+                        help='folder of the trained models (searched recursively)')
+    parser.add_argument('-d', '--data-dir', required=True,
+                        help='folder the listed image names are relative to')
     parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
-    parser.add_argument('-l', '--lists', nargs=2, required=True, metavar=('NORMAL_LIST', 'ANOMALOUS_LIST'),
-                        help='file lists of the normal and the anomalous test images (one name per line)')
+    parser.add_argument('-l', '--lists', nargs=2, required=True,
+                        metavar=('NORMAL_LIST', 'ANOMALOUS_LIST'),
+                        help='file lists of the normal and the anomalous test images '
+                             '(one name per line)')
     parser.add_argument('--bbox-csv', help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
     parser.add_argument('-s', '--settings', nargs='+', default=None,
                         help='setting keys (a key without seed takes every seed; default: all found)')
-    parser.add_argument('--name', help='row name of the test set (default: the anomalous list\'s file name)')
+    parser.add_argument('--name',
+                        help="row name of the test set (default: the anomalous list's file name)")
     parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
@@ -113,12 +123,14 @@ def main(argv=None):
     args = parse_args(argv)
 
     def work():
-        records = evaluate_checkpoints(args.model_dir, args.data_dir, *args.lists, bbox_csv=args.bbox_csv,
-                                       settings=args.settings, test_name=args.name, device=args.device,
-                                       batch_size=args.batch_size,
-                                       figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
+        figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
+        records = evaluate_checkpoints(args.model_dir, args.data_dir, *args.lists,
+                                       bbox_csv=args.bbox_csv, settings=args.settings,
+                                       test_name=args.name, device=args.device,
+                                       batch_size=args.batch_size, figure_dir=figure_dir)
         if not records:
-            raise FileNotFoundError(f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
+            raise FileNotFoundError(f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under '
+                                    f'{args.model_dir}')
         write_report(records, args.out_dir, percent=args.percent)
         return records
     records = run_command(work)

@@ -12,7 +12,8 @@ Prediction follows the paper. Test images are resized to the category's test sid
 The image score is the mean (the paper) or the maximum (MVTec AD's protocol) of the map; see
 ``experiments.metrics.evaluate_maps`` for the metrics.
 
-    python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR [-s SETTING ...] [-n CATEGORY ...]
+    python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
+        [-s SETTING ...] [-n CATEGORY ...] [--paper-layout] [--percent]
 """
 import argparse
 import math
@@ -61,8 +62,9 @@ def predict_batch(model, images, crop_size=None):
         maps[..., top:top + crop_size, left:left + crop_size] = crop
     else:
         pad_bottom, pad_right = -height % SIDE_MULTIPLE, -width % SIDE_MULTIPLE
-        padded = F.pad(images, (0, pad_right, 0, pad_bottom), mode='reflect') if pad_bottom or pad_right else images
-        maps = model(padded)[..., :height, :width]
+        if pad_bottom or pad_right:
+            images = F.pad(images, (0, pad_right, 0, pad_bottom), mode='reflect')
+        maps = model(images)[..., :height, :width]
     return maps[:, 0]
 
 
@@ -79,7 +81,7 @@ def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto'):
     maps, labels, masks = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with torch.no_grad():
-        for images, batch_labels, batch_masks in tqdm(loader, desc='predicting', leave=False, disable=None):
+        for images, batch_labels, batch_masks in tqdm(loader, 'predicting', leave=False, disable=None):
             maps.append(predict_batch(model, images.to(device), crop_size).float().cpu().numpy())
             labels.append(np.asarray(batch_labels))
             masks.append(batch_masks[:, 0].numpy().astype(np.uint8))
@@ -111,8 +113,8 @@ def example_indices(labels, per_class=EXAMPLES_PER_CLASS):
     chosen = []
     for label in (0, 1):
         items = np.flatnonzero(labels == label)
-        if items.size:
-            chosen += sorted(set(items[np.linspace(0, items.size - 1, min(per_class, items.size)).round().astype(int)]))
+        spread = np.linspace(0, items.size - 1, min(per_class, items.size)).round().astype(int)
+        chosen += sorted(set(items[spread].tolist()))
     return chosen
 
 
@@ -120,9 +122,10 @@ def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
     """Figure of a few normal and defective test images: input, ground truth and predicted map."""
     indices = example_indices(dataset.labels, per_class)
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
-    titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}' for i in indices]
-    return plotting.plot_examples([dataset.images[i] for i in indices], masks, [maps[i] for i in indices],
-                                  titles, path)
+    titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}'
+              for i in indices]
+    return plotting.plot_examples([dataset.images[i] for i in indices], masks,
+                                  [maps[i] for i in indices], titles, path)
 
 
 def figure_path(figure_dir, category, setting_key):
@@ -151,7 +154,8 @@ def read_meta(path):
         raise _read_error(path, error) from error
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
-        raise ValueError(f'checkpoint {path} has no {missing} in its meta; is it a model of the training scripts?')
+        raise ValueError(f'checkpoint {path} has no {missing} in its meta; '
+                         'is it a model of the training scripts?')
     return meta
 
 
@@ -190,9 +194,12 @@ def select_checkpoints(found, settings=None, categories=None):
     """The (path, meta) of ``found`` whose setting matches one of the keys ``settings`` (see
     ``matches``; None: any) and whose category is in ``categories`` (None: any)."""
     requested = None if settings is None else [parse_setting(key) for key in settings]
-    return [(path, meta) for path, meta in found
-            if (categories is None or meta['category'] in categories)
-            and (requested is None or any(matches(r, parse_setting(meta['setting'])) for r in requested))]
+
+    def wanted(meta):
+        setting = parse_setting(meta['setting'])
+        return ((categories is None or meta['category'] in categories)
+                and (requested is None or any(matches(r, setting) for r in requested)))
+    return [(path, meta) for path, meta in found if wanted(meta)]
 
 
 def load_test_set(data_dir, meta):
@@ -215,9 +222,10 @@ def missing_records(found, settings, categories):
     for key in settings:
         for category in categories:
             if not select_checkpoints(found, [key], [category]):
-                warnings.warn(f'no checkpoint for setting {key!r} on category {category!r}: its cells are NaN')
-                records.append(_record(dict(category=category, kind=kinds.get(category)), parse_setting(key),
-                                       None, dict.fromkeys(METRICS, math.nan)))
+                warnings.warn(f'no checkpoint for setting {key!r} on category {category!r}: '
+                              'its cells are NaN')
+                records.append(_record(dict(category=category, kind=kinds.get(category)),
+                                       parse_setting(key), None, dict.fromkeys(METRICS, math.nan)))
     return records
 
 
@@ -241,15 +249,15 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
-        if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:  # one test set in memory
+        if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:
             data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
-            dataset = load_test_set(data_dir, meta)
+            dataset = load_test_set(data_dir, meta)  # one test set in memory at a time
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
         setting = parse_setting(meta['setting'])
         records.append(_record(meta, setting, path, values))
-        figure = None if figure_dir is None else figure_path(figure_dir, meta['category'], seedless_key(setting))
-        if figure is not None and figure not in plotted:
+        figure = figure_dir and figure_path(figure_dir, meta['category'], seedless_key(setting))
+        if figure and figure not in plotted:
             plot_test_examples(dataset, maps, figure)
             plotted.add(figure)
     if settings is not None or categories is not None:
@@ -262,12 +270,14 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
 def sort_records(records, settings=None):
     """Records ordered by setting (the order of ``settings`` when given, else the paper's order of
     the base tasks, plain before -M), then category and seed: the tables keep this column order."""
-    requested = None if settings is None else list(dict.fromkeys(seedless_key(parse_setting(k)) for k in settings))
+    requested = settings and list(dict.fromkeys(seedless_key(parse_setting(k)) for k in settings))
 
     def order(record):
         setting = parse_setting(record['setting'])
-        rank = (requested.index(record['setting']),) if requested else (list(BASE_SETTINGS).index(setting.base),
-                                                                          setting.mixed)
+        if requested:
+            rank = (requested.index(record['setting']),)
+        else:
+            rank = (list(BASE_SETTINGS).index(setting.base), setting.mixed)
         return rank, record['category'], -1 if record['seed'] is None else record['seed']
     return sorted(records, key=order)
 
@@ -290,12 +300,15 @@ def parse_args(argv=None):
         description='Evaluate trained models (final_*.pt under MODEL_DIR) on MVTec-layout test sets: '
                     'writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
                     'OUT_DIR/figures/<category>_<setting>.png.')
-    parser.add_argument('-m', '--model-dir', required=True, help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=True, help='MVTec-layout root folder (one folder per category)')
+    parser.add_argument('-m', '--model-dir', required=True,
+                        help='folder of the trained models (searched recursively)')
+    parser.add_argument('-d', '--data-dir', required=True,
+                        help='MVTec-layout root folder (one folder per category)')
     parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
     parser.add_argument('-s', '--settings', nargs='+', default=None,
                         help='setting keys (a key without seed takes every seed; default: all found)')
-    parser.add_argument('-n', '--categories', nargs='+', default=None, help='categories (default: all found)')
+    parser.add_argument('-n', '--categories', nargs='+', default=None,
+                        help='categories (default: all found)')
     parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--paper-layout', action='store_true',
@@ -323,12 +336,13 @@ def main(argv=None):
     args = parse_args(argv)
 
     def work():
+        figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
                                        device=args.device, batch_size=args.batch_size,
-                                       figure_dir=None if args.no_figures else Path(args.out_dir) / 'figures')
+                                       figure_dir=figure_dir)
         if not records:
-            raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and '
-                                    f'categories under {args.model_dir}')
+            raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings '
+                                    f'and categories under {args.model_dir}')
         write_report(records, args.out_dir, paper_layout=args.paper_layout, percent=args.percent)
         return records
     records = run_command(work)

@@ -42,7 +42,8 @@ def results_frame(records):
     frame = pd.DataFrame(list(records))
     missing = [c for c in KEY_COLUMNS if c not in frame.columns]
     if frame.empty or missing:
-        raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; missing {missing or "all rows"}')
+        raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; '
+                         f'missing {missing or "all rows"}')
     frame['seed'] = frame['seed'].astype('Int64')
     duplicated = frame.duplicated(['category', 'setting', 'seed'])
     if duplicated.any():
@@ -70,9 +71,9 @@ def merge_paper_layout(frame):
             renamed[(setting, 'object')] = paper_column(setting)
             renamed[(setting + MIXED_SUFFIX, 'texture')] = paper_column(setting)
     merged_settings = {s for s, _ in renamed}
-    keep = [(s, k) in renamed or s not in merged_settings for s, k in zip(frame['setting'], frame['kind'])]
-    frame = frame[keep].copy()
-    frame['setting'] = [renamed.get((s, k), s) for s, k in zip(frame['setting'], frame['kind'])]
+    pairs = list(zip(frame['setting'], frame['kind']))
+    frame = frame[[pair in renamed or pair[0] not in merged_settings for pair in pairs]].copy()
+    frame['setting'] = [renamed.get(pair, pair[0]) for pair in zip(frame['setting'], frame['kind'])]
     return frame
 
 
@@ -82,7 +83,8 @@ def _group_order(kinds):
 
 
 def _mean_std(values):
-    """Mean and sample std (ddof=1) of seed values; std is NaN for one seed; NaN propagates."""
+    """Mean and sample std (ddof=1) of seed values (NaN propagates); std NaN for one seed,
+    both NaN for none."""
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean()) if len(values) else math.nan
     std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
@@ -111,7 +113,8 @@ def summarize(records, metric, paper_layout=False):
     """
     frame = results_frame(records)
     if metric not in frame.columns:
-        raise KeyError(f'no metric {metric!r} in the results; they have {[c for c in frame.columns if c not in KEY_COLUMNS]}')
+        columns = [c for c in frame.columns if c not in KEY_COLUMNS]
+        raise KeyError(f'no metric {metric!r} in the results; they have {columns}')
     if paper_layout:
         frame = merge_paper_layout(frame)
     frame['kind'] = frame['kind'].fillna('other')
@@ -130,14 +133,15 @@ def summarize(records, metric, paper_layout=False):
     by_setting = {s: frame[frame['setting'] == s] for s in settings}
     for group in groups:
         for category in categories[group]:
-            add_row(group, category, [_mean_std(by_setting[s].loc[by_setting[s]['category'] == category, metric])
-                                      if category in set(by_setting[s]['category']) else (math.nan, math.nan)
-                                      for s in settings])
+            add_row(group, category, [_mean_std(rows.loc[rows['category'] == category, metric])
+                                      for rows in by_setting.values()])  # no result: NaN
         if len(groups) > 1:
-            add_row(group, AVERAGE, [_average(by_setting[s], metric, categories[group]) for s in settings])
+            add_row(group, AVERAGE, [_average(rows, metric, categories[group])
+                                     for rows in by_setting.values()])
     if len(kind_of) > 1:
         everything = [c for g in groups for c in categories[g]]
-        add_row(TOTAL_GROUP, AVERAGE, [_average(by_setting[s], metric, everything) for s in settings])
+        add_row(TOTAL_GROUP, AVERAGE, [_average(rows, metric, everything)
+                                       for rows in by_setting.values()])
 
     index = pd.MultiIndex.from_tuples(index, names=['group', 'category'])
     columns = pd.Index(settings, name='setting')

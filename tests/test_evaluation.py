@@ -107,7 +107,8 @@ def test_duplicate_and_malformed_results_raise():
 def test_write_tables_csv_markdown_latex(tmp_path):
     built = tables.build_tables(two_group_records(), ['image_auroc_mean'])
     paths = tables.write_tables(built, tmp_path / 'tables')
-    assert sorted(p.name for p in paths) == ['image_auroc_mean.csv', 'image_auroc_mean.md', 'image_auroc_mean.tex']
+    assert sorted(p.name for p in paths) == ['image_auroc_mean.csv', 'image_auroc_mean.md',
+                                             'image_auroc_mean.tex']
     csv = pd.read_csv(tmp_path / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
     assert csv.loc[('object', 'bottle'), 'Shift'] == '0.850 ± 0.071'
     markdown = (tmp_path / 'tables' / 'image_auroc_mean.md').read_text()
@@ -231,8 +232,8 @@ def save_checkpoint(model_dir, key, category, kind, seed=0):
     setting = parse_setting(key)
     torch.manual_seed(seed)
     model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
-    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE, train_size=64,
-                seed=seed, model_config=model.config)
+    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE,
+                train_size=64, seed=seed, model_config=model.config)
     path = trained_model_path(model_dir, setting, category)
     path.parent.mkdir(parents=True, exist_ok=True)
     training.save_atomic(dict(model=model.state_dict(), meta=meta), path)
@@ -277,13 +278,15 @@ def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     # the same numbers as evaluating the loaded model directly on the rebuilt test set
     record = next(r for r in records if r['category'] == 'parts' and r['setting'] == 'FPI')
     model, meta = training.load_model(record['checkpoint'])
-    dataset = mvtec_tasks.SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object', res_scale=RES_SCALE)
+    dataset = mvtec_tasks.SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object',
+                                              res_scale=RES_SCALE)
     assert mvtec_tasks.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
 
 
 def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     model_dir, data_dir = trained
-    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['Shift-2'], categories=['tiles'])
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['Shift-2'],
+                                               categories=['tiles'])
     assert [(r['category'], r['setting'], r['seed']) for r in records] == [('tiles', 'Shift', 2)]
 
 
@@ -304,11 +307,12 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
     for name, meta in (('final_a.pt', dict(dataset='mvtec', setting='Shift', category='a')),
                        ('sub/final_b.pt', dict(dataset='chest_xray', setting='Shift', category='chest_xray')),
                        ('final_c.pt', dict(setting='FPI', category='c')),  # no dataset: any
-                       ('last_a.pt', dict(dataset='mvtec', setting='Shift', category='a'))):  # not a final model
+                       ('last_a.pt', dict(dataset='mvtec', setting='Shift', category='a'))):  # not final
         (tmp_path / name).parent.mkdir(exist_ok=True)
         training.save_atomic(dict(model={}, meta=meta), tmp_path / name)
     assert [p.name for p, _ in mvtec_tasks.find_checkpoints(tmp_path)] == ['final_a.pt', 'final_c.pt']
-    assert [p.name for p, _ in mvtec_tasks.find_checkpoints(tmp_path, 'chest_xray')] == ['final_c.pt', 'final_b.pt']
+    chest = mvtec_tasks.find_checkpoints(tmp_path, 'chest_xray')
+    assert [p.name for p, _ in chest] == ['final_c.pt', 'final_b.pt']
     training.save_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'final_d.pt'} has no \\['setting'\\]"):
         mvtec_tasks.find_checkpoints(tmp_path)
@@ -346,10 +350,11 @@ def test_command_line_end_to_end(trained, tmp_path):
 def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
     import train_mvtec
     make_mvtec_category(tmp_path / 'data', 'bottle', size=64, channels=3)  # an object, RGB
-    assert train_mvtec.main(['-s', 'Shift-Intensity-5', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'models'),
-                             '--epochs', '1', '--res-scale', str(RES_SCALE), '--batch-size', '6', '--workers', '0',
-                             '--no-figures', '--device', 'cpu']) == 0
-    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data', settings=['Shift-Intensity'])
+    assert train_mvtec.main(['-s', 'Shift-Intensity-5', '-d', str(tmp_path / 'data'),
+                             '-o', str(tmp_path / 'models'), '--epochs', '1', '--res-scale', str(RES_SCALE),
+                             '--batch-size', '6', '--workers', '0', '--no-figures', '--device', 'cpu']) == 0
+    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data',
+                                               settings=['Shift-Intensity'])
     assert [(r['category'], r['kind'], r['setting'], r['seed']) for r in records] == [
         ('bottle', 'object', 'Shift-Intensity', 5)]
     assert all(0 <= records[0][m] <= 1 for m in mvtec_tasks.METRICS)
@@ -357,12 +362,15 @@ def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        mvtec_tasks.main(['-m', str(tmp_path / 'nowhere'), '-d', str(tmp_path), '-o', str(tmp_path / 'out')])
+        mvtec_tasks.main(['-m', str(tmp_path / 'nowhere'), '-d', str(tmp_path),
+                          '-o', str(tmp_path / 'out')])
     assert exit_info.value.code != 0
     message = str(exit_info.value.code)
-    assert message.startswith('error: model folder') and str(tmp_path / 'nowhere') in message and '\n' not in message
+    assert message.startswith('error: model folder') and str(tmp_path / 'nowhere') in message
+    assert '\n' not in message
     with pytest.raises(SystemExit) as exit_info:
-        mvtec_tasks.main(['-m', str(tmp_path), '-d', str(tmp_path), '-o', str(tmp_path / 'out'), '-s', 'Nope'])
+        mvtec_tasks.main(['-m', str(tmp_path), '-d', str(tmp_path), '-o', str(tmp_path / 'out'),
+                          '-s', 'Nope'])
     assert "unknown setting key 'Nope'" in str(exit_info.value.code)
 
 
@@ -393,11 +401,12 @@ def make_chest_test_set(root, seeds=(1, 2)):
     for seed in seeds:
         torch.manual_seed(seed)
         model = resnet18_enc_dec(in_channels=1, final_activation='sigmoid')
-        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64, seed=seed,
-                    model_config=model.config)
+        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64,
+                    seed=seed, model_config=model.config)
         run_dir = root / 'models' / 'shift' / 'chest_xray'
         run_dir.mkdir(parents=True, exist_ok=True)
-        training.save_atomic(dict(model=model.state_dict(), meta=meta), run_dir / f'final_chest_xray_shift_{seed}.pt')
+        training.save_atomic(dict(model=model.state_dict(), meta=meta),
+                             run_dir / f'final_chest_xray_shift_{seed}.pt')
     return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'
 
 
@@ -412,8 +421,9 @@ def test_chest_xray_evaluation_image_and_box_metrics(chest):
     assert [(r['category'], r['setting'], r['seed']) for r in records] == [('anomalous', 'Shift', 1),
                                                                            ('anomalous', 'Shift', 2)]
     assert all(0 <= r['image_auroc_mean'] <= 1 and math.isnan(r['pixel_auroc']) for r in records)
-    with_boxes = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous, bbox_csv=boxes,
-                                                       settings=['Shift-1'], test_name='male')
+    with_boxes = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous,
+                                                       bbox_csv=boxes, settings=['Shift-1'],
+                                                       test_name='male')
     assert len(with_boxes) == 1 and with_boxes[0]['category'] == 'male'
     assert with_boxes[0]['image_auroc_mean'] == records[0]['image_auroc_mean']
     assert 0 <= with_boxes[0]['pixel_auroc'] <= 1 and 0 <= with_boxes[0]['au_pro'] <= 1
@@ -427,16 +437,20 @@ def test_chest_xray_evaluation_image_and_box_metrics(chest):
 def test_chest_xray_command_line(chest, tmp_path, capsys):
     model_dir, data_dir, normal, anomalous, boxes = chest
     out = tmp_path / 'out'
-    chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
-                           str(anomalous), '-s', 'Shift', 'CutPaste', '--name', 'male', '--device', 'cpu'])
+    chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
+                           '-l', str(normal), str(anomalous), '-s', 'Shift', 'CutPaste',
+                           '--name', 'male', '--device', 'cpu'])
     assert "warning: no chest X-ray checkpoint for setting 'CutPaste'" in capsys.readouterr().err
-    assert sorted(p.name for p in (out / 'tables').glob('*.csv')) == ['image_ap_mean.csv', 'image_auroc_mean.csv']
+    csv_tables = sorted(p.name for p in (out / 'tables').glob('*.csv'))
+    assert csv_tables == ['image_ap_mean.csv', 'image_auroc_mean.csv']  # no boxes: no pixel tables
     table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
     assert list(table.index) == [('chest_xray', 'male')] and list(table.columns) == ['Shift', 'CutPaste']
-    assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift'] and pd.isna(table.loc[('chest_xray', 'male'), 'CutPaste'])
+    assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift']
+    assert pd.isna(table.loc[('chest_xray', 'male'), 'CutPaste'])
     assert [p.name for p in (out / 'figures').iterdir()] == ['male_Shift.png']
     records = pd.read_csv(out / 'results.csv').to_dict('records')
-    assert chest_xray_tasks.figure_paths(records, out / 'figures') == [out / 'figures' / 'male_Shift.png']
+    figures = chest_xray_tasks.figure_paths(records, out / 'figures')
+    assert figures == [out / 'figures' / 'male_Shift.png']
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
-        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
-                               str(tmp_path / 'missing.txt')])
+        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
+                               '-l', str(normal), str(tmp_path / 'missing.txt')])
