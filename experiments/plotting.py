@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ['plot_examples', 'plot_sample_grid', 'plot_loss_curve']
+__all__ = ['plot_examples', 'plot_map_comparison', 'plot_sample_grid', 'plot_loss_curve']
 
 PANEL_INCHES = 2.2
 HEATMAP_CMAP = 'jet'
@@ -93,6 +93,37 @@ def plot_examples(images, masks, maps, titles, path, vmin=None, vmax=None):
         axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
                           ha='right', va='center', fontsize=9)
     fig.colorbar(heat, ax=axes[2, :].tolist(), shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_map_comparison(images, masks, maps_by_name, titles, path):
+    """Several models on the same test images: a first row of inputs with the ground-truth contour,
+    then one row of heatmaps per model (``maps_by_name``: {row name: [float H x W per image]}).
+
+    Each row has its own colour scale (the range of its maps), since models differ in how far
+    their maps spread; within a row normal and defective images compare directly.
+    """
+    _check_lengths(images=images, masks=masks, titles=titles, **maps_by_name)
+    rows = 1 + len(maps_by_name)
+    fig = Figure(figsize=(PANEL_INCHES * len(images) + 0.8, PANEL_INCHES * rows), layout='constrained')
+    axes = fig.subplots(rows, len(images), squeeze=False)
+    contours = [None if mask is None else _as_map(mask, 'masks') > 0.5 for mask in masks]
+    for col, (image, mask, title) in enumerate(zip(images, contours, titles)):
+        _show_image(axes[0, col], image)
+        if mask is not None:
+            _draw_contour(axes[0, col], mask)
+        axes[0, col].set_title(title, fontsize=9)
+    for row, (name, maps) in enumerate(maps_by_name.items(), start=1):
+        maps = [_as_map(m, name) for m in maps]
+        vmin, vmax = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+        for col, (image, anomaly_map, mask) in enumerate(zip(images, maps, contours)):
+            _show_image(axes[row, col], image)
+            heat = axes[row, col].imshow(anomaly_map, cmap=HEATMAP_CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
+            if mask is not None:
+                _draw_contour(axes[row, col], mask)
+        axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
+                          ha='right', va='center', fontsize=9)
+        fig.colorbar(heat, ax=axes[row, :].tolist(), shrink=0.8)
     return _save(fig, path)
 
 

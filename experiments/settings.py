@@ -63,7 +63,10 @@ def _shift(label_mode, mode=POISSON):
 
 
 def _foreign_patch(mode, label_mode):
-    """FPI/PII: the patch at the same place in another image, interpolated or Poisson-blended."""
+    """FPI/PII: the patch at the same place in another image, interpolated or Poisson-blended.
+
+    Half-widths uniform between the bounds, as in FPI (the released code also passed the gamma
+    parameters to FPI and CutPaste)."""
     return dict(gamma_params=None, resize=False, shift=False, same=False,
                 mode=mode, label_mode=label_mode)
 
@@ -76,6 +79,8 @@ BASE_SETTINGS = {
     'Shift-Intensity-Swap': BaseSetting('shift_intensity_swap',
                                         _shift('logistic-intensity', mode='swap')),
     'FPI': BaseSetting('fpi', _foreign_patch('uniform', 'continuous')),
+    # PII-like: the foreign patch Poisson-blended, labelled by its intensity change. (The released
+    # code's 'FPI-Poisson' used mixed gradients and the 'continuous' label.)
     'FPI-Poisson': BaseSetting('fpi_poisson', _foreign_patch(POISSON, 'logistic-intensity')),
     'CutPaste': BaseSetting('cut_paste', dict(gamma_params=None, resize=False, shift=True,
                                               same=True, mode='swap', label_mode='binary')),
@@ -167,6 +172,7 @@ def paper_setting_key(base, class_name, kind=None, seed=None):
 # Per-category parameters (the paper's code, MVTec AD)
 # ------------------------------------------------------------------------------------------------
 # Half-width bounds of a patch as fractions of the image side: ((h_min, h_max), (w_min, w_max)).
+# (The released code's table has ((0.05, 0.4), (0.05, 0.4)) for cable.)
 _FULL = ((0.03, 0.4), (0.03, 0.4))
 WIDTH_BOUNDS_PCT = {
     'bottle': _FULL, 'cable': ((0.1, 0.2), (0.1, 0.2)), 'capsule': ((0.03, 0.15), (0.03, 0.4)),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.plotting import plot_examples, plot_loss_curve, plot_sample_grid
+from experiments.plotting import plot_examples, plot_loss_curve, plot_map_comparison, plot_sample_grid
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 SIZE = 32
@@ -32,6 +32,24 @@ def test_plot_examples_writes_png(tmp_path, channels):
                          tmp_path / 'figs' / 'examples.png')
     assert path == tmp_path / 'figs' / 'examples.png'
     assert_png(path)
+
+
+def test_plot_map_comparison_writes_png_with_a_row_per_model(tmp_path):
+    rng = np.random.default_rng(3)
+    masks = [None, np.zeros((SIZE, SIZE))]
+    masks[1][4:12, 4:12] = 1
+    rows = {'model a': [rng.random((SIZE, SIZE)) for _ in range(2)],
+            'model b': [np.full((SIZE, SIZE), 0.5), np.zeros((SIZE, SIZE, 1))]}
+    path = plot_map_comparison(make_images(rng, 2, 1), masks, rows, ['good', 'crack'],
+                               tmp_path / 'compare.png')
+    assert_png(path)
+    one_row = plot_map_comparison(make_images(rng, 2, 1), masks, {'a': rows['model a']},
+                                  ['good', 'crack'], tmp_path / 'one.png')
+    with Image.open(path) as two_models, Image.open(one_row) as one_model:
+        assert two_models.height > one_model.height  # a row of heatmaps per model
+    with pytest.raises(ValueError, match='equal length'):
+        plot_map_comparison(make_images(rng, 2, 1), masks, {'a': rows['model a'][:1]},
+                            ['good', 'crack'], tmp_path / 'bad.png')
 
 
 def test_plot_sample_grid_and_loss_curve_write_png(tmp_path):

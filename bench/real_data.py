@@ -1,0 +1,207 @@
+"""Real-data benchmark: NSA against the baselines that the same generator makes, on real defects.
+
+Trains each setting on one MVTec-layout category with one fixed CPU budget (same resolution,
+epochs and batch size for all), evaluates each with ``experiments.mvtec_tasks`` and writes one
+table (image AUROC from the mean and the max of the map, pixel AUROC, AU-PRO, training time), a
+table of image AUROC per defect type, and a figure of heatmaps on the same test images.
+
+    python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
+                              [--out bench_out/real_data] [--settings KEY ...]
+                              [--res-scale 0.5] [--epochs 16] [--batch-size 32] [--workers 2]
+
+It resumes where it stopped: a finished model whose configuration (generator arguments, category
+parameters, budget) matches the request is not retrained, an interrupted one continues from its
+last checkpoint. A finished model that no longer
+matches (e.g. after tuning a category's parameters in ``experiments/settings.py``) is renamed
+``stale_*.pt`` and retrained. Training output goes to ``OUT/logs``, so the whole run can go to
+the background: ``nohup python bench/real_data.py > bench.log 2>&1 &``.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from experiments import metrics, plotting, settings, tables  # noqa: E402
+from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_model  # noqa: E402
+from experiments.training import resolve_device  # noqa: E402
+
+DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'FPI-Poisson', 'FPI', 'CutPaste')
+SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic)', 'Shift-M': 'NSA (binary)',
+                 'FPI-Poisson': 'PII', 'FPI': 'FPI', 'CutPaste': 'CutPaste'}
+# The budget is part of a model's identity: a model trained with another budget is retrained.
+BUDGET_FIELDS = ('epochs', 'batch_size', 'lr')
+TABLE_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
+                 'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
+EXAMPLES_PER_TYPE = 2  # test images per defect type (and normal) in the heatmap figure
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data-dir', default=str(REPO.parent / 'shared' / 'data'),
+                        help='folder holding the category folder (default: ../shared/data)')
+    parser.add_argument('--category', default='magnetic_tile')
+    parser.add_argument('--out', default=str(REPO / 'bench_out' / 'real_data'))
+    parser.add_argument('--settings', nargs='+', default=list(DEFAULT_SETTINGS))
+    parser.add_argument('--res-scale', type=float, default=0.5)
+    parser.add_argument('--epochs', type=int, default=16)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--device', default=None)
+    parser.add_argument('--evaluate-only', action='store_true',
+                        help='tabulate the models that exist; train nothing')
+    return parser.parse_args(argv)
+
+
+def model_path(args, key):
+    setting = settings.parse_setting(key)
+    return settings.trained_model_path(Path(args.out) / 'models', setting, args.category)
+
+
+def mismatches(meta, args, key):
+    """The fields in which a finished model's meta differs from what this run would train."""
+    setting = settings.parse_setting(key)
+    params = settings.category_params(args.category)
+    wanted = dict(self_sup_args=settings.mvtec_self_sup_args(setting, args.category),
+                  category_params=params, res_scale=args.res_scale,
+                  **{field: getattr(args, field) for field in BUDGET_FIELDS})
+    found = dict(self_sup_args=meta.get('self_sup_args'), category_params=meta.get('category_params'),
+                 res_scale=meta.get('res_scale'),
+                 **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
+    # Checkpoint metadata holds tuples as lists after a round trip through JSON-like types.
+    normal = json.loads(json.dumps(wanted)), json.loads(json.dumps(found))
+    return sorted(k for k in wanted if normal[0][k] != normal[1][k])
+
+
+def set_aside_if_stale(path, args, key):
+    """Rename a finished model that does not match this run's configuration to stale_*.pt."""
+    if not path.is_file():
+        return
+    differing = mismatches(read_meta(path), args, key)
+    if differing:
+        stale = path.with_name(f'stale_{int(path.stat().st_mtime)}_{path.name}')
+        print(f'{key}: {path.name} was trained with other {differing}; kept as {stale.name}, retraining')
+        os.replace(path, stale)
+        last = path.with_name(path.name.replace('final_', 'last_', 1))
+        if last.is_file():
+            os.replace(last, stale.with_name(stale.name.replace('final_', 'last_', 1)))
+
+
+def train(args, key):
+    """Train ``key`` with the training script (resuming an interrupted run); its output to a log."""
+    log = Path(args.out) / 'logs' / f'{key}.log'
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO / 'train_mvtec.py'), '-s', key, '-d', args.data_dir,
+               '-n', args.category, '-o', str(Path(args.out) / 'models'),
+               '--res-scale', str(args.res_scale), '--epochs', str(args.epochs),
+               '--batch-size', str(args.batch_size), '--lr', str(args.lr),
+               '--workers', str(args.workers), '--resume']
+    if args.device:
+        command += ['--device', args.device]
+    print(f'{key}: training ({" ".join(command[1:])}), log in {log}', flush=True)
+    with open(log, 'a') as out:
+        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+
+
+def per_type_auroc(dataset, maps):
+    """Image AUROC (mean of the map as score) of each defect type against the normal test images."""
+    types = np.asarray(dataset.defect_types)
+    scores = metrics.image_scores(maps, 'mean')
+    normal = types == 'good'
+    result = {}
+    for defect in sorted(set(types) - {'good'}):
+        chosen = normal | (types == defect)
+        result[defect] = metrics.image_auroc((types[chosen] != 'good').astype(int), scores[chosen])
+    return result
+
+
+def evaluate_model(args, key, device):
+    """(record of metrics and training time, test set, maps) of one trained setting."""
+    model, meta = read_model(model_path(args, key), device)
+    dataset = load_test_set(args.data_dir, meta)
+    values, maps = evaluate(model, dataset, device=device, return_maps=True)
+    record = dict(setting=key, **values, per_type_auroc=per_type_auroc(dataset, maps),
+                  train_minutes=meta['train_time_s'] / 60, epochs=meta['train_config']['epochs'])
+    return record, dataset, maps
+
+
+def example_indices(dataset):
+    """A few test images of each defect type and normal ones, the same for every setting."""
+    types = np.asarray(dataset.defect_types)
+    chosen = []
+    for defect in ['good'] + sorted(set(types) - {'good'}):
+        items = np.flatnonzero(types == defect)
+        chosen += items[np.linspace(0, items.size - 1, EXAMPLES_PER_TYPE).round().astype(int)].tolist()
+    return chosen
+
+
+def write_figure(args, maps_by_setting, dataset):
+    indices = example_indices(dataset)
+    masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
+    titles = [dataset.defect_types[i] for i in indices]
+    rows = {SETTING_NAMES.get(key, key): [maps[i] for i in indices]
+            for key, maps in maps_by_setting.items()}
+    return plotting.plot_map_comparison([dataset.images[i] for i in indices], masks, rows, titles,
+                                        Path(args.out) / 'heatmaps.png')
+
+
+def write_tables(args, records):
+    main = pd.DataFrame([{'setting': r['setting'], 'method': SETTING_NAMES.get(r['setting'], ''),
+                          **{name: r[m] for m, name in TABLE_COLUMNS.items()},
+                          'training (min)': r['train_minutes'], 'epochs': r['epochs']}
+                         for r in records])
+    per_type = pd.DataFrame([{'setting': r['setting'], **r['per_type_auroc']} for r in records])
+    out = Path(args.out)
+    text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, '
+            f'batch {args.batch_size}\n\n' + main.to_markdown(index=False, floatfmt='.3f')
+            + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
+            + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
+    tables.write_text_atomic(out / 'real_data.md', text)
+    tables.write_text_atomic(out / 'real_data.csv', main.to_csv(index=False))
+    tables.write_text_atomic(out / 'real_data_per_type.csv', per_type.to_csv(index=False))
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    category_dir = Path(args.data_dir) / args.category
+    if not (category_dir / 'train' / 'good').is_dir():
+        print(f'real_data: no data: {category_dir}/train/good does not exist. This benchmark needs '
+              f'a real MVTec-layout category (e.g. ../shared/data/magnetic_tile); pass --data-dir '
+              f'and --category', file=sys.stderr)
+        return 1
+    for key in args.settings:
+        settings.parse_setting(key)  # unknown keys fail before anything is trained
+    started = time.perf_counter()
+    if not args.evaluate_only:
+        for key in args.settings:
+            set_aside_if_stale(model_path(args, key), args, key)
+            train(args, key)
+    device = resolve_device(args.device)
+    records, maps_by_setting, dataset = [], {}, None
+    for key in args.settings:
+        if not model_path(args, key).is_file():
+            print(f'{key}: no trained model at {model_path(args, key)}, left out')
+            continue
+        record, dataset, maps_by_setting[key] = evaluate_model(args, key, device)
+        records.append(record)
+    if not records:
+        print('real_data: no trained model to evaluate', file=sys.stderr)
+        return 1
+    print(write_tables(args, records))
+    print(f'figure: {write_figure(args, maps_by_setting, dataset)}')
+    print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
