@@ -179,8 +179,12 @@ def main(argv=None):
               f'a real MVTec-layout category (e.g. ../shared/data/magnetic_tile); pass --data-dir '
               f'and --category', file=sys.stderr)
         return 1
-    for key in args.settings:
-        settings.parse_setting(key)  # unknown keys fail before anything is trained
+    try:
+        for key in args.settings:
+            settings.parse_setting(key)  # unknown keys fail before anything is trained
+    except ValueError as error:
+        print(f'real_data: {error}', file=sys.stderr)
+        return 1
     started = time.perf_counter()
     if not args.evaluate_only:
         for key in args.settings:
