@@ -211,6 +211,25 @@ def save_loss_figure(losses, path):
     plot_loss_curve(losses, path)
 
 
+def train_step(model, optimizer, loss_function, images, labels, device):
+    """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
+
+    On CUDA the forward pass runs in bfloat16 autocast with channels_last images; the loss is
+    computed in float32.
+    """
+    images = images.to(device, non_blocking=True)
+    if device.type == 'cuda':
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+        preds = model(images)
+    loss = loss_function(preds.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return images, labels, preds.detach(), loss.item()
+
+
 def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 
@@ -226,10 +245,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path = last_checkpoint_path(run_dir, name)
-    channels_last = device.type == 'cuda'
-    if channels_last:
+    model.to(device)
+    if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
                                                            eta_min=config.min_lr)
@@ -237,7 +256,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
             'epoch_losses': [], 'train_time_s': 0.0}
     start_epoch = 0
     if resume and last_path.exists():
-        checkpoint = torch.load(last_path, map_location=device, weights_only=True)
+        # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to device
+        checkpoint = torch.load(last_path, map_location='cpu', weights_only=True)
         _check_resumable(last_path, checkpoint['meta'], meta)
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -260,17 +280,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
         batches = tqdm(loader, desc=f'epoch {epoch + 1}', unit='batch', leave=False,
                        disable=not config.progress)
         for images, _, labels in batches:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-                preds = model(images)
-            loss = loss_function(preds.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(images)
+            images, labels, preds, loss = train_step(model, optimizer, loss_function,
+                                                     images, labels, device)
+            loss_sum += loss * len(images)
             count += len(images)
             batches.set_postfix(loss=f'{loss_sum / count:.4f}')
         scheduler.step()
@@ -280,7 +292,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
 
         done = epoch + 1
         if config.figures and (epoch == 0 or done % figure_every == 0 or done == config.epochs):
-            save_sample_figure(images, labels, preds.detach(),
+            save_sample_figure(images, labels, preds,
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
         if done % config.checkpoint_every == 0 or done == config.epochs:
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -309,6 +321,12 @@ def load_model(path, device='cpu'):
 # Command-line helpers shared by the training scripts
 # ------------------------------------------------------------------------------------------------
 
+def default_workers():
+    """Usable CPUs less one (the main process runs the steps), at least one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, (cpus or 2) - 1)
+
+
 def add_training_arguments(parser):
     """Add the model and loop options: --epochs ... --no_pool, --preact (see train_config)."""
     group = parser.add_argument_group('model and training loop')
@@ -316,9 +334,9 @@ def add_training_arguments(parser):
     group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
     group.add_argument('--lr', type=float, default=1e-3,
                        help='initial learning rate, decayed with a cosine to 1e-6 (default: 1e-3)')
-    group.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+    group.add_argument('--workers', type=int, default=default_workers(),
                        help='DataLoader worker processes generating the samples '
-                            '(default: min(4, CPUs); 0: in the main process)')
+                            '(default: the usable CPUs less one; 0: in the main process)')
     group.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' ... (default: CUDA if available)")
     group.add_argument('--resume', action='store_true',
                        help='continue interrupted runs from their last checkpoint; skip finished ones')

@@ -111,7 +111,7 @@ def test_texture_category_arguments_follow_the_paper():
 
 
 def test_paper_tables_cover_the_fifteen_categories():
-    assert len(CATEGORY_PARAMS) == 15
+    assert set(CATEGORY_PARAMS) >= set(settings.WIDTH_BOUNDS_PCT)
     assert all(len(t) == 15 for t in (settings.WIDTH_BOUNDS_PCT, settings.NUM_PATCHES,
                                       settings.INTENSITY_LOGISTIC_PARAMS, settings.EPOCHS))
     assert set(settings.BACKGROUND) == set(settings.MIN_OBJECT_PCT) == set(settings.MIN_OVERLAP_PCT)
@@ -174,3 +174,21 @@ def test_arguments_are_plain_types_that_load_with_weights_only():
     torch.save(args, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True) == args
+
+
+def test_command_line_overrides():
+    import argparse
+    parser = argparse.ArgumentParser()
+    settings.add_task_arguments(parser)
+    args = parser.parse_args(['--width-bounds', '0.05', '0.2', '0.1', '0.3', '--num-patches', '2',
+                              '--background', '0', '20', '--gamma', '2', '0.03', '0.05', '--no_mask'])
+    assert settings.param_overrides(args) == dict(
+        width_bounds_pct=((0.05, 0.2), (0.1, 0.3)), num_patches=2, background=(0, 20),
+        gamma_params=(2, 0.03, 0.05))
+    sup = settings.self_sup_args_from_args(parse_setting('Shift'),
+                                           category_params('x', overrides=settings.param_overrides(args)),
+                                           args)
+    assert 'skip_background' not in sup and sup['gamma_params'] == (2, 0.03, 0.05)
+    for bad in (['--num-patches', '0'], ['--width-bounds', '0.2', '0.1', '0.1', '0.2']):
+        with pytest.raises(ValueError):
+            settings.param_overrides(parser.parse_args(bad))

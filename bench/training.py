@@ -1,0 +1,103 @@
+"""Training speed in images per second at 224 x 224, batch 16, on the CPU with 2 threads.
+
+Three figures, each after one warm-up step:
+  model alone    forward + backward + Adam step on random tensors (the compute bound)
+  data alone     self-supervised samples from the DataLoader, generated in --workers processes
+  full pipeline  both together, as ``experiments.training.train`` runs them
+
+Data: the built-in demo category (generated into a temporary folder) at the texture recipe's
+224-pixel crops, with the setting's generator arguments (default Shift-Intensity-M: Poisson
+blending with mixed gradients, the most expensive one). Run from the repository root:
+
+    python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M]
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from experiments import settings  # noqa: E402
+from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,  # noqa: E402
+                                  train_step)
+from models.resnet import resnet18_enc_dec  # noqa: E402
+from self_sup_data.demo import make_demo_dataset  # noqa: E402
+from self_sup_data.mvtec import SelfSupMVTecDataset  # noqa: E402
+
+SIZE, BATCH, THREADS = 224, 16, 2
+RES_SCALE = SIZE / 256  # texture recipe: 256-pixel crops at res_scale 1
+
+
+def images_per_second(batches, step):
+    """Run ``step`` on each batch after the first (warm-up); images per second of the timed ones."""
+    batches = iter(batches)
+    step(next(batches))
+    count, started = 0, time.perf_counter()
+    for batch in batches:
+        step(batch)
+        count += len(batch[0])
+    return count / (time.perf_counter() - started)
+
+
+def loader_batches(loader, count):
+    """The first ``count`` batches of the loader's epochs 0, 1, 2, ..."""
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            yield batch
+            count -= 1
+            if count == 0:
+                return
+        epoch += 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--steps', type=int, default=8, help='timed steps (default: 8)')
+    parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (default: 2)')
+    parser.add_argument('--setting', default='Shift-Intensity-M')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    device = torch.device('cpu')
+    setting = settings.parse_setting(args.setting)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        category_dir = make_demo_dataset(tmp)
+        self_sup_args = settings.mvtec_self_sup_args(setting, category_dir.name)
+        dataset = SelfSupMVTecDataset(category_dir.parent, category_dir.name,
+                                      self_sup_args=self_sup_args, res_scale=RES_SCALE)
+        assert dataset.train_size == SIZE, dataset.train_size
+        seed_everything(0)
+        model = resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid')
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_function = LOSS_FUNCTIONS[setting.loss]
+
+        def step(batch):
+            train_step(model, optimizer, loss_function, batch[0], batch[2], device)
+
+        shape = (BATCH, dataset.in_channels, SIZE, SIZE)
+        random_batches = [(torch.randn(shape), None, torch.rand(BATCH, 1, SIZE, SIZE))
+                          for _ in range(args.steps + 1)]
+        model_rate = images_per_second(random_batches, step)
+
+        config = TrainConfig(epochs=1, batch_size=BATCH, workers=args.workers)
+        data_rate = images_per_second(loader_batches(make_loader(dataset, config, device), args.steps + 1),
+                                      lambda batch: None)
+        pipeline_rate = images_per_second(
+            loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
+
+    print(f'training images/s at {SIZE}x{SIZE}, batch {BATCH}, CPU, {THREADS} threads, '
+          f'{args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
+          f'load average {os.getloadavg()[0]:.1f}):')
+    print(f'  model alone    {model_rate:7.1f}')
+    print(f'  data alone     {data_rate:7.1f}  ({args.workers} workers)')
+    print(f'  full pipeline  {pipeline_rate:7.1f}  ({args.workers} workers + step)')
+
+
+if __name__ == '__main__':
+    main()
