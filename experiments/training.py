@@ -207,6 +207,7 @@ def save_sample_figure(images, labels, preds, path):
 
 
 def save_loss_figure(losses, path):
+    """Figure of the mean loss of each epoch."""
     from experiments.plotting import plot_loss_curve
     plot_loss_curve(losses, path)
 
@@ -256,7 +257,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
             'epoch_losses': [], 'train_time_s': 0.0}
     start_epoch = 0
     if resume and last_path.exists():
-        # on the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to device
+        # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
         checkpoint = torch.load(last_path, map_location='cpu', weights_only=True)
         _check_resumable(last_path, checkpoint['meta'], meta)
         model.load_state_dict(checkpoint['model'])
