@@ -7,7 +7,7 @@ table of image AUROC per defect type, and a figure of heatmaps on the same test 
 
     python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
-                              [--res-scale 0.5] [--epochs 16] [--batch-size 32] [--workers 2]
+                              [--res-scale 0.5] [--epochs 10] [--batch-size 16] [--workers 2]
 
 It resumes where it stopped: a finished model whose configuration (generator arguments, category
 parameters, budget) matches the request is not retrained, an interrupted one continues from its
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', default=str(REPO / 'bench_out' / 'real_data'))
     parser.add_argument('--settings', nargs='+', default=list(DEFAULT_SETTINGS))
     parser.add_argument('--res-scale', type=float, default=0.5)
-    parser.add_argument('--epochs', type=int, default=16)
-    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--epochs', type=int, default=10)
+    parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--device', default=None)
