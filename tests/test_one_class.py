@@ -1,0 +1,206 @@
+"""Two-stage detection: one-class models, encoder features, patch-level heatmaps."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist
+
+from experiments import one_class
+from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, extract_features,
+                                   make_one_class, median_distance, two_stage_scores,
+                                   upsample_scores)
+from models.resnet import resnet18_enc_dec
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """The tiny forward passes here run faster on one thread on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ one-class models
+
+COVARIANCE = np.array([[4.0, 1.5, 0.0], [1.5, 2.0, -0.5], [0.0, -0.5, 0.5]])
+MEAN = np.array([1.0, -2.0, 0.5])
+
+
+def gaussian_data(n, seed=0):
+    return np.random.default_rng(seed).multivariate_normal(MEAN, COVARIANCE, size=n)
+
+
+def points_at_mahalanobis_radius(radii, per_radius=8, seed=1):
+    """Points at known Mahalanobis distances from MEAN (random directions in whitened space)."""
+    directions = np.random.default_rng(seed).normal(size=(per_radius, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    factor = np.linalg.cholesky(COVARIANCE)
+    points = np.concatenate([MEAN + (r * directions) @ factor.T for r in radii])
+    return points, np.repeat(radii, per_radius)
+
+
+def test_gde_score_is_the_squared_mahalanobis_distance():
+    model = GaussianDensityEstimator().fit(gaussian_data(4000))
+    points, radii = points_at_mahalanobis_radius([0.5, 1.0, 2.0, 4.0])
+    scores = model.score(points)
+    np.testing.assert_allclose(scores, radii ** 2, rtol=0.15)
+    # farther in Mahalanobis distance scores higher, whatever the Euclidean distance
+    for low, high in ((0.5, 1.0), (1.0, 2.0), (2.0, 4.0)):
+        assert scores[radii == low].max() < scores[radii == high].min()
+
+
+@pytest.mark.parametrize('name', list(ONE_CLASS_MODELS))
+def test_outliers_rank_above_inliers(name):
+    model = make_one_class(name).fit(gaussian_data(400))
+    inliers, _ = points_at_mahalanobis_radius([0.25, 0.75], seed=2)
+    outliers, _ = points_at_mahalanobis_radius([4.0, 6.0], seed=3)
+    scores_in, scores_out = model.score(inliers), model.score(outliers)
+    assert scores_in.dtype == np.float64 and scores_in.shape == (16,)
+    assert scores_in.max() < scores_out.min()
+
+
+def test_shrinkage_warns_when_fewer_samples_than_dimensions():
+    features = np.random.default_rng(0).normal(size=(5, 20))
+    with pytest.warns(UserWarning, match='5 normal samples for 20 feature dimensions.*shrinkage'):
+        model = GaussianDensityEstimator().fit(features)
+    assert np.isfinite(model.score(features)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        GaussianDensityEstimator().fit(np.random.default_rng(0).normal(size=(30, 20)))
+
+
+def test_median_distance_is_the_median_of_pairwise_distances():
+    features = np.random.default_rng(0).normal(size=(50, 7))
+    assert median_distance(features) == pytest.approx(np.median(pdist(features)))
+    assert median_distance(np.ones((4, 3))) == 1.0  # coinciding rows: a usable width
+
+
+def test_bad_names_and_inputs_raise():
+    with pytest.raises(ValueError, match="unknown one-class model 'svdd'; valid: gde, kde, ocsvm"):
+        make_one_class('svdd')
+    with pytest.raises(ValueError, match='N x D'):
+        GaussianDensityEstimator().fit(np.zeros(10))
+    with pytest.raises(ValueError, match='N >= 2'):
+        make_one_class('kde').fit(np.zeros((1, 3)))
+    assert one_class.column_suffix('ocsvm') == '+OCSVM'
+
+
+def test_fit_score_normalises_the_features():
+    normal = np.random.default_rng(0).normal(size=(40, 6)) + 3
+    test = np.random.default_rng(1).normal(size=(5, 6))
+    scores = one_class.fit_score('gde', normal, test)
+    np.testing.assert_allclose(one_class.fit_score('gde', 10 * normal, 0.1 * test), scores)
+
+
+# ------------------------------------------------------------------------------ features
+
+class ImageSet(torch.utils.data.Dataset):
+    """Items (image, label, mask) like a test set: random 1-channel images, every other one
+    with a bright square (its mask)."""
+
+    def __init__(self, n=4, size=64, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = [torch.rand(1, size, size, generator=generator) for _ in range(n)]
+        self.labels = np.arange(n) % 2
+        self.masks = [np.zeros((size, size), np.uint8) for _ in range(n)]
+        for i in range(1, n, 2):
+            self.images[i][:, 16:32, 16:32] = 3.0
+            self.masks[i][16:32, 16:32] = 1
+        self.has_mask = np.ones(n, bool)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i]), torch.from_numpy(self.masks[i])[None].float()
+
+
+@pytest.fixture(scope='module')
+def network():
+    torch.manual_seed(0)
+    return resnet18_enc_dec(in_channels=1).eval()
+
+
+@pytest.mark.parametrize('layers, dims', [((4,), 512), ((1, 2, 3, 4), 64 + 128 + 256 + 512),
+                                          ((2,), 128)])
+def test_feature_shapes(network, layers, dims):
+    pooled, patches = extract_features(network, ImageSet(n=3), layers=layers, batch_size=2)
+    assert pooled.shape == (3, dims) and pooled.dtype == np.float32
+    assert patches.shape == (3, 256, 4, 4)  # layer 3: stride 16 at 64 pixels
+    cropped, cropped_patches = extract_features(network, ImageSet(n=3), layers=layers,
+                                                patch_layer=4, crop_size=32)
+    assert cropped.shape == (3, dims) and cropped_patches.shape == (3, 512, 1, 1)
+    assert extract_features(network, ImageSet(n=3), patch_layer=None)[1] is None
+
+
+def test_features_are_the_pooled_stage_maps_whatever_the_batch_size(network):
+    data = ImageSet(n=3)
+    pooled, patches = extract_features(network, data, layers=(3, 4), batch_size=1)
+    batched, batched_patches = extract_features(network, data, layers=(3, 4), batch_size=3)
+    np.testing.assert_allclose(pooled, batched, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        maps = network.encoder(torch.stack(data.images))
+    expected = torch.cat([maps[2].mean(dim=(2, 3)), maps[3].mean(dim=(2, 3))], 1).numpy()
+    np.testing.assert_allclose(pooled, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(patches, maps[2].numpy(), rtol=1e-4, atol=1e-5)
+
+
+class NoEncoder(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class FlatEncoder(torch.nn.Module):
+    def encoder(self, x):
+        return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize('model, message', [(NoEncoder(), 'has no encoder'),
+                                            (FlatEncoder(), 'must return 4 feature maps')])
+def test_model_without_a_stage_encoder_raises_naming_it(model, message):
+    with pytest.raises(ValueError, match=f'models/final_x.pt: .*{message}'):
+        extract_features(model, ImageSet(n=2), source='models/final_x.pt')
+
+
+def test_bad_layers_raise(network):
+    with pytest.raises(ValueError, match='layers must be ResNet stages among 1-4'):
+        extract_features(network, ImageSet(n=2), layers=(5,))
+
+
+# ------------------------------------------------------------------------------ localisation
+
+def test_upsampled_heatmap_has_the_image_size_and_peaks_at_the_hot_patch():
+    scores = np.zeros((2, 4, 4))
+    scores[1, 1, 2] = 10.0
+    heatmaps = upsample_scores(scores, (64, 64))
+    assert heatmaps.shape == (2, 64, 64) and heatmaps.dtype == np.float32
+    np.testing.assert_allclose(heatmaps[0], 0)
+    row, col = np.unravel_index(heatmaps[1].argmax(), (64, 64))
+    assert 16 <= row < 32 and 32 <= col < 48  # inside the patch's 16-pixel cell
+    assert one_class.smoothing_sigma(256) == 4.0 and one_class.smoothing_sigma(128) == 2.0
+
+
+@pytest.mark.filterwarnings('ignore:GDE')  # fewer normal images than dimensions
+@pytest.mark.parametrize('crop_size', [None, 32])
+def test_two_stage_heatmaps_have_the_image_size(network, crop_size):
+    results = two_stage_scores(network, ImageSet(n=6, seed=1), ImageSet(n=4, seed=2),
+                               names=['gde', 'ocsvm'], crop_size=crop_size, batch_size=4)
+    assert list(results) == ['gde', 'ocsvm']
+    for scores, heatmaps in results.values():
+        assert scores.shape == (4,) and heatmaps.shape == (4, 64, 64)
+        assert np.isfinite(heatmaps).all()
+        if crop_size:  # outside the central crop: the lowest score
+            assert (heatmaps[:, :16] == heatmaps.min()).all()
+
+
+@pytest.mark.filterwarnings('ignore:GDE')
+def test_evaluate_two_stage_reports_map_and_pooled_metrics(network):
+    results = one_class.evaluate_two_stage(network, ImageSet(n=6, seed=1), ImageSet(n=4, seed=2),
+                                           names=['gde'], batch_size=4)
+    values, heatmaps = results['gde']
+    assert set(values) == {'image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
+                           'pixel_auroc', 'pixel_ap', 'au_pro', *one_class.POOLED_METRICS}
+    assert all(0 <= v <= 1 for v in values.values())
+    assert heatmaps.shape == (4, 64, 64)
