@@ -11,6 +11,9 @@ The network maps an image ``B x C_in x H x W`` to a pixel-wise anomaly map
                 a 7x7 stride-2 transposed convolution to ``num_classes`` channels
     activation  identity, sigmoid, relu or softmax over channels
 
+``resnet18_classifier`` is the same encoder with CutPaste's projection head and a linear
+classifier (the ``CutPaste-3way`` setting); ``build_model`` rebuilds either from its config.
+
 The encoder downsamples by 32 with the max pool (16 without); the decoder upsamples by the same
 factor, so the output has the input's height and width. Written without torchvision, in the
 spirit of timm: small blocks composed by one constructor.
@@ -166,6 +169,19 @@ def make_final_activation(name):
     return activations[name]()
 
 
+def init_resnet_parameters(model):
+    """Standard ResNet initialisation: Kaiming normal (fan_out, ReLU) for (transposed)
+    convolutions with zero bias, weight 1 and bias 0 for BN (linear layers keep PyTorch's)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -221,16 +237,7 @@ class ResNetEncDec(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Standard ResNet initialisation: Kaiming normal (fan_out, ReLU) for (transposed)
-        convolutions with zero bias, weight 1 and bias 0 for BN."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_parameters(self)
 
     def forward(self, x):
         height, width = x.shape[-2:]
@@ -250,10 +257,55 @@ def resnet18_enc_dec(num_classes=1, in_channels=3, pool=True, preact=False,
                         dropout_rate=dropout_rate)
 
 
+class ResNetClassifier(nn.Module):
+    """CutPaste's classifier (Li et al. 2021): ResNet-18 encoder, global average pooling, an MLP
+    projection head (linear, BN, ReLU for each of ``head_dims``: 512 -> 512 -> 128) and a linear
+    layer to ``num_classes`` logits. Any input side works (the pooling removes the size).
+
+    ``encoder`` returns the four stage feature maps (two-stage scoring uses them); ``config``
+    holds the constructor arguments and ``arch='resnet18_classifier'`` for ``build_model``.
+    """
+
+    def __init__(self, num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128)):
+        super().__init__()
+        num_classes = _check_int('num_classes', num_classes, 2)
+        in_channels = _check_int('in_channels', in_channels, 1)
+        head_dims = [_check_int('head_dims', dim, 1) for dim in head_dims]
+        self.config = dict(arch='resnet18_classifier', num_classes=num_classes,
+                           in_channels=in_channels, pool=_check_bool('pool', pool),
+                           preact=_check_bool('preact', preact), head_dims=head_dims)
+        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
+        layers, channels = [], STAGE_CHANNELS[-1]
+        for dim in head_dims:
+            layers += [nn.Linear(channels, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
+            channels = dim
+        self.head = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+        init_resnet_parameters(self)
+
+    def forward(self, x):
+        features = self.encoder(x)[-1].mean(dim=(2, 3))
+        return self.classifier(self.head(features))
+
+
+def resnet18_classifier(num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128)):
+    """CutPaste's ResNet-18 classifier: B x in_channels x H x W -> B x num_classes logits."""
+    return ResNetClassifier(num_classes=num_classes, in_channels=in_channels, pool=pool,
+                            preact=preact, head_dims=head_dims)
+
+
+ARCHITECTURES = {'resnet18_enc_dec': resnet18_enc_dec, 'resnet18_classifier': resnet18_classifier}
+
+
 def build_model(config):
-    """Rebuild a freshly initialised model from ``model.config`` (e.g. stored in a checkpoint)."""
-    valid = set(inspect.signature(resnet18_enc_dec).parameters)
+    """Rebuild a freshly initialised model from ``model.config`` (e.g. stored in a checkpoint);
+    ``config['arch']`` names the constructor (default: the encoder-decoder)."""
+    config = dict(config)
+    arch = config.pop('arch', 'resnet18_enc_dec')
+    if arch not in ARCHITECTURES:
+        raise KeyError(f"unknown model arch {arch!r}; valid: {sorted(ARCHITECTURES)}")
+    valid = set(inspect.signature(ARCHITECTURES[arch]).parameters)
     unknown = set(config) - valid
     if unknown:
         raise KeyError(f"unknown model config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
-    return resnet18_enc_dec(**config)
+    return ARCHITECTURES[arch](**config)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.resnet import build_model, resnet18_enc_dec
+from models.resnet import build_model, resnet18_classifier, resnet18_enc_dec
 
 # torchvision's resnet18 has 11,689,512 parameters; without its fc layer (512*1000 + 1000)
 # the trunk (stem, BN, four stages) has 11,176,512.
@@ -162,6 +162,23 @@ def test_build_model_from_config_rebuilds_architecture(kwargs):
 def test_build_model_rejects_unknown_keys():
     with pytest.raises(KeyError, match='unknown_key'):
         build_model(dict(resnet18_enc_dec().config, unknown_key=1))
+
+
+def test_classifier_gives_logits_and_rebuilds_from_its_config():
+    model = resnet18_classifier(num_classes=3, in_channels=1).eval()
+    heads = [m for m in model.head if isinstance(m, torch.nn.Linear)] + [model.classifier]
+    assert [(m.in_features, m.out_features) for m in heads] == [(512, 512), (512, 128), (128, 3)]
+    x = torch.randn(2, 1, 48, 48)  # any side: the features are pooled
+    assert model(x).shape == (2, 3)
+    assert [m.shape[1] for m in model.encoder(x)] == [64, 128, 256, 512]
+    config = model.config
+    assert config['arch'] == 'resnet18_classifier'
+    rebuilt = build_model(config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), rebuilt(x))
+    with pytest.raises(KeyError, match="unknown model arch 'vit'"):
+        build_model(dict(config, arch='vit'))
 
 
 def test_initialisation_is_standard_resnet():
