@@ -18,6 +18,9 @@ Training items are the self-supervised samples of NSA: a randomly transformed tr
 generator of item ``i`` is seeded from ``(seed, epoch, i)``, so a seed gives the same samples for
 any number of DataLoader workers (call ``set_epoch`` before each epoch's iterator is created;
 with ``persistent_workers=True`` the workers would not see it).
+
+With ``views`` (e.g. ``CutPaste3Way``, CutPaste's classification task) a training item is
+instead several views of the transformed image with their class labels.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -187,6 +190,8 @@ class SelfSupImageDataset(Dataset):
 
     train, self-sup on:  ds[i] -> (image tensor C x H x W, 0, label tensor 1 x H x W)
     train, self-sup off: ds[i] -> (transformed image tensor, 0, zeros 1 x H x W)
+    train, with views:   ds[i] -> (V x C x H x W view tensors, 0, int64 class labels V), from
+                         ``views(image, rng) -> (V uint8 images, V labels)`` (self-sup on)
     test:                ds[i] -> (image tensor at low_res, 0/1, mask tensor 1 x H x W in {0, 1})
     Attributes: ``images`` (uint8 H x W x C), ``labels`` (int array), ``masks`` (test: uint8
     H x W in {0, 1} per item; None for training), ``has_mask`` (bool array), ``in_channels``,
@@ -195,7 +200,7 @@ class SelfSupImageDataset(Dataset):
     """
 
     def __init__(self, images, is_train, transform, train_size=None, self_sup_args=None, seed=0,
-                 labels=None, masks=None, has_mask=None):
+                 labels=None, masks=None, has_mask=None, views=None):
         self.images = images
         self.is_train = is_train
         self.transform = transform
@@ -206,6 +211,7 @@ class SelfSupImageDataset(Dataset):
         self.low_res = images[0].shape[0]
         self.self_sup = is_train
         self.self_sup_args = dict(self_sup_args or {})
+        self.views = views
         self.seed = seed
         self.epoch = 0
         self.labels = np.zeros(len(images), int) if labels is None else np.asarray(labels, int)
@@ -239,6 +245,9 @@ class SelfSupImageDataset(Dataset):
         image, _ = self.transform(self.images[index].copy(), None, rng)
         if not self.self_sup:
             return to_image_tensor(image), 0, torch.zeros((1,) + image.shape[:2])
+        if self.views is not None:
+            views, classes = self.views(image, rng)
+            return torch.stack([to_image_tensor(v) for v in views]), 0, torch.tensor(classes)
         args = dict(self.self_sup_args)
         if len(self.images) == 1:
             args['same'] = True
@@ -307,10 +316,11 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     (``low_res`` for training, ``test_res`` for testing). ``self_sup_args``: keyword arguments of
     ``patch_ex`` (plain types). Test items: ``.defect_types`` ('good' for normal), ``.paths``,
     ``.has_mask`` (False for a defect image without a mask file: image-level evaluation only).
+    ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
-                 self_sup_args=None, seed=0, kind=None, res_scale=1.0):
+                 self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None):
         category_dir = _category_dir(root_path, class_name)
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
@@ -328,7 +338,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
         super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
-                         labels=labels, masks=masks, has_mask=has_mask)
+                         labels=labels, masks=masks, has_mask=has_mask, views=views)
         self.class_name = class_name
         self.kind = category_kind(class_name, kind)
         self.paths = [str(p) for p in paths]

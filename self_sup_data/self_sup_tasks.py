@@ -35,6 +35,9 @@ LABEL_MASK_KSIZE = 5  # median filter that cleans the thresholded change
 INTENSITY_RADIUS = 5  # disk radius of the median filter on the intensity label
 CUTPASTE_AREA_RATIO = (0.02, 0.15)
 CUTPASTE_ASPECT_RATIOS = ((0.3, 1.0), (1.0, 3.3))
+# CutPaste-scar at a 256-pixel side: width and length (pixels), rotation (degrees); colour jitter
+SCAR_WIDTH, SCAR_LENGTH, SCAR_MAX_DEGREES, SCAR_REFERENCE_SIDE = (2, 16), (10, 25), 45, 256
+CUTPASTE_JITTER = 0.1
 
 _INTENSITY_FOOTPRINT = disk(INTENSITY_RADIUS)
 _BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))  # logistic labels stay below 1 in float32
@@ -175,6 +178,93 @@ class SyntheticAnomaly:
     def __repr__(self):
         args = ', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())
         return f'{type(self).__name__}({args})'
+
+
+def color_jitter(patch, rng, strength=CUTPASTE_JITTER):
+    """Colour jitter of a uint8 patch ``h x w x C``, in this order: brightness (times a factor
+    U(1 - s, 1 + s)), contrast (distance to the mean grey level times such a factor) and, for RGB,
+    saturation (distance to the pixel's grey level times such a factor) and hue (shifted by
+    U(-s, s) of the hue circle), with ``s = strength``."""
+    low, high = 1 - strength, 1 + strength
+    x = patch.astype(np.float32) * rng.uniform(low, high)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(low, high) + mean
+    if patch.shape[-1] == 3:
+        gray = x @ np.float32([0.299, 0.587, 0.114])
+        x = (x - gray[..., None]) * rng.uniform(low, high) + gray[..., None]
+        hsv = cv2.cvtColor(np.clip(x, 0, 255).round().astype(np.uint8), cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0].astype(int) + round(rng.uniform(-strength, strength) * 180)) % 180
+        x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(x, 0, 255).round().astype(np.uint8).reshape(patch.shape)
+
+
+def _rotated(patch, degrees):
+    """``patch`` rotated by ``degrees`` on a canvas that holds it -> (rotated patch, bool mask)."""
+    height, width = patch.shape[:2]
+    radians = np.deg2rad(degrees)
+    cos, sin = abs(np.cos(radians)), abs(np.sin(radians))
+    new_w, new_h = int(np.ceil(height * sin + width * cos)), int(np.ceil(height * cos + width * sin))
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    matrix[:, 2] += ((new_w - width) / 2, (new_h - height) / 2)
+    rotated = cv2.warpAffine(patch, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.ones((height, width), np.uint8), matrix, (new_w, new_h),
+                          flags=cv2.INTER_NEAREST)
+    return rotated.reshape(new_h, new_w, -1), mask.astype(bool)
+
+
+def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=SCAR_MAX_DEGREES,
+                  jitter=CUTPASTE_JITTER, reference_side=SCAR_REFERENCE_SIDE):
+    """CutPaste-scar (Li et al. 2021): a thin, long rectangle cut from a random place of ``image``,
+    colour-jittered (``color_jitter``), rotated by U(-max_degrees, max_degrees) and pasted at a
+    random place.
+
+    Width and length are drawn uniformly from ``width`` and ``length`` (pixels at a side of
+    ``reference_side``) and scaled to the image's shorter side (at least one pixel).
+    Returns (image uint8 like ``image``, mask bool ``H x W``: the pasted pixels).
+    """
+    _check_image(image, 'image')
+    height, width_px = image.shape[:2]
+    scale = min(height, width_px) / reference_side
+    scar_w = min(max(1, round(rng.uniform(*width) * scale)), width_px)
+    scar_h = min(max(1, round(rng.uniform(*length) * scale)), height)
+    top = int(rng.integers(0, height - scar_h, endpoint=True))
+    left = int(rng.integers(0, width_px - scar_w, endpoint=True))
+    patch = color_jitter(image[top:top + scar_h, left:left + scar_w], rng, jitter)
+    rotated, mask = _rotated(patch, rng.uniform(-max_degrees, max_degrees))
+    if rotated.shape[0] <= height and rotated.shape[1] <= width_px and mask.any():
+        patch = rotated
+    else:  # a scar about as long as the image: pasted unrotated
+        mask = np.ones(patch.shape[:2], bool)
+    top, left = _random_start(rng, height, patch.shape[0]), _random_start(rng, width_px, patch.shape[1])
+    out = image.copy()
+    out[top:top + patch.shape[0], left:left + patch.shape[1]][mask] = patch[mask]
+    pasted = np.zeros((height, width_px), bool)
+    pasted[top:top + patch.shape[0], left:left + patch.shape[1]] = mask
+    return out, pasted
+
+
+class CutPaste3Way:
+    """CutPaste's 3-way task: ``views(image, rng) -> ([normal, CutPaste, CutPaste-scar], [0, 1, 2])``.
+
+    The CutPaste view is ``patch_ex(image, same=True, mode='swap',
+    cutpaste_patch_generation=True, ...)`` updated with ``patch_ex_args`` (a rectangle of the
+    image pasted elsewhere in it); the scar view is ``cutpaste_scar(image, rng, **scar_args)``.
+    """
+    num_classes = 3
+
+    def __init__(self, patch_ex_args=None, scar_args=None):
+        self.patch_ex_args = {**dict(mode='swap', cutpaste_patch_generation=True, resize=False),
+                              **(patch_ex_args or {}), 'same': True}
+        SyntheticAnomaly(**self.patch_ex_args)  # validates
+        self.scar_args = dict(scar_args or {})
+
+    def __call__(self, image, rng):
+        cutpaste, _ = patch_ex(image, rng=rng, **self.patch_ex_args)
+        scar, _ = cutpaste_scar(image, rng, **self.scar_args)
+        return [image, cutpaste, scar], [0, 1, 2]
+
+    def __repr__(self):
+        return f'{type(self).__name__}(patch_ex_args={self.patch_ex_args!r}, scar_args={self.scar_args!r})'
 
 
 def object_mask(image, skip_background):

@@ -1,16 +1,21 @@
 """Two-stage detection: one-class models, encoder features, patch-level heatmaps."""
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import pdist
+
+from conftest import make_mvtec_category
 
 from experiments import one_class
 from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, extract_features,
                                    make_one_class, median_distance, two_stage_scores,
                                    upsample_scores)
 from models.resnet import resnet18_enc_dec
+from self_sup_data.mvtec import SelfSupMVTecDataset
+from self_sup_data.self_sup_tasks import CutPaste3Way, color_jitter, cutpaste_scar
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -204,3 +209,62 @@ def test_evaluate_two_stage_reports_map_and_pooled_metrics(network):
                            'pixel_auroc', 'pixel_ap', 'au_pro', *one_class.POOLED_METRICS}
     assert all(0 <= v <= 1 for v in values.values())
     assert heatmaps.shape == (4, 64, 64)
+
+
+# ------------------------------------------------------------------------------ CutPaste 3-way task
+
+def smooth_image(size=64, channels=1, seed=0):
+    noise = np.random.default_rng(seed).random((size // 8, size // 8, channels)).astype(np.float32)
+    image = cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC).reshape(size, size, channels)
+    return (40 + 170 * np.clip(image, 0, 1)).astype(np.uint8)
+
+
+def changed_box(a, b):
+    """(height, width) of the bounding box of the pixels where a and b differ."""
+    rows, cols = np.nonzero((a != b).any(axis=-1))
+    return np.ptp(rows) + 1, np.ptp(cols) + 1
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_scar_changes_only_a_thin_rotated_strip(channels):
+    image = smooth_image(256, channels)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scar, mask = cutpaste_scar(image, rng)
+        assert scar.shape == image.shape and scar.dtype == np.uint8
+        assert not ((scar != image).any(axis=-1) & ~mask).any()
+        assert 2 <= mask.sum() <= 16 * 25 + 2 * (16 + 25)  # width 2-16, length 10-25 (rotated)
+        rows, cols = np.nonzero(mask)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 <= np.ceil(np.hypot(16, 25)) + 1
+
+
+def test_color_jitter_stays_within_its_strength():
+    patch = np.full((8, 8, 1), 100, np.uint8)
+    jittered = color_jitter(patch, np.random.default_rng(0), strength=0.1)
+    assert 90 <= jittered.min() and jittered.max() <= 110
+    assert np.array_equal(color_jitter(patch, np.random.default_rng(0), strength=0.0), patch)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_three_way_views_and_labels(channels):
+    image = smooth_image(64, channels)
+    views, labels = CutPaste3Way()(image, np.random.default_rng(3))
+    assert labels == [0, 1, 2] and len(views) == 3
+    assert all(v.shape == image.shape and v.dtype == np.uint8 for v in views)
+    assert views[0] is image or np.array_equal(views[0], image)
+    height, width = changed_box(image, views[1])  # one pasted rectangle of at most 15 % area
+    assert height * width <= 0.15 * 64 * 64 + 64
+    height, width = changed_box(image, views[2])  # a scar: small at 64 pixels
+    assert max(height, width) <= 10
+
+
+def test_dataset_with_views_gives_three_labelled_views_per_image(tmp_path):
+    make_mvtec_category(tmp_path, 'tiny', n_train=4)
+    dataset = SelfSupMVTecDataset(tmp_path, 'tiny', res_scale=0.125, views=CutPaste3Way())
+    images, target, labels = dataset[1]
+    assert images.shape == (3, 1, 32, 32) and dataset.train_size == 32
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2] and target == 0
+    again, _, _ = dataset[1]
+    torch.testing.assert_close(images, again)  # the item's rng: same views for the same item
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    assert batch[0].shape == (2, 3, 1, 32, 32) and batch[2].shape == (2, 3)
