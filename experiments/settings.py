@@ -9,6 +9,8 @@ grammar rather than a table of every combination::
            FPI, FPI-Poisson                                                     (foreign patch
                                                                                  interpolation, PII)
            CutPaste
+           CutPaste-3way   (CutPaste's classifier: normal / CutPaste / CutPaste-scar, scored
+                            by a one-class model on its encoder features, experiments/one_class.py)
     -M     Poisson blending with mixed gradients (cv2.MIXED_CLONE) instead of the source's
            gradients (cv2.NORMAL_CLONE); only for the bases that blend with Poisson editing
     -SEED  a non-negative integer seeding the run (default DEFAULT_SEED)
@@ -48,12 +50,16 @@ class BaseSetting:
 
     ``self_sup_args`` are the ``patch_ex`` arguments the task fixes; ``gamma_params`` not None
     means half-widths are drawn from a gamma distribution (the data's parameters replace the
-    paper's MVTec values), None means uniformly between the width bounds.
+    paper's MVTec values), None means uniformly between the width bounds. ``model``: 'enc_dec'
+    (NSA's encoder-decoder, trained on label maps) or 'classifier' (the encoder with CutPaste's
+    heads, trained on the ``CutPaste3Way`` views of each image; ``self_sup_args`` make its
+    CutPaste view).
     """
     slug: str
     self_sup_args: dict
     loss: str = 'bce'
     final_activation: str = 'sigmoid'
+    model: str = 'enc_dec'
 
 
 def _shift(label_mode, mode=POISSON):
@@ -84,10 +90,16 @@ BASE_SETTINGS = {
     'FPI-Poisson': BaseSetting('fpi_poisson', _foreign_patch(POISSON, 'logistic-intensity')),
     'CutPaste': BaseSetting('cut_paste', dict(gamma_params=None, resize=False, shift=True,
                                               same=True, mode='swap', label_mode='binary')),
+    'CutPaste-3way': BaseSetting('cut_paste_3way',
+                                 dict(gamma_params=None, resize=False, shift=True, same=True,
+                                      mode='swap', label_mode='binary',
+                                      cutpaste_patch_generation=True),
+                                 loss='cross_entropy', final_activation='identity',
+                                 model='classifier'),
 }
 POISSON_BASES = tuple(name for name, base in BASE_SETTINGS.items()
                       if base.self_sup_args['mode'] == POISSON)
-LOSSES = ('bce', 'mse')
+LOSSES = ('bce', 'mse', 'cross_entropy')
 
 # longest names first, so that 'Shift-Intensity-Swap' is not read as 'Shift-Intensity' + junk
 _KEY_PATTERN = re.compile(
@@ -112,6 +124,7 @@ class Setting:
     final_activation: str
     fname: str
     dir_name: str
+    model: str = 'enc_dec'
 
     @property
     def run_seed(self):
@@ -152,7 +165,7 @@ def parse_setting(key):
     fname = dir_name if seed is None else f'{dir_name}_{seed}'
     return Setting(key=key, base=name, mixed=mixed, seed=seed, self_sup_args=args,
                    loss=base.loss, final_activation=base.final_activation,
-                   fname=fname, dir_name=dir_name)
+                   fname=fname, dir_name=dir_name, model=base.model)
 
 
 def paper_setting_key(base, class_name, kind=None, seed=None):

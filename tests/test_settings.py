@@ -77,6 +77,19 @@ def test_mixed_gradients_only_for_poisson_bases(key):
         parse_setting(key)
 
 
+def test_cutpaste_three_way_is_a_classifier_setting():
+    s = parse_setting('CutPaste-3way-7')
+    assert (s.base, s.seed, s.fname, s.model) == ('CutPaste-3way', 7, 'cut_paste_3way_7', 'classifier')
+    assert (s.loss, s.final_activation) == ('cross_entropy', 'identity')
+    assert s.self_sup_args['cutpaste_patch_generation'] and s.self_sup_args['same']
+    assert parse_setting('CutPaste-3').base == 'CutPaste'  # a seed, not the 3-way task
+    assert parse_setting('Shift').model == 'enc_dec'
+    with pytest.raises(ValueError, match='-M .*only'):
+        parse_setting('CutPaste-3way-M')
+    args = mvtec_self_sup_args(s, 'bottle')
+    assert args['cutpaste_patch_generation'] and args['mode'] == 'swap'
+
+
 def test_setting_is_frozen():
     with pytest.raises(AttributeError):
         parse_setting('Shift').seed = 3
