@@ -3,18 +3,20 @@
 Generic: ``train`` fits any model that maps ``B x C x H x W`` images to ``B x 1 x H x W`` maps
 to any Dataset whose items are ``(image, target, label_map)``; it knows nothing of MVTec or of
 setting keys (the scripts wire those in and pass what is needed to rebuild the run as ``meta``).
+A classifier (loss 'cross_entropy', ``B x K`` logits) trains on items ``(views, target, classes)``
+of V views ``V x C x H x W`` with V class labels each: a batch of B items is B V samples.
 
 Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine from ``lr`` to
 ``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
-paper's code). The loss is BCE or MSE between the model's output and the label map, computed in
-float32 (on CUDA the forward pass runs in bfloat16 autocast, channels_last).
+paper's code). The loss is BCE or MSE between the model's output and the label map (or the
+cross-entropy of a classifier's logits and the class labels), computed in float32 (on CUDA the forward pass runs in bfloat16 autocast, channels_last).
 
 Files of a run ``name`` in ``run_dir``:
 
     last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta), written
                       every ``checkpoint_every`` epochs; ``resume=True`` continues from it
     final_<name>.pt   the trained model and its meta (``load_model`` reads it)
-    <name>_samples_epoch<E>.png, <name>_loss.png   example predictions and the loss curve
+    <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
 
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
 uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler``), each item's
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss}
+LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
 RUNTIME_FIELDS = ('workers', 'device', 'checkpoint_every', 'figure_every', 'figures', 'progress')
 NUM_FIGURE_SAMPLES = 4
@@ -215,9 +217,12 @@ def save_loss_figure(losses, path):
 def train_step(model, optimizer, loss_function, images, labels, device):
     """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
 
+    Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples.
     On CUDA the forward pass runs in bfloat16 autocast with channels_last images; the loss is
     computed in float32.
     """
+    if images.dim() == 5:
+        images, labels = images.flatten(0, 1), labels.flatten(0, 1)
     images = images.to(device, non_blocking=True)
     if device.type == 'cuda':
         images = images.contiguous(memory_format=torch.channels_last)
@@ -292,7 +297,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
         epochs.set_postfix(loss=f'{loss_sum / count:.4f}', lr=f'{scheduler.get_last_lr()[0]:.2e}')
 
         done = epoch + 1
-        if config.figures and (epoch == 0 or done % figure_every == 0 or done == config.epochs):
+        if (config.figures and preds.dim() == 4  # example predictions: maps only
+                and (epoch == 0 or done % figure_every == 0 or done == config.epochs)):
             save_sample_figure(images, labels, preds,
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
         if done % config.checkpoint_every == 0 or done == config.epochs:
@@ -359,10 +365,14 @@ def train_config(args, epochs, seed, loss):
                        figures=not args.no_figures)
 
 
-def model_from_args(args, in_channels, final_activation, seed):
-    """NSA's encoder-decoder with the --no_pool/--preact options, initialised from ``seed``."""
-    from models.resnet import resnet18_enc_dec
+def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
+    """NSA's encoder-decoder with the --no_pool/--preact options, initialised from ``seed``; with
+    ``num_classes``, the encoder with CutPaste's heads and a num_classes-way classifier instead."""
+    from models.resnet import resnet18_classifier, resnet18_enc_dec
     seed_everything(seed)
+    if num_classes is not None:
+        return resnet18_classifier(num_classes=num_classes, in_channels=in_channels,
+                                   pool=not args.no_pool, preact=args.preact)
     return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
                             preact=args.preact, final_activation=final_activation)
 

@@ -64,6 +64,27 @@ class TinyNet(torch.nn.Module):
         return self.layers(x)
 
 
+class ViewsDataset(SquaresDataset):
+    """Multi-view items: each image as it is (class 0) and with a bright square (class 1)."""
+
+    def __getitem__(self, index):
+        image, _, label = super().__getitem__(index)
+        plain = image - 1.5 * label
+        return torch.stack([plain, image]), 0, torch.tensor([0, 1])
+
+
+class TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = dict()
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                          torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),
+                                          torch.nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 def fresh_model(seed=0):
     seed_everything(seed)
     return TinyNet()
@@ -138,6 +159,16 @@ def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
             assert torch.equal(loaded(x), model.eval()(x))
     with pytest.raises(FileNotFoundError, match='missing.pt'):
         load_model(tmp_path / 'missing.pt')
+
+
+def test_classifier_trains_on_multi_view_items(tmp_path):
+    seed_everything(0)
+    meta = train(TinyClassifier(), ViewsDataset(n=8), config(epochs=4, loss='cross_entropy', lr=1e-2,
+                                                             figures=True), tmp_path, 'views')
+    losses = meta['epoch_losses']
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert 'views_loss.png' in names and not any('samples' in name for name in names)
 
 
 def test_figures_are_written(tmp_path):
