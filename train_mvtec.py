@@ -9,7 +9,9 @@
 SETTING is a key such as Shift-Intensity-M-923874273 (see experiments/settings.py). The model of
 category C is written to OUT_DIR/<setting dir>/C/final_C_<setting fname>.pt (e.g.
 OUT_DIR/shift_intensity_m/carpet/final_carpet_shift_intensity_m_923874273.pt) with a resume
-checkpoint, example figures and the loss curve next to it.
+checkpoint, example figures and the loss curve next to it. ``CutPaste-3way`` trains CutPaste's
+classifier on the views of ``CutPaste3Way`` (normal, CutPaste, CutPaste-scar) instead;
+``python -m experiments.mvtec_tasks`` scores it with a one-class model on its encoder features.
 """
 import argparse
 import sys
@@ -20,6 +22,7 @@ from experiments.training import (add_training_arguments, exit_on_input_error, f
                                   model_from_args, prepare_output_dir, resolve_device, train,
                                   train_config)
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
+from self_sup_data.self_sup_tasks import CutPaste3Way
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
@@ -109,10 +112,12 @@ def prepare_run(args, setting, data_dir, category):
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     seed = setting.run_seed
     res_scale = args.res_scale or 1.0
+    views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, self_sup_args=self_sup_args,
-                                  seed=seed, kind=args.kind, res_scale=res_scale)
+                                  seed=seed, kind=args.kind, res_scale=res_scale, views=views)
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
-    model = model_from_args(args, dataset.in_channels, setting.final_activation, seed)
+    model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
+                            num_classes=None if views is None else views.num_classes)
     config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
                           seed=seed, loss=setting.loss)
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,

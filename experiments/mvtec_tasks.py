@@ -12,8 +12,16 @@ Prediction follows the paper. Test images are resized to the category's test sid
 The image score is the mean (the paper) or the maximum (MVTec AD's protocol) of the map; see
 ``experiments.metrics.evaluate_maps`` for the metrics.
 
+Two-stage variants (``--one-class gde kde ocsvm``, see ``experiments.one_class``): a one-class
+model fitted to the encoder features of the category's normal training images, prepared as the
+test images (``load_normal_set``), scores each test image (metrics ``image_auroc_pooled``,
+``image_ap_pooled``) and, from the patch-level features, each pixel (the heatmap gives the other
+metrics). Their results are named after the setting and the model, e.g.
+``Shift-Intensity-M+GDE`` (``result_setting``). A classifier setting (``CutPaste-3way``) has no
+map of its own: it is evaluated with the one-class models only (default: GDE).
+
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
-        [-s SETTING ...] [-n CATEGORY ...] [--paper-layout] [--percent]
+        [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--paper-layout] [--percent]
 """
 import argparse
 import math
@@ -28,10 +36,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from experiments import metrics, plotting, tables
+from experiments import metrics, one_class, plotting, tables
 from experiments.settings import BASE_SETTINGS, parse_setting
 from experiments.training import load_model, resolve_device
-from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
+from self_sup_data.transforms import Compose
 
 SIDE_MULTIPLE = 32  # the encoder-decoder downsamples by 32
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
@@ -39,6 +48,7 @@ METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max
 CHECKPOINT_PATTERN = 'final_*.pt'
 REQUIRED_META = ('setting',)
 EXAMPLES_PER_CLASS = 3  # normal and defective test images in a figure
+CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without --one-class
 
 
 def paper_crop_size(dataset):
@@ -172,6 +182,32 @@ def seedless_key(setting):
     return setting.base + ('-M' if setting.mixed else '')
 
 
+def result_setting(setting, one_class_name=None):
+    """The name of a checkpoint's results (a table column): ``seedless_key(setting)``, followed for
+    a two-stage variant by its one-class model, e.g. 'Shift-Intensity-M+GDE'."""
+    suffix = '' if one_class_name is None else one_class.column_suffix(one_class_name)
+    return seedless_key(setting) + suffix
+
+
+def split_result_setting(name):
+    """Inverse of ``result_setting``: 'Shift-M+GDE' -> (Setting of 'Shift-M', 'gde'); 'Shift-M' ->
+    (Setting, None). ValueError for an unknown key or one-class model."""
+    key, plus, model = name.partition('+')
+    if plus:
+        one_class.make_one_class(model.lower())  # validates
+    return parse_setting(key), model.lower() if plus else None
+
+
+def result_variants(setting, one_class_names=None):
+    """How a checkpoint of ``setting`` is scored: None (its own maps) for the encoder-decoder,
+    followed by the one-class models ``one_class_names``; a classifier has no maps and is scored
+    by ``one_class_names`` or else ``CLASSIFIER_ONE_CLASS``."""
+    names = list(dict.fromkeys(one_class_names or ()))
+    if setting.model == 'classifier':
+        return names or list(CLASSIFIER_ONE_CLASS)
+    return [None] + names
+
+
 def matches(requested, setting):
     """Whether a checkpoint of ``setting`` belongs to the requested key: same key, or any seed of
     a requested key without a seed."""
@@ -208,15 +244,26 @@ def load_test_set(data_dir, meta):
                                res_scale=meta.get('res_scale', 1.0))
 
 
-def _record(meta, setting, path, values):
+def load_normal_set(data_dir, meta):
+    """The normal training images of a checkpoint's category prepared as its test images (resized
+    to the test side, no augmentation, no synthetic anomalies): what two-stage models are fitted to."""
+    category, kind, res_scale = meta['category'], meta.get('kind'), meta.get('res_scale', 1.0)
+    dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
+                                  low_res=data_recipe(category, res_scale, kind)['test_res'],
+                                  transform=Compose([]))
+    dataset.configure_self_sup(False)
+    return dataset
+
+
+def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
-                setting=seedless_key(setting), seed=meta.get('seed', setting.seed), **values,
-                checkpoint=None if path is None else str(path))
+                setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.seed),
+                **values, checkpoint=None if path is None else str(path))
 
 
-def missing_records(found, settings, categories):
+def missing_records(found, settings, categories, one_class_names=None):
     """NaN records, with a warning each, for the pairs of setting keys and categories that have no
-    checkpoint in ``found``."""
+    checkpoint in ``found`` (one per ``result_variants``)."""
     records = []
     kinds = {meta['category']: meta.get('kind') for _, meta in found}
     for key in settings:
@@ -224,13 +271,16 @@ def missing_records(found, settings, categories):
             if not select_checkpoints(found, [key], [category]):
                 warnings.warn(f'no checkpoint for setting {key!r} on category {category!r}: '
                               'its cells are NaN')
-                records.append(_record(dict(category=category, kind=kinds.get(category)),
-                                       parse_setting(key), None, dict.fromkeys(METRICS, math.nan)))
+                setting = parse_setting(key)
+                for variant in result_variants(setting, one_class_names):
+                    names = METRICS + (() if variant is None else one_class.POOLED_METRICS)
+                    records.append(_record(dict(category=category, kind=kinds.get(category)),
+                                           setting, None, dict.fromkeys(names, math.nan), variant))
     return records
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
-                         batch_size=32, figure_dir=None):
+                         batch_size=32, figure_dir=None, one_class_names=None):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
@@ -239,46 +289,66 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     categories are given, every requested pair (the other list defaulting to all found) without a
     checkpoint gives a row of NaN and a warning; an unreadable checkpoint raises ValueError naming
     it. figure_dir: also write ``<category>_<setting>.png`` (first seed found of each setting, see
-    ``plot_test_examples``). Returns the long-format results (see ``experiments.tables``), one
-    dict per checkpoint with the metrics of ``METRICS`` and its path.
+    ``plot_test_examples``). one_class_names: also evaluate the two-stage variants with these
+    one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). Returns the long-format
+    results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
+    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path.
     """
     device = resolve_device(device)
     found = find_checkpoints(model_dir)
     selected = sorted(select_checkpoints(found, settings, categories),
                       key=lambda item: (item[1]['category'], str(item[0])))
+    for name in one_class_names or ():
+        one_class.make_one_class(name)  # validates before any work
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
         if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:
             data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
             dataset = load_test_set(data_dir, meta)  # one test set in memory at a time
+            normal_set = None  # loaded when a two-stage variant needs it
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
-        values, maps = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
         setting = parse_setting(meta['setting'])
-        records.append(_record(meta, setting, path, values))
-        figure = figure_dir and figure_path(figure_dir, meta['category'], seedless_key(setting))
-        if figure and figure not in plotted:
-            plot_test_examples(dataset, maps, figure)
-            plotted.add(figure)
+        variants = result_variants(setting, one_class_names)
+        results = {}
+        if None in variants:
+            results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
+        if variants != [None]:
+            normal_set = load_normal_set(data_dir, meta) if normal_set is None else normal_set
+            results.update(one_class.evaluate_two_stage(
+                model, normal_set, dataset, [v for v in variants if v is not None],
+                crop_size=crop_size, batch_size=batch_size, device=device, source=str(path)))
+        for variant, (values, maps) in results.items():
+            records.append(_record(meta, setting, path, values, variant))
+            figure = figure_dir and figure_path(figure_dir, meta['category'],
+                                                result_setting(setting, variant))
+            if figure and figure not in plotted:
+                plot_test_examples(dataset, maps, figure)
+                plotted.add(figure)
     if settings is not None or categories is not None:
         found_settings = dict.fromkeys(seedless_key(parse_setting(meta['setting'])) for _, meta in found)
         records += missing_records(found, settings or list(found_settings),
-                                   categories or sorted({meta['category'] for _, meta in found}))
+                                   categories or sorted({meta['category'] for _, meta in found}),
+                                   one_class_names)
     return sort_records(records, settings)
 
 
 def sort_records(records, settings=None):
     """Records ordered by setting (the order of ``settings`` when given, else the paper's order of
-    the base tasks, plain before -M), then category and seed: the tables keep this column order."""
+    the base tasks, plain before -M), each setting's own results before its two-stage variants
+    (in the order of ``one_class.ONE_CLASS_MODELS``), then category and seed: the tables keep
+    this column order."""
     requested = settings and list(dict.fromkeys(seedless_key(parse_setting(k)) for k in settings))
+    variant_order = [None] + list(one_class.ONE_CLASS_MODELS)
 
     def order(record):
-        setting = parse_setting(record['setting'])
+        setting, variant = split_result_setting(record['setting'])
         if requested:
-            rank = (requested.index(record['setting']),)
+            rank = (requested.index(seedless_key(setting)),)
         else:
             rank = (list(BASE_SETTINGS).index(setting.base), setting.mixed)
-        return rank, record['category'], -1 if record['seed'] is None else record['seed']
+        return (rank + (variant_order.index(variant),), record['category'],
+                -1 if record['seed'] is None else record['seed'])
     return sorted(records, key=order)
 
 
@@ -289,7 +359,9 @@ def write_report(records, out_dir, paper_layout=False, percent=False):
     returns the tables ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     tables.write_results(records, out_dir / 'results.csv')
-    built = tables.build_tables(records, METRICS, paper_layout=paper_layout, percent=percent)
+    pooled = tuple(m for m in one_class.POOLED_METRICS if any(m in r for r in records))
+    built = tables.build_tables(records, METRICS + pooled, paper_layout=paper_layout,
+                                percent=percent)
     tables.write_tables(built, out_dir / 'tables')
     return built
 
@@ -309,6 +381,14 @@ def parse_args(argv=None):
                         help='setting keys (a key without seed takes every seed; default: all found)')
     parser.add_argument('-n', '--categories', nargs='+', default=None,
                         help='categories (default: all found)')
+    parser.add_argument('--one-class', nargs='+', choices=list(one_class.ONE_CLASS_MODELS),
+                        metavar='MODEL', default=None,
+                        help='also evaluate two-stage variants: fit these one-class models '
+                             f'({", ".join(one_class.ONE_CLASS_MODELS)}) to each model\'s encoder '
+                             'features of its category\'s normal training images; results are '
+                             'named SETTING+GDE etc. (classifier settings such as CutPaste-3way '
+                             'are scored this way only; default for them: '
+                             f'{" ".join(CLASSIFIER_ONE_CLASS)})'),
     parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--paper-layout', action='store_true',
@@ -339,7 +419,7 @@ def main(argv=None):
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
                                        device=args.device, batch_size=args.batch_size,
-                                       figure_dir=figure_dir)
+                                       figure_dir=figure_dir, one_class_names=args.one_class)
         if not records:
             raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings '
                                     f'and categories under {args.model_dir}')

@@ -5,7 +5,8 @@ evaluated checkpoint, each with
 
     category  the category name (row)
     kind      'object' | 'texture' | any other group name (rows are grouped by it)
-    setting   the setting key *without* its seed suffix (column)
+    setting   the setting key *without* its seed suffix (column), for a two-stage result followed
+              by its one-class model (``Shift-Intensity-M+GDE``)
     seed      the seed (int) or None
     <metric>  one float per metric (NaN where it is undefined or the checkpoint is missing)
 
@@ -53,13 +54,20 @@ def results_frame(records):
     return frame
 
 
+def mixed_variant(setting):
+    """The ``-M`` counterpart of a column: ``X`` -> ``X-M``, ``X+GDE`` -> ``X-M+GDE``."""
+    key, plus, one_class = setting.partition('+')
+    return key + MIXED_SUFFIX + plus + one_class
+
+
 def paper_column(setting):
     """Name of the merged column for ``setting`` (objects) and ``setting-M`` (textures)."""
     return f'{setting} (-M textures)'
 
 
 def merge_paper_layout(frame):
-    """The paper's layout: objects use ``X`` and textures ``X-M`` in one column ``X (-M textures)``.
+    """The paper's layout: objects use ``X`` and textures ``X-M`` in one column ``X (-M textures)``
+    (and ``X+GDE`` with ``X-M+GDE`` in ``X+GDE (-M textures)``).
 
     Only pairs where both ``X`` and ``X-M`` occur are merged; the objects' ``X-M`` and the
     textures' ``X`` results of such a pair are left out, every other setting stays as it is.
@@ -67,9 +75,9 @@ def merge_paper_layout(frame):
     settings = list(dict.fromkeys(frame['setting']))
     renamed = {}
     for setting in settings:
-        if setting + MIXED_SUFFIX in settings:
+        if mixed_variant(setting) in settings:
             renamed[(setting, 'object')] = paper_column(setting)
-            renamed[(setting + MIXED_SUFFIX, 'texture')] = paper_column(setting)
+            renamed[(mixed_variant(setting), 'texture')] = paper_column(setting)
     merged_settings = {s for s, _ in renamed}
     pairs = list(zip(frame['setting'], frame['kind']))
     frame = frame[[pair in renamed or pair[0] not in merged_settings for pair in pairs]].copy()

@@ -95,6 +95,16 @@ def test_paper_layout_merges_mixed_variant_for_textures():
     assert merged.loc[('all', 'average'), column] == '0.850'
 
 
+def test_paper_layout_merges_two_stage_variants_too():
+    records = [record('bottle', 'object', 'Shift+GDE', 1, 0.9),
+               record('bottle', 'object', 'Shift-M+GDE', 1, 0.1),
+               record('carpet', 'texture', 'Shift+GDE', 1, 0.2),
+               record('carpet', 'texture', 'Shift-M+GDE', 1, 0.8)]
+    merged = tables.metric_table(records, 'image_auroc_mean', paper_layout=True)
+    assert list(merged.columns) == ['Shift+GDE (-M textures)']
+    assert merged.loc[('all', 'average'), 'Shift+GDE (-M textures)'] == '0.850'
+
+
 def test_duplicate_and_malformed_results_raise():
     with pytest.raises(ValueError, match="duplicate result for category 'a'"):
         tables.results_frame([record('a', 'texture', 'Shift', 1, 0.5)] * 2)
@@ -301,6 +311,24 @@ def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     assert list(table.columns) == ['FPI', 'CutPaste']  # the requested order
     assert table.loc[('texture', 'tiles'), 'CutPaste'] == 'NaN'
     assert table.loc[('texture', 'tiles'), 'FPI'] != 'NaN'
+
+
+def test_two_stage_result_names_and_order():
+    setting = parse_setting('Shift-Intensity-M-3')
+    assert mvtec_tasks.result_setting(setting) == 'Shift-Intensity-M'
+    assert mvtec_tasks.result_setting(setting, 'kde') == 'Shift-Intensity-M+KDE'
+    assert mvtec_tasks.split_result_setting('Shift-Intensity-M+KDE') == (
+        parse_setting('Shift-Intensity-M'), 'kde')
+    with pytest.raises(ValueError, match="unknown one-class model 'svdd'"):
+        mvtec_tasks.split_result_setting('Shift+SVDD')
+    assert mvtec_tasks.result_variants(setting, ['gde']) == [None, 'gde']
+    assert mvtec_tasks.result_variants(parse_setting('CutPaste-3way')) == ['gde']
+    names = ['CutPaste-3way+GDE', 'Shift+OCSVM', 'Shift', 'Shift+GDE', 'FPI']
+    records = [dict(setting=name, category='a', seed=None) for name in names]
+    assert [r['setting'] for r in mvtec_tasks.sort_records(records)] == [
+        'Shift', 'Shift+GDE', 'Shift+OCSVM', 'FPI', 'CutPaste-3way+GDE']
+    assert [r['setting'] for r in mvtec_tasks.sort_records(records, ['FPI', 'CutPaste-3way', 'Shift'])] == [
+        'FPI', 'CutPaste-3way+GDE', 'Shift', 'Shift+GDE', 'Shift+OCSVM']
 
 
 def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):

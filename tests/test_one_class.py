@@ -3,13 +3,16 @@ import warnings
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.spatial.distance import pdist
+from threadpoolctl import threadpool_limits
 
 from conftest import make_mvtec_category
 
 from experiments import one_class
+from experiments.settings import trained_model_path
 from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, extract_features,
                                    make_one_class, median_distance, two_stage_scores,
                                    upsample_scores)
@@ -19,11 +22,13 @@ from self_sup_data.self_sup_tasks import CutPaste3Way, color_jitter, cutpaste_sc
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """The tiny forward passes here run faster on one thread on a shared machine."""
+def one_thread():
+    """The tiny forward passes and matrices here run faster on one thread on a shared machine
+    (torch's and the BLAS's threads otherwise compete for the cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):
+        yield
     torch.set_num_threads(threads)
 
 
@@ -268,3 +273,35 @@ def test_dataset_with_views_gives_three_labelled_views_per_image(tmp_path):
     torch.testing.assert_close(images, again)  # the item's rng: same views for the same item
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
     assert batch[0].shape == (2, 3, 1, 32, 32) and batch[2].shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def test_train_cutpaste_3way_and_evaluate_two_stage_columns(tiny_mvtec, tmp_path, capsys):
+    import train_mvtec
+    from experiments import mvtec_tasks
+    from experiments.training import load_model
+    from models.resnet import ResNetClassifier
+    root, name = tiny_mvtec
+    models = tmp_path / 'models'
+    common = ['-d', str(root), '-o', str(models), '--epochs', '1', '--batch-size', '6',
+              '--res-scale', '0.25', '--workers', '0', '--no-figures', '--device', 'cpu']
+    assert train_mvtec.main(['-s', 'CutPaste-3way-3'] + common) == 0
+    assert train_mvtec.main(['-s', 'Shift-4'] + common) == 0
+    path = trained_model_path(models, 'CutPaste-3way-3', name)
+    model, meta = load_model(path)
+    assert isinstance(model, ResNetClassifier) and meta['model_config']['arch'] == 'resnet18_classifier'
+    assert meta['train_config']['loss'] == 'cross_entropy' and len(meta['epoch_losses']) == 1
+
+    out = tmp_path / 'out'
+    mvtec_tasks.main(['-m', str(models), '-d', str(root), '-o', str(out), '--one-class', 'gde',
+                      'kde', 'ocsvm', '--device', 'cpu', '--batch-size', '8'])
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert list(table.columns) == ['Shift', 'Shift+GDE', 'Shift+KDE', 'Shift+OCSVM',
+                                   'CutPaste-3way+GDE', 'CutPaste-3way+KDE', 'CutPaste-3way+OCSVM']
+    pooled = pd.read_csv(out / 'tables' / 'image_auroc_pooled.csv', index_col=[0, 1])
+    assert pd.isna(pooled.loc[('texture', name), 'Shift'])  # the encoder-decoder's own maps
+    assert 0 <= float(pooled.loc[('texture', name), 'CutPaste-3way+GDE']) <= 1
+    results = pd.read_csv(out / 'results.csv')
+    assert results[['pixel_auroc', 'au_pro']].notna().all().all()
+    assert (out / 'figures' / f'{name}_CutPaste-3way+GDE.png').is_file()
