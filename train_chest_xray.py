@@ -41,6 +41,9 @@ def parse_args(argv=None):
 def plan(args):
     """Check every input before anything is trained -> (setting, params, out_dir)."""
     setting = settings.parse_setting(args.setting)
+    if setting.model != 'enc_dec':
+        raise ValueError(f"setting {setting.key!r} trains a classifier; chest X-ray training "
+                         "supports the encoder-decoder settings only")
     params = settings.chest_xray_params(settings.param_overrides(args))
     resolve_device(args.device)
     train_config(args, epochs=1, seed=0, loss=setting.loss)  # validates the loop's options

@@ -146,3 +146,6 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     assert 'missing.png' in message and not fresh.exists()
     message = run_error(train_chest_xray.main, base + ['-l', str(tmp_path / 'nolist.txt')], capsys)
     assert 'nolist.txt' in message
+    message = run_error(train_chest_xray.main, ['-s', 'CutPaste-3way'] + base[2:] + ['-l', str(listing)],
+                        capsys)
+    assert "'CutPaste-3way' trains a classifier" in message
