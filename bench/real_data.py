@@ -8,6 +8,7 @@ table of image AUROC per defect type, and a figure of heatmaps on the same test 
     python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 10] [--batch-size 16] [--workers 2]
+                              [--train-only | --evaluate-only]
 
 It resumes where it stopped: a finished model whose configuration (generator arguments, category
 parameters, budget) matches the request is not retrained, an interrupted one continues from its
@@ -34,8 +35,13 @@ from experiments import metrics, plotting, settings, tables  # noqa: E402
 from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_model  # noqa: E402
 from experiments.training import resolve_device  # noqa: E402
 
-DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'FPI-Poisson', 'FPI', 'CutPaste')
-SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic)', 'Shift-M': 'NSA (binary)',
+# NSA with the paper's texture recipe (mixed gradients) and with source gradients, then the baselines.
+DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'Shift-Intensity', 'Shift', 'FPI-Poisson', 'FPI',
+                    'CutPaste')
+SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic, mixed gradients)',
+                 'Shift-M': 'NSA (binary, mixed gradients)',
+                 'Shift-Intensity': 'NSA (logistic, source gradients)',
+                 'Shift': 'NSA (binary, source gradients)',
                  'FPI-Poisson': 'PII', 'FPI': 'FPI', 'CutPaste': 'CutPaste'}
 # The budget is part of a model's identity: a model trained with another budget is retrained.
 BUDGET_FIELDS = ('epochs', 'batch_size', 'lr')
@@ -57,8 +63,10 @@ def parse_args(argv=None):
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--device', default=None)
-    parser.add_argument('--evaluate-only', action='store_true',
-                        help='tabulate the models that exist; train nothing')
+    stage = parser.add_mutually_exclusive_group()
+    stage.add_argument('--evaluate-only', action='store_true',
+                       help='tabulate the models that exist; train nothing')
+    stage.add_argument('--train-only', action='store_true', help='train; evaluate nothing')
     return parser.parse_args(argv)
 
 
@@ -68,14 +76,12 @@ def model_path(args, key):
 
 
 def mismatches(meta, args, key):
-    """The fields in which a finished model's meta differs from what this run would train."""
+    """The fields in which a finished model's meta differs from what this run would train: the
+    generator's arguments (from the category's parameters) and the budget."""
     setting = settings.parse_setting(key)
-    params = settings.category_params(args.category)
     wanted = dict(self_sup_args=settings.mvtec_self_sup_args(setting, args.category),
-                  category_params=params, res_scale=args.res_scale,
-                  **{field: getattr(args, field) for field in BUDGET_FIELDS})
-    found = dict(self_sup_args=meta.get('self_sup_args'), category_params=meta.get('category_params'),
-                 res_scale=meta.get('res_scale'),
+                  res_scale=args.res_scale, **{field: getattr(args, field) for field in BUDGET_FIELDS})
+    found = dict(self_sup_args=meta.get('self_sup_args'), res_scale=meta.get('res_scale'),
                  **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
     # Checkpoint metadata holds tuples as lists after a round trip through JSON-like types.
     normal = json.loads(json.dumps(wanted)), json.loads(json.dumps(found))
@@ -190,6 +196,8 @@ def main(argv=None):
         for key in args.settings:
             set_aside_if_stale(model_path(args, key), args, key)
             train(args, key)
+    if args.train_only:
+        return 0
     device = resolve_device(args.device)
     records, maps_by_setting, dataset = [], {}, None
     for key in args.settings:
