@@ -10,11 +10,11 @@ table of image AUROC per defect type, and a figure of heatmaps on the same test 
                               [--res-scale 0.5] [--epochs 10] [--batch-size 16] [--workers 2]
                               [--train-only | --evaluate-only]
 
-It resumes where it stopped: a finished model whose configuration (generator arguments, category
-parameters, budget) matches the request is not retrained, an interrupted one continues from its
-last checkpoint. A finished model that no longer
-matches (e.g. after tuning a category's parameters in ``experiments/settings.py``) is renamed
-``stale_*.pt`` and retrained. Training output goes to ``OUT/logs``, so the whole run can go to
+It resumes where it stopped: a finished model whose configuration (the generator arguments that
+the category's parameters give, and the budget) matches the request is not retrained, and an
+interrupted one continues from its last checkpoint. A finished model that no longer matches (e.g.
+after tuning a category's parameters in ``experiments/settings.py``) is renamed ``stale_*.pt``
+and retrained. Training output goes to ``OUT/logs``, so the whole run can go to
 the background: ``nohup python bench/real_data.py > bench.log 2>&1 &``.
 """
 import argparse
