@@ -36,8 +36,7 @@ from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_mod
 from experiments.training import resolve_device  # noqa: E402
 
 # NSA with the paper's texture recipe (mixed gradients) and with source gradients, then the baselines.
-DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'Shift-Intensity', 'Shift', 'FPI-Poisson', 'FPI',
-                    'CutPaste')
+DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'Shift-Intensity', 'FPI-Poisson', 'FPI', 'CutPaste')
 SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic, mixed gradients)',
                  'Shift-M': 'NSA (binary, mixed gradients)',
                  'Shift-Intensity': 'NSA (logistic, source gradients)',
