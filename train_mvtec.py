@@ -26,8 +26,10 @@ from self_sup_data.self_sup_tasks import CutPaste3Way
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
-# Quick start without -d: the demo category at its own 128-pixel size, a budget of minutes on a CPU.
-DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 12, 16, 0.5
+# Quick start without -d: the demo category at 64 pixels, 450 steps of 8 images, about 2 minutes
+# on a 2-core CPU. Measured with Shift-Intensity: image AUROC 0.74 (mean) / 0.80 (max), pixel
+# AUROC 0.88, AU-PRO 0.55; 12 epochs of 16 images at 128 pixels (48 steps) learnt nothing.
+DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 
 
 def parse_args(argv=None):
