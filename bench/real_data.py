@@ -35,12 +35,15 @@ from experiments import metrics, plotting, settings, tables  # noqa: E402
 from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_model  # noqa: E402
 from experiments.training import resolve_device  # noqa: E402
 
-# NSA with the paper's texture recipe (mixed gradients) and with source gradients, then the baselines.
-DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'Shift-Intensity', 'FPI-Poisson', 'FPI', 'CutPaste')
+# NSA with the paper's texture recipe (mixed gradients), with source gradients and without blending,
+# then the baselines.
+DEFAULT_SETTINGS = ('Shift-Intensity-M', 'Shift-M', 'Shift-Intensity', 'Shift-Intensity-Swap', 'FPI-Poisson',
+                    'FPI', 'CutPaste')
 SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic, mixed gradients)',
                  'Shift-M': 'NSA (binary, mixed gradients)',
                  'Shift-Intensity': 'NSA (logistic, source gradients)',
                  'Shift': 'NSA (binary, source gradients)',
+                 'Shift-Intensity-Swap': 'NSA patches pasted, no blending (logistic)',
                  'FPI-Poisson': 'PII', 'FPI': 'FPI', 'CutPaste': 'CutPaste'}
 # The budget is part of a model's identity: a model trained with another budget is retrained.
 BUDGET_FIELDS = ('epochs', 'batch_size', 'lr')
