@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.training import (add_training_arguments, exit_on_input_error, final_model_path,
-                                  model_from_args, prepare_output_dir, resolve_device, train,
-                                  train_config)
+from experiments.training import (add_training_arguments, exit_on_input_error, model_from_args,
+                                  prepare_output_dir, resolve_device, train_config,
+                                  train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
 
 PROG = 'train_chest_xray.py'
@@ -83,13 +83,8 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, params, out_dir = plan(args)
-    run_dir, name = setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY)
-    if args.resume and final_model_path(run_dir, name).is_file():
-        print(f"{PROG}: {final_model_path(run_dir, name)} exists, nothing to do")
-        return 0
-    with exit_on_input_error(PROG):
-        dataset, model, config, meta = prepare_run(args, setting, params)
-    train(model, dataset, config, run_dir, name, meta=meta, resume=args.resume)
+    train_unless_finished(PROG, setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY),
+                          lambda: prepare_run(args, setting, params), args.resume)
     return 0
 
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.training import (add_training_arguments, exit_on_input_error, final_model_path,
-                                  model_from_args, prepare_output_dir, resolve_device, train,
-                                  train_config)
+from experiments.training import (add_training_arguments, exit_on_input_error, model_from_args,
+                                  prepare_output_dir, resolve_device, train_config,
+                                  train_unless_finished)
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
 from self_sup_data.self_sup_tasks import CutPaste3Way
 
@@ -136,13 +136,8 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
     for category in categories:
-        run_dir, name = setting.run_dir(out_dir, category), setting.run_name(category)
-        if args.resume and final_model_path(run_dir, name).is_file():
-            print(f"{PROG}: {final_model_path(run_dir, name)} exists, skipping {category}")
-            continue
-        with exit_on_input_error(PROG):
-            dataset, model, config, meta = prepare_run(args, setting, data_dir, category)
-        train(model, dataset, config, run_dir, name, meta=meta, resume=args.resume)
+        train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
+                              lambda: prepare_run(args, setting, data_dir, category), args.resume)
     return 0
 
 

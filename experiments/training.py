@@ -398,3 +398,18 @@ def exit_on_input_error(prog):
         message = error.args[0] if isinstance(error, KeyError) else error
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def train_unless_finished(prog, run_dir, name, prepare, resume=False):
+    """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
+
+    ``prepare()`` returns (dataset, model, TrainConfig, meta); its errors are input errors of the
+    command line ``prog`` (see ``exit_on_input_error``). Returns the run's meta, None if skipped.
+    """
+    final = final_model_path(run_dir, name)
+    if resume and final.is_file():
+        print(f"{prog}: {final} exists, skipping it")
+        return None
+    with exit_on_input_error(prog):
+        dataset, model, config, meta = prepare()
+    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume)
