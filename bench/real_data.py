@@ -85,7 +85,7 @@ def mismatches(meta, args, key):
                   res_scale=args.res_scale, **{field: getattr(args, field) for field in BUDGET_FIELDS})
     found = dict(self_sup_args=meta.get('self_sup_args'), res_scale=meta.get('res_scale'),
                  **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
-    # Checkpoint metadata holds tuples as lists after a round trip through JSON-like types.
+    # Compared as JSON: tuples and lists of the same values are equal (command-line vs stored values).
     normal = json.loads(json.dumps(wanted)), json.loads(json.dumps(found))
     return sorted(k for k in wanted if normal[0][k] != normal[1][k])
 

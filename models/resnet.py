@@ -21,7 +21,6 @@ spirit of timm: small blocks composed by one constructor.
 import inspect
 import numbers
 
-import torch
 from torch import nn
 import torch.nn.functional as F
 
