@@ -47,7 +47,8 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
              width_bounds_pct=((0.05, 0.2), (0.05, 0.2)), min_object_pct=0.25, min_overlap_pct=0.25,
              shift=True, label_mode='binary', skip_background=None, tol=1, resize=True,
              gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
-             num_ellipses=None, verbose=True, cutpaste_patch_generation=False, rng=None):
+             num_ellipses=None, verbose=True, cutpaste_patch_generation=False, clip_at_border=False,
+             rng=None):
     """Create a synthetic anomaly by moving random patches of ``ima_src`` into ``ima_dest``.
 
     Args:
@@ -63,6 +64,10 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         min_overlap_pct: with ``skip_background``, the fraction of the source object in the patch that
             must land on the destination's object.
         shift: paste at a random position; otherwise centred where the patch was in the source.
+        clip_at_border: with ``shift``, the patch may hang over the image border and is cut there
+            (at least ``MIN_PATCH_SIDE`` pixels of it stay inside along each axis), so that every
+            pixel is as likely to be changed as any other; False (the paper's): the patch lies
+            fully inside the image, and pixels near the border are rarely changed.
         label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
             binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
                 5 x 5 median filter (the label mask M);
@@ -146,7 +151,8 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         placed = None
         if source is not None:
             placed = _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift,
-                                  src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor)
+                                  clip_at_border, src_object, dest_object, min_object_pct, min_overlap_pct,
+                                  mode, factor)
         if placed is None:
             if verbose:
                 warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=2)
@@ -465,6 +471,22 @@ def _random_start(rng, size, length):
     return int(rng.integers(margin, size - length - margin, endpoint=True))
 
 
+def _overhanging_start(rng, size, length):
+    """Start of a segment of ``length`` that may hang over either end of ``[0, size)``, keeping at
+    least ``min(length, MIN_PATCH_SIDE)`` of it inside; every inner position is equally covered."""
+    inside = min(length, MIN_PATCH_SIDE, size)
+    return int(rng.integers(inside - length, size - inside, endpoint=True))
+
+
+def _clip_to_image(top, left, arrays, image_shape):
+    """Cut the patch arrays (``h x w ...``, placed at ``top, left``) to the image:
+    ``(top, left, arrays)`` of the part inside ``image_shape``; None entries stay None."""
+    height, width = next(a for a in arrays if a is not None).shape[:2]
+    rows = slice(max(-top, 0), min(height, image_shape[0] - top))
+    cols = slice(max(-left, 0), min(width, image_shape[1] - left))
+    return top + rows.start, left + cols.start, [None if a is None else a[rows, cols] for a in arrays]
+
+
 def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
     """Rescale the patch by N(1, 0.5) clipped to ``resize_bounds`` keeping the aspect ratio; the sides
     are clipped to the half-width pixel bounds (reference behaviour)."""
@@ -483,8 +505,8 @@ def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
     return patch, mask, src_object
 
 
-def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift, src_object,
-                 dest_object, min_object_pct, min_overlap_pct, mode, factor):
+def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift, clip_at_border,
+                 src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor):
     """Blend the source patch into ``image`` (in place); return ``(top, left, mask)`` of the changed
     region in ``image``, or None if the patch could not be placed."""
     src_top, src_left, mask = source
@@ -496,8 +518,14 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         height, width = mask.shape
 
     image_h, image_w = image.shape[:2]
+    whole = patch, mask, patch_object
     for _ in range(MAX_TRIES if shift else 1):
-        if shift:
+        if shift and clip_at_border:
+            top, left = _overhanging_start(rng, image_h, height), _overhanging_start(rng, image_w, width)
+            top, left, (patch, mask, patch_object) = _clip_to_image(top, left, whole, (image_h, image_w))
+            if min(_bbox_sides(mask)) < MIN_PATCH_SIDE:  # an ellipse patch may leave little inside
+                continue
+        elif shift:
             top, left = _random_start(rng, image_h, height), _random_start(rng, image_w, width)
         else:  # centred on the source position
             top = min(max(src_top + (source[2].shape[0] - height) // 2, 0), image_h - height)
@@ -505,14 +533,14 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         if patch_object is None:
             break
         src_in_mask = patch_object & mask
-        dest_region = dest_object[top:top + height, left:left + width]
+        dest_region = dest_object[top:top + mask.shape[0], left:left + mask.shape[1]]
         if (src_in_mask.sum() > min_object_pct * mask.sum()
                 and (src_in_mask & dest_region).sum() > min_overlap_pct * src_in_mask.sum()):
             break
     else:
         return None
 
-    region = (slice(top, top + height), slice(left, left + width))
+    region = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
     clone_mask = mask
     if patch_object is not None:
         dest_region = dest_object[region]
@@ -544,7 +572,7 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
 _PATCH_EX_OPTIONS = ('same', 'num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
                      'shift', 'label_mode', 'skip_background', 'tol', 'resize', 'gamma_params',
                      'intensity_logistic_params', 'resize_bounds', 'num_ellipses', 'verbose',
-                     'cutpaste_patch_generation')
+                     'cutpaste_patch_generation', 'clip_at_border')
 _CHECKED_OPTIONS = ('num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
                     'label_mode', 'skip_background', 'tol', 'gamma_params', 'intensity_logistic_params',
                     'resize_bounds', 'num_ellipses')

@@ -66,6 +66,7 @@ def generator_cases(draw):
         width_bounds_pct=draw(st.sampled_from([((0.05, 0.2), (0.05, 0.2)), ((0.03, 0.4), (0.1, 0.3))])),
         resize_bounds=draw(st.sampled_from([(0.7, 1.3), (0.5, 2)])),
         cutpaste_patch_generation=draw(st.booleans()) and draw(st.booleans()),
+        clip_at_border=draw(st.booleans()),
     )
     return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
 
@@ -136,6 +137,51 @@ def test_swap_without_shift_and_resize_copies_source_at_source_position(height, 
     np.testing.assert_array_equal(image[changed], src[changed])
     np.testing.assert_array_equal(image[~changed], dest[~changed])
     assert np.all(label[top + 1:bottom - 1, left + 1:right - 1] == 1)  # the 5 x 5 median only rounds corners
+
+
+@SETTINGS
+@given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_clipped_swap_pastes_a_cut_source_rectangle(height, width, channels, seed):
+    rng = np.random.default_rng(seed)
+    dest = np.zeros((height, width, channels), np.uint8)
+    src = textured(rng, height, width, channels) // 2 + 1  # never 0: every pasted pixel shows
+    image, _ = patch_ex(dest, src, mode='swap', shift=True, resize=False, clip_at_border=True, rng=rng)
+
+    changed = changed_pixels(dest, image)
+    top, bottom, left, right = box_of(changed)
+    assert changed[top:bottom, left:right].all()  # one rectangle, possibly cut by the border
+    assert min(bottom - top, right - left) >= MIN_PATCH_SIDE
+    # its content is a block of the source: found at some offset in src
+    block = image[top:bottom, left:right]
+    windows = np.lib.stride_tricks.sliding_window_view(src, block.shape)
+    assert (windows == block).all(axis=(-3, -2, -1)).any()
+
+
+@pytest.mark.parametrize('mode', ['swap', cv2.NORMAL_CLONE])
+def test_clip_at_border_changes_border_pixels_about_as_often_as_inner_ones(mode):
+    """The paper's placement (fully inside) never changes the outermost pixels and rarely the band
+    next to them (measured: 0.03-0.1 of the centre's rate); clipped patches cover the band nearly as
+    often as the centre (0.6 with Poisson blending, which keeps the image border fixed, 0.9 pasted)."""
+    rng = np.random.default_rng(3)
+    size, samples = 64, 300
+    dest, src = textured(rng, size, size, 1), textured(rng, size, size, 1)
+    kwargs = dict(mode=mode, shift=True, resize=False, label_mode='binary', verbose=False,
+                  width_bounds_pct=((0.1, 0.3), (0.1, 0.3)), rng=rng)
+    band, centre = slice(1, 5), slice(24, 40)
+    for clip in (False, True):
+        coverage = np.zeros((size, size))
+        for _ in range(samples):
+            coverage += patch_ex(dest, src, clip_at_border=clip, **kwargs)[1][..., 0] > 0
+        coverage /= samples
+        border_rate = np.mean([coverage[band, centre].mean(), coverage[-5:-1, centre].mean(),
+                               coverage[centre, band].mean(), coverage[centre, -5:-1].mean()])
+        ratio = border_rate / coverage[centre, centre].mean()
+        if clip:
+            assert ratio > 0.5
+        else:
+            assert coverage[[0, -1], :].max() == 0 and coverage[:, [0, -1]].max() == 0
+            assert ratio < 0.2
 
 
 @SETTINGS

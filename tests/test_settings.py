@@ -205,3 +205,28 @@ def test_command_line_overrides():
     for bad in (['--num-patches', '0'], ['--width-bounds', '0.2', '0.1', '0.1', '0.2']):
         with pytest.raises(ValueError):
             settings.param_overrides(parser.parse_args(bad))
+
+
+def test_clip_at_border_reaches_only_the_settings_that_shift_patches():
+    assert category_params('carpet')['clip_at_border'] is False  # the paper's placement
+    assert category_params('magnetic_tile')['clip_at_border'] is True  # its defects reach the border
+    for key in ('Shift-Intensity-M', 'Shift-Intensity-Swap', 'CutPaste', 'CutPaste-3way'):
+        assert mvtec_self_sup_args(parse_setting(key), 'magnetic_tile')['clip_at_border'] is True
+        assert 'clip_at_border' not in mvtec_self_sup_args(parse_setting(key), 'carpet')
+    for key in ('FPI', 'FPI-Poisson'):  # patches stay where they were in the source image
+        assert 'clip_at_border' not in mvtec_self_sup_args(parse_setting(key), 'magnetic_tile')
+
+
+def test_clip_at_border_from_the_command_line():
+    import argparse
+    parser = argparse.ArgumentParser()
+    settings.add_task_arguments(parser)
+    setting = parse_setting('Shift-Intensity')
+    for argv, expected in ((['--clip-at-border'], True), (['--no-clip-at-border'], False), ([], True)):
+        args = parser.parse_args(argv)
+        params = category_params('magnetic_tile', overrides=settings.param_overrides(args))
+        sup = settings.self_sup_args_from_args(setting, params, args)
+        assert sup.get('clip_at_border', False) is expected
+    args = parser.parse_args(['--clip-at-border'])
+    assert settings.param_overrides(args) == dict(clip_at_border=True)
+    assert mvtec_self_sup_args(setting, 'carpet', overrides=settings.param_overrides(args))['clip_at_border']
