@@ -1,0 +1,39 @@
+"""The real-data benchmark's helpers (the benchmark itself needs ../shared and runs from bench/)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from bench import real_data
+
+
+def test_border_band_is_the_outer_fraction_of_each_side():
+    band = real_data.border_band((10, 20), 0.1)
+    assert band.shape == (10, 20) and band.dtype == bool
+    assert band[0].all() and band[-1].all() and band[:, :2].all() and band[:, -2:].all()
+    assert not band[1:-1, 2:-2].any()
+    assert real_data.border_band((4, 4), 0.01)[0].all()  # at least one pixel wide
+
+
+def test_pixel_auroc_by_region_scores_each_region_alone():
+    rng = np.random.default_rng(0)
+    n, size = 6, 20
+    masks = (rng.random((n, size, size)) < 0.2).astype(np.uint8)
+    masks[0] = 0  # a normal image
+    in_band = real_data.border_band((size, size))
+    # the map ranks defects perfectly in the band and backwards inside
+    maps = np.where(in_band, masks, 1 - masks) + 0.1 * rng.random((n, size, size))
+    has_mask = np.ones(n, bool)
+    has_mask[1] = False  # a defective image without mask: left out
+    maps[1] = 1 - maps[1]
+    dataset = SimpleNamespace(masks=list(masks), has_mask=has_mask)
+
+    result = real_data.pixel_auroc_by_region(dataset, maps)
+    assert result['pixel_auroc_border'] == pytest.approx(1.0)
+    assert result['pixel_auroc_inner'] == pytest.approx(0.0)
+    rng_maps = rng.random((n, size, size))
+    result = real_data.pixel_auroc_by_region(dataset, rng_maps)
+    for name, region in (('border', in_band), ('inner', ~in_band)):
+        expected = roc_auc_score(masks[has_mask][:, region].ravel(), rng_maps[has_mask][:, region].ravel())
+        assert result[f'pixel_auroc_{name}'] == pytest.approx(expected)
