@@ -34,6 +34,7 @@ from pathlib import Path
 import cv2
 
 from self_sup_data.mvtec import category_kind
+from self_sup_data.self_sup_tasks import POISSON_MODES
 
 DEFAULT_SEED = 0
 
@@ -228,15 +229,17 @@ _PAPER_TABLES = dict(width_bounds_pct=WIDTH_BOUNDS_PCT, num_patches=NUM_PATCHES,
 # 'mixed_gradients': which Poisson blend the paper evaluates (paper_setting_key).
 # 'clip_at_border': shifted patches may hang over the image border (patch_ex's clip_at_border), for
 # data whose defects reach the border; the paper's patches lie inside the image.
+# 'paste_fraction': None (seamless Poisson blends, the paper's) or (low, high): Poisson-blended
+# patches are mixed with their plain paste by a fraction U(low, high) (patch_ex's paste_fraction).
 KIND_DEFAULTS = {
     'object': dict(width_bounds_pct=_FULL, num_patches=3, intensity_logistic_params=(1 / 6, 15),
                    background=None, min_object_pct=None, min_overlap_pct=None,
                    gamma_params=PAPER_GAMMA_PARAMS, resize_bounds=(0.7, 1.3), epochs=320,
-                   mixed_gradients=False, clip_at_border=False),
+                   mixed_gradients=False, clip_at_border=False, paste_fraction=None),
     'texture': dict(width_bounds_pct=_FULL, num_patches=4, intensity_logistic_params=(1 / 3, 7),
                     background=None, min_object_pct=None, min_overlap_pct=None,
                     gamma_params=PAPER_GAMMA_PARAMS, resize_bounds=(0.5, 2), epochs=320,
-                    mixed_gradients=True, clip_at_border=False),
+                    mixed_gradients=True, clip_at_border=False, paste_fraction=None),
 }
 CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture'])
 
@@ -257,7 +260,7 @@ CATEGORY_PARAMS['magnetic_tile'] = dict(intensity_logistic_params=(1, 3), clip_a
 CHEST_XRAY_PARAMS = dict(width_bounds_pct=_FULL, num_patches=3, intensity_logistic_params=(1 / 2, 4),
                          background=(0, 20), min_object_pct=0.7, min_overlap_pct=0.7,
                          gamma_params=(2, 0.03, 0.05), resize_bounds=(0.7, 1.3), epochs=240,
-                         mixed_gradients=False, clip_at_border=False)
+                         mixed_gradients=False, clip_at_border=False, paste_fraction=None)
 
 # --ellipse (paper's code): patches become unions of random ellipses, trained for 240 more epochs.
 NUM_ELLIPSES = 5
@@ -307,6 +310,8 @@ def self_sup_args_for(setting, params, single_patch=False, cutpaste_patch_gen=Fa
                 args[name] = float(params[name])
     if params['clip_at_border'] and args['shift']:
         args['clip_at_border'] = True
+    if params['paste_fraction'] is not None and args['mode'] in POISSON_MODES:
+        args['paste_fraction'] = tuple(float(v) for v in params['paste_fraction'])
     if ellipse:
         args['num_ellipses'] = NUM_ELLIPSES
     if cutpaste_patch_gen:
@@ -373,6 +378,9 @@ def add_task_arguments(parser):
                        help='gamma distribution of the patch half-width (settings that use it)')
     group.add_argument('--clip-at-border', action=argparse.BooleanOptionalAction,
                        help='shifted patches may hang over the image border and are cut there')
+    group.add_argument('--paste-fraction', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                       help='mix each Poisson-blended patch with its plain paste by a fraction '
+                            'U(LOW, HIGH) (0 0: seamless blending, the paper\'s)')
 
 
 def param_overrides(args):
@@ -385,12 +393,16 @@ def param_overrides(args):
         num_patches=args.num_patches, intensity_logistic_params=pairs(args.logistic),
         background=pairs(args.background), min_object_pct=args.min_object_pct,
         min_overlap_pct=args.min_overlap_pct, resize_bounds=pairs(args.resize_bounds),
-        gamma_params=pairs(args.gamma), clip_at_border=args.clip_at_border)
+        gamma_params=pairs(args.gamma), clip_at_border=args.clip_at_border,
+        paste_fraction=pairs(args.paste_fraction))
     if args.num_patches is not None and args.num_patches < 1:
         raise ValueError(f"--num-patches must be at least 1, got {args.num_patches}")
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
+    fraction = args.paste_fraction
+    if fraction is not None and not 0 <= fraction[0] <= fraction[1] <= 1:
+        raise ValueError(f"--paste-fraction must be LOW HIGH with 0 <= LOW <= HIGH <= 1, got {fraction}")
     return {k: v for k, v in overrides.items() if v is not None}
 
 

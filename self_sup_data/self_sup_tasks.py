@@ -48,7 +48,7 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
              shift=True, label_mode='binary', skip_background=None, tol=1, resize=True,
              gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
              num_ellipses=None, verbose=True, cutpaste_patch_generation=False, clip_at_border=False,
-             rng=None):
+             paste_fraction=None, rng=None):
     """Create a synthetic anomaly by moving random patches of ``ima_src`` into ``ima_dest``.
 
     Args:
@@ -89,6 +89,11 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         gamma_params: None (half-widths uniform within the bounds) or ``(shape, scale, lower)``:
             half-width fraction ``lower + Gamma(shape, scale)``, clipped to the bounds.
         intensity_logistic_params: ``(k, x0)`` of the logistic label.
+        paste_fraction: None (the paper's: Poisson blends are seamless) or ``(low, high)`` within
+            [0, 1]; only for the Poisson modes: each blended patch is mixed with its plain paste,
+            ``(1 - b) * blended + b * pasted`` inside the patch mask with ``b ~ U(low, high)`` per
+            patch, so that part of the patch's intensity offset and edges stays (for materials on
+            which the seamless blend leaves no visible change). Labels follow the resulting change.
         resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0 < low <= high``.
         num_ellipses: None or the number of random ellipses whose union replaces the rectangular
             patch mask.
@@ -116,7 +121,7 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
                   min_object_pct=min_object_pct, min_overlap_pct=min_overlap_pct, label_mode=label_mode,
                   skip_background=skip_background, tol=tol, gamma_params=gamma_params,
                   intensity_logistic_params=intensity_logistic_params, resize_bounds=resize_bounds,
-                  num_ellipses=num_ellipses)
+                  num_ellipses=num_ellipses, paste_fraction=paste_fraction)
     if rng is None:
         rng = np.random.default_rng(np.random.randint(2 ** 31))
     elif not isinstance(rng, np.random.Generator):
@@ -152,7 +157,7 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         if source is not None:
             placed = _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift,
                                   clip_at_border, src_object, dest_object, min_object_pct, min_overlap_pct,
-                                  mode, factor)
+                                  mode, factor, paste_fraction)
         if placed is None:
             if verbose:
                 warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=2)
@@ -506,7 +511,7 @@ def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
 
 
 def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift, clip_at_border,
-                 src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor):
+                 src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor, paste_fraction):
     """Blend the source patch into ``image`` (in place); return ``(top, left, mask)`` of the changed
     region in ``image``, or None if the patch could not be placed."""
     src_top, src_left, mask = source
@@ -559,11 +564,23 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         clone_mask[:, [0, -1]] = 0
         if min(_bbox_sides(clone_mask)) < MIN_CLONE_SIDE:
             return None
-        image[region] = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
         mask = mask.copy()
         mask[[0, -1], :] = False
         mask[:, [0, -1]] = False
+        blended = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
+        if paste_fraction is not None:
+            blended = mix_with_paste(blended, patch, mask, rng.uniform(*paste_fraction))
+        image[region] = blended
     return top, left, mask
+
+
+def mix_with_paste(blended, patch, mask, fraction):
+    """``(1 - fraction) * blended + fraction * patch`` inside ``mask`` (bool ``h x w``), rounded to
+    uint8; ``blended`` elsewhere. ``blended`` and ``patch`` are uint8 ``h x w x C``."""
+    mixed = np.round((1 - fraction) * blended[mask].astype(np.float64) + fraction * patch[mask])
+    out = blended.copy()
+    out[mask] = mixed.astype(np.uint8)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,10 +589,10 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
 _PATCH_EX_OPTIONS = ('same', 'num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
                      'shift', 'label_mode', 'skip_background', 'tol', 'resize', 'gamma_params',
                      'intensity_logistic_params', 'resize_bounds', 'num_ellipses', 'verbose',
-                     'cutpaste_patch_generation', 'clip_at_border')
+                     'cutpaste_patch_generation', 'clip_at_border', 'paste_fraction')
 _CHECKED_OPTIONS = ('num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
                     'label_mode', 'skip_background', 'tol', 'gamma_params', 'intensity_logistic_params',
-                    'resize_bounds', 'num_ellipses')
+                    'resize_bounds', 'num_ellipses', 'paste_fraction')
 
 
 def _background_pairs(skip_background):
@@ -605,7 +622,7 @@ def _pairs(x, n):
 def _check_params(num_patches=1, mode=cv2.NORMAL_CLONE, width_bounds_pct=((0.05, 0.2), (0.05, 0.2)),
                   min_object_pct=0.25, min_overlap_pct=0.25, label_mode='binary', skip_background=None, tol=1,
                   gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
-                  num_ellipses=None):
+                  num_ellipses=None, paste_fraction=None):
     """Raise ValueError naming the first invalid argument."""
     if not isinstance(num_patches, (int, np.integer)) or isinstance(num_patches, bool) or num_patches < 1:
         raise ValueError(f'num_patches must be an integer >= 1, got {num_patches!r}')
@@ -639,3 +656,7 @@ def _check_params(num_patches=1, mode=cv2.NORMAL_CLONE, width_bounds_pct=((0.05,
     if num_ellipses is not None and (not isinstance(num_ellipses, (int, np.integer))
                                      or isinstance(num_ellipses, bool) or num_ellipses < 1):
         raise ValueError(f'num_ellipses must be None or an integer >= 1, got {num_ellipses!r}')
+    if paste_fraction is not None and not (_pairs(paste_fraction, 2)
+                                           and 0 <= paste_fraction[0] <= paste_fraction[1] <= 1):
+        raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
+                         f'got {paste_fraction!r}')

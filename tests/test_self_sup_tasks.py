@@ -67,6 +67,7 @@ def generator_cases(draw):
         resize_bounds=draw(st.sampled_from([(0.7, 1.3), (0.5, 2)])),
         cutpaste_patch_generation=draw(st.booleans()) and draw(st.booleans()),
         clip_at_border=draw(st.booleans()),
+        paste_fraction=draw(st.sampled_from([None, (0, 1), (0.5, 0.5)])),
     )
     return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
 
@@ -156,6 +157,36 @@ def test_clipped_swap_pastes_a_cut_source_rectangle(height, width, channels, see
     block = image[top:bottom, left:right]
     windows = np.lib.stride_tricks.sliding_window_view(src, block.shape)
     assert (windows == block).all(axis=(-3, -2, -1)).any()
+
+
+@SETTINGS
+@given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
+       mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]), fraction=st.floats(0, 1),
+       shift=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+def test_paste_fraction_mixes_the_blend_with_the_plain_paste(height, width, channels, mode, fraction,
+                                                             shift, seed):
+    rng = np.random.default_rng(seed)
+    dest, src = textured(rng, height, width, channels), textured(rng, height, width, channels)
+    kwargs = dict(mode=mode, shift=shift, resize=False, num_patches=1, label_mode='logistic-intensity',
+                  verbose=False)
+
+    def run(paste_fraction):
+        return patch_ex(dest, src, paste_fraction=paste_fraction, rng=np.random.default_rng(seed), **kwargs)
+
+    seamless, _ = run(None)
+    pasted, _ = run((1, 1))
+    mixed, label = run((fraction, fraction))
+    np.testing.assert_array_equal(run((0, 0))[0], seamless)  # fraction 0: the paper's blend
+    # fraction 1: the source's pixels inside the patch (its outer ring stays the destination's)
+    changed = changed_pixels(dest, pasted)
+    if changed.any():
+        top, bottom, left, right = box_of(changed)
+        block = pasted[top:bottom, left:right]
+        windows = np.lib.stride_tricks.sliding_window_view(src, block.shape)
+        assert (windows == block).all(axis=(-3, -2, -1)).any()
+    expected = np.round((1 - fraction) * seamless.astype(np.float64) + fraction * pasted.astype(np.float64))
+    np.testing.assert_array_equal(mixed, expected.astype(np.uint8))
+    assert np.all(label[~changed_pixels(dest, mixed)] == 0)
 
 
 @pytest.mark.parametrize('mode', ['swap', cv2.NORMAL_CLONE])
@@ -411,6 +442,9 @@ INVALID = [
     (dict(resize_bounds=(1.3, 0.7)), 'resize_bounds'),
     (dict(resize_bounds=(0, 1)), 'resize_bounds'),
     (dict(num_ellipses=0), 'num_ellipses'),
+    (dict(paste_fraction=(0.5,)), 'paste_fraction'),
+    (dict(paste_fraction=(0.8, 0.2)), 'paste_fraction'),
+    (dict(paste_fraction=(0, 1.5)), 'paste_fraction'),
     (dict(rng=np.random.RandomState(0)), 'rng'),
 ]
 

@@ -9,6 +9,7 @@ from experiments import settings
 from experiments.settings import (CATEGORY_PARAMS, category_params, chest_xray_self_sup_args,
                                   mvtec_self_sup_args, paper_setting_key, parse_setting,
                                   training_epochs)
+from self_sup_data.self_sup_tasks import SyntheticAnomaly
 
 PAPER_SEEDS = (923874273, 2388222932, 676346783, 123425)
 
@@ -230,3 +231,29 @@ def test_clip_at_border_from_the_command_line():
     args = parser.parse_args(['--clip-at-border'])
     assert settings.param_overrides(args) == dict(clip_at_border=True)
     assert mvtec_self_sup_args(setting, 'carpet', overrides=settings.param_overrides(args))['clip_at_border']
+
+
+def test_paste_fraction_reaches_only_the_poisson_blending_settings():
+    overrides = dict(paste_fraction=(0.2, 0.6))
+    for key in ('Shift-Intensity-M', 'Shift', 'FPI-Poisson-M'):
+        setting = parse_setting(key)
+        assert mvtec_self_sup_args(setting, 'carpet', overrides=overrides)['paste_fraction'] == (0.2, 0.6)
+        assert 'paste_fraction' not in mvtec_self_sup_args(setting, 'carpet')  # the paper's seamless blend
+    for key in ('Shift-Intensity-Swap', 'FPI', 'CutPaste'):  # nothing is blended
+        assert 'paste_fraction' not in mvtec_self_sup_args(parse_setting(key), 'carpet', overrides=overrides)
+
+
+def test_paste_fraction_from_the_command_line():
+    import argparse
+    parser = argparse.ArgumentParser()
+    settings.add_task_arguments(parser)
+    args = parser.parse_args(['--paste-fraction', '0.25', '0.75'])
+    assert settings.param_overrides(args) == dict(paste_fraction=(0.25, 0.75))
+    sup = settings.self_sup_args_from_args(parse_setting('Shift-Intensity-M'),
+                                           category_params('carpet', overrides=settings.param_overrides(args)),
+                                           args)
+    SyntheticAnomaly(**sup)  # valid generator arguments
+    assert sup['paste_fraction'] == (0.25, 0.75)
+    for bad in (['--paste-fraction', '0.75', '0.25'], ['--paste-fraction', '0', '1.5']):
+        with pytest.raises(ValueError, match='--paste-fraction'):
+            settings.param_overrides(parser.parse_args(bad))
