@@ -241,6 +241,9 @@ def test_paste_fraction_reaches_only_the_poisson_blending_settings():
         assert 'paste_fraction' not in mvtec_self_sup_args(setting, 'carpet')  # the paper's seamless blend
     for key in ('Shift-Intensity-Swap', 'FPI', 'CutPaste'):  # nothing is blended
         assert 'paste_fraction' not in mvtec_self_sup_args(parse_setting(key), 'carpet', overrides=overrides)
+        assert 'paste_fraction' not in mvtec_self_sup_args(parse_setting(key), 'magnetic_tile')
+    # magnetic_tile's tuned value: its seamless blends are invisible
+    assert mvtec_self_sup_args(parse_setting('Shift-Intensity-M'), 'magnetic_tile')['paste_fraction'] == (0.5, 1)
 
 
 def test_paste_fraction_from_the_command_line():
