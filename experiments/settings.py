@@ -34,7 +34,6 @@ from pathlib import Path
 import cv2
 
 from self_sup_data.mvtec import category_kind
-from self_sup_data.self_sup_tasks import POISSON_MODES
 
 DEFAULT_SEED = 0
 
@@ -313,7 +312,7 @@ def self_sup_args_for(setting, params, single_patch=False, cutpaste_patch_gen=Fa
                 args[name] = float(params[name])
     if params['clip_at_border'] and args['shift']:
         args['clip_at_border'] = True
-    if params['paste_fraction'] is not None and args['mode'] in POISSON_MODES:
+    if params['paste_fraction'] is not None and setting.base in POISSON_BASES:
         args['paste_fraction'] = tuple(float(v) for v in params['paste_fraction'])
     if ellipse:
         args['num_ellipses'] = NUM_ELLIPSES
