@@ -37,3 +37,11 @@ def test_pixel_auroc_by_region_scores_each_region_alone():
     for name, region in (('border', in_band), ('inner', ~in_band)):
         expected = roc_auc_score(masks[has_mask][:, region].ravel(), rng_maps[has_mask][:, region].ravel())
         assert result[f'pixel_auroc_{name}'] == pytest.approx(expected)
+
+
+def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
+    assert real_data.method_name('FPI', {'mode': 'uniform'}) == 'FPI'
+    assert real_data.method_name('Shift-M', {'paste_fraction': None}) == 'NSA (binary, mixed gradients)'
+    assert (real_data.method_name('Shift-Intensity-M', {'paste_fraction': [0.5, 1.0]})
+            == 'NSA (logistic, mixed gradients), blend mixed with paste U(0.5, 1)')
+    assert real_data.method_name('Shift-Intensity-M-7', {}) == 'NSA (logistic, mixed gradients), seed 7'
