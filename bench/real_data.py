@@ -157,7 +157,8 @@ def evaluate_model(args, key, device):
     model, meta = read_model(model_path(args, key), device)
     dataset = load_test_set(args.data_dir, meta)
     values, maps = evaluate(model, dataset, device=device, return_maps=True)
-    record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values, **pixel_auroc_by_region(dataset, maps),
+    record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values,
+                  **pixel_auroc_by_region(dataset, maps),
                   per_type_auroc=per_type_auroc(dataset, maps),
                   train_minutes=meta['train_time_s'] / 60, epochs=meta['train_config']['epochs'])
     return record, dataset, maps
@@ -166,7 +167,7 @@ def evaluate_model(args, key, device):
 def method_name(key, self_sup_args):
     """The table's name of a setting, with the generator option that changes the paper's method."""
     setting = settings.parse_setting(key)
-    name = SETTING_NAMES.get(setting.base + ('-M' if setting.mixed else ''), key)
+    name = SETTING_NAMES.get(setting.seedless_key, setting.seedless_key)
     if setting.seed is not None:
         name += f', seed {setting.seed}'
     paste_fraction = self_sup_args.get('paste_fraction')

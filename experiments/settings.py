@@ -128,6 +128,11 @@ class Setting:
     model: str = 'enc_dec'
 
     @property
+    def seedless_key(self):
+        """The key without its seed, ``BASE[-M]``: the setting that its seeds share."""
+        return self.base + ('-M' if self.mixed else '')
+
+    @property
     def run_seed(self):
         """The seed of a run with this setting: the key's seed, else DEFAULT_SEED."""
         return DEFAULT_SEED if self.seed is None else self.seed

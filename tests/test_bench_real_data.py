@@ -45,3 +45,4 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
     assert (real_data.method_name('Shift-Intensity-M', {'paste_fraction': [0.5, 1.0]})
             == 'NSA (logistic, mixed gradients), blend mixed with paste U(0.5, 1)')
     assert real_data.method_name('Shift-Intensity-M-7', {}) == 'NSA (logistic, mixed gradients), seed 7'
+    assert real_data.method_name('FPI-Poisson-M-3', {}) == 'FPI-Poisson-M, seed 3'  # no table name

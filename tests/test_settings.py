@@ -53,6 +53,8 @@ def test_every_key_form_parses_to_its_base_arguments(key, base, mixed, seed):
     assert s.dir_name == slug + ('_m' if mixed else '')
     assert s.fname == s.dir_name + ('' if seed is None else f'_{seed}')
     assert s.run_seed == (settings.DEFAULT_SEED if seed is None else seed)
+    assert key == s.seedless_key + ('' if seed is None else f'-{seed}')
+    assert parse_setting(s.seedless_key).seed is None
 
 
 def test_examples_from_the_paper():
