@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from experiments import settings  # noqa: E402
 from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,  # noqa: E402
-                                  train_step)
+                                  to_training_device, train_step)
 from models.resnet import resnet18_enc_dec  # noqa: E402
 from self_sup_data.demo import make_demo_dataset  # noqa: E402
 from self_sup_data.mvtec import SelfSupMVTecDataset  # noqa: E402
@@ -73,7 +73,8 @@ def main(argv=None):
                                       self_sup_args=self_sup_args, res_scale=RES_SCALE)
         assert dataset.train_size == SIZE, dataset.train_size
         seed_everything(0)
-        model = resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid')
+        model = to_training_device(
+            resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid'), device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_function = LOSS_FUNCTIONS[setting.loss]
 
