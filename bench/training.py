@@ -1,4 +1,4 @@
-"""Training speed in images per second at 224 x 224, batch 16, on the CPU with 2 threads.
+"""Training speed in images per second (default 224 x 224, batch 16) on the CPU with 2 threads.
 
 Three figures, each after one warm-up step:
   model alone    forward + backward + Adam step on random tensors (the compute bound)
@@ -6,10 +6,11 @@ Three figures, each after one warm-up step:
   full pipeline  both together, as ``experiments.training.train`` runs them
 
 Data: the built-in demo category (generated into a temporary folder) at the texture recipe's
-224-pixel crops, with the setting's generator arguments (default Shift-Intensity-M: Poisson
+crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the setting's generator arguments (default Shift-Intensity-M: Poisson
 blending with mixed gradients, the most expensive one). Run from the repository root:
 
-    python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M]
+    python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M] [--size 224]
+                             [--batch-size 16]
 """
 import argparse
 import os
@@ -28,8 +29,7 @@ from models.resnet import resnet18_enc_dec  # noqa: E402
 from self_sup_data.demo import make_demo_dataset  # noqa: E402
 from self_sup_data.mvtec import SelfSupMVTecDataset  # noqa: E402
 
-SIZE, BATCH, THREADS = 224, 16, 2
-RES_SCALE = SIZE / 256  # texture recipe: 256-pixel crops at res_scale 1
+THREADS = 2
 
 
 def images_per_second(batches, step):
@@ -61,7 +61,14 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=8, help='timed steps (default: 8)')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (default: 2)')
     parser.add_argument('--setting', default='Shift-Intensity-M')
+    parser.add_argument('--size', type=int, default=224, help='crop side, a multiple of 32 (default: 224)')
+    parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
     args = parser.parse_args(argv)
+    size, batch = args.size, args.batch_size
+    if size <= 0 or size % 32:
+        parser.error(f'--size must be a positive multiple of 32, got {size}')
+    if batch <= 0:
+        parser.error(f'--batch-size must be positive, got {batch}')
     torch.set_num_threads(THREADS)
     device = torch.device('cpu')
     setting = settings.parse_setting(args.setting)
@@ -70,8 +77,8 @@ def main(argv=None):
         category_dir = make_demo_dataset(tmp)
         self_sup_args = settings.mvtec_self_sup_args(setting, category_dir.name)
         dataset = SelfSupMVTecDataset(category_dir.parent, category_dir.name,
-                                      self_sup_args=self_sup_args, res_scale=RES_SCALE)
-        assert dataset.train_size == SIZE, dataset.train_size
+                                      self_sup_args=self_sup_args, res_scale=size / 256)
+        assert dataset.train_size == size, dataset.train_size
         seed_everything(0)
         model = to_training_device(
             resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid'), device)
@@ -81,18 +88,18 @@ def main(argv=None):
         def step(batch):
             train_step(model, optimizer, loss_function, batch[0], batch[2], device)
 
-        shape = (BATCH, dataset.in_channels, SIZE, SIZE)
-        random_batches = [(torch.randn(shape), None, torch.rand(BATCH, 1, SIZE, SIZE))
+        shape = (batch, dataset.in_channels, size, size)
+        random_batches = [(torch.randn(shape), None, torch.rand(batch, 1, size, size))
                           for _ in range(args.steps + 1)]
         model_rate = images_per_second(random_batches, step)
 
-        config = TrainConfig(epochs=1, batch_size=BATCH, workers=args.workers)
+        config = TrainConfig(epochs=1, batch_size=batch, workers=args.workers)
         data_rate = images_per_second(loader_batches(make_loader(dataset, config, device), args.steps + 1),
                                       lambda batch: None)
         pipeline_rate = images_per_second(
             loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
 
-    print(f'training images/s at {SIZE}x{SIZE}, batch {BATCH}, CPU, {THREADS} threads, '
+    print(f'training images/s at {size}x{size}, batch {batch}, CPU, {THREADS} threads, '
           f'{args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
           f'load average {os.getloadavg()[0]:.1f}):')
     print(f'  model alone    {model_rate:7.1f}')
