@@ -6,8 +6,9 @@ Three figures, each after one warm-up step:
   full pipeline  both together, as ``experiments.training.train`` runs them
 
 Data: the built-in demo category (generated into a temporary folder) at the texture recipe's
-crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the setting's generator arguments (default Shift-Intensity-M: Poisson
-blending with mixed gradients, the most expensive one). Run from the repository root:
+crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the
+setting's generator arguments (default Shift-Intensity-M: Poisson blending with mixed gradients,
+the most expensive one). Run from the repository root:
 
     python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M] [--size 224]
                              [--batch-size 16]
@@ -61,14 +62,15 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=8, help='timed steps (default: 8)')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (default: 2)')
     parser.add_argument('--setting', default='Shift-Intensity-M')
-    parser.add_argument('--size', type=int, default=224, help='crop side, a multiple of 32 (default: 224)')
+    parser.add_argument('--size', type=int, default=224,
+                        help='crop side, a multiple of 32 (default: 224)')
     parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
     args = parser.parse_args(argv)
-    size, batch = args.size, args.batch_size
+    size, batch_size = args.size, args.batch_size
     if size <= 0 or size % 32:
         parser.error(f'--size must be a positive multiple of 32, got {size}')
-    if batch <= 0:
-        parser.error(f'--batch-size must be positive, got {batch}')
+    if batch_size <= 0:
+        parser.error(f'--batch-size must be positive, got {batch_size}')
     torch.set_num_threads(THREADS)
     device = torch.device('cpu')
     setting = settings.parse_setting(args.setting)
@@ -88,18 +90,18 @@ def main(argv=None):
         def step(batch):
             train_step(model, optimizer, loss_function, batch[0], batch[2], device)
 
-        shape = (batch, dataset.in_channels, size, size)
-        random_batches = [(torch.randn(shape), None, torch.rand(batch, 1, size, size))
+        shape = (batch_size, dataset.in_channels, size, size)
+        random_batches = [(torch.randn(shape), None, torch.rand(batch_size, 1, size, size))
                           for _ in range(args.steps + 1)]
         model_rate = images_per_second(random_batches, step)
 
-        config = TrainConfig(epochs=1, batch_size=batch, workers=args.workers)
+        config = TrainConfig(epochs=1, batch_size=batch_size, workers=args.workers)
         data_rate = images_per_second(loader_batches(make_loader(dataset, config, device), args.steps + 1),
                                       lambda batch: None)
         pipeline_rate = images_per_second(
             loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
 
-    print(f'training images/s at {size}x{size}, batch {batch}, CPU, {THREADS} threads, '
+    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, '
           f'{args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
           f'load average {os.getloadavg()[0]:.1f}):')
     print(f'  model alone    {model_rate:7.1f}')

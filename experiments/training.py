@@ -9,8 +9,9 @@ of V views ``V x C x H x W`` with V class labels each: a batch of B items is B V
 Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine from ``lr`` to
 ``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
 paper's code). The loss is BCE or MSE between the model's output and the label map (or the
-cross-entropy of a classifier's logits and the class labels), computed in float32. Model and images are channels_last (faster convolutions on the CPU too); on
-CUDA the forward pass runs in bfloat16 autocast.
+cross-entropy of a classifier's logits and the class labels), computed in float32. Model and
+images are channels_last (faster convolutions on the CPU too); on CUDA the forward pass runs in
+bfloat16 autocast.
 
 Files of a run ``name`` in ``run_dir``:
 

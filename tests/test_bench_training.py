@@ -6,9 +6,10 @@ import pytest
 from bench import training
 
 
-@pytest.mark.parametrize('argv, message', [(['--size', '100'], '--size must be a positive multiple of 32, got 100'),
-                                           (['--size', '0'], '--size must be a positive multiple of 32, got 0'),
-                                           (['--batch-size', '0'], '--batch-size must be positive, got 0')])
+@pytest.mark.parametrize('argv, message', [
+    (['--size', '100'], '--size must be a positive multiple of 32, got 100'),
+    (['--size', '0'], '--size must be a positive multiple of 32, got 0'),
+    (['--batch-size', '0'], '--batch-size must be positive, got 0')])
 def test_bad_sizes_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         training.main(argv)
