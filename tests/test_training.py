@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from experiments import training
 from experiments.training import (EpochDataset, EpochSampler, TrainConfig, final_model_path,
                                   last_checkpoint_path, load_model, make_loader, save_atomic,
-                                  seed_everything, train)
+                                  seed_everything, to_training_device, train)
 from models.resnet import resnet18_enc_dec
 
 SIZE = 64
@@ -154,11 +154,10 @@ def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
         assert loaded_meta['epoch_losses'] == meta['epoch_losses']
         assert loaded_meta['train_config']['loss'] == 'mse'
         assert loaded_meta['self_sup_args']['width_bounds_pct'] == ((0.1, 0.2),) * 2
-        trained = model.state_dict()
-        assert all(torch.equal(value, trained[key]) for key, value in loaded.state_dict().items())
+        assert_same_state(loaded.state_dict(), model.state_dict())
         x = torch.randn(2, 3, SIZE, SIZE)
-        with torch.no_grad():  # the trained model is channels_last: same maps up to rounding
-            torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # in the layout it was trained in: the same maps exactly
+            assert torch.equal(to_training_device(loaded, torch.device('cpu'))(x), model.eval()(x))
     with pytest.raises(FileNotFoundError, match='missing.pt'):
         load_model(tmp_path / 'missing.pt')
 
