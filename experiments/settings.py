@@ -253,7 +253,7 @@ CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.i
                    for name in WIDTH_BOUNDS_PCT}
 
 # Custom categories tuned in this project (see BENCHMARKS.md for what was tried and measured).
-# magnetic_tile (Huang et al. 2020, a dark grayscale texture: mean intensity 70, std 20): NSA's
+# magnetic_tile (Huang et al. 2020, a grey streaked texture: mean intensity 110, std 30): NSA's
 # blends change it by only 3-4 grey levels (median), so the paper's texture label (1/3, 7) leaves
 # almost every label below 0.5; the logistic is moved to the material's scale of change. Its
 # defects lie largely next to the image border (86% of the break pixels, 36-51% of the other types'
