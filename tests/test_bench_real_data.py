@@ -1,11 +1,14 @@
-"""The real-data benchmark's helpers (the benchmark itself needs ../shared and runs from bench/)."""
+"""The real-data benchmark: its helpers, and whole runs on a tiny category (the real run reads ../shared)."""
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
 from bench import real_data
+from experiments import one_class
+from experiments.mvtec_tasks import load_normal_set, load_test_set, read_model
 
 
 def test_border_band_is_the_outer_fraction_of_each_side():
@@ -46,3 +49,29 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
             == 'NSA (logistic, mixed gradients), blend mixed with paste U(0.5, 1)')
     assert real_data.method_name('Shift-Intensity-M-7', {}) == 'NSA (logistic, mixed gradients), seed 7'
     assert real_data.method_name('FPI-Poisson-M-3', {}) == 'FPI-Poisson-M, seed 3'  # no table name
+
+
+def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path):
+    """End to end on a tiny category: CutPaste's classifier is scored by a Gaussian density, and
+    only its row has the pooled image AUROC, equal to the one-class module's own evaluation."""
+    root, name = tiny_mvtec
+    out = tmp_path / 'bench'
+    base = ['--data-dir', str(root), '--category', name, '--out', str(out), '--res-scale', '0.25',
+            '--epochs', '1', '--batch-size', '2', '--workers', '0', '--device', 'cpu']
+    assert real_data.main(base + ['--settings', 'CutPaste', 'CutPaste-3way']) == 0
+    table = pd.read_csv(out / 'real_data.csv').set_index('setting')
+    assert list(table.index) == ['CutPaste', 'CutPaste-3way']
+    assert table.loc['CutPaste-3way', 'method'] == 'CutPaste (3-way classifier) + Gaussian density'
+    assert np.isnan(table.loc['CutPaste', 'image AUROC (pooled)'])
+
+    path = real_data.model_path(SimpleNamespace(out=str(out), category=name), 'CutPaste-3way')
+    model, meta = read_model(path, 'cpu')
+    values, _ = one_class.evaluate_two_stage(model, load_normal_set(str(root), meta),
+                                             load_test_set(str(root), meta), ['gde'])['gde']
+    for column, metric in (('image AUROC (pooled)', 'image_auroc_pooled'),
+                           ('image AUROC (mean)', 'image_auroc_mean'), ('pixel AUROC', 'pixel_auroc')):
+        assert table.loc['CutPaste-3way', column] == pytest.approx(values[metric])
+
+    # tabulating the decoder alone (nothing trained again) has no pooled column
+    assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
+    assert 'image AUROC (pooled)' not in pd.read_csv(out / 'real_data.csv').columns
