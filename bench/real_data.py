@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from experiments import metrics, one_class, plotting, settings, tables  # noqa: E402
-from experiments.mvtec_tasks import (CLASSIFIER_ONE_CLASS, evaluate, load_normal_set,  # noqa: E402
-                                     load_test_set, read_meta, read_model)
+from experiments import metrics, plotting, settings, tables  # noqa: E402
+from experiments.mvtec_tasks import (evaluate_variants, load_normal_set, load_test_set,  # noqa: E402
+                                     read_meta, read_model, result_variants)
 from experiments.training import resolve_device  # noqa: E402
 
 # NSA with the paper's texture recipe (mixed gradients, logistic and binary label), NSA's patches
@@ -163,17 +163,15 @@ def evaluate_model(args, key, device):
     """(record of metrics and training time, test set, maps) of one trained setting.
 
     An encoder-decoder is scored by its maps; a classifier (CutPaste-3way) by a Gaussian density
-    fitted to its encoder features of the normal training images (``one_class``): its maps are the
-    patch-level heatmaps, and ``image_auroc_pooled`` scores each image by its pooled features."""
+    fitted to its encoder features of the normal training images (``result_variants``): its maps
+    are the patch-level heatmaps, and ``image_auroc_pooled`` scores each image by its pooled
+    features."""
     path = model_path(args, key)
     model, meta = read_model(path, device)
     dataset = load_test_set(args.data_dir, meta)
-    if settings.parse_setting(key).model == 'classifier':
-        (values, maps), = one_class.evaluate_two_stage(
-            model, load_normal_set(args.data_dir, meta), dataset, CLASSIFIER_ONE_CLASS,
-            device=device, source=str(path)).values()
-    else:
-        values, maps = evaluate(model, dataset, device=device, return_maps=True)
+    (values, maps), = evaluate_variants(
+        model, dataset, result_variants(settings.parse_setting(key)),
+        lambda: load_normal_set(args.data_dir, meta), device=device, source=str(path)).values()
     record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values,
                   **pixel_auroc_by_region(dataset, maps),
                   per_type_auroc=per_type_auroc(dataset, maps),

@@ -24,6 +24,7 @@ map of its own: it is evaluated with the one-class models only (default: GDE).
         [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--paper-layout] [--percent]
 """
 import argparse
+import functools
 import math
 import pickle
 import sys
@@ -113,6 +114,26 @@ def evaluate(model, dataset, batch_size=32, device='cpu', crop_size='auto', retu
     maps, labels, masks = predict(model, dataset, batch_size, device, crop_size)
     results = metrics.evaluate_maps(labels, maps, masks, has_mask=getattr(dataset, 'has_mask', None))
     return (results, maps) if return_maps else results
+
+
+def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, device='cpu',
+                      crop_size='auto', source='model'):
+    """{variant: (metrics, maps)} of ``model`` on the test set ``dataset`` for each of ``variants``
+    (see ``result_variants``): None scores the model's own maps (``evaluate``), a one-class name
+    the two-stage model fitted to the normal images ``normal_set()`` (a callable, called only when
+    a two-stage variant needs it; see ``one_class.evaluate_two_stage``). ``crop_size`` as in
+    ``predict``, for both kinds of variant."""
+    if crop_size == 'auto':
+        crop_size = paper_crop_size(dataset)
+    results = {}
+    if None in variants:
+        results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
+    two_stage = [variant for variant in variants if variant is not None]
+    if two_stage:
+        results.update(one_class.evaluate_two_stage(
+            model, normal_set(), dataset, two_stage, crop_size=crop_size, batch_size=batch_size,
+            device=device, source=source))
+    return results
 
 
 # ------------------------------------------------------------------------------ figures
@@ -306,18 +327,12 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:
             data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
             dataset = load_test_set(data_dir, meta)  # one test set in memory at a time
-            normal_set = None  # loaded when a two-stage variant needs it
+            # loaded once per test set, when a two-stage variant needs it
+            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta))
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         setting = parse_setting(meta['setting'])
-        variants = result_variants(setting, one_class_names)
-        results = {}
-        if None in variants:
-            results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
-        if variants != [None]:
-            normal_set = load_normal_set(data_dir, meta) if normal_set is None else normal_set
-            results.update(one_class.evaluate_two_stage(
-                model, normal_set, dataset, [v for v in variants if v is not None],
-                crop_size=crop_size, batch_size=batch_size, device=device, source=str(path)))
+        results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
+                                    normal_set, batch_size, device, crop_size, source=str(path))
         for variant, (values, maps) in results.items():
             records.append(_record(meta, setting, path, values, variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
