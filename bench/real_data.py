@@ -12,7 +12,7 @@ epochs it trains about twice as long as an encoder-decoder setting.
     python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
-                              [--train-only | --evaluate-only]
+                              [--bf16] [--train-only | --evaluate-only]
 
 It resumes where it stopped: a finished model whose configuration (the generator arguments that
 the category's parameters give, and the budget) matches the request is not retrained, and an
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--device', default=None)
+    parser.add_argument('--bf16', action='store_true',
+                        help='train with the forward pass in bfloat16 autocast on the CPU too')
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
                        help='tabulate the models that exist; train nothing')
@@ -123,6 +125,8 @@ def train(args, key):
                '--workers', str(args.workers), '--resume']
     if args.device:
         command += ['--device', args.device]
+    if args.bf16:
+        command.append('--bf16')
     print(f'{key}: training ({" ".join(command[1:])}), log in {log}', flush=True)
     with open(log, 'a') as out:
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)

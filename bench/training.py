@@ -11,7 +11,9 @@ setting's generator arguments (default Shift-Intensity-M: Poisson blending with 
 the most expensive one). Run from the repository root:
 
     python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M] [--size 224]
-                             [--batch-size 16]
+                             [--batch-size 16] [--bf16]
+
+--bf16 runs the forward passes in bfloat16 autocast (``TrainConfig.bf16``).
 """
 import argparse
 import os
@@ -65,6 +67,7 @@ def main(argv=None):
     parser.add_argument('--size', type=int, default=224,
                         help='crop side, a multiple of 32 (default: 224)')
     parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
+    parser.add_argument('--bf16', action='store_true', help='forward passes in bfloat16 autocast')
     args = parser.parse_args(argv)
     size, batch_size = args.size, args.batch_size
     if size <= 0 or size % 32:
@@ -88,7 +91,7 @@ def main(argv=None):
         loss_function = LOSS_FUNCTIONS[setting.loss]
 
         def step(batch):
-            train_step(model, optimizer, loss_function, batch[0], batch[2], device)
+            train_step(model, optimizer, loss_function, batch[0], batch[2], device, args.bf16)
 
         shape = (batch_size, dataset.in_channels, size, size)
         random_batches = [(torch.randn(shape), None, torch.rand(batch_size, 1, size, size))
@@ -101,7 +104,8 @@ def main(argv=None):
         pipeline_rate = images_per_second(
             loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
 
-    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, '
+    precision = 'bfloat16 autocast' if args.bf16 else 'float32'
+    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, {precision}, '
           f'{args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
           f'load average {os.getloadavg()[0]:.1f}):')
     print(f'  model alone    {model_rate:7.1f}')

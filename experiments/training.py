@@ -10,8 +10,8 @@ Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine
 ``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
 paper's code). The loss is BCE or MSE between the model's output and the label map (or the
 cross-entropy of a classifier's logits and the class labels), computed in float32. Model and
-images are channels_last (faster convolutions on the CPU too); on CUDA the forward pass runs in
-bfloat16 autocast.
+images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
+autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
 
 Files of a run ``name`` in ``run_dir``:
 
@@ -25,6 +25,7 @@ uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler`
 randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
 reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
+import argparse
 import os
 import random
 import sys
@@ -42,7 +43,8 @@ from tqdm import tqdm
 
 LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
-RUNTIME_FIELDS = ('workers', 'device', 'checkpoint_every', 'figure_every', 'figures', 'progress')
+RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'figure_every', 'figures',
+                  'progress')
 NUM_FIGURE_SAMPLES = 4
 
 
@@ -51,6 +53,7 @@ class TrainConfig:
     """Plain values that define a training run (the command lines override them).
 
     device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
+    bf16: forward pass in bfloat16 autocast; None: on CUDA only, True: on the CPU too, False: never.
     """
     epochs: int
     batch_size: int = 64
@@ -60,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     device: str | None = None
+    bf16: bool | None = None
     checkpoint_every: int = 1
     figure_every: int | None = None
     figures: bool = True
@@ -90,6 +94,16 @@ def resolve_device(name=None):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
     return device
+
+
+def use_bf16(bf16, device):
+    """Whether the forward pass on ``device`` runs in bfloat16 autocast (``TrainConfig.bf16``).
+
+    On by default on CUDA only: on a CPU, bfloat16 is fast only where it has bfloat16 instructions
+    (AVX512-BF16, AMX; 1.6x per training step of NSA's model at 128 px on an AVX512-BF16 CPU,
+    see ``bench/training.py``) and emulated, slower than float32, elsewhere.
+    """
+    return device.type == 'cuda' if bf16 is None else bool(bf16)
 
 
 def epoch_seed(seed, epoch):
@@ -223,18 +237,18 @@ def to_training_device(model, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def train_step(model, optimizer, loss_function, images, labels, device):
+def train_step(model, optimizer, loss_function, images, labels, device, bf16=None):
     """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
 
     Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples.
-    Images go channels_last (faster convolutions on CPU and GPU alike); on CUDA the forward pass
-    runs in bfloat16 autocast. The loss is computed in float32.
+    Images go channels_last (faster convolutions on CPU and GPU alike); the forward pass runs in
+    bfloat16 autocast where ``use_bf16(bf16, device)``. The loss is computed in float32.
     """
     if images.dim() == 5:
         images, labels = images.flatten(0, 1), labels.flatten(0, 1)
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     labels = labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
         preds = model(images)
     loss = loss_function(preds.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -291,7 +305,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
                        disable=not config.progress)
         for images, _, labels in batches:
             images, labels, preds, loss = train_step(model, optimizer, loss_function,
-                                                     images, labels, device)
+                                                     images, labels, device, config.bf16)
             loss_sum += loss * len(images)
             count += len(images)
             batches.set_postfix(loss=f'{loss_sum / count:.4f}')
@@ -349,6 +363,9 @@ def add_training_arguments(parser):
                        help='DataLoader worker processes generating the samples '
                             '(default: the usable CPUs less one; 0: in the main process)')
     group.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' ... (default: CUDA if available)")
+    group.add_argument('--bf16', action=argparse.BooleanOptionalAction,
+                       help='forward pass in bfloat16 autocast (default: on CUDA only; --bf16 also '
+                            'on the CPU, fast on CPUs with AVX512-BF16 or AMX, slow elsewhere)')
     group.add_argument('--resume', action='store_true',
                        help='continue interrupted runs from their last checkpoint; skip finished ones')
     group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
@@ -365,7 +382,7 @@ def train_config(args, epochs, seed, loss):
     return TrainConfig(epochs=args.epochs or epochs,
                        batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
-                       checkpoint_every=args.checkpoint_every, figure_every=args.figure_every,
+                       bf16=args.bf16, checkpoint_every=args.checkpoint_every, figure_every=args.figure_every,
                        figures=not args.no_figures)
 
 

@@ -58,7 +58,7 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     out = tmp_path / 'bench'
     base = ['--data-dir', str(root), '--category', name, '--out', str(out), '--res-scale', '0.25',
             '--epochs', '1', '--batch-size', '2', '--workers', '0', '--device', 'cpu']
-    assert real_data.main(base + ['--settings', 'CutPaste', 'CutPaste-3way']) == 0
+    assert real_data.main(base + ['--settings', 'CutPaste', 'CutPaste-3way', '--bf16']) == 0
     table = pd.read_csv(out / 'real_data.csv').set_index('setting')
     assert list(table.index) == ['CutPaste', 'CutPaste-3way']
     assert table.loc['CutPaste-3way', 'method'] == 'CutPaste (3-way classifier) + Gaussian density'
@@ -66,6 +66,7 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
 
     path = real_data.model_path(SimpleNamespace(out=str(out), category=name), 'CutPaste-3way')
     model, meta = read_model(path, 'cpu')
+    assert meta['train_config']['bf16'] is True  # --bf16 reached the training script
     values, _ = one_class.evaluate_two_stage(model, load_normal_set(str(root), meta),
                                              load_test_set(str(root), meta), ['gde'])['gde']
     for column, metric in (('image AUROC (pooled)', 'image_auroc_pooled'),

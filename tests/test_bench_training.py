@@ -23,3 +23,9 @@ def test_a_tiny_run_prints_the_three_rates(capsys):
     for name in ('model alone', 'data alone', 'full pipeline'):
         rate = re.search(rf'{name}\s+([0-9.]+)', out)
         assert rate and float(rate.group(1)) > 0, out
+
+
+def test_bf16_run_says_so(capsys):
+    training.main(['--size', '64', '--batch-size', '2', '--steps', '1', '--workers', '0', '--bf16'])
+    out = capsys.readouterr().out
+    assert 'bfloat16 autocast' in out and float(re.search(r'model alone\s+([0-9.]+)', out).group(1)) > 0

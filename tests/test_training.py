@@ -131,6 +131,39 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert_same_state(final_a, torch.load(final_model_path(parts, 'toy'), weights_only=True)['model'])
 
 
+@pytest.mark.parametrize('bf16, device, expected', [
+    (None, 'cpu', False), (None, 'cuda', True), (True, 'cpu', True), (False, 'cuda', False)])
+def test_bf16_is_on_for_cuda_by_default_and_on_the_cpu_on_request(bf16, device, expected):
+    assert training.use_bf16(bf16, torch.device(device)) is expected
+
+
+def test_bf16_step_runs_the_forward_pass_in_bfloat16_and_the_loss_in_float32():
+    cpu = torch.device('cpu')
+    images, _, labels = next(iter(DataLoader(SquaresDataset(n=4), batch_size=4)))
+    for bf16, dtype in ((None, torch.float32), (True, torch.bfloat16)):
+        model = to_training_device(fresh_model(), cpu)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        before = [p.detach().clone() for p in model.parameters()]
+        _, _, preds, loss = training.train_step(model, optimizer, training.LOSS_FUNCTIONS['bce'],
+                                                images, labels, cpu, bf16)
+        assert preds.dtype == dtype and np.isfinite(loss)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
+        assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    expected = torch.nn.functional.binary_cross_entropy(preds.float(), labels).item()
+    assert loss == pytest.approx(expected)
+
+
+def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
+    """bf16 is a runtime field: a run interrupted in float32 may go on in bfloat16."""
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), CrashAtEpoch(1), config(epochs=3), tmp_path, 'toy')
+    meta = train(fresh_model(), SquaresDataset(), config(epochs=3, bf16=True), tmp_path, 'toy',
+                 resume=True)
+    assert meta['train_config']['bf16'] is True
+    losses = meta['epoch_losses']
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy', meta=dict(category='a'))
