@@ -91,9 +91,11 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         intensity_logistic_params: ``(k, x0)`` of the logistic label.
         paste_fraction: None (the paper's: Poisson blends are seamless) or ``(low, high)`` within
             [0, 1]; only for the Poisson modes: each blended patch is mixed with its plain paste,
-            ``(1 - b) * blended + b * pasted`` inside the patch mask with ``b ~ U(low, high)`` per
-            patch, so that part of the patch's intensity offset and edges stays (for materials on
-            which the seamless blend leaves no visible change). Labels follow the resulting change.
+            ``(1 - b) * blended + b * pasted`` inside the whole patch mask with ``b ~ U(low, high)``
+            per patch, so that part of the patch's intensity offset and edges stays (for materials
+            on which the seamless blend leaves no visible change). The blend leaves the mask's
+            outer pixel ring unchanged (seamlessClone's boundary condition); the mix covers it, so
+            that ``(1, 1)`` gives the plain paste of mode 'swap'. Labels follow the resulting change.
         resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0 < low <= high``.
         num_ellipses: None or the number of random ellipses whose union replaces the rectangular
             patch mask.
@@ -564,12 +566,13 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         clone_mask[:, [0, -1]] = 0
         if min(_bbox_sides(clone_mask)) < MIN_CLONE_SIDE:
             return None
-        mask = mask.copy()
-        mask[[0, -1], :] = False
-        mask[:, [0, -1]] = False
         blended = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
-        if paste_fraction is not None:
+        if paste_fraction is not None:  # over the whole mask: the paste reaches the ring too
             blended = mix_with_paste(blended, patch, mask, rng.uniform(*paste_fraction))
+        else:  # seamlessClone leaves the mask's outer ring unchanged
+            mask = mask.copy()
+            mask[[0, -1], :] = False
+            mask[:, [0, -1]] = False
         image[region] = blended
     return top, left, mask
 
