@@ -100,8 +100,9 @@ def use_bf16(bf16, device):
     """Whether the forward pass on ``device`` runs in bfloat16 autocast (``TrainConfig.bf16``).
 
     On by default on CUDA only: on a CPU, bfloat16 is fast only where it has bfloat16 instructions
-    (AVX512-BF16, AMX; 1.6x per training step of NSA's model at 128 px on an AVX512-BF16 CPU,
-    see ``bench/training.py``) and emulated, slower than float32, elsewhere.
+    (AVX512-BF16, AMX; 1.3-1.6x the training images per second of NSA's model at 128 px, 2x at
+    224 px, on an AVX512-BF16 CPU: ``bench/training.py --bf16``) and emulated, slower than
+    float32, elsewhere.
     """
     return device.type == 'cuda' if bf16 is None else bool(bf16)
 
@@ -382,8 +383,8 @@ def train_config(args, epochs, seed, loss):
     return TrainConfig(epochs=args.epochs or epochs,
                        batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
-                       bf16=args.bf16, checkpoint_every=args.checkpoint_every, figure_every=args.figure_every,
-                       figures=not args.no_figures)
+                       bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+                       figure_every=args.figure_every, figures=not args.no_figures)
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
