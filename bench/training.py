@@ -105,8 +105,8 @@ def main(argv=None):
             loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
 
     precision = 'bfloat16 autocast' if args.bf16 else 'float32'
-    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, {precision}, '
-          f'{args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
+    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, '
+          f'{precision}, {args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
           f'load average {os.getloadavg()[0]:.1f}):')
     print(f'  model alone    {model_rate:7.1f}')
     print(f'  data alone     {data_rate:7.1f}  ({args.workers} workers)')
