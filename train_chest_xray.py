@@ -17,6 +17,7 @@ from experiments.training import (add_training_arguments, exit_on_input_error, m
                                   prepare_output_dir, resolve_device, train_config,
                                   train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
 CATEGORY = 'chest_xray'
@@ -74,7 +75,7 @@ def prepare_run(args, setting, params):
                 data_dir=str(Path(args.data_dir).resolve()), normal_list=str(Path(args.list).resolve()),
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
-                self_sup_args=self_sup_args)
+                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
     return dataset, model, config, meta
 
 

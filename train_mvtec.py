@@ -22,7 +22,7 @@ from experiments.training import (add_training_arguments, exit_on_input_error, m
                                   prepare_output_dir, resolve_device, train_config,
                                   train_unless_finished)
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
-from self_sup_data.self_sup_tasks import CutPaste3Way
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
@@ -126,7 +126,7 @@ def prepare_run(args, setting, data_dir, category):
                 data_dir=str(Path(data_dir).resolve()), res_scale=res_scale,
                 low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
-                self_sup_args=self_sup_args)
+                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
     return dataset, model, config, meta
 
 

@@ -15,11 +15,12 @@ epochs it trains about twice as long as an encoder-decoder setting.
                               [--bf16] [--train-only | --evaluate-only]
 
 It resumes where it stopped: a finished model whose configuration (the generator arguments that
-the category's parameters give, and the budget) matches the request is not retrained, and an
-interrupted one continues from its last checkpoint. A finished model that no longer matches (e.g.
-after tuning a category's parameters in ``experiments/settings.py``) is renamed ``stale_*.pt``
-and retrained. Training output goes to ``OUT/logs``, so the whole run can go to
-the background: ``nohup python bench/real_data.py > bench.log 2>&1 &``.
+the category's parameters give, the generator's version and the budget) matches the request is
+not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
+matches (e.g. after tuning a category's parameters in ``experiments/settings.py``, or trained
+before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
+Training output goes to ``OUT/logs``, so the whole run can go to the background:
+``nohup python bench/real_data.py > bench.log 2>&1 &``.
 """
 import argparse
 import json
@@ -39,6 +40,7 @@ from experiments import metrics, plotting, settings, tables  # noqa: E402
 from experiments.mvtec_tasks import (evaluate_variants, load_normal_set, load_test_set,  # noqa: E402
                                      read_meta, read_model, result_variants)
 from experiments.training import resolve_device  # noqa: E402
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION  # noqa: E402
 
 # NSA with the paper's texture recipe (mixed gradients, logistic and binary label), NSA's patches
 # without blending, then the baselines.
@@ -88,12 +90,14 @@ def model_path(args, key):
 
 
 def mismatches(meta, args, key):
-    """The fields in which a finished model's meta differs from what this run would train: the
-    generator's arguments (from the category's parameters) and the budget."""
+    """The fields in which a model's meta differs from what this run would train: the generator's
+    arguments (from the category's parameters) and version, and the budget."""
     setting = settings.parse_setting(key)
     wanted = dict(self_sup_args=settings.mvtec_self_sup_args(setting, args.category),
-                  res_scale=args.res_scale, **{field: getattr(args, field) for field in BUDGET_FIELDS})
-    found = dict(self_sup_args=meta.get('self_sup_args'), res_scale=meta.get('res_scale'),
+                  generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
+                  **{field: getattr(args, field) for field in BUDGET_FIELDS})
+    found = dict(self_sup_args=meta.get('self_sup_args'), generator_version=meta.get('generator_version', 1),
+                 res_scale=meta.get('res_scale'),
                  **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
     # Compared as JSON: tuples and lists of the same values are equal (command-line vs stored values).
     normal = json.loads(json.dumps(wanted)), json.loads(json.dumps(found))
@@ -101,17 +105,22 @@ def mismatches(meta, args, key):
 
 
 def set_aside_if_stale(path, args, key):
-    """Rename a finished model that does not match this run's configuration to stale_*.pt."""
-    if not path.is_file():
+    """Rename the model at ``path`` (final_*.pt) and its last checkpoint to stale_*.pt when they do
+    not match this run's configuration; without a final model, the last checkpoint (an interrupted
+    run) decides, so that no run resumes from another configuration."""
+    last = path.with_name(path.name.replace('final_', 'last_', 1))
+    found = next((p for p in (path, last) if p.is_file()), None)
+    if found is None:
         return
-    differing = mismatches(read_meta(path), args, key)
+    differing = mismatches(read_meta(found), args, key)
     if differing:
-        stale = path.with_name(f'stale_{int(path.stat().st_mtime)}_{path.name}')
-        print(f'{key}: {path.name} was trained with other {differing}; kept as {stale.name}, retraining')
-        os.replace(path, stale)
-        last = path.with_name(path.name.replace('final_', 'last_', 1))
-        if last.is_file():
-            os.replace(last, stale.with_name(stale.name.replace('final_', 'last_', 1)))
+        stamp = int(found.stat().st_mtime)
+        while any(old.with_name(f'stale_{stamp}_{old.name}').exists() for old in (path, last)):
+            stamp += 1  # never over an earlier stale model
+        print(f'{key}: {found.name} was trained with other {differing}; kept as stale_{stamp}_*, retraining')
+        for old in (path, last):
+            if old.is_file():
+                os.replace(old, old.with_name(f'stale_{stamp}_{old.name}'))
 
 
 def train(args, key):

@@ -25,6 +25,11 @@ POISSON_MODES = (cv2.NORMAL_CLONE, cv2.MIXED_CLONE)
 MODES = POISSON_MODES + ('mix', 'swap', 'uniform')
 LABEL_MODES = ('binary', 'continuous', 'intensity', 'logistic-intensity')
 
+# Revision of what patch_ex makes of given arguments, kept in each trained model's meta so that
+# models of an older generator can be told apart (bench/real_data.py retrains them):
+#   1  until 2026-12-02 (models without the field)
+#   2  paste_fraction mixes the plain paste over the whole patch mask, not only inside its outer ring
+GENERATOR_VERSION = 2
 MAX_TRIES = 200  # placement attempts per patch before giving up on it
 MIN_PATCH_SIDE = 8  # pixels; thinner patches leave seamlessClone (mask border and erosion) nothing to solve
 MIN_CLONE_SIDE = 4  # pixels; seamlessClone raises for masks whose non-zero bounding box is under 3 pixels wide

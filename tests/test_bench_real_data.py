@@ -1,14 +1,18 @@
 """The real-data benchmark: its helpers, and whole runs on a tiny category (the real run reads ../shared)."""
+import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from bench import real_data
-from experiments import one_class
-from experiments.mvtec_tasks import load_normal_set, load_test_set, read_model
+from experiments import one_class, settings
+from experiments.mvtec_tasks import load_normal_set, load_test_set, read_meta, read_model
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 
 def test_border_band_is_the_outer_fraction_of_each_side():
@@ -49,6 +53,67 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
             == 'NSA (logistic, mixed gradients), blend mixed with paste U(0.5, 1)')
     assert real_data.method_name('Shift-Intensity-M-7', {}) == 'NSA (logistic, mixed gradients), seed 7'
     assert real_data.method_name('FPI-Poisson-M-3', {}) == 'FPI-Poisson-M, seed 3'  # no table name
+
+
+def test_mismatches_names_what_differs_from_the_requested_run():
+    args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3)
+    self_sup_args = settings.mvtec_self_sup_args(settings.parse_setting('Shift-M'), 'magnetic_tile')
+    meta = dict(self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, res_scale=0.5,
+                train_config=dict(epochs=60, batch_size=16, lr=1e-3, workers=0))
+    assert real_data.mismatches(meta, args, 'Shift-M') == []
+    assert real_data.mismatches(meta, args, 'Shift-M-3') == []  # a seed is not part of the generator
+    stored = json.loads(json.dumps(meta))  # tuples come back as lists
+    assert real_data.mismatches(stored, args, 'Shift-M') == []
+    assert real_data.mismatches(meta, args, 'Shift-Intensity-M') == ['self_sup_args']
+    old = {k: v for k, v in meta.items() if k != 'generator_version'}  # a model of generator 1
+    assert real_data.mismatches(old, args, 'Shift-M') == ['generator_version']
+    other = dict(meta, res_scale=1.0, train_config=dict(epochs=100, batch_size=16, lr=2e-3))
+    assert real_data.mismatches(other, args, 'Shift-M') == ['epochs', 'lr', 'res_scale']
+
+
+def _rewrite_meta(path, target, **changes):
+    """Copy the checkpoint at ``path`` to ``target`` with its meta changed (None deletes a key)."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    for key, value in changes.items():
+        checkpoint['meta'].pop(key) if value is None else checkpoint['meta'].update({key: value})
+    torch.save(checkpoint, target)
+
+
+def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path):
+    """A finished model of the requested run is kept; one of an older generator is set aside and
+    retrained, and so is an interrupted run of another budget (not resumed)."""
+    root, name = tiny_mvtec
+    out = tmp_path / 'bench'
+    base = ['--data-dir', str(root), '--category', name, '--out', str(out), '--res-scale', '0.25',
+            '--epochs', '1', '--batch-size', '2', '--workers', '0', '--device', 'cpu',
+            '--settings', 'FPI', '--train-only']
+    assert real_data.main(base) == 0
+    final = real_data.model_path(SimpleNamespace(out=str(out), category=name), 'FPI')
+    last = final.with_name(final.name.replace('final_', 'last_', 1))
+    assert read_meta(final)['generator_version'] == GENERATOR_VERSION
+    written = final.stat().st_mtime_ns
+    assert real_data.main(base) == 0
+    assert final.stat().st_mtime_ns == written and not list(final.parent.glob('stale_*'))
+
+    _rewrite_meta(final, final, generator_version=None)  # as trained before the field existed
+    assert real_data.main(base) == 0
+    assert read_meta(final)['generator_version'] == GENERATOR_VERSION
+    stale = sorted(p.name for p in final.parent.glob('stale_*'))
+    assert len(stale) == 2 and stale[0].endswith(final.name) and stale[1].endswith(last.name)
+    assert 'generator_version' not in read_meta(final.parent / stale[0])
+
+    # an interrupted run of 3 epochs (a last checkpoint, no final model) is not resumed for 1 epoch;
+    # set aside with the same time stamp as the earlier stale files, it does not replace them
+    train_config = dict(read_meta(final)['train_config'], epochs=3)
+    _rewrite_meta(final, last, train_config=train_config)
+    final.unlink()
+    stamp = int(stale[1].split('_')[1])
+    os.utime(last, (stamp, stamp))
+    assert real_data.main(base) == 0
+    assert read_meta(final)['train_config']['epochs'] == 1
+    stale_now = sorted(p.name for p in final.parent.glob('stale_*'))
+    assert set(stale) < set(stale_now) and len(stale_now) == 3
+    assert read_meta(final.parent / (set(stale_now) - set(stale)).pop())['train_config']['epochs'] == 3
 
 
 def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path):

@@ -9,6 +9,7 @@ import train_mvtec
 from conftest import make_mvtec_category
 from experiments.settings import trained_model_path
 from experiments.training import last_checkpoint_path, load_model
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 FAST = ['--epochs', '2', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
         '--no-figures', '--checkpoint-every', '100']
@@ -78,6 +79,7 @@ def test_training_a_tiny_category_lowers_the_loss_and_resume_skips_it(tiny_mvtec
     assert meta['self_sup_args']['label_mode'] == 'logistic-intensity'
     assert meta['self_sup_args']['mode'] == 2  # cv2.MIXED_CLONE
     assert meta['model_config']['final_activation'] == 'sigmoid'
+    assert meta['generator_version'] == GENERATOR_VERSION
     losses = meta['epoch_losses']
     assert len(losses) == 2 and losses[-1] < losses[0]
     with torch.no_grad():
@@ -138,6 +140,7 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     model, meta = load_model(trained_model_path(out, 'Shift-Intensity', 'chest_xray'))
     assert meta['dataset'] == 'chest_xray' and meta['self_sup_args']['gamma_params'] == (2, 0.03, 0.05)
     assert meta['train_config']['epochs'] == 1 and meta['in_channels'] == 1
+    assert meta['generator_version'] == GENERATOR_VERSION
 
     listing.write_text('\n'.join(names + ['missing.png']) + '\n')
     fresh = tmp_path / 'fresh'
