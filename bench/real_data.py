@@ -39,7 +39,7 @@ import pandas as pd  # noqa: E402
 from experiments import metrics, plotting, settings, tables  # noqa: E402
 from experiments.mvtec_tasks import (evaluate_variants, load_normal_set, load_test_set,  # noqa: E402
                                      read_meta, read_model, result_variants)
-from experiments.training import resolve_device  # noqa: E402
+from experiments.training import last_checkpoint_path, resolve_device  # noqa: E402
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION  # noqa: E402
 
 # NSA with the paper's texture recipe (mixed gradients, logistic and binary label), NSA's patches
@@ -89,6 +89,13 @@ def model_path(args, key):
     return settings.trained_model_path(Path(args.out) / 'models', setting, args.category)
 
 
+def checkpoint_path(args, key):
+    """Where an interrupted training of ``key`` keeps its last checkpoint (``--resume`` continues it)."""
+    setting = settings.parse_setting(key)
+    return last_checkpoint_path(setting.run_dir(Path(args.out) / 'models', args.category),
+                                setting.run_name(args.category))
+
+
 def mismatches(meta, args, key):
     """The fields in which a model's meta differs from what this run would train: the generator's
     arguments (from the category's parameters) and version, and the budget."""
@@ -104,11 +111,11 @@ def mismatches(meta, args, key):
     return sorted(k for k in wanted if normal[0][k] != normal[1][k])
 
 
-def set_aside_if_stale(path, args, key):
-    """Rename the model at ``path`` (final_*.pt) and its last checkpoint to stale_*.pt when they do
-    not match this run's configuration; without a final model, the last checkpoint (an interrupted
-    run) decides, so that no run resumes from another configuration."""
-    last = path.with_name(path.name.replace('final_', 'last_', 1))
+def set_aside_if_stale(args, key):
+    """Rename the trained model of ``key`` and its last checkpoint to stale_*.pt when they do not
+    match this run's configuration; without a final model, the last checkpoint (an interrupted run)
+    decides, so that no run resumes from another configuration."""
+    path, last = model_path(args, key), checkpoint_path(args, key)
     found = next((p for p in (path, last) if p.is_file()), None)
     if found is None:
         return
@@ -262,7 +269,7 @@ def main(argv=None):
     started = time.perf_counter()
     if not args.evaluate_only:
         for key in args.settings:
-            set_aside_if_stale(model_path(args, key), args, key)
+            set_aside_if_stale(args, key)
             train(args, key)
     if args.train_only:
         return 0

@@ -88,8 +88,9 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
             '--epochs', '1', '--batch-size', '2', '--workers', '0', '--device', 'cpu',
             '--settings', 'FPI', '--train-only']
     assert real_data.main(base) == 0
-    final = real_data.model_path(SimpleNamespace(out=str(out), category=name), 'FPI')
-    last = final.with_name(final.name.replace('final_', 'last_', 1))
+    paths = SimpleNamespace(out=str(out), category=name)
+    final, last = real_data.model_path(paths, 'FPI'), real_data.checkpoint_path(paths, 'FPI')
+    assert last == final.with_name(f'last_{name}_fpi.pt')
     assert read_meta(final)['generator_version'] == GENERATOR_VERSION
     written = final.stat().st_mtime_ns
     assert real_data.main(base) == 0
