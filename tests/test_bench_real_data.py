@@ -75,7 +75,10 @@ def _rewrite_meta(path, target, **changes):
     """Copy the checkpoint at ``path`` to ``target`` with its meta changed (None deletes a key)."""
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     for key, value in changes.items():
-        checkpoint['meta'].pop(key) if value is None else checkpoint['meta'].update({key: value})
+        if value is None:
+            del checkpoint['meta'][key]
+        else:
+            checkpoint['meta'][key] = value
     torch.save(checkpoint, target)
 
 
