@@ -47,7 +47,9 @@ def plan(args):
                          "supports the encoder-decoder settings only")
     params = settings.chest_xray_params(settings.param_overrides(args))
     resolve_device(args.device)
-    train_config(args, epochs=1, seed=0, loss=setting.loss)  # validates the loop's options
+    # validates the loop's options (without --epochs, each run checks --swa-epochs against its
+    # default epochs when it is prepared)
+    train_config(args, epochs=args.swa_epochs + 1, seed=0, loss=setting.loss)
     chest_recipe(args.res)
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"data folder {args.data_dir} does not exist")

@@ -8,16 +8,22 @@ of V views ``V x C x H x W`` with V class labels each: a batch of B items is B V
 
 Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine from ``lr`` to
 ``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
-paper's code). The loss is BCE or MSE between the model's output and the label map (or the
-cross-entropy of a classifier's logits and the class labels), computed in float32. Model and
-images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
-autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
+paper's code). With ``config.swa_epochs = S > 0`` (stochastic weight averaging, Izmailov et al.
+2018; not in the paper), the cosine reaches ``swa_lr`` after ``epochs - S`` epochs, the learning
+rate then stays at ``swa_lr``, the weights at the end of each of the last S epochs are averaged,
+and the final model is that average with its batch-norm statistics recomputed on one more epoch
+of training samples (``recompute_batch_norm``). The loss is BCE or MSE between the model's output
+and the label map (or the cross-entropy of a classifier's logits and the class labels), computed
+in float32. Model and images are channels_last (faster convolutions on the CPU too); the forward
+pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see
+``use_bf16``).
 
 Files of a run ``name`` in ``run_dir``:
 
-    last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta), written
-                      every ``checkpoint_every`` epochs; ``resume=True`` continues from it
-    final_<name>.pt   the trained model and its meta (``load_model`` reads it)
+    last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta; with SWA
+                      the running average), written every ``checkpoint_every`` epochs;
+                      ``resume=True`` continues from it
+    final_<name>.pt   the trained model (with SWA: the averaged one) and its meta (``load_model``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
 
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
@@ -54,6 +60,8 @@ class TrainConfig:
 
     device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
     bf16: forward pass in bfloat16 autocast; None: on CUDA only, True: on the CPU too, False: never.
+    swa_epochs: average the weights of this many last epochs, trained at the constant ``swa_lr``
+    (0: no averaging; see the module docstring).
     """
     epochs: int
     batch_size: int = 64
@@ -68,6 +76,8 @@ class TrainConfig:
     figure_every: int | None = None
     figures: bool = True
     progress: bool = True
+    swa_epochs: int = 0
+    swa_lr: float = 1e-4
 
     def __post_init__(self):
         if self.loss not in LOSS_FUNCTIONS:
@@ -77,6 +87,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
+        if not 0 <= self.swa_epochs < self.epochs:
+            raise ValueError(f"swa_epochs must be >= 0 and less than epochs ({self.epochs}), "
+                             f"got {self.swa_epochs!r}")
+        if not self.swa_lr > 0:
+            raise ValueError(f"swa_lr must be positive, got {self.swa_lr!r}")
 
 
 def seed_everything(seed):
@@ -201,8 +216,11 @@ def _cpu_state_dict(module):
 
 def _check_resumable(path, saved_meta, meta):
     """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+    defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
+
     def learnt(m):
-        config = {k: v for k, v in m['train_config'].items() if k not in RUNTIME_FIELDS}
+        config = {k: v for k, v in {**defaults, **m['train_config']}.items()
+                  if k not in RUNTIME_FIELDS}
         rest = {k: v for k, v in m.items()
                 if k not in ('train_config', 'epoch_losses', 'train_time_s')}
         return {**rest, **config}
@@ -258,6 +276,29 @@ def train_step(model, optimizer, loss_function, images, labels, device, bf16=Non
     return images, labels, preds.detach(), loss.item()
 
 
+def recompute_batch_norm(model, loader, device, bf16=None):
+    """Reset the batch-norm running statistics of ``model`` and set them to their plain average
+    over one pass through ``loader`` (training mode, no gradients): the statistics that belong to
+    averaged weights (``torch.optim.swa_utils.update_bn``, with ``train_step``'s batch layout)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = {}
+    for norm in norms:
+        norm.reset_running_stats()
+        momenta[norm], norm.momentum = norm.momentum, None  # None: cumulative average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for images, _, _ in loader:
+            if images.dim() == 5:
+                images = images.flatten(0, 1)
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
+                model(images)
+    for norm, momentum in momenta.items():
+        norm.momentum = momentum
+    model.train(was_training)
+
+
 def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 
@@ -275,8 +316,11 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     last_path = last_checkpoint_path(run_dir, name)
     to_training_device(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
-                                                           eta_min=config.min_lr)
+    cosine_epochs = config.epochs - config.swa_epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=cosine_epochs,
+        eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
+    averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
     meta = {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
             'epoch_losses': [], 'train_time_s': 0.0}
     start_epoch = 0
@@ -287,6 +331,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
+        if averaged is not None:
+            averaged.load_state_dict(checkpoint['averaged'])
         set_rng_state(checkpoint['rng'])
         meta.update(epoch_losses=checkpoint['meta']['epoch_losses'],
                     train_time_s=checkpoint['meta']['train_time_s'])
@@ -310,7 +356,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
             loss_sum += loss * len(images)
             count += len(images)
             batches.set_postfix(loss=f'{loss_sum / count:.4f}')
-        scheduler.step()
+        if epoch < cosine_epochs:
+            scheduler.step()  # then constant at swa_lr
+        else:
+            averaged.update_parameters(model)
         meta['epoch_losses'].append(loss_sum / count)
         meta['train_time_s'] += time.perf_counter() - started
         epochs.set_postfix(loss=f'{loss_sum / count:.4f}', lr=f'{scheduler.get_last_lr()[0]:.2e}')
@@ -321,11 +370,20 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
             save_sample_figure(images, labels, preds,
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
         if done % config.checkpoint_every == 0 or done == config.epochs:
+            averaged_state = {} if averaged is None else dict(averaged=averaged.state_dict())
             save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
-                             meta=meta), last_path)
+                             meta=meta, **averaged_state), last_path)
 
-    save_atomic(dict(model=_cpu_state_dict(model), meta=meta), final_model_path(run_dir, name))
+    final_model = model
+    if averaged is not None:
+        started = time.perf_counter()
+        loader.sampler.set_epoch(config.epochs)  # samples of one more epoch
+        recompute_batch_norm(averaged.module, loader, device, config.bf16)
+        meta['train_time_s'] += time.perf_counter() - started
+        final_model = averaged.module
+    save_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
+                final_model_path(run_dir, name))
     if config.figures:
         save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
     return meta
@@ -374,6 +432,14 @@ def add_training_arguments(parser):
     group.add_argument('--figure-every', type=int, metavar='E',
                        help='example figure every E epochs (default: a quarter of the epochs)')
     group.add_argument('--no-figures', action='store_true', help='write no figures')
+    group.add_argument('--swa-epochs', type=int, default=0, metavar='S',
+                       help='stochastic weight averaging: the cosine decays to --swa-lr in the '
+                            'first epochs less S, and the model is the average of the weights '
+                            'after each of the last S epochs at that constant rate (default: 0, '
+                            'no averaging)')
+    group.add_argument('--swa-lr', type=float, default=TrainConfig.swa_lr,
+                       help='learning rate of the averaged epochs '
+                            f'(default: {TrainConfig.swa_lr:g})')
     group.add_argument('--no_pool', action='store_true', help='no max pool in the stem')
     group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
 
@@ -384,7 +450,8 @@ def train_config(args, epochs, seed, loss):
                        batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
                        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-                       figure_every=args.figure_every, figures=not args.no_figures)
+                       figure_every=args.figure_every, figures=not args.no_figures,
+                       swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):

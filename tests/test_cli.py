@@ -34,6 +34,7 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift', '--width-bounds', '0.1', '0.6', '0.1', '0.2'], '--width-bounds'),
     (['-s', 'Shift', '--batch-size', '-1'], 'batch_size'),
     (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
+    (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], 'less than epochs (4), got 4'),
 ])
 def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, expected):
     root, _ = tiny_mvtec
@@ -98,13 +99,15 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     make_mvtec_category(data, 'fabric', n_train=2)
     args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'),
                                    '-c', 'object', '--kind', 'object', '--logistic', '0.5', '3',
-                                   '--no_mask', '--single_patch', '--res-scale', '0.25'])
+                                   '--no_mask', '--single_patch', '--res-scale', '0.25',
+                                   '--swa-epochs', '20', '--swa-lr', '2e-4'])
     setting, _, categories, _ = train_mvtec.plan(args)
     assert categories == ['fabric', 'gears']
     dataset, model, config, meta = train_mvtec.prepare_run(args, setting, data, 'gears')
     assert meta['kind'] == 'object' and meta['self_sup_args']['num_patches'] == 1
     assert meta['self_sup_args']['intensity_logistic_params'] == (0.5, 3)
     assert config.epochs == 320 and config.batch_size == 64 and config.lr == 1e-3
+    assert (config.swa_epochs, config.swa_lr) == (20, 2e-4)  # checked against the default epochs
     assert model.config['in_channels'] == dataset.in_channels == 1
 
 

@@ -64,6 +64,14 @@ class TinyNet(torch.nn.Module):
         return self.layers(x)
 
 
+class TinyBatchNormNet(TinyNet):
+    """TinyNet with a batch norm after its first convolution (weight averaging recomputes it)."""
+
+    def __init__(self, channels=4):
+        super().__init__(channels)
+        self.layers.insert(1, torch.nn.BatchNorm2d(channels))
+
+
 class ViewsDataset(SquaresDataset):
     """Multi-view items: each image as it is (class 0) and with a bright square (class 1)."""
 
@@ -279,11 +287,67 @@ def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert torch.load(path, weights_only=True) == {'epoch': 1}
 
 
+def test_swa_model_is_the_average_of_the_last_epochs_with_batch_norm_of_the_average(tmp_path):
+    """epochs 4, swa_epochs 2: the cosine reaches swa_lr after 2 epochs; the final model's
+    parameters are the mean of those after epochs 3 and 4, its batch-norm statistics those of the
+    averaged convolution on the samples of one more epoch (index 4); resume ends in the same
+    state."""
+    swa = config(epochs=4, swa_epochs=2, lr=1e-2, swa_lr=3e-3)
+
+    def model():
+        seed_everything(0)
+        return TinyBatchNormNet()
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), CrashAtEpoch(3), swa, tmp_path / 'parts', 'toy')
+    after_3 = torch.load(last_checkpoint_path(tmp_path / 'parts', 'toy'), weights_only=True)
+    assert after_3['optimizer']['param_groups'][0]['lr'] == pytest.approx(3e-3)
+    train(model(), SquaresDataset(), swa, tmp_path / 'whole', 'toy')
+    after_4 = torch.load(last_checkpoint_path(tmp_path / 'whole', 'toy'), weights_only=True)
+    final = torch.load(final_model_path(tmp_path / 'whole', 'toy'), weights_only=True)['model']
+
+    for name, _ in TinyBatchNormNet().named_parameters():
+        expected = (after_3['model'][name] + after_4['model'][name]) / 2
+        torch.testing.assert_close(final[name], expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(final[name], after_4['model'][name])
+    data = SquaresDataset()
+    data.set_epoch(4)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    conv = torch.nn.functional.conv2d(images, final['layers.0.weight'], final['layers.0.bias'],
+                                      padding=1)
+    torch.testing.assert_close(final['layers.1.running_mean'], conv.mean(dim=(0, 2, 3)),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(final['layers.1.running_mean'],
+                              after_4['model']['layers.1.running_mean'])
+
+    train(model(), SquaresDataset(), swa, tmp_path / 'parts', 'toy', resume=True)
+    resumed = torch.load(final_model_path(tmp_path / 'parts', 'toy'), weights_only=True)['model']
+    assert_same_state(resumed, final)
+
+
+def test_resume_accepts_a_checkpoint_written_before_the_swa_fields(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy')
+    path = last_checkpoint_path(tmp_path, 'toy')
+    checkpoint = torch.load(path, weights_only=True)
+    for field in ('swa_epochs', 'swa_lr'):
+        del checkpoint['meta']['train_config'][field]
+    torch.save(checkpoint, path)
+    meta = train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy', resume=True)
+    assert len(meta['epoch_losses']) == 2
+    with pytest.raises(ValueError, match='swa_epochs: 0 vs 1'):
+        train(fresh_model(), SquaresDataset(), config(epochs=3, swa_epochs=1), tmp_path, 'toy',
+              resume=True)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match='loss'):
         TrainConfig(epochs=1, loss='l1')
     with pytest.raises(ValueError, match='epochs'):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match='swa_epochs .*less than epochs \\(3\\), got 3'):
+        TrainConfig(epochs=3, swa_epochs=3)
+    with pytest.raises(ValueError, match='swa_lr'):
+        TrainConfig(epochs=3, swa_epochs=1, swa_lr=0)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA'):
             training.resolve_device('cuda')
