@@ -256,16 +256,24 @@ def to_training_device(model, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
+def model_input(images, device):
+    """A batch as the model takes it: multi-view batches (B x V x C x H x W) flattened to B V
+    samples, on ``device``, channels_last (faster convolutions on CPU and GPU alike)."""
+    if images.dim() == 5:
+        images = images.flatten(0, 1)
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
 def train_step(model, optimizer, loss_function, images, labels, device, bf16=None):
     """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
 
-    Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples.
-    Images go channels_last (faster convolutions on CPU and GPU alike); the forward pass runs in
-    bfloat16 autocast where ``use_bf16(bf16, device)``. The loss is computed in float32.
+    Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples
+    (``model_input``); the forward pass runs in bfloat16 autocast where ``use_bf16(bf16, device)``.
+    The loss is computed in float32.
     """
     if images.dim() == 5:
-        images, labels = images.flatten(0, 1), labels.flatten(0, 1)
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        labels = labels.flatten(0, 1)
+    images = model_input(images, device)
     labels = labels.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
         preds = model(images)
@@ -279,7 +287,7 @@ def train_step(model, optimizer, loss_function, images, labels, device, bf16=Non
 def recompute_batch_norm(model, loader, device, bf16=None):
     """Reset the batch-norm running statistics of ``model`` and set them to their plain average
     over one pass through ``loader`` (training mode, no gradients): the statistics that belong to
-    averaged weights (``torch.optim.swa_utils.update_bn``, with ``train_step``'s batch layout)."""
+    averaged weights (``torch.optim.swa_utils.update_bn``, with ``model_input``'s batch layout)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = {}
     for norm in norms:
@@ -289,11 +297,8 @@ def recompute_batch_norm(model, loader, device, bf16=None):
     model.train()
     with torch.no_grad():
         for images, _, _ in loader:
-            if images.dim() == 5:
-                images = images.flatten(0, 1)
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
-                model(images)
+                model(model_input(images, device))
     for norm, momentum in momenta.items():
         norm.momentum = momentum
     model.train(was_training)
