@@ -49,7 +49,7 @@ def plan(args):
     resolve_device(args.device)
     # validates the loop's options (without --epochs, each run checks --swa-epochs against its
     # default epochs when it is prepared)
-    train_config(args, epochs=args.swa_epochs + 1, seed=0, loss=setting.loss)
+    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=setting.loss)
     chest_recipe(args.res)
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"data folder {args.data_dir} does not exist")

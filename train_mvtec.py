@@ -86,7 +86,7 @@ def plan(args):
     resolve_device(args.device)
     # validates the loop's options (without --epochs, each run checks --swa-epochs against its
     # default epochs when it is prepared)
-    train_config(args, epochs=args.swa_epochs + 1, seed=0, loss=setting.loss)
+    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=setting.loss)
     if args.res_scale is not None and not args.res_scale > 0:
         raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
     if args.data_dir is not None:

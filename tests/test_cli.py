@@ -35,6 +35,7 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift', '--batch-size', '-1'], 'batch_size'),
     (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
     (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], 'less than epochs (4), got 4'),
+    (['-s', 'Shift', '--swa-epochs', '-3'], 'swa_epochs must be >= 0'),
 ])
 def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, expected):
     root, _ = tiny_mvtec
