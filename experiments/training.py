@@ -287,21 +287,11 @@ def train_step(model, optimizer, loss_function, images, labels, device, bf16=Non
 def recompute_batch_norm(model, loader, device, bf16=None):
     """Reset the batch-norm running statistics of ``model`` and set them to their plain average
     over one pass through ``loader`` (training mode, no gradients): the statistics that belong to
-    averaged weights (``torch.optim.swa_utils.update_bn``, with ``model_input``'s batch layout)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = {}
-    for norm in norms:
-        norm.reset_running_stats()
-        momenta[norm], norm.momentum = norm.momentum, None  # None: cumulative average
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for images, _, _ in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
-                model(model_input(images, device))
-    for norm, momentum in momenta.items():
-        norm.momentum = momentum
-    model.train(was_training)
+    averaged weights. ``torch.optim.swa_utils.update_bn`` on the batches in ``model_input``'s
+    layout, in the training step's autocast."""
+    batches = (model_input(images, device) for images, _, _ in loader)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
+        torch.optim.swa_utils.update_bn(batches, model)
 
 
 def train(model, dataset, config, run_dir, name, meta=None, resume=False):
