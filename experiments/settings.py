@@ -259,9 +259,10 @@ CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.i
 # defects lie largely next to the image border (86% of the break pixels, 36-51% of the other types'
 # within the outer 10% of each side), where patches that must lie inside the image rarely reach.
 # A seamless blend leaves no visible change on it (image AUROC 0.51 at 60 epochs); mixing each
-# blend with its plain paste by U(0.5, 1) keeps part of the patch's offset and edges.
+# blend with its plain paste by U(0.5, 1) keeps part of the patch's offset and edges. Up to 8
+# patches (4.5 on average, against the texture default's 2.5) found its small defects better.
 CATEGORY_PARAMS['magnetic_tile'] = dict(intensity_logistic_params=(1, 3), clip_at_border=True,
-                                        paste_fraction=(0.5, 1))
+                                        paste_fraction=(0.5, 1), num_patches=8)
 
 # NIH ChestX-ray14 (the paper's chest X-ray experiments).
 CHEST_XRAY_PARAMS = dict(width_bounds_pct=_FULL, num_patches=3, intensity_logistic_params=(1 / 2, 4),
