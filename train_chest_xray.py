@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.training import (add_training_arguments, exit_on_input_error, model_from_args,
-                                  prepare_output_dir, resolve_device, train_config,
+from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
+                                  model_from_args, prepare_output_dir, resolve_device, train_config,
                                   train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
@@ -47,9 +47,7 @@ def plan(args):
                          "supports the encoder-decoder settings only")
     params = settings.chest_xray_params(settings.param_overrides(args))
     resolve_device(args.device)
-    # validates the loop's options (without --epochs, each run checks --swa-epochs against its
-    # default epochs when it is prepared)
-    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=setting.loss)
+    check_training_options(args, setting.loss)
     chest_recipe(args.res)
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"data folder {args.data_dir} does not exist")

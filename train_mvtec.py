@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.training import (add_training_arguments, exit_on_input_error, model_from_args,
-                                  prepare_output_dir, resolve_device, train_config,
+from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
+                                  model_from_args, prepare_output_dir, resolve_device, train_config,
                                   train_unless_finished)
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
@@ -84,9 +84,7 @@ def plan(args):
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
     resolve_device(args.device)
-    # validates the loop's options (without --epochs, each run checks --swa-epochs against its
-    # default epochs when it is prepared)
-    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=setting.loss)
+    check_training_options(args, setting.loss)
     if args.res_scale is not None and not args.res_scale > 0:
         raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
     if args.data_dir is not None:

@@ -449,6 +449,13 @@ def train_config(args, epochs, seed, loss):
                        swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
 
 
+def check_training_options(args, loss):
+    """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
+    (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
+    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in."""
+    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
     """NSA's encoder-decoder with the --no_pool/--preact options, initialised from ``seed``; with
     ``num_classes``, the encoder with CutPaste's heads and a num_classes-way classifier instead."""
