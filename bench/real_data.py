@@ -12,7 +12,7 @@ epochs it trains about twice as long as an encoder-decoder setting.
     python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
-                              [--bf16] [--train-only | --evaluate-only]
+                              [--bf16] [--train-only | --evaluate-only] [--flip-average]
 
 It resumes where it stopped: a finished model whose configuration (the generator arguments that
 the category's parameters give, the generator's version and the budget) matches the request is
@@ -21,6 +21,10 @@ matches (e.g. after tuning a category's parameters in ``experiments/settings.py`
 before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
 Training output goes to ``OUT/logs``, so the whole run can go to the background:
 ``nohup python bench/real_data.py > bench.log 2>&1 &``.
+
+``--flip-average`` evaluates with each map averaged with that of the vertically flipped image
+(``experiments.mvtec_tasks``; textures only, not for ``CutPaste-3way``) and writes its tables and
+figure beside the plain ones, as ``real_data_flip_average.md`` etc.
 """
 import argparse
 import json
@@ -81,6 +85,9 @@ def parse_args(argv=None):
     stage.add_argument('--evaluate-only', action='store_true',
                        help='tabulate the models that exist; train nothing')
     stage.add_argument('--train-only', action='store_true', help='train; evaluate nothing')
+    parser.add_argument('--flip-average', action='store_true',
+                        help='evaluate with each map averaged with that of the vertically flipped '
+                             'image; writes real_data_flip_average.md etc.')
     return parser.parse_args(argv)
 
 
@@ -191,7 +198,8 @@ def evaluate_model(args, key, device):
     dataset = load_test_set(args.data_dir, meta)
     (values, maps), = evaluate_variants(
         model, dataset, result_variants(settings.parse_setting(key)),
-        lambda: load_normal_set(args.data_dir, meta), device=device, source=str(path)).values()
+        lambda: load_normal_set(args.data_dir, meta), device=device, source=str(path),
+        flip_average=args.flip_average).values()
     record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values,
                   **pixel_auroc_by_region(dataset, maps),
                   per_type_auroc=per_type_auroc(dataset, maps),
@@ -222,6 +230,11 @@ def example_indices(dataset):
     return chosen
 
 
+def output_suffix(args):
+    """'_flip_average' for the tables and figure of a flip-averaged evaluation, else ''."""
+    return '_flip_average' if args.flip_average else ''
+
+
 def write_figure(args, maps_by_setting, dataset):
     indices = example_indices(dataset)
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
@@ -229,7 +242,7 @@ def write_figure(args, maps_by_setting, dataset):
     rows = {SETTING_NAMES.get(key, key): [maps[i] for i in indices]
             for key, maps in maps_by_setting.items()}
     return plotting.plot_map_comparison([dataset.images[i] for i in indices], masks, rows, titles,
-                                        Path(args.out) / 'heatmaps.png')
+                                        Path(args.out) / f'heatmaps{output_suffix(args)}.png')
 
 
 def write_tables(args, records):
@@ -242,13 +255,15 @@ def write_tables(args, records):
         main = main.drop(columns=pooled)
     per_type = pd.DataFrame([{'setting': r['setting'], **r['per_type_auroc']} for r in records])
     out = Path(args.out)
+    averaged = ', maps averaged with the vertical flip' if args.flip_average else ''
     text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, '
-            f'batch {args.batch_size}\n\n' + main.to_markdown(index=False, floatfmt='.3f')
+            f'batch {args.batch_size}{averaged}\n\n' + main.to_markdown(index=False, floatfmt='.3f')
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
             + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
-    tables.write_text_atomic(out / 'real_data.md', text)
-    tables.write_text_atomic(out / 'real_data.csv', main.to_csv(index=False))
-    tables.write_text_atomic(out / 'real_data_per_type.csv', per_type.to_csv(index=False))
+    suffix = output_suffix(args)
+    tables.write_text_atomic(out / f'real_data{suffix}.md', text)
+    tables.write_text_atomic(out / f'real_data{suffix}.csv', main.to_csv(index=False))
+    tables.write_text_atomic(out / f'real_data{suffix}_per_type.csv', per_type.to_csv(index=False))
     return text
 
 
@@ -262,7 +277,10 @@ def main(argv=None):
         return 1
     try:
         for key in args.settings:
-            settings.parse_setting(key)  # unknown keys fail before anything is trained
+            setting = settings.parse_setting(key)  # unknown keys fail before anything is trained
+            if args.flip_average and result_variants(setting) != [None]:
+                raise ValueError(f'--flip-average applies to the maps of an encoder-decoder; {key} '
+                                 'is scored by a one-class model on its features')
     except ValueError as error:
         print(f'real_data: {error}', file=sys.stderr)
         return 1

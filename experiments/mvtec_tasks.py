@@ -12,6 +12,11 @@ Prediction follows the paper. Test images are resized to the category's test sid
 The image score is the mean (the paper) or the maximum (MVTec AD's protocol) of the map; see
 ``experiments.metrics.evaluate_maps`` for the metrics.
 
+Flip averaging (``--flip-average``, textures only; not in the paper): the map is the mean of the
+image's map and the map of its vertical flip, flipped back. The texture training recipe draws that
+flip (``data_recipe``), so both views are images of the kind the model was trained on; the objects'
+recipe has no flip, and a flipped object would be an image it never saw.
+
 Two-stage variants (``--one-class gde kde ocsvm``, see ``experiments.one_class``): a one-class
 model fitted to the encoder features of the category's normal training images, prepared as the
 test images (``load_normal_set``), scores each test image (metrics ``image_auroc_pooled``,
@@ -21,7 +26,8 @@ metrics). Their results are named after the setting and the model, e.g.
 map of its own: it is evaluated with the one-class models only (default: GDE).
 
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
-        [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--paper-layout] [--percent]
+        [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--flip-average]
+        [--paper-layout] [--percent]
 """
 import argparse
 import functools
@@ -57,12 +63,21 @@ def paper_crop_size(dataset):
     return dataset.train_size if getattr(dataset, 'kind', None) == 'object' else None
 
 
-def predict_batch(model, images, crop_size=None):
+def predict_batch(model, images, crop_size=None, flip_average=False):
     """Anomaly maps ``B x H x W`` of images ``B x C x H x W`` (see the module docstring).
 
     ``crop_size``: predict the central ``crop_size`` square and pad the map with zeros (objects);
     None: predict the whole image, reflect-padded to a multiple of 32 (textures).
+    ``flip_average``: the mean of the map and the flipped-back map of the vertically flipped images.
     """
+    maps = _predict_view(model, images, crop_size)
+    if flip_average:
+        maps = (maps + _predict_view(model, images.flip(-2), crop_size).flip(-2)) / 2
+    return maps
+
+
+def _predict_view(model, images, crop_size):
+    """``predict_batch`` of one view of the images."""
     height, width = images.shape[-2:]
     if crop_size is not None:
         if crop_size > min(height, width):
@@ -79,12 +94,17 @@ def predict_batch(model, images, crop_size=None):
     return maps[:, 0]
 
 
-def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto'):
+def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto', flip_average=False):
     """Predict every test item of ``dataset`` (items ``(image, label, mask)``).
 
     ``crop_size``: 'auto' -> ``paper_crop_size(dataset)``; None or an int as in ``predict_batch``.
+    ``flip_average``: average each map with that of the vertical flip (textures only: ValueError
+    for an object category, whose training recipe does not flip).
     Returns (maps float32 N x H x W, labels int N, masks uint8 N x H x W), in dataset order.
     """
+    if flip_average and getattr(dataset, 'kind', None) == 'object':
+        raise ValueError(f'flip averaging is for textures: the training recipe of the object category '
+                         f'{getattr(dataset, "class_name", "?")!r} does not flip its images')
     if crop_size == 'auto':
         crop_size = paper_crop_size(dataset)
     device = torch.device(device)
@@ -93,42 +113,50 @@ def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto'):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         for images, batch_labels, batch_masks in tqdm(loader, 'predicting', leave=False, disable=None):
-            maps.append(predict_batch(model, images.to(device), crop_size).float().cpu().numpy())
+            maps.append(predict_batch(model, images.to(device), crop_size, flip_average)
+                        .float().cpu().numpy())
             labels.append(np.asarray(batch_labels))
             masks.append(batch_masks[:, 0].numpy().astype(np.uint8))
     return np.concatenate(maps).astype(np.float32), np.concatenate(labels), np.concatenate(masks)
 
 
-def predict_maps(model, dataset, batch_size=32, device='cpu', crop_size='auto'):
+def predict_maps(model, dataset, batch_size=32, device='cpu', crop_size='auto', flip_average=False):
     """Anomaly maps (float32 N x H x W) of the test items of ``dataset`` (see ``predict``)."""
-    return predict(model, dataset, batch_size, device, crop_size)[0]
+    return predict(model, dataset, batch_size, device, crop_size, flip_average)[0]
 
 
-def evaluate(model, dataset, batch_size=32, device='cpu', crop_size='auto', return_maps=False):
+def evaluate(model, dataset, batch_size=32, device='cpu', crop_size='auto', return_maps=False,
+             flip_average=False):
     """Metrics of ``model`` on the test set ``dataset`` (``metrics.evaluate_maps``).
 
     Image AUROC/AP with the mean and the max of the map as image score, pixel AUROC/AP and
     AU-PRO; the pixel metrics are NaN when no defective image has a mask
-    (``dataset.has_mask``). With ``return_maps`` returns (metrics, maps).
+    (``dataset.has_mask``). With ``return_maps`` returns (metrics, maps). ``flip_average`` as in
+    ``predict``.
     """
-    maps, labels, masks = predict(model, dataset, batch_size, device, crop_size)
+    maps, labels, masks = predict(model, dataset, batch_size, device, crop_size, flip_average)
     results = metrics.evaluate_maps(labels, maps, masks, has_mask=getattr(dataset, 'has_mask', None))
     return (results, maps) if return_maps else results
 
 
 def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, device='cpu',
-                      crop_size='auto', source='model'):
+                      crop_size='auto', source='model', flip_average=False):
     """{variant: (metrics, maps)} of ``model`` on the test set ``dataset`` for each of ``variants``
     (see ``result_variants``): None scores the model's own maps (``evaluate``), a one-class name
     the two-stage model fitted to the normal images ``normal_set()`` (a callable, called only when
     a two-stage variant needs it; see ``one_class.evaluate_two_stage``). ``crop_size`` as in
-    ``predict``, for both kinds of variant."""
+    ``predict``, for both kinds of variant; ``flip_average`` (``predict``) for the model's own maps
+    only: ValueError with a two-stage variant."""
+    two_stage = [variant for variant in variants if variant is not None]
+    if flip_average and two_stage:
+        raise ValueError(f'flip averaging applies to the maps of the encoder-decoder, not to the '
+                         f'two-stage variants {two_stage} of {source}')
     if crop_size == 'auto':
         crop_size = paper_crop_size(dataset)
     results = {}
     if None in variants:
-        results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True)
-    two_stage = [variant for variant in variants if variant is not None]
+        results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True,
+                                 flip_average=flip_average)
     if two_stage:
         results.update(one_class.evaluate_two_stage(
             model, normal_set(), dataset, two_stage, crop_size=crop_size, batch_size=batch_size,
@@ -301,7 +329,7 @@ def missing_records(found, settings, categories, one_class_names=None):
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
-                         batch_size=32, figure_dir=None, one_class_names=None):
+                         batch_size=32, figure_dir=None, one_class_names=None, flip_average=False):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
@@ -311,7 +339,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     checkpoint gives a row of NaN and a warning; an unreadable checkpoint raises ValueError naming
     it. figure_dir: also write ``<category>_<setting>.png`` (first seed found of each setting, see
     ``plot_test_examples``). one_class_names: also evaluate the two-stage variants with these
-    one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). Returns the long-format
+    one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
+    map with that of the vertical flip (``predict``; textures only). Returns the long-format
     results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
     ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path.
     """
@@ -321,6 +350,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                       key=lambda item: (item[1]['category'], str(item[0])))
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work
+    if flip_average:
+        _check_flip_average(selected, one_class_names)
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
@@ -332,7 +363,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         setting = parse_setting(meta['setting'])
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
-                                    normal_set, batch_size, device, crop_size, source=str(path))
+                                    normal_set, batch_size, device, crop_size, source=str(path),
+                                    flip_average=flip_average)
         for variant, (values, maps) in results.items():
             records.append(_record(meta, setting, path, values, variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
@@ -346,6 +378,19 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                                    categories or sorted({meta['category'] for _, meta in found}),
                                    one_class_names)
     return sort_records(records, settings)
+
+
+def _check_flip_average(selected, one_class_names):
+    """ValueError, before any work, naming a checkpoint that flip averaging does not apply to: an
+    object category's, or one scored by two-stage variants."""
+    for path, meta in selected:
+        if category_kind(meta['category'], meta.get('kind')) == 'object':
+            raise ValueError(f'flip averaging is for textures: {path} is a model of the object '
+                             f'category {meta["category"]!r}, whose training recipe does not flip')
+        if any(variant is not None
+               for variant in result_variants(parse_setting(meta['setting']), one_class_names)):
+            raise ValueError(f'flip averaging applies to the maps of the encoder-decoder, not to the '
+                             f'two-stage variants of {path}')
 
 
 def sort_records(records, settings=None):
@@ -404,6 +449,10 @@ def parse_args(argv=None):
                              'named SETTING+GDE etc. (classifier settings such as CutPaste-3way '
                              'are scored this way only; default for them: '
                              f'{" ".join(CLASSIFIER_ONE_CLASS)})'),
+    parser.add_argument('--flip-average', action='store_true',
+                        help='average each map with that of the vertically flipped image, the flip '
+                             'of the texture training recipe (textures only; not in the paper; not '
+                             'with --one-class)')
     parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--paper-layout', action='store_true',
@@ -434,7 +483,8 @@ def main(argv=None):
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
                                        device=args.device, batch_size=args.batch_size,
-                                       figure_dir=figure_dir, one_class_names=args.one_class)
+                                       figure_dir=figure_dir, one_class_names=args.one_class,
+                                       flip_average=args.flip_average)
         if not records:
             raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings '
                                     f'and categories under {args.model_dir}')

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from bench import real_data
 from experiments import one_class, settings
-from experiments.mvtec_tasks import load_normal_set, load_test_set, read_meta, read_model
+from experiments.mvtec_tasks import evaluate, load_normal_set, load_test_set, read_meta, read_model
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 
@@ -145,3 +145,17 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     # tabulating the decoder alone (nothing trained again) has no pooled column
     assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
     assert 'image AUROC (pooled)' not in pd.read_csv(out / 'real_data.csv').columns
+
+    # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
+    plain = (out / 'real_data.md').read_text()
+    assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only', '--flip-average']) == 0
+    assert (out / 'real_data.md').read_text() == plain
+    assert (out / 'heatmaps_flip_average.png').is_file()
+    averaged = pd.read_csv(out / 'real_data_flip_average.csv').set_index('setting')
+    model, meta = read_model(real_data.model_path(SimpleNamespace(out=str(out), category=name),
+                                                  'CutPaste'), 'cpu')
+    values = evaluate(model, load_test_set(str(root), meta), flip_average=True)
+    assert averaged.loc['CutPaste', 'image AUROC (mean)'] == pytest.approx(values['image_auroc_mean'])
+    assert 'maps averaged with the vertical flip' in (out / 'real_data_flip_average.md').read_text()
+    assert real_data.main(base + ['--settings', 'CutPaste-3way', '--evaluate-only',
+                                  '--flip-average']) == 1

@@ -209,6 +209,36 @@ def test_predict_maps_rejects_crop_larger_than_the_image():
         mvtec_tasks.predict_maps(FirstChannel(), dataset)
 
 
+class RowWeighted(FirstChannel):
+    """A stand-in network that is not flip-equivariant: the first channel times the row index."""
+
+    def forward(self, x):
+        rows = torch.arange(x.shape[-2], dtype=x.dtype)[:, None]
+        return super().forward(x) * rows
+
+
+def test_flip_average_is_the_mean_of_the_map_and_the_flipped_back_map_of_the_flip():
+    # row r is weighted r in the image's map and H - 1 - r in the flipped image's map flipped back,
+    # so their mean weighs every row by (H - 1) / 2; 72 pixels also checks the reflect padding
+    dataset = random_test_set('texture', size=72, train_size=64)
+    images = np.stack([image[0].numpy() for image in dataset.images])
+    plain = mvtec_tasks.predict_maps(RowWeighted(), dataset, batch_size=2)
+    np.testing.assert_allclose(plain, images * np.arange(72)[:, None], rtol=1e-6)
+    averaged = mvtec_tasks.predict_maps(RowWeighted(), dataset, batch_size=2, flip_average=True)
+    np.testing.assert_allclose(averaged, images * 71 / 2, rtol=1e-6)
+    # a flip-equivariant network's map is unchanged
+    np.testing.assert_array_equal(
+        mvtec_tasks.predict_maps(FirstChannel(), dataset, flip_average=True), images)
+    results, maps = mvtec_tasks.evaluate(RowWeighted(), dataset, return_maps=True, flip_average=True)
+    np.testing.assert_array_equal(maps, averaged)
+
+
+def test_flip_average_rejects_objects():
+    dataset = random_test_set('object', size=80, train_size=64)
+    with pytest.raises(ValueError, match='flip averaging is for textures'):
+        mvtec_tasks.predict_maps(FirstChannel(), dataset, flip_average=True)
+
+
 def test_evaluate_equals_metrics_of_the_predicted_maps():
     from experiments import metrics
     dataset = random_test_set('texture', size=64, train_size=64, n=6)
@@ -300,6 +330,24 @@ def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     assert [(r['category'], r['setting'], r['seed']) for r in records] == [('tiles', 'Shift', 2)]
 
 
+def test_evaluate_checkpoints_with_flip_average(trained):
+    model_dir, data_dir = trained
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'],
+                                               categories=['tiles'], flip_average=True)
+    assert [(r['category'], r['setting']) for r in records] == [('tiles', 'FPI')]
+    model, meta = training.load_model(records[0]['checkpoint'])
+    dataset = mvtec_tasks.load_test_set(data_dir, meta)
+    expected = mvtec_tasks.evaluate(model, dataset, flip_average=True)
+    assert expected == {m: records[0][m] for m in mvtec_tasks.METRICS}
+    assert expected != mvtec_tasks.evaluate(model, dataset)  # a real network is not flip-equivariant
+    # checked before any work: an object category, a two-stage variant
+    with pytest.raises(ValueError, match="object category 'parts'"):
+        mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'], flip_average=True)
+    with pytest.raises(ValueError, match='two-stage variants of .*tiles'):
+        mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, categories=['tiles'],
+                                         one_class_names=['gde'], flip_average=True)
+
+
 def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     model_dir, data_dir = trained
     with pytest.warns(UserWarning, match="no checkpoint for setting 'CutPaste' on category 'tiles'"):
@@ -373,6 +421,21 @@ def test_command_line_end_to_end(trained, tmp_path):
     results = pd.read_csv(out / 'results.csv')
     assert len(results) == 4 and set(results['seed']) == {1, 2}
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
+
+
+def test_command_line_flip_average(trained, tmp_path):
+    model_dir, data_dir = trained
+    out = tmp_path / 'out'
+    base = ['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-s', 'FPI', '--device', 'cpu',
+            '--no-figures', '--flip-average']
+    mvtec_tasks.main(base + ['-n', 'tiles'])
+    results = pd.read_csv(out / 'results.csv')
+    expected = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, ['FPI'], ['tiles'], flip_average=True)
+    assert results.loc[0, 'image_auroc_mean'] == pytest.approx(expected[0]['image_auroc_mean'])
+    with pytest.raises(SystemExit) as exit_info:  # an object category: one line, nothing written
+        mvtec_tasks.main(base + ['-o', str(tmp_path / 'objects')])
+    assert str(exit_info.value.code).startswith('error: flip averaging is for textures')
+    assert not (tmp_path / 'objects').exists()
 
 
 def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
