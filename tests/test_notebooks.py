@@ -7,10 +7,12 @@ import ast
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
 from conftest import make_mvtec_category
+from experiments import mvtec_tasks
 from test_evaluation import make_chest_test_set, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +60,13 @@ def test_mvtec_notebook(tmp_path, monkeypatch):
     save_checkpoint(model_dir, 'Shift-Intensity-M-3', 'tiles', 'texture', seed=3)
     notebook = run_notebook('mvtec_evaluation.ipynb', dict(
         MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), SETTINGS=None, CATEGORIES=['tiles'],
-        PAPER_LAYOUT=False, OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
+        PAPER_LAYOUT=False, FLIP_AVERAGE=True, OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
     assert_clean_run(notebook)
+    results = pd.read_csv(out_dir / 'results.csv')
+    averaged, plain = (mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, flip_average=flip)[0]
+                       for flip in (True, False))  # threads differ: float sums differ slightly
+    assert results.loc[0, 'au_pro'] == pytest.approx(averaged['au_pro'], rel=1e-4)
+    assert results.loc[0, 'au_pro'] != pytest.approx(plain['au_pro'], rel=1e-4)
     headings = outputs(notebook, 'text/markdown')
     assert '### image_auroc_mean' in headings and '### au_pro' in headings
     tables = [html for html in outputs(notebook, 'text/html') if 'Shift-Intensity-M' in html]
