@@ -41,8 +41,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from experiments import metrics, plotting, settings, tables  # noqa: E402
-from experiments.mvtec_tasks import (evaluate_variants, load_normal_set, load_test_set,  # noqa: E402
-                                     read_meta, read_model, result_variants)
+from experiments.mvtec_tasks import (check_flip_average, evaluate_variants,  # noqa: E402
+                                     load_normal_set, load_test_set, read_meta, read_model,
+                                     result_variants)
 from experiments.training import last_checkpoint_path, resolve_device  # noqa: E402
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION  # noqa: E402
 
@@ -278,9 +279,8 @@ def main(argv=None):
     try:
         for key in args.settings:
             setting = settings.parse_setting(key)  # unknown keys fail before anything is trained
-            if args.flip_average and result_variants(setting) != [None]:
-                raise ValueError(f'--flip-average applies to the maps of an encoder-decoder; {key} '
-                                 'is scored by a one-class model on its features')
+            if args.flip_average:
+                check_flip_average(args.category, None, result_variants(setting), key)
     except ValueError as error:
         print(f'real_data: {error}', file=sys.stderr)
         return 1

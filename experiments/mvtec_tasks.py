@@ -58,6 +58,19 @@ EXAMPLES_PER_CLASS = 3  # normal and defective test images in a figure
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without --one-class
 
 
+def check_flip_average(category, kind, variants, source):
+    """ValueError naming ``source`` (a checkpoint, a setting, a test set) when flip averaging does
+    not apply to it: an object category (``category_kind(category, kind)``), whose training recipe
+    does not flip, or two-stage variants among ``variants`` (see ``result_variants``)."""
+    if category_kind(category, kind) == 'object':
+        raise ValueError(f'flip averaging is for textures: {source} is of the object category '
+                         f'{category!r}, whose training recipe does not flip its images')
+    two_stage = [variant for variant in variants if variant is not None]
+    if two_stage:
+        raise ValueError(f'flip averaging applies to the maps of the encoder-decoder, not to the '
+                         f'two-stage variants {two_stage} of {source}')
+
+
 def paper_crop_size(dataset):
     """Side of the central crop the paper predicts on: ``dataset.train_size`` for objects, else None."""
     return dataset.train_size if getattr(dataset, 'kind', None) == 'object' else None
@@ -102,9 +115,9 @@ def predict(model, dataset, batch_size=32, device='cpu', crop_size='auto', flip_
     for an object category, whose training recipe does not flip).
     Returns (maps float32 N x H x W, labels int N, masks uint8 N x H x W), in dataset order.
     """
-    if flip_average and getattr(dataset, 'kind', None) == 'object':
-        raise ValueError(f'flip averaging is for textures: the training recipe of the object category '
-                         f'{getattr(dataset, "class_name", "?")!r} does not flip its images')
+    if flip_average:
+        check_flip_average(getattr(dataset, 'class_name', None), getattr(dataset, 'kind', None),
+                           [None], 'the test set')
     if crop_size == 'auto':
         crop_size = paper_crop_size(dataset)
     device = torch.device(device)
@@ -147,16 +160,16 @@ def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, devic
     a two-stage variant needs it; see ``one_class.evaluate_two_stage``). ``crop_size`` as in
     ``predict``, for both kinds of variant; ``flip_average`` (``predict``) for the model's own maps
     only: ValueError with a two-stage variant."""
-    two_stage = [variant for variant in variants if variant is not None]
-    if flip_average and two_stage:
-        raise ValueError(f'flip averaging applies to the maps of the encoder-decoder, not to the '
-                         f'two-stage variants {two_stage} of {source}')
+    if flip_average:
+        check_flip_average(getattr(dataset, 'class_name', None), getattr(dataset, 'kind', None),
+                           variants, source)
     if crop_size == 'auto':
         crop_size = paper_crop_size(dataset)
     results = {}
     if None in variants:
         results[None] = evaluate(model, dataset, batch_size, device, crop_size, return_maps=True,
                                  flip_average=flip_average)
+    two_stage = [variant for variant in variants if variant is not None]
     if two_stage:
         results.update(one_class.evaluate_two_stage(
             model, normal_set(), dataset, two_stage, crop_size=crop_size, batch_size=batch_size,
@@ -351,7 +364,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work
     if flip_average:
-        _check_flip_average(selected, one_class_names)
+        for path, meta in selected:
+            check_flip_average(meta['category'], meta.get('kind'),
+                               result_variants(parse_setting(meta['setting']), one_class_names), path)
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
@@ -378,19 +393,6 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                                    categories or sorted({meta['category'] for _, meta in found}),
                                    one_class_names)
     return sort_records(records, settings)
-
-
-def _check_flip_average(selected, one_class_names):
-    """ValueError, before any work, naming a checkpoint that flip averaging does not apply to: an
-    object category's, or one scored by two-stage variants."""
-    for path, meta in selected:
-        if category_kind(meta['category'], meta.get('kind')) == 'object':
-            raise ValueError(f'flip averaging is for textures: {path} is a model of the object '
-                             f'category {meta["category"]!r}, whose training recipe does not flip')
-        if any(variant is not None
-               for variant in result_variants(parse_setting(meta['setting']), one_class_names)):
-            raise ValueError(f'flip averaging applies to the maps of the encoder-decoder, not to the '
-                             f'two-stage variants of {path}')
 
 
 def sort_records(records, settings=None):

@@ -343,7 +343,7 @@ def test_evaluate_checkpoints_with_flip_average(trained):
     # checked before any work: an object category, a two-stage variant
     with pytest.raises(ValueError, match="object category 'parts'"):
         mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'], flip_average=True)
-    with pytest.raises(ValueError, match='two-stage variants of .*tiles'):
+    with pytest.raises(ValueError, match=r"two-stage variants \['gde'\] of .*tiles"):
         mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, categories=['tiles'],
                                          one_class_names=['gde'], flip_average=True)
 
