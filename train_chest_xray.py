@@ -62,7 +62,7 @@ def plan(args):
 
 
 def prepare_run(args, setting, params):
-    """Dataset, model, TrainConfig and meta of the run (errors here are input errors)."""
+    """Dataset, model, TrainConfig, meta and validator (none) of the run (errors here are input errors)."""
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     seed = setting.run_seed
     dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
@@ -76,7 +76,7 @@ def prepare_run(args, setting, params):
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
-    return dataset, model, config, meta
+    return dataset, model, config, meta, None
 
 
 def main(argv=None):

@@ -14,15 +14,19 @@ classifier on the views of ``CutPaste3Way`` (normal, CutPaste, CutPaste-scar) in
 ``python -m experiments.mvtec_tasks`` scores it with a one-class model on its encoder features.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from experiments import settings
+from experiments import recipes, settings
 from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
-                                  model_from_args, prepare_output_dir, resolve_device, train_config,
-                                  train_unless_finished)
-from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
+                                  model_from_args, prepare_output_dir, resolve_device, train,
+                                  train_config, train_unless_finished)
+from experiments.validation import Validator
+from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, list_categories,
+                                 load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
+from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
@@ -51,6 +55,7 @@ def parse_args(argv=None):
                              "0.5 trains at half (default: 1)")
     add_training_arguments(parser)
     settings.add_task_arguments(parser)
+    recipes.add_recipe_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -85,6 +90,7 @@ def plan(args):
     overrides = settings.param_overrides(args)
     resolve_device(args.device)
     check_training_options(args, setting.loss)
+    recipes.check_recipe_options(args)
     if args.res_scale is not None and not args.res_scale > 0:
         raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
     if args.data_dir is not None:
@@ -108,26 +114,89 @@ def plan(args):
     return setting, category_dir.parent, [category_dir.name], out_dir
 
 
-def prepare_run(args, setting, data_dir, category):
-    """Dataset, model, TrainConfig and meta of one category (errors here are input errors)."""
-    params = settings.category_params(category, args.kind, settings.param_overrides(args))
-    self_sup_args = settings.self_sup_args_from_args(setting, params, args)
+def prepare_run(args, setting, data_dir, category, params=None):
+    """Dataset, model, TrainConfig, meta and validator (None without a validation set) of one
+    category; errors here are input errors.
+
+    The generator's category parameters are ``params`` (a candidate of --recipe search) or the
+    recipe's (``experiments.recipes``): as written (table) or calibrated from the training
+    images (auto, search), with the command line's overrides kept.
+    """
+    overrides = settings.param_overrides(args)
+    recipe = recipes.recipe_name(args.recipe, category)
     seed = setting.run_seed
     res_scale = args.res_scale or 1.0
+    fraction = recipes.val_fraction(args, recipe)
+    held_out = holdout_indices(len(train_files(data_dir, category)), fraction, args.val_seed)
+    if fraction and not held_out.size:
+        print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: "
+              f"training without a validation set")
+    dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
+                                  res_scale=res_scale, exclude=held_out)
+    table_params = settings.category_params(category, args.kind, overrides,
+                                            use_entry=recipe == 'table')
+    calibration = None
+    if params is None:
+        params = table_params
+        if recipe != 'table':
+            params, calibration = recipes.calibrate(dataset, setting, table_params, args,
+                                                    overrides, seed)
+            print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration)))
+    self_sup_args = settings.self_sup_args_from_args(setting, params, args)
+    dataset.self_sup_args = self_sup_args
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
-    dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, self_sup_args=self_sup_args,
-                                  seed=seed, kind=args.kind, res_scale=res_scale, views=views)
+    dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
                             num_classes=None if views is None else views.num_classes)
-    config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
-                          seed=seed, loss=setting.loss)
+    config = dataclasses.replace(
+        train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
+                     loss=setting.loss), select=args.select)
+    validator = None
+    if held_out.size:
+        validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
+                                             args.kind, channels=dataset.in_channels)
+        validator = Validator(validation_set, recipes.val_every(args, config.epochs))
+    elif config.select == 'best':
+        raise ValueError(f"--select best needs a validation set, and {category!r} has none")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=str(Path(data_dir).resolve()), res_scale=res_scale,
                 low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
-                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
-    return dataset, model, config, meta
+                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
+                calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
+                validation_seed=args.val_seed,
+                validation_kinds=list(VALIDATION_KINDS) if held_out.size else [])
+    return dataset, model, config, meta, validator
+
+
+def search_recipe(args, setting, data_dir, category, out_dir):
+    """--recipe search: train each candidate of ``recipes.search_candidates`` for the search
+    epochs (in ``<run dir>/search/<candidate>``, resumable) and score it on the validation set
+    -> (the best candidate's params, {candidate: dict(score, params)})."""
+    dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category)
+    if validator is None:
+        raise ValueError(f"--recipe search needs a validation set, and {category!r} has none "
+                         f"(--val-fraction 0 or fewer than {MIN_VALIDATION_IMAGES} images)")
+    table = settings.category_params(category, args.kind, settings.param_overrides(args))
+    candidates = recipes.search_candidates(meta['category_params'], table,
+                                           settings.param_overrides(args))
+    epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
+    results = {}
+    for name, params in candidates.items():
+        dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
+                                                              params)
+        config = dataclasses.replace(config, epochs=epochs, select='last', swa_epochs=0)
+        validator.every = epochs
+        run_dir = setting.run_dir(out_dir, category) / 'search' / name
+        meta = train(model, dataset, config, run_dir, setting.run_name(category), meta,
+                     resume=True, validator=validator)
+        results[name] = dict(score=meta['validation'][-1]['score'], params=params)
+        print(f"{PROG}: {category}: search candidate {name}: validation score "
+              f"{results[name]['score']:.4f} after {epochs} epochs")
+    best = max(results, key=lambda name: results[name]['score'])
+    print(f"{PROG}: {category}: search chose {best}")
+    return results[best]['params'], results
 
 
 def main(argv=None):
@@ -136,8 +205,17 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
     for category in categories:
+        params = search = None
+        if recipes.recipe_name(args.recipe, category) == 'search':
+            with exit_on_input_error(PROG):
+                params, search = search_recipe(args, setting, data_dir, category, out_dir)
+
+        def prepare():
+            run = prepare_run(args, setting, data_dir, category, params)
+            run[3]['recipe_search'] = search
+            return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
-                              lambda: prepare_run(args, setting, data_dir, category), args.resume)
+                              prepare, args.resume)
     return 0
 
 

@@ -161,3 +161,21 @@ def plot_loss_curve(losses, path):
     ax.set_ylabel('training loss')
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def plot_validation_curve(entries, path):
+    """Validation scores over the epochs: one line per metric of ``entries`` (dicts with 'epoch'
+    and float scores, as ``experiments.training.validate`` records them)."""
+    if not entries:
+        raise ValueError('entries must hold at least one validation')
+    fig = Figure(figsize=(5, 3.5), layout='constrained')
+    ax = fig.subplots()
+    epochs = [entry['epoch'] for entry in entries]
+    for name in (key for key in entries[0] if key != 'epoch'):
+        ax.plot(epochs, [entry[name] for entry in entries], marker='.', label=name,
+                linewidth=2.5 if name == 'score' else 1)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize='small')
+    return _save(fig, path)

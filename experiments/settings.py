@@ -284,15 +284,16 @@ def _checked_overrides(overrides):
     return overrides
 
 
-def category_params(class_name, kind=None, overrides=None):
+def category_params(class_name, kind=None, overrides=None, use_entry=True):
     """Parameters of an MVTec-layout category: kind defaults < CATEGORY_PARAMS entry < overrides.
 
     ``kind`` ('object' or 'texture') overrides the category's kind (a name outside the paper's 15
     is a texture unless ``kind='object'``); ``overrides`` maps parameter names (see
-    ``CATEGORY_PARAM_NAMES``) to values, None meaning 'keep'.
+    ``CATEGORY_PARAM_NAMES``) to values, None meaning 'keep'. ``use_entry`` False ignores the
+    category's CATEGORY_PARAMS entry (the starting point of a calibrated recipe).
     """
     kind = category_kind(class_name, kind)
-    entry = _checked_overrides(CATEGORY_PARAMS.get(class_name))
+    entry = _checked_overrides(CATEGORY_PARAMS.get(class_name)) if use_entry else {}
     return {**KIND_DEFAULTS[kind], **entry, **_checked_overrides(overrides)}
 
 

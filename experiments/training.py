@@ -52,6 +52,10 @@ LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entro
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'figure_every', 'figures',
                   'progress')
 NUM_FIGURE_SAMPLES = 4
+SELECTIONS = ('last', 'best')
+# meta entries that record what a run measured, not what it is
+RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
+RESULT_FIELDS = ('train_config',) + RESUMED_FIELDS
 
 
 @dataclass
@@ -62,6 +66,8 @@ class TrainConfig:
     bf16: forward pass in bfloat16 autocast; None: on CUDA only, True: on the CPU too, False: never.
     swa_epochs: average the weights of this many last epochs, trained at the constant ``swa_lr``
     (0: no averaging; see the module docstring).
+    select: the final model is the weights after the 'last' epoch or those with the 'best'
+    validation score (needs a validator; see ``train``).
     """
     epochs: int
     batch_size: int = 64
@@ -78,6 +84,7 @@ class TrainConfig:
     progress: bool = True
     swa_epochs: int = 0
     swa_lr: float = 1e-4
+    select: str = 'last'
 
     def __post_init__(self):
         if self.loss not in LOSS_FUNCTIONS:
@@ -92,6 +99,11 @@ class TrainConfig:
                              f"got {self.swa_epochs!r}")
         if not self.swa_lr > 0:
             raise ValueError(f"swa_lr must be positive, got {self.swa_lr!r}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select == 'best' and self.swa_epochs:
+            raise ValueError("select 'best' keeps one validated checkpoint; it does not combine "
+                             "with weight averaging (swa_epochs)")
 
 
 def seed_everything(seed):
@@ -185,6 +197,11 @@ def last_checkpoint_path(run_dir, name):
     return Path(run_dir) / f'last_{name}.pt'
 
 
+def best_model_path(run_dir, name):
+    """Path of the validated model with the best validation score so far."""
+    return Path(run_dir) / f'best_{name}.pt'
+
+
 def save_atomic(obj, path):
     """torch.save ``obj`` to a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
@@ -221,8 +238,7 @@ def _check_resumable(path, saved_meta, meta):
     def learnt(m):
         config = {k: v for k, v in {**defaults, **m['train_config']}.items()
                   if k not in RUNTIME_FIELDS}
-        rest = {k: v for k, v in m.items()
-                if k not in ('train_config', 'epoch_losses', 'train_time_s')}
+        rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS}
         return {**rest, **config}
     saved, current = learnt(saved_meta), learnt(meta)
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
@@ -294,17 +310,25 @@ def recompute_batch_norm(model, loader, device, bf16=None):
         torch.optim.swa_utils.update_bn(batches, model)
 
 
-def train(model, dataset, config, run_dir, name, meta=None, resume=False):
+def train(model, dataset, config, run_dir, name, meta=None, resume=False, validator=None):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 
     ``meta`` (plain types) describes the run for whoever loads the model (setting, category, data
     arguments ...); ``train`` adds ``model_config`` (``model.config``), ``train_config``,
     ``epoch_losses`` (mean loss of each epoch) and ``train_time_s`` (seconds spent in training
-    epochs, summed over resumed parts; figures and checkpoint writes excluded). ``resume``
-    continues from the run's last checkpoint when there is one.
+    epochs, summed over resumed parts; figures, validation and checkpoint writes excluded).
+    ``resume`` continues from the run's last checkpoint when there is one.
+
+    ``validator`` (``experiments.validation.Validator``): after the epochs it says are due, the
+    model is scored on the validation set; the scores go to ``meta['validation']`` (one dict per
+    validation with its ``epoch``), a figure of the curve to ``<name>_validation.png``, and the
+    model with the best score so far to ``best_<name>.pt`` (``meta['best_epoch']``). With
+    ``config.select == 'best'`` the final model is that one.
     """
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
+    if config.select == 'best' and validator is None:
+        raise ValueError(f"run {name!r}: select 'best' needs a validation set")
     device = resolve_device(config.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -318,6 +342,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
     meta = {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
             'epoch_losses': [], 'train_time_s': 0.0}
+    if validator is not None:
+        meta.update(validation=[], best_epoch=None)
     start_epoch = 0
     if resume and last_path.exists():
         # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
@@ -329,8 +355,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
         if averaged is not None:
             averaged.load_state_dict(checkpoint['averaged'])
         set_rng_state(checkpoint['rng'])
-        meta.update(epoch_losses=checkpoint['meta']['epoch_losses'],
-                    train_time_s=checkpoint['meta']['train_time_s'])
+        meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
 
     loader = make_loader(dataset, config, device)
@@ -360,6 +385,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
         epochs.set_postfix(loss=f'{loss_sum / count:.4f}', lr=f'{scheduler.get_last_lr()[0]:.2e}')
 
         done = epoch + 1
+        if validator is not None and validator.due(done, config.epochs):
+            validate(model, validator, meta, done, run_dir, name, config.figures)
+            model.train()
         if (config.figures and preds.dim() == 4  # example predictions: maps only
                 and (epoch == 0 or done % figure_every == 0 or done == config.epochs)):
             save_sample_figure(images, labels, preds,
@@ -371,6 +399,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
                              meta=meta, **averaged_state), last_path)
 
     final_model = model
+    if config.select == 'best':
+        best = torch.load(best_model_path(run_dir, name), map_location=device, weights_only=True)
+        model.load_state_dict(best['model'])
     if averaged is not None:
         started = time.perf_counter()
         loader.sampler.set_epoch(config.epochs)  # samples of one more epoch
@@ -382,6 +413,21 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False):
     if config.figures:
         save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
     return meta
+
+
+def validate(model, validator, meta, epoch, run_dir, name, figures=True):
+    """Score ``model`` after ``epoch`` with ``validator``; record the scores in ``meta``, write
+    the model to ``best_<name>.pt`` when its score is the best so far, and the curve's figure."""
+    scores = validator(model)
+    best = max((entry['score'] for entry in meta['validation']), default=-np.inf)
+    meta['validation'].append({'epoch': epoch, **scores})
+    if scores['score'] > best:
+        meta['best_epoch'] = epoch
+        save_atomic(dict(model=_cpu_state_dict(model), meta=meta),
+                    best_model_path(run_dir, name))
+    if figures:
+        from experiments.plotting import plot_validation_curve
+        plot_validation_curve(meta['validation'], run_dir / f'{name}_validation.png')
 
 
 def load_model(path, device='cpu'):
@@ -494,13 +540,15 @@ def exit_on_input_error(prog):
 def train_unless_finished(prog, run_dir, name, prepare, resume=False):
     """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
 
-    ``prepare()`` returns (dataset, model, TrainConfig, meta); its errors are input errors of the
-    command line ``prog`` (see ``exit_on_input_error``). Returns the run's meta, None if skipped.
+    ``prepare()`` returns (dataset, model, TrainConfig, meta, validator or None); its errors are
+    input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
+    meta, None if skipped.
     """
     final = final_model_path(run_dir, name)
     if resume and final.is_file():
         print(f"{prog}: {final} exists, skipping it")
         return None
     with exit_on_input_error(prog):
-        dataset, model, config, meta = prepare()
-    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume)
+        dataset, model, config, meta, validator = prepare()
+    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
+                 validator=validator)

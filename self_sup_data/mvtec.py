@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.self_sup_tasks import patch_ex
+from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, resize, to_image_tensor, to_label_tensor)
 
@@ -284,6 +285,11 @@ def _train_files(category_dir):
     return files
 
 
+def train_files(root_path, class_name):
+    """Sorted paths of the category's normal training images (``train/good``)."""
+    return _train_files(_category_dir(root_path, class_name))
+
+
 def _mask_file(category_dir, defect_type, image_path):
     """ground_truth/<defect_type>/<image stem>_mask.<any suffix>, or None if there is none."""
     candidates = sorted((category_dir / 'ground_truth' / defect_type).glob(f'{image_path.stem}_mask.*'))
@@ -317,16 +323,20 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     ``patch_ex`` (plain types). Test items: ``.defect_types`` ('good' for normal), ``.paths``,
     ``.has_mask`` (False for a defect image without a mask file: image-level evaluation only).
     ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
+    ``exclude``: indices (in sorted file order) of training images to leave out (held out for
+    validation, ``self_sup_data.validation.holdout_indices``).
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
-                 self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None):
+                 self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=()):
         category_dir = _category_dir(root_path, class_name)
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
             low_res = recipe['low_res'] if is_train else recipe['test_res']
         if is_train:
             paths, defect_types, mask_paths = _train_files(category_dir), None, None
+            excluded = {int(index) for index in exclude}
+            paths = [path for index, path in enumerate(paths) if index not in excluded]
         else:
             paths, defect_types, mask_paths = _test_files(category_dir)
         images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
@@ -344,3 +354,23 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
 
+
+
+def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
+                        channels=None, kinds=VALIDATION_KINDS):
+    """Test-mode dataset of the training images ``indices`` (sorted file order; held out from
+    training) prepared as test images (``data_recipe(...)['test_res']``), each as it is and with
+    a synthetic defect (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
+    ``channels``: the training set's, so that the model gets what it was trained on."""
+    files = train_files(root_path, class_name)
+    paths = [files[int(index)] for index in indices]
+    recipe = data_recipe(class_name, res_scale, kind)
+    images, _ = load_images(paths, recipe['test_res'], channels=channels,
+                            desc=f'loading {class_name} validation')
+    images, labels, masks, defect_types = make_validation_set(images, seed, kinds)
+    dataset = SelfSupImageDataset(images, is_train=False, transform=None,
+                                  train_size=recipe['train_size'], labels=labels, masks=masks)
+    dataset.class_name, dataset.kind = class_name, category_kind(class_name, kind)
+    dataset.defect_types = defect_types
+    dataset.paths = [str(p) for p in paths] * 2
+    return dataset

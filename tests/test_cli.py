@@ -104,7 +104,7 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
                                    '--swa-epochs', '20', '--swa-lr', '2e-4'])
     setting, _, categories, _ = train_mvtec.plan(args)
     assert categories == ['fabric', 'gears']
-    dataset, model, config, meta = train_mvtec.prepare_run(args, setting, data, 'gears')
+    dataset, model, config, meta, _ = train_mvtec.prepare_run(args, setting, data, 'gears')
     assert meta['kind'] == 'object' and meta['self_sup_args']['num_patches'] == 1
     assert meta['self_sup_args']['intensity_logistic_params'] == (0.5, 3)
     assert config.epochs == 320 and config.batch_size == 64 and config.lr == 1e-3

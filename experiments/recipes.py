@@ -1,0 +1,113 @@
+"""How a training run gets its generator recipe and its validation set (``train_mvtec.py``).
+
+Recipes (``--recipe``):
+
+    table    the category's parameters as written: the paper's for the 15 MVTec AD categories,
+             ``CATEGORY_PARAMS`` entries, the kind's defaults for other names (the paper's way)
+    auto     calibrated from the normal training images (``self_sup_data.recipe``): the
+             category's ``CATEGORY_PARAMS`` entry is ignored; the default for categories without
+             an entry
+    search   the auto recipe and a few alternatives (``search_candidates``) are each trained for a
+             short budget and scored on the validation set; the best is trained in full
+
+Command-line overrides (``--logistic`` ...) are kept by every recipe. The validation set
+(``--val-fraction``, default ``DEFAULT_VAL_FRACTION`` with auto and search, none with table)
+holds out normal training images (``self_sup_data.validation``), drawn by ``--val-seed`` (not by
+the run's seed: every run of a category is validated on the same images, so that runs of
+different settings, recipes and seeds compare); no recipe looks at a test image.
+"""
+from experiments import settings
+from self_sup_data.recipe import calibrate_recipe, describe, paste_fraction_for
+
+RECIPES = ('table', 'auto', 'search')
+DEFAULT_VAL_FRACTION = 0.1
+SEARCH_FRACTION = 5  # search candidates train for a fifth of the epochs by default
+
+
+def add_recipe_arguments(parser):
+    """Add --recipe, --val-fraction, --val-seed, --val-every, --select and --search-epochs."""
+    group = parser.add_argument_group('recipe and validation (not in the paper)')
+    group.add_argument('--recipe', choices=RECIPES,
+                       help="table: the category's parameters as written; auto: calibrated from "
+                            "the normal training images; search: auto and alternatives trained "
+                            "briefly and chosen by the validation score (default: table for "
+                            "categories with parameters in experiments/settings.py, else auto)")
+    group.add_argument('--val-fraction', type=float, metavar='F',
+                       help=f'fraction of the normal training images held out for a validation '
+                            f'set of synthetic defects (default: {DEFAULT_VAL_FRACTION} with the '
+                            f'auto and search recipes, 0 with table)')
+    group.add_argument('--val-seed', type=int, default=0, metavar='S',
+                       help='seed of the held-out images and their synthetic defects, the same '
+                            'for every run of a category so that their scores compare (default: 0)')
+    group.add_argument('--val-every', type=int, metavar='E',
+                       help='validate every E epochs (default: a tenth of the epochs)')
+    group.add_argument('--select', choices=('last', 'best'), default='last',
+                       help="final model: the 'last' epoch's weights (default) or the 'best' "
+                            "validated ones")
+    group.add_argument('--search-epochs', type=int, metavar='E',
+                       help=f'epochs of each --recipe search candidate (default: a '
+                            f'{SEARCH_FRACTION}th of the epochs)')
+
+
+def check_recipe_options(args):
+    """ValueError naming the first out-of-range recipe option."""
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for name in ('val_every', 'search_epochs'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.val_seed < 0:
+        raise ValueError(f"--val-seed must be a non-negative integer, got {args.val_seed}")
+    if args.select == 'best' and args.val_fraction == 0:
+        raise ValueError("--select best needs a validation set; --val-fraction is 0")
+
+
+def recipe_name(requested, category):
+    """The recipe of ``category``: ``requested``, else table for categories with
+    CATEGORY_PARAMS entries (the paper's 15 among them) and auto for others."""
+    if requested is not None:
+        return requested
+    return 'table' if category in settings.CATEGORY_PARAMS else 'auto'
+
+
+def val_fraction(args, recipe):
+    """--val-fraction, else DEFAULT_VAL_FRACTION for auto and search and 0 for table."""
+    if args.val_fraction is not None:
+        return args.val_fraction
+    return 0.0 if recipe == 'table' else DEFAULT_VAL_FRACTION
+
+
+def val_every(args, epochs):
+    """--val-every, else a tenth of the epochs (at least 1)."""
+    return args.val_every or max(1, epochs // 10)
+
+
+def calibrate(dataset, setting, params, args, overrides, seed):
+    """Calibrated category parameters of ``dataset``'s training images -> (params, report)."""
+    self_sup_args = settings.self_sup_args_from_args(setting, params, args)
+    return calibrate_recipe(dataset.images, dataset.transform, self_sup_args, params,
+                            dataset.kind, seed=seed, fixed=tuple(overrides),
+                            category=dataset.class_name)
+
+
+def search_candidates(auto_params, table_params, overrides):
+    """{name: params} tried by --recipe search: the calibrated recipe, the same with the paste
+    fraction switched (off when calibration set one, U(0.5, 1) when it did not) unless the
+    user fixed it, and the table recipe; duplicates dropped."""
+    candidates = {'auto': auto_params}
+    if 'paste_fraction' not in overrides:
+        switched = None if auto_params['paste_fraction'] else paste_fraction_for(0.0)
+        candidates['auto-paste-switched'] = {**auto_params, 'paste_fraction': switched}
+    candidates['table'] = table_params
+    unique = {}
+    for name, params in candidates.items():
+        if params not in unique.values():
+            unique[name] = params
+    return unique
+
+
+def report_lines(prog, category, recipe, report):
+    """What calibration measured and chose, one printed line each."""
+    return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report)]
+

@@ -1,0 +1,263 @@
+"""Recipe calibration: the generator's parameters set from what its anomalies do to a material.
+
+A user's own category comes with normal images only. ``calibrate_recipe`` draws a few hundred
+single-patch synthetic anomalies from those images (training crops, as the training loop sees
+them) and sets the data-dependent parameters of ``patch_ex`` from the measured effect, never from
+a defective image:
+
+- **logistic label** ``(k, x0)`` from the distribution of the seamless blends' intensity change
+  ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where the
+  blends change nothing at all): ``x0`` is its median, so that
+  half of the changed pixels are labelled above 0.5, and ``k = 2 ln 9 / (q90 - q10)``, the slope
+  that takes the label from 0.1 to 0.9 across a span as wide as the central 80% of the changes:
+  labels use the range (0, 1) whatever the material's contrast (the paper's texture label
+  (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels).
+- **paste fraction** from the blend's *visibility* ``v``: the mean absolute change of the seamless
+  blend over the mean absolute change that a plain paste of the same patch makes (pooled over the
+  samples). Poisson editing removes the patch's low-frequency difference; when it removes most of
+  it (``v < MIN_VISIBILITY``) the blend is nearly invisible and each blend is mixed with its plain
+  paste by ``b ~ U(low, 1)``, ``low = (MIN_VISIBILITY - v) / (1 - v)``, so that the mix keeps at
+  least ``MIN_VISIBILITY`` of the paste's change. Only for the Poisson-blending settings.
+- **patch sizes**: a patch is *effective* when at least half of its pixels get a label of 0.5 or
+  more. Patches are binned by size; the lower half-width bound is raised to the smallest size
+  from which on most patches (``MIN_EFFECTIVE``) are effective (small blends often vanish).
+- **patch count**: the first patch is always drawn and each further one with probability 1/2, so
+  up to N patches give ``1 + (N - 1) / 2`` on average. N is raised until the expected number of
+  *effective* patches reaches the kind default's expected number of patches (up to
+  ``MAX_PATCH_FACTOR`` times the default).
+- **patches over the border** (``clip_at_border``) for textures whose border band looks like the
+  inside: the median local standard deviation (``LOCAL_WINDOW`` pixels) of the outer tenth of each
+  side within a factor ``BORDER_RATIO`` of the inner region's. A stationary texture can have a
+  defect anywhere, and patches that must lie inside the image rarely cover its border. Objects
+  (and data with an object mask) keep their patches inside.
+
+Parameters that the user set explicitly are kept as given (``fixed``). The calibration is
+deterministic for a given seed and set of images. It knows nothing of torch.
+"""
+import math
+
+import cv2
+import numpy as np
+
+from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
+
+NUM_SAMPLES = 300
+CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
+MIN_VISIBILITY = 0.5
+LABEL_QUANTILES = (10, 50, 90)
+MIN_CHANGE_SPREAD = 1.0  # grey levels: the smallest q90 - q10 that k is computed from
+EFFECTIVE_LABEL = 0.5
+MIN_EFFECTIVE = 0.5
+SIZE_BINS = 5
+MAX_PATCH_FACTOR = 4
+MAX_LOWER_HALF_WIDTH = 0.15  # a raised lower half-width bound stays at most this fraction of the side
+BORDER_BAND = 0.1
+BORDER_RATIO = 2.0
+LOCAL_WINDOW = 7
+CALIBRATED_PARAMS = ('intensity_logistic_params', 'paste_fraction', 'width_bounds_pct',
+                     'gamma_params', 'num_patches', 'clip_at_border')
+
+
+def expected_patches(num_patches):
+    """Mean number of patches ``patch_ex`` attempts with up to ``num_patches``: 1 + (N - 1) / 2."""
+    return 1 + (num_patches - 1) / 2
+
+
+def logistic_from_changes(changes):
+    """``(k, x0)``: ``x0`` the median of ``changes``, ``k = 2 ln 9 / (q90 - q10)`` (the label goes
+    from 0.1 to 0.9 over ``x0 -+ (q90 - q10) / 2``); q90 - q10 at least MIN_CHANGE_SPREAD."""
+    q10, q50, q90 = np.percentile(changes, LABEL_QUANTILES)
+    return 2 * math.log(9) / max(float(q90 - q10), MIN_CHANGE_SPREAD), float(q50)
+
+
+def paste_fraction_for(visibility):
+    """None when a seamless blend keeps at least MIN_VISIBILITY of a paste's change, else the
+    ``(low, 1)`` whose every mix keeps at least that much: ``low = (MIN_VISIBILITY - v) / (1 - v)``."""
+    if visibility >= MIN_VISIBILITY:
+        return None
+    return (round(float((MIN_VISIBILITY - visibility) / (1 - visibility)), 2), 1.0)
+
+
+def patches_for(effective_fraction, default_patches):
+    """Smallest N >= ``default_patches`` whose expected effective patches (``effective_fraction``
+    of ``expected_patches(N)``) reach ``expected_patches(default_patches)``, at most
+    ``MAX_PATCH_FACTOR * default_patches``."""
+    target = expected_patches(default_patches)
+    most = MAX_PATCH_FACTOR * default_patches
+    if effective_fraction <= 0:
+        return most
+    needed = math.ceil(1 + 2 * (target / effective_fraction - 1) - 1e-9)
+    return int(min(max(needed, default_patches), most))
+
+
+def lower_half_width(sides, effective, default_lower):
+    """Lower half-width bound (fraction of the side) from which on most patches are effective.
+
+    ``sides``: patch sides as fractions of the image side, ``effective``: bool per patch. Patches
+    are split into SIZE_BINS bins of equal count; the bound is half the smallest side of the first
+    bin from which on every bin has at least MIN_EFFECTIVE effective patches (``default_lower`` if
+    that is the first bin or no bin qualifies), at most MAX_LOWER_HALF_WIDTH.
+    """
+    order = np.argsort(sides, kind='stable')
+    bins = np.array_split(order, SIZE_BINS)
+    rates = [effective[b].mean() if b.size else 0.0 for b in bins]
+    start = len(bins)
+    while start > 0 and rates[start - 1] >= MIN_EFFECTIVE:
+        start -= 1
+    if start in (0, len(bins)):
+        return default_lower
+    return float(min(max(default_lower, sides[bins[start][0]] / 2), MAX_LOWER_HALF_WIDTH))
+
+
+def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
+    """Median local standard deviation (``window`` x ``window``) in the outer ``band`` of each
+    side over that of the inner region, pooled over ``images`` (uint8 H x W x C)."""
+    border, inner = [], []
+    for image in images:
+        gray = image.astype(np.float32).mean(axis=-1)
+        mean = cv2.blur(gray, (window, window))
+        local_std = np.sqrt(np.maximum(cv2.blur(gray * gray, (window, window)) - mean * mean, 0))
+        height, width = gray.shape
+        rows, cols = max(1, round(band * height)), max(1, round(band * width))
+        in_band = np.ones_like(gray, dtype=bool)
+        in_band[rows:height - rows, cols:width - cols] = False
+        border.append(local_std[in_band])
+        inner.append(local_std[~in_band])
+    inner_median = float(np.median(np.concatenate(inner)))
+    return float(np.median(np.concatenate(border))) / max(inner_median, 1e-6)
+
+
+def _draw_pairs(images, transform, rng, num_samples):
+    """``num_samples`` (dest, src) training crops of two different images (the same image when
+    there is only one)."""
+    pairs = []
+    for _ in range(num_samples):
+        if len(images) > 1:
+            i, j = rng.choice(len(images), 2, replace=False)
+        else:
+            i = j = 0
+        dest, _ = transform(images[i].copy(), None, rng)
+        src, _ = transform(images[j].copy(), None, rng)
+        pairs.append((dest, src))
+    return pairs
+
+
+def _single_patches(pairs, args, seeds, **changes):
+    """``patch_ex`` with one patch per pair and ``args`` updated with ``changes``; patch ``i`` uses
+    the generator seeded by ``seeds[i]``, so two calls with the same seeds draw the same patches."""
+    args = {**args, 'num_patches': 1, 'verbose': False, **changes}
+    return [patch_ex(dest, src, rng=np.random.default_rng(seed), **args)
+            for (dest, src), seed in zip(pairs, seeds)]
+
+
+def check_object_pixels(images, background, category):
+    """ValueError naming ``category`` and --background when no image has an object pixel."""
+    if not any(object_mask(image, background).any() for image in images):
+        raise ValueError(f"category {category!r}: --background {background[0]:g} {background[1]:g} "
+                         f"leaves no object pixel in any training image; choose a brightness and "
+                         f"threshold that only cover the background")
+
+
+def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fixed=(),
+                     category='category', num_samples=NUM_SAMPLES):
+    """Calibrate the category parameters ``params`` to the normal ``images``.
+
+    Args:
+        images: uint8 training images ``H x W x C`` (the training split only).
+        transform: the training transform ``t(image, None, rng) -> (crop, None)``.
+        self_sup_args: ``patch_ex`` arguments of the setting with the uncalibrated ``params``.
+        params: category parameters (``experiments.settings.CATEGORY_PARAM_NAMES``), the kind's
+            defaults with the user's overrides.
+        kind: 'object' or 'texture'.
+        fixed: names of parameters the user set explicitly; they are kept.
+    Returns:
+        (params, report): the calibrated parameters, and a dict of plain values with what was
+        measured (see the module docstring) and the values chosen.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, CALIBRATION_STREAM]))
+    if self_sup_args.get('skip_background') is not None:
+        check_object_pixels(images, self_sup_args['skip_background'], category)
+    pairs = _draw_pairs(images, transform, rng, num_samples)
+    seeds = rng.integers(2**63, size=num_samples)
+    poisson = self_sup_args['mode'] in POISSON_MODES or self_sup_args['mode'] == 'mix'
+    plain = {'paste_fraction': None} if poisson else {}
+    params, report = dict(params), dict(samples=num_samples)
+
+    blends = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity', **plain)
+    pastes = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity',
+                             **({'paste_fraction': (1.0, 1.0)} if poisson else {}))
+    changes = np.concatenate([label[label > 0] for _, label in blends])
+    if changes.size == 0:  # blends that change nothing: the label follows the pastes' change
+        changes = np.concatenate([label[label > 0] for _, label in pastes])
+    if changes.size == 0:
+        raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
+                         f"the training images (are they blank?)")
+    report['change_quantiles'] = [float(q) for q in np.percentile(changes, LABEL_QUANTILES)]
+    if 'intensity_logistic_params' not in fixed:
+        k, x0 = logistic_from_changes(changes)
+        params['intensity_logistic_params'] = (round(float(k), 4), round(float(x0), 2))
+    if poisson:
+        blend_change = paste_change = 0.0
+        for (dest, _), (blended, _), (pasted, label) in zip(pairs, blends, pastes):
+            changed = label[..., 0] > 0
+            blend_change += np.abs(blended.astype(np.float32) - dest)[changed].sum()
+            paste_change += np.abs(pasted.astype(np.float32) - dest)[changed].sum()
+        report['visibility'] = float(blend_change / max(paste_change, 1e-6))
+        if 'paste_fraction' not in fixed:
+            params['paste_fraction'] = paste_fraction_for(report['visibility'])
+
+    final_args = {**self_sup_args, 'label_mode': 'logistic-intensity',
+                  'intensity_logistic_params': tuple(params['intensity_logistic_params'])}
+    if poisson:
+        final_args['paste_fraction'] = params['paste_fraction']
+    labelled = _single_patches(pairs, final_args, seeds)
+    side = min(images[0].shape[:2])
+    sides, effective = [], []
+    for (_, label), (_, footprint) in zip(labelled, pastes):
+        area = int((footprint > 0).sum())
+        if area:
+            sides.append(math.sqrt(area) / side)
+            effective.append((label >= EFFECTIVE_LABEL).sum() >= area / 2)
+    sides, effective = np.array(sides), np.array(effective, dtype=bool)
+    report['effective_fraction'] = float(effective.mean()) if effective.size else 0.0
+
+    default_lower = params['width_bounds_pct'][0][0]
+    if sides.size and not {'width_bounds_pct', 'gamma_params'} & set(fixed):
+        lower = lower_half_width(sides, effective, default_lower)
+        if lower > default_lower:
+            (_, h_max), (_, w_max) = params['width_bounds_pct']
+            params['width_bounds_pct'] = ((round(lower, 3), max(h_max, lower)),
+                                          (round(lower, 3), max(w_max, lower)))
+            shape, scale, _ = params['gamma_params']
+            params['gamma_params'] = (shape, scale, round(lower, 3))
+            kept = sides >= 2 * lower
+            report['effective_fraction_kept_sizes'] = float(effective[kept].mean())
+    if 'num_patches' not in fixed:
+        fraction = report.get('effective_fraction_kept_sizes', report['effective_fraction'])
+        params['num_patches'] = patches_for(fraction, params['num_patches'])
+
+    report['border_texture_ratio'] = border_texture_ratio(images)
+    if 'clip_at_border' not in fixed:
+        stationary = 1 / BORDER_RATIO <= report['border_texture_ratio'] <= BORDER_RATIO
+        params['clip_at_border'] = bool(kind == 'texture' and params['background'] is None
+                                        and stationary)
+    report['params'] = {name: params[name] for name in CALIBRATED_PARAMS}
+    return params, report
+
+
+def describe(report):
+    """One line per calibrated value and what it was derived from (for printing)."""
+    params = report['params']
+    q10, q50, q90 = report['change_quantiles']
+    lines = [f"logistic label (k, x0) = {params['intensity_logistic_params']} from the blends' "
+             f"intensity change (10/50/90th percentile {q10:.1f} / {q50:.1f} / {q90:.1f} grey levels)"]
+    if 'visibility' in report:
+        lines.append(f"paste fraction = {params['paste_fraction']} (seamless blends keep "
+                     f"{report['visibility']:.3f} of a plain paste's change; mixed in below "
+                     f"{MIN_VISIBILITY})")
+    lines.append(f"patch half-widths {params['width_bounds_pct']}, gamma {params['gamma_params']}, "
+                 f"up to {params['num_patches']} patches ({report['effective_fraction']:.2f} of "
+                 f"single patches effective)")
+    lines.append(f"patches over the border: {params['clip_at_border']} (border / inner local "
+                 f"contrast {report['border_texture_ratio']:.2f})")
+    return lines

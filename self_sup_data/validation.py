@@ -1,0 +1,153 @@
+"""A validation set without real defects: held-out normal images with other kinds of anomaly.
+
+Without defect labels, training choices (which checkpoint, which recipe) need a score that does
+not look at a test image. A fixed fraction of the normal training images is held out
+(``holdout_indices``, by seed) and not trained on. Each held-out image enters the validation set
+twice: as it is (normal) and with one synthetic defect of a kind that no training task of this
+project draws (``VALIDATION_KINDS``, taken in turn):
+
+    scar    a thin strip of the image, colour-jittered, rotated and pasted elsewhere (CutPaste-scar)
+    blob    a smooth elliptic region brightened or darkened
+    blur    an elliptic region replaced by a Gaussian-blurred copy of itself
+    noise   Gaussian noise added inside an elliptic region
+    line    a thin dark or bright polyline (crack-like)
+
+Their strength is relative to the image's own contrast (its standard deviation of grey levels,
+at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material as on a
+contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
+levels inside the drawn region; a defect that changes fewer than ``MIN_DEFECT_PIXELS`` pixels is
+drawn again. Everything comes from one generator seeded by the run's seed: the set is made once
+and is the same for every model trained with that seed. It knows nothing of torch.
+"""
+import cv2
+import numpy as np
+
+from self_sup_data.self_sup_tasks import cutpaste_scar
+
+VALIDATION_KINDS = ('scar', 'blob', 'blur', 'noise', 'line')
+HOLDOUT_STREAM = 0x7A11   # separates the holdout draw from other uses of the run's seed
+DEFECT_STREAM = 0xDEF3
+MIN_VALIDATION_IMAGES = 10  # fewer training images: no validation set
+MIN_CHANGE = 2
+MIN_DEFECT_PIXELS = 8
+MIN_CONTRAST = 8.0
+MAX_DRAWS = 20
+
+
+def holdout_indices(num_images, fraction, seed):
+    """Sorted indices of the ``round(fraction * num_images)`` (at least one) held-out images, drawn
+    by ``seed``; empty when ``fraction`` is 0 or there are fewer than MIN_VALIDATION_IMAGES."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    if fraction == 0 or num_images < MIN_VALIDATION_IMAGES:
+        return np.array([], dtype=int)
+    count = min(max(1, round(fraction * num_images)), num_images - 1)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, HOLDOUT_STREAM]))
+    return np.sort(rng.permutation(num_images)[:count])
+
+
+def _contrast(image):
+    return max(float(image.std()), MIN_CONTRAST)
+
+
+def _ellipse(rng, shape, axes_range):
+    """Bool mask of a random filled ellipse with semi-axes in ``axes_range`` (fractions of the side)."""
+    height, width = shape
+    side = min(height, width)
+    axes = [max(2, int(rng.uniform(*axes_range) * side)) for _ in range(2)]
+    center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+    region = np.zeros(shape, np.uint8)
+    cv2.ellipse(region, center, tuple(axes), float(rng.uniform(0, 180)), 0, 360, 1, thickness=-1)
+    return region.astype(bool)
+
+
+def _add(image, delta):
+    """``image + delta`` (delta float ``H x W`` or ``H x W x C``) rounded and clipped to uint8."""
+    delta = delta if delta.ndim == 3 else delta[..., None]
+    return np.clip(np.round(image.astype(np.float32) + delta), 0, 255).astype(np.uint8)
+
+
+def _blob(image, rng):
+    region = _ellipse(rng, image.shape[:2], (0.04, 0.15))
+    sigma = max(1.0, 0.15 * np.sqrt(region.sum()))
+    profile = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
+    amplitude = rng.uniform(0.5, 1.5) * _contrast(image) * rng.choice((-1, 1))
+    return _add(image, amplitude * profile), region
+
+
+def _blur(image, rng):
+    region = _ellipse(rng, image.shape[:2], (0.05, 0.15))
+    sigma = rng.uniform(1.0, 2.5) * min(image.shape[:2]) / 128
+    blurred = cv2.GaussianBlur(image, (0, 0), sigma).reshape(image.shape)
+    out = image.copy()
+    out[region] = blurred[region]
+    return out, region
+
+
+def _noise(image, rng):
+    region = _ellipse(rng, image.shape[:2], (0.04, 0.12))
+    noise = rng.normal(0, rng.uniform(0.3, 0.8) * _contrast(image), image.shape).astype(np.float32)
+    return _add(image, noise * region[..., None]), region
+
+
+def _line(image, rng):
+    height, width = image.shape[:2]
+    side = min(height, width)
+    points = [rng.uniform((0, 0), (width, height))]
+    for _ in range(int(rng.integers(2, 5))):
+        angle = rng.uniform(0, 2 * np.pi)
+        step = rng.uniform(0.05, 0.15) * side
+        points.append(points[-1] + step * np.array([np.cos(angle), np.sin(angle)]))
+    region = np.zeros((height, width), np.uint8)
+    thickness = max(1, round(rng.uniform(1, 2) * side / 128))
+    cv2.polylines(region, [np.round(points).astype(np.int32)], False, 1, thickness=thickness)
+    region = region.astype(bool)
+    delta = rng.uniform(0.7, 1.5) * _contrast(image) * rng.choice((-1, 1))
+    return _add(image, delta * region), region
+
+
+DEFECTS = dict(scar=cutpaste_scar, blob=_blob, blur=_blur, noise=_noise, line=_line)
+
+
+def synthetic_defect(image, kind, rng):
+    """``image`` (uint8 ``H x W x C``) with one defect of ``kind`` -> (image, mask bool ``H x W``).
+
+    The mask is the drawn region where the image changed by at least MIN_CHANGE grey levels
+    (mean over channels); drawn again (up to MAX_DRAWS times) while it has fewer than
+    MIN_DEFECT_PIXELS pixels. ValueError when no draw changes enough pixels (a blank image).
+    """
+    if kind not in DEFECTS:
+        raise ValueError(f"unknown validation defect kind {kind!r}; valid: {VALIDATION_KINDS}")
+    for _ in range(MAX_DRAWS):
+        out, region = DEFECTS[kind](image, rng)
+        change = np.abs(out.astype(np.float32) - image).mean(axis=-1)
+        mask = region & (change >= MIN_CHANGE)
+        if mask.sum() >= MIN_DEFECT_PIXELS:
+            return out, mask
+    raise ValueError(f"a {kind} defect changes fewer than {MIN_DEFECT_PIXELS} pixels of this "
+                     f"{image.shape[1]}x{image.shape[0]} image in {MAX_DRAWS} draws (is it blank?)")
+
+
+def make_validation_set(images, seed, kinds=VALIDATION_KINDS):
+    """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
+    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``.
+
+    Returns (images, labels, masks, defect_types): the normal images first, then the defective
+    ones; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
+    """
+    kinds = tuple(kinds)
+    unknown = [kind for kind in kinds if kind not in DEFECTS]
+    if not kinds or unknown:
+        raise ValueError(f"validation kinds must be a non-empty subset of {VALIDATION_KINDS}, "
+                         f"got {kinds}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, DEFECT_STREAM]))
+    defective, masks, types = [], [], []
+    for index, image in enumerate(images):
+        kind = kinds[index % len(kinds)]
+        out, mask = synthetic_defect(image, kind, rng)
+        defective.append(out)
+        masks.append(mask.astype(np.uint8))
+        types.append(kind)
+    zeros = [np.zeros(image.shape[:2], np.uint8) for image in images]
+    return (list(images) + defective, [0] * len(images) + [1] * len(images), zeros + masks,
+            ['good'] * len(images) + types)

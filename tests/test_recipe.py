@@ -1,0 +1,304 @@
+"""Recipe calibration from normal images, the validation set of synthetic defects, and their use
+in training (validation curve, best checkpoint) and in train_mvtec.py (--recipe)."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hyp_settings, strategies as st
+
+import train_mvtec
+from conftest import make_mvtec_category
+from experiments import recipes, settings
+from experiments.training import TrainConfig, best_model_path, final_model_path, train
+from self_sup_data import recipe, validation
+from self_sup_data.transforms import RandomCrop
+from test_training import CrashAtEpoch, SquaresDataset, TinyNet
+
+FAST = ['--epochs', '2', '--batch-size', '4', '--res-scale', '0.25', '--workers', '0',
+        '--no-figures', '--checkpoint-every', '100']
+
+
+def shaded_images(count, size=64, seed=0):
+    """A smooth material whose images differ mainly in brightness (a seamless blend hides a
+    foreign patch's offset on it): grain of standard deviation 4 on offsets 60-190."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        grain = rng.normal(0, 4, (size, size))
+        images.append(np.clip(rng.uniform(60, 190) + grain, 0, 255).astype(np.uint8)[..., None])
+    return images
+
+
+def contrasted_images(count, size=64, seed=0):
+    """A high-contrast random texture of equal brightness in every image."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice((30, 220), (size, size, 1)).astype(np.uint8) for _ in range(count)]
+
+
+def texture_args(key='Shift-Intensity-M', **changes):
+    params = {**settings.KIND_DEFAULTS['texture'], **changes}
+    return params, settings.self_sup_args_for(settings.parse_setting(key), params)
+
+
+# ---------------------------------------------------------------------------- calibration rules
+
+def test_logistic_is_centred_on_the_median_change_and_spans_the_central_80_percent():
+    changes = np.random.default_rng(0).gamma(2, 3, 5000)
+    k, x0 = recipe.logistic_from_changes(changes)
+    q10, q50, q90 = np.percentile(changes, (10, 50, 90))
+    logistic = lambda d: 1 / (1 + math.exp(-k * (d - x0)))  # noqa: E731
+    assert logistic(q50) == pytest.approx(0.5)
+    half_span = (q90 - q10) / 2
+    assert logistic(x0 - half_span) == pytest.approx(0.1)
+    assert logistic(x0 + half_span) == pytest.approx(0.9)
+    assert recipe.logistic_from_changes(np.full(10, 3.0)) == (2 * math.log(9), 3.0)
+
+
+def test_paste_fraction_keeps_the_minimum_visibility():
+    assert recipe.paste_fraction_for(recipe.MIN_VISIBILITY) is None
+    for visibility in (0.0, 0.1, 0.3):
+        low, high = recipe.paste_fraction_for(visibility)
+        assert high == 1.0
+        # the weakest mix keeps (1 - low) v + low of a paste's change: MIN_VISIBILITY (rounded)
+        assert (1 - low) * visibility + low == pytest.approx(recipe.MIN_VISIBILITY, abs=0.01)
+
+
+@given(st.floats(0.05, 1.0), st.integers(1, 6))
+def test_patch_count_is_the_smallest_that_reaches_the_default_effective_patches(fraction, default):
+    count = recipe.patches_for(fraction, default)
+    target = recipe.expected_patches(default)
+    assert default <= count <= recipe.MAX_PATCH_FACTOR * default
+    if count < recipe.MAX_PATCH_FACTOR * default:
+        assert fraction * recipe.expected_patches(count) >= target - 1e-9
+    if count > default:
+        assert fraction * recipe.expected_patches(count - 1) < target
+
+
+def test_lower_half_width_rises_past_small_ineffective_patches():
+    sides = np.linspace(0.05, 0.5, 100)
+    assert recipe.lower_half_width(sides, sides > 0.2, 0.03) == pytest.approx(
+        sides[sides > 0.2][0] / 2, abs=0.03)
+    assert recipe.lower_half_width(sides, np.ones(100, bool), 0.03) == 0.03
+    assert recipe.lower_half_width(sides, np.zeros(100, bool), 0.03) == 0.03
+    assert recipe.lower_half_width(sides, sides > 0.45, 0.03) <= recipe.MAX_LOWER_HALF_WIDTH
+
+
+def test_border_ratio_tells_a_texture_from_an_object_on_a_plain_background():
+    assert 0.8 < recipe.border_texture_ratio(contrasted_images(4)) < 1.25
+    objects = []
+    for image in contrasted_images(4):
+        framed = np.full_like(image, 128)
+        framed[12:-12, 12:-12] = image[12:-12, 12:-12]
+        objects.append(framed)
+    assert recipe.border_texture_ratio(objects) < 1 / recipe.BORDER_RATIO
+
+
+# ---------------------------------------------------------------------------- calibrate_recipe
+
+def calibrate(images, key='Shift-Intensity-M', kind='texture', seed=0, fixed=(), **changes):
+    params, args = texture_args(key, **changes)
+    return recipe.calibrate_recipe(images, RandomCrop(48), args, params, kind, seed=seed,
+                                   fixed=fixed, num_samples=60)
+
+
+def test_calibration_mixes_in_the_paste_where_a_seamless_blend_is_invisible():
+    params, report = calibrate(shaded_images(12))
+    assert report['visibility'] < recipe.MIN_VISIBILITY
+    assert params['paste_fraction'] == recipe.paste_fraction_for(report['visibility'])
+    q10, q50, q90 = report['change_quantiles']
+    k, x0 = params['intensity_logistic_params']
+    assert x0 == pytest.approx(q50, abs=0.01)
+    assert k == pytest.approx(2 * math.log(9) / max(q90 - q10, recipe.MIN_CHANGE_SPREAD), abs=1e-3)
+    assert params['clip_at_border'] is True  # a stationary material
+    json.dumps(report)  # plain types only
+
+
+def test_calibration_is_deterministic_and_keeps_what_the_user_fixed():
+    images = shaded_images(12)
+    assert calibrate(images) == calibrate(images)
+    assert calibrate(images)[0] != calibrate(images, seed=1)[0]
+    params, _ = calibrate(images, fixed=('paste_fraction', 'intensity_logistic_params',
+                                         'num_patches', 'clip_at_border'))
+    defaults = settings.KIND_DEFAULTS['texture']
+    for name in ('paste_fraction', 'intensity_logistic_params', 'num_patches', 'clip_at_border'):
+        assert params[name] == defaults[name]
+
+
+def test_objects_keep_their_patches_inside_and_plain_pastes_get_no_paste_fraction():
+    params, report = calibrate(contrasted_images(8), key='Shift-Intensity-Swap', kind='object')
+    assert params['clip_at_border'] is False
+    assert 'visibility' not in report and params['paste_fraction'] is None
+
+
+def test_calibration_without_object_pixels_names_the_category_and_flag():
+    params, args = texture_args(background=(128, 127))  # every grey level is background
+    args['skip_background'] = (128, 127)
+    with pytest.raises(ValueError, match=r"category 'parts'.*--background 128 127"):
+        recipe.calibrate_recipe(contrasted_images(4), RandomCrop(48), args, params, 'object',
+                                category='parts', num_samples=10)
+
+
+# ---------------------------------------------------------------------------- validation set
+
+def test_holdout_is_a_seeded_fraction_and_none_for_small_categories():
+    held = validation.holdout_indices(100, 0.1, seed=3)
+    assert len(held) == 10 and len(set(held)) == 10 and held.max() < 100
+    np.testing.assert_array_equal(held, validation.holdout_indices(100, 0.1, seed=3))
+    assert not np.array_equal(held, validation.holdout_indices(100, 0.1, seed=4))
+    assert validation.holdout_indices(9, 0.5, 0).size == 0
+    assert validation.holdout_indices(100, 0.0, 0).size == 0
+    with pytest.raises(ValueError, match='fraction'):
+        validation.holdout_indices(100, 1.0, 0)
+
+
+@hyp_settings(max_examples=25, deadline=None)
+@given(st.sampled_from(validation.VALIDATION_KINDS), st.integers(0, 2**32 - 1),
+       st.sampled_from([1, 3]))
+def test_defect_masks_hold_only_changed_pixels(kind, seed, channels):
+    image = contrasted_images(1, size=64, seed=seed % 7)[0].repeat(channels, axis=2)
+    out, mask = validation.synthetic_defect(image, kind, np.random.default_rng(seed))
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == image.shape[:2]
+    change = np.abs(out.astype(float) - image).mean(axis=-1)
+    assert mask.sum() >= validation.MIN_DEFECT_PIXELS
+    assert (change[mask] >= validation.MIN_CHANGE).all()
+
+
+def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
+    images = shaded_images(7)
+    items, labels, masks, types = validation.make_validation_set(images, seed=0)
+    assert labels == [0] * 7 + [1] * 7 and types[:7] == ['good'] * 7
+    assert types[7:] == [validation.VALIDATION_KINDS[i % 5] for i in range(7)]
+    for image, normal in zip(images, items[:7]):
+        np.testing.assert_array_equal(image, normal)
+    assert all(not m.any() for m in masks[:7]) and all(m.any() for m in masks[7:])
+    again = validation.make_validation_set(images, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(items, again[0]))
+    with pytest.raises(ValueError, match='validation kinds'):
+        validation.make_validation_set(images, 0, kinds=('smudge',))
+
+
+# ---------------------------------------------------------------------------- training loop
+
+class ScriptedValidator:
+    """Returns the scores of ``scores`` in turn (a stand-in for experiments.validation.Validator)."""
+
+    def __init__(self, scores, every=1):
+        self.scores, self.every, self.calls = list(scores), every, 0
+
+    def due(self, epoch, epochs):
+        return epoch % self.every == 0 or epoch == epochs
+
+    def __call__(self, model):
+        score = self.scores[self.calls]
+        self.calls += 1
+        return {'image_auroc_mean': score, 'pixel_auroc': score, 'au_pro': score, 'score': score}
+
+
+def test_training_records_the_curve_and_keeps_the_best_model(tmp_path):
+    config = TrainConfig(epochs=4, batch_size=4, lr=1e-2, figures=True, select='best')
+    states = {}
+
+    class Recording(ScriptedValidator):
+        def __call__(self, model):
+            states[self.calls + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+            return super().__call__(model)
+    meta = train(TinyNet(), SquaresDataset(), config, tmp_path, 'run',
+                 validator=Recording([0.5, 0.9, 0.7, 0.8]))
+    assert [entry['epoch'] for entry in meta['validation']] == [1, 2, 3, 4]
+    assert meta['best_epoch'] == 2 and (tmp_path / 'run_validation.png').is_file()
+    for path in (best_model_path(tmp_path, 'run'), final_model_path(tmp_path, 'run')):
+        saved = torch.load(path, weights_only=True)['model']
+        assert all(torch.equal(saved[k], states[2][k].cpu()) for k in saved)
+
+
+def test_select_best_needs_a_validator_and_no_weight_averaging(tmp_path):
+    with pytest.raises(ValueError, match='validation set'):
+        train(TinyNet(), SquaresDataset(), TrainConfig(epochs=1, select='best'), tmp_path, 'r')
+    with pytest.raises(ValueError, match='weight averaging'):
+        TrainConfig(epochs=4, swa_epochs=2, select='best')
+
+
+def test_resumed_run_keeps_the_validation_curve(tmp_path):
+    scores, config = [0.2, 0.6, 0.4], TrainConfig(epochs=3, figures=False)
+    whole = train(TinyNet(), SquaresDataset(), config, tmp_path / 'a', 'run',
+                  validator=ScriptedValidator(scores))
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyNet(), CrashAtEpoch(2), config, tmp_path / 'b', 'run',
+              validator=ScriptedValidator(scores))
+    resumed = train(TinyNet(), SquaresDataset(), config, tmp_path / 'b', 'run', resume=True,
+                    validator=ScriptedValidator(scores[2:]))
+    assert resumed['validation'] == whole['validation'] and resumed['best_epoch'] == 2
+
+
+# ---------------------------------------------------------------------------- train_mvtec.py
+
+def prepared(tmp_path, data, category, *extra):
+    args = train_mvtec.parse_args(['-s', 'Shift-Intensity-M', '-d', str(data),
+                                   '-o', str(tmp_path / 'out')] + FAST + list(extra))
+    setting, _, _, _ = train_mvtec.plan(args)
+    return train_mvtec.prepare_run(args, setting, data, category)
+
+
+def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=12)
+    _, _, _, meta, validator = prepared(tmp_path, data, 'plates')
+    assert meta['recipe'] == 'auto' and meta['held_out'] == 1 and len(validator) == 2
+    assert 'recipe auto: logistic label' in capsys.readouterr().out
+    shutil.rmtree(data / 'plates' / 'test')
+    _, _, _, again, _ = prepared(tmp_path, data, 'plates')
+    assert again['category_params'] == meta['category_params']
+    assert again['calibration'] == meta['calibration']
+
+
+def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=12)
+    dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--recipe', 'table')
+    assert meta['category_params'] == settings.category_params('plates')
+    assert validator is None and len(dataset) == 12 and meta['calibration'] is None
+
+
+def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=6)
+    dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates')
+    assert validator is None and len(dataset) == 6 and meta['held_out'] == 0
+    assert 'without a validation set' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['--val-fraction', '1'], '--val-fraction'),
+    (['--val-every', '0'], '--val-every'),
+    (['--search-epochs', '0'], '--search-epochs'),
+    (['--select', 'best', '--val-fraction', '0'], '--select best'),
+])
+def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_path, capsys,
+                                                                argv, expected):
+    root, _ = tiny_mvtec
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_mvtec.main(['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out')] + argv)
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=12)
+    out = tmp_path / 'out'
+    train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                      'search', '--search-epochs', '1', '--select', 'best'] + FAST)
+    printed = capsys.readouterr().out
+    assert 'search candidate auto:' in printed and 'search chose' in printed
+    meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
+                      weights_only=True)['meta']
+    search = meta['recipe_search']
+    assert set(search) == set(recipes.search_candidates(
+        search['auto']['params'], settings.category_params('plates'), {}))
+    chosen = max(search, key=lambda name: search[name]['score'])
+    assert meta['category_params'] == search[chosen]['params']
+    assert meta['train_config']['select'] == 'best' and meta['best_epoch'] in (1, 2)
