@@ -1,0 +1,129 @@
+"""Does the validation score predict the real test scores? Rank correlation over trained models.
+
+For every model of one category under ``--models`` (``final_*.pt``, and ``best_*.pt`` with
+``--best``) that held out validation images: its scores on the validation set of synthetic defects
+(``self_sup_data.validation``; the held-out images and defects its run used, rebuilt from its
+meta) and on the real test set; then Spearman's rank correlation between each validation metric
+and the test image AUROC (map mean), pixel AUROC and AU-PRO over the models. Models trained
+without a validation set saw the validation images and are left out.
+
+    python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
+        --models bench_out/recipe [--out bench_out/recipe/correlation] [--best]
+
+Writes ``scores.csv`` (one row per model), ``correlation.md|csv`` and prints both.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pandas as pd  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_model  # noqa: E402
+from experiments.tables import write_text_atomic  # noqa: E402
+from experiments.training import resolve_device  # noqa: E402
+from experiments.validation import SCORE_METRICS, Validator  # noqa: E402
+from self_sup_data.mvtec import load_validation_set, train_files  # noqa: E402
+from self_sup_data.validation import holdout_indices  # noqa: E402
+
+TEST_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
+VALIDATION_COLUMNS = tuple(f'val_{name}' for name in SCORE_METRICS) + ('val_score',)
+DEFAULT_VAL_FRACTION = 0.1  # for models whose meta predates the recorded fraction
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--data-dir', required=True, help='MVTec-layout root folder')
+    parser.add_argument('--category', required=True)
+    parser.add_argument('--models', required=True, help='folder searched for final_*.pt (any depth)')
+    parser.add_argument('--out', help='output folder (default: MODELS/correlation)')
+    parser.add_argument('--best', action='store_true', help='also score the best_*.pt models')
+    parser.add_argument('--device', help="'cpu', 'cuda' ... (default: CUDA if available)")
+    return parser.parse_args(argv)
+
+
+def model_files(folder, best=False):
+    """Sorted final_*.pt (and best_*.pt) under ``folder``, search candidates excluded."""
+    patterns = ('final_*.pt', 'best_*.pt') if best else ('final_*.pt',)
+    return sorted(path for pattern in patterns for path in Path(folder).rglob(pattern)
+                  if 'search' not in path.parts)
+
+
+def held_out_images(data_dir, meta):
+    """Indices of the images the run held out (None when it held out none)."""
+    if not meta.get('held_out'):
+        return None
+    indices = holdout_indices(len(train_files(data_dir, meta['category'])),
+                              meta.get('validation_fraction', DEFAULT_VAL_FRACTION),
+                              meta.get('validation_seed', 0))
+    if len(indices) != meta['held_out']:
+        raise ValueError(f"the run held out {meta['held_out']} images, the rebuilt split "
+                         f"{len(indices)}")
+    return indices
+
+
+def score_models(args, device):
+    """One row per model: its name, setting, recipe, epochs, validation and test scores."""
+    rows, test_sets, validation_sets = [], {}, {}
+    for path in model_files(args.models, args.best):
+        meta = read_meta(path)
+        held_out = None if meta['category'] != args.category else held_out_images(args.data_dir, meta)
+        if held_out is None:
+            print(f'skipping {path}: no validation set held out', file=sys.stderr)
+            continue
+        model, meta = read_model(path, device)
+        key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0))
+        if key not in validation_sets:
+            validation_sets[key] = load_validation_set(
+                args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
+                channels=meta['in_channels'])
+            test_sets[key] = load_test_set(args.data_dir, meta)
+        validation = Validator(validation_sets[key])(model)
+        test = evaluate(model, test_sets[key], device=device)
+        rows.append(dict(model=str(path.relative_to(args.models)), setting=meta['setting'],
+                         recipe=meta.get('recipe', 'table'),
+                         epochs=meta['train_config']['epochs'],
+                         **{f'val_{k}' if k != 'score' else 'val_score': v
+                            for k, v in validation.items()},
+                         **{f'test_{name}': test[name] for name in TEST_METRICS}))
+        print(rows[-1])
+    return pd.DataFrame(rows)
+
+
+def correlations(scores):
+    """Spearman's rho (and its p-value) of each validation column against each test metric."""
+    records = []
+    for column in VALIDATION_COLUMNS:
+        record = dict(validation=column)
+        for name in TEST_METRICS:
+            rho, p_value = spearmanr(scores[column], scores[f'test_{name}'])
+            record[f'rho {name}'], record[f'p {name}'] = float(rho), float(p_value)
+        records.append(record)
+    return pd.DataFrame(records)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out or Path(args.models) / 'correlation')
+    out.mkdir(parents=True, exist_ok=True)
+    scores = score_models(args, resolve_device(args.device))
+    if len(scores) < 3:
+        print(f'error: {len(scores)} models with a validation set found under {args.models}; '
+              f'a rank correlation needs at least 3', file=sys.stderr)
+        return 1
+    table = correlations(scores)
+    write_text_atomic(out / 'scores.csv', scores.to_csv(index=False))
+    write_text_atomic(out / 'correlation.csv', table.to_csv(index=False))
+    text = (scores.round(4).to_markdown(index=False) + '\n\n'
+            + f'Spearman rank correlation over {len(scores)} models:\n\n'
+            + table.round(3).to_markdown(index=False) + '\n')
+    write_text_atomic(out / 'correlation.md', text)
+    print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
