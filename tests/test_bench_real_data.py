@@ -11,7 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from bench import real_data
 from experiments import one_class, settings
-from experiments.mvtec_tasks import evaluate, load_normal_set, load_test_set, read_meta, read_model
+from experiments.checkpoints import read_meta, read_model
+from experiments.mvtec_tasks import load_normal_set, load_test_set
+from experiments.prediction import evaluate
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 
