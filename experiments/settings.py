@@ -35,6 +35,7 @@ import cv2
 
 from experiments.training import final_model_path
 from self_sup_data.mvtec import category_kind
+from self_sup_data.self_sup_tasks import PatchParams
 
 DEFAULT_SEED = 0
 
@@ -411,9 +412,10 @@ def param_overrides(args):
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
-    fraction = args.paste_fraction
-    if fraction is not None and not 0 <= fraction[0] <= fraction[1] <= 1:
-        raise ValueError(f"--paste-fraction must be LOW HIGH with 0 <= LOW <= HIGH <= 1, got {fraction}")
+    try:  # the generator's own check, before any run
+        PatchParams(paste_fraction=overrides['paste_fraction'])
+    except ValueError as error:
+        raise ValueError(f'--paste-fraction: {error}') from None
     return {k: v for k, v in overrides.items() if v is not None}
 
 
