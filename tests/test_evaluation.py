@@ -259,27 +259,12 @@ def test_evaluate_equals_metrics_of_the_predicted_maps():
 
 from pathlib import Path
 
-from conftest import make_mvtec_category
+from conftest import RES_SCALE, make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import training
 from experiments.atomic import save_torch_atomic
 from experiments.settings import parse_setting, trained_model_path
-from models.resnet import resnet18_enc_dec
 from self_sup_data.mvtec import SelfSupMVTecDataset
 
-RES_SCALE = 0.25  # 64-pixel textures (train and test side 64)
-
-
-def save_checkpoint(model_dir, key, category, kind, seed=0):
-    """A freshly initialised model saved the way training saves its final model."""
-    setting = parse_setting(key)
-    torch.manual_seed(seed)
-    model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
-    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE,
-                train_size=64, seed=seed, model_config=model.config)
-    path = trained_model_path(model_dir, setting, category)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_torch_atomic(dict(model=model.state_dict(), meta=meta), path)
-    return path
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -307,6 +292,7 @@ def trained(tmp_path_factory):
     return model_dir, data_dir
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir)
@@ -325,6 +311,7 @@ def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     assert prediction.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['Shift-2'],
@@ -332,6 +319,7 @@ def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     assert [(r['category'], r['setting'], r['seed']) for r in records] == [('tiles', 'Shift', 2)]
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_with_flip_average(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'],
@@ -350,6 +338,7 @@ def test_evaluate_checkpoints_with_flip_average(trained):
                                          one_class_names=['gde'], flip_average=True)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     model_dir, data_dir = trained
     with pytest.warns(UserWarning, match="no checkpoint for setting 'CutPaste' on category 'tiles'"):
@@ -397,6 +386,7 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+@pytest.mark.slow
 def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
     model_dir, data_dir = trained
     original = next(Path(model_dir).rglob('final_tiles_fpi_1.pt'))
@@ -407,6 +397,7 @@ def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
         mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir)
 
 
+@pytest.mark.slow
 def test_command_line_end_to_end(trained, tmp_path):
     model_dir, data_dir = trained
     out = tmp_path / 'out'
@@ -425,6 +416,7 @@ def test_command_line_end_to_end(trained, tmp_path):
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
 
 
+@pytest.mark.slow
 def test_command_line_flip_average(trained, tmp_path):
     model_dir, data_dir = trained
     out = tmp_path / 'out'
@@ -440,6 +432,7 @@ def test_command_line_flip_average(trained, tmp_path):
     assert not (tmp_path / 'objects').exists()
 
 
+@pytest.mark.slow
 def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
     import train_mvtec
     make_mvtec_category(tmp_path / 'data', 'bottle', size=64, channels=3)  # an object, RGB
@@ -474,40 +467,12 @@ from PIL import Image
 from experiments import chest_xray_tasks, plotting
 
 
-def make_chest_test_set(root, seeds=(1, 2)):
-    """A 64-pixel chest X-ray test set and models of 'Shift' under ``root``:
-    returns (model_dir, data_dir, normal list, anomalous list, bbox csv)."""
-    root = Path(root)
-    rng = np.random.default_rng(0)
-    names = {'normal': [f'n{i}.png' for i in range(4)], 'anomalous': [f'a{i}.png' for i in range(3)]}
-    for name in names['normal'] + names['anomalous']:
-        image = rng.integers(60, 120, (64, 64), dtype=np.uint8)
-        if name.startswith('a'):
-            image[16:32, 16:32] = 250
-        Image.fromarray(image).save(root / name)
-    for kind, listed in names.items():
-        (root / f'{kind}.txt').write_text('\n'.join(listed) + '\n')
-    # boxes in NIH's 1024-pixel coordinates for two of the three anomalous images
-    pd.DataFrame({'Image Index': ['a0.png', 'a1.png'], 'Finding Label': ['Mass', 'Nodule'],
-                  'Bbox [x': [256, 256], 'y': [256, 256], 'w': [256, 256], 'h]': [256, 256]}
-                 ).to_csv(root / 'boxes.csv', index=False)
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = resnet18_enc_dec(in_channels=1, final_activation='sigmoid')
-        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64,
-                    seed=seed, model_config=model.config)
-        run_dir = root / 'models' / 'shift' / 'chest_xray'
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_torch_atomic(dict(model=model.state_dict(), meta=meta),
-                             run_dir / f'final_chest_xray_shift_{seed}.pt')
-    return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'
-
-
 @pytest.fixture(scope='module')
 def chest(tmp_path_factory):
     return make_chest_test_set(tmp_path_factory.mktemp('chest'))
 
 
+@pytest.mark.slow
 def test_chest_xray_evaluation_image_and_box_metrics(chest):
     model_dir, data_dir, normal, anomalous, boxes = chest
     records = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous)
@@ -527,6 +492,7 @@ def test_chest_xray_evaluation_image_and_box_metrics(chest):
     assert {m: with_boxes[0][m] for m in expected} == expected
 
 
+@pytest.mark.slow
 def test_chest_xray_command_line(chest, tmp_path, capsys):
     model_dir, data_dir, normal, anomalous, boxes = chest
     out = tmp_path / 'out'

@@ -182,6 +182,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
               meta=dict(category='a'), resume=True)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
     seed_everything(0)
     model = resnet18_enc_dec(final_activation='relu')
@@ -271,6 +272,7 @@ def test_epoch_dataset_sets_the_epoch_once_per_epoch():
     assert calls == [0]
 
 
+@pytest.mark.slow
 def test_swa_model_is_the_average_of_the_last_epochs_with_batch_norm_of_the_average(tmp_path):
     """epochs 4, swa_epochs 2: the cosine reaches swa_lr after 2 epochs; the final model's
     parameters are the mean of those after epochs 3 and 4, its batch-norm statistics those of the
