@@ -1,6 +1,6 @@
 """Train NSA (or a baseline task) on chest X-rays (NIH ChestX-ray14) from a list of normal images.
 
-    python train_chest_xray.py -s SETTING -d DATA_DIR -l LIST -o OUT_DIR [--no_pool] [--preact]
+    python train_chest_xray.py -s SETTING -d DATA_DIR -l LIST -o OUT_DIR [--no-pool] [--preact]
                                [--epochs E] [--batch-size B] [--res R] [--workers W] [--device D]
                                [--resume] ...
 
@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
-                                  model_from_args, prepare_output_dir, resolve_device, train_config,
-                                  train_unless_finished)
+from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
+                             model_from_args, prepare_output_dir, train_config, train_unless_finished)
+from experiments.training import resolve_device
 from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
@@ -28,10 +28,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
         epilog=f'setting keys: {settings.valid_setting_forms()}')
-    parser.add_argument('-s', '--setting', required=True, help='setting key, e.g. Shift-Intensity-M')
-    parser.add_argument('-d', '--data_dir', required=True, help='folder the listed names are relative to')
-    parser.add_argument('-l', '--list', required=True, help='file list of the normal training images')
-    parser.add_argument('-o', '--out_dir', required=True, help='where models and figures go')
+    parser.add_argument('-s', '--setting', required=True,
+                        help='setting key, e.g. Shift-Intensity-M')
+    parser.add_argument('-d', '--data-dir', '--data_dir', dest='data_dir', required=True,
+                        help='folder the listed names are relative to')
+    parser.add_argument('-l', '--list', required=True,
+                        help='file list of the normal training images')
+    parser.add_argument('-o', '--out-dir', '--out_dir', dest='out_dir', required=True,
+                        help='where models and figures go')
     parser.add_argument('--res', type=int, default=PAPER_RES,
                         help=f'side the images are resized to (default: {PAPER_RES}, the paper)')
     add_training_arguments(parser)

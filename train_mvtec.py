@@ -1,7 +1,7 @@
 """Train NSA (or a baseline task) on MVTec-layout data: one, several or all categories.
 
     python train_mvtec.py -s SETTING -d DATA_DIR -o OUT_DIR [-n CATEGORY | -c all|texture|object]
-                          [--single_patch] [--cutpaste_patch_gen] [--no_mask] [--no_pool]
+                          [--single-patch] [--cutpaste-patch-gen] [--no-mask] [--no-pool]
                           [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
                           [--workers W] [--device D] [--resume] [--kind object|texture] ...
     python train_mvtec.py -o OUT_DIR      # quick start: the built-in demo dataset, small budget
@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from experiments import recipes, settings
-from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
-                                  model_from_args, prepare_output_dir, resolve_device, train,
-                                  train_config, train_unless_finished)
+from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
+                             model_from_args, prepare_output_dir, train_config, train_unless_finished)
+from experiments.training import resolve_device, train
 from experiments.validation import Validator
+from self_sup_data.demo import make_demo_dataset
 from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, list_categories,
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
@@ -40,11 +41,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
         epilog=f'setting keys: {settings.valid_setting_forms()}')
-    parser.add_argument('-s', '--setting', required=True, help='setting key, e.g. Shift-Intensity-M')
-    parser.add_argument('-d', '--data_dir', help='MVTec-layout root folder (default: the demo dataset)')
-    parser.add_argument('-o', '--out_dir', required=True, help='where models and figures go')
+    parser.add_argument('-s', '--setting', required=True,
+                        help='setting key, e.g. Shift-Intensity-M')
+    parser.add_argument('-d', '--data-dir', '--data_dir', dest='data_dir',
+                        help='MVTec-layout root folder (default: the demo dataset)')
+    parser.add_argument('-o', '--out-dir', '--out_dir', dest='out_dir', required=True,
+                        help='where models and figures go')
     which = parser.add_mutually_exclusive_group()
-    which.add_argument('-n', '--class_name', help='one category (a folder of DATA_DIR)')
+    which.add_argument('-n', '--class-name', '--class_name', dest='class_name',
+                       help='one category (a folder of DATA_DIR)')
     which.add_argument('-c', '--categories', choices=CATEGORY_GROUPS, default='all',
                        help='the categories found in DATA_DIR: all, or those of one kind (default: all)')
     parser.add_argument('--kind', choices=('object', 'texture'),
@@ -103,7 +108,6 @@ def plan(args):
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
     out_dir = prepare_output_dir(args.out_dir)
-    from self_sup_data.demo import make_demo_dataset
     category_dir = make_demo_dataset(out_dir / 'demo_data')
     args.epochs = args.epochs or DEMO_EPOCHS
     args.res_scale = args.res_scale or DEMO_RES_SCALE

@@ -6,17 +6,13 @@ half-width bounds ((0.03, 0.4), (0.03, 0.4))) on scikit-image's bundled sample i
     python bench/generation.py [--n N]
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+import numpy as np
+import skimage.data
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
-
-from self_sup_data.self_sup_tasks import patch_ex  # noqa: E402
+from self_sup_data.self_sup_tasks import patch_ex
 
 SIZE = 224
 TEXTURE_SETTING = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,

@@ -4,15 +4,12 @@ masks (about 70% defect images, as in MVTec AD). Run from the repository root:
     python bench/metrics.py [--num-maps 600] [--size 256] [--repeats 3]
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.metrics import au_pro, pixel_ap, pixel_auroc  # noqa: E402
+from experiments.metrics import au_pro, pixel_ap, pixel_auroc
 
 
 def blob_masks_and_maps(num_maps, size, rng):

@@ -1,7 +1,7 @@
 """Real-data benchmark: NSA against the baselines that the same generator makes, on real defects.
 
 Trains each setting on one MVTec-layout category with one fixed CPU budget (same resolution,
-epochs and batch size for all), evaluates each with ``experiments.mvtec_tasks`` and writes one
+epochs and batch size for all), evaluates each as ``experiments.mvtec_tasks`` does and writes one
 table (image AUROC from the mean and the max of the map, pixel AUROC, AU-PRO, training time), a
 table of image AUROC per defect type, and a figure of heatmaps on the same test images.
 ``CutPaste-3way`` (CutPaste's own classifier, not in the default list) is scored as in its paper, by
@@ -9,7 +9,7 @@ a Gaussian density on its encoder features: its row adds ``image AUROC (pooled)`
 the density's patch-level heatmaps. Its epochs see three views of each image, so at the same
 epochs it trains about twice as long as an encoder-decoder setting.
 
-    python bench/real_data.py [--data-dir ../shared/data] [--category magnetic_tile]
+    python bench/real_data.py --data-dir DATA_DIR [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
                               [--bf16] [--train-only | --evaluate-only] [--flip-average]
@@ -23,7 +23,7 @@ Training output goes to ``OUT/logs``, so the whole run can go to the background:
 ``nohup python bench/real_data.py > bench.log 2>&1 &``.
 
 ``--flip-average`` evaluates with each map averaged with that of the vertically flipped image
-(``experiments.mvtec_tasks``; textures only, not for ``CutPaste-3way``) and writes its tables and
+(``experiments.prediction``; textures only, not for ``CutPaste-3way``) and writes its tables and
 figure beside the plain ones, as ``real_data_flip_average.md`` etc.
 """
 import argparse
@@ -34,18 +34,18 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from experiments import metrics, plotting, settings
+from experiments.atomic import write_text_atomic
+from experiments.checkpoints import read_meta, read_model, result_variants
+from experiments.mvtec_tasks import load_normal_set, load_test_set
+from experiments.prediction import check_flip_average, evaluate_variants
+from experiments.training import last_checkpoint_path, resolve_device
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
-from experiments import metrics, plotting, settings, tables  # noqa: E402
-from experiments.mvtec_tasks import (check_flip_average, evaluate_variants,  # noqa: E402
-                                     load_normal_set, load_test_set, read_meta, read_model,
-                                     result_variants)
-from experiments.training import last_checkpoint_path, resolve_device  # noqa: E402
-from self_sup_data.self_sup_tasks import GENERATOR_VERSION  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # the training script is run from here
 
 # NSA with the paper's texture recipe (mixed gradients, logistic and binary label), NSA's patches
 # without blending, then the baselines.
@@ -69,8 +69,9 @@ BORDER_BAND = 0.1  # fraction of each side: the band along the image border, whe
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data-dir', default=str(REPO.parent / 'shared' / 'data'),
-                        help='folder holding the category folder (default: ../shared/data)')
+    parser.add_argument('--data-dir', required=True,
+                        help='MVTec-layout folder holding the category folder (for magnetic_tile: '
+                             'the output of python -m self_sup_data.magnetic_tile SRC OUT)')
     parser.add_argument('--category', default='magnetic_tile')
     parser.add_argument('--out', default=str(REPO / 'bench_out' / 'real_data'))
     parser.add_argument('--settings', nargs='+', default=list(DEFAULT_SETTINGS))
@@ -221,23 +222,13 @@ def method_name(key, self_sup_args):
     return name
 
 
-def example_indices(dataset):
-    """A few test images of each defect type and normal ones, the same for every setting."""
-    types = np.asarray(dataset.defect_types)
-    chosen = []
-    for defect in ['good'] + sorted(set(types) - {'good'}):
-        items = np.flatnonzero(types == defect)
-        chosen += items[np.linspace(0, items.size - 1, EXAMPLES_PER_TYPE).round().astype(int)].tolist()
-    return chosen
-
-
 def output_suffix(args):
     """'_flip_average' for the tables and figure of a flip-averaged evaluation, else ''."""
     return '_flip_average' if args.flip_average else ''
 
 
 def write_figure(args, maps_by_setting, dataset):
-    indices = example_indices(dataset)
+    indices = plotting.example_indices(dataset.defect_types, EXAMPLES_PER_TYPE, first='good')
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
     titles = [dataset.defect_types[i] for i in indices]
     rows = {SETTING_NAMES.get(key, key): [maps[i] for i in indices]
@@ -262,9 +253,9 @@ def write_tables(args, records):
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
             + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
     suffix = output_suffix(args)
-    tables.write_text_atomic(out / f'real_data{suffix}.md', text)
-    tables.write_text_atomic(out / f'real_data{suffix}.csv', main.to_csv(index=False))
-    tables.write_text_atomic(out / f'real_data{suffix}_per_type.csv', per_type.to_csv(index=False))
+    write_text_atomic(out / f'real_data{suffix}.md', text)
+    write_text_atomic(out / f'real_data{suffix}.csv', main.to_csv(index=False))
+    write_text_atomic(out / f'real_data{suffix}_per_type.csv', per_type.to_csv(index=False))
     return text
 
 
@@ -273,8 +264,9 @@ def main(argv=None):
     category_dir = Path(args.data_dir) / args.category
     if not (category_dir / 'train' / 'good').is_dir():
         print(f'real_data: no data: {category_dir}/train/good does not exist. This benchmark needs '
-              f'a real MVTec-layout category (e.g. ../shared/data/magnetic_tile); pass --data-dir '
-              f'and --category', file=sys.stderr)
+              f'a real MVTec-layout category (e.g. the Magnetic-tile-defect dataset converted with '
+              f'python -m self_sup_data.magnetic_tile SRC OUT); pass --data-dir and --category',
+              file=sys.stderr)
         return 1
     try:
         for key in args.settings:

@@ -17,20 +17,17 @@ the most expensive one). Run from the repository root:
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from experiments import settings  # noqa: E402
-from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,  # noqa: E402
+from experiments import settings
+from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,
                                   to_training_device, train_step)
-from models.resnet import resnet18_enc_dec  # noqa: E402
-from self_sup_data.demo import make_demo_dataset  # noqa: E402
-from self_sup_data.mvtec import SelfSupMVTecDataset  # noqa: E402
+from models.resnet import resnet18_enc_dec
+from self_sup_data.demo import make_demo_dataset
+from self_sup_data.mvtec import SelfSupMVTecDataset
 
 THREADS = 2
 

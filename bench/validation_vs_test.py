@@ -16,18 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import pandas as pd
+from scipy.stats import spearmanr
 
-import pandas as pd  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-
-from experiments.mvtec_tasks import evaluate, load_test_set, read_meta, read_model  # noqa: E402
-from experiments.tables import write_text_atomic  # noqa: E402
-from experiments.training import resolve_device  # noqa: E402
-from experiments.validation import SCORE_METRICS, Validator  # noqa: E402
-from self_sup_data.mvtec import load_validation_set, train_files  # noqa: E402
-from self_sup_data.validation import holdout_indices  # noqa: E402
+from experiments.atomic import write_text_atomic
+from experiments.checkpoints import read_meta, read_model
+from experiments.mvtec_tasks import load_test_set
+from experiments.prediction import evaluate
+from experiments.training import resolve_device
+from experiments.validation import SCORE_METRICS, Validator
+from self_sup_data.mvtec import load_validation_set, train_files
+from self_sup_data.validation import holdout_indices
 
 TEST_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 VALIDATION_COLUMNS = tuple(f'val_{name}' for name in SCORE_METRICS) + ('val_score',)

@@ -3,7 +3,7 @@
 The test set is a list of normal and a list of anomalous image names (as written by
 ``python -m self_sup_data.chest_xray``); images are resized to the side the model was trained at
 (meta ``res``, 256 in the paper) and predicted whole (the side is a multiple of 32; otherwise it
-is reflect-padded as for MVTec textures, see ``experiments.mvtec_tasks``).
+is reflect-padded as for MVTec textures, see ``experiments.prediction``).
 
 Image AUROC and AP use the mean of the anomaly map as the image score (the paper); pixel AUROC,
 AP and AU-PRO are computed when NIH's bounding boxes (``BBox_List_2017.csv``) are given, over the
@@ -13,7 +13,6 @@ anomalous images that have a box. Results over settings and seeds are tabulated 
     python -m experiments.chest_xray_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         -l NORMAL_TEST_LIST ANOMALOUS_TEST_LIST [--bbox-csv BBox_List_2017.csv] [-s SETTING ...]
 """
-import argparse
 import math
 import warnings
 from pathlib import Path
@@ -21,10 +20,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from experiments import tables
-from experiments.mvtec_tasks import (CHECKPOINT_PATTERN, evaluate, figure_path, find_checkpoints,
-                                     plot_test_examples, read_model, run_command, select_checkpoints,
-                                     seedless_key, sort_records)
-from experiments.mvtec_tasks import figure_paths  # noqa: F401  (re-exported for the notebook)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, find_checkpoints, read_model,
+                                     select_checkpoints, sort_records)
+from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
+from experiments.plotting import figure_path, plot_test_examples
+from experiments.prediction import evaluate
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.chest_xray import SelfSupChestXRay
@@ -65,9 +65,9 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None,
                                 return_maps=True)
         setting = parse_setting(meta['setting'])
-        records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
+        records.append(dict(category=test_name, kind=DATASET, setting=setting.seedless_key,
                             seed=meta.get('seed', setting.seed), **values, checkpoint=str(path)))
-        figure = figure_dir and figure_path(figure_dir, test_name, seedless_key(setting))
+        figure = figure_dir and figure_path(figure_dir, test_name, setting.seedless_key)
         if figure and figure not in plotted:
             plot_test_examples(datasets[res], maps, figure)
             plotted.add(figure)
@@ -76,7 +76,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: '
                           'its cells are NaN')
             setting = parse_setting(key)
-            records.append(dict(category=test_name, kind=DATASET, setting=seedless_key(setting),
+            records.append(dict(category=test_name, kind=DATASET, setting=setting.seedless_key,
                                 seed=setting.seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))
     return sort_records(records, settings)
 
@@ -93,48 +93,33 @@ def write_report(records, out_dir, percent=False):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='python -m experiments.chest_xray_tasks',
-        description='Evaluate trained chest X-ray models (final_*.pt under MODEL_DIR) on a test '
-                    'set given by two file lists: writes OUT_DIR/results.csv, '
-                    'OUT_DIR/tables/<metric>.{csv,md,tex} and OUT_DIR/figures/<name>_<setting>.png.')
-    parser.add_argument('-m', '--model-dir', required=True,
-                        help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=True,
-                        help='folder the listed image names are relative to')
-    parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
+    parser = evaluation_parser(
+        'python -m experiments.chest_xray_tasks',
+        'Evaluate trained chest X-ray models (final_*.pt under MODEL_DIR) on a test set given by '
+        'two file lists: writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
+        'OUT_DIR/figures/<name>_<setting>.png.',
+        data_help='folder the listed image names are relative to')
     parser.add_argument('-l', '--lists', nargs=2, required=True,
                         metavar=('NORMAL_LIST', 'ANOMALOUS_LIST'),
                         help='file lists of the normal and the anomalous test images '
                              '(one name per line)')
     parser.add_argument('--bbox-csv', help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
-    parser.add_argument('-s', '--settings', nargs='+', default=None,
-                        help='setting keys (a key without seed takes every seed; default: all found)')
     parser.add_argument('--name',
                         help="row name of the test set (default: the anomalous list's file name)")
-    parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
-    parser.add_argument('--no-figures', action='store_true', help='skip the example figures')
+    add_evaluation_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-
-    def work():
-        figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
-        records = evaluate_checkpoints(args.model_dir, args.data_dir, *args.lists,
-                                       bbox_csv=args.bbox_csv, settings=args.settings,
-                                       test_name=args.name, device=args.device,
-                                       batch_size=args.batch_size, figure_dir=figure_dir)
-        if not records:
-            raise FileNotFoundError(f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under '
-                                    f'{args.model_dir}')
-        write_report(records, args.out_dir, percent=args.percent)
-        return records
-    records = run_command(work)
-    print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    run_evaluation(
+        args,
+        lambda figure_dir: evaluate_checkpoints(
+            args.model_dir, args.data_dir, *args.lists, bbox_csv=args.bbox_csv,
+            settings=args.settings, test_name=args.name, device=args.device,
+            batch_size=args.batch_size, figure_dir=figure_dir),
+        lambda records: write_report(records, args.out_dir, percent=args.percent),
+        f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
 
 
 if __name__ == '__main__':

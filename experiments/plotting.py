@@ -1,33 +1,33 @@
 """Figures written to PNG files: anomaly heatmaps over test images, training sample grids and the
 loss curve. Inputs are numpy arrays (images uint8 H x W x C, maps and masks float H x W or
-H x W x 1); each function writes its file atomically and returns its path.
+H x W x 1); each function writes its file atomically and returns its path. ``plot_test_examples``
+draws a few items of a test set (a dataset with ``images``, ``labels``, ``masks``, ``has_mask``
+and ``defect_types``) with their predicted maps.
 
 Figures are drawn on matplotlib's Agg canvas directly, so nothing here touches pyplot's global
 state or the backend of a notebook that calls it.
 """
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ['plot_examples', 'plot_map_comparison', 'plot_sample_grid', 'plot_loss_curve']
+from experiments.atomic import write_atomic
+
+__all__ = ['plot_examples', 'plot_map_comparison', 'plot_sample_grid', 'plot_loss_curve',
+           'example_indices', 'plot_test_examples', 'figure_path', 'figure_paths']
 
 PANEL_INCHES = 2.2
 HEATMAP_CMAP = 'jet'
 CONTOUR_COLOR = 'red'
+EXAMPLES_PER_CLASS = 3  # normal and defective test images in a figure of test examples
 
 
 def _save(fig, path):
-    """Write `fig` as PNG to a temporary name next to `path`, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp')
+    """Write `fig` as PNG to `path` atomically (``write_atomic``); returns the Path."""
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format='png', dpi=100)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
 def _as_map(values, name):
@@ -179,3 +179,42 @@ def plot_validation_curve(entries, path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize='small')
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ test examples
+
+def example_indices(groups, per_group=EXAMPLES_PER_CLASS, first=None):
+    """Indices of up to ``per_group`` items of each value of ``groups`` (e.g. the labels 0 and 1,
+    or the defect types), evenly spread over the items of that value: the value ``first`` first,
+    then the others in sorted order."""
+    groups = np.asarray(groups)
+    values = sorted(set(groups.tolist()) - {first})
+    if first in set(groups.tolist()):
+        values.insert(0, first)
+    chosen = []
+    for value in values:
+        items = np.flatnonzero(groups == value)
+        spread = np.linspace(0, items.size - 1, min(per_group, items.size)).round().astype(int)
+        chosen += sorted(set(items[spread].tolist()))
+    return chosen
+
+
+def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
+    """Figure of a few normal and defective test images: input, ground truth and predicted map."""
+    indices = example_indices(dataset.labels, per_class)
+    masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
+    titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}'
+              for i in indices]
+    return plot_examples([dataset.images[i] for i in indices], masks,
+                         [maps[i] for i in indices], titles, path)
+
+
+def figure_path(figure_dir, category, setting_key):
+    """``figure_dir/<category>_<setting without seed>.png``: the examples of a category and setting."""
+    return Path(figure_dir) / f'{category}_{setting_key}.png'
+
+
+def figure_paths(records, figure_dir):
+    """The example figures of the results ``records`` that exist in ``figure_dir``, in record order."""
+    paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records)
+    return [path for path in paths if path.is_file()]

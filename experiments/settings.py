@@ -33,7 +33,9 @@ from pathlib import Path
 
 import cv2
 
+from experiments.training import final_model_path
 from self_sup_data.mvtec import category_kind
+from self_sup_data.self_sup_tasks import PatchParams
 
 DEFAULT_SEED = 0
 
@@ -100,7 +102,6 @@ BASE_SETTINGS = {
 }
 POISSON_BASES = tuple(name for name, base in BASE_SETTINGS.items()
                       if base.self_sup_args['mode'] == POISSON)
-LOSSES = ('bce', 'mse', 'cross_entropy')
 
 # longest names first, so that 'Shift-Intensity-Swap' is not read as 'Shift-Intensity' + junk
 _KEY_PATTERN = re.compile(
@@ -351,7 +352,6 @@ def chest_xray_self_sup_args(setting, overrides=None, **flags):
 def trained_model_path(out_dir, setting, category):
     """Where the training scripts put the model of ``setting`` (key or Setting) on ``category``:
     ``out_dir/<setting.dir_name>/<category>/final_<category>_<setting.fname>.pt``."""
-    from experiments.training import final_model_path
     setting = parse_setting(setting) if isinstance(setting, str) else setting
     return final_model_path(setting.run_dir(out_dir, category), setting.run_name(category))
 
@@ -362,10 +362,14 @@ def trained_model_path(out_dir, setting, category):
 
 def add_task_arguments(parser):
     """Add the paper's task flags and the options that override single category parameters."""
-    group = parser.add_argument_group('task flags (as in the paper\'s code)')
-    group.add_argument('--single_patch', action='store_true', help='one patch per sample')
-    group.add_argument('--cutpaste_patch_gen', action='store_true', help="CutPaste's patch shapes")
-    group.add_argument('--no_mask', action='store_true', help='no object mask (ignore backgrounds)')
+    group = parser.add_argument_group('task flags (as in the paper\'s code, whose underscore '
+                                      'spellings are accepted too)')
+    group.add_argument('--single-patch', '--single_patch', dest='single_patch', action='store_true',
+                       help='one patch per sample')
+    group.add_argument('--cutpaste-patch-gen', '--cutpaste_patch_gen', dest='cutpaste_patch_gen',
+                       action='store_true', help="CutPaste's patch shapes")
+    group.add_argument('--no-mask', '--no_mask', dest='no_mask', action='store_true',
+                       help='no object mask (ignore backgrounds)')
     group.add_argument('--ellipse', action='store_true',
                        help=f'patches made of {NUM_ELLIPSES} random ellipses '
                             f'(+{ELLIPSE_EXTRA_EPOCHS} epochs, as in the paper\'s code)')
@@ -409,9 +413,10 @@ def param_overrides(args):
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
-    fraction = args.paste_fraction
-    if fraction is not None and not 0 <= fraction[0] <= fraction[1] <= 1:
-        raise ValueError(f"--paste-fraction must be LOW HIGH with 0 <= LOW <= HIGH <= 1, got {fraction}")
+    try:  # the generator's own check, before any run
+        PatchParams(paste_fraction=overrides['paste_fraction'])
+    except ValueError as error:
+        raise ValueError(f'--paste-fraction: {error}') from None
     return {k: v for k, v in overrides.items() if v is not None}
 
 

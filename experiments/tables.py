@@ -24,12 +24,12 @@ standard deviation over seeds of the per-seed averages, shown when all covered c
 evaluated with the same two or more seeds.
 """
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from experiments.atomic import write_text_atomic
 
 GROUP_ORDER = ('object', 'texture')
 AVERAGE = 'average'
@@ -177,20 +177,6 @@ def metric_table(records, metric, paper_layout=False, percent=False):
 def build_tables(records, metrics, paper_layout=False, percent=False):
     """One table per metric: ``{metric: DataFrame of strings}``."""
     return {m: metric_table(records, m, paper_layout=paper_layout, percent=percent) for m in metrics}
-
-
-def write_text_atomic(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def to_markdown(table):

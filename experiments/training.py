@@ -31,13 +31,8 @@ uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler`
 randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
 reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
-import argparse
-import os
 import random
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+
+from experiments.atomic import save_torch_atomic
+from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validation_curve
+from models.resnet import build_model
+from self_sup_data.transforms import denormalize
 
 LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
@@ -202,19 +202,6 @@ def best_model_path(run_dir, name):
     return Path(run_dir) / f'best_{name}.pt'
 
 
-def save_atomic(obj, path):
-    """torch.save ``obj`` to a temporary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def rng_state():
     """torch's CPU and CUDA generator states (the data side uses per-item generators)."""
     return dict(torch=torch.get_rng_state(),
@@ -251,8 +238,6 @@ def _check_resumable(path, saved_meta, meta):
 
 def save_sample_figure(images, labels, preds, path):
     """Figure of the first NUM_FIGURE_SAMPLES (blended image, label, prediction) of a batch."""
-    from experiments.plotting import plot_sample_grid
-    from self_sup_data.transforms import denormalize
     n = min(NUM_FIGURE_SAMPLES, len(images))
     plot_sample_grid([denormalize(image) for image in images[:n].float().cpu()],
                      [label[0].float().cpu().numpy() for label in labels[:n]],
@@ -261,7 +246,6 @@ def save_sample_figure(images, labels, preds, path):
 
 def save_loss_figure(losses, path):
     """Figure of the mean loss of each epoch."""
-    from experiments.plotting import plot_loss_curve
     plot_loss_curve(losses, path)
 
 
@@ -394,7 +378,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
         if done % config.checkpoint_every == 0 or done == config.epochs:
             averaged_state = {} if averaged is None else dict(averaged=averaged.state_dict())
-            save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+            save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                              scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
                              meta=meta, **averaged_state), last_path)
 
@@ -408,7 +392,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         recompute_batch_norm(averaged.module, loader, device, config.bf16)
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
-    save_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
+    save_torch_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
                 final_model_path(run_dir, name))
     if config.figures:
         save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
@@ -423,16 +407,14 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
     meta['validation'].append({'epoch': epoch, **scores})
     if scores['score'] > best:
         meta['best_epoch'] = epoch
-        save_atomic(dict(model=_cpu_state_dict(model), meta=meta),
-                    best_model_path(run_dir, name))
+        save_torch_atomic(dict(model=_cpu_state_dict(model), meta=meta),
+                          best_model_path(run_dir, name))
     if figures:
-        from experiments.plotting import plot_validation_curve
         plot_validation_curve(meta['validation'], run_dir / f'{name}_validation.png')
 
 
 def load_model(path, device='cpu'):
     """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta)."""
-    from models.resnet import build_model
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
@@ -440,115 +422,3 @@ def load_model(path, device='cpu'):
     model = build_model(checkpoint['meta']['model_config'])
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), checkpoint['meta']
-
-
-# ------------------------------------------------------------------------------------------------
-# Command-line helpers shared by the training scripts
-# ------------------------------------------------------------------------------------------------
-
-def default_workers():
-    """Usable CPUs less one (the main process runs the steps), at least one."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return max(1, (cpus or 2) - 1)
-
-
-def add_training_arguments(parser):
-    """Add the model and loop options: --epochs ... --no_pool, --preact (see train_config)."""
-    group = parser.add_argument_group('model and training loop')
-    group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
-    group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
-    group.add_argument('--lr', type=float, default=1e-3,
-                       help='initial learning rate, decayed with a cosine to 1e-6 (default: 1e-3)')
-    group.add_argument('--workers', type=int, default=default_workers(),
-                       help='DataLoader worker processes generating the samples '
-                            '(default: the usable CPUs less one; 0: in the main process)')
-    group.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' ... (default: CUDA if available)")
-    group.add_argument('--bf16', action=argparse.BooleanOptionalAction,
-                       help='forward pass in bfloat16 autocast (default: on CUDA only; --bf16 also '
-                            'on the CPU, fast on CPUs with AVX512-BF16 or AMX, slow elsewhere)')
-    group.add_argument('--resume', action='store_true',
-                       help='continue interrupted runs from their last checkpoint; skip finished ones')
-    group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
-                       help='write the resume checkpoint every E epochs (default: 1)')
-    group.add_argument('--figure-every', type=int, metavar='E',
-                       help='example figure every E epochs (default: a quarter of the epochs)')
-    group.add_argument('--no-figures', action='store_true', help='write no figures')
-    group.add_argument('--swa-epochs', type=int, default=0, metavar='S',
-                       help='stochastic weight averaging: the cosine decays to --swa-lr in the '
-                            'first epochs less S, and the model is the average of the weights '
-                            'after each of the last S epochs at that constant rate (default: 0, '
-                            'no averaging)')
-    group.add_argument('--swa-lr', type=float, default=TrainConfig.swa_lr,
-                       help='learning rate of the averaged epochs '
-                            f'(default: {TrainConfig.swa_lr:g})')
-    group.add_argument('--no_pool', action='store_true', help='no max pool in the stem')
-    group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
-
-
-def train_config(args, epochs, seed, loss):
-    """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
-    return TrainConfig(epochs=args.epochs or epochs,
-                       batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
-                       loss=loss, seed=seed, workers=args.workers, device=args.device,
-                       bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-                       figure_every=args.figure_every, figures=not args.no_figures,
-                       swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
-
-
-def check_training_options(args, loss):
-    """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
-    (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
-    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in."""
-    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
-
-
-def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
-    """NSA's encoder-decoder with the --no_pool/--preact options, initialised from ``seed``; with
-    ``num_classes``, the encoder with CutPaste's heads and a num_classes-way classifier instead."""
-    from models.resnet import resnet18_classifier, resnet18_enc_dec
-    seed_everything(seed)
-    if num_classes is not None:
-        return resnet18_classifier(num_classes=num_classes, in_channels=in_channels,
-                                   pool=not args.no_pool, preact=args.preact)
-    return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
-                            preact=args.preact, final_activation=final_activation)
-
-
-def prepare_output_dir(path):
-    """Create folder ``path`` if needed and check that files can be written there -> Path."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise OSError(f"cannot write to output folder {path}: {error.strerror or error}") from error
-    return path
-
-
-@contextmanager
-def exit_on_input_error(prog):
-    """Turn a ValueError, KeyError or OSError into a one-line message and exit status 1."""
-    try:
-        yield
-    except (ValueError, KeyError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) else error
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-
-def train_unless_finished(prog, run_dir, name, prepare, resume=False):
-    """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
-
-    ``prepare()`` returns (dataset, model, TrainConfig, meta, validator or None); its errors are
-    input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
-    meta, None if skipped.
-    """
-    final = final_model_path(run_dir, name)
-    if resume and final.is_file():
-        print(f"{prog}: {final} exists, skipping it")
-        return None
-    with exit_on_input_error(prog):
-        dataset, model, config, meta, validator = prepare()
-    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
-                 validator=validator)

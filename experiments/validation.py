@@ -9,7 +9,7 @@ checkpoint (``--select best``) and the recipe (``--recipe search``) without a te
 import numpy as np
 
 from experiments import metrics
-from experiments.mvtec_tasks import predict
+from experiments.prediction import predict
 
 SCORE_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 

@@ -28,6 +28,7 @@ STAGE_CHANNELS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
 DECODER_CHANNELS = (64, 32, 16)
 FINAL_ACTIVATIONS = ('identity', 'sigmoid', 'relu', 'softmax')
+SIZE_MULTIPLE = 32  # input sides must be multiples of this (half of it without the max pool)
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -216,7 +217,7 @@ class ResNetEncDec(nn.Module):
         self.config = dict(num_classes=num_classes, in_channels=in_channels, pool=pool,
                            preact=preact, final_activation=final_activation,
                            dropout_rate=float(dropout_rate))
-        self.size_multiple = 32 if pool else 16
+        self.size_multiple = SIZE_MULTIPLE if pool else SIZE_MULTIPLE // 2
 
         self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
         self.bottleneck = nn.Sequential(conv_bn_relu_1x1(STAGE_CHANNELS[-1], 256),

@@ -15,6 +15,7 @@ labels float32 ``H x W x 1``, and all randomness comes from a ``numpy.random.Gen
 """
 import itertools
 import warnings
+from dataclasses import dataclass, fields, replace
 
 import cv2
 import numpy as np
@@ -48,12 +49,118 @@ _INTENSITY_FOOTPRINT = disk(INTENSITY_RADIUS)
 _BELOW_ONE = np.nextafter(np.float32(1), np.float32(0))  # logistic labels stay below 1 in float32
 
 
-def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_CLONE,
-             width_bounds_pct=((0.05, 0.2), (0.05, 0.2)), min_object_pct=0.25, min_overlap_pct=0.25,
-             shift=True, label_mode='binary', skip_background=None, tol=1, resize=True,
-             gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
-             num_ellipses=None, verbose=True, cutpaste_patch_generation=False, clip_at_border=False,
-             paste_fraction=None, rng=None):
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+def _background_pairs(skip_background):
+    """``skip_background`` as a list of ``(brightness, threshold)`` pairs (one pair or a sequence of them)."""
+    if _pairs(skip_background, 2):
+        return [tuple(skip_background)]
+    return list(skip_background) if isinstance(skip_background, (tuple, list)) else []
+
+
+def _check_image(image, name):
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+        desc = f'{image.dtype} array of shape {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f'{name} must be a uint8 array H x W x C with C in (1, 3), got {desc}')
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(f'{name} must be at least {MIN_IMAGE_SIDE} pixels high and wide, got {image.shape}')
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _is_int(x, minimum):
+    """True if x is an integer (not a bool) of at least ``minimum`` (None: any)."""
+    return (isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+            and (minimum is None or x >= minimum))
+
+
+def _pairs(x, n):
+    """True if x is a sequence of n numbers."""
+    return isinstance(x, (tuple, list, np.ndarray)) and len(x) == n and all(_is_number(v) for v in x)
+
+
+@dataclass(frozen=True)
+class PatchParams:
+    """The arguments of ``patch_ex`` other than the images and ``rng`` (see there), with their
+    defaults; constructing one checks them and raises a ValueError naming the first invalid one."""
+    same: bool = False
+    num_patches: int = 1
+    mode: int | str = cv2.NORMAL_CLONE
+    width_bounds_pct: tuple = ((0.05, 0.2), (0.05, 0.2))
+    min_object_pct: float = 0.25
+    min_overlap_pct: float = 0.25
+    shift: bool = True
+    label_mode: str = 'binary'
+    skip_background: tuple | list | None = None
+    tol: float = 1
+    resize: bool = True
+    gamma_params: tuple | None = None
+    intensity_logistic_params: tuple = (1 / 6, 20)
+    resize_bounds: tuple = (0.7, 1.3)
+    num_ellipses: int | None = None
+    verbose: bool = True
+    cutpaste_patch_generation: bool = False
+    clip_at_border: bool = False
+    paste_fraction: tuple | None = None
+
+    def __post_init__(self):
+        if not _is_int(self.num_patches, 1):
+            raise ValueError(f'num_patches must be an integer >= 1, got {self.num_patches!r}')
+        mode = self.mode
+        if not (mode in MODES[len(POISSON_MODES):] if isinstance(mode, str) else
+                _is_int(mode, None) and mode in POISSON_MODES):
+            raise ValueError(f'mode must be one of {MODES} (cv2.NORMAL_CLONE, cv2.MIXED_CLONE, ...), got {mode!r}')
+        if not isinstance(self.label_mode, str) or self.label_mode not in LABEL_MODES:
+            raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}')
+        bounds = self.width_bounds_pct
+        if (not isinstance(bounds, (tuple, list)) or len(bounds) != 2
+                or not all(_pairs(b, 2) and 0 <= b[0] <= b[1] <= 0.5 for b in bounds)):
+            raise ValueError('width_bounds_pct must be ((min, max), (min, max)) with 0 <= min <= max <= 0.5, '
+                             f'got {bounds!r}')
+        for name in ('min_object_pct', 'min_overlap_pct'):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
+        if self.skip_background is not None:
+            pairs = _background_pairs(self.skip_background)
+            if not pairs or not all(_pairs(p, 2) and p[1] >= 0 for p in pairs):
+                raise ValueError('skip_background must be None, (brightness, threshold) or a list of such pairs '
+                                 f'with threshold >= 0, got {self.skip_background!r}')
+        if not _is_number(self.tol) or self.tol < 0:
+            raise ValueError(f'tol must be a number >= 0, got {self.tol!r}')
+        gamma = self.gamma_params
+        if gamma is not None and not (_pairs(gamma, 3) and gamma[0] > 0 and gamma[1] > 0 and gamma[2] >= 0):
+            raise ValueError(f'gamma_params must be None or (shape > 0, scale > 0, lower >= 0), got {gamma!r}')
+        if not _pairs(self.intensity_logistic_params, 2):
+            raise ValueError(f'intensity_logistic_params must be (k, x0), got {self.intensity_logistic_params!r}')
+        low_high = self.resize_bounds
+        if not (_pairs(low_high, 2) and 0 < low_high[0] <= low_high[1]):
+            raise ValueError(f'resize_bounds must be (low, high) with 0 < low <= high, got {low_high!r}')
+        if self.num_ellipses is not None and not _is_int(self.num_ellipses, 1):
+            raise ValueError(f'num_ellipses must be None or an integer >= 1, got {self.num_ellipses!r}')
+        fraction = self.paste_fraction
+        if fraction is not None and not (_pairs(fraction, 2) and 0 <= fraction[0] <= fraction[1] <= 1):
+            raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
+                             f'got {fraction!r}')
+
+
+_DEFAULT = PatchParams()
+PATCH_PARAM_NAMES = tuple(field.name for field in fields(PatchParams))
+
+
+def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.num_patches,
+             mode=_DEFAULT.mode, width_bounds_pct=_DEFAULT.width_bounds_pct,
+             min_object_pct=_DEFAULT.min_object_pct, min_overlap_pct=_DEFAULT.min_overlap_pct,
+             shift=_DEFAULT.shift, label_mode=_DEFAULT.label_mode,
+             skip_background=_DEFAULT.skip_background, tol=_DEFAULT.tol, resize=_DEFAULT.resize,
+             gamma_params=_DEFAULT.gamma_params,
+             intensity_logistic_params=_DEFAULT.intensity_logistic_params,
+             resize_bounds=_DEFAULT.resize_bounds, num_ellipses=_DEFAULT.num_ellipses,
+             verbose=_DEFAULT.verbose, cutpaste_patch_generation=_DEFAULT.cutpaste_patch_generation,
+             clip_at_border=_DEFAULT.clip_at_border, paste_fraction=_DEFAULT.paste_fraction, rng=None):
     """Create a synthetic anomaly by moving random patches of ``ima_src`` into ``ima_dest``.
 
     Args:
@@ -111,6 +218,9 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         rng: ``numpy.random.Generator``; None: one seeded from numpy's global state, so that
             ``np.random.seed`` makes runs repeatable.
 
+    The arguments other than the images and ``rng`` are checked by ``PatchParams`` (a ValueError
+    naming the first invalid one), which also holds their defaults.
+
     Sides shorter than ``MIN_PATCH_SIDE`` pixels are raised to it; a patch that cannot be placed
     in ``MAX_TRIES`` attempts is skipped (the image is returned unchanged, with an all-zero label,
     if no patch could be placed).
@@ -119,61 +229,72 @@ def patch_ex(ima_dest, ima_src=None, same=False, num_patches=1, mode=cv2.NORMAL_
         (image, label): the anomalous image (uint8, the shape of ``ima_dest``) and the label map
         (float32, ``H x W x 1``).
     """
+    params = PatchParams(
+        same=same, num_patches=num_patches, mode=mode, width_bounds_pct=width_bounds_pct,
+        min_object_pct=min_object_pct, min_overlap_pct=min_overlap_pct, shift=shift,
+        label_mode=label_mode, skip_background=skip_background, tol=tol, resize=resize,
+        gamma_params=gamma_params, intensity_logistic_params=intensity_logistic_params,
+        resize_bounds=resize_bounds, num_ellipses=num_ellipses, verbose=verbose,
+        cutpaste_patch_generation=cutpaste_patch_generation, clip_at_border=clip_at_border,
+        paste_fraction=paste_fraction)
+    return _patch_ex(ima_dest, ima_src, params, rng)
+
+
+def _patch_ex(ima_dest, ima_src, params, rng):
+    """``patch_ex`` with its arguments checked and gathered in ``params`` (a PatchParams)."""
     _check_image(ima_dest, 'ima_dest')
-    if ima_src is not None and not same:
+    if ima_src is not None and not params.same:
         _check_image(ima_src, 'ima_src')
         if ima_src.shape != ima_dest.shape:
             raise ValueError(f'ima_src must have the shape of ima_dest {ima_dest.shape}, got {ima_src.shape}')
-    _check_params(num_patches=num_patches, mode=mode, width_bounds_pct=width_bounds_pct,
-                  min_object_pct=min_object_pct, min_overlap_pct=min_overlap_pct, label_mode=label_mode,
-                  skip_background=skip_background, tol=tol, gamma_params=gamma_params,
-                  intensity_logistic_params=intensity_logistic_params, resize_bounds=resize_bounds,
-                  num_ellipses=num_ellipses, paste_fraction=paste_fraction)
     if rng is None:
         rng = np.random.default_rng(np.random.randint(2 ** 31))
     elif not isinstance(rng, np.random.Generator):
         raise ValueError(f'rng must be a numpy.random.Generator or None, got {type(rng).__name__}')
 
-    ima_src = ima_dest if same or ima_src is None else ima_src
+    ima_src = ima_dest if params.same or ima_src is None else ima_src
+    mode = params.mode
     if mode == 'mix':
         mode = POISSON_MODES[rng.integers(2)]
-    factor = rng.uniform(*FACTOR_BOUNDS) if mode == 'uniform' or label_mode == 'continuous' else 1.0
-    if cutpaste_patch_generation:
-        num_patches, resize, skip_background = 1, False, None
+    factor = (rng.uniform(*FACTOR_BOUNDS) if mode == 'uniform' or params.label_mode == 'continuous'
+              else 1.0)
+    if params.cutpaste_patch_generation:
+        params = replace(params, num_patches=1, resize=False, skip_background=None)
 
-    if skip_background is not None:
-        src_object = object_mask(ima_src, skip_background)
-        dest_object = src_object if ima_src is ima_dest else object_mask(ima_dest, skip_background)
+    if params.skip_background is not None:
+        src_object = object_mask(ima_src, params.skip_background)
+        dest_object = (src_object if ima_src is ima_dest
+                       else object_mask(ima_dest, params.skip_background))
     else:
         src_object = dest_object = None
 
     height, width = ima_dest.shape[:2]
-    bounds_px = _half_width_bounds_px((height, width), width_bounds_pct)
+    bounds_px = _half_width_bounds_px((height, width), params.width_bounds_pct)
     image = ima_dest.copy()
     patch_mask = np.zeros((height, width), dtype=bool)  # union of the pasted patch masks
     boxes = []
-    for i in range(num_patches):
+    for i in range(params.num_patches):
         if i > 0 and rng.integers(2) == 0:
             continue
-        if cutpaste_patch_generation:
+        if params.cutpaste_patch_generation:
             source = _cutpaste_source_patch(rng, (height, width))
         else:
-            source = _sample_source_patch(rng, (height, width), bounds_px, gamma_params, num_ellipses,
-                                          src_object, min_object_pct)
+            source = _sample_source_patch(rng, (height, width), bounds_px, params.gamma_params,
+                                          params.num_ellipses, src_object, params.min_object_pct)
         placed = None
         if source is not None:
-            placed = _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift,
-                                  clip_at_border, src_object, dest_object, min_object_pct, min_overlap_pct,
-                                  mode, factor, paste_fraction)
+            placed = _place_patch(rng, image, ima_src, source, bounds_px, src_object, dest_object,
+                                  mode, factor, params)
         if placed is None:
-            if verbose:
-                warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=2)
+            if params.verbose:
+                warnings.warn('patch_ex: no suitable patch found, skipping it', RuntimeWarning, stacklevel=3)
             continue
         top, left, mask = placed
         patch_mask[top:top + mask.shape[0], left:left + mask.shape[1]] |= mask
         boxes.append((top, left) + mask.shape)
 
-    label = make_label(ima_dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params, boxes)
+    label = make_label(ima_dest, image, patch_mask, params.label_mode, params.tol, factor,
+                       params.intensity_logistic_params, boxes)
     return image, label
 
 
@@ -184,14 +305,14 @@ class SyntheticAnomaly:
     """
 
     def __init__(self, **patch_ex_kwargs):
-        unknown = set(patch_ex_kwargs) - set(_PATCH_EX_OPTIONS)
+        unknown = set(patch_ex_kwargs) - set(PATCH_PARAM_NAMES)
         if unknown:
-            raise ValueError(f'unknown patch_ex arguments {sorted(unknown)}; valid: {list(_PATCH_EX_OPTIONS)}')
-        _check_params(**{k: v for k, v in patch_ex_kwargs.items() if k in _CHECKED_OPTIONS})
+            raise ValueError(f'unknown patch_ex arguments {sorted(unknown)}; valid: {list(PATCH_PARAM_NAMES)}')
+        self.params = PatchParams(**patch_ex_kwargs)
         self.kwargs = dict(patch_ex_kwargs)
 
     def __call__(self, dest, src=None, rng=None):
-        return patch_ex(dest, src, rng=rng, **self.kwargs)
+        return _patch_ex(dest, src, self.params, rng)
 
     def __repr__(self):
         args = ', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())
@@ -517,41 +638,62 @@ def _resize_patch(rng, patch, mask, src_object, bounds_px, resize_bounds):
     return patch, mask, src_object
 
 
-def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, shift, clip_at_border,
-                 src_object, dest_object, min_object_pct, min_overlap_pct, mode, factor, paste_fraction):
+def _place_patch(rng, image, ima_src, source, bounds_px, src_object, dest_object, mode, factor, params):
     """Blend the source patch into ``image`` (in place); return ``(top, left, mask)`` of the changed
     region in ``image``, or None if the patch could not be placed."""
     src_top, src_left, mask = source
     height, width = mask.shape
     patch = ima_src[src_top:src_top + height, src_left:src_left + width]
     patch_object = None if src_object is None else src_object[src_top:src_top + height, src_left:src_left + width]
-    if resize:
-        patch, mask, patch_object = _resize_patch(rng, patch, mask, patch_object, bounds_px, resize_bounds)
-        height, width = mask.shape
+    if params.resize:
+        patch, mask, patch_object = _resize_patch(rng, patch, mask, patch_object, bounds_px, params.resize_bounds)
+    position = _find_position(rng, image.shape[:2], source, patch, mask, patch_object, dest_object, params)
+    if position is None:
+        return None
+    top, left, patch, mask, patch_object = position
+    mask = _blend(rng, image, top, left, patch, mask, patch_object, dest_object, mode, factor, params)
+    return None if mask is None else (top, left, mask)
 
-    image_h, image_w = image.shape[:2]
+
+def _find_position(rng, image_shape, source, patch, mask, patch_object, dest_object, params):
+    """Where the (resized) patch goes in the image: ``(top, left, patch, mask, patch_object)``, the
+    arrays cut to the image when ``params.clip_at_border`` lets the patch hang over its border;
+    None when no position within ``MAX_TRIES`` attempts (``params.shift``; else the one position
+    centred on the source) has enough object overlap (``_enough_object``)."""
+    image_h, image_w = image_shape
+    height, width = mask.shape
     whole = patch, mask, patch_object
-    for _ in range(MAX_TRIES if shift else 1):
-        if shift and clip_at_border:
+    for _ in range(MAX_TRIES if params.shift else 1):
+        if params.shift and params.clip_at_border:
             top, left = _overhanging_start(rng, image_h, height), _overhanging_start(rng, image_w, width)
-            top, left, (patch, mask, patch_object) = _clip_to_image(top, left, whole, (image_h, image_w))
+            top, left, (patch, mask, patch_object) = _clip_to_image(top, left, whole, image_shape)
             if min(_bbox_sides(mask)) < MIN_PATCH_SIDE:  # an ellipse patch may leave little inside
                 continue
-        elif shift:
+        elif params.shift:
             top, left = _random_start(rng, image_h, height), _random_start(rng, image_w, width)
         else:  # centred on the source position
-            top = min(max(src_top + (source[2].shape[0] - height) // 2, 0), image_h - height)
-            left = min(max(src_left + (source[2].shape[1] - width) // 2, 0), image_w - width)
-        if patch_object is None:
-            break
-        src_in_mask = patch_object & mask
-        dest_region = dest_object[top:top + mask.shape[0], left:left + mask.shape[1]]
-        if (src_in_mask.sum() > min_object_pct * mask.sum()
-                and (src_in_mask & dest_region).sum() > min_overlap_pct * src_in_mask.sum()):
-            break
-    else:
-        return None
+            src_top, src_left, src_mask = source
+            top = min(max(src_top + (src_mask.shape[0] - height) // 2, 0), image_h - height)
+            left = min(max(src_left + (src_mask.shape[1] - width) // 2, 0), image_w - width)
+        if patch_object is None or _enough_object(top, left, mask, patch_object, dest_object, params):
+            return top, left, patch, mask, patch_object
+    return None
 
+
+def _enough_object(top, left, mask, patch_object, dest_object, params):
+    """Whether a patch at ``(top, left)`` is more than ``params.min_object_pct`` source object and
+    more than ``params.min_overlap_pct`` of that object lands on the destination's object."""
+    src_in_mask = patch_object & mask
+    dest_region = dest_object[top:top + mask.shape[0], left:left + mask.shape[1]]
+    return (src_in_mask.sum() > params.min_object_pct * mask.sum()
+            and (src_in_mask & dest_region).sum() > params.min_overlap_pct * src_in_mask.sum())
+
+
+def _blend(rng, image, top, left, patch, mask, patch_object, dest_object, mode, factor, params):
+    """Blend ``patch`` into ``image`` at ``(top, left)`` inside ``mask`` (in place) with ``mode``
+    ('swap', 'uniform' with ``factor``, or a Poisson mode, then mixed with the plain paste by
+    ``params.paste_fraction``); with object masks only object pixels change. Returns the mask of
+    the pixels the blend may have changed, or None when the Poisson mask is too thin to blend."""
     region = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
     clone_mask = mask
     if patch_object is not None:
@@ -572,14 +714,14 @@ def _place_patch(rng, image, ima_src, source, bounds_px, resize, resize_bounds, 
         if min(_bbox_sides(clone_mask)) < MIN_CLONE_SIDE:
             return None
         blended = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
-        if paste_fraction is not None:  # over the whole mask: the paste reaches the ring too
-            blended = mix_with_paste(blended, patch, mask, rng.uniform(*paste_fraction))
+        if params.paste_fraction is not None:  # over the whole mask: the paste reaches the ring too
+            blended = mix_with_paste(blended, patch, mask, rng.uniform(*params.paste_fraction))
         else:  # seamlessClone leaves the mask's outer ring unchanged
             mask = mask.copy()
             mask[[0, -1], :] = False
             mask[:, [0, -1]] = False
         image[region] = blended
-    return top, left, mask
+    return mask
 
 
 def mix_with_paste(blended, patch, mask, fraction):
@@ -589,82 +731,3 @@ def mix_with_paste(blended, patch, mask, fraction):
     out = blended.copy()
     out[mask] = mixed.astype(np.uint8)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# argument checks
-
-_PATCH_EX_OPTIONS = ('same', 'num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
-                     'shift', 'label_mode', 'skip_background', 'tol', 'resize', 'gamma_params',
-                     'intensity_logistic_params', 'resize_bounds', 'num_ellipses', 'verbose',
-                     'cutpaste_patch_generation', 'clip_at_border', 'paste_fraction')
-_CHECKED_OPTIONS = ('num_patches', 'mode', 'width_bounds_pct', 'min_object_pct', 'min_overlap_pct',
-                    'label_mode', 'skip_background', 'tol', 'gamma_params', 'intensity_logistic_params',
-                    'resize_bounds', 'num_ellipses', 'paste_fraction')
-
-
-def _background_pairs(skip_background):
-    """``skip_background`` as a list of ``(brightness, threshold)`` pairs (one pair or a sequence of them)."""
-    if _pairs(skip_background, 2):
-        return [tuple(skip_background)]
-    return list(skip_background) if isinstance(skip_background, (tuple, list)) else []
-
-
-def _check_image(image, name):
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-        desc = f'{image.dtype} array of shape {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f'{name} must be a uint8 array H x W x C with C in (1, 3), got {desc}')
-    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
-        raise ValueError(f'{name} must be at least {MIN_IMAGE_SIDE} pixels high and wide, got {image.shape}')
-
-
-def _is_number(x):
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
-
-
-def _pairs(x, n):
-    """True if x is a sequence of n numbers."""
-    return isinstance(x, (tuple, list, np.ndarray)) and len(x) == n and all(_is_number(v) for v in x)
-
-
-def _check_params(num_patches=1, mode=cv2.NORMAL_CLONE, width_bounds_pct=((0.05, 0.2), (0.05, 0.2)),
-                  min_object_pct=0.25, min_overlap_pct=0.25, label_mode='binary', skip_background=None, tol=1,
-                  gamma_params=None, intensity_logistic_params=(1 / 6, 20), resize_bounds=(0.7, 1.3),
-                  num_ellipses=None, paste_fraction=None):
-    """Raise ValueError naming the first invalid argument."""
-    if not isinstance(num_patches, (int, np.integer)) or isinstance(num_patches, bool) or num_patches < 1:
-        raise ValueError(f'num_patches must be an integer >= 1, got {num_patches!r}')
-    valid_mode = (mode in MODES[len(POISSON_MODES):] if isinstance(mode, str) else
-                  isinstance(mode, (int, np.integer)) and not isinstance(mode, bool) and mode in POISSON_MODES)
-    if not valid_mode:
-        raise ValueError(f'mode must be one of {MODES} (cv2.NORMAL_CLONE, cv2.MIXED_CLONE, ...), got {mode!r}')
-    if not isinstance(label_mode, str) or label_mode not in LABEL_MODES:
-        raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {label_mode!r}')
-    if (not isinstance(width_bounds_pct, (tuple, list)) or len(width_bounds_pct) != 2
-            or not all(_pairs(b, 2) and 0 <= b[0] <= b[1] <= 0.5 for b in width_bounds_pct)):
-        raise ValueError('width_bounds_pct must be ((min, max), (min, max)) with 0 <= min <= max <= 0.5, '
-                         f'got {width_bounds_pct!r}')
-    for name, value in (('min_object_pct', min_object_pct), ('min_overlap_pct', min_overlap_pct)):
-        if not _is_number(value) or not 0 <= value <= 1:
-            raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
-    if skip_background is not None:
-        pairs = _background_pairs(skip_background)
-        if not pairs or not all(_pairs(p, 2) and p[1] >= 0 for p in pairs):
-            raise ValueError('skip_background must be None, (brightness, threshold) or a list of such pairs '
-                             f'with threshold >= 0, got {skip_background!r}')
-    if not _is_number(tol) or tol < 0:
-        raise ValueError(f'tol must be a number >= 0, got {tol!r}')
-    if gamma_params is not None and not (_pairs(gamma_params, 3) and gamma_params[0] > 0
-                                         and gamma_params[1] > 0 and gamma_params[2] >= 0):
-        raise ValueError(f'gamma_params must be None or (shape > 0, scale > 0, lower >= 0), got {gamma_params!r}')
-    if not _pairs(intensity_logistic_params, 2):
-        raise ValueError(f'intensity_logistic_params must be (k, x0), got {intensity_logistic_params!r}')
-    if not (_pairs(resize_bounds, 2) and 0 < resize_bounds[0] <= resize_bounds[1]):
-        raise ValueError(f'resize_bounds must be (low, high) with 0 < low <= high, got {resize_bounds!r}')
-    if num_ellipses is not None and (not isinstance(num_ellipses, (int, np.integer))
-                                     or isinstance(num_ellipses, bool) or num_ellipses < 1):
-        raise ValueError(f'num_ellipses must be None or an integer >= 1, got {num_ellipses!r}')
-    if paste_fraction is not None and not (_pairs(paste_fraction, 2)
-                                           and 0 <= paste_fraction[0] <= paste_fraction[1] <= 1):
-        raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
-                         f'got {paste_fraction!r}')

@@ -1,10 +1,17 @@
-"""Shared fixtures: tiny categories in the MVTec AD folder layout, written into tmp dirs."""
+"""Shared fixtures and helpers: tiny categories in the MVTec AD folder layout, written into tmp
+dirs, untrained models saved as the training scripts save theirs, and a chest X-ray test set."""
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
+
+from experiments.atomic import save_torch_atomic
+from experiments.settings import parse_setting, trained_model_path
+from models.resnet import resnet18_enc_dec
 
 
 def _smooth_texture(rng, size, channels):
@@ -54,3 +61,50 @@ def tiny_mvtec(tmp_path):
     """(root, name) of a tiny grayscale category: 6 train, 3 test good, 3 'crack' with masks, 64 px."""
     make_mvtec_category(tmp_path, 'tiny')
     return tmp_path, 'tiny'
+
+
+def save_untrained_model(path, meta, seed=0, final_activation='sigmoid'):
+    """A freshly initialised grayscale encoder-decoder (torch seed ``seed``) saved at ``path`` the
+    way training saves its final model, with ``meta`` and its ``model_config``; returns the path."""
+    torch.manual_seed(seed)
+    model = resnet18_enc_dec(in_channels=1, final_activation=final_activation)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(dict(model=model.state_dict(), meta=dict(meta, model_config=model.config)), path)
+    return Path(path)
+
+
+RES_SCALE = 0.25  # 64-pixel textures (train and test side 64) for the checkpoints of save_checkpoint
+
+
+def save_checkpoint(model_dir, key, category, kind, seed=0):
+    """A freshly initialised model saved the way training saves its final model."""
+    setting = parse_setting(key)
+    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE,
+                train_size=64, seed=seed)
+    return save_untrained_model(trained_model_path(model_dir, setting, category), meta, seed,
+                                setting.final_activation)
+
+
+def make_chest_test_set(root, seeds=(1, 2)):
+    """A 64-pixel chest X-ray test set and models of 'Shift' under ``root``:
+    returns (model_dir, data_dir, normal list, anomalous list, bbox csv)."""
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    names = {'normal': [f'n{i}.png' for i in range(4)], 'anomalous': [f'a{i}.png' for i in range(3)]}
+    for name in names['normal'] + names['anomalous']:
+        image = rng.integers(60, 120, (64, 64), dtype=np.uint8)
+        if name.startswith('a'):
+            image[16:32, 16:32] = 250
+        Image.fromarray(image).save(root / name)
+    for kind, listed in names.items():
+        (root / f'{kind}.txt').write_text('\n'.join(listed) + '\n')
+    # boxes in NIH's 1024-pixel coordinates for two of the three anomalous images
+    pd.DataFrame({'Image Index': ['a0.png', 'a1.png'], 'Finding Label': ['Mass', 'Nodule'],
+                  'Bbox [x': [256, 256], 'y': [256, 256], 'w': [256, 256], 'h]': [256, 256]}
+                 ).to_csv(root / 'boxes.csv', index=False)
+    for seed in seeds:
+        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64,
+                    seed=seed)
+        save_untrained_model(root / 'models' / 'shift' / 'chest_xray' / f'final_chest_xray_shift_{seed}.pt',
+                             meta, seed)
+    return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'

@@ -11,7 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from bench import real_data
 from experiments import one_class, settings
-from experiments.mvtec_tasks import evaluate, load_normal_set, load_test_set, read_meta, read_model
+from experiments.checkpoints import read_meta, read_model
+from experiments.mvtec_tasks import load_normal_set, load_test_set
+from experiments.prediction import evaluate
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 
@@ -82,6 +84,7 @@ def _rewrite_meta(path, target, **changes):
     torch.save(checkpoint, target)
 
 
+@pytest.mark.slow
 def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path):
     """A finished model of the requested run is kept; one of an older generator is set aside and
     retrained, and so is an interrupted run of another budget (not resumed)."""
@@ -120,6 +123,7 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert read_meta(final.parent / (set(stale_now) - set(stale)).pop())['train_config']['epochs'] == 3
 
 
+@pytest.mark.slow
 def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path):
     """End to end on a tiny category: CutPaste's classifier is scored by a Gaussian density, and
     only its row has the pooled image AUROC, equal to the one-class module's own evaluation."""

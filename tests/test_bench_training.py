@@ -16,16 +16,23 @@ def test_bad_sizes_are_refused_before_any_work(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_tiny_run_prints_the_three_rates(capsys):
-    training.main(['--size', '64', '--batch-size', '2', '--steps', '1', '--workers', '0'])
+@pytest.mark.slow
+@pytest.mark.parametrize('bf16', [False, True])
+def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsys, monkeypatch):
+    steps = []
+
+    def counted_step(model, optimizer, loss_function, images, labels, device, bf16=None):
+        steps.append((tuple(images.shape), bf16))
+        return train_step(model, optimizer, loss_function, images, labels, device, bf16)
+    train_step = training.train_step
+    monkeypatch.setattr(training, 'train_step', counted_step)
+    training.main(['--size', '64', '--batch-size', '2', '--steps', '1', '--workers', '0']
+                  + (['--bf16'] if bf16 else []))
     out = capsys.readouterr().out
-    assert 'at 64x64, batch 2' in out
+    # two steps (warm-up and timed) on random tensors, two on the loader's samples, all at 64 px
+    assert steps == [((2, 1, 64, 64), bf16)] * 4
+    assert re.search(r'at 64x64, batch 2, CPU, \d+ threads, ' + ('bfloat16 autocast' if bf16 else 'float32'),
+                     out), out
     for name in ('model alone', 'data alone', 'full pipeline'):
-        rate = re.search(rf'{name}\s+([0-9.]+)', out)
+        rate = re.search(rf'^  {name}\s+([0-9.]+)', out, re.MULTILINE)
         assert rate and float(rate.group(1)) > 0, out
-
-
-def test_bf16_run_says_so(capsys):
-    training.main(['--size', '64', '--batch-size', '2', '--steps', '1', '--workers', '0', '--bf16'])
-    out = capsys.readouterr().out
-    assert 'bfloat16 autocast' in out and float(re.search(r'model alone\s+([0-9.]+)', out).group(1)) > 0

@@ -66,6 +66,7 @@ def test_unknown_category_lists_the_found_ones(tmp_path, capsys):
     assert "'gear' not found" in message and 'fabric, gears' in message
 
 
+@pytest.mark.slow
 def test_training_a_tiny_category_lowers_the_loss_and_resume_skips_it(tiny_mvtec, tmp_path, capsys):
     root, name = tiny_mvtec
     out = tmp_path / 'out'
@@ -112,6 +113,7 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     assert model.config['in_channels'] == dataset.in_channels == 1
 
 
+@pytest.mark.slow
 def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
     args = train_mvtec.parse_args(['-s', 'Shift-Intensity', '-o', str(tmp_path)])
     _, data_dir, categories, _ = train_mvtec.plan(args)
@@ -133,6 +135,7 @@ def write_chest_images(folder, count=4, size=64):
     return names
 
 
+@pytest.mark.slow
 def test_chest_xray_training_and_errors(tmp_path, capsys):
     names = write_chest_images(tmp_path / 'images')
     listing = tmp_path / 'norm_train.txt'
@@ -156,3 +159,20 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     message = run_error(train_chest_xray.main, ['-s', 'CutPaste-3way'] + base[2:] + ['-l', str(listing)],
                         capsys)
     assert "'CutPaste-3way' trains a classifier" in message
+
+
+@pytest.mark.parametrize('module', [train_mvtec, train_chest_xray])
+def test_hyphen_flags_and_the_papers_underscore_spellings_parse_alike(module):
+    base = ['-s', 'Shift', '-l', 'list.txt'] if module is train_chest_xray else ['-s', 'Shift']
+    hyphen = module.parse_args(base + ['--data-dir', 'd', '--out-dir', 'o', '--single-patch',
+                                       '--cutpaste-patch-gen', '--no-mask', '--no-pool'])
+    underscore = module.parse_args(base + ['--data_dir', 'd', '--out_dir', 'o', '--single_patch',
+                                           '--cutpaste_patch_gen', '--no_mask', '--no_pool'])
+    assert vars(hyphen) == vars(underscore)
+    assert (hyphen.data_dir, hyphen.out_dir) == ('d', 'o')
+    assert hyphen.single_patch and hyphen.cutpaste_patch_gen and hyphen.no_mask and hyphen.no_pool
+
+
+def test_class_name_flag_in_both_spellings():
+    for flag in ('--class-name', '--class_name'):
+        assert train_mvtec.parse_args(['-s', 'Shift', '-o', 'o', flag, 'carpet']).class_name == 'carpet'

@@ -135,7 +135,7 @@ def test_write_tables_csv_markdown_latex(tmp_path):
 import torch
 from torch import nn
 
-from experiments import mvtec_tasks
+from experiments import checkpoints, mvtec_tasks, prediction
 
 
 class FirstChannel(nn.Module):
@@ -171,7 +171,7 @@ def random_test_set(kind, size, train_size, n=5, seed=0):
 
 def test_predict_maps_objects_crop_centre_and_pad_with_zeros():
     dataset = random_test_set('object', size=80, train_size=64)
-    maps = mvtec_tasks.predict_maps(FirstChannel(), dataset, batch_size=2)
+    maps = prediction.predict_maps(FirstChannel(), dataset, batch_size=2)
     assert maps.shape == (5, 80, 80) and maps.dtype == np.float32
     images = np.stack([image[0].numpy() for image in dataset.images])
     np.testing.assert_array_equal(maps[:, 8:72, 8:72], images[:, 8:72, 8:72])
@@ -182,11 +182,11 @@ def test_predict_maps_objects_crop_centre_and_pad_with_zeros():
 
 def test_predict_maps_textures_whole_image_reflect_padded():
     dataset = random_test_set('texture', size=72, train_size=64)  # 72 is no multiple of 32
-    maps = mvtec_tasks.predict_maps(FirstChannel(), dataset, batch_size=3)
+    maps = prediction.predict_maps(FirstChannel(), dataset, batch_size=3)
     np.testing.assert_array_equal(maps, np.stack([image[0].numpy() for image in dataset.images]))
     # a size that is a multiple of 32 goes through unchanged; crop_size=None forces whole images
     dataset = random_test_set('object', size=64, train_size=32)
-    whole = mvtec_tasks.predict_maps(FirstChannel(), dataset, crop_size=None)
+    whole = prediction.predict_maps(FirstChannel(), dataset, crop_size=None)
     np.testing.assert_array_equal(whole, np.stack([image[0].numpy() for image in dataset.images]))
 
 
@@ -195,8 +195,8 @@ def test_predict_maps_with_the_real_network_is_batch_independent():
     torch.manual_seed(0)
     model = resnet18_enc_dec(in_channels=3, final_activation='sigmoid')
     dataset = random_test_set('object', size=80, train_size=64)
-    one = mvtec_tasks.predict_maps(model, dataset, batch_size=1)
-    five = mvtec_tasks.predict_maps(model, dataset, batch_size=5)
+    one = prediction.predict_maps(model, dataset, batch_size=1)
+    five = prediction.predict_maps(model, dataset, batch_size=5)
     assert one.shape == (5, 80, 80)
     np.testing.assert_allclose(one, five, atol=1e-5)
     assert not model.training
@@ -205,8 +205,8 @@ def test_predict_maps_with_the_real_network_is_batch_independent():
 
 def test_predict_maps_rejects_crop_larger_than_the_image():
     dataset = random_test_set('object', size=64, train_size=96)
-    with pytest.raises(ValueError, match='crop size 96 is larger than the test images'):
-        mvtec_tasks.predict_maps(FirstChannel(), dataset)
+    with pytest.raises(ValueError, match='crop size 96 is larger than the images'):
+        prediction.predict_maps(FirstChannel(), dataset)
 
 
 class RowWeighted(FirstChannel):
@@ -222,21 +222,21 @@ def test_flip_average_is_the_mean_of_the_map_and_the_flipped_back_map_of_the_fli
     # so their mean weighs every row by (H - 1) / 2; 72 pixels also checks the reflect padding
     dataset = random_test_set('texture', size=72, train_size=64)
     images = np.stack([image[0].numpy() for image in dataset.images])
-    plain = mvtec_tasks.predict_maps(RowWeighted(), dataset, batch_size=2)
+    plain = prediction.predict_maps(RowWeighted(), dataset, batch_size=2)
     np.testing.assert_allclose(plain, images * np.arange(72)[:, None], rtol=1e-6)
-    averaged = mvtec_tasks.predict_maps(RowWeighted(), dataset, batch_size=2, flip_average=True)
+    averaged = prediction.predict_maps(RowWeighted(), dataset, batch_size=2, flip_average=True)
     np.testing.assert_allclose(averaged, images * 71 / 2, rtol=1e-6)
     # a flip-equivariant network's map is unchanged
     np.testing.assert_array_equal(
-        mvtec_tasks.predict_maps(FirstChannel(), dataset, flip_average=True), images)
-    results, maps = mvtec_tasks.evaluate(RowWeighted(), dataset, return_maps=True, flip_average=True)
+        prediction.predict_maps(FirstChannel(), dataset, flip_average=True), images)
+    results, maps = prediction.evaluate(RowWeighted(), dataset, return_maps=True, flip_average=True)
     np.testing.assert_array_equal(maps, averaged)
 
 
 def test_flip_average_rejects_objects():
     dataset = random_test_set('object', size=80, train_size=64)
     with pytest.raises(ValueError, match='flip averaging is for textures'):
-        mvtec_tasks.predict_maps(FirstChannel(), dataset, flip_average=True)
+        prediction.predict_maps(FirstChannel(), dataset, flip_average=True)
 
 
 def test_evaluate_equals_metrics_of_the_predicted_maps():
@@ -244,13 +244,13 @@ def test_evaluate_equals_metrics_of_the_predicted_maps():
     dataset = random_test_set('texture', size=64, train_size=64, n=6)
     for i in range(1, 6, 2):  # make the defect visible in the first channel
         dataset.images[i][0, 8:24, 8:24] += 1
-    results, maps = mvtec_tasks.evaluate(FirstChannel(), dataset, return_maps=True)
+    results, maps = prediction.evaluate(FirstChannel(), dataset, return_maps=True)
     labels = np.array(dataset.labels)
     masks = np.stack([m[0].numpy() for m in dataset.masks])
     assert results == metrics.evaluate_maps(labels, maps, masks)
     assert results['image_auroc_max'] == 1.0 and results['pixel_auroc'] > 0.9
     dataset.has_mask[:] = labels == 0  # no defective image has a mask: pixel metrics are NaN
-    results = mvtec_tasks.evaluate(FirstChannel(), dataset)
+    results = prediction.evaluate(FirstChannel(), dataset)
     assert results['image_auroc_max'] == 1.0
     assert all(math.isnan(results[k]) for k in ('pixel_auroc', 'pixel_ap', 'au_pro'))
 
@@ -259,25 +259,12 @@ def test_evaluate_equals_metrics_of_the_predicted_maps():
 
 from pathlib import Path
 
-from conftest import make_mvtec_category
+from conftest import RES_SCALE, make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import training
+from experiments.atomic import save_torch_atomic
 from experiments.settings import parse_setting, trained_model_path
-from models.resnet import resnet18_enc_dec
+from self_sup_data.mvtec import SelfSupMVTecDataset
 
-RES_SCALE = 0.25  # 64-pixel textures (train and test side 64)
-
-
-def save_checkpoint(model_dir, key, category, kind, seed=0):
-    """A freshly initialised model saved the way training saves its final model."""
-    setting = parse_setting(key)
-    torch.manual_seed(seed)
-    model = resnet18_enc_dec(in_channels=1, final_activation=setting.final_activation)
-    meta = dict(dataset='mvtec', setting=key, category=category, kind=kind, res_scale=RES_SCALE,
-                train_size=64, seed=seed, model_config=model.config)
-    path = trained_model_path(model_dir, setting, category)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    training.save_atomic(dict(model=model.state_dict(), meta=meta), path)
-    return path
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -305,6 +292,7 @@ def trained(tmp_path_factory):
     return model_dir, data_dir
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir)
@@ -318,11 +306,12 @@ def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     # the same numbers as evaluating the loaded model directly on the rebuilt test set
     record = next(r for r in records if r['category'] == 'parts' and r['setting'] == 'FPI')
     model, meta = training.load_model(record['checkpoint'])
-    dataset = mvtec_tasks.SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object',
+    dataset = SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object',
                                               res_scale=RES_SCALE)
-    assert mvtec_tasks.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
+    assert prediction.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['Shift-2'],
@@ -330,6 +319,7 @@ def test_evaluate_checkpoints_filters_settings_and_categories(trained):
     assert [(r['category'], r['setting'], r['seed']) for r in records] == [('tiles', 'Shift', 2)]
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_with_flip_average(trained):
     model_dir, data_dir = trained
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'],
@@ -337,9 +327,9 @@ def test_evaluate_checkpoints_with_flip_average(trained):
     assert [(r['category'], r['setting']) for r in records] == [('tiles', 'FPI')]
     model, meta = training.load_model(records[0]['checkpoint'])
     dataset = mvtec_tasks.load_test_set(data_dir, meta)
-    expected = mvtec_tasks.evaluate(model, dataset, flip_average=True)
+    expected = prediction.evaluate(model, dataset, flip_average=True)
     assert expected == {m: records[0][m] for m in mvtec_tasks.METRICS}
-    assert expected != mvtec_tasks.evaluate(model, dataset)  # a real network is not flip-equivariant
+    assert expected != prediction.evaluate(model, dataset)  # a real network is not flip-equivariant
     # checked before any work: an object category, a two-stage variant
     with pytest.raises(ValueError, match="object category 'parts'"):
         mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, settings=['FPI'], flip_average=True)
@@ -348,6 +338,7 @@ def test_evaluate_checkpoints_with_flip_average(trained):
                                          one_class_names=['gde'], flip_average=True)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     model_dir, data_dir = trained
     with pytest.warns(UserWarning, match="no checkpoint for setting 'CutPaste' on category 'tiles'"):
@@ -363,19 +354,19 @@ def test_missing_checkpoint_gives_nan_and_a_warning(trained):
 
 def test_two_stage_result_names_and_order():
     setting = parse_setting('Shift-Intensity-M-3')
-    assert mvtec_tasks.result_setting(setting) == 'Shift-Intensity-M'
-    assert mvtec_tasks.result_setting(setting, 'kde') == 'Shift-Intensity-M+KDE'
-    assert mvtec_tasks.split_result_setting('Shift-Intensity-M+KDE') == (
+    assert checkpoints.result_setting(setting) == 'Shift-Intensity-M'
+    assert checkpoints.result_setting(setting, 'kde') == 'Shift-Intensity-M+KDE'
+    assert checkpoints.split_result_setting('Shift-Intensity-M+KDE') == (
         parse_setting('Shift-Intensity-M'), 'kde')
     with pytest.raises(ValueError, match="unknown one-class model 'svdd'"):
-        mvtec_tasks.split_result_setting('Shift+SVDD')
-    assert mvtec_tasks.result_variants(setting, ['gde']) == [None, 'gde']
-    assert mvtec_tasks.result_variants(parse_setting('CutPaste-3way')) == ['gde']
+        checkpoints.split_result_setting('Shift+SVDD')
+    assert checkpoints.result_variants(setting, ['gde']) == [None, 'gde']
+    assert checkpoints.result_variants(parse_setting('CutPaste-3way')) == ['gde']
     names = ['CutPaste-3way+GDE', 'Shift+OCSVM', 'Shift', 'Shift+GDE', 'FPI']
     records = [dict(setting=name, category='a', seed=None) for name in names]
-    assert [r['setting'] for r in mvtec_tasks.sort_records(records)] == [
+    assert [r['setting'] for r in checkpoints.sort_records(records)] == [
         'Shift', 'Shift+GDE', 'Shift+OCSVM', 'FPI', 'CutPaste-3way+GDE']
-    assert [r['setting'] for r in mvtec_tasks.sort_records(records, ['FPI', 'CutPaste-3way', 'Shift'])] == [
+    assert [r['setting'] for r in checkpoints.sort_records(records, ['FPI', 'CutPaste-3way', 'Shift'])] == [
         'FPI', 'CutPaste-3way+GDE', 'Shift', 'Shift+GDE', 'Shift+OCSVM']
 
 
@@ -385,16 +376,17 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
                        ('final_c.pt', dict(setting='FPI', category='c')),  # no dataset: any
                        ('last_a.pt', dict(dataset='mvtec', setting='Shift', category='a'))):  # not final
         (tmp_path / name).parent.mkdir(exist_ok=True)
-        training.save_atomic(dict(model={}, meta=meta), tmp_path / name)
-    assert [p.name for p, _ in mvtec_tasks.find_checkpoints(tmp_path)] == ['final_a.pt', 'final_c.pt']
-    chest = mvtec_tasks.find_checkpoints(tmp_path, 'chest_xray')
+        save_torch_atomic(dict(model={}, meta=meta), tmp_path / name)
+    assert [p.name for p, _ in checkpoints.find_checkpoints(tmp_path)] == ['final_a.pt', 'final_c.pt']
+    chest = checkpoints.find_checkpoints(tmp_path, 'chest_xray')
     assert [p.name for p, _ in chest] == ['final_c.pt', 'final_b.pt']
-    training.save_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
+    save_torch_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'final_d.pt'} has no \\['setting'\\]"):
-        mvtec_tasks.find_checkpoints(tmp_path)
+        checkpoints.find_checkpoints(tmp_path)
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
+@pytest.mark.slow
 def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
     model_dir, data_dir = trained
     original = next(Path(model_dir).rglob('final_tiles_fpi_1.pt'))
@@ -405,6 +397,7 @@ def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
         mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir)
 
 
+@pytest.mark.slow
 def test_command_line_end_to_end(trained, tmp_path):
     model_dir, data_dir = trained
     out = tmp_path / 'out'
@@ -423,6 +416,7 @@ def test_command_line_end_to_end(trained, tmp_path):
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
 
 
+@pytest.mark.slow
 def test_command_line_flip_average(trained, tmp_path):
     model_dir, data_dir = trained
     out = tmp_path / 'out'
@@ -438,6 +432,7 @@ def test_command_line_flip_average(trained, tmp_path):
     assert not (tmp_path / 'objects').exists()
 
 
+@pytest.mark.slow
 def test_evaluates_a_model_trained_by_train_mvtec(tmp_path):
     import train_mvtec
     make_mvtec_category(tmp_path / 'data', 'bottle', size=64, channels=3)  # an object, RGB
@@ -469,36 +464,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 from PIL import Image
 
-from experiments import chest_xray_tasks
-
-
-def make_chest_test_set(root, seeds=(1, 2)):
-    """A 64-pixel chest X-ray test set and models of 'Shift' under ``root``:
-    returns (model_dir, data_dir, normal list, anomalous list, bbox csv)."""
-    root = Path(root)
-    rng = np.random.default_rng(0)
-    names = {'normal': [f'n{i}.png' for i in range(4)], 'anomalous': [f'a{i}.png' for i in range(3)]}
-    for name in names['normal'] + names['anomalous']:
-        image = rng.integers(60, 120, (64, 64), dtype=np.uint8)
-        if name.startswith('a'):
-            image[16:32, 16:32] = 250
-        Image.fromarray(image).save(root / name)
-    for kind, listed in names.items():
-        (root / f'{kind}.txt').write_text('\n'.join(listed) + '\n')
-    # boxes in NIH's 1024-pixel coordinates for two of the three anomalous images
-    pd.DataFrame({'Image Index': ['a0.png', 'a1.png'], 'Finding Label': ['Mass', 'Nodule'],
-                  'Bbox [x': [256, 256], 'y': [256, 256], 'w': [256, 256], 'h]': [256, 256]}
-                 ).to_csv(root / 'boxes.csv', index=False)
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = resnet18_enc_dec(in_channels=1, final_activation='sigmoid')
-        meta = dict(dataset='chest_xray', setting=f'Shift-{seed}', category='chest_xray', res=64,
-                    seed=seed, model_config=model.config)
-        run_dir = root / 'models' / 'shift' / 'chest_xray'
-        run_dir.mkdir(parents=True, exist_ok=True)
-        training.save_atomic(dict(model=model.state_dict(), meta=meta),
-                             run_dir / f'final_chest_xray_shift_{seed}.pt')
-    return root / 'models', root, root / 'normal.txt', root / 'anomalous.txt', root / 'boxes.csv'
+from experiments import chest_xray_tasks, plotting
 
 
 @pytest.fixture(scope='module')
@@ -506,6 +472,7 @@ def chest(tmp_path_factory):
     return make_chest_test_set(tmp_path_factory.mktemp('chest'))
 
 
+@pytest.mark.slow
 def test_chest_xray_evaluation_image_and_box_metrics(chest):
     model_dir, data_dir, normal, anomalous, boxes = chest
     records = chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, normal, anomalous)
@@ -521,10 +488,11 @@ def test_chest_xray_evaluation_image_and_box_metrics(chest):
     # the same numbers as the MVTec-style evaluation of the loaded model on the whole images
     model, _ = training.load_model(with_boxes[0]['checkpoint'])
     dataset = chest_xray_tasks.load_test_set(data_dir, normal, anomalous, boxes, res=64)
-    expected = mvtec_tasks.evaluate(model, dataset, crop_size=None)
+    expected = prediction.evaluate(model, dataset, crop_size=None)
     assert {m: with_boxes[0][m] for m in expected} == expected
 
 
+@pytest.mark.slow
 def test_chest_xray_command_line(chest, tmp_path, capsys):
     model_dir, data_dir, normal, anomalous, boxes = chest
     out = tmp_path / 'out'
@@ -540,7 +508,7 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     assert pd.isna(table.loc[('chest_xray', 'male'), 'CutPaste'])
     assert [p.name for p in (out / 'figures').iterdir()] == ['male_Shift.png']
     records = pd.read_csv(out / 'results.csv').to_dict('records')
-    figures = chest_xray_tasks.figure_paths(records, out / 'figures')
+    figures = plotting.figure_paths(records, out / 'figures')
     assert figures == [out / 'figures' / 'male_Shift.png']
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),

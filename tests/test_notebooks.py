@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from conftest import make_mvtec_category
+from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import mvtec_tasks
-from test_evaluation import make_chest_test_set, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test runs a notebook in a kernel
 
 
 def parameter_names(source):

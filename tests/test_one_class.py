@@ -277,6 +277,7 @@ def test_dataset_with_views_gives_three_labelled_views_per_image(tmp_path):
 
 # ------------------------------------------------------------------------------ end to end
 
+@pytest.mark.slow
 def test_train_cutpaste_3way_and_evaluate_two_stage_columns(tiny_mvtec, tmp_path, capsys):
     import train_mvtec
     from experiments import mvtec_tasks

@@ -1,4 +1,6 @@
 """Properties of the synthetic-anomaly generator (self_sup_data/self_sup_tasks.py)."""
+import dataclasses
+import inspect
 import warnings
 
 import cv2
@@ -8,8 +10,8 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings, strategies as st
 from skimage.morphology import disk
 
-from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, SyntheticAnomaly, make_label,
-                                          object_mask, patch_ex, poisson_blend)
+from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, PATCH_PARAM_NAMES, PatchParams,
+                                          SyntheticAnomaly, make_label, object_mask, patch_ex, poisson_blend)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
@@ -453,3 +455,33 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs, name):
     dest = kwargs.pop('ima_dest', IMAGE)
     with pytest.raises(ValueError, match=name):
         patch_ex(dest, **kwargs)
+
+
+PARAM_CASES = [(kwargs, name) for kwargs, name in INVALID if name not in ('ima_dest', 'ima_src', 'rng')]
+
+
+@pytest.mark.parametrize('kwargs, name', PARAM_CASES, ids=[name for _, name in PARAM_CASES])
+def test_patch_params_and_synthetic_anomaly_name_the_invalid_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f'^{name} must'):
+        PatchParams(**kwargs)
+    with pytest.raises(ValueError, match=f'^{name} must'):
+        SyntheticAnomaly(**kwargs)
+
+
+def test_patch_params_hold_the_defaults_of_patch_ex():
+    signature = inspect.signature(patch_ex).parameters
+    assert PATCH_PARAM_NAMES == tuple(name for name in signature if name not in ('ima_dest', 'ima_src', 'rng'))
+    assert all(signature[name].default == getattr(PatchParams(), name) for name in PATCH_PARAM_NAMES)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PatchParams().num_patches = 2
+
+
+def test_synthetic_anomaly_gives_the_samples_of_patch_ex():
+    dest, src = IMAGE, IMAGE[::-1].copy()
+    anomaly = SyntheticAnomaly(mode='mix', num_patches=3, label_mode='logistic-intensity')
+    for seed in range(5):
+        expected = patch_ex(dest, src, mode='mix', num_patches=3, label_mode='logistic-intensity',
+                            rng=np.random.default_rng(seed))
+        got = anomaly(dest, src, rng=np.random.default_rng(seed))
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])

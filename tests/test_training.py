@@ -1,5 +1,4 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from experiments import training
 from experiments.training import (EpochDataset, EpochSampler, TrainConfig, final_model_path,
-                                  last_checkpoint_path, load_model, make_loader, save_atomic,
+                                  last_checkpoint_path, load_model, make_loader,
                                   seed_everything, to_training_device, train)
 from models.resnet import resnet18_enc_dec
 
@@ -183,6 +182,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
               meta=dict(category='a'), resume=True)
 
 
+@pytest.mark.slow
 def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
     seed_everything(0)
     model = resnet18_enc_dec(final_activation='relu')
@@ -272,21 +272,7 @@ def test_epoch_dataset_sets_the_epoch_once_per_epoch():
     assert calls == [0]
 
 
-def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / 'checkpoint.pt'
-    save_atomic({'epoch': 1}, path)
-
-    def broken_save(obj, f):
-        with open(f, 'wb') as handle:
-            handle.write(b'partial')
-        raise OSError('disk full')
-    monkeypatch.setattr(training.torch, 'save', broken_save)
-    with pytest.raises(OSError, match='disk full'):
-        save_atomic({'epoch': 2}, path)
-    assert os.listdir(tmp_path) == ['checkpoint.pt']
-    assert torch.load(path, weights_only=True) == {'epoch': 1}
-
-
+@pytest.mark.slow
 def test_swa_model_is_the_average_of_the_last_epochs_with_batch_norm_of_the_average(tmp_path):
     """epochs 4, swa_epochs 2: the cosine reaches swa_lr after 2 epochs; the final model's
     parameters are the mean of those after epochs 3 and 4, its batch-norm statistics those of the

@@ -1,0 +1,119 @@
+"""Trained models on disk: finding and reading checkpoints, and naming and ordering their results.
+
+A checkpoint is a ``final_*.pt`` file of the training scripts (``experiments.training``) whose
+meta names at least its setting. Its results are named after the setting without its seed
+(``Setting.seedless_key``), followed for a two-stage variant by the one-class model, e.g.
+``Shift-Intensity-M+GDE`` (``result_setting``); a classifier setting (``CutPaste-3way``) has no
+map of its own and is scored by one-class models only (default: GDE, ``result_variants``).
+"""
+import pickle
+from pathlib import Path
+
+import torch
+
+from experiments import one_class
+from experiments.settings import BASE_SETTINGS, parse_setting
+from experiments.training import load_model
+
+CHECKPOINT_PATTERN = 'final_*.pt'
+REQUIRED_META = ('setting',)
+CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models
+
+
+def _read_error(path, error):
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}')
+
+
+def read_meta(path):
+    """The meta of a checkpoint without loading its weights; ValueError naming an unreadable file."""
+    try:
+        meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+        raise _read_error(path, error) from error
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f'checkpoint {path} has no {missing} in its meta; '
+                         'is it a model of the training scripts?')
+    return meta
+
+
+def read_model(path, device):
+    """``training.load_model`` with a ValueError naming an unreadable file."""
+    try:
+        return load_model(path, device)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+        raise _read_error(path, error) from error
+
+def result_setting(setting, one_class_name=None):
+    """The name of a checkpoint's results (a table column): ``setting.seedless_key``, followed for
+    a two-stage variant by its one-class model, e.g. 'Shift-Intensity-M+GDE'."""
+    suffix = '' if one_class_name is None else one_class.column_suffix(one_class_name)
+    return setting.seedless_key + suffix
+
+
+def split_result_setting(name):
+    """Inverse of ``result_setting``: 'Shift-M+GDE' -> (Setting of 'Shift-M', 'gde'); 'Shift-M' ->
+    (Setting, None). ValueError for an unknown key or one-class model."""
+    key, plus, model = name.partition('+')
+    if plus:
+        one_class.make_one_class(model.lower())  # validates
+    return parse_setting(key), model.lower() if plus else None
+
+
+def result_variants(setting, one_class_names=None):
+    """How a checkpoint of ``setting`` is scored: None (its own maps) for the encoder-decoder,
+    followed by the one-class models ``one_class_names``; a classifier has no maps and is scored
+    by ``one_class_names`` or else ``CLASSIFIER_ONE_CLASS``."""
+    names = list(dict.fromkeys(one_class_names or ()))
+    if setting.model == 'classifier':
+        return names or list(CLASSIFIER_ONE_CLASS)
+    return [None] + names
+
+
+def matches(requested, setting):
+    """Whether a checkpoint of ``setting`` belongs to the requested key: same key, or any seed of
+    a requested key without a seed."""
+    same_task = (requested.base, requested.mixed) == (setting.base, setting.mixed)
+    return same_task and (requested.seed is None or requested.seed == setting.seed)
+
+
+def find_checkpoints(model_dir, dataset='mvtec'):
+    """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
+    ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
+                                f'{CHECKPOINT_PATTERN} files written by the training scripts')
+    found = [(path, read_meta(path)) for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN))]
+    return [(path, meta) for path, meta in found if meta.get('dataset', dataset) == dataset]
+
+
+def select_checkpoints(found, settings=None, categories=None):
+    """The (path, meta) of ``found`` whose setting matches one of the keys ``settings`` (see
+    ``matches``; None: any) and whose category is in ``categories`` (None: any)."""
+    requested = None if settings is None else [parse_setting(key) for key in settings]
+
+    def wanted(meta):
+        setting = parse_setting(meta['setting'])
+        return ((categories is None or meta['category'] in categories)
+                and (requested is None or any(matches(r, setting) for r in requested)))
+    return [(path, meta) for path, meta in found if wanted(meta)]
+
+def sort_records(records, settings=None):
+    """Records ordered by setting (the order of ``settings`` when given, else the paper's order of
+    the base tasks, plain before -M), each setting's own results before its two-stage variants
+    (in the order of ``one_class.ONE_CLASS_MODELS``), then category and seed: the tables keep
+    this column order."""
+    requested = settings and list(dict.fromkeys(parse_setting(k).seedless_key for k in settings))
+    variant_order = [None] + list(one_class.ONE_CLASS_MODELS)
+
+    def order(record):
+        setting, variant = split_result_setting(record['setting'])
+        if requested:
+            rank = (requested.index(setting.seedless_key),)
+        else:
+            rank = (list(BASE_SETTINGS).index(setting.base), setting.mixed)
+        return (rank + (variant_order.index(variant),), record['category'],
+                -1 if record['seed'] is None else record['seed'])
+    return sorted(records, key=order)

@@ -1,0 +1,181 @@
+"""Command-line helpers shared by the training scripts and the evaluation commands: the options
+of the model and the training loop, the arguments every evaluation takes, and the wrappers that
+turn input errors into one-line messages."""
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from experiments.training import TrainConfig, final_model_path, seed_everything, train
+from models.resnet import resnet18_classifier, resnet18_enc_dec
+
+# ------------------------------------------------------------------------------------------------
+# Training scripts
+# ------------------------------------------------------------------------------------------------
+
+
+def default_workers():
+    """Usable CPUs less one (the main process runs the steps), at least one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, (cpus or 2) - 1)
+
+
+def add_training_arguments(parser):
+    """Add the model and loop options: --epochs ... --no-pool, --preact (see train_config)."""
+    group = parser.add_argument_group('model and training loop')
+    group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
+    group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
+    group.add_argument('--lr', type=float, default=1e-3,
+                       help='initial learning rate, decayed with a cosine to 1e-6 (default: 1e-3)')
+    group.add_argument('--workers', type=int, default=default_workers(),
+                       help='DataLoader worker processes generating the samples '
+                            '(default: the usable CPUs less one; 0: in the main process)')
+    group.add_argument('--device', help="'cpu', 'cuda', 'cuda:1' ... (default: CUDA if available)")
+    group.add_argument('--bf16', action=argparse.BooleanOptionalAction,
+                       help='forward pass in bfloat16 autocast (default: on CUDA only; --bf16 also '
+                            'on the CPU, fast on CPUs with AVX512-BF16 or AMX, slow elsewhere)')
+    group.add_argument('--resume', action='store_true',
+                       help='continue interrupted runs from their last checkpoint; skip finished ones')
+    group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
+                       help='write the resume checkpoint every E epochs (default: 1)')
+    group.add_argument('--figure-every', type=int, metavar='E',
+                       help='example figure every E epochs (default: a quarter of the epochs)')
+    group.add_argument('--no-figures', action='store_true', help='write no figures')
+    group.add_argument('--swa-epochs', type=int, default=0, metavar='S',
+                       help='stochastic weight averaging: the cosine decays to --swa-lr in the '
+                            'first epochs less S, and the model is the average of the weights '
+                            'after each of the last S epochs at that constant rate (default: 0, '
+                            'no averaging)')
+    group.add_argument('--swa-lr', type=float, default=TrainConfig.swa_lr,
+                       help='learning rate of the averaged epochs '
+                            f'(default: {TrainConfig.swa_lr:g})')
+    group.add_argument('--no-pool', '--no_pool', dest='no_pool', action='store_true',
+                       help='no max pool in the stem')
+    group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
+
+
+def train_config(args, epochs, seed, loss):
+    """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
+    return TrainConfig(epochs=args.epochs or epochs,
+                       batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
+                       loss=loss, seed=seed, workers=args.workers, device=args.device,
+                       bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+                       figure_every=args.figure_every, figures=not args.no_figures,
+                       swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+
+
+def check_training_options(args, loss):
+    """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
+    (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
+    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in."""
+    train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
+    """NSA's encoder-decoder with the --no-pool/--preact options, initialised from ``seed``; with
+    ``num_classes``, the encoder with CutPaste's heads and a num_classes-way classifier instead."""
+    seed_everything(seed)
+    if num_classes is not None:
+        return resnet18_classifier(num_classes=num_classes, in_channels=in_channels,
+                                   pool=not args.no_pool, preact=args.preact)
+    return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
+                            preact=args.preact, final_activation=final_activation)
+
+
+def prepare_output_dir(path):
+    """Create folder ``path`` if needed and check that files can be written there -> Path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot write to output folder {path}: {error.strerror or error}") from error
+    return path
+
+
+@contextmanager
+def exit_on_input_error(prog):
+    """Turn a ValueError, KeyError or OSError into a one-line message and exit status 1."""
+    try:
+        yield
+    except (ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) else error
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train_unless_finished(prog, run_dir, name, prepare, resume=False):
+    """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
+
+    ``prepare()`` returns (dataset, model, TrainConfig, meta, validator or None); its errors are
+    input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
+    meta, None if skipped.
+    """
+    final = final_model_path(run_dir, name)
+    if resume and final.is_file():
+        print(f"{prog}: {final} exists, skipping it")
+        return None
+    with exit_on_input_error(prog):
+        dataset, model, config, meta, validator = prepare()
+    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
+                 validator=validator)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation commands
+# ------------------------------------------------------------------------------------------------
+
+def evaluation_parser(prog, description, data_help):
+    """ArgumentParser of an evaluation command with the arguments every evaluation takes:
+    -m/--model-dir, -d/--data-dir (``data_help``), -o/--out-dir and -s/--settings."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument('-m', '--model-dir', required=True,
+                        help='folder of the trained models (searched recursively)')
+    parser.add_argument('-d', '--data-dir', required=True, help=data_help)
+    parser.add_argument('-o', '--out-dir', required=True,
+                        help='folder for results, tables and figures')
+    parser.add_argument('-s', '--settings', nargs='+', default=None,
+                        help='setting keys (a key without seed takes every seed; default: all found)')
+    return parser
+
+
+def add_evaluation_options(parser):
+    """Add the options every evaluation has: --device, --batch-size, --percent, --no-figures."""
+    parser.add_argument('--device', default=None, help="e.g. cpu, cuda (default: cuda when available)")
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
+    parser.add_argument('--no-figures', action='store_true', help='skip the example figures')
+
+
+def run_command(work):
+    """Run ``work()`` for a command line: each warning becomes a ``warning: ...`` line and an input
+    error (ValueError, FileNotFoundError, KeyError) one ``error: ...`` line and exit status 1."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', UserWarning)
+        try:
+            return work()
+        except (ValueError, FileNotFoundError, KeyError) as error:
+            sys.exit(f'error: {error.args[0] if error.args else error}')
+        finally:
+            for warning in caught:
+                print(f'warning: {warning.message}', file=sys.stderr)
+
+
+def run_evaluation(args, evaluate, write_report, nothing_found):
+    """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
+    ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
+    FileNotFoundError ``nothing_found`` when there are none, ``write_report(records)``; errors and
+    warnings as in ``run_command``. Prints where the tables are and returns the records."""
+    def work():
+        records = evaluate(None if args.no_figures else Path(args.out_dir) / 'figures')
+        if not records:
+            raise FileNotFoundError(nothing_found)
+        write_report(records)
+        return records
+    records = run_command(work)
+    print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    return records

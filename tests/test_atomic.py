@@ -1,0 +1,59 @@
+import os
+
+import pytest
+import torch
+
+from experiments import atomic
+from experiments.atomic import save_torch_atomic, write_atomic, write_text_atomic
+
+
+def test_write_atomic_writes_the_file_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / 'sub' / 'table.csv'
+    assert write_text_atomic(path, 'a,b\n1,2\n') == path
+    assert path.read_text(encoding='utf-8') == 'a,b\n1,2\n'
+    save_torch_atomic({'epoch': 3}, tmp_path / 'sub' / 'model.pt')
+    assert torch.load(tmp_path / 'sub' / 'model.pt', weights_only=True) == {'epoch': 3}
+    assert sorted(os.listdir(path.parent)) == ['model.pt', 'table.csv']
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary_file(tmp_path):
+    path = tmp_path / 'checkpoint.pt'
+    save_torch_atomic({'epoch': 1}, path)
+
+    def partial_then_fail(f):
+        f.write(b'partial')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'):
+        write_atomic(path, partial_then_fail)
+    assert os.listdir(tmp_path) == ['checkpoint.pt']
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+def test_an_interrupted_write_leaves_no_file_at_all(tmp_path, monkeypatch):
+    def interrupted(obj, f):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic.torch, 'save', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_torch_atomic({'epoch': 2}, tmp_path / 'new.pt')
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(atomic.os, 'fsync', lambda fd: events.append('fsync'))
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, 'replace', lambda a, b: (events.append('replace'), real_replace(a, b)))
+    write_text_atomic(tmp_path / 'a.md', 'x')
+    assert events == ['fsync', 'replace']
+
+
+def test_concurrent_writers_use_distinct_temporary_names(tmp_path):
+    names = []
+
+    def record(f):
+        names.extend(os.listdir(tmp_path))
+    write_atomic(tmp_path / 'a.png', record)
+    write_atomic(tmp_path / 'a.png', record)
+    temporary = [n for n in names if n != 'a.png']
+    assert len(set(temporary)) == 2 and all(n.startswith('.a.png.') for n in temporary)
