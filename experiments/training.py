@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from experiments.atomic import save_torch_atomic
+from experiments.atomic import save_torch_atomic, write_text_atomic
 from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validation_curve
 from models.resnet import build_model
 from self_sup_data.transforms import denormalize
@@ -305,8 +305,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
 
     ``validator`` (``experiments.validation.Validator``): after the epochs it says are due, the
     model is scored on the validation set; the scores go to ``meta['validation']`` (one dict per
-    validation with its ``epoch``), a figure of the curve to ``<name>_validation.png``, and the
-    model with the best score so far to ``best_<name>.pt`` (``meta['best_epoch']``). With
+    validation with its ``epoch``) and ``<name>_validation.csv``, a figure of the curve to
+    ``<name>_validation.png``, and the model with the best score so far to ``best_<name>.pt``
+    (``meta['best_epoch']``). With
     ``config.select == 'best'`` the final model is that one.
     """
     if len(dataset) == 0:
@@ -400,8 +401,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
 
 
 def validate(model, validator, meta, epoch, run_dir, name, figures=True):
-    """Score ``model`` after ``epoch`` with ``validator``; record the scores in ``meta``, write
-    the model to ``best_<name>.pt`` when its score is the best so far, and the curve's figure."""
+    """Score ``model`` after ``epoch`` with ``validator``; record the scores in ``meta`` and in
+    ``<name>_validation.csv``, write the model to ``best_<name>.pt`` when its score is the best so
+    far, and the curve's figure."""
     scores = validator(model)
     best = max((entry['score'] for entry in meta['validation']), default=-np.inf)
     meta['validation'].append({'epoch': epoch, **scores})
@@ -409,6 +411,10 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
         meta['best_epoch'] = epoch
         save_torch_atomic(dict(model=_cpu_state_dict(model), meta=meta),
                           best_model_path(run_dir, name))
+    columns = list(meta['validation'][0])
+    write_text_atomic(run_dir / f'{name}_validation.csv', '\n'.join(
+        [','.join(columns)] + [','.join(f'{entry[c]:.6g}' for c in columns)
+                               for entry in meta['validation']]) + '\n')
     if figures:
         plot_validation_curve(meta['validation'], run_dir / f'{name}_validation.png')
 

@@ -209,6 +209,9 @@ def test_training_records_the_curve_and_keeps_the_best_model(tmp_path):
                  validator=Recording([0.5, 0.9, 0.7, 0.8]))
     assert [entry['epoch'] for entry in meta['validation']] == [1, 2, 3, 4]
     assert meta['best_epoch'] == 2 and (tmp_path / 'run_validation.png').is_file()
+    curve = (tmp_path / 'run_validation.csv').read_text().splitlines()
+    assert curve[0] == 'epoch,image_auroc_mean,pixel_auroc,au_pro,score'
+    assert [float(line.split(',')[-1]) for line in curve[1:]] == [0.5, 0.9, 0.7, 0.8]
     for path in (best_model_path(tmp_path, 'run'), final_model_path(tmp_path, 'run')):
         saved = torch.load(path, weights_only=True)['model']
         assert all(torch.equal(saved[k], states[2][k].cpu()) for k in saved)
