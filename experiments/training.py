@@ -307,8 +307,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     model is scored on the validation set; the scores go to ``meta['validation']`` (one dict per
     validation with its ``epoch``) and ``<name>_validation.csv``, a figure of the curve to
     ``<name>_validation.png``, and the model with the best score so far to ``best_<name>.pt``
-    (``meta['best_epoch']``). With
-    ``config.select == 'best'`` the final model is that one.
+    (``meta['best_epoch']``). With ``config.select == 'best'`` the final model is that one.
     """
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
