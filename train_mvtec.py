@@ -5,6 +5,10 @@
                           [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
                           [--workers W] [--device D] [--resume] [--kind object|texture] ...
     python train_mvtec.py -o OUT_DIR      # quick start: the built-in demo dataset, small budget
+    python train_mvtec.py -s SETTING --format folder --normal DIR [-n NAME] -o OUT_DIR
+
+DATA_DIR is in MVTec AD, VisA, MVTec LOCO AD or MVTec AD 2 layout (detected, or --format); a
+plain folder of normal images trains with --format folder (see self_sup_data/layouts.py).
 
 SETTING is a key such as Shift-Intensity-M-923874273 (see experiments/settings.py). The model of
 category C is written to OUT_DIR/<setting dir>/C/final_C_<setting fname>.pt (e.g.
@@ -21,7 +25,8 @@ from experiments import settings
 from experiments.training import (add_training_arguments, check_training_options, exit_on_input_error,
                                   model_from_args, prepare_output_dir, resolve_device, train_config,
                                   train_unless_finished)
-from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, list_categories
+from self_sup_data.layouts import FOLDER_CATEGORY, add_layout_arguments, detect_layout, layout_from_args
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
 
 PROG = 'train_mvtec.py'
@@ -37,7 +42,7 @@ def parse_args(argv=None):
         prog=PROG, description=__doc__.split('\n\n')[0],
         epilog=f'setting keys: {settings.valid_setting_forms()}')
     parser.add_argument('-s', '--setting', required=True, help='setting key, e.g. Shift-Intensity-M')
-    parser.add_argument('-d', '--data_dir', help='MVTec-layout root folder (default: the demo dataset)')
+    parser.add_argument('-d', '--data_dir', help='data root folder (default: the demo dataset)')
     parser.add_argument('-o', '--out_dir', required=True, help='where models and figures go')
     which = parser.add_mutually_exclusive_group()
     which.add_argument('-n', '--class_name', help='one category (a folder of DATA_DIR)')
@@ -49,22 +54,23 @@ def parse_args(argv=None):
     parser.add_argument('--res-scale', type=float,
                         help="resolution relative to the paper's (224/256-pixel crops); "
                              "0.5 trains at half (default: 1)")
+    add_layout_arguments(parser)
     add_training_arguments(parser)
     settings.add_task_arguments(parser)
     return parser.parse_args(argv)
 
 
-def has_training_images(data_dir, category):
-    return (Path(data_dir) / category / 'train' / 'good').is_dir()
-
-
 def select_categories(args, data_dir):
-    """The categories to train: -n, or the -c group among the folders found in ``data_dir``."""
-    found = [c for c in list_categories(data_dir) if has_training_images(data_dir, c)]
+    """The categories to train: -n, or the -c group among the categories found in ``data_dir``
+    (in MVTec layout: the folders with ``train/good``)."""
+    layout = layout_from_args(args) or detect_layout(data_dir)
+    found = layout.categories(data_dir)
+    if layout.name == 'mvtec':
+        found = [c for c in found if (Path(data_dir) / c / 'train' / 'good').is_dir()]
     if args.class_name is not None:
         if args.class_name not in found:
             raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} "
-                                    f"(no {Path(data_dir) / args.class_name / 'train' / 'good'}); "
+                                    f"({layout.name} layout: {layout.expected}); "
                                     f"categories found: {', '.join(found) or 'none'}")
         return [args.class_name]
     chosen = [c for c in found
@@ -87,6 +93,12 @@ def plan(args):
     check_training_options(args, setting.loss)
     if args.res_scale is not None and not args.res_scale > 0:
         raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
+    layout = layout_from_args(args)
+    if layout is not None and layout.name == 'folder':
+        layout.train_files()  # checks the folder now, not after loading
+        categories = [args.class_name or FOLDER_CATEGORY]
+        settings.category_params(categories[0], args.kind, overrides)
+        return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
         if not data_dir.is_dir():
@@ -116,14 +128,16 @@ def prepare_run(args, setting, data_dir, category):
     res_scale = args.res_scale or 1.0
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, self_sup_args=self_sup_args,
-                                  seed=seed, kind=args.kind, res_scale=res_scale, views=views)
+                                  seed=seed, kind=args.kind, res_scale=res_scale, views=views,
+                                  layout=layout_from_args(args))
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
                             num_classes=None if views is None else views.num_classes)
     config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
                           seed=seed, loss=setting.loss)
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
-                data_dir=str(Path(data_dir).resolve()), res_scale=res_scale,
+                data_dir=data_dir and str(Path(data_dir).resolve()), layout=dataset.layout.spec(),
+                res_scale=res_scale,
                 low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)

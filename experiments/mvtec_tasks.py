@@ -46,6 +46,7 @@ from tqdm import tqdm
 from experiments import metrics, one_class, plotting, tables
 from experiments.settings import BASE_SETTINGS, parse_setting
 from experiments.training import load_model, resolve_device
+from self_sup_data.layouts import add_layout_arguments, layout_from_args, layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.transforms import Compose
 
@@ -300,19 +301,21 @@ def select_checkpoints(found, settings=None, categories=None):
     return [(path, meta) for path, meta in found if wanted(meta)]
 
 
-def load_test_set(data_dir, meta):
-    """The test set of a checkpoint's category, at the resolution and kind it was trained with."""
+def load_test_set(data_dir, meta, layout=None):
+    """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
+    ``layout`` (None: the layout in the meta, else detected)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
-                               res_scale=meta.get('res_scale', 1.0))
+                               res_scale=meta.get('res_scale', 1.0),
+                               layout=layout or layout_from_spec(meta.get('layout')))
 
 
-def load_normal_set(data_dir, meta):
+def load_normal_set(data_dir, meta, layout=None):
     """The normal training images of a checkpoint's category prepared as its test images (resized
     to the test side, no augmentation, no synthetic anomalies): what two-stage models are fitted to."""
     category, kind, res_scale = meta['category'], meta.get('kind'), meta.get('res_scale', 1.0)
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
                                   low_res=data_recipe(category, res_scale, kind)['test_res'],
-                                  transform=Compose([]))
+                                  transform=Compose([]), layout=layout or layout_from_spec(meta.get('layout')))
     dataset.configure_self_sup(False)
     return dataset
 
@@ -342,7 +345,8 @@ def missing_records(found, settings, categories, one_class_names=None):
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
-                         batch_size=32, figure_dir=None, one_class_names=None, flip_average=False):
+                         batch_size=32, figure_dir=None, one_class_names=None, flip_average=False,
+                         layout=None):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
@@ -355,7 +359,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
     map with that of the vertical flip (``predict``; textures only). Returns the long-format
     results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
-    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path.
+    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path. layout: the
+    data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
     """
     device = resolve_device(device)
     found = find_checkpoints(model_dir)
@@ -370,11 +375,11 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
-        if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:
-            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
-            dataset = load_test_set(data_dir, meta)  # one test set in memory at a time
+        if (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout')) != data_key:
+            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
+            dataset = load_test_set(data_dir, meta, layout)  # one test set in memory at a time
             # loaded once per test set, when a two-stage variant needs it
-            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta))
+            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta, layout))
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         setting = parse_setting(meta['setting'])
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
@@ -436,8 +441,8 @@ def parse_args(argv=None):
                     'OUT_DIR/figures/<category>_<setting>.png.')
     parser.add_argument('-m', '--model-dir', required=True,
                         help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=True,
-                        help='MVTec-layout root folder (one folder per category)')
+    parser.add_argument('-d', '--data-dir',
+                        help='data root folder (one folder per category; not needed for --format folder)')
     parser.add_argument('-o', '--out-dir', required=True, help='folder for results, tables and figures')
     parser.add_argument('-s', '--settings', nargs='+', default=None,
                         help='setting keys (a key without seed takes every seed; default: all found)')
@@ -461,6 +466,7 @@ def parse_args(argv=None):
                         help="merge X (objects) and X-M (textures) into one column, as in the paper")
     parser.add_argument('--percent', action='store_true', help='tables in percent with one decimal')
     parser.add_argument('--no-figures', action='store_true', help='skip the example figures')
+    add_layout_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -486,7 +492,7 @@ def main(argv=None):
         records = evaluate_checkpoints(args.model_dir, args.data_dir, args.settings, args.categories,
                                        device=args.device, batch_size=args.batch_size,
                                        figure_dir=figure_dir, one_class_names=args.one_class,
-                                       flip_average=args.flip_average)
+                                       flip_average=args.flip_average, layout=layout_from_args(args))
         if not records:
             raise FileNotFoundError(f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings '
                                     f'and categories under {args.model_dir}')

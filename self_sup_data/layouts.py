@@ -67,11 +67,19 @@ def _images_in(folder, what):
     return files
 
 
-def _category_dir(layout, root, category):
+def _root_dir(root):
+    """``root`` as a Path; FileNotFoundError when it is None or not a folder."""
+    if root is None:
+        raise FileNotFoundError("no data root folder given (-d DATA_DIR); only --format folder works without one")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root folder {root} does not exist; it should hold one folder per "
                                 f"category (e.g. {root / 'bottle' / 'train' / 'good'})")
+    return root
+
+
+def _category_dir(layout, root, category):
+    root = _root_dir(root)
     found = layout.categories(root)
     if category not in found:
         raise FileNotFoundError(f"category {category!r} not found in {root} (expected {layout.expected}); "
@@ -303,21 +311,18 @@ def detect_layout(root, category=None):
     """The layout of ``root`` (and of ``category`` in it, if given): the first of visa, loco, ad2,
     mvtec that finds the category (or, without one, any category). FileNotFoundError otherwise,
     saying what each layout expected and what the folder holds."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root folder {root} does not exist; it should hold one folder per "
-                                f"category (e.g. {root / 'bottle' / 'train' / 'good'})")
+    root = _root_dir(root)
     for layout in LAYOUTS.values():
         found = layout.categories(root)
         if (category in found) if category is not None else found:
             return layout
     every = sorted({c for layout in LAYOUTS.values() for c in layout.categories(root)})
     what = f"category {category!r} not found in {root}" if category else f"no category found in {root}"
-    expected = '\n'.join(f"  {name}: {layout.expected}" for name, layout in LAYOUTS.items())
+    expected = '; '.join(f"{name}: {layout.expected}" for name, layout in LAYOUTS.items())
     found_here = _listing(root / category) if category and (root / category).is_dir() else _listing(root)
-    raise FileNotFoundError(f"{what} in any layout; categories found: {every or 'none'}\n"
-                            f"expected one of:\n{expected}\n  (folder: pass --format folder --normal DIR "
-                            f"--abnormal DIR [--mask-dir DIR])\nfound: {found_here}")
+    raise FileNotFoundError(f"{what} in any layout; categories found: {every or 'none'}; expected "
+                            f"({expected}; folder: --format folder --normal DIR --abnormal DIR "
+                            f"[--mask-dir DIR]); found: {found_here}")
 
 
 def make_layout(format, normal=None, abnormal=None, mask_dir=None):

@@ -189,3 +189,32 @@ def test_explicit_layout_reports_its_own_categories(tmp_path):
     make_loco(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'juice_bottle' not found .*ad2 categories found: none"):
         SelfSupMVTecDataset(tmp_path, 'juice_bottle', layout=make_layout('ad2'))
+
+
+def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
+    import train_mvtec
+    from experiments import mvtec_tasks
+    from experiments.settings import trained_model_path
+    from experiments.training import load_model
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=8, size=64)
+    category = tmp_path / 'data' / 'tiny'
+    folder_args = ['--format', 'folder', '--normal', str(category / 'train' / 'good'),
+                   '--abnormal', str(category / 'test' / 'crack'), '--mask-dir', str(tmp_path / 'masks')]
+    (tmp_path / 'masks').mkdir()
+    for mask in (category / 'ground_truth' / 'crack').iterdir():  # 000_mask.png -> 000.png
+        mask.rename(tmp_path / 'masks' / mask.name.replace('_mask', ''))
+    assert train_mvtec.main(['-s', 'Shift-Intensity-3', '-o', str(tmp_path / 'models'), '-n', 'widgets',
+                             '--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
+                             '--no-figures'] + folder_args) == 0
+    _, meta = load_model(trained_model_path(tmp_path / 'models', 'Shift-Intensity-3', 'widgets'))
+    assert meta['layout']['format'] == 'folder' and meta['layout']['mask_dir'] == str(tmp_path / 'masks')
+    assert meta['data_dir'] is None
+    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)  # the layout comes from the meta
+    assert [(r['category'], r['seed']) for r in records] == [('widgets', 3)]
+    assert 0 <= records[0]['au_pro'] <= 1  # masks were found by stem
+
+
+def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
+    from self_sup_data.layouts import MVTecLayout
+    with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
+        MVTecLayout().train_files(None, 'tiny')
