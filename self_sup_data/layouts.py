@@ -36,6 +36,9 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
+import numpy as np
+
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -161,6 +164,27 @@ class LocoLayout:
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot read {path}: {error!r}; it should be a list of "
                              "{defect_name, pixel_value, saturation_threshold, relative_saturation}") from error
+
+    def defect_regions(self, root, category, mask_paths, size):
+        """The defects of one test image for ``metrics.au_spro``: [(bool size x size mask, saturation
+        in pixels)], one per mask PNG (``test_files``' tuple). The PNG's pixel value names its entry
+        in defects_config.json; a relative threshold is a fraction of the defect's area, an absolute
+        one a pixel count at the PNG's resolution, rescaled to ``size`` and capped at the area."""
+        from self_sup_data.mvtec import _decode  # the datasets' decoder; mvtec imports this module
+        defects = self.defects(root, category)
+        regions = []
+        for path in mask_paths:
+            mask = _decode(path)
+            values = np.unique(mask[mask > 0])
+            if len(values) != 1 or int(values[0]) not in defects:
+                raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "
+                                 f"(defects_config.json), found {values.tolist()}")
+            _, threshold, relative = defects[int(values[0])]
+            resized = cv2.resize((mask > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+            area = np.count_nonzero(resized)
+            scaled = threshold * area if relative else threshold * size * size / mask.size
+            regions.append((resized, min(scaled, area)))
+        return regions
 
     def spec(self):
         return {'format': self.name}

@@ -218,3 +218,17 @@ def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     from self_sup_data.layouts import MVTecLayout
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
         MVTecLayout().train_files(None, 'tiny')
+
+
+def test_loco_defect_regions_carry_their_saturation(tmp_path):
+    make_loco(tmp_path)
+    loco = LocoLayout()
+    masks = loco.test_files(tmp_path, 'juice_bottle').masks[2]  # the logical anomaly, two PNGs
+    regions = loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE // 2)
+    # 4x4 defect of value 255 (relative 0.5) -> 2x2 at half size, saturated at 2 pixels;
+    # 2x2 defect of value 20 (absolute 3 pixels at 32 px) -> 1 pixel, saturated at 3/4 pixel at 16 px
+    assert [(int(m.sum()), s) for m, s in regions] == [(4, 2.0), (1, 0.75)]
+    assert loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)[1][1] == 3  # 3 of its 4 pixels at 32 px
+    _png(masks[1], mask_box=(0, 0, 2), mask_value=7)
+    with pytest.raises(ValueError, match=r'should hold one pixel value of \[20, 255\].*found \[7\]'):
+        loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)
