@@ -42,6 +42,7 @@ import numpy as np
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
+AD2_PRIVATE_SPLITS = ('test_private', 'test_private_mixed')
 
 
 class TestFiles(NamedTuple):
@@ -209,6 +210,13 @@ class AD2Layout:
             mask = test_dir / 'ground_truth' / defect_type / f'{path.stem}_mask.png'
             return mask if mask.is_file() else None
         return _typed_test_files(test_dir, mask_of, 'testing needs test_public/good and test_public/bad')
+
+    def private_files(self, root, category, split):
+        """The unlabelled images of ``<cat>/<split>`` (test_private or test_private_mixed), sorted."""
+        if split not in AD2_PRIVATE_SPLITS:
+            raise ValueError(f"split must be one of {AD2_PRIVATE_SPLITS}, got {split!r}")
+        return _images_in(_category_dir(self, root, category) / split,
+                          "MVTec AD 2's evaluation server scores the maps of these images")
 
     def spec(self):
         return {'format': self.name}

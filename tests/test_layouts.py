@@ -232,3 +232,24 @@ def test_loco_defect_regions_carry_their_saturation(tmp_path):
     _png(masks[1], mask_box=(0, 0, 2), mask_value=7)
     with pytest.raises(ValueError, match=r'should hold one pixel value of \[20, 255\].*found \[7\]'):
         loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)
+
+
+def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
+    from experiments.ad2_submission import write_ad2_maps
+    from self_sup_data.layouts import AD2Layout
+    make_ad2(tmp_path / 'data')
+    for i in range(2):
+        _png(tmp_path / 'data' / 'vial' / 'test_private' / f'{i:03d}_regular.png', size=(20, 30))
+    images = AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_private')
+    maps = np.zeros((2, 8, 8), np.float32)
+    maps[1, :4] = 1.0
+    written = write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, maps, threshold=0.5)
+    assert [(t.relative_to(tmp_path / 'out').as_posix(), p.relative_to(tmp_path / 'out').as_posix())
+            for t, p in written][1] == ('anomaly_images/vial/test_private/001_regular.tiff',
+                                        'anomaly_images_thresholded/vial/test_private/001_regular.png')
+    tiff, png = (np.asarray(Image.open(path)) for path in written[1])
+    assert tiff.dtype == np.float32 and tiff.shape == (20, 30) and tiff[0, 0] == 1.0 and tiff[-1, -1] == 0.0
+    assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
+    assert not list((tmp_path / 'out').rglob('.*.tmp'))
+    with pytest.raises(ValueError, match="split must be one of"):
+        AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_public')
