@@ -192,9 +192,11 @@ def example_indices(labels, per_class=EXAMPLES_PER_CLASS):
 
 
 def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
-    """Figure of a few normal and defective test images: input, ground truth and predicted map."""
+    """Figure of a few normal and defective test images: input, ground truth (unless no defect image
+    of the category has a mask) and predicted map."""
     indices = example_indices(dataset.labels, per_class)
-    masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
+    with_masks = dataset.has_mask[dataset.labels == 1].any()
+    masks = [dataset.masks[i] if with_masks and dataset.has_mask[i] else None for i in indices]
     titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}'
               for i in indices]
     return plotting.plot_examples([dataset.images[i] for i in indices], masks,
