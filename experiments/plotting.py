@@ -75,7 +75,8 @@ def plot_examples(images, masks, maps, titles, path, vmin=None, vmax=None):
     maps = [_as_map(m, 'maps') for m in maps]
     vmin = min(float(m.min()) for m in maps) if vmin is None else vmin
     vmax = max(float(m.max()) for m in maps) if vmax is None else vmax
-    rows = ('input', 'ground truth', 'prediction') if any(m is not None for m in masks) else ('input', 'prediction')
+    with_masks = any(m is not None for m in masks)
+    rows = ('input', 'ground truth', 'prediction') if with_masks else ('input', 'prediction')
     fig = Figure(figsize=(PANEL_INCHES * len(maps) + 0.8, PANEL_INCHES * len(rows)), layout='constrained')
     axes = fig.subplots(len(rows), len(maps), squeeze=False)
     for col, (image, mask, anomaly_map, title) in enumerate(zip(images, masks, maps, titles)):

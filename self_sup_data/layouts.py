@@ -4,7 +4,7 @@ A layout answers, for a root folder and a category name:
 
     categories(root)            the categories it finds in ``root``
     train_files(root, category) the normal training images, sorted
-    test_files(root, category)  TestFiles(paths, defect_types, masks), 'good' for normal images
+    test_files(root, category)  LabelledFiles(paths, defect_types, masks), 'good' for normal images
     spec()                      a plain dict that ``layout_from_spec`` turns back into the layout
                                 (kept in a trained model's meta so that evaluation reads the same)
 
@@ -45,7 +45,7 @@ NORMAL_TEST_FRACTION = 0.2
 AD2_PRIVATE_SPLITS = ('test_private', 'test_private_mixed')
 
 
-class TestFiles(NamedTuple):
+class LabelledFiles(NamedTuple):
     paths: list
     defect_types: list
     masks: list
@@ -103,20 +103,28 @@ def _typed_test_files(test_dir, mask_of, what):
             masks.append(None if type_dir.name == 'good' else mask_of(type_dir.name, path))
     if not paths:
         raise ValueError(f"{test_dir} holds no images in its sub-folders; {what}")
-    return TestFiles(paths, defect_types, masks)
+    return LabelledFiles(paths, defect_types, masks)
 
 
-class MVTecLayout:
+class CategoryLayout:
+    """A layout with one folder per category; normal training images in ``<cat>/train/good``."""
+    name = expected = None
+
+    def train_files(self, root, category):
+        folder = _category_dir(self, root, category) / 'train' / 'good'
+        return _images_in(folder, 'training needs normal images there')
+
+    def spec(self):
+        return {'format': self.name}
+
+
+class MVTecLayout(CategoryLayout):
     name = 'mvtec'
     expected = '<cat>/train/good/*.png, <cat>/test/<type>/*.png, <cat>/ground_truth/<type>/<name>_mask.png'
 
     def categories(self, root):
         """Folders of ``root`` that hold ``train/good`` or ``test``."""
         return [p.name for p in _subfolders(root) if (p / 'train' / 'good').is_dir() or (p / 'test').is_dir()]
-
-    def train_files(self, root, category):
-        folder = _category_dir(self, root, category) / 'train' / 'good'
-        return _images_in(folder, 'training needs normal images there')
 
     def test_files(self, root, category):
         category_dir = _category_dir(self, root, category)
@@ -127,11 +135,8 @@ class MVTecLayout:
         return _typed_test_files(category_dir / 'test', mask_of,
                                  'testing needs test/good and test/<defect> folders')
 
-    def spec(self):
-        return {'format': self.name}
 
-
-class LocoLayout:
+class LocoLayout(CategoryLayout):
     """MVTec LOCO AD; ``defects(root, category)`` reads ``defects_config.json`` (for sPRO)."""
     name = 'loco'
     expected = ('<cat>/defects_config.json, <cat>/train/good/*.png, '
@@ -140,10 +145,6 @@ class LocoLayout:
 
     def categories(self, root):
         return [p.name for p in _subfolders(root) if (p / 'defects_config.json').is_file()]
-
-    def train_files(self, root, category):
-        folder = _category_dir(self, root, category) / 'train' / 'good'
-        return _images_in(folder, 'training needs normal images there')
 
     def test_files(self, root, category):
         category_dir = _category_dir(self, root, category)
@@ -187,21 +188,14 @@ class LocoLayout:
             regions.append((resized, min(scaled, area)))
         return regions
 
-    def spec(self):
-        return {'format': self.name}
 
-
-class AD2Layout:
+class AD2Layout(CategoryLayout):
     name = 'ad2'
     expected = ('<cat>/train/good/*.png, <cat>/test_public/{good,bad}/*.png, '
                 '<cat>/test_public/ground_truth/bad/<name>_mask.png')
 
     def categories(self, root):
         return [p.name for p in _subfolders(root) if (p / 'test_public').is_dir()]
-
-    def train_files(self, root, category):
-        folder = _category_dir(self, root, category) / 'train' / 'good'
-        return _images_in(folder, 'training needs normal images there')
 
     def test_files(self, root, category):
         test_dir = _category_dir(self, root, category) / 'test_public'
@@ -218,11 +212,8 @@ class AD2Layout:
         return _images_in(_category_dir(self, root, category) / split,
                           "MVTec AD 2's evaluation server scores the maps of these images")
 
-    def spec(self):
-        return {'format': self.name}
 
-
-class VisALayout:
+class VisALayout(CategoryLayout):
     name = 'visa'
     split_csv = Path('split_csv') / '1cls.csv'
     expected = ('split_csv/1cls.csv (object,split,label,image,mask), <cat>/Data/Images/{Normal,Anomaly}/*, '
@@ -259,12 +250,9 @@ class VisALayout:
 
     def test_files(self, root, category):
         rows = sorted(self._rows(root, category, 'test'), key=lambda row: (row['label'] != 'normal', row['image']))
-        return TestFiles([Path(root) / row['image'] for row in rows],
+        return LabelledFiles([Path(root) / row['image'] for row in rows],
                          ['good' if row['label'] == 'normal' else 'anomaly' for row in rows],
                          [None if row['label'] == 'normal' else (Path(root) / row['mask'],) for row in rows])
-
-    def spec(self):
-        return {'format': self.name}
 
 
 class FolderLayout:
@@ -318,7 +306,7 @@ class FolderLayout:
         abnormal = _images_in(self.abnormal, 'the folder layout tests on the anomalous images there')
         normal = self._normal_split()[1]
         masks = self._masks(abnormal)
-        return TestFiles(normal + abnormal, ['good'] * len(normal) + ['anomaly'] * len(abnormal),
+        return LabelledFiles(normal + abnormal, ['good'] * len(normal) + ['anomaly'] * len(abnormal),
                          [None] * len(normal) + [masks.get(path) for path in abnormal])
 
     def spec(self):
