@@ -5,6 +5,10 @@
                           [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
                           [--workers W] [--device D] [--resume] [--kind object|texture] ...
     python train_mvtec.py -o OUT_DIR      # quick start: the built-in demo dataset, small budget
+    python train_mvtec.py -s SETTING --format folder --normal DIR [-n NAME] -o OUT_DIR
+
+DATA_DIR is in MVTec AD, VisA, MVTec LOCO AD or MVTec AD 2 layout (detected, or --format); a
+plain folder of normal images trains with --format folder (see self_sup_data/layouts.py).
 
 SETTING is a key such as Shift-Intensity-M-923874273 (see experiments/settings.py). The model of
 category C is written to OUT_DIR/<setting dir>/C/final_C_<setting fname>.pt (e.g.
@@ -19,13 +23,14 @@ import sys
 from pathlib import Path
 
 from experiments import recipes, settings
-from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
-                             model_from_args, prepare_output_dir, train_config, train_unless_finished)
+from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
+                             exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
+                             train_config, train_unless_finished)
 from experiments.training import resolve_device, train
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
-from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, list_categories,
-                                 load_validation_set, train_files)
+from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, load_validation_set, train_files
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
@@ -44,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument('-s', '--setting', required=True,
                         help='setting key, e.g. Shift-Intensity-M')
     parser.add_argument('-d', '--data-dir', '--data_dir', dest='data_dir',
-                        help='MVTec-layout root folder (default: the demo dataset)')
+                        help='data root folder (default: the demo dataset)')
     parser.add_argument('-o', '--out-dir', '--out_dir', dest='out_dir', required=True,
                         help='where models and figures go')
     which = parser.add_mutually_exclusive_group()
@@ -58,23 +63,24 @@ def parse_args(argv=None):
     parser.add_argument('--res-scale', type=float,
                         help="resolution relative to the paper's (224/256-pixel crops); "
                              "0.5 trains at half (default: 1)")
+    add_layout_arguments(parser)
     add_training_arguments(parser)
     settings.add_task_arguments(parser)
     recipes.add_recipe_arguments(parser)
     return parser.parse_args(argv)
 
 
-def has_training_images(data_dir, category):
-    return (Path(data_dir) / category / 'train' / 'good').is_dir()
-
-
 def select_categories(args, data_dir):
-    """The categories to train: -n, or the -c group among the folders found in ``data_dir``."""
-    found = [c for c in list_categories(data_dir) if has_training_images(data_dir, c)]
+    """The categories to train: -n, or the -c group among the categories found in ``data_dir``
+    (in MVTec layout: the folders with ``train/good``)."""
+    layout = layout_from_args(args) or detect_layout(data_dir)
+    found = layout.categories(data_dir)
+    if layout.name == 'mvtec':
+        found = [c for c in found if (Path(data_dir) / c / 'train' / 'good').is_dir()]
     if args.class_name is not None:
         if args.class_name not in found:
             raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} "
-                                    f"(no {Path(data_dir) / args.class_name / 'train' / 'good'}); "
+                                    f"({layout.name} layout: {layout.expected}); "
                                     f"categories found: {', '.join(found) or 'none'}")
         return [args.class_name]
     chosen = [c for c in found
@@ -98,6 +104,12 @@ def plan(args):
     recipes.check_recipe_options(args)
     if args.res_scale is not None and not args.res_scale > 0:
         raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
+    layout = layout_from_args(args)
+    if layout is not None and layout.name == 'folder':
+        layout.train_files()  # checks the folder now, not after loading
+        categories = [args.class_name or FOLDER_CATEGORY]
+        settings.category_params(categories[0], args.kind, overrides)
+        return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
         if not data_dir.is_dir():
@@ -130,13 +142,14 @@ def prepare_run(args, setting, data_dir, category, params=None):
     recipe = recipes.recipe_name(args.recipe, category)
     seed = setting.run_seed
     res_scale = args.res_scale or 1.0
+    layout = layout_from_args(args) or detect_layout(data_dir, category)
     fraction = recipes.val_fraction(args, recipe)
-    held_out = holdout_indices(len(train_files(data_dir, category)), fraction, args.val_seed)
+    held_out = holdout_indices(len(train_files(data_dir, category, layout)), fraction, args.val_seed)
     if fraction and not held_out.size:
         print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: "
               f"training without a validation set")
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
-                                  res_scale=res_scale, exclude=held_out)
+                                  res_scale=res_scale, exclude=held_out, layout=layout)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     calibration = None
@@ -159,13 +172,13 @@ def prepare_run(args, setting, data_dir, category, params=None):
     validator = None
     if held_out.size:
         validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
-                                             args.kind, channels=dataset.in_channels)
+                                             args.kind, channels=dataset.in_channels, layout=layout)
         validator = Validator(validation_set, recipes.val_every(args, config.epochs))
     elif config.select == 'best':
         raise ValueError(f"--select best needs a validation set, and {category!r} has none")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
-                data_dir=str(Path(data_dir).resolve()), res_scale=res_scale,
-                low_res=dataset.low_res, train_size=dataset.train_size,
+                data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
+                res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,

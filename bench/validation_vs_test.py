@@ -25,6 +25,7 @@ from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import evaluate
 from experiments.training import resolve_device
 from experiments.validation import SCORE_METRICS, Validator
+from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import load_validation_set, train_files
 from self_sup_data.validation import holdout_indices
 
@@ -35,7 +36,8 @@ DEFAULT_VAL_FRACTION = 0.1  # for models whose meta predates the recorded fracti
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--data-dir', required=True, help='MVTec-layout root folder')
+    parser.add_argument('--data-dir', required=True,
+                        help="data root folder (in the models' recorded layout, else detected)")
     parser.add_argument('--category', required=True)
     parser.add_argument('--models', required=True, help='folder searched for final_*.pt (any depth)')
     parser.add_argument('--out', help='output folder (default: MODELS/correlation)')
@@ -55,7 +57,8 @@ def held_out_images(data_dir, meta):
     """Indices of the images the run held out (None when it held out none)."""
     if not meta.get('held_out'):
         return None
-    indices = holdout_indices(len(train_files(data_dir, meta['category'])),
+    layout = layout_from_spec(meta.get('layout'))  # the run's layout (None: detected)
+    indices = holdout_indices(len(train_files(data_dir, meta['category'], layout)),
                               meta.get('validation_fraction', DEFAULT_VAL_FRACTION),
                               meta.get('validation_seed', 0))
     if len(indices) != meta['held_out']:
@@ -74,11 +77,12 @@ def score_models(args, device):
             print(f'skipping {path}: no validation set held out', file=sys.stderr)
             continue
         model, meta = read_model(path, device)
-        key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0))
+        key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
+               repr(meta.get('layout')))
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
-                channels=meta['in_channels'])
+                channels=meta['in_channels'], layout=layout_from_spec(meta.get('layout')))
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model)
         test = evaluate(model, test_sets[key], device=device)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from experiments.training import TrainConfig, final_model_path, seed_everything, train
 from models.resnet import resnet18_classifier, resnet18_enc_dec
+from self_sup_data.layouts import FORMATS, make_layout
 
 # ------------------------------------------------------------------------------------------------
 # Training scripts
@@ -126,16 +127,38 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False):
 
 
 # ------------------------------------------------------------------------------------------------
+# Data layouts (training and MVTec-layout evaluation)
+# ------------------------------------------------------------------------------------------------
+
+def add_layout_arguments(parser):
+    """The data-layout argument group (``self_sup_data.layouts``): --format, --normal,
+    --abnormal, --mask-dir."""
+    group = parser.add_argument_group('data layout')
+    group.add_argument('--format', choices=FORMATS, default=None,
+                       help='folder layout of the data (default: detected; folder needs --normal)')
+    group.add_argument('--normal', metavar='DIR', help='--format folder: the normal images')
+    group.add_argument('--abnormal', metavar='DIR', help='--format folder: the anomalous test images')
+    group.add_argument('--mask-dir', metavar='DIR',
+                       help='--format folder: masks of the anomalous images, matched by file stem')
+
+
+def layout_from_args(args):
+    """The layout that the parsed ``add_layout_arguments`` select (None: detect it)."""
+    return make_layout(args.format, args.normal, args.abnormal, args.mask_dir)
+
+
+# ------------------------------------------------------------------------------------------------
 # Evaluation commands
 # ------------------------------------------------------------------------------------------------
 
-def evaluation_parser(prog, description, data_help):
+def evaluation_parser(prog, description, data_help, data_required=True):
     """ArgumentParser of an evaluation command with the arguments every evaluation takes:
-    -m/--model-dir, -d/--data-dir (``data_help``), -o/--out-dir and -s/--settings."""
+    -m/--model-dir, -d/--data-dir (``data_help``; optional unless ``data_required``), -o/--out-dir
+    and -s/--settings."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument('-m', '--model-dir', required=True,
                         help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=True, help=data_help)
+    parser.add_argument('-d', '--data-dir', required=data_required, help=data_help)
     parser.add_argument('-o', '--out-dir', required=True,
                         help='folder for results, tables and figures')
     parser.add_argument('-s', '--settings', nargs='+', default=None,

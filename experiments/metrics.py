@@ -3,7 +3,7 @@
 Image level (one score per image, see `image_scores`):
     image_auroc, image_ap
 Pixel level (anomaly maps against binary ground-truth masks):
-    pixel_auroc, pixel_ap, au_pro
+    pixel_auroc, pixel_ap, au_pro, au_spro (MVTec LOCO AD's saturated PRO)
 All of them at once, as reported in the tables:
     evaluate_maps
 
@@ -17,7 +17,7 @@ distinct positive scores in that sorted array, which is exact and several times 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ['image_scores', 'image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'au_pro',
+__all__ = ['image_scores', 'image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'au_pro', 'au_spro',
            'evaluate_maps']
 
 # 8-connectivity within each image, none across the images of a stack
@@ -206,15 +206,21 @@ def _pro_curve(defect, maps):
     last_of_run = np.append(defect_scores[1:] != defect_scores[:-1], True)
     thresholds, pro = defect_scores[last_of_run], pro[last_of_run]
 
+    fpr, pros = _curve_points(ok_sorted, thresholds, pro)
+    return np.append(fpr, 1.0), np.minimum(np.append(pros, 1.0), 1.0)
+
+
+def _curve_points(ok_sorted, thresholds, overlap):
+    """The points (0, 0), (FPR(>d_j), overlap_{j-1}), (FPR(d_j), overlap_j) for j = 1..m, and
+    (1, overlap_m) of an overlap curve, given the sorted defect-free scores, the distinct defect
+    scores d_1 > ... > d_m and the overlap at each."""
     n_ok = ok_sorted.size
     fp_at = n_ok - np.searchsorted(ok_sorted, thresholds, side='left')     # ok >= d_j
     fp_above = n_ok - np.searchsorted(ok_sorted, thresholds, side='right')  # ok >  d_j
-    pro_before = np.concatenate(([0.0], pro[:-1]))
+    before = np.concatenate(([0.0], overlap[:-1]))
     fpr = np.column_stack([fp_above, fp_at]).ravel() / n_ok
-    pros = np.column_stack([pro_before, pro]).ravel()
-    fpr = np.concatenate(([0.0], fpr, [1.0, 1.0]))
-    pros = np.concatenate(([0.0], pros, [pro[-1], 1.0]))
-    return fpr, np.minimum(pros, 1.0)
+    values = np.column_stack([before, overlap]).ravel()
+    return np.concatenate(([0.0], fpr, [1.0])), np.concatenate(([0.0], values, [overlap[-1]]))
 
 
 def _area_up_to(x, y, x_max):
@@ -255,6 +261,77 @@ def au_pro(masks, maps, max_fpr=0.3):
         raise ValueError('masks contain no defect-free pixel; the false positive rate is undefined')
     fpr, pro = _pro_curve(defect, maps)
     return _area_up_to(fpr, pro, max_fpr) / max_fpr
+
+
+def _spro_curve(maps, defect_masks, defect_image, saturation):
+    """Saturated per-region-overlap curve (MVTec LOCO AD), built like ``_pro_curve``.
+
+    For a threshold t, with defects A_i (pixel sets of image defect_image[i]) and their saturation
+    pixel counts s_i:
+        FPR(t)  = #{pixels of defect-free images with score >= t} / #{pixels of defect-free images}
+        sPRO(t) = mean over i of min(#{p in A_i : score >= t} / s_i, 1).
+    Returned without the points inside horizontal runs (only defect-free pixels enter there).
+    """
+    ok_sorted = np.sort(maps[np.setdiff1d(np.arange(len(maps)), defect_image)], axis=None)
+    defect_scores = np.concatenate([maps[image][mask] for image, mask in zip(defect_image, defect_masks)])
+    defect_of_pixel = np.repeat(np.arange(len(defect_masks)), [np.count_nonzero(m) for m in defect_masks])
+    order = np.argsort(defect_scores, kind='stable')[::-1]  # descending
+    defect_scores, defect_of_pixel = defect_scores[order], defect_of_pixel[order]
+    # rank of each pixel among the pixels of its defect, in that order (1, 2, ...)
+    by_defect = np.argsort(defect_of_pixel, kind='stable')
+    starts = np.searchsorted(defect_of_pixel[by_defect], defect_of_pixel[by_defect])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_defect] = np.arange(len(order)) - starts + 1
+    s = saturation[defect_of_pixel]
+    gain = (np.minimum(rank / s, 1.0) - np.minimum((rank - 1) / s, 1.0)) / len(defect_masks)
+    spro = np.cumsum(gain)
+    last_of_run = np.append(defect_scores[1:] != defect_scores[:-1], True)
+    thresholds, spro = defect_scores[last_of_run], spro[last_of_run]
+    fpr, spros = _curve_points(ok_sorted, thresholds, spro)
+    return fpr, np.minimum(spros, 1.0)
+
+
+def au_spro(maps, defect_masks, defect_image, saturation, max_fpr=0.05):
+    """Normalised area under the saturated per-region-overlap (sPRO) curve up to ``max_fpr``, the
+    localisation metric of MVTec LOCO AD (Bergmann et al., IJCV 2022; reported at max_fpr 0.05):
+
+        AU-sPRO = (1 / max_fpr) * integral_0^max_fpr sPRO d(FPR),
+        sPRO(t) = mean over all defects i of min(|A_i ∩ {score >= t}| / s_i, 1),
+
+    A_i being the pixels of defect i (one ground-truth PNG of LOCO) and s_i its saturation
+    threshold in pixels; FPR(t) the fraction of the pixels of the defect-free images (the images
+    that no defect belongs to) with score >= t. One curve point per distinct defect score, the curve
+    starting at (0, 0), sPRO at max_fpr interpolated linearly, trapezoid rule (as ``au_pro``).
+
+    maps: N x H x W (or N x 1 x H x W) scores.  defect_masks: D x H x W binary, one per defect, each
+    with at least one pixel.  defect_image: (D,) index into maps of each defect's image.
+    saturation: (D,) positive pixel counts.  max_fpr: in (0, 1].
+    """
+    if not 0 < max_fpr <= 1:
+        raise ValueError(f'max_fpr must be in (0, 1], got {max_fpr}')
+    maps = _as_scores(_as_stack(maps, 'maps'), 'maps')
+    defect_masks = _as_binary(_as_stack(defect_masks, 'defect_masks'), 'defect_masks')
+    if len(defect_masks) == 0:
+        raise ValueError('defect_masks holds no defect; AU-sPRO needs at least one')
+    if defect_masks.shape[1:] != maps.shape[1:]:
+        raise ValueError(f'defect_masks must be D x {maps.shape[1]} x {maps.shape[2]} like maps, '
+                         f'got {defect_masks.shape}')
+    empty = np.flatnonzero(~defect_masks.any(axis=(1, 2)))
+    if empty.size:
+        raise ValueError(f'defect_masks {empty[:5].tolist()} have no pixel; each defect needs at least one')
+    defect_image = np.asarray(defect_image)
+    saturation = np.asarray(saturation, dtype=np.float64)
+    for name, values in (('defect_image', defect_image), ('saturation', saturation)):
+        if values.shape != (len(defect_masks),):
+            raise ValueError(f'{name} must have shape ({len(defect_masks)},), one per defect, got {values.shape}')
+    if not np.issubdtype(defect_image.dtype, np.integer) or defect_image.min() < 0 or defect_image.max() >= len(maps):
+        raise ValueError(f'defect_image must hold integer indices into maps (0..{len(maps) - 1})')
+    if not np.all(saturation > 0):
+        raise ValueError('saturation must hold positive pixel counts')
+    if len(np.unique(defect_image)) == len(maps):
+        raise ValueError('every image has a defect; the false positive rate needs defect-free images')
+    fpr, spro = _spro_curve(maps, defect_masks, defect_image, saturation)
+    return _area_up_to(fpr, spro, max_fpr) / max_fpr
 
 
 # ---------------------------------------------------------------------------------------------

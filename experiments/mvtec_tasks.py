@@ -13,7 +13,10 @@ one-class models only (default: GDE).
 
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--flip-average]
-        [--paper-layout] [--percent]
+        [--paper-layout] [--percent] [--format mvtec|visa|loco|ad2|folder ...]
+
+The data layout is each model's own (recorded in its meta), detected for older models, or given
+with ``--format`` (``self_sup_data.layouts``); ``-d`` is not needed for a ``--format folder`` model.
 """
 import functools
 import math
@@ -26,11 +29,13 @@ from experiments import one_class, tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, find_checkpoints,
                                      read_model, result_setting, result_variants, select_checkpoints,
                                      sort_records)
-from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
+from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
+                             layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
+from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.transforms import Compose
 
@@ -38,19 +43,22 @@ METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max
            'pixel_auroc', 'pixel_ap', 'au_pro')
 
 
-def load_test_set(data_dir, meta):
-    """The test set of a checkpoint's category, at the resolution and kind it was trained with."""
+def load_test_set(data_dir, meta, layout=None):
+    """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
+    ``layout`` (None: the layout in the meta, else detected)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
-                               res_scale=meta.get('res_scale', 1.0))
+                               res_scale=meta.get('res_scale', 1.0),
+                               layout=layout or layout_from_spec(meta.get('layout')))
 
 
-def load_normal_set(data_dir, meta):
+def load_normal_set(data_dir, meta, layout=None):
     """The normal training images of a checkpoint's category prepared as its test images (resized
     to the test side, no augmentation, no synthetic anomalies): what two-stage models are fitted to."""
     category, kind, res_scale = meta['category'], meta.get('kind'), meta.get('res_scale', 1.0)
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
                                   low_res=data_recipe(category, res_scale, kind)['test_res'],
-                                  transform=Compose([]))
+                                  transform=Compose([]),
+                                  layout=layout or layout_from_spec(meta.get('layout')))
     dataset.configure_self_sup(False)
     return dataset
 
@@ -80,7 +88,8 @@ def missing_records(found, settings, categories, one_class_names=None):
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
-                         batch_size=32, figure_dir=None, one_class_names=None, flip_average=False):
+                         batch_size=32, figure_dir=None, one_class_names=None, flip_average=False,
+                         layout=None):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
@@ -93,7 +102,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
     map with that of the vertical flip (``prediction.predict``; textures only). Returns the long-format
     results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
-    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path.
+    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path. layout: the
+    data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
     """
     device = resolve_device(device)
     found = find_checkpoints(model_dir)
@@ -108,11 +118,11 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     records, plotted, data_key = [], set(), None
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
         model, meta = read_model(path, device)
-        if (meta['category'], meta.get('kind'), meta.get('res_scale')) != data_key:
-            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'))
-            dataset = load_test_set(data_dir, meta)  # one test set in memory at a time
+        if (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout')) != data_key:
+            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
+            dataset = load_test_set(data_dir, meta, layout)  # one test set in memory at a time
             # loaded once per test set, when a two-stage variant needs it
-            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta))
+            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta, layout))
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         setting = parse_setting(meta['setting'])
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
@@ -151,7 +161,8 @@ def parse_args(argv=None):
         'Evaluate trained models (final_*.pt under MODEL_DIR) on MVTec-layout test sets: '
         'writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
         'OUT_DIR/figures/<category>_<setting>.png.',
-        data_help='MVTec-layout root folder (one folder per category)')
+        data_help='data root folder (one folder per category; not needed for --format folder)',
+        data_required=False)
     parser.add_argument('-n', '--categories', nargs='+', default=None,
                         help='categories (default: all found)')
     parser.add_argument('--one-class', nargs='+', choices=list(one_class.ONE_CLASS_MODELS),
@@ -169,6 +180,7 @@ def parse_args(argv=None):
     parser.add_argument('--paper-layout', action='store_true',
                         help="merge X (objects) and X-M (textures) into one column, as in the paper")
     add_evaluation_options(parser)
+    add_layout_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -179,7 +191,7 @@ def main(argv=None):
         lambda figure_dir: evaluate_checkpoints(
             args.model_dir, args.data_dir, args.settings, args.categories, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, one_class_names=args.one_class,
-            flip_average=args.flip_average),
+            flip_average=args.flip_average, layout=layout_from_args(args)),
         lambda records: write_report(records, args.out_dir, paper_layout=args.paper_layout,
                                      percent=args.percent),
         f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and categories under '

@@ -67,32 +67,33 @@ def plot_examples(images, masks, maps, titles, path, vmin=None, vmax=None):
     """Columns of test examples: the input image, the image with the ground-truth contour, and
     the predicted anomaly map as a heatmap over the image (with the same contour).
 
-    images: uint8 H x W x C each; masks: binary H x W each (None for a missing mask); maps: float
-    H x W each; titles: str each. The heatmap colour scale is shared by all columns: [vmin, vmax],
-    by default the range of all maps, so that normal and defective images compare directly.
+    images: uint8 H x W x C each; masks: binary H x W each (None for a missing mask; all None: no
+    ground-truth row); maps: float H x W each; titles: str each. The heatmap colour scale is shared
+    by all columns: [vmin, vmax], by default the range of all maps, so that normal and defective
+    images compare directly.
     """
     _check_lengths(images=images, masks=masks, maps=maps, titles=titles)
     maps = [_as_map(m, 'maps') for m in maps]
     vmin = min(float(m.min()) for m in maps) if vmin is None else vmin
     vmax = max(float(m.max()) for m in maps) if vmax is None else vmax
-    fig = Figure(figsize=(PANEL_INCHES * len(maps) + 0.8, PANEL_INCHES * 3), layout='constrained')
-    axes = fig.subplots(3, len(maps), squeeze=False)
+    with_masks = any(m is not None for m in masks)
+    rows = ('input', 'ground truth', 'prediction') if with_masks else ('input', 'prediction')
+    fig = Figure(figsize=(PANEL_INCHES * len(maps) + 0.8, PANEL_INCHES * len(rows)), layout='constrained')
+    axes = fig.subplots(len(rows), len(maps), squeeze=False)
     for col, (image, mask, anomaly_map, title) in enumerate(zip(images, masks, maps, titles)):
-        size = _show_image(axes[0, col], image)
-        _show_image(axes[1, col], image)
-        _show_image(axes[2, col], image)
+        size = [_show_image(axes[row, col], image) for row in range(len(rows))][0]
         if anomaly_map.shape != size:
             raise ValueError(f'map {col} has shape {anomaly_map.shape}, its image {size}')
-        heat = axes[2, col].imshow(anomaly_map, cmap=HEATMAP_CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
+        heat = axes[-1, col].imshow(anomaly_map, cmap=HEATMAP_CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
         if mask is not None:
             mask = _as_map(mask, 'masks') > 0.5
             _draw_contour(axes[1, col], mask)
             _draw_contour(axes[2, col], mask)
         axes[0, col].set_title(title, fontsize=9)
-    for row, label in enumerate(('input', 'ground truth', 'prediction')):
+    for row, label in enumerate(rows):
         axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
                           ha='right', va='center', fontsize=9)
-    fig.colorbar(heat, ax=axes[2, :].tolist(), shrink=0.8)
+    fig.colorbar(heat, ax=axes[-1, :].tolist(), shrink=0.8)
     return _save(fig, path)
 
 
@@ -200,9 +201,11 @@ def example_indices(groups, per_group=EXAMPLES_PER_CLASS, first=None):
 
 
 def plot_test_examples(dataset, maps, path, per_class=EXAMPLES_PER_CLASS):
-    """Figure of a few normal and defective test images: input, ground truth and predicted map."""
+    """Figure of a few normal and defective test images: input, ground truth (unless no defect image
+    of the category has a mask) and predicted map."""
     indices = example_indices(dataset.labels, per_class)
-    masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
+    with_masks = dataset.has_mask[dataset.labels == 1].any()
+    masks = [dataset.masks[i] if with_masks and dataset.has_mask[i] else None for i in indices]
     titles = [f'{dataset.defect_types[i]}\nmean {maps[i].mean():.3f}, max {maps[i].max():.3f}'
               for i in indices]
     return plot_examples([dataset.images[i] for i in indices], masks,

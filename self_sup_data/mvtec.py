@@ -7,6 +7,9 @@ Layout (``root`` holds one folder per category)::
     root/<category>/test/<defect>/<name>.png            defective test images
     root/<category>/ground_truth/<defect>/<name>_mask.png   their masks (optional per image)
 
+The same datasets read VisA, MVTec LOCO AD, MVTec AD 2 and a plain pair of folders through
+``self_sup_data.layouts`` (which layout: given, or detected from the folder).
+
 Images are decoded (Pillow, which rejects truncated files) and resized once, in parallel, and
 kept in memory as ``uint8 H x W x C``. A category whose images are all grayscale (one channel,
 or three identical channels) stays single-channel; otherwise every image is RGB. Non-square
@@ -24,7 +27,6 @@ instead several views of the transformed image with their class labels.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from self_sup_data.layouts import MVTecLayout, detect_layout
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -43,19 +46,14 @@ OBJECTS = ['bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut',
 TEXTURES = ['carpet', 'grid', 'leather', 'tile', 'wood']
 CLASS_NAMES = OBJECTS + TEXTURES
 UNALIGNED_OBJECTS = ['bottle', 'hazelnut', 'metal_nut', 'screw']
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 KINDS = ('object', 'texture')
 
 
 # ----------------------------------------------------------------------------- categories
 
 def list_categories(root):
-    """Sorted names of the folders in ``root`` that hold ``train/good`` or ``test``."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir()
-                  if (p / 'train' / 'good').is_dir() or (p / 'test').is_dir())
+    """Sorted names of the folders in ``root`` that hold ``train/good`` or ``test`` (MVTec layout)."""
+    return MVTecLayout().categories(root)
 
 
 def category_kind(class_name, kind=None):
@@ -138,6 +136,18 @@ def read_mask(path):
     return mask > (127 if mask.max() > 1 else 0)
 
 
+def read_id_masks(paths):
+    """Boolean ``H x W`` union of the nonzero pixels of the masks at ``paths`` (masks whose values
+    are region or defect ids, e.g. VisA's and MVTec LOCO AD's); they must have one size."""
+    masks = [_decode(path) for path in paths]
+    masks = [m.max(axis=2) if m.ndim == 3 else m for m in masks]
+    for path, mask in zip(paths[1:], masks[1:]):
+        if mask.shape != masks[0].shape:
+            raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but {paths[0]} is "
+                             f"{masks[0].shape[1]}x{masks[0].shape[0]}; the masks of an image must match")
+    return np.any(np.stack(masks) > 0, axis=0)
+
+
 def to_channels(image, channels):
     """Convert uint8 ``H x W x C`` to ``channels`` (1: luminance, 3: replicate gray)."""
     if image.shape[2] == channels:
@@ -151,7 +161,7 @@ def _load_item(image_path, mask_path, size):
     image = read_image(image_path)
     mask = None
     if mask_path is not None:
-        mask = read_mask(mask_path)
+        mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
@@ -162,6 +172,7 @@ def _load_item(image_path, mask_path, size):
 def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images'):
     """Decode and resize images (and optional masks) in parallel threads.
 
+    A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``).
     Returns (images, masks): images uint8 ``size x size x C`` with one C for all (``channels``,
     or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size`` in {0, 1},
     or None where ``mask_paths`` has None.
@@ -175,10 +186,6 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
     return [to_channels(image, channels) for image in images], [mask for _, mask in loaded]
-
-
-def _image_files(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -261,62 +268,16 @@ class SelfSupImageDataset(Dataset):
         return to_image_tensor(image), 0, to_label_tensor(label)
 
 
-def _category_dir(root_path, class_name):
-    root = Path(root_path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"MVTec-layout root folder {root} does not exist; it should hold one "
-                                f"folder per category (e.g. {root / 'bottle' / 'train' / 'good'})")
-    category_dir = root / class_name
-    if class_name not in list_categories(root):
-        found = list_categories(root)
-        raise FileNotFoundError(f"category {class_name!r} not found in {root} (no {category_dir}/train/good "
-                                f"or {category_dir}/test); categories found: {found or 'none'}")
-    return category_dir
-
-
-def _train_files(category_dir):
-    folder = category_dir / 'train' / 'good'
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist; training needs normal images there")
-    files = _image_files(folder)
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                         "training needs normal images there")
-    return files
-
-
-def train_files(root_path, class_name):
-    """Sorted paths of the category's normal training images (``train/good``)."""
-    return _train_files(_category_dir(root_path, class_name))
-
-
-def _mask_file(category_dir, defect_type, image_path):
-    """ground_truth/<defect_type>/<image stem>_mask.<any suffix>, or None if there is none."""
-    candidates = sorted((category_dir / 'ground_truth' / defect_type).glob(f'{image_path.stem}_mask.*'))
-    return candidates[0] if candidates else None
-
-
-def _test_files(category_dir):
-    """(image paths, defect types, mask paths or None) of test/<type>/ in sorted order."""
-    test_dir = category_dir / 'test'
-    if not test_dir.is_dir():
-        raise FileNotFoundError(f"{test_dir} does not exist; testing needs test/good and "
-                                "test/<defect> folders")
-    paths, defect_types, mask_paths = [], [], []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        for path in _image_files(type_dir):
-            paths.append(path)
-            defect_types.append(type_dir.name)
-            mask_path = None if type_dir.name == 'good' else _mask_file(category_dir, type_dir.name, path)
-            mask_paths.append(mask_path)
-    if not paths:
-        raise ValueError(f"{test_dir} holds no images in its sub-folders "
-                         "(expected test/good/*.png, test/<defect>/*.png)")
-    return paths, defect_types, mask_paths
+def train_files(root_path, class_name, layout=None):
+    """Sorted paths of the category's normal training images in ``layout`` (None: detected;
+    MVTec AD: ``train/good``; see ``self_sup_data.layouts``)."""
+    layout = detect_layout(root_path, class_name) if layout is None else layout
+    return layout.train_files(root_path, class_name)
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
-    """One category of an MVTec-layout folder (see the module docstring).
+    """One category of a data folder: MVTec AD layout (see the module docstring) or another
+    ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
 
     ``low_res`` and ``transform`` default to ``data_recipe(class_name, res_scale, kind)``
     (``low_res`` for training, ``test_res`` for testing). ``self_sup_args``: keyword arguments of
@@ -328,17 +289,18 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
-                 self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=()):
-        category_dir = _category_dir(root_path, class_name)
+                 self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=(),
+                 layout=None):
+        layout = detect_layout(root_path, class_name) if layout is None else layout
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
             low_res = recipe['low_res'] if is_train else recipe['test_res']
         if is_train:
-            paths, defect_types, mask_paths = _train_files(category_dir), None, None
+            paths, defect_types, mask_paths = train_files(root_path, class_name, layout), None, None
             excluded = {int(index) for index in exclude}
             paths = [path for index, path in enumerate(paths) if index not in excluded]
         else:
-            paths, defect_types, mask_paths = _test_files(category_dir)
+            paths, defect_types, mask_paths = layout.test_files(root_path, class_name)
         images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
         train_size = None
         if transform is None:
@@ -350,19 +312,20 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
                          labels=labels, masks=masks, has_mask=has_mask, views=views)
         self.class_name = class_name
+        self.layout = layout
         self.kind = category_kind(class_name, kind)
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
 
 
-
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
-                        channels=None, kinds=VALIDATION_KINDS):
-    """Test-mode dataset of the training images ``indices`` (sorted file order; held out from
-    training) prepared as test images (``data_recipe(...)['test_res']``), each as it is and with
-    a synthetic defect (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
+                        channels=None, kinds=VALIDATION_KINDS, layout=None):
+    """Test-mode dataset of the training images ``indices`` (sorted ``train_files`` order of
+    ``layout``, None: detected; held out from training) prepared as test images
+    (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
+    (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
     ``channels``: the training set's, so that the model gets what it was trained on."""
-    files = train_files(root_path, class_name)
+    files = train_files(root_path, class_name, layout)
     paths = [files[int(index)] for index in indices]
     recipe = data_recipe(class_name, res_scale, kind)
     images, _ = load_images(paths, recipe['test_res'], channels=channels,

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from experiments.metrics import (au_pro, evaluate_maps, image_ap, image_auroc, image_scores,
+from experiments.metrics import (au_pro, au_spro, evaluate_maps, image_ap, image_auroc, image_scores,
                                  pixel_ap, pixel_auroc)
 
 
@@ -240,3 +240,71 @@ def test_image_scores_and_evaluate_maps_reject_bad_input():
         evaluate_maps([0, 1, 1], maps)
     with pytest.raises(ValueError, match=r'normal images .* items \[0\]'):
         evaluate_maps([0, 1], maps, masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# AU-sPRO (MVTec LOCO AD) against an independent loop over thresholds
+
+def reference_au_spro(maps, defect_masks, defect_image, saturation, max_fpr):
+    ok_scores = np.concatenate([maps[i].ravel() for i in range(len(maps)) if i not in set(defect_image)])
+    fpr, spro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        fpr.append(np.mean(ok_scores >= t))
+        spro.append(np.mean([min(np.sum(maps[i][m] >= t) / s, 1.0)
+                             for m, i, s in zip(defect_masks, defect_image, saturation)]))
+    fpr, spro = np.array(fpr), np.array(spro)
+    below = np.flatnonzero(fpr < max_fpr)
+    i = below[-1]
+    spro_at_max = np.interp(max_fpr, fpr[[i, i + 1]], spro[[i, i + 1]])
+    return np.trapezoid(np.append(spro[:i + 1], spro_at_max), np.append(fpr[:i + 1], max_fpr)) / max_fpr
+
+
+def random_spro_case(rng, levels=None):
+    n, h, w = rng.integers(2, 5), rng.integers(2, 8), rng.integers(2, 8)
+    n_defects = rng.integers(1, 6)
+    defect_image = rng.integers(1, n, n_defects)  # image 0 is always defect-free
+    defect_masks = rng.random((n_defects, h, w)) < rng.uniform(0.1, 0.6)
+    for mask in defect_masks:
+        mask.flat[rng.integers(mask.size)] = True
+    area = defect_masks.sum(axis=(1, 2))
+    saturation = np.maximum(1, np.round(area * rng.uniform(0.2, 1.0, n_defects)))
+    maps = rng.random((n, h, w)) if levels is None else rng.integers(0, levels, (n, h, w)) / levels
+    for mask, i in zip(defect_masks, defect_image):
+        maps[i] += 0.3 * mask
+    return maps, defect_masks, defect_image, saturation
+
+
+@pytest.mark.parametrize('seed', range(30))
+def test_au_spro_matches_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    case = random_spro_case(rng, levels=None if seed % 2 else 4)
+    for max_fpr in (0.05, 0.3, 1.0):
+        assert au_spro(*case, max_fpr=max_fpr) == pytest.approx(reference_au_spro(*case, max_fpr), abs=1e-12)
+
+
+def test_au_spro_saturates_and_without_saturation_is_pro():
+    maps = np.zeros((2, 1, 4))
+    maps[1, 0] = [0.9, 0.8, 0.1, 0.0]
+    defect = np.zeros((1, 1, 4), bool)
+    defect[0, 0] = True  # four pixels; two of them score above every normal pixel
+    # saturated at 2 pixels: full overlap before the first false positive
+    assert au_spro(maps, defect, [1], [2], max_fpr=0.05) == pytest.approx(1.0)
+    # saturation at the defect's area is PRO's overlap: half the pixels found at FPR 0 ... 0.05
+    assert au_spro(maps, defect, [1], [4], max_fpr=0.05) == pytest.approx(au_pro(
+        np.concatenate([np.zeros((1, 1, 4), bool), defect]), maps, max_fpr=0.05))
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(saturation=[0]), 'positive pixel counts'),
+    (dict(defect_image=[2]), 'integer indices into maps'),
+    (dict(defect_image=[0, 1]), r'shape \(1,\), one per defect'),
+    (dict(defect_masks=np.zeros((1, 1, 4), bool)), r'defect_masks \[0\] have no pixel'),
+    (dict(maps=np.zeros((1, 1, 4)), defect_image=[0]), 'needs defect-free images'),
+    (dict(max_fpr=0), 'max_fpr'),
+])
+def test_au_spro_validates_its_input(change, message):
+    args = dict(maps=np.zeros((2, 1, 4)), defect_masks=np.ones((1, 1, 4), bool), defect_image=[1],
+                saturation=[2], max_fpr=0.05)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        au_spro(**args)

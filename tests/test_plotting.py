@@ -72,3 +72,28 @@ def test_plotting_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match='losses'):
         plot_loss_curve([], tmp_path / 'x.png')
     assert not (tmp_path / 'x.png').exists()
+
+
+def test_plot_examples_without_any_mask_has_no_ground_truth_row(tmp_path):
+    rng = np.random.default_rng(1)
+    maps = [rng.random((SIZE, SIZE)).astype(np.float32) for _ in range(2)]
+    images = make_images(rng, 2, 1)
+    with_masks = plot_examples(images, [None, np.zeros((SIZE, SIZE))], maps, ['a', 'b'], tmp_path / 'with.png')
+    without = plot_examples(images, [None, None], maps, ['a', 'b'], tmp_path / 'without.png')
+    assert_png(without)
+    heights = [Image.open(path).size[1] for path in (with_masks, without)]
+    assert heights[1] == pytest.approx(heights[0] * 2 / 3, abs=2)  # two rows of panels instead of three
+
+
+def test_evaluation_figure_of_a_category_without_masks_has_no_ground_truth_row(tmp_path):
+    from conftest import make_mvtec_category
+    from experiments.plotting import plot_test_examples
+    from self_sup_data.mvtec import SelfSupMVTecDataset
+    heights = []
+    for with_masks in (True, False):
+        make_mvtec_category(tmp_path / str(with_masks), 'tiny', size=SIZE, with_masks=with_masks)
+        dataset = SelfSupMVTecDataset(tmp_path / str(with_masks), 'tiny', is_train=False, low_res=SIZE)
+        maps = np.random.default_rng(0).random((len(dataset), SIZE, SIZE)).astype(np.float32)
+        path = plot_test_examples(dataset, maps, tmp_path / f'{with_masks}.png')
+        heights.append(Image.open(path).size[1])
+    assert heights[1] == pytest.approx(heights[0] * 2 / 3, abs=2)

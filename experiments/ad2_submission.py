@@ -1,0 +1,45 @@
+"""Anomaly maps of MVTec AD 2's private test sets, in the folders its evaluation server takes.
+
+MVTec AD 2 publishes no ground truth for ``test_private`` and ``test_private_mixed``; its server
+scores uploaded maps. Layout written here (our reading of the dataset's instructions; check it
+against the current ones before uploading)::
+
+    OUT/anomaly_images/<category>/<split>/<image stem>.tiff              float32 map, image size
+    OUT/anomaly_images_thresholded/<category>/<split>/<image stem>.png   0/255 uint8 segmentation
+
+Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` after
+resizing. Each file is written atomically (``experiments.atomic``).
+"""
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from experiments.atomic import write_atomic
+from self_sup_data.layouts import AD2_PRIVATE_SPLITS
+
+
+def _save_atomic(image, path, format):
+    write_atomic(path, lambda f: image.save(f, format=format))
+
+
+def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
+    """Write the maps (N x H x W floats) of ``image_paths`` and their thresholded masks; returns
+    the paths written, (tiff, png) per image."""
+    if split not in AD2_PRIVATE_SPLITS:
+        raise ValueError(f"split must be one of {AD2_PRIVATE_SPLITS}, got {split!r}")
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3 or len(maps) != len(image_paths):
+        raise ValueError(f"maps must be N x H x W with N = {len(image_paths)} images, got {maps.shape}")
+    written = []
+    for path, score in zip(map(Path, image_paths), maps):
+        with Image.open(path) as image:
+            size = image.size  # (width, height)
+        full = cv2.resize(score, size, interpolation=cv2.INTER_LINEAR)
+        tiff = Path(out_dir) / 'anomaly_images' / category / split / f'{path.stem}.tiff'
+        png = Path(out_dir) / 'anomaly_images_thresholded' / category / split / f'{path.stem}.png'
+        _save_atomic(Image.fromarray(full), tiff, 'TIFF')  # float32 -> mode F
+        _save_atomic(Image.fromarray(np.where(full > threshold, 255, 0).astype(np.uint8)), png, 'PNG')
+        written.append((tiff, png))
+    return written

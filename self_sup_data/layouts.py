@@ -1,0 +1,368 @@
+"""Dataset folder layouts: where a category's training images, test images and masks are.
+
+A layout answers, for a root folder and a category name:
+
+    categories(root)            the categories it finds in ``root``
+    train_files(root, category) the normal training images, sorted
+    test_files(root, category)  LabelledFiles(paths, defect_types, masks), 'good' for normal images
+    spec()                      a plain dict that ``layout_from_spec`` turns back into the layout
+                                (kept in a trained model's meta so that evaluation reads the same)
+
+A test image's mask is None (a normal image, or a defect image without a mask: image-level
+evaluation only), a path (a 0/255 or 0/1 mask, see ``mvtec.read_mask``), or a tuple of paths
+whose nonzero pixels together are the defect (masks whose pixel values are region or defect ids).
+
+Formats (``--format`` of the command lines; ``detect_layout`` recognises all but ``folder``):
+
+    mvtec   MVTec AD:  <cat>/train/good/*, <cat>/test/<type>/*, <cat>/ground_truth/<type>/<name>_mask.*
+    visa    VisA:      split_csv/1cls.csv (object,split,label,image,mask; paths relative to the
+                       root), images in <cat>/Data/Images/{Normal,Anomaly}, masks (region ids) in
+                       <cat>/Data/Masks/Anomaly; defect type 'anomaly'
+    loco    MVTec LOCO AD: <cat>/defects_config.json, <cat>/train/good/*,
+                       <cat>/test/{good,logical_anomalies,structural_anomalies}/NNN.png,
+                       <cat>/ground_truth/<type>/NNN/000.png, 001.png ... (one PNG per defect)
+    ad2     MVTec AD 2: <cat>/train/good/*, <cat>/test_public/{good,bad}/*,
+                       <cat>/test_public/ground_truth/bad/<name>_mask.png
+    folder  any names: a folder of normal images, a folder of anomalous images, optionally a
+            folder of their masks matched by file stem (``abc.jpg`` <- ``abc.png``); a fixed
+            fifth of the normal images (``random.Random(0)`` over the sorted paths) is held out
+            for testing, the rest trains
+
+``validation/good`` (LOCO, AD 2) is not used: training takes ``train/good`` only (and holds its
+validation images out of ``train_files``, see ``mvtec.load_validation_set``).
+"""
+import csv
+import json
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+FOLDER_CATEGORY = 'custom'
+NORMAL_TEST_FRACTION = 0.2
+AD2_PRIVATE_SPLITS = ('test_private', 'test_private_mixed')
+
+
+class LabelledFiles(NamedTuple):
+    paths: list
+    defect_types: list
+    masks: list
+
+
+def image_files(folder):
+    """The image files (IMAGE_SUFFIXES, any case) directly in ``folder``, sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _subfolders(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+
+
+def _images_in(folder, what):
+    """Sorted images of ``folder``; errors name the folder and ``what`` it should hold."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; {what}")
+    files = image_files(folder)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); {what}")
+    return files
+
+
+def _root_dir(root):
+    """``root`` as a Path; FileNotFoundError when it is None or not a folder."""
+    if root is None:
+        raise FileNotFoundError("no data root folder given (-d DATA_DIR); only --format folder works without one")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root folder {root} does not exist; it should hold one folder per "
+                                f"category (e.g. {root / 'bottle' / 'train' / 'good'})")
+    return root
+
+
+def _category_dir(layout, root, category):
+    root = _root_dir(root)
+    found = layout.categories(root)
+    if category not in found:
+        raise FileNotFoundError(f"category {category!r} not found in {root} (expected {layout.expected}); "
+                                f"{layout.name} categories found: {found or 'none'}")
+    return root / category
+
+
+def _typed_test_files(test_dir, mask_of, what):
+    """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``."""
+    if not Path(test_dir).is_dir():
+        raise FileNotFoundError(f"{test_dir} does not exist; {what}")
+    paths, defect_types, masks = [], [], []
+    for type_dir in _subfolders(test_dir):
+        for path in image_files(type_dir):
+            paths.append(path)
+            defect_types.append(type_dir.name)
+            masks.append(None if type_dir.name == 'good' else mask_of(type_dir.name, path))
+    if not paths:
+        raise ValueError(f"{test_dir} holds no images in its sub-folders; {what}")
+    return LabelledFiles(paths, defect_types, masks)
+
+
+class CategoryLayout:
+    """A layout with one folder per category; normal training images in ``<cat>/train/good``."""
+    name = expected = None
+
+    def train_files(self, root, category):
+        folder = _category_dir(self, root, category) / 'train' / 'good'
+        return _images_in(folder, 'training needs normal images there')
+
+    def spec(self):
+        return {'format': self.name}
+
+
+class MVTecLayout(CategoryLayout):
+    name = 'mvtec'
+    expected = '<cat>/train/good/*.png, <cat>/test/<type>/*.png, <cat>/ground_truth/<type>/<name>_mask.png'
+
+    def categories(self, root):
+        """Folders of ``root`` that hold ``train/good`` or ``test``."""
+        return [p.name for p in _subfolders(root) if (p / 'train' / 'good').is_dir() or (p / 'test').is_dir()]
+
+    def test_files(self, root, category):
+        category_dir = _category_dir(self, root, category)
+
+        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<any suffix>, or None
+            candidates = sorted((category_dir / 'ground_truth' / defect_type).glob(f'{path.stem}_mask.*'))
+            return candidates[0] if candidates else None
+        return _typed_test_files(category_dir / 'test', mask_of,
+                                 'testing needs test/good and test/<defect> folders')
+
+
+class LocoLayout(CategoryLayout):
+    """MVTec LOCO AD; ``defects(root, category)`` reads ``defects_config.json`` (for sPRO)."""
+    name = 'loco'
+    expected = ('<cat>/defects_config.json, <cat>/train/good/*.png, '
+                '<cat>/test/{good,logical_anomalies,structural_anomalies}/NNN.png, '
+                '<cat>/ground_truth/<type>/NNN/000.png')
+
+    def categories(self, root):
+        return [p.name for p in _subfolders(root) if (p / 'defects_config.json').is_file()]
+
+    def test_files(self, root, category):
+        category_dir = _category_dir(self, root, category)
+
+        def mask_of(defect_type, path):  # all PNGs of ground_truth/<type>/<stem>/, or None
+            masks = tuple(sorted((category_dir / 'ground_truth' / defect_type / path.stem).glob('*.png')))
+            return masks or None
+        return _typed_test_files(category_dir / 'test', mask_of,
+                                 'testing needs test/good, test/logical_anomalies and '
+                                 'test/structural_anomalies folders')
+
+    def defects(self, root, category):
+        """{pixel value: (defect name, saturation threshold, relative)} from defects_config.json."""
+        path = _category_dir(self, root, category) / 'defects_config.json'
+        try:
+            entries = json.loads(path.read_text())
+            return {int(e['pixel_value']): (e['defect_name'], float(e['saturation_threshold']),
+                                             bool(e['relative_saturation'])) for e in entries}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"cannot read {path}: {error!r}; it should be a list of "
+                             "{defect_name, pixel_value, saturation_threshold, relative_saturation}") from error
+
+    def defect_regions(self, root, category, mask_paths, size):
+        """The defects of one test image for ``metrics.au_spro``: [(bool size x size mask, saturation
+        in pixels)], one per mask PNG (``test_files``' tuple). The PNG's pixel value names its entry
+        in defects_config.json; a relative threshold is a fraction of the defect's area, an absolute
+        one a pixel count at the PNG's resolution, rescaled to ``size`` and capped at the area."""
+        from self_sup_data.mvtec import _decode  # the datasets' decoder; mvtec imports this module
+        defects = self.defects(root, category)
+        regions = []
+        for path in mask_paths:
+            mask = _decode(path)
+            values = np.unique(mask[mask > 0])
+            if len(values) != 1 or int(values[0]) not in defects:
+                raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "
+                                 f"(defects_config.json), found {values.tolist()}")
+            _, threshold, relative = defects[int(values[0])]
+            resized = cv2.resize((mask > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+            area = np.count_nonzero(resized)
+            scaled = threshold * area if relative else threshold * size * size / mask.size
+            regions.append((resized, min(scaled, area)))
+        return regions
+
+
+class AD2Layout(CategoryLayout):
+    name = 'ad2'
+    expected = ('<cat>/train/good/*.png, <cat>/test_public/{good,bad}/*.png, '
+                '<cat>/test_public/ground_truth/bad/<name>_mask.png')
+
+    def categories(self, root):
+        return [p.name for p in _subfolders(root) if (p / 'test_public').is_dir()]
+
+    def test_files(self, root, category):
+        test_dir = _category_dir(self, root, category) / 'test_public'
+
+        def mask_of(defect_type, path):
+            mask = test_dir / 'ground_truth' / defect_type / f'{path.stem}_mask.png'
+            return mask if mask.is_file() else None
+        return _typed_test_files(test_dir, mask_of, 'testing needs test_public/good and test_public/bad')
+
+    def private_files(self, root, category, split):
+        """The unlabelled images of ``<cat>/<split>`` (test_private or test_private_mixed), sorted."""
+        if split not in AD2_PRIVATE_SPLITS:
+            raise ValueError(f"split must be one of {AD2_PRIVATE_SPLITS}, got {split!r}")
+        return _images_in(_category_dir(self, root, category) / split,
+                          "MVTec AD 2's evaluation server scores the maps of these images")
+
+
+class VisALayout(CategoryLayout):
+    name = 'visa'
+    split_csv = Path('split_csv') / '1cls.csv'
+    expected = ('split_csv/1cls.csv (object,split,label,image,mask), <cat>/Data/Images/{Normal,Anomaly}/*, '
+                '<cat>/Data/Masks/Anomaly/*.png')
+
+    def categories(self, root):
+        return [p.name for p in _subfolders(root) if (p / 'Data' / 'Images').is_dir()]
+
+    def _rows(self, root, category, split):
+        """The CSV rows of ``category`` and ``split`` with their files checked."""
+        _category_dir(self, root, category)
+        path = Path(root) / self.split_csv
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; VisA's split file lists each image "
+                                    "(columns object,split,label,image,mask)")
+        with open(path, newline='') as file:
+            reader = csv.DictReader(file)
+            missing = {'object', 'split', 'label', 'image', 'mask'} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{path} lacks the columns {sorted(missing)}; VisA's split file has "
+                                 "object,split,label,image,mask")
+            rows = [row for row in reader if row['object'] == category and row['split'] == split]
+        if not rows:
+            raise ValueError(f"{path} has no rows with object={category!r} and split={split!r}")
+        for row in rows:
+            for column in ('image', 'mask') if row['label'] == 'anomaly' else ('image',):
+                if not row[column] or not (Path(root) / row[column]).is_file():
+                    raise FileNotFoundError(f"{path}: the {column} {row[column]!r} of {row['image']!r} "
+                                            f"is not a file under {root}")
+        return rows
+
+    def train_files(self, root, category):
+        return sorted(Path(root) / row['image'] for row in self._rows(root, category, 'train'))
+
+    def test_files(self, root, category):
+        rows = sorted(self._rows(root, category, 'test'), key=lambda row: (row['label'] != 'normal', row['image']))
+        return LabelledFiles([Path(root) / row['image'] for row in rows],
+                         ['good' if row['label'] == 'normal' else 'anomaly' for row in rows],
+                         [None if row['label'] == 'normal' else (Path(root) / row['mask'],) for row in rows])
+
+
+class FolderLayout:
+    """Normal and anomalous images from two folders, masks (optional) matched by stem."""
+    name = 'folder'
+
+    def __init__(self, normal, abnormal=None, mask_dir=None):
+        self.normal = Path(normal)
+        self.abnormal = None if abnormal is None else Path(abnormal)
+        self.mask_dir = None if mask_dir is None else Path(mask_dir)
+        self.expected = (f'normal images in {self.normal}, anomalous images in {self.abnormal}, '
+                         f'masks named as the anomalous images in {self.mask_dir}')
+
+    def categories(self, root=None):
+        return [FOLDER_CATEGORY]
+
+    def _normal_split(self):
+        """(train, test) normal images: a fixed shuffle of the sorted paths, the first fifth tests."""
+        files = _images_in(self.normal, 'the folder layout needs normal images there')
+        if len(files) < 2:
+            raise ValueError(f"{self.normal} holds one image; the folder layout needs at least two normal "
+                             "images (a fifth of them is held out for testing)")
+        shuffled = list(files)
+        random.Random(0).shuffle(shuffled)
+        n_test = max(1, round(NORMAL_TEST_FRACTION * len(files)))
+        return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
+
+    def train_files(self, root=None, category=None):
+        return self._normal_split()[0]
+
+    def _masks(self, abnormal):
+        """{image path: mask path} for the masks of ``mask_dir`` whose stem is an image's stem."""
+        if self.mask_dir is None:
+            return {}
+        masks = _images_in(self.mask_dir, 'it should hold the masks of the anomalous images, named as they are')
+        by_stem = {}
+        for mask in masks:
+            if mask.stem in by_stem:
+                raise ValueError(f"masks {by_stem[mask.stem]} and {mask} have the same stem; "
+                                 "keep one mask per anomalous image")
+            by_stem[mask.stem] = mask
+        unmatched = sorted(set(by_stem) - {path.stem for path in abnormal})
+        if unmatched:
+            raise ValueError(f"masks in {self.mask_dir} match no image of {self.abnormal} by name: "
+                             f"{unmatched[:5]}; a mask must have its image's stem (abc.jpg <- abc.png)")
+        return {path: by_stem.get(path.stem) for path in abnormal}
+
+    def test_files(self, root=None, category=None):
+        if self.abnormal is None:
+            raise ValueError("the folder layout needs a folder of anomalous images for testing (--abnormal DIR)")
+        abnormal = _images_in(self.abnormal, 'the folder layout tests on the anomalous images there')
+        normal = self._normal_split()[1]
+        masks = self._masks(abnormal)
+        return LabelledFiles(normal + abnormal, ['good'] * len(normal) + ['anomaly'] * len(abnormal),
+                         [None] * len(normal) + [masks.get(path) for path in abnormal])
+
+    def spec(self):
+        return {'format': self.name, 'normal': str(self.normal.resolve()),
+                'abnormal': self.abnormal and str(self.abnormal.resolve()),
+                'mask_dir': self.mask_dir and str(self.mask_dir.resolve())}
+
+
+LAYOUTS = {layout.name: layout for layout in (VisALayout(), LocoLayout(), AD2Layout(), MVTecLayout())}
+FORMATS = tuple(LAYOUTS) + ('folder',)
+
+
+def _listing(folder, limit=12):
+    if not Path(folder).is_dir():
+        return f"{folder} does not exist"
+    entries = sorted(p.name + ('/' if p.is_dir() else '') for p in Path(folder).iterdir())
+    more = f" ... ({len(entries)} entries)" if len(entries) > limit else ''
+    return f"{folder} holds: {', '.join(entries[:limit]) or 'nothing'}{more}"
+
+
+def detect_layout(root, category=None):
+    """The layout of ``root`` (and of ``category`` in it, if given): the first of visa, loco, ad2,
+    mvtec that finds the category (or, without one, any category). FileNotFoundError otherwise,
+    saying what each layout expected and what the folder holds."""
+    root = _root_dir(root)
+    for layout in LAYOUTS.values():
+        found = layout.categories(root)
+        if (category in found) if category is not None else found:
+            return layout
+    every = sorted({c for layout in LAYOUTS.values() for c in layout.categories(root)})
+    what = f"category {category!r} not found in {root}" if category else f"no category found in {root}"
+    expected = '; '.join(f"{name}: {layout.expected}" for name, layout in LAYOUTS.items())
+    found_here = _listing(root / category) if category and (root / category).is_dir() else _listing(root)
+    raise FileNotFoundError(f"{what} in any layout; categories found: {every or 'none'}; expected "
+                            f"({expected}; folder: --format folder --normal DIR --abnormal DIR "
+                            f"[--mask-dir DIR]); found: {found_here}")
+
+
+def make_layout(format, normal=None, abnormal=None, mask_dir=None):
+    """The layout of a ``--format`` name (None: detect it later); ``folder`` needs ``normal``."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    if format == 'folder':
+        if normal is None:
+            raise ValueError("--format folder needs --normal DIR (and --abnormal DIR for testing)")
+        return FolderLayout(normal, abnormal, mask_dir)
+    if normal is not None or abnormal is not None or mask_dir is not None:
+        raise ValueError("--normal, --abnormal and --mask-dir belong to --format folder")
+    return None if format is None else LAYOUTS[format]
+
+
+def layout_from_spec(spec):
+    """The layout that ``Layout.spec()`` describes; None (detect) for None (older models)."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    return make_layout(spec.pop('format'), **spec)
+

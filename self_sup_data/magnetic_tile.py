@@ -1,0 +1,129 @@
+"""Convert the public Magnetic-tile-defect dataset into the MVTec AD layout.
+
+Source (Huang, Qiu, Yuan: "Surface defect saliency of magnetic tile", The Visual Computer 36,
+2020), as published: folders ``MT_Free``, ``MT_Blowhole``, ``MT_Break``, ``MT_Crack``,
+``MT_Fray``, ``MT_Uneven``, each with ``Imgs/<name>.jpg`` images and a ``Imgs/<name>.png`` mask
+for each image.
+
+Result, ``OUT/magnetic_tile`` (one MVTec-layout category)::
+
+    train/good/NNN.png                 712 normal images
+    test/good/NNN.png                  240 normal images
+    test/<type>/NNN.png                defective images, type in blowhole, break, crack, fray, uneven
+    ground_truth/<type>/NNN_mask.png   their masks, {0, 255}
+
+Conversion: greyscale, 256 x 256 with Pillow (bilinear for images; nearest neighbour for masks,
+then thresholded: above 127 -> 255, else 0). The ``MT_Free`` images, sorted by path, are shuffled
+with ``random.Random(0).shuffle``; the first 240 are the normal test images and the rest the
+training images; each split is then numbered (``NNN``, three digits) in path order. Each defect
+type's images are numbered in path order. ``MT_Free``'s masks are not used. PNGs are written by
+Pillow with ``optimize=True``, which reproduces the published conversion byte for byte.
+
+    python -m self_sup_data.magnetic_tile SRC OUT      # writes OUT/magnetic_tile/
+"""
+import argparse
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+CATEGORY = 'magnetic_tile'
+NORMAL_FOLDER = 'MT_Free'
+DEFECT_FOLDERS = {'MT_Blowhole': 'blowhole', 'MT_Break': 'break', 'MT_Crack': 'crack',
+                  'MT_Fray': 'fray', 'MT_Uneven': 'uneven'}
+SIZE = 256
+N_TEST_GOOD = 240
+SPLIT_SEED = 0
+
+
+def source_images(src, folder, with_masks):
+    """Sorted ``SRC/<folder>/Imgs/*.jpg`` paths; with ``with_masks`` also their ``.png`` masks.
+
+    Returns a list of (image path, mask path or None). Raises FileNotFoundError naming the
+    missing folder or the image without a mask.
+    """
+    images_dir = Path(src) / folder / 'Imgs'
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir} does not exist; the Magnetic-tile-defect source folder "
+                                f"needs {NORMAL_FOLDER} and {', '.join(DEFECT_FOLDERS)}, each with Imgs/*.jpg")
+    images = sorted(images_dir.glob('*.jpg'))
+    if not images:
+        raise FileNotFoundError(f"{images_dir} holds no .jpg images")
+    if not with_masks:
+        return [(path, None) for path in images]
+    pairs = []
+    for path in images:
+        mask = path.with_suffix('.png')
+        if not mask.is_file():
+            raise FileNotFoundError(f"image {path} has no mask {mask}; each defect image needs "
+                                    "a .png mask of the same name")
+        pairs.append((path, mask))
+    return pairs
+
+
+def convert_image(path):
+    """The image at ``path`` as 8-bit greyscale, resized to SIZE x SIZE bilinearly (Pillow)."""
+    with Image.open(path) as image:
+        return image.convert('L').resize((SIZE, SIZE), Image.BILINEAR)
+
+
+def convert_mask(path):
+    """The mask at ``path`` resized to SIZE x SIZE by nearest neighbour, then 255 above 127, else 0."""
+    with Image.open(path) as mask:
+        resized = np.asarray(mask.convert('L').resize((SIZE, SIZE), Image.NEAREST))
+    return Image.fromarray(np.where(resized > 127, 255, 0).astype(np.uint8))
+
+
+def conversion_plan(src):
+    """[(source image, source mask or None, image path relative to the category, mask path or None)]."""
+    normal = [path for path, _ in source_images(src, NORMAL_FOLDER, with_masks=False)]
+    shuffled = list(normal)
+    random.Random(SPLIT_SEED).shuffle(shuffled)
+    splits = {'test': sorted(shuffled[:N_TEST_GOOD]), 'train': sorted(shuffled[N_TEST_GOOD:])}
+    plan = [(path, None, f'{split}/good/{i:03d}.png', None)
+            for split, paths in splits.items() for i, path in enumerate(paths)]
+    for folder, defect in DEFECT_FOLDERS.items():
+        plan += [(image, mask, f'test/{defect}/{i:03d}.png', f'ground_truth/{defect}/{i:03d}_mask.png')
+                 for i, (image, mask) in enumerate(source_images(src, folder, with_masks=True))]
+    return plan
+
+
+def convert(src, out):
+    """Write ``out/magnetic_tile`` from the source folder ``src`` and return its path.
+
+    The category is written to ``out/.magnetic_tile.tmp`` and renamed when complete, so a failed
+    run leaves no ``out/magnetic_tile``. An existing ``out/magnetic_tile`` is never overwritten.
+    """
+    target = Path(out) / CATEGORY
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
+    plan = conversion_plan(src)  # checks the whole source before anything is written
+    build_dir = Path(out) / f'.{CATEGORY}.tmp'
+    shutil.rmtree(build_dir, ignore_errors=True)
+    try:
+        for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
+            (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
+            convert_image(image).save(build_dir / image_name, optimize=True)
+            if mask is not None:
+                (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
+                convert_mask(mask).save(build_dir / mask_name, optimize=True)
+        os.replace(build_dir, target)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
+    return target
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('src', help='the unpacked Magnetic-tile-defect folder (holds MT_Free, MT_Blowhole, ...)')
+    parser.add_argument('out', help='folder to write the magnetic_tile category folder into')
+    args = parser.parse_args(argv)
+    print(convert(args.src, args.out))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,272 @@
+"""Folder layouts: tiny fixtures in each layout, read through the same dataset class."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, detect_layout, layout_from_spec,
+                                   make_layout)
+from self_sup_data.mvtec import SelfSupMVTecDataset
+from conftest import make_mvtec_category
+
+SIZE = 32
+
+
+def _png(path, value=100, mask_box=None, mask_value=255, size=(SIZE, SIZE)):
+    """A flat image (value) or, with mask_box (top, left, side), a mask of mask_value there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.full(size, value, np.uint8)
+    if mask_box is not None:
+        top, left, side = mask_box
+        array[:] = 0
+        array[top:top + side, left:left + side] = mask_value
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _mask_pixels(dataset, i):
+    return int(dataset.masks[i].sum())
+
+
+def make_visa(root, category='pcb1'):
+    """VisA: 4 normal train, 2 normal test, 2 anomalous test (masks with region ids 1 and 2)."""
+    rows = ['object,split,label,image,mask']
+    for i in range(6):
+        image = f'{category}/Data/Images/Normal/{i:04d}.JPG'
+        _png(root / image, value=90 + i)
+        rows.append(f"{category},{'train' if i < 4 else 'test'},normal,{image},")
+    for i, side in enumerate((4, 8)):
+        image, mask = f'{category}/Data/Images/Anomaly/{i:03d}.JPG', f'{category}/Data/Masks/Anomaly/{i:03d}.png'
+        _png(root / image, value=200)
+        _png(root / mask, mask_box=(2, 2, side), mask_value=i + 1)
+        rows.append(f'{category},test,anomaly,{image},{mask}')
+    (root / 'split_csv').mkdir(parents=True, exist_ok=True)
+    (root / 'split_csv' / '1cls.csv').write_text('\n'.join(rows) + '\n')
+
+
+def make_loco(root, category='juice_bottle'):
+    """LOCO: 3 train, 2 good test, 1 logical (two defect PNGs), 1 structural (one defect PNG)."""
+    cat = root / category
+    (cat / 'validation' / 'good').mkdir(parents=True)
+    _png(cat / 'validation' / 'good' / '000.png')
+    for i in range(3):
+        _png(cat / 'train' / 'good' / f'{i:03d}.png', value=80 + i)
+    for i in range(2):
+        _png(cat / 'test' / 'good' / f'{i:03d}.png')
+    _png(cat / 'test' / 'logical_anomalies' / '000.png', value=150)
+    _png(cat / 'ground_truth' / 'logical_anomalies' / '000' / '000.png', mask_box=(0, 0, 4), mask_value=255)
+    _png(cat / 'ground_truth' / 'logical_anomalies' / '000' / '001.png', mask_box=(10, 10, 2), mask_value=20)
+    _png(cat / 'test' / 'structural_anomalies' / '000.png', value=160)
+    _png(cat / 'ground_truth' / 'structural_anomalies' / '000' / '000.png', mask_box=(5, 5, 3), mask_value=255)
+    (cat / 'defects_config.json').write_text(json.dumps([
+        {'defect_name': 'missing_label', 'pixel_value': 255, 'saturation_threshold': 0.5, 'relative_saturation': True},
+        {'defect_name': 'extra_thing', 'pixel_value': 20, 'saturation_threshold': 3, 'relative_saturation': False}]))
+
+
+def make_ad2(root, category='vial'):
+    """AD 2: 3 train, 1 validation, 2 good and 2 bad public test images (one bad without mask)."""
+    cat = root / category
+    for i in range(3):
+        _png(cat / 'train' / 'good' / f'{i:03d}_regular.png', value=80 + i)
+    _png(cat / 'validation' / 'good' / '000_regular.png')
+    for i in range(2):
+        _png(cat / 'test_public' / 'good' / f'{i:03d}_regular.png')
+        _png(cat / 'test_public' / 'bad' / f'{i:03d}_regular.png', value=200)
+    _png(cat / 'test_public' / 'ground_truth' / 'bad' / '000_regular_mask.png', mask_box=(1, 1, 5))
+
+
+def test_mvtec_is_detected_and_recorded(tmp_path):
+    make_mvtec_category(tmp_path, 'tiny', size=SIZE)
+    assert detect_layout(tmp_path).name == detect_layout(tmp_path, 'tiny').name == 'mvtec'
+    test = SelfSupMVTecDataset(tmp_path, 'tiny', is_train=False, low_res=SIZE)
+    assert test.layout.spec() == {'format': 'mvtec'}
+    assert test.defect_types == ['crack'] * 3 + ['good'] * 3 and test.has_mask.all()
+
+
+def test_visa(tmp_path):
+    make_visa(tmp_path)
+    assert detect_layout(tmp_path, 'pcb1').name == 'visa'
+    train = SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE, transform=lambda i, m, r: (i, m))
+    assert len(train) == 4 and [p.split('/')[-1] for p in train.paths] == ['0000.JPG', '0001.JPG', '0002.JPG', '0003.JPG']
+    test = SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
+    assert test.defect_types == ['good', 'good', 'anomaly', 'anomaly'] and list(test.labels) == [0, 0, 1, 1]
+    # region-id masks (values 1 and 2) are read as their nonzero pixels, paired by the CSV row
+    assert [_mask_pixels(test, i) for i in range(4)] == [0, 0, 16, 64] and test.has_mask.all()
+
+
+def test_visa_errors_name_the_file(tmp_path):
+    make_visa(tmp_path)
+    (tmp_path / 'pcb1' / 'Data' / 'Masks' / 'Anomaly' / '001.png').unlink()
+    with pytest.raises(FileNotFoundError, match=r"mask 'pcb1/Data/Masks/Anomaly/001.png' of .*is not a file"):
+        SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
+    (tmp_path / 'split_csv' / '1cls.csv').unlink()
+    with pytest.raises(FileNotFoundError, match=r'split_csv/1cls.csv does not exist'):
+        SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE)
+
+
+def test_loco(tmp_path):
+    make_loco(tmp_path)
+    assert detect_layout(tmp_path, 'juice_bottle').name == 'loco'
+    train = SelfSupMVTecDataset(tmp_path, 'juice_bottle', low_res=SIZE)
+    assert len(train) == 3 and all('/train/good/' in p for p in train.paths)
+    test = SelfSupMVTecDataset(tmp_path, 'juice_bottle', is_train=False, low_res=SIZE)
+    assert test.defect_types == ['good', 'good', 'logical_anomalies', 'structural_anomalies']
+    # the logical anomaly's mask is the union of its two defect PNGs (one of pixel value 20)
+    assert [_mask_pixels(test, i) for i in range(4)] == [0, 0, 16 + 4, 9]
+    assert LocoLayout().defects(tmp_path, 'juice_bottle') == {255: ('missing_label', 0.5, True),
+                                                             20: ('extra_thing', 3.0, False)}
+
+
+def test_ad2(tmp_path):
+    make_ad2(tmp_path)
+    assert detect_layout(tmp_path, 'vial').name == 'ad2'
+    train = SelfSupMVTecDataset(tmp_path, 'vial', low_res=SIZE)
+    assert len(train) == 3
+    test = SelfSupMVTecDataset(tmp_path, 'vial', is_train=False, low_res=SIZE)
+    assert test.defect_types == ['bad', 'bad', 'good', 'good'] and list(test.labels) == [1, 1, 0, 0]
+    assert list(test.has_mask) == [True, False, True, True] and _mask_pixels(test, 0) == 25
+
+
+def test_folder_layout_pairs_masks_by_stem(tmp_path):
+    for i in range(10):
+        _png(tmp_path / 'ok' / f'normal {i}.jpg', value=80 + i)
+    _png(tmp_path / 'ng' / 'scratch.a.png', value=200)
+    _png(tmp_path / 'ng' / 'dent.bmp', value=210)
+    _png(tmp_path / 'ng' / 'stain.png', value=220)
+    _png(tmp_path / 'masks' / 'scratch.a.png', mask_box=(0, 0, 3))
+    _png(tmp_path / 'masks' / 'dent.png', mask_box=(0, 0, 6))
+    layout = make_layout('folder', tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks')
+    train = SelfSupMVTecDataset(None, FOLDER_CATEGORY, low_res=SIZE, layout=layout)
+    test = SelfSupMVTecDataset(None, FOLDER_CATEGORY, is_train=False, low_res=SIZE, layout=layout)
+    assert len(train) == 8 and test.defect_types == ['good'] * 2 + ['anomaly'] * 3
+    assert not set(train.paths) & set(test.paths)  # held-out normal images are not trained on
+    assert [p.split('/')[-1] for p in test.paths[2:]] == ['dent.bmp', 'scratch.a.png', 'stain.png']
+    assert [_mask_pixels(test, i) for i in range(2, 5)] == [36, 9, 0]
+    assert list(test.has_mask) == [True, True, True, True, False]
+    assert layout_from_spec(layout.spec()).spec() == layout.spec()
+    assert SelfSupMVTecDataset(None, 'x', low_res=SIZE, layout=layout).paths == train.paths  # fixed split
+
+
+def test_folder_layout_errors(tmp_path):
+    for i in range(3):
+        _png(tmp_path / 'ok' / f'{i}.png')
+    _png(tmp_path / 'ng' / 'a.png')
+    _png(tmp_path / 'masks' / 'b.png', mask_box=(0, 0, 3))
+    with pytest.raises(ValueError, match=r"match no image of .*ng by name: \['b'\]"):
+        FolderLayout(tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks').test_files()
+    _png(tmp_path / 'masks' / 'a.png', mask_box=(0, 0, 3))
+    _png(tmp_path / 'masks' / 'a.bmp', mask_box=(0, 0, 3))
+    with pytest.raises(ValueError, match='have the same stem'):
+        FolderLayout(tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks').test_files()
+    with pytest.raises(ValueError, match='needs a folder of anomalous images'):
+        FolderLayout(tmp_path / 'ok').test_files()
+    with pytest.raises(FileNotFoundError, match='nowhere does not exist'):
+        FolderLayout(tmp_path / 'nowhere').train_files()
+    with pytest.raises(ValueError, match='--format folder needs --normal'):
+        make_layout('folder')
+    with pytest.raises(ValueError, match='belong to --format folder'):
+        make_layout('mvtec', normal=tmp_path)
+    with pytest.raises(ValueError, match="unknown format 'coco'"):
+        make_layout('coco')
+
+
+def test_a_folder_in_no_layout_says_what_was_expected_and_found(tmp_path):
+    (tmp_path / 'widgets' / 'images').mkdir(parents=True)
+    _png(tmp_path / 'widgets' / 'images' / 'a.png')
+    with pytest.raises(FileNotFoundError) as error:
+        SelfSupMVTecDataset(tmp_path, 'widgets')
+    message = str(error.value)
+    assert "category 'widgets' not found" in message and "categories found: none" in message
+    for name, expected in [('mvtec', 'ground_truth/<type>/<name>_mask.png'), ('visa', 'split_csv/1cls.csv'),
+                           ('loco', 'defects_config.json'), ('ad2', 'test_public/{good,bad}'),
+                           ('folder', '--normal DIR')]:
+        assert name in message and expected in message
+    assert 'widgets holds: images/' in message
+
+
+def test_explicit_layout_reports_its_own_categories(tmp_path):
+    make_loco(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'juice_bottle' not found .*ad2 categories found: none"):
+        SelfSupMVTecDataset(tmp_path, 'juice_bottle', layout=make_layout('ad2'))
+
+
+def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
+    import train_mvtec
+    from experiments import mvtec_tasks
+    from experiments.settings import trained_model_path
+    from experiments.training import load_model
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=8, size=64)
+    category = tmp_path / 'data' / 'tiny'
+    folder_args = ['--format', 'folder', '--normal', str(category / 'train' / 'good'),
+                   '--abnormal', str(category / 'test' / 'crack'), '--mask-dir', str(tmp_path / 'masks')]
+    (tmp_path / 'masks').mkdir()
+    for mask in (category / 'ground_truth' / 'crack').iterdir():  # 000_mask.png -> 000.png
+        mask.rename(tmp_path / 'masks' / mask.name.replace('_mask', ''))
+    assert train_mvtec.main(['-s', 'Shift-Intensity-3', '-o', str(tmp_path / 'models'), '-n', 'widgets',
+                             '--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
+                             '--no-figures'] + folder_args) == 0
+    _, meta = load_model(trained_model_path(tmp_path / 'models', 'Shift-Intensity-3', 'widgets'))
+    assert meta['layout']['format'] == 'folder' and meta['layout']['mask_dir'] == str(tmp_path / 'masks')
+    assert meta['data_dir'] is None
+    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)  # the layout comes from the meta
+    assert [(r['category'], r['seed']) for r in records] == [('widgets', 3)]
+    assert 0 <= records[0]['au_pro'] <= 1  # masks were found by stem
+
+
+def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
+    from self_sup_data.layouts import MVTecLayout
+    with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
+        MVTecLayout().train_files(None, 'tiny')
+
+
+def test_loco_defect_regions_carry_their_saturation(tmp_path):
+    make_loco(tmp_path)
+    loco = LocoLayout()
+    masks = loco.test_files(tmp_path, 'juice_bottle').masks[2]  # the logical anomaly, two PNGs
+    regions = loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE // 2)
+    # 4x4 defect of value 255 (relative 0.5) -> 2x2 at half size, saturated at 2 pixels;
+    # 2x2 defect of value 20 (absolute 3 pixels at 32 px) -> 1 pixel, saturated at 3/4 pixel at 16 px
+    assert [(int(m.sum()), s) for m, s in regions] == [(4, 2.0), (1, 0.75)]
+    assert loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)[1][1] == 3  # 3 of its 4 pixels at 32 px
+    _png(masks[1], mask_box=(0, 0, 2), mask_value=7)
+    with pytest.raises(ValueError, match=r'should hold one pixel value of \[20, 255\].*found \[7\]'):
+        loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)
+
+
+def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
+    from experiments.ad2_submission import write_ad2_maps
+    from self_sup_data.layouts import AD2Layout
+    make_ad2(tmp_path / 'data')
+    for i in range(2):
+        _png(tmp_path / 'data' / 'vial' / 'test_private' / f'{i:03d}_regular.png', size=(20, 30))
+    images = AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_private')
+    maps = np.zeros((2, 8, 8), np.float32)
+    maps[1, :4] = 1.0
+    written = write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, maps, threshold=0.5)
+    assert [(t.relative_to(tmp_path / 'out').as_posix(), p.relative_to(tmp_path / 'out').as_posix())
+            for t, p in written][1] == ('anomaly_images/vial/test_private/001_regular.tiff',
+                                        'anomaly_images_thresholded/vial/test_private/001_regular.png')
+    tiff, png = (np.asarray(Image.open(path)) for path in written[1])
+    assert tiff.dtype == np.float32 and tiff.shape == (20, 30) and tiff[0, 0] == 1.0 and tiff[-1, -1] == 0.0
+    assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
+    assert not list((tmp_path / 'out').rglob('.*.tmp'))
+    with pytest.raises(ValueError, match="split must be one of"):
+        AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_public')
+
+
+def test_held_out_validation_images_come_from_the_layouts_training_files(tmp_path):
+    from self_sup_data.mvtec import load_validation_set, train_files
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        path = tmp_path / 'ok' / f'{i:02d}.jpg'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(path)
+    layout = FolderLayout(tmp_path / 'ok')
+    files = train_files(None, 'parts', layout)
+    assert files == layout.train_files() and len(files) == 8  # a fifth of the normal images tests
+    train = SelfSupMVTecDataset(None, 'parts', low_res=SIZE, exclude=[0, 3], layout=layout)
+    assert train.paths == [str(p) for i, p in enumerate(files) if i not in (0, 3)]
+    validation = load_validation_set(None, 'parts', [0, 3], seed=0, res_scale=0.125, layout=layout)
+    assert validation.paths == [str(files[0]), str(files[3])] * 2
+    assert list(validation.labels) == [0, 0, 1, 1]

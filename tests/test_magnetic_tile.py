@@ -1,0 +1,111 @@
+"""The Magnetic-tile-defect converter: a tiny synthetic source tree, and the real data when present."""
+import filecmp
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from self_sup_data import magnetic_tile
+from self_sup_data.magnetic_tile import DEFECT_FOLDERS, NORMAL_FOLDER, convert
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+
+
+def _write_source(src, n_free=10, n_defect=2, rng=None):
+    """A source tree like the public one: MT_*/Imgs/<name>.jpg with <name>.png masks, odd sizes."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    for folder in [NORMAL_FOLDER, *DEFECT_FOLDERS]:
+        images_dir = src / folder / 'Imgs'
+        images_dir.mkdir(parents=True)
+        for i in range(n_free if folder == NORMAL_FOLDER else n_defect):
+            h, w = rng.integers(40, 90, 2)
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(images_dir / f'exp{i}_num_{i * 7}.jpg')
+            mask = np.zeros((h, w), np.uint8)
+            mask[h // 4:h // 2, w // 4:w // 2] = 255
+            mask[0, 0] = 100  # a grey pixel, as in the published masks (thresholded away)
+            Image.fromarray(mask).save(images_dir / f'exp{i}_num_{i * 7}.png')
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
+
+
+def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    category = convert(tmp_path / 'src', tmp_path / 'out')
+    assert category == tmp_path / 'out' / 'magnetic_tile'
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['magnetic_tile']  # no temp folder left
+    files = _tree(category)
+    assert [f for f in files if f.startswith('train/good/')] == [f'train/good/{i:03d}.png' for i in range(6)]
+    assert [f for f in files if f.startswith('test/good/')] == [f'test/good/{i:03d}.png' for i in range(4)]
+    for defect in DEFECT_FOLDERS.values():
+        assert [f for f in files if f.startswith(f'test/{defect}/')] == [f'test/{defect}/000.png', f'test/{defect}/001.png']
+        assert [f for f in files if f.startswith(f'ground_truth/{defect}/')] == [
+            f'ground_truth/{defect}/000_mask.png', f'ground_truth/{defect}/001_mask.png']
+    assert len(files) == 10 + 5 * 4
+    for name in files:
+        with Image.open(category / name) as image:
+            assert image.mode == 'L' and image.size == (256, 256)
+            if name.startswith('ground_truth/'):
+                assert set(np.unique(np.asarray(image))) == {0, 255}
+
+
+def test_tiny_source_split_is_a_fixed_shuffle_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    plan = magnetic_tile.conversion_plan(tmp_path / 'src')
+    free = sorted((tmp_path / 'src' / NORMAL_FOLDER / 'Imgs').glob('*.jpg'))
+    shuffled = list(free)
+    random.Random(0).shuffle(shuffled)
+    test_good = [source for source, _, name, _ in plan if name.startswith('test/good/')]
+    assert test_good == sorted(shuffled[:4])
+    first = convert(tmp_path / 'src', tmp_path / 'a')
+    second = convert(tmp_path / 'src', tmp_path / 'b')
+    assert _tree(first) == _tree(second)
+    assert all(filecmp.cmp(first / f, second / f, shallow=False) for f in _tree(first))
+
+
+def test_missing_folder_and_missing_mask_are_named(tmp_path):
+    _write_source(tmp_path / 'src')
+    (tmp_path / 'src' / 'MT_Fray').rename(tmp_path / 'src' / 'fray')
+    with pytest.raises(FileNotFoundError, match=r'MT_Fray.*Imgs.*does not exist'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    (tmp_path / 'src' / 'fray').rename(tmp_path / 'src' / 'MT_Fray')
+    missing = sorted((tmp_path / 'src' / 'MT_Crack' / 'Imgs').glob('*.png'))[1]
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=f'has no mask .*{missing.name}'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists() or list((tmp_path / 'out').iterdir()) == []
+
+
+def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
+    _write_source(tmp_path / 'src')
+
+    def broken(path):
+        raise OSError(f"disk full while writing {path}")
+    monkeypatch.setattr(magnetic_tile, 'convert_mask', broken)
+    with pytest.raises(OSError, match='disk full'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert list((tmp_path / 'out').iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    _write_source(tmp_path / 'src')
+    (tmp_path / 'out' / 'magnetic_tile').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match='magnetic_tile already exists'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+
+
+@pytest.mark.skipif(not ((SHARED_DATA / 'magnetic_tile_source').is_dir() and (SHARED_DATA / 'magnetic_tile').is_dir()),
+                    reason=f"needs the public source and its published conversion in {SHARED_DATA} "
+                           "(magnetic_tile_source/ and magnetic_tile/); absent on this machine")
+def test_conversion_matches_published_conversion_file_for_file(tmp_path):
+    category = convert(SHARED_DATA / 'magnetic_tile_source', tmp_path)
+    reference = SHARED_DATA / 'magnetic_tile'
+    files = _tree(category)
+    assert files == _tree(reference)
+    different = [f for f in files if not filecmp.cmp(category / f, reference / f, shallow=False)]
+    assert different == [], f"{len(different)} files differ, e.g. {different[:5]}"
