@@ -9,8 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def write_atomic(path, write, binary=True):
     """Write ``path`` through ``write(f)`` (``f`` an open file, bytes when ``binary`` else UTF-8
@@ -33,6 +31,7 @@ def write_atomic(path, write, binary=True):
 
 def save_torch_atomic(obj, path):
     """``torch.save(obj)`` to ``path`` atomically (``write_atomic``)."""
+    import torch  # here, so that writing other files needs no torch (exported models)
     return write_atomic(path, lambda f: torch.save(obj, f))
 
 

@@ -6,6 +6,9 @@ Pixel level (anomaly maps against binary ground-truth masks):
     pixel_auroc, pixel_ap, au_pro, au_spro (MVTec LOCO AD's saturated PRO)
 All of them at once, as reported in the tables:
     evaluate_maps
+Decisions at a threshold (anomalous when the score is above it):
+    threshold_at_fpr (from normal scores only), best_f1_threshold, precision_recall_f1,
+    threshold_metrics (both levels, as reported in the tables)
 
 Maps and masks are stacks `N x H x W` or `N x 1 x H x W`. Every metric validates its input in the
 manner of scikit-learn (a `ValueError` naming the argument) and returns a python float.
@@ -18,7 +21,11 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ['image_scores', 'image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'au_pro', 'au_spro',
-           'evaluate_maps']
+           'evaluate_maps', 'threshold_at_fpr', 'best_f1_threshold', 'precision_recall_f1',
+           'threshold_metrics']
+THRESHOLD_METRICS = ('image_f1_best', 'image_threshold_best', 'image_precision', 'image_recall',
+                     'image_f1', 'pixel_f1_best', 'pixel_threshold_best', 'pixel_precision',
+                     'pixel_recall', 'pixel_f1')
 
 # 8-connectivity within each image, none across the images of a stack
 _EIGHT_CONNECTED_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -377,4 +384,77 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
         return results
     results.update(pixel_auroc=pixel_auroc(masks, maps), pixel_ap=pixel_ap(masks, maps),
                    au_pro=au_pro(masks, maps, max_fpr))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions at a threshold: anomalous when score > threshold
+
+def threshold_at_fpr(normal_scores, fpr):
+    """The threshold that flags at most ``floor(fpr * n)`` of the ``n`` normal scores (a score is
+    anomalous when it is above the threshold): the ``(k + 1)``-th largest normal score, k =
+    ``floor(fpr * n)``. Computed from normal scores only; returns a float."""
+    scores = _as_scores(np.ravel(np.asarray(normal_scores)), 'normal_scores')
+    if not 0 <= fpr < 1:
+        raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
+    if scores.size == 0:
+        raise ValueError('normal_scores is empty; a threshold needs normal images')
+    allowed = int(np.floor(fpr * scores.size))
+    return float(np.partition(scores, scores.size - 1 - allowed)[scores.size - 1 - allowed])
+
+
+def precision_recall_f1(labels, scores, threshold):
+    """Precision, recall and F1 of the decisions ``scores > threshold`` against binary ``labels``
+    (any shape; 0 where nothing is predicted or nothing is positive) -> dict of floats."""
+    labels = _as_binary(np.ravel(np.asarray(labels)), 'labels')
+    scores = _as_scores(np.ravel(np.asarray(scores)), 'scores')
+    _check_same_length(labels, scores, 'labels', 'scores')
+    predicted = scores > threshold
+    true_positives = int(np.count_nonzero(predicted & labels))
+    precision = true_positives / max(1, int(np.count_nonzero(predicted)))
+    recall = true_positives / max(1, int(np.count_nonzero(labels)))
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(precision=precision, recall=recall, f1=f1)
+
+
+def best_f1_threshold(labels, scores):
+    """The threshold with the highest F1 of ``scores > threshold`` against binary ``labels`` ->
+    (threshold, F1). The best decisions flag the scores at or above one of the positive scores
+    ``p``; the threshold returned is the float just below it (``nextafter(p, -inf)``)."""
+    labels = _as_binary(np.ravel(np.asarray(labels)), 'labels')
+    scores = _as_scores(np.ravel(np.asarray(scores)), 'scores')
+    _check_same_length(labels, scores, 'labels', 'scores')
+    positive, negative = np.sort(scores[labels]), np.sort(scores[~labels])
+    if positive.size == 0:
+        raise ValueError('labels has no positive; F1 needs at least one')
+    candidates = np.unique(positive)
+    true_positives = positive.size - np.searchsorted(positive, candidates, 'left')
+    false_positives = negative.size - np.searchsorted(negative, candidates, 'left')
+    f1 = 2 * true_positives / (true_positives + false_positives + positive.size)
+    best = int(np.argmax(f1))
+    return float(np.nextafter(candidates[best], -np.inf)), float(f1[best])
+
+
+def threshold_metrics(labels, maps, masks=None, has_mask=None, image_threshold=None,
+                      pixel_threshold=None):
+    """``THRESHOLD_METRICS`` of a test set: the F1-optimal threshold and its F1
+    (``best_f1_threshold``), and precision, recall and F1 at the given threshold
+    (``precision_recall_f1``), for the image score (the map's mean) and for the pixels (images
+    with a mask, see ``evaluate_maps``). NaN where a threshold is None, there are no masks, or
+    nothing is anomalous -> dict of floats."""
+    labels = _as_binary(labels, 'labels')
+    maps = _as_stack(maps, 'maps')
+    results = dict.fromkeys(THRESHOLD_METRICS, float('nan'))
+    levels = [('image', labels, image_scores(maps, 'mean'), image_threshold)]
+    if masks is not None:
+        keep = np.ones(len(maps), bool) if has_mask is None else _as_binary(has_mask, 'has_mask')
+        levels.append(('pixel', _as_stack(masks, 'masks')[keep], maps[keep], pixel_threshold))
+    for level, truth, scores, threshold in levels:
+        if not np.any(truth):
+            continue
+        threshold_best, f1_best = best_f1_threshold(truth, scores)
+        results.update({f'{level}_threshold_best': threshold_best, f'{level}_f1_best': f1_best})
+        if threshold is not None:
+            results.update({f'{level}_{name}': value for name, value
+                            in precision_recall_f1(truth, scores, threshold).items()})
     return results

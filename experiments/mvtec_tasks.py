@@ -11,6 +11,11 @@ after the setting and the model, e.g. ``Shift-Intensity-M+GDE`` (``checkpoints.r
 A classifier setting (``CutPaste-3way``) has no map of its own and is evaluated with the
 one-class models only (default: GDE).
 
+Beyond the paper, each model's own maps also get decision metrics (``threshold_values``): the
+F1-optimal image and pixel thresholds of the test set with their F1, and precision, recall and
+F1 at the thresholds calibrated on normal images and stored with the model
+(``experiments.thresholds``; NaN for a model without them).
+
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--flip-average]
         [--paper-layout] [--percent] [--format mvtec|visa|loco|ad2|folder ...]
@@ -25,7 +30,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiments import one_class, tables
+import numpy as np
+
+from experiments import metrics, one_class, tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, find_checkpoints,
                                      read_model, result_setting, result_variants, select_checkpoints,
                                      sort_records)
@@ -41,6 +48,16 @@ from self_sup_data.transforms import Compose
 
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
            'pixel_auroc', 'pixel_ap', 'au_pro')
+
+
+def threshold_values(dataset, maps, thresholds=None):
+    """``metrics.THRESHOLD_METRICS`` of the maps of a test set: the F1-optimal thresholds, and
+    precision, recall and F1 at the model's calibrated ``thresholds`` (``experiments.thresholds``;
+    NaN without them)."""
+    thresholds = thresholds or {}
+    return metrics.threshold_metrics(dataset.labels, maps, np.stack(dataset.masks),
+                                     dataset.has_mask, thresholds.get('image'),
+                                     thresholds.get('pixel'))
 
 
 def load_test_set(data_dir, meta, layout=None):
@@ -102,8 +119,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
     map with that of the vertical flip (``prediction.predict``; textures only). Returns the long-format
     results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
-    ``METRICS`` (two-stage variants also ``one_class.POOLED_METRICS``) and its path. layout: the
-    data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
+    ``METRICS`` (the model's own maps also ``metrics.THRESHOLD_METRICS``, see
+    ``threshold_values``; two-stage variants also ``one_class.POOLED_METRICS``) and its path.
+    layout: the data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
     """
     device = resolve_device(device)
     found = find_checkpoints(model_dir)
@@ -129,6 +147,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                                     normal_set, batch_size, device, crop_size, source=str(path),
                                     flip_average=flip_average)
         for variant, (values, maps) in results.items():
+            if variant is None:
+                values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
             records.append(_record(meta, setting, path, values, variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
@@ -148,8 +168,9 @@ def write_report(records, out_dir, paper_layout=False, percent=False):
     returns the tables ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     tables.write_results(records, out_dir / 'results.csv')
-    pooled = tuple(m for m in one_class.POOLED_METRICS if any(m in r for r in records))
-    built = tables.build_tables(records, METRICS + pooled, paper_layout=paper_layout,
+    extra = one_class.POOLED_METRICS + metrics.THRESHOLD_METRICS
+    present = tuple(m for m in extra if any(m in r for r in records))
+    built = tables.build_tables(records, METRICS + present, paper_layout=paper_layout,
                                 percent=percent)
     tables.write_tables(built, out_dir / 'tables')
     return built

@@ -40,7 +40,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+from self_sup_data.images import IMAGE_SUFFIXES, decode
+
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
 AD2_PRIVATE_SPLITS = ('test_private', 'test_private_mixed')
@@ -173,11 +174,10 @@ class LocoLayout(CategoryLayout):
         in pixels)], one per mask PNG (``test_files``' tuple). The PNG's pixel value names its entry
         in defects_config.json; a relative threshold is a fraction of the defect's area, an absolute
         one a pixel count at the PNG's resolution, rescaled to ``size`` and capped at the area."""
-        from self_sup_data.mvtec import _decode  # the datasets' decoder; mvtec imports this module
         defects = self.defects(root, category)
         regions = []
         for path in mask_paths:
-            mask = _decode(path)
+            mask = decode(path)
             values = np.unique(mask[mask > 0])
             if len(values) != 1 or int(values[0]) not in defects:
                 raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "

@@ -31,15 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
+from self_sup_data.images import IMAGE_SUFFIXES, decode, read_image, resize, to_channels
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
-                                      RandomVerticalFlip, resize, to_image_tensor, to_label_tensor)
+                                      RandomVerticalFlip, to_image_tensor, to_label_tensor)
 
 OBJECTS = ['bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut',
            'pill', 'screw', 'toothbrush', 'transistor', 'zipper']
@@ -102,35 +102,9 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
 
 # ----------------------------------------------------------------------------- reading files
 
-def _decode(path):
-    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
-            if image.mode in ('1', 'LA', 'La'):
-                image = image.convert('L')
-            elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
-                image = image.convert('RGB')
-            return np.asarray(image)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
-def read_image(path):
-    """uint8 ``H x W x C``: C = 1 for grayscale (also three identical channels), else 3 (RGB)."""
-    array = _decode(path)
-    if array.ndim == 2:
-        return array[:, :, None]
-    if np.array_equal(array[:, :, 0], array[:, :, 1]) and np.array_equal(array[:, :, 0], array[:, :, 2]):
-        return np.ascontiguousarray(array[:, :, :1])
-    return array
-
-
 def read_mask(path):
     """Boolean ``H x W`` mask: pixels above 127 (0/255 masks) or above 0 (0/1 masks)."""
-    mask = _decode(path)
+    mask = decode(path)
     if mask.ndim == 3:
         mask = mask.max(axis=2)
     return mask > (127 if mask.max() > 1 else 0)
@@ -139,22 +113,13 @@ def read_mask(path):
 def read_id_masks(paths):
     """Boolean ``H x W`` union of the nonzero pixels of the masks at ``paths`` (masks whose values
     are region or defect ids, e.g. VisA's and MVTec LOCO AD's); they must have one size."""
-    masks = [_decode(path) for path in paths]
+    masks = [decode(path) for path in paths]
     masks = [m.max(axis=2) if m.ndim == 3 else m for m in masks]
     for path, mask in zip(paths[1:], masks[1:]):
         if mask.shape != masks[0].shape:
             raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but {paths[0]} is "
                              f"{masks[0].shape[1]}x{masks[0].shape[0]}; the masks of an image must match")
     return np.any(np.stack(masks) > 0, axis=0)
-
-
-def to_channels(image, channels):
-    """Convert uint8 ``H x W x C`` to ``channels`` (1: luminance, 3: replicate gray)."""
-    if image.shape[2] == channels:
-        return image
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
 
 
 def _load_item(image_path, mask_path, size):

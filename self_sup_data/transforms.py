@@ -14,16 +14,13 @@ import cv2
 import numpy as np
 import torch
 
+from self_sup_data.images import resize, with_channel_axis
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # For single-channel images: the mean of the three channel means and of the three stds.
 GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)
 GRAY_STD = (sum(IMAGENET_STD) / 3,)
-
-
-def _with_channel_axis(array, channels):
-    """OpenCV drops a trailing channel axis of size 1; put it back."""
-    return array[:, :, None] if array.ndim == 2 and channels == 1 else array
 
 
 def _check_side(size, image, name):
@@ -36,18 +33,6 @@ def _crop(image, mask, top, left, size):
     window = (slice(top, top + size), slice(left, left + size))
     return (np.ascontiguousarray(image[window]),
             None if mask is None else np.ascontiguousarray(mask[window]))
-
-
-def resize(image, size, interpolation=None):
-    """Resize ``image`` (H x W x C) to ``size x size``.
-
-    Default interpolation: area averaging when shrinking (no aliasing), bilinear otherwise.
-    """
-    if interpolation is None:
-        shrinking = size < image.shape[0] or size < image.shape[1]
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    out = cv2.resize(image, (size, size), interpolation=interpolation)
-    return _with_channel_axis(out, image.shape[2])
 
 
 class Compose:
@@ -99,7 +84,7 @@ class RandomRotation:
         def warp(array, interpolation):
             out = cv2.warpAffine(array, matrix, (width, height), flags=interpolation,
                                  borderMode=cv2.BORDER_REFLECT_101)
-            return _with_channel_axis(out, array.shape[2])
+            return with_channel_axis(out, array.shape[2])
 
         image = warp(image, cv2.INTER_LINEAR)
         if mask is not None:
@@ -158,7 +143,8 @@ class RandomVerticalFlip:
         return f"RandomVerticalFlip(p={self.p:g})"
 
 
-def _mean_std(channels):
+def normalization(channels):
+    """(mean, std) per channel of the normalisation of ``channels``-channel images (1 or 3)."""
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     if channels == 1:
@@ -173,7 +159,7 @@ def to_image_tensor(image):
     """
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected a uint8 H x W x C image, got {image.dtype} of shape {image.shape}")
-    mean, std = _mean_std(image.shape[2])
+    mean, std = normalization(image.shape[2])
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
     mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(std, dtype=torch.float32)[:, None, None]
@@ -190,7 +176,7 @@ def to_label_tensor(label):
 def denormalize(tensor):
     """Inverse of :func:`to_image_tensor`: tensor ``C x H x W`` -> uint8 ``H x W x C`` (for figures)."""
     x = tensor.detach().cpu().float()
-    mean, std = _mean_std(x.shape[0])
+    mean, std = normalization(x.shape[0])
     x = x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     x = (x * 255).round().clamp(0, 255).to(torch.uint8)
     return x.permute(1, 2, 0).numpy()

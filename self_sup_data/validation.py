@@ -15,8 +15,8 @@ project draws (``VALIDATION_KINDS``, taken in turn):
 Their strength is relative to the image's own contrast (its standard deviation of grey levels,
 at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material as on a
 contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
-levels inside the drawn region; a defect that changes fewer than ``MIN_DEFECT_PIXELS`` pixels is
-drawn again. Everything comes from one generator seeded by the run's seed: the set is made once
+levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
+asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again. Everything comes from one generator seeded by the run's seed: the set is made once
 and is the same for every model trained with that seed. It knows nothing of torch.
 """
 import cv2
@@ -29,7 +29,8 @@ HOLDOUT_STREAM = 0x7A11   # separates the holdout draw from other uses of the ru
 DEFECT_STREAM = 0xDEF3
 MIN_VALIDATION_IMAGES = 10  # fewer training images: no validation set
 MIN_CHANGE = 2
-MIN_DEFECT_PIXELS = 8
+MIN_DEFECT_PIXELS = 8  # at REFERENCE_AREA pixels; in proportion to the area elsewhere
+REFERENCE_AREA = 128 * 128
 MIN_CONTRAST = 8.0
 MAX_DRAWS = 20
 
@@ -109,12 +110,18 @@ def _line(image, rng):
 DEFECTS = dict(scar=cutpaste_scar, blob=_blob, blur=_blur, noise=_noise, line=_line)
 
 
+def min_defect_pixels(shape):
+    """Fewest changed pixels of a defect on an image of ``shape``: MIN_DEFECT_PIXELS at
+    REFERENCE_AREA, in proportion to the area, at least one."""
+    return max(1, round(MIN_DEFECT_PIXELS * shape[0] * shape[1] / REFERENCE_AREA))
+
+
 def synthetic_defect(image, kind, rng):
     """``image`` (uint8 ``H x W x C``) with one defect of ``kind`` -> (image, mask bool ``H x W``).
 
     The mask is the drawn region where the image changed by at least MIN_CHANGE grey levels
     (mean over channels); drawn again (up to MAX_DRAWS times) while it has fewer than
-    MIN_DEFECT_PIXELS pixels. ValueError when no draw changes enough pixels (a blank image).
+    ``min_defect_pixels(image.shape)`` pixels. ValueError when no draw changes enough pixels (a blank image).
     """
     if kind not in DEFECTS:
         raise ValueError(f"unknown validation defect kind {kind!r}; valid: {VALIDATION_KINDS}")
@@ -122,9 +129,9 @@ def synthetic_defect(image, kind, rng):
         out, region = DEFECTS[kind](image, rng)
         change = np.abs(out.astype(np.float32) - image).mean(axis=-1)
         mask = region & (change >= MIN_CHANGE)
-        if mask.sum() >= MIN_DEFECT_PIXELS:
+        if mask.sum() >= min_defect_pixels(image.shape):
             return out, mask
-    raise ValueError(f"a {kind} defect changes fewer than {MIN_DEFECT_PIXELS} pixels of this "
+    raise ValueError(f"a {kind} defect changes fewer than {min_defect_pixels(image.shape)} pixels of this "
                      f"{image.shape[1]}x{image.shape[0]} image in {MAX_DRAWS} draws (is it blank?)")
 
 

@@ -33,7 +33,7 @@ def test_an_interrupted_write_leaves_no_file_at_all(tmp_path, monkeypatch):
     def interrupted(obj, f):
         f.write(b'partial')
         raise KeyboardInterrupt
-    monkeypatch.setattr(atomic.torch, 'save', interrupted)
+    monkeypatch.setattr(torch, 'save', interrupted)  # save_torch_atomic imports torch when called
     with pytest.raises(KeyboardInterrupt):
         save_torch_atomic({'epoch': 2}, tmp_path / 'new.pt')
     assert os.listdir(tmp_path) == []

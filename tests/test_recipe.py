@@ -162,7 +162,7 @@ def test_defect_masks_hold_only_changed_pixels(kind, seed, channels):
     out, mask = validation.synthetic_defect(image, kind, np.random.default_rng(seed))
     assert out.shape == image.shape and out.dtype == np.uint8 and mask.shape == image.shape[:2]
     change = np.abs(out.astype(float) - image).mean(axis=-1)
-    assert mask.sum() >= validation.MIN_DEFECT_PIXELS
+    assert mask.sum() >= validation.min_defect_pixels(image.shape) == 2
     assert (change[mask] >= validation.MIN_CHANGE).all()
 
 

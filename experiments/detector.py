@@ -1,0 +1,127 @@
+"""A trained model on new images: ``Detector.load(path)`` of a checkpoint (.pt) or an exported
+ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
+
+    detector = Detector.load('final_tile_Shift-Intensity-M.pt')   # or 'tile.onnx'
+    scores, maps = detector.predict([read_image(path) for path in paths])
+    anomalous = scores['mean'] > detector.threshold                # after calibration
+
+Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
+as the evaluation prepares test images and each map is returned at its image's own size
+(``experiments.inference``). An ONNX file runs through ONNX Runtime, and this module then never
+imports torch: a deployment needs numpy, OpenCV, Pillow and onnxruntime only.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from experiments import inference
+
+SPEC_KEY = 'nsa_spec'  # the ONNX metadata entry that holds the spec (JSON)
+MODEL_SUFFIXES = ('.pt', '.onnx')
+
+
+class OnnxRunner:
+    """An exported model (``experiments.export``) as ``run(batch uint8 N x C x H x W) -> float32
+    N x H x W`` through ONNX Runtime's CPU provider (``threads``: its intra-op threads; None: ONNX
+    Runtime's default); ``spec`` from the file's metadata."""
+
+    def __init__(self, path, threads=None):
+        import onnxruntime  # only the ONNX path needs it
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options,
+                                                        providers=['CPUExecutionProvider'])
+        except Exception as error:  # ONNX Runtime raises its own exception types
+            raise ValueError(f'cannot read ONNX model {path}: {error}') from error
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if SPEC_KEY not in metadata:
+            raise ValueError(f'ONNX model {path} has no {SPEC_KEY!r} metadata; export it with '
+                             'python -m experiments.export')
+        self.spec = json.loads(metadata[SPEC_KEY])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch):
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0][:, 0]
+
+
+class Detector:
+    """Anomaly maps, image scores and decisions of one trained model (see the module docstring).
+
+    ``run(batch uint8 N x C x H x W) -> float32 N x H x W`` is the network, ``spec`` its image
+    preparation and thresholds (``experiments.inference``), ``source`` its file (for messages).
+    """
+
+    def __init__(self, run, spec, source, batch_size=16):
+        self.run, self.spec, self.source = run, spec, source
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f'batch size must be a positive integer, got {batch_size!r}')
+
+    @classmethod
+    def load(cls, path, device='cpu', batch_size=16, bf16=False):
+        """The Detector of a checkpoint of the training scripts (.pt, run by PyTorch on
+        ``device``, in bfloat16 autocast with ``bf16``) or of an exported model (.onnx, run by
+        ONNX Runtime on the CPU). FileNotFoundError naming a missing file, ValueError naming an
+        unreadable one or a model without anomaly maps."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'no model at {path}; expected a checkpoint of the training '
+                                    'scripts (final_*.pt) or an exported model (.onnx)')
+        if path.suffix.lower() == '.onnx':
+            if str(device) != 'cpu' or bf16:
+                raise ValueError(f'{path}: ONNX models run on the CPU in float32 here; '
+                                 f'got device {device!r}, bf16 {bf16!r}')
+            run = OnnxRunner(path)
+            return cls(run, run.spec, str(path), batch_size)
+        from experiments.torch_model import load_checkpoint  # PyTorch only for checkpoints
+        run, spec = load_checkpoint(path, device, bf16)
+        return cls(run, spec, str(path), batch_size)
+
+    @property
+    def thresholds(self):
+        """The calibrated thresholds (``experiments.thresholds``), or None."""
+        return self.spec.get('thresholds')
+
+    @property
+    def threshold(self):
+        """Image threshold: an image is anomalous when ``scores['mean']`` is above it (None
+        before calibration)."""
+        return None if self.thresholds is None else self.thresholds['image']
+
+    @property
+    def pixel_threshold(self):
+        """Pixel threshold: a pixel is anomalous when its map value is above it (None before
+        calibration)."""
+        return None if self.thresholds is None else self.thresholds['pixel']
+
+    def check_flip_average(self):
+        """ValueError when flip averaging does not apply to this model (objects)."""
+        inference.check_flip_average(self.spec, self.source)
+
+    def maps(self, images, flip_average=False, progress=False):
+        """Anomaly maps at the model's resolution (float32 ``N x side x side``), as the
+        evaluation computes them (``inference.model_maps``)."""
+        if flip_average:
+            self.check_flip_average()
+        images = [inference.as_image(image, f'image {index}') for index, image in enumerate(images)]
+        return inference.model_maps(self.run, images, self.spec, self.batch_size, flip_average,
+                                    progress)
+
+    def predict(self, images, flip_average=False, progress=False):
+        """(scores, maps) of ``images``: scores {'mean', 'max'} (float arrays; the mean of each
+        map is the image score of the paper and of ``threshold``) from the maps at the model's
+        resolution, and each map (float32) resized to its image's height and width.
+        ``flip_average``: see ``inference.model_maps`` (textures only)."""
+        images = list(images)
+        calibrated_flip = (self.thresholds or {}).get('flip_average', flip_average)
+        if calibrated_flip != flip_average:
+            warnings.warn(f'the thresholds of {self.source} were calibrated '
+                          f'{"with" if calibrated_flip else "without"} flip averaging, and these '
+                          f'maps are {"with" if flip_average else "without"} it')
+        maps = self.maps(images, flip_average, progress)
+        sized = [inference.to_image_size(map_, np.shape(image)) for map_, image in zip(maps, images)]
+        return inference.image_scores(maps), sized

@@ -1,0 +1,119 @@
+"""Anomaly maps of new images with numpy only: the evaluation's image preparation, batching, and
+the maps taken back to each image's own pixels. No torch here, so that an exported (ONNX) model
+runs without it; the network itself is a function ``run(batch) -> maps`` given by the caller
+(``experiments.detector``).
+
+How a model's images are prepared is its *spec*, a dict of plain values (built from a
+checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported files):
+
+    side                every image is resized to ``side x side`` (the category's test side)
+    crop                objects: the side of the central square that is predicted (the map is
+                        zero outside it); None for textures, which are predicted whole
+    size_multiple       textures: reflect-padded at the bottom and right up to a multiple of it
+    channels            1 or 3: images of the other kind are converted (``to_channels``: colour
+                        -> luminance, grey -> three equal channels)
+    flip_average_error  None where flip averaging applies (textures), else the reason it does not
+    thresholds          None, or the calibrated thresholds (``experiments.thresholds``)
+
+This is ``experiments.prediction`` on uint8 images instead of normalised tensors: cropping,
+reflect padding and flips commute with the per-pixel normalisation, which the network input
+does itself (``experiments.torch_model.ImageInputModel``), so the maps are the evaluation's.
+"""
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from experiments import metrics
+from self_sup_data.images import resize, to_channels
+
+
+def as_image(image, name='image'):
+    """``image`` as uint8 ``H x W x C`` (C = 1 or 3; ``H x W`` is grey); ValueError naming
+    ``name`` for another type or channel count."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f'{name} must be a uint8 array H x W, H x W x 1 or H x W x 3 '
+                         f'(grey or RGB), got {image.dtype} of shape {image.shape}')
+    return image
+
+
+def prepare(image, spec):
+    """The image as the evaluation loads it: resized to ``spec['side']`` (``resize``), then
+    converted to ``spec['channels']`` -> uint8 ``side x side x channels``."""
+    return to_channels(resize(as_image(image), spec['side']), spec['channels'])
+
+
+def network_input(image, spec):
+    """The network's input for a prepared image: its central ``spec['crop']`` square (objects),
+    or the image reflect-padded at the bottom and right to multiples of ``spec['size_multiple']``
+    (textures) -> uint8 ``C x H x W``."""
+    height, width = image.shape[:2]
+    if spec['crop'] is not None:
+        top, left, size = (height - spec['crop']) // 2, (width - spec['crop']) // 2, spec['crop']
+        image = image[top:top + size, left:left + size]
+    else:
+        multiple = spec['size_multiple']
+        image = np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)),
+                       mode='reflect')
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def map_from_output(output, spec):
+    """Inverse of ``network_input`` for a map ``H x W`` of the network: zero outside the crop
+    (objects) or cropped to the prepared image (textures) -> float32 ``side x side``."""
+    side = spec['side']
+    if spec['crop'] is None:
+        return output[:side, :side]
+    top = left = (side - spec['crop']) // 2
+    full = np.zeros((side, side), output.dtype)
+    full[top:top + spec['crop'], left:left + spec['crop']] = output
+    return full
+
+
+def check_flip_average(spec, source):
+    """ValueError naming ``source`` when flip averaging does not apply to its model."""
+    if spec['flip_average_error'] is not None:
+        raise ValueError(f'--flip-average does not apply to {source}: {spec["flip_average_error"]}')
+
+
+def _view_maps(run, images, spec):
+    """Maps (float32 ``N x side x side``) of prepared images ``N x side x side x C``."""
+    batch = np.stack([network_input(image, spec) for image in images])
+    return np.stack([map_from_output(output, spec) for output in run(batch)]).astype(np.float32)
+
+
+def model_maps(run, images, spec, batch_size=16, flip_average=False, progress=False):
+    """Anomaly maps (float32 ``N x side x side``) of ``images`` (any sizes, uint8 ``H x W [x C]``)
+    at the model's resolution, as ``experiments.prediction.predict`` computes them. ``run(batch
+    uint8 N x C x H x W) -> float32 N x H x W`` is the network; ``flip_average``: the mean of each
+    map and the flipped-back map of the vertically flipped image (``check_flip_average``)."""
+    if flip_average:
+        check_flip_average(spec, 'this model')
+    prepared = [prepare(image, spec) for image in images]
+    maps = []
+    starts = range(0, len(prepared), batch_size)
+    for start in tqdm(starts, 'predicting', disable=None if progress else True, leave=False):
+        chunk = prepared[start:start + batch_size]
+        chunk_maps = _view_maps(run, chunk, spec)
+        if flip_average:
+            flipped = _view_maps(run, [image[::-1] for image in chunk], spec)[:, ::-1]
+            chunk_maps = (chunk_maps + flipped) / 2
+        maps.append(chunk_maps)
+    side = spec['side']
+    return np.concatenate(maps) if maps else np.zeros((0, side, side), np.float32)
+
+
+def image_scores(maps):
+    """{'mean': ..., 'max': ...}: the image scores (float arrays) of maps at the model's
+    resolution, as the evaluation computes them (``metrics.image_scores``)."""
+    return {reduction: metrics.image_scores(maps, reduction) for reduction in ('mean', 'max')}
+
+
+def to_image_size(map_, shape):
+    """A map at the model's resolution resized (bilinear) to an image's ``(H, W)`` -> float32."""
+    height, width = shape[:2]
+    if map_.shape == (height, width):
+        return map_.astype(np.float32)
+    return cv2.resize(map_, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)

@@ -1,0 +1,117 @@
+"""Decision thresholds of a trained model from normal images only, stored with the model.
+
+    python -m experiments.thresholds -m MODEL.pt [-d DATA_DIR | -i IMAGES ...] [--fpr 0.01]
+                                     [--flip-average] [--batch-size B] [--device D] [-o OUT.pt]
+
+The normal images are, by default, the model's held-out normal training images (models trained
+with a validation set hold out a fraction of ``train/good`` and never see it: ``meta['held_out']``,
+``self_sup_data.validation.holdout_indices``), else all of its normal training images (which it
+was trained on: their scores are lower than those of new normal images, and the thresholds flag
+more than ``fpr`` of those). They come from ``DATA_DIR/<category>/train/good`` (default: the data
+folder the model was trained on); ``-i`` takes other normal images instead. No test image is read.
+
+The image threshold flags at most the fraction ``fpr`` (default 1%) of these images by their
+score (the map's mean), the pixel threshold at most ``fpr`` of their pixels (maps at the model's
+resolution; ``metrics.threshold_at_fpr``). They are stored in the checkpoint's meta as plain
+values, ``thresholds = dict(image, pixel, fpr, flip_average, images, source)``; the checkpoint is
+rewritten atomically (or written to ``-o``) and stays loadable with ``weights_only=True``.
+``predict.py``, ``experiments.detector`` and exported models use them, and the evaluation reports
+precision, recall and F1 at them.
+"""
+import argparse
+
+import torch
+
+from experiments import metrics
+from experiments.atomic import save_torch_atomic
+from experiments.checkpoints import read_meta
+from experiments.cli import exit_on_input_error
+from experiments.detector import Detector
+from self_sup_data.images import image_files, read_image
+from self_sup_data.mvtec import train_files
+from self_sup_data.validation import holdout_indices
+
+PROG = 'python -m experiments.thresholds'
+DEFAULT_FPR = 0.01
+
+
+def normal_image_files(meta, data_dir=None):
+    """(files, source) of the normal images a model's thresholds come from: its held-out normal
+    training images when it has them, else all its normal training images, in ``data_dir``
+    (default ``meta['data_dir']``)."""
+    data_dir = data_dir or meta.get('data_dir')
+    if data_dir is None or meta.get('dataset', 'mvtec') != 'mvtec':
+        raise ValueError('this model does not name its MVTec-layout data folder; pass -d DATA_DIR '
+                         'or normal images with -i')
+    files = train_files(data_dir, meta['category'])
+    if not meta.get('held_out'):
+        return files, 'normal training images'
+    indices = holdout_indices(len(files), meta['validation_fraction'], meta['validation_seed'])
+    if len(indices) != meta['held_out']:
+        raise ValueError(f"{data_dir}/{meta['category']}/train/good holds {len(files)} images, "
+                         f"which do not give the {meta['held_out']} images the model held out; "
+                         'is it the folder the model was trained on?')
+    return [files[index] for index in indices], 'held-out normal training images'
+
+
+def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
+    """Thresholds (dict of plain values, see the module docstring) from normal ``images``."""
+    if not images:
+        raise ValueError('calibration needs at least one normal image')
+    maps = detector.maps(images, flip_average, progress=True)
+    return dict(image=metrics.threshold_at_fpr(metrics.image_scores(maps, 'mean'), fpr),
+                pixel=metrics.threshold_at_fpr(maps, fpr), fpr=float(fpr),
+                flip_average=bool(flip_average), images=len(images))
+
+
+def store_thresholds(path, thresholds, out_path=None):
+    """Write the checkpoint ``path`` with ``thresholds`` in its meta to ``out_path`` (default:
+    ``path``), atomically; returns the written path."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    checkpoint['meta']['thresholds'] = dict(thresholds)
+    return save_torch_atomic(checkpoint, out_path or path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-m', '--model', required=True, help='a trained model (final_*.pt)')
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('-d', '--data-dir',
+                        help='MVTec-layout root folder (default: the one the model was trained on)')
+    source.add_argument('-i', '--input', nargs='+',
+                        help='normal images instead (folders, glob patterns or files)')
+    parser.add_argument('--fpr', type=float, default=DEFAULT_FPR,
+                        help=f'false-positive rate on the normal images (default: {DEFAULT_FPR})')
+    parser.add_argument('--flip-average', action='store_true',
+                        help='thresholds for flip-averaged maps (textures; predict with it too)')
+    parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
+    parser.add_argument('--device', default='cpu', help="default: 'cpu'")
+    parser.add_argument('-o', '--out', help='write the calibrated model here (default: in place)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with exit_on_input_error(PROG):
+        if not 0 <= args.fpr < 1:
+            raise ValueError(f'--fpr must be in [0, 1), got {args.fpr}')
+        if args.model.endswith('.onnx'):
+            raise ValueError(f'{args.model}: calibrate the checkpoint (.pt), then export it')
+        detector = Detector.load(args.model, args.device, args.batch_size)
+        if args.input:
+            files, source = image_files(args.input), 'given normal images'
+        else:
+            files, source = normal_image_files(read_meta(args.model), args.data_dir)
+        thresholds = calibrate(detector, [read_image(path) for path in files], args.fpr,
+                               args.flip_average)
+        thresholds['source'] = source
+        path = store_thresholds(args.model, thresholds, args.out)
+    print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
+          f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
+    return thresholds
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,199 @@
+"""Score and map new, unlabelled images with a trained (or exported) model.
+
+    python predict.py -m MODEL.pt -i INPUT [INPUT ...] -o OUT_DIR [--batch-size B] [--device D]
+                      [--flip-average] [--overwrite]
+    python predict.py --onnx MODEL.onnx -i INPUT -o OUT_DIR        # ONNX Runtime, no PyTorch
+
+INPUT: folders (their image files), glob patterns (quote them) or files; any size, grey or colour
+(a grey model takes colour images as their luminance, a colour model grey images as three equal
+channels). Each image is prepared as the evaluation prepares test images and its map is resized
+back to the image's own pixels (``experiments.detector``). OUT_DIR gets
+
+    scores.csv              file, output name, score_mean, score_max, anomalous (score_mean above
+                            the model's image threshold; empty when the model is not calibrated)
+    maps/<name>.npy         the map at the image's size (float32)
+    overlays/<name>.png     the map as a heatmap over the image
+    masks/<name>.png        pixels above the model's pixel threshold (0/255; calibrated models)
+    errors.csv              the files that could not be read, and why
+
+Every file is written atomically, and scores.csv and errors.csv after each batch, so that an
+interrupted run keeps what it wrote. An unreadable file is listed in errors.csv and skipped; the
+exit status is the number of such files (at most 100), or 101 when the run could not start (bad
+arguments, a missing or unreadable model, an input without images, an OUT_DIR with an earlier
+run's scores.csv unless --overwrite).
+"""
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from experiments.atomic import write_atomic, write_text_atomic
+from experiments.detector import Detector
+from self_sup_data.images import image_files, read_image, to_channels
+
+PROG = 'predict.py'
+MAX_FAILED_STATUS = 100
+STOPPED_STATUS = 101
+SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
+OVERLAY_ALPHA = 0.5
+
+
+class StopRun(Exception):
+    """An error that stops the run before any image is predicted."""
+
+
+def heatmap_overlay(image, map_):
+    """uint8 RGB ``H x W x 3``: the image blended with the jet colour map of ``map_`` (values
+    clipped to 0..1), half and half."""
+    heat = cv2.applyColorMap(np.round(np.clip(map_, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blend = OVERLAY_ALPHA * heat[:, :, ::-1] + (1 - OVERLAY_ALPHA) * to_channels(image, 3)
+    return np.round(blend).astype(np.uint8)
+
+
+def write_png(path, image):
+    """uint8 image ``H x W`` or ``H x W x 3`` (RGB) to ``path`` as PNG, atomically."""
+    if image.ndim == 3:
+        image = image[:, :, ::-1]  # OpenCV writes BGR
+    ok, encoded = cv2.imencode('.png', np.ascontiguousarray(image))
+    if not ok:
+        raise OSError(f'cannot encode {path} as PNG')
+    write_atomic(path, lambda f: f.write(encoded.tobytes()))
+
+
+def write_csv(path, columns, rows):
+    """Rows (tuples) under a header to ``path``, atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
+def output_names(files):
+    """A distinct output name per file: its stem, with ``-2``, ``-3`` ... for repeats."""
+    names, used = [], set()
+    for path in files:
+        name, count = path.stem, 1
+        while name in used:
+            count += 1
+            name = f'{path.stem}-{count}'
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def write_outputs(out_dir, name, image, map_, pixel_threshold):
+    """The map (.npy), its overlay and, with a pixel threshold, its mask of one image."""
+    write_atomic(out_dir / 'maps' / f'{name}.npy', lambda f: np.save(f, map_))
+    write_png(out_dir / 'overlays' / f'{name}.png', heatmap_overlay(image, map_))
+    if pixel_threshold is not None:
+        write_png(out_dir / 'masks' / f'{name}.png', np.where(map_ > pixel_threshold, 255, 0)
+                  .astype(np.uint8))
+
+
+def predict_files(detector, files, out_dir, flip_average=False):
+    """Predict ``files`` in batches of ``detector.batch_size`` and write OUT_DIR's files (see the
+    module docstring) -> the list of (file, error) of the files that could not be read."""
+    rows, errors = [], []
+    names = output_names(files)
+    with tqdm(total=len(files), desc='predicting', unit='image', disable=None) as progress:
+        for start in range(0, len(files), detector.batch_size):
+            batch = []
+            for path, name in zip(files[start:start + detector.batch_size],
+                                  names[start:start + detector.batch_size]):
+                try:
+                    batch.append((path, name, read_image(path)))
+                except (ValueError, OSError) as error:
+                    errors.append((str(path), str(error)))
+            if batch:
+                scores, maps = detector.predict([image for _, _, image in batch], flip_average)
+                for index, ((path, name, image), map_) in enumerate(zip(batch, maps)):
+                    write_outputs(out_dir, name, image, map_, detector.pixel_threshold)
+                    mean = scores['mean'][index]
+                    decision = '' if detector.threshold is None else bool(mean > detector.threshold)
+                    rows.append((str(path), name, f'{mean:.6g}', f'{scores["max"][index]:.6g}',
+                                 decision))
+            write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
+            write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
+            progress.update(len(files[start:start + detector.batch_size]))
+    return errors
+
+
+def start_run(args):
+    """(Detector, files, OUT_DIR) of the parsed arguments; StopRun for what stops the run."""
+    if args.onnx and not args.onnx.lower().endswith('.onnx'):
+        raise StopRun(f'--onnx takes an exported model (.onnx), got {args.onnx}')
+    try:
+        files = image_files(args.input)
+        detector = Detector.load(args.model or args.onnx, device=args.device,
+                                 batch_size=args.batch_size)
+        if args.flip_average:
+            detector.check_flip_average()
+    except (ValueError, OSError) as error:
+        raise StopRun(str(error)) from error
+    out_dir = Path(args.out_dir)
+    if (out_dir / 'scores.csv').exists() and not args.overwrite:
+        raise StopRun(f'{out_dir} holds the results of an earlier run (scores.csv); choose '
+                      'another OUT_DIR or pass --overwrite')
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StopRun(f'cannot create output folder {out_dir}: {error.strerror or error}') \
+            from error
+    if detector.threshold is None:
+        print(f'{PROG}: warning: {detector.source} has no thresholds: no decisions and no masks '
+              '(calibrate it with python -m experiments.thresholds)', file=sys.stderr)
+    return detector, files, out_dir
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with STOPPED_STATUS for bad arguments (the exit status counts failed files)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(STOPPED_STATUS, f'{self.prog}: error: {message}\n')
+
+
+def parse_args(argv=None):
+    parser = Parser(prog=PROG, description=__doc__.split('\n\n')[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog=__doc__.split('\n\n', 2)[2])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument('-m', '--model', help='a trained model (final_*.pt), or an exported .onnx')
+    model.add_argument('--onnx', help='an exported model (python -m experiments.export), run by '
+                                      'ONNX Runtime without PyTorch')
+    parser.add_argument('-i', '--input', nargs='+', required=True,
+                        help='image folders, glob patterns or files')
+    parser.add_argument('-o', '--out-dir', required=True, help='output folder')
+    parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default: 16)')
+    parser.add_argument('--device', default='cpu',
+                        help="'cpu' (default), 'cuda', ... (PyTorch models only)")
+    parser.add_argument('--flip-average', action='store_true',
+                        help='average each map with that of the vertically flipped image '
+                             '(textures only; calibrate the thresholds the same way)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help="replace an earlier run's files in OUT_DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the command; returns the exit status (the number of unreadable files, at most 100)."""
+    args = parse_args(argv)
+    try:
+        detector, files, out_dir = start_run(args)
+    except StopRun as error:
+        print(f'{PROG}: error: {error}', file=sys.stderr)
+        return STOPPED_STATUS
+    errors = predict_files(detector, files, out_dir, args.flip_average)
+    print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
+          f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}')
+    return min(len(errors), MAX_FAILED_STATUS)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Reading and resizing images as numpy arrays: what training, evaluation and prediction share.
+
+Images are ``uint8`` arrays ``H x W x C`` (C = 1 for grayscale, 3 for RGB). This module needs
+only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported model can use it.
+"""
+import glob
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+GLOB_CHARACTERS = '*?['
+
+
+def decode(path):
+    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+                return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+            if image.mode in ('1', 'LA', 'La'):
+                image = image.convert('L')
+            elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
+                image = image.convert('RGB')
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def read_image(path):
+    """uint8 ``H x W x C``: C = 1 for grayscale (also three identical channels), else 3 (RGB)."""
+    array = decode(path)
+    if array.ndim == 2:
+        return array[:, :, None]
+    if np.array_equal(array[:, :, 0], array[:, :, 1]) and np.array_equal(array[:, :, 0], array[:, :, 2]):
+        return np.ascontiguousarray(array[:, :, :1])
+    return array
+
+
+def to_channels(image, channels):
+    """Convert uint8 ``H x W x C`` to ``channels`` (1: luminance, 3: replicate gray)."""
+    if image.shape[2] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+def with_channel_axis(array, channels):
+    """OpenCV drops a trailing channel axis of size 1; put it back."""
+    return array[:, :, None] if array.ndim == 2 and channels == 1 else array
+
+
+def resize(image, size, interpolation=None):
+    """Resize ``image`` (H x W x C) to ``size x size``.
+
+    Default interpolation: area averaging when shrinking (no aliasing), bilinear otherwise.
+    """
+    if interpolation is None:
+        shrinking = size < image.shape[0] or size < image.shape[1]
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    out = cv2.resize(image, (size, size), interpolation=interpolation)
+    return with_channel_axis(out, image.shape[2])
+
+
+def image_files(inputs):
+    """The image files named by ``inputs`` (paths or strings), in order: a folder gives its files
+    with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive), a glob pattern its sorted
+    matches, any other path itself (whether it exists or not: reading it reports the error).
+    ValueError naming a folder without images or a pattern without matches."""
+    files = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)})')
+        elif any(char in str(entry) for char in GLOB_CHARACTERS):
+            found = sorted(Path(p) for p in glob.glob(str(entry)) if not Path(p).is_dir())
+            if not found:
+                raise ValueError(f'pattern {entry} matches no files')
+        else:
+            found = [path]
+        files += found
+    return files

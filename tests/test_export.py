@@ -1,0 +1,121 @@
+"""Exported models: ONNX Runtime's maps match PyTorch's; the spec travels in the file;
+predict.py --onnx needs no torch; TorchScript matches too."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import _smooth_texture, save_checkpoint
+from experiments import export
+from experiments.detector import SPEC_KEY, Detector
+from experiments.torch_model import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """(checkpoint, ONNX file with a fixed size, ONNX file with a dynamic size) of an untrained
+    64-pixel grey texture model with thresholds."""
+    folder = tmp_path_factory.mktemp('export')
+    path = save_checkpoint(folder / 'models', 'Shift', 'tiny', 'texture')
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta']['thresholds'] = dict(image=0.5, pixel=0.7, fpr=0.01, flip_average=False,
+                                            images=6, source='test')
+    torch.save(checkpoint, path)
+    return (path, export.export(path, 'onnx', folder / 'fixed.onnx'),
+            export.export(path, 'onnx', folder / 'dynamic.onnx', dynamic_size=True))
+
+
+def real_looking(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [_smooth_texture(rng, size, 1) for _ in range(n)]
+
+
+def test_onnx_maps_match_pytorch_on_random_and_real_looking_images(exported):
+    path, fixed, _ = exported
+    torch_run, spec = load_checkpoint(path)
+    onnx_run = Detector.load(fixed).run
+    rng = np.random.default_rng(1)
+    random = rng.integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)
+    textures = np.stack(real_looking(5, 64)).transpose(0, 3, 1, 2)
+    for batch in (random, textures, textures[:1]):  # the batch size is dynamic
+        expected, actual = torch_run(batch), onnx_run(batch)
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        assert np.abs(actual - expected).max() <= TOLERANCE
+
+
+def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
+    path, fixed, dynamic = exported
+    torch_detector, onnx_detector = Detector.load(path), Detector.load(fixed)
+    assert json.loads(onnx.load(fixed).metadata_props[0].value) == torch_detector.spec
+    assert onnx.load(fixed).metadata_props[0].key == SPEC_KEY
+    assert onnx_detector.threshold == 0.5 and onnx_detector.pixel_threshold == 0.7
+    images = real_looking(2, 64) + real_looking(1, 100, seed=2)  # any size, as predict takes them
+    expected_scores, expected_maps = torch_detector.predict(images)
+    scores, maps = onnx_detector.predict(images)
+    for expected, actual in zip(expected_maps, maps):
+        assert actual.shape == expected.shape and np.abs(actual - expected).max() <= TOLERANCE
+    np.testing.assert_allclose(scores['mean'], expected_scores['mean'], atol=TOLERANCE)
+    session_input = Detector.load(dynamic).run.session.get_inputs()[0]
+    assert session_input.shape == ['batch', 1, 'height', 'width']
+    assert Detector.load(fixed).run.session.get_inputs()[0].shape == ['batch', 1, 64, 64]
+    batch = np.stack(real_looking(1, 96)).transpose(0, 3, 1, 2)  # another multiple of 32
+    expected = load_checkpoint(path)[0](batch)
+    assert np.abs(Detector.load(dynamic).run(batch) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
+def test_torchscript_export_matches(exported, tmp_path):
+    path = exported[0]
+    out = export.export(path, 'torchscript', tmp_path / 'model.torchscript.pt')
+    extra = {'nsa_spec.json': ''}
+    scripted = torch.jit.load(out, _extra_files=extra)
+    run, spec = load_checkpoint(path)
+    assert json.loads(extra['nsa_spec.json']) == spec
+    batch = np.stack(real_looking(2, 64)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        maps = scripted(torch.from_numpy(batch))[:, 0].numpy()
+    assert np.abs(maps - run(batch)).max() <= TOLERANCE
+
+
+def test_export_errors_are_named(exported, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export.main(['-m', str(tmp_path / 'missing.pt')])
+    assert 'missing.pt' in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        export.export(exported[0], 'tflite')
+    broken = tmp_path / 'broken.onnx'
+    broken.write_bytes(b'not a model')
+    with pytest.raises(ValueError, match=f'cannot read ONNX model {broken}'):
+        Detector.load(broken)
+
+
+@pytest.mark.slow
+def test_predict_with_onnx_imports_no_torch(exported, tmp_path):
+    path, fixed, _ = exported
+    image_dir = tmp_path / 'images'
+    image_dir.mkdir()
+    from PIL import Image
+    for index, image in enumerate(real_looking(3, 80)):
+        Image.fromarray(image[:, :, 0]).save(image_dir / f'{index}.png')
+    out = tmp_path / 'out'
+    code = ('import runpy, sys; sys.argv = sys.argv[1:]\n'
+            'try:\n    runpy.run_path(sys.argv[0], run_name="__main__")\n'
+            'except SystemExit as e:\n    status = e.code\n'
+            'print("torch imported:", "torch" in sys.modules); sys.exit(status)')
+    result = subprocess.run([sys.executable, '-c', code, str(ROOT / 'predict.py'), '--onnx',
+                             str(fixed), '-i', str(image_dir), '-o', str(out)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert 'torch imported: False' in result.stdout
+    expected = Detector.load(path).predict([np.asarray(Image.open(p))
+                                            for p in sorted(image_dir.iterdir())])[1]
+    for index, map_ in enumerate(expected):
+        assert np.abs(np.load(out / 'maps' / f'{index}.npy') - map_).max() <= TOLERANCE

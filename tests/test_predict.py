@@ -1,0 +1,191 @@
+"""Using a model on new images: the Detector reproduces the evaluation's maps, predict.py writes
+its files, bad inputs give named errors and lose nothing already written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import predict
+from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
+from experiments import inference
+from experiments.detector import Detector
+from experiments.mvtec_tasks import load_test_set
+from experiments.prediction import predict_maps
+from experiments.thresholds import store_thresholds
+from experiments.training import load_model
+from self_sup_data.images import read_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def object_checkpoint(path, category):
+    """An untrained object model at res_scale 0.5: test side 160, central crop 128."""
+    meta = dict(dataset='mvtec', setting='Shift', category=category, kind='object', res_scale=0.5,
+                train_size=128, seed=0)
+    return save_untrained_model(path, meta)
+
+
+@pytest.fixture
+def category(tmp_path):
+    """(data root, category name) of a tiny grey category (6 train, 3 good, 3 defective)."""
+    make_mvtec_category(tmp_path / 'data', 'tiny')
+    return tmp_path / 'data', 'tiny'
+
+
+@pytest.mark.parametrize('kind', ['texture', 'object'])
+def test_detector_reproduces_the_evaluation_maps_exactly(category, tmp_path, kind):
+    root, name = category
+    path = (save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture') if kind == 'texture'
+            else object_checkpoint(tmp_path / 'object.pt', name))
+    model, meta = load_model(path)
+    dataset = load_test_set(root, meta)
+    expected = predict_maps(model, dataset, batch_size=4)
+    detector = Detector.load(path, batch_size=4)
+    images = [read_image(p) for p in dataset.paths]
+    np.testing.assert_array_equal(detector.maps(images), expected)
+    scores, maps = detector.predict(images)
+    np.testing.assert_array_equal(scores['mean'], expected.mean(axis=(1, 2), dtype=np.float64))
+    assert [m.shape for m in maps] == [(64, 64)] * len(images)
+    np.testing.assert_array_equal(maps[0], inference.to_image_size(expected[0], (64, 64)))
+    if kind == 'object':  # zero outside the central 128-pixel crop of the 160-pixel image
+        assert (expected[:, :16] == 0).all() and (expected[:, 16:144, 16:144] > 0).all()
+
+
+def test_texture_flip_average_matches_the_evaluation_and_objects_refuse_it(category, tmp_path):
+    root, name = category
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    model, meta = load_model(path)
+    dataset = load_test_set(root, meta)
+    expected = predict_maps(model, dataset, batch_size=8, flip_average=True)
+    images = [read_image(p) for p in dataset.paths]
+    np.testing.assert_array_equal(Detector.load(path, batch_size=8).maps(images, True), expected)
+    detector = Detector.load(object_checkpoint(tmp_path / 'object.pt', name))
+    with pytest.raises(ValueError, match='flip averaging is for textures'):
+        detector.predict(images[:1], flip_average=True)
+
+
+def test_channels_are_converted_and_bad_arrays_named(category, tmp_path):
+    root, name = category
+    detector = Detector.load(save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture'))
+    grey = read_image(next((root / name / 'test' / 'good').iterdir()))
+    colour = np.repeat(grey, 3, axis=2)  # the same picture as RGB: luminance gives it back
+    scores, maps = detector.predict([grey[:, :, 0], colour, grey])
+    np.testing.assert_array_equal(maps[0], maps[2])
+    np.testing.assert_array_equal(maps[1], maps[2])
+    with pytest.raises(ValueError, match=r'image 1 must be a uint8 array .* got uint8 of shape \(8, 8, 4\)'):
+        detector.predict([grey, np.zeros((8, 8, 4), np.uint8)])
+    with pytest.raises(ValueError, match='image 0 must be a uint8 array'):
+        detector.predict([grey.astype(np.float32)])
+
+
+@pytest.fixture
+def inputs(category, tmp_path):
+    """A folder with a test image, a colour non-square JPEG and an unreadable file."""
+    root, name = category
+    folder = tmp_path / 'inputs'
+    folder.mkdir()
+    (folder / 'a.png').write_bytes((root / name / 'test' / 'crack' / '000.png').read_bytes())
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)).save(folder / 'b.jpg')
+    (folder / 'broken.png').write_bytes(b'not an image')
+    return folder
+
+
+@pytest.fixture
+def calibrated(category, tmp_path):
+    root, name = category
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    store_thresholds(path, dict(image=0.5, pixel=0.7, fpr=0.01, flip_average=False, images=6,
+                                source='test'))
+    return path
+
+
+def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs, tmp_path, capsys):
+    out = tmp_path / 'out'
+    status = predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out),
+                           '--batch-size', '2'])
+    assert status == 1  # one unreadable file
+    scores = pd.read_csv(out / 'scores.csv')
+    assert list(scores.columns) == list(predict.SCORE_COLUMNS)
+    assert list(scores['output']) == ['a', 'b'] and scores['anomalous'].dtype == bool
+    errors = pd.read_csv(out / 'errors.csv')
+    assert list(errors['file']) == [str(inputs / 'broken.png')]
+    assert 'cannot read image' in errors['error'][0]
+    detector = Detector.load(calibrated)
+    images = [read_image(inputs / 'a.png'), read_image(inputs / 'b.jpg')]
+    expected_scores, expected_maps = detector.predict(images)
+    for name, image, expected, mean in zip('ab', images, expected_maps, expected_scores['mean']):
+        map_ = np.load(out / 'maps' / f'{name}.npy')
+        assert map_.dtype == np.float32 and map_.shape == image.shape[:2]
+        np.testing.assert_array_equal(map_, expected)
+        mask = read_image(out / 'masks' / f'{name}.png')[:, :, 0]
+        np.testing.assert_array_equal(mask > 0, expected > detector.pixel_threshold)
+        assert read_image(out / 'overlays' / f'{name}.png').shape == image.shape[:2] + (3,)
+        row = scores.set_index('output').loc[name]
+        assert row['score_mean'] == pytest.approx(mean, rel=1e-5)
+        assert row['anomalous'] == (mean > detector.threshold)
+    assert '2 images predicted, 1 unreadable' in capsys.readouterr().out
+
+
+def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, inputs, tmp_path,
+                                                                  capsys):
+    out = tmp_path / 'out'
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    cases = [(['-m', str(calibrated), '-i', str(empty)], f'folder {empty} holds no images'),
+             (['-m', str(tmp_path / 'missing.pt'), '-i', str(inputs)], 'no model at'),
+             (['-m', str(inputs / 'broken.png'), '-i', str(inputs)], 'cannot read checkpoint'),
+             (['-m', str(calibrated), '-i', str(tmp_path / '*.tif')], 'matches no files')]
+    for argv, message in cases:
+        assert predict.main(argv + ['-o', str(out)]) == predict.STOPPED_STATUS
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), '-o', str(out)]) == 0
+    written = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
+    assert 'earlier run' in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == written
+
+
+def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    calls = []
+
+    def failing_predict(self, images, flip_average=False, progress=False):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, images, flip_average, progress)
+    original = Detector.predict
+    monkeypatch.setattr(Detector, 'predict', failing_predict)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), str(inputs / 'b.jpg'),
+                      '-o', str(out), '--batch-size', '1'])
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a']
+    assert sorted(p.name for p in (out / 'maps').iterdir()) == ['a.npy']  # no temporary files
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_trained_model(category, tmp_path):
+    import train_mvtec
+    from test_cli import FAST
+    root, name = category
+    train_mvtec.main(['-s', 'Shift', '-d', str(root), '-n', name, '-o', str(tmp_path / 'm')] + FAST)
+    path = next((tmp_path / 'm').rglob('final_*.pt'))
+    model, meta = load_model(path)
+    dataset = load_test_set(root, meta)
+    out = tmp_path / 'out'
+    result = subprocess.run([sys.executable, str(ROOT / 'predict.py'), '-m', str(path), '-i',
+                             str(root / name / 'test' / '*' / '*.png'), '-o', str(out),
+                             '--batch-size', '32'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    expected = predict_maps(model, dataset, batch_size=32)
+    names = pd.read_csv(out / 'scores.csv')['output']
+    assert len(names) == len(dataset.paths)
+    for map_, file in zip(expected, dataset.paths):
+        row = pd.read_csv(out / 'scores.csv').set_index('file').loc[file]
+        np.testing.assert_array_equal(np.load(out / 'maps' / f"{row['output']}.npy"), map_)

@@ -1,0 +1,137 @@
+"""Thresholds: from normal images only, stored with the model (atomically, loadable with
+weights_only=True); the decision metrics by hand; the evaluation's threshold columns."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
+from experiments import metrics, mvtec_tasks, thresholds
+from experiments.detector import Detector
+from self_sup_data.images import read_image
+from self_sup_data.mvtec import train_files
+from self_sup_data.validation import holdout_indices
+
+
+def test_threshold_at_fpr_by_hand():
+    scores = np.arange(100.0)
+    assert metrics.threshold_at_fpr(scores, 0.01) == 98  # one of 100 above it
+    assert metrics.threshold_at_fpr(scores, 0.05) == 94
+    assert metrics.threshold_at_fpr(scores, 0) == 99
+    assert metrics.threshold_at_fpr([3.0, 1.0, 2.0], 0.01) == 3  # too few images: the maximum
+    with pytest.raises(ValueError, match='fpr must be in'):
+        metrics.threshold_at_fpr(scores, 1.0)
+    with pytest.raises(ValueError, match='needs normal images'):
+        metrics.threshold_at_fpr([], 0.01)
+
+
+def test_best_f1_and_precision_recall_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9])
+    threshold, f1 = metrics.best_f1_threshold(labels, scores)
+    # flagging the scores >= 0.4: 3 true positives, 1 false positive -> F1 = 6 / 7
+    assert f1 == pytest.approx(6 / 7) and threshold == np.nextafter(0.4, 0)
+    assert metrics.precision_recall_f1(labels, scores, threshold) == pytest.approx(
+        dict(precision=0.75, recall=1.0, f1=6 / 7))
+    assert metrics.precision_recall_f1(labels, scores, 0.95) == dict(precision=0, recall=0, f1=0)
+
+
+def test_threshold_metrics_image_and_pixel_levels():
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[1, :2, :2] = 1.0  # image 1 anomalous, its defect predicted exactly
+    maps[2, 0, 0] = 0.5
+    masks = np.zeros_like(maps, dtype=np.uint8)
+    masks[1, :2, :2] = 1
+    labels = [0, 1, 0]
+    values = metrics.threshold_metrics(labels, maps, masks, image_threshold=0.1,
+                                       pixel_threshold=0.2)
+    assert set(values) == set(metrics.THRESHOLD_METRICS)
+    assert values['image_f1_best'] == 1 and values['pixel_f1_best'] == 1
+    assert values['image_precision'] == 1 and values['image_recall'] == 1
+    assert values['pixel_precision'] == pytest.approx(4 / 5) and values['pixel_recall'] == 1
+    bare = metrics.threshold_metrics(labels, maps)
+    assert math.isnan(bare['image_f1']) and math.isnan(bare['pixel_f1_best'])
+
+
+@pytest.fixture
+def held_out_model(tmp_path):
+    """A category of 12 normal training images and an untrained model that held out 3 of them."""
+    root = tmp_path / 'data'
+    make_mvtec_category(root, 'tiny', n_train=12)
+    fraction, seed = 0.25, 5
+    held_out = holdout_indices(12, fraction, seed)
+    assert len(held_out) == 3
+    meta = dict(dataset='mvtec', setting='Shift', category='tiny', kind='texture', res_scale=0.25,
+                train_size=64, seed=0, data_dir=str(root), held_out=len(held_out),
+                validation_fraction=fraction, validation_seed=seed)
+    return save_untrained_model(tmp_path / 'model.pt', meta), root, held_out
+
+
+def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_path, capsys):
+    path, root, held_out = held_out_model
+    original = torch.load(path, weights_only=True)
+    calibrated = thresholds.main(['-m', str(path), '--batch-size', '4'])
+    assert 'from 3 held-out normal training images' in capsys.readouterr().out
+    checkpoint = torch.load(path, weights_only=True)  # still loadable with weights_only
+    assert checkpoint['meta'].pop('thresholds') == calibrated
+    assert checkpoint['meta'] == original['meta']
+    assert all(torch.equal(checkpoint['model'][k], v) for k, v in original['model'].items())
+    files = train_files(root, 'tiny')
+    images = [read_image(files[index]) for index in held_out]
+    maps = Detector.load(path).maps(images)
+    assert calibrated['image'] == metrics.threshold_at_fpr(maps.mean(axis=(1, 2), dtype=np.float64), 0.01)
+    assert calibrated['pixel'] == metrics.threshold_at_fpr(maps, 0.01)
+    assert calibrated['source'] == 'held-out normal training images' and calibrated['images'] == 3
+    shutil.rmtree(root / 'tiny' / 'test')  # no test image is needed, or read
+    moved = tmp_path / 'moved'
+    shutil.move(root, moved)
+    again = thresholds.main(['-m', str(path), '-d', str(moved), '-o', str(tmp_path / 'copy.pt')])
+    assert again == calibrated
+    assert torch.load(tmp_path / 'copy.pt', weights_only=True)['meta']['thresholds'] == calibrated
+
+
+def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    with pytest.raises(SystemExit):
+        thresholds.main(['-m', str(path)])  # its meta names no data folder
+    assert 'pass -d DATA_DIR' in capsys.readouterr().err
+    from_dir = thresholds.main(['-m', str(path), '-d', str(root), '--fpr', '0.2'])
+    assert from_dir['source'] == 'normal training images' and from_dir['images'] == 6
+    given = thresholds.main(['-m', str(path), '-i', str(root / name / 'train' / 'good'),
+                             '--fpr', '0.2'])
+    assert {k: v for k, v in given.items() if k != 'source'} == {
+        k: v for k, v in from_dir.items() if k != 'source'}
+
+
+def test_a_failed_write_leaves_the_model_as_it_was(tiny_mvtec, tmp_path, monkeypatch):
+    root, name = tiny_mvtec
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    before = path.read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b'partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', failing_save)
+    with pytest.raises(OSError, match='disk full'):
+        thresholds.store_thresholds(path, dict(image=1.0, pixel=1.0))
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_evaluation_reports_f1_optimal_and_stored_threshold_metrics(tiny_mvtec, tmp_path):
+    root, name = tiny_mvtec
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8)
+    assert 0 < record['image_f1_best'] <= 1 and 0 < record['pixel_f1_best'] <= 1
+    assert math.isnan(record['image_f1']) and math.isnan(record['pixel_precision'])
+    thresholds.store_thresholds(path, dict(image=record['image_threshold_best'],
+                                           pixel=record['pixel_threshold_best']))
+    (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8)
+    assert record['image_f1'] == pytest.approx(record['image_f1_best'])
+    assert record['pixel_f1'] == pytest.approx(record['pixel_f1_best'])
+    tables = mvtec_tasks.write_report([record], tmp_path / 'eval')
+    assert {'image_auroc_mean', 'image_f1', 'pixel_f1_best'} <= set(tables)
+    assert (tmp_path / 'eval' / 'tables' / 'pixel_recall.md').is_file()
