@@ -12,11 +12,16 @@ epochs it trains about twice as long as an encoder-decoder setting.
     python bench/real_data.py --data-dir DATA_DIR [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
-                              [--bf16] [--train-only | --evaluate-only] [--flip-average]
+                              [--bf16] [--recipe table|auto] [--train-only | --evaluate-only]
+                              [--flip-average]
 
-It resumes where it stopped: a finished model whose configuration (the generator arguments that
-the category's parameters give, the generator's version and the budget) matches the request is
-not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
+``--recipe`` is passed to the training script: ``table`` (default) trains with the category's
+parameters in ``experiments/settings.py``, ``auto`` with the recipe calibrated from the training
+images (``experiments.recipes``), holding out a validation set.
+
+It resumes where it stopped: a finished model whose configuration (the recipe, with ``table`` the
+generator arguments that the category's parameters give, the generator's version and the budget)
+matches the request is not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
 matches (e.g. after tuning a category's parameters in ``experiments/settings.py``, or trained
 before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
 Training output goes to ``OUT/logs``, so the whole run can go to the background:
@@ -83,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument('--device', default=None)
     parser.add_argument('--bf16', action='store_true',
                         help='train with the forward pass in bfloat16 autocast on the CPU too')
+    parser.add_argument('--recipe', choices=('table', 'auto'), default='table',
+                        help="the generator's recipe: the category's parameters (table) or "
+                             'calibrated from its training images (auto)')
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
                        help='tabulate the models that exist; train nothing')
@@ -106,15 +114,18 @@ def checkpoint_path(args, key):
 
 
 def mismatches(meta, args, key):
-    """The fields in which a model's meta differs from what this run would train: the generator's
-    arguments (from the category's parameters) and version, and the budget."""
+    """The fields in which a model's meta differs from what this run would train: the recipe, with
+    ``table`` the generator's arguments (from the category's parameters; a calibrated recipe is
+    reproduced from the same images and seed), the generator's version, and the budget."""
     setting = settings.parse_setting(key)
-    wanted = dict(self_sup_args=settings.mvtec_self_sup_args(setting, args.category),
-                  generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
+    wanted = dict(recipe=args.recipe, generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
                   **{field: getattr(args, field) for field in BUDGET_FIELDS})
-    found = dict(self_sup_args=meta.get('self_sup_args'), generator_version=meta.get('generator_version', 1),
+    found = dict(recipe=meta.get('recipe', 'table'), generator_version=meta.get('generator_version', 1),
                  res_scale=meta.get('res_scale'),
                  **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
+    if args.recipe == 'table':
+        wanted['self_sup_args'] = settings.mvtec_self_sup_args(setting, args.category)
+        found['self_sup_args'] = meta.get('self_sup_args')
     # Compared as JSON: tuples and lists of the same values are equal (command-line vs stored values).
     normal = json.loads(json.dumps(wanted)), json.loads(json.dumps(found))
     return sorted(k for k in wanted if normal[0][k] != normal[1][k])
@@ -147,7 +158,7 @@ def train(args, key):
                '-n', args.category, '-o', str(Path(args.out) / 'models'),
                '--res-scale', str(args.res_scale), '--epochs', str(args.epochs),
                '--batch-size', str(args.batch_size), '--lr', str(args.lr),
-               '--workers', str(args.workers), '--resume']
+               '--workers', str(args.workers), '--recipe', args.recipe, '--resume']
     if args.device:
         command += ['--device', args.device]
     if args.bf16:

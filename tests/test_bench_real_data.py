@@ -58,7 +58,8 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
 
 
 def test_mismatches_names_what_differs_from_the_requested_run():
-    args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3)
+    args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3,
+                           recipe='table')
     self_sup_args = settings.mvtec_self_sup_args(settings.parse_setting('Shift-M'), 'magnetic_tile')
     meta = dict(self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, res_scale=0.5,
                 train_config=dict(epochs=60, batch_size=16, lr=1e-3, workers=0))
@@ -71,6 +72,12 @@ def test_mismatches_names_what_differs_from_the_requested_run():
     assert real_data.mismatches(old, args, 'Shift-M') == ['generator_version']
     other = dict(meta, res_scale=1.0, train_config=dict(epochs=100, batch_size=16, lr=2e-3))
     assert real_data.mismatches(other, args, 'Shift-M') == ['epochs', 'lr', 'res_scale']
+    # a calibrated recipe is not a table model; its generator arguments come from the images
+    auto = SimpleNamespace(**{**vars(args), 'recipe': 'auto'})
+    assert real_data.mismatches(meta, auto, 'Shift-M') == ['recipe']
+    calibrated = dict(meta, recipe='auto', self_sup_args=dict(self_sup_args, num_patches=2))
+    assert real_data.mismatches(calibrated, auto, 'Shift-M') == []
+    assert real_data.mismatches(calibrated, args, 'Shift-M') == ['recipe', 'self_sup_args']
 
 
 def _rewrite_meta(path, target, **changes):
