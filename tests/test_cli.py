@@ -126,6 +126,7 @@ def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
     assert args.evaluate is True  # the quick start ends with the evaluation
 
 
+@pytest.mark.slow
 def test_evaluate_ends_training_with_the_evaluation_of_the_trained_model(tmp_path, capsys):
     data, out = tmp_path / 'data', tmp_path / 'out'
     make_mvtec_category(data, 'tiles')

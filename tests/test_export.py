@@ -71,6 +71,7 @@ def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
     assert np.abs(Detector.load(dynamic).run(batch) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
 def test_torchscript_export_matches(exported, tmp_path):
     path = exported[0]

@@ -191,6 +191,7 @@ def test_explicit_layout_reports_its_own_categories(tmp_path):
         SelfSupMVTecDataset(tmp_path, 'juice_bottle', layout=make_layout('ad2'))
 
 
+@pytest.mark.slow
 def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     import train_mvtec
     from experiments import mvtec_tasks

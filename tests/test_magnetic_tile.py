@@ -99,6 +99,7 @@ def test_existing_output_is_not_overwritten(tmp_path):
         convert(tmp_path / 'src', tmp_path / 'out')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ((SHARED_DATA / 'magnetic_tile_source').is_dir() and (SHARED_DATA / 'magnetic_tile').is_dir()),
                     reason=f"needs the public source and its published conversion in {SHARED_DATA} "
                            "(magnetic_tile_source/ and magnetic_tile/); absent on this machine")

@@ -36,6 +36,7 @@ def category(tmp_path):
     return tmp_path / 'data', 'tiny'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['texture', 'object'])
 def test_detector_reproduces_the_evaluation_maps_exactly(category, tmp_path, kind):
     root, name = category
@@ -55,6 +56,7 @@ def test_detector_reproduces_the_evaluation_maps_exactly(category, tmp_path, kin
         assert (expected[:, :16] == 0).all() and (expected[:, 16:144, 16:144] > 0).all()
 
 
+@pytest.mark.slow
 def test_texture_flip_average_matches_the_evaluation_and_objects_refuse_it(category, tmp_path):
     root, name = category
     path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')

@@ -245,6 +245,7 @@ def prepared(tmp_path, data, category, *extra):
     return train_mvtec.prepare_run(args, setting, data, category)
 
 
+@pytest.mark.slow
 def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
@@ -289,6 +290,7 @@ def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_p
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
 def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)

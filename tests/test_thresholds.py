@@ -69,6 +69,7 @@ def held_out_model(tmp_path):
     return save_untrained_model(tmp_path / 'model.pt', meta), root, held_out
 
 
+@pytest.mark.slow
 def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_path, capsys):
     path, root, held_out = held_out_model
     original = torch.load(path, weights_only=True)
@@ -92,6 +93,7 @@ def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_pa
     assert torch.load(tmp_path / 'copy.pt', weights_only=True)['meta']['thresholds'] == calibrated
 
 
+@pytest.mark.slow
 def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, capsys):
     root, name = tiny_mvtec
     path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
@@ -121,6 +123,7 @@ def test_a_failed_write_leaves_the_model_as_it_was(tiny_mvtec, tmp_path, monkeyp
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+@pytest.mark.slow
 def test_evaluation_reports_f1_optimal_and_stored_threshold_metrics(tiny_mvtec, tmp_path):
     root, name = tiny_mvtec
     path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')

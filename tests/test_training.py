@@ -213,6 +213,7 @@ def test_classifier_trains_on_multi_view_items(tmp_path):
     assert 'views_loss.png' in names and not any('samples' in name for name in names)
 
 
+@pytest.mark.slow
 def test_figures_are_written(tmp_path):
     pytest.importorskip('experiments.plotting')
     train(fresh_model(), SquaresDataset(n=4), config(epochs=2, figures=True, figure_every=1),
