@@ -89,7 +89,7 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         setting, params, out_dir = plan(args)
     train_unless_finished(PROG, setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY),
-                          lambda: prepare_run(args, setting, params), args.resume)
+                          lambda: prepare_run(args, setting, params), args.resume, args.force)
     return 0
 
 

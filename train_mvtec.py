@@ -232,7 +232,7 @@ def main(argv=None):
             run[3]['recipe_search'] = search
             return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
-                              prepare, args.resume)
+                              prepare, args.resume, args.force)
     return 0
 
 

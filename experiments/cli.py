@@ -9,7 +9,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from experiments.training import TrainConfig, final_model_path, seed_everything, train
+from experiments.checkpoints import read_meta
+from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, run_differences,
+                                  run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -38,8 +40,13 @@ def add_training_arguments(parser):
     group.add_argument('--bf16', action=argparse.BooleanOptionalAction,
                        help='forward pass in bfloat16 autocast (default: on CUDA only; --bf16 also '
                             'on the CPU, fast on CPUs with AVX512-BF16 or AMX, slow elsewhere)')
-    group.add_argument('--resume', action='store_true',
-                       help='continue interrupted runs from their last checkpoint; skip finished ones')
+    again = group.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='continue interrupted runs from their last checkpoint and skip finished '
+                            'ones; refused when they were run with other arguments')
+    again.add_argument('--force', action='store_true',
+                       help='train runs again from the start even when a finished model or an '
+                            'interrupted run is there (replaced when the new run ends)')
     group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
                        help='write the resume checkpoint every E epochs (default: 1)')
     group.add_argument('--figure-every', type=int, metavar='E',
@@ -109,19 +116,35 @@ def exit_on_input_error(prog):
         sys.exit(1)
 
 
-def train_unless_finished(prog, run_dir, name, prepare, resume=False):
-    """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
+def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
+    """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
-    ``prepare()`` returns (dataset, model, TrainConfig, meta, validator or None); its errors are
+    A finished or interrupted run in ``run_dir`` is never replaced unless ``force``: without
+    ``resume`` it is refused; with ``resume`` its checkpoint must belong to the same run
+    (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
+    finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
+    model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
     input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
     meta, None if skipped.
     """
-    final = final_model_path(run_dir, name)
-    if resume and final.is_file():
+    final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
+    found = next((path for path in (final, last) if path.is_file()), None)
+    state = 'finished' if found == final else 'interrupted'
+    with exit_on_input_error(prog):
+        if found and not (resume or force):
+            keep = 'keep it' if state == 'finished' else 'continue it'
+            raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
+                                  f"--force to train again and replace it")
+        dataset, model, config, meta, validator = prepare()
+        if found and resume:
+            differing = run_differences(read_meta(found), run_meta(model, config, meta))
+            if differing:
+                raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
+                                 f"arguments (then vs now: {'; '.join(differing)}); pass --force "
+                                 f"to train again and replace it, or use another output folder")
+    if resume and found == final:
         print(f"{prog}: {final} exists, skipping it")
         return None
-    with exit_on_input_error(prog):
-        dataset, model, config, meta, validator = prepare()
     return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                  validator=validator)
 

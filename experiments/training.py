@@ -218,8 +218,16 @@ def _cpu_state_dict(module):
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _check_resumable(path, saved_meta, meta):
-    """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+def run_meta(model, config, meta=None):
+    """The meta ``train`` starts a run with: ``meta`` with the model's ``model_config`` and the
+    ``train_config``."""
+    return {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config)}
+
+
+def run_differences(saved_meta, meta):
+    """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
+    ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
+    model and ``TrainConfig`` values; runtime fields and results are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
@@ -229,11 +237,16 @@ def _check_resumable(path, saved_meta, meta):
         return {**rest, **config}
     saved, current = learnt(saved_meta), learnt(meta)
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    return [f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing]
+
+
+def _check_resumable(path, saved_meta, meta):
+    """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+    differing = run_differences(saved_meta, meta)
     if differing:
-        details = ', '.join(f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing)
         raise ValueError(f"cannot resume from {path}: it was written by a different run "
-                         f"(checkpoint vs now: {details}); start without resume or use another "
-                         f"output folder")
+                         f"(checkpoint vs now: {', '.join(differing)}); start without resume or "
+                         f"use another output folder")
 
 
 def save_sample_figure(images, labels, preds, path):
@@ -324,8 +337,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         optimizer, T_max=cosine_epochs,
         eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
-    meta = {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
-            'epoch_losses': [], 'train_time_s': 0.0}
+    meta = {**run_meta(model, config, meta), 'epoch_losses': [], 'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
     start_epoch = 0
