@@ -2,6 +2,7 @@
 of the model and the training loop, the arguments every evaluation takes, and the wrappers that
 turn input errors into one-line messages."""
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from experiments.checkpoints import read_meta
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, run_differences,
-                                  run_meta, seed_everything, train)
+                                  resolve_device, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -67,8 +68,9 @@ def add_training_arguments(parser):
 
 def train_config(args, epochs, seed, loss):
     """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
-    return TrainConfig(epochs=args.epochs or epochs,
-                       batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
+    return TrainConfig(epochs=epochs if args.epochs is None else args.epochs,
+                       batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
+                       lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
                        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
                        figure_every=args.figure_every, figures=not args.no_figures,
@@ -78,8 +80,24 @@ def train_config(args, epochs, seed, loss):
 def check_training_options(args, loss):
     """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
     (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
-    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in."""
+    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in.
+    The messages name the flag: '--batch-size must be a positive integer, got 0'."""
+    for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be a positive integer, got {value}")
+    for name in ('lr', 'swa_lr'):
+        if not 0 < getattr(args, name) < math.inf:
+            raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def flag(name):
+    """The command-line flag of an argparse destination: 'batch_size' -> '--batch-size'."""
+    return '--' + name.replace('_', '-')
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):

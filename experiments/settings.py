@@ -38,6 +38,7 @@ from self_sup_data.mvtec import category_kind
 from self_sup_data.self_sup_tasks import PatchParams
 
 DEFAULT_SEED = 0
+MAX_SEED = 2**63 - 1  # torch's generator takes 64-bit seeds; checkpoints store them as int64
 
 # ------------------------------------------------------------------------------------------------
 # Setting keys
@@ -151,7 +152,7 @@ def valid_setting_forms():
     """One line describing the valid setting keys (for error messages and --help)."""
     return (f"BASE[-M][-SEED] with BASE one of {', '.join(BASE_SETTINGS)}; "
             f"-M (mixed gradients) only for {', '.join(POISSON_BASES)}; "
-            f"SEED a non-negative integer (e.g. Shift-Intensity-M-923874273)")
+            f"SEED an integer from 0 to 2**63 - 1 (e.g. Shift-Intensity-M-923874273)")
 
 
 def parse_setting(key):
@@ -169,6 +170,9 @@ def parse_setting(key):
                          f"Poisson-blending bases {', '.join(POISSON_BASES)}, not to {name}")
     dir_name = base.slug + ('_m' if mixed else '')
     seed = None if seed is None else int(seed)
+    if seed is not None and seed > MAX_SEED:
+        raise ValueError(f"setting key {key!r}: seed {seed} is too large; seeds go from 0 to "
+                         f"2**63 - 1 = {MAX_SEED}")
     fname = dir_name if seed is None else f'{dir_name}_{seed}'
     return Setting(key=key, base=name, mixed=mixed, seed=seed, self_sup_args=args,
                    loss=base.loss, final_activation=base.final_activation,

@@ -31,6 +31,7 @@ uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler`
 randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
 reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -89,16 +90,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSS_FUNCTIONS:
             raise ValueError(f"loss must be one of {list(LOSS_FUNCTIONS)}, got {self.loss!r}")
-        for name in ('epochs', 'batch_size', 'checkpoint_every'):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ('lr', 'min_lr', 'swa_lr'):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
         if not 0 <= self.swa_epochs < self.epochs:
             raise ValueError(f"swa_epochs must be >= 0 and less than epochs ({self.epochs}), "
                              f"got {self.swa_epochs!r}")
-        if not self.swa_lr > 0:
-            raise ValueError(f"swa_lr must be positive, got {self.swa_lr!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.select == 'best' and self.swa_epochs:
@@ -117,7 +120,10 @@ def resolve_device(name=None):
     """torch.device for ``name``; None or 'auto': CUDA when available, else CPU."""
     if name in (None, 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
     return device

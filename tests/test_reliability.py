@@ -3,8 +3,11 @@ resume refuses another run by name, out-of-range options and broken checkpoints 
 import os
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import train_chest_xray
 import train_mvtec
 from conftest import make_mvtec_category
 from experiments.settings import trained_model_path
@@ -62,3 +65,66 @@ def test_resume_of_the_same_run_skips_it(trained, capsys):
     capsys.readouterr()
     assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
     assert 'skipping' in capsys.readouterr().out
+
+
+BAD_OPTIONS = [
+    (['--epochs', '0'], '--epochs must be a positive integer, got 0'),
+    (['--batch-size', '0'], '--batch-size must be a positive integer, got 0'),
+    (['--figure-every', '0'], '--figure-every must be a positive integer, got 0'),
+    (['--checkpoint-every', '0'], '--checkpoint-every'),
+    (['--lr', '-1'], '--lr must be a positive number, got -1'),
+    (['--lr', 'nan'], '--lr must be a positive number, got nan'),
+    (['--lr', 'inf'], '--lr'),
+    (['--swa-lr', '0'], '--swa-lr'),
+    (['--workers', '-1'], '--workers'),
+    (['--device', 'gpu'], "unknown device 'gpu'"),
+    (['-s', 'Shift-' + str(10**23)], 'seed 100000000000000000000000 is too large'),
+]
+
+
+@pytest.mark.parametrize('argv,expected', BAD_OPTIONS + [
+    (['--res-scale', '5'], '--res-scale must be in (0, 4], got 5'),
+    (['--res-scale', 'inf'], '--res-scale'),
+    (['--res-scale', 'nan'], '--res-scale'),
+])
+def test_mvtec_out_of_range_options_are_refused_by_name_before_anything_is_written(
+        tiny_mvtec, tmp_path, capsys, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(out)] + argv,
+                        capsys)
+    assert expected in message
+    assert not out.exists()
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(out)] + argv, capsys)  # demo
+    assert expected in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('argv,expected', BAD_OPTIONS + [
+    (['--res', '32'], '--res must be from 64 to 1024'),
+    (['--res', '5000'], '--res must be from 64 to 1024'),
+])
+def test_chest_xray_out_of_range_options_are_refused_by_name_before_anything_is_written(
+        tmp_path, capsys, argv, expected):
+    (tmp_path / 'images').mkdir()
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / 'images' / 'a.png')
+    (tmp_path / 'list.txt').write_text('a.png\n')
+    out = tmp_path / 'out'
+    message = run_error(train_chest_xray.main, ['-s', 'Shift', '-d', str(tmp_path / 'images'),
+                                                '-l', str(tmp_path / 'list.txt'), '-o', str(out)]
+                        + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('main', [train_mvtec.main, train_chest_xray.main])
+def test_an_output_folder_that_is_a_file_is_refused(tiny_mvtec, tmp_path, capsys, main):
+    root, _ = tiny_mvtec
+    (tmp_path / 'list.txt').write_text('train/good/000.png\n')
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('not a folder')
+    message = run_error(main, ['-s', 'Shift', '-d', str(root / 'tiny'), '-l', str(tmp_path / 'list.txt'),
+                               '-o', str(blocker)] if main is train_chest_xray.main else
+                        ['-s', 'Shift', '-d', str(root), '-o', str(blocker)], capsys)
+    assert 'cannot write to output folder' in message and str(blocker) in message
+    assert blocker.read_text() == 'not a folder'
