@@ -21,8 +21,12 @@ CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored wi
 
 
 def _read_error(path, error):
+    if isinstance(error, pickle.UnpicklingError):  # weights_only refused an object
+        return ValueError(f'cannot read checkpoint {path}: it holds objects other than tensors and '
+                          f'plain values, and loading it could run code; refused')
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}')
+    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}'
+                      f' (truncated or not a checkpoint?)')
 
 
 def read_meta(path):
@@ -31,6 +35,8 @@ def read_meta(path):
         meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
         raise _read_error(path, error) from error
+    if not isinstance(meta, dict):
+        raise ValueError(f'checkpoint {path} has no meta dict; is it a model of the training scripts?')
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise ValueError(f'checkpoint {path} has no {missing} in its meta; '

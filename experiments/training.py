@@ -237,7 +237,7 @@ def run_differences(saved_meta, meta):
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
-        config = {k: v for k, v in {**defaults, **m['train_config']}.items()
+        config = {k: v for k, v in {**defaults, **m.get('train_config', {})}.items()
                   if k not in RUNTIME_FIELDS}
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS}
         return {**rest, **config}

@@ -5,13 +5,16 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import train_chest_xray
 import train_mvtec
 from conftest import make_mvtec_category
 from experiments.settings import trained_model_path
+from self_sup_data import chest_xray
 from experiments.training import last_checkpoint_path, load_model
+from test_chest_xray import synthetic_table
 from test_cli import run_error
 
 ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
@@ -128,3 +131,47 @@ def test_an_output_folder_that_is_a_file_is_refused(tiny_mvtec, tmp_path, capsys
                         ['-s', 'Shift', '-d', str(root), '-o', str(blocker)], capsys)
     assert 'cannot write to output folder' in message and str(blocker) in message
     assert blocker.read_text() == 'not a folder'
+
+
+@pytest.mark.parametrize('content,argv,expected', [
+    ('', [], 'cannot read label table'),
+    ('Image Index,Finding Labels\na.png,No Finding\n', [], "lacks columns ['Patient ID'"),
+    (None, [], 'table.csv'),
+    ('nih', ['--n-test-normal', '-5'], '--n-test-normal) must be 0 or more, got -5'),
+    ('nih', ['--n-test-anom', '-1'], '--n-test-anom'),
+])
+def test_list_builder_errors_are_one_line_and_write_nothing(tmp_path, capsys, content, argv,
+                                                            expected):
+    """content: of the label table (None: no such file; 'nih': a valid table)."""
+    csv = tmp_path / 'table.csv'
+    if content == 'nih':
+        synthetic_table().to_csv(csv, index=False)
+    elif content is not None:
+        csv.write_text(content)
+    message = run_error(chest_xray.main, ['--csv', str(csv), '--out', str(tmp_path / 'lists')] + argv,
+                        capsys)
+    assert expected in message and message.startswith(chest_xray.PROG)
+    assert not (tmp_path / 'lists').exists()
+
+
+class Hostile:
+    """Pickles as a call of a global function: what a checkpoint that runs code on load holds."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+@pytest.mark.parametrize('damage,expected', [
+    (lambda path: path.write_bytes(path.read_bytes()[:5000]), 'truncated or not a checkpoint'),
+    (lambda path: path.write_bytes(b''), 'truncated or not a checkpoint'),
+    (lambda path: torch.save(dict(meta=Hostile()), path), 'could run code; refused'),
+    (lambda path: torch.save(dict(meta=[1, 2]), path), 'has no meta dict'),
+    (lambda path: torch.save(dict(meta=dict(setting='Shift-3')), path), 'other arguments'),
+])
+def test_resume_from_a_broken_last_checkpoint_is_one_line(trained, capsys, damage, expected):
+    argv, path = trained
+    os.remove(path)
+    last = last_checkpoint_path(path.parent, 'tiny_shift_3')
+    damage(last)
+    message = run_error(train_mvtec.main, argv + ONE_EPOCH + ['--resume'], capsys)
+    assert str(last) in message and expected in message
