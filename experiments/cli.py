@@ -233,7 +233,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
     FileNotFoundError ``nothing_found`` when there are none, ``write_report(records)``; errors and
-    warnings as in ``run_command``. Prints where the tables are and returns the records."""
+    warnings as in ``run_command``. Prints where the tables are and returns the records; when
+    some records failed (an ``error`` entry), the last lines name each with its reason and the
+    command exits with status 1 once everything else is written."""
     def work():
         records = evaluate(None if args.no_figures else Path(args.out_dir) / 'figures')
         if not records:
@@ -242,4 +244,12 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         return records
     records = run_command(work)
     print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    failed = [record for record in records if isinstance(record.get('error'), str)]
+    if failed:
+        print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables, reason '
+              f'in the error column of results.csv):', file=sys.stderr)
+        for record in failed:
+            print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
+                  f"({record['checkpoint']}): {record['error']}", file=sys.stderr)
+        sys.exit(1)
     return records

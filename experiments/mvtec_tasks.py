@@ -33,9 +33,9 @@ from tqdm import tqdm
 import numpy as np
 
 from experiments import metrics, one_class, tables
-from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, find_checkpoints,
-                                     read_model, result_setting, result_variants, select_checkpoints,
-                                     sort_records)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, failure_reason,
+                                     find_checkpoints, read_model, result_setting, result_variants,
+                                     select_checkpoints, setting_from_path, sort_records)
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
@@ -86,6 +86,22 @@ def _record(meta, setting, path, values, one_class_name=None):
                 **values, checkpoint=None if path is None else str(path))
 
 
+def _undefined(one_class_name=None, error=None):
+    """NaN for each metric of a result (a missing or failed checkpoint), with the failure's reason
+    as ``error`` when it failed."""
+    names = METRICS + (() if one_class_name is None else one_class.POOLED_METRICS)
+    return dict.fromkeys(names, math.nan) | ({} if error is None else dict(error=error))
+
+
+def check_channels(model, dataset, path):
+    """ValueError naming the checkpoint ``path`` when its model takes another number of image
+    channels than the test images of ``dataset`` have."""
+    channels = model.config.get('in_channels')
+    if channels is not None and channels != dataset.in_channels:
+        raise ValueError(f'{path} takes {channels}-channel images, but the test images of '
+                         f'{dataset.class_name!r} have {dataset.in_channels} channels')
+
+
 def missing_records(found, settings, categories, one_class_names=None):
     """NaN records, with a warning each, for the pairs of setting keys and categories that have no
     checkpoint in ``found`` (one per ``result_variants``)."""
@@ -98,10 +114,24 @@ def missing_records(found, settings, categories, one_class_names=None):
                               'its cells are NaN')
                 setting = parse_setting(key)
                 for variant in result_variants(setting, one_class_names):
-                    names = METRICS + (() if variant is None else one_class.POOLED_METRICS)
                     records.append(_record(dict(category=category, kind=kinds.get(category)),
-                                           setting, None, dict.fromkeys(names, math.nan), variant))
+                                           setting, None, _undefined(variant), variant))
     return records
+
+
+def find_evaluable(model_dir):
+    """The checkpoints of MVTec-layout models under ``model_dir`` -> list of (path, meta); an
+    unreadable one at the training scripts' path is kept with the meta (setting, category, error)
+    of that path (``setting_from_path``), any other is skipped with a warning."""
+    unreadable = []
+    found = find_checkpoints(model_dir, unreadable=unreadable)
+    for path, reason in unreadable:
+        key = setting_from_path(path)
+        if key is None:
+            warnings.warn(f'{reason}; skipped (its path names no setting and category)')
+        else:
+            found.append((path, dict(setting=key, category=path.parent.name, error=reason)))
+    return found
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
@@ -113,18 +143,23 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     categories: names to evaluate (None: all found). Each model's test set is rebuilt from its
     meta (category, kind, res_scale); objects are cropped to its ``train_size``. When settings or
     categories are given, every requested pair (the other list defaulting to all found) without a
-    checkpoint gives a row of NaN and a warning; an unreadable checkpoint raises ValueError naming
-    it. figure_dir: also write ``<category>_<setting>.png`` (first seed found of each setting, see
-    ``plot_test_examples``). one_class_names: also evaluate the two-stage variants with these
-    one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
-    map with that of the vertical flip (``prediction.predict``; textures only). Returns the long-format
-    results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
-    ``METRICS`` (the model's own maps also ``metrics.THRESHOLD_METRICS``, see
-    ``threshold_values``; two-stage variants also ``one_class.POOLED_METRICS``) and its path.
-    layout: the data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
+    checkpoint gives a row of NaN and a warning. Each checkpoint is evaluated on its own: one that
+    cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be loaded or has
+    one class only, a model that outputs NaN or takes other channels ...) gives rows of NaN with
+    the reason as ``error``, and the others are evaluated all the same. figure_dir: also write
+    ``<category>_<setting>.png`` (first seed found of each setting, see ``plot_test_examples``).
+    one_class_names: also evaluate the two-stage variants with these one-class models ('gde',
+    'kde', 'ocsvm'; see ``result_variants``). flip_average: average each map with that of the
+    vertical flip (``prediction.predict``; textures only). Returns the long-format results (see
+    ``experiments.tables``), one dict per checkpoint and variant with the metrics of ``METRICS``
+    (the model's own maps also ``metrics.THRESHOLD_METRICS``, see ``threshold_values``; two-stage
+    variants also ``one_class.POOLED_METRICS``) and its path. layout: the data layout (None: each
+    model's own, from its meta; see ``self_sup_data.layouts``).
     """
     device = resolve_device(device)
-    found = find_checkpoints(model_dir)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f'data folder {data_dir} does not exist')
+    found = find_evaluable(model_dir)
     selected = sorted(select_checkpoints(found, settings, categories),
                       key=lambda item: (item[1]['category'], str(item[0])))
     for name in one_class_names or ():
@@ -133,28 +168,48 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         for path, meta in selected:
             check_flip_average(meta['category'], meta.get('kind'),
                                result_variants(parse_setting(meta['setting']), one_class_names), path)
-    records, plotted, data_key = [], set(), None
-    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+    plotted, loaded = set(), dict(key=None)  # one test set in memory at a time
+
+    def test_set(meta):
+        """(test set, normal set loader) of a checkpoint's meta, loaded when it is another one."""
+        key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
+        if key != loaded['key']:
+            loaded.clear()
+            # the normal set is loaded once per test set, when a two-stage variant needs it
+            loaded.update(sets=(load_test_set(data_dir, meta, layout), functools.cache(
+                functools.partial(load_normal_set, data_dir, meta, layout))), key=key)
+        return loaded['sets']
+
+    def evaluate_one(path, meta, setting):
+        if 'error' in meta:
+            raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        if (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout')) != data_key:
-            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
-            dataset = load_test_set(data_dir, meta, layout)  # one test set in memory at a time
-            # loaded once per test set, when a two-stage variant needs it
-            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta, layout))
+        dataset, normal_set = test_set(meta)
+        check_channels(model, dataset, path)
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
-        setting = parse_setting(meta['setting'])
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
                                     normal_set, batch_size, device, crop_size, source=str(path),
                                     flip_average=flip_average)
+        rows = []
         for variant, (values, maps) in results.items():
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
-            records.append(_record(meta, setting, path, values, variant))
+            rows.append(_record(meta, setting, path, values, variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
             if figure and figure not in plotted:
                 plot_test_examples(dataset, maps, figure)
                 plotted.add(figure)
+        return rows
+
+    records = []
+    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+        setting = parse_setting(meta['setting'])
+        try:
+            records += evaluate_one(path, meta, setting)
+        except Exception as error:  # any failure of one checkpoint is its row's, not the run's
+            records += [_record(meta, setting, path, _undefined(variant, failure_reason(error)),
+                                variant) for variant in result_variants(setting, one_class_names)]
     if settings is not None or categories is not None:
         found_settings = dict.fromkeys(parse_setting(meta['setting']).seedless_key for _, meta in found)
         records += missing_records(found, settings or list(found_settings),

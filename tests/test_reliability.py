@@ -1,16 +1,19 @@
 """Reliability of the training scripts: no finished or interrupted run is replaced unless asked,
 resume refuses another run by name, out-of-range options and broken checkpoints end in one line."""
+import math
 import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 import train_chest_xray
 import train_mvtec
-from conftest import make_mvtec_category
+from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
+from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
 from self_sup_data import chest_xray
 from experiments.training import last_checkpoint_path, load_model
@@ -175,3 +178,56 @@ def test_resume_from_a_broken_last_checkpoint_is_one_line(trained, capsys, damag
     damage(last)
     message = run_error(train_mvtec.main, argv + ONE_EPOCH + ['--resume'], capsys)
     assert str(last) in message and expected in message
+
+
+def nan_weights(path):
+    """Make the model at ``path`` output NaN."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['model'] = {k: v.float().fill_(math.nan) if v.is_floating_point() else v
+                           for k, v in checkpoint['model'].items()}
+    torch.save(checkpoint, path)
+
+
+def test_mvtec_evaluation_fails_row_by_row_and_writes_everything_else(tmp_path, capsys):
+    data, models, out = tmp_path / 'data', tmp_path / 'models', tmp_path / 'out'
+    make_mvtec_category(data, 'fine', n_train=1)
+    make_mvtec_category(data, 'normal_only', n_train=1, defects={})
+    make_mvtec_category(data, 'colour', n_train=1, channels=3)
+    save_checkpoint(models, 'Shift-1', 'fine', 'texture', seed=1)
+    save_checkpoint(models, 'Shift-1', 'normal_only', 'texture', seed=1)
+    save_checkpoint(models, 'Shift-1', 'colour', 'texture', seed=1)  # a grey model
+    nan_weights(save_checkpoint(models, 'Shift-2', 'fine', 'texture', seed=2))
+    broken = save_checkpoint(models, 'FPI-1', 'fine', 'texture', seed=1)
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        mvtec_tasks.main(['-m', str(models), '-d', str(data), '-o', str(out), '--no-figures',
+                          '--device', 'cpu'])
+    assert exit_info.value.code == 1
+    results = pd.read_csv(out / 'results.csv').set_index(['category', 'setting', 'seed'])
+    assert len(results) == 5 and (out / 'tables' / 'image_auroc_mean.md').is_file()
+    assert results.loc[('fine', 'Shift', 1), 'image_auroc_mean'] > 0
+    assert pd.isna(results.loc[('fine', 'Shift', 1), 'error'])
+    reasons = {key: results.loc[key, 'error'] for key in [
+        ('normal_only', 'Shift', 1), ('colour', 'Shift', 1), ('fine', 'Shift', 2), ('fine', 'FPI', 1)]}
+    assert 'both classes' in reasons[('normal_only', 'Shift', 1)]
+    assert '1-channel images' in reasons[('colour', 'Shift', 1)]
+    assert 'NaN' in reasons[('fine', 'Shift', 2)]
+    assert f'cannot read checkpoint {broken}' in reasons[('fine', 'FPI', 1)]
+    assert all(math.isnan(results.loc[key, 'image_auroc_mean']) for key in reasons)
+    last = capsys.readouterr().err.strip().splitlines()[-5:]
+    assert last[0].startswith('error: 4 of 5 results failed')
+    assert all(line.startswith('failed: ') for line in last[1:])
+    assert any(str(broken) in line and 'cannot read checkpoint' in line for line in last)
+
+
+def test_chest_xray_evaluation_fails_row_by_row(tmp_path, capsys):
+    model_dir, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path)
+    nan_weights(next(model_dir.rglob('final_chest_xray_shift_2.pt')))
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as exit_info:
+        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
+                               '-l', str(normal), str(anomalous), '--no-figures', '--device', 'cpu'])
+    assert exit_info.value.code == 1
+    results = pd.read_csv(out / 'results.csv').set_index('seed')
+    assert results.loc[1, 'image_auroc_mean'] >= 0 and 'NaN' in results.loc[2, 'error']
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('failed: anomalous Shift seed 2')
