@@ -24,7 +24,7 @@ from experiments.checkpoints import (CHECKPOINT_PATTERN, failure_reason, find_ch
                                      read_model, select_checkpoints, setting_from_path, sort_records)
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
-from experiments.prediction import evaluate
+from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
@@ -84,7 +84,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if figure and figure not in plotted:
             plot_test_examples(datasets[res], maps, figure)
             plotted.add(figure)
-        return values
+        return values if bbox_csv is None else values | undefined_note(datasets[res])
 
     def record(setting, seed, values, path=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,

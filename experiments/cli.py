@@ -244,6 +244,10 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         return records
     records = run_command(work)
     print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    undefined = {(record['category'], record['undefined']) for record in records
+                 if isinstance(record.get('undefined'), str)}
+    for category, reason in sorted(undefined):
+        print(f'note: {category}: {reason} (NaN in the tables)', file=sys.stderr)
     failed = [record for record in records if isinstance(record.get('error'), str)]
     if failed:
         print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables, reason '

@@ -39,7 +39,7 @@ from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, f
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
-from experiments.prediction import check_flip_average, evaluate_variants
+from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.layouts import layout_from_spec
@@ -60,12 +60,15 @@ def threshold_values(dataset, maps, thresholds=None):
                                      thresholds.get('pixel'))
 
 
-def load_test_set(data_dir, meta, layout=None):
+def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
     """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
-    ``layout`` (None: the layout in the meta, else detected)."""
+    ``layout`` (None: the layout in the meta, else detected). A defect image without a mask is an
+    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
                                res_scale=meta.get('res_scale', 1.0),
-                               layout=layout or layout_from_spec(meta.get('layout')))
+                               layout=layout or layout_from_spec(meta.get('layout')),
+                               allow_missing_masks=allow_missing_masks)
+
 
 
 def load_normal_set(data_dir, meta, layout=None):
@@ -136,7 +139,7 @@ def find_evaluable(model_dir):
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
                          batch_size=32, figure_dir=None, one_class_names=None, flip_average=False,
-                         layout=None):
+                         layout=None, allow_missing_masks=False):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
@@ -154,7 +157,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     ``experiments.tables``), one dict per checkpoint and variant with the metrics of ``METRICS``
     (the model's own maps also ``metrics.THRESHOLD_METRICS``, see ``threshold_values``; two-stage
     variants also ``one_class.POOLED_METRICS``) and its path. layout: the data layout (None: each
-    model's own, from its meta; see ``self_sup_data.layouts``).
+    model's own, from its meta; see ``self_sup_data.layouts``). allow_missing_masks: evaluate
+    defect images without a mask at image level only (counted in a warning) instead of failing.
+    Results whose pixel metrics are undefined say why in ``undefined`` (``undefined_note``).
     """
     device = resolve_device(device)
     if data_dir is not None and not Path(data_dir).is_dir():
@@ -176,7 +181,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         if key != loaded['key']:
             loaded.clear()
             # the normal set is loaded once per test set, when a two-stage variant needs it
-            loaded.update(sets=(load_test_set(data_dir, meta, layout), functools.cache(
+            loaded.update(sets=(load_test_set(data_dir, meta, layout, allow_missing_masks), functools.cache(
                 functools.partial(load_normal_set, data_dir, meta, layout))), key=key)
         return loaded['sets']
 
@@ -194,7 +199,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         for variant, (values, maps) in results.items():
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
-            rows.append(_record(meta, setting, path, values, variant))
+            rows.append(_record(meta, setting, path, values | undefined_note(dataset), variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
             if figure and figure not in plotted:
@@ -255,6 +260,9 @@ def parse_args(argv=None):
                              'with --one-class)')
     parser.add_argument('--paper-layout', action='store_true',
                         help="merge X (objects) and X-M (textures) into one column, as in the paper")
+    parser.add_argument('--allow-missing-masks', action='store_true',
+                        help='evaluate defect images without a mask at image level only (counted '
+                             'in a warning; default: a missing mask is an error)')
     add_evaluation_options(parser)
     add_layout_arguments(parser)
     return parser.parse_args(argv)
@@ -267,7 +275,8 @@ def main(argv=None):
         lambda figure_dir: evaluate_checkpoints(
             args.model_dir, args.data_dir, args.settings, args.categories, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, one_class_names=args.one_class,
-            flip_average=args.flip_average, layout=layout_from_args(args)),
+            flip_average=args.flip_average, layout=layout_from_args(args),
+            allow_missing_masks=args.allow_missing_masks),
         lambda records: write_report(records, args.out_dir, paper_layout=args.paper_layout,
                                      percent=args.percent),
         f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and categories under '

@@ -231,3 +231,28 @@ def test_chest_xray_evaluation_fails_row_by_row(tmp_path, capsys):
     results = pd.read_csv(out / 'results.csv').set_index('seed')
     assert results.loc[1, 'image_auroc_mean'] >= 0 and 'NaN' in results.loc[2, 'error']
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith('failed: anomalous Shift seed 2')
+
+
+def test_evaluation_names_a_missing_mask_and_says_why_pixel_metrics_are_undefined(tmp_path,
+                                                                                  capsys):
+    data, models = tmp_path / 'data', tmp_path / 'models'
+    make_mvtec_category(data, 'unmasked', n_train=1, with_masks=False)
+    category = make_mvtec_category(data, 'blank', n_train=1)
+    for mask in (category / 'ground_truth' / 'crack').iterdir():
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
+    for name in ('unmasked', 'blank'):
+        save_checkpoint(models, 'Shift-1', name, 'texture', seed=1)
+    records = {r['category']: r for r in mvtec_tasks.evaluate_checkpoints(models, data)}
+    assert 'no mask for the defect image' in records['unmasked']['error']
+    assert 'unmasked/test/crack/000.png' in records['unmasked']['error']
+    assert records['blank']['undefined'] == ('pixel metrics: the masks of the defect images mark '
+                                             'no defect pixel')
+    assert math.isnan(records['blank']['pixel_auroc']) and records['blank']['image_auroc_mean'] >= 0
+    out = tmp_path / 'out'
+    mvtec_tasks.main(['-m', str(models), '-d', str(data), '-o', str(out), '--no-figures',
+                      '--allow-missing-masks', '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert 'warning: unmasked: 3 of 3 defect images have no mask' in err
+    assert 'note: unmasked: pixel metrics: no defect image has a mask' in err
+    assert 'note: blank: pixel metrics: the masks of the defect images mark no defect pixel' in err
+    assert 'undefined' in pd.read_csv(out / 'results.csv').columns
