@@ -185,8 +185,12 @@ class EpochDataset(Dataset):
 
 
 def make_loader(dataset, config, device):
-    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0."""
+    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0.
+
+    A last batch of one image is dropped (a different one each epoch): batch norm cannot
+    normalise one image whose features are 1 x 1 (a 32-pixel crop at the encoder's end)."""
     return DataLoader(EpochDataset(dataset), batch_size=config.batch_size,
+                      drop_last=len(dataset) > 1 and len(dataset) % config.batch_size == 1,
                       sampler=EpochSampler(len(dataset), config.seed),
                       num_workers=config.workers, persistent_workers=config.workers > 0,
                       pin_memory=device.type == 'cuda',

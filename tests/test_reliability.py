@@ -16,9 +16,10 @@ from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
 from self_sup_data import chest_xray
-from experiments.training import last_checkpoint_path, load_model
+from experiments.training import TrainConfig, last_checkpoint_path, load_model, make_loader, train
 from test_chest_xray import synthetic_table
 from test_cli import run_error
+from test_training import CrashAtEpoch, SquaresDataset
 
 ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
              '--no-figures', '--recipe', 'table']
@@ -256,3 +257,26 @@ def test_evaluation_names_a_missing_mask_and_says_why_pixel_metrics_are_undefine
     assert 'note: unmasked: pixel metrics: no defect image has a mask' in err
     assert 'note: blank: pixel metrics: the masks of the defect images mark no defect pixel' in err
     assert 'undefined' in pd.read_csv(out / 'results.csv').columns
+
+
+class PooledBatchNormNet(torch.nn.Module):
+    """Batch norm over 1 x 1 features, as NSA's encoder has at 32-pixel crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.BatchNorm2d(4),
+                                          torch.nn.Conv2d(4, 1, 1), torch.nn.Sigmoid())
+
+    def forward(self, x):
+        return self.layers(x).expand(-1, -1, *x.shape[-2:])
+
+
+def test_a_last_batch_of_one_image_is_dropped_so_batch_norm_trains_and_resumes(tmp_path):
+    config = TrainConfig(epochs=3, batch_size=4, figures=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # interrupted after one epoch of 5 images
+        train(PooledBatchNormNet(), CrashAtEpoch(1, n=5), config, tmp_path, 'toy')
+    meta = train(PooledBatchNormNet(), SquaresDataset(n=5), config, tmp_path, 'toy', resume=True)
+    assert len(meta['epoch_losses']) == 3
+    assert len(make_loader(SquaresDataset(n=6), config, torch.device('cpu'))) == 2  # 4 + 2 kept
