@@ -31,7 +31,7 @@ from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, load_validation_set, train_files
-from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
 PROG = 'train_mvtec.py'
@@ -161,6 +161,8 @@ def prepare_run(args, setting, data_dir, category, params=None):
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration)))
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     dataset.self_sup_args = self_sup_args
+    if self_sup_args.get('skip_background') is not None:
+        check_object_pixels(dataset.images, self_sup_args['skip_background'], dataset.paths)
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data

@@ -251,6 +251,13 @@ KIND_DEFAULTS = {
                     mixed_gradients=True, clip_at_border=False, paste_fraction=None),
 }
 CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture'])
+# the command-line flag of each category parameter, and its patch_ex argument where it differs
+OVERRIDE_FLAGS = dict(width_bounds_pct='--width-bounds', num_patches='--num-patches',
+                      intensity_logistic_params='--logistic', background='--background',
+                      min_object_pct='--min-object-pct', min_overlap_pct='--min-overlap-pct',
+                      resize_bounds='--resize-bounds', gamma_params='--gamma',
+                      clip_at_border='--clip-at-border', paste_fraction='--paste-fraction')
+PATCH_ARGUMENT = dict(background='skip_background')
 
 # Per-category parameters: the paper's 15 categories; add entries for custom categories.
 CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.items()
@@ -412,16 +419,16 @@ def param_overrides(args):
         min_overlap_pct=args.min_overlap_pct, resize_bounds=pairs(args.resize_bounds),
         gamma_params=pairs(args.gamma), clip_at_border=args.clip_at_border,
         paste_fraction=pairs(args.paste_fraction))
-    if args.num_patches is not None and args.num_patches < 1:
-        raise ValueError(f"--num-patches must be at least 1, got {args.num_patches}")
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
-    try:  # the generator's own check, before any run
-        PatchParams(paste_fraction=overrides['paste_fraction'])
-    except ValueError as error:
-        raise ValueError(f'--paste-fraction: {error}') from None
-    return {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in overrides.items():  # the generator's own checks, before any run
+        try:
+            PatchParams(**{PATCH_ARGUMENT.get(name, name): value})
+        except ValueError as error:
+            raise ValueError(f'{OVERRIDE_FLAGS[name]}: {error}') from None
+    return overrides
 
 
 def self_sup_args_from_args(setting, params, args):

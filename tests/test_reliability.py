@@ -16,6 +16,7 @@ from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
 from self_sup_data import chest_xray
+from self_sup_data.self_sup_tasks import check_object_pixels
 from experiments.training import TrainConfig, last_checkpoint_path, load_model, make_loader, train
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -280,3 +281,33 @@ def test_a_last_batch_of_one_image_is_dropped_so_batch_norm_trains_and_resumes(t
     meta = train(PooledBatchNormNet(), SquaresDataset(n=5), config, tmp_path, 'toy', resume=True)
     assert len(meta['epoch_losses']) == 3
     assert len(make_loader(SquaresDataset(n=6), config, torch.device('cpu'))) == 2  # 4 + 2 kept
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['--num-patches', '1000000'], '--num-patches: num_patches must be an integer from 1 to 32'),
+    (['--logistic', '0', '3'], '--logistic: intensity_logistic_params must be (k, x0) with k > 0'),
+    (['--logistic', '-2', '3'], '--logistic'),
+    (['--resize-bounds', '0.0001', '1000'], '--resize-bounds: resize_bounds must be (low, high) '
+                                            'with 0.1 <= low <= high <= 10'),
+])
+def test_absurd_generator_parameters_are_refused_before_anything_is_written(
+        tiny_mvtec, tmp_path, capsys, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift-Intensity', '-d', str(root), '-o', str(out)]
+                        + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
+def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'),
+                                           '--recipe', 'table', '--background', '128', '300'],
+                        capsys)
+    assert 'leaves no object pixel in 6 of 6 images' in message and f'{name}/train/good/' in message
+    assert not list((tmp_path / 'out').rglob('*.pt'))
+    images = [np.full((64, 64, 1), 100, np.uint8), np.full((64, 64, 1), 200, np.uint8)]
+    check_object_pixels(images, (0, 20), ['a.png', 'b.png'])  # both are objects
+    with pytest.raises(ValueError, match=r'in 1 of 2 images, e.g. a.png'):
+        check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
