@@ -31,6 +31,7 @@ uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler`
 randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
 reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
+import hashlib
 import math
 import random
 import time
@@ -56,7 +57,7 @@ NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
 # meta entries that record what a run measured, not what it is
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-RESULT_FIELDS = ('train_config',) + RESUMED_FIELDS
+RESULT_FIELDS = ('train_config', 'weights_sha256') + RESUMED_FIELDS
 
 
 @dataclass
@@ -226,6 +227,23 @@ def set_rng_state(state):
 
 def _cpu_state_dict(module):
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def weights_checksum(state_dict):
+    """SHA-256 (hex) of a state dict: the name, dtype, shape and bytes of each tensor, by name."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f'{name}:{tensor.dtype}:{tuple(tensor.shape)}'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_checkpoint(model, meta):
+    """What a final or best model file holds: the weights (on the CPU) and ``meta`` with their
+    ``weights_sha256`` (``weights_checksum``), which ``load_model`` verifies."""
+    state = _cpu_state_dict(model)
+    return dict(model=state, meta={**meta, 'weights_sha256': weights_checksum(state)})
 
 
 def run_meta(model, config, meta=None):
@@ -414,8 +432,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         recompute_batch_norm(averaged.module, loader, device, config.bf16)
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
-    save_torch_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
-                final_model_path(run_dir, name))
+    save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
     if config.figures:
         save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
     return meta
@@ -430,8 +447,7 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
     meta['validation'].append({'epoch': epoch, **scores})
     if scores['score'] > best:
         meta['best_epoch'] = epoch
-        save_torch_atomic(dict(model=_cpu_state_dict(model), meta=meta),
-                          best_model_path(run_dir, name))
+        save_torch_atomic(model_checkpoint(model, meta), best_model_path(run_dir, name))
     columns = list(meta['validation'][0])
     write_text_atomic(run_dir / f'{name}_validation.csv', '\n'.join(
         [','.join(columns)] + [','.join(f'{entry[c]:.6g}' for c in columns)
@@ -441,11 +457,16 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
 
 
 def load_model(path, device='cpu'):
-    """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta)."""
+    """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta).
+    ValueError when the weights do not match the checksum in the meta (``model_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     checkpoint = torch.load(path, map_location=device, weights_only=True)
+    expected = checkpoint['meta'].get('weights_sha256')
+    if expected is not None and weights_checksum(checkpoint['model']) != expected:
+        raise ValueError(f"checkpoint {path}: its weights do not match the checksum in its meta; "
+                         f"the file is damaged")
     model = build_model(checkpoint['meta']['model_config'])
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), checkpoint['meta']

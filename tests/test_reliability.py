@@ -17,10 +17,12 @@ from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
 from self_sup_data import chest_xray
 from self_sup_data.self_sup_tasks import check_object_pixels
-from experiments.training import TrainConfig, last_checkpoint_path, load_model, make_loader, train
+from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
+                                  make_loader, model_checkpoint, train, weights_checksum)
+from models.resnet import resnet18_enc_dec
 from test_chest_xray import synthetic_table
 from test_cli import run_error
-from test_training import CrashAtEpoch, SquaresDataset
+from test_training import CrashAtEpoch, SquaresDataset, TinyNet
 
 ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
              '--no-figures', '--recipe', 'table']
@@ -311,3 +313,23 @@ def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_pa
     check_object_pixels(images, (0, 20), ['a.png', 'b.png'])  # both are objects
     with pytest.raises(ValueError, match=r'in 1 of 2 images, e.g. a.png'):
         check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
+
+
+def test_a_changed_weight_fails_the_checksum_on_load(tmp_path):
+    model = resnet18_enc_dec(in_channels=1)
+    path = tmp_path / 'final_toy.pt'
+    torch.save(model_checkpoint(model, dict(model_config=model.config)), path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert len(checkpoint['meta']['weights_sha256']) == 64
+    load_model(path)  # intact
+    checkpoint['model']['encoder.conv1.weight'].view(torch.int32)[0, 0, 0, 0] ^= 1  # one flipped bit
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f'checkpoint {path}: its weights do not match the checksum'):
+        load_model(path)
+
+
+def test_training_writes_the_checksum_of_the_final_weights(tmp_path):
+    config = TrainConfig(epochs=1, batch_size=4, figures=False, progress=False)
+    train(TinyNet(), SquaresDataset(n=4), config, tmp_path, 'toy')
+    checkpoint = torch.load(final_model_path(tmp_path, 'toy'), weights_only=True)
+    assert checkpoint['meta']['weights_sha256'] == weights_checksum(checkpoint['model'])
