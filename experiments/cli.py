@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, run_differences,
                                   resolve_device, run_meta, seed_everything, train)
@@ -137,6 +138,7 @@ def exit_on_input_error(prog):
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
+    Temporary files of a save that was killed are removed first (``remove_stale_temporaries``).
     A finished or interrupted run in ``run_dir`` is never replaced unless ``force``: without
     ``resume`` it is refused; with ``resume`` its checkpoint must belong to the same run
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
@@ -145,6 +147,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
     meta, None if skipped.
     """
+    for stale in remove_stale_temporaries(run_dir):
+        print(f"{prog}: removed {stale}, left by an interrupted save")
     final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
     found = next((path for path in (final, last) if path.is_file()), None)
     state = 'finished' if found == final else 'interrupted'

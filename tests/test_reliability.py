@@ -333,3 +333,13 @@ def test_training_writes_the_checksum_of_the_final_weights(tmp_path):
     train(TinyNet(), SquaresDataset(n=4), config, tmp_path, 'toy')
     checkpoint = torch.load(final_model_path(tmp_path, 'toy'), weights_only=True)
     assert checkpoint['meta']['weights_sha256'] == weights_checksum(checkpoint['model'])
+
+
+def test_the_temporary_file_of_a_killed_save_is_removed_on_the_next_run(trained, capsys):
+    argv, path = trained
+    stale = path.parent / f'.{path.name}.k1ll3d.tmp'
+    stale.write_bytes(b'half a checkpoint')
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
+    assert not stale.exists() and f'removed {stale}' in capsys.readouterr().out
+    assert path.is_file()
