@@ -16,6 +16,7 @@ from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
 from self_sup_data import chest_xray
+from self_sup_data.images import decode
 from self_sup_data.self_sup_tasks import check_object_pixels
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
                                   make_loader, model_checkpoint, train, weights_checksum)
@@ -343,3 +344,13 @@ def test_the_temporary_file_of_a_killed_save_is_removed_on_the_next_run(trained,
     assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
     assert not stale.exists() and f'removed {stale}' in capsys.readouterr().out
     assert path.is_file()
+
+
+def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12-bit data
+    Image.fromarray(ramp).save(tmp_path / 'ramp.png')
+    decoded = decode(tmp_path / 'ramp.png')
+    assert decoded.dtype == np.uint8 and decoded.max() == 255 and len(np.unique(decoded)) == 256
+    full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # 16-bit data: the full range
+    Image.fromarray(full).save(tmp_path / 'full.png')
+    assert decode(tmp_path / 'full.png').max() == 255
