@@ -1,5 +1,7 @@
-"""Reliability of the training scripts: no finished or interrupted run is replaced unless asked,
-resume refuses another run by name, out-of-range options and broken checkpoints end in one line."""
+"""Reliability: no finished or interrupted run is replaced unless asked and resume refuses another
+run by name; out-of-range options, broken checkpoints and bad tables end in one line before
+anything is written; an evaluation fails row by row; masks, 16-bit images, batch norm's last
+batch, checksums and killed saves."""
 import math
 import os
 import shutil
@@ -15,12 +17,12 @@ import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks
 from experiments.settings import trained_model_path
-from self_sup_data import chest_xray
-from self_sup_data.images import decode
-from self_sup_data.self_sup_tasks import check_object_pixels
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
                                   make_loader, model_checkpoint, train, weights_checksum)
 from models.resnet import resnet18_enc_dec
+from self_sup_data import chest_xray
+from self_sup_data.images import decode
+from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
 from test_training import CrashAtEpoch, SquaresDataset, TinyNet
