@@ -43,6 +43,7 @@ DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 # 1,024-pixel textures (896-pixel objects): the side of MVTec AD's largest images
 MAX_RES_SCALE = 4
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
