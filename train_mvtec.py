@@ -4,7 +4,7 @@
                           [--single-patch] [--cutpaste-patch-gen] [--no-mask] [--no-pool]
                           [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
                           [--workers W] [--device D] [--resume] [--kind object|texture] ...
-    python train_mvtec.py -o OUT_DIR      # quick start: the built-in demo dataset, small budget
+    python train_mvtec.py -s SETTING -o OUT_DIR   # quick start: the demo dataset, small budget
     python train_mvtec.py -s SETTING --format folder --normal DIR [-n NAME] -o OUT_DIR
 
 DATA_DIR is in MVTec AD, VisA, MVTec LOCO AD or MVTec AD 2 layout (detected, or --format); a
@@ -16,6 +16,9 @@ OUT_DIR/shift_intensity_m/carpet/final_carpet_shift_intensity_m_923874273.pt) wi
 checkpoint, example figures and the loss curve next to it. ``CutPaste-3way`` trains CutPaste's
 classifier on the views of ``CutPaste3Way`` (normal, CutPaste, CutPaste-scar) instead;
 ``python -m experiments.mvtec_tasks`` scores it with a one-class model on its encoder features.
+
+``--evaluate`` (the default on the demo dataset) ends the run with that evaluation of the models
+just trained, written to OUT_DIR/eval, and prints its main figures.
 """
 import argparse
 import dataclasses
@@ -26,6 +29,7 @@ from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              train_config, train_unless_finished)
+from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import train
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
@@ -69,6 +73,10 @@ def parse_args(argv=None):
     add_training_arguments(parser)
     settings.add_task_arguments(parser)
     recipes.add_recipe_arguments(parser)
+    parser.add_argument('--evaluate', action=argparse.BooleanOptionalAction, default=None,
+                        help='evaluate the trained models on the test set at the end (as python -m '
+                             'experiments.mvtec_tasks does, into OUT_DIR/eval) and print the figures '
+                             '(default: on for the demo dataset only)')
     return parser.parse_args(argv)
 
 
@@ -128,7 +136,35 @@ def plan(args):
     print(f"{PROG}: no -d DATA_DIR given: training on the built-in demo dataset {category_dir} "
           f"with a small budget ({args.epochs} epochs, batch {args.batch_size}, "
           f"res-scale {args.res_scale}); pass -d for real data")
+    if args.evaluate is None:
+        args.evaluate = True
     return setting, category_dir.parent, [category_dir.name], out_dir
+
+
+SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
+                   'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
+
+
+def evaluate_trained(args, setting, data_dir, categories, out_dir):
+    """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
+    ``setting`` on ``categories`` under ``out_dir``, written to ``out_dir/eval``; prints one line
+    per model with the figures of SUMMARY_COLUMNS."""
+    eval_dir = Path(out_dir) / 'eval'
+    records = evaluate_checkpoints(out_dir, data_dir, [args.setting], categories, device=args.device,
+                                   figure_dir=None if args.no_figures else eval_dir / 'figures',
+                                   layout=layout_from_args(args))
+    write_report(records, eval_dir)
+    header = ['category', 'setting'] + list(SUMMARY_COLUMNS.values())
+    rows = [[str(r['category']), str(r['setting'])] + [f"{r.get(m, float('nan')):.3f}" for m in SUMMARY_COLUMNS]
+            for r in records]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
+    print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
+    for record in records:
+        if isinstance(record.get('error'), str):
+            print(f"{PROG}: evaluation of {record['category']} {record['setting']} failed: "
+                  f"{record['error']}", file=sys.stderr)
 
 
 def prepare_run(args, setting, data_dir, category, params=None):
@@ -236,6 +272,9 @@ def main(argv=None):
             return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
                               prepare, args.resume, args.force)
+    if args.evaluate:
+        with exit_on_input_error(PROG):
+            evaluate_trained(args, setting, data_dir, categories, out_dir)
     return 0
 
 

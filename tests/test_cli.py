@@ -1,5 +1,6 @@
 """Training scripts: input errors end in one line and write nothing; short real runs; resume."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -122,6 +123,24 @@ def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
     assert (args.epochs, args.batch_size, args.res_scale) == (
         train_mvtec.DEMO_EPOCHS, train_mvtec.DEMO_BATCH_SIZE, train_mvtec.DEMO_RES_SCALE)
     assert 'demo dataset' in capsys.readouterr().out
+    assert args.evaluate is True  # the quick start ends with the evaluation
+
+
+def test_evaluate_ends_training_with_the_evaluation_of_the_trained_model(tmp_path, capsys):
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    make_mvtec_category(data, 'tiles')
+    argv = ['-s', 'Shift', '-d', str(data), '-o', str(out), '--recipe', 'table'] + FAST
+    assert train_mvtec.main(argv) == 0
+    assert not (out / 'eval').exists()  # off by default on real data
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ['--resume', '--evaluate']) == 0  # finished: evaluated only
+    printed = capsys.readouterr().out.splitlines()
+    results = pd.read_csv(out / 'eval' / 'results.csv')
+    assert len(results) == 1 and results['setting'][0] == 'Shift'
+    row = next(line.split() for line in printed if line.startswith('tiles'))
+    assert row[:2] == ['tiles', 'Shift']
+    assert [float(v) for v in row[2:]] == pytest.approx(
+        [results[m][0] for m in train_mvtec.SUMMARY_COLUMNS], abs=5e-4)
 
 
 def write_chest_images(folder, count=4, size=64):
