@@ -15,13 +15,13 @@ from pathlib import Path
 from experiments import settings
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
                              model_from_args, prepare_output_dir, train_config, train_unless_finished)
-from experiments.training import resolve_device
-from self_sup_data.chest_xray import SelfSupChestXRay, chest_recipe, read_file_list
+from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
 CATEGORY = 'chest_xray'
 PAPER_RES = 256  # image side; training crops of 224
+MAX_RES = 1024  # the side of NIH's images
 
 
 def parse_args(argv=None):
@@ -50,9 +50,9 @@ def plan(args):
         raise ValueError(f"setting {setting.key!r} trains a classifier; chest X-ray training "
                          "supports the encoder-decoder settings only")
     params = settings.chest_xray_params(settings.param_overrides(args))
-    resolve_device(args.device)
     check_training_options(args, setting.loss)
-    chest_recipe(args.res)
+    if not 64 <= args.res <= MAX_RES:
+        raise ValueError(f"--res must be from 64 to {MAX_RES} (the side of NIH's images), got {args.res}")
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"data folder {args.data_dir} does not exist")
     names = read_file_list(args.list)
@@ -89,7 +89,7 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         setting, params, out_dir = plan(args)
     train_unless_finished(PROG, setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY),
-                          lambda: prepare_run(args, setting, params), args.resume)
+                          lambda: prepare_run(args, setting, params), args.resume, args.force)
     return 0
 
 

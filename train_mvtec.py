@@ -30,12 +30,12 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              train_config, train_unless_finished)
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import resolve_device, train
+from experiments.training import train
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, load_validation_set, train_files
-from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
 PROG = 'train_mvtec.py'
@@ -44,6 +44,8 @@ CATEGORY_GROUPS = ('all', 'texture', 'object')
 # on a 2-core CPU. Measured with Shift-Intensity: image AUROC 0.74 (mean) / 0.80 (max), pixel
 # AUROC 0.88, AU-PRO 0.55; 12 epochs of 16 images at 128 pixels (48 steps) learnt nothing.
 DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
+# 1,024-pixel textures (896-pixel objects): the side of MVTec AD's largest images
+MAX_RES_SCALE = 4
 
 
 def parse_args(argv=None):
@@ -107,11 +109,10 @@ def plan(args):
     """
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
-    resolve_device(args.device)
     check_training_options(args, setting.loss)
     recipes.check_recipe_options(args)
-    if args.res_scale is not None and not args.res_scale > 0:
-        raise ValueError(f"--res-scale must be positive, got {args.res_scale}")
+    if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:
+        raise ValueError(f"--res-scale must be in (0, {MAX_RES_SCALE}], got {args.res_scale}")
     layout = layout_from_args(args)
     if layout is not None and layout.name == 'folder':
         layout.train_files()  # checks the folder now, not after loading
@@ -160,6 +161,10 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
+    for record in records:
+        if isinstance(record.get('error'), str):
+            print(f"{PROG}: evaluation of {record['category']} {record['setting']} failed: "
+                  f"{record['error']}", file=sys.stderr)
 
 
 def prepare_run(args, setting, data_dir, category, params=None):
@@ -193,6 +198,8 @@ def prepare_run(args, setting, data_dir, category, params=None):
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration)))
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     dataset.self_sup_args = self_sup_args
+    if self_sup_args.get('skip_background') is not None:
+        check_object_pixels(dataset.images, self_sup_args['skip_background'], dataset.paths)
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
@@ -264,7 +271,7 @@ def main(argv=None):
             run[3]['recipe_search'] = search
             return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
-                              prepare, args.resume)
+                              prepare, args.resume, args.force)
     if args.evaluate:
         with exit_on_input_error(PROG):
             evaluate_trained(args, setting, data_dir, categories, out_dir)

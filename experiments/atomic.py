@@ -1,9 +1,11 @@
 """The one atomic file writer: results (checkpoints, tables, figures) never exist half-written.
 
 ``write_atomic(path, write)`` calls ``write(f)`` on a temporary file in ``path``'s folder (a
-unique name from ``tempfile.mkstemp``), flushes it to disk (``os.fsync``) and renames it to
-``path`` (``os.replace``, atomic on POSIX and Windows). On any exception the temporary file is
-removed and ``path`` is left as it was.
+unique name ``.<name>.<random>.tmp`` from ``tempfile.mkstemp``), flushes it to disk
+(``os.fsync``), renames it to ``path`` (``os.replace``, atomic on POSIX and Windows) and, on
+POSIX, flushes the folder so that the rename is on disk too. On any exception the temporary file
+is removed and ``path`` is left as it was; a process killed while writing leaves the temporary
+file, which ``remove_stale_temporaries`` deletes on the next run.
 """
 import os
 import tempfile
@@ -26,7 +28,23 @@ def write_atomic(path, write, binary=True):
     except BaseException:
         os.unlink(tmp)
         raise
+    if os.name == 'posix':
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that ``write_atomic`` left in ``folder`` when its process was
+    killed (``.<name>.<random>.tmp``); returns their paths. Call it only where no other process
+    is writing."""
+    stale = sorted(Path(folder).glob('.*.tmp')) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def save_torch_atomic(obj, path):

@@ -7,12 +7,13 @@ meta names at least its setting. Its results are named after the setting without
 map of its own and is scored by one-class models only (default: GDE, ``result_variants``).
 """
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from experiments import one_class
-from experiments.settings import BASE_SETTINGS, parse_setting
+from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
 from experiments.training import load_model
 
 CHECKPOINT_PATTERN = 'final_*.pt'
@@ -21,8 +22,12 @@ CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored wi
 
 
 def _read_error(path, error):
+    if isinstance(error, pickle.UnpicklingError):  # weights_only refused an object
+        return ValueError(f'cannot read checkpoint {path}: it holds objects other than tensors and '
+                          f'plain values, and loading it could run code; refused')
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}')
+    return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}'
+                      f' (truncated or not a checkpoint?)')
 
 
 def read_meta(path):
@@ -31,6 +36,8 @@ def read_meta(path):
         meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
         raise _read_error(path, error) from error
+    if not isinstance(meta, dict):
+        raise ValueError(f'checkpoint {path} has no meta dict; is it a model of the training scripts?')
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise ValueError(f'checkpoint {path} has no {missing} in its meta; '
@@ -78,15 +85,45 @@ def matches(requested, setting):
     return same_task and (requested.seed is None or requested.seed == setting.seed)
 
 
-def find_checkpoints(model_dir, dataset='mvtec'):
+def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
-    ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta)."""
+    ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta).
+
+    An unreadable checkpoint raises ValueError naming it, or, when ``unreadable`` is a list, is
+    appended to it as (path, reason) and skipped."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
                                 f'{CHECKPOINT_PATTERN} files written by the training scripts')
-    found = [(path, read_meta(path)) for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN))]
+    found = []
+    for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN)):
+        try:
+            found.append((path, read_meta(path)))
+        except ValueError as error:
+            if unreadable is None:
+                raise
+            unreadable.append((path, str(error)))
     return [(path, meta) for path, meta in found if meta.get('dataset', dataset) == dataset]
+
+
+def setting_from_path(path):
+    """The setting key of a checkpoint at the training scripts' path
+    ``<setting dir>/<category>/final_<category>_<setting fname>.pt`` (``Setting.run_dir``,
+    ``Setting.run_name``), e.g. 'Shift-M-3'; None for another path."""
+    path = Path(path)
+    for key in list(BASE_SETTINGS) + [base + '-M' for base in POISSON_BASES]:
+        setting = parse_setting(key)
+        match = re.fullmatch(rf'final_{re.escape(path.parent.name)}_{setting.fname}(?:_(\d+))?',
+                             path.stem)
+        if match and path.parent.parent.name == setting.dir_name:
+            return key + (f'-{match[1]}' if match[1] else '')
+    return None
+
+
+def failure_reason(error):
+    """One line saying why an evaluation failed: the exception's type and first line."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0] if lines else "(no message)"}'
 
 
 def select_checkpoints(found, settings=None, categories=None):

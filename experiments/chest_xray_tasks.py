@@ -20,14 +20,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from experiments import tables
-from experiments.checkpoints import (CHECKPOINT_PATTERN, find_checkpoints, read_model,
-                                     select_checkpoints, sort_records)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, failure_reason, find_checkpoints,
+                                     read_model, select_checkpoints, setting_from_path, sort_records)
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
-from experiments.prediction import evaluate
+from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.chest_xray import SelfSupChestXRay
+from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
 
 DATASET = 'chest_xray'
 DEFAULT_RES = 256
@@ -47,37 +47,63 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     """Evaluate the chest X-ray models (meta 'dataset' 'chest_xray') under ``model_dir`` on a test set.
 
     settings: keys (a key without a seed takes every seed found; None: all found); a requested
-    key without a checkpoint gives a row of NaN and a warning. test_name: the row name (default:
-    the anomalous list's file stem). figure_dir: ``<test_name>_<setting>.png`` of examples for
-    the first seed of each setting. Returns long-format results (``experiments.tables``): one
-    dict per checkpoint with the metrics of ``metrics.evaluate_maps`` and its path.
+    key without a checkpoint gives a row of NaN and a warning. Each checkpoint is evaluated on its
+    own: one that cannot be read or evaluated gives a row of NaN with the reason as ``error``
+    (an unreadable checkpoint whose path names no setting: a warning), and the others are
+    evaluated all the same. test_name: the row name (default: the anomalous list's file stem).
+    figure_dir: ``<test_name>_<setting>.png`` of examples for the first seed of each setting.
+    Returns long-format results (``experiments.tables``): one dict per checkpoint with the
+    metrics of ``metrics.evaluate_maps`` and its path.
     """
     device = resolve_device(device)
     if test_name is None:
         test_name = Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET
-    selected = select_checkpoints(find_checkpoints(model_dir, DATASET), settings)
-    records, plotted, datasets = [], set(), {}
-    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+    for file_list in (normal_list, anomalous_list):
+        read_file_list(file_list)  # a missing list is the command's error, not each row's
+    unreadable = []
+    found = find_checkpoints(model_dir, DATASET, unreadable)
+    for path, reason in unreadable:
+        key = setting_from_path(path)
+        if key is None or path.parent.name != DATASET:
+            warnings.warn(f'{reason}; skipped (its path names no chest X-ray setting)')
+        else:
+            found.append((path, dict(setting=key, error=reason)))
+    selected = select_checkpoints(found, settings)
+    plotted, datasets = set(), {}
+
+    def evaluate_one(path, meta, setting):
+        if 'error' in meta:
+            raise ValueError(meta['error'])
         model, meta = read_model(path, device)
         res = meta.get('res', DEFAULT_RES)
         if res not in datasets:
             datasets[res] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, res)
         values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None,
                                 return_maps=True)
-        setting = parse_setting(meta['setting'])
-        records.append(dict(category=test_name, kind=DATASET, setting=setting.seedless_key,
-                            seed=meta.get('seed', setting.seed), **values, checkpoint=str(path)))
         figure = figure_dir and figure_path(figure_dir, test_name, setting.seedless_key)
         if figure and figure not in plotted:
             plot_test_examples(datasets[res], maps, figure)
             plotted.add(figure)
+        return values if bbox_csv is None else values | undefined_note(datasets[res])
+
+    def record(setting, seed, values, path=None):
+        return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
+                    **values, checkpoint=path and str(path))
+
+    records = []
+    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+        setting = parse_setting(meta['setting'])
+        try:
+            values = evaluate_one(path, meta, setting)
+        except Exception as error:  # any failure of one checkpoint is its row's, not the run's
+            values = dict.fromkeys(METRICS, math.nan) | dict(error=failure_reason(error))
+        records.append(record(setting, meta.get('seed', setting.seed), values, path))
     for key in settings or []:
         if not select_checkpoints(selected, [key]):
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: '
                           'its cells are NaN')
             setting = parse_setting(key)
-            records.append(dict(category=test_name, kind=DATASET, setting=setting.seedless_key,
-                                seed=setting.seed, **dict.fromkeys(METRICS, math.nan), checkpoint=None))
+            records.append(record(setting, setting.seed, dict.fromkeys(METRICS, math.nan)))
     return sort_records(records, settings)
 
 

@@ -2,6 +2,7 @@
 of the model and the training loop, the arguments every evaluation takes, and the wrappers that
 turn input errors into one-line messages."""
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -9,7 +10,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from experiments.training import TrainConfig, final_model_path, seed_everything, train
+from experiments.atomic import remove_stale_temporaries
+from experiments.checkpoints import read_meta
+from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, run_differences,
+                                  resolve_device, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -38,8 +42,13 @@ def add_training_arguments(parser):
     group.add_argument('--bf16', action=argparse.BooleanOptionalAction,
                        help='forward pass in bfloat16 autocast (default: on CUDA only; --bf16 also '
                             'on the CPU, fast on CPUs with AVX512-BF16 or AMX, slow elsewhere)')
-    group.add_argument('--resume', action='store_true',
-                       help='continue interrupted runs from their last checkpoint; skip finished ones')
+    again = group.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='continue interrupted runs from their last checkpoint and skip finished '
+                            'ones; refused when they were run with other arguments')
+    again.add_argument('--force', action='store_true',
+                       help='train runs again from the start even when a finished model or an '
+                            'interrupted run is there (replaced when the new run ends)')
     group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
                        help='write the resume checkpoint every E epochs (default: 1)')
     group.add_argument('--figure-every', type=int, metavar='E',
@@ -60,8 +69,9 @@ def add_training_arguments(parser):
 
 def train_config(args, epochs, seed, loss):
     """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
-    return TrainConfig(epochs=args.epochs or epochs,
-                       batch_size=args.batch_size or TrainConfig.batch_size, lr=args.lr,
+    return TrainConfig(epochs=epochs if args.epochs is None else args.epochs,
+                       batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
+                       lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
                        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
                        figure_every=args.figure_every, figures=not args.no_figures,
@@ -71,8 +81,24 @@ def train_config(args, epochs, seed, loss):
 def check_training_options(args, loss):
     """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
     (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
-    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in."""
+    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in.
+    The messages name the flag: '--batch-size must be a positive integer, got 0'."""
+    for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be a positive integer, got {value}")
+    for name in ('lr', 'swa_lr'):
+        if not 0 < getattr(args, name) < math.inf:
+            raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def flag(name):
+    """The command-line flag of an argparse destination: 'batch_size' -> '--batch-size'."""
+    return '--' + name.replace('_', '-')
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
@@ -109,19 +135,38 @@ def exit_on_input_error(prog):
         sys.exit(1)
 
 
-def train_unless_finished(prog, run_dir, name, prepare, resume=False):
-    """Train the run ``name`` in ``run_dir``, unless ``resume`` finds its final model already there.
+def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
+    """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
-    ``prepare()`` returns (dataset, model, TrainConfig, meta, validator or None); its errors are
+    Temporary files of a save that was killed are removed first (``remove_stale_temporaries``).
+    A finished or interrupted run in ``run_dir`` is never replaced unless ``force``: without
+    ``resume`` it is refused; with ``resume`` its checkpoint must belong to the same run
+    (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
+    finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
+    model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
     input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
     meta, None if skipped.
     """
-    final = final_model_path(run_dir, name)
-    if resume and final.is_file():
+    for stale in remove_stale_temporaries(run_dir):
+        print(f"{prog}: removed {stale}, left by an interrupted save")
+    final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
+    found = next((path for path in (final, last) if path.is_file()), None)
+    state = 'finished' if found == final else 'interrupted'
+    with exit_on_input_error(prog):
+        if found and not (resume or force):
+            keep = 'keep it' if state == 'finished' else 'continue it'
+            raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
+                                  f"--force to train again and replace it")
+        dataset, model, config, meta, validator = prepare()
+        if found and resume:
+            differing = run_differences(read_meta(found), run_meta(model, config, meta))
+            if differing:
+                raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
+                                 f"arguments (then vs now: {'; '.join(differing)}); pass --force "
+                                 f"to train again and replace it, or use another output folder")
+    if resume and found == final:
         print(f"{prog}: {final} exists, skipping it")
         return None
-    with exit_on_input_error(prog):
-        dataset, model, config, meta, validator = prepare()
     return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                  validator=validator)
 
@@ -192,7 +237,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
     FileNotFoundError ``nothing_found`` when there are none, ``write_report(records)``; errors and
-    warnings as in ``run_command``. Prints where the tables are and returns the records."""
+    warnings as in ``run_command``. Prints where the tables are and returns the records; when
+    some records failed (an ``error`` entry), the last lines name each with its reason and the
+    command exits with status 1 once everything else is written."""
     def work():
         records = evaluate(None if args.no_figures else Path(args.out_dir) / 'figures')
         if not records:
@@ -201,4 +248,16 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         return records
     records = run_command(work)
     print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    undefined = {(record['category'], record['undefined']) for record in records
+                 if isinstance(record.get('undefined'), str)}
+    for category, reason in sorted(undefined):
+        print(f'note: {category}: {reason} (NaN in the tables)', file=sys.stderr)
+    failed = [record for record in records if isinstance(record.get('error'), str)]
+    if failed:
+        print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables, reason '
+              f'in the error column of results.csv):', file=sys.stderr)
+        for record in failed:
+            print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
+                  f"({record['checkpoint']}): {record['error']}", file=sys.stderr)
+        sys.exit(1)
     return records

@@ -344,6 +344,19 @@ def au_spro(maps, defect_masks, defect_image, saturation, max_fpr=0.05):
 # ---------------------------------------------------------------------------------------------
 # everything at once
 
+def undefined_pixel_metrics(labels, masks=None, has_mask=None):
+    """Why the pixel metrics of ``evaluate_maps`` are undefined (NaN) for these labels, masks and
+    has_mask: one line, or None when they are defined."""
+    if masks is None:
+        return 'the test set has no masks'
+    with_mask = np.asarray(labels, bool) & (True if has_mask is None else np.asarray(has_mask, bool))
+    if not with_mask.any():
+        return 'no defect image has a mask'
+    if not np.asarray(masks)[with_mask].any():
+        return 'the masks of the defect images mark no defect pixel'
+    return None
+
+
 def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     """Image and pixel metrics of a test set from its anomaly maps.
 
@@ -353,8 +366,8 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     the pixel metrics (normal images always have a valid, all-zero mask). Default: all True.
 
     Returns a dict of floats: image_auroc_mean, image_auroc_max, image_ap_mean, image_ap_max
-    (image score = mean / max of the map), and pixel_auroc, pixel_ap, au_pro, which are NaN when
-    masks is None.
+    (image score = mean / max of the map), and pixel_auroc, pixel_ap, au_pro, which are NaN where
+    they are undefined (``undefined_pixel_metrics`` says why).
     """
     labels = _as_binary(labels, 'labels')
     maps = _as_stack(maps, 'maps')
@@ -379,9 +392,9 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     if marked_normal.size:
         raise ValueError(f'masks of normal images (label 0) must be empty; items {marked_normal[:5].tolist()} '
                          'have defect pixels')
-    masks, maps = masks[has_mask], maps[has_mask]
-    if not masks.any():
+    if undefined_pixel_metrics(labels, masks, has_mask) is not None:
         return results
+    masks, maps = masks[has_mask], maps[has_mask]
     results.update(pixel_auroc=pixel_auroc(masks, maps), pixel_ap=pixel_ap(masks, maps),
                    au_pro=au_pro(masks, maps, max_fpr))
     return results

@@ -33,13 +33,13 @@ from tqdm import tqdm
 import numpy as np
 
 from experiments import metrics, one_class, tables
-from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, find_checkpoints,
-                                     read_model, result_setting, result_variants, select_checkpoints,
-                                     sort_records)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, failure_reason,
+                                     find_checkpoints, read_model, result_setting, result_variants,
+                                     select_checkpoints, setting_from_path, sort_records)
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
-from experiments.prediction import check_flip_average, evaluate_variants
+from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.layouts import layout_from_spec
@@ -60,12 +60,15 @@ def threshold_values(dataset, maps, thresholds=None):
                                      thresholds.get('pixel'))
 
 
-def load_test_set(data_dir, meta, layout=None):
+def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
     """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
-    ``layout`` (None: the layout in the meta, else detected)."""
+    ``layout`` (None: the layout in the meta, else detected). A defect image without a mask is an
+    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
                                res_scale=meta.get('res_scale', 1.0),
-                               layout=layout or layout_from_spec(meta.get('layout')))
+                               layout=layout or layout_from_spec(meta.get('layout')),
+                               allow_missing_masks=allow_missing_masks)
+
 
 
 def load_normal_set(data_dir, meta, layout=None):
@@ -86,6 +89,22 @@ def _record(meta, setting, path, values, one_class_name=None):
                 **values, checkpoint=None if path is None else str(path))
 
 
+def _undefined(one_class_name=None, error=None):
+    """NaN for each metric of a result (a missing or failed checkpoint), with the failure's reason
+    as ``error`` when it failed."""
+    names = METRICS + (() if one_class_name is None else one_class.POOLED_METRICS)
+    return dict.fromkeys(names, math.nan) | ({} if error is None else dict(error=error))
+
+
+def check_channels(model, dataset, path):
+    """ValueError naming the checkpoint ``path`` when its model takes another number of image
+    channels than the test images of ``dataset`` have."""
+    channels = model.config.get('in_channels')
+    if channels is not None and channels != dataset.in_channels:
+        raise ValueError(f'{path} takes {channels}-channel images, but the test images of '
+                         f'{dataset.class_name!r} have {dataset.in_channels} channels')
+
+
 def missing_records(found, settings, categories, one_class_names=None):
     """NaN records, with a warning each, for the pairs of setting keys and categories that have no
     checkpoint in ``found`` (one per ``result_variants``)."""
@@ -98,33 +117,54 @@ def missing_records(found, settings, categories, one_class_names=None):
                               'its cells are NaN')
                 setting = parse_setting(key)
                 for variant in result_variants(setting, one_class_names):
-                    names = METRICS + (() if variant is None else one_class.POOLED_METRICS)
                     records.append(_record(dict(category=category, kind=kinds.get(category)),
-                                           setting, None, dict.fromkeys(names, math.nan), variant))
+                                           setting, None, _undefined(variant), variant))
     return records
+
+
+def find_evaluable(model_dir):
+    """The checkpoints of MVTec-layout models under ``model_dir`` -> list of (path, meta); an
+    unreadable one at the training scripts' path is kept with the meta (setting, category, error)
+    of that path (``setting_from_path``), any other is skipped with a warning."""
+    unreadable = []
+    found = find_checkpoints(model_dir, unreadable=unreadable)
+    for path, reason in unreadable:
+        key = setting_from_path(path)
+        if key is None:
+            warnings.warn(f'{reason}; skipped (its path names no setting and category)')
+        else:
+            found.append((path, dict(setting=key, category=path.parent.name, error=reason)))
+    return found
 
 
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
                          batch_size=32, figure_dir=None, one_class_names=None, flip_average=False,
-                         layout=None):
+                         layout=None, allow_missing_masks=False):
     """Evaluate the trained models under ``model_dir`` on their categories' test sets in ``data_dir``.
 
     settings: keys to evaluate (a key without a seed takes every seed found; None: all found);
     categories: names to evaluate (None: all found). Each model's test set is rebuilt from its
     meta (category, kind, res_scale); objects are cropped to its ``train_size``. When settings or
     categories are given, every requested pair (the other list defaulting to all found) without a
-    checkpoint gives a row of NaN and a warning; an unreadable checkpoint raises ValueError naming
-    it. figure_dir: also write ``<category>_<setting>.png`` (first seed found of each setting, see
-    ``plot_test_examples``). one_class_names: also evaluate the two-stage variants with these
-    one-class models ('gde', 'kde', 'ocsvm'; see ``result_variants``). flip_average: average each
-    map with that of the vertical flip (``prediction.predict``; textures only). Returns the long-format
-    results (see ``experiments.tables``), one dict per checkpoint and variant with the metrics of
-    ``METRICS`` (the model's own maps also ``metrics.THRESHOLD_METRICS``, see
-    ``threshold_values``; two-stage variants also ``one_class.POOLED_METRICS``) and its path.
-    layout: the data layout (None: each model's own, from its meta; see ``self_sup_data.layouts``).
+    checkpoint gives a row of NaN and a warning. Each checkpoint is evaluated on its own: one that
+    cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be loaded or has
+    one class only, a model that outputs NaN or takes other channels ...) gives rows of NaN with
+    the reason as ``error``, and the others are evaluated all the same. figure_dir: also write
+    ``<category>_<setting>.png`` (first seed found of each setting, see ``plot_test_examples``).
+    one_class_names: also evaluate the two-stage variants with these one-class models ('gde',
+    'kde', 'ocsvm'; see ``result_variants``). flip_average: average each map with that of the
+    vertical flip (``prediction.predict``; textures only). Returns the long-format results (see
+    ``experiments.tables``), one dict per checkpoint and variant with the metrics of ``METRICS``
+    (the model's own maps also ``metrics.THRESHOLD_METRICS``, see ``threshold_values``; two-stage
+    variants also ``one_class.POOLED_METRICS``) and its path. layout: the data layout (None: each
+    model's own, from its meta; see ``self_sup_data.layouts``). allow_missing_masks: evaluate
+    defect images without a mask at image level only (counted in a warning) instead of failing.
+    Results whose pixel metrics are undefined say why in ``undefined`` (``undefined_note``).
     """
     device = resolve_device(device)
-    found = find_checkpoints(model_dir)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f'data folder {data_dir} does not exist')
+    found = find_evaluable(model_dir)
     selected = sorted(select_checkpoints(found, settings, categories),
                       key=lambda item: (item[1]['category'], str(item[0])))
     for name in one_class_names or ():
@@ -133,28 +173,48 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         for path, meta in selected:
             check_flip_average(meta['category'], meta.get('kind'),
                                result_variants(parse_setting(meta['setting']), one_class_names), path)
-    records, plotted, data_key = [], set(), None
-    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+    plotted, loaded = set(), dict(key=None)  # one test set in memory at a time
+
+    def test_set(meta):
+        """(test set, normal set loader) of a checkpoint's meta, loaded when it is another one."""
+        key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
+        if key != loaded['key']:
+            loaded.clear()
+            # the normal set is loaded once per test set, when a two-stage variant needs it
+            loaded.update(sets=(load_test_set(data_dir, meta, layout, allow_missing_masks), functools.cache(
+                functools.partial(load_normal_set, data_dir, meta, layout))), key=key)
+        return loaded['sets']
+
+    def evaluate_one(path, meta, setting):
+        if 'error' in meta:
+            raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        if (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout')) != data_key:
-            data_key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
-            dataset = load_test_set(data_dir, meta, layout)  # one test set in memory at a time
-            # loaded once per test set, when a two-stage variant needs it
-            normal_set = functools.cache(functools.partial(load_normal_set, data_dir, meta, layout))
+        dataset, normal_set = test_set(meta)
+        check_channels(model, dataset, path)
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
-        setting = parse_setting(meta['setting'])
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
                                     normal_set, batch_size, device, crop_size, source=str(path),
                                     flip_average=flip_average)
+        rows = []
         for variant, (values, maps) in results.items():
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
-            records.append(_record(meta, setting, path, values, variant))
+            rows.append(_record(meta, setting, path, values | undefined_note(dataset), variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
             if figure and figure not in plotted:
                 plot_test_examples(dataset, maps, figure)
                 plotted.add(figure)
+        return rows
+
+    records = []
+    for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
+        setting = parse_setting(meta['setting'])
+        try:
+            records += evaluate_one(path, meta, setting)
+        except Exception as error:  # any failure of one checkpoint is its row's, not the run's
+            records += [_record(meta, setting, path, _undefined(variant, failure_reason(error)),
+                                variant) for variant in result_variants(setting, one_class_names)]
     if settings is not None or categories is not None:
         found_settings = dict.fromkeys(parse_setting(meta['setting']).seedless_key for _, meta in found)
         records += missing_records(found, settings or list(found_settings),
@@ -200,6 +260,9 @@ def parse_args(argv=None):
                              'with --one-class)')
     parser.add_argument('--paper-layout', action='store_true',
                         help="merge X (objects) and X-M (textures) into one column, as in the paper")
+    parser.add_argument('--allow-missing-masks', action='store_true',
+                        help='evaluate defect images without a mask at image level only (counted '
+                             'in a warning; default: a missing mask is an error)')
     add_evaluation_options(parser)
     add_layout_arguments(parser)
     return parser.parse_args(argv)
@@ -212,7 +275,8 @@ def main(argv=None):
         lambda figure_dir: evaluate_checkpoints(
             args.model_dir, args.data_dir, args.settings, args.categories, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, one_class_names=args.one_class,
-            flip_average=args.flip_average, layout=layout_from_args(args)),
+            flip_average=args.flip_average, layout=layout_from_args(args),
+            allow_missing_masks=args.allow_missing_masks),
         lambda records: write_report(records, args.out_dir, paper_layout=args.paper_layout,
                                      percent=args.percent),
         f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and categories under '

@@ -147,3 +147,10 @@ def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, devic
             model, normal_set(), dataset, two_stage, crop_size=crop_size, batch_size=batch_size,
             device=device, source=source))
     return results
+
+
+def undefined_note(dataset):
+    """{'undefined': 'pixel metrics: <reason>'} when the pixel metrics of ``dataset`` are undefined
+    (``metrics.undefined_pixel_metrics``), else {}: recorded with the results."""
+    reason = metrics.undefined_pixel_metrics(dataset.labels, np.stack(dataset.masks), dataset.has_mask)
+    return {} if reason is None else dict(undefined=f'pixel metrics: {reason}')

@@ -38,6 +38,7 @@ from self_sup_data.mvtec import category_kind
 from self_sup_data.self_sup_tasks import PatchParams
 
 DEFAULT_SEED = 0
+MAX_SEED = 2**63 - 1  # torch's generator takes 64-bit seeds; checkpoints store them as int64
 
 # ------------------------------------------------------------------------------------------------
 # Setting keys
@@ -151,7 +152,7 @@ def valid_setting_forms():
     """One line describing the valid setting keys (for error messages and --help)."""
     return (f"BASE[-M][-SEED] with BASE one of {', '.join(BASE_SETTINGS)}; "
             f"-M (mixed gradients) only for {', '.join(POISSON_BASES)}; "
-            f"SEED a non-negative integer (e.g. Shift-Intensity-M-923874273)")
+            f"SEED an integer from 0 to 2**63 - 1 (e.g. Shift-Intensity-M-923874273)")
 
 
 def parse_setting(key):
@@ -169,6 +170,9 @@ def parse_setting(key):
                          f"Poisson-blending bases {', '.join(POISSON_BASES)}, not to {name}")
     dir_name = base.slug + ('_m' if mixed else '')
     seed = None if seed is None else int(seed)
+    if seed is not None and seed > MAX_SEED:
+        raise ValueError(f"setting key {key!r}: seed {seed} is too large; seeds go from 0 to "
+                         f"2**63 - 1 = {MAX_SEED}")
     fname = dir_name if seed is None else f'{dir_name}_{seed}'
     return Setting(key=key, base=name, mixed=mixed, seed=seed, self_sup_args=args,
                    loss=base.loss, final_activation=base.final_activation,
@@ -247,6 +251,13 @@ KIND_DEFAULTS = {
                     mixed_gradients=True, clip_at_border=False, paste_fraction=None),
 }
 CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture'])
+# the command-line flag of each category parameter, and its patch_ex argument where it differs
+OVERRIDE_FLAGS = dict(width_bounds_pct='--width-bounds', num_patches='--num-patches',
+                      intensity_logistic_params='--logistic', background='--background',
+                      min_object_pct='--min-object-pct', min_overlap_pct='--min-overlap-pct',
+                      resize_bounds='--resize-bounds', gamma_params='--gamma',
+                      clip_at_border='--clip-at-border', paste_fraction='--paste-fraction')
+PATCH_ARGUMENT = dict(background='skip_background')
 
 # Per-category parameters: the paper's 15 categories; add entries for custom categories.
 CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.items()
@@ -408,16 +419,16 @@ def param_overrides(args):
         min_overlap_pct=args.min_overlap_pct, resize_bounds=pairs(args.resize_bounds),
         gamma_params=pairs(args.gamma), clip_at_border=args.clip_at_border,
         paste_fraction=pairs(args.paste_fraction))
-    if args.num_patches is not None and args.num_patches < 1:
-        raise ValueError(f"--num-patches must be at least 1, got {args.num_patches}")
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
-    try:  # the generator's own check, before any run
-        PatchParams(paste_fraction=overrides['paste_fraction'])
-    except ValueError as error:
-        raise ValueError(f'--paste-fraction: {error}') from None
-    return {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in overrides.items():  # the generator's own checks, before any run
+        try:
+            PatchParams(**{PATCH_ARGUMENT.get(name, name): value})
+        except ValueError as error:
+            raise ValueError(f'{OVERRIDE_FLAGS[name]}: {error}') from None
+    return overrides
 
 
 def self_sup_args_from_args(setting, params, args):

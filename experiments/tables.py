@@ -207,6 +207,7 @@ def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
 
 
 def write_results(records, path):
-    """The long-format results (one row per checkpoint, numeric) as CSV, written atomically."""
+    """The long-format results (one row per checkpoint and variant: its keys, metrics, checkpoint
+    and, for a failed evaluation, its ``error``) as CSV, written atomically."""
     write_text_atomic(path, results_frame(records).to_csv(index=False))
     return Path(path)

@@ -31,6 +31,8 @@ uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler`
 randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
 reads the item), and the checkpoint restores torch's RNG state (dropout).
 """
+import hashlib
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -55,7 +57,7 @@ NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
 # meta entries that record what a run measured, not what it is
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-RESULT_FIELDS = ('train_config',) + RESUMED_FIELDS
+RESULT_FIELDS = ('train_config', 'weights_sha256') + RESUMED_FIELDS
 
 
 @dataclass
@@ -89,16 +91,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSS_FUNCTIONS:
             raise ValueError(f"loss must be one of {list(LOSS_FUNCTIONS)}, got {self.loss!r}")
-        for name in ('epochs', 'batch_size', 'checkpoint_every'):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ('lr', 'min_lr', 'swa_lr'):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
         if not 0 <= self.swa_epochs < self.epochs:
             raise ValueError(f"swa_epochs must be >= 0 and less than epochs ({self.epochs}), "
                              f"got {self.swa_epochs!r}")
-        if not self.swa_lr > 0:
-            raise ValueError(f"swa_lr must be positive, got {self.swa_lr!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.select == 'best' and self.swa_epochs:
@@ -117,7 +121,10 @@ def resolve_device(name=None):
     """torch.device for ``name``; None or 'auto': CUDA when available, else CPU."""
     if name in (None, 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
     return device
@@ -179,8 +186,12 @@ class EpochDataset(Dataset):
 
 
 def make_loader(dataset, config, device):
-    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0."""
+    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0.
+
+    A last batch of one image is dropped (a different one each epoch): batch norm cannot
+    normalise one image whose features are 1 x 1 (a 32-pixel crop at the encoder's end)."""
     return DataLoader(EpochDataset(dataset), batch_size=config.batch_size,
+                      drop_last=len(dataset) > 1 and len(dataset) % config.batch_size == 1,
                       sampler=EpochSampler(len(dataset), config.seed),
                       num_workers=config.workers, persistent_workers=config.workers > 0,
                       pin_memory=device.type == 'cuda',
@@ -218,22 +229,52 @@ def _cpu_state_dict(module):
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _check_resumable(path, saved_meta, meta):
-    """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+def weights_checksum(state_dict):
+    """SHA-256 (hex) of a state dict: the name, dtype, shape and bytes of each tensor, by name."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f'{name}:{tensor.dtype}:{tuple(tensor.shape)}'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_checkpoint(model, meta):
+    """What a final or best model file holds: the weights (on the CPU) and ``meta`` with their
+    ``weights_sha256`` (``weights_checksum``), which ``load_model`` verifies."""
+    state = _cpu_state_dict(model)
+    return dict(model=state, meta={**meta, 'weights_sha256': weights_checksum(state)})
+
+
+def run_meta(model, config, meta=None):
+    """The meta ``train`` starts a run with: ``meta`` with the model's ``model_config`` and the
+    ``train_config``."""
+    return {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config)}
+
+
+def run_differences(saved_meta, meta):
+    """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
+    ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
+    model and ``TrainConfig`` values; runtime fields and results are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
-        config = {k: v for k, v in {**defaults, **m['train_config']}.items()
+        config = {k: v for k, v in {**defaults, **m.get('train_config', {})}.items()
                   if k not in RUNTIME_FIELDS}
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS}
         return {**rest, **config}
     saved, current = learnt(saved_meta), learnt(meta)
     differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    return [f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing]
+
+
+def _check_resumable(path, saved_meta, meta):
+    """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+    differing = run_differences(saved_meta, meta)
     if differing:
-        details = ', '.join(f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing)
         raise ValueError(f"cannot resume from {path}: it was written by a different run "
-                         f"(checkpoint vs now: {details}); start without resume or use another "
-                         f"output folder")
+                         f"(checkpoint vs now: {', '.join(differing)}); start without resume or "
+                         f"use another output folder")
 
 
 def save_sample_figure(images, labels, preds, path):
@@ -324,8 +365,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         optimizer, T_max=cosine_epochs,
         eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
-    meta = {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
-            'epoch_losses': [], 'train_time_s': 0.0}
+    meta = {**run_meta(model, config, meta), 'epoch_losses': [], 'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
     start_epoch = 0
@@ -392,8 +432,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         recompute_batch_norm(averaged.module, loader, device, config.bf16)
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
-    save_torch_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
-                final_model_path(run_dir, name))
+    save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
     if config.figures:
         save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
     return meta
@@ -408,8 +447,7 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
     meta['validation'].append({'epoch': epoch, **scores})
     if scores['score'] > best:
         meta['best_epoch'] = epoch
-        save_torch_atomic(dict(model=_cpu_state_dict(model), meta=meta),
-                          best_model_path(run_dir, name))
+        save_torch_atomic(model_checkpoint(model, meta), best_model_path(run_dir, name))
     columns = list(meta['validation'][0])
     write_text_atomic(run_dir / f'{name}_validation.csv', '\n'.join(
         [','.join(columns)] + [','.join(f'{entry[c]:.6g}' for c in columns)
@@ -419,11 +457,16 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
 
 
 def load_model(path, device='cpu'):
-    """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta)."""
+    """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta).
+    ValueError when the weights do not match the checksum in the meta (``model_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     checkpoint = torch.load(path, map_location=device, weights_only=True)
+    expected = checkpoint['meta'].get('weights_sha256')
+    if expected is not None and weights_checksum(checkpoint['model']) != expected:
+        raise ValueError(f"checkpoint {path}: its weights do not match the checksum in its meta; "
+                         f"the file is damaged")
     model = build_model(checkpoint['meta']['model_config'])
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), checkpoint['meta']

@@ -36,6 +36,7 @@ TABLE_COLUMNS = ('Image Index', 'Finding Labels', 'Patient ID', 'Patient Age', '
 BBOX_COLUMNS = ('Image Index', 'Finding Label', 'Bbox [x', 'y', 'w', 'h]')
 BBOX_IMAGE_SIDE = 1024  # NIH boxes are in the coordinates of the distributed 1024 x 1024 images
 LIST_NAMES = ('norm_train', 'norm_test', 'anom_test')
+PROG = 'python -m self_sup_data.chest_xray'
 
 
 def chest_recipe(res=256):
@@ -150,8 +151,13 @@ class SelfSupChestXRay(SelfSupImageDataset):
 # ----------------------------------------------------------------------------- list builder
 
 def read_table(csv):
-    """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns."""
-    table = pd.read_csv(csv)
+    """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns
+    (ValueError for an empty or unparsable file, KeyError naming missing columns)."""
+    try:
+        table = pd.read_csv(csv)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read label table {csv}: {str(error).strip().splitlines()[0]}; "
+                         f"expected a CSV with columns {list(TABLE_COLUMNS)}") from None
     _check_columns(table, TABLE_COLUMNS, csv)
     return table
 
@@ -166,6 +172,9 @@ def build_file_lists(table, gender=None, min_age=18, view='PA', n_test_normal=30
     lists (up to ``n_test_normal`` / ``n_test_anom``, the rest is left out), and the normal images
     of all other patients form the training list. Returns {name: sorted list of file names}.
     """
+    for name, value in (('n_test_normal', n_test_normal), ('n_test_anom', n_test_anom)):
+        if value < 0:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be 0 or more, got {value}")
     rows = table
     if gender is not None:
         rows = rows[rows['Patient Gender'] == gender]
@@ -210,7 +219,8 @@ def write_file_lists(lists, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write normal/anomalous train/test file lists from "
+    """Run the list builder's command line; bad input ends with a one-line error and exit status 1."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Write normal/anomalous train/test file lists from "
                                                  "NIH ChestX-ray14's label table (split by patient).")
     parser.add_argument('--csv', required=True, help="Data_Entry_2017.csv (or .csv.gz)")
     parser.add_argument('--out', required=True, help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
@@ -221,10 +231,13 @@ def main(argv=None):
     parser.add_argument('--n-test-anom', type=int, default=150)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age,
-                             view=None if args.view == 'any' else args.view,
-                             n_test_normal=args.n_test_normal, n_test_anom=args.n_test_anom, seed=args.seed)
-    write_file_lists(lists, args.out)
+    from experiments.cli import exit_on_input_error  # here: the data side needs no training code
+    with exit_on_input_error(PROG):
+        lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age,
+                                 view=None if args.view == 'any' else args.view,
+                                 n_test_normal=args.n_test_normal, n_test_anom=args.n_test_anom,
+                                 seed=args.seed)
+        write_file_lists(lists, args.out)
     print(', '.join(f'{name}: {len(lists[name])}' for name in LIST_NAMES) + f' -> {args.out}')
 
 

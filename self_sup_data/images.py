@@ -12,15 +12,28 @@ from PIL import Image
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GLOB_CHARACTERS = '*?['
+HIGH_BIT_DEPTHS = (12, 16)  # bits of the data in 16-bit images: 12-bit sensors, or the full range
+
+
+def high_bit_depth(values):
+    """The bit depth of the data of a 16-bit image: the smallest of ``HIGH_BIT_DEPTHS`` that holds
+    its largest value (12-bit data stored in 16-bit PNGs has values up to 4095)."""
+    largest = int(values.max(initial=0))
+    return next((bits for bits in HIGH_BIT_DEPTHS if largest < 2 ** bits), HIGH_BIT_DEPTHS[-1])
 
 
 def decode(path):
-    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array."""
+    """Decode the whole file with Pillow (which raises on truncated data) -> uint8 numpy array.
+
+    A 16-bit image is scaled from the range of its bit depth (``high_bit_depth``: 0..4095 for
+    12-bit data, else 0..65535) to 0..255, so that 12-bit data keeps 256 grey levels."""
     try:
         with Image.open(path) as image:
             image.load()
             if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                return (np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+                values = np.asarray(image, dtype=np.float32)
+                scale = 255 / (2 ** high_bit_depth(values) - 1)
+                return (values * scale).round().clip(0, 255).astype(np.uint8)
             if image.mode in ('1', 'LA', 'La'):
                 image = image.convert('L')
             elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...

@@ -8,9 +8,12 @@ A layout answers, for a root folder and a category name:
     spec()                      a plain dict that ``layout_from_spec`` turns back into the layout
                                 (kept in a trained model's meta so that evaluation reads the same)
 
-A test image's mask is None (a normal image, or a defect image without a mask: image-level
-evaluation only), a path (a 0/255 or 0/1 mask, see ``mvtec.read_mask``), or a tuple of paths
-whose nonzero pixels together are the defect (masks whose pixel values are region or defect ids).
+A test image's mask is None (a normal image, or a defect image without a mask), a path (any
+nonzero pixel is a defect, see ``mvtec.read_mask``), or a tuple of paths whose nonzero pixels
+together are the defect (masks whose pixel values are region or defect ids). Mask files are
+matched by exact name (``[`` and ``]`` in a name are plain characters). ``has_masks`` says whether
+the layout gives each defect image a mask (all but the folder layout without a mask folder): then
+a missing mask is an error unless asked otherwise (``mvtec.SelfSupMVTecDataset``).
 
 Formats (``--format`` of the command lines; ``detect_layout`` recognises all but ``folder``):
 
@@ -111,6 +114,7 @@ def _typed_test_files(test_dir, mask_of, what):
 class CategoryLayout:
     """A layout with one folder per category; normal training images in ``<cat>/train/good``."""
     name = expected = None
+    has_masks = True
 
     def train_files(self, root, category):
         folder = _category_dir(self, root, category) / 'train' / 'good'
@@ -131,8 +135,10 @@ class MVTecLayout(CategoryLayout):
     def test_files(self, root, category):
         category_dir = _category_dir(self, root, category)
 
-        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<any suffix>, or None
-            candidates = sorted((category_dir / 'ground_truth' / defect_type).glob(f'{path.stem}_mask.*'))
+        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<image suffix>, or None
+            folder = category_dir / 'ground_truth' / defect_type
+            candidates = folder.is_dir() and [mask for mask in image_files(folder)
+                                              if mask.stem == f'{path.stem}_mask']  # names, not patterns
             return candidates[0] if candidates else None
         return _typed_test_files(category_dir / 'test', mask_of,
                                  'testing needs test/good and test/<defect> folders')
@@ -266,6 +272,7 @@ class FolderLayout:
         self.mask_dir = None if mask_dir is None else Path(mask_dir)
         self.expected = (f'normal images in {self.normal}, anomalous images in {self.abnormal}, '
                          f'masks named as the anomalous images in {self.mask_dir}')
+        self.has_masks = self.mask_dir is not None
 
     def categories(self, root=None):
         return [FOLDER_CATEGORY]

@@ -5,7 +5,8 @@ Layout (``root`` holds one folder per category)::
     root/<category>/train/good/*.png                    normal training images
     root/<category>/test/good/*.png                     normal test images
     root/<category>/test/<defect>/<name>.png            defective test images
-    root/<category>/ground_truth/<defect>/<name>_mask.png   their masks (optional per image)
+    root/<category>/ground_truth/<defect>/<name>_mask.png   their masks (any nonzero pixel is a
+                                                             defect; matched by exact name)
 
 The same datasets read VisA, MVTec LOCO AD, MVTec AD 2 and a plain pair of folders through
 ``self_sup_data.layouts`` (which layout: given, or detected from the folder).
@@ -26,6 +27,7 @@ With ``views`` (e.g. ``CutPaste3Way``, CutPaste's classification task) a trainin
 instead several views of the transformed image with their class labels.
 """
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -103,11 +105,11 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
 # ----------------------------------------------------------------------------- reading files
 
 def read_mask(path):
-    """Boolean ``H x W`` mask: pixels above 127 (0/255 masks) or above 0 (0/1 masks)."""
+    """Boolean ``H x W`` mask: every nonzero pixel is a defect (0/255, 0/1 or any other value)."""
     mask = decode(path)
     if mask.ndim == 3:
         mask = mask.max(axis=2)
-    return mask > (127 if mask.max() > 1 else 0)
+    return mask > 0
 
 
 def read_id_masks(paths):
@@ -240,6 +242,23 @@ def train_files(root_path, class_name, layout=None):
     return layout.train_files(root_path, class_name)
 
 
+def _check_masks(class_name, layout, paths, defect_types, mask_paths, allow_missing):
+    """FileNotFoundError naming a defect image without a mask when ``layout.has_masks`` and not
+    ``allow_missing``; otherwise a warning that counts them (image-level evaluation only)."""
+    missing = [path for path, t, mask in zip(paths, defect_types, mask_paths)
+               if t != 'good' and mask is None]
+    if not missing:
+        return
+    defects = sum(t != 'good' for t in defect_types)
+    if layout.has_masks and not allow_missing:
+        raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
+                                f"{defects} defect images of {class_name!r} have none; "
+                                f"{layout.name} layout: {layout.expected}); to evaluate them at "
+                                f"image level only, allow missing masks (--allow-missing-masks)")
+    warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no mask and are "
+                  f"evaluated at image level only (left out of the pixel metrics)")
+
+
 class SelfSupMVTecDataset(SelfSupImageDataset):
     """One category of a data folder: MVTec AD layout (see the module docstring) or another
     ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
@@ -248,6 +267,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     (``low_res`` for training, ``test_res`` for testing). ``self_sup_args``: keyword arguments of
     ``patch_ex`` (plain types). Test items: ``.defect_types`` ('good' for normal), ``.paths``,
     ``.has_mask`` (False for a defect image without a mask file: image-level evaluation only).
+    A defect image without a mask is a FileNotFoundError naming it when the layout has masks
+    (``layout.has_masks``), unless ``allow_missing_masks``; such images are counted in a warning.
     ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
     ``exclude``: indices (in sorted file order) of training images to leave out (held out for
     validation, ``self_sup_data.validation.holdout_indices``).
@@ -255,7 +276,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
                  self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=(),
-                 layout=None):
+                 layout=None, allow_missing_masks=False):
         layout = detect_layout(root_path, class_name) if layout is None else layout
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
@@ -266,6 +287,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             paths = [path for index, path in enumerate(paths) if index not in excluded]
         else:
             paths, defect_types, mask_paths = layout.test_files(root_path, class_name)
+            _check_masks(class_name, layout, paths, defect_types, mask_paths, allow_missing_masks)
         images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
         train_size = None
         if transform is None:

@@ -32,6 +32,8 @@ LABEL_MODES = ('binary', 'continuous', 'intensity', 'logistic-intensity')
 #   2  paste_fraction mixes the plain paste over the whole patch mask, not only inside its outer ring
 GENERATOR_VERSION = 2
 MAX_TRIES = 200  # placement attempts per patch before giving up on it
+MAX_NUM_PATCHES = 32  # the paper draws up to 4; each patch costs a Poisson blend
+RESIZE_LIMITS = (0.1, 10)  # sane bounds of the patch rescaling factor (the paper: 0.5 to 2)
 MIN_PATCH_SIDE = 8  # pixels; thinner patches leave seamlessClone (mask border and erosion) nothing to solve
 MIN_CLONE_SIDE = 4  # pixels; seamlessClone raises for masks whose non-zero bounding box is under 3 pixels wide
 MIN_IMAGE_SIDE = 2 * MIN_PATCH_SIDE
@@ -107,8 +109,9 @@ class PatchParams:
     paste_fraction: tuple | None = None
 
     def __post_init__(self):
-        if not _is_int(self.num_patches, 1):
-            raise ValueError(f'num_patches must be an integer >= 1, got {self.num_patches!r}')
+        if not _is_int(self.num_patches, 1) or self.num_patches > MAX_NUM_PATCHES:
+            raise ValueError(f'num_patches must be an integer from 1 to {MAX_NUM_PATCHES}, '
+                             f'got {self.num_patches!r}')
         mode = self.mode
         if not (mode in MODES[len(POISSON_MODES):] if isinstance(mode, str) else
                 _is_int(mode, None) and mode in POISSON_MODES):
@@ -134,11 +137,14 @@ class PatchParams:
         gamma = self.gamma_params
         if gamma is not None and not (_pairs(gamma, 3) and gamma[0] > 0 and gamma[1] > 0 and gamma[2] >= 0):
             raise ValueError(f'gamma_params must be None or (shape > 0, scale > 0, lower >= 0), got {gamma!r}')
-        if not _pairs(self.intensity_logistic_params, 2):
-            raise ValueError(f'intensity_logistic_params must be (k, x0), got {self.intensity_logistic_params!r}')
+        if not (_pairs(self.intensity_logistic_params, 2) and self.intensity_logistic_params[0] > 0):
+            raise ValueError(f'intensity_logistic_params must be (k, x0) with k > 0, got '
+                             f'{self.intensity_logistic_params!r}')
         low_high = self.resize_bounds
-        if not (_pairs(low_high, 2) and 0 < low_high[0] <= low_high[1]):
-            raise ValueError(f'resize_bounds must be (low, high) with 0 < low <= high, got {low_high!r}')
+        low, high = RESIZE_LIMITS
+        if not (_pairs(low_high, 2) and low <= low_high[0] <= low_high[1] <= high):
+            raise ValueError(f'resize_bounds must be (low, high) with {low} <= low <= high <= {high}, '
+                             f'got {low_high!r}')
         if self.num_ellipses is not None and not _is_int(self.num_ellipses, 1):
             raise ValueError(f'num_ellipses must be None or an integer >= 1, got {self.num_ellipses!r}')
         fraction = self.paste_fraction
@@ -404,6 +410,18 @@ class CutPaste3Way:
 
     def __repr__(self):
         return f'{type(self).__name__}(patch_ex_args={self.patch_ex_args!r}, scar_args={self.scar_args!r})'
+
+
+def check_object_pixels(images, skip_background, names):
+    """ValueError naming the images (``names``, one per image) in which ``skip_background`` leaves
+    no object pixel (``object_mask``): their samples would have no patch and empty labels. (A
+    crop of an image may be all background; ``patch_ex`` then places no patch.)"""
+    empty = [name for image, name in zip(images, names)
+             if not object_mask(image, skip_background).any()]
+    if empty:
+        raise ValueError(f'background {skip_background!r} leaves no object pixel in {len(empty)} '
+                         f'of {len(names)} images, e.g. {empty[0]}; choose a brightness and '
+                         f'threshold that keep the object')
 
 
 def object_mask(image, skip_background):

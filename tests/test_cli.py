@@ -33,7 +33,7 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift', '-c', 'object'], 'no object categories'),
     (['-s', 'Shift', '--num-patches', '0'], '--num-patches'),
     (['-s', 'Shift', '--width-bounds', '0.1', '0.6', '0.1', '0.2'], '--width-bounds'),
-    (['-s', 'Shift', '--batch-size', '-1'], 'batch_size'),
+    (['-s', 'Shift', '--batch-size', '-1'], '--batch-size'),
     (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
     (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], 'less than epochs (4), got 4'),
     (['-s', 'Shift', '--swa-epochs', '-3'], 'swa_epochs must be >= 0'),

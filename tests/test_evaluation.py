@@ -387,14 +387,18 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
 @pytest.mark.slow
-def test_corrupt_checkpoint_raises_naming_the_file(trained, tmp_path, damage):
+def test_corrupt_checkpoint_gives_a_failed_row_naming_the_file(trained, tmp_path, damage):
     model_dir, data_dir = trained
     original = next(Path(model_dir).rglob('final_tiles_fpi_1.pt'))
     path = tmp_path / 'models' / 'fpi' / 'tiles' / original.name
     path.parent.mkdir(parents=True)
     path.write_bytes(original.read_bytes()[:1000] if damage == 'truncated' else b'not a checkpoint')
+    [record] = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir)
+    assert (record['category'], record['setting'], record['seed']) == ('tiles', 'FPI', 1)
+    assert f'cannot read checkpoint {path}' in record['error']
+    assert math.isnan(record['image_auroc_mean'])
     with pytest.raises(ValueError, match=f'cannot read checkpoint {path}'):
-        mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir)
+        checkpoints.find_checkpoints(tmp_path / 'models')
 
 
 @pytest.mark.slow

@@ -207,15 +207,36 @@ def test_test_masks_are_resized_with_their_images(tmp_path):
     assert mask.sum() == (32 // 4) ** 2
 
 
-def test_defect_without_masks_is_image_level_only(tmp_path):
+def test_defect_without_masks_is_an_error_or_on_request_image_level_only(tmp_path):
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2}, with_masks=False)
     make_mvtec_category(tmp_path / 'other', 'cat', defects={'hole': 2})
     (tmp_path / 'other' / 'cat' / 'ground_truth' / 'hole' / '001_mask.png').unlink()
-    ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+    with pytest.raises(FileNotFoundError, match=r"no mask for the defect image .*cat/test/crack/000.png "
+                                                r"\(2 of 2 defect images of 'cat' have none"):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+    with pytest.warns(UserWarning, match='cat: 2 of 2 defect images have no mask'):
+        ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, allow_missing_masks=True, **SMALL)
     assert list(ds.has_mask) == [False, False, True, True, True]
     assert not ds[0][2].any() and ds[0][1] == 1
-    partial = SelfSupMVTecDataset(tmp_path / 'other', 'cat', is_train=False, **SMALL)
+    with pytest.raises(FileNotFoundError, match='hole/001.png'):
+        SelfSupMVTecDataset(tmp_path / 'other', 'cat', is_train=False, **SMALL)
+    with pytest.warns(UserWarning, match='1 of 2'):
+        partial = SelfSupMVTecDataset(tmp_path / 'other', 'cat', is_train=False,
+                                      allow_missing_masks=True, **SMALL)
     assert list(partial.has_mask) == [True, True, True, True, False]
+
+
+def test_masks_match_by_exact_name_and_any_nonzero_pixel_is_a_defect(tmp_path):
+    category = make_mvtec_category(tmp_path, 'cat', defects={'crack': 2})
+    crack, truth = category / 'test' / 'crack', category / 'ground_truth' / 'crack'
+    (crack / '000.png').rename(crack / 'a[1].png')  # a glob pattern would match 'a1_mask.png'
+    mask = np.asarray(Image.open(truth / '000_mask.png'))
+    (truth / '000_mask.png').unlink()
+    Image.fromarray(np.zeros_like(mask)).save(truth / 'a1_mask.png')
+    Image.fromarray((mask > 0).astype(np.uint8) * 100).save(truth / 'a[1]_mask.png')  # value 100
+    ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
+    index = [Path(p).name for p in ds.paths].index('a[1].png')
+    assert ds.has_mask[index] and ds.masks[index].sum() == ds.masks[1 - index].sum() > 0
 
 
 # ----------------------------------------------------------------------------- channels

@@ -92,7 +92,8 @@ def test_evaluation_figure_of_a_category_without_masks_has_no_ground_truth_row(t
     heights = []
     for with_masks in (True, False):
         make_mvtec_category(tmp_path / str(with_masks), 'tiny', size=SIZE, with_masks=with_masks)
-        dataset = SelfSupMVTecDataset(tmp_path / str(with_masks), 'tiny', is_train=False, low_res=SIZE)
+        dataset = SelfSupMVTecDataset(tmp_path / str(with_masks), 'tiny', is_train=False, low_res=SIZE,
+                                      allow_missing_masks=True)
         maps = np.random.default_rng(0).random((len(dataset), SIZE, SIZE)).astype(np.float32)
         path = plot_test_examples(dataset, maps, tmp_path / f'{with_masks}.png')
         heights.append(Image.open(path).size[1])

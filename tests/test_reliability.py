@@ -1,0 +1,358 @@
+"""Reliability: no finished or interrupted run is replaced unless asked and resume refuses another
+run by name; out-of-range options, broken checkpoints and bad tables end in one line before
+anything is written; an evaluation fails row by row; masks, 16-bit images, batch norm's last
+batch, checksums and killed saves."""
+import math
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import train_chest_xray
+import train_mvtec
+from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
+from experiments import chest_xray_tasks, mvtec_tasks
+from experiments.settings import trained_model_path
+from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
+                                  make_loader, model_checkpoint, train, weights_checksum)
+from models.resnet import resnet18_enc_dec
+from self_sup_data import chest_xray
+from self_sup_data.images import decode
+from self_sup_data.self_sup_tasks import check_object_pixels
+from test_chest_xray import synthetic_table
+from test_cli import run_error
+from test_training import CrashAtEpoch, SquaresDataset, TinyNet
+
+ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
+             '--no-figures', '--recipe', 'table']
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """(argv, path of the final model) of a one-epoch run of a tiny category."""
+    make_mvtec_category(tmp_path / 'data', 'tiny')
+    argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny']
+    assert train_mvtec.main(argv + ONE_EPOCH) == 0
+    return argv, trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny')
+
+
+def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
+    argv, path = trained
+    before = path.read_bytes()
+    message = run_error(train_mvtec.main, argv + ONE_EPOCH, capsys)
+    assert str(path) in message and 'finished' in message and '--force' in message
+    assert path.read_bytes() == before
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--force', '--lr', '0.01']) == 0
+    assert load_model(path)[1]['train_config']['lr'] == 0.01
+
+
+@pytest.mark.parametrize('change,expected', [
+    (['--epochs', '2'], 'epochs: 1 vs 2'),
+    (['--lr', '0.01'], 'lr: 0.001 vs 0.01'),
+    (['--num-patches', '1'], 'self_sup_args'),
+    (['--data'], 'data_dir'),
+])
+def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained, tmp_path, capsys,
+                                                                          change, expected):
+    argv, path = trained
+    if change == ['--data']:
+        shutil.copytree(tmp_path / 'data', tmp_path / 'other')
+        argv, change = [a.replace('data', 'other') for a in argv], []
+    request = argv + ONE_EPOCH + change + ['--resume']  # the last value of an option counts
+    before = path.read_bytes()
+    message = run_error(train_mvtec.main, request, capsys)
+    assert f'cannot resume the finished run {path}' in message and expected in message
+    assert path.read_bytes() == before
+    os.remove(path)  # an interrupted run: its last checkpoint only
+    message = run_error(train_mvtec.main, request, capsys)
+    assert 'cannot resume the interrupted run' in message and expected in message
+    assert last_checkpoint_path(path.parent, 'tiny_shift_3').is_file()
+
+
+def test_resume_of_the_same_run_skips_it(trained, capsys):
+    argv, path = trained
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
+    assert 'skipping' in capsys.readouterr().out
+
+
+BAD_OPTIONS = [
+    (['--epochs', '0'], '--epochs must be a positive integer, got 0'),
+    (['--batch-size', '0'], '--batch-size must be a positive integer, got 0'),
+    (['--figure-every', '0'], '--figure-every must be a positive integer, got 0'),
+    (['--checkpoint-every', '0'], '--checkpoint-every'),
+    (['--lr', '-1'], '--lr must be a positive number, got -1'),
+    (['--lr', 'nan'], '--lr must be a positive number, got nan'),
+    (['--lr', 'inf'], '--lr'),
+    (['--swa-lr', '0'], '--swa-lr'),
+    (['--workers', '-1'], '--workers'),
+    (['--device', 'gpu'], "unknown device 'gpu'"),
+    (['-s', 'Shift-' + str(10**23)], 'seed 100000000000000000000000 is too large'),
+]
+
+
+@pytest.mark.parametrize('argv,expected', BAD_OPTIONS + [
+    (['--res-scale', '5'], '--res-scale must be in (0, 4], got 5'),
+    (['--res-scale', 'inf'], '--res-scale'),
+    (['--res-scale', 'nan'], '--res-scale'),
+])
+def test_mvtec_out_of_range_options_are_refused_by_name_before_anything_is_written(
+        tiny_mvtec, tmp_path, capsys, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(out)] + argv,
+                        capsys)
+    assert expected in message
+    assert not out.exists()
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(out)] + argv, capsys)  # demo
+    assert expected in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('argv,expected', BAD_OPTIONS + [
+    (['--res', '32'], '--res must be from 64 to 1024'),
+    (['--res', '5000'], '--res must be from 64 to 1024'),
+])
+def test_chest_xray_out_of_range_options_are_refused_by_name_before_anything_is_written(
+        tmp_path, capsys, argv, expected):
+    (tmp_path / 'images').mkdir()
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / 'images' / 'a.png')
+    (tmp_path / 'list.txt').write_text('a.png\n')
+    out = tmp_path / 'out'
+    message = run_error(train_chest_xray.main, ['-s', 'Shift', '-d', str(tmp_path / 'images'),
+                                                '-l', str(tmp_path / 'list.txt'), '-o', str(out)]
+                        + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('main', [train_mvtec.main, train_chest_xray.main])
+def test_an_output_folder_that_is_a_file_is_refused(tiny_mvtec, tmp_path, capsys, main):
+    root, _ = tiny_mvtec
+    (tmp_path / 'list.txt').write_text('train/good/000.png\n')
+    blocker = tmp_path / 'file.txt'
+    blocker.write_text('not a folder')
+    message = run_error(main, ['-s', 'Shift', '-d', str(root / 'tiny'), '-l', str(tmp_path / 'list.txt'),
+                               '-o', str(blocker)] if main is train_chest_xray.main else
+                        ['-s', 'Shift', '-d', str(root), '-o', str(blocker)], capsys)
+    assert 'cannot write to output folder' in message and str(blocker) in message
+    assert blocker.read_text() == 'not a folder'
+
+
+@pytest.mark.parametrize('content,argv,expected', [
+    ('', [], 'cannot read label table'),
+    ('Image Index,Finding Labels\na.png,No Finding\n', [], "lacks columns ['Patient ID'"),
+    (None, [], 'table.csv'),
+    ('nih', ['--n-test-normal', '-5'], '--n-test-normal) must be 0 or more, got -5'),
+    ('nih', ['--n-test-anom', '-1'], '--n-test-anom'),
+])
+def test_list_builder_errors_are_one_line_and_write_nothing(tmp_path, capsys, content, argv,
+                                                            expected):
+    """content: of the label table (None: no such file; 'nih': a valid table)."""
+    csv = tmp_path / 'table.csv'
+    if content == 'nih':
+        synthetic_table().to_csv(csv, index=False)
+    elif content is not None:
+        csv.write_text(content)
+    message = run_error(chest_xray.main, ['--csv', str(csv), '--out', str(tmp_path / 'lists')] + argv,
+                        capsys)
+    assert expected in message and message.startswith(chest_xray.PROG)
+    assert not (tmp_path / 'lists').exists()
+
+
+class Hostile:
+    """Pickles as a call of a global function: what a checkpoint that runs code on load holds."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+@pytest.mark.parametrize('damage,expected', [
+    (lambda path: path.write_bytes(path.read_bytes()[:5000]), 'truncated or not a checkpoint'),
+    (lambda path: path.write_bytes(b''), 'truncated or not a checkpoint'),
+    (lambda path: torch.save(dict(meta=Hostile()), path), 'could run code; refused'),
+    (lambda path: torch.save(dict(meta=[1, 2]), path), 'has no meta dict'),
+    (lambda path: torch.save(dict(meta=dict(setting='Shift-3')), path), 'other arguments'),
+])
+def test_resume_from_a_broken_last_checkpoint_is_one_line(trained, capsys, damage, expected):
+    argv, path = trained
+    os.remove(path)
+    last = last_checkpoint_path(path.parent, 'tiny_shift_3')
+    damage(last)
+    message = run_error(train_mvtec.main, argv + ONE_EPOCH + ['--resume'], capsys)
+    assert str(last) in message and expected in message
+
+
+def nan_weights(path):
+    """Make the model at ``path`` output NaN."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['model'] = {k: v.float().fill_(math.nan) if v.is_floating_point() else v
+                           for k, v in checkpoint['model'].items()}
+    torch.save(checkpoint, path)
+
+
+def test_mvtec_evaluation_fails_row_by_row_and_writes_everything_else(tmp_path, capsys):
+    data, models, out = tmp_path / 'data', tmp_path / 'models', tmp_path / 'out'
+    make_mvtec_category(data, 'fine', n_train=1)
+    make_mvtec_category(data, 'normal_only', n_train=1, defects={})
+    make_mvtec_category(data, 'colour', n_train=1, channels=3)
+    save_checkpoint(models, 'Shift-1', 'fine', 'texture', seed=1)
+    save_checkpoint(models, 'Shift-1', 'normal_only', 'texture', seed=1)
+    save_checkpoint(models, 'Shift-1', 'colour', 'texture', seed=1)  # a grey model
+    nan_weights(save_checkpoint(models, 'Shift-2', 'fine', 'texture', seed=2))
+    broken = save_checkpoint(models, 'FPI-1', 'fine', 'texture', seed=1)
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as exit_info:
+        mvtec_tasks.main(['-m', str(models), '-d', str(data), '-o', str(out), '--no-figures',
+                          '--device', 'cpu'])
+    assert exit_info.value.code == 1
+    results = pd.read_csv(out / 'results.csv').set_index(['category', 'setting', 'seed'])
+    assert len(results) == 5 and (out / 'tables' / 'image_auroc_mean.md').is_file()
+    assert results.loc[('fine', 'Shift', 1), 'image_auroc_mean'] > 0
+    assert pd.isna(results.loc[('fine', 'Shift', 1), 'error'])
+    reasons = {key: results.loc[key, 'error'] for key in [
+        ('normal_only', 'Shift', 1), ('colour', 'Shift', 1), ('fine', 'Shift', 2), ('fine', 'FPI', 1)]}
+    assert 'both classes' in reasons[('normal_only', 'Shift', 1)]
+    assert '1-channel images' in reasons[('colour', 'Shift', 1)]
+    assert 'NaN' in reasons[('fine', 'Shift', 2)]
+    assert f'cannot read checkpoint {broken}' in reasons[('fine', 'FPI', 1)]
+    assert all(math.isnan(results.loc[key, 'image_auroc_mean']) for key in reasons)
+    last = capsys.readouterr().err.strip().splitlines()[-5:]
+    assert last[0].startswith('error: 4 of 5 results failed')
+    assert all(line.startswith('failed: ') for line in last[1:])
+    assert any(str(broken) in line and 'cannot read checkpoint' in line for line in last)
+
+
+def test_chest_xray_evaluation_fails_row_by_row(tmp_path, capsys):
+    model_dir, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path)
+    nan_weights(next(model_dir.rglob('final_chest_xray_shift_2.pt')))
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as exit_info:
+        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
+                               '-l', str(normal), str(anomalous), '--no-figures', '--device', 'cpu'])
+    assert exit_info.value.code == 1
+    results = pd.read_csv(out / 'results.csv').set_index('seed')
+    assert results.loc[1, 'image_auroc_mean'] >= 0 and 'NaN' in results.loc[2, 'error']
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith('failed: anomalous Shift seed 2')
+
+
+def test_evaluation_names_a_missing_mask_and_says_why_pixel_metrics_are_undefined(tmp_path,
+                                                                                  capsys):
+    data, models = tmp_path / 'data', tmp_path / 'models'
+    make_mvtec_category(data, 'unmasked', n_train=1, with_masks=False)
+    category = make_mvtec_category(data, 'blank', n_train=1)
+    for mask in (category / 'ground_truth' / 'crack').iterdir():
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
+    for name in ('unmasked', 'blank'):
+        save_checkpoint(models, 'Shift-1', name, 'texture', seed=1)
+    records = {r['category']: r for r in mvtec_tasks.evaluate_checkpoints(models, data)}
+    assert 'no mask for the defect image' in records['unmasked']['error']
+    assert 'unmasked/test/crack/000.png' in records['unmasked']['error']
+    assert records['blank']['undefined'] == ('pixel metrics: the masks of the defect images mark '
+                                             'no defect pixel')
+    assert math.isnan(records['blank']['pixel_auroc']) and records['blank']['image_auroc_mean'] >= 0
+    out = tmp_path / 'out'
+    mvtec_tasks.main(['-m', str(models), '-d', str(data), '-o', str(out), '--no-figures',
+                      '--allow-missing-masks', '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert 'warning: unmasked: 3 of 3 defect images have no mask' in err
+    assert 'note: unmasked: pixel metrics: no defect image has a mask' in err
+    assert 'note: blank: pixel metrics: the masks of the defect images mark no defect pixel' in err
+    assert 'undefined' in pd.read_csv(out / 'results.csv').columns
+
+
+class PooledBatchNormNet(torch.nn.Module):
+    """Batch norm over 1 x 1 features, as NSA's encoder has at 32-pixel crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.BatchNorm2d(4),
+                                          torch.nn.Conv2d(4, 1, 1), torch.nn.Sigmoid())
+
+    def forward(self, x):
+        return self.layers(x).expand(-1, -1, *x.shape[-2:])
+
+
+def test_a_last_batch_of_one_image_is_dropped_so_batch_norm_trains_and_resumes(tmp_path):
+    config = TrainConfig(epochs=3, batch_size=4, figures=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # interrupted after one epoch of 5 images
+        train(PooledBatchNormNet(), CrashAtEpoch(1, n=5), config, tmp_path, 'toy')
+    meta = train(PooledBatchNormNet(), SquaresDataset(n=5), config, tmp_path, 'toy', resume=True)
+    assert len(meta['epoch_losses']) == 3
+    assert len(make_loader(SquaresDataset(n=6), config, torch.device('cpu'))) == 2  # 4 + 2 kept
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['--num-patches', '1000000'], '--num-patches: num_patches must be an integer from 1 to 32'),
+    (['--logistic', '0', '3'], '--logistic: intensity_logistic_params must be (k, x0) with k > 0'),
+    (['--logistic', '-2', '3'], '--logistic'),
+    (['--resize-bounds', '0.0001', '1000'], '--resize-bounds: resize_bounds must be (low, high) '
+                                            'with 0.1 <= low <= high <= 10'),
+])
+def test_absurd_generator_parameters_are_refused_before_anything_is_written(
+        tiny_mvtec, tmp_path, capsys, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift-Intensity', '-d', str(root), '-o', str(out)]
+                        + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
+def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'),
+                                           '--recipe', 'table', '--background', '128', '300'],
+                        capsys)
+    assert 'leaves no object pixel in 6 of 6 images' in message and f'{name}/train/good/' in message
+    assert not list((tmp_path / 'out').rglob('*.pt'))
+    images = [np.full((64, 64, 1), 100, np.uint8), np.full((64, 64, 1), 200, np.uint8)]
+    check_object_pixels(images, (0, 20), ['a.png', 'b.png'])  # both are objects
+    with pytest.raises(ValueError, match=r'in 1 of 2 images, e.g. a.png'):
+        check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
+
+
+def test_a_changed_weight_fails_the_checksum_on_load(tmp_path):
+    model = resnet18_enc_dec(in_channels=1)
+    path = tmp_path / 'final_toy.pt'
+    torch.save(model_checkpoint(model, dict(model_config=model.config)), path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert len(checkpoint['meta']['weights_sha256']) == 64
+    load_model(path)  # intact
+    checkpoint['model']['encoder.conv1.weight'].view(torch.int32)[0, 0, 0, 0] ^= 1  # one flipped bit
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f'checkpoint {path}: its weights do not match the checksum'):
+        load_model(path)
+
+
+def test_training_writes_the_checksum_of_the_final_weights(tmp_path):
+    config = TrainConfig(epochs=1, batch_size=4, figures=False, progress=False)
+    train(TinyNet(), SquaresDataset(n=4), config, tmp_path, 'toy')
+    checkpoint = torch.load(final_model_path(tmp_path, 'toy'), weights_only=True)
+    assert checkpoint['meta']['weights_sha256'] == weights_checksum(checkpoint['model'])
+
+
+def test_the_temporary_file_of_a_killed_save_is_removed_on_the_next_run(trained, capsys):
+    argv, path = trained
+    stale = path.parent / f'.{path.name}.k1ll3d.tmp'
+    stale.write_bytes(b'half a checkpoint')
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
+    assert not stale.exists() and f'removed {stale}' in capsys.readouterr().out
+    assert path.is_file()
+
+
+def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12-bit data
+    Image.fromarray(ramp).save(tmp_path / 'ramp.png')
+    decoded = decode(tmp_path / 'ramp.png')
+    assert decoded.dtype == np.uint8 and decoded.max() == 255 and len(np.unique(decoded)) == 256
+    full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # 16-bit data: the full range
+    Image.fromarray(full).save(tmp_path / 'full.png')
+    assert decode(tmp_path / 'full.png').max() == 255
