@@ -23,8 +23,8 @@ import time
 import torch
 
 from experiments import settings
-from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,
-                                  to_training_device, train_step)
+from experiments.training import (TrainConfig, make_loader, seed_everything, to_training_device,
+                                  train_step, training_module)
 from models.resnet import resnet18_enc_dec
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.mvtec import SelfSupMVTecDataset
@@ -85,10 +85,10 @@ def main(argv=None):
         model = to_training_device(
             resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid'), device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        loss_function = LOSS_FUNCTIONS[setting.loss]
+        module = training_module(model, setting.loss)
 
         def step(batch):
-            train_step(model, optimizer, loss_function, batch[0], batch[2], device, args.bf16)
+            train_step(module, optimizer, setting.loss, batch[0], batch[2], device, args.bf16)
 
         shape = (batch_size, dataset.in_channels, size, size)
         random_batches = [(torch.randn(shape), None, torch.rand(batch_size, 1, size, size))

@@ -12,9 +12,11 @@ paper's code). With ``config.swa_epochs = S > 0`` (stochastic weight averaging, 
 2018; not in the paper), the cosine reaches ``swa_lr`` after ``epochs - S`` epochs, the learning
 rate then stays at ``swa_lr``, the weights at the end of each of the last S epochs are averaged,
 and the final model is that average with its batch-norm statistics recomputed on one more epoch
-of training samples (``recompute_batch_norm``). The loss is BCE or MSE between the model's output
-and the label map (or the cross-entropy of a classifier's logits and the class labels), computed
-in float32. Model and images are channels_last (faster convolutions on the CPU too); the forward
+of training samples (``recompute_batch_norm``). The loss, computed in float32 outside autocast, is
+BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
+on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
+bfloat16 forward pass would round to 0 or 1 and stop the gradient), MSE between the model's output
+and the label map, or the cross-entropy of a classifier's logits and the class labels. Model and images are channels_last (faster convolutions on the CPU too); the forward
 pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see
 ``use_bf16``).
 
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -47,7 +50,9 @@ from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validat
 from models.resnet import build_model
 from self_sup_data.transforms import denormalize
 
-LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
+# loss -> function of (the training module's float32 output, target); BCE takes logits (``Logits``)
+LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'mse': F.mse_loss,
+                  'cross_entropy': F.cross_entropy}
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'figure_every', 'figures',
                   'progress')
@@ -264,24 +269,54 @@ def model_input(images, device):
     return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
-def train_step(model, optimizer, loss_function, images, labels, device, bf16=None):
-    """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
+class Logits(nn.Module):
+    """``model`` without its final sigmoid: ``model.logits(x)``, the input of BCE with logits."""
 
-    Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples
-    (``model_input``); the forward pass runs in bfloat16 autocast where ``use_bf16(bf16, device)``.
-    The loss is computed in float32.
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.logits(x)
+
+
+def training_module(model, loss):
+    """The module whose output ``LOSS_FUNCTIONS[loss]`` takes: ``Logits(model)`` for 'bce' (a
+    model trained with BCE has a sigmoid as its final activation and a ``logits`` method),
+    ``model`` itself otherwise."""
+    if loss != 'bce':
+        return model
+    if not callable(getattr(model, 'logits', None)):
+        raise ValueError(f"loss 'bce' trains on logits: {type(model).__name__} has no logits "
+                         "method (the map before its final sigmoid)")
+    activation = getattr(model, 'config', {}).get('final_activation', 'sigmoid')
+    if activation != 'sigmoid':
+        raise ValueError(f"loss 'bce' needs a model whose final activation is 'sigmoid', "
+                         f"got {activation!r}")
+    return Logits(model)
+
+
+def train_step(module, optimizer, loss, images, labels, device, bf16=None):
+    """One optimisation step on a batch -> (images, labels on device, predictions, loss tensor).
+
+    ``module``: ``training_module(model, loss)``. Multi-view batches (images B x V x C x H x W,
+    labels B x V) are flattened to B V samples (``model_input``); the forward pass runs in bfloat16
+    autocast where ``use_bf16(bf16, device)``, the loss ``LOSS_FUNCTIONS[loss]`` in float32 outside
+    it. The predictions are the model's outputs (for 'bce' the sigmoid of the logits); the loss
+    stays on the device (reading it would wait for the step).
     """
     if images.dim() == 5:
         labels = labels.flatten(0, 1)
     images = model_input(images, device)
     labels = labels.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
-        preds = model(images)
-    loss = loss_function(preds.float(), labels)
+        outputs = module(images)
+    value = LOSS_FUNCTIONS[loss](outputs.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
-    return images, labels, preds.detach(), loss.item()
+    preds = torch.sigmoid(outputs.detach()) if loss == 'bce' else outputs.detach()
+    return images, labels, preds, value.detach()
 
 
 def recompute_batch_norm(model, loader, device, bf16=None):
@@ -343,7 +378,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         start_epoch = checkpoint['epoch']
 
     loader = make_loader(dataset, config, device)
-    loss_function = LOSS_FUNCTIONS[config.loss]
+    module = training_module(model, config.loss)
     figure_every = config.figure_every or max(1, config.epochs // 4)
     epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
                   desc=name, unit='epoch', disable=not config.progress)
@@ -355,9 +390,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         batches = tqdm(loader, desc=f'epoch {epoch + 1}', unit='batch', leave=False,
                        disable=not config.progress)
         for images, _, labels in batches:
-            images, labels, preds, loss = train_step(model, optimizer, loss_function,
+            images, labels, preds, loss = train_step(module, optimizer, config.loss,
                                                      images, labels, device, config.bf16)
-            loss_sum += loss * len(images)
+            loss_sum += loss.item() * len(images)
             count += len(images)
             batches.set_postfix(loss=f'{loss_sum / count:.4f}')
         if epoch < cosine_epochs:

@@ -21,9 +21,9 @@ def test_bad_sizes_are_refused_before_any_work(argv, message, capsys):
 def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsys, monkeypatch):
     steps = []
 
-    def counted_step(model, optimizer, loss_function, images, labels, device, bf16=None):
+    def counted_step(module, optimizer, loss, images, labels, device, bf16=None):
         steps.append((tuple(images.shape), bf16))
-        return train_step(model, optimizer, loss_function, images, labels, device, bf16)
+        return train_step(module, optimizer, loss, images, labels, device, bf16)
     train_step = training.train_step
     monkeypatch.setattr(training, 'train_step', counted_step)
     training.main(['--size', '64', '--batch-size', '2', '--steps', '1', '--workers', '0']

@@ -56,11 +56,27 @@ class TinyNet(torch.nn.Module):
         super().__init__()
         self.config = dict(channels=channels)
         self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1),
-                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1),
-                                          torch.nn.Sigmoid())
+                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1))
+
+    def logits(self, x):
+        return self.layers(x)
 
     def forward(self, x):
-        return self.layers(x)
+        return torch.sigmoid(self.logits(x))
+
+
+class ConstantLogit(torch.nn.Module):
+    """A map of one learnt logit everywhere (a confidently wrong pixel when the target is 0)."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(float(logit)))
+
+    def logits(self, x):
+        return self.logit.expand(len(x), 1, *x.shape[2:]) * torch.ones_like(x[:, :1])
+
+    def forward(self, x):
+        return torch.sigmoid(self.logits(x))
 
 
 class TinyBatchNormNet(TinyNet):
@@ -151,13 +167,39 @@ def test_bf16_step_runs_the_forward_pass_in_bfloat16_and_the_loss_in_float32():
         model = to_training_device(fresh_model(), cpu)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         before = [p.detach().clone() for p in model.parameters()]
-        _, _, preds, loss = training.train_step(model, optimizer, training.LOSS_FUNCTIONS['bce'],
-                                                images, labels, cpu, bf16)
+        module = training.training_module(model, 'bce')
+        _, _, preds, loss = training.train_step(module, optimizer, 'bce', images, labels, cpu, bf16)
+        loss = loss.item()
         assert preds.dtype == dtype and np.isfinite(loss)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
         assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the loss is of the logits in float32; the predictions are their sigmoid in bfloat16
     expected = torch.nn.functional.binary_cross_entropy(preds.float(), labels).item()
-    assert loss == pytest.approx(expected)
+    assert loss == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize('bf16', [None, True])
+def test_bce_trains_on_logits_so_a_confident_wrong_pixel_keeps_its_gradient(bf16):
+    """At logit 10 and target 0 the BCE gradient is sigmoid(10) - 0 ~ 1, also with a bfloat16
+    forward pass (whose sigmoid would round to 1.0 and give a gradient of 0)."""
+    cpu = torch.device('cpu')
+    model = ConstantLogit(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0)
+    images, labels = torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
+    _, _, preds, loss = training.train_step(training.training_module(model, 'bce'), optimizer,
+                                            'bce', images, labels, cpu, bf16)
+    assert model.logit.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(10.)).item(), rel=1e-3)
+    assert loss.item() == pytest.approx(10 + np.log1p(np.exp(-10)), rel=1e-3)
+    torch.testing.assert_close(preds, torch.sigmoid(torch.full_like(preds, 10.)))
+
+
+def test_bce_needs_a_sigmoid_model_with_logits():
+    with pytest.raises(ValueError, match='TinyClassifier has no logits method'):
+        training.training_module(TinyClassifier(), 'bce')
+    with pytest.raises(ValueError, match="final activation is 'sigmoid', got 'relu'"):
+        training.training_module(resnet18_enc_dec(final_activation='relu'), 'bce')
+    model = TinyClassifier()
+    assert training.training_module(model, 'cross_entropy') is model
 
 
 def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
