@@ -240,9 +240,18 @@ class EpochDataset(Dataset):
         return self.dataset[index]
 
 
-def init_worker(worker_id):
-    """In each loader worker: one OpenCV thread (the workers are the parallelism)."""
-    cv2.setNumThreads(1)
+class OneOpenCVThreadLoader(DataLoader):
+    """A DataLoader whose worker processes run OpenCV on one thread each (the workers are the
+    parallelism): set in this process while its iterator starts them, then restored. (Set in a
+    forked worker instead, after this process used OpenCV's thread pool, the call can hang.)"""
+
+    def __iter__(self):
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super().__iter__()
+        finally:
+            cv2.setNumThreads(threads)
 
 
 def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, world_size=1):
@@ -252,9 +261,9 @@ def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, wor
     sampler = EpochBatchSampler(len(dataset), config.batch_size // world_size, config.seed,
                                 config.epochs if epochs is None else epochs, start_epoch, rank,
                                 world_size)
-    return DataLoader(EpochDataset(dataset), batch_sampler=sampler, num_workers=config.workers,
-                      pin_memory=device.type == 'cuda', worker_init_fn=init_worker,
-                      generator=torch.Generator().manual_seed(config.seed))
+    return OneOpenCVThreadLoader(EpochDataset(dataset), batch_sampler=sampler,
+                                 num_workers=config.workers, pin_memory=device.type == 'cuda',
+                                 generator=torch.Generator().manual_seed(config.seed))
 
 
 def final_model_path(run_dir, name):
@@ -485,6 +494,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         set_rng_state(checkpoint['rng'])
         meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
+    if world_size > 1:
+        starts = [None] * world_size
+        dist.all_gather_object(starts, start_epoch)
+        if len(set(starts)) > 1:
+            raise ValueError(f"run {name!r}: the processes start at different epochs {starts} "
+                             f"(by rank; from {last_path}); they need one shared output folder")
 
     # one pass over every epoch left (and the one that recomputes the averaged batch norm)
     loader = make_loader(dataset, config, device, start_epoch, config.epochs + bool(averaged),
@@ -543,15 +558,19 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                              config.bf16)  # on the samples of one more epoch
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
-    if not writer:
-        return meta
-    if config.select == 'best':
-        best = torch.load(best_model_path(run_dir, name), map_location=device, weights_only=True)
-        model.load_state_dict(best['model'])
-    save_torch_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
-                      final_model_path(run_dir, name))
-    if config.figures:
-        save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+    if writer:
+        if config.select == 'best':
+            best = torch.load(best_model_path(run_dir, name), map_location=device,
+                              weights_only=True)
+            model.load_state_dict(best['model'])
+        save_torch_atomic(dict(model=_cpu_state_dict(final_model), meta=meta),
+                          final_model_path(run_dir, name))
+        if config.figures:
+            save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+    if world_size > 1:  # every rank returns rank 0's meta (validation), once its files exist
+        shared = [meta]
+        dist.broadcast_object_list(shared, src=0)
+        meta = shared[0]
     return meta
 
 

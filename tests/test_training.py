@@ -1,5 +1,6 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -393,6 +394,19 @@ def test_workers_see_every_epoch():
     single = items(0)
     assert [e for e, _ in single] == [0] * 6 + [1] * 6 + [2] * 6
     assert items(2) == single
+
+
+class OpenCVThreads(EpochEcho):
+    def __getitem__(self, index):
+        return torch.tensor(cv2.getNumThreads()), 0, torch.zeros(1)
+
+
+def test_loader_workers_run_opencv_on_one_thread_and_the_main_process_keeps_its_own():
+    threads = cv2.getNumThreads()
+    loader = make_loader(OpenCVThreads(), config(epochs=1, workers=2, batch_size=2),
+                         torch.device('cpu'))
+    assert torch.cat([batch[0] for batch in loader]).tolist() == [1] * 6
+    assert cv2.getNumThreads() == threads
 
 
 def test_epoch_dataset_sets_the_epoch_once_per_epoch():
