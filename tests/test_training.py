@@ -484,3 +484,17 @@ def test_config_validation():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA'):
             training.resolve_device('cuda')
+
+
+@pytest.mark.slow
+def test_compiled_step_learns_what_the_eager_step_learns(tmp_path):
+    """torch.compile (about a minute and a half to compile on 2 CPU cores)."""
+    eager = train(fresh_model(), SquaresDataset(), config(), tmp_path / 'eager', 'toy')
+    compiled = train(fresh_model(), SquaresDataset(), config(compile=True), tmp_path / 'compiled',
+                     'toy')
+    assert compiled['epoch_losses'] == pytest.approx(eager['epoch_losses'], rel=1e-4)
+    a = torch.load(final_model_path(tmp_path / 'eager', 'toy'), weights_only=True)['model']
+    b = torch.load(final_model_path(tmp_path / 'compiled', 'toy'), weights_only=True)['model']
+    assert a.keys() == b.keys()  # the compiled wrapper leaves the saved names alone
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
