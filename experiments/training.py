@@ -111,10 +111,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSS_FUNCTIONS:
             raise ValueError(f"loss must be one of {list(LOSS_FUNCTIONS)}, got {self.loss!r}")
-        for name in ('epochs', 'batch_size') + (('checkpoint_every',) if self.checkpoint_every
-                                                 is not None else ()):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ('epochs', 'batch_size', 'checkpoint_every'):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.checkpoint_minutes >= 0:
             raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes!r}")
         if self.workers < 0:
