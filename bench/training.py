@@ -1,21 +1,28 @@
-"""Training speed in images per second (default 224 x 224, batch 16) on the CPU with 2 threads.
+"""Training speed in images per second (default 224 x 224, batch 16), on the CPU or a GPU.
 
-Three figures, each after one warm-up step:
-  model alone    forward + backward + Adam step on random tensors (the compute bound)
-  data alone     self-supervised samples from the DataLoader, generated in --workers processes
+Three figures side by side, each after one warm-up step:
+  data alone     self-supervised samples from the training loader, generated in --workers processes
+  model alone    forward + backward + Adam step on random uint8 batches (the compute bound)
   full pipeline  both together, as ``experiments.training.train`` runs them
+and the small-epoch check: the loader on a category of 60 images in batches of 16 (4 batches an
+epoch) keeps at least 90% of its steady-state rate (one long epoch of the same images) across
+epoch boundaries.
 
-Data: the built-in demo category (generated into a temporary folder) at the texture recipe's
-crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the
-setting's generator arguments (default Shift-Intensity-M: Poisson blending with mixed gradients,
-the most expensive one). Run from the repository root:
+Data: the built-in demo category (60 training images, generated into a temporary folder) at the
+texture recipe's crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's
+budget), with the setting's generator arguments (default Shift-Intensity-M: Poisson blending with
+mixed gradients, the most expensive one). Run from the repository root:
 
-    python bench/training.py [--steps 8] [--workers 2] [--setting Shift-Intensity-M] [--size 224]
-                             [--batch-size 16] [--bf16]
+    python bench/training.py [--device cpu|cuda] [--steps 8] [--workers 2] [--size 224]
+                             [--batch-size 16] [--setting Shift-Intensity-M] [--bf16] [--compile]
 
---bf16 runs the forward passes in bfloat16 autocast (``TrainConfig.bf16``).
+On the CPU torch runs 2 threads. --bf16 runs the forward passes in bfloat16 autocast
+(``TrainConfig.bf16``; on CUDA it is on by default where supported), --compile compiles the step.
 """
 import argparse
+import copy
+import dataclasses
+import itertools
 import os
 import tempfile
 import time
@@ -23,57 +30,80 @@ import time
 import torch
 
 from experiments import settings
-from experiments.training import (LOSS_FUNCTIONS, TrainConfig, make_loader, seed_everything,
-                                  to_training_device, train_step)
+from experiments.training import (TrainConfig, make_loader, resolve_device, seed_everything,
+                                  step_module, to_training_device, train_step, use_bf16)
 from models.resnet import resnet18_enc_dec
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.mvtec import SelfSupMVTecDataset
 
 THREADS = 2
+SMALL_BATCH, MIN_SMALL_EPOCH_RATIO = 16, 0.9
 
 
-def images_per_second(batches, step):
-    """Run ``step`` on each batch after the first (warm-up); images per second of the timed ones."""
+def images_per_second(batches, step, device):
+    """Run ``step`` on each batch after the first (warm-up); images per second of the timed ones
+    (waiting for the device at both ends)."""
     batches = iter(batches)
     step(next(batches))
+    synchronize(device)
     count, started = 0, time.perf_counter()
     for batch in batches:
         step(batch)
         count += len(batch[0])
+    synchronize(device)
     return count / (time.perf_counter() - started)
 
 
-def loader_batches(loader, count):
-    """The first ``count`` batches of the loader's epochs 0, 1, 2, ..."""
-    epoch = 0
-    while True:
-        loader.sampler.set_epoch(epoch)
-        for batch in loader:
-            yield batch
-            count -= 1
-            if count == 0:
-                return
-        epoch += 1
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def loader_batches(dataset, config, device, count):
+    """The first ``count`` batches of the training loader (epochs one after another)."""
+    epochs = -(-count * config.batch_size // len(dataset)) + 1
+    loader = make_loader(dataset, dataclasses.replace(config, epochs=epochs), device)
+    return itertools.islice(loader, count)
+
+
+def small_epoch_ratio(dataset, config, device, steps):
+    """(rate over epochs of the 60-image category in batches of 16, rate over one long epoch of
+    the same images repeated, their ratio): data alone, ``steps`` timed batches each."""
+    long = copy.copy(dataset)
+    long.images = dataset.images * (-(-(steps + 1) * SMALL_BATCH // len(dataset.images)))
+    config = dataclasses.replace(config, batch_size=SMALL_BATCH)
+    rates = [images_per_second(loader_batches(data, config, device, steps + 1), lambda b: None,
+                               device) for data in (dataset, long)]
+    return rates[0], rates[1], rates[0] / rates[1]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (default: cpu)")
     parser.add_argument('--steps', type=int, default=8, help='timed steps (default: 8)')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader workers (default: 2)')
     parser.add_argument('--setting', default='Shift-Intensity-M')
     parser.add_argument('--size', type=int, default=224,
                         help='crop side, a multiple of 32 (default: 224)')
     parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
-    parser.add_argument('--bf16', action='store_true', help='forward passes in bfloat16 autocast')
+    parser.add_argument('--bf16', action=argparse.BooleanOptionalAction,
+                        help='forward passes in bfloat16 autocast (default: on CUDA where supported)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the step')
     args = parser.parse_args(argv)
     size, batch_size = args.size, args.batch_size
     if size <= 0 or size % 32:
         parser.error(f'--size must be a positive multiple of 32, got {size}')
     if batch_size <= 0:
         parser.error(f'--batch-size must be positive, got {batch_size}')
-    torch.set_num_threads(THREADS)
-    device = torch.device('cpu')
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    if device.type == 'cpu':
+        torch.set_num_threads(THREADS)
     setting = settings.parse_setting(args.setting)
+    config = TrainConfig(epochs=1, batch_size=batch_size, workers=args.workers, bf16=args.bf16,
+                         loss=setting.loss, compile=args.compile)
 
     with tempfile.TemporaryDirectory() as tmp:
         category_dir = make_demo_dataset(tmp)
@@ -85,29 +115,35 @@ def main(argv=None):
         model = to_training_device(
             resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid'), device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        loss_function = LOSS_FUNCTIONS[setting.loss]
+        module = step_module(model, config, device, world_size=1)
 
         def step(batch):
-            train_step(model, optimizer, loss_function, batch[0], batch[2], device, args.bf16)
+            train_step(module, optimizer, setting.loss, batch[0], batch[2], device, args.bf16)
 
         shape = (batch_size, dataset.in_channels, size, size)
-        random_batches = [(torch.randn(shape), None, torch.rand(batch_size, 1, size, size))
-                          for _ in range(args.steps + 1)]
-        model_rate = images_per_second(random_batches, step)
-
-        config = TrainConfig(epochs=1, batch_size=batch_size, workers=args.workers)
-        data_rate = images_per_second(loader_batches(make_loader(dataset, config, device), args.steps + 1),
-                                      lambda batch: None)
+        random_batches = [(torch.randint(0, 256, shape, dtype=torch.uint8), None,
+                           torch.rand(batch_size, 1, size, size)) for _ in range(args.steps + 1)]
+        model_rate = images_per_second(random_batches, step, device)
+        data_rate = images_per_second(loader_batches(dataset, config, device, args.steps + 1),
+                                      lambda batch: None, device)
         pipeline_rate = images_per_second(
-            loader_batches(make_loader(dataset, config, device), args.steps + 1), step)
+            loader_batches(dataset, config, device, args.steps + 1), step, device)
+        small, steady, ratio = small_epoch_ratio(dataset, config, device, args.steps)
 
-    precision = 'bfloat16 autocast' if args.bf16 else 'float32'
-    print(f'training images/s at {size}x{size}, batch {batch_size}, CPU, {THREADS} threads, '
-          f'{precision}, {args.setting}, {dataset.in_channels}-channel images ({os.cpu_count()} CPUs, '
-          f'load average {os.getloadavg()[0]:.1f}):')
-    print(f'  model alone    {model_rate:7.1f}')
+    precision = 'bfloat16 autocast' if use_bf16(args.bf16, device) else 'float32'
+    where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+             else f'CPU, {THREADS} threads')
+    print(f'training images/s at {size}x{size}, batch {batch_size}, {where}, {precision}'
+          f'{", compiled" if args.compile else ""}, {args.setting}, {dataset.in_channels}-channel '
+          f'images ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}):')
     print(f'  data alone     {data_rate:7.1f}  ({args.workers} workers)')
-    print(f'  full pipeline  {pipeline_rate:7.1f}  ({args.workers} workers + step)')
+    print(f'  model alone    {model_rate:7.1f}')
+    print(f'  full pipeline  {pipeline_rate:7.1f}  ({args.workers} workers + step; '
+          f'{pipeline_rate / min(data_rate, model_rate):.2f} x the slower of the two)')
+    print(f'small epochs: data alone, {len(dataset)} images in batches of {SMALL_BATCH}: '
+          f'{small:.1f} images/s across epochs, {steady:.1f} in one long epoch: {ratio:.0%} '
+          f'({"ok" if ratio >= MIN_SMALL_EPOCH_RATIO else "below"} the '
+          f'{MIN_SMALL_EPOCH_RATIO:.0%} target)')
 
 
 if __name__ == '__main__':

@@ -49,8 +49,18 @@ def add_training_arguments(parser):
     again.add_argument('--force', action='store_true',
                        help='train runs again from the start even when a finished model or an '
                             'interrupted run is there (replaced when the new run ends)')
-    group.add_argument('--checkpoint-every', type=int, default=1, metavar='E',
-                       help='write the resume checkpoint every E epochs (default: 1)')
+    group.add_argument('--checkpoint-minutes', type=float, default=TrainConfig.checkpoint_minutes,
+                       metavar='M', help='write the resume checkpoint whenever M minutes have '
+                                         'passed since the last one, and after the last epoch '
+                                         f'(default: {TrainConfig.checkpoint_minutes:g}; 0: every '
+                                         'epoch)')
+    group.add_argument('--checkpoint-every', type=int, metavar='E',
+                       help='write the resume checkpoint every E epochs too (default: on the '
+                            'minutes only)')
+    group.add_argument('--progress', action=argparse.BooleanOptionalAction,
+                       help='progress bars (default: when the error output is a terminal)')
+    group.add_argument('--compile', action='store_true',
+                       help='compile the training step with torch.compile')
     group.add_argument('--figure-every', type=int, metavar='E',
                        help='example figure every E epochs (default: a quarter of the epochs)')
     group.add_argument('--no-figures', action='store_true', help='write no figures')
@@ -74,7 +84,10 @@ def train_config(args, epochs, seed, loss):
                        lr=args.lr,
                        loss=loss, seed=seed, workers=args.workers, device=args.device,
                        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-                       figure_every=args.figure_every, figures=not args.no_figures,
+                       checkpoint_minutes=args.checkpoint_minutes,
+                       progress=sys.stderr.isatty() if args.progress is None else args.progress,
+                       compile=args.compile, figure_every=args.figure_every,
+                       figures=not args.no_figures,
                        swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
 
 

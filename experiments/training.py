@@ -12,52 +12,68 @@ paper's code). With ``config.swa_epochs = S > 0`` (stochastic weight averaging, 
 2018; not in the paper), the cosine reaches ``swa_lr`` after ``epochs - S`` epochs, the learning
 rate then stays at ``swa_lr``, the weights at the end of each of the last S epochs are averaged,
 and the final model is that average with its batch-norm statistics recomputed on one more epoch
-of training samples (``recompute_batch_norm``). The loss is BCE or MSE between the model's output
-and the label map (or the cross-entropy of a classifier's logits and the class labels), computed
-in float32. Model and images are channels_last (faster convolutions on the CPU too); the forward
+of training samples (``recompute_batch_norm``). The loss, computed in float32 outside autocast, is
+BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
+on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
+bfloat16 forward pass would round to 0 or 1 and stop the gradient), MSE between the model's output
+and the label map, or the cross-entropy of a classifier's logits and the class labels. Model and images are channels_last (faster convolutions on the CPU too); the forward
 pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see
 ``use_bf16``).
 
 Files of a run ``name`` in ``run_dir``:
 
     last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta; with SWA
-                      the running average), written every ``checkpoint_every`` epochs;
+                      the running average), written every ``checkpoint_minutes`` (and every
+                      ``checkpoint_every`` epochs when set) and after the last epoch;
                       ``resume=True`` continues from it
-    final_<name>.pt   the trained model (with SWA: the averaged one) and its meta (``load_model``)
+    final_<name>.pt   the trained model (with SWA: the averaged one) and its meta, without
+                      optimiser state (``load_model``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
 
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
-uninterrupted one: the data order depends only on (seed, epoch) (``EpochSampler``), each item's
-randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker that
-reads the item), and the checkpoint restores torch's RNG state (dropout).
+uninterrupted one: the data order depends only on (seed, epoch) (``EpochBatchSampler``), each
+item's randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker
+that reads the item), and the checkpoint restores torch's RNG state (dropout). One loader pass
+covers all the epochs, so its workers prepare the next epoch's batches while an epoch ends
+(figures, validation, checkpoint); they send uint8 images, normalised on the device. The loss is
+summed on the device and read once per epoch. Under torchrun the processes share each epoch
+(see ``train``).
 """
+import copy
 import hashlib
+import itertools
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from experiments.atomic import save_torch_atomic, write_text_atomic
 from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validation_curve
 from models.resnet import build_model
-from self_sup_data.transforms import denormalize
+from self_sup_data.transforms import denormalize, normalize_images
 
-LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
+# loss -> function of (the training module's float32 output, target); BCE takes logits (``Logits``)
+LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'mse': F.mse_loss,
+                  'cross_entropy': F.cross_entropy}
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
-RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'figure_every', 'figures',
-                  'progress')
+RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_minutes',
+                  'figure_every', 'figures', 'progress', 'compile')
 NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
 # meta entries that record what a run measured, not what it is
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-RESULT_FIELDS = ('train_config', 'weights_sha256') + RESUMED_FIELDS
+RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size') + RESUMED_FIELDS
 
 
 @dataclass
@@ -65,11 +81,14 @@ class TrainConfig:
     """Plain values that define a training run (the command lines override them).
 
     device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
-    bf16: forward pass in bfloat16 autocast; None: on CUDA only, True: on the CPU too, False: never.
-    swa_epochs: average the weights of this many last epochs, trained at the constant ``swa_lr``
-    (0: no averaging; see the module docstring).
-    select: the final model is the weights after the 'last' epoch or those with the 'best'
-    validation score (needs a validator; see ``train``).
+    bf16: forward pass in bfloat16 autocast; None: on CUDA devices that support it, True: on the
+    CPU too, False: never. The resume checkpoint is written after every ``checkpoint_every``
+    epochs (None: no epoch cadence), whenever ``checkpoint_minutes`` have passed since the last
+    one (0: after every epoch), and after the last epoch. compile: ``torch.compile`` the step's
+    module. swa_epochs: average the weights of this many last epochs, trained at the constant
+    ``swa_lr`` (0: no averaging; see the module docstring). select: the final model is the weights
+    after the 'last' epoch or those with the 'best' validation score (needs a validator; see
+    ``train``).
     """
     epochs: int
     batch_size: int = 64
@@ -80,10 +99,12 @@ class TrainConfig:
     workers: int = 0
     device: str | None = None
     bf16: bool | None = None
-    checkpoint_every: int = 1
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float = 10.0
     figure_every: int | None = None
     figures: bool = True
     progress: bool = True
+    compile: bool = False
     swa_epochs: int = 0
     swa_lr: float = 1e-4
     select: str = 'last'
@@ -98,6 +119,8 @@ class TrainConfig:
         for name in ('lr', 'min_lr', 'swa_lr'):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers!r}")
         if not 0 <= self.swa_epochs < self.epochs:
@@ -118,27 +141,44 @@ def seed_everything(seed):
 
 
 def resolve_device(name=None):
-    """torch.device for ``name``; None or 'auto': CUDA when available, else CPU."""
+    """torch.device for ``name``; None or 'auto': CUDA when available, else CPU. In a torchrun
+    process, 'cuda' without an index is the process's GPU (``LOCAL_RANK``)."""
     if name in (None, 'auto'):
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
+    if device.type == 'cuda' and device.index is None and 'LOCAL_RANK' in os.environ:
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return device
 
 
 def use_bf16(bf16, device):
     """Whether the forward pass on ``device`` runs in bfloat16 autocast (``TrainConfig.bf16``).
 
-    On by default on CUDA only: on a CPU, bfloat16 is fast only where it has bfloat16 instructions
-    (AVX512-BF16, AMX; 1.3-1.6x the training images per second of NSA's model at 128 px, 2x at
-    224 px, on an AVX512-BF16 CPU: ``bench/training.py --bf16``) and emulated, slower than
-    float32, elsewhere.
+    By default on CUDA devices with bfloat16 support only: on a CPU, bfloat16 is fast only where it
+    has bfloat16 instructions (AVX512-BF16, AMX; 1.3-1.6x the training images per second of NSA's
+    model at 128 px, 2x at 224 px, on an AVX512-BF16 CPU: ``bench/training.py --bf16``) and
+    emulated, slower than float32, elsewhere.
     """
-    return device.type == 'cuda' if bf16 is None else bool(bf16)
+    if bf16 is None:
+        return device.type == 'cuda' and torch.cuda.is_bf16_supported()
+    return bool(bf16)
+
+
+def init_distributed(device):
+    """Join the process group of a torchrun launch (``WORLD_SIZE`` > 1 in the environment) ->
+    (rank, world size); (0, 1) outside torchrun. Backend NCCL on CUDA, gloo on the CPU."""
+    if int(os.environ.get('WORLD_SIZE', 1)) < 2:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), dist.get_world_size()
 
 
 def epoch_seed(seed, epoch):
@@ -146,32 +186,61 @@ def epoch_seed(seed, epoch):
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-class EpochSampler(Sampler):
-    """Yields ``(epoch, index)`` for every index, in an order shuffled by (seed, epoch).
+class EpochBatchSampler(Sampler):
+    """Batches of ``(epoch, index)`` keys for epochs ``start_epoch`` .. ``epochs - 1`` as one
+    stream: a loader's workers go on into the next epoch while the last one ends.
 
-    The sampler lives in the main process, so ``set_epoch`` reaches persistent workers through
-    the keys it yields (see ``EpochDataset``).
+    Epoch e visits the indices in the order of ``torch.randperm`` with a generator seeded by
+    (seed, e) (``epoch_seed``), in batches of ``batch_size``, the last one smaller; no batch spans
+    two epochs. In a single process a last batch of one is dropped (a different index each
+    epoch): batch norm cannot normalise one image whose features are 1 x 1 (a 32-pixel crop at the
+    encoder's end). With ``world_size`` W > 1 (distributed training) the order is padded to a multiple
+    of W with its own first indices and rank r takes its positions r, r + W, r + 2 W, ...: the
+    ranks' i-th batches together are the i-th batch of W ``batch_size`` of a single process.
+    The keys reach the dataset through ``EpochDataset``.
     """
 
-    def __init__(self, size, seed):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size, batch_size, seed, epochs, start_epoch=0, rank=0, world_size=1):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epochs, self.start_epoch = epochs, start_epoch
+        self.rank, self.world_size = rank, world_size
+        self.keys_per_epoch = self.kept(math.ceil(size / world_size))
+        self.batches_per_epoch = math.ceil(self.keys_per_epoch / batch_size)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def kept(self, count):
+        """How many of an epoch's ``count`` keys are read: all, less a last batch of one in a
+        single process."""
+        single = self.world_size == 1 and count > 1 and count % self.batch_size == 1
+        return count - 1 if single else count
 
-    def __len__(self):
-        return self.size
+    def epoch_keys(self, epoch):
+        """This rank's keys of ``epoch``, in order."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        padded = list(itertools.islice(itertools.cycle(order),
+                                       math.ceil(self.size / self.world_size) * self.world_size))
+        return [(epoch, index) for index in padded[self.rank::self.world_size]][:self.keys_per_epoch]
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        for index in torch.randperm(self.size, generator=generator).tolist():
-            yield self.epoch, index
+        for epoch in range(self.start_epoch, self.epochs):
+            keys = self.epoch_keys(epoch)
+            for start in range(0, len(keys), self.batch_size):
+                yield keys[start:start + self.batch_size]
+
+    def __len__(self):
+        return (self.epochs - self.start_epoch) * self.batches_per_epoch
 
 
 class EpochDataset(Dataset):
-    """Reads ``(epoch, index)`` keys: sets the wrapped dataset's epoch, then returns its item."""
+    """Reads ``(epoch, index)`` keys: sets the wrapped dataset's epoch, then returns its item.
+
+    A dataset with ``uint8_tensors`` (``self_sup_data.mvtec.SelfSupImageDataset``) is read through
+    a shallow copy that gives uint8 images (``model_input`` normalises them on the device)."""
 
     def __init__(self, dataset):
+        if hasattr(dataset, 'uint8_tensors'):
+            dataset = copy.copy(dataset)
+            dataset.uint8_tensors = True
         self.dataset, self.epoch = dataset, None
 
     def __len__(self):
@@ -185,17 +254,30 @@ class EpochDataset(Dataset):
         return self.dataset[index]
 
 
-def make_loader(dataset, config, device):
-    """DataLoader over ``dataset`` with an ``EpochSampler``; persistent workers when workers > 0.
+class OneOpenCVThreadLoader(DataLoader):
+    """A DataLoader whose worker processes run OpenCV on one thread each (the workers are the
+    parallelism): set in this process while its iterator starts them, then restored. (Set in a
+    forked worker instead, after this process used OpenCV's thread pool, the call can hang.)"""
 
-    A last batch of one image is dropped (a different one each epoch): batch norm cannot
-    normalise one image whose features are 1 x 1 (a 32-pixel crop at the encoder's end)."""
-    return DataLoader(EpochDataset(dataset), batch_size=config.batch_size,
-                      drop_last=len(dataset) > 1 and len(dataset) % config.batch_size == 1,
-                      sampler=EpochSampler(len(dataset), config.seed),
-                      num_workers=config.workers, persistent_workers=config.workers > 0,
-                      pin_memory=device.type == 'cuda',
-                      generator=torch.Generator().manual_seed(config.seed))
+    def __iter__(self):
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super().__iter__()
+        finally:
+            cv2.setNumThreads(threads)
+
+
+def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, world_size=1):
+    """DataLoader over ``dataset`` for epochs ``start_epoch`` .. ``epochs - 1`` (default
+    ``config.epochs``) in one pass (``EpochBatchSampler``; per rank ``config.batch_size / world_size``
+    items a batch), read in ``config.workers`` processes."""
+    sampler = EpochBatchSampler(len(dataset), config.batch_size // world_size, config.seed,
+                                config.epochs if epochs is None else epochs, start_epoch, rank,
+                                world_size)
+    return OneOpenCVThreadLoader(EpochDataset(dataset), batch_sampler=sampler,
+                                 num_workers=config.workers, pin_memory=device.type == 'cuda',
+                                 generator=torch.Generator().manual_seed(config.seed))
 
 
 def final_model_path(run_dir, name):
@@ -270,6 +352,10 @@ def run_differences(saved_meta, meta):
 
 def _check_resumable(path, saved_meta, meta):
     """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
+    saved_world, world = saved_meta.get('world_size', 1), meta['world_size']
+    if saved_world != world:
+        raise ValueError(f"cannot resume from {path}: it was trained with world_size {saved_world}, "
+                         f"this run has world_size {world}; resume with {saved_world} processes")
     differing = run_differences(saved_meta, meta)
     if differing:
         raise ValueError(f"cannot resume from {path}: it was written by a different run "
@@ -299,40 +385,95 @@ def to_training_device(model, device):
 
 def model_input(images, device):
     """A batch as the model takes it: multi-view batches (B x V x C x H x W) flattened to B V
-    samples, on ``device``, channels_last (faster convolutions on CPU and GPU alike)."""
+    samples, on ``device``, uint8 images normalised there (``normalize_images``), channels_last
+    (faster convolutions on CPU and GPU alike)."""
     if images.dim() == 5:
         images = images.flatten(0, 1)
-    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = normalize_images(images)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
-def train_step(model, optimizer, loss_function, images, labels, device, bf16=None):
-    """One optimisation step on a batch -> (images, labels on device, predictions, loss float).
+class Logits(nn.Module):
+    """``model`` without its final sigmoid: ``model.logits(x)``, the input of BCE with logits."""
 
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.logits(x)
+
+
+def training_module(model, loss):
+    """The module whose output ``LOSS_FUNCTIONS[loss]`` takes: ``Logits(model)`` for 'bce' (a
+    model trained with BCE has a sigmoid as its final activation and a ``logits`` method),
+    ``model`` itself otherwise."""
+    if loss != 'bce':
+        return model
+    if not callable(getattr(model, 'logits', None)):
+        raise ValueError(f"loss 'bce' trains on logits: {type(model).__name__} has no logits "
+                         "method (the map before its final sigmoid)")
+    activation = getattr(model, 'config', {}).get('final_activation', 'sigmoid')
+    if activation != 'sigmoid':
+        raise ValueError(f"loss 'bce' needs a model whose final activation is 'sigmoid', "
+                         f"got {activation!r}")
+    return Logits(model)
+
+
+def train_step(module, optimizer, loss, images, labels, device, bf16=None):
+    """One optimisation step on a batch -> (images, labels on device, predictions, loss tensor).
+
+    ``module``: ``training_module(model, loss)`` (or its distributed or compiled wrapper).
     Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples
-    (``model_input``); the forward pass runs in bfloat16 autocast where ``use_bf16(bf16, device)``.
-    The loss is computed in float32.
+    (``model_input``); the forward pass runs in bfloat16 autocast where ``use_bf16(bf16, device)``,
+    the loss ``LOSS_FUNCTIONS[loss]`` in float32 outside it. The predictions are the model's
+    outputs (for 'bce' the sigmoid of the logits); the loss stays on the device (reading it would
+    wait for the step).
     """
     if images.dim() == 5:
         labels = labels.flatten(0, 1)
     images = model_input(images, device)
     labels = labels.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
-        preds = model(images)
-    loss = loss_function(preds.float(), labels)
+        outputs = module(images)
+    value = LOSS_FUNCTIONS[loss](outputs.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
-    return images, labels, preds.detach(), loss.item()
+    preds = torch.sigmoid(outputs.detach()) if loss == 'bce' else outputs.detach()
+    return images, labels, preds, value.detach()
 
 
-def recompute_batch_norm(model, loader, device, bf16=None):
+def recompute_batch_norm(model, batches, device, bf16=None):
     """Reset the batch-norm running statistics of ``model`` and set them to their plain average
-    over one pass through ``loader`` (training mode, no gradients): the statistics that belong to
+    over ``batches`` of a loader (training mode, no gradients): the statistics that belong to
     averaged weights. ``torch.optim.swa_utils.update_bn`` on the batches in ``model_input``'s
     layout, in the training step's autocast."""
-    batches = (model_input(images, device) for images, _, _ in loader)
+    inputs = (model_input(images, device) for images, _, _ in batches)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(bf16, device)):
-        torch.optim.swa_utils.update_bn(batches, model)
+        torch.optim.swa_utils.update_bn(inputs, model)
+
+
+def step_module(model, config, device, world_size):
+    """The module ``train_step`` calls: ``training_module``, in ``DistributedDataParallel`` when
+    ``world_size`` > 1, compiled (``torch.compile``) with ``config.compile``."""
+    module = training_module(model, config.loss)
+    if world_size > 1:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == 'cuda' else None)
+    return torch.compile(module) if config.compile else module
+
+
+def epoch_mean(loss_sum, count, world_size):
+    """The mean loss of an epoch from this rank's (sum, count) tensors, summed over the ranks:
+    the one read of the device per epoch."""
+    totals = torch.stack([loss_sum, count])
+    if world_size > 1:
+        dist.all_reduce(totals)
+    loss_sum, count = totals.tolist()
+    return loss_sum / count
 
 
 def train(model, dataset, config, run_dir, name, meta=None, resume=False, validator=None):
@@ -340,9 +481,15 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
 
     ``meta`` (plain types) describes the run for whoever loads the model (setting, category, data
     arguments ...); ``train`` adds ``model_config`` (``model.config``), ``train_config``,
-    ``epoch_losses`` (mean loss of each epoch) and ``train_time_s`` (seconds spent in training
-    epochs, summed over resumed parts; figures, validation and checkpoint writes excluded).
-    ``resume`` continues from the run's last checkpoint when there is one.
+    ``world_size``, ``epoch_losses`` (mean loss of each epoch) and ``train_time_s`` (seconds spent
+    in training epochs, summed over resumed parts; figures, validation and checkpoint writes
+    excluded). ``resume`` continues from the run's last checkpoint when there is one (written by
+    as many processes: a different ``world_size`` is refused).
+
+    Distributed (launched by torchrun, ``init_distributed``): each process trains on its share of
+    each epoch (``EpochBatchSampler``, ``config.batch_size / world_size`` items a step) with the
+    gradients averaged over the processes (``DistributedDataParallel``; batch norm synchronised on
+    CUDA); rank 0 alone validates and writes files.
 
     ``validator`` (``experiments.validation.Validator``): after the epochs it says are due, the
     model is scored on the validation set; the scores go to ``meta['validation']`` (one dict per
@@ -355,17 +502,27 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     if config.select == 'best' and validator is None:
         raise ValueError(f"run {name!r}: select 'best' needs a validation set")
     device = resolve_device(config.device)
+    rank, world_size = init_distributed(device)
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size "
+                         f"{world_size}")
+    writer = rank == 0
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
     last_path = last_checkpoint_path(run_dir, name)
+    if world_size > 1 and device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     to_training_device(model, device)
+    module = step_module(model, config, device, world_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     cosine_epochs = config.epochs - config.swa_epochs
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cosine_epochs,
         eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
-    meta = {**run_meta(model, config, meta), 'epoch_losses': [], 'train_time_s': 0.0}
+    meta = {**run_meta(model, config, meta), 'world_size': world_size, 'epoch_losses': [],
+            'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
     start_epoch = 0
@@ -381,32 +538,45 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         set_rng_state(checkpoint['rng'])
         meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
+    if world_size > 1:
+        starts = [None] * world_size
+        dist.all_gather_object(starts, start_epoch)
+        if len(set(starts)) > 1:
+            raise ValueError(f"run {name!r}: the processes start at different epochs {starts} "
+                             f"(by rank; from {last_path}); they need one shared output folder")
 
-    loader = make_loader(dataset, config, device)
-    loss_function = LOSS_FUNCTIONS[config.loss]
+    # one pass over every epoch left (and the one that recomputes the averaged batch norm)
+    loader = make_loader(dataset, config, device, start_epoch, config.epochs + bool(averaged),
+                         rank, world_size)
+    steps = loader.batch_sampler.batches_per_epoch
+    batches = iter(loader)
     figure_every = config.figure_every or max(1, config.epochs // 4)
+    progress = config.progress and writer
     epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
-                  desc=name, unit='epoch', disable=not config.progress)
+                  desc=name, unit='epoch', disable=not progress)
+    last_write = time.monotonic()
     for epoch in epochs:
         started = time.perf_counter()
-        loader.sampler.set_epoch(epoch)
         model.train()
-        loss_sum, count = 0.0, 0
-        batches = tqdm(loader, desc=f'epoch {epoch + 1}', unit='batch', leave=False,
-                       disable=not config.progress)
-        for images, _, labels in batches:
-            images, labels, preds, loss = train_step(model, optimizer, loss_function,
+        loss_sum = torch.zeros((), device=device)
+        count = torch.zeros((), device=device)
+        for _ in tqdm(range(steps), desc=f'epoch {epoch + 1}', unit='batch', leave=False,
+                      disable=not progress):
+            images, _, labels = next(batches)
+            images, labels, preds, loss = train_step(module, optimizer, config.loss,
                                                      images, labels, device, config.bf16)
             loss_sum += loss * len(images)
             count += len(images)
-            batches.set_postfix(loss=f'{loss_sum / count:.4f}')
         if epoch < cosine_epochs:
             scheduler.step()  # then constant at swa_lr
         else:
             averaged.update_parameters(model)
-        meta['epoch_losses'].append(loss_sum / count)
+        meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
         meta['train_time_s'] += time.perf_counter() - started
-        epochs.set_postfix(loss=f'{loss_sum / count:.4f}', lr=f'{scheduler.get_last_lr()[0]:.2e}')
+        epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}",
+                           lr=f'{scheduler.get_last_lr()[0]:.2e}')
+        if not writer:
+            continue
 
         done = epoch + 1
         if validator is not None and validator.due(done, config.epochs):
@@ -416,25 +586,34 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 and (epoch == 0 or done % figure_every == 0 or done == config.epochs)):
             save_sample_figure(images, labels, preds,
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
-        if done % config.checkpoint_every == 0 or done == config.epochs:
+        if (done == config.epochs
+                or (config.checkpoint_every and done % config.checkpoint_every == 0)
+                or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
             averaged_state = {} if averaged is None else dict(averaged=averaged.state_dict())
             save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
-                             meta=meta, **averaged_state), last_path)
+                                   scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
+                                   meta=meta, **averaged_state), last_path)
+            last_write = time.monotonic()
 
     final_model = model
-    if config.select == 'best':
-        best = torch.load(best_model_path(run_dir, name), map_location=device, weights_only=True)
-        model.load_state_dict(best['model'])
     if averaged is not None:
         started = time.perf_counter()
-        loader.sampler.set_epoch(config.epochs)  # samples of one more epoch
-        recompute_batch_norm(averaged.module, loader, device, config.bf16)
+        recompute_batch_norm(averaged.module, itertools.islice(batches, steps), device,
+                             config.bf16)  # on the samples of one more epoch
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
-    save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
-    if config.figures:
-        save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+    if writer:
+        if config.select == 'best':
+            best = torch.load(best_model_path(run_dir, name), map_location=device,
+                              weights_only=True)
+            model.load_state_dict(best['model'])
+        save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
+        if config.figures:
+            save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+    if world_size > 1:  # every rank returns rank 0's meta (validation), once its files exist
+        shared = [meta]
+        dist.broadcast_object_list(shared, src=0)
+        meta = shared[0]
     return meta
 
 

@@ -239,14 +239,17 @@ class ResNetEncDec(nn.Module):
     def reset_parameters(self):
         init_resnet_parameters(self)
 
-    def forward(self, x):
+    def logits(self, x):
+        """The map before the final activation (what BCE trains on: the sigmoid's logits)."""
         height, width = x.shape[-2:]
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"input height and width must be multiples of {self.size_multiple} "
                              f"(pool={self.config['pool']}), got {height}x{width}")
         x = self.encoder(x)[-1]
-        x = self.decoder(self.bottleneck(x))
-        return self.final_activation(x)
+        return self.decoder(self.bottleneck(x))
+
+    def forward(self, x):
+        return self.final_activation(self.logits(x))
 
 
 def resnet18_enc_dec(num_classes=1, in_channels=3, pool=True, preact=False,

@@ -41,7 +41,8 @@ from self_sup_data.images import IMAGE_SUFFIXES, decode, read_image, resize, to_
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
-                                      RandomVerticalFlip, to_image_tensor, to_label_tensor)
+                                      RandomVerticalFlip, to_image_tensor, to_label_tensor,
+                                      to_uint8_tensor)
 
 OBJECTS = ['bottle', 'cable', 'capsule', 'hazelnut', 'metal_nut',
            'pill', 'screw', 'toothbrush', 'transistor', 'zipper']
@@ -170,7 +171,9 @@ class SelfSupImageDataset(Dataset):
     test:                ds[i] -> (image tensor at low_res, 0/1, mask tensor 1 x H x W in {0, 1})
     Attributes: ``images`` (uint8 H x W x C), ``labels`` (int array), ``masks`` (test: uint8
     H x W in {0, 1} per item; None for training), ``has_mask`` (bool array), ``in_channels``,
-    ``low_res``, ``train_size``. Subclasses find the files; this class holds the images and
+    ``low_res``, ``train_size``, ``uint8_tensors`` (False: image tensors are normalised float32,
+    ``to_image_tensor``; True: uint8, for whoever normalises them later, e.g. the training loop on
+    its device with ``transforms.normalize_images``). Subclasses find the files; this class holds the images and
     makes the items.
     """
 
@@ -189,6 +192,7 @@ class SelfSupImageDataset(Dataset):
         self.views = views
         self.seed = seed
         self.epoch = 0
+        self.uint8_tensors = False
         self.labels = np.zeros(len(images), int) if labels is None else np.asarray(labels, int)
         # test: uint8 {0, 1} mask per item (zeros for normal images and images without a mask)
         self.masks = None if is_train else [np.zeros(im.shape[:2], np.uint8) if m is None else m
@@ -208,21 +212,25 @@ class SelfSupImageDataset(Dataset):
         """The generator of item ``index`` in the current epoch."""
         return np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
 
+    def image_tensor(self, image):
+        """Tensor ``C x H x W`` of a uint8 image: normalised float32, or uint8 (``uint8_tensors``)."""
+        return to_uint8_tensor(image) if self.uint8_tensors else to_image_tensor(image)
+
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
         index = range(len(self.images))[index]  # IndexError when out of range; ds[-1] is ds[n - 1]
         if not self.is_train:
-            return (to_image_tensor(self.images[index]), int(self.labels[index]),
+            return (self.image_tensor(self.images[index]), int(self.labels[index]),
                     to_label_tensor(self.masks[index][:, :, None].astype(np.float32)))
         rng = self.item_rng(index)
         image, _ = self.transform(self.images[index].copy(), None, rng)
         if not self.self_sup:
-            return to_image_tensor(image), 0, torch.zeros((1,) + image.shape[:2])
+            return self.image_tensor(image), 0, torch.zeros((1,) + image.shape[:2])
         if self.views is not None:
             views, classes = self.views(image, rng)
-            return torch.stack([to_image_tensor(v) for v in views]), 0, torch.tensor(classes)
+            return torch.stack([self.image_tensor(v) for v in views]), 0, torch.tensor(classes)
         args = dict(self.self_sup_args)
         if len(self.images) == 1:
             args['same'] = True
@@ -232,7 +240,7 @@ class SelfSupImageDataset(Dataset):
             other += other >= index
             source, _ = self.transform(self.images[other].copy(), None, rng)
         image, label = patch_ex(image, source, rng=rng, **args)
-        return to_image_tensor(image), 0, to_label_tensor(label)
+        return self.image_tensor(image), 0, to_label_tensor(label)
 
 
 def train_files(root_path, class_name, layout=None):

@@ -157,12 +157,24 @@ def to_image_tensor(image):
 
     mean/std: ImageNet's for RGB; for one channel the mean of ImageNet's three means and stds.
     """
+    return normalize_images(to_uint8_tensor(image))
+
+
+def to_uint8_tensor(image):
+    """uint8 ``H x W x C`` -> uint8 tensor ``C x H x W`` (a quarter of the float32 bytes to send
+    between processes; ``normalize_images`` makes it what ``to_image_tensor`` gives)."""
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected a uint8 H x W x C image, got {image.dtype} of shape {image.shape}")
-    mean, std = normalization(image.shape[2])
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255)
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalize_images(images):
+    """uint8 tensor ``... x C x H x W`` -> float32 ``(x / 255 - mean) / std`` on its device (the
+    normalisation of ``to_image_tensor``)."""
+    mean, std = normalization(images.shape[-3])
+    x = images.float().div_(255)
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
     return (x - mean) / std
 
 

@@ -225,7 +225,7 @@ def test_select_best_needs_a_validator_and_no_weight_averaging(tmp_path):
 
 
 def test_resumed_run_keeps_the_validation_curve(tmp_path):
-    scores, config = [0.2, 0.6, 0.4], TrainConfig(epochs=3, figures=False)
+    scores, config = [0.2, 0.6, 0.4], TrainConfig(epochs=3, figures=False, checkpoint_every=1)
     whole = train(TinyNet(), SquaresDataset(), config, tmp_path / 'a', 'run',
                   validator=ScriptedValidator(scores))
     with pytest.raises(KeyboardInterrupt):

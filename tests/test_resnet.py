@@ -205,3 +205,14 @@ def test_few_adam_steps_lower_bce_on_one_32px_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_the_map_is_the_sigmoid_of_the_logits_and_the_state_is_unchanged():
+    """Training takes ``logits``; the model's output (prediction, export) stays the probability,
+    and a checkpoint's state dict has the same entries as before the method existed."""
+    torch.manual_seed(0)
+    model = resnet18_enc_dec(final_activation='sigmoid').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.sigmoid(model.logits(x)), rtol=0, atol=0)
+    assert not any('final_activation' in key for key in model.state_dict())

@@ -1,15 +1,17 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from experiments import training
-from experiments.training import (EpochDataset, EpochSampler, TrainConfig, final_model_path,
-                                  last_checkpoint_path, load_model, make_loader,
+from experiments.training import (EpochBatchSampler, EpochDataset, TrainConfig, epoch_seed,
+                                  final_model_path, last_checkpoint_path, load_model, make_loader,
                                   seed_everything, to_training_device, train)
 from models.resnet import resnet18_enc_dec
+from self_sup_data.mvtec import SelfSupMVTecDataset
 
 SIZE = 64
 
@@ -56,11 +58,27 @@ class TinyNet(torch.nn.Module):
         super().__init__()
         self.config = dict(channels=channels)
         self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1),
-                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1),
-                                          torch.nn.Sigmoid())
+                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1))
+
+    def logits(self, x):
+        return self.layers(x)
 
     def forward(self, x):
-        return self.layers(x)
+        return torch.sigmoid(self.logits(x))
+
+
+class ConstantLogit(torch.nn.Module):
+    """A map of one learnt logit everywhere (a confidently wrong pixel when the target is 0)."""
+
+    def __init__(self, logit):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(float(logit)))
+
+    def logits(self, x):
+        return self.logit.expand(len(x), 1, *x.shape[2:]) * torch.ones_like(x[:, :1])
+
+    def forward(self, x):
+        return torch.sigmoid(self.logits(x))
 
 
 class TinyBatchNormNet(TinyNet):
@@ -98,7 +116,8 @@ def fresh_model(seed=0):
 
 
 def config(**kwargs):
-    defaults = dict(epochs=2, batch_size=4, seed=0, figures=False, progress=False)
+    defaults = dict(epochs=2, batch_size=4, seed=0, figures=False, progress=False,
+                    checkpoint_every=1)
     return TrainConfig(**{**defaults, **kwargs})
 
 
@@ -138,9 +157,12 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert_same_state(final_a, torch.load(final_model_path(parts, 'toy'), weights_only=True)['model'])
 
 
-@pytest.mark.parametrize('bf16, device, expected', [
-    (None, 'cpu', False), (None, 'cuda', True), (True, 'cpu', True), (False, 'cuda', False)])
-def test_bf16_is_on_for_cuda_by_default_and_on_the_cpu_on_request(bf16, device, expected):
+@pytest.mark.parametrize('bf16, device, supported, expected', [
+    (None, 'cpu', True, False), (None, 'cuda', True, True), (None, 'cuda', False, False),
+    (True, 'cpu', False, True), (False, 'cuda', True, False)])
+def test_bf16_is_on_for_cuda_devices_that_support_it_and_on_the_cpu_on_request(
+        bf16, device, supported, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: supported)
     assert training.use_bf16(bf16, torch.device(device)) is expected
 
 
@@ -151,13 +173,39 @@ def test_bf16_step_runs_the_forward_pass_in_bfloat16_and_the_loss_in_float32():
         model = to_training_device(fresh_model(), cpu)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         before = [p.detach().clone() for p in model.parameters()]
-        _, _, preds, loss = training.train_step(model, optimizer, training.LOSS_FUNCTIONS['bce'],
-                                                images, labels, cpu, bf16)
+        module = training.training_module(model, 'bce')
+        _, _, preds, loss = training.train_step(module, optimizer, 'bce', images, labels, cpu, bf16)
+        loss = loss.item()
         assert preds.dtype == dtype and np.isfinite(loss)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
         assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the loss is of the logits in float32; the predictions are their sigmoid in bfloat16
     expected = torch.nn.functional.binary_cross_entropy(preds.float(), labels).item()
-    assert loss == pytest.approx(expected)
+    assert loss == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize('bf16', [None, True])
+def test_bce_trains_on_logits_so_a_confident_wrong_pixel_keeps_its_gradient(bf16):
+    """At logit 10 and target 0 the BCE gradient is sigmoid(10) - 0 ~ 1, also with a bfloat16
+    forward pass (whose sigmoid would round to 1.0 and give a gradient of 0)."""
+    cpu = torch.device('cpu')
+    model = ConstantLogit(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0)
+    images, labels = torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
+    _, _, preds, loss = training.train_step(training.training_module(model, 'bce'), optimizer,
+                                            'bce', images, labels, cpu, bf16)
+    assert model.logit.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(10.)).item(), rel=1e-3)
+    assert loss.item() == pytest.approx(10 + np.log1p(np.exp(-10)), rel=1e-3)
+    torch.testing.assert_close(preds, torch.sigmoid(torch.full_like(preds, 10.)))
+
+
+def test_bce_needs_a_sigmoid_model_with_logits():
+    with pytest.raises(ValueError, match='TinyClassifier has no logits method'):
+        training.training_module(TinyClassifier(), 'bce')
+    with pytest.raises(ValueError, match="final activation is 'sigmoid', got 'relu'"):
+        training.training_module(resnet18_enc_dec(final_activation='relu'), 'bce')
+    model = TinyClassifier()
+    assert training.training_module(model, 'cross_entropy') is model
 
 
 def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
@@ -225,13 +273,102 @@ def test_figures_are_written(tmp_path):
 
 def test_sampler_order_depends_only_on_seed_and_epoch():
     def order(seed, epoch):
-        sampler = EpochSampler(10, seed)
-        sampler.set_epoch(epoch)
-        return list(sampler)
+        return [key for batch in EpochBatchSampler(10, 4, seed, epoch + 1, epoch) for key in batch]
     assert order(3, 1) == order(3, 1)
     assert sorted(index for _, index in order(3, 1)) == list(range(10))
     assert {epoch for epoch, _ in order(3, 1)} == {1}
     assert order(3, 1) != order(3, 2) and order(3, 1) != order(4, 1)
+
+
+def per_epoch_batches(size, batch_size, seed, epochs):
+    """The batches of keys of a new loader per epoch over the epoch's randperm (the order before
+    one loader pass covered all the epochs)."""
+    batches = []
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(size, generator=generator).tolist()
+        batches += [[(epoch, i) for i in order[start:start + batch_size]]
+                    for start in range(0, size, batch_size)]
+    return batches
+
+
+def test_one_pass_draws_the_per_epoch_batches_and_resumes_mid_way():
+    sampler = EpochBatchSampler(10, 4, seed=7, epochs=3)
+    assert list(sampler) == per_epoch_batches(10, 4, 7, 3) and len(sampler) == 9
+    assert sampler.batches_per_epoch == 3
+    assert list(EpochBatchSampler(10, 4, seed=7, epochs=3, start_epoch=2)) == list(sampler)[6:]
+
+
+@pytest.mark.parametrize('size, world_size', [(10, 2), (11, 2), (7, 3), (2, 4)])
+def test_ranks_take_disjoint_padded_shares_that_make_up_the_single_process_batches(size,
+                                                                                   world_size):
+    shares = [list(EpochBatchSampler(size, 2, 5, 2, rank=r, world_size=world_size))
+              for r in range(world_size)]
+    single = list(EpochBatchSampler(size, 2 * world_size, 5, 2))
+    assert all(len(share) == len(shares[0]) for share in shares)
+    for epoch in range(2):
+        keys = [[k for batch in share for k in batch if k[0] == epoch] for share in shares]
+        assert all(len(k) == -(-size // world_size) for k in keys)  # padded to equal size
+        assert {i for k in keys for _, i in k} == set(range(size))
+        if size % world_size == 0:  # no padding: disjoint
+            assert sum(len(k) for k in keys) == size
+    padded = [sorted(sum((share[i] for share in shares), [])) for i in range(len(single))]
+    if size % world_size == 0:
+        assert padded == [sorted(batch) for batch in single]
+
+
+def test_loader_gives_the_datasets_items_bit_identical_with_uint8_images_in_workers(tiny_mvtec):
+    """Batches of the one-pass loader with workers, uint8 images normalised on the device, are
+    the items of today's per-epoch order read from the dataset directly, bit for bit."""
+    dataset = SelfSupMVTecDataset(*tiny_mvtec, seed=3, res_scale=0.25,
+                                  self_sup_args=dict(width_bounds_pct=((0.1, 0.3), (0.1, 0.3))))
+    cpu = torch.device('cpu')
+    loader = make_loader(dataset, config(epochs=2, batch_size=3, workers=2, seed=3), cpu)
+    expected = per_epoch_batches(len(dataset), 3, 3, 2)
+    batches = list(loader)
+    assert len(batches) == len(expected)
+    for (images, _, labels), keys in zip(batches, expected):
+        assert images.dtype == torch.uint8
+        for image, label, (epoch, index) in zip(training.model_input(images, cpu), labels, keys):
+            dataset.set_epoch(epoch)
+            item = dataset[index]
+            assert torch.equal(image, item[0]) and torch.equal(label, item[2])
+    assert dataset.uint8_tensors is False  # the loader reads a copy
+
+
+def test_checkpoints_every_minutes_every_epochs_and_after_the_last_epoch(tmp_path, monkeypatch):
+    written = []
+    save = training.save_torch_atomic
+    monkeypatch.setattr(training, 'save_torch_atomic', lambda obj, path: (
+        written.append((path.name, obj.get('epoch'), 'optimizer' in obj)), save(obj, path))[1])
+
+    def run(**kwargs):
+        written.clear()
+        train(fresh_model(), SquaresDataset(n=4), config(epochs=5, **kwargs), tmp_path / 'run',
+              'toy')
+        return [(name, epoch) for name, epoch, _ in written]
+    assert run(checkpoint_every=None) == [('last_toy.pt', 5), ('final_toy.pt', None)]
+    assert [name for name, _, optimizer in written if optimizer] == ['last_toy.pt']
+    assert run(checkpoint_every=2) == [('last_toy.pt', 2), ('last_toy.pt', 4), ('last_toy.pt', 5),
+                                       ('final_toy.pt', None)]
+    assert run(checkpoint_every=None, checkpoint_minutes=0) == (
+        [('last_toy.pt', e) for e in range(1, 6)] + [('final_toy.pt', None)])
+
+
+def test_resume_with_another_world_size_is_refused_by_name(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy')
+    path = last_checkpoint_path(tmp_path, 'toy')
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint['meta']['world_size'] == 1
+    checkpoint['meta']['world_size'] = 2
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match='trained with world_size 2, this run has world_size 1'):
+        train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy', resume=True)
+    del checkpoint['meta']['world_size']  # written before the field: one process
+    torch.save(checkpoint, path)
+    assert len(train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy',
+                     resume=True)['epoch_losses']) == 2
 
 
 class EpochEcho(torch.utils.data.Dataset):
@@ -250,17 +387,27 @@ class EpochEcho(torch.utils.data.Dataset):
         return torch.tensor([self.epoch, index]), 0, torch.zeros(1)
 
 
-def test_persistent_workers_see_every_epoch():
+def test_workers_see_every_epoch():
     def items(workers):
-        loader = make_loader(EpochEcho(), config(workers=workers, batch_size=2), torch.device('cpu'))
-        seen = []
-        for epoch in range(3):
-            loader.sampler.set_epoch(epoch)
-            seen.append(torch.cat([batch[0] for batch in loader]).tolist())
-        return seen
+        loader = make_loader(EpochEcho(), config(epochs=3, workers=workers, batch_size=2),
+                             torch.device('cpu'))
+        return torch.cat([batch[0] for batch in loader]).tolist()
     single = items(0)
-    assert [{e for e, _ in epoch} for epoch in single] == [{0}, {1}, {2}]
+    assert [e for e, _ in single] == [0] * 6 + [1] * 6 + [2] * 6
     assert items(2) == single
+
+
+class OpenCVThreads(EpochEcho):
+    def __getitem__(self, index):
+        return torch.tensor(cv2.getNumThreads()), 0, torch.zeros(1)
+
+
+def test_loader_workers_run_opencv_on_one_thread_and_the_main_process_keeps_its_own():
+    threads = cv2.getNumThreads()
+    loader = make_loader(OpenCVThreads(), config(epochs=1, workers=2, batch_size=2),
+                         torch.device('cpu'))
+    assert torch.cat([batch[0] for batch in loader]).tolist() == [1] * 6
+    assert cv2.getNumThreads() == threads
 
 
 def test_epoch_dataset_sets_the_epoch_once_per_epoch():
@@ -268,9 +415,9 @@ def test_epoch_dataset_sets_the_epoch_once_per_epoch():
     dataset = EpochEcho()
     dataset.set_epoch = calls.append
     wrapped = EpochDataset(dataset)
-    loader = DataLoader(wrapped, batch_size=2, sampler=EpochSampler(6, 0))
+    loader = DataLoader(wrapped, batch_sampler=EpochBatchSampler(6, 2, 0, epochs=2))
     list(loader)
-    assert calls == [0]
+    assert calls == [0, 1]
 
 
 @pytest.mark.slow
@@ -338,3 +485,17 @@ def test_config_validation():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA'):
             training.resolve_device('cuda')
+
+
+@pytest.mark.slow
+def test_compiled_step_learns_what_the_eager_step_learns(tmp_path):
+    """torch.compile (about a minute and a half to compile on 2 CPU cores)."""
+    eager = train(fresh_model(), SquaresDataset(), config(), tmp_path / 'eager', 'toy')
+    compiled = train(fresh_model(), SquaresDataset(), config(compile=True), tmp_path / 'compiled',
+                     'toy')
+    assert compiled['epoch_losses'] == pytest.approx(eager['epoch_losses'], rel=1e-4)
+    a = torch.load(final_model_path(tmp_path / 'eager', 'toy'), weights_only=True)['model']
+    b = torch.load(final_model_path(tmp_path / 'compiled', 'toy'), weights_only=True)['model']
+    assert a.keys() == b.keys()  # the compiled wrapper leaves the saved names alone
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)

@@ -1,0 +1,87 @@
+"""Training in several processes (as torchrun launches them), on the CPU with the gloo backend."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from experiments.training import final_model_path, last_checkpoint_path, train
+from test_training import CrashAtEpoch, SquaresDataset, config, fresh_model
+
+WORLD_SIZE = 2
+
+
+class KeyRecorder(SquaresDataset):
+    """SquaresDataset that records the (epoch, index) keys it is asked for."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.keys = []
+
+    def __getitem__(self, index):
+        self.keys.append((self.epoch, index))
+        return super().__getitem__(index)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_rank(rank, port, run_dirs, out_dir, crash_epoch):
+    """One process of a two-process run: the environment torchrun sets, then ``train`` (and a
+    resume after the crash at ``crash_epoch``, if any); saves its keys and weights to out_dir."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    dataset = KeyRecorder(n=7)
+    settings = config(epochs=3, batch_size=4, device='cpu')
+    model = fresh_model()
+    if crash_epoch is not None:
+        try:
+            train(fresh_model(), CrashAtEpoch(crash_epoch, n=7), settings, run_dirs[rank], 'toy')
+        except KeyboardInterrupt:
+            pass
+        torch.distributed.barrier()  # rank 0's checkpoint is written
+    train(model, dataset, settings, run_dirs[rank], 'toy', resume=crash_epoch is not None)
+    torch.save(dict(keys=dataset.keys, model=model.state_dict()), out_dir / f'rank{rank}.pt')
+    torch.distributed.destroy_process_group()
+
+
+def two_processes(tmp_path, crash_epoch=None, shared=False):
+    """Run ``run_rank`` in two processes -> their run folders and outputs. Rank r's run folder:
+    tmp_path/run when ``shared``, else tmp_path/rank<r> (to see who writes)."""
+    run_dirs = [tmp_path / ('run' if shared else f'rank{r}') for r in range(WORLD_SIZE)]
+    mp.spawn(run_rank, args=(free_port(), run_dirs, tmp_path, crash_epoch), nprocs=WORLD_SIZE)
+    return run_dirs, [torch.load(tmp_path / f'rank{r}.pt', weights_only=True)
+                      for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.slow
+def test_ranks_share_each_epoch_end_with_the_same_weights_and_rank_0_alone_writes(tmp_path):
+    run_dirs, ranks = two_processes(tmp_path)
+    for epoch in range(3):
+        keys = [{i for e, i in rank['keys'] if e == epoch} for rank in ranks]
+        assert len(keys[0]) == len(keys[1]) == 4  # 7 items padded to 8, 4 each
+        assert keys[0] | keys[1] == set(range(7))
+        assert len(keys[0] & keys[1]) == 1  # the one padded item; disjoint otherwise
+    for key, value in ranks[0]['model'].items():
+        assert torch.equal(value, ranks[1]['model'][key]), key
+    assert final_model_path(run_dirs[0], 'toy').is_file()
+    assert last_checkpoint_path(run_dirs[0], 'toy').is_file()
+    assert not run_dirs[1].exists()
+    meta = torch.load(final_model_path(run_dirs[0], 'toy'), weights_only=True)['meta']
+    assert meta['world_size'] == WORLD_SIZE and len(meta['epoch_losses']) == 3
+
+
+@pytest.mark.slow
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    whole_dirs, _ = two_processes(tmp_path / 'whole', shared=True)
+    parts_dirs, _ = two_processes(tmp_path / 'parts', crash_epoch=1, shared=True)
+    whole = torch.load(final_model_path(whole_dirs[0], 'toy'), weights_only=True)
+    parts = torch.load(final_model_path(parts_dirs[0], 'toy'), weights_only=True)
+    assert parts['meta']['epoch_losses'] == whole['meta']['epoch_losses']
+    for key, value in whole['model'].items():
+        assert torch.equal(value, parts['model'][key]), key
