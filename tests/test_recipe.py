@@ -249,11 +249,11 @@ def prepared(tmp_path, data, category, *extra):
 def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
-    _, _, _, meta, validator = prepared(tmp_path, data, 'plates')
+    _, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert meta['recipe'] == 'auto' and meta['held_out'] == 1 and len(validator) == 2
     assert 'recipe auto: logistic label' in capsys.readouterr().out
     shutil.rmtree(data / 'plates' / 'test')
-    _, _, _, again, _ = prepared(tmp_path, data, 'plates')
+    _, _, _, again, _ = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert again['category_params'] == meta['category_params']
     assert again['calibration'] == meta['calibration']
 
@@ -266,10 +266,27 @@ def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp
     assert validator is None and len(dataset) == 12 and meta['calibration'] is None
 
 
+@pytest.mark.parametrize('extra,held_out', [
+    ([], 0),  # auto, nothing chosen on a validation set: every image is trained on
+    (['--recipe', 'table'], 0),
+    (['--select', 'best'], 2),  # DEFAULT_VAL_FRACTION of 20
+    (['--recipe', 'search'], 2),
+    (['--val-fraction', '0.25'], 5),
+])
+def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path, extra,
+                                                                         held_out):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=20)
+    dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates', *extra)
+    assert meta['held_out'] == held_out and len(dataset) == 20 - held_out
+    assert (validator is None) == (held_out == 0)
+    assert held_out == 0 or len(validator) == 2 * held_out
+
+
 def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=6)
-    dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates')
+    dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert validator is None and len(dataset) == 6 and meta['held_out'] == 0
     assert 'without a validation set' in capsys.readouterr().out
 
@@ -291,12 +308,13 @@ def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_p
 
 
 @pytest.mark.slow
-def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys):
+@pytest.mark.parametrize('select', ['best', 'last'])
+def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, select):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
     out = tmp_path / 'out'
     train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
-                      'search', '--search-epochs', '1', '--select', 'best'] + FAST)
+                      'search', '--search-epochs', '1', '--select', select] + FAST)
     printed = capsys.readouterr().out
     assert 'search candidate auto:' in printed and 'search chose' in printed
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
@@ -306,4 +324,7 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys):
         search['auto']['params'], settings.category_params('plates'), {}))
     chosen = max(search, key=lambda name: search[name]['score'])
     assert meta['category_params'] == search[chosen]['params']
-    assert meta['train_config']['select'] == 'best' and meta['best_epoch'] in (1, 2)
+    if select == 'best':  # the checkpoint is chosen on the held-out images
+        assert meta['held_out'] == 1 and meta['best_epoch'] in (1, 2)
+    else:  # the chosen recipe is trained on every image, the held-out ones too
+        assert meta['held_out'] == 0 and meta['validation_kinds'] == []
