@@ -226,7 +226,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         it is another one."""
         key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
         if key != loaded['key']:
-            loaded.clear()
+            loaded.update(key=None, sets=None)  # frees the last one; a failed load loads again
             dataset = load_test_set(data_dir, meta, layout, allow_missing_masks)
             # the normal set and the defects are loaded once per test set, when a result needs them
             loaded.update(sets=(dataset, functools.cache(functools.partial(

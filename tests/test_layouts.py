@@ -10,7 +10,7 @@ from PIL import Image
 from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, detect_layout, layout_from_spec,
                                    make_layout)
 from self_sup_data.mvtec import SelfSupMVTecDataset
-from conftest import make_mvtec_category
+from conftest import make_mvtec_category, save_checkpoint
 
 SIZE = 32
 
@@ -256,7 +256,6 @@ def _loco_model(tmp_path):
 def test_loco_evaluation_reports_au_spro_of_all_logical_and_structural_anomalies(tmp_path):
     from experiments import metrics, mvtec_tasks
     from experiments.prediction import predict_maps
-    from conftest import save_checkpoint
     from experiments.training import load_model
     data, models = _loco_model(tmp_path)
     make_mvtec_category(data, 'tiny')  # beside it, an MVTec AD model (layout detected)
@@ -296,6 +295,17 @@ def test_a_loco_mask_of_an_unknown_defect_fails_its_rows_naming_the_file(tmp_pat
     [record] = mvtec_tasks.evaluate_checkpoints(models, data)
     assert f'mask {mask} should hold one pixel value of [20, 255]' in record['error']
     assert math.isnan(record['image_auroc_mean'])
+
+
+def test_a_test_set_that_fails_to_load_fails_only_its_own_rows(tmp_path):
+    from experiments import mvtec_tasks
+    data, models = _loco_model(tmp_path)
+    (data / 'juice_bottle' / 'defects_config.json').rename(data / 'juice_bottle' / 'moved.json')
+    make_mvtec_category(data, 'tiny')  # evaluated after the LOCO model, whose category is gone
+    save_checkpoint(models, 'Shift-1', 'tiny', 'texture', seed=1)
+    records = {r['category']: r for r in mvtec_tasks.evaluate_checkpoints(models, data)}
+    assert "category 'juice_bottle' not found" in records['juice_bottle']['error']
+    assert 'error' not in records['tiny'] and records['tiny']['image_auroc_mean'] >= 0
 
 
 def test_loco_defects_without_a_pixel_at_the_test_side_are_left_out_with_a_warning(tmp_path):
