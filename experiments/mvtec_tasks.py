@@ -16,6 +16,10 @@ F1-optimal image and pixel thresholds of the test set with their F1, and precisi
 F1 at the thresholds calibrated on normal images and stored with the model
 (``experiments.thresholds``; NaN for a model without them).
 
+MVTec LOCO AD models (``loco`` layout) also get that dataset's own metric, AU-sPRO up to an FPR
+of 0.05 (``SPRO_METRICS``, ``spro_values``): of all defects, and of the logical and of the
+structural anomalies apart, on the maps of the other pixel metrics.
+
     python -m experiments.mvtec_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         [-s SETTING ...] [-n CATEGORY ...] [--one-class gde kde ocsvm] [--flip-average]
         [--paper-layout] [--percent] [--format mvtec|visa|loco|ad2|folder ...]
@@ -42,12 +46,15 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.layouts import layout_from_spec
+from self_sup_data.layouts import LocoLayout, layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.transforms import Compose
 
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
            'pixel_auroc', 'pixel_ap', 'au_pro')
+# LOCO's AU-sPRO and the defect type (test folder) it covers; None: every type
+SPRO_METRICS = {'au_spro': None, 'au_spro_logical': 'logical_anomalies',
+                'au_spro_structural': 'structural_anomalies'}
 
 
 def threshold_values(dataset, maps, thresholds=None):
@@ -58,6 +65,44 @@ def threshold_values(dataset, maps, thresholds=None):
     return metrics.threshold_metrics(dataset.labels, maps, np.stack(dataset.masks),
                                      dataset.has_mask, thresholds.get('image'),
                                      thresholds.get('pixel'))
+
+
+def loco_defects(data_dir, dataset):
+    """The defects of a LOCO test set at the side of its images (``LocoLayout.defect_regions``, one
+    per mask PNG): (masks bool D x H x W, saturation thresholds in pixels (D,), index of each
+    defect's image (D,)). A defect with no pixel at that side is left out, counted in a warning."""
+    owned = [(index, path) for index, paths in enumerate(dataset.mask_paths) for path in paths or ()]
+    image = np.array([index for index, _ in owned], int)
+    regions = dataset.layout.defect_regions(data_dir, dataset.class_name, [path for _, path in owned],
+                                            dataset.low_res)
+    kept = np.array([mask.any() for mask, _ in regions], bool)
+    if not kept.all():
+        warnings.warn(f'{dataset.class_name}: {np.count_nonzero(~kept)} of {len(regions)} defects '
+                      f'have no pixel at {dataset.low_res} pixels and are left out of AU-sPRO')
+    masks = np.array([mask for mask, _ in regions], bool).reshape(-1, dataset.low_res, dataset.low_res)
+    saturation = np.array([threshold for _, threshold in regions], float)
+    return masks[kept], saturation[kept], image[kept]
+
+
+def spro_values(dataset, maps, defects):
+    """``SPRO_METRICS`` of the maps of a LOCO test set whose ``loco_defects`` are ``defects``:
+    ``metrics.au_spro`` (FPR up to 0.05) of the defects of each metric's type against the good
+    images (the defect images of other types, and those without a defect, left out); NaN for a
+    type without defects."""
+    masks, saturation, image = defects
+    types = np.asarray(dataset.defect_types)
+    good = np.flatnonzero(types == 'good')
+    values = {}
+    for name, defect_type in SPRO_METRICS.items():
+        chosen = (np.arange(len(image)) if defect_type is None
+                  else np.flatnonzero(types[image] == defect_type))
+        if not chosen.size:
+            values[name] = math.nan
+            continue
+        defect_images, position = np.unique(image[chosen], return_inverse=True)
+        values[name] = metrics.au_spro(maps[np.concatenate([good, defect_images])], masks[chosen],
+                                       len(good) + position, saturation[chosen])
+    return values
 
 
 def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
@@ -156,7 +201,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     vertical flip (``prediction.predict``; textures only). Returns the long-format results (see
     ``experiments.tables``), one dict per checkpoint and variant with the metrics of ``METRICS``
     (the model's own maps also ``metrics.THRESHOLD_METRICS``, see ``threshold_values``; two-stage
-    variants also ``one_class.POOLED_METRICS``) and its path. layout: the data layout (None: each
+    variants also ``one_class.POOLED_METRICS``; LOCO models also ``SPRO_METRICS``, see
+    ``spro_values``) and its path. layout: the data layout (None: each
     model's own, from its meta; see ``self_sup_data.layouts``). allow_missing_masks: evaluate
     defect images without a mask at image level only (counted in a warning) instead of failing.
     Results whose pixel metrics are undefined say why in ``undefined`` (``undefined_note``).
@@ -176,20 +222,23 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     plotted, loaded = set(), dict(key=None)  # one test set in memory at a time
 
     def test_set(meta):
-        """(test set, normal set loader) of a checkpoint's meta, loaded when it is another one."""
+        """(test set, normal set loader, LOCO defects loader) of a checkpoint's meta, loaded when
+        it is another one."""
         key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'))
         if key != loaded['key']:
-            loaded.clear()
-            # the normal set is loaded once per test set, when a two-stage variant needs it
-            loaded.update(sets=(load_test_set(data_dir, meta, layout, allow_missing_masks), functools.cache(
-                functools.partial(load_normal_set, data_dir, meta, layout))), key=key)
+            loaded.update(key=None, sets=None)  # frees the last one; a failed load loads again
+            dataset = load_test_set(data_dir, meta, layout, allow_missing_masks)
+            # the normal set and the defects are loaded once per test set, when a result needs them
+            loaded.update(sets=(dataset, functools.cache(functools.partial(
+                load_normal_set, data_dir, meta, layout)), functools.cache(functools.partial(
+                    loco_defects, data_dir, dataset))), key=key)
         return loaded['sets']
 
     def evaluate_one(path, meta, setting):
         if 'error' in meta:
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        dataset, normal_set = test_set(meta)
+        dataset, normal_set, defects = test_set(meta)
         check_channels(model, dataset, path)
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
         results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
@@ -199,6 +248,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         for variant, (values, maps) in results.items():
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
+            if isinstance(dataset.layout, LocoLayout):
+                values = dict(values, **spro_values(dataset, maps, defects()))
             rows.append(_record(meta, setting, path, values | undefined_note(dataset), variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
@@ -228,7 +279,7 @@ def write_report(records, out_dir, paper_layout=False, percent=False):
     returns the tables ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     tables.write_results(records, out_dir / 'results.csv')
-    extra = one_class.POOLED_METRICS + metrics.THRESHOLD_METRICS
+    extra = one_class.POOLED_METRICS + metrics.THRESHOLD_METRICS + tuple(SPRO_METRICS)
     present = tuple(m for m in extra if any(m in r for r in records))
     built = tables.build_tables(records, METRICS + present, paper_layout=paper_layout,
                                 percent=percent)

@@ -176,10 +176,11 @@ class LocoLayout(CategoryLayout):
                              "{defect_name, pixel_value, saturation_threshold, relative_saturation}") from error
 
     def defect_regions(self, root, category, mask_paths, size):
-        """The defects of one test image for ``metrics.au_spro``: [(bool size x size mask, saturation
-        in pixels)], one per mask PNG (``test_files``' tuple). The PNG's pixel value names its entry
-        in defects_config.json; a relative threshold is a fraction of the defect's area, an absolute
-        one a pixel count at the PNG's resolution, rescaled to ``size`` and capped at the area."""
+        """The defects of test images for ``metrics.au_spro``: [(bool size x size mask, saturation
+        in pixels)], one per mask PNG of ``mask_paths`` (one image's ``test_files`` tuple, or the
+        PNGs of several images). The PNG's pixel value names its entry in defects_config.json; a
+        relative threshold is a fraction of the defect's area, an absolute one a pixel count at
+        the PNG's resolution, rescaled to ``size`` and capped at the area."""
         defects = self.defects(root, category)
         regions = []
         for path in mask_paths:

@@ -274,6 +274,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     ``low_res`` and ``transform`` default to ``data_recipe(class_name, res_scale, kind)``
     (``low_res`` for training, ``test_res`` for testing). ``self_sup_args``: keyword arguments of
     ``patch_ex`` (plain types). Test items: ``.defect_types`` ('good' for normal), ``.paths``,
+    ``.mask_paths`` (the layout's ``test_files`` masks: None, a path or a tuple of paths),
     ``.has_mask`` (False for a defect image without a mask file: image-level evaluation only).
     A defect image without a mask is a FileNotFoundError naming it when the layout has masks
     (``layout.has_masks``), unless ``allow_missing_masks``; such images are counted in a warning.
@@ -311,6 +312,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         self.kind = category_kind(class_name, kind)
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
+        self.mask_paths = mask_paths
 
 
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,

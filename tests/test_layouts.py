@@ -1,14 +1,16 @@
 """Folder layouts: tiny fixtures in each layout, read through the same dataset class."""
 import json
+import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, detect_layout, layout_from_spec,
                                    make_layout)
 from self_sup_data.mvtec import SelfSupMVTecDataset
-from conftest import make_mvtec_category
+from conftest import make_mvtec_category, save_checkpoint
 
 SIZE = 32
 
@@ -237,6 +239,85 @@ def test_loco_defect_regions_carry_their_saturation(tmp_path):
     _png(masks[1], mask_box=(0, 0, 2), mask_value=7)
     with pytest.raises(ValueError, match=r'should hold one pixel value of \[20, 255\].*found \[7\]'):
         loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)
+
+
+def _loco_model(tmp_path):
+    """(data, models): the LOCO fixture and an untrained model of it that records its layout."""
+    from conftest import RES_SCALE, save_untrained_model
+    from experiments.settings import parse_setting, trained_model_path
+    data, models = tmp_path / 'data', tmp_path / 'models'
+    make_loco(data)
+    meta = dict(dataset='mvtec', setting='Shift-1', category='juice_bottle', kind='texture',
+                res_scale=RES_SCALE, seed=1, layout=LocoLayout().spec())
+    save_untrained_model(trained_model_path(models, parse_setting('Shift-1'), 'juice_bottle'), meta, seed=1)
+    return data, models
+
+
+def test_loco_evaluation_reports_au_spro_of_all_logical_and_structural_anomalies(tmp_path):
+    from experiments import metrics, mvtec_tasks
+    from experiments.prediction import predict_maps
+    from experiments.training import load_model
+    data, models = _loco_model(tmp_path)
+    make_mvtec_category(data, 'tiny')  # beside it, an MVTec AD model (layout detected)
+    save_checkpoint(models, 'Shift-1', 'tiny', 'texture', seed=1)
+    records = {r['category']: r for r in mvtec_tasks.evaluate_checkpoints(models, data)}
+    loco, mvtec = records['juice_bottle'], records['tiny']
+    model, meta = load_model(loco['checkpoint'])
+    maps = predict_maps(model, mvtec_tasks.load_test_set(data, meta))  # the evaluation's maps
+    side = maps.shape[-1]
+    assert side == 64  # the 32-pixel images at the model's test side
+    files = LocoLayout().test_files(data, 'juice_bottle')  # good, good, logical (2 PNGs), structural
+    logical, structural = (LocoLayout().defect_regions(data, 'juice_bottle', files.masks[i], side)
+                           for i in (2, 3))
+
+    def au_spro(images, regions, owners):
+        return metrics.au_spro(maps[images], [m for m, _ in regions], owners, [s for _, s in regions])
+    assert loco['au_spro'] == au_spro([0, 1, 2, 3], logical + structural, [2, 2, 3])
+    assert loco['au_spro_logical'] == au_spro([0, 1, 2], logical, [2, 2])
+    assert loco['au_spro_structural'] == au_spro([0, 1, 3], structural, [2])
+    assert 0 <= loco['au_spro'] <= 1 and 'error' not in loco
+    assert not set(mvtec_tasks.SPRO_METRICS) & set(mvtec)  # other layouts have no AU-sPRO ...
+    assert list(mvtec_tasks.write_report([mvtec], tmp_path / 'mvtec')) == list(
+        mvtec_tasks.METRICS + metrics.THRESHOLD_METRICS)  # ... nor its tables
+    mvtec_tasks.write_report(list(records.values()), tmp_path / 'out')
+    results = pd.read_csv(tmp_path / 'out' / 'results.csv').set_index('category')
+    for name in mvtec_tasks.SPRO_METRICS:
+        assert results.loc['juice_bottle', name] == pytest.approx(loco[name])
+        assert math.isnan(results.loc['tiny', name])
+        assert (tmp_path / 'out' / 'tables' / f'{name}.md').is_file()
+
+
+def test_a_loco_mask_of_an_unknown_defect_fails_its_rows_naming_the_file(tmp_path):
+    from experiments import mvtec_tasks
+    data, models = _loco_model(tmp_path)
+    mask = data / 'juice_bottle' / 'ground_truth' / 'structural_anomalies' / '000' / '000.png'
+    _png(mask, mask_box=(5, 5, 3), mask_value=7)
+    [record] = mvtec_tasks.evaluate_checkpoints(models, data)
+    assert f'mask {mask} should hold one pixel value of [20, 255]' in record['error']
+    assert math.isnan(record['image_auroc_mean'])
+
+
+def test_a_test_set_that_fails_to_load_fails_only_its_own_rows(tmp_path):
+    from experiments import mvtec_tasks
+    data, models = _loco_model(tmp_path)
+    (data / 'juice_bottle' / 'defects_config.json').rename(data / 'juice_bottle' / 'moved.json')
+    make_mvtec_category(data, 'tiny')  # evaluated after the LOCO model, whose category is gone
+    save_checkpoint(models, 'Shift-1', 'tiny', 'texture', seed=1)
+    records = {r['category']: r for r in mvtec_tasks.evaluate_checkpoints(models, data)}
+    assert "category 'juice_bottle' not found" in records['juice_bottle']['error']
+    assert 'error' not in records['tiny'] and records['tiny']['image_auroc_mean'] >= 0
+
+
+def test_loco_defects_without_a_pixel_at_the_test_side_are_left_out_with_a_warning(tmp_path):
+    from experiments.mvtec_tasks import loco_defects
+    make_loco(tmp_path)
+    _png(tmp_path / 'juice_bottle' / 'ground_truth' / 'logical_anomalies' / '000' / '001.png',
+         mask_box=(11, 11, 1), mask_value=20)  # one odd pixel: gone at half the side
+    test = SelfSupMVTecDataset(tmp_path, 'juice_bottle', is_train=False, low_res=SIZE // 2)
+    with pytest.warns(UserWarning, match='juice_bottle: 1 of 3 defects have no pixel at 16 pixels'):
+        masks, saturation, image = loco_defects(tmp_path, test)
+    assert masks.shape == (2, SIZE // 2, SIZE // 2) and list(image) == [2, 3]
+    assert list(saturation) == [2.0, 0.5]  # relative 0.5 of the 4x4 -> 2x2 and of the 3x3 -> 1x1
 
 
 def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
