@@ -319,8 +319,8 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
                         channels=None, kinds=VALIDATION_KINDS, layout=None):
     """Test-mode dataset of the training images ``indices`` (sorted ``train_files`` order of
     ``layout``, None: detected; held out from training) prepared as test images
-    (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect of each of
-    ``kinds`` (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
+    (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
+    (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
     ``channels``: the training set's, so that the model gets what it was trained on."""
     files = train_files(root_path, class_name, layout)
     paths = [files[int(index)] for index in indices]
@@ -332,5 +332,5 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
                                   train_size=recipe['train_size'], labels=labels, masks=masks)
     dataset.class_name, dataset.kind = class_name, category_kind(class_name, kind)
     dataset.defect_types = defect_types
-    dataset.paths = [str(p) for p in paths] * (1 + len(kinds))
+    dataset.paths = [str(p) for p in paths] * 2
     return dataset

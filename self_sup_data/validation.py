@@ -3,8 +3,8 @@
 Without defect labels, training choices (which checkpoint, which recipe) need a score that does
 not look at a test image. A fixed fraction of the normal training images is held out
 (``holdout_indices``, by seed) and not trained on. Each held-out image enters the validation set
-as it is (normal) and once with a synthetic defect of each kind that no training task of this
-project draws (``VALIDATION_KINDS``), so that a few held-out images give many defects:
+twice: as it is (normal) and with one synthetic defect of a kind that no training task of this
+project draws (``VALIDATION_KINDS``, taken in turn):
 
     scar    a thin strip of the image, colour-jittered, rotated and pasted elsewhere (CutPaste-scar)
     blob    a smooth elliptic region brightened or darkened
@@ -137,11 +137,10 @@ def synthetic_defect(image, kind, rng):
 
 def make_validation_set(images, seed, kinds=VALIDATION_KINDS):
     """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
-    prepared): each image as it is, then, for each of ``kinds`` in turn, each image with a defect
-    of that kind.
+    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``.
 
-    Returns (images, labels, masks, defect_types): the ``n`` normal images first, then ``n`` per
-    kind; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
+    Returns (images, labels, masks, defect_types): the normal images first, then the defective
+    ones; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
     """
     kinds = tuple(kinds)
     unknown = [kind for kind in kinds if kind not in DEFECTS]
@@ -150,12 +149,12 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS):
                          f"got {kinds}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, DEFECT_STREAM]))
     defective, masks, types = [], [], []
-    for kind in kinds:
-        for image in images:
-            out, mask = synthetic_defect(image, kind, rng)
-            defective.append(out)
-            masks.append(mask.astype(np.uint8))
-            types.append(kind)
+    for index, image in enumerate(images):
+        kind = kinds[index % len(kinds)]
+        out, mask = synthetic_defect(image, kind, rng)
+        defective.append(out)
+        masks.append(mask.astype(np.uint8))
+        types.append(kind)
     zeros = [np.zeros(image.shape[:2], np.uint8) for image in images]
-    return (list(images) + defective, [0] * len(images) + [1] * len(defective), zeros + masks,
+    return (list(images) + defective, [0] * len(images) + [1] * len(images), zeros + masks,
             ['good'] * len(images) + types)

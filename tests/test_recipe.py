@@ -166,17 +166,13 @@ def test_defect_masks_hold_only_changed_pixels(kind, seed, channels):
     assert (change[mask] >= validation.MIN_CHANGE).all()
 
 
-def test_validation_set_gives_each_image_a_defect_of_every_kind():
+def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
     images = shaded_images(7)
     items, labels, masks, types = validation.make_validation_set(images, seed=0)
-    assert labels == [0] * 7 + [1] * 35 and types[:7] == ['good'] * 7
-    assert types[7:] == [kind for kind in validation.VALIDATION_KINDS for _ in range(7)]
+    assert labels == [0] * 7 + [1] * 7 and types[:7] == ['good'] * 7
+    assert types[7:] == [validation.VALIDATION_KINDS[i % 5] for i in range(7)]
     for image, normal in zip(images, items[:7]):
         np.testing.assert_array_equal(image, normal)
-    for index, defective in enumerate(items[7:]):  # a defect of image index % 7, where its mask is
-        image = images[index % 7]
-        assert (np.abs(defective.astype(float) - image).mean(axis=-1)[masks[7 + index] > 0]
-                >= validation.MIN_CHANGE).all()
     assert all(not m.any() for m in masks[:7]) and all(m.any() for m in masks[7:])
     again = validation.make_validation_set(images, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(items, again[0]))
@@ -254,7 +250,7 @@ def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(t
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
     _, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
-    assert meta['recipe'] == 'auto' and meta['held_out'] == 1 and len(validator) == 6
+    assert meta['recipe'] == 'auto' and meta['held_out'] == 1 and len(validator) == 2
     assert 'recipe auto: logistic label' in capsys.readouterr().out
     shutil.rmtree(data / 'plates' / 'test')
     _, _, _, again, _ = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
@@ -284,7 +280,7 @@ def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path
     dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates', *extra)
     assert meta['held_out'] == held_out and len(dataset) == 20 - held_out
     assert (validator is None) == (held_out == 0)
-    assert held_out == 0 or len(validator) == 6 * held_out  # normal, and a defect of 5 kinds
+    assert held_out == 0 or len(validator) == 2 * held_out
 
 
 def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
