@@ -17,7 +17,7 @@ epochs it trains about twice as long as an encoder-decoder setting.
 
 ``--recipe`` is passed to the training script: ``table`` (default) trains with the category's
 parameters in ``experiments/settings.py``, ``auto`` with the recipe calibrated from the training
-images (``experiments.recipes``), holding out a validation set.
+images (``experiments.recipes``), trained on every image (no validation set held out).
 
 It resumes where it stopped: a finished model whose configuration (the recipe, with ``table`` the
 generator arguments that the category's parameters give, the generator's version and the budget)

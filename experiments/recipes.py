@@ -15,7 +15,7 @@ Command-line overrides (``--logistic`` ...) are kept by every recipe. The valida
 (``--val-fraction``) holds out normal training images (``self_sup_data.validation``), drawn by
 ``--val-seed`` (not by the run's seed: every run of a category is validated on the same images, so
 that runs of different settings, recipes and seeds compare); no recipe looks at a test image.
-Images held out are images not trained on: on magnetic tile, holding out 10% cost about 0.06 image
+Images held out are images not trained on: on magnetic tile, holding out 10% cost about 0.05 image
 AUROC (BENCHMARKS.md). So by default a validation set is held out only where a choice is made on
 it (``--recipe search``, ``--select best``: ``DEFAULT_VAL_FRACTION``); ``--val-fraction F`` asks
 for one in any run (its curve is written beside the model).
