@@ -62,6 +62,7 @@ def test_train_items(xrays):
         assert label.shape == (1, 96, 96) and 0 <= label.min() and label.max() <= 1
 
 
+@pytest.mark.slow
 def test_same_samples_for_any_number_of_workers(xrays):
     data_dir, _ = xrays
     ds = SelfSupChestXRay(data_dir, data_dir / 'normal.txt', res=128, self_sup_args=ARGS, seed=3)
@@ -188,6 +189,7 @@ def test_command_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not NIH_TABLE.is_file(), reason=f'real label table not present: {NIH_TABLE}')
+@pytest.mark.slow
 def test_real_table():
     table = read_table(NIH_TABLE)
     assert len(table) == 112_120

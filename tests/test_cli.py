@@ -96,6 +96,7 @@ def test_training_a_tiny_category_lowers_the_loss_and_resume_skips_it(tiny_mvtec
     assert path.stat().st_mtime_ns == modified
 
 
+@pytest.mark.slow
 def test_category_groups_and_overrides_reach_the_run(tmp_path):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'gears', n_train=2)

@@ -190,6 +190,7 @@ def test_predict_maps_textures_whole_image_reflect_padded():
     np.testing.assert_array_equal(whole, np.stack([image[0].numpy() for image in dataset.images]))
 
 
+@pytest.mark.slow
 def test_predict_maps_with_the_real_network_is_batch_independent():
     from models.resnet import resnet18_enc_dec
     torch.manual_seed(0)

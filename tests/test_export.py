@@ -20,17 +20,23 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    """(checkpoint, ONNX file with a fixed size, ONNX file with a dynamic size) of an untrained
-    64-pixel grey texture model with thresholds."""
+def checkpoint(tmp_path_factory):
+    """The checkpoint of an untrained 64-pixel grey texture model with thresholds."""
     folder = tmp_path_factory.mktemp('export')
     path = save_checkpoint(folder / 'models', 'Shift', 'tiny', 'texture')
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['meta']['thresholds'] = dict(image=0.5, pixel=0.7, fpr=0.01, flip_average=False,
                                             images=6, source='test')
     torch.save(checkpoint, path)
-    return (path, export.export(path, 'onnx', folder / 'fixed.onnx'),
-            export.export(path, 'onnx', folder / 'dynamic.onnx', dynamic_size=True))
+    return path
+
+
+@pytest.fixture(scope='module')
+def exported(checkpoint, tmp_path_factory):
+    """(checkpoint, ONNX file with a fixed size, ONNX file with a dynamic size) of that model."""
+    folder = tmp_path_factory.mktemp('onnx')
+    return (checkpoint, export.export(checkpoint, 'onnx', folder / 'fixed.onnx'),
+            export.export(checkpoint, 'onnx', folder / 'dynamic.onnx', dynamic_size=True))
 
 
 def real_looking(n, size, seed=0):
@@ -38,6 +44,7 @@ def real_looking(n, size, seed=0):
     return [_smooth_texture(rng, size, 1) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_onnx_maps_match_pytorch_on_random_and_real_looking_images(exported):
     path, fixed, _ = exported
     torch_run, spec = load_checkpoint(path)
@@ -51,6 +58,7 @@ def test_onnx_maps_match_pytorch_on_random_and_real_looking_images(exported):
         assert np.abs(actual - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
     path, fixed, dynamic = exported
     torch_detector, onnx_detector = Detector.load(path), Detector.load(fixed)
@@ -86,12 +94,12 @@ def test_torchscript_export_matches(exported, tmp_path):
     assert np.abs(maps - run(batch)).max() <= TOLERANCE
 
 
-def test_export_errors_are_named(exported, tmp_path, capsys):
+def test_export_errors_are_named(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(['-m', str(tmp_path / 'missing.pt')])
     assert 'missing.pt' in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
-        export.export(exported[0], 'tflite')
+        export.export(checkpoint, 'tflite')
     broken = tmp_path / 'broken.onnx'
     broken.write_bytes(b'not a model')
     with pytest.raises(ValueError, match=f'cannot read ONNX model {broken}'):

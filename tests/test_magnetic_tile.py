@@ -53,6 +53,7 @@ def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
                 assert set(np.unique(np.asarray(image))) == {0, 255}
 
 
+@pytest.mark.slow
 def test_tiny_source_split_is_a_fixed_shuffle_and_deterministic(tmp_path, monkeypatch):
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')

@@ -330,6 +330,7 @@ MAGNETIC_TILE = SHARED_DATA / 'magnetic_tile'
 
 
 @pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason=f'real data not present: {MAGNETIC_TILE}')
+@pytest.mark.slow
 def test_magnetic_tile():
     root = MAGNETIC_TILE.parent
     assert 'magnetic_tile' in list_categories(root)

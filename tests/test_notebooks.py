@@ -15,7 +15,6 @@ from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import metrics, mvtec_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # each test runs a notebook in a kernel
 
 
 def parameter_names(source):
@@ -54,6 +53,7 @@ def assert_clean_run(notebook):
     assert not any(word in streams for word in ('Error', 'Traceback', 'no checkpoint')), streams
 
 
+@pytest.mark.slow  # runs the notebook in a kernel
 def test_mvtec_notebook(tmp_path, monkeypatch):
     data_dir, model_dir, out_dir = tmp_path / 'data', tmp_path / 'models', tmp_path / 'out'
     make_mvtec_category(data_dir, 'tiles', size=64)
@@ -78,6 +78,7 @@ def test_mvtec_notebook(tmp_path, monkeypatch):
     assert len(outputs(notebook, 'image/png')) == 1
 
 
+@pytest.mark.slow  # runs the notebook in a kernel
 def test_chestxray_notebook(tmp_path, monkeypatch):
     model_dir, data_dir, normal, anomalous, boxes = make_chest_test_set(tmp_path, seeds=(1,))
     out_dir = tmp_path / 'out'

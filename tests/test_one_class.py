@@ -193,7 +193,7 @@ def test_upsampled_heatmap_has_the_image_size_and_peaks_at_the_hot_patch():
 
 
 @pytest.mark.filterwarnings('ignore:GDE')  # fewer normal images than dimensions
-@pytest.mark.parametrize('crop_size', [None, 32])
+@pytest.mark.parametrize('crop_size', [None, pytest.param(32, marks=pytest.mark.slow)])
 def test_two_stage_heatmaps_have_the_image_size(network, crop_size):
     results = two_stage_scores(network, ImageSet(n=6, seed=1), ImageSet(n=4, seed=2),
                                names=['gde', 'ocsvm'], crop_size=crop_size, batch_size=4)
@@ -263,6 +263,7 @@ def test_three_way_views_and_labels(channels):
     assert max(height, width) <= 10
 
 
+@pytest.mark.slow
 def test_dataset_with_views_gives_three_labelled_views_per_image(tmp_path):
     make_mvtec_category(tmp_path, 'tiny', n_train=4)
     dataset = SelfSupMVTecDataset(tmp_path, 'tiny', res_scale=0.125, views=CutPaste3Way())

@@ -22,7 +22,7 @@ def make_images(rng, n, channels):
     return [rng.integers(0, 256, (SIZE, SIZE, channels), dtype=np.uint8) for _ in range(n)]
 
 
-@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('channels', [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_plot_examples_writes_png(tmp_path, channels):
     rng = np.random.default_rng(0)
     masks = [np.zeros((SIZE, SIZE)), np.zeros((SIZE, SIZE, 1)), None]
@@ -34,6 +34,7 @@ def test_plot_examples_writes_png(tmp_path, channels):
     assert_png(path)
 
 
+@pytest.mark.slow
 def test_plot_map_comparison_writes_png_with_a_row_per_model(tmp_path):
     rng = np.random.default_rng(3)
     masks = [None, np.zeros((SIZE, SIZE))]
@@ -52,6 +53,7 @@ def test_plot_map_comparison_writes_png_with_a_row_per_model(tmp_path):
                             ['good', 'crack'], tmp_path / 'bad.png')
 
 
+@pytest.mark.slow
 def test_plot_sample_grid_and_loss_curve_write_png(tmp_path):
     rng = np.random.default_rng(1)
     labels = [rng.random((SIZE, SIZE, 1)) for _ in range(2)]
@@ -74,6 +76,7 @@ def test_plotting_rejects_bad_input(tmp_path):
     assert not (tmp_path / 'x.png').exists()
 
 
+@pytest.mark.slow
 def test_plot_examples_without_any_mask_has_no_ground_truth_row(tmp_path):
     rng = np.random.default_rng(1)
     maps = [rng.random((SIZE, SIZE)).astype(np.float32) for _ in range(2)]
@@ -85,6 +88,7 @@ def test_plot_examples_without_any_mask_has_no_ground_truth_row(tmp_path):
     assert heights[1] == pytest.approx(heights[0] * 2 / 3, abs=2)  # two rows of panels instead of three
 
 
+@pytest.mark.slow
 def test_evaluation_figure_of_a_category_without_masks_has_no_ground_truth_row(tmp_path):
     from conftest import make_mvtec_category
     from experiments.plotting import plot_test_examples

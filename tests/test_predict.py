@@ -106,6 +106,7 @@ def calibrated(category, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs, tmp_path, capsys):
     out = tmp_path / 'out'
     status = predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out),
@@ -133,6 +134,7 @@ def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs
     assert '2 images predicted, 1 unreadable' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, inputs, tmp_path,
                                                                   capsys):
     out = tmp_path / 'out'
@@ -153,6 +155,7 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
     assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == written
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_path, monkeypatch):
     out = tmp_path / 'out'
     calls = []

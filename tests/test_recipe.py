@@ -116,6 +116,7 @@ def test_calibration_mixes_in_the_paste_where_a_seamless_blend_is_invisible():
     json.dumps(report)  # plain types only
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic_and_keeps_what_the_user_fixed():
     images = shaded_images(12)
     assert calibrate(images) == calibrate(images)
@@ -197,6 +198,7 @@ class ScriptedValidator:
         return {'image_auroc_mean': score, 'pixel_auroc': score, 'au_pro': score, 'score': score}
 
 
+@pytest.mark.slow
 def test_training_records_the_curve_and_keeps_the_best_model(tmp_path):
     config = TrainConfig(epochs=4, batch_size=4, lr=1e-2, figures=True, select='best')
     states = {}
@@ -224,6 +226,7 @@ def test_select_best_needs_a_validator_and_no_weight_averaging(tmp_path):
         TrainConfig(epochs=4, swa_epochs=2, select='best')
 
 
+@pytest.mark.slow
 def test_resumed_run_keeps_the_validation_curve(tmp_path):
     scores, config = [0.2, 0.6, 0.4], TrainConfig(epochs=3, figures=False, checkpoint_every=1)
     whole = train(TinyNet(), SquaresDataset(), config, tmp_path / 'a', 'run',
@@ -266,12 +269,15 @@ def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp
     assert validator is None and len(dataset) == 12 and meta['calibration'] is None
 
 
+SLOW = pytest.mark.slow  # the auto recipe calibrates on the training images
+
+
 @pytest.mark.parametrize('extra,held_out', [
-    ([], 0),  # auto, nothing chosen on a validation set: every image is trained on
+    pytest.param([], 0, marks=SLOW),  # auto, nothing chosen on a validation set: every image is trained on
     (['--recipe', 'table'], 0),
-    (['--select', 'best'], 2),  # DEFAULT_VAL_FRACTION of 20
-    (['--recipe', 'search'], 2),
-    (['--val-fraction', '0.25'], 5),
+    pytest.param(['--select', 'best'], 2, marks=SLOW),  # DEFAULT_VAL_FRACTION of 20
+    pytest.param(['--recipe', 'search'], 2, marks=SLOW),
+    pytest.param(['--val-fraction', '0.25'], 5, marks=SLOW),
 ])
 def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path, extra,
                                                                          held_out):
@@ -283,6 +289,7 @@ def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path
     assert held_out == 0 or len(validator) == 2 * held_out
 
 
+@pytest.mark.slow
 def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=6)

@@ -40,6 +40,7 @@ def trained(tmp_path):
     return argv, trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny')
 
 
+@pytest.mark.slow
 def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
     argv, path = trained
     before = path.read_bytes()
@@ -56,6 +57,7 @@ def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
     (['--num-patches', '1'], 'self_sup_args'),
     (['--data'], 'data_dir'),
 ])
+@pytest.mark.slow
 def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained, tmp_path, capsys,
                                                                           change, expected):
     argv, path = trained
@@ -73,6 +75,7 @@ def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained
     assert last_checkpoint_path(path.parent, 'tiny_shift_3').is_file()
 
 
+@pytest.mark.slow
 def test_resume_of_the_same_run_skips_it(trained, capsys):
     argv, path = trained
     capsys.readouterr()
@@ -178,6 +181,7 @@ class Hostile:
     (lambda path: torch.save(dict(meta=[1, 2]), path), 'has no meta dict'),
     (lambda path: torch.save(dict(meta=dict(setting='Shift-3')), path), 'other arguments'),
 ])
+@pytest.mark.slow
 def test_resume_from_a_broken_last_checkpoint_is_one_line(trained, capsys, damage, expected):
     argv, path = trained
     os.remove(path)
@@ -195,6 +199,7 @@ def nan_weights(path):
     torch.save(checkpoint, path)
 
 
+@pytest.mark.slow
 def test_mvtec_evaluation_fails_row_by_row_and_writes_everything_else(tmp_path, capsys):
     data, models, out = tmp_path / 'data', tmp_path / 'models', tmp_path / 'out'
     make_mvtec_category(data, 'fine', n_train=1)
@@ -227,6 +232,7 @@ def test_mvtec_evaluation_fails_row_by_row_and_writes_everything_else(tmp_path, 
     assert any(str(broken) in line and 'cannot read checkpoint' in line for line in last)
 
 
+@pytest.mark.slow
 def test_chest_xray_evaluation_fails_row_by_row(tmp_path, capsys):
     model_dir, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path)
     nan_weights(next(model_dir.rglob('final_chest_xray_shift_2.pt')))
@@ -240,6 +246,7 @@ def test_chest_xray_evaluation_fails_row_by_row(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith('failed: anomalous Shift seed 2')
 
 
+@pytest.mark.slow
 def test_evaluation_names_a_missing_mask_and_says_why_pixel_metrics_are_undefined(tmp_path,
                                                                                   capsys):
     data, models = tmp_path / 'data', tmp_path / 'models'
@@ -282,6 +289,7 @@ class PooledBatchNormNet(torch.nn.Module):
         return torch.sigmoid(self.logits(x))
 
 
+@pytest.mark.slow
 def test_a_last_batch_of_one_image_is_dropped_so_batch_norm_trains_and_resumes(tmp_path):
     config = TrainConfig(epochs=3, batch_size=4, figures=False, progress=False)
     with pytest.raises(KeyboardInterrupt):  # interrupted after one epoch of 5 images
@@ -324,6 +332,7 @@ def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_pa
         check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
 
 
+@pytest.mark.slow
 def test_a_changed_weight_fails_the_checksum_on_load(tmp_path):
     model = resnet18_enc_dec(in_channels=1)
     path = tmp_path / 'final_toy.pt'
@@ -344,6 +353,7 @@ def test_training_writes_the_checksum_of_the_final_weights(tmp_path):
     assert checkpoint['meta']['weights_sha256'] == weights_checksum(checkpoint['model'])
 
 
+@pytest.mark.slow
 def test_the_temporary_file_of_a_killed_save_is_removed_on_the_next_run(trained, capsys):
     argv, path = trained
     stale = path.parent / f'.{path.name}.k1ll3d.tmp'

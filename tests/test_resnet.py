@@ -27,18 +27,34 @@ def seeded():
     torch.manual_seed(0)
 
 
-MODEL_VARIANTS = [dict(in_channels=c, pool=pool, preact=preact)
+# (in_channels, pool, preact): two variants that between them take each value stay in the quick
+# loop (-m "not slow"); the other six run in the full suite
+QUICK_VARIANTS = {(3, True, False), (1, False, True)}
+MODEL_VARIANTS = [pytest.param(dict(in_channels=c, pool=pool, preact=preact),
+                               marks=() if (c, pool, preact) in QUICK_VARIANTS else pytest.mark.slow,
+                               id=f'{c}-{pool}-{preact}')
                   for c in (1, 3) for pool in (True, False) for preact in (False, True)]
+
+
+class ModelsByVariant(dict):
+    """Builds the model of an (in_channels, pool, preact) key on first use."""
+
+    def __missing__(self, key):
+        torch.manual_seed(0)
+        in_channels, pool, preact = key
+        self[key] = resnet18_enc_dec(num_classes=2, in_channels=in_channels, pool=pool,
+                                     preact=preact).eval()
+        return self[key]
 
 
 @pytest.fixture(scope='module')
 def models():
-    """One model per (in_channels, pool, preact), shared by the shape tests."""
-    torch.manual_seed(0)
-    return {tuple(v.values()): resnet18_enc_dec(num_classes=2, **v).eval() for v in MODEL_VARIANTS}
+    """One model per (in_channels, pool, preact), built when first asked for and shared by the
+    shape tests."""
+    return ModelsByVariant()
 
 
-@pytest.mark.parametrize('variant', MODEL_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+@pytest.mark.parametrize('variant', MODEL_VARIANTS)
 def test_output_has_input_size(models, variant):
     model = models[tuple(variant.values())]
     for size in [(64, 64), (64, 96)]:
@@ -54,7 +70,7 @@ def test_output_has_input_size_larger(models, size):
         assert models[(3, True, False)](torch.randn(1, 3, *size)).shape == (1, 2, *size)
 
 
-@pytest.mark.parametrize('variant', MODEL_VARIANTS, ids=lambda v: '-'.join(map(str, v.values())))
+@pytest.mark.parametrize('variant', MODEL_VARIANTS)
 def test_encoder_returns_four_stage_maps(models, variant):
     encoder = models[tuple(variant.values())].encoder
     reductions = (4, 8, 16, 32) if variant['pool'] else (2, 4, 8, 16)
@@ -75,6 +91,7 @@ def test_encoder_has_torchvision_resnet18_parameter_count():
             == TORCHVISION_RESNET18_TRUNK_PARAMS - 2 * 64 * 7 * 7)
 
 
+@pytest.mark.slow
 def test_no_pool_accepts_multiples_of_16():
     model = resnet18_enc_dec(pool=False)
     with torch.no_grad():
@@ -88,6 +105,7 @@ def test_size_not_divisible_raises(pool, size):
         model(torch.randn(1, 3, *size))
 
 
+@pytest.mark.slow
 def test_final_activations():
     x = torch.randn(1, 3, 32, 32)
     state = resnet18_enc_dec(num_classes=3).state_dict()
@@ -128,6 +146,7 @@ def test_any_positive_in_channels_allowed():
         assert model(torch.randn(1, 4, 64, 64)).shape == (1, 1, 64, 64)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
     model = resnet18_enc_dec(dropout_rate=0.5)
     assert any(isinstance(m, torch.nn.Dropout2d) for m in model.modules())
@@ -143,6 +162,7 @@ def test_dropout_only_in_training():
     dict(num_classes=2, in_channels=1, pool=False, preact=True, final_activation='sigmoid',
          dropout_rate=0.25),
 ])
+@pytest.mark.slow
 def test_build_model_from_config_rebuilds_architecture(kwargs):
     model = resnet18_enc_dec(**kwargs)
     config = model.config
@@ -159,11 +179,13 @@ def test_build_model_from_config_rebuilds_architecture(kwargs):
         torch.testing.assert_close(model(x), rebuilt(x))
 
 
+@pytest.mark.slow
 def test_build_model_rejects_unknown_keys():
     with pytest.raises(KeyError, match='unknown_key'):
         build_model(dict(resnet18_enc_dec().config, unknown_key=1))
 
 
+@pytest.mark.slow
 def test_classifier_gives_logits_and_rebuilds_from_its_config():
     model = resnet18_classifier(num_classes=3, in_channels=1).eval()
     heads = [m for m in model.head if isinstance(m, torch.nn.Linear)] + [model.classifier]
@@ -190,6 +212,7 @@ def test_initialisation_is_standard_resnet():
     assert abs(stem.std().item() - (2 / (64 * 49)) ** 0.5) < 0.1 * (2 / (64 * 49)) ** 0.5
 
 
+@pytest.mark.slow
 def test_few_adam_steps_lower_bce_on_one_32px_batch():
     model = resnet18_enc_dec(in_channels=3, final_activation='sigmoid')
     images = torch.randn(2, 3, 32, 32)

@@ -165,6 +165,7 @@ def test_clipped_swap_pastes_a_cut_source_rectangle(height, width, channels, see
 @given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
        mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]), fraction=st.floats(0, 1),
        shift=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+@pytest.mark.slow
 def test_paste_fraction_mixes_the_blend_with_the_plain_paste(height, width, channels, mode, fraction,
                                                              shift, seed):
     rng = np.random.default_rng(seed)
@@ -190,6 +191,7 @@ def test_paste_fraction_mixes_the_blend_with_the_plain_paste(height, width, chan
 
 
 @pytest.mark.parametrize('mode', ['swap', cv2.NORMAL_CLONE])
+@pytest.mark.slow
 def test_clip_at_border_changes_border_pixels_about_as_often_as_inner_ones(mode):
     """The paper's placement (fully inside) never changes the outermost pixels and rarely the band
     next to them (measured: 0.03-0.1 of the centre's rate); clipped patches cover the band nearly as
@@ -218,6 +220,7 @@ def test_clip_at_border_changes_border_pixels_about_as_often_as_inner_ones(mode)
 @SETTINGS
 @given(height=st.integers(32, 96), width=st.integers(32, 96), channels=st.sampled_from([1, 3]),
        mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE, 'uniform']), seed=st.integers(0, 2 ** 32 - 1))
+@pytest.mark.slow
 def test_blends_without_shift_and_resize_stay_at_source_position(height, width, channels, mode, seed):
     rng = np.random.default_rng(seed)
     dest = textured(rng, height, width, channels)
@@ -297,6 +300,7 @@ def test_poisson_blend_on_crop_equals_whole_image_clone(channels, mode, seed):
 @SETTINGS
 @given(mode=st.sampled_from(MODES), channels=st.sampled_from([1, 3]), num_patches=st.integers(1, 4),
        seed=st.integers(0, 2 ** 32 - 1))
+@pytest.mark.slow
 def test_skip_background_never_patches_pure_background(mode, channels, num_patches, seed):
     rng = np.random.default_rng(seed)
     background = np.zeros((64, 64, channels), np.uint8)

@@ -108,6 +108,7 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
         k: v for k, v in from_dir.items() if k != 'source'}
 
 
+@pytest.mark.slow
 def test_a_failed_write_leaves_the_model_as_it_was(tiny_mvtec, tmp_path, monkeypatch):
     root, name = tiny_mvtec
     path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')

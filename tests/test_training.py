@@ -137,6 +137,7 @@ def test_training_lowers_the_loss(tmp_path):
     assert last_checkpoint_path(tmp_path, 'toy').is_file()
 
 
+@pytest.mark.slow
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tmp_path):
     whole, parts = tmp_path / 'whole', tmp_path / 'parts'
     meta = train(fresh_model(), SquaresDataset(), config(), whole, 'toy')
@@ -208,6 +209,7 @@ def test_bce_needs_a_sigmoid_model_with_logits():
     assert training.training_module(model, 'cross_entropy') is model
 
 
+@pytest.mark.slow
 def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
     """bf16 is a runtime field: a run interrupted in float32 may go on in bfloat16."""
     with pytest.raises(KeyboardInterrupt):
@@ -251,6 +253,7 @@ def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
         load_model(tmp_path / 'missing.pt')
 
 
+@pytest.mark.slow
 def test_classifier_trains_on_multi_view_items(tmp_path):
     seed_everything(0)
     meta = train(TinyClassifier(), ViewsDataset(n=8), config(epochs=4, loss='cross_entropy', lr=1e-2,
@@ -317,6 +320,7 @@ def test_ranks_take_disjoint_padded_shares_that_make_up_the_single_process_batch
         assert padded == [sorted(batch) for batch in single]
 
 
+@pytest.mark.slow
 def test_loader_gives_the_datasets_items_bit_identical_with_uint8_images_in_workers(tiny_mvtec):
     """Batches of the one-pass loader with workers, uint8 images normalised on the device, are
     the items of today's per-epoch order read from the dataset directly, bit for bit."""
@@ -336,6 +340,7 @@ def test_loader_gives_the_datasets_items_bit_identical_with_uint8_images_in_work
     assert dataset.uint8_tensors is False  # the loader reads a copy
 
 
+@pytest.mark.slow
 def test_checkpoints_every_minutes_every_epochs_and_after_the_last_epoch(tmp_path, monkeypatch):
     written = []
     save = training.save_torch_atomic
@@ -355,6 +360,7 @@ def test_checkpoints_every_minutes_every_epochs_and_after_the_last_epoch(tmp_pat
         [('last_toy.pt', e) for e in range(1, 6)] + [('final_toy.pt', None)])
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_is_refused_by_name(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy')
