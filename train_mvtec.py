@@ -168,10 +168,10 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                   f"{record['error']}", file=sys.stderr)
 
 
-def prepare_run(args, setting, data_dir, category, params=None, hold_out=True):
+def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     """Dataset, model, TrainConfig, meta and validator (None without a validation set) of one
-    category; errors here are input errors. ``hold_out=False`` trains on every training image
-    (no validation set) whatever --val-fraction says.
+    category; errors here are input errors. ``searched``: the final run of --recipe search (its
+    validation set: ``recipes.val_fraction``).
 
     The generator's category parameters are ``params`` (a candidate of --recipe search) or the
     recipe's (``experiments.recipes``): as written (table) or calibrated from the training
@@ -182,7 +182,7 @@ def prepare_run(args, setting, data_dir, category, params=None, hold_out=True):
     seed = setting.run_seed
     res_scale = args.res_scale or 1.0
     layout = layout_from_args(args) or detect_layout(data_dir, category)
-    fraction = recipes.val_fraction(args, recipe) if hold_out else 0.0
+    fraction = recipes.val_fraction(args, recipe, searched)
     held_out = holdout_indices(len(train_files(data_dir, category, layout)), fraction, args.val_seed)
     if fraction and not held_out.size:
         print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: "
@@ -268,9 +268,9 @@ def main(argv=None):
             with exit_on_input_error(PROG):
                 params, search = search_recipe(args, setting, data_dir, category, out_dir)
 
-        def prepare():  # a searched recipe trains on every image unless --select best needs some
+        def prepare():
             run = prepare_run(args, setting, data_dir, category, params,
-                              hold_out=search is None or args.select == 'best')
+                              searched=search is not None)
             run[3]['recipe_search'] = search
             return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),

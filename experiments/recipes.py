@@ -77,9 +77,12 @@ def recipe_name(requested, category):
     return 'table' if category in settings.CATEGORY_PARAMS else 'auto'
 
 
-def val_fraction(args, recipe):
+def val_fraction(args, recipe, searched=False):
     """--val-fraction, else DEFAULT_VAL_FRACTION where a choice is made on the validation set
-    (the search recipe, --select best) and 0 elsewhere."""
+    (the search recipe, --select best) and 0 elsewhere. ``searched``: the final run of --recipe
+    search, its recipe already chosen: 0 (every image trained on) unless --select best."""
+    if searched and args.select != 'best':
+        return 0.0
     if args.val_fraction is not None:
         return args.val_fraction
     return DEFAULT_VAL_FRACTION if recipe == 'search' or args.select == 'best' else 0.0
