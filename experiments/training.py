@@ -16,9 +16,9 @@ of training samples (``recompute_batch_norm``). The loss, computed in float32 ou
 BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
 on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
 bfloat16 forward pass would round to 0 or 1 and stop the gradient), MSE between the model's output
-and the label map, or the cross-entropy of a classifier's logits and the class labels. Model and images are channels_last (faster convolutions on the CPU too); the forward
-pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see
-``use_bf16``).
+and the label map, or the cross-entropy of a classifier's logits and the class labels. Model and
+images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
+autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
 
 Files of a run ``name`` in ``run_dir``:
 

@@ -173,8 +173,8 @@ class SelfSupImageDataset(Dataset):
     H x W in {0, 1} per item; None for training), ``has_mask`` (bool array), ``in_channels``,
     ``low_res``, ``train_size``, ``uint8_tensors`` (False: image tensors are normalised float32,
     ``to_image_tensor``; True: uint8, for whoever normalises them later, e.g. the training loop on
-    its device with ``transforms.normalize_images``). Subclasses find the files; this class holds the images and
-    makes the items.
+    its device with ``transforms.normalize_images``). Subclasses find the files; this class holds
+    the images and makes the items.
     """
 
     def __init__(self, images, is_train, transform, train_size=None, self_sup_args=None, seed=0,
