@@ -81,6 +81,8 @@ class TrainConfig:
     """Plain values that define a training run (the command lines override them).
 
     device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
+    progress: progress bars; without them, one line (epoch, loss, learning rate, seconds) is
+    printed after the first epoch, every tenth of the epochs and the last.
     bf16: forward pass in bfloat16 autocast; None: on CUDA devices that support it, True: on the
     CPU too, False: never. The resume checkpoint is written after every ``checkpoint_every``
     epochs (None: no epoch cadence), whenever ``checkpoint_minutes`` have passed since the last
@@ -552,6 +554,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     batches = iter(loader)
     figure_every = config.figure_every or max(1, config.epochs // 4)
     progress = config.progress and writer
+    log_every = max(1, config.epochs // 10)  # one line per tenth of the run without bars
     epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
                   desc=name, unit='epoch', disable=not progress)
     last_write = time.monotonic()
@@ -579,6 +582,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             continue
 
         done = epoch + 1
+        if not progress and (done == 1 or done % log_every == 0 or done == config.epochs):
+            print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}, {time.perf_counter() - started:.1f} s",
+                  flush=True)
         if validator is not None and validator.due(done, config.epochs):
             validate(model, validator, meta, done, run_dir, name, config.figures)
             model.train()

@@ -253,6 +253,7 @@ def _loco_model(tmp_path):
     return data, models
 
 
+@pytest.mark.slow
 def test_loco_evaluation_reports_au_spro_of_all_logical_and_structural_anomalies(tmp_path):
     from experiments import metrics, mvtec_tasks
     from experiments.prediction import predict_maps
@@ -287,6 +288,7 @@ def test_loco_evaluation_reports_au_spro_of_all_logical_and_structural_anomalies
         assert (tmp_path / 'out' / 'tables' / f'{name}.md').is_file()
 
 
+@pytest.mark.slow
 def test_a_loco_mask_of_an_unknown_defect_fails_its_rows_naming_the_file(tmp_path):
     from experiments import mvtec_tasks
     data, models = _loco_model(tmp_path)
@@ -297,6 +299,7 @@ def test_a_loco_mask_of_an_unknown_defect_fails_its_rows_naming_the_file(tmp_pat
     assert math.isnan(record['image_auroc_mean'])
 
 
+@pytest.mark.slow
 def test_a_test_set_that_fails_to_load_fails_only_its_own_rows(tmp_path):
     from experiments import mvtec_tasks
     data, models = _loco_model(tmp_path)

@@ -127,11 +127,14 @@ def assert_same_state(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_training_lowers_the_loss(tmp_path):
+def test_training_lowers_the_loss_and_reports_it_without_progress_bars(tmp_path, capsys):
     meta = train(fresh_model(), SquaresDataset(n=8), config(epochs=3), tmp_path, 'toy',
                  meta=dict(category='squares'))
     losses = meta['epoch_losses']
     assert len(losses) == 3 and losses[-1] < losses[0]
+    lines = capsys.readouterr().out.splitlines()  # one line per tenth of the run, at least each epoch
+    assert [line.split(', ')[:2] for line in lines] == [
+        [f'toy: epoch {e + 1}/3', f'loss {loss:.4f}'] for e, loss in enumerate(losses)]
     assert meta['train_time_s'] > 0 and meta['category'] == 'squares'
     assert final_model_path(tmp_path, 'toy').is_file()
     assert last_checkpoint_path(tmp_path, 'toy').is_file()
