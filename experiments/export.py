@@ -13,7 +13,8 @@ is dynamic. The image size of an ONNX file is the model's input size (``input_si
 The preparation spec and the thresholds (``experiments.inference``; calibrate before exporting)
 are stored as JSON: in the ONNX file's metadata_props under ``nsa_spec``
 (``experiments.detector.SPEC_KEY``), in the TorchScript file as the extra file
-``nsa_spec.json``. Files are written atomically.
+``nsa_spec.json``. Files are written atomically. The ``onnx`` package is needed for the ONNX
+format only.
 """
 import argparse
 import io
@@ -21,7 +22,6 @@ import json
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 
 from experiments.atomic import write_atomic
@@ -50,6 +50,7 @@ def _example(spec):
 
 def onnx_bytes(module, spec, dynamic_size=False):
     """The ONNX model (bytes) of ``module`` (an ImageInputModel) with ``spec`` in its metadata."""
+    import onnx  # only the ONNX format needs it (a TorchScript export does not)
     axes = {0: 'batch'}
     if dynamic_size:
         axes.update({2: 'height', 3: 'width'})

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -60,6 +59,7 @@ def test_onnx_maps_match_pytorch_on_random_and_real_looking_images(exported):
 
 @pytest.mark.slow
 def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
+    import onnx  # a slow test: the quick loop does not pay for the import
     path, fixed, dynamic = exported
     torch_detector, onnx_detector = Detector.load(path), Detector.load(fixed)
     assert json.loads(onnx.load(fixed).metadata_props[0].value) == torch_detector.spec
