@@ -1,10 +1,16 @@
-"""The training-speed benchmark: its arguments and one tiny run."""
+"""The training-speed benchmark: its arguments and one tiny run; the GPU checks' script."""
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench import training
+from conftest import make_mvtec_category
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -41,3 +47,22 @@ def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsy
         assert rate and float(rate.group(1)) > 0, out
     assert re.search(r'^small epochs: data alone, 60 images in batches of 16: [0-9.]+ images/s '
                      r'across epochs, [0-9.]+ in one long epoch: \d+% ', out, re.MULTILINE), out
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_the_cpu_with_small_knobs(tmp_path):
+    make_mvtec_category(tmp_path / 'data', 'magnetic_tile')
+    out = tmp_path / 'out'
+    knobs = dict(DEVICE='cpu', EPOCHS='1', STEPS='1', WORKERS='1', SIZE='64', BATCH='4',
+                 RES_SCALE='0.25')
+    result = subprocess.run(['bash', 'bench/gpu_check.sh', str(tmp_path / 'data'), str(out)],
+                            cwd=REPO, env={**os.environ, **knobs}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    speed = (out / 'training_speed.txt').read_text()
+    assert re.search(r'at 64x64, batch 4, CPU.*\n  data alone .*\n  model alone .*\n  full pipeline',
+                     speed), speed
+    assert 'torchrun: skipped (one GPU' in result.stdout  # no GPU here
+    log = (out / 'magnetic_tile.txt').read_text()
+    assert re.search(r'magnetic_tile_shift_intensity_m: epoch 1/1, loss [0-9.]+', log), log
+    assert 'image AUROC' in log and re.search(r'wall time \d+ s', log), log
+    assert list((out / 'magnetic_tile').rglob('final_magnetic_tile_shift_intensity_m.pt'))
