@@ -468,6 +468,12 @@ def step_module(model, config, device, world_size):
     return torch.compile(module) if config.compile else module
 
 
+def first_every_last(done, every, epochs):
+    """Whether something due after the first epoch, every ``every`` epochs and the last is due
+    after epoch ``done`` (1-based) of ``epochs``."""
+    return done == 1 or done % every == 0 or done == epochs
+
+
 def epoch_mean(loss_sum, count, world_size):
     """The mean loss of an epoch from this rank's (sum, count) tensors, summed over the ranks:
     the one read of the device per epoch."""
@@ -575,22 +581,22 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         else:
             averaged.update_parameters(model)
         meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
-        meta['train_time_s'] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        meta['train_time_s'] += seconds
         epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}",
                            lr=f'{scheduler.get_last_lr()[0]:.2e}')
         if not writer:
             continue
 
         done = epoch + 1
-        if not progress and (done == 1 or done % log_every == 0 or done == config.epochs):
+        if not progress and first_every_last(done, log_every, config.epochs):
             print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}, {time.perf_counter() - started:.1f} s",
-                  flush=True)
+                  f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
             validate(model, validator, meta, done, run_dir, name, config.figures)
             model.train()
         if (config.figures and preds.dim() == 4  # example predictions: maps only
-                and (epoch == 0 or done % figure_every == 0 or done == config.epochs)):
+                and first_every_last(done, figure_every, config.epochs)):
             save_sample_figure(images, labels, preds,
                                run_dir / f'{name}_samples_epoch{done:04d}.png')
         if (done == config.epochs
