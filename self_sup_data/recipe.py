@@ -7,9 +7,10 @@ a defective image:
 
 - **logistic label** ``(k, x0)`` from the distribution of the seamless blends' intensity change
   ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where the
-  blends change nothing at all): ``x0`` is its median, so that
-  half of the changed pixels are labelled above 0.5, and ``k = 2 ln 9 / (q90 - q10)``, the slope
-  that takes the label from 0.1 to 0.9 across a span as wide as the central 80% of the changes:
+  blends change nothing at all): ``x0`` is its median, so that half of the changed pixels are
+  labelled above 0.5, and ``k = 2 ln 9 / (q90 - q10)``, the slope that takes the label from 0.1
+  to 0.9 across a span as wide as the central 80% of the changes (percentiles of the quantised
+  changes interpolated within their grey level, ``change_percentiles``):
   labels use the range (0, 1) whatever the material's contrast (the paper's texture label
   (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels).
 - **paste fraction** from the blend's *visibility* ``v``: the mean absolute change of the seamless
@@ -63,10 +64,30 @@ def expected_patches(num_patches):
     return 1 + (num_patches - 1) / 2
 
 
+def change_percentiles(changes, percentiles=LABEL_QUANTILES):
+    """Percentiles of ``changes`` read as grouped data: each distinct value stands for a bin that
+    reaches halfway to its neighbours (the outer bins as far out as inside), and the percentile is
+    interpolated inside its bin, linearly in the count (the grouped-data median of statistics
+    textbooks, ``L + (n p - F) / f * w``).
+
+    The changes are quantised (whole grey levels, or thirds of one for three channels), so
+    ``np.percentile`` of them jumps from one level to the next when a few samples change (a
+    median of 3 or 4 grey levels from the same images drawn with different seeds); this one moves
+    continuously with the counts."""
+    levels, counts = np.unique(np.asarray(changes, dtype=np.float64), return_counts=True)
+    if levels.size == 1:
+        return np.full(len(percentiles), levels[0])
+    middles = (levels[1:] + levels[:-1]) / 2
+    edges = np.concatenate([[2 * levels[0] - middles[0]], middles, [2 * levels[-1] - middles[-1]]])
+    cumulative = np.concatenate([[0], np.cumsum(counts)]) / counts.sum()
+    return np.interp(np.asarray(percentiles, dtype=np.float64) / 100, cumulative, edges)
+
+
 def logistic_from_changes(changes):
     """``(k, x0)``: ``x0`` the median of ``changes``, ``k = 2 ln 9 / (q90 - q10)`` (the label goes
-    from 0.1 to 0.9 over ``x0 -+ (q90 - q10) / 2``); q90 - q10 at least MIN_CHANGE_SPREAD."""
-    q10, q50, q90 = np.percentile(changes, LABEL_QUANTILES)
+    from 0.1 to 0.9 over ``x0 -+ (q90 - q10) / 2``); q90 - q10 at least MIN_CHANGE_SPREAD. The
+    percentiles are ``change_percentiles``."""
+    q10, q50, q90 = change_percentiles(changes, LABEL_QUANTILES)
     return 2 * math.log(9) / max(float(q90 - q10), MIN_CHANGE_SPREAD), float(q50)
 
 
@@ -192,7 +213,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     if changes.size == 0:
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
                          f"the training images (are they blank?)")
-    report['change_quantiles'] = [float(q) for q in np.percentile(changes, LABEL_QUANTILES)]
+    report['change_quantiles'] = [float(q) for q in change_percentiles(changes)]
     if 'intensity_logistic_params' not in fixed:
         k, x0 = logistic_from_changes(changes)
         params['intensity_logistic_params'] = (round(float(k), 4), round(float(x0), 2))

@@ -45,10 +45,43 @@ def texture_args(key='Shift-Intensity-M', **changes):
 
 # ---------------------------------------------------------------------------- calibration rules
 
+def grouped_percentile(whole_levels, percentile):
+    """The textbook grouped-data percentile of integers, bins of width 1 centred on each level:
+    ``L + (n p - F) / f``, L the lower edge of the bin holding the n p-th value, F the count below
+    that bin and f the count in it (every level between the smallest and largest present)."""
+    values = np.sort(np.asarray(whole_levels))
+    rank = len(values) * percentile / 100
+    for level in range(values[0], values[-1] + 1):
+        below, inside = np.sum(values < level), np.sum(values == level)
+        if below + inside >= rank:
+            return level - 0.5 + (rank - below) / inside
+
+
+@given(st.lists(st.integers(1, 12), min_size=2, max_size=200), st.sampled_from([10, 50, 90]))
+def test_change_percentiles_of_whole_grey_levels_are_the_grouped_data_percentiles(levels, percentile):
+    if len(set(levels)) < 2 or set(range(min(levels), max(levels) + 1)) - set(levels):
+        return  # the textbook formula takes every level between the extremes to be present
+    assert recipe.change_percentiles(levels, [percentile])[0] == pytest.approx(
+        grouped_percentile(levels, percentile))
+
+
+def test_change_percentiles_move_with_the_counts_where_plain_percentiles_jump():
+    assert recipe.change_percentiles(np.full(10, 3.0)).tolist() == [3.0, 3.0, 3.0]
+    # the median moves from level 3 to 4 as the share of 4s grows; the plain median jumps
+    medians = [recipe.change_percentiles([3] * (100 - n) + [4] * n, [50])[0] for n in (40, 50, 60)]
+    assert medians == pytest.approx([2.5 + 0.5 / 0.6, 3.5, 3.5 + 0.1 / 0.6])
+    assert [np.percentile([3] * (100 - n) + [4] * n, 50) for n in (40, 60)] == [3.0, 4.0]
+    # three channels: levels a third apart, bins a third wide
+    assert recipe.change_percentiles([1, 4 / 3, 4 / 3, 5 / 3], [50])[0] == pytest.approx(4 / 3)
+    continuous = np.random.default_rng(0).gamma(2, 3, 5000)
+    assert recipe.change_percentiles(continuous) == pytest.approx(
+        np.percentile(continuous, (10, 50, 90)), abs=0.01)
+
+
 def test_logistic_is_centred_on_the_median_change_and_spans_the_central_80_percent():
-    changes = np.random.default_rng(0).gamma(2, 3, 5000)
+    changes = np.random.default_rng(0).integers(1, 20, 5000)
     k, x0 = recipe.logistic_from_changes(changes)
-    q10, q50, q90 = np.percentile(changes, (10, 50, 90))
+    q10, q50, q90 = recipe.change_percentiles(changes, (10, 50, 90))
     logistic = lambda d: 1 / (1 + math.exp(-k * (d - x0)))  # noqa: E731
     assert logistic(q50) == pytest.approx(0.5)
     half_span = (q90 - q10) / 2
