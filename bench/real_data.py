@@ -12,15 +12,19 @@ epochs it trains about twice as long as an encoder-decoder setting.
     python bench/real_data.py --data-dir DATA_DIR [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
-                              [--bf16] [--recipe table|auto] [--train-only | --evaluate-only]
+                              [--bf16] [--recipe table|auto] [--loss bce|bce-bf16]
+                              [--train-only | --evaluate-only]
                               [--flip-average]
 
 ``--recipe`` is passed to the training script: ``table`` (default) trains with the category's
 parameters in ``experiments/settings.py``, ``auto`` with the recipe calibrated from the training
 images (``experiments.recipes``), trained on every image (no validation set held out).
+``--loss`` is passed on for the settings trained with BCE (``bce-bf16``: the earlier loss, see
+``experiments.training``).
 
 It resumes where it stopped: a finished model whose configuration (the recipe, with ``table`` the
-generator arguments that the category's parameters give, the generator's version and the budget)
+generator arguments that the category's parameters give, the generator's version, the budget and
+the loss)
 matches the request is not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
 matches (e.g. after tuning a category's parameters in ``experiments/settings.py``, or trained
 before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
@@ -47,7 +51,7 @@ from experiments.atomic import write_text_atomic
 from experiments.checkpoints import read_meta, read_model, result_variants
 from experiments.mvtec_tasks import load_normal_set, load_test_set
 from experiments.prediction import check_flip_average, evaluate_variants
-from experiments.training import last_checkpoint_path, resolve_device
+from experiments.training import LOGIT_LOSSES, last_checkpoint_path, resolve_device
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 REPO = Path(__file__).resolve().parents[1]  # the training script is run from here
@@ -91,6 +95,9 @@ def parse_args(argv=None):
     parser.add_argument('--recipe', choices=('table', 'auto'), default='table',
                         help="the generator's recipe: the category's parameters (table) or "
                              'calibrated from its training images (auto)')
+    parser.add_argument('--loss', choices=LOGIT_LOSSES,
+                        help="the loss of the settings trained with BCE (default: 'bce', the "
+                             "training script's; 'bce-bf16': the earlier loss)")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
                        help='tabulate the models that exist; train nothing')
@@ -113,15 +120,22 @@ def checkpoint_path(args, key):
                                 setting.run_name(args.category))
 
 
+def training_loss(args, key):
+    """The loss ``key`` trains with here: --loss for a setting trained with BCE, else its own."""
+    loss = settings.parse_setting(key).loss
+    return args.loss if getattr(args, 'loss', None) and loss in LOGIT_LOSSES else loss
+
+
 def mismatches(meta, args, key):
     """The fields in which a model's meta differs from what this run would train: the recipe, with
     ``table`` the generator's arguments (from the category's parameters; a calibrated recipe is
     reproduced from the same images and seed), the generator's version, and the budget."""
     setting = settings.parse_setting(key)
     wanted = dict(recipe=args.recipe, generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
+                  loss=training_loss(args, key),
                   **{field: getattr(args, field) for field in BUDGET_FIELDS})
     found = dict(recipe=meta.get('recipe', 'table'), generator_version=meta.get('generator_version', 1),
-                 res_scale=meta.get('res_scale'),
+                 res_scale=meta.get('res_scale'), loss=meta.get('train_config', {}).get('loss'),
                  **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
     if args.recipe == 'table':
         wanted['self_sup_args'] = settings.mvtec_self_sup_args(setting, args.category)
@@ -159,6 +173,8 @@ def train(args, key):
                '--res-scale', str(args.res_scale), '--epochs', str(args.epochs),
                '--batch-size', str(args.batch_size), '--lr', str(args.lr),
                '--workers', str(args.workers), '--recipe', args.recipe, '--resume']
+    if training_loss(args, key) in LOGIT_LOSSES:
+        command += ['--loss', training_loss(args, key)]
     if args.device:
         command += ['--device', args.device]
     if args.bf16:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
-from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, run_differences,
-                                  resolve_device, run_meta, seed_everything, train)
+from experiments.training import (LOGIT_LOSSES, TrainConfig, final_model_path, last_checkpoint_path,
+                                  resolve_device, run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -72,17 +72,35 @@ def add_training_arguments(parser):
     group.add_argument('--swa-lr', type=float, default=TrainConfig.swa_lr,
                        help='learning rate of the averaged epochs '
                             f'(default: {TrainConfig.swa_lr:g})')
+    group.add_argument('--loss', choices=LOGIT_LOSSES,
+                       help="for settings trained with BCE: 'bce', the BCE of the logits in "
+                            "float32 (the default), or 'bce-bf16', the BCE of the sigmoid map "
+                            "computed in bfloat16, this project's earlier loss (no gradient above "
+                            "a logit of about 6), to reproduce models trained with it")
     group.add_argument('--no-pool', '--no_pool', dest='no_pool', action='store_true',
                        help='no max pool in the stem')
     group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
 
 
+def training_loss(args, loss):
+    """The setting's ``loss``, or --loss in its place for a setting trained with BCE (ValueError
+    naming the flag for another setting)."""
+    if args.loss is None or args.loss == loss:
+        return loss
+    if loss not in LOGIT_LOSSES:
+        raise ValueError(f"--loss {args.loss}: the setting trains with loss {loss!r}; --loss "
+                         f"chooses between {', '.join(LOGIT_LOSSES)} for settings trained with BCE")
+    return args.loss
+
+
 def train_config(args, epochs, seed, loss):
-    """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given)."""
+    """TrainConfig from parsed ``add_training_arguments`` options (``epochs`` when not given;
+    ``loss`` the setting's, replaced by --loss: ``training_loss``)."""
     return TrainConfig(epochs=epochs if args.epochs is None else args.epochs,
                        batch_size=TrainConfig.batch_size if args.batch_size is None else args.batch_size,
                        lr=args.lr,
-                       loss=loss, seed=seed, workers=args.workers, device=args.device,
+                       loss=training_loss(args, loss), seed=seed, workers=args.workers,
+                       device=args.device,
                        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
                        checkpoint_minutes=args.checkpoint_minutes,
                        progress=sys.stderr.isatty() if args.progress is None else args.progress,

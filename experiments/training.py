@@ -15,8 +15,10 @@ and the final model is that average with its batch-norm statistics recomputed on
 of training samples (``recompute_batch_norm``). The loss, computed in float32 outside autocast, is
 BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
 on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
-bfloat16 forward pass would round to 0 or 1 and stop the gradient), MSE between the model's output
-and the label map, or the cross-entropy of a classifier's logits and the class labels. Model and
+bfloat16 forward pass would round to 0 or 1 and stop the gradient), or, to reproduce models
+trained with it, loss 'bce-bf16': the BCE of that rounded sigmoid (``bce_of_bfloat16_sigmoid``),
+MSE between the model's output and the label map, or the cross-entropy of a classifier's logits
+and the class labels. Model and
 images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
 
@@ -63,9 +65,22 @@ from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validat
 from models.resnet import build_model
 from self_sup_data.transforms import denormalize, normalize_images
 
-# loss -> function of (the training module's float32 output, target); BCE takes logits (``Logits``)
-LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'mse': F.mse_loss,
-                  'cross_entropy': F.cross_entropy}
+
+
+def bce_of_bfloat16_sigmoid(logits, target):
+    """BCE of the sigmoid map computed in bfloat16: the loss of this project's earlier bfloat16
+    training, whose model applied its sigmoid inside the autocast forward pass. The rounded
+    sigmoid is exactly 1 above a logit of about 6.2 (the float32 BCE of it is taken as it is), so
+    such pixels get no gradient whatever their target: confident positives are not pushed
+    further, and confident false positives are not corrected."""
+    return F.binary_cross_entropy(torch.sigmoid(logits.bfloat16()).float(), target)
+
+
+# loss -> function of (the training module's float32 output, target); the BCE losses take logits
+# (``Logits``)
+LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'bce-bf16': bce_of_bfloat16_sigmoid,
+                  'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
+LOGIT_LOSSES = ('bce', 'bce-bf16')
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_minutes',
                   'figure_every', 'figures', 'progress', 'compile')
@@ -409,17 +424,17 @@ class Logits(nn.Module):
 
 
 def training_module(model, loss):
-    """The module whose output ``LOSS_FUNCTIONS[loss]`` takes: ``Logits(model)`` for 'bce' (a
-    model trained with BCE has a sigmoid as its final activation and a ``logits`` method),
-    ``model`` itself otherwise."""
-    if loss != 'bce':
+    """The module whose output ``LOSS_FUNCTIONS[loss]`` takes: ``Logits(model)`` for the BCE
+    losses (``LOGIT_LOSSES``; a model trained with BCE has a sigmoid as its final activation and
+    a ``logits`` method), ``model`` itself otherwise."""
+    if loss not in LOGIT_LOSSES:
         return model
     if not callable(getattr(model, 'logits', None)):
-        raise ValueError(f"loss 'bce' trains on logits: {type(model).__name__} has no logits "
+        raise ValueError(f"loss {loss!r} trains on logits: {type(model).__name__} has no logits "
                          "method (the map before its final sigmoid)")
     activation = getattr(model, 'config', {}).get('final_activation', 'sigmoid')
     if activation != 'sigmoid':
-        raise ValueError(f"loss 'bce' needs a model whose final activation is 'sigmoid', "
+        raise ValueError(f"loss {loss!r} needs a model whose final activation is 'sigmoid', "
                          f"got {activation!r}")
     return Logits(model)
 
@@ -431,8 +446,8 @@ def train_step(module, optimizer, loss, images, labels, device, bf16=None):
     Multi-view batches (images B x V x C x H x W, labels B x V) are flattened to B V samples
     (``model_input``); the forward pass runs in bfloat16 autocast where ``use_bf16(bf16, device)``,
     the loss ``LOSS_FUNCTIONS[loss]`` in float32 outside it. The predictions are the model's
-    outputs (for 'bce' the sigmoid of the logits); the loss stays on the device (reading it would
-    wait for the step).
+    outputs (for the BCE losses the sigmoid of the logits); the loss stays on the device (reading
+    it would wait for the step).
     """
     if images.dim() == 5:
         labels = labels.flatten(0, 1)
@@ -444,7 +459,7 @@ def train_step(module, optimizer, loss, images, labels, device, bf16=None):
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()
-    preds = torch.sigmoid(outputs.detach()) if loss == 'bce' else outputs.detach()
+    preds = torch.sigmoid(outputs.detach()) if loss in LOGIT_LOSSES else outputs.detach()
     return images, labels, preds, value.detach()
 
 

@@ -62,7 +62,7 @@ def test_mismatches_names_what_differs_from_the_requested_run():
                            recipe='table')
     self_sup_args = settings.mvtec_self_sup_args(settings.parse_setting('Shift-M'), 'magnetic_tile')
     meta = dict(self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, res_scale=0.5,
-                train_config=dict(epochs=60, batch_size=16, lr=1e-3, workers=0))
+                train_config=dict(epochs=60, batch_size=16, lr=1e-3, loss='bce', workers=0))
     assert real_data.mismatches(meta, args, 'Shift-M') == []
     assert real_data.mismatches(meta, args, 'Shift-M-3') == []  # a seed is not part of the generator
     stored = json.loads(json.dumps(meta))  # tuples come back as lists
@@ -70,8 +70,14 @@ def test_mismatches_names_what_differs_from_the_requested_run():
     assert real_data.mismatches(meta, args, 'Shift-Intensity-M') == ['self_sup_args']
     old = {k: v for k, v in meta.items() if k != 'generator_version'}  # a model of generator 1
     assert real_data.mismatches(old, args, 'Shift-M') == ['generator_version']
-    other = dict(meta, res_scale=1.0, train_config=dict(epochs=100, batch_size=16, lr=2e-3))
+    other = dict(meta, res_scale=1.0, train_config=dict(epochs=100, batch_size=16, lr=2e-3, loss='bce'))
     assert real_data.mismatches(other, args, 'Shift-M') == ['epochs', 'lr', 'res_scale']
+    earlier_loss = SimpleNamespace(**{**vars(args), 'loss': 'bce-bf16'})
+    assert real_data.mismatches(meta, earlier_loss, 'Shift-M') == ['loss']
+    classifier = dict(meta, self_sup_args=settings.mvtec_self_sup_args(
+        settings.parse_setting('CutPaste-3way'), 'magnetic_tile'),
+        train_config=dict(meta['train_config'], loss='cross_entropy'))
+    assert real_data.mismatches(classifier, earlier_loss, 'CutPaste-3way') == []  # not a BCE setting
     # a calibrated recipe is not a table model; its generator arguments come from the images
     auto = SimpleNamespace(**{**vars(args), 'recipe': 'auto'})
     assert real_data.mismatches(meta, auto, 'Shift-M') == ['recipe']

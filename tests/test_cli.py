@@ -104,7 +104,7 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'),
                                    '-c', 'object', '--kind', 'object', '--logistic', '0.5', '3',
                                    '--no_mask', '--single_patch', '--res-scale', '0.25',
-                                   '--swa-epochs', '20', '--swa-lr', '2e-4'])
+                                   '--swa-epochs', '20', '--swa-lr', '2e-4', '--loss', 'bce-bf16'])
     setting, _, categories, _ = train_mvtec.plan(args)
     assert categories == ['fabric', 'gears']
     dataset, model, config, meta, _ = train_mvtec.prepare_run(args, setting, data, 'gears')
@@ -112,6 +112,7 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     assert meta['self_sup_args']['intensity_logistic_params'] == (0.5, 3)
     assert config.epochs == 320 and config.batch_size == 64 and config.lr == 1e-3
     assert (config.swa_epochs, config.swa_lr) == (20, 2e-4)  # checked against the default epochs
+    assert config.loss == 'bce-bf16'
     assert model.config['in_channels'] == dataset.in_channels == 1
 
 

@@ -102,6 +102,8 @@ BAD_OPTIONS = [
     (['--res-scale', '5'], '--res-scale must be in (0, 4], got 5'),
     (['--res-scale', 'inf'], '--res-scale'),
     (['--res-scale', 'nan'], '--res-scale'),
+    (['-s', 'CutPaste-3way', '--loss', 'bce-bf16'],
+     "--loss bce-bf16: the setting trains with loss 'cross_entropy'"),
 ])
 def test_mvtec_out_of_range_options_are_refused_by_name_before_anything_is_written(
         tiny_mvtec, tmp_path, capsys, argv, expected):

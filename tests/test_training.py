@@ -1,5 +1,7 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
 
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -201,6 +203,53 @@ def test_bce_trains_on_logits_so_a_confident_wrong_pixel_keeps_its_gradient(bf16
     assert model.logit.grad.item() == pytest.approx(torch.sigmoid(torch.tensor(10.)).item(), rel=1e-3)
     assert loss.item() == pytest.approx(10 + np.log1p(np.exp(-10)), rel=1e-3)
     torch.testing.assert_close(preds, torch.sigmoid(torch.full_like(preds, 10.)))
+
+
+@pytest.mark.parametrize('logit, grad_zero', [(-3.0, False), (2.0, False), (5.0, False),
+                                              (7.0, True), (10.0, True)])
+@pytest.mark.parametrize('target', [0.0, 0.3, 1.0])
+def test_bce_of_the_bfloat16_sigmoid_is_the_earlier_loss_without_gradient_where_it_rounds_to_1(
+        logit, grad_zero, target):
+    """'bce-bf16' is the float32 BCE of the sigmoid computed in bfloat16, as the earlier bfloat16
+    training took it from the model's output: an independent computation (torch's BCE of a
+    bfloat16 sigmoid) gives the same loss and gradient; the gradient is 0 above a logit of ~6.2
+    whatever the target, and within bfloat16 rounding of the exact BCE's below."""
+    logits, expected_logits = (torch.full((1, 1, 2, 2), logit, requires_grad=True) for _ in range(2))
+    labels = torch.full((1, 1, 2, 2), target)
+    loss = training.LOSS_FUNCTIONS['bce-bf16'](logits, labels)
+    loss.backward()
+    expected = torch.nn.functional.binary_cross_entropy(
+        torch.sigmoid(expected_logits.to(torch.bfloat16)).float(), labels)
+    expected.backward()
+    assert loss.item() == expected.item()
+    assert torch.equal(logits.grad, expected_logits.grad)
+    exact = torch.sigmoid(torch.tensor(logit)) - target  # the exact BCE's gradient, per pixel
+    if grad_zero:
+        assert (logits.grad == 0).all()
+    else:
+        torch.testing.assert_close(logits.grad, torch.full_like(logits, exact.item() / 4),
+                                   rtol=0.02, atol=1e-3)  # s rounded by up to 2e-3
+
+
+def test_the_earlier_loss_is_reproduced_on_a_bfloat16_training_step():
+    """The earlier bfloat16 training step took the BCE of the model's output (its sigmoid computed
+    inside autocast); train_step with 'bce-bf16' gives the same loss and gradients."""
+    cpu = torch.device('cpu')
+    torch.manual_seed(0)
+    model = resnet18_enc_dec(final_activation='sigmoid')
+    earlier = copy.deepcopy(model)
+    images, labels = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outputs = earlier(training.model_input(images, cpu))  # channels_last, as train_step's
+    expected = torch.nn.functional.binary_cross_entropy(outputs.float(), labels)
+    expected.backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0)
+    _, _, preds, loss = training.train_step(training.training_module(model, 'bce-bf16'), optimizer,
+                                            'bce-bf16', images, labels, cpu, bf16=True)
+    assert loss.item() == expected.item()
+    torch.testing.assert_close(preds, outputs.detach())
+    for (name, a), b in zip(model.named_parameters(), earlier.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 def test_bce_needs_a_sigmoid_model_with_logits():
