@@ -15,10 +15,10 @@ and the final model is that average with its batch-norm statistics recomputed on
 of training samples (``recompute_batch_norm``). The loss, computed in float32 outside autocast, is
 BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
 on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
-bfloat16 forward pass would round to 0 or 1 and stop the gradient), or, to reproduce models
-trained with it, loss 'bce-bf16': the BCE of that rounded sigmoid (``bce_of_bfloat16_sigmoid``),
-MSE between the model's output and the label map, or the cross-entropy of a classifier's logits
-and the class labels. Model and
+bfloat16 forward pass would round to 0 or 1 and stop the gradient); MSE between the model's
+output and the label map; or the cross-entropy of a classifier's logits and the class labels.
+Loss 'bce-bf16' is the BCE of that rounded sigmoid (``bce_of_bfloat16_sigmoid``), the loss of
+this project's earlier bfloat16 training, kept to reproduce models trained with it. Model and
 images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
 autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
 
@@ -66,13 +66,12 @@ from models.resnet import build_model
 from self_sup_data.transforms import denormalize, normalize_images
 
 
-
 def bce_of_bfloat16_sigmoid(logits, target):
     """BCE of the sigmoid map computed in bfloat16: the loss of this project's earlier bfloat16
-    training, whose model applied its sigmoid inside the autocast forward pass. The rounded
-    sigmoid is exactly 1 above a logit of about 6.2 (the float32 BCE of it is taken as it is), so
-    such pixels get no gradient whatever their target: confident positives are not pushed
-    further, and confident false positives are not corrected."""
+    training, whose model applied its sigmoid inside the autocast forward pass (the BCE itself is
+    computed in float32). The rounded sigmoid is exactly 1 above a logit of about 6.2, so such
+    pixels get no gradient whatever their target: confident positives are not pushed further,
+    and confident false positives are not corrected."""
     return F.binary_cross_entropy(torch.sigmoid(logits.bfloat16()).float(), target)
 
 
