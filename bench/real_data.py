@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments import metrics, plotting, settings
+from experiments import cli, metrics, plotting, settings
 from experiments.atomic import write_text_atomic
 from experiments.checkpoints import read_meta, read_model, result_variants
 from experiments.mvtec_tasks import load_normal_set, load_test_set
@@ -121,9 +121,10 @@ def checkpoint_path(args, key):
 
 
 def training_loss(args, key):
-    """The loss ``key`` trains with here: --loss for a setting trained with BCE, else its own."""
+    """The loss ``key`` trains with here: --loss for a setting trained with BCE
+    (``experiments.cli.training_loss``), else its own."""
     loss = settings.parse_setting(key).loss
-    return args.loss if getattr(args, 'loss', None) and loss in LOGIT_LOSSES else loss
+    return cli.training_loss(args, loss) if loss in LOGIT_LOSSES else loss
 
 
 def mismatches(meta, args, key):
@@ -173,8 +174,9 @@ def train(args, key):
                '--res-scale', str(args.res_scale), '--epochs', str(args.epochs),
                '--batch-size', str(args.batch_size), '--lr', str(args.lr),
                '--workers', str(args.workers), '--recipe', args.recipe, '--resume']
-    if training_loss(args, key) in LOGIT_LOSSES:
-        command += ['--loss', training_loss(args, key)]
+    loss = training_loss(args, key)
+    if loss in LOGIT_LOSSES:
+        command += ['--loss', loss]
     if args.device:
         command += ['--device', args.device]
     if args.bf16:

@@ -59,7 +59,7 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
 
 def test_mismatches_names_what_differs_from_the_requested_run():
     args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3,
-                           recipe='table')
+                           recipe='table', loss=None)
     self_sup_args = settings.mvtec_self_sup_args(settings.parse_setting('Shift-M'), 'magnetic_tile')
     meta = dict(self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, res_scale=0.5,
                 train_config=dict(epochs=60, batch_size=16, lr=1e-3, loss='bce', workers=0))
