@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: tiny categories in the MVTec AD folder layout, written into tmp
 dirs, untrained models saved as the training scripts save theirs, and a chest X-ray test set."""
+import gc
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,13 @@ from PIL import Image
 from experiments.atomic import save_torch_atomic
 from experiments.settings import parse_setting, trained_model_path
 from models.resnet import resnet18_enc_dec
+
+
+def pytest_collection_finish(session):
+    """Hide what the imports and the collection made (torch, scikit-learn, pandas...: some
+    300,000 objects) from the garbage collector, whose full collections during the tests and at
+    the interpreter's exit would walk them again and again."""
+    gc.freeze()
 
 
 def _smooth_texture(rng, size, channels):

@@ -348,6 +348,7 @@ def test_a_changed_weight_fails_the_checksum_on_load(tmp_path):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_training_writes_the_checksum_of_the_final_weights(tmp_path):
     config = TrainConfig(epochs=1, batch_size=4, figures=False, progress=False)
     train(TinyNet(), SquaresDataset(n=4), config, tmp_path, 'toy')

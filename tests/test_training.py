@@ -112,6 +112,25 @@ class TinyClassifier(torch.nn.Module):
         return self.layers(x)
 
 
+class PlainSGD:
+    """``p <- p - lr * grad``: the optimiser of the training-step tests. A ``torch.optim``
+    optimiser imports ``torch._dynamo`` when it is made (~2.5 s on the CPU), which the quick test
+    loop leaves to the training runs marked slow."""
+
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            if p.grad is not None:
+                p -= self.lr * p.grad
+
+
 def fresh_model(seed=0):
     seed_everything(seed)
     return TinyNet()
@@ -129,6 +148,7 @@ def assert_same_state(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_reports_it_without_progress_bars(tmp_path, capsys):
     meta = train(fresh_model(), SquaresDataset(n=8), config(epochs=3), tmp_path, 'toy',
                  meta=dict(category='squares'))
@@ -177,7 +197,7 @@ def test_bf16_step_runs_the_forward_pass_in_bfloat16_and_the_loss_in_float32():
     images, _, labels = next(iter(DataLoader(SquaresDataset(n=4), batch_size=4)))
     for bf16, dtype in ((None, torch.float32), (True, torch.bfloat16)):
         model = to_training_device(fresh_model(), cpu)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        optimizer = PlainSGD(model.parameters(), lr=1e-3)
         before = [p.detach().clone() for p in model.parameters()]
         module = training.training_module(model, 'bce')
         _, _, preds, loss = training.train_step(module, optimizer, 'bce', images, labels, cpu, bf16)
@@ -196,7 +216,7 @@ def test_bce_trains_on_logits_so_a_confident_wrong_pixel_keeps_its_gradient(bf16
     forward pass (whose sigmoid would round to 1.0 and give a gradient of 0)."""
     cpu = torch.device('cpu')
     model = ConstantLogit(10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0)
+    optimizer = PlainSGD(model.parameters(), lr=0)
     images, labels = torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
     _, _, preds, loss = training.train_step(training.training_module(model, 'bce'), optimizer,
                                             'bce', images, labels, cpu, bf16)
@@ -243,7 +263,7 @@ def test_the_earlier_loss_is_reproduced_on_a_bfloat16_training_step():
         outputs = earlier(training.model_input(images, cpu))  # channels_last, as train_step's
     expected = torch.nn.functional.binary_cross_entropy(outputs.float(), labels)
     expected.backward()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0)
+    optimizer = PlainSGD(model.parameters(), lr=0)
     _, _, preds, loss = training.train_step(training.training_module(model, 'bce-bf16'), optimizer,
                                             'bce-bf16', images, labels, cpu, bf16=True)
     assert loss.item() == expected.item()
@@ -273,6 +293,7 @@ def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy', meta=dict(category='a'))
@@ -516,6 +537,7 @@ def test_swa_model_is_the_average_of_the_last_epochs_with_batch_norm_of_the_aver
     assert_same_state(resumed, final)
 
 
+@pytest.mark.slow
 def test_resume_accepts_a_checkpoint_written_before_the_swa_fields(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), CrashAtEpoch(1), config(), tmp_path, 'toy')
