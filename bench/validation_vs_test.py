@@ -4,8 +4,9 @@ For every model of one category under ``--models`` (``final_*.pt``, and ``best_*
 ``--best``) that held out validation images: its scores on the validation set of synthetic defects
 (``self_sup_data.validation``; the held-out images and defects its run used, rebuilt from its
 meta) and on the real test set; then Spearman's rank correlation between each validation metric
-and the test image AUROC (map mean), pixel AUROC and AU-PRO over the models. Models trained
-without a validation set saw the validation images and are left out.
+(and the image AUROC of each validation defect kind alone) and the test image AUROC (map mean),
+pixel AUROC and AU-PRO over the models. Models trained without a validation set saw the
+validation images and are left out.
 
     python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
         --models bench_out/recipe [--out bench_out/recipe/correlation] [--best]
@@ -84,7 +85,7 @@ def score_models(args, device):
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
                 channels=meta['in_channels'], layout=layout_from_spec(meta.get('layout')))
             test_sets[key] = load_test_set(args.data_dir, meta)
-        validation = Validator(validation_sets[key])(model)
+        validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)
         rows.append(dict(model=str(path.relative_to(args.models)), setting=meta['setting'],
                          recipe=meta.get('recipe', 'table'),
@@ -97,9 +98,12 @@ def score_models(args, device):
 
 
 def correlations(scores):
-    """Spearman's rho (and its p-value) of each validation column against each test metric."""
+    """Spearman's rho (and its p-value) of each validation column (VALIDATION_COLUMNS, then the
+    per-kind image AUROCs) against each test metric."""
     records = []
-    for column in VALIDATION_COLUMNS:
+    per_kind = [column for column in scores if column.startswith('val_image_auroc_')
+                and column not in VALIDATION_COLUMNS]
+    for column in VALIDATION_COLUMNS + tuple(per_kind):
         record = dict(validation=column)
         for name in TEST_METRICS:
             rho, p_value = spearmanr(scores[column], scores[f'test_{name}'])

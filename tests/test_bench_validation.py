@@ -40,4 +40,8 @@ def test_scores_every_validated_model_and_correlates_them(tmp_path):
     for name in bench.TEST_METRICS:  # Spearman's rho: Pearson's correlation of the ranks
         expected = np.corrcoef(ranks['val_score'], ranks[f'test_{name}'])[0, 1]
         assert table.loc['val_score', f'rho {name}'] == pytest.approx(expected, nan_ok=True)
+    # one held-out image of 12: one defect, of the first kind, also correlated on its own
+    assert [c for c in scores if c.startswith('val_image_auroc_')] == ['val_image_auroc_mean',
+                                                                      'val_image_auroc_scar']
+    assert list(table.index) == list(bench.VALIDATION_COLUMNS) + ['val_image_auroc_scar']
     assert (tmp_path / 'out' / 'correlation.md').is_file()

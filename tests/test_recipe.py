@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings as hyp_settings, strategies as st
+from sklearn.metrics import roc_auc_score
 
 import train_mvtec
 from conftest import make_mvtec_category
-from experiments import recipes, settings
+from experiments import metrics, recipes, settings
+from experiments.prediction import predict
 from experiments.training import TrainConfig, best_model_path, final_model_path, train
+from experiments.validation import Validator
 from self_sup_data import recipe, validation
+from self_sup_data.mvtec import load_validation_set
 from self_sup_data.transforms import RandomCrop
 from test_training import CrashAtEpoch, SquaresDataset, TinyNet
 
@@ -214,6 +218,37 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
     assert all(np.array_equal(a, b) for a, b in zip(items, again[0]))
     with pytest.raises(ValueError, match='validation kinds'):
         validation.make_validation_set(images, 0, kinds=('smudge',))
+
+
+class Brightness(torch.nn.Module):
+    """An anomaly map that grows with the image's brightness: the sigmoid of its channel mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.sigmoid(self.scale * x.mean(dim=1, keepdim=True))
+
+
+def test_validator_scores_the_validation_set_and_each_defect_kind(tiny_mvtec):
+    root, name = tiny_mvtec
+    dataset = load_validation_set(root, name, [0, 1, 2, 3, 4, 5], seed=0, res_scale=0.25)
+    maps, labels, masks = predict(Brightness(), dataset)
+    scores = Validator(dataset)(Brightness(), per_kind=True)
+    results = metrics.evaluate_maps(labels, maps, masks)
+    assert {key: scores[key] for key in ('image_auroc_mean', 'pixel_auroc', 'au_pro')} == {
+        key: pytest.approx(results[key]) for key in ('image_auroc_mean', 'pixel_auroc', 'au_pro')}
+    assert scores['score'] == pytest.approx(np.mean([results['image_auroc_mean'],
+                                                     results['pixel_auroc'], results['au_pro']]))
+    kinds = [f'image_auroc_{kind}' for kind in validation.VALIDATION_KINDS]  # 6 images, 5 kinds
+    assert [key for key in scores if key.startswith('image_auroc_')][1:] == kinds
+    means, types = maps.mean(axis=(1, 2)), np.array(dataset.defect_types)
+    for kind in validation.VALIDATION_KINDS:
+        keep = (types == 'good') | (types == kind)
+        assert scores[f'image_auroc_{kind}'] == pytest.approx(roc_auc_score(labels[keep], means[keep]))
+    assert set(Validator(dataset)(Brightness())) == {'image_auroc_mean', 'pixel_auroc', 'au_pro',
+                                                     'score'}
 
 
 # ---------------------------------------------------------------------------- training loop
