@@ -186,18 +186,6 @@ def train(args, key):
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)
 
 
-def per_type_auroc(dataset, maps):
-    """Image AUROC (mean of the map as score) of each defect type against the normal test images."""
-    types = np.asarray(dataset.defect_types)
-    scores = metrics.image_scores(maps, 'mean')
-    normal = types == 'good'
-    result = {}
-    for defect in sorted(set(types) - {'good'}):
-        chosen = normal | (types == defect)
-        result[defect] = metrics.image_auroc((types[chosen] != 'good').astype(int), scores[chosen])
-    return result
-
-
 def border_band(shape, band=BORDER_BAND):
     """Boolean ``H x W`` mask of the pixels within ``band`` of the side length from the border."""
     rows, cols = (max(1, round(band * side)) for side in shape)
@@ -231,9 +219,9 @@ def evaluate_model(args, key, device):
         model, dataset, result_variants(settings.parse_setting(key)),
         lambda: load_normal_set(args.data_dir, meta), device=device, source=str(path),
         flip_average=args.flip_average).values()
+    per_type = metrics.image_auroc_per_type(dataset.defect_types, maps)
     record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values,
-                  **pixel_auroc_by_region(dataset, maps),
-                  per_type_auroc=per_type_auroc(dataset, maps),
+                  **pixel_auroc_by_region(dataset, maps), per_type_auroc=dict(sorted(per_type.items())),
                   train_minutes=meta['train_time_s'] / 60, epochs=meta['train_config']['epochs'])
     return record, dataset, maps
 

@@ -20,7 +20,7 @@ distinct positive scores in that sorted array, which is exact and several times 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ['image_scores', 'image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'au_pro', 'au_spro',
+__all__ = ['image_scores', 'image_auroc', 'image_ap', 'image_auroc_per_type', 'pixel_auroc', 'pixel_ap', 'au_pro', 'au_spro',
            'evaluate_maps', 'threshold_at_fpr', 'best_f1_threshold', 'precision_recall_f1',
            'threshold_metrics']
 THRESHOLD_METRICS = ('image_f1_best', 'image_threshold_best', 'image_precision', 'image_recall',
@@ -165,6 +165,21 @@ def image_ap(labels, scores):
     """
     labels, scores = _image_inputs(labels, scores)
     return _average_precision(*_split_by_class(labels, scores, 'labels'))
+
+
+def image_auroc_per_type(defect_types, maps, normal='good'):
+    """Image AUROC (score: the map's mean) of each defect type's images against the normal ones
+    (type ``normal``): {type: AUROC}, types in order of first appearance in ``defect_types``."""
+    types = np.asarray(defect_types)
+    scores = image_scores(maps, 'mean')
+    if types.shape != scores.shape:
+        raise ValueError(f'defect_types must have shape {scores.shape} to match maps, got {types.shape}')
+    is_normal = types == normal
+    result = {}
+    for defect in dict.fromkeys(types[~is_normal].tolist()):
+        chosen = is_normal | (types == defect)
+        result[defect] = image_auroc(~is_normal[chosen], scores[chosen])
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,17 +14,6 @@ from experiments.prediction import predict
 SCORE_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 
 
-def image_auroc_per_kind(labels, maps, defect_types):
-    """Image AUROC (score: the map's mean) of each defect kind's items against the normal ones:
-    {kind: AUROC}, kinds in order of first appearance in ``defect_types`` ('good' marks normal)."""
-    labels, defect_types = np.asarray(labels), np.asarray(defect_types)
-    scores = metrics.image_scores(maps, 'mean')
-    normal = labels == 0
-    return {kind: metrics.image_auroc(labels[normal | (defect_types == kind)],
-                                      scores[normal | (defect_types == kind)])
-            for kind in dict.fromkeys(defect_types[~normal])}
-
-
 def validation_score(results):
     """Mean of the SCORE_METRICS of ``results`` (``metrics.evaluate_maps``)."""
     return float(np.mean([results[name] for name in SCORE_METRICS]))
@@ -34,8 +23,9 @@ class Validator:
     """Scores a model on ``dataset`` every ``every`` epochs (and after the last one).
 
     ``validator(model) -> dict`` of floats: SCORE_METRICS and ``score`` (their mean); with
-    ``per_kind``, also ``image_auroc_<kind>`` for each defect kind (``image_auroc_per_kind``). The
-    model is left in eval mode; the caller switches it back to training.
+    ``per_kind``, also ``image_auroc_<kind>`` for each defect kind
+    (``metrics.image_auroc_per_type``). The model is left in eval mode; the caller switches it
+    back to training.
     """
 
     def __init__(self, dataset, every=1, batch_size=32):
@@ -54,7 +44,7 @@ class Validator:
         scores = {name: float(results[name]) for name in SCORE_METRICS}
         scores['score'] = validation_score(results)
         if per_kind:
-            kinds = image_auroc_per_kind(labels, maps, self.dataset.defect_types)
+            kinds = metrics.image_auroc_per_type(self.dataset.defect_types, maps)
             scores.update({f'image_auroc_{kind}': value for kind, value in kinds.items()})
         return scores
 

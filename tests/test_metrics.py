@@ -3,8 +3,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from experiments.metrics import (au_pro, au_spro, evaluate_maps, image_ap, image_auroc, image_scores,
-                                 pixel_ap, pixel_auroc)
+from experiments.metrics import (au_pro, au_spro, evaluate_maps, image_ap, image_auroc,
+                                 image_auroc_per_type, image_scores, pixel_ap, pixel_auroc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +161,20 @@ def test_image_metrics_match_sklearn(seed):
     scores = rng.integers(0, 6, n) + labels * rng.random(n) if seed % 2 else rng.random(n) + labels
     assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert image_ap(labels.astype(int), scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_image_auroc_per_type_is_each_types_auroc_against_the_normal_images():
+    rng = np.random.default_rng(0)
+    types = np.array(['good', 'crack', 'good', 'hole', 'crack', 'good', 'hole', 'crack', 'good'])
+    maps = rng.random((len(types), 3, 3))
+    result = image_auroc_per_type(types, maps)
+    assert list(result) == ['crack', 'hole']  # first appearance
+    means = maps.mean(axis=(1, 2))
+    for defect, value in result.items():
+        chosen = np.isin(types, ['good', defect])
+        assert value == pytest.approx(roc_auc_score(types[chosen] == defect, means[chosen]), abs=1e-12)
+    with pytest.raises(ValueError, match=r'defect_types must have shape \(9,\)'):
+        image_auroc_per_type(types[:-1], maps)
 
 
 def test_image_scores_mean_and_max():
