@@ -29,6 +29,7 @@ from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              train_config, train_unless_finished)
+from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import train
 from experiments.validation import Validator
@@ -246,7 +247,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
                                                               params)
         config = dataclasses.replace(config, epochs=epochs, select='last', swa_epochs=0)
         validator.every = epochs
-        run_dir = setting.run_dir(out_dir, category) / 'search' / name
+        run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
         meta = train(model, dataset, config, run_dir, setting.run_name(category), meta,
                      resume=True, validator=validator)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)

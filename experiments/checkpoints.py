@@ -17,6 +17,7 @@ from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
 from experiments.training import load_model
 
 CHECKPOINT_PATTERN = 'final_*.pt'
+SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
 REQUIRED_META = ('setting',)
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models
 
@@ -87,7 +88,8 @@ def matches(requested, setting):
 
 def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
-    ``model_dir`` (any depth, ``final_*.pt``) -> list of (path, meta).
+    ``model_dir`` (any depth, ``final_*.pt``; not the --recipe search candidates in a
+    ``SEARCH_DIR`` folder, which are not results) -> list of (path, meta).
 
     An unreadable checkpoint raises ValueError naming it, or, when ``unreadable`` is a list, is
     appended to it as (path, reason) and skipped."""
@@ -97,6 +99,8 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
                                 f'{CHECKPOINT_PATTERN} files written by the training scripts')
     found = []
     for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN)):
+        if SEARCH_DIR in path.relative_to(model_dir).parts[:-1]:
+            continue
         try:
             found.append((path, read_meta(path)))
         except ValueError as error:

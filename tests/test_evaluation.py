@@ -386,6 +386,20 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
         checkpoints.find_checkpoints(tmp_path)
 
 
+def test_find_checkpoints_leaves_out_the_recipe_search_candidates(tmp_path):
+    """--recipe search writes short candidate runs of the same setting and category under
+    <run dir>/search/; the evaluation must see the final run only (not a duplicate result)."""
+    meta = dict(dataset='mvtec', setting='Shift', category='a')
+    for name in ('search/shift/a/final_a_shift.pt', 'shift/a/search/auto/final_a_shift.pt',
+                 'shift/a/final_a_shift.pt'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        save_torch_atomic(dict(model={}, meta=meta), tmp_path / name)
+    found = [p.relative_to(tmp_path) for p, _ in checkpoints.find_checkpoints(tmp_path / 'shift')]
+    assert found == [Path('shift/a/final_a_shift.pt')]
+    found = [str(p.relative_to(tmp_path)) for p, _ in checkpoints.find_checkpoints(tmp_path / 'search')]
+    assert found == ['search/shift/a/final_a_shift.pt']  # a folder named search above the models
+
+
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
 @pytest.mark.slow
 def test_corrupt_checkpoint_gives_a_failed_row_naming_the_file(trained, tmp_path, damage):

@@ -5,6 +5,7 @@ import math
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings as hyp_settings, strategies as st
@@ -391,9 +392,11 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     make_mvtec_category(data, 'plates', n_train=12)
     out = tmp_path / 'out'
     train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
-                      'search', '--search-epochs', '1', '--select', select] + FAST)
+                      'search', '--search-epochs', '1', '--select', select, '--evaluate'] + FAST)
     printed = capsys.readouterr().out
     assert 'search candidate auto:' in printed and 'search chose' in printed
+    results = pd.read_csv(out / 'eval' / 'results.csv')  # the final model only, not the candidates
+    assert len(results) == 1 and results['category'].tolist() == ['plates']
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
                       weights_only=True)['meta']
     search = meta['recipe_search']
