@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from experiments.atomic import write_text_atomic
-from experiments.checkpoints import SEARCH_DIR, read_meta, read_model
+from experiments.checkpoints import is_search_candidate, read_meta, read_model
 from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import evaluate
 from experiments.training import resolve_device
@@ -51,7 +51,7 @@ def model_files(folder, best=False):
     """Sorted final_*.pt (and best_*.pt) under ``folder``, search candidates excluded."""
     patterns = ('final_*.pt', 'best_*.pt') if best else ('final_*.pt',)
     return sorted(path for pattern in patterns for path in Path(folder).rglob(pattern)
-                  if SEARCH_DIR not in path.relative_to(folder).parts[:-1])
+                  if not is_search_candidate(path, folder))
 
 
 def held_out_images(data_dir, meta):

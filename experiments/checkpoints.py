@@ -86,6 +86,12 @@ def matches(requested, setting):
     return same_task and (requested.seed is None or requested.seed == setting.seed)
 
 
+def is_search_candidate(path, folder):
+    """Whether ``path`` lies in a SEARCH_DIR folder below ``folder`` (a --recipe search candidate,
+    not a result)."""
+    return SEARCH_DIR in Path(path).relative_to(folder).parts[:-1]
+
+
 def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
     ``model_dir`` (any depth, ``final_*.pt``; not the --recipe search candidates in a
@@ -99,7 +105,7 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
                                 f'{CHECKPOINT_PATTERN} files written by the training scripts')
     found = []
     for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN)):
-        if SEARCH_DIR in path.relative_to(model_dir).parts[:-1]:
+        if is_search_candidate(path, model_dir):
             continue
         try:
             found.append((path, read_meta(path)))
