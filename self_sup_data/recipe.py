@@ -15,10 +15,13 @@ a defective image:
   (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels).
 - **paste fraction** from the blend's *visibility* ``v``: the mean absolute change of the seamless
   blend over the mean absolute change that a plain paste of the same patch makes (pooled over the
-  samples). Poisson editing removes the patch's low-frequency difference; when it removes most of
-  it (``v < MIN_VISIBILITY``) the blend is nearly invisible and each blend is mixed with its plain
-  paste by ``b ~ U(low, 1)``, ``low = (MIN_VISIBILITY - v) / (1 - v)``, so that the mix keeps at
-  least ``MIN_VISIBILITY`` of the paste's change. Only for the Poisson-blending settings.
+  samples). Poisson editing removes the patch's low-frequency difference; when it removes nearly
+  all of it (``v <= INVISIBLE``) the blend is nearly invisible and each blend is mixed with its
+  plain paste by ``b ~ U(low, 1)``, ``low = (MIN_VISIBILITY - v) / (1 - v)``, so that the mix
+  keeps at least ``MIN_VISIBILITY`` of the paste's change; a blend that keeps ``VISIBLE`` or more
+  stays seamless, as in the paper, and between the two the range ``(low, 1)`` shrinks linearly
+  towards ``(0, 0)`` (materials of nearly equal visibility get nearly equal mixes). Only for the
+  Poisson-blending settings.
 - **patch sizes**: a patch is *effective* when at least half of its pixels get a label of 0.5 or
   more. Patches are binned by size; the lower half-width bound is raised to the smallest size
   from which on most patches (``MIN_EFFECTIVE``) are effective (small blends often vanish).
@@ -44,7 +47,9 @@ from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
 CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
-MIN_VISIBILITY = 0.5
+INVISIBLE = 0.1  # a seamless blend keeping at most this share of a paste's change is nearly invisible
+VISIBLE = 0.2  # ... and one keeping at least this share is visible: it stays seamless
+MIN_VISIBILITY = 0.5  # the share of a paste's change that a mix of an invisible blend keeps at least
 LABEL_QUANTILES = (10, 50, 90)
 MIN_CHANGE_SPREAD = 1.0  # grey levels: the smallest q90 - q10 that k is computed from
 EFFECTIVE_LABEL = 0.5
@@ -92,11 +97,16 @@ def logistic_from_changes(changes):
 
 
 def paste_fraction_for(visibility):
-    """None when a seamless blend keeps at least MIN_VISIBILITY of a paste's change, else the
-    ``(low, 1)`` whose every mix keeps at least that much: ``low = (MIN_VISIBILITY - v) / (1 - v)``."""
-    if visibility >= MIN_VISIBILITY:
+    """The paste fraction ``(low, high)`` for seamless blends that keep a share ``v`` of a paste's
+    change, or None (seamless blends). Up to INVISIBLE, ``(low, 1)`` with
+    ``low = (MIN_VISIBILITY - v) / (1 - v)``: every mix keeps at least MIN_VISIBILITY of the
+    paste's change; from VISIBLE on, None; in between, both ends times
+    ``(VISIBLE - v) / (VISIBLE - INVISIBLE)``, so that the mix fades into the seamless blend."""
+    fade = round(float(min(1.0, (VISIBLE - visibility) / (VISIBLE - INVISIBLE))), 2)
+    if fade <= 0:
         return None
-    return (round(float((MIN_VISIBILITY - visibility) / (1 - visibility)), 2), 1.0)
+    low = fade * (MIN_VISIBILITY - visibility) / (1 - visibility)
+    return (round(float(low), 2), fade)
 
 
 def patches_for(effective_fraction, default_patches):
@@ -275,7 +285,7 @@ def describe(report):
     if 'visibility' in report:
         lines.append(f"paste fraction = {params['paste_fraction']} (seamless blends keep "
                      f"{report['visibility']:.3f} of a plain paste's change; mixed in below "
-                     f"{MIN_VISIBILITY})")
+                     f"{VISIBLE})")
     lines.append(f"patch half-widths {params['width_bounds_pct']}, gamma {params['gamma_params']}, "
                  f"up to {params['num_patches']} patches ({report['effective_fraction']:.2f} of "
                  f"single patches effective)")

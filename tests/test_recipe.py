@@ -97,13 +97,33 @@ def test_logistic_is_centred_on_the_median_change_and_spans_the_central_80_perce
     assert recipe.logistic_from_changes(np.full(10, 3.0)) == (2 * math.log(9), 3.0)
 
 
-def test_paste_fraction_keeps_the_minimum_visibility():
-    assert recipe.paste_fraction_for(recipe.MIN_VISIBILITY) is None
-    for visibility in (0.0, 0.1, 0.3):
+def test_paste_fraction_mixes_invisible_blends_to_the_minimum_visibility_and_keeps_visible_ones():
+    for visibility in (0.0, 0.05, recipe.INVISIBLE):
         low, high = recipe.paste_fraction_for(visibility)
         assert high == 1.0
         # the weakest mix keeps (1 - low) v + low of a paste's change: MIN_VISIBILITY (rounded)
         assert (1 - low) * visibility + low == pytest.approx(recipe.MIN_VISIBILITY, abs=0.01)
+    for visibility in (recipe.VISIBLE, 0.3, 1.0, 1.2):
+        assert recipe.paste_fraction_for(visibility) is None
+    # halfway between, both ends of the range are halved
+    low, high = recipe.paste_fraction_for((recipe.INVISIBLE + recipe.VISIBLE) / 2)
+    assert high == 0.5 and low == pytest.approx(
+        recipe.paste_fraction_for(recipe.INVISIBLE)[0] / 2, abs=0.02)
+
+
+def _paste_range(visibility):
+    return recipe.paste_fraction_for(visibility) or (0.0, 0.0)  # None: seamless, no paste
+
+
+@given(st.floats(0.0, 1.0), st.floats(0.0, 0.02))
+def test_paste_fraction_shrinks_continuously_as_blends_get_more_visible(visibility, step):
+    (low, high), (next_low, next_high) = _paste_range(visibility), _paste_range(visibility + step)
+    assert 0 <= low <= high <= 1
+    assert next_low <= low + 1e-9 and next_high <= high + 1e-9
+    # nearly equal visibilities give nearly equal ranges (slope at most 1 / (VISIBLE - INVISIBLE))
+    slope = 1 / (recipe.VISIBLE - recipe.INVISIBLE)
+    assert high - next_high <= slope * step + 0.011
+    assert low - next_low <= slope * step + 0.011
 
 
 @given(st.floats(0.05, 1.0), st.integers(1, 6))
@@ -146,7 +166,7 @@ def calibrate(images, key='Shift-Intensity-M', kind='texture', seed=0, fixed=(),
 
 def test_calibration_mixes_in_the_paste_where_a_seamless_blend_is_invisible():
     params, report = calibrate(shaded_images(12))
-    assert report['visibility'] < recipe.MIN_VISIBILITY
+    assert report['visibility'] <= recipe.INVISIBLE
     assert params['paste_fraction'] == recipe.paste_fraction_for(report['visibility'])
     q10, q50, q90 = report['change_quantiles']
     k, x0 = params['intensity_logistic_params']
@@ -166,6 +186,13 @@ def test_calibration_is_deterministic_and_keeps_what_the_user_fixed():
     defaults = settings.KIND_DEFAULTS['texture']
     for name in ('paste_fraction', 'intensity_logistic_params', 'num_patches', 'clip_at_border'):
         assert params[name] == defaults[name]
+
+
+def test_calibration_keeps_seamless_blends_where_they_are_visible():
+    # source gradients on a high-contrast texture keep about a quarter of a paste's change
+    params, report = calibrate(contrasted_images(12), key='Shift-Intensity')
+    assert report['visibility'] >= recipe.VISIBLE
+    assert params['paste_fraction'] is None
 
 
 def test_objects_keep_their_patches_inside_and_plain_pastes_get_no_paste_fraction():
