@@ -1,8 +1,9 @@
 """The built-in demo dataset: one small texture category in MVTec AD layout, made on the fly.
 
 The material is the brick-wall photograph that ships inside scikit-image
-(``skimage.data.brick()``, 512 x 512 grayscale; read from the installed package, no download).
-Normal images are random 128 x 128 crops: training crops come from the left 320 columns of the
+(``skimage.data.brick()``, 512 x 512 grayscale; read from the installed package, no download);
+``texture='grass'`` or ``'gravel'`` takes the other two textures shipped with it instead (category
+``demo_grass`` or ``demo_gravel``: more materials to try a recipe on). Normal images are random 128 x 128 crops: training crops come from the left 320 columns of the
 photograph and test crops from the right 192 columns, so no test pixel was seen in training.
 
 Test defects are drawn on test crops and are deliberately unlike NSA's blended patches:
@@ -16,7 +17,7 @@ Masks are exact: a pixel is 1 where it was changed by at least ``MIN_CHANGE`` gr
 the drawn region; every other pixel keeps its original value. Everything is drawn from one
 ``numpy`` generator, so a seed gives byte-identical files.
 
-    python -m self_sup_data.demo OUT_DIR [--seed S]     # writes OUT_DIR/demo_texture/
+    python -m self_sup_data.demo OUT_DIR [--seed S] [--texture grass|gravel]   # OUT_DIR/demo_texture/
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ import numpy as np
 import skimage.data
 
 DEMO_CATEGORY = "demo_texture"
+TEXTURES = ("brick", "grass", "gravel")  # 512 x 512 grayscale photographs in skimage.data
 DEFECT_KINDS = ("scratch", "hole", "stain", "blur")
 IMAGE_SIZE = 128
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 60, 20, 10
@@ -119,9 +121,17 @@ def _write_png(path, array):
         raise OSError(f"could not write {path}")
 
 
-def _write_category(category_dir, seed):
+def category_name(texture="brick"):
+    """The demo category of ``texture``: demo_texture for the brick (the quick start's), else
+    demo_<texture>."""
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown demo texture {texture!r}; choose one of {', '.join(TEXTURES)}")
+    return DEMO_CATEGORY if texture == "brick" else f"demo_{texture}"
+
+
+def _write_category(category_dir, seed, texture_name):
     rng = np.random.default_rng(seed)
-    texture = skimage.data.brick()
+    texture = getattr(skimage.data, texture_name)()
     train_area, test_area = texture[:, TRAIN_COLUMNS], texture[:, TEST_COLUMNS]
     for i in range(N_TRAIN):
         _write_png(category_dir / "train" / "good" / f"{i:03d}.png", _random_crop(train_area, rng))
@@ -133,43 +143,46 @@ def _write_category(category_dir, seed):
             _write_png(category_dir / "test" / kind / f"{i:03d}.png", image)
             _write_png(category_dir / "ground_truth" / kind / f"{i:03d}_mask.png",
                        mask.astype(np.uint8) * 255)
-    info = {"seed": seed, "source": "skimage.data.brick", "format_version": FORMAT_VERSION}
+    info = {"seed": seed, "source": f"skimage.data.{texture_name}", "format_version": FORMAT_VERSION}
     (category_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
 
 
-def _made_with(category_dir, seed):
+def _made_with(category_dir, seed, texture_name):
     info_path = category_dir / INFO_FILE
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return info.get("seed") == seed and info.get("format_version") == FORMAT_VERSION
+    return (info.get("seed") == seed and info.get("format_version") == FORMAT_VERSION
+            and info.get("source") == f"skimage.data.{texture_name}")
 
 
-def make_demo_dataset(out_dir, seed=0):
-    """Write ``out_dir/demo_texture`` (MVTec AD layout) and return its path.
+def make_demo_dataset(out_dir, seed=0, texture="brick"):
+    """Write ``out_dir/demo_texture`` (MVTec AD layout; ``out_dir/demo_<texture>`` for another
+    ``texture`` of TEXTURES) and return its path.
 
     A dataset already there from the same seed is reused. The category is built in a temporary
     folder next to it and renamed into place, so an interrupted run leaves no partial dataset.
     A folder of that name not made by this function is never overwritten.
     """
     out_dir = Path(out_dir)
-    target = out_dir / DEMO_CATEGORY
-    if _made_with(target, seed):
+    name = category_name(texture)
+    target = out_dir / name
+    if _made_with(target, seed, texture):
         return target
     if target.exists() and not (target / INFO_FILE).is_file():
         raise FileExistsError(f"{target} exists and was not made by make_demo_dataset; "
                               "choose another OUT_DIR or remove it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{DEMO_CATEGORY}.", dir=out_dir))
+    build_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
     try:
-        _write_category(build_dir, seed)
+        _write_category(build_dir, seed, texture)
         if target.exists():  # made with another seed: move it aside, then replace it
-            old = Path(tempfile.mkdtemp(prefix=f".{DEMO_CATEGORY}.old.", dir=out_dir))
-            os.replace(target, old / DEMO_CATEGORY)
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
+            os.replace(target, old / name)
             shutil.rmtree(old)
         os.replace(build_dir, target)
     except OSError:
-        if not _made_with(target, seed):  # not a concurrent writer that finished first
+        if not _made_with(target, seed, texture):  # not a concurrent writer that finished first
             raise
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -180,8 +193,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write the category folder into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--texture", choices=TEXTURES, default="brick",
+                        help="scikit-image photograph the crops come from (default: brick)")
     args = parser.parse_args(argv)
-    print(make_demo_dataset(args.out_dir, args.seed))
+    print(make_demo_dataset(args.out_dir, args.seed, args.texture))
 
 
 if __name__ == "__main__":

@@ -94,3 +94,18 @@ def test_loads_as_an_mvtec_category(demo_root):
     assert test.in_channels == 1 and test.low_res == 128 and test.has_mask.all()
     assert len(test) == demo.N_TEST_GOOD + len(DEFECT_KINDS) * demo.N_PER_DEFECT
     assert all(test.masks[i].any() == bool(test.labels[i]) for i in range(len(test)))
+
+
+def test_other_textures_are_categories_of_their_own(demo_root, tmp_path, capsys):
+    demo.main([str(tmp_path), "--texture", "grass"])
+    grass = tmp_path / "demo_grass"
+    assert capsys.readouterr().out.strip() == str(grass)
+    assert sorted(p.name for p in grass.iterdir()) == sorted(p.name for p in demo_root.iterdir())
+    brick_image = cv2.imread(str(demo_root / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
+    grass_image = cv2.imread(str(grass / "train" / "good" / "000.png"), cv2.IMREAD_UNCHANGED)
+    assert grass_image.shape == brick_image.shape and not np.array_equal(grass_image, brick_image)
+    # the brick category beside it is made and kept apart, and each is reused as it is
+    assert make_demo_dataset(tmp_path) == tmp_path / DEMO_CATEGORY
+    assert file_contents(make_demo_dataset(tmp_path, texture="grass")) == file_contents(grass)
+    with pytest.raises(ValueError, match="'bark'.*brick, grass, gravel"):
+        make_demo_dataset(tmp_path, texture="bark")
