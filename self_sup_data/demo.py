@@ -3,8 +3,9 @@
 The material is the brick-wall photograph that ships inside scikit-image
 (``skimage.data.brick()``, 512 x 512 grayscale; read from the installed package, no download);
 ``texture='grass'`` or ``'gravel'`` takes the other two textures shipped with it instead (category
-``demo_grass`` or ``demo_gravel``: more materials to try a recipe on). Normal images are random 128 x 128 crops: training crops come from the left 320 columns of the
-photograph and test crops from the right 192 columns, so no test pixel was seen in training.
+``demo_grass`` or ``demo_gravel``: more materials to try a recipe on). Normal images are random
+128 x 128 crops: training crops come from the left 320 columns of the photograph and test crops
+from the right 192 columns, so no test pixel was seen in training.
 
 Test defects are drawn on test crops and are deliberately unlike NSA's blended patches:
 
