@@ -18,7 +18,7 @@ Masks are exact: a pixel is 1 where it was changed by at least ``MIN_CHANGE`` gr
 the drawn region; every other pixel keeps its original value. Everything is drawn from one
 ``numpy`` generator, so a seed gives byte-identical files.
 
-    python -m self_sup_data.demo OUT_DIR [--seed S] [--texture grass|gravel]   # OUT_DIR/demo_texture/
+    python -m self_sup_data.demo OUT_DIR [--seed S] [--texture grass|gravel]
 """
 import argparse
 import json
@@ -144,7 +144,8 @@ def _write_category(category_dir, seed, texture_name):
             _write_png(category_dir / "test" / kind / f"{i:03d}.png", image)
             _write_png(category_dir / "ground_truth" / kind / f"{i:03d}_mask.png",
                        mask.astype(np.uint8) * 255)
-    info = {"seed": seed, "source": f"skimage.data.{texture_name}", "format_version": FORMAT_VERSION}
+    info = {"seed": seed, "source": f"skimage.data.{texture_name}",
+            "format_version": FORMAT_VERSION}
     (category_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
 
 

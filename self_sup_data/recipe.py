@@ -47,9 +47,9 @@ from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
 CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
-INVISIBLE = 0.1  # a seamless blend keeping at most this share of a paste's change is nearly invisible
-VISIBLE = 0.2  # ... and one keeping at least this share is visible: it stays seamless
-MIN_VISIBILITY = 0.5  # the share of a paste's change that a mix of an invisible blend keeps at least
+INVISIBLE = 0.1  # blends keeping at most this share of a paste's change are nearly invisible
+VISIBLE = 0.2  # ... and those keeping at least this share are visible: they stay seamless
+MIN_VISIBILITY = 0.5  # the least share of a paste's change that a mix of an invisible blend keeps
 LABEL_QUANTILES = (10, 50, 90)
 MIN_CHANGE_SPREAD = 1.0  # grey levels: the smallest q90 - q10 that k is computed from
 EFFECTIVE_LABEL = 0.5
