@@ -144,9 +144,12 @@ def _write_category(category_dir, seed, texture_name):
             _write_png(category_dir / "test" / kind / f"{i:03d}.png", image)
             _write_png(category_dir / "ground_truth" / kind / f"{i:03d}_mask.png",
                        mask.astype(np.uint8) * 255)
-    info = {"seed": seed, "source": f"skimage.data.{texture_name}",
-            "format_version": FORMAT_VERSION}
-    (category_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
+    (category_dir / INFO_FILE).write_text(json.dumps(_info(seed, texture_name), indent=1))
+
+
+def _info(seed, texture_name):
+    """What INFO_FILE records of a category: its seed, its photograph and the format version."""
+    return {"seed": seed, "source": f"skimage.data.{texture_name}", "format_version": FORMAT_VERSION}
 
 
 def _made_with(category_dir, seed, texture_name):
@@ -154,8 +157,7 @@ def _made_with(category_dir, seed, texture_name):
     if not info_path.is_file():
         return False
     info = json.loads(info_path.read_text())
-    return (info.get("seed") == seed and info.get("format_version") == FORMAT_VERSION
-            and info.get("source") == f"skimage.data.{texture_name}")
+    return all(info.get(key) == value for key, value in _info(seed, texture_name).items())
 
 
 def make_demo_dataset(out_dir, seed=0, texture="brick"):
