@@ -150,15 +150,15 @@ SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
     """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
     ``setting`` on ``categories`` under ``out_dir``, written to ``out_dir/eval``; prints one line
-    per model with the figures of SUMMARY_COLUMNS."""
+    per model (category, setting, seed) with the figures of SUMMARY_COLUMNS."""
     eval_dir = Path(out_dir) / 'eval'
     records = evaluate_checkpoints(out_dir, data_dir, [args.setting], categories, device=args.device,
                                    figure_dir=None if args.no_figures else eval_dir / 'figures',
                                    layout=layout_from_args(args))
     write_report(records, eval_dir)
-    header = ['category', 'setting'] + list(SUMMARY_COLUMNS.values())
-    rows = [[str(r['category']), str(r['setting'])] + [f"{r.get(m, float('nan')):.3f}" for m in SUMMARY_COLUMNS]
-            for r in records]
+    header = ['category', 'setting', 'seed'] + list(SUMMARY_COLUMNS.values())
+    rows = [[str(r['category']), str(r['setting']), str(r['seed'])]
+            + [f"{r.get(m, float('nan')):.3f}" for m in SUMMARY_COLUMNS] for r in records]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))

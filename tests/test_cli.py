@@ -132,17 +132,17 @@ def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
 def test_evaluate_ends_training_with_the_evaluation_of_the_trained_model(tmp_path, capsys):
     data, out = tmp_path / 'data', tmp_path / 'out'
     make_mvtec_category(data, 'tiles')
-    argv = ['-s', 'Shift', '-d', str(data), '-o', str(out), '--recipe', 'table'] + FAST
+    argv = ['-s', 'Shift-7', '-d', str(data), '-o', str(out), '--recipe', 'table'] + FAST
     assert train_mvtec.main(argv) == 0
     assert not (out / 'eval').exists()  # off by default on real data
     capsys.readouterr()
     assert train_mvtec.main(argv + ['--resume', '--evaluate']) == 0  # finished: evaluated only
     printed = capsys.readouterr().out.splitlines()
     results = pd.read_csv(out / 'eval' / 'results.csv')
-    assert len(results) == 1 and results['setting'][0] == 'Shift'
+    assert len(results) == 1 and results['setting'][0] == 'Shift' and results['seed'][0] == 7
     row = next(line.split() for line in printed if line.startswith('tiles'))
-    assert row[:2] == ['tiles', 'Shift']
-    assert [float(v) for v in row[2:]] == pytest.approx(
+    assert row[:3] == ['tiles', 'Shift', '7']
+    assert [float(v) for v in row[3:]] == pytest.approx(
         [results[m][0] for m in train_mvtec.SUMMARY_COLUMNS], abs=5e-4)
 
 
