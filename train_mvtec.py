@@ -237,9 +237,15 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     if validator is None:
         raise ValueError(f"--recipe search needs a validation set, and {category!r} has none "
                          f"(--val-fraction 0 or fewer than {MIN_VALIDATION_IMAGES} images)")
-    table = settings.category_params(category, args.kind, settings.param_overrides(args))
-    candidates = recipes.search_candidates(meta['category_params'], table,
-                                           settings.param_overrides(args))
+    overrides = settings.param_overrides(args)
+    start = settings.category_params(category, args.kind, overrides, use_entry=False)
+    switched, report = recipes.calibrate_switched(dataset, setting, start, meta['category_params'],
+                                                  args, overrides, setting.run_seed)
+    if report is not None:
+        print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
+                                              report)))
+    candidates = recipes.search_candidates(meta['category_params'], switched,
+                                           settings.category_params(category, args.kind, overrides))
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
     results = {}
     for name, params in candidates.items():

@@ -7,9 +7,10 @@ Recipes (``--recipe``):
     auto     calibrated from the normal training images (``self_sup_data.recipe``): the
              category's ``CATEGORY_PARAMS`` entry is ignored; the default for categories without
              an entry
-    search   the auto recipe and a few alternatives (``search_candidates``) are each trained for a
-             short budget and scored on the validation set; the best is trained in full, on all
-             the training images (the held-out ones too) unless ``--select best`` needs them
+    search   the auto recipe and a few alternatives (``search_candidates``: the calibration with
+             the paste fraction switched, the table recipe) are each trained for a short budget
+             and scored on the validation set; the best is trained in full, on all the training
+             images (the held-out ones too) unless ``--select best`` needs them
 
 Command-line overrides (``--logistic`` ...) are kept by every recipe. The validation set
 (``--val-fraction``) holds out normal training images (``self_sup_data.validation``), drawn by
@@ -101,18 +102,33 @@ def calibrate(dataset, setting, params, args, overrides, seed):
                             category=dataset.class_name)
 
 
-def search_candidates(auto_params, table_params, overrides):
-    """{name: params} tried by --recipe search: the calibrated recipe, the same with the paste
-    fraction switched (off when calibration set one, U(0.5, 1) when it did not) unless the
-    user fixed it, and the table recipe; duplicates dropped."""
-    candidates = {'auto': auto_params}
-    if 'paste_fraction' not in overrides:
-        switched = None if auto_params['paste_fraction'] else paste_fraction_for(0.0)
-        candidates['auto-paste-switched'] = {**auto_params, 'paste_fraction': switched}
-    candidates['table'] = table_params
+def switched_paste_fraction(auto_params):
+    """The paste fraction that --recipe search tries instead of the calibrated one: off (seamless
+    blends) when calibration set one, U(0.5, 1) when it did not."""
+    return None if auto_params['paste_fraction'] else paste_fraction_for(0.0)
+
+
+def calibrate_switched(dataset, setting, start_params, auto_params, args, overrides, seed):
+    """The calibration with the paste fraction fixed to ``switched_paste_fraction`` -> (params,
+    report), or (None, None) when the user fixed the paste fraction. The other parameters are
+    calibrated again to it (patch sizes and count depend on how visible the blends are as
+    trained). ``start_params``: the uncalibrated parameters that ``auto_params`` came from."""
+    if 'paste_fraction' in overrides:
+        return None, None
+    switched = switched_paste_fraction(auto_params)
+    return calibrate(dataset, setting, {**start_params, 'paste_fraction': switched}, args,
+                     {**overrides, 'paste_fraction': switched}, seed)
+
+
+def search_candidates(auto_params, switched_params, table_params):
+    """{name: params} tried by --recipe search: the calibrated recipe, the calibration with the
+    paste fraction switched (``calibrate_switched``; None: not tried) and the table recipe;
+    duplicates dropped."""
+    candidates = {'auto': auto_params, 'auto-paste-switched': switched_params,
+                  'table': table_params}
     unique = {}
     for name, params in candidates.items():
-        if params not in unique.values():
+        if params is not None and params not in unique.values():
             unique[name] = params
     return unique
 

@@ -413,6 +413,34 @@ def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_p
 
 
 @pytest.mark.slow
+def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=12)
+
+    def run(*extra):
+        args = train_mvtec.parse_args(['-s', 'Shift-Intensity-M', '-d', str(data),
+                                       '-o', str(tmp_path / 'out')] + FAST
+                                      + ['--res-scale', '0.5'] + list(extra))
+        setting, _, _, _ = train_mvtec.plan(args)
+        dataset, _, _, meta, _ = train_mvtec.prepare_run(args, setting, data, 'plates')
+        overrides = settings.param_overrides(args)
+        start = settings.category_params('plates', None, overrides, use_entry=False)
+        return meta['category_params'], recipes.calibrate_switched(
+            dataset, setting, start, meta['category_params'], args, overrides, setting.run_seed)
+
+    auto, (switched, report) = run()
+    assert auto['paste_fraction'] is None  # visible blends at 128 px: seamless
+    assert switched['paste_fraction'] == recipes.switched_paste_fraction(auto) == (0.5, 1.0)
+    assert report['params'] == {name: switched[name] for name in recipe.CALIBRATED_PARAMS}
+    # the same recipe as the calibration with that paste fraction given on the command line,
+    # which mixes pastes into the blends, so that more single patches are labelled: fewer patches
+    given, _ = run('--paste-fraction', '0.5', '1')
+    assert switched == given and switched['num_patches'] < auto['num_patches']
+    assert run('--paste-fraction', '0.5', '1')[1] == (None, None)  # the user's fraction is kept
+    assert recipes.search_candidates(auto, None, auto) == {'auto': auto}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('select', ['best', 'last'])
 def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, select):
     data = tmp_path / 'data'
@@ -427,8 +455,10 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
                       weights_only=True)['meta']
     search = meta['recipe_search']
-    assert set(search) == set(recipes.search_candidates(
-        search['auto']['params'], settings.category_params('plates'), {}))
+    assert set(search) == {'auto', 'auto-paste-switched', 'table'}
+    assert search['auto-paste-switched']['params']['paste_fraction'] == (
+        recipes.switched_paste_fraction(search['auto']['params']))
+    assert 'recipe search, paste fraction switched: patch half-widths' in printed
     chosen = max(search, key=lambda name: search[name]['score'])
     assert meta['category_params'] == search[chosen]['params']
     if select == 'best':  # the checkpoint is chosen on the held-out images
