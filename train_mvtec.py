@@ -239,7 +239,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
                          f"(--val-fraction 0 or fewer than {MIN_VALIDATION_IMAGES} images)")
     overrides = settings.param_overrides(args)
     start = settings.category_params(category, args.kind, overrides, use_entry=False)
-    switched, report = recipes.calibrate_switched(dataset, setting, start, meta['category_params'],
+    switched, report = recipes.calibrate_switched(dataset, setting, start, meta['calibration'],
                                                   args, overrides, setting.run_seed)
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',

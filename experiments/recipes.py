@@ -108,14 +108,16 @@ def switched_paste_fraction(auto_params):
     return None if auto_params['paste_fraction'] else paste_fraction_for(0.0)
 
 
-def calibrate_switched(dataset, setting, start_params, auto_params, args, overrides, seed):
+def calibrate_switched(dataset, setting, start_params, auto_report, args, overrides, seed):
     """The calibration with the paste fraction fixed to ``switched_paste_fraction`` -> (params,
-    report), or (None, None) when the user fixed the paste fraction. The other parameters are
-    calibrated again to it (patch sizes and count depend on how visible the blends are as
-    trained). ``start_params``: the uncalibrated parameters that ``auto_params`` came from."""
-    if 'paste_fraction' in overrides:
+    report), or (None, None) when the user fixed the paste fraction or the setting blends no
+    patch (no visibility in ``auto_report``, the calibration report of the auto recipe). The
+    other parameters are calibrated again to it (patch sizes and count depend on how visible the
+    blends are as trained). ``start_params``: the uncalibrated parameters the auto recipe came
+    from."""
+    if 'paste_fraction' in overrides or 'visibility' not in auto_report:
         return None, None
-    switched = switched_paste_fraction(auto_params)
+    switched = switched_paste_fraction(auto_report['params'])
     return calibrate(dataset, setting, {**start_params, 'paste_fraction': switched}, args,
                      {**overrides, 'paste_fraction': switched}, seed)
 

@@ -417,16 +417,15 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
 
-    def run(*extra):
-        args = train_mvtec.parse_args(['-s', 'Shift-Intensity-M', '-d', str(data),
-                                       '-o', str(tmp_path / 'out')] + FAST
-                                      + ['--res-scale', '0.5'] + list(extra))
+    def run(*extra, key='Shift-Intensity-M'):
+        args = train_mvtec.parse_args(['-s', key, '-d', str(data), '-o', str(tmp_path / 'out')]
+                                      + FAST + ['--res-scale', '0.5'] + list(extra))
         setting, _, _, _ = train_mvtec.plan(args)
         dataset, _, _, meta, _ = train_mvtec.prepare_run(args, setting, data, 'plates')
         overrides = settings.param_overrides(args)
         start = settings.category_params('plates', None, overrides, use_entry=False)
         return meta['category_params'], recipes.calibrate_switched(
-            dataset, setting, start, meta['category_params'], args, overrides, setting.run_seed)
+            dataset, setting, start, meta['calibration'], args, overrides, setting.run_seed)
 
     auto, (switched, report) = run()
     assert auto['paste_fraction'] is None  # visible blends at 128 px: seamless
@@ -437,6 +436,7 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     given, _ = run('--paste-fraction', '0.5', '1')
     assert switched == given and switched['num_patches'] < auto['num_patches']
     assert run('--paste-fraction', '0.5', '1')[1] == (None, None)  # the user's fraction is kept
+    assert run(key='Shift-Intensity-Swap')[1] == (None, None)  # pastes only: nothing to switch
     assert recipes.search_candidates(auto, None, auto) == {'auto': auto}
 
 
