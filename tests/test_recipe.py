@@ -433,9 +433,9 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     assert report['params'] == {name: switched[name] for name in recipe.CALIBRATED_PARAMS}
     # the same recipe as the calibration with that paste fraction given on the command line,
     # which mixes pastes into the blends, so that more single patches are labelled: fewer patches
-    given, _ = run('--paste-fraction', '0.5', '1')
+    given, not_switched = run('--paste-fraction', '0.5', '1')
     assert switched == given and switched['num_patches'] < auto['num_patches']
-    assert run('--paste-fraction', '0.5', '1')[1] == (None, None)  # the user's fraction is kept
+    assert not_switched == (None, None)  # the user's fraction is kept
     assert run(key='Shift-Intensity-Swap')[1] == (None, None)  # pastes only: nothing to switch
     assert recipes.search_candidates(auto, None, auto) == {'auto': auto}
 
