@@ -17,8 +17,9 @@ checkpoint, example figures and the loss curve next to it. ``CutPaste-3way`` tra
 classifier on the views of ``CutPaste3Way`` (normal, CutPaste, CutPaste-scar) instead;
 ``python -m experiments.mvtec_tasks`` scores it with a one-class model on its encoder features.
 
-``--evaluate`` (the default on the demo dataset) ends the run with that evaluation of the models
-just trained, written to OUT_DIR/eval, and prints its main figures.
+``--evaluate`` (the default on the demo dataset) ends the run with that evaluation of the
+setting's models in OUT_DIR (every seed found there), written to OUT_DIR/eval, and prints its main
+figures.
 """
 import argparse
 import dataclasses
@@ -76,8 +77,9 @@ def parse_args(argv=None):
     settings.add_task_arguments(parser)
     recipes.add_recipe_arguments(parser)
     parser.add_argument('--evaluate', action=argparse.BooleanOptionalAction, default=None,
-                        help='evaluate the trained models on the test set at the end (as python -m '
-                             'experiments.mvtec_tasks does, into OUT_DIR/eval) and print the figures '
+                        help='evaluate the trained models, every seed of the setting in OUT_DIR, on '
+                             'the test set at the end (as python -m experiments.mvtec_tasks does, '
+                             'into OUT_DIR/eval) and print the figures '
                              '(default: on for the demo dataset only)')
     return parser.parse_args(argv)
 
@@ -149,10 +151,12 @@ SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
     """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
-    ``setting`` on ``categories`` under ``out_dir``, written to ``out_dir/eval``; prints one line
-    per model (category, setting, seed) with the figures of SUMMARY_COLUMNS."""
+    ``setting`` on ``categories`` under ``out_dir``, every seed found there (runs of several seeds
+    into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval``;
+    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS."""
     eval_dir = Path(out_dir) / 'eval'
-    records = evaluate_checkpoints(out_dir, data_dir, [args.setting], categories, device=args.device,
+    records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
+                                   device=args.device,
                                    figure_dir=None if args.no_figures else eval_dir / 'figures',
                                    layout=layout_from_args(args))
     write_report(records, eval_dir)

@@ -129,7 +129,7 @@ def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_evaluate_ends_training_with_the_evaluation_of_the_trained_model(tmp_path, capsys):
+def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting(tmp_path, capsys):
     data, out = tmp_path / 'data', tmp_path / 'out'
     make_mvtec_category(data, 'tiles')
     argv = ['-s', 'Shift-7', '-d', str(data), '-o', str(out), '--recipe', 'table'] + FAST
@@ -144,6 +144,17 @@ def test_evaluate_ends_training_with_the_evaluation_of_the_trained_model(tmp_pat
     assert row[:3] == ['tiles', 'Shift', '7']
     assert [float(v) for v in row[3:]] == pytest.approx(
         [results[m][0] for m in train_mvtec.SUMMARY_COLUMNS], abs=5e-4)
+
+    # a second seed into the same folder: the tables hold both seeds, not the last one alone
+    argv[1] = 'Shift-8'
+    assert train_mvtec.main(argv + ['--evaluate']) == 0
+    printed = capsys.readouterr().out.splitlines()
+    results = pd.read_csv(out / 'eval' / 'results.csv')
+    assert sorted(results['seed']) == [7, 8] and set(results['setting']) == {'Shift'}
+    rows = [line.split() for line in printed if line.split()[:2] == ['tiles', 'Shift']]
+    assert sorted(row[2] for row in rows) == ['7', '8']
+    table = pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv')
+    assert '±' in table.to_string()  # mean ± std over the two seeds
 
 
 def write_chest_images(folder, count=4, size=64):
