@@ -30,9 +30,9 @@ from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              train_config, train_unless_finished)
-from experiments.checkpoints import SEARCH_DIR
+from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import train
+from experiments.training import final_model_path
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
@@ -235,7 +235,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
 
 def search_recipe(args, setting, data_dir, category, out_dir):
     """--recipe search: train each candidate of ``recipes.search_candidates`` for the search
-    epochs (in ``<run dir>/search/<candidate>``, resumable) and score it on the validation set
+    epochs (in ``<run dir>/search/<candidate>``: an interrupted candidate is continued, a finished
+    one read back, both trained again with --force) and score it on the validation set
     -> (the best candidate's params, {candidate: dict(score, params)})."""
     dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category)
     if validator is None:
@@ -253,13 +254,17 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
     results = {}
     for name, params in candidates.items():
-        dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
-                                                              params)
-        config = dataclasses.replace(config, epochs=epochs, select='last', swa_epochs=0)
-        validator.every = epochs
+        def prepare_candidate(params=params):
+            dataset, model, config, meta, validator = prepare_run(args, setting, data_dir,
+                                                                  category, params)
+            validator.every = epochs
+            return (dataset, model, dataclasses.replace(config, epochs=epochs, select='last',
+                                                        swa_epochs=0), meta, validator)
         run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
-        meta = train(model, dataset, config, run_dir, setting.run_name(category), meta,
-                     resume=True, validator=validator)
+        run_name = setting.run_name(category)
+        meta = (train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
+                                      resume=not args.force, force=args.force)
+                or read_meta(final_model_path(run_dir, run_name)))
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)
         print(f"{PROG}: {category}: search candidate {name}: validation score "
               f"{results[name]['score']:.4f} after {epochs} epochs")

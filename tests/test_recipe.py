@@ -465,3 +465,12 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert meta['held_out'] == 1 and meta['best_epoch'] in (1, 2)
     else:  # the chosen recipe is trained on every image, the held-out ones too
         assert meta['held_out'] == 0 and meta['validation_kinds'] == []
+        # run again: the finished candidates are read back with their scores, not trained again
+        written = {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')}
+        train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                          'search', '--search-epochs', '1', '--resume'] + FAST)
+        printed = capsys.readouterr().out
+        assert printed.count('exists, skipping it') == len(search) + 1  # the final model too
+        assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
+        for name, result in search.items():
+            assert f"search candidate {name}: validation score {result['score']:.4f}" in printed
