@@ -127,8 +127,9 @@ def test_ad2(tmp_path):
     assert len(train) == 3
     with pytest.raises(FileNotFoundError, match='no mask for the defect image'):
         SelfSupMVTecDataset(tmp_path, 'vial', is_train=False, low_res=SIZE)
-    test = SelfSupMVTecDataset(tmp_path, 'vial', is_train=False, low_res=SIZE,
-                               allow_missing_masks=True)
+    with pytest.warns(UserWarning, match='vial: 1 of 2 defect images have no mask'):
+        test = SelfSupMVTecDataset(tmp_path, 'vial', is_train=False, low_res=SIZE,
+                                   allow_missing_masks=True)
     assert test.defect_types == ['bad', 'bad', 'good', 'good'] and list(test.labels) == [1, 1, 0, 0]
     assert list(test.has_mask) == [True, False, True, True] and _mask_pixels(test, 0) == 25
 
@@ -143,8 +144,9 @@ def test_folder_layout_pairs_masks_by_stem(tmp_path):
     _png(tmp_path / 'masks' / 'dent.png', mask_box=(0, 0, 6))
     layout = make_layout('folder', tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks')
     train = SelfSupMVTecDataset(None, FOLDER_CATEGORY, low_res=SIZE, layout=layout)
-    test = SelfSupMVTecDataset(None, FOLDER_CATEGORY, is_train=False, low_res=SIZE, layout=layout,
-                               allow_missing_masks=True)  # stain.png has none
+    with pytest.warns(UserWarning, match='1 of 3 defect images have no mask'):  # stain.png
+        test = SelfSupMVTecDataset(None, FOLDER_CATEGORY, is_train=False, low_res=SIZE,
+                                   layout=layout, allow_missing_masks=True)
     assert len(train) == 8 and test.defect_types == ['good'] * 2 + ['anomaly'] * 3
     assert not set(train.paths) & set(test.paths)  # held-out normal images are not trained on
     assert [p.split('/')[-1] for p in test.paths[2:]] == ['dent.bmp', 'scratch.a.png', 'stain.png']
