@@ -388,6 +388,23 @@ def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path
 
 
 @pytest.mark.slow
+def test_validating_during_training_leaves_the_trained_weights_unchanged(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=20)
+    weights = []
+    for every in ('1', '2'):  # after each of the 2 epochs, or after the last one only
+        out = tmp_path / f'every{every}'
+        train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out),
+                          '--recipe', 'table', '--val-fraction', '0.1', '--val-every', every]
+                         + FAST)
+        checkpoint = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
+                                weights_only=True)
+        assert len(checkpoint['meta']['validation']) == 3 - int(every)
+        weights.append(checkpoint['model'])
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+@pytest.mark.slow
 def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=6)
