@@ -30,9 +30,8 @@ from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              train_config, train_unless_finished)
-from experiments.checkpoints import SEARCH_DIR, read_meta
+from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import final_model_path
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
@@ -252,7 +251,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     candidates = recipes.search_candidates(meta['category_params'], switched,
                                            settings.category_params(category, args.kind, overrides))
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
-    results = {}
+    run_name, results = setting.run_name(category), {}
     for name, params in candidates.items():
         def prepare_candidate(params=params):
             dataset, model, config, meta, validator = prepare_run(args, setting, data_dir,
@@ -261,10 +260,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
             return (dataset, model, dataclasses.replace(config, epochs=epochs, select='last',
                                                         swa_epochs=0), meta, validator)
         run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
-        run_name = setting.run_name(category)
-        meta = (train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
-                                      resume=not args.force, force=args.force)
-                or read_meta(final_model_path(run_dir, run_name)))
+        meta = train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
+                                     resume=not args.force, force=args.force)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)
         print(f"{PROG}: {category}: search candidate {name}: validation score "
               f"{results[name]['score']:.4f} after {epochs} epochs")

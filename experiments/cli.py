@@ -176,7 +176,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
     model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
     input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
-    meta, None if skipped.
+    meta (a skipped run's as its final model holds it).
     """
     for stale in remove_stale_temporaries(run_dir):
         print(f"{prog}: removed {stale}, left by an interrupted save")
@@ -190,14 +190,15 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
                                   f"--force to train again and replace it")
         dataset, model, config, meta, validator = prepare()
         if found and resume:
-            differing = run_differences(read_meta(found), run_meta(model, config, meta))
+            previous = read_meta(found)
+            differing = run_differences(previous, run_meta(model, config, meta))
             if differing:
                 raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
                                  f"arguments (then vs now: {'; '.join(differing)}); pass --force "
                                  f"to train again and replace it, or use another output folder")
     if resume and found == final:
         print(f"{prog}: {final} exists, skipping it")
-        return None
+        return previous
     return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                  validator=validator)
 
