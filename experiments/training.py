@@ -567,11 +567,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             raise ValueError(f"run {name!r}: the processes start at different epochs {starts} "
                              f"(by rank; from {last_path}); they need one shared output folder")
 
-    # one pass over every epoch left (and the one that recomputes the averaged batch norm)
+    # one pass over every epoch left (and the one that recomputes the averaged batch norm);
+    # none left (resumed from the final epoch's checkpoint): no worker is started
     loader = make_loader(dataset, config, device, start_epoch, config.epochs + bool(averaged),
                          rank, world_size)
     steps = loader.batch_sampler.batches_per_epoch
-    batches = iter(loader)
+    batches = iter(loader) if len(loader.batch_sampler) else iter(())
     figure_every = config.figure_every or max(1, config.epochs // 4)
     progress = config.progress and writer
     log_every = max(1, config.epochs // 10)  # one line per tenth of the run without bars

@@ -183,6 +183,25 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert_same_state(final_a, torch.load(final_model_path(parts, 'toy'), weights_only=True)['model'])
 
 
+@pytest.mark.slow
+def test_resume_from_the_final_epoch_writes_the_model_without_reading_a_batch(tmp_path,
+                                                                               monkeypatch):
+    """A run killed while writing its final model resumes from the final epoch's checkpoint: the
+    model is written from it, and no loader is iterated (its workers would start for nothing)."""
+    meta = train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy')
+    expected = torch.load(final_model_path(tmp_path, 'toy'), weights_only=True)['model']
+    final_model_path(tmp_path, 'toy').unlink()
+
+    def no_batches(self):
+        raise AssertionError('a loader was iterated')
+    monkeypatch.setattr(training.OneOpenCVThreadLoader, '__iter__', no_batches)
+    resumed = train(fresh_model(seed=1), SquaresDataset(), config(), tmp_path, 'toy', resume=True)
+
+    assert resumed['epoch_losses'] == meta['epoch_losses']
+    assert_same_state(torch.load(final_model_path(tmp_path, 'toy'), weights_only=True)['model'],
+                      expected)
+
+
 @pytest.mark.parametrize('bf16, device, supported, expected', [
     (None, 'cpu', True, False), (None, 'cuda', True, True), (None, 'cuda', False, False),
     (True, 'cpu', False, True), (False, 'cuda', True, False)])
