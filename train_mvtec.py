@@ -19,7 +19,8 @@ classifier on the views of ``CutPaste3Way`` (normal, CutPaste, CutPaste-scar) in
 
 ``--evaluate`` (the default on the demo dataset) ends the run with that evaluation of the
 setting's models in OUT_DIR (every seed found there), written to OUT_DIR/eval, and prints its main
-figures.
+figures. Its test sets are checked before anything is trained; test images with image-level
+labels only (defect images without masks) need --allow-missing-masks.
 """
 import argparse
 import dataclasses
@@ -35,7 +36,8 @@ from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
-from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, load_validation_set, train_files
+from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set,
+                                 load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
@@ -121,6 +123,7 @@ def plan(args):
         layout.train_files()  # checks the folder now, not after loading
         categories = [args.class_name or FOLDER_CATEGORY]
         settings.category_params(categories[0], args.kind, overrides)
+        check_evaluable(args, None, categories)
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -129,6 +132,7 @@ def plan(args):
         categories = select_categories(args, data_dir)
         for category in categories:
             settings.category_params(category, args.kind, overrides)
+        check_evaluable(args, data_dir, categories)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
     out_dir = prepare_output_dir(args.out_dir)
@@ -144,6 +148,14 @@ def plan(args):
     return setting, category_dir.parent, [category_dir.name], out_dir
 
 
+def check_evaluable(args, data_dir, categories):
+    """With --evaluate: every category's test set can be evaluated (its folders, and a mask for
+    each defect image unless --allow-missing-masks), checked before anything is trained."""
+    if args.evaluate:
+        for category in categories:
+            check_test_set(data_dir, category, layout_from_args(args), args.allow_missing_masks)
+
+
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
                    'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
 
@@ -157,7 +169,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
                                    device=args.device,
                                    figure_dir=None if args.no_figures else eval_dir / 'figures',
-                                   layout=layout_from_args(args))
+                                   layout=layout_from_args(args),
+                                   allow_missing_masks=args.allow_missing_masks)
     write_report(records, eval_dir)
     header = ['category', 'setting', 'seed'] + list(SUMMARY_COLUMNS.values())
     rows = [[str(r['category']), str(r['setting']), str(r['seed'])]

@@ -209,7 +209,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
 
 def add_layout_arguments(parser):
     """The data-layout argument group (``self_sup_data.layouts``): --format, --normal,
-    --abnormal, --mask-dir."""
+    --abnormal, --mask-dir, --allow-missing-masks."""
     group = parser.add_argument_group('data layout')
     group.add_argument('--format', choices=FORMATS, default=None,
                        help='folder layout of the data (default: detected; folder needs --normal)')
@@ -217,6 +217,9 @@ def add_layout_arguments(parser):
     group.add_argument('--abnormal', metavar='DIR', help='--format folder: the anomalous test images')
     group.add_argument('--mask-dir', metavar='DIR',
                        help='--format folder: masks of the anomalous images, matched by file stem')
+    group.add_argument('--allow-missing-masks', action='store_true',
+                       help='evaluate defect images without a mask at image level only (counted '
+                            'in a warning; default: a missing mask is an error)')
 
 
 def layout_from_args(args):

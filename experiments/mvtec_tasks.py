@@ -311,9 +311,6 @@ def parse_args(argv=None):
                              'with --one-class)')
     parser.add_argument('--paper-layout', action='store_true',
                         help="merge X (objects) and X-M (textures) into one column, as in the paper")
-    parser.add_argument('--allow-missing-masks', action='store_true',
-                        help='evaluate defect images without a mask at image level only (counted '
-                             'in a warning; default: a missing mask is an error)')
     add_evaluation_options(parser)
     add_layout_arguments(parser)
     return parser.parse_args(argv)

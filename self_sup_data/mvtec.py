@@ -250,21 +250,26 @@ def train_files(root_path, class_name, layout=None):
     return layout.train_files(root_path, class_name)
 
 
-def _check_masks(class_name, layout, paths, defect_types, mask_paths, allow_missing):
-    """FileNotFoundError naming a defect image without a mask when ``layout.has_masks`` and not
-    ``allow_missing``; otherwise a warning that counts them (image-level evaluation only)."""
-    missing = [path for path, t, mask in zip(paths, defect_types, mask_paths)
-               if t != 'good' and mask is None]
-    if not missing:
-        return
-    defects = sum(t != 'good' for t in defect_types)
-    if layout.has_masks and not allow_missing:
+def unmasked_defects(class_name, layout, files, allow_missing):
+    """The defect images of ``files`` (a layout's ``test_files``) without a mask; a
+    FileNotFoundError naming the first when there is one, ``layout.has_masks`` and not
+    ``allow_missing``."""
+    missing = [path for path, t, mask in zip(*files) if t != 'good' and mask is None]
+    if missing and layout.has_masks and not allow_missing:
+        defects = sum(t != 'good' for t in files.defect_types)
         raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
                                 f"{defects} defect images of {class_name!r} have none; "
                                 f"{layout.name} layout: {layout.expected}); to evaluate them at "
                                 f"image level only, allow missing masks (--allow-missing-masks)")
-    warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no mask and are "
-                  f"evaluated at image level only (left out of the pixel metrics)")
+    return missing
+
+
+def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
+    """Check that ``class_name`` has a test set that can be evaluated, without reading an image:
+    the errors of ``layout.test_files`` and ``unmasked_defects``."""
+    layout = detect_layout(root_path, class_name) if layout is None else layout
+    unmasked_defects(class_name, layout, layout.test_files(root_path, class_name),
+                     allow_missing_masks)
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
@@ -295,8 +300,14 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             excluded = {int(index) for index in exclude}
             paths = [path for index, path in enumerate(paths) if index not in excluded]
         else:
-            paths, defect_types, mask_paths = layout.test_files(root_path, class_name)
-            _check_masks(class_name, layout, paths, defect_types, mask_paths, allow_missing_masks)
+            files = layout.test_files(root_path, class_name)
+            paths, defect_types, mask_paths = files
+            missing = unmasked_defects(class_name, layout, files, allow_missing_masks)
+            if missing:
+                defects = sum(t != 'good' for t in defect_types)
+                warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no "
+                              f"mask and are evaluated at image level only (left out of the pixel "
+                              f"metrics)")
         images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
         train_size = None
         if transform is None:

@@ -1,4 +1,6 @@
 """Training scripts: input errors end in one line and write nothing; short real runs; resume."""
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,6 +157,29 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
     assert sorted(row[2] for row in rows) == ['7', '8']
     table = pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv')
     assert '±' in table.to_string()  # mean ± std over the two seeds
+
+
+@pytest.mark.slow
+def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_only(tmp_path,
+                                                                                  capsys):
+    """Defect images without masks (image-level labels only) stop --evaluate before anything is
+    trained, naming the image and the flag; with --allow-missing-masks the run ends with image
+    figures and undefined pixel figures."""
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    make_mvtec_category(data, 'plates', with_masks=False)
+    argv = ['-s', 'Shift-7', '-d', str(data), '-o', str(out), '--recipe', 'table',
+            '--evaluate'] + FAST
+    error = run_error(train_mvtec.main, argv, capsys)
+    assert 'plates/test/crack/000.png' in error and '--allow-missing-masks' in error
+    assert not list(out.rglob('*.pt'))
+
+    with pytest.warns(UserWarning, match='plates: 3 of 3 defect images have no mask'):
+        assert train_mvtec.main(argv + ['--allow-missing-masks']) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines()
+               if line.split()[:2] == ['plates', 'Shift'])
+    image_mean, image_max, pixel_auroc, au_pro = (float(value) for value in row[3:])
+    assert 0 <= image_mean <= 1 and 0 <= image_max <= 1
+    assert math.isnan(pixel_auroc) and math.isnan(au_pro)
 
 
 def write_chest_images(folder, count=4, size=64):
