@@ -30,7 +30,7 @@ from pathlib import Path
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
-                             train_config, train_unless_finished)
+                             report_problems, train_config, train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.validation import Validator
@@ -164,7 +164,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
     ``setting`` on ``categories`` under ``out_dir``, every seed found there (runs of several seeds
     into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval``;
-    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS."""
+    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS, then
+    the notes and failures of ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
                                    device=args.device,
@@ -179,10 +180,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
-    for record in records:
-        if isinstance(record.get('error'), str):
-            print(f"{PROG}: evaluation of {record['category']} {record['setting']} failed: "
-                  f"{record['error']}", file=sys.stderr)
+    return report_problems(records)
 
 
 def prepare_run(args, setting, data_dir, category, params=None, searched=False):
@@ -284,7 +282,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
 
 
 def main(argv=None):
-    """Run the command line; bad input ends with a one-line error and exit status 1."""
+    """Run the command line; bad input ends with a one-line error and exit status 1, and so does
+    an --evaluate in which a model's evaluation failed (its tables are written all the same)."""
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
@@ -303,7 +302,8 @@ def main(argv=None):
                               prepare, args.resume, args.force)
     if args.evaluate:
         with exit_on_input_error(PROG):
-            evaluate_trained(args, setting, data_dir, categories, out_dir)
+            if evaluate_trained(args, setting, data_dir, categories, out_dir):
+                return 1
     return 0
 
 

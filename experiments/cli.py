@@ -283,6 +283,15 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         return records
     records = run_command(work)
     print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+    if report_problems(records):
+        sys.exit(1)
+    return records
+
+
+def report_problems(records):
+    """Print (to stderr) a note for each category whose pixel metrics are undefined and, when
+    some records failed (an ``error`` entry), a line naming each with its reason, last; return
+    the failed records."""
     undefined = {(record['category'], record['undefined']) for record in records
                  if isinstance(record.get('undefined'), str)}
     for category, reason in sorted(undefined):
@@ -294,5 +303,4 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         for record in failed:
             print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
                   f"({record['checkpoint']}): {record['error']}", file=sys.stderr)
-        sys.exit(1)
-    return records
+    return failed

@@ -175,11 +175,25 @@ def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_onl
 
     with pytest.warns(UserWarning, match='plates: 3 of 3 defect images have no mask'):
         assert train_mvtec.main(argv + ['--allow-missing-masks']) == 0
-    row = next(line.split() for line in capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    row = next(line.split() for line in printed.out.splitlines()
                if line.split()[:2] == ['plates', 'Shift'])
     image_mean, image_max, pixel_auroc, au_pro = (float(value) for value in row[3:])
     assert 0 <= image_mean <= 1 and 0 <= image_max <= 1
     assert math.isnan(pixel_auroc) and math.isnan(au_pro)
+    assert 'note: plates: pixel metrics: no defect image has a mask' in printed.err
+
+    # a model whose evaluation fails: the run ends with status 1, naming it
+    model_path = trained_model_path(out, 'Shift-7', 'plates')
+    checkpoint = torch.load(model_path, weights_only=True)
+    checkpoint['model'] = {k: torch.full_like(v, float('nan')) if v.is_floating_point() else v
+                           for k, v in checkpoint['model'].items()}
+    checkpoint['meta'].pop('weights_sha256', None)
+    torch.save(checkpoint, model_path)
+    with pytest.warns(UserWarning, match='no mask'):
+        assert train_mvtec.main(argv + ['--allow-missing-masks', '--resume']) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith('failed: plates Shift seed 7')
 
 
 def write_chest_images(folder, count=4, size=64):
