@@ -214,7 +214,8 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
         mask.rename(tmp_path / 'masks' / mask.name.replace('_mask', ''))
     assert train_mvtec.main(['-s', 'Shift-Intensity-3', '-o', str(tmp_path / 'models'), '-n', 'widgets',
                              '--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
-                             '--no-figures'] + folder_args) == 0
+                             '--no-figures', '--evaluate'] + folder_args) == 0
+    assert (tmp_path / 'models' / 'eval' / 'results.csv').is_file()  # test set checked, evaluated
     _, meta = load_model(trained_model_path(tmp_path / 'models', 'Shift-Intensity-3', 'widgets'))
     assert meta['layout']['format'] == 'folder' and meta['layout']['mask_dir'] == str(tmp_path / 'masks')
     assert meta['data_dir'] is None
