@@ -45,7 +45,7 @@ from experiments.cli import (add_evaluation_options, add_layout_arguments, evalu
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
-from experiments.training import resolve_device
+from experiments.training import resolve_device, run_differences
 from self_sup_data.layouts import LocoLayout, layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.transforms import Compose
@@ -167,6 +167,34 @@ def missing_records(found, settings, categories, one_class_names=None):
     return records
 
 
+SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search')  # a model's own, one per seed
+CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
+
+
+def warn_unlike_seeds(selected):
+    """Warn for each category and setting whose models (``selected``: (path, meta)), merged over
+    seeds in the tables as ``mean ± std``, were trained differently: another budget, resolution,
+    recipe, data ... (``training.run_differences`` less the fields that differ by seed:
+    SEED_FIELDS, and CALIBRATED_FIELDS where the recipe is calibrated per seed)."""
+    groups = {}
+    for path, meta in selected:
+        if 'error' not in meta:
+            key = (meta['category'], parse_setting(meta['setting']).seedless_key)
+            groups.setdefault(key, []).append((path, meta))
+    for (category, key), members in groups.items():
+        (first, first_meta), *others = members
+        ignored = set(SEED_FIELDS)
+        if any(meta.get('recipe', 'table') != 'table' for _, meta in members):
+            ignored |= set(CALIBRATED_FIELDS)
+        for path, meta in others:
+            differing = [d for d in run_differences(first_meta, meta)
+                         if d.split(':')[0] not in ignored]
+            if differing:
+                warnings.warn(f"{category} {key}: the seeds merged in the tables were trained "
+                              f"differently ({first} vs {path}: {'; '.join(differing)})")
+                break
+
+
 def find_evaluable(model_dir):
     """The checkpoints of MVTec-layout models under ``model_dir`` -> list of (path, meta); an
     unreadable one at the training scripts' path is kept with the meta (setting, category, error)
@@ -191,10 +219,11 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     categories: names to evaluate (None: all found). Each model's test set is rebuilt from its
     meta (category, kind, res_scale); objects are cropped to its ``train_size``. When settings or
     categories are given, every requested pair (the other list defaulting to all found) without a
-    checkpoint gives a row of NaN and a warning. Each checkpoint is evaluated on its own: one that
-    cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be loaded or has
-    one class only, a model that outputs NaN or takes other channels ...) gives rows of NaN with
-    the reason as ``error``, and the others are evaluated all the same. figure_dir: also write
+    checkpoint gives a row of NaN and a warning; seeds of a setting and category that were trained
+    differently are named in a warning (``warn_unlike_seeds``). Each checkpoint is evaluated on its
+    own: one that cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be
+    loaded or has one class only, a model that outputs NaN or takes other channels ...) gives rows
+    of NaN with the reason as ``error``, and the others are evaluated all the same. figure_dir: also write
     ``<category>_<setting>.png`` (first seed found of each setting, see ``plot_test_examples``).
     one_class_names: also evaluate the two-stage variants with these one-class models ('gde',
     'kde', 'ocsvm'; see ``result_variants``). flip_average: average each map with that of the
@@ -213,6 +242,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     found = find_evaluable(model_dir)
     selected = sorted(select_checkpoints(found, settings, categories),
                       key=lambda item: (item[1]['category'], str(item[0])))
+    warn_unlike_seeds(selected)
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work
     if flip_average:

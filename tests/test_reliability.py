@@ -5,6 +5,7 @@ batch, checksums and killed saves."""
 import math
 import os
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -375,3 +376,40 @@ def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
     full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # 16-bit data: the full range
     Image.fromarray(full).save(tmp_path / 'full.png')
     assert decode(tmp_path / 'full.png').max() == 255
+
+
+def seed_meta(seed, recipe='table', epochs=100, num_patches=4, category='tiles'):
+    """The meta of a run of Shift-Intensity-M with ``seed``; a calibrated recipe's category
+    parameters differ by seed."""
+    calibrated = recipe != 'table'
+    params = dict(num_patches=num_patches, intensity_logistic_params=(
+        (0.5 + seed / 10, 3.0) if calibrated else (1, 3)))
+    key = 'Shift-Intensity-M' + (f'-{seed}' if seed else '')
+    return dict(setting=key, category=category, seed=seed, recipe=recipe, res_scale=0.5,
+                category_params=params, self_sup_args=dict(params),
+                calibration=dict(params=params) if calibrated else None,
+                train_config=asdict(TrainConfig(epochs=epochs, seed=seed)),
+                epoch_losses=[0.1 * seed], weights_sha256=str(seed))
+
+
+@pytest.mark.parametrize('recipe', ['table', 'auto'])
+def test_tables_warn_when_the_seeds_they_merge_were_trained_differently(recipe, recwarn):
+    models = [(f'final_{seed}.pt', seed_meta(seed, recipe)) for seed in (0, 1, 2)]
+    other_category = [('other.pt', seed_meta(1, recipe, epochs=30, category='plates'))]
+    mvtec_tasks.warn_unlike_seeds(models + other_category)
+    assert not recwarn.list  # seeds, calibrations, losses and checksums differ by seed
+
+    models[2] = ('final_2.pt', seed_meta(2, recipe, epochs=30))
+    with pytest.warns(UserWarning, match=r"tiles Shift-Intensity-M: the seeds merged in the tables "
+                                         r"were trained differently \(final_0.pt vs final_2.pt: "
+                                         r"epochs: 100 vs 30\)"):
+        mvtec_tasks.warn_unlike_seeds(models)
+
+
+def test_a_table_recipe_changed_between_seeds_is_named():
+    models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, num_patches=8))]
+    with pytest.warns(UserWarning, match='category_params: .* vs .*num_patches.: 8'):
+        mvtec_tasks.warn_unlike_seeds(models)
+    models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, recipe='auto'))]
+    with pytest.warns(UserWarning, match="recipe: 'table' vs 'auto'"):
+        mvtec_tasks.warn_unlike_seeds(models)
