@@ -167,32 +167,47 @@ def missing_records(found, settings, categories, one_class_names=None):
     return records
 
 
-SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search')  # a model's own, one per seed
+# a model's own (one per seed), or where its data lay (a dataset moved for another seed)
+SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'data_dir')
 CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
+
+
+def seed_differences(a, b):
+    """The differences (``training.run_differences``) between the metas ``a`` and ``b`` of two
+    seeds of one setting and category that make them differently trained models. Left out: the
+    fields that differ by seed (SEED_FIELDS; CALIBRATED_FIELDS and the epochs that go with the
+    chosen category parameters where a recipe is calibrated per seed), fields that one meta lacks
+    (written by an earlier version) and the paths of a layout of the same format."""
+    calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
+    ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
+    if calibrated and (a.get('category_params') or {}).get('epochs') != (
+            b.get('category_params') or {}).get('epochs'):
+        ignored.add('epochs')  # --recipe search: each seed trains its chosen recipe's epochs
+    if (a.get('layout') or {}).get('format') == (b.get('layout') or {}).get('format'):
+        ignored.add('layout')
+
+    def recorded(meta, name):
+        return name in meta or name in meta.get('train_config', {})
+    return [difference for difference in run_differences(a, b)
+            if (name := difference.split(':')[0]) not in ignored
+            and recorded(a, name) and recorded(b, name)]
 
 
 def warn_unlike_seeds(selected):
     """Warn for each category and setting whose models (``selected``: (path, meta)), merged over
-    seeds in the tables as ``mean ± std``, were trained differently: another budget, resolution,
-    recipe, data ... (``training.run_differences`` less the fields that differ by seed:
-    SEED_FIELDS, and CALIBRATED_FIELDS where the recipe is calibrated per seed)."""
+    seeds in the tables as ``mean ± std``, were trained differently (another budget, resolution,
+    recipe ...: ``seed_differences`` from the first of them), naming each model that differs."""
     groups = {}
     for path, meta in selected:
         if 'error' not in meta:
             key = (meta['category'], parse_setting(meta['setting']).seedless_key)
             groups.setdefault(key, []).append((path, meta))
-    for (category, key), members in groups.items():
-        (first, first_meta), *others = members
-        ignored = set(SEED_FIELDS)
-        if any(meta.get('recipe', 'table') != 'table' for _, meta in members):
-            ignored |= set(CALIBRATED_FIELDS)
-        for path, meta in others:
-            differing = [d for d in run_differences(first_meta, meta)
-                         if d.split(':')[0] not in ignored]
-            if differing:
-                warnings.warn(f"{category} {key}: the seeds merged in the tables were trained "
-                              f"differently ({first} vs {path}: {'; '.join(differing)})")
-                break
+    for (category, key), ((first, first_meta), *others) in groups.items():
+        unlike = [f"{path}: {'; '.join(differing)}" for path, meta in others
+                  if (differing := seed_differences(first_meta, meta))]
+        if unlike:
+            warnings.warn(f"{category} {key}: the seeds merged in the tables were trained "
+                          f"differently (against {first}: {', '.join(unlike)})")
 
 
 def find_evaluable(model_dir):

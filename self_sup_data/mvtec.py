@@ -266,10 +266,17 @@ def unmasked_defects(class_name, layout, files, allow_missing):
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
     """Check that ``class_name`` has a test set that can be evaluated, without reading an image:
-    the errors of ``layout.test_files`` and ``unmasked_defects``."""
+    the errors of ``layout.test_files`` and ``unmasked_defects``, and a ValueError when it lacks
+    normal or defect images (AUROC needs both)."""
     layout = detect_layout(root_path, class_name) if layout is None else layout
-    unmasked_defects(class_name, layout, layout.test_files(root_path, class_name),
-                     allow_missing_masks)
+    files = layout.test_files(root_path, class_name)
+    for lacking, present in (('normal', 'good' in files.defect_types),
+                             ('defect', any(t != 'good' for t in files.defect_types))):
+        if not present:
+            raise ValueError(f"the test set of {class_name!r} has no {lacking} images "
+                             f"({layout.name} layout: {layout.expected}); the evaluation needs "
+                             f"both normal and defect images")
+    unmasked_defects(class_name, layout, files, allow_missing_masks)
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):

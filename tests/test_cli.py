@@ -1,5 +1,6 @@
 """Training scripts: input errors end in one line and write nothing; short real runs; resume."""
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -149,7 +150,9 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
 
     # a second seed into the same folder: the tables hold both seeds, not the last one alone
     argv[1] = 'Shift-8'
-    assert train_mvtec.main(argv + ['--evaluate']) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*trained differently')  # the same arguments
+        assert train_mvtec.main(argv + ['--evaluate']) == 0
     printed = capsys.readouterr().out.splitlines()
     results = pd.read_csv(out / 'eval' / 'results.csv')
     assert sorted(results['seed']) == [7, 8] and set(results['setting']) == {'Shift'}
@@ -171,6 +174,11 @@ def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_onl
             '--evaluate'] + FAST
     error = run_error(train_mvtec.main, argv, capsys)
     assert 'plates/test/crack/000.png' in error and '--allow-missing-masks' in error
+    assert not list(out.rglob('*.pt'))
+    make_mvtec_category(tmp_path / 'normal_only', 'plates', defects={})
+    error = run_error(train_mvtec.main, argv[:3] + [str(tmp_path / 'normal_only')] + argv[4:],
+                      capsys)
+    assert "the test set of 'plates' has no defect images" in error
     assert not list(out.rglob('*.pt'))
 
     with pytest.warns(UserWarning, match='plates: 3 of 3 defect images have no mask'):

@@ -401,9 +401,24 @@ def test_tables_warn_when_the_seeds_they_merge_were_trained_differently(recipe, 
 
     models[2] = ('final_2.pt', seed_meta(2, recipe, epochs=30))
     with pytest.warns(UserWarning, match=r"tiles Shift-Intensity-M: the seeds merged in the tables "
-                                         r"were trained differently \(final_0.pt vs final_2.pt: "
-                                         r"epochs: 100 vs 30\)"):
+                                         r"were trained differently \(against final_0.pt: "
+                                         r"final_2.pt: epochs: 100 vs 30\)"):
         mvtec_tasks.warn_unlike_seeds(models)
+
+
+def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_version_lacks():
+    moved, earlier = seed_meta(1), seed_meta(2)
+    moved.update(data_dir='/mnt/elsewhere', layout=dict(format='mvtec'))
+    for name in ('train_config', 'recipe', 'res_scale'):
+        del earlier[name]
+    assert mvtec_tasks.seed_differences({**seed_meta(0), 'data_dir': '/data'}, moved) == []
+    assert mvtec_tasks.seed_differences(seed_meta(0), earlier) == []
+    # --recipe search: each seed trains the epochs of the recipe it chose
+    searched = [seed_meta(seed, 'search', epochs=epochs) for seed, epochs in ((0, 320), (1, 560))]
+    searched[1]['category_params'] = {**searched[1]['category_params'], 'epochs': 560}
+    assert mvtec_tasks.seed_differences(*searched) == []
+    assert mvtec_tasks.seed_differences(seed_meta(0, epochs=320), seed_meta(1, epochs=560)) == [
+        'epochs: 320 vs 560']
 
 
 def test_a_table_recipe_changed_between_seeds_is_named():
