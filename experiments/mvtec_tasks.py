@@ -48,6 +48,7 @@ from experiments.settings import parse_setting
 from experiments.training import resolve_device, run_differences
 from self_sup_data.layouts import LocoLayout, layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
+from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.transforms import Compose
 
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
@@ -176,8 +177,9 @@ def seed_differences(a, b):
     """The differences (``training.run_differences``) between the metas ``a`` and ``b`` of two
     seeds of one setting and category that make them differently trained models. Left out: the
     fields that differ by seed (SEED_FIELDS; CALIBRATED_FIELDS and the epochs that go with the
-    chosen category parameters where a recipe is calibrated per seed), fields that one meta lacks
-    (written by an earlier version) and the paths of a layout of the same format."""
+    chosen category parameters where a recipe is calibrated per seed, but not the generator
+    arguments that no calibration sets), fields that one meta lacks (written by an earlier
+    version) and the paths of a layout of the same format."""
     calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
     ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
     if calibrated and (a.get('category_params') or {}).get('epochs') != (
@@ -188,9 +190,16 @@ def seed_differences(a, b):
 
     def recorded(meta, name):
         return name in meta or name in meta.get('train_config', {})
-    return [difference for difference in run_differences(a, b)
-            if (name := difference.split(':')[0]) not in ignored
-            and recorded(a, name) and recorded(b, name)]
+
+    def set_by_hand(meta):  # the generator arguments that no calibration sets
+        return {k: v for k, v in (meta.get('self_sup_args') or {}).items()
+                if k not in CALIBRATED_PARAMS}
+    differences = [difference for difference in run_differences(a, b)
+                   if (name := difference.split(':')[0]) not in ignored
+                   and recorded(a, name) and recorded(b, name)]
+    if calibrated and set_by_hand(a) != set_by_hand(b):
+        differences.append(f'self_sup_args: {set_by_hand(a)!r} vs {set_by_hand(b)!r}')
+    return differences
 
 
 def warn_unlike_seeds(selected):

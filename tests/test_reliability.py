@@ -421,6 +421,14 @@ def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_versi
         'epochs: 320 vs 560']
 
 
+def test_calibrated_seeds_differ_by_the_generator_arguments_that_no_calibration_sets():
+    single = seed_meta(1, 'auto')
+    single['self_sup_args'] = {**single['self_sup_args'], 'shift': False}
+    assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), seed_meta(2, 'auto')) == []
+    assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), single) == [
+        "self_sup_args: {} vs {'shift': False}"]
+
+
 def test_a_table_recipe_changed_between_seeds_is_named():
     models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, num_patches=8))]
     with pytest.warns(UserWarning, match='category_params: .* vs .*num_patches.: 8'):
