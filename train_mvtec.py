@@ -152,8 +152,9 @@ def check_evaluable(args, data_dir, categories):
     """With --evaluate: every category's test set can be evaluated (its folders, and a mask for
     each defect image unless --allow-missing-masks), checked before anything is trained."""
     if args.evaluate:
+        layout = layout_from_args(args)
         for category in categories:
-            check_test_set(data_dir, category, layout_from_args(args), args.allow_missing_masks)
+            check_test_set(data_dir, category, layout, args.allow_missing_masks)
 
 
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',

@@ -247,8 +247,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     differently are named in a warning (``warn_unlike_seeds``). Each checkpoint is evaluated on its
     own: one that cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be
     loaded or has one class only, a model that outputs NaN or takes other channels ...) gives rows
-    of NaN with the reason as ``error``, and the others are evaluated all the same. figure_dir: also write
-    ``<category>_<setting>.png`` (first seed found of each setting, see ``plot_test_examples``).
+    of NaN with the reason as ``error``, and the others are evaluated all the same. figure_dir:
+    also write ``<category>_<setting>.png`` (first seed found of each setting, see
+    ``plot_test_examples``).
     one_class_names: also evaluate the two-stage variants with these one-class models ('gde',
     'kde', 'ocsvm'; see ``result_variants``). flip_average: average each map with that of the
     vertical flip (``prediction.predict``; textures only). Returns the long-format results (see
