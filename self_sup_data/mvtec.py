@@ -50,6 +50,7 @@ TEXTURES = ['carpet', 'grid', 'leather', 'tile', 'wood']
 CLASS_NAMES = OBJECTS + TEXTURES
 UNALIGNED_OBJECTS = ['bottle', 'hazelnut', 'metal_nut', 'screw']
 KINDS = ('object', 'texture')
+CHECK_SIZE = 8  # the side that check_test_set decodes test images and masks to
 
 
 # ----------------------------------------------------------------------------- categories
@@ -265,9 +266,10 @@ def unmasked_defects(class_name, layout, files, allow_missing):
 
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
-    """Check that ``class_name`` has a test set that can be evaluated, without reading an image:
-    the errors of ``layout.test_files`` and ``unmasked_defects``, and a ValueError when it lacks
-    normal or defect images (AUROC needs both)."""
+    """Check that ``class_name`` has a test set that can be evaluated: the errors of
+    ``layout.test_files`` and ``unmasked_defects``, a ValueError when it lacks normal or defect
+    images (AUROC needs both), and those of decoding every test image and mask (``load_images``
+    at CHECK_SIZE pixels: an unreadable file, a mask of another size than its image)."""
     layout = detect_layout(root_path, class_name) if layout is None else layout
     files = layout.test_files(root_path, class_name)
     for lacking, present in (('normal', 'good' in files.defect_types),
@@ -277,6 +279,7 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
                              f"({layout.name} layout: {layout.expected}); the evaluation needs "
                              f"both normal and defect images")
     unmasked_defects(class_name, layout, files, allow_missing_masks)
+    load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}')
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):

@@ -204,6 +204,27 @@ def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_onl
     assert last.startswith('failed: plates Shift seed 7')
 
 
+def test_evaluate_reads_every_test_image_and_mask_before_training(tmp_path, capsys):
+    """An unreadable test image, or a mask of another size than its image, stops --evaluate
+    before anything is trained (not in the evaluation after the whole training budget)."""
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    category = make_mvtec_category(data, 'plates')
+    argv = ['-s', 'Shift-7', '-d', str(data), '-o', str(out), '--recipe', 'table',
+            '--evaluate'] + FAST
+    broken = category / 'test' / 'good' / '001.png'
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    error = run_error(train_mvtec.main, argv, capsys)
+    assert f'cannot read image {broken}' in error
+    assert not out.exists() or not list(out.rglob('*.pt'))
+
+    make_mvtec_category(data, 'plates')  # whole again
+    mask = category / 'ground_truth' / 'crack' / '002_mask.png'
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+    error = run_error(train_mvtec.main, argv, capsys)
+    assert f'mask {mask} is 32x32' in error and 'plates/test/crack/002.png is 64x64' in error
+    assert not out.exists() or not list(out.rglob('*.pt'))
+
+
 def write_chest_images(folder, count=4, size=64):
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
