@@ -214,6 +214,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
             params, calibration = recipes.calibrate(dataset, setting, table_params, args,
                                                     overrides, seed)
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration)))
+            note = recipes.mix_note(PROG, category, recipe, calibration, overrides)
+            if note:
+                print(note)
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     dataset.self_sup_args = self_sup_args
     if self_sup_args.get('skip_background') is not None:

@@ -359,6 +359,21 @@ def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(t
     assert again['calibration'] == meta['calibration']
 
 
+@pytest.mark.parametrize('recipe_name,paste_fraction,overrides,noted', [
+    ('auto', (0.47, 1.0), {}, True),           # calibrated mix: the least certain choice
+    ('auto', None, {}, False),                 # seamless blends
+    ('auto', (0.5, 1.0), {'paste_fraction': (0.5, 1.0)}, False),  # the user's --paste-fraction
+    ('search', (0.47, 1.0), {}, False),        # the search checks the mix itself
+])
+def test_the_auto_recipe_notes_a_calibrated_mix_of_pastes(recipe_name, paste_fraction, overrides,
+                                                           noted):
+    note = recipes.mix_note('prog', 'plates', recipe_name,
+                            {'params': {'paste_fraction': paste_fraction}}, overrides)
+    assert (note is not None) == noted
+    if noted:
+        assert note.startswith('prog: plates: note:') and '--recipe search' in note
+
+
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
