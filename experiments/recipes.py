@@ -144,7 +144,8 @@ def mix_note(prog, category, recipe, report, overrides):
     """A printed note when the auto recipe mixes pastes into the blends by its own choice (not
     --paste-fraction): the calibration's least certain choice (right on magnetic tile, wrong on
     the gravel demo texture, BENCHMARKS.md), which --recipe search checks; else None."""
-    if recipe != 'auto' or 'paste_fraction' in overrides or not report['params'].get('paste_fraction'):
+    mixed = report['params'].get('paste_fraction')
+    if recipe != 'auto' or 'paste_fraction' in overrides or not mixed:
         return None
     return (f"{prog}: {category}: note: mixing plain pastes into the blends is the calibration's "
             f"least certain choice; --recipe search checks it against seamless blends and the "
