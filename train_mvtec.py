@@ -149,8 +149,9 @@ def plan(args):
 
 
 def check_evaluable(args, data_dir, categories):
-    """With --evaluate: every category's test set can be evaluated (its folders, and a mask for
-    each defect image unless --allow-missing-masks), checked before anything is trained."""
+    """With --evaluate: every category's test set can be evaluated (``check_test_set``: its
+    folders, normal and defect images, a mask for each defect image unless --allow-missing-masks,
+    every image and mask readable), checked before anything is trained."""
     if args.evaluate:
         layout = layout_from_args(args)
         for category in categories:

@@ -150,4 +150,3 @@ def mix_note(prog, category, recipe, report, overrides):
     return (f"{prog}: {category}: note: mixing plain pastes into the blends is the calibration's "
             f"least certain choice; --recipe search checks it against seamless blends and the "
             f"defaults on held-out images")
-
