@@ -25,6 +25,22 @@ def test_bad_sizes_are_refused_before_any_work(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_warm_up_batches_are_stepped_but_not_timed(monkeypatch):
+    clock = iter([10.0, 13.0])  # the timer's reads before and after the timed batches
+    monkeypatch.setattr(training.time, 'perf_counter', lambda: next(clock))
+    stepped = []
+    batches = [(torch.zeros(size, 1),) for size in (1, 2, 3, 4, 5)]
+    rate = training.images_per_second(batches, lambda batch: stepped.append(len(batch[0])),
+                                      torch.device('cpu'), warmup=2)
+    assert stepped == [1, 2, 3, 4, 5]
+    assert rate == (3 + 4 + 5) / 3.0
+
+
+@pytest.mark.parametrize('workers, warmup', [(0, 1), (1, 2), (15, 30)])
+def test_a_loader_warms_up_for_one_batch_per_prefetch_slot(workers, warmup):
+    assert training.loader_warmup(workers) == warmup
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('bf16', [False, True])
 def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsys, monkeypatch):
