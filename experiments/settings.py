@@ -250,13 +250,18 @@ KIND_DEFAULTS = {
                     gamma_params=PAPER_GAMMA_PARAMS, resize_bounds=(0.5, 2), epochs=320,
                     mixed_gradients=True, clip_at_border=False, paste_fraction=None),
 }
-CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture'])
+# Optional parameters, off where absent (so that the parameters of earlier runs stay as they were):
+# 'normal_fraction': probability that a training sample gets no patch and an all-zero label
+# (patch_ex's normal_fraction); absent or 0: the paper's, every sample is anomalous.
+OPTIONAL_PARAM_NAMES = ('normal_fraction',)
+CATEGORY_PARAM_NAMES = tuple(KIND_DEFAULTS['texture']) + OPTIONAL_PARAM_NAMES
 # the command-line flag of each category parameter, and its patch_ex argument where it differs
 OVERRIDE_FLAGS = dict(width_bounds_pct='--width-bounds', num_patches='--num-patches',
                       intensity_logistic_params='--logistic', background='--background',
                       min_object_pct='--min-object-pct', min_overlap_pct='--min-overlap-pct',
                       resize_bounds='--resize-bounds', gamma_params='--gamma',
-                      clip_at_border='--clip-at-border', paste_fraction='--paste-fraction')
+                      clip_at_border='--clip-at-border', paste_fraction='--paste-fraction',
+                      normal_fraction='--normal-fraction')
 PATCH_ARGUMENT = dict(background='skip_background')
 
 # Per-category parameters: the paper's 15 categories; add entries for custom categories.
@@ -333,6 +338,8 @@ def self_sup_args_for(setting, params, single_patch=False, cutpaste_patch_gen=Fa
         args['clip_at_border'] = True
     if params['paste_fraction'] is not None and setting.base in POISSON_BASES:
         args['paste_fraction'] = tuple(float(v) for v in params['paste_fraction'])
+    if params.get('normal_fraction'):
+        args['normal_fraction'] = float(params['normal_fraction'])
     if ellipse:
         args['num_ellipses'] = NUM_ELLIPSES
     if cutpaste_patch_gen:
@@ -405,6 +412,9 @@ def add_task_arguments(parser):
     group.add_argument('--paste-fraction', type=float, nargs=2, metavar=('LOW', 'HIGH'),
                        help='mix each Poisson-blended patch with its plain paste by a fraction '
                             'U(LOW, HIGH) (0 0: seamless blending, the paper\'s)')
+    group.add_argument('--normal-fraction', type=float, metavar='P',
+                       help='leave each training sample normal (no patch, all-zero label) with '
+                            'probability P (default 0, the paper\'s)')
 
 
 def param_overrides(args):
@@ -418,7 +428,7 @@ def param_overrides(args):
         background=pairs(args.background), min_object_pct=args.min_object_pct,
         min_overlap_pct=args.min_overlap_pct, resize_bounds=pairs(args.resize_bounds),
         gamma_params=pairs(args.gamma), clip_at_border=args.clip_at_border,
-        paste_fraction=pairs(args.paste_fraction))
+        paste_fraction=pairs(args.paste_fraction), normal_fraction=args.normal_fraction)
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")

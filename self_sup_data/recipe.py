@@ -174,9 +174,10 @@ def _draw_pairs(images, transform, rng, num_samples):
 
 
 def _single_patches(pairs, args, seeds, **changes):
-    """``patch_ex`` with one patch per pair and ``args`` updated with ``changes``; patch ``i`` uses
-    the generator seeded by ``seeds[i]``, so two calls with the same seeds draw the same patches."""
-    args = {**args, 'num_patches': 1, 'verbose': False, **changes}
+    """``patch_ex`` with one patch per pair (none left normal) and ``args`` updated with
+    ``changes``; patch ``i`` uses the generator seeded by ``seeds[i]``, so two calls with the same
+    seeds draw the same patches."""
+    args = {**args, 'num_patches': 1, 'verbose': False, 'normal_fraction': 0.0, **changes}
     return [patch_ex(dest, src, rng=np.random.default_rng(seed), **args)
             for (dest, src), seed in zip(pairs, seeds)]
 

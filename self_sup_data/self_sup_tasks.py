@@ -107,6 +107,7 @@ class PatchParams:
     cutpaste_patch_generation: bool = False
     clip_at_border: bool = False
     paste_fraction: tuple | None = None
+    normal_fraction: float = 0.0
 
     def __post_init__(self):
         if not _is_int(self.num_patches, 1) or self.num_patches > MAX_NUM_PATCHES:
@@ -151,6 +152,8 @@ class PatchParams:
         if fraction is not None and not (_pairs(fraction, 2) and 0 <= fraction[0] <= fraction[1] <= 1):
             raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
                              f'got {fraction!r}')
+        if not _is_number(self.normal_fraction) or not 0 <= self.normal_fraction < 1:
+            raise ValueError(f'normal_fraction must be a number in [0, 1), got {self.normal_fraction!r}')
 
 
 _DEFAULT = PatchParams()
@@ -166,7 +169,8 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
              intensity_logistic_params=_DEFAULT.intensity_logistic_params,
              resize_bounds=_DEFAULT.resize_bounds, num_ellipses=_DEFAULT.num_ellipses,
              verbose=_DEFAULT.verbose, cutpaste_patch_generation=_DEFAULT.cutpaste_patch_generation,
-             clip_at_border=_DEFAULT.clip_at_border, paste_fraction=_DEFAULT.paste_fraction, rng=None):
+             clip_at_border=_DEFAULT.clip_at_border, paste_fraction=_DEFAULT.paste_fraction,
+             normal_fraction=_DEFAULT.normal_fraction, rng=None):
     """Create a synthetic anomaly by moving random patches of ``ima_src`` into ``ima_dest``.
 
     Args:
@@ -214,6 +218,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             on which the seamless blend leaves no visible change). The blend leaves the mask's
             outer pixel ring unchanged (seamlessClone's boundary condition); the mix covers it, so
             that ``(1, 1)`` gives the plain paste of mode 'swap'. Labels follow the resulting change.
+        normal_fraction: probability in [0, 1) that the sample stays normal: ``ima_dest`` unchanged
+            and an all-zero label, so that training also sees images with no anomaly anywhere
+            (0, the paper's: every sample gets patches; drawn from ``rng`` only when above 0).
         resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0 < low <= high``.
         num_ellipses: None or the number of random ellipses whose union replaces the rectangular
             patch mask.
@@ -242,7 +249,7 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
         gamma_params=gamma_params, intensity_logistic_params=intensity_logistic_params,
         resize_bounds=resize_bounds, num_ellipses=num_ellipses, verbose=verbose,
         cutpaste_patch_generation=cutpaste_patch_generation, clip_at_border=clip_at_border,
-        paste_fraction=paste_fraction)
+        paste_fraction=paste_fraction, normal_fraction=normal_fraction)
     return _patch_ex(ima_dest, ima_src, params, rng)
 
 
@@ -258,6 +265,8 @@ def _patch_ex(ima_dest, ima_src, params, rng):
     elif not isinstance(rng, np.random.Generator):
         raise ValueError(f'rng must be a numpy.random.Generator or None, got {type(rng).__name__}')
 
+    if params.normal_fraction and rng.random() < params.normal_fraction:
+        return ima_dest.copy(), np.zeros(ima_dest.shape[:2] + (1,), dtype=np.float32)
     ima_src = ima_dest if params.same or ima_src is None else ima_src
     mode = params.mode
     if mode == 'mix':

@@ -176,6 +176,14 @@ def test_calibration_mixes_in_the_paste_where_a_seamless_blend_is_invisible():
     json.dumps(report)  # plain types only
 
 
+def test_calibration_measures_patches_whatever_share_of_samples_training_leaves_normal():
+    images = shaded_images(12)
+    params, report = calibrate(images)
+    params_normal, report_normal = calibrate(images, normal_fraction=0.5)
+    assert report_normal == report
+    assert params_normal == {**params, 'normal_fraction': 0.5}
+
+
 @pytest.mark.slow
 def test_calibration_is_deterministic_and_keeps_what_the_user_fixed():
     images = shaded_images(12)

@@ -70,6 +70,7 @@ def generator_cases(draw):
         cutpaste_patch_generation=draw(st.booleans()) and draw(st.booleans()),
         clip_at_border=draw(st.booleans()),
         paste_fraction=draw(st.sampled_from([None, (0, 1), (0.5, 0.5)])),
+        normal_fraction=draw(st.sampled_from([0.0, 0.5])),
     )
     return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
 
@@ -449,8 +450,29 @@ INVALID = [
     (dict(paste_fraction=(0.5,)), 'paste_fraction'),
     (dict(paste_fraction=(0.8, 0.2)), 'paste_fraction'),
     (dict(paste_fraction=(0, 1.5)), 'paste_fraction'),
+    (dict(normal_fraction=1), 'normal_fraction'),
+    (dict(normal_fraction=-0.1), 'normal_fraction'),
+    (dict(normal_fraction=float('nan')), 'normal_fraction'),
     (dict(rng=np.random.RandomState(0)), 'rng'),
 ]
+
+
+def test_normal_fraction_leaves_that_share_of_samples_normal_and_patches_the_others_as_without_it():
+    rng = np.random.default_rng(0)
+    dest, src = textured(rng, 48, 48, 1), textured(rng, 48, 48, 1)
+    kwargs = dict(mode='swap', label_mode='binary', num_patches=2, verbose=False)
+    normal = 0
+    for seed in range(200):
+        image, label = patch_ex(dest, src, normal_fraction=0.25, rng=np.random.default_rng(seed), **kwargs)
+        reference = np.random.default_rng(seed)
+        if reference.random() < 0.25:  # the one draw the option adds, before any other
+            normal += 1
+            assert np.array_equal(image, dest) and not label.any() and label.shape == (48, 48, 1)
+        else:
+            expected_image, expected_label = patch_ex(dest, src, rng=reference, **kwargs)
+            assert np.array_equal(image, expected_image) and np.array_equal(label, expected_label)
+            assert label.any()  # a plain paste of another image always changes pixels
+    assert 30 <= normal <= 70  # 50 expected; binomial standard deviation 6.1
 
 
 @pytest.mark.parametrize('kwargs, name', INVALID, ids=[f'{name}-{i}' for i, (_, name) in enumerate(INVALID)])

@@ -248,6 +248,25 @@ def test_paste_fraction_reaches_only_the_poisson_blending_settings():
     assert mvtec_self_sup_args(parse_setting('Shift-Intensity-M'), 'magnetic_tile')['paste_fraction'] == (0.5, 1)
 
 
+def test_normal_fraction_from_the_command_line():
+    import argparse
+    parser = argparse.ArgumentParser()
+    settings.add_task_arguments(parser)
+    setting = parse_setting('Shift-Intensity-M')
+    args = parser.parse_args(['--normal-fraction', '0.25'])
+    assert settings.param_overrides(args) == dict(normal_fraction=0.25)
+    sup = settings.self_sup_args_from_args(
+        setting, category_params('carpet', overrides=settings.param_overrides(args)), args)
+    assert sup['normal_fraction'] == 0.25
+    SyntheticAnomaly(**sup)  # valid generator arguments
+    # unset: the paper's, absent from the parameters and the generator's arguments (a model's
+    # metadata), so that runs from before the option resume and merge with runs after it
+    assert 'normal_fraction' not in category_params('carpet')
+    assert 'normal_fraction' not in mvtec_self_sup_args(setting, 'carpet')
+    with pytest.raises(ValueError, match='--normal-fraction: normal_fraction must be a number in'):
+        settings.param_overrides(parser.parse_args(['--normal-fraction', '1']))
+
+
 def test_paste_fraction_from_the_command_line():
     import argparse
     parser = argparse.ArgumentParser()
