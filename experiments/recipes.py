@@ -8,8 +8,7 @@ Recipes (``--recipe``):
              category's ``CATEGORY_PARAMS`` entry is ignored; the default for categories without
              an entry
     search   the auto recipe and a few alternatives (``search_candidates``: the calibration with
-             the paste fraction switched, the auto recipe with a share of training samples left
-             normal, the table recipe) are each trained for a short budget
+             the paste fraction switched, the table recipe) are each trained for a short budget
              and scored on the validation set; the best is trained in full, on all the training
              images (the held-out ones too) unless ``--select best`` needs them
 
@@ -28,7 +27,6 @@ from self_sup_data.recipe import calibrate_recipe, describe, paste_fraction_for
 RECIPES = ('table', 'auto', 'search')
 DEFAULT_VAL_FRACTION = 0.1
 SEARCH_FRACTION = 5  # search candidates train for a fifth of the epochs by default
-SEARCH_NORMAL_FRACTION = 0.25  # samples left normal in the search's 'auto-normal' candidate
 
 
 def add_recipe_arguments(parser):
@@ -124,22 +122,12 @@ def calibrate_switched(dataset, setting, start_params, auto_report, args, overri
                      {**overrides, 'paste_fraction': switched}, seed)
 
 
-def with_normal_samples(auto_params, overrides):
-    """The calibrated recipe with SEARCH_NORMAL_FRACTION of the training samples left normal
-    (``normal_fraction``), which --recipe search tries: on some materials it calms the maps of
-    normal images, on others it weakens the localisation (BENCHMARKS.md); None when the user set
-    --normal-fraction."""
-    if 'normal_fraction' in overrides:
-        return None
-    return {**auto_params, 'normal_fraction': SEARCH_NORMAL_FRACTION}
-
-
-def search_candidates(auto_params, switched_params, normal_params, table_params):
+def search_candidates(auto_params, switched_params, table_params):
     """{name: params} tried by --recipe search: the calibrated recipe, the calibration with the
-    paste fraction switched (``calibrate_switched``), the calibrated recipe with samples left
-    normal (``with_normal_samples``) and the table recipe; None: not tried; duplicates dropped."""
+    paste fraction switched (``calibrate_switched``; None: not tried) and the table recipe;
+    duplicates dropped."""
     candidates = {'auto': auto_params, 'auto-paste-switched': switched_params,
-                  'auto-normal': normal_params, 'table': table_params}
+                  'table': table_params}
     unique = {}
     for name, params in candidates.items():
         if params is not None and params not in unique.values():

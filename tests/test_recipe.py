@@ -477,17 +477,7 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     assert switched == given and switched['num_patches'] < auto['num_patches']
     assert not_switched == (None, None)  # the user's fraction is kept
     assert run(key='Shift-Intensity-Swap')[1] == (None, None)  # pastes only: nothing to switch
-    assert recipes.search_candidates(auto, None, None, auto) == {'auto': auto}
-
-
-def test_the_search_leaves_samples_normal_in_one_candidate_unless_the_user_chose_a_share():
-    auto = {**settings.KIND_DEFAULTS['texture'], 'num_patches': 5}
-    normal = recipes.with_normal_samples(auto, {})
-    assert normal == {**auto, 'normal_fraction': recipes.SEARCH_NORMAL_FRACTION}
-    assert recipes.with_normal_samples(auto, {'normal_fraction': 0.0}) is None
-    table = settings.KIND_DEFAULTS['texture']
-    assert recipes.search_candidates(auto, None, normal, table) == {
-        'auto': auto, 'auto-normal': normal, 'table': table}
+    assert recipes.search_candidates(auto, None, auto) == {'auto': auto}
 
 
 @pytest.mark.slow
@@ -505,9 +495,7 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
                       weights_only=True)['meta']
     search = meta['recipe_search']
-    assert set(search) == {'auto', 'auto-paste-switched', 'auto-normal', 'table'}
-    assert search['auto-normal']['params'] == {**search['auto']['params'],
-                                               'normal_fraction': recipes.SEARCH_NORMAL_FRACTION}
+    assert set(search) == {'auto', 'auto-paste-switched', 'table'}
     assert search['auto-paste-switched']['params']['paste_fraction'] == (
         recipes.switched_paste_fraction(search['auto']['params']))
     assert 'recipe search, paste fraction switched: patch half-widths' in printed
