@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from experiments.atomic import save_torch_atomic, write_text_atomic
 from experiments.plotting import plot_loss_curve, plot_sample_grid, plot_validation_curve
+from experiments.validation import describe_scores
 from models.resnet import build_model
 from self_sup_data.transforms import denormalize, normalize_images
 
@@ -96,7 +97,8 @@ class TrainConfig:
 
     device None: CUDA when available, else CPU. figure_every None: a quarter of the epochs.
     progress: progress bars; without them, one line (epoch, loss, learning rate, seconds) is
-    printed after the first epoch, every tenth of the epochs and the last.
+    printed after the first epoch, every tenth of the epochs and the last; each validation
+    prints its scores either way.
     bf16: forward pass in bfloat16 autocast; None: on CUDA devices that support it, True: on the
     CPU too, False: never. The resume checkpoint is written after every ``checkpoint_every``
     epochs (None: no epoch cadence), whenever ``checkpoint_minutes`` have passed since the last
@@ -609,6 +611,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                   f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
             validate(model, validator, meta, done, run_dir, name, config.figures)
+            tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
+                       f"{describe_scores(meta['validation'][-1])}")
             model.train()
         if (config.figures and preds.dim() == 4  # example predictions: maps only
                 and first_every_last(done, figure_every, config.epochs)):

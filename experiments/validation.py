@@ -19,6 +19,12 @@ def validation_score(results):
     return float(np.mean([results[name] for name in SCORE_METRICS]))
 
 
+def describe_scores(scores):
+    """One line for the log: the validation score and the metrics it averages."""
+    return (f"validation score {scores['score']:.4f} (image AUROC {scores['image_auroc_mean']:.3f}, "
+            f"pixel AUROC {scores['pixel_auroc']:.3f}, AU-PRO {scores['au_pro']:.3f})")
+
+
 class Validator:
     """Scores a model on ``dataset`` every ``every`` epochs (and after the last one).
 

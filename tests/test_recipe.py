@@ -325,6 +325,17 @@ def test_training_records_the_curve_and_keeps_the_best_model(tmp_path):
         assert all(torch.equal(saved[k], states[2][k].cpu()) for k in saved)
 
 
+def test_each_validation_is_logged_with_its_metrics(tmp_path, capsys):
+    config = TrainConfig(epochs=3, batch_size=4, figures=False, progress=False)
+    train(TinyNet(), SquaresDataset(), config, tmp_path, 'run',
+          validator=ScriptedValidator([0.25, 0.75], every=2))
+    logged = [line for line in capsys.readouterr().out.splitlines() if 'validation' in line]
+    assert logged == ['run: epoch 2/3, validation score 0.2500 (image AUROC 0.250, '
+                      'pixel AUROC 0.250, AU-PRO 0.250)',
+                      'run: epoch 3/3, validation score 0.7500 (image AUROC 0.750, '
+                      'pixel AUROC 0.750, AU-PRO 0.750)']
+
+
 def test_select_best_needs_a_validator_and_no_weight_averaging(tmp_path):
     with pytest.raises(ValueError, match='validation set'):
         train(TinyNet(), SquaresDataset(), TrainConfig(epochs=1, select='best'), tmp_path, 'r')
