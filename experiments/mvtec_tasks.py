@@ -45,7 +45,7 @@ from experiments.cli import (add_evaluation_options, add_layout_arguments, evalu
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
-from experiments.training import resolve_device, run_differences
+from experiments.training import dict_differences, resolve_device, run_differences
 from self_sup_data.layouts import LocoLayout, layout_from_spec
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.recipe import CALIBRATED_PARAMS
@@ -195,10 +195,10 @@ def seed_differences(a, b):
         return {k: v for k, v in (meta.get('self_sup_args') or {}).items()
                 if k not in CALIBRATED_PARAMS}
     differences = [difference for difference in run_differences(a, b)
-                   if (name := difference.split(':')[0]) not in ignored
+                   if (name := difference.split(':')[0].split('.')[0]) not in ignored
                    and recorded(a, name) and recorded(b, name)]
-    if calibrated and set_by_hand(a) != set_by_hand(b):
-        differences.append(f'self_sup_args: {set_by_hand(a)!r} vs {set_by_hand(b)!r}')
+    if calibrated:
+        differences += dict_differences(set_by_hand(a), set_by_hand(b), 'self_sup_args.')
     return differences
 
 

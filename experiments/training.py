@@ -363,9 +363,22 @@ def run_differences(saved_meta, meta):
                   if k not in RUNTIME_FIELDS}
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS}
         return {**rest, **config}
-    saved, current = learnt(saved_meta), learnt(meta)
-    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-    return [f'{k}: {saved.get(k)!r} vs {current.get(k)!r}' for k in differing]
+    return dict_differences(learnt(saved_meta), learnt(meta))
+
+
+def dict_differences(a, b, prefix=''):
+    """['key: a's value vs b's', ...] for each key whose values differ (a missing key counts as
+    None and reads 'absent'), sorted; where both values are dicts, their differing entries as
+    'key.entry: ...'."""
+    def shown(d, k):
+        return repr(d[k]) if k in d else 'absent'
+    lines = []
+    for k in sorted(a.keys() | b.keys(), key=str):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            lines += dict_differences(a[k], b[k], f'{prefix}{k}.')
+        elif a.get(k) != b.get(k):
+            lines.append(f'{prefix}{k}: {shown(a, k)} vs {shown(b, k)}')
+    return lines
 
 
 def _check_resumable(path, saved_meta, meta):

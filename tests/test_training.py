@@ -324,6 +324,18 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
               meta=dict(category='a'), resume=True)
 
 
+def test_differences_name_the_nested_entries_that_differ():
+    saved = dict(epochs=2, args=dict(patches=4, label=(1, 3), sizes=dict(low=0.1)), gone=None)
+    now = dict(epochs=2, args=dict(patches=8, label=(1, 3), sizes=dict(low=0.2), new=True),
+               added='x')
+    assert training.dict_differences(saved, now) == [
+        "added: absent vs 'x'", 'args.new: absent vs True', 'args.patches: 4 vs 8',
+        'args.sizes.low: 0.1 vs 0.2']  # a missing entry equals None ('gone')
+    assert training.dict_differences(dict(args=dict(a=1)), dict(args=None)) == [
+        "args: {'a': 1} vs None"]
+    assert training.dict_differences(saved, saved) == []
+
+
 @pytest.mark.slow
 def test_checkpoints_load_with_weights_only_and_rebuild_the_model(tmp_path):
     seed_everything(0)
