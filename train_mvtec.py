@@ -264,7 +264,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
                                               report)))
-    candidates = recipes.search_candidates(meta['category_params'], switched,
+    more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides)
+    candidates = recipes.search_candidates(meta['category_params'], more, switched,
                                            settings.category_params(category, args.kind, overrides))
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
     run_name, results = setting.run_name(category), {}

@@ -7,10 +7,11 @@ Recipes (``--recipe``):
     auto     calibrated from the normal training images (``self_sup_data.recipe``): the
              category's ``CATEGORY_PARAMS`` entry is ignored; the default for categories without
              an entry
-    search   the auto recipe and a few alternatives (``search_candidates``: the calibration with
-             the paste fraction switched, the table recipe) are each trained for a short budget
-             and scored on the validation set; the best is trained in full, on all the training
-             images (the held-out ones too) unless ``--select best`` needs them
+    search   the auto recipe and a few alternatives (``search_candidates``: the calibrated
+             recipe with more patches, the calibration with the paste fraction switched, the
+             table recipe) are each trained for a short budget and scored on the validation set;
+             the best is trained in full, on all the training images (the held-out ones too)
+             unless ``--select best`` needs them
 
 Command-line overrides (``--logistic`` ...) are kept by every recipe. The validation set
 (``--val-fraction``) holds out normal training images (``self_sup_data.validation``), drawn by
@@ -27,6 +28,7 @@ from self_sup_data.recipe import calibrate_recipe, describe, paste_fraction_for
 RECIPES = ('table', 'auto', 'search')
 DEFAULT_VAL_FRACTION = 0.1
 SEARCH_FRACTION = 5  # search candidates train for a fifth of the epochs by default
+MORE_PATCHES_FACTOR = 2  # the more-patches candidate: at least this many times the default count
 
 
 def add_recipe_arguments(parser):
@@ -122,12 +124,24 @@ def calibrate_switched(dataset, setting, start_params, auto_report, args, overri
                      {**overrides, 'paste_fraction': switched}, seed)
 
 
-def search_candidates(auto_params, switched_params, table_params):
-    """{name: params} tried by --recipe search: the calibrated recipe, the calibration with the
-    paste fraction switched (``calibrate_switched``; None: not tried) and the table recipe;
-    duplicates dropped."""
-    candidates = {'auto': auto_params, 'auto-paste-switched': switched_params,
-                  'table': table_params}
+def more_patches(auto_params, default_patches, overrides):
+    """The calibrated recipe with up to ``MORE_PATCHES_FACTOR * default_patches`` patches where it
+    has fewer (``default_patches``: the uncalibrated count), which --recipe search tries beside
+    it: the patch count that calibration sets from the default is the choice on which the
+    validation score disagrees between materials (magnetic tile prefers twice the default, the
+    grass demo the calibrated count; BENCHMARKS.md). None when the user fixed the count."""
+    if 'num_patches' in overrides:
+        return None
+    return {**auto_params,
+            'num_patches': max(auto_params['num_patches'], MORE_PATCHES_FACTOR * default_patches)}
+
+
+def search_candidates(auto_params, more_patches_params, switched_params, table_params):
+    """{name: params} tried by --recipe search: the calibrated recipe, the calibrated recipe with
+    more patches (``more_patches``), the calibration with the paste fraction switched
+    (``calibrate_switched``) and the table recipe; None: not tried; duplicates dropped."""
+    candidates = {'auto': auto_params, 'auto-more-patches': more_patches_params,
+                  'auto-paste-switched': switched_params, 'table': table_params}
     unique = {}
     for name, params in candidates.items():
         if params is not None and params not in unique.values():

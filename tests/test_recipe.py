@@ -488,7 +488,17 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     assert switched == given and switched['num_patches'] < auto['num_patches']
     assert not_switched == (None, None)  # the user's fraction is kept
     assert run(key='Shift-Intensity-Swap')[1] == (None, None)  # pastes only: nothing to switch
-    assert recipes.search_candidates(auto, None, auto) == {'auto': auto}
+    assert recipes.search_candidates(auto, None, None, auto) == {'auto': auto}
+
+
+def test_more_patches_candidate_raises_the_count_to_twice_the_default_unless_fixed():
+    auto = dict(num_patches=5, paste_fraction=(0.47, 1.0))
+    assert recipes.more_patches(auto, 4, {}) == dict(num_patches=8, paste_fraction=(0.47, 1.0))
+    assert recipes.more_patches({**auto, 'num_patches': 16}, 4, {})['num_patches'] == 16
+    assert recipes.more_patches(auto, 4, {'num_patches': 5}) is None  # the user's count is kept
+    more = recipes.more_patches({**auto, 'num_patches': 9}, 4, {})
+    assert recipes.search_candidates({**auto, 'num_patches': 9}, more, None, auto) == {
+        'auto': more, 'table': auto}  # as many patches already: no candidate of its own
 
 
 @pytest.mark.slow
@@ -506,7 +516,13 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
                       weights_only=True)['meta']
     search = meta['recipe_search']
-    assert set(search) == {'auto', 'auto-paste-switched', 'table'}
+    more = 'auto-more-patches'
+    assert set(search) - {more} == {'auto', 'auto-paste-switched', 'table'}
+    auto_patches = search['auto']['params']['num_patches']
+    assert (more in search) == (auto_patches < recipes.MORE_PATCHES_FACTOR * 4)
+    if more in search:
+        assert search[more]['params'] == {**search['auto']['params'],
+                                          'num_patches': recipes.MORE_PATCHES_FACTOR * 4}
     assert search['auto-paste-switched']['params']['paste_fraction'] == (
         recipes.switched_paste_fraction(search['auto']['params']))
     assert 'recipe search, paste fraction switched: patch half-widths' in printed
