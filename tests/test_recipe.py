@@ -496,9 +496,9 @@ def test_more_patches_candidate_raises_the_count_to_twice_the_default_unless_fix
     assert recipes.more_patches(auto, 4, {}) == dict(num_patches=8, paste_fraction=(0.47, 1.0))
     assert recipes.more_patches({**auto, 'num_patches': 16}, 4, {})['num_patches'] == 16
     assert recipes.more_patches(auto, 4, {'num_patches': 5}) is None  # the user's count is kept
-    more = recipes.more_patches({**auto, 'num_patches': 9}, 4, {})
-    assert recipes.search_candidates({**auto, 'num_patches': 9}, more, None, auto) == {
-        'auto': more, 'table': auto}  # as many patches already: no candidate of its own
+    nine = {**auto, 'num_patches': 9}
+    assert recipes.search_candidates(nine, recipes.more_patches(nine, 4, {}), None, auto) == {
+        'auto': nine, 'table': auto}  # as many patches already: no candidate of its own
 
 
 @pytest.mark.slow
@@ -518,11 +518,10 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     search = meta['recipe_search']
     more = 'auto-more-patches'
     assert set(search) - {more} == {'auto', 'auto-paste-switched', 'table'}
-    auto_patches = search['auto']['params']['num_patches']
-    assert (more in search) == (auto_patches < recipes.MORE_PATCHES_FACTOR * 4)
+    doubled = recipes.MORE_PATCHES_FACTOR * settings.KIND_DEFAULTS['texture']['num_patches']
+    assert (more in search) == (search['auto']['params']['num_patches'] < doubled)
     if more in search:
-        assert search[more]['params'] == {**search['auto']['params'],
-                                          'num_patches': recipes.MORE_PATCHES_FACTOR * 4}
+        assert search[more]['params'] == {**search['auto']['params'], 'num_patches': doubled}
     assert search['auto-paste-switched']['params']['paste_fraction'] == (
         recipes.switched_paste_fraction(search['auto']['params']))
     assert 'recipe search, paste fraction switched: patch half-widths' in printed
