@@ -277,13 +277,13 @@ def search_recipe(args, setting, data_dir, category, out_dir):
             return (dataset, model, dataclasses.replace(config, epochs=epochs, select='last',
                                                         swa_epochs=0), meta, validator)
         run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
+        print(f"{PROG}: {category}: search candidate {name}, {epochs} epochs, in {run_dir}")
         meta = train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
                                      resume=not args.force, force=args.force)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)
-        print(f"{PROG}: {category}: search candidate {name}: validation score "
-              f"{results[name]['score']:.4f} after {epochs} epochs")
     best = max(results, key=lambda name: results[name]['score'])
-    print(f"{PROG}: {category}: search chose {best}")
+    scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in results.items())
+    print(f"{PROG}: {category}: search chose {best} (validation scores: {scores})")
     return results[best]['params'], results
 
 

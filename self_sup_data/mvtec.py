@@ -252,17 +252,17 @@ def train_files(root_path, class_name, layout=None):
 
 
 def unmasked_defects(class_name, layout, files, allow_missing):
-    """The defect images of ``files`` (a layout's ``test_files``) without a mask; a
-    FileNotFoundError naming the first when there is one, ``layout.has_masks`` and not
-    ``allow_missing``."""
+    """(the defect images of ``files`` (a layout's ``test_files``) without a mask, the number of
+    defect images); a FileNotFoundError naming the first unmasked one when there is one,
+    ``layout.has_masks`` and not ``allow_missing``."""
     missing = [path for path, t, mask in zip(*files) if t != 'good' and mask is None]
+    defects = sum(t != 'good' for t in files.defect_types)
     if missing and layout.has_masks and not allow_missing:
-        defects = sum(t != 'good' for t in files.defect_types)
         raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
                                 f"{defects} defect images of {class_name!r} have none; "
                                 f"{layout.name} layout: {layout.expected}); to evaluate them at "
                                 f"image level only, allow missing masks (--allow-missing-masks)")
-    return missing
+    return missing, defects
 
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
@@ -312,9 +312,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         else:
             files = layout.test_files(root_path, class_name)
             paths, defect_types, mask_paths = files
-            missing = unmasked_defects(class_name, layout, files, allow_missing_masks)
+            missing, defects = unmasked_defects(class_name, layout, files, allow_missing_masks)
             if missing:
-                defects = sum(t != 'good' for t in defect_types)
                 warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no "
                               f"mask and are evaluated at image level only (left out of the pixel "
                               f"metrics)")

@@ -510,7 +510,7 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
                       'search', '--search-epochs', '1', '--select', select, '--evaluate'] + FAST)
     printed = capsys.readouterr().out
-    assert 'search candidate auto:' in printed and 'search chose' in printed
+    assert 'search candidate auto, 1 epochs' in printed
     results = pd.read_csv(out / 'eval' / 'results.csv')  # the final model only, not the candidates
     assert len(results) == 1 and results['category'].tolist() == ['plates']
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),
@@ -527,6 +527,8 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     assert 'recipe search, paste fraction switched: patch half-widths' in printed
     chosen = max(search, key=lambda name: search[name]['score'])
     assert meta['category_params'] == search[chosen]['params']
+    scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in search.items())
+    assert f"search chose {chosen} (validation scores: {scores})" in printed
     if select == 'best':  # the checkpoint is chosen on the held-out images
         assert meta['held_out'] == 1 and meta['best_epoch'] in (1, 2)
     else:  # the chosen recipe is trained on every image, the held-out ones too
@@ -538,5 +540,4 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         printed = capsys.readouterr().out
         assert printed.count('exists, skipping it') == len(search) + 1  # the final model too
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
-        for name, result in search.items():
-            assert f"search candidate {name}: validation score {result['score']:.4f}" in printed
+        assert f"search chose {chosen} (validation scores: {scores})" in printed
