@@ -20,8 +20,8 @@ distinct positive scores in that sorted array, which is exact and several times 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ['image_scores', 'image_auroc', 'image_ap', 'image_auroc_per_type', 'pixel_auroc', 'pixel_ap', 'au_pro', 'au_spro',
-           'evaluate_maps', 'threshold_at_fpr', 'best_f1_threshold', 'precision_recall_f1',
+__all__ = ['image_scores', 'image_auroc', 'image_ap', 'image_auroc_per_type', 'pixel_auroc', 'pixel_ap',
+           'au_pro', 'au_spro', 'evaluate_maps', 'threshold_at_fpr', 'best_f1_threshold', 'precision_recall_f1',
            'threshold_metrics']
 THRESHOLD_METRICS = ('image_f1_best', 'image_threshold_best', 'image_precision', 'image_recall',
                      'image_f1', 'pixel_f1_best', 'pixel_threshold_best', 'pixel_precision',

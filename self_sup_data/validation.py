@@ -16,8 +16,9 @@ Their strength is relative to the image's own contrast (its standard deviation o
 at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material as on a
 contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
 levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
-asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again. Everything comes from one generator seeded by the run's seed: the set is made once
-and is the same for every model trained with that seed. It knows nothing of torch.
+asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again.
+Everything comes from one generator seeded by the run's seed: the set is made once and is the
+same for every model trained with that seed. It knows nothing of torch.
 """
 import cv2
 import numpy as np

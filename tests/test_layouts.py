@@ -90,7 +90,8 @@ def test_visa(tmp_path):
     make_visa(tmp_path)
     assert detect_layout(tmp_path, 'pcb1').name == 'visa'
     train = SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE, transform=lambda i, m, r: (i, m))
-    assert len(train) == 4 and [p.split('/')[-1] for p in train.paths] == ['0000.JPG', '0001.JPG', '0002.JPG', '0003.JPG']
+    assert len(train) == 4
+    assert [p.split('/')[-1] for p in train.paths] == ['0000.JPG', '0001.JPG', '0002.JPG', '0003.JPG']
     test = SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
     assert test.defect_types == ['good', 'good', 'anomaly', 'anomaly'] and list(test.labels) == [0, 0, 1, 1]
     # region-id masks (values 1 and 2) are read as their nonzero pixels, paired by the CSV row

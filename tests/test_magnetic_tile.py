@@ -42,7 +42,8 @@ def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
     assert [f for f in files if f.startswith('train/good/')] == [f'train/good/{i:03d}.png' for i in range(6)]
     assert [f for f in files if f.startswith('test/good/')] == [f'test/good/{i:03d}.png' for i in range(4)]
     for defect in DEFECT_FOLDERS.values():
-        assert [f for f in files if f.startswith(f'test/{defect}/')] == [f'test/{defect}/000.png', f'test/{defect}/001.png']
+        expected = [f'test/{defect}/000.png', f'test/{defect}/001.png']
+        assert [f for f in files if f.startswith(f'test/{defect}/')] == expected
         assert [f for f in files if f.startswith(f'ground_truth/{defect}/')] == [
             f'ground_truth/{defect}/000_mask.png', f'ground_truth/{defect}/001_mask.png']
     assert len(files) == 10 + 5 * 4
