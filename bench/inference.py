@@ -21,6 +21,7 @@ import torch
 from experiments.atomic import write_atomic
 from experiments.detector import OnnxRunner
 from experiments.export import onnx_bytes
+from experiments.training import cpu_has_bf16
 from experiments.torch_model import TorchRunner
 from models.resnet import SIZE_MULTIPLE, resnet18_enc_dec
 
@@ -36,18 +37,12 @@ def images_per_second(run, batch, repeats):
     return repeats * len(batch) / (time.perf_counter() - started)
 
 
-def bf16_supported():
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX)."""
-    flags = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').exists() else ''
-    return torch.cuda.is_available() or 'avx512_bf16' in flags or 'amx_bf16' in flags
-
-
 def runners(channels, size, folder):
     """{name: run} of the three ways to run the same randomly initialised network."""
     torch.manual_seed(0)
     model = resnet18_enc_dec(in_channels=channels, final_activation='sigmoid').eval()
     found = dict(eager=TorchRunner(model, channels))
-    if bf16_supported():
+    if torch.cuda.is_available() or cpu_has_bf16():
         found['bf16 autocast'] = TorchRunner(model, channels, bf16=True)
     spec = dict(side=size, crop=None, size_multiple=SIZE_MULTIPLE, channels=channels,
                 flip_average_error=None, thresholds=None)

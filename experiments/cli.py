@@ -12,8 +12,9 @@ from pathlib import Path
 
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
-from experiments.training import (LOGIT_LOSSES, TrainConfig, final_model_path, last_checkpoint_path,
-                                  resolve_device, run_differences, run_meta, seed_everything, train)
+from experiments.training import (LOGIT_LOSSES, TrainConfig, cpu_has_bf16, final_model_path,
+                                  last_checkpoint_path, resolve_device, run_differences, run_meta,
+                                  seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -125,6 +126,17 @@ def check_training_options(args, loss):
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def slow_bf16_note(prog, args):
+    """A printed note when --bf16 asks for bfloat16 autocast on a CPU that lists no bfloat16
+    instructions (``cpu_has_bf16``), where it is emulated, many times slower than float32; else
+    None (also where the CPU's instructions are unknown)."""
+    if not args.bf16 or resolve_device(args.device).type != 'cpu' or cpu_has_bf16() is not False:
+        return None
+    return (f"{prog}: note: --bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX): "
+            f"emulated there, many times slower than float32 (14x on a 2-core AVX2 CPU); "
+            f"without --bf16 training runs in float32")
 
 
 def flag(name):

@@ -180,11 +180,25 @@ def use_bf16(bf16, device):
     By default on CUDA devices with bfloat16 support only: on a CPU, bfloat16 is fast only where it
     has bfloat16 instructions (AVX512-BF16, AMX; 1.3-1.6x the training images per second of NSA's
     model at 128 px, 2x at 224 px, on an AVX512-BF16 CPU: ``bench/training.py --bf16``) and
-    emulated, slower than float32, elsewhere.
+    emulated elsewhere (``cpu_has_bf16``): 1.0 training images per second at 128 px against 13.9 in
+    float32 on a 2-core AVX2 CPU.
     """
     if bf16 is None:
         return device.type == 'cuda' and torch.cuda.is_bf16_supported()
     return bool(bf16)
+
+
+def cpu_has_bf16(cpuinfo='/proc/cpuinfo'):
+    """Whether this CPU lists bfloat16 instructions among the flags of ``cpuinfo`` (x86
+    ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``); None where the file cannot be read (not Linux):
+    unknown."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = {word for line in text.splitlines() if line.lower().startswith(('flags', 'features'))
+             for word in line.split(':', 1)[-1].split()}
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
 def init_distributed(device):

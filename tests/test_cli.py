@@ -12,7 +12,7 @@ import train_chest_xray
 import train_mvtec
 from conftest import make_mvtec_category
 from experiments.settings import trained_model_path
-from experiments.training import last_checkpoint_path, load_model
+from experiments.training import cpu_has_bf16, last_checkpoint_path, load_model
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 FAST = ['--epochs', '2', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
@@ -277,3 +277,34 @@ def test_hyphen_flags_and_the_papers_underscore_spellings_parse_alike(module):
 def test_class_name_flag_in_both_spellings():
     for flag in ('--class-name', '--class_name'):
         assert train_mvtec.parse_args(['-s', 'Shift', '-o', 'o', flag, 'carpet']).class_name == 'carpet'
+
+
+@pytest.mark.parametrize('text,expected', [
+    ('processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n', False),
+    ('flags\t\t: fpu avx2 avx512f avx512_bf16\n', True),
+    ('flags\t\t: fpu avx2 amx_tile amx_bf16\n', True),
+    ('Features\t: fp asimd sve bf16 i8mm\n', True),  # Arm
+    ('model name\t: bf16-capable marketing name\nflags\t\t: fpu avx2\n', False),  # flags only
+])
+def test_cpu_has_bf16_reads_the_flags_of_cpuinfo(tmp_path, text, expected):
+    path = tmp_path / 'cpuinfo'
+    path.write_text(text)
+    assert cpu_has_bf16(path) is expected
+    assert cpu_has_bf16(tmp_path / 'absent') is None  # not Linux: unknown
+
+
+@pytest.mark.parametrize('has_bf16', [False, True, None])
+def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
+        tiny_mvtec, tmp_path, capsys, monkeypatch, has_bf16):
+    root, name = tiny_mvtec
+    monkeypatch.setattr('experiments.cli.cpu_has_bf16', lambda: has_bf16)
+    trained = []
+    monkeypatch.setattr(train_mvtec, 'train_unless_finished', lambda *args: trained.append(args))
+    base = ['-s', 'Shift', '-d', str(root), '-n', name, '-o', str(tmp_path / 'out'), '--device', 'cpu',
+            '--no-evaluate']
+    for extra, noted in ((['--bf16'], has_bf16 is False), ([], False), (['--no-bf16'], False)):
+        capsys.readouterr()
+        assert train_mvtec.main(base + extra) == 0
+        out = capsys.readouterr().out
+        assert ('--bf16 on a CPU without bfloat16 instructions' in out) is noted
+    assert len(trained) == 3  # the note does not stop training
