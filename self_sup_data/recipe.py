@@ -191,7 +191,7 @@ def check_object_pixels(images, background, category):
 
 
 def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fixed=(),
-                     category='category', num_samples=NUM_SAMPLES):
+                     category='category', num_samples=None):
     """Calibrate the category parameters ``params`` to the normal ``images``.
 
     Args:
@@ -202,10 +202,12 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
             defaults with the user's overrides.
         kind: 'object' or 'texture'.
         fixed: names of parameters the user set explicitly; they are kept.
+        num_samples: synthetic anomalies drawn (default ``NUM_SAMPLES``).
     Returns:
         (params, report): the calibrated parameters, and a dict of plain values with what was
         measured (see the module docstring) and the values chosen.
     """
+    num_samples = num_samples or NUM_SAMPLES
     rng = np.random.default_rng(np.random.SeedSequence([seed, CALIBRATION_STREAM]))
     if self_sup_args.get('skip_background') is not None:
         check_object_pixels(images, self_sup_args['skip_background'], category)

@@ -1,6 +1,8 @@
 """The real-data benchmark: its helpers, and whole runs on a tiny category (the real run reads ../shared)."""
+import contextlib
 import json
 import os
+import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import train_mvtec
 from bench import real_data
 from experiments import one_class, settings
 from experiments.checkpoints import read_meta, read_model
@@ -97,10 +100,22 @@ def _rewrite_meta(path, target, **changes):
     torch.save(checkpoint, target)
 
 
+def train_in_this_process(command, stdout, stderr, check, cwd):
+    """``subprocess.run`` of the benchmark's training command, run in this process: a new Python
+    process costs about 10 s of imports per model, and the test below trains four (the command
+    itself runs as a process in the test after it)."""
+    assert command[1] == str(real_data.REPO / 'train_mvtec.py') and cwd == real_data.REPO
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
+        code = train_mvtec.main(command[2:])
+    if check and code:
+        raise subprocess.CalledProcessError(code, command)
+
+
 @pytest.mark.slow
-def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path):
+def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path, monkeypatch):
     """A finished model of the requested run is kept; one of an older generator is set aside and
     retrained, and so is an interrupted run of another budget (not resumed)."""
+    monkeypatch.setattr(real_data.subprocess, 'run', train_in_this_process)
     root, name = tiny_mvtec
     out = tmp_path / 'bench'
     base = ['--data-dir', str(root), '--category', name, '--out', str(out), '--res-scale', '0.25',
