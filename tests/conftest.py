@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny categories in the MVTec AD folder layout, written into tmp
 dirs, untrained models saved as the training scripts save theirs, and a chest X-ray test set."""
 import gc
+import os
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,11 @@ from models.resnet import resnet18_enc_dec
 from self_sup_data import recipe
 
 CALIBRATION_SAMPLES = 60
+
+
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: N workers share the cores
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'  # and so do the processes that the tests start
 
 
 def pytest_collection_finish(session):
