@@ -21,8 +21,8 @@ import torch
 from experiments.atomic import write_atomic
 from experiments.detector import OnnxRunner
 from experiments.export import onnx_bytes
-from experiments.training import cpu_has_bf16
 from experiments.torch_model import TorchRunner
+from experiments.training import cpu_has_bf16
 from models.resnet import SIZE_MULTIPLE, resnet18_enc_dec
 
 THREADS = 2
