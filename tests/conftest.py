@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from experiments import atomic
 from experiments.atomic import save_torch_atomic
 from experiments.settings import parse_setting, trained_model_path
 from models.resnet import resnet18_enc_dec
@@ -37,6 +38,22 @@ def fewer_calibration_samples(monkeypatch):
     the suite trains dozens of tiny models of categories without a table entry, each calibrated
     first (2.5 s at 300 samples on a 2-core CPU). Child processes calibrate as users do."""
     monkeypatch.setattr(recipe, 'NUM_SAMPLES', CALIBRATION_SAMPLES)
+
+
+@pytest.fixture(autouse=True)
+def same_torch_threads():
+    """Each test starts with the worker's thread count: the benchmarks' ``main`` sets its own,
+    and a later test that compares maps with a child process's would differ in the last bit."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_disk_flush(monkeypatch):
+    """``write_atomic`` skips ``os.fsync`` (its order of steps is tested in test_atomic.py): the
+    suite writes some 2,000 files, and flushing each to disk cost it about 25 s of waiting."""
+    monkeypatch.setattr(atomic.os, 'fsync', lambda fd: None)
 
 
 def _smooth_texture(rng, size, channels):

@@ -187,7 +187,7 @@ def test_end_to_end_on_a_trained_model(category, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / 'predict.py'), '-m', str(path), '-i',
                              str(root / name / 'test' / '*' / '*.png'), '-o', str(out),
                              '--batch-size', '32'], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     expected = predict_maps(model, dataset, batch_size=32)
     names = pd.read_csv(out / 'scores.csv')['output']
     assert len(names) == len(dataset.paths)
