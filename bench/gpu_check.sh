@@ -27,21 +27,26 @@ RES_SCALE=${RES_SCALE:-1}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
-python - "$DEVICE" <<'EOF'
+# the versions and GPUs, then (last line) the number of GPUs: one start of PyTorch
+SYSTEM=$(python - "$DEVICE" <<'EOF'
 import sys, torch
 device = sys.argv[1]
 print(f'torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)')
 for i in range(torch.cuda.device_count()):
     print(f'  {i}: {torch.cuda.get_device_name(i)}, bf16: {torch.cuda.is_bf16_supported()}')
 if device.startswith('cuda') and not torch.cuda.is_available():
-    sys.exit('bench/gpu_check.sh: no CUDA device; DEVICE=cpu runs the script on the CPU')
+    sys.exit(f'bench/gpu_check.sh: no CUDA device (torch {torch.__version__}, CUDA '
+             f'{torch.version.cuda}); DEVICE=cpu runs the script on the CPU')
+print(torch.cuda.device_count())
 EOF
+)
+echo "${SYSTEM%$'\n'*}"
+GPUS=${SYSTEM##*$'\n'}
 
 echo "== 1. training speed, ${SIZE} px, batch ${BATCH}, ${WORKERS} workers"
 python bench/training.py --device "$DEVICE" --size "$SIZE" --batch-size "$BATCH" \
     --workers "$WORKERS" --steps "$STEPS" | tee "$OUT/training_speed.txt"
 
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
 if [ "$GPUS" -ge 2 ]; then
     echo "== 2. torchrun on $GPUS GPUs, demo category, 2 epochs, then resumed"
     python -m self_sup_data.demo "$OUT/demo_data"

@@ -78,7 +78,16 @@ def test_the_gpu_check_script_runs_on_the_cpu_with_small_knobs(tmp_path):
     assert re.search(r'at 64x64, batch 4, CPU.*\n  data alone .*\n  model alone .*\n  full pipeline',
                      speed), speed
     assert 'torchrun: skipped (one GPU' in result.stdout  # no GPU here
+    first_lines = f'torch {torch.__version__}, CUDA None, 0 GPU(s)\n== 1. '  # the count is not printed
+    assert result.stdout.startswith(first_lines), result.stdout
     log = (out / 'magnetic_tile.txt').read_text()
     assert re.search(r'magnetic_tile_shift_intensity_m: epoch 1/1, loss [0-9.]+', log), log
     assert 'image AUROC' in log and re.search(r'wall time \d+ s', log), log
     assert list((out / 'magnetic_tile').rglob('final_magnetic_tile_shift_intensity_m.pt'))
+
+    # on a machine without CUDA the script stops at once unless DEVICE=cpu
+    result = subprocess.run(['bash', 'bench/gpu_check.sh', '', str(tmp_path / 'no_gpu')],
+                            cwd=REPO, env={**os.environ, 'DEVICE': 'cuda'}, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    assert f'no CUDA device (torch {torch.__version__}, CUDA None); DEVICE=cpu' in result.stderr
+    assert '== 1.' not in result.stdout
