@@ -207,7 +207,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
         (params, report): the calibrated parameters, and a dict of plain values with what was
         measured (see the module docstring) and the values chosen.
     """
-    num_samples = num_samples or NUM_SAMPLES
+    num_samples = NUM_SAMPLES if num_samples is None else num_samples
     rng = np.random.default_rng(np.random.SeedSequence([seed, CALIBRATION_STREAM]))
     if self_sup_args.get('skip_background') is not None:
         check_object_pixels(images, self_sup_args['skip_background'], category)
