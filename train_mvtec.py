@@ -30,7 +30,7 @@ from pathlib import Path
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
-                             report_problems, slow_bf16_note, train_config, train_unless_finished)
+                             print_slow_bf16_note, report_problems, train_config, train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.validation import Validator
@@ -293,9 +293,7 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
-    note = slow_bf16_note(PROG, args)
-    if note:
-        print(note)
+    print_slow_bf16_note(PROG, args)
     for category in categories:
         params = search = None
         if recipes.recipe_name(args.recipe, category) == 'search':

@@ -128,15 +128,14 @@ def check_training_options(args, loss):
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
 
 
-def slow_bf16_note(prog, args):
-    """A printed note when --bf16 asks for bfloat16 autocast on a CPU that lists no bfloat16
-    instructions (``cpu_has_bf16``), where it is emulated, many times slower than float32; else
-    None (also where the CPU's instructions are unknown)."""
-    if not args.bf16 or resolve_device(args.device).type != 'cpu' or cpu_has_bf16() is not False:
-        return None
-    return (f"{prog}: note: --bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX): "
-            f"emulated there, many times slower than float32 (14x at 128 px on a 2-core AVX2 "
-            f"CPU); without --bf16 training runs in float32")
+def print_slow_bf16_note(prog, args):
+    """Print a note when --bf16 asks for bfloat16 autocast on a CPU that lists no bfloat16
+    instructions (``cpu_has_bf16``), where it is emulated, many times slower than float32;
+    nothing where the CPU's instructions are unknown."""
+    if args.bf16 and resolve_device(args.device).type == 'cpu' and cpu_has_bf16() is False:
+        print(f"{prog}: note: --bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX): "
+              f"emulated there, many times slower than float32 (14x at 128 px on a 2-core AVX2 "
+              f"CPU); without --bf16 training runs in float32")
 
 
 def flag(name):
