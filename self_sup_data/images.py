@@ -26,9 +26,14 @@ def decode(path):
     """Decode the whole file with Pillow (which raises on truncated data) -> uint8 numpy array.
 
     A 16-bit image is scaled from the range of its bit depth (``high_bit_depth``: 0..4095 for
-    12-bit data, else 0..65535) to 0..255, so that 12-bit data keeps 256 grey levels."""
+    12-bit data, else 0..65535) to 0..255, so that 12-bit data keeps 256 grey levels. Images of
+    floating-point pixels (whose range is not known) and images larger than Pillow's
+    decompression-bomb limit are ValueErrors naming the file."""
     try:
         with Image.open(path) as image:
+            if image.mode == 'F':
+                raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
+                                 f'their value range is unknown; save them as 8- or 16-bit integers')
             image.load()
             if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
                 values = np.asarray(image, dtype=np.float32)
@@ -39,6 +44,9 @@ def decode(path):
             elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
                 image = image.convert('RGB')
             return np.asarray(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"cannot read image {path}: {error} (PIL.Image.MAX_IMAGE_PIXELS sets the "
+                         f"limit)") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
@@ -81,8 +89,9 @@ def resize(image, size, interpolation=None):
 
 def image_files(inputs):
     """The image files named by ``inputs`` (paths or strings), in order: a folder gives its files
-    with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive), a glob pattern its sorted
-    matches, any other path itself (whether it exists or not: reading it reports the error).
+    with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive), an existing file itself
+    (also when its name holds glob characters, ``scan[1].png``), a glob pattern its sorted
+    matches, any other path itself (reading it reports the error).
     ValueError naming a folder without images or a pattern without matches."""
     files = []
     for entry in inputs:
@@ -91,7 +100,7 @@ def image_files(inputs):
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)})')
-        elif any(char in str(entry) for char in GLOB_CHARACTERS):
+        elif not path.exists() and any(char in str(entry) for char in GLOB_CHARACTERS):
             found = sorted(Path(p) for p in glob.glob(str(entry)) if not Path(p).is_dir())
             if not found:
                 raise ValueError(f'pattern {entry} matches no files')

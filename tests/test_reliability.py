@@ -22,7 +22,7 @@ from experiments.training import (TrainConfig, final_model_path, last_checkpoint
                                   make_loader, model_checkpoint, train, weights_checksum)
 from models.resnet import resnet18_enc_dec
 from self_sup_data import chest_xray
-from self_sup_data.images import decode
+from self_sup_data.images import decode, image_files
 from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -376,6 +376,24 @@ def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
     full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # 16-bit data: the full range
     Image.fromarray(full).save(tmp_path / 'full.png')
     assert decode(tmp_path / 'full.png').max() == 255
+
+
+def test_float_images_and_decompression_bombs_are_errors_naming_the_file(tmp_path, monkeypatch):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / 'float.tif')
+    with pytest.raises(ValueError, match=r'cannot read image .*float.tif: F images .* not supported'):
+        decode(tmp_path / 'float.tif')
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / 'large.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # errors above twice the limit
+    with pytest.raises(ValueError, match=r'cannot read image .*large.png: .*MAX_IMAGE_PIXELS'):
+        decode(tmp_path / 'large.png')
+
+
+def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):
+    for name in ('scan[1].png', 'scan1.png'):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    assert image_files([tmp_path / 'scan[1].png']) == [tmp_path / 'scan[1].png']
+    assert image_files([str(tmp_path / 'scan[1].png')]) == [tmp_path / 'scan[1].png']
+    assert image_files([str(tmp_path / 'scan[0-9].png')]) == [tmp_path / 'scan1.png']
 
 
 def seed_meta(seed, recipe='table', epochs=100, num_patches=4, category='tiles'):
