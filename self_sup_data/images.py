@@ -22,12 +22,11 @@ def high_bit_depth(values):
     return next((bits for bits in HIGH_BIT_DEPTHS if largest < 2 ** bits), HIGH_BIT_DEPTHS[-1])
 
 
-def decode(path):
-    """Decode the whole file with Pillow (which raises on truncated data) -> uint8 numpy array.
-
-    A 16-bit image is scaled from the range of its bit depth (``high_bit_depth``: 0..4095 for
-    12-bit data, else 0..65535) to 0..255, so that 12-bit data keeps 256 grey levels. Images of
-    floating-point pixels (whose range is not known) and images larger than Pillow's
+def decode_values(path):
+    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
+    pixel values as stored: integers (16- or 32-bit) for integer images, else uint8 ``H x W``
+    (grey, also 1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
+    Images of floating-point pixels (whose range is not known) and images larger than Pillow's
     decompression-bomb limit are ValueErrors naming the file."""
     try:
         with Image.open(path) as image:
@@ -36,9 +35,7 @@ def decode(path):
                                  f'their value range is unknown; save them as 8- or 16-bit integers')
             image.load()
             if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                values = np.asarray(image, dtype=np.float32)
-                scale = 255 / (2 ** high_bit_depth(values) - 1)
-                return (values * scale).round().clip(0, 255).astype(np.uint8)
+                return np.asarray(image)
             if image.mode in ('1', 'LA', 'La'):
                 image = image.convert('L')
             elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
@@ -49,6 +46,17 @@ def decode(path):
                          f"limit)") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def decode(path):
+    """``decode_values`` as uint8: a 16-bit image is scaled from the range of its bit depth
+    (``high_bit_depth``: 0..4095 for 12-bit data, else 0..65535) to 0..255, so that 12-bit data
+    keeps 256 grey levels."""
+    values = decode_values(path)
+    if values.dtype == np.uint8:
+        return values
+    scale = 255 / (2 ** high_bit_depth(values) - 1)
+    return (values.astype(np.float32) * scale).round().clip(0, 255).astype(np.uint8)
 
 
 def read_image(path):

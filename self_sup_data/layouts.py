@@ -43,7 +43,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode
+from self_sup_data.images import IMAGE_SUFFIXES, decode_values
 
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -184,7 +184,9 @@ class LocoLayout(CategoryLayout):
         defects = self.defects(root, category)
         regions = []
         for path in mask_paths:
-            mask = decode(path)
+            mask = decode_values(path)
+            if mask.ndim == 3:
+                mask = mask.max(axis=2)
             values = np.unique(mask[mask > 0])
             if len(values) != 1 or int(values[0]) not in defects:
                 raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "

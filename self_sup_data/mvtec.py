@@ -6,7 +6,8 @@ Layout (``root`` holds one folder per category)::
     root/<category>/test/good/*.png                     normal test images
     root/<category>/test/<defect>/<name>.png            defective test images
     root/<category>/ground_truth/<defect>/<name>_mask.png   their masks (any nonzero pixel is a
-                                                             defect; matched by exact name)
+                                                             defect, ``mask_pixels``; matched by
+                                                             exact name)
 
 The same datasets read VisA, MVTec LOCO AD, MVTec AD 2 and a plain pair of folders through
 ``self_sup_data.layouts`` (which layout: given, or detected from the folder).
@@ -29,6 +30,7 @@ instead several views of the transformed image with their class labels.
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,7 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
-from self_sup_data.images import IMAGE_SUFFIXES, decode, read_image, resize, to_channels
+from self_sup_data.images import IMAGE_SUFFIXES, decode_values, read_image, resize, to_channels
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -51,6 +53,7 @@ CLASS_NAMES = OBJECTS + TEXTURES
 UNALIGNED_OBJECTS = ['bottle', 'hazelnut', 'metal_nut', 'screw']
 KINDS = ('object', 'texture')
 CHECK_SIZE = 8  # the side that check_test_set decodes test images and masks to
+LOSSY_SUFFIXES = ('.jpg', '.jpeg')  # mask formats whose compression changes pixel values
 
 
 # ----------------------------------------------------------------------------- categories
@@ -106,24 +109,33 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
 
 # ----------------------------------------------------------------------------- reading files
 
+def mask_pixels(values, path):
+    """Boolean ``H x W``: the defect pixels of a mask's stored values (``decode_values``; colour
+    masks by their largest channel): every nonzero pixel (0/255, 0/1, 16-bit or any other values),
+    or, for a mask saved in a lossy format (``LOSSY_SUFFIXES``: JPEG, whose compression rings
+    around edges), the pixels above half of its largest value."""
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    if Path(path).suffix.lower() in LOSSY_SUFFIXES:
+        return values > values.max(initial=0) / 2
+    return values > 0
+
+
 def read_mask(path):
-    """Boolean ``H x W`` mask: every nonzero pixel is a defect (0/255, 0/1 or any other value)."""
-    mask = decode(path)
-    if mask.ndim == 3:
-        mask = mask.max(axis=2)
-    return mask > 0
+    """Boolean ``H x W`` mask of the file at ``path`` (``mask_pixels``)."""
+    return mask_pixels(decode_values(path), path)
 
 
 def read_id_masks(paths):
-    """Boolean ``H x W`` union of the nonzero pixels of the masks at ``paths`` (masks whose values
-    are region or defect ids, e.g. VisA's and MVTec LOCO AD's); they must have one size."""
-    masks = [decode(path) for path in paths]
-    masks = [m.max(axis=2) if m.ndim == 3 else m for m in masks]
+    """Boolean ``H x W`` union of the defect pixels (``mask_pixels``) of the masks at ``paths``
+    (masks whose values are region or defect ids, e.g. VisA's and MVTec LOCO AD's); they must
+    have one size."""
+    masks = [read_mask(path) for path in paths]
     for path, mask in zip(paths[1:], masks[1:]):
         if mask.shape != masks[0].shape:
             raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but {paths[0]} is "
                              f"{masks[0].shape[1]}x{masks[0].shape[0]}; the masks of an image must match")
-    return np.any(np.stack(masks) > 0, axis=0)
+    return np.any(np.stack(masks), axis=0)
 
 
 def _load_item(image_path, mask_path, size):
@@ -282,6 +294,19 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
     load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}')
 
 
+def warn_empty_masks(class_name, paths, defect_types, masks, side):
+    """Warn, with their count and the first path, about defect images whose mask has no defect
+    pixel at ``side`` pixels (none in the file, or a defect too small to survive the resize):
+    their pixels count as normal in the pixel metrics, as in MVTec AD's evaluation."""
+    empty = [path for path, t, mask in zip(paths, defect_types, masks)
+             if t != 'good' and mask is not None and not mask.any()]
+    if empty:
+        defects = sum(t != 'good' for t in defect_types)
+        warnings.warn(f"{class_name}: {len(empty)} of {defects} defect images have a mask without a "
+                      f"defect pixel at {side} pixels (first: {empty[0]}); their pixels count as "
+                      f"normal in the pixel metrics")
+
+
 class SelfSupMVTecDataset(SelfSupImageDataset):
     """One category of a data folder: MVTec AD layout (see the module docstring) or another
     ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
@@ -325,6 +350,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         if not is_train:
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
+            warn_empty_masks(class_name, paths, defect_types, masks, low_res)
         super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
                          labels=labels, masks=masks, has_mask=has_mask, views=views)
         self.class_name = class_name

@@ -240,6 +240,11 @@ def test_loco_defect_regions_carry_their_saturation(tmp_path):
     # 2x2 defect of value 20 (absolute 3 pixels at 32 px) -> 1 pixel, saturated at 3/4 pixel at 16 px
     assert [(int(m.sum()), s) for m, s in regions] == [(4, 2.0), (1, 0.75)]
     assert loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)[1][1] == 3  # 3 of its 4 pixels at 32 px
+    rgb = [np.repeat(np.asarray(Image.open(path))[:, :, None], 3, axis=2) for path in masks]
+    for path, values in zip(masks, rgb):  # a mask saved again in colour: the same regions
+        Image.fromarray(values).save(path)
+    assert [(int(m.sum()), s) for m, s in loco.defect_regions(tmp_path, 'juice_bottle', masks,
+                                                             size=SIZE // 2)] == [(4, 2.0), (1, 0.75)]
     _png(masks[1], mask_box=(0, 0, 2), mask_value=7)
     with pytest.raises(ValueError, match=r'should hold one pixel value of \[20, 255\].*found \[7\]'):
         loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)

@@ -207,6 +207,33 @@ def test_test_masks_are_resized_with_their_images(tmp_path):
     assert mask.sum() == (32 // 4) ** 2
 
 
+def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_path):
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2})
+    blank = tmp_path / 'cat' / 'ground_truth' / 'crack' / '001_mask.png'
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
+    with pytest.warns(UserWarning, match=rf"cat: 1 of 2 defect images have a mask without a defect "
+                                         rf"pixel at 32 pixels \(first: .*001.png\)"):
+        ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    assert ds.has_mask.all() and ds.masks[1].sum() == 0
+
+
+def test_masks_mark_their_nonzero_pixels_whatever_the_format(tmp_path):
+    defect = np.zeros((32, 32), bool)
+    defect[8:20, 4:16] = True
+    for name, values in [('binary.png', defect * 255), ('ones.png', defect * 1),
+                         ('ones16.png', (defect * 1).astype(np.uint16)),  # 16-bit 0/1: not rescaled
+                         ('ids16.png', (defect * 4000).astype(np.uint16)),
+                         ('colour.png', np.repeat((defect * 200)[:, :, None], 3, axis=2)),
+                         ('lossy.jpg', defect * 255)]:  # JPEG rings around the edges
+        path = tmp_path / name
+        Image.fromarray(values.astype(np.uint16 if values.dtype == np.uint16 else np.uint8)).save(path)
+        if name == 'lossy.jpg':
+            assert (np.asarray(Image.open(path)) > 0).sum() > defect.sum()
+        np.testing.assert_array_equal(mvtec.read_mask(path), defect, err_msg=name)
+    np.testing.assert_array_equal(mvtec.read_id_masks((tmp_path / 'ones16.png', tmp_path / 'lossy.jpg')),
+                                  defect)
+
+
 def test_defect_without_masks_is_an_error_or_on_request_image_level_only(tmp_path):
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2}, with_masks=False)
     make_mvtec_category(tmp_path / 'other', 'cat', defects={'hole': 2})
