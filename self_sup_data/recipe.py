@@ -22,9 +22,13 @@ a defective image:
   stays seamless, as in the paper, and between the two the range ``(low, 1)`` shrinks linearly
   towards ``(0, 0)`` (materials of nearly equal visibility get nearly equal mixes). Only for the
   Poisson-blending settings.
-- **patch sizes**: a patch is *effective* when at least half of its pixels get a label of 0.5 or
-  more. Patches are binned by size; the lower half-width bound is raised to the smallest size
-  from which on most patches (``MIN_EFFECTIVE``) are effective (small blends often vanish).
+- **patch sizes**: a patch is *effective* when at least half of its pixels are labelled as
+  anomalous by the setting's own label with the calibrated ``(k, x0)`` (``labelled_anomalous``: a
+  label of 0.5 or more for the logistic and binary labels, any change for the continuous and raw
+  intensity labels). Patch sides are measured as fractions of the training crop's side, the side
+  that ``patch_ex``'s bounds are fractions of. Patches are binned by size; the lower half-width
+  bound is raised to the smallest size from which on most patches (``MIN_EFFECTIVE``) are
+  effective (small blends often vanish).
 - **patch count**: the first patch is always drawn and each further one with probability 1/2, so
   up to N patches give ``1 + (N - 1) / 2`` on average. N is raised until the expected number of
   *effective* patches reaches the kind default's expected number of patches (up to
@@ -107,6 +111,16 @@ def paste_fraction_for(visibility):
         return None
     low = fade * (MIN_VISIBILITY - visibility) / (1 - visibility)
     return (round(float(low), 2), fade)
+
+
+def labelled_anomalous(label, label_mode):
+    """Boolean map of the pixels of ``label`` (of ``patch_ex``'s ``label_mode``) that it marks as
+    anomalous: at least EFFECTIVE_LABEL for the logistic and binary labels (whose values say how
+    anomalous a pixel is, 0 to 1), above 0 for the continuous label (the patch's interpolation
+    factor wherever the image changed) and the raw intensity label (the change itself)."""
+    if label_mode in ('continuous', 'intensity'):
+        return label > 0
+    return label >= EFFECTIVE_LABEL
 
 
 def patches_for(effective_fraction, default_patches):
@@ -240,18 +254,19 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
         if 'paste_fraction' not in fixed:
             params['paste_fraction'] = paste_fraction_for(report['visibility'])
 
-    final_args = {**self_sup_args, 'label_mode': 'logistic-intensity',
+    final_args = {**self_sup_args,
                   'intensity_logistic_params': tuple(params['intensity_logistic_params'])}
     if poisson:
         final_args['paste_fraction'] = params['paste_fraction']
     labelled = _single_patches(pairs, final_args, seeds)
-    side = min(images[0].shape[:2])
+    side = min(pairs[0][0].shape[:2])  # the training crop's
     sides, effective = [], []
     for (_, label), (_, footprint) in zip(labelled, pastes):
         area = int((footprint > 0).sum())
         if area:
             sides.append(math.sqrt(area) / side)
-            effective.append((label >= EFFECTIVE_LABEL).sum() >= area / 2)
+            anomalous = labelled_anomalous(label, final_args.get('label_mode', 'binary'))
+            effective.append(anomalous.sum() >= area / 2)
     sides, effective = np.array(sides), np.array(effective, dtype=bool)
     report['effective_fraction'] = float(effective.mean()) if effective.size else 0.0
 

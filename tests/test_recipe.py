@@ -209,6 +209,28 @@ def test_objects_keep_their_patches_inside_and_plain_pastes_get_no_paste_fractio
     assert 'visibility' not in report and params['paste_fraction'] is None
 
 
+@pytest.mark.parametrize('key', ['CutPaste', 'FPI'])
+def test_settings_of_other_labels_judge_their_patches_by_their_own_label(key):
+    # a plain paste (binary label) or an interpolation (continuous label) marks every changed
+    # pixel; judged by the logistic label, most patches seemed ineffective and the count rose
+    params, report = calibrate(contrasted_images(8), key=key)
+    assert report['effective_fraction'] > 0.9
+    assert params['num_patches'] == settings.KIND_DEFAULTS['texture']['num_patches']
+    assert params['width_bounds_pct'] == settings.KIND_DEFAULTS['texture']['width_bounds_pct']
+    assert recipe.labelled_anomalous(np.array([0.0, 0.2, 0.5]), 'binary').tolist() == [False, False, True]
+    assert recipe.labelled_anomalous(np.array([0.0, 0.2, 3.0]), 'continuous').tolist() == [False, True, True]
+
+
+def test_patch_sides_are_fractions_of_the_training_crop(monkeypatch):
+    measured = []
+    monkeypatch.setattr(recipe, 'lower_half_width',
+                        lambda sides, effective, lower: measured.append(sides) or lower)
+    calibrate(shaded_images(8), key='FPI', width_bounds_pct=((0.2, 0.2), (0.2, 0.2)))
+    # foreign patches of half-width 0.2 of the 48-pixel crop change a square of 0.4 of its side
+    # (0.3 of the stored 64 pixels)
+    assert np.median(measured[0]) == pytest.approx(0.4, abs=0.03)
+
+
 def test_calibration_without_object_pixels_names_the_category_and_flag():
     params, args = texture_args(background=(128, 127))  # every grey level is background
     args['skip_background'] = (128, 127)
