@@ -115,7 +115,7 @@ def plan(args):
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
     check_training_options(args, setting.loss)
-    recipes.check_recipe_options(args)
+    recipes.check_recipe_options(args, setting)
     if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:
         raise ValueError(f"--res-scale must be in (0, {MAX_RES_SCALE}], got {args.res_scale}")
     layout = layout_from_args(args)
@@ -185,6 +185,15 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     return report_problems(records)
 
 
+def held_out_images(args, data_dir, category, recipe, searched=False):
+    """(layout, validation fraction, sorted indices of the training images held out for the
+    validation set: none below MIN_VALIDATION_IMAGES images) of ``category`` under ``recipe``."""
+    layout = layout_from_args(args) or detect_layout(data_dir, category)
+    fraction = recipes.val_fraction(args, recipe, searched)
+    held_out = holdout_indices(len(train_files(data_dir, category, layout)), fraction, args.val_seed)
+    return layout, fraction, held_out
+
+
 def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     """Dataset, model, TrainConfig, meta and validator (None without a validation set) of one
     category; errors here are input errors. ``searched``: the final run of --recipe search (its
@@ -192,18 +201,22 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
 
     The generator's category parameters are ``params`` (a candidate of --recipe search) or the
     recipe's (``experiments.recipes``): as written (table) or calibrated from the training
-    images (auto, search), with the command line's overrides kept.
+    images (auto, search), with the command line's overrides kept. A category too small for a
+    validation set trains without one, and says so: --recipe search becomes auto, and --select
+    best keeps the last epoch's weights.
     """
     overrides = settings.param_overrides(args)
     recipe = recipes.recipe_name(args.recipe, category)
     seed = setting.run_seed
     res_scale = args.res_scale or 1.0
-    layout = layout_from_args(args) or detect_layout(data_dir, category)
-    fraction = recipes.val_fraction(args, recipe, searched)
-    held_out = holdout_indices(len(train_files(data_dir, category, layout)), fraction, args.val_seed)
+    layout, fraction, held_out = held_out_images(args, data_dir, category, recipe, searched)
     if fraction and not held_out.size:
-        print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: "
-              f"training without a validation set")
+        instead = [text for text, replaced in (("recipe auto instead of search", recipe == 'search'),
+                                               ("the last epoch's weights instead of --select best",
+                                                args.select == 'best')) if replaced]
+        print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: training "
+              f"without a validation set" + ''.join(f"; {text}" for text in instead))
+        recipe = 'auto' if recipe == 'search' else recipe
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout)
     table_params = settings.category_params(category, args.kind, overrides,
@@ -229,14 +242,12 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                             num_classes=None if views is None else views.num_classes)
     config = dataclasses.replace(
         train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
-                     loss=setting.loss), select=args.select)
+                     loss=setting.loss), select=args.select if held_out.size else 'last')
     validator = None
     if held_out.size:
         validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
                                              args.kind, channels=dataset.in_channels, layout=layout)
         validator = Validator(validation_set, recipes.val_every(args, config.epochs))
-    elif config.select == 'best':
-        raise ValueError(f"--select best needs a validation set, and {category!r} has none")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,
@@ -252,11 +263,9 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     """--recipe search: train each candidate of ``recipes.search_candidates`` for the search
     epochs (in ``<run dir>/search/<candidate>``: an interrupted candidate is continued, a finished
     one read back, both trained again with --force) and score it on the validation set
-    -> (the best candidate's params, {candidate: dict(score, params)})."""
+    -> (the best candidate's params, {candidate: dict(score, params)}). Only for categories with
+    held-out images (``held_out_images``)."""
     dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category)
-    if validator is None:
-        raise ValueError(f"--recipe search needs a validation set, and {category!r} has none "
-                         f"(--val-fraction 0 or fewer than {MIN_VALIDATION_IMAGES} images)")
     overrides = settings.param_overrides(args)
     start = settings.category_params(category, args.kind, overrides, use_entry=False)
     switched, report = recipes.calibrate_switched(dataset, setting, start, meta['calibration'],
@@ -296,8 +305,9 @@ def main(argv=None):
     print_slow_bf16_note(PROG, args)
     for category in categories:
         params = search = None
-        if recipes.recipe_name(args.recipe, category) == 'search':
-            with exit_on_input_error(PROG):
+        recipe = recipes.recipe_name(args.recipe, category)
+        with exit_on_input_error(PROG):
+            if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
                 params, search = search_recipe(args, setting, data_dir, category, out_dir)
 
         def prepare():

@@ -58,8 +58,10 @@ def add_recipe_arguments(parser):
                             f'{SEARCH_FRACTION}th of the epochs)')
 
 
-def check_recipe_options(args):
-    """ValueError naming the first out-of-range recipe option."""
+def check_recipe_options(args, setting):
+    """ValueError naming the first out-of-range recipe option, or one that needs a validation set
+    where there can be none (``--val-fraction 0``; a classifier ``setting``, which outputs no map
+    to score the validation set's defects with)."""
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     for name in ('val_every', 'search_epochs'):
@@ -68,8 +70,14 @@ def check_recipe_options(args):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.val_seed < 0:
         raise ValueError(f"--val-seed must be a non-negative integer, got {args.val_seed}")
-    if args.select == 'best' and args.val_fraction == 0:
-        raise ValueError("--select best needs a validation set; --val-fraction is 0")
+    needing = [name for name, needs in (('--recipe search', args.recipe == 'search'),
+                                        ('--select best', args.select == 'best')) if needs]
+    if needing and args.val_fraction == 0:
+        raise ValueError(f"{needing[0]} needs a validation set; --val-fraction is 0")
+    if setting.model == 'classifier' and (needing or args.val_fraction):
+        option = needing[0] if needing else f'--val-fraction {args.val_fraction:g}'
+        raise ValueError(f"{option} needs a validation set, scored by anomaly maps, and "
+                         f"{setting.key} is a classifier that outputs none")
 
 
 def recipe_name(requested, category):

@@ -373,7 +373,8 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     recipe = data_recipe(class_name, res_scale, kind)
     images, _ = load_images(paths, recipe['test_res'], channels=channels,
                             desc=f'loading {class_name} validation')
-    images, labels, masks, defect_types = make_validation_set(images, seed, kinds)
+    images, labels, masks, defect_types = make_validation_set(images, seed, kinds,
+                                                              names=[str(p) for p in paths])
     dataset = SelfSupImageDataset(images, is_train=False, transform=None,
                                   train_size=recipe['train_size'], labels=labels, masks=masks)
     dataset.class_name, dataset.kind = class_name, category_kind(class_name, kind)

@@ -17,8 +17,10 @@ at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material
 contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
 levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
 asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again.
-Everything comes from one generator seeded by the run's seed: the set is made once and is the
-same for every model trained with that seed. It knows nothing of torch.
+The held-out images and their defects come from two generators seeded by the validation seed
+(``--val-seed``, not the run's seed): the set is made once and is the same for every model of a
+category, whatever its setting, recipe or seed, so that their scores compare. It knows nothing of
+torch.
 """
 import cv2
 import numpy as np
@@ -133,12 +135,15 @@ def synthetic_defect(image, kind, rng):
         if mask.sum() >= min_defect_pixels(image.shape):
             return out, mask
     raise ValueError(f"a {kind} defect changes fewer than {min_defect_pixels(image.shape)} pixels of this "
-                     f"{image.shape[1]}x{image.shape[0]} image in {MAX_DRAWS} draws (is it blank?)")
+                     f"{image.shape[1]}x{image.shape[0]} image in {MAX_DRAWS} draws (is it blank?); "
+                     f"train without a validation set (--val-fraction 0) or choose other held-out "
+                     f"images (--val-seed)")
 
 
-def make_validation_set(images, seed, kinds=VALIDATION_KINDS):
+def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None):
     """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
-    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``.
+    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``. ``names``: the
+    images' files, named by the ValueError of an image on which no defect can be drawn.
 
     Returns (images, labels, masks, defect_types): the normal images first, then the defective
     ones; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
@@ -152,7 +157,11 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS):
     defective, masks, types = [], [], []
     for index, image in enumerate(images):
         kind = kinds[index % len(kinds)]
-        out, mask = synthetic_defect(image, kind, rng)
+        try:
+            out, mask = synthetic_defect(image, kind, rng)
+        except ValueError as error:
+            name = f'{names[index]}' if names is not None else f'image {index}'
+            raise ValueError(f"held-out validation image {name}: {error}") from error
         defective.append(out)
         masks.append(mask.astype(np.uint8))
         types.append(kind)

@@ -276,6 +276,10 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
     assert all(np.array_equal(a, b) for a, b in zip(items, again[0]))
     with pytest.raises(ValueError, match='validation kinds'):
         validation.make_validation_set(images, 0, kinds=('smudge',))
+    blank = images[:2] + [np.full_like(images[2], 128)]
+    with pytest.raises(ValueError, match=r'held-out validation image c.png: a blur defect changes '
+                                         r'fewer than \d+ pixels .*--val-seed'):
+        validation.make_validation_set(blank, 0, kinds=('blur',), names=['a.png', 'b.png', 'c.png'])
 
 
 class Brightness(torch.nn.Module):
@@ -469,11 +473,32 @@ def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     assert 'without a validation set' in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_small_category_searches_nothing_and_keeps_the_last_weights_and_says_so(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=6)
+    out = tmp_path / 'out'
+    assert train_mvtec.main(['-s', 'Shift-Intensity', '-d', str(data), '-n', 'plates', '-o', str(out),
+                             '--recipe', 'search', '--select', 'best', '--search-epochs', '1']
+                            + FAST) == 0
+    printed = capsys.readouterr().out
+    assert ("plates: fewer than 10 training images: training without a validation set; recipe auto "
+            "instead of search; the last epoch's weights instead of --select best") in printed
+    assert 'search candidate' not in printed
+    meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity', 'plates'),
+                      weights_only=True)['meta']
+    assert meta['recipe'] == 'auto' and meta['held_out'] == 0 and meta['recipe_search'] is None
+    assert meta['train_config']['select'] == 'last' and meta['calibration'] is not None
+
+
 @pytest.mark.parametrize('argv,expected', [
     (['--val-fraction', '1'], '--val-fraction'),
     (['--val-every', '0'], '--val-every'),
     (['--search-epochs', '0'], '--search-epochs'),
     (['--select', 'best', '--val-fraction', '0'], '--select best'),
+    (['--recipe', 'search', '--val-fraction', '0'], '--recipe search needs a validation set'),
+    (['-s', 'CutPaste-3way', '--val-fraction', '0.1'], 'CutPaste-3way is a classifier'),
+    (['-s', 'CutPaste-3way', '--recipe', 'search'], '--recipe search needs a validation set, scored'),
 ])
 def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_path, capsys,
                                                                 argv, expected):
