@@ -58,11 +58,18 @@ SPRO_METRICS = {'au_spro': None, 'au_spro_logical': 'logical_anomalies',
                 'au_spro_structural': 'structural_anomalies'}
 
 
-def threshold_values(dataset, maps, thresholds=None):
+def threshold_values(dataset, maps, thresholds=None, flip_average=False, source='the model'):
     """``metrics.THRESHOLD_METRICS`` of the maps of a test set: the F1-optimal thresholds, and
     precision, recall and F1 at the model's calibrated ``thresholds`` (``experiments.thresholds``;
-    NaN without them)."""
+    NaN without them, and NaN with a warning naming ``source`` when they were calibrated on maps
+    with another ``flip_average`` than these: their values do not apply to these maps)."""
     thresholds = thresholds or {}
+    calibrated_flip = thresholds.get('flip_average', flip_average)
+    if calibrated_flip != flip_average:
+        warnings.warn(f'{source}: its thresholds were calibrated {"with" if calibrated_flip else "without"} '
+                      f'flip averaging and these maps are {"with" if flip_average else "without"} it: '
+                      f'no precision, recall or F1 at them')
+        thresholds = {}
     return metrics.threshold_metrics(dataset.labels, maps, np.stack(dataset.masks),
                                      dataset.has_mask, thresholds.get('image'),
                                      thresholds.get('pixel'))
@@ -302,7 +309,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         rows = []
         for variant, (values, maps) in results.items():
             if variant is None:
-                values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds')))
+                values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds'),
+                                                         flip_average, str(path)))
             if isinstance(dataset.layout, LocoLayout):
                 values = dict(values, **spro_values(dataset, maps, defects()))
             rows.append(_record(meta, setting, path, values | undefined_note(dataset), variant))

@@ -132,10 +132,17 @@ def test_evaluation_reports_f1_optimal_and_stored_threshold_metrics(tiny_mvtec, 
     assert 0 < record['image_f1_best'] <= 1 and 0 < record['pixel_f1_best'] <= 1
     assert math.isnan(record['image_f1']) and math.isnan(record['pixel_precision'])
     thresholds.store_thresholds(path, dict(image=record['image_threshold_best'],
-                                           pixel=record['pixel_threshold_best']))
+                                           pixel=record['pixel_threshold_best'], flip_average=False))
     (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8)
     assert record['image_f1'] == pytest.approx(record['image_f1_best'])
     assert record['pixel_f1'] == pytest.approx(record['pixel_f1_best'])
     tables = mvtec_tasks.write_report([record], tmp_path / 'eval')
     assert {'image_auroc_mean', 'image_f1', 'pixel_f1_best'} <= set(tables)
     assert (tmp_path / 'eval' / 'tables' / 'pixel_recall.md').is_file()
+    # thresholds calibrated on plain maps do not apply to flip-averaged ones
+    with pytest.warns(UserWarning, match=r'final_.*\.pt: its thresholds were calibrated without flip '
+                                         r'averaging and these maps are with it'):
+        (flipped,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8,
+                                                      flip_average=True)
+    assert math.isnan(flipped['image_f1']) and math.isnan(flipped['pixel_recall'])
+    assert 0 < flipped['image_f1_best'] <= 1
