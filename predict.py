@@ -20,7 +20,8 @@ Every file is written atomically, and scores.csv and errors.csv after each batch
 interrupted run keeps what it wrote. An unreadable file is listed in errors.csv and skipped; the
 exit status is the number of such files (at most 100), or 101 when the run could not start (bad
 arguments, a missing or unreadable model, an input without images, an OUT_DIR with an earlier
-run's scores.csv unless --overwrite).
+run's scores.csv unless --overwrite, which deletes the earlier run's files once the model and
+the inputs are found).
 """
 import argparse
 import csv
@@ -41,6 +42,7 @@ MAX_FAILED_STATUS = 100
 STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
+EARLIER_RUN_FILES = ('scores.csv', 'errors.csv', 'maps/*.npy', 'overlays/*.png', 'masks/*.png')
 
 
 class StopRun(Exception):
@@ -124,6 +126,14 @@ def predict_files(detector, files, out_dir, flip_average=False):
     return errors
 
 
+def remove_earlier_run(out_dir):
+    """Delete the files that a run writes in ``out_dir`` (``EARLIER_RUN_FILES``), so that an
+    --overwrite run leaves no map, overlay or mask of an image it does not predict."""
+    for pattern in EARLIER_RUN_FILES:
+        for path in out_dir.glob(pattern):
+            path.unlink()
+
+
 def start_run(args):
     """(Detector, files, OUT_DIR) of the parsed arguments; StopRun for what stops the run."""
     if args.onnx and not args.onnx.lower().endswith('.onnx'):
@@ -142,8 +152,10 @@ def start_run(args):
                       'another OUT_DIR or pass --overwrite')
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            remove_earlier_run(out_dir)
     except OSError as error:
-        raise StopRun(f'cannot create output folder {out_dir}: {error.strerror or error}') \
+        raise StopRun(f'cannot prepare output folder {out_dir}: {error.strerror or error}') \
             from error
     if detector.threshold is None:
         print(f'{PROG}: warning: {detector.source} has no thresholds: no decisions and no masks '
@@ -177,7 +189,8 @@ def parse_args(argv=None):
                         help='average each map with that of the vertically flipped image '
                              '(textures only; calibrate the thresholds the same way)')
     parser.add_argument('--overwrite', action='store_true',
-                        help="replace an earlier run's files in OUT_DIR")
+                        help="replace an earlier run in OUT_DIR: its scores, errors, maps, "
+                             "overlays and masks are deleted first")
     return parser.parse_args(argv)
 
 

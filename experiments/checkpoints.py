@@ -14,7 +14,7 @@ import torch
 
 from experiments import one_class
 from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
-from experiments.training import load_model
+from experiments.training import load_model, resolve_device
 
 CHECKPOINT_PATTERN = 'final_*.pt'
 SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
@@ -47,7 +47,10 @@ def read_meta(path):
 
 
 def read_model(path, device):
-    """``training.load_model`` with a ValueError naming an unreadable file."""
+    """``training.load_model`` with a ValueError naming an unreadable file, or an unknown or
+    unavailable ``device`` (``training.resolve_device``; checked first, so that a missing GPU is
+    not reported as a broken file)."""
+    device = resolve_device(device)
     try:
         return load_model(path, device)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:

@@ -47,6 +47,9 @@ def model_spec(meta):
         crop = meta.get('train_size', recipe['train_size'])
         crop = crop if category_kind(category, kind) == 'object' else None
     try:
+        if meta.get('dataset') == 'chest_xray':
+            raise ValueError('flip averaging is for textures: this model is of chest X-rays, whose '
+                             'training recipe does not flip its images')
         check_flip_average(category, kind, [None], 'this model')
         flip_error = None
     except ValueError as error:

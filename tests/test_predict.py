@@ -70,6 +70,16 @@ def test_texture_flip_average_matches_the_evaluation_and_objects_refuse_it(categ
         detector.predict(images[:1], flip_average=True)
 
 
+def test_chest_x_ray_models_refuse_flip_averaging():
+    from experiments.torch_model import model_spec
+    meta = dict(dataset='chest_xray', setting='Shift', category='chest_xray', res=64,
+                model_config=dict(in_channels=1))
+    assert 'chest X-rays, whose training recipe does not flip' in model_spec(meta)['flip_average_error']
+    texture = dict(dataset='mvtec', setting='Shift', category='tiny', kind='texture', res_scale=0.5,
+                   model_config=dict(in_channels=1))
+    assert model_spec(texture)['flip_average_error'] is None
+
+
 def test_channels_are_converted_and_bad_arrays_named(category, tmp_path):
     root, name = category
     detector = Detector.load(save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture'))
@@ -143,7 +153,8 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
     cases = [(['-m', str(calibrated), '-i', str(empty)], f'folder {empty} holds no images'),
              (['-m', str(tmp_path / 'missing.pt'), '-i', str(inputs)], 'no model at'),
              (['-m', str(inputs / 'broken.png'), '-i', str(inputs)], 'cannot read checkpoint'),
-             (['-m', str(calibrated), '-i', str(tmp_path / '*.tif')], 'matches no files')]
+             (['-m', str(calibrated), '-i', str(tmp_path / '*.tif')], 'matches no files'),
+             (['-m', str(calibrated), '-i', str(inputs), '--device', 'gpu'], "unknown device 'gpu'")]
     for argv, message in cases:
         assert predict.main(argv + ['-o', str(out)]) == predict.STOPPED_STATUS
         assert message in capsys.readouterr().err
@@ -153,6 +164,12 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
     assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
     assert 'earlier run' in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == written
+    # --overwrite replaces the earlier run: nothing of a.png is left
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'b.jpg'), '-o', str(out),
+                         '--overwrite']) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == [
+        'errors.csv', 'maps/b.npy', 'masks/b.png', 'overlays/b.png', 'scores.csv']
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['b']
 
 
 @pytest.mark.slow
