@@ -3,13 +3,24 @@
 ``write_atomic(path, write)`` calls ``write(f)`` on a temporary file in ``path``'s folder (a
 unique name ``.<name>.<random>.tmp`` from ``tempfile.mkstemp``), flushes it to disk
 (``os.fsync``), renames it to ``path`` (``os.replace``, atomic on POSIX and Windows) and, on
-POSIX, flushes the folder so that the rename is on disk too. On any exception the temporary file
+POSIX, flushes the folder so that the rename is on disk too. The file gets the permissions of a
+file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone makes it 0600). On any exception the temporary file
 is removed and ``path`` is left as it was; a process killed while writing leaves the temporary
 file, which ``remove_stale_temporaries`` deletes on the next run.
 """
+import functools
 import os
 import tempfile
 from pathlib import Path
+
+
+@functools.cache
+def new_file_mode():
+    """0666 less the process's umask: the permissions of a file that ``open`` creates (read once:
+    ``os.umask`` can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_atomic(path, write, binary=True):
@@ -20,6 +31,8 @@ def write_atomic(path, write, binary=True):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        if os.name == 'posix':
+            os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, 'wb' if binary else 'w', **({} if binary else dict(encoding='utf-8'))) as f:
             write(f)
             f.flush()

@@ -16,6 +16,13 @@ def test_write_atomic_writes_the_file_and_leaves_nothing_else(tmp_path):
     assert sorted(os.listdir(path.parent)) == ['model.pt', 'table.csv']
 
 
+@pytest.mark.skipif(os.name != 'posix', reason='POSIX permissions')
+def test_written_files_get_the_permissions_of_files_that_open_creates(tmp_path):
+    (tmp_path / 'plain.txt').write_text('x')  # 0666 less the umask
+    write_text_atomic(tmp_path / 'atomic.txt', 'x')  # mkstemp alone: 0600
+    assert (tmp_path / 'atomic.txt').stat().st_mode == (tmp_path / 'plain.txt').stat().st_mode
+
+
 def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary_file(tmp_path):
     path = tmp_path / 'checkpoint.pt'
     save_torch_atomic({'epoch': 1}, path)
