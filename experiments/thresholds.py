@@ -28,6 +28,7 @@ from experiments.checkpoints import read_meta
 from experiments.cli import exit_on_input_error
 from experiments.detector import Detector
 from self_sup_data.images import image_files, read_image
+from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import train_files
 from self_sup_data.validation import holdout_indices
 
@@ -38,19 +39,23 @@ DEFAULT_FPR = 0.01
 def normal_image_files(meta, data_dir=None):
     """(files, source) of the normal images a model's thresholds come from: its held-out normal
     training images when it has them, else all its normal training images, in ``data_dir``
-    (default ``meta['data_dir']``)."""
+    (default ``meta['data_dir']``) read in the layout the model was trained on (``meta['layout']``,
+    e.g. the folder format, which needs no ``data_dir``)."""
     data_dir = data_dir or meta.get('data_dir')
-    if data_dir is None or meta.get('dataset', 'mvtec') != 'mvtec':
+    layout = layout_from_spec(meta.get('layout'))
+    in_folders = layout is not None and layout.name == 'folder'
+    if meta.get('dataset', 'mvtec') != 'mvtec' or (data_dir is None and not in_folders):
         raise ValueError('this model does not name its MVTec-layout data folder; pass -d DATA_DIR '
                          'or normal images with -i')
-    files = train_files(data_dir, meta['category'])
+    files = train_files(data_dir, meta['category'], layout)
     if not meta.get('held_out'):
         return files, 'normal training images'
     indices = holdout_indices(len(files), meta['validation_fraction'], meta['validation_seed'])
     if len(indices) != meta['held_out']:
-        raise ValueError(f"{data_dir}/{meta['category']}/train/good holds {len(files)} images, "
-                         f"which do not give the {meta['held_out']} images the model held out; "
-                         'is it the folder the model was trained on?')
+        raise ValueError(f"the normal training images of {meta['category']!r} "
+                         f"({data_dir or 'the folder format'}) are {len(files)}, which do not give "
+                         f"the {meta['held_out']} images the model held out; are they the ones "
+                         f"it was trained on?")
     return [files[index] for index in indices], 'held-out normal training images'
 
 

@@ -223,6 +223,12 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)  # the layout comes from the meta
     assert [(r['category'], r['seed']) for r in records] == [('widgets', 3)]
     assert 0 <= records[0]['au_pro'] <= 1  # masks were found by stem
+    # thresholds from the normal training images that the folder format kept for training
+    from experiments import thresholds
+    from self_sup_data.layouts import layout_from_spec
+    files, source = thresholds.normal_image_files(meta)
+    assert files == layout_from_spec(meta['layout']).train_files() and len(files) < 8
+    assert source == 'normal training images'
 
 
 def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
