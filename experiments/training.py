@@ -25,11 +25,12 @@ autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``)
 Files of a run ``name`` in ``run_dir``:
 
     last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta; with SWA
-                      the running average), written every ``checkpoint_minutes`` (and every
-                      ``checkpoint_every`` epochs when set) and after the last epoch;
-                      ``resume=True`` continues from it
+                      the running average; with a validation set the best validated weights),
+                      written every ``checkpoint_minutes`` (and every ``checkpoint_every``
+                      epochs when set) and after the last epoch; ``resume=True`` continues from it
     final_<name>.pt   the trained model (with SWA: the averaged one) and its meta, without
                       optimiser state (``load_model``)
+    best_<name>.pt    with a validation set: the best validated model so far (see ``train``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
 
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
@@ -356,7 +357,11 @@ def weights_checksum(state_dict):
 def model_checkpoint(model, meta):
     """What a final or best model file holds: the weights (on the CPU) and ``meta`` with their
     ``weights_sha256`` (``weights_checksum``), which ``load_model`` verifies."""
-    state = _cpu_state_dict(model)
+    return state_checkpoint(_cpu_state_dict(model), meta)
+
+
+def state_checkpoint(state, meta):
+    """``model_checkpoint`` of a state dict (CPU tensors)."""
     return dict(model=state, meta={**meta, 'weights_sha256': weights_checksum(state)})
 
 
@@ -546,7 +551,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     model is scored on the validation set; the scores go to ``meta['validation']`` (one dict per
     validation with its ``epoch``) and ``<name>_validation.csv``, a figure of the curve to
     ``<name>_validation.png``, and the model with the best score so far to ``best_<name>.pt``
-    (``meta['best_epoch']``). With ``config.select == 'best'`` the final model is that one.
+    (``meta['best_epoch']``). With ``config.select == 'best'`` the final model is that one. The
+    resume checkpoint holds those weights too, so that a resumed run's best model is one of the
+    epochs it resumed with (``best_<name>.pt`` is written again from them on resume), never one
+    of an interrupted run's lost epochs.
     """
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
@@ -576,7 +584,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
-    start_epoch = 0
+    start_epoch, best_state = 0, None
     if resume and last_path.exists():
         # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
         checkpoint = torch.load(last_path, map_location='cpu', weights_only=True)
@@ -589,6 +597,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         set_rng_state(checkpoint['rng'])
         meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
+        best_state = checkpoint.get('best_model')  # None: none validated yet, or an older checkpoint
+        if best_state is not None and writer:
+            save_torch_atomic(state_checkpoint(best_state, meta), best_model_path(run_dir, name))
     if world_size > 1:
         starts = [None] * world_size
         dist.all_gather_object(starts, start_epoch)
@@ -637,7 +648,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
                   f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
-            validate(model, validator, meta, done, run_dir, name, config.figures)
+            if validate(model, validator, meta, done, run_dir, name, config.figures):
+                best_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
             tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
                        f"{describe_scores(meta['validation'][-1])}")
             model.train()
@@ -648,10 +660,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         if (done == config.epochs
                 or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
-            averaged_state = {} if averaged is None else dict(averaged=averaged.state_dict())
+            extra = {} if averaged is None else dict(averaged=averaged.state_dict())
+            if best_state is not None:
+                extra['best_model'] = best_state
             save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
-                                   meta=meta, **averaged_state), last_path)
+                                   meta=meta, **extra), last_path)
             last_write = time.monotonic()
 
     final_model = model
@@ -663,9 +677,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         final_model = averaged.module
     if writer:
         if config.select == 'best':
-            best = torch.load(best_model_path(run_dir, name), map_location=device,
-                              weights_only=True)
-            model.load_state_dict(best['model'])
+            if best_state is None:  # resumed from a checkpoint of an earlier version
+                best_state = torch.load(best_model_path(run_dir, name), map_location=device,
+                                        weights_only=True)['model']
+            model.load_state_dict(best_state)
         save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
         if config.figures:
             save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
@@ -679,7 +694,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
 def validate(model, validator, meta, epoch, run_dir, name, figures=True):
     """Score ``model`` after ``epoch`` with ``validator``; record the scores in ``meta`` and in
     ``<name>_validation.csv``, write the model to ``best_<name>.pt`` when its score is the best so
-    far, and the curve's figure."""
+    far, and the curve's figure -> whether the score is the best so far."""
     scores = validator(model)
     best = max((entry['score'] for entry in meta['validation']), default=-np.inf)
     meta['validation'].append({'epoch': epoch, **scores})
@@ -692,6 +707,7 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
                                for entry in meta['validation']]) + '\n')
     if figures:
         plot_validation_curve(meta['validation'], run_dir / f'{name}_validation.png')
+    return scores['score'] > best
 
 
 def load_model(path, device='cpu'):

@@ -382,6 +382,34 @@ def test_resumed_run_keeps_the_validation_curve(tmp_path):
     assert resumed['validation'] == whole['validation'] and resumed['best_epoch'] == 2
 
 
+@pytest.mark.slow
+def test_a_resumed_run_never_keeps_the_best_model_of_the_epochs_it_lost(tmp_path):
+    # checkpoint after epoch 2, epoch 3 validated best (0.9), killed in epoch 4; resumed, epochs 3
+    # and 4 score lower (a run that does not repeat exactly: another device, CUDA's kernels)
+    config = TrainConfig(epochs=4, batch_size=4, figures=False, checkpoint_every=2, select='best')
+    states = {}
+
+    class Recording(ScriptedValidator):
+        def __init__(self, scores, first_epoch):
+            super().__init__(scores)
+            self.first_epoch = first_epoch
+
+        def __call__(self, model):
+            states[self.first_epoch + self.calls] = {k: v.clone() for k, v in model.state_dict().items()}
+            return super().__call__(model)
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyNet(), CrashAtEpoch(3), config, tmp_path, 'run', validator=Recording([0.5, 0.6, 0.9], 1))
+    lost = torch.load(best_model_path(tmp_path, 'run'), weights_only=True)
+    assert lost['meta']['best_epoch'] == 3
+    meta = train(TinyNet(), SquaresDataset(), config, tmp_path, 'run', resume=True,
+                 validator=Recording([0.55, 0.58], 3))
+    assert meta['best_epoch'] == 2 and [v['score'] for v in meta['validation']] == [0.5, 0.6, 0.55, 0.58]
+    for path in (best_model_path(tmp_path, 'run'), final_model_path(tmp_path, 'run')):
+        saved = torch.load(path, weights_only=True)
+        assert saved['meta']['best_epoch'] == 2
+        assert all(torch.equal(saved['model'][k], states[2][k]) for k in saved['model'])
+
+
 # ---------------------------------------------------------------------------- train_mvtec.py
 
 def prepared(tmp_path, data, category, *extra):
