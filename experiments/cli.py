@@ -49,7 +49,8 @@ def add_training_arguments(parser):
                             'ones; refused when they were run with other arguments')
     again.add_argument('--force', action='store_true',
                        help='train runs again from the start even when a finished model or an '
-                            'interrupted run is there (replaced when the new run ends)')
+                            'interrupted run is there (a finished model is replaced when the new '
+                            "run ends, an interrupted run's checkpoint by the new run's first one)")
     group.add_argument('--checkpoint-minutes', type=float, default=TrainConfig.checkpoint_minutes,
                        metavar='M', help='write the resume checkpoint whenever M minutes have '
                                          'passed since the last one, and after the last epoch '
@@ -177,11 +178,23 @@ def exit_on_input_error(prog):
         sys.exit(1)
 
 
+def found_run(final, last):
+    """(path, 'finished' or 'interrupted') of the run whose final model is ``final`` and resume
+    checkpoint ``last``, or (None, None) without either: the checkpoint when there is no final
+    model or it belongs to another run (``run_differences``), else the final model."""
+    if last.is_file() and (not final.is_file() or run_differences(read_meta(final), read_meta(last))):
+        return last, 'interrupted'
+    return (final, 'finished') if final.is_file() else (None, None)
+
+
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
     Temporary files of a save that was killed are removed first (``remove_stale_temporaries``).
-    A finished or interrupted run in ``run_dir`` is never replaced unless ``force``: without
+    The run in ``run_dir`` is interrupted when its checkpoint belongs to another run than its
+    final model (a --force run with other arguments that was interrupted), or there is no final
+    model; else finished (``found_run``). A finished or interrupted run in ``run_dir`` is never
+    replaced unless ``force``: without
     ``resume`` it is refused; with ``resume`` its checkpoint must belong to the same run
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
@@ -192,9 +205,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     for stale in remove_stale_temporaries(run_dir):
         print(f"{prog}: removed {stale}, left by an interrupted save")
     final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
-    found = next((path for path in (final, last) if path.is_file()), None)
-    state = 'finished' if found == final else 'interrupted'
     with exit_on_input_error(prog):
+        found, state = found_run(final, last)
         if found and not (resume or force):
             keep = 'keep it' if state == 'finished' else 'continue it'
             raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "

@@ -87,9 +87,9 @@ RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_m
                   'figure_every', 'figures', 'progress', 'compile')
 NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
-# meta entries that record what a run measured, not what it is
+# meta entries that record what a run measured, not what it is (thresholds: calibrated later)
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size') + RESUMED_FIELDS
+RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds') + RESUMED_FIELDS
 
 
 @dataclass

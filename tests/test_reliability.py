@@ -17,6 +17,7 @@ import train_chest_xray
 import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks
+from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
                                   make_loader, model_checkpoint, train, weights_checksum)
@@ -79,9 +80,23 @@ def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained
 @pytest.mark.slow
 def test_resume_of_the_same_run_skips_it(trained, capsys):
     argv, path = trained
+    store_thresholds(path, dict(image=0.5, pixel=0.5, flip_average=False))  # calibrated later
     capsys.readouterr()
     assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
     assert 'skipping' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_with_other_arguments_beside_a_finished_one_is_resumed(trained, tmp_path):
+    argv, path = trained
+    other = tmp_path / 'other'  # the checkpoint of a --force run with another lr, as if killed
+    assert train_mvtec.main([a.replace(str(tmp_path / 'out'), str(other)) for a in argv]
+                            + ONE_EPOCH + ['--lr', '0.01']) == 0
+    name = 'tiny_shift_3'
+    shutil.copy(last_checkpoint_path(next(other.rglob(f'final_{name}.pt')).parent, name),
+                last_checkpoint_path(path.parent, name))
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--lr', '0.01', '--resume']) == 0
+    assert load_model(path)[1]['train_config']['lr'] == 0.01
 
 
 BAD_OPTIONS = [
