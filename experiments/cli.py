@@ -187,6 +187,17 @@ def found_run(final, last):
     return (final, 'finished') if final.is_file() else (None, None)
 
 
+def refuse_existing_run(run_dir, name):
+    """FileExistsError naming the finished or interrupted run ``name`` in ``run_dir``
+    (``found_run``), if there is one: what a command without --resume or --force must not
+    replace. Commands that train several runs call it for each before training any."""
+    found, state = found_run(final_model_path(run_dir, name), last_checkpoint_path(run_dir, name))
+    if found:
+        keep = 'keep it' if state == 'finished' else 'continue it'
+        raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
+                              f"--force to train again and replace it")
+
+
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
@@ -208,9 +219,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     with exit_on_input_error(prog):
         found, state = found_run(final, last)
         if found and not (resume or force):
-            keep = 'keep it' if state == 'finished' else 'continue it'
-            raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
-                                  f"--force to train again and replace it")
+            refuse_existing_run(run_dir, name)
         dataset, model, config, meta, validator = prepare()
         if found and resume:
             previous = read_meta(found)

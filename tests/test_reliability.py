@@ -87,6 +87,16 @@ def test_resume_of_the_same_run_skips_it(trained, capsys):
 
 
 @pytest.mark.slow
+def test_a_finished_category_is_refused_before_any_other_trains(trained, tmp_path, capsys):
+    argv, path = trained
+    make_mvtec_category(tmp_path / 'data', 'aaa')  # trained first, in name order
+    everything = [a for a in argv if a not in ('-n', 'tiny')]
+    message = run_error(train_mvtec.main, everything + ONE_EPOCH, capsys)
+    assert f'{path} holds a finished run' in message
+    assert not list((tmp_path / 'out').rglob('*aaa*'))
+
+
+@pytest.mark.slow
 def test_an_interrupted_run_with_other_arguments_beside_a_finished_one_is_resumed(trained, tmp_path):
     argv, path = trained
     other = tmp_path / 'other'  # the checkpoint of a --force run with another lr, as if killed
