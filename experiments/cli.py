@@ -12,7 +12,7 @@ from pathlib import Path
 
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
-from experiments.training import (LOGIT_LOSSES, TrainConfig, cpu_has_bf16, final_model_path,
+from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
                                   last_checkpoint_path, resolve_device, run_differences, run_meta,
                                   seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
@@ -231,8 +231,12 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     if resume and found == final:
         print(f"{prog}: {final} exists, skipping it")
         return previous
-    return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
-                 validator=validator)
+    try:
+        return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
+                     validator=validator)
+    except RunError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,6 +92,12 @@ RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  #
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds') + RESUMED_FIELDS
 
 
+class RunError(ValueError):
+    """An error of a run's inputs that ``train`` finds once it has started (a diverged loss, a
+    world size that does not fit the run or its checkpoint): the command lines print it as one
+    line, as they do errors found before training."""
+
+
 @dataclass
 class TrainConfig:
     """Plain values that define a training run (the command lines override them).
@@ -404,11 +410,11 @@ def _check_resumable(path, saved_meta, meta):
     """ValueError when the checkpoint at ``path`` belongs to a different run than ``meta``."""
     saved_world, world = saved_meta.get('world_size', 1), meta['world_size']
     if saved_world != world:
-        raise ValueError(f"cannot resume from {path}: it was trained with world_size {saved_world}, "
+        raise RunError(f"cannot resume from {path}: it was trained with world_size {saved_world}, "
                          f"this run has world_size {world}; resume with {saved_world} processes")
     differing = run_differences(saved_meta, meta)
     if differing:
-        raise ValueError(f"cannot resume from {path}: it was written by a different run "
+        raise RunError(f"cannot resume from {path}: it was written by a different run "
                          f"(checkpoint vs now: {', '.join(differing)}); start without resume or "
                          f"use another output folder")
 
@@ -563,7 +569,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     device = resolve_device(config.device)
     rank, world_size = init_distributed(device)
     if config.batch_size % world_size:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the world size "
+        raise RunError(f"batch_size {config.batch_size} is not divisible by the world size "
                          f"{world_size}")
     writer = rank == 0
     run_dir = Path(run_dir)
@@ -604,7 +610,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         starts = [None] * world_size
         dist.all_gather_object(starts, start_epoch)
         if len(set(starts)) > 1:
-            raise ValueError(f"run {name!r}: the processes start at different epochs {starts} "
+            raise RunError(f"run {name!r}: the processes start at different epochs {starts} "
                              f"(by rank; from {last_path}); they need one shared output folder")
 
     # one pass over every epoch left (and the one that recomputes the averaged batch norm);
@@ -631,11 +637,15 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                                                      images, labels, device, config.bf16)
             loss_sum += loss * len(images)
             count += len(images)
+        meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
+        if not math.isfinite(meta['epoch_losses'][-1]):  # before anything is written with it
+            raise RunError(f"run {name!r}: the loss of epoch {epoch + 1} is {meta['epoch_losses'][-1]} "
+                           f"(learning rate {optimizer.param_groups[0]['lr']:.3g}): training "
+                           f"diverged; try a lower learning rate (--lr); the last checkpoint is kept")
         if epoch < cosine_epochs:
             scheduler.step()  # then constant at swa_lr
         else:
             averaged.update_parameters(model)
-        meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
         seconds = time.perf_counter() - started
         meta['train_time_s'] += seconds
         epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}",

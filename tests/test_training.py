@@ -300,6 +300,23 @@ def test_bce_needs_a_sigmoid_model_with_logits():
     assert training.training_module(model, 'cross_entropy') is model
 
 
+def test_a_diverged_loss_stops_the_run_before_anything_is_written(tmp_path, capsys):
+    from experiments.cli import train_unless_finished
+    model = TinyNet()
+    with torch.no_grad():
+        model.layers[2].bias.fill_(float('nan'))
+    config = TrainConfig(epochs=2, batch_size=4, figures=False, progress=False, checkpoint_minutes=0)
+    with pytest.raises(training.RunError, match=r"run 'toy': the loss of epoch 1 is nan \(learning "
+                                                r"rate 0.001\): training diverged"):
+        training.train(model, SquaresDataset(n=4), config, tmp_path, 'toy')
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as stop:  # the command lines print it as one line
+        train_unless_finished('prog', tmp_path, 'toy',
+                              lambda: (SquaresDataset(n=4), model, config, {}, None))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("prog: error: run 'toy': the loss of epoch 1 is nan")
+
+
 @pytest.mark.slow
 def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
     """bf16 is a runtime field: a run interrupted in float32 may go on in bfloat16."""
