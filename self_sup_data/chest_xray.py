@@ -150,15 +150,35 @@ class SelfSupChestXRay(SelfSupImageDataset):
 
 # ----------------------------------------------------------------------------- list builder
 
+AGE_UNITS = {'Y': 1, 'M': 12, 'D': 365}  # ages written '058Y', '003M', '010D': units per year
+
+
+def ages_in_years(ages, csv):
+    """``Patient Age`` as years (float): numbers as they are, and the ``NNNY``/``NNNM``/``NNND``
+    strings of some versions of the table converted; ValueError naming ``csv`` and a few values
+    that are neither."""
+    numbers = pd.to_numeric(ages, errors='coerce')
+    written = ages[numbers.isna()].astype(str).str.extract(r'^\s*(\d+)\s*([YMD])\s*$')
+    numbers = numbers.astype(float)
+    numbers[numbers.isna()] = written[0].astype(float) / written[1].map(AGE_UNITS)
+    bad = ages[numbers.isna()]
+    if len(bad):
+        raise ValueError(f"label table {csv}: 'Patient Age' must be years (58) or '058Y', '003M', "
+                         f"'010D'; got {bad.head(3).tolist()} ({len(bad)} rows)")
+    return numbers
+
+
 def read_table(csv):
     """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns
-    (ValueError for an empty or unparsable file, KeyError naming missing columns)."""
+    (ValueError for an empty or unparsable file or unreadable ages, KeyError naming missing
+    columns), with ``Patient Age`` in years (``ages_in_years``)."""
     try:
         table = pd.read_csv(csv)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read label table {csv}: {str(error).strip().splitlines()[0]}; "
                          f"expected a CSV with columns {list(TABLE_COLUMNS)}") from None
     _check_columns(table, TABLE_COLUMNS, csv)
+    table['Patient Age'] = ages_in_years(table['Patient Age'], csv)
     return table
 
 

@@ -200,7 +200,10 @@ def main(argv=None):
     parser.add_argument("--texture", choices=TEXTURES, default="brick",
                         help="scikit-image photograph the crops come from (default: brick)")
     args = parser.parse_args(argv)
-    print(make_demo_dataset(args.out_dir, args.seed, args.texture))
+    try:
+        print(make_demo_dataset(args.out_dir, args.seed, args.texture))
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ def conversion_plan(src):
     for folder, defect in DEFECT_FOLDERS.items():
         plan += [(image, mask, f'test/{defect}/{i:03d}.png', f'ground_truth/{defect}/{i:03d}_mask.png')
                  for i, (image, mask) in enumerate(source_images(src, folder, with_masks=True))]
+    if not splits['train']:
+        raise ValueError(f"{Path(src) / NORMAL_FOLDER / 'Imgs'} holds {len(normal)} images; the split "
+                         f"needs more than the {N_TEST_GOOD} normal test images (the public dataset "
+                         f"has 952): is the download complete?")
     return plan
 
 
@@ -122,7 +126,10 @@ def main(argv=None):
     parser.add_argument('src', help='the unpacked Magnetic-tile-defect folder (holds MT_Free, MT_Blowhole, ...)')
     parser.add_argument('out', help='folder to write the magnetic_tile category folder into')
     args = parser.parse_args(argv)
-    print(convert(args.src, args.out))
+    try:
+        print(convert(args.src, args.out))
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
 
 
 if __name__ == '__main__':

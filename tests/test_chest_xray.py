@@ -176,6 +176,18 @@ def test_build_file_lists_problems():
         read_table(StringIO('Image Index,Finding Labels\na.png,No Finding\n'))
 
 
+def test_ages_written_with_units_are_read_as_years_and_others_named():
+    table = synthetic_table()
+    written = table.assign(**{'Patient Age': [f'{age:03d}Y' for age in table['Patient Age']]})
+    written.loc[0, 'Patient Age'] = '006M'
+    text = StringIO(written.to_csv(index=False))
+    ages = read_table(text)['Patient Age']
+    assert ages[0] == 0.5 and (ages[1:] == table['Patient Age'][1:]).all()
+    written.loc[1, 'Patient Age'] = 'unknown'
+    with pytest.raises(ValueError, match=r"'Patient Age' must be years .* got \['unknown'\] \(1 rows\)"):
+        read_table(StringIO(written.to_csv(index=False)))
+
+
 def test_command_line(tmp_path, capsys):
     table = synthetic_table()
     table.to_csv(tmp_path / 'Data_Entry_2017.csv.gz', index=False)

@@ -84,6 +84,7 @@ def test_missing_folder_and_missing_mask_are_named(tmp_path):
 
 
 def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')
 
     def broken(path):
@@ -99,6 +100,17 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / 'out' / 'magnetic_tile').mkdir(parents=True)
     with pytest.raises(FileExistsError, match='magnetic_tile already exists'):
         convert(tmp_path / 'src', tmp_path / 'out')
+    with pytest.raises(SystemExit) as stop:  # the command line: one line, no traceback
+        magnetic_tile.main([str(tmp_path / 'src'), str(tmp_path / 'out')])
+    assert stop.value.code == 2
+
+
+def test_a_source_without_enough_normal_images_is_refused(tmp_path):
+    _write_source(tmp_path / 'src')  # 10 normal images: all of them would be test images
+    with pytest.raises(ValueError, match=r'MT_Free/Imgs holds 10 images; the split needs more than '
+                                         r'the 240 normal test images'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert not (tmp_path / 'out' / 'magnetic_tile').exists()
 
 
 @pytest.mark.slow
