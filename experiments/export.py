@@ -8,7 +8,9 @@ batch ``N x C x H x W`` of values 0..255 (C: the model's channels), prepared as
 objects or reflect padding to a multiple of 32 for textures); the normalisation and the final
 activation (NSA's sigmoid) are inside; output ``maps``, float32 ``N x 1 x H x W``. The batch size
 is dynamic. The image size of an ONNX file is the model's input size (``input_size``) unless
-``--dynamic-size`` (any multiple of 32); a TorchScript file takes any multiple of 32.
+``--dynamic-size`` (any multiple of 32); a TorchScript file takes any multiple of 32. Neither of
+the two refuses other sides: they give maps of the next multiples' size (pad the images to
+multiples of 32 first, as ``experiments.inference`` does).
 
 The preparation spec and the thresholds (``experiments.inference``; calibrate before exporting)
 are stored as JSON: in the ONNX file's metadata_props under ``nsa_spec``
