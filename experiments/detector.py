@@ -8,7 +8,7 @@ ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
 Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
 as the evaluation prepares test images and each map is returned at its image's own size
 (``experiments.inference``). An ONNX file runs through ONNX Runtime, and this module then never
-imports torch: a deployment needs numpy, OpenCV, Pillow and onnxruntime only.
+imports torch: a deployment needs numpy, SciPy, OpenCV, Pillow, tqdm and onnxruntime.
 """
 import json
 import warnings
