@@ -1,19 +1,24 @@
 """Anomaly maps of MVTec AD 2's private test sets, in the folders its evaluation server takes.
 
 MVTec AD 2 publishes no ground truth for ``test_private`` and ``test_private_mixed``; its server
-scores uploaded maps. Layout written here (our reading of the dataset's instructions; check it
-against the current ones before uploading)::
+scores uploaded maps. Layout written here (as MVTec's public submission checker reads it: float16
+single-channel TIFFs read with ``tifffile``, 0/255 single-channel PNGs; check it against the
+current instructions before uploading)::
 
-    OUT/anomaly_images/<category>/<split>/<image stem>.tiff              float32 map, image size
+    OUT/anomaly_images/<category>/<split>/<image stem>.tiff              float16 map, image size
     OUT/anomaly_images_thresholded/<category>/<split>/<image stem>.png   0/255 uint8 segmentation
 
 Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` after
-resizing. Each file is written atomically (``experiments.atomic``).
+resizing (of the float32 map). Every image's size is read before anything is written, so that an
+unreadable image leaves an earlier submission as it was; each file is written atomically
+(``experiments.atomic``).
 """
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 from PIL import Image
 
 from experiments.atomic import write_atomic
@@ -24,6 +29,21 @@ def _save_atomic(image, path, format):
     write_atomic(path, lambda f: image.save(f, format=format))
 
 
+def _save_tiff_atomic(array, path):
+    buffer = io.BytesIO()  # tifffile seeks in what it writes: a buffer, then the file at once
+    tifffile.imwrite(buffer, array)
+    write_atomic(path, lambda f: f.write(buffer.getvalue()))
+
+
+def image_size(path):
+    """(width, height) of the image at ``path``; ValueError naming an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
     """Write the maps (N x H x W floats) of ``image_paths`` and their thresholded masks; returns
     the paths written, (tiff, png) per image."""
@@ -32,14 +52,14 @@ def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or len(maps) != len(image_paths):
         raise ValueError(f"maps must be N x H x W with N = {len(image_paths)} images, got {maps.shape}")
+    paths = [Path(path) for path in image_paths]
+    sizes = [image_size(path) for path in paths]  # every image readable before a file is written
     written = []
-    for path, score in zip(map(Path, image_paths), maps):
-        with Image.open(path) as image:
-            size = image.size  # (width, height)
+    for path, size, score in zip(paths, sizes, maps):
         full = cv2.resize(score, size, interpolation=cv2.INTER_LINEAR)
         tiff = Path(out_dir) / 'anomaly_images' / category / split / f'{path.stem}.tiff'
         png = Path(out_dir) / 'anomaly_images_thresholded' / category / split / f'{path.stem}.png'
-        _save_atomic(Image.fromarray(full), tiff, 'TIFF')  # float32 -> mode F
+        _save_tiff_atomic(full.astype(np.float16), tiff)
         _save_atomic(Image.fromarray(np.where(full > threshold, 255, 0).astype(np.uint8)), png, 'PNG')
         written.append((tiff, png))
     return written

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from PIL import Image
 
 from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, detect_layout, layout_from_spec,
@@ -351,10 +352,16 @@ def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
     assert [(t.relative_to(tmp_path / 'out').as_posix(), p.relative_to(tmp_path / 'out').as_posix())
             for t, p in written][1] == ('anomaly_images/vial/test_private/001_regular.tiff',
                                         'anomaly_images_thresholded/vial/test_private/001_regular.png')
-    tiff, png = (np.asarray(Image.open(path)) for path in written[1])
-    assert tiff.dtype == np.float32 and tiff.shape == (20, 30) and tiff[0, 0] == 1.0 and tiff[-1, -1] == 0.0
+    tiff, png = tifffile.imread(written[1][0]), np.asarray(Image.open(written[1][1]))
+    # as MVTec's submission checker reads them: float16 single-channel maps, 0/255 masks
+    assert tiff.dtype == np.float16 and tiff.shape == (20, 30) and tiff[0, 0] == 1.0 and tiff[-1, -1] == 0.0
     assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
     assert not list((tmp_path / 'out').rglob('.*.tmp'))
+    before = {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()}
+    images[1].write_bytes(b'not an image')  # unreadable: nothing of the new maps is written
+    with pytest.raises(ValueError, match=r'cannot read image .*001_regular.png'):
+        write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, maps + 0.25, threshold=0.5)
+    assert {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()} == before
     with pytest.raises(ValueError, match="split must be one of"):
         AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_public')
 
