@@ -36,7 +36,7 @@ from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
-from self_sup_data.layouts import FOLDER_CATEGORY, detect_layout
+from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout
 from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set,
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
@@ -86,17 +86,31 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def category_layouts(args, data_dir):
+    """{category: layout} of the categories in ``data_dir``: those of --format's layout, else each
+    category in the first layout that finds it (``detect_layout``'s order; a root may hold
+    categories of several layouts); MVTec-layout folders only with ``train/good``."""
+    given = layout_from_args(args)
+    if given is None:
+        detect_layout(data_dir)  # a FileNotFoundError saying what each layout expects, if none finds one
+    found = {}
+    for layout in [given] if given else LAYOUTS.values():
+        for category in layout.categories(data_dir):
+            found.setdefault(category, layout)
+    return {category: layout for category, layout in sorted(found.items())
+            if layout.name != 'mvtec' or (Path(data_dir) / category / 'train' / 'good').is_dir()}
+
+
 def select_categories(args, data_dir):
     """The categories to train: -n, or the -c group among the categories found in ``data_dir``
-    (in MVTec layout: the folders with ``train/good``)."""
-    layout = layout_from_args(args) or detect_layout(data_dir)
-    found = layout.categories(data_dir)
-    if layout.name == 'mvtec':
-        found = [c for c in found if (Path(data_dir) / c / 'train' / 'good').is_dir()]
+    (``category_layouts``)."""
+    found = category_layouts(args, data_dir)
     if args.class_name is not None:
         if args.class_name not in found:
-            raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} "
-                                    f"({layout.name} layout: {layout.expected}); "
+            given = layout_from_args(args)
+            where = (f"{given.name} layout: {given.expected}" if given else "layouts: " + '; '.join(
+                f"{name}: {layout.expected}" for name, layout in LAYOUTS.items()))
+            raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} ({where}); "
                                     f"categories found: {', '.join(found) or 'none'}")
         return [args.class_name]
     chosen = [c for c in found

@@ -195,6 +195,21 @@ def test_a_folder_in_no_layout_says_what_was_expected_and_found(tmp_path):
     assert 'widgets holds: images/' in message
 
 
+def test_a_root_with_categories_of_two_layouts_trains_each_in_its_own(tmp_path):
+    import train_mvtec
+    make_loco(tmp_path)
+    make_mvtec_category(tmp_path, 'tiny')
+
+    def selected(*argv):
+        args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(tmp_path), '-o', str(tmp_path / 'o'), *argv])
+        return train_mvtec.select_categories(args, tmp_path)
+    assert selected() == ['juice_bottle', 'tiny']
+    assert selected('-n', 'tiny') == ['tiny']
+    assert selected('--format', 'loco') == ['juice_bottle']
+    with pytest.raises(FileNotFoundError, match=r"'tiny' not found .*\(loco layout: .*categories found: juice_bottle"):
+        selected('--format', 'loco', '-n', 'tiny')
+
+
 def test_explicit_layout_reports_its_own_categories(tmp_path):
     make_loco(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'juice_bottle' not found .*ad2 categories found: none"):
