@@ -35,6 +35,7 @@ Formats (``--format`` of the command lines; ``detect_layout`` recognises all but
 validation images out of ``train_files``, see ``mvtec.load_validation_set``).
 """
 import csv
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -249,6 +250,11 @@ class VisALayout(CategoryLayout):
         if not rows:
             raise ValueError(f"{path} has no rows with object={category!r} and split={split!r}")
         for row in rows:
+            labels = ('normal',) if split == 'train' else ('normal', 'anomaly')
+            if row['label'] not in labels:
+                raise ValueError(f"{path}: the {split} image {row['image']!r} has the label "
+                                 f"{row['label']!r}; VisA's {split} split labels its images "
+                                 f"{' or '.join(map(repr, labels))}")
             for column in ('image', 'mask') if row['label'] == 'anomaly' else ('image',):
                 if not row[column] or not (Path(root) / row[column]).is_file():
                     raise FileNotFoundError(f"{path}: the {column} {row[column]!r} of {row['image']!r} "
@@ -269,10 +275,11 @@ class FolderLayout:
     """Normal and anomalous images from two folders, masks (optional) matched by stem."""
     name = 'folder'
 
-    def __init__(self, normal, abnormal=None, mask_dir=None):
+    def __init__(self, normal, abnormal=None, mask_dir=None, held_out_sha256=None):
         self.normal = Path(normal)
         self.abnormal = None if abnormal is None else Path(abnormal)
         self.mask_dir = None if mask_dir is None else Path(mask_dir)
+        self.held_out_sha256 = held_out_sha256  # of a trained model's normal test fifth (spec)
         self.expected = (f'normal images in {self.normal}, anomalous images in {self.abnormal}, '
                          f'masks named as the anomalous images in {self.mask_dir}')
         self.has_masks = self.mask_dir is not None
@@ -281,7 +288,9 @@ class FolderLayout:
         return [FOLDER_CATEGORY]
 
     def _normal_split(self):
-        """(train, test) normal images: a fixed shuffle of the sorted paths, the first fifth tests."""
+        """(train, test) normal images: a fixed shuffle of the sorted paths, the first fifth tests.
+        With ``held_out_sha256`` (a trained model's layout), a ValueError when the test fifth is no
+        longer the one the model held out (the folder changed: the shuffle moves every image)."""
         files = _images_in(self.normal, 'the folder layout needs normal images there')
         if len(files) < 2:
             raise ValueError(f"{self.normal} holds one image; the folder layout needs at least two normal "
@@ -289,7 +298,12 @@ class FolderLayout:
         shuffled = list(files)
         random.Random(0).shuffle(shuffled)
         n_test = max(1, round(NORMAL_TEST_FRACTION * len(files)))
-        return sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
+        train, test = sorted(shuffled[n_test:]), sorted(shuffled[:n_test])
+        if self.held_out_sha256 is not None and names_sha256(test) != self.held_out_sha256:
+            raise ValueError(f"the normal images in {self.normal} ({len(files)} now) are not those the "
+                             f"model was trained with: their held-out test fifth would be another set, "
+                             f"with images the model trained on; evaluate on the folder as it was")
+        return train, test
 
     def train_files(self, root=None, category=None):
         return self._normal_split()[0]
@@ -323,7 +337,13 @@ class FolderLayout:
     def spec(self):
         return {'format': self.name, 'normal': str(self.normal.resolve()),
                 'abnormal': self.abnormal and str(self.abnormal.resolve()),
-                'mask_dir': self.mask_dir and str(self.mask_dir.resolve())}
+                'mask_dir': self.mask_dir and str(self.mask_dir.resolve()),
+                'held_out_sha256': names_sha256(self._normal_split()[1])}
+
+
+def names_sha256(paths):
+    """SHA-256 (hex) of the sorted file names of ``paths`` (not their folders: data may move)."""
+    return hashlib.sha256('\n'.join(sorted(Path(path).name for path in paths)).encode()).hexdigest()
 
 
 LAYOUTS = {layout.name: layout for layout in (VisALayout(), LocoLayout(), AD2Layout(), MVTecLayout())}
@@ -356,14 +376,15 @@ def detect_layout(root, category=None):
                             f"[--mask-dir DIR]); found: {found_here}")
 
 
-def make_layout(format, normal=None, abnormal=None, mask_dir=None):
-    """The layout of a ``--format`` name (None: detect it later); ``folder`` needs ``normal``."""
+def make_layout(format, normal=None, abnormal=None, mask_dir=None, held_out_sha256=None):
+    """The layout of a ``--format`` name (None: detect it later); ``folder`` needs ``normal``
+    (``held_out_sha256``: from a trained model's spec)."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
     if format == 'folder':
         if normal is None:
             raise ValueError("--format folder needs --normal DIR (and --abnormal DIR for testing)")
-        return FolderLayout(normal, abnormal, mask_dir)
+        return FolderLayout(normal, abnormal, mask_dir, held_out_sha256)
     if normal is not None or abnormal is not None or mask_dir is not None:
         raise ValueError("--normal, --abnormal and --mask-dir belong to --format folder")
     return None if format is None else LAYOUTS[format]

@@ -104,7 +104,17 @@ def test_visa_errors_name_the_file(tmp_path):
     (tmp_path / 'pcb1' / 'Data' / 'Masks' / 'Anomaly' / '001.png').unlink()
     with pytest.raises(FileNotFoundError, match=r"mask 'pcb1/Data/Masks/Anomaly/001.png' of .*is not a file"):
         SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
-    (tmp_path / 'split_csv' / '1cls.csv').unlink()
+    csv_path = tmp_path / 'split_csv' / '1cls.csv'
+    rows = csv_path.read_text()
+    csv_path.write_text(rows.replace('pcb1,train,normal,pcb1/Data/Images/Normal/0001.JPG',
+                                     'pcb1,train,anomaly,pcb1/Data/Images/Normal/0001.JPG'))
+    with pytest.raises(ValueError, match=r"the train image '.*0001.JPG' has the label 'anomaly'; VisA's "
+                                         r"train split labels its images 'normal'"):
+        SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE)
+    csv_path.write_text(rows.replace('pcb1,test,anomaly', 'pcb1,test,Anomaly'))
+    with pytest.raises(ValueError, match=r"the test image .* has the label 'Anomaly'"):
+        SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
+    csv_path.unlink()
     with pytest.raises(FileNotFoundError, match=r'split_csv/1cls.csv does not exist'):
         SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE)
 
@@ -245,6 +255,10 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     files, source = thresholds.normal_image_files(meta)
     assert files == layout_from_spec(meta['layout']).train_files() and len(files) < 8
     assert source == 'normal training images'
+    # one more normal image moves the held-out fifth: the evaluation refuses the changed folder
+    _png(category / 'train' / 'good' / 'new.png')
+    (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)
+    assert 'are not those the model was trained with' in record['error']
 
 
 def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
