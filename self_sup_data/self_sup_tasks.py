@@ -187,8 +187,10 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             must land on the destination's object.
         shift: paste at a random position; otherwise centred where the patch was in the source.
         clip_at_border: with ``shift``, the patch may hang over the image border and is cut there
-            (at least ``MIN_PATCH_SIDE`` pixels of it stay inside along each axis), so that every
-            pixel is as likely to be changed as any other; False (the paper's): the patch lies
+            (at least ``MIN_PATCH_SIDE`` pixels of it stay inside along each axis), so that pixels
+            near the border are changed about as often as others (a seamless Poisson blend leaves
+            a patch's two outer pixel rings unchanged, so without ``paste_fraction`` it never
+            changes the image's outer two rows and columns); False (the paper's): the patch lies
             fully inside the image, and pixels near the border are rarely changed.
         label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
             binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
@@ -203,7 +205,8 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             background if its channel mean lies within ``threshold`` of the ``brightness`` of any pair,
             object otherwise (then 7 x 7 median filtered). Patches must then cover at least
             ``min_object_pct`` object in the source and overlap the destination object by
-            ``min_overlap_pct``, and only object pixels (of source or destination) are changed.
+            ``min_overlap_pct``, and only object pixels (of source or destination) are labelled (a
+            Poisson blend may also change background pixels of the patch's box slightly).
         tol: mean absolute change (grey levels) above which a pixel is labelled anomalous.
         resize: rescale the source patch by a factor ~ N(1, 0.5) clipped to ``resize_bounds``,
             keeping its aspect ratio; as in the reference implementation, the rescaled side lengths
@@ -216,12 +219,13 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             ``(1 - b) * blended + b * pasted`` inside the whole patch mask with ``b ~ U(low, high)``
             per patch, so that part of the patch's intensity offset and edges stays (for materials
             on which the seamless blend leaves no visible change). The blend leaves the mask's
-            outer pixel ring unchanged (seamlessClone's boundary condition); the mix covers it, so
-            that ``(1, 1)`` gives the plain paste of mode 'swap'. Labels follow the resulting change.
+            outer pixel rings unchanged (seamlessClone's boundary condition); the mix covers them,
+            so that ``(1, 1)`` gives the plain paste of mode 'swap'. Labels follow the resulting
+            change.
         normal_fraction: probability in [0, 1) that the sample stays normal: ``ima_dest`` unchanged
             and an all-zero label, so that training also sees images with no anomaly anywhere
             (0, the paper's: every sample gets patches; drawn from ``rng`` only when above 0).
-        resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0 < low <= high``.
+        resize_bounds: ``(low, high)`` bounds of the rescaling factor, ``0.1 <= low <= high <= 10``.
         num_ellipses: None or the number of random ellipses whose union replaces the rectangular
             patch mask.
         verbose: warn (``warnings.warn``) when a patch cannot be placed.
@@ -719,8 +723,11 @@ def _enough_object(top, left, mask, patch_object, dest_object, params):
 def _blend(rng, image, top, left, patch, mask, patch_object, dest_object, mode, factor, params):
     """Blend ``patch`` into ``image`` at ``(top, left)`` inside ``mask`` (in place) with ``mode``
     ('swap', 'uniform' with ``factor``, or a Poisson mode, then mixed with the plain paste by
-    ``params.paste_fraction``); with object masks only object pixels change. Returns the mask of
-    the pixels the blend may have changed, or None when the Poisson mask is too thin to blend."""
+    ``params.paste_fraction``); with object masks only object pixels are labelled. Returns the
+    patch's label region (the label marks the pixels in it that changed), or None when the Poisson
+    mask is too thin to blend. A Poisson blend solves over the mask's whole box: it may also change pixels of
+    the box outside the mask slightly (outside an ellipse, background of both images), which stay
+    unlabelled."""
     region = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
     clone_mask = mask
     if patch_object is not None:
