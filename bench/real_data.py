@@ -73,6 +73,7 @@ TABLE_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'i
                  'pixel_auroc_border': 'pixel AUROC (border band)', 'pixel_auroc_inner': 'pixel AUROC (inner)',
                  'image_auroc_pooled': 'image AUROC (pooled)'}
 EXAMPLES_PER_TYPE = 2  # test images per defect type (and normal) in the heatmap figure
+LOG_LINES_SHOWN = 5  # of a failed training's log
 BORDER_BAND = 0.1  # fraction of each side: the band along the image border, where many defects lie
 
 
@@ -165,6 +166,10 @@ def set_aside_if_stale(args, key):
                 os.replace(old, old.with_name(f'stale_{stamp}_{old.name}'))
 
 
+class TrainingFailed(Exception):
+    """A setting's training script failed; the message ends with the last lines of its log."""
+
+
 def train(args, key):
     """Train ``key`` with the training script (resuming an interrupted run); its output to a log."""
     log = Path(args.out) / 'logs' / f'{key}.log'
@@ -183,7 +188,12 @@ def train(args, key):
         command.append('--bf16')
     print(f'{key}: training ({" ".join(command[1:])}), log in {log}', flush=True)
     with open(log, 'a') as out:
-        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if status:
+        last_lines = log.read_text(errors='replace').strip().splitlines()[-LOG_LINES_SHOWN:]
+        raise TrainingFailed(f'{key}: training failed (exit status {status}); the end of {log}:\n'
+                             + '\n'.join(last_lines))
+
 
 
 def border_band(shape, band=BORDER_BAND):
@@ -295,9 +305,13 @@ def main(argv=None):
         return 1
     started = time.perf_counter()
     if not args.evaluate_only:
-        for key in args.settings:
-            set_aside_if_stale(args, key)
-            train(args, key)
+        try:
+            for key in args.settings:
+                set_aside_if_stale(args, key)
+                train(args, key)
+        except TrainingFailed as error:
+            print(f'real_data: {error}', file=sys.stderr)
+            return 1
     if args.train_only:
         return 0
     device = resolve_device(args.device)
@@ -306,6 +320,10 @@ def main(argv=None):
         if not model_path(args, key).is_file():
             print(f'{key}: no trained model at {model_path(args, key)}, left out')
             continue
+        differing = mismatches(read_meta(model_path(args, key)), args, key)
+        if differing:  # --evaluate-only keeps any model: the table's heading states this run's values
+            print(f'real_data: warning: {key}: the model was trained with other {differing} than the '
+                  f'table heading states', file=sys.stderr)
         record, dataset, maps_by_setting[key] = evaluate_model(args, key, device)
         records.append(record)
     if not records:

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 from types import SimpleNamespace
 
@@ -100,19 +101,22 @@ def _rewrite_meta(path, target, **changes):
     torch.save(checkpoint, target)
 
 
-def train_in_this_process(command, stdout, stderr, check, cwd):
+def train_in_this_process(command, stdout, stderr, cwd):
     """``subprocess.run`` of the benchmark's training command, run in this process: a new Python
     process costs about 10 s of imports per model, and the test below trains four (the command
     itself runs as a process in the test after it)."""
     assert command[1] == str(real_data.REPO / 'train_mvtec.py') and cwd == real_data.REPO
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stdout):
-        code = train_mvtec.main(command[2:])
-    if check and code:
-        raise subprocess.CalledProcessError(code, command)
+        try:
+            code = train_mvtec.main(command[2:])
+        except SystemExit as stop:
+            code = stop.code
+    return subprocess.CompletedProcess(command, code)
 
 
 @pytest.mark.slow
-def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path, monkeypatch):
+def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp_path, monkeypatch,
+                                                                 capsys):
     """A finished model of the requested run is kept; one of an older generator is set aside and
     retrained, and so is an interrupted run of another budget (not resumed)."""
     monkeypatch.setattr(real_data.subprocess, 'run', train_in_this_process)
@@ -150,9 +154,18 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert set(stale) < set(stale_now) and len(stale_now) == 3
     assert read_meta(final.parent / (set(stale_now) - set(stale)).pop())['train_config']['epochs'] == 3
 
+    # a training the script refuses (the data moved: resuming is another run) stops the benchmark
+    # with the end of its log
+    shutil.copytree(root, tmp_path / 'moved')
+    moved = [str(tmp_path / 'moved') if arg == str(root) else arg for arg in base]
+    capsys.readouterr()
+    assert real_data.main(moved) == 1
+    error = capsys.readouterr().err
+    assert 'real_data: FPI: training failed (exit status 1)' in error and 'cannot resume' in error
+
 
 @pytest.mark.slow
-def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path):
+def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path, capsys):
     """End to end on a tiny category: CutPaste's classifier is scored by a Gaussian density, and
     only its row has the pooled image AUROC, equal to the one-class module's own evaluation."""
     root, name = tiny_mvtec
@@ -174,9 +187,14 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
                            ('image AUROC (mean)', 'image_auroc_mean'), ('pixel AUROC', 'pixel_auroc')):
         assert table.loc['CutPaste-3way', column] == pytest.approx(values[metric])
 
-    # tabulating the decoder alone (nothing trained again) has no pooled column
+    # tabulating the decoder alone (nothing trained again) has no pooled column; a heading that
+    # states another budget than the model's is warned about
     assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
     assert 'image AUROC (pooled)' not in pd.read_csv(out / 'real_data.csv').columns
+    capsys.readouterr()
+    other_budget = [('2' if arg == '1' and base[i - 1] == '--epochs' else arg) for i, arg in enumerate(base)]
+    assert real_data.main(other_budget + ['--settings', 'CutPaste', '--evaluate-only']) == 0
+    assert "CutPaste: the model was trained with other ['epochs'] than the table heading" in capsys.readouterr().err
 
     # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
     plain = (out / 'real_data.md').read_text()
