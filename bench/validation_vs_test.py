@@ -28,7 +28,7 @@ from experiments.training import resolve_device
 from experiments.validation import SCORE_METRICS, Validator
 from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import load_validation_set, train_files
-from self_sup_data.validation import holdout_indices
+from self_sup_data.validation import VALIDATION_KINDS, holdout_indices
 
 TEST_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 VALIDATION_COLUMNS = tuple(f'val_{name}' for name in SCORE_METRICS) + ('val_score',)
@@ -73,17 +73,22 @@ def score_models(args, device):
     rows, test_sets, validation_sets = [], {}, {}
     for path in model_files(args.models, args.best):
         meta = read_meta(path)
-        held_out = None if meta['category'] != args.category else held_out_images(args.data_dir, meta)
+        if meta['category'] != args.category:
+            print(f"skipping {path}: a model of {meta['category']!r}, not {args.category!r}",
+                  file=sys.stderr)
+            continue
+        held_out = held_out_images(args.data_dir, meta)
         if held_out is None:
             print(f'skipping {path}: no validation set held out', file=sys.stderr)
             continue
         model, meta = read_model(path, device)
+        kinds = tuple(meta.get('validation_kinds') or VALIDATION_KINDS)  # the run's own defects
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
-               repr(meta.get('layout')))
+               repr(meta.get('layout')), kinds)
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
-                channels=meta['in_channels'], layout=layout_from_spec(meta.get('layout')))
+                channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')))
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)

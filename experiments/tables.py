@@ -70,7 +70,8 @@ def merge_paper_layout(frame):
     (and ``X+GDE`` with ``X-M+GDE`` in ``X+GDE (-M textures)``).
 
     Only pairs where both ``X`` and ``X-M`` occur are merged; the objects' ``X-M`` and the
-    textures' ``X`` results of such a pair are left out, every other setting stays as it is.
+    textures' ``X`` results of such a pair are left out, every other setting stays as it is, and
+    so do the results of categories of other kinds (neither object nor texture).
     """
     settings = list(dict.fromkeys(frame['setting']))
     renamed = {}
@@ -80,7 +81,8 @@ def merge_paper_layout(frame):
             renamed[(mixed_variant(setting), 'texture')] = paper_column(setting)
     merged_settings = {s for s, _ in renamed}
     pairs = list(zip(frame['setting'], frame['kind']))
-    frame = frame[[pair in renamed or pair[0] not in merged_settings for pair in pairs]].copy()
+    frame = frame[[pair in renamed or pair[0] not in merged_settings
+                   or pair[1] not in ('object', 'texture') for pair in pairs]].copy()
     frame['setting'] = [renamed.get(pair, pair[0]) for pair in zip(frame['setting'], frame['kind'])]
     return frame
 

@@ -93,6 +93,13 @@ def test_paper_layout_merges_mixed_variant_for_textures():
     assert merged.loc[('object', 'bottle'), column] == '0.900'
     assert merged.loc[('texture', 'carpet'), column] == '0.800'
     assert merged.loc[('all', 'average'), column] == '0.850'
+    # a category of another kind keeps its results under their own settings
+    other = records + [record('magnetic_tile', None, 'Shift-Intensity', 1, 0.4),
+                       record('magnetic_tile', None, 'Shift-Intensity-M', 1, 0.6)]
+    merged = tables.metric_table(other, 'image_auroc_mean', paper_layout=True)
+    assert list(merged.columns) == [column, 'FPI', 'Shift-Intensity', 'Shift-Intensity-M']
+    assert merged.loc[('other', 'magnetic_tile'), 'Shift-Intensity-M'] == '0.600'
+    assert merged.loc[('all', 'average'), 'Shift-Intensity'] == 'NaN'  # bottle and carpet have none
 
 
 def test_paper_layout_merges_two_stage_variants_too():
