@@ -357,7 +357,12 @@ def color_jitter(patch, rng, strength=CUTPASTE_JITTER):
 
 
 def _rotated(patch, degrees):
-    """``patch`` rotated by ``degrees`` on a canvas that holds it -> (rotated patch, bool mask)."""
+    """``patch`` rotated by ``degrees`` on a canvas that holds it -> (rotated patch, bool mask).
+
+    The patch is interpolated bilinearly against a black canvas and the mask by nearest
+    neighbour, so that the mask's rim holds pixels darkened by the black border (a sixth of a
+    scar's pixels, a cue that the original CutPaste's rotation does not have). Kept as it is: the
+    validation sets and the CutPaste-3way models measured in BENCHMARKS.md were made with it."""
     height, width = patch.shape[:2]
     radians = np.deg2rad(degrees)
     cos, sin = abs(np.cos(radians)), abs(np.sin(radians))

@@ -6,7 +6,8 @@ not look at a test image. A fixed fraction of the normal training images is held
 twice: as it is (normal) and with one synthetic defect of a kind that no training task of this
 project draws (``VALIDATION_KINDS``, taken in turn):
 
-    scar    a thin strip of the image, colour-jittered, rotated and pasted elsewhere (CutPaste-scar)
+    scar    a thin strip of the image, colour-jittered, rotated and pasted elsewhere (CutPaste-scar;
+            its rim is darkened by the rotation, see ``self_sup_tasks._rotated``)
     blob    a smooth elliptic region brightened or darkened
     blur    an elliptic region replaced by a Gaussian-blurred copy of itself
     noise   Gaussian noise added inside an elliptic region
