@@ -361,7 +361,7 @@ def _rotated(patch, degrees):
 
     The patch is interpolated bilinearly against a black canvas and the mask by nearest
     neighbour, so that the mask's rim holds pixels darkened by the black border (a sixth of a
-    scar's pixels, a cue that the original CutPaste's rotation does not have). Kept as it is: the
+    scar's pixels at the default sizes, a cue that a real scar need not have). Kept as it is: the
     validation sets and the CutPaste-3way models measured in BENCHMARKS.md were made with it."""
     height, width = patch.shape[:2]
     radians = np.deg2rad(degrees)
