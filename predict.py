@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from experiments.atomic import write_atomic, write_text_atomic
 from experiments.detector import Detector
-from self_sup_data.images import image_files, read_image, to_channels
+from self_sup_data.images import image_files, to_channels
 
 PROG = 'predict.py'
 MAX_FAILED_STATUS = 100
@@ -109,7 +109,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
             for path, name in zip(files[start:start + detector.batch_size],
                                   names[start:start + detector.batch_size]):
                 try:
-                    batch.append((path, name, read_image(path)))
+                    batch.append((path, name, detector.read(path)))
                 except (ValueError, OSError) as error:
                     errors.append((str(path), str(error)))
             if batch:

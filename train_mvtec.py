@@ -261,7 +261,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     validator = None
     if held_out.size:
         validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
-                                             args.kind, channels=dataset.in_channels, layout=layout)
+                                             args.kind, channels=dataset.in_channels, layout=layout,
+                                             bit_depth=dataset.bit_depth)
         validator = Validator(validation_set, recipes.val_every(args, config.epochs))
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
@@ -271,6 +272,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
                 validation_seed=args.val_seed,
                 validation_kinds=list(VALIDATION_KINDS) if held_out.size else [])
+    if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
+        meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator
 
 

@@ -88,7 +88,8 @@ def score_models(args, device):
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
-                channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')))
+                channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')),
+                bit_depth=meta.get('bit_depth'))
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)

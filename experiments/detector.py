@@ -2,7 +2,7 @@
 ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
 
     detector = Detector.load('final_tile_Shift-Intensity-M.pt')   # or 'tile.onnx'
-    scores, maps = detector.predict([read_image(path) for path in paths])
+    scores, maps = detector.predict([detector.read(path) for path in paths])
     anomalous = scores['mean'] > detector.threshold                # after calibration
 
 Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import inference
+from self_sup_data.images import read_image
 
 SPEC_KEY = 'nsa_spec'  # the ONNX metadata entry that holds the spec (JSON)
 MODEL_SUFFIXES = ('.pt', '.onnx')
@@ -97,6 +98,12 @@ class Detector:
         """Pixel threshold: a pixel is anomalous when its map value is above it (None before
         calibration)."""
         return None if self.thresholds is None else self.thresholds['pixel']
+
+    def read(self, path):
+        """The image file at ``path`` as this model reads it (``self_sup_data.images.read_image``):
+        16-bit images scaled from the bit depth of its training images (``spec['bit_depth']``;
+        image by image for models trained on 8-bit images)."""
+        return read_image(path, self.spec.get('bit_depth'))
 
     def check_flip_average(self):
         """ValueError when flip averaging does not apply to this model (objects)."""

@@ -116,11 +116,12 @@ def spro_values(dataset, maps, defects):
 def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
     """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
     ``layout`` (None: the layout in the meta, else detected). A defect image without a mask is an
-    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``)."""
+    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``). 16-bit images are read
+    with the model's ``bit_depth`` (that of its training images)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
                                res_scale=meta.get('res_scale', 1.0),
                                layout=layout or layout_from_spec(meta.get('layout')),
-                               allow_missing_masks=allow_missing_masks)
+                               allow_missing_masks=allow_missing_masks, bit_depth=meta.get('bit_depth'))
 
 
 
@@ -131,7 +132,8 @@ def load_normal_set(data_dir, meta, layout=None):
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
                                   low_res=data_recipe(category, res_scale, kind)['test_res'],
                                   transform=Compose([]),
-                                  layout=layout or layout_from_spec(meta.get('layout')))
+                                  layout=layout or layout_from_spec(meta.get('layout')),
+                                  bit_depth=meta.get('bit_depth'))
     dataset.configure_self_sup(False)
     return dataset
 

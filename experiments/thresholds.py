@@ -27,7 +27,7 @@ from experiments.atomic import save_torch_atomic
 from experiments.checkpoints import read_meta
 from experiments.cli import exit_on_input_error
 from experiments.detector import Detector
-from self_sup_data.images import image_files, read_image
+from self_sup_data.images import image_files
 from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import train_files
 from self_sup_data.validation import holdout_indices
@@ -109,7 +109,7 @@ def main(argv=None):
             files, source = image_files(args.input), 'given normal images'
         else:
             files, source = normal_image_files(read_meta(args.model), args.data_dir)
-        thresholds = calibrate(detector, [read_image(path) for path in files], args.fpr,
+        thresholds = calibrate(detector, [detector.read(path) for path in files], args.fpr,
                                args.flip_average)
         thresholds['source'] = source
         path = store_thresholds(args.model, thresholds, args.out)

@@ -130,7 +130,7 @@ class SelfSupChestXRay(SelfSupImageDataset):
         names = normal + anomalous
         paths = _existing_paths(data_dir, normal, 'normal') + (
             _existing_paths(data_dir, anomalous, 'anomalous') if anomalous else [])
-        images, _ = load_images(paths, res, channels=1, desc='loading chest X-rays')
+        images, _, _ = load_images(paths, res, channels=1, desc='loading chest X-rays')
         train_size = None
         if transform is None:
             recipe = chest_recipe(res)

@@ -48,25 +48,37 @@ def decode_values(path):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def decode(path):
-    """``decode_values`` as uint8: a 16-bit image is scaled from the range of its bit depth
-    (``high_bit_depth``: 0..4095 for 12-bit data, else 0..65535) to 0..255, so that 12-bit data
-    keeps 256 grey levels."""
+def to_uint8(values, bits):
+    """Integer pixel values of ``bits``-bit data (0..2**bits - 1; float arrays too, e.g. resized
+    values) scaled to uint8 0..255."""
+    scale = 255 / (2 ** bits - 1)
+    return (np.asarray(values, dtype=np.float32) * scale).round().clip(0, 255).astype(np.uint8)
+
+
+def decode(path, bits=None):
+    """``decode_values`` as uint8: a 16-bit image is scaled from the range of ``bits``-bit data
+    (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
+    of the image's own bit depth (``high_bit_depth``: 0..4095 for 12-bit data, else 0..65535),
+    so that 12-bit data keeps 256 grey levels."""
     values = decode_values(path)
     if values.dtype == np.uint8:
         return values
-    scale = 255 / (2 ** high_bit_depth(values) - 1)
-    return (values.astype(np.float32) * scale).round().clip(0, 255).astype(np.uint8)
+    return to_uint8(values, bits or high_bit_depth(values))
 
 
-def read_image(path):
-    """uint8 ``H x W x C``: C = 1 for grayscale (also three identical channels), else 3 (RGB)."""
-    array = decode(path)
+def image_channels(array):
+    """``H x W x C`` of a decoded image (``H x W`` or ``H x W x 3``): C = 1 for grayscale (also
+    three identical channels), else 3."""
     if array.ndim == 2:
         return array[:, :, None]
     if np.array_equal(array[:, :, 0], array[:, :, 1]) and np.array_equal(array[:, :, 0], array[:, :, 2]):
         return np.ascontiguousarray(array[:, :, :1])
     return array
+
+
+def read_image(path, bits=None):
+    """uint8 ``H x W x C`` (``image_channels``) of the file at ``path`` (``decode``)."""
+    return image_channels(decode(path, bits))
 
 
 def to_channels(image, channels):

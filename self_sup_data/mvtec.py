@@ -39,7 +39,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
-from self_sup_data.images import IMAGE_SUFFIXES, decode_values, read_image, resize, to_channels
+from self_sup_data.images import (IMAGE_SUFFIXES, decode_values, high_bit_depth, image_channels,
+                                  resize, to_channels, to_uint8)
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -139,7 +140,11 @@ def read_id_masks(paths):
 
 
 def _load_item(image_path, mask_path, size):
-    image = read_image(image_path)
+    """(image resized to ``size``, mask or None, largest value or None): 8-bit images as uint8,
+    16-bit ones as their values (float32, scaled later by ``load_images``) with their largest."""
+    values = decode_values(image_path)
+    largest = None if values.dtype == np.uint8 else int(values.max(initial=0))
+    image = image_channels(values if largest is None else values.astype(np.float32))
     mask = None
     if mask_path is not None:
         mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
@@ -147,26 +152,36 @@ def _load_item(image_path, mask_path, size):
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
         mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-    return resize(image, size), mask
+    return resize(image, size), mask, largest
 
 
-def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images'):
+def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images',
+                bit_depth=None):
     """Decode and resize images (and optional masks) in parallel threads.
 
-    A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``).
-    Returns (images, masks): images uint8 ``size x size x C`` with one C for all (``channels``,
-    or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size`` in {0, 1},
-    or None where ``mask_paths`` has None.
+    A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``). 16-bit
+    images are resized from their values, then scaled to uint8 from the range of ``bit_depth``-bit
+    data; without ``bit_depth``, from one depth for the whole set (``high_bit_depth`` of its
+    largest value: 12-bit data keeps its grey levels, and a dark image of a 16-bit set is not
+    brightened as if it were 12-bit), which training stores as the model's ``bit_depth`` for its
+    test and new images.
+    Returns (images, masks, bit depth): images uint8 ``size x size x C`` with one C for all
+    (``channels``, or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size``
+    in {0, 1}, or None where ``mask_paths`` has None; the bit depth used (None: no 16-bit image).
     """
     mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
     workers = min(16, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * len(image_paths)),
                            total=len(image_paths), desc=desc, disable=None, leave=False))
-    images = [image for image, _ in loaded]
+    largest = [value for _, _, value in loaded if value is not None]
+    if largest and bit_depth is None:
+        bit_depth = high_bit_depth(np.array(largest))
+    images = [image if value is None else to_uint8(image, bit_depth) for image, _, value in loaded]
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
-    return [to_channels(image, channels) for image in images], [mask for _, mask in loaded]
+    return ([to_channels(image, channels) for image in images], [mask for _, mask, _ in loaded],
+            bit_depth if largest else None)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -320,12 +335,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     (``layout.has_masks``), unless ``allow_missing_masks``; such images are counted in a warning.
     ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
     ``exclude``: indices (in sorted file order) of training images to leave out (held out for
-    validation, ``self_sup_data.validation.holdout_indices``).
+    validation, ``self_sup_data.validation.holdout_indices``). ``bit_depth``: of 16-bit images
+    (``load_images``; a model's, for its test set); ``.bit_depth``: the one used (None: 8-bit).
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
                  self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=(),
-                 layout=None, allow_missing_masks=False):
+                 layout=None, allow_missing_masks=False, bit_depth=None):
         layout = detect_layout(root_path, class_name) if layout is None else layout
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
@@ -342,7 +358,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
                 warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no "
                               f"mask and are evaluated at image level only (left out of the pixel "
                               f"metrics)")
-        images, masks = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}')
+        images, masks, bit_depth = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}',
+                                               bit_depth=bit_depth)
         train_size = None
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
@@ -359,20 +376,22 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
         self.mask_paths = mask_paths
+        self.bit_depth = bit_depth
 
 
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
-                        channels=None, kinds=VALIDATION_KINDS, layout=None):
+                        channels=None, kinds=VALIDATION_KINDS, layout=None, bit_depth=None):
     """Test-mode dataset of the training images ``indices`` (sorted ``train_files`` order of
     ``layout``, None: detected; held out from training) prepared as test images
     (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
     (``self_sup_data.validation.make_validation_set``, drawn by ``seed``).
-    ``channels``: the training set's, so that the model gets what it was trained on."""
+    ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
+    trained on."""
     files = train_files(root_path, class_name, layout)
     paths = [files[int(index)] for index in indices]
     recipe = data_recipe(class_name, res_scale, kind)
-    images, _ = load_images(paths, recipe['test_res'], channels=channels,
-                            desc=f'loading {class_name} validation')
+    images, _, _ = load_images(paths, recipe['test_res'], channels=channels,
+                               desc=f'loading {class_name} validation', bit_depth=bit_depth)
     images, labels, masks, defect_types = make_validation_set(images, seed, kinds,
                                                               names=[str(p) for p in paths])
     dataset = SelfSupImageDataset(images, is_train=False, transform=None,

@@ -7,8 +7,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from self_sup_data import mvtec
+from self_sup_data.images import read_image
 from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupMVTecDataset, category_kind,
-                                 data_recipe, list_categories, read_image)
+                                 data_recipe, list_categories)
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, denormalize)
 from conftest import make_mvtec_category

@@ -403,6 +403,41 @@ def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
     assert decode(tmp_path / 'full.png').max() == 255
 
 
+def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path):
+    from self_sup_data.mvtec import load_images
+    from experiments.torch_model import model_spec
+    for name, value in (('bright', 60000), ('dark', 3000)):  # one exposure of a 16-bit camera is dark
+        Image.fromarray(np.full((16, 16), value, np.uint16)).save(tmp_path / f'{name}.png')
+    assert decode(tmp_path / 'dark.png').max() == round(3000 * 255 / 4095)  # alone: read as 12-bit data
+    images, _, bits = load_images([tmp_path / 'bright.png', tmp_path / 'dark.png'], 8)
+    assert bits == 16 and images[1].max() == round(3000 * 255 / 65535)  # as dark as it is
+    images, _, bits = load_images([tmp_path / 'dark.png'], 8, bit_depth=16)  # a 16-bit model's test image
+    assert bits == 16 and images[0].max() == round(3000 * 255 / 65535)
+    assert load_images([tmp_path / 'dark.png'], 8)[2] == 12
+    assert load_images([tmp_path / 'dark.png'], 8, bit_depth=16)[2] == 16
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / 'eight.png')
+    assert load_images([tmp_path / 'eight.png'], 8)[2] is None
+
+    # training stores the depth; the evaluation and new images use it
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'tiny', n_train=4)
+    for path in (data / 'tiny').rglob('*.png'):
+        if 'ground_truth' not in path.parts:
+            values = np.asarray(Image.open(path).convert('L')).astype(np.uint16) * 257  # full 16-bit
+            Image.fromarray(values).save(path)
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'), '-n', 'tiny',
+                                   '--recipe', 'table', '--res-scale', '0.25'])
+    setting, _, _, _ = train_mvtec.plan(args)
+    dataset, model, _, meta, _ = train_mvtec.prepare_run(args, setting, data, 'tiny')
+    assert meta['bit_depth'] == dataset.bit_depth == 16
+    test = mvtec_tasks.load_test_set(data, meta)
+    assert test.bit_depth == 16
+    assert model_spec({**meta, 'model_config': dict(in_channels=1)})['bit_depth'] == 16
+    from experiments.detector import Detector
+    assert Detector(None, dict(bit_depth=16), 'model').read(tmp_path / 'dark.png').max() == 12
+    assert Detector(None, dict(bit_depth=None), 'model').read(tmp_path / 'dark.png').max() == 187
+
+
 def test_float_images_and_decompression_bombs_are_errors_naming_the_file(tmp_path, monkeypatch):
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / 'float.tif')
     with pytest.raises(ValueError, match=r'cannot read image .*float.tif: F images .* not supported'):
