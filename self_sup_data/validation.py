@@ -141,10 +141,21 @@ def synthetic_defect(image, kind, rng):
                      f"images (--val-seed)")
 
 
-def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None):
+def central_box(shape, crop=None):
+    """Slices of the central ``crop`` x ``crop`` square of an image of ``shape`` (the part of an
+    object category's test image that its model scores); the whole image for ``crop`` None."""
+    if crop is None:
+        return slice(None), slice(None)
+    top, left = (shape[0] - crop) // 2, (shape[1] - crop) // 2
+    return slice(top, top + crop), slice(left, left + crop)
+
+
+def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=None):
     """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
     prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``. ``names``: the
     images' files, named by the ValueError of an image on which no defect can be drawn.
+    ``crop``: the side of the central square that an object category's model scores
+    (``central_box``): defects are drawn inside it (None, textures: anywhere).
 
     Returns (images, labels, masks, defect_types): the normal images first, then the defective
     ones; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
@@ -158,13 +169,16 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None):
     defective, masks, types = [], [], []
     for index, image in enumerate(images):
         kind = kinds[index % len(kinds)]
+        box = central_box(image.shape, crop)
         try:
-            out, mask = synthetic_defect(image, kind, rng)
+            part, part_mask = synthetic_defect(np.ascontiguousarray(image[box]), kind, rng)
         except ValueError as error:
             name = f'{names[index]}' if names is not None else f'image {index}'
             raise ValueError(f"held-out validation image {name}: {error}") from error
+        out, mask = image.copy(), np.zeros(image.shape[:2], np.uint8)
+        out[box], mask[box] = part, part_mask
         defective.append(out)
-        masks.append(mask.astype(np.uint8))
+        masks.append(mask)
         types.append(kind)
     zeros = [np.zeros(image.shape[:2], np.uint8) for image in images]
     return (list(images) + defective, [0] * len(images) + [1] * len(images), zeros + masks,

@@ -276,6 +276,14 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
     assert all(np.array_equal(a, b) for a, b in zip(items, again[0]))
     with pytest.raises(ValueError, match='validation kinds'):
         validation.make_validation_set(images, 0, kinds=('smudge',))
+    # objects: every defect inside the central crop that their models score
+    items, _, masks, _ = validation.make_validation_set(images, seed=0, crop=32)
+    box = validation.central_box(images[0].shape, 32)
+    for image, defective, mask in zip(images, items[7:], masks[7:]):
+        outside = np.ones(mask.shape, bool)
+        outside[box] = False
+        assert mask.any() and not mask[outside].any()
+        np.testing.assert_array_equal(defective[outside], image[outside])
     blank = images[:2] + [np.full_like(images[2], 128)]
     with pytest.raises(ValueError, match=r'held-out validation image c.png: a blur defect changes '
                                          r'fewer than \d+ pixels .*--val-seed'):
