@@ -30,8 +30,8 @@ from pathlib import Path
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
-                             print_slow_bf16_note, refuse_existing_run, report_problems, train_config,
-                             train_unless_finished)
+                             found_run, print_slow_bf16_note, refuse_existing_run, report_problems,
+                             train_config, train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.validation import Validator
@@ -91,12 +91,12 @@ def category_layouts(args, data_dir):
     category in the first layout that finds it (``detect_layout``'s order; a root may hold
     categories of several layouts); MVTec-layout folders only with ``train/good``."""
     given = layout_from_args(args)
-    if given is None:
-        detect_layout(data_dir)  # a FileNotFoundError saying what each layout expects, if none finds one
     found = {}
     for layout in [given] if given else LAYOUTS.values():
         for category in layout.categories(data_dir):
             found.setdefault(category, layout)
+    if not found and given is None:
+        detect_layout(data_dir)  # the FileNotFoundError that says what each layout expects
     return {category: layout for category, layout in sorted(found.items())
             if layout.name != 'mvtec' or (Path(data_dir) / category / 'train' / 'good').is_dir()}
 
@@ -322,7 +322,7 @@ def main(argv=None):
         setting, data_dir, categories, out_dir = plan(args)
         if not (args.resume or args.force):  # before the first category trains
             for category in categories:
-                refuse_existing_run(setting.run_dir(out_dir, category), setting.run_name(category))
+                refuse_existing_run(*found_run(setting.run_dir(out_dir, category), setting.run_name(category)))
     print_slow_bf16_note(PROG, args)
     for category in categories:
         params = search = None

@@ -167,31 +167,35 @@ def prepare_output_dir(path):
     return path
 
 
+INPUT_ERRORS = (ValueError, KeyError, OSError)
+
+
 @contextmanager
-def exit_on_input_error(prog):
-    """Turn a ValueError, KeyError or OSError into a one-line message and exit status 1."""
+def exit_on_input_error(prog, errors=INPUT_ERRORS):
+    """Turn an exception of ``errors`` (by default a ValueError, KeyError or OSError) into a
+    one-line message and exit status 1."""
     try:
         yield
-    except (ValueError, KeyError, OSError) as error:
+    except errors as error:
         message = error.args[0] if isinstance(error, KeyError) else error
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
-def found_run(final, last):
-    """(path, 'finished' or 'interrupted') of the run whose final model is ``final`` and resume
-    checkpoint ``last``, or (None, None) without either: the checkpoint when there is no final
-    model or it belongs to another run (``run_differences``), else the final model."""
+def found_run(run_dir, name):
+    """(path, 'finished' or 'interrupted') of the run ``name`` in ``run_dir``, or (None, None)
+    without its final model and checkpoint: the checkpoint when there is no final model or it
+    belongs to another run (``run_differences``), else the final model."""
+    final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
     if last.is_file() and (not final.is_file() or run_differences(read_meta(final), read_meta(last))):
         return last, 'interrupted'
     return (final, 'finished') if final.is_file() else (None, None)
 
 
-def refuse_existing_run(run_dir, name):
-    """FileExistsError naming the finished or interrupted run ``name`` in ``run_dir``
-    (``found_run``), if there is one: what a command without --resume or --force must not
-    replace. Commands that train several runs call it for each before training any."""
-    found, state = found_run(final_model_path(run_dir, name), last_checkpoint_path(run_dir, name))
+def refuse_existing_run(found, state):
+    """FileExistsError naming the ``found_run`` ``found`` (in ``state``), if there is one: what a
+    command without --resume or --force must not replace. Commands that train several runs call
+    it for each before training any."""
     if found:
         keep = 'keep it' if state == 'finished' else 'continue it'
         raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
@@ -205,8 +209,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     The run in ``run_dir`` is interrupted when its checkpoint belongs to another run than its
     final model (a --force run with other arguments that was interrupted), or there is no final
     model; else finished (``found_run``). A finished or interrupted run in ``run_dir`` is never
-    replaced unless ``force``: without
-    ``resume`` it is refused; with ``resume`` its checkpoint must belong to the same run
+    replaced unless ``force``: without ``resume`` it is refused; with ``resume`` its checkpoint
+    must belong to the same run
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
     model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
@@ -215,11 +219,10 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     """
     for stale in remove_stale_temporaries(run_dir):
         print(f"{prog}: removed {stale}, left by an interrupted save")
-    final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
     with exit_on_input_error(prog):
-        found, state = found_run(final, last)
-        if found and not (resume or force):
-            refuse_existing_run(run_dir, name)
+        found, state = found_run(run_dir, name)
+        if not (resume or force):
+            refuse_existing_run(found, state)
         dataset, model, config, meta, validator = prepare()
         if found and resume:
             previous = read_meta(found)
@@ -228,15 +231,12 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
                 raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
                                  f"arguments (then vs now: {'; '.join(differing)}); pass --force "
                                  f"to train again and replace it, or use another output folder")
-    if resume and found == final:
-        print(f"{prog}: {final} exists, skipping it")
+    if resume and state == 'finished':
+        print(f"{prog}: {found} exists, skipping it")
         return previous
-    try:
+    with exit_on_input_error(prog, RunError):
         return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                      validator=validator)
-    except RunError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -346,8 +346,9 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _cpu_state_dict(module):
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def _cpu_state_dict(module, copy=False):
+    """The module's weights as contiguous CPU tensors; with ``copy``, never the module's own."""
+    return {k: v.detach().to('cpu', copy=copy).contiguous() for k, v in module.state_dict().items()}
 
 
 def weights_checksum(state_dict):
@@ -411,12 +412,12 @@ def _check_resumable(path, saved_meta, meta):
     saved_world, world = saved_meta.get('world_size', 1), meta['world_size']
     if saved_world != world:
         raise RunError(f"cannot resume from {path}: it was trained with world_size {saved_world}, "
-                         f"this run has world_size {world}; resume with {saved_world} processes")
+                       f"this run has world_size {world}; resume with {saved_world} processes")
     differing = run_differences(saved_meta, meta)
     if differing:
         raise RunError(f"cannot resume from {path}: it was written by a different run "
-                         f"(checkpoint vs now: {', '.join(differing)}); start without resume or "
-                         f"use another output folder")
+                       f"(checkpoint vs now: {', '.join(differing)}); start without resume or "
+                       f"use another output folder")
 
 
 def save_sample_figure(images, labels, preds, path):
@@ -570,7 +571,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     rank, world_size = init_distributed(device)
     if config.batch_size % world_size:
         raise RunError(f"batch_size {config.batch_size} is not divisible by the world size "
-                         f"{world_size}")
+                       f"{world_size}")
     writer = rank == 0
     run_dir = Path(run_dir)
     if writer:
@@ -611,7 +612,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         dist.all_gather_object(starts, start_epoch)
         if len(set(starts)) > 1:
             raise RunError(f"run {name!r}: the processes start at different epochs {starts} "
-                             f"(by rank; from {last_path}); they need one shared output folder")
+                           f"(by rank; from {last_path}); they need one shared output folder")
 
     # one pass over every epoch left (and the one that recomputes the averaged batch norm);
     # none left (resumed from the final epoch's checkpoint): no worker is started
@@ -659,7 +660,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                   f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
             if validate(model, validator, meta, done, run_dir, name, config.figures):
-                best_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+                best_state = _cpu_state_dict(model, copy=True)
             tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
                        f"{describe_scores(meta['validation'][-1])}")
             model.train()
