@@ -11,7 +11,6 @@ as the evaluation prepares test images and each map is returned at its image's o
 imports torch: a deployment needs numpy, SciPy, OpenCV, Pillow, tqdm and onnxruntime.
 """
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +123,7 @@ class Detector:
         resolution, and each map (float32) resized to its image's height and width.
         ``flip_average``: see ``inference.model_maps`` (textures only)."""
         images = list(images)
-        calibrated_flip = (self.thresholds or {}).get('flip_average', flip_average)
-        if calibrated_flip != flip_average:
-            warnings.warn(f'the thresholds of {self.source} were calibrated '
-                          f'{"with" if calibrated_flip else "without"} flip averaging, and these '
-                          f'maps are {"with" if flip_average else "without"} it')
+        inference.warn_flip_average_mismatch(self.thresholds, flip_average, self.source)
         maps = self.maps(images, flip_average, progress)
         sized = [inference.to_image_size(map_, np.shape(image)) for map_, image in zip(maps, images)]
         return inference.image_scores(maps), sized

@@ -19,6 +19,8 @@ This is ``experiments.prediction`` on uint8 images instead of normalised tensors
 reflect padding and flips commute with the per-pixel normalisation, which the network input
 does itself (``experiments.torch_model.ImageInputModel``), so the maps are the evaluation's.
 """
+import warnings
+
 import cv2
 import numpy as np
 from tqdm import tqdm
@@ -76,6 +78,18 @@ def check_flip_average(spec, source):
     """ValueError naming ``source`` when flip averaging does not apply to its model."""
     if spec['flip_average_error'] is not None:
         raise ValueError(f'--flip-average does not apply to {source}: {spec["flip_average_error"]}')
+
+
+def warn_flip_average_mismatch(thresholds, flip_average, source, consequence=''):
+    """Warn, naming ``source``, when ``thresholds`` (``experiments.thresholds``; None: none) were
+    calibrated on maps of another flip averaging than maps made with ``flip_average``, adding
+    ``consequence`` to the message -> whether they were."""
+    calibrated_flip = (thresholds or {}).get('flip_average', flip_average)
+    if calibrated_flip != flip_average:
+        warnings.warn(f'{source}: its thresholds were calibrated {"with" if calibrated_flip else "without"} '
+                      f'flip averaging and these maps are {"with" if flip_average else "without"} '
+                      f'it{consequence}')
+    return calibrated_flip != flip_average
 
 
 def _view_maps(run, images, spec):

@@ -37,6 +37,7 @@ from tqdm import tqdm
 import numpy as np
 
 from experiments import metrics, one_class, tables
+from experiments.inference import warn_flip_average_mismatch
 from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, failure_reason,
                                      find_checkpoints, read_model, result_setting, result_variants,
                                      select_checkpoints, setting_from_path, sort_records)
@@ -63,13 +64,10 @@ def threshold_values(dataset, maps, thresholds=None, flip_average=False, source=
     precision, recall and F1 at the model's calibrated ``thresholds`` (``experiments.thresholds``;
     NaN without them, and NaN with a warning naming ``source`` when they were calibrated on maps
     with another ``flip_average`` than these: their values do not apply to these maps)."""
+    if warn_flip_average_mismatch(thresholds, flip_average, source,
+                                  ': no precision, recall or F1 at them'):
+        thresholds = None
     thresholds = thresholds or {}
-    calibrated_flip = thresholds.get('flip_average', flip_average)
-    if calibrated_flip != flip_average:
-        warnings.warn(f'{source}: its thresholds were calibrated {"with" if calibrated_flip else "without"} '
-                      f'flip averaging and these maps are {"with" if flip_average else "without"} it: '
-                      f'no precision, recall or F1 at them')
-        thresholds = {}
     return metrics.threshold_metrics(dataset.labels, maps, np.stack(dataset.masks),
                                      dataset.has_mask, thresholds.get('image'),
                                      thresholds.get('pixel'))
