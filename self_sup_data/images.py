@@ -48,6 +48,13 @@ def decode_values(path):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
+def decode_mask_values(path):
+    """The stored values of the mask file at ``path`` (``decode_values``) as ``H x W``: a colour
+    mask by its largest channel."""
+    values = decode_values(path)
+    return values.max(axis=2) if values.ndim == 3 else values
+
+
 def to_uint8(values, bits):
     """Integer pixel values of ``bits``-bit data (0..2**bits - 1; float arrays too, e.g. resized
     values) scaled to uint8 0..255."""

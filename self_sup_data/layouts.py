@@ -44,7 +44,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode_values
+from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values
 
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -185,9 +185,7 @@ class LocoLayout(CategoryLayout):
         defects = self.defects(root, category)
         regions = []
         for path in mask_paths:
-            mask = decode_values(path)
-            if mask.ndim == 3:
-                mask = mask.max(axis=2)
+            mask = decode_mask_values(path)
             values = np.unique(mask[mask > 0])
             if len(values) != 1 or int(values[0]) not in defects:
                 raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "

@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
-from self_sup_data.images import (IMAGE_SUFFIXES, decode_values, high_bit_depth, image_channels,
-                                  resize, to_channels, to_uint8)
+from self_sup_data.images import (IMAGE_SUFFIXES, decode_mask_values, decode_values, high_bit_depth,
+                                  image_channels, resize, to_channels, to_uint8)
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -111,12 +111,10 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
 # ----------------------------------------------------------------------------- reading files
 
 def mask_pixels(values, path):
-    """Boolean ``H x W``: the defect pixels of a mask's stored values (``decode_values``; colour
-    masks by their largest channel): every nonzero pixel (0/255, 0/1, 16-bit or any other values),
-    or, for a mask saved in a lossy format (``LOSSY_SUFFIXES``: JPEG, whose compression rings
-    around edges), the pixels above half of its largest value."""
-    if values.ndim == 3:
-        values = values.max(axis=2)
+    """Boolean ``H x W``: the defect pixels of a mask's stored values (``decode_mask_values``):
+    every nonzero pixel (0/255, 0/1, 16-bit or any other values), or, for a mask saved in a lossy
+    format (``LOSSY_SUFFIXES``: JPEG, whose compression rings around edges), the pixels above half
+    of its largest value."""
     if Path(path).suffix.lower() in LOSSY_SUFFIXES:
         return values > values.max(initial=0) / 2
     return values > 0
@@ -124,7 +122,7 @@ def mask_pixels(values, path):
 
 def read_mask(path):
     """Boolean ``H x W`` mask of the file at ``path`` (``mask_pixels``)."""
-    return mask_pixels(decode_values(path), path)
+    return mask_pixels(decode_mask_values(path), path)
 
 
 def read_id_masks(paths):
