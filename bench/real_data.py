@@ -195,7 +195,6 @@ def train(args, key):
                              + '\n'.join(last_lines))
 
 
-
 def border_band(shape, band=BORDER_BAND):
     """Boolean ``H x W`` mask of the pixels within ``band`` of the side length from the border."""
     rows, cols = (max(1, round(band * side)) for side in shape)

@@ -4,9 +4,10 @@
 unique name ``.<name>.<random>.tmp`` from ``tempfile.mkstemp``), flushes it to disk
 (``os.fsync``), renames it to ``path`` (``os.replace``, atomic on POSIX and Windows) and, on
 POSIX, flushes the folder so that the rename is on disk too. The file gets the permissions of a
-file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone makes it 0600). On any exception the temporary file
-is removed and ``path`` is left as it was; a process killed while writing leaves the temporary
-file, which ``remove_stale_temporaries`` deletes on the next run.
+file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone makes it 0600). On
+any exception the temporary file is removed and ``path`` is left as it was; a process killed
+while writing leaves the temporary file, which ``remove_stale_temporaries`` deletes on the next
+run.
 """
 import functools
 import os
