@@ -259,10 +259,13 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
                      loss=setting.loss), select=args.select if held_out.size else 'last')
     validator = None
+    # the category's background, whatever the recipe or candidate: one validation set for all models
+    validation_background = settings.category_params(category, args.kind, overrides)['background']
     if held_out.size:
         validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
                                              args.kind, channels=dataset.in_channels, layout=layout,
-                                             bit_depth=dataset.bit_depth)
+                                             bit_depth=dataset.bit_depth,
+                                             background=validation_background)
         validator = Validator(validation_set, recipes.val_every(args, config.epochs))
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
@@ -271,7 +274,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
                 validation_seed=args.val_seed,
-                validation_kinds=list(VALIDATION_KINDS) if held_out.size else [])
+                validation_kinds=list(VALIDATION_KINDS) if held_out.size else [],
+                validation_background=(None if validation_background is None or not held_out.size
+                                       else list(validation_background)))
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator

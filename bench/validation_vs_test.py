@@ -83,13 +83,14 @@ def score_models(args, device):
             continue
         model, meta = read_model(path, device)
         kinds = tuple(meta.get('validation_kinds') or VALIDATION_KINDS)  # the run's own defects
+        background = meta.get('validation_background')  # None: anywhere (and in earlier models)
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
-               repr(meta.get('layout')), kinds)
+               repr(meta.get('layout')), kinds, repr(background))
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
                 channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')),
-                bit_depth=meta.get('bit_depth'))
+                bit_depth=meta.get('bit_depth'), background=background)
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)

@@ -378,12 +378,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
 
 
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
-                        channels=None, kinds=VALIDATION_KINDS, layout=None, bit_depth=None):
+                        channels=None, kinds=VALIDATION_KINDS, layout=None, bit_depth=None,
+                        background=None):
     """Test-mode dataset of the training images ``indices`` (sorted ``train_files`` order of
     ``layout``, None: detected; held out from training) prepared as test images
     (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
     (``self_sup_data.validation.make_validation_set``, drawn by ``seed``; for objects inside the
-    central crop that their models score).
+    central crop that their models score, and with a ``background``, on the object).
     ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
     trained on."""
     files = train_files(root_path, class_name, layout)
@@ -393,7 +394,8 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
                                desc=f'loading {class_name} validation', bit_depth=bit_depth)
     crop = recipe['train_size'] if category_kind(class_name, kind) == 'object' else None
     images, labels, masks, defect_types = make_validation_set(images, seed, kinds,
-                                                              names=[str(p) for p in paths], crop=crop)
+                                                              names=[str(p) for p in paths], crop=crop,
+                                                              background=background)
     dataset = SelfSupImageDataset(images, is_train=False, transform=None,
                                   train_size=recipe['train_size'], labels=labels, masks=masks)
     dataset.class_name, dataset.kind = class_name, category_kind(class_name, kind)

@@ -376,10 +376,11 @@ def _rotated(patch, degrees):
 
 
 def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=SCAR_MAX_DEGREES,
-                  jitter=CUTPASTE_JITTER, reference_side=SCAR_REFERENCE_SIDE):
+                  jitter=CUTPASTE_JITTER, reference_side=SCAR_REFERENCE_SIDE, centre=None):
     """CutPaste-scar (Li et al. 2021): a thin, long rectangle cut from a random place of ``image``,
     colour-jittered (``color_jitter``), rotated by U(-max_degrees, max_degrees) and pasted at a
-    random place.
+    random place, or centred on the pixel ``centre`` = (x, y) (moved inside the image where it
+    would hang over the border).
 
     Width and length are drawn uniformly from ``width`` and ``length`` (pixels at a side of
     ``reference_side``) and scaled to the image's shorter side (at least one pixel).
@@ -398,7 +399,11 @@ def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=
         patch = rotated
     else:  # a scar about as long as the image: pasted unrotated
         mask = np.ones(patch.shape[:2], bool)
-    top, left = _random_start(rng, height, patch.shape[0]), _random_start(rng, width_px, patch.shape[1])
+    if centre is None:
+        top, left = _random_start(rng, height, patch.shape[0]), _random_start(rng, width_px, patch.shape[1])
+    else:
+        top = min(max(centre[1] - patch.shape[0] // 2, 0), height - patch.shape[0])
+        left = min(max(centre[0] - patch.shape[1] // 2, 0), width_px - patch.shape[1])
     out = image.copy()
     out[top:top + patch.shape[0], left:left + patch.shape[1]][mask] = patch[mask]
     pasted = np.zeros((height, width_px), bool)

@@ -13,7 +13,10 @@ project draws (``VALIDATION_KINDS``, taken in turn):
     noise   Gaussian noise added inside an elliptic region
     line    a thin dark or bright polyline (crack-like)
 
-Their strength is relative to the image's own contrast (its standard deviation of grey levels,
+A defect lies anywhere in a texture, inside the central crop that an object category's models
+score, and for a category with a background (``self_sup_tasks.object_mask``) on the object only:
+centred on an object pixel, its changes to the background undone, as real defects lie on the
+object. Their strength is relative to the image's own contrast (its standard deviation of grey levels,
 at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material as on a
 contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
 levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
@@ -26,7 +29,7 @@ torch.
 import cv2
 import numpy as np
 
-from self_sup_data.self_sup_tasks import cutpaste_scar
+from self_sup_data.self_sup_tasks import cutpaste_scar, object_mask
 
 VALIDATION_KINDS = ('scar', 'blob', 'blur', 'noise', 'line')
 HOLDOUT_STREAM = 0x7A11   # separates the holdout draw from other uses of the run's seed
@@ -55,12 +58,22 @@ def _contrast(image):
     return max(float(image.std()), MIN_CONTRAST)
 
 
-def _ellipse(rng, shape, axes_range):
-    """Bool mask of a random filled ellipse with semi-axes in ``axes_range`` (fractions of the side)."""
+def _centre(rng, shape, anchors):
+    """A random pixel ``(x, y)`` of an image of ``shape``: one of ``anchors`` (``N x 2`` array of
+    (row, col)), or anywhere for None."""
+    if anchors is None:
+        return int(rng.integers(0, shape[1])), int(rng.integers(0, shape[0]))
+    row, col = anchors[rng.integers(len(anchors))]
+    return int(col), int(row)
+
+
+def _ellipse(rng, shape, axes_range, anchors):
+    """Bool mask of a random filled ellipse with semi-axes in ``axes_range`` (fractions of the side),
+    centred on a random pixel (one of ``anchors`` where given, see ``_centre``)."""
     height, width = shape
     side = min(height, width)
     axes = [max(2, int(rng.uniform(*axes_range) * side)) for _ in range(2)]
-    center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+    center = _centre(rng, shape, anchors)
     region = np.zeros(shape, np.uint8)
     cv2.ellipse(region, center, tuple(axes), float(rng.uniform(0, 180)), 0, 360, 1, thickness=-1)
     return region.astype(bool)
@@ -72,16 +85,21 @@ def _add(image, delta):
     return np.clip(np.round(image.astype(np.float32) + delta), 0, 255).astype(np.uint8)
 
 
-def _blob(image, rng):
-    region = _ellipse(rng, image.shape[:2], (0.04, 0.15))
+def _scar(image, rng, anchors):
+    centre = None if anchors is None else _centre(rng, image.shape[:2], anchors)
+    return cutpaste_scar(image, rng, centre=centre)
+
+
+def _blob(image, rng, anchors):
+    region = _ellipse(rng, image.shape[:2], (0.04, 0.15), anchors)
     sigma = max(1.0, 0.15 * np.sqrt(region.sum()))
     profile = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
     amplitude = rng.uniform(0.5, 1.5) * _contrast(image) * rng.choice((-1, 1))
     return _add(image, amplitude * profile), region
 
 
-def _blur(image, rng):
-    region = _ellipse(rng, image.shape[:2], (0.05, 0.15))
+def _blur(image, rng, anchors):
+    region = _ellipse(rng, image.shape[:2], (0.05, 0.15), anchors)
     sigma = rng.uniform(1.0, 2.5) * min(image.shape[:2]) / 128
     blurred = cv2.GaussianBlur(image, (0, 0), sigma).reshape(image.shape)
     out = image.copy()
@@ -89,16 +107,17 @@ def _blur(image, rng):
     return out, region
 
 
-def _noise(image, rng):
-    region = _ellipse(rng, image.shape[:2], (0.04, 0.12))
+def _noise(image, rng, anchors):
+    region = _ellipse(rng, image.shape[:2], (0.04, 0.12), anchors)
     noise = rng.normal(0, rng.uniform(0.3, 0.8) * _contrast(image), image.shape).astype(np.float32)
     return _add(image, noise * region[..., None]), region
 
 
-def _line(image, rng):
+def _line(image, rng, anchors):
     height, width = image.shape[:2]
     side = min(height, width)
-    points = [rng.uniform((0, 0), (width, height))]
+    points = [rng.uniform((0, 0), (width, height)) if anchors is None
+              else np.array(_centre(rng, (height, width), anchors), float)]
     for _ in range(int(rng.integers(2, 5))):
         angle = rng.uniform(0, 2 * np.pi)
         step = rng.uniform(0.05, 0.15) * side
@@ -111,7 +130,7 @@ def _line(image, rng):
     return _add(image, delta * region), region
 
 
-DEFECTS = dict(scar=cutpaste_scar, blob=_blob, blur=_blur, noise=_noise, line=_line)
+DEFECTS = dict(scar=_scar, blob=_blob, blur=_blur, noise=_noise, line=_line)
 
 
 def min_defect_pixels(shape):
@@ -120,23 +139,33 @@ def min_defect_pixels(shape):
     return max(1, round(MIN_DEFECT_PIXELS * shape[0] * shape[1] / REFERENCE_AREA))
 
 
-def synthetic_defect(image, kind, rng):
+def synthetic_defect(image, kind, rng, on=None):
     """``image`` (uint8 ``H x W x C``) with one defect of ``kind`` -> (image, mask bool ``H x W``).
 
+    ``on``: None (the defect may lie anywhere) or a bool ``H x W`` mask of the pixels it may change
+    (an object, see ``self_sup_tasks.object_mask``): the defect is centred on one of them and its
+    changes elsewhere are undone.
     The mask is the drawn region where the image changed by at least MIN_CHANGE grey levels
     (mean over channels); drawn again (up to MAX_DRAWS times) while it has fewer than
-    ``min_defect_pixels(image.shape)`` pixels. ValueError when no draw changes enough pixels (a blank image).
+    ``min_defect_pixels(image.shape)`` pixels. ValueError when no draw changes enough pixels (a blank
+    image, or a tiny object) or ``on`` holds no pixel.
     """
     if kind not in DEFECTS:
         raise ValueError(f"unknown validation defect kind {kind!r}; valid: {VALIDATION_KINDS}")
+    anchors = None if on is None else np.argwhere(on)
+    if anchors is not None and not len(anchors):
+        raise ValueError("no object pixel to draw a defect on")
     for _ in range(MAX_DRAWS):
-        out, region = DEFECTS[kind](image, rng)
+        out, region = DEFECTS[kind](image, rng, anchors)
+        if on is not None:
+            out, region = np.where(on[..., None], out, image), region & on
         change = np.abs(out.astype(np.float32) - image).mean(axis=-1)
         mask = region & (change >= MIN_CHANGE)
         if mask.sum() >= min_defect_pixels(image.shape):
             return out, mask
+    where = 'image' if on is None else 'object'
     raise ValueError(f"a {kind} defect changes fewer than {min_defect_pixels(image.shape)} pixels of this "
-                     f"{image.shape[1]}x{image.shape[0]} image in {MAX_DRAWS} draws (is it blank?); "
+                     f"{image.shape[1]}x{image.shape[0]} {where} in {MAX_DRAWS} draws (is it blank?); "
                      f"train without a validation set (--val-fraction 0) or choose other held-out "
                      f"images (--val-seed)")
 
@@ -150,12 +179,14 @@ def central_box(shape, crop=None):
     return slice(top, top + crop), slice(left, left + crop)
 
 
-def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=None):
+def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=None, background=None):
     """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
     prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``. ``names``: the
     images' files, named by the ValueError of an image on which no defect can be drawn.
     ``crop``: the side of the central square that an object category's model scores
     (``central_box``): defects are drawn inside it (None, textures: anywhere).
+    ``background``: None or the category's background (``self_sup_tasks.object_mask``'s
+    ``skip_background``): defects are drawn on the object only, where real ones lie.
 
     Returns (images, labels, masks, defect_types): the normal images first, then the defective
     ones; labels 0/1; masks uint8 ``H x W`` in {0, 1}; defect_types 'good' or the kind.
@@ -170,10 +201,16 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
     for index, image in enumerate(images):
         kind = kinds[index % len(kinds)]
         box = central_box(image.shape, crop)
+        part = np.ascontiguousarray(image[box])
+        on = None if background is None else object_mask(part, background)
+        name = f'{names[index]}' if names is not None else f'image {index}'
+        if on is not None and not on.any():
+            raise ValueError(f"held-out validation image {name}: background {background!r} leaves no "
+                             f"object pixel in the part of it that models score; check --background or "
+                             f"choose other held-out images (--val-seed)")
         try:
-            part, part_mask = synthetic_defect(np.ascontiguousarray(image[box]), kind, rng)
+            part, part_mask = synthetic_defect(part, kind, rng, on)
         except ValueError as error:
-            name = f'{names[index]}' if names is not None else f'image {index}'
             raise ValueError(f"held-out validation image {name}: {error}") from error
         out, mask = image.copy(), np.zeros(image.shape[:2], np.uint8)
         out[box], mask[box] = part, part_mask

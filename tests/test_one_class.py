@@ -243,6 +243,20 @@ def test_scar_changes_only_a_thin_rotated_strip(channels):
         assert max(np.ptp(rows), np.ptp(cols)) + 1 <= np.ceil(np.hypot(16, 25)) + 1
 
 
+def test_scar_is_pasted_around_a_given_centre_inside_the_image():
+    image = smooth_image(256, 1)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        scar, mask = cutpaste_scar(image, rng, centre=(128, 100))  # (x, y)
+        rows, cols = np.nonzero(mask)
+        assert abs((rows.min() + rows.max()) / 2 - 100) <= 1.5
+        assert abs((cols.min() + cols.max()) / 2 - 128) <= 1.5
+        assert not ((scar != image).any(axis=-1) & ~mask).any()
+        _, corner = cutpaste_scar(image, rng, centre=(255, 0))  # moved inside, to the corner
+        rows, cols = np.nonzero(corner)
+        assert rows.min() <= 1 and cols.max() >= 254
+
+
 def test_color_jitter_stays_within_its_strength():
     patch = np.full((8, 8, 1), 100, np.uint8)
     jittered = color_jitter(patch, np.random.default_rng(0), strength=0.1)

@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from experiments.training import TrainConfig, best_model_path, final_model_path,
 from experiments.validation import Validator
 from self_sup_data import recipe, validation
 from self_sup_data.mvtec import load_validation_set
+from self_sup_data.self_sup_tasks import object_mask
 from self_sup_data.transforms import RandomCrop
 from test_training import CrashAtEpoch, SquaresDataset, TinyNet
 
@@ -290,6 +292,48 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
         validation.make_validation_set(blank, 0, kinds=('blur',), names=['a.png', 'b.png', 'c.png'])
 
 
+def object_on_background(size=64, radius=9, seed=0):
+    """A textured disc (the object, about 6% of the image) on a plain black background."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 1), np.uint8)
+    disc = np.zeros((size, size), np.uint8)
+    cv2.circle(disc, (size // 2 + 7, size // 2 - 5), radius, 1, thickness=-1)
+    image[disc.astype(bool)] = rng.choice((90, 220), (int(disc.sum()), 1))
+    return image
+
+
+@hyp_settings(max_examples=25, deadline=None)
+@given(st.sampled_from(validation.VALIDATION_KINDS), st.integers(0, 2**32 - 1))
+def test_defects_on_an_object_change_only_its_pixels(kind, seed):
+    image = object_on_background(seed=seed % 5)
+    on = object_mask(image, (0, 20))
+    assert 0.04 < on.mean() < 0.1
+    out, mask = validation.synthetic_defect(image, kind, np.random.default_rng(seed), on)
+    assert mask.sum() >= validation.min_defect_pixels(image.shape) and not mask[~on].any()
+    np.testing.assert_array_equal(out[~on], image[~on])
+
+
+def test_validation_defects_follow_the_background_and_name_an_image_without_object():
+    images = [object_on_background(seed=i) for i in range(6)]
+    items, _, masks, _ = validation.make_validation_set(images, seed=0, background=(0, 20), crop=48)
+    box = validation.central_box(images[0].shape, 48)
+    for image, defective, mask in zip(images, items[6:], masks[6:]):
+        on = np.zeros(mask.shape, bool)
+        on[box] = object_mask(np.ascontiguousarray(image[box]), (0, 20))
+        assert mask.any() and not mask[~on].any()
+        np.testing.assert_array_equal(defective[~on], image[~on])
+    # without a background the same images get defects on the black background too
+    _, _, anywhere, _ = validation.make_validation_set(images, seed=0)
+    assert any(mask[object_mask(image, (0, 20)) == 0].any() for image, mask in zip(images, anywhere[6:]))
+    empty = images[:2] + [np.zeros_like(images[0])]
+    with pytest.raises(ValueError, match=r"validation image c.png: background \(0, 20\) leaves no "
+                                         r"object pixel .*--background"):
+        validation.make_validation_set(empty, 0, names=['a.png', 'b.png', 'c.png'], background=(0, 20))
+    with pytest.raises(ValueError, match='no object pixel'):
+        validation.synthetic_defect(images[0], 'blob', np.random.default_rng(0),
+                                    np.zeros(images[0].shape[:2], bool))
+
+
 class Brightness(torch.nn.Module):
     """An anomaly map that grows with the image's brightness: the sigmoid of its channel mean."""
 
@@ -481,6 +525,26 @@ def test_validation_images_are_held_out_where_a_choice_is_made_or_asked(tmp_path
     assert meta['held_out'] == held_out and len(dataset) == 20 - held_out
     assert (validator is None) == (held_out == 0)
     assert held_out == 0 or len(validator) == 2 * held_out
+
+
+def test_an_object_categorys_validation_defects_lie_on_its_object_for_every_recipe(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'parts', n_train=12, size=128)
+    background = ['--background', '40', '60']  # grey levels below 100 are background
+    sets = []
+    for recipe_name in ('table', 'auto'):  # one validation set, whatever the recipe
+        _, _, _, meta, validator = prepared(tmp_path, data, 'parts', '--kind', 'object', *background,
+                                            '--recipe', recipe_name, '--val-fraction', '0.25')
+        assert meta['validation_background'] == [40, 60] and meta['held_out'] == 3
+        sets.append(validator.dataset)
+    images, masks = sets[0].images, sets[0].masks
+    assert all(np.array_equal(a, b) for a, b in zip(images, sets[1].images))
+    for normal, defective, mask in zip(images[:3], images[3:], masks[3:]):
+        on = object_mask(normal, (40, 60))
+        assert mask.any() and not mask.astype(bool)[~on].any()
+        np.testing.assert_array_equal(defective[~on], normal[~on])
+    _, _, _, meta, _ = prepared(tmp_path, data, 'parts', '--kind', 'object', '--recipe', 'table')
+    assert meta['validation_background'] is None  # no validation set
 
 
 @pytest.mark.slow
