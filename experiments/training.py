@@ -634,8 +634,17 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         for _ in tqdm(range(steps), desc=f'epoch {epoch + 1}', unit='batch', leave=False,
                       disable=not progress):
             images, _, labels = next(batches)
-            images, labels, preds, loss = train_step(module, optimizer, config.loss,
-                                                     images, labels, device, config.bf16)
+            try:
+                images, labels, preds, loss = train_step(module, optimizer, config.loss,
+                                                         images, labels, device, config.bf16)
+            except ValueError as error:  # batch norm's, on a batch of one image
+                if len(images) > 1:
+                    raise
+                raise RunError(
+                    f"run {name!r}: a batch of one image cannot be trained ({error}): batch norm "
+                    f"needs two values per channel, and crops under 64 pixels leave one at the "
+                    f"encoder's end; train with at least two images per batch and process (more "
+                    f"training images, --batch-size) or larger crops (--res-scale)") from error
             loss_sum += loss * len(images)
             count += len(images)
         meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))

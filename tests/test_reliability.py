@@ -360,6 +360,17 @@ def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_pa
         check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
 
 
+def test_a_single_image_category_at_small_crops_stops_with_a_one_line_error(tmp_path, capsys):
+    make_mvtec_category(tmp_path / 'data', 'one', n_train=1, size=256)
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(out),
+                                           '--recipe', 'table', '--epochs', '1', '--res-scale', '0.125',
+                                           '--workers', '0', '--no-figures'], capsys)
+    assert "run 'one_shift': a batch of one image cannot be trained" in message
+    assert '--batch-size' in message and '--res-scale' in message
+    assert not list(out.rglob('*.pt'))
+
+
 @pytest.mark.slow
 def test_a_changed_weight_fails_the_checksum_on_load(tmp_path):
     model = resnet18_enc_dec(in_channels=1)
