@@ -21,7 +21,8 @@ interrupted run keeps what it wrote. An unreadable file is listed in errors.csv 
 exit status is the number of such files (at most 100), or 101 when the run could not start (bad
 arguments, a missing or unreadable model, an input without images, an OUT_DIR with an earlier
 run's scores.csv unless --overwrite, which deletes the earlier run's files once the model and
-the inputs are found).
+the inputs are found: its scores.csv and errors.csv, and the map, overlay and mask of each image
+its scores.csv lists; no other file, so OUT_DIR may hold the user's own).
 """
 import argparse
 import csv
@@ -42,7 +43,7 @@ MAX_FAILED_STATUS = 100
 STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
-EARLIER_RUN_FILES = ('scores.csv', 'errors.csv', 'maps/*.npy', 'overlays/*.png', 'masks/*.png')
+RUN_TABLES = ('scores.csv', 'errors.csv')
 
 
 class StopRun(Exception):
@@ -89,13 +90,19 @@ def output_names(files):
     return names
 
 
+def output_paths(out_dir, name):
+    """Where the map, overlay and mask of the image with output name ``name`` go."""
+    return dict(map=out_dir / 'maps' / f'{name}.npy', overlay=out_dir / 'overlays' / f'{name}.png',
+                mask=out_dir / 'masks' / f'{name}.png')
+
+
 def write_outputs(out_dir, name, image, map_, pixel_threshold):
     """The map (.npy), its overlay and, with a pixel threshold, its mask of one image."""
-    write_atomic(out_dir / 'maps' / f'{name}.npy', lambda f: np.save(f, map_))
-    write_png(out_dir / 'overlays' / f'{name}.png', heatmap_overlay(image, map_))
+    paths = output_paths(out_dir, name)
+    write_atomic(paths['map'], lambda f: np.save(f, map_))
+    write_png(paths['overlay'], heatmap_overlay(image, map_))
     if pixel_threshold is not None:
-        write_png(out_dir / 'masks' / f'{name}.png', np.where(map_ > pixel_threshold, 255, 0)
-                  .astype(np.uint8))
+        write_png(paths['mask'], np.where(map_ > pixel_threshold, 255, 0).astype(np.uint8))
 
 
 def predict_files(detector, files, out_dir, flip_average=False):
@@ -127,11 +134,21 @@ def predict_files(detector, files, out_dir, flip_average=False):
 
 
 def remove_earlier_run(out_dir):
-    """Delete the files that a run writes in ``out_dir`` (``EARLIER_RUN_FILES``), so that an
-    --overwrite run leaves no map, overlay or mask of an image it does not predict."""
-    for pattern in EARLIER_RUN_FILES:
-        for path in out_dir.glob(pattern):
-            path.unlink()
+    """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
+    leaves no map, overlay or mask of an image it does not predict: the map, overlay and mask of
+    each output name in its scores.csv (plain names only), then its RUN_TABLES. Other files in
+    ``out_dir`` (the user's, even in maps/, overlays/ or masks/) are kept."""
+    scores = out_dir / 'scores.csv'
+    names = []
+    if scores.exists():
+        with open(scores, newline='') as file:
+            names = [row.get('output') or '' for row in csv.DictReader(file)]
+    for name in names:
+        if name and name not in ('.', '..') and Path(name).name == name:
+            for path in output_paths(out_dir, name).values():
+                path.unlink(missing_ok=True)
+    for table in RUN_TABLES:
+        (out_dir / table).unlink(missing_ok=True)
 
 
 def start_run(args):
@@ -189,8 +206,9 @@ def parse_args(argv=None):
                         help='average each map with that of the vertically flipped image '
                              '(textures only; calibrate the thresholds the same way)')
     parser.add_argument('--overwrite', action='store_true',
-                        help="replace an earlier run in OUT_DIR: its scores, errors, maps, "
-                             "overlays and masks are deleted first")
+                        help="replace an earlier run in OUT_DIR: its scores.csv, errors.csv and "
+                             "the maps, overlays and masks of the images it lists are deleted "
+                             "first")
     return parser.parse_args(argv)
 
 

@@ -159,6 +159,8 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
         assert predict.main(argv + ['-o', str(out)]) == predict.STOPPED_STATUS
         assert message in capsys.readouterr().err
         assert not out.exists()
+    (out / 'masks').mkdir(parents=True)
+    (out / 'masks' / 'ground_truth.png').write_bytes(b'the user\'s own')  # kept by --overwrite
     assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), '-o', str(out)]) == 0
     written = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
     assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
@@ -168,8 +170,23 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
     assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'b.jpg'), '-o', str(out),
                          '--overwrite']) == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == [
-        'errors.csv', 'maps/b.npy', 'masks/b.png', 'overlays/b.png', 'scores.csv']
+        'errors.csv', 'maps/b.npy', 'masks/b.png', 'masks/ground_truth.png', 'overlays/b.png',
+        'scores.csv']
     assert list(pd.read_csv(out / 'scores.csv')['output']) == ['b']
+
+
+def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
+    for folder, suffix in (('maps', '.npy'), ('overlays', '.png'), ('masks', '.png')):
+        (tmp_path / folder).mkdir()
+        for name in ('a', 'mine'):
+            (tmp_path / folder / f'{name}{suffix}').write_bytes(b'x')
+    (tmp_path / 'evil.npy').write_bytes(b'x')
+    (tmp_path / 'scores.csv').write_text('file,output,score_mean,score_max,anomalous\n'
+                                         'in/a.png,a,0.1,0.2,\nin/x.png,../evil,0.1,0.2,\n')
+    (tmp_path / 'errors.csv').write_text('file,error\n')
+    predict.remove_earlier_run(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()) == [
+        'evil.npy', 'maps/mine.npy', 'masks/mine.png', 'overlays/mine.png']
 
 
 @pytest.mark.slow
