@@ -22,10 +22,32 @@ def high_bit_depth(values):
     return next((bits for bits in HIGH_BIT_DEPTHS if largest < 2 ** bits), HIGH_BIT_DEPTHS[-1])
 
 
+def _has_16_bit_channels(image):
+    """Whether Pillow's colour ``image`` is stored with 16 bits a channel (a raw mode such as
+    ``RGB;16B`` in its tiles' decoder arguments)."""
+    for tile in image.tile:
+        args = tile[3] if len(tile) > 3 else None
+        raw_mode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw_mode, str) and ';16' in raw_mode:
+            return True
+    return False
+
+
+def decode_16_bit_colour(path):
+    """uint16 ``H x W x 3`` (RGB; alpha dropped) of a colour file of 16 bits a channel, decoded by
+    OpenCV: Pillow reads such files as their high bytes only."""
+    values = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if values is None or values.dtype != np.uint16 or values.ndim != 3 or values.shape[2] < 3:
+        raise ValueError('a colour image of 16 bits a channel that OpenCV cannot decode '
+                         '(truncated?)')
+    return np.ascontiguousarray(values[:, :, 2::-1])  # BGR(A) -> RGB
+
+
 def decode_values(path):
     """Decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
-    pixel values as stored: integers (16- or 32-bit) for integer images, else uint8 ``H x W``
-    (grey, also 1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
+    pixel values as stored: integers (16- or 32-bit) for integer images (also ``H x W x 3`` uint16
+    for colour of 16 bits a channel, ``decode_16_bit_colour``), else uint8 ``H x W`` (grey, also
+    1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
     Images of floating-point pixels (whose range is not known) and images larger than Pillow's
     decompression-bomb limit are ValueErrors naming the file."""
     try:
@@ -33,6 +55,8 @@ def decode_values(path):
             if image.mode == 'F':
                 raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
                                  f'their value range is unknown; save them as 8- or 16-bit integers')
+            if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
+                return decode_16_bit_colour(path)
             image.load()
             if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
                 return np.asarray(image)

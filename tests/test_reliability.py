@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import asdict
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,7 +24,7 @@ from experiments.training import (TrainConfig, final_model_path, last_checkpoint
                                   make_loader, model_checkpoint, train, weights_checksum)
 from models.resnet import resnet18_enc_dec
 from self_sup_data import chest_xray
-from self_sup_data.images import decode, image_files
+from self_sup_data.images import decode, decode_values, image_files, read_image
 from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -412,6 +413,23 @@ def test_12_bit_data_in_a_16_bit_png_keeps_its_grey_levels(tmp_path):
     full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # 16-bit data: the full range
     Image.fromarray(full).save(tmp_path / 'full.png')
     assert decode(tmp_path / 'full.png').max() == 255
+
+
+@pytest.mark.parametrize('suffix,alpha', [('.png', False), ('.tif', False), ('.png', True)])
+def test_colour_images_of_16_bits_a_channel_keep_their_low_bits(tmp_path, suffix, alpha):
+    rgb = np.zeros((8, 8, 3 + alpha), np.uint16)
+    rgb[..., :3] = (2000, 4000, 100)  # 12-bit data, red, green, blue
+    rgb[..., 3:] = 65535
+    path = tmp_path / f'rgb16{suffix}'
+    assert cv2.imwrite(str(path), rgb[..., [2, 1, 0, 3][:3 + alpha]])  # OpenCV writes BGR(A)
+    values = decode_values(path)
+    assert values.dtype == np.uint16 and values.shape == (8, 8, 3)
+    np.testing.assert_array_equal(values[0, 0], (2000, 4000, 100))
+    np.testing.assert_array_equal(read_image(path)[0, 0], np.round(np.array((2000, 4000, 100)) * 255 / 4095))
+    truncated = tmp_path / f'cut{suffix}'
+    truncated.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match=f'cannot read image {truncated}'):
+        decode_values(truncated)
 
 
 def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path):
