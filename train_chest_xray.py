@@ -81,6 +81,8 @@ def prepare_run(args, setting, params):
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
+    if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
+        meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None
 
 

@@ -36,10 +36,12 @@ PIXEL_METRICS = ('pixel_auroc', 'pixel_ap', 'au_pro')
 METRICS = IMAGE_METRICS + PIXEL_METRICS
 
 
-def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFAULT_RES):
-    """The test images of the two lists (names relative to ``data_dir``) at side ``res``."""
+def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFAULT_RES, bit_depth=None):
+    """The test images of the two lists (names relative to ``data_dir``) at side ``res``; 16-bit
+    images read with a model's ``bit_depth`` (that of its training images; None: image by image,
+    as ``predict.py`` reads them)."""
     return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False,
-                            res=res)
+                            res=res, bit_depth=bit_depth)
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
@@ -75,16 +77,16 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if 'error' in meta:
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        res = meta.get('res', DEFAULT_RES)
-        if res not in datasets:
-            datasets[res] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, res)
-        values, maps = evaluate(model, datasets[res], batch_size, device, crop_size=None,
+        key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
+        if key not in datasets:
+            datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)
+        values, maps = evaluate(model, datasets[key], batch_size, device, crop_size=None,
                                 return_maps=True)
         figure = figure_dir and figure_path(figure_dir, test_name, setting.seedless_key)
         if figure and figure not in plotted:
-            plot_test_examples(datasets[res], maps, figure)
+            plot_test_examples(datasets[key], maps, figure)
             plotted.add(figure)
-        return values if bbox_csv is None else values | undefined_note(datasets[res])
+        return values if bbox_csv is None else values | undefined_note(datasets[key])
 
     def record(setting, seed, values, path=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from self_sup_data.mvtec import SelfSupImageDataset, load_images
+from self_sup_data.mvtec import SET_BIT_DEPTH, SelfSupImageDataset, load_images
 from self_sup_data.transforms import CenterCrop, Compose, RandomCrop, RandomRotation
 
 NORMAL_FINDING = 'No Finding'
@@ -121,16 +121,18 @@ class SelfSupChestXRay(SelfSupImageDataset):
     transform: training transform (default ``chest_recipe(res)``). self_sup_args: ``patch_ex``
     keyword arguments. Items and seeding as ``SelfSupImageDataset``; ``.paths``,
     ``.defect_types`` ('good' / 'anomaly') and ``.has_mask`` describe the test items.
+    ``bit_depth``: of 16-bit images, as for ``SelfSupMVTecDataset`` (``.bit_depth``).
     """
 
     def __init__(self, data_dir, normal_files, anom_files=None, bbox_csv=None, is_train=True, res=256,
-                 transform=None, self_sup_args=None, seed=0):
+                 transform=None, self_sup_args=None, seed=0, bit_depth=SET_BIT_DEPTH):
         normal = read_file_list(normal_files)
         anomalous = [] if is_train or anom_files is None else read_file_list(anom_files)
         names = normal + anomalous
         paths = _existing_paths(data_dir, normal, 'normal') + (
             _existing_paths(data_dir, anomalous, 'anomalous') if anomalous else [])
-        images, _, _ = load_images(paths, res, channels=1, desc='loading chest X-rays')
+        images, _, bit_depth = load_images(paths, res, channels=1, desc='loading chest X-rays',
+                                           bit_depth=bit_depth)
         train_size = None
         if transform is None:
             recipe = chest_recipe(res)
@@ -146,6 +148,7 @@ class SelfSupChestXRay(SelfSupImageDataset):
                          labels=[0] * len(normal) + [1] * len(anomalous), masks=masks, has_mask=has_mask)
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(normal) + ['anomaly'] * len(anomalous)
+        self.bit_depth = bit_depth
 
 
 # ----------------------------------------------------------------------------- list builder

@@ -3,6 +3,7 @@
 Images are ``uint8`` arrays ``H x W x C`` (C = 1 for grayscale, 3 for RGB). This module needs
 only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported model can use it.
 """
+import contextlib
 import glob
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GLOB_CHARACTERS = '*?['
+INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
 HIGH_BIT_DEPTHS = (12, 16)  # bits of the data in 16-bit images: 12-bit sensors, or the full range
 
 
@@ -43,6 +45,20 @@ def decode_16_bit_colour(path):
     return np.ascontiguousarray(values[:, :, 2::-1])  # BGR(A) -> RGB
 
 
+@contextlib.contextmanager
+def _opened(path):
+    """Pillow's image of the file at ``path``; errors reading it (a decompression bomb too) are
+    ValueErrors naming the file."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"cannot read image {path}: {error} (PIL.Image.MAX_IMAGE_PIXELS sets the "
+                         f"limit)") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def decode_values(path):
     """Decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
     pixel values as stored: integers (16- or 32-bit) for integer images (also ``H x W x 3`` uint16
@@ -50,26 +66,30 @@ def decode_values(path):
     1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
     Images of floating-point pixels (whose range is not known) and images larger than Pillow's
     decompression-bomb limit are ValueErrors naming the file."""
-    try:
-        with Image.open(path) as image:
-            if image.mode == 'F':
-                raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
-                                 f'their value range is unknown; save them as 8- or 16-bit integers')
-            if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
-                return decode_16_bit_colour(path)
-            image.load()
-            if image.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
-                return np.asarray(image)
-            if image.mode in ('1', 'LA', 'La'):
-                image = image.convert('L')
-            elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
-                image = image.convert('RGB')
+    with _opened(path) as image:
+        if image.mode == 'F':
+            raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
+                             f'their value range is unknown; save them as 8- or 16-bit integers')
+        if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
+            return decode_16_bit_colour(path)
+        image.load()
+        if image.mode in INTEGER_MODES:
             return np.asarray(image)
-    except Image.DecompressionBombError as error:
-        raise ValueError(f"cannot read image {path}: {error} (PIL.Image.MAX_IMAGE_PIXELS sets the "
-                         f"limit)") from error
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        if image.mode in ('1', 'LA', 'La'):
+            image = image.convert('L')
+        elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
+            image = image.convert('RGB')
+        return np.asarray(image)
+
+
+def high_depth_maximum(path):
+    """The largest value of the image file at ``path`` when it stores more than 8 bits a channel
+    (integer grey, or colour of 16 bits a channel), else None; an 8-bit file is not decoded (its
+    header tells)."""
+    with _opened(path) as image:
+        deep = image.mode in INTEGER_MODES or (image.mode in ('RGB', 'RGBA')
+                                               and _has_16_bit_channels(image))
+    return int(decode_values(path).max(initial=0)) if deep else None
 
 
 def decode_mask_values(path):

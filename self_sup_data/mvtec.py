@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
-from self_sup_data.images import (IMAGE_SUFFIXES, decode_mask_values, decode_values, high_bit_depth,
-                                  image_channels, resize, to_channels, to_uint8)
+from self_sup_data.images import (IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
+                                  high_depth_maximum, read_image, resize, to_channels)
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -55,6 +55,7 @@ UNALIGNED_OBJECTS = ['bottle', 'hazelnut', 'metal_nut', 'screw']
 KINDS = ('object', 'texture')
 CHECK_SIZE = 8  # the side that check_test_set decodes test images and masks to
 LOSSY_SUFFIXES = ('.jpg', '.jpeg')  # mask formats whose compression changes pixel values
+SET_BIT_DEPTH = 'set'  # load_images: one bit depth for a set's 16-bit images, found from them
 
 
 # ----------------------------------------------------------------------------- categories
@@ -137,12 +138,10 @@ def read_id_masks(paths):
     return np.any(np.stack(masks), axis=0)
 
 
-def _load_item(image_path, mask_path, size):
-    """(image resized to ``size``, mask or None, largest value or None): 8-bit images as uint8,
-    16-bit ones as their values (float32, scaled later by ``load_images``) with their largest."""
-    values = decode_values(image_path)
-    largest = None if values.dtype == np.uint8 else int(values.max(initial=0))
-    image = image_channels(values if largest is None else values.astype(np.float32))
+def _load_item(image_path, mask_path, size, bits):
+    """(image resized to ``size``, mask or None): the image as ``read_image(image_path, bits)``
+    reads it (16-bit images scaled to uint8 first), then resized, as new images are prepared."""
+    image = read_image(image_path, bits)
     mask = None
     if mask_path is not None:
         mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
@@ -150,7 +149,15 @@ def _load_item(image_path, mask_path, size):
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
         mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-    return resize(image, size), mask, largest
+    return resize(image, size), mask
+
+
+def set_bit_depth(image_paths, pool):
+    """One bit depth for the 16-bit images among ``image_paths`` (``high_bit_depth`` of their
+    largest value; None when there is none): 12-bit data keeps its grey levels, and a dark image
+    of a 16-bit set is not brightened as if it were 12-bit."""
+    largest = [value for value in pool.map(high_depth_maximum, image_paths) if value is not None]
+    return high_bit_depth(np.array(largest)) if largest else None
 
 
 def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images',
@@ -158,28 +165,28 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     """Decode and resize images (and optional masks) in parallel threads.
 
     A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``). 16-bit
-    images are resized from their values, then scaled to uint8 from the range of ``bit_depth``-bit
-    data; without ``bit_depth``, from one depth for the whole set (``high_bit_depth`` of its
-    largest value: 12-bit data keeps its grey levels, and a dark image of a 16-bit set is not
-    brightened as if it were 12-bit), which training stores as the model's ``bit_depth`` for its
-    test and new images.
+    images are scaled to uint8 from the range of ``bit_depth``-bit data (a model's, that of its
+    training images), then resized; ``bit_depth`` SET_BIT_DEPTH: one depth for the whole set
+    (``set_bit_depth``; a training set's, which training stores as the model's ``bit_depth``);
+    None: each image's own (``high_bit_depth``), as for a model trained on 8-bit images.
     Returns (images, masks, bit depth): images uint8 ``size x size x C`` with one C for all
     (``channels``, or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size``
-    in {0, 1}, or None where ``mask_paths`` has None; the bit depth used (None: no 16-bit image).
+    in {0, 1}, or None where ``mask_paths`` has None; the set's bit depth (for SET_BIT_DEPTH; None
+    without a 16-bit image) or ``bit_depth``.
     """
     mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
     workers = min(16, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * len(image_paths)),
-                           total=len(image_paths), desc=desc, disable=None, leave=False))
-    largest = [value for _, _, value in loaded if value is not None]
-    if largest and bit_depth is None:
-        bit_depth = high_bit_depth(np.array(largest))
-    images = [image if value is None else to_uint8(image, bit_depth) for image, _, value in loaded]
+        if bit_depth == SET_BIT_DEPTH:
+            bit_depth = set_bit_depth(image_paths, pool)
+        count = len(image_paths)
+        loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * count,
+                                    [bit_depth] * count),
+                           total=count, desc=desc, disable=None, leave=False))
+    images = [image for image, _ in loaded]
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
-    return ([to_channels(image, channels) for image in images], [mask for _, mask, _ in loaded],
-            bit_depth if largest else None)
+    return [to_channels(image, channels) for image in images], [mask for _, mask in loaded], bit_depth
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -334,12 +341,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
     ``exclude``: indices (in sorted file order) of training images to leave out (held out for
     validation, ``self_sup_data.validation.holdout_indices``). ``bit_depth``: of 16-bit images
-    (``load_images``; a model's, for its test set); ``.bit_depth``: the one used (None: 8-bit).
+    (``load_images``): by default one for the set (a training set's), for a model's test set the
+    model's (None: image by image); ``.bit_depth``: the one used (None: none for the set).
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
                  self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=(),
-                 layout=None, allow_missing_masks=False, bit_depth=None):
+                 layout=None, allow_missing_masks=False, bit_depth=SET_BIT_DEPTH):
         layout = detect_layout(root_path, class_name) if layout is None else layout
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:

@@ -99,6 +99,26 @@ def test_test_items_with_box_masks(xrays):
     assert not ds[0][2].any() and not ds[6][2].any()
 
 
+def test_16_bit_x_rays_are_read_with_the_training_sets_bit_depth(tmp_path):
+    import train_chest_xray
+    from experiments.chest_xray_tasks import load_test_set
+    names = ['bright.png', 'dark.png']
+    Image.fromarray(np.full((64, 64), 60000, np.uint16)).save(tmp_path / names[0])
+    Image.fromarray(np.full((64, 64), 3000, np.uint16)).save(tmp_path / names[1])  # a dark exposure
+    (tmp_path / 'normal.txt').write_text('\n'.join(names) + '\n')
+    args = train_chest_xray.parse_args(['-s', 'Shift', '-d', str(tmp_path), '-l', str(tmp_path / 'normal.txt'),
+                                        '-o', str(tmp_path / 'out'), '--res', '64'])
+    setting, params, _ = train_chest_xray.plan(args)
+    dataset, _, _, meta, _ = train_chest_xray.prepare_run(args, setting, params)
+    assert meta['bit_depth'] == dataset.bit_depth == 16
+    (tmp_path / 'anomalous.txt').write_text('dark.png\n')
+    test = load_test_set(tmp_path, tmp_path / 'normal.txt', tmp_path / 'anomalous.txt', res=64,
+                         bit_depth=meta['bit_depth'])
+    assert test.images[-1].max() == round(3000 * 255 / 65535)  # as dark as in training
+    assert load_test_set(tmp_path, tmp_path / 'normal.txt', tmp_path / 'anomalous.txt',
+                         res=64).images[-1].max() == round(3000 * 255 / 4095)  # image by image
+
+
 def test_test_items_without_boxes_are_image_level(xrays):
     data_dir, names = xrays
     ds = SelfSupChestXRay(data_dir, names[:2], names[2:], is_train=False, res=64)

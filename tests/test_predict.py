@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import predict
@@ -54,6 +55,31 @@ def test_detector_reproduces_the_evaluation_maps_exactly(category, tmp_path, kin
     np.testing.assert_array_equal(maps[0], inference.to_image_size(expected[0], (64, 64)))
     if kind == 'object':  # zero outside the central 128-pixel crop of the 160-pixel image
         assert (expected[:, :16] == 0).all() and (expected[:, 16:144, 16:144] > 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('bit_depth', [None, 16])  # a model trained on 8-bit images, or on 16-bit ones
+def test_detector_reads_16_bit_images_as_the_evaluation_does(tmp_path, bit_depth):
+    root, name = tmp_path / 'data', 'tiny'
+    make_mvtec_category(root, name, size=100)  # resized for the model: scaled to 8 bits first, both
+    files = sorted((root / name / 'test').rglob('*.png'))
+    for path in files:
+        values = np.asarray(Image.open(path).convert('L')).astype(np.uint16)
+        # full-range 16-bit data, and one dark exposure whose values stay below 4096
+        Image.fromarray(values * 15 + 3 if path == files[0] else values * 257 + 100).save(path)
+    darkest = int(np.asarray(Image.open(files[0])).max())
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta']['bit_depth'] = bit_depth
+    torch.save(checkpoint, path)
+    model, meta = load_model(path)
+    dataset = load_test_set(root, meta)
+    detector = Detector.load(path, batch_size=4)
+    images = [detector.read(p) for p in dataset.paths]
+    np.testing.assert_array_equal(detector.maps(images), predict_maps(model, dataset, batch_size=4))
+    dark = images[[Path(p) for p in dataset.paths].index(files[0])].max()
+    # the dark exposure: as 12-bit data image by image, as dark as it is with the model's 16 bits
+    assert dark == round(255 * darkest / (4095 if bit_depth is None else 65535))
 
 
 @pytest.mark.slow

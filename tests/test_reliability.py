@@ -433,19 +433,22 @@ def test_colour_images_of_16_bits_a_channel_keep_their_low_bits(tmp_path, suffix
 
 
 def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path):
-    from self_sup_data.mvtec import load_images
+    from self_sup_data.mvtec import SET_BIT_DEPTH, load_images
     from experiments.torch_model import model_spec
     for name, value in (('bright', 60000), ('dark', 3000)):  # one exposure of a 16-bit camera is dark
         Image.fromarray(np.full((16, 16), value, np.uint16)).save(tmp_path / f'{name}.png')
     assert decode(tmp_path / 'dark.png').max() == round(3000 * 255 / 4095)  # alone: read as 12-bit data
-    images, _, bits = load_images([tmp_path / 'bright.png', tmp_path / 'dark.png'], 8)
+    both = [tmp_path / 'bright.png', tmp_path / 'dark.png']
+    images, _, bits = load_images(both, 8, bit_depth=SET_BIT_DEPTH)  # a training set
     assert bits == 16 and images[1].max() == round(3000 * 255 / 65535)  # as dark as it is
+    images, _, bits = load_images(both, 8)  # image by image (a model trained on 8-bit images)
+    assert bits is None and images[1].max() == round(3000 * 255 / 4095)
     images, _, bits = load_images([tmp_path / 'dark.png'], 8, bit_depth=16)  # a 16-bit model's test image
     assert bits == 16 and images[0].max() == round(3000 * 255 / 65535)
-    assert load_images([tmp_path / 'dark.png'], 8)[2] == 12
+    assert load_images([tmp_path / 'dark.png'], 8, bit_depth=SET_BIT_DEPTH)[2] == 12
     assert load_images([tmp_path / 'dark.png'], 8, bit_depth=16)[2] == 16
     Image.fromarray(np.full((16, 16), 90, np.uint8)).save(tmp_path / 'eight.png')
-    assert load_images([tmp_path / 'eight.png'], 8)[2] is None
+    assert load_images([tmp_path / 'eight.png'], 8, bit_depth=SET_BIT_DEPTH)[2] is None
 
     # training stores the depth; the evaluation and new images use it
     data = tmp_path / 'data'
