@@ -26,6 +26,10 @@ def _read_error(path, error):
     if isinstance(error, pickle.UnpicklingError):  # weights_only refused an object
         return ValueError(f'cannot read checkpoint {path}: it holds objects other than tensors and '
                           f'plain values, and loading it could run code; refused')
+    if 'TorchScript' in str(error):  # torch.load's refusal of a TorchScript archive
+        return ValueError(f'cannot read checkpoint {path}: it is a TorchScript export (for '
+                          f'torch.jit.load); give the checkpoint it was exported from (final_*.pt) '
+                          f'or an ONNX export (.onnx)')
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}'
                       f' (truncated or not a checkpoint?)')

@@ -19,6 +19,7 @@ rewritten atomically (or written to ``-o``) and stays loadable with ``weights_on
 precision, recall and F1 at them.
 """
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -102,7 +103,7 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         if not 0 <= args.fpr < 1:
             raise ValueError(f'--fpr must be in [0, 1), got {args.fpr}')
-        if args.model.endswith('.onnx'):
+        if Path(args.model).suffix.lower() == '.onnx':
             raise ValueError(f'{args.model}: calibrate the checkpoint (.pt), then export it')
         detector = Detector.load(args.model, args.device, args.batch_size)
         if args.input:

@@ -92,6 +92,8 @@ def test_torchscript_export_matches(exported, tmp_path):
     with torch.no_grad():
         maps = scripted(torch.from_numpy(batch))[:, 0].numpy()
     assert np.abs(maps - run(batch)).max() <= TOLERANCE
+    with pytest.raises(ValueError, match=f'cannot read checkpoint {out}: it is a TorchScript export'):
+        Detector.load(out)
 
 
 def test_export_errors_are_named(checkpoint, tmp_path, capsys):

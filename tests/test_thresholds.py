@@ -106,6 +106,11 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
                              '--fpr', '0.2'])
     assert {k: v for k, v in given.items() if k != 'source'} == {
         k: v for k, v in from_dir.items() if k != 'source'}
+    exported = tmp_path / 'MODEL.ONNX'
+    exported.write_bytes(b'an export, in any case')
+    with pytest.raises(SystemExit):
+        thresholds.main(['-m', str(exported), '-d', str(root)])
+    assert 'calibrate the checkpoint (.pt), then export it' in capsys.readouterr().err
 
 
 @pytest.mark.slow
