@@ -51,13 +51,25 @@ def write_atomic(path, write, binary=True):
     return path
 
 
-def remove_stale_temporaries(folder):
+def temporary_target(path):
+    """The name of the file that the temporary file ``path`` of ``write_atomic``
+    (``.<name>.<random>.tmp``) was to become; None for another file."""
+    name = Path(path).name
+    if not (name.startswith('.') and name.endswith('.tmp')):
+        return None
+    target, dot, _ = name[1:-len('.tmp')].rpartition('.')
+    return target if dot and target else None
+
+
+def remove_stale_temporaries(folder, owned=None):
     """Delete the temporary files that ``write_atomic`` left in ``folder`` when its process was
-    killed (``.<name>.<random>.tmp``); returns their paths. Call it only where no other process
-    is writing."""
-    stale = sorted(Path(folder).glob('.*.tmp')) if Path(folder).is_dir() else []
+    killed, of the files whose names ``owned(name)`` accepts (None: all); returns their paths.
+    Call it only where no other process is writing those files (other runs may share the
+    folder: ``owned`` keeps their files out)."""
+    stale = sorted(path for path in Path(folder).glob('.*.tmp')
+                   if temporary_target(path) and (owned is None or owned(temporary_target(path))))
     for path in stale:
-        path.unlink()
+        path.unlink(missing_ok=True)
     return stale
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
-                                  last_checkpoint_path, resolve_device, run_differences, run_meta,
-                                  seed_everything, train)
+                                  is_run_file, last_checkpoint_path, resolve_device, run_differences,
+                                  run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -184,11 +184,16 @@ def exit_on_input_error(prog, errors=INPUT_ERRORS):
 
 def found_run(run_dir, name):
     """(path, 'finished' or 'interrupted') of the run ``name`` in ``run_dir``, or (None, None)
-    without its final model and checkpoint: the checkpoint when there is no final model or it
-    belongs to another run (``run_differences``), else the final model."""
+    without its final model and checkpoint: the checkpoint when there is no final model, or the
+    checkpoint belongs to another run (``run_differences``) or stopped before its last epoch (a
+    --force run that was interrupted: the final model is the replaced run's), else the final
+    model."""
     final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
-    if last.is_file() and (not final.is_file() or run_differences(read_meta(final), read_meta(last))):
-        return last, 'interrupted'
+    if last.is_file():
+        checkpoint = read_meta(last)
+        unfinished = len(checkpoint.get('epoch_losses', [])) < checkpoint.get('train_config', {}).get('epochs', 0)
+        if not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint):
+            return last, 'interrupted'
     return (final, 'finished') if final.is_file() else (None, None)
 
 
@@ -217,7 +222,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
     meta (a skipped run's as its final model holds it).
     """
-    for stale in remove_stale_temporaries(run_dir):
+    for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
         print(f"{prog}: removed {stale}, left by an interrupted save")
     with exit_on_input_error(prog):
         found, state = found_run(run_dir, name)

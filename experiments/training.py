@@ -32,6 +32,7 @@ Files of a run ``name`` in ``run_dir``:
                       optimiser state (``load_model``)
     best_<name>.pt    with a validation set: the best validated model so far (see ``train``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
+    <name>_validation.csv, <name>_validation.png   with a validation set: its scores, their curve
 
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
 uninterrupted one: the data order depends only on (seed, epoch) (``EpochBatchSampler``), each
@@ -48,6 +49,7 @@ import itertools
 import math
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -317,6 +319,19 @@ def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, wor
     return OneOpenCVThreadLoader(EpochDataset(dataset), batch_sampler=sampler,
                                  num_workers=config.workers, pin_memory=device.type == 'cuda',
                                  generator=torch.Generator().manual_seed(config.seed))
+
+
+RUN_FILE_ENDINGS = re.compile(r'validation\.csv|validation\.png|loss\.png|samples_epoch\d+\.png')
+
+
+def is_run_file(filename, name):
+    """Whether ``filename`` is one of the files that ``train`` writes for the run ``name`` (see the
+    module docstring), not one of another run whose name starts alike (``tiny_shift_1`` beside
+    ``tiny_shift``: the seeds of a setting share a folder)."""
+    if filename in (f'final_{name}.pt', f'last_{name}.pt', f'best_{name}.pt'):
+        return True
+    prefix = f'{name}_'
+    return filename.startswith(prefix) and RUN_FILE_ENDINGS.fullmatch(filename[len(prefix):]) is not None
 
 
 def final_model_path(run_dir, name):

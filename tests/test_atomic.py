@@ -64,3 +64,20 @@ def test_concurrent_writers_use_distinct_temporary_names(tmp_path):
     write_atomic(tmp_path / 'a.png', record)
     temporary = [n for n in names if n != 'a.png']
     assert len(set(temporary)) == 2 and all(n.startswith('.a.png.') for n in temporary)
+
+
+def test_stale_temporaries_of_other_runs_in_the_folder_are_kept(tmp_path):
+    from experiments.training import is_run_file
+    names = ['final_tiny_shift.pt', 'last_tiny_shift.pt', 'tiny_shift_validation.csv',
+             'tiny_shift_samples_epoch0004.png', 'last_tiny_shift_1.pt', 'tiny_shift_1_loss.png',
+             'notes.txt']
+    for name in names:  # a temporary file of each, as a killed (or a running) save leaves it
+        (tmp_path / f'.{name}.ab3_x9yz.tmp').write_bytes(b'half')
+    (tmp_path / '.hidden.tmp').write_bytes(b'not a write_atomic file')
+    assert [atomic.temporary_target(p) for p in sorted(tmp_path.glob('.*.tmp'))][:2] == [
+        'final_tiny_shift.pt', None]
+    removed = atomic.remove_stale_temporaries(tmp_path, lambda name: is_run_file(name, 'tiny_shift'))
+    assert sorted(atomic.temporary_target(p) for p in removed) == sorted(names[:4])
+    assert sorted(atomic.temporary_target(p) for p in tmp_path.glob('.*.tmp') if atomic.temporary_target(p)) \
+        == sorted(names[4:])
+    assert len(atomic.remove_stale_temporaries(tmp_path)) == 3  # all of them

@@ -110,6 +110,35 @@ def test_an_interrupted_run_with_other_arguments_beside_a_finished_one_is_resume
     assert load_model(path)[1]['train_config']['lr'] == 0.01
 
 
+@pytest.mark.slow
+def test_an_interrupted_force_run_with_the_same_arguments_is_resumed_not_skipped(tmp_path, capsys,
+                                                                                   monkeypatch):
+    from experiments.cli import found_run
+    from self_sup_data.mvtec import SelfSupImageDataset
+    make_mvtec_category(tmp_path / 'data', 'tiny')
+    argv = (['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny']
+            + ONE_EPOCH[2:] + ['--epochs', '2', '--checkpoint-every', '1'])
+    assert train_mvtec.main(argv) == 0
+    run_dir, name = trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny').parent, 'tiny_shift_3'
+    assert found_run(run_dir, name)[1] == 'finished'
+    set_epoch = SelfSupImageDataset.set_epoch
+
+    def killed_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        set_epoch(self, epoch)
+    monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):  # retrained with --force (the data changed, say)
+        train_mvtec.main(argv + ['--force'])
+    monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', set_epoch)
+    assert found_run(run_dir, name) == (last_checkpoint_path(run_dir, name), 'interrupted')
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ['--resume']) == 0
+    assert 'skipping' not in capsys.readouterr().out
+    assert found_run(run_dir, name)[1] == 'finished'
+    assert len(torch.load(last_checkpoint_path(run_dir, name), weights_only=True)['meta']['epoch_losses']) == 2
+
+
 BAD_OPTIONS = [
     (['--epochs', '0'], '--epochs must be a positive integer, got 0'),
     (['--batch-size', '0'], '--batch-size must be a positive integer, got 0'),
