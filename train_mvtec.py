@@ -311,7 +311,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
         run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
         print(f"{PROG}: {category}: search candidate {name}, {epochs} epochs, in {run_dir}")
         meta = train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
-                                     resume=not args.force, force=args.force)
+                                     resume=not args.force, force=args.force, replace_other=True)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)
     best = max(results, key=lambda name: results[name]['score'])
     scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in results.items())

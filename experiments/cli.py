@@ -207,7 +207,7 @@ def refuse_existing_run(found, state):
                               f"--force to train again and replace it")
 
 
-def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False):
+def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False, replace_other=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
     Temporary files of a save that was killed are removed first (``remove_stale_temporaries``).
@@ -219,8 +219,10 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
     model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
-    input errors of the command line ``prog`` (see ``exit_on_input_error``). Returns the run's
-    meta (a skipped run's as its final model holds it).
+    input errors of the command line ``prog`` (see ``exit_on_input_error``). ``replace_other``:
+    with ``resume``, a run of other arguments is trained again and replaced instead of refused
+    (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
+    run's as its final model holds it).
     """
     for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
         print(f"{prog}: removed {stale}, left by an interrupted save")
@@ -232,7 +234,10 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
         if found and resume:
             previous = read_meta(found)
             differing = run_differences(previous, run_meta(model, config, meta))
-            if differing:
+            if differing and replace_other:
+                print(f"{prog}: {found} was run with other arguments: training it again")
+                resume, state = False, None
+            elif differing:
                 raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
                                  f"arguments (then vs now: {'; '.join(differing)}); pass --force "
                                  f"to train again and replace it, or use another output folder")

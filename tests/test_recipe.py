@@ -688,3 +688,13 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert printed.count('exists, skipping it') == len(search) + 1  # the final model too
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
         assert f"search chose {chosen} (validation scores: {scores})" in printed
+        # the final run gone (as if interrupted before it), a search with other arguments trains
+        # its candidates again instead of refusing them
+        final = settings.trained_model_path(out, 'Shift-Intensity-M', 'plates')
+        final.unlink()
+        final.with_name(final.name.replace('final_', 'last_')).unlink()
+        assert train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out),
+                                 '--recipe', 'search', '--search-epochs', '2'] + FAST) == 0
+        printed = capsys.readouterr().out
+        assert printed.count('was run with other arguments: training it again') == len(search)
+        assert torch.load(final, weights_only=True)['meta']['recipe_search'] is not None
