@@ -47,7 +47,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import dict_differences, resolve_device, run_differences
-from self_sup_data.layouts import LocoLayout, layout_from_spec
+from self_sup_data.layouts import LocoLayout, layout_for_model
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
 from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.transforms import Compose
@@ -114,12 +114,15 @@ def spro_values(dataset, maps, defects):
 def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
     """The test set of a checkpoint's category, at the resolution and kind it was trained with, in
     ``layout`` (None: the layout in the meta, else detected). A defect image without a mask is an
-    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``). 16-bit images are read
-    with the model's ``bit_depth`` (that of its training images)."""
+    error unless ``allow_missing_masks`` (see ``SelfSupMVTecDataset``). Images are read as the
+    model takes them: with its channels (``in_channels``) and 16-bit images with its
+    ``bit_depth`` (that of its training images). A folder-format layout is checked against the
+    model's held-out test fifth (``layouts.layout_for_model``)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
                                res_scale=meta.get('res_scale', 1.0),
-                               layout=layout or layout_from_spec(meta.get('layout')),
-                               allow_missing_masks=allow_missing_masks, bit_depth=meta.get('bit_depth'))
+                               layout=layout_for_model(layout, meta.get('layout')),
+                               allow_missing_masks=allow_missing_masks, bit_depth=meta.get('bit_depth'),
+                               channels=meta.get('in_channels'))
 
 
 
@@ -130,8 +133,8 @@ def load_normal_set(data_dir, meta, layout=None):
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
                                   low_res=data_recipe(category, res_scale, kind)['test_res'],
                                   transform=Compose([]),
-                                  layout=layout or layout_from_spec(meta.get('layout')),
-                                  bit_depth=meta.get('bit_depth'))
+                                  layout=layout_for_model(layout, meta.get('layout')),
+                                  bit_depth=meta.get('bit_depth'), channels=meta.get('in_channels'))
     dataset.configure_self_sup(False)
     return dataset
 

@@ -395,3 +395,15 @@ def layout_from_spec(spec):
     spec = dict(spec)
     return make_layout(spec.pop('format'), **spec)
 
+
+def layout_for_model(layout, spec):
+    """The layout in which a trained model's data are read: ``layout`` (given on the command line)
+    or else the one of the model's ``spec`` (None: detect). A folder layout given for a model of
+    the folder format gets the model's ``held_out_sha256``, so that a changed normal folder is
+    refused however the folders are named."""
+    if layout is None:
+        return layout_from_spec(spec)
+    if isinstance(layout, FolderLayout) and spec and spec.get('format') == 'folder':
+        return FolderLayout(layout.normal, layout.abnormal, layout.mask_dir, spec.get('held_out_sha256'))
+    return layout
+

@@ -343,11 +343,12 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     validation, ``self_sup_data.validation.holdout_indices``). ``bit_depth``: of 16-bit images
     (``load_images``): by default one for the set (a training set's), for a model's test set the
     model's (None: image by image); ``.bit_depth``: the one used (None: none for the set).
+    ``channels``: 1 or 3 (a model's, for its test set; None: 1 if every image is grey, else 3).
     """
 
     def __init__(self, root_path, class_name, is_train=True, low_res=None, transform=None,
                  self_sup_args=None, seed=0, kind=None, res_scale=1.0, views=None, exclude=(),
-                 layout=None, allow_missing_masks=False, bit_depth=SET_BIT_DEPTH):
+                 layout=None, allow_missing_masks=False, bit_depth=SET_BIT_DEPTH, channels=None):
         layout = detect_layout(root_path, class_name) if layout is None else layout
         recipe = data_recipe(class_name, res_scale, kind)
         if low_res is None:
@@ -364,8 +365,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
                 warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no "
                               f"mask and are evaluated at image level only (left out of the pixel "
                               f"metrics)")
-        images, masks, bit_depth = load_images(paths, low_res, mask_paths, desc=f'loading {class_name}',
-                                               bit_depth=bit_depth)
+        images, masks, bit_depth = load_images(paths, low_res, mask_paths, channels=channels,
+                                               desc=f'loading {class_name}', bit_depth=bit_depth)
         train_size = None
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']

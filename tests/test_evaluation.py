@@ -539,3 +539,16 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
+
+
+def test_test_images_are_read_with_the_models_channels(tmp_path):
+    from PIL import Image
+    from conftest import make_mvtec_category
+    make_mvtec_category(tmp_path, 'grey', n_train=2)
+    crack = tmp_path / 'grey' / 'test' / 'crack' / '000.png'
+    grey = np.asarray(Image.open(crack))
+    Image.fromarray(np.stack([grey, grey // 2, grey], axis=2)).save(crack)  # one colour image
+    meta = dict(category='grey', kind='texture', res_scale=0.25)
+    assert mvtec_tasks.load_test_set(tmp_path, meta).in_channels == 3  # the set's own
+    dataset = mvtec_tasks.load_test_set(tmp_path, {**meta, 'in_channels': 1})  # a grey model's
+    assert dataset.in_channels == 1 and all(image.shape[2] == 1 for image in dataset.images)

@@ -259,6 +259,10 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     _png(category / 'train' / 'good' / 'new.png')
     (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)
     assert 'are not those the model was trained with' in record['error']
+    # ... and so does an evaluation that names the folders on its command line
+    flags = make_layout('folder', category / 'train' / 'good', category / 'test' / 'crack', tmp_path / 'masks')
+    (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None, layout=flags)
+    assert 'are not those the model was trained with' in record['error']
 
 
 def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
