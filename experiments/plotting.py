@@ -218,6 +218,8 @@ def figure_path(figure_dir, category, setting_key):
 
 
 def figure_paths(records, figure_dir):
-    """The example figures of the results ``records`` that exist in ``figure_dir``, in record order."""
-    paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records)
+    """The example figures of the results ``records`` that exist in ``figure_dir``, in record order;
+    none of a category and setting whose evaluations all failed (its figure is an earlier one)."""
+    paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records
+                          if not r.get('error'))
     return [path for path in paths if path.is_file()]

@@ -46,11 +46,15 @@ def results_frame(records):
         raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; '
                          f'missing {missing or "all rows"}')
     frame['seed'] = frame['seed'].astype('Int64')
-    duplicated = frame.duplicated(['category', 'setting', 'seed'])
+    duplicated = frame.duplicated(['category', 'setting', 'seed'], keep=False)
     if duplicated.any():
         row = frame[duplicated].iloc[0]
+        same = frame[duplicated & (frame['category'] == row.category) & (frame['setting'] == row.setting)
+                     & (frame['seed'] == row.seed)]
+        sources = (f" (checkpoints {', '.join(map(str, same['checkpoint']))})"
+                   if 'checkpoint' in frame.columns else '')
         raise ValueError(f'duplicate result for category {row.category!r}, setting {row.setting!r}, '
-                         f'seed {row.seed!r}')
+                         f'seed {int(row.seed)}{sources}; keep one model per seed')
     return frame
 
 
@@ -195,7 +199,9 @@ EXPORTERS = {'csv': lambda t: t.to_csv(), 'md': to_markdown, 'tex': to_latex}
 
 
 def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
-    """Write each table as ``out_dir/<metric>.<format>``; returns the written paths."""
+    """Write each table as ``out_dir/<metric>.<format>``, then remove the other tables in
+    ``out_dir`` (files of the EXPORTERS' formats: an earlier evaluation's, of metrics this one
+    does not report, which would look current); returns the written paths."""
     unknown = set(formats) - set(EXPORTERS)
     if unknown:
         raise ValueError(f'unknown table formats {sorted(unknown)}; use some of {sorted(EXPORTERS)}')
@@ -205,11 +211,19 @@ def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
             path = Path(out_dir) / f'{metric}.{fmt}'
             write_text_atomic(path, EXPORTERS[fmt](table))
             paths.append(path)
+    for path in Path(out_dir).glob('*.*'):
+        if path.suffix[1:] in EXPORTERS and path not in paths:
+            path.unlink()
     return paths
 
 
 def write_results(records, path):
     """The long-format results (one row per checkpoint and variant: its keys, metrics, checkpoint
-    and, for a failed evaluation, its ``error``) as CSV, written atomically."""
-    write_text_atomic(path, results_frame(records).to_csv(index=False))
+    and, for a failed evaluation, its ``error``) as CSV, written atomically, then checked
+    (``results_frame``: a ValueError for duplicates, after the results are kept)."""
+    frame = pd.DataFrame(list(records))
+    if 'seed' in frame.columns:
+        frame['seed'] = frame['seed'].astype('Int64')
+    write_text_atomic(path, frame.to_csv(index=False))
+    results_frame(records)
     return Path(path)

@@ -135,6 +135,25 @@ def test_write_tables_csv_markdown_latex(tmp_path):
     assert not list((tmp_path / 'tables').glob('.*'))  # no temporary files left
     results = tables.write_results(two_group_records(), tmp_path / 'results.csv')
     assert len(pd.read_csv(results)) == 9
+    # an evaluation without that metric removes its earlier tables; other files stay
+    (tmp_path / 'tables' / 'notes.txt').write_text('mine')
+    built = tables.build_tables([{**r, 'pixel_auroc': 0.5} for r in two_group_records()], ['pixel_auroc'])
+    tables.write_tables(built, tmp_path / 'tables')
+    assert sorted(p.name for p in (tmp_path / 'tables').iterdir()) == [
+        'notes.txt', 'pixel_auroc.csv', 'pixel_auroc.md', 'pixel_auroc.tex']
+    # duplicates: the results are written all the same, and the error names both checkpoints
+    twice = [{**record('a', 'texture', 'Shift', 0, 0.5), 'checkpoint': name} for name in ('x.pt', 'y.pt')]
+    with pytest.raises(ValueError, match=r"seed 0 \(checkpoints x.pt, y.pt\); keep one"):
+        tables.write_results(twice, tmp_path / 'results.csv')
+    assert list(pd.read_csv(results)['checkpoint']) == ['x.pt', 'y.pt']
+
+
+def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
+    from experiments import plotting
+    for name in ('a_Shift.png', 'b_Shift.png'):
+        (tmp_path / name).write_bytes(b'an earlier figure')
+    records = [dict(category='a', setting='Shift'), dict(category='b', setting='Shift', error='E')]
+    assert plotting.figure_paths(records, tmp_path) == [tmp_path / 'a_Shift.png']
 
 
 # ------------------------------------------------------------------------------ map prediction
