@@ -16,9 +16,10 @@ project draws (``VALIDATION_KINDS``, taken in turn):
 A defect lies anywhere in a texture, inside the central crop that an object category's models
 score, and for a category with a background (``self_sup_tasks.object_mask``) on the object only:
 centred on an object pixel, its changes to the background undone, as real defects lie on the
-object. Their strength is relative to the image's own contrast (its standard deviation of grey levels,
-at least ``MIN_CONTRAST``), so that the set is about as hard on a faint material as on a
-contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
+object. Their strength is relative to the image's own contrast (the standard deviation of its grey
+levels, over the object where there is one, at least ``MIN_CONTRAST``: not the spread between
+colour channels or between object and background), so that the set is about as hard on a faint
+material as on a contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
 levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
 asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again.
 The held-out images and their defects come from two generators seeded by the validation seed
@@ -54,8 +55,11 @@ def holdout_indices(num_images, fraction, seed):
     return np.sort(rng.permutation(num_images)[:count])
 
 
-def _contrast(image):
-    return max(float(image.std()), MIN_CONTRAST)
+def _contrast(image, on=None):
+    """The standard deviation of the grey levels (channel means) of ``image``, over the pixels
+    ``on`` where given (an object's), at least MIN_CONTRAST."""
+    grey = image.mean(axis=-1)
+    return max(float((grey if on is None else grey[on]).std()), MIN_CONTRAST)
 
 
 def _centre(rng, shape, anchors):
@@ -85,20 +89,20 @@ def _add(image, delta):
     return np.clip(np.round(image.astype(np.float32) + delta), 0, 255).astype(np.uint8)
 
 
-def _scar(image, rng, anchors):
+def _scar(image, rng, anchors, contrast):
     centre = None if anchors is None else _centre(rng, image.shape[:2], anchors)
     return cutpaste_scar(image, rng, centre=centre)
 
 
-def _blob(image, rng, anchors):
+def _blob(image, rng, anchors, contrast):
     region = _ellipse(rng, image.shape[:2], (0.04, 0.15), anchors)
     sigma = max(1.0, 0.15 * np.sqrt(region.sum()))
     profile = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
-    amplitude = rng.uniform(0.5, 1.5) * _contrast(image) * rng.choice((-1, 1))
+    amplitude = rng.uniform(0.5, 1.5) * contrast * rng.choice((-1, 1))
     return _add(image, amplitude * profile), region
 
 
-def _blur(image, rng, anchors):
+def _blur(image, rng, anchors, contrast):
     region = _ellipse(rng, image.shape[:2], (0.05, 0.15), anchors)
     sigma = rng.uniform(1.0, 2.5) * min(image.shape[:2]) / 128
     blurred = cv2.GaussianBlur(image, (0, 0), sigma).reshape(image.shape)
@@ -107,13 +111,13 @@ def _blur(image, rng, anchors):
     return out, region
 
 
-def _noise(image, rng, anchors):
+def _noise(image, rng, anchors, contrast):
     region = _ellipse(rng, image.shape[:2], (0.04, 0.12), anchors)
-    noise = rng.normal(0, rng.uniform(0.3, 0.8) * _contrast(image), image.shape).astype(np.float32)
+    noise = rng.normal(0, rng.uniform(0.3, 0.8) * contrast, image.shape).astype(np.float32)
     return _add(image, noise * region[..., None]), region
 
 
-def _line(image, rng, anchors):
+def _line(image, rng, anchors, contrast):
     height, width = image.shape[:2]
     side = min(height, width)
     points = [rng.uniform((0, 0), (width, height)) if anchors is None
@@ -126,7 +130,7 @@ def _line(image, rng, anchors):
     thickness = max(1, round(rng.uniform(1, 2) * side / 128))
     cv2.polylines(region, [np.round(points).astype(np.int32)], False, 1, thickness=thickness)
     region = region.astype(bool)
-    delta = rng.uniform(0.7, 1.5) * _contrast(image) * rng.choice((-1, 1))
+    delta = rng.uniform(0.7, 1.5) * contrast * rng.choice((-1, 1))
     return _add(image, delta * region), region
 
 
@@ -155,8 +159,9 @@ def synthetic_defect(image, kind, rng, on=None):
     anchors = None if on is None else np.argwhere(on)
     if anchors is not None and not len(anchors):
         raise ValueError("no object pixel to draw a defect on")
+    contrast = _contrast(image, on)
     for _ in range(MAX_DRAWS):
-        out, region = DEFECTS[kind](image, rng, anchors)
+        out, region = DEFECTS[kind](image, rng, anchors, contrast)
         if on is not None:
             out, region = np.where(on[..., None], out, image), region & on
         change = np.abs(out.astype(np.float32) - image).mean(axis=-1)

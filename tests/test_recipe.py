@@ -313,6 +313,25 @@ def test_defects_on_an_object_change_only_its_pixels(kind, seed):
     np.testing.assert_array_equal(out[~on], image[~on])
 
 
+@pytest.mark.parametrize('kind', ['blob', 'noise', 'line'])
+def test_defect_strength_follows_the_grey_levels_not_colour_or_background(kind):
+    grey = np.clip(np.random.default_rng(0).normal(120, 10, (64, 64, 1)), 0, 255).astype(np.uint8)
+    brown = np.concatenate([grey + 60, grey, grey - 40], axis=2)  # the same grey levels, in colour
+    mean_change = []
+    for image in (grey, brown):
+        out, mask = validation.synthetic_defect(image, kind, np.random.default_rng(1))
+        mean_change.append(np.abs(out.astype(float) - image)[mask].mean())  # per channel
+    assert mean_change[1] == pytest.approx(mean_change[0], rel=0.3)  # not 3-4 times as strong
+    # on an object, the object's grey levels set it, not the step to a black background
+    on_black = np.zeros((64, 64, 1), np.uint8)
+    on_black[16:48, 16:48] = grey[16:48, 16:48]
+    on = object_mask(on_black, (0, 20))
+    out, mask = validation.synthetic_defect(on_black, kind, np.random.default_rng(1), on)
+    alone, alone_mask = validation.synthetic_defect(grey[16:48, 16:48].copy(), kind, np.random.default_rng(1))
+    assert np.abs(out.astype(float) - on_black)[mask].mean() < 2.5 * np.abs(
+        alone.astype(float) - grey[16:48, 16:48])[alone_mask].mean()
+
+
 def test_validation_defects_follow_the_background_and_name_an_image_without_object():
     images = [object_on_background(seed=i) for i in range(6)]
     items, _, masks, _ = validation.make_validation_set(images, seed=0, background=(0, 20), crop=48)
