@@ -53,6 +53,7 @@ from experiments.mvtec_tasks import load_normal_set, load_test_set
 from experiments.prediction import check_flip_average, evaluate_variants
 from experiments.training import LOGIT_LOSSES, last_checkpoint_path, resolve_device
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
+from self_sup_data.validation import central_box
 
 REPO = Path(__file__).resolve().parents[1]  # the training script is run from here
 
@@ -203,15 +204,27 @@ def border_band(shape, band=BORDER_BAND):
     return ~inner
 
 
-def pixel_auroc_by_region(dataset, maps, band=BORDER_BAND):
+def pixel_auroc_by_region(dataset, maps, band=BORDER_BAND, crop=None):
     """Pixel AUROC over the border band's pixels and over the inner pixels, each on its own (images
-    whose mask is missing are left out, as in the pixel metrics of the evaluation)."""
+    whose mask is missing are left out, as in the pixel metrics of the evaluation); NaN for a
+    region without defect or without normal pixels. ``crop``: the side of the central square that
+    an object's model scores (``validation.central_box``): the band is that square's, and the
+    pixels outside it (never scored) count in neither region."""
     chosen = np.asarray(dataset.has_mask, dtype=bool)
     masks = np.stack(dataset.masks)[chosen]
     maps = np.asarray(maps)[chosen]
-    in_band = border_band(maps.shape[1:], band)
-    return {f'pixel_auroc_{name}': metrics.pixel_auroc(masks[:, region][:, None], maps[:, region][:, None])
-            for name, region in (('border', in_band), ('inner', ~in_band))}
+    scored = np.zeros(maps.shape[1:], dtype=bool)
+    box = central_box(maps.shape[1:], crop)
+    scored[box] = True
+    in_band = np.zeros_like(scored)
+    in_band[box] = border_band(scored[box].shape, band)
+    values = {}
+    for name, region in (('border', in_band), ('inner', scored & ~in_band)):
+        defect = masks[:, region]
+        both_classes = defect.any() and not defect.all()
+        values[f'pixel_auroc_{name}'] = (metrics.pixel_auroc(defect[:, None], maps[:, region][:, None])
+                                         if both_classes else float('nan'))
+    return values
 
 
 def evaluate_model(args, key, device):
@@ -230,7 +243,9 @@ def evaluate_model(args, key, device):
         flip_average=args.flip_average).values()
     per_type = metrics.image_auroc_per_type(dataset.defect_types, maps)
     record = dict(setting=key, method=method_name(key, meta['self_sup_args']), **values,
-                  **pixel_auroc_by_region(dataset, maps), per_type_auroc=dict(sorted(per_type.items())),
+                  **pixel_auroc_by_region(dataset, maps, crop=meta['train_size'] if dataset.kind == 'object'
+                                          else None),
+                  per_type_auroc=dict(sorted(per_type.items())),
                   train_minutes=meta['train_time_s'] / 60, epochs=meta['train_config']['epochs'])
     return record, dataset, maps
 

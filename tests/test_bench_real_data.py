@@ -50,6 +50,20 @@ def test_pixel_auroc_by_region_scores_each_region_alone():
     for name, region in (('border', in_band), ('inner', ~in_band)):
         expected = roc_auc_score(masks[has_mask][:, region].ravel(), rng_maps[has_mask][:, region].ravel())
         assert result[f'pixel_auroc_{name}'] == pytest.approx(expected)
+    # an object: the band of the scored central crop; the zero padding around it counts nowhere
+    padded = np.zeros((n, size + 8, size + 8))
+    padded[:, 4:-4, 4:-4] = maps
+    padded_masks = np.zeros_like(padded, dtype=np.uint8)
+    padded_masks[:, 4:-4, 4:-4] = masks
+    padded_masks[:, 0, 0] = 1  # a defect pixel outside the crop: not scored
+    result = real_data.pixel_auroc_by_region(SimpleNamespace(masks=list(padded_masks), has_mask=has_mask),
+                                             padded, crop=size)
+    assert result == {'pixel_auroc_border': pytest.approx(1.0), 'pixel_auroc_inner': pytest.approx(0.0)}
+    # no defect pixel in the band: NaN there, not an error that loses the benchmark's results
+    central = np.zeros_like(masks)
+    central[:, 8:12, 8:12] = 1
+    result = real_data.pixel_auroc_by_region(SimpleNamespace(masks=list(central), has_mask=has_mask), maps)
+    assert np.isnan(result['pixel_auroc_border']) and 0 <= result['pixel_auroc_inner'] <= 1
 
 
 def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
