@@ -134,6 +134,11 @@ def plan(args):
     if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:
         raise ValueError(f"--res-scale must be in (0, {MAX_RES_SCALE}], got {args.res_scale}")
     layout = layout_from_args(args)
+    if layout is not None and layout.name == 'folder' and args.data_dir is not None:
+        raise ValueError("-d DATA_DIR is not read with --format folder, whose images are in the "
+                         "--normal, --abnormal and --mask-dir folders; leave it out")
+    if layout is not None and layout.name != 'folder' and args.data_dir is None:
+        raise ValueError(f"--format {layout.name} reads a data root: pass -d DATA_DIR")
     if layout is not None and layout.name == 'folder':
         layout.train_files()  # checks the folder now, not after loading
         categories = [args.class_name or FOLDER_CATEGORY]

@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,12 @@ def read_file_list(file_list):
         path = Path(file_list)
         if not path.is_file():
             raise FileNotFoundError(f"file list {path} does not exist")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as error:
+            raise ValueError(f"file list {path} is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start}); write one image name per line") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     return [str(name) for name in file_list]
 
 
@@ -177,7 +183,8 @@ def read_table(csv):
     columns), with ``Patient Age`` in years (``ages_in_years``)."""
     try:
         table = pd.read_csv(csv)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError,
+            zlib.error) as error:  # also a truncated or broken .gz
         raise ValueError(f"cannot read label table {csv}: {str(error).strip().splitlines()[0]}; "
                          f"expected a CSV with columns {list(TABLE_COLUMNS)}") from None
     _check_columns(table, TABLE_COLUMNS, csv)

@@ -46,7 +46,7 @@ def decode_16_bit_colour(path):
 
 
 @contextlib.contextmanager
-def _opened(path):
+def opened_image(path):
     """Pillow's image of the file at ``path``; errors reading it (a decompression bomb too) are
     ValueErrors naming the file."""
     try:
@@ -66,7 +66,7 @@ def decode_values(path):
     1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
     Images of floating-point pixels (whose range is not known) and images larger than Pillow's
     decompression-bomb limit are ValueErrors naming the file."""
-    with _opened(path) as image:
+    with opened_image(path) as image:
         if image.mode == 'F':
             raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
                              f'their value range is unknown; save them as 8- or 16-bit integers')
@@ -86,7 +86,7 @@ def high_depth_maximum(path):
     """The largest value of the image file at ``path`` when it stores more than 8 bits a channel
     (integer grey, or colour of 16 bits a channel), else None; an 8-bit file is not decoded (its
     header tells)."""
-    with _opened(path) as image:
+    with opened_image(path) as image:
         deep = image.mode in INTEGER_MODES or (image.mode in ('RGB', 'RGBA')
                                                and _has_16_bit_channels(image))
     return int(decode_values(path).max(initial=0)) if deep else None

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from self_sup_data.images import opened_image
+
 CATEGORY = 'magnetic_tile'
 NORMAL_FOLDER = 'MT_Free'
 DEFECT_FOLDERS = {'MT_Blowhole': 'blowhole', 'MT_Break': 'break', 'MT_Crack': 'crack',
@@ -66,14 +68,16 @@ def source_images(src, folder, with_masks):
 
 
 def convert_image(path):
-    """The image at ``path`` as 8-bit greyscale, resized to SIZE x SIZE bilinearly (Pillow)."""
-    with Image.open(path) as image:
+    """The image at ``path`` as 8-bit greyscale, resized to SIZE x SIZE bilinearly (Pillow);
+    ValueError naming an unreadable file."""
+    with opened_image(path) as image:
         return image.convert('L').resize((SIZE, SIZE), Image.BILINEAR)
 
 
 def convert_mask(path):
-    """The mask at ``path`` resized to SIZE x SIZE by nearest neighbour, then 255 above 127, else 0."""
-    with Image.open(path) as mask:
+    """The mask at ``path`` resized to SIZE x SIZE by nearest neighbour, then 255 above 127, else 0;
+    ValueError naming an unreadable file."""
+    with opened_image(path) as mask:
         resized = np.asarray(mask.convert('L').resize((SIZE, SIZE), Image.NEAREST))
     return Image.fromarray(np.where(resized > 127, 255, 0).astype(np.uint8))
 

@@ -48,6 +48,9 @@ def test_read_file_list(tmp_path):
     assert read_file_list(['c.png']) == ['c.png']
     with pytest.raises(FileNotFoundError, match='missing.txt'):
         read_file_list(tmp_path / 'missing.txt')
+    (tmp_path / 'utf16.txt').write_text('a.png\n', encoding='utf-16')
+    with pytest.raises(ValueError, match=r'file list .*utf16.txt is not UTF-8 text'):
+        read_file_list(tmp_path / 'utf16.txt')
 
 
 def test_train_items(xrays):
@@ -194,6 +197,16 @@ def test_build_file_lists_problems():
         build_file_lists(table, min_age=200)
     with pytest.raises(KeyError, match='Patient Gender'):
         read_table(StringIO('Image Index,Finding Labels\na.png,No Finding\n'))
+
+
+def test_a_truncated_or_broken_compressed_table_is_named(tmp_path):
+    import gzip
+    whole = gzip.compress(synthetic_table().to_csv(index=False).encode())
+    (tmp_path / 'cut.csv.gz').write_bytes(whole[:len(whole) // 2])
+    (tmp_path / 'not.csv.gz').write_bytes(b'not gzip at all')
+    for name in ('cut.csv.gz', 'not.csv.gz'):
+        with pytest.raises(ValueError, match=f'cannot read label table .*{name}'):
+            read_table(tmp_path / name)
 
 
 def test_ages_written_with_units_are_read_as_years_and_others_named():

@@ -414,3 +414,17 @@ def test_held_out_validation_images_come_from_the_layouts_training_files(tmp_pat
     validation = load_validation_set(None, 'parts', [0, 3], seed=0, res_scale=0.125, layout=layout)
     assert validation.paths == [str(files[0]), str(files[3])] * 2
     assert list(validation.labels) == [0, 0, 1, 1]
+
+
+def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
+    import train_mvtec
+    from test_cli import run_error
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
+    normal = str(tmp_path / 'data' / 'tiny' / 'train' / 'good')
+    base = ['-s', 'Shift', '-o', str(tmp_path / 'out')]
+    message = run_error(train_mvtec.main, base + ['-d', str(tmp_path / 'data'), '--format', 'folder',
+                                                  '--normal', normal], capsys)
+    assert '-d DATA_DIR is not read with --format folder' in message
+    message = run_error(train_mvtec.main, base + ['--format', 'visa'], capsys)
+    assert '--format visa reads a data root: pass -d DATA_DIR' in message
+    assert not (tmp_path / 'out').exists()  # no demo data written

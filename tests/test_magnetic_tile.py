@@ -95,6 +95,16 @@ def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
     assert list((tmp_path / 'out').iterdir()) == []
 
 
+def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    crack = sorted((tmp_path / 'src').rglob('*.jpg'))[0]
+    crack.write_bytes(crack.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f'cannot read image {crack}'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert list((tmp_path / 'out').iterdir()) == []
+
+
 def test_existing_output_is_not_overwritten(tmp_path):
     _write_source(tmp_path / 'src')
     (tmp_path / 'out' / 'magnetic_tile').mkdir(parents=True)
