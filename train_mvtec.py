@@ -34,6 +34,7 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              train_config, train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
+from experiments.training import is_first_process
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout
@@ -348,7 +349,7 @@ def main(argv=None):
             return run
         train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
                               prepare, args.resume, args.force)
-    if args.evaluate:
+    if args.evaluate and is_first_process():  # under torchrun, the first process alone
         with exit_on_input_error(PROG):
             if evaluate_trained(args, setting, data_dir, categories, out_dir):
                 return 1

@@ -210,6 +210,12 @@ def cpu_has_bf16(cpuinfo='/proc/cpuinfo'):
     return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
+def is_first_process():
+    """Whether this process is rank 0 of a torchrun launch (``RANK``), or the only process: the one
+    that writes a run's files and reports."""
+    return int(os.environ.get('RANK', 0)) == 0
+
+
 def init_distributed(device):
     """Join the process group of a torchrun launch (``WORLD_SIZE`` > 1 in the environment) ->
     (rank, world size); (0, 1) outside torchrun. Backend NCCL on CUDA, gloo on the CPU."""
