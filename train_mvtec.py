@@ -181,13 +181,16 @@ def check_evaluable(args, data_dir, categories):
 
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
                    'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
+# shown where a result has it: a two-stage (CutPaste-3way) model's own image score
+POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
     """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
     ``setting`` on ``categories`` under ``out_dir``, every seed found there (runs of several seeds
     into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval``;
-    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS, then
+    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS (and
+    POOLED_SUMMARY_COLUMN where a result has it), then
     the notes and failures of ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
@@ -196,9 +199,11 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
     write_report(records, eval_dir)
-    header = ['category', 'setting', 'seed'] + list(SUMMARY_COLUMNS.values())
+    columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
+                                     if any(m in r for r in records)}}
+    header = ['category', 'setting', 'seed'] + list(columns.values())
     rows = [[str(r['category']), str(r['setting']), str(r['seed'])]
-            + [f"{r.get(m, float('nan')):.3f}" for m in SUMMARY_COLUMNS] for r in records]
+            + [f"{r.get(m, float('nan')):.3f}" for m in columns] for r in records]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))

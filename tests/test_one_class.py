@@ -302,7 +302,10 @@ def test_train_cutpaste_3way_and_evaluate_two_stage_columns(tiny_mvtec, tmp_path
     models = tmp_path / 'models'
     common = ['-d', str(root), '-o', str(models), '--epochs', '1', '--batch-size', '6',
               '--res-scale', '0.25', '--workers', '0', '--no-figures', '--device', 'cpu']
-    assert train_mvtec.main(['-s', 'CutPaste-3way-3'] + common) == 0
+    capsys.readouterr()
+    assert train_mvtec.main(['-s', 'CutPaste-3way-3'] + common + ['--evaluate']) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('category'))
+    assert header.endswith('AU-PRO  image AUROC (pooled features)')  # CutPaste's own image score
     assert train_mvtec.main(['-s', 'Shift-4'] + common) == 0
     path = trained_model_path(models, 'CutPaste-3way-3', name)
     model, meta = load_model(path)
