@@ -22,6 +22,7 @@ import tifffile
 from PIL import Image
 
 from experiments.atomic import write_atomic
+from self_sup_data.images import as_displayed, opened_image
 from self_sup_data.layouts import AD2_PRIVATE_SPLITS
 
 
@@ -36,12 +37,10 @@ def _save_tiff_atomic(array, path):
 
 
 def image_size(path):
-    """(width, height) of the image at ``path``; ValueError naming an unreadable file."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    """(width, height) of the image at ``path`` as it is read (``images.as_displayed``);
+    ValueError naming an unreadable file."""
+    with opened_image(path) as image:
+        return as_displayed(image).size
 
 
 def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):

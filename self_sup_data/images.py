@@ -5,15 +5,18 @@ only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported 
 """
 import contextlib
 import glob
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GLOB_CHARACTERS = '*?['
 INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
+EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
+EXIF_ORIENTATION = 0x0112
 HIGH_BIT_DEPTHS = (12, 16)  # bits of the data in 16-bit images: 12-bit sensors, or the full range
 
 
@@ -59,22 +62,40 @@ def opened_image(path):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
+def as_displayed(image):
+    """Pillow's ``image`` turned as image viewers show it, and masks are drawn on it: a JPEG's EXIF
+    orientation applied (``EXIF_ORIENTED_FORMATS``); other images as stored."""
+    if image.format in EXIF_ORIENTED_FORMATS and image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def decode_values(path):
     """Decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
-    pixel values as stored: integers (16- or 32-bit) for integer images (also ``H x W x 3`` uint16
-    for colour of 16 bits a channel, ``decode_16_bit_colour``), else uint8 ``H x W`` (grey, also
-    1-bit as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted).
-    Images of floating-point pixels (whose range is not known) and images larger than Pillow's
-    decompression-bomb limit are ValueErrors naming the file."""
+    pixel values as stored: integers (0..65535) for integer images (also ``H x W x 3`` uint16 for
+    colour of 16 bits a channel, ``decode_16_bit_colour``), else uint8 ``H x W`` (grey, also 1-bit
+    as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted), turned as displayed
+    (``as_displayed``); of a multi-page file the first page, with a warning.
+    Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit data, whose
+    range is not known) and images larger than Pillow's decompression-bomb limit are ValueErrors
+    naming the file."""
     with opened_image(path) as image:
         if image.mode == 'F':
             raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
                              f'their value range is unknown; save them as 8- or 16-bit integers')
+        if getattr(image, 'n_frames', 1) > 1:
+            warnings.warn(f'{path} holds {image.n_frames} pages; only the first is read')
         if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
             return decode_16_bit_colour(path)
+        image = as_displayed(image)
         image.load()
         if image.mode in INTEGER_MODES:
-            return np.asarray(image)
+            values = np.asarray(image)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(f'integer values from {values.min()} to {values.max()} (signed or 32-bit '
+                                 f'data) are not supported: their range is unknown; save them as 8- or '
+                                 f'16-bit unsigned integers')
+            return values
         if image.mode in ('1', 'LA', 'La'):
             image = image.convert('L')
         elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
@@ -94,9 +115,15 @@ def high_depth_maximum(path):
 
 def decode_mask_values(path):
     """The stored values of the mask file at ``path`` (``decode_values``) as ``H x W``: a colour
-    mask by its largest channel."""
+    mask by its largest channel, 0 where it is transparent (a mask layer exported from an image
+    editor: alpha channel or palette transparency)."""
     values = decode_values(path)
-    return values.max(axis=2) if values.ndim == 3 else values
+    values = values.max(axis=2) if values.ndim == 3 else values
+    with opened_image(path) as image:
+        if image.mode in ('RGBA', 'LA', 'La', 'PA') or 'transparency' in image.info:
+            alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
+            values = np.where(alpha > 0, values, 0)
+    return values
 
 
 def to_uint8(values, bits):
@@ -158,6 +185,12 @@ def resize(image, size, interpolation=None):
     return with_channel_axis(out, image.shape[2])
 
 
+def is_image_name(path):
+    """Whether ``path`` names an image file: an IMAGE_SUFFIXES suffix (any case), and not hidden
+    (``._name.png``: the resource forks that macOS writes beside files on other file systems)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith('.')
+
+
 def image_files(inputs):
     """The image files named by ``inputs`` (paths or strings), in order: a folder gives its files
     with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive), an existing file itself
@@ -168,7 +201,7 @@ def image_files(inputs):
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if is_image_name(p))
             if not found:
                 raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)})')
         elif not path.exists() and any(char in str(entry) for char in GLOB_CHARACTERS):

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values
+from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, is_image_name
 
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -58,8 +58,8 @@ class LabelledFiles(NamedTuple):
 
 
 def image_files(folder):
-    """The image files (IMAGE_SUFFIXES, any case) directly in ``folder``, sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files directly in ``folder`` (``images.is_image_name``), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if is_image_name(p))
 
 
 def _subfolders(folder):

@@ -575,3 +575,49 @@ def test_a_table_recipe_changed_between_seeds_is_named():
     models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, recipe='auto'))]
     with pytest.warns(UserWarning, match="recipe: 'table' vs 'auto'"):
         mvtec_tasks.warn_unlike_seeds(models)
+
+
+def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_path):
+    from experiments.ad2_submission import image_size
+    shown = np.zeros((20, 30, 3), np.uint8)
+    shown[2:6, 20:28] = 250  # a defect in the top right corner, as the viewer shows it
+    stored = np.ascontiguousarray(np.rot90(shown, 1))  # a camera's sideways pixels ...
+    exif = Image.new('RGB', (1, 1)).getexif()
+    exif[0x0112] = 6  # ... with the tag that turns them upright (90 degrees clockwise)
+    Image.fromarray(stored).save(tmp_path / 'photo.jpg', exif=exif.tobytes(), quality=100)
+    read = read_image(tmp_path / 'photo.jpg')
+    assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
+    assert image_size(tmp_path / 'photo.jpg') == (30, 20)
+
+
+def test_transparent_mask_pixels_are_no_defect(tmp_path):
+    from self_sup_data.images import decode_mask_values
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., :3] = 255  # white under transparency, as an editor's layer may hold
+    rgba[4:8, 4:8, 3] = 255  # the drawn defect: opaque
+    Image.fromarray(rgba).save(tmp_path / 'layer.png')
+    la = np.zeros((16, 16, 2), np.uint8)
+    la[4:8, 4:8] = (200, 255)
+    Image.fromarray(la, 'LA').save(tmp_path / 'strokes.png')
+    for name in ('layer.png', 'strokes.png'):
+        assert (decode_mask_values(tmp_path / name) > 0).sum() == 16
+
+
+def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_path):
+    import tifffile
+    tifffile.imwrite(tmp_path / 'signed.tif', np.linspace(-1000, 1000, 64).reshape(8, 8).astype(np.int16))
+    tifffile.imwrite(tmp_path / 'wide.tif', np.full((8, 8), 100_000, np.int32))
+    for name in ('signed.tif', 'wide.tif'):
+        with pytest.raises(ValueError, match=f'cannot read image .*{name}: integer values from .* are not'):
+            decode_values(tmp_path / name)
+    pages = [Image.fromarray(np.full((8, 8), value, np.uint8)) for value in (10, 200)]
+    pages[0].save(tmp_path / 'pages.tif', save_all=True, append_images=pages[1:])
+    with pytest.warns(UserWarning, match='holds 2 pages; only the first is read'):
+        assert decode_values(tmp_path / 'pages.tif').max() == 10
+
+
+def test_hidden_files_beside_images_are_not_images(tmp_path):
+    from self_sup_data.layouts import image_files as folder_images
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'a.png')
+    (tmp_path / '._a.png').write_bytes(b'\x00\x05\x16\x07 a macOS resource fork')
+    assert image_files([tmp_path]) == folder_images(tmp_path) == [tmp_path / 'a.png']
