@@ -91,11 +91,8 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
     ``train_size * 230/224``; textures: resize ``train_size * 264/256``), e.g. 0.5 -> 128 for both.
 
     Returns dict(low_res, train_size, test_res, transform): ``low_res`` is the side training
-    images are resized to, ``test_res`` the side test images are resized to (256 for both kinds at
-    ``res_scale=1``, as in the paper's evaluation): for textures ``low_res`` rounded to a multiple
-    of 32 (whole test images go through the network), for objects ``low_res`` itself, so that
-    their central ``train_size`` crop, all that the network sees, shows them at the scale they
-    were trained at.
+    images are resized to, ``test_res`` the side test images are resized to (``low_res`` rounded
+    to a multiple of 32: 256 for both kinds at ``res_scale=1``, as in the paper's evaluation).
     """
     if not res_scale > 0:
         raise ValueError(f"res_scale must be positive, got {res_scale}")
@@ -108,10 +105,8 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
         train_size = _round_to_multiple(256 * res_scale, 32)
         low_res = int(train_size * 264 / 256 + 0.5)
         steps = [RandomVerticalFlip(), RandomCrop(train_size)]
-    is_object = category_kind(class_name, kind) == 'object'
     return dict(low_res=low_res, train_size=train_size,
-                test_res=low_res if is_object else _round_to_multiple(low_res, 32),
-                transform=Compose(steps))
+                test_res=_round_to_multiple(low_res, 32), transform=Compose(steps))
 
 
 # ----------------------------------------------------------------------------- reading files

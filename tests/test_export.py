@@ -81,7 +81,6 @@ def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
-@pytest.mark.filterwarnings('ignore:.*looks like a TorchScript archive')
 def test_torchscript_export_matches(exported, tmp_path):
     path = exported[0]
     out = export.export(path, 'torchscript', tmp_path / 'model.torchscript.pt')
