@@ -115,9 +115,8 @@ class Setting:
     """A parsed setting key: the task's ``patch_ex`` arguments, loss and final activation.
 
     ``seed`` is None when the key has none (then runs use DEFAULT_SEED); ``fname`` names the
-    trained model (e.g. 'shift_intensity_m_923874273'; the same for DEFAULT_SEED as without a
-    seed, whose run it is) and ``dir_name`` the folder shared by the seeds of a setting (e.g.
-    'shift_intensity_m').
+    trained model (e.g. 'shift_intensity_m_923874273') and ``dir_name`` the folder shared by
+    the seeds of a setting (e.g. 'shift_intensity_m').
     """
     key: str
     base: str
@@ -174,8 +173,7 @@ def parse_setting(key):
     if seed is not None and seed > MAX_SEED:
         raise ValueError(f"setting key {key!r}: seed {seed} is too large; seeds go from 0 to "
                          f"2**63 - 1 = {MAX_SEED}")
-    # the default seed named like no seed: one run, one model, whichever key trains it
-    fname = dir_name if seed in (None, DEFAULT_SEED) else f'{dir_name}_{seed}'
+    fname = dir_name if seed is None else f'{dir_name}_{seed}'
     return Setting(key=key, base=name, mixed=mixed, seed=seed, self_sup_args=args,
                    loss=base.loss, final_activation=base.final_activation,
                    fname=fname, dir_name=dir_name, model=base.model)

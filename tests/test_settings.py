@@ -51,18 +51,10 @@ def test_every_key_form_parses_to_its_base_arguments(key, base, mixed, seed):
     assert (s.loss, s.final_activation) == (loss, activation)
     slug = base.lower().replace('-', '_') if base != 'CutPaste' else 'cut_paste'
     assert s.dir_name == slug + ('_m' if mixed else '')
-    assert s.fname == s.dir_name + ('' if seed in (None, settings.DEFAULT_SEED) else f'_{seed}')
+    assert s.fname == s.dir_name + ('' if seed is None else f'_{seed}')
     assert s.run_seed == (settings.DEFAULT_SEED if seed is None else seed)
     assert key == s.seedless_key + ('' if seed is None else f'-{seed}')
     assert parse_setting(s.seedless_key).seed is None
-
-
-def test_the_default_seed_names_the_run_of_the_key_without_a_seed():
-    from experiments.checkpoints import matches
-    plain, zero = parse_setting('Shift-M'), parse_setting(f'Shift-M-{settings.DEFAULT_SEED}')
-    assert zero.seed == settings.DEFAULT_SEED and plain.seed is None
-    assert zero.fname == plain.fname and zero.run_name('tiny') == plain.run_name('tiny')
-    assert matches(zero, plain) and matches(plain, zero) and not matches(parse_setting('Shift-M-1'), plain)
 
 
 def test_examples_from_the_paper():
