@@ -14,8 +14,8 @@ from pathlib import Path
 
 from experiments import settings
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
-                             model_from_args, prepare_output_dir, print_slow_bf16_note, train_config,
-                             train_unless_finished)
+                             model_from_args, prepare_output_dir, print_slow_bf16_note,
+                             refuse_twin_run, train_config, train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
@@ -91,6 +91,7 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, params, out_dir = plan(args)
+        refuse_twin_run(setting, out_dir, CATEGORY)
     print_slow_bf16_note(PROG, args)
     train_unless_finished(PROG, setting.run_dir(out_dir, CATEGORY), setting.run_name(CATEGORY),
                           lambda: prepare_run(args, setting, params), args.resume, args.force)

@@ -30,8 +30,8 @@ from pathlib import Path
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
-                             found_run, print_slow_bf16_note, refuse_existing_run, report_problems,
-                             train_config, train_unless_finished)
+                             found_run, print_slow_bf16_note, refuse_existing_run, refuse_twin_run,
+                             report_problems, train_config, train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import is_first_process
@@ -336,7 +336,9 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
-        if not (args.resume or args.force):  # before the first category trains
+        for category in categories:  # before the first category trains
+            refuse_twin_run(setting, out_dir, category)
+        if not (args.resume or args.force):
             for category in categories:
                 refuse_existing_run(*found_run(setting.run_dir(out_dir, category), setting.run_name(category)))
     print_slow_bf16_note(PROG, args)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
+from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
                                   is_run_file, last_checkpoint_path, resolve_device, run_differences,
                                   run_meta, seed_everything, train)
@@ -205,6 +206,22 @@ def refuse_existing_run(found, state):
         keep = 'keep it' if state == 'finished' else 'continue it'
         raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
                               f"--force to train again and replace it")
+
+
+def refuse_twin_run(setting, out_dir, category):
+    """FileExistsError when ``out_dir`` holds a run on ``category`` of the twin of ``setting``'s key,
+    which trains the same seed under another name (``Shift-0`` and ``Shift``: a key without a seed
+    trains DEFAULT_SEED): the evaluation could not tell the two models apart."""
+    seedless = setting.seedless_key
+    twin_key = (seedless if setting.seed == DEFAULT_SEED
+                else f'{seedless}-{DEFAULT_SEED}' if setting.seed is None else None)
+    if twin_key is None:
+        return
+    twin = parse_setting(twin_key)
+    found, _ = found_run(twin.run_dir(out_dir, category), twin.run_name(category))
+    if found:
+        raise FileExistsError(f"{found} is a run of {twin_key}, which trains seed {DEFAULT_SEED} as "
+                              f"{setting.key} does; use -s {twin_key} or another output folder")
 
 
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False, replace_other=False):

@@ -621,3 +621,14 @@ def test_hidden_files_beside_images_are_not_images(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'a.png')
     (tmp_path / '._a.png').write_bytes(b'\x00\x05\x16\x07 a macOS resource fork')
     assert image_files([tmp_path]) == folder_images(tmp_path) == [tmp_path / 'a.png']
+
+
+def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_path, capsys):
+    make_mvtec_category(tmp_path / 'data', 'tiny')
+    base = ['-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny'] + ONE_EPOCH
+    assert train_mvtec.main(['-s', 'Shift'] + base) == 0
+    for extra in ([], ['--force'], ['--resume']):  # the same seed 0 under another name, never
+        message = run_error(train_mvtec.main, ['-s', 'Shift-0'] + base + extra, capsys)
+        assert 'is a run of Shift, which trains seed 0 as Shift-0 does; use -s Shift' in message
+    assert not list((tmp_path / 'out').rglob('final_tiny_shift_0.pt'))
+    assert train_mvtec.main(['-s', 'Shift-1'] + base) == 0  # another seed is another run
