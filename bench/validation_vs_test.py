@@ -85,7 +85,7 @@ def score_models(args, device):
         kinds = tuple(meta.get('validation_kinds') or VALIDATION_KINDS)  # the run's own defects
         background = meta.get('validation_background')  # None: anywhere (and in earlier models)
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
-               repr(meta.get('layout')), kinds, repr(background))
+               repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], meta.get('bit_depth'))
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),

@@ -46,15 +46,16 @@ def results_frame(records):
         raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; '
                          f'missing {missing or "all rows"}')
     frame['seed'] = frame['seed'].astype('Int64')
-    duplicated = frame.duplicated(['category', 'setting', 'seed'], keep=False)
+    keys = pd.Series([f'{category}|{setting}|{seed}' for category, setting, seed
+                      in zip(frame['category'], frame['setting'], frame['seed'])], index=frame.index)
+    duplicated = keys.duplicated(keep=False)
     if duplicated.any():
         row = frame[duplicated].iloc[0]
-        same = frame[duplicated & (frame['category'] == row.category) & (frame['setting'] == row.setting)
-                     & (frame['seed'] == row.seed)]
-        sources = (f" (checkpoints {', '.join(map(str, same['checkpoint']))})"
-                   if 'checkpoint' in frame.columns else '')
+        checkpoints = (frame.loc[keys == keys[duplicated].iloc[0], 'checkpoint'].dropna()
+                       if 'checkpoint' in frame.columns else [])
+        sources = f" (checkpoints {', '.join(map(str, checkpoints))})" if len(checkpoints) else ''
         raise ValueError(f'duplicate result for category {row.category!r}, setting {row.setting!r}, '
-                         f'seed {int(row.seed)}{sources}; keep one model per seed')
+                         f'seed {row.seed}{sources}; keep one model per seed')
     return frame
 
 

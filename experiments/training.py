@@ -90,6 +90,10 @@ RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_m
 NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
 # meta entries that record what a run measured, not what it is (thresholds: calibrated later)
+# meta entries that the training scripts added later: a checkpoint written without one is not
+# another run for it (its run read the images with the same bit depth; drew validation defects
+# anywhere, which a resume does not redo for the epochs it keeps)
+LATER_META_FIELDS = ('bit_depth', 'validation_background')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds') + RESUMED_FIELDS
 
@@ -408,7 +412,8 @@ def run_differences(saved_meta, meta):
     def learnt(m):
         config = {k: v for k, v in {**defaults, **m.get('train_config', {})}.items()
                   if k not in RUNTIME_FIELDS}
-        rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS}
+        rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS
+                and not (k in LATER_META_FIELDS and k not in saved_meta)}
         return {**rest, **config}
     return dict_differences(learnt(saved_meta), learnt(meta))
 

@@ -571,3 +571,25 @@ def test_test_images_are_read_with_the_models_channels(tmp_path):
     assert mvtec_tasks.load_test_set(tmp_path, meta).in_channels == 3  # the set's own
     dataset = mvtec_tasks.load_test_set(tmp_path, {**meta, 'in_channels': 1})  # a grey model's
     assert dataset.in_channels == 1 and all(image.shape[2] == 1 for image in dataset.images)
+
+
+@pytest.mark.slow
+def test_models_of_one_category_with_other_channels_each_get_their_test_set(tmp_path):
+    from conftest import make_mvtec_category
+    from experiments.atomic import save_torch_atomic
+    from experiments.settings import parse_setting, trained_model_path
+    from models.resnet import resnet18_enc_dec
+    make_mvtec_category(tmp_path / 'data', 'tiles', channels=3)
+    for key, channels in (('Shift', 3), ('FPI', 1)):  # e.g. a colour image held out in one run only
+        model = resnet18_enc_dec(in_channels=channels, final_activation=parse_setting(key).final_activation)
+        meta = dict(dataset='mvtec', setting=key, category='tiles', kind='texture', res_scale=0.25,
+                    train_size=64, seed=0, in_channels=channels, model_config=model.config)
+        save_torch_atomic(dict(model=model.state_dict(), meta=meta), trained_model_path(tmp_path / 'models', key, 'tiles'))
+    records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data')
+    assert sorted(r['setting'] for r in records) == ['FPI', 'Shift']
+    assert not any(r.get('error') for r in records)
+
+
+def test_a_duplicate_without_a_seed_is_named_too():
+    with pytest.raises(ValueError, match="seed <NA>; keep one model per seed"):
+        tables.results_frame([dict(category='a', kind='texture', setting='Shift', seed=None, checkpoint=None)] * 2)

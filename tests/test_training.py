@@ -341,6 +341,13 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
               meta=dict(category='a'), resume=True)
 
 
+def test_meta_entries_added_later_do_not_make_an_earlier_checkpoint_another_run():
+    earlier = dict(category='a', train_config=dict(epochs=2))  # written before these entries
+    now = {**earlier, 'bit_depth': 16, 'validation_background': [0, 20]}
+    assert training.run_differences(earlier, now) == []
+    assert training.run_differences({**earlier, 'bit_depth': 12}, now) == ['bit_depth: 12 vs 16']
+
+
 def test_differences_name_the_nested_entries_that_differ():
     saved = dict(epochs=2, args=dict(patches=4, label=(1, 3), sizes=dict(low=0.1)), gone=None)
     now = dict(epochs=2, args=dict(patches=8, label=(1, 3), sizes=dict(low=0.2), new=True),
