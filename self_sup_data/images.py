@@ -83,7 +83,7 @@ def decode_values(path):
         if image.mode == 'F':
             raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
                              f'their value range is unknown; save them as 8- or 16-bit integers')
-        if getattr(image, 'n_frames', 1) > 1:
+        if getattr(image, 'n_frames', 1) > 1 and image.format != 'MPO':  # MPO: a photo and its previews
             warnings.warn(f'{path} holds {image.n_frames} pages; only the first is read')
         if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
             return decode_16_bit_colour(path)
@@ -118,12 +118,14 @@ def decode_mask_values(path):
     mask by its largest channel, 0 where it is transparent (a mask layer exported from an image
     editor: alpha channel or palette transparency)."""
     values = decode_values(path)
-    values = values.max(axis=2) if values.ndim == 3 else values
     with opened_image(path) as image:
-        if image.mode in ('RGBA', 'LA', 'La', 'PA') or 'transparency' in image.info:
+        key = image.info.get('transparency')
+        if values.ndim == 2 and isinstance(key, int) and image.mode != 'P':  # a grey value keyed transparent
+            values = np.where(values != key, values, 0)
+        elif image.mode in ('RGBA', 'LA', 'La', 'PA') or key is not None:
             alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
-            values = np.where(alpha > 0, values, 0)
-    return values
+            values = np.where(alpha[..., None] > 0 if values.ndim == 3 else alpha > 0, values, 0)
+    return values.max(axis=2) if values.ndim == 3 else values
 
 
 def to_uint8(values, bits):

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from self_sup_data.images import opened_image
+from self_sup_data.images import as_displayed, opened_image
 
 CATEGORY = 'magnetic_tile'
 NORMAL_FOLDER = 'MT_Free'
@@ -71,14 +71,14 @@ def convert_image(path):
     """The image at ``path`` as 8-bit greyscale, resized to SIZE x SIZE bilinearly (Pillow);
     ValueError naming an unreadable file."""
     with opened_image(path) as image:
-        return image.convert('L').resize((SIZE, SIZE), Image.BILINEAR)
+        return as_displayed(image).convert('L').resize((SIZE, SIZE), Image.BILINEAR)
 
 
 def convert_mask(path):
     """The mask at ``path`` resized to SIZE x SIZE by nearest neighbour, then 255 above 127, else 0;
     ValueError naming an unreadable file."""
     with opened_image(path) as mask:
-        resized = np.asarray(mask.convert('L').resize((SIZE, SIZE), Image.NEAREST))
+        resized = np.asarray(as_displayed(mask).convert('L').resize((SIZE, SIZE), Image.NEAREST))
     return Image.fromarray(np.where(resized > 127, 255, 0).astype(np.uint8))
 
 

@@ -5,6 +5,7 @@ batch, checksums and killed saves."""
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict
 
 import cv2
@@ -599,7 +600,11 @@ def test_transparent_mask_pixels_are_no_defect(tmp_path):
     la = np.zeros((16, 16, 2), np.uint8)
     la[4:8, 4:8] = (200, 255)
     Image.fromarray(la, 'LA').save(tmp_path / 'strokes.png')
-    for name in ('layer.png', 'strokes.png'):
+    keyed = np.zeros((16, 16), np.uint16)
+    keyed[4:8, 4:8] = 65535
+    keyed[0, :] = 1000  # a grey value marked transparent (the PNG's tRNS key): no defect
+    Image.fromarray(keyed).save(tmp_path / 'keyed.png', transparency=1000)
+    for name in ('layer.png', 'strokes.png', 'keyed.png'):
         assert (decode_mask_values(tmp_path / name) > 0).sum() == 16
 
 
@@ -614,6 +619,11 @@ def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_
     pages[0].save(tmp_path / 'pages.tif', save_all=True, append_images=pages[1:])
     with pytest.warns(UserWarning, match='holds 2 pages; only the first is read'):
         assert decode_values(tmp_path / 'pages.tif').max() == 10
+    photo = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (90, 30)]
+    photo[0].save(tmp_path / 'camera.jpg', format='MPO', save_all=True, append_images=photo[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a camera JPEG with its preview (MPO): no warning
+        assert abs(int(decode_values(tmp_path / 'camera.jpg').mean()) - 90) <= 2
 
 
 def test_hidden_files_beside_images_are_not_images(tmp_path):

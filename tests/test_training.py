@@ -342,10 +342,11 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 
 
 def test_meta_entries_added_later_do_not_make_an_earlier_checkpoint_another_run():
-    earlier = dict(category='a', train_config=dict(epochs=2))  # written before these entries
-    now = {**earlier, 'bit_depth': 16, 'validation_background': [0, 20]}
+    earlier = dict(category='a', train_config=dict(epochs=2))  # written before this entry
+    now = {**earlier, 'validation_background': [0, 20]}
     assert training.run_differences(earlier, now) == []
-    assert training.run_differences({**earlier, 'bit_depth': 12}, now) == ['bit_depth: 12 vs 16']
+    # an absent bit depth is that of 8-bit images: another run than one of 16-bit images
+    assert training.run_differences(earlier, {**now, 'bit_depth': 16}) == ['bit_depth: absent vs 16']
 
 
 def test_differences_name_the_nested_entries_that_differ():
