@@ -38,7 +38,7 @@ from experiments.training import is_first_process
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout
-from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set,
+from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
@@ -281,6 +281,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,
+                test_res=data_recipe(category, res_scale, args.kind)['test_res'],
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,

@@ -27,7 +27,7 @@ from experiments.prediction import evaluate
 from experiments.training import resolve_device
 from experiments.validation import SCORE_METRICS, Validator
 from self_sup_data.layouts import layout_from_spec
-from self_sup_data.mvtec import load_validation_set, train_files
+from self_sup_data.mvtec import load_validation_set, model_test_side, train_files
 from self_sup_data.validation import VALIDATION_KINDS, holdout_indices
 
 TEST_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
@@ -85,12 +85,13 @@ def score_models(args, device):
         kinds = tuple(meta.get('validation_kinds') or VALIDATION_KINDS)  # the run's own defects
         background = meta.get('validation_background')  # None: anywhere (and in earlier models)
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
-               repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], meta.get('bit_depth'))
+               repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], meta.get('bit_depth'),
+               model_test_side(meta))
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(
                 args.data_dir, args.category, held_out, key[3], meta['res_scale'], meta.get('kind'),
                 channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')),
-                bit_depth=meta.get('bit_depth'), background=background)
+                bit_depth=meta.get('bit_depth'), background=background, side=key[-1])
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)

@@ -48,7 +48,7 @@ from experiments.prediction import check_flip_average, evaluate_variants, undefi
 from experiments.settings import parse_setting
 from experiments.training import dict_differences, resolve_device, run_differences
 from self_sup_data.layouts import LocoLayout, layout_for_model
-from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, data_recipe
+from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, model_test_side
 from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.transforms import Compose
 
@@ -119,7 +119,7 @@ def load_test_set(data_dir, meta, layout=None, allow_missing_masks=False):
     ``bit_depth`` (that of its training images). A folder-format layout is checked against the
     model's held-out test fifth (``layouts.layout_for_model``)."""
     return SelfSupMVTecDataset(data_dir, meta['category'], is_train=False, kind=meta.get('kind'),
-                               res_scale=meta.get('res_scale', 1.0),
+                               res_scale=meta.get('res_scale', 1.0), low_res=model_test_side(meta),
                                layout=layout_for_model(layout, meta.get('layout')),
                                allow_missing_masks=allow_missing_masks, bit_depth=meta.get('bit_depth'),
                                channels=meta.get('in_channels'))
@@ -131,7 +131,7 @@ def load_normal_set(data_dir, meta, layout=None):
     to the test side, no augmentation, no synthetic anomalies): what two-stage models are fitted to."""
     category, kind, res_scale = meta['category'], meta.get('kind'), meta.get('res_scale', 1.0)
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, kind=kind, res_scale=res_scale,
-                                  low_res=data_recipe(category, res_scale, kind)['test_res'],
+                                  low_res=model_test_side(meta),
                                   transform=Compose([]),
                                   layout=layout_for_model(layout, meta.get('layout')),
                                   bit_depth=meta.get('bit_depth'), channels=meta.get('in_channels'))

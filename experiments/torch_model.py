@@ -9,7 +9,7 @@ from experiments.checkpoints import read_model
 from experiments.prediction import check_flip_average
 from models.resnet import SIZE_MULTIPLE
 from experiments.chest_xray_tasks import DEFAULT_RES as CHEST_RES
-from self_sup_data.mvtec import category_kind, data_recipe
+from self_sup_data.mvtec import category_kind, data_recipe, model_test_side
 from self_sup_data.transforms import normalization
 
 
@@ -43,7 +43,7 @@ def model_spec(meta):
         side, crop = meta.get('res', CHEST_RES), None
     else:
         recipe = data_recipe(category, meta.get('res_scale', 1.0), kind)
-        side = recipe['test_res']
+        side = model_test_side(meta)
         crop = meta.get('train_size', recipe['train_size'])
         crop = crop if category_kind(category, kind) == 'object' else None
     try:

@@ -91,8 +91,11 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
     ``train_size * 230/224``; textures: resize ``train_size * 264/256``), e.g. 0.5 -> 128 for both.
 
     Returns dict(low_res, train_size, test_res, transform): ``low_res`` is the side training
-    images are resized to, ``test_res`` the side test images are resized to (``low_res`` rounded
-    to a multiple of 32: 256 for both kinds at ``res_scale=1``, as in the paper's evaluation).
+    images are resized to, ``test_res`` the side test images are resized to (256 for both kinds at
+    ``res_scale=1``, as in the paper's evaluation): for textures ``low_res`` rounded to a multiple
+    of 32 (whole test images go through the network), for objects ``low_res`` itself, so that
+    their central ``train_size`` crop, all that the network sees, shows them at the scale they
+    were trained at (``model_test_side``: the side of a trained model).
     """
     if not res_scale > 0:
         raise ValueError(f"res_scale must be positive, got {res_scale}")
@@ -105,8 +108,21 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
         train_size = _round_to_multiple(256 * res_scale, 32)
         low_res = int(train_size * 264 / 256 + 0.5)
         steps = [RandomVerticalFlip(), RandomCrop(train_size)]
+    is_object = category_kind(class_name, kind) == 'object'
     return dict(low_res=low_res, train_size=train_size,
-                test_res=_round_to_multiple(low_res, 32), transform=Compose(steps))
+                test_res=low_res if is_object else _round_to_multiple(low_res, 32),
+                transform=Compose(steps))
+
+
+def model_test_side(meta):
+    """The side a trained model's test (and new) images are resized to: its ``test_res``, or, for
+    a model written before it was stored, the earlier rule (``low_res`` rounded to a multiple of
+    32, for objects too: at a ``res_scale`` other than 1 their scale then differs from training's,
+    and thresholds stored in such a model were calibrated so)."""
+    if meta.get('test_res') is not None:
+        return int(meta['test_res'])
+    recipe = data_recipe(meta['category'], meta.get('res_scale', 1.0), meta.get('kind'))
+    return _round_to_multiple(recipe['low_res'], 32)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -388,10 +404,10 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
 
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
                         channels=None, kinds=VALIDATION_KINDS, layout=None, bit_depth=None,
-                        background=None):
+                        background=None, side=None):
     """Test-mode dataset of the training images ``indices`` (sorted ``train_files`` order of
     ``layout``, None: detected; held out from training) prepared as test images
-    (``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
+    (at ``side``, default ``data_recipe(...)['test_res']``), each as it is and with a synthetic defect
     (``self_sup_data.validation.make_validation_set``, drawn by ``seed``; for objects inside the
     central crop that their models score, and with a ``background``, on the object).
     ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
@@ -399,7 +415,7 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     files = train_files(root_path, class_name, layout)
     paths = [files[int(index)] for index in indices]
     recipe = data_recipe(class_name, res_scale, kind)
-    images, _, _ = load_images(paths, recipe['test_res'], channels=channels,
+    images, _, _ = load_images(paths, side or recipe['test_res'], channels=channels,
                                desc=f'loading {class_name} validation', bit_depth=bit_depth)
     crop = recipe['train_size'] if category_kind(class_name, kind) == 'object' else None
     images, labels, masks, defect_types = make_validation_set(images, seed, kinds,

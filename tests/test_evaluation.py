@@ -333,8 +333,9 @@ def test_evaluate_checkpoints_finds_every_setting_and_seed(trained):
     # the same numbers as evaluating the loaded model directly on the rebuilt test set
     record = next(r for r in records if r['category'] == 'parts' and r['setting'] == 'FPI')
     model, meta = training.load_model(record['checkpoint'])
+    side = 64  # a model without a stored test side: the earlier rule, 73 pixels rounded to 64
     dataset = SelfSupMVTecDataset(data_dir, 'parts', is_train=False, kind='object',
-                                              res_scale=RES_SCALE)
+                                  res_scale=RES_SCALE, low_res=side)
     assert prediction.evaluate(model, dataset) == {m: record[m] for m in mvtec_tasks.METRICS}
 
 

@@ -65,7 +65,9 @@ def test_paper_recipes():
 def test_scaled_recipes_keep_proportions(name, res_scale):
     recipe = data_recipe(name, res_scale)
     train_size, low_res = recipe['train_size'], recipe['low_res']
-    assert train_size % 32 == 0 and recipe['test_res'] % 32 == 0
+    assert train_size % 32 == 0
+    # objects are tested at the scale they were trained at; whole textures at a multiple of 32
+    assert recipe['test_res'] == low_res if name in OBJECTS else recipe['test_res'] % 32 == 0
     ratio = 256 / 224 if name in OBJECTS else 264 / 256
     assert abs(low_res / train_size - ratio) < 0.01
     image = np.zeros((low_res, low_res, 1), np.uint8)
@@ -377,3 +379,13 @@ def test_index_range(tiny_mvtec):
     assert torch.equal(ds[np.int64(2)][2], ds[2][2])
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_a_model_is_tested_at_its_stored_side_and_an_earlier_one_at_the_earlier_rule():
+    from self_sup_data.mvtec import model_test_side
+    meta = dict(category='screw', res_scale=0.5)
+    assert data_recipe('screw', 0.5)['test_res'] == data_recipe('screw', 0.5)['low_res'] == 146
+    assert model_test_side({**meta, 'test_res': 146}) == 146  # stored by training
+    assert model_test_side(meta) == 160  # written before: 146 rounded to a multiple of 32
+    assert model_test_side(dict(category='wood', res_scale=0.5)) == 128 == data_recipe('wood', 0.5)['test_res']
+    assert model_test_side(dict(category='screw')) == 256  # the paper's scale either way

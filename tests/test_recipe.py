@@ -555,6 +555,8 @@ def test_an_object_categorys_validation_defects_lie_on_its_object_for_every_reci
         _, _, _, meta, validator = prepared(tmp_path, data, 'parts', '--kind', 'object', *background,
                                             '--recipe', recipe_name, '--val-fraction', '0.25')
         assert meta['validation_background'] == [40, 60] and meta['held_out'] == 3
+        # tested at the training images' side (73 px), where the 64-px crop shows them at their scale
+        assert meta['test_res'] == meta['low_res'] == 73 and validator.dataset.images[0].shape[0] == 73
         sets.append(validator.dataset)
     images, masks = sets[0].images, sets[0].masks
     assert all(np.array_equal(a, b) for a, b in zip(images, sets[1].images))
