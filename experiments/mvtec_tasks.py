@@ -290,7 +290,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         """(test set, normal set loader, LOCO defects loader) of a checkpoint's meta, loaded when
         it is another one."""
         key = (meta['category'], meta.get('kind'), meta.get('res_scale'), meta.get('layout'),
-               meta.get('bit_depth'), meta.get('in_channels'))
+               meta.get('bit_depth'), meta.get('in_channels'), model_test_side(meta))
         if key != loaded['key']:
             loaded.update(key=None, sets=None)  # frees the last one; a failed load loads again
             dataset = load_test_set(data_dir, meta, layout, allow_missing_masks)

@@ -594,3 +594,25 @@ def test_models_of_one_category_with_other_channels_each_get_their_test_set(tmp_
 def test_a_duplicate_without_a_seed_is_named_too():
     with pytest.raises(ValueError, match="seed <NA>; keep one model per seed"):
         tables.results_frame([dict(category='a', kind='texture', setting='Shift', seed=None, checkpoint=None)] * 2)
+
+
+@pytest.mark.slow
+def test_object_models_of_earlier_and_current_versions_are_each_tested_at_their_side(tmp_path):
+    from conftest import make_mvtec_category, save_untrained_model
+    from experiments.settings import trained_model_path
+    make_mvtec_category(tmp_path / 'data', 'parts', size=96)
+    for key, stored in (('FPI-1', None), ('FPI-2', 73)):  # written before test_res was stored, and now
+        meta = dict(dataset='mvtec', setting=key, category='parts', kind='object', res_scale=0.25,
+                    train_size=64, seed=int(key[-1]), in_channels=1, test_res=stored)
+        save_untrained_model(trained_model_path(tmp_path / 'models', key, 'parts'), meta)
+    sides = []
+    original = mvtec_tasks.load_test_set
+
+    def recording(data_dir, meta, *args, **kwargs):
+        dataset = original(data_dir, meta, *args, **kwargs)
+        sides.append(dataset.images[0].shape[0])
+        return dataset
+    import unittest.mock
+    with unittest.mock.patch.object(mvtec_tasks, 'load_test_set', recording):
+        records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data')
+    assert sorted(sides) == [64, 73] and not any(r.get('error') for r in records)
