@@ -263,6 +263,8 @@ OVERRIDE_FLAGS = dict(width_bounds_pct='--width-bounds', num_patches='--num-patc
                       clip_at_border='--clip-at-border', paste_fraction='--paste-fraction',
                       normal_fraction='--normal-fraction')
 PATCH_ARGUMENT = dict(background='skip_background')
+# the object mask of a category's images: kept by every recipe (calibration does not set it)
+OBJECT_MASK_PARAMS = ('background', 'min_object_pct', 'min_overlap_pct')
 
 # Per-category parameters: the paper's 15 categories; add entries for custom categories.
 CATEGORY_PARAMS = {name: {param: table[name] for param, table in _PAPER_TABLES.items()
@@ -307,10 +309,13 @@ def category_params(class_name, kind=None, overrides=None, use_entry=True):
     ``kind`` ('object' or 'texture') overrides the category's kind (a name outside the paper's 15
     is a texture unless ``kind='object'``); ``overrides`` maps parameter names (see
     ``CATEGORY_PARAM_NAMES``) to values, None meaning 'keep'. ``use_entry`` False ignores the
-    category's CATEGORY_PARAMS entry (the starting point of a calibrated recipe).
+    category's CATEGORY_PARAMS entry (the starting point of a calibrated recipe) except its
+    OBJECT_MASK_PARAMS, which describe the images rather than the recipe.
     """
     kind = category_kind(class_name, kind)
-    entry = _checked_overrides(CATEGORY_PARAMS.get(class_name)) if use_entry else {}
+    entry = _checked_overrides(CATEGORY_PARAMS.get(class_name))
+    if not use_entry:
+        entry = {name: value for name, value in entry.items() if name in OBJECT_MASK_PARAMS}
     return {**KIND_DEFAULTS[kind], **entry, **_checked_overrides(overrides)}
 
 

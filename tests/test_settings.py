@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments import settings
-from experiments.settings import (CATEGORY_PARAMS, category_params, chest_xray_self_sup_args,
+from experiments.settings import (CATEGORY_PARAMS, KIND_DEFAULTS, category_params, chest_xray_self_sup_args,
                                   mvtec_self_sup_args, paper_setting_key, parse_setting,
                                   training_epochs)
 from self_sup_data.self_sup_tasks import SyntheticAnomaly
@@ -153,6 +153,14 @@ def test_custom_category_params_are_data(monkeypatch):
     assert args['intensity_logistic_params'] == (0.5, 2)
     assert args['skip_background'] == (0, 10) and args['min_object_pct'] == 0.4
     assert 'min_overlap_pct' not in args  # generator default
+
+
+def test_a_calibrated_recipe_keeps_the_object_mask_of_the_table_entry():
+    bottle = category_params('bottle', use_entry=False)  # the start of --recipe auto and search
+    assert (bottle['background'], bottle['min_object_pct'], bottle['min_overlap_pct']) == ((200, 60), 0.7, 0.25)
+    assert bottle['num_patches'] == KIND_DEFAULTS['object']['num_patches']  # the recipe: defaults
+    assert bottle['intensity_logistic_params'] == KIND_DEFAULTS['object']['intensity_logistic_params']
+    assert category_params('magnetic_tile', use_entry=False) == KIND_DEFAULTS['texture']  # no mask there
 
 
 def test_overrides_and_flags():
