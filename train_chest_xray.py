@@ -17,6 +17,7 @@ from experiments.cli import (add_training_arguments, check_training_options, exi
                              model_from_args, prepare_output_dir, print_slow_bf16_note,
                              refuse_twin_run, train_config, train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
+from self_sup_data.layouts import names_sha256
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
@@ -80,7 +81,8 @@ def prepare_run(args, setting, params):
                 data_dir=str(Path(args.data_dir).resolve()), normal_list=str(Path(args.list).resolve()),
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
-                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION)
+                self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION,
+                normal_list_sha256=names_sha256(dataset.paths))  # a rewritten list is another run
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None

@@ -249,6 +249,10 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     assert meta['dataset'] == 'chest_xray' and meta['self_sup_args']['gamma_params'] == (2, 0.03, 0.05)
     assert meta['train_config']['epochs'] == 1 and meta['in_channels'] == 1
     assert meta['generator_version'] == GENERATOR_VERSION
+    # the list rewritten at the same path with other images (as the list builder does): another run
+    listing.write_text('\n'.join(names[1:]) + '\n')
+    message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
+    assert 'other arguments' in message and 'normal_list_sha256' in message
 
     listing.write_text('\n'.join(names + ['missing.png']) + '\n')
     fresh = tmp_path / 'fresh'
