@@ -37,7 +37,7 @@ from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import is_first_process
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
-from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout
+from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
@@ -282,6 +282,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,
                 test_res=data_recipe(category, res_scale, args.kind)['test_res'],
+                train_files_sha256=names_sha256(dataset.paths),  # images added or removed: another run
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,

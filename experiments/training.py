@@ -93,7 +93,7 @@ SELECTIONS = ('last', 'best')
 # meta entries that the training scripts added later: a checkpoint written without one is not
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
 # which a resume does not redo for the epochs it keeps)
-LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256')
+LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds') + RESUMED_FIELDS
 

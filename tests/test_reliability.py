@@ -80,6 +80,15 @@ def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained
 
 
 @pytest.mark.slow
+def test_resume_of_a_run_whose_training_folder_changed_is_refused(trained, tmp_path, capsys):
+    argv, path = trained
+    shutil.copy(tmp_path / 'data' / 'tiny' / 'train' / 'good' / '000.png',
+                tmp_path / 'data' / 'tiny' / 'train' / 'good' / 'added.png')
+    message = run_error(train_mvtec.main, argv + ONE_EPOCH + ['--resume'], capsys)
+    assert 'other arguments' in message and 'train_files_sha256' in message
+
+
+@pytest.mark.slow
 def test_resume_of_the_same_run_skips_it(trained, capsys):
     argv, path = trained
     store_thresholds(path, dict(image=0.5, pixel=0.5, flip_average=False))  # calibrated later
