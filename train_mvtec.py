@@ -270,8 +270,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
                      loss=setting.loss), select=args.select if held_out.size else 'last')
     validator = None
-    # the category's background, whatever the recipe or candidate: one validation set for all models
-    validation_background = settings.category_params(category, args.kind, overrides)['background']
+    # the category's background, which every recipe and candidate keeps: one validation set for all
+    validation_background = table_params['background']
     if held_out.size:
         validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
                                              args.kind, channels=dataset.in_channels, layout=layout,

@@ -40,12 +40,25 @@ KEY_COLUMNS = ('category', 'kind', 'setting', 'seed')
 
 def results_frame(records):
     """The long-format records as a DataFrame; checks the key columns and duplicates."""
+    frame = _keyed_frame(records)
+    _check_unique(frame)
+    return frame
+
+
+def _keyed_frame(records):
+    """The records as a DataFrame with integer (or missing) seeds; ValueError without rows or
+    without the KEY_COLUMNS."""
     frame = pd.DataFrame(list(records))
     missing = [c for c in KEY_COLUMNS if c not in frame.columns]
     if frame.empty or missing:
         raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; '
                          f'missing {missing or "all rows"}')
     frame['seed'] = frame['seed'].astype('Int64')
+    return frame
+
+
+def _check_unique(frame):
+    """ValueError naming the first (category, setting, seed) with two results, and their checkpoints."""
     keys = pd.Series([f'{category}|{setting}|{seed}' for category, setting, seed
                       in zip(frame['category'], frame['setting'], frame['seed'])], index=frame.index)
     duplicated = keys.duplicated(keep=False)
@@ -56,7 +69,6 @@ def results_frame(records):
         sources = f" (checkpoints {', '.join(map(str, checkpoints))})" if len(checkpoints) else ''
         raise ValueError(f'duplicate result for category {row.category!r}, setting {row.setting!r}, '
                          f'seed {row.seed}{sources}; keep one model per seed')
-    return frame
 
 
 def mixed_variant(setting):
@@ -221,10 +233,8 @@ def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
 def write_results(records, path):
     """The long-format results (one row per checkpoint and variant: its keys, metrics, checkpoint
     and, for a failed evaluation, its ``error``) as CSV, written atomically, then checked
-    (``results_frame``: a ValueError for duplicates, after the results are kept)."""
-    frame = pd.DataFrame(list(records))
-    if 'seed' in frame.columns:
-        frame['seed'] = frame['seed'].astype('Int64')
+    (a ValueError for duplicates, after the results are kept)."""
+    frame = _keyed_frame(records)
     write_text_atomic(path, frame.to_csv(index=False))
-    results_frame(records)
+    _check_unique(frame)
     return Path(path)

@@ -27,9 +27,11 @@ def high_bit_depth(values):
     return next((bits for bits in HIGH_BIT_DEPTHS if largest < 2 ** bits), HIGH_BIT_DEPTHS[-1])
 
 
-def _has_16_bit_channels(image):
-    """Whether Pillow's colour ``image`` is stored with 16 bits a channel (a raw mode such as
+def _is_16_bit_colour(image):
+    """Whether Pillow's ``image`` is colour stored with 16 bits a channel (a raw mode such as
     ``RGB;16B`` in its tiles' decoder arguments)."""
+    if image.mode not in ('RGB', 'RGBA'):
+        return False
     for tile in image.tile:
         args = tile[3] if len(tile) > 3 else None
         raw_mode = args[0] if isinstance(args, tuple) and args else args
@@ -85,7 +87,7 @@ def decode_values(path):
                              f'their value range is unknown; save them as 8- or 16-bit integers')
         if getattr(image, 'n_frames', 1) > 1 and image.format != 'MPO':  # MPO: a photo and its previews
             warnings.warn(f'{path} holds {image.n_frames} pages; only the first is read')
-        if image.mode in ('RGB', 'RGBA') and _has_16_bit_channels(image):
+        if _is_16_bit_colour(image):
             return decode_16_bit_colour(path)
         image = as_displayed(image)
         image.load()
@@ -108,8 +110,7 @@ def high_depth_maximum(path):
     (integer grey, or colour of 16 bits a channel), else None; an 8-bit file is not decoded (its
     header tells)."""
     with opened_image(path) as image:
-        deep = image.mode in INTEGER_MODES or (image.mode in ('RGB', 'RGBA')
-                                               and _has_16_bit_channels(image))
+        deep = image.mode in INTEGER_MODES or _is_16_bit_colour(image)
     return int(decode_values(path).max(initial=0)) if deep else None
 
 

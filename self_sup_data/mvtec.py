@@ -99,7 +99,8 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
     """
     if not res_scale > 0:
         raise ValueError(f"res_scale must be positive, got {res_scale}")
-    if category_kind(class_name, kind) == 'object':
+    is_object = category_kind(class_name, kind) == 'object'
+    if is_object:
         train_size = _round_to_multiple(224 * res_scale, 32)
         low_res = int(train_size * 256 / 224 + 0.5)
         steps = [RandomRotation(5)] if class_name in UNALIGNED_OBJECTS else []
@@ -108,7 +109,6 @@ def data_recipe(class_name, res_scale=1.0, kind=None):
         train_size = _round_to_multiple(256 * res_scale, 32)
         low_res = int(train_size * 264 / 256 + 0.5)
         steps = [RandomVerticalFlip(), RandomCrop(train_size)]
-    is_object = category_kind(class_name, kind) == 'object'
     return dict(low_res=low_res, train_size=train_size,
                 test_res=low_res if is_object else _round_to_multiple(low_res, 32),
                 transform=Compose(steps))
