@@ -87,10 +87,11 @@ def result_variants(setting, one_class_names=None):
 
 
 def matches(requested, setting):
-    """Whether a checkpoint of ``setting`` belongs to the requested key: same key, or any seed of
-    a requested key without a seed."""
+    """Whether a checkpoint of ``setting`` belongs to the requested key: same task and seed (a key
+    without a seed trains ``DEFAULT_SEED``: ``Shift-0`` finds the model trained as ``Shift``), or
+    any seed of a requested key without a seed."""
     same_task = (requested.base, requested.mixed) == (setting.base, setting.mixed)
-    return same_task and (requested.seed is None or requested.seed == setting.seed)
+    return same_task and (requested.seed is None or requested.seed == setting.run_seed)
 
 
 def is_search_candidate(path, folder):

@@ -112,12 +112,9 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 def write_report(records, out_dir, percent=False):
     """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
     when some result has them); returns the tables ``{metric: DataFrame}``."""
-    out_dir = Path(out_dir)
-    tables.write_results(records, out_dir / 'results.csv')
     with_pixels = any(not math.isnan(r[m]) for r in records for m in PIXEL_METRICS)
-    built = tables.build_tables(records, METRICS if with_pixels else IMAGE_METRICS, percent=percent)
-    tables.write_tables(built, out_dir / 'tables')
-    return built
+    return tables.write_report(records, out_dir, METRICS if with_pixels else IMAGE_METRICS,
+                               percent=percent)
 
 
 def parse_args(argv=None):

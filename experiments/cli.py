@@ -12,6 +12,7 @@ from pathlib import Path
 
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
+from experiments.plotting import remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
                                   is_run_file, last_checkpoint_path, resolve_device, run_differences,
@@ -333,15 +334,19 @@ def run_command(work):
 
 def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
-    ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
-    FileNotFoundError ``nothing_found`` when there are none, ``write_report(records)``; errors and
-    warnings as in ``run_command``. Prints where the tables are and returns the records; when
-    some records failed (an ``error`` entry), the last lines name each with its reason and the
-    command exits with status 1 once everything else is written."""
+    ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures; the earlier
+    figures of results that all failed are removed), a FileNotFoundError ``nothing_found`` when
+    there are none, ``write_report(records)``; errors and warnings as in ``run_command``. Prints
+    where the tables are and returns the records; when some records failed (an ``error``
+    entry), the last lines name each with its reason and the command exits with status 1 once
+    everything else is written."""
     def work():
-        records = evaluate(None if args.no_figures else Path(args.out_dir) / 'figures')
+        figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
+        records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
+        if figure_dir is not None:
+            remove_failed_figures(records, figure_dir)
         write_report(records)
         return records
     records = run_command(work)

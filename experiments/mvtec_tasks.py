@@ -344,14 +344,10 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
 def write_report(records, out_dir, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``;
     returns the tables ``{metric: DataFrame}``."""
-    out_dir = Path(out_dir)
-    tables.write_results(records, out_dir / 'results.csv')
     extra = one_class.POOLED_METRICS + metrics.THRESHOLD_METRICS + tuple(SPRO_METRICS)
     present = tuple(m for m in extra if any(m in r for r in records))
-    built = tables.build_tables(records, METRICS + present, paper_layout=paper_layout,
-                                percent=percent)
-    tables.write_tables(built, out_dir / 'tables')
-    return built
+    return tables.write_report(records, out_dir, METRICS + present, paper_layout=paper_layout,
+                               percent=percent)
 
 
 def parse_args(argv=None):

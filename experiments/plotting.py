@@ -223,3 +223,12 @@ def figure_paths(records, figure_dir):
     paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records
                           if not r.get('error'))
     return [path for path in paths if path.is_file()]
+
+
+def remove_failed_figures(records, figure_dir):
+    """Remove the example figures in ``figure_dir`` of each category and setting of ``records``
+    whose evaluations all failed: an earlier evaluation's, which would look current."""
+    shown = set(figure_paths(records, figure_dir))
+    for path in dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records):
+        if path not in shown and path.is_file():
+            path.unlink()

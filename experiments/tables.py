@@ -13,7 +13,8 @@ evaluated checkpoint, each with
 A table cell merges the seeds of one setting as ``mean ± std`` (sample standard deviation,
 ddof=1); a cell with a single seed shows only the value. Values are fractions written with
 three decimals (``0.972 ± 0.004``), or percent with one decimal (``97.2 ± 0.4``) when
-``percent=True``. An undefined cell reads ``NaN``.
+``percent=True``; thresholds, which are values on the map's scale, with four significant digits
+(``is_fraction``). An undefined cell reads ``NaN``.
 
 Rows are the categories sorted by name inside their group (objects, then textures, then any
 other group); when there is more than one group each group ends with an ``average`` row, and
@@ -142,12 +143,12 @@ def summarize(records, metric, paper_layout=False):
     if metric not in frame.columns:
         columns = [c for c in frame.columns if c not in KEY_COLUMNS]
         raise KeyError(f'no metric {metric!r} in the results; they have {columns}')
+    frame['kind'] = frame['kind'].fillna('other')
+    kind_of = dict(zip(frame['category'], frame['kind']))  # before merging: every category is a row
     if paper_layout:
         frame = merge_paper_layout(frame)
-    frame['kind'] = frame['kind'].fillna('other')
     settings = list(dict.fromkeys(frame['setting']))
-    groups = _group_order(frame['kind'])
-    kind_of = dict(zip(frame['category'], frame['kind']))
+    groups = _group_order(kind_of.values())
     categories = {g: sorted(c for c, k in kind_of.items() if k == g) for g in groups}
 
     index, means, stds = [], [], []
@@ -176,10 +177,20 @@ def summarize(records, metric, paper_layout=False):
             pd.DataFrame(stds, index=index, columns=columns))
 
 
-def format_cell(mean, std, percent=False):
-    """``'0.972 ± 0.004'`` (or ``'97.2 ± 0.4'`` in percent); the value alone without std; ``'NaN'``."""
+def is_fraction(metric):
+    """Whether ``metric`` is a fraction (AUROC, AP, F1, ...) and not a value on the map's scale
+    (a threshold, ``*_threshold*``)."""
+    return 'threshold' not in metric
+
+
+def format_cell(mean, std, percent=False, fraction=True):
+    """``'0.972 ± 0.004'`` (or ``'97.2 ± 0.4'`` in percent); the value alone without std; ``'NaN'``.
+    A value that is not a fraction (``fraction=False``) is written with four significant digits
+    (its std with two) and never in percent."""
     if math.isnan(mean):
         return 'NaN'
+    if not fraction:
+        return f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ± {std:.2g}'
     scale, digits = (100.0, 1) if percent else (1.0, 3)
     text = f'{mean * scale:.{digits}f}'
     return text if math.isnan(std) else f'{text} ± {std * scale:.{digits}f}'
@@ -188,7 +199,8 @@ def format_cell(mean, std, percent=False):
 def metric_table(records, metric, paper_layout=False, percent=False):
     """The table of one metric as strings (see the module docstring for layout and format)."""
     means, stds = summarize(records, metric, paper_layout=paper_layout)
-    cells = [[format_cell(m, s, percent) for m, s in zip(mrow, srow)]
+    fraction = is_fraction(metric)
+    cells = [[format_cell(m, s, percent, fraction) for m, s in zip(mrow, srow)]
              for mrow, srow in zip(means.to_numpy(), stds.to_numpy())]
     return pd.DataFrame(cells, index=means.index, columns=means.columns)
 
@@ -230,11 +242,28 @@ def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
     return paths
 
 
-def write_results(records, path):
+def write_results(records, path, tables_dir=None):
     """The long-format results (one row per checkpoint and variant: its keys, metrics, checkpoint
-    and, for a failed evaluation, its ``error``) as CSV, written atomically, then checked
-    (a ValueError for duplicates, after the results are kept)."""
+    and, for a failed evaluation, its ``error``) as CSV, written atomically, then checked: a
+    ValueError for duplicates, after the results are kept and the tables in ``tables_dir`` (which
+    no longer match them) removed."""
     frame = _keyed_frame(records)
     write_text_atomic(path, frame.to_csv(index=False))
-    _check_unique(frame)
+    try:
+        _check_unique(frame)
+    except ValueError:
+        if tables_dir is not None:
+            write_tables({}, tables_dir)
+        raise
     return Path(path)
+
+
+def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
+    """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
+    ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``); returns the tables
+    ``{metric: DataFrame}``."""
+    out_dir = Path(out_dir)
+    write_results(records, out_dir / 'results.csv', tables_dir=out_dir / 'tables')
+    built = build_tables(records, metrics, paper_layout=paper_layout, percent=percent)
+    write_tables(built, out_dir / 'tables')
+    return built

@@ -102,6 +102,34 @@ def test_paper_layout_merges_mixed_variant_for_textures():
     assert merged.loc[('all', 'average'), 'Shift-Intensity'] == 'NaN'  # bottle and carpet have none
 
 
+def test_paper_layout_keeps_a_category_without_the_merged_variant():
+    """A texture with only the plain setting is a NaN row of the merged column, and its averages
+    are NaN, not averages over the other categories."""
+    records = [record('bottle', 'object', 'Shift', 1, 0.9),
+               record('carpet', 'texture', 'Shift-M', 1, 0.8),
+               record('carpet', 'texture', 'Shift', 1, 0.7),
+               record('grid', 'texture', 'Shift', 1, 0.1)]
+    merged = tables.metric_table(records, 'image_auroc_mean', paper_layout=True)
+    column = tables.paper_column('Shift')
+    assert list(merged.columns) == [column]
+    assert list(merged.index) == [('object', 'bottle'), ('object', 'average'), ('texture', 'carpet'),
+                                  ('texture', 'grid'), ('texture', 'average'), ('all', 'average')]
+    assert merged.loc[('texture', 'grid'), column] == 'NaN'
+    assert merged.loc[('texture', 'average'), column] == 'NaN'
+    assert merged.loc[('all', 'average'), column] == 'NaN'
+    assert merged.loc[('object', 'average'), column] == '0.900'
+
+
+def test_thresholds_are_written_on_the_maps_scale_even_in_percent():
+    records = [dict(record('a', 'texture', 'Shift', seed, 0.5), image_threshold_best=value,
+                    image_f1_best=0.8) for seed, value in ((1, 0.0031), (2, 0.0049))]
+    for percent in (False, True):
+        cell = tables.metric_table(records, 'image_threshold_best', percent=percent).iloc[0, 0]
+        assert cell == '0.004 ± 0.0013'
+    assert tables.metric_table(records, 'image_f1_best', percent=True).iloc[0, 0] == '80.0 ± 0.0'
+    assert tables.format_cell(123.456, math.nan, fraction=False) == '123.5'
+
+
 def test_paper_layout_merges_two_stage_variants_too():
     records = [record('bottle', 'object', 'Shift+GDE', 1, 0.9),
                record('bottle', 'object', 'Shift-M+GDE', 1, 0.1),
@@ -146,6 +174,28 @@ def test_write_tables_csv_markdown_latex(tmp_path):
     with pytest.raises(ValueError, match=r"seed 0 \(checkpoints x.pt, y.pt\); keep one"):
         tables.write_results(twice, tmp_path / 'results.csv')
     assert list(pd.read_csv(results)['checkpoint']) == ['x.pt', 'y.pt']
+
+
+def test_duplicate_results_remove_the_earlier_tables(tmp_path):
+    """results.csv is replaced even when it has duplicates; the tables of the earlier results,
+    which no longer match it, must not stay."""
+    tables.write_report(two_group_records(), tmp_path, ['image_auroc_mean'])
+    assert (tmp_path / 'tables' / 'image_auroc_mean.md').is_file()
+    (tmp_path / 'tables' / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='duplicate result'):
+        tables.write_report(two_group_records() * 2, tmp_path, ['image_auroc_mean'])
+    assert len(pd.read_csv(tmp_path / 'results.csv')) == 18
+    assert [p.name for p in (tmp_path / 'tables').iterdir()] == ['notes.txt']
+
+
+def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
+    from experiments import plotting
+    for name in ('a_Shift.png', 'b_Shift.png', 'c_Shift.png', 'd_Shift.png'):
+        (tmp_path / name).write_bytes(b'an earlier figure')
+    records = [dict(category='a', setting='Shift', seed=0), dict(category='b', setting='Shift', error='E'),
+               dict(category='c', setting='Shift', seed=0, error='E'), dict(category='c', setting='Shift', seed=1)]
+    plotting.remove_failed_figures(records, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_Shift.png', 'c_Shift.png', 'd_Shift.png']
 
 
 def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
@@ -411,6 +461,17 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
     save_torch_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'final_d.pt'} has no \\['setting'\\]"):
         checkpoints.find_checkpoints(tmp_path)
+
+
+def test_a_key_with_seed_0_selects_the_model_trained_without_a_seed():
+    found = [('a.pt', dict(setting='Shift-Intensity', category='a')),
+             ('b.pt', dict(setting='Shift-Intensity-1', category='a')),
+             ('c.pt', dict(setting='Shift-Intensity-M', category='a'))]
+    select = checkpoints.select_checkpoints
+    assert [p for p, _ in select(found, ['Shift-Intensity-0'])] == ['a.pt']
+    assert [p for p, _ in select(found, ['Shift-Intensity-0', 'Shift-Intensity-1'])] == ['a.pt', 'b.pt']
+    assert [p for p, _ in select(found, ['Shift-Intensity'])] == ['a.pt', 'b.pt']
+    assert select(found, ['Shift-Intensity-2']) == []
 
 
 def test_find_checkpoints_leaves_out_the_recipe_search_candidates(tmp_path):
