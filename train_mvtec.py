@@ -220,6 +220,20 @@ def held_out_images(args, data_dir, category, recipe, searched=False):
     return layout, fraction, held_out
 
 
+def check_background(category, background, from_flag, dataset):
+    """ValueError naming ``category`` and where its ``background`` comes from (--background or
+    the category's table entry) when it leaves no object pixel in a training image of
+    ``dataset`` (``check_object_pixels``); before the recipe is calibrated on them."""
+    if background is None:
+        return
+    try:
+        check_object_pixels(dataset.images, tuple(background), dataset.paths)
+    except ValueError as error:
+        source = ('--background' if from_flag else
+                  "the background of its entry in CATEGORY_PARAMS (experiments/settings.py)")
+        raise ValueError(f"category {category!r}, {source}: {error}") from None
+
+
 def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     """Dataset, model, TrainConfig, meta and validator (None without a validation set) of one
     category; errors here are input errors. ``searched``: the final run of --recipe search (its
@@ -247,6 +261,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                   res_scale=res_scale, exclude=held_out, layout=layout)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
+    if not args.no_mask:
+        check_background(category, table_params['background'], 'background' in overrides, dataset)
     calibration = None
     if params is None:
         params = table_params
@@ -259,8 +275,6 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 print(note)
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     dataset.self_sup_args = self_sup_args
-    if self_sup_args.get('skip_background') is not None:
-        check_object_pixels(dataset.images, self_sup_args['skip_background'], dataset.paths)
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
@@ -284,6 +298,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 test_res=data_recipe(category, res_scale, args.kind)['test_res'],
                 train_files_sha256=names_sha256(dataset.paths),  # images added or removed: another run
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
+                param_overrides=overrides,  # what calibration was not to change
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
                 validation_seed=args.val_seed,

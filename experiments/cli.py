@@ -251,7 +251,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
         dataset, model, config, meta, validator = prepare()
         if found and resume:
             previous = read_meta(found)
-            differing = run_differences(previous, run_meta(model, config, meta))
+            differing = run_differences(previous, run_meta(model, config, meta, validator))
             if differing and replace_other:
                 print(f"{prog}: {found} was run with other arguments: training it again")
                 resume, state = False, None

@@ -189,7 +189,8 @@ def seed_differences(a, b):
     fields that differ by seed (SEED_FIELDS; CALIBRATED_FIELDS and the epochs that go with the
     chosen category parameters where a recipe is calibrated per seed, but not the generator
     arguments that no calibration sets), fields that one meta lacks (written by an earlier
-    version) and the paths of a layout of the same format."""
+    version) and the paths of a layout of the same format; with a calibrated recipe, the
+    calibrated parameters that one seed's command line set (``param_overrides``) count."""
     calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
     ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
     if calibrated and (a.get('category_params') or {}).get('epochs') != (
@@ -204,11 +205,16 @@ def seed_differences(a, b):
     def set_by_hand(meta):  # the generator arguments that no calibration sets
         return {k: v for k, v in (meta.get('self_sup_args') or {}).items()
                 if k not in CALIBRATED_PARAMS}
+
+    def fixed(meta):  # the calibrated parameters that the command line set instead
+        return {k: v for k, v in meta['param_overrides'].items() if k in CALIBRATED_PARAMS}
     differences = [difference for difference in run_differences(a, b)
                    if (name := difference.split(':')[0].split('.')[0]) not in ignored
                    and recorded(a, name) and recorded(b, name)]
     if calibrated:
         differences += dict_differences(set_by_hand(a), set_by_hand(b), 'self_sup_args.')
+        if 'param_overrides' in a and 'param_overrides' in b:
+            differences += dict_differences(fixed(a), fixed(b), 'param_overrides.')
     return differences
 
 

@@ -29,7 +29,7 @@ from experiments.checkpoints import read_meta
 from experiments.cli import exit_on_input_error
 from experiments.detector import Detector
 from self_sup_data.images import image_files
-from self_sup_data.layouts import layout_from_spec
+from self_sup_data.layouts import layout_from_spec, names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.validation import holdout_indices
 
@@ -41,7 +41,9 @@ def normal_image_files(meta, data_dir=None):
     """(files, source) of the normal images a model's thresholds come from: its held-out normal
     training images when it has them, else all its normal training images, in ``data_dir``
     (default ``meta['data_dir']``) read in the layout the model was trained on (``meta['layout']``,
-    e.g. the folder format, which needs no ``data_dir``)."""
+    e.g. the folder format, which needs no ``data_dir``). The held-out images are found again by
+    their index, so the images it was trained on must be those named in the model
+    (``train_files_sha256``, where it has it)."""
     data_dir = data_dir or meta.get('data_dir')
     layout = layout_from_spec(meta.get('layout'))
     in_folders = layout is not None and layout.name == 'folder'
@@ -57,6 +59,13 @@ def normal_image_files(meta, data_dir=None):
                          f"({data_dir or 'the folder format'}) are {len(files)}, which do not give "
                          f"the {meta['held_out']} images the model held out; are they the ones "
                          f"it was trained on?")
+    held_out = set(indices)
+    trained = [file for index, file in enumerate(files) if index not in held_out]
+    if 'train_files_sha256' in meta and names_sha256(trained) != meta['train_files_sha256']:
+        raise ValueError(f"the normal training images of {meta['category']!r} "
+                         f"({data_dir or 'the folder format'}) are not the ones the model was "
+                         f"trained on (other file names), so its held-out images cannot be told "
+                         f"apart; pass normal images it has not seen with -i")
     return [files[index] for index in indices], 'held-out normal training images'
 
 

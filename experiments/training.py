@@ -89,13 +89,17 @@ RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_m
                   'figure_every', 'figures', 'progress', 'compile')
 NUM_FIGURE_SAMPLES = 4
 SELECTIONS = ('last', 'best')
-# meta entries that record what a run measured, not what it is (thresholds: calibrated later)
 # meta entries that the training scripts added later: a checkpoint written without one is not
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
 # which a resume does not redo for the epochs it keeps)
-LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256')
+LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
+                     'validation_every')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds') + RESUMED_FIELDS
+# meta entries that record what a run measured, not what it is (thresholds: calibrated later), and
+# how its values were chosen (the category parameters set on the command line: what is learnt
+# is the parameters they gave)
+RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds',
+                 'param_overrides') + RESUMED_FIELDS
 
 
 class RunError(ValueError):
@@ -397,10 +401,13 @@ def state_checkpoint(state, meta):
     return dict(model=state, meta={**meta, 'weights_sha256': weights_checksum(state)})
 
 
-def run_meta(model, config, meta=None):
-    """The meta ``train`` starts a run with: ``meta`` with the model's ``model_config`` and the
-    ``train_config``."""
-    return {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config)}
+def run_meta(model, config, meta=None, validator=None):
+    """The meta ``train`` starts a run with: ``meta`` with the model's ``model_config``, the
+    ``train_config`` and, with a ``validator``, the epochs between validations
+    (``validation_every``: the epochs that --select best chooses from)."""
+    every = {} if validator is None else {'validation_every': validator.every}
+    return {**(meta or {}), 'model_config': dict(model.config), 'train_config': asdict(config),
+            **every}
 
 
 def run_differences(saved_meta, meta):
@@ -613,7 +620,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         optimizer, T_max=cosine_epochs,
         eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
-    meta = {**run_meta(model, config, meta), 'world_size': world_size, 'epoch_losses': [],
+    meta = {**run_meta(model, config, meta, validator), 'world_size': world_size, 'epoch_losses': [],
             'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)

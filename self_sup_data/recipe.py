@@ -199,12 +199,22 @@ def _single_patches(pairs, args, seeds, **changes):
             for (dest, src), seed in zip(pairs, seeds)]
 
 
+def background_text(background):
+    """How the user set ``background``: ``'--background B T'`` for one (brightness, threshold)
+    pair, else the pairs as the category parameter ``background`` holds them."""
+    pairs = np.asarray(background, dtype=float).reshape(-1, 2)
+    if len(pairs) == 1:
+        return f"--background {pairs[0, 0]:g} {pairs[0, 1]:g}"
+    return f"background {[tuple(float(v) for v in pair) for pair in pairs]}"
+
+
 def check_object_pixels(images, background, category):
-    """ValueError naming ``category`` and --background when no image has an object pixel."""
+    """ValueError naming ``category`` and its background (``background_text``) when no image has
+    an object pixel."""
     if not any(object_mask(image, background).any() for image in images):
-        raise ValueError(f"category {category!r}: --background {background[0]:g} {background[1]:g} "
-                         f"leaves no object pixel in any training image; choose a brightness and "
-                         f"threshold that only cover the background")
+        raise ValueError(f"category {category!r}: {background_text(background)} leaves no object "
+                         f"pixel in any training image; choose a brightness and threshold that "
+                         f"only cover the background")
 
 
 def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fixed=(),

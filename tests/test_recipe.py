@@ -239,6 +239,10 @@ def test_calibration_without_object_pixels_names_the_category_and_flag():
     with pytest.raises(ValueError, match=r"category 'parts'.*--background 128 127"):
         recipe.calibrate_recipe(contrasted_images(4), RandomCrop(48), args, params, 'object',
                                 category='parts', num_samples=10)
+    pairs = [(64, 64), (192, 64)]  # a background of several pairs, as a table entry may hold
+    with pytest.raises(ValueError, match=r"category 'parts': background \[\(64.0, 64.0\), \(192.0, "
+                                         r"64.0\)\] leaves no object pixel"):
+        recipe.check_object_pixels(contrasted_images(2), pairs, 'parts')
 
 
 # ---------------------------------------------------------------------------- validation set

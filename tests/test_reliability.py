@@ -18,7 +18,7 @@ from PIL import Image
 import train_chest_xray
 import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
-from experiments import chest_xray_tasks, mvtec_tasks
+from experiments import chest_xray_tasks, mvtec_tasks, settings, training
 from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
@@ -387,13 +387,21 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
     assert not out.exists()
 
 
-def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_path, capsys):
+@pytest.mark.parametrize('recipe', ['table', 'auto'])
+def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_path, capsys,
+                                                              monkeypatch, recipe):
+    """Named with the category and where the background came from, before calibration (which
+    would otherwise blame the images for changing nothing)."""
     root, name = tiny_mvtec
-    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'),
-                                           '--recipe', 'table', '--background', '128', '300'],
-                        capsys)
+    argv = ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', recipe]
+    message = run_error(train_mvtec.main, argv + ['--background', '128', '300'], capsys)
+    assert f"category {name!r}, --background: " in message
     assert 'leaves no object pixel in 6 of 6 images' in message and f'{name}/train/good/' in message
     assert not list((tmp_path / 'out').rglob('*.pt'))
+    monkeypatch.setitem(settings.CATEGORY_PARAMS, name, dict(background=[(64, 64), (192, 64)]))
+    message = run_error(train_mvtec.main, argv, capsys)
+    assert f"category {name!r}, the background of its entry in CATEGORY_PARAMS" in message
+    assert 'leaves no object pixel in 6 of 6 images' in message
     images = [np.full((64, 64, 1), 100, np.uint8), np.full((64, 64, 1), 200, np.uint8)]
     check_object_pixels(images, (0, 20), ['a.png', 'b.png'])  # both are objects
     with pytest.raises(ValueError, match=r'in 1 of 2 images, e.g. a.png'):
@@ -576,6 +584,41 @@ def test_calibrated_seeds_differ_by_the_generator_arguments_that_no_calibration_
     assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), seed_meta(2, 'auto')) == []
     assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), single) == [
         'self_sup_args.shift: absent vs False']
+
+
+def test_calibrated_seeds_differ_by_the_parameters_their_command_lines_fixed():
+    """A calibrated parameter set by a flag on one seed (or to other values) is another
+    recipe, though the calibrated values themselves differ by seed."""
+    fixed = [{**seed_meta(seed, 'auto'), 'param_overrides': overrides} for seed, overrides in
+             ((0, dict(num_patches=2, background=(0, 20))), (1, dict(num_patches=12, background=(0, 20))),
+              (2, dict(background=(0, 20))), (3, dict(num_patches=2, background=(0, 20))))]
+    assert mvtec_tasks.seed_differences(fixed[0], fixed[3]) == []
+    assert mvtec_tasks.seed_differences(fixed[0], fixed[1]) == ['param_overrides.num_patches: 2 vs 12']
+    assert mvtec_tasks.seed_differences(fixed[0], fixed[2]) == ['param_overrides.num_patches: 2 vs absent']
+    assert mvtec_tasks.seed_differences(fixed[0], seed_meta(4, 'auto')) == []  # an earlier version's
+    # a table recipe compares the values the flags gave, not which flags gave them
+    table = [{**seed_meta(seed), 'param_overrides': overrides}
+             for seed, overrides in ((0, dict(num_patches=4)), (1, {}))]
+    assert mvtec_tasks.seed_differences(*table) == []
+
+
+def test_the_epochs_between_validations_are_part_of_a_run():
+    """--select best chooses among the validated epochs: another --val-every is another run, and
+    so is a run without validation; a checkpoint of an earlier version without the field is not."""
+    model, config = resnet18_enc_dec(in_channels=1), TrainConfig(epochs=4)
+
+    class Every:
+        def __init__(self, every):
+            self.every = every
+    one, two = (training.run_meta(model, config, dict(seed=0), Every(n)) for n in (1, 2))
+    assert one['validation_every'] == 1
+    assert training.run_differences(one, two) == ['validation_every: 1 vs 2']
+    assert training.run_differences(one, training.run_meta(model, config, dict(seed=0))) == [
+        'validation_every: 1 vs absent']
+    earlier = {k: v for k, v in one.items() if k != 'validation_every'}
+    assert training.run_differences(earlier, two) == []
+    # the command line's category parameters say how values were chosen, not what is learnt
+    assert training.run_differences({**one, 'param_overrides': dict(num_patches=4)}, one) == []
 
 
 def test_a_table_recipe_changed_between_seeds_is_named():

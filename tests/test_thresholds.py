@@ -11,6 +11,7 @@ from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
 from experiments import metrics, mvtec_tasks, thresholds
 from experiments.detector import Detector
 from self_sup_data.images import read_image
+from self_sup_data.layouts import names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.validation import holdout_indices
 
@@ -91,6 +92,25 @@ def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_pa
     again = thresholds.main(['-m', str(path), '-d', str(moved), '-o', str(tmp_path / 'copy.pt')])
     assert again == calibrated
     assert torch.load(tmp_path / 'copy.pt', weights_only=True)['meta']['thresholds'] == calibrated
+
+
+def test_held_out_images_are_refused_when_the_training_images_were_renamed(tmp_path):
+    """The held-out images are found again by index: with another file name in the folder the
+    same count gives other images, some of them trained on."""
+    root = tmp_path / 'data'
+    make_mvtec_category(root, 'tiny', n_train=12)
+    files = train_files(root, 'tiny')
+    held_out = holdout_indices(12, 0.25, 5)
+    trained = [file for index, file in enumerate(files) if index not in set(held_out)]
+    meta = dict(dataset='mvtec', category='tiny', data_dir=str(root), held_out=3,
+                validation_fraction=0.25, validation_seed=5, train_files_sha256=names_sha256(trained))
+    found, source = thresholds.normal_image_files(meta)
+    assert found == [files[index] for index in held_out] and source.startswith('held-out')
+    files[0].rename(files[0].with_name('zzz.png'))
+    with pytest.raises(ValueError, match="images of 'tiny' .* are not the ones the model was trained on"):
+        thresholds.normal_image_files(meta)
+    del meta['train_files_sha256']  # a model of an earlier version: found by index as before
+    assert len(thresholds.normal_image_files(meta)[0]) == 3
 
 
 @pytest.mark.slow
