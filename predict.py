@@ -4,7 +4,8 @@
                       [--flip-average] [--overwrite]
     python predict.py --onnx MODEL.onnx -i INPUT -o OUT_DIR        # ONNX Runtime, no PyTorch
 
-INPUT: folders (their image files), glob patterns (quote them) or files; any size, grey or colour
+INPUT: folders (their image files, not their subfolders'), glob patterns (quote them; '**' for any
+depth of folders, 'DIR/**/*.png') or files; any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``). OUT_DIR gets
@@ -14,17 +15,20 @@ back to the image's own pixels (``experiments.detector``). OUT_DIR gets
     maps/<name>.npy         the map at the image's size (float32)
     overlays/<name>.png     the map as a heatmap over the image
     masks/<name>.png        pixels above the model's pixel threshold (0/255; calibrated models)
-    errors.csv              the files that could not be read, and why
+    errors.csv              the files that could not be read (or their outputs not written), and why
 
 Every file is written atomically, and scores.csv and errors.csv after each batch, so that an
-interrupted run keeps what it wrote. An unreadable file is listed in errors.csv and skipped; the
+interrupted run keeps what it wrote (the output names of the batch being written are kept in
+.pending until scores.csv lists them). An unreadable file is listed in errors.csv and skipped; the
 exit status is the number of such files (at most 100), or 101 when the run could not start (bad
-arguments, a missing or unreadable model, an input without images, an OUT_DIR with an earlier
-run's scores.csv unless --overwrite, which deletes the earlier run's files once the model and
-the inputs are found: its scores.csv and errors.csv, and the map, overlay and mask of each image
-its scores.csv lists; no other file, so OUT_DIR may hold the user's own).
+arguments, a missing or unreadable model, an input that does not exist or holds no images, an
+OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which deletes the earlier
+run's files once the model and the inputs are found: its scores.csv, errors.csv and .pending, and
+the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
+own).
 """
 import argparse
+import contextlib
 import csv
 import io
 import sys
@@ -43,7 +47,8 @@ MAX_FAILED_STATUS = 100
 STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
-RUN_TABLES = ('scores.csv', 'errors.csv')
+PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them
+RUN_FILES = ('scores.csv', 'errors.csv', PENDING)
 
 
 class StopRun(Exception):
@@ -97,12 +102,26 @@ def output_paths(out_dir, name):
 
 
 def write_outputs(out_dir, name, image, map_, pixel_threshold):
-    """The map (.npy), its overlay and, with a pixel threshold, its mask of one image."""
+    """The map (.npy), its overlay and, with a pixel threshold, its mask of one image; on an
+    OSError, none of them (``remove_outputs``) and the error is raised."""
     paths = output_paths(out_dir, name)
-    write_atomic(paths['map'], lambda f: np.save(f, map_))
-    write_png(paths['overlay'], heatmap_overlay(image, map_))
-    if pixel_threshold is not None:
-        write_png(paths['mask'], np.where(map_ > pixel_threshold, 255, 0).astype(np.uint8))
+    try:
+        write_atomic(paths['map'], lambda f: np.save(f, map_))
+        write_png(paths['overlay'], heatmap_overlay(image, map_))
+        if pixel_threshold is not None:
+            write_png(paths['mask'], np.where(map_ > pixel_threshold, 255, 0).astype(np.uint8))
+    except OSError:
+        remove_outputs(out_dir, name)
+        raise
+
+
+def remove_outputs(out_dir, name):
+    """Delete the map, overlay and mask of output name ``name`` where they exist (plain names
+    only: a name read from a file never reaches outside OUT_DIR's folders)."""
+    if name and name not in ('.', '..') and Path(name).name == name:
+        for path in output_paths(out_dir, name).values():
+            with contextlib.suppress(OSError):  # one that cannot be deleted was not written
+                path.unlink(missing_ok=True)
 
 
 def predict_files(detector, files, out_dir, flip_average=False):
@@ -121,33 +140,44 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     errors.append((str(path), str(error)))
             if batch:
                 scores, maps = detector.predict([image for _, _, image in batch], flip_average)
+                write_text_atomic(out_dir / PENDING, ''.join(f'{name}\n' for _, name, _ in batch))
                 for index, ((path, name, image), map_) in enumerate(zip(batch, maps)):
-                    write_outputs(out_dir, name, image, map_, detector.pixel_threshold)
+                    try:
+                        write_outputs(out_dir, name, image, map_, detector.pixel_threshold)
+                    except OSError as error:
+                        errors.append((str(path), f'cannot write its outputs: {error}'))
+                        continue
                     mean = scores['mean'][index]
                     decision = '' if detector.threshold is None else bool(mean > detector.threshold)
                     rows.append((str(path), name, f'{mean:.6g}', f'{scores["max"][index]:.6g}',
                                  decision))
             write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
+            (out_dir / PENDING).unlink(missing_ok=True)
             progress.update(len(files[start:start + detector.batch_size]))
     return errors
 
 
 def remove_earlier_run(out_dir):
     """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
-    leaves no map, overlay or mask of an image it does not predict: the map, overlay and mask of
-    each output name in its scores.csv (plain names only), then its RUN_TABLES. Other files in
-    ``out_dir`` (the user's, even in maps/, overlays/ or masks/) are kept."""
-    scores = out_dir / 'scores.csv'
+    leaves no map, overlay or mask of an image it does not predict: the outputs
+    (``remove_outputs``) of each output name in its scores.csv and .pending (a killed run's last
+    batch), then its RUN_FILES. Other files in ``out_dir`` (the user's, even in maps/, overlays/
+    or masks/) are kept. ValueError for a scores.csv that is not this command's."""
+    scores, pending = out_dir / 'scores.csv', out_dir / PENDING
     names = []
-    if scores.exists():
-        with open(scores, newline='') as file:
-            names = [row.get('output') or '' for row in csv.DictReader(file)]
+    try:
+        if scores.exists():
+            with open(scores, newline='', encoding='utf-8') as file:
+                names = [row.get('output') or '' for row in csv.DictReader(file)]
+        if pending.exists():
+            names += pending.read_text(encoding='utf-8').splitlines()
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f'cannot read the earlier run\'s {scores} or {pending} ({error}); '
+                         f'move them away or choose another OUT_DIR') from error
     for name in names:
-        if name and name not in ('.', '..') and Path(name).name == name:
-            for path in output_paths(out_dir, name).values():
-                path.unlink(missing_ok=True)
-    for table in RUN_TABLES:
+        remove_outputs(out_dir, name)
+    for table in RUN_FILES:
         (out_dir / table).unlink(missing_ok=True)
 
 
@@ -164,9 +194,10 @@ def start_run(args):
     except (ValueError, OSError) as error:
         raise StopRun(str(error)) from error
     out_dir = Path(args.out_dir)
-    if (out_dir / 'scores.csv').exists() and not args.overwrite:
-        raise StopRun(f'{out_dir} holds the results of an earlier run (scores.csv); choose '
-                      'another OUT_DIR or pass --overwrite')
+    earlier = [name for name in ('scores.csv', PENDING) if (out_dir / name).exists()]
+    if earlier and not args.overwrite:
+        raise StopRun(f'{out_dir} holds the results of an earlier run ({", ".join(earlier)}); '
+                      'choose another OUT_DIR or pass --overwrite')
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
@@ -174,6 +205,8 @@ def start_run(args):
     except OSError as error:
         raise StopRun(f'cannot prepare output folder {out_dir}: {error.strerror or error}') \
             from error
+    except ValueError as error:
+        raise StopRun(str(error)) from error
     if detector.threshold is None:
         print(f'{PROG}: warning: {detector.source} has no thresholds: no decisions and no masks '
               '(calibrate it with python -m experiments.thresholds)', file=sys.stderr)

@@ -1,7 +1,8 @@
 """The one atomic file writer: results (checkpoints, tables, figures) never exist half-written.
 
 ``write_atomic(path, write)`` calls ``write(f)`` on a temporary file in ``path``'s folder (a
-unique name ``.<name>.<random>.tmp`` from ``tempfile.mkstemp``), flushes it to disk
+unique name ``.<name>.<random>.tmp`` from ``tempfile.mkstemp``; ``<name>`` cut short where the
+whole would pass the file system's MAX_NAME_BYTES), flushes it to disk
 (``os.fsync``), renames it to ``path`` (``os.replace``, atomic on POSIX and Windows) and, on
 POSIX, flushes the folder so that the rename is on disk too. The file gets the permissions of a
 file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone makes it 0600). On
@@ -13,6 +14,17 @@ import functools
 import os
 import tempfile
 from pathlib import Path
+
+
+MAX_NAME_BYTES = 255  # the longest file name (UTF-8 bytes) of common file systems
+TEMPORARY_EXTRA_BYTES = len('..') + 8 + len('.tmp')  # mkstemp's random part is 8 characters
+
+
+def temporary_prefix(name):
+    """``.<name>.``, the prefix of ``name``'s temporary files, with ``name`` cut to the bytes that
+    leave room for the random part and the suffix within MAX_NAME_BYTES."""
+    room = MAX_NAME_BYTES - TEMPORARY_EXTRA_BYTES
+    return '.' + name.encode()[:room].decode(errors='ignore') + '.'
 
 
 @functools.cache
@@ -30,7 +42,7 @@ def write_atomic(path, write, binary=True):
     Creates the folder when needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix='.tmp')
     try:
         if os.name == 'posix':
             os.fchmod(fd, new_file_mode())
@@ -53,7 +65,8 @@ def write_atomic(path, write, binary=True):
 
 def temporary_target(path):
     """The name of the file that the temporary file ``path`` of ``write_atomic``
-    (``.<name>.<random>.tmp``) was to become; None for another file."""
+    (``.<name>.<random>.tmp``) was to become (its start, for a name cut short); None for another
+    file."""
     name = Path(path).name
     if not (name.startswith('.') and name.endswith('.tmp')):
         return None

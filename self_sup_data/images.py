@@ -196,22 +196,28 @@ def is_image_name(path):
 
 def image_files(inputs):
     """The image files named by ``inputs`` (paths or strings), in order: a folder gives its files
-    with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive), an existing file itself
-    (also when its name holds glob characters, ``scan[1].png``), a glob pattern its sorted
-    matches, any other path itself (reading it reports the error).
-    ValueError naming a folder without images or a pattern without matches."""
+    with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive: its subfolders are left out),
+    an existing file itself (also when its name holds glob characters, ``scan[1].png``; reading
+    it reports whether it is an image), a glob pattern its sorted matches (``**`` matches any
+    depth of folders: ``'DIR/**/*.png'``).
+    ValueError naming a folder without images, a pattern without matches or a path that does not
+    exist."""
     files = []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if is_image_name(p))
             if not found:
-                raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)})')
-        elif not path.exists() and any(char in str(entry) for char in GLOB_CHARACTERS):
-            found = sorted(Path(p) for p in glob.glob(str(entry)) if not Path(p).is_dir())
+                raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)}; '
+                                 f'subfolders are not read: give them, or a pattern DIR/**/*.png)')
+        elif path.exists():
+            found = [path]
+        elif any(char in str(entry) for char in GLOB_CHARACTERS):
+            found = sorted(Path(p) for p in glob.glob(str(entry), recursive=True)
+                           if not Path(p).is_dir())
             if not found:
                 raise ValueError(f'pattern {entry} matches no files')
         else:
-            found = [path]
+            raise ValueError(f'input {path} does not exist')
         files += found
     return files

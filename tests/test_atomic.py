@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from experiments import atomic
-from experiments.atomic import save_torch_atomic, write_atomic, write_text_atomic
+from experiments.atomic import (save_torch_atomic, temporary_prefix, temporary_target, write_atomic,
+                               write_text_atomic)
 
 
 def test_write_atomic_writes_the_file_and_leaves_nothing_else(tmp_path):
@@ -81,3 +82,16 @@ def test_stale_temporaries_of_other_runs_in_the_folder_are_kept(tmp_path):
     assert sorted(atomic.temporary_target(p) for p in tmp_path.glob('.*.tmp') if atomic.temporary_target(p)) \
         == sorted(names[4:])
     assert len(atomic.remove_stale_temporaries(tmp_path)) == 3  # all of them
+
+
+def test_a_file_with_the_longest_name_is_written_through_a_shorter_temporary_name(tmp_path):
+    """A name of 250 bytes is valid, and so must be its write: the temporary name (name plus 14
+    bytes) is cut to the file system's limit."""
+    name = '検査画像' * 20 + 'x.npy'  # 245 bytes in UTF-8
+    assert len(name.encode()) == 245
+    written = write_atomic(tmp_path / name, lambda f: f.write(b'map'))
+    assert written.read_bytes() == b'map' and [p.name for p in tmp_path.iterdir()] == [name]
+    prefix = temporary_prefix(name)
+    assert len(prefix.encode()) + 12 <= 255 and name.startswith(prefix[1:-1])
+    assert temporary_prefix('final_a.pt') == '.final_a.pt.'
+    assert temporary_target(tmp_path / f'{prefix}abcdefgh.tmp') == prefix[1:-1]

@@ -215,6 +215,54 @@ def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
         'evil.npy', 'maps/mine.npy', 'masks/mine.png', 'overlays/mine.png']
 
 
+def test_overwrite_also_deletes_the_outputs_of_a_killed_runs_last_batch(tmp_path):
+    """A run killed while writing a batch leaves outputs that scores.csv does not list yet;
+    .pending names them, and the next run treats it as an earlier run."""
+    for folder, suffix in (('maps', '.npy'), ('overlays', '.png')):
+        (tmp_path / folder).mkdir()
+        for name in ('a', 'b', 'mine'):
+            (tmp_path / folder / f'{name}{suffix}').write_bytes(b'x')
+    (tmp_path / 'scores.csv').write_text('file,output,score_mean,score_max,anomalous\nin/a.png,a,0.1,0.2,\n')
+    (tmp_path / predict.PENDING).write_text('b\n../mine\n')
+    predict.remove_earlier_run(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()) == [
+        'maps/mine.npy', 'overlays/mine.png']
+
+
+def test_an_earlier_run_that_cannot_be_read_is_an_error_naming_it(tmp_path):
+    (tmp_path / 'scores.csv').write_bytes('file,output\nin/\u00e9.png,\u00e9\n'.encode('latin-1'))
+    with pytest.raises(ValueError, match=r"cannot read the earlier run's .*scores.csv"):
+        predict.remove_earlier_run(tmp_path)
+    assert (tmp_path / 'scores.csv').exists()
+
+
+@pytest.mark.slow
+def test_outputs_that_cannot_be_written_are_errors_of_their_image_and_the_run_goes_on(
+        calibrated, inputs, tmp_path, monkeypatch, capsys):
+    long_name = '検査画像' * 20 + '.png'  # 244 bytes: valid, with room for '.npy' but not for more
+    (inputs / long_name).write_bytes((inputs / 'a.png').read_bytes())
+    original = predict.write_png
+
+    def failing_write_png(path, image):
+        if path.parent.name == 'overlays' and path.stem == 'b':
+            raise OSError(28, 'No space left on device')
+        return original(path, image)
+    monkeypatch.setattr(predict, 'write_png', failing_write_png)
+    out = tmp_path / 'out'
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == 2
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a', '検査画像' * 20]
+    errors = pd.read_csv(out / 'errors.csv').set_index('file')['error']
+    assert errors[str(inputs / 'b.jpg')].startswith('cannot write its outputs: [Errno 28]')
+    assert not (out / 'maps' / 'b.npy').exists()  # written before the overlay failed: removed
+    assert (out / 'maps' / ('検査画像' * 20 + '.npy')).is_file() and not (out / predict.PENDING).exists()
+    # a run killed while writing a batch leaves .pending: it is an earlier run
+    (out / 'scores.csv').unlink()
+    (out / predict.PENDING).write_text('a\n')
+    capsys.readouterr()
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
+    assert 'earlier run (.pending)' in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_path, monkeypatch):
     out = tmp_path / 'out'

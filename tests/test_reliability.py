@@ -535,6 +535,20 @@ def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path):
     assert image_files([str(tmp_path / 'scan[0-9].png')]) == [tmp_path / 'scan1.png']
 
 
+def test_image_inputs_recursive_patterns_and_paths_that_do_not_exist(tmp_path):
+    for name in ('top.png', 'sub/one.png', 'sub/deep/two.png'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    assert image_files([tmp_path]) == [tmp_path / 'top.png']  # a folder: not its subfolders
+    assert image_files([str(tmp_path / '**' / '*.png')]) == [
+        tmp_path / 'sub' / 'deep' / 'two.png', tmp_path / 'sub' / 'one.png', tmp_path / 'top.png']
+    with pytest.raises(ValueError, match=f'input {tmp_path / "tpo.png"} does not exist'):
+        image_files([tmp_path / 'top.png', tmp_path / 'tpo.png'])
+    (tmp_path / 'top.png').unlink()
+    with pytest.raises(ValueError, match='subfolders are not read'):
+        image_files([tmp_path])  # holds only a folder
+
+
 def seed_meta(seed, recipe='table', epochs=100, num_patches=4, category='tiles'):
     """The meta of a run of Shift-Intensity-M with ``seed``; a calibrated recipe's category
     parameters differ by seed."""
