@@ -22,7 +22,20 @@ REQUIRED_META = ('setting',)
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models
 
 
+# what torch.load raises for a file that is not a checkpoint (weights_only's unpickler included)
+READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError,
+               IndexError, AttributeError)
+
+
 def _read_error(path, error):
+    if Path(path).is_dir():
+        return ValueError(f'{path} is a folder; give a checkpoint file (final_*.pt)')
+    if isinstance(error, FileNotFoundError):
+        return ValueError(f'no checkpoint at {path}: the file does not exist')
+    if Path(path).suffix.lower() == '.onnx':
+        return ValueError(f'cannot read checkpoint {path}: it is an ONNX export (for predict.py '
+                          f'--onnx or ONNX Runtime); give the checkpoint it was exported from '
+                          f'(final_*.pt)')
     if isinstance(error, pickle.UnpicklingError):  # weights_only refused an object
         return ValueError(f'cannot read checkpoint {path}: it holds objects other than tensors and '
                           f'plain values, and loading it could run code; refused')
@@ -39,7 +52,7 @@ def read_meta(path):
     """The meta of a checkpoint without loading its weights; ValueError naming an unreadable file."""
     try:
         meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+    except READ_ERRORS as error:
         raise _read_error(path, error) from error
     if not isinstance(meta, dict):
         raise ValueError(f'checkpoint {path} has no meta dict; is it a model of the training scripts?')
@@ -57,7 +70,7 @@ def read_model(path, device):
     device = resolve_device(device)
     try:
         return load_model(path, device)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as error:
+    except READ_ERRORS as error:
         raise _read_error(path, error) from error
 
 def result_setting(setting, one_class_name=None):

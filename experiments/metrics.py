@@ -419,16 +419,25 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
 # decisions at a threshold: anomalous when score > threshold
 
 def threshold_at_fpr(normal_scores, fpr):
-    """The threshold that flags at most ``floor(fpr * n)`` of the ``n`` normal scores (a score is
-    anomalous when it is above the threshold): the ``(k + 1)``-th largest normal score, k =
-    ``floor(fpr * n)``. Computed from normal scores only; returns a float."""
+    """The threshold that flags at most ``k = floor(fpr * n)`` of the ``n`` normal scores (a score
+    is anomalous when it is above the threshold): halfway between the ``(k + 1)``-th and the
+    ``k``-th largest normal score (for k = 0, as far above the largest as halfway to it from the
+    second largest; the largest score itself for one score), so that no normal score lies on it
+    and a score that another backend or batch size computes a rounding error apart gets the same
+    decision. Computed from normal scores only; returns a float."""
     scores = _as_scores(np.ravel(np.asarray(normal_scores)), 'normal_scores')
     if not 0 <= fpr < 1:
         raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
     if scores.size == 0:
         raise ValueError('normal_scores is empty; a threshold needs normal images')
     allowed = int(np.floor(fpr * scores.size))
-    return float(np.partition(scores, scores.size - 1 - allowed)[scores.size - 1 - allowed])
+    top = min(scores.size, allowed + 2)  # the scores needed, in decreasing order
+    largest = np.sort(np.partition(scores, scores.size - top)[scores.size - top:])[::-1]
+    largest = largest.astype(np.float64)
+    kept = largest[allowed]  # the (k + 1)-th largest: the highest score that is not flagged
+    if allowed > 0:
+        return float((kept + largest[allowed - 1]) / 2)
+    return float(kept + (kept - largest[1]) / 2) if largest.size > 1 else float(kept)
 
 
 def precision_recall_f1(labels, scores, threshold):

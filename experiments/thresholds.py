@@ -47,7 +47,10 @@ def normal_image_files(meta, data_dir=None):
     data_dir = data_dir or meta.get('data_dir')
     layout = layout_from_spec(meta.get('layout'))
     in_folders = layout is not None and layout.name == 'folder'
-    if meta.get('dataset', 'mvtec') != 'mvtec' or (data_dir is None and not in_folders):
+    if meta.get('dataset', 'mvtec') != 'mvtec':
+        raise ValueError(f"this model was trained on {meta['dataset']} images from a list, not an "
+                         f"MVTec-layout folder: pass normal images it has not seen with -i")
+    if data_dir is None and not in_folders:
         raise ValueError('this model does not name its MVTec-layout data folder; pass -d DATA_DIR '
                          'or normal images with -i')
     files = train_files(data_dir, meta['category'], layout)

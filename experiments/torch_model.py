@@ -76,8 +76,8 @@ class TorchRunner:
 
 
 def load_checkpoint(path, device='cpu', bf16=False):
-    """(TorchRunner, spec) of a checkpoint file; ValueError naming an unreadable file or a model
-    without maps, FileNotFoundError naming a missing one."""
+    """(TorchRunner, spec) of a checkpoint file; ValueError naming a missing or unreadable file
+    or a model without maps."""
     model, meta = read_model(path, device)
     spec = model_spec(meta)
     return TorchRunner(model, spec['channels'], device, bf16), spec

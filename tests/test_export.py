@@ -99,7 +99,22 @@ def test_torchscript_export_matches(exported, tmp_path):
 def test_export_errors_are_named(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export.main(['-m', str(tmp_path / 'missing.pt')])
-    assert 'missing.pt' in capsys.readouterr().err
+    assert f'no checkpoint at {tmp_path / "missing.pt"}: the file does not exist' in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f'{tmp_path} is a folder'):
+        export.export(tmp_path)
+    # never over the model it is made from, and an ONNX file only under a name that loads as one
+    model = tmp_path / 'model.pt'
+    model.write_bytes(checkpoint.read_bytes())
+    for fmt, out in (('torchscript', model), ('onnx', tmp_path / '.' / 'model.pt')):
+        with pytest.raises(ValueError, match='would replace the model it is made from|name it'):
+            export.export(model, fmt, out)
+    with pytest.raises(ValueError, match=r'name it \*.onnx, not .*model.onnx.pt'):
+        export.export(model, 'onnx', tmp_path / 'model.onnx.pt')
+    assert model.read_bytes() == checkpoint.read_bytes()
+    onnx_file = tmp_path / 'model.onnx'
+    onnx_file.write_bytes(b'an ONNX export, as far as the name says')
+    with pytest.raises(ValueError, match='it is an ONNX export .*give the checkpoint it was exported from'):
+        export.export(onnx_file, 'onnx', tmp_path / 'again.onnx')
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export.export(checkpoint, 'tflite')
     broken = tmp_path / 'broken.onnx'

@@ -708,3 +708,18 @@ def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_p
         assert 'is a run of Shift, which trains seed 0 as Shift-0 does; use -s Shift' in message
     assert not list((tmp_path / 'out').rglob('final_tiny_shift_0.pt'))
     assert train_mvtec.main(['-s', 'Shift-1'] + base) == 0  # another seed is another run
+
+
+def test_any_file_that_is_not_a_checkpoint_is_an_error_naming_it(tmp_path):
+    from experiments.checkpoints import read_meta, read_model
+    rng = np.random.default_rng(0)
+    (tmp_path / 'text.pt').write_bytes(b'an ONNX export, as far as the name says')
+    paths = [tmp_path / 'text.pt']
+    for i in range(40):
+        paths.append(tmp_path / f'file{i}.pt')
+        start = (b'', b'\x80\x02', b'PK\x03\x04')[i % 3]  # plain, a pickle's start, a zip's start
+        paths[-1].write_bytes(start + rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes())
+    for path in paths:
+        for read in (read_meta, lambda path: read_model(path, 'cpu')):
+            with pytest.raises(ValueError, match=f'checkpoint {path}'):
+                read(path)

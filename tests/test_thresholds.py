@@ -17,11 +17,19 @@ from self_sup_data.validation import holdout_indices
 
 
 def test_threshold_at_fpr_by_hand():
-    scores = np.arange(100.0)
-    assert metrics.threshold_at_fpr(scores, 0.01) == 98  # one of 100 above it
-    assert metrics.threshold_at_fpr(scores, 0.05) == 94
-    assert metrics.threshold_at_fpr(scores, 0) == 99
-    assert metrics.threshold_at_fpr([3.0, 1.0, 2.0], 0.01) == 3  # too few images: the maximum
+    scores = np.random.default_rng(0).permutation(np.arange(100.0))
+    assert metrics.threshold_at_fpr(scores, 0.01) == 98.5  # one of 100 above it, halfway to it
+    assert metrics.threshold_at_fpr(scores, 0.05) == 94.5
+    assert metrics.threshold_at_fpr(scores, 0) == 99.5  # none: as far above the largest
+    assert metrics.threshold_at_fpr([3.0, 1.0, 2.0], 0.01) == 3.5  # too few images for one
+    assert metrics.threshold_at_fpr([0.25], 0.01) == 0.25
+    assert metrics.threshold_at_fpr([1.0, 0.5, 0.5, 0.5], 0.3) == 0.75  # ties below: not flagged
+    rng = np.random.default_rng(1)
+    for n, fpr in ((7, 0.2), (50, 0.01), (1000, 0.05), (333, 0.0)):
+        distinct = rng.permutation(n).astype(np.float32) / n
+        threshold = metrics.threshold_at_fpr(distinct, fpr)
+        assert np.count_nonzero(distinct > threshold) == int(np.floor(fpr * n))
+        assert np.abs(distinct - threshold).min() >= 0.5 / n - 1e-7  # none near it
     with pytest.raises(ValueError, match='fpr must be in'):
         metrics.threshold_at_fpr(scores, 1.0)
     with pytest.raises(ValueError, match='needs normal images'):
@@ -111,6 +119,8 @@ def test_held_out_images_are_refused_when_the_training_images_were_renamed(tmp_p
         thresholds.normal_image_files(meta)
     del meta['train_files_sha256']  # a model of an earlier version: found by index as before
     assert len(thresholds.normal_image_files(meta)[0]) == 3
+    with pytest.raises(ValueError, match='trained on chest_xray images from a list.* with -i'):
+        thresholds.normal_image_files(dict(meta, dataset='chest_xray'), data_dir=root)
 
 
 @pytest.mark.slow
