@@ -63,7 +63,10 @@ def image_files(folder):
 
 
 def _subfolders(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+    """The subfolders of ``folder``, sorted; hidden ones (``.thumbnails``, ``.Trash-1000``) left out."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
 def _images_in(folder, what):
@@ -159,7 +162,9 @@ class LocoLayout(CategoryLayout):
         category_dir = _category_dir(self, root, category)
 
         def mask_of(defect_type, path):  # all PNGs of ground_truth/<type>/<stem>/, or None
-            masks = tuple(sorted((category_dir / 'ground_truth' / defect_type / path.stem).glob('*.png')))
+            folder = category_dir / 'ground_truth' / defect_type / path.stem
+            masks = tuple(p for p in image_files(folder) if p.suffix.lower() == '.png') \
+                if folder.is_dir() else ()
             return masks or None
         return _typed_test_files(category_dir / 'test', mask_of,
                                  'testing needs test/good, test/logical_anomalies and '
@@ -317,7 +322,13 @@ class FolderLayout:
                 raise ValueError(f"masks {by_stem[mask.stem]} and {mask} have the same stem; "
                                  "keep one mask per anomalous image")
             by_stem[mask.stem] = mask
-        unmatched = sorted(set(by_stem) - {path.stem for path in abnormal})
+        seen = {}
+        for path in abnormal:
+            if path.stem in seen:
+                raise ValueError(f"anomalous images {seen[path.stem]} and {path} have the same stem, "
+                                 f"so one mask would stand for both; rename one")
+            seen[path.stem] = path
+        unmatched = sorted(set(by_stem) - set(seen))
         if unmatched:
             raise ValueError(f"masks in {self.mask_dir} match no image of {self.abnormal} by name: "
                              f"{unmatched[:5]}; a mask must have its image's stem (abc.jpg <- abc.png)")

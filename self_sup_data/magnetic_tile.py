@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from self_sup_data.images import as_displayed, opened_image
+from self_sup_data.images import as_displayed, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
 NORMAL_FOLDER = 'MT_Free'
@@ -43,7 +43,8 @@ SPLIT_SEED = 0
 
 
 def source_images(src, folder, with_masks):
-    """Sorted ``SRC/<folder>/Imgs/*.jpg`` paths; with ``with_masks`` also their ``.png`` masks.
+    """Sorted ``SRC/<folder>/Imgs/*.jpg`` paths (any case of the suffix; not hidden files such as
+    macOS's ``._`` forks); with ``with_masks`` also their ``.png`` masks.
 
     Returns a list of (image path, mask path or None). Raises FileNotFoundError naming the
     missing folder or the image without a mask.
@@ -52,7 +53,8 @@ def source_images(src, folder, with_masks):
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir} does not exist; the Magnetic-tile-defect source folder "
                                 f"needs {NORMAL_FOLDER} and {', '.join(DEFECT_FOLDERS)}, each with Imgs/*.jpg")
-    images = sorted(images_dir.glob('*.jpg'))
+    images = sorted(path for path in images_dir.iterdir()
+                    if path.suffix.lower() == '.jpg' and is_image_name(path))  # not macOS ._ forks
     if not images:
         raise FileNotFoundError(f"{images_dir} holds no .jpg images")
     if not with_masks:

@@ -132,6 +132,23 @@ def test_loco(tmp_path):
                                                              20: ('extra_thing', 3.0, False)}
 
 
+def test_loco_masks_of_any_suffix_case_and_no_hidden_files(tmp_path):
+    make_loco(tmp_path)
+    folder = tmp_path / 'juice_bottle' / 'ground_truth' / 'structural_anomalies' / '000'
+    _png(folder / '001.PNG', mask_box=(20, 20, 2), mask_value=255)  # counted
+    (folder / '._000.png').write_bytes(b'a macOS resource fork')  # not an image: left out
+    test = SelfSupMVTecDataset(tmp_path, 'juice_bottle', is_train=False, low_res=SIZE)
+    assert [_mask_pixels(test, i) for i in range(4)] == [0, 0, 16 + 4, 9 + 4]
+
+
+def test_hidden_folders_in_a_test_folder_are_no_defect_type(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    hidden = tmp_path / 'tiles' / 'test' / '.thumbnails'
+    _png(hidden / '000.png')
+    test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert '.thumbnails' not in test.defect_types and not any('.thumbnails' in p for p in test.paths)
+
+
 def test_ad2(tmp_path):
     make_ad2(tmp_path)
     assert detect_layout(tmp_path, 'vial').name == 'ad2'
@@ -166,6 +183,18 @@ def test_folder_layout_pairs_masks_by_stem(tmp_path):
     assert list(test.has_mask) == [True, True, True, True, False]
     assert layout_from_spec(layout.spec()).spec() == layout.spec()
     assert SelfSupMVTecDataset(None, 'x', low_res=SIZE, layout=layout).paths == train.paths  # fixed split
+
+
+def test_folder_layout_refuses_two_anomalous_images_that_one_mask_would_stand_for(tmp_path):
+    for i in range(10):
+        _png(tmp_path / 'ok' / f'{i}.png', value=80 + i)
+    _png(tmp_path / 'ng' / '001.jpg', value=200)
+    _png(tmp_path / 'ng' / '001.bmp', value=210)
+    _png(tmp_path / 'masks' / '001.png', mask_box=(0, 0, 3))
+    layout = make_layout('folder', tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks')
+    with pytest.raises(ValueError, match=r'anomalous images .*001.bmp and .*001.jpg have the same stem'):
+        layout.test_files()
+    assert len(make_layout('folder', tmp_path / 'ok', tmp_path / 'ng').test_files().paths) == 4  # no masks
 
 
 def test_folder_layout_errors(tmp_path):

@@ -54,6 +54,17 @@ def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
                 assert set(np.unique(np.asarray(image))) == {0, 255}
 
 
+def test_source_images_of_any_suffix_case_and_no_resource_forks(tmp_path):
+    _write_source(tmp_path, n_free=2, n_defect=2)
+    images = tmp_path / 'MT_Crack' / 'Imgs'
+    (images / 'exp1_num_7.jpg').rename(images / 'exp1_num_7.JPG')
+    (images / '._exp0_num_0.jpg').write_bytes(b'a macOS resource fork')
+    (images / '._exp0_num_0.png').write_bytes(b'a macOS resource fork')
+    pairs = magnetic_tile.source_images(tmp_path, 'MT_Crack', with_masks=True)
+    assert [(image.name, mask.name) for image, mask in pairs] == [
+        ('exp0_num_0.jpg', 'exp0_num_0.png'), ('exp1_num_7.JPG', 'exp1_num_7.png')]
+
+
 @pytest.mark.slow
 def test_tiny_source_split_is_a_fixed_shuffle_and_deterministic(tmp_path, monkeypatch):
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
