@@ -247,11 +247,12 @@ class EpochBatchSampler(Sampler):
 
     Epoch e visits the indices in the order of ``torch.randperm`` with a generator seeded by
     (seed, e) (``epoch_seed``), in batches of ``batch_size``, the last one smaller; no batch spans
-    two epochs. In a single process a last batch of one is dropped (a different index each
-    epoch): batch norm cannot normalise one image whose features are 1 x 1 (a 32-pixel crop at the
-    encoder's end). With ``world_size`` W > 1 (distributed training) the order is padded to a multiple
-    of W with its own first indices and rank r takes its positions r, r + W, r + 2 W, ...: the
-    ranks' i-th batches together are the i-th batch of W ``batch_size`` of a single process.
+    two epochs. A last batch of one is dropped (a different index each epoch): batch norm cannot
+    normalise one image whose features are 1 x 1 (a 32-pixel crop at the encoder's end). With
+    ``world_size`` W > 1 (distributed training) the order is padded to a multiple of W with its own
+    first indices and rank r takes its positions r, r + W, r + 2 W, ...: the ranks' i-th batches
+    together are the i-th batch of W ``batch_size`` of a single process (every rank has as many
+    keys, so all of them drop a last batch of one together; batch norm is per process on the CPU).
     The keys reach the dataset through ``EpochDataset``.
     """
 
@@ -263,10 +264,9 @@ class EpochBatchSampler(Sampler):
         self.batches_per_epoch = math.ceil(self.keys_per_epoch / batch_size)
 
     def kept(self, count):
-        """How many of an epoch's ``count`` keys are read: all, less a last batch of one in a
-        single process."""
-        single = self.world_size == 1 and count > 1 and count % self.batch_size == 1
-        return count - 1 if single else count
+        """How many of an epoch's ``count`` keys (this rank's) are read: all, less a last batch of
+        one."""
+        return count - 1 if count > 1 and count % self.batch_size == 1 else count
 
     def epoch_keys(self, epoch):
         """This rank's keys of ``epoch``, in order."""

@@ -370,6 +370,18 @@ def test_a_last_batch_of_one_image_is_dropped_so_batch_norm_trains_and_resumes(t
     assert sizes == [4, 2] * 3  # 4 + 2 kept
 
 
+def test_every_rank_drops_its_last_batch_of_one_together():
+    """10 images, batches of 8 over two processes (4 each): each rank's 5 keys end in a batch of
+    one, which batch norm (per process on the CPU) cannot train; one process has a last batch of 2."""
+    from experiments.training import EpochBatchSampler
+    ranks = [list(EpochBatchSampler(10, 4, seed=0, epochs=2, rank=rank, world_size=2))
+             for rank in (0, 1)]
+    assert [[len(batch) for batch in batches] for batches in ranks] == [[4, 4], [4, 4]]
+    for epoch in (0, 1):  # the ranks' keys of an epoch are distinct
+        keys = [key for batches in ranks for batch in batches for key in batch if key[0] == epoch]
+        assert len(set(keys)) == 8
+
+
 @pytest.mark.parametrize('argv,expected', [
     (['--num-patches', '1000000'], '--num-patches: num_patches must be an integer from 1 to 32'),
     (['--logistic', '0', '3'], '--logistic: intensity_logistic_params must be (k, x0) with k > 0'),
