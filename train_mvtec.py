@@ -31,7 +31,8 @@ from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              found_run, print_slow_bf16_note, refuse_existing_run, refuse_twin_run,
-                             report_problems, train_config, train_unless_finished)
+                             remove_report_temporaries, report_problems, train_config,
+                             train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import is_first_process
@@ -193,6 +194,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     POOLED_SUMMARY_COLUMN where a result has it), then
     the notes and failures of ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
+    remove_report_temporaries(eval_dir)
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
                                    device=args.device,
                                    figure_dir=None if args.no_figures else eval_dir / 'figures',
@@ -349,7 +351,9 @@ def search_recipe(args, setting, data_dir, category, out_dir):
 
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1, and so does
-    an --evaluate in which a model's evaluation failed (its tables are written all the same)."""
+    an --evaluate in which a model's evaluation failed (its tables are written all the same).
+    Of several categories, one that fails (its error printed) does not stop the others: the
+    last line names the failed ones, --evaluate covers the others, and the status is 1."""
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
@@ -359,25 +363,40 @@ def main(argv=None):
             for category in categories:
                 refuse_existing_run(*found_run(setting.run_dir(out_dir, category), setting.run_name(category)))
     print_slow_bf16_note(PROG, args)
+    failed = []
     for category in categories:
-        params = search = None
-        recipe = recipes.recipe_name(args.recipe, category)
+        try:
+            train_category(args, setting, data_dir, category, out_dir)
+        except SystemExit:  # its error is printed; the other categories go on
+            if len(categories) == 1:
+                raise
+            failed.append(category)
+    trained = [category for category in categories if category not in failed]
+    if failed:
+        print(f"{PROG}: error: {len(failed)} of {len(categories)} categories failed (their errors "
+              f"are above): {', '.join(failed)}", file=sys.stderr)
+    if args.evaluate and trained and is_first_process():  # under torchrun, the first process alone
         with exit_on_input_error(PROG):
-            if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
-                params, search = search_recipe(args, setting, data_dir, category, out_dir)
-
-        def prepare():
-            run = prepare_run(args, setting, data_dir, category, params,
-                              searched=search is not None)
-            run[3]['recipe_search'] = search
-            return run
-        train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
-                              prepare, args.resume, args.force)
-    if args.evaluate and is_first_process():  # under torchrun, the first process alone
-        with exit_on_input_error(PROG):
-            if evaluate_trained(args, setting, data_dir, categories, out_dir):
+            if evaluate_trained(args, setting, data_dir, trained, out_dir):
                 return 1
-    return 0
+    return 1 if failed else 0
+
+
+def train_category(args, setting, data_dir, category, out_dir):
+    """Train ``setting`` on one category (after its --recipe search, if asked), unless --resume
+    finds it finished; an error ends in ``exit_on_input_error``'s message and SystemExit."""
+    params = search = None
+    recipe = recipes.recipe_name(args.recipe, category)
+    with exit_on_input_error(PROG):
+        if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
+            params, search = search_recipe(args, setting, data_dir, category, out_dir)
+
+    def prepare():
+        run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)
+        run[3]['recipe_search'] = search
+        return run
+    train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
+                          prepare, args.resume, args.force)
 
 
 if __name__ == '__main__':

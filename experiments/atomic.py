@@ -6,9 +6,10 @@ whole would pass the file system's MAX_NAME_BYTES), flushes it to disk
 (``os.fsync``), renames it to ``path`` (``os.replace``, atomic on POSIX and Windows) and, on
 POSIX, flushes the folder so that the rename is on disk too. The file gets the permissions of a
 file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone makes it 0600). On
-any exception the temporary file is removed and ``path`` is left as it was; a process killed
-while writing leaves the temporary file, which ``remove_stale_temporaries`` deletes on the next
-run.
+any exception the temporary file is removed and ``path`` is left as it was (a write that the
+system refuses, a full disk or a folder that cannot be written, is an OSError naming ``path``); a
+process killed while writing leaves the temporary file, which ``remove_stale_temporaries``
+deletes on the next run.
 """
 import functools
 import os
@@ -41,8 +42,11 @@ def write_atomic(path, write, binary=True):
     text) on a temporary file in the same folder, then rename it to ``path``; returns the Path.
     Creates the folder when needed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix='.tmp')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix='.tmp')
+    except OSError as error:
+        raise _write_error(path, error) from error
     try:
         if os.name == 'posix':
             os.fchmod(fd, new_file_mode())
@@ -51,8 +55,12 @@ def write_atomic(path, write, binary=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        # torch.save reports a failed write (a full disk) as a RuntimeError raised while handling it
+        cause = error if isinstance(error, OSError) else error.__context__
+        if isinstance(error, Exception) and isinstance(cause, OSError):
+            raise _write_error(path, cause) from error
         raise
     if os.name == 'posix':
         folder = os.open(path.parent, os.O_RDONLY)
@@ -61,6 +69,12 @@ def write_atomic(path, write, binary=True):
         finally:
             os.close(folder)
     return path
+
+
+def _write_error(path, error):
+    """OSError (of ``error``'s errno) naming the file that could not be written and why."""
+    return OSError(error.errno, f'cannot write {path}: {error.strerror or error}; an earlier file '
+                                f'there is unchanged')
 
 
 def temporary_target(path):

@@ -262,7 +262,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     if resume and state == 'finished':
         print(f"{prog}: {found} exists, skipping it")
         return previous
-    with exit_on_input_error(prog, RunError):
+    with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
         return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                      validator=validator)
 
@@ -332,6 +332,17 @@ def run_command(work):
                 print(f'warning: {warning.message}', file=sys.stderr)
 
 
+def remove_report_temporaries(out_dir):
+    """Delete the temporary files that a killed evaluation left: of results.csv in ``out_dir``
+    (only those: it may be a training folder too), and any in ``out_dir/tables`` and
+    ``out_dir/figures`` (``remove_stale_temporaries``)."""
+    if Path(out_dir).is_dir():
+        remove_stale_temporaries(out_dir, lambda name: name == 'results.csv')
+    for folder in (Path(out_dir) / 'tables', Path(out_dir) / 'figures'):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)
+
+
 def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures; the earlier
@@ -341,6 +352,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     entry), the last lines name each with its reason and the command exits with status 1 once
     everything else is written."""
     def work():
+        remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate(figure_dir)
         if not records:

@@ -95,3 +95,22 @@ def test_a_file_with_the_longest_name_is_written_through_a_shorter_temporary_nam
     assert len(prefix.encode()) + 12 <= 255 and name.startswith(prefix[1:-1])
     assert temporary_prefix('final_a.pt') == '.final_a.pt.'
     assert temporary_target(tmp_path / f'{prefix}abcdefgh.tmp') == prefix[1:-1]
+
+
+def test_a_full_disk_is_an_os_error_naming_the_file_even_through_torch_save(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a RuntimeError raised while handling the OSError."""
+    def full_disk(obj, f):
+        try:
+            raise OSError(28, 'No space left on device')
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 9 vs 7')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(OSError, match=f'cannot write {tmp_path / "last.pt"}: No space left on device') as caught:
+        save_torch_atomic({'epoch': 2}, tmp_path / 'last.pt')
+    assert caught.value.errno == 28 and os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    folder = tmp_path / 'locked'
+    folder.mkdir()
+    monkeypatch.setattr(atomic.tempfile, 'mkstemp', lambda **kw: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    with pytest.raises(OSError, match=f'cannot write {folder / "table.csv"}: Permission denied'):
+        write_text_atomic(folder / 'table.csv', 'a\n')

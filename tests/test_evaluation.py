@@ -508,8 +508,15 @@ def test_corrupt_checkpoint_gives_a_failed_row_naming_the_file(trained, tmp_path
 def test_command_line_end_to_end(trained, tmp_path):
     model_dir, data_dir = trained
     out = tmp_path / 'out'
+    stale = [out / '.results.csv.abcd1234.tmp', out / 'tables' / '.au_pro.md.abcd1234.tmp',
+             out / 'figures' / '.tiles_Shift.png.abcd1234.tmp']  # left by a killed evaluation
+    others = out / '.final_a.pt.abcd1234.tmp'  # a training's, if OUT_DIR is its folder too: kept
+    for path in stale + [others]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b'partial')
     mvtec_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-s', 'Shift',
                       '--device', 'cpu', '--batch-size', '4'])
+    assert not any(path.exists() for path in stale) and others.exists()
     for metric in mvtec_tasks.METRICS:
         for fmt in ('csv', 'md', 'tex'):
             assert (out / 'tables' / f'{metric}.{fmt}').is_file()

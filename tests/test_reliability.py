@@ -735,3 +735,21 @@ def test_any_file_that_is_not_a_checkpoint_is_an_error_naming_it(tmp_path):
         for read in (read_meta, lambda path: read_model(path, 'cpu')):
             with pytest.raises(ValueError, match=f'checkpoint {path}'):
                 read(path)
+
+
+@pytest.mark.slow
+def test_a_category_that_fails_does_not_stop_the_others(tmp_path, capsys):
+    """-c all: a category with a broken training image fails with its error, the categories after
+    it still train and --evaluate covers them; the last line names the failed one, status 1."""
+    for name in ('a', 'b', 'c'):
+        make_mvtec_category(tmp_path / 'data', name, n_train=4)
+    broken = tmp_path / 'data' / 'b' / 'train' / 'good' / '000.png'
+    broken.write_bytes(broken.read_bytes()[:60])
+    out = tmp_path / 'out'
+    status = train_mvtec.main(['-s', 'Shift', '-d', str(tmp_path / 'data'), '-c', 'all', '-o', str(out),
+                               '--evaluate'] + ONE_EPOCH)
+    err = capsys.readouterr().err
+    assert status == 1 and f'cannot read image {broken}' in err
+    assert err.strip().splitlines()[-1] == 'train_mvtec.py: error: 1 of 3 categories failed (their errors are above): b'
+    assert sorted(p.parent.name for p in out.rglob('final_*.pt')) == ['a', 'c']
+    assert sorted(pd.read_csv(out / 'eval' / 'results.csv')['category']) == ['a', 'c']
