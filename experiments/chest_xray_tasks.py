@@ -27,7 +27,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
+from self_sup_data.chest_xray import SelfSupChestXRay, check_test_lists, list_label, read_file_list
 
 DATASET = 'chest_xray'
 DEFAULT_RES = 256
@@ -42,6 +42,19 @@ def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFA
     as ``predict.py`` reads them)."""
     return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False,
                             res=res, bit_depth=bit_depth)
+
+
+def check_not_trained_on(meta, test_names):
+    """ValueError when test images (by file name) are in the training list that a model's meta
+    names (``normal_list``, where it still exists): scores of images it trained on are no test."""
+    trained_list = meta.get('normal_list')
+    if trained_list is None or not Path(trained_list).is_file():
+        return
+    trained = {Path(name).name for name in read_file_list(trained_list)}
+    seen = sorted(name for name in test_names if Path(name).name in trained)
+    if seen:
+        raise ValueError(f"{len(seen)} test images are in this model's training list "
+                         f"{trained_list}, e.g. {seen[:3]}; test it on images it has not seen")
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
@@ -60,8 +73,10 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     device = resolve_device(device)
     if test_name is None:
         test_name = Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET
-    for file_list in (normal_list, anomalous_list):
-        read_file_list(file_list)  # a missing list is the command's error, not each row's
+    # a missing, empty or contradictory list is the command's error, not each row's
+    test_names = [read_file_list(file_list) for file_list in (normal_list, anomalous_list)]
+    check_test_lists(*test_names, list_label(normal_list, 'normal'),
+                     list_label(anomalous_list, 'anomalous'))
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:
@@ -77,6 +92,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if 'error' in meta:
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
+        check_not_trained_on(meta, test_names[0] + test_names[1])
         key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
         if key not in datasets:
             datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)

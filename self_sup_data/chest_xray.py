@@ -69,15 +69,35 @@ def read_file_list(file_list):
     return [str(name) for name in file_list]
 
 
-def _existing_paths(data_dir, names, what):
+def list_label(file_list, what):
+    """How errors name a list: ``'the normal list norm_test.txt'``, or ``'the normal list'`` for
+    names given directly."""
+    path = f' {file_list}' if isinstance(file_list, (str, os.PathLike)) else ''
+    return f'the {what} list{path}'
+
+
+def _existing_paths(data_dir, names, label):
     if not names:
-        raise ValueError(f"the list of {what} images is empty")
+        raise ValueError(f"{label} is empty")
     paths = [Path(data_dir) / name for name in names]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images are missing from "
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of {label} are missing from "
                                 f"{data_dir}, e.g. {missing[:3]}")
     return paths
+
+
+def check_test_lists(normal, anomalous, normal_label='the normal list',
+                     anomalous_label='the anomalous list'):
+    """ValueError for an empty list of test names, or names in both (an image labelled normal
+    and anomalous), naming the lists."""
+    for names, label in ((normal, normal_label), (anomalous, anomalous_label)):
+        if not names:
+            raise ValueError(f"{label} is empty; testing needs normal and anomalous images")
+    both = sorted(set(normal) & set(anomalous))
+    if both:
+        raise ValueError(f"{len(both)} images are in both {normal_label} and {anomalous_label}, "
+                         f"e.g. {both[:3]}; an image is either normal or anomalous")
 
 
 def _check_columns(table, required, source):
@@ -87,12 +107,24 @@ def _check_columns(table, required, source):
                        f"found {list(table.columns)}")
 
 
+def _bad_rows(flags):
+    """The CSV line numbers (header line 1) of the rows where ``flags`` is true, a few of them."""
+    return [int(i) + 2 for i in np.flatnonzero(np.asarray(flags))[:5]]
+
+
 def read_bbox_table(bbox_csv):
-    """NIH ``BBox_List_2017.csv`` -> DataFrame with columns image, label, x, y, w, h."""
+    """NIH ``BBox_List_2017.csv`` -> DataFrame with columns image, label, x, y, w, h (numbers);
+    ValueError naming the file and the lines of boxes that are not numbers."""
     table = pd.read_csv(bbox_csv)
     _check_columns(table, BBOX_COLUMNS, bbox_csv)
     table = table[list(BBOX_COLUMNS)]
     table.columns = ['image', 'label', 'x', 'y', 'w', 'h']
+    for column in ('x', 'y', 'w', 'h'):
+        table[column] = pd.to_numeric(table[column], errors='coerce')
+    bad = table[['x', 'y', 'w', 'h']].isna().any(axis=1) | table['image'].isna()
+    if bad.any():
+        raise ValueError(f"box table {bbox_csv}: {int(bad.sum())} rows without an image name or "
+                         f"with boxes that are not numbers, on lines {_bad_rows(bad)}")
     return table
 
 
@@ -134,9 +166,12 @@ class SelfSupChestXRay(SelfSupImageDataset):
                  transform=None, self_sup_args=None, seed=0, bit_depth=SET_BIT_DEPTH):
         normal = read_file_list(normal_files)
         anomalous = [] if is_train or anom_files is None else read_file_list(anom_files)
+        labels = list_label(normal_files, 'normal'), list_label(anom_files, 'anomalous')
+        if not is_train:
+            check_test_lists(normal, anomalous, *labels)
         names = normal + anomalous
-        paths = _existing_paths(data_dir, normal, 'normal') + (
-            _existing_paths(data_dir, anomalous, 'anomalous') if anomalous else [])
+        paths = _existing_paths(data_dir, normal, labels[0]) + (
+            _existing_paths(data_dir, anomalous, labels[1]) if anomalous else [])
         images, _, bit_depth = load_images(paths, res, channels=1, desc='loading chest X-rays',
                                            bit_depth=bit_depth)
         train_size = None
@@ -179,15 +214,29 @@ def ages_in_years(ages, csv):
 
 def read_table(csv):
     """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns
-    (ValueError for an empty or unparsable file or unreadable ages, KeyError naming missing
+    (ValueError for an empty or unparsable file, rows without an image name, labels, patient or
+    view, images listed twice, or unreadable ages, naming the lines; KeyError naming missing
     columns), with ``Patient Age`` in years (``ages_in_years``)."""
     try:
-        table = pd.read_csv(csv)
+        table = pd.read_csv(csv, index_col=False)  # rows ending in a comma do not shift the columns
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError,
             zlib.error) as error:  # also a truncated or broken .gz
         raise ValueError(f"cannot read label table {csv}: {str(error).strip().splitlines()[0]}; "
                          f"expected a CSV with columns {list(TABLE_COLUMNS)}") from None
     _check_columns(table, TABLE_COLUMNS, csv)
+    needed = ['Image Index', 'Finding Labels', 'Patient ID', 'View Position']
+    blank = table[needed].isna().any(axis=1) | (table[needed].astype(str).apply(
+        lambda column: column.str.strip()) == '').any(axis=1)
+    if blank.any():
+        raise ValueError(f"label table {csv}: {int(blank.sum())} rows without a value in one of "
+                         f"{needed}, on lines {_bad_rows(blank)}; an image without its labels "
+                         f"cannot be called normal or anomalous")
+    table['Finding Labels'] = table['Finding Labels'].astype(str).str.strip()
+    repeated = table['Image Index'].duplicated(keep=False)
+    if repeated.any():
+        raise ValueError(f"label table {csv}: images listed more than once, e.g. "
+                         f"{sorted(set(table['Image Index'][repeated]))[:3]} (lines "
+                         f"{_bad_rows(repeated)}); keep one row per image")
     table['Patient Age'] = ages_in_years(table['Patient Age'], csv)
     return table
 

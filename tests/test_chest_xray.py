@@ -115,10 +115,10 @@ def test_16_bit_x_rays_are_read_with_the_training_sets_bit_depth(tmp_path):
     dataset, _, _, meta, _ = train_chest_xray.prepare_run(args, setting, params)
     assert meta['bit_depth'] == dataset.bit_depth == 16
     (tmp_path / 'anomalous.txt').write_text('dark.png\n')
-    test = load_test_set(tmp_path, tmp_path / 'normal.txt', tmp_path / 'anomalous.txt', res=64,
+    test = load_test_set(tmp_path, ['bright.png'], tmp_path / 'anomalous.txt', res=64,
                          bit_depth=meta['bit_depth'])
     assert test.images[-1].max() == round(3000 * 255 / 65535)  # as dark as in training
-    assert load_test_set(tmp_path, tmp_path / 'normal.txt', tmp_path / 'anomalous.txt',
+    assert load_test_set(tmp_path, ['bright.png'], tmp_path / 'anomalous.txt',
                          res=64).images[-1].max() == round(3000 * 255 / 4095)  # image by image
 
 
@@ -130,10 +130,22 @@ def test_test_items_without_boxes_are_image_level(xrays):
 
 def test_errors(xrays):
     data_dir, names = xrays
-    with pytest.raises(FileNotFoundError, match=r"1 of 2 normal images are missing .*nope.png"):
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 images of the normal list are missing .*nope.png"):
         SelfSupChestXRay(data_dir, [names[0], 'nope.png'])
-    with pytest.raises(ValueError, match='list of normal images is empty'):
+    with pytest.raises(ValueError, match='the normal list is empty'):
         SelfSupChestXRay(data_dir, [])
+    (data_dir / 'empty.txt').write_text('\n')
+    with pytest.raises(ValueError, match=f'the normal list {data_dir / "empty.txt"} is empty'):
+        SelfSupChestXRay(data_dir, data_dir / 'empty.txt')
+    with pytest.raises(ValueError, match=f'the anomalous list {data_dir / "empty.txt"} is empty; testing'):
+        SelfSupChestXRay(data_dir, data_dir / 'normal.txt', data_dir / 'empty.txt', is_train=False)
+    with pytest.raises(ValueError, match=r"1 images are in both the normal list .*normal.txt and the "
+                                         r"anomalous list, e.g. \['00000003_000.png'\]"):
+        SelfSupChestXRay(data_dir, data_dir / 'normal.txt', names[3:], is_train=False)
+    with pytest.raises(ValueError, match=r"box table .*boxes.csv: 2 rows .* on lines \[2, 4\]"):
+        write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', 'abc', 1, 2, 3), (names[5], 'Mass', 1, 2, 3, 4),
+                                             (names[6], 'Mass', 1, 2, '', 4)])
+        SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'boxes.csv', is_train=False)
     (data_dir / 'bad.csv').write_text('Image Index,Label\n')
     with pytest.raises(KeyError, match=r"bad.csv lacks columns \['Finding Label'"):
         SelfSupChestXRay(data_dir, names[:2], names[2:], bbox_csv=data_dir / 'bad.csv', is_train=False)
@@ -199,6 +211,26 @@ def test_build_file_lists_problems():
         read_table(StringIO('Image Index,Finding Labels\na.png,No Finding\n'))
 
 
+def test_label_tables_with_blank_labels_repeated_images_or_trailing_commas(tmp_path):
+    """A blank label would make an image anomalous, a repeated image could be in train and test;
+    rows that end in a comma must not shift the columns."""
+    table = synthetic_table()
+    blank = table.copy()
+    blank.loc[3, 'Finding Labels'] = ' '
+    blank.loc[5, 'Image Index'] = None
+    with pytest.raises(ValueError, match=r"2 rows without a value in one of .* on lines \[5, 7\]"):
+        read_table(StringIO(blank.to_csv(index=False)))
+    twice = pd.concat([table, table.iloc[[2]]])
+    with pytest.raises(ValueError, match=rf"images listed more than once, e.g. \['{table['Image Index'][2]}'\]"):
+        read_table(StringIO(twice.to_csv(index=False)))
+    text = table.to_csv(index=False).replace('\n', ',\n').replace(',\n', '\n', 1)  # rows end in a comma
+    read = read_table(StringIO(text))
+    assert (read['Patient Age'] == table['Patient Age']).all() and (read['Image Index'] == table['Image Index']).all()
+    spaced = table.assign(**{'Finding Labels': table['Finding Labels'] + ' '})
+    lists = build_file_lists(read_table(StringIO(spaced.to_csv(index=False))), n_test_normal=5, n_test_anom=4)
+    assert lists == build_file_lists(read_table(StringIO(table.to_csv(index=False))), n_test_normal=5, n_test_anom=4)
+
+
 def test_a_truncated_or_broken_compressed_table_is_named(tmp_path):
     import gzip
     whole = gzip.compress(synthetic_table().to_csv(index=False).encode())
@@ -241,3 +273,15 @@ def test_real_table():
     lists = build_file_lists(table, gender='F', n_test_normal=250, n_test_anom=120)
     check_lists(table, lists, 250, 120)
     assert len(lists['norm_train']) > 10_000
+
+
+def test_a_model_is_not_tested_on_the_images_of_its_training_list(tmp_path):
+    from experiments.chest_xray_tasks import check_not_trained_on
+    (tmp_path / 'train.txt').write_text('a/00000001_000.png\n00000002_000.png\n')
+    meta = dict(normal_list=str(tmp_path / 'train.txt'))
+    check_not_trained_on(meta, ['00000003_000.png', '00000004_000.png'])
+    with pytest.raises(ValueError, match=r"1 test images are in this model's training list .*train.txt, "
+                                         r"e.g. \['b/00000001_000.png'\]"):
+        check_not_trained_on(meta, ['b/00000001_000.png', '00000004_000.png'])
+    check_not_trained_on(dict(normal_list=str(tmp_path / 'moved.txt')), ['00000002_000.png'])  # gone: unchecked
+    check_not_trained_on({}, ['00000002_000.png'])
