@@ -188,6 +188,16 @@ def resize(image, size, interpolation=None):
     return with_channel_axis(out, image.shape[2])
 
 
+def resize_mask(mask, size):
+    """Resize a 2-D label mask (uint8 values, or bool) to ``size x size`` by nearest neighbour at
+    the centre of each output pixel's footprint (``cv2.INTER_NEAREST_EXACT``), so that it stays
+    on its image as ``resize`` moves it; ``cv2.INTER_NEAREST`` samples the footprint's corner
+    and puts masks a third of a pixel down and right of their images."""
+    dtype = mask.dtype
+    resized = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized.astype(dtype)
+
+
 def is_image_name(path):
     """Whether ``path`` names an image file: an IMAGE_SUFFIXES suffix (any case), and not hidden
     (``._name.png``: the resource forks that macOS writes beside files on other file systems)."""

@@ -41,10 +41,9 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, is_image_name
+from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, is_image_name, resize_mask
 
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -196,7 +195,7 @@ class LocoLayout(CategoryLayout):
                 raise ValueError(f"mask {path} should hold one pixel value of {sorted(defects)} "
                                  f"(defects_config.json), found {values.tolist()}")
             _, threshold, relative = defects[int(values[0])]
-            resized = cv2.resize((mask > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+            resized = resize_mask(mask > 0, size)
             area = np.count_nonzero(resized)
             scaled = threshold * area if relative else threshold * size * size / mask.size
             regions.append((resized, min(scaled, area)))

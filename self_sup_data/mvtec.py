@@ -32,7 +32,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
 from self_sup_data.images import (IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
-                                  high_depth_maximum, read_image, resize, to_channels)
+                                  high_depth_maximum, read_image, resize, resize_mask, to_channels)
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -164,7 +163,7 @@ def _load_item(image_path, mask_path, size, bits):
         if mask.shape != image.shape[:2]:
             raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
-        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        mask = resize_mask(mask.astype(np.uint8), size)
     return resize(image, size), mask
 
 

@@ -393,12 +393,14 @@ def test_loco_defects_without_a_pixel_at_the_test_side_are_left_out_with_a_warni
     from experiments.mvtec_tasks import loco_defects
     make_loco(tmp_path)
     _png(tmp_path / 'juice_bottle' / 'ground_truth' / 'logical_anomalies' / '000' / '001.png',
-         mask_box=(11, 11, 1), mask_value=20)  # one odd pixel: gone at half the side
+         mask_box=(10, 10, 1), mask_value=20)  # one even pixel: gone at half the side
     test = SelfSupMVTecDataset(tmp_path, 'juice_bottle', is_train=False, low_res=SIZE // 2)
     with pytest.warns(UserWarning, match='juice_bottle: 1 of 3 defects have no pixel at 16 pixels'):
         masks, saturation, image = loco_defects(tmp_path, test)
     assert masks.shape == (2, SIZE // 2, SIZE // 2) and list(image) == [2, 3]
-    assert list(saturation) == [2.0, 0.5]  # relative 0.5 of the 4x4 -> 2x2 and of the 3x3 -> 1x1
+    # relative 0.5 of the 4x4 at (0, 0) -> 2x2 and of the 3x3 at (5, 5) -> 2x2 (rows and columns
+    # 5 and 7: the centres of the half-side pixels' footprints)
+    assert list(saturation) == [2.0, 2.0]
 
 
 def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
