@@ -105,8 +105,8 @@ POISSON_BASES = tuple(name for name, base in BASE_SETTINGS.items()
                       if base.self_sup_args['mode'] == POISSON)
 
 # longest names first, so that 'Shift-Intensity-Swap' is not read as 'Shift-Intensity' + junk
-_KEY_PATTERN = re.compile(
-    r'^(?P<base>{})(?P<mixed>-M)?(?:-(?P<seed>\d+))?$'.format(
+_KEY_PATTERN = re.compile(  # ASCII digits, no leading zero: one key per seed
+    r'(?P<base>{})(?P<mixed>-M)?(?:-(?P<seed>0|[1-9][0-9]*))?'.format(
         '|'.join(re.escape(name) for name in sorted(BASE_SETTINGS, key=len, reverse=True))))
 
 
@@ -152,12 +152,13 @@ def valid_setting_forms():
     """One line describing the valid setting keys (for error messages and --help)."""
     return (f"BASE[-M][-SEED] with BASE one of {', '.join(BASE_SETTINGS)}; "
             f"-M (mixed gradients) only for {', '.join(POISSON_BASES)}; "
-            f"SEED an integer from 0 to 2**63 - 1 (e.g. Shift-Intensity-M-923874273)")
+            f"SEED an integer from 0 to 2**63 - 1 without leading zeros "
+            f"(e.g. Shift-Intensity-M-923874273)")
 
 
 def parse_setting(key):
     """Parse a setting key ``BASE[-M][-SEED]`` into a ``Setting``; ValueError for unknown keys."""
-    match = _KEY_PATTERN.match(key) if isinstance(key, str) else None
+    match = _KEY_PATTERN.fullmatch(key) if isinstance(key, str) else None
     if match is None:
         raise ValueError(f"unknown setting key {key!r}; valid keys: {valid_setting_forms()}")
     name, mixed, seed = match['base'], match['mixed'] is not None, match['seed']
@@ -180,13 +181,14 @@ def parse_setting(key):
 
 
 def paper_setting_key(base, class_name, kind=None, seed=None):
-    """The key the paper evaluates for a category: source gradients for objects, mixed for textures.
+    """The key the paper evaluates for a category: source gradients for objects, mixed for textures
+    (the Poisson-blending bases; the others have no -M).
 
     >>> paper_setting_key('Shift-Intensity', 'carpet')
     'Shift-Intensity-M'
     """
     params = category_params(class_name, kind)
-    key = base + ('-M' if params['mixed_gradients'] else '')
+    key = base + ('-M' if params['mixed_gradients'] and base in POISSON_BASES else '')
     key += '' if seed is None else f'-{seed}'
     parse_setting(key)  # validates
     return key

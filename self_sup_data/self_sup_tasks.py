@@ -84,6 +84,9 @@ def _pairs(x, n):
     return isinstance(x, (tuple, list, np.ndarray)) and len(x) == n and all(_is_number(v) for v in x)
 
 
+BOOL_PARAMS = ('same', 'shift', 'resize', 'verbose', 'cutpaste_patch_generation', 'clip_at_border')
+
+
 @dataclass(frozen=True)
 class PatchParams:
     """The arguments of ``patch_ex`` other than the images and ``rng`` (see there), with their
@@ -124,10 +127,13 @@ class PatchParams:
                 or not all(_pairs(b, 2) and 0 <= b[0] <= b[1] <= 0.5 for b in bounds)):
             raise ValueError('width_bounds_pct must be ((min, max), (min, max)) with 0 <= min <= max <= 0.5, '
                              f'got {bounds!r}')
-        for name in ('min_object_pct', 'min_overlap_pct'):
+        for name in ('min_object_pct', 'min_overlap_pct'):  # a patch must have more than this
             value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f'{name} must be a number in [0, 1], got {value!r}')
+            if not _is_number(value) or not 0 <= value < 1:
+                raise ValueError(f'{name} must be a number in [0, 1), got {value!r}')
+        for name in BOOL_PARAMS:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f'{name} must be True or False, got {getattr(self, name)!r}')
         if self.skip_background is not None:
             pairs = _background_pairs(self.skip_background)
             if not pairs or not all(_pairs(p, 2) and p[1] >= 0 for p in pairs):
@@ -182,9 +188,10 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
         mode: cv2.NORMAL_CLONE, cv2.MIXED_CLONE, 'mix', 'swap' or 'uniform' (see the module docstring).
         width_bounds_pct: ((min, max) along height, (min, max) along width): bounds of the patch
             half-widths as fractions of the image size, each within [0, 0.5].
-        min_object_pct: with ``skip_background``, the fraction of the source patch that must be object.
+        min_object_pct: with ``skip_background``, the fraction of the source patch that must be
+            object (more than it; in [0, 1)).
         min_overlap_pct: with ``skip_background``, the fraction of the source object in the patch that
-            must land on the destination's object.
+            must land on the destination's object (more than it; in [0, 1)).
         shift: paste at a random position; otherwise centred where the patch was in the source.
         clip_at_border: with ``shift``, the patch may hang over the image border and is cut there
             (at least ``MIN_PATCH_SIDE`` pixels of it stay inside along each axis), so that pixels
@@ -203,8 +210,8 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             Every label is zero wherever the image is unchanged.
         skip_background: None, ``(brightness, threshold)`` or a list of such pairs. A pixel is
             background if its channel mean lies within ``threshold`` of the ``brightness`` of any pair,
-            object otherwise (then 7 x 7 median filtered). Patches must then cover at least
-            ``min_object_pct`` object in the source and overlap the destination object by
+            object otherwise (then 7 x 7 median filtered). Patches must then cover more than
+            ``min_object_pct`` object in the source and overlap the destination object by more than
             ``min_overlap_pct``, and only object pixels (of source or destination) are labelled (a
             Poisson blend may also change background pixels of the patch's box slightly).
         tol: mean absolute change (grey levels) above which a pixel is labelled anomalous.
@@ -416,13 +423,15 @@ class CutPaste3Way:
 
     The CutPaste view is ``patch_ex(image, same=True, mode='swap',
     cutpaste_patch_generation=True, ...)`` updated with ``patch_ex_args`` (a rectangle of the
-    image pasted elsewhere in it); the scar view is ``cutpaste_scar(image, rng, **scar_args)``.
+    image pasted elsewhere in it; never left normal: ``normal_fraction`` 0); the scar view is
+    ``cutpaste_scar(image, rng, **scar_args)``.
     """
     num_classes = 3
 
     def __init__(self, patch_ex_args=None, scar_args=None):
         self.patch_ex_args = {**dict(mode='swap', cutpaste_patch_generation=True, resize=False),
-                              **(patch_ex_args or {}), 'same': True}
+                              **(patch_ex_args or {}), 'same': True,
+                              'normal_fraction': 0.0}  # a class-1 view is never the normal one
         SyntheticAnomaly(**self.patch_ex_args)  # validates
         self.scar_args = dict(scar_args or {})
 

@@ -51,7 +51,8 @@ class Compose:
 
 
 class Resize:
-    """Resize to ``size x size`` (image: area/bilinear, mask: nearest neighbour)."""
+    """Resize to ``size x size`` (image: area/bilinear, mask: nearest neighbour at the centre of
+    each output pixel, so that it stays on the image; see ``images.resize_mask``)."""
 
     def __init__(self, size):
         self.size = int(size)
@@ -59,7 +60,7 @@ class Resize:
     def __call__(self, image, mask, rng):
         image = resize(image, self.size)
         if mask is not None:
-            mask = resize(mask, self.size, cv2.INTER_NEAREST)
+            mask = resize(mask, self.size, cv2.INTER_NEAREST_EXACT)
         return image, mask
 
     def __repr__(self):

@@ -275,6 +275,10 @@ def test_three_way_views_and_labels(channels):
     assert height * width <= 0.15 * 64 * 64 + 64
     height, width = changed_box(image, views[2])  # a scar: small at 64 pixels
     assert max(height, width) <= 10
+    # a normal fraction (--normal-fraction) never leaves the CutPaste view normal
+    three_way = CutPaste3Way(dict(normal_fraction=0.5))
+    assert all(not np.array_equal(three_way(image, np.random.default_rng(seed))[0][1], image)
+               for seed in range(40))
 
 
 @pytest.mark.slow

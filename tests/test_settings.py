@@ -68,7 +68,8 @@ def test_examples_from_the_paper():
 
 
 @pytest.mark.parametrize('key', ['shift', 'Shift-X', 'Shift--1', 'Shift-M-M', 'Shift-1-M', '',
-                                 'Shift-Intensity-', 'Shift-Intensity-Swap2', 'NSA', None, 3])
+                                 'Shift-Intensity-', 'Shift-Intensity-Swap2', 'NSA', None, 3,
+                                 'Shift-Intensity\n', 'Shift-\u0661\u0662', 'Shift-007', 'Shift-00'])
 def test_unknown_keys_raise_with_the_valid_forms(key):
     with pytest.raises(ValueError, match='BASE\\[-M\\]\\[-SEED\\].*Shift-Intensity-Swap'):
         parse_setting(key)
@@ -136,6 +137,9 @@ def test_paper_tables_cover_the_fifteen_categories():
 def test_paper_setting_key_uses_mixed_gradients_for_textures():
     assert paper_setting_key('Shift-Intensity', 'carpet') == 'Shift-Intensity-M'
     assert paper_setting_key('Shift-Intensity', 'bottle', seed=123425) == 'Shift-Intensity-123425'
+    assert [paper_setting_key(base, 'carpet') for base in ('CutPaste', 'FPI', 'Shift-Intensity-Swap')] == [
+        'CutPaste', 'FPI', 'Shift-Intensity-Swap']  # no -M where there is no Poisson blend
+    assert parse_setting('Shift-0').seed == 0 and parse_setting('Shift-10').seed == 10
 
 
 def test_custom_category_uses_texture_defaults_unless_object():

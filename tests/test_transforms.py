@@ -93,6 +93,12 @@ def test_resize(channels):
     assert out.shape == (32, 32, channels) and mask.shape == (32, 32, 1)
     assert set(np.unique(mask)) <= {0.0, 1.0}
     assert Resize(80)(image, None, None)[0].shape == (80, 80, channels)
+    step = np.zeros((256, 256, channels), np.uint8)  # a vertical edge, in the image and its mask
+    step[:, 130:] = 255
+    for side in (64, 224):
+        out, mask = Resize(side)(step, (step[:, :, :1] > 0).astype(np.float32), None)
+        image_edge = np.argmax(out[0, :, 0] >= 128)
+        assert np.argmax(mask[0, :, 0] > 0) == image_edge  # the mask stays on its image
 
 
 @pytest.mark.parametrize("transform", [CenterCrop(41), RandomCrop(41)])
