@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from experiments.atomic import write_atomic, write_text_atomic
+from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from experiments.detector import Detector
 from self_sup_data.images import image_files, to_channels
 
@@ -162,7 +162,7 @@ def remove_earlier_run(out_dir):
     """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
     leaves no map, overlay or mask of an image it does not predict: the outputs
     (``remove_outputs``) of each output name in its scores.csv and .pending (a killed run's last
-    batch), then its RUN_FILES. Other files in ``out_dir`` (the user's, even in maps/, overlays/
+    batch), then its RUN_FILES, and the temporary files of its killed writes. Other files in ``out_dir`` (the user's, even in maps/, overlays/
     or masks/) are kept. ValueError for a scores.csv that is not this command's."""
     scores, pending = out_dir / 'scores.csv', out_dir / PENDING
     names = []
@@ -179,6 +179,10 @@ def remove_earlier_run(out_dir):
         remove_outputs(out_dir, name)
     for table in RUN_FILES:
         (out_dir / table).unlink(missing_ok=True)
+    remove_stale_temporaries(out_dir, lambda name: name in RUN_FILES)  # of a killed run's writes
+    for folder in output_paths(out_dir, 'any').values():
+        if folder.parent.is_dir():
+            remove_stale_temporaries(folder.parent)
 
 
 def start_run(args):
@@ -239,9 +243,9 @@ def parse_args(argv=None):
                         help='average each map with that of the vertically flipped image '
                              '(textures only; calibrate the thresholds the same way)')
     parser.add_argument('--overwrite', action='store_true',
-                        help="replace an earlier run in OUT_DIR: its scores.csv, errors.csv and "
-                             "the maps, overlays and masks of the images it lists are deleted "
-                             "first")
+                        help="replace an earlier run in OUT_DIR: its scores.csv, errors.csv, "
+                             ".pending and the maps, overlays and masks of the images they list "
+                             "are deleted first")
     return parser.parse_args(argv)
 
 

@@ -34,8 +34,9 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              remove_report_temporaries, report_problems, train_config,
                              train_unless_finished)
 from experiments.checkpoints import SEARCH_DIR
+from experiments.plotting import remove_failed_figures
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import is_first_process
+from experiments.training import is_distributed, is_first_process
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
@@ -200,6 +201,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    figure_dir=None if args.no_figures else eval_dir / 'figures',
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
+    if not args.no_figures:
+        remove_failed_figures(records, eval_dir / 'figures')
     write_report(records, eval_dir)
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
@@ -353,7 +356,9 @@ def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1, and so does
     an --evaluate in which a model's evaluation failed (its tables are written all the same).
     Of several categories, one that fails (its error printed) does not stop the others: the
-    last line names the failed ones, --evaluate covers the others, and the status is 1."""
+    last line names the failed ones, --evaluate covers the others, and the status is 1 (under
+    torchrun it stops the run: a failure of the first process alone would leave the others
+    waiting for it)."""
     args = parse_args(argv)
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
@@ -368,7 +373,7 @@ def main(argv=None):
         try:
             train_category(args, setting, data_dir, category, out_dir)
         except SystemExit:  # its error is printed; the other categories go on
-            if len(categories) == 1:
+            if len(categories) == 1 or is_distributed():  # processes must not part ways
                 raise
             failed.append(category)
     trained = [category for category in categories if category not in failed]

@@ -73,8 +73,8 @@ def write_atomic(path, write, binary=True):
 
 def _write_error(path, error):
     """OSError (of ``error``'s errno) naming the file that could not be written and why."""
-    return OSError(error.errno, f'cannot write {path}: {error.strerror or error}; an earlier file '
-                                f'there is unchanged')
+    message = f'cannot write {path}: {error.strerror or error}; an earlier file there is unchanged'
+    return OSError(message) if error.errno is None else OSError(error.errno, message)
 
 
 def temporary_target(path):

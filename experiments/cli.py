@@ -320,13 +320,14 @@ def add_evaluation_options(parser):
 
 def run_command(work):
     """Run ``work()`` for a command line: each warning becomes a ``warning: ...`` line and an input
-    error (ValueError, FileNotFoundError, KeyError) one ``error: ...`` line and exit status 1."""
+    error (ValueError, OSError: a missing file or one that cannot be written, KeyError) one
+    ``error: ...`` line and exit status 1."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', UserWarning)
         try:
             return work()
-        except (ValueError, FileNotFoundError, KeyError) as error:
-            sys.exit(f'error: {error.args[0] if error.args else error}')
+        except (ValueError, OSError, KeyError) as error:
+            sys.exit(f'error: {error.args[0] if isinstance(error, KeyError) and error.args else error}')
         finally:
             for warning in caught:
                 print(f'warning: {warning.message}', file=sys.stderr)

@@ -218,6 +218,11 @@ def cpu_has_bf16(cpuinfo='/proc/cpuinfo'):
     return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
+def is_distributed():
+    """Whether this process is one of several of a torchrun launch (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get('WORLD_SIZE', 1)) > 1
+
+
 def is_first_process():
     """Whether this process is rank 0 of a torchrun launch (``RANK``), or the only process: the one
     that writes a run's files and reports."""
@@ -227,7 +232,7 @@ def is_first_process():
 def init_distributed(device):
     """Join the process group of a torchrun launch (``WORLD_SIZE`` > 1 in the environment) ->
     (rank, world size); (0, 1) outside torchrun. Backend NCCL on CUDA, gloo on the CPU."""
-    if int(os.environ.get('WORLD_SIZE', 1)) < 2:
+    if not is_distributed():
         return 0, 1
     if not dist.is_initialized():
         if device.type == 'cuda':
@@ -247,26 +252,31 @@ class EpochBatchSampler(Sampler):
 
     Epoch e visits the indices in the order of ``torch.randperm`` with a generator seeded by
     (seed, e) (``epoch_seed``), in batches of ``batch_size``, the last one smaller; no batch spans
-    two epochs. A last batch of one is dropped (a different index each epoch): batch norm cannot
-    normalise one image whose features are 1 x 1 (a 32-pixel crop at the encoder's end). With
-    ``world_size`` W > 1 (distributed training) the order is padded to a multiple of W with its own
-    first indices and rank r takes its positions r, r + W, r + 2 W, ...: the ranks' i-th batches
-    together are the i-th batch of W ``batch_size`` of a single process (every rank has as many
-    keys, so all of them drop a last batch of one together; batch norm is per process on the CPU).
+    two epochs. A last batch of one is dropped (a different index each epoch) where batch norm
+    sees it alone (``per_process_norm``: one process, or processes whose batch norm is not
+    synchronised, on the CPU): it cannot normalise one image whose features are 1 x 1 (a 32-pixel
+    crop at the encoder's end). With ``world_size`` W > 1 (distributed training) the order is
+    padded to a multiple of W with its own first indices and rank r takes its positions r, r + W,
+    r + 2 W, ...: the ranks' i-th batches together are the i-th batch of W ``batch_size`` of a
+    single process (every rank has as many keys, so all of them drop a last batch of one
+    together, where they do).
     The keys reach the dataset through ``EpochDataset``.
     """
 
-    def __init__(self, size, batch_size, seed, epochs, start_epoch=0, rank=0, world_size=1):
+    def __init__(self, size, batch_size, seed, epochs, start_epoch=0, rank=0, world_size=1,
+                 per_process_norm=True):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.epochs, self.start_epoch = epochs, start_epoch
         self.rank, self.world_size = rank, world_size
+        self.per_process_norm = per_process_norm or world_size == 1
         self.keys_per_epoch = self.kept(math.ceil(size / world_size))
         self.batches_per_epoch = math.ceil(self.keys_per_epoch / batch_size)
 
     def kept(self, count):
         """How many of an epoch's ``count`` keys (this rank's) are read: all, less a last batch of
-        one."""
-        return count - 1 if count > 1 and count % self.batch_size == 1 else count
+        one that batch norm would see alone."""
+        alone = self.per_process_norm and count > 1 and count % self.batch_size == 1
+        return count - 1 if alone else count
 
     def epoch_keys(self, epoch):
         """This rank's keys of ``epoch``, in order."""
@@ -329,7 +339,7 @@ def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, wor
     items a batch), read in ``config.workers`` processes."""
     sampler = EpochBatchSampler(len(dataset), config.batch_size // world_size, config.seed,
                                 config.epochs if epochs is None else epochs, start_epoch, rank,
-                                world_size)
+                                world_size, per_process_norm=device.type != 'cuda')  # SyncBatchNorm
     return OneOpenCVThreadLoader(EpochDataset(dataset), batch_sampler=sampler,
                                  num_workers=config.workers, pin_memory=device.type == 'cuda',
                                  generator=torch.Generator().manual_seed(config.seed))

@@ -115,7 +115,7 @@ def _bad_rows(flags):
 def read_bbox_table(bbox_csv):
     """NIH ``BBox_List_2017.csv`` -> DataFrame with columns image, label, x, y, w, h (numbers);
     ValueError naming the file and the lines of boxes that are not numbers."""
-    table = pd.read_csv(bbox_csv)
+    table = pd.read_csv(bbox_csv, index_col=False)  # rows ending in a comma do not shift the columns
     _check_columns(table, BBOX_COLUMNS, bbox_csv)
     table = table[list(BBOX_COLUMNS)]
     table.columns = ['image', 'label', 'x', 'y', 'w', 'h']

@@ -142,6 +142,11 @@ def test_errors(xrays):
     with pytest.raises(ValueError, match=r"1 images are in both the normal list .*normal.txt and the "
                                          r"anomalous list, e.g. \['00000003_000.png'\]"):
         SelfSupChestXRay(data_dir, data_dir / 'normal.txt', names[3:], is_train=False)
+    (data_dir / 'trailing.csv').write_text('Image Index,Finding Label,Bbox [x,y,w,h]\n'
+                                           f'{names[4]},Mass,256,512,128,64,\n')  # rows end in a comma
+    boxed = SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'trailing.csv',
+                             is_train=False, res=128)
+    assert int(boxed.masks[2].sum()) == 16 * 8
     with pytest.raises(ValueError, match=r"box table .*boxes.csv: 2 rows .* on lines \[2, 4\]"):
         write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', 'abc', 1, 2, 3), (names[5], 'Mass', 1, 2, 3, 4),
                                              (names[6], 'Mass', 1, 2, '', 4)])

@@ -572,6 +572,12 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         mvtec_tasks.main(['-m', str(tmp_path), '-d', str(tmp_path), '-o', str(tmp_path / 'out'),
                           '-s', 'Nope'])
     assert "unknown setting key 'Nope'" in str(exit_info.value.code)
+    from experiments.atomic import write_text_atomic
+    from experiments.cli import run_command
+    (tmp_path / 'results.csv').mkdir()  # a file that cannot be written is one line too
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(lambda: write_text_atomic(tmp_path / 'results.csv', 'a,b\n'))
+    assert str(exit_info.value.code).startswith(f'error: [Errno 21] cannot write {tmp_path / "results.csv"}')
 
 
 # ------------------------------------------------------------------------------ chest X-rays

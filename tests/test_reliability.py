@@ -380,6 +380,10 @@ def test_every_rank_drops_its_last_batch_of_one_together():
     for epoch in (0, 1):  # the ranks' keys of an epoch are distinct
         keys = [key for batches in ranks for batch in batches for key in batch if key[0] == epoch]
         assert len(set(keys)) == 8
+    # synchronised batch norm (CUDA) sees the ranks' batches together: nothing is dropped
+    synced = EpochBatchSampler(10, 4, seed=0, epochs=1, rank=0, world_size=2, per_process_norm=False)
+    assert [len(batch) for batch in synced] == [4, 1]
+    assert [len(b) for b in EpochBatchSampler(9, 4, seed=0, epochs=1, per_process_norm=False)] == [4, 4]
 
 
 @pytest.mark.parametrize('argv,expected', [
@@ -753,3 +757,16 @@ def test_a_category_that_fails_does_not_stop_the_others(tmp_path, capsys):
     assert err.strip().splitlines()[-1] == 'train_mvtec.py: error: 1 of 3 categories failed (their errors are above): b'
     assert sorted(p.parent.name for p in out.rglob('final_*.pt')) == ['a', 'c']
     assert sorted(pd.read_csv(out / 'eval' / 'results.csv')['category']) == ['a', 'c']
+
+
+def test_under_torchrun_a_failing_category_stops_the_run(tmp_path, capsys, monkeypatch):
+    """The first process alone writes and validates, so its failure would leave the others
+    waiting in the next category's collectives: every process stops."""
+    for name in ('a', 'b'):
+        make_mvtec_category(tmp_path / 'data', name, n_train=4)
+    broken = tmp_path / 'data' / 'a' / 'train' / 'good' / '000.png'
+    broken.write_bytes(broken.read_bytes()[:60])
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-c', 'all',
+                                           '-o', str(tmp_path / 'out')] + ONE_EPOCH, capsys)
+    assert f'cannot read image {broken}' in message and not list((tmp_path / 'out').rglob('*.pt'))
