@@ -107,7 +107,10 @@ def parse_args(argv=None):
     parser.add_argument('--flip-average', action='store_true',
                         help='evaluate with each map averaged with that of the vertically flipped '
                              'image; writes real_data_flip_average.md etc.')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # absolute: the training runs from the repository's root, the rest from here
+    args.data_dir, args.out = str(Path(args.data_dir).resolve()), str(Path(args.out).resolve())
+    return args
 
 
 def model_path(args, key):

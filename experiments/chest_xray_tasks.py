@@ -44,14 +44,17 @@ def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFA
                             res=res, bit_depth=bit_depth)
 
 
-def check_not_trained_on(meta, test_names):
-    """ValueError when test images (by file name) are in the training list that a model's meta
-    names (``normal_list``, where it still exists): scores of images it trained on are no test."""
+def check_not_trained_on(meta, data_dir, test_names):
+    """ValueError when test images (names relative to ``data_dir``) are images of the training
+    list that a model's meta names (``normal_list``, where it still exists; relative to the meta's
+    ``data_dir``): scores of images it trained on are no test. Images are compared as resolved
+    paths (a folder of other images may reuse the names)."""
     trained_list = meta.get('normal_list')
     if trained_list is None or not Path(trained_list).is_file():
         return
-    trained = {Path(name).name for name in read_file_list(trained_list)}
-    seen = sorted(name for name in test_names if Path(name).name in trained)
+    trained_dir = Path(meta.get('data_dir') or data_dir)
+    trained = {(trained_dir / name).resolve() for name in read_file_list(trained_list)}
+    seen = sorted(name for name in test_names if (Path(data_dir) / name).resolve() in trained)
     if seen:
         raise ValueError(f"{len(seen)} test images are in this model's training list "
                          f"{trained_list}, e.g. {seen[:3]}; test it on images it has not seen")
@@ -92,7 +95,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if 'error' in meta:
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        check_not_trained_on(meta, test_names[0] + test_names[1])
+        check_not_trained_on(meta, data_dir, test_names[0] + test_names[1])
         key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
         if key not in datasets:
             datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)

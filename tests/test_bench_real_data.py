@@ -223,3 +223,10 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     assert 'maps averaged with the vertical flip' in (out / 'real_data_flip_average.md').read_text()
     assert real_data.main(base + ['--settings', 'CutPaste-3way', '--evaluate-only',
                                   '--flip-average']) == 1
+
+
+def test_relative_paths_mean_the_same_folders_to_the_training_run(tmp_path, monkeypatch):
+    """The training subprocess runs from the repository's root: the paths it gets are absolute."""
+    monkeypatch.chdir(tmp_path)
+    args = real_data.parse_args(['--data-dir', 'data', '--out', 'out'])
+    assert (args.data_dir, args.out) == (str(tmp_path / 'data'), str(tmp_path / 'out'))

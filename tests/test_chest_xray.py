@@ -283,10 +283,14 @@ def test_real_table():
 def test_a_model_is_not_tested_on_the_images_of_its_training_list(tmp_path):
     from experiments.chest_xray_tasks import check_not_trained_on
     (tmp_path / 'train.txt').write_text('a/00000001_000.png\n00000002_000.png\n')
-    meta = dict(normal_list=str(tmp_path / 'train.txt'))
-    check_not_trained_on(meta, ['00000003_000.png', '00000004_000.png'])
+    meta = dict(normal_list=str(tmp_path / 'train.txt'), data_dir=str(tmp_path / 'data'))
+    check_not_trained_on(meta, tmp_path / 'data', ['00000003_000.png', '00000004_000.png'])
     with pytest.raises(ValueError, match=r"1 test images are in this model's training list .*train.txt, "
-                                         r"e.g. \['b/00000001_000.png'\]"):
-        check_not_trained_on(meta, ['b/00000001_000.png', '00000004_000.png'])
-    check_not_trained_on(dict(normal_list=str(tmp_path / 'moved.txt')), ['00000002_000.png'])  # gone: unchecked
-    check_not_trained_on({}, ['00000002_000.png'])
+                                         r"e.g. \['a/./00000001_000.png'\]"):
+        check_not_trained_on(meta, tmp_path / 'data', ['a/./00000001_000.png', '00000004_000.png'])
+    # the same names in another folder are other images
+    check_not_trained_on(meta, tmp_path / 'test', ['a/00000001_000.png', '00000002_000.png'])
+    check_not_trained_on(meta, tmp_path / 'data', ['b/00000001_000.png'])
+    moved = dict(meta, normal_list=str(tmp_path / 'moved.txt'))  # a list that is gone: unchecked
+    check_not_trained_on(moved, tmp_path / 'data', ['00000002_000.png'])
+    check_not_trained_on({}, tmp_path / 'data', ['00000002_000.png'])

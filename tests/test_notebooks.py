@@ -60,7 +60,8 @@ def test_mvtec_notebook(tmp_path, monkeypatch):
     save_checkpoint(model_dir, 'Shift-Intensity-M-3', 'tiles', 'texture', seed=3)
     notebook = run_notebook('mvtec_evaluation.ipynb', dict(
         MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), SETTINGS=None, CATEGORIES=['tiles'],
-        PAPER_LAYOUT=False, FLIP_AVERAGE=True, OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
+        PAPER_LAYOUT=False, FLIP_AVERAGE=True, ONE_CLASS=None, ALLOW_MISSING_MASKS=False,
+        OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
     assert_clean_run(notebook)
     results = pd.read_csv(out_dir / 'results.csv')
     averaged, plain = (mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, flip_average=flip)[0]
