@@ -115,10 +115,16 @@ def write_outputs(out_dir, name, image, map_, pixel_threshold):
         raise
 
 
+def is_plain_name(name):
+    """Whether ``name`` (read from an earlier run's files) is a plain file name, which never
+    reaches outside OUT_DIR's folders."""
+    return bool(name) and name not in ('.', '..') and Path(name).name == name
+
+
 def remove_outputs(out_dir, name):
     """Delete the map, overlay and mask of output name ``name`` where they exist (plain names
-    only: a name read from a file never reaches outside OUT_DIR's folders)."""
-    if name and name not in ('.', '..') and Path(name).name == name:
+    only, ``is_plain_name``)."""
+    if is_plain_name(name):
         for path in output_paths(out_dir, name).values():
             with contextlib.suppress(OSError):  # one that cannot be deleted was not written
                 path.unlink(missing_ok=True)
@@ -162,7 +168,7 @@ def remove_earlier_run(out_dir):
     """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
     leaves no map, overlay or mask of an image it does not predict: the outputs
     (``remove_outputs``) of each output name in its scores.csv and .pending (a killed run's last
-    batch), then its RUN_FILES, and the temporary files of its killed writes. Other files in ``out_dir`` (the user's, even in maps/, overlays/
+    batch), then its RUN_FILES, and the temporary files of its killed writes of these. Other files in ``out_dir`` (the user's, even in maps/, overlays/
     or masks/) are kept. ValueError for a scores.csv that is not this command's."""
     scores, pending = out_dir / 'scores.csv', out_dir / PENDING
     names = []
@@ -180,9 +186,11 @@ def remove_earlier_run(out_dir):
     for table in RUN_FILES:
         (out_dir / table).unlink(missing_ok=True)
     remove_stale_temporaries(out_dir, lambda name: name in RUN_FILES)  # of a killed run's writes
-    for folder in output_paths(out_dir, 'any').values():
-        if folder.parent.is_dir():
-            remove_stale_temporaries(folder.parent)
+    outputs = {path.name for name in names if is_plain_name(name)
+               for path in output_paths(out_dir, name).values()}
+    for folder in {path.parent for path in output_paths(out_dir, 'any').values()}:
+        if folder.is_dir():
+            remove_stale_temporaries(folder, lambda name: name in outputs)
 
 
 def start_run(args):

@@ -144,7 +144,7 @@ def setting_from_path(path):
     path = Path(path)
     for key in list(BASE_SETTINGS) + [base + '-M' for base in POISSON_BASES]:
         setting = parse_setting(key)
-        match = re.fullmatch(rf'final_{re.escape(path.parent.name)}_{setting.fname}(?:_(\d+))?',
+        match = re.fullmatch(rf'final_{re.escape(path.parent.name)}_{setting.fname}(?:_(0|[1-9][0-9]*))?',
                              path.stem)
         if match and path.parent.parent.name == setting.dir_name:
             return key + (f'-{match[1]}' if match[1] else '')

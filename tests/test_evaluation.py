@@ -474,6 +474,15 @@ def test_a_key_with_seed_0_selects_the_model_trained_without_a_seed():
     assert select(found, ['Shift-Intensity-2']) == []
 
 
+def test_a_checkpoint_path_names_its_setting_only_as_the_training_scripts_write_it():
+    assert checkpoints.setting_from_path('out/shift_m/tile/final_tile_shift_m_7.pt') == 'Shift-M-7'
+    assert checkpoints.setting_from_path('out/shift/tile/final_tile_shift.pt') == 'Shift'
+    assert checkpoints.setting_from_path('out/shift/tile/final_tile_shift_0.pt') == 'Shift-0'
+    for other in ('out/shift/tile/final_tile_shift_007.pt', 'out/shift/tile/final_tile_shift_\u0661.pt',
+                  'elsewhere/final_tile_shift.pt'):
+        assert checkpoints.setting_from_path(other) is None  # a renamed file: skipped with a warning
+
+
 def test_find_checkpoints_leaves_out_the_recipe_search_candidates(tmp_path):
     """--recipe search writes short candidate runs of the same setting and category under
     <run dir>/search/; the evaluation must see the final run only (not a duplicate result)."""

@@ -224,12 +224,13 @@ def test_overwrite_also_deletes_the_outputs_of_a_killed_runs_last_batch(tmp_path
             (tmp_path / folder / f'{name}{suffix}').write_bytes(b'x')
     (tmp_path / 'scores.csv').write_text('file,output,score_mean,score_max,anomalous\nin/a.png,a,0.1,0.2,\n')
     (tmp_path / predict.PENDING).write_text('b\n../mine\n')
-    (tmp_path / 'maps' / '.c.npy.abcd1234.tmp').write_bytes(b'a killed write')
+    (tmp_path / 'maps' / '.b.npy.abcd1234.tmp').write_bytes(b'a killed write')
     (tmp_path / '.scores.csv.abcd1234.tmp').write_bytes(b'a killed write')
-    (tmp_path / '.notes.txt.abcd1234.tmp').write_bytes(b'the user\'s, perhaps')
+    for name in ('.notes.txt.abcd1234.tmp', 'maps/.mine.npy.v1.tmp'):
+        (tmp_path / name).write_bytes(b'the user\'s, perhaps')
     predict.remove_earlier_run(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()) == [
-        '.notes.txt.abcd1234.tmp', 'maps/mine.npy', 'overlays/mine.png']
+        '.notes.txt.abcd1234.tmp', 'maps/.mine.npy.v1.tmp', 'maps/mine.npy', 'overlays/mine.png']
 
 
 def test_an_earlier_run_that_cannot_be_read_is_an_error_naming_it(tmp_path):
