@@ -32,6 +32,7 @@ import contextlib
 import csv
 import io
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -257,6 +258,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """``warnings.formatwarning`` for this command: ``predict.py: warning: ...``."""
+    return f'{PROG}: warning: {message}\n'
+
+
 def main(argv=None):
     """Run the command; returns the exit status (the number of unreadable files, at most 100)."""
     args = parse_args(argv)
@@ -265,7 +271,11 @@ def main(argv=None):
     except StopRun as error:
         print(f'{PROG}: error: {error}', file=sys.stderr)
         return STOPPED_STATUS
-    errors = predict_files(detector, files, out_dir, args.flip_average)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    try:
+        errors = predict_files(detector, files, out_dir, args.flip_average)
+    finally:
+        warnings.formatwarning = formatwarning
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
           f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}')
     return min(len(errors), MAX_FAILED_STATUS)

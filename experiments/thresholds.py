@@ -44,9 +44,13 @@ def normal_image_files(meta, data_dir=None):
     e.g. the folder format, which needs no ``data_dir``). The held-out images are found again by
     their index, so the images it was trained on must be those named in the model
     (``train_files_sha256``, where it has it)."""
-    data_dir = data_dir or meta.get('data_dir')
     layout = layout_from_spec(meta.get('layout'))
     in_folders = layout is not None and layout.name == 'folder'
+    if in_folders and data_dir is not None:
+        raise ValueError(f"-d {data_dir} is not read for a model of the folder format, whose "
+                         f"normal images are the model's --normal folder; pass other normal "
+                         f"images with -i")
+    data_dir = data_dir or meta.get('data_dir')
     if meta.get('dataset', 'mvtec') != 'mvtec':
         raise ValueError(f"this model was trained on {meta['dataset']} images from a list, not an "
                          f"MVTec-layout folder: pass normal images it has not seen with -i")

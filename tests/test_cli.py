@@ -312,3 +312,23 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
         out = capsys.readouterr().out
         assert ('--bf16 on a CPU without bfloat16 instructions' in out) is noted
     assert len(trained) == 3  # the note does not stop training
+
+
+def test_an_evaluation_whose_every_result_failed_keeps_the_earlier_files(tmp_path, capsys):
+    from types import SimpleNamespace
+    from experiments.cli import run_evaluation
+    figure = tmp_path / 'figures' / 'a_Shift.png'
+    figure.parent.mkdir()
+    figure.write_bytes(b'an earlier evaluation\'s figure')
+    written = []
+    failed = [dict(category='a', setting='Shift', seed=0, checkpoint='m.pt', error='ValueError: changed data')]
+    with pytest.raises(SystemExit) as stop:
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False), lambda figure_dir: failed,
+                       written.append, 'no models')
+    assert stop.value.code == 1 and written == [] and figure.is_file()
+    assert 'failed: a Shift seed 0 (m.pt): ValueError: changed data' in capsys.readouterr().err
+    mixed = failed + [dict(category='b', setting='Shift', seed=0, checkpoint='n.pt')]
+    with pytest.raises(SystemExit):
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False), lambda figure_dir: mixed,
+                       written.append, 'no models')
+    assert written == [mixed] and not figure.exists()  # a new evaluation: its failed figure goes

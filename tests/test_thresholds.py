@@ -121,6 +121,10 @@ def test_held_out_images_are_refused_when_the_training_images_were_renamed(tmp_p
     assert len(thresholds.normal_image_files(meta)[0]) == 3
     with pytest.raises(ValueError, match='trained on chest_xray images from a list.* with -i'):
         thresholds.normal_image_files(dict(meta, dataset='chest_xray'), data_dir=root)
+    from self_sup_data.layouts import make_layout
+    folder = dict(meta, layout=make_layout('folder', root / 'tiny' / 'train' / 'good').spec())
+    with pytest.raises(ValueError, match=f'-d {root} is not read for a model of the folder format'):
+        thresholds.normal_image_files(folder, data_dir=root)
 
 
 @pytest.mark.slow
