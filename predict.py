@@ -169,8 +169,9 @@ def remove_earlier_run(out_dir):
     """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
     leaves no map, overlay or mask of an image it does not predict: the outputs
     (``remove_outputs``) of each output name in its scores.csv and .pending (a killed run's last
-    batch), then its RUN_FILES, and the temporary files of its killed writes of these. Other files in ``out_dir`` (the user's, even in maps/, overlays/
-    or masks/) are kept. ValueError for a scores.csv that is not this command's."""
+    batch), then its RUN_FILES, and the temporary files of its killed writes of these. Other
+    files in ``out_dir`` (the user's, even in maps/, overlays/ or masks/) are kept. ValueError
+    for a scores.csv that is not this command's."""
     scores, pending = out_dir / 'scores.csv', out_dir / PENDING
     names = []
     try:

@@ -1,7 +1,7 @@
 """A trained model on new images: ``Detector.load(path)`` of a checkpoint (.pt) or an exported
 ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
 
-    detector = Detector.load('final_tile_Shift-Intensity-M.pt')   # or 'tile.onnx'
+    detector = Detector.load('final_tile_shift_intensity_m.pt')   # or 'tile.onnx'
     scores, maps = detector.predict([detector.read(path) for path in paths])
     anomalous = scores['mean'] > detector.threshold                # after calibration
 

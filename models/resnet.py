@@ -1,7 +1,7 @@
 """ResNet-18 encoder-decoder of NSA (Schlueter et al., arXiv 2109.15222), trained from scratch.
 
 The network maps an image ``B x C_in x H x W`` to a pixel-wise anomaly map
-``B x num_classes x H x W`` (H and W divisible by 32):
+``B x num_classes x H x W`` (H and W divisible by 32, or by 16 with ``pool=False``):
 
     encoder     ResNet-18 trunk: 7x7 stride-2 stem, optional 3x3 stride-2 max pool,
                 four stages of two basic blocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2)
@@ -242,8 +242,8 @@ class ResNetEncDec(nn.Module):
     def logits(self, x):
         """The map before the final activation (what BCE trains on: the sigmoid's logits)."""
         height, width = x.shape[-2:]
-        if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"input height and width must be multiples of {self.size_multiple} "
+        if height % self.size_multiple or width % self.size_multiple or not (height and width):
+            raise ValueError(f"input height and width must be positive multiples of {self.size_multiple} "
                              f"(pool={self.config['pool']}), got {height}x{width}")
         x = self.encoder(x)[-1]
         return self.decoder(self.bottleneck(x))

@@ -111,6 +111,8 @@ def test_a_full_disk_is_an_os_error_naming_the_file_even_through_torch_save(tmp_
     monkeypatch.undo()
     folder = tmp_path / 'locked'
     folder.mkdir()
-    monkeypatch.setattr(atomic.tempfile, 'mkstemp', lambda **kw: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    def refused(**kwargs):
+        raise PermissionError(13, 'Permission denied')
+    monkeypatch.setattr(atomic.tempfile, 'mkstemp', refused)
     with pytest.raises(OSError, match=f'cannot write {folder / "table.csv"}: Permission denied'):
         write_text_atomic(folder / 'table.csv', 'a\n')

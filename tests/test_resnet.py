@@ -98,7 +98,7 @@ def test_no_pool_accepts_multiples_of_16():
         assert model(torch.randn(1, 3, 48, 80)).shape == (1, 1, 48, 80)
 
 
-@pytest.mark.parametrize('pool, size', [(True, (48, 64)), (False, (64, 40))])
+@pytest.mark.parametrize('pool, size', [(True, (48, 64)), (False, (64, 40)), (True, (0, 32)), (False, (16, 0))])
 def test_size_not_divisible_raises(pool, size):
     model = resnet18_enc_dec(pool=pool)
     with pytest.raises(ValueError, match='multiples of'):
