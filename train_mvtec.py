@@ -28,14 +28,12 @@ import sys
 from pathlib import Path
 
 from experiments import recipes, settings
-from experiments.cli import (add_layout_arguments, add_training_arguments, all_failed,
-                             check_training_options, exit_on_input_error, layout_from_args,
-                             model_from_args, prepare_output_dir,
+from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
+                             exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
                              found_run, print_slow_bf16_note, refuse_existing_run, refuse_twin_run,
                              remove_report_temporaries, report_problems, train_config,
-                             train_unless_finished)
+                             train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR
-from experiments.plotting import remove_failed_figures
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import is_distributed, is_first_process
 from experiments.validation import Validator
@@ -197,15 +195,12 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     the notes and failures of ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
     remove_report_temporaries(eval_dir)
+    figure_dir = None if args.no_figures else eval_dir / 'figures'
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
-                                   device=args.device,
-                                   figure_dir=None if args.no_figures else eval_dir / 'figures',
+                                   device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    if not all_failed(records):  # else an earlier evaluation's files stay as they are
-        if not args.no_figures:
-            remove_failed_figures(records, eval_dir / 'figures')
-        write_report(records, eval_dir)
+    written = write_evaluation(records, figure_dir, lambda records: write_report(records, eval_dir))
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
     header = ['category', 'setting', 'seed'] + list(columns.values())
@@ -214,7 +209,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
-    if not all_failed(records):
+    if written:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
     return report_problems(records)
 

@@ -346,25 +346,19 @@ def remove_report_temporaries(out_dir):
 
 def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
-    ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures; the earlier
-    figures of results that all failed are removed), a FileNotFoundError ``nothing_found`` when
-    there are none, ``write_report(records)`` unless every record failed (``all_failed``: the
-    folder's earlier files are kept); errors and warnings as in ``run_command``. Prints where the
-    tables are and returns the records; when some records failed (an ``error`` entry), the last
-    lines name each with its reason and the command exits with status 1 once everything else is
-    written."""
+    ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
+    FileNotFoundError ``nothing_found`` when there are none, ``write_evaluation``; errors and
+    warnings as in ``run_command``. Prints where the tables are and returns the records; when
+    some records failed (an ``error`` entry), the last lines name each with its reason and the
+    command exits with status 1 once everything else is written."""
     def work():
         remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
-        if all_failed(records):  # nothing new: an earlier evaluation's files stay as they are
-            return records
-        if figure_dir is not None:
-            remove_failed_figures(records, figure_dir)
-        write_report(records)
-        print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+        if write_evaluation(records, figure_dir, write_report):
+            print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
         return records
     records = run_command(work)
     if report_problems(records):
@@ -372,10 +366,17 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     return records
 
 
-def all_failed(records):
-    """Whether every one of ``records`` is a failed evaluation (an ``error`` entry): then nothing
-    is written over an earlier evaluation's results, tables and figures."""
-    return all(isinstance(record.get('error'), str) for record in records)
+def write_evaluation(records, figure_dir, write_report):
+    """Unless every one of ``records`` is a failed evaluation (an ``error`` entry; then an earlier
+    evaluation's results, tables and figures stay as they are): remove the earlier figures in
+    ``figure_dir`` (None: no figures) of results that all failed, and ``write_report(records)``.
+    Returns whether anything was written."""
+    if all(isinstance(record.get('error'), str) for record in records):
+        return False
+    if figure_dir is not None:
+        remove_failed_figures(records, figure_dir)
+    write_report(records)
+    return True
 
 
 def report_problems(records):
