@@ -200,7 +200,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    written = write_evaluation(records, figure_dir, lambda records: write_report(records, eval_dir))
+    tables = write_evaluation(records, figure_dir, lambda records: write_report(records, eval_dir))
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
     header = ['category', 'setting', 'seed'] + list(columns.values())
@@ -209,7 +209,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
-    if written:
+    if tables is not None:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
     return report_problems(records)
 

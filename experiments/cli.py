@@ -357,7 +357,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
-        if write_evaluation(records, figure_dir, write_report):
+        if write_evaluation(records, figure_dir, write_report) is not None:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
         return records
     records = run_command(work)
@@ -370,13 +370,12 @@ def write_evaluation(records, figure_dir, write_report):
     """Unless every one of ``records`` is a failed evaluation (an ``error`` entry; then an earlier
     evaluation's results, tables and figures stay as they are): remove the earlier figures in
     ``figure_dir`` (None: no figures) of results that all failed, and ``write_report(records)``.
-    Returns whether anything was written."""
+    Returns what ``write_report`` returns (the tables), or None when nothing was written."""
     if all(isinstance(record.get('error'), str) for record in records):
-        return False
+        return None
     if figure_dir is not None:
         remove_failed_figures(records, figure_dir)
-    write_report(records)
-    return True
+    return write_report(records)
 
 
 def report_problems(records):

@@ -10,6 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import metrics, mvtec_tasks
@@ -93,6 +94,35 @@ def test_chestxray_notebook(tmp_path, monkeypatch):
     assert sum('tiny' in html for html in outputs(notebook, 'text/html')) == 5
     assert (out_dir / 'results.csv').is_file() and len(outputs(notebook, 'image/png')) == 1
     assert [p.name for p in (out_dir / 'figures').iterdir()] == ['tiny_Shift.png']
+
+
+@pytest.mark.slow  # runs the notebook in a kernel
+@pytest.mark.parametrize('name', ['mvtec_evaluation.ipynb', 'chestxray_evaluation.ipynb'])
+def test_a_notebook_whose_every_evaluation_failed_keeps_the_earlier_files(name, tmp_path, monkeypatch):
+    out_dir = tmp_path / 'out'
+    if name == 'mvtec_evaluation.ipynb':
+        data_dir, model_dir = tmp_path / 'data', tmp_path / 'models'
+        make_mvtec_category(data_dir, 'tiles', size=64)
+        save_checkpoint(model_dir, 'Shift-Intensity-M-3', 'tiles', 'texture', seed=3)
+        parameters = dict(MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), SETTINGS=None, CATEGORIES=None,
+                          PAPER_LAYOUT=False, FLIP_AVERAGE=False, ONE_CLASS=None, ALLOW_MISSING_MASKS=False,
+                          OUT_DIR=str(out_dir), DEVICE='cpu')
+    else:
+        model_dir, data_dir, normal, anomalous, boxes = make_chest_test_set(tmp_path, seeds=(1,))
+        parameters = dict(MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), NORMAL_LIST=str(normal),
+                          ANOMALOUS_LIST=str(anomalous), BBOX_CSV=None, SETTINGS=None, TEST_NAME='tiny',
+                          OUT_DIR=str(out_dir), DEVICE='cpu')
+    [checkpoint] = Path(model_dir).rglob('final_*.pt')
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # every evaluation fails
+    earlier = {out_dir / 'results.csv': b'earlier results', out_dir / 'tables' / 'au_pro.md': b'earlier table',
+               out_dir / 'figures' / 'tiles_Shift-Intensity-M.png': b'earlier figure'}
+    for path, content in earlier.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    with pytest.raises(CellExecutionError, match='every evaluation failed') as stop:
+        run_notebook(name, parameters, monkeypatch)
+    assert f'cannot read checkpoint {checkpoint}' in str(stop.value)  # report_problems named it
+    assert all(path.read_bytes() == content for path, content in earlier.items())
 
 
 @pytest.mark.parametrize('name', ['mvtec_evaluation.ipynb', 'chestxray_evaluation.ipynb'])
