@@ -13,7 +13,10 @@ Result, ``OUT/magnetic_tile`` (one MVTec-layout category)::
     ground_truth/<type>/NNN_mask.png   their masks, {0, 255}
 
 Conversion: greyscale, 256 x 256 with Pillow (bilinear for images; nearest neighbour for masks,
-then thresholded: above 127 -> 255, else 0). The ``MT_Free`` images, sorted by path, are shuffled
+read as the project reads masks (``decode_mask_values``: a colour mask by its largest channel),
+then thresholded: above 127 -> 255, else 0). Each mask must have its image's size. A source whose
+folders do not hold the published numbers of images (``PUBLISHED_COUNTS``) converts with a warning:
+its split and numbering differ from the published conversion's. The ``MT_Free`` images, sorted by path, are shuffled
 with ``random.Random(0).shuffle``; the first 240 are the normal test images and the rest the
 training images; each split is then numbered (``NNN``, three digits) in path order. Each defect
 type's images are numbered in path order. ``MT_Free``'s masks are not used. PNGs are written by
@@ -25,18 +28,22 @@ import argparse
 import os
 import random
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from self_sup_data.images import as_displayed, is_image_name, opened_image
+from self_sup_data.images import as_displayed, decode_mask_values, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
 NORMAL_FOLDER = 'MT_Free'
 DEFECT_FOLDERS = {'MT_Blowhole': 'blowhole', 'MT_Break': 'break', 'MT_Crack': 'crack',
                   'MT_Fray': 'fray', 'MT_Uneven': 'uneven'}
+PUBLISHED_COUNTS = {NORMAL_FOLDER: 952, 'MT_Blowhole': 115, 'MT_Break': 85, 'MT_Crack': 57, 'MT_Fray': 32,
+                    'MT_Uneven': 103}  # images in each folder of the public dataset
 SIZE = 256
 N_TEST_GOOD = 240
 SPLIT_SEED = 0
@@ -47,7 +54,8 @@ def source_images(src, folder, with_masks):
     macOS's ``._`` forks); with ``with_masks`` also their ``.png`` masks.
 
     Returns a list of (image path, mask path or None). Raises FileNotFoundError naming the
-    missing folder or the image without a mask.
+    missing folder or the image without a mask, ValueError naming an unreadable file or a mask
+    whose size is not its image's.
     """
     images_dir = Path(src) / folder / 'Imgs'
     if not images_dir.is_dir():
@@ -65,6 +73,10 @@ def source_images(src, folder, with_masks):
         if not mask.is_file():
             raise FileNotFoundError(f"image {path} has no mask {mask}; each defect image needs "
                                     "a .png mask of the same name")
+        with opened_image(path) as image, opened_image(mask) as mask_image:  # headers only
+            if mask_image.size != image.size:
+                raise ValueError(f"mask {mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
+                                 f"{path} is {image.size[0]}x{image.size[1]}")
         pairs.append((path, mask))
     return pairs
 
@@ -77,11 +89,10 @@ def convert_image(path):
 
 
 def convert_mask(path):
-    """The mask at ``path`` resized to SIZE x SIZE by nearest neighbour, then 255 above 127, else 0;
-    ValueError naming an unreadable file."""
-    with opened_image(path) as mask:
-        resized = np.asarray(as_displayed(mask).convert('L').resize((SIZE, SIZE), Image.NEAREST))
-    return Image.fromarray(np.where(resized > 127, 255, 0).astype(np.uint8))
+    """The mask at ``path`` (``decode_mask_values``) thresholded (255 above 127, else 0) and resized
+    to SIZE x SIZE by nearest neighbour; ValueError naming an unreadable file."""
+    binary = np.where(decode_mask_values(path) > 127, 255, 0).astype(np.uint8)
+    return Image.fromarray(binary).resize((SIZE, SIZE), Image.NEAREST)
 
 
 def conversion_plan(src):
@@ -92,28 +103,37 @@ def conversion_plan(src):
     splits = {'test': sorted(shuffled[:N_TEST_GOOD]), 'train': sorted(shuffled[N_TEST_GOOD:])}
     plan = [(path, None, f'{split}/good/{i:03d}.png', None)
             for split, paths in splits.items() for i, path in enumerate(paths)]
+    found = {NORMAL_FOLDER: len(normal)}
     for folder, defect in DEFECT_FOLDERS.items():
+        pairs = source_images(src, folder, with_masks=True)
+        found[folder] = len(pairs)
         plan += [(image, mask, f'test/{defect}/{i:03d}.png', f'ground_truth/{defect}/{i:03d}_mask.png')
-                 for i, (image, mask) in enumerate(source_images(src, folder, with_masks=True))]
+                 for i, (image, mask) in enumerate(pairs)]
     if not splits['train']:
         raise ValueError(f"{Path(src) / NORMAL_FOLDER / 'Imgs'} holds {len(normal)} images; the split "
                          f"needs more than the {N_TEST_GOOD} normal test images (the public dataset "
-                         f"has 952): is the download complete?")
+                         f"has {PUBLISHED_COUNTS[NORMAL_FOLDER]}): is the download complete?")
+    differing = [f'{Path(src) / folder / "Imgs"} holds {found[folder]} images, the public dataset {count}'
+                 for folder, count in PUBLISHED_COUNTS.items() if found[folder] != count]
+    if differing:
+        warnings.warn('; '.join(differing) + ': the split and numbering will differ from the published '
+                      'conversion (is the download complete?)')
     return plan
 
 
 def convert(src, out):
     """Write ``out/magnetic_tile`` from the source folder ``src`` and return its path.
 
-    The category is written to ``out/.magnetic_tile.tmp`` and renamed when complete, so a failed
-    run leaves no ``out/magnetic_tile``. An existing ``out/magnetic_tile`` is never overwritten.
+    The category is written to a hidden folder of its own in ``out`` (``.magnetic_tile.*``) and
+    renamed when complete, so a failed run leaves no ``out/magnetic_tile`` and two runs into the
+    same ``out`` do not mix. An existing ``out/magnetic_tile`` is never overwritten.
     """
     target = Path(out) / CATEGORY
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
-    build_dir = Path(out) / f'.{CATEGORY}.tmp'
-    shutil.rmtree(build_dir, ignore_errors=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(prefix=f'.{CATEGORY}.', dir=out))
     try:
         for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
             (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +141,9 @@ def convert(src, out):
             if mask is not None:
                 (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
                 convert_mask(mask).save(build_dir / mask_name, optimize=True)
-        os.replace(build_dir, target)
+        if target.exists():  # another run finished first (a rename would replace an empty folder)
+            raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
+        os.rename(build_dir, target)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
     return target

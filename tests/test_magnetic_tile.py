@@ -1,6 +1,7 @@
 """The Magnetic-tile-defect converter: a tiny synthetic source tree, and the real data when present."""
 import filecmp
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from self_sup_data import magnetic_tile
 from self_sup_data.magnetic_tile import DEFECT_FOLDERS, NORMAL_FOLDER, convert
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+OTHER_COUNTS = 'holds .* images, the public dataset'  # the tiny sources' warning
+pytestmark = pytest.mark.filterwarnings(f'ignore:.*{OTHER_COUNTS}')
 
 
 def _write_source(src, n_free=10, n_defect=2, rng=None):
@@ -35,7 +38,8 @@ def _tree(folder):
 def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')
-    category = convert(tmp_path / 'src', tmp_path / 'out')
+    with pytest.warns(UserWarning, match='MT_Free/Imgs holds 10 images, the public dataset 952'):
+        category = convert(tmp_path / 'src', tmp_path / 'out')
     assert category == tmp_path / 'out' / 'magnetic_tile'
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['magnetic_tile']  # no temp folder left
     files = _tree(category)
@@ -94,6 +98,61 @@ def test_missing_folder_and_missing_mask_are_named(tmp_path):
     assert not (tmp_path / 'out').exists() or list((tmp_path / 'out').iterdir()) == []
 
 
+def test_a_source_with_other_counts_than_the_published_ones_warns_naming_the_folder(tmp_path, monkeypatch):
+    _write_source(tmp_path)
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    monkeypatch.setattr(magnetic_tile, 'PUBLISHED_COUNTS', {NORMAL_FOLDER: 10, **dict.fromkeys(DEFECT_FOLDERS, 2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        magnetic_tile.conversion_plan(tmp_path)  # the published counts: no warning
+    crack = tmp_path / 'MT_Crack' / 'Imgs'
+    for path in crack.glob('exp1_*'):
+        path.unlink()
+    with pytest.warns(UserWarning, match=rf'^{crack} holds 1 images, the public dataset 2: the split and '
+                                         r'numbering will differ') as caught:
+        magnetic_tile.conversion_plan(tmp_path)
+    assert len(caught) == 1 and 'MT_Free' not in str(caught[0].message)
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path):
+    _write_source(tmp_path / 'src')
+    image = sorted((tmp_path / 'src' / 'MT_Fray' / 'Imgs').glob('*.jpg'))[0]
+    with Image.open(image) as opened:
+        width, height = opened.size
+    Image.fromarray(np.full((height * 2, width // 2), 255, np.uint8)).save(image.with_suffix('.png'))
+    with pytest.raises(ValueError, match=rf'mask {image.with_suffix(".png")} is {width // 2}x{height * 2} '
+                                         rf'but its image {image} is {width}x{height}'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_colour_mask_is_read_by_its_largest_channel(tmp_path):
+    path = tmp_path / 'red.png'
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[16:48, 16:48, 0] = 255  # pure red: 76 in greyscale, which the threshold would drop
+    Image.fromarray(mask).save(path)
+    converted = np.asarray(magnetic_tile.convert_mask(path))
+    assert converted.shape == (256, 256) and set(np.unique(converted)) == {0, 255}
+    assert (converted > 0).sum() == 128 * 128
+
+
+def test_a_second_run_into_the_same_folder_does_not_mix_with_the_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    convert_image, started = magnetic_tile.convert_image, []
+
+    def with_another_run(path):  # the other run starts after this one and finishes first
+        if not started:
+            started.append(path)
+            convert(tmp_path / 'src', tmp_path / 'out')
+        return convert_image(path)
+    monkeypatch.setattr(magnetic_tile, 'convert_image', with_another_run)
+    with pytest.raises(FileExistsError, match='magnetic_tile already exists'):
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert [p.name for p in (tmp_path / 'out').iterdir()] == ['magnetic_tile']  # no build folder left
+    assert len(_tree(tmp_path / 'out' / 'magnetic_tile')) == 10 + 5 * 4  # the other run's, complete
+
+
 def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')
@@ -113,7 +172,7 @@ def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
     crack.write_bytes(crack.read_bytes()[:200])
     with pytest.raises(ValueError, match=f'cannot read image {crack}'):
         convert(tmp_path / 'src', tmp_path / 'out')
-    assert list((tmp_path / 'out').iterdir()) == []
+    assert not (tmp_path / 'out').exists()  # found while the source is checked, before anything is written
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
