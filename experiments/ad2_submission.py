@@ -9,11 +9,14 @@ current instructions before uploading)::
     OUT/anomaly_images_thresholded/<category>/<split>/<image stem>.png   0/255 uint8 segmentation
 
 Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` after
-resizing (of the float32 map). Every image's size is read before anything is written, so that an
+resizing (of the float32 map). The split, the maps (finite) and the threshold (a finite number) are
+checked and every image's size is read before anything is written, so that bad input or an
 unreadable image leaves an earlier submission as it was; each file is written atomically
 (``experiments.atomic``).
 """
 import io
+import math
+from numbers import Real
 from pathlib import Path
 
 import cv2
@@ -48,9 +51,15 @@ def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
     the paths written, (tiff, png) per image."""
     if split not in AD2_PRIVATE_SPLITS:
         raise ValueError(f"split must be one of {AD2_PRIVATE_SPLITS}, got {split!r}")
+    if not isinstance(threshold, Real) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r} (calibrate the model's "
+                         "thresholds first: python -m experiments.thresholds)")
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or len(maps) != len(image_paths):
         raise ValueError(f"maps must be N x H x W with N = {len(image_paths)} images, got {maps.shape}")
+    for path, score in zip(image_paths, maps):
+        if not np.isfinite(score).all():
+            raise ValueError(f"the map of {path} holds NaN or infinite values")
     paths = [Path(path) for path in image_paths]
     sizes = [image_size(path) for path in paths]  # every image readable before a file is written
     written = []

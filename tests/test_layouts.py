@@ -426,6 +426,16 @@ def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
     with pytest.raises(ValueError, match=r'cannot read image .*001_regular.png'):
         write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, maps + 0.25, threshold=0.5)
     assert {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()} == before
+    images[1].write_bytes(images[0].read_bytes())
+    nan_map = maps.copy()
+    nan_map[1, 0, 0] = np.nan
+    for threshold, bad_maps, message in ((None, maps, 'threshold must be a finite number, got None'),
+                                         (float('nan'), maps, 'threshold must be a finite number, got nan'),
+                                         ('0.5', maps, "threshold must be a finite number, got '0.5'"),
+                                         (0.5, nan_map, rf'the map of {images[1]} holds NaN')):
+        with pytest.raises(ValueError, match=message):  # refused before the first file is written
+            write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, bad_maps + 0.25, threshold)
+        assert {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()} == before
     with pytest.raises(ValueError, match="split must be one of"):
         AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_public')
 
