@@ -156,7 +156,14 @@ def _made_with(category_dir, seed, texture_name):
     info_path = category_dir / INFO_FILE
     if not info_path.is_file():
         return False
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{info_path} is not a {INFO_FILE} written by make_demo_dataset ({error}); "
+                         f"remove {category_dir} to make the demo again") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path} is not a {INFO_FILE} written by make_demo_dataset (not a JSON object); "
+                         f"remove {category_dir} to make the demo again")
     return all(info.get(key) == value for key, value in _info(seed, texture_name).items())
 
 

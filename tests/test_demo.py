@@ -69,6 +69,15 @@ def test_foreign_folder_is_not_overwritten(tmp_path):
         make_demo_dataset(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"", b"[1, 2]", b"\xff\xfe"])
+def test_a_damaged_info_file_is_named(tmp_path, content):
+    info = make_demo_dataset(tmp_path, seed=3) / demo.INFO_FILE
+    info.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{info} is not a {demo.INFO_FILE} written by make_demo_dataset"):
+        make_demo_dataset(tmp_path, seed=3)
+    assert info.read_bytes() == content  # nothing replaced
+
+
 @pytest.mark.parametrize("kind", DEFECT_KINDS)
 def test_masks_are_exact(kind):
     rng = np.random.default_rng(0)
