@@ -263,7 +263,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     differently are named in a warning (``warn_unlike_seeds``). Each checkpoint is evaluated on its
     own: one that cannot be read (see ``find_evaluable``), evaluated (a test set that cannot be
     loaded or has one class only, a model that outputs NaN or takes other channels ...) gives rows
-    of NaN with the reason as ``error``, and the others are evaluated all the same. figure_dir:
+    of NaN with the reason as ``error``, and the others are evaluated all the same; a failure of
+    the two-stage variants alone (e.g. too few normal images to fit them) fails their rows only.
+    figure_dir:
     also write ``<category>_<setting>.png`` (first seed found of each setting, see
     ``plot_test_examples``).
     one_class_names: also evaluate the two-stage variants with these one-class models ('gde',
@@ -306,16 +308,12 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                     loco_defects, data_dir, dataset))), key=key)
         return loaded['sets']
 
-    def evaluate_one(path, meta, setting):
-        if 'error' in meta:
-            raise ValueError(meta['error'])
-        model, meta = read_model(path, device)
-        dataset, normal_set, defects = test_set(meta)
-        check_channels(model, dataset, path)
+    def evaluate_group(path, meta, setting, model, dataset, normal_set, defects, variants):
+        """The rows of ``variants`` (the model's own maps, or the two-stage variants: they share
+        the normal images' features) of one checkpoint."""
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
-        results = evaluate_variants(model, dataset, result_variants(setting, one_class_names),
-                                    normal_set, batch_size, device, crop_size, source=str(path),
-                                    flip_average=flip_average)
+        results = evaluate_variants(model, dataset, variants, normal_set, batch_size, device,
+                                    crop_size, source=str(path), flip_average=flip_average)
         rows = []
         for variant, (values, maps) in results.items():
             if variant is None:
@@ -331,14 +329,33 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                 plotted.add(figure)
         return rows
 
+    def evaluate_one(path, meta, setting):
+        """The rows of one checkpoint: a failure of the two-stage variants (e.g. too few normal
+        images to fit them) fails their rows only, not the model's own."""
+        def failed(variants, error):
+            return [_record(meta, setting, path, _undefined(variant, failure_reason(error)), variant)
+                    for variant in variants]
+        variants = result_variants(setting, one_class_names)
+        try:
+            if 'error' in meta:
+                raise ValueError(meta['error'])
+            model, meta = read_model(path, device)
+            loaded_sets = test_set(meta)
+            check_channels(model, loaded_sets[0], path)
+        except Exception as error:  # any failure of one checkpoint is its rows', not the run's
+            return failed(variants, error)
+        rows = []
+        for group in ([v for v in variants if v is None], [v for v in variants if v is not None]):
+            if group:
+                try:
+                    rows += evaluate_group(path, meta, setting, model, *loaded_sets, group)
+                except Exception as error:
+                    rows += failed(group, error)
+        return rows
+
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
-        setting = parse_setting(meta['setting'])
-        try:
-            records += evaluate_one(path, meta, setting)
-        except Exception as error:  # any failure of one checkpoint is its row's, not the run's
-            records += [_record(meta, setting, path, _undefined(variant, failure_reason(error)),
-                                variant) for variant in result_variants(setting, one_class_names)]
+        records += evaluate_one(path, meta, parse_setting(meta['setting']))
     if settings is not None or categories is not None:
         found_settings = dict.fromkeys(parse_setting(meta['setting']).seedless_key for _, meta in found)
         records += missing_records(found, settings or list(found_settings),

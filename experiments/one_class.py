@@ -58,10 +58,17 @@ POOLED_METRICS = ('image_auroc_pooled', 'image_ap_pooled')  # image score: the p
 # ------------------------------------------------------------------------------ one-class models
 
 def _as_features(features, name='features', min_samples=1):
+    """``features`` as a float64 N x D array; ValueError naming ``name`` and what is wrong."""
     features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < min_samples or not np.isfinite(features).all():
-        raise ValueError(f'{name} must be a finite N x D array with N >= {min_samples}, '
-                         f'got shape {features.shape}')
+    if features.ndim != 2:
+        raise ValueError(f'{name} must be an N x D array, got shape {features.shape}')
+    if len(features) < min_samples:
+        raise ValueError(f'{name}: a one-class model needs at least {min_samples} samples to fit, '
+                         f'got {len(features)}')
+    if not np.isfinite(features).all():
+        rows = int((~np.isfinite(features)).any(axis=1).sum())
+        raise ValueError(f'{name}: {rows} of {len(features)} rows hold NaN or infinite values '
+                         '(a model whose outputs are not finite?)')
     return features
 
 
@@ -77,6 +84,9 @@ class GaussianDensityEstimator:
     def fit(self, features):
         from sklearn.covariance import LedoitWolf
         features = _as_features(features, min_samples=2)
+        if (features == features[0]).all():
+            raise ValueError('GDE: the normal features are all the same (zero variance): there is no '
+                             'density to fit')
         self.estimator_ = LedoitWolf().fit(features)
         n, d = features.shape
         if n < d:
@@ -90,8 +100,9 @@ class GaussianDensityEstimator:
 
 
 def median_distance(features, max_samples=MEDIAN_SAMPLES, seed=0):
-    """Median Euclidean distance between pairs of distinct rows (of at most ``max_samples`` rows,
-    drawn at random); the median heuristic for a kernel width. Positive (1 if all rows coincide)."""
+    """Median Euclidean distance between pairs of rows that differ (of at most ``max_samples``
+    rows, drawn at random); the median heuristic for a kernel width. Positive (1 if all rows
+    coincide)."""
     features = _as_features(features, min_samples=2)
     if len(features) > max_samples:
         rows = np.random.default_rng(seed).choice(len(features), max_samples, replace=False)
@@ -99,8 +110,8 @@ def median_distance(features, max_samples=MEDIAN_SAMPLES, seed=0):
     squared = (features ** 2).sum(1)
     distances = squared[:, None] + squared[None, :] - 2 * features @ features.T
     pairs = np.sqrt(np.maximum(distances[np.triu_indices(len(features), k=1)], 0))
-    median = float(np.median(pairs))
-    return median if median > 0 else 1.0
+    pairs = pairs[pairs > 0]
+    return float(np.median(pairs)) if len(pairs) else 1.0
 
 
 class KernelDensityEstimator:
@@ -171,8 +182,8 @@ def l2_normalize(features):
 def fit_score(name, normal_features, test_features):
     """Fit a one-class model ``name`` to the L2-normalised ``normal_features`` (N x D) and return
     the scores (float64) of the L2-normalised ``test_features`` (M x D), higher = more anomalous."""
-    model = make_one_class(name).fit(l2_normalize(normal_features))
-    return model.score(l2_normalize(test_features))
+    model = make_one_class(name).fit(l2_normalize(_as_features(normal_features, 'the normal features')))
+    return model.score(l2_normalize(_as_features(test_features, 'the test features')))
 
 
 # ------------------------------------------------------------------------------ features

@@ -430,6 +430,22 @@ def test_missing_checkpoint_gives_nan_and_a_warning(trained):
     assert table.loc[('texture', 'tiles'), 'FPI'] != 'NaN'
 
 
+@pytest.mark.slow
+def test_a_failed_two_stage_fit_fails_its_rows_only(tmp_path):
+    data_dir, model_dir = tmp_path / 'data', tmp_path / 'models'
+    make_mvtec_category(data_dir, 'one', n_train=1)  # one normal image: no one-class model to fit
+    save_checkpoint(model_dir, 'Shift', 'one', 'texture')
+    own_only = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, device='cpu')
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, device='cpu', figure_dir=tmp_path / 'figures',
+                                               one_class_names=['gde', 'kde'])
+    assert [r['setting'] for r in records] == ['Shift', 'Shift+GDE', 'Shift+KDE']
+    own, *two_stage = records
+    assert 'error' not in own and own['image_auroc_mean'] == own_only[0]['image_auroc_mean']
+    assert all('a one-class model needs at least 2 samples to fit, got 1' in r['error'] for r in two_stage)
+    assert all(math.isnan(r['image_auroc_mean']) for r in two_stage)
+    assert [p.name for p in (tmp_path / 'figures').iterdir()] == ['one_Shift.png']
+
+
 def test_two_stage_result_names_and_order():
     setting = parse_setting('Shift-Intensity-M-3')
     assert checkpoints.result_setting(setting) == 'Shift-Intensity-M'

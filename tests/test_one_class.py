@@ -85,6 +85,9 @@ def test_median_distance_is_the_median_of_pairwise_distances():
     features = np.random.default_rng(0).normal(size=(50, 7))
     assert median_distance(features) == pytest.approx(np.median(pdist(features)))
     assert median_distance(np.ones((4, 3))) == 1.0  # coinciding rows: a usable width
+    repeated = np.concatenate([np.zeros((80, 7)), features[:20] * 0.01])  # most pairs coincide
+    distinct = pdist(repeated)
+    assert median_distance(repeated) == pytest.approx(np.median(distinct[distinct > 0]))
 
 
 def test_bad_names_and_inputs_raise():
@@ -92,8 +95,15 @@ def test_bad_names_and_inputs_raise():
         make_one_class('svdd')
     with pytest.raises(ValueError, match='N x D'):
         GaussianDensityEstimator().fit(np.zeros(10))
-    with pytest.raises(ValueError, match='N >= 2'):
+    with pytest.raises(ValueError, match='needs at least 2 samples to fit, got 1'):
         make_one_class('kde').fit(np.zeros((1, 3)))
+    nan_rows = np.ones((6, 3))
+    nan_rows[2, 1] = np.nan
+    with pytest.raises(ValueError, match='the normal features: 1 of 6 rows hold NaN or infinite values'):
+        one_class.fit_score('ocsvm', nan_rows, np.ones((2, 3)))
+    for constant in (np.zeros((50, 4)), np.ones((50, 4))):  # no spread: every score would be 0 or noise
+        with pytest.raises(ValueError, match='GDE: the normal features are all the same'):
+            one_class.fit_score('gde', constant, np.random.default_rng(0).normal(size=(5, 4)))
     assert one_class.column_suffix('ocsvm') == '+OCSVM'
 
 
