@@ -6,7 +6,11 @@ For every model of one category under ``--models`` (``final_*.pt``, and ``best_*
 meta) and on the real test set; then Spearman's rank correlation between each validation metric
 (and the image AUROC of each validation defect kind alone) and the test image AUROC (map mean),
 pixel AUROC and AU-PRO over the models. Models trained without a validation set saw the
-validation images and are left out.
+validation images and are left out; a ``best_*.pt`` with the weights of a model already scored (its
+run's last epoch was its best) is left out too, so that no model counts twice. All models must have
+been validated on one validation set (the same held-out images, seed, defect kinds and background):
+scores on different sets are not comparable, and such a folder is refused. A model whose held-out
+images cannot be found again in DATA (other training files) is refused, naming it.
 
     python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
         --models bench_out/recipe [--out bench_out/recipe/correlation] [--best]
@@ -25,10 +29,10 @@ from experiments.checkpoints import is_search_candidate, read_meta, read_model
 from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import evaluate
 from experiments.training import resolve_device
-from experiments.validation import SCORE_METRICS, Validator
+from experiments.validation import SCORE_METRICS, Validator, held_out_indices
 from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import load_validation_set, model_test_side, train_files
-from self_sup_data.validation import VALIDATION_KINDS, holdout_indices
+from self_sup_data.validation import VALIDATION_KINDS
 
 TEST_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 VALIDATION_COLUMNS = tuple(f'val_{name}' for name in SCORE_METRICS) + ('val_score',)
@@ -48,42 +52,50 @@ def parse_args(argv=None):
 
 
 def model_files(folder, best=False):
-    """Sorted final_*.pt (and best_*.pt) under ``folder``, search candidates excluded."""
+    """The final_*.pt under ``folder``, sorted, then (with ``best``) the best_*.pt; search
+    candidates excluded."""
     patterns = ('final_*.pt', 'best_*.pt') if best else ('final_*.pt',)
-    return sorted(path for pattern in patterns for path in Path(folder).rglob(pattern)
-                  if not is_search_candidate(path, folder))
+    return [path for pattern in patterns for path in sorted(Path(folder).rglob(pattern))
+            if not is_search_candidate(path, folder)]
 
 
 def held_out_images(data_dir, meta):
-    """Indices of the images the run held out (None when it held out none)."""
+    """Indices of the images the run held out (None when it held out none), checked against the
+    files it was trained on (``experiments.validation.held_out_indices``)."""
     if not meta.get('held_out'):
         return None
     layout = layout_from_spec(meta.get('layout'))  # the run's layout (None: detected)
-    indices = holdout_indices(len(train_files(data_dir, meta['category'], layout)),
-                              meta.get('validation_fraction', DEFAULT_VAL_FRACTION),
-                              meta.get('validation_seed', 0))
-    if len(indices) != meta['held_out']:
-        raise ValueError(f"the run held out {meta['held_out']} images, the rebuilt split "
-                         f"{len(indices)}")
-    return indices
+    earlier = dict(validation_fraction=DEFAULT_VAL_FRACTION, validation_seed=0)
+    return held_out_indices(train_files(data_dir, meta['category'], layout), {**earlier, **meta}, data_dir)
 
 
 def score_models(args, device):
     """One row per model: its name, setting, recipe, epochs, validation and test scores."""
-    rows, test_sets, validation_sets = [], {}, {}
+    rows, test_sets, validation_sets, scored = [], {}, {}, {}
     for path in model_files(args.models, args.best):
         meta = read_meta(path)
         if meta['category'] != args.category:
             print(f"skipping {path}: a model of {meta['category']!r}, not {args.category!r}",
                   file=sys.stderr)
             continue
-        held_out = held_out_images(args.data_dir, meta)
+        if meta.get('weights_sha256') in scored:
+            print(f"skipping {path}: the weights of {scored[meta['weights_sha256']]}", file=sys.stderr)
+            continue
+        try:
+            held_out = held_out_images(args.data_dir, meta)
+        except ValueError as error:
+            raise ValueError(f'{path}: {error}') from None
         if held_out is None:
             print(f'skipping {path}: no validation set held out', file=sys.stderr)
             continue
         model, meta = read_model(path, device)
         kinds = tuple(meta.get('validation_kinds') or VALIDATION_KINDS)  # the run's own defects
         background = meta.get('validation_background')  # None: anywhere (and in earlier models)
+        validation_set = (tuple(held_out), meta.get('validation_seed', 0), kinds, repr(background))
+        if rows and validation_set != rows[0]['validation_set']:
+            raise ValueError(f"{path} was validated on another validation set than {rows[0]['model']} "
+                             f"(held-out images, seed, defect kinds or background differ): their scores "
+                             f"cannot be ranked together")
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
                repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], meta.get('bit_depth'),
                model_test_side(meta))
@@ -95,14 +107,17 @@ def score_models(args, device):
             test_sets[key] = load_test_set(args.data_dir, meta)
         validation = Validator(validation_sets[key])(model, per_kind=True)
         test = evaluate(model, test_sets[key], device=device)
+        scored[meta.get('weights_sha256', path)] = path
+        best = path.name.startswith('best_')
         rows.append(dict(model=str(path.relative_to(args.models)), setting=meta['setting'],
                          recipe=meta.get('recipe', 'table'),
-                         epochs=meta['train_config']['epochs'],
+                         epochs=meta['best_epoch'] if best else meta['train_config']['epochs'],
+                         held_out=len(held_out), validation_set=validation_set,
                          **{f'val_{k}' if k != 'score' else 'val_score': v
                             for k, v in validation.items()},
                          **{f'test_{name}': test[name] for name in TEST_METRICS}))
         print(rows[-1])
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop(columns='validation_set', errors='ignore')
 
 
 def correlations(scores):
@@ -124,7 +139,11 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out or Path(args.models) / 'correlation')
     out.mkdir(parents=True, exist_ok=True)
-    scores = score_models(args, resolve_device(args.device))
+    try:
+        scores = score_models(args, resolve_device(args.device))
+    except ValueError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
     if len(scores) < 3:
         print(f'error: {len(scores)} models with a validation set found under {args.models}; '
               f'a rank correlation needs at least 3', file=sys.stderr)

@@ -29,9 +29,9 @@ from experiments.checkpoints import read_meta
 from experiments.cli import exit_on_input_error
 from experiments.detector import Detector
 from self_sup_data.images import image_files
-from self_sup_data.layouts import layout_from_spec, names_sha256
+from experiments.validation import held_out_indices
+from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import train_files
-from self_sup_data.validation import holdout_indices
 
 PROG = 'python -m experiments.thresholds'
 DEFAULT_FPR = 0.01
@@ -60,19 +60,10 @@ def normal_image_files(meta, data_dir=None):
     files = train_files(data_dir, meta['category'], layout)
     if not meta.get('held_out'):
         return files, 'normal training images'
-    indices = holdout_indices(len(files), meta['validation_fraction'], meta['validation_seed'])
-    if len(indices) != meta['held_out']:
-        raise ValueError(f"the normal training images of {meta['category']!r} "
-                         f"({data_dir or 'the folder format'}) are {len(files)}, which do not give "
-                         f"the {meta['held_out']} images the model held out; are they the ones "
-                         f"it was trained on?")
-    held_out = set(indices)
-    trained = [file for index, file in enumerate(files) if index not in held_out]
-    if 'train_files_sha256' in meta and names_sha256(trained) != meta['train_files_sha256']:
-        raise ValueError(f"the normal training images of {meta['category']!r} "
-                         f"({data_dir or 'the folder format'}) are not the ones the model was "
-                         f"trained on (other file names), so its held-out images cannot be told "
-                         f"apart; pass normal images it has not seen with -i")
+    try:
+        indices = held_out_indices(files, meta, data_dir or 'the folder format')
+    except ValueError as error:
+        raise ValueError(f'{error}; pass normal images it has not seen with -i') from None
     return [files[index] for index in indices], 'held-out normal training images'
 
 

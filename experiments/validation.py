@@ -10,6 +10,8 @@ import numpy as np
 
 from experiments import metrics
 from experiments.prediction import predict
+from self_sup_data.layouts import names_sha256
+from self_sup_data.validation import holdout_indices
 
 SCORE_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 
@@ -17,6 +19,29 @@ SCORE_METRICS = ('image_auroc_mean', 'pixel_auroc', 'au_pro')
 def validation_score(results):
     """Mean of the SCORE_METRICS of ``results`` (``metrics.evaluate_maps``)."""
     return float(np.mean([results[name] for name in SCORE_METRICS]))
+
+
+def held_out_indices(files, meta, where):
+    """Indices into ``files`` (a category's normal training files, in the order training reads
+    them) of the images that the run of ``meta`` held out as its validation set ([] where it held
+    out none). They are found again by index, so ``files`` must be the files the run read:
+    ValueError naming the category and ``where`` (the data folder) when their number does not
+    give the run's ``held_out`` images, or when the files it trained on have other names than the
+    run's (``train_files_sha256``, where the meta has it)."""
+    if not meta.get('held_out'):
+        return []
+    indices = holdout_indices(len(files), meta['validation_fraction'], meta['validation_seed'])
+    if len(indices) != meta['held_out']:
+        raise ValueError(f"the normal training images of {meta['category']!r} ({where}) are "
+                         f"{len(files)}, which do not give the {meta['held_out']} images the model "
+                         f"held out; are they the ones it was trained on?")
+    held_out = set(indices)
+    trained = [file for index, file in enumerate(files) if index not in held_out]
+    if 'train_files_sha256' in meta and names_sha256(trained) != meta['train_files_sha256']:
+        raise ValueError(f"the normal training images of {meta['category']!r} ({where}) are not the "
+                         f"ones the model was trained on (other file names), so its held-out images "
+                         f"cannot be told apart")
+    return list(indices)
 
 
 def describe_scores(scores):

@@ -23,7 +23,7 @@ def load_bench():
 
 
 @pytest.mark.slow
-def test_scores_every_validated_model_and_correlates_them(tmp_path):
+def test_scores_every_validated_model_and_correlates_them(tmp_path, capsys):
     data, models = tmp_path / 'data', tmp_path / 'models'
     make_mvtec_category(data, 'plates', n_train=12)
     for key in ('Shift-Intensity-M', 'CutPaste', 'FPI'):
@@ -45,3 +45,24 @@ def test_scores_every_validated_model_and_correlates_them(tmp_path):
                                                                       'val_image_auroc_scar']
     assert list(table.index) == list(bench.VALIDATION_COLUMNS) + ['val_image_auroc_scar']
     assert (tmp_path / 'out' / 'correlation.md').is_file()
+    assert list(scores['held_out']) == [1, 1, 1] and list(scores['epochs']) == [1, 1, 1]
+    # one epoch: each run's best model has its final model's weights and is not counted twice
+    assert len(list(models.rglob('best_*.pt'))) == 3
+    assert bench.main(['--data-dir', str(data), '--category', 'plates', '--models', str(models),
+                       '--out', str(tmp_path / 'best'), '--best']) == 0
+    assert len(pd.read_csv(tmp_path / 'best' / 'scores.csv')) == 3
+    assert capsys.readouterr().err.count(': the weights of ') == 3
+    # a model validated on other held-out images is not ranked with the others
+    train_mvtec.main(['-s', 'Shift-Intensity', '-d', str(data), '-o', str(models), '--val-fraction', '0.4']
+                     + FAST)
+    [other] = models.rglob('final_plates_shift_intensity.pt')
+    assert bench.main(['--data-dir', str(data), '--category', 'plates', '--models', str(models),
+                       '--out', str(tmp_path / 'mixed')]) == 1
+    assert 'was validated on another validation set than' in capsys.readouterr().err
+    assert not (tmp_path / 'mixed' / 'scores.csv').exists()
+    other.unlink()
+    # the same number of training images under other names: the held-out ones cannot be found again
+    (data / 'plates' / 'train' / 'good' / '000.png').rename(data / 'plates' / 'train' / 'good' / 'zzz.png')
+    assert bench.main(['--data-dir', str(data), '--category', 'plates', '--models', str(models),
+                       '--out', str(tmp_path / 'renamed')]) == 1
+    assert "are not the ones the model was trained on" in capsys.readouterr().err
