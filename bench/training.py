@@ -107,13 +107,20 @@ def main(argv=None):
         parser.error(f'--size must be a positive multiple of 32, got {size}')
     if batch_size <= 0:
         parser.error(f'--batch-size must be positive, got {batch_size}')
+    if args.steps <= 0:
+        parser.error(f'--steps must be positive, got {args.steps}')
+    if args.workers < 0:
+        parser.error(f'--workers must be 0 or more, got {args.workers}')
     try:
         device = resolve_device(args.device)
+        setting = settings.parse_setting(args.setting)
     except ValueError as error:
         parser.error(str(error))
+    if setting.model != 'enc_dec':
+        parser.error(f'--setting {args.setting}: this benchmark times the encoder-decoder on label maps; '
+                     f'{args.setting} trains a {setting.model}')
     if device.type == 'cpu':
         torch.set_num_threads(THREADS)
-    setting = settings.parse_setting(args.setting)
     config = TrainConfig(epochs=1, batch_size=batch_size, workers=args.workers, bf16=args.bf16,
                          loss=setting.loss, compile=args.compile)
 
@@ -125,7 +132,8 @@ def main(argv=None):
         assert dataset.train_size == size, dataset.train_size
         seed_everything(0)
         model = to_training_device(
-            resnet18_enc_dec(in_channels=dataset.in_channels, final_activation='sigmoid'), device)
+            resnet18_enc_dec(in_channels=dataset.in_channels, final_activation=setting.final_activation),
+            device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         module = step_module(model, config, device, world_size=1)
 

@@ -16,7 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize('argv, message', [
     (['--size', '100'], '--size must be a positive multiple of 32, got 100'),
     (['--size', '0'], '--size must be a positive multiple of 32, got 0'),
-    (['--batch-size', '0'], '--batch-size must be positive, got 0')]
+    (['--batch-size', '0'], '--batch-size must be positive, got 0'),
+    (['--steps', '0'], '--steps must be positive, got 0'),
+    (['--workers', '-1'], '--workers must be 0 or more, got -1'),
+    (['--setting', 'Shift-Wobble'], "unknown setting key 'Shift-Wobble'"),
+    (['--setting', 'CutPaste-3way'], 'CutPaste-3way trains a classifier')]
     + ([] if torch.cuda.is_available() else
        [(['--device', 'cuda'], "device 'cuda' requested but CUDA is not available")]))
 def test_bad_sizes_are_refused_before_any_work(argv, message, capsys):
