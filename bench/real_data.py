@@ -28,6 +28,10 @@ the loss)
 matches the request is not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
 matches (e.g. after tuning a category's parameters in ``experiments/settings.py``, or trained
 before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
+Other differences are found by the training script, which refuses to resume a run of other
+arguments: a calibrated recipe whose values changed (after a change of the calibration), the data
+folder, the category's parameters under ``auto``. They stop the benchmark with the end of the
+script's log, which names them; move the model aside (or use another ``--out``) to train it again.
 Training output goes to ``OUT/logs``, so the whole run can go to the background:
 ``nohup python bench/real_data.py > bench.log 2>&1 &``.
 
