@@ -59,9 +59,10 @@ def add_recipe_arguments(parser):
 
 
 def check_recipe_options(args, setting):
-    """ValueError naming the first out-of-range recipe option, or one that needs a validation set
+    """ValueError naming the first out-of-range recipe option, one that needs a validation set
     where there can be none (``--val-fraction 0``; a classifier ``setting``, which outputs no map
-    to score the validation set's defects with)."""
+    to score the validation set's defects with) or is not asked for (--val-every, --val-seed), or
+    ``--select best`` with ``--swa-epochs``."""
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     for name in ('val_every', 'search_epochs'):
@@ -74,6 +75,15 @@ def check_recipe_options(args, setting):
                                         ('--select best', args.select == 'best')) if needs]
     if needing and args.val_fraction == 0:
         raise ValueError(f"{needing[0]} needs a validation set; --val-fraction is 0")
+    if not needing and not args.val_fraction:
+        for option, given in ((f'--val-every {args.val_every}', args.val_every is not None),
+                              (f'--val-seed {args.val_seed}', args.val_seed != 0)):
+            if given:
+                raise ValueError(f"{option} applies to a validation set, and there is none: pass "
+                                 f"--val-fraction F (e.g. {DEFAULT_VAL_FRACTION}) to hold one out")
+    if args.select == 'best' and getattr(args, 'swa_epochs', 0):
+        raise ValueError(f"--select best keeps one validated checkpoint; it does not combine with "
+                         f"weight averaging (--swa-epochs {args.swa_epochs})")
     if setting.model == 'classifier' and (needing or args.val_fraction):
         option = needing[0] if needing else f'--val-fraction {args.val_fraction:g}'
         raise ValueError(f"{option} needs a validation set, scored by anomaly maps, and "
