@@ -358,6 +358,15 @@ def is_run_file(filename, name):
     return filename.startswith(prefix) and RUN_FILE_ENDINGS.fullmatch(filename[len(prefix):]) is not None
 
 
+def remove_earlier_run_files(run_dir, name, since_ns):
+    """Remove the files of the run ``name`` in ``run_dir`` (``is_run_file``) last written before
+    ``since_ns`` (``time.time_ns()``): an earlier run's, which a run from scratch replaced."""
+    for path in Path(run_dir).iterdir():
+        if is_run_file(path.name, name) and path.is_file() and path.stat().st_mtime_ns < since_ns:
+            path.unlink()
+            print(f"{name}: removed {path.name}, a file of the run this one replaced")
+
+
 def final_model_path(run_dir, name):
     """Path of the trained model of run ``name``."""
     return Path(run_dir) / f'final_{name}.pt'
@@ -605,7 +614,13 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     resume checkpoint holds those weights too, so that a resumed run's best model is one of the
     epochs it resumed with (``best_<name>.pt`` is written again from them on resume), never one
     of an interrupted run's lost epochs.
+
+    A run that starts from its first epoch (not resumed) replaces an earlier one in ``run_dir``
+    (a ``--force`` run): once its final model is written, the files of the run ``name`` that it did
+    not write (``is_run_file``: an earlier best model, validation curve or sample figures) are
+    removed, so that none of them is taken for this run's.
     """
+    run_started_ns = time.time_ns()
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
     if config.select == 'best' and validator is None:
@@ -747,6 +762,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
         if config.figures:
             save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+        if start_epoch == 0:
+            remove_earlier_run_files(run_dir, name, run_started_ns)
     if world_size > 1:  # every rank returns rank 0's meta (validation), once its files exist
         shared = [meta]
         dist.broadcast_object_list(shared, src=0)

@@ -55,6 +55,25 @@ def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
     assert load_model(path)[1]['train_config']['lr'] == 0.01
 
 
+@pytest.mark.slow
+def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path):
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
+    argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
+            '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--recipe', 'table']
+    assert train_mvtec.main(argv + ['--epochs', '2', '--val-fraction', '0.1', '--select', 'best']) == 0
+    path = trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny')
+    earlier = {p.name for p in path.parent.iterdir()}
+    assert {'best_tiny_shift_3.pt', 'tiny_shift_3_validation.csv', 'tiny_shift_3_validation.png',
+            'tiny_shift_3_samples_epoch0002.png'} <= earlier
+    other = path.parent / 'tiny_shift_3_notes.txt'  # not a file the training writes: kept
+    other.write_text('mine')
+    assert train_mvtec.main(argv + ['--epochs', '1', '--force']) == 0
+    assert {p.name for p in path.parent.iterdir()} == {
+        'final_tiny_shift_3.pt', 'last_tiny_shift_3.pt', 'tiny_shift_3_loss.png',
+        'tiny_shift_3_samples_epoch0001.png', 'tiny_shift_3_notes.txt'}
+    assert load_model(path)[1]['train_config']['epochs'] == 1
+
+
 @pytest.mark.parametrize('change,expected', [
     (['--epochs', '2'], 'epochs: 1 vs 2'),
     (['--lr', '0.01'], 'lr: 0.001 vs 0.01'),
