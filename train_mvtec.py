@@ -144,6 +144,9 @@ def plan(args):
     if layout is not None and layout.name == 'folder':
         layout.train_files()  # checks the folder now, not after loading
         categories = [args.class_name or FOLDER_CATEGORY]
+        if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
+            raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
+                             f"a file name of its models (no folder separator, not . or ..)")
         settings.category_params(categories[0], args.kind, overrides)
         check_evaluable(args, None, categories)
         return setting, None, categories, prepare_output_dir(args.out_dir)

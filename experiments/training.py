@@ -432,12 +432,15 @@ def run_meta(model, config, meta=None, validator=None):
 def run_differences(saved_meta, meta):
     """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
-    model and ``TrainConfig`` values; runtime fields and results are ignored); [] for the same run."""
+    model and ``TrainConfig`` values; runtime fields, results and ``swa_lr`` without
+    ``swa_epochs`` are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
         config = {k: v for k, v in {**defaults, **m.get('train_config', {})}.items()
                   if k not in RUNTIME_FIELDS}
+        if not config.get('swa_epochs'):
+            config.pop('swa_lr', None)  # no averaging: its learning rate is never used
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS
                 and not (k in LATER_META_FIELDS and k not in saved_meta)}
         return {**rest, **config}

@@ -468,4 +468,8 @@ def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
     assert '-d DATA_DIR is not read with --format folder' in message
     message = run_error(train_mvtec.main, base + ['--format', 'visa'], capsys)
     assert '--format visa reads a data root: pass -d DATA_DIR' in message
+    for name in ('lot/7', '..', '.'):  # the name of the models' files: no folder, never outside -o
+        message = run_error(train_mvtec.main, base + ['--format', 'folder', '--normal', normal, '-n', name],
+                            capsys)
+        assert f"-n {name!r}: with --format folder the name of the category is a file name" in message
     assert not (tmp_path / 'out').exists()  # no demo data written

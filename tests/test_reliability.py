@@ -668,6 +668,12 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     assert training.run_differences(earlier, two) == []
     # the command line's category parameters say how values were chosen, not what is learnt
     assert training.run_differences({**one, 'param_overrides': dict(num_patches=4)}, one) == []
+    # the averaging's learning rate is learnt with averaging only
+    other_rate = dict(one, train_config=dict(one['train_config'], swa_lr=0.5))
+    assert training.run_differences(one, other_rate) == []
+    averaging = dict(one, train_config=dict(one['train_config'], swa_epochs=2))
+    assert training.run_differences(averaging, dict(averaging, train_config=dict(
+        averaging['train_config'], swa_lr=0.5))) == [f"swa_lr: {TrainConfig.swa_lr!r} vs 0.5"]
 
 
 def test_a_table_recipe_changed_between_seeds_is_named():
