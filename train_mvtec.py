@@ -142,7 +142,9 @@ def plan(args):
     if layout is not None and layout.name != 'folder' and args.data_dir is None:
         raise ValueError(f"--format {layout.name} reads a data root: pass -d DATA_DIR")
     if layout is not None and layout.name == 'folder':
-        layout.train_files()  # checks the folder now, not after loading
+        layout.train_files()  # checks the folders now, not after loading or training
+        if layout.abnormal is not None or layout.mask_dir is not None:
+            layout.test_files()
         categories = [args.class_name or FOLDER_CATEGORY]
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "

@@ -337,7 +337,12 @@ class FolderLayout:
         if self.abnormal is None:
             raise ValueError("the folder layout needs a folder of anomalous images for testing (--abnormal DIR)")
         abnormal = _images_in(self.abnormal, 'the folder layout tests on the anomalous images there')
-        normal = self._normal_split()[1]
+        train, normal = self._normal_split()
+        both = sorted({path.resolve() for path in train + normal} & {path.resolve() for path in abnormal})
+        if both:
+            raise ValueError(f"{len(both)} images are both normal ({self.normal}) and anomalous "
+                             f"({self.abnormal}), e.g. {[str(path) for path in both[:3]]}; an image is "
+                             f"either normal or anomalous")
         masks = self._masks(abnormal)
         return LabelledFiles(normal + abnormal, ['good'] * len(normal) + ['anomaly'] * len(abnormal),
                          [None] * len(normal) + [masks.get(path) for path in abnormal])
