@@ -184,8 +184,13 @@ def resolve_device(name=None):
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"device {name!r}: this project runs on 'cpu', 'cuda' or 'cuda:N'")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA "
+                         f"devices (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     if device.type == 'cuda' and device.index is None and 'LOCAL_RANK' in os.environ:
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return device

@@ -624,6 +624,11 @@ def test_config_validation():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA'):
             training.resolve_device('cuda')
+    for name in ('mps', 'xpu', 'meta'):  # devices torch knows, which the project does not run on
+        with pytest.raises(ValueError, match=f"device '{name}': this project runs on 'cpu', 'cuda'"):
+            training.resolve_device(name)
+    with pytest.raises(ValueError, match=r"device 'cuda:99' requested but (there are \d+ CUDA|CUDA is not)"):
+        training.resolve_device('cuda:99')
 
 
 @pytest.mark.slow
