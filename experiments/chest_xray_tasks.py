@@ -80,6 +80,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     test_names = [read_file_list(file_list) for file_list in (normal_list, anomalous_list)]
     check_test_lists(*test_names, list_label(normal_list, 'normal'),
                      list_label(anomalous_list, 'anomalous'))
+    if bbox_csv is not None and not Path(bbox_csv).is_file():
+        raise FileNotFoundError(f"the bounding-box table {bbox_csv} (--bbox-csv) does not exist")
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:

@@ -352,6 +352,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     some records failed (an ``error`` entry), the last lines name each with its reason and the
     command exits with status 1 once everything else is written."""
     def work():
+        if args.batch_size < 1:
+            raise ValueError(f'--batch-size must be a positive integer, got {args.batch_size}')
+        resolve_device(args.device)
         remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate(figure_dir)

@@ -314,6 +314,25 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
     assert len(trained) == 3  # the note does not stop training
 
 
+def test_evaluation_options_are_refused_before_any_model_is_read(tmp_path, capsys):
+    from conftest import make_chest_test_set
+    from experiments import chest_xray_tasks, mvtec_tasks
+    model_dir, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path, seeds=(1,))
+    out = tmp_path / 'out'
+    chest = ['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal), str(anomalous)]
+    for main, argv, expected in (
+            (mvtec_tasks.main, ['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '--batch-size', '0'],
+             '--batch-size must be a positive integer, got 0'),
+            (chest_xray_tasks.main, chest + ['--batch-size', '-4'], '--batch-size must be a positive integer, got -4'),
+            (chest_xray_tasks.main, chest + ['--device', 'mps'], "device 'mps': this project runs on"),
+            (chest_xray_tasks.main, chest + ['--bbox-csv', str(tmp_path / 'boxes.cvs')],
+             f"the bounding-box table {tmp_path / 'boxes.cvs'} (--bbox-csv) does not exist")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert expected in str(stop.value)
+        assert not out.exists()  # nothing evaluated, nothing written
+
+
 def test_an_evaluation_whose_every_result_failed_keeps_the_earlier_files(tmp_path, capsys):
     from types import SimpleNamespace
     from experiments.cli import run_evaluation
@@ -323,12 +342,14 @@ def test_an_evaluation_whose_every_result_failed_keeps_the_earlier_files(tmp_pat
     written = []
     failed = [dict(category='a', setting='Shift', seed=0, checkpoint='m.pt', error='ValueError: changed data')]
     with pytest.raises(SystemExit) as stop:
-        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False), lambda figure_dir: failed,
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu'),
+                       lambda figure_dir: failed,
                        written.append, 'no models')
     assert stop.value.code == 1 and written == [] and figure.is_file()
     assert 'failed: a Shift seed 0 (m.pt): ValueError: changed data' in capsys.readouterr().err
     mixed = failed + [dict(category='b', setting='Shift', seed=0, checkpoint='n.pt')]
     with pytest.raises(SystemExit):
-        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False), lambda figure_dir: mixed,
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu'),
+                       lambda figure_dir: mixed,
                        written.append, 'no models')
     assert written == [mixed] and not figure.exists()  # a new evaluation: its failed figure goes
