@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
+from experiments.cli import path_argument
 from experiments.detector import Detector
 from self_sup_data.images import image_files, to_channels
 
@@ -240,12 +241,12 @@ def parse_args(argv=None):
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=__doc__.split('\n\n', 2)[2])
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument('-m', '--model', help='a trained model (final_*.pt), or an exported .onnx')
+    model.add_argument('-m', '--model', type=path_argument, help='a trained model (final_*.pt), or an exported .onnx')
     model.add_argument('--onnx', help='an exported model (python -m experiments.export), run by '
                                       'ONNX Runtime without PyTorch')
-    parser.add_argument('-i', '--input', nargs='+', required=True,
+    parser.add_argument('-i', '--input', type=path_argument, nargs='+', required=True,
                         help='image folders, glob patterns or files')
-    parser.add_argument('-o', '--out-dir', required=True, help='output folder')
+    parser.add_argument('-o', '--out-dir', type=path_argument, required=True, help='output folder')
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default: 16)')
     parser.add_argument('--device', default='cpu',
                         help="'cpu' (default), 'cuda', ... (PyTorch models only)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from experiments import settings
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
-                             model_from_args, prepare_output_dir, print_slow_bf16_note,
+                             model_from_args, path_argument, prepare_output_dir, print_slow_bf16_note,
                              refuse_twin_run, train_config, train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
 from self_sup_data.layouts import names_sha256
@@ -32,11 +32,11 @@ def parse_args(argv=None):
         epilog=f'setting keys: {settings.valid_setting_forms()}')
     parser.add_argument('-s', '--setting', required=True,
                         help='setting key, e.g. Shift-Intensity-M')
-    parser.add_argument('-d', '--data-dir', '--data_dir', dest='data_dir', required=True,
+    parser.add_argument('-d', '--data-dir', '--data_dir', type=path_argument, dest='data_dir', required=True,
                         help='folder the listed names are relative to')
-    parser.add_argument('-l', '--list', required=True,
+    parser.add_argument('-l', '--list', type=path_argument, required=True,
                         help='file list of the normal training images')
-    parser.add_argument('-o', '--out-dir', '--out_dir', dest='out_dir', required=True,
+    parser.add_argument('-o', '--out-dir', '--out_dir', type=path_argument, dest='out_dir', required=True,
                         help='where models and figures go')
     parser.add_argument('--res', type=int, default=PAPER_RES,
                         help=f'side the images are resized to (default: {PAPER_RES}, the paper)')

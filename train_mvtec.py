@@ -29,8 +29,9 @@ from pathlib import Path
 
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
-                             exit_on_input_error, layout_from_args, model_from_args, prepare_output_dir,
-                             found_run, print_slow_bf16_note, refuse_existing_run, refuse_twin_run,
+                             exit_on_input_error, layout_from_args, model_from_args, path_argument,
+                             prepare_output_dir, found_run, print_slow_bf16_note, refuse_existing_run,
+                             refuse_twin_run,
                              remove_report_temporaries, report_problems, train_config,
                              train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR
@@ -61,9 +62,9 @@ def parse_args(argv=None):
         epilog=f'setting keys: {settings.valid_setting_forms()}')
     parser.add_argument('-s', '--setting', required=True,
                         help='setting key, e.g. Shift-Intensity-M')
-    parser.add_argument('-d', '--data-dir', '--data_dir', dest='data_dir',
+    parser.add_argument('-d', '--data-dir', '--data_dir', type=path_argument, dest='data_dir',
                         help='data root folder (default: the demo dataset)')
-    parser.add_argument('-o', '--out-dir', '--out_dir', dest='out_dir', required=True,
+    parser.add_argument('-o', '--out-dir', '--out_dir', type=path_argument, dest='out_dir', required=True,
                         help='where models and figures go')
     which = parser.add_mutually_exclusive_group()
     which.add_argument('-n', '--class-name', '--class_name', dest='class_name',

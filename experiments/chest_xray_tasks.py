@@ -22,7 +22,7 @@ from tqdm import tqdm
 from experiments import tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, failure_reason, find_checkpoints,
                                      read_model, select_checkpoints, setting_from_path, sort_records)
-from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
+from experiments.cli import add_evaluation_options, evaluation_parser, path_argument, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
@@ -145,11 +145,11 @@ def parse_args(argv=None):
         'two file lists: writes OUT_DIR/results.csv, OUT_DIR/tables/<metric>.{csv,md,tex} and '
         'OUT_DIR/figures/<name>_<setting>.png.',
         data_help='folder the listed image names are relative to')
-    parser.add_argument('-l', '--lists', nargs=2, required=True,
+    parser.add_argument('-l', '--lists', type=path_argument, nargs=2, required=True,
                         metavar=('NORMAL_LIST', 'ANOMALOUS_LIST'),
                         help='file lists of the normal and the anomalous test images '
                              '(one name per line)')
-    parser.add_argument('--bbox-csv', help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
+    parser.add_argument('--bbox-csv', type=path_argument, help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
     parser.add_argument('--name',
                         help="row name of the test set (default: the anomalous list's file name)")
     add_evaluation_options(parser)

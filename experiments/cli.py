@@ -25,6 +25,14 @@ from self_sup_data.layouts import FORMATS, make_layout
 # ------------------------------------------------------------------------------------------------
 
 
+
+def path_argument(value):
+    """argparse type of a path option: ``value``, refused when empty (an unset shell variable would
+    otherwise mean the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError('an empty path (an unset variable in the command?)')
+    return value
+
 def default_workers():
     """Usable CPUs less one (the main process runs the steps), at least one."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -277,9 +285,10 @@ def add_layout_arguments(parser):
     group = parser.add_argument_group('data layout')
     group.add_argument('--format', choices=FORMATS, default=None,
                        help='folder layout of the data (default: detected; folder needs --normal)')
-    group.add_argument('--normal', metavar='DIR', help='--format folder: the normal images')
-    group.add_argument('--abnormal', metavar='DIR', help='--format folder: the anomalous test images')
-    group.add_argument('--mask-dir', metavar='DIR',
+    group.add_argument('--normal', type=path_argument, metavar='DIR', help='--format folder: the normal images')
+    group.add_argument('--abnormal', type=path_argument, metavar='DIR',
+                       help='--format folder: the anomalous test images')
+    group.add_argument('--mask-dir', type=path_argument, metavar='DIR',
                        help='--format folder: masks of the anomalous images, matched by file stem')
     group.add_argument('--allow-missing-masks', action='store_true',
                        help='evaluate defect images without a mask at image level only (counted '
@@ -300,10 +309,10 @@ def evaluation_parser(prog, description, data_help, data_required=True):
     -m/--model-dir, -d/--data-dir (``data_help``; optional unless ``data_required``), -o/--out-dir
     and -s/--settings."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument('-m', '--model-dir', required=True,
+    parser.add_argument('-m', '--model-dir', type=path_argument, required=True,
                         help='folder of the trained models (searched recursively)')
-    parser.add_argument('-d', '--data-dir', required=data_required, help=data_help)
-    parser.add_argument('-o', '--out-dir', required=True,
+    parser.add_argument('-d', '--data-dir', type=path_argument, required=data_required, help=data_help)
+    parser.add_argument('-o', '--out-dir', type=path_argument, required=True,
                         help='folder for results, tables and figures')
     parser.add_argument('-s', '--settings', nargs='+', default=None,
                         help='setting keys (a key without seed takes every seed; default: all found)')

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from experiments.atomic import write_atomic
-from experiments.cli import exit_on_input_error
+from experiments.cli import exit_on_input_error, path_argument
 from experiments.detector import SPEC_KEY
 from experiments.torch_model import load_checkpoint
 
@@ -99,9 +99,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split('\n\n', 2)[2])
-    parser.add_argument('-m', '--model', required=True, help='a trained model (final_*.pt)')
+    parser.add_argument('-m', '--model', type=path_argument, required=True, help='a trained model (final_*.pt)')
     parser.add_argument('--format', choices=list(FORMATS), default='onnx', help='default: onnx')
-    parser.add_argument('-o', '--out', help='output file (default: next to the model)')
+    parser.add_argument('-o', '--out', type=path_argument, help='output file (default: next to the model)')
     parser.add_argument('--dynamic-size', action='store_true',
                         help='ONNX: any image size (multiples of 32) instead of the model\'s')
     return parser.parse_args(argv)

@@ -26,7 +26,7 @@ import torch
 from experiments import metrics
 from experiments.atomic import save_torch_atomic
 from experiments.checkpoints import read_meta
-from experiments.cli import exit_on_input_error
+from experiments.cli import exit_on_input_error, path_argument
 from experiments.detector import Detector
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
@@ -89,11 +89,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('-m', '--model', required=True, help='a trained model (final_*.pt)')
+    parser.add_argument('-m', '--model', type=path_argument, required=True, help='a trained model (final_*.pt)')
     source = parser.add_mutually_exclusive_group()
-    source.add_argument('-d', '--data-dir',
+    source.add_argument('-d', '--data-dir',type=path_argument, 
                         help='MVTec-layout root folder (default: the one the model was trained on)')
-    source.add_argument('-i', '--input', nargs='+',
+    source.add_argument('-i', '--input', type=path_argument, nargs='+',
                         help='normal images instead (folders, glob patterns or files)')
     parser.add_argument('--fpr', type=float, default=DEFAULT_FPR,
                         help=f'false-positive rate on the normal images (default: {DEFAULT_FPR})')
@@ -101,7 +101,7 @@ def parse_args(argv=None):
                         help='thresholds for flip-averaged maps (textures; predict with it too)')
     parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
     parser.add_argument('--device', default='cpu', help="default: 'cpu'")
-    parser.add_argument('-o', '--out', help='write the calibrated model here (default: in place)')
+    parser.add_argument('-o', '--out', type=path_argument, help='write the calibrated model here (default: in place)')
     return parser.parse_args(argv)
 
 

@@ -314,6 +314,26 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
     assert len(trained) == 3  # the note does not stop training
 
 
+@pytest.mark.parametrize('command, argv', [
+    ('train_mvtec.py', ['-s', 'Shift', '-o', '']),
+    ('train_chest_xray.py', ['-s', 'Shift', '-d', ' ', '-l', 'list.txt', '-o', 'out']),
+    ('predict.py', ['-m', 'model.pt', '-i', 'images', '', '-o', 'out']),
+    ('experiments.mvtec_tasks', ['-m', 'models', '-d', 'data', '-o', '']),
+    ('experiments.thresholds', ['-m', '']),
+    ('experiments.export', ['-m', 'model.pt', '-o', '']),
+])
+def test_an_empty_path_is_refused_by_its_flag(command, argv, tmp_path, capsys, monkeypatch):
+    """An unset shell variable (-o "$OUT") would otherwise mean the current folder."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(command.removesuffix('.py'))
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == (101 if command == 'predict.py' else 2)  # predict.py: could not start
+    assert 'an empty path' in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluation_options_are_refused_before_any_model_is_read(tmp_path, capsys):
     from conftest import make_chest_test_set
     from experiments import chest_xray_tasks, mvtec_tasks
