@@ -91,7 +91,7 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('-m', '--model', type=path_argument, required=True, help='a trained model (final_*.pt)')
     source = parser.add_mutually_exclusive_group()
-    source.add_argument('-d', '--data-dir',type=path_argument, 
+    source.add_argument('-d', '--data-dir', type=path_argument,
                         help='MVTec-layout root folder (default: the one the model was trained on)')
     source.add_argument('-i', '--input', type=path_argument, nargs='+',
                         help='normal images instead (folders, glob patterns or files)')
@@ -101,7 +101,8 @@ def parse_args(argv=None):
                         help='thresholds for flip-averaged maps (textures; predict with it too)')
     parser.add_argument('--batch-size', type=int, default=16, help='default: 16')
     parser.add_argument('--device', default='cpu', help="default: 'cpu'")
-    parser.add_argument('-o', '--out', type=path_argument, help='write the calibrated model here (default: in place)')
+    parser.add_argument('-o', '--out', type=path_argument,
+                        help='write the calibrated model here (default: in place)')
     return parser.parse_args(argv)
 
 
@@ -112,6 +113,9 @@ def main(argv=None):
             raise ValueError(f'--fpr must be in [0, 1), got {args.fpr}')
         if Path(args.model).suffix.lower() == '.onnx':
             raise ValueError(f'{args.model}: calibrate the checkpoint (.pt), then export it')
+        if args.out is not None and Path(args.out).suffix.lower() == '.onnx':
+            raise ValueError(f'-o {args.out}: the calibrated model is a checkpoint; write it as .pt, '
+                             f'then export it (python -m experiments.export)')
         detector = Detector.load(args.model, args.device, args.batch_size)
         if args.input:
             files, source = image_files(args.input), 'given normal images'

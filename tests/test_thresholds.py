@@ -145,6 +145,9 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     with pytest.raises(SystemExit):
         thresholds.main(['-m', str(exported), '-d', str(root)])
     assert 'calibrate the checkpoint (.pt), then export it' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a checkpoint under an ONNX name would not load as one
+        thresholds.main(['-m', str(path), '-d', str(root), '-o', str(tmp_path / 'calibrated.onnx')])
+    assert '-o ' in capsys.readouterr().err and not (tmp_path / 'calibrated.onnx').exists()
 
 
 @pytest.mark.slow
