@@ -135,6 +135,12 @@ def check_training_options(args, loss):
             raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.swa_epochs < 0:
+        raise ValueError(f"--swa-epochs must be 0 or more, got {args.swa_epochs}")
+    if args.epochs is not None and args.swa_epochs >= args.epochs:
+        raise ValueError(f"--swa-epochs must be less than --epochs ({args.epochs}), got {args.swa_epochs}")
+    if not args.checkpoint_minutes >= 0:
+        raise ValueError(f"--checkpoint-minutes must be 0 or more, got {args.checkpoint_minutes}")
     resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
 

@@ -38,8 +38,10 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift', '--width-bounds', '0.1', '0.6', '0.1', '0.2'], '--width-bounds'),
     (['-s', 'Shift', '--batch-size', '-1'], '--batch-size'),
     (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
-    (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], 'less than epochs (4), got 4'),
-    (['-s', 'Shift', '--swa-epochs', '-3'], 'swa_epochs must be >= 0'),
+    (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], '--swa-epochs must be less than --epochs (4), got 4'),
+    (['-s', 'Shift', '--swa-epochs', '-3'], '--swa-epochs must be 0 or more, got -3'),
+    (['-s', 'Shift', '--checkpoint-minutes', '-5'], '--checkpoint-minutes must be 0 or more, got -5.0'),
+    (['-s', 'Shift', '--checkpoint-minutes', 'nan'], '--checkpoint-minutes must be 0 or more, got nan'),
 ])
 def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, expected):
     root, _ = tiny_mvtec
