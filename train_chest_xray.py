@@ -51,7 +51,9 @@ def plan(args):
     if setting.model != 'enc_dec':
         raise ValueError(f"setting {setting.key!r} trains a classifier; chest X-ray training "
                          "supports the encoder-decoder settings only")
-    params = settings.chest_xray_params(settings.param_overrides(args))
+    overrides = settings.param_overrides(args)
+    settings.check_task_flags(args, setting, overrides)
+    params = settings.chest_xray_params(overrides)
     check_training_options(args, setting.loss)
     if not 64 <= args.res <= MAX_RES:
         raise ValueError(f"--res must be from 64 to {MAX_RES} (the side of NIH's images), got {args.res}")

@@ -132,6 +132,7 @@ def plan(args):
     """
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
+    settings.check_task_flags(args, setting, overrides)
     check_training_options(args, setting.loss)
     recipes.check_recipe_options(args, setting)
     if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:

@@ -135,6 +135,8 @@ def check_training_options(args, loss):
             raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.no_figures and args.figure_every is not None:
+        raise ValueError(f"--figure-every {args.figure_every} with --no-figures: pass one of them")
     if args.swa_epochs < 0:
         raise ValueError(f"--swa-epochs must be 0 or more, got {args.swa_epochs}")
     if args.epochs is not None and args.swa_epochs >= args.epochs:

@@ -81,6 +81,8 @@ def check_recipe_options(args, setting):
             if given:
                 raise ValueError(f"{option} applies to a validation set, and there is none: pass "
                                  f"--val-fraction F (e.g. {DEFAULT_VAL_FRACTION}) to hold one out")
+    if args.search_epochs is not None and args.recipe != 'search':
+        raise ValueError(f"--search-epochs {args.search_epochs} applies to --recipe search only")
     if args.select == 'best' and getattr(args, 'swa_epochs', 0):
         raise ValueError(f"--select best keeps one validated checkpoint; it does not combine with "
                          f"weight averaging (--swa-epochs {args.swa_epochs})")

@@ -448,6 +448,27 @@ def param_overrides(args):
     return overrides
 
 
+def check_task_flags(args, setting, overrides):
+    """ValueError naming a task flag or category parameter option (``overrides``, from
+    ``param_overrides``) that ``setting`` would ignore: one that its task does not use (the
+    logistic label without a logistic label, the gamma distribution, resizing, shifting or the
+    paste fraction where its task has none), or one that another flag turns off (--num-patches with
+    --single-patch, the object mask's options with --no-mask)."""
+    task = setting.self_sup_args
+    uses = dict(intensity_logistic_params=task['label_mode'] == 'logistic-intensity',
+                gamma_params=task['gamma_params'] is not None, resize_bounds=task['resize'],
+                clip_at_border=task['shift'], paste_fraction=setting.base in POISSON_BASES)
+    for name, used in uses.items():
+        if name in overrides and not used:
+            raise ValueError(f"{OVERRIDE_FLAGS[name]} does not apply to {setting.key}, whose task does "
+                             f"not use it; leave it out")
+    if args.single_patch and 'num_patches' in overrides:
+        raise ValueError('--single-patch and --num-patches contradict each other; pass one of them')
+    masked = [OVERRIDE_FLAGS[name] for name in OBJECT_MASK_PARAMS if name in overrides]
+    if args.no_mask and masked:
+        raise ValueError(f"--no-mask ignores the object mask that {masked[0]} sets; pass one of them")
+
+
 def self_sup_args_from_args(setting, params, args):
     """``self_sup_args_for`` with the task flags of parsed ``add_task_arguments`` options."""
     return self_sup_args_for(setting, params, single_patch=args.single_patch,

@@ -106,7 +106,7 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'gears', n_train=2)
     make_mvtec_category(data, 'fabric', n_train=2)
-    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'),
+    args = train_mvtec.parse_args(['-s', 'Shift-Intensity', '-d', str(data), '-o', str(tmp_path / 'out'),
                                    '-c', 'object', '--kind', 'object', '--logistic', '0.5', '3',
                                    '--no_mask', '--single_patch', '--res-scale', '0.25',
                                    '--swa-epochs', '20', '--swa-lr', '2e-4', '--loss', 'bce-bf16'])

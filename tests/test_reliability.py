@@ -422,6 +422,26 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize('key,argv,expected', [
+    ('Shift', ['--logistic', '1', '3'], '--logistic does not apply to Shift, whose task does not use it'),
+    ('FPI', ['--gamma', '2', '0.03', '0.05'], '--gamma does not apply to FPI'),
+    ('FPI', ['--resize-bounds', '0.5', '2'], '--resize-bounds does not apply to FPI'),
+    ('FPI-Poisson', ['--no-clip-at-border'], '--clip-at-border does not apply to FPI-Poisson'),
+    ('CutPaste', ['--paste-fraction', '0.5', '1'], '--paste-fraction does not apply to CutPaste'),
+    ('Shift', ['--single-patch', '--num-patches', '8'], '--single-patch and --num-patches contradict'),
+    ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask ignores the object mask that --background'),
+    ('Shift', ['--search-epochs', '3'], '--search-epochs 3 applies to --recipe search only'),
+    ('Shift', ['--no-figures', '--figure-every', '1'], '--figure-every 1 with --no-figures'),
+])
+def test_options_the_run_would_ignore_are_refused_before_anything_is_written(
+        tiny_mvtec, tmp_path, capsys, key, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', key, '-d', str(root), '-o', str(out)] + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
 @pytest.mark.parametrize('recipe', ['table', 'auto'])
 def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_path, capsys,
                                                               monkeypatch, recipe):
