@@ -205,13 +205,18 @@ def found_run(run_dir, name):
     without its final model and checkpoint: the checkpoint when there is no final model, or the
     checkpoint belongs to another run (``run_differences``) or stopped before its last epoch (a
     --force run that was interrupted: the final model is the replaced run's), else the final
-    model."""
+    model. ValueError naming an unreadable checkpoint and --force."""
     final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
-    if last.is_file():
-        checkpoint = read_meta(last)
-        unfinished = len(checkpoint.get('epoch_losses', [])) < checkpoint.get('train_config', {}).get('epochs', 0)
-        if not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint):
-            return last, 'interrupted'
+    try:
+        if last.is_file():
+            checkpoint = read_meta(last)
+            unfinished = len(checkpoint.get('epoch_losses', [])) < checkpoint.get('train_config', {}).get('epochs', 0)
+            if not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint):
+                return last, 'interrupted'
+        if final.is_file():
+            read_meta(final)  # readable
+    except ValueError as error:  # an unreadable checkpoint
+        raise ValueError(f"{error}; --force trains the run again from the start") from None
     return (final, 'finished') if final.is_file() else (None, None)
 
 
@@ -261,7 +266,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
         print(f"{prog}: removed {stale}, left by an interrupted save")
     with exit_on_input_error(prog):
-        found, state = found_run(run_dir, name)
+        found, state = (None, None) if force else found_run(run_dir, name)  # force: none kept
         if not (resume or force):
             refuse_existing_run(found, state)
         dataset, model, config, meta, validator = prepare()

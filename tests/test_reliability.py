@@ -56,6 +56,19 @@ def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('damaged', ['last', 'final'])
+def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, damaged):
+    argv, path = trained
+    broken = path if damaged == 'final' else last_checkpoint_path(path.parent, 'tiny_shift_3')
+    broken.write_bytes(broken.read_bytes()[:1000])
+    for retry in ([], ['--resume']):  # refused, naming the file and what to do
+        message = run_error(train_mvtec.main, argv + ONE_EPOCH + retry, capsys)
+        assert f'cannot read checkpoint {broken}' in message and '--force trains the run again' in message
+    assert train_mvtec.main(argv + ONE_EPOCH + ['--force']) == 0
+    assert load_model(path)[1]['train_config']['epochs'] == 1
+
+
+@pytest.mark.slow
 def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
