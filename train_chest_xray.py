@@ -9,6 +9,7 @@ LIST holds the file names (relative to DATA_DIR) of the normal training images, 
 written to OUT_DIR/<setting dir>/chest_xray/final_chest_xray_<setting fname>.pt.
 """
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def plan(args):
     return setting, params, prepare_output_dir(args.out_dir)
 
 
+def listed_names_sha256(file_list):
+    """SHA-256 (hex) of the names of ``file_list`` in their order, folders included: what the
+    samples of a run are (``names_sha256`` compares the sorted file names only)."""
+    return hashlib.sha256('\n'.join(read_file_list(file_list)).encode()).hexdigest()
+
+
 def prepare_run(args, setting, params):
     """Dataset, model, TrainConfig, meta and validator (none) of the run (errors here are input errors)."""
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
@@ -84,7 +91,8 @@ def prepare_run(args, setting, params):
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION,
-                normal_list_sha256=names_sha256(dataset.paths))  # a rewritten list is another run
+                normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
+                normal_list_order_sha256=listed_names_sha256(args.list))  # and so is a reordered one
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None

@@ -93,7 +93,7 @@ SELECTIONS = ('last', 'best')
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
-                     'validation_every')
+                     'validation_every', 'normal_list_order_sha256')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 # meta entries that record what a run measured, not what it is (thresholds: calibrated later), and
 # how its values were chosen (the category parameters set on the command line: what is learnt

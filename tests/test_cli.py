@@ -255,6 +255,12 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     listing.write_text('\n'.join(names[1:]) + '\n')
     message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
     assert 'other arguments' in message and 'normal_list_sha256' in message
+    # the same images in another order, or images of the same names in another folder: another run
+    other = [f'b/{name}' for name in write_chest_images(tmp_path / 'images' / 'b')]
+    for listed in (names[::-1], other):
+        listing.write_text('\n'.join(listed) + '\n')
+        message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
+        assert 'other arguments' in message and 'normal_list_order_sha256' in message
 
     listing.write_text('\n'.join(names + ['missing.png']) + '\n')
     fresh = tmp_path / 'fresh'
