@@ -94,6 +94,8 @@ SELECTIONS = ('last', 'best')
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
                      'validation_every', 'normal_list_order_sha256')
+# entries of a layout's spec that name test images only (the folder format's): never trained on
+TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 # meta entries that record what a run measured, not what it is (thresholds: calibrated later), and
 # how its values were chosen (the category parameters set on the command line: what is learnt
@@ -437,8 +439,8 @@ def run_meta(model, config, meta=None, validator=None):
 def run_differences(saved_meta, meta):
     """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
-    model and ``TrainConfig`` values; runtime fields, results and ``swa_lr`` without
-    ``swa_epochs`` are ignored); [] for the same run."""
+    model and ``TrainConfig`` values; runtime fields, results, ``swa_lr`` without ``swa_epochs``
+    and the folder format's test folders are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
@@ -448,6 +450,8 @@ def run_differences(saved_meta, meta):
             config.pop('swa_lr', None)  # no averaging: its learning rate is never used
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS
                 and not (k in LATER_META_FIELDS and k not in saved_meta)}
+        if isinstance(rest.get('layout'), dict):
+            rest['layout'] = {k: v for k, v in rest['layout'].items() if k not in TEST_ONLY_LAYOUT_FIELDS}
         return {**rest, **config}
     return dict_differences(learnt(saved_meta), learnt(meta))
 

@@ -701,6 +701,12 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     assert training.run_differences(earlier, two) == []
     # the command line's category parameters say how values were chosen, not what is learnt
     assert training.run_differences({**one, 'param_overrides': dict(num_patches=4)}, one) == []
+    # the folder format's test folders are not trained on; its normal folder is
+    folder = dict(format='folder', normal='/n', abnormal=None, mask_dir=None, held_out_sha256='ab')
+    tested = dict(one, layout=dict(folder, abnormal='/a', mask_dir='/m'))
+    assert training.run_differences(dict(one, layout=folder), tested) == []
+    assert training.run_differences(tested, dict(tested, layout=dict(folder, normal='/other'))) == [
+        "layout.normal: '/n' vs '/other'"]
     # the averaging's learning rate is learnt with averaging only
     other_rate = dict(one, train_config=dict(one['train_config'], swa_lr=0.5))
     assert training.run_differences(one, other_rate) == []
