@@ -108,9 +108,11 @@ def matches(requested, setting):
 
 
 def is_search_candidate(path, folder):
-    """Whether ``path`` lies in a SEARCH_DIR folder below ``folder`` (a --recipe search candidate,
-    not a result)."""
-    return SEARCH_DIR in Path(path).relative_to(folder).parts[:-1]
+    """Whether ``path`` is a --recipe search candidate below ``folder`` (not a result): a file in a
+    folder of its own in a SEARCH_DIR folder (``<run dir>/search/<candidate>/``). Folders named
+    SEARCH_DIR elsewhere (a category, a sweep's folder) hold results."""
+    parts = Path(path).relative_to(folder).parts
+    return len(parts) >= 3 and parts[-3] == SEARCH_DIR
 
 
 def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):

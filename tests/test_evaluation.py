@@ -511,6 +511,13 @@ def test_find_checkpoints_leaves_out_the_recipe_search_candidates(tmp_path):
     assert found == [Path('shift/a/final_a_shift.pt')]
     found = [str(p.relative_to(tmp_path)) for p, _ in checkpoints.find_checkpoints(tmp_path / 'search')]
     assert found == ['search/shift/a/final_a_shift.pt']  # a folder named search above the models
+    for name in ('sweep/search/lr0.01/shift/a/final_a_shift.pt',  # a sweep's folder named search
+                 'sweep/shift/search/final_search_shift.pt'):  # a category named search
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        save_torch_atomic(dict(model={}, meta=meta), tmp_path / name)
+    found = [str(p.relative_to(tmp_path)) for p, _ in checkpoints.find_checkpoints(tmp_path / 'sweep')]
+    assert sorted(found) == ['sweep/search/lr0.01/shift/a/final_a_shift.pt',
+                             'sweep/shift/search/final_search_shift.pt']
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
@@ -684,7 +691,8 @@ def test_models_of_one_category_with_other_channels_each_get_their_test_set(tmp_
         model = resnet18_enc_dec(in_channels=channels, final_activation=parse_setting(key).final_activation)
         meta = dict(dataset='mvtec', setting=key, category='tiles', kind='texture', res_scale=0.25,
                     train_size=64, seed=0, in_channels=channels, model_config=model.config)
-        save_torch_atomic(dict(model=model.state_dict(), meta=meta), trained_model_path(tmp_path / 'models', key, 'tiles'))
+        save_torch_atomic(dict(model=model.state_dict(), meta=meta),
+                          trained_model_path(tmp_path / 'models', key, 'tiles'))
     records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data')
     assert sorted(r['setting'] for r in records) == ['FPI', 'Shift']
     assert not any(r.get('error') for r in records)
