@@ -623,9 +623,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     validation with its ``epoch``) and ``<name>_validation.csv``, a figure of the curve to
     ``<name>_validation.png``, and the model with the best score so far to ``best_<name>.pt``
     (``meta['best_epoch']``). With ``config.select == 'best'`` the final model is that one. The
-    resume checkpoint holds those weights too, so that a resumed run's best model is one of the
-    epochs it resumed with (``best_<name>.pt`` is written again from them on resume), never one
-    of an interrupted run's lost epochs.
+    resume checkpoint holds those weights and their meta too, so that a resumed run's best model
+    is one of the epochs it resumed with (``best_<name>.pt`` is written again from them on
+    resume, as it was written at its epoch), never one of an interrupted run's lost epochs.
 
     A run that starts from its first epoch (not resumed) replaces an earlier one in ``run_dir``
     (a ``--force`` run): once its final model is written, the files of the run ``name`` that it did
@@ -661,7 +661,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
-    start_epoch, best_state = 0, None
+    start_epoch, best_state, best_meta = 0, None, None
     if resume and last_path.exists():
         # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
         checkpoint = torch.load(last_path, map_location='cpu', weights_only=True)
@@ -675,8 +675,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
         best_state = checkpoint.get('best_model')  # None: none validated yet, or an older checkpoint
+        best_meta = checkpoint.get('best_meta', meta)  # as written at its epoch (older: the resumed)
         if best_state is not None and writer:
-            save_torch_atomic(state_checkpoint(best_state, meta), best_model_path(run_dir, name))
+            save_torch_atomic(state_checkpoint(best_state, best_meta), best_model_path(run_dir, name))
     if world_size > 1:
         starts = [None] * world_size
         dist.all_gather_object(starts, start_epoch)
@@ -739,7 +740,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                   f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
             if validate(model, validator, meta, done, run_dir, name, config.figures):
-                best_state = _cpu_state_dict(model, copy=True)
+                best_state, best_meta = _cpu_state_dict(model, copy=True), copy.deepcopy(meta)
             tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
                        f"{describe_scores(meta['validation'][-1])}")
             model.train()
@@ -752,7 +753,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
             extra = {} if averaged is None else dict(averaged=averaged.state_dict())
             if best_state is not None:
-                extra['best_model'] = best_state
+                extra.update(best_model=best_state, best_meta=best_meta)
             save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                    scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
                                    meta=meta, **extra), last_path)

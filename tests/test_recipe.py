@@ -458,6 +458,21 @@ def test_resumed_run_keeps_the_validation_curve(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_best_model_written_again_on_resume_keeps_the_meta_of_its_epoch(tmp_path):
+    scores, config = [0.2, 0.6, 0.4], TrainConfig(epochs=3, figures=False, checkpoint_every=1)
+    for run in ('a', 'b'):
+        train(TinyNet(), SquaresDataset(), config, tmp_path / run, 'run', validator=ScriptedValidator(scores))
+    final_model_path(tmp_path / 'b', 'run').unlink()  # killed while writing the final model
+    train(TinyNet(), SquaresDataset(), config, tmp_path / 'b', 'run', resume=True,
+          validator=ScriptedValidator([]))
+    whole, resumed = (torch.load(best_model_path(tmp_path / run, 'run'), weights_only=True)['meta']
+                      for run in ('a', 'b'))
+    assert len(resumed['epoch_losses']) == 2 and [v['epoch'] for v in resumed['validation']] == [1, 2]
+    assert resumed['validation'] == whole['validation'] and resumed['best_epoch'] == whole['best_epoch'] == 2
+    assert resumed.keys() == whole.keys()
+
+
+@pytest.mark.slow
 def test_a_resumed_run_never_keeps_the_best_model_of_the_epochs_it_lost(tmp_path):
     # checkpoint after epoch 2, epoch 3 validated best (0.9), killed in epoch 4; resumed, epochs 3
     # and 4 score lower (a run that does not repeat exactly: another device, CUDA's kernels)
