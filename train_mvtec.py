@@ -24,19 +24,19 @@ labels only (defect images without masks) need --allow-missing-masks.
 """
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
 from experiments import recipes, settings
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
-                             exit_on_input_error, layout_from_args, model_from_args, path_argument,
-                             prepare_output_dir, found_run, print_slow_bf16_note, refuse_existing_run,
-                             refuse_twin_run,
-                             remove_report_temporaries, report_problems, train_config,
-                             train_unless_finished, write_evaluation)
-from experiments.checkpoints import SEARCH_DIR
+                             exit_on_input_error, found_run, layout_from_args, model_from_args,
+                             other_run_message, path_argument, prepare_output_dir, print_slow_bf16_note,
+                             refuse_existing_run, refuse_twin_run, remove_report_temporaries,
+                             report_problems, train_config, train_unless_finished, write_evaluation)
+from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import is_distributed, is_first_process
+from experiments.training import is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
@@ -54,6 +54,8 @@ CATEGORY_GROUPS = ('all', 'texture', 'object')
 DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 # 1,024-pixel textures (896-pixel objects): the side of MVTec AD's largest images
 MAX_RES_SCALE = 4
+# the meta entries of a --recipe search run that its search chooses
+SEARCH_CHOSEN_FIELDS = ('recipe_search', 'category_params', 'self_sup_args', 'calibration')
 
 
 def parse_args(argv=None):
@@ -357,6 +359,21 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     return results[best]['params'], results
 
 
+def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
+    """--resume of a --recipe search run: refuse a finished or interrupted run of other arguments
+    before the search, which would train its candidates again for them. What the search chooses
+    (SEARCH_CHOSEN_FIELDS) is compared once it has chosen, by ``train_unless_finished``."""
+    found, state = found_run(setting.run_dir(out_dir, category), setting.run_name(category))
+    if found is None:
+        return
+    start = settings.category_params(category, args.kind, settings.param_overrides(args), use_entry=False)
+    _, model, config, meta, validator = prepare_run(args, setting, data_dir, category, start, searched=True)
+    differing = [line for line in run_differences(read_meta(found), run_meta(model, config, meta, validator))
+                 if re.split('[.:]', line)[0] not in SEARCH_CHOSEN_FIELDS]
+    if differing:
+        raise ValueError(other_run_message(found, state, differing))
+
+
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1, and so does
     an --evaluate in which a model's evaluation failed (its tables are written all the same).
@@ -399,6 +416,8 @@ def train_category(args, setting, data_dir, category, out_dir):
     recipe = recipes.recipe_name(args.recipe, category)
     with exit_on_input_error(PROG):
         if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
+            if args.resume:
+                refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
             params, search = search_recipe(args, setting, data_dir, category, out_dir)
 
     def prepare():

@@ -246,6 +246,13 @@ def refuse_twin_run(setting, out_dir, category):
                               f"{setting.key} does; use -s {twin_key} or another output folder")
 
 
+def other_run_message(found, state, differing):
+    """Why --resume refuses the ``state`` run ``found``: its ``run_differences`` ``differing``."""
+    return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
+            f"{'; '.join(differing)}); pass --force to train again and replace it, or use another "
+            f"output folder")
+
+
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False, replace_other=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
@@ -277,9 +284,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
                 print(f"{prog}: {found} was run with other arguments: training it again")
                 resume, state = False, None
             elif differing:
-                raise ValueError(f"cannot resume the {state} run {found}: it was run with other "
-                                 f"arguments (then vs now: {'; '.join(differing)}); pass --force "
-                                 f"to train again and replace it, or use another output folder")
+                raise ValueError(other_run_message(found, state, differing))
     if resume and state == 'finished':
         print(f"{prog}: {found} exists, skipping it")
         return previous

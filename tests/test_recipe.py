@@ -732,9 +732,17 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert printed.count('exists, skipping it') == len(search) + 1  # the final model too
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
         assert f"search chose {chosen} (validation scores: {scores})" in printed
+        # --resume with another flag: refused before the search trains its candidates again
+        final = settings.trained_model_path(out, 'Shift-Intensity-M', 'plates')
+        with pytest.raises(SystemExit):
+            train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                              'search', '--search-epochs', '1', '--resume', '--lr', '0.01'] + FAST)
+        error = capsys.readouterr().err
+        assert f'cannot resume the finished run {final}' in error and 'lr: 0.001 vs 0.01' in error
+        assert 'recipe_search' not in error
+        assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
         # the final run gone (as if interrupted before it), a search with other arguments trains
         # its candidates again instead of refusing them
-        final = settings.trained_model_path(out, 'Shift-Intensity-M', 'plates')
         final.unlink()
         final.with_name(final.name.replace('final_', 'last_')).unlink()
         assert train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out),
