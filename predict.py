@@ -39,8 +39,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from experiments.arguments import path_argument
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
-from experiments.cli import path_argument
 from experiments.detector import Detector
 from self_sup_data.images import image_files, to_channels
 

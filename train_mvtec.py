@@ -29,9 +29,10 @@ import sys
 from pathlib import Path
 
 from experiments import recipes, settings
+from experiments.arguments import path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, found_run, layout_from_args, model_from_args,
-                             other_run_message, path_argument, prepare_output_dir, print_slow_bf16_note,
+                             other_run_message, prepare_output_dir, print_slow_bf16_note,
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, train_config, train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from experiments import tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, failure_reason, find_checkpoints,
                                      read_model, select_checkpoints, setting_from_path, sort_records)
-from experiments.cli import add_evaluation_options, evaluation_parser, path_argument, run_evaluation
+from experiments.arguments import path_argument
+from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting

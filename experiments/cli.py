@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from experiments.arguments import path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
 from experiments.plotting import remove_failed_figures
@@ -24,14 +25,6 @@ from self_sup_data.layouts import FORMATS, make_layout
 # Training scripts
 # ------------------------------------------------------------------------------------------------
 
-
-
-def path_argument(value):
-    """argparse type of a path option: ``value``, refused when empty (an unset shell variable would
-    otherwise mean the current folder)."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError('an empty path (an unset variable in the command?)')
-    return value
 
 def default_workers():
     """Usable CPUs less one (the main process runs the steps), at least one."""

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from experiments.arguments import path_argument
 from experiments.atomic import write_atomic
-from experiments.cli import exit_on_input_error, path_argument
+from experiments.cli import exit_on_input_error
 from experiments.detector import SPEC_KEY
 from experiments.torch_model import load_checkpoint
 

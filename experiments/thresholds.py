@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from experiments import metrics
+from experiments.arguments import path_argument
 from experiments.atomic import save_torch_atomic
 from experiments.checkpoints import read_meta
-from experiments.cli import exit_on_input_error, path_argument
+from experiments.cli import exit_on_input_error
 from experiments.detector import Detector
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
