@@ -452,16 +452,26 @@ def check_task_flags(args, setting, overrides):
     """ValueError naming a task flag or category parameter option (``overrides``, from
     ``param_overrides``) that ``setting`` would ignore: one that its task does not use (the
     logistic label without a logistic label, the gamma distribution, resizing, shifting or the
-    paste fraction where its task has none), or one that another flag turns off (--num-patches with
-    --single-patch, the object mask's options with --no-mask)."""
+    paste fraction where its task has none; patch sizes, counts, ellipses and the object mask
+    with CutPaste's patch generation; normal samples for a classifier), or one that another flag
+    turns off (--num-patches with --single-patch, the object mask's options with --no-mask)."""
     task = setting.self_sup_args
+    cutpaste_patches = task.get('cutpaste_patch_generation', False) or args.cutpaste_patch_gen
     uses = dict(intensity_logistic_params=task['label_mode'] == 'logistic-intensity',
-                gamma_params=task['gamma_params'] is not None, resize_bounds=task['resize'],
-                clip_at_border=task['shift'], paste_fraction=setting.base in POISSON_BASES)
+                gamma_params=task['gamma_params'] is not None and not cutpaste_patches,
+                resize_bounds=task['resize'] and not cutpaste_patches,
+                clip_at_border=task['shift'], paste_fraction=setting.base in POISSON_BASES,
+                normal_fraction=setting.model != 'classifier')
+    # CutPaste's patch generation draws one rectangle of its own anywhere (patch_ex)
+    uses.update({name: not cutpaste_patches for name in ('width_bounds_pct', 'num_patches')
+                 + OBJECT_MASK_PARAMS})
+    task_name = f"{setting.key}{' with --cutpaste-patch-gen' if args.cutpaste_patch_gen else ''}"
     for name, used in uses.items():
         if name in overrides and not used:
-            raise ValueError(f"{OVERRIDE_FLAGS[name]} does not apply to {setting.key}, whose task does "
+            raise ValueError(f"{OVERRIDE_FLAGS[name]} does not apply to {task_name}, whose task does "
                              f"not use it; leave it out")
+    if args.ellipse and cutpaste_patches:
+        raise ValueError(f"--ellipse does not apply to {task_name}, whose patches are CutPaste's rectangles")
     if args.single_patch and 'num_patches' in overrides:
         raise ValueError('--single-patch and --num-patches contradict each other; pass one of them')
     masked = [OVERRIDE_FLAGS[name] for name in OBJECT_MASK_PARAMS if name in overrides]

@@ -444,6 +444,13 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
     ('Shift', ['--single-patch', '--num-patches', '8'], '--single-patch and --num-patches contradict'),
     ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask ignores the object mask that --background'),
     ('Shift', ['--search-epochs', '3'], '--search-epochs 3 applies to --recipe search only'),
+    ('CutPaste-3way', ['--num-patches', '3'], '--num-patches does not apply to CutPaste-3way'),
+    ('CutPaste-3way', ['--normal-fraction', '0.5'], '--normal-fraction does not apply to CutPaste-3way'),
+    ('CutPaste-3way', ['--ellipse'], "--ellipse does not apply to CutPaste-3way, whose patches are CutPaste's"),
+    ('Shift-Intensity', ['--cutpaste-patch-gen', '--width-bounds', '0.1', '0.2', '0.1', '0.2'],
+     '--width-bounds does not apply to Shift-Intensity with --cutpaste-patch-gen'),
+    ('Shift-Intensity', ['--cutpaste-patch-gen', '--gamma', '2', '0.03', '0.05'], '--gamma does not apply'),
+    ('Shift-Intensity', ['--cutpaste-patch-gen', '--background', '0', '20'], '--background does not apply'),
     ('Shift', ['--no-figures', '--figure-every', '1'], '--figure-every 1 with --no-figures'),
 ])
 def test_options_the_run_would_ignore_are_refused_before_anything_is_written(
