@@ -400,14 +400,14 @@ def main(argv=None):
                 raise
             failed.append(category)
     trained = [category for category in categories if category not in failed]
-    if failed:
-        print(f"{PROG}: error: {len(failed)} of {len(categories)} categories failed (their errors "
-              f"are above): {', '.join(failed)}", file=sys.stderr)
+    evaluation_failed = False
     if args.evaluate and trained and is_first_process():  # under torchrun, the first process alone
         with exit_on_input_error(PROG):
-            if evaluate_trained(args, setting, data_dir, trained, out_dir):
-                return 1
-    return 1 if failed else 0
+            evaluation_failed = bool(evaluate_trained(args, setting, data_dir, trained, out_dir))
+    if failed:  # the last line
+        print(f"{PROG}: error: {len(failed)} of {len(categories)} categories failed (their errors "
+              f"are above): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or evaluation_failed else 0
 
 
 def train_category(args, setting, data_dir, category, out_dir):
