@@ -39,7 +39,7 @@ from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
-from self_sup_data.demo import make_demo_dataset
+from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files)
@@ -154,7 +154,7 @@ def plan(args):
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
                              f"a file name of its models (no folder separator, not . or ..)")
-        settings.category_params(categories[0], args.kind, overrides)
+        settings.check_category_overrides(categories[0], args.kind, overrides)
         check_evaluable(args, None, categories)
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
@@ -163,10 +163,11 @@ def plan(args):
             raise FileNotFoundError(f"data folder {data_dir} does not exist")
         categories = select_categories(args, data_dir)
         for category in categories:
-            settings.category_params(category, args.kind, overrides)
+            settings.check_category_overrides(category, args.kind, overrides)
         check_evaluable(args, data_dir, categories)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
+    settings.check_category_overrides(DEMO_CATEGORY, args.kind, overrides)
     out_dir = prepare_output_dir(args.out_dir)
     category_dir = make_demo_dataset(out_dir / 'demo_data')
     args.epochs = args.epochs or DEMO_EPOCHS

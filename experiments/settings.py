@@ -479,6 +479,18 @@ def check_task_flags(args, setting, overrides):
         raise ValueError(f"--no-mask ignores the object mask that {masked[0]} sets; pass one of them")
 
 
+def check_category_overrides(class_name, kind, overrides):
+    """``category_params`` of a category with the command line's ``overrides``, checked: ValueError
+    naming --min-object-pct or --min-overlap-pct where the category has no background (neither
+    --background nor a table entry), which they need."""
+    params = category_params(class_name, kind, overrides)
+    unused = [OVERRIDE_FLAGS[name] for name in ('min_object_pct', 'min_overlap_pct') if name in overrides]
+    if unused and params['background'] is None:
+        raise ValueError(f"{unused[0]} applies to an object mask, and {class_name!r} has no background "
+                         f"(--background BRIGHTNESS THRESHOLD, or its CATEGORY_PARAMS entry)")
+    return params
+
+
 def self_sup_args_from_args(setting, params, args):
     """``self_sup_args_for`` with the task flags of parsed ``add_task_arguments`` options."""
     return self_sup_args_for(setting, params, single_patch=args.single_patch,

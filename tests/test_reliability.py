@@ -446,6 +446,7 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
     ('Shift', ['--single-patch', '--num-patches', '8'], '--single-patch and --num-patches contradict'),
     ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask ignores the object mask that --background'),
     ('Shift', ['--search-epochs', '3'], '--search-epochs 3 applies to --recipe search only'),
+    ('Shift', ['--min-object-pct', '0.5'], "--min-object-pct applies to an object mask, and 'tiny' has no background"),
     ('CutPaste-3way', ['--num-patches', '3'], '--num-patches does not apply to CutPaste-3way'),
     ('CutPaste-3way', ['--normal-fraction', '0.5'], '--normal-fraction does not apply to CutPaste-3way'),
     ('CutPaste-3way', ['--ellipse'], "--ellipse does not apply to CutPaste-3way, whose patches are CutPaste's"),
