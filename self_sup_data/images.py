@@ -179,11 +179,18 @@ def with_channel_axis(array, channels):
 def resize(image, size, interpolation=None):
     """Resize ``image`` (H x W x C) to ``size x size``.
 
-    Default interpolation: area averaging when shrinking (no aliasing), bilinear otherwise.
+    Default interpolation: area averaging where a side shrinks (no aliasing), bilinear where it
+    grows. OpenCV's area averaging averages only when both sides shrink, so an image with one
+    side above ``size`` and the other below is first shrunk along the long side (area
+    averaging), then grown along the short one (bilinear); both steps keep the image centred.
     """
-    if interpolation is None:
-        shrinking = size < image.shape[0] or size < image.shape[1]
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    height, width = image.shape[:2]
+    if interpolation is None and min(height, width) < size < max(height, width):
+        image = with_channel_axis(cv2.resize(image, (min(width, size), min(height, size)),
+                                             interpolation=cv2.INTER_AREA), image.shape[2])
+        interpolation = cv2.INTER_LINEAR
+    elif interpolation is None:
+        interpolation = cv2.INTER_AREA if size < height or size < width else cv2.INTER_LINEAR
     out = cv2.resize(image, (size, size), interpolation=interpolation)
     return with_channel_axis(out, image.shape[2])
 

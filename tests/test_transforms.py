@@ -101,6 +101,23 @@ def test_resize(channels):
         assert np.argmax(mask[0, :, 0] > 0) == image_edge  # the mask stays on its image
 
 
+@pytest.mark.parametrize("shape", [(100, 1000), (1000, 100), (240, 1024)])
+def test_an_image_that_shrinks_one_way_and_grows_the_other_is_averaged_not_aliased(shape):
+    from self_sup_data.images import resize
+    stripes = np.zeros(shape + (1,), np.uint8)  # 1-pixel stripes across the long side: grey
+    if shape[1] > shape[0]:
+        stripes[:, ::2] = 255
+    else:
+        stripes[::2, :] = 255
+    out = resize(stripes, 256)
+    assert out.shape == (256, 256, 1)
+    assert np.abs(out.astype(int) - 127).max() <= 4  # OpenCV's area mode alone: values 2..253
+    step = np.zeros(shape + (1,), np.uint8)  # a vertical edge stays centred
+    step[:, shape[1] * 3 // 4:] = 255
+    edge = np.argmax(resize(step, 256)[0, :, 0] >= 128)
+    assert abs(edge - 256 * 3 / 4) <= 1
+
+
 @pytest.mark.parametrize("transform", [CenterCrop(41), RandomCrop(41)])
 def test_crop_larger_than_image_is_an_error(transform):
     with pytest.raises(ValueError, match="41"):
