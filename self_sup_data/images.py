@@ -40,6 +40,22 @@ def _is_16_bit_colour(image):
     return False
 
 
+def _deep_tiff_layout(image):
+    """For a TIFF of more than 8 bits a sample: (planar, min_is_white, largest value) from its tags
+    (PlanarConfiguration 2: stored plane by plane; PhotometricInterpretation 0: 0 is white;
+    MaxSampleValue, else the bits' range); None for other images."""
+    if image.format != 'TIFF':
+        return None
+    tags = image.tag_v2
+    bits = tags.get(258, 8)
+    bits = max(bits) if isinstance(bits, tuple) else int(bits)
+    if bits <= 8:
+        return None
+    largest = tags.get(281, 2 ** bits - 1)
+    largest = max(largest) if isinstance(largest, tuple) else int(largest)
+    return tags.get(284, 1) == 2, tags.get(262) == 0, largest
+
+
 def decode_16_bit_colour(path):
     """uint16 ``H x W x 3`` (RGB; alpha dropped) of a colour file of 16 bits a channel, decoded by
     OpenCV: Pillow reads such files as their high bytes only."""
@@ -78,15 +94,21 @@ def decode_values(path):
     colour of 16 bits a channel, ``decode_16_bit_colour``), else uint8 ``H x W`` (grey, also 1-bit
     as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted), turned as displayed
     (``as_displayed``); of a multi-page file the first page, with a warning.
-    Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit data, whose
-    range is not known) and images larger than Pillow's decompression-bomb limit are ValueErrors
-    naming the file."""
+    A deeper TIFF whose 0 is white (PhotometricInterpretation 0) is inverted, as Pillow does for
+    8-bit ones. Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit
+    data, whose range is not known), deeper TIFFs stored plane by plane, and images larger than
+    Pillow's decompression-bomb limit are ValueErrors naming the file."""
     with opened_image(path) as image:
         if image.mode == 'F':
             raise ValueError(f'{image.mode} images (32-bit floating point) are not supported: '
                              f'their value range is unknown; save them as 8- or 16-bit integers')
         if getattr(image, 'n_frames', 1) > 1 and image.format != 'MPO':  # MPO: a photo and its previews
             warnings.warn(f'{path} holds {image.n_frames} pages; only the first is read')
+        tiff = _deep_tiff_layout(image)
+        if tiff is not None and tiff[0]:
+            raise ValueError('a TIFF of more than 8 bits a sample stored plane by plane '
+                             '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
+                             'correctly; save it interleaved (contiguous)')
         if _is_16_bit_colour(image):
             return decode_16_bit_colour(path)
         image = as_displayed(image)
@@ -97,6 +119,9 @@ def decode_values(path):
                 raise ValueError(f'integer values from {values.min()} to {values.max()} (signed or 32-bit '
                                  f'data) are not supported: their range is unknown; save them as 8- or '
                                  f'16-bit unsigned integers')
+            if tiff is not None and tiff[1]:  # 0 is white: as displayed, as Pillow turns 8-bit ones
+                values = tiff[2] - np.minimum(values.astype(np.int64), tiff[2])
+                values = values.astype(np.uint16)
             return values
         if image.mode in ('1', 'LA', 'La'):
             image = image.convert('L')

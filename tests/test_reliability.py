@@ -557,6 +557,22 @@ def test_colour_images_of_16_bits_a_channel_keep_their_low_bits(tmp_path, suffix
         decode_values(truncated)
 
 
+def test_deeper_tiffs_whose_zero_is_white_are_inverted_and_planar_ones_refused(tmp_path):
+    tifffile = pytest.importorskip('tifffile')
+    ramp = np.tile(np.arange(0, 256, 32, dtype=np.uint16) * 257, (4, 1))
+    tifffile.imwrite(tmp_path / 'white16.tif', ramp, photometric='miniswhite')
+    tifffile.imwrite(tmp_path / 'black16.tif', ramp, photometric='minisblack')
+    tifffile.imwrite(tmp_path / 'white8.tif', (ramp // 257).astype(np.uint8), photometric='miniswhite')
+    np.testing.assert_array_equal(decode_values(tmp_path / 'white16.tif'), 65535 - ramp)  # as displayed
+    np.testing.assert_array_equal(decode_values(tmp_path / 'black16.tif'), ramp)
+    np.testing.assert_array_equal(read_image(tmp_path / 'white16.tif')[..., 0],
+                                  read_image(tmp_path / 'white8.tif')[..., 0])  # as Pillow reads 8 bits
+    planar = np.stack([ramp, ramp // 2, ramp // 4])  # channels first: stored plane by plane
+    tifffile.imwrite(tmp_path / 'planar16.tif', planar, photometric='rgb', planarconfig='separate')
+    with pytest.raises(ValueError, match=f'^cannot read image {tmp_path / "planar16.tif"}: a TIFF .*plane by plane'):
+        read_image(tmp_path / 'planar16.tif')
+
+
 def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path):
     from self_sup_data.mvtec import SET_BIT_DEPTH, load_images
     from experiments.torch_model import model_spec
