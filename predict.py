@@ -241,9 +241,11 @@ def parse_args(argv=None):
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog=__doc__.split('\n\n', 2)[2])
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument('-m', '--model', type=path_argument, help='a trained model (final_*.pt), or an exported .onnx')
-    model.add_argument('--onnx', help='an exported model (python -m experiments.export), run by '
-                                      'ONNX Runtime without PyTorch')
+    model.add_argument('-m', '--model', type=path_argument,
+                       help='a trained model (final_*.pt), or an exported .onnx')
+    model.add_argument('--onnx', type=path_argument,
+                       help='an exported model (python -m experiments.export), run by ONNX Runtime '
+                            'without PyTorch')
     parser.add_argument('-i', '--input', type=path_argument, nargs='+', required=True,
                         help='image folders, glob patterns or files')
     parser.add_argument('-o', '--out-dir', type=path_argument, required=True, help='output folder')

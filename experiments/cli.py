@@ -233,7 +233,9 @@ def refuse_twin_run(setting, out_dir, category):
     if twin_key is None:
         return
     twin = parse_setting(twin_key)
-    found, _ = found_run(twin.run_dir(out_dir, category), twin.run_name(category))
+    run_dir, name = twin.run_dir(out_dir, category), twin.run_name(category)
+    found = next((path for path in (final_model_path(run_dir, name), last_checkpoint_path(run_dir, name))
+                  if path.is_file()), None)  # not read: a damaged one is the twin's all the same
     if found:
         raise FileExistsError(f"{found} is a run of {twin_key}, which trains seed {DEFAULT_SEED} as "
                               f"{setting.key} does; use -s {twin_key} or another output folder")

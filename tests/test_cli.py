@@ -326,6 +326,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
     ('train_mvtec.py', ['-s', 'Shift', '-o', '']),
     ('train_chest_xray.py', ['-s', 'Shift', '-d', ' ', '-l', 'list.txt', '-o', 'out']),
     ('predict.py', ['-m', 'model.pt', '-i', 'images', '', '-o', 'out']),
+    ('predict.py', ['--onnx', '', '-i', 'images', '-o', 'out']),
     ('experiments.mvtec_tasks', ['-m', 'models', '-d', 'data', '-o', '']),
     ('experiments.thresholds', ['-m', '']),
     ('experiments.export', ['-m', 'model.pt', '-o', '']),

@@ -813,6 +813,10 @@ def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_p
         message = run_error(train_mvtec.main, ['-s', 'Shift-0'] + base + extra, capsys)
         assert 'is a run of Shift, which trains seed 0 as Shift-0 does; use -s Shift' in message
     assert not list((tmp_path / 'out').rglob('final_tiny_shift_0.pt'))
+    twin = trained_model_path(tmp_path / 'out', 'Shift', 'tiny')
+    twin.write_bytes(twin.read_bytes()[:1000])  # damaged: still the twin's, named as such
+    message = run_error(train_mvtec.main, ['-s', 'Shift-0'] + base + ['--force'], capsys)
+    assert f'{twin} is a run of Shift, which trains seed 0' in message and 'cannot read' not in message
     assert train_mvtec.main(['-s', 'Shift-1'] + base) == 0  # another seed is another run
 
 
