@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 import skimage.data
 
+from self_sup_data.folders import build_folder
+
 DEMO_CATEGORY = "demo_texture"
 TEXTURES = ("brick", "grass", "gravel")  # 512 x 512 grayscale photographs in skimage.data
 DEFECT_KINDS = ("scratch", "hole", "stain", "blur")
@@ -183,8 +185,7 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
     if target.exists() and not (target / INFO_FILE).is_file():
         raise FileExistsError(f"{target} exists and was not made by make_demo_dataset; "
                               "choose another OUT_DIR or remove it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    build_dir = build_folder(out_dir, name)
     try:
         _write_category(build_dir, seed, texture)
         if target.exists():  # made with another seed: move it aside, then replace it

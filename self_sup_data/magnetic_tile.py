@@ -28,7 +28,6 @@ import argparse
 import os
 import random
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from self_sup_data.folders import build_folder
 from self_sup_data.images import as_displayed, decode_mask_values, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
@@ -132,8 +132,7 @@ def convert(src, out):
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
-    Path(out).mkdir(parents=True, exist_ok=True)
-    build_dir = Path(tempfile.mkdtemp(prefix=f'.{CATEGORY}.', dir=out))
+    build_dir = build_folder(out, CATEGORY)
     try:
         for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
             (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)

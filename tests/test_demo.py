@@ -63,6 +63,17 @@ def test_existing_dataset_is_reused_or_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name != "fresh"] == [DEMO_CATEGORY]
 
 
+def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):
+    import os
+    umask = os.umask(0o022)
+    try:
+        category = make_demo_dataset(tmp_path, seed=3)
+        (tmp_path / 'plain').mkdir()
+        assert category.stat().st_mode & 0o777 == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
+
+
 def test_foreign_folder_is_not_overwritten(tmp_path):
     (tmp_path / DEMO_CATEGORY / "train").mkdir(parents=True)
     with pytest.raises(FileExistsError, match=DEMO_CATEGORY):

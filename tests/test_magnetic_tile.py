@@ -42,6 +42,8 @@ def test_tiny_source_counts_names_masks(tmp_path, monkeypatch):
         category = convert(tmp_path / 'src', tmp_path / 'out')
     assert category == tmp_path / 'out' / 'magnetic_tile'
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['magnetic_tile']  # no temp folder left
+    (tmp_path / 'plain').mkdir()  # the permissions of a new folder (mkdtemp's are private)
+    assert category.stat().st_mode & 0o777 == (tmp_path / 'plain').stat().st_mode & 0o777
     files = _tree(category)
     assert [f for f in files if f.startswith('train/good/')] == [f'train/good/{i:03d}.png' for i in range(6)]
     assert [f for f in files if f.startswith('test/good/')] == [f'test/good/{i:03d}.png' for i in range(4)]
