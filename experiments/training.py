@@ -627,10 +627,11 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     is one of the epochs it resumed with (``best_<name>.pt`` is written again from them on
     resume, as it was written at its epoch), never one of an interrupted run's lost epochs.
 
-    A run that starts from its first epoch (not resumed) replaces an earlier one in ``run_dir``
-    (a ``--force`` run): once its final model is written, the files of the run ``name`` that it did
-    not write (``is_run_file``: an earlier best model, validation curve or sample figures) are
-    removed, so that none of them is taken for this run's.
+    A run that starts from its first epoch replaces an earlier one in ``run_dir`` (a ``--force``
+    run): once its final model is written, even after an interruption and a resume, the files of
+    the run ``name`` written before it started (``is_run_file``: an earlier best model, validation
+    curve or sample figures) are removed, so that none of them is taken for this run's. The resume
+    checkpoint keeps the start's time for that.
     """
     run_started_ns = time.time_ns()
     if len(dataset) == 0:
@@ -676,6 +677,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         start_epoch = checkpoint['epoch']
         best_state = checkpoint.get('best_model')  # None: none validated yet, or an older checkpoint
         best_meta = checkpoint.get('best_meta', meta)  # as written at its epoch (older: the resumed)
+        run_started_ns = checkpoint.get('run_started_ns')  # None: a checkpoint of an earlier version
         if best_state is not None and writer:
             save_torch_atomic(state_checkpoint(best_state, best_meta), best_model_path(run_dir, name))
     if world_size > 1:
@@ -752,6 +754,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
             extra = {} if averaged is None else dict(averaged=averaged.state_dict())
+            if run_started_ns is not None:
+                extra['run_started_ns'] = run_started_ns
             if best_state is not None:
                 extra.update(best_model=best_state, best_meta=best_meta)
             save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -775,7 +779,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
         if config.figures:
             save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
-        if start_epoch == 0:
+        if run_started_ns is not None:
             remove_earlier_run_files(run_dir, name, run_started_ns)
     if world_size > 1:  # every rank returns rank 0's meta (validation), once its files exist
         shared = [meta]

@@ -71,7 +71,9 @@ def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, d
 
 
 @pytest.mark.slow
-def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path):
+@pytest.mark.parametrize('interrupted', [False, True])
+def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, interrupted):
+    from self_sup_data.mvtec import SelfSupImageDataset
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--recipe', 'table']
@@ -82,11 +84,25 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path):
             'tiny_shift_3_samples_epoch0002.png'} <= earlier
     other = path.parent / 'tiny_shift_3_notes.txt'  # not a file the training writes: kept
     other.write_text('mine')
-    assert train_mvtec.main(argv + ['--epochs', '1', '--force']) == 0
+    again = argv + ['--epochs', '3', '--checkpoint-every', '1']
+    if interrupted:  # killed in its third epoch, then resumed: the run still replaces the earlier one
+        set_epoch = SelfSupImageDataset.set_epoch
+
+        def killed_in_epoch_3(self, epoch):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            set_epoch(self, epoch)
+        monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', killed_in_epoch_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_mvtec.main(again + ['--force'])
+        monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', set_epoch)
+        assert train_mvtec.main(again + ['--resume']) == 0
+    else:
+        assert train_mvtec.main(again + ['--force']) == 0
     assert {p.name for p in path.parent.iterdir()} == {
         'final_tiny_shift_3.pt', 'last_tiny_shift_3.pt', 'tiny_shift_3_loss.png',
-        'tiny_shift_3_samples_epoch0001.png', 'tiny_shift_3_notes.txt'}
-    assert load_model(path)[1]['train_config']['epochs'] == 1
+        'tiny_shift_3_notes.txt'} | {f'tiny_shift_3_samples_epoch000{epoch}.png' for epoch in (1, 2, 3)}
+    assert load_model(path)[1]['train_config']['epochs'] == 3
 
 
 @pytest.mark.parametrize('change,expected', [
