@@ -368,9 +368,10 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     found, state = found_run(setting.run_dir(out_dir, category), setting.run_name(category))
     if found is None:
         return
-    start = settings.category_params(category, args.kind, settings.param_overrides(args), use_entry=False)
-    _, model, config, meta, validator = prepare_run(args, setting, data_dir, category, start, searched=True)
-    differing = [line for line in run_differences(read_meta(found), run_meta(model, config, meta, validator))
+    previous = read_meta(found)  # its chosen parameters: what they set (the epochs ...) is the same
+    _, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
+                                                    previous['category_params'], searched=True)
+    differing = [line for line in run_differences(previous, run_meta(model, config, meta, validator))
                  if re.split('[.:]', line)[0] not in SEARCH_CHOSEN_FIELDS]
     if differing:
         raise ValueError(other_run_message(found, state, differing))

@@ -682,6 +682,32 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     assert recipes.search_candidates(auto, None, None, auto) == {'auto': auto}
 
 
+def test_a_search_run_whose_choice_set_its_epochs_is_resumable(tmp_path):
+    """The check before the search compares the run as its chosen parameters make it: a choice
+    with other default epochs (an entry's) is not another run; another --lr is."""
+    from experiments.training import model_checkpoint, run_meta
+    from experiments.atomic import save_torch_atomic
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    make_mvtec_category(data, 'plates', n_train=12)
+    argv = ['-s', 'Shift-Intensity', '-d', str(data), '-o', str(out), '--recipe', 'search', '--resume',
+            '--batch-size', '4', '--res-scale', '0.25', '--workers', '0']  # no --epochs: the choice's
+    args = train_mvtec.parse_args(argv)
+    setting, _, _, _ = train_mvtec.plan(args)
+    chosen = dict(settings.category_params('plates', None, {}, use_entry=False), epochs=560, num_patches=9)
+    _, model, config, meta, validator = train_mvtec.prepare_run(args, setting, data, 'plates', chosen,
+                                                                searched=True)
+    assert config.epochs == 560
+    final = settings.trained_model_path(out, 'Shift-Intensity', 'plates')
+    final.parent.mkdir(parents=True)
+    save_torch_atomic(model_checkpoint(model, dict(run_meta(model, config, meta, validator),
+                                                   recipe_search={'table': dict(score=0.5, params=chosen)})),
+                      final)
+    train_mvtec.refuse_other_run_before_search(args, setting, data, 'plates', out)  # the same run
+    other = train_mvtec.parse_args(argv + ['--lr', '0.01'])
+    with pytest.raises(ValueError, match=f'cannot resume the finished run {final}: .*lr: 0.001 vs 0.01'):
+        train_mvtec.refuse_other_run_before_search(other, setting, data, 'plates', out)
+
+
 def test_more_patches_candidate_raises_the_count_to_twice_the_default_unless_fixed():
     auto = dict(num_patches=5, paste_fraction=(0.47, 1.0))
     assert recipes.more_patches(auto, 4, {}) == dict(num_patches=8, paste_fraction=(0.47, 1.0))
