@@ -54,7 +54,7 @@ def plan(args):
         raise ValueError(f"setting {setting.key!r} trains a classifier; chest X-ray training "
                          "supports the encoder-decoder settings only")
     overrides = settings.param_overrides(args)
-    settings.check_task_flags(args, setting, overrides)
+    notes = settings.ignored_task_options(args, setting, overrides)
     params = settings.chest_xray_params(overrides)
     check_training_options(args, setting.loss)
     if not 64 <= args.res <= MAX_RES:
@@ -68,6 +68,8 @@ def plan(args):
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} images of {args.list} are missing "
                                 f"from {args.data_dir}, e.g. {missing[:3]}")
+    for note in notes:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
     return setting, params, prepare_output_dir(args.out_dir)
 
 

@@ -135,7 +135,7 @@ def plan(args):
     """
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
-    settings.check_task_flags(args, setting, overrides)
+    notes = settings.ignored_task_options(args, setting, overrides)
     check_training_options(args, setting.loss)
     recipes.check_recipe_options(args, setting)
     if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:
@@ -154,8 +154,9 @@ def plan(args):
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
                              f"a file name of its models (no folder separator, not . or ..)")
-        settings.check_category_overrides(categories[0], args.kind, overrides)
+        settings.category_params(categories[0], args.kind, overrides)
         check_evaluable(args, None, categories)
+        print_notes(notes + settings.ignored_category_options(categories[0], args.kind, overrides))
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -163,11 +164,12 @@ def plan(args):
             raise FileNotFoundError(f"data folder {data_dir} does not exist")
         categories = select_categories(args, data_dir)
         for category in categories:
-            settings.check_category_overrides(category, args.kind, overrides)
+            notes += settings.ignored_category_options(category, args.kind, overrides)
         check_evaluable(args, data_dir, categories)
+        print_notes(notes)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
-    settings.check_category_overrides(DEMO_CATEGORY, args.kind, overrides)
+    print_notes(notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
     out_dir = prepare_output_dir(args.out_dir)
     category_dir = make_demo_dataset(out_dir / 'demo_data')
     args.epochs = args.epochs or DEMO_EPOCHS
@@ -179,6 +181,12 @@ def plan(args):
     if args.evaluate is None:
         args.evaluate = True
     return setting, category_dir.parent, [category_dir.name], out_dir
+
+
+def print_notes(notes):
+    """Print each of ``notes`` (options the run ignores) as a warning line, once all input is checked."""
+    for note in dict.fromkeys(notes):
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
 def check_evaluable(args, data_dir, categories):

@@ -448,13 +448,14 @@ def param_overrides(args):
     return overrides
 
 
-def check_task_flags(args, setting, overrides):
-    """ValueError naming a task flag or category parameter option (``overrides``, from
-    ``param_overrides``) that ``setting`` would ignore: one that its task does not use (the
-    logistic label without a logistic label, the gamma distribution, resizing, shifting or the
-    paste fraction where its task has none; patch sizes, counts, ellipses and the object mask
-    with CutPaste's patch generation; normal samples for a classifier), or one that another flag
-    turns off (--num-patches with --single-patch, the object mask's options with --no-mask)."""
+def ignored_task_options(args, setting, overrides):
+    """Notes naming each task flag or category parameter option (``overrides``, from
+    ``param_overrides``) that ``setting`` ignores: one that its task does not use (the logistic
+    label without a logistic label, the gamma distribution, resizing, shifting or the paste
+    fraction where its task has none; patch sizes, counts, ellipses and the object mask with
+    CutPaste's patch generation; normal samples for a classifier), or one that another flag turns
+    off (--num-patches with --single-patch, the object mask's options with --no-mask). They are
+    notes, not errors: runs trained with such options stay resumable with the same command."""
     task = setting.self_sup_args
     cutpaste_patches = task.get('cutpaste_patch_generation', False) or args.cutpaste_patch_gen
     uses = dict(intensity_logistic_params=task['label_mode'] == 'logistic-intensity',
@@ -466,29 +467,27 @@ def check_task_flags(args, setting, overrides):
     uses.update({name: not cutpaste_patches for name in ('width_bounds_pct', 'num_patches')
                  + OBJECT_MASK_PARAMS})
     task_name = f"{setting.key}{' with --cutpaste-patch-gen' if args.cutpaste_patch_gen else ''}"
-    for name, used in uses.items():
-        if name in overrides and not used:
-            raise ValueError(f"{OVERRIDE_FLAGS[name]} does not apply to {task_name}, whose task does "
-                             f"not use it; leave it out")
+    notes = [f"{OVERRIDE_FLAGS[name]} does not apply to {task_name}, whose task does not use it: ignored"
+             for name, used in uses.items() if name in overrides and not used]
     if args.ellipse and cutpaste_patches:
-        raise ValueError(f"--ellipse does not apply to {task_name}, whose patches are CutPaste's rectangles")
-    if args.single_patch and 'num_patches' in overrides:
-        raise ValueError('--single-patch and --num-patches contradict each other; pass one of them')
-    masked = [OVERRIDE_FLAGS[name] for name in OBJECT_MASK_PARAMS if name in overrides]
+        notes.append(f"--ellipse does not apply to {task_name}, whose patches are CutPaste's "
+                     f"rectangles: ignored (but for its extra epochs)")
+    if args.single_patch and 'num_patches' in overrides and uses['num_patches']:
+        notes.append('--num-patches with --single-patch: one patch, --num-patches ignored')
+    masked = [OVERRIDE_FLAGS[name] for name in OBJECT_MASK_PARAMS if name in overrides and uses[name]]
     if args.no_mask and masked:
-        raise ValueError(f"--no-mask ignores the object mask that {masked[0]} sets; pass one of them")
+        notes.append(f"--no-mask turns off the object mask that {masked[0]} sets: ignored")
+    return notes
 
 
-def check_category_overrides(class_name, kind, overrides):
-    """``category_params`` of a category with the command line's ``overrides``, checked: ValueError
-    naming --min-object-pct or --min-overlap-pct where the category has no background (neither
-    --background nor a table entry), which they need."""
+def ignored_category_options(class_name, kind, overrides):
+    """Notes naming --min-object-pct or --min-overlap-pct where the category has no background
+    (neither --background nor a table entry), which they need (see ``ignored_task_options``)."""
     params = category_params(class_name, kind, overrides)
-    unused = [OVERRIDE_FLAGS[name] for name in ('min_object_pct', 'min_overlap_pct') if name in overrides]
-    if unused and params['background'] is None:
-        raise ValueError(f"{unused[0]} applies to an object mask, and {class_name!r} has no background "
-                         f"(--background BRIGHTNESS THRESHOLD, or its CATEGORY_PARAMS entry)")
-    return params
+    return [f"{OVERRIDE_FLAGS[name]} applies to an object mask, and {class_name!r} has no background "
+            f"(--background BRIGHTNESS THRESHOLD, or its CATEGORY_PARAMS entry): ignored"
+            for name in ('min_object_pct', 'min_overlap_pct')
+            if name in overrides and params['background'] is None]
 
 
 def self_sup_args_from_args(setting, params, args):

@@ -454,14 +454,25 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
 
 
 @pytest.mark.parametrize('key,argv,expected', [
-    ('Shift', ['--logistic', '1', '3'], '--logistic does not apply to Shift, whose task does not use it'),
+    ('Shift', ['--search-epochs', '3'], '--search-epochs 3 applies to --recipe search only'),
+    ('Shift', ['--no-figures', '--figure-every', '1'], '--figure-every 1 with --no-figures'),
+])
+def test_options_of_the_loop_that_would_be_ignored_are_refused(tiny_mvtec, tmp_path, capsys, key, argv, expected):
+    root, _ = tiny_mvtec
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', key, '-d', str(root), '-o', str(out)] + argv, capsys)
+    assert expected in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('key,argv,expected', [
+    ('Shift', ['--logistic', '1', '3'], '--logistic does not apply to Shift, whose task does not use it: ignored'),
     ('FPI', ['--gamma', '2', '0.03', '0.05'], '--gamma does not apply to FPI'),
     ('FPI', ['--resize-bounds', '0.5', '2'], '--resize-bounds does not apply to FPI'),
     ('FPI-Poisson', ['--no-clip-at-border'], '--clip-at-border does not apply to FPI-Poisson'),
     ('CutPaste', ['--paste-fraction', '0.5', '1'], '--paste-fraction does not apply to CutPaste'),
-    ('Shift', ['--single-patch', '--num-patches', '8'], '--single-patch and --num-patches contradict'),
-    ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask ignores the object mask that --background'),
-    ('Shift', ['--search-epochs', '3'], '--search-epochs 3 applies to --recipe search only'),
+    ('Shift', ['--single-patch', '--num-patches', '8'], '--num-patches with --single-patch: one patch'),
+    ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask turns off the object mask that --background'),
     ('Shift', ['--min-object-pct', '0.5'], "--min-object-pct applies to an object mask, and 'tiny' has no background"),
     ('CutPaste-3way', ['--num-patches', '3'], '--num-patches does not apply to CutPaste-3way'),
     ('CutPaste-3way', ['--normal-fraction', '0.5'], '--normal-fraction does not apply to CutPaste-3way'),
@@ -470,15 +481,19 @@ def test_absurd_generator_parameters_are_refused_before_anything_is_written(
      '--width-bounds does not apply to Shift-Intensity with --cutpaste-patch-gen'),
     ('Shift-Intensity', ['--cutpaste-patch-gen', '--gamma', '2', '0.03', '0.05'], '--gamma does not apply'),
     ('Shift-Intensity', ['--cutpaste-patch-gen', '--background', '0', '20'], '--background does not apply'),
-    ('Shift', ['--no-figures', '--figure-every', '1'], '--figure-every 1 with --no-figures'),
 ])
-def test_options_the_run_would_ignore_are_refused_before_anything_is_written(
-        tiny_mvtec, tmp_path, capsys, key, argv, expected):
+def test_options_the_task_ignores_are_named_in_a_warning(tiny_mvtec, tmp_path, capsys, key, argv, expected):
+    """Warnings, not errors: a run trained with such an option by an earlier version is resumed
+    with the same command."""
     root, _ = tiny_mvtec
-    out = tmp_path / 'out'
-    message = run_error(train_mvtec.main, ['-s', key, '-d', str(root), '-o', str(out)] + argv, capsys)
-    assert expected in message
-    assert not out.exists()
+    capsys.readouterr()
+    train_mvtec.plan(train_mvtec.parse_args(['-s', key, '-d', str(root), '-o', str(tmp_path / 'out')] + argv))
+    warnings_printed = [line for line in capsys.readouterr().err.splitlines() if 'warning' in line]
+    assert len(warnings_printed) == 1 and warnings_printed[0].startswith('train_mvtec.py: warning: ')
+    assert expected in warnings_printed[0]
+    capsys.readouterr()
+    train_mvtec.plan(train_mvtec.parse_args(['-s', key, '-d', str(root), '-o', str(tmp_path / 'out')]))
+    assert 'warning' not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('recipe', ['table', 'auto'])
