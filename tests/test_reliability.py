@@ -37,6 +37,21 @@ ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--wor
              '--no-figures', '--recipe', 'table']
 
 
+def killed_in_epoch(monkeypatch, epoch, command):
+    """Run ``command()``, killed (KeyboardInterrupt) as its training starts epoch ``epoch`` (1-based)."""
+    from self_sup_data.mvtec import SelfSupImageDataset
+    set_epoch = SelfSupImageDataset.set_epoch
+
+    def killed(self, index):
+        if index == epoch - 1:
+            raise KeyboardInterrupt
+        set_epoch(self, index)
+    with monkeypatch.context() as patch:
+        patch.setattr(SelfSupImageDataset, 'set_epoch', killed)
+        with pytest.raises(KeyboardInterrupt):
+            command()
+
+
 @pytest.fixture
 def trained(tmp_path):
     """(argv, path of the final model) of a one-epoch run of a tiny category."""
@@ -73,7 +88,6 @@ def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, d
 @pytest.mark.slow
 @pytest.mark.parametrize('interrupted', [False, True])
 def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, interrupted):
-    from self_sup_data.mvtec import SelfSupImageDataset
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--recipe', 'table']
@@ -86,16 +100,7 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
     other.write_text('mine')
     again = argv + ['--epochs', '3', '--checkpoint-every', '1']
     if interrupted:  # killed in its third epoch, then resumed: the run still replaces the earlier one
-        set_epoch = SelfSupImageDataset.set_epoch
-
-        def killed_in_epoch_3(self, epoch):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            set_epoch(self, epoch)
-        monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', killed_in_epoch_3)
-        with pytest.raises(KeyboardInterrupt):
-            train_mvtec.main(again + ['--force'])
-        monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', set_epoch)
+        killed_in_epoch(monkeypatch, 3, lambda: train_mvtec.main(again + ['--force']))
         assert train_mvtec.main(again + ['--resume']) == 0
     else:
         assert train_mvtec.main(again + ['--force']) == 0
@@ -174,23 +179,14 @@ def test_an_interrupted_run_with_other_arguments_beside_a_finished_one_is_resume
 def test_an_interrupted_force_run_with_the_same_arguments_is_resumed_not_skipped(tmp_path, capsys,
                                                                                    monkeypatch):
     from experiments.cli import found_run
-    from self_sup_data.mvtec import SelfSupImageDataset
     make_mvtec_category(tmp_path / 'data', 'tiny')
     argv = (['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny']
             + ONE_EPOCH[2:] + ['--epochs', '2', '--checkpoint-every', '1'])
     assert train_mvtec.main(argv) == 0
     run_dir, name = trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny').parent, 'tiny_shift_3'
     assert found_run(run_dir, name)[1] == 'finished'
-    set_epoch = SelfSupImageDataset.set_epoch
-
-    def killed_in_epoch_2(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        set_epoch(self, epoch)
-    monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):  # retrained with --force (the data changed, say)
-        train_mvtec.main(argv + ['--force'])
-    monkeypatch.setattr(SelfSupImageDataset, 'set_epoch', set_epoch)
+    # retrained with --force (the data changed, say), killed in its second epoch
+    killed_in_epoch(monkeypatch, 2, lambda: train_mvtec.main(argv + ['--force']))
     assert found_run(run_dir, name) == (last_checkpoint_path(run_dir, name), 'interrupted')
     capsys.readouterr()
     assert train_mvtec.main(argv + ['--resume']) == 0
