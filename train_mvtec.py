@@ -55,8 +55,9 @@ CATEGORY_GROUPS = ('all', 'texture', 'object')
 DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 # 1,024-pixel textures (896-pixel objects): the side of MVTec AD's largest images
 MAX_RES_SCALE = 4
-# the meta entries of a --recipe search run that its search chooses
-SEARCH_CHOSEN_FIELDS = ('recipe_search', 'category_params', 'self_sup_args', 'calibration')
+# the meta entries that record a --recipe search run's choice (what the choice sets is rebuilt
+# from its parameters before the search; see refuse_other_run_before_search)
+SEARCH_RECORD_FIELDS = ('recipe_search', 'calibration')
 
 
 def parse_args(argv=None):
@@ -371,8 +372,10 @@ def search_recipe(args, setting, data_dir, category, out_dir):
 
 def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     """--resume of a --recipe search run: refuse a finished or interrupted run of other arguments
-    before the search, which would train its candidates again for them. What the search chooses
-    (SEARCH_CHOSEN_FIELDS) is compared once it has chosen, by ``train_unless_finished``."""
+    before the search, which would train its candidates again for them: the run is rebuilt from
+    the finished run's chosen parameters, so that what they set compares equal and the command
+    line's arguments (task flags included) are compared; the record of the choice
+    (SEARCH_RECORD_FIELDS) is compared once the search has chosen, by ``train_unless_finished``."""
     found, state = found_run(setting.run_dir(out_dir, category), setting.run_name(category))
     if found is None:
         return
@@ -380,7 +383,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     _, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
                                                     previous['category_params'], searched=True)
     differing = [line for line in run_differences(previous, run_meta(model, config, meta, validator))
-                 if re.split('[.:]', line)[0] not in SEARCH_CHOSEN_FIELDS]
+                 if re.split('[.:]', line)[0] not in SEARCH_RECORD_FIELDS]
     if differing:
         raise ValueError(other_run_message(found, state, differing))
 
@@ -411,12 +414,14 @@ def main(argv=None):
             failed.append(category)
     trained = [category for category in categories if category not in failed]
     evaluation_failed = False
-    if args.evaluate and trained and is_first_process():  # under torchrun, the first process alone
-        with exit_on_input_error(PROG):
-            evaluation_failed = bool(evaluate_trained(args, setting, data_dir, trained, out_dir))
-    if failed:  # the last line
-        print(f"{PROG}: error: {len(failed)} of {len(categories)} categories failed (their errors "
-              f"are above): {', '.join(failed)}", file=sys.stderr)
+    try:
+        if args.evaluate and trained and is_first_process():  # under torchrun, the first process alone
+            with exit_on_input_error(PROG):
+                evaluation_failed = bool(evaluate_trained(args, setting, data_dir, trained, out_dir))
+    finally:  # the last line, after an evaluation that stopped on an error too
+        if failed:
+            print(f"{PROG}: error: {len(failed)} of {len(categories)} categories failed (their errors "
+                  f"are above): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed or evaluation_failed else 0
 
 

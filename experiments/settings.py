@@ -468,7 +468,8 @@ def ignored_task_options(args, setting, overrides):
                  + OBJECT_MASK_PARAMS})
     task_name = f"{setting.key}{' with --cutpaste-patch-gen' if args.cutpaste_patch_gen else ''}"
     notes = [f"{OVERRIDE_FLAGS[name]} does not apply to {task_name}, whose task does not use it: ignored"
-             for name, used in uses.items() if name in overrides and not used]
+             for name, used in uses.items() if name in overrides and not used
+             and overrides[name] is not False]  # --no-clip-at-border: what such a task does anyway
     if args.ellipse and cutpaste_patches:
         notes.append(f"--ellipse does not apply to {task_name}, whose patches are CutPaste's "
                      f"rectangles: ignored (but for its extra epochs)")

@@ -14,5 +14,6 @@ def build_folder(parent, name):
     folder = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=parent))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    special = folder.stat().st_mode & 0o7000  # a set-group-ID bit inherited from parent stays
+    os.chmod(folder, (0o777 & ~umask) | special)
     return folder

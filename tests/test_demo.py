@@ -70,6 +70,10 @@ def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):
         category = make_demo_dataset(tmp_path, seed=3)
         (tmp_path / 'plain').mkdir()
         assert category.stat().st_mode & 0o777 == (tmp_path / 'plain').stat().st_mode & 0o777 == 0o755
+        shared = tmp_path / 'shared'  # a group's folder: new folders in it keep its group
+        shared.mkdir()
+        os.chmod(shared, 0o2775)
+        assert make_demo_dataset(shared, seed=3).stat().st_mode & 0o7777 == 0o2755
     finally:
         os.umask(umask)
 

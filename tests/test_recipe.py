@@ -706,6 +706,9 @@ def test_a_search_run_whose_choice_set_its_epochs_is_resumable(tmp_path):
     other = train_mvtec.parse_args(argv + ['--lr', '0.01'])
     with pytest.raises(ValueError, match=f'cannot resume the finished run {final}: .*lr: 0.001 vs 0.01'):
         train_mvtec.refuse_other_run_before_search(other, setting, data, 'plates', out)
+    single = train_mvtec.parse_args(argv + ['--single-patch'])  # a task flag: other samples
+    with pytest.raises(ValueError, match='self_sup_args.num_patches: 9 vs 1'):
+        train_mvtec.refuse_other_run_before_search(single, setting, data, 'plates', out)
 
 
 def test_more_patches_candidate_raises_the_count_to_twice_the_default_unless_fixed():
