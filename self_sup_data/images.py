@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GLOB_CHARACTERS = '*?['
 INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
+GREY_MODES = ('1', 'L', 'LA', 'La') + INTEGER_MODES  # the modes decode_values reads as grey
 EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
 EXIF_ORIENTATION = 0x0112
 HIGH_BIT_DEPTHS = (12, 16)  # bits of the data in 16-bit images: 12-bit sensors, or the full range

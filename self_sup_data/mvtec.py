@@ -38,8 +38,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import MVTecLayout, detect_layout
-from self_sup_data.images import (IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
-                                  high_depth_maximum, read_image, resize, resize_mask, to_channels)
+from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
+                                  high_depth_maximum, opened_image, read_image, resize, resize_mask,
+                                  to_channels)
 from self_sup_data.self_sup_tasks import patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -175,6 +176,22 @@ def set_bit_depth(image_paths, pool):
     return high_bit_depth(np.array(largest)) if largest else None
 
 
+def all_grey(image_paths):
+    """Whether every image among ``image_paths`` is grey as ``read_image`` reads it (a grey mode
+    by its header, else three identical channels once decoded)."""
+    for path in image_paths:
+        with opened_image(path) as image:
+            grey_mode = image.mode in GREY_MODES
+        if not grey_mode and read_image(path).shape[2] != 1:
+            return False
+    return True
+
+
+def reading_pool():
+    """The threads that decode a set's images."""
+    return ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2))
+
+
 def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images',
                 bit_depth=None):
     """Decode and resize images (and optional masks) in parallel threads.
@@ -190,8 +207,7 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     without a 16-bit image) or ``bit_depth``.
     """
     mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
-    workers = min(16, (os.cpu_count() or 1) + 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with reading_pool() as pool:
         if bit_depth == SET_BIT_DEPTH:
             bit_depth = set_bit_depth(image_paths, pool)
         count = len(image_paths)
@@ -355,7 +371,9 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     (``layout.has_masks``), unless ``allow_missing_masks``; such images are counted in a warning.
     ``views``: training items are views of each image instead (see ``SelfSupImageDataset``).
     ``exclude``: indices (in sorted file order) of training images to leave out (held out for
-    validation, ``self_sup_data.validation.holdout_indices``). ``bit_depth``: of 16-bit images
+    validation, ``self_sup_data.validation.holdout_indices``); the set's bit depth and channels
+    are those of all its training images all the same, so that a run with held-out images
+    prepares its images as one without them. ``bit_depth``: of 16-bit images
     (``load_images``): by default one for the set (a training set's), for a model's test set the
     model's (None: image by image); ``.bit_depth``: the one used (None: none for the set).
     ``channels``: 1 or 3 (a model's, for its test set; None: 1 if every image is grey, else 3).
@@ -371,6 +389,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         if is_train:
             paths, defect_types, mask_paths = train_files(root_path, class_name, layout), None, None
             excluded = {int(index) for index in exclude}
+            if excluded:  # decided on every training file, as a run that holds none out decides
+                if bit_depth == SET_BIT_DEPTH:
+                    with reading_pool() as pool:
+                        bit_depth = set_bit_depth(paths, pool)
+                held_out = [path for index, path in enumerate(paths) if index in excluded]
+                if channels is None and not all_grey(held_out):
+                    channels = 3
             paths = [path for index, path in enumerate(paths) if index not in excluded]
         else:
             files = layout.test_files(root_path, class_name)

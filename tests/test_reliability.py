@@ -603,6 +603,30 @@ def test_deeper_tiffs_whose_zero_is_white_are_inverted_and_planar_ones_refused(t
         read_image(tmp_path / 'planar16.tif')
 
 
+def test_held_out_images_count_for_the_training_sets_bit_depth_and_channels(tmp_path):
+    """A run that holds out validation images prepares its images as one that does not (the
+    search's candidates and its final run, trained on all images, alike)."""
+    from self_sup_data.mvtec import SelfSupMVTecDataset
+    make_mvtec_category(tmp_path, 'deep', n_train=6)
+    for path in (tmp_path / 'deep' / 'train' / 'good').glob('*.png'):  # 12-bit data, 16-bit files
+        values = np.asarray(Image.open(path).convert('L')).astype(np.uint16) * 16
+        Image.fromarray(values).save(path)
+    loud = tmp_path / 'deep' / 'train' / 'good' / '003.png'  # the one image above 4095
+    values = np.asarray(Image.open(loud)).copy()
+    values[0, 0] = 5000
+    Image.fromarray(values).save(loud)
+    every, held = (SelfSupMVTecDataset(tmp_path, 'deep', res_scale=0.25, exclude=exclude) for exclude in ([], [3]))
+    assert every.bit_depth == held.bit_depth == 16 and len(held) == 5
+    np.testing.assert_array_equal(held.images[0], every.images[0])
+    make_mvtec_category(tmp_path, 'mixed', n_train=6)  # grey, but one colour image
+    colour = tmp_path / 'mixed' / 'train' / 'good' / '002.png'
+    tinted = np.asarray(Image.open(colour).convert('RGB')).copy()
+    tinted[:, :, 0] //= 2
+    Image.fromarray(tinted).save(colour)
+    every, held = (SelfSupMVTecDataset(tmp_path, 'mixed', res_scale=0.25, exclude=exclude) for exclude in ([], [2]))
+    assert every.in_channels == held.in_channels == 3
+
+
 def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path):
     from self_sup_data.mvtec import SET_BIT_DEPTH, load_images
     from experiments.torch_model import model_spec
