@@ -347,7 +347,9 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
                                               report)))
-    more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides)
+    one_patch = (args.single_patch or args.cutpaste_patch_gen
+                 or setting.self_sup_args.get('cutpaste_patch_generation', False))
+    more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides, one_patch)
     candidates = recipes.search_candidates(meta['category_params'], more, switched,
                                            settings.category_params(category, args.kind, overrides))
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)

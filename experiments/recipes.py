@@ -144,13 +144,15 @@ def calibrate_switched(dataset, setting, start_params, auto_report, args, overri
                      {**overrides, 'paste_fraction': switched}, seed)
 
 
-def more_patches(auto_params, default_patches, overrides):
+def more_patches(auto_params, default_patches, overrides, one_patch=False):
     """The calibrated recipe with up to ``MORE_PATCHES_FACTOR * default_patches`` patches where it
     has fewer (``default_patches``: the uncalibrated count), which --recipe search tries beside
     it: the patch count that calibration sets from the default is the choice on which the
     validation score disagrees between materials (magnetic tile prefers twice the default, the
-    grass demo the calibrated count; BENCHMARKS.md). None when the user fixed the count."""
-    if 'num_patches' in overrides:
+    grass demo the calibrated count; BENCHMARKS.md). None when the user fixed the count, or
+    when the generator draws one patch whatever the count (``one_patch``: --single-patch,
+    CutPaste's patch generation), where it would train the calibrated recipe again."""
+    if 'num_patches' in overrides or one_patch:
         return None
     return {**auto_params,
             'num_patches': max(auto_params['num_patches'], MORE_PATCHES_FACTOR * default_patches)}

@@ -716,6 +716,7 @@ def test_more_patches_candidate_raises_the_count_to_twice_the_default_unless_fix
     assert recipes.more_patches(auto, 4, {}) == dict(num_patches=8, paste_fraction=(0.47, 1.0))
     assert recipes.more_patches({**auto, 'num_patches': 16}, 4, {})['num_patches'] == 16
     assert recipes.more_patches(auto, 4, {'num_patches': 5}) is None  # the user's count is kept
+    assert recipes.more_patches(auto, 4, {}, one_patch=True) is None  # --single-patch: one anyway
     nine = {**auto, 'num_patches': 9}
     assert recipes.search_candidates(nine, recipes.more_patches(nine, 4, {}), None, auto) == {
         'auto': nine, 'table': auto}  # as many patches already: no candidate of its own
