@@ -6,8 +6,10 @@ them) and sets the data-dependent parameters of ``patch_ex`` from the measured e
 a defective image:
 
 - **logistic label** ``(k, x0)`` from the distribution of the seamless blends' intensity change
-  ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where the
-  blends change nothing at all): ``x0`` is its median, so that half of the changed pixels are
+  ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where fewer
+  than ``MIN_CHANGED`` blends change anything; a warning where fewer than that many anomalies
+  change the images at all, and an error where none does): ``x0`` is its median, so that half of
+  the changed pixels are
   labelled above 0.5, and ``k = 2 ln 9 / (q90 - q10)``, the slope that takes the label from 0.1
   to 0.9 across a span as wide as the central 80% of the changes (percentiles of the quantised
   changes interpolated within their grey level, ``change_percentiles``):
@@ -46,6 +48,7 @@ Parameters that the user set explicitly are kept as given (``fixed``). The calib
 deterministic for a given seed and set of images. It knows nothing of torch.
 """
 import math
+import warnings
 
 import cv2
 import numpy as np
@@ -53,6 +56,7 @@ import numpy as np
 from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
+MIN_CHANGED = 30  # the fewest changed samples a recipe is measured on (else: the pastes; a warning)
 CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
 INVISIBLE = 0.1  # blends keeping at most this share of a paste's change are nearly invisible
 VISIBLE = 0.2  # ... and those keeping at least this share are visible: they stay seamless
@@ -247,12 +251,21 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     blends = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity', **plain)
     pastes = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity',
                              **({'paste_fraction': (1.0, 1.0)} if poisson else {}))
-    changes = np.concatenate([label[label > 0] for _, label in blends])
-    if changes.size == 0:  # blends that change nothing: the label follows the pastes' change
-        changes = np.concatenate([label[label > 0] for _, label in pastes])
-    if changes.size == 0:
+    report['changed'] = changed = sum(bool((label > 0).any()) for _, label in pastes)
+    report['blends_changed'] = sum(bool((label > 0).any()) for _, label in blends)
+    if changed == 0:
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
-                         f"the training images (are they blank?)")
+                         f"the training images: are they blank, or does the object mask (--background "
+                         f"or the category's entry, --min-object-pct, --min-overlap-pct) leave no place "
+                         f"for a patch?")
+    if changed < MIN_CHANGED:
+        warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
+                      f"changed the training images, and the calibrated recipe rests on them; the "
+                      f"object mask (--background or the category's entry, --min-object-pct, "
+                      f"--min-overlap-pct) may leave little place for a patch, else --recipe table")
+    # blends that (almost) never change anything: the label follows the pastes' change
+    source = blends if report['blends_changed'] >= min(MIN_CHANGED, changed) else pastes
+    changes = np.concatenate([label[label > 0] for _, label in source])
     report['change_quantiles'] = [float(q) for q in change_percentiles(changes)]
     if 'intensity_logistic_params' not in fixed:
         k, x0 = logistic_from_changes(changes)

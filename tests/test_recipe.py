@@ -233,6 +233,21 @@ def test_patch_sides_are_fractions_of_the_training_crop(monkeypatch):
     assert np.median(measured[0]) == pytest.approx(0.4, abs=0.03)
 
 
+def test_a_recipe_from_few_changed_samples_warns_and_none_names_what_to_relax():
+    def spotted(side):  # flat images with a textured square in the middle: most patches change nothing
+        rng = np.random.default_rng(0)
+        images = [np.full((64, 64, 1), 100, np.uint8) for _ in range(8)]
+        for image in images:
+            image[30:30 + side, 30:30 + side, 0] = rng.integers(0, 256, (side, side))
+        return images
+    with pytest.warns(UserWarning, match=r"only 14 of 60 synthetic anomalies changed the training images"):
+        params, report = calibrate(spotted(12))
+    assert (report['changed'], report['blends_changed']) == (14, 1)  # one blend: the pastes' change
+    with pytest.raises(ValueError, match=r"none of 60 synthetic anomalies changed the training images: "
+                                         r"are they blank, or does the object mask .*--min-object-pct"):
+        calibrate(spotted(4))
+
+
 def test_calibration_without_object_pixels_names_the_category_and_flag():
     params, args = texture_args(background=(128, 127))  # every grey level is background
     args['skip_background'] = (128, 127)
