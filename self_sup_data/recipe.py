@@ -7,11 +7,11 @@ a defective image:
 
 - **logistic label** ``(k, x0)`` from the distribution of the seamless blends' intensity change
   ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where fewer
-  than ``MIN_CHANGED`` blends change anything; a warning where fewer than that many anomalies
-  change the images at all, and an error where none does): ``x0`` is its median, so that half of
-  the changed pixels are
-  labelled above 0.5, and ``k = 2 ln 9 / (q90 - q10)``, the slope that takes the label from 0.1
-  to 0.9 across a span as wide as the central 80% of the changes (percentiles of the quantised
+  than a tenth of the blends, ``MIN_CHANGED_SHARE``, change anything; a warning where fewer than
+  that share of anomalies change the images at all, and an error where none does): ``x0`` is its
+  median, so that half of the changed pixels are labelled above 0.5, and
+  ``k = 2 ln 9 / (q90 - q10)``, the slope that takes the label from 0.1 to 0.9 across a span as
+  wide as the central 80% of the changes (percentiles of the quantised
   changes interpolated within their grey level, ``change_percentiles``):
   labels use the range (0, 1) whatever the material's contrast (the paper's texture label
   (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels).
@@ -56,7 +56,7 @@ import numpy as np
 from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
-MIN_CHANGED = 30  # the fewest changed samples a recipe is measured on (else: the pastes; a warning)
+MIN_CHANGED_SHARE = 0.1  # of the samples: the fewest changed ones a recipe is measured on
 CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
 INVISIBLE = 0.1  # blends keeping at most this share of a paste's change are nearly invisible
 VISIBLE = 0.2  # ... and those keeping at least this share are visible: they stay seamless
@@ -258,13 +258,14 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
                          f"the training images: are they blank, or does the object mask (--background "
                          f"or the category's entry, --min-object-pct, --min-overlap-pct) leave no place "
                          f"for a patch?")
-    if changed < MIN_CHANGED:
+    min_changed = math.ceil(MIN_CHANGED_SHARE * num_samples)  # 30 of the default 300
+    if changed < min_changed:
         warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
                       f"changed the training images, and the calibrated recipe rests on them; the "
                       f"object mask (--background or the category's entry, --min-object-pct, "
                       f"--min-overlap-pct) may leave little place for a patch, else --recipe table")
     # blends that (almost) never change anything: the label follows the pastes' change
-    source = blends if report['blends_changed'] >= min(MIN_CHANGED, changed) else pastes
+    source = blends if report['blends_changed'] >= min(min_changed, changed) else pastes
     changes = np.concatenate([label[label > 0] for _, label in source])
     report['change_quantiles'] = [float(q) for q in change_percentiles(changes)]
     if 'intensity_logistic_params' not in fixed:
