@@ -155,9 +155,9 @@ def plan(args):
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
                              f"a file name of its models (no folder separator, not . or ..)")
-        settings.category_params(categories[0], args.kind, overrides)
+        notes += settings.ignored_category_options(categories[0], args.kind, overrides)  # checks them
         check_evaluable(args, None, categories)
-        print_notes(notes + settings.ignored_category_options(categories[0], args.kind, overrides))
+        print_notes(notes)
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -347,8 +347,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
                                               report)))
-    one_patch = (args.single_patch or args.cutpaste_patch_gen
-                 or setting.self_sup_args.get('cutpaste_patch_generation', False))
+    one_patch = args.single_patch or settings.draws_cutpaste_patches(args, setting)
     more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides, one_patch)
     candidates = recipes.search_candidates(meta['category_params'], more, switched,
                                            settings.category_params(category, args.kind, overrides))

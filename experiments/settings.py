@@ -448,6 +448,12 @@ def param_overrides(args):
     return overrides
 
 
+def draws_cutpaste_patches(args, setting):
+    """Whether the generator draws CutPaste's rectangles (one patch of its own size, anywhere):
+    the setting's own patch generation (CutPaste-3way) or --cutpaste-patch-gen."""
+    return setting.self_sup_args.get('cutpaste_patch_generation', False) or args.cutpaste_patch_gen
+
+
 def ignored_task_options(args, setting, overrides):
     """Notes naming each task flag or category parameter option (``overrides``, from
     ``param_overrides``) that ``setting`` ignores: one that its task does not use (the logistic
@@ -457,7 +463,7 @@ def ignored_task_options(args, setting, overrides):
     off (--num-patches with --single-patch, the object mask's options with --no-mask). They are
     notes, not errors: runs trained with such options stay resumable with the same command."""
     task = setting.self_sup_args
-    cutpaste_patches = task.get('cutpaste_patch_generation', False) or args.cutpaste_patch_gen
+    cutpaste_patches = draws_cutpaste_patches(args, setting)
     uses = dict(intensity_logistic_params=task['label_mode'] == 'logistic-intensity',
                 gamma_params=task['gamma_params'] is not None and not cutpaste_patches,
                 resize_bounds=task['resize'] and not cutpaste_patches,

@@ -57,6 +57,8 @@ from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
 MIN_CHANGED_SHARE = 0.1  # of the samples: the fewest changed ones a recipe is measured on
+OBJECT_MASK_OPTIONS = ("the object mask (--background or the category's entry, --min-object-pct, "
+                       "--min-overlap-pct)")  # what restricts where patches go, in messages
 CALIBRATION_STREAM = 0x5EC1  # separates the calibration's random stream from the training items'
 INVISIBLE = 0.1  # blends keeping at most this share of a paste's change are nearly invisible
 VISIBLE = 0.2  # ... and those keeping at least this share are visible: they stay seamless
@@ -255,15 +257,13 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     report['blends_changed'] = sum(bool((label > 0).any()) for _, label in blends)
     if changed == 0:
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
-                         f"the training images: are they blank, or does the object mask (--background "
-                         f"or the category's entry, --min-object-pct, --min-overlap-pct) leave no place "
-                         f"for a patch?")
+                         f"the training images: are they blank, or does {OBJECT_MASK_OPTIONS} leave no "
+                         f"place for a patch?")
     min_changed = math.ceil(MIN_CHANGED_SHARE * num_samples)  # 30 of the default 300
     if changed < min_changed:
         warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
-                      f"changed the training images, and the calibrated recipe rests on them; the "
-                      f"object mask (--background or the category's entry, --min-object-pct, "
-                      f"--min-overlap-pct) may leave little place for a patch, else --recipe table")
+                      f"changed the training images, and the calibrated recipe rests on them; "
+                      f"{OBJECT_MASK_OPTIONS} may leave little place for a patch, else --recipe table")
     # blends that (almost) never change anything: the label follows the pastes' change
     source = blends if report['blends_changed'] >= min(min_changed, changed) else pastes
     changes = np.concatenate([label[label > 0] for _, label in source])
