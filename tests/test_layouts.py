@@ -471,8 +471,9 @@ def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
     folder = ['--format', 'folder', '--normal', normal, '--epochs', '1']
     message = run_error(train_mvtec.main, base + folder + ['--abnormal', normal], capsys)
     assert f"4 images are both normal ({normal}) and anomalous ({normal})" in message
-    for flags, expected in ((['--abnormal', str(tmp_path / 'none')], f"{tmp_path / 'none'} does not exist"),
-                            (['--mask-dir', normal], 'needs a folder of anomalous images for testing (--abnormal DIR)')):
+    for flags, expected in (
+            (['--abnormal', str(tmp_path / 'none')], f"{tmp_path / 'none'} does not exist"),
+            (['--mask-dir', normal], 'needs a folder of anomalous images for testing (--abnormal DIR)')):
         message = run_error(train_mvtec.main, base + folder + flags, capsys)  # without --evaluate too
         assert expected in message
     for name in ('lot/7', '..', '.'):  # the name of the models' files: no folder, never outside -o
