@@ -292,7 +292,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         if recipe != 'table':
             params, calibration = recipes.calibrate(dataset, setting, table_params, args,
                                                     overrides, seed)
-            print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration)))
+            print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration,
+                                                  recipes.unused_params(args, setting))))
             note = recipes.mix_note(PROG, category, recipe, calibration, overrides)
             if note:
                 print(note)
@@ -346,7 +347,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
                                                   args, overrides, setting.run_seed)
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
-                                              report)))
+                                              report, recipes.unused_params(args, setting))))
     one_patch = args.single_patch or settings.draws_cutpaste_patches(args, setting)
     more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides, one_patch)
     candidates = recipes.search_candidates(meta['category_params'], more, switched,

@@ -23,7 +23,7 @@ it (``--recipe search``, ``--select best``: ``DEFAULT_VAL_FRACTION``); ``--val-f
 for one in any run (its curve is written beside the model).
 """
 from experiments import settings
-from self_sup_data.recipe import calibrate_recipe, describe, paste_fraction_for
+from self_sup_data.recipe import CALIBRATED_PARAMS, calibrate_recipe, describe, paste_fraction_for
 
 RECIPES = ('table', 'auto', 'search')
 DEFAULT_VAL_FRACTION = 0.1
@@ -171,9 +171,19 @@ def search_candidates(auto_params, more_patches_params, switched_params, table_p
     return unique
 
 
-def report_lines(prog, category, recipe, report):
-    """What calibration measured and chose, one printed line each."""
-    return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report)]
+def unused_params(args, setting):
+    """The calibrated parameters that ``setting``'s task ignores with the task flags of ``args``
+    (``settings.task_uses``; the patch count under --single-patch): calibration sets and records
+    them all the same."""
+    uses = settings.task_uses(args, setting)
+    return {name for name in CALIBRATED_PARAMS
+            if not uses[name] or (name == 'num_patches' and args.single_patch)}
+
+
+def report_lines(prog, category, recipe, report, unused=()):
+    """What calibration measured and chose, one printed line each; the values named in ``unused``
+    (``unused_params``) are marked as such."""
+    return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report, unused)]
 
 
 def mix_note(prog, category, recipe, report, overrides):

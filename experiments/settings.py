@@ -454,14 +454,13 @@ def draws_cutpaste_patches(args, setting):
     return setting.self_sup_args.get('cutpaste_patch_generation', False) or args.cutpaste_patch_gen
 
 
-def ignored_task_options(args, setting, overrides):
-    """Notes naming each task flag or category parameter option (``overrides``, from
-    ``param_overrides``) that ``setting`` ignores: one that its task does not use (the logistic
-    label without a logistic label, the gamma distribution, resizing, shifting or the paste
-    fraction where its task has none; patch sizes, counts, ellipses and the object mask with
-    CutPaste's patch generation; normal samples for a classifier), or one that another flag turns
-    off (--num-patches with --single-patch, the object mask's options with --no-mask). They are
-    notes, not errors: runs trained with such options stay resumable with the same command."""
+def task_uses(args, setting):
+    """{category parameter: whether ``setting``'s task, with the task flags of parsed
+    ``add_task_arguments`` options, uses it}: the logistic label only with a logistic label, the
+    gamma distribution and resizing where the task draws them, the border only for shifted
+    patches, the paste fraction only for Poisson blends, normal samples not for a classifier;
+    CutPaste's patch generation (one rectangle of its own anywhere, ``patch_ex``) uses no patch
+    size, count or object mask. (--single-patch and --no-mask are not counted here.)"""
     task = setting.self_sup_args
     cutpaste_patches = draws_cutpaste_patches(args, setting)
     uses = dict(intensity_logistic_params=task['label_mode'] == 'logistic-intensity',
@@ -469,9 +468,19 @@ def ignored_task_options(args, setting, overrides):
                 resize_bounds=task['resize'] and not cutpaste_patches,
                 clip_at_border=task['shift'], paste_fraction=setting.base in POISSON_BASES,
                 normal_fraction=setting.model != 'classifier')
-    # CutPaste's patch generation draws one rectangle of its own anywhere (patch_ex)
     uses.update({name: not cutpaste_patches for name in ('width_bounds_pct', 'num_patches')
                  + OBJECT_MASK_PARAMS})
+    return uses
+
+
+def ignored_task_options(args, setting, overrides):
+    """Notes naming each task flag or category parameter option (``overrides``, from
+    ``param_overrides``) that ``setting`` ignores: one that its task does not use (``task_uses``;
+    and ellipses with CutPaste's patch generation), or one that another flag turns off
+    (--num-patches with --single-patch, the object mask's options with --no-mask). They are notes,
+    not errors: runs trained with such options stay resumable with the same command."""
+    uses = task_uses(args, setting)
+    cutpaste_patches = draws_cutpaste_patches(args, setting)
     task_name = f"{setting.key}{' with --cutpaste-patch-gen' if args.cutpaste_patch_gen else ''}"
     notes = [f"{OVERRIDE_FLAGS[name]} does not apply to {task_name}, whose task does not use it: ignored"
              for name, used in uses.items() if name in overrides and not used

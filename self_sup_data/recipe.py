@@ -321,19 +321,29 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     return params, report
 
 
-def describe(report):
-    """One line per calibrated value and what it was derived from (for printing)."""
+def describe(report, unused=()):
+    """One line per calibrated value and what it was derived from (for printing); a value whose
+    parameter is named in ``unused`` (one the setting's task ignores) is marked so."""
     params = report['params']
+
+    def shown(name, text):
+        return f"{text} (not used by this task)" if name in unused else text
     q10, q50, q90 = report['change_quantiles']
-    lines = [f"logistic label (k, x0) = {params['intensity_logistic_params']} from the blends' "
-             f"intensity change (10/50/90th percentile {q10:.1f} / {q50:.1f} / {q90:.1f} grey levels)"]
+    label = shown('intensity_logistic_params',
+                  f"logistic label (k, x0) = {params['intensity_logistic_params']}")
+    lines = [f"{label} from the blends' intensity change (10/50/90th percentile {q10:.1f} / "
+             f"{q50:.1f} / {q90:.1f} grey levels)"]
     if 'visibility' in report:
-        lines.append(f"paste fraction = {params['paste_fraction']} (seamless blends keep "
-                     f"{report['visibility']:.3f} of a plain paste's change; mixed in below "
+        fraction = params['paste_fraction']
+        fraction = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
+        lines.append(f"{shown('paste_fraction', f'paste fraction = {fraction}')} (seamless blends "
+                     f"keep {report['visibility']:.3f} of a plain paste's change; mixed in below "
                      f"{VISIBLE})")
-    lines.append(f"patch half-widths {params['width_bounds_pct']}, gamma {params['gamma_params']}, "
-                 f"up to {params['num_patches']} patches ({report['effective_fraction']:.2f} of "
-                 f"single patches effective)")
-    lines.append(f"patches over the border: {params['clip_at_border']} (border / inner local "
-                 f"contrast {report['border_texture_ratio']:.2f})")
+    widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
+    gamma = shown('gamma_params', f"gamma {params['gamma_params']}")
+    count = shown('num_patches', f"up to {params['num_patches']} patches")
+    lines.append(f"{widths}, {gamma}, {count} ({report['effective_fraction']:.2f} of single "
+                 f"patches effective)")
+    border = shown('clip_at_border', f"patches over the border: {params['clip_at_border']}")
+    lines.append(f"{border} (border / inner local contrast {report['border_texture_ratio']:.2f})")
     return lines

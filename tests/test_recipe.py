@@ -556,6 +556,31 @@ def test_the_auto_recipe_notes_a_calibrated_mix_of_pastes(recipe_name, paste_fra
     if noted:
         assert note.startswith('prog: plates: note:') and '--recipe search' in note
 
+@pytest.mark.parametrize('key,flags,unused', [
+    ('Shift-Intensity-M', [], set()),
+    ('Shift-M', [], {'intensity_logistic_params'}),                  # binary label
+    ('Shift-Intensity', ['--single-patch'], {'num_patches'}),
+    ('FPI', [], {'intensity_logistic_params', 'clip_at_border', 'paste_fraction', 'gamma_params'}),
+    ('CutPaste', [], {'intensity_logistic_params', 'paste_fraction', 'gamma_params'}),  # NSA's patch shapes
+    ('Shift-Intensity', ['--cutpaste-patch-gen'], {'width_bounds_pct', 'num_patches', 'gamma_params'}),
+])
+def test_the_printed_calibration_marks_the_values_the_task_does_not_use(key, flags, unused):
+    args = train_mvtec.parse_args(['-s', key, '-o', 'out'] + flags)
+    assert recipes.unused_params(args, settings.parse_setting(key)) == unused
+    report = dict(params=dict(intensity_logistic_params=(0.5, 3.5), paste_fraction=None,
+                              width_bounds_pct=((0.03, 0.4), (0.03, 0.4)), gamma_params=(2, 0.05, 0.03),
+                              num_patches=5, clip_at_border=True),
+                  change_quantiles=[1.0, 3.5, 12.0], visibility=0.3, effective_fraction=0.9,
+                  border_texture_ratio=1.2)
+    text = '\n'.join(recipes.report_lines('prog', 'plates', 'auto', report, unused))
+    marked = {'intensity_logistic_params': '(k, x0) = (0.5, 3.5) (not used',
+              'paste_fraction': 'none (seamless blends) (not used', 'clip_at_border': 'True (not used',
+              'width_bounds_pct': '(0.03, 0.4)) (not used', 'gamma_params': '0.03) (not used',
+              'num_patches': 'up to 5 patches (not used'}
+    assert {name for name, shown in marked.items() if shown in text} == unused
+    assert text.count('(not used by this task)') == len(unused)
+
+
 
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
     data = tmp_path / 'data'
