@@ -43,7 +43,8 @@ from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files)
-from self_sup_data.self_sup_tasks import GENERATOR_VERSION, CutPaste3Way, check_object_pixels
+from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
+                                          object_mask)
 from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
 
 PROG = 'train_mvtec.py'
@@ -246,15 +247,20 @@ def held_out_images(args, data_dir, category, recipe, searched=False):
 def check_background(category, background, from_flag, dataset):
     """ValueError naming ``category`` and where its ``background`` comes from (--background or
     the category's table entry) when it leaves no object pixel in a training image of
-    ``dataset`` (``check_object_pixels``); before the recipe is calibrated on them."""
+    ``dataset`` (``check_object_pixels``); before the recipe is calibrated on them. A note where
+    it marks no part of any training image as background: then it masks nothing (e.g. a brightness given on
+    another scale than the images' grey levels, 0-255)."""
     if background is None:
         return
+    source = ('--background' if from_flag else
+              "the background of its entry in CATEGORY_PARAMS (experiments/settings.py)")
     try:
         check_object_pixels(dataset.images, tuple(background), dataset.paths)
     except ValueError as error:
-        source = ('--background' if from_flag else
-                  "the background of its entry in CATEGORY_PARAMS (experiments/settings.py)")
         raise ValueError(f"category {category!r}, {source}: {error}") from None
+    if all(object_mask(image, tuple(background)).all() for image in dataset.images):
+        print(f"{PROG}: {category}: note: {source} marks no part of any training image as "
+              f"background (grey levels 0-255): the object mask is the whole image")
 
 
 def prepare_run(args, setting, data_dir, category, params=None, searched=False):

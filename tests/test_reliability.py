@@ -9,6 +9,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -514,6 +515,23 @@ def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_pa
     check_object_pixels(images, (0, 20), ['a.png', 'b.png'])  # both are objects
     with pytest.raises(ValueError, match=r'in 1 of 2 images, e.g. a.png'):
         check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
+
+
+@pytest.mark.parametrize('background,from_flag,noted', [
+    ((0.1, 0.05), True, True),     # a brightness on the scale 0-1: no grey level is background
+    ((400, 100), False, True),     # above 255 by more than its threshold
+    ((0, 20), True, False),        # the dark corner of the images is background
+])
+def test_a_background_that_masks_nothing_is_noted(capsys, background, from_flag, noted):
+    images = [np.full((32, 32, 1), 120, np.uint8) for _ in range(3)]
+    images[1][:16, :16] = 5
+    dataset = SimpleNamespace(images=images, paths=['a.png', 'b.png', 'c.png'])
+    train_mvtec.check_background('plates', background, from_flag, dataset)
+    out = capsys.readouterr().out
+    assert ('marks no part of any training image as background' in out) == noted
+    if noted:
+        assert out.startswith("train_mvtec.py: plates: note: ")
+        assert ('--background' if from_flag else 'CATEGORY_PARAMS') in out
 
 
 def test_a_single_image_category_at_small_crops_stops_with_a_one_line_error(tmp_path, capsys):
