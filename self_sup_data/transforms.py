@@ -23,6 +23,13 @@ GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)
 GRAY_STD = (sum(IMAGENET_STD) / 3,)
 
 
+def _positive_size(size, name):
+    """``size`` as an int; ValueError naming the transform ``name`` unless it is at least 1."""
+    if int(size) < 1:
+        raise ValueError(f"{name} size must be at least 1 pixel, got {size!r}")
+    return int(size)
+
+
 def _check_side(size, image, name):
     height, width = image.shape[:2]
     if size > height or size > width:
@@ -55,7 +62,7 @@ class Resize:
     each output pixel, so that it stays on the image; see ``images.resize_mask``)."""
 
     def __init__(self, size):
-        self.size = int(size)
+        self.size = _positive_size(size, "Resize")
 
     def __call__(self, image, mask, rng):
         image = resize(image, self.size)
@@ -100,7 +107,7 @@ class CenterCrop:
     """Crop the central ``size x size`` square."""
 
     def __init__(self, size):
-        self.size = int(size)
+        self.size = _positive_size(size, "CenterCrop")
 
     def __call__(self, image, mask, rng):
         _check_side(self.size, image, "CenterCrop")
@@ -116,7 +123,7 @@ class RandomCrop:
     """Crop a ``size x size`` square at a uniformly drawn position."""
 
     def __init__(self, size):
-        self.size = int(size)
+        self.size = _positive_size(size, "RandomCrop")
 
     def __call__(self, image, mask, rng):
         _check_side(self.size, image, "RandomCrop")

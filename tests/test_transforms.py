@@ -124,6 +124,13 @@ def test_crop_larger_than_image_is_an_error(transform):
         transform(random_image(), None, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("transform", [Resize, CenterCrop, RandomCrop])
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_size_below_one_pixel_is_an_error_naming_the_transform(transform, size):
+    with pytest.raises(ValueError, match=rf"{transform.__name__} size must be at least 1 pixel, got {size}"):
+        transform(size)
+
+
 @pytest.mark.parametrize("channels, mean, std", [
     (3, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
     (1, [(0.485 + 0.456 + 0.406) / 3], [(0.229 + 0.224 + 0.225) / 3]),
