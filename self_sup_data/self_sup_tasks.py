@@ -195,9 +195,12 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
         shift: paste at a random position; otherwise centred where the patch was in the source.
         clip_at_border: with ``shift``, the patch may hang over the image border and is cut there
             (at least ``MIN_PATCH_SIDE`` pixels of it stay inside along each axis), so that pixels
-            near the border are changed about as often as others (a seamless Poisson blend leaves
-            a patch's two outer pixel rings unchanged, so without ``paste_fraction`` it never
-            changes the image's outer two rows and columns); False (the paper's): the patch lies
+            near the border are changed nearly as often as others (row or column ``x`` from the
+            border, ``x < MIN_PATCH_SIDE - 1``, by a patch of side ``L`` with a share
+            ``(L - MIN_PATCH_SIDE + 1 + x) / L`` of an inner pixel's chance: close to 1 for the large
+            patches of a 256-pixel image, about a third for the outer row at 64 pixels; a seamless
+            Poisson blend leaves a patch's two outer pixel rings unchanged, so without
+            ``paste_fraction`` it never changes the image's outer two rows and columns); False (the paper's): the patch lies
             fully inside the image, and pixels near the border are rarely changed.
         label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
             binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
