@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,16 @@ def _existing_paths(data_dir, names, label):
 
 def check_test_lists(normal, anomalous, normal_label='the normal list',
                      anomalous_label='the anomalous list'):
-    """ValueError for an empty list of test names, or names in both (an image labelled normal
-    and anomalous), naming the lists."""
+    """ValueError for an empty list of test names, a name listed twice in one list (its image
+    would be scored twice), or names in both (an image labelled normal and anomalous), naming the
+    lists."""
     for names, label in ((normal, normal_label), (anomalous, anomalous_label)):
         if not names:
             raise ValueError(f"{label} is empty; testing needs normal and anomalous images")
+        twice = sorted(name for name, count in Counter(names).items() if count > 1)
+        if twice:
+            raise ValueError(f"{label} names {len(twice)} images more than once, e.g. {twice[:3]}; "
+                             f"each test image is scored once")
     both = sorted(set(normal) & set(anomalous))
     if both:
         raise ValueError(f"{len(both)} images are in both {normal_label} and {anomalous_label}, "

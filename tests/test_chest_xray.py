@@ -142,6 +142,9 @@ def test_errors(xrays):
     with pytest.raises(ValueError, match=r"1 images are in both the normal list .*normal.txt and the "
                                          r"anomalous list, e.g. \['00000003_000.png'\]"):
         SelfSupChestXRay(data_dir, data_dir / 'normal.txt', names[3:], is_train=False)
+    with pytest.raises(ValueError, match=r"the anomalous list names 1 images more than once, e.g. "
+                                         rf"\['{names[4]}'\]; each test image is scored once"):
+        SelfSupChestXRay(data_dir, names[:2], names[3:] + [names[4]], is_train=False)
     (data_dir / 'trailing.csv').write_text('Image Index,Finding Label,Bbox [x,y,w,h]\n'
                                            f'{names[4]},Mass,256,512,128,64,\n')  # rows end in a comma
     boxed = SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'trailing.csv',
