@@ -58,7 +58,7 @@ DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 MAX_RES_SCALE = 4
 # the meta entries that record a --recipe search run's choice (what the choice sets is rebuilt
 # from its parameters before the search; see refuse_other_run_before_search)
-SEARCH_RECORD_FIELDS = ('recipe_search', 'calibration')
+SEARCH_RECORD_FIELDS = ('recipe_search', 'search_calibration', 'calibration')
 
 
 def parse_args(argv=None):
@@ -344,8 +344,9 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     """--recipe search: train each candidate of ``recipes.search_candidates`` for the search
     epochs (in ``<run dir>/search/<candidate>``: an interrupted candidate is continued, a finished
     one read back, both trained again with --force) and score it on the validation set
-    -> (the best candidate's params, {candidate: dict(score, params)}). Only for categories with
-    held-out images (``held_out_images``)."""
+    -> (the best candidate's params, {candidate: dict(score, params)}, {candidate: the report of
+    the calibration it came from, None for the table recipe}). Only for categories with held-out
+    images (``held_out_images``)."""
     dataset, model, config, meta, validator = prepare_run(args, setting, data_dir, category)
     overrides = settings.param_overrides(args)
     start = settings.category_params(category, args.kind, overrides, use_entry=False)
@@ -358,6 +359,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides, one_patch)
     candidates = recipes.search_candidates(meta['category_params'], more, switched,
                                            settings.category_params(category, args.kind, overrides))
+    reports = {name: {'auto-paste-switched': report, 'table': None}.get(name, meta['calibration'])
+               for name in candidates}
     epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
     run_name, results = setting.run_name(category), {}
     for name, params in candidates.items():
@@ -375,7 +378,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     best = max(results, key=lambda name: results[name]['score'])
     scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in results.items())
     print(f"{PROG}: {category}: search chose {best} (validation scores: {scores})")
-    return results[best]['params'], results
+    return results[best]['params'], results, reports
 
 
 def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
@@ -436,17 +439,17 @@ def main(argv=None):
 def train_category(args, setting, data_dir, category, out_dir):
     """Train ``setting`` on one category (after its --recipe search, if asked), unless --resume
     finds it finished; an error ends in ``exit_on_input_error``'s message and SystemExit."""
-    params = search = None
+    params = search = reports = None
     recipe = recipes.recipe_name(args.recipe, category)
     with exit_on_input_error(PROG):
         if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
             if args.resume:
                 refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
-            params, search = search_recipe(args, setting, data_dir, category, out_dir)
+            params, search, reports = search_recipe(args, setting, data_dir, category, out_dir)
 
     def prepare():
         run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)
-        run[3]['recipe_search'] = search
+        run[3].update(recipe_search=search, search_calibration=reports)
         return run
     train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
                           prepare, args.resume, args.force)

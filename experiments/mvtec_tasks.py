@@ -179,7 +179,7 @@ def missing_records(found, settings, categories, one_class_names=None):
 
 
 # a model's own (one per seed), or where its data lay (a dataset moved for another seed)
-SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'data_dir')
+SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'search_calibration', 'data_dir')
 CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
 
 

@@ -790,6 +790,15 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert search[more]['params'] == {**search['auto']['params'], 'num_patches': doubled}
     assert search['auto-paste-switched']['params']['paste_fraction'] == (
         recipes.switched_paste_fraction(search['auto']['params']))
+    reports = meta['search_calibration']  # what each candidate's calibration measured
+    assert set(reports) == set(search) and reports['table'] is None
+    for name in set(search) - {'table'}:
+        assert reports[name]['visibility'] > 0 and reports[name]['samples'] == recipe.NUM_SAMPLES
+    for name in ('auto', 'auto-paste-switched'):  # the calibrated values of its parameters
+        calibrated = reports[name]['params']
+        assert calibrated == {key: search[name]['params'][key] for key in calibrated}
+    if more in search:
+        assert reports[more] == reports['auto']
     assert 'recipe search, paste fraction switched: patch half-widths' in printed
     chosen = max(search, key=lambda name: search[name]['score'])
     assert meta['category_params'] == search[chosen]['params']

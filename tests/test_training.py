@@ -343,8 +343,10 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 
 def test_meta_entries_added_later_do_not_make_an_earlier_checkpoint_another_run():
     earlier = dict(category='a', train_config=dict(epochs=2))  # written before this entry
-    now = {**earlier, 'validation_background': [0, 20]}
+    now = {**earlier, 'validation_background': [0, 20], 'search_calibration': dict(auto=dict(samples=300))}
     assert training.run_differences(earlier, now) == []
+    assert training.run_differences({**earlier, 'search_calibration': None}, now) == [
+        'search_calibration: None vs {\'auto\': {\'samples\': 300}}']
     # an absent bit depth is that of 8-bit images: another run than one of 16-bit images
     assert training.run_differences(earlier, {**now, 'bit_depth': 16}) == ['bit_depth: absent vs 16']
 
