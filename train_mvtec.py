@@ -248,8 +248,8 @@ def check_background(category, background, from_flag, dataset):
     """ValueError naming ``category`` and where its ``background`` comes from (--background or
     the category's table entry) when it leaves no object pixel in a training image of
     ``dataset`` (``check_object_pixels``); before the recipe is calibrated on them. A note where
-    it marks no part of any training image as background: then it masks nothing (e.g. a brightness given on
-    another scale than the images' grey levels, 0-255)."""
+    it marks no part of any training image as background: then it masks nothing (e.g. a
+    brightness given on another scale than the images' grey levels, 0-255)."""
     if background is None:
         return
     source = ('--background' if from_flag else
