@@ -62,7 +62,7 @@ def read_file_list(file_list):
         if not path.is_file():
             raise FileNotFoundError(f"file list {path} does not exist")
         try:
-            text = path.read_text(encoding='utf-8')
+            text = path.read_text(encoding='utf-8-sig')  # a byte-order mark is not a name's
         except UnicodeDecodeError as error:
             raise ValueError(f"file list {path} is not UTF-8 text ({error.reason} at byte "
                              f"{error.start}); write one image name per line") from None

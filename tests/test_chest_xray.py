@@ -46,6 +46,8 @@ def test_read_file_list(tmp_path):
     assert read_file_list(tmp_path / 'list.txt') == ['a.png', 'b.png']
     assert read_file_list(str(tmp_path / 'list.txt')) == ['a.png', 'b.png']
     assert read_file_list(['c.png']) == ['c.png']
+    (tmp_path / 'bom.txt').write_text('a.png\r\nb.png\r\n', encoding='utf-8-sig')  # as Windows editors save
+    assert read_file_list(tmp_path / 'bom.txt') == ['a.png', 'b.png']
     with pytest.raises(FileNotFoundError, match='missing.txt'):
         read_file_list(tmp_path / 'missing.txt')
     (tmp_path / 'utf16.txt').write_text('a.png\n', encoding='utf-16')
