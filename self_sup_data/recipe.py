@@ -335,8 +335,8 @@ def describe(report, unused=()):
              f"{q50:.1f} / {q90:.1f} grey levels)"]
     if 'visibility' in report:
         fraction = params['paste_fraction']
-        fraction = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
-        lines.append(f"{shown('paste_fraction', f'paste fraction = {fraction}')} (seamless blends "
+        mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
+        lines.append(f"{shown('paste_fraction', f'paste fraction = {mix}')} (seamless blends "
                      f"keep {report['visibility']:.3f} of a plain paste's change; mixed in below "
                      f"{VISIBLE})")
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")

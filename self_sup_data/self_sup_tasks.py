@@ -200,8 +200,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             ``(L - MIN_PATCH_SIDE + 1 + x) / L`` of an inner pixel's chance: close to 1 for the large
             patches of a 256-pixel image, about a third for the outer row at 64 pixels; a seamless
             Poisson blend leaves a patch's two outer pixel rings unchanged, so without
-            ``paste_fraction`` it never changes the image's outer two rows and columns); False (the paper's): the patch lies
-            fully inside the image, and pixels near the border are rarely changed.
+            ``paste_fraction`` it never changes the image's outer two rows and columns); False (the
+            paper's): the patch lies fully inside the image, and pixels near the border are rarely
+            changed.
         label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
             binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
                 5 x 5 median filter (the label mask M);

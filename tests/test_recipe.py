@@ -556,6 +556,7 @@ def test_the_auto_recipe_notes_a_calibrated_mix_of_pastes(recipe_name, paste_fra
     if noted:
         assert note.startswith('prog: plates: note:') and '--recipe search' in note
 
+
 @pytest.mark.parametrize('key,flags,unused', [
     ('Shift-Intensity-M', [], set()),
     ('Shift-M', [], {'intensity_logistic_params'}),                  # binary label
@@ -579,7 +580,6 @@ def test_the_printed_calibration_marks_the_values_the_task_does_not_use(key, fla
               'num_patches': 'up to 5 patches (not used'}
     assert {name for name, shown in marked.items() if shown in text} == unused
     assert text.count('(not used by this task)') == len(unused)
-
 
 
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
