@@ -45,7 +45,7 @@ from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
-from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, holdout_indices
+from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION, holdout_indices
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
@@ -333,6 +333,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
                 validation_seed=args.val_seed,
                 validation_kinds=list(VALIDATION_KINDS) if held_out.size else [],
+                validation_version=VALIDATION_VERSION if held_out.size else None,  # another: not resumed
                 validation_background=(None if validation_background is None or not held_out.size
                                        else list(validation_background)))
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike

@@ -8,7 +8,7 @@ project draws (``VALIDATION_KINDS``, taken in turn):
 
     scar    a thin strip of the image, colour-jittered, rotated and pasted elsewhere (CutPaste-scar;
             its rim is darkened by the rotation, see ``self_sup_tasks._rotated``)
-    blob    a smooth elliptic region brightened or darkened
+    blob    a smooth elliptic region brightened or darkened (its smooth edge too)
     blur    an elliptic region replaced by a Gaussian-blurred copy of itself
     noise   Gaussian noise added inside an elliptic region
     line    a thin dark or bright polyline (crack-like)
@@ -19,9 +19,11 @@ centred on an object pixel, its changes to the background undone, as real defect
 object. Their strength is relative to the image's own contrast (the standard deviation of its grey
 levels, over the object where there is one, at least ``MIN_CONTRAST``: not the spread between
 colour channels or between object and background), so that the set is about as hard on a faint
-material as on a contrasted one. A defect's mask holds the pixels it changed by at least ``MIN_CHANGE`` grey
-levels inside the drawn region; a defect that changes fewer pixels than ``min_defect_pixels``
-asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in proportion to the area) is drawn again.
+material as on a contrasted one. A defect's mask holds exactly the pixels it changed by at least
+``MIN_CHANGE`` grey levels (a blob's smooth edge, beyond its ellipse, among them); a defect that
+changes fewer pixels than ``min_defect_pixels`` asks (``MIN_DEFECT_PIXELS`` at 128 x 128, in
+proportion to the area) is drawn again. ``VALIDATION_VERSION`` numbers the set's definition:
+scores on sets of different versions do not compare.
 The held-out images and their defects come from two generators seeded by the validation seed
 (``--val-seed``, not the run's seed): the set is made once and is the same for every model of a
 category, whatever its setting, recipe or seed, so that their scores compare. It knows nothing of
@@ -33,6 +35,7 @@ import numpy as np
 from self_sup_data.self_sup_tasks import cutpaste_scar, object_mask
 
 VALIDATION_KINDS = ('scar', 'blob', 'blur', 'noise', 'line')
+VALIDATION_VERSION = 2  # 2: a blob's mask covers its smooth edge (1: its ellipse only)
 HOLDOUT_STREAM = 0x7A11   # separates the holdout draw from other uses of the run's seed
 DEFECT_STREAM = 0xDEF3
 MIN_VALIDATION_IMAGES = 10  # fewer training images: no validation set
@@ -95,11 +98,11 @@ def _scar(image, rng, anchors, contrast):
 
 
 def _blob(image, rng, anchors, contrast):
-    region = _ellipse(rng, image.shape[:2], (0.04, 0.15), anchors)
-    sigma = max(1.0, 0.15 * np.sqrt(region.sum()))
-    profile = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
+    ellipse = _ellipse(rng, image.shape[:2], (0.04, 0.15), anchors)
+    sigma = max(1.0, 0.15 * np.sqrt(ellipse.sum()))
+    profile = cv2.GaussianBlur(ellipse.astype(np.float32), (0, 0), sigma)
     amplitude = rng.uniform(0.5, 1.5) * contrast * rng.choice((-1, 1))
-    return _add(image, amplitude * profile), region
+    return _add(image, amplitude * profile), profile > 0  # the blurred edge changes pixels too
 
 
 def _blur(image, rng, anchors, contrast):
@@ -149,8 +152,9 @@ def synthetic_defect(image, kind, rng, on=None):
     ``on``: None (the defect may lie anywhere) or a bool ``H x W`` mask of the pixels it may change
     (an object, see ``self_sup_tasks.object_mask``): the defect is centred on one of them and its
     changes elsewhere are undone.
-    The mask is the drawn region where the image changed by at least MIN_CHANGE grey levels
-    (mean over channels); drawn again (up to MAX_DRAWS times) while it has fewer than
+    The mask is the drawn region (for a blob, its smooth profile's whole support) where the image
+    changed by at least MIN_CHANGE grey levels (mean over channels), which holds every pixel so
+    changed; the defect is drawn again (up to MAX_DRAWS times) while it has fewer than
     ``min_defect_pixels(image.shape)`` pixels. ValueError when no draw changes enough pixels (a blank
     image, or a tiny object) or ``on`` holds no pixel.
     """

@@ -349,6 +349,11 @@ def test_meta_entries_added_later_do_not_make_an_earlier_checkpoint_another_run(
         'search_calibration: None vs {\'auto\': {\'samples\': 300}}']
     # an absent bit depth is that of 8-bit images: another run than one of 16-bit images
     assert training.run_differences(earlier, {**now, 'bit_depth': 16}) == ['bit_depth: absent vs 16']
+    # a run validated on an earlier definition of the validation set (no version) is another run:
+    # its validation curve does not compare with the scores a resume would add; without one, the same
+    assert training.run_differences({**earlier, 'held_out': 7}, {**now, 'held_out': 7, 'validation_version': 2}) == [
+        'validation_version: absent vs 2']
+    assert training.run_differences(earlier, {**now, 'validation_version': None}) == []
 
 
 def test_differences_name_the_nested_entries_that_differ():
