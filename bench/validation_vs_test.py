@@ -25,7 +25,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from experiments.atomic import write_text_atomic
-from experiments.checkpoints import is_search_candidate, read_meta, read_model
+from experiments.checkpoints import is_search_candidate, is_torchscript_export, read_meta, read_model
 from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import evaluate
 from experiments.training import resolve_device
@@ -53,10 +53,10 @@ def parse_args(argv=None):
 
 def model_files(folder, best=False):
     """The final_*.pt under ``folder``, sorted, then (with ``best``) the best_*.pt; search
-    candidates excluded."""
+    candidates and TorchScript exports excluded."""
     patterns = ('final_*.pt', 'best_*.pt') if best else ('final_*.pt',)
     return [path for pattern in patterns for path in sorted(Path(folder).rglob(pattern))
-            if not is_search_candidate(path, folder)]
+            if not (is_search_candidate(path, folder) or is_torchscript_export(path))]
 
 
 def held_out_images(data_dir, meta):

@@ -8,6 +8,7 @@ map of its own and is scored by one-class models only (default: GDE, ``result_va
 """
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
 from experiments.training import load_model, resolve_device
 
 CHECKPOINT_PATTERN = 'final_*.pt'
+TORCHSCRIPT_SUFFIX = '.torchscript.pt'  # an export (experiments.export) beside its model, not a checkpoint
 SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
 REQUIRED_META = ('setting',)
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models
@@ -24,7 +26,19 @@ CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored wi
 
 # what torch.load raises for a file that is not a checkpoint (weights_only's unpickler included)
 READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError,
-               IndexError, AttributeError)
+               IndexError, AttributeError, struct.error, UnicodeDecodeError)
+# how a file torch.save wrote starts: a zip archive (its format since PyTorch 1.6) or a pickle
+CHECKPOINT_MAGIC = (b'PK\x03\x04', b'\x80')
+GIT_LFS_POINTER = b'version https://git-lfs'
+
+
+def _file_start(path, size=64):
+    """The first ``size`` bytes of the file at ``path`` (b'' if it cannot be read)."""
+    try:
+        with open(path, 'rb') as file:
+            return file.read(size)
+    except OSError:
+        return b''
 
 
 def _read_error(path, error):
@@ -36,6 +50,13 @@ def _read_error(path, error):
         return ValueError(f'cannot read checkpoint {path}: it is an ONNX export (for predict.py '
                           f'--onnx or ONNX Runtime); give the checkpoint it was exported from '
                           f'(final_*.pt)')
+    start = _file_start(path)
+    if start.startswith(GIT_LFS_POINTER):
+        return ValueError(f'cannot read checkpoint {path}: it is a Git LFS pointer, not the file it '
+                          f'points to; fetch the file (git lfs pull)')
+    if start and not start.startswith(CHECKPOINT_MAGIC):
+        return ValueError(f'cannot read checkpoint {path}: it is not a PyTorch checkpoint (it starts '
+                          f'with {start[:24]!r})')
     if isinstance(error, pickle.UnpicklingError):  # weights_only refused an object
         return ValueError(f'cannot read checkpoint {path}: it holds objects other than tensors and '
                           f'plain values, and loading it could run code; refused')
@@ -115,10 +136,16 @@ def is_search_candidate(path, folder):
     return len(parts) >= 3 and parts[-3] == SEARCH_DIR
 
 
+def is_torchscript_export(path):
+    """Whether ``path`` is named as a TorchScript export (``experiments.export``'s default name,
+    ``<model stem>.torchscript.pt``, matches ``final_*.pt`` too)."""
+    return Path(path).name.endswith(TORCHSCRIPT_SUFFIX)
+
+
 def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     """The trained models of ``dataset`` (meta 'dataset': 'mvtec' or 'chest_xray') under
     ``model_dir`` (any depth, ``final_*.pt``; not the --recipe search candidates in a
-    ``SEARCH_DIR`` folder, which are not results) -> list of (path, meta).
+    ``SEARCH_DIR`` folder, which are not results, nor TorchScript exports) -> list of (path, meta).
 
     An unreadable checkpoint raises ValueError naming it, or, when ``unreadable`` is a list, is
     appended to it as (path, reason) and skipped."""
@@ -128,7 +155,7 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
                                 f'{CHECKPOINT_PATTERN} files written by the training scripts')
     found = []
     for path in sorted(model_dir.rglob(CHECKPOINT_PATTERN)):
-        if is_search_candidate(path, model_dir):
+        if is_search_candidate(path, model_dir) or is_torchscript_export(path):
             continue
         try:
             found.append((path, read_meta(path)))

@@ -28,12 +28,13 @@ import torch
 
 from experiments.arguments import path_argument
 from experiments.atomic import write_atomic
+from experiments.checkpoints import TORCHSCRIPT_SUFFIX
 from experiments.cli import exit_on_input_error
 from experiments.detector import SPEC_KEY
 from experiments.torch_model import load_checkpoint
 
 PROG = 'python -m experiments.export'
-FORMATS = {'onnx': '.onnx', 'torchscript': '.torchscript.pt'}
+FORMATS = {'onnx': '.onnx', 'torchscript': TORCHSCRIPT_SUFFIX}
 OPSET = 17
 EXAMPLE_BATCH = 2
 

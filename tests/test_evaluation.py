@@ -520,6 +520,17 @@ def test_find_checkpoints_leaves_out_the_recipe_search_candidates(tmp_path):
                              'sweep/shift/search/final_search_shift.pt']
 
 
+def test_find_checkpoints_leaves_out_torchscript_exports_beside_their_models(tmp_path):
+    model = tmp_path / 'shift' / 'a' / 'final_a_shift.pt'
+    model.parent.mkdir(parents=True)
+    save_torch_atomic(dict(model={}, meta=dict(dataset='mvtec', setting='Shift', category='a')), model)
+    # the export's default name (experiments.export): a TorchScript archive, which torch.load refuses
+    (model.parent / f'{model.stem}{checkpoints.TORCHSCRIPT_SUFFIX}').write_bytes(b'PK\x03\x04 archive')
+    unreadable = []
+    assert [path for path, _ in checkpoints.find_checkpoints(tmp_path, unreadable=unreadable)] == [model]
+    assert unreadable == []
+
+
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
 @pytest.mark.slow
 def test_corrupt_checkpoint_gives_a_failed_row_naming_the_file(trained, tmp_path, damage):

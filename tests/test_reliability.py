@@ -22,6 +22,7 @@ import train_chest_xray
 import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import chest_xray_tasks, mvtec_tasks, settings, training
+from experiments.checkpoints import read_meta, read_model
 from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
@@ -287,6 +288,24 @@ class Hostile:
 
     def __reduce__(self):
         return os.getcwd, ()
+
+
+@pytest.mark.parametrize('content,expected', [
+    (b'version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 45000000\n',
+     'it is a Git LFS pointer, not the file it points to; fetch the file (git lfs pull)'),
+    (b'junk', "it is not a PyTorch checkpoint (it starts with b'junk')"),  # torch: struct.error
+    (b'<!DOCTYPE html>\n<html><body>Sign in</body></html>', "not a PyTorch checkpoint (it starts with b'<!DOCTYPE"),
+    (b'\x89PNG\r\n\x1a\n' + bytes(64), "not a PyTorch checkpoint (it starts with b'\\x89PNG"),
+    (None, 'holds objects other than tensors and plain values, and loading it could run code; refused'),
+])
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, content, expected):
+    path = tmp_path / 'final_tiny_shift.pt'  # a download that went wrong, or a pickle that runs code
+    path.write_bytes(content) if content is not None else torch.save(dict(meta=Hostile()), path)
+    for read in (read_meta, lambda path: read_model(path, 'cpu')):
+        with pytest.raises(ValueError) as error:
+            read(path)
+        message = str(error.value)
+        assert message.startswith(f'cannot read checkpoint {path}: ') and expected in message
 
 
 @pytest.mark.parametrize('damage,expected', [
