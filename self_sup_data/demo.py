@@ -175,7 +175,9 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
 
     A dataset already there from the same seed is reused. The category is built in a temporary
     folder next to it and renamed into place, so an interrupted run leaves no partial dataset.
-    A folder of that name not made by this function is never overwritten.
+    A folder of that name not made by this function is never overwritten, nor one of the same seed
+    that another process (torchrun's others) put in place while this one built it: that process
+    may be reading it.
     """
     out_dir = Path(out_dir)
     name = category_name(texture)
@@ -188,6 +190,8 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
     build_dir = build_folder(out_dir, name)
     try:
         _write_category(build_dir, seed, texture)
+        if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
+            return target
         if target.exists():  # made with another seed: move it aside, then replace it
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
             os.replace(target, old / name)

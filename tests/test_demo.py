@@ -1,3 +1,4 @@
+import shutil
 import socket
 
 import cv2
@@ -61,6 +62,24 @@ def test_existing_dataset_is_reused_or_replaced(tmp_path):
     assert file_contents(path) != first
     assert file_contents(path) == file_contents(make_demo_dataset(tmp_path / "fresh", seed=4))
     assert [p.name for p in tmp_path.iterdir() if p.name != "fresh"] == [DEMO_CATEGORY]
+
+
+def test_a_dataset_another_process_finished_meanwhile_is_kept_for_its_readers(demo_root, tmp_path,
+                                                                             monkeypatch):
+    # torchrun: every process builds the demo; the first to finish starts reading its copy, which
+    # a later one must not move away (its reader then found no image)
+    target = tmp_path / DEMO_CATEGORY
+    write = demo._write_category
+
+    def write_while_another_process_finishes(build_dir, seed, texture):
+        write(build_dir, seed, texture)
+        shutil.copytree(demo_root, target)  # the other process renames its copy into place
+        (target / "being_read").touch()
+
+    monkeypatch.setattr(demo, "_write_category", write_while_another_process_finishes)
+    assert make_demo_dataset(tmp_path, seed=0) == target
+    assert (target / "being_read").is_file()  # the same folder, not replaced
+    assert [p.name for p in tmp_path.iterdir()] == [DEMO_CATEGORY]  # its own copy removed
 
 
 def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):
