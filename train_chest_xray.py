@@ -18,7 +18,7 @@ from experiments.arguments import path_argument
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
                              model_from_args, prepare_output_dir, print_slow_bf16_note,
                              refuse_twin_run, train_config, train_unless_finished)
-from self_sup_data.chest_xray import SelfSupChestXRay, read_file_list
+from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
@@ -64,6 +64,7 @@ def plan(args):
     names = read_file_list(args.list)
     if not names:
         raise ValueError(f"file list {args.list} names no images")
+    check_listed_once(names, f'file list {args.list}', 'each training image is listed once')
     missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} images of {args.list} are missing "

@@ -88,6 +88,14 @@ def _existing_paths(data_dir, names, label):
     return paths
 
 
+def check_listed_once(names, label, why):
+    """ValueError naming the list ``label`` and a few of its ``names`` listed more than once, with
+    ``why`` a name may appear once only."""
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        raise ValueError(f"{label} names {len(twice)} images more than once, e.g. {twice[:3]}; {why}")
+
+
 def check_test_lists(normal, anomalous, normal_label='the normal list',
                      anomalous_label='the anomalous list'):
     """ValueError for an empty list of test names, a name listed twice in one list (its image
@@ -96,10 +104,7 @@ def check_test_lists(normal, anomalous, normal_label='the normal list',
     for names, label in ((normal, normal_label), (anomalous, anomalous_label)):
         if not names:
             raise ValueError(f"{label} is empty; testing needs normal and anomalous images")
-        twice = sorted(name for name, count in Counter(names).items() if count > 1)
-        if twice:
-            raise ValueError(f"{label} names {len(twice)} images more than once, e.g. {twice[:3]}; "
-                             f"each test image is scored once")
+        check_listed_once(names, label, 'each test image is scored once')
     both = sorted(set(normal) & set(anomalous))
     if both:
         raise ValueError(f"{len(both)} images are in both {normal_label} and {anomalous_label}, "
@@ -173,7 +178,9 @@ class SelfSupChestXRay(SelfSupImageDataset):
         normal = read_file_list(normal_files)
         anomalous = [] if is_train or anom_files is None else read_file_list(anom_files)
         labels = list_label(normal_files, 'normal'), list_label(anom_files, 'anomalous')
-        if not is_train:
+        if is_train:  # a repeat would weight its image twice, as a second copy of the data would
+            check_listed_once(normal, labels[0], 'each training image is listed once')
+        else:
             check_test_lists(normal, anomalous, *labels)
         names = normal + anomalous
         paths = _existing_paths(data_dir, normal, labels[0]) + (

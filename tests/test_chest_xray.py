@@ -147,6 +147,9 @@ def test_errors(xrays):
     with pytest.raises(ValueError, match=r"the anomalous list names 1 images more than once, e.g. "
                                          rf"\['{names[4]}'\]; each test image is scored once"):
         SelfSupChestXRay(data_dir, names[:2], names[3:] + [names[4]], is_train=False)
+    with pytest.raises(ValueError, match=r"the normal list names 2 images more than once, e.g. "
+                                         rf"\['{names[0]}', '{names[1]}'\]; each training image is listed once"):
+        SelfSupChestXRay(data_dir, names[:3] + names[:2])  # two lists pasted together
     (data_dir / 'trailing.csv').write_text('Image Index,Finding Label,Bbox [x,y,w,h]\n'
                                            f'{names[4]},Mass,256,512,128,64,\n')  # rows end in a comma
     boxed = SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'trailing.csv',

@@ -267,6 +267,11 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     message = run_error(train_chest_xray.main,
                         base[:5] + [str(fresh)] + base[6:] + ['-l', str(listing)], capsys)
     assert 'missing.png' in message and not fresh.exists()
+    listing.write_text('\n'.join(names + names[:1]) + '\n')  # a name repeated: its image weighted twice
+    message = run_error(train_chest_xray.main,
+                        base[:5] + [str(fresh)] + base[6:] + ['-l', str(listing)], capsys)
+    assert (f"file list {listing} names 1 images more than once, e.g. ['{names[0]}']; each training image "
+            f"is listed once") in message and not fresh.exists()
     message = run_error(train_chest_xray.main, base + ['-l', str(tmp_path / 'nolist.txt')], capsys)
     assert 'nolist.txt' in message
     message = run_error(train_chest_xray.main, ['-s', 'CutPaste-3way'] + base[2:] + ['-l', str(listing)],
