@@ -242,7 +242,7 @@ class VisALayout(CategoryLayout):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; VisA's split file lists each image "
                                     "(columns object,split,label,image,mask)")
-        with open(path, newline='') as file:
+        with open(path, newline='', encoding='utf-8-sig') as file:  # a byte-order mark is no column's
             reader = csv.DictReader(file)
             missing = {'object', 'split', 'label', 'image', 'mask'} - set(reader.fieldnames or [])
             if missing:

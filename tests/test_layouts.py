@@ -97,6 +97,10 @@ def test_visa(tmp_path):
     assert test.defect_types == ['good', 'good', 'anomaly', 'anomaly'] and list(test.labels) == [0, 0, 1, 1]
     # region-id masks (values 1 and 2) are read as their nonzero pixels, paired by the CSV row
     assert [_mask_pixels(test, i) for i in range(4)] == [0, 0, 16, 64] and test.has_mask.all()
+    # the split file saved by a spreadsheet as UTF-8 with a byte-order mark: the same rows
+    csv_path = tmp_path / 'split_csv' / '1cls.csv'
+    csv_path.write_bytes(b'\xef\xbb\xbf' + csv_path.read_bytes())
+    assert SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE, transform=lambda i, m, r: (i, m)).paths == train.paths
 
 
 def test_visa_errors_name_the_file(tmp_path):
