@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from self_sup_data.layouts import MVTecLayout, detect_layout
+from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
                                   high_depth_maximum, opened_image, read_image, resize, resize_mask,
                                   to_channels)
@@ -332,7 +332,9 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
     """Check that ``class_name`` has a test set that can be evaluated: the errors of
     ``layout.test_files`` and ``unmasked_defects``, a ValueError when it lacks normal or defect
     images (AUROC needs both), and those of decoding every test image and mask (``load_images``
-    at CHECK_SIZE pixels: an unreadable file, a mask of another size than its image)."""
+    at CHECK_SIZE pixels: an unreadable file, a mask of another size than its image); for MVTec
+    LOCO AD, those of reading its defects_config.json and each mask's defect in it
+    (``LocoLayout.defect_regions``), which AU-sPRO needs."""
     layout = detect_layout(root_path, class_name) if layout is None else layout
     files = layout.test_files(root_path, class_name)
     for lacking, present in (('normal', 'good' in files.defect_types),
@@ -343,6 +345,9 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
                              f"both normal and defect images")
     unmasked_defects(class_name, layout, files, allow_missing_masks)
     load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}')
+    if isinstance(layout, LocoLayout):
+        layout.defect_regions(root_path, class_name, [path for masks in files.masks for path in masks or ()],
+                              CHECK_SIZE)
 
 
 def warn_empty_masks(class_name, paths, defect_types, masks, side):

@@ -323,6 +323,16 @@ def test_loco_defect_regions_carry_their_saturation(tmp_path):
         loco.defect_regions(tmp_path, 'juice_bottle', masks, size=SIZE)
 
 
+def test_the_test_set_check_before_training_reads_the_loco_defects(tmp_path):
+    from self_sup_data.mvtec import check_test_set
+    make_loco(tmp_path)
+    check_test_set(tmp_path, 'juice_bottle')
+    mask = tmp_path / 'juice_bottle' / 'ground_truth' / 'structural_anomalies' / '000' / '000.png'
+    _png(mask, mask_box=(5, 5, 3), mask_value=7)  # not a defect of defects_config.json: no AU-sPRO
+    with pytest.raises(ValueError, match=rf'mask {mask} should hold one pixel value of \[20, 255\]'):
+        check_test_set(tmp_path, 'juice_bottle')
+
+
 def _loco_model(tmp_path):
     """(data, models): the LOCO fixture and an untrained model of it that records its layout."""
     from conftest import RES_SCALE, save_untrained_model
