@@ -111,13 +111,14 @@ def category_layouts(args, data_dir):
 
 def select_categories(args, data_dir):
     """The categories to train: -n, or the -c group among the categories found in ``data_dir``
-    (``category_layouts``)."""
+    (``category_layouts``); FileNotFoundError naming the folder and the layouts looked for when
+    there is none."""
     found = category_layouts(args, data_dir)
+    given = layout_from_args(args)
+    where = (f"{given.name} layout: {given.expected}" if given else "layouts: " + '; '.join(
+        f"{name}: {layout.expected}" for name, layout in LAYOUTS.items()))
     if args.class_name is not None:
         if args.class_name not in found:
-            given = layout_from_args(args)
-            where = (f"{given.name} layout: {given.expected}" if given else "layouts: " + '; '.join(
-                f"{name}: {layout.expected}" for name, layout in LAYOUTS.items()))
             raise FileNotFoundError(f"category {args.class_name!r} not found in {data_dir} ({where}); "
                                     f"categories found: {', '.join(found) or 'none'}")
         return [args.class_name]
@@ -125,8 +126,7 @@ def select_categories(args, data_dir):
               if args.categories == 'all' or category_kind(c, args.kind) == args.categories]
     if not chosen:
         raise FileNotFoundError(f"no {'' if args.categories == 'all' else args.categories + ' '}"
-                                f"categories with train/good images in {data_dir}; "
-                                f"found: {', '.join(found) or 'none'}")
+                                f"categories in {data_dir} ({where}); found: {', '.join(found) or 'none'}")
     return chosen
 
 

@@ -70,6 +70,11 @@ def test_unknown_category_lists_the_found_ones(tmp_path, capsys):
     message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-n', 'gear',
                                            '-o', str(tmp_path / 'out')], capsys)
     assert "'gear' not found" in message and 'fabric, gears' in message
+    # a format given without -n: its layout named, not MVTec AD's train/good
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '--format', 'loco',
+                                           '-o', str(tmp_path / 'out')], capsys)
+    assert (f"no categories in {tmp_path / 'data'} (loco layout: <cat>/defects_config.json, "
+            f"<cat>/train/good/*.png") in message and message.endswith('found: none')
 
 
 @pytest.mark.slow
