@@ -321,10 +321,15 @@ def unmasked_defects(class_name, layout, files, allow_missing):
     missing = [path for path, t, mask in zip(*files) if t != 'good' and mask is None]
     defects = sum(t != 'good' for t in files.defect_types)
     if missing and layout.has_masks and not allow_missing:
+        first = Path(missing[0])  # <cat>/test/<type>/<name>: MVTec LOCO AD has a mask folder of that name
+        category_dir = first.parents[2] if len(first.parents) > 2 else None
+        loco_masks = category_dir and category_dir / 'ground_truth' / first.parent.name / first.stem
+        hint = (f"; {loco_masks} is a folder of masks as in MVTec LOCO AD, whose "
+                f"{category_dir / 'defects_config.json'} is missing" if loco_masks and loco_masks.is_dir() else '')
         raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
                                 f"{defects} defect images of {class_name!r} have none; "
-                                f"{layout.name} layout: {layout.expected}); to evaluate them at "
-                                f"image level only, allow missing masks (--allow-missing-masks)")
+                                f"{layout.name} layout: {layout.expected}){hint}; to evaluate them "
+                                f"at image level only, allow missing masks (--allow-missing-masks)")
     return missing, defects
 
 

@@ -333,6 +333,16 @@ def test_the_test_set_check_before_training_reads_the_loco_defects(tmp_path):
         check_test_set(tmp_path, 'juice_bottle')
 
 
+def test_a_loco_category_without_its_defects_config_is_named_as_such(tmp_path):
+    from self_sup_data.mvtec import check_test_set
+    make_loco(tmp_path)
+    config = tmp_path / 'juice_bottle' / 'defects_config.json'
+    config.unlink()  # a partial copy: read as MVTec AD, whose masks are <name>_mask.png files
+    with pytest.raises(FileNotFoundError, match=rf"no mask for the defect image .*000.png .*is a folder of "
+                                                rf"masks as in MVTec LOCO AD, whose {config} is missing"):
+        check_test_set(tmp_path, 'juice_bottle')
+
+
 def _loco_model(tmp_path):
     """(data, models): the LOCO fixture and an untrained model of it that records its layout."""
     from conftest import RES_SCALE, save_untrained_model
