@@ -37,7 +37,7 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              report_problems, train_config, train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.training import is_distributed, is_first_process, run_differences, run_meta
+from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
@@ -387,7 +387,9 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     before the search, which would train its candidates again for them: the run is rebuilt from
     the finished run's chosen parameters, so that what they set compares equal and the command
     line's arguments (task flags included) are compared; the record of the choice
-    (SEARCH_RECORD_FIELDS) is compared once the search has chosen, by ``train_unless_finished``."""
+    (SEARCH_RECORD_FIELDS) is compared once the search has chosen, by ``train_unless_finished``.
+    The category options of the command line (``param_overrides``, which the chosen parameters
+    would hide) are compared too: other ones would train other candidates."""
     found, state = found_run(setting.run_dir(out_dir, category), setting.run_name(category))
     if found is None:
         return
@@ -396,6 +398,8 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
                                                     previous['category_params'], searched=True)
     differing = [line for line in run_differences(previous, run_meta(model, config, meta, validator))
                  if re.split('[.:]', line)[0] not in SEARCH_RECORD_FIELDS]
+    differing += dict_differences({'param_overrides': previous.get('param_overrides') or {}},
+                                  {'param_overrides': settings.param_overrides(args)})
     if differing:
         raise ValueError(other_run_message(found, state, differing))
 

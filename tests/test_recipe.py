@@ -827,6 +827,14 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert f'cannot resume the finished run {final}' in error and 'lr: 0.001 vs 0.01' in error
         assert 'recipe_search' not in error
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
+        # ... and with a category option, which the chosen parameters alone do not show
+        with pytest.raises(SystemExit):
+            train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                              'search', '--search-epochs', '1', '--resume', '--logistic', '1', '3'] + FAST)
+        error = capsys.readouterr().err
+        assert (f'cannot resume the finished run {final}' in error
+                and 'param_overrides.intensity_logistic_params: absent vs (1.0, 3.0)' in error)
+        assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
         # the final run gone (as if interrupted before it), a search with other arguments trains
         # its candidates again instead of refusing them
         final.unlink()
