@@ -299,7 +299,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
             params, calibration = recipes.calibrate(dataset, setting, table_params, args,
                                                     overrides, seed)
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration,
-                                                  recipes.unused_params(args, setting))))
+                                                  recipes.unused_params(args, setting), overrides)))
             note = recipes.mix_note(PROG, category, recipe, calibration, overrides)
             if note:
                 print(note)
@@ -355,7 +355,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
                                                   args, overrides, setting.run_seed)
     if report is not None:
         print('\n'.join(recipes.report_lines(PROG, category, 'search, paste fraction switched',
-                                              report, recipes.unused_params(args, setting))))
+                                              report, recipes.unused_params(args, setting),
+                                              {*overrides, 'paste_fraction'})))
     one_patch = args.single_patch or settings.draws_cutpaste_patches(args, setting)
     more = recipes.more_patches(meta['category_params'], start['num_patches'], overrides, one_patch)
     candidates = recipes.search_candidates(meta['category_params'], more, switched,

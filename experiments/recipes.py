@@ -180,10 +180,11 @@ def unused_params(args, setting):
             if not uses[name] or (name == 'num_patches' and args.single_patch)}
 
 
-def report_lines(prog, category, recipe, report, unused=()):
+def report_lines(prog, category, recipe, report, unused=(), given=()):
     """What calibration measured and chose, one printed line each; the values named in ``unused``
-    (``unused_params``) are marked as such."""
-    return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report, unused)]
+    (``unused_params``) or in ``given`` (set on the command line or by the search, not
+    calibrated) are marked as such."""
+    return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report, unused, given)]
 
 
 def mix_note(prog, category, recipe, report, overrides):

@@ -321,24 +321,33 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     return params, report
 
 
-def describe(report, unused=()):
+def describe(report, unused=(), given=()):
     """One line per calibrated value and what it was derived from (for printing); a value whose
-    parameter is named in ``unused`` (one the setting's task ignores) is marked so."""
+    parameter is named in ``unused`` (one the setting's task ignores) is marked so, and one named
+    in ``given`` (``fixed`` of ``calibrate_recipe``: set, not calibrated) is marked as set, beside
+    what the calibration measured."""
     params = report['params']
+    given = set(given) & set(CALIBRATED_PARAMS)
+    if given & {'width_bounds_pct', 'gamma_params'}:  # either one set keeps both (calibrate_recipe)
+        given |= {'width_bounds_pct', 'gamma_params'}
 
     def shown(name, text):
-        return f"{text} (not used by this task)" if name in unused else text
+        notes = [note for note, applies in (('set, not calibrated', name in given),
+                                            ('not used by this task', name in unused)) if applies]
+        return f"{text} ({'; '.join(notes)})" if notes else text
     q10, q50, q90 = report['change_quantiles']
     label = shown('intensity_logistic_params',
                   f"logistic label (k, x0) = {params['intensity_logistic_params']}")
-    lines = [f"{label} from the blends' intensity change (10/50/90th percentile {q10:.1f} / "
-             f"{q50:.1f} / {q90:.1f} grey levels)"]
+    change = f"10/50/90th percentile {q10:.1f} / {q50:.1f} / {q90:.1f} grey levels"
+    lines = [f"{label}; the blends' intensity change: {change}" if 'intensity_logistic_params' in given
+             else f"{label} from the blends' intensity change ({change})"]
     if 'visibility' in report:
         fraction = params['paste_fraction']
         mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
-        lines.append(f"{shown('paste_fraction', f'paste fraction = {mix}')} (seamless blends "
-                     f"keep {report['visibility']:.3f} of a plain paste's change; mixed in below "
-                     f"{VISIBLE})")
+        keep = f"seamless blends keep {report['visibility']:.3f} of a plain paste's change"
+        lines.append(f"{shown('paste_fraction', f'paste fraction = {mix}')}; {keep}"
+                     if 'paste_fraction' in given else
+                     f"{shown('paste_fraction', f'paste fraction = {mix}')} ({keep}; mixed in below {VISIBLE})")
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
     gamma = shown('gamma_params', f"gamma {params['gamma_params']}")
     count = shown('num_patches', f"up to {params['num_patches']} patches")

@@ -583,6 +583,30 @@ def test_the_printed_calibration_marks_the_values_the_task_does_not_use(key, fla
     assert text.count('(not used by this task)') == len(unused)
 
 
+def test_the_printed_calibration_marks_the_values_set_rather_than_calibrated():
+    report = dict(params=dict(intensity_logistic_params=(1.0, 4.0), paste_fraction=(0.2, 0.9),
+                              width_bounds_pct=((0.03, 0.4), (0.03, 0.4)), gamma_params=(2, 0.05, 0.03),
+                              num_patches=3, clip_at_border=True),
+                  change_quantiles=[2.2, 6.6, 17.5], visibility=0.132, effective_fraction=0.9,
+                  border_texture_ratio=1.2)
+    calibrated = '\n'.join(recipe.describe(report))
+    assert ("logistic label (k, x0) = (1.0, 4.0) from the blends' intensity change (10/50/90th percentile "
+            "2.2 / 6.6 / 17.5 grey levels)") in calibrated and 'set, not calibrated' not in calibrated
+    # --logistic 1 4 --paste-fraction 0.2 0.9 --num-patches 3 --background ...: a median change of 6.6 did
+    # not give x0 = 4, nor a visibility of 0.132 (below the mixing bound) this mix
+    given = {'intensity_logistic_params', 'paste_fraction', 'num_patches', 'background'}
+    lines = recipe.describe(report, given=given)
+    assert lines[:2] == ["logistic label (k, x0) = (1.0, 4.0) (set, not calibrated); the blends' intensity "
+                         "change: 10/50/90th percentile 2.2 / 6.6 / 17.5 grey levels",
+                         "paste fraction = U(0.2, 0.9) (set, not calibrated); seamless blends keep 0.132 of "
+                         "a plain paste's change"]
+    assert 'up to 3 patches (set, not calibrated) (0.90' in lines[2] and lines[2].count('set, not') == 1
+    # either of the patch sizes set keeps both; a value set and unused says both
+    lines = recipe.describe(report, unused={'num_patches'}, given={'width_bounds_pct', 'num_patches'})
+    assert lines[2].count('(set, not calibrated)') == 2
+    assert 'up to 3 patches (set, not calibrated; not used by this task)' in lines[2]
+
+
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
