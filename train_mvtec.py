@@ -194,7 +194,8 @@ def print_notes(notes):
 def check_evaluable(args, data_dir, categories):
     """With --evaluate: every category's test set can be evaluated (``check_test_set``: its
     folders, normal and defect images, a mask for each defect image unless --allow-missing-masks,
-    every image and mask readable), checked before anything is trained."""
+    every image and mask readable, MVTec LOCO AD's masks in its defects_config.json), checked
+    before anything is trained."""
     if args.evaluate:
         layout = layout_from_args(args)
         for category in categories:

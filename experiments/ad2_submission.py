@@ -9,10 +9,11 @@ current instructions before uploading)::
     OUT/anomaly_images_thresholded/<category>/<split>/<image stem>.png   0/255 uint8 segmentation
 
 Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` after
-resizing (of the float32 map). The split, the maps (finite) and the threshold (a finite number) are
-checked and every image's size is read before anything is written, so that bad input or an
-unreadable image leaves an earlier submission as it was; each file is written atomically
-(``experiments.atomic``).
+resizing (of the float32 map). The split, the images (those of ``<category>/<split>/``, each name
+once: a file per name), the maps (one array, finite and within float16's range) and the threshold
+(a finite number) are checked and every image's size is read before anything is written, so that
+bad input or an unreadable image leaves an earlier submission as it was; each file is written
+atomically (``experiments.atomic``).
 """
 import io
 import math
@@ -47,20 +48,37 @@ def image_size(path):
 
 
 def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
-    """Write the maps (N x H x W floats) of ``image_paths`` and their thresholded masks; returns
+    """Write the maps (N x H x W floats at the model's resolution, ``Detector.maps``) of
+    ``image_paths`` (the images of ``<category>/<split>/``) and their thresholded masks; returns
     the paths written, (tiff, png) per image."""
     if split not in AD2_PRIVATE_SPLITS:
         raise ValueError(f"split must be one of {AD2_PRIVATE_SPLITS}, got {split!r}")
     if not isinstance(threshold, Real) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number, got {threshold!r} (calibrate the model's "
                          "thresholds first: python -m experiments.thresholds)")
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or len(maps) != len(image_paths):
-        raise ValueError(f"maps must be N x H x W with N = {len(image_paths)} images, got {maps.shape}")
-    for path, score in zip(image_paths, maps):
+    paths = [Path(path) for path in image_paths]
+    for path in paths:  # the server files a map by category, split and name alone
+        if (path.parent.parent.name, path.parent.name) != (category, split):
+            raise ValueError(f"{path} is not an image of {category}/{split}, the maps being written")
+    stems = [path.stem for path in paths]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise ValueError(f"images of {category}/{split} share the names {repeated[:3]}; each name is "
+                         f"one map file")
+    try:
+        maps = np.asarray(maps, dtype=np.float32)
+    except ValueError:  # a list of maps of different shapes
+        raise ValueError(f"maps must be one N x H x W array (Detector.maps: the model's resolution), got "
+                         f"maps of shapes {[np.shape(score) for score in maps][:3]} ...") from None
+    if maps.ndim != 3 or len(maps) != len(paths):
+        raise ValueError(f"maps must be N x H x W with N = {len(paths)} images, got {maps.shape}")
+    half_max = float(np.finfo(np.float16).max)  # resizing keeps a map within its range
+    for path, score in zip(paths, maps):
         if not np.isfinite(score).all():
             raise ValueError(f"the map of {path} holds NaN or infinite values")
-    paths = [Path(path) for path in image_paths]
+        if np.abs(score).max() > half_max:
+            raise ValueError(f"the map of {path} reaches {np.abs(score).max():g}, beyond the float16 "
+                             f"TIFF's range ({half_max:g}); rescale the maps")
     sizes = [image_size(path) for path in paths]  # every image readable before a file is written
     written = []
     for path, size, score in zip(paths, sizes, maps):

@@ -456,10 +456,24 @@ def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
     for threshold, bad_maps, message in ((None, maps, 'threshold must be a finite number, got None'),
                                          (float('nan'), maps, 'threshold must be a finite number, got nan'),
                                          ('0.5', maps, "threshold must be a finite number, got '0.5'"),
-                                         (0.5, nan_map, rf'the map of {images[1]} holds NaN')):
+                                         (0.5, nan_map, rf'the map of {images[1]} holds NaN'),
+                                         (0.5, maps * 7e4, rf'the map of {images[1]} reaches 70000.2, beyond '
+                                                           r'the float16 TIFF\'s range \(65504\); rescale')):
         with pytest.raises(ValueError, match=message):  # refused before the first file is written
             write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, bad_maps + 0.25, threshold)
         assert {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()} == before
+    # a map is filed by category, split and name alone: images of another split, or two of one name
+    mixed = tmp_path / 'data' / 'vial' / 'test_private_mixed' / '000_mixed.png'
+    _png(mixed, size=(20, 30))
+    same_name = images[0].with_suffix('.jpg')
+    same_name.write_bytes(images[0].read_bytes())
+    for paths, message in (([images[0], mixed], rf'{mixed} is not an image of vial/test_private'),
+                           ([images[0], same_name], r"images of vial/test_private share the names \['000_regular'\]")):
+        with pytest.raises(ValueError, match=message):
+            write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', paths, maps, 0.5)
+    with pytest.raises(ValueError, match=r'maps must be one N x H x W array .*shapes \[\(8, 8\), \(4, 4\)\]'):
+        write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, [maps[0], maps[1][:4, :4]], 0.5)
+    assert {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()} == before
     with pytest.raises(ValueError, match="split must be one of"):
         AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_public')
 
