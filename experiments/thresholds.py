@@ -12,7 +12,8 @@ folder the model was trained on); ``-i`` takes other normal images instead. No t
 
 The image threshold flags at most the fraction ``fpr`` (default 1%) of these images by their
 score (the map's mean), the pixel threshold at most ``fpr`` of their pixels (maps at the model's
-resolution; ``metrics.threshold_at_fpr``). They are stored in the checkpoint's meta as plain
+resolution; for objects, the pixels of the central crop that the model scores, the rest of their
+maps being 0; ``metrics.threshold_at_fpr``). They are stored in the checkpoint's meta as plain
 values, ``thresholds = dict(image, pixel, fpr, flip_average, images, source)``; the checkpoint is
 rewritten atomically (or written to ``-o``) and stays loadable with ``weights_only=True``.
 ``predict.py``, ``experiments.detector`` and exported models use them, and the evaluation reports
@@ -33,6 +34,7 @@ from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
 from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import train_files
+from self_sup_data.validation import central_box
 
 PROG = 'python -m experiments.thresholds'
 DEFAULT_FPR = 0.01
@@ -73,8 +75,9 @@ def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
     if not images:
         raise ValueError('calibration needs at least one normal image')
     maps = detector.maps(images, flip_average, progress=True)
+    scored = maps[(slice(None),) + central_box(maps.shape[1:], detector.spec.get('crop'))]
     return dict(image=metrics.threshold_at_fpr(metrics.image_scores(maps, 'mean'), fpr),
-                pixel=metrics.threshold_at_fpr(maps, fpr), fpr=float(fpr),
+                pixel=metrics.threshold_at_fpr(scored, fpr), fpr=float(fpr),
                 flip_average=bool(flip_average), images=len(images))
 
 

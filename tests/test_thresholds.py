@@ -79,6 +79,28 @@ def held_out_model(tmp_path):
 
 
 @pytest.mark.slow
+class FixedMaps:
+    """A detector whose maps are given (``Detector.maps``' shape), of an object with ``crop``."""
+
+    def __init__(self, maps, crop):
+        self.given, self.spec = maps, dict(crop=crop)
+
+    def maps(self, images, flip_average=False, progress=False):
+        return self.given
+
+
+@pytest.mark.parametrize('crop', [None, 16])
+def test_the_pixel_threshold_counts_the_pixels_the_model_scores(crop):
+    maps = np.zeros((3, 20, 20), np.float32)  # an object's map: 0 outside the central crop it scores
+    maps[:, 2:18, 2:18] = np.random.default_rng(0).random((3, 16, 16))
+    calibrated = thresholds.calibrate(FixedMaps(maps, crop), [None] * 3, fpr=0.1)
+    scored = maps if crop is None else maps[:, 2:18, 2:18]
+    assert calibrated['pixel'] == metrics.threshold_at_fpr(scored, 0.1)
+    flagged = (maps > calibrated['pixel']).sum() / scored.size
+    assert flagged <= 0.1 and (crop is None or flagged > 0.1 * 0.9)  # not 0.1 of the whole map
+    assert calibrated['image'] == metrics.threshold_at_fpr(maps.mean(axis=(1, 2), dtype=np.float64), 0.1)
+
+
 def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_path, capsys):
     path, root, held_out = held_out_model
     original = torch.load(path, weights_only=True)
