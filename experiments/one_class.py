@@ -182,7 +182,8 @@ def l2_normalize(features):
 def fit_score(name, normal_features, test_features):
     """Fit a one-class model ``name`` to the L2-normalised ``normal_features`` (N x D) and return
     the scores (float64) of the L2-normalised ``test_features`` (M x D), higher = more anomalous."""
-    model = make_one_class(name).fit(l2_normalize(_as_features(normal_features, 'the normal features')))
+    normal = _as_features(normal_features, 'the normal features (one per normal training image)', min_samples=2)
+    model = make_one_class(name).fit(l2_normalize(normal))
     return model.score(l2_normalize(_as_features(test_features, 'the test features')))
 
 

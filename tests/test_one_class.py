@@ -99,8 +99,12 @@ def test_bad_names_and_inputs_raise():
         make_one_class('kde').fit(np.zeros((1, 3)))
     nan_rows = np.ones((6, 3))
     nan_rows[2, 1] = np.nan
-    with pytest.raises(ValueError, match='the normal features: 1 of 6 rows hold NaN or infinite values'):
+    with pytest.raises(ValueError, match=r'the normal features \(one per normal training image\): 1 of 6 rows '
+                                         r'hold NaN or infinite values'):
         one_class.fit_score('ocsvm', nan_rows, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r'the normal features \(one per normal training image\): a one-class '
+                                         r'model needs at least 2 samples to fit, got 1'):
+        one_class.fit_score('gde', np.ones((1, 3)), np.ones((2, 3)))  # a category of one training image
     for constant in (np.zeros((50, 4)), np.ones((50, 4))):  # no spread: every score would be 0 or noise
         with pytest.raises(ValueError, match='GDE: the normal features are all the same'):
             one_class.fit_score('gde', constant, np.random.default_rng(0).normal(size=(5, 4)))
