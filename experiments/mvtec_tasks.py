@@ -288,10 +288,14 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     warn_unlike_seeds(selected)
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work
-    if flip_average:
+    if flip_average:  # an inconsistent request: refused whole, before any work
         for path, meta in selected:
-            check_flip_average(meta['category'], meta.get('kind'),
-                               result_variants(parse_setting(meta['setting']), one_class_names), path)
+            try:
+                check_flip_average(meta['category'], meta.get('kind'),
+                                   result_variants(parse_setting(meta['setting']), one_class_names), path)
+            except ValueError as error:
+                raise ValueError(f"{error}; evaluate the others with -s SETTING ... or -n CATEGORY ..., "
+                                 f"this one without --flip-average") from None
     plotted, loaded = set(), dict(key=None)  # one test set in memory at a time
 
     def test_set(meta):

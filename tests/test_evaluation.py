@@ -586,6 +586,8 @@ def test_command_line_flip_average(trained, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # an object category: one line, nothing written
         mvtec_tasks.main(base + ['-o', str(tmp_path / 'objects')])
     assert str(exit_info.value.code).startswith('error: flip averaging is for textures')
+    assert str(exit_info.value.code).endswith('evaluate the others with -s SETTING ... or -n CATEGORY ..., '
+                                              'this one without --flip-average')
     assert not (tmp_path / 'objects').exists()
 
 
