@@ -16,7 +16,7 @@ from pathlib import Path
 from experiments import settings
 from experiments.arguments import path_argument
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
-                             model_from_args, prepare_output_dir, print_slow_bf16_note,
+                             exit_on_interrupt, model_from_args, prepare_output_dir, print_slow_bf16_note,
                              refuse_twin_run, train_config, train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
@@ -115,4 +115,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    with exit_on_interrupt(PROG):
+        sys.exit(main())

@@ -31,7 +31,7 @@ from pathlib import Path
 from experiments import recipes, settings
 from experiments.arguments import path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
-                             exit_on_input_error, found_run, layout_from_args, model_from_args,
+                             exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
                              other_run_message, prepare_output_dir, print_slow_bf16_note,
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, train_config, train_unless_finished, write_evaluation)
@@ -463,4 +463,5 @@ def train_category(args, setting, data_dir, category, out_dir):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    with exit_on_interrupt(PROG):
+        sys.exit(main())

@@ -182,6 +182,19 @@ INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
 @contextmanager
+def exit_on_interrupt(prog):
+    """A training script's Ctrl-C (KeyboardInterrupt): one line saying how to go on and exit
+    status 130, instead of a traceback. The run's checkpoints are written atomically, so the last
+    one is whole."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the same command with --resume continues from the last checkpoint "
+              f"(written every --checkpoint-minutes; a run without one starts again)", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
 def exit_on_input_error(prog, errors=INPUT_ERRORS):
     """Turn an exception of ``errors`` (by default a ValueError, KeyError or OSError) into a
     one-line message and exit status 1."""

@@ -392,3 +392,22 @@ def test_an_evaluation_whose_every_result_failed_keeps_the_earlier_files(tmp_pat
                        lambda figure_dir: mixed,
                        written.append, 'no models')
     assert written == [mixed] and not figure.exists()  # a new evaluation: its failed figure goes
+
+
+@pytest.mark.parametrize('script', ['train_mvtec.py', 'train_chest_xray.py'])
+def test_a_training_script_stopped_by_ctrl_c_says_how_to_go_on(script, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+    from experiments import settings
+
+    def interrupted(key):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(settings, 'parse_setting', interrupted)  # Ctrl-C as the script starts
+    listed = ['-l', 'list.txt', '-d', '.'] if script == 'train_chest_xray.py' else []
+    monkeypatch.setattr('sys.argv', [script, '-s', 'Shift', '-o', 'out'] + listed)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / script), run_name='__main__')
+    assert exit_info.value.code == 130  # 128 + SIGINT, as a shell reports it
+    assert capsys.readouterr().err == (f"{script}: interrupted; the same command with --resume continues "
+                                       f"from the last checkpoint (written every --checkpoint-minutes; a run "
+                                       f"without one starts again)\n")
