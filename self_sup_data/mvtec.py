@@ -321,16 +321,24 @@ def unmasked_defects(class_name, layout, files, allow_missing):
     missing = [path for path, t, mask in zip(*files) if t != 'good' and mask is None]
     defects = sum(t != 'good' for t in files.defect_types)
     if missing and layout.has_masks and not allow_missing:
-        first = Path(missing[0])  # <cat>/test/<type>/<name>: MVTec LOCO AD has a mask folder of that name
-        category_dir = first.parents[2] if len(first.parents) > 2 else None
-        loco_masks = category_dir and category_dir / 'ground_truth' / first.parent.name / first.stem
-        hint = (f"; {loco_masks} is a folder of masks as in MVTec LOCO AD, whose "
-                f"{category_dir / 'defects_config.json'} is missing" if loco_masks and loco_masks.is_dir() else '')
         raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
                                 f"{defects} defect images of {class_name!r} have none; "
-                                f"{layout.name} layout: {layout.expected}){hint}; to evaluate them "
-                                f"at image level only, allow missing masks (--allow-missing-masks)")
+                                f"{layout.name} layout: {layout.expected}){_loco_note(missing[0])}; to "
+                                f"evaluate them at image level only, allow missing masks (--allow-missing-masks)")
     return missing, defects
+
+
+def _loco_note(defect_image):
+    """A note for a defect image ``<cat>/test/<type>/<name>`` of an MVTec LOCO AD category read as
+    another layout (its defects_config.json missing): LOCO's masks of it are the folder
+    ``<cat>/ground_truth/<type>/<name>/``; '' where there is no such folder."""
+    image = Path(defect_image)
+    if len(image.parents) < 3:
+        return ''
+    category_dir = image.parents[2]
+    masks = category_dir / 'ground_truth' / image.parent.name / image.stem
+    return (f"; {masks} is a folder of masks as in MVTec LOCO AD, whose "
+            f"{category_dir / 'defects_config.json'} is missing" if masks.is_dir() else '')
 
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
