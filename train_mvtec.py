@@ -334,7 +334,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 calibration=calibration, held_out=len(held_out), validation_fraction=fraction,
                 validation_seed=args.val_seed,
                 validation_kinds=list(VALIDATION_KINDS) if held_out.size else [],
-                validation_version=VALIDATION_VERSION if held_out.size else None,  # another: not resumed
+                validation_version=VALIDATION_VERSION if held_out.size else None,  # scores of others do not compare
                 validation_background=(None if validation_background is None or not held_out.size
                                        else list(validation_background)))
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
