@@ -9,8 +9,10 @@ pixel AUROC and AU-PRO over the models. Models trained without a validation set 
 validation images and are left out; a ``best_*.pt`` with the weights of a model already scored (its
 run's last epoch was its best) is left out too, so that no model counts twice. All models must have
 been validated on one validation set (the same held-out images, seed, defect kinds and background):
-scores on different sets are not comparable, and such a folder is refused. A model whose held-out
-images cannot be found again in DATA (other training files) is refused, naming it.
+scores on different sets are not comparable, and such a folder is refused. Each model is scored at
+its own resolution, on the held-out images and defects drawn at that size (not the same pixels:
+models of other resolutions are ranked together by design). A model whose held-out images cannot be
+found again in DATA (other training files) is refused, naming it; a missing models folder too.
 
     python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
         --models bench_out/recipe [--out bench_out/recipe/correlation] [--best]
@@ -57,6 +59,14 @@ def model_files(folder, best=False):
     patterns = ('final_*.pt', 'best_*.pt') if best else ('final_*.pt',)
     return [path for pattern in patterns for path in sorted(Path(folder).rglob(pattern))
             if not (is_search_candidate(path, folder) or is_torchscript_export(path))]
+
+
+def weights_epoch(meta, best_file=False):
+    """The epoch whose weights a model holds: its run's best validated one for a ``best_*.pt``
+    (``best_file``) or a final model chosen with --select best, else its last."""
+    if best_file or meta['train_config'].get('select') == 'best':
+        return meta['best_epoch']
+    return meta['train_config']['epochs']
 
 
 def held_out_images(data_dir, meta):
@@ -111,7 +121,7 @@ def score_models(args, device):
         best = path.name.startswith('best_')
         rows.append(dict(model=str(path.relative_to(args.models)), setting=meta['setting'],
                          recipe=meta.get('recipe', 'table'),
-                         epochs=meta['best_epoch'] if best else meta['train_config']['epochs'],
+                         epochs=weights_epoch(meta, best),
                          held_out=len(held_out), validation_set=validation_set,
                          **{f'val_{k}' if k != 'score' else 'val_score': v
                             for k, v in validation.items()},
@@ -137,8 +147,9 @@ def correlations(scores):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out or Path(args.models) / 'correlation')
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(args.models).is_dir():
+        print(f'error: model folder {args.models} does not exist', file=sys.stderr)
+        return 1
     try:
         scores = score_models(args, resolve_device(args.device))
     except ValueError as error:
@@ -149,6 +160,8 @@ def main(argv=None):
               f'a rank correlation needs at least 3', file=sys.stderr)
         return 1
     table = correlations(scores)
+    out = Path(args.out or Path(args.models) / 'correlation')
+    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / 'scores.csv', scores.to_csv(index=False))
     write_text_atomic(out / 'correlation.csv', table.to_csv(index=False))
     text = (scores.round(4).to_markdown(index=False) + '\n\n'

@@ -22,6 +22,17 @@ def load_bench():
     return module
 
 
+def test_the_epochs_column_is_that_of_the_weights_and_a_missing_folder_is_named(tmp_path, capsys):
+    bench = load_bench()
+    last = dict(train_config=dict(epochs=5), best_epoch=2)
+    chosen = dict(train_config=dict(epochs=5, select='best'), best_epoch=2)
+    assert bench.weights_epoch(last) == 5 and bench.weights_epoch(last, best_file=True) == 2
+    assert bench.weights_epoch(chosen) == 2  # --select best: the final model holds the best epoch's weights
+    typo = tmp_path / 'modles'
+    assert bench.main(['--data-dir', str(tmp_path), '--category', 'plates', '--models', str(typo)]) == 1
+    assert capsys.readouterr().err == f'error: model folder {typo} does not exist\n' and not typo.exists()
+
+
 @pytest.mark.slow
 def test_scores_every_validated_model_and_correlates_them(tmp_path, capsys):
     data, models = tmp_path / 'data', tmp_path / 'models'
