@@ -275,6 +275,14 @@ def output_suffix(args):
     return '_flip_average' if args.flip_average else ''
 
 
+def figure_settings(maps_by_setting):
+    """The settings whose maps the figure shows, over the first one's test images: those with the
+    first one's maps' shape (a model kept from a run at another resolution, --evaluate-only, has
+    maps of another size, which would not lie on the images)."""
+    first = next(iter(maps_by_setting.values()))
+    return [key for key, maps in maps_by_setting.items() if maps.shape == first.shape]
+
+
 def write_figure(args, maps_by_setting, dataset):
     indices = plotting.example_indices(dataset.defect_types, EXAMPLES_PER_TYPE, first='good')
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
@@ -336,7 +344,7 @@ def main(argv=None):
     if args.train_only:
         return 0
     device = resolve_device(args.device)
-    records, maps_by_setting, dataset = [], {}, None
+    records, maps_by_setting, datasets = [], {}, {}
     for key in args.settings:
         if not model_path(args, key).is_file():
             print(f'{key}: no trained model at {model_path(args, key)}, left out')
@@ -345,13 +353,17 @@ def main(argv=None):
         if differing:  # --evaluate-only keeps any model: the table's heading states this run's values
             print(f'real_data: warning: {key}: the model was trained with other {differing} than the '
                   f'table heading states', file=sys.stderr)
-        record, dataset, maps_by_setting[key] = evaluate_model(args, key, device)
+        record, datasets[key], maps_by_setting[key] = evaluate_model(args, key, device)
         records.append(record)
     if not records:
         print('real_data: no trained model to evaluate', file=sys.stderr)
         return 1
     print(write_tables(args, records))
-    print(f'figure: {write_figure(args, maps_by_setting, dataset)}')
+    shown = figure_settings(maps_by_setting)
+    for key in maps_by_setting.keys() - set(shown):
+        print(f'{key}: left out of the figure: its maps are {maps_by_setting[key].shape[1:]}, those '
+              f'of {shown[0]} {maps_by_setting[shown[0]].shape[1:]}')
+    print(f'figure: {write_figure(args, {key: maps_by_setting[key] for key in shown}, datasets[shown[0]])}')
     print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
     return 0
 

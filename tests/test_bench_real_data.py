@@ -75,6 +75,11 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
     assert real_data.method_name('FPI-Poisson-M-3', {}) == 'FPI-Poisson-M, seed 3'  # no table name
 
 
+def test_the_figure_leaves_out_maps_of_another_size():
+    maps = {'Shift': np.zeros((4, 64, 64)), 'FPI': np.zeros((4, 128, 128)), 'CutPaste': np.ones((4, 64, 64))}
+    assert real_data.figure_settings(maps) == ['Shift', 'CutPaste']  # FPI kept at another --res-scale
+
+
 def test_mismatches_names_what_differs_from_the_requested_run():
     args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3,
                            recipe='table', loss=None)
