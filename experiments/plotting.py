@@ -51,8 +51,14 @@ def _show_image(ax, image):
 
 
 def _draw_contour(ax, mask):
+    """The outline of the bool H x W ``mask`` over its image, with a frame of normal pixels around
+    it, so that a mask reaching the border (or covering the image) is outlined there too."""
     if mask.any():
-        ax.contour(mask, levels=[0.5], colors=CONTOUR_COLOR, linewidths=1)
+        height, width = mask.shape
+        ax.contour(np.arange(-1, width + 1), np.arange(-1, height + 1), np.pad(mask, 1).astype(np.float32),
+                   levels=[0.5], colors=CONTOUR_COLOR, linewidths=1)
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
 
 
 def _check_lengths(**sequences):
@@ -89,7 +95,7 @@ def plot_examples(images, masks, maps, titles, path, vmin=None, vmax=None):
             mask = _as_map(mask, 'masks') > 0.5
             _draw_contour(axes[1, col], mask)
             _draw_contour(axes[2, col], mask)
-        axes[0, col].set_title(title, fontsize=9)
+        axes[0, col].set_title(title, fontsize=9, parse_math=False)  # '$' in a folder name is text
     for row, label in enumerate(rows):
         axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, rotation=90,
                           ha='right', va='center', fontsize=9)
@@ -113,7 +119,7 @@ def plot_map_comparison(images, masks, maps_by_name, titles, path):
         _show_image(axes[0, col], image)
         if mask is not None:
             _draw_contour(axes[0, col], mask)
-        axes[0, col].set_title(title, fontsize=9)
+        axes[0, col].set_title(title, fontsize=9, parse_math=False)
     for row, (name, maps) in enumerate(maps_by_name.items(), start=1):
         maps = [_as_map(m, name) for m in maps]
         vmin, vmax = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
@@ -123,24 +129,28 @@ def plot_map_comparison(images, masks, maps_by_name, titles, path):
             if mask is not None:
                 _draw_contour(axes[row, col], mask)
         axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
-                          ha='right', va='center', fontsize=9)
+                          ha='right', va='center', fontsize=9, parse_math=False)
         fig.colorbar(heat, ax=axes[row, :].tolist(), shrink=0.8)
     return _save(fig, path)
 
 
 def plot_sample_grid(images, labels, preds, path):
     """Training samples as rows: the (synthetic-anomaly) input image, its label map and the
-    model's prediction, one column per sample. Label and prediction share the range [0, 1].
+    model's prediction, one column per sample. Label and prediction share the range [0, 1], or
+    [0, their largest value] where that is above 1 (the raw intensity labels of
+    ``Shift-Raw-Intensity``, in grey levels).
 
     images: uint8 H x W x C each; labels, preds: float H x W (or H x W x 1, 1 x H x W) each.
     """
     _check_lengths(images=images, labels=labels, preds=preds)
+    labels, preds = [_as_map(label, 'labels') for label in labels], [_as_map(pred, 'preds') for pred in preds]
+    vmax = max([1.0] + [float(values.max()) for values in labels + preds])
     fig = Figure(figsize=(PANEL_INCHES * len(images), PANEL_INCHES * 3), layout='constrained')
     axes = fig.subplots(3, len(images), squeeze=False)
     for col, (image, label, pred) in enumerate(zip(images, labels, preds)):
         _show_image(axes[0, col], image)
-        for row, values in ((1, _as_map(label, 'labels')), (2, _as_map(pred, 'preds'))):
-            axes[row, col].imshow(values, cmap='viridis', vmin=0, vmax=1)
+        for row, values in ((1, label), (2, pred)):
+            axes[row, col].imshow(values, cmap='viridis', vmin=0, vmax=vmax)
             axes[row, col].set_axis_off()
     for row, name in enumerate(('image', 'label', 'prediction')):
         axes[row, 0].set_title(name, fontsize=9, loc='left')

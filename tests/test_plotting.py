@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from experiments.plotting import plot_examples, plot_loss_curve, plot_map_comparison, plot_sample_grid
@@ -102,3 +103,30 @@ def test_evaluation_figure_of_a_category_without_masks_has_no_ground_truth_row(t
         path = plot_test_examples(dataset, maps, tmp_path / f'{with_masks}.png')
         heights.append(Image.open(path).size[1])
     assert heights[1] == pytest.approx(heights[0] * 2 / 3, abs=2)
+
+
+def test_figures_show_full_masks_raw_labels_and_dollar_names_as_they_are(tmp_path, monkeypatch):
+    from experiments import plotting
+    figures = []
+    monkeypatch.setattr(plotting, '_save', lambda fig, path: figures.append(fig))
+    rng = np.random.default_rng(4)
+    full, border = np.ones((SIZE, SIZE)), np.zeros((SIZE, SIZE))
+    border[:, :8] = 1  # a defect along the left edge
+    plot_examples(make_images(rng, 2, 1), [full, border], [rng.random((SIZE, SIZE))] * 2,
+                  ['scratch_$_$', 'price$tag$'], tmp_path / 'x.png')
+    FigureCanvasAgg(figures[-1]).draw()  # a '$' of a defect type's folder name is text, not TeX
+    axes = figures[-1].axes
+    assert [axes[i].get_title() for i in (0, 1)] == ['scratch_$_$', 'price$tag$']
+    outlines = [np.concatenate([path.vertices for path in collection.get_paths()])
+                for collection in axes[2].collections]  # the ground truth of the fully defective image
+    assert len(outlines) == 1 and outlines[0][:, 0].min() < 0 and outlines[0][:, 0].max() > SIZE - 1
+    assert axes[2].get_xlim() == (-0.5, SIZE - 0.5) and axes[2].get_ylim() == (SIZE - 0.5, -0.5)
+    left = np.concatenate([path.vertices for path in axes[3].collections[0].get_paths()])
+    assert left[:, 0].min() < 0  # the image's edge is part of the defect's outline
+    # Shift-Raw-Intensity's labels are grey-level changes: shown on their own scale, not cut at 1
+    raw = [np.zeros((SIZE, SIZE)), np.full((SIZE, SIZE), 12.0)]
+    plot_sample_grid(make_images(rng, 2, 1), raw, [np.zeros((SIZE, SIZE))] * 2, tmp_path / 'y.png')
+    assert {image.get_clim() for ax in figures[-1].axes[2:] for image in ax.get_images()} == {(0.0, 12.0)}
+    plot_sample_grid(make_images(rng, 2, 1), [np.zeros((SIZE, SIZE))] * 2, [np.full((SIZE, SIZE), 0.3)] * 2,
+                     tmp_path / 'z.png')
+    assert {image.get_clim() for ax in figures[-1].axes[2:] for image in ax.get_images()} == {(0.0, 1.0)}
