@@ -38,7 +38,7 @@ def add_training_arguments(parser):
     group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
     group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
     group.add_argument('--lr', type=float, default=1e-3,
-                       help='initial learning rate, decayed with a cosine to 1e-6 (default: 1e-3)')
+                       help='initial learning rate, decayed with a cosine to 1e-6 (constant if lower; default: 1e-3)')
     group.add_argument('--workers', type=int, default=default_workers(),
                        help='DataLoader worker processes generating the samples '
                             '(default: the usable CPUs less one; 0: in the main process)')

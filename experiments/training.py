@@ -7,20 +7,21 @@ A classifier (loss 'cross_entropy', ``B x K`` logits) trains on items ``(views, 
 of V views ``V x C x H x W`` with V class labels each: a batch of B items is B V samples.
 
 Schedule: Adam (lr ``config.lr``), learning rate decayed per epoch with a cosine from ``lr`` to
-``min_lr`` over ``config.epochs`` epochs (``CosineAnnealingLR`` stepped once per epoch, as in the
-paper's code). With ``config.swa_epochs = S > 0`` (stochastic weight averaging, Izmailov et al.
-2018; not in the paper), the cosine reaches ``swa_lr`` after ``epochs - S`` epochs, the learning
-rate then stays at ``swa_lr``, the weights at the end of each of the last S epochs are averaged,
-and the final model is that average with its batch-norm statistics recomputed on one more epoch
-of training samples (``recompute_batch_norm``). The loss, computed in float32 outside autocast, is
-BCE between the sigmoid of the model's logits and the label map (``binary_cross_entropy_with_logits``
-on ``model.logits(x)``, the map before the model's final sigmoid: exact where the sigmoid of a
-bfloat16 forward pass would round to 0 or 1 and stop the gradient); MSE between the model's
-output and the label map; or the cross-entropy of a classifier's logits and the class labels.
-Loss 'bce-bf16' is the BCE of that rounded sigmoid (``bce_of_bfloat16_sigmoid``), the loss of
-this project's earlier bfloat16 training, kept to reproduce models trained with it. Model and
-images are channels_last (faster convolutions on the CPU too); the forward pass runs in bfloat16
-autocast on CUDA, and on the CPU when ``config.bf16`` is True (see ``use_bf16``).
+``min_lr`` (``lr`` itself where that is lower) over ``config.epochs`` epochs (``CosineAnnealingLR``
+stepped once per epoch, as in the paper's code). With ``config.swa_epochs = S > 0`` (stochastic
+weight averaging, Izmailov et al. 2018; not in the paper), the cosine reaches ``swa_lr`` after
+``epochs - S`` epochs, the learning rate then stays at ``swa_lr``, the weights at the end of each
+of the last S epochs are averaged, and the final model is that average with its batch-norm
+statistics recomputed on one more epoch of training samples (``recompute_batch_norm``). The loss,
+computed in float32 outside autocast, is BCE between the sigmoid of the model's logits and the
+label map (``binary_cross_entropy_with_logits`` on ``model.logits(x)``, the map before the model's
+final sigmoid: exact where the sigmoid of a bfloat16 forward pass would round to 0 or 1 and stop
+the gradient); MSE between the model's output and the label map; or the cross-entropy of a
+classifier's logits and the class labels. Loss 'bce-bf16' is the BCE of that rounded sigmoid
+(``bce_of_bfloat16_sigmoid``), the loss of this project's earlier bfloat16 training, kept to
+reproduce models trained with it. Model and images are channels_last (faster convolutions on the
+CPU too); the forward pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16``
+is True (see ``use_bf16``).
 
 Files of a run ``name`` in ``run_dir``:
 
@@ -29,7 +30,8 @@ Files of a run ``name`` in ``run_dir``:
                       written every ``checkpoint_minutes`` (and every ``checkpoint_every``
                       epochs when set) and after the last epoch; ``resume=True`` continues from it
     final_<name>.pt   the trained model (with SWA: the averaged one) and its meta, without
-                      optimiser state (``load_model``)
+                      optimiser state (``load_model``); written last, so that a run that has it
+                      has every other file too (and a replaced run's files removed)
     best_<name>.pt    with a validation set: the best validated model so far (see ``train``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
     <name>_validation.csv, <name>_validation.png   with a validation set: its scores, their curve
@@ -654,9 +656,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     module = step_module(model, config, device, world_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     cosine_epochs = config.epochs - config.swa_epochs
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(  # down to min_lr, never up to it
         optimizer, T_max=cosine_epochs,
-        eta_min=config.swa_lr if config.swa_epochs else config.min_lr)
+        eta_min=config.swa_lr if config.swa_epochs else min(config.min_lr, config.lr))
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
     meta = {**run_meta(model, config, meta, validator), 'world_size': world_size, 'epoch_losses': [],
             'train_time_s': 0.0}
@@ -701,6 +703,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     last_write = time.monotonic()
     for epoch in epochs:
         started = time.perf_counter()
+        epoch_lr = optimizer.param_groups[0]['lr']  # the epoch's (the scheduler steps after it)
         model.train()
         loss_sum = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
@@ -723,7 +726,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
         if not math.isfinite(meta['epoch_losses'][-1]):  # before anything is written with it
             raise RunError(f"run {name!r}: the loss of epoch {epoch + 1} is {meta['epoch_losses'][-1]} "
-                           f"(learning rate {optimizer.param_groups[0]['lr']:.3g}): training "
+                           f"(learning rate {epoch_lr:.3g}): training "
                            f"diverged; try a lower learning rate (--lr); the last checkpoint is kept")
         if epoch < cosine_epochs:
             scheduler.step()  # then constant at swa_lr
@@ -731,15 +734,14 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             averaged.update_parameters(model)
         seconds = time.perf_counter() - started
         meta['train_time_s'] += seconds
-        epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}",
-                           lr=f'{scheduler.get_last_lr()[0]:.2e}')
+        epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}", lr=f'{epoch_lr:.2e}')
         if not writer:
             continue
 
         done = epoch + 1
         if not progress and first_every_last(done, log_every, config.epochs):
             print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}, {seconds:.1f} s", flush=True)
+                  f"lr {epoch_lr:.2e}, {seconds:.1f} s", flush=True)
         if validator is not None and validator.due(done, config.epochs):
             if validate(model, validator, meta, done, run_dir, name, config.figures):
                 best_state, best_meta = _cpu_state_dict(model, copy=True), copy.deepcopy(meta)
@@ -776,11 +778,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 best_state = torch.load(best_model_path(run_dir, name), map_location=device,
                                         weights_only=True)['model']
             model.load_state_dict(best_state)
-        save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
         if config.figures:
             save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
         if run_started_ns is not None:
             remove_earlier_run_files(run_dir, name, run_started_ns)
+        # last: a run with a final model is finished (a resume skips it), its other files written
+        save_torch_atomic(model_checkpoint(final_model, meta), final_model_path(run_dir, name))
     if world_size > 1:  # every rank returns rank 0's meta (validation), once its files exist
         shared = [meta]
         dist.broadcast_object_list(shared, src=0)

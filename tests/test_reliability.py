@@ -88,7 +88,7 @@ def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('interrupted', [False, True])
+@pytest.mark.parametrize('interrupted', [None, 'in epoch 3', 'after its final model'])
 def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, interrupted):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
@@ -101,8 +101,20 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
     other = path.parent / 'tiny_shift_3_notes.txt'  # not a file the training writes: kept
     other.write_text('mine')
     again = argv + ['--epochs', '3', '--checkpoint-every', '1']
-    if interrupted:  # killed in its third epoch, then resumed: the run still replaces the earlier one
+    if interrupted == 'in epoch 3':  # then resumed: the run still replaces the earlier one
         killed_in_epoch(monkeypatch, 3, lambda: train_mvtec.main(again + ['--force']))
+        assert train_mvtec.main(again + ['--resume']) == 0
+    elif interrupted:  # killed as its final model is written: a resume skips the finished run
+        save = training.save_torch_atomic
+
+        def killed_after_the_final_model(checkpoint, destination):
+            save(checkpoint, destination)
+            if destination == path:
+                raise KeyboardInterrupt
+        with monkeypatch.context() as patch:
+            patch.setattr(training, 'save_torch_atomic', killed_after_the_final_model)
+            with pytest.raises(KeyboardInterrupt):
+                train_mvtec.main(again + ['--force'])
         assert train_mvtec.main(again + ['--resume']) == 0
     else:
         assert train_mvtec.main(again + ['--force']) == 0

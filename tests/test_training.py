@@ -1,6 +1,7 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
 
 import copy
+import math
 
 import cv2
 import numpy as np
@@ -155,11 +156,17 @@ def test_training_lowers_the_loss_and_reports_it_without_progress_bars(tmp_path,
     losses = meta['epoch_losses']
     assert len(losses) == 3 and losses[-1] < losses[0]
     lines = capsys.readouterr().out.splitlines()  # one line per tenth of the run, at least each epoch
-    assert [line.split(', ')[:2] for line in lines] == [
-        [f'toy: epoch {e + 1}/3', f'loss {loss:.4f}'] for e, loss in enumerate(losses)]
+    # each epoch's learning rate, the cosine's from 1e-3 at epoch 1 (not the next epoch's)
+    rates = [1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    assert [line.split(', ')[:3] for line in lines] == [
+        [f'toy: epoch {e + 1}/3', f'loss {loss:.4f}', f'lr {rate:.2e}'] for e, (loss, rate) in enumerate(
+            zip(losses, rates))]
     assert meta['train_time_s'] > 0 and meta['category'] == 'squares'
     assert final_model_path(tmp_path, 'toy').is_file()
     assert last_checkpoint_path(tmp_path, 'toy').is_file()
+    # an initial rate below min_lr stays constant: the cosine never rises to min_lr
+    train(fresh_model(), SquaresDataset(n=8), config(epochs=3, lr=1e-8), tmp_path / 'low', 'toy')
+    assert [line.split(', ')[2] for line in capsys.readouterr().out.splitlines()] == ['lr 1.00e-08'] * 3
 
 
 @pytest.mark.slow
