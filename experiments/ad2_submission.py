@@ -26,7 +26,7 @@ import tifffile
 from PIL import Image
 
 from experiments.atomic import write_atomic
-from self_sup_data.images import as_displayed, opened_image
+from self_sup_data.images import displayed_size, opened_image
 from self_sup_data.layouts import AD2_PRIVATE_SPLITS
 
 
@@ -44,7 +44,7 @@ def image_size(path):
     """(width, height) of the image at ``path`` as it is read (``images.as_displayed``);
     ValueError naming an unreadable file."""
     with opened_image(path) as image:
-        return as_displayed(image).size
+        return displayed_size(image)
 
 
 def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):

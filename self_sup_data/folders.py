@@ -9,7 +9,9 @@ from pathlib import Path
 def build_folder(parent, name):
     """A new, empty hidden folder ``parent/.<name>.*`` (``parent`` made if needed) with the
     permissions a new folder gets (``tempfile.mkdtemp`` makes it private to the user, and the rename
-    would keep that)."""
+    would keep that); NotADirectoryError naming ``parent`` when it is a file."""
+    if Path(parent).exists() and not Path(parent).is_dir():
+        raise NotADirectoryError(f"{parent} is a file, not a folder to write the dataset into")
     Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=parent))
     umask = os.umask(0)

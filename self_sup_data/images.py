@@ -81,6 +81,15 @@ def opened_image(path):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
+def displayed_size(image):
+    """(width, height) of Pillow's ``image`` as ``as_displayed`` turns it, from its header alone
+    (EXIF orientations 5-8 turn it by a quarter)."""
+    width, height = image.size
+    if image.format in EXIF_ORIENTED_FORMATS and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
+
+
 def as_displayed(image):
     """Pillow's ``image`` turned as image viewers show it, and masks are drawn on it: a JPEG's EXIF
     orientation applied (``EXIF_ORIENTED_FORMATS``); other images as stored."""

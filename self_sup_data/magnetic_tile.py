@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from self_sup_data.folders import build_folder
-from self_sup_data.images import as_displayed, decode_mask_values, is_image_name, opened_image
+from self_sup_data.images import as_displayed, decode_mask_values, displayed_size, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
 NORMAL_FOLDER = 'MT_Free'
@@ -74,9 +74,10 @@ def source_images(src, folder, with_masks):
             raise FileNotFoundError(f"image {path} has no mask {mask}; each defect image needs "
                                     "a .png mask of the same name")
         with opened_image(path) as image, opened_image(mask) as mask_image:  # headers only
-            if mask_image.size != image.size:
-                raise ValueError(f"mask {mask} is {mask_image.size[0]}x{mask_image.size[1]} but its image "
-                                 f"{path} is {image.size[0]}x{image.size[1]}")
+            image_size, mask_size = displayed_size(image), mask_image.size  # the image as converted
+        if mask_size != image_size:
+            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {path} is "
+                             f"{image_size[0]}x{image_size[1]} (as displayed, turned by its EXIF orientation)")
         pairs.append((path, mask))
     return pairs
 

@@ -122,10 +122,32 @@ def test_a_mask_of_another_size_than_its_image_is_refused_naming_both(tmp_path):
     with Image.open(image) as opened:
         width, height = opened.size
     Image.fromarray(np.full((height * 2, width // 2), 255, np.uint8)).save(image.with_suffix('.png'))
-    with pytest.raises(ValueError, match=rf'mask {image.with_suffix(".png")} is {width // 2}x{height * 2} '
-                                         rf'but its image {image} is {width}x{height}'):
-        convert(tmp_path / 'src', tmp_path / 'out')
+    with pytest.raises(ValueError, match=rf'^mask {image.with_suffix(".png")} is {width // 2}x{height * 2} '
+                                         rf'but its image {image} is {width}x{height} \(as displayed'):
+        convert(tmp_path / 'src', tmp_path / 'out')  # one message, not wrapped as an unreadable image
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_jpeg_turned_by_its_exif_orientation_is_paired_with_its_mask_as_displayed(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    image = sorted((tmp_path / 'src' / 'MT_Crack' / 'Imgs').glob('*.jpg'))[0]
+    shown = np.full((40, 60), 60, np.uint8)
+    shown[5:15, 40:55] = 250  # the crack, where the mask marks it, on the image as viewers show it
+    mask = np.zeros((40, 60), np.uint8)
+    mask[5:15, 40:55] = 255
+    exif = Image.new('L', (1, 1)).getexif()
+    exif[0x0112] = 6  # stored sideways, turned upright by the tag
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))).save(image, exif=exif.tobytes(), quality=100)
+    Image.fromarray(mask).save(image.with_suffix('.png'))
+    category = convert(tmp_path / 'src', tmp_path / 'out')
+    converted = np.asarray(Image.open(category / 'test' / 'crack' / '000.png'))
+    converted_mask = np.asarray(Image.open(category / 'ground_truth' / 'crack' / '000_mask.png')) > 0
+    assert converted[converted_mask].mean() > 200 and converted[~converted_mask].mean() < 100
+    # a mask drawn on the stored (sideways) pixels would not lie on the converted image: refused
+    Image.fromarray(np.ascontiguousarray(np.rot90(mask, 1))).save(image.with_suffix('.png'))
+    with pytest.raises(ValueError, match=r'is 40x60 but its image .* is 60x40 \(as displayed'):
+        convert(tmp_path / 'src', tmp_path / 'other')
 
 
 def test_a_colour_mask_is_read_by_its_largest_channel(tmp_path):
@@ -175,6 +197,16 @@ def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f'cannot read image {crack}'):
         convert(tmp_path / 'src', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()  # found while the source is checked, before anything is written
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    (tmp_path / 'afile').write_text('notes')
+    with pytest.raises(SystemExit):
+        magnetic_tile.main([str(tmp_path / 'src'), str(tmp_path / 'afile')])
+    assert f"{tmp_path / 'afile'} is a file, not a folder to write the dataset into" in capsys.readouterr().err
+    assert (tmp_path / 'afile').read_text() == 'notes'
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
