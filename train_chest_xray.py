@@ -33,7 +33,7 @@ def parse_args(argv=None):
         prog=PROG, description=__doc__.split('\n\n')[0],
         epilog=f'setting keys: {settings.valid_setting_forms()}')
     parser.add_argument('-s', '--setting', required=True,
-                        help='setting key, e.g. Shift-Intensity-M')
+                        help=f'setting key: {settings.valid_setting_forms()}')
     parser.add_argument('-d', '--data-dir', '--data_dir', type=path_argument, dest='data_dir', required=True,
                         help='folder the listed names are relative to')
     parser.add_argument('-l', '--list', type=path_argument, required=True,
