@@ -75,6 +75,14 @@ BORDER_RATIO = 2.0
 LOCAL_WINDOW = 7
 CALIBRATED_PARAMS = ('intensity_logistic_params', 'paste_fraction', 'width_bounds_pct',
                      'gamma_params', 'num_patches', 'clip_at_border')
+PATCH_SIZE_PARAMS = ('width_bounds_pct', 'gamma_params')  # calibrated together, kept together
+
+
+def kept_as_given(fixed):
+    """The calibrated parameters that ``calibrate_recipe`` keeps as given for the explicitly set
+    ``fixed``: those named, and both patch-size parameters where either one is."""
+    kept = set(fixed) & set(CALIBRATED_PARAMS)
+    return kept | set(PATCH_SIZE_PARAMS) if kept & set(PATCH_SIZE_PARAMS) else kept
 
 
 def expected_patches(num_patches):
@@ -249,6 +257,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     poisson = self_sup_args['mode'] in POISSON_MODES or self_sup_args['mode'] == 'mix'
     plain = {'paste_fraction': None} if poisson else {}
     params, report = dict(params), dict(samples=num_samples)
+    fixed = kept_as_given(fixed)
 
     blends = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity', **plain)
     pastes = _single_patches(pairs, self_sup_args, seeds, label_mode='intensity',
@@ -298,7 +307,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     report['effective_fraction'] = float(effective.mean()) if effective.size else 0.0
 
     default_lower = params['width_bounds_pct'][0][0]
-    if sides.size and not {'width_bounds_pct', 'gamma_params'} & set(fixed):
+    if sides.size and 'width_bounds_pct' not in fixed:  # nor gamma_params (kept_as_given)
         lower = lower_half_width(sides, effective, default_lower)
         if lower > default_lower:
             (_, h_max), (_, w_max) = params['width_bounds_pct']
@@ -324,12 +333,10 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
 def describe(report, unused=(), given=()):
     """One line per calibrated value and what it was derived from (for printing); a value whose
     parameter is named in ``unused`` (one the setting's task ignores) is marked so, and one named
-    in ``given`` (``fixed`` of ``calibrate_recipe``: set, not calibrated) is marked as set, beside
-    what the calibration measured."""
+    in ``given`` (``fixed`` of ``calibrate_recipe``: set, not calibrated, ``kept_as_given``) is
+    marked as set, beside what the calibration measured."""
     params = report['params']
-    given = set(given) & set(CALIBRATED_PARAMS)
-    if given & {'width_bounds_pct', 'gamma_params'}:  # either one set keeps both (calibrate_recipe)
-        given |= {'width_bounds_pct', 'gamma_params'}
+    given = kept_as_given(given)
 
     def shown(name, text):
         notes = [note for note, applies in (('set, not calibrated', name in given),
@@ -344,10 +351,10 @@ def describe(report, unused=(), given=()):
     if 'visibility' in report:
         fraction = params['paste_fraction']
         mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
+        paste = shown('paste_fraction', f'paste fraction = {mix}')
         keep = f"seamless blends keep {report['visibility']:.3f} of a plain paste's change"
-        lines.append(f"{shown('paste_fraction', f'paste fraction = {mix}')}; {keep}"
-                     if 'paste_fraction' in given else
-                     f"{shown('paste_fraction', f'paste fraction = {mix}')} ({keep}; mixed in below {VISIBLE})")
+        lines.append(f"{paste}; {keep}" if 'paste_fraction' in given
+                     else f"{paste} ({keep}; mixed in below {VISIBLE})")
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
     gamma = shown('gamma_params', f"gamma {params['gamma_params']}")
     count = shown('num_patches', f"up to {params['num_patches']} patches")
