@@ -81,21 +81,23 @@ def opened_image(path):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
+def _orientation(image):
+    """The EXIF orientation that ``as_displayed`` applies to Pillow's ``image``: its tag for
+    ``EXIF_ORIENTED_FORMATS``, else 1 (as stored)."""
+    return image.getexif().get(EXIF_ORIENTATION, 1) if image.format in EXIF_ORIENTED_FORMATS else 1
+
+
 def displayed_size(image):
     """(width, height) of Pillow's ``image`` as ``as_displayed`` turns it, from its header alone
     (EXIF orientations 5-8 turn it by a quarter)."""
     width, height = image.size
-    if image.format in EXIF_ORIENTED_FORMATS and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-        return height, width
-    return width, height
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
 def as_displayed(image):
     """Pillow's ``image`` turned as image viewers show it, and masks are drawn on it: a JPEG's EXIF
     orientation applied (``EXIF_ORIENTED_FORMATS``); other images as stored."""
-    if image.format in EXIF_ORIENTED_FORMATS and image.getexif().get(EXIF_ORIENTATION, 1) != 1:
-        return ImageOps.exif_transpose(image)
-    return image
+    return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
 
 
 def decode_values(path):
