@@ -401,7 +401,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     differing = [line for line in run_differences(previous, run_meta(model, config, meta, validator))
                  if re.split('[.:]', line)[0] not in SEARCH_RECORD_FIELDS]
     differing += dict_differences({'param_overrides': previous.get('param_overrides') or {}},
-                                  {'param_overrides': settings.param_overrides(args)})
+                                  {'param_overrides': meta['param_overrides']})
     if differing:
         raise ValueError(other_run_message(found, state, differing))
 
