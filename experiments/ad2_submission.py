@@ -17,6 +17,7 @@ atomically (``experiments.atomic``).
 """
 import io
 import math
+from collections import Counter
 from numbers import Real
 from pathlib import Path
 
@@ -60,8 +61,7 @@ def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
     for path in paths:  # the server files a map by category, split and name alone
         if (path.parent.parent.name, path.parent.name) != (category, split):
             raise ValueError(f"{path} is not an image of {category}/{split}, the maps being written")
-    stems = [path.stem for path in paths]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    repeated = sorted(stem for stem, count in Counter(path.stem for path in paths).items() if count > 1)
     if repeated:
         raise ValueError(f"images of {category}/{split} share the names {repeated[:3]}; each name is "
                          f"one map file")
