@@ -37,6 +37,7 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              report_problems, train_config, train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
+from experiments.tables import read_results
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
@@ -208,13 +209,33 @@ SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 
 POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 
 
+def earlier_results(eval_dir, setting, categories):
+    """The results in ``eval_dir/results.csv`` that an evaluation of ``setting`` on ``categories``
+    does not redo: those of other categories and settings whose checkpoint is still there, so that
+    runs of several settings or categories into one output folder leave one table of them all. A
+    results file that cannot be read gives a warning line and none."""
+    path = Path(eval_dir) / 'results.csv'
+    if not path.is_file():
+        return []
+    try:
+        records = read_results(path)
+    except ValueError as error:
+        print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
+        return []
+    redone = {(category, setting.seedless_key) for category in categories}
+    return [record for record in records
+            if (record['category'], record['setting'].partition('+')[0]) not in redone
+            and record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()]
+
+
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
     """--evaluate: the MVTec-layout evaluation (``experiments.mvtec_tasks``) of the models of
     ``setting`` on ``categories`` under ``out_dir``, every seed found there (runs of several seeds
-    into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval``;
-    prints one line per model (category, setting, seed) with the figures of SUMMARY_COLUMNS (and
-    POOLED_SUMMARY_COLUMN where a result has it), then
-    the notes and failures of ``report_problems``, and returns the failed records."""
+    into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval`` with
+    the ``earlier_results`` of other settings and categories found there; prints one line per
+    model of this evaluation (category, setting, seed) with the figures of SUMMARY_COLUMNS (and
+    POOLED_SUMMARY_COLUMN where a result has it), then the notes and failures of
+    ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
     remove_report_temporaries(eval_dir)
     figure_dir = None if args.no_figures else eval_dir / 'figures'
@@ -222,7 +243,11 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    tables = write_evaluation(records, figure_dir, lambda records: write_report(records, eval_dir))
+    kept = earlier_results(eval_dir, setting, categories)
+    tables = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
+    if tables is not None and kept:
+        print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
+              f"from {eval_dir / 'results.csv'}")
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
     header = ['category', 'setting', 'seed'] + list(columns.values())

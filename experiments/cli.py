@@ -382,7 +382,8 @@ def remove_report_temporaries(out_dir):
 def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
-    FileNotFoundError ``nothing_found`` when there are none, ``write_evaluation``; errors and
+    FileNotFoundError ``nothing_found`` when there are none (or naming MODEL_DIR when every one
+    is a requested pair without a checkpoint), ``write_evaluation``; errors and
     warnings as in ``run_command``. Prints where the tables are and returns the records; when
     some records failed (an ``error`` entry), the last lines name each with its reason and the
     command exits with status 1 once everything else is written."""
@@ -397,6 +398,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
             raise FileNotFoundError(nothing_found)
         if write_evaluation(records, figure_dir, write_report) is not None:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+        elif not any(isinstance(record.get('error'), str) for record in records):
+            raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
+                                    f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
         return records
     records = run_command(work)
     if report_problems(records):
@@ -405,11 +409,12 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
 
 
 def write_evaluation(records, figure_dir, write_report):
-    """Unless every one of ``records`` is a failed evaluation (an ``error`` entry; then an earlier
-    evaluation's results, tables and figures stay as they are): remove the earlier figures in
-    ``figure_dir`` (None: no figures) of results that all failed, and ``write_report(records)``.
-    Returns what ``write_report`` returns (the tables), or None when nothing was written."""
-    if all(isinstance(record.get('error'), str) for record in records):
+    """Unless none of ``records`` was evaluated (each one failed, with an ``error`` entry, or has
+    no checkpoint; then an earlier evaluation's results, tables and figures stay as they are):
+    remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed, and
+    ``write_report(records)``. Returns what ``write_report`` returns (the tables), or None when
+    nothing was written."""
+    if all(isinstance(record.get('error'), str) or record.get('checkpoint') is None for record in records):
         return None
     if figure_dir is not None:
         remove_failed_figures(records, figure_dir)

@@ -258,6 +258,26 @@ def write_results(records, path, tables_dir=None):
     return Path(path)
 
 
+def read_results(path):
+    """The long-format records of a ``results.csv`` that ``write_results`` wrote (the inverse:
+    integer or None seeds and checkpoints, NaN for an empty metric, no ``error`` or other text
+    entry where its cell is empty); ValueError naming ``path`` when it cannot be read or lacks the KEY_COLUMNS."""
+    try:
+        frame = _keyed_frame(pd.read_csv(path).to_dict('records'))
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise ValueError(f'cannot read the results {path}: {error}') from None
+    text = [name for name in frame.columns
+            if name not in KEY_COLUMNS and not pd.api.types.is_numeric_dtype(frame[name])]
+    records = []
+    for row in frame.to_dict('records'):
+        record = {name: value for name, value in row.items() if not (name in text and pd.isna(value))}
+        record['seed'] = None if pd.isna(row['seed']) else int(row['seed'])
+        if 'checkpoint' in row and pd.isna(row['checkpoint']):
+            record['checkpoint'] = None
+        records.append(record)
+    return records
+
+
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
     ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``); returns the tables

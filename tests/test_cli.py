@@ -168,6 +168,29 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
     table = pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv')
     assert '±' in table.to_string()  # mean ± std over the two seeds
 
+    # another setting into the same folder: the tables keep the other setting's results
+    shift_results = results.set_index('seed')
+    argv[1] = 'FPI-7'
+    assert train_mvtec.main(argv + ['--evaluate']) == 0
+    printed = capsys.readouterr().out
+    results = pd.read_csv(out / 'eval' / 'results.csv')
+    assert sorted(zip(results['setting'], results['seed'])) == [('FPI', 7), ('Shift', 7), ('Shift', 8)]
+    kept = results[results['setting'] == 'Shift'].set_index('seed')
+    pd.testing.assert_frame_equal(kept, shift_results, check_dtype=False)  # as evaluated before
+    assert "the tables also hold 2 earlier results of other settings or categories" in printed
+    assert [line.split()[:3] for line in printed.splitlines() if line.startswith('tiles  ')] == [['tiles', 'FPI', '7']]
+    assert set(pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv').columns) >= {'Shift', 'FPI'}
+
+    # a model deleted since leaves the tables; an unreadable results file leaves this evaluation's
+    trained_model_path(out, 'Shift-8', 'tiles').unlink()
+    assert train_mvtec.main(argv + ['--evaluate', '--resume']) == 0
+    results = pd.read_csv(out / 'eval' / 'results.csv')
+    assert sorted(zip(results['setting'], results['seed'])) == [('FPI', 7), ('Shift', 7)]
+    (out / 'eval' / 'results.csv').write_text('not,a results table\n')
+    assert train_mvtec.main(argv + ['--evaluate', '--resume']) == 0
+    assert f"cannot read the results {out / 'eval' / 'results.csv'}" in capsys.readouterr().err
+    assert list(pd.read_csv(out / 'eval' / 'results.csv')['setting']) == ['FPI']
+
 
 @pytest.mark.slow
 def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_only(tmp_path,

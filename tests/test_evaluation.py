@@ -176,6 +176,23 @@ def test_write_tables_csv_markdown_latex(tmp_path):
     assert list(pd.read_csv(results)['checkpoint']) == ['x.pt', 'y.pt']
 
 
+def test_results_read_back_as_written(tmp_path):
+    records = [record('a', 'texture', 'Shift', 0, 0.5) | dict(checkpoint='a.pt', pixel_auroc=math.nan),
+               record('b', 'object', 'Shift+GDE', None, math.nan) | dict(checkpoint=None, error='E'),
+               record('c', 'object', 'FPI', 3, 0.25) | dict(checkpoint='c.pt', undefined='no masks')]
+    tables.write_results(records, tmp_path / 'results.csv')
+    read = tables.read_results(tmp_path / 'results.csv')
+    assert [r['seed'] for r in read] == [0, None, 3] and [r['checkpoint'] for r in read] == ['a.pt', None, 'c.pt']
+    assert [r.get('error') for r in read] == [None, 'E', None]
+    assert [r.get('undefined') for r in read] == [None, None, 'no masks']
+    assert read[0]['image_auroc_mean'] == 0.5 and math.isnan(read[0]['pixel_auroc'])
+    assert tables.build_tables(read, ['image_auroc_mean'])['image_auroc_mean'].equals(
+        tables.build_tables(records, ['image_auroc_mean'])['image_auroc_mean'])
+    (tmp_path / 'other.csv').write_text('a,b\n1,2\n')
+    with pytest.raises(ValueError, match=f"cannot read the results {tmp_path / 'other.csv'}: .*missing"):
+        tables.read_results(tmp_path / 'other.csv')
+
+
 def test_duplicate_results_remove_the_earlier_tables(tmp_path):
     """results.csv is replaced even when it has duplicates; the tables of the earlier results,
     which no longer match it, must not stay."""
@@ -571,6 +588,14 @@ def test_command_line_end_to_end(trained, tmp_path):
     results = pd.read_csv(out / 'results.csv')
     assert len(results) == 4 and set(results['seed']) == {1, 2}
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['parts_Shift.png', 'tiles_Shift.png']
+    # nothing evaluated (a setting without models): the earlier files stay, status 1
+    earlier = {path: path.read_bytes() for path in out.rglob('*') if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:  # after a warning line for each missing pair
+        mvtec_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-s', 'CutPaste',
+                          '--device', 'cpu'])
+    assert str(exit_info.value.code) == (f'error: no checkpoint of the requested settings and categories '
+                                         f'under {model_dir}; the earlier files in {out} are kept')
+    assert {path: path.read_bytes() for path in out.rglob('*') if path.is_file()} == earlier
 
 
 @pytest.mark.slow

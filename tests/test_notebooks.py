@@ -119,7 +119,7 @@ def test_a_notebook_whose_every_evaluation_failed_keeps_the_earlier_files(name, 
     for path, content in earlier.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
-    with pytest.raises(CellExecutionError, match='every evaluation failed') as stop:
+    with pytest.raises(CellExecutionError, match='nothing was evaluated: every evaluation failed') as stop:
         run_notebook(name, parameters, monkeypatch)
     assert f'cannot read checkpoint {checkpoint}' in str(stop.value)  # report_problems named it
     assert all(path.read_bytes() == content for path, content in earlier.items())
