@@ -28,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from experiments import recipes, settings
+from experiments import recipes, settings, tables
 from experiments.arguments import path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
                              exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
@@ -37,7 +37,6 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              report_problems, train_config, train_unless_finished, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
-from experiments.tables import read_results
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
@@ -214,18 +213,13 @@ def earlier_results(eval_dir, setting, categories):
     does not redo: those of other categories and settings whose checkpoint is still there, so that
     runs of several settings or categories into one output folder leave one table of them all. A
     results file that cannot be read gives a warning line and none."""
-    path = Path(eval_dir) / 'results.csv'
-    if not path.is_file():
-        return []
+    redone = {(category, setting.seedless_key) for category in categories}
     try:
-        records = read_results(path)
+        return tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
+            record['category'], record['setting'].partition('+')[0]) in redone)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
-    redone = {(category, setting.seedless_key) for category in categories}
-    return [record for record in records
-            if (record['category'], record['setting'].partition('+')[0]) not in redone
-            and record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()]
 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
@@ -244,8 +238,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
     kept = earlier_results(eval_dir, setting, categories)
-    tables = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
-    if tables is not None and kept:
+    written = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
+    if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
               f"from {eval_dir / 'results.csv'}")
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
@@ -256,7 +250,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
-    if tables is not None:
+    if written is not None:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
     return report_problems(records)
 

@@ -2,13 +2,16 @@
 
 The test set is a list of normal and a list of anomalous image names (as written by
 ``python -m self_sup_data.chest_xray``); images are resized to the side the model was trained at
-(meta ``res``, 256 in the paper) and predicted whole (the side is a multiple of 32; otherwise it
-is reflect-padded as for MVTec textures, see ``experiments.prediction``).
+(meta ``res``, 256 in the paper), and the central square of its training crops' side
+(``scored_crop``: 224 at 256) is predicted, the map padded back with zeros (as the paper's
+evaluation does, and as for MVTec objects, see ``experiments.prediction``): the model never saw
+the border that its training crops leave out (text markers, the collimator's edges).
 
 Image AUROC and AP use the mean of the anomaly map as the image score (the paper); pixel AUROC,
 AP and AU-PRO are computed when NIH's bounding boxes (``BBox_List_2017.csv``) are given, over the
 anomalous images that have a box. Results over settings and seeds are tabulated as for MVTec
-(``experiments.tables``), one row per test set.
+(``experiments.tables``), one row per test set; test sets evaluated one after another into one
+folder make one table (``write_report``).
 
     python -m experiments.chest_xray_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         -l NORMAL_TEST_LIST ANOMALOUS_TEST_LIST [--bbox-csv BBox_List_2017.csv] [-s SETTING ...]
@@ -28,7 +31,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.chest_xray import SelfSupChestXRay, check_test_lists, list_label, read_file_list
+from self_sup_data.chest_xray import SelfSupChestXRay, check_test_lists, chest_recipe, list_label, read_file_list
 
 DATASET = 'chest_xray'
 DEFAULT_RES = 256
@@ -43,6 +46,12 @@ def load_test_set(data_dir, normal_list, anomalous_list, bbox_csv=None, res=DEFA
     as ``predict.py`` reads them)."""
     return SelfSupChestXRay(data_dir, normal_list, anomalous_list, bbox_csv=bbox_csv, is_train=False,
                             res=res, bit_depth=bit_depth)
+
+
+def scored_crop(meta):
+    """Side of the central square that a chest X-ray model (its meta) is evaluated on: the side of
+    its training crops (``train_size``; from its ``res`` for models that did not store it)."""
+    return int(meta.get('train_size') or chest_recipe(meta.get('res', DEFAULT_RES))['train_size'])
 
 
 def check_not_trained_on(meta, data_dir, test_names):
@@ -102,7 +111,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
         if key not in datasets:
             datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)
-        values, maps = evaluate(model, datasets[key], batch_size, device, crop_size=None,
+        values, maps = evaluate(model, datasets[key], batch_size, device, crop_size=scored_crop(meta),
                                 return_maps=True)
         figure = figure_dir and figure_path(figure_dir, test_name, setting.seedless_key)
         if figure and figure not in plotted:
@@ -133,8 +142,17 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
 def write_report(records, out_dir, percent=False):
     """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
-    when some result has them); returns the tables ``{metric: DataFrame}``."""
-    with_pixels = any(not math.isnan(r[m]) for r in records for m in PIXEL_METRICS)
+    when some result has them) of ``records`` and of the other test sets' results already in
+    ``out_dir/results.csv`` whose checkpoints are still there (``tables.earlier_results``: test sets
+    evaluated one after another into one folder make one table, a row each; a results file that
+    cannot be read gives a warning); returns the tables ``{metric: DataFrame}``."""
+    tested = {record['category'] for record in records}
+    try:
+        records = records + tables.earlier_results(Path(out_dir) / 'results.csv',
+                                                   lambda record: record['category'] in tested)
+    except ValueError as error:
+        warnings.warn(f"{error}; the tables hold this evaluation's results only")
+    with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)
     return tables.write_report(records, out_dir, METRICS if with_pixels else IMAGE_METRICS,
                                percent=percent)
 

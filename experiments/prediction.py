@@ -3,9 +3,10 @@
 Prediction follows the paper. Test images come at the category's test side
 (``data_recipe(...)['test_res']``, 256 pixels at ``res_scale=1``) and then
 
-- objects: the central ``train_size x train_size`` square (224 at ``res_scale=1``, the size the
-  model was trained on) is predicted and the map is padded back to the full size with zeros;
-- textures (and chest X-rays): the whole image is predicted. The network needs sides that are
+- objects (and chest X-rays, ``chest_xray_tasks.scored_crop``): the central ``train_size x
+  train_size`` square (224 at ``res_scale=1``, the size the model was trained on) is predicted and
+  the map is padded back to the full size with zeros;
+- textures: the whole image is predicted. The network needs sides that are
   multiples of ``models.resnet.SIZE_MULTIPLE`` (32), so an image of another size is reflect-padded
   at its bottom and right up to the next multiple and the map is cropped back to the image.
 

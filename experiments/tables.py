@@ -278,6 +278,16 @@ def read_results(path):
     return records
 
 
+def earlier_results(path, redone):
+    """The records of an earlier results file ``path`` (``read_results``; none where there is no
+    file) that ``redone(record)`` does not claim and whose checkpoint is still there: the results
+    that an evaluation into the same folder keeps beside its own."""
+    if not Path(path).is_file():
+        return []
+    return [record for record in read_results(path) if not redone(record)
+            and record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()]
+
+
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
     ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``); returns the tables

@@ -8,7 +8,7 @@ from torch import nn
 from experiments.checkpoints import read_model
 from experiments.prediction import check_flip_average
 from models.resnet import SIZE_MULTIPLE
-from experiments.chest_xray_tasks import DEFAULT_RES as CHEST_RES
+from experiments.chest_xray_tasks import DEFAULT_RES as CHEST_RES, scored_crop
 from self_sup_data.mvtec import category_kind, data_recipe, model_test_side
 from self_sup_data.transforms import normalization
 
@@ -33,14 +33,14 @@ class ImageInputModel(nn.Module):
 def model_spec(meta):
     """The preparation spec (``experiments.inference``) of a checkpoint's meta: MVTec-layout
     models as ``experiments.mvtec_tasks`` evaluates them, chest X-ray models at their side
-    ``res``, whole."""
+    ``res``, on the central crop ``chest_xray_tasks.scored_crop``."""
     config = meta['model_config']
     if config.get('arch', 'resnet18_enc_dec') != 'resnet18_enc_dec':
         raise ValueError(f"a {config['arch']} model (setting {meta.get('setting')!r}) makes no "
                          'anomaly maps; use a model of an encoder-decoder setting')
     category, kind = meta.get('category'), meta.get('kind')
     if meta.get('dataset', 'mvtec') == 'chest_xray':
-        side, crop = meta.get('res', CHEST_RES), None
+        side, crop = meta.get('res', CHEST_RES), scored_crop(meta)
     else:
         recipe = data_recipe(category, meta.get('res_scale', 1.0), kind)
         side = model_test_side(meta)

@@ -675,11 +675,13 @@ def test_chest_xray_evaluation_image_and_box_metrics(chest):
     assert len(with_boxes) == 1 and with_boxes[0]['category'] == 'male'
     assert with_boxes[0]['image_auroc_mean'] == records[0]['image_auroc_mean']
     assert 0 <= with_boxes[0]['pixel_auroc'] <= 1 and 0 <= with_boxes[0]['au_pro'] <= 1
-    # the same numbers as the MVTec-style evaluation of the loaded model on the whole images
+    # the same numbers as the MVTec-style evaluation of the loaded model on the central square of
+    # its training crops' side (the paper's CenterCrop(224) at 256; 32 at 64), the map zero outside
     model, _ = training.load_model(with_boxes[0]['checkpoint'])
     dataset = chest_xray_tasks.load_test_set(data_dir, normal, anomalous, boxes, res=64)
-    expected = prediction.evaluate(model, dataset, crop_size=None)
+    expected, maps = prediction.evaluate(model, dataset, crop_size=32, return_maps=True)
     assert {m: with_boxes[0][m] for m in expected} == expected
+    assert not maps[:, :16].any() and not maps[:, :, 48:].any() and maps[:, 16:48, 16:48].all()
 
 
 @pytest.mark.slow
@@ -700,6 +702,13 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     records = pd.read_csv(out / 'results.csv').to_dict('records')
     figures = plotting.figure_paths(records, out / 'figures')
     assert figures == [out / 'figures' / 'male_Shift.png']
+    # a second test set into the same folder: a row of its own beside the first
+    chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
+                           str(anomalous), '-s', 'Shift-1', '--name', 'female', '--device', 'cpu'])
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert list(table.index) == [('chest_xray', 'female'), ('chest_xray', 'male'), ('all', 'average')]
+    assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift']  # as before: both seeds
+    assert sorted(p.name for p in (out / 'figures').iterdir()) == ['female_Shift.png', 'male_Shift.png']
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
                                '-l', str(normal), str(tmp_path / 'missing.txt')])

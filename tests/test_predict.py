@@ -101,6 +101,10 @@ def test_chest_x_ray_models_refuse_flip_averaging():
     meta = dict(dataset='chest_xray', setting='Shift', category='chest_xray', res=64,
                 model_config=dict(in_channels=1))
     assert 'chest X-rays, whose training recipe does not flip' in model_spec(meta)['flip_average_error']
+    # scored on the central square of the training crops' side, as the evaluation scores them
+    assert (model_spec(meta)['side'], model_spec(meta)['crop']) == (64, 32)
+    assert model_spec(dict(meta, res=256, train_size=224))['crop'] == 224
+    assert model_spec(dict(meta, res=256))['crop'] == 224  # a model that did not store it
     texture = dict(dataset='mvtec', setting='Shift', category='tiny', kind='texture', res_scale=0.5,
                    model_config=dict(in_channels=1))
     assert model_spec(texture)['flip_average_error'] is None
