@@ -95,6 +95,7 @@ def prepare_run(args, setting, params):
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION,
+                train_names=read_file_list(args.list),  # the evaluation refuses them as test images
                 normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
                 normal_list_order_sha256=listed_names_sha256(args.list))  # and so is a reordered one
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike

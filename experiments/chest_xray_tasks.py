@@ -17,6 +17,7 @@ folder make one table (``write_report``).
         -l NORMAL_TEST_LIST ANOMALOUS_TEST_LIST [--bbox-csv BBox_List_2017.csv] [-s SETTING ...]
 """
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -32,8 +33,10 @@ from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.chest_xray import SelfSupChestXRay, check_test_lists, chest_recipe, list_label, read_file_list
+from self_sup_data.layouts import names_sha256
 
 DATASET = 'chest_xray'
+NIH_NAME = re.compile(r'(\d{8})_\d{3}\.png')  # NIH ChestX-ray14 image names: patient, follow-up
 DEFAULT_RES = 256
 IMAGE_METRICS = ('image_auroc_mean', 'image_ap_mean')
 PIXEL_METRICS = ('pixel_auroc', 'pixel_ap', 'au_pro')
@@ -54,20 +57,48 @@ def scored_crop(meta):
     return int(meta.get('train_size') or chest_recipe(meta.get('res', DEFAULT_RES))['train_size'])
 
 
-def check_not_trained_on(meta, data_dir, test_names):
-    """ValueError when test images (names relative to ``data_dir``) are images of the training
-    list that a model's meta names (``normal_list``, where it still exists; relative to the meta's
-    ``data_dir``): scores of images it trained on are no test. Images are compared as resolved
-    paths (a folder of other images may reuse the names)."""
+def trained_names(meta):
+    """The names (relative to the meta's ``data_dir``) of a chest X-ray model's training images:
+    ``train_names`` of its meta, or for a model that did not store them, those of its training
+    list ``normal_list`` if that is still there and unchanged (``normal_list_sha256``); else None."""
+    if meta.get('train_names') is not None:
+        return list(meta['train_names'])
     trained_list = meta.get('normal_list')
     if trained_list is None or not Path(trained_list).is_file():
+        return None
+    names = read_file_list(trained_list)
+    return names if names_sha256(names) == meta.get('normal_list_sha256') else None
+
+
+def nih_patients(names):
+    """{name: patient} of the names in NIH's form ``PPPPPPPP_FFF.png`` (patient, follow-up)."""
+    return {name: match[1] for name in names if (match := NIH_NAME.fullmatch(Path(name).name))}
+
+
+def check_not_trained_on(meta, data_dir, test_names, source='this model'):
+    """ValueError when test images (names relative to ``data_dir``) are training images of a model
+    (``trained_names`` of its meta; relative to its ``data_dir``): scores of images it trained on
+    are no test. Images are compared as resolved paths (a folder of other images may reuse the
+    names). A warning when the training images are not known (an older model whose list is gone or
+    was rewritten), and when test images are NIH follow-ups of training patients (``nih_patients``)."""
+    names = trained_names(meta)
+    if names is None:
+        warnings.warn(f"cannot check that {source} was not trained on test images: its training list "
+                      f"{meta.get('normal_list')} is gone or changed since training, and the model "
+                      f"stores no names of its own (trained before they were stored)")
         return
     trained_dir = Path(meta.get('data_dir') or data_dir)
-    trained = {(trained_dir / name).resolve() for name in read_file_list(trained_list)}
+    trained = {(trained_dir / name).resolve() for name in names}
     seen = sorted(name for name in test_names if (Path(data_dir) / name).resolve() in trained)
     if seen:
-        raise ValueError(f"{len(seen)} test images are in this model's training list "
-                         f"{trained_list}, e.g. {seen[:3]}; test it on images it has not seen")
+        raise ValueError(f"{len(seen)} test images are training images of {source} (its list "
+                         f"{meta.get('normal_list')}), e.g. {seen[:3]}; test it on images it has not seen")
+    patients = set(nih_patients(names).values())
+    followups = sorted(name for name, patient in nih_patients(test_names).items() if patient in patients)
+    if followups:
+        warnings.warn(f"{len(followups)} test images are of patients that {source} was trained on "
+                      f"(NIH names PPPPPPPP_FFF.png), e.g. {followups[:3]}: follow-up images of a training "
+                      f"patient make an easier test; split by patient (python -m self_sup_data.chest_xray)")
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
@@ -107,7 +138,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if 'error' in meta:
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
-        check_not_trained_on(meta, data_dir, test_names[0] + test_names[1])
+        check_not_trained_on(meta, data_dir, test_names[0] + test_names[1], str(path))
         key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
         if key not in datasets:
             datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)

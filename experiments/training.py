@@ -104,6 +104,9 @@ RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  #
 # is the parameters they gave)
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds',
                  'param_overrides') + RESUMED_FIELDS
+# meta entries that list a run's data in full, for the evaluation's checks; a run is told from
+# another by their digests (normal_list_sha256)
+LISTING_FIELDS = ('train_names',)
 
 
 class RunError(ValueError):
@@ -441,8 +444,9 @@ def run_meta(model, config, meta=None, validator=None):
 def run_differences(saved_meta, meta):
     """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
-    model and ``TrainConfig`` values; runtime fields, results, ``swa_lr`` without ``swa_epochs``
-    and the folder format's test folders are ignored); [] for the same run."""
+    model and ``TrainConfig`` values; runtime fields, results, listings (by their digests),
+    ``swa_lr`` without ``swa_epochs`` and the folder format's test folders are ignored); [] for the
+    same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
@@ -450,7 +454,7 @@ def run_differences(saved_meta, meta):
                   if k not in RUNTIME_FIELDS}
         if not config.get('swa_epochs'):
             config.pop('swa_lr', None)  # no averaging: its learning rate is never used
-        rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS
+        rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS + LISTING_FIELDS
                 and not (k in LATER_META_FIELDS and k not in saved_meta)}
         if isinstance(rest.get('layout'), dict):
             rest['layout'] = {k: v for k, v in rest['layout'].items() if k not in TEST_ONLY_LAYOUT_FIELDS}

@@ -1,3 +1,4 @@
+import warnings
 from io import StringIO
 from pathlib import Path
 
@@ -288,17 +289,41 @@ def test_real_table():
     assert len(lists['norm_train']) > 10_000
 
 
-def test_a_model_is_not_tested_on_the_images_of_its_training_list(tmp_path):
+def test_a_model_is_not_tested_on_its_training_images(tmp_path):
     from experiments.chest_xray_tasks import check_not_trained_on
-    (tmp_path / 'train.txt').write_text('a/00000001_000.png\n00000002_000.png\n')
-    meta = dict(normal_list=str(tmp_path / 'train.txt'), data_dir=str(tmp_path / 'data'))
-    check_not_trained_on(meta, tmp_path / 'data', ['00000003_000.png', '00000004_000.png'])
-    with pytest.raises(ValueError, match=r"1 test images are in this model's training list .*train.txt, "
+    from self_sup_data.layouts import names_sha256
+    names = ['a/00000001_000.png', '00000002_000.png']
+    (tmp_path / 'train.txt').write_text('\n'.join(names) + '\n')
+    meta = dict(normal_list=str(tmp_path / 'train.txt'), data_dir=str(tmp_path / 'data'), train_names=names,
+                normal_list_sha256=names_sha256(names))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        check_not_trained_on(meta, tmp_path / 'data', ['00000003_000.png', '00000004_000.png'])
+        check_not_trained_on(meta, tmp_path / 'data', ['b/x.png'])  # the same folder, other names
+    with pytest.raises(ValueError, match=r"1 test images are training images of this model \(its list .*train.txt\), "
                                          r"e.g. \['a/./00000001_000.png'\]"):
         check_not_trained_on(meta, tmp_path / 'data', ['a/./00000001_000.png', '00000004_000.png'])
-    # the same names in another folder are other images
-    check_not_trained_on(meta, tmp_path / 'test', ['a/00000001_000.png', '00000002_000.png'])
-    check_not_trained_on(meta, tmp_path / 'data', ['b/00000001_000.png'])
-    moved = dict(meta, normal_list=str(tmp_path / 'moved.txt'))  # a list that is gone: unchecked
-    check_not_trained_on(moved, tmp_path / 'data', ['00000002_000.png'])
-    check_not_trained_on({}, tmp_path / 'data', ['00000002_000.png'])
+    # the same names in another folder are other images, but NIH names name their patient
+    with pytest.warns(UserWarning, match=r"1 test images are of patients that this model was trained on .*"
+                                         r"e.g. \['00000002_000.png'\]"):
+        check_not_trained_on(meta, tmp_path / 'test', ['00000002_000.png', '00000005_000.png'])
+    with pytest.warns(UserWarning, match=r"2 test images are of patients .* e.g. \['00000001_003.png', "
+                                         r"'b/00000002_001.png'\]: follow-up images"):
+        check_not_trained_on(meta, tmp_path / 'data', ['b/00000002_001.png', '00000001_003.png', '00000007_000.png'])
+    # the list is what the training stored: rewriting the list file since changes nothing
+    (tmp_path / 'train.txt').write_text('00000009_000.png\n')
+    with pytest.raises(ValueError, match='1 test images are training images'):
+        check_not_trained_on(meta, tmp_path / 'data', ['00000002_000.png'])
+    # a model that stored no names: its list where unchanged, else a warning that nothing is checked
+    older = {k: v for k, v in meta.items() if k != 'train_names'}
+    (tmp_path / 'train.txt').write_text('\n'.join(names) + '\n')
+    with pytest.raises(ValueError, match='1 test images are training images'):
+        check_not_trained_on(older, tmp_path / 'data', ['00000002_000.png'])
+    for change in ('00000009_000.png\n', None):
+        if change is None:
+            (tmp_path / 'train.txt').unlink()
+        else:
+            (tmp_path / 'train.txt').write_text(change)
+        with pytest.warns(UserWarning, match=r"cannot check that m.pt was not trained on test images: its "
+                                             r"training list .*train.txt is gone or changed since training"):
+            check_not_trained_on(older, tmp_path / 'data', ['00000002_000.png'], 'm.pt')

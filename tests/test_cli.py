@@ -279,6 +279,7 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     assert meta['dataset'] == 'chest_xray' and meta['self_sup_args']['gamma_params'] == (2, 0.03, 0.05)
     assert meta['train_config']['epochs'] == 1 and meta['in_channels'] == 1
     assert meta['generator_version'] == GENERATOR_VERSION
+    assert meta['train_names'] == names and meta['train_size'] == 32  # the evaluation's checks and crop
     # the list rewritten at the same path with other images (as the list builder does): another run
     listing.write_text('\n'.join(names[1:]) + '\n')
     message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
