@@ -609,6 +609,11 @@ def epoch_mean(loss_sum, count, world_size):
     return loss_sum / count
 
 
+def crop_option(meta):
+    """The training script's option that sets the size of a run's crops (``meta`` its meta)."""
+    return '--res' if meta.get('dataset') == 'chest_xray' else '--res-scale'
+
+
 def train(model, dataset, config, run_dir, name, meta=None, resume=False, validator=None):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 
@@ -724,7 +729,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                     f"run {name!r}: a batch of one image cannot be trained ({error}): batch norm "
                     f"needs two values per channel, and crops under 64 pixels leave one at the "
                     f"encoder's end; train with at least two images per batch and process (more "
-                    f"training images, --batch-size) or larger crops (--res-scale)") from error
+                    f"training images, --batch-size) or larger crops ({crop_option(meta)})") from error
             loss_sum += loss * len(images)
             count += len(images)
         meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))

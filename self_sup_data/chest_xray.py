@@ -262,7 +262,8 @@ def build_file_lists(table, gender=None, min_age=18, view='PA', n_test_normal=30
     ``Finding Labels == 'No Finding'``. Patients, in an order shuffled with ``seed``, become test
     patients while they can fill a test list that is not yet full; their images fill the test
     lists (up to ``n_test_normal`` / ``n_test_anom``, the rest is left out), and the normal images
-    of all other patients form the training list. Returns {name: sorted list of file names}.
+    of all other patients form the training list (ValueError when that is empty). Returns {name:
+    sorted list of file names}.
     """
     for name, value in (('n_test_normal', n_test_normal), ('n_test_anom', n_test_anom)):
         if value < 0:
@@ -293,6 +294,11 @@ def build_file_lists(table, gender=None, min_age=18, view='PA', n_test_normal=30
                                    if patient not in test_patients for name in names),
                  norm_test=sorted(test_normal[:n_test_normal]),
                  anom_test=sorted(test_anom[:n_test_anom]))
+    if not lists['norm_train']:
+        raise ValueError(f"the test patients take every one of the {len(normal_by_patient)} patients with "
+                         f"'{NORMAL_FINDING}' images that pass the filters gender={gender!r}, min_age={min_age!r}, "
+                         f"view={view!r}: no image is left for training; ask for fewer test images "
+                         f"(--n-test-normal, --n-test-anom) or widen the filters")
     for name, wanted in (('norm_test', n_test_normal), ('anom_test', n_test_anom)):
         if len(lists[name]) < wanted:
             warnings.warn(f"only {len(lists[name])} images for {name} (asked for {wanted})")

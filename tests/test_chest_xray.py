@@ -215,12 +215,22 @@ def test_build_file_lists():
     check_lists(table, everyone, 10, 10)
 
 
-def test_build_file_lists_problems():
+def test_build_file_lists_problems(tmp_path, capsys):
     table = synthetic_table()
     with pytest.warns(UserWarning, match='anom_test'):
         build_file_lists(table, n_test_normal=1, n_test_anom=10_000)
     with pytest.raises(ValueError, match="no 'No Finding' images"):
         build_file_lists(table, min_age=200)
+    # test patients that take every normal patient leave nothing to train on: refused, lists kept
+    lists = tmp_path / 'lists'
+    table.to_csv(tmp_path / 'table.csv', index=False)
+    chest_xray.main(['--csv', str(tmp_path / 'table.csv'), '--out', str(lists), '--n-test-normal', '5'])
+    earlier = {path.name: path.read_text() for path in lists.iterdir()}
+    assert earlier['norm_train.txt']
+    with pytest.raises(SystemExit):
+        chest_xray.main(['--csv', str(tmp_path / 'table.csv'), '--out', str(lists), '--n-test-normal', '100000'])
+    assert 'no image is left for training; ask for fewer test images' in capsys.readouterr().err
+    assert {path.name: path.read_text() for path in lists.iterdir()} == earlier
     with pytest.raises(KeyError, match='Patient Gender'):
         read_table(StringIO('Image Index,Finding Labels\na.png,No Finding\n'))
 

@@ -574,6 +574,12 @@ def test_a_single_image_category_at_small_crops_stops_with_a_one_line_error(tmp_
     assert "run 'one_shift': a batch of one image cannot be trained" in message
     assert '--batch-size' in message and '--res-scale' in message
     assert not list(out.rglob('*.pt'))
+    # the chest X-ray script names its own option
+    (tmp_path / 'one.txt').write_text('one/train/good/000.png\n')
+    message = run_error(train_chest_xray.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-l',
+                                                str(tmp_path / 'one.txt'), '-o', str(out), '--res', '64',
+                                                '--epochs', '1', '--workers', '0', '--no-figures'], capsys)
+    assert 'a batch of one image cannot be trained' in message and 'larger crops (--res)' in message
 
 
 @pytest.mark.slow
