@@ -159,12 +159,16 @@ def test_custom_category_params_are_data(monkeypatch):
     assert 'min_overlap_pct' not in args  # generator default
 
 
-def test_a_calibrated_recipe_keeps_the_object_mask_of_the_table_entry():
+def test_a_calibrated_recipe_keeps_the_object_mask_and_the_budget_of_the_table_entry():
     bottle = category_params('bottle', use_entry=False)  # the start of --recipe auto and search
     assert (bottle['background'], bottle['min_object_pct'], bottle['min_overlap_pct']) == ((200, 60), 0.7, 0.25)
     assert bottle['num_patches'] == KIND_DEFAULTS['object']['num_patches']  # the recipe: defaults
     assert bottle['intensity_logistic_params'] == KIND_DEFAULTS['object']['intensity_logistic_params']
     assert category_params('magnetic_tile', use_entry=False) == KIND_DEFAULTS['texture']  # no mask there
+    # nor the training budget, which no calibration sets: the paper's 560 epochs of screw stay
+    screw = category_params('screw', use_entry=False)
+    assert screw['epochs'] == category_params('screw')['epochs'] == 560
+    assert screw['num_patches'] == KIND_DEFAULTS['object']['num_patches']
 
 
 def test_overrides_and_flags():
