@@ -264,6 +264,12 @@ def held_out_images(args, data_dir, category, recipe, searched=False):
     return layout, fraction, held_out
 
 
+def background_source(from_flag):
+    """Where a category's background came from: --background (``from_flag``) or its table entry."""
+    return ('--background' if from_flag else
+            "the background of its entry in CATEGORY_PARAMS (experiments/settings.py)")
+
+
 def check_background(category, background, from_flag, dataset):
     """ValueError naming ``category`` and where its ``background`` comes from (--background or
     the category's table entry) when it leaves no object pixel in a training image of
@@ -272,8 +278,7 @@ def check_background(category, background, from_flag, dataset):
     brightness given on another scale than the images' grey levels, 0-255)."""
     if background is None:
         return
-    source = ('--background' if from_flag else
-              "the background of its entry in CATEGORY_PARAMS (experiments/settings.py)")
+    source = background_source(from_flag)
     try:
         check_object_pixels(dataset.images, tuple(background), dataset.paths)
     except ValueError as error:
@@ -312,6 +317,21 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                             use_entry=recipe == 'table')
     if not args.no_mask:
         check_background(category, table_params['background'], 'background' in overrides, dataset)
+    # the category's background, which every recipe and candidate keeps: one validation set for
+    # all, made before the calibration, so that its held-out images are checked first
+    validation_background = table_params['background']
+    validation_set = None
+    if held_out.size:
+        try:
+            validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
+                                                 args.kind, channels=dataset.in_channels, layout=layout,
+                                                 bit_depth=dataset.bit_depth,
+                                                 background=validation_background)
+        except ValueError as error:
+            if validation_background is None:
+                raise
+            raise ValueError(f"category {category!r}, "
+                             f"{background_source('background' in overrides)}: {error}") from None
     calibration = None
     if params is None:
         params = table_params
@@ -333,15 +353,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     config = dataclasses.replace(
         train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
                      loss=setting.loss), select=args.select if held_out.size else 'last')
-    validator = None
-    # the category's background, which every recipe and candidate keeps: one validation set for all
-    validation_background = table_params['background']
-    if held_out.size:
-        validation_set = load_validation_set(data_dir, category, held_out, args.val_seed, res_scale,
-                                             args.kind, channels=dataset.in_channels, layout=layout,
-                                             bit_depth=dataset.bit_depth,
-                                             background=validation_background)
-        validator = Validator(validation_set, recipes.val_every(args, config.epochs))
+    validator = None if validation_set is None else Validator(validation_set,
+                                                              recipes.val_every(args, config.epochs))
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,
@@ -383,7 +396,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
                                            settings.category_params(category, args.kind, overrides))
     reports = {name: {'auto-paste-switched': report, 'table': None}.get(name, meta['calibration'])
                for name in candidates}
-    epochs = args.search_epochs or max(1, config.epochs // recipes.SEARCH_FRACTION)
+    epochs = search_budget(args, config.epochs)['epochs']
     run_name, results = setting.run_name(category), {}
     for name, params in candidates.items():
         def prepare_candidate(params=params):
@@ -403,6 +416,15 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     return results[best]['params'], results, reports
 
 
+def search_budget(args, epochs):
+    """What --recipe search trains each candidate with, for a final run of ``epochs``: its epochs
+    (--search-epochs, else a SEARCH_FRACTION-th of the final run's) and the fraction of the images
+    held out to score it; recorded in the final run's meta (``search_budget``), so that a resume
+    with another budget is refused before the search instead of training its candidates again."""
+    return dict(epochs=args.search_epochs or max(1, epochs // recipes.SEARCH_FRACTION),
+                validation_fraction=recipes.val_fraction(args, 'search'))
+
+
 def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     """--resume of a --recipe search run: refuse a finished or interrupted run of other arguments
     before the search, which would train its candidates again for them: the run is rebuilt from
@@ -417,6 +439,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     previous = read_meta(found)  # its chosen parameters: what they set (the epochs ...) is the same
     _, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
                                                     previous['category_params'], searched=True)
+    meta['search_budget'] = search_budget(args, config.epochs)
     differing = [line for line in run_differences(previous, run_meta(model, config, meta, validator))
                  if re.split('[.:]', line)[0] not in SEARCH_RECORD_FIELDS]
     differing += dict_differences({'param_overrides': previous.get('param_overrides') or {}},
@@ -475,7 +498,8 @@ def train_category(args, setting, data_dir, category, out_dir):
 
     def prepare():
         run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)
-        run[3].update(recipe_search=search, search_calibration=reports)
+        run[3].update(recipe_search=search, search_calibration=reports,
+                      search_budget=None if search is None else search_budget(args, run[2].epochs))
         return run
     train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
                           prepare, args.resume, args.force)

@@ -95,7 +95,7 @@ SELECTIONS = ('last', 'best')
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
-                     'validation_every', 'normal_list_order_sha256', 'search_calibration')
+                     'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget')
 # entries of a layout's spec that name test images only (the folder format's): never trained on
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
 RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume

@@ -215,7 +215,7 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
         name = f'{names[index]}' if names is not None else f'image {index}'
         if on is not None and not on.any():
             raise ValueError(f"held-out validation image {name}: background {background!r} leaves no "
-                             f"object pixel in the part of it that models score; check --background or "
+                             f"object pixel in the part of it that models score; check the background or "
                              f"choose other held-out images (--val-seed)")
         try:
             part, part_mask = synthetic_defect(part, kind, rng, on)

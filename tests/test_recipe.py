@@ -859,6 +859,17 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert (f'cannot resume the finished run {final}' in error
                 and 'param_overrides.intensity_logistic_params: absent vs (1.0, 3.0)' in error)
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
+        # ... and with another search budget, which the final run records
+        assert meta['search_budget'] == dict(epochs=1, validation_fraction=0.1)
+        for other, difference in ((['--search-epochs', '2'], 'search_budget.epochs: 1 vs 2'),
+                                  (['--search-epochs', '1', '--val-fraction', '0.2'],
+                                   'search_budget.validation_fraction: 0.1 vs 0.2')):
+            with pytest.raises(SystemExit):
+                train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                                  'search', '--resume'] + other + FAST)
+            error = capsys.readouterr().err
+            assert f'cannot resume the finished run {final}' in error and difference in error
+            assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
         # the final run gone (as if interrupted before it), a search with other arguments trains
         # its candidates again instead of refusing them
         final.unlink()

@@ -548,6 +548,30 @@ def test_a_background_that_leaves_no_object_pixel_is_an_error(tiny_mvtec, tmp_pa
         check_object_pixels(images, (100, 20), ['a.png', 'b.png'])
 
 
+@pytest.mark.parametrize('from_flag', [True, False])
+def test_a_background_that_leaves_no_object_pixel_in_a_held_out_image_is_an_error(tmp_path, capsys,
+                                                                                  monkeypatch, from_flag):
+    """Held-out images are training images too: the same error, before anything is calibrated."""
+    root = tmp_path / 'data'
+    make_mvtec_category(root, 'plates', n_train=12, size=64)
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--select', 'best'])
+    [held_out] = train_mvtec.held_out_images(args, root, 'plates', 'auto')[2]
+    blank = sorted((root / 'plates' / 'train' / 'good').iterdir())[held_out]
+    Image.fromarray(np.full((64, 64), 250, np.uint8)).save(blank)
+    argv = ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--select', 'best', '--epochs', '1',
+            '--res-scale', '0.5', '--workers', '0']
+    if from_flag:
+        argv += ['--background', '250', '30']
+    else:
+        monkeypatch.setitem(settings.CATEGORY_PARAMS, 'plates', dict(background=(250, 30)))
+    message = run_error(train_mvtec.main, argv, capsys)
+    source = '--background' if from_flag else 'the background of its entry in CATEGORY_PARAMS'
+    assert message.startswith(f"train_mvtec.py: error: category 'plates', {source}")
+    assert f'held-out validation image {blank}: background (250' in message
+    assert 'recipe auto' not in capsys.readouterr().out  # found before the recipe is calibrated
+    assert not list((tmp_path / 'out').rglob('*.pt'))
+
+
 @pytest.mark.parametrize('background,from_flag,noted', [
     ((0.1, 0.05), True, True),     # a brightness on the scale 0-1: no grey level is background
     ((400, 100), False, True),     # above 255 by more than its threshold
