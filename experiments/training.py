@@ -98,7 +98,7 @@ LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 
                      'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget')
 # entries of a layout's spec that name test images only (the folder format's): never trained on
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
-RESUMED_FIELDS = ('epoch_losses', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
+RESUMED_FIELDS = ('epoch_losses', 'epoch_bf16', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 # meta entries that record what a run measured, not what it is (thresholds: calibrated later), and
 # how its values were chosen (the category parameters set on the command line: what is learnt
 # is the parameters they gave)
@@ -669,8 +669,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         optimizer, T_max=cosine_epochs,
         eta_min=config.swa_lr if config.swa_epochs else min(config.min_lr, config.lr))
     averaged = torch.optim.swa_utils.AveragedModel(model) if config.swa_epochs else None
+    autocast = use_bf16(config.bf16, device)
     meta = {**run_meta(model, config, meta, validator), 'world_size': world_size, 'epoch_losses': [],
-            'train_time_s': 0.0}
+            'epoch_bf16': [], 'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
     start_epoch, best_state, best_meta = 0, None, None
@@ -686,6 +687,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         set_rng_state(checkpoint['rng'])
         meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
         start_epoch = checkpoint['epoch']
+        meta['epoch_bf16'] = checkpoint['meta'].get('epoch_bf16', [None] * start_epoch)  # None: not recorded
+        if writer and any(earlier is not None and earlier != autocast for earlier in meta['epoch_bf16']):
+            print(f"{name}: note: resumed with bfloat16 autocast {'on' if autocast else 'off'}, which "
+                  f"was {'off' if autocast else 'on'} in earlier epochs (the device or --bf16 changed): "
+                  f"the weights will differ from an uninterrupted run's (the meta's epoch_bf16 records "
+                  f"each epoch's)")
         best_state = checkpoint.get('best_model')  # None: none validated yet, or an older checkpoint
         best_meta = checkpoint.get('best_meta', meta)  # as written at its epoch (older: the resumed)
         run_started_ns = checkpoint.get('run_started_ns')  # None: a checkpoint of an earlier version
@@ -733,6 +740,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             loss_sum += loss * len(images)
             count += len(images)
         meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
+        meta['epoch_bf16'].append(autocast)
         if not math.isfinite(meta['epoch_losses'][-1]):  # before anything is written with it
             raise RunError(f"run {name!r}: the loss of epoch {epoch + 1} is {meta['epoch_losses'][-1]} "
                            f"(learning rate {epoch_lr:.3g}): training "

@@ -325,15 +325,21 @@ def test_a_diverged_loss_stops_the_run_before_anything_is_written(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path):
-    """bf16 is a runtime field: a run interrupted in float32 may go on in bfloat16."""
+def test_bf16_training_lowers_the_loss_and_may_change_on_resume(tmp_path, capsys):
+    """bf16 is a runtime field: a run interrupted in float32 may go on in bfloat16 (on another
+    device, say), with a note, and the meta records each epoch's precision."""
     with pytest.raises(KeyboardInterrupt):
         train(fresh_model(), CrashAtEpoch(1), config(epochs=3), tmp_path, 'toy')
+    capsys.readouterr()
     meta = train(fresh_model(), SquaresDataset(), config(epochs=3, bf16=True), tmp_path, 'toy',
                  resume=True)
-    assert meta['train_config']['bf16'] is True
+    assert meta['train_config']['bf16'] is True and meta['epoch_bf16'] == [False, True, True]
+    assert ("toy: note: resumed with bfloat16 autocast on, which was off in earlier epochs"
+            in capsys.readouterr().out)
     losses = meta['epoch_losses']
     assert len(losses) == 3 and losses[-1] < losses[0]
+    whole = train(fresh_model(), SquaresDataset(), config(epochs=2), tmp_path / 'whole', 'toy')
+    assert whole['epoch_bf16'] == [False, False] and 'note' not in capsys.readouterr().out
 
 
 @pytest.mark.slow
