@@ -178,7 +178,13 @@ def remove_earlier_run(out_dir):
     try:
         if scores.exists():
             with open(scores, newline='', encoding='utf-8') as file:
-                names = [row.get('output') or '' for row in csv.DictReader(file)]
+                reader = csv.DictReader(file)
+                if not {'file', 'output'} <= set(reader.fieldnames or ()):
+                    raise ValueError(f"{scores} is not the scores of an earlier run of this command "
+                                     f"(columns {reader.fieldnames}, not {', '.join(SCORE_COLUMNS)}); "
+                                     f"--overwrite replaces only its own: move it away or choose another "
+                                     f"OUT_DIR")
+                names = [row.get('output') or '' for row in reader]
         if pending.exists():
             names += pending.read_text(encoding='utf-8').splitlines()
     except (UnicodeDecodeError, csv.Error) as error:

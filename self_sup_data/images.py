@@ -5,6 +5,7 @@ only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported 
 """
 import contextlib
 import glob
+import struct
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def decode_16_bit_colour(path):
     return np.ascontiguousarray(values[:, :, 2::-1])  # BGR(A) -> RGB
 
 
+# what Pillow's decoders raise on some malformed files besides OSError (e.g. a TIFF whose
+# directory holds a wrong entry count: TypeError 'Missing dimensions')
+MALFORMED_FILE_ERRORS = (TypeError, struct.error, IndexError, EOFError, KeyError, ZeroDivisionError)
+
+
 @contextlib.contextmanager
 def opened_image(path):
     """Pillow's image of the file at ``path``; errors reading it (a decompression bomb too) are
@@ -77,7 +83,7 @@ def opened_image(path):
     except Image.DecompressionBombError as error:
         raise ValueError(f"cannot read image {path}: {error} (PIL.Image.MAX_IMAGE_PIXELS sets the "
                          f"limit)") from error
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, *MALFORMED_FILE_ERRORS) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
@@ -177,10 +183,15 @@ def decode(path, bits=None):
     """``decode_values`` as uint8: a 16-bit image is scaled from the range of ``bits``-bit data
     (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
     of the image's own bit depth (``high_bit_depth``: 0..4095 for 12-bit data, else 0..65535),
-    so that 12-bit data keeps 256 grey levels."""
+    so that 12-bit data keeps 256 grey levels. ValueError naming the file for values beyond
+    ``bits`` bits."""
     values = decode_values(path)
     if values.dtype == np.uint8:
         return values
+    if bits and values.max(initial=0) > 2 ** bits - 1:
+        raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
+                         f"(0..{2 ** bits - 1}) of the model's training images (bit_depth {bits}), which "
+                         f"would read it as white; give it the training images' bit depth")
     return to_uint8(values, bits or high_bit_depth(values))
 
 
@@ -248,6 +259,12 @@ def is_image_name(path):
     return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith('.')
 
 
+def folder_images(folder):
+    """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
+    named like an image), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p))
+
+
 def image_files(inputs):
     """The image files named by ``inputs`` (paths or strings), in order: a folder gives its files
     with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive: its subfolders are left out),
@@ -260,7 +277,7 @@ def image_files(inputs):
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if is_image_name(p))
+            found = folder_images(path)
             if not found:
                 raise ValueError(f'folder {path} holds no images ({", ".join(IMAGE_SUFFIXES)}; '
                                  f'subfolders are not read: give them, or a pattern DIR/**/*.png)')

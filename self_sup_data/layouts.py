@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, is_image_name, resize_mask
+from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, folder_images, resize_mask
 
 FOLDER_CATEGORY = 'custom'
 NORMAL_TEST_FRACTION = 0.2
@@ -54,11 +54,6 @@ class LabelledFiles(NamedTuple):
     paths: list
     defect_types: list
     masks: list
-
-
-def image_files(folder):
-    """The image files directly in ``folder`` (``images.is_image_name``), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if is_image_name(p))
 
 
 def _subfolders(folder):
@@ -73,7 +68,7 @@ def _images_in(folder, what):
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist; {what}")
-    files = image_files(folder)
+    files = folder_images(folder)
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); {what}")
     return files
@@ -105,7 +100,7 @@ def _typed_test_files(test_dir, mask_of, what):
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
     for type_dir in _subfolders(test_dir):
-        for path in image_files(type_dir):
+        for path in folder_images(type_dir):
             paths.append(path)
             defect_types.append(type_dir.name)
             masks.append(None if type_dir.name == 'good' else mask_of(type_dir.name, path))
@@ -140,7 +135,7 @@ class MVTecLayout(CategoryLayout):
 
         def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<image suffix>, or None
             folder = category_dir / 'ground_truth' / defect_type
-            candidates = folder.is_dir() and [mask for mask in image_files(folder)
+            candidates = folder.is_dir() and [mask for mask in folder_images(folder)
                                               if mask.stem == f'{path.stem}_mask']  # names, not patterns
             return candidates[0] if candidates else None
         return _typed_test_files(category_dir / 'test', mask_of,
@@ -162,7 +157,7 @@ class LocoLayout(CategoryLayout):
 
         def mask_of(defect_type, path):  # all PNGs of ground_truth/<type>/<stem>/, or None
             folder = category_dir / 'ground_truth' / defect_type / path.stem
-            masks = tuple(p for p in image_files(folder) if p.suffix.lower() == '.png') \
+            masks = tuple(p for p in folder_images(folder) if p.suffix.lower() == '.png') \
                 if folder.is_dir() else ()
             return masks or None
         return _typed_test_files(category_dir / 'test', mask_of,

@@ -219,6 +219,14 @@ def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
         'evil.npy', 'maps/mine.npy', 'masks/mine.png', 'overlays/mine.png']
 
 
+def test_overwrite_keeps_a_scores_csv_that_is_not_this_commands(tmp_path):
+    (tmp_path / 'scores.csv').write_text('image,label\nfoo.png,1\n')
+    with pytest.raises(ValueError, match=r"scores.csv is not the scores of an earlier run of this command "
+                                         r"\(columns \['image', 'label'\]"):
+        predict.remove_earlier_run(tmp_path)
+    assert (tmp_path / 'scores.csv').read_text() == 'image,label\nfoo.png,1\n'
+
+
 def test_overwrite_also_deletes_the_outputs_of_a_killed_runs_last_batch(tmp_path):
     """A run killed while writing a batch leaves outputs that scores.csv does not list yet;
     .pending names them, and the next run treats it as an earlier run."""

@@ -931,11 +931,34 @@ def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_
         assert abs(int(decode_values(tmp_path / 'camera.jpg').mean()) - 90) <= 2
 
 
-def test_hidden_files_beside_images_are_not_images(tmp_path):
-    from self_sup_data.layouts import image_files as folder_images
+def test_hidden_files_and_folders_beside_images_are_not_images(tmp_path):
+    from self_sup_data.images import folder_images
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'a.png')
     (tmp_path / '._a.png').write_bytes(b'\x00\x05\x16\x07 a macOS resource fork')
+    (tmp_path / 'exported.png').mkdir()  # a folder named like an image
     assert image_files([tmp_path]) == folder_images(tmp_path) == [tmp_path / 'a.png']
+
+
+def test_malformed_files_that_pillow_opens_are_errors_naming_the_file(tmp_path):
+    """A TIFF whose first directory claims 215 entries instead of 9 (one changed byte): Pillow
+    opens it and raises TypeError('Missing dimensions') on reading its frames."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(tmp_path / 'scan.tif')
+    data = bytearray((tmp_path / 'scan.tif').read_bytes())
+    data[8] = 0xd7
+    (tmp_path / 'scan.tif').write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # Pillow's own about the broken directory
+        with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'scan.tif'}: Missing dimensions"):
+            read_image(tmp_path / 'scan.tif')
+
+
+def test_values_beyond_the_models_bit_depth_are_an_error_not_white(tmp_path):
+    Image.fromarray(np.full((8, 8), 5000, np.uint16)).save(tmp_path / 'deep.png')
+    assert read_image(tmp_path / 'deep.png', bits=16).max() == round(5000 * 255 / 65535)
+    with pytest.raises(ValueError, match=r"image .*deep.png has values up to 5000, beyond the 12-bit range "
+                                         r"\(0..4095\) of the model's training images"):
+        read_image(tmp_path / 'deep.png', bits=12)
 
 
 def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_path, capsys):
