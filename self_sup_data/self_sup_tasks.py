@@ -154,6 +154,9 @@ class PatchParams:
                              f'got {low_high!r}')
         if self.num_ellipses is not None and not _is_int(self.num_ellipses, 1):
             raise ValueError(f'num_ellipses must be None or an integer >= 1, got {self.num_ellipses!r}')
+        if self.same and not (self.shift or self.resize or self.cutpaste_patch_generation):
+            raise ValueError('same must be False where shift and resize are: each patch would be pasted '
+                             'back where it was cut from, and no sample would change; shift or resize them')
         fraction = self.paste_fraction
         if fraction is not None and not (_pairs(fraction, 2) and 0 <= fraction[0] <= fraction[1] <= 1):
             raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
@@ -242,7 +245,7 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
         verbose: warn (``warnings.warn``) when a patch cannot be placed.
         cutpaste_patch_generation: sample one patch as in CutPaste (area ratio U(0.02, 0.15) of the
             image, aspect ratio from U(0.3, 1) or U(1, 3.3), fully inside the image); width bounds,
-            gamma, resize, skip_background and num_patches are then ignored.
+            gamma, resize, skip_background, num_ellipses and num_patches are then ignored.
         rng: ``numpy.random.Generator``; None: one seeded from numpy's global state, so that
             ``np.random.seed`` makes runs repeatable.
 
@@ -473,12 +476,15 @@ def object_mask(image, skip_background):
 def make_label(dest, image, patch_mask, label_mode, tol, factor, intensity_logistic_params, patch_boxes=None):
     """Label map (float32 ``H x W x 1``) of the change from ``dest`` to ``image`` inside ``patch_mask``.
 
-    ``patch_boxes``: rectangles ``(top, left, height, width)`` that together contain ``patch_mask``
+    ``patch_mask``: ``H x W``, non-zero (True) where patches were pasted (any dtype: read as
+    ``!= 0``). ``patch_boxes``: rectangles ``(top, left, height, width)`` that together contain ``patch_mask``
     (default: the bounding boxes of its connected parts). The median filters only need the
     neighbourhood of the patches (a median over zeros is zero), so they run on crops around these
     boxes, padded by the reach of both filters and merged until disjoint; the values equal those
     of whole-image filtering with replicated borders.
     """
+    if patch_mask.dtype != bool:  # a 0/255 mask would multiply the changes by 255
+        patch_mask = np.asarray(patch_mask) != 0
     height, width = patch_mask.shape
     label = np.zeros((height, width, 1), dtype=np.float32)
     if patch_boxes is None:
@@ -551,14 +557,19 @@ def poisson_blend(dest, src, mask, mode):
 
     seamlessClone centres the content of the mask's non-zero bounding box on the given point and
     only changes pixels inside that box; the centre is chosen so that the box maps onto itself.
-    The outer pixel ring of ``mask`` is ignored (seamlessClone zeroes it), and the non-zero box
-    must be at least ``MIN_CLONE_SIDE`` pixels wide. Grayscale is replicated to three channels
+    The outer pixel ring of ``mask`` is ignored (seamlessClone zeroes it; here too, before the box
+    is measured, and a ValueError where nothing is left), and the non-zero box must be at least
+    ``MIN_CLONE_SIDE`` pixels wide. Grayscale is replicated to three channels
     only for this crop. OpenCV 5.0 overwrites the mask it is given (eroded and inverted), so it
     gets a copy.
     """
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    center = (int(cols[0] + (cols[-1] + 1 - cols[0]) // 2), int(rows[0] + (rows[-1] + 1 - rows[0]) // 2))
     mask = mask.copy()
+    mask[[0, -1], :] = 0  # as seamlessClone does, before the box is measured: it places the rest
+    mask[:, [0, -1]] = 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError('mask has no non-zero pixel inside its outer pixel ring, which seamlessClone ignores')
+    center = (int(cols[0] + (cols[-1] + 1 - cols[0]) // 2), int(rows[0] + (rows[-1] + 1 - rows[0]) // 2))
     if dest.shape[-1] == 1:
         blended = cv2.seamlessClone(cv2.merge([src] * 3), cv2.merge([dest] * 3), mask, center, mode)
         return blended[..., :1]

@@ -72,6 +72,8 @@ def generator_cases(draw):
         paste_fraction=draw(st.sampled_from([None, (0, 1), (0.5, 0.5)])),
         normal_fraction=draw(st.sampled_from([0.0, 0.5])),
     )
+    if kwargs['same'] and not (kwargs['shift'] or kwargs['resize'] or kwargs['cutpaste_patch_generation']):
+        kwargs['shift'] = True  # a patch pasted back in its place is refused (PatchParams)
     return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
 
 
@@ -117,6 +119,19 @@ def test_cropped_label_equals_whole_image_reference(height, width, channels, lab
     for patch_boxes in (None, boxes):  # connected parts of the mask, or the boxes that made it
         label = make_label(dest, image, patch_mask, label_mode, tol, factor, params, patch_boxes)
         np.testing.assert_array_equal(label, expected)
+
+
+def test_make_label_reads_any_non_zero_mask_as_the_patches():
+    rng = np.random.default_rng(0)
+    dest = textured(rng, 40, 40, 1)
+    patch_mask = np.zeros((40, 40), bool)
+    patch_mask[8:24, 10:30] = True
+    image = np.where(patch_mask[..., None], np.clip(dest.astype(int) + 30, 0, 255), dest).astype(np.uint8)
+    for label_mode in ('binary', 'intensity', 'logistic-intensity'):
+        expected = make_label(dest, image, patch_mask, label_mode, 1, 1, (1 / 6, 20))
+        assert expected.any()
+        for mask in (patch_mask.astype(np.uint8) * 255, patch_mask.astype(np.int64)):  # OpenCV's, numpy's
+            np.testing.assert_array_equal(make_label(dest, image, mask, label_mode, 1, 1, (1 / 6, 20)), expected)
 
 
 def test_make_label_without_patch_is_zero():
@@ -275,6 +290,27 @@ def test_poisson_blend_keeps_source_in_place(height, width, channels, mode, seed
     outside = np.ones((height, width), dtype=bool)
     outside[top:bottom, left:right] = False
     assert not changed_pixels(dest, blended)[outside].any()
+
+
+@SETTINGS
+@given(height=st.integers(12, 40), width=st.integers(12, 40), mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]),
+       reach=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2 ** 32 - 1))
+def test_poisson_blend_ignores_the_outer_ring_of_a_mask_that_reaches_it(height, width, mode, reach, seed):
+    """A mask whose box reaches the outer ring blends as the same mask without that ring: the
+    content is placed from what seamlessClone keeps, not shifted by a pixel."""
+    rng = np.random.default_rng(seed)
+    dest, src = textured(rng, height, width, 1), textured(rng, height, width, 1)
+    mask = np.zeros((height, width), np.uint8)
+    top, left = (0 if reach[0] else 2), (0 if reach[1] else 2)
+    bottom, right = (height if reach[2] else height - 2), (width if reach[3] else width - 2)
+    mask[top:bottom, left:right] = 255
+    inside = mask.copy()
+    inside[[0, -1], :] = 0
+    inside[:, [0, -1]] = 0
+    np.testing.assert_array_equal(poisson_blend(dest, src, mask, mode), poisson_blend(dest, src, inside, mode))
+    with pytest.raises(ValueError, match='no non-zero pixel inside its outer pixel ring'):
+        poisson_blend(dest, src, np.pad(np.full((height - 2, width - 2), 0, np.uint8), 1, constant_values=255),
+                      mode)
 
 
 @settings(max_examples=20, deadline=None)
@@ -458,6 +494,7 @@ INVALID = [
     (dict(normal_fraction=1), 'normal_fraction'),
     (dict(normal_fraction=-0.1), 'normal_fraction'),
     (dict(normal_fraction=float('nan')), 'normal_fraction'),
+    (dict(same=True, shift=False, resize=False), 'same'),  # each patch back in its place: nothing changes
     (dict(rng=np.random.RandomState(0)), 'rng'),
 ]
 
