@@ -372,6 +372,29 @@ def undefined_pixel_metrics(labels, masks=None, has_mask=None):
     return None
 
 
+def _checked_test_set(labels, maps, masks=None, has_mask=None):
+    """(labels bool (N,), maps N x H x W, masks bool N x H x W or None, has_mask bool (N,)) of a
+    test set as ``evaluate_maps`` takes it; ValueError naming what does not fit: a label per
+    map, masks of the maps' shape, a has_mask per label, and empty masks for normal images."""
+    labels = _as_binary(labels, 'labels')
+    maps = _as_stack(maps, 'maps')
+    if labels.shape != (len(maps),):
+        raise ValueError(f'labels must have shape ({len(maps)},) to match maps, got {labels.shape}')
+    has_mask = np.ones(len(maps), dtype=bool) if has_mask is None else _as_binary(has_mask, 'has_mask')
+    if has_mask.shape != labels.shape:
+        raise ValueError(f'has_mask must have shape {labels.shape} to match labels, got {has_mask.shape}')
+    if masks is None:
+        return labels, maps, None, has_mask
+    masks = _as_binary(_as_stack(masks, 'masks'), 'masks')
+    if masks.shape != maps.shape:
+        raise ValueError(f'masks and maps must have the same shape, got {masks.shape} and {maps.shape}')
+    marked_normal = np.flatnonzero(~labels & masks.any(axis=(1, 2)))
+    if marked_normal.size:
+        raise ValueError(f'masks of normal images (label 0) must be empty; items {marked_normal[:5].tolist()} '
+                         'have defect pixels')
+    return labels, maps, masks, has_mask
+
+
 def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     """Image and pixel metrics of a test set from its anomaly maps.
 
@@ -384,10 +407,7 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     (image score = mean / max of the map), and pixel_auroc, pixel_ap, au_pro, which are NaN where
     they are undefined (``undefined_pixel_metrics`` says why).
     """
-    labels = _as_binary(labels, 'labels')
-    maps = _as_stack(maps, 'maps')
-    if labels.shape != (len(maps),):
-        raise ValueError(f'labels must have shape ({len(maps)},) to match maps, got {labels.shape}')
+    labels, maps, masks, has_mask = _checked_test_set(labels, maps, masks, has_mask)
     results = {}
     for reduction in ('mean', 'max'):
         scores = image_scores(maps, reduction)
@@ -397,16 +417,6 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
     results.update(pixel_auroc=float('nan'), pixel_ap=float('nan'), au_pro=float('nan'))
     if masks is None:
         return results
-    masks = _as_binary(_as_stack(masks, 'masks'), 'masks')
-    if masks.shape != maps.shape:
-        raise ValueError(f'masks and maps must have the same shape, got {masks.shape} and {maps.shape}')
-    has_mask = np.ones(len(maps), dtype=bool) if has_mask is None else _as_binary(has_mask, 'has_mask')
-    if has_mask.shape != labels.shape:
-        raise ValueError(f'has_mask must have shape {labels.shape} to match labels, got {has_mask.shape}')
-    marked_normal = np.flatnonzero(~labels & masks.any(axis=(1, 2)))
-    if marked_normal.size:
-        raise ValueError(f'masks of normal images (label 0) must be empty; items {marked_normal[:5].tolist()} '
-                         'have defect pixels')
     if undefined_pixel_metrics(labels, masks, has_mask) is not None:
         return results
     masks, maps = masks[has_mask], maps[has_mask]
@@ -424,7 +434,9 @@ def threshold_at_fpr(normal_scores, fpr):
     ``k``-th largest normal score (for k = 0, as far above the largest as halfway to it from the
     second largest; the largest score itself for one score), so that no normal score lies on it
     and a score that another backend or batch size computes a rounding error apart gets the same
-    decision. Computed from normal scores only; returns a float."""
+    decision. The threshold is a value of the scores' dtype (``_above_in_dtype``: float32 maps are
+    compared in float32), the ``(k + 1)``-th score itself where none lies between the two.
+    Computed from normal scores only; returns a float."""
     scores = _as_scores(np.ravel(np.asarray(normal_scores)), 'normal_scores')
     if not 0 <= fpr < 1:
         raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
@@ -433,11 +445,29 @@ def threshold_at_fpr(normal_scores, fpr):
     allowed = int(np.floor(fpr * scores.size))
     top = min(scores.size, allowed + 2)  # the scores needed, in decreasing order
     largest = np.sort(np.partition(scores, scores.size - top)[scores.size - top:])[::-1]
-    largest = largest.astype(np.float64)
     kept = largest[allowed]  # the (k + 1)-th largest: the highest score that is not flagged
+    if largest.size == 1:
+        return float(kept)
+    wide = largest.astype(np.float64)
     if allowed > 0:
-        return float((kept + largest[allowed - 1]) / 2)
-    return float(kept + (kept - largest[1]) / 2) if largest.size > 1 else float(kept)
+        threshold = (wide[allowed] + wide[allowed - 1]) / 2
+    else:
+        threshold = wide[0] + (wide[0] - wide[1]) / 2
+    return _above_in_dtype(threshold, kept, largest[allowed - 1] if allowed > 0 else None)
+
+
+def _above_in_dtype(threshold, kept, flagged=None):
+    """``threshold`` as a value of the scores' dtype (``kept``'s) that is above ``kept`` and, where
+    one fits, below ``flagged``: float32 maps are compared with float32 thresholds, and a midpoint
+    rounded to float32 may land on either score (then the next value above ``kept``, or ``kept``
+    itself where no value lies between the two)."""
+    dtype = kept.dtype if np.issubdtype(kept.dtype, np.floating) else np.dtype(np.float64)
+    value = dtype.type(threshold)
+    if value <= kept:
+        value = np.nextafter(dtype.type(kept), dtype.type(np.inf))
+    if flagged is not None and value >= flagged:
+        value = dtype.type(kept)
+    return float(value)
 
 
 def precision_recall_f1(labels, scores, threshold):
@@ -478,14 +508,12 @@ def threshold_metrics(labels, maps, masks=None, has_mask=None, image_threshold=N
     (``best_f1_threshold``), and precision, recall and F1 at the given threshold
     (``precision_recall_f1``), for the image score (the map's mean) and for the pixels (images
     with a mask, see ``evaluate_maps``). NaN where a threshold is None, there are no masks, or
-    nothing is anomalous -> dict of floats."""
-    labels = _as_binary(labels, 'labels')
-    maps = _as_stack(maps, 'maps')
+    nothing is anomalous -> dict of floats. The inputs are checked as by ``evaluate_maps``."""
+    labels, maps, masks, has_mask = _checked_test_set(labels, maps, masks, has_mask)
     results = dict.fromkeys(THRESHOLD_METRICS, float('nan'))
     levels = [('image', labels, image_scores(maps, 'mean'), image_threshold)]
     if masks is not None:
-        keep = np.ones(len(maps), bool) if has_mask is None else _as_binary(has_mask, 'has_mask')
-        levels.append(('pixel', _as_stack(masks, 'masks')[keep], maps[keep], pixel_threshold))
+        levels.append(('pixel', masks[has_mask], maps[has_mask], pixel_threshold))
     for level, truth, scores, threshold in levels:
         if not np.any(truth):
             continue

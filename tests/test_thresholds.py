@@ -30,6 +30,14 @@ def test_threshold_at_fpr_by_hand():
         threshold = metrics.threshold_at_fpr(distinct, fpr)
         assert np.count_nonzero(distinct > threshold) == int(np.floor(fpr * n))
         assert np.abs(distinct - threshold).min() >= 0.5 / n - 1e-7  # none near it
+    # float32 scores one float32 step apart: a float64 midpoint would round onto one of them
+    low = np.float32(0.7)
+    close = np.array([0.1] * 98 + [low, np.nextafter(low, np.float32(1))], np.float32)
+    threshold = metrics.threshold_at_fpr(close, 0.01)
+    assert np.count_nonzero(close > threshold) == np.count_nonzero(close.astype(np.float64) > threshold) == 1
+    apart = np.array([0.1] * 98 + [low, np.float32(0.9)], np.float32)
+    threshold = metrics.threshold_at_fpr(apart, 0.01)  # a float32 value, the float32 midpoint
+    assert threshold == float(np.float32(threshold)) == float(np.float32((np.float64(low) + np.float32(0.9)) / 2))
     with pytest.raises(ValueError, match='fpr must be in'):
         metrics.threshold_at_fpr(scores, 1.0)
     with pytest.raises(ValueError, match='needs normal images'):
@@ -62,6 +70,17 @@ def test_threshold_metrics_image_and_pixel_levels():
     assert values['pixel_precision'] == pytest.approx(4 / 5) and values['pixel_recall'] == 1
     bare = metrics.threshold_metrics(labels, maps)
     assert math.isnan(bare['image_f1']) and math.isnan(bare['pixel_f1_best'])
+    # the inputs are checked as the evaluation checks them
+    marked = masks.copy()
+    marked[0, 3, 3] = 1
+    for bad, message in ((dict(masks=marked), 'masks of normal images'),
+                         (dict(masks=masks * 255), 'masks must be binary'),
+                         (dict(masks=np.zeros((3, 8, 8), np.uint8)), 'masks and maps must have the same shape'),
+                         (dict(masks=masks, has_mask=[True, True]), 'has_mask must have shape'),
+                         (dict(labels=[0, 1]), 'labels must have shape')):
+        arguments = dict(labels=labels, maps=maps) | bad
+        with pytest.raises(ValueError, match=message):
+            metrics.threshold_metrics(**arguments)
 
 
 @pytest.fixture
