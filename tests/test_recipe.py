@@ -371,7 +371,7 @@ def test_validation_defects_follow_the_background_and_name_an_image_without_obje
     assert any(mask[object_mask(image, (0, 20)) == 0].any() for image, mask in zip(images, anywhere[6:]))
     empty = images[:2] + [np.zeros_like(images[0])]
     with pytest.raises(ValueError, match=r"validation image c.png: background \(0, 20\) leaves no "
-                                         r"object pixel .*--background"):
+                                         r"object pixel .*check the background"):
         validation.make_validation_set(empty, 0, names=['a.png', 'b.png', 'c.png'], background=(0, 20))
     with pytest.raises(ValueError, match='no object pixel'):
         validation.synthetic_defect(images[0], 'blob', np.random.default_rng(0),
