@@ -348,6 +348,10 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
+    if len(dataset.images) == 1 and views is None and not self_sup_args.get('same'):
+        held = f" ({len(held_out)} held out for validation)" if held_out.size else ''
+        print(f"{PROG}: {category}: note: one training image{held}: its patches come from the image "
+              f"itself, where {setting.key} takes them from another image")
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
                             num_classes=None if views is None else views.num_classes)
     config = dataclasses.replace(

@@ -296,7 +296,12 @@ class SelfSupImageDataset(Dataset):
             views, classes = self.views(image, rng)
             return torch.stack([self.image_tensor(v) for v in views]), 0, torch.tensor(classes)
         args = dict(self.self_sup_args)
-        if len(self.images) == 1:
+        if len(self.images) == 1:  # no other image to take patches from: the image itself
+            if not (args.get('shift', True) or args.get('resize', True)
+                    or args.get('cutpaste_patch_generation')):
+                raise ValueError(f"{getattr(self, 'class_name', 'the dataset')}: one training image: its "
+                                 f"patches would come from itself, and patches that are neither shifted nor "
+                                 f"resized would change nothing; add images")
             args['same'] = True
         source = None
         if not args.get('same', False):
@@ -305,6 +310,19 @@ class SelfSupImageDataset(Dataset):
             source, _ = self.transform(self.images[other].copy(), None, rng)
         image, label = patch_ex(image, source, rng=rng, **args)
         return self.image_tensor(image), 0, to_label_tensor(label)
+
+
+def checked_indices(indices, count, class_name):
+    """``indices`` of training images (sorted ``train_files`` order) as a list of ints;
+    ValueError naming the category for one that is not an integer in ``0 .. count - 1`` (a
+    negative index or a boolean mask would pick other images than meant)."""
+    indices = list(np.asarray(indices).ravel()) if isinstance(indices, np.ndarray) else list(indices)
+    bad = [index for index in indices if isinstance(index, (bool, np.bool_))
+           or not isinstance(index, (int, np.integer)) or not 0 <= index < count]
+    if bad:
+        raise ValueError(f"{class_name}: training image indices must be integers from 0 to {count - 1} "
+                         f"({count} images), got {bad[:3]}")
+    return [int(index) for index in indices]
 
 
 def train_files(root_path, class_name, layout=None):
@@ -406,7 +424,10 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             low_res = recipe['low_res'] if is_train else recipe['test_res']
         if is_train:
             paths, defect_types, mask_paths = train_files(root_path, class_name, layout), None, None
-            excluded = {int(index) for index in exclude}
+            excluded = set(checked_indices(exclude, len(paths), class_name))
+            if excluded and len(excluded) == len(paths):
+                raise ValueError(f"{class_name}: exclude holds all {len(paths)} training images; none is "
+                                 f"left to train on")
             if excluded:  # decided on every training file, as a run that holds none out decides
                 if bit_depth == SET_BIT_DEPTH:
                     with reading_pool() as pool:
@@ -455,7 +476,7 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
     trained on."""
     files = train_files(root_path, class_name, layout)
-    paths = [files[int(index)] for index in indices]
+    paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
     recipe = data_recipe(class_name, res_scale, kind)
     images, _, _ = load_images(paths, side or recipe['test_res'], channels=channels,
                                desc=f'loading {class_name} validation', bit_depth=bit_depth)

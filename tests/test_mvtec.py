@@ -145,6 +145,23 @@ def test_same_image_source(tmp_path, monkeypatch):
     assert calls[-1][1] is None and calls[-1][2] == {'same': True}
     SelfSupMVTecDataset(tmp_path, 'one', self_sup_args={'same': True}, **SMALL)[0]
     assert calls[-1][1] is None
+    # patches that stay in place (FPI's) would change nothing on the image they come from
+    fpi = dict(same=False, shift=False, resize=False)
+    with pytest.raises(ValueError, match="one: one training image: its patches would come from itself"):
+        SelfSupMVTecDataset(tmp_path, 'one', self_sup_args=fpi, **SMALL)[0]
+
+
+def test_excluded_and_validation_indices_are_checked(tmp_path):
+    from self_sup_data.mvtec import load_validation_set
+    make_mvtec_category(tmp_path, 'tiny', n_train=4)
+    assert len(SelfSupMVTecDataset(tmp_path, 'tiny', exclude=np.array([3]), **SMALL)) == 3
+    for bad in ([-1], [4], np.array([True, False, False, False]), [1.5]):
+        for make in (lambda: SelfSupMVTecDataset(tmp_path, 'tiny', exclude=bad, **SMALL),
+                     lambda: load_validation_set(tmp_path, 'tiny', bad, 0, res_scale=0.25)):
+            with pytest.raises(ValueError, match=r"tiny: training image indices must be integers from 0 to 3"):
+                make()
+    with pytest.raises(ValueError, match='exclude holds all 4 training images'):
+        SelfSupMVTecDataset(tmp_path, 'tiny', exclude=range(4), **SMALL)
 
 
 def batches(ds, num_workers):

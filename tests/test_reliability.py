@@ -572,6 +572,22 @@ def test_a_background_that_leaves_no_object_pixel_in_a_held_out_image_is_an_erro
     assert not list((tmp_path / 'out').rglob('*.pt'))
 
 
+def test_one_training_image_left_is_said_or_refused_where_the_task_needs_another(tmp_path, capsys):
+    root = tmp_path / 'data'
+    make_mvtec_category(root, 'ten', n_train=10, size=64)
+    for key in ('Shift', 'FPI'):
+        args = train_mvtec.parse_args(['-s', key, '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
+                                       '--val-fraction', '0.9', '--res-scale', '0.5'])
+        setting, _, _, _ = train_mvtec.plan(args)
+        if key == 'Shift':  # patches from the image itself, shifted and resized: said
+            train_mvtec.prepare_run(args, setting, root, 'ten')
+            assert ("ten: note: one training image (9 held out for validation): its patches come from the "
+                    "image itself, where Shift takes them from another image") in capsys.readouterr().out
+        else:  # FPI's patches stay in place: nothing would change
+            with pytest.raises(ValueError, match='ten: one training image: its patches would come from itself'):
+                train_mvtec.prepare_run(args, setting, root, 'ten')
+
+
 @pytest.mark.parametrize('background,from_flag,noted', [
     ((0.1, 0.05), True, True),     # a brightness on the scale 0-1: no grey level is background
     ((400, 100), False, True),     # above 255 by more than its threshold
