@@ -260,7 +260,11 @@ def held_out_images(args, data_dir, category, recipe, searched=False):
     validation set: none below MIN_VALIDATION_IMAGES images) of ``category`` under ``recipe``."""
     layout = layout_from_args(args) or detect_layout(data_dir, category)
     fraction = recipes.val_fraction(args, recipe, searched)
-    held_out = holdout_indices(len(train_files(data_dir, category, layout)), fraction, args.val_seed)
+    count = len(train_files(data_dir, category, layout))
+    held_out = holdout_indices(count, fraction, args.val_seed)
+    if held_out.size and count - held_out.size < 2:
+        raise ValueError(f"--val-fraction {fraction:g} holds out {held_out.size} of the {count} training images "
+                         f"of {category!r} and leaves {count - held_out.size} to train on; hold out fewer")
     return layout, fraction, held_out
 
 
@@ -359,6 +363,11 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                      loss=setting.loss), select=args.select if held_out.size else 'last')
     validator = None if validation_set is None else Validator(validation_set,
                                                               recipes.val_every(args, config.epochs))
+    if 0 < held_out.size < len(VALIDATION_KINDS):
+        kinds = ', '.join(VALIDATION_KINDS[:held_out.size])
+        print(f"{PROG}: {category}: note: the validation set holds {held_out.size} held-out images, with "
+              f"defects of {held_out.size} of the {len(VALIDATION_KINDS)} kinds ({kinds}): its score is "
+              f"coarse, and close scores are ties")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,

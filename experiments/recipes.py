@@ -62,7 +62,8 @@ def check_recipe_options(args, setting):
     """ValueError naming the first out-of-range recipe option, one that needs a validation set
     where there can be none (``--val-fraction 0``; a classifier ``setting``, which outputs no map
     to score the validation set's defects with) or is not asked for (--val-every, --val-seed), or
-    ``--select best`` with ``--swa-epochs``."""
+    ``--select best`` or a validation set (but for the search's candidates) with ``--swa-epochs``,
+    whose averaged weights are not the ones validated."""
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     for name in ('val_every', 'search_epochs'):
@@ -86,6 +87,10 @@ def check_recipe_options(args, setting):
     if args.select == 'best' and getattr(args, 'swa_epochs', 0):
         raise ValueError(f"--select best keeps one validated checkpoint; it does not combine with "
                          f"weight averaging (--swa-epochs {args.swa_epochs})")
+    if args.val_fraction and getattr(args, 'swa_epochs', 0) and args.recipe != 'search':
+        raise ValueError(f"--val-fraction {args.val_fraction:g} scores each epoch's weights, and weight "
+                         f"averaging (--swa-epochs {args.swa_epochs}) keeps their average, which it would "
+                         f"not score; pass one of them")
     if setting.model == 'classifier' and (needing or args.val_fraction):
         option = needing[0] if needing else f'--val-fraction {args.val_fraction:g}'
         raise ValueError(f"{option} needs a validation set, scored by anomaly maps, and "

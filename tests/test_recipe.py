@@ -714,6 +714,8 @@ def test_small_category_searches_nothing_and_keeps_the_last_weights_and_says_so(
     (['--val-seed', '3', '--val-fraction', '0'], '--val-seed 3 applies to a validation set, and there is none'),
     (['--select', 'best', '--swa-epochs', '2'], '--select best keeps one validated checkpoint; it does not '
                                                 'combine with weight averaging (--swa-epochs 2)'),
+    (['--val-fraction', '0.1', '--swa-epochs', '2'], '--val-fraction 0.1 scores each epoch\'s weights, and '
+                                                     'weight averaging (--swa-epochs 2) keeps their average'),
 ])
 def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_path, capsys,
                                                                 argv, expected):

@@ -572,20 +572,35 @@ def test_a_background_that_leaves_no_object_pixel_in_a_held_out_image_is_an_erro
     assert not list((tmp_path / 'out').rglob('*.pt'))
 
 
-def test_one_training_image_left_is_said_or_refused_where_the_task_needs_another(tmp_path, capsys):
+def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_path, capsys):
     root = tmp_path / 'data'
+    make_mvtec_category(root, 'one', n_train=1, size=64)
     make_mvtec_category(root, 'ten', n_train=10, size=64)
     for key in ('Shift', 'FPI'):
         args = train_mvtec.parse_args(['-s', key, '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
-                                       '--val-fraction', '0.9', '--res-scale', '0.5'])
+                                       '--res-scale', '0.5'])
         setting, _, _, _ = train_mvtec.plan(args)
         if key == 'Shift':  # patches from the image itself, shifted and resized: said
-            train_mvtec.prepare_run(args, setting, root, 'ten')
-            assert ("ten: note: one training image (9 held out for validation): its patches come from the "
-                    "image itself, where Shift takes them from another image") in capsys.readouterr().out
+            train_mvtec.prepare_run(args, setting, root, 'one')
+            assert ("one: note: one training image: its patches come from the image itself, where Shift takes "
+                    "them from another image") in capsys.readouterr().out
         else:  # FPI's patches stay in place: nothing would change
-            with pytest.raises(ValueError, match='ten: one training image: its patches would come from itself'):
-                train_mvtec.prepare_run(args, setting, root, 'ten')
+            with pytest.raises(ValueError, match='one: one training image: its patches would come from itself'):
+                train_mvtec.prepare_run(args, setting, root, 'one')
+    # a validation set that leaves one image to train on is refused by its option
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
+                                   '--val-fraction', '0.9'])
+    setting, _, _, _ = train_mvtec.plan(args)
+    with pytest.raises(ValueError, match="--val-fraction 0.9 holds out 9 of the 10 training images of 'ten' and "
+                                         "leaves 1 to train on; hold out fewer"):
+        train_mvtec.prepare_run(args, setting, root, 'ten')
+    # a validation set of fewer images than defect kinds is said to be coarse
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
+                                   '--val-fraction', '0.2', '--res-scale', '0.5'])
+    capsys.readouterr()
+    train_mvtec.prepare_run(args, setting, root, 'ten')
+    assert ("ten: note: the validation set holds 2 held-out images, with defects of 2 of the 5 kinds "
+            "(scar, blob): its score is coarse") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('background,from_flag,noted', [
