@@ -33,7 +33,8 @@ def default_workers():
 
 
 def add_training_arguments(parser):
-    """Add the model and loop options: --epochs ... --no-pool, --preact (see train_config)."""
+    """Add the model and loop options: --epochs ... --no-pool, --preact, --paper-network (see
+    train_config)."""
     group = parser.add_argument_group('model and training loop')
     group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
     group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
@@ -85,6 +86,10 @@ def add_training_arguments(parser):
     group.add_argument('--no-pool', '--no_pool', dest='no_pool', action='store_true',
                        help='no max pool in the stem')
     group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
+    group.add_argument('--paper-network', action='store_true',
+                       help="the paper's code's network exactly (no BN in the bottleneck, transposed "
+                            "1x1 shortcuts in the decoder, ...; see models/resnet.py) instead of this "
+                            "project's")
 
 
 def training_loss(args, loss):
@@ -136,6 +141,9 @@ def check_training_options(args, loss):
         raise ValueError(f"--swa-epochs must be less than --epochs ({args.epochs}), got {args.swa_epochs}")
     if not args.checkpoint_minutes >= 0:
         raise ValueError(f"--checkpoint-minutes must be 0 or more, got {args.checkpoint_minutes}")
+    if args.paper_network and args.preact:
+        raise ValueError("--paper-network builds the paper's post-activation network; it does not "
+                         "combine with --preact")
     resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
 
@@ -156,14 +164,19 @@ def flag(name):
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
-    """NSA's encoder-decoder with the --no-pool/--preact options, initialised from ``seed``; with
-    ``num_classes``, the encoder with CutPaste's heads and a num_classes-way classifier instead."""
+    """NSA's encoder-decoder with the --no-pool/--preact/--paper-network options, initialised from
+    ``seed``; with ``num_classes``, the encoder with CutPaste's heads and a num_classes-way
+    classifier instead (ValueError with --paper-network: it has no decoder)."""
     seed_everything(seed)
     if num_classes is not None:
+        if args.paper_network:
+            raise ValueError("--paper-network builds the paper's encoder-decoder; this setting trains a "
+                             "classifier (CutPaste's)")
         return resnet18_classifier(num_classes=num_classes, in_channels=in_channels,
                                    pool=not args.no_pool, preact=args.preact)
     return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
-                            preact=args.preact, final_activation=final_activation)
+                            preact=args.preact, final_activation=final_activation,
+                            paper_network=args.paper_network)
 
 
 def prepare_output_dir(path):

@@ -11,6 +11,16 @@ The network maps an image ``B x C_in x H x W`` to a pixel-wise anomaly map
                 a 7x7 stride-2 transposed convolution to ``num_classes`` channels
     activation  identity, sigmoid, relu or softmax over channels
 
+By default the network differs from the paper's code in five details, all of this project's
+choice: BN after each bottleneck convolution (the paper's: ReLU only), up-block shortcuts that
+upsample with nearest neighbours before their 1x1 convolution (the paper's: a 1x1 transposed
+convolution of stride 2, which fills one pixel in four and leaves the others 0), bilinear
+upsampling with ``align_corners=False`` (the paper's: True), a bias in the last transposed
+convolution (the paper's: none) and Kaiming initialisation of the transposed convolutions too (the
+paper's: PyTorch's default for them). ``paper_network=True`` builds the paper's network exactly
+(post-activation blocks only: the paper's pre-activation variant differs in more places than
+``preact`` here, which changes the encoder's blocks).
+
 ``resnet18_classifier`` is the same encoder with CutPaste's projection head and a linear
 classifier (the ``CutPaste-3way`` setting); ``build_model`` rebuilds either from its config.
 
@@ -139,22 +149,25 @@ def conv_bn_relu_1x1(in_channels, out_channels):
 
 class UpBlock(nn.Module):
     """Residual x2 up-sampling block:
-    relu(bn(conv3x3(relu(bn(tconv3x3_s2(x))))) + bn(conv1x1(upsample_x2(x)))).
+    relu(bn(conv3x3(relu(bn(tconv3x3_s2(x))))) + bn(shortcut(x))).
 
     The 3x3 transposed convolution (stride 2, padding 1, output padding 1) doubles H and W; the
-    shortcut upsamples with nearest neighbours and matches the channels with a 1x1 convolution.
+    shortcut upsamples with nearest neighbours and matches the channels with a 1x1 convolution,
+    or (``transposed_shortcut``, the paper's code) is a 1x1 transposed convolution of stride 2,
+    which fills one pixel in four and leaves the others 0.
     """
 
-    def __init__(self, in_channels, out_channels):
+    def __init__(self, in_channels, out_channels, transposed_shortcut=False):
         super().__init__()
         self.tconv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1,
                                         output_padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'),
-                                      conv1x1(in_channels, out_channels),
-                                      nn.BatchNorm2d(out_channels))
+        resample = ([nn.ConvTranspose2d(in_channels, out_channels, 1, stride=2, output_padding=1, bias=False)]
+                    if transposed_shortcut else
+                    [nn.Upsample(scale_factor=2, mode='nearest'), conv1x1(in_channels, out_channels)])
+        self.shortcut = nn.Sequential(*resample, nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.tconv(x)))
@@ -169,11 +182,13 @@ def make_final_activation(name):
     return activations[name]()
 
 
-def init_resnet_parameters(model):
-    """Standard ResNet initialisation: Kaiming normal (fan_out, ReLU) for (transposed)
-    convolutions with zero bias, weight 1 and bias 0 for BN (linear layers keep PyTorch's)."""
+def init_resnet_parameters(model, transposed=True):
+    """Standard ResNet initialisation: Kaiming normal (fan_out, ReLU) for convolutions, and for
+    transposed ones unless ``transposed`` is False (the paper's code: they keep PyTorch's), with
+    zero bias, weight 1 and bias 0 for BN (linear layers keep PyTorch's)."""
+    kaiming = (nn.Conv2d, nn.ConvTranspose2d) if transposed else nn.Conv2d
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(m, kaiming):
             nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -202,12 +217,16 @@ class ResNetEncDec(nn.Module):
     """
 
     def __init__(self, num_classes=1, in_channels=3, pool=True, preact=False,
-                 final_activation='identity', dropout_rate=0.0):
+                 final_activation='identity', dropout_rate=0.0, paper_network=False):
         super().__init__()
         num_classes = _check_int('num_classes', num_classes, 1)
         in_channels = _check_int('in_channels', in_channels, 1)
         pool = _check_bool('pool', pool)
         preact = _check_bool('preact', preact)
+        paper_network = _check_bool('paper_network', paper_network)
+        if paper_network and preact:
+            raise ValueError("paper_network builds the paper's post-activation network; preact=True is "
+                             "this project's pre-activation variant, which the paper's code does not have")
         if final_activation not in FINAL_ACTIVATIONS:
             raise ValueError(f"final_activation must be one of {FINAL_ACTIVATIONS}, "
                              f"got {final_activation!r}")
@@ -217,27 +236,33 @@ class ResNetEncDec(nn.Module):
         self.config = dict(num_classes=num_classes, in_channels=in_channels, pool=pool,
                            preact=preact, final_activation=final_activation,
                            dropout_rate=float(dropout_rate))
+        if paper_network:  # only where set: the configs of earlier models stay as they were
+            self.config['paper_network'] = True
         self.size_multiple = SIZE_MULTIPLE if pool else SIZE_MULTIPLE // 2
 
         self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
-        self.bottleneck = nn.Sequential(conv_bn_relu_1x1(STAGE_CHANNELS[-1], 256),
-                                        conv_bn_relu_1x1(256, 128))
+        if paper_network:
+            self.bottleneck = nn.Sequential(conv1x1(STAGE_CHANNELS[-1], 256), nn.ReLU(inplace=True),
+                                            conv1x1(256, 128), nn.ReLU(inplace=True))
+        else:
+            self.bottleneck = nn.Sequential(conv_bn_relu_1x1(STAGE_CHANNELS[-1], 256),
+                                            conv_bn_relu_1x1(256, 128))
         decoder, channels = [], 128
         for out_channels in DECODER_CHANNELS:
-            decoder.append(UpBlock(channels, out_channels))
+            decoder.append(UpBlock(channels, out_channels, transposed_shortcut=paper_network))
             if dropout_rate > 0:
                 decoder.append(nn.Dropout2d(dropout_rate))
             channels = out_channels
         if pool:
-            decoder.append(nn.Upsample(scale_factor=2, mode='bilinear', align_corners=False))
+            decoder.append(nn.Upsample(scale_factor=2, mode='bilinear', align_corners=paper_network))
         decoder.append(nn.ConvTranspose2d(channels, num_classes, 7, stride=2, padding=3,
-                                          output_padding=1))
+                                          output_padding=1, bias=not paper_network))
         self.decoder = nn.Sequential(*decoder)
         self.final_activation = make_final_activation(final_activation)
         self.reset_parameters()
 
     def reset_parameters(self):
-        init_resnet_parameters(self)
+        init_resnet_parameters(self, transposed=not self.config.get('paper_network', False))
 
     def logits(self, x):
         """The map before the final activation (what BCE trains on: the sigmoid's logits)."""
@@ -253,11 +278,12 @@ class ResNetEncDec(nn.Module):
 
 
 def resnet18_enc_dec(num_classes=1, in_channels=3, pool=True, preact=False,
-                     final_activation='identity', dropout_rate=0.0):
-    """NSA's ResNet-18 encoder-decoder: B x in_channels x H x W -> B x num_classes x H x W."""
+                     final_activation='identity', dropout_rate=0.0, paper_network=False):
+    """NSA's ResNet-18 encoder-decoder: B x in_channels x H x W -> B x num_classes x H x W
+    (``paper_network``: the paper's code's layers exactly, see the module docstring)."""
     return ResNetEncDec(num_classes=num_classes, in_channels=in_channels, pool=pool,
                         preact=preact, final_activation=final_activation,
-                        dropout_rate=dropout_rate)
+                        dropout_rate=dropout_rate, paper_network=paper_network)
 
 
 class ResNetClassifier(nn.Module):

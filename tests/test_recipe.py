@@ -716,6 +716,7 @@ def test_small_category_searches_nothing_and_keeps_the_last_weights_and_says_so(
                                                 'combine with weight averaging (--swa-epochs 2)'),
     (['--val-fraction', '0.1', '--swa-epochs', '2'], '--val-fraction 0.1 scores each epoch\'s weights, and '
                                                      'weight averaging (--swa-epochs 2) keeps their average'),
+    (['--paper-network', '--preact'], "--paper-network builds the paper's post-activation network"),
 ])
 def test_recipe_options_are_checked_before_anything_is_written(tiny_mvtec, tmp_path, capsys,
                                                                 argv, expected):

@@ -161,6 +161,7 @@ def test_dropout_only_in_training():
     dict(),
     dict(num_classes=2, in_channels=1, pool=False, preact=True, final_activation='sigmoid',
          dropout_rate=0.25),
+    dict(paper_network=True, in_channels=1),
 ])
 @pytest.mark.slow
 def test_build_model_from_config_rebuilds_architecture(kwargs):
@@ -201,6 +202,33 @@ def test_classifier_gives_logits_and_rebuilds_from_its_config():
         torch.testing.assert_close(model(x), rebuilt(x))
     with pytest.raises(KeyError, match="unknown model arch 'vit'"):
         build_model(dict(config, arch='vit'))
+
+
+def test_paper_network_has_the_paper_codes_layers():
+    """The paper's code's ResNetEncDec (ResNet-18, uplayers [1, 1, 1]): 11,497,712 parameters for
+    three input channels; no BN in the bottleneck, 1x1 stride-2 transposed shortcuts that fill one
+    pixel in four, bilinear upsampling with align_corners, no bias in the last transposed
+    convolution, PyTorch's own initialisation of the transposed ones."""
+    torch.manual_seed(0)
+    paper, ours = resnet18_enc_dec(paper_network=True), resnet18_enc_dec()
+    assert sum(p.numel() for p in paper.parameters()) == 11_497_712
+    assert sum(p.numel() for p in ours.parameters()) == 11_497_712 + 2 * (256 + 128) + 1  # BN, bias
+    assert 'paper_network' not in ours.config and paper.config['paper_network'] is True
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in paper.bottleneck)
+    block = paper.decoder[0]
+    tconv = block.shortcut[0]
+    assert isinstance(tconv, torch.nn.ConvTranspose2d) and tconv.stride == (2, 2) and tconv.kernel_size == (1, 1)
+    with torch.no_grad():
+        resampled = tconv(torch.randn(1, 128, 4, 4))
+    assert resampled.shape[-2:] == (8, 8) and resampled[..., 0::2, 0::2].all()
+    assert not resampled[..., 1::2, :].any() and not resampled[..., :, 1::2].any()
+    upsample, last = paper.decoder[-2], paper.decoder[-1]
+    assert upsample.align_corners is True and last.bias is None and ours.decoder[-1].bias is not None
+    # PyTorch's default (kaiming uniform, a=sqrt(5)): bound 1 / sqrt(fan_in), far below Kaiming normal's
+    bound = 1 / (last.weight.shape[1] * 7 * 7) ** 0.5
+    assert last.weight.abs().max() <= bound
+    with pytest.raises(ValueError, match="paper_network builds the paper's post-activation network"):
+        resnet18_enc_dec(paper_network=True, preact=True)
 
 
 def test_initialisation_is_standard_resnet():
