@@ -16,7 +16,9 @@ from self_sup_data.transforms import normalization
 class ImageInputModel(nn.Module):
     """``model`` applied to images ``N x C x H x W`` of values 0..255 (uint8 or float): divided
     by 255 and normalised as training normalises (``self_sup_data.transforms.to_image_tensor``),
-    then the model, whose final activation (the sigmoid of NSA's settings) gives the map."""
+    then the model, whose final activation (the sigmoid of NSA's settings) gives the map; the
+    activation is applied to float32 logits, also under bfloat16 autocast (a bfloat16 sigmoid
+    rounds everything above about 0.998 to 1)."""
 
     def __init__(self, model, channels):
         super().__init__()
@@ -27,7 +29,7 @@ class ImageInputModel(nn.Module):
 
     def forward(self, images):
         x = images.float().div(255)
-        return self.model((x - self.mean) / self.std)
+        return self.model.final_activation(self.model.logits((x - self.mean) / self.std).float())
 
 
 def model_spec(meta):

@@ -318,3 +318,24 @@ def test_end_to_end_on_a_trained_model(category, tmp_path):
     for map_, file in zip(expected, dataset.paths):
         row = pd.read_csv(out / 'scores.csv').set_index('file').loc[file]
         np.testing.assert_array_equal(np.load(out / 'maps' / f"{row['output']}.npy"), map_)
+
+
+def test_bfloat16_inference_applies_the_sigmoid_to_float32_logits():
+    """Under bfloat16 autocast only the network runs in bfloat16: a bfloat16 sigmoid would round
+    every value above about 0.998 to 1, collapsing the most anomalous pixels onto a few values."""
+    import torch
+    from experiments.torch_model import TorchRunner
+    from models.resnet import resnet18_enc_dec
+    from self_sup_data.transforms import normalization
+    torch.manual_seed(0)
+    model = resnet18_enc_dec(in_channels=3, final_activation='sigmoid').eval()
+    with torch.no_grad():
+        model.decoder[-1].bias.fill_(4)  # confident maps: most values near 1
+    batch = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in normalization(3))
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        logits = model.logits((torch.from_numpy(batch).float() / 255 - mean) / std)
+    expected = torch.sigmoid(logits.float())[:, 0].numpy()
+    maps = TorchRunner(model, 3, bf16=True)(batch)
+    np.testing.assert_allclose(maps, expected, rtol=0, atol=1e-6)
+    assert len(np.unique(maps[maps > 0.99])) > 100
