@@ -90,6 +90,7 @@ LOGIT_LOSSES = ('bce', 'bce-bf16')
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_minutes',
                   'figure_every', 'figures', 'progress', 'compile')
 NUM_FIGURE_SAMPLES = 4
+BATCH_NORM_MESSAGE = 'Expected more than 1 value per channel'  # batch norm's error on one value
 SELECTIONS = ('last', 'best')
 # meta entries that the training scripts added later: a checkpoint written without one is not
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
@@ -729,8 +730,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             try:
                 images, labels, preds, loss = train_step(module, optimizer, config.loss,
                                                          images, labels, device, config.bf16)
-            except ValueError as error:  # batch norm's, on a batch of one image
-                if len(images) > 1:
+            except (ValueError, RuntimeError) as error:  # batch norm's, on a batch of one image
+                if len(images) > 1 or (not isinstance(error, ValueError)  # under torch.compile
+                                       and BATCH_NORM_MESSAGE not in str(error)):
                     raise
                 raise RunError(
                     f"run {name!r}: a batch of one image cannot be trained ({error}): batch norm "

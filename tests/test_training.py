@@ -663,3 +663,17 @@ def test_compiled_step_learns_what_the_eager_step_learns(tmp_path):
     assert a.keys() == b.keys()  # the compiled wrapper leaves the saved names alone
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize('message,named', [
+    (f'TorchRuntimeError: RuntimeError when making fake tensor call: {training.BATCH_NORM_MESSAGE} '
+     'when training, got input size torch.Size([1, 512, 1, 1])', True),  # batch norm under torch.compile
+    ('CUDA out of memory', False),  # any other error: as it is
+])
+def test_batch_norms_error_under_compile_is_named_as_without_it(tmp_path, monkeypatch, message, named):
+    def failing_step(*args, **kwargs):
+        raise RuntimeError(message)
+    monkeypatch.setattr(training, 'train_step', failing_step)
+    with pytest.raises(training.RunError if named else RuntimeError) as error:
+        train(fresh_model(), SquaresDataset(n=1), config(epochs=1, batch_size=1), tmp_path, 'toy')
+    assert ("a batch of one image cannot be trained" in str(error.value)) == named
