@@ -117,6 +117,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     device = resolve_device(device)
     if test_name is None:
         test_name = Path(anomalous_list).stem if isinstance(anomalous_list, (str, Path)) else DATASET
+    if not test_name.strip() or test_name in ('.', '..') or any(sep in test_name for sep in '/\\'):
+        raise ValueError(f"--name must name the test set (a table row and a figure's file name), got {test_name!r}")
     # a missing, empty or contradictory list is the command's error, not each row's
     test_names = [read_file_list(file_list) for file_list in (normal_list, anomalous_list)]
     check_test_lists(*test_names, list_label(normal_list, 'normal'),

@@ -191,6 +191,17 @@ def prepare_output_dir(path):
     return path
 
 
+def check_output_dir(path):
+    """OSError naming ``path`` when it cannot become an output folder: a file, or under a file or
+    a folder that cannot be written; nothing is created (see ``prepare_output_dir``)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write to output folder {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to output folder {path}: {existing} is not writable")
+
+
 INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
@@ -404,6 +415,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         if args.batch_size < 1:
             raise ValueError(f'--batch-size must be a positive integer, got {args.batch_size}')
         resolve_device(args.device)
+        check_output_dir(args.out_dir)
         remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         records = evaluate(figure_dir)
@@ -444,8 +456,9 @@ def report_problems(records):
         print(f'note: {category}: {reason} (NaN in the tables)', file=sys.stderr)
     failed = [record for record in records if isinstance(record.get('error'), str)]
     if failed:
-        print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables, reason '
-              f'in the error column of results.csv):', file=sys.stderr)
+        print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables; each below, '
+              f'with its reason, also in the error column of results.csv where it was written):',
+              file=sys.stderr)
         for record in failed:
             print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
                   f"({record['checkpoint']}): {record['error']}", file=sys.stderr)

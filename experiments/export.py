@@ -79,8 +79,9 @@ def export(model_path, fmt='onnx', out_path=None, dynamic_size=False):
         raise ValueError(f'unknown export format {fmt!r}; valid: {list(FORMATS)}')
     model_path = Path(model_path)
     out_path = Path(out_path) if out_path else model_path.with_name(model_path.stem + FORMATS[fmt])
-    if fmt == 'onnx' and out_path.suffix.lower() != '.onnx':
-        raise ValueError(f'an ONNX export is loaded by its suffix: name it *.onnx, not {out_path}')
+    if (fmt == 'onnx') != (out_path.suffix.lower() == '.onnx'):
+        raise ValueError(f'an export is loaded by its suffix: name an ONNX export *.onnx and a TorchScript '
+                         f'one anything else, not {out_path} for --format {fmt}')
     if out_path.exists() and model_path.exists() and out_path.samefile(model_path):
         raise ValueError(f'the export would replace the model it is made from ({model_path}); '
                          f'choose another -o')

@@ -263,7 +263,8 @@ def read_results(path):
     integer or None seeds and checkpoints, NaN for an empty metric, no ``error`` or other text
     entry where its cell is empty); ValueError naming ``path`` when it cannot be read or lacks the KEY_COLUMNS."""
     try:
-        frame = _keyed_frame(pd.read_csv(path).to_dict('records'))
+        frame = _keyed_frame(pd.read_csv(path, keep_default_na=False, na_values=[''],  # a category 'NA'
+                                         dtype={'category': str, 'kind': str, 'setting': str}).to_dict('records'))
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise ValueError(f'cannot read the results {path}: {error}') from None
     text = [name for name in frame.columns

@@ -192,7 +192,7 @@ def resolve_device(name=None):
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type not in ('cpu', 'cuda'):
+    if device.type not in ('cpu', 'cuda') or (device.type == 'cpu' and device.index is not None):
         raise ValueError(f"device {name!r}: this project runs on 'cpu', 'cuda' or 'cuda:N'")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")

@@ -303,6 +303,11 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
             f"is listed once") in message and not fresh.exists()
     message = run_error(train_chest_xray.main, base + ['-l', str(tmp_path / 'nolist.txt')], capsys)
     assert 'nolist.txt' in message
+    listing.write_text('\n'.join(names) + '\n')  # a background over every pixel would train on no patch
+    message = run_error(train_chest_xray.main, base[:5] + [str(fresh)] + base[6:]
+                        + ['-l', str(listing), '--background', '128', '200'], capsys)
+    assert 'background (128.0, 200.0) leaves no object pixel in 4 of 4 images' in message
+    assert not list(fresh.rglob('*.pt'))
     message = run_error(train_chest_xray.main, ['-s', 'CutPaste-3way'] + base[2:] + ['-l', str(listing)],
                         capsys)
     assert "'CutPaste-3way' trains a classifier" in message
@@ -388,8 +393,13 @@ def test_evaluation_options_are_refused_before_any_model_is_read(tmp_path, capsy
              '--batch-size must be a positive integer, got 0'),
             (chest_xray_tasks.main, chest + ['--batch-size', '-4'], '--batch-size must be a positive integer, got -4'),
             (chest_xray_tasks.main, chest + ['--device', 'mps'], "device 'mps': this project runs on"),
+            (chest_xray_tasks.main, chest + ['--device', 'cpu:1'], "device 'cpu:1': this project runs on"),
             (chest_xray_tasks.main, chest + ['--bbox-csv', str(tmp_path / 'boxes.cvs')],
-             f"the bounding-box table {tmp_path / 'boxes.cvs'} (--bbox-csv) does not exist")):
+             f"the bounding-box table {tmp_path / 'boxes.cvs'} (--bbox-csv) does not exist"),
+            (mvtec_tasks.main, ['-m', str(model_dir), '-d', str(data_dir), '-o', str(normal / 'out')],
+             f"cannot write to output folder {normal / 'out'}: {normal} is a file"),
+            (chest_xray_tasks.main, chest + ['--name', ''], "--name must name the test set"),
+            (chest_xray_tasks.main, chest + ['--name', '../up'], "--name must name the test set")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert expected in str(stop.value)

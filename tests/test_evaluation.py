@@ -179,12 +179,15 @@ def test_write_tables_csv_markdown_latex(tmp_path):
 def test_results_read_back_as_written(tmp_path):
     records = [record('a', 'texture', 'Shift', 0, 0.5) | dict(checkpoint='a.pt', pixel_auroc=math.nan),
                record('b', 'object', 'Shift+GDE', None, math.nan) | dict(checkpoint=None, error='E'),
-               record('c', 'object', 'FPI', 3, 0.25) | dict(checkpoint='c.pt', undefined='no masks')]
+               record('c', 'object', 'FPI', 3, 0.25) | dict(checkpoint='c.pt', undefined='no masks'),
+               record('NA', 'texture', 'FPI', 1, 0.75) | dict(checkpoint='None')]  # names pandas reads as missing
     tables.write_results(records, tmp_path / 'results.csv')
     read = tables.read_results(tmp_path / 'results.csv')
-    assert [r['seed'] for r in read] == [0, None, 3] and [r['checkpoint'] for r in read] == ['a.pt', None, 'c.pt']
-    assert [r.get('error') for r in read] == [None, 'E', None]
-    assert [r.get('undefined') for r in read] == [None, None, 'no masks']
+    assert [r['seed'] for r in read] == [0, None, 3, 1]
+    assert [r['checkpoint'] for r in read] == ['a.pt', None, 'c.pt', 'None']
+    assert [r['category'] for r in read] == ['a', 'b', 'c', 'NA']
+    assert [r.get('error') for r in read] == [None, 'E', None, None]
+    assert [r.get('undefined') for r in read] == [None, None, 'no masks', None]
     assert read[0]['image_auroc_mean'] == 0.5 and math.isnan(read[0]['pixel_auroc'])
     assert tables.build_tables(read, ['image_auroc_mean'])['image_auroc_mean'].equals(
         tables.build_tables(records, ['image_auroc_mean'])['image_auroc_mean'])

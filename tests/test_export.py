@@ -106,10 +106,12 @@ def test_export_errors_are_named(checkpoint, tmp_path, capsys):
     model = tmp_path / 'model.pt'
     model.write_bytes(checkpoint.read_bytes())
     for fmt, out in (('torchscript', model), ('onnx', tmp_path / '.' / 'model.pt')):
-        with pytest.raises(ValueError, match='would replace the model it is made from|name it'):
+        with pytest.raises(ValueError, match='would replace the model it is made from|name an ONNX'):
             export.export(model, fmt, out)
-    with pytest.raises(ValueError, match=r'name it \*.onnx, not .*model.onnx.pt'):
+    with pytest.raises(ValueError, match=r'name an ONNX export \*.onnx .* not .*model.onnx.pt for --format onnx'):
         export.export(model, 'onnx', tmp_path / 'model.onnx.pt')
+    with pytest.raises(ValueError, match=r'a TorchScript one anything else, not .*script.onnx for --format torchscript'):
+        export.export(model, 'torchscript', tmp_path / 'script.onnx')
     assert model.read_bytes() == checkpoint.read_bytes()
     onnx_file = tmp_path / 'model.onnx'
     onnx_file.write_bytes(b'an ONNX export, as far as the name says')
