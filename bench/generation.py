@@ -48,6 +48,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--n', type=int, default=200, help='samples per case (default 200)')
     args = parser.parse_args()
+    if args.n < 1:
+        parser.error(f'--n must be a positive integer, got {args.n}')
     cv2.setNumThreads(1)
     rng = np.random.default_rng(0)
     images = {channels: sample_images(channels) for channels in (3, 1)}

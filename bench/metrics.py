@@ -37,6 +37,10 @@ def main():
     parser.add_argument('--size', type=int, default=256)
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
+    for name, value, least in (('--num-maps', args.num_maps, 2), ('--size', args.size, 16),
+                               ('--repeats', args.repeats, 1)):
+        if value < least:
+            parser.error(f'{name} must be at least {least}, got {value}')
 
     masks, maps = blob_masks_and_maps(args.num_maps, args.size, np.random.default_rng(0))
     num_regions = ndimage.label(masks, structure=np.pad(np.ones((1, 3, 3)), ((1, 1), (0, 0), (0, 0))))[1]

@@ -41,6 +41,7 @@ figure beside the plain ones, as ``real_data_flip_average.md`` etc.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,18 @@ def parse_args(argv=None):
                         help='evaluate with each map averaged with that of the vertically flipped '
                              'image; writes real_data_flip_average.md etc.')
     args = parser.parse_args(argv)
+    # checked before any model is set aside for retraining (the training script checks them again)
+    for name, value, valid in (('--epochs', args.epochs, args.epochs >= 1),
+                               ('--batch-size', args.batch_size, args.batch_size >= 1),
+                               ('--workers', args.workers, args.workers >= 0),
+                               ('--lr', args.lr, 0 < args.lr < math.inf),
+                               ('--res-scale', args.res_scale, 0 < args.res_scale <= 4)):
+        if not valid:
+            parser.error(f'{name} out of range: {value}')
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     # absolute: the training runs from the repository's root, the rest from here
     args.data_dir, args.out = str(Path(args.data_dir).resolve()), str(Path(args.out).resolve())
     return args

@@ -152,7 +152,7 @@ def main(argv=None):
         return 1
     try:
         scores = score_models(args, resolve_device(args.device))
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     if len(scores) < 3:

@@ -320,8 +320,10 @@ def main(argv=None):
     """Run the list builder's command line; bad input ends with a one-line error and exit status 1."""
     parser = argparse.ArgumentParser(prog=PROG, description="Write normal/anomalous train/test file lists from "
                                                  "NIH ChestX-ray14's label table (split by patient).")
-    parser.add_argument('--csv', required=True, help="Data_Entry_2017.csv (or .csv.gz)")
-    parser.add_argument('--out', required=True, help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
+    from experiments.arguments import path_argument  # here: the data side needs no training code
+    parser.add_argument('--csv', type=path_argument, required=True, help="Data_Entry_2017.csv (or .csv.gz)")
+    parser.add_argument('--out', type=path_argument, required=True,
+                        help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
     parser.add_argument('--gender', choices=['M', 'F'], default=None, help="default: both")
     parser.add_argument('--min-age', type=int, default=18)
     parser.add_argument('--view', choices=['PA', 'AP', 'any'], default='PA')
@@ -329,7 +331,9 @@ def main(argv=None):
     parser.add_argument('--n-test-anom', type=int, default=150)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
-    from experiments.cli import exit_on_input_error  # here: the data side needs no training code
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
+    from experiments.cli import exit_on_input_error
     with exit_on_input_error(PROG):
         lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age,
                                  view=None if args.view == 'any' else args.view,

@@ -235,3 +235,15 @@ def test_relative_paths_mean_the_same_folders_to_the_training_run(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     args = real_data.parse_args(['--data-dir', 'data', '--out', 'out'])
     assert (args.data_dir, args.out) == (str(tmp_path / 'data'), str(tmp_path / 'out'))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--epochs', '0'], '--epochs out of range: 0'),
+    (['--lr', 'nan'], '--lr out of range: nan'),
+    (['--res-scale', '0'], '--res-scale out of range: 0.0'),
+    (['--device', 'gpu'], "unknown device 'gpu'"),
+])
+def test_bad_budgets_are_refused_before_any_model_is_set_aside(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        real_data.parse_args(['--data-dir', 'data', '--out', 'out'] + argv)
+    assert message in capsys.readouterr().err

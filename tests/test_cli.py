@@ -361,6 +361,16 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
     assert len(trained) == 3  # the note does not stop training
 
 
+@pytest.mark.parametrize('module', ['self_sup_data.demo', 'self_sup_data.chest_xray'])
+def test_a_negative_seed_of_the_data_commands_is_refused_before_anything_is_written(module, tmp_path, capsys):
+    import importlib
+    argv = [str(tmp_path / 'out')] if module.endswith('demo') else ['--csv', 'table.csv', '--out', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(argv + ['--seed', '-1'])
+    assert '--seed must be 0 or more, got -1' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('command, argv', [
     ('train_mvtec.py', ['-s', 'Shift', '-o', '']),
     ('train_chest_xray.py', ['-s', 'Shift', '-d', ' ', '-l', 'list.txt', '-o', 'out']),
@@ -369,6 +379,9 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
     ('experiments.mvtec_tasks', ['-m', 'models', '-d', 'data', '-o', '']),
     ('experiments.thresholds', ['-m', '']),
     ('experiments.export', ['-m', 'model.pt', '-o', '']),
+    ('self_sup_data.demo', ['']),
+    ('self_sup_data.magnetic_tile', ['source', '']),
+    ('self_sup_data.chest_xray', ['--csv', 'Data_Entry_2017.csv', '--out', '']),
 ])
 def test_an_empty_path_is_refused_by_its_flag(command, argv, tmp_path, capsys, monkeypatch):
     """An unset shell variable (-o "$OUT") would otherwise mean the current folder."""
