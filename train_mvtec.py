@@ -45,7 +45,8 @@ from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_
                                  load_validation_set, train_files)
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
-from self_sup_data.validation import MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION, holdout_indices
+from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
+                                      NoObjectPixelError, holdout_indices)
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
@@ -331,9 +332,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                                  args.kind, channels=dataset.in_channels, layout=layout,
                                                  bit_depth=dataset.bit_depth,
                                                  background=validation_background)
-        except ValueError as error:
-            if validation_background is None:
-                raise
+        except NoObjectPixelError as error:
             raise ValueError(f"category {category!r}, "
                              f"{background_source('background' in overrides)}: {error}") from None
     calibration = None
@@ -353,9 +352,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
     if len(dataset.images) == 1 and views is None and not self_sup_args.get('same'):
-        held = f" ({len(held_out)} held out for validation)" if held_out.size else ''
-        print(f"{PROG}: {category}: note: one training image{held}: its patches come from the image "
-              f"itself, where {setting.key} takes them from another image")
+        print(f"{PROG}: {category}: note: one training image: its patches come from the image itself, "
+              f"where {setting.key} takes them from another image")
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
                             num_classes=None if views is None else views.num_classes)
     config = dataclasses.replace(

@@ -46,6 +46,11 @@ MIN_CONTRAST = 8.0
 MAX_DRAWS = 20
 
 
+class NoObjectPixelError(ValueError):
+    """A held-out image in which the category's background leaves no object pixel to draw a
+    defect on."""
+
+
 def holdout_indices(num_images, fraction, seed):
     """Sorted indices of the ``round(fraction * num_images)`` (at least one) held-out images, drawn
     by ``seed``; empty when ``fraction`` is 0 or there are fewer than MIN_VALIDATION_IMAGES."""
@@ -214,7 +219,7 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
         on = None if background is None else object_mask(part, background)
         name = f'{names[index]}' if names is not None else f'image {index}'
         if on is not None and not on.any():
-            raise ValueError(f"held-out validation image {name}: background {background!r} leaves no "
+            raise NoObjectPixelError(f"held-out validation image {name}: background {background!r} leaves no "
                              f"object pixel in the part of it that models score; check the background or "
                              f"choose other held-out images (--val-seed)")
         try:
