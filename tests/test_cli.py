@@ -364,7 +364,8 @@ def test_bf16_on_a_cpu_without_bf16_instructions_gets_a_note_before_training(
 @pytest.mark.parametrize('module', ['self_sup_data.demo', 'self_sup_data.chest_xray'])
 def test_a_negative_seed_of_the_data_commands_is_refused_before_anything_is_written(module, tmp_path, capsys):
     import importlib
-    argv = [str(tmp_path / 'out')] if module.endswith('demo') else ['--csv', 'table.csv', '--out', str(tmp_path / 'out')]
+    out = str(tmp_path / 'out')
+    argv = [out] if module.endswith('demo') else ['--csv', 'table.csv', '--out', out]
     with pytest.raises(SystemExit):
         importlib.import_module(module).main(argv + ['--seed', '-1'])
     assert '--seed must be 0 or more, got -1' in capsys.readouterr().err

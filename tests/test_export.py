@@ -110,7 +110,8 @@ def test_export_errors_are_named(checkpoint, tmp_path, capsys):
             export.export(model, fmt, out)
     with pytest.raises(ValueError, match=r'name an ONNX export \*.onnx .* not .*model.onnx.pt for --format onnx'):
         export.export(model, 'onnx', tmp_path / 'model.onnx.pt')
-    with pytest.raises(ValueError, match=r'a TorchScript one anything else, not .*script.onnx for --format torchscript'):
+    with pytest.raises(ValueError, match=r'a TorchScript one anything else, not .*script.onnx for --format '
+                                         r'torchscript'):
         export.export(model, 'torchscript', tmp_path / 'script.onnx')
     assert model.read_bytes() == checkpoint.read_bytes()
     onnx_file = tmp_path / 'model.onnx'
