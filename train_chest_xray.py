@@ -20,7 +20,8 @@ from experiments.cli import (add_training_arguments, check_training_options, exi
                              refuse_twin_run, train_config, train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
-from self_sup_data.self_sup_tasks import GENERATOR_VERSION, check_object_pixels
+from self_sup_data.recipe import check_object_pixels
+from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
 CATEGORY = 'chest_xray'
@@ -87,7 +88,7 @@ def prepare_run(args, setting, params):
     dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
                                self_sup_args=self_sup_args, seed=seed)
     if self_sup_args.get('skip_background') is not None:  # a background over every pixel: no patch
-        check_object_pixels(dataset.images, self_sup_args['skip_background'], dataset.paths)
+        check_object_pixels(dataset.images, self_sup_args['skip_background'], CATEGORY)
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed)
     config = train_config(args, epochs=settings.training_epochs(params, args.ellipse),
