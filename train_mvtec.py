@@ -212,15 +212,21 @@ POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 def earlier_results(eval_dir, setting, categories):
     """The results in ``eval_dir/results.csv`` that an evaluation of ``setting`` on ``categories``
     does not redo: those of other categories and settings whose checkpoint is still there, so that
-    runs of several settings or categories into one output folder leave one table of them all. A
-    results file that cannot be read gives a warning line and none."""
+    runs of several settings or categories into one output folder leave one table of them all (a
+    note counts those whose model is gone). A results file that cannot be read gives a warning line
+    and none."""
     redone = {(category, setting.seedless_key) for category in categories}
     try:
-        return tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
+        kept, gone = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
             record['category'], record['setting'].partition('+')[0]) in redone)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
+    missing = [record for record in gone if record.get('checkpoint') is not None]
+    if missing:
+        print(f"{PROG}: note: {len(missing)} earlier results left out of the tables: their models are no "
+              f"longer at the paths recorded, e.g. {missing[0]['checkpoint']}")
+    return kept
 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):

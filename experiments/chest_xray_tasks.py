@@ -181,8 +181,13 @@ def write_report(records, out_dir, percent=False):
     cannot be read gives a warning); returns the tables ``{metric: DataFrame}``."""
     tested = {record['category'] for record in records}
     try:
-        records = records + tables.earlier_results(Path(out_dir) / 'results.csv',
-                                                   lambda record: record['category'] in tested)
+        kept, gone = tables.earlier_results(Path(out_dir) / 'results.csv',
+                                            lambda record: record['category'] in tested)
+        records = records + kept
+        missing = [record for record in gone if record.get('checkpoint') is not None]
+        if missing:
+            warnings.warn(f"{len(missing)} earlier results left out of the tables: their models are no "
+                          f"longer at the paths recorded, e.g. {missing[0]['checkpoint']}")
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)

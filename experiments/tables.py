@@ -280,13 +280,18 @@ def read_results(path):
 
 
 def earlier_results(path, redone):
-    """The records of an earlier results file ``path`` (``read_results``; none where there is no
-    file) that ``redone(record)`` does not claim and whose checkpoint is still there: the results
-    that an evaluation into the same folder keeps beside its own."""
+    """(kept, gone) of an earlier results file ``path`` (``read_results``; none where there is no
+    file), of the records that ``redone(record)`` does not claim: those whose checkpoint is still
+    there, which an evaluation into the same folder keeps beside its own, and those whose checkpoint
+    is gone (or that had none: a requested pair without a model), which it leaves out."""
     if not Path(path).is_file():
-        return []
-    return [record for record in read_results(path) if not redone(record)
-            and record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()]
+        return [], []
+    kept, gone = [], []
+    for record in read_results(path):
+        if not redone(record):
+            there = record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()
+            (kept if there else gone).append(record)
+    return kept, gone
 
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
