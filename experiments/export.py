@@ -5,7 +5,7 @@
 The exported network is ``experiments.torch_model.ImageInputModel``: input ``images``, a uint8
 batch ``N x C x H x W`` of values 0..255 (C: the model's channels), prepared as
 ``experiments.inference`` prepares it (resized to the model's side, then the central crop for
-objects or reflect padding to a multiple of 32 for textures); the normalisation and the final
+objects and chest X-rays or reflect padding to a multiple of 32 for textures); the normalisation and the final
 activation (NSA's sigmoid) are inside; output ``maps``, float32 ``N x 1 x H x W``. The batch size
 is dynamic. The image size of an ONNX file is the model's input size (``input_size``) unless
 ``--dynamic-size`` (any multiple of 32); a TorchScript file takes any multiple of 32. Neither of
@@ -40,7 +40,7 @@ EXAMPLE_BATCH = 2
 
 
 def input_size(spec):
-    """The side of the network's input: the crop (objects) or the side rounded up to a multiple
+    """The side of the network's input: the crop (objects, chest X-rays) or the side rounded up to a multiple
     of ``spec['size_multiple']`` (textures)."""
     if spec['crop'] is not None:
         return spec['crop']

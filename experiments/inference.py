@@ -7,8 +7,9 @@ How a model's images are prepared is its *spec*, a dict of plain values (built f
 checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported files):
 
     side                every image is resized to ``side x side`` (the category's test side)
-    crop                objects: the side of the central square that is predicted (the map is
-                        zero outside it); None for textures, which are predicted whole
+    crop                objects and chest X-rays: the side of the central square that is
+                        predicted (the map is zero outside it); None for textures, which are
+                        predicted whole
     size_multiple       textures: reflect-padded at the bottom and right up to a multiple of it
     channels            1 or 3: images of the other kind are converted (``to_channels``: colour
                         -> luminance, grey -> three equal channels)
@@ -31,13 +32,16 @@ from self_sup_data.images import resize, to_channels
 
 def as_image(image, name='image'):
     """``image`` as uint8 ``H x W x C`` (C = 1 or 3; ``H x W`` is grey); ValueError naming
-    ``name`` for another type or channel count."""
+    ``name`` for another type or channel count, or an empty image."""
     image = np.asarray(image)
+    shape = image.shape
     if image.ndim == 2:
         image = image[:, :, None]
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f'{name} must be a uint8 array H x W, H x W x 1 or H x W x 3 '
-                         f'(grey or RGB), got {image.dtype} of shape {image.shape}')
+                         f'(grey or RGB), got {image.dtype} of shape {shape}')
+    if image.size == 0:
+        raise ValueError(f'{name} is empty (shape {shape})')
     return image
 
 
@@ -48,7 +52,8 @@ def prepare(image, spec):
 
 
 def network_input(image, spec):
-    """The network's input for a prepared image: its central ``spec['crop']`` square (objects),
+    """The network's input for a prepared image: its central ``spec['crop']`` square (objects,
+    chest X-rays),
     or the image reflect-padded at the bottom and right to multiples of ``spec['size_multiple']``
     (textures) -> uint8 ``C x H x W``."""
     height, width = image.shape[:2]
@@ -64,7 +69,7 @@ def network_input(image, spec):
 
 def map_from_output(output, spec):
     """Inverse of ``network_input`` for a map ``H x W`` of the network: zero outside the crop
-    (objects) or cropped to the prepared image (textures) -> float32 ``side x side``."""
+    (objects, chest X-rays) or cropped to the prepared image (textures) -> float32 ``side x side``."""
     side = spec['side']
     if spec['crop'] is None:
         return output[:side, :side]

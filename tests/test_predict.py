@@ -120,8 +120,11 @@ def test_channels_are_converted_and_bad_arrays_named(category, tmp_path):
     np.testing.assert_array_equal(maps[1], maps[2])
     with pytest.raises(ValueError, match=r'image 1 must be a uint8 array .* got uint8 of shape \(8, 8, 4\)'):
         detector.predict([grey, np.zeros((8, 8, 4), np.uint8)])
-    with pytest.raises(ValueError, match='image 0 must be a uint8 array'):
-        detector.predict([grey.astype(np.float32)])
+    with pytest.raises(ValueError, match=r'image 0 must be a uint8 array .* got float32 of shape \(50, 40\)'):
+        detector.predict([np.zeros((50, 40), np.float32)])  # the shape as given
+    for empty in (np.zeros((0, 40), np.uint8), np.zeros((0, 0, 1), np.uint8)):
+        with pytest.raises(ValueError, match=r'image 1 is empty \(shape \(0, '):
+            detector.predict([grey, empty])
 
 
 @pytest.fixture
