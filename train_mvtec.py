@@ -213,19 +213,17 @@ def earlier_results(eval_dir, setting, categories):
     """The results in ``eval_dir/results.csv`` that an evaluation of ``setting`` on ``categories``
     does not redo: those of other categories and settings whose checkpoint is still there, so that
     runs of several settings or categories into one output folder leave one table of them all (a
-    note counts those whose model is gone). A results file that cannot be read gives a warning line
-    and none."""
+    note counts those whose model is gone or was trained again since). A results file that cannot be
+    read gives a warning line and none."""
     redone = {(category, setting.seedless_key) for category in categories}
     try:
-        kept, gone = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
+        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
             record['category'], record['setting'].partition('+')[0]) in redone)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
-    missing = [record for record in gone if record.get('checkpoint') is not None]
-    if missing:
-        print(f"{PROG}: note: {len(missing)} earlier results left out of the tables: their models are no "
-              f"longer at the paths recorded, e.g. {missing[0]['checkpoint']}")
+    if any(record.get('checkpoint') for record in left_out):
+        print(f"{PROG}: note: {tables.left_out_note(left_out)}")
     return kept
 
 

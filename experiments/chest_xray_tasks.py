@@ -154,7 +154,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
     def record(setting, seed, values, path=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
-                    **values, checkpoint=path and str(path))
+                    **values, checkpoint=path and str(Path(path).resolve()))
 
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
@@ -175,19 +175,18 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
 def write_report(records, out_dir, percent=False):
     """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
-    when some result has them) of ``records`` and of the other test sets' results already in
-    ``out_dir/results.csv`` whose checkpoints are still there (``tables.earlier_results``: test sets
-    evaluated one after another into one folder make one table, a row each; a results file that
-    cannot be read gives a warning); returns the tables ``{metric: DataFrame}``."""
-    tested = {record['category'] for record in records}
+    when some result has them) of ``records`` and of the other results already in
+    ``out_dir/results.csv`` (other test sets or settings) whose checkpoints are there as they were
+    (``tables.earlier_results``: test sets evaluated one after another into one folder make one
+    table, a row each; a results file that cannot be read gives a warning); returns the tables
+    ``{metric: DataFrame}``."""
+    tested = {(record['category'], record['setting']) for record in records}
     try:
-        kept, gone = tables.earlier_results(Path(out_dir) / 'results.csv',
-                                            lambda record: record['category'] in tested)
+        kept, left_out = tables.earlier_results(Path(out_dir) / 'results.csv',
+                                                lambda record: (record['category'], record['setting']) in tested)
         records = records + kept
-        missing = [record for record in gone if record.get('checkpoint') is not None]
-        if missing:
-            warnings.warn(f"{len(missing)} earlier results left out of the tables: their models are no "
-                          f"longer at the paths recorded, e.g. {missing[0]['checkpoint']}")
+        if any(record.get('checkpoint') for record in left_out):
+            warnings.warn(tables.left_out_note(left_out))
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)

@@ -142,7 +142,7 @@ def load_normal_set(data_dir, meta, layout=None):
 def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
                 setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.seed),
-                **values, checkpoint=None if path is None else str(path))
+                **values, checkpoint=None if path is None else str(Path(path).resolve()))
 
 
 def _undefined(one_class_name=None, error=None):

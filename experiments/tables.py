@@ -40,9 +40,16 @@ KEY_COLUMNS = ('category', 'kind', 'setting', 'seed')
 
 
 def results_frame(records):
-    """The long-format records as a DataFrame; checks the key columns and duplicates."""
+    """The long-format records as a DataFrame; checks the key columns, duplicates, and that each
+    category has one kind (its group: a category evaluated as an object and as a texture would be
+    one row, its cells mixing both)."""
     frame = _keyed_frame(records)
     _check_unique(frame)
+    kinds = frame.groupby('category')['kind'].agg(lambda kind: sorted(set(kind.fillna('other'))))
+    mixed = kinds[kinds.map(len) > 1]
+    if len(mixed):
+        raise ValueError(f'category {mixed.index[0]!r} has results of the kinds {mixed.iloc[0]}; '
+                         f'evaluate the models of each kind into a folder of its own')
     return frame
 
 
@@ -260,38 +267,49 @@ def write_results(records, path, tables_dir=None):
 
 def read_results(path):
     """The long-format records of a ``results.csv`` that ``write_results`` wrote (the inverse:
-    integer or None seeds and checkpoints, NaN for an empty metric, no ``error`` or other text
-    entry where its cell is empty); ValueError naming ``path`` when it cannot be read or lacks the KEY_COLUMNS."""
+    integer or None seeds, checkpoints and kinds; an empty cell of any other column is no entry,
+    as where the record had none or NaN); ValueError naming ``path`` when it cannot be read or
+    lacks the KEY_COLUMNS."""
     try:
         frame = _keyed_frame(pd.read_csv(path, keep_default_na=False, na_values=[''],  # a category 'NA'
                                          dtype={'category': str, 'kind': str, 'setting': str}).to_dict('records'))
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise ValueError(f'cannot read the results {path}: {error}') from None
-    text = [name for name in frame.columns
-            if name not in KEY_COLUMNS and not pd.api.types.is_numeric_dtype(frame[name])]
     records = []
     for row in frame.to_dict('records'):
-        record = {name: value for name, value in row.items() if not (name in text and pd.isna(value))}
+        record = {name: value for name, value in row.items() if name in KEY_COLUMNS or not pd.isna(value)}
         record['seed'] = None if pd.isna(row['seed']) else int(row['seed'])
-        if 'checkpoint' in row and pd.isna(row['checkpoint']):
-            record['checkpoint'] = None
+        for name in ('kind', 'checkpoint'):
+            if pd.isna(row.get(name)):
+                record[name] = None
         records.append(record)
     return records
 
 
 def earlier_results(path, redone):
-    """(kept, gone) of an earlier results file ``path`` (``read_results``; none where there is no
-    file), of the records that ``redone(record)`` does not claim: those whose checkpoint is still
-    there, which an evaluation into the same folder keeps beside its own, and those whose checkpoint
-    is gone (or that had none: a requested pair without a model), which it leaves out."""
+    """(kept, left_out) of an earlier results file ``path`` (``read_results``; none where there is
+    no file), of the records that ``redone(record)`` does not claim: those whose checkpoint is
+    still there as it was when ``path`` was written, which an evaluation into the same folder keeps
+    beside its own, and those whose checkpoint is gone or was written again since (retrained), or
+    that had none (a requested pair without a model), which it leaves out."""
     if not Path(path).is_file():
         return [], []
-    kept, gone = [], []
+    written = Path(path).stat().st_mtime
+    kept, left_out = [], []
     for record in read_results(path):
         if not redone(record):
-            there = record.get('checkpoint') is not None and Path(record['checkpoint']).is_file()
-            (kept if there else gone).append(record)
-    return kept, gone
+            checkpoint = record.get('checkpoint') and Path(record['checkpoint'])
+            there = bool(checkpoint) and checkpoint.is_file() and checkpoint.stat().st_mtime <= written
+            (kept if there else left_out).append(record)
+    return kept, left_out
+
+
+def left_out_note(left_out):
+    """What ``earlier_results`` left out of the tables, for a note: the results with a model."""
+    with_model = [record for record in left_out if record.get('checkpoint')]
+    return (f"{len(with_model)} earlier results left out of the tables: their models are gone or were "
+            f"written again since they were evaluated, e.g. {with_model[0]['checkpoint']}; evaluate them "
+            f"again (python -m experiments.mvtec_tasks or chest_xray_tasks)")
 
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):

@@ -188,12 +188,38 @@ def test_results_read_back_as_written(tmp_path):
     assert [r['category'] for r in read] == ['a', 'b', 'c', 'NA']
     assert [r.get('error') for r in read] == [None, 'E', None, None]
     assert [r.get('undefined') for r in read] == [None, None, 'no masks', None]
-    assert read[0]['image_auroc_mean'] == 0.5 and math.isnan(read[0]['pixel_auroc'])
+    assert read[0]['image_auroc_mean'] == 0.5 and 'pixel_auroc' not in read[0]  # NaN: no entry, as absent
+    assert read[1]['kind'] == 'object' and 'pixel_auroc' not in read[3]
     assert tables.build_tables(read, ['image_auroc_mean'])['image_auroc_mean'].equals(
         tables.build_tables(records, ['image_auroc_mean'])['image_auroc_mean'])
+    # a category with results of two kinds would be one row mixing both; two settings merged by the
+    # paper layout into one cell would look like two seeds
+    with pytest.raises(ValueError, match=r"category 'a' has results of the kinds \['object', 'texture'\]"):
+        tables.build_tables([records[0], record('a', 'object', 'Shift-M', 0, 0.5)], ['image_auroc_mean'])
+    both = [record('a', 'object', 'Shift', 0, 0.5), record('a', 'object', 'Shift-M', 0, 0.7),
+            record('b', 'texture', 'Shift-M', 0, 0.6), record('b', 'texture', 'Shift', 0, 0.6)]
+    assert tables.build_tables(both, ['image_auroc_mean'], paper_layout=True)  # a and b: one each
     (tmp_path / 'other.csv').write_text('a,b\n1,2\n')
     with pytest.raises(ValueError, match=f"cannot read the results {tmp_path / 'other.csv'}: .*missing"):
         tables.read_results(tmp_path / 'other.csv')
+
+
+def test_earlier_results_keep_only_models_unchanged_since(tmp_path):
+    import os
+    models = {name: tmp_path / f'{name}.pt' for name in ('same', 'retrained', 'gone')}
+    for path in models.values():
+        path.write_bytes(b'a model')
+    records = [record(name, 'texture', 'Shift', 0, 0.5) | dict(checkpoint=str(path)) for name, path in models.items()]
+    records.append(record('redone', 'texture', 'Shift', 0, 0.5) | dict(checkpoint=str(models['same'])))
+    tables.write_results(records, tmp_path / 'results.csv')
+    written = (tmp_path / 'results.csv').stat().st_mtime
+    os.utime(models['retrained'], (written + 10, written + 10))  # trained again after the evaluation
+    models['gone'].unlink()
+    kept, left_out = tables.earlier_results(tmp_path / 'results.csv', lambda r: r['category'] == 'redone')
+    assert [r['category'] for r in kept] == ['same']
+    assert [r['category'] for r in left_out] == ['retrained', 'gone']
+    assert tables.left_out_note(left_out).startswith('2 earlier results left out of the tables')
+    assert tables.earlier_results(tmp_path / 'none.csv', lambda r: False) == ([], [])
 
 
 def test_duplicate_results_remove_the_earlier_tables(tmp_path):
