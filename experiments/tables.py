@@ -40,16 +40,9 @@ KEY_COLUMNS = ('category', 'kind', 'setting', 'seed')
 
 
 def results_frame(records):
-    """The long-format records as a DataFrame; checks the key columns, duplicates, and that each
-    category has one kind (its group: a category evaluated as an object and as a texture would be
-    one row, its cells mixing both)."""
+    """The long-format records as a DataFrame; checks the key columns and ``_check_unique``."""
     frame = _keyed_frame(records)
     _check_unique(frame)
-    kinds = frame.groupby('category')['kind'].agg(lambda kind: sorted(set(kind.fillna('other'))))
-    mixed = kinds[kinds.map(len) > 1]
-    if len(mixed):
-        raise ValueError(f'category {mixed.index[0]!r} has results of the kinds {mixed.iloc[0]}; '
-                         f'evaluate the models of each kind into a folder of its own')
     return frame
 
 
@@ -65,8 +58,24 @@ def _keyed_frame(records):
     return frame
 
 
+def _failed(frame):
+    """Boolean Series: the rows of failed evaluations (an ``error`` text)."""
+    if 'error' not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame['error'].map(lambda error: isinstance(error, str))
+
+
 def _check_unique(frame):
-    """ValueError naming the first (category, setting, seed) with two results, and their checkpoints."""
+    """ValueError naming the first (category, setting, seed) with two results, and their
+    checkpoints, or the first category with results of two kinds (its group: a category evaluated
+    as an object and as a texture would be one row, its cells mixing both; failed results, whose
+    kind may be guessed from the name alone, are not counted)."""
+    evaluated = frame[~_failed(frame)]
+    kinds = evaluated.groupby('category')['kind'].agg(lambda kind: sorted(set(kind.fillna('other'))))
+    mixed = kinds[kinds.map(len) > 1]
+    if len(mixed):
+        raise ValueError(f'category {mixed.index[0]!r} has results of the kinds {mixed.iloc[0]}; '
+                         f'evaluate the models of each kind into a folder of its own')
     keys = pd.Series([f'{category}|{setting}|{seed}' for category, setting, seed
                       in zip(frame['category'], frame['setting'], frame['seed'])], index=frame.index)
     duplicated = keys.duplicated(keep=False)
@@ -151,7 +160,11 @@ def summarize(records, metric, paper_layout=False):
         columns = [c for c in frame.columns if c not in KEY_COLUMNS]
         raise KeyError(f'no metric {metric!r} in the results; they have {columns}')
     frame['kind'] = frame['kind'].fillna('other')
-    kind_of = dict(zip(frame['category'], frame['kind']))  # before merging: every category is a row
+    # before merging: every category is a row; an evaluated result's kind over a failed one's, which
+    # may be guessed from the name alone
+    failed = _failed(frame)
+    kind_of = dict(zip(frame['category'][failed], frame['kind'][failed]))
+    kind_of.update(zip(frame['category'][~failed], frame['kind'][~failed]))
     if paper_layout:
         frame = merge_paper_layout(frame)
     settings = list(dict.fromkeys(frame['setting']))

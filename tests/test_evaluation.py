@@ -199,6 +199,9 @@ def test_results_read_back_as_written(tmp_path):
     both = [record('a', 'object', 'Shift', 0, 0.5), record('a', 'object', 'Shift-M', 0, 0.7),
             record('b', 'texture', 'Shift-M', 0, 0.6), record('b', 'texture', 'Shift', 0, 0.6)]
     assert tables.build_tables(both, ['image_auroc_mean'], paper_layout=True)  # a and b: one each
+    failed = record('a', 'texture', 'FPI', 0, math.nan) | dict(error='cannot read checkpoint')  # kind by name
+    table = tables.build_tables(both + [failed], ['image_auroc_mean'])['image_auroc_mean']
+    assert ('object', 'a') in table.index and ('texture', 'a') not in table.index  # filed by its results
     (tmp_path / 'other.csv').write_text('a,b\n1,2\n')
     with pytest.raises(ValueError, match=f"cannot read the results {tmp_path / 'other.csv'}: .*missing"):
         tables.read_results(tmp_path / 'other.csv')
