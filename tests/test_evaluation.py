@@ -741,6 +741,16 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     assert list(table.index) == [('chest_xray', 'female'), ('chest_xray', 'male'), ('all', 'average')]
     assert ' ± ' in table.loc[('chest_xray', 'male'), 'Shift']  # as before: both seeds
     assert sorted(p.name for p in (out / 'figures').iterdir()) == ['female_Shift.png', 'male_Shift.png']
+    # another setting on the first test set: its other settings' results stay
+    from conftest import save_untrained_model
+    other = tmp_path / 'other_models'
+    save_untrained_model(other / 'fpi' / 'chest_xray' / 'final_chest_xray_fpi_1.pt',
+                         dict(dataset='chest_xray', setting='FPI-1', category='chest_xray', res=64, seed=1))
+    chest_xray_tasks.main(['-m', str(other), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
+                           str(anomalous), '--name', 'male', '--device', 'cpu', '--no-figures'])
+    results = pd.read_csv(out / 'results.csv')
+    assert sorted(zip(results['category'], results['setting'], results['seed'])) == [
+        ('female', 'Shift', 1), ('male', 'FPI', 1), ('male', 'Shift', 1), ('male', 'Shift', 2)]
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
