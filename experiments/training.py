@@ -686,9 +686,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         if averaged is not None:
             averaged.load_state_dict(checkpoint['averaged'])
         set_rng_state(checkpoint['rng'])
-        meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta})
+        meta.update({k: checkpoint['meta'][k] for k in RESUMED_FIELDS if k in meta and k in checkpoint['meta']})
         start_epoch = checkpoint['epoch']
-        meta['epoch_bf16'] = checkpoint['meta'].get('epoch_bf16', [None] * start_epoch)  # None: not recorded
+        if 'epoch_bf16' not in checkpoint['meta']:  # written before it was recorded
+            meta['epoch_bf16'] = [None] * start_epoch
         if writer and any(earlier is not None and earlier != autocast for earlier in meta['epoch_bf16']):
             print(f"{name}: note: resumed with bfloat16 autocast {'on' if autocast else 'off'}, which "
                   f"was {'off' if autocast else 'on'} in earlier epochs (the device or --bf16 changed): "

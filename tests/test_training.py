@@ -624,9 +624,11 @@ def test_resume_accepts_a_checkpoint_written_before_the_swa_fields(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     for field in ('swa_epochs', 'swa_lr'):
         del checkpoint['meta']['train_config'][field]
+    del checkpoint['meta']['epoch_bf16']  # nor the per-epoch autocast
     torch.save(checkpoint, path)
     meta = train(fresh_model(), SquaresDataset(), config(), tmp_path, 'toy', resume=True)
     assert len(meta['epoch_losses']) == 2
+    assert meta['epoch_bf16'] == [None, False]  # the resumed epoch's is not known
     with pytest.raises(ValueError, match='swa_epochs: 0 vs 1'):
         train(fresh_model(), SquaresDataset(), config(epochs=3, swa_epochs=1), tmp_path, 'toy',
               resume=True)
