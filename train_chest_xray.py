@@ -76,8 +76,9 @@ def plan(args):
 
 
 def listed_names_sha256(file_list):
-    """SHA-256 (hex) of the names of ``file_list`` in their order, folders included: what the
-    samples of a run are (``names_sha256`` compares the sorted file names only)."""
+    """SHA-256 (hex) of the names of ``file_list`` (a list file or its names) in their order,
+    folders included: what the samples of a run are (``names_sha256`` compares the sorted file
+    names only)."""
     return hashlib.sha256('\n'.join(read_file_list(file_list)).encode()).hexdigest()
 
 
@@ -85,6 +86,7 @@ def prepare_run(args, setting, params):
     """Dataset, model, TrainConfig, meta and validator (none) of the run (errors here are input errors)."""
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
     seed = setting.run_seed
+    names = read_file_list(args.list)
     dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
                                self_sup_args=self_sup_args, seed=seed)
     if self_sup_args.get('skip_background') is not None:  # a background over every pixel: no patch
@@ -98,9 +100,9 @@ def prepare_run(args, setting, params):
                 res=args.res, low_res=dataset.low_res, train_size=dataset.train_size,
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION,
-                train_names=read_file_list(args.list),  # the evaluation refuses them as test images
+                train_names=names,  # the evaluation refuses them as test images
                 normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
-                normal_list_order_sha256=listed_names_sha256(args.list))  # and so is a reordered one
+                normal_list_order_sha256=listed_names_sha256(names))  # and so is a reordered one
     if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None
