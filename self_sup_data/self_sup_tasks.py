@@ -551,6 +551,14 @@ def _merge_boxes(boxes, gap):
         merged.append((min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])))
 
 
+def inside_outer_ring(mask):
+    """A copy of ``mask`` with its outer pixel ring zeroed: the part that seamlessClone uses."""
+    mask = mask.copy()
+    mask[[0, -1], :] = 0
+    mask[:, [0, -1]] = 0
+    return mask
+
+
 def poisson_blend(dest, src, mask, mode):
     """Poisson-blend ``src`` into ``dest`` (same size ``h x w x C``) inside ``mask`` (uint8 ``h x w``)
     with cv2.seamlessClone so that every source pixel lands on the same position in ``dest``.
@@ -563,9 +571,7 @@ def poisson_blend(dest, src, mask, mode):
     only for this crop. OpenCV 5.0 overwrites the mask it is given (eroded and inverted), so it
     gets a copy.
     """
-    mask = mask.copy()
-    mask[[0, -1], :] = 0  # as seamlessClone does, before the box is measured: it places the rest
-    mask[:, [0, -1]] = 0
+    mask = inside_outer_ring(mask)  # as seamlessClone does, before the box is measured: it places the rest
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         raise ValueError('mask has no non-zero pixel inside its outer pixel ring, which seamlessClone ignores')
@@ -776,9 +782,7 @@ def _blend(rng, image, top, left, patch, mask, patch_object, dest_object, mode, 
         dest_values = image[region][mask].astype(np.float64)
         image[region][mask] = np.floor((1 - factor) * dest_values + factor * patch[mask])
     else:
-        clone_mask = clone_mask.astype(np.uint8) * np.uint8(np.ceil(factor * 255))
-        clone_mask[[0, -1], :] = 0
-        clone_mask[:, [0, -1]] = 0
+        clone_mask = inside_outer_ring(clone_mask.astype(np.uint8) * np.uint8(np.ceil(factor * 255)))
         if min(_bbox_sides(clone_mask)) < MIN_CLONE_SIDE:
             return None
         blended = poisson_blend(image[region], np.ascontiguousarray(patch), clone_mask, mode)
