@@ -15,6 +15,7 @@ from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta
 from experiments.plotting import remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
+from experiments.tables import failed
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
                                   is_run_file, last_checkpoint_path, resolve_device, run_differences,
                                   run_meta, seed_everything, train)
@@ -423,7 +424,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
             raise FileNotFoundError(nothing_found)
         if write_evaluation(records, figure_dir, write_report) is not None:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
-        elif not any(isinstance(record.get('error'), str) for record in records):
+        elif not any(failed(record) for record in records):
             raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
         return records
@@ -439,7 +440,7 @@ def write_evaluation(records, figure_dir, write_report):
     remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed, and
     ``write_report(records)``. Returns what ``write_report`` returns (the tables), or None when
     nothing was written."""
-    if all(isinstance(record.get('error'), str) or record.get('checkpoint') is None for record in records):
+    if all(failed(record) or record.get('checkpoint') is None for record in records):
         return None
     if figure_dir is not None:
         remove_failed_figures(records, figure_dir)
@@ -454,12 +455,12 @@ def report_problems(records):
                  if isinstance(record.get('undefined'), str)}
     for category, reason in sorted(undefined):
         print(f'note: {category}: {reason} (NaN in the tables)', file=sys.stderr)
-    failed = [record for record in records if isinstance(record.get('error'), str)]
-    if failed:
-        print(f'error: {len(failed)} of {len(records)} results failed (NaN in the tables; each below, '
+    failures = [record for record in records if failed(record)]
+    if failures:
+        print(f'error: {len(failures)} of {len(records)} results failed (NaN in the tables; each below, '
               f'with its reason, also in the error column of results.csv where it was written):',
               file=sys.stderr)
-        for record in failed:
+        for record in failures:
             print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
                   f"({record['checkpoint']}): {record['error']}", file=sys.stderr)
-    return failed
+    return failures

@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments.atomic import write_atomic
+from experiments.tables import failed
 
 __all__ = ['plot_examples', 'plot_map_comparison', 'plot_sample_grid', 'plot_loss_curve',
            'example_indices', 'plot_test_examples', 'figure_path', 'figure_paths']
@@ -231,7 +232,7 @@ def figure_paths(records, figure_dir):
     """The example figures of the results ``records`` that exist in ``figure_dir``, in record order;
     none of a category and setting whose evaluations all failed (its figure is an earlier one)."""
     paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records
-                          if not r.get('error'))
+                          if not failed(r))
     return [path for path in paths if path.is_file()]
 
 

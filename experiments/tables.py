@@ -58,11 +58,15 @@ def _keyed_frame(records):
     return frame
 
 
+def failed(record):
+    """Whether a result (a record, or a row of its DataFrame) is a failed evaluation: an ``error``
+    text (an empty cell read back from a CSV, NaN, is none)."""
+    return isinstance(record.get('error'), str)
+
+
 def _failed(frame):
-    """Boolean Series: the rows of failed evaluations (an ``error`` text)."""
-    if 'error' not in frame:
-        return pd.Series(False, index=frame.index)
-    return frame['error'].map(lambda error: isinstance(error, str))
+    """Boolean Series: the rows of failed evaluations (``failed``)."""
+    return frame.apply(failed, axis=1).astype(bool)
 
 
 def _check_unique(frame):

@@ -253,6 +253,11 @@ def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
         (tmp_path / name).write_bytes(b'an earlier figure')
     records = [dict(category='a', setting='Shift'), dict(category='b', setting='Shift', error='E')]
     assert plotting.figure_paths(records, tmp_path) == [tmp_path / 'a_Shift.png']
+    # records read back from results.csv with pandas: an empty error cell (NaN) is no failure
+    tables.write_results([record('a', 'texture', 'Shift', 0, 0.5), record('b', 'texture', 'Shift', 0, math.nan)
+                          | dict(error='E')], tmp_path / 'results.csv')
+    read = pd.read_csv(tmp_path / 'results.csv').to_dict('records')
+    assert plotting.figure_paths(read, tmp_path) == [tmp_path / 'a_Shift.png']
 
 
 # ------------------------------------------------------------------------------ map prediction
