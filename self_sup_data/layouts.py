@@ -37,6 +37,7 @@ validation images out of ``train_files``, see ``mvtec.load_validation_set``).
 import csv
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import NamedTuple
@@ -133,10 +134,13 @@ class MVTecLayout(CategoryLayout):
     def test_files(self, root, category):
         category_dir = _category_dir(self, root, category)
 
-        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<image suffix>, or None
+        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<any image suffix>, or None
             folder = category_dir / 'ground_truth' / defect_type
             candidates = folder.is_dir() and [mask for mask in folder_images(folder)
                                               if mask.stem == f'{path.stem}_mask']  # names, not patterns
+            if candidates and len(candidates) > 1:
+                raise ValueError(f"{path} has {len(candidates)} masks: "
+                                 f"{', '.join(str(mask) for mask in candidates)}; keep one")
             return candidates[0] if candidates else None
         return _typed_test_files(category_dir / 'test', mask_of,
                                  'testing needs test/good and test/<defect> folders')
@@ -169,11 +173,17 @@ class LocoLayout(CategoryLayout):
         path = _category_dir(self, root, category) / 'defects_config.json'
         try:
             entries = json.loads(path.read_text())
-            return {int(e['pixel_value']): (e['defect_name'], float(e['saturation_threshold']),
-                                             bool(e['relative_saturation'])) for e in entries}
+            defects = {int(e['pixel_value']): (e['defect_name'], float(e['saturation_threshold']),
+                                               bool(e['relative_saturation'])) for e in entries}
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"cannot read {path}: {error!r}; it should be a list of "
                              "{defect_name, pixel_value, saturation_threshold, relative_saturation}") from error
+        if len(defects) < len(entries):
+            values = [int(e['pixel_value']) for e in entries]
+            repeated = sorted({value for value in values if values.count(value) > 1})
+            raise ValueError(f"{path} lists the pixel values {repeated} more than once; each value "
+                             f"names one defect")
+        return defects
 
     def defect_regions(self, root, category, mask_paths, size):
         """The defects of test images for ``metrics.au_spro``: [(bool size x size mask, saturation
@@ -237,13 +247,24 @@ class VisALayout(CategoryLayout):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; VisA's split file lists each image "
                                     "(columns object,split,label,image,mask)")
-        with open(path, newline='', encoding='utf-8-sig') as file:  # a byte-order mark is no column's
-            reader = csv.DictReader(file)
-            missing = {'object', 'split', 'label', 'image', 'mask'} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{path} lacks the columns {sorted(missing)}; VisA's split file has "
-                                 "object,split,label,image,mask")
-            rows = [row for row in reader if row['object'] == category and row['split'] == split]
+        try:
+            with open(path, newline='', encoding='utf-8-sig') as file:  # a byte-order mark is no column's
+                reader = csv.DictReader(file)
+                missing = {'object', 'split', 'label', 'image', 'mask'} - set(reader.fieldnames or [])
+                if missing:
+                    raise ValueError(f"{path} lacks the columns {sorted(missing)}; VisA's split file has "
+                                     "object,split,label,image,mask")
+                category_rows = [row for row in reader if row['object'] == category]
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise ValueError(f"cannot read {path}: {error}; VisA's split file is UTF-8 CSV") from error
+        listed = {}
+        for row in category_rows:  # an image in two rows: trained on and tested, or counted twice
+            image = os.path.normpath(row['image'])
+            if image in listed:
+                raise ValueError(f"{path} lists the {category} image {row['image']!r} twice (splits "
+                                 f"{listed[image]!r} and {row['split']!r}); list each image once")
+            listed[image] = row['split']
+        rows = [row for row in category_rows if row['split'] == split]
         if not rows:
             raise ValueError(f"{path} has no rows with object={category!r} and split={split!r}")
         for row in rows:
@@ -338,6 +359,10 @@ class FolderLayout:
             raise ValueError(f"{len(both)} images are both normal ({self.normal}) and anomalous "
                              f"({self.abnormal}), e.g. {[str(path) for path in both[:3]]}; an image is "
                              f"either normal or anomalous")
+        for role, folder in (('normal', self.normal), ('anomalous', self.abnormal)):
+            if self.mask_dir is not None and self.mask_dir.resolve() == folder.resolve():
+                raise ValueError(f"the mask folder {self.mask_dir} is the {role} image folder: its images "
+                                 f"would be their own masks; keep the masks in a folder of their own")
         masks = self._masks(abnormal)
         return LabelledFiles(normal + abnormal, ['good'] * len(normal) + ['anomaly'] * len(abnormal),
                          [None] * len(normal) + [masks.get(path) for path in abnormal])

@@ -118,6 +118,17 @@ def test_visa_errors_name_the_file(tmp_path):
     csv_path.write_text(rows.replace('pcb1,test,anomaly', 'pcb1,test,Anomaly'))
     with pytest.raises(ValueError, match=r"the test image .* has the label 'Anomaly'"):
         SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=False, low_res=SIZE)
+    first_train = 'pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,'
+    for repeated, splits in ((first_train, "'train' and 'train'"),  # counted twice
+                             (first_train.replace(',train,', ',test,'), "'train' and 'test'")):  # leaked
+        csv_path.write_text(rows + repeated + '\n')
+        for is_train in (True, False):
+            with pytest.raises(ValueError, match=rf"1cls.csv lists the pcb1 image '.*0000.JPG' twice "
+                                                 rf"\(splits {splits}\)"):
+                SelfSupMVTecDataset(tmp_path, 'pcb1', is_train=is_train, low_res=SIZE)
+    csv_path.write_bytes(rows.encode() + 'pcb1,train,normal,pcb1/Data/Images/Normal/caf\xe9.JPG,\n'.encode('latin-1'))
+    with pytest.raises(ValueError, match=r"cannot read .*split_csv/1cls.csv: 'utf-8' codec can't decode"):
+        SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE)
     csv_path.unlink()
     with pytest.raises(FileNotFoundError, match=r'split_csv/1cls.csv does not exist'):
         SelfSupMVTecDataset(tmp_path, 'pcb1', low_res=SIZE)
@@ -214,6 +225,12 @@ def test_folder_layout_errors(tmp_path):
         FolderLayout(tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks').test_files()
     with pytest.raises(ValueError, match='needs a folder of anomalous images'):
         FolderLayout(tmp_path / 'ok').test_files()
+    (tmp_path / 'masks' / 'a.bmp').unlink()
+    _png(tmp_path / 'ng' / 'a_mask.png', mask_box=(0, 0, 3))  # masks kept beside their images
+    for role, masks in (('anomalous', tmp_path / 'ng'), ('normal', tmp_path / 'ok' / '.')):
+        with pytest.raises(ValueError, match=rf"mask folder .* is the {role} image folder: its images "
+                                             r"would be their own masks"):
+            FolderLayout(tmp_path / 'ok', tmp_path / 'ng', masks).test_files()
     with pytest.raises(FileNotFoundError, match='nowhere does not exist'):
         FolderLayout(tmp_path / 'nowhere').train_files()
     with pytest.raises(ValueError, match='--format folder needs --normal'):
@@ -302,6 +319,26 @@ def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     from self_sup_data.layouts import MVTecLayout
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
         MVTecLayout().train_files(None, 'tiny')
+
+
+def test_an_mvtec_image_with_two_masks_is_refused_naming_both(tmp_path):
+    make_mvtec_category(tmp_path, 'tiny', size=SIZE)
+    masks = tmp_path / 'tiny' / 'ground_truth' / 'crack'
+    Image.open(masks / '000_mask.png').save(masks / '000_mask.bmp')  # an older copy in another format
+    with pytest.raises(ValueError, match=r"test/crack/000.png has 2 masks: .*000_mask.bmp, .*000_mask.png; "
+                                         r"keep one"):
+        SelfSupMVTecDataset(tmp_path, 'tiny', is_train=False, low_res=SIZE)
+    (masks / '000_mask.png').unlink()  # a mask of another image format than its image's is found
+    assert SelfSupMVTecDataset(tmp_path, 'tiny', is_train=False, low_res=SIZE).has_mask.all()
+
+
+def test_a_loco_pixel_value_listed_twice_is_refused(tmp_path):
+    make_loco(tmp_path)
+    config = tmp_path / 'juice_bottle' / 'defects_config.json'
+    entries = json.loads(config.read_text())
+    config.write_text(json.dumps(entries + [dict(entries[0], defect_name='other_defect')]))
+    with pytest.raises(ValueError, match=r"defects_config.json lists the pixel values \[255\] more than once"):
+        LocoLayout().defects(tmp_path, 'juice_bottle')
 
 
 def test_loco_defect_regions_carry_their_saturation(tmp_path):
