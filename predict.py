@@ -25,7 +25,8 @@ arguments, a missing or unreadable model, an input that does not exist or holds 
 OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which deletes the earlier
 run's files once the model and the inputs are found: its scores.csv, errors.csv and .pending, and
 the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
-own).
+own) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
+batches before it are written).
 """
 import argparse
 import contextlib
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 from experiments.arguments import path_argument
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
-from experiments.detector import Detector
+from experiments.detector import Detector, NonFiniteMapError
 from self_sup_data.images import image_files, to_channels
 
 PROG = 'predict.py'
@@ -284,6 +285,10 @@ def main(argv=None):
     formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         errors = predict_files(detector, files, out_dir, args.flip_average)
+    except NonFiniteMapError as error:
+        print(f'{PROG}: error: {error} (the batches before it are in {out_dir / "scores.csv"})',
+              file=sys.stderr)
+        return STOPPED_STATUS
     finally:
         warnings.formatwarning = formatwarning
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '

@@ -22,6 +22,10 @@ SPEC_KEY = 'nsa_spec'  # the ONNX metadata entry that holds the spec (JSON)
 MODEL_SUFFIXES = ('.pt', '.onnx')
 
 
+class NonFiniteMapError(ValueError):
+    """The model gave a map with NaN or infinite values (a diverged or damaged model)."""
+
+
 class OnnxRunner:
     """An exported model (``experiments.export``) as ``run(batch uint8 N x C x H x W) -> float32
     N x H x W`` through ONNX Runtime's CPU provider (``threads``: its intra-op threads; None: ONNX
@@ -46,6 +50,15 @@ class OnnxRunner:
 
     def __call__(self, batch):
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0][:, 0]
+
+
+def image_list(images):
+    """``images`` (an iterable of images) as a list; ValueError for a single array, whose rows
+    would pass for images."""
+    if isinstance(images, np.ndarray):
+        raise ValueError(f'images must be a list of images, got one array of shape {images.shape}; '
+                         f'pass [image] for one image')
+    return list(images)
 
 
 class Detector:
@@ -113,16 +126,23 @@ class Detector:
         evaluation computes them (``inference.model_maps``)."""
         if flip_average:
             self.check_flip_average()
-        images = [inference.as_image(image, f'image {index}') for index, image in enumerate(images)]
-        return inference.model_maps(self.run, images, self.spec, self.batch_size, flip_average,
+        images = [inference.as_image(image, f'image {index}')
+                  for index, image in enumerate(image_list(images))]
+        maps = inference.model_maps(self.run, images, self.spec, self.batch_size, flip_average,
                                     progress)
+        bad = np.flatnonzero(~np.isfinite(maps).all(axis=tuple(range(1, np.ndim(maps)))))
+        if bad.size:
+            raise NonFiniteMapError(f'the model {self.source} gave NaN or infinite values in the maps of '
+                                    f'{bad.size} of {len(maps)} images (image {bad[0]} first): it has '
+                                    f'diverged or is damaged, and cannot score them')
+        return maps
 
     def predict(self, images, flip_average=False, progress=False):
         """(scores, maps) of ``images``: scores {'mean', 'max'} (float arrays; the mean of each
         map is the image score of the paper and of ``threshold``) from the maps at the model's
         resolution, and each map (float32) resized to its image's height and width.
         ``flip_average``: see ``inference.model_maps`` (textures only)."""
-        images = list(images)
+        images = image_list(images)
         inference.warn_flip_average_mismatch(self.thresholds, flip_average, self.source)
         maps = self.maps(images, flip_average, progress)
         sized = [inference.to_image_size(map_, np.shape(image)) for map_, image in zip(maps, images)]

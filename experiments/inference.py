@@ -22,12 +22,11 @@ does itself (``experiments.torch_model.ImageInputModel``), so the maps are the e
 """
 import warnings
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from experiments import metrics
-from self_sup_data.images import resize, to_channels
+from self_sup_data.images import resize, resize_to, to_channels
 
 
 def as_image(image, name='image'):
@@ -131,8 +130,7 @@ def image_scores(maps):
 
 
 def to_image_size(map_, shape):
-    """A map at the model's resolution resized (bilinear) to an image's ``(H, W)`` -> float32."""
-    height, width = shape[:2]
-    if map_.shape == (height, width):
-        return map_.astype(np.float32)
-    return cv2.resize(map_, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    """A map at the model's resolution resized to an image's ``(H, W)`` (``resize_to``: area
+    averaging where a side shrinks, so that no pixel of the map is skipped; bilinear where it
+    grows) -> float32."""
+    return resize_to(map_.astype(np.float32), tuple(shape[:2]))

@@ -225,22 +225,28 @@ def with_channel_axis(array, channels):
 
 
 def resize(image, size, interpolation=None):
-    """Resize ``image`` (H x W x C) to ``size x size``.
+    """Resize ``image`` (H x W x C) to ``size x size`` (``resize_to``)."""
+    return with_channel_axis(resize_to(image, (size, size), interpolation), image.shape[2])
+
+
+def resize_to(array, shape, interpolation=None):
+    """Resize ``array`` (H x W or H x W x C; OpenCV drops a channel axis of size 1) to
+    ``shape = (height, width)``.
 
     Default interpolation: area averaging where a side shrinks (no aliasing), bilinear where it
-    grows. OpenCV's area averaging averages only when both sides shrink, so an image with one
-    side above ``size`` and the other below is first shrunk along the long side (area
-    averaging), then grown along the short one (bilinear); both steps keep the image centred.
+    grows. OpenCV's area averaging averages only when no side grows, so an array with one side
+    shrinking and the other growing is first shrunk along the one (area averaging), then grown
+    along the other (bilinear); both steps keep it centred.
     """
-    height, width = image.shape[:2]
-    if interpolation is None and min(height, width) < size < max(height, width):
-        image = with_channel_axis(cv2.resize(image, (min(width, size), min(height, size)),
-                                             interpolation=cv2.INTER_AREA), image.shape[2])
+    (height, width), (new_height, new_width) = array.shape[:2], shape
+    shrinks, grows = new_height < height or new_width < width, new_height > height or new_width > width
+    if interpolation is None and shrinks and grows:
+        array = cv2.resize(array, (min(width, new_width), min(height, new_height)),
+                           interpolation=cv2.INTER_AREA)
         interpolation = cv2.INTER_LINEAR
     elif interpolation is None:
-        interpolation = cv2.INTER_AREA if size < height or size < width else cv2.INTER_LINEAR
-    out = cv2.resize(image, (size, size), interpolation=interpolation)
-    return with_channel_axis(out, image.shape[2])
+        interpolation = cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR
+    return cv2.resize(array, (new_width, new_height), interpolation=interpolation)
 
 
 def resize_mask(mask, size):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,12 +14,13 @@ from PIL import Image
 import predict
 from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
 from experiments import inference
-from experiments.detector import Detector
+from experiments.detector import Detector, NonFiniteMapError
 from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import predict_maps
 from experiments.thresholds import store_thresholds
 from experiments.training import load_model
 from self_sup_data.images import read_image
+from test_reliability import nan_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,6 +127,28 @@ def test_channels_are_converted_and_bad_arrays_named(category, tmp_path):
     for empty in (np.zeros((0, 40), np.uint8), np.zeros((0, 0, 1), np.uint8)):
         with pytest.raises(ValueError, match=r'image 1 is empty \(shape \(0, '):
             detector.predict([grey, empty])
+    for one_array in (colour, grey[:, :, 0]):  # its rows would pass for grey images
+        for method in (detector.predict, detector.maps):
+            with pytest.raises(ValueError, match=r'a list of images, got one array of shape .*pass \[image\]'):
+                method(one_array)
+
+
+def test_maps_shrink_to_small_images_by_area_averaging_and_grow_bilinearly():
+    map_ = np.zeros((64, 64), np.float32)
+    map_[10, 10] = 1  # a hot spot that bilinear sampling at 8 x 8 skips
+    small = inference.to_image_size(map_, (8, 8, 3))
+    np.testing.assert_allclose(small, map_.reshape(8, 8, 8, 8).mean(axis=(1, 3)), atol=1e-7)
+    assert small[1, 1] == pytest.approx(1 / 64)
+    rng = np.random.default_rng(0)
+    map_ = rng.random((16, 16), dtype=np.float32)
+    grown = inference.to_image_size(map_, (40, 24))
+    assert grown.dtype == np.float32 and grown.shape == (40, 24)
+    np.testing.assert_array_equal(grown, cv2.resize(map_, (24, 40), interpolation=cv2.INTER_LINEAR))
+    # one side shrinks (area averages of row pairs), the other grows (bilinear)
+    mixed = inference.to_image_size(map_, (8, 32))
+    np.testing.assert_allclose(mixed, cv2.resize(map_.reshape(8, 2, 16).mean(axis=1), (32, 8),
+                                                 interpolation=cv2.INTER_LINEAR), atol=1e-6)
+    np.testing.assert_array_equal(inference.to_image_size(map_, (16, 16)), map_)
 
 
 @pytest.fixture
@@ -253,6 +277,20 @@ def test_an_earlier_run_that_cannot_be_read_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read the earlier run's .*scores.csv"):
         predict.remove_earlier_run(tmp_path)
     assert (tmp_path / 'scores.csv').exists()
+
+
+@pytest.mark.slow
+def test_a_model_giving_nan_maps_stops_predict_naming_it(calibrated, inputs, tmp_path, capsys):
+    nan_weights(calibrated)
+    with pytest.raises(NonFiniteMapError, match=rf'the model {calibrated} gave NaN or infinite values '
+                                                r'in the maps of 1 of 1 images \(image 0 first\)'):
+        Detector.load(calibrated).maps([read_image(inputs / 'a.png')])
+    out = tmp_path / 'out'
+    status = predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)])
+    assert status == predict.STOPPED_STATUS
+    error = capsys.readouterr().err
+    assert error.startswith(f'predict.py: error: the model {calibrated} gave NaN or infinite values')
+    assert 'Traceback' not in error and not (out / 'scores.csv').exists()
 
 
 @pytest.mark.slow
