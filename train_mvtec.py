@@ -30,7 +30,7 @@ from pathlib import Path
 
 from experiments import recipes, settings, tables
 from experiments.arguments import path_argument
-from experiments.cli import (add_layout_arguments, add_training_arguments, check_training_options,
+from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
                              exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
                              other_run_message, prepare_output_dir, print_slow_bf16_note,
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
@@ -172,7 +172,14 @@ def plan(args):
         print_notes(notes)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
+    for option, given in ((f'-n {args.class_name}', args.class_name not in (None, DEMO_CATEGORY)),
+                          (f'-c {args.categories}', args.categories != 'all')):
+        if given:
+            raise ValueError(f"{option} chooses categories of a data folder, and there is none: pass "
+                             f"-d DATA_DIR (without it, the built-in demo category {DEMO_CATEGORY} trains)")
     print_notes(notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
+    if args.evaluate is not False:
+        check_output_dir(Path(args.out_dir) / 'eval')
     out_dir = prepare_output_dir(args.out_dir)
     category_dir = make_demo_dataset(out_dir / 'demo_data')
     args.epochs = args.epochs or DEMO_EPOCHS
@@ -196,8 +203,9 @@ def check_evaluable(args, data_dir, categories):
     """With --evaluate: every category's test set can be evaluated (``check_test_set``: its
     folders, normal and defect images, a mask for each defect image unless --allow-missing-masks,
     every image and mask readable, MVTec LOCO AD's masks in its defects_config.json), checked
-    before anything is trained."""
+    before anything is trained; and that OUT_DIR/eval can be an output folder."""
     if args.evaluate:
+        check_output_dir(Path(args.out_dir) / 'eval')
         layout = layout_from_args(args)
         for category in categories:
             check_test_set(data_dir, category, layout, args.allow_missing_masks)
@@ -209,22 +217,49 @@ SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 
 POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 
 
-def earlier_results(eval_dir, setting, categories):
-    """The results in ``eval_dir/results.csv`` that an evaluation of ``setting`` on ``categories``
-    does not redo: those of other categories and settings whose checkpoint is still there, so that
-    runs of several settings or categories into one output folder leave one table of them all (a
-    note counts those whose model is gone or was trained again since). A results file that cannot be
+def redone_results(records, setting, categories):
+    """Predicate: whether an earlier result is one that this evaluation (``records``, of ``setting``
+    on ``categories``) redoes: of a category and setting (variant) of ``records``, or of a
+    requested pair."""
+    redone = ({(category, setting.seedless_key) for category in categories}
+              | {(record['category'], record['setting']) for record in records})
+    return lambda record: (record['category'], record['setting']) in redone
+
+
+def earlier_results(eval_dir, records, setting, categories):
+    """The results in ``eval_dir/results.csv`` that this evaluation (``records``, of ``setting`` on
+    ``categories``) does not redo and that still hold: those of other categories and settings
+    (two-stage variants such as ``SETTING+GDE`` included) whose checkpoint is still there as it was,
+    of plain maps as this evaluation's (not ``--flip-average``d), and of the kind that this
+    evaluation gives their category; so that runs of several settings or categories into one output
+    folder leave one table of them all. A note counts those left out. A results file that cannot be
     read gives a warning line and none."""
-    redone = {(category, setting.seedless_key) for category in categories}
+    redone = redone_results(records, setting, categories)
     try:
-        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: (
-            record['category'], record['setting'].partition('+')[0]) in redone)
+        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
     if any(record.get('checkpoint') for record in left_out):
         print(f"{PROG}: note: {tables.left_out_note(left_out)}")
-    return kept
+    kinds = {record['category']: record['kind'] for record in records if not tables.failed(record)}
+    still, other_kind, flipped = [], [], []
+    for record in kept:
+        if kinds.get(record['category'], record['kind']) != record['kind']:
+            other_kind.append(record)
+        elif record.get('flip_average') is not False:
+            flipped.append(record)
+        else:
+            still.append(record)
+    categories_of_other_kind = ', '.join(sorted({record['category'] for record in other_kind}))
+    for left, why in ((other_kind, f"this evaluation gives their categories ({categories_of_other_kind}) "
+                                   f"another kind"),
+                      (flipped, "they were evaluated with --flip-average (or before the results recorded "
+                                "whether they were), and this evaluation's maps are plain")):
+        if left:
+            print(f"{PROG}: note: {len(left)} earlier results left out of the tables: {why}, e.g. "
+                  f"{left[0].get('checkpoint')}")
+    return still
 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):
@@ -242,7 +277,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    kept = earlier_results(eval_dir, setting, categories)
+    kept = earlier_results(eval_dir, records, setting, categories)
     written = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
@@ -257,7 +292,24 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
         print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     if written is not None:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
-    return report_problems(records)
+    else:
+        warn_replaced_results(eval_dir, redone_results(records, setting, categories))
+    return report_problems(records, written is not None)
+
+
+def warn_replaced_results(eval_dir, redone):
+    """Where an evaluation wrote nothing (every result failed): a warning line when
+    ``eval_dir/results.csv`` (kept as it was) holds results that it redoes (``redone``) of models
+    gone or written again since, which its tables still show."""
+    try:
+        _, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: not redone(record))
+    except ValueError:
+        return  # earlier_results warned of it
+    replaced = [record for record in replaced if record.get('checkpoint')]
+    if replaced:
+        print(f"{PROG}: warning: the tables in {eval_dir} still show {len(replaced)} results of models "
+              f"gone or trained again since they were evaluated, e.g. {replaced[0]['checkpoint']}: they are not the "
+              f"figures of the models now there", file=sys.stderr)
 
 
 def held_out_images(args, data_dir, category, recipe, searched=False):

@@ -422,14 +422,15 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
-        if write_evaluation(records, figure_dir, write_report) is not None:
+        written = write_evaluation(records, figure_dir, write_report) is not None
+        if written:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
         elif not any(failed(record) for record in records):
             raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
-        return records
-    records = run_command(work)
-    if report_problems(records):
+        return records, written
+    records, written = run_command(work)
+    if report_problems(records, written):
         sys.exit(1)
     return records
 
@@ -447,19 +448,21 @@ def write_evaluation(records, figure_dir, write_report):
     return write_report(records)
 
 
-def report_problems(records):
+def report_problems(records, written=True):
     """Print (to stderr) a note for each category whose pixel metrics are undefined and, when
     some records failed (an ``error`` entry), a line naming each with its reason, last; return
-    the failed records."""
+    the failed records. ``written``: whether the records were written (``write_evaluation``; where
+    every one failed, nothing is, and the output folder keeps its earlier files)."""
     undefined = {(record['category'], record['undefined']) for record in records
                  if isinstance(record.get('undefined'), str)}
     for category, reason in sorted(undefined):
         print(f'note: {category}: {reason} (NaN in the tables)', file=sys.stderr)
     failures = [record for record in records if failed(record)]
     if failures:
-        print(f'error: {len(failures)} of {len(records)} results failed (NaN in the tables; each below, '
-              f'with its reason, also in the error column of results.csv where it was written):',
-              file=sys.stderr)
+        where = ('NaN in the tables; each below, with its reason, also in the error column of results.csv'
+                 if written else 'nothing was written, and the output folder keeps the files of its earlier '
+                                 'evaluation; each below, with its reason')
+        print(f'error: {len(failures)} of {len(records)} results failed ({where}):', file=sys.stderr)
         for record in failures:
             print(f"failed: {record['category']} {record['setting']} seed {record['seed']} "
                   f"({record['checkpoint']}): {record['error']}", file=sys.stderr)

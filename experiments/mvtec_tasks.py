@@ -365,6 +365,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         records += missing_records(found, settings or list(found_settings),
                                    categories or sorted({meta['category'] for _, meta in found}),
                                    one_class_names)
+    records = [dict(record, flip_average=flip_average) for record in records]  # which maps were scored
     return sort_records(records, settings)
 
 

@@ -62,7 +62,8 @@ def check_recipe_options(args, setting):
     """ValueError naming the first out-of-range recipe option, one that needs a validation set
     where there can be none (``--val-fraction 0``; a classifier ``setting``, which outputs no map
     to score the validation set's defects with) or is not asked for (--val-every, --val-seed), or
-    ``--select best`` or a validation set (but for the search's candidates) with ``--swa-epochs``,
+    ``--val-every`` with ``--recipe search`` but without ``--select best`` (nothing it would
+    apply to), ``--select best`` or a validation set (but for the search's candidates) with ``--swa-epochs``,
     whose averaged weights are not the ones validated."""
     if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
@@ -82,6 +83,11 @@ def check_recipe_options(args, setting):
             if given:
                 raise ValueError(f"{option} applies to a validation set, and there is none: pass "
                                  f"--val-fraction F (e.g. {DEFAULT_VAL_FRACTION}) to hold one out")
+    if args.recipe == 'search' and args.select != 'best' and args.val_every is not None:
+        raise ValueError(f"--val-every {args.val_every} applies to nothing with --recipe search: its candidates "
+                         f"are scored after their last epoch, and the chosen recipe trains on every image; "
+                         f"add --select best to validate the final run (on held-out images) every "
+                         f"{args.val_every} epochs")
     if args.search_epochs is not None and args.recipe != 'search':
         raise ValueError(f"--search-epochs {args.search_epochs} applies to --recipe search only")
     if args.select == 'best' and getattr(args, 'swa_epochs', 0):

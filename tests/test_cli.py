@@ -11,6 +11,7 @@ from PIL import Image
 import train_chest_xray
 import train_mvtec
 from conftest import make_mvtec_category
+from experiments import mvtec_tasks
 from experiments.settings import trained_model_path
 from experiments.training import cpu_has_bf16, last_checkpoint_path, load_model
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
@@ -62,6 +63,25 @@ def test_missing_data_dir_and_unwritable_output(tiny_mvtec, tmp_path, capsys):
     message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-n', name,
                                            '-o', str(blocker / 'out')], capsys)
     assert 'cannot write to output folder' in message
+
+
+def test_without_a_data_folder_category_choices_are_refused(tmp_path, capsys):
+    for choice in (['-n', 'bottle'], ['-c', 'object']):
+        message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(tmp_path / 'out')] + choice, capsys)
+        assert message == (f"train_mvtec.py: error: {' '.join(choice)} chooses categories of a data folder, and "
+                           f"there is none: pass -d DATA_DIR (without it, the built-in demo category "
+                           f"demo_texture trains)")
+        assert not (tmp_path / 'out').exists()
+
+
+def test_an_evaluation_folder_that_is_a_file_is_refused_before_training(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'eval').write_text('a file')
+    for data in (['-d', str(root), '-n', name, '--evaluate'], []):  # real data, the demo
+        message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(tmp_path / 'out')] + data, capsys)
+        assert f"cannot write to output folder {tmp_path / 'out' / 'eval'}: " in message and 'is a file' in message
+        assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['eval']
 
 
 def test_unknown_category_lists_the_found_ones(tmp_path, capsys):
@@ -195,6 +215,40 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
 
 
 @pytest.mark.slow
+def test_evaluate_keeps_two_stage_results_and_leaves_out_flip_averaged_ones_and_other_kinds(tmp_path, capsys):
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    for category in ('tiles', 'grain'):
+        make_mvtec_category(data, category)
+    argv = ['-s', 'Shift', '-d', str(data), '-o', str(out), '--recipe', 'table', '--no-figures'] + FAST
+    assert train_mvtec.main(argv) == 0
+    evaluation = ['-m', str(out), '-d', str(data), '-o', str(out / 'eval'), '--no-figures']
+
+    def evaluated():
+        results = pd.read_csv(out / 'eval' / 'results.csv')
+        return sorted(zip(results['category'], results['setting'], results['flip_average']))
+
+    mvtec_tasks.main(evaluation + ['--one-class', 'gde'])
+    # tiles evaluated again by the training command: the two-stage results of its model stay
+    assert train_mvtec.main(argv + ['-n', 'tiles', '--resume', '--evaluate']) == 0
+    assert evaluated() == [('grain', 'Shift', False), ('grain', 'Shift+GDE', False),
+                           ('tiles', 'Shift', False), ('tiles', 'Shift+GDE', False)]
+    # flip-averaged results are not merged with plain ones
+    mvtec_tasks.main(evaluation + ['--flip-average'])
+    capsys.readouterr()
+    assert train_mvtec.main(argv + ['-n', 'tiles', '--resume', '--evaluate']) == 0
+    assert ('note: 1 earlier results left out of the tables: they were evaluated with --flip-average'
+            in capsys.readouterr().out)
+    assert evaluated() == [('tiles', 'Shift', False)]
+    # a category trained as another kind: its earlier results of the first kind leave the tables
+    assert train_mvtec.main(argv + ['-n', 'grain', '--resume', '--evaluate']) == 0
+    assert train_mvtec.main(argv[:1] + ['FPI'] + argv[2:] + ['-n', 'tiles', '--kind', 'object', '--evaluate']) == 0
+    assert ('note: 1 earlier results left out of the tables: this evaluation gives their categories (tiles) '
+            'another kind' in capsys.readouterr().out)
+    assert evaluated() == [('grain', 'Shift', False), ('tiles', 'FPI', False)]
+    assert set(pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv').columns) >= {'Shift', 'FPI'}
+
+
+@pytest.mark.slow
 def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_only(tmp_path,
                                                                                   capsys):
     """Defect images without masks (image-level labels only) stop --evaluate before anything is
@@ -232,8 +286,11 @@ def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_onl
     torch.save(checkpoint, model_path)
     with pytest.warns(UserWarning, match='no mask'):
         assert train_mvtec.main(argv + ['--allow-missing-masks', '--resume']) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith('failed: plates Shift seed 7')
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1].startswith('failed: plates Shift seed 7')
+    assert 'results failed (nothing was written, and the output folder keeps the files' in error
+    assert (f"warning: the tables in {out / 'eval'} still show 1 results of models gone or trained again since "
+            f"they were evaluated, e.g. {model_path}") in error
 
 
 def test_evaluate_reads_every_test_image_and_mask_before_training(tmp_path, capsys):

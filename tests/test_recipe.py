@@ -711,6 +711,8 @@ def test_small_category_searches_nothing_and_keeps_the_last_weights_and_says_so(
     (['-s', 'CutPaste-3way', '--val-fraction', '0.1'], 'CutPaste-3way is a classifier'),
     (['-s', 'CutPaste-3way', '--recipe', 'search'], '--recipe search needs a validation set, scored'),
     (['--val-every', '5'], '--val-every 5 applies to a validation set, and there is none: pass --val-fraction'),
+    (['--recipe', 'search', '--val-every', '5'], '--val-every 5 applies to nothing with --recipe search: its '
+                                                 'candidates are scored after their last epoch'),
     (['--val-seed', '3', '--val-fraction', '0'], '--val-seed 3 applies to a validation set, and there is none'),
     (['--select', 'best', '--swa-epochs', '2'], '--select best keeps one validated checkpoint; it does not '
                                                 'combine with weight averaging (--swa-epochs 2)'),
