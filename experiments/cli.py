@@ -17,8 +17,8 @@ from experiments.plotting import remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
-                                  is_run_file, last_checkpoint_path, resolve_device, run_differences,
-                                  run_meta, seed_everything, train)
+                                  is_run_file, last_checkpoint_path, replaced_final_model, resolve_device,
+                                  run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -234,15 +234,17 @@ def exit_on_input_error(prog, errors=INPUT_ERRORS):
 def found_run(run_dir, name):
     """(path, 'finished' or 'interrupted') of the run ``name`` in ``run_dir``, or (None, None)
     without its final model and checkpoint: the checkpoint when there is no final model, or the
-    checkpoint belongs to another run (``run_differences``) or stopped before its last epoch (a
-    --force run that was interrupted: the final model is the replaced run's), else the final
-    model. ValueError naming an unreadable checkpoint and --force."""
+    checkpoint belongs to another run (``run_differences``), stopped before its last epoch or
+    started after the final model was written (``replaced_final_model``; the last two: a --force
+    run that was interrupted, and the final model is the replaced run's), else the final model.
+    ValueError naming an unreadable checkpoint and --force."""
     final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
     try:
         if last.is_file():
             checkpoint = read_meta(last)
             unfinished = len(checkpoint.get('epoch_losses', [])) < checkpoint.get('train_config', {}).get('epochs', 0)
-            if not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint):
+            if (not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint)
+                    or replaced_final_model(run_dir, name)):
                 return last, 'interrupted'
         if final.is_file():
             read_meta(final)  # readable

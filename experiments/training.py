@@ -26,9 +26,10 @@ is True (see ``use_bf16``).
 Files of a run ``name`` in ``run_dir``:
 
     last_<name>.pt    checkpoint (model, optimiser, scheduler, epoch, RNG state, meta; with SWA
-                      the running average; with a validation set the best validated weights),
-                      written every ``checkpoint_minutes`` (and every ``checkpoint_every``
-                      epochs when set) and after the last epoch; ``resume=True`` continues from it
+                      the running average; with a validation set the best validated weights;
+                      the weights' checksums), written every ``checkpoint_minutes`` (and every
+                      ``checkpoint_every`` epochs when set) and after the last epoch, and as a
+                      run that replaces another starts; ``resume=True`` continues from it
     final_<name>.pt   the trained model (with SWA: the averaged one) and its meta, without
                       optimiser state (``load_model``); written last, so that a run that has it
                       has every other file too (and a replaced run's files removed)
@@ -52,6 +53,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -371,9 +373,29 @@ def is_run_file(filename, name):
     return filename.startswith(prefix) and RUN_FILE_ENDINGS.fullmatch(filename[len(prefix):]) is not None
 
 
+def file_system_time_ns(folder):
+    """The time now as the file system of ``folder`` stamps a file written there (a temporary
+    file's mtime, in ns): the clock that the files' ages there are compared with, which may not be
+    this process's (a shared folder of another machine)."""
+    with tempfile.TemporaryFile(dir=folder) as file:
+        return os.fstat(file.fileno()).st_mtime_ns
+
+
+def replaced_final_model(run_dir, name):
+    """Whether the final model of the run ``name`` in ``run_dir`` is the one of an earlier run that
+    a run from scratch is replacing (``--force``) and has not replaced yet: written before the
+    replacing run's start, which its resume checkpoint records (``run_started_ns``)."""
+    final, last = final_model_path(run_dir, name), last_checkpoint_path(run_dir, name)
+    if not (final.is_file() and last.is_file()):
+        return False
+    started = torch.load(last, map_location='cpu', weights_only=True, mmap=True).get('run_started_ns')
+    return started is not None and final.stat().st_mtime_ns < started
+
+
 def remove_earlier_run_files(run_dir, name, since_ns):
     """Remove the files of the run ``name`` in ``run_dir`` (``is_run_file``) last written before
-    ``since_ns`` (``time.time_ns()``): an earlier run's, which a run from scratch replaced."""
+    ``since_ns`` (``file_system_time_ns`` at the run's start): an earlier run's, which a run from
+    scratch replaced."""
     for path in Path(run_dir).iterdir():
         if is_run_file(path.name, name) and path.is_file() and path.stat().st_mtime_ns < since_ns:
             path.unlink()
@@ -476,6 +498,15 @@ def dict_differences(a, b, prefix=''):
         elif a.get(k) != b.get(k):
             lines.append(f'{prefix}{k}: {shown(a, k)} vs {shown(b, k)}')
     return lines
+
+
+def _check_checksums(path, checkpoint):
+    """RunError naming the resume checkpoint ``path`` when its weights (or best model's) do not
+    match the checksums it was written with (checkpoints written before they had any: none)."""
+    for state, checksum in (('model', 'model_sha256'), ('best_model', 'best_model_sha256')):
+        if checksum in checkpoint and weights_checksum(checkpoint[state]) != checkpoint[checksum]:
+            raise RunError(f"the resume checkpoint {path} is damaged: its {state.replace('_', ' ')} "
+                             f"weights do not match their checksum; --force trains the run again from the start")
 
 
 def _check_resumable(path, saved_meta, meta):
@@ -639,13 +670,15 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     is one of the epochs it resumed with (``best_<name>.pt`` is written again from them on
     resume, as it was written at its epoch), never one of an interrupted run's lost epochs.
 
-    A run that starts from its first epoch replaces an earlier one in ``run_dir`` (a ``--force``
-    run): once its final model is written, even after an interruption and a resume, the files of
-    the run ``name`` written before it started (``is_run_file``: an earlier best model, validation
-    curve or sample figures) are removed, so that none of them is taken for this run's. The resume
-    checkpoint keeps the start's time for that.
+    A run that starts from its first epoch where files of the run ``name`` are (``is_run_file``: a
+    ``--force`` run) replaces that earlier run: it writes its resume checkpoint at once, with its
+    start's time on the file system's clock (``file_system_time_ns``), so that an interruption
+    before its next one is never taken for the earlier run's end (``replaced_final_model``), and
+    once its final model is written, even after an interruption and a resume, it removes the files
+    written before it started (an earlier best model, validation curve or sample figures), so that
+    none of them is taken for this run's. The resume checkpoint holds the SHA-256 of its weights
+    (``weights_checksum``), checked on resume: damaged weights are an error, not a model.
     """
-    run_started_ns = time.time_ns()
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
     if config.select == 'best' and validator is None:
@@ -675,11 +708,26 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             'epoch_bf16': [], 'train_time_s': 0.0}
     if validator is not None:
         meta.update(validation=[], best_epoch=None)
-    start_epoch, best_state, best_meta = 0, None, None
+    start_epoch, best_state, best_meta, run_started_ns = 0, None, None, None
+
+    def save_resume_checkpoint(epoch):
+        """The resume checkpoint after ``epoch`` epochs (with its weights' checksums)."""
+        extra = {} if averaged is None else dict(averaged=averaged.state_dict())
+        if run_started_ns is not None:
+            extra['run_started_ns'] = run_started_ns
+        if best_state is not None:
+            extra.update(best_model=best_state, best_meta=best_meta,
+                         best_model_sha256=weights_checksum(best_state))
+        state = model.state_dict()
+        save_torch_atomic(dict(model=state, model_sha256=weights_checksum(state), optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), epoch=epoch, rng=rng_state(),
+                               meta=meta, **extra), last_path)
+
     if resume and last_path.exists():
         # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
         checkpoint = torch.load(last_path, map_location='cpu', weights_only=True)
         _check_resumable(last_path, checkpoint['meta'], meta)
+        _check_checksums(last_path, checkpoint)
         model.load_state_dict(checkpoint['model'])
         optimizer.load_state_dict(checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
@@ -697,9 +745,12 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                   f"each epoch's)")
         best_state = checkpoint.get('best_model')  # None: none validated yet, or an older checkpoint
         best_meta = checkpoint.get('best_meta', meta)  # as written at its epoch (older: the resumed)
-        run_started_ns = checkpoint.get('run_started_ns')  # None: a checkpoint of an earlier version
+        run_started_ns = checkpoint.get('run_started_ns')  # None: a run that replaced none
         if best_state is not None and writer:
             save_torch_atomic(state_checkpoint(best_state, best_meta), best_model_path(run_dir, name))
+    elif writer and any(is_run_file(path.name, name) for path in run_dir.iterdir()):
+        run_started_ns = file_system_time_ns(run_dir)  # replacing an earlier run: its start, recorded now
+        save_resume_checkpoint(0)
     if world_size > 1:
         starts = [None] * world_size
         dist.all_gather_object(starts, start_epoch)
@@ -775,14 +826,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         if (done == config.epochs
                 or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
-            extra = {} if averaged is None else dict(averaged=averaged.state_dict())
-            if run_started_ns is not None:
-                extra['run_started_ns'] = run_started_ns
-            if best_state is not None:
-                extra.update(best_model=best_state, best_meta=best_meta)
-            save_torch_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                   scheduler=scheduler.state_dict(), epoch=done, rng=rng_state(),
-                                   meta=meta, **extra), last_path)
+            save_resume_checkpoint(done)
             last_write = time.monotonic()
 
     final_model = model

@@ -1,5 +1,6 @@
 """Recipe calibration from normal images, the validation set of synthetic defects, and their use
 in training (validation curve, best checkpoint) and in train_mvtec.py (--recipe)."""
+import copy
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ import train_mvtec
 from conftest import make_mvtec_category
 from experiments import metrics, recipes, settings
 from experiments.prediction import predict
-from experiments.training import TrainConfig, best_model_path, final_model_path, train
+from experiments.training import RunError, TrainConfig, best_model_path, final_model_path, last_checkpoint_path, train
 from experiments.validation import Validator
 from self_sup_data import recipe, validation
 from self_sup_data.mvtec import load_validation_set
@@ -476,6 +477,31 @@ def test_resumed_run_keeps_the_validation_curve(tmp_path):
     resumed = train(TinyNet(), SquaresDataset(), config, tmp_path / 'b', 'run', resume=True,
                     validator=ScriptedValidator(scores[2:]))
     assert resumed['validation'] == whole['validation'] and resumed['best_epoch'] == 2
+
+
+@pytest.mark.slow
+def test_a_damaged_resume_checkpoint_is_refused_not_trained_on(tmp_path):
+    config = TrainConfig(epochs=3, figures=False, checkpoint_every=1, select='best')
+    with pytest.raises(KeyboardInterrupt):
+        train(TinyNet(), CrashAtEpoch(2), config, tmp_path, 'run', validator=ScriptedValidator([0.2, 0.6]))
+    path = last_checkpoint_path(tmp_path, 'run')
+    intact = torch.load(path, weights_only=True)
+    assert {'model_sha256', 'best_model_sha256'} <= set(intact)
+    for state in ('model', 'best_model'):
+        checkpoint = copy.deepcopy(intact)
+        weights = next(tensor for tensor in checkpoint[state].values() if tensor.is_floating_point())
+        weights[(0,) * weights.dim()] += 1  # a flipped bit, say
+        torch.save(checkpoint, path)
+        with pytest.raises(RunError, match=rf"the resume checkpoint {path} is damaged: its "
+                                           rf"{state.replace('_', ' ')} weights do not match their checksum"):
+            train(TinyNet(), SquaresDataset(), config, tmp_path, 'run', resume=True,
+                  validator=ScriptedValidator([0.4]))
+    for field in ('model_sha256', 'best_model_sha256'):  # written before checkpoints had checksums
+        del intact[field]
+    torch.save(intact, path)
+    resumed = train(TinyNet(), SquaresDataset(), config, tmp_path, 'run', resume=True,
+                    validator=ScriptedValidator([0.4]))
+    assert len(resumed['epoch_losses']) == 3 and resumed['best_epoch'] == 2
 
 
 @pytest.mark.slow

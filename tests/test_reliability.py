@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import asdict
 from types import SimpleNamespace
@@ -88,7 +89,8 @@ def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('interrupted', [None, 'in epoch 3', 'after its final model'])
+@pytest.mark.parametrize('interrupted', [None, 'in epoch 1', 'in epoch 3', 'before its final model',
+                                         'after its final model', 'with its clock ahead'])
 def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, interrupted):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
@@ -101,9 +103,23 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
     other = path.parent / 'tiny_shift_3_notes.txt'  # not a file the training writes: kept
     other.write_text('mine')
     again = argv + ['--epochs', '3', '--checkpoint-every', '1']
-    if interrupted == 'in epoch 3':  # then resumed: the run still replaces the earlier one
-        killed_in_epoch(monkeypatch, 3, lambda: train_mvtec.main(again + ['--force']))
+    if interrupted in ('in epoch 1', 'in epoch 3'):  # then resumed: the run still replaces the earlier one
+        # (in epoch 1: before any checkpoint of its epochs, never taken for the replaced run's end)
+        killed_in_epoch(monkeypatch, int(interrupted[-1]), lambda: train_mvtec.main(again + ['--force']))
         assert train_mvtec.main(again + ['--resume']) == 0
+    elif interrupted == 'before its final model':  # every epoch checkpointed: resumed, not skipped
+        with monkeypatch.context() as patch:
+            patch.setattr(training, 'remove_earlier_run_files', lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                train_mvtec.main(again + ['--force'])
+        assert train_mvtec.main(again + ['--resume']) == 0
+    elif interrupted == 'with its clock ahead':  # ages are read on the file system's clock
+        with monkeypatch.context() as patch:
+            patch.setattr(training.time, 'time_ns', lambda: time.time_ns() + 120 * 10**9)
+            assert train_mvtec.main(again + ['--force', '--val-fraction', '0.1']) == 0
+        assert {'best_tiny_shift_3.pt', 'tiny_shift_3_validation.csv'} <= {p.name for p in path.parent.iterdir()}
+        for written in ('best_tiny_shift_3.pt', 'tiny_shift_3_validation.csv', 'tiny_shift_3_validation.png'):
+            (path.parent / written).unlink()  # this run's own, as the comparison below leaves them out
     elif interrupted:  # killed as its final model is written: a resume skips the finished run
         save = training.save_torch_atomic
 

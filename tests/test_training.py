@@ -499,17 +499,20 @@ def test_checkpoints_every_minutes_every_epochs_and_after_the_last_epoch(tmp_pat
     monkeypatch.setattr(training, 'save_torch_atomic', lambda obj, path: (
         written.append((path.name, obj.get('epoch'), 'optimizer' in obj)), save(obj, path))[1])
 
-    def run(**kwargs):
+    def run(run_dir='run', **kwargs):
         written.clear()
-        train(fresh_model(), SquaresDataset(n=4), config(epochs=5, **kwargs), tmp_path / 'run',
+        train(fresh_model(), SquaresDataset(n=4), config(epochs=5, **kwargs), tmp_path / run_dir,
               'toy')
         return [(name, epoch) for name, epoch, _ in written]
     assert run(checkpoint_every=None) == [('last_toy.pt', 5), ('final_toy.pt', None)]
     assert [name for name, _, optimizer in written if optimizer] == ['last_toy.pt']
-    assert run(checkpoint_every=2) == [('last_toy.pt', 2), ('last_toy.pt', 4), ('last_toy.pt', 5),
-                                       ('final_toy.pt', None)]
-    assert run(checkpoint_every=None, checkpoint_minutes=0) == (
+    assert run('every 2', checkpoint_every=2) == [('last_toy.pt', 2), ('last_toy.pt', 4), ('last_toy.pt', 5),
+                                                  ('final_toy.pt', None)]
+    assert run('every minute', checkpoint_every=None, checkpoint_minutes=0) == (
         [('last_toy.pt', e) for e in range(1, 6)] + [('final_toy.pt', None)])
+    # a run from scratch where another run's files are: its start is checkpointed first
+    assert run('every 2', checkpoint_every=2) == [('last_toy.pt', 0), ('last_toy.pt', 2), ('last_toy.pt', 4),
+                                                  ('last_toy.pt', 5), ('final_toy.pt', None)]
 
 
 @pytest.mark.slow
