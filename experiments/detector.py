@@ -20,6 +20,7 @@ from self_sup_data.images import read_image
 
 SPEC_KEY = 'nsa_spec'  # the ONNX metadata entry that holds the spec (JSON)
 MODEL_SUFFIXES = ('.pt', '.onnx')
+SPEC_KEYS = ('side', 'crop', 'size_multiple', 'channels', 'flip_average_error')  # what inference reads
 
 
 class NonFiniteMapError(ValueError):
@@ -46,6 +47,10 @@ class OnnxRunner:
             raise ValueError(f'ONNX model {path} has no {SPEC_KEY!r} metadata; export it with '
                              'python -m experiments.export')
         self.spec = json.loads(metadata[SPEC_KEY])
+        missing = [key for key in SPEC_KEYS if key not in self.spec]
+        if missing:
+            raise ValueError(f'ONNX model {path} has no {missing} in its {SPEC_KEY!r} metadata (an export of '
+                             'an earlier version?); export it again with python -m experiments.export')
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch):

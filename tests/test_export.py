@@ -71,6 +71,14 @@ def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
     for expected, actual in zip(expected_maps, maps):
         assert actual.shape == expected.shape and np.abs(actual - expected).max() <= TOLERANCE
     np.testing.assert_allclose(scores['mean'], expected_scores['mean'], atol=TOLERANCE)
+    older = onnx.load(fixed)  # an export whose spec lacks an entry that inference reads
+    spec = json.loads(older.metadata_props[0].value)
+    del spec['flip_average_error']
+    older.metadata_props[0].value = json.dumps(spec)
+    onnx.save(older, fixed.with_name('older.onnx'))
+    with pytest.raises(ValueError, match=r"ONNX model .*older.onnx has no \['flip_average_error'\] in its "
+                                         r"'nsa_spec' metadata .*export it again"):
+        Detector.load(fixed.with_name('older.onnx'))
     session_input = Detector.load(dynamic).run.session.get_inputs()[0]
     assert session_input.shape == ['batch', 1, 'height', 'width']
     assert Detector.load(fixed).run.session.get_inputs()[0].shape == ['batch', 1, 64, 64]
