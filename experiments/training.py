@@ -505,8 +505,8 @@ def _check_checksums(path, checkpoint):
     match the checksums it was written with (checkpoints written before they had any: none)."""
     for state, checksum in (('model', 'model_sha256'), ('best_model', 'best_model_sha256')):
         if checksum in checkpoint and weights_checksum(checkpoint[state]) != checkpoint[checksum]:
-            raise RunError(f"the resume checkpoint {path} is damaged: its {state.replace('_', ' ')} "
-                             f"weights do not match their checksum; --force trains the run again from the start")
+            raise RunError(f"the resume checkpoint {path} is damaged: its {state.replace('_', ' ')} weights "
+                           f"do not match their checksum; --force trains the run again from the start")
 
 
 def _check_resumable(path, saved_meta, meta):
@@ -719,9 +719,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
             extra.update(best_model=best_state, best_meta=best_meta,
                          best_model_sha256=weights_checksum(best_state))
         state = model.state_dict()
-        save_torch_atomic(dict(model=state, model_sha256=weights_checksum(state), optimizer=optimizer.state_dict(),
-                               scheduler=scheduler.state_dict(), epoch=epoch, rng=rng_state(),
-                               meta=meta, **extra), last_path)
+        save_torch_atomic(dict(model=state, model_sha256=weights_checksum(state),
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               epoch=epoch, rng=rng_state(), meta=meta, **extra), last_path)
 
     if resume and last_path.exists():
         # mapped to the CPU: set_rng_state needs CPU tensors; load_state_dict moves the rest
