@@ -57,6 +57,7 @@ from experiments.checkpoints import read_meta, read_model, result_variants
 from experiments.mvtec_tasks import load_normal_set, load_test_set
 from experiments.prediction import check_flip_average, evaluate_variants
 from experiments.training import LOGIT_LOSSES, last_checkpoint_path, resolve_device
+from self_sup_data.mvtec import check_test_set
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 from self_sup_data.validation import central_box
 
@@ -113,6 +114,8 @@ def parse_args(argv=None):
                         help='evaluate with each map averaged with that of the vertically flipped '
                              'image; writes real_data_flip_average.md etc.')
     args = parser.parse_args(argv)
+    if args.flip_average and args.train_only:
+        parser.error('--flip-average applies to the evaluation, and --train-only evaluates nothing')
     # checked before any model is set aside for retraining (the training script checks them again)
     for name, value, valid in (('--epochs', args.epochs, args.epochs >= 1),
                                ('--batch-size', args.batch_size, args.batch_size >= 1),
@@ -338,22 +341,27 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     try:
-        for key in args.settings:
-            setting = settings.parse_setting(key)  # unknown keys fail before anything is trained
-            if args.flip_average:
-                check_flip_average(args.category, None, result_variants(setting), key)
-    except ValueError as error:
+        return run(args)
+    except (TrainingFailed, ValueError, OSError) as error:  # an unreadable model or test set, ...
         print(f'real_data: {error}', file=sys.stderr)
         return 1
+
+
+def run(args):
+    """Train (unless --evaluate-only) and evaluate (unless --train-only) the settings of ``args``,
+    write and print the tables -> exit status. Unknown setting keys, a test set that cannot be
+    evaluated and flip averaging that does not apply fail before anything is trained."""
+    for key in args.settings:
+        setting = settings.parse_setting(key)
+        if args.flip_average:
+            check_flip_average(args.category, None, result_variants(setting), key)
+    if not args.train_only:
+        check_test_set(args.data_dir, args.category)
     started = time.perf_counter()
     if not args.evaluate_only:
-        try:
-            for key in args.settings:
-                set_aside_if_stale(args, key)
-                train(args, key)
-        except TrainingFailed as error:
-            print(f'real_data: {error}', file=sys.stderr)
-            return 1
+        for key in args.settings:
+            set_aside_if_stale(args, key)
+            train(args, key)
     if args.train_only:
         return 0
     device = resolve_device(args.device)

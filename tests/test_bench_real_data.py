@@ -230,6 +230,26 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
                                   '--flip-average']) == 1
 
 
+def test_an_unreadable_model_or_test_set_is_one_line_naming_it(tiny_mvtec, tmp_path, capsys, monkeypatch):
+    root, name = tiny_mvtec
+    out = tmp_path / 'bench'
+    base = ['--data-dir', str(root), '--category', name, '--out', str(out), '--res-scale', '0.25',
+            '--epochs', '1', '--batch-size', '2', '--workers', '0', '--settings', 'FPI']
+    path = real_data.model_path(SimpleNamespace(out=str(out), category=name), 'FPI')
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'garbage')  # a half-copied model, say
+    for extra in ([], ['--evaluate-only']):
+        capsys.readouterr()
+        assert real_data.main(base + extra) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f'real_data: cannot read checkpoint {path}') and 'Traceback' not in error
+    # a test set that cannot be evaluated stops the run before anything is trained
+    monkeypatch.setattr(real_data, 'train', lambda *args: pytest.fail('trained'))
+    shutil.rmtree(root / name / 'test' / 'good')
+    assert real_data.main(base) == 1
+    assert capsys.readouterr().err.startswith('real_data: ') and path.read_bytes() == b'garbage'
+
+
 def test_relative_paths_mean_the_same_folders_to_the_training_run(tmp_path, monkeypatch):
     """The training subprocess runs from the repository's root: the paths it gets are absolute."""
     monkeypatch.chdir(tmp_path)
@@ -242,6 +262,7 @@ def test_relative_paths_mean_the_same_folders_to_the_training_run(tmp_path, monk
     (['--lr', 'nan'], '--lr out of range: nan'),
     (['--res-scale', '0'], '--res-scale out of range: 0.0'),
     (['--device', 'gpu'], "unknown device 'gpu'"),
+    (['--train-only', '--flip-average'], '--flip-average applies to the evaluation, and --train-only evaluates'),
 ])
 def test_bad_budgets_are_refused_before_any_model_is_set_aside(argv, message, capsys):
     with pytest.raises(SystemExit):
