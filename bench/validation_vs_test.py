@@ -15,7 +15,11 @@ models of other resolutions are ranked together by design). A model whose held-o
 found again in DATA (other training files) is refused, naming it; a missing models folder too.
 
     python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
-        --models bench_out/recipe [--out bench_out/recipe/correlation] [--best]
+        --models bench_out/recipe [--out bench_out/recipe/correlation] [--best] [--flip-average]
+
+``--flip-average`` scores both sets with flip-averaged maps (textures only). ``--models`` given a
+run's ``search`` folder scores its --recipe search candidates (found below any other folder, they
+are left out: they are not results).
 
 Writes ``scores.csv`` (one row per model), ``correlation.md|csv`` and prints both.
 """
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='output folder (default: MODELS/correlation)')
     parser.add_argument('--best', action='store_true', help='also score the best_*.pt models')
     parser.add_argument('--device', help="'cpu', 'cuda' ... (default: CUDA if available)")
+    parser.add_argument('--flip-average', action='store_true',
+                        help='score the validation and test sets with flip-averaged maps (textures only)')
     return parser.parse_args(argv)
 
 
@@ -115,8 +121,8 @@ def score_models(args, device):
                 channels=meta['in_channels'], kinds=kinds, layout=layout_from_spec(meta.get('layout')),
                 bit_depth=meta.get('bit_depth'), background=background, side=key[-1])
             test_sets[key] = load_test_set(args.data_dir, meta)
-        validation = Validator(validation_sets[key])(model, per_kind=True)
-        test = evaluate(model, test_sets[key], device=device)
+        validation = Validator(validation_sets[key], flip_average=args.flip_average)(model, per_kind=True)
+        test = evaluate(model, test_sets[key], device=device, flip_average=args.flip_average)
         scored[meta.get('weights_sha256', path)] = path
         best = path.name.startswith('best_')
         rows.append(dict(model=str(path.relative_to(args.models)), setting=meta['setting'],

@@ -55,14 +55,16 @@ class Validator:
 
     ``validator(model) -> dict`` of floats: SCORE_METRICS and ``score`` (their mean); with
     ``per_kind``, also ``image_auroc_<kind>`` for each defect kind
-    (``metrics.image_auroc_per_type``). The model is left in eval mode; the caller switches it
-    back to training.
+    (``metrics.image_auroc_per_type``). ``flip_average``: score flip-averaged maps
+    (``experiments.prediction.predict``; textures only). The model is left in eval mode; the caller
+    switches it back to training.
     """
 
-    def __init__(self, dataset, every=1, batch_size=32):
+    def __init__(self, dataset, every=1, batch_size=32, flip_average=False):
         if int(every) < 1:
             raise ValueError(f"validation every must be a positive number of epochs, got {every!r}")
         self.dataset, self.every, self.batch_size = dataset, int(every), batch_size
+        self.flip_average = flip_average
 
     def due(self, epoch, epochs):
         """Whether the validation runs after ``epoch`` (1-based) of ``epochs``."""
@@ -70,7 +72,8 @@ class Validator:
 
     def __call__(self, model, per_kind=False):
         device = next(model.parameters()).device
-        maps, labels, masks = predict(model, self.dataset, self.batch_size, device)
+        maps, labels, masks = predict(model, self.dataset, self.batch_size, device,
+                                      flip_average=self.flip_average)
         results = metrics.evaluate_maps(labels, maps, masks)
         scores = {name: float(results[name]) for name in SCORE_METRICS}
         scores['score'] = validation_score(results)

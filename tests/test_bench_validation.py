@@ -8,6 +8,9 @@ import pytest
 
 import train_mvtec
 from conftest import make_mvtec_category
+from experiments.checkpoints import read_model
+from experiments.mvtec_tasks import load_test_set
+from experiments.prediction import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ['--epochs', '1', '--batch-size', '4', '--res-scale', '0.25', '--workers', '0',
@@ -63,6 +66,16 @@ def test_scores_every_validated_model_and_correlates_them(tmp_path, capsys):
                        '--out', str(tmp_path / 'best'), '--best']) == 0
     assert len(pd.read_csv(tmp_path / 'best' / 'scores.csv')) == 3
     assert capsys.readouterr().err.count(': the weights of ') == 3
+    # flip-averaged maps on both sets (textures): the test figures are the evaluation's with --flip-average
+    assert bench.main(['--data-dir', str(data), '--category', 'plates', '--models', str(models),
+                       '--out', str(tmp_path / 'flip'), '--flip-average']) == 0
+    flipped = pd.read_csv(tmp_path / 'flip' / 'scores.csv').set_index('model')
+    plain = scores.set_index('model').loc[flipped.index]
+    assert not np.allclose(flipped['val_pixel_auroc'], plain['val_pixel_auroc'])
+    for name, row in flipped.iterrows():
+        model, meta = read_model(models / name, 'cpu')
+        expected = evaluate(model, load_test_set(str(data), meta), flip_average=True)
+        assert row['test_pixel_auroc'] == pytest.approx(expected['pixel_auroc'])
     # a model validated on other held-out images is not ranked with the others
     train_mvtec.main(['-s', 'Shift-Intensity', '-d', str(data), '-o', str(models), '--val-fraction', '0.4']
                      + FAST)
