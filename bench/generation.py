@@ -1,7 +1,8 @@
 """Median milliseconds per synthetic-anomaly sample from patch_ex, one thread, 224 x 224 images.
 
-Uses the paper's MVTec texture setting (gamma (2, 0.05, 0.03), resize bounds (0.5, 2), 4 patches,
-half-width bounds ((0.03, 0.4), (0.03, 0.4))) on scikit-image's bundled sample images.
+Uses the paper's MVTec texture setting (``experiments.settings.KIND_DEFAULTS['texture']``: gamma
+(2, 0.05, 0.03), resize bounds (0.5, 2), 4 patches, half-width bounds ((0.03, 0.4), (0.03, 0.4)),
+logistic label (1/3, 7)) on scikit-image's bundled sample images.
 
     python bench/generation.py [--n N]
 """
@@ -12,11 +13,12 @@ import cv2
 import numpy as np
 import skimage.data
 
+from experiments.settings import KIND_DEFAULTS
 from self_sup_data.self_sup_tasks import patch_ex
 
 SIZE = 224
-TEXTURE_SETTING = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
-                       width_bounds_pct=((0.03, 0.4), (0.03, 0.4)))
+TEXTURE_SETTING = {name: KIND_DEFAULTS['texture'][name] for name in (
+    'gamma_params', 'resize_bounds', 'num_patches', 'width_bounds_pct', 'intensity_logistic_params')}
 CASES = [(cv2.NORMAL_CLONE, 'NORMAL_CLONE', ('binary', 'logistic-intensity')),
          (cv2.MIXED_CLONE, 'MIXED_CLONE', ('binary', 'logistic-intensity')),
          ('mix', 'mix', ('binary', 'logistic-intensity')),
