@@ -17,8 +17,8 @@ from experiments.plotting import remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
-                                  is_run_file, last_checkpoint_path, replaced_final_model, resolve_device,
-                                  run_differences, run_meta, seed_everything, train)
+                                  is_first_process, is_run_file, last_checkpoint_path, replaced_final_model,
+                                  resolve_device, run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
 
@@ -291,7 +291,8 @@ def other_run_message(found, state, differing):
 def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=False, replace_other=False):
     """Train the run ``name`` in ``run_dir`` unless ``resume`` finds its final model there.
 
-    Temporary files of a save that was killed are removed first (``remove_stale_temporaries``).
+    Temporary files of a save that was killed are removed first (``remove_stale_temporaries``; by
+    the first process of a torchrun launch alone, which writes the run's files).
     The run in ``run_dir`` is interrupted when its checkpoint belongs to another run than its
     final model (a --force run with other arguments that was interrupted), or there is no final
     model; else finished (``found_run``). A finished or interrupted run in ``run_dir`` is never
@@ -305,8 +306,9 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
     run's as its final model holds it).
     """
-    for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
-        print(f"{prog}: removed {stale}, left by an interrupted save")
+    if is_first_process():  # the process that writes the run's files (another's may lag behind it)
+        for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
+            print(f"{prog}: removed {stale}, left by an interrupted save")
     with exit_on_input_error(prog):
         found, state = (None, None) if force else found_run(run_dir, name)  # force: none kept
         if not (resume or force):
