@@ -226,22 +226,22 @@ def redone_results(records, setting, categories):
     return lambda record: (record['category'], record['setting']) in redone
 
 
-def earlier_results(eval_dir, records, setting, categories):
-    """The results in ``eval_dir/results.csv`` that this evaluation (``records``, of ``setting`` on
-    ``categories``) does not redo and that still hold: those of other categories and settings
+def earlier_results(eval_dir, records, redone):
+    """The results in ``eval_dir/results.csv`` that this evaluation (``records``) does not redo
+    (``redone``, of ``redone_results``) and that still hold: those of other categories and settings
     (two-stage variants such as ``SETTING+GDE`` included) whose checkpoint is still there as it was,
     of plain maps as this evaluation's (not ``--flip-average``d), and of the kind that this
     evaluation gives their category; so that runs of several settings or categories into one output
     folder leave one table of them all. A note counts those left out. A results file that cannot be
     read gives a warning line and none."""
-    redone = redone_results(records, setting, categories)
     try:
         kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
-    if any(record.get('checkpoint') for record in left_out):
-        print(f"{PROG}: note: {tables.left_out_note(left_out)}")
+    note = tables.left_out_note(left_out)
+    if note:
+        print(f"{PROG}: note: {note}")
     kinds = {record['category']: record['kind'] for record in records if not tables.failed(record)}
     still, other_kind, flipped = [], [], []
     for record in kept:
@@ -277,7 +277,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    kept = earlier_results(eval_dir, records, setting, categories)
+    redone = redone_results(records, setting, categories)
+    kept = earlier_results(eval_dir, records, redone)
     written = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
@@ -293,7 +294,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     if written is not None:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
     else:
-        warn_replaced_results(eval_dir, redone_results(records, setting, categories))
+        warn_replaced_results(eval_dir, redone)
     return report_problems(records, written is not None)
 
 

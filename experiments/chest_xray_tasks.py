@@ -185,8 +185,9 @@ def write_report(records, out_dir, percent=False):
         kept, left_out = tables.earlier_results(Path(out_dir) / 'results.csv',
                                                 lambda record: (record['category'], record['setting']) in tested)
         records = records + kept
-        if any(record.get('checkpoint') for record in left_out):
-            warnings.warn(tables.left_out_note(left_out))
+        note = tables.left_out_note(left_out)
+        if note:
+            warnings.warn(note)
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)

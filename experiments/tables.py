@@ -322,8 +322,11 @@ def earlier_results(path, redone):
 
 
 def left_out_note(left_out):
-    """What ``earlier_results`` left out of the tables, for a note: the results with a model."""
+    """What ``earlier_results`` left out of the tables, for a note: the results with a model (None
+    where none had one)."""
     with_model = [record for record in left_out if record.get('checkpoint')]
+    if not with_model:
+        return None
     return (f"{len(with_model)} earlier results left out of the tables: their models are gone or were "
             f"written again since they were evaluated, e.g. {with_model[0]['checkpoint']}; evaluate them "
             f"again (python -m experiments.mvtec_tasks or chest_xray_tasks)")

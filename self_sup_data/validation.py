@@ -219,9 +219,9 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
         on = None if background is None else object_mask(part, background)
         name = f'{names[index]}' if names is not None else f'image {index}'
         if on is not None and not on.any():
-            raise NoObjectPixelError(f"held-out validation image {name}: background {background!r} leaves no "
-                             f"object pixel in the part of it that models score; check the background or "
-                             f"choose other held-out images (--val-seed)")
+            raise NoObjectPixelError(f"held-out validation image {name}: background {background!r} leaves "
+                                     f"no object pixel in the part of it that models score; check the "
+                                     f"background or choose other held-out images (--val-seed)")
         try:
             part, part_mask = synthetic_defect(part, kind, rng, on)
         except ValueError as error:

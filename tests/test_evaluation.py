@@ -222,6 +222,7 @@ def test_earlier_results_keep_only_models_unchanged_since(tmp_path):
     assert [r['category'] for r in kept] == ['same']
     assert [r['category'] for r in left_out] == ['retrained', 'gone']
     assert tables.left_out_note(left_out).startswith('2 earlier results left out of the tables')
+    assert tables.left_out_note([dict(left_out[0], checkpoint=None)]) is None  # a requested pair without a model
     assert tables.earlier_results(tmp_path / 'none.csv', lambda r: False) == ([], [])
 
 
