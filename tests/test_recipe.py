@@ -279,7 +279,7 @@ def test_holdout_is_a_seeded_fraction_and_none_for_small_categories():
         validation.holdout_indices(100, 1.0, 0)
 
 
-@hyp_settings(max_examples=25, deadline=None)
+@hyp_settings(max_examples=25)
 @given(st.sampled_from(validation.VALIDATION_KINDS), st.integers(0, 2**32 - 1),
        st.sampled_from([1, 3]))
 def test_defect_masks_hold_exactly_the_changed_pixels(kind, seed, channels):
@@ -328,7 +328,7 @@ def object_on_background(size=64, radius=9, seed=0):
     return image
 
 
-@hyp_settings(max_examples=25, deadline=None)
+@hyp_settings(max_examples=25)
 @given(st.sampled_from(validation.VALIDATION_KINDS), st.integers(0, 2**32 - 1))
 def test_defects_on_an_object_change_only_its_pixels(kind, seed):
     image = object_on_background(seed=seed % 5)

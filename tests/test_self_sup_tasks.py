@@ -13,7 +13,7 @@ from skimage.morphology import disk
 from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, PATCH_PARAM_NAMES, PatchParams,
                                           SyntheticAnomaly, make_label, object_mask, patch_ex, poisson_blend)
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=40)
 TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
                width_bounds_pct=((0.03, 0.4), (0.03, 0.4)))
 
@@ -313,7 +313,7 @@ def test_poisson_blend_ignores_the_outer_ring_of_a_mask_that_reaches_it(height, 
                       mode)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20)
 @given(channels=st.sampled_from([1, 3]), mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]),
        seed=st.integers(0, 2 ** 32 - 1))
 def test_poisson_blend_on_crop_equals_whole_image_clone(channels, mode, seed):
