@@ -59,7 +59,7 @@ from experiments.prediction import check_flip_average, evaluate_variants
 from experiments.training import LOGIT_LOSSES, last_checkpoint_path, resolve_device
 from self_sup_data.mvtec import check_test_set
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
-from self_sup_data.validation import central_box
+from self_sup_data.images import central_box
 
 REPO = Path(__file__).resolve().parents[1]  # the training script is run from here
 
@@ -231,7 +231,7 @@ def pixel_auroc_by_region(dataset, maps, band=BORDER_BAND, crop=None):
     """Pixel AUROC over the border band's pixels and over the inner pixels, each on its own (images
     whose mask is missing are left out, as in the pixel metrics of the evaluation); NaN for a
     region without defect or without normal pixels. ``crop``: the side of the central square that
-    an object's model scores (``validation.central_box``): the band is that square's, and the
+    an object's model scores (``images.central_box``): the band is that square's, and the
     pixels outside it (never scored) count in neither region."""
     chosen = np.asarray(dataset.has_mask, dtype=bool)
     masks = np.stack(dataset.masks)[chosen]

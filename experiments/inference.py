@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import metrics
-from self_sup_data.images import resize, resize_to, to_channels
+from self_sup_data.images import central_box, resize, resize_to, to_channels
 
 
 def as_image(image, name='image'):
@@ -57,8 +57,7 @@ def network_input(image, spec):
     (textures) -> uint8 ``C x H x W``."""
     height, width = image.shape[:2]
     if spec['crop'] is not None:
-        top, left, size = (height - spec['crop']) // 2, (width - spec['crop']) // 2, spec['crop']
-        image = image[top:top + size, left:left + size]
+        image = image[central_box((height, width), spec['crop'])]
     else:
         multiple = spec['size_multiple']
         image = np.pad(image, ((0, -height % multiple), (0, -width % multiple), (0, 0)),

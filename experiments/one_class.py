@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from experiments import metrics
+from self_sup_data.images import central_box
 
 NUM_STAGES = 4  # model.encoder returns the maps of ResNet layers 1-4
 DEFAULT_LAYERS = (4,)
@@ -221,8 +222,7 @@ def center_crop(images, size=None):
     height, width = images.shape[-2:]
     if size > min(height, width):
         raise ValueError(f'crop size {size} is larger than the images ({height}x{width})')
-    top, left = (height - size) // 2, (width - size) // 2
-    return images[..., top:top + size, left:left + size]
+    return images[(...,) + central_box((height, width), size)]
 
 
 def extract_features(model, dataset, layers=DEFAULT_LAYERS, patch_layer=DEFAULT_PATCH_LAYER,

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from experiments import metrics, one_class
 from models.resnet import SIZE_MULTIPLE
+from self_sup_data.images import central_box
 from self_sup_data.mvtec import category_kind
 
 
@@ -69,9 +70,8 @@ def _predict_view(model, images, crop_size):
     height, width = images.shape[-2:]
     if crop_size is not None:
         crop = model(one_class.center_crop(images, crop_size))
-        top, left = (height - crop_size) // 2, (width - crop_size) // 2
         maps = crop.new_zeros(crop.shape[:2] + (height, width))
-        maps[..., top:top + crop_size, left:left + crop_size] = crop
+        maps[(...,) + central_box((height, width), crop_size)] = crop
     else:
         pad_bottom, pad_right = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
         if pad_bottom or pad_right:

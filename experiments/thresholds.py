@@ -34,7 +34,7 @@ from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
 from self_sup_data.layouts import layout_from_spec
 from self_sup_data.mvtec import train_files
-from self_sup_data.validation import central_box
+from self_sup_data.images import central_box
 
 PROG = 'python -m experiments.thresholds'
 DEFAULT_FPR = 0.01

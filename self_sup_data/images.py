@@ -249,6 +249,16 @@ def resize_to(array, shape, interpolation=None):
     return cv2.resize(array, (new_width, new_height), interpolation=interpolation)
 
 
+def central_box(shape, crop=None):
+    """Slices (rows, columns) of the central ``crop`` x ``crop`` square of an image of ``shape``
+    (its first two: height, width), e.g. the part of an object category's test image that its model
+    scores; the whole image for ``crop`` None."""
+    if crop is None:
+        return slice(None), slice(None)
+    top, left = (shape[0] - crop) // 2, (shape[1] - crop) // 2
+    return slice(top, top + crop), slice(left, left + crop)
+
+
 def resize_mask(mask, size):
     """Resize a 2-D label mask (uint8 values, or bool) to ``size x size`` by nearest neighbour at
     the centre of each output pixel's footprint (``cv2.INTER_NEAREST_EXACT``), so that it stays

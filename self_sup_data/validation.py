@@ -32,6 +32,7 @@ torch.
 import cv2
 import numpy as np
 
+from self_sup_data.images import central_box
 from self_sup_data.self_sup_tasks import cutpaste_scar, object_mask
 
 VALIDATION_KINDS = ('scar', 'blob', 'blur', 'noise', 'line')
@@ -182,15 +183,6 @@ def synthetic_defect(image, kind, rng, on=None):
                      f"{image.shape[1]}x{image.shape[0]} {where} in {MAX_DRAWS} draws (is it blank?); "
                      f"train without a validation set (--val-fraction 0) or choose other held-out "
                      f"images (--val-seed)")
-
-
-def central_box(shape, crop=None):
-    """Slices of the central ``crop`` x ``crop`` square of an image of ``shape`` (the part of an
-    object category's test image that its model scores); the whole image for ``crop`` None."""
-    if crop is None:
-        return slice(None), slice(None)
-    top, left = (shape[0] - crop) // 2, (shape[1] - crop) // 2
-    return slice(top, top + crop), slice(left, left + crop)
 
 
 def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=None, background=None):

@@ -21,6 +21,7 @@ from experiments.prediction import predict
 from experiments.training import RunError, TrainConfig, best_model_path, final_model_path, last_checkpoint_path, train
 from experiments.validation import Validator
 from self_sup_data import recipe, validation
+from self_sup_data.images import central_box
 from self_sup_data.mvtec import load_validation_set
 from self_sup_data.self_sup_tasks import object_mask
 from self_sup_data.transforms import RandomCrop
@@ -306,7 +307,7 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
         validation.make_validation_set(images, 0, kinds=('smudge',))
     # objects: every defect inside the central crop that their models score
     items, _, masks, _ = validation.make_validation_set(images, seed=0, crop=32)
-    box = validation.central_box(images[0].shape, 32)
+    box = central_box(images[0].shape, 32)
     for image, defective, mask in zip(images, items[7:], masks[7:]):
         outside = np.ones(mask.shape, bool)
         outside[box] = False
@@ -361,7 +362,7 @@ def test_defect_strength_follows_the_grey_levels_not_colour_or_background(kind):
 def test_validation_defects_follow_the_background_and_name_an_image_without_object():
     images = [object_on_background(seed=i) for i in range(6)]
     items, _, masks, _ = validation.make_validation_set(images, seed=0, background=(0, 20), crop=48)
-    box = validation.central_box(images[0].shape, 48)
+    box = central_box(images[0].shape, 48)
     for image, defective, mask in zip(images, items[6:], masks[6:]):
         on = np.zeros(mask.shape, bool)
         on[box] = object_mask(np.ascontiguousarray(image[box]), (0, 20))

@@ -51,6 +51,13 @@ def test_center_crop_takes_the_centre():
     np.testing.assert_array_equal(out, image[10:31, 9:30])
 
 
+def test_central_box_is_the_square_center_crop_takes():
+    from self_sup_data.images import central_box
+    image = random_image(41, 39)
+    np.testing.assert_array_equal(image[central_box(image.shape, 21)], CenterCrop(21)(image, None, None)[0])
+    np.testing.assert_array_equal(image[central_box(image.shape)], image)
+
+
 def test_random_crop_is_a_window_and_covers_all_positions():
     image = np.arange(10 * 10, dtype=np.uint8).reshape(10, 10, 1)
     corners = set()
