@@ -9,13 +9,14 @@ the border that its training crops leave out (text markers, the collimator's edg
 
 Image AUROC and AP use the mean of the anomaly map as the image score (the paper); pixel AUROC,
 AP and AU-PRO are computed when NIH's bounding boxes (``BBox_List_2017.csv``) are given, over the
-anomalous images that have a box. Results over settings and seeds are tabulated as for MVTec
+normal images and the anomalous images that have a box. Results over settings and seeds are tabulated as for MVTec
 (``experiments.tables``), one row per test set; test sets evaluated one after another into one
 folder make one table (``write_report``).
 
     python -m experiments.chest_xray_tasks -m MODEL_DIR -d DATA_DIR -o OUT_DIR \
         -l NORMAL_TEST_LIST ANOMALOUS_TEST_LIST [--bbox-csv BBox_List_2017.csv] [-s SETTING ...]
 """
+import hashlib
 import math
 import re
 import warnings
@@ -32,7 +33,8 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.chest_xray import SelfSupChestXRay, check_test_lists, chest_recipe, list_label, read_file_list
+from self_sup_data.chest_xray import (SelfSupChestXRay, check_test_lists, chest_recipe, list_label, read_bbox_table,
+                                     read_file_list)
 from self_sup_data.layouts import names_sha256
 
 DATASET = 'chest_xray'
@@ -79,8 +81,10 @@ def check_not_trained_on(meta, data_dir, test_names, source='this model'):
     """ValueError when test images (names relative to ``data_dir``) are training images of a model
     (``trained_names`` of its meta; relative to its ``data_dir``): scores of images it trained on
     are no test. Images are compared as resolved paths (a folder of other images may reuse the
-    names). A warning when the training images are not known (an older model whose list is gone or
-    was rewritten), and when test images are NIH follow-ups of training patients (``nih_patients``)."""
+    names), and images named in NIH's form by their file names (``nih_patients``: unique over the
+    dataset, so also in a copied or moved folder). A warning when the training images are not known
+    (an older model whose list is gone or was rewritten), and when test images are NIH follow-ups
+    of training patients (``nih_patients``)."""
     names = trained_names(meta)
     if names is None:
         warnings.warn(f"cannot check that {source} was not trained on test images: its training list "
@@ -89,7 +93,9 @@ def check_not_trained_on(meta, data_dir, test_names, source='this model'):
         return
     trained_dir = Path(meta.get('data_dir') or data_dir)
     trained = {(trained_dir / name).resolve() for name in names}
-    seen = sorted(name for name in test_names if (Path(data_dir) / name).resolve() in trained)
+    trained_nih = {Path(name).name for name in nih_patients(names)}
+    seen = sorted(name for name in test_names if (Path(data_dir) / name).resolve() in trained
+                  or Path(name).name in trained_nih)
     if seen:
         raise ValueError(f"{len(seen)} test images are training images of {source} (its list "
                          f"{meta.get('normal_list')}), e.g. {seen[:3]}; test it on images it has not seen")
@@ -101,8 +107,30 @@ def check_not_trained_on(meta, data_dir, test_names, source='this model'):
                       f"patient make an easier test; split by patient (python -m self_sup_data.chest_xray)")
 
 
+def test_set_sha256(normal_names, anomalous_names):
+    """SHA-256 (hex) of a test set: of the file names of its normal and of its anomalous images
+    (``names_sha256`` of each; recorded with its results as ``test_lists_sha256``)."""
+    return hashlib.sha256(f'{names_sha256(normal_names)}\n{names_sha256(anomalous_names)}'.encode()).hexdigest()
+
+
+def check_test_set_name(out_dir, test_name, lists_sha256):
+    """ValueError when ``out_dir/results.csv`` holds results of another test set (other image lists,
+    by their recorded ``test_lists_sha256``) under the row name ``test_name``: evaluating this one
+    into that folder would replace them and their figures. A results file that cannot be read is
+    left to ``write_report`` (it warns)."""
+    path = Path(out_dir) / 'results.csv'
+    try:
+        earlier = tables.read_results(path) if path.is_file() else []
+    except ValueError:
+        return
+    if any(record['category'] == test_name and record.get('kind') == DATASET
+           and str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256 for record in earlier):
+        raise ValueError(f"{path} holds the results of another test set named {test_name!r} (other image "
+                         f"lists); name this one apart (--name) or evaluate it into another folder")
+
+
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
-                         test_name=None, device=None, batch_size=32, figure_dir=None):
+                         test_name=None, device=None, batch_size=32, figure_dir=None, out_dir=None):
     """Evaluate the chest X-ray models (meta 'dataset' 'chest_xray') under ``model_dir`` on a test set.
 
     settings: keys (a key without a seed takes every seed found; None: all found); a requested
@@ -111,8 +139,11 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     (an unreadable checkpoint whose path names no setting: a warning), and the others are
     evaluated all the same. test_name: the row name (default: the anomalous list's file stem).
     figure_dir: ``<test_name>_<setting>.png`` of examples for the first seed of each setting.
-    Returns long-format results (``experiments.tables``): one dict per checkpoint with the
-    metrics of ``metrics.evaluate_maps`` and its path.
+    out_dir: the folder the results go to (``write_report``), checked first to hold no other test
+    set of this name (``check_test_set_name``); None: not checked. A box table that cannot be read
+    is the command's error, before any checkpoint is evaluated. Returns long-format results
+    (``experiments.tables``): one dict per checkpoint with the metrics of ``metrics.evaluate_maps``,
+    its path and the test set's ``test_lists_sha256``.
     """
     device = resolve_device(device)
     if test_name is None:
@@ -123,8 +154,13 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     test_names = [read_file_list(file_list) for file_list in (normal_list, anomalous_list)]
     check_test_lists(*test_names, list_label(normal_list, 'normal'),
                      list_label(anomalous_list, 'anomalous'))
-    if bbox_csv is not None and not Path(bbox_csv).is_file():
-        raise FileNotFoundError(f"the bounding-box table {bbox_csv} (--bbox-csv) does not exist")
+    lists_sha256 = test_set_sha256(*test_names)
+    if out_dir is not None:
+        check_test_set_name(out_dir, test_name, lists_sha256)
+    if bbox_csv is not None:
+        if not Path(bbox_csv).is_file():
+            raise FileNotFoundError(f"the bounding-box table {bbox_csv} (--bbox-csv) does not exist")
+        read_bbox_table(bbox_csv)
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:
@@ -154,7 +190,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
     def record(setting, seed, values, path=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
-                    **values, checkpoint=path and str(Path(path).resolve()))
+                    **values, checkpoint=path and str(Path(path).resolve()), test_lists_sha256=lists_sha256)
 
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
@@ -176,18 +212,25 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 def write_report(records, out_dir, percent=False):
     """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
     when some result has them) of ``records`` and of the other results already in
-    ``out_dir/results.csv`` (other test sets or settings) whose checkpoints are there as they were
-    (``tables.earlier_results``: test sets evaluated one after another into one folder make one
-    table, a row each; a results file that cannot be read gives a warning); returns the tables
-    ``{metric: DataFrame}``."""
-    tested = {(record['category'], record['setting']) for record in records}
+    ``out_dir/results.csv`` (other test sets, settings or seeds: those ``records`` do not redo)
+    whose checkpoints are there as they were (``tables.earlier_results``: test sets evaluated one
+    after another into one folder make one table, a row each) and that are of chest X-rays (a note
+    counts the others left out; a results file that cannot be read gives a warning); returns the
+    tables ``{metric: DataFrame}``."""
+    redone = {(record['category'], record['setting'], record['seed']) for record in records}
     try:
-        kept, left_out = tables.earlier_results(Path(out_dir) / 'results.csv',
-                                                lambda record: (record['category'], record['setting']) in tested)
-        records = records + kept
+        kept, left_out = tables.earlier_results(
+            Path(out_dir) / 'results.csv',
+            lambda record: (record['category'], record['setting'], record['seed']) in redone)
         note = tables.left_out_note(left_out)
         if note:
             warnings.warn(note)
+        other_kind = [record for record in kept if record.get('kind') != DATASET]
+        if other_kind:
+            warnings.warn(f"{len(other_kind)} earlier results left out of the tables: they are not of chest "
+                          f"X-rays (kind {other_kind[0].get('kind')}, e.g. {other_kind[0].get('checkpoint')}); "
+                          f"evaluate chest X-rays into a folder of their own")
+        records = records + [record for record in kept if record.get('kind') == DATASET]
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)
@@ -220,7 +263,7 @@ def main(argv=None):
         lambda figure_dir: evaluate_checkpoints(
             args.model_dir, args.data_dir, *args.lists, bbox_csv=args.bbox_csv,
             settings=args.settings, test_name=args.name, device=args.device,
-            batch_size=args.batch_size, figure_dir=figure_dir),
+            batch_size=args.batch_size, figure_dir=figure_dir, out_dir=args.out_dir),
         lambda records: write_report(records, args.out_dir, percent=args.percent),
         f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
 

@@ -21,6 +21,7 @@ cannot be reproduced by a rule over the table; pass them to the training script 
 import argparse
 import math
 import os
+import posixpath
 import warnings
 import zlib
 from collections import Counter
@@ -56,7 +57,8 @@ def chest_recipe(res=256):
 
 
 def read_file_list(file_list):
-    """Names from a list file (one per line, blank lines skipped), or a given sequence of names."""
+    """Names from a list file (one per line, blank lines skipped), or a given sequence of names,
+    normalised (``./a.png`` and ``a.png`` are one name; ``posixpath.normpath``)."""
     if isinstance(file_list, (str, os.PathLike)):
         path = Path(file_list)
         if not path.is_file():
@@ -66,8 +68,8 @@ def read_file_list(file_list):
         except UnicodeDecodeError as error:
             raise ValueError(f"file list {path} is not UTF-8 text ({error.reason} at byte "
                              f"{error.start}); write one image name per line") from None
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    return [str(name) for name in file_list]
+        return [posixpath.normpath(line.strip()) for line in text.splitlines() if line.strip()]
+    return [posixpath.normpath(str(name)) for name in file_list]
 
 
 def list_label(file_list, what):
@@ -125,8 +127,14 @@ def _bad_rows(flags):
 
 def read_bbox_table(bbox_csv):
     """NIH ``BBox_List_2017.csv`` -> DataFrame with columns image, label, x, y, w, h (numbers);
-    ValueError naming the file and the lines of boxes that are not numbers."""
-    table = pd.read_csv(bbox_csv, index_col=False)  # rows ending in a comma do not shift the columns
+    ValueError naming the file for a file that is not such a table, and the lines of boxes that are
+    not numbers, not of positive width and height, or outside the 1024-pixel frame (their masks
+    would be empty)."""
+    try:
+        table = pd.read_csv(bbox_csv, index_col=False)  # rows ending in a comma do not shift the columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"cannot read box table {bbox_csv}: {str(error).strip().splitlines()[0]}; "
+                         f"expected NIH's BBox_List_2017.csv, with columns {list(BBOX_COLUMNS)}") from None
     _check_columns(table, BBOX_COLUMNS, bbox_csv)
     table = table[list(BBOX_COLUMNS)]
     table.columns = ['image', 'label', 'x', 'y', 'w', 'h']
@@ -136,6 +144,12 @@ def read_bbox_table(bbox_csv):
     if bad.any():
         raise ValueError(f"box table {bbox_csv}: {int(bad.sum())} rows without an image name or "
                          f"with boxes that are not numbers, on lines {_bad_rows(bad)}")
+    empty = ((table['w'] <= 0) | (table['h'] <= 0) | (table['x'] >= BBOX_IMAGE_SIDE) | (table['y'] >= BBOX_IMAGE_SIDE)
+             | (table['x'] + table['w'] <= 0) | (table['y'] + table['h'] <= 0))
+    if empty.any():
+        raise ValueError(f"box table {bbox_csv}: {int(empty.sum())} boxes without a positive width and height "
+                         f"inside the {BBOX_IMAGE_SIDE} x {BBOX_IMAGE_SIDE} frame of NIH's images, on lines "
+                         f"{_bad_rows(empty)}")
     return table
 
 
@@ -152,7 +166,7 @@ def box_masks(boxes, names, size):
         if rows is None:
             continue
         mask = np.zeros((size, size), np.uint8)
-        for x, y, w, h in rows[['x', 'y', 'w', 'h']].to_numpy(float):
+        for x, y, w, h in rows[['x', 'y', 'w', 'h']].to_numpy(float):  # each inside the frame (read_bbox_table)
             top, left = max(0, math.floor(y * scale)), max(0, math.floor(x * scale))
             bottom, right = math.ceil((y + h) * scale), math.ceil((x + w) * scale)
             mask[top:max(top + 1, bottom), left:max(left + 1, right)] = 1  # at least one pixel
@@ -306,13 +320,22 @@ def build_file_lists(table, gender=None, min_age=18, view='PA', n_test_normal=30
 
 
 def write_file_lists(lists, out_dir):
-    """Write ``out_dir/<name>.txt`` for each list (one name per line; temp file + rename)."""
+    """Write ``out_dir/<name>.txt`` for each list (one name per line): every list to a temporary
+    file first, then each renamed into place, so that a failed write (a full disk) leaves the
+    earlier lists as they were rather than a new training list beside old test lists, whose
+    patients it may share."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, names in lists.items():
-        path = out_dir / f'{name}.txt'
-        tmp = path.with_name(f'.{path.name}.tmp')
-        tmp.write_text(''.join(f'{n}\n' for n in names))
+    written = {}
+    try:
+        for name, names in lists.items():
+            written[out_dir / f'{name}.txt'] = tmp = out_dir / f'.{name}.txt.tmp'
+            tmp.write_text(''.join(f'{n}\n' for n in names))
+    except OSError:
+        for tmp in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in written.items():
         os.replace(tmp, path)
 
 

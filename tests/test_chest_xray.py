@@ -47,6 +47,7 @@ def test_read_file_list(tmp_path):
     assert read_file_list(tmp_path / 'list.txt') == ['a.png', 'b.png']
     assert read_file_list(str(tmp_path / 'list.txt')) == ['a.png', 'b.png']
     assert read_file_list(['c.png']) == ['c.png']
+    assert read_file_list(['./c.png', 'd//e.png', 'd/../f.png']) == ['c.png', 'd/e.png', 'f.png']  # one name each
     (tmp_path / 'bom.txt').write_text('a.png\r\nb.png\r\n', encoding='utf-8-sig')  # as Windows editors save
     assert read_file_list(tmp_path / 'bom.txt') == ['a.png', 'b.png']
     with pytest.raises(FileNotFoundError, match='missing.txt'):
@@ -160,6 +161,19 @@ def test_errors(xrays):
         write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', 'abc', 1, 2, 3), (names[5], 'Mass', 1, 2, 3, 4),
                                              (names[6], 'Mass', 1, 2, '', 4)])
         SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'boxes.csv', is_train=False)
+    for x, y, w, h, line in ((1024, 0, 10, 10, 2), (-20, 0, 10, 10, 2), (0, 0, 0, 10, 2), (5, 5, 10, -3, 2)):
+        write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', x, y, w, h), (names[5], 'Mass', 1, 2, 3, 4)])
+        with pytest.raises(ValueError, match=rf"boxes.csv: 1 boxes without a positive width and height inside the "
+                                             rf"1024 x 1024 frame .* on lines \[{line}\]"):  # their masks would be empty
+            SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'boxes.csv', is_train=False)
+    (data_dir / 'empty.csv').write_text('')
+    (data_dir / 'image.csv').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe')
+    for table in ('empty.csv', 'image.csv'):
+        with pytest.raises(ValueError, match=rf"cannot read box table .*{table}: .*expected NIH's BBox_List_2017.csv"):
+            SelfSupChestXRay(data_dir, names[:2], names[2:], bbox_csv=data_dir / table, is_train=False)
+    # a test image named two ways is one image
+    with pytest.raises(ValueError, match=r"1 images are in both the normal list and the anomalous list"):
+        SelfSupChestXRay(data_dir, names[:2], [f'./{names[1]}', names[4]], is_train=False)
     (data_dir / 'bad.csv').write_text('Image Index,Label\n')
     with pytest.raises(KeyError, match=r"bad.csv lacks columns \['Finding Label'"):
         SelfSupChestXRay(data_dir, names[:2], names[2:], bbox_csv=data_dir / 'bad.csv', is_train=False)
@@ -289,6 +303,22 @@ def test_command_line(tmp_path, capsys):
     assert f"norm_test: 4, anom_test: 3 -> {tmp_path / 'lists'}" in capsys.readouterr().out
 
 
+def test_lists_that_cannot_all_be_written_leave_the_earlier_lists(tmp_path, monkeypatch):
+    earlier = dict(norm_train=['a.png'], norm_test=['b.png'], anom_test=['c.png'])
+    chest_xray.write_file_lists(earlier, tmp_path)
+    write_text = Path.write_text
+
+    def disk_full_at_the_third(path, text):
+        if path.name.startswith('.anom_test'):
+            raise OSError(28, 'No space left on device')
+        return write_text(path, text)
+    monkeypatch.setattr(Path, 'write_text', disk_full_at_the_third)
+    with pytest.raises(OSError, match='No space left'):
+        chest_xray.write_file_lists(dict(norm_train=['d.png'], norm_test=['e.png'], anom_test=['f.png']), tmp_path)
+    assert {name: read_file_list(tmp_path / f'{name}.txt') for name in earlier} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['anom_test.txt', 'norm_test.txt', 'norm_train.txt']
+
+
 @pytest.mark.skipif(not NIH_TABLE.is_file(), reason=f'real label table not present: {NIH_TABLE}')
 @pytest.mark.slow
 def test_real_table():
@@ -313,10 +343,17 @@ def test_a_model_is_not_tested_on_its_training_images(tmp_path):
     with pytest.raises(ValueError, match=r"1 test images are training images of this model \(its list .*train.txt\), "
                                          r"e.g. \['a/./00000001_000.png'\]"):
         check_not_trained_on(meta, tmp_path / 'data', ['a/./00000001_000.png', '00000004_000.png'])
-    # the same names in another folder are other images, but NIH names name their patient
+    # an NIH name is one image wherever it lies (a copied or moved data folder); other names in another
+    # folder are other images
+    with pytest.raises(ValueError, match=r"1 test images are training images .* e.g. \['c/00000002_000.png'\]"):
+        check_not_trained_on(meta, tmp_path / 'copy', ['c/00000002_000.png', '00000005_000.png'])
+    meta_other = dict(meta, train_names=['a/x.png'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        check_not_trained_on(meta_other, tmp_path / 'test', ['a/x.png'])
     with pytest.warns(UserWarning, match=r"1 test images are of patients that this model was trained on .*"
-                                         r"e.g. \['00000002_000.png'\]"):
-        check_not_trained_on(meta, tmp_path / 'test', ['00000002_000.png', '00000005_000.png'])
+                                         r"e.g. \['00000002_001.png'\]"):
+        check_not_trained_on(meta, tmp_path / 'test', ['00000002_001.png', '00000005_000.png'])
     with pytest.warns(UserWarning, match=r"2 test images are of patients .* e.g. \['00000001_003.png', "
                                          r"'b/00000002_001.png'\]: follow-up images"):
         check_not_trained_on(meta, tmp_path / 'data', ['b/00000002_001.png', '00000001_003.png', '00000007_000.png'])

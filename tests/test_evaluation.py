@@ -762,6 +762,45 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
 
 
+def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, capsys):
+    model_dir, data_dir, normal, anomalous, _ = chest
+    out = tmp_path / 'out'
+
+    def evaluate(*arguments):
+        chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '--device', 'cpu',
+                               '--no-figures', *arguments])
+        return sorted(zip(*pd.read_csv(out / 'results.csv')[['category', 'seed']].to_dict('list').values()))
+
+    assert evaluate('-l', str(normal), str(anomalous)) == [('anomalous', 1), ('anomalous', 2)]
+    # one seed evaluated again: the other seed's result stays
+    assert evaluate('-l', str(normal), str(anomalous), '-s', 'Shift-2') == [('anomalous', 1), ('anomalous', 2)]
+    # another test set whose anomalous list has the same file name (its default row name): refused before
+    # any work, the earlier results kept; with a name of its own, a row of its own
+    fewer = tmp_path / 'fewer' / 'anomalous.txt'
+    fewer.parent.mkdir()
+    fewer.write_text('a0.png\na1.png\n')
+    written = (out / 'results.csv').read_bytes()
+    with pytest.raises(SystemExit, match=r"results.csv holds the results of another test set named 'anomalous' "
+                                         r"\(other image lists\); name this one apart \(--name\)"):
+        evaluate('-l', str(normal), str(fewer))
+    assert (out / 'results.csv').read_bytes() == written
+    assert evaluate('-l', str(normal), str(fewer), '--name', 'fewer') == [
+        ('anomalous', 1), ('anomalous', 2), ('fewer', 1), ('fewer', 2)]
+    # a box table that cannot be read: the command's error, naming it, before any checkpoint is evaluated
+    (tmp_path / 'empty.csv').write_text('')
+    with pytest.raises(SystemExit, match=r"cannot read box table .*empty.csv"):
+        evaluate('-l', str(normal), str(anomalous), '--bbox-csv', str(tmp_path / 'empty.csv'))
+    # a result of another kind in the folder (an MVTec category's) is left out of the chest tables
+    results = pd.read_csv(out / 'results.csv')
+    mvtec_row = dict(results.iloc[0], category='bottle', kind='object', image_auroc_mean=0.99)
+    pd.concat([results, pd.DataFrame([mvtec_row])]).to_csv(out / 'results.csv', index=False)
+    capsys.readouterr()
+    assert ('bottle', 1) not in evaluate('-l', str(normal), str(anomalous))
+    assert "1 earlier results left out of the tables: they are not of chest X-rays (kind object" in capsys.readouterr().err
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert sorted(table.index) == [('all', 'average'), ('chest_xray', 'anomalous'), ('chest_xray', 'fewer')]
+
+
 def test_test_images_are_read_with_the_models_channels(tmp_path):
     from PIL import Image
     from conftest import make_mvtec_category
