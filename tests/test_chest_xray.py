@@ -161,10 +161,11 @@ def test_errors(xrays):
         write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', 'abc', 1, 2, 3), (names[5], 'Mass', 1, 2, 3, 4),
                                              (names[6], 'Mass', 1, 2, '', 4)])
         SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'boxes.csv', is_train=False)
+    # boxes whose masks would be empty
     for x, y, w, h, line in ((1024, 0, 10, 10, 2), (-20, 0, 10, 10, 2), (0, 0, 0, 10, 2), (5, 5, 10, -3, 2)):
         write_boxes(data_dir / 'boxes.csv', [(names[4], 'Mass', x, y, w, h), (names[5], 'Mass', 1, 2, 3, 4)])
         with pytest.raises(ValueError, match=rf"boxes.csv: 1 boxes without a positive width and height inside the "
-                                             rf"1024 x 1024 frame .* on lines \[{line}\]"):  # their masks would be empty
+                                             rf"1024 x 1024 frame .* on lines \[{line}\]"):
             SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'boxes.csv', is_train=False)
     (data_dir / 'empty.csv').write_text('')
     (data_dir / 'image.csv').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe')

@@ -796,7 +796,8 @@ def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, 
     pd.concat([results, pd.DataFrame([mvtec_row])]).to_csv(out / 'results.csv', index=False)
     capsys.readouterr()
     assert ('bottle', 1) not in evaluate('-l', str(normal), str(anomalous))
-    assert "1 earlier results left out of the tables: they are not of chest X-rays (kind object" in capsys.readouterr().err
+    assert ("1 earlier results left out of the tables: they are not of chest X-rays (kind object"
+            in capsys.readouterr().err)
     table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
     assert sorted(table.index) == [('all', 'average'), ('chest_xray', 'anomalous'), ('chest_xray', 'fewer')]
 
