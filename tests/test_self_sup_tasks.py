@@ -294,7 +294,8 @@ def test_poisson_blend_keeps_source_in_place(height, width, channels, mode, seed
 
 @SETTINGS
 @given(height=st.integers(12, 40), width=st.integers(12, 40),
-       mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]), reach=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2 ** 32 - 1))
+       mode=st.sampled_from([cv2.NORMAL_CLONE, cv2.MIXED_CLONE]),
+       reach=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2 ** 32 - 1))
 def test_poisson_blend_ignores_the_outer_ring_of_a_mask_that_reaches_it(height, width, mode, reach, seed):
     """A mask whose box reaches the outer ring blends as the same mask without that ring: the
     content is placed from what seamlessClone keeps, not shifted by a pixel."""
