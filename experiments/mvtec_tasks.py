@@ -7,9 +7,11 @@ whole); ``--flip-average`` averages each texture map with that of the vertical f
 paper). ``--one-class gde kde ocsvm`` also evaluates the two-stage variants
 (``experiments.one_class``): a one-class model fitted to the encoder features of the category's
 normal training images, prepared as the test images (``load_normal_set``); their results are named
-after the setting and the model, e.g. ``Shift-Intensity-M+GDE`` (``checkpoints.result_setting``).
-A classifier setting (``CutPaste-3way``) has no map of its own and is evaluated with the
-one-class models only (default: GDE).
+after the setting and the model, e.g. ``Shift-Intensity-M+GDE`` (``checkpoints.result_setting``);
+their image score of the pooled features is in ``image_auroc_pooled``/``image_ap_pooled``, and
+their ``image_auroc_mean``/``_max`` are of the patch heatmap's mean and maximum. A classifier
+setting (``CutPaste-3way``) has no map of its own and is evaluated with the one-class models only
+(default: GDE).
 
 Beyond the paper, each model's own maps also get decision metrics (``threshold_values``): the
 F1-optimal image and pixel thresholds of the test set with their F1, and precision, recall and

@@ -115,6 +115,13 @@ def median_distance(features, max_samples=MEDIAN_SAMPLES, seed=0):
     return float(np.median(pairs)) if len(pairs) else 1.0
 
 
+def _positive_or_none(value, name):
+    """``value`` (None: chosen from the data); ValueError naming ``name`` when it is not positive."""
+    if value is not None and not value > 0:
+        raise ValueError(f'{name} must be positive (or None: the median heuristic), got {value!r}')
+    return value
+
+
 class KernelDensityEstimator:
     """Gaussian kernel density estimation; ``score(x) = -log p(x)``.
 
@@ -122,12 +129,12 @@ class KernelDensityEstimator:
     """
 
     def __init__(self, bandwidth=None):
-        self.bandwidth = bandwidth
+        self.bandwidth = _positive_or_none(bandwidth, 'bandwidth')
 
     def fit(self, features):
         from sklearn.neighbors import KernelDensity
         features = _as_features(features, min_samples=2)
-        self.bandwidth_ = self.bandwidth or median_distance(features)
+        self.bandwidth_ = median_distance(features) if self.bandwidth is None else self.bandwidth
         self.estimator_ = KernelDensity(kernel='gaussian', bandwidth=self.bandwidth_).fit(features)
         return self
 
@@ -143,12 +150,12 @@ class OneClassSVMDetector:
     """
 
     def __init__(self, nu=OCSVM_NU, gamma=None):
-        self.nu, self.gamma = nu, gamma
+        self.nu, self.gamma = nu, _positive_or_none(gamma, 'gamma')
 
     def fit(self, features):
         from sklearn.svm import OneClassSVM
         features = _as_features(features, min_samples=2)
-        self.gamma_ = self.gamma or 1 / (2 * median_distance(features) ** 2)
+        self.gamma_ = 1 / (2 * median_distance(features) ** 2) if self.gamma is None else self.gamma
         self.estimator_ = OneClassSVM(kernel='rbf', nu=self.nu, gamma=self.gamma_).fit(features)
         return self
 
@@ -306,6 +313,9 @@ def two_stage_scores(model, normal_set, test_set, names=('gde',), layers=DEFAULT
     names = list(dict.fromkeys(names))
     for name in names:
         make_one_class(name)  # validates before any work
+    if patch_layer is None:
+        raise ValueError('two_stage_scores needs a patch_layer (the ResNet stage its heatmaps come from), '
+                         'got None; extract_features(..., patch_layer=None) gives the pooled features alone')
     features = dict(layers=layers, patch_layer=patch_layer, crop_size=crop_size,
                     batch_size=batch_size, device=device, source=source)
     normal_pooled, normal_patches = extract_features(model, normal_set, **features)

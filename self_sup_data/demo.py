@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -169,11 +170,18 @@ def _made_with(category_dir, seed, texture_name):
     return all(info.get(key) == value for key, value in _info(seed, texture_name).items())
 
 
+def _described(category_dir):
+    """The seed and format version that a category's INFO_FILE records, in words."""
+    info = json.loads((category_dir / INFO_FILE).read_text(encoding="utf-8"))
+    return f"seed {info.get('seed')} (format version {info.get('format_version')})"
+
+
 def make_demo_dataset(out_dir, seed=0, texture="brick"):
     """Write ``out_dir/demo_texture`` (MVTec AD layout; ``out_dir/demo_<texture>`` for another
     ``texture`` of TEXTURES) and return its path.
 
-    A dataset already there from the same seed is reused. The category is built in a temporary
+    A dataset already there from the same seed is reused; one from another seed (or an earlier
+    format version) is replaced, with a warning. The category is built in a temporary
     folder next to it and renamed into place, so an interrupted run leaves no partial dataset.
     A folder of that name not made by this function is never overwritten, nor one of the same seed
     that another process (torchrun's others) put in place while this one built it: that process
@@ -193,6 +201,8 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
         if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
             return target
         if target.exists():  # made with another seed: move it aside, then replace it
+            warnings.warn(f"{target} held the demo made with {_described(target)}; it is replaced by that of "
+                          f"seed {seed}: models trained on the earlier images would be tested on other ones")
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
             os.replace(target, old / name)
             shutil.rmtree(old)

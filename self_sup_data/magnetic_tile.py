@@ -14,7 +14,8 @@ Result, ``OUT/magnetic_tile`` (one MVTec-layout category)::
 
 Conversion: greyscale, 256 x 256 with Pillow (bilinear for images; nearest neighbour for masks,
 read as the project reads masks (``decode_mask_values``: a colour mask by its largest channel),
-then thresholded: above 127 -> 255, else 0). Each mask must have its image's size. A source whose
+then thresholded: above 127 -> 255, else 0). Each mask must have its image's size. Four of the
+public ``MT_Uneven`` masks mark no pixel; they are converted as they are, with a warning. A source whose
 folders do not hold the published numbers of images (``PUBLISHED_COUNTS``) converts with a warning:
 its split and numbering differ from the published conversion's. The ``MT_Free`` images, sorted by path, are shuffled
 with ``random.Random(0).shuffle``; the first 240 are the normal test images and the rest the
@@ -44,6 +45,7 @@ DEFECT_FOLDERS = {'MT_Blowhole': 'blowhole', 'MT_Break': 'break', 'MT_Crack': 'c
                   'MT_Fray': 'fray', 'MT_Uneven': 'uneven'}
 PUBLISHED_COUNTS = {NORMAL_FOLDER: 952, 'MT_Blowhole': 115, 'MT_Break': 85, 'MT_Crack': 57, 'MT_Fray': 32,
                     'MT_Uneven': 103}  # images in each folder of the public dataset
+PUBLISHED_EMPTY_MASKS = 4  # MT_Uneven masks without a marked pixel
 SIZE = 256
 N_TEST_GOOD = 240
 SPLIT_SEED = 0
@@ -134,18 +136,26 @@ def convert(src, out):
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
     build_dir = build_folder(out, CATEGORY)
+    empty_masks = []
     try:
         for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
             (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
             convert_image(image).save(build_dir / image_name, optimize=True)
             if mask is not None:
                 (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
-                convert_mask(mask).save(build_dir / mask_name, optimize=True)
+                converted = convert_mask(mask)
+                converted.save(build_dir / mask_name, optimize=True)
+                if not np.asarray(converted).any():
+                    empty_masks.append(f'{mask_name} (from {mask})')
         if target.exists():  # another run finished first (a rename would replace an empty folder)
             raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
         os.rename(build_dir, target)
     finally:
         shutil.rmtree(build_dir, ignore_errors=True)
+    if empty_masks:
+        warnings.warn(f"{len(empty_masks)} defect masks mark no pixel, as in the source (the public dataset has "
+                      f"{PUBLISHED_EMPTY_MASKS}), e.g. {empty_masks[0]}: their images count as defective, and add "
+                      f"no defect pixel to the pixel metrics")
     return target
 
 

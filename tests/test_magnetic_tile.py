@@ -150,6 +150,19 @@ def test_a_jpeg_turned_by_its_exif_orientation_is_paired_with_its_mask_as_displa
         convert(tmp_path / 'src', tmp_path / 'other')
 
 
+def test_an_empty_defect_mask_is_converted_with_a_warning_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    mask_path = tmp_path / 'src' / 'MT_Crack' / 'Imgs' / 'exp1_num_7.png'
+    with Image.open(mask_path) as mask:
+        Image.fromarray(np.zeros(np.asarray(mask).shape, np.uint8)).save(mask_path)
+    with pytest.warns(UserWarning, match=r"1 defect masks mark no pixel, as in the source .* e.g. "
+                                         r"ground_truth/crack/001_mask.png \(from .*exp1_num_7.png\)"):
+        category = convert(tmp_path / 'src', tmp_path / 'out')
+    assert not np.asarray(Image.open(category / 'ground_truth' / 'crack' / '001_mask.png')).any()
+    assert (category / 'test' / 'crack' / '001.png').is_file()
+
+
 def test_a_colour_mask_is_read_by_its_largest_channel(tmp_path):
     path = tmp_path / 'red.png'
     mask = np.zeros((64, 64, 3), np.uint8)
@@ -232,7 +245,9 @@ def test_a_source_without_enough_normal_images_is_refused(tmp_path):
                     reason=f"needs the public source and its published conversion in {SHARED_DATA} "
                            "(magnetic_tile_source/ and magnetic_tile/); absent on this machine")
 def test_conversion_matches_published_conversion_file_for_file(tmp_path):
-    category = convert(SHARED_DATA / 'magnetic_tile_source', tmp_path)
+    with pytest.warns(UserWarning, match=r"4 defect masks mark no pixel, as in the source .* e.g. "
+                                         r"ground_truth/uneven/\d{3}_mask.png \(from .*MT_Uneven"):
+        category = convert(SHARED_DATA / 'magnetic_tile_source', tmp_path)
     reference = SHARED_DATA / 'magnetic_tile'
     files = _tree(category)
     assert files == _tree(reference)

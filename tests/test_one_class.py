@@ -13,9 +13,9 @@ from conftest import make_mvtec_category
 
 from experiments import one_class
 from experiments.settings import trained_model_path
-from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, extract_features,
-                                   make_one_class, median_distance, two_stage_scores,
-                                   upsample_scores)
+from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, KernelDensityEstimator,
+                                   OneClassSVMDetector, extract_features, make_one_class, median_distance,
+                                   two_stage_scores, upsample_scores)
 from models.resnet import resnet18_enc_dec
 from self_sup_data.mvtec import SelfSupMVTecDataset
 from self_sup_data.self_sup_tasks import CutPaste3Way, color_jitter, cutpaste_scar
@@ -109,6 +109,11 @@ def test_bad_names_and_inputs_raise():
         with pytest.raises(ValueError, match='GDE: the normal features are all the same'):
             one_class.fit_score('gde', constant, np.random.default_rng(0).normal(size=(5, 4)))
     assert one_class.column_suffix('ocsvm') == '+OCSVM'
+    for model, parameter in ((KernelDensityEstimator, 'bandwidth'), (OneClassSVMDetector, 'gamma')):
+        for value in (0, -1.0):  # not taken for "choose from the data"
+            with pytest.raises(ValueError, match=rf'{parameter} must be positive .*got {value}'):
+                model(**{parameter: value})
+    assert KernelDensityEstimator(bandwidth=0.5).fit(np.eye(3)).bandwidth_ == 0.5
 
 
 def test_fit_score_normalises_the_features():
@@ -217,6 +222,9 @@ def test_two_stage_heatmaps_have_the_image_size(network, crop_size):
         assert np.isfinite(heatmaps).all()
         if crop_size:  # outside the central crop: the lowest score
             assert (heatmaps[:, :16] == heatmaps.min()).all()
+    if crop_size is None:
+        with pytest.raises(ValueError, match='two_stage_scores needs a patch_layer'):
+            two_stage_scores(network, ImageSet(n=6, seed=1), ImageSet(n=4, seed=2), patch_layer=None)
 
 
 @pytest.mark.filterwarnings('ignore:GDE')
