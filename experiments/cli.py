@@ -12,10 +12,10 @@ from pathlib import Path
 
 from experiments.arguments import path_argument
 from experiments.atomic import remove_stale_temporaries
-from experiments.checkpoints import read_meta
-from experiments.plotting import remove_failed_figures
+from experiments.checkpoints import read_meta, split_result_setting
+from experiments.plotting import figure_path, remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
-from experiments.tables import failed
+from experiments.tables import failed, read_results
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
                                   is_first_process, is_run_file, last_checkpoint_path, replaced_final_model,
                                   resolve_device, run_differences, run_meta, seed_everything, train)
@@ -442,14 +442,37 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
 def write_evaluation(records, figure_dir, write_report):
     """Unless none of ``records`` was evaluated (each one failed, with an ``error`` entry, or has
     no checkpoint; then an earlier evaluation's results, tables and figures stay as they are):
-    remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed, and
-    ``write_report(records)``. Returns what ``write_report`` returns (the tables), or None when
-    nothing was written."""
+    remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed,
+    ``write_report(records)`` (which writes ``results.csv`` beside ``figure_dir``), and then the
+    figures of results that it does not hold (``remove_figures_of_other_results``). Returns what
+    ``write_report`` returns (the tables), or None when nothing was written."""
     if all(failed(record) or record.get('checkpoint') is None for record in records):
         return None
     if figure_dir is not None:
         remove_failed_figures(records, figure_dir)
-    return write_report(records)
+    written = write_report(records)
+    if figure_dir is not None and Path(figure_dir).is_dir():
+        remove_figures_of_other_results(figure_dir, Path(figure_dir).parent / 'results.csv')
+    return written
+
+
+def remove_figures_of_other_results(figure_dir, results_path):
+    """Remove the example figures in ``figure_dir`` (``<category>_<setting>.png``, ``figure_path``)
+    of a category and setting that no result in ``results_path`` has: an earlier evaluation's into
+    the same folder, of results that the tables no longer hold, which would look current. Files not
+    named so are kept."""
+    shown = {figure_path(figure_dir, record['category'], record['setting']) for record in read_results(results_path)}
+    for path in Path(figure_dir).glob('*_*.png'):
+        if path not in shown and _names_a_result_setting(path.stem.rpartition('_')[2]):
+            path.unlink()
+
+
+def _names_a_result_setting(name):
+    try:
+        split_result_setting(name)
+    except ValueError:
+        return False
+    return True
 
 
 def report_problems(records, written=True):

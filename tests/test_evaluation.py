@@ -248,6 +248,21 @@ def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_Shift.png', 'c_Shift.png', 'd_Shift.png']
 
 
+def test_earlier_figures_of_results_the_tables_no_longer_hold_are_removed(tmp_path):
+    from experiments.cli import write_evaluation
+    figures = tmp_path / 'figures'
+    figures.mkdir()
+    names = ['a_Shift.png', 'a_b_Shift+GDE.png', 'c_Shift.png', 'c_FPI+OCSVM.png', 'notes.png', 'my_plot.png',
+             'c_Shift-M.txt']
+    for name in names:
+        (figures / name).write_bytes(b'a figure')
+    records = [record('a', 'texture', 'Shift', 0, 0.5, checkpoint='a.pt'),
+               record('a_b', 'texture', 'Shift+GDE', 0, 0.5, checkpoint='a.pt')]
+    write_evaluation(records, figures, lambda records: tables.write_results(records, tmp_path / 'results.csv'))
+    # c's figures are an earlier evaluation's; files not named as figures of a result are not the evaluation's
+    assert sorted(p.name for p in figures.iterdir()) == sorted(set(names) - {'c_Shift.png', 'c_FPI+OCSVM.png'})
+
+
 def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
     from experiments import plotting
     for name in ('a_Shift.png', 'b_Shift.png'):
