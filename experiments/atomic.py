@@ -56,8 +56,12 @@ def write_atomic(path, write, binary=True):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        os.unlink(tmp)
-        # torch.save reports a failed write (a full disk) as a RuntimeError raised while handling it
+        Path(tmp).unlink(missing_ok=True)  # gone where an interrupt came just after the rename
+        # torch.save reports a failed write (a full disk) or a Ctrl-C during it as a RuntimeError raised
+        # while handling it: the Ctrl-C stays a KeyboardInterrupt (the scripts end on it with a line)
+        interrupt = _interrupt_in(error)
+        if interrupt is not None and interrupt is not error:
+            raise interrupt from None
         cause = error if isinstance(error, OSError) else error.__context__
         if isinstance(error, Exception) and isinstance(cause, OSError):
             raise _write_error(path, cause) from error
@@ -69,6 +73,18 @@ def write_atomic(path, write, binary=True):
         finally:
             os.close(folder)
     return path
+
+
+def _interrupt_in(error):
+    """The KeyboardInterrupt that ``error`` is, or was raised while handling (its ``__context__``
+    chain); None if none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__context__
+    return None
 
 
 def _write_error(path, error):

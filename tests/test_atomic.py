@@ -47,6 +47,35 @@ def test_an_interrupted_write_leaves_no_file_at_all(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_ctrl_c_during_torch_save_or_just_after_the_rename_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """torch.save reports a Ctrl-C during its write as a RuntimeError raised while handling it; one
+    that comes just after the rename finds no temporary file to remove: both end as the Ctrl-C."""
+    path = tmp_path / 'last.pt'
+    save_torch_atomic({'epoch': 1}, path)
+
+    def interrupted_inside_torch(obj, f):
+        f.write(b'partial')
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 3958208 vs 3958104')
+    monkeypatch.setattr(torch, 'save', interrupted_inside_torch)
+    with pytest.raises(KeyboardInterrupt):
+        save_torch_atomic({'epoch': 2}, path)
+    assert os.listdir(tmp_path) == ['last.pt']
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    real_replace = os.replace
+
+    def interrupted_after_the_rename(source, target):
+        real_replace(source, target)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic.os, 'replace', interrupted_after_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_torch_atomic({'epoch': 3}, path)
+    assert os.listdir(tmp_path) == ['last.pt'] and torch.load(path, weights_only=True) == {'epoch': 3}
+
+
 def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
     events = []
     monkeypatch.setattr(atomic.os, 'fsync', lambda fd: events.append('fsync'))
