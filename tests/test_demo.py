@@ -103,6 +103,10 @@ def test_foreign_folder_is_not_overwritten(tmp_path):
     (tmp_path / DEMO_CATEGORY / "train").mkdir(parents=True)
     with pytest.raises(FileExistsError, match=DEMO_CATEGORY):
         make_demo_dataset(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / DEMO_CATEGORY).symlink_to(tmp_path / "gone")  # a link to nothing
+    with pytest.raises(FileExistsError, match=f"{DEMO_CATEGORY} exists and was not made by make_demo_dataset"):
+        make_demo_dataset(tmp_path / "elsewhere")
 
 
 @pytest.mark.parametrize("content", [b"", b"[1, 2]", b"\xff\xfe"])

@@ -227,6 +227,10 @@ def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / 'out' / 'magnetic_tile').mkdir(parents=True)
     with pytest.raises(FileExistsError, match='magnetic_tile already exists'):
         convert(tmp_path / 'src', tmp_path / 'out')
+    (tmp_path / 'linked').mkdir()
+    (tmp_path / 'linked' / 'magnetic_tile').symlink_to(tmp_path / 'gone')  # a link to nothing
+    with pytest.raises(FileExistsError, match='magnetic_tile already exists'):
+        convert(tmp_path / 'src', tmp_path / 'linked')
     with pytest.raises(SystemExit) as stop:  # the command line: one line, no traceback
         magnetic_tile.main([str(tmp_path / 'src'), str(tmp_path / 'out')])
     assert stop.value.code == 2
