@@ -17,6 +17,9 @@ The ranking metrics never sort indices over all pixels (a 40-million-element arg
 a laptop core); they sort the scores of the negative pixels by value only and locate the few
 distinct positive scores in that sorted array, which is exact and several times faster.
 """
+import math
+from fractions import Fraction
+
 import numpy as np
 from scipy import ndimage
 
@@ -442,7 +445,7 @@ def threshold_at_fpr(normal_scores, fpr):
         raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
     if scores.size == 0:
         raise ValueError('normal_scores is empty; a threshold needs normal images')
-    allowed = int(np.floor(fpr * scores.size))
+    allowed = math.floor(Fraction(repr(float(fpr))) * scores.size)  # fpr as written: 0.29 * 100 is 29
     top = min(scores.size, allowed + 2)  # the scores needed, in decreasing order
     largest = np.sort(np.partition(scores, scores.size - top)[scores.size - top:])[::-1]
     kept = largest[allowed]  # the (k + 1)-th largest: the highest score that is not flagged

@@ -20,6 +20,7 @@ def test_threshold_at_fpr_by_hand():
     scores = np.random.default_rng(0).permutation(np.arange(100.0))
     assert metrics.threshold_at_fpr(scores, 0.01) == 98.5  # one of 100 above it, halfway to it
     assert metrics.threshold_at_fpr(scores, 0.05) == 94.5
+    assert metrics.threshold_at_fpr(scores, 0.29) == 70.5  # 29 of 100, though 0.29 * 100 is 28.999999999999996
     assert metrics.threshold_at_fpr(scores, 0) == 99.5  # none: as far above the largest
     assert metrics.threshold_at_fpr([3.0, 1.0, 2.0], 0.01) == 3.5  # too few images for one
     assert metrics.threshold_at_fpr([0.25], 0.01) == 0.25
