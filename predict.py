@@ -14,7 +14,8 @@ back to the image's own pixels (``experiments.detector``). OUT_DIR gets
                             the model's image threshold; empty when the model is not calibrated)
     maps/<name>.npy         the map at the image's size (float32)
     overlays/<name>.png     the map as a heatmap over the image
-    masks/<name>.png        pixels above the model's pixel threshold (0/255; calibrated models)
+    masks/<name>.png        pixels above the model's pixel threshold at its resolution, resized
+                            (0/255; calibrated models; ``Detector.predict``)
     errors.csv              the files that could not be read (or their outputs not written), and why
 
 Every file is written atomically, and scores.csv and errors.csv after each batch, so that an
@@ -104,15 +105,15 @@ def output_paths(out_dir, name):
                 mask=out_dir / 'masks' / f'{name}.png')
 
 
-def write_outputs(out_dir, name, image, map_, pixel_threshold):
-    """The map (.npy), its overlay and, with a pixel threshold, its mask of one image; on an
+def write_outputs(out_dir, name, image, map_, mask):
+    """The map (.npy), its overlay and its mask (bool, None: no mask) of one image; on an
     OSError, none of them (``remove_outputs``) and the error is raised."""
     paths = output_paths(out_dir, name)
     try:
         write_atomic(paths['map'], lambda f: np.save(f, map_))
         write_png(paths['overlay'], heatmap_overlay(image, map_))
-        if pixel_threshold is not None:
-            write_png(paths['mask'], np.where(map_ > pixel_threshold, 255, 0).astype(np.uint8))
+        if mask is not None:
+            write_png(paths['mask'], np.where(mask, 255, 0).astype(np.uint8))
     except OSError:
         remove_outputs(out_dir, name)
         raise
@@ -148,11 +149,15 @@ def predict_files(detector, files, out_dir, flip_average=False):
                 except (ValueError, OSError) as error:
                     errors.append((str(path), str(error)))
             if batch:
-                scores, maps = detector.predict([image for _, _, image in batch], flip_average)
+                images = [image for _, _, image in batch]
+                if detector.pixel_threshold is None:  # no masks
+                    (scores, maps), masks = detector.predict(images, flip_average), [None] * len(batch)
+                else:
+                    scores, maps, masks = detector.predict(images, flip_average, masks=True)
                 write_text_atomic(out_dir / PENDING, ''.join(f'{name}\n' for _, name, _ in batch))
-                for index, ((path, name, image), map_) in enumerate(zip(batch, maps)):
+                for index, ((path, name, image), map_, mask) in enumerate(zip(batch, maps, masks)):
                     try:
-                        write_outputs(out_dir, name, image, map_, detector.pixel_threshold)
+                        write_outputs(out_dir, name, image, map_, mask)
                     except OSError as error:
                         errors.append((str(path), f'cannot write its outputs: {error}'))
                         continue

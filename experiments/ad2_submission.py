@@ -8,12 +8,14 @@ current instructions before uploading)::
     OUT/anomaly_images/<category>/<split>/<image stem>.tiff              float16 map, image size
     OUT/anomaly_images_thresholded/<category>/<split>/<image stem>.png   0/255 uint8 segmentation
 
-Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` after
-resizing (of the float32 map). The split, the images (those of ``<category>/<split>/``, each name
-once: a file per name), the maps (one array, finite and within float16's range) and the threshold
-(a finite number) are checked and every image's size is read before anything is written, so that
-bad input or an unreadable image leaves an earlier submission as it was; each file is written
-atomically (``experiments.atomic``).
+Each map is resized (bilinear) to its image's size; the binary map is ``map > threshold`` at the
+model's resolution, where thresholds are calibrated (``experiments.thresholds``), resized by nearest
+neighbour (``inference.mask_to_image_size``; the resized map is smoother, and fewer of its pixels
+lie above the threshold than it was calibrated to flag). The split, the images (those of
+``<category>/<split>/``, each name once: a file per name), the maps (one array, finite and within
+float16's range) and the threshold (a finite number) are checked and every image's size is read
+before anything is written, so that bad input or an unreadable image leaves an earlier submission
+as it was; each file is written atomically (``experiments.atomic``).
 """
 import io
 import math
@@ -27,6 +29,7 @@ import tifffile
 from PIL import Image
 
 from experiments.atomic import write_atomic
+from experiments.inference import mask_to_image_size
 from self_sup_data.images import displayed_size, opened_image
 from self_sup_data.layouts import AD2_PRIVATE_SPLITS
 
@@ -83,9 +86,10 @@ def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
     written = []
     for path, size, score in zip(paths, sizes, maps):
         full = cv2.resize(score, size, interpolation=cv2.INTER_LINEAR)
+        mask = mask_to_image_size(score > threshold, size[::-1])
         tiff = Path(out_dir) / 'anomaly_images' / category / split / f'{path.stem}.tiff'
         png = Path(out_dir) / 'anomaly_images_thresholded' / category / split / f'{path.stem}.png'
         _save_tiff_atomic(full.astype(np.float16), tiff)
-        _save_atomic(Image.fromarray(np.where(full > threshold, 255, 0).astype(np.uint8)), png, 'PNG')
+        _save_atomic(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)), png, 'PNG')
         written.append((tiff, png))
     return written

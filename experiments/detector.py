@@ -4,6 +4,7 @@ ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
     detector = Detector.load('final_tile_shift_intensity_m.pt')   # or 'tile.onnx'
     scores, maps = detector.predict([detector.read(path) for path in paths])
     anomalous = scores['mean'] > detector.threshold                # after calibration
+    scores, maps, masks = detector.predict(images, masks=True)     # and defect pixels
 
 Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
 as the evaluation prepares test images and each map is returned at its image's own size
@@ -142,13 +143,25 @@ class Detector:
                                     f'diverged or is damaged, and cannot score them')
         return maps
 
-    def predict(self, images, flip_average=False, progress=False):
+    def predict(self, images, flip_average=False, progress=False, masks=False):
         """(scores, maps) of ``images``: scores {'mean', 'max'} (float arrays; the mean of each
         map is the image score of the paper and of ``threshold``) from the maps at the model's
         resolution, and each map (float32) resized to its image's height and width.
-        ``flip_average``: see ``inference.model_maps`` (textures only)."""
+        ``flip_average``: see ``inference.model_maps`` (textures only). ``masks``: also each
+        image's defect mask, (scores, maps, masks): the pixels above ``pixel_threshold`` in the map
+        at the model's resolution, where the threshold was calibrated, resized to the image's height
+        and width (``inference.mask_to_image_size``; the resized map is smoother, and fewer of its
+        pixels lie above the threshold than it was calibrated to flag); ValueError before
+        calibration."""
+        if masks and self.pixel_threshold is None:
+            raise ValueError(f'{self.source} has no pixel threshold to make masks with: calibrate it first '
+                             f'(python -m experiments.thresholds)')
         images = image_list(images)
         inference.warn_flip_average_mismatch(self.thresholds, flip_average, self.source)
         maps = self.maps(images, flip_average, progress)
-        sized = [inference.to_image_size(map_, np.shape(image)) for map_, image in zip(maps, images)]
-        return inference.image_scores(maps), sized
+        shapes = [np.shape(image) for image in images]
+        sized = [inference.to_image_size(map_, shape) for map_, shape in zip(maps, shapes)]
+        if not masks:
+            return inference.image_scores(maps), sized
+        return inference.image_scores(maps), sized, [
+            inference.mask_to_image_size(map_ > self.pixel_threshold, shape) for map_, shape in zip(maps, shapes)]

@@ -22,6 +22,7 @@ does itself (``experiments.torch_model.ImageInputModel``), so the maps are the e
 """
 import warnings
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -133,3 +134,10 @@ def to_image_size(map_, shape):
     averaging where a side shrinks, so that no pixel of the map is skipped; bilinear where it
     grows) -> float32."""
     return resize_to(map_.astype(np.float32), tuple(shape[:2]))
+
+
+def mask_to_image_size(mask, shape):
+    """A boolean mask at the model's resolution resized to an image's ``(H, W)`` by nearest
+    neighbour at the centre of each pixel's footprint (``cv2.INTER_NEAREST_EXACT``, centred as
+    ``to_image_size``): each pixel takes the decision of the model's pixel it lies on."""
+    return resize_to(np.asarray(mask, np.uint8), tuple(shape[:2]), cv2.INTER_NEAREST_EXACT).astype(bool)

@@ -2,6 +2,7 @@
 import json
 import math
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -473,6 +474,7 @@ def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
     images = AD2Layout().private_files(tmp_path / 'data', 'vial', 'test_private')
     maps = np.zeros((2, 8, 8), np.float32)
     maps[1, :4] = 1.0
+    maps[1, 5, 5] = 0.6  # a faint spot that the bilinearly resized map holds above 0.5 on fewer pixels
     written = write_ad2_maps(tmp_path / 'out', 'vial', 'test_private', images, maps, threshold=0.5)
     assert [(t.relative_to(tmp_path / 'out').as_posix(), p.relative_to(tmp_path / 'out').as_posix())
             for t, p in written][1] == ('anomaly_images/vial/test_private/001_regular.tiff',
@@ -481,6 +483,9 @@ def test_ad2_private_maps_are_written_in_the_server_layout(tmp_path):
     # as MVTec's submission checker reads them: float16 single-channel maps, 0/255 masks
     assert tiff.dtype == np.float16 and tiff.shape == (20, 30) and tiff[0, 0] == 1.0 and tiff[-1, -1] == 0.0
     assert png.shape == (20, 30) and set(np.unique(png)) == {0, 255}
+    # the mask is the threshold's decision at the model's resolution, each map pixel's on its footprint
+    np.testing.assert_array_equal(png > 0, cv2.resize(np.uint8(maps[1] > 0.5), (30, 20),
+                                                      interpolation=cv2.INTER_NEAREST_EXACT) > 0)
     assert not list((tmp_path / 'out').rglob('.*.tmp'))
     before = {path: path.read_bytes() for path in (tmp_path / 'out').rglob('*') if path.is_file()}
     images[1].write_bytes(b'not an image')  # unreadable: nothing of the new maps is written

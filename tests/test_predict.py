@@ -133,6 +133,26 @@ def test_channels_are_converted_and_bad_arrays_named(category, tmp_path):
                 method(one_array)
 
 
+def test_masks_are_the_calibrated_decisions_at_the_models_resolution(category, tmp_path):
+    root, name = category
+    path = save_checkpoint(tmp_path / 'models', 'Shift', name, 'texture')
+    image = read_image(next((root / name / 'test' / 'crack').iterdir()))
+    with pytest.raises(ValueError, match='has no pixel threshold to make masks with: calibrate it first'):
+        Detector.load(path).predict([image], masks=True)
+    side = Detector.load(path).spec['side']
+    image = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)[:, :, None]
+    model_map = Detector.load(path).maps([image])[0]
+    threshold = float(np.quantile(model_map, 0.9))
+    store_thresholds(path, dict(image=0.5, pixel=threshold, fpr=0.1, flip_average=False, images=1, source='test'))
+    big = np.repeat(np.repeat(image, 3, axis=0), 3, axis=1)  # each pixel thrice: the network sees the same image
+    scores, maps, masks = Detector.load(path).predict([image, big], masks=True)
+    assert [mask.shape for mask in masks] == [(side, side), (3 * side, 3 * side)] and masks[1].dtype == bool
+    np.testing.assert_array_equal(masks[0], model_map > threshold)
+    # each model pixel decides its 3 x 3 pixels: the share of flagged pixels is the calibrated one
+    np.testing.assert_array_equal(masks[1], np.repeat(np.repeat(model_map > threshold, 3, axis=0), 3, axis=1))
+    assert maps[1].shape == (3 * side, 3 * side)
+
+
 def test_maps_shrink_to_small_images_by_area_averaging_and_grow_bilinearly():
     map_ = np.zeros((64, 64), np.float32)
     map_[10, 10] = 1  # a hot spot that bilinear sampling at 8 x 8 skips
@@ -193,7 +213,9 @@ def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs
         assert map_.dtype == np.float32 and map_.shape == image.shape[:2]
         np.testing.assert_array_equal(map_, expected)
         mask = read_image(out / 'masks' / f'{name}.png')[:, :, 0]
-        np.testing.assert_array_equal(mask > 0, expected > detector.pixel_threshold)
+        model_mask = (detector.maps([image])[0] > detector.pixel_threshold).astype(np.uint8)
+        np.testing.assert_array_equal(mask > 0, cv2.resize(model_mask, image.shape[1::-1],
+                                                           interpolation=cv2.INTER_NEAREST_EXACT) > 0)
         assert read_image(out / 'overlays' / f'{name}.png').shape == image.shape[:2] + (3,)
         row = scores.set_index('output').loc[name]
         assert row['score_mean'] == pytest.approx(mean, rel=1e-5)
@@ -325,11 +347,11 @@ def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_pa
     out = tmp_path / 'out'
     calls = []
 
-    def failing_predict(self, images, flip_average=False, progress=False):
+    def failing_predict(self, images, flip_average=False, **options):
         calls.append(len(images))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, images, flip_average, progress)
+        return original(self, images, flip_average, **options)
     original = Detector.predict
     monkeypatch.setattr(Detector, 'predict', failing_predict)
     with pytest.raises(KeyboardInterrupt):
