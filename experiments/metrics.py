@@ -24,8 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ['image_scores', 'image_auroc', 'image_ap', 'image_auroc_per_type', 'pixel_auroc', 'pixel_ap',
-           'au_pro', 'au_spro', 'evaluate_maps', 'threshold_at_fpr', 'best_f1_threshold', 'precision_recall_f1',
-           'threshold_metrics']
+           'au_pro', 'au_spro', 'evaluate_maps', 'allowed_above', 'threshold_at_fpr', 'best_f1_threshold',
+           'precision_recall_f1', 'threshold_metrics']
 THRESHOLD_METRICS = ('image_f1_best', 'image_threshold_best', 'image_precision', 'image_recall',
                      'image_f1', 'pixel_f1_best', 'pixel_threshold_best', 'pixel_precision',
                      'pixel_recall', 'pixel_f1')
@@ -431,6 +431,13 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
 # ---------------------------------------------------------------------------------------------
 # decisions at a threshold: anomalous when score > threshold
 
+def allowed_above(fpr, count):
+    """``k = floor(fpr * count)``, the number of ``count`` normal scores that a threshold at false
+    positive rate ``fpr`` may flag, with ``fpr`` as written (0.29 of 100 allows 29, though
+    ``0.29 * 100`` is 28.999999999999996 in floating point)."""
+    return math.floor(Fraction(repr(float(fpr))) * count)
+
+
 def threshold_at_fpr(normal_scores, fpr):
     """The threshold that flags at most ``k = floor(fpr * n)`` of the ``n`` normal scores (a score
     is anomalous when it is above the threshold): halfway between the ``(k + 1)``-th and the
@@ -445,7 +452,7 @@ def threshold_at_fpr(normal_scores, fpr):
         raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
     if scores.size == 0:
         raise ValueError('normal_scores is empty; a threshold needs normal images')
-    allowed = math.floor(Fraction(repr(float(fpr))) * scores.size)  # fpr as written: 0.29 * 100 is 29
+    allowed = allowed_above(fpr, scores.size)
     top = min(scores.size, allowed + 2)  # the scores needed, in decreasing order
     largest = np.sort(np.partition(scores, scores.size - top)[scores.size - top:])[::-1]
     kept = largest[allowed]  # the (k + 1)-th largest: the highest score that is not flagged

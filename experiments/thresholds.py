@@ -20,6 +20,8 @@ rewritten atomically (or written to ``-o``) and stays loadable with ``weights_on
 precision, recall and F1 at them.
 """
 import argparse
+import math
+import sys
 from pathlib import Path
 
 import torch
@@ -131,6 +133,11 @@ def main(argv=None):
         path = store_thresholds(args.model, thresholds, args.out)
     print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
+    if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:
+        print(f"{PROG}: note: at FPR {args.fpr:g}, {len(files)} images allow none of them to be flagged: the image "
+              f"threshold lies above all their scores, and it flags new normal images at a rate of about "
+              f"1/{len(files) + 1}, not {args.fpr:g}; {math.ceil(1 / args.fpr)} images or more give that rate",
+              file=sys.stderr)
     return thresholds
 
 
