@@ -35,7 +35,7 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              other_run_message, prepare_output_dir, print_slow_bf16_note,
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, train_config, train_unless_finished, write_evaluation)
-from experiments.checkpoints import SEARCH_DIR, read_meta
+from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
@@ -279,7 +279,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    allow_missing_masks=args.allow_missing_masks)
     redone = redone_results(records, setting, categories)
     kept = earlier_results(eval_dir, records, redone)
-    written = write_evaluation(records, figure_dir, lambda records: write_report(records + kept, eval_dir))
+    written = write_evaluation(records, figure_dir,
+                               lambda records: write_report(sort_records(records + kept), eval_dir))
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
               f"from {eval_dir / 'results.csv'}")

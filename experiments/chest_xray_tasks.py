@@ -230,7 +230,7 @@ def write_report(records, out_dir, percent=False):
             warnings.warn(f"{len(other_kind)} earlier results left out of the tables: they are not of chest "
                           f"X-rays (kind {other_kind[0].get('kind')}, e.g. {other_kind[0].get('checkpoint')}); "
                           f"evaluate chest X-rays into a folder of their own")
-        records = records + [record for record in kept if record.get('kind') == DATASET]
+        records = sort_records(records + [record for record in kept if record.get('kind') == DATASET])
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)

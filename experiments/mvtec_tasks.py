@@ -167,7 +167,7 @@ def missing_records(found, settings, categories, one_class_names=None):
     """NaN records, with a warning each, for the pairs of setting keys and categories that have no
     checkpoint in ``found`` (one per ``result_variants``)."""
     records = []
-    kinds = {meta['category']: meta.get('kind') for _, meta in found}
+    kinds = {meta['category']: meta.get('kind') for _, meta in found if 'error' not in meta}
     for key in settings:
         for category in categories:
             if not select_checkpoints(found, [key], [category]):
@@ -240,15 +240,18 @@ def warn_unlike_seeds(selected):
 def find_evaluable(model_dir):
     """The checkpoints of MVTec-layout models under ``model_dir`` -> list of (path, meta); an
     unreadable one at the training scripts' path is kept with the meta (setting, category, error)
-    of that path (``setting_from_path``), any other is skipped with a warning."""
+    of that path (``setting_from_path``) and the kind of its category's readable models (if any),
+    any other is skipped with a warning."""
     unreadable = []
     found = find_checkpoints(model_dir, unreadable=unreadable)
+    kinds = {meta['category']: meta.get('kind') for _, meta in found}
     for path, reason in unreadable:
         key = setting_from_path(path)
         if key is None:
             warnings.warn(f'{reason}; skipped (its path names no setting and category)')
         else:
-            found.append((path, dict(setting=key, category=path.parent.name, error=reason)))
+            category = path.parent.name
+            found.append((path, dict(setting=key, category=category, kind=kinds.get(category), error=reason)))
     return found
 
 

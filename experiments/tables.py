@@ -25,6 +25,7 @@ standard deviation over seeds of the per-seed averages, shown when all covered c
 evaluated with the same two or more seeds.
 """
 import math
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,16 @@ def results_frame(records):
 def _keyed_frame(records):
     """The records as a DataFrame with integer (or missing) seeds; ValueError without rows or
     without the KEY_COLUMNS."""
-    frame = pd.DataFrame(list(records))
+    records = list(records)
+    frame = pd.DataFrame(records)
     missing = [c for c in KEY_COLUMNS if c not in frame.columns]
     if frame.empty or missing:
         raise ValueError(f'results need the columns {list(KEY_COLUMNS)}; '
                          f'missing {missing or "all rows"}')
-    frame['seed'] = frame['seed'].astype('Int64')
+    # from the records themselves: a column of integers and None is float64 in pandas, which
+    # changes seeds above 2**53
+    frame['seed'] = pd.array([None if pd.isna(record['seed']) else int(record['seed']) for record in records],
+                             dtype='Int64')
     return frame
 
 
@@ -169,8 +174,8 @@ def summarize(records, metric, paper_layout=False):
     failed = _failed(frame)
     kind_of = dict(zip(frame['category'][failed], frame['kind'][failed]))
     kind_of.update(zip(frame['category'][~failed], frame['kind'][~failed]))
-    if paper_layout:
-        frame = merge_paper_layout(frame)
+    if paper_layout:  # by the category's kind: a failed result's guessed one would pick the other column
+        frame = merge_paper_layout(frame.assign(kind=frame['category'].map(kind_of)))
     settings = list(dict.fromkeys(frame['setting']))
     groups = _group_order(kind_of.values())
     categories = {g: sorted(c for c, k in kind_of.items() if k == g) for g in groups}
@@ -208,16 +213,18 @@ def is_fraction(metric):
 
 
 def format_cell(mean, std, percent=False, fraction=True):
-    """``'0.972 ± 0.004'`` (or ``'97.2 ± 0.4'`` in percent); the value alone without std; ``'NaN'``.
+    """``'0.972 ± 0.004'`` (or ``'97.2 ± 0.4'`` in percent; each rounded half up from its shortest
+    decimal form, so that percent and fraction agree); the value alone without std; ``'NaN'``.
     A value that is not a fraction (``fraction=False``) is written with four significant digits
     (its std with two) and never in percent."""
     if math.isnan(mean):
         return 'NaN'
     if not fraction:
         return f'{mean:.4g}' if math.isnan(std) else f'{mean:.4g} ± {std:.2g}'
-    scale, digits = (100.0, 1) if percent else (1.0, 3)
-    text = f'{mean * scale:.{digits}f}'
-    return text if math.isnan(std) else f'{text} ± {std * scale:.{digits}f}'
+    def written(value):  # rounded from its decimal form, half up: 0.8255 is 0.826 and 82.6 percent
+        exact = Decimal(repr(float(value))).scaleb(2 if percent else 0)
+        return str(exact.quantize(Decimal('0.1') if percent else Decimal('0.001'), rounding=ROUND_HALF_UP))
+    return written(mean) if math.isnan(std) else f'{written(mean)} ± {written(std)}'
 
 
 def metric_table(records, metric, paper_layout=False, percent=False):
@@ -288,8 +295,9 @@ def read_results(path):
     as where the record had none or NaN); ValueError naming ``path`` when it cannot be read or
     lacks the KEY_COLUMNS."""
     try:
+        columns = {'category': str, 'kind': str, 'setting': str, 'seed': 'Int64'}  # seeds exact beside empty ones
         frame = _keyed_frame(pd.read_csv(path, keep_default_na=False, na_values=[''],  # a category 'NA'
-                                         dtype={'category': str, 'kind': str, 'setting': str}).to_dict('records'))
+                                         dtype=columns).to_dict('records'))
     except (OSError, ValueError, pd.errors.ParserError) as error:
         raise ValueError(f'cannot read the results {path}: {error}') from None
     records = []

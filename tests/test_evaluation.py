@@ -48,6 +48,19 @@ def test_percent_format_and_nan():
     assert tables.format_cell(0.9724, 0.0041, percent=True) == '97.2 ± 0.4'
     assert tables.format_cell(0.9724, math.nan) == '0.972'
     assert tables.format_cell(math.nan, 0.1) == 'NaN'
+    # rounded from the decimal form, so that both formats agree (0.8255 * 100 is 82.54999999999999)
+    for value, fraction, percent in ((0.8255, '0.826', '82.6'), (0.8245, '0.825', '82.5'), (0.0065, '0.007', '0.7'),
+                                     (1.0, '1.000', '100.0'), (0.97249999, '0.972', '97.2')):
+        assert (tables.format_cell(value, math.nan), tables.format_cell(value, math.nan, percent=True)) == (
+            fraction, percent)
+
+
+def test_seeds_up_to_the_largest_are_kept_exactly_beside_missing_ones(tmp_path):
+    big = 2 ** 62
+    records = [record('a', 'object', 'Shift', seed, 0.5) for seed in (big + 1, big + 2, None)]
+    assert list(tables.results_frame(records)['seed']) == [big + 1, big + 2, pd.NA]
+    tables.write_results(records, tmp_path / 'results.csv')
+    assert [r['seed'] for r in tables.read_results(tmp_path / 'results.csv')] == [big + 1, big + 2, None]
 
 
 def test_missing_cell_makes_its_averages_nan():
@@ -118,6 +131,19 @@ def test_paper_layout_keeps_a_category_without_the_merged_variant():
     assert merged.loc[('texture', 'average'), column] == 'NaN'
     assert merged.loc[('all', 'average'), column] == 'NaN'
     assert merged.loc[('object', 'average'), column] == '0.900'
+
+
+def test_paper_layout_files_a_failed_result_under_its_categorys_kind():
+    """A checkpoint that cannot be read gets a kind guessed from its category's name; merged by
+    that kind, an object's failed X-M seed would take the place of its valid X result."""
+    records = [record('bolt', 'object', 'Shift', 1, 0.9), record('bolt', 'object', 'Shift', 2, 0.7),
+               record('carpet', 'texture', 'Shift-M', 1, 0.8),
+               record('bolt', 'texture', 'Shift-M', 1, math.nan) | dict(error='cannot read checkpoint')]
+    merged = tables.metric_table(records, 'image_auroc_mean', paper_layout=True)
+    assert merged.loc[('object', 'bolt'), tables.paper_column('Shift')] == '0.800 ± 0.141'
+    failed_seed = dict(records[1], image_auroc_mean=math.nan, error='cannot read checkpoint', kind='texture')
+    merged = tables.metric_table(records[:1] + [failed_seed] + records[2:3], 'image_auroc_mean', paper_layout=True)
+    assert merged.loc[('object', 'bolt'), tables.paper_column('Shift')] == 'NaN'  # a failed seed is not left out
 
 
 def test_thresholds_are_written_on_the_maps_scale_even_in_percent():
@@ -601,6 +627,18 @@ def test_find_checkpoints_leaves_out_torchscript_exports_beside_their_models(tmp
     assert unreadable == []
 
 
+def test_an_unreadable_checkpoint_and_a_missing_pair_take_the_kind_of_their_categorys_models(tmp_path):
+    from conftest import save_checkpoint
+    readable = save_checkpoint(tmp_path, 'Shift-1', 'widget', 'object', seed=1)  # a custom object
+    readable.with_name(readable.name.replace('_1.pt', '_2.pt')).write_bytes(b'not a checkpoint')
+    found = mvtec_tasks.find_evaluable(tmp_path)
+    assert sorted((meta['setting'], meta['kind'], 'error' in meta) for _, meta in found) == [
+        ('Shift-1', 'object', False), ('Shift-2', 'object', True)]  # not 'texture', guessed from the name
+    with pytest.warns(UserWarning, match="no checkpoint for setting 'Shift-M' on category 'widget'"):
+        [missing] = mvtec_tasks.missing_records(found, ['Shift', 'Shift-M'], ['widget'])
+    assert (missing['setting'], missing['kind']) == ('Shift-M', 'object')
+
+
 @pytest.mark.parametrize('damage', ['truncated', 'garbage'])
 @pytest.mark.slow
 def test_corrupt_checkpoint_gives_a_failed_row_naming_the_file(trained, tmp_path, damage):
@@ -772,6 +810,8 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
     results = pd.read_csv(out / 'results.csv')
     assert sorted(zip(results['category'], results['setting'], results['seed'])) == [
         ('female', 'Shift', 1), ('male', 'FPI', 1), ('male', 'Shift', 1), ('male', 'Shift', 2)]
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert list(table.columns) == ['Shift', 'FPI']  # the paper's order, whichever was evaluated first
     with pytest.raises(SystemExit, match='error: file list .*missing.txt does not exist'):
         chest_xray_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out),
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
