@@ -10,6 +10,9 @@ A transform is a callable ``t(image, mask, rng) -> (image, mask)``:
 Image and mask always undergo the same geometric change (masks are resampled with nearest
 neighbour so that their values stay in the set they came from).
 """
+import math
+import numbers
+
 import cv2
 import numpy as np
 import torch
@@ -24,9 +27,12 @@ GRAY_STD = (sum(IMAGENET_STD) / 3,)
 
 
 def _positive_size(size, name):
-    """``size`` as an int; ValueError naming the transform ``name`` unless it is at least 1."""
-    if int(size) < 1:
-        raise ValueError(f"{name} size must be at least 1 pixel, got {size!r}")
+    """``size`` as an int; ValueError naming the transform ``name`` unless it is a whole number
+    (an int, or a float such as 64.0) of at least 1."""
+    whole = (isinstance(size, numbers.Real) and not isinstance(size, bool) and math.isfinite(size)
+             and size == int(size))
+    if not whole or size < 1:
+        raise ValueError(f"{name} size must be at least 1 pixel, a whole number, got {size!r}")
     return int(size)
 
 
@@ -83,6 +89,8 @@ class RandomRotation:
 
     def __init__(self, max_degrees):
         self.max_degrees = float(max_degrees)
+        if not 0 <= self.max_degrees < math.inf:
+            raise ValueError(f"RandomRotation max_degrees must be a finite angle of 0 or more, got {max_degrees!r}")
 
     def __call__(self, image, mask, rng):
         angle = rng.uniform(-self.max_degrees, self.max_degrees)
@@ -140,6 +148,8 @@ class RandomVerticalFlip:
 
     def __init__(self, p=0.5):
         self.p = float(p)
+        if not 0 <= self.p <= 1:
+            raise ValueError(f"RandomVerticalFlip p must be a probability in [0, 1], got {p!r}")
 
     def __call__(self, image, mask, rng):
         if rng.random() < self.p:

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -132,10 +134,21 @@ def test_crop_larger_than_image_is_an_error(transform):
 
 
 @pytest.mark.parametrize("transform", [Resize, CenterCrop, RandomCrop])
-@pytest.mark.parametrize("size", [0, -1])
+@pytest.mark.parametrize("size", [0, -1, 1.9, 47.5, True, float("nan"), "64"])
 def test_a_size_below_one_pixel_is_an_error_naming_the_transform(transform, size):
-    with pytest.raises(ValueError, match=rf"{transform.__name__} size must be at least 1 pixel, got {size}"):
+    with pytest.raises(ValueError, match=rf"{transform.__name__} size must be at least 1 pixel, a whole number, "
+                                         rf"got {re.escape(repr(size))}"):
         transform(size)
+    assert transform(64.0).size == 64 and transform(np.int64(8)).size == 8
+
+
+@pytest.mark.parametrize("value", [-5, float("nan"), float("inf")])
+def test_rotation_angles_and_flip_probabilities_out_of_range_are_errors(value):
+    with pytest.raises(ValueError, match=r"RandomRotation max_degrees must be a finite angle of 0 or more, got "):
+        RandomRotation(value)
+    for p in (value, 5, 1.5):
+        with pytest.raises(ValueError, match=r"RandomVerticalFlip p must be a probability in \[0, 1\], got "):
+            RandomVerticalFlip(p)
 
 
 @pytest.mark.parametrize("channels, mean, std", [
