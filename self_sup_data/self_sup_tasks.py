@@ -84,6 +84,8 @@ def _pairs(x, n):
     return isinstance(x, (tuple, list, np.ndarray)) and len(x) == n and all(_is_number(v) for v in x)
 
 
+UNMOVED = ('patches are neither shifted nor resized (cutpaste_patch_generation never resizes): a patch of the '
+           'image itself would be pasted back where it was cut from, and no sample would change')
 BOOL_PARAMS = ('same', 'shift', 'resize', 'verbose', 'cutpaste_patch_generation', 'clip_at_border')
 
 
@@ -111,6 +113,12 @@ class PatchParams:
     clip_at_border: bool = False
     paste_fraction: tuple | None = None
     normal_fraction: float = 0.0
+
+    @property
+    def moves_patches(self):
+        """Whether a patch lands other than where it was cut from: shifted, or resized (CutPaste's
+        patch generation never resizes)."""
+        return self.shift or (self.resize and not self.cutpaste_patch_generation)
 
     def __post_init__(self):
         if not _is_int(self.num_patches, 1) or self.num_patches > MAX_NUM_PATCHES:
@@ -154,9 +162,8 @@ class PatchParams:
                              f'got {low_high!r}')
         if self.num_ellipses is not None and not _is_int(self.num_ellipses, 1):
             raise ValueError(f'num_ellipses must be None or an integer >= 1, got {self.num_ellipses!r}')
-        if self.same and not (self.shift or self.resize or self.cutpaste_patch_generation):
-            raise ValueError('same must be False where shift and resize are: each patch would be pasted '
-                             'back where it was cut from, and no sample would change; shift or resize them')
+        if self.same and not self.moves_patches:
+            raise ValueError(f'same must be False where {UNMOVED}; shift or resize them')
         fraction = self.paste_fraction
         if fraction is not None and not (_pairs(fraction, 2) and 0 <= fraction[0] <= fraction[1] <= 1):
             raise ValueError(f'paste_fraction must be None or (low, high) with 0 <= low <= high <= 1, '
@@ -278,6 +285,8 @@ def _patch_ex(ima_dest, ima_src, params, rng):
         _check_image(ima_src, 'ima_src')
         if ima_src.shape != ima_dest.shape:
             raise ValueError(f'ima_src must have the shape of ima_dest {ima_dest.shape}, got {ima_src.shape}')
+    if (ima_src is None or ima_src is ima_dest) and not params.moves_patches:
+        raise ValueError(f'ima_src must be another image where {UNMOVED}; pass one, or shift or resize them')
     if rng is None:
         rng = np.random.default_rng(np.random.randint(2 ** 31))
     elif not isinstance(rng, np.random.Generator):

@@ -291,6 +291,8 @@ def test_three_way_views_and_labels(channels):
     image = smooth_image(64, channels)
     views, labels = CutPaste3Way()(image, np.random.default_rng(3))
     assert labels == [0, 1, 2] and len(views) == 3
+    with pytest.raises(ValueError, match='same must be False where patches are neither shifted nor resized'):
+        CutPaste3Way(dict(shift=False))  # its class-1 view would be the image itself
     assert all(v.shape == image.shape and v.dtype == np.uint8 for v in views)
     assert views[0] is image or np.array_equal(views[0], image)
     height, width = changed_box(image, views[1])  # one pasted rectangle of at most 15 % area

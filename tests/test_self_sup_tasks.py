@@ -72,7 +72,7 @@ def generator_cases(draw):
         paste_fraction=draw(st.sampled_from([None, (0, 1), (0.5, 0.5)])),
         normal_fraction=draw(st.sampled_from([0.0, 0.5])),
     )
-    if kwargs['same'] and not (kwargs['shift'] or kwargs['resize'] or kwargs['cutpaste_patch_generation']):
+    if kwargs['same'] and not PatchParams(**{**kwargs, 'same': False}).moves_patches:
         kwargs['shift'] = True  # a patch pasted back in its place is refused (PatchParams)
     return height, width, channels, kwargs, draw(st.integers(0, 2 ** 32 - 1))
 
@@ -496,6 +496,9 @@ INVALID = [
     (dict(normal_fraction=-0.1), 'normal_fraction'),
     (dict(normal_fraction=float('nan')), 'normal_fraction'),
     (dict(same=True, shift=False, resize=False), 'same'),  # each patch back in its place: nothing changes
+    (dict(same=True, shift=False, cutpaste_patch_generation=True), 'same'),  # CutPaste's patches: never resized
+    (dict(ima_src=None, shift=False, resize=False), 'ima_src'),  # no source: the patches come from ima_dest
+    (dict(ima_src=IMAGE, shift=False, resize=False), 'ima_src'),
     (dict(rng=np.random.RandomState(0)), 'rng'),
 ]
 
