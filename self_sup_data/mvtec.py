@@ -41,7 +41,7 @@ from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
                                   high_depth_maximum, opened_image, read_image, resize, resize_mask,
                                   to_channels)
-from self_sup_data.self_sup_tasks import patch_ex
+from self_sup_data.self_sup_tasks import PatchParams, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, to_image_tensor, to_label_tensor,
@@ -297,8 +297,7 @@ class SelfSupImageDataset(Dataset):
             return torch.stack([self.image_tensor(v) for v in views]), 0, torch.tensor(classes)
         args = dict(self.self_sup_args)
         if len(self.images) == 1:  # no other image to take patches from: the image itself
-            if not (args.get('shift', True) or args.get('resize', True)
-                    or args.get('cutpaste_patch_generation')):
+            if not PatchParams(**args).moves_patches:
                 raise ValueError(f"{getattr(self, 'class_name', 'the dataset')}: one training image: its "
                                  f"patches would come from itself, and patches that are neither shifted nor "
                                  f"resized would change nothing; add images")

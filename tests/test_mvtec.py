@@ -147,8 +147,9 @@ def test_same_image_source(tmp_path, monkeypatch):
     assert calls[-1][1] is None
     # patches that stay in place (FPI's) would change nothing on the image they come from
     fpi = dict(same=False, shift=False, resize=False)
-    with pytest.raises(ValueError, match="one: one training image: its patches would come from itself"):
-        SelfSupMVTecDataset(tmp_path, 'one', self_sup_args=fpi, **SMALL)[0]
+    for unmoved in (fpi, dict(shift=False, cutpaste_patch_generation=True)):  # CutPaste's patches: never resized
+        with pytest.raises(ValueError, match="one: one training image: its patches would come from itself"):
+            SelfSupMVTecDataset(tmp_path, 'one', self_sup_args=unmoved, **SMALL)[0]
 
 
 def test_excluded_and_validation_indices_are_checked(tmp_path):
