@@ -227,7 +227,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
             object otherwise (then 7 x 7 median filtered). Patches must then cover more than
             ``min_object_pct`` object in the source and overlap the destination object by more than
             ``min_overlap_pct``, and only object pixels (of source or destination) are labelled (a
-            Poisson blend may also change background pixels of the patch's box slightly).
+            Poisson blend also blends the box's pixels that are background in both images, against
+            seams, and may change them much, by over 100 grey levels next to a bright object: they
+            stay unlabelled, as no anomaly lies on the background).
         tol: mean absolute change (grey levels) above which a pixel is labelled anomalous.
         resize: rescale the source patch by a factor ~ N(1, 0.5) clipped to ``resize_bounds``,
             keeping its aspect ratio; as in the reference implementation, the rescaled side lengths
@@ -775,8 +777,8 @@ def _blend(rng, image, top, left, patch, mask, patch_object, dest_object, mode, 
     ``params.paste_fraction``); with object masks only object pixels are labelled. Returns the
     patch's label region (the label marks the pixels in it that changed), or None when the Poisson
     mask is too thin to blend. A Poisson blend solves over the mask's whole box: it may also change pixels of
-    the box outside the mask slightly (outside an ellipse, background of both images), which stay
-    unlabelled."""
+    the box outside the mask (outside an ellipse, background of both images; next to a bright object by
+    over 100 grey levels), which stay unlabelled."""
     region = (slice(top, top + mask.shape[0]), slice(left, left + mask.shape[1]))
     clone_mask = mask
     if patch_object is not None:
