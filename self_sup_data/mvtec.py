@@ -27,6 +27,7 @@ with ``persistent_workers=True`` the workers would not see it).
 With ``views`` (e.g. ``CutPaste3Way``, CutPaste's classification task) a training item is
 instead several views of the transformed image with their class labels.
 """
+import numbers
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
                                   high_depth_maximum, opened_image, read_image, resize, resize_mask,
                                   to_channels)
-from self_sup_data.self_sup_tasks import PatchParams, patch_ex
+from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, to_image_tensor, to_label_tensor,
@@ -252,8 +253,10 @@ class SelfSupImageDataset(Dataset):
         self.in_channels = images[0].shape[2]
         self.low_res = images[0].shape[0]
         self.self_sup = is_train
-        self.self_sup_args = dict(self_sup_args or {})
+        self.self_sup_args = _checked_patch_args(self_sup_args or {})
         self.views = views
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f'seed must be an integer of 0 or more, got {seed!r}')
         self.seed = seed
         self.epoch = 0
         self.uint8_tensors = False
@@ -266,7 +269,7 @@ class SelfSupImageDataset(Dataset):
     def configure_self_sup(self, on=True, self_sup_args=None):
         """Switch self-supervised samples on/off; ``self_sup_args`` updates the patch_ex arguments."""
         self.self_sup = on
-        self.self_sup_args.update(self_sup_args or {})
+        self.self_sup_args = _checked_patch_args({**self.self_sup_args, **(self_sup_args or {})})
 
     def set_epoch(self, epoch):
         """Select the epoch whose samples the items are (part of each item's seed)."""
@@ -309,6 +312,13 @@ class SelfSupImageDataset(Dataset):
             source, _ = self.transform(self.images[other].copy(), None, rng)
         image, label = patch_ex(image, source, rng=rng, **args)
         return self.image_tensor(image), 0, to_label_tensor(label)
+
+
+def _checked_patch_args(self_sup_args):
+    """``self_sup_args`` as a dict, checked as ``patch_ex`` would check them (``SyntheticAnomaly``:
+    a ValueError naming an unknown or invalid argument), here rather than at the first item, often
+    inside a DataLoader worker."""
+    return SyntheticAnomaly(**self_sup_args).kwargs
 
 
 def checked_indices(indices, count, class_name):

@@ -110,6 +110,14 @@ def test_configure_self_sup_updates_arguments(tiny_mvtec):
     ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'num_patches': 3}, **SMALL)
     ds.configure_self_sup(on=True, self_sup_args={'label_mode': 'continuous'})
     assert ds.self_sup and ds.self_sup_args == {'num_patches': 3, 'label_mode': 'continuous'}
+    # bad arguments are named when the dataset is made, not at its first item (in a loader's worker)
+    with pytest.raises(ValueError, match=r"unknown patch_ex arguments \['num_patch'\]"):
+        SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'num_patch': 3}, **SMALL)
+    with pytest.raises(ValueError, match='num_patches must'):
+        ds.configure_self_sup(self_sup_args={'num_patches': 0})
+    assert ds.self_sup_args == {'num_patches': 3, 'label_mode': 'continuous'}  # as they were
+    with pytest.raises(ValueError, match='seed must be an integer of 0 or more, got -1'):
+        SelfSupMVTecDataset(*tiny_mvtec, seed=-1, **SMALL)
 
 
 def recording_patch_ex(calls):
