@@ -13,6 +13,7 @@ Anomaly Detection and Localization", arXiv 2109.15222). The blending `mode` sele
 The generator knows nothing of torch: images are uint8 numpy arrays ``H x W x C`` (C = 1 or 3),
 labels float32 ``H x W x 1``, and all randomness comes from a ``numpy.random.Generator``.
 """
+import inspect
 import itertools
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -400,6 +401,26 @@ def _rotated(patch, degrees):
     return rotated.reshape(new_h, new_w, -1), mask.astype(bool)
 
 
+def check_scar_args(width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=SCAR_MAX_DEGREES, jitter=CUTPASTE_JITTER,
+                    reference_side=SCAR_REFERENCE_SIDE, centre=None):
+    """ValueError naming the first argument of ``cutpaste_scar`` that it cannot use: sizes that are
+    not (low, high) with 0 < low <= high, an angle or jitter strength that is negative or not
+    finite (a jitter of 1 or more: factors of 0 or below), a reference side that is not positive,
+    a centre that is not two integers."""
+    for name, bounds in (('width', width), ('length', length)):
+        if not (_pairs(bounds, 2) and 0 < bounds[0] <= bounds[1]):
+            raise ValueError(f'{name} must be (low, high) pixels with 0 < low <= high, got {bounds!r}')
+    if not (_is_number(max_degrees) and max_degrees >= 0):
+        raise ValueError(f'max_degrees must be a finite angle of 0 or more, got {max_degrees!r}')
+    if not (_is_number(jitter) and 0 <= jitter < 1):
+        raise ValueError(f'jitter must be a number in [0, 1), got {jitter!r}')
+    if not (_is_number(reference_side) and reference_side > 0):
+        raise ValueError(f'reference_side must be a positive number of pixels, got {reference_side!r}')
+    if centre is not None and not (isinstance(centre, (tuple, list)) and len(centre) == 2
+                                   and all(_is_int(v, None) for v in centre)):
+        raise ValueError(f'centre must be None or (x, y) integer pixels, got {centre!r}')
+
+
 def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=SCAR_MAX_DEGREES,
                   jitter=CUTPASTE_JITTER, reference_side=SCAR_REFERENCE_SIDE, centre=None):
     """CutPaste-scar (Li et al. 2021): a thin, long rectangle cut from a random place of ``image``,
@@ -409,9 +430,11 @@ def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=
 
     Width and length are drawn uniformly from ``width`` and ``length`` (pixels at a side of
     ``reference_side``) and scaled to the image's shorter side (at least one pixel).
-    Returns (image uint8 like ``image``, mask bool ``H x W``: the pasted pixels).
+    Returns (image uint8 like ``image``, mask bool ``H x W``: the pasted pixels). ValueError for
+    arguments it cannot use (``check_scar_args``).
     """
     _check_image(image, 'image')
+    check_scar_args(width, length, max_degrees, jitter, reference_side, centre)
     height, width_px = image.shape[:2]
     scale = min(height, width_px) / reference_side
     scar_w = min(max(1, round(rng.uniform(*width) * scale)), width_px)
@@ -452,6 +475,11 @@ class CutPaste3Way:
                               'normal_fraction': 0.0}  # a class-1 view is never the normal one
         SyntheticAnomaly(**self.patch_ex_args)  # validates
         self.scar_args = dict(scar_args or {})
+        unknown = set(self.scar_args) - set(inspect.signature(check_scar_args).parameters)
+        if unknown:
+            raise ValueError(f'unknown cutpaste_scar arguments {sorted(unknown)}; valid: '
+                             f'{list(inspect.signature(check_scar_args).parameters)}')
+        check_scar_args(**self.scar_args)
 
     def __call__(self, image, rng):
         cutpaste, _ = patch_ex(image, rng=rng, **self.patch_ex_args)

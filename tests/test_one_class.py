@@ -293,6 +293,16 @@ def test_three_way_views_and_labels(channels):
     assert labels == [0, 1, 2] and len(views) == 3
     with pytest.raises(ValueError, match='same must be False where patches are neither shifted nor resized'):
         CutPaste3Way(dict(shift=False))  # its class-1 view would be the image itself
+    # scar arguments are checked when the task is made, naming the argument
+    for scar_args, message in (({'width': (5, 2)}, r'width must be \(low, high\)'),
+                               ({'width': (-3, -1)}, 'width must'), ({'length': (float('nan'), 5)}, 'length must'),
+                               ({'reference_side': 0}, 'reference_side must'), ({'max_degrees': -1}, 'max_degrees'),
+                               ({'centre': (10.5, 3.2)}, 'centre must'), ({'jitter': 1.5}, 'jitter must'),
+                               ({'widht': (2, 4)}, r"unknown cutpaste_scar arguments \['widht'\]")):
+        with pytest.raises(ValueError, match=message):
+            CutPaste3Way(scar_args=scar_args)
+    with pytest.raises(ValueError, match='width must'):
+        cutpaste_scar(image, np.random.default_rng(0), width=(0, 2))
     assert all(v.shape == image.shape and v.dtype == np.uint8 for v in views)
     assert views[0] is image or np.array_equal(views[0], image)
     height, width = changed_box(image, views[1])  # one pasted rectangle of at most 15 % area
