@@ -156,9 +156,22 @@ def _info(seed, texture_name):
 
 
 def _made_with(category_dir, seed, texture_name):
+    """Whether ``category_dir`` holds the demo of ``seed`` and ``texture_name`` (``_recorded``)."""
+    return _records(_recorded(category_dir), seed, texture_name)
+
+
+def _records(info, seed, texture_name):
+    """Whether the INFO_FILE contents ``info`` (None: none) are those of the demo of ``seed`` and
+    ``texture_name`` in the current format."""
+    return info is not None and all(info.get(key) == value for key, value in _info(seed, texture_name).items())
+
+
+def _recorded(category_dir):
+    """What a category's INFO_FILE records (None without one); ValueError for one that is not
+    make_demo_dataset's."""
     info_path = category_dir / INFO_FILE
     if not info_path.is_file():
-        return False
+        return None
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -167,13 +180,7 @@ def _made_with(category_dir, seed, texture_name):
     if not isinstance(info, dict):
         raise ValueError(f"{info_path} is not a {INFO_FILE} written by make_demo_dataset (not a JSON object); "
                          f"remove {category_dir} to make the demo again")
-    return all(info.get(key) == value for key, value in _info(seed, texture_name).items())
-
-
-def _described(category_dir):
-    """The seed and format version that a category's INFO_FILE records, in words."""
-    info = json.loads((category_dir / INFO_FILE).read_text(encoding="utf-8"))
-    return f"seed {info.get('seed')} (format version {info.get('format_version')})"
+    return info
 
 
 def make_demo_dataset(out_dir, seed=0, texture="brick"):
@@ -201,8 +208,12 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
         if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
             return target
         if target.exists():  # made with another seed: move it aside, then replace it
-            warnings.warn(f"{target} held the demo made with {_described(target)}; it is replaced by that of "
-                          f"seed {seed}: models trained on the earlier images would be tested on other ones")
+            earlier = _recorded(target)  # read once: another writer may have put this seed's copy there
+            if _records(earlier, seed, texture):
+                return target
+            warnings.warn(f"{target} held the demo made with seed {(earlier or {}).get('seed')} (format version "
+                          f"{(earlier or {}).get('format_version')}); it is replaced by that of seed {seed}: models "
+                          f"trained on the earlier images would be tested on other ones")
             old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
             os.replace(target, old / name)
             shutil.rmtree(old)

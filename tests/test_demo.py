@@ -1,5 +1,6 @@
 import shutil
 import socket
+import warnings
 
 import cv2
 import numpy as np
@@ -82,6 +83,27 @@ def test_a_dataset_another_process_finished_meanwhile_is_kept_for_its_readers(de
     assert make_demo_dataset(tmp_path, seed=0) == target
     assert (target / "being_read").is_file()  # the same folder, not replaced
     assert [p.name for p in tmp_path.iterdir()] == [DEMO_CATEGORY]  # its own copy removed
+
+
+def test_another_process_finishing_just_before_an_earlier_seeds_copy_is_replaced_is_kept(demo_root, tmp_path,
+                                                                                         monkeypatch):
+    make_demo_dataset(tmp_path, seed=3)  # an earlier demo of another seed
+    target = tmp_path / DEMO_CATEGORY
+    made_with, checks = demo._made_with, []
+
+    def another_process_finishes_after_the_check(category_dir, seed, texture):
+        answer = made_with(category_dir, seed, texture)
+        checks.append(answer)
+        if len(checks) == 2:  # the check after building: the other process renames its copy in
+            shutil.rmtree(target)
+            shutil.copytree(demo_root, target)
+            (target / "being_read").touch()
+        return answer
+    monkeypatch.setattr(demo, "_made_with", another_process_finishes_after_the_check)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing replaced, so no replacement warning
+        assert make_demo_dataset(tmp_path, seed=0) == target
+    assert (target / "being_read").is_file() and [p.name for p in tmp_path.iterdir()] == [DEMO_CATEGORY]
 
 
 def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):
