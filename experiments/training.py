@@ -646,6 +646,23 @@ def crop_option(meta):
     return '--res' if meta.get('dataset') == 'chest_xray' else '--res-scale'
 
 
+def check_processes_agree(name, meta, size, world_size):
+    """RunError, in every process, when the processes of a torchrun run would train other runs:
+    another number of training images (their steps per epoch would differ, and the run hang at a
+    collective) or other data, recipe or arguments (``run_differences`` of the metas; where the data
+    lies may differ between machines)."""
+    runs = [None] * world_size
+    dist.all_gather_object(runs, (size, {**meta, 'data_dir': None}))
+    first_size, first_meta = runs[0]
+    for rank, (other_size, other_meta) in enumerate(runs[1:], start=1):
+        differing = run_differences(first_meta, other_meta)
+        if other_size != first_size:
+            differing.insert(0, f'training images: {first_size} vs {other_size}')
+        if differing:
+            raise RunError(f"run {name!r}: process {rank} would train another run than process 0 "
+                           f"({'; '.join(differing[:3])}); every process needs the same data and arguments")
+
+
 def train(model, dataset, config, run_dir, name, meta=None, resume=False, validator=None):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 
@@ -757,6 +774,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         if len(set(starts)) > 1:
             raise RunError(f"run {name!r}: the processes start at different epochs {starts} "
                            f"(by rank; from {last_path}); they need one shared output folder")
+        check_processes_agree(name, meta, len(dataset), world_size)
 
     # one pass over every epoch left (and the one that recomputes the averaged batch norm);
     # none left (resumed from the final epoch's checkpoint): no worker is started

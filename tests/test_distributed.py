@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from experiments.training import final_model_path, last_checkpoint_path, train
+from experiments.training import RunError, final_model_path, last_checkpoint_path, train
 from test_training import CrashAtEpoch, SquaresDataset, config, fresh_model
 
 WORLD_SIZE = 2
@@ -103,3 +103,26 @@ def test_only_the_first_process_evaluates_after_training(tmp_path, monkeypatch):
     monkeypatch.setenv('RANK', '0')
     assert is_first_process() and train_mvtec.main(argv + ['--resume']) == 0
     assert (tmp_path / 'out' / 'eval' / 'results.csv').is_file()
+
+
+def run_rank_with_its_own_data(rank, port, run_dir, out_dir):
+    """One process of a two-process run whose second process has one training image fewer (a data
+    folder copied incompletely to another machine): saves the error it ends with."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    try:
+        train(fresh_model(), SquaresDataset(n=8 - rank), config(epochs=2, batch_size=4, device='cpu'), run_dir,
+              'toy', meta=dict(data_dir=f'/machine{rank}/data'))  # where the data lies may differ
+    except RunError as error:
+        (out_dir / f'rank{rank}.txt').write_text(str(error))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_processes_with_other_training_data_stop_with_an_error_not_a_hang(tmp_path):
+    mp.spawn(run_rank_with_its_own_data, args=(free_port(), tmp_path / 'run', tmp_path), nprocs=WORLD_SIZE)
+    for rank in range(WORLD_SIZE):  # every process stops, so none waits for the other at a collective
+        assert ("run 'toy': process 1 would train another run than process 0 (training images: 8 vs 7); every "
+                "process needs the same data and arguments") == (tmp_path / f'rank{rank}.txt').read_text()
+    assert not final_model_path(tmp_path / 'run', 'toy').exists()
