@@ -132,6 +132,10 @@ def check_training_options(args, loss):
     for name in ('lr', 'swa_lr'):
         if not 0 < getattr(args, name) < math.inf:
             raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    processes = int(os.environ.get('WORLD_SIZE', '1'))  # torchrun's
+    if args.batch_size is not None and args.batch_size % processes:
+        raise ValueError(f"--batch-size must divide by the {processes} processes of this torchrun run (each "
+                         f"takes an equal share of a step's images), got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.no_figures and args.figure_every is not None:

@@ -247,10 +247,14 @@ BAD_OPTIONS = [
     (['--res-scale', 'nan'], '--res-scale'),
     (['-s', 'CutPaste-3way', '--loss', 'bce-bf16'],
      "--loss bce-bf16: the setting trains with loss 'cross_entropy'"),
+    (['--batch-size', '7'], "--batch-size must divide by the 2 processes of this torchrun run (each takes an "
+                            "equal share of a step's images), got 7"),
 ])
 def test_mvtec_out_of_range_options_are_refused_by_name_before_anything_is_written(
-        tiny_mvtec, tmp_path, capsys, argv, expected):
+        tiny_mvtec, tmp_path, capsys, monkeypatch, argv, expected):
     root, _ = tiny_mvtec
+    if argv == ['--batch-size', '7']:
+        monkeypatch.setenv('WORLD_SIZE', '2')  # a process of a two-process torchrun run
     out = tmp_path / 'out'
     message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(out)] + argv,
                         capsys)
