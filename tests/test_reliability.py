@@ -1085,5 +1085,6 @@ def test_under_torchrun_a_failing_category_stops_the_run(tmp_path, capsys, monke
     broken.write_bytes(broken.read_bytes()[:60])
     monkeypatch.setenv('WORLD_SIZE', '2')
     message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-c', 'all',
-                                           '-o', str(tmp_path / 'out')] + ONE_EPOCH, capsys)
+                                           '-o', str(tmp_path / 'out')] + ONE_EPOCH + ['--batch-size', '4'],
+                        capsys)  # a batch the two processes share
     assert f'cannot read image {broken}' in message and not list((tmp_path / 'out').rglob('*.pt'))
