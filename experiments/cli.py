@@ -17,7 +17,8 @@ from experiments.plotting import figure_path, remove_failed_figures
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed, read_results
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
-                                  is_first_process, is_run_file, last_checkpoint_path, replaced_final_model,
+                                  is_first_process, is_run_file, last_checkpoint_path, launched_processes,
+                                  replaced_final_model,
                                   resolve_device, run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.layouts import FORMATS, make_layout
@@ -132,7 +133,7 @@ def check_training_options(args, loss):
     for name in ('lr', 'swa_lr'):
         if not 0 < getattr(args, name) < math.inf:
             raise ValueError(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
-    processes = int(os.environ.get('WORLD_SIZE', '1'))  # torchrun's
+    processes = launched_processes()
     if args.batch_size is not None and args.batch_size % processes:
         raise ValueError(f"--batch-size must divide by the {processes} processes of this torchrun run (each "
                          f"takes an equal share of a step's images), got {args.batch_size}")

@@ -233,9 +233,14 @@ def cpu_has_bf16(cpuinfo='/proc/cpuinfo'):
     return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
 
 
+def launched_processes():
+    """The number of processes of this torchrun launch (``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get('WORLD_SIZE', 1))
+
+
 def is_distributed():
-    """Whether this process is one of several of a torchrun launch (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get('WORLD_SIZE', 1)) > 1
+    """Whether this process is one of several of a torchrun launch (``launched_processes`` > 1)."""
+    return launched_processes() > 1
 
 
 def is_first_process():

@@ -199,7 +199,7 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
     target = out_dir / name
     if _made_with(target, seed, texture):
         return target
-    if (target.exists() or target.is_symlink()) and not (target / INFO_FILE).is_file():  # a link to nothing too
+    if os.path.lexists(target) and not (target / INFO_FILE).is_file():  # a link to nothing too
         raise FileExistsError(f"{target} exists and was not made by make_demo_dataset; "
                               "choose another OUT_DIR or remove it")
     build_dir = build_folder(out_dir, name)

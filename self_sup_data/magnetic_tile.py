@@ -132,7 +132,7 @@ def convert(src, out):
     same ``out`` do not mix. An existing ``out/magnetic_tile`` is never overwritten.
     """
     target = Path(out) / CATEGORY
-    if target.exists() or target.is_symlink():  # a link to nothing is there too
+    if os.path.lexists(target):  # a link to nothing is there too
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
     build_dir = build_folder(out, CATEGORY)
@@ -147,8 +147,7 @@ def convert(src, out):
                 converted.save(build_dir / mask_name, optimize=True)
                 if not np.asarray(converted).any():
                     empty_masks.append(f'{mask_name} (from {mask})')
-        if target.exists() or target.is_symlink():  # another run finished first (a rename would
-            # replace an empty folder)
+        if os.path.lexists(target):  # another run finished first (a rename would replace an empty folder)
             raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
         os.rename(build_dir, target)
     finally:

@@ -475,10 +475,10 @@ class CutPaste3Way:
                               'normal_fraction': 0.0}  # a class-1 view is never the normal one
         SyntheticAnomaly(**self.patch_ex_args)  # validates
         self.scar_args = dict(scar_args or {})
-        unknown = set(self.scar_args) - set(inspect.signature(check_scar_args).parameters)
+        valid = list(inspect.signature(check_scar_args).parameters)
+        unknown = set(self.scar_args) - set(valid)
         if unknown:
-            raise ValueError(f'unknown cutpaste_scar arguments {sorted(unknown)}; valid: '
-                             f'{list(inspect.signature(check_scar_args).parameters)}')
+            raise ValueError(f'unknown cutpaste_scar arguments {sorted(unknown)}; valid: {valid}')
         check_scar_args(**self.scar_args)
 
     def __call__(self, image, rng):
