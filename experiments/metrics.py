@@ -486,6 +486,8 @@ def precision_recall_f1(labels, scores, threshold):
     labels = _as_binary(np.ravel(np.asarray(labels)), 'labels')
     scores = _as_scores(np.ravel(np.asarray(scores)), 'scores')
     _check_same_length(labels, scores, 'labels', 'scores')
+    if not np.isfinite(threshold):
+        raise ValueError(f'threshold must be a finite number, got {threshold!r}')
     predicted = scores > threshold
     true_positives = int(np.count_nonzero(predicted & labels))
     precision = true_positives / max(1, int(np.count_nonzero(predicted)))

@@ -56,6 +56,13 @@ def test_best_f1_and_precision_recall_by_hand():
     assert metrics.precision_recall_f1(labels, scores, 0.95) == dict(precision=0, recall=0, f1=0)
 
 
+@pytest.mark.parametrize('threshold', [float('nan'), float('inf'), -float('inf')])
+def test_precision_recall_refuses_a_threshold_that_is_not_finite(threshold):
+    # NaN would flag nothing (every comparison false) and report precision 0 as if it were a decision
+    with pytest.raises(ValueError, match='threshold must be a finite number'):
+        metrics.precision_recall_f1([0, 1], [0.2, 0.8], threshold)
+
+
 def test_threshold_metrics_image_and_pixel_levels():
     maps = np.zeros((3, 4, 4), np.float32)
     maps[1, :2, :2] = 1.0  # image 1 anomalous, its defect predicted exactly
