@@ -22,7 +22,8 @@ when there is more than one category the table ends with the total ``average`` (
 An average is the mean of the cells' seed means; it is NaN unless every category it covers has
 a value, so a missing checkpoint never silently drops out of an average. Its ``± std`` is the
 standard deviation over seeds of the per-seed averages, shown when all covered categories were
-evaluated with the same two or more seeds.
+evaluated with the same two or more seeds. Where a category itself is named ``average``, the
+average rows read ``average of categories`` instead, so that the two cannot be confused.
 """
 import math
 from decimal import ROUND_HALF_UP, Decimal
@@ -180,6 +181,7 @@ def summarize(records, metric, paper_layout=False):
     groups = _group_order(kind_of.values())
     categories = {g: sorted(c for c, k in kind_of.items() if k == g) for g in groups}
 
+    average = AVERAGE if AVERAGE not in kind_of else f'{AVERAGE} of categories'
     index, means, stds = [], [], []
 
     def add_row(group, name, cells):
@@ -193,11 +195,11 @@ def summarize(records, metric, paper_layout=False):
             add_row(group, category, [_mean_std(rows.loc[rows['category'] == category, metric])
                                       for rows in by_setting.values()])  # no result: NaN
         if len(groups) > 1:
-            add_row(group, AVERAGE, [_average(rows, metric, categories[group])
+            add_row(group, average, [_average(rows, metric, categories[group])
                                      for rows in by_setting.values()])
     if len(kind_of) > 1:
         everything = [c for g in groups for c in categories[g]]
-        add_row(TOTAL_GROUP, AVERAGE, [_average(rows, metric, everything)
+        add_row(TOTAL_GROUP, average, [_average(rows, metric, everything)
                                        for rows in by_setting.values()])
 
     index = pd.MultiIndex.from_tuples(index, names=['group', 'category'])

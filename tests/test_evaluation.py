@@ -63,6 +63,16 @@ def test_seeds_up_to_the_largest_are_kept_exactly_beside_missing_ones(tmp_path):
     assert [r['seed'] for r in tables.read_results(tmp_path / 'results.csv')] == [big + 1, big + 2, None]
 
 
+def test_a_category_named_average_keeps_its_row_apart_from_the_averages():
+    records = [record('average', 'object', 'Shift', 1, 0.9), record('bottle', 'object', 'Shift', 1, 0.7),
+               record('carpet', 'texture', 'Shift', 1, 0.2)]
+    means, _ = tables.summarize(records, 'image_auroc_mean')
+    assert list(means.index) == [('object', 'average'), ('object', 'bottle'), ('object', 'average of categories'),
+                                 ('texture', 'carpet'), ('texture', 'average of categories'),
+                                 ('all', 'average of categories')]
+    assert means['Shift'].tolist() == pytest.approx([0.9, 0.7, 0.8, 0.2, 0.2, 0.6])
+
+
 def test_missing_cell_makes_its_averages_nan():
     records = two_group_records() + [record('carpet', 'texture', 'CutPaste', 1, math.nan),
                                      record('bottle', 'object', 'CutPaste', 1, 0.9),
