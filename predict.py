@@ -34,14 +34,13 @@ import contextlib
 import csv
 import io
 import sys
-import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from experiments.arguments import path_argument
+from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from experiments.detector import Detector, NonFiniteMapError
 from self_sup_data.images import image_files, to_channels
@@ -274,11 +273,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def one_line_warning(message, category, filename, lineno, line=None):
-    """``warnings.formatwarning`` for this command: ``predict.py: warning: ...``."""
-    return f'{PROG}: warning: {message}\n'
-
-
+@one_line_warnings(PROG)
 def main(argv=None):
     """Run the command; returns the exit status (the number of unreadable files, at most 100)."""
     args = parse_args(argv)
@@ -287,15 +282,12 @@ def main(argv=None):
     except StopRun as error:
         print(f'{PROG}: error: {error}', file=sys.stderr)
         return STOPPED_STATUS
-    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         errors = predict_files(detector, files, out_dir, args.flip_average)
     except NonFiniteMapError as error:
         print(f'{PROG}: error: {error} (the batches before it are in {out_dir / "scores.csv"})',
               file=sys.stderr)
         return STOPPED_STATUS
-    finally:
-        warnings.formatwarning = formatwarning
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
           f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}')
     return min(len(errors), MAX_FAILED_STATUS)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments import settings
-from experiments.arguments import path_argument
+from experiments.arguments import one_line_warnings, path_argument
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
                              exit_on_interrupt, model_from_args, prepare_output_dir, print_slow_bf16_note,
                              refuse_twin_run, train_config, train_unless_finished)
@@ -108,6 +108,7 @@ def prepare_run(args, setting, params):
     return dataset, model, config, meta, None
 
 
+@one_line_warnings(PROG)
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1."""
     args = parse_args(argv)

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from experiments import recipes, settings, tables
-from experiments.arguments import path_argument
+from experiments.arguments import one_line_warnings, path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
                              exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
                              other_run_message, prepare_output_dir, print_slow_bf16_note,
@@ -517,6 +517,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
         raise ValueError(other_run_message(found, state, differing))
 
 
+@one_line_warnings(PROG)
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1, and so does
     an --evaluate in which a model's evaluation failed (its tables are written all the same).

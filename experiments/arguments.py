@@ -1,6 +1,8 @@
-"""argparse types shared by the command lines; free of torch, which ``predict.py`` does not
-import to run an exported (ONNX) model."""
+"""argparse types and warning output shared by the command lines; free of torch, which
+``predict.py`` does not import to run an exported (ONNX) model."""
 import argparse
+import warnings
+from contextlib import contextmanager
 
 
 def path_argument(value):
@@ -9,3 +11,15 @@ def path_argument(value):
     if not value.strip():
         raise argparse.ArgumentTypeError('an empty path (an unset variable in the command?)')
     return value
+
+
+@contextmanager
+def one_line_warnings(prog):
+    """Inside: warnings print as one line ``prog: warning: message`` (instead of the file, line
+    number and source line of the code that warned). Usable as a decorator of a command's main."""
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *rest, **kwargs: f'{prog}: warning: {message}\n'
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatwarning

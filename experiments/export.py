@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.arguments import path_argument
+from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import write_atomic
 from experiments.checkpoints import TORCHSCRIPT_SUFFIX
 from experiments.cli import exit_on_input_error
@@ -110,6 +110,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_warnings(PROG)
 def main(argv=None):
     args = parse_args(argv)
     with exit_on_input_error(PROG):

@@ -343,7 +343,7 @@ def main(argv=None):
     """Run the list builder's command line; bad input ends with a one-line error and exit status 1."""
     parser = argparse.ArgumentParser(prog=PROG, description="Write normal/anomalous train/test file lists from "
                                                  "NIH ChestX-ray14's label table (split by patient).")
-    from experiments.arguments import path_argument  # here: the data side needs no training code
+    from experiments.arguments import one_line_warnings, path_argument  # here: the data side needs no training code
     parser.add_argument('--csv', type=path_argument, required=True, help="Data_Entry_2017.csv (or .csv.gz)")
     parser.add_argument('--out', type=path_argument, required=True,
                         help="folder for norm_train.txt, norm_test.txt, anom_test.txt")
@@ -357,7 +357,7 @@ def main(argv=None):
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     from experiments.cli import exit_on_input_error
-    with exit_on_input_error(PROG):
+    with exit_on_input_error(PROG), one_line_warnings(PROG):
         lists = build_file_lists(read_table(args.csv), gender=args.gender, min_age=args.min_age,
                                  view=None if args.view == 'any' else args.view,
                                  n_test_normal=args.n_test_normal, n_test_anom=args.n_test_anom,

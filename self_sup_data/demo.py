@@ -227,7 +227,7 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
 
 
 def main(argv=None):
-    from experiments.arguments import path_argument  # here: the data side needs no training code
+    from experiments.arguments import one_line_warnings, path_argument  # here: the data side needs no training code
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=path_argument, help="folder to write the category folder into")
     parser.add_argument("--seed", type=int, default=0)
@@ -237,7 +237,8 @@ def main(argv=None):
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     try:
-        print(make_demo_dataset(args.out_dir, args.seed, args.texture))
+        with one_line_warnings(parser.prog):
+            print(make_demo_dataset(args.out_dir, args.seed, args.texture))
     except (ValueError, OSError) as error:
         parser.error(str(error))
 

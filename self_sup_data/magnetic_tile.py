@@ -160,14 +160,15 @@ def convert(src, out):
 
 
 def main(argv=None):
-    from experiments.arguments import path_argument  # here: the data side needs no training code
+    from experiments.arguments import one_line_warnings, path_argument  # here: the data side needs no training code
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', type=path_argument,
                         help='the unpacked Magnetic-tile-defect folder (holds MT_Free, MT_Blowhole, ...)')
     parser.add_argument('out', type=path_argument, help='folder to write the magnetic_tile category folder into')
     args = parser.parse_args(argv)
     try:
-        print(convert(args.src, args.out))
+        with one_line_warnings(parser.prog):
+            print(convert(args.src, args.out))
     except (ValueError, OSError) as error:
         parser.error(str(error))
 

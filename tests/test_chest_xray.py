@@ -1,3 +1,6 @@
+import re
+import subprocess
+import sys
 import warnings
 from io import StringIO
 from pathlib import Path
@@ -302,6 +305,16 @@ def test_command_line(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / 'lists').iterdir()) == ['anom_test.txt', 'norm_test.txt',
                                                                      'norm_train.txt']
     assert f"norm_test: 4, anom_test: 3 -> {tmp_path / 'lists'}" in capsys.readouterr().out
+
+
+def test_command_line_prints_a_warning_as_one_line(tmp_path):
+    synthetic_table().to_csv(tmp_path / 'table.csv', index=False)
+    done = subprocess.run([sys.executable, '-m', 'self_sup_data.chest_xray', '--csv', str(tmp_path / 'table.csv'),
+                           '--out', str(tmp_path / 'lists'), '--n-test-normal', '2', '--n-test-anom', '10000'],
+                          capture_output=True, text=True, check=True)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r'python -m self_sup_data.chest_xray: warning: only \d+ images for anom_test \(asked for 10000\)', lines[0])
 
 
 def test_lists_that_cannot_all_be_written_leave_the_earlier_lists(tmp_path, monkeypatch):

@@ -519,3 +519,14 @@ def test_a_training_script_stopped_by_ctrl_c_says_how_to_go_on(script, monkeypat
     assert capsys.readouterr().err == (f"{script}: interrupted; the same command with --resume continues "
                                        f"from the last checkpoint (written every --checkpoint-minutes; a run "
                                        f"without one starts again)\n")
+
+
+def test_one_line_warnings_formats_inside_and_restores_after():
+    from experiments.arguments import one_line_warnings
+    original = warnings.formatwarning
+    with pytest.raises(RuntimeError):
+        with one_line_warnings('tool.py'):
+            assert warnings.formatwarning(UserWarning('3 images left out'), UserWarning, 'lib.py', 7) == \
+                'tool.py: warning: 3 images left out\n'
+            raise RuntimeError
+    assert warnings.formatwarning is original
