@@ -17,7 +17,8 @@ from experiments import settings
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
                              exit_on_interrupt, model_from_args, prepare_output_dir, print_slow_bf16_note,
-                             refuse_twin_run, train_config, train_unless_finished)
+                             print_warnings, refuse_twin_run, reports_from_first_process_only, train_config,
+                             train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
 from self_sup_data.recipe import check_object_pixels
@@ -70,8 +71,7 @@ def plan(args):
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} images of {args.list} are missing "
                                 f"from {args.data_dir}, e.g. {missing[:3]}")
-    for note in notes:
-        print(f"{PROG}: warning: {note}", file=sys.stderr)
+    print_warnings(PROG, notes)
     return setting, params, prepare_output_dir(args.out_dir)
 
 
@@ -109,6 +109,7 @@ def prepare_run(args, setting, params):
 
 
 @one_line_warnings(PROG)
+@reports_from_first_process_only()
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1."""
     args = parse_args(argv)

@@ -32,9 +32,10 @@ from experiments import recipes, settings, tables
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
                              exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
-                             other_run_message, prepare_output_dir, print_slow_bf16_note,
+                             other_run_message, prepare_output_dir, print_slow_bf16_note, print_warnings,
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
-                             report_problems, train_config, train_unless_finished, write_evaluation)
+                             report_problems, reports_from_first_process_only, train_config, train_unless_finished,
+                             write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
@@ -159,7 +160,7 @@ def plan(args):
                              f"a file name of its models (no folder separator, not . or ..)")
         notes += settings.ignored_category_options(categories[0], args.kind, overrides)  # checks them
         check_evaluable(args, None, categories)
-        print_notes(notes)
+        print_warnings(PROG, notes)
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
@@ -169,7 +170,7 @@ def plan(args):
         for category in categories:
             notes += settings.ignored_category_options(category, args.kind, overrides)
         check_evaluable(args, data_dir, categories)
-        print_notes(notes)
+        print_warnings(PROG, notes)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
     for option, given in ((f'-n {args.class_name}', args.class_name not in (None, DEMO_CATEGORY)),
@@ -177,7 +178,7 @@ def plan(args):
         if given:
             raise ValueError(f"{option} chooses categories of a data folder, and there is none: pass "
                              f"-d DATA_DIR (without it, the built-in demo category {DEMO_CATEGORY} trains)")
-    print_notes(notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
+    print_warnings(PROG, notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
     if args.evaluate is not False:
         check_output_dir(Path(args.out_dir) / 'eval')
     out_dir = prepare_output_dir(args.out_dir)
@@ -191,12 +192,6 @@ def plan(args):
     if args.evaluate is None:
         args.evaluate = True
     return setting, category_dir.parent, [category_dir.name], out_dir
-
-
-def print_notes(notes):
-    """Print each of ``notes`` (options the run ignores) as a warning line, once all input is checked."""
-    for note in dict.fromkeys(notes):
-        print(f"{PROG}: warning: {note}", file=sys.stderr)
 
 
 def check_evaluable(args, data_dir, categories):
@@ -518,6 +513,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
 
 
 @one_line_warnings(PROG)
+@reports_from_first_process_only()
 def main(argv=None):
     """Run the command line; bad input ends with a one-line error and exit status 1, and so does
     an --evaluate in which a model's evaluation failed (its tables are written all the same).

@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from experiments.arguments import path_argument
@@ -152,6 +152,27 @@ def check_training_options(args, loss):
                          "combine with --preact")
     resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def print_warnings(prog, notes):
+    """Print each of ``notes`` once as a line ``prog: warning: note`` (stderr); under torchrun, the
+    first process alone prints them (the others would repeat them)."""
+    if is_first_process():
+        for note in dict.fromkeys(notes):
+            print(f"{prog}: warning: {note}", file=sys.stderr)
+
+
+@contextmanager
+def reports_from_first_process_only():
+    """Inside: under torchrun, a process other than the first prints nothing to stdout and shows
+    no warnings, which would repeat the first process's notes, recipe and tables; its errors
+    (stderr) still print. Usable as a decorator of a training command's main."""
+    if is_first_process():
+        yield
+        return
+    with open(os.devnull, 'w') as devnull, redirect_stdout(devnull), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        yield
 
 
 def print_slow_bf16_note(prog, args):

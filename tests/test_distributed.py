@@ -88,21 +88,25 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_
 
 
 @pytest.mark.slow
-def test_only_the_first_process_evaluates_after_training(tmp_path, monkeypatch):
+def test_only_the_first_process_evaluates_and_reports_after_training(tmp_path, monkeypatch, capsys):
     import train_mvtec
     from conftest import make_mvtec_category
     from experiments.training import is_first_process
     make_mvtec_category(tmp_path / 'data', 'tiny')
     argv = ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '--epochs', '1',
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--no-figures', '--recipe',
-            'table', '--evaluate']
+            'table', '--evaluate', '--min-object-pct', '0.5']  # an option 'tiny' ignores: a warning
     monkeypatch.setenv('RANK', '1')  # what torchrun sets for the second process
     assert not is_first_process()
+    capsys.readouterr()
     assert train_mvtec.main(argv) == 0
     assert not (tmp_path / 'out' / 'eval').exists()  # rank 0 writes the evaluation, once
+    assert capsys.readouterr() == ('', '')  # and alone prints notes, warnings and tables
     monkeypatch.setenv('RANK', '0')
     assert is_first_process() and train_mvtec.main(argv + ['--resume']) == 0
     assert (tmp_path / 'out' / 'eval' / 'results.csv').is_file()
+    out, err = capsys.readouterr()
+    assert 'image AUROC' in out and "train_mvtec.py: warning: --min-object-pct applies to an object mask" in err
 
 
 def run_rank_with_its_own_data(rank, port, run_dir, out_dir):
