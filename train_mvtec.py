@@ -369,6 +369,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         print(f"{PROG}: {category}: fewer than {MIN_VALIDATION_IMAGES} training images: training "
               f"without a validation set" + ''.join(f"; {text}" for text in instead))
         recipe = 'auto' if recipe == 'search' else recipe
+        fraction = 0.0  # as stored: nothing was held out
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout)
     table_params = settings.category_params(category, args.kind, overrides,
@@ -396,7 +397,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                                     overrides, seed)
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration,
                                                   recipes.unused_params(args, setting), overrides)))
-            note = recipes.mix_note(PROG, category, recipe, calibration, overrides)
+            note = recipes.mix_note(PROG, category, recipe, calibration, overrides,
+                                    searchable=len(dataset.images) + held_out.size >= MIN_VALIDATION_IMAGES)
             if note:
                 print(note)
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)

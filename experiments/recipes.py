@@ -198,12 +198,13 @@ def report_lines(prog, category, recipe, report, unused=(), given=()):
     return [f"{prog}: {category}: recipe {recipe}: {line}" for line in describe(report, unused, given)]
 
 
-def mix_note(prog, category, recipe, report, overrides):
+def mix_note(prog, category, recipe, report, overrides, searchable=True):
     """A printed note when the auto recipe mixes pastes into the blends by its own choice (not
     --paste-fraction): the calibration's least certain choice (right on magnetic tile, wrong on
-    the gravel demo texture, BENCHMARKS.md), which --recipe search checks; else None."""
+    the gravel demo texture, BENCHMARKS.md), which --recipe search checks; else None, and None
+    where the category is too small to search (``searchable`` False: no validation set)."""
     mixed = report['params'].get('paste_fraction')
-    if recipe != 'auto' or 'paste_fraction' in overrides or not mixed:
+    if recipe != 'auto' or 'paste_fraction' in overrides or not mixed or not searchable:
         return None
     return (f"{prog}: {category}: note: mixing plain pastes into the blends is the calibration's "
             f"least certain choice; --recipe search checks it against seamless blends and the "

@@ -583,6 +583,9 @@ def test_the_auto_recipe_notes_a_calibrated_mix_of_pastes(recipe_name, paste_fra
     assert (note is not None) == noted
     if noted:
         assert note.startswith('prog: plates: note:') and '--recipe search' in note
+        # a category too small to hold out a validation set cannot be searched: no note pointing there
+        assert recipes.mix_note('prog', 'plates', recipe_name, {'params': {'paste_fraction': paste_fraction}},
+                                overrides, searchable=False) is None
 
 
 @pytest.mark.parametrize('key,flags,unused', [
@@ -708,6 +711,7 @@ def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     make_mvtec_category(data, 'plates', n_train=6)
     dataset, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert validator is None and len(dataset) == 6 and meta['held_out'] == 0
+    assert meta['validation_fraction'] == 0  # as trained: nothing held out
     assert 'without a validation set' in capsys.readouterr().out
 
 
