@@ -15,10 +15,9 @@ import torch
 
 from experiments import one_class
 from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
-from experiments.training import load_model, resolve_device
+from experiments.training import TORCHSCRIPT_SUFFIX, load_model, resolve_device
 
 CHECKPOINT_PATTERN = 'final_*.pt'
-TORCHSCRIPT_SUFFIX = '.torchscript.pt'  # an export (experiments.export) beside its model, not a checkpoint
 SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
 REQUIRED_META = ('setting',)
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models

@@ -37,6 +37,9 @@ Files of a run ``name`` in ``run_dir``:
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
     <name>_validation.csv, <name>_validation.png   with a validation set: its scores, their curve
 
+and the exports of its models that ``experiments.export`` writes at their default names
+(``final_<name>.onnx``, ``final_<name>.torchscript.pt``): a run that replaces it removes them.
+
 Every file is written to a temporary name and renamed. A resumed run ends in the same state as an
 uninterrupted one: the data order depends only on (seed, epoch) (``EpochBatchSampler``), each
 item's randomness only on (seed, epoch, index) (the dataset's ``set_epoch``, called in the worker
@@ -366,13 +369,18 @@ def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, wor
 
 
 RUN_FILE_ENDINGS = re.compile(r'validation\.csv|validation\.png|loss\.png|samples_epoch\d+\.png')
+TORCHSCRIPT_SUFFIX = '.torchscript.pt'  # an export (experiments.export) beside its model, not a checkpoint
+EXPORT_SUFFIXES = ('.onnx', TORCHSCRIPT_SUFFIX)  # a model's exports at their default name: <stem><suffix>
 
 
 def is_run_file(filename, name):
     """Whether ``filename`` is one of the files that ``train`` writes for the run ``name`` (see the
     module docstring), not one of another run whose name starts alike (``tiny_shift_1`` beside
-    ``tiny_shift``: the seeds of a setting share a folder)."""
-    if filename in (f'final_{name}.pt', f'last_{name}.pt', f'best_{name}.pt'):
+    ``tiny_shift``: the seeds of a setting share a folder). The exports of its models at their
+    default names (``final_<name>.onnx``, ``final_<name>.torchscript.pt``, ...) count as its files,
+    so that a run that replaces it removes them too."""
+    models = (f'final_{name}', f'last_{name}', f'best_{name}')
+    if filename in [stem + suffix for stem in models for suffix in ('.pt',) + EXPORT_SUFFIXES]:
         return True
     prefix = f'{name}_'
     return filename.startswith(prefix) and RUN_FILE_ENDINGS.fullmatch(filename[len(prefix):]) is not None

@@ -102,6 +102,8 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
             'tiny_shift_3_samples_epoch0002.png'} <= earlier
     other = path.parent / 'tiny_shift_3_notes.txt'  # not a file the training writes: kept
     other.write_text('mine')
+    for export in ('final_tiny_shift_3.onnx', 'final_tiny_shift_3.torchscript.pt', 'best_tiny_shift_3.onnx'):
+        (path.parent / export).write_bytes(b'an export of the replaced model')  # at its default name: removed
     again = argv + ['--epochs', '3', '--checkpoint-every', '1']
     if interrupted in ('in epoch 1', 'in epoch 3'):  # then resumed: the run still replaces the earlier one
         # (in epoch 1: before any checkpoint of its epochs, never taken for the replaced run's end)
