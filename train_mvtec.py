@@ -392,6 +392,10 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     calibration = None
     if params is None:
         params = table_params
+        if recipe == 'table' and args.recipe is None:  # chosen by the category's name
+            print(f"{PROG}: {category}: note: recipe table: the entry of {category!r} in CATEGORY_PARAMS "
+                  f"(experiments/settings.py; MVTec AD's categories: the paper's values); --recipe auto "
+                  f"calibrates the generator on the training images instead")
         if recipe != 'table':
             params, calibration = recipes.calibrate(dataset, setting, table_params, args,
                                                     overrides, seed)

@@ -645,6 +645,17 @@ def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp
     assert validator is None and len(dataset) == 12 and meta['calibration'] is None
 
 
+def test_a_category_named_as_a_table_entry_gets_its_recipe_and_says_so(tmp_path, capsys):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'wood', n_train=12)  # a material of one's own, in a folder named as MVTec AD's
+    capsys.readouterr()
+    _, _, _, meta, _ = prepared(tmp_path, data, 'wood')
+    assert meta['recipe'] == 'table' and meta['category_params'] == settings.category_params('wood')
+    assert ("wood: note: recipe table: the entry of 'wood' in CATEGORY_PARAMS" in capsys.readouterr().out)
+    prepared(tmp_path, data, 'wood', '--recipe', 'table')  # asked for: nothing to note
+    assert 'CATEGORY_PARAMS' not in capsys.readouterr().out
+
+
 SLOW = pytest.mark.slow  # the auto recipe calibrates on the training images
 
 
