@@ -49,7 +49,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import dict_differences, resolve_device, run_differences
-from self_sup_data.layouts import LocoLayout, layout_for_model
+from self_sup_data.layouts import FolderLayout, LocoLayout, layout_for_model
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, model_test_side
 from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.transforms import Compose
@@ -255,6 +255,20 @@ def find_evaluable(model_dir):
     return found
 
 
+def check_data_dir_needless(selected, layout):
+    """FileNotFoundError, before any work, when a model of ``selected`` ((path, meta) pairs) reads its
+    test set from a data root folder and none was given (-d): in any format but 'folder', given as
+    ``layout`` or else the model's (``layout_for_model``)."""
+    def reads_root(spec):
+        return not isinstance(layout, FolderLayout) if layout is not None else (spec or {}).get('format') != 'folder'
+    needing = [(path, meta) for path, meta in selected if reads_root(meta.get('layout'))]
+    if needing:
+        path, meta = needing[0]
+        raise FileNotFoundError(f"no data root folder given (-d DATA_DIR): {len(needing)} of the {len(selected)} "
+                                f"models read their test sets from one, e.g. {path} (trained on "
+                                f"{meta.get('data_dir')}); only models of --format folder evaluate without it")
+
+
 def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, device=None,
                          batch_size=32, figure_dir=None, one_class_names=None, flip_average=False,
                          layout=None, allow_missing_masks=False):
@@ -290,6 +304,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     found = find_evaluable(model_dir)
     selected = sorted(select_checkpoints(found, settings, categories),
                       key=lambda item: (item[1]['category'], str(item[0])))
+    if data_dir is None:
+        check_data_dir_needless(selected, layout)
     warn_unlike_seeds(selected)
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work

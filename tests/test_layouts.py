@@ -320,6 +320,14 @@ def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     from self_sup_data.layouts import MVTecLayout
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
         MVTecLayout().train_files(None, 'tiny')
+    # the evaluation says so once, before any work, naming a model (not once per model, as failures)
+    from experiments import mvtec_tasks
+    folder_model = ('f/final_w.pt', dict(layout=dict(format='folder', normal='/n', abnormal=None), data_dir=None))
+    mvtec_model = ('m/final_tiny.pt', dict(layout=MVTecLayout().spec(), data_dir='/data'))
+    mvtec_tasks.check_data_dir_needless([folder_model], None)
+    with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\): 2 of the 3 models .* '
+                                                r'e.g. m/final_tiny.pt \(trained on /data\)'):
+        mvtec_tasks.check_data_dir_needless([mvtec_model, folder_model, ('o/final_old.pt', {})], None)
 
 
 def test_an_mvtec_image_with_two_masks_is_refused_naming_both(tmp_path):
