@@ -43,6 +43,7 @@ from tqdm import tqdm
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from experiments.detector import Detector, NonFiniteMapError
+from experiments.inference import warn_flip_average_mismatch
 from self_sup_data.images import image_files, to_channels
 
 PROG = 'predict.py'
@@ -233,7 +234,11 @@ def start_run(args):
             from error
     except ValueError as error:
         raise StopRun(str(error)) from error
-    if detector.threshold is None:
+    if warn_flip_average_mismatch(detector.thresholds, args.flip_average, detector.source,
+                                  ': no decisions and no masks'):  # as the evaluation leaves them out
+        detector = Detector(detector.run, {**detector.spec, 'thresholds': None}, detector.source,
+                            detector.batch_size)
+    elif detector.threshold is None:
         print(f'{PROG}: warning: {detector.source} has no thresholds: no decisions and no masks '
               '(calibrate it with python -m experiments.thresholds)', file=sys.stderr)
     return detector, files, out_dir

@@ -224,6 +224,18 @@ def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs
 
 
 @pytest.mark.slow
+def test_thresholds_calibrated_on_other_maps_give_no_decisions_and_no_masks(calibrated, inputs, tmp_path):
+    out = tmp_path / 'out'  # thresholds of plain maps, maps flip-averaged: as the evaluation, no decisions
+    with pytest.warns(UserWarning, match='calibrated without flip averaging and these maps are with it: '
+                                         'no decisions and no masks'):
+        predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out), '--flip-average'])
+    scores = pd.read_csv(out / 'scores.csv')
+    assert list(scores['output']) == ['a', 'b'] and scores['anomalous'].isna().all()
+    assert sorted(p.name for p in (out / 'maps').iterdir()) == ['a.npy', 'b.npy']
+    assert not (out / 'masks').exists() or not any((out / 'masks').iterdir())
+
+
+@pytest.mark.slow
 def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, inputs, tmp_path,
                                                                   capsys):
     out = tmp_path / 'out'
