@@ -9,13 +9,15 @@ map of its own and is scored by one-class models only (default: GDE, ``result_va
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
 
 from experiments import one_class
 from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
-from experiments.training import TORCHSCRIPT_SUFFIX, load_model, resolve_device
+from experiments.training import TORCHSCRIPT_SUFFIX, dict_differences, load_model, resolve_device, run_differences
+from self_sup_data.recipe import CALIBRATED_PARAMS
 
 CHECKPOINT_PATTERN = 'final_*.pt'
 SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
@@ -213,3 +215,81 @@ def sort_records(records, settings=None):
         return (rank + (variant_order.index(variant),), record['category'],
                 -1 if record['seed'] is None else record['seed'])
     return sorted(records, key=order)
+
+
+# a model's own (one per seed), or where its data lay (a dataset moved for another seed)
+SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'search_calibration', 'data_dir')
+CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
+
+
+def seed_differences(a, b):
+    """The differences (``training.run_differences``) between the metas ``a`` and ``b`` of two
+    seeds of one setting and category that make them differently trained models. Left out: the
+    fields that differ by seed (SEED_FIELDS; CALIBRATED_FIELDS and the epochs that go with the
+    chosen category parameters where a recipe is calibrated per seed, but not the generator
+    arguments that no calibration sets), fields that one meta lacks (written by an earlier
+    version) and the paths of a layout of the same format; with a calibrated recipe, the
+    calibrated parameters that one seed's command line set (``param_overrides``) count."""
+    calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
+    ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
+    if calibrated and (a.get('category_params') or {}).get('epochs') != (
+            b.get('category_params') or {}).get('epochs'):
+        ignored.add('epochs')  # --recipe search: each seed trains its chosen recipe's epochs
+    if (a.get('layout') or {}).get('format') == (b.get('layout') or {}).get('format'):
+        ignored.add('layout')
+
+    def recorded(meta, name):
+        return name in meta or name in meta.get('train_config', {})
+
+    def set_by_hand(meta):  # the generator arguments that no calibration sets
+        return {k: v for k, v in (meta.get('self_sup_args') or {}).items()
+                if k not in CALIBRATED_PARAMS}
+
+    def fixed(meta):  # the calibrated parameters that the command line set instead
+        return {k: v for k, v in meta['param_overrides'].items() if k in CALIBRATED_PARAMS}
+    differences = [difference for difference in run_differences(a, b)
+                   if (name := difference.split(':')[0].split('.')[0]) not in ignored
+                   and recorded(a, name) and recorded(b, name)]
+    if calibrated:
+        differences += dict_differences(set_by_hand(a), set_by_hand(b), 'self_sup_args.')
+        if 'param_overrides' in a and 'param_overrides' in b:
+            differences += dict_differences(fixed(a), fixed(b), 'param_overrides.')
+    return differences
+
+
+def model_seed(meta):
+    """The seed of a checkpoint's model: its meta's, else (an unreadable checkpoint, whose meta is
+    that of its path) the run seed of its setting key (``Setting.run_seed``)."""
+    return meta.get('seed', parse_setting(meta['setting']).run_seed)
+
+
+def check_one_model_per_seed(selected):
+    """ValueError naming both checkpoints, before any work, when two of ``selected`` ((path, meta)
+    pairs) are models of one category, setting and seed (e.g. a copy of a model folder under the
+    model folder): their results would be one cell of the tables."""
+    seen = {}
+    for path, meta in selected:
+        key = (meta.get('category'), parse_setting(meta['setting']).seedless_key, model_seed(meta))
+        if key in seen:
+            category = '' if key[0] is None else f'category {key[0]!r}, '
+            raise ValueError(f'two models of {category}setting {key[1]!r}, seed {key[2]}: '
+                             f'{seen[key]} and {path}; keep one model per seed (or evaluate them '
+                             f'apart, with -m naming one folder)')
+        seen[key] = path
+
+
+def warn_unlike_seeds(selected):
+    """Warn for each category and setting whose models (``selected``: (path, meta)), merged over
+    seeds in the tables as ``mean ± std``, were trained differently (another budget, resolution,
+    recipe ...: ``seed_differences`` from the first of them), naming each model that differs."""
+    groups = {}
+    for path, meta in selected:
+        if 'error' not in meta:
+            key = (meta['category'], parse_setting(meta['setting']).seedless_key)
+            groups.setdefault(key, []).append((path, meta))
+    for (category, key), ((first, first_meta), *others) in groups.items():
+        unlike = [f"{path}: {'; '.join(differing)}" for path, meta in others
+                  if (differing := seed_differences(first_meta, meta))]
+        if unlike:
+            warnings.warn(f"{category} {key}: the seeds merged in the tables were trained "
+                          f"differently (against {first}: {', '.join(unlike)})")

@@ -25,8 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from experiments import tables
-from experiments.checkpoints import (CHECKPOINT_PATTERN, failure_reason, find_checkpoints,
-                                     read_model, select_checkpoints, setting_from_path, sort_records)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, check_one_model_per_seed, failure_reason,
+                                     find_checkpoints, model_seed, read_model, select_checkpoints,
+                                     setting_from_path, sort_records, warn_unlike_seeds)
 from experiments.arguments import path_argument
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
@@ -170,6 +171,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         else:
             found.append((path, dict(setting=key, error=reason)))
     selected = select_checkpoints(found, settings)
+    check_one_model_per_seed(selected)
+    warn_unlike_seeds(selected)
     plotted, datasets = set(), {}
 
     def evaluate_one(path, meta, setting):
@@ -199,7 +202,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             values = evaluate_one(path, meta, setting)
         except Exception as error:  # any failure of one checkpoint is its row's, not the run's
             values = dict.fromkeys(METRICS, math.nan) | dict(error=failure_reason(error))
-        records.append(record(setting, meta.get('seed', setting.seed), values, path))
+        records.append(record(setting, model_seed(meta), values, path))
     for key in settings or []:
         if not select_checkpoints(selected, [key]):
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: '

@@ -40,18 +40,18 @@ import numpy as np
 
 from experiments import metrics, one_class, tables
 from experiments.inference import warn_flip_average_mismatch
-from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, failure_reason,
-                                     find_checkpoints, read_model, result_setting, result_variants,
-                                     select_checkpoints, setting_from_path, sort_records)
+from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, check_one_model_per_seed,
+                                     failure_reason, find_checkpoints, read_model, result_setting,
+                                     result_variants, select_checkpoints, setting_from_path, sort_records,
+                                     warn_unlike_seeds)
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
-from experiments.training import dict_differences, resolve_device, run_differences
+from experiments.training import resolve_device
 from self_sup_data.layouts import FolderLayout, LocoLayout, layout_for_model
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, model_test_side
-from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.transforms import Compose
 
 METRICS = ('image_auroc_mean', 'image_auroc_max', 'image_ap_mean', 'image_ap_max',
@@ -143,7 +143,7 @@ def load_normal_set(data_dir, meta, layout=None):
 
 def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
-                setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.seed),
+                setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.run_seed),
                 **values, checkpoint=None if path is None else str(Path(path).resolve()))
 
 
@@ -175,66 +175,9 @@ def missing_records(found, settings, categories, one_class_names=None):
                               'its cells are NaN')
                 setting = parse_setting(key)
                 for variant in result_variants(setting, one_class_names):
-                    records.append(_record(dict(category=category, kind=kinds.get(category)),
+                    records.append(_record(dict(category=category, kind=kinds.get(category), seed=setting.seed),
                                            setting, None, _undefined(variant), variant))
     return records
-
-
-# a model's own (one per seed), or where its data lay (a dataset moved for another seed)
-SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'search_calibration', 'data_dir')
-CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
-
-
-def seed_differences(a, b):
-    """The differences (``training.run_differences``) between the metas ``a`` and ``b`` of two
-    seeds of one setting and category that make them differently trained models. Left out: the
-    fields that differ by seed (SEED_FIELDS; CALIBRATED_FIELDS and the epochs that go with the
-    chosen category parameters where a recipe is calibrated per seed, but not the generator
-    arguments that no calibration sets), fields that one meta lacks (written by an earlier
-    version) and the paths of a layout of the same format; with a calibrated recipe, the
-    calibrated parameters that one seed's command line set (``param_overrides``) count."""
-    calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
-    ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
-    if calibrated and (a.get('category_params') or {}).get('epochs') != (
-            b.get('category_params') or {}).get('epochs'):
-        ignored.add('epochs')  # --recipe search: each seed trains its chosen recipe's epochs
-    if (a.get('layout') or {}).get('format') == (b.get('layout') or {}).get('format'):
-        ignored.add('layout')
-
-    def recorded(meta, name):
-        return name in meta or name in meta.get('train_config', {})
-
-    def set_by_hand(meta):  # the generator arguments that no calibration sets
-        return {k: v for k, v in (meta.get('self_sup_args') or {}).items()
-                if k not in CALIBRATED_PARAMS}
-
-    def fixed(meta):  # the calibrated parameters that the command line set instead
-        return {k: v for k, v in meta['param_overrides'].items() if k in CALIBRATED_PARAMS}
-    differences = [difference for difference in run_differences(a, b)
-                   if (name := difference.split(':')[0].split('.')[0]) not in ignored
-                   and recorded(a, name) and recorded(b, name)]
-    if calibrated:
-        differences += dict_differences(set_by_hand(a), set_by_hand(b), 'self_sup_args.')
-        if 'param_overrides' in a and 'param_overrides' in b:
-            differences += dict_differences(fixed(a), fixed(b), 'param_overrides.')
-    return differences
-
-
-def warn_unlike_seeds(selected):
-    """Warn for each category and setting whose models (``selected``: (path, meta)), merged over
-    seeds in the tables as ``mean ± std``, were trained differently (another budget, resolution,
-    recipe ...: ``seed_differences`` from the first of them), naming each model that differs."""
-    groups = {}
-    for path, meta in selected:
-        if 'error' not in meta:
-            key = (meta['category'], parse_setting(meta['setting']).seedless_key)
-            groups.setdefault(key, []).append((path, meta))
-    for (category, key), ((first, first_meta), *others) in groups.items():
-        unlike = [f"{path}: {'; '.join(differing)}" for path, meta in others
-                  if (differing := seed_differences(first_meta, meta))]
-        if unlike:
-            warnings.warn(f"{category} {key}: the seeds merged in the tables were trained "
-                          f"differently (against {first}: {', '.join(unlike)})")
 
 
 def find_evaluable(model_dir):
@@ -306,6 +249,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                       key=lambda item: (item[1]['category'], str(item[0])))
     if data_dir is None:
         check_data_dir_needless(selected, layout)
+    check_one_model_per_seed(selected)
     warn_unlike_seeds(selected)
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work

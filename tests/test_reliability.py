@@ -22,7 +22,7 @@ from PIL import Image
 import train_chest_xray
 import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
-from experiments import chest_xray_tasks, mvtec_tasks, settings, training
+from experiments import checkpoints, chest_xray_tasks, mvtec_tasks, settings, training
 from experiments.checkpoints import read_meta, read_model
 from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
@@ -852,14 +852,28 @@ def seed_meta(seed, recipe='table', epochs=100, num_patches=4, category='tiles')
 def test_tables_warn_when_the_seeds_they_merge_were_trained_differently(recipe, recwarn):
     models = [(f'final_{seed}.pt', seed_meta(seed, recipe)) for seed in (0, 1, 2)]
     other_category = [('other.pt', seed_meta(1, recipe, epochs=30, category='plates'))]
-    mvtec_tasks.warn_unlike_seeds(models + other_category)
+    checkpoints.warn_unlike_seeds(models + other_category)
     assert not recwarn.list  # seeds, calibrations, losses and checksums differ by seed
 
     models[2] = ('final_2.pt', seed_meta(2, recipe, epochs=30))
     with pytest.warns(UserWarning, match=r"tiles Shift-Intensity-M: the seeds merged in the tables "
                                          r"were trained differently \(against final_0.pt: "
                                          r"final_2.pt: epochs: 100 vs 30\)"):
-        mvtec_tasks.warn_unlike_seeds(models)
+        checkpoints.warn_unlike_seeds(models)
+
+
+def test_two_models_of_one_seed_are_refused_before_any_evaluation():
+    models = [(f'run/final_{seed}.pt', seed_meta(seed)) for seed in (0, 1)]
+    checkpoints.check_one_model_per_seed(models + [('other.pt', seed_meta(1, category='plates'))])
+    copy = ('backup/final_1.pt', seed_meta(1))  # a copy of the model folder inside it
+    with pytest.raises(ValueError, match=r"two models of category 'tiles', setting 'Shift-Intensity-M', seed 1: "
+                                         r"run/final_1.pt and backup/final_1.pt; keep one model per seed"):
+        checkpoints.check_one_model_per_seed(models + [copy])
+    # an unreadable checkpoint counts by its path's key: no seed there is the default seed, 0
+    unreadable = ('backup/final_0.pt', dict(setting='Shift-Intensity-M', category='tiles', error='cannot read'))
+    assert checkpoints.model_seed(unreadable[1]) == 0
+    with pytest.raises(ValueError, match='seed 0: run/final_0.pt and backup/final_0.pt'):
+        checkpoints.check_one_model_per_seed(models + [unreadable])
 
 
 def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_version_lacks():
@@ -867,21 +881,21 @@ def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_versi
     moved.update(data_dir='/mnt/elsewhere', layout=dict(format='mvtec'))
     for name in ('train_config', 'recipe', 'res_scale'):
         del earlier[name]
-    assert mvtec_tasks.seed_differences({**seed_meta(0), 'data_dir': '/data'}, moved) == []
-    assert mvtec_tasks.seed_differences(seed_meta(0), earlier) == []
+    assert checkpoints.seed_differences({**seed_meta(0), 'data_dir': '/data'}, moved) == []
+    assert checkpoints.seed_differences(seed_meta(0), earlier) == []
     # --recipe search: each seed trains the epochs of the recipe it chose
     searched = [seed_meta(seed, 'search', epochs=epochs) for seed, epochs in ((0, 320), (1, 560))]
     searched[1]['category_params'] = {**searched[1]['category_params'], 'epochs': 560}
-    assert mvtec_tasks.seed_differences(*searched) == []
-    assert mvtec_tasks.seed_differences(seed_meta(0, epochs=320), seed_meta(1, epochs=560)) == [
+    assert checkpoints.seed_differences(*searched) == []
+    assert checkpoints.seed_differences(seed_meta(0, epochs=320), seed_meta(1, epochs=560)) == [
         'epochs: 320 vs 560']
 
 
 def test_calibrated_seeds_differ_by_the_generator_arguments_that_no_calibration_sets():
     single = seed_meta(1, 'auto')
     single['self_sup_args'] = {**single['self_sup_args'], 'shift': False}
-    assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), seed_meta(2, 'auto')) == []
-    assert mvtec_tasks.seed_differences(seed_meta(0, 'auto'), single) == [
+    assert checkpoints.seed_differences(seed_meta(0, 'auto'), seed_meta(2, 'auto')) == []
+    assert checkpoints.seed_differences(seed_meta(0, 'auto'), single) == [
         'self_sup_args.shift: absent vs False']
 
 
@@ -891,14 +905,14 @@ def test_calibrated_seeds_differ_by_the_parameters_their_command_lines_fixed():
     fixed = [{**seed_meta(seed, 'auto'), 'param_overrides': overrides} for seed, overrides in
              ((0, dict(num_patches=2, background=(0, 20))), (1, dict(num_patches=12, background=(0, 20))),
               (2, dict(background=(0, 20))), (3, dict(num_patches=2, background=(0, 20))))]
-    assert mvtec_tasks.seed_differences(fixed[0], fixed[3]) == []
-    assert mvtec_tasks.seed_differences(fixed[0], fixed[1]) == ['param_overrides.num_patches: 2 vs 12']
-    assert mvtec_tasks.seed_differences(fixed[0], fixed[2]) == ['param_overrides.num_patches: 2 vs absent']
-    assert mvtec_tasks.seed_differences(fixed[0], seed_meta(4, 'auto')) == []  # an earlier version's
+    assert checkpoints.seed_differences(fixed[0], fixed[3]) == []
+    assert checkpoints.seed_differences(fixed[0], fixed[1]) == ['param_overrides.num_patches: 2 vs 12']
+    assert checkpoints.seed_differences(fixed[0], fixed[2]) == ['param_overrides.num_patches: 2 vs absent']
+    assert checkpoints.seed_differences(fixed[0], seed_meta(4, 'auto')) == []  # an earlier version's
     # a table recipe compares the values the flags gave, not which flags gave them
     table = [{**seed_meta(seed), 'param_overrides': overrides}
              for seed, overrides in ((0, dict(num_patches=4)), (1, {}))]
-    assert mvtec_tasks.seed_differences(*table) == []
+    assert checkpoints.seed_differences(*table) == []
 
 
 def test_the_epochs_between_validations_are_part_of_a_run():
@@ -935,10 +949,10 @@ def test_the_epochs_between_validations_are_part_of_a_run():
 def test_a_table_recipe_changed_between_seeds_is_named():
     models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, num_patches=8))]
     with pytest.warns(UserWarning, match='category_params.num_patches: 4 vs 8'):
-        mvtec_tasks.warn_unlike_seeds(models)
+        checkpoints.warn_unlike_seeds(models)
     models = [('a.pt', seed_meta(0)), ('b.pt', seed_meta(1, recipe='auto'))]
     with pytest.warns(UserWarning, match="recipe: 'table' vs 'auto'"):
-        mvtec_tasks.warn_unlike_seeds(models)
+        checkpoints.warn_unlike_seeds(models)
 
 
 def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_path):
