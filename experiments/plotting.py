@@ -230,15 +230,17 @@ def figure_path(figure_dir, category, setting_key):
 
 def figure_paths(records, figure_dir):
     """The example figures of the results ``records`` that exist in ``figure_dir``, in record order;
-    none of a category and setting whose evaluations all failed (its figure is an earlier one)."""
+    none of a category and setting whose evaluations all failed or that has no model (a requested
+    pair without a checkpoint): its figure is an earlier one."""
     paths = dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records
-                          if not failed(r))
+                          if not failed(r) and isinstance(r.get('checkpoint'), str))
     return [path for path in paths if path.is_file()]
 
 
 def remove_failed_figures(records, figure_dir):
     """Remove the example figures in ``figure_dir`` of each category and setting of ``records``
-    whose evaluations all failed: an earlier evaluation's, which would look current."""
+    whose evaluations all failed or that has no model: an earlier evaluation's, which would look
+    current."""
     shown = set(figure_paths(records, figure_dir))
     for path in dict.fromkeys(figure_path(figure_dir, r['category'], r['setting']) for r in records):
         if path not in shown and path.is_file():

@@ -278,8 +278,12 @@ def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
     from experiments import plotting
     for name in ('a_Shift.png', 'b_Shift.png', 'c_Shift.png', 'd_Shift.png'):
         (tmp_path / name).write_bytes(b'an earlier figure')
-    records = [dict(category='a', setting='Shift', seed=0), dict(category='b', setting='Shift', error='E'),
-               dict(category='c', setting='Shift', seed=0, error='E'), dict(category='c', setting='Shift', seed=1)]
+    (tmp_path / 'e_Shift.png').write_bytes(b'an earlier figure')
+    records = [dict(category='a', setting='Shift', seed=0, checkpoint='a.pt'),
+               dict(category='b', setting='Shift', error='E', checkpoint='b.pt'),
+               dict(category='c', setting='Shift', seed=0, error='E', checkpoint='c0.pt'),
+               dict(category='c', setting='Shift', seed=1, checkpoint='c1.pt'),
+               dict(category='e', setting='Shift', seed=None, checkpoint=None)]  # requested, no model
     plotting.remove_failed_figures(records, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_Shift.png', 'c_Shift.png', 'd_Shift.png']
 
@@ -303,11 +307,15 @@ def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
     from experiments import plotting
     for name in ('a_Shift.png', 'b_Shift.png'):
         (tmp_path / name).write_bytes(b'an earlier figure')
-    records = [dict(category='a', setting='Shift'), dict(category='b', setting='Shift', error='E')]
+    records = [dict(category='a', setting='Shift', checkpoint='a.pt'),
+               dict(category='b', setting='Shift', error='E', checkpoint='b.pt')]
     assert plotting.figure_paths(records, tmp_path) == [tmp_path / 'a_Shift.png']
-    # records read back from results.csv with pandas: an empty error cell (NaN) is no failure
-    tables.write_results([record('a', 'texture', 'Shift', 0, 0.5), record('b', 'texture', 'Shift', 0, math.nan)
-                          | dict(error='E')], tmp_path / 'results.csv')
+    # records read back from results.csv with pandas: an empty error cell (NaN) is no failure, and an
+    # empty checkpoint cell (a requested pair without a model) no model
+    (tmp_path / 'c_Shift.png').write_bytes(b'an earlier figure')
+    tables.write_results([record('a', 'texture', 'Shift', 0, 0.5, checkpoint='a.pt'),
+                          record('b', 'texture', 'Shift', 0, math.nan, checkpoint='b.pt') | dict(error='E'),
+                          record('c', 'texture', 'Shift', None, math.nan, checkpoint=None)], tmp_path / 'results.csv')
     read = pd.read_csv(tmp_path / 'results.csv').to_dict('records')
     assert plotting.figure_paths(read, tmp_path) == [tmp_path / 'a_Shift.png']
 
