@@ -114,20 +114,35 @@ def test_set_sha256(normal_names, anomalous_names):
     return hashlib.sha256(f'{names_sha256(normal_names)}\n{names_sha256(anomalous_names)}'.encode()).hexdigest()
 
 
-def check_test_set_name(out_dir, test_name, lists_sha256):
-    """ValueError when ``out_dir/results.csv`` holds results of another test set (other image lists,
-    by their recorded ``test_lists_sha256``) under the row name ``test_name``: evaluating this one
-    into that folder would replace them and their figures. A results file that cannot be read is
-    left to ``write_report`` (it warns)."""
+def bbox_sha256(bbox_csv):
+    """SHA-256 (hex) of the box table file ``bbox_csv``, or 'none' without one: the pixel labels of
+    a test set (recorded with its results as ``bbox_sha256``)."""
+    return 'none' if bbox_csv is None else hashlib.sha256(Path(bbox_csv).read_bytes()).hexdigest()
+
+
+def check_test_set_name(out_dir, test_name, lists_sha256, boxes_sha256=None):
+    """ValueError when ``out_dir/results.csv`` holds results of another test set under the row name
+    ``test_name``: other image lists (by their recorded ``test_lists_sha256``) or another box table
+    (``bbox_sha256``; None: not compared); evaluating this one into that folder would replace them and
+    their figures, or mix pixel figures of two box tables in one row. Results recorded without a
+    digest (an earlier version's) are taken to match. A results file that cannot be read is left to
+    ``write_report`` (it warns)."""
     path = Path(out_dir) / 'results.csv'
     try:
         earlier = tables.read_results(path) if path.is_file() else []
     except ValueError:
         return
-    if any(record['category'] == test_name and record.get('kind') == DATASET
-           and str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256 for record in earlier):
-        raise ValueError(f"{path} holds the results of another test set named {test_name!r} (other image "
-                         f"lists); name this one apart (--name) or evaluate it into another folder")
+    for record in earlier:
+        if record['category'] != test_name or record.get('kind') != DATASET:
+            continue
+        if str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256:
+            other = 'other image lists'
+        elif boxes_sha256 is not None and str(record.get('bbox_sha256', boxes_sha256)) != boxes_sha256:
+            other = 'the same images with another box table (--bbox-csv), or with and without one'
+        else:
+            continue
+        raise ValueError(f"{path} holds the results of another test set named {test_name!r} ({other}); "
+                         f"name this one apart (--name) or evaluate it into another folder")
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
@@ -144,7 +159,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     set of this name (``check_test_set_name``); None: not checked. A box table that cannot be read
     is the command's error, before any checkpoint is evaluated. Returns long-format results
     (``experiments.tables``): one dict per checkpoint with the metrics of ``metrics.evaluate_maps``,
-    its path and the test set's ``test_lists_sha256``.
+    its path and the test set's ``test_lists_sha256`` and ``bbox_sha256``.
     """
     device = resolve_device(device)
     if test_name is None:
@@ -156,12 +171,13 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     check_test_lists(*test_names, list_label(normal_list, 'normal'),
                      list_label(anomalous_list, 'anomalous'))
     lists_sha256 = test_set_sha256(*test_names)
-    if out_dir is not None:
-        check_test_set_name(out_dir, test_name, lists_sha256)
     if bbox_csv is not None:
         if not Path(bbox_csv).is_file():
             raise FileNotFoundError(f"the bounding-box table {bbox_csv} (--bbox-csv) does not exist")
         read_bbox_table(bbox_csv)
+    boxes_sha256 = bbox_sha256(bbox_csv)
+    if out_dir is not None:
+        check_test_set_name(out_dir, test_name, lists_sha256, boxes_sha256)
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:
@@ -193,7 +209,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
 
     def record(setting, seed, values, path=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
-                    **values, checkpoint=path and str(Path(path).resolve()), test_lists_sha256=lists_sha256)
+                    **values, checkpoint=path and str(Path(path).resolve()), test_lists_sha256=lists_sha256,
+                    bbox_sha256=boxes_sha256)
 
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):

@@ -836,7 +836,7 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
 
 
 def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, capsys):
-    model_dir, data_dir, normal, anomalous, _ = chest
+    model_dir, data_dir, normal, anomalous, boxes = chest
     out = tmp_path / 'out'
 
     def evaluate(*arguments):
@@ -859,6 +859,15 @@ def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, 
     assert (out / 'results.csv').read_bytes() == written
     assert evaluate('-l', str(normal), str(fewer), '--name', 'fewer') == [
         ('anomalous', 1), ('anomalous', 2), ('fewer', 1), ('fewer', 2)]
+    # the same images with a box table: other pixel labels, so another test set under that name
+    written = (out / 'results.csv').read_bytes()
+    with pytest.raises(SystemExit, match=r"another test set named 'anomalous' \(the same images with another "
+                                         r"box table \(--bbox-csv\), or with and without one\)"):
+        evaluate('-l', str(normal), str(anomalous), '-s', 'Shift-2', '--bbox-csv', str(boxes))
+    assert (out / 'results.csv').read_bytes() == written
+    with pytest.raises(SystemExit, match='another box table'):
+        evaluate('-l', str(normal), str(fewer), '--name', 'fewer', '--bbox-csv', str(boxes))
+    assert (out / 'results.csv').read_bytes() == written
     # a box table that cannot be read: the command's error, naming it, before any checkpoint is evaluated
     (tmp_path / 'empty.csv').write_text('')
     with pytest.raises(SystemExit, match=r"cannot read box table .*empty.csv"):
