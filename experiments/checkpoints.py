@@ -189,7 +189,11 @@ def failure_reason(error):
 
 def select_checkpoints(found, settings=None, categories=None):
     """The (path, meta) of ``found`` whose setting matches one of the keys ``settings`` (see
-    ``matches``; None: any) and whose category is in ``categories`` (None: any)."""
+    ``matches``; None: any) and whose category is in ``categories`` (None: any). ValueError for a
+    single string in place of either list (it would be read letter by letter)."""
+    for name, value in (('settings', settings), ('categories', categories)):
+        if isinstance(value, str):
+            raise ValueError(f'{name} must be a list of names, e.g. [{value!r}], or None; got the string {value!r}')
     requested = None if settings is None else [parse_setting(key) for key in settings]
 
     def wanted(meta):
@@ -197,6 +201,7 @@ def select_checkpoints(found, settings=None, categories=None):
         return ((categories is None or meta['category'] in categories)
                 and (requested is None or any(matches(r, setting) for r in requested)))
     return [(path, meta) for path, meta in found if wanted(meta)]
+
 
 def sort_records(records, settings=None):
     """Records ordered by setting (the order of ``settings`` when given, else the paper's order of

@@ -602,6 +602,11 @@ def test_a_key_with_seed_0_selects_the_model_trained_without_a_seed():
     assert [p for p, _ in select(found, ['Shift-Intensity-0', 'Shift-Intensity-1'])] == ['a.pt', 'b.pt']
     assert [p for p, _ in select(found, ['Shift-Intensity'])] == ['a.pt', 'b.pt']
     assert select(found, ['Shift-Intensity-2']) == []
+    # a string where a list belongs (a notebook's CATEGORIES = 'a') is refused, not read letter by letter
+    with pytest.raises(ValueError, match=r"categories must be a list of names, e.g. \['a'\], or None; got the string"):
+        select(found, None, 'a')
+    with pytest.raises(ValueError, match=r"settings must be a list of names, e.g. \['Shift-Intensity'\]"):
+        select(found, 'Shift-Intensity')
 
 
 def test_a_checkpoint_path_names_its_setting_only_as_the_training_scripts_write_it():

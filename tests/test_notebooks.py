@@ -86,14 +86,15 @@ def test_chestxray_notebook(tmp_path, monkeypatch):
     out_dir = tmp_path / 'out'
     notebook = run_notebook('chestxray_evaluation.ipynb', dict(
         MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), NORMAL_LIST=str(normal),
-        ANOMALOUS_LIST=str(anomalous), BBOX_CSV=str(boxes), SETTINGS=['Shift'], TEST_NAME='tiny',
+        ANOMALOUS_LIST=str(anomalous), BBOX_CSV=str(boxes), SETTINGS=['Shift'], TEST_NAME=None,
         OUT_DIR=str(out_dir), DEVICE='cpu'), monkeypatch)
     assert_clean_run(notebook)
     headings = outputs(notebook, 'text/markdown')
     assert '### image_auroc_mean' in headings and '### pixel_auroc' in headings  # boxes given
-    assert sum('tiny' in html for html in outputs(notebook, 'text/html')) == 5
+    row = Path(anomalous).stem  # the default row name, as on the command line
+    assert sum(row in html for html in outputs(notebook, 'text/html')) == 5
     assert (out_dir / 'results.csv').is_file() and len(outputs(notebook, 'image/png')) == 1
-    assert [p.name for p in (out_dir / 'figures').iterdir()] == ['tiny_Shift.png']
+    assert [p.name for p in (out_dir / 'figures').iterdir()] == [f'{row}_Shift.png']
 
 
 @pytest.mark.slow  # runs the notebook in a kernel
@@ -112,6 +113,9 @@ def test_a_notebook_whose_every_evaluation_failed_keeps_the_earlier_files(name, 
         parameters = dict(MODEL_DIR=str(model_dir), DATA_DIR=str(data_dir), NORMAL_LIST=str(normal),
                           ANOMALOUS_LIST=str(anomalous), BBOX_CSV=None, SETTINGS=None, TEST_NAME='tiny',
                           OUT_DIR=str(out_dir), DEVICE='cpu')
+    (tmp_path / 'a_file').write_text('not a folder')  # an OUT_DIR that cannot be one: refused before any work
+    with pytest.raises(CellExecutionError, match='cannot write to output folder .*a_file is a file'):
+        run_notebook(name, parameters | dict(OUT_DIR=str(tmp_path / 'a_file')), monkeypatch)
     [checkpoint] = Path(model_dir).rglob('final_*.pt')
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # every evaluation fails
     earlier = {out_dir / 'results.csv': b'earlier results', out_dir / 'tables' / 'au_pro.md': b'earlier table',
