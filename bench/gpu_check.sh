@@ -10,6 +10,8 @@
 #
 #     bash bench/gpu_check.sh [DATA_DIR] [OUT]
 #
+# A second run into the same OUT trains and measures again (--force), replacing the first's models.
+#
 # Knobs (environment): EPOCHS (320), STEPS (30), WORKERS (CPUs - 1), DEVICE (cuda), SIZE (256),
 # BATCH (64), RES_SCALE (1; magnetic tile's images are 256 px). With DEVICE=cpu and small values
 # it runs on a CPU too (a check of the script itself).
@@ -50,10 +52,10 @@ python bench/training.py --device "$DEVICE" --size "$SIZE" --batch-size "$BATCH"
 if [ "$GPUS" -ge 2 ]; then
     echo "== 2. torchrun on $GPUS GPUs, demo category, 2 epochs, then resumed"
     python -m self_sup_data.demo "$OUT/demo_data"
-    for attempt in run resume; do
+    for attempt in force resume; do  # --force: a run again into the same OUT trains again
         torchrun --standalone --nproc-per-node "$GPUS" train_mvtec.py -s Shift-Intensity \
             -d "$OUT/demo_data" -n demo_texture -o "$OUT/torchrun" --epochs 2 \
-            --batch-size $(( 8 * GPUS )) --workers 2 --no-figures --resume \
+            --batch-size $(( 8 * GPUS )) --workers 2 --no-figures --$attempt \
             2>&1 | tee "$OUT/torchrun_$attempt.txt"
     done
 else
@@ -65,7 +67,7 @@ if [ -n "$DATA_DIR" ]; then
     start=$(date +%s)
     python train_mvtec.py -s Shift-Intensity-M -d "$DATA_DIR" -n magnetic_tile \
         -o "$OUT/magnetic_tile" --res-scale "$RES_SCALE" --epochs "$EPOCHS" --batch-size "$BATCH" \
-        --workers "$WORKERS" --device "$DEVICE" --no-figures --no-progress --evaluate \
+        --workers "$WORKERS" --device "$DEVICE" --no-figures --no-progress --evaluate --force \
         2>&1 | tee "$OUT/magnetic_tile.txt"
     echo "magnetic tile: wall time $(( $(date +%s) - start )) s (training, evaluation and start)" \
         | tee -a "$OUT/magnetic_tile.txt"

@@ -9,10 +9,12 @@ and the small-epoch check: the loader on a category of 60 images in batches of 1
 epoch) keeps at least 90% of its steady-state rate (one long epoch of the same images) across
 epoch boundaries.
 
-Data: the built-in demo category (60 training images, generated into a temporary folder) at the
-texture recipe's crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's
-budget), with the setting's generator arguments (default Shift-Intensity-M: Poisson blending with
-mixed gradients, the most expensive one). Run from the repository root:
+Data: the built-in demo category (60 training images, generated into a temporary folder; for
+batches above 16 repeated --batch-size / 16 times, rounded up, so that an epoch holds as many batches
+as the 60 images do at 16 and no batch is capped at an epoch's 60 images) at the texture recipe's
+crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the
+setting's generator arguments (default Shift-Intensity-M: Poisson blending with mixed gradients, the
+most expensive one). Run from the repository root:
 
     python bench/training.py [--device cpu|cuda] [--steps 8] [--workers 2] [--size 224]
                              [--batch-size 16] [--setting Shift-Intensity-M] [--bf16] [--compile]
@@ -77,12 +79,18 @@ def loader_batches(dataset, config, device, count):
     return itertools.islice(loader, count)
 
 
+def repeated(dataset, count):
+    """A copy of ``dataset`` whose training images are its own repeated ``count`` times."""
+    copied = copy.copy(dataset)
+    copied.images = dataset.images * count
+    return copied
+
+
 def small_epoch_ratio(dataset, config, device, steps):
     """(rate over epochs of the 60-image category in batches of 16, rate over one long epoch of
     the same images repeated, their ratio): data alone, ``steps`` timed batches each."""
     warmup = loader_warmup(config.workers)
-    long = copy.copy(dataset)
-    long.images = dataset.images * (-(-(steps + warmup) * SMALL_BATCH // len(dataset.images)))
+    long = repeated(dataset, -(-(steps + warmup) * SMALL_BATCH // len(dataset.images)))
     config = dataclasses.replace(config, batch_size=SMALL_BATCH)
     rates = [images_per_second(loader_batches(data, config, device, steps + warmup),
                                lambda b: None, device, warmup) for data in (dataset, long)]
@@ -145,8 +153,9 @@ def main(argv=None):
                            torch.rand(batch_size, 1, size, size)) for _ in range(args.steps + 1)]
         model_rate = images_per_second(random_batches, step, device)
         warmup = loader_warmup(args.workers)
+        timed = repeated(dataset, -(-batch_size // SMALL_BATCH))  # a batch of 64: 240 images an epoch
         data_rate, pipeline_rate = (
-            images_per_second(loader_batches(dataset, config, device, args.steps + warmup),
+            images_per_second(loader_batches(timed, config, device, args.steps + warmup),
                               batch_step, device, warmup)
             for batch_step in (lambda batch: None, step))
         small, steady, ratio = small_epoch_ratio(dataset, config, device, args.steps)

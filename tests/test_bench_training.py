@@ -70,6 +70,14 @@ def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsy
 
 
 @pytest.mark.slow
+def test_a_batch_larger_than_the_demo_category_keeps_its_size(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(training, 'train_step', lambda module, optimizer, loss, images, *rest: sizes.append(len(images)))
+    training.main(['--size', '32', '--batch-size', '64', '--steps', '1', '--workers', '0'])
+    assert sizes == [64] * 4  # model alone and full pipeline, each a warm-up and a timed step; not 60
+
+
+@pytest.mark.slow
 def test_the_gpu_check_script_runs_on_the_cpu_with_small_knobs(tmp_path):
     make_mvtec_category(tmp_path / 'data', 'magnetic_tile')
     out = tmp_path / 'out'
@@ -88,6 +96,10 @@ def test_the_gpu_check_script_runs_on_the_cpu_with_small_knobs(tmp_path):
     assert re.search(r'magnetic_tile_shift_intensity_m: epoch 1/1, loss [0-9.]+', log), log
     assert 'image AUROC' in log and re.search(r'wall time \d+ s', log), log
     assert list((out / 'magnetic_tile').rglob('final_magnetic_tile_shift_intensity_m.pt'))
+    again = subprocess.run(['bash', 'bench/gpu_check.sh', str(tmp_path / 'data'), str(out)],  # same OUT
+                           cwd=REPO, env={**os.environ, **knobs}, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert 'epoch 1/1' in (out / 'magnetic_tile.txt').read_text()  # trained again, not refused
 
     # on a machine without CUDA the script stops at once unless DEVICE=cpu
     result = subprocess.run(['bash', 'bench/gpu_check.sh', '', str(tmp_path / 'no_gpu')],
