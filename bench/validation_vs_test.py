@@ -17,7 +17,9 @@ found again in DATA (other training files) is refused, naming it; a missing mode
     python bench/validation_vs_test.py --data-dir DATA --category magnetic_tile \
         --models bench_out/recipe [--out bench_out/recipe/correlation] [--best] [--flip-average]
 
-``--flip-average`` scores both sets with flip-averaged maps (textures only). ``--models`` given a
+``--flip-average`` scores both sets with flip-averaged maps (textures only); its default output
+folder is ``MODELS/correlation_flip_average`` (beside the plain maps' ``MODELS/correlation``), and its
+tables say so. ``--models`` given a
 run's ``search`` folder scores its --recipe search candidates (found below any other folder, they
 are left out: they are not results).
 
@@ -51,7 +53,8 @@ def parse_args(argv=None):
                         help="data root folder (in the models' recorded layout, else detected)")
     parser.add_argument('--category', required=True)
     parser.add_argument('--models', required=True, help='folder searched for final_*.pt (any depth)')
-    parser.add_argument('--out', help='output folder (default: MODELS/correlation)')
+    parser.add_argument('--out', help='output folder (default: MODELS/correlation, with --flip-average '
+                                      'MODELS/correlation_flip_average)')
     parser.add_argument('--best', action='store_true', help='also score the best_*.pt models')
     parser.add_argument('--device', help="'cpu', 'cuda' ... (default: CUDA if available)")
     parser.add_argument('--flip-average', action='store_true',
@@ -166,12 +169,13 @@ def main(argv=None):
               f'a rank correlation needs at least 3', file=sys.stderr)
         return 1
     table = correlations(scores)
-    out = Path(args.out or Path(args.models) / 'correlation')
+    maps = 'flip-averaged maps' if args.flip_average else 'plain maps'
+    out = Path(args.out or Path(args.models) / ('correlation_flip_average' if args.flip_average else 'correlation'))
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / 'scores.csv', scores.to_csv(index=False))
-    write_text_atomic(out / 'correlation.csv', table.to_csv(index=False))
-    text = (scores.round(4).to_markdown(index=False) + '\n\n'
-            + f'Spearman rank correlation over {len(scores)} models:\n\n'
+    write_text_atomic(out / 'scores.csv', scores.assign(flip_average=args.flip_average).to_csv(index=False))
+    write_text_atomic(out / 'correlation.csv', table.assign(flip_average=args.flip_average).to_csv(index=False))
+    text = (f'Scores of {maps}:\n\n' + scores.round(4).to_markdown(index=False) + '\n\n'
+            + f'Spearman rank correlation over {len(scores)} models ({maps}):\n\n'
             + table.round(3).to_markdown(index=False) + '\n')
     write_text_atomic(out / 'correlation.md', text)
     print(text)

@@ -67,9 +67,13 @@ def test_scores_every_validated_model_and_correlates_them(tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / 'best' / 'scores.csv')) == 3
     assert capsys.readouterr().err.count(': the weights of ') == 3
     # flip-averaged maps on both sets (textures): the test figures are the evaluation's with --flip-average
+    # (by default into a folder of their own, beside the plain maps' default one, and saying so)
     assert bench.main(['--data-dir', str(data), '--category', 'plates', '--models', str(models),
-                       '--out', str(tmp_path / 'flip'), '--flip-average']) == 0
-    flipped = pd.read_csv(tmp_path / 'flip' / 'scores.csv').set_index('model')
+                       '--flip-average']) == 0
+    flipped = pd.read_csv(models / 'correlation_flip_average' / 'scores.csv').set_index('model')
+    assert flipped['flip_average'].all() and not scores['flip_average'].any()
+    assert 'flip-averaged maps' in (models / 'correlation_flip_average' / 'correlation.md').read_text()
+    assert 'plain maps' in (tmp_path / 'out' / 'correlation.md').read_text()
     plain = scores.set_index('model').loc[flipped.index]
     assert not np.allclose(flipped['val_pixel_auroc'], plain['val_pixel_auroc'])
     for name, row in flipped.iterrows():
