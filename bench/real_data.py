@@ -320,8 +320,9 @@ def write_tables(args, records):
     per_type = pd.DataFrame([{'setting': r['setting'], **r['per_type_auroc']} for r in records])
     out = Path(args.out)
     averaged = ', maps averaged with the vertical flip' if args.flip_average else ''
-    text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, '
-            f'batch {args.batch_size}{averaged}\n\n' + main.to_markdown(index=False, floatfmt='.3f')
+    text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, batch {args.batch_size}, '
+            f'recipe {args.recipe}, BCE settings trained with {args.loss or "bce"}{averaged}\n\n'
+            + main.to_markdown(index=False, floatfmt='.3f')
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
             + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
     suffix = output_suffix(args)

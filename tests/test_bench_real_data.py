@@ -217,6 +217,7 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
 
     # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
     plain = (out / 'real_data.md').read_text()
+    assert 'recipe table, BCE settings trained with bce' in plain.splitlines()[0]  # the heading says what ran
     assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only', '--flip-average']) == 0
     assert (out / 'real_data.md').read_text() == plain
     assert (out / 'heatmaps_flip_average.png').is_file()
