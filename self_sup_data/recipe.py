@@ -120,8 +120,9 @@ def logistic_from_changes(changes):
 def paste_fraction_for(visibility):
     """The paste fraction ``(low, high)`` for seamless blends that keep a share ``v`` of a paste's
     change, or None (seamless blends). Up to INVISIBLE, ``(low, 1)`` with
-    ``low = (MIN_VISIBILITY - v) / (1 - v)``: every mix keeps at least MIN_VISIBILITY of the
-    paste's change; from VISIBLE on, None; in between, both ends times
+    ``low = (MIN_VISIBILITY - v) / (1 - v)``, rounded to the hundredth: every mix keeps
+    MIN_VISIBILITY of the paste's change, less what that rounding takes (magnetic tile, v = 0.05:
+    U(0.47, 1), whose weakest mix keeps 0.4965); from VISIBLE on, None; in between, both ends times
     ``(VISIBLE - v) / (VISIBLE - INVISIBLE)``, so that the mix fades into the seamless blend."""
     fade = round(float(min(1.0, (VISIBLE - visibility) / (VISIBLE - INVISIBLE))), 2)
     if fade <= 0:
@@ -171,6 +172,14 @@ def lower_half_width(sides, effective, default_lower):
     return float(min(max(default_lower, sides[bins[start][0]] / 2), MAX_LOWER_HALF_WIDTH))
 
 
+def label_from_pastes(report):
+    """Whether ``calibrate_recipe`` took the label from the plain pastes' change (a ``report`` of it):
+    where fewer blends than MIN_CHANGED_SHARE of the samples (or than the pastes, if fewer) change
+    anything, else from the blends'."""
+    min_changed = math.ceil(MIN_CHANGED_SHARE * report['samples'])
+    return report['blends_changed'] < min(min_changed, report['changed'])
+
+
 def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
     """Median local standard deviation (``window`` x ``window``) in the outer ``band`` of each
     side over that of the inner region, pooled over ``images`` (uint8 H x W x C)."""
@@ -185,8 +194,10 @@ def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
         in_band[rows:height - rows, cols:width - cols] = False
         border.append(local_std[in_band])
         inner.append(local_std[~in_band])
-    inner_median = float(np.median(np.concatenate(inner)))
-    return float(np.median(np.concatenate(border))) / max(inner_median, 1e-6)
+    border_median, inner_median = (float(np.median(np.concatenate(parts))) for parts in (border, inner))
+    if max(border_median, inner_median) < 1e-6:  # flat in most windows, at the border as inside: alike
+        return 1.0
+    return border_median / max(inner_median, 1e-6)
 
 
 def _draw_pairs(images, transform, rng, num_samples):
@@ -274,7 +285,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
                       f"changed the training images, and the calibrated recipe rests on them; "
                       f"{OBJECT_MASK_OPTIONS} may leave little place for a patch, else --recipe table")
     # blends that (almost) never change anything: the label follows the pastes' change
-    source = blends if report['blends_changed'] >= min(min_changed, changed) else pastes
+    source = pastes if label_from_pastes(report) else blends
     changes = np.concatenate([label[label > 0] for _, label in source])
     report['change_quantiles'] = [float(q) for q in change_percentiles(changes)]
     if 'intensity_logistic_params' not in fixed:
@@ -346,8 +357,10 @@ def describe(report, unused=(), given=()):
     label = shown('intensity_logistic_params',
                   f"logistic label (k, x0) = {params['intensity_logistic_params']}")
     change = f"10/50/90th percentile {q10:.1f} / {q50:.1f} / {q90:.1f} grey levels"
-    lines = [f"{label}; the blends' intensity change: {change}" if 'intensity_logistic_params' in given
-             else f"{label} from the blends' intensity change ({change})"]
+    source = ("the plain pastes' intensity change (few seamless blends change anything)" if label_from_pastes(report)
+              else "the blends' intensity change")
+    lines = [f"{label}; {source}: {change}" if 'intensity_logistic_params' in given
+             else f"{label} from {source} ({change})"]
     if 'visibility' in report:
         fraction = params['paste_fraction']
         mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
@@ -358,8 +371,11 @@ def describe(report, unused=(), given=()):
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
     gamma = shown('gamma_params', f"gamma {params['gamma_params']}")
     count = shown('num_patches', f"up to {params['num_patches']} patches")
-    lines.append(f"{widths}, {gamma}, {count} ({report['effective_fraction']:.2f} of single "
-                 f"patches effective)")
+    if 'effective_fraction_kept_sizes' in report:  # the count follows the patches of the sizes kept
+        effective = f"{report['effective_fraction_kept_sizes']:.2f} of single patches of these sizes effective"
+    else:
+        effective = f"{report['effective_fraction']:.2f} of single patches effective"
+    lines.append(f"{widths}, {gamma}, {count} ({effective})")
     border = shown('clip_at_border', f"patches over the border: {params['clip_at_border']}")
     lines.append(f"{border} (border / inner local contrast {report['border_texture_ratio']:.2f})")
     return lines

@@ -159,6 +159,10 @@ def test_border_ratio_tells_a_texture_from_an_object_on_a_plain_background():
         framed[12:-12, 12:-12] = image[12:-12, 12:-12]
         objects.append(framed)
     assert recipe.border_texture_ratio(objects) < 1 / recipe.BORDER_RATIO
+    # flat in most windows at the border as inside (sparse specks): alike, not a ratio of 0
+    specks = np.zeros((4, 64, 64, 1), np.uint8)
+    specks[:, ::16, ::16] = 255
+    assert recipe.border_texture_ratio(specks) == 1.0
 
 
 # ---------------------------------------------------------------------------- calibrate_recipe
@@ -603,7 +607,7 @@ def test_the_printed_calibration_marks_the_values_the_task_does_not_use(key, fla
                               width_bounds_pct=((0.03, 0.4), (0.03, 0.4)), gamma_params=(2, 0.05, 0.03),
                               num_patches=5, clip_at_border=True),
                   change_quantiles=[1.0, 3.5, 12.0], visibility=0.3, effective_fraction=0.9,
-                  border_texture_ratio=1.2)
+                  border_texture_ratio=1.2, samples=300, changed=300, blends_changed=290)
     text = '\n'.join(recipes.report_lines('prog', 'plates', 'auto', report, unused))
     marked = {'intensity_logistic_params': '(k, x0) = (0.5, 3.5) (not used',
               'paste_fraction': 'none (seamless blends) (not used', 'clip_at_border': 'True (not used',
@@ -618,7 +622,7 @@ def test_the_printed_calibration_marks_the_values_set_rather_than_calibrated():
                               width_bounds_pct=((0.03, 0.4), (0.03, 0.4)), gamma_params=(2, 0.05, 0.03),
                               num_patches=3, clip_at_border=True),
                   change_quantiles=[2.2, 6.6, 17.5], visibility=0.132, effective_fraction=0.9,
-                  border_texture_ratio=1.2)
+                  border_texture_ratio=1.2, samples=300, changed=300, blends_changed=290)
     calibrated = '\n'.join(recipe.describe(report))
     assert ("logistic label (k, x0) = (1.0, 4.0) from the blends' intensity change (10/50/90th percentile "
             "2.2 / 6.6 / 17.5 grey levels)") in calibrated and 'set, not calibrated' not in calibrated
@@ -635,6 +639,22 @@ def test_the_printed_calibration_marks_the_values_set_rather_than_calibrated():
     lines = recipe.describe(report, unused={'num_patches'}, given={'width_bounds_pct', 'num_patches'})
     assert lines[2].count('(set, not calibrated)') == 2
     assert 'up to 3 patches (set, not calibrated; not used by this task)' in lines[2]
+
+
+def test_the_printed_calibration_names_the_sources_its_values_came_from():
+    report = dict(params=dict(intensity_logistic_params=(0.24, 10.89), paste_fraction=(0.47, 1.0),
+                              width_bounds_pct=((0.1, 0.4), (0.1, 0.4)), gamma_params=(2, 0.05, 0.1),
+                              num_patches=7, clip_at_border=True),
+                  change_quantiles=[2.6, 10.9, 21.2], visibility=0.05, effective_fraction=0.34,
+                  effective_fraction_kept_sizes=0.69, border_texture_ratio=1.2, samples=300, changed=280,
+                  blends_changed=13)  # fewer than 30 blends changed anything: the label from the pastes
+    assert recipe.label_from_pastes(report)
+    lines = recipe.describe(report)
+    assert lines[0].startswith("logistic label (k, x0) = (0.24, 10.89) from the plain pastes' intensity change")
+    # the patch count follows the patches of the sizes kept (the lower half-width raised), and says so
+    assert lines[2].endswith('up to 7 patches (0.69 of single patches of these sizes effective)')
+    assert not recipe.label_from_pastes(dict(report, blends_changed=30))
+    assert not recipe.label_from_pastes(dict(report, changed=10, blends_changed=10))  # as many as the pastes
 
 
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
