@@ -222,8 +222,9 @@ def sort_records(records, settings=None):
     return sorted(records, key=order)
 
 
-# a model's own (one per seed), or where its data lay (a dataset moved for another seed)
-SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'search_calibration', 'data_dir')
+# a model's own (one per seed), or where its data lay (a dataset or a chest training list moved for another seed;
+# the list's names are compared by their digest)
+SEED_FIELDS = ('seed', 'setting', 'thresholds', 'recipe_search', 'search_calibration', 'data_dir', 'normal_list')
 CALIBRATED_FIELDS = ('calibration', 'category_params', 'self_sup_args')  # by seed, unless 'table'
 
 

@@ -185,7 +185,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         if key is None or path.parent.name != DATASET:
             warnings.warn(f'{reason}; skipped (its path names no chest X-ray setting)')
         else:
-            found.append((path, dict(setting=key, error=reason)))
+            found.append((path, dict(setting=key, category=DATASET, error=reason)))
     selected = select_checkpoints(found, settings)
     check_one_model_per_seed(selected)
     warn_unlike_seeds(selected)

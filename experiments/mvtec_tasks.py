@@ -204,7 +204,8 @@ def check_data_dir_needless(selected, layout):
     ``layout`` or else the model's (``layout_for_model``)."""
     def reads_root(spec):
         return not isinstance(layout, FolderLayout) if layout is not None else (spec or {}).get('format') != 'folder'
-    needing = [(path, meta) for path, meta in selected if reads_root(meta.get('layout'))]
+    needing = [(path, meta) for path, meta in selected  # an unreadable one fails as its own row
+               if 'error' not in meta and reads_root(meta.get('layout'))]
     if needing:
         path, meta = needing[0]
         raise FileNotFoundError(f"no data root folder given (-d DATA_DIR): {len(needing)} of the {len(selected)} "

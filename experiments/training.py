@@ -102,6 +102,8 @@ SELECTIONS = ('last', 'best')
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
                      'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget')
+# the validation set's settings, which change nothing where no image was held out (a category too small)
+UNUSED_VALIDATION_FIELDS = ('validation_fraction', 'validation_seed')
 # entries of a layout's spec that name test images only (the folder format's): never trained on
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
 RESUMED_FIELDS = ('epoch_losses', 'epoch_bf16', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
@@ -481,8 +483,8 @@ def run_differences(saved_meta, meta):
     """What makes the run of ``saved_meta`` (a checkpoint's) another run than that of ``meta``:
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
     model and ``TrainConfig`` values; runtime fields, results, listings (by their digests),
-    ``swa_lr`` without ``swa_epochs`` and the folder format's test folders are ignored); [] for the
-    same run."""
+    ``swa_lr`` without ``swa_epochs``, the validation set's fraction and seed where no image was held
+    out, and the folder format's test folders are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
 
     def learnt(m):
@@ -491,7 +493,8 @@ def run_differences(saved_meta, meta):
         if not config.get('swa_epochs'):
             config.pop('swa_lr', None)  # no averaging: its learning rate is never used
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS + LISTING_FIELDS
-                and not (k in LATER_META_FIELDS and k not in saved_meta)}
+                and not (k in LATER_META_FIELDS and k not in saved_meta)
+                and not (k in UNUSED_VALIDATION_FIELDS and not m.get('held_out'))}
         if isinstance(rest.get('layout'), dict):
             rest['layout'] = {k: v for k, v in rest['layout'].items() if k not in TEST_ONLY_LAYOUT_FIELDS}
         return {**rest, **config}

@@ -840,6 +840,19 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
 
 
+def test_a_chest_model_and_its_unreadable_copy_are_refused_before_any_work(chest, tmp_path):
+    import shutil
+    model_dir, data_dir, normal, anomalous, _ = chest
+    models = tmp_path / 'models'
+    shutil.copytree(model_dir, models)
+    copy = models / 'backup' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt'
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"two models of category 'chest_xray', setting 'Shift', seed 1: .*"
+                                         r"final_chest_xray_shift_1.pt and .*backup"):
+        chest_xray_tasks.evaluate_checkpoints(models, data_dir, normal, anomalous)
+
+
 def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, capsys):
     model_dir, data_dir, normal, anomalous, boxes = chest
     out = tmp_path / 'out'

@@ -325,6 +325,8 @@ def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     folder_model = ('f/final_w.pt', dict(layout=dict(format='folder', normal='/n', abnormal=None), data_dir=None))
     mvtec_model = ('m/final_tiny.pt', dict(layout=MVTecLayout().spec(), data_dir='/data'))
     mvtec_tasks.check_data_dir_needless([folder_model], None)
+    unreadable = ('f/final_w_1.pt', dict(setting='Shift-1', category='w', error='cannot read'))  # fails as its row
+    mvtec_tasks.check_data_dir_needless([folder_model, unreadable], None)
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\): 2 of the 3 models .* '
                                                 r'e.g. m/final_tiny.pt \(trained on /data\)'):
         mvtec_tasks.check_data_dir_needless([mvtec_model, folder_model, ('o/final_old.pt', {})], None)

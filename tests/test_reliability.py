@@ -882,6 +882,9 @@ def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_versi
     for name in ('train_config', 'recipe', 'res_scale'):
         del earlier[name]
     assert checkpoints.seed_differences({**seed_meta(0), 'data_dir': '/data'}, moved) == []
+    # a chest training list of the same names at another path (its names are compared by their digest)
+    assert checkpoints.seed_differences({**seed_meta(0), 'normal_list': '/l1/norm_train.txt'},
+                                        {**seed_meta(1), 'normal_list': '/l2/norm_train.txt'}) == []
     assert checkpoints.seed_differences(seed_meta(0), earlier) == []
     # --recipe search: each seed trains the epochs of the recipe it chose
     searched = [seed_meta(seed, 'search', epochs=epochs) for seed, epochs in ((0, 320), (1, 560))]
@@ -944,6 +947,12 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     averaging = dict(one, train_config=dict(one['train_config'], swa_epochs=2))
     assert training.run_differences(averaging, dict(averaging, train_config=dict(
         averaging['train_config'], swa_lr=0.5))) == [f"swa_lr: {TrainConfig.swa_lr!r} vs 0.5"]
+    # the validation set's fraction and seed change nothing where no image was held out (a category too
+    # small: an earlier version stored the fraction asked for, this one 0)
+    small = dict(one, held_out=0, validation_fraction=0.1, validation_seed=0)
+    assert training.run_differences(small, dict(small, validation_fraction=0.0, validation_seed=3)) == []
+    held = dict(small, held_out=2)
+    assert training.run_differences(held, dict(held, validation_fraction=0.2)) == ['validation_fraction: 0.1 vs 0.2']
 
 
 def test_a_table_recipe_changed_between_seeds_is_named():
