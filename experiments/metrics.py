@@ -431,6 +431,9 @@ def evaluate_maps(labels, maps, masks=None, has_mask=None, max_fpr=0.3):
 # ---------------------------------------------------------------------------------------------
 # decisions at a threshold: anomalous when score > threshold
 
+MIN_MARGIN = 1e-4  # of the largest normal score's magnitude: a threshold that flags none lies above it by this
+
+
 def allowed_above(fpr, count):
     """``k = floor(fpr * count)``, the number of ``count`` normal scores that a threshold at false
     positive rate ``fpr`` may flag, with ``fpr`` as written (0.29 of 100 allows 29, though
@@ -442,11 +445,12 @@ def threshold_at_fpr(normal_scores, fpr):
     """The threshold that flags at most ``k = floor(fpr * n)`` of the ``n`` normal scores (a score
     is anomalous when it is above the threshold): halfway between the ``(k + 1)``-th and the
     ``k``-th largest normal score (for k = 0, as far above the largest as halfway to it from the
-    second largest; the largest score itself for one score), so that no normal score lies on it
-    and a score that another backend or batch size computes a rounding error apart gets the same
-    decision. The threshold is a value of the scores' dtype (``_above_in_dtype``: float32 maps are
-    compared in float32), the ``(k + 1)``-th score itself where none lies between the two.
-    Computed from normal scores only; returns a float."""
+    second largest, and at least ``MIN_MARGIN`` of the largest's magnitude above it: one score, or
+    the top two tied), so that no normal score lies on it and a score that another backend or batch
+    size computes a rounding error apart gets the same decision. The threshold is a value of the
+    scores' dtype (``_above_in_dtype``: float32 maps are compared in float32), the ``(k + 1)``-th
+    score itself where none lies between the two. Computed from normal scores only; returns a
+    float."""
     scores = _as_scores(np.ravel(np.asarray(normal_scores)), 'normal_scores')
     if not 0 <= fpr < 1:
         raise ValueError(f'fpr must be in [0, 1), got {fpr!r}')
@@ -456,13 +460,12 @@ def threshold_at_fpr(normal_scores, fpr):
     top = min(scores.size, allowed + 2)  # the scores needed, in decreasing order
     largest = np.sort(np.partition(scores, scores.size - top)[scores.size - top:])[::-1]
     kept = largest[allowed]  # the (k + 1)-th largest: the highest score that is not flagged
-    if largest.size == 1:
-        return float(kept)
     wide = largest.astype(np.float64)
     if allowed > 0:
         threshold = (wide[allowed] + wide[allowed - 1]) / 2
-    else:
-        threshold = wide[0] + (wide[0] - wide[1]) / 2
+    else:  # nothing flagged: above the largest, by half the gap to the next and at least MIN_MARGIN
+        half_gap = (wide[0] - wide[1]) / 2 if wide.size > 1 else 0.0
+        threshold = wide[0] + max(half_gap, MIN_MARGIN * abs(wide[0]))
     return _above_in_dtype(threshold, kept, largest[allowed - 1] if allowed > 0 else None)
 
 

@@ -23,7 +23,12 @@ def test_threshold_at_fpr_by_hand():
     assert metrics.threshold_at_fpr(scores, 0.29) == 70.5  # 29 of 100, though 0.29 * 100 is 28.999999999999996
     assert metrics.threshold_at_fpr(scores, 0) == 99.5  # none: as far above the largest
     assert metrics.threshold_at_fpr([3.0, 1.0, 2.0], 0.01) == 3.5  # too few images for one
-    assert metrics.threshold_at_fpr([0.25], 0.01) == 0.25
+    # one score, or the top two tied: above the largest by MIN_MARGIN of it (a backend's rounding of that
+    # score, about 1e-7 of it, keeps its decision)
+    assert metrics.threshold_at_fpr([0.25], 0.01) == 0.25 * (1 + metrics.MIN_MARGIN)
+    tied = metrics.threshold_at_fpr(np.array([0.2006815, 0.2006815], np.float32), 0.01)
+    assert tied == float(np.float32(np.float64(np.float32(0.2006815)) * (1 + metrics.MIN_MARGIN)))
+    assert tied > float(np.float32(0.2006815)) * (1 + 1e-6)
     assert metrics.threshold_at_fpr([1.0, 0.5, 0.5, 0.5], 0.3) == 0.75  # ties below: not flagged
     rng = np.random.default_rng(1)
     for n, fpr in ((7, 0.2), (50, 0.01), (1000, 0.05), (333, 0.0)):
