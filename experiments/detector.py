@@ -152,10 +152,17 @@ class Detector:
         at the model's resolution, where the threshold was calibrated, resized to the image's height
         and width (``inference.mask_to_image_size``; the resized map is smoother, and fewer of its
         pixels lie above the threshold than it was calibrated to flag); ValueError before
-        calibration."""
+        calibration, and for thresholds calibrated with another ``flip_average`` (which
+        ``warn_flip_average_mismatch`` warns of without masks)."""
         if masks and self.pixel_threshold is None:
             raise ValueError(f'{self.source} has no pixel threshold to make masks with: calibrate it first '
                              f'(python -m experiments.thresholds)')
+        calibrated_flip = (self.thresholds or {}).get('flip_average', flip_average)
+        if masks and calibrated_flip != flip_average:
+            raise ValueError(f'{self.source}: its pixel threshold was calibrated '
+                             f'{"with" if calibrated_flip else "without"} flip averaging, and masks of maps '
+                             f'{"with" if flip_average else "without"} it would not flag what it was '
+                             f'calibrated to; calibrate it the same way')
         images = image_list(images)
         inference.warn_flip_average_mismatch(self.thresholds, flip_average, self.source)
         maps = self.maps(images, flip_average, progress)

@@ -151,6 +151,10 @@ def test_masks_are_the_calibrated_decisions_at_the_models_resolution(category, t
     # each model pixel decides its 3 x 3 pixels: the share of flagged pixels is the calibrated one
     np.testing.assert_array_equal(masks[1], np.repeat(np.repeat(model_map > threshold, 3, axis=0), 3, axis=1))
     assert maps[1].shape == (3 * side, 3 * side)
+    # thresholds of plain maps make no masks of flip-averaged ones
+    with pytest.raises(ValueError, match='its pixel threshold was calibrated without flip averaging, and masks of '
+                                         'maps with it would not flag'):
+        Detector.load(path).predict([image], flip_average=True, masks=True)
 
 
 def test_maps_shrink_to_small_images_by_area_averaging_and_grow_bilinearly():
