@@ -27,7 +27,7 @@ OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which d
 run's files once the model and the inputs are found: its scores.csv, errors.csv and .pending, and
 the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
 own) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
-batches before it are written).
+batches before it are written); 130 after Ctrl-C, with one line saying what was kept.
 """
 import argparse
 import contextlib
@@ -49,6 +49,7 @@ from self_sup_data.images import image_files, to_channels
 PROG = 'predict.py'
 MAX_FAILED_STATUS = 100
 STOPPED_STATUS = 101
+INTERRUPTED_STATUS = 130  # Ctrl-C, as a shell reports a SIGINT
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
 PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them
@@ -293,6 +294,11 @@ def main(argv=None):
         print(f'{PROG}: error: {error} (the batches before it are in {out_dir / "scores.csv"})',
               file=sys.stderr)
         return STOPPED_STATUS
+    except KeyboardInterrupt:
+        print(f'{PROG}: interrupted; the batches before it are in {out_dir / "scores.csv"} (and the one being '
+              f'written in {out_dir / PENDING}); the same command with --overwrite predicts them all again',
+              file=sys.stderr)
+        return INTERRUPTED_STATUS
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
           f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}')
     return min(len(errors), MAX_FAILED_STATUS)

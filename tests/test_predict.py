@@ -359,7 +359,7 @@ def test_outputs_that_cannot_be_written_are_errors_of_their_image_and_the_run_go
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_path, monkeypatch):
+def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'out'
     calls = []
 
@@ -370,9 +370,10 @@ def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_pa
         return original(self, images, flip_average, **options)
     original = Detector.predict
     monkeypatch.setattr(Detector, 'predict', failing_predict)
-    with pytest.raises(KeyboardInterrupt):
-        predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), str(inputs / 'b.jpg'),
-                      '-o', str(out), '--batch-size', '1'])
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), str(inputs / 'b.jpg'),
+                         '-o', str(out), '--batch-size', '1']) == predict.INTERRUPTED_STATUS
+    err = capsys.readouterr().err  # one line, no traceback
+    assert err.count('\n') == 1 and err.startswith('predict.py: interrupted; the batches before it are in ')
     assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a']
     assert sorted(p.name for p in (out / 'maps').iterdir()) == ['a.npy']  # no temporary files
 
