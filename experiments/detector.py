@@ -12,6 +12,7 @@ as the evaluation prepares test images and each map is returned at its image's o
 imports torch: a deployment needs numpy, SciPy, OpenCV, Pillow, tqdm and onnxruntime.
 """
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ class Detector:
         """The Detector of a checkpoint of the training scripts (.pt, run by PyTorch on
         ``device``, in bfloat16 autocast with ``bf16``) or of an exported model (.onnx, run by
         ONNX Runtime on the CPU). FileNotFoundError naming a missing file, ValueError naming an
-        unreadable one or a model without anomaly maps."""
+        unreadable one or a model without anomaly maps. A warning where ``bf16`` meets thresholds,
+        which were calibrated on float32 maps."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f'no model at {path}; expected a checkpoint of the training '
@@ -98,6 +100,10 @@ class Detector:
             return cls(run, run.spec, str(path), batch_size)
         from experiments.torch_model import load_checkpoint  # PyTorch only for checkpoints
         run, spec = load_checkpoint(path, device, bf16)
+        if bf16 and spec.get('thresholds'):
+            warnings.warn(f'{path}: its thresholds were calibrated on float32 maps, and bfloat16 maps differ from '
+                          f'them by up to about 1e-3: a score or pixel that close to a threshold may be decided '
+                          f'otherwise')
         return cls(run, spec, str(path), batch_size)
 
     @property

@@ -227,6 +227,11 @@ def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs
     assert '2 images predicted, 1 unreadable' in capsys.readouterr().out
 
 
+def test_bfloat16_maps_are_warned_of_beside_float32_thresholds(calibrated):
+    with pytest.warns(UserWarning, match='its thresholds were calibrated on float32 maps, and bfloat16 maps'):
+        Detector.load(calibrated, bf16=True)
+
+
 @pytest.mark.slow
 def test_thresholds_calibrated_on_other_maps_give_no_decisions_and_no_masks(calibrated, inputs, tmp_path):
     out = tmp_path / 'out'  # thresholds of plain maps, maps flip-averaged: as the evaluation, no decisions
