@@ -63,8 +63,7 @@ def _read_error(path, error):
                           f'plain values, and loading it could run code; refused')
     if 'TorchScript' in str(error):  # torch.load's refusal of a TorchScript archive
         return ValueError(f'cannot read checkpoint {path}: it is a TorchScript export (for '
-                          f'torch.jit.load); give the checkpoint it was exported from (final_*.pt) '
-                          f'or an ONNX export (.onnx)')
+                          f'torch.jit.load); give the checkpoint it was exported from (final_*.pt)')
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}'
                       f' (truncated or not a checkpoint?)')
