@@ -163,11 +163,10 @@ class Detector:
         if masks and self.pixel_threshold is None:
             raise ValueError(f'{self.source} has no pixel threshold to make masks with: calibrate it first '
                              f'(python -m experiments.thresholds)')
-        calibrated_flip = (self.thresholds or {}).get('flip_average', flip_average)
-        if masks and calibrated_flip != flip_average:
+        if masks and inference.flip_average_mismatch(self.thresholds, flip_average):
             raise ValueError(f'{self.source}: its pixel threshold was calibrated '
-                             f'{"with" if calibrated_flip else "without"} flip averaging, and masks of maps '
-                             f'{"with" if flip_average else "without"} it would not flag what it was '
+                             f'{inference.with_or_without(not flip_average)} flip averaging, and masks of maps '
+                             f'{inference.with_or_without(flip_average)} it would not flag what it was '
                              f'calibrated to; calibrate it the same way')
         images = image_list(images)
         inference.warn_flip_average_mismatch(self.thresholds, flip_average, self.source)

@@ -84,16 +84,26 @@ def check_flip_average(spec, source):
         raise ValueError(f'--flip-average does not apply to {source}: {spec["flip_average_error"]}')
 
 
+def flip_average_mismatch(thresholds, flip_average):
+    """Whether ``thresholds`` (``experiments.thresholds``; None: none) were calibrated on maps of
+    another flip averaging than maps made with ``flip_average``."""
+    return (thresholds or {}).get('flip_average', flip_average) != flip_average
+
+
+def with_or_without(flag):
+    """'with' or 'without', for messages about flip averaging."""
+    return 'with' if flag else 'without'
+
+
 def warn_flip_average_mismatch(thresholds, flip_average, source, consequence=''):
-    """Warn, naming ``source``, when ``thresholds`` (``experiments.thresholds``; None: none) were
-    calibrated on maps of another flip averaging than maps made with ``flip_average``, adding
-    ``consequence`` to the message -> whether they were."""
-    calibrated_flip = (thresholds or {}).get('flip_average', flip_average)
-    if calibrated_flip != flip_average:
-        warnings.warn(f'{source}: its thresholds were calibrated {"with" if calibrated_flip else "without"} '
-                      f'flip averaging and these maps are {"with" if flip_average else "without"} '
-                      f'it{consequence}')
-    return calibrated_flip != flip_average
+    """Warn, naming ``source``, when ``thresholds`` were calibrated on maps of another flip
+    averaging (``flip_average_mismatch``), adding ``consequence`` to the message -> whether they
+    were."""
+    mismatch = flip_average_mismatch(thresholds, flip_average)
+    if mismatch:
+        warnings.warn(f'{source}: its thresholds were calibrated {with_or_without(not flip_average)} '
+                      f'flip averaging and these maps are {with_or_without(flip_average)} it{consequence}')
+    return mismatch
 
 
 def _view_maps(run, images, spec):

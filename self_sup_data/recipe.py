@@ -172,12 +172,17 @@ def lower_half_width(sides, effective, default_lower):
     return float(min(max(default_lower, sides[bins[start][0]] / 2), MAX_LOWER_HALF_WIDTH))
 
 
+def fewest_changed(samples):
+    """The fewest of ``samples`` synthetic anomalies that must change the images for a recipe to
+    rest on them (MIN_CHANGED_SHARE, rounded up: 30 of the default 300)."""
+    return math.ceil(MIN_CHANGED_SHARE * samples)
+
+
 def label_from_pastes(report):
     """Whether ``calibrate_recipe`` took the label from the plain pastes' change (a ``report`` of it):
-    where fewer blends than MIN_CHANGED_SHARE of the samples (or than the pastes, if fewer) change
-    anything, else from the blends'."""
-    min_changed = math.ceil(MIN_CHANGED_SHARE * report['samples'])
-    return report['blends_changed'] < min(min_changed, report['changed'])
+    where fewer blends than ``fewest_changed`` (or than the pastes, if fewer) change anything, else
+    from the blends'."""
+    return report['blends_changed'] < min(fewest_changed(report['samples']), report['changed'])
 
 
 def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
@@ -279,8 +284,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
                          f"the training images: are they blank, or does {OBJECT_MASK_OPTIONS} leave no "
                          f"place for a patch?")
-    min_changed = math.ceil(MIN_CHANGED_SHARE * num_samples)  # 30 of the default 300
-    if changed < min_changed:
+    if changed < fewest_changed(num_samples):
         warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
                       f"changed the training images, and the calibrated recipe rests on them; "
                       f"{OBJECT_MASK_OPTIONS} may leave little place for a patch, else --recipe table")
