@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from experiments.arguments import one_line_warnings, path_argument
+from experiments.arguments import INTERRUPTED_STATUS, one_line_warnings, path_argument
 from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
 from experiments.detector import Detector, NonFiniteMapError
 from experiments.inference import warn_flip_average_mismatch
@@ -49,7 +49,6 @@ from self_sup_data.images import image_files, to_channels
 PROG = 'predict.py'
 MAX_FAILED_STATUS = 100
 STOPPED_STATUS = 101
-INTERRUPTED_STATUS = 130  # Ctrl-C, as a shell reports a SIGINT
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
 PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them

@@ -4,6 +4,8 @@ import argparse
 import warnings
 from contextlib import contextmanager
 
+INTERRUPTED_STATUS = 130  # the exit status of a command stopped by Ctrl-C, as a shell reports a SIGINT (128 + 2)
+
 
 def path_argument(value):
     """argparse type of a path option: ``value``, refused when empty (an unset shell variable would

@@ -10,7 +10,7 @@ import warnings
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
-from experiments.arguments import path_argument
+from experiments.arguments import INTERRUPTED_STATUS, path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
@@ -232,17 +232,20 @@ def check_output_dir(path):
 INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
+RESUME_NOTE = ('the same command with --resume continues from the last checkpoint (written every '
+               '--checkpoint-minutes; a run without one starts again)')
+
+
 @contextmanager
-def exit_on_interrupt(prog):
-    """A training script's Ctrl-C (KeyboardInterrupt): one line saying how to go on and exit
-    status 130, instead of a traceback. The run's checkpoints are written atomically, so the last
-    one is whole."""
+def exit_on_interrupt(prog, note=RESUME_NOTE):
+    """Ctrl-C (KeyboardInterrupt) as one line ``PROG: interrupted; NOTE`` (what was kept, how to go
+    on; by default a training script's: its checkpoints are written atomically, so the last one is
+    whole) and exit status 130, instead of a traceback."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the same command with --resume continues from the last checkpoint "
-              f"(written every --checkpoint-minutes; a run without one starts again)", file=sys.stderr)
-        sys.exit(130)
+        print(f"{prog}: interrupted; {note}", file=sys.stderr)
+        sys.exit(INTERRUPTED_STATUS)
 
 
 @contextmanager
@@ -388,8 +391,9 @@ def layout_from_args(args):
 def evaluation_parser(prog, description, data_help, data_required=True):
     """ArgumentParser of an evaluation command with the arguments every evaluation takes:
     -m/--model-dir, -d/--data-dir (``data_help``; optional unless ``data_required``), -o/--out-dir
-    and -s/--settings."""
+    and -s/--settings; the parsed arguments carry ``prog``."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.set_defaults(prog=prog)
     parser.add_argument('-m', '--model-dir', type=path_argument, required=True,
                         help='folder of the trained models (searched recursively)')
     parser.add_argument('-d', '--data-dir', type=path_argument, required=data_required, help=data_help)
@@ -439,9 +443,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
     FileNotFoundError ``nothing_found`` when there are none (or naming MODEL_DIR when every one
     is a requested pair without a checkpoint), ``write_evaluation``; errors and
-    warnings as in ``run_command``. Prints where the tables are and returns the records; when
-    some records failed (an ``error`` entry), the last lines name each with its reason and the
-    command exits with status 1 once everything else is written."""
+    warnings as in ``run_command``, Ctrl-C as in ``exit_on_interrupt``. Prints where the tables
+    are and returns the records; when some records failed (an ``error`` entry), the last lines name
+    each with its reason and the command exits with status 1 once everything else is written."""
     def work():
         if args.batch_size < 1:
             raise ValueError(f'--batch-size must be a positive integer, got {args.batch_size}')
@@ -459,7 +463,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
             raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
         return records, written
-    records, written = run_command(work)
+    with exit_on_interrupt(args.prog, f'{Path(args.out_dir) / "results.csv"} and its tables are written only '
+                                      f'when an evaluation ends'):
+        records, written = run_command(work)
     if report_problems(records, written):
         sys.exit(1)
     return records

@@ -29,7 +29,7 @@ import torch
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import write_atomic
 from experiments.checkpoints import TORCHSCRIPT_SUFFIX
-from experiments.cli import exit_on_input_error
+from experiments.cli import exit_on_input_error, exit_on_interrupt
 from experiments.detector import SPEC_KEY
 from experiments.torch_model import load_checkpoint
 
@@ -113,7 +113,7 @@ def parse_args(argv=None):
 @one_line_warnings(PROG)
 def main(argv=None):
     args = parse_args(argv)
-    with exit_on_input_error(PROG):
+    with exit_on_interrupt(PROG, 'nothing was written'), exit_on_input_error(PROG):
         path = export(args.model, args.format, args.out, args.dynamic_size)
     print(f'exported {args.model} to {path}')
     return path

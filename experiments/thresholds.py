@@ -30,7 +30,7 @@ from experiments import metrics
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import save_torch_atomic
 from experiments.checkpoints import read_meta
-from experiments.cli import exit_on_input_error
+from experiments.cli import exit_on_input_error, exit_on_interrupt
 from experiments.detector import Detector
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
@@ -115,7 +115,7 @@ def parse_args(argv=None):
 @one_line_warnings(PROG)
 def main(argv=None):
     args = parse_args(argv)
-    with exit_on_input_error(PROG):
+    with exit_on_interrupt(PROG, 'no thresholds were stored'), exit_on_input_error(PROG):
         if not 0 <= args.fpr < 1:
             raise ValueError(f'--fpr must be in [0, 1), got {args.fpr}')
         if Path(args.model).suffix.lower() == '.onnx':

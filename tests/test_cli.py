@@ -489,14 +489,16 @@ def test_an_evaluation_whose_every_result_failed_keeps_the_earlier_files(tmp_pat
     written = []
     failed = [dict(category='a', setting='Shift', seed=0, checkpoint='m.pt', error='ValueError: changed data')]
     with pytest.raises(SystemExit) as stop:
-        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu'),
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu',
+                                       prog='eval'),
                        lambda figure_dir: failed,
                        written.append, 'no models')
     assert stop.value.code == 1 and written == [] and figure.is_file()
     assert 'failed: a Shift seed 0 (m.pt): ValueError: changed data' in capsys.readouterr().err
     mixed = failed + [dict(category='b', setting='Shift', seed=0, checkpoint='n.pt')]
     with pytest.raises(SystemExit):
-        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu'),
+        run_evaluation(SimpleNamespace(out_dir=tmp_path, no_figures=False, batch_size=32, device='cpu',
+                                       prog='eval'),
                        lambda figure_dir: mixed,
                        written.append, 'no models')
     assert written == [mixed] and not figure.exists()  # a new evaluation: its failed figure goes
@@ -519,6 +521,29 @@ def test_a_training_script_stopped_by_ctrl_c_says_how_to_go_on(script, monkeypat
     assert capsys.readouterr().err == (f"{script}: interrupted; the same command with --resume continues "
                                        f"from the last checkpoint (written every --checkpoint-minutes; a run "
                                        f"without one starts again)\n")
+
+
+@pytest.mark.parametrize('module, stopped, argv, note', [
+    ('thresholds', 'Detector.load', ['-m', 'model.pt'], 'no thresholds were stored'),
+    ('export', 'export', ['-m', 'model.pt'], 'nothing was written'),
+    ('mvtec_tasks', 'evaluate_checkpoints', ['-m', 'models', '-o', 'OUT'],
+     'OUT/results.csv and its tables are written only when an evaluation ends'),
+    ('chest_xray_tasks', 'evaluate_checkpoints', ['-m', 'models', '-o', 'OUT', '-d', 'data', '-l', 'n', 'a'],
+     'OUT/results.csv and its tables are written only when an evaluation ends')])
+def test_a_command_stopped_by_ctrl_c_says_what_was_kept(module, stopped, argv, note, tmp_path, monkeypatch, capsys):
+    import importlib
+    command = importlib.import_module(f'experiments.{module}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    owner, _, name = stopped.rpartition('.')
+    monkeypatch.setattr(getattr(command, owner) if owner else command, name, interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(argv)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.endswith(f'python -m experiments.{module}: interrupted; {note}\n')
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
 def test_one_line_warnings_formats_inside_and_restores_after():
