@@ -42,8 +42,9 @@ from experiments.training import dict_differences, is_distributed, is_first_proc
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
-from self_sup_data.mvtec import (SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
-                                 load_validation_set, train_files)
+from self_sup_data.images import BIT_DEPTH_RULE
+from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
+                                 load_validation_set, train_files, training_bit_depth)
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -61,6 +62,13 @@ MAX_RES_SCALE = 4
 # the meta entries that record a --recipe search run's choice (what the choice sets is rebuilt
 # from its parameters before the search; see refuse_other_run_before_search)
 SEARCH_RECORD_FIELDS = ('recipe_search', 'search_calibration', 'calibration')
+
+
+def bit_depth_argument(value):
+    """argparse type of --bit-depth: an integer from 8 to 16."""
+    if not value.strip().isdigit() or not 8 <= int(value) <= 16:
+        raise argparse.ArgumentTypeError(f'an integer from 8 to 16 (bits of the data), got {value!r}')
+    return int(value)
 
 
 def parse_args(argv=None):
@@ -81,6 +89,10 @@ def parse_args(argv=None):
     parser.add_argument('--kind', choices=('object', 'texture'),
                         help='treat the categories as this kind (default: MVTec AD\'s grouping; '
                              'other names are textures)')
+    parser.add_argument('--bit-depth', type=bit_depth_argument, metavar='BITS',
+                        help='bits of the data in 16-bit image files (8 to 16), from which they are scaled to '
+                             f'8 bits; stored with the model for its test and new images (default: {BIT_DEPTH_RULE} '
+                             'among the training images)')
     parser.add_argument('--res-scale', type=float,
                         help="resolution relative to the paper's (224/256-pixel crops); "
                              "0.5 trains at half (default: 1)")
@@ -197,13 +209,15 @@ def plan(args):
 def check_evaluable(args, data_dir, categories):
     """With --evaluate: every category's test set can be evaluated (``check_test_set``: its
     folders, normal and defect images, a mask for each defect image unless --allow-missing-masks,
-    every image and mask readable, MVTec LOCO AD's masks in its defects_config.json), checked
+    every image and mask readable, 16-bit images within the training images' bit depth, MVTec LOCO
+    AD's masks in its defects_config.json), checked
     before anything is trained; and that OUT_DIR/eval can be an output folder."""
     if args.evaluate:
         check_output_dir(Path(args.out_dir) / 'eval')
         layout = layout_from_args(args)
         for category in categories:
-            check_test_set(data_dir, category, layout, args.allow_missing_masks)
+            bit_depth = args.bit_depth or training_bit_depth(data_dir, category, layout)
+            check_test_set(data_dir, category, layout, args.allow_missing_masks, bit_depth)
 
 
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
@@ -371,7 +385,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         recipe = 'auto' if recipe == 'search' else recipe
         fraction = 0.0  # as stored: nothing was held out
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
-                                  res_scale=res_scale, exclude=held_out, layout=layout)
+                                  res_scale=res_scale, exclude=held_out, layout=layout,
+                                  bit_depth=args.bit_depth or SET_BIT_DEPTH)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     if not args.no_mask:
@@ -439,7 +454,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 validation_version=VALIDATION_VERSION if held_out.size else None,  # scores of others do not compare
                 validation_background=(None if validation_background is None or not held_out.size
                                        else list(validation_background)))
-    if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
+    if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator
 

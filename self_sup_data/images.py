@@ -13,18 +13,24 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.pgm', '.ppm', '.pnm')
+# image files that are not read (animations, raw camera files, DICOM ...): a folder's are counted in a warning
+UNREAD_IMAGE_SUFFIXES = ('.gif', '.jp2', '.j2k', '.jpe', '.jfif', '.heic', '.heif', '.avif', '.tga', '.pbm', '.psd',
+                         '.exr', '.hdr', '.dcm', '.dicom', '.raw', '.dng', '.cr2', '.nef', '.arw')
 GLOB_CHARACTERS = '*?['
 INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
 GREY_MODES = ('1', 'L', 'LA', 'La') + INTEGER_MODES  # the modes decode_values reads as grey
 EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
 EXIF_ORIENTATION = 0x0112
-HIGH_BIT_DEPTHS = (12, 16)  # bits of the data in 16-bit images: 12-bit sensors, or the full range
+# bits of the data in 16-bit images: 8-bit data saved as 16 bits, 10-, 12- and 14-bit sensors, the full range
+HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
+BIT_DEPTH_RULE = 'the smallest of 8, 10, 12, 14 and 16 bits that holds their largest value'
 
 
 def high_bit_depth(values):
     """The bit depth of the data of a 16-bit image: the smallest of ``HIGH_BIT_DEPTHS`` that holds
-    its largest value (12-bit data stored in 16-bit PNGs has values up to 4095)."""
+    its largest value (12-bit data stored in 16-bit PNGs has values up to 4095), so that every
+    grey level of 8- to 14-bit data stays one."""
     largest = int(values.max(initial=0))
     return next((bits for bits in HIGH_BIT_DEPTHS if largest < 2 ** bits), HIGH_BIT_DEPTHS[-1])
 
@@ -182,16 +188,18 @@ def to_uint8(values, bits):
 def decode(path, bits=None):
     """``decode_values`` as uint8: a 16-bit image is scaled from the range of ``bits``-bit data
     (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
-    of the image's own bit depth (``high_bit_depth``: 0..4095 for 12-bit data, else 0..65535),
-    so that 12-bit data keeps 256 grey levels. ValueError naming the file for values beyond
+    of the image's own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that
+    8- to 14-bit data keeps 256 grey levels. ValueError naming the file for values beyond
     ``bits`` bits."""
     values = decode_values(path)
     if values.dtype == np.uint8:
         return values
     if bits and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
-                         f"(0..{2 ** bits - 1}) of the model's training images (bit_depth {bits}), which "
-                         f"would read it as white; give it the training images' bit depth")
+                         f"(0..{2 ** bits - 1}) of the model's training images (bit_depth {bits}: "
+                         f"{BIT_DEPTH_RULE}, unless set with train_mvtec.py --bit-depth), which would read "
+                         f"it as white; give it the training images' bit depth, or train with the "
+                         f"camera's (--bit-depth)")
     return to_uint8(values, bits or high_bit_depth(values))
 
 
@@ -277,8 +285,14 @@ def is_image_name(path):
 
 def folder_images(folder):
     """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
-    named like an image), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_name(p))
+    named like an image), sorted; a warning counts the image files of other formats that it
+    leaves out (``UNREAD_IMAGE_SUFFIXES``)."""
+    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    unread = sorted(p.name for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not p.name.startswith('.'))
+    if unread:
+        warnings.warn(f"{folder}: {len(unread)} image files of a format that is not read are left out "
+                      f"(first: {unread[0]}); convert them to one of {', '.join(IMAGE_SUFFIXES)}")
+    return sorted(p for p in files if is_image_name(p))
 
 
 def image_files(inputs):

@@ -171,10 +171,17 @@ def _load_item(image_path, mask_path, size, bits):
 
 def set_bit_depth(image_paths, pool):
     """One bit depth for the 16-bit images among ``image_paths`` (``high_bit_depth`` of their
-    largest value; None when there is none): 12-bit data keeps its grey levels, and a dark image
-    of a 16-bit set is not brightened as if it were 12-bit."""
+    largest value; None when there is none): 10- to 14-bit data keeps its grey levels, and a dark
+    image of a 16-bit set is not brightened as if it were of fewer bits."""
     largest = [value for value in pool.map(high_depth_maximum, image_paths) if value is not None]
     return high_bit_depth(np.array(largest)) if largest else None
+
+
+def training_bit_depth(root_path, class_name, layout=None):
+    """The bit depth that ``SelfSupMVTecDataset`` finds for the training images of ``class_name``
+    (``set_bit_depth`` of all of them, held-out ones too; None without a 16-bit image)."""
+    with reading_pool() as pool:
+        return set_bit_depth(train_files(root_path, class_name, layout), pool)
 
 
 def all_grey(image_paths):
@@ -368,11 +375,12 @@ def _loco_note(defect_image):
             f"{category_dir / 'defects_config.json'} is missing" if masks.is_dir() else '')
 
 
-def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False):
+def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False, bit_depth=None):
     """Check that ``class_name`` has a test set that can be evaluated: the errors of
     ``layout.test_files`` and ``unmasked_defects``, a ValueError when it lacks normal or defect
     images (AUROC needs both), and those of decoding every test image and mask (``load_images``
-    at CHECK_SIZE pixels: an unreadable file, a mask of another size than its image); for MVTec
+    at CHECK_SIZE pixels with the model's ``bit_depth``: an unreadable file, a mask of another size
+    than its image, values beyond ``bit_depth`` bits); for MVTec
     LOCO AD, those of reading its defects_config.json and each mask's defect in it
     (``LocoLayout.defect_regions``), which AU-sPRO needs."""
     layout = detect_layout(root_path, class_name) if layout is None else layout
@@ -384,7 +392,7 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
                              f"({layout.name} layout: {layout.expected}); the evaluation needs "
                              f"both normal and defect images")
     unmasked_defects(class_name, layout, files, allow_missing_masks)
-    load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}')
+    load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}', bit_depth=bit_depth)
     if isinstance(layout, LocoLayout):
         layout.defect_regions(root_path, class_name, [path for masks in files.masks for path in masks or ()],
                               CHECK_SIZE)

@@ -165,6 +165,26 @@ def test_hidden_folders_in_a_test_folder_are_no_defect_type(tmp_path):
     assert '.thumbnails' not in test.defect_types and not any('.thumbnails' in p for p in test.paths)
 
 
+def test_webp_and_netpbm_images_are_read_and_other_image_formats_counted_in_a_warning(tmp_path):
+    category = make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    train, defect = category / 'train' / 'good', category / 'test' / 'crack'
+    texture = np.asarray(Image.open(train / '000.png'))
+    Image.fromarray(texture).save(train / '100.webp', lossless=True)
+    cv2.imwrite(str(train / '101.pgm'), texture.astype(np.uint16) * 257)  # a 16-bit PGM: full range
+    Image.fromarray(texture).save(train / '102.gif')  # read by no layout: counted
+    Image.fromarray(texture).save(defect / '100.gif')
+    (train / 'notes.txt').write_text('not an image: left out silently')
+    with pytest.warns(UserWarning, match=r'good: 1 image files of a format that is not read are left out '
+                                         r'\(first: 102.gif\); convert them to one of .png'):
+        dataset = SelfSupMVTecDataset(tmp_path, 'tiles', low_res=SIZE)
+    assert [p.rsplit('/', 1)[1] for p in dataset.paths] == ['000.png', '001.png', '002.png', '100.webp', '101.pgm']
+    for index in (3, 4):  # the same image as 000.png, losslessly: the same training image
+        np.testing.assert_array_equal(dataset.images[index], dataset.images[0])
+    with pytest.warns(UserWarning, match=r'crack: 1 image files of a format that is not read .*100.gif'):
+        test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert not any(p.endswith('.gif') for p in test.paths)
+
+
 def test_ad2(tmp_path):
     make_ad2(tmp_path)
     assert detect_layout(tmp_path, 'vial').name == 'ad2'

@@ -748,12 +748,12 @@ def test_held_out_images_count_for_the_training_sets_bit_depth_and_channels(tmp_
     for path in (tmp_path / 'deep' / 'train' / 'good').glob('*.png'):  # 12-bit data, 16-bit files
         values = np.asarray(Image.open(path).convert('L')).astype(np.uint16) * 16
         Image.fromarray(values).save(path)
-    loud = tmp_path / 'deep' / 'train' / 'good' / '003.png'  # the one image above 4095
+    loud = tmp_path / 'deep' / 'train' / 'good' / '003.png'  # the one image above 4095: 14-bit data
     values = np.asarray(Image.open(loud)).copy()
     values[0, 0] = 5000
     Image.fromarray(values).save(loud)
     every, held = (SelfSupMVTecDataset(tmp_path, 'deep', res_scale=0.25, exclude=exclude) for exclude in ([], [3]))
-    assert every.bit_depth == held.bit_depth == 16 and len(held) == 5
+    assert every.bit_depth == held.bit_depth == 14 and len(held) == 5
     np.testing.assert_array_equal(held.images[0], every.images[0])
     make_mvtec_category(tmp_path, 'mixed', n_train=6)  # grey, but one colour image
     colour = tmp_path / 'mixed' / 'train' / 'good' / '002.png'
@@ -1038,8 +1038,43 @@ def test_values_beyond_the_models_bit_depth_are_an_error_not_white(tmp_path):
     Image.fromarray(np.full((8, 8), 5000, np.uint16)).save(tmp_path / 'deep.png')
     assert read_image(tmp_path / 'deep.png', bits=16).max() == round(5000 * 255 / 65535)
     with pytest.raises(ValueError, match=r"image .*deep.png has values up to 5000, beyond the 12-bit range "
-                                         r"\(0..4095\) of the model's training images"):
+                                         r"\(0..4095\) of the model's training images .*--bit-depth"):
         read_image(tmp_path / 'deep.png', bits=12)
+
+
+@pytest.mark.parametrize('bits', [8, 10, 12, 14, 16])
+def test_16_bit_files_keep_every_grey_level_of_their_data(tmp_path, bits):
+    """Data of 8 to 16 bits saved in 16-bit files (8-bit images converted by a tool, 10-, 12- and 14-bit
+    sensors) is scaled from its own range: a ramp over the whole range keeps all 256 grey levels."""
+    top = 2 ** bits - 1
+    ramp = np.linspace(0, top, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / 'ramp.png')
+    read = read_image(tmp_path / 'ramp.png')
+    expected = np.round(ramp.astype(np.float64) * 255 / top).astype(np.uint8)
+    np.testing.assert_array_equal(read[..., 0], expected)
+    assert np.unique(read).size == 256
+
+
+def test_a_test_image_beyond_the_training_images_bit_depth_stops_the_run_before_training(tmp_path, capsys):
+    """--evaluate checks the test set with the bit depth that the training images give the model, and
+    --bit-depth sets that depth (a camera's, where the normal images are dark)."""
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'deep', n_train=4)
+    for path in (data / 'deep').rglob('*.png'):  # 12-bit data in 16-bit files
+        if 'ground_truth' not in path.parts:
+            Image.fromarray(np.asarray(Image.open(path).convert('L')).astype(np.uint16) * 16).save(path)
+    bright = next((data / 'deep' / 'test' / 'good').glob('*.png'))
+    Image.fromarray(np.full((32, 32), 20000, np.uint16)).save(bright)  # a 16-bit exposure among 12-bit ones
+    argv = ['-s', 'Shift', '-d', str(data), '-o', str(tmp_path / 'out'), '-n', 'deep', '--evaluate'] + ONE_EPOCH
+    message = run_error(train_mvtec.main, argv, capsys)
+    assert f'image {bright} has values up to 20000, beyond the 12-bit range' in message
+    assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').rglob('*.pt'))  # nothing trained
+    assert train_mvtec.main(argv + ['--bit-depth', '16']) == 0
+    assert read_meta(trained_model_path(tmp_path / 'out', 'Shift', 'deep'))['bit_depth'] == 16
+    for wrong in ('7', '17', 'twelve'):
+        with pytest.raises(SystemExit):
+            train_mvtec.parse_args(argv + ['--bit-depth', wrong])
+        assert "--bit-depth: an integer from 8 to 16 (bits of the data)" in capsys.readouterr().err
 
 
 def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_path, capsys):
