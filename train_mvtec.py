@@ -36,7 +36,7 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, reports_from_first_process_only, train_config, train_unless_finished,
                              write_evaluation)
-from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records
+from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
@@ -244,7 +244,7 @@ def earlier_results(eval_dir, records, redone):
     folder leave one table of them all. A note counts those left out. A results file that cannot be
     read gives a warning line and none."""
     try:
-        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone)
+        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone, weights_sha256)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
@@ -313,7 +313,8 @@ def warn_replaced_results(eval_dir, redone):
     ``eval_dir/results.csv`` (kept as it was) holds results that it redoes (``redone``) of models
     gone or written again since, which its tables still show."""
     try:
-        _, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: not redone(record))
+        _, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: not redone(record),
+                                              weights_sha256)
     except ValueError:
         return  # earlier_results warned of it
     replaced = [record for record in replaced if record.get('checkpoint')]

@@ -84,6 +84,15 @@ def read_meta(path):
     return meta
 
 
+def weights_sha256(path):
+    """The ``weights_sha256`` that the checkpoint at ``path`` records of its weights; None where it
+    records none or cannot be read."""
+    try:
+        return read_meta(path).get('weights_sha256')
+    except ValueError:
+        return None
+
+
 def read_model(path, device):
     """``training.load_model`` with a ValueError naming an unreadable file, or an unknown or
     unavailable ``device`` (``training.resolve_device``; checked first, so that a missing GPU is

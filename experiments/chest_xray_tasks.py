@@ -27,7 +27,7 @@ from tqdm import tqdm
 from experiments import tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, check_one_model_per_seed, failure_reason,
                                      find_checkpoints, model_seed, read_model, select_checkpoints,
-                                     setting_from_path, sort_records, warn_unlike_seeds)
+                                     setting_from_path, sort_records, warn_unlike_seeds, weights_sha256)
 from experiments.arguments import path_argument
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
@@ -207,10 +207,10 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             plotted.add(figure)
         return values if bbox_csv is None else values | undefined_note(datasets[key])
 
-    def record(setting, seed, values, path=None):
+    def record(setting, seed, values, path=None, meta=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
                     **values, checkpoint=path and str(Path(path).resolve()), test_lists_sha256=lists_sha256,
-                    bbox_sha256=boxes_sha256)
+                    bbox_sha256=boxes_sha256, weights_sha256=(meta or {}).get('weights_sha256'))
 
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
@@ -219,7 +219,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             values = evaluate_one(path, meta, setting)
         except Exception as error:  # any failure of one checkpoint is its row's, not the run's
             values = dict.fromkeys(METRICS, math.nan) | dict(error=failure_reason(error))
-        records.append(record(setting, model_seed(meta), values, path))
+        records.append(record(setting, model_seed(meta), values, path, meta))
     for key in settings or []:
         if not select_checkpoints(selected, [key]):
             warnings.warn(f'no chest X-ray checkpoint for setting {key!r} under {model_dir}: '
@@ -241,7 +241,7 @@ def write_report(records, out_dir, percent=False):
     try:
         kept, left_out = tables.earlier_results(
             Path(out_dir) / 'results.csv',
-            lambda record: (record['category'], record['setting'], record['seed']) in redone)
+            lambda record: (record['category'], record['setting'], record['seed']) in redone, weights_sha256)
         note = tables.left_out_note(left_out)
         if note:
             warnings.warn(note)

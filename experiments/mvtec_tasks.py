@@ -144,7 +144,8 @@ def load_normal_set(data_dir, meta, layout=None):
 def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
                 setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.run_seed),
-                **values, checkpoint=None if path is None else str(Path(path).resolve()))
+                **values, checkpoint=None if path is None else str(Path(path).resolve()),
+                weights_sha256=meta.get('weights_sha256'))
 
 
 def _undefined(one_class_name=None, error=None):

@@ -313,22 +313,34 @@ def read_results(path):
     return records
 
 
-def earlier_results(path, redone):
+def earlier_results(path, redone, weights_checksum=None):
     """(kept, left_out) of an earlier results file ``path`` (``read_results``; none where there is
     no file), of the records that ``redone(record)`` does not claim: those whose checkpoint is
     still there as it was when ``path`` was written, which an evaluation into the same folder keeps
-    beside its own, and those whose checkpoint is gone or was written again since (retrained), or
-    that had none (a requested pair without a model), which it leaves out."""
+    beside its own, and those whose checkpoint is gone or was written again since (retrained, or
+    another model moved or copied there), or that had none (a requested pair without a model), which
+    it leaves out. As it was: the weights checksum that ``weights_checksum(checkpoint path)`` reads
+    equals the record's ``weights_sha256``; for records without one (or without ``weights_checksum``),
+    the file is not newer than ``path``."""
     if not Path(path).is_file():
         return [], []
     written = Path(path).stat().st_mtime
     kept, left_out = [], []
     for record in read_results(path):
         if not redone(record):
-            checkpoint = record.get('checkpoint') and Path(record['checkpoint'])
-            there = bool(checkpoint) and checkpoint.is_file() and checkpoint.stat().st_mtime <= written
-            (kept if there else left_out).append(record)
+            (kept if _unchanged_checkpoint(record, written, weights_checksum) else left_out).append(record)
     return kept, left_out
+
+
+def _unchanged_checkpoint(record, written, weights_checksum):
+    """Whether the checkpoint of ``record`` is still there as it was when its results file was
+    ``written`` (a modification time), by ``earlier_results``'s rule."""
+    checkpoint = record.get('checkpoint') and Path(record['checkpoint'])
+    if not checkpoint or not checkpoint.is_file():
+        return False
+    if record.get('weights_sha256') and weights_checksum is not None:
+        return weights_checksum(checkpoint) == record['weights_sha256']
+    return checkpoint.stat().st_mtime <= written
 
 
 def left_out_note(left_out):

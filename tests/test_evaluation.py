@@ -262,6 +262,54 @@ def test_earlier_results_keep_only_models_unchanged_since(tmp_path):
     assert tables.earlier_results(tmp_path / 'none.csv', lambda r: False) == ([], [])
 
 
+def test_earlier_results_of_a_model_moved_or_copied_over_with_its_old_time_are_left_out(tmp_path):
+    """With the recorded weights checksum, a checkpoint counts as unchanged by its weights, not by its
+    file's time: another model moved there (mv, cp -p keep the older time) is left out, and the same
+    model touched or copied without its time is kept."""
+    import os
+    models = {name: tmp_path / f'{name}.pt' for name in ('moved', 'touched', 'unrecorded')}
+    for path in models.values():
+        path.write_bytes(b'a model')
+    checksums = {models['moved']: 'new weights', models['touched']: 'weights', models['unrecorded']: None}
+    records = [record(name, 'texture', 'Shift', 0, 0.5) | dict(checkpoint=str(path), weights_sha256='weights')
+               for name, path in models.items()]
+    records[-1].pop('weights_sha256')  # a results file written before the checksum was recorded
+    tables.write_results(records, tmp_path / 'results.csv')
+    written = (tmp_path / 'results.csv').stat().st_mtime
+    os.utime(models['moved'], (written - 10, written - 10))
+    os.utime(models['touched'], (written + 10, written + 10))
+    kept, left_out = tables.earlier_results(tmp_path / 'results.csv', lambda r: False, checksums.get)
+    assert [r['category'] for r in kept] == ['touched', 'unrecorded']  # the last by its time
+    assert [r['category'] for r in left_out] == ['moved']
+    kept, _ = tables.earlier_results(tmp_path / 'results.csv', lambda r: False)  # by the files' times
+    assert [r['category'] for r in kept] == ['moved', 'unrecorded']
+
+
+@pytest.mark.slow
+def test_training_with_evaluate_leaves_out_a_result_whose_model_was_replaced_by_an_older_file(tmp_path, capsys):
+    import os
+    import train_mvtec
+    from experiments.checkpoints import read_meta
+    from experiments.settings import trained_model_path
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
+    base = ['-d', str(tmp_path / 'data'), '-n', 'tiny', '--epochs', '1', '--batch-size', '3', '--res-scale',
+            '0.25', '--workers', '0', '--no-figures', '--recipe', 'table']
+    assert train_mvtec.main(['-s', 'Shift', '-o', str(tmp_path / 'other'), '--lr', '0.01'] + base) == 0
+    assert train_mvtec.main(['-s', 'Shift', '-o', str(tmp_path / 'out'), '--evaluate'] + base) == 0
+    model = trained_model_path(tmp_path / 'out', 'Shift', 'tiny')
+    results = pd.read_csv(tmp_path / 'out' / 'eval' / 'results.csv')
+    assert list(results['weights_sha256']) == [read_meta(model)['weights_sha256']]
+    other = trained_model_path(tmp_path / 'other', 'Shift', 'tiny')
+    earlier = (tmp_path / 'out' / 'eval' / 'results.csv').stat().st_mtime - 100
+    os.utime(other, (earlier, earlier))
+    os.replace(other, model)  # as mv does: the file keeps its older time
+    capsys.readouterr()
+    assert train_mvtec.main(['-s', 'CutPaste', '-o', str(tmp_path / 'out'), '--evaluate'] + base) == 0
+    assert '1 earlier results left out of the tables: their models are gone or were written again' in \
+        capsys.readouterr().out
+    assert list(pd.read_csv(tmp_path / 'out' / 'eval' / 'results.csv')['setting']) == ['CutPaste']
+
+
 def test_duplicate_results_remove_the_earlier_tables(tmp_path):
     """results.csv is replaced even when it has duplicates; the tables of the earlier results,
     which no longer match it, must not stay."""
