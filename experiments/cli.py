@@ -7,13 +7,14 @@ import os
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 from experiments.arguments import INTERRUPTED_STATUS, path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
+from experiments.run_lock import RunInProgressError, run_lock
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed, read_results
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
@@ -287,8 +288,8 @@ def refuse_existing_run(found, state):
     command without --resume or --force must not replace. Commands that train several runs call
     it for each before training any."""
     if found:
-        keep = 'keep it' if state == 'finished' else 'continue it'
-        raise FileExistsError(f"{found} holds a {state} run; pass --resume to {keep} or "
+        keep, article = ('keep it', 'a') if state == 'finished' else ('continue it', 'an')
+        raise FileExistsError(f"{found} holds {article} {state} run; pass --resume to {keep} or "
                               f"--force to train again and replace it")
 
 
@@ -334,29 +335,35 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     with ``resume``, a run of other arguments is trained again and replaced instead of refused
     (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
     run's as its final model holds it).
+
+    All of it runs under the run's lock (``run_lock``, held by the first process of a torchrun
+    launch for all of them): a second command on the same run stops with an error naming the
+    process that trains it.
     """
-    if is_first_process():  # the process that writes the run's files (another's may lag behind it)
-        for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
-            print(f"{prog}: removed {stale}, left by an interrupted save")
-    with exit_on_input_error(prog):
-        found, state = (None, None) if force else found_run(run_dir, name)  # force: none kept
-        if not (resume or force):
-            refuse_existing_run(found, state)
-        dataset, model, config, meta, validator = prepare()
-        if found and resume:
-            previous = read_meta(found)
-            differing = run_differences(previous, run_meta(model, config, meta, validator))
-            if differing and replace_other:
-                print(f"{prog}: {found} was run with other arguments: training it again")
-                resume, state = False, None
-            elif differing:
-                raise ValueError(other_run_message(found, state, differing))
-    if resume and state == 'finished':
-        print(f"{prog}: {found} exists, skipping it")
-        return previous
-    with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
-        return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
-                     validator=validator)
+    first = is_first_process()  # the process that writes the run's files (another's may lag behind it)
+    with exit_on_input_error(prog, (RunInProgressError,)), run_lock(run_dir, name) if first else nullcontext():
+        if first:
+            for stale in remove_stale_temporaries(run_dir, lambda filename: is_run_file(filename, name)):
+                print(f"{prog}: removed {stale}, left by an interrupted save")
+        with exit_on_input_error(prog):
+            found, state = (None, None) if force else found_run(run_dir, name)  # force: none kept
+            if not (resume or force):
+                refuse_existing_run(found, state)
+            dataset, model, config, meta, validator = prepare()
+            if found and resume:
+                previous = read_meta(found)
+                differing = run_differences(previous, run_meta(model, config, meta, validator))
+                if differing and replace_other:
+                    print(f"{prog}: {found} was run with other arguments: training it again")
+                    resume, state = False, None
+                elif differing:
+                    raise ValueError(other_run_message(found, state, differing))
+        if resume and state == 'finished':
+            print(f"{prog}: {found} exists, skipping it")
+            return previous
+        with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
+            return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
+                         validator=validator)
 
 
 # ------------------------------------------------------------------------------------------------

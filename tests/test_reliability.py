@@ -138,7 +138,7 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
     else:
         assert train_mvtec.main(again + ['--force']) == 0
     assert {p.name for p in path.parent.iterdir()} == {
-        'final_tiny_shift_3.pt', 'last_tiny_shift_3.pt', 'tiny_shift_3_loss.png',
+        'final_tiny_shift_3.pt', 'last_tiny_shift_3.pt', 'tiny_shift_3_loss.png', '.tiny_shift_3.lock',
         'tiny_shift_3_notes.txt'} | {f'tiny_shift_3_samples_epoch000{epoch}.png' for epoch in (1, 2, 3)}
     assert load_model(path)[1]['train_config']['epochs'] == 3
 
@@ -1148,3 +1148,54 @@ def test_under_torchrun_a_failing_category_stops_the_run(tmp_path, capsys, monke
                                            '-o', str(tmp_path / 'out')] + ONE_EPOCH + ['--batch-size', '4'],
                         capsys)  # a batch the two processes share
     assert f'cannot read image {broken}' in message and not list((tmp_path / 'out').rglob('*.pt'))
+
+
+def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    from experiments.run_lock import RunInProgressError, lock_path, run_lock
+    with run_lock(tmp_path / 'runs', 'tiny_shift'):
+        holder = f'process {os.getpid()} on {socket.gethostname()}'
+        with pytest.raises(RunInProgressError, match=f'the run tiny_shift in .*runs is being trained by {holder}'):
+            with run_lock(tmp_path / 'runs', 'tiny_shift'):
+                pass
+        with run_lock(tmp_path / 'runs', 'tiny_shift_1'):  # another seed of the setting: another run
+            pass
+    with run_lock(tmp_path / 'runs', 'tiny_shift'):  # released
+        pass
+    # a process killed while it holds the lock releases it
+    code = ('import sys, time; from experiments.run_lock import run_lock\n'
+            'with run_lock(sys.argv[1], "tiny_shift"):\n    print("locked", flush=True); time.sleep(60)\n')
+    child = subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'runs')], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert child.stdout.readline() == 'locked\n'
+        with pytest.raises(RunInProgressError, match=f'being trained by process {child.pid} on'):
+            with run_lock(tmp_path / 'runs', 'tiny_shift'):
+                pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    with run_lock(tmp_path / 'runs', 'tiny_shift'):
+        pass
+    assert lock_path(tmp_path / 'runs', 'tiny_shift').is_file()  # the file stays, empty of holders' claims
+
+
+def test_a_second_command_on_a_run_in_training_stops_before_touching_it(tmp_path, capsys):
+    """Two commands on one run (the same output folder, setting and category), the second started
+    while the first trains (before its first checkpoint): the second stops with an error naming the
+    first, and the first's files are left as they are."""
+    from experiments.run_lock import run_lock
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
+    argv = ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny'] + ONE_EPOCH
+    run_dir = settings.parse_setting('Shift').run_dir(tmp_path / 'out', 'tiny')
+    run_dir.mkdir(parents=True)
+    figure = run_dir / 'tiny_shift_samples_epoch0001.png'
+    figure.write_bytes(b'a figure of the running process')
+    with run_lock(run_dir, 'tiny_shift'):  # as the first command holds it while it trains
+        for extra in ([], ['--force'], ['--resume']):
+            message = run_error(train_mvtec.main, argv + extra, capsys)
+            assert f'the run tiny_shift in {run_dir} is being trained by process {os.getpid()}' in message
+    assert sorted(p.name for p in run_dir.iterdir()) == ['.tiny_shift.lock', figure.name]
+    assert train_mvtec.main(argv + ['--force']) == 0  # once it has ended
