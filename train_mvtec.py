@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import re
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from experiments import recipes, settings, tables
@@ -38,11 +39,12 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
+from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.images import BIT_DEPTH_RULE
+from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files, training_bit_depth)
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
@@ -548,6 +550,7 @@ def main(argv=None):
         setting, data_dir, categories, out_dir = plan(args)
         for category in categories:  # before the first category trains
             refuse_twin_run(setting, out_dir, category)
+            refuse_run_in_progress(setting.run_dir(out_dir, category), setting.run_name(category))
         if not (args.resume or args.force):
             for category in categories:
                 refuse_existing_run(*found_run(setting.run_dir(out_dir, category), setting.run_name(category)))
@@ -575,22 +578,27 @@ def main(argv=None):
 
 def train_category(args, setting, data_dir, category, out_dir):
     """Train ``setting`` on one category (after its --recipe search, if asked), unless --resume
-    finds it finished; an error ends in ``exit_on_input_error``'s message and SystemExit."""
+    finds it finished, holding the run's lock throughout (``run_lock``, from before the search's
+    candidates; under torchrun the first process holds it for all); an error ends in
+    ``exit_on_input_error``'s message and SystemExit."""
     params = search = reports = None
     recipe = recipes.recipe_name(args.recipe, category)
-    with exit_on_input_error(PROG):
-        if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
-            if args.resume:
-                refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
-            params, search, reports = search_recipe(args, setting, data_dir, category, out_dir)
+    run_dir, run_name = setting.run_dir(out_dir, category), setting.run_name(category)
+    with ExitStack() as held:
+        with exit_on_input_error(PROG):
+            if is_first_process():
+                held.enter_context(run_lock(run_dir, run_name))
+            if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
+                if args.resume:
+                    refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
+                params, search, reports = search_recipe(args, setting, data_dir, category, out_dir)
 
-    def prepare():
-        run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)
-        run[3].update(recipe_search=search, search_calibration=reports,
-                      search_budget=None if search is None else search_budget(args, run[2].epochs))
-        return run
-    train_unless_finished(PROG, setting.run_dir(out_dir, category), setting.run_name(category),
-                          prepare, args.resume, args.force)
+        def prepare():
+            run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)
+            run[3].update(recipe_search=search, search_calibration=reports,
+                          search_budget=None if search is None else search_budget(args, run[2].epochs))
+            return run
+        train_unless_finished(PROG, run_dir, run_name, prepare, args.resume, args.force)
 
 
 if __name__ == '__main__':

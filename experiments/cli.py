@@ -312,9 +312,14 @@ def refuse_twin_run(setting, out_dir, category):
 
 
 def other_run_message(found, state, differing):
-    """Why --resume refuses the ``state`` run ``found``: its ``run_differences`` ``differing``."""
+    """Why --resume refuses the ``state`` run ``found``: its ``run_differences`` ``differing``
+    (with the option that keeps a run's 16-bit images read as it read them, where their bit depth
+    differs: the rule that finds it has changed)."""
+    depth = next((line.split(': ', 1)[1].split(' vs ')[0] for line in differing if line.startswith('bit_depth: ')),
+                 'absent')
+    keep = '' if depth == 'absent' else f"; --bit-depth {depth} reads its images as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
-            f"{'; '.join(differing)}); pass --force to train again and replace it, or use another "
+            f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")
 
 
@@ -471,7 +476,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
         return records, written
     with exit_on_interrupt(args.prog, f'{Path(args.out_dir) / "results.csv"} and its tables are written only '
-                                      f'when an evaluation ends'):
+                                      f'when an evaluation ends (its figures as each model is evaluated)'):
         records, written = run_command(work)
     if report_problems(records, written):
         sys.exit(1)

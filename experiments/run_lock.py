@@ -1,13 +1,16 @@
 """One process per training run: a run's folder holds a lock file ``.<run name>.lock`` that the
 process training the run holds (an advisory ``flock``) from the check of what the folder holds to
-its final model. A second command on the same run (the same output folder, setting, seed and
-category) stops with an error naming the process that holds it, instead of training beside it and
-replacing its model when it ends. The system releases the lock when its process ends, a killed one
-too; the empty file stays (removing it would let two processes lock two files of one name).
-Where ``fcntl`` is missing (Windows) runs are not locked.
+its final model (for ``--recipe search``, from before its candidates). A second command on the same
+run (the same output folder, setting, seed and category) stops with an error naming the process
+that holds it, instead of training beside it and replacing its model when it ends. The system
+releases the lock when its process ends, a killed one too; the empty file stays (removing it would
+let two processes lock two files of one name). Where ``fcntl`` is missing (Windows), the folder
+cannot be written (nothing can be trained into it) or its file system has no locks, runs are not
+locked.
 """
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +18,8 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+
+_held = {}  # absolute lock file path -> its open file, of the locks this process holds
 
 
 class RunInProgressError(OSError):
@@ -26,29 +31,77 @@ def lock_path(run_dir, name):
     return Path(run_dir) / f'.{name}.lock'
 
 
-@contextmanager
-def run_lock(run_dir, name):
-    """Inside: this process holds the lock of the run ``name`` in ``run_dir`` (created if needed),
-    with its process id and host written in the lock file; RunInProgressError naming the run and the
-    holder when another process holds it."""
-    if fcntl is None:
-        yield
-        return
+def _in_progress(run_dir, name, file):
+    """RunInProgressError naming the holder that the lock ``file`` (held by another process) names."""
+    file.seek(0)
+    holder = file.read().strip() or 'another process'
+    return RunInProgressError(f"the run {name} in {run_dir} is being trained by {holder} (it holds "
+                              f"{lock_path(run_dir, name)}); wait for it to end, or stop it, before running "
+                              f"it again")
+
+
+def refuse_run_in_progress(run_dir, name):
+    """RunInProgressError when another process holds the lock of the run ``name`` in ``run_dir``
+    (nothing is created: a check before the run, e.g. before refusing its files as a finished or
+    interrupted run's)."""
     path = lock_path(run_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a+') as file:
+    if fcntl is None or os.path.abspath(path) in _held or not path.is_file():
+        return
+    try:
+        file = open(path)
+    except OSError:
+        return
+    with file:
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or 'another process'
-            raise RunInProgressError(f"the run {name} in {run_dir} is being trained by {holder} (it holds "
-                                     f"{path}); wait for it to end, or stop it, before running it again") from None
-        try:
-            file.seek(0)
-            file.truncate()
-            file.write(f'process {os.getpid()} on {socket.gethostname()}\n')
-            file.flush()
-            yield
-        finally:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+            raise _in_progress(run_dir, name, file) from None
+        except OSError:  # a file system without locks
+            return
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
+def _acquire(run_dir, name):
+    """The open lock file of the run, locked by this process, with its process id and host written
+    in it; None where runs are not locked (see the module docstring). RunInProgressError when
+    another process holds it."""
+    path = lock_path(run_dir, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, 'a+')
+    except OSError:  # a folder that cannot be written: nothing can be trained into it
+        return None
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        error = _in_progress(run_dir, name, file)
+        file.close()
+        raise error from None
+    except OSError as error:
+        file.close()
+        warnings.warn(f"cannot lock {path} ({error.strerror or error}): a second command on the run {name} "
+                      f"would not be stopped")
+        return None
+    file.truncate(0)
+    file.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+    file.flush()
+    return file
+
+
+@contextmanager
+def run_lock(run_dir, name):
+    """Inside: this process holds the lock of the run ``name`` in ``run_dir`` (``_acquire``; the
+    lock file and its folder are created if needed). Reentrant: inside a lock that the process
+    already holds, it does nothing."""
+    key = os.path.abspath(lock_path(run_dir, name))
+    file = None if fcntl is None or key in _held else _acquire(run_dir, name)
+    if file is None:
+        yield
+        return
+    _held[key] = file
+    try:
+        yield
+    finally:
+        del _held[key]
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        file.close()

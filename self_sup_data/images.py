@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.pgm', '.ppm', '.pnm')
-# image files that are not read (animations, raw camera files, DICOM ...): a folder's are counted in a warning
+# image files that folders are not read for (animations, raw camera files, DICOM ...): counted in a warning
 UNREAD_IMAGE_SUFFIXES = ('.gif', '.jp2', '.j2k', '.jpe', '.jfif', '.heic', '.heif', '.avif', '.tga', '.pbm', '.psd',
                          '.exr', '.hdr', '.dcm', '.dicom', '.raw', '.dng', '.cr2', '.nef', '.arw')
 GLOB_CHARACTERS = '*?['
@@ -196,10 +196,10 @@ def decode(path, bits=None):
         return values
     if bits and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
-                         f"(0..{2 ** bits - 1}) of the model's training images (bit_depth {bits}: "
-                         f"{BIT_DEPTH_RULE}, unless set with train_mvtec.py --bit-depth), which would read "
-                         f"it as white; give it the training images' bit depth, or train with the "
-                         f"camera's (--bit-depth)")
+                         f"(0..{2 ** bits - 1}) that it is read with, the model's bit_depth ({BIT_DEPTH_RULE} "
+                         f"among the training images, or train_mvtec.py --bit-depth), which would read it "
+                         f"as white; give it the training images' bit depth, or train with the camera's "
+                         f"(--bit-depth)")
     return to_uint8(values, bits or high_bit_depth(values))
 
 
@@ -286,12 +286,13 @@ def is_image_name(path):
 def folder_images(folder):
     """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
     named like an image), sorted; a warning counts the image files of other formats that it
-    leaves out (``UNREAD_IMAGE_SUFFIXES``)."""
+    leaves out (``UNREAD_IMAGE_SUFFIXES``: where a file is named, ``image_files`` takes it)."""
     files = [p for p in Path(folder).iterdir() if p.is_file()]
     unread = sorted(p.name for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not p.name.startswith('.'))
     if unread:
-        warnings.warn(f"{folder}: {len(unread)} image files of a format that is not read are left out "
-                      f"(first: {unread[0]}); convert them to one of {', '.join(IMAGE_SUFFIXES)}")
+        files_of = f"{len(unread)} file{'s' if len(unread) > 1 else ''}"
+        warnings.warn(f"{folder}: {files_of} of another image format left out (first: {unread[0]}): a folder's "
+                      f"images are its {', '.join(IMAGE_SUFFIXES)} files; convert them to one of these")
     return sorted(p for p in files if is_image_name(p))
 
 

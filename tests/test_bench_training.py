@@ -72,7 +72,8 @@ def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsy
 @pytest.mark.slow
 def test_a_batch_larger_than_the_demo_category_keeps_its_size(monkeypatch):
     sizes = []
-    monkeypatch.setattr(training, 'train_step', lambda module, optimizer, loss, images, *rest: sizes.append(len(images)))
+    monkeypatch.setattr(training, 'train_step',
+                        lambda module, optimizer, loss, images, *rest: sizes.append(len(images)))
     training.main(['--size', '32', '--batch-size', '64', '--steps', '1', '--workers', '0'])
     assert sizes == [64] * 4  # model alone and full pipeline, each a warm-up and a timed step; not 60
 

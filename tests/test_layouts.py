@@ -174,13 +174,13 @@ def test_webp_and_netpbm_images_are_read_and_other_image_formats_counted_in_a_wa
     Image.fromarray(texture).save(train / '102.gif')  # read by no layout: counted
     Image.fromarray(texture).save(defect / '100.gif')
     (train / 'notes.txt').write_text('not an image: left out silently')
-    with pytest.warns(UserWarning, match=r'good: 1 image files of a format that is not read are left out '
-                                         r'\(first: 102.gif\); convert them to one of .png'):
+    with pytest.warns(UserWarning, match=r'good: 1 file of another image format left out \(first: 102.gif\): '
+                                         r"a folder's images are its .png, .*; convert them to one of these"):
         dataset = SelfSupMVTecDataset(tmp_path, 'tiles', low_res=SIZE)
     assert [p.rsplit('/', 1)[1] for p in dataset.paths] == ['000.png', '001.png', '002.png', '100.webp', '101.pgm']
     for index in (3, 4):  # the same image as 000.png, losslessly: the same training image
         np.testing.assert_array_equal(dataset.images[index], dataset.images[0])
-    with pytest.warns(UserWarning, match=r'crack: 1 image files of a format that is not read .*100.gif'):
+    with pytest.warns(UserWarning, match=r'crack: 1 file of another image format left out \(first: 100.gif\)'):
         test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
     assert not any(p.endswith('.gif') for p in test.paths)
 

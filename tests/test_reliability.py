@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -1038,7 +1039,7 @@ def test_values_beyond_the_models_bit_depth_are_an_error_not_white(tmp_path):
     Image.fromarray(np.full((8, 8), 5000, np.uint16)).save(tmp_path / 'deep.png')
     assert read_image(tmp_path / 'deep.png', bits=16).max() == round(5000 * 255 / 65535)
     with pytest.raises(ValueError, match=r"image .*deep.png has values up to 5000, beyond the 12-bit range "
-                                         r"\(0..4095\) of the model's training images .*--bit-depth"):
+                                         r"\(0..4095\) that it is read with, the model's bit_depth .*--bit-depth"):
         read_image(tmp_path / 'deep.png', bits=12)
 
 
@@ -1150,52 +1151,85 @@ def test_under_torchrun_a_failing_category_stops_the_run(tmp_path, capsys, monke
     assert f'cannot read image {broken}' in message and not list((tmp_path / 'out').rglob('*.pt'))
 
 
-def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir, name):
+    """Inside: a child process holds the lock of the run ``name`` in ``run_dir``; yields its pid."""
     import signal
-    import socket
     import subprocess
-    from experiments.run_lock import RunInProgressError, lock_path, run_lock
-    with run_lock(tmp_path / 'runs', 'tiny_shift'):
-        holder = f'process {os.getpid()} on {socket.gethostname()}'
-        with pytest.raises(RunInProgressError, match=f'the run tiny_shift in .*runs is being trained by {holder}'):
-            with run_lock(tmp_path / 'runs', 'tiny_shift'):
-                pass
-        with run_lock(tmp_path / 'runs', 'tiny_shift_1'):  # another seed of the setting: another run
-            pass
-    with run_lock(tmp_path / 'runs', 'tiny_shift'):  # released
-        pass
-    # a process killed while it holds the lock releases it
     code = ('import sys, time; from experiments.run_lock import run_lock\n'
-            'with run_lock(sys.argv[1], "tiny_shift"):\n    print("locked", flush=True); time.sleep(60)\n')
-    child = subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'runs')], stdout=subprocess.PIPE, text=True,
+            'with run_lock(sys.argv[1], sys.argv[2]):\n    print("locked", flush=True); time.sleep(60)\n')
+    child = subprocess.Popen([sys.executable, '-c', code, str(run_dir), name], stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         assert child.stdout.readline() == 'locked\n'
-        with pytest.raises(RunInProgressError, match=f'being trained by process {child.pid} on'):
-            with run_lock(tmp_path / 'runs', 'tiny_shift'):
-                pass
+        yield child.pid
     finally:
-        child.send_signal(signal.SIGKILL)
+        child.send_signal(signal.SIGKILL)  # killed: the system releases its lock
         child.wait()
-    with run_lock(tmp_path / 'runs', 'tiny_shift'):
+        child.stdout.close()
+
+
+def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
+    from experiments.run_lock import RunInProgressError, lock_path, refuse_run_in_progress, run_lock
+    runs = tmp_path / 'runs'
+    refuse_run_in_progress(runs, 'tiny_shift')  # no lock file: nothing to refuse, nothing created
+    assert not runs.exists()
+    with lock_held_by_another_process(runs, 'tiny_shift') as pid:
+        holder = f'process {pid} on {socket.gethostname()}'
+        for check in (lambda: refuse_run_in_progress(runs, 'tiny_shift'),
+                      lambda: run_lock(runs, 'tiny_shift').__enter__()):
+            with pytest.raises(RunInProgressError, match=f'the run tiny_shift in .*runs is being trained by {holder}'):
+                check()
+        with run_lock(runs, 'tiny_shift_1'):  # another seed of the setting: another run
+            pass
+    with run_lock(runs, 'tiny_shift'):  # released by the killed process
+        with run_lock(runs, 'tiny_shift'):  # held by this process: reentrant
+            refuse_run_in_progress(runs, 'tiny_shift')
+        assert lock_path(runs, 'tiny_shift').read_text() == f'process {os.getpid()} on {socket.gethostname()}\n'
+    assert lock_path(runs, 'tiny_shift').is_file()  # the file stays
+
+
+def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatch):
+    import errno
+    from experiments import run_lock as locks
+    (tmp_path / 'a file').write_text('not a folder')
+    with locks.run_lock(tmp_path / 'a file' / 'runs', 'tiny_shift'):  # cannot be written: nothing to guard
         pass
-    assert lock_path(tmp_path / 'runs', 'tiny_shift').is_file()  # the file stays, empty of holders' claims
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(locks.fcntl, 'flock', no_locks)
+    with pytest.warns(UserWarning, match=r'cannot lock .*tiny_shift.lock \(No locks available\): a second command'):
+        with locks.run_lock(tmp_path / 'runs', 'tiny_shift'):
+            pass
+    locks.refuse_run_in_progress(tmp_path / 'runs', 'tiny_shift')
 
 
 def test_a_second_command_on_a_run_in_training_stops_before_touching_it(tmp_path, capsys):
     """Two commands on one run (the same output folder, setting and category), the second started
-    while the first trains (before its first checkpoint): the second stops with an error naming the
-    first, and the first's files are left as they are."""
-    from experiments.run_lock import run_lock
-    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
+    while the first trains: the second stops with an error naming the first (not as a refusal of an
+    interrupted run when the first has written a checkpoint, and for --recipe search before its
+    candidates), and the first's files are left as they are."""
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny'] + ONE_EPOCH
     run_dir = settings.parse_setting('Shift').run_dir(tmp_path / 'out', 'tiny')
     run_dir.mkdir(parents=True)
-    figure = run_dir / 'tiny_shift_samples_epoch0001.png'
-    figure.write_bytes(b'a figure of the running process')
-    with run_lock(run_dir, 'tiny_shift'):  # as the first command holds it while it trains
-        for extra in ([], ['--force'], ['--resume']):
+    written = {'tiny_shift_samples_epoch0001.png': b'a figure of the running process',
+               'last_tiny_shift.pt': b'its checkpoint, being written'}
+    for name, content in written.items():
+        (run_dir / name).write_bytes(content)
+    with lock_held_by_another_process(run_dir, 'tiny_shift') as pid:
+        for extra in ([], ['--force'], ['--resume'], ['--recipe', 'search', '--force']):
             message = run_error(train_mvtec.main, argv + extra, capsys)
-            assert f'the run tiny_shift in {run_dir} is being trained by process {os.getpid()}' in message
-    assert sorted(p.name for p in run_dir.iterdir()) == ['.tiny_shift.lock', figure.name]
+            assert f'the run tiny_shift in {run_dir} is being trained by process {pid} on' in message
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(['.tiny_shift.lock', *written])  # no search folder
+    assert all((run_dir / name).read_bytes() == content for name, content in written.items())
     assert train_mvtec.main(argv + ['--force']) == 0  # once it has ended
+
+
+def test_a_resume_refused_for_another_bit_depth_names_the_option_that_keeps_the_run():
+    from experiments.cli import other_run_message
+    message = other_run_message('final.pt', 'finished', ['bit_depth: 12 vs 10', 'lr: 0.001 vs 0.01'])
+    assert '(then vs now: bit_depth: 12 vs 10; lr: 0.001 vs 0.01); --bit-depth 12 reads its images as it did; ' \
+        'pass --force' in message
+    assert '--bit-depth' not in other_run_message('final.pt', 'finished', ['bit_depth: absent vs 16'])
