@@ -14,7 +14,7 @@ from experiments.arguments import INTERRUPTED_STATUS, path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
-from experiments.run_lock import RunInProgressError, run_lock
+from experiments.run_lock import RunInProgressError, refuse_run_in_progress, run_lock
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed, read_results
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
@@ -296,7 +296,9 @@ def refuse_existing_run(found, state):
 def refuse_twin_run(setting, out_dir, category):
     """FileExistsError when ``out_dir`` holds a run on ``category`` of the twin of ``setting``'s key,
     which trains the same seed under another name (``Shift-0`` and ``Shift``: a key without a seed
-    trains DEFAULT_SEED): the evaluation could not tell the two models apart."""
+    trains DEFAULT_SEED): the evaluation could not tell the two models apart; RunInProgressError
+    when another process is training the twin (``refuse_run_in_progress``), before it has written
+    a file."""
     seedless = setting.seedless_key
     twin_key = (seedless if setting.seed == DEFAULT_SEED
                 else f'{seedless}-{DEFAULT_SEED}' if setting.seed is None else None)
@@ -304,6 +306,7 @@ def refuse_twin_run(setting, out_dir, category):
         return
     twin = parse_setting(twin_key)
     run_dir, name = twin.run_dir(out_dir, category), twin.run_name(category)
+    refuse_run_in_progress(run_dir, name)
     found = next((path for path in (final_model_path(run_dir, name), last_checkpoint_path(run_dir, name))
                   if path.is_file()), None)  # not read: a damaged one is the twin's all the same
     if found:

@@ -1225,6 +1225,10 @@ def test_a_second_command_on_a_run_in_training_stops_before_touching_it(tmp_path
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(['.tiny_shift.lock', *written])  # no search folder
     assert all((run_dir / name).read_bytes() == content for name, content in written.items())
     assert train_mvtec.main(argv + ['--force']) == 0  # once it has ended
+    twin = settings.parse_setting('Shift-0').run_dir(tmp_path / 'out', 'tiny')
+    with lock_held_by_another_process(twin, 'tiny_shift_0') as pid:  # -s Shift-0 trains seed 0 too
+        message = run_error(train_mvtec.main, argv + ['--force'], capsys)
+        assert f'the run tiny_shift_0 in {twin} is being trained by process {pid} on' in message
 
 
 def test_a_resume_refused_for_another_bit_depth_names_the_option_that_keeps_the_run():
