@@ -1056,6 +1056,7 @@ def test_16_bit_files_keep_every_grey_level_of_their_data(tmp_path, bits):
     assert np.unique(read).size == 256
 
 
+@pytest.mark.slow
 def test_a_test_image_beyond_the_training_images_bit_depth_stops_the_run_before_training(tmp_path, capsys):
     """--evaluate checks the test set with the bit depth that the training images give the model, and
     --bit-depth sets that depth (a camera's, where the normal images are dark)."""
@@ -1205,6 +1206,7 @@ def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatc
     locks.refuse_run_in_progress(tmp_path / 'runs', 'tiny_shift')
 
 
+@pytest.mark.slow
 def test_a_second_command_on_a_run_in_training_stops_before_touching_it(tmp_path, capsys):
     """Two commands on one run (the same output folder, setting and category), the second started
     while the first trains: the second stops with an error naming the first (not as a refusal of an
