@@ -103,5 +103,6 @@ def run_lock(run_dir, name):
         yield
     finally:
         del _held[key]
+        file.truncate(0)  # no holder named once it is released
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
         file.close()

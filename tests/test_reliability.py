@@ -1187,7 +1187,7 @@ def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
         with run_lock(runs, 'tiny_shift'):  # held by this process: reentrant
             refuse_run_in_progress(runs, 'tiny_shift')
         assert lock_path(runs, 'tiny_shift').read_text() == f'process {os.getpid()} on {socket.gethostname()}\n'
-    assert lock_path(runs, 'tiny_shift').is_file()  # the file stays
+    assert lock_path(runs, 'tiny_shift').read_text() == ''  # the file stays, naming no holder
 
 
 def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatch):
