@@ -96,12 +96,19 @@ def _category_dir(layout, root, category):
 
 
 def _typed_test_files(test_dir, mask_of, what):
-    """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``."""
+    """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``;
+    ValueError naming two defect images of one folder with the same stem (``000.png`` and
+    ``000.jpg``), which masks are matched by: one mask would stand for both."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
     for type_dir in _subfolders(test_dir):
+        stems = {}
         for path in folder_images(type_dir):
+            if type_dir.name != 'good' and path.stem in stems:
+                raise ValueError(f"defect images {stems[path.stem]} and {path} have the same stem, so one mask "
+                                 f"would stand for both; rename one")
+            stems[path.stem] = path
             paths.append(path)
             defect_types.append(type_dir.name)
             masks.append(None if type_dir.name == 'good' else mask_of(type_dir.name, path))

@@ -185,6 +185,16 @@ def test_webp_and_netpbm_images_are_read_and_other_image_formats_counted_in_a_wa
     assert not any(p.endswith('.gif') for p in test.paths)
 
 
+def test_two_defect_images_of_one_stem_are_refused_as_one_mask_would_stand_for_both(tmp_path):
+    category = make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    Image.open(category / 'test' / 'crack' / '000.png').save(category / 'test' / 'crack' / '000.jpg')
+    with pytest.raises(ValueError, match=r'defect images .*crack/000.jpg and .*crack/000.png have the same stem'):
+        SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    (category / 'test' / 'crack' / '000.jpg').rename(category / 'test' / 'good' / '100.jpg')
+    Image.open(category / 'test' / 'good' / '000.png').save(category / 'test' / 'good' / '000.jpg')
+    assert len(SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)) == 8  # normal ones need no mask
+
+
 def test_ad2(tmp_path):
     make_ad2(tmp_path)
     assert detect_layout(tmp_path, 'vial').name == 'ad2'
