@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +48,7 @@ import numpy as np
 from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, folder_images, resize_mask
 
 FOLDER_CATEGORY = 'custom'
+MASK_SUFFIX = '_mask'  # MVTec AD: ground_truth/<type>/<image stem>_mask.png
 NORMAL_TEST_FRACTION = 0.2
 AD2_PRIVATE_SPLITS = ('test_private', 'test_private_mixed')
 
@@ -139,18 +141,35 @@ class MVTecLayout(CategoryLayout):
         return [p.name for p in _subfolders(root) if (p / 'train' / 'good').is_dir() or (p / 'test').is_dir()]
 
     def test_files(self, root, category):
+        """The test images and their masks (``ground_truth/<type>/<stem>_mask.<any image suffix>``; each
+        mask folder listed once); a warning counts the masks of a folder that match no image."""
         category_dir = _category_dir(self, root, category)
+        masks_by_type = {}
 
-        def mask_of(defect_type, path):  # ground_truth/<type>/<stem>_mask.<any image suffix>, or None
-            folder = category_dir / 'ground_truth' / defect_type
-            candidates = folder.is_dir() and [mask for mask in folder_images(folder)
-                                              if mask.stem == f'{path.stem}_mask']  # names, not patterns
-            if candidates and len(candidates) > 1:
+        def masks_of_type(defect_type):  # {image stem: its masks} of ground_truth/<type>, None: not a mask name
+            if defect_type not in masks_by_type:
+                folder = category_dir / 'ground_truth' / defect_type
+                by_stem = {}
+                for mask in folder_images(folder) if folder.is_dir() else []:
+                    stem = mask.stem[:-len(MASK_SUFFIX)] if mask.stem.endswith(MASK_SUFFIX) else None
+                    by_stem.setdefault(stem, []).append(mask)
+                masks_by_type[defect_type] = by_stem
+            return masks_by_type[defect_type]
+
+        def mask_of(defect_type, path):
+            candidates = masks_of_type(defect_type).get(path.stem, [])
+            if len(candidates) > 1:
                 raise ValueError(f"{path} has {len(candidates)} masks: "
                                  f"{', '.join(str(mask) for mask in candidates)}; keep one")
             return candidates[0] if candidates else None
-        return _typed_test_files(category_dir / 'test', mask_of,
-                                 'testing needs test/good and test/<defect> folders')
+        files = _typed_test_files(category_dir / 'test', mask_of, 'testing needs test/good and test/<defect> folders')
+        for defect_type, by_stem in masks_by_type.items():
+            stems = {path.stem for path, t in zip(files.paths, files.defect_types) if t == defect_type}
+            unmatched = sorted(str(mask) for stem, masks in by_stem.items() if stem not in stems for mask in masks)
+            if unmatched:
+                warnings.warn(f"{category}: {len(unmatched)} of the masks in ground_truth/{defect_type} match no image "
+                              f"of test/{defect_type} (first: {unmatched[0]}); a mask is named <image name>_mask.png")
+        return files
 
 
 class LocoLayout(CategoryLayout):

@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, detect_layout, layout_from_spec,
-                                   make_layout)
+from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, MVTecLayout, detect_layout,
+                                   layout_from_spec, make_layout)
 from self_sup_data.mvtec import SelfSupMVTecDataset
 from conftest import make_mvtec_category, save_checkpoint
 
@@ -193,6 +193,18 @@ def test_two_defect_images_of_one_stem_are_refused_as_one_mask_would_stand_for_b
     (category / 'test' / 'crack' / '000.jpg').rename(category / 'test' / 'good' / '100.jpg')
     Image.open(category / 'test' / 'good' / '000.png').save(category / 'test' / 'good' / '000.jpg')
     assert len(SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)) == 8  # normal ones need no mask
+
+
+def test_masks_that_match_no_image_are_counted_in_a_warning(tmp_path):
+    category = make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    truth = category / 'ground_truth' / 'crack'
+    (truth / '001_mask.png').rename(truth / '001.png')  # named as its image, without _mask
+    Image.open(truth / '002_mask.png').save(truth / '017_mask.png')  # an image removed, its mask kept
+    with pytest.warns(UserWarning, match=r"tiles: 2 of the masks in ground_truth/crack match no image of test/crack "
+                                         r"\(first: .*crack/001.png\); a mask is named <image name>_mask.png"):
+        files = MVTecLayout().test_files(tmp_path, 'tiles')
+    assert [(p.name, m and m.name) for p, m, t in zip(files.paths, files.masks, files.defect_types) if t == 'crack'] \
+        == [('000.png', '000_mask.png'), ('001.png', None), ('002.png', '002_mask.png')]
 
 
 def test_ad2(tmp_path):
