@@ -550,7 +550,8 @@ def main(argv=None):
         setting, data_dir, categories, out_dir = plan(args)
         for category in categories:  # before the first category trains
             refuse_twin_run(setting, out_dir, category)
-            refuse_run_in_progress(setting.run_dir(out_dir, category), setting.run_name(category))
+            if is_first_process():  # the one that takes the lock (under torchrun, the others' check would race it)
+                refuse_run_in_progress(setting.run_dir(out_dir, category), setting.run_name(category))
         if not (args.resume or args.force):
             for category in categories:
                 refuse_existing_run(*found_run(setting.run_dir(out_dir, category), setting.run_name(category)))

@@ -10,6 +10,7 @@ locked.
 """
 import os
 import socket
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ except ImportError:  # Windows
     fcntl = None
 
 _held = {}  # absolute lock file path -> its open file, of the locks this process holds
+CHECK_WAIT = 1.0  # seconds that a lock naming no holder is tried again (see _try_lock)
 
 
 class RunInProgressError(OSError):
@@ -40,6 +42,23 @@ def _in_progress(run_dir, name, file):
                               f"it again")
 
 
+def _try_lock(file):
+    """Take the exclusive lock of the open ``file`` without waiting for a holder that trains; True if
+    taken, False if another process holds it. A lock held by a process that names no holder in the
+    file is one that checks (``refuse_run_in_progress``) for an instant, or one that has just taken
+    it: tried again for up to CHECK_WAIT seconds."""
+    deadline = time.monotonic() + CHECK_WAIT
+    while True:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            file.seek(0)
+            if file.read().strip() or time.monotonic() > deadline:
+                return False
+            time.sleep(CHECK_WAIT / 20)
+
+
 def refuse_run_in_progress(run_dir, name):
     """RunInProgressError when another process holds the lock of the run ``name`` in ``run_dir``
     (nothing is created: a check before the run, e.g. before refusing its files as a finished or
@@ -53,11 +72,11 @@ def refuse_run_in_progress(run_dir, name):
         return
     with file:
         try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_progress(run_dir, name, file) from None
+            locked = _try_lock(file)
         except OSError:  # a file system without locks
             return
+        if not locked:
+            raise _in_progress(run_dir, name, file)
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
@@ -72,16 +91,16 @@ def _acquire(run_dir, name):
     except OSError:  # a folder that cannot be written: nothing can be trained into it
         return None
     try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        error = _in_progress(run_dir, name, file)
-        file.close()
-        raise error from None
+        locked = _try_lock(file)
     except OSError as error:
         file.close()
         warnings.warn(f"cannot lock {path} ({error.strerror or error}): a second command on the run {name} "
                       f"would not be stopped")
         return None
+    if not locked:
+        error = _in_progress(run_dir, name, file)
+        file.close()
+        raise error
     file.truncate(0)
     file.write(f'process {os.getpid()} on {socket.gethostname()}\n')
     file.flush()

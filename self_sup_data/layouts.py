@@ -100,7 +100,7 @@ def _category_dir(layout, root, category):
 def _typed_test_files(test_dir, mask_of, what):
     """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``;
     ValueError naming two defect images of one folder with the same stem (``000.png`` and
-    ``000.jpg``), which masks are matched by: one mask would stand for both."""
+    ``000.jpg``), which masks are matched by: one mask would stand for both, or for the wrong one."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
@@ -108,8 +108,8 @@ def _typed_test_files(test_dir, mask_of, what):
         stems = {}
         for path in folder_images(type_dir):
             if type_dir.name != 'good' and path.stem in stems:
-                raise ValueError(f"defect images {stems[path.stem]} and {path} have the same stem, so one mask "
-                                 f"would stand for both; rename one")
+                raise ValueError(f"defect images {stems[path.stem]} and {path} have the same stem, by which their "
+                                 f"masks are found; rename one")
             stems[path.stem] = path
             paths.append(path)
             defect_types.append(type_dir.name)

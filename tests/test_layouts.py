@@ -185,7 +185,7 @@ def test_webp_and_netpbm_images_are_read_and_other_image_formats_counted_in_a_wa
     assert not any(p.endswith('.gif') for p in test.paths)
 
 
-def test_two_defect_images_of_one_stem_are_refused_as_one_mask_would_stand_for_both(tmp_path):
+def test_two_defect_images_of_one_stem_are_refused_as_their_masks_are_found_by_it(tmp_path):
     category = make_mvtec_category(tmp_path, 'tiles', n_train=3)
     Image.open(category / 'test' / 'crack' / '000.png').save(category / 'test' / 'crack' / '000.jpg')
     with pytest.raises(ValueError, match=r'defect images .*crack/000.jpg and .*crack/000.png have the same stem'):

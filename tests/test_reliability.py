@@ -1190,6 +1190,37 @@ def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
     assert lock_path(runs, 'tiny_shift').read_text() == ''  # the file stays, naming no holder
 
 
+def test_a_lock_taken_for_an_instant_by_a_check_is_waited_for(tmp_path):
+    """A check (refuse_run_in_progress) holds the lock for an instant and names no holder: a run
+    starting then waits for it instead of being refused, and a check that meets a run starting waits
+    for its name."""
+    import subprocess
+    from experiments.run_lock import run_lock
+    code = ('import fcntl, sys, time\nf = open(sys.argv[1], "a+")\nfcntl.flock(f.fileno(), fcntl.LOCK_EX)\n'
+            'print("locked", flush=True)\ntime.sleep(0.3)\n')  # as a check does, for longer
+    (tmp_path / 'runs').mkdir()
+    child = subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'runs' / '.tiny_shift.lock')],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == 'locked\n'
+        started = time.monotonic()
+        with run_lock(tmp_path / 'runs', 'tiny_shift'):
+            assert 0.1 < time.monotonic() - started < 1.0
+    finally:
+        child.wait()
+        child.stdout.close()
+
+
+@pytest.mark.slow
+def test_a_torchrun_process_other_than_the_first_does_not_refuse_its_own_launchs_lock(tmp_path, monkeypatch):
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
+    run_dir = settings.parse_setting('Shift').run_dir(tmp_path / 'out', 'tiny')
+    monkeypatch.setenv('RANK', '1')  # the second process; the first holds the run's lock
+    with lock_held_by_another_process(run_dir, 'tiny_shift'):
+        assert train_mvtec.main(['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'),
+                                 '-n', 'tiny'] + ONE_EPOCH) == 0
+
+
 def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatch):
     import errno
     from experiments import run_lock as locks
