@@ -97,20 +97,30 @@ def _category_dir(layout, root, category):
     return root / category
 
 
+def _images_by_stem(images, what):
+    """{stem: path} of the image paths ``images``; ValueError naming two ``what`` images with the same
+    stem (``000.png`` and ``000.jpg``), which masks are matched by: one mask would stand for both,
+    or for the wrong one."""
+    by_stem = {}
+    for path in images:
+        if path.stem in by_stem:
+            raise ValueError(f"{what} images {by_stem[path.stem]} and {path} have the same stem, by which their "
+                             f"masks are found; rename one")
+        by_stem[path.stem] = path
+    return by_stem
+
+
 def _typed_test_files(test_dir, mask_of, what):
     """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``;
-    ValueError naming two defect images of one folder with the same stem (``000.png`` and
-    ``000.jpg``), which masks are matched by: one mask would stand for both, or for the wrong one."""
+    the errors of ``_images_by_stem`` for the defect images of each folder."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
     for type_dir in _subfolders(test_dir):
-        stems = {}
-        for path in folder_images(type_dir):
-            if type_dir.name != 'good' and path.stem in stems:
-                raise ValueError(f"defect images {stems[path.stem]} and {path} have the same stem, by which their "
-                                 f"masks are found; rename one")
-            stems[path.stem] = path
+        images = folder_images(type_dir)
+        if type_dir.name != 'good':
+            _images_by_stem(images, 'defect')
+        for path in images:
             paths.append(path)
             defect_types.append(type_dir.name)
             masks.append(None if type_dir.name == 'good' else mask_of(type_dir.name, path))
@@ -363,12 +373,7 @@ class FolderLayout:
                 raise ValueError(f"masks {by_stem[mask.stem]} and {mask} have the same stem; "
                                  "keep one mask per anomalous image")
             by_stem[mask.stem] = mask
-        seen = {}
-        for path in abnormal:
-            if path.stem in seen:
-                raise ValueError(f"anomalous images {seen[path.stem]} and {path} have the same stem, "
-                                 f"so one mask would stand for both; rename one")
-            seen[path.stem] = path
+        seen = _images_by_stem(abnormal, 'anomalous')
         unmatched = sorted(set(by_stem) - set(seen))
         if unmatched:
             raise ValueError(f"masks in {self.mask_dir} match no image of {self.abnormal} by name: "
