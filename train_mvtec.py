@@ -533,7 +533,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     differing += dict_differences({'param_overrides': previous.get('param_overrides') or {}},
                                   {'param_overrides': meta['param_overrides']})
     if differing:
-        raise ValueError(other_run_message(found, state, differing))
+        raise ValueError(other_run_message(found, state, differing, previous))
 
 
 @one_line_warnings(PROG)

@@ -314,13 +314,12 @@ def refuse_twin_run(setting, out_dir, category):
                               f"{setting.key} does; use -s {twin_key} or another output folder")
 
 
-def other_run_message(found, state, differing):
-    """Why --resume refuses the ``state`` run ``found``: its ``run_differences`` ``differing``
-    (with the option that keeps a run's 16-bit images read as it read them, where their bit depth
-    differs: the rule that finds it has changed)."""
-    depth = next((line.split(': ', 1)[1].split(' vs ')[0] for line in differing if line.startswith('bit_depth: ')),
-                 'absent')
-    keep = '' if depth == 'absent' else f"; --bit-depth {depth} reads its images as it did"
+def other_run_message(found, state, differing, previous):
+    """Why --resume refuses the ``state`` run ``found`` (of meta ``previous``): its
+    ``run_differences`` ``differing`` (with the option that keeps a run's 16-bit images read as it
+    read them, where their bit depth differs: the rule that finds it has changed)."""
+    depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
+    keep = '' if depth is None else f"; --bit-depth {depth} reads its images as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")
@@ -365,7 +364,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
                     print(f"{prog}: {found} was run with other arguments: training it again")
                     resume, state = False, None
                 elif differing:
-                    raise ValueError(other_run_message(found, state, differing))
+                    raise ValueError(other_run_message(found, state, differing, previous))
         if resume and state == 'finished':
             print(f"{prog}: {found} exists, skipping it")
             return previous

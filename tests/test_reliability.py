@@ -1266,7 +1266,8 @@ def test_a_second_command_on_a_run_in_training_stops_before_touching_it(tmp_path
 
 def test_a_resume_refused_for_another_bit_depth_names_the_option_that_keeps_the_run():
     from experiments.cli import other_run_message
-    message = other_run_message('final.pt', 'finished', ['bit_depth: 12 vs 10', 'lr: 0.001 vs 0.01'])
+    message = other_run_message('final.pt', 'finished', ['bit_depth: 12 vs 10', 'lr: 0.001 vs 0.01'],
+                                {'bit_depth': 12})
     assert '(then vs now: bit_depth: 12 vs 10; lr: 0.001 vs 0.01); --bit-depth 12 reads its images as it did; ' \
         'pass --force' in message
-    assert '--bit-depth' not in other_run_message('final.pt', 'finished', ['bit_depth: absent vs 16'])
+    assert '--bit-depth' not in other_run_message('final.pt', 'finished', ['bit_depth: absent vs 16'], {})
