@@ -289,9 +289,12 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
     redone = redone_results(records, setting, categories)
-    kept = earlier_results(eval_dir, records, redone)
-    written = write_evaluation(records, figure_dir,
-                               lambda records: write_report(sort_records(records + kept), eval_dir))
+    kept = []
+
+    def write_with_earlier_results(records):  # read while the results are locked (write_evaluation)
+        kept.extend(earlier_results(eval_dir, records, redone))
+        return write_report(sort_records(records + kept), eval_dir)
+    written = write_evaluation(records, eval_dir, figure_dir, write_with_earlier_results)
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
               f"from {eval_dir / 'results.csv'}")

@@ -14,6 +14,7 @@ deletes on the next run.
 import functools
 import os
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -104,16 +105,27 @@ def temporary_target(path):
     return target if dot and target else None
 
 
-def remove_stale_temporaries(folder, owned=None):
+def remove_stale_temporaries(folder, owned=None, older_than=0):
     """Delete the temporary files that ``write_atomic`` left in ``folder`` when its process was
-    killed, of the files whose names ``owned(name)`` accepts (None: all); returns their paths.
-    Call it only where no other process is writing those files (other runs may share the
-    folder: ``owned`` keeps their files out)."""
+    killed, of the files whose names ``owned(name)`` accepts (None: all) and that were last written
+    more than ``older_than`` seconds ago; returns their paths. Call it only where no other process
+    is writing those files (other runs may share the folder: ``owned`` keeps their files out), or
+    with an ``older_than`` that no write of them lasts."""
+    now = time.time()
     stale = sorted(path for path in Path(folder).glob('.*.tmp')
-                   if temporary_target(path) and (owned is None or owned(temporary_target(path))))
+                   if temporary_target(path) and (owned is None or owned(temporary_target(path)))
+                   and _age(path, now) > older_than)
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def _age(path, now):
+    """Seconds since ``path`` was last written (0 where it is gone)."""
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0
 
 
 def save_torch_atomic(obj, path):

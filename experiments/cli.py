@@ -14,7 +14,7 @@ from experiments.arguments import INTERRUPTED_STATUS, path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
-from experiments.run_lock import RunInProgressError, refuse_run_in_progress, run_lock
+from experiments.run_lock import RunInProgressError, refuse_run_in_progress, results_lock, run_lock
 from experiments.settings import DEFAULT_SEED, parse_setting
 from experiments.tables import failed, read_results
 from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_bf16, final_model_path,
@@ -441,15 +441,19 @@ def run_command(work):
                 print(f'warning: {warning.message}', file=sys.stderr)
 
 
+REPORT_WRITE_SECONDS = 60  # longer than any write of a results file, table or figure lasts
+
+
 def remove_report_temporaries(out_dir):
     """Delete the temporary files that a killed evaluation left: of results.csv in ``out_dir``
     (only those: it may be a training folder too), and any in ``out_dir/tables`` and
-    ``out_dir/figures`` (``remove_stale_temporaries``)."""
+    ``out_dir/figures`` (``remove_stale_temporaries``), those older than REPORT_WRITE_SECONDS (a
+    younger one may be another evaluation's, writing into the same folder)."""
     if Path(out_dir).is_dir():
-        remove_stale_temporaries(out_dir, lambda name: name == 'results.csv')
+        remove_stale_temporaries(out_dir, lambda name: name == 'results.csv', older_than=REPORT_WRITE_SECONDS)
     for folder in (Path(out_dir) / 'tables', Path(out_dir) / 'figures'):
         if folder.is_dir():
-            remove_stale_temporaries(folder)
+            remove_stale_temporaries(folder, older_than=REPORT_WRITE_SECONDS)
 
 
 def run_evaluation(args, evaluate, write_report, nothing_found):
@@ -470,7 +474,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
-        written = write_evaluation(records, figure_dir, write_report) is not None
+        written = write_evaluation(records, args.out_dir, figure_dir, write_report) is not None
         if written:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
         elif not any(failed(record) for record in records):
@@ -485,20 +489,23 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     return records
 
 
-def write_evaluation(records, figure_dir, write_report):
+def write_evaluation(records, out_dir, figure_dir, write_report):
     """Unless none of ``records`` was evaluated (each one failed, with an ``error`` entry, or has
     no checkpoint; then an earlier evaluation's results, tables and figures stay as they are):
     remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed,
-    ``write_report(records)`` (which writes ``results.csv`` beside ``figure_dir``), and then the
-    figures of results that it does not hold (``remove_figures_of_other_results``). Returns what
-    ``write_report`` returns (the tables), or None when nothing was written."""
+    ``write_report(records)`` (which writes ``out_dir/results.csv``), and then the figures of
+    results that it does not hold (``remove_figures_of_other_results``), all while holding the
+    folder's ``results_lock`` (an evaluation that merges its results with the earlier ones there
+    reads them in ``write_report``). Returns what ``write_report`` returns (the tables), or None when
+    nothing was written."""
     if all(failed(record) or record.get('checkpoint') is None for record in records):
         return None
-    if figure_dir is not None:
-        remove_failed_figures(records, figure_dir)
-    written = write_report(records)
-    if figure_dir is not None and Path(figure_dir).is_dir():
-        remove_figures_of_other_results(figure_dir, Path(figure_dir).parent / 'results.csv')
+    with results_lock(out_dir):
+        if figure_dir is not None:
+            remove_failed_figures(records, figure_dir)
+        written = write_report(records)
+        if figure_dir is not None and Path(figure_dir).is_dir():
+            remove_figures_of_other_results(figure_dir, Path(out_dir) / 'results.csv')
     return written
 
 

@@ -7,6 +7,11 @@ releases the lock when its process ends, a killed one too; the empty file stays 
 let two processes lock two files of one name). Where ``fcntl`` is missing (Windows), the folder
 cannot be written (nothing can be trained into it) or its file system has no locks, runs are not
 locked.
+
+The evaluations that write into one folder take turns at its results instead (``results_lock``): each
+reads the folder's earlier results, merges its own and writes them while it holds the folder's
+``.results.csv.lock``, so that two of them ending at once cannot each write a table without the
+other's results.
 """
 import os
 import socket
@@ -117,11 +122,57 @@ def run_lock(run_dir, name):
     if file is None:
         yield
         return
+    with _holding(key, file, release=lambda file: file.truncate(0)):  # no holder named once it is released
+        yield
+
+
+@contextmanager
+def _holding(key, file, release=None):
+    """Inside: the locked open ``file`` is this process's lock ``key`` (in ``_held``); then
+    ``release(file)`` (None: nothing), the lock released and the file closed."""
     _held[key] = file
     try:
         yield
     finally:
         del _held[key]
-        file.truncate(0)  # no holder named once it is released
+        if release is not None:
+            release(file)
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
         file.close()
+
+RESULTS_LOCK = '.results.csv.lock'
+
+
+@contextmanager
+def results_lock(out_dir):
+    """Inside: this process holds the lock of the results in ``out_dir`` (``RESULTS_LOCK``, created with
+    its folder if needed; ``_wait_for_lock``). Reentrant, as ``run_lock``."""
+    path = Path(out_dir) / RESULTS_LOCK
+    key = os.path.abspath(path)
+    file = None if fcntl is None or key in _held else _wait_for_lock(path)
+    if file is None:
+        yield
+        return
+    with _holding(key, file):
+        yield
+
+
+def _wait_for_lock(path):
+    """The open lock file ``path``, locked by this process once another process holding it has released
+    it (a line says that it waits); None where its folder cannot be written or its file system has no
+    locks (not locked)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, 'a+')
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'waiting for another evaluation that writes its results into {path.parent}', flush=True)
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+    except OSError:
+        file.close()
+        return None
+    return file

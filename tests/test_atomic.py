@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -110,7 +111,12 @@ def test_stale_temporaries_of_other_runs_in_the_folder_are_kept(tmp_path):
     assert sorted(atomic.temporary_target(p) for p in removed) == sorted(names[:4])
     assert sorted(atomic.temporary_target(p) for p in tmp_path.glob('.*.tmp') if atomic.temporary_target(p)) \
         == sorted(names[4:])
-    assert len(atomic.remove_stale_temporaries(tmp_path)) == 3  # all of them
+    young = tmp_path / '.notes.txt.ab3_x9yz.tmp'
+    os.utime(young, (time.time() - 5,) * 2)  # written 5 s ago: perhaps another process's, still writing
+    assert atomic.remove_stale_temporaries(tmp_path, older_than=10) == []
+    os.utime(young, (time.time() - 20,) * 2)
+    assert atomic.remove_stale_temporaries(tmp_path, lambda name: name == 'notes.txt', older_than=10) == [young]
+    assert len(atomic.remove_stale_temporaries(tmp_path)) == 2  # all of them
 
 
 def test_a_file_with_the_longest_name_is_written_through_a_shorter_temporary_name(tmp_path):

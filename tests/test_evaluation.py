@@ -1,11 +1,13 @@
 """Evaluation: result tables, map prediction, checkpoint evaluation and the command line."""
 import math
+import os
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from experiments import tables
+from experiments import cli, tables
 
 
 def record(category, kind, setting, seed, value, **more):
@@ -346,7 +348,7 @@ def test_earlier_figures_of_results_the_tables_no_longer_hold_are_removed(tmp_pa
         (figures / name).write_bytes(b'a figure')
     records = [record('a', 'texture', 'Shift', 0, 0.5, checkpoint='a.pt'),
                record('a_b', 'texture', 'Shift+GDE', 0, 0.5, checkpoint='a.pt')]
-    write_evaluation(records, figures, lambda records: tables.write_results(records, tmp_path / 'results.csv'))
+    write_evaluation(records, tmp_path, figures, lambda records: tables.write_results(records, tmp_path / 'results.csv'))
     # c's figures are an earlier evaluation's; files not named as figures of a result are not the evaluation's
     assert sorted(p.name for p in figures.iterdir()) == sorted(set(names) - {'c_Shift.png', 'c_FPI+OCSVM.png'})
 
@@ -732,13 +734,17 @@ def test_command_line_end_to_end(trained, tmp_path):
     out = tmp_path / 'out'
     stale = [out / '.results.csv.abcd1234.tmp', out / 'tables' / '.au_pro.md.abcd1234.tmp',
              out / 'figures' / '.tiles_Shift.png.abcd1234.tmp']  # left by a killed evaluation
-    others = out / '.final_a.pt.abcd1234.tmp'  # a training's, if OUT_DIR is its folder too: kept
-    for path in stale + [others]:
+    others = [out / '.final_a.pt.abcd1234.tmp',  # a training's, if OUT_DIR is its folder too: kept
+              out / 'figures' / '.parts_Shift.png.efgh5678.tmp']  # written now by another evaluation: kept
+    for path in stale + others:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b'partial')
+    for path in stale + others[:1]:
+        os.utime(path, (time.time() - 2 * cli.REPORT_WRITE_SECONDS,) * 2)
     mvtec_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(out), '-s', 'Shift',
                       '--device', 'cpu', '--batch-size', '4'])
-    assert not any(path.exists() for path in stale) and others.exists()
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in others)
+    others[1].unlink()
     for metric in mvtec_tasks.METRICS:
         for fmt in ('csv', 'md', 'tex'):
             assert (out / 'tables' / f'{metric}.{fmt}').is_file()

@@ -1211,6 +1211,82 @@ def test_a_lock_taken_for_an_instant_by_a_check_is_waited_for(tmp_path):
         child.stdout.close()
 
 
+EVALUATION_WRITE = """
+import sys, time
+from experiments import tables
+from experiments.cli import write_evaluation
+out, category = sys.argv[1], sys.argv[2]
+
+def merge(records):  # reads the earlier results, takes its time, writes them with its own
+    earlier = tables.read_results(f'{out}/results.csv') if tables.Path(f'{out}/results.csv').is_file() else []
+    print('writing', flush=True)
+    time.sleep(0.5)
+    return tables.write_results(earlier + records, f'{out}/results.csv')
+print('ready', flush=True)
+sys.stdin.readline()  # both at once
+write_evaluation([dict(category=category, kind='texture', setting='Shift', seed=0, image_auroc_mean=0.5,
+                       checkpoint=f'{category}.pt')], out, None, merge)
+"""
+
+
+def test_evaluations_ending_at_once_in_one_folder_keep_each_others_results(tmp_path):
+    """Two evaluations that merge their results with a folder's earlier ones (train_mvtec.py --evaluate,
+    the chest X-ray evaluation) write them in turn: the second reads the first's, and says it waits."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    children = [subprocess.Popen([sys.executable, '-c', EVALUATION_WRITE, str(tmp_path / 'eval'), category],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo)
+                for category in ('a', 'b')]
+    assert [child.stdout.readline() for child in children] == ['ready\n'] * 2
+    for child in children:
+        child.stdin.write('go\n')
+        child.stdin.flush()
+    outputs = [child.communicate(timeout=60)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert sorted(record['category'] for record in tables_read(tmp_path / 'eval' / 'results.csv')) == ['a', 'b']
+    waited = f'waiting for another evaluation that writes its results into {tmp_path / "eval"}\n'
+    assert sorted(output.count(waited) for output in outputs) == [0, 1]
+
+
+def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock(tmp_path, monkeypatch):
+    """train_mvtec.py --evaluate merges its results with the earlier ones in OUT/eval: it reads them only
+    once it holds the folder's results lock, so that none written meanwhile is lost."""
+    from experiments import run_lock
+    eval_dir = tmp_path / 'out' / 'eval'
+    (tmp_path / 'other.pt').write_bytes(b'a model')
+    figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
+    earlier = dict(category='other', kind='texture', setting='FPI', seed=0, checkpoint=str(tmp_path / 'other.pt'),
+                   flip_average=False, **figures)
+    tables_write([earlier], eval_dir / 'results.csv')
+    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
+                    flip_average=False, **figures)]
+    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
+    held_when_read = []
+    read = train_mvtec.earlier_results
+
+    def earlier_results(*args):
+        held_when_read.append(os.path.abspath(eval_dir / run_lock.RESULTS_LOCK) in run_lock._held)
+        return read(*args)
+    monkeypatch.setattr(train_mvtec, 'earlier_results', earlier_results)
+    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
+                           abnormal=None, mask_dir=None)
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
+                                        tmp_path / 'out') == []
+    assert held_when_read == [True]
+    assert sorted(record['category'] for record in tables_read(eval_dir / 'results.csv')) == ['other', 'tiny']
+
+
+def tables_write(records, path):
+    from experiments.tables import write_results
+    path.parent.mkdir(parents=True)
+    write_results(records, path)
+
+
+def tables_read(path):
+    from experiments.tables import read_results
+    return read_results(path)
+
+
 @pytest.mark.slow
 def test_a_torchrun_process_other_than_the_first_does_not_refuse_its_own_launchs_lock(tmp_path, monkeypatch):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
@@ -1227,6 +1303,8 @@ def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatc
     (tmp_path / 'a file').write_text('not a folder')
     with locks.run_lock(tmp_path / 'a file' / 'runs', 'tiny_shift'):  # cannot be written: nothing to guard
         pass
+    with locks.results_lock(tmp_path / 'a file' / 'eval'):
+        pass
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, 'No locks available')
@@ -1234,6 +1312,8 @@ def test_a_run_folder_that_cannot_hold_a_lock_is_not_locked(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match=r'cannot lock .*tiny_shift.lock \(No locks available\): a second command'):
         with locks.run_lock(tmp_path / 'runs', 'tiny_shift'):
             pass
+    with locks.results_lock(tmp_path / 'eval'):  # not locked, and nothing said: the results are still written
+        pass
     locks.refuse_run_in_progress(tmp_path / 'runs', 'tiny_shift')
 
 
