@@ -109,9 +109,13 @@ def check_not_trained_on(meta, data_dir, test_names, source='this model'):
 
 
 def test_set_sha256(normal_names, anomalous_names):
-    """SHA-256 (hex) of a test set: of the file names of its normal and of its anomalous images
-    (``names_sha256`` of each; recorded with its results as ``test_lists_sha256``)."""
-    return hashlib.sha256(f'{names_sha256(normal_names)}\n{names_sha256(anomalous_names)}'.encode()).hexdigest()
+    """SHA-256 (hex) of a test set: of the names of its normal and of its anomalous images as their
+    lists give them (``read_file_list``: folders within the data folder included, so that ``A/n0.png``
+    and ``B/n0.png`` are two images), each list sorted; recorded with its results as
+    ``test_lists_sha256``."""
+    digests = [hashlib.sha256('\n'.join(sorted(names)).encode()).hexdigest()
+               for names in (normal_names, anomalous_names)]
+    return hashlib.sha256('\n'.join(digests).encode()).hexdigest()
 
 
 def bbox_sha256(bbox_csv):
@@ -120,20 +124,23 @@ def bbox_sha256(bbox_csv):
     return 'none' if bbox_csv is None else hashlib.sha256(Path(bbox_csv).read_bytes()).hexdigest()
 
 
-def check_test_set_name(out_dir, test_name, lists_sha256, boxes_sha256=None):
-    """ValueError when ``out_dir/results.csv`` holds results of another test set under the row name
-    ``test_name``: other image lists (by their recorded ``test_lists_sha256``) or another box table
-    (``bbox_sha256``; None: not compared); evaluating this one into that folder would replace them and
-    their figures, or mix pixel figures of two box tables in one row. Results recorded without a
-    digest (an earlier version's) are taken to match. A results file that cannot be read is left to
-    ``write_report`` (it warns)."""
+def check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256=None):
+    """ValueError when ``out_dir/results.csv`` holds results that this evaluation would lose or mix
+    with its own (``write_report`` keeps the earlier results beside its own): results of other data
+    than chest X-rays (an MVTec-layout evaluation's, whose tables these would replace), or of another
+    test set under the row name ``test_name``: other image lists (by their recorded
+    ``test_lists_sha256``) or another box table (``bbox_sha256``; None: not compared), whose results
+    and figures this one would replace, or mix pixel figures of two box tables in one row. Results
+    recorded without a digest (an earlier version's) are taken to match. A results file that cannot be
+    read is left to ``write_report`` (it warns)."""
     path = Path(out_dir) / 'results.csv'
     try:
         earlier = tables.read_results(path) if path.is_file() else []
     except ValueError:
         return
+    other_data(earlier, path)
     for record in earlier:
-        if record['category'] != test_name or record.get('kind') != DATASET:
+        if record['category'] != test_name:
             continue
         if str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256:
             other = 'other image lists'
@@ -143,6 +150,15 @@ def check_test_set_name(out_dir, test_name, lists_sha256, boxes_sha256=None):
             continue
         raise ValueError(f"{path} holds the results of another test set named {test_name!r} ({other}); "
                          f"name this one apart (--name) or evaluate it into another folder")
+
+
+def other_data(records, path):
+    """ValueError naming the results file ``path`` when some of its ``records`` are not of chest X-rays."""
+    other = [record for record in records if record.get('kind') != DATASET]
+    if other:
+        raise ValueError(f"{path} holds {len(other)} results of other data than chest X-rays (kind "
+                         f"{other[0].get('kind')}, e.g. {other[0].get('checkpoint')}); evaluate chest X-rays into "
+                         f"a folder of their own")
 
 
 def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_csv=None, settings=None,
@@ -156,8 +172,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     evaluated all the same. test_name: the row name (default: the anomalous list's file stem).
     figure_dir: ``<test_name>_<setting>.png`` of examples for the first seed of each setting.
     out_dir: the folder the results go to (``write_report``), checked first to hold no other test
-    set of this name (``check_test_set_name``); None: not checked. A box table that cannot be read
-    is the command's error, before any checkpoint is evaluated. Returns long-format results
+    set of this name and no results of other data (``check_earlier_results``); None: not checked. A
+    box table that cannot be read is the command's error, before any checkpoint is evaluated. Returns long-format results
     (``experiments.tables``): one dict per checkpoint with the metrics of ``metrics.evaluate_maps``,
     its path and the test set's ``test_lists_sha256`` and ``bbox_sha256``.
     """
@@ -177,7 +193,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         read_bbox_table(bbox_csv)
     boxes_sha256 = bbox_sha256(bbox_csv)
     if out_dir is not None:
-        check_test_set_name(out_dir, test_name, lists_sha256, boxes_sha256)
+        check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256)
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:
@@ -234,25 +250,22 @@ def write_report(records, out_dir, percent=False):
     when some result has them) of ``records`` and of the other results already in
     ``out_dir/results.csv`` (other test sets, settings or seeds: those ``records`` do not redo)
     whose checkpoints are there as they were (``tables.earlier_results``: test sets evaluated one
-    after another into one folder make one table, a row each) and that are of chest X-rays (a note
-    counts the others left out; a results file that cannot be read gives a warning); returns the
-    tables ``{metric: DataFrame}``."""
+    after another into one folder make one table, a row each; a note counts the others left out, and
+    a results file that cannot be read gives a warning); returns the tables ``{metric: DataFrame}``.
+    ValueError, and nothing written, where the earlier results are of other data (``other_data``)."""
     redone = {(record['category'], record['setting'], record['seed']) for record in records}
     try:
         kept, left_out = tables.earlier_results(
             Path(out_dir) / 'results.csv',
             lambda record: (record['category'], record['setting'], record['seed']) in redone, weights_sha256)
-        note = tables.left_out_note(left_out)
-        if note:
-            warnings.warn(note)
-        other_kind = [record for record in kept if record.get('kind') != DATASET]
-        if other_kind:
-            warnings.warn(f"{len(other_kind)} earlier results left out of the tables: they are not of chest "
-                          f"X-rays (kind {other_kind[0].get('kind')}, e.g. {other_kind[0].get('checkpoint')}); "
-                          f"evaluate chest X-rays into a folder of their own")
-        records = sort_records(records + [record for record in kept if record.get('kind') == DATASET])
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
+        kept, left_out = [], []
+    other_data(kept + left_out, Path(out_dir) / 'results.csv')  # (checked before the evaluation too)
+    note = tables.left_out_note(left_out)
+    if note:
+        warnings.warn(note)
+    records = sort_records(records + kept)
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)
     return tables.write_report(records, out_dir, METRICS if with_pixels else IMAGE_METRICS,
                                percent=percent)

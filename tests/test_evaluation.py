@@ -944,16 +944,27 @@ def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, 
     (tmp_path / 'empty.csv').write_text('')
     with pytest.raises(SystemExit, match=r"cannot read box table .*empty.csv"):
         evaluate('-l', str(normal), str(anomalous), '--bbox-csv', str(tmp_path / 'empty.csv'))
-    # a result of another kind in the folder (an MVTec category's) is left out of the chest tables
+    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
+    assert sorted(table.index) == [('all', 'average'), ('chest_xray', 'anomalous'), ('chest_xray', 'fewer')]
+    # another test set whose lists name the same files in other folders: other images, so refused too
+    moved = tmp_path / 'moved' / 'anomalous.txt'
+    moved.parent.mkdir()
+    moved.write_text(''.join(f'elsewhere/{name}\n' for name in anomalous.read_text().split()))
+    with pytest.raises(SystemExit, match=r"another test set named 'anomalous' \(other image lists\)"):
+        evaluate('-l', str(normal), str(moved))
+    # a result of another kind in the folder (an MVTec category's): refused before any work, since the
+    # chest tables would replace its tables; the folder is left as it was
     results = pd.read_csv(out / 'results.csv')
     mvtec_row = dict(results.iloc[0], category='bottle', kind='object', image_auroc_mean=0.99)
     pd.concat([results, pd.DataFrame([mvtec_row])]).to_csv(out / 'results.csv', index=False)
-    capsys.readouterr()
-    assert ('bottle', 1) not in evaluate('-l', str(normal), str(anomalous))
-    assert ("1 earlier results left out of the tables: they are not of chest X-rays (kind object"
-            in capsys.readouterr().err)
-    table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])
-    assert sorted(table.index) == [('all', 'average'), ('chest_xray', 'anomalous'), ('chest_xray', 'fewer')]
+    written = {path: path.read_bytes() for path in out.rglob('*') if path.is_file()}
+    with pytest.raises(SystemExit, match=r"results.csv holds 1 results of other data than chest X-rays \(kind "
+                                         r"object, e.g. .*\); evaluate chest X-rays into a folder of their own"):
+        evaluate('-l', str(normal), str(anomalous))
+    assert {path: path.read_bytes() for path in out.rglob('*') if path.is_file()} == written
+    with pytest.raises(ValueError, match='results of other data than chest X-rays'):  # the notebook's way too
+        chest_xray_tasks.write_report([], out)
+    assert {path: path.read_bytes() for path in out.rglob('*') if path.is_file()} == written
 
 
 def test_test_images_are_read_with_the_models_channels(tmp_path):
