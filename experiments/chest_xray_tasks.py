@@ -173,9 +173,9 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     figure_dir: ``<test_name>_<setting>.png`` of examples for the first seed of each setting.
     out_dir: the folder the results go to (``write_report``), checked first to hold no other test
     set of this name and no results of other data (``check_earlier_results``); None: not checked. A
-    box table that cannot be read is the command's error, before any checkpoint is evaluated. Returns long-format results
-    (``experiments.tables``): one dict per checkpoint with the metrics of ``metrics.evaluate_maps``,
-    its path and the test set's ``test_lists_sha256`` and ``bbox_sha256``.
+    box table that cannot be read is the command's error, before any checkpoint is evaluated.
+    Returns long-format results (``experiments.tables``): one dict per checkpoint with the metrics of
+    ``metrics.evaluate_maps``, its path and the test set's ``test_lists_sha256`` and ``bbox_sha256``.
     """
     device = resolve_device(device)
     if test_name is None:

@@ -348,7 +348,8 @@ def test_earlier_figures_of_results_the_tables_no_longer_hold_are_removed(tmp_pa
         (figures / name).write_bytes(b'a figure')
     records = [record('a', 'texture', 'Shift', 0, 0.5, checkpoint='a.pt'),
                record('a_b', 'texture', 'Shift+GDE', 0, 0.5, checkpoint='a.pt')]
-    write_evaluation(records, tmp_path, figures, lambda records: tables.write_results(records, tmp_path / 'results.csv'))
+    write_evaluation(records, tmp_path, figures,
+                     lambda records: tables.write_results(records, tmp_path / 'results.csv'))
     # c's figures are an earlier evaluation's; files not named as figures of a result are not the evaluation's
     assert sorted(p.name for p in figures.iterdir()) == sorted(set(names) - {'c_Shift.png', 'c_FPI+OCSVM.png'})
 
