@@ -32,9 +32,9 @@ from pathlib import Path
 from experiments import recipes, settings, tables
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
-                             exit_on_input_error, exit_on_interrupt, found_run, layout_from_args, model_from_args,
-                             other_run_message, prepare_output_dir, print_slow_bf16_note, print_warnings,
-                             refuse_existing_run, refuse_twin_run, remove_report_temporaries,
+                             exit_on_input_error, exit_on_interrupt, figure_files, found_run, layout_from_args,
+                             model_from_args, other_run_message, prepare_output_dir, print_slow_bf16_note,
+                             print_warnings, refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, reports_from_first_process_only, train_config, train_unless_finished,
                              write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
@@ -284,6 +284,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     eval_dir = Path(out_dir) / 'eval'
     remove_report_temporaries(eval_dir)
     figure_dir = None if args.no_figures else eval_dir / 'figures'
+    earlier_figures = figure_files(figure_dir)
     records = evaluate_checkpoints(out_dir, data_dir, [setting.seedless_key], categories,
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
@@ -294,7 +295,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     def write_with_earlier_results(records):  # read while the results are locked (write_evaluation)
         kept.extend(earlier_results(eval_dir, records, redone))
         return write_report(sort_records(records + kept), eval_dir)
-    written = write_evaluation(records, eval_dir, figure_dir, write_with_earlier_results)
+    written = write_evaluation(records, eval_dir, figure_dir, write_with_earlier_results, earlier_figures)
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
               f"from {eval_dir / 'results.csv'}")

@@ -471,10 +471,11 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         check_output_dir(args.out_dir)
         remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
+        earlier_figures = figure_files(figure_dir)
         records = evaluate(figure_dir)
         if not records:
             raise FileNotFoundError(nothing_found)
-        written = write_evaluation(records, args.out_dir, figure_dir, write_report) is not None
+        written = write_evaluation(records, args.out_dir, figure_dir, write_report, earlier_figures) is not None
         if written:
             print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
         elif not any(failed(record) for record in records):
@@ -489,15 +490,15 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
     return records
 
 
-def write_evaluation(records, out_dir, figure_dir, write_report):
+def write_evaluation(records, out_dir, figure_dir, write_report, earlier_figures=None):
     """Unless none of ``records`` was evaluated (each one failed, with an ``error`` entry, or has
     no checkpoint; then an earlier evaluation's results, tables and figures stay as they are):
     remove the earlier figures in ``figure_dir`` (None: no figures) of results that all failed,
     ``write_report(records)`` (which writes ``out_dir/results.csv``), and then the figures of
-    results that it does not hold (``remove_figures_of_other_results``), all while holding the
-    folder's ``results_lock`` (an evaluation that merges its results with the earlier ones there
-    reads them in ``write_report``). Returns what ``write_report`` returns (the tables), or None when
-    nothing was written."""
+    results that it does not hold (``remove_figures_of_other_results``, of ``earlier_figures``),
+    all while holding the folder's ``results_lock`` (an evaluation that merges its results with the
+    earlier ones there reads them in ``write_report``). Returns what ``write_report`` returns (the
+    tables), or None when nothing was written."""
     if all(failed(record) or record.get('checkpoint') is None for record in records):
         return None
     with results_lock(out_dir):
@@ -505,19 +506,37 @@ def write_evaluation(records, out_dir, figure_dir, write_report):
             remove_failed_figures(records, figure_dir)
         written = write_report(records)
         if figure_dir is not None and Path(figure_dir).is_dir():
-            remove_figures_of_other_results(figure_dir, Path(out_dir) / 'results.csv')
+            remove_figures_of_other_results(figure_dir, Path(out_dir) / 'results.csv', earlier_figures)
     return written
 
 
-def remove_figures_of_other_results(figure_dir, results_path):
+def figure_files(figure_dir):
+    """{path: modification time (ns)} of the example figures in ``figure_dir`` (None or a missing
+    folder: none), taken as an evaluation starts: ``write_evaluation``'s ``earlier_figures``."""
+    if figure_dir is None or not Path(figure_dir).is_dir():
+        return {}
+    return {path: path.stat().st_mtime_ns for path in Path(figure_dir).glob('*_*.png')}
+
+
+def remove_figures_of_other_results(figure_dir, results_path, earlier=None):
     """Remove the example figures in ``figure_dir`` (``<category>_<setting>.png``, ``figure_path``)
     of a category and setting that no result in ``results_path`` has: an earlier evaluation's into
-    the same folder, of results that the tables no longer hold, which would look current. Files not
-    named so are kept."""
+    the same folder, of results that the tables no longer hold, which would look current. Only those
+    in ``earlier`` (``figure_files`` as the evaluation started; None: all), unchanged since: a figure
+    written meanwhile is another evaluation's into the same folder, whose result is still to come.
+    Files not named so are kept."""
     shown = {figure_path(figure_dir, record['category'], record['setting']) for record in read_results(results_path)}
     for path in Path(figure_dir).glob('*_*.png'):
-        if path not in shown and _names_a_result_setting(path.stem.rpartition('_')[2]):
-            path.unlink()
+        if (path not in shown and _names_a_result_setting(path.stem.rpartition('_')[2])
+                and (earlier is None or earlier.get(path) == _modified_ns(path))):
+            path.unlink(missing_ok=True)
+
+
+def _modified_ns(path):
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _names_a_result_setting(name):

@@ -339,19 +339,28 @@ def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
 
 
 def test_earlier_figures_of_results_the_tables_no_longer_hold_are_removed(tmp_path):
-    from experiments.cli import write_evaluation
+    from experiments.cli import figure_files, write_evaluation
     figures = tmp_path / 'figures'
     figures.mkdir()
     names = ['a_Shift.png', 'a_b_Shift+GDE.png', 'c_Shift.png', 'c_FPI+OCSVM.png', 'notes.png', 'my_plot.png',
-             'c_Shift-M.txt']
+             'c_Shift-M.txt', 'd_Shift.png']
     for name in names:
         (figures / name).write_bytes(b'a figure')
+    os.utime(figures / 'd_Shift.png', ns=(10**18, 10**18))
+    earlier = figure_files(figures)  # as the evaluation starts
+    (figures / 'e_Shift.png').write_bytes(b'written meanwhile by another evaluation into the folder')
+    (figures / 'd_Shift.png').write_bytes(b'written again meanwhile by another evaluation')
     records = [record('a', 'texture', 'Shift', 0, 0.5, checkpoint='a.pt'),
                record('a_b', 'texture', 'Shift+GDE', 0, 0.5, checkpoint='a.pt')]
     write_evaluation(records, tmp_path, figures,
+                     lambda records: tables.write_results(records, tmp_path / 'results.csv'), earlier)
+    # c's figures are an earlier evaluation's; files not named as figures of a result are not the evaluation's,
+    # and those written since it started are another evaluation's, whose results are still to come
+    assert sorted(p.name for p in figures.iterdir()) == sorted(set(names) - {'c_Shift.png', 'c_FPI+OCSVM.png'}
+                                                              | {'e_Shift.png'})
+    write_evaluation(records, tmp_path, figures,  # without a record of the figures as it started: all of them
                      lambda records: tables.write_results(records, tmp_path / 'results.csv'))
-    # c's figures are an earlier evaluation's; files not named as figures of a result are not the evaluation's
-    assert sorted(p.name for p in figures.iterdir()) == sorted(set(names) - {'c_Shift.png', 'c_FPI+OCSVM.png'})
+    assert not (figures / 'e_Shift.png').exists() and not (figures / 'd_Shift.png').exists()
 
 
 def test_figures_of_failed_evaluations_are_not_shown(tmp_path):
