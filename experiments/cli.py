@@ -533,6 +533,7 @@ def remove_figures_of_other_results(figure_dir, results_path, earlier=None):
 
 
 def _modified_ns(path):
+    """The modification time (ns) of ``path``; None where it is gone (removed by another evaluation)."""
     try:
         return path.stat().st_mtime_ns
     except FileNotFoundError:

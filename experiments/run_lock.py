@@ -85,15 +85,23 @@ def refuse_run_in_progress(run_dir, name):
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
 
 
+def _open_lock_file(path):
+    """The lock file ``path`` open for appending, created with its folder if needed; None where the
+    folder cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, 'a+')
+    except OSError:
+        return None
+
+
 def _acquire(run_dir, name):
     """The open lock file of the run, locked by this process, with its process id and host written
     in it; None where runs are not locked (see the module docstring). RunInProgressError when
     another process holds it."""
     path = lock_path(run_dir, name)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, 'a+')
-    except OSError:  # a folder that cannot be written: nothing can be trained into it
+    file = _open_lock_file(path)
+    if file is None:  # a folder that cannot be written: nothing can be trained into it
         return None
     try:
         locked = _try_lock(file)
@@ -140,6 +148,7 @@ def _holding(key, file, release=None):
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
         file.close()
 
+
 RESULTS_LOCK = '.results.csv.lock'
 
 
@@ -161,10 +170,8 @@ def _wait_for_lock(path):
     """The open lock file ``path``, locked by this process once another process holding it has released
     it (a line says that it waits); None where its folder cannot be written or its file system has no
     locks (not locked)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, 'a+')
-    except OSError:
+    file = _open_lock_file(path)
+    if file is None:
         return None
     try:
         try:

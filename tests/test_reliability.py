@@ -23,7 +23,7 @@ from PIL import Image
 import train_chest_xray
 import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
-from experiments import checkpoints, chest_xray_tasks, mvtec_tasks, settings, training
+from experiments import checkpoints, chest_xray_tasks, mvtec_tasks, settings, tables, training
 from experiments.checkpoints import read_meta, read_model
 from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
@@ -1212,13 +1212,13 @@ def test_a_lock_taken_for_an_instant_by_a_check_is_waited_for(tmp_path):
 
 
 EVALUATION_WRITE = """
-import sys, time
+import os, sys, time
 from experiments import tables
 from experiments.cli import write_evaluation
 out, category = sys.argv[1], sys.argv[2]
 
 def merge(records):  # reads the earlier results, takes its time, writes them with its own
-    earlier = tables.read_results(f'{out}/results.csv') if tables.Path(f'{out}/results.csv').is_file() else []
+    earlier = tables.read_results(f'{out}/results.csv') if os.path.isfile(f'{out}/results.csv') else []
     print('writing', flush=True)
     time.sleep(0.5)
     return tables.write_results(earlier + records, f'{out}/results.csv')
@@ -1243,7 +1243,8 @@ def test_evaluations_ending_at_once_in_one_folder_keep_each_others_results(tmp_p
         child.stdin.flush()
     outputs = [child.communicate(timeout=60)[0] for child in children]
     assert [child.returncode for child in children] == [0, 0]
-    assert sorted(record['category'] for record in tables_read(tmp_path / 'eval' / 'results.csv')) == ['a', 'b']
+    results = tables.read_results(tmp_path / 'eval' / 'results.csv')
+    assert sorted(record['category'] for record in results) == ['a', 'b']
     waited = f'waiting for another evaluation that writes its results into {tmp_path / "eval"}\n'
     assert sorted(output.count(waited) for output in outputs) == [0, 1]
 
@@ -1257,7 +1258,8 @@ def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock
     figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
     earlier = dict(category='other', kind='texture', setting='FPI', seed=0, checkpoint=str(tmp_path / 'other.pt'),
                    flip_average=False, **figures)
-    tables_write([earlier], eval_dir / 'results.csv')
+    eval_dir.mkdir(parents=True)
+    tables.write_results([earlier], eval_dir / 'results.csv')
     records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
                     flip_average=False, **figures)]
     monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
@@ -1273,18 +1275,7 @@ def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock
     assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
                                         tmp_path / 'out') == []
     assert held_when_read == [True]
-    assert sorted(record['category'] for record in tables_read(eval_dir / 'results.csv')) == ['other', 'tiny']
-
-
-def tables_write(records, path):
-    from experiments.tables import write_results
-    path.parent.mkdir(parents=True)
-    write_results(records, path)
-
-
-def tables_read(path):
-    from experiments.tables import read_results
-    return read_results(path)
+    assert sorted(record['category'] for record in tables.read_results(eval_dir / 'results.csv')) == ['other', 'tiny']
 
 
 @pytest.mark.slow
