@@ -20,6 +20,7 @@ UNREAD_IMAGE_SUFFIXES = ('.gif', '.jp2', '.j2k', '.jpe', '.jfif', '.heic', '.hei
 GLOB_CHARACTERS = '*?['
 INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
 GREY_MODES = ('1', 'L', 'LA', 'La') + INTEGER_MODES  # the modes decode_values reads as grey
+ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')  # Pillow's modes with an alpha channel
 EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
 EXIF_ORIENTATION = 0x0112
 # bits of the data in 16-bit images: 8-bit data saved as 16 bits, 10-, 12- and 14-bit sensors, the full range
@@ -172,10 +173,26 @@ def decode_mask_values(path):
         key = image.info.get('transparency')
         if values.ndim == 2 and isinstance(key, int) and image.mode != 'P':  # a grey value keyed transparent
             values = np.where(values != key, values, 0)
-        elif image.mode in ('RGBA', 'LA', 'La', 'PA') or key is not None:
+        elif has_transparency(image):
             alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
             values = np.where(alpha[..., None] > 0 if values.ndim == 3 else alpha > 0, values, 0)
     return values.max(axis=2) if values.ndim == 3 else values
+
+
+def has_transparency(image):
+    """Whether Pillow's ``image`` has an alpha channel or a colour keyed transparent."""
+    return image.mode in ALPHA_MODES or image.info.get('transparency') is not None
+
+
+def opacity(path):
+    """float32 ``H x W`` in 0..1 of the image file at ``path`` as displayed: its alpha channel (or
+    colour key), where some pixel is not fully opaque; else None (no transparency, or an integer
+    grey image, whose colour key Pillow cannot convert)."""
+    with opened_image(path) as image:
+        if not has_transparency(image) or image.mode in INTEGER_MODES:
+            return None
+        alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
+    return None if alpha.min(initial=255) == 255 else alpha.astype(np.float32) / 255
 
 
 def to_uint8(values, bits):
@@ -190,10 +207,20 @@ def decode(path, bits=None):
     (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
     of the image's own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that
     8- to 14-bit data keeps 256 grey levels. ValueError naming the file for values beyond
-    ``bits`` bits."""
+    ``bits`` bits. An image with transparency is composited over black (``opacity``): what its
+    transparent pixels hide (often leftovers of a cut-out) is not read, as viewers show it."""
     values = decode_values(path)
-    if values.dtype == np.uint8:
+    alpha = opacity(path)
+    if values.dtype != np.uint8:
+        values = _scaled_to_uint8(path, values, bits)
+    if alpha is None:
         return values
+    alpha = alpha[..., None] if values.ndim == 3 else alpha  # over black: transparent pixels read as 0
+    return (values * alpha).round().astype(np.uint8)
+
+
+def _scaled_to_uint8(path, values, bits):
+    """The integer ``values`` of the 16-bit image at ``path`` scaled to uint8 as ``decode`` says."""
     if bits and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
                          f"(0..{2 ** bits - 1}) that it is read with, the model's bit_depth ({BIT_DEPTH_RULE} "

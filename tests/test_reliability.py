@@ -995,6 +995,34 @@ def test_transparent_mask_pixels_are_no_defect(tmp_path):
         assert (decode_mask_values(tmp_path / name) > 0).sum() == 16
 
 
+def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
+    """A cut-out's transparent pixels hide leftovers (here noise) that would be trained on and
+    scored; they are read as black, half-transparent ones at half their value, opaque ones as they
+    are, and an image opaque everywhere exactly as without its alpha channel."""
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    grey = colour[..., 0]
+    alpha = np.full((12, 20), 255, np.uint8)
+    alpha[:, :6], alpha[:, 6:8] = 0, 128
+    Image.fromarray(np.dstack([colour, alpha]), 'RGBA').save(tmp_path / 'rgba.png')
+    Image.fromarray(np.dstack([grey, alpha]), 'LA').save(tmp_path / 'la.png')
+    Image.fromarray(np.dstack([colour, np.full_like(alpha, 255)]), 'RGBA').save(tmp_path / 'opaque.png')
+    deep = np.dstack([colour.astype(np.uint16) * 257, alpha.astype(np.uint16) * 257])  # 16 bits a channel
+    assert cv2.imwrite(str(tmp_path / 'rgba16.png'), deep[..., [2, 1, 0, 3]])
+    keyed = grey.copy()
+    keyed[:, :6] = 7
+    Image.fromarray(keyed).save(tmp_path / 'keyed.png', transparency=7)  # a grey value keyed transparent
+    for name, expected in (('rgba.png', colour), ('la.png', grey[..., None]), ('rgba16.png', colour)):
+        read = read_image(tmp_path / name)
+        assert read.shape == expected.shape and read.dtype == np.uint8
+        assert read[:, :6].max() == 0
+        np.testing.assert_allclose(read[:, 6:8], expected[:, 6:8] * (128 / 255), atol=1)
+        np.testing.assert_array_equal(read[:, 8:], expected[:, 8:])
+    keyed_read = read_image(tmp_path / 'keyed.png')
+    assert keyed_read[:, :6].max() == 0 and np.array_equal(keyed_read[:, 6:, 0], grey[:, 6:])
+    np.testing.assert_array_equal(read_image(tmp_path / 'opaque.png'), colour)
+
+
 def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_path):
     import tifffile
     tifffile.imwrite(tmp_path / 'signed.tif', np.linspace(-1000, 1000, 64).reshape(8, 8).astype(np.int16))
