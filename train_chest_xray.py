@@ -11,6 +11,7 @@ written to OUT_DIR/<setting dir>/chest_xray/final_chest_xray_<setting fname>.pt.
 import argparse
 import hashlib
 import sys
+import warnings
 from pathlib import Path
 
 from experiments import settings
@@ -21,7 +22,7 @@ from experiments.cli import (add_training_arguments, check_training_options, exi
                              train_unless_finished)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
-from self_sup_data.recipe import check_object_pixels
+from self_sup_data.recipe import check_object_pixels, low_contrast_message
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
@@ -89,6 +90,9 @@ def prepare_run(args, setting, params):
     names = read_file_list(args.list)
     dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
                                self_sup_args=self_sup_args, seed=seed)
+    low_contrast = low_contrast_message(dataset.images, CATEGORY, dataset.bit_depth)
+    if low_contrast:
+        warnings.warn(low_contrast)
     if self_sup_args.get('skip_background') is not None:  # a background over every pixel: no patch
         check_object_pixels(dataset.images, self_sup_args['skip_background'], CATEGORY)
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from self_sup_data.images import BIT_DEPTH_RULE
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files, training_bit_depth)
+from self_sup_data.recipe import low_contrast_message
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -394,6 +396,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout,
                                   bit_depth=args.bit_depth or SET_BIT_DEPTH)
+    low_contrast = low_contrast_message(dataset.images, category, dataset.bit_depth)
+    if low_contrast:
+        warnings.warn(low_contrast)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     if not args.no_mask:

@@ -73,6 +73,7 @@ MAX_LOWER_HALF_WIDTH = 0.15  # a raised lower half-width bound stays at most thi
 BORDER_BAND = 0.1
 BORDER_RATIO = 2.0
 LOCAL_WINDOW = 7
+LOW_CONTRAST = 16  # grey levels: training images spanning fewer (median) are too flat for NSA's labels
 CALIBRATED_PARAMS = ('intensity_logistic_params', 'paste_fraction', 'width_bounds_pct',
                      'gamma_params', 'num_patches', 'clip_at_border')
 PATCH_SIZE_PARAMS = ('width_bounds_pct', 'gamma_params')  # calibrated together, kept together
@@ -205,6 +206,34 @@ def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
     return border_median / max(inner_median, 1e-6)
 
 
+def grey_level_spread(images):
+    """The grey levels that the uint8 ``images`` (``H x W x C``) span: the median over the images of
+    the difference between the 99th and the 1st percentile of each image's values."""
+    return float(np.median([np.subtract(*np.percentile(image, (99, 1))) for image in images]))
+
+
+def low_contrast_message(images, category, bit_depth=None):
+    """A warning's text where the training ``images`` of ``category`` span fewer than LOW_CONTRAST
+    grey levels (``grey_level_spread``) as the generator sees them, else None: a blend or paste
+    then changes a pixel by a level or two, which most labels leave at 0, so that a model learns to
+    find nothing (a flat material, or 16-bit data that uses a small part of its range, which is
+    read as 8 bits from the range of ``bit_depth`` bits)."""
+    spread = grey_level_spread(images)
+    if spread >= LOW_CONTRAST:
+        return None
+    read_as = ('' if bit_depth is None else
+               f"; their 16-bit values read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}")
+    return (f"category {category!r}: the training images span only {grey_levels(spread)} (1st to 99th "
+            f"percentile, median over the images{read_as}): synthetic anomalies change them by a level or "
+            f"two, which their labels mostly leave at 0; stretch the images' contrast to a wider range "
+            f"before training, by one fixed mapping for training, test and new images alike")
+
+
+def grey_levels(count):
+    """``count`` grey levels in words: '1 grey level', '2.5 grey levels'."""
+    return f"{count:g} grey level{'' if count == 1 else 's'}"
+
+
 def _draw_pairs(images, transform, rng, num_samples):
     """``num_samples`` (dest, src) training crops of two different images (the same image when
     there is only one)."""
@@ -282,8 +311,9 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     report['blends_changed'] = sum(bool((label > 0).any()) for _, label in blends)
     if changed == 0:
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
-                         f"the training images: are they blank, or does {OBJECT_MASK_OPTIONS} leave no "
-                         f"place for a patch?")
+                         f"the training images: are they blank or nearly uniform (they span "
+                         f"{grey_levels(grey_level_spread(images))}, 1st to 99th percentile, median over "
+                         f"the images), or does {OBJECT_MASK_OPTIONS} leave no place for a patch?")
     if changed < fewest_changed(num_samples):
         warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
                       f"changed the training images, and the calibrated recipe rests on them; "

@@ -5,6 +5,7 @@ batch, checksums and killed saves."""
 import contextlib
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -1105,6 +1106,42 @@ def test_a_test_image_beyond_the_training_images_bit_depth_stops_the_run_before_
         with pytest.raises(SystemExit):
             train_mvtec.parse_args(argv + ['--bit-depth', wrong])
         assert "--bit-depth: an integer from 8 to 16 (bits of the data)" in capsys.readouterr().err
+
+
+def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
+    from self_sup_data.recipe import LOW_CONTRAST, grey_level_spread, low_contrast_message
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)  # percentiles 2.55 and 252.45
+    flat = 100 + (ramp % 4)  # 100..103
+    assert grey_level_spread([ramp, ramp, flat]) == pytest.approx(249.9)
+    assert grey_level_spread([flat]) == pytest.approx(np.percentile(flat, 99) - np.percentile(flat, 1))
+    assert low_contrast_message([ramp], 'wood') is None
+    assert low_contrast_message([flat, flat, ramp], 'wood') is not None  # the median image decides
+    message = low_contrast_message([flat], 'wood', bit_depth=16)
+    assert message.startswith("category 'wood': the training images span only 3 grey levels (1st to 99th "
+                              "percentile, median over the images; their 16-bit values read as 8 bits from "
+                              "the 16-bit range 0..65535): ")
+    assert 'stretch the images' in message and 'bit' not in low_contrast_message([flat], 'wood')
+    halves = np.where(ramp < 128, 0, LOW_CONTRAST).astype(np.uint8)  # spans LOW_CONTRAST levels exactly
+    assert low_contrast_message([halves], 'wood') is None and low_contrast_message([halves - (halves > 0)], 'wood')
+
+
+def test_training_images_too_flat_for_the_labels_are_warned_of_and_stop_the_calibration(tmp_path, capsys):
+    """16-bit data that uses a sliver of its range (values 29800..30200 of a 16-bit sensor) spans a
+    level or two once read as 8 bits: training warns, naming the category and the 16-bit reading,
+    before anything else, and the calibration's error says that the images are nearly uniform
+    instead of only asking whether they are blank."""
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'flat', n_train=4)
+    rng = np.random.default_rng(0)
+    for path in (data / 'flat' / 'train' / 'good').glob('*.png'):
+        Image.fromarray((29800 + rng.integers(0, 400, (64, 64))).astype(np.uint16)).save(path)
+    argv = ['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(tmp_path / 'out'), '-n', 'flat'] + ONE_EPOCH
+    with pytest.warns(UserWarning, match=r"^category 'flat': the training images span only 1 grey level \(1st "
+                                         r"to 99th .*; their 16-bit values read as 8 bits from the 16-bit range"):
+        message = run_error(train_mvtec.main, argv + ['--recipe', 'auto'], capsys)
+    assert re.search(r"category 'flat': none of \d+ synthetic anomalies changed the training images: are they "
+                     r"blank or nearly uniform \(they span 1 grey level, 1st to 99th percentile", message)
+    assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').rglob('*.pt'))
 
 
 def test_a_key_with_the_default_seed_is_refused_beside_the_key_without_one(tmp_path, capsys):
