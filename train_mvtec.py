@@ -299,8 +299,8 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
         return write_report(sort_records(records + kept), eval_dir)
     written = write_evaluation(records, eval_dir, figure_dir, write_with_earlier_results, earlier_figures)
     if written is not None and kept:
-        print(f"{PROG}: the tables also hold {len(kept)} earlier results of other settings or categories "
-              f"from {eval_dir / 'results.csv'}")
+        print(f"{PROG}: the tables also hold {len(kept)} earlier result{'s' * (len(kept) != 1)} of other "
+              f"settings or categories from {eval_dir / 'results.csv'}")
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
     header = ['category', 'setting', 'seed'] + list(columns.values())
@@ -449,7 +449,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                                               recipes.val_every(args, config.epochs))
     if 0 < held_out.size < len(VALIDATION_KINDS):
         kinds = ', '.join(VALIDATION_KINDS[:held_out.size])
-        print(f"{PROG}: {category}: note: the validation set holds {held_out.size} held-out images, with "
+        print(f"{PROG}: {category}: note: the validation set holds {held_out.size} held-out "
+              f"image{'s' * (held_out.size != 1)}, with "
               f"defects of {held_out.size} of the {len(VALIDATION_KINDS)} kinds ({kinds}): its score is "
               f"coarse, and close scores are ties")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,

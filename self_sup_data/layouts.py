@@ -437,7 +437,18 @@ def detect_layout(root, category=None):
     found_here = _listing(root / category) if category and (root / category).is_dir() else _listing(root)
     raise FileNotFoundError(f"{what} in any layout; categories found: {every or 'none'}; expected "
                             f"({expected}; folder: --format folder --normal DIR --abnormal DIR "
-                            f"[--mask-dir DIR]); found: {found_here}")
+                            f"[--mask-dir DIR]); found: {found_here}{_category_folder_hint(root)}")
+
+
+def _category_folder_hint(root):
+    """Where the data folder ``root`` is itself a category folder (a common slip: the category's
+    path given as the data folder), what to give instead; else ''."""
+    parent = root.parent
+    if root.name and any(root.name in layout.categories(parent) for layout in LAYOUTS.values()):
+        return (f"; {root} is itself a category folder: give the folder above it as the data folder and "
+                f"its name as the category (-d {parent} -n {root.name})")
+    return ''
+
 
 
 def make_layout(format, normal=None, abnormal=None, mask_dir=None, held_out_sha256=None):

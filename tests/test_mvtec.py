@@ -338,6 +338,20 @@ def test_missing_category_lists_the_categories_found(tmp_path):
         SelfSupMVTecDataset(tmp_path, 'cable')
 
 
+def test_a_category_folder_given_as_the_data_folder_is_told_what_to_give(tmp_path):
+    from self_sup_data.layouts import detect_layout
+    category = make_mvtec_category(tmp_path, 'plain', n_train=1, defects={})
+    hint = (f"{category} is itself a category folder: give the folder above it as the data folder and its "
+            f"name as the category (-d {tmp_path} -n plain)")
+    for args in ((category,), (category, 'plain')):
+        with pytest.raises(FileNotFoundError) as error:
+            detect_layout(*args)
+        assert str(error.value).endswith(hint)
+    with pytest.raises(FileNotFoundError) as error:
+        detect_layout(tmp_path, 'other')
+    assert 'is itself a category folder' not in str(error.value)
+
+
 def test_empty_train_folder(tmp_path):
     make_mvtec_category(tmp_path, 'cat', n_train=0)
     (tmp_path / 'cat' / 'train' / 'good').mkdir(parents=True)

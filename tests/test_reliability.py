@@ -626,6 +626,10 @@ def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_
     train_mvtec.prepare_run(args, setting, root, 'ten')
     assert ("ten: note: the validation set holds 2 held-out images, with defects of 2 of the 5 kinds "
             "(scar, blob): its score is coarse") in capsys.readouterr().out
+    args.val_fraction = 0.1
+    train_mvtec.prepare_run(args, setting, root, 'ten')
+    assert ("ten: note: the validation set holds 1 held-out image, with defects of 1 of the 5 kinds "
+            "(scar): its score is coarse") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('background,from_flag,noted', [
