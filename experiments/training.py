@@ -501,12 +501,17 @@ def run_differences(saved_meta, meta):
     return dict_differences(learnt(saved_meta), learnt(meta))
 
 
+SHOWN_LENGTH = 80  # characters of a value that dict_differences shows
+
+
 def dict_differences(a, b, prefix=''):
     """['key: a's value vs b's', ...] for each key whose values differ (a missing key counts as
     None and reads 'absent'), sorted; where both values are dicts, their differing entries as
-    'key.entry: ...'."""
+    'key.entry: ...'; a value whose repr is longer than SHOWN_LENGTH characters (a whole calibration
+    report against none) is cut there."""
     def shown(d, k):
-        return repr(d[k]) if k in d else 'absent'
+        text = repr(d[k]) if k in d else 'absent'
+        return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 4] + ' ...'
     lines = []
     for k in sorted(a.keys() | b.keys(), key=str):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):

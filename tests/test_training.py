@@ -379,6 +379,10 @@ def test_differences_name_the_nested_entries_that_differ():
     assert training.dict_differences(dict(args=dict(a=1)), dict(args=None)) == [
         "args: {'a': 1} vs None"]
     assert training.dict_differences(saved, saved) == []
+    report = {f'measure_{i}': i / 7 for i in range(20)}  # a calibration report against none: cut short
+    line, = training.dict_differences(dict(calibration=report), dict(calibration=None))
+    shown = repr(report)[:training.SHOWN_LENGTH - 4] + ' ...'
+    assert line == f'calibration: {shown} vs None' and len(shown) == training.SHOWN_LENGTH
 
 
 @pytest.mark.slow
