@@ -75,6 +75,12 @@ def bit_depth_argument(value):
     return int(value)
 
 
+def category_argument(value):
+    """argparse type of -n: the category's folder name, without the trailing separator that a
+    shell's completion of a folder adds (``-n wood/``)."""
+    return value.rstrip('/\\') or value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
@@ -86,7 +92,7 @@ def parse_args(argv=None):
     parser.add_argument('-o', '--out-dir', '--out_dir', type=path_argument, dest='out_dir', required=True,
                         help='where models and figures go')
     which = parser.add_mutually_exclusive_group()
-    which.add_argument('-n', '--class-name', '--class_name', dest='class_name',
+    which.add_argument('-n', '--class-name', '--class_name', dest='class_name', type=category_argument,
                        help='one category (a folder of DATA_DIR)')
     which.add_argument('-c', '--categories', choices=CATEGORY_GROUPS, default='all',
                        help='the categories found in DATA_DIR: all, or those of one kind (default: all)')

@@ -308,6 +308,7 @@ def test_a_root_with_categories_of_two_layouts_trains_each_in_its_own(tmp_path):
         return train_mvtec.select_categories(args, tmp_path)
     assert selected() == ['juice_bottle', 'tiny']
     assert selected('-n', 'tiny') == ['tiny']
+    assert selected('-n', 'tiny/') == selected('-n', 'tiny//') == ['tiny']  # as a shell completes a folder
     assert selected('--format', 'loco') == ['juice_bottle']
     with pytest.raises(FileNotFoundError, match=r"'tiny' not found .*\(loco layout: .*categories found: juice_bottle"):
         selected('--format', 'loco', '-n', 'tiny')
