@@ -501,17 +501,19 @@ def run_differences(saved_meta, meta):
     return dict_differences(learnt(saved_meta), learnt(meta))
 
 
-SHOWN_LENGTH = 80  # characters of a value that dict_differences shows
+SHOWN_LENGTH = 80  # characters of a dict against another value that dict_differences shows
 
 
 def dict_differences(a, b, prefix=''):
     """['key: a's value vs b's', ...] for each key whose values differ (a missing key counts as
     None and reads 'absent'), sorted; where both values are dicts, their differing entries as
-    'key.entry: ...'; a value whose repr is longer than SHOWN_LENGTH characters (a whole calibration
-    report against none) is cut there."""
+    'key.entry: ...'; a dict against another value (a whole calibration report against none) is
+    cut to SHOWN_LENGTH characters."""
     def shown(d, k):
         text = repr(d[k]) if k in d else 'absent'
-        return text if len(text) <= SHOWN_LENGTH else text[:SHOWN_LENGTH - 4] + ' ...'
+        if isinstance(d.get(k), dict) and len(text) > SHOWN_LENGTH:
+            return text[:SHOWN_LENGTH - 4] + ' ...'
+        return text
     lines = []
     for k in sorted(a.keys() | b.keys(), key=str):
         if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):

@@ -66,13 +66,38 @@ def _deep_tiff_layout(image):
 
 
 def decode_16_bit_colour(path):
-    """uint16 ``H x W x 3`` (RGB; alpha dropped) of a colour file of 16 bits a channel, decoded by
-    OpenCV: Pillow reads such files as their high bytes only."""
+    """(uint16 ``H x W x 3`` RGB, its uint16 ``H x W`` alpha channel or None) of a colour file of 16
+    bits a channel, decoded by OpenCV: Pillow reads such files as their high bytes only."""
     values = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
     if values is None or values.dtype != np.uint16 or values.ndim != 3 or values.shape[2] < 3:
         raise ValueError('a colour image of 16 bits a channel that OpenCV cannot decode '
                          '(truncated?)')
-    return np.ascontiguousarray(values[:, :, 2::-1])  # BGR(A) -> RGB
+    alpha = values[:, :, 3] if values.shape[2] == 4 else None
+    return np.ascontiguousarray(values[:, :, 2::-1]), alpha  # BGR(A) -> RGB
+
+
+def _associated_alpha(image):
+    """Whether Pillow's ``image`` is a TIFF whose alpha is associated (ExtraSamples 1): its colour
+    is stored premultiplied, already over black."""
+    if image.format != 'TIFF':
+        return False
+    extra = image.tag_v2.get(338)
+    return 1 in (extra if isinstance(extra, tuple) else (extra,))
+
+
+def _alpha_band(image):
+    """uint8 ``H x W`` alpha of Pillow's 8-bit ``image`` (an alpha channel, or a colour keyed
+    transparent), or None without transparency."""
+    if 'A' in image.getbands():
+        return np.asarray(image.getchannel('A'))
+    if image.info.get('transparency') is not None:
+        return np.asarray(image.convert('RGBA'))[:, :, 3]
+    return None
+
+
+def _opacity(alpha, top):
+    """float32 ``alpha / top`` in 0..1, or None where ``alpha`` is None or opaque everywhere."""
+    return None if alpha is None or alpha.min(initial=top) == top else alpha.astype(np.float32) / top
 
 
 # what Pillow's decoders raise on some malformed files besides OSError (e.g. a TIFF whose
@@ -114,7 +139,27 @@ def as_displayed(image):
 
 
 def decode_values(path):
-    """Decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
+    """The pixel values of the image file at ``path`` as stored (``_decoded``), transparency ignored."""
+    return _decoded(path)[0]
+
+
+def image_values(path):
+    """``decode_values`` of the image file at ``path`` composited over black where some pixel is
+    transparent (``_decoded``'s opacity), in their own dtype: a cut-out as viewers show it, what its
+    transparent pixels hide (often leftovers) read as 0, before any scaling of 16-bit values."""
+    values, opacity = _decoded(path)
+    if opacity is None:
+        return values
+    opacity = opacity[..., None] if values.ndim == 3 else opacity
+    return (values * opacity).round().astype(values.dtype)
+
+
+def _decoded(path):
+    """(values, opacity) of the image file at ``path``, from one decoding. Opacity: float32 ``H x W``
+    in 0..1 of its alpha channel or colour key, None where no pixel is transparent (and for integer
+    grey images, whose colour key is not read, and TIFFs with associated alpha, already over black).
+
+    Values: decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
     pixel values as stored: integers (0..65535) for integer images (also ``H x W x 3`` uint16 for
     colour of 16 bits a channel, ``decode_16_bit_colour``), else uint8 ``H x W`` (grey, also 1-bit
     as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted), turned as displayed
@@ -135,7 +180,8 @@ def decode_values(path):
                              '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
                              'correctly; save it interleaved (contiguous)')
         if _is_16_bit_colour(image):
-            return decode_16_bit_colour(path)
+            values, alpha = decode_16_bit_colour(path)
+            return values, None if _associated_alpha(image) else _opacity(alpha, 65535)
         image = as_displayed(image)
         image.load()
         if image.mode in INTEGER_MODES:
@@ -147,12 +193,13 @@ def decode_values(path):
             if tiff is not None and tiff[1]:  # 0 is white: as displayed, as Pillow turns 8-bit ones
                 values = tiff[2] - np.minimum(values.astype(np.int64), tiff[2])
                 values = values.astype(np.uint16)
-            return values
+            return values, None
+        alpha = _alpha_band(image)
         if image.mode in ('1', 'LA', 'La'):
             image = image.convert('L')
         elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
             image = image.convert('RGB')
-        return np.asarray(image)
+        return np.asarray(image), _opacity(alpha, 255)
 
 
 def high_depth_maximum(path):
@@ -161,7 +208,7 @@ def high_depth_maximum(path):
     header tells)."""
     with opened_image(path) as image:
         deep = image.mode in INTEGER_MODES or _is_16_bit_colour(image)
-    return int(decode_values(path).max(initial=0)) if deep else None
+    return int(image_values(path).max(initial=0)) if deep else None
 
 
 def decode_mask_values(path):
@@ -184,17 +231,6 @@ def has_transparency(image):
     return image.mode in ALPHA_MODES or image.info.get('transparency') is not None
 
 
-def opacity(path):
-    """float32 ``H x W`` in 0..1 of the image file at ``path`` as displayed: its alpha channel (or
-    colour key), where some pixel is not fully opaque; else None (no transparency, or an integer
-    grey image, whose colour key Pillow cannot convert)."""
-    with opened_image(path) as image:
-        if not has_transparency(image) or image.mode in INTEGER_MODES:
-            return None
-        alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
-    return None if alpha.min(initial=255) == 255 else alpha.astype(np.float32) / 255
-
-
 def to_uint8(values, bits):
     """Integer pixel values of ``bits``-bit data (0..2**bits - 1; float arrays too, e.g. resized
     values) scaled to uint8 0..255."""
@@ -207,16 +243,10 @@ def decode(path, bits=None):
     (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
     of the image's own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that
     8- to 14-bit data keeps 256 grey levels. ValueError naming the file for values beyond
-    ``bits`` bits. An image with transparency is composited over black (``opacity``): what its
-    transparent pixels hide (often leftovers of a cut-out) is not read, as viewers show it."""
-    values = decode_values(path)
-    alpha = opacity(path)
-    if values.dtype != np.uint8:
-        values = _scaled_to_uint8(path, values, bits)
-    if alpha is None:
-        return values
-    alpha = alpha[..., None] if values.ndim == 3 else alpha  # over black: transparent pixels read as 0
-    return (values * alpha).round().astype(np.uint8)
+    ``bits`` bits. An image with transparency is composited over black first (``image_values``),
+    so that what its transparent pixels hide sets neither the scaling nor the values."""
+    values = image_values(path)
+    return values if values.dtype == np.uint8 else _scaled_to_uint8(path, values, bits)
 
 
 def _scaled_to_uint8(path, values, bits):

@@ -444,7 +444,8 @@ def _category_folder_hint(root):
     """Where the data folder ``root`` is itself a category folder (a common slip: the category's
     path given as the data folder), what to give instead; else ''."""
     parent = root.parent
-    if root.name and any(root.name in layout.categories(parent) for layout in LAYOUTS.values()):
+    listed = [name for name, layout in LAYOUTS.items() if root.name and root.name in layout.categories(parent)]
+    if listed and (listed != ['mvtec'] or (root / 'train' / 'good').is_dir()):  # not any folder with test/
         return (f"; {root} is itself a category folder: give the folder above it as the data folder and "
                 f"its name as the category (-d {parent} -n {root.name})")
     return ''

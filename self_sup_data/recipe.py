@@ -208,8 +208,10 @@ def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
 
 def grey_level_spread(images):
     """The grey levels that the uint8 ``images`` (``H x W x C``) span: the median over the images of
-    the difference between the 99th and the 1st percentile of each image's values."""
-    return float(np.median([np.subtract(*np.percentile(image, (99, 1))) for image in images]))
+    the difference between the 99th and the 1st percentile of an image's values in its widest
+    channel (a flat colour spans few levels in each channel, however far apart the channels)."""
+    return float(np.median([np.subtract(*np.percentile(image.reshape(-1, image.shape[2]), (99, 1), axis=0)).max()
+                            for image in images]))
 
 
 def low_contrast_message(images, category, bit_depth=None):

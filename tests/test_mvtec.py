@@ -347,9 +347,14 @@ def test_a_category_folder_given_as_the_data_folder_is_told_what_to_give(tmp_pat
         with pytest.raises(FileNotFoundError) as error:
             detect_layout(*args)
         assert str(error.value).endswith(hint)
-    with pytest.raises(FileNotFoundError) as error:
-        detect_layout(tmp_path, 'other')
-    assert 'is itself a category folder' not in str(error.value)
+    loose = tmp_path / 'loose'  # images in train/ and test/, no MVTec layout: --format folder, not -n
+    for split in ('train', 'test'):
+        (loose / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(loose / split / 'a.png')
+    for args in ((tmp_path, 'other'), (loose,)):
+        with pytest.raises(FileNotFoundError) as error:
+            detect_layout(*args)
+        assert 'is itself a category folder' not in str(error.value)
 
 
 def test_empty_train_folder(tmp_path):

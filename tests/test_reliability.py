@@ -32,7 +32,7 @@ from experiments.training import (TrainConfig, final_model_path, last_checkpoint
                                   make_loader, model_checkpoint, train, weights_checksum)
 from models.resnet import resnet18_enc_dec
 from self_sup_data import chest_xray
-from self_sup_data.images import decode, decode_values, image_files, read_image
+from self_sup_data.images import decode, decode_values, high_depth_maximum, image_files, read_image
 from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -1026,6 +1026,21 @@ def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
     keyed_read = read_image(tmp_path / 'keyed.png')
     assert keyed_read[:, :6].max() == 0 and np.array_equal(keyed_read[:, 6:, 0], grey[:, 6:])
     np.testing.assert_array_equal(read_image(tmp_path / 'opaque.png'), colour)
+    # bright leftovers under full transparency set neither the bit depth nor a refusal of 12-bit data
+    hidden = np.zeros((12, 20, 4), np.uint16)
+    hidden[..., :3], hidden[..., 3] = 4000, 65535
+    hidden[:, :6] = (65535, 65535, 65535, 0)
+    assert cv2.imwrite(str(tmp_path / 'hidden.png'), hidden)
+    assert high_depth_maximum(tmp_path / 'hidden.png') == 4000
+    assert read_image(tmp_path / 'hidden.png', bits=12)[:, 6:].min() == round(4000 * 255 / 4095)
+    # colour stored premultiplied (a TIFF's associated alpha) is already over black, at 8 bits as at 16
+    tifffile = pytest.importorskip('tifffile')
+    premultiplied = np.dstack([colour * (alpha[..., None] / 255), alpha]).round().astype(np.uint8)
+    tifffile.imwrite(tmp_path / 'pre8.tif', premultiplied, photometric='rgb', extrasamples=[1])
+    tifffile.imwrite(tmp_path / 'pre16.tif', premultiplied.astype(np.uint16) * 257, photometric='rgb',
+                     extrasamples=[1])
+    for name in ('pre8.tif', 'pre16.tif'):
+        np.testing.assert_allclose(read_image(tmp_path / name), premultiplied[..., :3], atol=2)
 
 
 def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_path):
@@ -1119,6 +1134,8 @@ def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
     assert grey_level_spread([ramp, ramp, flat]) == pytest.approx(249.9)
     assert grey_level_spread([flat]) == pytest.approx(np.percentile(flat, 99) - np.percentile(flat, 1))
     assert low_contrast_message([ramp], 'wood') is None
+    green = np.zeros((16, 16, 3), np.uint8) + (30, 120, 40) + (ramp % 2)  # a flat colour: 1 level a channel
+    assert grey_level_spread([green]) == 1 and low_contrast_message([green], 'wood') is not None
     assert low_contrast_message([flat, flat, ramp], 'wood') is not None  # the median image decides
     message = low_contrast_message([flat], 'wood', bit_depth=16)
     assert message.startswith("category 'wood': the training images span only 3 grey levels (1st to 99th "

@@ -383,6 +383,9 @@ def test_differences_name_the_nested_entries_that_differ():
     line, = training.dict_differences(dict(calibration=report), dict(calibration=None))
     shown = repr(report)[:training.SHOWN_LENGTH - 4] + ' ...'
     assert line == f'calibration: {shown} vs None' and len(shown) == training.SHOWN_LENGTH
+    long_paths = ['/data/' + 'x' * 90 + end for end in ('a', 'b')]  # differing at the end: shown whole
+    assert training.dict_differences(dict(data_dir=long_paths[0]), dict(data_dir=long_paths[1])) == [
+        f'data_dir: {long_paths[0]!r} vs {long_paths[1]!r}']
 
 
 @pytest.mark.slow
