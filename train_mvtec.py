@@ -209,7 +209,7 @@ def plan(args):
     args.res_scale = args.res_scale or DEMO_RES_SCALE
     args.batch_size = args.batch_size or DEMO_BATCH_SIZE
     print(f"{PROG}: no -d DATA_DIR given: training on the built-in demo dataset {category_dir} "
-          f"with a small budget ({args.epochs} epochs, batch {args.batch_size}, "
+          f"with a small budget ({args.epochs} epoch{'s' * (args.epochs != 1)}, batch {args.batch_size}, "
           f"res-scale {args.res_scale}); pass -d for real data")
     if args.evaluate is None:
         args.evaluate = True
@@ -404,7 +404,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                   bit_depth=args.bit_depth or SET_BIT_DEPTH)
     low_contrast = low_contrast_message(dataset.images, category,  # --bit-depth: 8-bit files read as they are
                                         None if args.bit_depth else dataset.bit_depth)
-    if low_contrast:
+    if low_contrast and params is None:  # once: not again for --recipe search's candidates and final run
         warnings.warn(low_contrast)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
@@ -511,7 +511,7 @@ def search_recipe(args, setting, data_dir, category, out_dir):
             return (dataset, model, dataclasses.replace(config, epochs=epochs, select='last',
                                                         swa_epochs=0), meta, validator)
         run_dir = setting.run_dir(out_dir, category) / SEARCH_DIR / name
-        print(f"{PROG}: {category}: search candidate {name}, {epochs} epochs, in {run_dir}")
+        print(f"{PROG}: {category}: search candidate {name}, {epochs} epoch{'s' * (epochs != 1)}, in {run_dir}")
         meta = train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
                                      resume=not args.force, force=args.force, replace_other=True)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)

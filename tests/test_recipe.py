@@ -871,7 +871,7 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
                       'search', '--search-epochs', '1', '--select', select, '--evaluate'] + FAST)
     printed = capsys.readouterr().out
-    assert 'search candidate auto, 1 epochs' in printed
+    assert 'search candidate auto, 1 epoch, in' in printed
     results = pd.read_csv(out / 'eval' / 'results.csv')  # the final model only, not the candidates
     assert len(results) == 1 and results['category'].tolist() == ['plates']
     meta = torch.load(settings.trained_model_path(out, 'Shift-Intensity-M', 'plates'),

@@ -1162,6 +1162,15 @@ def test_training_images_too_flat_for_the_labels_are_warned_of_and_stop_the_cali
         message = run_error(train_mvtec.main, argv + ['--recipe', 'auto'], capsys)
     assert re.search(r"category 'flat': none of \d+ synthetic anomalies changed the training images: are they "
                      r"blank or nearly uniform \(they span 1 grey level, 1st to 99th percentile", message)
+    args = train_mvtec.parse_args(argv)  # the table recipe: trains (on labels of 0) without calibrating
+    setting = train_mvtec.plan(args)[0]
+    with pytest.warns(UserWarning, match="category 'flat': the training images span only 1 grey level"):
+        train_mvtec.prepare_run(args, setting, data, 'flat')
+    params = settings.category_params('flat', None, {})
+    with warnings.catch_warnings(record=True) as caught:  # a --recipe search candidate's: said once before
+        warnings.simplefilter('always')
+        train_mvtec.prepare_run(args, setting, data, 'flat', params)
+    assert not [w for w in caught if 'grey level' in str(w.message)]
     assert not (tmp_path / 'out').exists() or not list((tmp_path / 'out').rglob('*.pt'))
 
 
