@@ -21,6 +21,7 @@ GLOB_CHARACTERS = '*?['
 INTEGER_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # Pillow's modes of integer grey images
 GREY_MODES = ('1', 'L', 'LA', 'La') + INTEGER_MODES  # the modes decode_values reads as grey
 ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')  # Pillow's modes with an alpha channel
+PREMULTIPLIED_MODES = {'La': 'LA', 'RGBa': 'RGBA'}  # Pillow's modes of premultiplied colour, and straight
 EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
 EXIF_ORIENTATION = 0x0112
 # bits of the data in 16-bit images: 8-bit data saved as 16 bits, 10-, 12- and 14-bit sensors, the full range
@@ -139,7 +140,7 @@ def as_displayed(image):
 
 
 def decode_values(path):
-    """The pixel values of the image file at ``path`` as stored (``_decoded``), transparency ignored."""
+    """The pixel values of the image file at ``path`` as decoded (``_decoded``), transparency ignored."""
     return _decoded(path)[0]
 
 
@@ -156,8 +157,11 @@ def image_values(path):
 
 def _decoded(path):
     """(values, opacity) of the image file at ``path``, from one decoding. Opacity: float32 ``H x W``
-    in 0..1 of its alpha channel or colour key, None where no pixel is transparent (and for integer
-    grey images, whose colour key is not read, and TIFFs with associated alpha, already over black).
+    in 0..1 of its alpha channel or colour key, None where no pixel is transparent, and where a key
+    or alpha is not read: the colour key of integer grey images and of colour of 16 bits a channel,
+    and the associated alpha of a TIFF of 16 bits a channel, whose colour OpenCV gives as stored,
+    premultiplied, that is over black already (8-bit premultiplied colour is un-premultiplied, and
+    composited like straight alpha).
 
     Values: decode the whole file with Pillow (which raises on truncated data) -> numpy array of the
     pixel values as stored: integers (0..65535) for integer images (also ``H x W x 3`` uint16 for
@@ -180,8 +184,9 @@ def _decoded(path):
                              '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
                              'correctly; save it interleaved (contiguous)')
         if _is_16_bit_colour(image):
-            values, alpha = decode_16_bit_colour(path)
-            return values, None if _associated_alpha(image) else _opacity(alpha, 65535)
+            values, alpha = decode_16_bit_colour(path)  # (OpenCV makes a colour key an alpha channel)
+            straight = image.mode == 'RGBA' and not _associated_alpha(image)
+            return values, _opacity(alpha, 65535) if straight else None
         image = as_displayed(image)
         image.load()
         if image.mode in INTEGER_MODES:
@@ -194,8 +199,10 @@ def _decoded(path):
                 values = tiff[2] - np.minimum(values.astype(np.int64), tiff[2])
                 values = values.astype(np.uint16)
             return values, None
+        if image.mode in PREMULTIPLIED_MODES:  # colour un-premultiplied, as other modes store it
+            image = image.convert(PREMULTIPLIED_MODES[image.mode])
         alpha = _alpha_band(image)
-        if image.mode in ('1', 'LA', 'La'):
+        if image.mode in ('1', 'LA'):
             image = image.convert('L')
         elif image.mode not in ('L', 'RGB'):  # palette, RGBA, CMYK, ...
             image = image.convert('RGB')

@@ -214,17 +214,19 @@ def grey_level_spread(images):
                             for image in images]))
 
 
-def low_contrast_message(images, category, bit_depth=None):
+def low_contrast_message(images, category, bit_depth=None, depth_given=False):
     """A warning's text where the training ``images`` of ``category`` span fewer than LOW_CONTRAST
     grey levels (``grey_level_spread``) as the generator sees them, else None: a blend or paste
     then changes a pixel by a level or two, which most labels leave at 0, so that a model learns to
     find nothing (a flat material, or 16-bit data that uses a small part of its range, which is
-    read as 8 bits from the range of ``bit_depth`` bits)."""
+    read as 8 bits from the range of ``bit_depth`` bits: found in 16-bit training images, or
+    ``depth_given`` by --bit-depth, whatever the files hold)."""
     spread = grey_level_spread(images)
     if spread >= LOW_CONTRAST:
         return None
+    whose = '16-bit files among them' if depth_given else 'their 16-bit values'
     read_as = ('' if bit_depth is None else
-               f"; their 16-bit values read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}")
+               f"; {whose} read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}")
     return (f"category {category!r}: the training images span only {grey_levels(spread)} (1st to 99th "
             f"percentile, median over the images{read_as}): synthetic anomalies change them by a level or "
             f"two, which their labels mostly leave at 0; stretch the images' contrast to a wider range "

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -1041,6 +1042,19 @@ def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
                      extrasamples=[1])
     for name in ('pre8.tif', 'pre16.tif'):
         np.testing.assert_allclose(read_image(tmp_path / name), premultiplied[..., :3], atol=2)
+    grey_premultiplied = np.dstack([premultiplied[..., 0], alpha])  # Pillow's mode La
+    tifffile.imwrite(tmp_path / 'la8.tif', grey_premultiplied, photometric='minisblack', extrasamples=[1])
+    np.testing.assert_allclose(read_image(tmp_path / 'la8.tif')[..., 0], premultiplied[..., 0], atol=2)
+    # a 16-bit colour key (which OpenCV turns into an alpha channel) is not read, as for masks
+    keyed16 = colour.astype(np.uint16) * 257
+    keyed16[:, :6] = 4000
+    assert cv2.imwrite(str(tmp_path / 'keyed16.png'), keyed16[..., ::-1])
+    png = (tmp_path / 'keyed16.png').read_bytes()
+    trns = b'tRNS' + (4000).to_bytes(2, 'big') * 3
+    chunk = len(trns[4:]).to_bytes(4, 'big') + trns + zlib.crc32(trns).to_bytes(4, 'big')
+    at = png.index(b'IDAT') - 4  # the key goes before the image data
+    (tmp_path / 'keyed16.png').write_bytes(png[:at] + chunk + png[at:])
+    assert read_image(tmp_path / 'keyed16.png')[:, :6].min() == round(4000 * 255 / 65535)
 
 
 def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_path):
@@ -1142,6 +1156,8 @@ def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
                               "percentile, median over the images; their 16-bit values read as 8 bits from "
                               "the 16-bit range 0..65535): ")
     assert 'stretch the images' in message and 'bit' not in low_contrast_message([flat], 'wood')
+    assert "; 16-bit files among them read as 8 bits from the 12-bit range 0..4095)" in low_contrast_message(
+        [flat], 'wood', bit_depth=12, depth_given=True)  # --bit-depth: perhaps of 8-bit files
     halves = np.where(ramp < 128, 0, LOW_CONTRAST).astype(np.uint8)  # spans LOW_CONTRAST levels exactly
     assert low_contrast_message([halves], 'wood') is None and low_contrast_message([halves - (halves > 0)], 'wood')
 
