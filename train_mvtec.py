@@ -402,9 +402,10 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout,
                                   bit_depth=args.bit_depth or SET_BIT_DEPTH)
-    low_contrast = low_contrast_message(dataset.images, category, dataset.bit_depth, args.bit_depth is not None)
-    if low_contrast and params is None:  # once: not again for --recipe search's candidates and final run
-        warnings.warn(low_contrast)
+    if params is None:  # once: not again for --recipe search's candidates and final run
+        low_contrast = low_contrast_message(dataset.images, category, dataset.bit_depth, args.bit_depth is not None)
+        if low_contrast:
+            warnings.warn(low_contrast)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     if not args.no_mask:

@@ -443,13 +443,14 @@ def detect_layout(root, category=None):
 def _category_folder_hint(root):
     """Where the data folder ``root`` is itself a category folder (a common slip: the category's
     path given as the data folder), what to give instead; else ''."""
+    if not root.name:  # the file system's root
+        return ''
     parent = root.parent
-    listed = [name for name, layout in LAYOUTS.items() if root.name and root.name in layout.categories(parent)]
+    listed = [name for name, layout in LAYOUTS.items() if root.name in layout.categories(parent)]
     if listed and (listed != ['mvtec'] or (root / 'train' / 'good').is_dir()):  # not any folder with test/
         return (f"; {root} is itself a category folder: give the folder above it as the data folder and "
                 f"its name as the category (-d {parent} -n {root.name})")
     return ''
-
 
 
 def make_layout(format, normal=None, abnormal=None, mask_dir=None, held_out_sha256=None):
