@@ -47,8 +47,9 @@ from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.images import BIT_DEPTH_RULE
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
-                                 load_validation_set, train_files, training_bit_depth)
-from self_sup_data.recipe import low_contrast_message
+                                 load_validation_set, suggested_intensity_window, train_files,
+                                 training_bit_depth)
+from self_sup_data.recipe import LOW_CONTRAST, grey_level_spread, low_contrast_message
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -75,6 +76,19 @@ def bit_depth_argument(value):
     return int(value)
 
 
+def intensity_argument(value):
+    """argparse type of a --intensity-range bound: a 16-bit value, an integer from 0 to 65535."""
+    if not value.strip().isdigit() or not 0 <= int(value) < 2 ** 16:
+        raise argparse.ArgumentTypeError(f'an integer from 0 to 65535 (a 16-bit value), got {value!r}')
+    return int(value)
+
+
+def image_reading(args):
+    """How 16-bit images are read (``self_sup_data.images.to_uint8``): --bit-depth's bits,
+    --intensity-range's window [low, high], or None (the training images' bit depth)."""
+    return args.bit_depth or (args.intensity_range and list(args.intensity_range))
+
+
 def category_argument(value):
     """argparse type of -n: the category's folder name, without the trailing separator that a
     shell's completion of a folder adds (``-n wood/``)."""
@@ -99,10 +113,15 @@ def parse_args(argv=None):
     parser.add_argument('--kind', choices=('object', 'texture'),
                         help='treat the categories as this kind (default: MVTec AD\'s grouping; '
                              'other names are textures)')
-    parser.add_argument('--bit-depth', type=bit_depth_argument, metavar='BITS',
-                        help='bits of the data in 16-bit image files (8 to 16), from which they are scaled to '
-                             f'8 bits; stored with the model for its test and new images (default: {BIT_DEPTH_RULE} '
-                             'among the training images)')
+    reading = parser.add_mutually_exclusive_group()
+    reading.add_argument('--bit-depth', type=bit_depth_argument, metavar='BITS',
+                         help='bits of the data in 16-bit image files (8 to 16), from which they are scaled to '
+                              f'8 bits; stored with the model for its test and new images (default: {BIT_DEPTH_RULE} '
+                              'among the training images)')
+    reading.add_argument('--intensity-range', type=intensity_argument, nargs=2, metavar=('LOW', 'HIGH'),
+                         help='read 16-bit image files by mapping the values LOW..HIGH onto 0..255 (values outside '
+                              'saturate), for data that uses a small part of the 16-bit range; stored with the model '
+                              'for its test and new images (default: by the bit depth)')
     parser.add_argument('--res-scale', type=float,
                         help="resolution relative to the paper's (224/256-pixel crops); "
                              "0.5 trains at half (default: 1)")
@@ -115,7 +134,11 @@ def parse_args(argv=None):
                              'the test set at the end (as python -m experiments.mvtec_tasks does, '
                              'into OUT_DIR/eval) and print the figures '
                              '(default: on for the demo dataset only)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.intensity_range and args.intensity_range[0] >= args.intensity_range[1]:
+        parser.error(f"argument --intensity-range: LOW must be below HIGH, got {args.intensity_range[0]} "
+                     f"{args.intensity_range[1]}")
+    return args
 
 
 def category_layouts(args, data_dir):
@@ -226,7 +249,7 @@ def check_evaluable(args, data_dir, categories):
         check_output_dir(Path(args.out_dir) / 'eval')
         layout = layout_from_args(args)
         for category in categories:
-            bit_depth = args.bit_depth or training_bit_depth(data_dir, category, layout)
+            bit_depth = image_reading(args) or training_bit_depth(data_dir, category, layout)
             check_test_set(data_dir, category, layout, args.allow_missing_masks, bit_depth)
 
 
@@ -401,11 +424,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         fraction = 0.0  # as stored: nothing was held out
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout,
-                                  bit_depth=args.bit_depth or SET_BIT_DEPTH)
+                                  bit_depth=image_reading(args) or SET_BIT_DEPTH)
     if params is None:  # once: not again for --recipe search's candidates and final run
-        low_contrast = low_contrast_message(dataset.images, category, dataset.bit_depth, args.bit_depth is not None)
-        if low_contrast:
-            warnings.warn(low_contrast)
+        warn_low_contrast(args, category, dataset)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     if not args.no_mask:
@@ -477,6 +498,15 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator
+
+
+def warn_low_contrast(args, category, dataset):
+    """Warn where the training images of ``dataset`` span few grey levels (``low_contrast_message``;
+    for 16-bit images it suggests an intensity window, ``suggested_intensity_window``)."""
+    if grey_level_spread(dataset.images) < LOW_CONTRAST:
+        window = None if dataset.bit_depth is None else suggested_intensity_window(dataset.paths)
+        warnings.warn(low_contrast_message(dataset.images, category, dataset.bit_depth, args.bit_depth is not None,
+                                           window))
 
 
 def search_recipe(args, setting, data_dir, category, out_dir):

@@ -116,7 +116,7 @@ def score_models(args, device):
                              f"(held-out images, seed, defect kinds or background differ): their scores "
                              f"cannot be ranked together")
         key = (meta['res_scale'], meta.get('kind'), tuple(held_out), meta.get('validation_seed', 0),
-               repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], meta.get('bit_depth'),
+               repr(meta.get('layout')), kinds, repr(background), meta['in_channels'], repr(meta.get('bit_depth')),
                model_test_side(meta))
         if key not in validation_sets:
             validation_sets[key] = load_validation_set(

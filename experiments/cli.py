@@ -317,9 +317,12 @@ def refuse_twin_run(setting, out_dir, category):
 def other_run_message(found, state, differing, previous):
     """Why --resume refuses the ``state`` run ``found`` (of meta ``previous``): its
     ``run_differences`` ``differing`` (with the option that keeps a run's 16-bit images read as it
-    read them, where their bit depth differs: the rule that finds it has changed)."""
+    read them, where their bit depth or intensity window differs: the rule that finds a depth has
+    changed)."""
     depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
-    keep = '' if depth is None else f"; --bit-depth {depth} reads its images as it did"
+    option = (None if depth is None else f"--bit-depth {depth}" if isinstance(depth, int)
+              else f"--intensity-range {depth[0]} {depth[1]}")
+    keep = '' if option is None else f"; {option} reads its images as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")

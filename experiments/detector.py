@@ -125,8 +125,8 @@ class Detector:
 
     def read(self, path):
         """The image file at ``path`` as this model reads it (``self_sup_data.images.read_image``):
-        16-bit images scaled from the bit depth of its training images (``spec['bit_depth']``;
-        image by image for models trained on 8-bit images)."""
+        16-bit images scaled from the bit depth of its training images, or from its intensity window
+        (``spec['bit_depth']``; image by image for models trained on 8-bit images)."""
         return read_image(path, self.spec.get('bit_depth'))
 
     def check_flip_average(self):

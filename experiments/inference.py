@@ -15,6 +15,8 @@ checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported 
                         -> luminance, grey -> three equal channels)
     flip_average_error  None where flip averaging applies (textures), else the reason it does not
     thresholds          None, or the calibrated thresholds (``experiments.thresholds``)
+    bit_depth           how 16-bit image files are read (``self_sup_data.images.to_uint8``): None,
+                        each image from its own bit depth; bits; or an intensity window [low, high]
 
 This is ``experiments.prediction`` on uint8 images instead of normalised tensors: cropping,
 reflect padding and flips commute with the per-pixel normalisation, which the network input

@@ -26,6 +26,8 @@ EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by 
 EXIF_ORIENTATION = 0x0112
 # bits of the data in 16-bit images: 8-bit data saved as 16 bits, 10-, 12- and 14-bit sensors, the full range
 HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
+# a suggested intensity window's widening on each side, a fraction of the range of the normal images' values
+WINDOW_MARGIN = 0.25
 BIT_DEPTH_RULE = 'the smallest of 8, 10, 12, 14 and 16 bits that holds their largest value'
 
 
@@ -209,13 +211,23 @@ def _decoded(path):
         return np.asarray(image), _opacity(alpha, 255)
 
 
+def _is_deep(path):
+    """Whether the image file at ``path`` stores more than 8 bits a channel (integer grey, or colour
+    of 16 bits a channel), by its header."""
+    with opened_image(path) as image:
+        return image.mode in INTEGER_MODES or _is_16_bit_colour(image)
+
+
 def high_depth_maximum(path):
     """The largest value of the image file at ``path`` when it stores more than 8 bits a channel
-    (integer grey, or colour of 16 bits a channel), else None; an 8-bit file is not decoded (its
-    header tells)."""
-    with opened_image(path) as image:
-        deep = image.mode in INTEGER_MODES or _is_16_bit_colour(image)
-    return int(image_values(path).max(initial=0)) if deep else None
+    (``_is_deep``), else None; an 8-bit file is not decoded (its header tells)."""
+    return int(image_values(path).max(initial=0)) if _is_deep(path) else None
+
+
+def high_depth_percentiles(path, percentiles=(1, 99)):
+    """The ``percentiles`` of the values (``image_values``, all channels) of the image file at
+    ``path`` when it stores more than 8 bits a channel (``_is_deep``), else None."""
+    return tuple(np.percentile(image_values(path), percentiles).tolist()) if _is_deep(path) else None
 
 
 def decode_mask_values(path):
@@ -238,27 +250,38 @@ def has_transparency(image):
     return image.mode in ALPHA_MODES or image.info.get('transparency') is not None
 
 
-def to_uint8(values, bits):
-    """Integer pixel values of ``bits``-bit data (0..2**bits - 1; float arrays too, e.g. resized
-    values) scaled to uint8 0..255."""
-    scale = 255 / (2 ** bits - 1)
-    return (np.asarray(values, dtype=np.float32) * scale).round().clip(0, 255).astype(np.uint8)
+def intensity_window(reading):
+    """(low, high): the values that a ``reading`` of 16-bit images maps to 0 and 255: bits ``b``
+    (an int) read 0..2**b - 1, an intensity window (a pair, ``train_mvtec.py --intensity-range``)
+    its own two values."""
+    return (0, 2 ** reading - 1) if isinstance(reading, int) else tuple(reading)
+
+
+def to_uint8(values, reading):
+    """Integer pixel values (float arrays too, e.g. resized values) scaled to uint8 0..255 by a
+    ``reading`` (``intensity_window``: ``bits``-bit data's 0..2**bits - 1, or a window low..high;
+    values outside it saturate at 0 or 255)."""
+    low, high = intensity_window(reading)
+    scaled = (np.asarray(values, dtype=np.float32) - low) * np.float32(255 / (high - low))
+    return scaled.round().clip(0, 255).astype(np.uint8)
 
 
 def decode(path, bits=None):
     """``decode_values`` as uint8: a 16-bit image is scaled from the range of ``bits``-bit data
-    (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or, without ``bits``,
-    of the image's own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that
-    8- to 14-bit data keeps 256 grey levels. ValueError naming the file for values beyond
-    ``bits`` bits. An image with transparency is composited over black first (``image_values``),
-    so that what its transparent pixels hide sets neither the scaling nor the values."""
+    (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or from an intensity window
+    that ``bits`` gives as a pair (low, high), or, without ``bits``, from the range of the image's
+    own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that 8- to 14-bit data
+    keeps 256 grey levels (``to_uint8``). ValueError naming the file for values beyond ``bits``
+    bits; values outside a window saturate. An image with transparency is composited over black
+    first (``image_values``), so that what its transparent pixels hide sets neither the scaling nor
+    the values."""
     values = image_values(path)
     return values if values.dtype == np.uint8 else _scaled_to_uint8(path, values, bits)
 
 
 def _scaled_to_uint8(path, values, bits):
     """The integer ``values`` of the 16-bit image at ``path`` scaled to uint8 as ``decode`` says."""
-    if bits and values.max(initial=0) > 2 ** bits - 1:
+    if isinstance(bits, int) and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
                          f"(0..{2 ** bits - 1}) that it is read with, the model's bit_depth ({BIT_DEPTH_RULE} "
                          f"among the training images, or train_mvtec.py --bit-depth), which would read it "

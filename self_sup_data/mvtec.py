@@ -27,6 +27,7 @@ with ``persistent_workers=True`` the workers would not see it).
 With ``views`` (e.g. ``CutPaste3Way``, CutPaste's classification task) a training item is
 instead several views of the transformed image with their class labels.
 """
+import math
 import numbers
 import os
 import warnings
@@ -39,9 +40,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
-from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, decode_mask_values, high_bit_depth,
-                                  high_depth_maximum, opened_image, read_image, resize, resize_mask,
-                                  to_channels)
+from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, WINDOW_MARGIN, decode_mask_values, high_bit_depth,
+                                  high_depth_maximum, high_depth_percentiles, opened_image, read_image, resize,
+                                  resize_mask, to_channels)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -177,6 +178,21 @@ def set_bit_depth(image_paths, pool):
     return high_bit_depth(np.array(largest)) if largest else None
 
 
+def suggested_intensity_window(image_paths):
+    """An intensity window [low, high] (``train_mvtec.py --intensity-range``) for the 16-bit images
+    among ``image_paths``, None without one: from the lowest 1st to the highest 99th percentile of
+    their values (``high_depth_percentiles``), widened by WINDOW_MARGIN of its width on each side,
+    so that defects darker or brighter than the normal material keep their grey levels, within
+    0..65535."""
+    with reading_pool() as pool:
+        found = [found for found in pool.map(high_depth_percentiles, image_paths) if found is not None]
+    if not found:
+        return None
+    low, high = min(low for low, _ in found), max(high for _, high in found)
+    margin = max(1.0, (high - low) * WINDOW_MARGIN)
+    return [max(0, math.floor(low - margin)), min(2 ** 16 - 1, math.ceil(high + margin))]
+
+
 def training_bit_depth(root_path, class_name, layout=None):
     """The bit depth that ``SelfSupMVTecDataset`` finds for the training images of ``class_name``
     (``set_bit_depth`` of all of them, held-out ones too; None without a 16-bit image)."""
@@ -206,7 +222,8 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
 
     A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``). 16-bit
     images are scaled to uint8 from the range of ``bit_depth``-bit data (a model's, that of its
-    training images), then resized; ``bit_depth`` SET_BIT_DEPTH: one depth for the whole set
+    training images), or from the intensity window that it gives as a pair [low, high]
+    (``images.to_uint8``), then resized; ``bit_depth`` SET_BIT_DEPTH: one depth for the whole set
     (``set_bit_depth``; a training set's, which training stores as the model's ``bit_depth``);
     None: each image's own (``high_bit_depth``), as for a model trained on 8-bit images.
     Returns (images, masks, bit depth): images uint8 ``size x size x C`` with one C for all
@@ -426,9 +443,9 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
     ``exclude``: indices (in sorted file order) of training images to leave out (held out for
     validation, ``self_sup_data.validation.holdout_indices``); the set's bit depth and channels
     are those of all its training images all the same, so that a run with held-out images
-    prepares its images as one without them. ``bit_depth``: of 16-bit images
-    (``load_images``): by default one for the set (a training set's), for a model's test set the
-    model's (None: image by image); ``.bit_depth``: the one used (None: none for the set).
+    prepares its images as one without them. ``bit_depth``: of 16-bit images, or their intensity
+    window (``load_images``): by default one depth for the set (a training set's), for a model's test
+    set the model's (None: image by image); ``.bit_depth``: the one used (None: none for the set).
     ``channels``: 1 or 3 (a model's, for its test set; None: 1 if every image is grey, else 3).
     """
 

@@ -53,6 +53,7 @@ import warnings
 import cv2
 import numpy as np
 
+from self_sup_data.images import WINDOW_MARGIN
 from self_sup_data.self_sup_tasks import POISSON_MODES, object_mask, patch_ex
 
 NUM_SAMPLES = 300
@@ -214,23 +215,34 @@ def grey_level_spread(images):
                             for image in images]))
 
 
-def low_contrast_message(images, category, bit_depth=None, depth_given=False):
+def low_contrast_message(images, category, bit_depth=None, depth_given=False, window=None):
     """A warning's text where the training ``images`` of ``category`` span fewer than LOW_CONTRAST
     grey levels (``grey_level_spread``) as the generator sees them, else None: a blend or paste
     then changes a pixel by a level or two, which most labels leave at 0, so that a model learns to
     find nothing (a flat material, or 16-bit data that uses a small part of its range, which is
     read as 8 bits from the range of ``bit_depth`` bits: found in 16-bit training images, or
-    ``depth_given`` by --bit-depth, whatever the files hold)."""
+    ``depth_given`` by --bit-depth, whatever the files hold; or from an intensity window
+    ``bit_depth`` [low, high]). ``window``: the intensity window that the message suggests for the
+    16-bit files among them (``mvtec.suggested_intensity_window``; None: none is suggested)."""
     spread = grey_level_spread(images)
     if spread >= LOW_CONTRAST:
         return None
     whose = '16-bit files among them' if depth_given else 'their 16-bit values'
-    read_as = ('' if bit_depth is None else
-               f"; {whose} read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}")
+    if bit_depth is None:
+        read_as = ''
+    elif isinstance(bit_depth, int):
+        read_as = f"; {whose} read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}"
+    else:
+        read_as = f"; their 16-bit values read as 8 bits from the window {bit_depth[0]}..{bit_depth[1]}"
+    fix = ("stretch the images' contrast to a wider range before training, by one fixed mapping for "
+           "training, test and new images alike")
+    if window is not None:
+        fix = (f"train with --intensity-range {window[0]} {window[1]} (their 16-bit values' 1st to 99th "
+               f"percentile, widened by {WINDOW_MARGIN:.0%} of that range on each side), which the model keeps "
+               f"for its test and new images, or {fix}")
     return (f"category {category!r}: the training images span only {grey_levels(spread)} (1st to 99th "
             f"percentile, median over the images{read_as}): synthetic anomalies change them by a level or "
-            f"two, which their labels mostly leave at 0; stretch the images' contrast to a wider range "
-            f"before training, by one fixed mapping for training, test and new images alike")
+            f"two, which their labels mostly leave at 0; {fix}")
 
 
 def grey_levels(count):

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import _smooth_texture, save_checkpoint
 from experiments import export
 from experiments.detector import SPEC_KEY, Detector
 from experiments.torch_model import load_checkpoint
+from self_sup_data.images import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -20,12 +22,14 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
-    """The checkpoint of an untrained 64-pixel grey texture model with thresholds."""
+    """The checkpoint of an untrained 64-pixel grey texture model with thresholds, which reads 16-bit
+    images with an intensity window (``train_mvtec.py --intensity-range``)."""
     folder = tmp_path_factory.mktemp('export')
     path = save_checkpoint(folder / 'models', 'Shift', 'tiny', 'texture')
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['meta']['thresholds'] = dict(image=0.5, pixel=0.7, fpr=0.01, flip_average=False,
                                             images=6, source='test')
+    checkpoint['meta']['bit_depth'] = [100, 4000]
     torch.save(checkpoint, path)
     return path
 
@@ -65,6 +69,9 @@ def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
     assert json.loads(onnx.load(fixed).metadata_props[0].value) == torch_detector.spec
     assert onnx.load(fixed).metadata_props[0].key == SPEC_KEY
     assert onnx_detector.threshold == 0.5 and onnx_detector.pixel_threshold == 0.7
+    deep = Path(fixed).with_name('deep.png')  # a 16-bit file: read with the model's window
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(deep)
+    np.testing.assert_array_equal(onnx_detector.read(deep), read_image(deep, [100, 4000]))
     images = real_looking(2, 64) + real_looking(1, 100, seed=2)  # any size, as predict takes them
     expected_scores, expected_maps = torch_detector.predict(images)
     scores, maps = onnx_detector.predict(images)

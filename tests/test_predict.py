@@ -60,7 +60,8 @@ def test_detector_reproduces_the_evaluation_maps_exactly(category, tmp_path, kin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('bit_depth', [None, 16])  # a model trained on 8-bit images, or on 16-bit ones
+# a model trained on 8-bit images, on 16-bit ones, or with an intensity window (--intensity-range)
+@pytest.mark.parametrize('bit_depth', [None, 16, [100, 4000]])
 def test_detector_reads_16_bit_images_as_the_evaluation_does(tmp_path, bit_depth):
     root, name = tmp_path / 'data', 'tiny'
     make_mvtec_category(root, name, size=100)  # resized for the model: scaled to 8 bits first, both
@@ -80,8 +81,10 @@ def test_detector_reads_16_bit_images_as_the_evaluation_does(tmp_path, bit_depth
     images = [detector.read(p) for p in dataset.paths]
     np.testing.assert_array_equal(detector.maps(images), predict_maps(model, dataset, batch_size=4))
     dark = images[[Path(p) for p in dataset.paths].index(files[0])].max()
-    # the dark exposure: as 12-bit data image by image, as dark as it is with the model's 16 bits
-    assert dark == round(255 * darkest / (4095 if bit_depth is None else 65535))
+    # the dark exposure: as 12-bit data image by image, as dark as it is with the model's 16 bits, and
+    # from the model's window
+    low, high = (0, 4095) if bit_depth is None else (0, 65535) if bit_depth == 16 else bit_depth
+    assert dark == round(255 * (darkest - low) / (high - low))
 
 
 @pytest.mark.slow

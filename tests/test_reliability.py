@@ -1141,6 +1141,78 @@ def test_a_test_image_beyond_the_training_images_bit_depth_stops_the_run_before_
         assert "--bit-depth: an integer from 8 to 16 (bits of the data)" in capsys.readouterr().err
 
 
+def test_an_intensity_window_maps_its_values_onto_0_to_255_and_saturates_outside(tmp_path):
+    from self_sup_data.images import intensity_window, to_uint8
+    assert intensity_window(12) == (0, 4095) and intensity_window([29700, 30300]) == (29700, 30300)
+    values = np.arange(29000, 31000, 7, dtype=np.uint16).reshape(2, -1)
+    Image.fromarray(values).save(tmp_path / 'deep.png')
+    expected = np.clip(np.round((values.astype(np.float64) - 29700) * 255 / 600), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / 'deep.png', bits=[29700, 30300])[..., 0], expected)
+    np.testing.assert_array_equal(to_uint8(values, (29700, 30300)), expected)
+    assert read_image(tmp_path / 'deep.png', bits=[0, 65535]).max() == round(30996 * 255 / 65535)  # no error
+    np.testing.assert_array_equal(to_uint8(values, 16), to_uint8(values, [0, 65535]))  # bits: a window from 0
+
+
+def test_the_suggested_intensity_window_spans_the_normal_values_with_a_margin(tmp_path):
+    from self_sup_data.mvtec import suggested_intensity_window
+    rng = np.random.default_rng(0)
+    low_image = (30000 + rng.integers(0, 101, (32, 32))).astype(np.uint16)  # 30000..30100
+    high_image = (30200 + rng.integers(0, 101, (32, 32))).astype(np.uint16)  # 30200..30300
+    Image.fromarray(low_image).save(tmp_path / 'a.png')
+    Image.fromarray(high_image).save(tmp_path / 'b.png')
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / 'eight.png')  # 8-bit: not read for it
+    low, high = np.percentile(low_image, 1), np.percentile(high_image, 99)
+    margin = (high - low) / 4
+    assert suggested_intensity_window([tmp_path / name for name in ('a.png', 'b.png', 'eight.png')]) == [
+        math.floor(low - margin), math.ceil(high + margin)]
+    assert suggested_intensity_window([tmp_path / 'eight.png']) is None
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / 'white.png')  # within 0..65535
+    assert suggested_intensity_window([tmp_path / 'white.png']) == [65534, 65535]
+
+
+@pytest.mark.slow
+def test_an_intensity_window_trains_on_16_bit_data_that_uses_a_sliver_of_its_range(tmp_path, capsys):
+    """Every image of a category in 16-bit files with values 29800..30200: training warns and suggests a
+    window from the training images; --intensity-range trains with it, stores it, and its test images
+    and new images are read with it."""
+    from experiments.detector import Detector
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'flat', n_train=4)
+    for path in (data / 'flat').rglob('*.png'):
+        if 'ground_truth' not in path.parts:
+            values = np.asarray(Image.open(path).convert('L')).astype(np.float64)
+            Image.fromarray((29800 + values * 400 / 255).round().astype(np.uint16)).save(path)
+    argv = ['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(tmp_path / 'out'), '-n', 'flat'] + ONE_EPOCH
+    args = train_mvtec.parse_args(argv)
+    with pytest.warns(UserWarning) as caught:
+        train_mvtec.prepare_run(args, train_mvtec.plan(args)[0], data, 'flat')
+    message = next(str(w.message) for w in caught if 'grey level' in str(w.message))
+    window = re.search(r"train with --intensity-range (\d+) (\d+) \(their 16-bit values' 1st to 99th percentile, "
+                       r"widened by 25% of that range on each side\), which the model keeps for its test and new "
+                       r"images, or stretch", message).groups()
+    low, high = int(window[0]), int(window[1])
+    assert 29600 < low < 29900 and 30100 < high < 30400
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)  # no contrast warning with the window
+        assert train_mvtec.main(argv + ['--intensity-range', window[0], window[1], '--evaluate']) == 0
+    assert 'image AUROC' in capsys.readouterr().out
+    model = trained_model_path(tmp_path / 'out', 'Shift-Intensity-M', 'flat')
+    assert read_meta(model)['bit_depth'] == [low, high]
+    test_image = next((data / 'flat' / 'test' / 'crack').glob('*.png'))
+    np.testing.assert_array_equal(Detector.load(model).read(test_image),
+                                  read_image(test_image, bits=[low, high]))
+    assert np.ptp(read_image(test_image, bits=[low, high])) > 100  # a window-wide spread, not a level or two
+    message = run_error(train_mvtec.main, argv + ['--intensity-range', '29000', '31000', '--resume'], capsys)
+    assert f"bit_depth: [{low}, {high}] vs [29000, 31000]" in message
+    assert f"--intensity-range {low} {high} reads its images as it did" in message
+    for wrong, said in ((['30000', '30000'], 'LOW must be below HIGH, got 30000 30000'),
+                        (['1', '65536'], 'an integer from 0 to 65535'), (['-1', '5'], "a 16-bit value), got '-1'"),
+                        (['1', '5', '--bit-depth', '12'], 'not allowed with argument')):
+        with pytest.raises(SystemExit):
+            train_mvtec.parse_args(argv + ['--intensity-range'] + wrong)
+        assert said in capsys.readouterr().err
+
+
 def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
     from self_sup_data.recipe import LOW_CONTRAST, grey_level_spread, low_contrast_message
     ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)  # percentiles 2.55 and 252.45
@@ -1158,6 +1230,13 @@ def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
     assert 'stretch the images' in message and 'bit' not in low_contrast_message([flat], 'wood')
     assert "; 16-bit files among them read as 8 bits from the 12-bit range 0..4095)" in low_contrast_message(
         [flat], 'wood', bit_depth=12, depth_given=True)  # --bit-depth: perhaps of 8-bit files
+    assert "; their 16-bit values read as 8 bits from the window 29700..30300): " in low_contrast_message(
+        [flat], 'wood', bit_depth=[29700, 30300])
+    suggested = low_contrast_message([flat], 'wood', bit_depth=16, window=[29700, 30300])
+    assert suggested.endswith("; train with --intensity-range 29700 30300 (their 16-bit values' 1st to 99th "
+                              "percentile, widened by 25% of that range on each side), which the model keeps for "
+                              "its test and new images, or stretch the images' contrast to a wider range before "
+                              "training, by one fixed mapping for training, test and new images alike")
     halves = np.where(ramp < 128, 0, LOW_CONTRAST).astype(np.uint8)  # spans LOW_CONTRAST levels exactly
     assert low_contrast_message([halves], 'wood') is None and low_contrast_message([halves - (halves > 0)], 'wood')
 
