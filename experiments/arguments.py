@@ -18,10 +18,19 @@ def path_argument(value):
 @contextmanager
 def one_line_warnings(prog):
     """Inside: warnings print as one line ``prog: warning: message`` (instead of the file, line
-    number and source line of the code that warned). Usable as a decorator of a command's main."""
-    formatwarning = warnings.formatwarning
+    number and source line of the code that warned), each text once (a check before training and
+    the evaluation after it list the same test set, and a library's change of the warning filters
+    between them makes Python show a warning again). Usable as a decorator of a command's main."""
+    formatwarning, showwarning = warnings.formatwarning, warnings.showwarning
+    shown = set()
+
+    def show_once(message, *rest, **kwargs):
+        if str(message) not in shown:
+            shown.add(str(message))
+            showwarning(message, *rest, **kwargs)
     warnings.formatwarning = lambda message, *rest, **kwargs: f'{prog}: warning: {message}\n'
+    warnings.showwarning = show_once
     try:
         yield
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.formatwarning, warnings.showwarning = formatwarning, showwarning

@@ -16,7 +16,8 @@ import torch
 
 from experiments import one_class
 from experiments.settings import BASE_SETTINGS, POISSON_BASES, parse_setting
-from experiments.training import TORCHSCRIPT_SUFFIX, dict_differences, load_model, resolve_device, run_differences
+from experiments.training import (TORCHSCRIPT_SUFFIX, dict_differences, last_checkpoint_path, load_model,
+                                  replaced_final_model, resolve_device, run_differences)
 from self_sup_data.recipe import CALIBRATED_PARAMS
 
 CHECKPOINT_PATTERN = 'final_*.pt'
@@ -157,7 +158,8 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     ``SEARCH_DIR`` folder, which are not results, nor TorchScript exports) -> list of (path, meta).
 
     An unreadable checkpoint raises ValueError naming it, or, when ``unreadable`` is a list, is
-    appended to it as (path, reason) and skipped."""
+    appended to it as (path, reason) and skipped. A final model that an interrupted ``--force`` run
+    is replacing (``replaced_final_model``) is found, with a warning that says so."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
@@ -172,6 +174,16 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
             if unreadable is None:
                 raise
             unreadable.append((path, str(error)))
+            continue
+        name = path.stem[len('final_'):]
+        try:
+            replaced = replaced_final_model(path.parent, name)
+        except READ_ERRORS:  # an unreadable checkpoint beside it, which training refuses to resume
+            replaced = False
+        if replaced:
+            warnings.warn(f"{path} is the model of an earlier run that an interrupted --force run "
+                          f"({last_checkpoint_path(path.parent, name).name}) is replacing: its results are "
+                          f"that earlier run's until the new run is resumed (--resume) and finishes")
     return [(path, meta) for path, meta in found if meta.get('dataset', dataset) == dataset]
 
 

@@ -249,9 +249,10 @@ def is_distributed():
 
 
 def is_first_process():
-    """Whether this process is rank 0 of a torchrun launch (``RANK``), or the only process: the one
-    that writes a run's files and reports."""
-    return int(os.environ.get('RANK', 0)) == 0
+    """Whether this process is rank 0 of a torchrun launch (``RANK``), or the only process (a
+    ``RANK`` left in the environment without ``WORLD_SIZE`` > 1 counts for nothing, as in
+    ``init_distributed``): the one that writes a run's files and reports."""
+    return not is_distributed() or int(os.environ.get('RANK', 0)) == 0
 
 
 def init_distributed(device):
@@ -407,14 +408,17 @@ def replaced_final_model(run_dir, name):
     return started is not None and final.stat().st_mtime_ns < started
 
 
-def remove_earlier_run_files(run_dir, name, since_ns):
+def remove_earlier_run_files(run_dir, name, since_ns, keep_final_model=False):
     """Remove the files of the run ``name`` in ``run_dir`` (``is_run_file``) last written before
     ``since_ns`` (``file_system_time_ns`` at the run's start): an earlier run's, which a run from
-    scratch replaced."""
+    scratch replaces; with ``keep_final_model`` all but its final model and that model's exports
+    (``final_<name>.*``), which stay until the replacing run's final model is written."""
     for path in Path(run_dir).iterdir():
-        if is_run_file(path.name, name) and path.is_file() and path.stat().st_mtime_ns < since_ns:
+        if (is_run_file(path.name, name) and path.is_file() and path.stat().st_mtime_ns < since_ns
+                and not (keep_final_model and path.name.startswith(f'final_{name}'))):
             path.unlink()
-            print(f"{name}: removed {path.name}, a file of the run this one replaced")
+            print(f"{name}: removed {path.name}, a file of the run this one "
+                  f"{'replaces' if keep_final_model else 'replaced'}")
 
 
 def final_model_path(run_dir, name):
@@ -714,9 +718,10 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     ``--force`` run) replaces that earlier run: it writes its resume checkpoint at once, with its
     start's time on the file system's clock (``file_system_time_ns``), so that an interruption
     before its next one is never taken for the earlier run's end (``replaced_final_model``), and
-    once its final model is written, even after an interruption and a resume, it removes the files
-    written before it started (an earlier best model, validation curve or sample figures), so that
-    none of them is taken for this run's. The resume checkpoint holds the SHA-256 of its weights
+    removes the earlier run's files but its final model (an earlier best model, validation curve or
+    sample figures) at once, so that none of them is taken for this run's, even after an
+    interruption; once its final model is written, even after an interruption and a resume, it
+    removes the rest of them (the earlier final model and its exports). The resume checkpoint holds the SHA-256 of its weights
     (``weights_checksum``), checked on resume: damaged weights are an error, not a model.
     """
     if len(dataset) == 0:
@@ -791,6 +796,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     elif writer and any(is_run_file(path.name, name) for path in run_dir.iterdir()):
         run_started_ns = file_system_time_ns(run_dir)  # replacing an earlier run: its start, recorded now
         save_resume_checkpoint(0)
+        # its best model, validation curve and figures go now, so that none sits beside this run's;
+        # its final model stays until this run's is written
+        remove_earlier_run_files(run_dir, name, run_started_ns, keep_final_model=True)
     if world_size > 1:
         starts = [None] * world_size
         dist.all_gather_object(starts, start_epoch)

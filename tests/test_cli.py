@@ -557,3 +557,22 @@ def test_one_line_warnings_formats_inside_and_restores_after():
                 'tool.py: warning: 3 images left out\n'
             raise RuntimeError
     assert warnings.formatwarning is original
+
+
+def test_one_line_warnings_print_each_text_once():
+    """A check before training and the evaluation after it warn of the same test set; a library may
+    reset the warning filters between them (``resetwarnings`` here), which would show it again."""
+    from experiments.arguments import one_line_warnings
+
+    @one_line_warnings('tool.py')
+    def command(texts):
+        for text in texts:
+            warnings.warn(text)
+            warnings.resetwarnings()
+    with warnings.catch_warnings(record=True) as caught:
+        original = warnings.showwarning
+        command(['1 mask matches no image', '2 files left out', '1 mask matches no image'])
+        assert [str(w.message) for w in caught] == ['1 mask matches no image', '2 files left out']
+        command(['1 mask matches no image'])  # the next command's own
+        assert [str(w.message) for w in caught][2:] == ['1 mask matches no image']
+        assert warnings.showwarning is original

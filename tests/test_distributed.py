@@ -92,11 +92,14 @@ def test_only_the_first_process_evaluates_and_reports_after_training(tmp_path, m
     import train_mvtec
     from conftest import make_mvtec_category
     from experiments.training import is_first_process
+    from test_reliability import as_second_torchrun_process
     make_mvtec_category(tmp_path / 'data', 'tiny')
     argv = ['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '--epochs', '1',
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--no-figures', '--recipe',
             'table', '--evaluate', '--min-object-pct', '0.5']  # an option 'tiny' ignores: a warning
-    monkeypatch.setenv('RANK', '1')  # what torchrun sets for the second process
+    monkeypatch.setenv('RANK', '1')  # a RANK left in the environment, without torchrun: the only process
+    assert is_first_process()
+    as_second_torchrun_process(monkeypatch)
     assert not is_first_process()
     capsys.readouterr()
     assert train_mvtec.main(argv) == 0

@@ -43,6 +43,16 @@ ONE_EPOCH = ['--epochs', '1', '--batch-size', '3', '--res-scale', '0.25', '--wor
              '--no-figures', '--recipe', 'table']
 
 
+def as_second_torchrun_process(patch):
+    """Make this process torchrun's second (RANK 1 of WORLD_SIZE 2) for ``patch`` (a MonkeyPatch),
+    training alone as its process group would (the batch of a step is its own, its rank 0 writes)."""
+    from experiments import cli
+    patch.setenv('RANK', '1')
+    patch.setenv('WORLD_SIZE', '2')
+    patch.setattr(training, 'init_distributed', lambda device: (0, 1))
+    patch.setattr(cli, 'launched_processes', lambda: 1)
+
+
 def killed_in_epoch(monkeypatch, epoch, command):
     """Run ``command()``, killed (KeyboardInterrupt) as its training starts epoch ``epoch`` (1-based)."""
     from self_sup_data.mvtec import SelfSupImageDataset
@@ -111,10 +121,27 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
     if interrupted in ('in epoch 1', 'in epoch 3'):  # then resumed: the run still replaces the earlier one
         # (in epoch 1: before any checkpoint of its epochs, never taken for the replaced run's end)
         killed_in_epoch(monkeypatch, int(interrupted[-1]), lambda: train_mvtec.main(again + ['--force']))
+        # the replaced run's final model and its exports stay; its other files went at the start, so
+        # that none sits beside this run's, and its evaluation says whose model it is
+        left = {p.name for p in path.parent.iterdir()}
+        assert {'final_tiny_shift_3.pt', 'final_tiny_shift_3.onnx', 'final_tiny_shift_3.torchscript.pt'} <= left
+        assert not left & {'best_tiny_shift_3.pt', 'best_tiny_shift_3.onnx', 'tiny_shift_3_validation.csv',
+                           'tiny_shift_3_validation.png'}
+        assert ('tiny_shift_3_samples_epoch0002.png' in left) == (interrupted == 'in epoch 3')  # the new run's
+        assert read_meta(path)['train_config']['epochs'] == 2
+        with pytest.warns(UserWarning, match=f"{re.escape(str(path))} is the model of an earlier run that an "
+                                             f"interrupted --force run \\(last_tiny_shift_3.pt\\) is replacing"):
+            assert [found for found, _ in checkpoints.find_checkpoints(tmp_path / 'out')] == [path]
         assert train_mvtec.main(again + ['--resume']) == 0
     elif interrupted == 'before its final model':  # every epoch checkpointed: resumed, not skipped
+        remove = training.remove_earlier_run_files
+
+        def interrupted_at_the_end(*args, keep_final_model=False):
+            if not keep_final_model:
+                raise KeyboardInterrupt
+            remove(*args, keep_final_model=keep_final_model)
         with monkeypatch.context() as patch:
-            patch.setattr(training, 'remove_earlier_run_files', lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+            patch.setattr(training, 'remove_earlier_run_files', interrupted_at_the_end)
             with pytest.raises(KeyboardInterrupt):
                 train_mvtec.main(again + ['--force'])
         assert train_mvtec.main(again + ['--resume']) == 0
@@ -696,7 +723,7 @@ def test_the_temporary_file_of_a_killed_save_is_removed_on_the_next_run(trained,
     stale.write_bytes(b'half a checkpoint')
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as patch:  # another process of a torchrun launch leaves it to the first
-        patch.setenv('RANK', '1')
+        as_second_torchrun_process(patch)
         assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
     assert stale.exists()
     assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
@@ -1472,7 +1499,7 @@ def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock
 def test_a_torchrun_process_other_than_the_first_does_not_refuse_its_own_launchs_lock(tmp_path, monkeypatch):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
     run_dir = settings.parse_setting('Shift').run_dir(tmp_path / 'out', 'tiny')
-    monkeypatch.setenv('RANK', '1')  # the second process; the first holds the run's lock
+    as_second_torchrun_process(monkeypatch)  # the first holds the run's lock
     with lock_held_by_another_process(run_dir, 'tiny_shift'):
         assert train_mvtec.main(['-s', 'Shift', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'),
                                  '-n', 'tiny'] + ONE_EPOCH) == 0
