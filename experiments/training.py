@@ -721,8 +721,9 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
     removes the earlier run's files but its final model (an earlier best model, validation curve or
     sample figures) at once, so that none of them is taken for this run's, even after an
     interruption; once its final model is written, even after an interruption and a resume, it
-    removes the rest of them (the earlier final model and its exports). The resume checkpoint holds the SHA-256 of its weights
-    (``weights_checksum``), checked on resume: damaged weights are an error, not a model.
+    removes the rest of them (the earlier final model and its exports). The resume checkpoint holds
+    the SHA-256 of its weights (``weights_checksum``), checked on resume: damaged weights are an
+    error, not a model.
     """
     if len(dataset) == 0:
         raise ValueError(f"run {name!r}: the training dataset is empty")
