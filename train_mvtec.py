@@ -44,7 +44,7 @@ from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.images import BIT_DEPTH_RULE
+from self_sup_data.images import BIT_DEPTH_RULE, high_depth_maximum
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, suggested_intensity_window, train_files,
@@ -426,6 +426,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                   res_scale=res_scale, exclude=held_out, layout=layout,
                                   bit_depth=image_reading(args) or SET_BIT_DEPTH)
     if params is None:  # once: not again for --recipe search's candidates and final run
+        warn_unused_reading(args, category, dataset)
         warn_low_contrast(args, category, dataset)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
@@ -498,6 +499,17 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator
+
+
+def warn_unused_reading(args, category, dataset):
+    """Warn where --bit-depth or --intensity-range is given and no training image of ``dataset`` is a
+    file of more than 8 bits a channel (``high_depth_maximum``), the only files they apply to."""
+    if image_reading(args) is not None and all(high_depth_maximum(path) is None for path in dataset.paths):
+        option = (f"--bit-depth {args.bit_depth}" if args.bit_depth
+                  else "--intensity-range {} {}".format(*args.intensity_range))
+        warnings.warn(f"category {category!r}: {option} applies to 16-bit image files, and none of its training "
+                      f"images is one: they are read as they are (the model keeps it for 16-bit test and new "
+                      f"images)")
 
 
 def warn_low_contrast(args, category, dataset):

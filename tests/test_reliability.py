@@ -1232,6 +1232,15 @@ def test_an_intensity_window_trains_on_16_bit_data_that_uses_a_sliver_of_its_ran
     message = run_error(train_mvtec.main, argv + ['--intensity-range', '29000', '31000', '--resume'], capsys)
     assert f"bit_depth: [{low}, {high}] vs [29000, 31000]" in message
     assert f"--intensity-range {low} {high} reads its images as it did" in message
+    eight_bit = tmp_path / 'eight'  # the same images in 8-bit files: the window changes nothing, and says so
+    make_mvtec_category(eight_bit, 'flat', n_train=4)
+    args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(eight_bit), '-o', str(tmp_path / 'out8'), '-n', 'flat',
+                                   '--intensity-range', '100', '200'] + ONE_EPOCH)
+    with pytest.warns(UserWarning, match=r"^category 'flat': --intensity-range 100 200 applies to 16-bit image files, "
+                                         r"and none of its training images is one: they are read as they are"):
+        dataset = train_mvtec.prepare_run(args, train_mvtec.plan(args)[0], eight_bit, 'flat')[0]
+    from self_sup_data.mvtec import load_images
+    np.testing.assert_array_equal(dataset.images[0], load_images(dataset.paths[:1], dataset.images[0].shape[0])[0][0])
     for wrong, said in ((['30000', '30000'], 'LOW must be below HIGH, got 30000 30000'),
                         (['1', '65536'], 'an integer from 0 to 65535'), (['-1', '5'], "a 16-bit value), got '-1'"),
                         (['1', '5', '--bit-depth', '12'], 'not allowed with argument')):
