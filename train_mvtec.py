@@ -517,8 +517,8 @@ def warn_low_contrast(args, category, dataset):
     for 16-bit images it suggests an intensity window, ``suggested_intensity_window``)."""
     if grey_level_spread(dataset.images) < LOW_CONTRAST:
         window = None if dataset.bit_depth is None else suggested_intensity_window(dataset.paths)
-        warnings.warn(low_contrast_message(dataset.images, category, dataset.bit_depth, args.bit_depth is not None,
-                                           window))
+        warnings.warn(low_contrast_message(dataset.images, category, dataset.bit_depth,
+                                           image_reading(args) is not None, window))
 
 
 def search_recipe(args, setting, data_dir, category, out_dir):

@@ -158,8 +158,7 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     ``SEARCH_DIR`` folder, which are not results, nor TorchScript exports) -> list of (path, meta).
 
     An unreadable checkpoint raises ValueError naming it, or, when ``unreadable`` is a list, is
-    appended to it as (path, reason) and skipped. A final model that an interrupted ``--force`` run
-    is replacing (``replaced_final_model``) is found, with a warning that says so."""
+    appended to it as (path, reason) and skipped."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
@@ -174,16 +173,6 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
             if unreadable is None:
                 raise
             unreadable.append((path, str(error)))
-            continue
-        name = path.stem[len('final_'):]
-        try:
-            replaced = replaced_final_model(path.parent, name)
-        except READ_ERRORS:  # an unreadable checkpoint beside it, which training refuses to resume
-            replaced = False
-        if replaced:
-            warnings.warn(f"{path} is the model of an earlier run that an interrupted --force run "
-                          f"({last_checkpoint_path(path.parent, name).name}) is replacing: its results are "
-                          f"that earlier run's until the new run is resumed (--resume) and finishes")
     return [(path, meta) for path, meta in found if meta.get('dataset', dataset) == dataset]
 
 
@@ -302,6 +291,22 @@ def check_one_model_per_seed(selected):
                              f'{seen[key]} and {path}; keep one model per seed (or evaluate them '
                              f'apart, with -m naming one folder)')
         seen[key] = path
+
+
+def warn_replaced_models(selected):
+    """Warn of each readable model of ``selected`` ((path, meta) pairs of final models) that an
+    interrupted ``--force`` run is replacing (``replaced_final_model``): its results are the earlier
+    run's."""
+    for path, meta in selected:
+        name = path.stem[len('final_'):]
+        try:
+            replaced = 'error' not in meta and replaced_final_model(path.parent, name)
+        except READ_ERRORS:  # an unreadable checkpoint beside it, which training refuses to resume
+            replaced = False
+        if replaced:
+            warnings.warn(f"{path} is the model of an earlier run that an interrupted --force run "
+                          f"({last_checkpoint_path(path.parent, name).name}) is replacing: its results are "
+                          f"that earlier run's until the new run is resumed (--resume) and finishes")
 
 
 def warn_unlike_seeds(selected):

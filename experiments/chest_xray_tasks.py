@@ -27,7 +27,8 @@ from tqdm import tqdm
 from experiments import tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, check_one_model_per_seed, failure_reason,
                                      find_checkpoints, model_seed, read_model, select_checkpoints,
-                                     setting_from_path, sort_records, warn_unlike_seeds, weights_sha256)
+                                     setting_from_path, sort_records, warn_replaced_models, warn_unlike_seeds,
+                                     weights_sha256)
 from experiments.arguments import path_argument
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
@@ -204,6 +205,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             found.append((path, dict(setting=key, category=DATASET, error=reason)))
     selected = select_checkpoints(found, settings)
     check_one_model_per_seed(selected)
+    warn_replaced_models(selected)
     warn_unlike_seeds(selected)
     plotted, datasets = set(), {}
 

@@ -43,7 +43,7 @@ from experiments.inference import warn_flip_average_mismatch
 from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, check_one_model_per_seed,
                                      failure_reason, find_checkpoints, read_model, result_setting,
                                      result_variants, select_checkpoints, setting_from_path, sort_records,
-                                     warn_unlike_seeds)
+                                     warn_replaced_models, warn_unlike_seeds)
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
@@ -252,6 +252,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     if data_dir is None:
         check_data_dir_needless(selected, layout)
     check_one_model_per_seed(selected)
+    warn_replaced_models(selected)
     warn_unlike_seeds(selected)
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work

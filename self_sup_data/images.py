@@ -260,9 +260,10 @@ def intensity_window(reading):
 def to_uint8(values, reading):
     """Integer pixel values (float arrays too, e.g. resized values) scaled to uint8 0..255 by a
     ``reading`` (``intensity_window``: ``bits``-bit data's 0..2**bits - 1, or a window low..high;
-    values outside it saturate at 0 or 255)."""
+    values outside it saturate at 0 or 255): ``(values - low) * 255 / (high - low)``, rounded half
+    to even, computed in float64 (exact for every 16-bit value and window)."""
     low, high = intensity_window(reading)
-    scaled = (np.asarray(values, dtype=np.float32) - low) * np.float32(255 / (high - low))
+    scaled = (np.asarray(values, dtype=np.float64) - low) * 255 / (high - low)
     return scaled.round().clip(0, 255).astype(np.uint8)
 
 

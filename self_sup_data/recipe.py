@@ -221,8 +221,8 @@ def low_contrast_message(images, category, bit_depth=None, depth_given=False, wi
     then changes a pixel by a level or two, which most labels leave at 0, so that a model learns to
     find nothing (a flat material, or 16-bit data that uses a small part of its range, which is
     read as 8 bits from the range of ``bit_depth`` bits: found in 16-bit training images, or
-    ``depth_given`` by --bit-depth, whatever the files hold; or from an intensity window
-    ``bit_depth`` [low, high]). ``window``: the intensity window that the message suggests for the
+    ``depth_given`` by --bit-depth or --intensity-range, whatever the files hold; from an intensity
+    window where ``bit_depth`` is a pair [low, high]). ``window``: the intensity window that the message suggests for the
     16-bit files among them (``mvtec.suggested_intensity_window``; None: none is suggested)."""
     spread = grey_level_spread(images)
     if spread >= LOW_CONTRAST:
@@ -233,7 +233,7 @@ def low_contrast_message(images, category, bit_depth=None, depth_given=False, wi
     elif isinstance(bit_depth, int):
         read_as = f"; {whose} read as 8 bits from the {bit_depth}-bit range 0..{2 ** bit_depth - 1}"
     else:
-        read_as = f"; their 16-bit values read as 8 bits from the window {bit_depth[0]}..{bit_depth[1]}"
+        read_as = f"; {whose} read as 8 bits from the window {bit_depth[0]}..{bit_depth[1]}"
     fix = ("stretch the images' contrast to a wider range before training, by one fixed mapping for "
            "training, test and new images alike")
     if window is not None:

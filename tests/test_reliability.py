@@ -104,7 +104,7 @@ def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, d
 @pytest.mark.slow
 @pytest.mark.parametrize('interrupted', [None, 'in epoch 1', 'in epoch 3', 'before its final model',
                                          'after its final model', 'with its clock ahead'])
-def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, interrupted):
+def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch, capsys, interrupted):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=12)
     argv = ['-s', 'Shift-3', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny',
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--recipe', 'table']
@@ -129,9 +129,16 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
                            'tiny_shift_3_validation.png'}
         assert ('tiny_shift_3_samples_epoch0002.png' in left) == (interrupted == 'in epoch 3')  # the new run's
         assert read_meta(path)['train_config']['epochs'] == 2
-        with pytest.warns(UserWarning, match=f"{re.escape(str(path))} is the model of an earlier run that an "
-                                             f"interrupted --force run \\(last_tiny_shift_3.pt\\) is replacing"):
-            assert [found for found, _ in checkpoints.find_checkpoints(tmp_path / 'out')] == [path]
+        replacing = (f"{re.escape(str(path))} is the model of an earlier run that an interrupted --force run "
+                     f"\\(last_tiny_shift_3.pt\\) is replacing")
+        evaluation = ['-m', str(tmp_path / 'out'), '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'eval'),
+                      '--no-figures']
+        capsys.readouterr()
+        mvtec_tasks.main(evaluation)
+        assert re.search(f"warning: {replacing}", capsys.readouterr().err)
+        with pytest.raises(SystemExit):  # a model left out of the evaluation: not named
+            mvtec_tasks.main(evaluation + ['-s', 'Shift-Intensity'])
+        assert 'is replacing' not in capsys.readouterr().err
         assert train_mvtec.main(again + ['--resume']) == 0
     elif interrupted == 'before its final model':  # every epoch checkpointed: resumed, not skipped
         remove = training.remove_earlier_run_files
@@ -1178,6 +1185,11 @@ def test_an_intensity_window_maps_its_values_onto_0_to_255_and_saturates_outside
     np.testing.assert_array_equal(to_uint8(values, (29700, 30300)), expected)
     assert read_image(tmp_path / 'deep.png', bits=[0, 65535]).max() == round(30996 * 255 / 65535)  # no error
     np.testing.assert_array_equal(to_uint8(values, 16), to_uint8(values, [0, 65535]))  # bits: a window from 0
+    every = np.arange(2 ** 16)  # exact as the formula: 55348 in 54711..56181 is 110.5, rounded half to even
+    for window in ([54711, 56181], [3, 9], [0, 65535], [1000, 1001]):
+        exact = np.clip(np.round((every - window[0]) * 255 / (window[1] - window[0])), 0, 255)
+        np.testing.assert_array_equal(to_uint8(every, window), exact)
+    assert to_uint8(np.array([55348]), [54711, 56181])[0] == 110
 
 
 def test_the_suggested_intensity_window_spans_the_normal_values_with_a_margin(tmp_path):
@@ -1268,6 +1280,8 @@ def test_the_grey_level_spread_and_the_warning_of_a_flat_material():
         [flat], 'wood', bit_depth=12, depth_given=True)  # --bit-depth: perhaps of 8-bit files
     assert "; their 16-bit values read as 8 bits from the window 29700..30300): " in low_contrast_message(
         [flat], 'wood', bit_depth=[29700, 30300])
+    assert "; 16-bit files among them read as 8 bits from the window 100..200): " in low_contrast_message(
+        [flat], 'wood', bit_depth=[100, 200], depth_given=True)  # --intensity-range: perhaps of 8-bit files
     suggested = low_contrast_message([flat], 'wood', bit_depth=16, window=[29700, 30300])
     assert suggested.endswith("; train with --intensity-range 29700 30300 (their 16-bit values' 1st to 99th "
                               "percentile, widened by 25% of that range on each side), which the model keeps for "
