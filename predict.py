@@ -26,7 +26,8 @@ arguments, a missing or unreadable model, an input that does not exist or holds 
 OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which deletes the earlier
 run's files once the model and the inputs are found: its scores.csv, errors.csv and .pending, and
 the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
-own) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
+own, and an image whose output name would replace one of them gets the next free name ``<stem>-2``
+...) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
 batches before it are written); 130 after Ctrl-C, with one line saying what was kept.
 """
 import argparse
@@ -41,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.arguments import INTERRUPTED_STATUS, one_line_warnings, path_argument
-from experiments.atomic import remove_stale_temporaries, write_atomic, write_text_atomic
+from experiments.atomic import file_in_the_way, remove_stale_temporaries, write_atomic, write_text_atomic
 from experiments.detector import Detector, NonFiniteMapError
 from experiments.inference import warn_flip_average_mismatch
 from self_sup_data.images import image_files, to_channels
@@ -86,12 +87,14 @@ def write_csv(path, columns, rows):
     write_text_atomic(path, text.getvalue())
 
 
-def output_names(files):
-    """A distinct output name per file: its stem, with ``-2``, ``-3`` ... for repeats."""
+def output_names(files, out_dir):
+    """A distinct output name per file: its stem, with ``-2``, ``-3`` ... for repeats and for names
+    whose map, overlay or mask is already in ``out_dir`` (``output_paths``: a file of the user's,
+    which this run must not replace)."""
     names, used = [], set()
     for path in files:
         name, count = path.stem, 1
-        while name in used:
+        while name in used or any(taken.exists() for taken in output_paths(out_dir, name).values()):
             count += 1
             name = f'{path.stem}-{count}'
         used.add(name)
@@ -138,7 +141,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
     """Predict ``files`` in batches of ``detector.batch_size`` and write OUT_DIR's files (see the
     module docstring) -> the list of (file, error) of the files that could not be read."""
     rows, errors = [], []
-    names = output_names(files)
+    names = output_names(files, out_dir)
     with tqdm(total=len(files), desc='predicting', unit='image', disable=None) as progress:
         for start in range(0, len(files), detector.batch_size):
             batch = []
@@ -230,8 +233,9 @@ def start_run(args):
         if args.overwrite:
             remove_earlier_run(out_dir)
     except OSError as error:
-        raise StopRun(f'cannot prepare output folder {out_dir}: {error.strerror or error}') \
-            from error
+        blocking = out_dir if out_dir.exists() and not out_dir.is_dir() else file_in_the_way(out_dir)
+        reason = f'{blocking} is a file, not a folder' if blocking else error.strerror or error
+        raise StopRun(f'cannot prepare output folder {out_dir}: {reason}') from error
     except ValueError as error:
         raise StopRun(str(error)) from error
     if warn_flip_average_mismatch(detector.thresholds, args.flip_average, detector.source,

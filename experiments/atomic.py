@@ -88,9 +88,17 @@ def _interrupt_in(error):
     return None
 
 
+def file_in_the_way(path):
+    """The file (not a folder) that stands where a folder above ``path`` should be, e.g. ``out`` for
+    ``out/model.onnx`` when ``out`` is a file; None if there is none."""
+    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+
+
 def _write_error(path, error):
     """OSError (of ``error``'s errno) naming the file that could not be written and why."""
-    message = f'cannot write {path}: {error.strerror or error}; an earlier file there is unchanged'
+    blocking = file_in_the_way(path)
+    reason = f'{blocking} is a file, not a folder' if blocking else error.strerror or error
+    message = f'cannot write {path}: {reason}; an earlier file there is unchanged'
     return OSError(message) if error.errno is None else OSError(error.errno, message)
 
 

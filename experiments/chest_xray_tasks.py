@@ -300,7 +300,8 @@ def main(argv=None):
             settings=args.settings, test_name=args.name, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, out_dir=args.out_dir),
         lambda records: write_report(records, args.out_dir, percent=args.percent),
-        f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir}')
+        f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir} (models of train_mvtec.py '
+        f'are evaluated by python -m experiments.mvtec_tasks)')
 
 
 if __name__ == '__main__':

@@ -387,7 +387,7 @@ def main(argv=None):
         lambda records: write_report(records, args.out_dir, paper_layout=args.paper_layout,
                                      percent=args.percent),
         f'no {CHECKPOINT_PATTERN} checkpoints for the requested settings and categories under '
-        f'{args.model_dir}')
+        f'{args.model_dir} (chest X-ray models are evaluated by python -m experiments.chest_xray_tasks)')
 
 
 if __name__ == '__main__':

@@ -389,7 +389,8 @@ def image_files(inputs):
     with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive: its subfolders are left out),
     an existing file itself (also when its name holds glob characters, ``scan[1].png``; reading
     it reports whether it is an image), a glob pattern its sorted matches (``**`` matches any
-    depth of folders: ``'DIR/**/*.png'``).
+    depth of folders: ``'DIR/**/*.png'``). A file that several inputs name (the same resolved
+    path) is taken once, where it is first named, with a warning that counts them.
     ValueError naming a folder without images, a pattern without matches or a path that does not
     exist."""
     files = []
@@ -410,4 +411,13 @@ def image_files(inputs):
         else:
             raise ValueError(f'input {path} does not exist')
         files += found
-    return files
+    once, seen = [], set()
+    for path in files:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            once.append(path)
+    if len(once) < len(files):
+        repeated = len(files) - len(once)
+        warnings.warn(f"the inputs name {len(files)} files, {repeated} of them again (a folder and a pattern of "
+                      f"it?): each file is read once, {len(once)} in all")
+    return once

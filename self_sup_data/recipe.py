@@ -222,8 +222,9 @@ def low_contrast_message(images, category, bit_depth=None, depth_given=False, wi
     find nothing (a flat material, or 16-bit data that uses a small part of its range, which is
     read as 8 bits from the range of ``bit_depth`` bits: found in 16-bit training images, or
     ``depth_given`` by --bit-depth or --intensity-range, whatever the files hold; from an intensity
-    window where ``bit_depth`` is a pair [low, high]). ``window``: the intensity window that the message suggests for the
-    16-bit files among them (``mvtec.suggested_intensity_window``; None: none is suggested)."""
+    window where ``bit_depth`` is a pair [low, high]). ``window``: the intensity window that the
+    message suggests for the 16-bit files among them (``mvtec.suggested_intensity_window``; None:
+    none is suggested)."""
     spread = grey_level_spread(images)
     if spread >= LOW_CONTRAST:
         return None

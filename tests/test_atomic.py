@@ -151,3 +151,11 @@ def test_a_full_disk_is_an_os_error_naming_the_file_even_through_torch_save(tmp_
     monkeypatch.setattr(atomic.tempfile, 'mkstemp', refused)
     with pytest.raises(OSError, match=f'cannot write {folder / "table.csv"}: Permission denied'):
         write_text_atomic(folder / 'table.csv', 'a\n')
+
+
+def test_a_file_where_a_folder_should_be_is_named(tmp_path):
+    (tmp_path / 'afile').write_text('mine')
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'afile' / 'x.txt'}: {tmp_path / 'afile'} is a "
+                                      f"file, not a folder; an earlier file there is unchanged"):
+        write_text_atomic(tmp_path / 'afile' / 'x.txt', 'text')
+    assert (tmp_path / 'afile').read_text() == 'mine'

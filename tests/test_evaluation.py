@@ -870,6 +870,9 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
                            '-l', str(normal), str(anomalous), '-s', 'Shift', 'CutPaste',
                            '--name', 'male', '--device', 'cpu'])
     assert "warning: no chest X-ray checkpoint for setting 'CutPaste'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"no final_\*.pt checkpoints .* \(chest X-ray models are evaluated by "
+                                         r"python -m experiments.chest_xray_tasks\)"):  # the other command's
+        mvtec_tasks.main(['-m', str(model_dir), '-d', str(data_dir), '-o', str(tmp_path / 'mvtec')])
     csv_tables = sorted(p.name for p in (out / 'tables').glob('*.csv'))
     assert csv_tables == ['image_ap_mean.csv', 'image_auroc_mean.csv']  # no boxes: no pixel tables
     table = pd.read_csv(out / 'tables' / 'image_auroc_mean.csv', index_col=[0, 1])

@@ -262,6 +262,11 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
         assert predict.main(argv + ['-o', str(out)]) == predict.STOPPED_STATUS
         assert message in capsys.readouterr().err
         assert not out.exists()
+    (tmp_path / 'afile').write_text('mine')
+    for target in (tmp_path / 'afile', tmp_path / 'afile' / 'out'):  # a file where OUT_DIR or a folder above it goes
+        assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(target)]) == predict.STOPPED_STATUS
+        assert (f"cannot prepare output folder {target}: {tmp_path / 'afile'} is a file, not a folder"
+                in capsys.readouterr().err)
     (out / 'masks').mkdir(parents=True)
     (out / 'masks' / 'ground_truth.png').write_bytes(b'the user\'s own')  # kept by --overwrite
     assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), '-o', str(out)]) == 0
@@ -276,6 +281,16 @@ def test_predict_stops_with_named_errors_and_keeps_earlier_output(calibrated, in
         'errors.csv', 'maps/b.npy', 'masks/b.png', 'masks/ground_truth.png', 'overlays/b.png',
         'scores.csv']
     assert list(pd.read_csv(out / 'scores.csv')['output']) == ['b']
+
+
+def test_output_names_are_distinct_and_leave_the_users_own_files_in_out_dir(tmp_path):
+    (tmp_path / 'maps').mkdir()
+    (tmp_path / 'maps' / 'a.npy').write_bytes(b'mine')  # a file of the user's: not replaced
+    (tmp_path / 'overlays').mkdir()
+    (tmp_path / 'overlays' / 'b.png').write_bytes(b'mine')  # one output of a name is enough
+    files = [Path('x/a.png'), Path('y/a.jpg'), Path('b.png'), Path('c.png'), Path('z/c.tif')]
+    assert predict.output_names(files, tmp_path) == ['a-2', 'a-3', 'b-2', 'c', 'c-2']
+    assert predict.output_names(files, tmp_path / 'new') == ['a', 'a-2', 'b', 'c', 'c-2']
 
 
 def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):

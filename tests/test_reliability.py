@@ -870,6 +870,11 @@ def test_image_inputs_recursive_patterns_and_paths_that_do_not_exist(tmp_path):
         tmp_path / 'sub' / 'deep' / 'two.png', tmp_path / 'sub' / 'one.png', tmp_path / 'top.png']
     with pytest.raises(ValueError, match=f'input {tmp_path / "tpo.png"} does not exist'):
         image_files([tmp_path / 'top.png', tmp_path / 'tpo.png'])
+    with pytest.warns(UserWarning, match=r"^the inputs name 3 files, 1 of them again \(a folder and a pattern of "
+                                         r"it\?\): each file is read once, 2 in all$"):
+        # a file named again, also by another spelling of its path: read once, where first named
+        assert image_files([str(tmp_path / 'sub' / '*.png'), tmp_path, tmp_path / 'sub' / '..' / 'sub' / 'one.png']) \
+            == [tmp_path / 'sub' / 'one.png', tmp_path / 'top.png']
     (tmp_path / 'top.png').unlink()
     with pytest.raises(ValueError, match='subfolders are not read'):
         image_files([tmp_path])  # holds only a folder
