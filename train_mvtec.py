@@ -171,9 +171,16 @@ def select_categories(args, data_dir):
         return [args.class_name]
     chosen = [c for c in found
               if args.categories == 'all' or category_kind(c, args.kind) == args.categories]
+    if not chosen and found:  # all of the other kind
+        other = 'object' if args.categories == 'texture' else 'texture'
+        why = (f"by --kind {args.kind}" if args.kind else
+               "by their names (MVTec AD's grouping; other names are textures unless --kind object)")
+        raise FileNotFoundError(f"no {args.categories} categories in {data_dir}: found {', '.join(found)}, "
+                                f"{other}s {why}; pass --kind {args.categories} to treat them as "
+                                f"{args.categories}s, or choose with -n NAME")
     if not chosen:
         raise FileNotFoundError(f"no {'' if args.categories == 'all' else args.categories + ' '}"
-                                f"categories in {data_dir} ({where}); found: {', '.join(found) or 'none'}")
+                                f"categories in {data_dir} ({where}); found: none")
     return chosen
 
 

@@ -40,9 +40,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
-from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, WINDOW_MARGIN, decode_mask_values, high_bit_depth,
-                                  high_depth_maximum, high_depth_percentiles, opened_image, read_image, resize,
-                                  resize_mask, to_channels)
+from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, WINDOW_MARGIN, central_box, decode_mask_values,
+                                  high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
+                                  read_image, resize, resize_mask, to_channels)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -428,6 +428,21 @@ def warn_empty_masks(class_name, paths, defect_types, masks, side):
                       f"normal in the pixel metrics")
 
 
+def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
+    """Warn, with their count and the first path, about defect images whose mask's defect pixels all
+    lie outside the central ``crop`` square of the ``side``-pixel test images that object models
+    score (their map is 0 there): those defects count as missed in the pixel metrics."""
+    box = central_box((side, side), crop)
+    outside = [path for path, t, mask in zip(paths, defect_types, masks)
+               if t != 'good' and mask is not None and mask.any() and not mask[box].any()]
+    if outside:
+        defects = sum(t != 'good' for t in defect_types)
+        warnings.warn(f"{class_name}: {len(outside)} of {defects} defect images have all their mask's defect pixels "
+                      f"outside the central {crop}-pixel square of the {side}-pixel test images that object "
+                      f"models score (first: {outside[0]}): their defects count as missed in the pixel metrics "
+                      f"(--kind texture scores whole images)")
+
+
 class SelfSupMVTecDataset(SelfSupImageDataset):
     """One category of a data folder: MVTec AD layout (see the module docstring) or another
     ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
@@ -488,6 +503,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
+            if category_kind(class_name, kind) == 'object':
+                warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])
         super().__init__(images, is_train, transform, train_size, self_sup_args, seed,
                          labels=labels, masks=masks, has_mask=has_mask, views=views)
         self.class_name = class_name

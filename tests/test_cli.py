@@ -34,7 +34,10 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift-Intensty'], 'unknown setting key'),
     (['-s', 'CutPaste-M'], '-M (mixed gradients) applies only'),
     (['-s', 'Shift', '-n', 'carpet'], "category 'carpet' not found"),
-    (['-s', 'Shift', '-c', 'object'], 'no object categories'),
+    (['-s', 'Shift', '-c', 'object'], "no object categories in {root}: found tiny, textures by their names (MVTec "
+                                      "AD's grouping; other names are textures unless --kind object); pass --kind "
+                                      "object to treat them as objects, or choose with -n NAME"),
+    (['-s', 'Shift', '-c', 'texture', '--kind', 'object'], 'found tiny, objects by --kind object; pass --kind texture'),
     (['-s', 'Shift', '--num-patches', '0'], '--num-patches'),
     (['-s', 'Shift', '--width-bounds', '0.1', '0.6', '0.1', '0.2'], '--width-bounds'),
     (['-s', 'Shift', '--batch-size', '-1'], '--batch-size'),
@@ -48,7 +51,7 @@ def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, ex
     root, _ = tiny_mvtec
     out = tmp_path / 'out'
     message = run_error(train_mvtec.main, argv + ['-d', str(root), '-o', str(out)], capsys)
-    assert expected in message and 'train_mvtec.py: error:' in message
+    assert expected.format(root=root) in message and 'train_mvtec.py: error:' in message
     assert not out.exists()
 
 

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from self_sup_data import mvtec
-from self_sup_data.images import read_image
+from self_sup_data.images import central_box, read_image
 from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupMVTecDataset, category_kind,
                                  data_recipe, list_categories)
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -244,6 +245,23 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
                                          rf"pixel at 32 pixels \(first: .*001.png\)"):
         ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
+
+
+def test_object_defects_wholly_outside_the_scored_crop_are_counted_in_a_warning(tmp_path):
+    """Objects are scored on the central ``train_size`` square of their test images (64 of 73 pixels
+    at res_scale 0.25): a defect outside it is missed whatever the model does."""
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 3})
+    edge = np.zeros((64, 64), np.uint8)
+    edge[:3] = 255  # the top 3 of 64 stored rows: outside the central 64 of 73 test pixels
+    Image.fromarray(edge).save(tmp_path / 'cat' / 'ground_truth' / 'crack' / '001_mask.png')
+    with pytest.warns(UserWarning, match=r"cat: 1 of 3 defect images have all their mask's defect pixels outside the "
+                                         r"central 64-pixel square of the 73-pixel test images that object models "
+                                         r"score \(first: .*001.png\)"):
+        ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, kind='object', **SMALL)
+    assert ds.masks[1].any() and not ds.masks[1][central_box((73, 73), 64)].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a texture is scored whole: no warning
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, **SMALL)
 
 
 def test_masks_mark_their_nonzero_pixels_whatever_the_format(tmp_path):

@@ -560,7 +560,8 @@ def test_options_of_the_loop_that_would_be_ignored_are_refused(tiny_mvtec, tmp_p
     ('FPI-Poisson', ['--clip-at-border'], '--clip-at-border does not apply to FPI-Poisson'),
     ('CutPaste', ['--paste-fraction', '0.5', '1'], '--paste-fraction does not apply to CutPaste'),
     ('Shift', ['--single-patch', '--num-patches', '8'], '--num-patches with --single-patch: one patch'),
-    ('Shift', ['--no-mask', '--background', '0', '20'], '--no-mask turns off the object mask that --background'),
+    ('Shift', ['--no-mask', '--background', '0', '20'], "--no-mask turns off the object mask that --background sets: "
+     "ignored for training (the validation set's synthetic defects still lie on the object that --background finds)"),
     ('Shift', ['--min-object-pct', '0.5'], "--min-object-pct applies to an object mask, and 'tiny' has no background"),
     ('CutPaste-3way', ['--num-patches', '3'], '--num-patches does not apply to CutPaste-3way'),
     ('CutPaste-3way', ['--normal-fraction', '0.5'], '--normal-fraction does not apply to CutPaste-3way'),
