@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -89,12 +90,13 @@ def write_csv(path, columns, rows):
 
 def output_names(files, out_dir):
     """A distinct output name per file: its stem, with ``-2``, ``-3`` ... for repeats and for names
-    whose map, overlay or mask is already in ``out_dir`` (``output_paths``: a file of the user's,
-    which this run must not replace)."""
+    whose map, overlay or mask is already in ``out_dir`` (``output_paths``: a file or link of the
+    user's, which this run must not replace; one that cannot be looked at counts as free, and its
+    write fails as an error of its image)."""
     names, used = [], set()
     for path in files:
         name, count = path.stem, 1
-        while name in used or any(taken.exists() for taken in output_paths(out_dir, name).values()):
+        while name in used or any(os.path.lexists(taken) for taken in output_paths(out_dir, name).values()):
             count += 1
             name = f'{path.stem}-{count}'
         used.add(name)

@@ -90,8 +90,12 @@ def _interrupt_in(error):
 
 def file_in_the_way(path):
     """The file (not a folder) that stands where a folder above ``path`` should be, e.g. ``out`` for
-    ``out/model.onnx`` when ``out`` is a file; None if there is none."""
-    return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+    ``out/model.onnx`` when ``out`` is a file; None if there is none, or if a folder above cannot be
+    looked into (the caller's own error says why)."""
+    try:
+        return next((parent for parent in Path(path).parents if parent.exists() and not parent.is_dir()), None)
+    except OSError:
+        return None
 
 
 def _write_error(path, error):

@@ -496,7 +496,8 @@ def ignored_task_options(args, setting, overrides):
         notes.append('--num-patches with --single-patch: one patch, --num-patches ignored')
     masked = [OVERRIDE_FLAGS[name] for name in OBJECT_MASK_PARAMS if name in overrides and uses[name]]
     if args.no_mask and masked:
-        kept = (" (the validation set's synthetic defects still lie on the object that --background finds)"
+        kept = (" (where a validation set is held out, its synthetic defects still lie on the object that "
+                "--background finds)"
                 if 'background' in overrides and uses['background'] else '')
         notes.append(f"--no-mask turns off the object mask that {masked[0]} sets: ignored for training{kept}")
     return notes

@@ -5,6 +5,7 @@ only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported 
 """
 import contextlib
 import glob
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -389,8 +390,9 @@ def image_files(inputs):
     with an image suffix (``IMAGE_SUFFIXES``; sorted, not recursive: its subfolders are left out),
     an existing file itself (also when its name holds glob characters, ``scan[1].png``; reading
     it reports whether it is an image), a glob pattern its sorted matches (``**`` matches any
-    depth of folders: ``'DIR/**/*.png'``). A file that several inputs name (the same resolved
-    path) is taken once, where it is first named, with a warning that counts them.
+    depth of folders: ``'DIR/**/*.png'``). A file that several inputs name (the same absolute
+    path, ``..`` resolved; links are files of their own) is taken once, where it is first named,
+    with a warning that counts them.
     ValueError naming a folder without images, a pattern without matches or a path that does not
     exist."""
     files = []
@@ -413,8 +415,8 @@ def image_files(inputs):
         files += found
     once, seen = [], set()
     for path in files:
-        if path.resolve() not in seen:
-            seen.add(path.resolve())
+        if os.path.abspath(path) not in seen:
+            seen.add(os.path.abspath(path))
             once.append(path)
     if len(once) < len(files):
         repeated = len(files) - len(once)

@@ -159,3 +159,13 @@ def test_a_file_where_a_folder_should_be_is_named(tmp_path):
                                       f"file, not a folder; an earlier file there is unchanged"):
         write_text_atomic(tmp_path / 'afile' / 'x.txt', 'text')
     assert (tmp_path / 'afile').read_text() == 'mine'
+
+
+def test_a_folder_that_cannot_be_looked_into_keeps_the_writes_own_error(tmp_path, monkeypatch):
+    def refused(self):
+        raise PermissionError(13, 'Permission denied', str(self))
+    monkeypatch.setattr(atomic.Path, 'exists', refused)
+    assert atomic.file_in_the_way(tmp_path / 'locked' / 'x.txt') is None
+    error = atomic._write_error(tmp_path / 'locked' / 'x.txt', PermissionError(13, 'Permission denied'))
+    assert str(error) == f"[Errno 13] cannot write {tmp_path / 'locked' / 'x.txt'}: Permission denied; an earlier " \
+                         f"file there is unchanged"

@@ -288,9 +288,15 @@ def test_output_names_are_distinct_and_leave_the_users_own_files_in_out_dir(tmp_
     (tmp_path / 'maps' / 'a.npy').write_bytes(b'mine')  # a file of the user's: not replaced
     (tmp_path / 'overlays').mkdir()
     (tmp_path / 'overlays' / 'b.png').write_bytes(b'mine')  # one output of a name is enough
+    (tmp_path / 'masks').mkdir()
+    (tmp_path / 'masks' / 'c.png').symlink_to(tmp_path / 'nowhere.png')  # a link of the user's, even broken
     files = [Path('x/a.png'), Path('y/a.jpg'), Path('b.png'), Path('c.png'), Path('z/c.tif')]
-    assert predict.output_names(files, tmp_path) == ['a-2', 'a-3', 'b-2', 'c', 'c-2']
+    assert predict.output_names(files, tmp_path) == ['a-2', 'a-3', 'b-2', 'c-2', 'c-3']
     assert predict.output_names(files, tmp_path / 'new') == ['a', 'a-2', 'b', 'c', 'c-2']
+    (tmp_path / 'maps' / 'a.npy').unlink()  # a folder that cannot be looked into: free, its writes fail later
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict.os.path, 'lexists', lambda path: False)
+        assert predict.output_names(files[:1], tmp_path) == ['a']
 
 
 def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):

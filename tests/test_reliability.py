@@ -561,7 +561,8 @@ def test_options_of_the_loop_that_would_be_ignored_are_refused(tiny_mvtec, tmp_p
     ('CutPaste', ['--paste-fraction', '0.5', '1'], '--paste-fraction does not apply to CutPaste'),
     ('Shift', ['--single-patch', '--num-patches', '8'], '--num-patches with --single-patch: one patch'),
     ('Shift', ['--no-mask', '--background', '0', '20'], "--no-mask turns off the object mask that --background sets: "
-     "ignored for training (the validation set's synthetic defects still lie on the object that --background finds)"),
+     "ignored for training (where a validation set is held out, its synthetic defects still lie on the object that "
+     "--background finds)"),
     ('Shift', ['--min-object-pct', '0.5'], "--min-object-pct applies to an object mask, and 'tiny' has no background"),
     ('CutPaste-3way', ['--num-patches', '3'], '--num-patches does not apply to CutPaste-3way'),
     ('CutPaste-3way', ['--normal-fraction', '0.5'], '--normal-fraction does not apply to CutPaste-3way'),
@@ -876,6 +877,8 @@ def test_image_inputs_recursive_patterns_and_paths_that_do_not_exist(tmp_path):
         # a file named again, also by another spelling of its path: read once, where first named
         assert image_files([str(tmp_path / 'sub' / '*.png'), tmp_path, tmp_path / 'sub' / '..' / 'sub' / 'one.png']) \
             == [tmp_path / 'sub' / 'one.png', tmp_path / 'top.png']
+    (tmp_path / 'sub' / 'link.png').symlink_to(tmp_path / 'sub' / 'one.png')  # a link is a file of its own
+    assert image_files([tmp_path / 'sub']) == [tmp_path / 'sub' / 'link.png', tmp_path / 'sub' / 'one.png']
     (tmp_path / 'top.png').unlink()
     with pytest.raises(ValueError, match='subfolders are not read'):
         image_files([tmp_path])  # holds only a folder
