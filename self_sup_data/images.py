@@ -5,6 +5,7 @@ only numpy, OpenCV and Pillow (no torch), so that a deployment with an exported 
 """
 import contextlib
 import glob
+import numbers
 import os
 import struct
 import warnings
@@ -255,7 +256,7 @@ def intensity_window(reading):
     """(low, high): the values that a ``reading`` of 16-bit images maps to 0 and 255: bits ``b``
     (an int) read 0..2**b - 1, an intensity window (a pair, ``train_mvtec.py --intensity-range``)
     its own two values."""
-    return (0, 2 ** reading - 1) if isinstance(reading, int) else tuple(reading)
+    return (0, 2 ** int(reading) - 1) if isinstance(reading, numbers.Integral) else tuple(reading)
 
 
 def to_uint8(values, reading):
@@ -283,7 +284,7 @@ def decode(path, bits=None):
 
 def _scaled_to_uint8(path, values, bits):
     """The integer ``values`` of the 16-bit image at ``path`` scaled to uint8 as ``decode`` says."""
-    if isinstance(bits, int) and values.max(initial=0) > 2 ** bits - 1:
+    if isinstance(bits, numbers.Integral) and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
                          f"(0..{2 ** bits - 1}) that it is read with, the model's bit_depth ({BIT_DEPTH_RULE} "
                          f"among the training images, or train_mvtec.py --bit-depth), which would read it "
