@@ -2,6 +2,7 @@
 of the model and the training loop, the arguments every evaluation takes, and the wrappers that
 turn input errors into one-line messages."""
 import argparse
+import io
 import math
 import os
 import sys
@@ -340,7 +341,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     must belong to the same run
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
-    model, TrainConfig, meta, validator or None). Refusals and the errors of ``prepare`` are
+    model, TrainConfig, meta, validator or None); what it prints (a calibrated recipe) is shown
+    when the run trains, or when ``prepare`` fails, not before a refusal or a skip. Refusals and the errors of ``prepare`` are
     input errors of the command line ``prog`` (see ``exit_on_input_error``). ``replace_other``:
     with ``resume``, a run of other arguments is trained again and replaced instead of refused
     (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
@@ -359,7 +361,13 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
             found, state = (None, None) if force else found_run(run_dir, name)  # force: none kept
             if not (resume or force):
                 refuse_existing_run(found, state)
-            dataset, model, config, meta, validator = prepare()
+            printed = io.StringIO()  # what prepare() prints (a calibrated recipe ...): shown once it trains
+            try:
+                with redirect_stdout(printed):
+                    dataset, model, config, meta, validator = prepare()
+            except BaseException:
+                print(printed.getvalue(), end='')
+                raise
             if found and resume:
                 previous = read_meta(found)
                 differing = run_differences(previous, run_meta(model, config, meta, validator))
@@ -371,6 +379,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
         if resume and state == 'finished':
             print(f"{prog}: {found} exists, skipping it")
             return previous
+        print(printed.getvalue(), end='')
         with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
             return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
                          validator=validator)

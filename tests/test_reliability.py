@@ -205,6 +205,24 @@ def test_resume_of_a_finished_or_interrupted_run_refuses_other_arguments(trained
 
 
 @pytest.mark.slow
+def test_a_resume_that_skips_or_refuses_a_calibrated_run_does_not_print_its_recipe(tmp_path, capsys):
+    """The calibration runs to compare the run's arguments; its report is printed when the run trains."""
+    make_mvtec_category(tmp_path / 'data', 'tiny')
+    argv = ['-s', 'Shift-Intensity', '-d', str(tmp_path / 'data'), '-o', str(tmp_path / 'out'), '-n', 'tiny'] + \
+        ONE_EPOCH + ['--recipe', 'auto']
+    capsys.readouterr()
+    assert train_mvtec.main(argv) == 0
+    assert 'recipe auto: logistic label' in capsys.readouterr().out
+    assert train_mvtec.main(argv + ['--resume']) == 0
+    out = capsys.readouterr().out
+    assert 'exists, skipping it' in out and 'recipe auto' not in out
+    with pytest.raises(SystemExit):
+        train_mvtec.main(argv + ['--resume', '--epochs', '2'])
+    out, err = capsys.readouterr()
+    assert 'cannot resume the finished run' in err and 'epochs: 1 vs 2' in err and 'recipe auto' not in out
+
+
+@pytest.mark.slow
 def test_resume_of_a_run_whose_training_folder_changed_is_refused(trained, tmp_path, capsys):
     argv, path = trained
     shutil.copy(tmp_path / 'data' / 'tiny' / 'train' / 'good' / '000.png',
