@@ -235,7 +235,7 @@ def start_run(args):
         if args.overwrite:
             remove_earlier_run(out_dir)
     except OSError as error:
-        blocking = out_dir if out_dir.exists() and not out_dir.is_dir() else file_in_the_way(out_dir)
+        blocking = file_in_the_way(out_dir / 'scores.csv')  # OUT_DIR, or a folder above it, a file
         reason = f'{blocking} is a file, not a folder' if blocking else error.strerror or error
         raise StopRun(f'cannot prepare output folder {out_dir}: {reason}') from error
     except ValueError as error:

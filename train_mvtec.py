@@ -44,12 +44,12 @@ from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.images import BIT_DEPTH_RULE, high_depth_maximum
+from self_sup_data.images import BIT_DEPTH_RULE, is_high_depth_file
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, suggested_intensity_window, train_files,
                                  training_bit_depth)
-from self_sup_data.recipe import LOW_CONTRAST, grey_level_spread, low_contrast_message
+from self_sup_data.recipe import low_contrast_message
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -510,8 +510,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
 
 def warn_unused_reading(args, category, dataset):
     """Warn where --bit-depth or --intensity-range is given and no training image of ``dataset`` is a
-    file of more than 8 bits a channel (``high_depth_maximum``), the only files they apply to."""
-    if image_reading(args) is not None and all(high_depth_maximum(path) is None for path in dataset.paths):
+    file of more than 8 bits a channel (``is_high_depth_file``, by its header), the only files they
+    apply to."""
+    if image_reading(args) is not None and not any(is_high_depth_file(path) for path in dataset.paths):
         option = (f"--bit-depth {args.bit_depth}" if args.bit_depth
                   else "--intensity-range {} {}".format(*args.intensity_range))
         warnings.warn(f"category {category!r}: {option} applies to 16-bit image files, and none of its training "
@@ -521,11 +522,15 @@ def warn_unused_reading(args, category, dataset):
 
 def warn_low_contrast(args, category, dataset):
     """Warn where the training images of ``dataset`` span few grey levels (``low_contrast_message``;
-    for 16-bit images it suggests an intensity window, ``suggested_intensity_window``)."""
-    if grey_level_spread(dataset.images) < LOW_CONTRAST:
-        window = None if dataset.bit_depth is None else suggested_intensity_window(dataset.paths)
-        warnings.warn(low_contrast_message(dataset.images, category, dataset.bit_depth,
-                                           image_reading(args) is not None, window))
+    for 16-bit images it suggests an intensity window, ``suggested_intensity_window``, read from
+    their files only then)."""
+    depth_given = image_reading(args) is not None
+    message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given)
+    if message and dataset.bit_depth is not None:
+        message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given,
+                                       suggested_intensity_window(dataset.paths))
+    if message:
+        warnings.warn(message)
 
 
 def search_recipe(args, setting, data_dir, category, out_dir):

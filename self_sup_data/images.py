@@ -213,7 +213,7 @@ def _decoded(path):
         return np.asarray(image), _opacity(alpha, 255)
 
 
-def _is_deep(path):
+def is_high_depth_file(path):
     """Whether the image file at ``path`` stores more than 8 bits a channel (integer grey, or colour
     of 16 bits a channel), by its header."""
     with opened_image(path) as image:
@@ -222,14 +222,14 @@ def _is_deep(path):
 
 def high_depth_maximum(path):
     """The largest value of the image file at ``path`` when it stores more than 8 bits a channel
-    (``_is_deep``), else None; an 8-bit file is not decoded (its header tells)."""
-    return int(image_values(path).max(initial=0)) if _is_deep(path) else None
+    (``is_high_depth_file``), else None; an 8-bit file is not decoded (its header tells)."""
+    return int(image_values(path).max(initial=0)) if is_high_depth_file(path) else None
 
 
 def high_depth_percentiles(path, percentiles=(1, 99)):
     """The ``percentiles`` of the values (``image_values``, all channels) of the image file at
-    ``path`` when it stores more than 8 bits a channel (``_is_deep``), else None."""
-    return tuple(np.percentile(image_values(path), percentiles).tolist()) if _is_deep(path) else None
+    ``path`` when it stores more than 8 bits a channel (``is_high_depth_file``), else None."""
+    return tuple(np.percentile(image_values(path), percentiles).tolist()) if is_high_depth_file(path) else None
 
 
 def decode_mask_values(path):
@@ -416,8 +416,9 @@ def image_files(inputs):
         files += found
     once, seen = [], set()
     for path in files:
-        if os.path.abspath(path) not in seen:
-            seen.add(os.path.abspath(path))
+        absolute = os.path.abspath(path)
+        if absolute not in seen:
+            seen.add(absolute)
             once.append(path)
     if len(once) < len(files):
         repeated = len(files) - len(once)
