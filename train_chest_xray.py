@@ -2,7 +2,7 @@
 
     python train_chest_xray.py -s SETTING -d DATA_DIR -l LIST -o OUT_DIR [--no-pool] [--preact]
                                [--epochs E] [--batch-size B] [--res R] [--workers W] [--device D]
-                               [--resume] ...
+                               [--bit-depth BITS | --intensity-range LOW HIGH] [--resume] ...
 
 LIST holds the file names (relative to DATA_DIR) of the normal training images, one per line
 (see ``python -m self_sup_data.chest_xray`` to build lists from NIH's table). The model is
@@ -11,18 +11,19 @@ written to OUT_DIR/<setting dir>/chest_xray/final_chest_xray_<setting fname>.pt.
 import argparse
 import hashlib
 import sys
-import warnings
 from pathlib import Path
 
 from experiments import settings
-from experiments.arguments import one_line_warnings, path_argument
+from experiments.arguments import (add_image_reading_arguments, check_image_reading, image_reading,
+                                  one_line_warnings, path_argument)
 from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
                              exit_on_interrupt, model_from_args, prepare_output_dir, print_slow_bf16_note,
                              print_warnings, refuse_twin_run, reports_from_first_process_only, train_config,
-                             train_unless_finished)
+                             train_unless_finished, warn_low_contrast, warn_unused_reading)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
 from self_sup_data.layouts import names_sha256
-from self_sup_data.recipe import check_object_pixels, low_contrast_message
+from self_sup_data.mvtec import SET_BIT_DEPTH
+from self_sup_data.recipe import check_object_pixels
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 PROG = 'train_chest_xray.py'
@@ -45,9 +46,12 @@ def parse_args(argv=None):
                         help='where models and figures go')
     parser.add_argument('--res', type=int, default=PAPER_RES,
                         help=f'side the images are resized to (default: {PAPER_RES}, the paper)')
+    add_image_reading_arguments(parser)
     add_training_arguments(parser)
     settings.add_task_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_image_reading(parser, args)
+    return args
 
 
 def plan(args):
@@ -89,10 +93,10 @@ def prepare_run(args, setting, params):
     seed = setting.run_seed
     names = read_file_list(args.list)
     dataset = SelfSupChestXRay(args.data_dir, args.list, is_train=True, res=args.res,
-                               self_sup_args=self_sup_args, seed=seed)
-    low_contrast = low_contrast_message(dataset.images, CATEGORY, dataset.bit_depth)
-    if low_contrast:
-        warnings.warn(low_contrast)
+                               self_sup_args=self_sup_args, seed=seed,
+                               bit_depth=image_reading(args) or SET_BIT_DEPTH)
+    warn_unused_reading(args, CATEGORY, dataset)
+    warn_low_contrast(args, CATEGORY, dataset)
     if self_sup_args.get('skip_background') is not None:  # a background over every pixel: no patch
         check_object_pixels(dataset.images, self_sup_args['skip_background'], CATEGORY)
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
@@ -107,7 +111,7 @@ def prepare_run(args, setting, params):
                 train_names=names,  # the evaluation refuses them as test images
                 normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
                 normal_list_order_sha256=listed_names_sha256(names))  # and so is a reordered one
-    if dataset.bit_depth is not None:  # 16-bit training images: their test and new images alike
+    if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None
 

@@ -26,30 +26,27 @@ import argparse
 import dataclasses
 import re
 import sys
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
 from experiments import recipes, settings, tables
-from experiments.arguments import one_line_warnings, path_argument
+from experiments.arguments import (add_image_reading_arguments, check_image_reading, image_reading,
+                                  one_line_warnings, path_argument)
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
                              exit_on_input_error, exit_on_interrupt, figure_files, found_run, layout_from_args,
                              model_from_args, other_run_message, prepare_output_dir, print_slow_bf16_note,
                              print_warnings, refuse_existing_run, refuse_twin_run, remove_report_temporaries,
                              report_problems, reports_from_first_process_only, train_config, train_unless_finished,
-                             write_evaluation)
+                             warn_low_contrast, warn_unused_reading, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.images import BIT_DEPTH_RULE, is_high_depth_file
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
-                                 load_validation_set, suggested_intensity_window, train_files,
-                                 training_bit_depth)
-from self_sup_data.recipe import low_contrast_message
+                                 load_validation_set, train_files, training_bit_depth)
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -67,26 +64,6 @@ MAX_RES_SCALE = 4
 # the meta entries that record a --recipe search run's choice (what the choice sets is rebuilt
 # from its parameters before the search; see refuse_other_run_before_search)
 SEARCH_RECORD_FIELDS = ('recipe_search', 'search_calibration', 'calibration')
-
-
-def bit_depth_argument(value):
-    """argparse type of --bit-depth: an integer from 8 to 16."""
-    if not value.strip().isdigit() or not 8 <= int(value) <= 16:
-        raise argparse.ArgumentTypeError(f'an integer from 8 to 16 (bits of the data), got {value!r}')
-    return int(value)
-
-
-def intensity_argument(value):
-    """argparse type of a --intensity-range bound: a 16-bit value, an integer from 0 to 65535."""
-    if not value.strip().isdigit() or not 0 <= int(value) < 2 ** 16:
-        raise argparse.ArgumentTypeError(f'an integer from 0 to 65535 (a 16-bit value), got {value!r}')
-    return int(value)
-
-
-def image_reading(args):
-    """How 16-bit images are read (``self_sup_data.images.to_uint8``): --bit-depth's bits,
-    --intensity-range's window [low, high], or None (the training images' bit depth)."""
-    return args.bit_depth or (args.intensity_range and list(args.intensity_range))
 
 
 def category_argument(value):
@@ -113,15 +90,7 @@ def parse_args(argv=None):
     parser.add_argument('--kind', choices=('object', 'texture'),
                         help='treat the categories as this kind (default: MVTec AD\'s grouping; '
                              'other names are textures)')
-    reading = parser.add_mutually_exclusive_group()
-    reading.add_argument('--bit-depth', type=bit_depth_argument, metavar='BITS',
-                         help='bits of the data in 16-bit image files (8 to 16), from which they are scaled to '
-                              f'8 bits; stored with the model for its test and new images (default: {BIT_DEPTH_RULE} '
-                              'among the training images)')
-    reading.add_argument('--intensity-range', type=intensity_argument, nargs=2, metavar=('LOW', 'HIGH'),
-                         help='read 16-bit image files by mapping the values LOW..HIGH onto 0..255 (values outside '
-                              'saturate), for data that uses a small part of the 16-bit range; stored with the model '
-                              'for its test and new images (default: by the bit depth)')
+    add_image_reading_arguments(parser)
     parser.add_argument('--res-scale', type=float,
                         help="resolution relative to the paper's (224/256-pixel crops); "
                              "0.5 trains at half (default: 1)")
@@ -135,9 +104,7 @@ def parse_args(argv=None):
                              'into OUT_DIR/eval) and print the figures '
                              '(default: on for the demo dataset only)')
     args = parser.parse_args(argv)
-    if args.intensity_range and args.intensity_range[0] >= args.intensity_range[1]:
-        parser.error(f"argument --intensity-range: LOW must be below HIGH, got {args.intensity_range[0]} "
-                     f"{args.intensity_range[1]}")
+    check_image_reading(parser, args)
     return args
 
 
@@ -506,31 +473,6 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, validator
-
-
-def warn_unused_reading(args, category, dataset):
-    """Warn where --bit-depth or --intensity-range is given and no training image of ``dataset`` is a
-    file of more than 8 bits a channel (``is_high_depth_file``, by its header), the only files they
-    apply to."""
-    if image_reading(args) is not None and not any(is_high_depth_file(path) for path in dataset.paths):
-        option = (f"--bit-depth {args.bit_depth}" if args.bit_depth
-                  else "--intensity-range {} {}".format(*args.intensity_range))
-        warnings.warn(f"category {category!r}: {option} applies to 16-bit image files, and none of its training "
-                      f"images is one: they are read as they are (the model keeps it for 16-bit test and new "
-                      f"images)")
-
-
-def warn_low_contrast(args, category, dataset):
-    """Warn where the training images of ``dataset`` span few grey levels (``low_contrast_message``;
-    for 16-bit images it suggests an intensity window, ``suggested_intensity_window``, read from
-    their files only then)."""
-    depth_given = image_reading(args) is not None
-    message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given)
-    if message and dataset.bit_depth is not None:
-        message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given,
-                                       suggested_intensity_window(dataset.paths))
-    if message:
-        warnings.warn(message)
 
 
 def search_recipe(args, setting, data_dir, category, out_dir):

@@ -214,7 +214,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
         check_not_trained_on(meta, data_dir, test_names[0] + test_names[1], str(path))
-        key = meta.get('res', DEFAULT_RES), meta.get('bit_depth')
+        depth = meta.get('bit_depth')  # bits, or an intensity window [low, high]
+        key = meta.get('res', DEFAULT_RES), tuple(depth) if isinstance(depth, list) else depth
         if key not in datasets:
             datasets[key] = load_test_set(data_dir, normal_list, anomalous_list, bbox_csv, *key)
         values, maps = evaluate(model, datasets[key], batch_size, device, crop_size=scored_crop(meta),

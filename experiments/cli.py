@@ -11,7 +11,7 @@ import warnings
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
-from experiments.arguments import INTERRUPTED_STATUS, path_argument
+from experiments.arguments import INTERRUPTED_STATUS, image_reading, path_argument
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
@@ -23,7 +23,10 @@ from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_b
                                   replaced_final_model,
                                   resolve_device, run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
+from self_sup_data.images import is_high_depth_file
 from self_sup_data.layouts import FORMATS, make_layout
+from self_sup_data.mvtec import suggested_intensity_window
+from self_sup_data.recipe import low_contrast_message
 
 # ------------------------------------------------------------------------------------------------
 # Training scripts
@@ -313,6 +316,31 @@ def refuse_twin_run(setting, out_dir, category):
     if found:
         raise FileExistsError(f"{found} is a run of {twin_key}, which trains seed {DEFAULT_SEED} as "
                               f"{setting.key} does; use -s {twin_key} or another output folder")
+
+
+def warn_unused_reading(args, category, dataset):
+    """Warn where --bit-depth or --intensity-range is given and no training image of ``dataset`` is a
+    file of more than 8 bits a channel (``is_high_depth_file``, by its header), the only files they
+    apply to."""
+    if image_reading(args) is not None and not any(is_high_depth_file(path) for path in dataset.paths):
+        option = (f"--bit-depth {args.bit_depth}" if args.bit_depth
+                  else "--intensity-range {} {}".format(*args.intensity_range))
+        warnings.warn(f"category {category!r}: {option} applies to 16-bit image files, and none of its training "
+                      f"images is one: they are read as they are (the model keeps it for 16-bit test and new "
+                      f"images)")
+
+
+def warn_low_contrast(args, category, dataset):
+    """Warn where the training images of ``dataset`` span few grey levels (``low_contrast_message``;
+    for 16-bit images it suggests an intensity window, ``suggested_intensity_window``, read from
+    their files only then)."""
+    depth_given = image_reading(args) is not None
+    message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given)
+    if message and dataset.bit_depth is not None:
+        message = low_contrast_message(dataset.images, category, dataset.bit_depth, depth_given,
+                                       suggested_intensity_window(dataset.paths))
+    if message:
+        warnings.warn(message)
 
 
 def other_run_message(found, state, differing, previous):

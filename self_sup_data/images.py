@@ -254,7 +254,7 @@ def has_transparency(image):
 
 def intensity_window(reading):
     """(low, high): the values that a ``reading`` of 16-bit images maps to 0 and 255: bits ``b``
-    (an int) read 0..2**b - 1, an intensity window (a pair, ``train_mvtec.py --intensity-range``)
+    (an int) read 0..2**b - 1, an intensity window (a pair, the training commands' ``--intensity-range``)
     its own two values."""
     return (0, 2 ** int(reading) - 1) if isinstance(reading, numbers.Integral) else tuple(reading)
 
@@ -287,7 +287,7 @@ def _scaled_to_uint8(path, values, bits):
     if isinstance(bits, numbers.Integral) and values.max(initial=0) > 2 ** bits - 1:
         raise ValueError(f"image {path} has values up to {values.max()}, beyond the {bits}-bit range "
                          f"(0..{2 ** bits - 1}) that it is read with, the model's bit_depth ({BIT_DEPTH_RULE} "
-                         f"among the training images, or train_mvtec.py --bit-depth), which would read it "
+                         f"among the training images, or the training command's --bit-depth), which would read it "
                          f"as white; give it the training images' bit depth, or train with the camera's "
                          f"(--bit-depth)")
     return to_uint8(values, bits or high_bit_depth(values))

@@ -179,7 +179,7 @@ def set_bit_depth(image_paths, pool):
 
 
 def suggested_intensity_window(image_paths):
-    """An intensity window [low, high] (``train_mvtec.py --intensity-range``) for the 16-bit images
+    """An intensity window [low, high] (the training commands' ``--intensity-range``) for the 16-bit images
     among ``image_paths``, None without one: from the lowest 1st to the highest 99th percentile of
     their values (``high_depth_percentiles``), widened by WINDOW_MARGIN of its width on each side,
     so that defects darker or brighter than the normal material keep their grey levels, within

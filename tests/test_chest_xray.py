@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from experiments import training
 from self_sup_data import chest_xray
 from self_sup_data.chest_xray import (SelfSupChestXRay, build_file_lists, chest_recipe, read_file_list,
                                       read_table)
@@ -130,6 +131,74 @@ def test_16_bit_x_rays_are_read_with_the_training_sets_bit_depth(tmp_path):
     assert test.images[-1].max() == round(3000 * 255 / 65535)  # as dark as in training
     assert load_test_set(tmp_path, ['bright.png'], tmp_path / 'anomalous.txt',
                          res=64).images[-1].max() == round(3000 * 255 / 4095)  # image by image
+
+
+def narrow_16_bit_xrays(folder, count=4, seed=0):
+    """16-bit X-rays whose values lie within 29800..30200 (a sliver of the 16-bit range), listed in
+    ``folder/normal.txt`` -> their names."""
+    rng = np.random.default_rng(seed)
+    names = [f'{i:08d}_000.png' for i in range(count)]
+    for name in names:
+        Image.fromarray((29800 + rng.integers(0, 400, (64, 64))).astype(np.uint16)).save(folder / name)
+    (folder / 'normal.txt').write_text('\n'.join(names) + '\n')
+    return names
+
+
+def test_narrow_16_bit_x_rays_get_a_window_suggested_and_train_and_evaluate_with_it(tmp_path, capsys):
+    import train_chest_xray
+    from conftest import save_untrained_model
+    from experiments import prediction
+    from experiments.chest_xray_tasks import evaluate_checkpoints, load_test_set
+    names = narrow_16_bit_xrays(tmp_path)
+    argv = ['-s', 'Shift', '-d', str(tmp_path), '-l', str(tmp_path / 'normal.txt'), '-o', str(tmp_path / 'out'),
+            '--res', '64']
+    args = train_chest_xray.parse_args(argv)
+    setting, params, _ = train_chest_xray.plan(args)
+    with pytest.warns(UserWarning) as caught:
+        train_chest_xray.prepare_run(args, setting, params)
+    window = re.search(r"train with --intensity-range (\d+) (\d+) \(their 16-bit values' 1st to 99th percentile",
+                       str(caught[0].message))
+    assert window and 29700 <= int(window[1]) < 29810 and 30190 < int(window[2]) <= 30300
+    args = train_chest_xray.parse_args(argv + ['--intensity-range', window[1], window[2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # spread wide enough: no warning
+        dataset, _, _, meta, _ = train_chest_xray.prepare_run(args, setting, params)
+    assert meta['bit_depth'] == dataset.bit_depth == [int(window[1]), int(window[2])]
+    low, high = meta['bit_depth']
+    # a model with the window is evaluated on test images read with it (not refused per row)
+    Image.fromarray(np.full((64, 64), 30150, np.uint16)).save(tmp_path / 'bright.png')
+    (tmp_path / 'anomalous.txt').write_text('bright.png\n')
+    model_dir = tmp_path / 'models'
+    save_untrained_model(model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
+                         dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64, seed=1,
+                              bit_depth=meta['bit_depth'], train_names=names[2:]))
+    (tmp_path / 'test.txt').write_text('\n'.join(names[:2]) + '\n')
+    [record] = evaluate_checkpoints(model_dir, tmp_path, tmp_path / 'test.txt', tmp_path / 'anomalous.txt')
+    assert 'error' not in record or pd.isna(record['error'])
+    model, _ = training.load_model(record['checkpoint'])
+    test_set = load_test_set(tmp_path, tmp_path / 'test.txt', tmp_path / 'anomalous.txt', res=64,
+                             bit_depth=meta['bit_depth'])
+    assert test_set.images[-1].min() == round((30150 - low) * 255 / (high - low))  # the window's reading
+    np.testing.assert_array_equal(test_set.images[0], dataset.images[0])  # as in training
+    assert record['image_auroc_mean'] == prediction.evaluate(model, test_set, crop_size=32)['image_auroc_mean']
+
+
+def test_bit_depth_options_of_chest_x_rays(xrays, capsys):
+    import train_chest_xray
+    data_dir, _ = xrays
+    argv = ['-s', 'Shift', '-d', str(data_dir), '-l', str(data_dir / 'normal.txt'), '-o', str(data_dir / 'out'),
+            '--res', '64']
+    args = train_chest_xray.parse_args(argv + ['--bit-depth', '12'])
+    setting, params, _ = train_chest_xray.plan(args)
+    with pytest.warns(UserWarning, match=r"^category 'chest_xray': --bit-depth 12 applies to 16-bit image files, "
+                                         r"and none of its training images is one"):
+        train_chest_xray.prepare_run(args, setting, params)
+    for wrong, message in ((['--intensity-range', '200', '100'], 'LOW must be below HIGH, got 200 100'),
+                           (['--bit-depth', '7'], 'an integer from 8 to 16'),
+                           (['--bit-depth', '12', '--intensity-range', '1', '2'], 'not allowed with argument')):
+        with pytest.raises(SystemExit):
+            train_chest_xray.parse_args(argv + wrong)
+        assert message in capsys.readouterr().err
 
 
 def test_test_items_without_boxes_are_image_level(xrays):
