@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from self_sup_data.images import central_box
-from self_sup_data.self_sup_tasks import cutpaste_scar, object_mask
+from self_sup_data.self_sup_tasks import check_image, cutpaste_scar, object_mask
 
 VALIDATION_KINDS = ('scar', 'blob', 'blur', 'noise', 'line')
 VALIDATION_VERSION = 2  # 2: a blob's mask covers its smooth edge (1: its ellipse only)
@@ -166,6 +166,11 @@ def synthetic_defect(image, kind, rng, on=None):
     """
     if kind not in DEFECTS:
         raise ValueError(f"unknown validation defect kind {kind!r}; valid: {VALIDATION_KINDS}")
+    check_image(image, 'image')
+    if on is not None and (not isinstance(on, np.ndarray) or on.dtype != bool or on.shape != image.shape[:2]):
+        shape = f'{on.dtype} array of shape {on.shape}' if isinstance(on, np.ndarray) else type(on).__name__
+        raise ValueError(f"on must be None or a bool array of the image's height and width {image.shape[:2]}, "
+                         f"got {shape}")
     anchors = None if on is None else np.argwhere(on)
     if anchors is not None and not len(anchors):
         raise ValueError("no object pixel to draw a defect on")

@@ -3,6 +3,7 @@ in training (validation curve, best checkpoint) and in train_mvtec.py (--recipe)
 import copy
 import json
 import math
+import re
 import shutil
 import warnings
 
@@ -384,6 +385,23 @@ def test_validation_defects_follow_the_background_and_name_an_image_without_obje
     with pytest.raises(ValueError, match='no object pixel'):
         validation.synthetic_defect(images[0], 'blob', np.random.default_rng(0),
                                     np.zeros(images[0].shape[:2], bool))
+
+
+@pytest.mark.parametrize('kind', validation.VALIDATION_KINDS)
+def test_a_validation_defect_refuses_images_that_the_generator_refuses(kind):
+    grey = contrasted_images(1)[0]
+    for image, found in ((grey[..., 0], 'uint8 array of shape (64, 64)'),
+                         (grey.astype(np.float32), 'float32 array of shape (64, 64, 1)'),
+                         (np.repeat(grey, 4, axis=2), 'uint8 array of shape (64, 64, 4)'),
+                         (grey[:12], 'at least 16 pixels high and wide, got (12, 64, 1)')):
+        with pytest.raises(ValueError, match=re.escape(found)):
+            validation.synthetic_defect(image, kind, np.random.default_rng(0))
+    for on, found in ((np.ones((32, 32), bool), 'bool array of shape (32, 32)'),
+                      (np.ones((64, 64), np.uint8), 'uint8 array of shape (64, 64)'),
+                      ([[True]], 'list')):
+        with pytest.raises(ValueError, match=r"on must be None or a bool array of the image's height and width "
+                                             r"\(64, 64\), got " + re.escape(found)):
+            validation.synthetic_defect(grey, kind, np.random.default_rng(0), on)
 
 
 class Brightness(torch.nn.Module):

@@ -134,6 +134,18 @@ def test_make_label_reads_any_non_zero_mask_as_the_patches():
             np.testing.assert_array_equal(make_label(dest, image, mask, label_mode, 1, 1, (1 / 6, 20)), expected)
 
 
+def test_a_steep_logistic_label_far_below_its_centre_is_zero_without_a_warning():
+    dest = np.full((32, 32, 1), 100, np.uint8)
+    image, patch_mask = dest.copy(), np.zeros((32, 32), bool)
+    patch_mask[8:24, 8:24] = True
+    image[patch_mask] = 110  # a change of 10, with k (x0 - 10) = 700 and more: exp(700) and beyond overflow
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for k in (10, 100):
+            label = make_label(dest, image, patch_mask, 'logistic-intensity', 1, 1, (k, 80))
+            assert label.dtype == np.float32 and not label.any()
+
+
 def test_make_label_without_patch_is_zero():
     dest = np.full((32, 32, 3), 7, np.uint8)
     label = make_label(dest, dest.copy(), np.zeros((32, 32), bool), 'logistic-intensity', 1, 1, (1 / 6, 20))
@@ -489,6 +501,7 @@ INVALID = [
     (dict(resize_bounds=(1.3, 0.7)), 'resize_bounds'),
     (dict(resize_bounds=(0, 1)), 'resize_bounds'),
     (dict(num_ellipses=0), 'num_ellipses'),
+    (dict(num_ellipses=101), 'num_ellipses'),
     (dict(paste_fraction=(0.5,)), 'paste_fraction'),
     (dict(paste_fraction=(0.8, 0.2)), 'paste_fraction'),
     (dict(paste_fraction=(0, 1.5)), 'paste_fraction'),
