@@ -27,6 +27,7 @@ the command lines override single values (``--num-patches``, ``--logistic K X0``
 A category without an entry gets the defaults of its kind (``KIND_DEFAULTS``).
 """
 import argparse
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,7 +410,8 @@ def add_task_arguments(parser):
     group.add_argument('--logistic', type=float, nargs=2, metavar=('K', 'X0'),
                        help='logistic label parameters: label = 1 / (1 + exp(-K (d - X0)))')
     group.add_argument('--background', type=float, nargs=2, metavar=('BRIGHTNESS', 'THRESHOLD'),
-                       help='object mask: pixels within THRESHOLD of BRIGHTNESS are background')
+                       help='object mask: pixels within THRESHOLD of BRIGHTNESS (a grey level, 0 to 255) are '
+                            'background')
     group.add_argument('--min-object-pct', type=float, metavar='F',
                        help='minimum object fraction of a patch (with a background)')
     group.add_argument('--min-overlap-pct', type=float, metavar='F',
@@ -443,6 +445,11 @@ def param_overrides(args):
     if width is not None and not (all(0 < w <= 0.5 for w in width)
                                   and width[0] <= width[1] and width[2] <= width[3]):
         raise ValueError(f"--width-bounds must be half-widths with 0 < min <= max <= 0.5, got {width}")
+    background = args.background
+    if background is not None and not (0 <= background[0] <= 255 and 0 <= background[1] < math.inf):  # not NaN
+        raise ValueError(f"--background must be BRIGHTNESS THRESHOLD with BRIGHTNESS a grey level from 0 to 255 "
+                         f"(of the images as read, 8 bits) and THRESHOLD a finite value >= 0, got {background[0]:g} "
+                         f"{background[1]:g}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for name, value in overrides.items():  # the generator's own checks, before any run
         try:

@@ -224,6 +224,12 @@ def test_command_line_overrides():
     for bad in (['--num-patches', '0'], ['--width-bounds', '0.2', '0.1', '0.1', '0.2']):
         with pytest.raises(ValueError):
             settings.param_overrides(parser.parse_args(bad))
+    for brightness, threshold in (('nan', '10'), ('300', '10'), ('-1', '10'), ('0', '-1'), ('0', 'inf'), ('0', 'nan')):
+        with pytest.raises(ValueError, match=r"^--background must be BRIGHTNESS THRESHOLD with BRIGHTNESS a grey level "
+                                             r"from 0 to 255 \(of the images as read, 8 bits\) and THRESHOLD a finite "
+                                             rf"value >= 0, got {brightness} {threshold}$"):
+            settings.param_overrides(parser.parse_args(['--background', brightness, threshold]))
+    assert settings.param_overrides(parser.parse_args(['--background', '255', '0']))['background'] == (255, 0)
 
 
 def test_clip_at_border_reaches_only_the_settings_that_shift_patches():
