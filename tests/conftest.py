@@ -15,6 +15,7 @@ from PIL import Image
 from experiments import atomic
 from experiments.atomic import save_torch_atomic
 from experiments.settings import parse_setting, trained_model_path
+from experiments.training import model_checkpoint
 from models.resnet import resnet18_enc_dec
 from self_sup_data import recipe
 
@@ -111,13 +112,15 @@ def tiny_mvtec(tmp_path):
     return tmp_path, 'tiny'
 
 
-def save_untrained_model(path, meta, seed=0, final_activation='sigmoid'):
+def save_untrained_model(path, meta, seed=0, final_activation='sigmoid', checksum=False):
     """A freshly initialised grayscale encoder-decoder (torch seed ``seed``) saved at ``path`` the
-    way training saves its final model, with ``meta`` and its ``model_config``; returns the path."""
+    way training saves its final model, with ``meta`` and its ``model_config`` (and, with
+    ``checksum``, its weights' ``weights_sha256``, as training records it); returns the path."""
     torch.manual_seed(seed)
     model = resnet18_enc_dec(in_channels=1, final_activation=final_activation)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_torch_atomic(dict(model=model.state_dict(), meta=dict(meta, model_config=model.config)), path)
+    meta = dict(meta, model_config=model.config)
+    save_torch_atomic(model_checkpoint(model, meta) if checksum else dict(model=model.state_dict(), meta=meta), path)
     return Path(path)
 
 

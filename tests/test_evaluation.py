@@ -907,6 +907,52 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
 
 
+def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_path, capsys):
+    from conftest import save_untrained_model
+    model_dir, data_dir, normal, anomalous, _ = chest
+    out = tmp_path / 'out'
+
+    def evaluate(models, name, *extra):
+        capsys.readouterr()
+        chest_xray_tasks.main(['-m', str(models), '-d', str(data_dir), '-o', str(out), '-l', str(normal),
+                               str(anomalous), '--name', name, '--device', 'cpu', '--no-figures', *extra])
+        return [line.removeprefix('warning: ') for line in capsys.readouterr().err.splitlines()
+                if 'each model folder' in line]
+
+    assert evaluate(model_dir, 'male') == evaluate(model_dir, 'female') == []
+    other = tmp_path / 'other_models'  # another seed 1 of the same setting, other weights
+    save_untrained_model(other / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
+                         dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64, seed=1), seed=5)
+    texts = evaluate(other, 'male')
+    first, second = (model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve(), \
+        (other / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve()
+    assert texts == [f"Shift seed 1 is scored by different models in the tables' rows: {first} (female); "
+                     f"{second} (male); evaluate each model folder into an output folder of its own",
+                     f"male Shift: the seeds merged in the tables are of models in different folders: "
+                     f"{other.resolve()} (seeds 1); {model_dir.resolve()} (seeds 2); evaluate each model folder "
+                     f"into an output folder of its own"]
+    # a copy of a model elsewhere is the same model (equal weights, as training records them)
+    import shutil
+    checked = save_untrained_model(tmp_path / 'checked' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
+                                   dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64,
+                                        seed=1), checksum=True)
+    shutil.copytree(tmp_path / 'checked', tmp_path / 'copy')
+    out = tmp_path / 'out_copy'
+    assert evaluate(tmp_path / 'checked', 'male') == evaluate(tmp_path / 'copy', 'female') == []
+
+
+def test_mixed_models_names_nothing_for_categories_of_their_own_models():
+    from experiments.tables import mixed_models
+    records = [dict(category=category, setting='Shift', seed=seed,
+                    checkpoint=f'/m/shift/{category}/final_{category}_shift_{seed}.pt', weights_sha256=f'{category}{seed}')
+               for category in ('carpet', 'wood') for seed in (0, 1)]
+    assert mixed_models(records + [dict(category='grid', setting='Shift', seed=0, checkpoint=None)]) == []
+    moved = dict(records[1], checkpoint='/n/shift/carpet/final_carpet_shift_1.pt')
+    assert mixed_models(records[:1] + [moved]) == [
+        "carpet Shift: the seeds merged in the tables are of models in different folders: /m (seeds 0); "
+        "/n (seeds 1); evaluate each model folder into an output folder of its own"]
+
+
 def test_a_chest_model_and_its_unreadable_copy_are_refused_before_any_work(chest, tmp_path):
     import shutil
     model_dir, data_dir, normal, anomalous, _ = chest
