@@ -35,8 +35,8 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import evaluate, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.chest_xray import (SelfSupChestXRay, check_test_lists, chest_recipe, list_label, read_bbox_table,
-                                     read_file_list)
+from self_sup_data.chest_xray import (SelfSupChestXRay, check_test_lists, chest_recipe, list_label, listed_paths,
+                                     read_bbox_table, read_file_list)
 from self_sup_data.layouts import names_sha256
 
 DATASET = 'chest_xray'
@@ -185,8 +185,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
         raise ValueError(f"--name must name the test set (a table row and a figure's file name), got {test_name!r}")
     # a missing, empty or contradictory list is the command's error, not each row's
     test_names = [read_file_list(file_list) for file_list in (normal_list, anomalous_list)]
-    check_test_lists(*test_names, list_label(normal_list, 'normal'),
-                     list_label(anomalous_list, 'anomalous'))
+    labels = list_label(normal_list, 'normal'), list_label(anomalous_list, 'anomalous')
+    check_test_lists(*test_names, *labels)
     lists_sha256 = test_set_sha256(*test_names)
     if bbox_csv is not None:
         if not Path(bbox_csv).is_file():
@@ -195,6 +195,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     boxes_sha256 = bbox_sha256(bbox_csv)
     if out_dir is not None:
         check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256)
+    listed_paths(data_dir, *test_names, *labels)  # a missing image too, once
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:

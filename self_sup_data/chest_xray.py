@@ -61,6 +61,8 @@ def read_file_list(file_list):
     normalised (``./a.png`` and ``a.png`` are one name; ``posixpath.normpath``)."""
     if isinstance(file_list, (str, os.PathLike)):
         path = Path(file_list)
+        if path.is_dir():
+            raise ValueError(f"file list {path} is a folder; give a text file of image names, one per line")
         if not path.is_file():
             raise FileNotFoundError(f"file list {path} does not exist")
         try:
@@ -96,6 +98,31 @@ def check_listed_once(names, label, why):
     twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
         raise ValueError(f"{label} names {len(twice)} images more than once, e.g. {twice[:3]}; {why}")
+
+
+def check_one_file_each(paths, names, label):
+    """ValueError naming the lists ``label`` where two of ``names`` are one image file (``paths``:
+    where each lies, in the data folder; an absolute name and a relative one, say), whose image would
+    count twice."""
+    seen = {}
+    for path, name in zip(paths, names):
+        key = os.path.abspath(path)
+        if key in seen:
+            raise ValueError(f"{label}: the names {seen[key]!r} and {name!r} are one image ({key}); "
+                             f"each image is listed once")
+        seen[key] = name
+
+
+def listed_paths(data_dir, normal, anomalous, normal_label='the normal list',
+                 anomalous_label='the anomalous list'):
+    """The paths in ``data_dir`` of the ``normal`` and then the ``anomalous`` names (none: training);
+    FileNotFoundError naming the list of missing images, ValueError where two names are one image
+    (``check_one_file_each``)."""
+    paths = _existing_paths(data_dir, normal, normal_label) + (
+        _existing_paths(data_dir, anomalous, anomalous_label) if anomalous else [])
+    check_one_file_each(paths, normal + anomalous,
+                        f'{normal_label} and {anomalous_label}' if anomalous else normal_label)
+    return paths
 
 
 def check_test_lists(normal, anomalous, normal_label='the normal list',
@@ -197,8 +224,7 @@ class SelfSupChestXRay(SelfSupImageDataset):
         else:
             check_test_lists(normal, anomalous, *labels)
         names = normal + anomalous
-        paths = _existing_paths(data_dir, normal, labels[0]) + (
-            _existing_paths(data_dir, anomalous, labels[1]) if anomalous else [])
+        paths = listed_paths(data_dir, normal, anomalous, *labels)
         images, _, bit_depth = load_images(paths, res, channels=1, desc='loading chest X-rays',
                                            bit_depth=bit_depth)
         train_size = None

@@ -227,6 +227,16 @@ def test_errors(xrays):
     with pytest.raises(ValueError, match=r"the normal list names 2 images more than once, e.g. "
                                          rf"\['{names[0]}', '{names[1]}'\]; each training image is listed once"):
         SelfSupChestXRay(data_dir, names[:3] + names[:2])  # two lists pasted together
+    absolute = str(data_dir / names[1])  # one image under two names: scored (or trained on) twice
+    with pytest.raises(ValueError, match=rf"the normal list: the names '{names[1]}' and '{re.escape(absolute)}' are "
+                                         rf"one image \({re.escape(absolute)}\); each image is listed once"):
+        SelfSupChestXRay(data_dir, names[:3] + [absolute])
+    with pytest.raises(ValueError, match=r"the normal list and the anomalous list: the names '.*' and '.*' are one "
+                                         r"image"):
+        SelfSupChestXRay(data_dir, names[:3], [absolute], is_train=False)
+    with pytest.raises(ValueError, match=rf"file list {re.escape(str(data_dir))} is a folder; give a text file of "
+                                         r"image names, one per line"):
+        SelfSupChestXRay(data_dir, data_dir)
     (data_dir / 'trailing.csv').write_text('Image Index,Finding Label,Bbox [x,y,w,h]\n'
                                            f'{names[4]},Mass,256,512,128,64,\n')  # rows end in a comma
     boxed = SelfSupChestXRay(data_dir, names[:2], names[4:], bbox_csv=data_dir / 'trailing.csv',

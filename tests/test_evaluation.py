@@ -941,6 +941,15 @@ def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_
     assert evaluate(tmp_path / 'checked', 'male') == evaluate(tmp_path / 'copy', 'female') == []
 
 
+def test_a_missing_chest_test_image_is_the_commands_error_not_each_models(chest, tmp_path):
+    model_dir, data_dir, normal, anomalous, _ = chest
+    missing = tmp_path / 'missing.txt'
+    missing.write_text(normal.read_text() + 'gone.png\n')
+    with pytest.raises(FileNotFoundError, match=r"1 of 5 images of the normal list .*missing.txt are missing from "
+                                                r".*gone.png"):
+        chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, missing, anomalous)
+
+
 def test_mixed_models_names_nothing_for_categories_of_their_own_models():
     from experiments.tables import mixed_models
     records = [dict(category=category, setting='Shift', seed=seed,
