@@ -22,6 +22,7 @@ precision, recall and F1 at them.
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from experiments import metrics
 from experiments.arguments import one_line_warnings, path_argument
 from experiments.atomic import save_torch_atomic
 from experiments.checkpoints import read_meta
+from experiments.chest_xray_tasks import trained_names
 from experiments.cli import exit_on_input_error, exit_on_interrupt
 from experiments.detector import Detector
 from self_sup_data.images import image_files
@@ -70,6 +72,34 @@ def normal_image_files(meta, data_dir=None):
     except ValueError as error:
         raise ValueError(f'{error}; pass normal images it has not seen with -i') from None
     return [files[index] for index in indices], 'held-out normal training images'
+
+
+def training_images(meta):
+    """Resolved paths of the images the model of ``meta`` was trained on, as far as they can be
+    found: a chest X-ray model's training images (``trained_names``), an MVTec-layout model's
+    normal training images in its data folder less those it held out; an empty set where they
+    cannot be found (a data folder moved or changed since)."""
+    data_dir = meta.get('data_dir')
+    try:
+        if meta.get('dataset') == 'chest_xray':
+            names = trained_names(meta) or []
+            return {(Path(data_dir) / name).resolve() for name in names} if data_dir else set()
+        files = train_files(data_dir, meta['category'], layout_from_spec(meta.get('layout')))
+        held_out = set(held_out_indices(files, meta, data_dir))
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {Path(path).resolve() for index, path in enumerate(files) if index not in held_out}
+
+
+def warn_trained_on(meta, files):
+    """Warn where the given normal ``files`` include images the model was trained on
+    (``training_images``), whose scores are lower than those of new normal images."""
+    trained = training_images(meta)
+    seen = [str(path) for path in files if Path(path).resolve() in trained]
+    if seen:
+        warnings.warn(f"{len(seen)} of the {len(files)} given normal images are images the model was trained "
+                      f"on, e.g. {seen[:2]}: their scores are lower than those of new normal images, and the "
+                      f"thresholds flag more than the FPR of these; give normal images it has not seen")
 
 
 def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
@@ -126,6 +156,7 @@ def main(argv=None):
         detector = Detector.load(args.model, args.device, args.batch_size)
         if args.input:
             files, source = image_files(args.input), 'given normal images'
+            warn_trained_on(read_meta(args.model), files)
         else:
             files, source = normal_image_files(read_meta(args.model), args.data_dir)
         thresholds = calibrate(detector, [detector.read(path) for path in files], args.fpr,

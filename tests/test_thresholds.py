@@ -2,6 +2,7 @@
 weights_only=True); the decision metrics by hand; the evaluation's threshold columns."""
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
 from experiments import metrics, mvtec_tasks, thresholds
+from experiments.checkpoints import read_meta
 from experiments.detector import Detector
 from self_sup_data.images import read_image
 from self_sup_data.layouts import names_sha256
@@ -154,6 +156,26 @@ def test_thresholds_come_from_held_out_normal_images_only(held_out_model, tmp_pa
     again = thresholds.main(['-m', str(path), '-d', str(moved), '-o', str(tmp_path / 'copy.pt')])
     assert again == calibrated
     assert torch.load(tmp_path / 'copy.pt', weights_only=True)['meta']['thresholds'] == calibrated
+
+
+def test_given_normal_images_that_the_model_was_trained_on_are_named(held_out_model, tmp_path):
+    path, root, held_out = held_out_model
+    files = train_files(root, 'tiny')
+    unseen = tmp_path / 'unseen'
+    unseen.mkdir()
+    for index in held_out:
+        shutil.copy(files[index], unseen / files[index].name)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # copies, and the images it held out: nothing to warn of
+        thresholds.main(['-m', str(path), '-i', str(unseen), '-o', str(tmp_path / 'a.pt')])
+        thresholds.main(['-m', str(path), '-i', *[str(files[index]) for index in held_out],
+                         '-o', str(tmp_path / 'b.pt')])
+    with pytest.warns(UserWarning, match=r"^9 of the 12 given normal images are images the model was trained on, "
+                                         r"e.g. \[.*000.png'.*\]: their scores are lower"):
+        thresholds.main(['-m', str(path), '-i', str(root / 'tiny' / 'train' / 'good'), '-o', str(tmp_path / 'c.pt')])
+    assert thresholds.training_images(dict(read_meta(path), data_dir=str(tmp_path / 'gone'))) == set()
+    chest = dict(dataset='chest_xray', data_dir=str(root), train_names=['tiny/train/good/' + files[0].name])
+    assert thresholds.training_images(chest) == {files[0].resolve()}
 
 
 def test_held_out_images_are_refused_when_the_training_images_were_renamed(tmp_path):
