@@ -32,7 +32,7 @@ Other differences are found by the training script, which refuses to resume a ru
 arguments: a calibrated recipe whose values changed (after a change of the calibration), the data
 folder, the category's parameters under ``auto``. They stop the benchmark with the end of the
 script's log, which names them; move the model aside (or use another ``--out``) to train it again.
-Training output goes to ``OUT/logs``, so the whole run can go to the background:
+Training output goes to ``OUT/logs/<category>_<key>.log``, so the whole run can go to the background:
 ``nohup python bench/real_data.py > bench.log 2>&1 &``.
 
 ``--flip-average`` evaluates with each map averaged with that of the vertically flipped image
@@ -108,7 +108,8 @@ def parse_args(argv=None):
                              "training script's; 'bce-bf16': the earlier loss)")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
-                       help='tabulate the models that exist; train nothing')
+                       help='tabulate the models that exist (those of this run\'s budget and recipe; others are '
+                            'left out, and the run fails); train nothing')
     stage.add_argument('--train-only', action='store_true', help='train; evaluate nothing')
     parser.add_argument('--flip-average', action='store_true',
                         help='evaluate with each map averaged with that of the vertically flipped '
@@ -188,6 +189,24 @@ def set_aside_if_stale(args, key):
         for old in (path, last):
             if old.is_file():
                 os.replace(old, old.with_name(f'stale_{stamp}_{old.name}'))
+        remove_outputs(args)
+
+
+def output_files(out):
+    """The tables and figures that an evaluation writes into ``out`` (plain and flip-averaged)."""
+    return [Path(out) / f'{stem}{suffix}{ending}' for suffix in ('', '_flip_average')
+            for stem, ending in (('real_data', '.md'), ('real_data', '.csv'), ('real_data', '_per_type.csv'),
+                                 ('heatmaps', '.png'))]
+
+
+def remove_outputs(args):
+    """Remove the tables and figures in ``args.out`` (they show a model set aside as stale); an
+    evaluation writes them again."""
+    removed = [path for path in output_files(args.out) if path.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        print(f'removed the tables and figures of the models set aside: {", ".join(p.name for p in removed)}')
 
 
 class TrainingFailed(Exception):
@@ -196,7 +215,7 @@ class TrainingFailed(Exception):
 
 def train(args, key):
     """Train ``key`` with the training script (resuming an interrupted run); its output to a log."""
-    log = Path(args.out) / 'logs' / f'{key}.log'
+    log = Path(args.out) / 'logs' / f'{args.category}_{key}.log'
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO / 'train_mvtec.py'), '-s', key, '-d', args.data_dir,
                '-n', args.category, '-o', str(Path(args.out) / 'models'),
@@ -291,14 +310,6 @@ def output_suffix(args):
     return '_flip_average' if args.flip_average else ''
 
 
-def figure_settings(maps_by_setting):
-    """The settings whose maps the figure shows, over the first one's test images: those with the
-    first one's maps' shape (a model kept from a run at another resolution, --evaluate-only, has
-    maps of another size, which would not lie on the images)."""
-    first = next(iter(maps_by_setting.values()))
-    return [key for key, maps in maps_by_setting.items() if maps.shape == first.shape]
-
-
 def write_figure(args, maps_by_setting, dataset):
     indices = plotting.example_indices(dataset.defect_types, EXAMPLES_PER_TYPE, first='good')
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
@@ -350,10 +361,17 @@ def main(argv=None):
 
 def run(args):
     """Train (unless --evaluate-only) and evaluate (unless --train-only) the settings of ``args``,
-    write and print the tables -> exit status. Unknown setting keys, a test set that cannot be
-    evaluated and flip averaging that does not apply fail before anything is trained."""
+    write and print the tables -> exit status. Unknown setting keys, a model named twice, a test set
+    that cannot be evaluated and flip averaging that does not apply fail before anything is trained; a
+    model that cannot be evaluated, or (--evaluate-only) was trained otherwise than this run states, is
+    left out of the tables of the others, and the status is 1."""
+    trained = {}
     for key in args.settings:
         setting = settings.parse_setting(key)
+        twin = trained.setdefault((setting.seedless_key, setting.run_seed), key)
+        if twin != key or args.settings.count(key) > 1:
+            raise ValueError(f'--settings {twin} and {key} name the same model ({setting.seedless_key}, seed '
+                             f'{setting.run_seed}); give each model once')
         if args.flip_average:
             check_flip_average(args.category, None, result_variants(setting), key)
     if not args.train_only:
@@ -366,28 +384,32 @@ def run(args):
     if args.train_only:
         return 0
     device = resolve_device(args.device)
-    records, maps_by_setting, datasets = [], {}, {}
+    records, maps_by_setting, datasets, failed = [], {}, {}, []
     for key in args.settings:
-        if not model_path(args, key).is_file():
-            print(f'{key}: no trained model at {model_path(args, key)}, left out')
+        path = model_path(args, key)
+        if not path.is_file():
+            print(f'{key}: no trained model at {path}, left out')
             continue
-        differing = mismatches(read_meta(model_path(args, key)), args, key)
-        if differing:  # --evaluate-only keeps any model: the table's heading states this run's values
-            print(f'real_data: warning: {key}: the model was trained with other {differing} than the '
-                  f'table heading states', file=sys.stderr)
-        record, datasets[key], maps_by_setting[key] = evaluate_model(args, key, device)
+        try:
+            differing = mismatches(read_meta(path), args, key)
+            if differing:  # (--evaluate-only) the table's heading states this run's values
+                raise ValueError(f'{path} was trained with other {differing} than this run states; left out '
+                                 f'(give its values, or train it again without --evaluate-only)')
+            record, datasets[key], maps_by_setting[key] = evaluate_model(args, key, device)
+        except (ValueError, OSError) as error:  # one model's failure leaves the others' table
+            print(f'real_data: {key}: {error}', file=sys.stderr)
+            failed.append(key)
+            continue
         records.append(record)
     if not records:
         print('real_data: no trained model to evaluate', file=sys.stderr)
         return 1
     print(write_tables(args, records))
-    shown = figure_settings(maps_by_setting)
-    for key in maps_by_setting.keys() - set(shown):
-        print(f'{key}: left out of the figure: its maps are {maps_by_setting[key].shape[1:]}, those '
-              f'of {shown[0]} {maps_by_setting[shown[0]].shape[1:]}')
-    print(f'figure: {write_figure(args, {key: maps_by_setting[key] for key in shown}, datasets[shown[0]])}')
+    print(f'figure: {write_figure(args, maps_by_setting, datasets[records[0]["setting"]])}')
     print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
-    return 0
+    if failed:
+        print(f'real_data: left out of the tables: {", ".join(failed)}', file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

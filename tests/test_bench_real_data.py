@@ -75,11 +75,6 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
     assert real_data.method_name('FPI-Poisson-M-3', {}) == 'FPI-Poisson-M, seed 3'  # no table name
 
 
-def test_the_figure_leaves_out_maps_of_another_size():
-    maps = {'Shift': np.zeros((4, 64, 64)), 'FPI': np.zeros((4, 128, 128)), 'CutPaste': np.ones((4, 64, 64))}
-    assert real_data.figure_settings(maps) == ['Shift', 'CutPaste']  # FPI kept at another --res-scale
-
-
 def test_mismatches_names_what_differs_from_the_requested_run():
     args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3,
                            recipe='table', loss=None)
@@ -153,8 +148,12 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert real_data.main(base) == 0
     assert final.stat().st_mtime_ns == written and not list(final.parent.glob('stale_*'))
 
+    assert (out / 'logs' / f'{name}_FPI.log').is_file()  # a log of each category and setting
+    for output in real_data.output_files(out):  # an earlier evaluation's, of the model about to be set aside
+        output.write_text('earlier')
     _rewrite_meta(final, final, generator_version=None)  # as trained before the field existed
     assert real_data.main(base) == 0
+    assert not any(output.exists() for output in real_data.output_files(out))
     assert read_meta(final)['generator_version'] == GENERATOR_VERSION
     stale = sorted(p.name for p in final.parent.glob('stale_*'))
     assert len(stale) == 2 and stale[0].endswith(final.name) and stale[1].endswith(last.name)
@@ -173,6 +172,13 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert set(stale) < set(stale_now) and len(stale_now) == 3
     assert read_meta(final.parent / (set(stale_now) - set(stale)).pop())['train_config']['epochs'] == 3
 
+    # a model named twice would count twice in the tables
+    for twice in (['FPI', 'FPI'], ['FPI', 'FPI-0']):
+        capsys.readouterr()
+        assert real_data.main(base[:-3] + ['--train-only', '--settings'] + twice) == 1
+        assert (f'real_data: --settings FPI and {twice[1]} name the same model (FPI, seed 0); give each model once'
+                in capsys.readouterr().err)
+
     # a training the script refuses (the data moved: resuming is another run) stops the benchmark
     # with the end of its log
     shutil.copytree(root, tmp_path / 'moved')
@@ -184,7 +190,7 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
 
 
 @pytest.mark.slow
-def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path, capsys):
+def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp_path, capsys, monkeypatch):
     """End to end on a tiny category: CutPaste's classifier is scored by a Gaussian density, and
     only its row has the pooled image AUROC, equal to the one-class module's own evaluation."""
     root, name = tiny_mvtec
@@ -206,14 +212,25 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
                            ('image AUROC (mean)', 'image_auroc_mean'), ('pixel AUROC', 'pixel_auroc')):
         assert table.loc['CutPaste-3way', column] == pytest.approx(values[metric])
 
-    # tabulating the decoder alone (nothing trained again) has no pooled column; a heading that
-    # states another budget than the model's is warned about
+    # tabulating the decoder alone (nothing trained again) has no pooled column; a model of another
+    # budget than the heading states is left out of the tables (and the run fails), the others kept
     assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
     assert 'image AUROC (pooled)' not in pd.read_csv(out / 'real_data.csv').columns
     capsys.readouterr()
     other_budget = [('2' if arg == '1' and base[i - 1] == '--epochs' else arg) for i, arg in enumerate(base)]
-    assert real_data.main(other_budget + ['--settings', 'CutPaste', '--evaluate-only']) == 0
-    assert "CutPaste: the model was trained with other ['epochs'] than the table heading" in capsys.readouterr().err
+    assert real_data.main(other_budget + ['--settings', 'CutPaste', '--evaluate-only']) == 1
+    error = capsys.readouterr().err
+    assert "real_data: CutPaste: " in error and "was trained with other ['epochs'] than this run states; left out" in error
+    assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
+    plain = (out / 'real_data.md').read_text()
+    evaluate_model = real_data.evaluate_model
+    monkeypatch.setattr(real_data, 'evaluate_model', lambda args, key, device: (
+        evaluate_model(args, key, device) if key == 'CutPaste' else exec('raise ValueError("maps contains NaN")')))
+    assert real_data.main(base + ['--settings', 'CutPaste-3way', 'CutPaste', '--evaluate-only']) == 1
+    error = capsys.readouterr().err
+    assert 'real_data: CutPaste-3way: maps contains NaN' in error and 'left out of the tables: CutPaste-3way' in error
+    assert (out / 'real_data.md').read_text() == plain  # the other model's table
+    monkeypatch.setattr(real_data, 'evaluate_model', evaluate_model)
 
     # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
     plain = (out / 'real_data.md').read_text()
@@ -243,7 +260,7 @@ def test_an_unreadable_model_or_test_set_is_one_line_naming_it(tiny_mvtec, tmp_p
         capsys.readouterr()
         assert real_data.main(base + extra) == 1
         error = capsys.readouterr().err
-        assert error.startswith(f'real_data: cannot read checkpoint {path}') and 'Traceback' not in error
+        assert error.startswith('real_data: ') and f'cannot read checkpoint {path}' in error and 'Traceback' not in error
     # a test set that cannot be evaluated stops the run before anything is trained
     monkeypatch.setattr(real_data, 'train', lambda *args: pytest.fail('trained'))
     shutil.rmtree(root / name / 'test' / 'good')
