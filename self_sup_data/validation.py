@@ -152,6 +152,10 @@ def min_defect_pixels(shape):
     return max(1, round(MIN_DEFECT_PIXELS * shape[0] * shape[1] / REFERENCE_AREA))
 
 
+class DefectNotShownError(ValueError):
+    """No draw of a validation defect changes enough pixels of an image (``synthetic_defect``)."""
+
+
 def synthetic_defect(image, kind, rng, on=None):
     """``image`` (uint8 ``H x W x C``) with one defect of ``kind`` -> (image, mask bool ``H x W``).
 
@@ -161,8 +165,8 @@ def synthetic_defect(image, kind, rng, on=None):
     The mask is the drawn region (for a blob, its smooth profile's whole support) where the image
     changed by at least MIN_CHANGE grey levels (mean over channels), which holds every pixel so
     changed; the defect is drawn again (up to MAX_DRAWS times) while it has fewer than
-    ``min_defect_pixels(image.shape)`` pixels. ValueError when no draw changes enough pixels (a blank
-    image, or a tiny object) or ``on`` holds no pixel.
+    ``min_defect_pixels(image.shape)`` pixels. DefectNotShownError when no draw changes enough pixels
+    (a blank image, a tiny object, or a blur on a smooth one), ValueError when ``on`` holds no pixel.
     """
     if kind not in DEFECTS:
         raise ValueError(f"unknown validation defect kind {kind!r}; valid: {VALIDATION_KINDS}")
@@ -184,16 +188,16 @@ def synthetic_defect(image, kind, rng, on=None):
         if mask.sum() >= min_defect_pixels(image.shape):
             return out, mask
     where = 'image' if on is None else 'object'
-    raise ValueError(f"a {kind} defect changes fewer than {min_defect_pixels(image.shape)} pixels of this "
-                     f"{image.shape[1]}x{image.shape[0]} {where} in {MAX_DRAWS} draws (is it blank?); "
-                     f"train without a validation set (--val-fraction 0) or choose other held-out "
-                     f"images (--val-seed)")
+    raise DefectNotShownError(f"a {kind} defect changes fewer than {min_defect_pixels(image.shape)} pixels of "
+                              f"this {image.shape[1]}x{image.shape[0]} {where} in {MAX_DRAWS} draws")
 
 
 def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=None, background=None):
     """Validation items from held-out normal ``images`` (uint8 ``H x W x C``, as test images are
-    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``. ``names``: the
-    images' files, named by the ValueError of an image on which no defect can be drawn.
+    prepared): each image as it is and with a defect of ``kinds[i % len(kinds)]``, or where that kind
+    cannot show on the image (``DefectNotShownError``: a blur on a smooth material), of the next kind
+    in turn that can. ``names``: the images' files, named by the ValueError of an image on which no
+    defect can be drawn.
     ``crop``: the side of the central square that an object category's model scores
     (``central_box``): defects are drawn inside it (None, textures: anywhere).
     ``background``: None or the category's background (``self_sup_tasks.object_mask``'s
@@ -210,7 +214,6 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
     rng = np.random.default_rng(np.random.SeedSequence([seed, DEFECT_STREAM]))
     defective, masks, types = [], [], []
     for index, image in enumerate(images):
-        kind = kinds[index % len(kinds)]
         box = central_box(image.shape, crop)
         part = np.ascontiguousarray(image[box])
         on = None if background is None else object_mask(part, background)
@@ -219,10 +222,19 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
             raise NoObjectPixelError(f"held-out validation image {name}: background {background!r} leaves "
                                      f"no object pixel in the part of it that models score; check the "
                                      f"background or choose other held-out images (--val-seed)")
-        try:
-            part, part_mask = synthetic_defect(part, kind, rng, on)
-        except ValueError as error:
-            raise ValueError(f"held-out validation image {name}: {error}") from error
+        errors = []
+        for turn in range(len(kinds)):
+            kind = kinds[(index + turn) % len(kinds)]
+            try:
+                part, part_mask = synthetic_defect(part, kind, rng, on)
+                break
+            except DefectNotShownError as error:
+                errors.append(str(error))
+        else:
+            raise DefectNotShownError(
+                f"held-out validation image {name}: no validation defect shows on it ({'; '.join(errors)}; "
+                f"is it blank?); hold out other images (--val-seed), or train without a validation set "
+                f"(--val-fraction 0, with --recipe auto or table and --select last)")
         out, mask = image.copy(), np.zeros(image.shape[:2], np.uint8)
         out[box], mask[box] = part, part_mask
         defective.append(out)

@@ -321,9 +321,28 @@ def test_validation_set_pairs_each_image_with_a_defect_of_each_kind_in_turn():
         assert mask.any() and not mask[outside].any()
         np.testing.assert_array_equal(defective[outside], image[outside])
     blank = images[:2] + [np.full_like(images[2], 128)]
-    with pytest.raises(ValueError, match=r'held-out validation image c.png: a blur defect changes '
-                                         r'fewer than \d+ pixels .*--val-seed'):
+    with pytest.raises(validation.DefectNotShownError,
+                       match=r'^held-out validation image c.png: no validation defect shows on it \(a blur defect '
+                             r'changes fewer than \d+ pixels of this 64x64 image in 20 draws; is it blank\?\); hold '
+                             r'out other images \(--val-seed\), or train without a validation set \(--val-fraction 0, '
+                             r'with --recipe auto or table and --select last\)$'):
         validation.make_validation_set(blank, 0, kinds=('blur',), names=['a.png', 'b.png', 'c.png'])
+
+
+def test_a_defect_kind_that_cannot_show_on_an_image_gives_way_to_the_next_kind(monkeypatch):
+    """A blur changes nothing on a smooth gradient: that image gets the next kind that shows."""
+    gradient = np.tile(np.linspace(60, 140, 64), (64, 1)).astype(np.uint8)[..., None]
+    images = [np.clip(gradient.astype(int) + i, 0, 255).astype(np.uint8) for i in range(6)]
+    items, labels, masks, types = validation.make_validation_set(images, seed=0)
+    assert types[6:] == ['scar', 'blob', 'noise', 'noise', 'line', 'scar']  # 'noise' for the third's blur
+    assert labels == [0] * 6 + [1] * 6 and all(mask.any() for mask in masks[6:])
+    again = validation.make_validation_set(images, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(items + masks, again[0] + again[2]))
+    # where no kind shows, each kind's failure is named (a scar drawn as a blur: neither shows on a flat image)
+    monkeypatch.setitem(validation.DEFECTS, 'scar', validation.DEFECTS['blur'])
+    with pytest.raises(validation.DefectNotShownError, match=r"image 0: no validation defect shows on it \(a blur "
+                                                             r"defect .*; a scar defect .*; is it blank\?\)"):
+        validation.make_validation_set([np.full_like(images[0], 100)], 0, kinds=('blur', 'scar'))
 
 
 def object_on_background(size=64, radius=9, seed=0):
