@@ -451,11 +451,13 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     validator = None if validation_set is None else Validator(validation_set,
                                                               recipes.val_every(args, config.epochs))
     if 0 < held_out.size < len(VALIDATION_KINDS):
-        kinds = ', '.join(VALIDATION_KINDS[:held_out.size])
+        kinds = sorted(set(validation_set.defect_types) - {'good'}, key=VALIDATION_KINDS.index)
         print(f"{PROG}: {category}: note: the validation set holds {held_out.size} held-out "
               f"image{'s' * (held_out.size != 1)}, with "
-              f"defects of {held_out.size} of the {len(VALIDATION_KINDS)} kinds ({kinds}): its score is "
-              f"coarse, and close scores are ties")
+              f"defects of {len(kinds)} of the {len(VALIDATION_KINDS)} kinds ({', '.join(kinds)}): its score is "
+              f"coarse (its image AUROC, a third of it, compares {held_out.size} normal with {held_out.size} "
+              f"defective image{'s' * (held_out.size != 1)}"
+              f"{', and is 0 or 1' if held_out.size == 1 else ''}), and even distant scores may be ties")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,

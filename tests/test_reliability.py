@@ -680,11 +680,13 @@ def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_
     capsys.readouterr()
     train_mvtec.prepare_run(args, setting, root, 'ten')
     assert ("ten: note: the validation set holds 2 held-out images, with defects of 2 of the 5 kinds "
-            "(scar, blob): its score is coarse") in capsys.readouterr().out
+            "(scar, blob): its score is coarse (its image AUROC, a third of it, compares 2 normal with 2 "
+            "defective images), and even distant scores may be ties") in capsys.readouterr().out
     args.val_fraction = 0.1
     train_mvtec.prepare_run(args, setting, root, 'ten')
     assert ("ten: note: the validation set holds 1 held-out image, with defects of 1 of the 5 kinds "
-            "(scar): its score is coarse") in capsys.readouterr().out
+            "(scar): its score is coarse (its image AUROC, a third of it, compares 1 normal with 1 defective "
+            "image, and is 0 or 1), and even distant scores may be ties") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('background,from_flag,noted', [
