@@ -248,7 +248,9 @@ def test_a_recipe_from_few_changed_samples_warns_and_none_names_what_to_relax():
         for image in images:
             image[30:30 + side, 30:30 + side, 0] = rng.integers(0, 256, (side, side))
         return images
-    with pytest.warns(UserWarning, match=r"only 4 of 60 synthetic anomalies changed the training images"):
+    with pytest.warns(UserWarning, match=r"only 4 of 60 synthetic anomalies changed the training images, and the "
+                                         r"calibrated recipe rests on them; the images may be nearly uniform \(they "
+                                         r"span 0.175 grey levels, .*\), else --recipe table$"):
         params, report = calibrate(spotted(8))
     assert (report['changed'], report['blends_changed']) == (4, 0)
     with warnings.catch_warnings():
@@ -257,9 +259,15 @@ def test_a_recipe_from_few_changed_samples_warns_and_none_names_what_to_relax():
     assert (report['changed'], report['blends_changed']) == (14, 1)
     with pytest.raises(ValueError, match=r"none of 60 synthetic anomalies changed the training images: are "
                                          r"they blank or nearly uniform \(they span 0 grey levels, 1st to 99th "
-                                         r"percentile, median over the images\), or does the object mask "
-                                         r".*--min-object-pct"):
+                                         r"percentile, median over the images\)\?$"):
         calibrate(spotted(4))
+    # with an object mask, the mask may be what leaves no place (here: most of the image is background)
+    with pytest.raises(ValueError, match=r"median over the images\), or does the object mask .*--min-object-pct.* "
+                                         r"leave no place for a patch\?$"):
+        calibrate(spotted(8), background=(100, 0), min_object_pct=0.9, min_overlap_pct=0.9)
+    with pytest.warns(UserWarning, match=r"calibrated recipe rests on them; the object mask .* may leave little place "
+                                         r"for a patch, else --recipe table$"):
+        calibrate(spotted(8), background=(100, 0), min_object_pct=0.5, min_overlap_pct=0.5)
 
 
 def test_calibration_without_object_pixels_names_the_category_and_flag():
