@@ -47,6 +47,7 @@ from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files, training_bit_depth)
+from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
 from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, VALIDATION_VERSION,
@@ -516,6 +517,8 @@ def search_recipe(args, setting, data_dir, category, out_dir):
     best = max(results, key=lambda name: results[name]['score'])
     scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in results.items())
     print(f"{PROG}: {category}: search chose {best} (validation scores: {scores})")
+    print(f"{PROG}: {category}: {best}: " + ', '.join(f"{name} {results[best]['params'][name]}"
+                                                     for name in CALIBRATED_PARAMS))
     return results[best]['params'], results, reports
 
 

@@ -944,6 +944,8 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
     assert meta['category_params'] == search[chosen]['params']
     scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in search.items())
     assert f"search chose {chosen} (validation scores: {scores})" in printed
+    values = ', '.join(f"{name} {search[chosen]['params'][name]}" for name in recipe.CALIBRATED_PARAMS)
+    assert f"plates: {chosen}: {values}\n" in printed  # also the table recipe's, which no calibration printed
     if select == 'best':  # the checkpoint is chosen on the held-out images
         assert meta['held_out'] == 1 and meta['best_epoch'] in (1, 2)
     else:  # the chosen recipe is trained on every image, the held-out ones too
