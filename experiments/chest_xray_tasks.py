@@ -249,13 +249,15 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     return sort_records(records, settings)
 
 
-def write_report(records, out_dir, percent=False):
+def write_report(records, out_dir, percent=False, model_dir=None):
     """Write ``out_dir/results.csv`` and ``out_dir/tables/<metric>.{csv,md,tex}`` (pixel metrics only
     when some result has them) of ``records`` and of the other results already in
     ``out_dir/results.csv`` (other test sets, settings or seeds: those ``records`` do not redo)
     whose checkpoints are there as they were (``tables.earlier_results``: test sets evaluated one
     after another into one folder make one table, a row each; a note counts the others left out, and
-    a results file that cannot be read gives a warning); returns the tables ``{metric: DataFrame}``.
+    a results file that cannot be read gives a warning, and so do kept results of other models than
+    this evaluation's, those under ``model_dir``, in its rows: ``tables.mixed_models``); returns the
+    tables ``{metric: DataFrame}``.
     ValueError, and nothing written, where the earlier results are of other data (``other_data``)."""
     redone = {(record['category'], record['setting'], record['seed']) for record in records}
     try:
@@ -269,6 +271,8 @@ def write_report(records, out_dir, percent=False):
     note = tables.left_out_note(left_out)
     if note:
         warnings.warn(note)
+    for text in tables.mixed_models(records, kept, model_dir) if model_dir is not None else ():
+        warnings.warn(text)
     records = sort_records(records + kept)
     with_pixels = any(not math.isnan(r.get(m, math.nan)) for r in records for m in PIXEL_METRICS)
     return tables.write_report(records, out_dir, METRICS if with_pixels else IMAGE_METRICS,
@@ -301,7 +305,7 @@ def main(argv=None):
             args.model_dir, args.data_dir, *args.lists, bbox_csv=args.bbox_csv,
             settings=args.settings, test_name=args.name, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, out_dir=args.out_dir),
-        lambda records: write_report(records, args.out_dir, percent=args.percent),
+        lambda records: write_report(records, args.out_dir, percent=args.percent, model_dir=args.model_dir),
         f'no chest X-ray {CHECKPOINT_PATTERN} checkpoints under {args.model_dir} (models of train_mvtec.py '
         f'are evaluated by python -m experiments.mvtec_tasks)')
 

@@ -26,7 +26,6 @@ evaluated with the same two or more seeds. Where a category itself is named ``av
 average rows read ``average of categories`` instead, so that the two cannot be confused.
 """
 import math
-import warnings
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
@@ -355,53 +354,46 @@ def left_out_note(left_out):
             f"again (python -m experiments.mvtec_tasks or chest_xray_tasks)")
 
 
-def model_folder(checkpoint):
-    """The folder that holds the model ``checkpoint`` (``MODEL_DIR/<setting dir>/<category>/final_*.pt``:
-    MODEL_DIR)."""
-    parents = Path(checkpoint).parents
-    return str(parents[2] if len(parents) > 2 else parents[0])
-
-
-def mixed_models(records):
-    """Warning texts for results that a table would combine from models of several places (a result
-    kept from an earlier evaluation into the same folder beside those of another model folder): a
-    setting's seed of one category's models (the checkpoint's folder, ``<category>``) scored by
-    different models in different rows, chest X-ray test sets (one model: one checkpoint path, or paths
-    of equal ``weights_sha256``), and a row whose seeds come from models in different folders
-    (``model_folder``)."""
-    texts, models, folders = [], {}, {}
-    for record in records:
+def mixed_models(records, kept, model_dir):
+    """Warning texts for the results ``kept`` from an earlier evaluation into the same folder that the
+    tables would combine with this evaluation's ``records`` of the models under ``model_dir``: a kept
+    result of a model outside ``model_dir`` in a row (category and setting) with this evaluation's
+    results, and a setting's seed of one category's models (the checkpoint's folder ``<category>``)
+    scored by different models in different rows (chest X-ray test sets; one model: one checkpoint
+    file, or files of equal ``weights_sha256``)."""
+    texts, models = [], {}
+    for record in records + kept:
         if not record.get('checkpoint'):
             continue
-        path, checksum = record['checkpoint'], record.get('weights_sha256')
-        found = models.setdefault((Path(path).parent.name, record['setting'], record['seed']), [])
+        path, checksum = Path(record['checkpoint']).resolve(), record.get('weights_sha256')
+        found = models.setdefault((path.parent.name, record['setting'], record['seed']), [])
         model = next((m for m in found if path in m['paths'] or (checksum and checksum in m['checksums'])), None)
         if model is None:
-            found.append(model := dict(paths=set(), checksums=set(), rows=[], first=path))
+            found.append(model := dict(paths=set(), checksums=set(), rows=[]))
         model['paths'].add(path)
         model['checksums'].add(checksum)
         model['rows'].append(record['category'])
-        folders.setdefault((record['category'], record['setting']), {}).setdefault(
-            model_folder(path), []).append(record['seed'])
     for (_, setting, seed), found in models.items():
         if len(found) > 1:
             texts.append(f"{setting} seed {seed} is scored by different models in the tables' rows: " + '; '.join(
-                f"{model['first']} ({', '.join(map(str, model['rows']))})" for model in found))
-    for (category, setting), found in folders.items():
-        if len(found) > 1:
-            texts.append(f"{category} {setting}: the seeds merged in the tables are of models in different "
-                         f"folders: " + '; '.join(f"{folder} (seeds {', '.join(map(str, seeds))})"
-                                                  for folder, seeds in found.items()))
+                f"{min(model['paths'])} ({', '.join(map(str, model['rows']))})" for model in found))
+    rows = {(record['category'], record['setting']) for record in records}
+    root = Path(model_dir).resolve()
+    outside = {}
+    for record in kept:
+        key = (record['category'], record['setting'])
+        if key in rows and record.get('checkpoint') and root not in Path(record['checkpoint']).resolve().parents:
+            outside.setdefault(key, []).append(record)
+    for (category, setting), found in outside.items():
+        texts.append(f"{category} {setting}: the tables merge this evaluation's seeds with earlier results of models "
+                     f"outside {model_dir}: " + ', '.join(f"seed {r['seed']} ({r['checkpoint']})" for r in found))
     return [text + '; evaluate each model folder into an output folder of its own' for text in texts]
 
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
     ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``); returns the tables
-    ``{metric: DataFrame}``. Warns where the tables combine results of models of several places
-    (``mixed_models``)."""
-    for text in mixed_models(records):
-        warnings.warn(text)
+    ``{metric: DataFrame}``."""
     out_dir = Path(out_dir)
     write_results(records, out_dir / 'results.csv', tables_dir=out_dir / 'tables')
     built = build_tables(records, metrics, paper_layout=paper_layout, percent=percent)

@@ -926,11 +926,11 @@ def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_
     texts = evaluate(other, 'male')
     first, second = (model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve(), \
         (other / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve()
-    assert texts == [f"Shift seed 1 is scored by different models in the tables' rows: {first} (female); "
-                     f"{second} (male); evaluate each model folder into an output folder of its own",
-                     f"male Shift: the seeds merged in the tables are of models in different folders: "
-                     f"{other.resolve()} (seeds 1); {model_dir.resolve()} (seeds 2); evaluate each model folder "
-                     f"into an output folder of its own"]
+    assert texts == [f"Shift seed 1 is scored by different models in the tables' rows: {second} (male); "
+                     f"{first} (female); evaluate each model folder into an output folder of its own",
+                     f"male Shift: the tables merge this evaluation's seeds with earlier results of models "
+                     f"outside {other}: seed 2 ({(model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_2.pt').resolve()}); "
+                     f"evaluate each model folder into an output folder of its own"]
     # a copy of a model elsewhere is the same model (equal weights, as training records them)
     import shutil
     checked = save_untrained_model(tmp_path / 'checked' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
@@ -950,16 +950,24 @@ def test_a_missing_chest_test_image_is_the_commands_error_not_each_models(chest,
         chest_xray_tasks.evaluate_checkpoints(model_dir, data_dir, missing, anomalous)
 
 
-def test_mixed_models_names_nothing_for_categories_of_their_own_models():
+def test_mixed_models_names_nothing_for_categories_or_folders_of_their_own_models(tmp_path):
     from experiments.tables import mixed_models
-    records = [dict(category=category, setting='Shift', seed=seed,
-                    checkpoint=f'/m/shift/{category}/final_{category}_shift_{seed}.pt', weights_sha256=f'{category}{seed}')
-               for category in ('carpet', 'wood') for seed in (0, 1)]
-    assert mixed_models(records + [dict(category='grid', setting='Shift', seed=0, checkpoint=None)]) == []
-    moved = dict(records[1], checkpoint='/n/shift/carpet/final_carpet_shift_1.pt')
-    assert mixed_models(records[:1] + [moved]) == [
-        "carpet Shift: the seeds merged in the tables are of models in different folders: /m (seeds 0); "
-        "/n (seeds 1); evaluate each model folder into an output folder of its own"]
+
+    def record(category, seed, folder='m'):
+        checkpoint = tmp_path / folder / 'shift' / category / f'final_{category}_shift_{seed}.pt'
+        return dict(category=category, setting='Shift', seed=seed, checkpoint=str(checkpoint),
+                    weights_sha256=f'{folder}{category}{seed}')
+
+    records = [record(category, seed) for category in ('carpet', 'wood') for seed in (0, 1)]
+    assert mixed_models(records + [dict(category='grid', setting='Shift', seed=0, checkpoint=None)], [],
+                        tmp_path / 'm') == []
+    # seeds in folders of their own under the evaluated folder, one of them kept from an earlier evaluation
+    assert mixed_models([record('carpet', 0, 'm/run0')], [record('carpet', 1, 'm/run1')], tmp_path / 'm') == []
+    assert mixed_models([record('carpet', 0, 'm/run0')], [record('carpet', 1, 'm/run1')], tmp_path / 'm' / 'run0') == [
+        f"carpet Shift: the tables merge this evaluation's seeds with earlier results of models outside "
+        f"{tmp_path / 'm' / 'run0'}: seed 1 ({record('carpet', 1, 'm/run1')['checkpoint']}); evaluate each model "
+        f"folder into an output folder of its own"]
+    assert mixed_models([record('carpet', 0)], [record('wood', 1, 'n')], tmp_path / 'm') == []  # another row
 
 
 def test_a_chest_model_and_its_unreadable_copy_are_refused_before_any_work(chest, tmp_path):
