@@ -458,7 +458,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
               f"defects of {len(kinds)} of the {len(VALIDATION_KINDS)} kinds ({', '.join(kinds)}): its score is "
               f"coarse (its image AUROC, a third of it, compares {held_out.size} normal with {held_out.size} "
               f"defective image{'s' * (held_out.size != 1)}"
-              f"{', and is 0 or 1' if held_out.size == 1 else ''}), and even distant scores may be ties")
+              f"{', and is 0, 0.5 or 1' if held_out.size == 1 else ''}), and even distant scores may be ties")
     meta = dict(dataset='mvtec', setting=setting.key, category=category, kind=dataset.kind,
                 data_dir=data_dir and str(Path(data_dir).resolve()), layout=layout.spec(),
                 res_scale=res_scale, low_res=dataset.low_res, train_size=dataset.train_size,

@@ -192,17 +192,29 @@ def set_aside_if_stale(args, key):
         remove_outputs(args)
 
 
-def output_files(out):
-    """The tables and figures that an evaluation writes into ``out`` (plain and flip-averaged)."""
-    return [Path(out) / f'{stem}{suffix}{ending}' for suffix in ('', '_flip_average')
-            for stem, ending in (('real_data', '.md'), ('real_data', '.csv'), ('real_data', '_per_type.csv'),
-                                 ('heatmaps', '.png'))]
+def output_files(out, suffix):
+    """The tables and figures that an evaluation writes into ``out`` (``suffix``: '' for the plain
+    ones, '_flip_average'), the markdown table first."""
+    return [Path(out) / f'{stem}{suffix}{ending}' for stem, ending in (
+        ('real_data', '.md'), ('real_data', '.csv'), ('real_data', '_per_type.csv'), ('heatmaps', '.png'))]
+
+
+def shows_category(table, category):
+    """Whether the markdown ``table`` (``write_tables``) is of ``category``, by its heading."""
+    try:
+        return table.read_text().startswith(f'## {category}: ')
+    except OSError:
+        return False
 
 
 def remove_outputs(args):
-    """Remove the tables and figures in ``args.out`` (they show a model set aside as stale); an
-    evaluation writes them again."""
-    removed = [path for path in output_files(args.out) if path.is_file()]
+    """Remove the tables and figures of ``args.category`` in ``args.out`` (plain and flip-averaged;
+    they show a model set aside as stale); an evaluation writes them again."""
+    removed = []
+    for suffix in ('', '_flip_average'):
+        files = output_files(args.out, suffix)
+        if shows_category(files[0], args.category):
+            removed += [path for path in files if path.is_file()]
     for path in removed:
         path.unlink()
     if removed:

@@ -36,7 +36,7 @@ from experiments.cli import exit_on_input_error, exit_on_interrupt
 from experiments.detector import Detector
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
-from self_sup_data.layouts import layout_from_spec
+from self_sup_data.layouts import layout_from_spec, names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.images import central_box
 
@@ -88,7 +88,10 @@ def training_images(meta):
         held_out = set(held_out_indices(files, meta, data_dir))
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-    return {Path(path).resolve() for index, path in enumerate(files) if index not in held_out}
+    trained = [path for index, path in enumerate(files) if index not in held_out]
+    if meta.get('train_files_sha256') not in (None, names_sha256(trained)):
+        return set()  # images added, removed or renamed since
+    return {Path(path).resolve() for path in trained}
 
 
 def warn_trained_on(meta, files):

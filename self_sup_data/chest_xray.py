@@ -106,7 +106,7 @@ def check_one_file_each(paths, names, label):
     count twice."""
     seen = {}
     for path, name in zip(paths, names):
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)  # through links too
         if key in seen:
             raise ValueError(f"{label}: the names {seen[key]!r} and {name!r} are one image ({key}); "
                              f"each image is listed once")

@@ -327,14 +327,16 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
     report['changed'] = changed = sum(bool((label > 0).any()) for _, label in pastes)
     report['blends_changed'] = sum(bool((label > 0).any()) for _, label in blends)
     masked = self_sup_args.get('skip_background') is not None
-    spread = f"they span {grey_levels(grey_level_spread(images))}, 1st to 99th percentile, median over the images"
+
+    def spread():
+        return f"they span {grey_levels(grey_level_spread(images))}, 1st to 99th percentile, median over the images"
     if changed == 0:
         raise ValueError(f"category {category!r}: none of {num_samples} synthetic anomalies changed "
-                         f"the training images: are they blank or nearly uniform ({spread})"
+                         f"the training images: are they blank or nearly uniform ({spread()})"
                          + (f", or does {OBJECT_MASK_OPTIONS} leave no place for a patch?" if masked else "?"))
     if changed < fewest_changed(num_samples):
         cause = (f"{OBJECT_MASK_OPTIONS} may leave little place for a patch" if masked
-                 else f"the images may be nearly uniform ({spread})")
+                 else f"the images may be nearly uniform ({spread()})")
         warnings.warn(f"category {category!r}: only {changed} of {num_samples} synthetic anomalies "
                       f"changed the training images, and the calibrated recipe rests on them; "
                       f"{cause}, else --recipe table")

@@ -149,11 +149,18 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert final.stat().st_mtime_ns == written and not list(final.parent.glob('stale_*'))
 
     assert (out / 'logs' / f'{name}_FPI.log').is_file()  # a log of each category and setting
-    for output in real_data.output_files(out):  # an earlier evaluation's, of the model about to be set aside
-        output.write_text('earlier')
+    outputs = real_data.output_files(out, '') + real_data.output_files(out, '_flip_average')
+    for output in outputs:  # an earlier evaluation's, of the model about to be set aside
+        output.write_text(f'## {name}: res-scale 0.25 ...')
+    other = tmp_path / 'other'  # and the tables of another category
+    other.mkdir()
+    for output in real_data.output_files(other, ''):
+        output.write_text('## carpet: res-scale 0.25 ...')
+    real_data.remove_outputs(SimpleNamespace(out=str(other), category=name))
+    assert all(output.is_file() for output in real_data.output_files(other, ''))
     _rewrite_meta(final, final, generator_version=None)  # as trained before the field existed
     assert real_data.main(base) == 0
-    assert not any(output.exists() for output in real_data.output_files(out))
+    assert not any(output.exists() for output in outputs)
     assert read_meta(final)['generator_version'] == GENERATOR_VERSION
     stale = sorted(p.name for p in final.parent.glob('stale_*'))
     assert len(stale) == 2 and stale[0].endswith(final.name) and stale[1].endswith(last.name)

@@ -174,6 +174,11 @@ def test_given_normal_images_that_the_model_was_trained_on_are_named(held_out_mo
                                          r"e.g. \[.*000.png'.*\]: their scores are lower"):
         thresholds.main(['-m', str(path), '-i', str(root / 'tiny' / 'train' / 'good'), '-o', str(tmp_path / 'c.pt')])
     assert thresholds.training_images(dict(read_meta(path), data_dir=str(tmp_path / 'gone'))) == set()
+    # a model trained on all its images: those of its recorded names, and none once images were added
+    trained = dict(read_meta(path), held_out=0, train_files_sha256=names_sha256(files))
+    assert thresholds.training_images(trained) == {file.resolve() for file in files}
+    shutil.copy(files[0], files[0].with_name('100.png'))
+    assert thresholds.training_images(trained) == set()
     chest = dict(dataset='chest_xray', data_dir=str(root), train_names=['tiny/train/good/' + files[0].name])
     assert thresholds.training_images(chest) == {files[0].resolve()}
 
