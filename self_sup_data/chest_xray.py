@@ -100,17 +100,19 @@ def check_listed_once(names, label, why):
         raise ValueError(f"{label} names {len(twice)} images more than once, e.g. {twice[:3]}; {why}")
 
 
-def check_one_file_each(paths, names, label):
-    """ValueError naming the lists ``label`` where two of ``names`` are one image file (``paths``:
-    where each lies, in the data folder; an absolute name and a relative one, say), whose image would
-    count twice."""
+def check_one_file_each(paths, names, labels):
+    """ValueError naming the lists where two of ``names`` are one image file (``paths``: where each
+    lies, in the data folder; an absolute name and a relative one, or a name through a link), whose
+    image would count twice; ``labels``: the list each name is from."""
     seen = {}
-    for path, name in zip(paths, names):
+    for path, name, label in zip(paths, names, labels):
         key = os.path.realpath(path)  # through links too
         if key in seen:
-            raise ValueError(f"{label}: the names {seen[key]!r} and {name!r} are one image ({key}); "
+            (first, first_label) = seen[key]
+            where = label if first_label == label else f'{first_label} and {label}'
+            raise ValueError(f"{where}: the names {first!r} and {name!r} are one image ({key}); "
                              f"each image is listed once")
-        seen[key] = name
+        seen[key] = name, label
 
 
 def listed_paths(data_dir, normal, anomalous, normal_label='the normal list',
@@ -121,7 +123,7 @@ def listed_paths(data_dir, normal, anomalous, normal_label='the normal list',
     paths = _existing_paths(data_dir, normal, normal_label) + (
         _existing_paths(data_dir, anomalous, anomalous_label) if anomalous else [])
     check_one_file_each(paths, normal + anomalous,
-                        f'{normal_label} and {anomalous_label}' if anomalous else normal_label)
+                        [normal_label] * len(normal) + [anomalous_label] * len(anomalous))
     return paths
 
 

@@ -235,8 +235,9 @@ def test_errors(xrays):
                                          r"image"):
         SelfSupChestXRay(data_dir, names[:3], [absolute], is_train=False)
     (data_dir / 'again').symlink_to(data_dir)  # a link to the data folder: another name of each image
-    with pytest.raises(ValueError, match=rf"the names '{names[1]}' and 'again/{names[1]}' are one image"):
-        SelfSupChestXRay(data_dir, names[:3] + [f'again/{names[1]}'])
+    with pytest.raises(ValueError, match=rf"^the normal list: the names '{names[1]}' and 'again/{names[1]}' are one "
+                                         r"image"):
+        SelfSupChestXRay(data_dir, names[:3] + [f'again/{names[1]}'], names[4:], is_train=False)
     with pytest.raises(ValueError, match=rf"file list {re.escape(str(data_dir))} is a folder; give a text file of "
                                          r"image names, one per line"):
         SelfSupChestXRay(data_dir, data_dir)
