@@ -376,13 +376,20 @@ def is_image_name(path):
 def folder_images(folder):
     """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
     named like an image), sorted; a warning counts the image files of other formats that it
-    leaves out (``UNREAD_IMAGE_SUFFIXES``: where a file is named, ``image_files`` takes it)."""
-    files = [p for p in Path(folder).iterdir() if p.is_file()]
+    leaves out (``UNREAD_IMAGE_SUFFIXES``: where a file is named, ``image_files`` takes it), and
+    one the images of its (non-hidden) subfolders, which it does not read."""
+    entries = list(Path(folder).iterdir())
+    files = [p for p in entries if p.is_file()]
     unread = sorted(p.name for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not p.name.startswith('.'))
     if unread:
         files_of = f"{len(unread)} file{'s' if len(unread) > 1 else ''}"
         warnings.warn(f"{folder}: {files_of} of another image format left out (first: {unread[0]}): a folder's "
                       f"images are its {', '.join(IMAGE_SUFFIXES)} files; convert them to one of these")
+    below = sorted(p.relative_to(folder) for sub in entries if sub.is_dir() and not sub.name.startswith('.')
+                   for p in sub.iterdir() if p.is_file() and is_image_name(p))
+    if below:
+        warnings.warn(f"{folder}: {len(below)} image{'s' * (len(below) != 1)} in its subfolders left out (first: "
+                      f"{below[0]}): a folder's images are the files directly in it")
     return sorted(p for p in files if is_image_name(p))
 
 

@@ -73,7 +73,8 @@ def _images_in(folder, what):
         raise FileNotFoundError(f"{folder} does not exist; {what}")
     files = folder_images(folder)
     if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); {what}")
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}; its subfolders are not read); "
+                         f"{what}")
     return files
 
 

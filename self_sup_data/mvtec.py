@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
-from self_sup_data.images import (GREY_MODES, IMAGE_SUFFIXES, WINDOW_MARGIN, central_box, decode_mask_values,
+from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, patch_ex
@@ -382,14 +382,16 @@ def unmasked_defects(class_name, layout, files, allow_missing):
 def _loco_note(defect_image):
     """A note for a defect image ``<cat>/test/<type>/<name>`` of an MVTec LOCO AD category read as
     another layout (its defects_config.json missing): LOCO's masks of it are the folder
-    ``<cat>/ground_truth/<type>/<name>/``; '' where there is no such folder."""
+    ``<cat>/ground_truth/<type>/<name>/``; '' where there is no such folder, or the category has its
+    defects_config.json (a LOCO category, whose layout names its own expected masks)."""
     image = Path(defect_image)
     if len(image.parents) < 3:
         return ''
     category_dir = image.parents[2]
     masks = category_dir / 'ground_truth' / image.parent.name / image.stem
-    return (f"; {masks} is a folder of masks as in MVTec LOCO AD, whose "
-            f"{category_dir / 'defects_config.json'} is missing" if masks.is_dir() else '')
+    config = category_dir / 'defects_config.json'
+    return (f"; {masks} is a folder of masks as in MVTec LOCO AD, whose {config} is missing"
+            if masks.is_dir() and not config.is_file() else '')
 
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False, bit_depth=None):

@@ -1,5 +1,6 @@
 """Folder layouts: tiny fixtures in each layout, read through the same dataset class."""
 import json
+import shutil
 import math
 
 import cv2
@@ -155,6 +156,36 @@ def test_loco_masks_of_any_suffix_case_and_no_hidden_files(tmp_path):
     (folder / '._000.png').write_bytes(b'a macOS resource fork')  # not an image: left out
     test = SelfSupMVTecDataset(tmp_path, 'juice_bottle', is_train=False, low_res=SIZE)
     assert [_mask_pixels(test, i) for i in range(4)] == [0, 0, 16 + 4, 9 + 4]
+
+
+def test_a_loco_image_without_masks_is_named_without_blaming_its_config(tmp_path):
+    from self_sup_data.mvtec import check_test_set
+    make_loco(tmp_path)
+    folder = tmp_path / 'juice_bottle' / 'ground_truth' / 'structural_anomalies' / '000'
+    shutil.rmtree(folder)
+    folder.mkdir()  # its masks' folder, empty
+    with pytest.raises(FileNotFoundError, match=r"no mask for the defect image .*000.png") as error:
+        check_test_set(tmp_path, 'juice_bottle')
+    assert 'is missing' not in str(error.value)  # the folder of masks is there, and so is the config
+    (tmp_path / 'juice_bottle' / 'defects_config.json').unlink()  # read as MVTec AD: the note says why
+    with pytest.raises(FileNotFoundError, match=r"is a folder of masks as in MVTec LOCO AD, whose .*defects_config.json "
+                                                r"is missing"):
+        check_test_set(tmp_path, 'juice_bottle')
+
+
+def test_images_in_subfolders_of_an_image_folder_are_counted_in_a_warning(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    defect = tmp_path / 'tiles' / 'test' / 'crack'
+    _png(defect / 'sorted' / 'z.png')
+    _png(defect / '.thumbnails' / 'y.png')  # hidden: not counted
+    with pytest.warns(UserWarning, match=r"crack: 1 image in its subfolders left out \(first: sorted/z.png\): a "
+                                         r"folder's images are the files directly in it"):
+        test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert not any('sorted' in path for path in test.paths)
+    empty = tmp_path / 'only_subfolders'
+    _png(empty / 'a' / 'x.png')
+    with pytest.raises(ValueError, match=r"only_subfolders holds no images \(.*; its subfolders are not read\)"):
+        make_layout('folder', empty).train_files(None, FOLDER_CATEGORY)
 
 
 def test_hidden_folders_in_a_test_folder_are_no_defect_type(tmp_path):
