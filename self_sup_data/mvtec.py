@@ -164,7 +164,8 @@ def _load_item(image_path, mask_path, size, bits):
     if mask_path is not None:
         mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+            masks = ', '.join(map(str, mask_path)) if isinstance(mask_path, tuple) else mask_path
+            raise ValueError(f"mask {masks} is {mask.shape[1]}x{mask.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
         mask = resize_mask(mask.astype(np.uint8), size)
     return resize(image, size), mask

@@ -2,6 +2,7 @@
 import json
 import shutil
 import math
+import re
 
 import cv2
 import numpy as np
@@ -167,6 +168,10 @@ def test_a_loco_image_without_masks_is_named_without_blaming_its_config(tmp_path
     with pytest.raises(FileNotFoundError, match=r"no mask for the defect image .*000.png") as error:
         check_test_set(tmp_path, 'juice_bottle')
     assert 'is missing' not in str(error.value)  # the folder of masks is there, and so is the config
+    mask = _png(folder / '000.png', mask_box=(1, 1, 2), size=(SIZE // 2, SIZE // 2))  # of another size
+    with pytest.raises(ValueError, match=rf"^mask {re.escape(str(mask))} is {SIZE // 2}x{SIZE // 2} but its image "):
+        check_test_set(tmp_path, 'juice_bottle')
+    mask.unlink()
     (tmp_path / 'juice_bottle' / 'defects_config.json').unlink()  # read as MVTec AD: the note says why
     with pytest.raises(FileNotFoundError, match=r"is a folder of masks as in MVTec LOCO AD, whose .*defects_config.json "
                                                 r"is missing"):
