@@ -303,7 +303,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
 
     def evaluate_one(path, meta, setting):
         """The rows of one checkpoint: a failure of the two-stage variants (e.g. too few normal
-        images to fit them) fails their rows only, not the model's own."""
+        images to fit them) fails their rows only, not the model's own, and a failure of one of
+        them (its one-class model) its own row only."""
         def failed(variants, error):
             return [_record(meta, setting, path, _undefined(variant, failure_reason(error)), variant)
                     for variant in variants]
@@ -316,13 +317,18 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
             check_channels(model, loaded_sets[0], path)
         except Exception as error:  # any failure of one checkpoint is its rows', not the run's
             return failed(variants, error)
+        def evaluated(group):
+            try:
+                return evaluate_group(path, meta, setting, model, *loaded_sets, group)
+            except Exception as error:
+                if len(group) == 1:
+                    return failed(group, error)
+                # one one-class model's failure is its row's: the others again, each alone
+                return [row for variant in group for row in evaluated([variant])]
         rows = []
         for group in ([v for v in variants if v is None], [v for v in variants if v is not None]):
             if group:
-                try:
-                    rows += evaluate_group(path, meta, setting, model, *loaded_sets, group)
-                except Exception as error:
-                    rows += failed(group, error)
+                rows += evaluated(group)
         return rows
 
     records = []

@@ -53,6 +53,7 @@ MAX_PATCH_VECTORS = 4096  # patch vectors of the normal images that a patch-leve
 MEDIAN_SAMPLES = 1000  # vectors whose pairwise distances give the median-heuristic kernel width
 OCSVM_NU = 0.1
 SMOOTHING_SIGMA_AT_256 = 4.0  # pixels of the Gaussian that smooths a heatmap, at a 256-pixel side
+SAME_FEATURES = 1e-9  # relative spread below which normal features count as all the same
 POOLED_METRICS = ('image_auroc_pooled', 'image_ap_pooled')  # image score: the pooled features' score
 
 
@@ -73,6 +74,16 @@ def _as_features(features, name='features', min_samples=1):
     return features
 
 
+def _check_spread(features, model):
+    """ValueError naming the one-class ``model`` where the normal ``features`` (N x D) are all the same
+    (up to rounding: the spread of each dimension at most SAME_FEATURES of its largest magnitude): a
+    density fitted to them would score every test image alike."""
+    scale = max(float(np.abs(features).max()), np.finfo(np.float64).tiny)
+    if np.ptp(features, axis=0).max() <= SAME_FEATURES * scale:
+        raise ValueError(f'{model}: the normal features are all the same (zero variance): there is no '
+                         'density to fit (a model whose encoder outputs the same features for every image?)')
+
+
 class GaussianDensityEstimator:
     """Gaussian density estimation (GDE): N(mu, S) with the Ledoit-Wolf shrinkage covariance S.
 
@@ -85,9 +96,7 @@ class GaussianDensityEstimator:
     def fit(self, features):
         from sklearn.covariance import LedoitWolf
         features = _as_features(features, min_samples=2)
-        if (features == features[0]).all():
-            raise ValueError('GDE: the normal features are all the same (zero variance): there is no '
-                             'density to fit')
+        _check_spread(features, 'GDE')
         self.estimator_ = LedoitWolf().fit(features)
         n, d = features.shape
         if n < d:
@@ -134,6 +143,7 @@ class KernelDensityEstimator:
     def fit(self, features):
         from sklearn.neighbors import KernelDensity
         features = _as_features(features, min_samples=2)
+        _check_spread(features, 'KDE')
         self.bandwidth_ = median_distance(features) if self.bandwidth is None else self.bandwidth
         self.estimator_ = KernelDensity(kernel='gaussian', bandwidth=self.bandwidth_).fit(features)
         return self
@@ -155,6 +165,7 @@ class OneClassSVMDetector:
     def fit(self, features):
         from sklearn.svm import OneClassSVM
         features = _as_features(features, min_samples=2)
+        _check_spread(features, 'OC-SVM')
         self.gamma_ = 1 / (2 * median_distance(features) ** 2) if self.gamma is None else self.gamma
         self.estimator_ = OneClassSVM(kernel='rbf', nu=self.nu, gamma=self.gamma_).fit(features)
         return self

@@ -620,6 +620,24 @@ def test_a_failed_two_stage_fit_fails_its_rows_only(tmp_path):
     assert [p.name for p in (tmp_path / 'figures').iterdir()] == ['one_Shift.png']
 
 
+@pytest.mark.slow
+def test_a_failed_one_class_model_fails_its_own_row_only(tmp_path, monkeypatch):
+    from experiments import one_class
+    data_dir, model_dir = tmp_path / 'data', tmp_path / 'models'
+    make_mvtec_category(data_dir, 'few', n_train=4)
+    save_checkpoint(model_dir, 'Shift', 'few', 'texture')
+    alone = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, device='cpu', one_class_names=['kde'])
+
+    class Broken(one_class.KernelDensityEstimator):
+        def fit(self, features):
+            raise ValueError('GDE: broken on purpose')
+    monkeypatch.setitem(one_class.ONE_CLASS_MODELS, 'gde', Broken)
+    records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, device='cpu', one_class_names=['gde', 'kde'])
+    assert [r['setting'] for r in records] == ['Shift', 'Shift+GDE', 'Shift+KDE']
+    assert 'GDE: broken on purpose' in records[1]['error'] and 'error' not in records[2]
+    assert records[2]['image_auroc_pooled'] == alone[1]['image_auroc_pooled']
+
+
 def test_two_stage_result_names_and_order():
     setting = parse_setting('Shift-Intensity-M-3')
     assert checkpoints.result_setting(setting) == 'Shift-Intensity-M'

@@ -105,9 +105,11 @@ def test_bad_names_and_inputs_raise():
     with pytest.raises(ValueError, match=r'the normal features \(one per normal training image\): a one-class '
                                          r'model needs at least 2 samples to fit, got 1'):
         one_class.fit_score('gde', np.ones((1, 3)), np.ones((2, 3)))  # a category of one training image
-    for constant in (np.zeros((50, 4)), np.ones((50, 4))):  # no spread: every score would be 0 or noise
-        with pytest.raises(ValueError, match='GDE: the normal features are all the same'):
-            one_class.fit_score('gde', constant, np.random.default_rng(0).normal(size=(5, 4)))
+    scaled = np.outer(np.arange(1, 51), np.ones(4) / 3)  # rows equal up to scale: equal once normalised
+    for constant in (np.zeros((50, 4)), np.ones((50, 4)), scaled):  # no spread: every score alike, or noise
+        for name, label in (('gde', 'GDE'), ('kde', 'KDE'), ('ocsvm', 'OC-SVM')):
+            with pytest.raises(ValueError, match=f'^{label}: the normal features are all the same'):
+                one_class.fit_score(name, constant, np.random.default_rng(0).normal(size=(5, 4)))
     assert one_class.column_suffix('ocsvm') == '+OCSVM'
     for model, parameter in ((KernelDensityEstimator, 'bandwidth'), (OneClassSVMDetector, 'gamma')):
         for value in (0, -1.0):  # not taken for "choose from the data"
