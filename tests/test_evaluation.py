@@ -925,6 +925,7 @@ def test_chest_xray_command_line(chest, tmp_path, capsys):
                                '-l', str(normal), str(tmp_path / 'missing.txt')])
 
 
+@pytest.mark.slow
 def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_path, capsys):
     from conftest import save_untrained_model
     model_dir, data_dir, normal, anomalous, _ = chest
