@@ -373,6 +373,14 @@ def is_image_name(path):
     return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith('.')
 
 
+def _listed(folder):
+    """The entries of ``folder``; none where it cannot be listed (no permission, say)."""
+    try:
+        return list(Path(folder).iterdir())
+    except OSError:
+        return []
+
+
 def folder_images(folder):
     """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
     named like an image), sorted; a warning counts the image files of other formats that it
@@ -386,7 +394,7 @@ def folder_images(folder):
         warnings.warn(f"{folder}: {files_of} of another image format left out (first: {unread[0]}): a folder's "
                       f"images are its {', '.join(IMAGE_SUFFIXES)} files; convert them to one of these")
     below = sorted(p.relative_to(folder) for sub in entries if sub.is_dir() and not sub.name.startswith('.')
-                   for p in sub.iterdir() if p.is_file() and is_image_name(p))
+                   for p in _listed(sub) if p.is_file() and is_image_name(p))
     if below:
         warnings.warn(f"{folder}: {len(below)} image{'s' * (len(below) != 1)} in its subfolders left out (first: "
                       f"{below[0]}): a folder's images are the files directly in it")

@@ -187,6 +187,8 @@ def test_images_in_subfolders_of_an_image_folder_are_counted_in_a_warning(tmp_pa
                                          r"folder's images are the files directly in it"):
         test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
     assert not any('sorted' in path for path in test.paths)
+    from self_sup_data.images import _listed
+    assert _listed(tmp_path / 'gone') == []  # a subfolder that cannot be listed is passed over
     empty = tmp_path / 'only_subfolders'
     _png(empty / 'a' / 'x.png')
     with pytest.raises(ValueError, match=r"only_subfolders holds no images \(.*; its subfolders are not read\)"):
