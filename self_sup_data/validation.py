@@ -230,6 +230,8 @@ def make_validation_set(images, seed, kinds=VALIDATION_KINDS, names=None, crop=N
                 break
             except DefectNotShownError as error:
                 errors.append(str(error))
+            except ValueError as error:  # an image that no defect takes (its size, its type)
+                raise ValueError(f"held-out validation image {name}: {error}") from error
         else:
             raise DefectNotShownError(
                 f"held-out validation image {name}: no validation defect shows on it ({'; '.join(errors)}; "

@@ -429,6 +429,8 @@ def test_a_validation_defect_refuses_images_that_the_generator_refuses(kind):
         with pytest.raises(ValueError, match=r"on must be None or a bool array of the image's height and width "
                                              r"\(64, 64\), got " + re.escape(found)):
             validation.synthetic_defect(grey, kind, np.random.default_rng(0), on)
+    with pytest.raises(ValueError, match=r"^held-out validation image flat.png: image must be a uint8 array"):
+        validation.make_validation_set([grey[..., 0]], 0, kinds=(kind,), names=['flat.png'])
 
 
 class Brightness(torch.nn.Module):
