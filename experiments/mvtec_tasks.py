@@ -284,10 +284,16 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         """The rows of ``variants`` (the model's own maps, or the two-stage variants: they share
         the normal images' features) of one checkpoint."""
         crop_size = meta.get('train_size', dataset.train_size) if dataset.kind == 'object' else None
+        errors = {}  # of the one-class models that cannot be fitted: their rows fail alone
         results = evaluate_variants(model, dataset, variants, normal_set, batch_size, device,
-                                    crop_size, source=str(path), flip_average=flip_average)
+                                    crop_size, source=str(path), flip_average=flip_average, errors=errors)
         rows = []
-        for variant, (values, maps) in results.items():
+        for variant in variants:
+            if variant in errors:
+                rows.append(_record(meta, setting, path, _undefined(variant, failure_reason(errors[variant])),
+                                    variant))
+                continue
+            values, maps = results[variant]
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds'),
                                                          flip_average, str(path)))
@@ -303,8 +309,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
 
     def evaluate_one(path, meta, setting):
         """The rows of one checkpoint: a failure of the two-stage variants (e.g. too few normal
-        images to fit them) fails their rows only, not the model's own, and a failure of one of
-        them (its one-class model) its own row only."""
+        images to fit them) fails their rows only, not the model's own, and a one-class model that
+        cannot be fitted its own row only (``evaluate_group``)."""
         def failed(variants, error):
             return [_record(meta, setting, path, _undefined(variant, failure_reason(error)), variant)
                     for variant in variants]
@@ -317,18 +323,13 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
             check_channels(model, loaded_sets[0], path)
         except Exception as error:  # any failure of one checkpoint is its rows', not the run's
             return failed(variants, error)
-        def evaluated(group):
-            try:
-                return evaluate_group(path, meta, setting, model, *loaded_sets, group)
-            except Exception as error:
-                if len(group) == 1:
-                    return failed(group, error)
-                # one one-class model's failure is its row's: the others again, each alone
-                return [row for variant in group for row in evaluated([variant])]
         rows = []
         for group in ([v for v in variants if v is None], [v for v in variants if v is not None]):
             if group:
-                rows += evaluated(group)
+                try:
+                    rows += evaluate_group(path, meta, setting, model, *loaded_sets, group)
+                except Exception as error:
+                    rows += failed(group, error)
         return rows
 
     records = []

@@ -53,7 +53,7 @@ MAX_PATCH_VECTORS = 4096  # patch vectors of the normal images that a patch-leve
 MEDIAN_SAMPLES = 1000  # vectors whose pairwise distances give the median-heuristic kernel width
 OCSVM_NU = 0.1
 SMOOTHING_SIGMA_AT_256 = 4.0  # pixels of the Gaussian that smooths a heatmap, at a 256-pixel side
-SAME_FEATURES = 1e-9  # relative spread below which normal features count as all the same
+SAME_FEATURES = 1e-6  # relative spread (some float32 roundings) below which a feature counts as constant
 POOLED_METRICS = ('image_auroc_pooled', 'image_ap_pooled')  # image score: the pooled features' score
 
 
@@ -77,9 +77,9 @@ def _as_features(features, name='features', min_samples=1):
 def _check_spread(features, model):
     """ValueError naming the one-class ``model`` where the normal ``features`` (N x D) are all the same
     (up to rounding: the spread of each dimension at most SAME_FEATURES of its largest magnitude): a
-    density fitted to them would score every test image alike."""
-    scale = max(float(np.abs(features).max()), np.finfo(np.float64).tiny)
-    if np.ptp(features, axis=0).max() <= SAME_FEATURES * scale:
+    density fitted to them would score every test image alike, or by rounding noise."""
+    scale = np.maximum(np.abs(features).max(axis=0), np.finfo(np.float64).tiny)
+    if (np.ptp(features, axis=0) <= SAME_FEATURES * scale).all():
         raise ValueError(f'{model}: the normal features are all the same (zero variance): there is no '
                          'density to fit (a model whose encoder outputs the same features for every image?)')
 
@@ -313,13 +313,16 @@ def sample_rows(vectors, max_rows, seed=0):
 
 def two_stage_scores(model, normal_set, test_set, names=('gde',), layers=DEFAULT_LAYERS,
                      patch_layer=DEFAULT_PATCH_LAYER, crop_size=None, batch_size=32, device='cpu',
-                     max_patch_vectors=MAX_PATCH_VECTORS, seed=0, source='model'):
+                     max_patch_vectors=MAX_PATCH_VECTORS, seed=0, source='model', errors=None):
     """Fit the one-class models ``names`` to the encoder features of ``normal_set`` (normal
     images, preprocessed as the test images) and score the items of ``test_set``.
 
     Returns {name: (image_scores float64 N, heatmaps float32 N x H x W)}: the image score is the
     model's score of the pooled features; the heatmap comes from the patch-level model (see the
     module docstring), at the test images' size H x W. ``source`` names the model in errors.
+    ``errors``: None (a one-class model that cannot be fitted raises its ValueError), or a dict that
+    receives {name: ValueError} of those models, which the result leaves out (the others are scored
+    on the same features).
     """
     names = list(dict.fromkeys(names))
     for name in names:
@@ -337,9 +340,15 @@ def two_stage_scores(model, normal_set, test_set, names=('gde',), layers=DEFAULT
     crop = image_size if crop_size is None else (crop_size, crop_size)
     results = {}
     for name in names:
-        image_scores = fit_score(name, normal_pooled, test_pooled)
-        patch_scores = fit_score(name, fit_vectors, test_vectors).reshape(
-            (len(test_patches),) + test_patches.shape[2:])
+        try:
+            image_scores = fit_score(name, normal_pooled, test_pooled)
+            patch_scores = fit_score(name, fit_vectors, test_vectors).reshape(
+                (len(test_patches),) + test_patches.shape[2:])
+        except ValueError as error:
+            if errors is None:
+                raise
+            errors[name] = error
+            continue
         results[name] = (image_scores, pad_to(upsample_scores(patch_scores, crop), image_size))
     return results
 

@@ -126,13 +126,14 @@ def evaluate(model, dataset, batch_size=32, device='cpu', crop_size='auto', retu
 
 
 def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, device='cpu',
-                      crop_size='auto', source='model', flip_average=False):
+                      crop_size='auto', source='model', flip_average=False, errors=None):
     """{variant: (metrics, maps)} of ``model`` on the test set ``dataset`` for each of ``variants``
     (see ``result_variants``): None scores the model's own maps (``evaluate``), a one-class name
     the two-stage model fitted to the normal images ``normal_set()`` (a callable, called only when
     a two-stage variant needs it; see ``one_class.evaluate_two_stage``). ``crop_size`` as in
     ``predict``, for both kinds of variant; ``flip_average`` (``predict``) for the model's own maps
-    only: ValueError with a two-stage variant."""
+    only: ValueError with a two-stage variant. ``errors``: as in ``one_class.two_stage_scores``, for
+    the two-stage variants."""
     if flip_average:
         check_flip_average(getattr(dataset, 'class_name', None), getattr(dataset, 'kind', None),
                            variants, source)
@@ -146,7 +147,7 @@ def evaluate_variants(model, dataset, variants, normal_set, batch_size=32, devic
     if two_stage:
         results.update(one_class.evaluate_two_stage(
             model, normal_set(), dataset, two_stage, crop_size=crop_size, batch_size=batch_size,
-            device=device, source=source))
+            device=device, source=source, errors=errors))
     return results
 
 

@@ -111,13 +111,14 @@ def _images_by_stem(images, what):
     return by_stem
 
 
-def _typed_test_files(test_dir, mask_of, what):
-    """Images of the sub-folders of ``test_dir`` (type = folder name) and ``mask_of(type, path)``;
-    the errors of ``_images_by_stem`` for the defect images of each folder."""
+def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
+    """Images of the sub-folders of ``test_dir`` (type = folder name; not ``masks_dir``, the name of
+    a sub-folder that holds the masks) and ``mask_of(type, path)``; the errors of ``_images_by_stem``
+    for the defect images of each folder."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
-    for type_dir in _subfolders(test_dir):
+    for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
         images = folder_images(type_dir)
         if type_dir.name != 'good':
             _images_by_stem(images, 'defect')
@@ -258,7 +259,8 @@ class AD2Layout(CategoryLayout):
         def mask_of(defect_type, path):
             mask = test_dir / 'ground_truth' / defect_type / f'{path.stem}_mask.png'
             return mask if mask.is_file() else None
-        return _typed_test_files(test_dir, mask_of, 'testing needs test_public/good and test_public/bad')
+        return _typed_test_files(test_dir, mask_of, 'testing needs test_public/good and test_public/bad',
+                                 masks_dir='ground_truth')
 
     def private_files(self, root, category, split):
         """The unlabelled images of ``<cat>/<split>`` (test_private or test_private_mixed), sorted."""

@@ -632,7 +632,11 @@ def test_a_failed_one_class_model_fails_its_own_row_only(tmp_path, monkeypatch):
         def fit(self, features):
             raise ValueError('GDE: broken on purpose')
     monkeypatch.setitem(one_class.ONE_CLASS_MODELS, 'gde', Broken)
+    extract_features, calls = one_class.extract_features, []
+    monkeypatch.setattr(one_class, 'extract_features', lambda *args, **kwargs: calls.append(1) or extract_features(
+        *args, **kwargs))
     records = mvtec_tasks.evaluate_checkpoints(model_dir, data_dir, device='cpu', one_class_names=['gde', 'kde'])
+    assert len(calls) == 2  # the normal and the test images' features, once for both one-class models
     assert [r['setting'] for r in records] == ['Shift', 'Shift+GDE', 'Shift+KDE']
     assert 'GDE: broken on purpose' in records[1]['error'] and 'error' not in records[2]
     assert records[2]['image_auroc_pooled'] == alone[1]['image_auroc_pooled']

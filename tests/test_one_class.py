@@ -106,10 +106,14 @@ def test_bad_names_and_inputs_raise():
                                          r'model needs at least 2 samples to fit, got 1'):
         one_class.fit_score('gde', np.ones((1, 3)), np.ones((2, 3)))  # a category of one training image
     scaled = np.outer(np.arange(1, 51), np.ones(4) / 3)  # rows equal up to scale: equal once normalised
-    for constant in (np.zeros((50, 4)), np.ones((50, 4)), scaled):  # no spread: every score alike, or noise
+    rng = np.random.default_rng(0)
+    rounded = (rng.random(64) * (1 + rng.integers(-1, 2, (50, 64)) * np.finfo(np.float32).eps)).astype(np.float32)
+    for constant in (np.zeros((50, 4)), np.ones((50, 4)), scaled, rounded):  # no spread but rounding's
         for name, label in (('gde', 'GDE'), ('kde', 'KDE'), ('ocsvm', 'OC-SVM')):
             with pytest.raises(ValueError, match=f'^{label}: the normal features are all the same'):
                 one_class.fit_score(name, constant, np.random.default_rng(0).normal(size=(5, 4)))
+    varied = np.c_[np.full(20, 1e10), rng.standard_normal((20, 3))]  # one large constant dimension, three varying
+    assert GaussianDensityEstimator().fit(varied).score(varied).shape == (20,)
     assert one_class.column_suffix('ocsvm') == '+OCSVM'
     for model, parameter in ((KernelDensityEstimator, 'bandwidth'), (OneClassSVMDetector, 'gamma')):
         for value in (0, -1.0):  # not taken for "choose from the data"
