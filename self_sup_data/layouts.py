@@ -119,6 +119,9 @@ def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     paths, defect_types, masks = [], [], []
     for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
+        if type_dir.name.lower() == 'good' and type_dir.name != 'good':  # its normal images would be defects
+            raise ValueError(f"{type_dir}: normal test images belong in {type_dir.with_name('good')} (lower case); "
+                             f"other folders of {test_dir} hold defect types")
         images = folder_images(type_dir)
         if type_dir.name != 'good':
             _images_by_stem(images, 'defect')

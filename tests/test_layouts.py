@@ -196,6 +196,14 @@ def test_images_in_subfolders_of_an_image_folder_are_counted_in_a_warning(tmp_pa
         make_layout('folder', empty).train_files(None, FOLDER_CATEGORY)
 
 
+def test_a_good_folder_in_another_case_is_refused_not_scored_as_a_defect_type(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    test = tmp_path / 'tiles' / 'test'
+    (test / 'good').rename(test / 'Good')
+    with pytest.raises(ValueError, match=r"test/Good: normal test images belong in .*test/good \(lower case\)"):
+        SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE, allow_missing_masks=True)
+
+
 def test_hidden_folders_in_a_test_folder_are_no_defect_type(tmp_path):
     make_mvtec_category(tmp_path, 'tiles', n_train=3)
     hidden = tmp_path / 'tiles' / 'test' / '.thumbnails'
