@@ -441,6 +441,10 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
+    if len(dataset.images) == 1 and views is not None:
+        raise ValueError(f"category {category!r}: one training image: {setting.key} is scored by a one-class model "
+                         f"fitted to the features of the normal training images, which needs two or more; add "
+                         f"normal images, or train an encoder-decoder setting")
     if len(dataset.images) == 1 and views is None and not self_sup_args.get('same'):
         print(f"{PROG}: {category}: note: one training image: its patches come from the image itself, "
               f"where {setting.key} takes them from another image")

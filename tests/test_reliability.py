@@ -656,7 +656,7 @@ def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_
     root = tmp_path / 'data'
     make_mvtec_category(root, 'one', n_train=1, size=64)
     make_mvtec_category(root, 'ten', n_train=10, size=64)
-    for key in ('Shift', 'FPI'):
+    for key in ('Shift', 'FPI', 'CutPaste-3way'):
         args = train_mvtec.parse_args(['-s', key, '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
                                        '--res-scale', '0.5'])
         setting, _, _, _ = train_mvtec.plan(args)
@@ -664,8 +664,12 @@ def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_
             train_mvtec.prepare_run(args, setting, root, 'one')
             assert ("one: note: one training image: its patches come from the image itself, where Shift takes "
                     "them from another image") in capsys.readouterr().out
-        else:  # FPI's patches stay in place: nothing would change
+        elif key == 'FPI':  # FPI's patches stay in place: nothing would change
             with pytest.raises(ValueError, match='one: one training image: its patches would come from itself'):
+                train_mvtec.prepare_run(args, setting, root, 'one')
+        else:  # a classifier is scored by a one-class model of the normal images' features: not of one
+            with pytest.raises(ValueError, match=r"'one': one training image: CutPaste-3way is scored by a one-class "
+                                                 r"model .* needs two or more"):
                 train_mvtec.prepare_run(args, setting, root, 'one')
     # a validation set that leaves one image to train on is refused by its option
     args = train_mvtec.parse_args(['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out'), '--recipe', 'table',
