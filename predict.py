@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.arguments import INTERRUPTED_STATUS, one_line_warnings, path_argument
-from experiments.atomic import file_in_the_way, remove_stale_temporaries, write_atomic, write_text_atomic
+from experiments.atomic import remove_stale_temporaries, write_atomic, write_failure_reason, write_text_atomic
 from experiments.detector import Detector, NonFiniteMapError
 from experiments.inference import warn_flip_average_mismatch
 from self_sup_data.images import image_files, to_channels
@@ -235,8 +235,7 @@ def start_run(args):
         if args.overwrite:
             remove_earlier_run(out_dir)
     except OSError as error:
-        blocking = file_in_the_way(out_dir / 'scores.csv')  # OUT_DIR, or a folder above it, a file
-        reason = f'{blocking} is a file, not a folder' if blocking else error.strerror or error
+        reason = write_failure_reason(out_dir / 'scores.csv', error)  # OUT_DIR, or a folder above it, a file?
         raise StopRun(f'cannot prepare output folder {out_dir}: {reason}') from error
     except ValueError as error:
         raise StopRun(str(error)) from error

@@ -1,6 +1,7 @@
 """argparse types and warning output shared by the command lines; free of torch, which
 ``predict.py`` does not import to run an exported (ONNX) model."""
 import argparse
+import numbers
 import warnings
 from contextlib import contextmanager
 
@@ -49,6 +50,13 @@ def check_image_reading(parser, args):
     if args.intensity_range and args.intensity_range[0] >= args.intensity_range[1]:
         parser.error(f"argument --intensity-range: LOW must be below HIGH, got {args.intensity_range[0]} "
                      f"{args.intensity_range[1]}")
+
+
+def reading_option(reading):
+    """The option that gives an image ``reading`` (``image_reading``): ``--bit-depth BITS`` or
+    ``--intensity-range LOW HIGH``."""
+    return (f"--bit-depth {reading}" if isinstance(reading, numbers.Integral)
+            else f"--intensity-range {reading[0]} {reading[1]}")
 
 
 def image_reading(args):

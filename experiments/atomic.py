@@ -98,11 +98,16 @@ def file_in_the_way(path):
         return None
 
 
+def write_failure_reason(path, error):
+    """Why writing ``path`` failed with the OSError ``error``: a file that stands where a folder
+    above it should be (``file_in_the_way``), else the error's own words."""
+    blocking = file_in_the_way(path)
+    return f'{blocking} is a file, not a folder' if blocking else error.strerror or error
+
+
 def _write_error(path, error):
     """OSError (of ``error``'s errno) naming the file that could not be written and why."""
-    blocking = file_in_the_way(path)
-    reason = f'{blocking} is a file, not a folder' if blocking else error.strerror or error
-    message = f'cannot write {path}: {reason}; an earlier file there is unchanged'
+    message = f'cannot write {path}: {write_failure_reason(path, error)}; an earlier file there is unchanged'
     return OSError(message) if error.errno is None else OSError(error.errno, message)
 
 

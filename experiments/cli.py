@@ -11,7 +11,7 @@ import warnings
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
-from experiments.arguments import INTERRUPTED_STATUS, image_reading, path_argument
+from experiments.arguments import INTERRUPTED_STATUS, image_reading, path_argument, reading_option
 from experiments.atomic import remove_stale_temporaries
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
@@ -323,9 +323,7 @@ def warn_unused_reading(args, category, dataset):
     file of more than 8 bits a channel (``is_high_depth_file``, by its header), the only files they
     apply to."""
     if image_reading(args) is not None and not any(is_high_depth_file(path) for path in dataset.paths):
-        option = (f"--bit-depth {args.bit_depth}" if args.bit_depth
-                  else "--intensity-range {} {}".format(*args.intensity_range))
-        warnings.warn(f"category {category!r}: {option} applies to 16-bit image files, and none of its training "
+        warnings.warn(f"category {category!r}: {reading_option(image_reading(args))} applies to 16-bit image files, and none of its training "
                       f"images is one: they are read as they are (the model keeps it for 16-bit test and new "
                       f"images)")
 
@@ -349,9 +347,7 @@ def other_run_message(found, state, differing, previous):
     read them, where their bit depth or intensity window differs: the rule that finds a depth has
     changed)."""
     depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
-    option = (None if depth is None else f"--bit-depth {depth}" if isinstance(depth, int)
-              else f"--intensity-range {depth[0]} {depth[1]}")
-    keep = '' if option is None else f"; {option} reads its images as it did"
+    keep = '' if depth is None else f"; {reading_option(depth)} reads its images as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")

@@ -155,6 +155,13 @@ def _undefined(one_class_name=None, error=None):
     return dict.fromkeys(names, math.nan) | ({} if error is None else dict(error=error))
 
 
+def failed_rows(path, meta, setting, variants, error):
+    """The records of ``variants`` of the checkpoint at ``path`` that ``error`` failed: NaN metrics
+    and its reason."""
+    return [_record(meta, setting, path, _undefined(variant, failure_reason(error)), variant)
+            for variant in variants]
+
+
 def check_channels(model, dataset, path):
     """ValueError naming the checkpoint ``path`` when its model takes another number of image
     channels than the test images of ``dataset`` have."""
@@ -290,8 +297,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         rows = []
         for variant in variants:
             if variant in errors:
-                rows.append(_record(meta, setting, path, _undefined(variant, failure_reason(errors[variant])),
-                                    variant))
+                rows += failed_rows(path, meta, setting, [variant], errors[variant])
                 continue
             values, maps = results[variant]
             if variant is None:
@@ -311,9 +317,6 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         """The rows of one checkpoint: a failure of the two-stage variants (e.g. too few normal
         images to fit them) fails their rows only, not the model's own, and a one-class model that
         cannot be fitted its own row only (``evaluate_group``)."""
-        def failed(variants, error):
-            return [_record(meta, setting, path, _undefined(variant, failure_reason(error)), variant)
-                    for variant in variants]
         variants = result_variants(setting, one_class_names)
         try:
             if 'error' in meta:
@@ -322,14 +325,14 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
             loaded_sets = test_set(meta)
             check_channels(model, loaded_sets[0], path)
         except Exception as error:  # any failure of one checkpoint is its rows', not the run's
-            return failed(variants, error)
+            return failed_rows(path, meta, setting, variants, error)
         rows = []
         for group in ([v for v in variants if v is None], [v for v in variants if v is not None]):
             if group:
                 try:
                     rows += evaluate_group(path, meta, setting, model, *loaded_sets, group)
                 except Exception as error:
-                    rows += failed(group, error)
+                    rows += failed_rows(path, meta, setting, group, error)
         return rows
 
     records = []
