@@ -105,7 +105,8 @@ def parse_args(argv=None):
                              'calibrated from its training images (auto)')
     parser.add_argument('--loss', choices=LOGIT_LOSSES,
                         help="the loss of the settings trained with BCE (default: 'bce', the "
-                             "training script's; 'bce-bf16': the earlier loss)")
+                             "training script's; 'bce-bf16': the earlier loss; 'focal': the focal "
+                             "loss)")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
                        help='tabulate the models that exist (those of this run\'s budget and recipe; others are '

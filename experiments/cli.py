@@ -89,7 +89,9 @@ def add_training_arguments(parser):
                        help="for settings trained with BCE: 'bce', the BCE of the logits in "
                             "float32 (the default), or 'bce-bf16', the BCE of the sigmoid map "
                             "computed in bfloat16, this project's earlier loss (no gradient above "
-                            "a logit of about 6), to reproduce models trained with it")
+                            "a logit of about 6), to reproduce models trained with it, or 'focal', "
+                            "the BCE of each pixel weighted by |label - prediction|^2 (focal loss "
+                            "for soft labels)")
     group.add_argument('--no-pool', '--no_pool', dest='no_pool', action='store_true',
                        help='no max pool in the stem')
     group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')

@@ -19,7 +19,8 @@ final sigmoid: exact where the sigmoid of a bfloat16 forward pass would round to
 the gradient); MSE between the model's output and the label map; or the cross-entropy of a
 classifier's logits and the class labels. Loss 'bce-bf16' is the BCE of that rounded sigmoid
 (``bce_of_bfloat16_sigmoid``), the loss of this project's earlier bfloat16 training, kept to
-reproduce models trained with it. Model and images are channels_last (faster convolutions on the
+reproduce models trained with it; loss 'focal' weighs each pixel's BCE by its squared error
+(``focal_bce_with_logits``). Model and images are channels_last (faster convolutions on the
 CPU too); the forward pass runs in bfloat16 autocast on CUDA, and on the CPU when ``config.bf16``
 is True (see ``use_bf16``).
 
@@ -86,11 +87,23 @@ def bce_of_bfloat16_sigmoid(logits, target):
     return F.binary_cross_entropy(torch.sigmoid(logits.bfloat16()).float(), target)
 
 
+FOCAL_GAMMA = 2.0
+
+
+def focal_bce_with_logits(logits, target, gamma=FOCAL_GAMMA):
+    """Focal BCE for soft targets (the quality focal loss of Li et al. 2020, the focal loss of
+    Lin et al. 2017 where the target is 0 or 1): mean over pixels of |y - p|^gamma BCE(p, y), with
+    p = sigmoid(logits) and y the label map. Pixels the model already predicts well weigh little,
+    so the many easy background pixels do not drown the few anomalous ones."""
+    weight = (target - torch.sigmoid(logits)).abs().pow(gamma)
+    return (weight * F.binary_cross_entropy_with_logits(logits, target, reduction='none')).mean()
+
+
 # loss -> function of (the training module's float32 output, target); the BCE losses take logits
 # (``Logits``)
 LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'bce-bf16': bce_of_bfloat16_sigmoid,
-                  'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
-LOGIT_LOSSES = ('bce', 'bce-bf16')
+                  'focal': focal_bce_with_logits, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
+LOGIT_LOSSES = ('bce', 'bce-bf16', 'focal')
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_minutes',
                   'figure_every', 'figures', 'progress', 'compile')

@@ -2,6 +2,7 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from experiments import training
+from experiments import cli, training
 from experiments.training import (EpochBatchSampler, EpochDataset, TrainConfig, epoch_seed,
                                   final_model_path, last_checkpoint_path, load_model, make_loader,
                                   seed_everything, to_training_device, train)
@@ -275,6 +276,60 @@ def test_bce_of_the_bfloat16_sigmoid_is_the_earlier_loss_without_gradient_where_
     else:
         torch.testing.assert_close(logits.grad, torch.full_like(logits, exact.item() / 4),
                                    rtol=0.02, atol=1e-3)  # s rounded by up to 2e-3
+
+
+@pytest.mark.parametrize('target', [0.0, 0.3, 1.0])
+def test_focal_loss_is_the_bce_weighted_by_the_squared_error_of_each_pixel(target):
+    """'focal': mean of |y - p|^2 BCE(p, y) (independent computation in numpy), with p the
+    sigmoid of the logits; for a target of 0 or 1 that is Lin et al.'s focal loss, (1 - p_t)^2
+    (-log p_t); the gradient keeps the sign of the exact BCE's and vanishes where p = y."""
+    logits = torch.tensor([[[[-4.0, -0.8473], [0.5, 6.0]]]], requires_grad=True)  # -0.8473: p = 0.3
+    labels = torch.full_like(logits, target)
+    loss = training.LOSS_FUNCTIONS['focal'](logits, labels)
+    loss.backward()
+    x = logits.detach().double().numpy()
+    p = 1 / (1 + np.exp(-x))
+    bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    assert loss.item() == pytest.approx(float(np.mean(np.abs(target - p) ** 2 * bce)), rel=1e-5)
+    if target in (0.0, 1.0):
+        p_t = p if target == 1 else 1 - p
+        assert loss.item() == pytest.approx(float(np.mean((1 - p_t) ** 2 * -np.log(p_t))), rel=1e-5)
+    grad = logits.grad.double().numpy()
+    exact = p - target  # the BCE's gradient, per pixel
+    moving = np.abs(exact) > 1e-3
+    assert (np.sign(grad[moving]) == np.sign(exact[moving])).all()
+    assert np.abs(grad[~moving]).max(initial=0) < 1e-6
+
+
+def test_focal_loss_weighs_well_predicted_pixels_less_than_bce():
+    """Against the exact BCE, the focal loss shifts the gradient to the poorly predicted pixels:
+    a well-predicted background pixel's gradient shrinks far more than a missed anomaly's."""
+    logits = torch.tensor([[[[-5.0, -5.0]]]], requires_grad=True)  # background right, anomaly missed
+    labels = torch.tensor([[[[0.0, 1.0]]]])
+    training.LOSS_FUNCTIONS['focal'](logits, labels).backward()
+    focal = logits.grad.clone()
+    logits.grad = None
+    training.LOSS_FUNCTIONS['bce'](logits, labels).backward()
+    ratio = (focal / logits.grad).abs()
+    assert ratio[0, 0, 0, 0] < 1e-3 < 0.9 < ratio[0, 0, 0, 1]
+
+
+def test_focal_loss_trains_on_the_logits_and_predicts_the_sigmoid_map():
+    """--loss focal (``cli.training_loss``) replaces a BCE setting's loss; its training step takes
+    the model's logits and returns the sigmoid map, as BCE's does, and the step learns."""
+    assert cli.training_loss(SimpleNamespace(loss='focal'), 'bce') == 'focal'
+    cpu = torch.device('cpu')
+    torch.manual_seed(0)
+    model = resnet18_enc_dec(final_activation='sigmoid')
+    module = training.training_module(model, 'focal')
+    assert isinstance(module, training.Logits)
+    images, labels = torch.rand(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _, _, preds, first = training.train_step(module, optimizer, 'focal', images, labels, cpu)
+    assert preds.min() >= 0 and preds.max() <= 1
+    for _ in range(5):
+        _, _, _, last = training.train_step(module, optimizer, 'focal', images, labels, cpu)
+    assert last.item() < first.item()
 
 
 def test_the_earlier_loss_is_reproduced_on_a_bfloat16_training_step():
