@@ -65,6 +65,14 @@ def _read_error(path, error):
     if 'TorchScript' in str(error):  # torch.load's refusal of a TorchScript archive
         return ValueError(f'cannot read checkpoint {path}: it is a TorchScript export (for '
                           f'torch.jit.load); give the checkpoint it was exported from (final_*.pt)')
+    if isinstance(error, KeyError):  # load_model's checkpoint['meta'], ['model'], ['model_config']
+        return ValueError(f'cannot read checkpoint {path}: it has no {error} entry; give a model that '
+                          f'the training scripts wrote (final_*.pt; a bare state_dict has no meta to '
+                          f'rebuild the network from)')
+    if isinstance(error, RuntimeError) and 'loading state_dict' in str(error):
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), '')
+        return ValueError(f'cannot read checkpoint {path}: its weights do not fit the network that '
+                          f'its meta describes ({detail[:300]})')
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
     return ValueError(f'cannot read checkpoint {path}: {type(error).__name__}: {first_line[:200]}'
                       f' (truncated or not a checkpoint?)')

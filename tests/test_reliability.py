@@ -398,6 +398,27 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path, content,
         assert message.startswith(f'cannot read checkpoint {path}: ') and expected in message
 
 
+def test_a_checkpoint_whose_contents_do_not_fit_says_what_is_wrong(tmp_path):
+    """A bare state_dict (no meta) and weights that do not fit the network their meta describes
+    are named for what they are, with the mismatch, not as a truncated file."""
+    path = save_checkpoint(tmp_path, 'Shift', 'tiny', 'texture')
+    checkpoint = torch.load(path, weights_only=True)
+    bare = tmp_path / 'bare.pt'
+    torch.save(checkpoint['model'], bare)
+    with pytest.raises(ValueError, match=r"it has no 'meta' entry; give a model that the training "
+                                         r"scripts wrote .*a bare state_dict has no meta"):
+        read_model(bare, 'cpu')
+    checkpoint['meta']['model_config'] = dict(checkpoint['meta']['model_config'], in_channels=3)
+    misfit = tmp_path / 'misfit.pt'
+    torch.save(checkpoint, misfit)
+    with pytest.raises(ValueError) as error:
+        read_model(misfit, 'cpu')
+    message = str(error.value)
+    assert message.startswith(f'cannot read checkpoint {misfit}: its weights do not fit the network '
+                              'that its meta describes (')
+    assert 'size mismatch' in message and 'truncated' not in message
+
+
 @pytest.mark.parametrize('damage,expected', [
     (lambda path: path.write_bytes(path.read_bytes()[:5000]), 'truncated or not a checkpoint'),
     (lambda path: path.write_bytes(b''), 'truncated or not a checkpoint'),
