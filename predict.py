@@ -5,13 +5,16 @@
     python predict.py --onnx MODEL.onnx -i INPUT -o OUT_DIR        # ONNX Runtime, no PyTorch
 
 INPUT: folders (their image files, not their subfolders'), glob patterns (quote them; '**' for any
-depth of folders, 'DIR/**/*.png') or files; any size, grey or colour
+depth of folders, 'DIR/**/*.png') or files (those in OUT_DIR's maps/, overlays/ and masks/ are not
+read); any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``). OUT_DIR gets
 
-    scores.csv              file, output name, score_mean, score_max, anomalous (score_mean above
-                            the model's image threshold; empty when the model is not calibrated)
+    scores.csv              file, output name (the file's stem; bytes of a name that are not
+                            UTF-8 written as \\xNN), score_mean, score_max, anomalous (score_mean
+                            above the model's image threshold; empty when the model is not
+                            calibrated)
     maps/<name>.npy         the map at the image's size (float32)
     overlays/<name>.png     the map as a heatmap over the image
     masks/<name>.png        pixels above the model's pixel threshold at its resolution, resized
@@ -88,17 +91,28 @@ def write_csv(path, columns, rows):
     write_text_atomic(path, text.getvalue())
 
 
+def printable(text):
+    """``text`` (a file name, or a message that holds one) as valid UTF-8: the bytes of a file name
+    that is not UTF-8 (which Python keeps as surrogate escapes) are written as ``\\xNN``."""
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a surrogate that no file name's byte gave
+        raw = text.encode('utf-8', 'backslashreplace')
+    return raw.decode('utf-8', 'backslashreplace')
+
+
 def output_names(files, out_dir):
-    """A distinct output name per file: its stem, with ``-2``, ``-3`` ... for repeats and for names
-    whose map, overlay or mask is already in ``out_dir`` (``output_paths``: a file or link of the
-    user's, which this run must not replace; one that cannot be looked at counts as free, and its
-    write fails as an error of its image)."""
+    """A distinct output name per file: its stem (``printable``), with ``-2``, ``-3`` ... for repeats
+    and for names whose map, overlay or mask is already in ``out_dir`` (``output_paths``: a file or
+    link of the user's, which this run must not replace; one that cannot be looked at counts as
+    free, and its write fails as an error of its image)."""
     names, used = [], set()
     for path in files:
-        name, count = path.stem, 1
+        stem = printable(path.stem)
+        name, count = stem, 1
         while name in used or any(os.path.lexists(taken) for taken in output_paths(out_dir, name).values()):
             count += 1
-            name = f'{path.stem}-{count}'
+            name = f'{stem}-{count}'
         used.add(name)
         names.append(name)
     return names
@@ -108,6 +122,11 @@ def output_paths(out_dir, name):
     """Where the map, overlay and mask of the image with output name ``name`` go."""
     return dict(map=out_dir / 'maps' / f'{name}.npy', overlay=out_dir / 'overlays' / f'{name}.png',
                 mask=out_dir / 'masks' / f'{name}.png')
+
+
+def output_folders(out_dir):
+    """The folders of OUT_DIR that hold the outputs of each image (maps/, overlays/, masks/)."""
+    return {path.parent for path in output_paths(out_dir, 'any').values()}
 
 
 def write_outputs(out_dir, name, image, map_, mask):
@@ -152,7 +171,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
                 try:
                     batch.append((path, name, detector.read(path)))
                 except (ValueError, OSError) as error:
-                    errors.append((str(path), str(error)))
+                    errors.append((printable(str(path)), printable(str(error))))
             if batch:
                 images = [image for _, _, image in batch]
                 if detector.pixel_threshold is None:  # no masks
@@ -164,11 +183,11 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     try:
                         write_outputs(out_dir, name, image, map_, mask)
                     except OSError as error:
-                        errors.append((str(path), f'cannot write its outputs: {error}'))
+                        errors.append((printable(str(path)), printable(f'cannot write its outputs: {error}')))
                         continue
                     mean = scores['mean'][index]
                     decision = '' if detector.threshold is None else bool(mean > detector.threshold)
-                    rows.append((str(path), name, f'{mean:.6g}', f'{scores["max"][index]:.6g}',
+                    rows.append((printable(str(path)), name, f'{mean:.6g}', f'{scores["max"][index]:.6g}',
                                  decision))
             write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
@@ -208,9 +227,25 @@ def remove_earlier_run(out_dir):
     remove_stale_temporaries(out_dir, lambda name: name in RUN_FILES)  # of a killed run's writes
     outputs = {path.name for name in names if is_plain_name(name)
                for path in output_paths(out_dir, name).values()}
-    for folder in {path.parent for path in output_paths(out_dir, 'any').values()}:
+    for folder in output_folders(out_dir):
         if folder.is_dir():
             remove_stale_temporaries(folder, lambda name: name in outputs)
+
+
+def outside_output_folders(files, out_dir):
+    """``files`` without those in OUT_DIR's output folders (``output_folders``: an earlier run's
+    maps, overlays and masks, which an input pattern over a folder above OUT_DIR also finds, and
+    which an --overwrite run deletes), with a warning that counts them; StopRun where no file is
+    left."""
+    outputs = {os.path.realpath(folder) for folder in output_folders(out_dir)}
+    kept = [path for path in files if os.path.realpath(path.parent) not in outputs]
+    if len(kept) < len(files):
+        if not kept:
+            raise StopRun(f'the inputs hold no images outside the output folders of {out_dir} '
+                          f'(maps/, overlays/, masks/), which are not read as inputs')
+        print(f'{PROG}: warning: {len(files) - len(kept)} of the input files are in the output folders '
+              f'of {out_dir} (maps/, overlays/, masks/) and are not read as inputs', file=sys.stderr)
+    return kept
 
 
 def start_run(args):
@@ -226,6 +261,7 @@ def start_run(args):
     except (ValueError, OSError) as error:
         raise StopRun(str(error)) from error
     out_dir = Path(args.out_dir)
+    files = outside_output_folders(files, out_dir)
     earlier = [name for name in ('scores.csv', PENDING) if (out_dir / name).exists()]
     if earlier and not args.overwrite:
         raise StopRun(f'{out_dir} holds the results of an earlier run ({", ".join(earlier)}); '

@@ -1,5 +1,6 @@
 """Using a model on new images: the Detector reproduces the evaluation's maps, predict.py writes
 its files, bad inputs give named errors and lose nothing already written."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -297,6 +298,44 @@ def test_output_names_are_distinct_and_leave_the_users_own_files_in_out_dir(tmp_
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(predict.os.path, 'lexists', lambda path: False)
         assert predict.output_names(files[:1], tmp_path) == ['a']
+
+
+def test_file_names_that_are_not_utf8_get_printable_outputs(calibrated, tmp_path):
+    """A file name whose bytes are not UTF-8 (from a Latin-1 archive) is predicted like any other:
+    its output name and its scores.csv row write those bytes as \\xNN."""
+    folder = tmp_path / 'latin1'
+    folder.mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+    Image.fromarray(image).save(folder / 'ok.png')
+    raw = os.fsencode(folder) + b'/caf\xe9.png'
+    with open(raw, 'wb') as file:
+        file.write((folder / 'ok.png').read_bytes())
+    assert predict.printable(os.fsdecode(raw)) == str(folder / 'caf\\xe9.png')
+    assert predict.printable('plain \u00e9') == 'plain \u00e9'
+    out = tmp_path / 'out'
+    assert predict.main(['-m', str(calibrated), '-i', str(folder), '-o', str(out)]) == 0
+    scores = pd.read_csv(out / 'scores.csv')
+    assert list(scores['output']) == ['caf\\xe9', 'ok']
+    assert list(scores['file']) == [str(folder / 'caf\\xe9.png'), str(folder / 'ok.png')]
+    np.testing.assert_array_equal(np.load(out / 'maps' / 'caf\\xe9.npy'), np.load(out / 'maps' / 'ok.npy'))
+
+
+def test_an_earlier_runs_outputs_under_the_inputs_are_not_read_as_inputs(calibrated, tmp_path, capsys):
+    """An input pattern over a folder above OUT_DIR finds the earlier run's overlays and masks: they
+    are left out with a warning, and --overwrite predicts the images alone again."""
+    data = tmp_path / 'images'
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(data / 'a.png')
+    pattern, out = str(data / '**' / '*.png'), data / 'out'
+    assert predict.main(['-m', str(calibrated), '-i', pattern, '-o', str(out)]) == 0
+    assert (out / 'overlays' / 'a.png').exists() and (out / 'masks' / 'a.png').exists()
+    capsys.readouterr()
+    assert predict.main(['-m', str(calibrated), '-i', pattern, '-o', str(out), '--overwrite']) == 0
+    assert ('2 of the input files are in the output folders of' in capsys.readouterr().err)
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a']
+    assert pd.read_csv(out / 'errors.csv').empty
+    with pytest.raises(predict.StopRun, match='the inputs hold no images outside the output folders'):
+        predict.outside_output_folders([out / 'masks' / 'a.png'], out)
 
 
 def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
