@@ -236,11 +236,18 @@ POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 
 def redone_results(records, setting, categories):
     """Predicate: whether an earlier result is one that this evaluation (``records``, of ``setting``
-    on ``categories``) redoes: of a category and setting (variant) of ``records``, or of a
-    requested pair."""
-    redone = ({(category, setting.seedless_key) for category in categories}
-              | {(record['category'], record['setting']) for record in records})
-    return lambda record: (record['category'], record['setting']) in redone
+    on ``categories``) redoes: of a model that it evaluated (category, setting variant and seed), or
+    of a requested pair (category and setting variant) for which it found no model. An earlier
+    result of another seed of an evaluated pair is not redone: its model was written after this
+    evaluation looked (another seed's training, evaluated into the same folder meanwhile), and
+    ``earlier_results`` keeps it while its checkpoint is there as it was."""
+    evaluated = {(record['category'], record['setting'], record['seed'])
+                 for record in records if record.get('checkpoint')}
+    with_models = {(category, key) for category, key, _ in evaluated}
+    without_models = ({(category, setting.seedless_key) for category in categories}
+                      | {(record['category'], record['setting']) for record in records}) - with_models
+    return lambda record: ((record['category'], record['setting'], record['seed']) in evaluated
+                           or (record['category'], record['setting']) in without_models)
 
 
 def earlier_results(eval_dir, records, redone):
