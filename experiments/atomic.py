@@ -9,11 +9,15 @@ file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone mak
 any exception the temporary file is removed and ``path`` is left as it was (a write that the
 system refuses, a full disk or a folder that cannot be written, is an OSError naming ``path``); a
 process killed while writing leaves the temporary file, which ``remove_stale_temporaries``
-deletes on the next run.
+deletes on the next run. ``signals_held`` keeps Ctrl-C from stopping the writes of a set of files
+midway.
 """
+import contextlib
 import functools
 import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -154,3 +158,28 @@ def save_torch_atomic(obj, path):
 def write_text_atomic(path, text):
     """``text`` to ``path`` (UTF-8) atomically (``write_atomic``)."""
     return write_atomic(path, lambda f: f.write(text), binary=False)
+
+
+HELD_SIGNALS = ('SIGINT', 'SIGTERM')  # Ctrl-C, and kill's default signal
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and kill's default signal (HELD_SIGNALS) until the block ends, then deliver
+    them (``signal.raise_signal``: a KeyboardInterrupt, or the process ends): files that belong
+    together, each written atomically, are written as a whole set (results.csv and its tables).
+    Only the main thread can hold signals; in another one the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    signals = [getattr(signal, name) for name in HELD_SIGNALS if hasattr(signal, name)]
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for number in dict.fromkeys(received):
+        signal.raise_signal(number)

@@ -12,7 +12,7 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 from experiments.arguments import INTERRUPTED_STATUS, image_reading, path_argument, reading_option
-from experiments.atomic import remove_stale_temporaries
+from experiments.atomic import remove_stale_temporaries, signals_held
 from experiments.checkpoints import read_meta, split_result_setting
 from experiments.plotting import figure_path, remove_failed_figures
 from experiments.run_lock import RunInProgressError, refuse_run_in_progress, results_lock, run_lock
@@ -520,8 +520,9 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
             raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
         return records, written
-    with exit_on_interrupt(args.prog, f'{Path(args.out_dir) / "results.csv"} and its tables are written only '
-                                      f'when an evaluation ends (its figures as each model is evaluated)'):
+    with exit_on_interrupt(args.prog, f'{Path(args.out_dir) / "results.csv"} and its tables are written as a '
+                                      f'whole when an evaluation ends (an interrupt while they are written '
+                                      f'waits for them; its figures as each model is evaluated)'):
         records, written = run_command(work)
     if report_problems(records, written):
         sys.exit(1)
@@ -535,11 +536,12 @@ def write_evaluation(records, out_dir, figure_dir, write_report, earlier_figures
     ``write_report(records)`` (which writes ``out_dir/results.csv``), and then the figures of
     results that it does not hold (``remove_figures_of_other_results``, of ``earlier_figures``),
     all while holding the folder's ``results_lock`` (an evaluation that merges its results with the
-    earlier ones there reads them in ``write_report``). Returns what ``write_report`` returns (the
+    earlier ones there reads them in ``write_report``) and Ctrl-C (``signals_held``: an interrupt
+    comes once they are all written). Returns what ``write_report`` returns (the
     tables), or None when nothing was written."""
     if all(failed(record) or record.get('checkpoint') is None for record in records):
         return None
-    with results_lock(out_dir):
+    with results_lock(out_dir), signals_held():  # results.csv and the tables as a whole, or not at all
         if figure_dir is not None:
             remove_failed_figures(records, figure_dir)
         written = write_report(records)

@@ -530,11 +530,11 @@ def test_a_training_script_stopped_by_ctrl_c_says_how_to_go_on(script, monkeypat
     ('thresholds', 'Detector.load', ['-m', 'model.pt'], 'no thresholds were stored'),
     ('export', 'export', ['-m', 'model.pt'], 'nothing was written'),
     ('mvtec_tasks', 'evaluate_checkpoints', ['-m', 'models', '-o', 'OUT'],
-     'OUT/results.csv and its tables are written only when an evaluation ends (its figures as each model '
-     'is evaluated)'),
+     'OUT/results.csv and its tables are written as a whole when an evaluation ends (an interrupt while they '
+     'are written waits for them; its figures as each model is evaluated)'),
     ('chest_xray_tasks', 'evaluate_checkpoints', ['-m', 'models', '-o', 'OUT', '-d', 'data', '-l', 'n', 'a'],
-     'OUT/results.csv and its tables are written only when an evaluation ends (its figures as each model '
-     'is evaluated)')])
+     'OUT/results.csv and its tables are written as a whole when an evaluation ends (an interrupt while they '
+     'are written waits for them; its figures as each model is evaluated)')])
 def test_a_command_stopped_by_ctrl_c_says_what_was_kept(module, stopped, argv, note, tmp_path, monkeypatch, capsys):
     import importlib
     command = importlib.import_module(f'experiments.{module}')

@@ -27,6 +27,7 @@ import train_mvtec
 from conftest import make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import checkpoints, chest_xray_tasks, mvtec_tasks, settings, tables, training
 from experiments.checkpoints import read_meta, read_model
+from experiments.atomic import write_text_atomic
 from experiments.thresholds import store_thresholds
 from experiments.settings import trained_model_path
 from experiments.training import (TrainConfig, final_model_path, last_checkpoint_path, load_model,
@@ -1570,6 +1571,51 @@ def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock
                                         tmp_path / 'out') == []
     assert held_when_read == [True]
     assert sorted(record['category'] for record in tables.read_results(eval_dir / 'results.csv')) == ['other', 'tiny']
+
+
+def test_training_evaluation_keeps_another_seeds_result_written_while_it_ran(tmp_path, monkeypatch):
+    """Two seeds trained at once into one folder, each with --evaluate: the evaluation that found seed
+    1 only keeps the seed-2 result that the other wrote meanwhile (its model is there as it was), and
+    replaces its own seed's earlier result and that of a seed whose model is gone."""
+    eval_dir = tmp_path / 'out' / 'eval'
+    eval_dir.mkdir(parents=True)
+    figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
+    for seed in (1, 2):
+        (tmp_path / f'seed{seed}.pt').write_bytes(b'a model')
+
+    def result(seed, value, checkpoint=None):
+        return dict(category='tiny', kind='texture', setting='Shift', seed=seed, flip_average=False,
+                    checkpoint=str(checkpoint or tmp_path / f'seed{seed}.pt'), **{**figures, 'image_auroc_mean': value})
+    tables.write_results([result(1, 0.1), result(2, 0.2), result(3, 0.3, tmp_path / 'gone.pt')],
+                         eval_dir / 'results.csv')
+    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: [result(1, 0.9)])
+    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
+                           abnormal=None, mask_dir=None)
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
+                                        tmp_path / 'out') == []
+    kept = {record['seed']: record['image_auroc_mean'] for record in tables.read_results(eval_dir / 'results.csv')}
+    assert kept == {1: 0.9, 2: 0.2}
+
+
+def test_ctrl_c_while_the_results_are_written_comes_once_they_all_are(tmp_path):
+    """An interrupt (SIGINT, as Ctrl-C sends it) that arrives while results.csv and its tables are
+    written waits for the last of them, then stops the command; the handler is restored."""
+    import signal
+    from experiments.cli import write_evaluation
+    handler = signal.getsignal(signal.SIGINT)
+
+    def report(records):
+        write_text_atomic(tmp_path / 'results.csv', 'new')
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # delivered here, were it not held
+        write_text_atomic(tmp_path / 'table.md', 'new')
+        return 'written'
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation([dict(category='a', setting='Shift', seed=0, checkpoint='a.pt')], tmp_path, None, report)
+    assert (tmp_path / 'results.csv').read_text() == (tmp_path / 'table.md').read_text() == 'new'
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert write_evaluation([dict(category='a', setting='Shift', seed=0, checkpoint='a.pt')], tmp_path, None,
+                            lambda records: 'written') == 'written'  # nothing held is delivered later
 
 
 @pytest.mark.slow
