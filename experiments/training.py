@@ -114,7 +114,8 @@ SELECTIONS = ('last', 'best')
 # another run for it (its run drew validation defects anywhere and, for objects, at another side,
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
-                     'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget')
+                     'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget',
+                     'train_contents_sha256')
 # the validation set's settings, which change nothing where no image was held out (a category too small)
 UNUSED_VALIDATION_FIELDS = ('validation_fraction', 'validation_seed')
 # entries of a layout's spec that name test images only (the folder format's): never trained on

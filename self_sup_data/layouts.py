@@ -416,6 +416,21 @@ def names_sha256(paths):
     return hashlib.sha256('\n'.join(sorted(Path(path).name for path in paths)).encode()).hexdigest()
 
 
+def contents_sha256(paths, chunk_bytes=1 << 20):
+    """SHA-256 (hex) of the files at ``paths``, each its name and its bytes, in the order of their
+    sorted names (not their folders: data may move): images replaced under the same names (a dataset
+    converted or downloaded again) change it. OSError naming a file that cannot be read."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda path: (Path(path).name, str(path))):
+        name = os.fsencode(Path(path).name)
+        digest.update(len(name).to_bytes(8, 'little') + name)
+        with open(path, 'rb') as file:
+            digest.update(os.fstat(file.fileno()).st_size.to_bytes(8, 'little'))
+            while chunk := file.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 LAYOUTS = {layout.name: layout for layout in (VisALayout(), LocoLayout(), AD2Layout(), MVTecLayout())}
 FORMATS = tuple(LAYOUTS) + ('folder',)
 

@@ -352,6 +352,13 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
         listing.write_text('\n'.join(listed) + '\n')
         message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
         assert 'other arguments' in message and 'normal_list_order_sha256' in message
+    # the same list, an image replaced under its name: another run
+    listing.write_text('\n'.join(names) + '\n')
+    image = tmp_path / 'images' / names[0]
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+    message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)
+    assert 'other arguments' in message and 'train_contents_sha256' in message
+    assert 'normal_list' not in message.split('other arguments')[1]
 
     listing.write_text('\n'.join(names + ['missing.png']) + '\n')
     fresh = tmp_path / 'fresh'

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, MVTecLayout, detect_layout,
-                                   layout_from_spec, make_layout)
+from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, MVTecLayout, contents_sha256,
+                                   detect_layout, layout_from_spec, make_layout)
 from self_sup_data.mvtec import SelfSupMVTecDataset
 from conftest import make_mvtec_category, save_checkpoint
 
@@ -665,3 +665,23 @@ def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
                             capsys)
         assert f"-n {name!r}: with --format folder the name of the category is a file name" in message
     assert not (tmp_path / 'out').exists()  # no demo data written
+
+
+def test_contents_digest_follows_names_and_bytes_not_folders_or_order(tmp_path):
+    """``contents_sha256``: the same files listed in another order or moved to another folder give the
+    same digest; a file's bytes replaced under its name, or two files' contents swapped, another;
+    an unreadable file is an OSError naming it."""
+    for folder in ('a', 'b'):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / '1.png').write_bytes(b'one')
+        (tmp_path / folder / '2.png').write_bytes(b'two')
+    first = contents_sha256([tmp_path / 'a' / '1.png', tmp_path / 'a' / '2.png'])
+    assert contents_sha256([tmp_path / 'b' / '2.png', tmp_path / 'b' / '1.png']) == first
+    (tmp_path / 'b' / '1.png').write_bytes(b'two')
+    (tmp_path / 'b' / '2.png').write_bytes(b'one')
+    assert contents_sha256([tmp_path / 'b' / '1.png', tmp_path / 'b' / '2.png']) != first
+    (tmp_path / 'b' / '1.png').write_bytes(b'one')
+    (tmp_path / 'b' / '2.png').write_bytes(b'twO')
+    assert contents_sha256([tmp_path / 'b' / '1.png', tmp_path / 'b' / '2.png']) != first
+    with pytest.raises(OSError, match='3.png'):
+        contents_sha256([tmp_path / 'a' / '3.png'])

@@ -233,6 +233,18 @@ def test_resume_of_a_run_whose_training_folder_changed_is_refused(trained, tmp_p
 
 
 @pytest.mark.slow
+def test_resume_of_a_run_whose_training_images_were_replaced_under_their_names_is_refused(trained, tmp_path,
+                                                                                       capsys):
+    """A dataset converted or downloaded again: the same file names, other images."""
+    argv, path = trained
+    image = tmp_path / 'data' / 'tiny' / 'train' / 'good' / '000.png'
+    cv2.imwrite(str(image), 255 - cv2.imread(str(image), cv2.IMREAD_UNCHANGED))
+    message = run_error(train_mvtec.main, argv + ONE_EPOCH + ['--resume'], capsys)
+    assert 'other arguments' in message and 'train_contents_sha256' in message
+    assert 'train_files_sha256' not in message
+
+
+@pytest.mark.slow
 def test_resume_of_the_same_run_skips_it(trained, capsys):
     argv, path = trained
     store_thresholds(path, dict(image=0.5, pixel=0.5, flip_average=False))  # calibrated later
