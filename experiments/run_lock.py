@@ -3,7 +3,8 @@ process training the run holds (an advisory ``flock``) from the check of what th
 its final model (for ``--recipe search``, from before its candidates). A second command on the same
 run (the same output folder, setting, seed and category) stops with an error naming the process
 that holds it, instead of training beside it and replacing its model when it ends. The system
-releases the lock when its process ends, a killed one too; the empty file stays (removing it would
+releases the lock when its process ends, a killed one too (its forked DataLoader workers close their
+copies of the lock file at once: ``_close_in_forked_child``); the empty file stays (removing it would
 let two processes lock two files of one name). Where ``fcntl`` is missing (Windows), the folder
 cannot be written (nothing can be trained into it) or its file system has no locks, runs are not
 locked.
@@ -26,6 +27,19 @@ except ImportError:  # Windows
     fcntl = None
 
 _held = {}  # absolute lock file path -> its open file, of the locks this process holds
+
+
+def _close_in_forked_child():
+    """In a process forked from one that holds locks (a DataLoader worker): close its copies of the
+    lock files, never unlocking them (the lock belongs to the file they share with the parent), so
+    that a lock is released when its holder ends, a killed one too, not when its last worker does."""
+    for file in _held.values():
+        file.close()
+    _held.clear()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_close_in_forked_child)
 CHECK_WAIT = 1.0  # seconds that a lock naming no holder is tried again (see _try_lock)
 
 

@@ -1497,6 +1497,36 @@ def test_a_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
     assert lock_path(runs, 'tiny_shift').read_text() == ''  # the file stays, naming no holder
 
 
+def test_a_killed_holders_lock_is_released_while_its_forked_workers_live_on(tmp_path):
+    """A run's DataLoader workers are forked from the process that holds its lock: they close their
+    copies, so that the lock is free as soon as its holder is killed, not once its workers notice."""
+    import signal
+    import subprocess
+    from experiments.run_lock import RunInProgressError, refuse_run_in_progress, run_lock
+    code = ('import os, sys, time; from experiments.run_lock import run_lock\n'
+            'with run_lock(sys.argv[1], "tiny_shift"):\n'
+            '    worker = os.fork()\n'
+            '    if worker == 0:\n        print(os.getpid(), flush=True); time.sleep(30); os._exit(0)\n'
+            '    time.sleep(60)\n')  # the worker prints once it runs, its fork's handlers done
+    holder = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(RunInProgressError):
+            refuse_run_in_progress(tmp_path, 'tiny_shift')
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(worker, 0)  # the worker still lives
+        with run_lock(tmp_path, 'tiny_shift'):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_lock_taken_for_an_instant_by_a_check_is_waited_for(tmp_path):
     """A check (refuse_run_in_progress) holds the lock for an instant and names no holder: a run
     starting then waits for it instead of being refused, and a check that meets a run starting waits
