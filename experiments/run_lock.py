@@ -27,6 +27,7 @@ except ImportError:  # Windows
     fcntl = None
 
 _held = {}  # absolute lock file path -> its open file, of the locks this process holds
+CHECK_WAIT = 1.0  # seconds that a lock naming no holder is tried again (see _try_lock)
 
 
 def _close_in_forked_child():
@@ -40,7 +41,6 @@ def _close_in_forked_child():
 
 if hasattr(os, 'register_at_fork'):
     os.register_at_fork(after_in_child=_close_in_forked_child)
-CHECK_WAIT = 1.0  # seconds that a lock naming no holder is tried again (see _try_lock)
 
 
 class RunInProgressError(OSError):
