@@ -104,6 +104,10 @@ def focal_bce_with_logits(logits, target, gamma=FOCAL_GAMMA):
 LOSS_FUNCTIONS = {'bce': F.binary_cross_entropy_with_logits, 'bce-bf16': bce_of_bfloat16_sigmoid,
                   'focal': focal_bce_with_logits, 'mse': F.mse_loss, 'cross_entropy': F.cross_entropy}
 LOGIT_LOSSES = ('bce', 'bce-bf16', 'focal')
+# meta entries that say where a run's data lies, which may differ between the machines of a torchrun
+# launch (``without_locations``), and those of its layout (the folder format's folders)
+LOCATION_FIELDS = ('data_dir', 'normal_list')
+LAYOUT_LOCATION_FIELDS = ('normal', 'abnormal', 'mask_dir')
 # TrainConfig fields that do not change what is learnt; a resumed run may change them.
 RUNTIME_FIELDS = ('workers', 'device', 'bf16', 'checkpoint_every', 'checkpoint_minutes',
                   'figure_every', 'figures', 'progress', 'compile')
@@ -206,7 +210,8 @@ def seed_everything(seed):
 
 def resolve_device(name=None):
     """torch.device for ``name``; None or 'auto': CUDA when available, else CPU. In a torchrun
-    process, 'cuda' without an index is the process's GPU (``LOCAL_RANK``)."""
+    process, 'cuda' without an index is the process's GPU (``LOCAL_RANK``); one with an index is
+    refused where torchrun launches several processes on the machine (``LOCAL_WORLD_SIZE``)."""
     if name in (None, 'auto'):
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
@@ -220,6 +225,11 @@ def resolve_device(name=None):
     if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA "
                          f"devices (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if is_distributed() else 1
+    if device.type == 'cuda' and device.index is not None and local_processes > 1:
+        raise ValueError(f"device {name!r}: the {local_processes} processes that torchrun launches on this "
+                         f"machine would all train on that one GPU; give 'cuda', and each process trains on "
+                         f"the GPU of its LOCAL_RANK")
     if device.type == 'cuda' and device.index is None and 'LOCAL_RANK' in os.environ:
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     return device
@@ -271,10 +281,17 @@ def is_first_process():
 
 def init_distributed(device):
     """Join the process group of a torchrun launch (``WORLD_SIZE`` > 1 in the environment) ->
-    (rank, world size); (0, 1) outside torchrun. Backend NCCL on CUDA, gloo on the CPU."""
+    (rank, world size); (0, 1) outside torchrun. Backend NCCL on CUDA, gloo on the CPU. RunError
+    where the environment lacks the rest of what torchrun sets (``RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``)."""
     if not is_distributed():
         return 0, 1
     if not dist.is_initialized():
+        missing = [name for name in ('RANK', 'MASTER_ADDR', 'MASTER_PORT') if name not in os.environ]
+        if missing:
+            raise RunError(f"WORLD_SIZE is {launched_processes()} but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not set: launch the processes with "
+                           f"torchrun (which sets them), or unset WORLD_SIZE to train in one process")
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
@@ -687,18 +704,39 @@ def crop_option(meta):
     return '--res' if meta.get('dataset') == 'chest_xray' else '--res-scale'
 
 
-def check_processes_agree(name, meta, size, world_size):
-    """RunError, in every process, when the processes of a torchrun run would train other runs:
-    another number of training images (their steps per epoch would differ, and the run hang at a
-    collective) or other data, recipe or arguments (``run_differences`` of the metas; where the data
-    lies may differ between machines)."""
+def without_locations(meta):
+    """``meta`` without where its data lies (LOCATION_FIELDS, and the folders of its layout,
+    LAYOUT_LOCATION_FIELDS), which may differ between the machines of a torchrun launch; what the
+    data is stays (its file names and contents' digests)."""
+    bare = {**meta, **dict.fromkeys(LOCATION_FIELDS)}
+    if isinstance(meta.get('layout'), dict):
+        bare['layout'] = {**meta['layout'], **dict.fromkeys(LAYOUT_LOCATION_FIELDS)}
+    return bare
+
+
+def process_differences(first, other):
+    """What differs between the runs that two processes of a torchrun launch would train, each
+    ``(training images, meta, bfloat16 autocast)``: the number of training images (their steps per
+    epoch would differ, and the run hang at a collective), the autocast of the forward pass (the run
+    records process 0's), and the data, recipe or arguments (``run_differences`` of the metas
+    ``without_locations``)."""
+    (first_size, first_meta, first_bf16), (other_size, other_meta, other_bf16) = first, other
+    differing = run_differences(without_locations(first_meta), without_locations(other_meta))
+    if other_bf16 != first_bf16:
+        differing.insert(0, f'bfloat16 autocast: {first_bf16} vs {other_bf16} (--bf16, or the devices '
+                            f'differ in bfloat16 support)')
+    if other_size != first_size:
+        differing.insert(0, f'training images: {first_size} vs {other_size}')
+    return differing
+
+
+def check_processes_agree(name, meta, size, bf16, world_size):
+    """RunError, in every process, when the processes of a torchrun run would train other runs
+    (``process_differences`` of each process's ``(size, meta, bf16)`` against process 0's)."""
     runs = [None] * world_size
-    dist.all_gather_object(runs, (size, {**meta, 'data_dir': None}))
-    first_size, first_meta = runs[0]
-    for rank, (other_size, other_meta) in enumerate(runs[1:], start=1):
-        differing = run_differences(first_meta, other_meta)
-        if other_size != first_size:
-            differing.insert(0, f'training images: {first_size} vs {other_size}')
+    dist.all_gather_object(runs, (size, meta, bf16))
+    for rank, other in enumerate(runs[1:], start=1):
+        differing = process_differences(runs[0], other)
         if differing:
             raise RunError(f"run {name!r}: process {rank} would train another run than process 0 "
                            f"({'; '.join(differing[:3])}); every process needs the same data and arguments")
@@ -820,7 +858,7 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         if len(set(starts)) > 1:
             raise RunError(f"run {name!r}: the processes start at different epochs {starts} "
                            f"(by rank; from {last_path}); they need one shared output folder")
-        check_processes_agree(name, meta, len(dataset), world_size)
+        check_processes_agree(name, meta, len(dataset), autocast, world_size)
 
     # one pass over every epoch left (and the one that recomputes the averaged batch norm);
     # none left (resumed from the final epoch's checkpoint): no worker is started

@@ -718,6 +718,50 @@ def test_config_validation():
         training.resolve_device('cuda:99')
 
 
+def test_a_gpu_index_is_refused_where_torchrun_launches_several_processes_on_the_machine(monkeypatch):
+    """'cuda:0' in a launch of two processes per machine would put both on GPU 0; 'cuda' gives each the
+    GPU of its LOCAL_RANK, and one process per machine may name its GPU."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    with pytest.raises(ValueError, match=r"device 'cuda:0': the 2 processes that torchrun launches on this "
+                                         r"machine would all train on that one GPU; give 'cuda'"):
+        training.resolve_device('cuda:0')
+    assert training.resolve_device('cuda') == torch.device('cuda', 1)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '1')  # one process on each of four machines
+    assert training.resolve_device('cuda:1') == torch.device('cuda', 1)
+
+
+def test_a_world_size_without_the_rest_of_torchruns_environment_is_one_line(monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    for name in ('RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    with pytest.raises(training.RunError, match='WORLD_SIZE is 2 but RANK, MASTER_ADDR are not set: launch the '
+                                                'processes with torchrun'):
+        training.init_distributed(torch.device('cpu'))
+
+
+def test_processes_differ_by_their_data_and_arguments_not_by_where_the_data_lies():
+    """The runs of two torchrun processes (training images, meta, autocast): the data's folders may
+    differ between machines; its size, the arguments and the autocast may not."""
+    def run(size=8, bf16=False, root='/machine0', **meta):
+        layout = dict(format='folder', normal=f'{root}/good', abnormal=f'{root}/bad', mask_dir=None,
+                      held_out_sha256='abc')
+        return size, dict(dict(data_dir=f'{root}/data', normal_list=f'{root}/list.txt', layout=layout,
+                               train_files_sha256='f', epochs=3), **meta), bf16
+    assert training.process_differences(run(), run(root='/machine1')) == []
+    assert training.process_differences(run(), run(size=7)) == ['training images: 8 vs 7']
+    assert training.process_differences(run(), run(bf16=True)) == [
+        'bfloat16 autocast: False vs True (--bf16, or the devices differ in bfloat16 support)']
+    assert training.process_differences(run(), run(train_files_sha256='g', root='/machine1')) == [
+        "train_files_sha256: 'f' vs 'g'"]
+    assert training.without_locations(run()[1])['layout'] == dict(
+        format='folder', normal=None, abnormal=None, mask_dir=None, held_out_sha256='abc')
+
+
 @pytest.mark.slow
 def test_compiled_step_learns_what_the_eager_step_learns(tmp_path):
     """torch.compile (about a minute and a half to compile on 2 CPU cores)."""
