@@ -98,6 +98,25 @@ def test_chestxray_notebook(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # runs the notebook in a kernel
+def test_chestxray_notebook_warns_of_seeds_merged_from_another_model_folder(tmp_path, monkeypatch):
+    """Two model folders evaluated one after the other into one OUT_DIR: the second run's tables merge
+    its seed with the first folder's, and the notebook says so as the command line does."""
+    model_dir, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path, seeds=(1, 2))
+    other = tmp_path / 'other_models' / 'shift' / 'chest_xray'
+    other.mkdir(parents=True)
+    (model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_2.pt').rename(other / 'final_chest_xray_shift_2.pt')
+    streams = []
+    for models in (model_dir, tmp_path / 'other_models'):
+        notebook = run_notebook('chestxray_evaluation.ipynb', dict(
+            MODEL_DIR=str(models), DATA_DIR=str(data_dir), NORMAL_LIST=str(normal), ANOMALOUS_LIST=str(anomalous),
+            BBOX_CSV=None, SETTINGS=None, TEST_NAME=None, OUT_DIR=str(tmp_path / 'out'), DEVICE='cpu'), monkeypatch)
+        streams.append(''.join(outputs(notebook, 'stream')))
+    assert 'outside' not in streams[0]
+    assert ("the tables merge this evaluation's seeds with earlier results of models outside "
+            f"{tmp_path / 'other_models'}: seed 1") in streams[1]
+
+
+@pytest.mark.slow  # runs the notebook in a kernel
 @pytest.mark.parametrize('name', ['mvtec_evaluation.ipynb', 'chestxray_evaluation.ipynb'])
 def test_a_notebook_whose_every_evaluation_failed_keeps_the_earlier_files(name, tmp_path, monkeypatch):
     out_dir = tmp_path / 'out'
