@@ -234,26 +234,34 @@ SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 
 POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
 
 
-def redone_results(records, setting, categories):
+def redone_results(records, setting, categories, model_dir):
     """Predicate: whether an earlier result is one that this evaluation (``records``, of ``setting``
-    on ``categories``) redoes: of a model that it evaluated (category, setting variant and seed), or
-    of a requested pair (category and setting variant) for which it found no model. An earlier
-    result of another seed of an evaluated pair is not redone: its model was written after this
-    evaluation looked (another seed's training, evaluated into the same folder meanwhile), and
-    ``earlier_results`` keeps it while its checkpoint is there as it was."""
+    on ``categories``, of the models under ``model_dir``) redoes: of a requested category and
+    setting (variant) or of one in ``records``, unless it is of another seed than those evaluated
+    whose model lies under ``model_dir`` (another seed's training into the same folder, evaluated
+    meanwhile: ``earlier_results`` keeps it while its checkpoint is there as it was). A seed of
+    another model folder's is redone (left out), so that a row holds this folder's models only."""
     evaluated = {(record['category'], record['setting'], record['seed'])
                  for record in records if record.get('checkpoint')}
-    with_models = {(category, key) for category, key, _ in evaluated}
-    without_models = ({(category, setting.seedless_key) for category in categories}
-                      | {(record['category'], record['setting']) for record in records}) - with_models
-    return lambda record: ((record['category'], record['setting'], record['seed']) in evaluated
-                           or (record['category'], record['setting']) in without_models)
+    pairs = ({(category, setting.seedless_key) for category in categories}
+             | {(record['category'], record['setting']) for record in records})
+    root = Path(model_dir).resolve()
+
+    def redone(record):
+        if (record['category'], record['setting']) not in pairs:
+            return False
+        if (record['category'], record['setting'], record['seed']) in evaluated:
+            return True
+        checkpoint = record.get('checkpoint')
+        return not (checkpoint and root in Path(checkpoint).resolve().parents)
+    return redone
 
 
 def earlier_results(eval_dir, records, redone):
     """The results in ``eval_dir/results.csv`` that this evaluation (``records``) does not redo
     (``redone``, of ``redone_results``) and that still hold: those of other categories and settings
-    (two-stage variants such as ``SETTING+GDE`` included) whose checkpoint is still there as it was,
+    (two-stage variants such as ``SETTING+GDE`` included), and of other seeds of this folder's, whose
+    checkpoint is still there as it was,
     of plain maps as this evaluation's (not ``--flip-average``d), and of the kind that this
     evaluation gives their category; so that runs of several settings or categories into one output
     folder leave one table of them all. A note counts those left out. A results file that cannot be
@@ -302,7 +310,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
                                    device=args.device, figure_dir=figure_dir,
                                    layout=layout_from_args(args),
                                    allow_missing_masks=args.allow_missing_masks)
-    redone = redone_results(records, setting, categories)
+    redone = redone_results(records, setting, categories, out_dir)
     kept = []
 
     def write_with_earlier_results(records):  # read while the results are locked (write_evaluation)
@@ -311,7 +319,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     written = write_evaluation(records, eval_dir, figure_dir, write_with_earlier_results, earlier_figures)
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier result{'s' * (len(kept) != 1)} of other "
-              f"settings or categories from {eval_dir / 'results.csv'}")
+              f"settings, categories or seeds from {eval_dir / 'results.csv'}")
     columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
                                      if any(m in r for r in records)}}
     header = ['category', 'setting', 'seed'] + list(columns.values())

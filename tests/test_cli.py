@@ -200,7 +200,7 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
     assert sorted(zip(results['setting'], results['seed'])) == [('FPI', 7), ('Shift', 7), ('Shift', 8)]
     kept = results[results['setting'] == 'Shift'].set_index('seed')
     pd.testing.assert_frame_equal(kept, shift_results, check_dtype=False, check_like=True)  # as evaluated before
-    assert "the tables also hold 2 earlier results of other settings or categories" in printed
+    assert "the tables also hold 2 earlier results of other settings, categories or seeds" in printed
     assert [line.split()[:3] for line in printed.splitlines() if line.startswith('tiles  ')] == [['tiles', 'FPI', '7']]
     assert set(pd.read_csv(out / 'eval' / 'tables' / 'image_auroc_mean.csv').columns) >= {'Shift', 'FPI'}
 

@@ -1618,23 +1618,24 @@ def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock
 def test_training_evaluation_keeps_another_seeds_result_written_while_it_ran(tmp_path, monkeypatch):
     """Two seeds trained at once into one folder, each with --evaluate: the evaluation that found seed
     1 only keeps the seed-2 result that the other wrote meanwhile (its model is there as it was), and
-    replaces its own seed's earlier result and that of a seed whose model is gone."""
-    eval_dir = tmp_path / 'out' / 'eval'
+    replaces its own seed's earlier result, that of a seed whose model is gone, and that of a model in
+    another folder (merged by an evaluation into this one's folder), which its rows never hold."""
+    out, eval_dir = tmp_path / 'out', tmp_path / 'out' / 'eval'
     eval_dir.mkdir(parents=True)
     figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
-    for seed in (1, 2):
-        (tmp_path / f'seed{seed}.pt').write_bytes(b'a model')
+    for checkpoint in (out / 'seed1.pt', out / 'seed2.pt', tmp_path / 'other' / 'seed4.pt'):
+        checkpoint.parent.mkdir(exist_ok=True)
+        checkpoint.write_bytes(b'a model')
 
     def result(seed, value, checkpoint=None):
         return dict(category='tiny', kind='texture', setting='Shift', seed=seed, flip_average=False,
-                    checkpoint=str(checkpoint or tmp_path / f'seed{seed}.pt'), **{**figures, 'image_auroc_mean': value})
-    tables.write_results([result(1, 0.1), result(2, 0.2), result(3, 0.3, tmp_path / 'gone.pt')],
-                         eval_dir / 'results.csv')
+                    checkpoint=str(checkpoint or out / f'seed{seed}.pt'), **{**figures, 'image_auroc_mean': value})
+    tables.write_results([result(1, 0.1), result(2, 0.2), result(3, 0.3, out / 'gone.pt'),
+                          result(4, 0.4, tmp_path / 'other' / 'seed4.pt')], eval_dir / 'results.csv')
     monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: [result(1, 0.9)])
     args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
                            abnormal=None, mask_dir=None)
-    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
-                                        tmp_path / 'out') == []
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'], out) == []
     kept = {record['seed']: record['image_auroc_mean'] for record in tables.read_results(eval_dir / 'results.csv')}
     assert kept == {1: 0.9, 2: 0.2}
 
