@@ -261,6 +261,9 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     check_one_model_per_seed(selected)
     warn_replaced_models(selected)
     warn_unlike_seeds(selected)
+    if isinstance(one_class_names, str):  # it would be read letter by letter
+        raise ValueError(f'one_class_names must be a list of names, e.g. [{one_class_names!r}], or None; '
+                         f'got the string {one_class_names!r}')
     for name in one_class_names or ():
         one_class.make_one_class(name)  # validates before any work
     if flip_average:  # an inconsistent request: refused whole, before any work

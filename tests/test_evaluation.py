@@ -691,6 +691,15 @@ def test_a_key_with_seed_0_selects_the_model_trained_without_a_seed():
         select(found, 'Shift-Intensity')
 
 
+def test_one_class_models_given_as_a_string_are_refused_not_read_letter_by_letter(tmp_path):
+    """A notebook's ONE_CLASS = 'gde' was read as the models 'g', 'd', 'e'."""
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=1)
+    save_checkpoint(tmp_path / 'models', 'Shift', 'tiny', 'texture')
+    with pytest.raises(ValueError, match=r"one_class_names must be a list of names, e.g. \['gde'\], or None; "
+                                         r"got the string 'gde'"):
+        mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data', one_class_names='gde')
+
+
 def test_a_checkpoint_path_names_its_setting_only_as_the_training_scripts_write_it():
     assert checkpoints.setting_from_path('out/shift_m/tile/final_tile_shift_m_7.pt') == 'Shift-M-7'
     assert checkpoints.setting_from_path('out/shift/tile/final_tile_shift.pt') == 'Shift'
