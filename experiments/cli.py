@@ -515,7 +515,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
             raise FileNotFoundError(nothing_found)
         written = write_evaluation(records, args.out_dir, figure_dir, write_report, earlier_figures) is not None
         if written:
-            print(f"{len(records)} results; tables in {Path(args.out_dir) / 'tables'}")
+            print(f"{len(records)} results evaluated; tables in {Path(args.out_dir) / 'tables'}")
         elif not any(failed(record) for record in records):
             raise FileNotFoundError(f"no checkpoint of the requested settings and categories under "
                                     f"{args.model_dir}; the earlier files in {args.out_dir} are kept")
