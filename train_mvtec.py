@@ -41,7 +41,8 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
-from experiments.training import dict_differences, is_distributed, is_first_process, run_differences, run_meta
+from experiments.training import (TrainConfig, dict_differences, is_distributed, is_first_process, run_differences,
+                                  run_meta)
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, contents_sha256, detect_layout, names_sha256
@@ -160,11 +161,12 @@ def plan(args):
     setting = settings.parse_setting(args.setting)
     overrides = settings.param_overrides(args)
     notes = settings.ignored_task_options(args, setting, overrides)
-    check_training_options(args, setting.loss)
+    layout = layout_from_args(args)
+    demo = args.data_dir is None and layout is None
+    check_training_options(args, setting.loss, DEMO_BATCH_SIZE if demo else TrainConfig.batch_size)
     recipes.check_recipe_options(args, setting)
     if args.res_scale is not None and not 0 < args.res_scale <= MAX_RES_SCALE:
         raise ValueError(f"--res-scale must be in (0, {MAX_RES_SCALE}], got {args.res_scale}")
-    layout = layout_from_args(args)
     if layout is not None and layout.name == 'folder' and args.data_dir is not None:
         raise ValueError("-d DATA_DIR is not read with --format folder, whose images are in the "
                          "--normal, --abnormal and --mask-dir folders; leave it out")

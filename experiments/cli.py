@@ -128,11 +128,12 @@ def train_config(args, epochs, seed, loss):
                        swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
 
 
-def check_training_options(args, loss):
+def check_training_options(args, loss, default_batch_size=TrainConfig.batch_size):
     """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
     (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
-    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in.
-    The messages name the flag: '--batch-size must be a positive integer, got 0'."""
+    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in. The batch
+    size (``default_batch_size`` without --batch-size) must divide by the processes of a torchrun
+    launch. The messages name the flag: '--batch-size must be a positive integer, got 0'."""
     for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -144,6 +145,10 @@ def check_training_options(args, loss):
     if args.batch_size is not None and args.batch_size % processes:
         raise ValueError(f"--batch-size must divide by the {processes} processes of this torchrun run (each "
                          f"takes an equal share of a step's images), got {args.batch_size}")
+    if args.batch_size is None and default_batch_size % processes:
+        raise ValueError(f"the default batch size {default_batch_size} does not divide by the {processes} "
+                         f"processes of this torchrun run (each takes an equal share of a step's images): "
+                         f"pass a --batch-size that does")
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.no_figures and args.figure_every is not None:

@@ -311,6 +311,20 @@ BAD_OPTIONS = [
 ]
 
 
+def test_a_default_batch_size_that_the_torchrun_processes_cannot_share_is_refused_first(tiny_mvtec, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """Three processes: the demo's default batch of 8 and the data's of 64 do not divide by 3; refused
+    before the demo data is written or a recipe calibrated."""
+    root, _ = tiny_mvtec
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(tmp_path / 'demo')], capsys)
+    assert message.endswith("the default batch size 8 does not divide by the 3 processes of this torchrun run "
+                            "(each takes an equal share of a step's images): pass a --batch-size that does")
+    assert not (tmp_path / 'demo').exists()
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-o', str(tmp_path / 'out')], capsys)
+    assert 'the default batch size 64 does not divide by the 3 processes' in message
+
+
 @pytest.mark.parametrize('argv,expected', BAD_OPTIONS + [
     (['--res-scale', '5'], '--res-scale must be in (0, 4], got 5'),
     (['--res-scale', 'inf'], '--res-scale'),
