@@ -178,8 +178,8 @@ def signals_held():
                 for number in signals}
     try:
         yield
-    finally:
+    finally:  # delivered also where the block failed: Ctrl-C still stops the command
         for number, handler in previous.items():
             signal.signal(number, handler)
-    for number in dict.fromkeys(received):
-        signal.raise_signal(number)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)

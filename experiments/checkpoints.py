@@ -29,6 +29,8 @@ CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored wi
 # what torch.load raises for a file that is not a checkpoint (weights_only's unpickler included)
 READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError,
                IndexError, AttributeError, struct.error, UnicodeDecodeError)
+# the entries of a checkpoint and its meta that ``load_model`` reads
+CHECKPOINT_ENTRIES = ('meta', 'model', 'model_config')
 # how a file torch.save wrote starts: a zip archive (its format since PyTorch 1.6) or a pickle
 CHECKPOINT_MAGIC = (b'PK\x03\x04', b'\x80')
 GIT_LFS_POINTER = b'version https://git-lfs'
@@ -65,10 +67,13 @@ def _read_error(path, error):
     if 'TorchScript' in str(error):  # torch.load's refusal of a TorchScript archive
         return ValueError(f'cannot read checkpoint {path}: it is a TorchScript export (for '
                           f'torch.jit.load); give the checkpoint it was exported from (final_*.pt)')
-    if isinstance(error, KeyError):  # load_model's checkpoint['meta'], ['model'], ['model_config']
+    if isinstance(error, KeyError) and error.args and error.args[0] in CHECKPOINT_ENTRIES:
         return ValueError(f'cannot read checkpoint {path}: it has no {error} entry; give a model that '
                           f'the training scripts wrote (final_*.pt; a bare state_dict has no meta to '
                           f'rebuild the network from)')
+    if isinstance(error, KeyError):  # build_model's: an architecture or option of another version
+        return ValueError(f'cannot read checkpoint {path}: its meta describes a network that this version '
+                          f'cannot build ({error.args[0] if error.args else error})')
     if isinstance(error, RuntimeError) and 'loading state_dict' in str(error):
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), '')
         return ValueError(f'cannot read checkpoint {path}: its weights do not fit the network that '

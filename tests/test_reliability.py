@@ -444,6 +444,12 @@ def test_a_checkpoint_whose_contents_do_not_fit_says_what_is_wrong(tmp_path):
     assert message.startswith(f'cannot read checkpoint {misfit}: its weights do not fit the network '
                               'that its meta describes (')
     assert 'size mismatch' in message and 'truncated' not in message
+    checkpoint['meta']['model_config'] = dict(checkpoint['meta']['model_config'], attention=True)
+    newer = tmp_path / 'newer.pt'  # written by a version with an option this one lacks
+    torch.save(checkpoint, newer)
+    with pytest.raises(ValueError, match=r"its meta describes a network that this version cannot build "
+                                         r"\(unknown model config keys \['attention'\]"):
+        read_model(newer, 'cpu')
 
 
 @pytest.mark.parametrize('damage,expected', [
@@ -1673,6 +1679,17 @@ def test_ctrl_c_while_the_results_are_written_comes_once_they_all_are(tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler
     assert write_evaluation([dict(category='a', setting='Shift', seed=0, checkpoint='a.pt')], tmp_path, None,
                             lambda records: 'written') == 'written'  # nothing held is delivered later
+
+
+def test_ctrl_c_held_while_a_write_fails_still_stops_the_command(tmp_path):
+    import signal
+    from experiments.atomic import signals_held
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise OSError('disk full')
+    assert isinstance(stopped.value.__context__, OSError)  # the write's failure, chained
 
 
 @pytest.mark.slow
