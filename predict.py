@@ -5,8 +5,8 @@
     python predict.py --onnx MODEL.onnx -i INPUT -o OUT_DIR        # ONNX Runtime, no PyTorch
 
 INPUT: folders (their image files, not their subfolders'), glob patterns (quote them; '**' for any
-depth of folders, 'DIR/**/*.png') or files (those in OUT_DIR's maps/, overlays/ and masks/ are not
-read); any size, grey or colour
+depth of folders, 'DIR/**/*.png') or files (with --overwrite, not the earlier run's overlays and
+masks); any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``). OUT_DIR gets
@@ -196,13 +196,10 @@ def predict_files(detector, files, out_dir, flip_average=False):
     return errors
 
 
-def remove_earlier_run(out_dir):
-    """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
-    leaves no map, overlay or mask of an image it does not predict: the outputs
-    (``remove_outputs``) of each output name in its scores.csv and .pending (a killed run's last
-    batch), then its RUN_FILES, and the temporary files of its killed writes of these. Other
-    files in ``out_dir`` (the user's, even in maps/, overlays/ or masks/) are kept. ValueError
-    for a scores.csv that is not this command's."""
+def earlier_output_names(out_dir):
+    """The output names of the earlier run in ``out_dir``: those in its scores.csv and .pending (a
+    killed run's last batch); ValueError for a scores.csv that is not this command's, or files that
+    cannot be read."""
     scores, pending = out_dir / 'scores.csv', out_dir / PENDING
     names = []
     try:
@@ -220,6 +217,16 @@ def remove_earlier_run(out_dir):
     except (UnicodeDecodeError, csv.Error) as error:
         raise ValueError(f'cannot read the earlier run\'s {scores} or {pending} ({error}); '
                          f'move them away or choose another OUT_DIR') from error
+    return names
+
+
+def remove_earlier_run(out_dir):
+    """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
+    leaves no map, overlay or mask of an image it does not predict: the outputs
+    (``remove_outputs``) of each of its ``earlier_output_names``, then its RUN_FILES, and the
+    temporary files of its killed writes of these. Other files in ``out_dir`` (the user's, even in
+    maps/, overlays/ or masks/) are kept. ValueError for a scores.csv that is not this command's."""
+    names = earlier_output_names(out_dir)
     for name in names:
         remove_outputs(out_dir, name)
     for table in RUN_FILES:
@@ -232,19 +239,20 @@ def remove_earlier_run(out_dir):
             remove_stale_temporaries(folder, lambda name: name in outputs)
 
 
-def outside_output_folders(files, out_dir):
-    """``files`` without those in OUT_DIR's output folders (``output_folders``: an earlier run's
-    maps, overlays and masks, which an input pattern over a folder above OUT_DIR also finds, and
-    which an --overwrite run deletes), with a warning that counts them; StopRun where no file is
-    left."""
-    outputs = {os.path.realpath(folder) for folder in output_folders(out_dir)}
-    kept = [path for path in files if os.path.realpath(path.parent) not in outputs]
+def without_earlier_outputs(files, out_dir):
+    """``files`` without the overlays and masks of the earlier run in ``out_dir`` (those of its
+    ``earlier_output_names``, which an input pattern over a folder above OUT_DIR also finds, and
+    which --overwrite deletes; the user's own images there are kept), with a warning that counts
+    them; StopRun where no file is left."""
+    outputs = {os.path.realpath(path) for name in earlier_output_names(out_dir) if is_plain_name(name)
+               for path in output_paths(out_dir, name).values()}
+    kept = [path for path in files if os.path.realpath(path) not in outputs]
     if len(kept) < len(files):
         if not kept:
-            raise StopRun(f'the inputs hold no images outside the output folders of {out_dir} '
-                          f'(maps/, overlays/, masks/), which are not read as inputs')
-        print(f'{PROG}: warning: {len(files) - len(kept)} of the input files are in the output folders '
-              f'of {out_dir} (maps/, overlays/, masks/) and are not read as inputs', file=sys.stderr)
+            raise StopRun(f'the inputs hold only the outputs of the earlier run in {out_dir}, which '
+                          f'--overwrite deletes')
+        print(f'{PROG}: warning: {len(files) - len(kept)} of the input files are outputs of the earlier run '
+              f'in {out_dir}, which --overwrite deletes; they are not read as inputs', file=sys.stderr)
     return kept
 
 
@@ -261,7 +269,6 @@ def start_run(args):
     except (ValueError, OSError) as error:
         raise StopRun(str(error)) from error
     out_dir = Path(args.out_dir)
-    files = outside_output_folders(files, out_dir)
     earlier = [name for name in ('scores.csv', PENDING) if (out_dir / name).exists()]
     if earlier and not args.overwrite:
         raise StopRun(f'{out_dir} holds the results of an earlier run ({", ".join(earlier)}); '
@@ -269,6 +276,7 @@ def start_run(args):
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
+            files = without_earlier_outputs(files, out_dir)
             remove_earlier_run(out_dir)
     except OSError as error:
         reason = write_failure_reason(out_dir / 'scores.csv', error)  # OUT_DIR, or a folder above it, a file?

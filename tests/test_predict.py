@@ -321,21 +321,24 @@ def test_file_names_that_are_not_utf8_get_printable_outputs(calibrated, tmp_path
 
 
 def test_an_earlier_runs_outputs_under_the_inputs_are_not_read_as_inputs(calibrated, tmp_path, capsys):
-    """An input pattern over a folder above OUT_DIR finds the earlier run's overlays and masks: they
-    are left out with a warning, and --overwrite predicts the images alone again."""
+    """An input pattern over a folder above OUT_DIR finds the earlier run's overlays and masks: --overwrite
+    leaves them out with a warning and predicts the images alone again; the user's own images in those
+    folders are inputs like any other."""
     data = tmp_path / 'images'
     data.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(data / 'a.png')
     pattern, out = str(data / '**' / '*.png'), data / 'out'
     assert predict.main(['-m', str(calibrated), '-i', pattern, '-o', str(out)]) == 0
     assert (out / 'overlays' / 'a.png').exists() and (out / 'masks' / 'a.png').exists()
+    (out / 'masks' / 'mine.png').write_bytes((data / 'a.png').read_bytes())  # the user's, in masks/
     capsys.readouterr()
     assert predict.main(['-m', str(calibrated), '-i', pattern, '-o', str(out), '--overwrite']) == 0
-    assert ('2 of the input files are in the output folders of' in capsys.readouterr().err)
-    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a']
+    assert '2 of the input files are outputs of the earlier run in' in capsys.readouterr().err
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a', 'mine-2']  # masks/mine.png is the user's
+    assert (out / 'masks' / 'mine.png').read_bytes() == (data / 'a.png').read_bytes()
     assert pd.read_csv(out / 'errors.csv').empty
-    with pytest.raises(predict.StopRun, match='the inputs hold no images outside the output folders'):
-        predict.outside_output_folders([out / 'masks' / 'a.png'], out)
+    with pytest.raises(predict.StopRun, match='the inputs hold only the outputs of the earlier run'):
+        predict.without_earlier_outputs([out / 'masks' / 'a.png'], out)
 
 
 def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
