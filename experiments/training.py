@@ -12,7 +12,8 @@ stepped once per epoch, as in the paper's code). With ``config.swa_epochs = S > 
 weight averaging, Izmailov et al. 2018; not in the paper), the cosine reaches ``swa_lr`` after
 ``epochs - S`` epochs, the learning rate then stays at ``swa_lr``, the weights at the end of each
 of the last S epochs are averaged, and the final model is that average with its batch-norm
-statistics recomputed on one more epoch of training samples (``recompute_batch_norm``). The loss,
+statistics recomputed on one more epoch of training samples (``recompute_batch_norm``; in several
+processes, each on its share, then averaged: ``average_batch_norm_statistics``). The loss,
 computed in float32 outside autocast, is BCE between the sigmoid of the model's logits and the
 label map (``binary_cross_entropy_with_logits`` on ``model.logits(x)``, the map before the model's
 final sigmoid: exact where the sigmoid of a bfloat16 forward pass would round to 0 or 1 and stop
@@ -673,6 +674,18 @@ def recompute_batch_norm(model, batches, device, bf16=None):
         torch.optim.swa_utils.update_bn(inputs, model)
 
 
+def average_batch_norm_statistics(model, world_size):
+    """Average the batch-norm running statistics of ``model`` over the ``world_size`` processes of
+    a distributed run (all-reduce): each recomputed them on its share of an epoch
+    (``recompute_batch_norm``), and every process's model then holds their mean over all the
+    processes' batches (synchronised batch norm on CUDA has given each the same already)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            for statistics in (module.running_mean, module.running_var):
+                dist.all_reduce(statistics)
+                statistics.div_(world_size)
+
+
 def step_module(model, config, device, world_size):
     """The module ``train_step`` calls: ``training_module``, in ``DistributedDataParallel`` when
     ``world_size`` > 1, compiled (``torch.compile``) with ``config.compile``."""
@@ -936,6 +949,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
         started = time.perf_counter()
         recompute_batch_norm(averaged.module, itertools.islice(batches, steps), device,
                              config.bf16)  # on the samples of one more epoch
+        if world_size > 1:  # each process's share of it
+            average_batch_norm_statistics(averaged.module, world_size)
         meta['train_time_s'] += time.perf_counter() - started
         final_model = averaged.module
     if writer:

@@ -1,4 +1,5 @@
 """Training in several processes (as torchrun launches them), on the CPU with the gloo backend."""
+import copy
 import os
 import socket
 
@@ -7,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from experiments.training import RunError, final_model_path, last_checkpoint_path, train
-from test_training import CrashAtEpoch, SquaresDataset, config, fresh_model
+from test_training import CrashAtEpoch, SquaresDataset, TinyNet, config, fresh_model
 
 WORLD_SIZE = 2
 
@@ -133,3 +134,50 @@ def test_processes_with_other_training_data_stop_with_an_error_not_a_hang(tmp_pa
         assert ("run 'toy': process 1 would train another run than process 0 (training images: 8 vs 7); every "
                 "process needs the same data and arguments") == (tmp_path / f'rank{rank}.txt').read_text()
     assert not final_model_path(tmp_path / 'run', 'toy').exists()
+
+
+class BatchNormNet(TinyNet):
+    """TinyNet with batch norm between its convolutions."""
+
+    def __init__(self, channels=8):
+        super().__init__(channels)
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.BatchNorm2d(channels),
+                                          torch.nn.ReLU(), torch.nn.Conv2d(channels, 1, 1))
+
+
+def run_rank_with_weight_averaging(rank, port, run_dir, out_dir):
+    """One process of a two-process run with stochastic weight averaging; saves its keys."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dataset = KeyRecorder(n=8)
+    train(BatchNormNet(), dataset, config(epochs=2, swa_epochs=1, batch_size=4, device='cpu'), run_dir, 'toy')
+    torch.save(dict(keys=dataset.keys), out_dir / f'rank{rank}.pt')
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_averaged_weights_get_batch_norm_statistics_of_every_processs_share(tmp_path):
+    """With SWA the batch-norm statistics are recomputed on one more epoch, which the processes share:
+    the final model holds the mean of the statistics of each process's batches (computed here
+    independently with ``update_bn``), not the first process's alone."""
+    mp.spawn(run_rank_with_weight_averaging, args=(free_port(), tmp_path / 'run', tmp_path), nprocs=WORLD_SIZE)
+    final = torch.load(final_model_path(tmp_path / 'run', 'toy'), weights_only=True)['model']
+    model = BatchNormNet()
+    model.load_state_dict(final)
+    shares = []
+    for rank in range(WORLD_SIZE):
+        recorded = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)['keys']
+        keys = [index for epoch, index in recorded if epoch == 2]
+        assert len(keys) == 4  # 8 items, 2 per batch and process
+        items = SquaresDataset(n=8)
+        items.set_epoch(2)
+        batches = [torch.stack([items[index][0] for index in keys[i:i + 2]]) for i in range(0, len(keys), 2)]
+        share = copy.deepcopy(model)
+        torch.optim.swa_utils.update_bn(batches, share)
+        shares.append(share.layers[1])
+    for name in ('running_mean', 'running_var'):
+        expected = (getattr(shares[0], name) + getattr(shares[1], name)) / 2
+        torch.testing.assert_close(final[f'layers.1.{name}'], expected)
+        assert not torch.allclose(final[f'layers.1.{name}'], getattr(shares[0], name))
