@@ -330,9 +330,9 @@ def warn_unused_reading(args, category, dataset):
     file of more than 8 bits a channel (``is_high_depth_file``, by its header), the only files they
     apply to."""
     if image_reading(args) is not None and not any(is_high_depth_file(path) for path in dataset.paths):
-        warnings.warn(f"category {category!r}: {reading_option(image_reading(args))} applies to 16-bit image files, and none of its training "
-                      f"images is one: they are read as they are (the model keeps it for 16-bit test and new "
-                      f"images)")
+        warnings.warn(f"category {category!r}: {reading_option(image_reading(args))} applies to 16-bit image "
+                      f"files, and none of its training images is one: they are read as they are (the model keeps "
+                      f"it for 16-bit test and new images)")
 
 
 def warn_low_contrast(args, category, dataset):
@@ -373,8 +373,9 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
     finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
     model, TrainConfig, meta, validator or None); what it prints (a calibrated recipe) is shown
-    when the run trains, or when ``prepare`` fails, not before a refusal or a skip. Refusals and the errors of ``prepare`` are
-    input errors of the command line ``prog`` (see ``exit_on_input_error``). ``replace_other``:
+    when the run trains, or when ``prepare`` fails, not before a refusal or a skip. Refusals and the
+    errors of ``prepare`` are input errors of the command line ``prog`` (see ``exit_on_input_error``).
+    ``replace_other``:
     with ``resume``, a run of other arguments is trained again and replaced instead of refused
     (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
     run's as its final model holds it).

@@ -513,7 +513,7 @@ from pathlib import Path
 from conftest import RES_SCALE, make_chest_test_set, make_mvtec_category, save_checkpoint
 from experiments import training
 from experiments.atomic import save_torch_atomic
-from experiments.settings import parse_setting, trained_model_path
+from experiments.settings import parse_setting
 from self_sup_data.mvtec import SelfSupMVTecDataset
 
 
@@ -861,8 +861,6 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ chest X-rays
 
-from PIL import Image
-
 from experiments import chest_xray_tasks, plotting
 
 
@@ -965,9 +963,9 @@ def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_
                      f"evaluate each model folder into an output folder of its own"]
     # a copy of a model elsewhere is the same model (equal weights, as training records them)
     import shutil
-    checked = save_untrained_model(tmp_path / 'checked' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
-                                   dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64,
-                                        seed=1), checksum=True)
+    save_untrained_model(tmp_path / 'checked' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
+                         dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64, seed=1),
+                         checksum=True)
     shutil.copytree(tmp_path / 'checked', tmp_path / 'copy')
     out = tmp_path / 'out_copy'
     assert evaluate(tmp_path / 'checked', 'male') == evaluate(tmp_path / 'copy', 'female') == []
