@@ -241,8 +241,8 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2})
     blank = tmp_path / 'cat' / 'ground_truth' / 'crack' / '001_mask.png'
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(blank)
-    with pytest.warns(UserWarning, match=rf"cat: 1 of 2 defect images have a mask without a defect "
-                                         rf"pixel at 32 pixels \(first: .*001.png\)"):
+    with pytest.warns(UserWarning, match=r"cat: 1 of 2 defect images have a mask without a defect "
+                                         r"pixel at 32 pixels \(first: .*001.png\)"):
         ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
 
