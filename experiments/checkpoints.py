@@ -71,9 +71,6 @@ def _read_error(path, error):
         return ValueError(f'cannot read checkpoint {path}: it has no {error} entry; give a model that '
                           f'the training scripts wrote (final_*.pt; a bare state_dict has no meta to '
                           f'rebuild the network from)')
-    if isinstance(error, KeyError):  # build_model's: an architecture or option of another version
-        return ValueError(f'cannot read checkpoint {path}: its meta describes a network that this version '
-                          f'cannot build ({error.args[0] if error.args else error})')
     if isinstance(error, RuntimeError) and 'loading state_dict' in str(error):
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), '')
         return ValueError(f'cannot read checkpoint {path}: its weights do not fit the network that '

@@ -993,7 +993,8 @@ def validate(model, validator, meta, epoch, run_dir, name, figures=True):
 
 def load_model(path, device='cpu'):
     """Rebuild the model of a checkpoint (final or last) -> (model in eval mode on device, meta).
-    ValueError when the weights do not match the checksum in the meta (``model_checkpoint``)."""
+    ValueError when the weights do not match the checksum in the meta (``model_checkpoint``), or
+    when its meta names an architecture or option that this version's ``build_model`` lacks."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model checkpoint at {path}")
@@ -1002,6 +1003,11 @@ def load_model(path, device='cpu'):
     if expected is not None and weights_checksum(checkpoint['model']) != expected:
         raise ValueError(f"checkpoint {path}: its weights do not match the checksum in its meta; "
                          f"the file is damaged")
-    model = build_model(checkpoint['meta']['model_config'])
+    config = checkpoint['meta']['model_config']
+    try:
+        model = build_model(config)
+    except KeyError as error:  # an architecture or option of another version
+        raise ValueError(f"cannot read checkpoint {path}: its meta describes a network that this version "
+                         f"cannot build ({error.args[0] if error.args else error})") from None
     model.load_state_dict(checkpoint['model'])
     return model.to(device).eval(), checkpoint['meta']
