@@ -181,5 +181,5 @@ def signals_held():
     finally:  # delivered also where the block failed: Ctrl-C still stops the command
         for number, handler in previous.items():
             signal.signal(number, handler)
-        for number in dict.fromkeys(received):
-            signal.raise_signal(number)
+        for number in sorted(set(received), key=lambda number: number != getattr(signal, 'SIGTERM', None)):
+            signal.raise_signal(number)  # SIGTERM first: Ctrl-C's KeyboardInterrupt would end the loop

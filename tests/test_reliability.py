@@ -1695,6 +1695,20 @@ def test_ctrl_c_held_while_a_write_fails_still_stops_the_command(tmp_path):
     assert isinstance(stopped.value.__context__, OSError)  # the write's failure, chained
 
 
+def test_kill_and_ctrl_c_held_together_end_the_process():
+    """SIGTERM and SIGINT both held: the SIGTERM is delivered (the process ends), not lost behind the
+    KeyboardInterrupt."""
+    import signal
+    import subprocess
+    code = ('import os, signal, time\nfrom experiments.atomic import signals_held\ntry:\n'
+            '    with signals_held():\n        os.kill(os.getpid(), signal.SIGINT)\n'
+            '        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(0.05)\n'
+            'except KeyboardInterrupt:\n    print("went on")\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == -signal.SIGTERM and 'went on' not in result.stdout
+
+
 @pytest.mark.slow
 def test_a_torchrun_process_other_than_the_first_does_not_refuse_its_own_launchs_lock(tmp_path, monkeypatch):
     make_mvtec_category(tmp_path / 'data', 'tiny', n_train=4)
