@@ -54,6 +54,54 @@ def _is_16_bit_colour(image):
     return False
 
 
+PNM_MAGIC_CHANNELS = {b'P2': 1, b'P5': 1, b'P3': 3, b'P6': 3}  # PGM and PPM, plain (ASCII) and binary
+
+
+def _pnm_header(data):
+    """(magic, width, height, maxval, offset of the pixels) of the PGM or PPM file ``data``
+    (``# ...`` comments skipped); ValueError for a truncated header."""
+    tokens, position = [], 0
+    while len(tokens) < 4:
+        while position < len(data) and (data[position:position + 1].isspace() or data[position] == ord('#')):
+            if data[position] == ord('#'):
+                end = data.find(b'\n', position)
+                position = len(data) if end < 0 else end
+            position += 1
+        start = position
+        while position < len(data) and not data[position:position + 1].isspace() and data[position] != ord('#'):
+            position += 1
+        if start == position:
+            raise ValueError('truncated PGM/PPM header')
+        tokens.append(data[start:position])
+    return tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3]), position + 1
+
+
+def _deep_pnm_values(image, path):
+    """The values as stored (uint16 ``H x W``, or ``H x W x 3`` RGB) of a PGM or PPM file (Pillow's
+    ``image``, format 'PPM') whose maxval is above 255: Pillow reads 16-bit PPM as 8-bit and scales
+    other maxvals to 0..65535, losing the data's own range; None for any other file."""
+    if image.format != 'PPM':
+        return None
+    data = Path(path).read_bytes()
+    magic, width, height, maxval, offset = _pnm_header(data)
+    if magic not in PNM_MAGIC_CHANNELS or maxval <= 255:
+        return None
+    channels = PNM_MAGIC_CHANNELS[magic]
+    count = width * height * channels
+    if magic in (b'P5', b'P6'):  # two bytes a value, most significant first
+        if len(data) - offset < 2 * count:
+            raise ValueError(f'truncated: {len(data) - offset} bytes of pixels, {2 * count} expected')
+        values = np.frombuffer(data, '>u2', count=count, offset=offset)
+    else:
+        values = np.array(data[offset - 1:].split()[:count], dtype=np.int64)
+        if values.size < count:
+            raise ValueError(f'truncated: {values.size} values, {count} expected')
+    if values.max(initial=0) > maxval:
+        raise ValueError(f'values up to {values.max()} beyond the file\'s maxval {maxval}')
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return values.astype(np.uint16).reshape(shape)
+
+
 def _deep_tiff_layout(image):
     """For a TIFF of more than 8 bits a sample: (planar, min_is_white, largest value) from its tags
     (PlanarConfiguration 2: stored plane by plane; PhotometricInterpretation 0: 0 is white;
@@ -173,7 +221,7 @@ def _decoded(path):
     as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted), turned as displayed
     (``as_displayed``); of a multi-page file the first page, with a warning.
     A deeper TIFF whose 0 is white (PhotometricInterpretation 0) is inverted, as Pillow does for
-    8-bit ones. Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit
+    8-bit ones; a PGM or PPM of a maxval above 255 gives its values as stored (``_deep_pnm_values``). Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit
     data, whose range is not known), deeper TIFFs stored plane by plane, and images larger than
     Pillow's decompression-bomb limit are ValueErrors naming the file."""
     with opened_image(path) as image:
@@ -187,6 +235,9 @@ def _decoded(path):
             raise ValueError('a TIFF of more than 8 bits a sample stored plane by plane '
                              '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
                              'correctly; save it interleaved (contiguous)')
+        deep_pnm = _deep_pnm_values(image, path)
+        if deep_pnm is not None:
+            return deep_pnm, None
         if _is_16_bit_colour(image):
             values, alpha = decode_16_bit_colour(path)  # (OpenCV makes a colour key an alpha channel)
             straight = image.mode == 'RGBA' and not _associated_alpha(image)
@@ -217,7 +268,8 @@ def is_high_depth_file(path):
     """Whether the image file at ``path`` stores more than 8 bits a channel (integer grey, or colour
     of 16 bits a channel), by its header."""
     with opened_image(path) as image:
-        return image.mode in INTEGER_MODES or _is_16_bit_colour(image)
+        return (image.mode in INTEGER_MODES or _is_16_bit_colour(image)
+                or (image.format == 'PPM' and _pnm_header(Path(path).read_bytes())[3] > 255))
 
 
 def high_depth_maximum(path):

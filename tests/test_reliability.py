@@ -34,7 +34,8 @@ from experiments.training import (TrainConfig, final_model_path, last_checkpoint
                                   make_loader, model_checkpoint, train, weights_checksum)
 from models.resnet import resnet18_enc_dec
 from self_sup_data import chest_xray
-from self_sup_data.images import decode, decode_values, high_depth_maximum, image_files, read_image
+from self_sup_data.images import (decode, decode_values, high_depth_maximum, image_files, is_high_depth_file,
+                                  read_image)
 from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -846,6 +847,33 @@ def test_colour_images_of_16_bits_a_channel_keep_their_low_bits(tmp_path, suffix
     truncated.write_bytes(path.read_bytes()[:60])
     with pytest.raises(ValueError, match=f'cannot read image {truncated}'):
         decode_values(truncated)
+
+
+@pytest.mark.parametrize('magic,maxval', [(b'P6', 65535), (b'P5', 4095), (b'P2', 4095), (b'P3', 65535)])
+def test_pgm_and_ppm_files_of_more_than_8_bits_keep_their_values(tmp_path, magic, maxval):
+    """PGM/PPM of a maxval above 255, binary and plain: their values as stored, as a 16-bit PNG of the
+    same data gives them (Pillow reads 16-bit PPM as 8-bit, and scales a PGM of maxval 4095 to 65535)."""
+    data = np.array([[0, 1000, 2000, 3000, 4095]], np.uint16)  # 12-bit data
+    colour = magic in (b'P3', b'P6')
+    values = np.repeat(data[..., None], 3, axis=2) * np.array([1, 2, 3], np.uint16) // 3 if colour else data
+    header = magic + b'\n# a comment\n5 1\n' + str(maxval).encode() + b'\n'
+    body = (values.astype('>u2').tobytes() if magic in (b'P5', b'P6')
+            else ' '.join(map(str, values.ravel().tolist())).encode() + b'\n')
+    path = tmp_path / ('deep.ppm' if colour else 'deep.pgm')
+    path.write_bytes(header + body)
+    png = tmp_path / 'deep.png'
+    assert cv2.imwrite(str(png), values[..., ::-1] if colour else values)
+    np.testing.assert_array_equal(decode_values(path), values)
+    assert is_high_depth_file(path) and high_depth_maximum(path) == values.max()
+    for bits in (None, 12, (1000, 3000)):
+        np.testing.assert_array_equal(read_image(path, bits), read_image(png, bits))
+    truncated = tmp_path / ('cut.ppm' if colour else 'cut.pgm')
+    truncated.write_bytes(header + body[:len(body) // 2])
+    with pytest.raises(ValueError, match=f'cannot read image {truncated}: truncated'):
+        decode_values(truncated)
+    eight_bit = tmp_path / 'eight.pgm'
+    eight_bit.write_bytes(b'P5\n5 1\n255\n' + bytes([0, 10, 20, 30, 40]))
+    assert not is_high_depth_file(eight_bit) and decode_values(eight_bit).tolist() == [[0, 10, 20, 30, 40]]
 
 
 def test_deeper_tiffs_whose_zero_is_white_are_inverted_and_planar_ones_refused(tmp_path):
