@@ -149,13 +149,17 @@ def is_plain_name(name):
     return bool(name) and name not in ('.', '..') and Path(name).name == name
 
 
+def outputs_of(out_dir, names):
+    """The paths of the maps, overlays and masks of the output ``names`` (read from an earlier run's
+    files) that are plain names (``is_plain_name``): never outside OUT_DIR's folders."""
+    return [path for name in names if is_plain_name(name) for path in output_paths(out_dir, name).values()]
+
+
 def remove_outputs(out_dir, name):
-    """Delete the map, overlay and mask of output name ``name`` where they exist (plain names
-    only, ``is_plain_name``)."""
-    if is_plain_name(name):
-        for path in output_paths(out_dir, name).values():
-            with contextlib.suppress(OSError):  # one that cannot be deleted was not written
-                path.unlink(missing_ok=True)
+    """Delete the map, overlay and mask of output name ``name`` where they exist (``outputs_of``)."""
+    for path in outputs_of(out_dir, [name]):
+        with contextlib.suppress(OSError):  # one that cannot be deleted was not written
+            path.unlink(missing_ok=True)
 
 
 def predict_files(detector, files, out_dir, flip_average=False):
@@ -232,8 +236,7 @@ def remove_earlier_run(out_dir):
     for table in RUN_FILES:
         (out_dir / table).unlink(missing_ok=True)
     remove_stale_temporaries(out_dir, lambda name: name in RUN_FILES)  # of a killed run's writes
-    outputs = {path.name for name in names if is_plain_name(name)
-               for path in output_paths(out_dir, name).values()}
+    outputs = {path.name for path in outputs_of(out_dir, names)}
     for folder in output_folders(out_dir):
         if folder.is_dir():
             remove_stale_temporaries(folder, lambda name: name in outputs)
@@ -244,8 +247,7 @@ def without_earlier_outputs(files, out_dir):
     ``earlier_output_names``, which an input pattern over a folder above OUT_DIR also finds, and
     which --overwrite deletes; the user's own images there are kept), with a warning that counts
     them; StopRun where no file is left."""
-    outputs = {os.path.realpath(path) for name in earlier_output_names(out_dir) if is_plain_name(name)
-               for path in output_paths(out_dir, name).values()}
+    outputs = {os.path.realpath(path) for path in outputs_of(out_dir, earlier_output_names(out_dir))}
     kept = [path for path in files if os.path.realpath(path) not in outputs]
     if len(kept) < len(files):
         if not kept:
