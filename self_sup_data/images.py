@@ -76,16 +76,26 @@ def _pnm_header(data):
     return tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3]), position + 1
 
 
-def _deep_pnm_values(image, path):
-    """The values as stored (uint16 ``H x W``, or ``H x W x 3`` RGB) of a PGM or PPM file (Pillow's
-    ``image``, format 'PPM') whose maxval is above 255: Pillow reads 16-bit PPM as 8-bit and scales
-    other maxvals to 0..65535, losing the data's own range; None for any other file."""
+def _is_deep_pnm(image):
+    """Whether Pillow's ``image`` is a PGM or PPM file (format 'PPM') whose maxval is above 255 (in
+    its tiles' decoder arguments: ``(raw mode, maxval)``, or the raw mode ``I;16B`` of maxval
+    65535): Pillow reads 16-bit PPM as 8-bit and scales other maxvals to 0..65535, losing the data's
+    own range (``_deep_pnm_values`` reads them)."""
     if image.format != 'PPM':
-        return None
+        return False
+    for tile in image.tile:
+        args = tile[3] if len(tile) > 3 else None
+        if args == 'I;16B' or (isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int)
+                               and args[1] > 255):
+            return True
+    return False
+
+
+def _deep_pnm_values(path):
+    """The values as stored (uint16 ``H x W``, or ``H x W x 3`` RGB) of the PGM or PPM file at
+    ``path`` of a maxval above 255 (``_is_deep_pnm``)."""
     data = Path(path).read_bytes()
     magic, width, height, maxval, offset = _pnm_header(data)
-    if magic not in PNM_MAGIC_CHANNELS or maxval <= 255:
-        return None
     channels = PNM_MAGIC_CHANNELS[magic]
     count = width * height * channels
     if magic in (b'P5', b'P6'):  # two bytes a value, most significant first
@@ -221,8 +231,9 @@ def _decoded(path):
     as 0/255) or ``H x W x 3`` (RGB; palette, RGBA, CMYK ... converted), turned as displayed
     (``as_displayed``); of a multi-page file the first page, with a warning.
     A deeper TIFF whose 0 is white (PhotometricInterpretation 0) is inverted, as Pillow does for
-    8-bit ones; a PGM or PPM of a maxval above 255 gives its values as stored (``_deep_pnm_values``). Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit
-    data, whose range is not known), deeper TIFFs stored plane by plane, and images larger than
+    8-bit ones; a PGM or PPM of a maxval above 255 gives its values as stored (``_deep_pnm_values``).
+    Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit data, whose
+    range is not known), deeper TIFFs stored plane by plane, and images larger than
     Pillow's decompression-bomb limit are ValueErrors naming the file."""
     with opened_image(path) as image:
         if image.mode == 'F':
@@ -235,9 +246,8 @@ def _decoded(path):
             raise ValueError('a TIFF of more than 8 bits a sample stored plane by plane '
                              '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
                              'correctly; save it interleaved (contiguous)')
-        deep_pnm = _deep_pnm_values(image, path)
-        if deep_pnm is not None:
-            return deep_pnm, None
+        if _is_deep_pnm(image):
+            return _deep_pnm_values(path), None
         if _is_16_bit_colour(image):
             values, alpha = decode_16_bit_colour(path)  # (OpenCV makes a colour key an alpha channel)
             straight = image.mode == 'RGBA' and not _associated_alpha(image)
@@ -268,8 +278,7 @@ def is_high_depth_file(path):
     """Whether the image file at ``path`` stores more than 8 bits a channel (integer grey, or colour
     of 16 bits a channel), by its header."""
     with opened_image(path) as image:
-        return (image.mode in INTEGER_MODES or _is_16_bit_colour(image)
-                or (image.format == 'PPM' and _pnm_header(Path(path).read_bytes())[3] > 255))
+        return image.mode in INTEGER_MODES or _is_16_bit_colour(image) or _is_deep_pnm(image)
 
 
 def high_depth_maximum(path):
