@@ -247,15 +247,12 @@ def redone_results(records, setting, categories, model_dir):
                  for record in records if record.get('checkpoint')}
     pairs = ({(category, setting.seedless_key) for category in categories}
              | {(record['category'], record['setting']) for record in records})
-    root = Path(model_dir).resolve()
 
     def redone(record):
         if (record['category'], record['setting']) not in pairs:
             return False
-        if (record['category'], record['setting'], record['seed']) in evaluated:
-            return True
-        checkpoint = record.get('checkpoint')
-        return not (checkpoint and root in Path(checkpoint).resolve().parents)
+        return ((record['category'], record['setting'], record['seed']) in evaluated
+                or not tables.of_models_under(record, model_dir))
     return redone
 
 

@@ -354,6 +354,13 @@ def left_out_note(left_out):
             f"again (python -m experiments.mvtec_tasks or chest_xray_tasks)")
 
 
+def of_models_under(record, model_dir):
+    """Whether the checkpoint of ``record`` lies under the folder ``model_dir`` (links resolved);
+    False for a record without one."""
+    checkpoint = record.get('checkpoint')
+    return bool(checkpoint) and Path(model_dir).resolve() in Path(checkpoint).resolve().parents
+
+
 def mixed_models(records, kept, model_dir):
     """Warning texts for the results ``kept`` from an earlier evaluation into the same folder that the
     tables would combine with this evaluation's ``records`` of the models under ``model_dir``: a kept
@@ -378,11 +385,10 @@ def mixed_models(records, kept, model_dir):
             texts.append(f"{setting} seed {seed} is scored by different models in the tables' rows: " + '; '.join(
                 f"{min(model['paths'])} ({', '.join(map(str, model['rows']))})" for model in found))
     rows = {(record['category'], record['setting']) for record in records}
-    root = Path(model_dir).resolve()
     outside = {}
     for record in kept:
         key = (record['category'], record['setting'])
-        if key in rows and record.get('checkpoint') and root not in Path(record['checkpoint']).resolve().parents:
+        if key in rows and record.get('checkpoint') and not of_models_under(record, model_dir):
             outside.setdefault(key, []).append(record)
     for (category, setting), found in outside.items():
         texts.append(f"{category} {setting}: the tables merge this evaluation's seeds with earlier results of models "
