@@ -31,12 +31,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_rank(rank, port, run_dirs, out_dir, crash_epoch):
-    """One process of a two-process run: the environment torchrun sets, then ``train`` (and a
-    resume after the crash at ``crash_epoch``, if any); saves its keys and weights to out_dir."""
+def become_rank(rank, port):
+    """Set the environment that torchrun gives process ``rank`` of WORLD_SIZE (one thread each)."""
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
     torch.set_num_threads(1)
+
+
+def run_rank(rank, port, run_dirs, out_dir, crash_epoch):
+    """One process of a two-process run: the environment torchrun sets, then ``train`` (and a
+    resume after the crash at ``crash_epoch``, if any); saves its keys and weights to out_dir."""
+    become_rank(rank, port)
     dataset = KeyRecorder(n=7)
     settings = config(epochs=3, batch_size=4, device='cpu')
     model = fresh_model()
@@ -116,9 +121,7 @@ def test_only_the_first_process_evaluates_and_reports_after_training(tmp_path, m
 def run_rank_with_its_own_data(rank, port, run_dir, out_dir):
     """One process of a two-process run whose second process has one training image fewer (a data
     folder copied incompletely to another machine): saves the error it ends with."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
-    torch.set_num_threads(1)
+    become_rank(rank, port)
     try:
         train(fresh_model(), SquaresDataset(n=8 - rank), config(epochs=2, batch_size=4, device='cpu'), run_dir,
               'toy', meta=dict(data_dir=f'/machine{rank}/data'))  # where the data lies may differ
@@ -147,9 +150,7 @@ class BatchNormNet(TinyNet):
 
 def run_rank_with_weight_averaging(rank, port, run_dir, out_dir):
     """One process of a two-process run with stochastic weight averaging; saves its keys."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
-    torch.set_num_threads(1)
+    become_rank(rank, port)
     torch.manual_seed(0)
     dataset = KeyRecorder(n=8)
     train(BatchNormNet(), dataset, config(epochs=2, swa_epochs=1, batch_size=4, device='cpu'), run_dir, 'toy')
