@@ -227,7 +227,8 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     other_budget = [('2' if arg == '1' and base[i - 1] == '--epochs' else arg) for i, arg in enumerate(base)]
     assert real_data.main(other_budget + ['--settings', 'CutPaste', '--evaluate-only']) == 1
     error = capsys.readouterr().err
-    assert "real_data: CutPaste: " in error and "was trained with other ['epochs'] than this run states; left out" in error
+    assert "real_data: CutPaste: " in error
+    assert "was trained with other ['epochs'] than this run states; left out" in error
     assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
     plain = (out / 'real_data.md').read_text()
     evaluate_model = real_data.evaluate_model
@@ -267,7 +268,8 @@ def test_an_unreadable_model_or_test_set_is_one_line_naming_it(tiny_mvtec, tmp_p
         capsys.readouterr()
         assert real_data.main(base + extra) == 1
         error = capsys.readouterr().err
-        assert error.startswith('real_data: ') and f'cannot read checkpoint {path}' in error and 'Traceback' not in error
+        assert error.startswith('real_data: ') and f'cannot read checkpoint {path}' in error
+        assert 'Traceback' not in error
     # a test set that cannot be evaluated stops the run before anything is trained
     monkeypatch.setattr(real_data, 'train', lambda *args: pytest.fail('trained'))
     shutil.rmtree(root / name / 'test' / 'good')

@@ -956,10 +956,11 @@ def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_
     texts = evaluate(other, 'male')
     first, second = (model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve(), \
         (other / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt').resolve()
+    seed_2 = (model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_2.pt').resolve()
     assert texts == [f"Shift seed 1 is scored by different models in the tables' rows: {second} (male); "
                      f"{first} (female); evaluate each model folder into an output folder of its own",
                      f"male Shift: the tables merge this evaluation's seeds with earlier results of models "
-                     f"outside {other}: seed 2 ({(model_dir / 'shift' / 'chest_xray' / 'final_chest_xray_shift_2.pt').resolve()}); "
+                     f"outside {other}: seed 2 ({seed_2}); "
                      f"evaluate each model folder into an output folder of its own"]
     # a copy of a model elsewhere is the same model (equal weights, as training records them)
     import shutil

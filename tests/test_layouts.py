@@ -174,8 +174,8 @@ def test_a_loco_image_without_masks_is_named_without_blaming_its_config(tmp_path
         check_test_set(tmp_path, 'juice_bottle')
     mask.unlink()
     (tmp_path / 'juice_bottle' / 'defects_config.json').unlink()  # read as MVTec AD: the note says why
-    with pytest.raises(FileNotFoundError, match=r"is a folder of masks as in MVTec LOCO AD, whose .*defects_config.json "
-                                                r"is missing"):
+    with pytest.raises(FileNotFoundError, match=r"is a folder of masks as in MVTec LOCO AD, whose "
+                                                r".*defects_config.json is missing"):
         check_test_set(tmp_path, 'juice_bottle')
 
 
