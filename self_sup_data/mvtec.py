@@ -43,7 +43,7 @@ from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels)
-from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, patch_ex
+from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, check_blends_can_show, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, to_image_tensor, to_label_tensor,
@@ -278,7 +278,8 @@ class SelfSupImageDataset(Dataset):
         self.in_channels = images[0].shape[2]
         self.low_res = images[0].shape[0]
         self.self_sup = is_train
-        self.self_sup_args = _checked_patch_args(self_sup_args or {})
+        given = self_sup_args is not None and is_train and views is None  # else set before training, if at all
+        self.self_sup_args = _checked_patch_args(self_sup_args or {}, train_size if given else None)
         self.views = views
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f'seed must be an integer of 0 or more, got {seed!r}')
@@ -294,7 +295,8 @@ class SelfSupImageDataset(Dataset):
     def configure_self_sup(self, on=True, self_sup_args=None):
         """Switch self-supervised samples on/off; ``self_sup_args`` updates the patch_ex arguments."""
         self.self_sup = on
-        self.self_sup_args = _checked_patch_args({**self.self_sup_args, **(self_sup_args or {})})
+        self.self_sup_args = _checked_patch_args({**self.self_sup_args, **(self_sup_args or {})},
+                                                 self.train_size if on and self.views is None else None)
 
     def set_epoch(self, epoch):
         """Select the epoch whose samples the items are (part of each item's seed)."""
@@ -339,11 +341,15 @@ class SelfSupImageDataset(Dataset):
         return self.image_tensor(image), 0, to_label_tensor(label)
 
 
-def _checked_patch_args(self_sup_args):
-    """``self_sup_args`` as a dict, checked as ``patch_ex`` would check them (``SyntheticAnomaly``:
-    a ValueError naming an unknown or invalid argument), here rather than at the first item, often
-    inside a DataLoader worker."""
-    return SyntheticAnomaly(**self_sup_args).kwargs
+def _checked_patch_args(self_sup_args, side=None):
+    """``self_sup_args`` as a dict, checked as ``patch_ex`` would check them (``SyntheticAnomaly``: a
+    ValueError naming an unknown or invalid argument) and, given the ``side`` of the training crops
+    they will draw on, whether their blends can show there (``check_blends_can_show``), here rather
+    than at the first item, often inside a DataLoader worker."""
+    anomaly = SyntheticAnomaly(**self_sup_args)
+    if side is not None:
+        check_blends_can_show((side, side), anomaly.params)
+    return anomaly.kwargs
 
 
 def checked_indices(indices, count, class_name):

@@ -8,7 +8,9 @@ Anomaly Detection and Localization", arXiv 2109.15222). The blending `mode` sele
     cv2.NORMAL_CLONE / cv2.MIXED_CLONE   Poisson image editing with source / mixed gradients (NSA, PII)
     'mix'                                a coin picks one of the two per sample
     'swap'                               plain paste (CutPaste with ``same=True``)
-    'uniform'                            linear interpolation with a random factor (FPI)
+    'uniform'                            linear interpolation with a random factor (FPI), whatever the label
+                                         (the paper's code interpolates only for the 'continuous' label and
+                                         pastes the patch as it is for the others)
 
 The generator knows nothing of torch: images are uint8 numpy arrays ``H x W x C`` (C = 1 or 3),
 labels float32 ``H x W x 1``, and all randomness comes from a ``numpy.random.Generator``.
@@ -37,8 +39,9 @@ MAX_NUM_PATCHES = 32  # the paper draws up to 4; each patch costs a Poisson blen
 MAX_NUM_ELLIPSES = 100  # the paper's code draws 5; each costs a pass over its patch
 RESIZE_LIMITS = (0.1, 10)  # sane bounds of the patch rescaling factor (the paper: 0.5 to 2)
 # pixels; seamlessClone zeroes a mask's outer ring and holds the next at the boundary values: thinner patches
-# leave it nothing to solve, and a seamless blend of an 8- or 9-pixel patch changes no pixel either (such a
-# patch leaves its sample's label as it was; a floor of 10 scored lower by the validation score, BENCHMARKS.md)
+# leave it nothing to solve, and a seamless blend of a patch 8 pixels wide or high changes no pixel by more than
+# one grey level either (such a patch leaves its sample's label as it was; a floor of 10 scored lower by
+# the validation score, BENCHMARKS.md; ``check_blends_can_show`` refuses arguments that draw no other patches)
 MIN_PATCH_SIDE = 8
 MIN_CLONE_SIDE = 4  # pixels; seamlessClone raises for masks whose non-zero bounding box is under 3 pixels wide
 MIN_IMAGE_SIDE = 2 * MIN_PATCH_SIDE
@@ -74,6 +77,22 @@ def check_image(image, name):
         raise ValueError(f'{name} must be a uint8 array H x W x C with C in (1, 3), got {desc}')
     if min(image.shape[:2]) < MIN_IMAGE_SIDE:
         raise ValueError(f'{name} must be at least {MIN_IMAGE_SIDE} pixels high and wide, got {image.shape}')
+
+
+def check_label_mode(label_mode):
+    """ValueError unless ``label_mode`` is one of LABEL_MODES."""
+    if not isinstance(label_mode, str) or label_mode not in LABEL_MODES:
+        raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {label_mode!r}')
+
+
+def as_generator(rng):
+    """``rng`` if it is a ``numpy.random.Generator``; for None a Generator seeded from numpy's global
+    state (so that ``np.random.seed`` makes runs repeatable); ValueError otherwise."""
+    if rng is None:
+        return np.random.default_rng(np.random.randint(2 ** 31))
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f'rng must be a numpy.random.Generator or None, got {type(rng).__name__}')
+    return rng
 
 
 def _is_number(x):
@@ -135,8 +154,7 @@ class PatchParams:
         if not (mode in MODES[len(POISSON_MODES):] if isinstance(mode, str) else
                 _is_int(mode, None) and mode in POISSON_MODES):
             raise ValueError(f'mode must be one of {MODES} (cv2.NORMAL_CLONE, cv2.MIXED_CLONE, ...), got {mode!r}')
-        if not isinstance(self.label_mode, str) or self.label_mode not in LABEL_MODES:
-            raise ValueError(f'label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}')
+        check_label_mode(self.label_mode)
         bounds = self.width_bounds_pct
         if (not isinstance(bounds, (tuple, list)) or len(bounds) != 2
                 or not all(_pairs(b, 2) and 0 <= b[0] <= b[1] <= 0.5 for b in bounds)):
@@ -225,7 +243,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
         label_mode: 'binary', 'continuous', 'intensity' or 'logistic-intensity':
             binary: 1 where the mean absolute change over channels exceeds ``tol``, cleaned by a
                 5 x 5 median filter (the label mask M);
-            continuous: M times the interpolation factor;
+            continuous: M times a factor U(0.05, 0.95) drawn once per call, which with 'uniform'
+                is also the interpolation factor ('uniform' draws one with any label; the paper's
+                code pastes the patch as it is unless the label is continuous);
             intensity: the mean absolute change d inside M, median filtered with a disk of radius 5,
                 inside M;
             logistic-intensity: ``M / (1 + exp(-k (d - x0)))`` with ``(k, x0) = intensity_logistic_params``
@@ -272,7 +292,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
 
     Sides shorter than ``MIN_PATCH_SIDE`` pixels are raised to it; a patch that cannot be placed
     in ``MAX_TRIES`` attempts is skipped (the image is returned unchanged, with an all-zero label,
-    if no patch could be placed).
+    if no patch could be placed). Seamless Poisson blends whose patches are all too small to change
+    a pixel by more than one grey level, and so by more than a ``tol`` of 1 (small images with the
+    default widths), are refused (``check_blends_can_show``).
 
     Returns:
         (image, label): the anomalous image (uint8, the shape of ``ima_dest``) and the label map
@@ -298,10 +320,8 @@ def _patch_ex(ima_dest, ima_src, params, rng):
             raise ValueError(f'ima_src must have the shape of ima_dest {ima_dest.shape}, got {ima_src.shape}')
     if (ima_src is None or ima_src is ima_dest) and not params.moves_patches:
         raise ValueError(f'ima_src must be another image where {UNMOVED}; pass one, or shift or resize them')
-    if rng is None:
-        rng = np.random.default_rng(np.random.randint(2 ** 31))
-    elif not isinstance(rng, np.random.Generator):
-        raise ValueError(f'rng must be a numpy.random.Generator or None, got {type(rng).__name__}')
+    rng = as_generator(rng)
+    check_blends_can_show(ima_dest.shape[:2], params)
 
     if params.normal_fraction and rng.random() < params.normal_fraction:
         return ima_dest.copy(), np.zeros(ima_dest.shape[:2] + (1,), dtype=np.float32)
@@ -443,6 +463,7 @@ def cutpaste_scar(image, rng, width=SCAR_WIDTH, length=SCAR_LENGTH, max_degrees=
     """
     check_image(image, 'image')
     check_scar_args(width, length, max_degrees, jitter, reference_side, centre)
+    rng = as_generator(rng)
     height, width_px = image.shape[:2]
     scale = min(height, width_px) / reference_side
     scar_w = min(max(1, round(rng.uniform(*width) * scale)), width_px)
@@ -528,8 +549,9 @@ def make_label(dest, image, patch_mask, label_mode, tol, factor, intensity_logis
     (default: the bounding boxes of its connected parts). The median filters only need the
     neighbourhood of the patches (a median over zeros is zero), so they run on crops around these
     boxes, padded by the reach of both filters and merged until disjoint; the values equal those
-    of whole-image filtering with replicated borders.
+    of whole-image filtering with replicated borders. ValueError for a ``label_mode`` not in LABEL_MODES.
     """
+    check_label_mode(label_mode)
     if patch_mask.dtype != bool:  # a 0/255 mask would multiply the changes by 255
         patch_mask = np.asarray(patch_mask) != 0
     height, width = patch_mask.shape
@@ -642,6 +664,38 @@ def _half_width_bounds_px(dims, width_bounds_pct):
         high_px = min(max(int(round(high * size)), low_px), size // 2)
         bounds.append((min(low_px, high_px), high_px))
     return bounds
+
+
+def largest_patch_sides(dims, params):
+    """Per axis, the longest side that a patch of ``params`` (a PatchParams, not CutPaste's patch
+    generation) can have on an image of ``dims``: a resized patch's sides are clipped to the
+    half-width bounds (``_resize_patch``, the paper's behaviour), an unresized box spans at most
+    twice its half-width."""
+    bounds_px = _half_width_bounds_px(dims, params.width_bounds_pct)
+    if params.resize:
+        return [max(high, MIN_PATCH_SIDE) for _, high in bounds_px]
+    return [2 * high for _, high in bounds_px]
+
+
+def check_blends_can_show(dims, params):
+    """ValueError where every patch that ``params`` (a PatchParams) draws on an image of ``dims`` is a
+    seamless Poisson blend of a patch ``MIN_PATCH_SIDE`` pixels wide or high along some axis: such a
+    blend changes no pixel by more than one grey level, so with a ``tol`` of 1 or more every sample
+    would be left normal, with an all-zero label (small images with the default ``width_bounds_pct``:
+    with ``resize`` patches are at most as long as the largest half-width, 8 pixels at 40)."""
+    seamless = params.mode in POISSON_MODES + ('mix',) and not (params.paste_fraction
+                                                                and params.paste_fraction[1] > 0)
+    if not seamless or params.cutpaste_patch_generation or params.tol < 1:
+        return
+    sides = largest_patch_sides(dims, params)
+    if min(sides) <= MIN_PATCH_SIDE:
+        raise ValueError(
+            f'width_bounds_pct {params.width_bounds_pct} on images of {dims[0]} x {dims[1]} pixels'
+            f'{" with resize" if params.resize else ""} give patches at most {sides[0]} x {sides[1]} pixels, '
+            f'and a seamless Poisson blend of a patch {MIN_PATCH_SIDE} pixels wide or high changes no '
+            f'pixel by more than one grey level (tol {params.tol:g}): no sample would get an anomaly; give '
+            f'larger width_bounds_pct'
+            f'{", resize=False" if params.resize else ""}, larger images or a mode that is not seamless')
 
 
 def _sample_half_widths(rng, dims, bounds_px, gamma_params):

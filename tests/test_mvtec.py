@@ -121,6 +121,18 @@ def test_configure_self_sup_updates_arguments(tiny_mvtec):
         SelfSupMVTecDataset(*tiny_mvtec, seed=-1, **SMALL)
 
 
+def test_seamless_patches_too_small_for_the_training_crops_are_refused_when_made(tiny_mvtec):
+    small = dict(SMALL, res_scale=0.125)  # 32-pixel crops: default widths give 8-pixel blends
+    with pytest.raises(ValueError, match=r'width_bounds_pct .* 32 x 32 pixels'):
+        SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'num_patches': 2}, **small)
+    SelfSupMVTecDataset(*tiny_mvtec, **small)  # no arguments yet: set (and checked) before training
+    ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'mode': 'swap'}, **small)
+    with pytest.raises(ValueError, match='width_bounds_pct'):
+        ds.configure_self_sup(self_sup_args={'mode': 'mix'})
+    assert ds.self_sup_args == {'mode': 'swap'}
+    SelfSupMVTecDataset(*tiny_mvtec, is_train=False, **small)  # test images draw no patches
+
+
 def recording_patch_ex(calls):
     def fake(dest, src, rng=None, **kwargs):
         calls.append((dest.copy(), None if src is None else src.copy(), kwargs))

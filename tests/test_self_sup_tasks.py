@@ -2,6 +2,7 @@
 import dataclasses
 import inspect
 import warnings
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -10,8 +11,9 @@ import scipy.ndimage as ndi
 from hypothesis import given, settings, strategies as st
 from skimage.morphology import disk
 
-from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, PATCH_PARAM_NAMES, PatchParams,
-                                          SyntheticAnomaly, make_label, object_mask, patch_ex, poisson_blend)
+from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, PATCH_PARAM_NAMES, CutPaste3Way,
+                                          PatchParams, SyntheticAnomaly, cutpaste_scar, make_label, object_mask,
+                                          patch_ex, poisson_blend)
 
 SETTINGS = settings(max_examples=40)
 TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
@@ -83,7 +85,14 @@ def test_output_types_and_label_invariants(case):
     height, width, channels, kwargs, seed = case
     rng = np.random.default_rng(seed)
     dest, src = textured(rng, height, width, channels), textured(rng, height, width, channels)
-    image, label = patch_ex(dest, src, rng=rng, verbose=False, **kwargs)
+    try:
+        image, label = patch_ex(dest, src, rng=np.random.default_rng(seed), verbose=False, **kwargs)
+    except ValueError as error:  # refused: its blends would change nothing; check that they do not
+        assert 'no sample would get an anomaly' in str(error)
+        with mock.patch('self_sup_data.self_sup_tasks.check_blends_can_show'):
+            image, label = patch_ex(dest, src, rng=np.random.default_rng(seed), verbose=False, **kwargs)
+        assert not label.any() and np.abs(image.astype(int) - dest).mean(axis=-1).max() <= 1
+        return
 
     assert image.shape == dest.shape and image.dtype == np.uint8
     assert label.shape == (height, width, 1) and label.dtype == np.float32
@@ -393,7 +402,7 @@ def test_skip_background_accepts_several_backgrounds():
 
 
 def test_no_patch_placed_warns_when_verbose():
-    image = np.zeros((32, 32, 3), np.uint8)
+    image = np.zeros((64, 64, 3), np.uint8)
     with pytest.warns(RuntimeWarning, match='no suitable patch'):
         patch_ex(image, skip_background=(0, 5), rng=np.random.default_rng(0))
     with warnings.catch_warnings():
@@ -562,7 +571,8 @@ def test_patch_params_hold_the_defaults_of_patch_ex():
 
 
 def test_synthetic_anomaly_gives_the_samples_of_patch_ex():
-    dest, src = IMAGE, IMAGE[::-1].copy()
+    dest = textured(np.random.default_rng(0), 64, 64, 3)
+    src = dest[::-1].copy()
     anomaly = SyntheticAnomaly(mode='mix', num_patches=3, label_mode='logistic-intensity')
     for seed in range(5):
         expected = patch_ex(dest, src, mode='mix', num_patches=3, label_mode='logistic-intensity',
@@ -570,3 +580,51 @@ def test_synthetic_anomaly_gives_the_samples_of_patch_ex():
         got = anomaly(dest, src, rng=np.random.default_rng(seed))
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_seamless_blends_of_patches_too_small_to_show_are_refused():
+    rng = np.random.default_rng(0)
+    small = textured(rng, 40, 40, 1)  # default widths: resized patches of at most 8 x 8 pixels
+    with pytest.raises(ValueError, match=r'width_bounds_pct .* 40 x 40 .* at most 8 x 8'):
+        patch_ex(small, small[::-1].copy(), rng=rng)
+    with pytest.raises(ValueError, match='width_bounds_pct'):
+        SyntheticAnomaly(mode='mix')(small, small[::-1].copy(), rng)
+    for kwargs in (dict(mode='swap'), dict(resize=False), dict(paste_fraction=(0.5, 1)), dict(tol=0.5),
+                   dict(width_bounds_pct=((0.05, 0.3), (0.05, 0.3)))):
+        patch_ex(small, small[::-1].copy(), rng=rng, **kwargs)
+    larger = textured(rng, 48, 48, 1)  # patches up to 10 pixels: some blends are labelled
+    labels = [patch_ex(larger, larger[::-1].copy(), rng=np.random.default_rng(seed))[1] for seed in range(20)]
+    assert any(label.any() for label in labels)
+
+
+@pytest.mark.parametrize('label_mode', LABEL_MODES)
+def test_uniform_mode_interpolates_by_a_random_factor_with_every_label(label_mode):
+    """Unlike the paper's code, which pastes the patch as it is unless the label is continuous."""
+    dest, src = np.full((64, 64, 1), 20, np.uint8), np.full((64, 64, 1), 200, np.uint8)
+    image, label = patch_ex(dest, src, mode='uniform', label_mode=label_mode, rng=np.random.default_rng(0))
+    values = set(np.unique(image).tolist())
+    assert len(values) == 2 and 20 in values and 20 < max(values) < 200
+    if label_mode == 'continuous':  # the label is the interpolation factor
+        factor = float(label.max())
+        assert max(values) == int(np.floor((1 - factor) * 20 + factor * 200))
+
+
+def test_scar_takes_a_generator_or_none():
+    image = textured(np.random.default_rng(0), 64, 64, 3)
+    with pytest.raises(ValueError, match='rng must be a numpy.random.Generator'):
+        cutpaste_scar(image, np.random.RandomState(0))
+    np.random.seed(5)
+    first = cutpaste_scar(image, None)
+    np.random.seed(5)
+    np.testing.assert_array_equal(cutpaste_scar(image, None)[0], first[0])
+    views, classes = CutPaste3Way()(image, None)
+    assert len(views) == 3 and list(classes) == [0, 1, 2]
+
+
+@pytest.mark.parametrize('label_mode', ['Binary', 'bogus', None])
+def test_make_label_refuses_an_unknown_label_mode(label_mode):
+    dest = np.zeros((32, 32, 1), np.uint8)
+    image = dest.copy()
+    image[8:24, 8:24] = 200
+    with pytest.raises(ValueError, match='label_mode'):
+        make_label(dest, image, image[..., 0] > 0, label_mode, 1, 1.0, (1 / 6, 20))
