@@ -270,8 +270,8 @@ def ages_in_years(ages, csv):
 def read_table(csv):
     """NIH ``Data_Entry_2017.csv`` (also ``.csv.gz``) -> DataFrame, checked for the needed columns
     (ValueError for an empty or unparsable file, rows without an image name, labels, patient or
-    view, images listed twice, or unreadable ages, naming the lines; KeyError naming missing
-    columns), with ``Patient Age`` in years (``ages_in_years``)."""
+    view, patient IDs that mix numbers and text, images listed twice, or unreadable ages, naming the
+    lines; KeyError naming missing columns), with ``Patient Age`` in years (``ages_in_years``)."""
     try:
         table = pd.read_csv(csv, index_col=False)  # rows ending in a comma do not shift the columns
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError,
@@ -287,6 +287,11 @@ def read_table(csv):
                          f"{needed}, on lines {_bad_rows(blank)}; an image without its labels "
                          f"cannot be called normal or anomalous")
     table['Finding Labels'] = table['Finding Labels'].astype(str).str.strip()
+    is_text = table['Patient ID'].map(lambda value: isinstance(value, str))
+    if is_text.any() and not is_text.all():  # pandas reads a long table in chunks, each of its own type
+        raise ValueError(f"label table {csv}: 'Patient ID' mixes numbers and text, e.g. "
+                         f"{table['Patient ID'][is_text].head(3).tolist()} on lines {_bad_rows(is_text)} "
+                         f"among numbers; patients are split by their ID, so write every ID alike")
     repeated = table['Image Index'].duplicated(keep=False)
     if repeated.any():
         raise ValueError(f"label table {csv}: images listed more than once, e.g. "
@@ -353,6 +358,8 @@ def write_file_lists(lists, out_dir):
     earlier lists as they were rather than a new training list beside old test lists, whose
     patients it may share."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder to write the file lists into")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     try:

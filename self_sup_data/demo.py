@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import skimage.data
 
-from self_sup_data.folders import build_folder
+from self_sup_data.folders import build_folder, terminate_as_exit
 
 DEMO_CATEGORY = "demo_texture"
 TEXTURES = ("brick", "grass", "gravel")  # 512 x 512 grayscale photographs in skimage.data
@@ -202,27 +202,28 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
     if os.path.lexists(target) and not (target / INFO_FILE).is_file():  # a link to nothing too
         raise FileExistsError(f"{target} exists and was not made by make_demo_dataset; "
                               "choose another OUT_DIR or remove it")
-    build_dir = build_folder(out_dir, name)
-    try:
-        _write_category(build_dir, seed, texture)
-        if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
-            return target
-        if target.exists():  # made with another seed: move it aside, then replace it
-            earlier = _recorded(target)  # read once: another writer may have put this seed's copy there
-            if _records(earlier, seed, texture):
+    with terminate_as_exit():
+        build_dir = build_folder(out_dir, name)
+        try:
+            _write_category(build_dir, seed, texture)
+            if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
                 return target
-            warnings.warn(f"{target} held the demo made with seed {(earlier or {}).get('seed')} (format version "
-                          f"{(earlier or {}).get('format_version')}); it is replaced by that of seed {seed}: models "
-                          f"trained on the earlier images would be tested on other ones")
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
-            os.replace(target, old / name)
-            shutil.rmtree(old)
-        os.replace(build_dir, target)
-    except OSError:
-        if not _made_with(target, seed, texture):  # not a concurrent writer that finished first
-            raise
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
+            if target.exists():  # made with another seed: move it aside, then replace it
+                earlier = _recorded(target)  # read once: another writer may have put this seed's copy there
+                if _records(earlier, seed, texture):
+                    return target
+                warnings.warn(f"{target} held the demo made with seed {(earlier or {}).get('seed')} (format "
+                              f"version {(earlier or {}).get('format_version')}); it is replaced by that of seed "
+                              f"{seed}: models trained on the earlier images would be tested on other ones")
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=out_dir))
+                os.replace(target, old / name)
+                shutil.rmtree(old)
+            os.replace(build_dir, target)
+        except OSError:
+            if not _made_with(target, seed, texture):  # not a concurrent writer that finished first
+                raise
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
     return target
 
 

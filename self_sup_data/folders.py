@@ -2,7 +2,10 @@
 renamed into place, so that an interrupted or concurrent run never leaves a partial dataset under
 the target's name."""
 import os
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +22,22 @@ def build_folder(parent, name):
     special = folder.stat().st_mode & 0o7000  # a set-group-ID bit inherited from parent stays
     os.chmod(folder, (0o777 & ~umask) | special)
     return folder
+
+
+@contextmanager
+def terminate_as_exit():
+    """Within the block, kill's default signal (SIGTERM, e.g. a job scheduler's time limit) raises
+    SystemExit(143) instead of ending the process at once, so that the block's ``finally`` clauses
+    remove the hidden folder it was building (Ctrl-C's KeyboardInterrupt does so already; a SIGKILL
+    cannot be caught). Only the main thread can handle signals; in another one the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, 'SIGTERM'):
+        yield
+        return
+
+    def exit_now(number, frame):
+        raise SystemExit(128 + number)
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from self_sup_data.folders import build_folder
+from self_sup_data.folders import build_folder, terminate_as_exit
 from self_sup_data.images import as_displayed, decode_mask_values, displayed_size, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
@@ -135,23 +135,24 @@ def convert(src, out):
     if os.path.lexists(target):  # a link to nothing is there too
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
-    build_dir = build_folder(out, CATEGORY)
     empty_masks = []
-    try:
-        for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
-            (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
-            convert_image(image).save(build_dir / image_name, optimize=True)
-            if mask is not None:
-                (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
-                converted = convert_mask(mask)
-                converted.save(build_dir / mask_name, optimize=True)
-                if not np.asarray(converted).any():
-                    empty_masks.append(f'{mask_name} (from {mask})')
-        if os.path.lexists(target):  # another run finished first (a rename would replace an empty folder)
-            raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
-        os.rename(build_dir, target)
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)
+    with terminate_as_exit():
+        build_dir = build_folder(out, CATEGORY)
+        try:
+            for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
+                (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
+                convert_image(image).save(build_dir / image_name, optimize=True)
+                if mask is not None:
+                    (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
+                    converted = convert_mask(mask)
+                    converted.save(build_dir / mask_name, optimize=True)
+                    if not np.asarray(converted).any():
+                        empty_masks.append(f'{mask_name} (from {mask})')
+            if os.path.lexists(target):  # another run finished first (a rename would replace an empty folder)
+                raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
+            os.rename(build_dir, target)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
     if empty_masks:
         warnings.warn(f"{len(empty_masks)} defect masks mark no pixel, as in the source (the public dataset has "
                       f"{PUBLISHED_EMPTY_MASKS}), e.g. {empty_masks[0]}: their images count as defective, and add "

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from experiments import training
 from self_sup_data import chest_xray
 from self_sup_data.chest_xray import (SelfSupChestXRay, build_file_lists, chest_recipe, read_file_list,
-                                      read_table)
+                                      read_table, write_file_lists)
 
 NIH = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'nih_chestxray'
 NIH_TABLE = NIH / 'Data_Entry_2017_v2020.csv.gz'
@@ -357,6 +357,26 @@ def test_label_tables_with_blank_labels_repeated_images_or_trailing_commas(tmp_p
     spaced = table.assign(**{'Finding Labels': table['Finding Labels'] + ' '})
     lists = build_file_lists(read_table(StringIO(spaced.to_csv(index=False))), n_test_normal=5, n_test_anom=4)
     assert lists == build_file_lists(read_table(StringIO(table.to_csv(index=False))), n_test_normal=5, n_test_anom=4)
+
+
+def test_patient_ids_that_mix_numbers_and_text_are_named(monkeypatch):
+    """pandas reads a long table in chunks, each typed on its own, so that one text ID among
+    numbers gave a column of both, and the patient split failed with a TypeError."""
+    table = synthetic_table()
+    mixed = table.astype({'Patient ID': object})
+    mixed.loc[7, 'Patient ID'] = 'P30000'
+    monkeypatch.setattr(chest_xray.pd, 'read_csv', lambda *args, **kwargs: mixed.copy())
+    with pytest.raises(ValueError, match=r"'Patient ID' mixes numbers and text, e.g. \['P30000'\] on lines \[9\]"):
+        read_table('table.csv')
+    text = table.assign(**{'Patient ID': 'P' + table['Patient ID'].astype(str)})  # all text: split as usual
+    monkeypatch.setattr(chest_xray.pd, 'read_csv', lambda *args, **kwargs: text.copy())
+    check_lists(text, build_file_lists(read_table('table.csv'), n_test_normal=5, n_test_anom=4), 5, 4)
+
+
+def test_lists_into_a_file_are_refused_naming_it(tmp_path):
+    (tmp_path / 'lists').write_text('not a folder')
+    with pytest.raises(NotADirectoryError, match=r'lists is a file, not a folder to write the file lists into'):
+        write_file_lists({'norm_train': ['a.png']}, tmp_path / 'lists')
 
 
 def test_a_truncated_or_broken_compressed_table_is_named(tmp_path):

@@ -1,4 +1,5 @@
 import shutil
+import signal
 import socket
 import warnings
 
@@ -104,6 +105,18 @@ def test_another_process_finishing_just_before_an_earlier_seeds_copy_is_replaced
         warnings.simplefilter("error")  # nothing replaced, so no replacement warning
         assert make_demo_dataset(tmp_path, seed=0) == target
     assert (target / "being_read").is_file() and [p.name for p in tmp_path.iterdir()] == [DEMO_CATEGORY]
+
+
+def test_a_demo_killed_by_sigterm_leaves_no_build_folder(tmp_path, monkeypatch):
+    write_category = demo._write_category
+
+    def killed_midway(build_dir, seed, texture):
+        write_category(build_dir, seed, texture)
+        signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(demo, "_write_category", killed_midway)
+    with pytest.raises(SystemExit):
+        make_demo_dataset(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):

@@ -1,6 +1,7 @@
 """The Magnetic-tile-defect converter: a tiny synthetic source tree, and the real data when present."""
 import filecmp
 import random
+import signal
 import warnings
 from pathlib import Path
 
@@ -200,6 +201,26 @@ def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='disk full'):
         convert(tmp_path / 'src', tmp_path / 'out')
     assert list((tmp_path / 'out').iterdir()) == []
+
+
+def test_a_conversion_killed_by_sigterm_leaves_no_build_folder(tmp_path, monkeypatch):
+    """kill's default signal (a scheduler's time limit) ended the process without its cleanup, and the
+    hidden build folder stayed; it now exits through it."""
+    monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
+    _write_source(tmp_path / 'src')
+    convert_image = magnetic_tile.convert_image
+
+    def killed_midway(path):
+        if len(list((tmp_path / 'out').rglob('*.png'))) >= 3:
+            signal.raise_signal(signal.SIGTERM)
+        return convert_image(path)
+    monkeypatch.setattr(magnetic_tile, 'convert_image', killed_midway)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        convert(tmp_path / 'src', tmp_path / 'out')
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / 'out').iterdir()) == []  # neither the category nor a hidden build folder
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
 
 
 def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
