@@ -288,10 +288,11 @@ def read_table(csv):
                          f"cannot be called normal or anomalous")
     table['Finding Labels'] = table['Finding Labels'].astype(str).str.strip()
     is_text = table['Patient ID'].map(lambda value: isinstance(value, str))
-    if is_text.any() and not is_text.all():  # pandas reads a long table in chunks, each of its own type
+    if is_text.any() and not is_text.all():  # pandas reads a long table in chunks, each typed on its own:
+        odd = is_text & ~table['Patient ID'].astype(str).str.fullmatch(r'\s*\d+\s*')  # numbers read as text too
         raise ValueError(f"label table {csv}: 'Patient ID' mixes numbers and text, e.g. "
-                         f"{table['Patient ID'][is_text].head(3).tolist()} on lines {_bad_rows(is_text)} "
-                         f"among numbers; patients are split by their ID, so write every ID alike")
+                         f"{table['Patient ID'][odd].head(3).tolist()} on lines {_bad_rows(odd)} among "
+                         f"numbers; patients are split by their ID, so write every ID alike")
     repeated = table['Image Index'].duplicated(keep=False)
     if repeated.any():
         raise ValueError(f"label table {csv}: images listed more than once, e.g. "

@@ -29,8 +29,11 @@ def terminate_as_exit():
     """Within the block, kill's default signal (SIGTERM, e.g. a job scheduler's time limit) raises
     SystemExit(143) instead of ending the process at once, so that the block's ``finally`` clauses
     remove the hidden folder it was building (Ctrl-C's KeyboardInterrupt does so already; a SIGKILL
-    cannot be caught). Only the main thread can handle signals; in another one the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, 'SIGTERM'):
+    cannot be caught). Only where SIGTERM has its default action: a handler of the caller's (or its
+    ignoring the signal) is kept, and so is the block in a thread other than the main one, which
+    cannot handle signals."""
+    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, 'SIGTERM')
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
 

@@ -43,7 +43,7 @@ from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels)
-from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, check_blends_can_show, patch_ex
+from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, to_image_tensor, to_label_tensor,
@@ -273,13 +273,16 @@ class SelfSupImageDataset(Dataset):
         self.is_train = is_train
         self.transform = transform
         if train_size is None:  # the side of what the transform makes of a stored image
-            train_size = transform(np.zeros_like(images[0]), None, np.random.default_rng(0))[0].shape[0]
-        self.train_size = train_size
+            crop_shape = transform(np.zeros_like(images[0]), None, np.random.default_rng(0))[0].shape[:2]
+            train_size = crop_shape[0]
+        else:
+            crop_shape = (train_size, train_size)
+        self.train_size, self.crop_shape = train_size, tuple(crop_shape)
         self.in_channels = images[0].shape[2]
         self.low_res = images[0].shape[0]
         self.self_sup = is_train
         given = self_sup_args is not None and is_train and views is None  # else set before training, if at all
-        self.self_sup_args = _checked_patch_args(self_sup_args or {}, train_size if given else None)
+        self.self_sup_args = _checked_patch_args(self_sup_args or {}, self.crop_shape if given else None)
         self.views = views
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ValueError(f'seed must be an integer of 0 or more, got {seed!r}')
@@ -296,7 +299,7 @@ class SelfSupImageDataset(Dataset):
         """Switch self-supervised samples on/off; ``self_sup_args`` updates the patch_ex arguments."""
         self.self_sup = on
         self.self_sup_args = _checked_patch_args({**self.self_sup_args, **(self_sup_args or {})},
-                                                 self.train_size if on and self.views is None else None)
+                                                 self.crop_shape if on and self.views is None else None)
 
     def set_epoch(self, epoch):
         """Select the epoch whose samples the items are (part of each item's seed)."""
@@ -341,14 +344,15 @@ class SelfSupImageDataset(Dataset):
         return self.image_tensor(image), 0, to_label_tensor(label)
 
 
-def _checked_patch_args(self_sup_args, side=None):
+def _checked_patch_args(self_sup_args, crop_shape=None):
     """``self_sup_args`` as a dict, checked as ``patch_ex`` would check them (``SyntheticAnomaly``: a
-    ValueError naming an unknown or invalid argument) and, given the ``side`` of the training crops
-    they will draw on, whether their blends can show there (``check_blends_can_show``), here rather
-    than at the first item, often inside a DataLoader worker."""
+    ValueError naming an unknown or invalid argument), here rather than at the first item, often
+    inside a DataLoader worker; given the ``crop_shape`` of the training crops they will draw on, a
+    warning where their blends are too small to show there (``blends_too_small``)."""
     anomaly = SyntheticAnomaly(**self_sup_args)
-    if side is not None:
-        check_blends_can_show((side, side), anomaly.params)
+    message = crop_shape and blends_too_small(crop_shape, anomaly.params)
+    if message:
+        warnings.warn(f'training samples: {message}')
     return anomaly.kwargs
 
 

@@ -41,7 +41,7 @@ RESIZE_LIMITS = (0.1, 10)  # sane bounds of the patch rescaling factor (the pape
 # pixels; seamlessClone zeroes a mask's outer ring and holds the next at the boundary values: thinner patches
 # leave it nothing to solve, and a seamless blend of a patch 8 pixels wide or high changes no pixel by more than
 # one grey level either (such a patch leaves its sample's label as it was; a floor of 10 scored lower by
-# the validation score, BENCHMARKS.md; ``check_blends_can_show`` refuses arguments that draw no other patches)
+# the validation score, BENCHMARKS.md; ``blends_too_small`` tells arguments that draw no other patches)
 MIN_PATCH_SIDE = 8
 MIN_CLONE_SIDE = 4  # pixels; seamlessClone raises for masks whose non-zero bounding box is under 3 pixels wide
 MIN_IMAGE_SIDE = 2 * MIN_PATCH_SIDE
@@ -292,9 +292,9 @@ def patch_ex(ima_dest, ima_src=None, same=_DEFAULT.same, num_patches=_DEFAULT.nu
 
     Sides shorter than ``MIN_PATCH_SIDE`` pixels are raised to it; a patch that cannot be placed
     in ``MAX_TRIES`` attempts is skipped (the image is returned unchanged, with an all-zero label,
-    if no patch could be placed). Seamless Poisson blends whose patches are all too small to change
-    a pixel by more than one grey level, and so by more than a ``tol`` of 1 (small images with the
-    default widths), are refused (``check_blends_can_show``).
+    if no patch could be placed). On small images, seamless Poisson blends may all be too small to
+    change a pixel by more than one grey level, which leaves nearly every sample normal:
+    ``blends_too_small`` tells such arguments (training datasets warn of them).
 
     Returns:
         (image, label): the anomalous image (uint8, the shape of ``ima_dest``) and the label map
@@ -321,7 +321,6 @@ def _patch_ex(ima_dest, ima_src, params, rng):
     if (ima_src is None or ima_src is ima_dest) and not params.moves_patches:
         raise ValueError(f'ima_src must be another image where {UNMOVED}; pass one, or shift or resize them')
     rng = as_generator(rng)
-    check_blends_can_show(ima_dest.shape[:2], params)
 
     if params.normal_fraction and rng.random() < params.normal_fraction:
         return ima_dest.copy(), np.zeros(ima_dest.shape[:2] + (1,), dtype=np.float32)
@@ -677,25 +676,26 @@ def largest_patch_sides(dims, params):
     return [2 * high for _, high in bounds_px]
 
 
-def check_blends_can_show(dims, params):
-    """ValueError where every patch that ``params`` (a PatchParams) draws on an image of ``dims`` is a
-    seamless Poisson blend of a patch ``MIN_PATCH_SIDE`` pixels wide or high along some axis: such a
-    blend changes no pixel by more than one grey level, so with a ``tol`` of 1 or more every sample
-    would be left normal, with an all-zero label (small images with the default ``width_bounds_pct``:
-    with ``resize`` patches are at most as long as the largest half-width, 8 pixels at 40)."""
+def blends_too_small(dims, params):
+    """A message (else None) where every patch that ``params`` (a PatchParams) draws on an image of
+    ``dims`` is a seamless Poisson blend of a patch ``MIN_PATCH_SIDE`` pixels wide or high along some
+    axis: such a blend changes no pixel by more than one grey level, so that with a ``tol`` of 1 or
+    more nearly every sample is left normal, with an all-zero label (only overlapping patches add
+    up to more, rarely). Small images with the default ``width_bounds_pct``: with ``resize``
+    patches are at most as long as the largest half-width, 8 pixels at 40."""
     seamless = params.mode in POISSON_MODES + ('mix',) and not (params.paste_fraction
                                                                 and params.paste_fraction[1] > 0)
     if not seamless or params.cutpaste_patch_generation or params.tol < 1:
-        return
+        return None
     sides = largest_patch_sides(dims, params)
-    if min(sides) <= MIN_PATCH_SIDE:
-        raise ValueError(
-            f'width_bounds_pct {params.width_bounds_pct} on images of {dims[0]} x {dims[1]} pixels'
-            f'{" with resize" if params.resize else ""} give patches at most {sides[0]} x {sides[1]} pixels, '
-            f'and a seamless Poisson blend of a patch {MIN_PATCH_SIDE} pixels wide or high changes no '
-            f'pixel by more than one grey level (tol {params.tol:g}): no sample would get an anomaly; give '
-            f'larger width_bounds_pct'
-            f'{", resize=False" if params.resize else ""}, larger images or a mode that is not seamless')
+    if min(sides) > MIN_PATCH_SIDE:
+        return None
+    return (f'width_bounds_pct {params.width_bounds_pct} on images of {dims[0]} x {dims[1]} pixels'
+            f'{" with resize" if params.resize else ""} give patches of at most {sides[0]} x {sides[1]} pixels, '
+            f'and a seamless Poisson blend of a patch {MIN_PATCH_SIDE} pixels wide or high changes no pixel by '
+            f'more than one grey level (tol {params.tol:g}): nearly every sample is left normal; give larger '
+            f'width_bounds_pct{", resize=False" if params.resize else ""}, larger images, a paste_fraction or a '
+            f'mode that is not seamless')
 
 
 def _sample_half_widths(rng, dims, bounds_px, gamma_params):

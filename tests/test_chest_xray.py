@@ -364,6 +364,7 @@ def test_patient_ids_that_mix_numbers_and_text_are_named(monkeypatch):
     numbers gave a column of both, and the patient split failed with a TypeError."""
     table = synthetic_table()
     mixed = table.astype({'Patient ID': object})
+    mixed.loc[5:, 'Patient ID'] = mixed['Patient ID'][5:].astype(str)  # a chunk read as text, its numbers too
     mixed.loc[7, 'Patient ID'] = 'P30000'
     monkeypatch.setattr(chest_xray.pd, 'read_csv', lambda *args, **kwargs: mixed.copy())
     with pytest.raises(ValueError, match=r"'Patient ID' mixes numbers and text, e.g. \['P30000'\] on lines \[9\]"):

@@ -117,6 +117,12 @@ def test_a_demo_killed_by_sigterm_leaves_no_build_folder(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         make_demo_dataset(tmp_path)
     assert list(tmp_path.iterdir()) == []
+    ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a caller's own handling is kept
+    try:
+        assert make_demo_dataset(tmp_path / 'kept').is_dir()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, ignored)
 
 
 def test_a_new_dataset_folder_gets_the_permissions_of_a_new_folder(tmp_path):

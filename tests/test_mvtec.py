@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from self_sup_data import mvtec
 from self_sup_data.images import central_box, read_image
-from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupMVTecDataset, category_kind,
-                                 data_recipe, list_categories)
+from self_sup_data.mvtec import (CLASS_NAMES, OBJECTS, TEXTURES, SelfSupImageDataset, SelfSupMVTecDataset,
+                                 category_kind, data_recipe, list_categories)
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
                                       RandomVerticalFlip, denormalize)
 from conftest import make_mvtec_category
@@ -121,16 +121,25 @@ def test_configure_self_sup_updates_arguments(tiny_mvtec):
         SelfSupMVTecDataset(*tiny_mvtec, seed=-1, **SMALL)
 
 
-def test_seamless_patches_too_small_for_the_training_crops_are_refused_when_made(tiny_mvtec):
+def test_seamless_patches_too_small_for_the_training_crops_are_named_when_given(tiny_mvtec):
     small = dict(SMALL, res_scale=0.125)  # 32-pixel crops: default widths give 8-pixel blends
-    with pytest.raises(ValueError, match=r'width_bounds_pct .* 32 x 32 pixels'):
+    with pytest.warns(UserWarning, match=r'training samples: width_bounds_pct .* 32 x 32 pixels'):
         SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'num_patches': 2}, **small)
-    SelfSupMVTecDataset(*tiny_mvtec, **small)  # no arguments yet: set (and checked) before training
-    ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'mode': 'swap'}, **small)
-    with pytest.raises(ValueError, match='width_bounds_pct'):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupMVTecDataset(*tiny_mvtec, **small)  # no arguments yet: set (and told) before training
+        SelfSupMVTecDataset(*tiny_mvtec, is_train=False, self_sup_args={'num_patches': 2}, **small)  # no patches
+        ds = SelfSupMVTecDataset(*tiny_mvtec, self_sup_args={'mode': 'swap'}, **small)
+    with pytest.warns(UserWarning, match='width_bounds_pct'):
         ds.configure_self_sup(self_sup_args={'mode': 'mix'})
-    assert ds.self_sup_args == {'mode': 'swap'}
-    SelfSupMVTecDataset(*tiny_mvtec, is_train=False, **small)  # test images draw no patches
+
+
+def test_the_size_check_of_training_patches_takes_non_square_crops():
+    images = [np.zeros((40, 256, 1), np.uint8)] * 2
+    args = {'width_bounds_pct': ((0.05, 0.4), (0.05, 0.2))}  # 16 x 51 pixels; 16 x 8 on a 40 x 40 crop
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupImageDataset(images, True, lambda image, mask, rng: (image, mask), self_sup_args=args)
 
 
 def recording_patch_ex(calls):

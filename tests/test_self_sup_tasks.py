@@ -2,7 +2,6 @@
 import dataclasses
 import inspect
 import warnings
-from unittest import mock
 
 import cv2
 import numpy as np
@@ -12,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 from skimage.morphology import disk
 
 from self_sup_data.self_sup_tasks import (LABEL_MODES, MIN_PATCH_SIDE, MODES, PATCH_PARAM_NAMES, CutPaste3Way,
-                                          PatchParams, SyntheticAnomaly, cutpaste_scar, make_label, object_mask,
-                                          patch_ex, poisson_blend)
+                                          PatchParams, SyntheticAnomaly, blends_too_small, cutpaste_scar, make_label,
+                                          object_mask, patch_ex, poisson_blend)
 
 SETTINGS = settings(max_examples=40)
 TEXTURE = dict(gamma_params=(2, 0.05, 0.03), resize_bounds=(0.5, 2), num_patches=4,
@@ -85,14 +84,7 @@ def test_output_types_and_label_invariants(case):
     height, width, channels, kwargs, seed = case
     rng = np.random.default_rng(seed)
     dest, src = textured(rng, height, width, channels), textured(rng, height, width, channels)
-    try:
-        image, label = patch_ex(dest, src, rng=np.random.default_rng(seed), verbose=False, **kwargs)
-    except ValueError as error:  # refused: its blends would change nothing; check that they do not
-        assert 'no sample would get an anomaly' in str(error)
-        with mock.patch('self_sup_data.self_sup_tasks.check_blends_can_show'):
-            image, label = patch_ex(dest, src, rng=np.random.default_rng(seed), verbose=False, **kwargs)
-        assert not label.any() and np.abs(image.astype(int) - dest).mean(axis=-1).max() <= 1
-        return
+    image, label = patch_ex(dest, src, rng=rng, verbose=False, **kwargs)
 
     assert image.shape == dest.shape and image.dtype == np.uint8
     assert label.shape == (height, width, 1) and label.dtype == np.float32
@@ -582,19 +574,34 @@ def test_synthetic_anomaly_gives_the_samples_of_patch_ex():
         np.testing.assert_array_equal(got[1], expected[1])
 
 
-def test_seamless_blends_of_patches_too_small_to_show_are_refused():
+@SETTINGS
+@given(height=st.integers(16, 96), width=st.integers(16, 96), channels=st.sampled_from([1, 3]),
+       mode=st.sampled_from(['mix', cv2.NORMAL_CLONE]), resize=st.booleans(), ellipses=st.sampled_from([None, 3]),
+       clip=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
+def test_blends_told_too_small_change_no_pixel_by_more_than_one_grey_level(height, width, channels, mode, resize,
+                                                                           ellipses, clip, seed):
+    rng = np.random.default_rng(seed)
+    dest, src = textured(rng, height, width, channels), textured(rng, height, width, channels)
+    params = PatchParams(mode=mode, resize=resize, num_ellipses=ellipses, clip_at_border=clip)
+    image, label = patch_ex(dest, src, rng=rng, **dataclasses.asdict(params))
+    if blends_too_small((height, width), params):  # one patch: a single blend (several may add up)
+        assert not label.any() and np.abs(image.astype(int) - dest).mean(axis=-1).max() <= 1
+
+
+def test_blends_too_small_names_the_widths_and_the_size():
+    params = PatchParams()
+    message = blends_too_small((40, 40), params)  # default widths: resized patches of at most 8 x 8 pixels
+    assert message.startswith('width_bounds_pct ((0.05, 0.2), (0.05, 0.2)) on images of 40 x 40 pixels with resize '
+                              'give patches of at most 8 x 8 pixels')
+    assert 'nearly every sample is left normal' in message
+    for changes in (dict(mode='swap'), dict(resize=False), dict(paste_fraction=(0.5, 1)), dict(tol=0.5),
+                    dict(width_bounds_pct=((0.05, 0.3), (0.05, 0.3))), dict(cutpaste_patch_generation=True)):
+        assert blends_too_small((40, 40), dataclasses.replace(params, **changes)) is None, changes
+    assert blends_too_small((40, 40), dataclasses.replace(params, paste_fraction=(0, 0)))  # seamless still
+    assert blends_too_small((48, 48), params) is None  # patches up to 10 pixels: some blends are labelled
     rng = np.random.default_rng(0)
-    small = textured(rng, 40, 40, 1)  # default widths: resized patches of at most 8 x 8 pixels
-    with pytest.raises(ValueError, match=r'width_bounds_pct .* 40 x 40 .* at most 8 x 8'):
-        patch_ex(small, small[::-1].copy(), rng=rng)
-    with pytest.raises(ValueError, match='width_bounds_pct'):
-        SyntheticAnomaly(mode='mix')(small, small[::-1].copy(), rng)
-    for kwargs in (dict(mode='swap'), dict(resize=False), dict(paste_fraction=(0.5, 1)), dict(tol=0.5),
-                   dict(width_bounds_pct=((0.05, 0.3), (0.05, 0.3)))):
-        patch_ex(small, small[::-1].copy(), rng=rng, **kwargs)
-    larger = textured(rng, 48, 48, 1)  # patches up to 10 pixels: some blends are labelled
-    labels = [patch_ex(larger, larger[::-1].copy(), rng=np.random.default_rng(seed))[1] for seed in range(20)]
-    assert any(label.any() for label in labels)
+    larger = textured(rng, 48, 48, 1)
+    assert any(patch_ex(larger, larger[::-1].copy(), rng=np.random.default_rng(seed))[1].any() for seed in range(20))
 
 
 @pytest.mark.parametrize('label_mode', LABEL_MODES)
