@@ -451,9 +451,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
             if note:
                 print(note)
     self_sup_args = settings.self_sup_args_from_args(setting, params, args)
-    dataset.self_sup_args = self_sup_args
     views = CutPaste3Way(self_sup_args) if setting.model == 'classifier' else None
     dataset.views = views
+    dataset.configure_self_sup(on=True, self_sup_args=self_sup_args)  # warns of blends too small to show
     dataset[0]  # fails here, not in a worker, if the arguments do not suit the data
     if len(dataset.images) == 1 and views is not None:
         raise ValueError(f"category {category!r}: one training image: {setting.key} is scored by a one-class model "

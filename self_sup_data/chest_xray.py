@@ -289,7 +289,7 @@ def read_table(csv):
     table['Finding Labels'] = table['Finding Labels'].astype(str).str.strip()
     is_text = table['Patient ID'].map(lambda value: isinstance(value, str))
     if is_text.any() and not is_text.all():  # pandas reads a long table in chunks, each typed on its own:
-        odd = is_text & ~table['Patient ID'].astype(str).str.fullmatch(r'\s*\d+\s*')  # numbers read as text too
+        odd = is_text & pd.to_numeric(table['Patient ID'], errors='coerce').isna()  # numbers read as text too
         raise ValueError(f"label table {csv}: 'Patient ID' mixes numbers and text, e.g. "
                          f"{table['Patient ID'][odd].head(3).tolist()} on lines {_bad_rows(odd)} among "
                          f"numbers; patients are split by their ID, so write every ID alike")

@@ -690,12 +690,13 @@ def blends_too_small(dims, params):
     sides = largest_patch_sides(dims, params)
     if min(sides) > MIN_PATCH_SIDE:
         return None
+    remedies = (['larger width_bounds_pct'] if any(high < 0.5 for _, high in params.width_bounds_pct) else []) + (
+        ['resize=False'] if params.resize else []) + ['larger images, a paste_fraction or a mode that is not seamless']
     return (f'width_bounds_pct {params.width_bounds_pct} on images of {dims[0]} x {dims[1]} pixels'
             f'{" with resize" if params.resize else ""} give patches of at most {sides[0]} x {sides[1]} pixels, '
             f'and a seamless Poisson blend of a patch {MIN_PATCH_SIDE} pixels wide or high changes no pixel by '
-            f'more than one grey level (tol {params.tol:g}): nearly every sample is left normal; give larger '
-            f'width_bounds_pct{", resize=False" if params.resize else ""}, larger images, a paste_fraction or a '
-            f'mode that is not seamless')
+            f'more than one grey level (tol {params.tol:g}): nearly every sample is left normal; give '
+            f'{", ".join(remedies)}')
 
 
 def _sample_half_widths(rng, dims, bounds_px, gamma_params):

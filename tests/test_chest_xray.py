@@ -369,6 +369,9 @@ def test_patient_ids_that_mix_numbers_and_text_are_named(monkeypatch):
     monkeypatch.setattr(chest_xray.pd, 'read_csv', lambda *args, **kwargs: mixed.copy())
     with pytest.raises(ValueError, match=r"'Patient ID' mixes numbers and text, e.g. \['P30000'\] on lines \[9\]"):
         read_table('table.csv')
+    mixed.loc[5, 'Patient ID'] = '-5.5'  # a number too, though not an unsigned integer
+    with pytest.raises(ValueError, match=r"e.g. \['P30000'\] on lines \[9\]"):
+        read_table('table.csv')
     text = table.assign(**{'Patient ID': 'P' + table['Patient ID'].astype(str)})  # all text: split as usual
     monkeypatch.setattr(chest_xray.pd, 'read_csv', lambda *args, **kwargs: text.copy())
     check_lists(text, build_file_lists(read_table('table.csv'), n_test_normal=5, n_test_anom=4), 5, 4)

@@ -149,6 +149,21 @@ def test_category_groups_and_overrides_reach_the_run(tmp_path):
     assert model.config['in_channels'] == dataset.in_channels == 1
 
 
+def test_a_run_whose_blends_are_too_small_for_its_crops_is_warned_of(tmp_path):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'tiles', n_train=2)
+    argv = ['-s', 'Shift-Intensity', '-d', str(data), '-o', str(tmp_path / 'out'), '--recipe', 'table',
+            '--res-scale', '0.125', '--width-bounds', '0.05', '0.2', '0.05', '0.2']  # 32-pixel crops, 8-pixel blends
+    args = train_mvtec.parse_args(argv)
+    setting, _, _, _ = train_mvtec.plan(args)
+    with pytest.warns(UserWarning, match=r'training samples: width_bounds_pct .* 32 x 32 pixels'):
+        train_mvtec.prepare_run(args, setting, data, 'tiles')
+    args = train_mvtec.parse_args(argv[:-5] + ['--width-bounds', '0.05', '0.4', '0.05', '0.4'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        train_mvtec.prepare_run(args, setting, data, 'tiles')
+
+
 @pytest.mark.slow
 def test_demo_mode_generates_the_demo_data_and_a_small_budget(tmp_path, capsys):
     args = train_mvtec.parse_args(['-s', 'Shift-Intensity', '-o', str(tmp_path)])

@@ -593,7 +593,10 @@ def test_blends_too_small_names_the_widths_and_the_size():
     message = blends_too_small((40, 40), params)  # default widths: resized patches of at most 8 x 8 pixels
     assert message.startswith('width_bounds_pct ((0.05, 0.2), (0.05, 0.2)) on images of 40 x 40 pixels with resize '
                               'give patches of at most 8 x 8 pixels')
-    assert 'nearly every sample is left normal' in message
+    assert message.endswith('nearly every sample is left normal; give larger width_bounds_pct, resize=False, '
+                            'larger images, a paste_fraction or a mode that is not seamless')
+    widest = blends_too_small((16, 16), dataclasses.replace(params, width_bounds_pct=((0.5, 0.5), (0.5, 0.5))))
+    assert widest.endswith('give resize=False, larger images, a paste_fraction or a mode that is not seamless')
     for changes in (dict(mode='swap'), dict(resize=False), dict(paste_fraction=(0.5, 1)), dict(tol=0.5),
                     dict(width_bounds_pct=((0.05, 0.3), (0.05, 0.3))), dict(cutpaste_patch_generation=True)):
         assert blends_too_small((40, 40), dataclasses.replace(params, **changes)) is None, changes
