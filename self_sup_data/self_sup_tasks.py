@@ -690,7 +690,8 @@ def blends_too_small(dims, params):
     sides = largest_patch_sides(dims, params)
     if min(sides) > MIN_PATCH_SIDE:
         return None
-    remedies = (['larger width_bounds_pct'] if any(high < 0.5 for _, high in params.width_bounds_pct) else []) + (
+    widest = replace(params, width_bounds_pct=tuple((low, 0.5) for low, _ in params.width_bounds_pct))
+    remedies = (['larger width_bounds_pct'] if min(largest_patch_sides(dims, widest)) > MIN_PATCH_SIDE else []) + (
         ['resize=False'] if params.resize else []) + ['larger images, a paste_fraction or a mode that is not seamless']
     return (f'width_bounds_pct {params.width_bounds_pct} on images of {dims[0]} x {dims[1]} pixels'
             f'{" with resize" if params.resize else ""} give patches of at most {sides[0]} x {sides[1]} pixels, '

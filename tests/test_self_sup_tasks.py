@@ -595,8 +595,10 @@ def test_blends_too_small_names_the_widths_and_the_size():
                               'give patches of at most 8 x 8 pixels')
     assert message.endswith('nearly every sample is left normal; give larger width_bounds_pct, resize=False, '
                             'larger images, a paste_fraction or a mode that is not seamless')
-    widest = blends_too_small((16, 16), dataclasses.replace(params, width_bounds_pct=((0.5, 0.5), (0.5, 0.5))))
-    assert widest.endswith('give resize=False, larger images, a paste_fraction or a mode that is not seamless')
+    for dims, widths in (((16, 16), ((0.5, 0.5), (0.5, 0.5))), ((16, 16), ((0.05, 0.2), (0.05, 0.2))),
+                         ((16, 100), ((0.05, 0.5), (0.05, 0.2)))):  # no width gets a side past 8 pixels
+        message = blends_too_small(dims, dataclasses.replace(params, width_bounds_pct=widths))
+        assert message.endswith('give resize=False, larger images, a paste_fraction or a mode that is not seamless')
     for changes in (dict(mode='swap'), dict(resize=False), dict(paste_fraction=(0.5, 1)), dict(tol=0.5),
                     dict(width_bounds_pct=((0.05, 0.3), (0.05, 0.3))), dict(cutpaste_patch_generation=True)):
         assert blends_too_small((40, 40), dataclasses.replace(params, **changes)) is None, changes
