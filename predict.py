@@ -224,13 +224,14 @@ def earlier_output_names(out_dir):
     return names
 
 
-def remove_earlier_run(out_dir):
+def remove_earlier_run(out_dir, names=None):
     """Delete the files that the earlier run in ``out_dir`` wrote, so that an --overwrite run
     leaves no map, overlay or mask of an image it does not predict: the outputs
-    (``remove_outputs``) of each of its ``earlier_output_names``, then its RUN_FILES, and the
-    temporary files of its killed writes of these. Other files in ``out_dir`` (the user's, even in
-    maps/, overlays/ or masks/) are kept. ValueError for a scores.csv that is not this command's."""
-    names = earlier_output_names(out_dir)
+    (``remove_outputs``) of each of its output ``names`` (None: its ``earlier_output_names``), then
+    its RUN_FILES, and the temporary files of its killed writes of these. Other files in ``out_dir``
+    (the user's, even in maps/, overlays/ or masks/) are kept. ValueError for a scores.csv that is
+    not this command's."""
+    names = earlier_output_names(out_dir) if names is None else names
     for name in names:
         remove_outputs(out_dir, name)
     for table in RUN_FILES:
@@ -242,12 +243,13 @@ def remove_earlier_run(out_dir):
             remove_stale_temporaries(folder, lambda name: name in outputs)
 
 
-def without_earlier_outputs(files, out_dir):
-    """``files`` without the overlays and masks of the earlier run in ``out_dir`` (those of its
-    ``earlier_output_names``, which an input pattern over a folder above OUT_DIR also finds, and
-    which --overwrite deletes; the user's own images there are kept), with a warning that counts
-    them; StopRun where no file is left."""
-    outputs = {os.path.realpath(path) for path in outputs_of(out_dir, earlier_output_names(out_dir))}
+def without_earlier_outputs(files, out_dir, names=None):
+    """``files`` without the overlays and masks of the earlier run in ``out_dir`` (those of its output
+    ``names``, None: its ``earlier_output_names``, which an input pattern over a folder above OUT_DIR
+    also finds, and which --overwrite deletes; the user's own images there are kept), with a warning
+    that counts them; StopRun where no file is left."""
+    names = earlier_output_names(out_dir) if names is None else names
+    outputs = {os.path.realpath(path) for path in outputs_of(out_dir, names)}
     kept = [path for path in files if os.path.realpath(path) not in outputs]
     if len(kept) < len(files):
         if not kept:
@@ -278,8 +280,9 @@ def start_run(args):
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if args.overwrite:
-            files = without_earlier_outputs(files, out_dir)
-            remove_earlier_run(out_dir)
+            names = earlier_output_names(out_dir)  # read once, for both
+            files = without_earlier_outputs(files, out_dir, names)
+            remove_earlier_run(out_dir, names)
     except OSError as error:
         reason = write_failure_reason(out_dir / 'scores.csv', error)  # OUT_DIR, or a folder above it, a file?
         raise StopRun(f'cannot prepare output folder {out_dir}: {reason}') from error
