@@ -260,11 +260,10 @@ def earlier_results(eval_dir, records, redone):
     """The results in ``eval_dir/results.csv`` that this evaluation (``records``) does not redo
     (``redone``, of ``redone_results``) and that still hold: those of other categories and settings
     (two-stage variants such as ``SETTING+GDE`` included), and of other seeds of this folder's, whose
-    checkpoint is still there as it was,
-    of plain maps as this evaluation's (not ``--flip-average``d), and of the kind that this
-    evaluation gives their category; so that runs of several settings or categories into one output
-    folder leave one table of them all. A note counts those left out. A results file that cannot be
-    read gives a warning line and none."""
+    checkpoint is still there as it was, of plain maps as this evaluation's (not ``--flip-average``d),
+    and of the kind that this evaluation gives their category; so that runs of several settings or
+    categories into one output folder leave one table of them all. A note counts those left out. A
+    results file that cannot be read gives a warning line and none."""
     try:
         kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone, weights_sha256)
     except ValueError as error:

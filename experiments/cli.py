@@ -369,16 +369,14 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     final model (a --force run with other arguments that was interrupted), or there is no final
     model; else finished (``found_run``). A finished or interrupted run in ``run_dir`` is never
     replaced unless ``force``: without ``resume`` it is refused; with ``resume`` its checkpoint
-    must belong to the same run
-    (``run_differences``: epochs, learning rate, data folder, generator arguments ...), then a
-    finished run is skipped and an interrupted one continued. ``prepare()`` returns (dataset,
-    model, TrainConfig, meta, validator or None); what it prints (a calibrated recipe) is shown
-    when the run trains, or when ``prepare`` fails, not before a refusal or a skip. Refusals and the
-    errors of ``prepare`` are input errors of the command line ``prog`` (see ``exit_on_input_error``).
-    ``replace_other``:
-    with ``resume``, a run of other arguments is trained again and replaced instead of refused
-    (for --recipe search candidates, which are not results). Returns the run's meta (a skipped
-    run's as its final model holds it).
+    must belong to the same run (``run_differences``: epochs, learning rate, data folder, generator
+    arguments ...), then a finished run is skipped and an interrupted one continued. ``prepare()``
+    returns (dataset, model, TrainConfig, meta, validator or None); what it prints (a calibrated
+    recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip.
+    Refusals and the errors of ``prepare`` are input errors of the command line ``prog`` (see
+    ``exit_on_input_error``). ``replace_other``: with ``resume``, a run of other arguments is
+    trained again and replaced instead of refused (for --recipe search candidates, which are not
+    results). Returns the run's meta (a skipped run's as its final model holds it).
 
     All of it runs under the run's lock (``run_lock``, held by the first process of a torchrun
     launch for all of them): a second command on the same run stops with an error naming the
