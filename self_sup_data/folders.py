@@ -26,21 +26,21 @@ def build_folder(parent, name):
 
 @contextmanager
 def terminate_as_exit():
-    """Within the block, kill's default signal (SIGTERM, e.g. a job scheduler's time limit) raises
-    SystemExit(143) instead of ending the process at once, so that the block's ``finally`` clauses
-    remove the hidden folder it was building (Ctrl-C's KeyboardInterrupt does so already; a SIGKILL
-    cannot be caught). Only where SIGTERM has its default action: a handler of the caller's (or its
-    ignoring the signal) is kept, and so is the block in a thread other than the main one, which
-    cannot handle signals."""
-    if (threading.current_thread() is not threading.main_thread() or not hasattr(signal, 'SIGTERM')
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        yield
-        return
+    """Within the block, kill's default signal (SIGTERM, e.g. a job scheduler's time limit) and the
+    hangup of a closed terminal (SIGHUP) raise SystemExit(128 + signal number) instead of ending the
+    process at once, so that the block's ``finally`` clauses remove the hidden folder it was building
+    (Ctrl-C's KeyboardInterrupt does so already; a SIGKILL cannot be caught). Only for a signal that
+    has its default action: a handler of the caller's (or its ignoring the signal, as ``nohup`` does)
+    is kept, and so is the block in a thread other than the main one, which cannot handle signals."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    numbers = [getattr(signal, name) for name in ('SIGTERM', 'SIGHUP') if on_main_thread and hasattr(signal, name)]
+    numbers = [number for number in numbers if signal.getsignal(number) is signal.SIG_DFL]
 
     def exit_now(number, frame):
         raise SystemExit(128 + number)
-    previous = signal.signal(signal.SIGTERM, exit_now)
+    previous = {number: signal.signal(number, exit_now) for number in numbers}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

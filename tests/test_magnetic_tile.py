@@ -203,24 +203,28 @@ def test_failed_conversion_leaves_no_category(tmp_path, monkeypatch):
     assert list((tmp_path / 'out').iterdir()) == []
 
 
-def test_a_conversion_killed_by_sigterm_leaves_no_build_folder(tmp_path, monkeypatch):
-    """kill's default signal (a scheduler's time limit) ended the process without its cleanup, and the
-    hidden build folder stayed; it now exits through it."""
+@pytest.mark.parametrize('signal_name', ['SIGTERM', 'SIGHUP'])
+def test_a_conversion_killed_by_sigterm_or_hangup_leaves_no_build_folder(tmp_path, monkeypatch, request, signal_name):
+    """kill's default signal (a scheduler's time limit) or a closed terminal's hangup ended the process
+    without its cleanup, and the hidden build folder stayed; it now exits through it."""
+    number = getattr(signal, signal_name)
+    outside = signal.signal(number, signal.SIG_DFL)  # e.g. nohup ignores hangups
+    request.addfinalizer(lambda: signal.signal(number, outside))
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')
     convert_image = magnetic_tile.convert_image
 
     def killed_midway(path):
         if len(list((tmp_path / 'out').rglob('*.png'))) >= 3:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(number)
         return convert_image(path)
     monkeypatch.setattr(magnetic_tile, 'convert_image', killed_midway)
-    handler = signal.getsignal(signal.SIGTERM)
+    handler = signal.getsignal(number)
     with pytest.raises(SystemExit) as stopped:
         convert(tmp_path / 'src', tmp_path / 'out')
-    assert stopped.value.code == 128 + signal.SIGTERM
+    assert stopped.value.code == 128 + number
     assert list((tmp_path / 'out').iterdir()) == []  # neither the category nor a hidden build folder
-    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    assert signal.getsignal(number) == handler  # restored
 
 
 def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
