@@ -20,7 +20,9 @@ that runs of different settings, recipes and seeds compare); no recipe looks at 
 Images held out are images not trained on: on magnetic tile, holding out 10% cost about 0.05 image
 AUROC (BENCHMARKS.md). So by default a validation set is held out only where a choice is made on
 it (``--recipe search``, ``--select best``: ``DEFAULT_VAL_FRACTION``); ``--val-fraction F`` asks
-for one in any run (its curve is written beside the model).
+for one in any other run (its curve is written beside the model). With ``--recipe search`` and
+without ``--select best`` it sizes the candidates' validation set only: the chosen recipe's final
+run trains on every image and has no curve.
 """
 from experiments import settings
 from self_sup_data.recipe import CALIBRATED_PARAMS, calibrate_recipe, describe, paste_fraction_for
@@ -42,7 +44,8 @@ def add_recipe_arguments(parser):
                             "parameters in experiments/settings.py, else auto)")
     group.add_argument('--val-fraction', type=float, metavar='F',
                        help=f'fraction of the normal training images held out for a validation '
-                            f'set of synthetic defects, scored during training (default: '
+                            f'set of synthetic defects, scored during training (with --recipe search '
+                            f'but not --select best: the candidates\' training only; default: '
                             f'{DEFAULT_VAL_FRACTION} with --recipe search or --select best, else 0: '
                             f'held-out images are not trained on)')
     group.add_argument('--val-seed', type=int, default=0, metavar='S',
