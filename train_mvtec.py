@@ -532,12 +532,20 @@ def search_recipe(args, setting, data_dir, category, out_dir):
         meta = train_unless_finished(PROG, run_dir, run_name, prepare_candidate,
                                      resume=not args.force, force=args.force, replace_other=True)
         results[name] = dict(score=meta['validation'][-1]['score'], params=params)
+    return results[print_search_choice(category, results)]['params'], results, reports
+
+
+def print_search_choice(category, results, found=None):
+    """Print which candidate of the search ``results`` ({candidate: dict(score, params)}) scored
+    best, with its calibrated parameters, and return its name; ``found``: the finished run whose
+    meta recorded them."""
     best = max(results, key=lambda name: results[name]['score'])
     scores = ', '.join(f"{name} {result['score']:.4f}" for name, result in results.items())
-    print(f"{PROG}: {category}: search chose {best} (validation scores: {scores})")
+    recorded = '' if found is None else f", as recorded in {found}"
+    print(f"{PROG}: {category}: search chose {best} (validation scores: {scores}){recorded}")
     print(f"{PROG}: {category}: {best}: " + ', '.join(f"{name} {results[best]['params'][name]}"
                                                      for name in CALIBRATED_PARAMS))
-    return results[best]['params'], results, reports
+    return best
 
 
 def search_budget(args, epochs):
@@ -556,10 +564,11 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     line's arguments (task flags included) are compared; the record of the choice
     (SEARCH_RECORD_FIELDS) is compared once the search has chosen, by ``train_unless_finished``.
     The category options of the command line (``param_overrides``, which the chosen parameters
-    would hide) are compared too: other ones would train other candidates."""
+    would hide) are compared too: other ones would train other candidates. Returns the found run's
+    (path, state, meta), or (None, None, None)."""
     found, state = found_run(setting.run_dir(out_dir, category), setting.run_name(category))
     if found is None:
-        return
+        return None, None, None
     previous = read_meta(found)  # its chosen parameters: what they set (the epochs ...) is the same
     _, model, config, meta, validator = prepare_run(args, setting, data_dir, category,
                                                     previous['category_params'], searched=True)
@@ -570,6 +579,7 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
                                   {'param_overrides': meta['param_overrides']})
     if differing:
         raise ValueError(other_run_message(found, state, differing, previous))
+    return found, state, previous
 
 
 @one_line_warnings(PROG)
@@ -615,8 +625,9 @@ def main(argv=None):
 
 def train_category(args, setting, data_dir, category, out_dir):
     """Train ``setting`` on one category (after its --recipe search, if asked), unless --resume
-    finds it finished, holding the run's lock throughout (``run_lock``, from before the search's
-    candidates; under torchrun the first process holds it for all); an error ends in
+    finds it finished (the search too: its choice is read from the finished run, even where the
+    candidates' folder is gone), holding the run's lock throughout (``run_lock``, from before the
+    search's candidates; under torchrun the first process holds it for all); an error ends in
     ``exit_on_input_error``'s message and SystemExit."""
     params = search = reports = None
     recipe = recipes.recipe_name(args.recipe, category)
@@ -626,9 +637,14 @@ def train_category(args, setting, data_dir, category, out_dir):
             if is_first_process():
                 held.enter_context(run_lock(run_dir, run_name))
             if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
-                if args.resume:
-                    refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
-                params, search, reports = search_recipe(args, setting, data_dir, category, out_dir)
+                found, state, previous = (refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
+                                          if args.resume else (None, None, None))
+                if state == 'finished':
+                    params, search, reports = (previous[name] for name in ('category_params', 'recipe_search',
+                                                                           'search_calibration'))
+                    print_search_choice(category, search, found)
+                else:
+                    params, search, reports = search_recipe(args, setting, data_dir, category, out_dir)
 
         def prepare():
             run = prepare_run(args, setting, data_dir, category, params, searched=search is not None)

@@ -952,16 +952,25 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert meta['held_out'] == 1 and meta['best_epoch'] in (1, 2)
     else:  # the chosen recipe is trained on every image, the held-out ones too
         assert meta['held_out'] == 0 and meta['validation_kinds'] == []
-        # run again: the finished candidates are read back with their scores, not trained again
+        # run again: the finished run's choice is read back, no candidate is trained or read again
         written = {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')}
+        final = settings.trained_model_path(out, 'Shift-Intensity-M', 'plates')
         train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
                           'search', '--search-epochs', '1', '--resume'] + FAST)
         printed = capsys.readouterr().out
-        assert printed.count('exists, skipping it') == len(search) + 1  # the final model too
+        assert printed.count('exists, skipping it') == 1 and 'search candidate' not in printed
         assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
-        assert f"search chose {chosen} (validation scores: {scores})" in printed
+        assert f"search chose {chosen} (validation scores: {scores}), as recorded in {final}" in printed
+        # ... also where the candidates' folder was removed
+        search_dir = final.parent / train_mvtec.SEARCH_DIR
+        shutil.move(search_dir, tmp_path / 'kept')
+        train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
+                          'search', '--search-epochs', '1', '--resume'] + FAST)
+        printed = capsys.readouterr().out
+        assert printed.count('exists, skipping it') == 1 and 'search candidate' not in printed
+        assert not search_dir.exists()
+        shutil.move(tmp_path / 'kept', search_dir)
         # --resume with another flag: refused before the search trains its candidates again
-        final = settings.trained_model_path(out, 'Shift-Intensity-M', 'plates')
         with pytest.raises(SystemExit):
             train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
                               'search', '--search-epochs', '1', '--resume', '--lr', '0.01'] + FAST)
@@ -981,7 +990,9 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
         assert meta['search_budget'] == dict(epochs=1, validation_fraction=0.1)
         for other, difference in ((['--search-epochs', '2'], 'search_budget.epochs: 1 vs 2'),
                                   (['--search-epochs', '1', '--val-fraction', '0.2'],
-                                   'search_budget.validation_fraction: 0.1 vs 0.2')):
+                                   'search_budget.validation_fraction: 0.1 vs 0.2'),
+                                  (['--search-epochs', '1', '--val-seed', '1'],  # other held-out images
+                                   'validation_seed: 0 vs 1')):
             with pytest.raises(SystemExit):
                 train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(out), '--recipe',
                                   'search', '--resume'] + other + FAST)
