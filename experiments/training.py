@@ -521,8 +521,8 @@ def run_differences(saved_meta, meta):
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
     model and ``TrainConfig`` values; runtime fields, results, listings (by their digests),
     ``swa_lr`` without ``swa_epochs``, the validation set's fraction and seed where no image was held
-    out, by the run nor by a --recipe search that chose its recipe (``search_budget`` recorded), and the
-    folder format's test folders are ignored); [] for the same run."""
+    out, neither by the run nor by a --recipe search that chose its recipe (``search_budget`` recorded),
+    and the folder format's test folders are ignored); [] for the same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
     searched = saved_meta.get('search_budget') is not None
 
