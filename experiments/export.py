@@ -71,6 +71,13 @@ def onnx_bytes(module, spec, dynamic_size=False):
     return model.SerializeToString()
 
 
+def default_export_path(model_path, fmt):
+    """Where ``export`` writes the checkpoint ``model_path``'s export in format ``fmt`` unless told:
+    beside it, ``<stem>.onnx`` or ``<stem>.torchscript.pt``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + FORMATS[fmt])
+
+
 def export(model_path, fmt='onnx', out_path=None, dynamic_size=False):
     """Export the checkpoint ``model_path`` in format ``fmt`` ('onnx' or 'torchscript') to
     ``out_path`` (default: next to it, ``<stem>.onnx`` or ``<stem>.torchscript.pt``); returns the
@@ -78,7 +85,7 @@ def export(model_path, fmt='onnx', out_path=None, dynamic_size=False):
     if fmt not in FORMATS:
         raise ValueError(f'unknown export format {fmt!r}; valid: {list(FORMATS)}')
     model_path = Path(model_path)
-    out_path = Path(out_path) if out_path else model_path.with_name(model_path.stem + FORMATS[fmt])
+    out_path = Path(out_path) if out_path else default_export_path(model_path, fmt)
     if (fmt == 'onnx') != (out_path.suffix.lower() == '.onnx'):
         raise ValueError(f'an export is loaded by its suffix: name an ONNX export *.onnx and a TorchScript '
                          f'one anything else, not {out_path} for --format {fmt}')

@@ -34,6 +34,7 @@ from experiments.checkpoints import read_meta
 from experiments.chest_xray_tasks import trained_names
 from experiments.cli import exit_on_input_error, exit_on_interrupt
 from experiments.detector import Detector
+from experiments.export import FORMATS, default_export_path
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
 from self_sup_data.layouts import layout_from_spec, names_sha256
@@ -124,6 +125,17 @@ def store_thresholds(path, thresholds, out_path=None):
     return save_torch_atomic(checkpoint, out_path or path)
 
 
+def warn_earlier_exports(model_path):
+    """Warn for each export of the checkpoint ``model_path`` at its default name (``default_export_path``),
+    made before its thresholds were stored: it keeps the earlier ones, by which predict.py would flag."""
+    for fmt in FORMATS:
+        export_path = default_export_path(model_path, fmt)
+        if export_path.is_file():
+            warnings.warn(f"{export_path} was exported before these thresholds and keeps the earlier ones, "
+                          f"by which predict.py flags images with it; export the model again: "
+                          f"python -m experiments.export -m {model_path} --format {fmt}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split('\n\n')[0],
@@ -166,6 +178,7 @@ def main(argv=None):
                                args.flip_average)
         thresholds['source'] = source
         path = store_thresholds(args.model, thresholds, args.out)
+        warn_earlier_exports(path)
     print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
     if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:

@@ -1,6 +1,7 @@
 """Thresholds: from normal images only, stored with the model (atomically, loadable with
 weights_only=True); the decision metrics by hand; the evaluation's threshold columns."""
 import math
+import re
 import shutil
 import warnings
 
@@ -274,3 +275,18 @@ def test_evaluation_reports_f1_optimal_and_stored_threshold_metrics(tiny_mvtec, 
                                                       flip_average=True)
     assert math.isnan(flipped['image_f1']) and math.isnan(flipped['pixel_recall'])
     assert 0 < flipped['image_f1_best'] <= 1
+
+
+def test_exports_made_before_the_thresholds_are_named(held_out_model, tmp_path):
+    """An export keeps the thresholds of its checkpoint when it was made: calibrating the checkpoint again
+    in place names the exports at their default names, which would flag images by the earlier ones."""
+    from experiments import export
+    path, root, held_out = held_out_model
+    exported = export.export(path, 'torchscript')
+    assert exported == export.default_export_path(path, 'torchscript')
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(exported))} was exported before these thresholds and "
+                                         rf"keeps the earlier ones.*-m {re.escape(str(path))} --format torchscript$"):
+        thresholds.main(['-m', str(path), '--batch-size', '4'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a copy written elsewhere has no export beside it
+        thresholds.main(['-m', str(path), '--batch-size', '4', '-o', str(tmp_path / 'copy.pt')])
