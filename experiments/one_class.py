@@ -53,6 +53,8 @@ MAX_PATCH_VECTORS = 4096  # patch vectors of the normal images that a patch-leve
 MEDIAN_SAMPLES = 1000  # vectors whose pairwise distances give the median-heuristic kernel width
 OCSVM_NU = 0.1
 SMOOTHING_SIGMA_AT_256 = 4.0  # pixels of the Gaussian that smooths a heatmap, at a 256-pixel side
+SINGULAR_SHRINKAGE = 0.1  # GDE's shrinkage where Ledoit-Wolf's leaves S singular (two samples, or repeated ones)
+SINGULAR_RATIO = 1e-10  # smallest / largest eigenvalue of a covariance at or below which it counts as singular
 SAME_FEATURES = 1e-6  # relative spread (some float32 roundings) below which a feature counts as constant
 POOLED_METRICS = ('image_auroc_pooled', 'image_ap_pooled')  # image score: the pooled features' score
 
@@ -90,16 +92,25 @@ class GaussianDensityEstimator:
     ``score(x)`` is the squared Mahalanobis distance ``(x - mu)^T S^-1 (x - mu)``, i.e. the
     negative log-density up to constants. With fewer samples than dimensions the sample
     covariance is singular; the shrinkage towards a scaled identity keeps S invertible, and a
-    warning says so.
+    warning says so. Where the Ledoit-Wolf shrinkage is 0 all the same (two samples, or samples
+    that repeat two vectors: each one's outer product is then the sample covariance), S would be
+    singular and scores would measure one direction only: S is then shrunk by SINGULAR_SHRINKAGE,
+    with a warning.
     """
 
     def fit(self, features):
-        from sklearn.covariance import LedoitWolf
+        from sklearn.covariance import LedoitWolf, ShrunkCovariance
         features = _as_features(features, min_samples=2)
         _check_spread(features, 'GDE')
         self.estimator_ = LedoitWolf().fit(features)
         n, d = features.shape
-        if n < d:
+        eigenvalues = np.linalg.eigvalsh(self.estimator_.covariance_)
+        if eigenvalues[0] <= SINGULAR_RATIO * eigenvalues[-1]:
+            warnings.warn(f'GDE: the Ledoit-Wolf covariance of the {n} normal samples ({d} feature dimensions) '
+                          f'is singular (shrinkage {self.estimator_.shrinkage_:.2f}: two samples, or repeated '
+                          f'ones?); shrunk by {SINGULAR_SHRINKAGE} towards a scaled identity instead')
+            self.estimator_ = ShrunkCovariance(shrinkage=SINGULAR_SHRINKAGE).fit(features)
+        elif n < d:
             warnings.warn(f'GDE: {n} normal samples for {d} feature dimensions: the sample '
                           'covariance is singular, the Ledoit-Wolf shrinkage '
                           f'({self.estimator_.shrinkage_:.2f}) makes it invertible')
@@ -112,14 +123,14 @@ class GaussianDensityEstimator:
 def median_distance(features, max_samples=MEDIAN_SAMPLES, seed=0):
     """Median Euclidean distance between pairs of rows that differ (of at most ``max_samples``
     rows, drawn at random); the median heuristic for a kernel width. Positive (1 if all rows
-    coincide)."""
+    coincide). The distances are those of the differences (``pdist``), exactly 0 for repeated
+    rows: |a|^2 + |b|^2 - 2 a.b would leave rounding residues that count as pairs that differ."""
+    from scipy.spatial.distance import pdist
     features = _as_features(features, min_samples=2)
     if len(features) > max_samples:
         rows = np.random.default_rng(seed).choice(len(features), max_samples, replace=False)
         features = features[rows]
-    squared = (features ** 2).sum(1)
-    distances = squared[:, None] + squared[None, :] - 2 * features @ features.T
-    pairs = np.sqrt(np.maximum(distances[np.triu_indices(len(features), k=1)], 0))
+    pairs = pdist(features)
     pairs = pairs[pairs > 0]
     return float(np.median(pairs)) if len(pairs) else 1.0
 

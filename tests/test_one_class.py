@@ -14,8 +14,8 @@ from conftest import make_mvtec_category
 from experiments import one_class
 from experiments.settings import trained_model_path
 from experiments.one_class import (ONE_CLASS_MODELS, GaussianDensityEstimator, KernelDensityEstimator,
-                                   OneClassSVMDetector, extract_features, make_one_class, median_distance,
-                                   two_stage_scores, upsample_scores)
+                                   OneClassSVMDetector, extract_features, l2_normalize, make_one_class,
+                                   median_distance, two_stage_scores, upsample_scores)
 from models.resnet import resnet18_enc_dec
 from self_sup_data.mvtec import SelfSupMVTecDataset
 from self_sup_data.self_sup_tasks import CutPaste3Way, color_jitter, cutpaste_scar
@@ -81,6 +81,23 @@ def test_shrinkage_warns_when_fewer_samples_than_dimensions():
         GaussianDensityEstimator().fit(np.random.default_rng(0).normal(size=(30, 20)))
 
 
+@pytest.mark.parametrize('rows', [[0, 1], [0, 1, 0, 1]])
+def test_gde_of_two_vectors_shrinks_a_singular_covariance(rows):
+    """Two samples (or two repeated): Ledoit-Wolf's shrinkage is 0 and its S has rank 1, by whose
+    pseudo-inverse the training vectors scored above new ones; S is shrunk instead, and said so."""
+    rng = np.random.default_rng(0)
+    normal = l2_normalize(np.abs(rng.standard_normal((2, 64))))[rows]
+    with pytest.warns(UserWarning, match=rf'covariance of the {len(rows)} normal samples \(64 feature dimensions\) '
+                                         r'is singular \(shrinkage 0.00.*shrunk by 0.1'):
+        model = GaussianDensityEstimator().fit(normal)
+    mean = normal.mean(axis=0)
+    covariance = 0.9 * np.cov(normal.T, bias=True) + 0.1 * np.trace(np.cov(normal.T, bias=True)) / 64 * np.eye(64)
+    new = l2_normalize(np.abs(rng.standard_normal((5, 64))))
+    expected = np.einsum('nd,de,ne->n', new - mean, np.linalg.inv(covariance), new - mean)
+    assert model.score(new) == pytest.approx(expected)
+    assert model.score(normal).max() < model.score(new).min()
+
+
 def test_median_distance_is_the_median_of_pairwise_distances():
     features = np.random.default_rng(0).normal(size=(50, 7))
     assert median_distance(features) == pytest.approx(np.median(pdist(features)))
@@ -88,6 +105,16 @@ def test_median_distance_is_the_median_of_pairwise_distances():
     repeated = np.concatenate([np.zeros((80, 7)), features[:20] * 0.01])  # most pairs coincide
     distinct = pdist(repeated)
     assert median_distance(repeated) == pytest.approx(np.median(distinct[distinct > 0]))
+    # repeated vectors that are not 0: |a|^2 + |b|^2 - 2 a.b left rounding residues of about 1e-8 (on some
+    # of these draws, which ones depending on the BLAS), the median of most pairs
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        for dimensions in (256, 512):
+            vector = np.abs(rng.standard_normal(dimensions)).astype(np.float32)
+            noisy = np.abs(vector + rng.normal(0, 0.3, (100, dimensions))).astype(np.float32)
+            mostly_one = l2_normalize(np.concatenate([np.repeat(vector[None], 400, 0), noisy]))
+            distinct = pdist(mostly_one)
+            assert median_distance(mostly_one) == pytest.approx(np.median(distinct[distinct > 0]))
 
 
 def test_bad_names_and_inputs_raise():
