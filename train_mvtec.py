@@ -582,6 +582,14 @@ def refuse_other_run_before_search(args, setting, data_dir, category, out_dir):
     return found, state, previous
 
 
+def recorded_search(meta):
+    """Whether the run of ``meta`` recorded its search whole: the candidates' scores and calibration
+    reports and the budget they were trained with (a run of older code may lack the last two, and is
+    checked by searching again)."""
+    return (bool(meta.get('recipe_search')) and 'search_calibration' in meta
+            and meta.get('search_budget') is not None)
+
+
 @one_line_warnings(PROG)
 @reports_from_first_process_only()
 def main(argv=None):
@@ -626,9 +634,9 @@ def main(argv=None):
 def train_category(args, setting, data_dir, category, out_dir):
     """Train ``setting`` on one category (after its --recipe search, if asked), unless --resume
     finds it finished (the search too: its choice is read from the finished run, even where the
-    candidates' folder is gone), holding the run's lock throughout (``run_lock``, from before the
-    search's candidates; under torchrun the first process holds it for all); an error ends in
-    ``exit_on_input_error``'s message and SystemExit."""
+    candidates' folder is gone, if it recorded the search whole: ``recorded_search``), holding the
+    run's lock throughout (``run_lock``, from before the search's candidates; under torchrun the
+    first process holds it for all); an error ends in ``exit_on_input_error``'s message and SystemExit."""
     params = search = reports = None
     recipe = recipes.recipe_name(args.recipe, category)
     run_dir, run_name = setting.run_dir(out_dir, category), setting.run_name(category)
@@ -639,7 +647,7 @@ def train_category(args, setting, data_dir, category, out_dir):
             if recipe == 'search' and held_out_images(args, data_dir, category, recipe)[2].size:
                 found, state, previous = (refuse_other_run_before_search(args, setting, data_dir, category, out_dir)
                                           if args.resume else (None, None, None))
-                if state == 'finished':
+                if state == 'finished' and recorded_search(previous):
                     params, search, reports = (previous[name] for name in ('category_params', 'recipe_search',
                                                                            'search_calibration'))
                     print_search_choice(category, search, found)

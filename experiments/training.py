@@ -121,8 +121,9 @@ SELECTIONS = ('last', 'best')
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
                      'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget',
                      'train_contents_sha256')
-# the validation set's settings, which change nothing where no image was held out (a category too small)
-# and no --recipe search held images out to choose the recipe (its final run trains on all of them)
+# the validation set's settings, which change nothing where no image was held out (a category too small),
+# but for the seed of the images that a --recipe search held out to choose the recipe (its final run trains
+# on all of them; the fraction is in its search_budget)
 UNUSED_VALIDATION_FIELDS = ('validation_fraction', 'validation_seed')
 # entries of a layout's spec that name test images only (the folder format's): never trained on
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
@@ -521,10 +522,12 @@ def run_differences(saved_meta, meta):
     ['key: saved vs now', ...] for each entry that changes what is learnt (the data, generator,
     model and ``TrainConfig`` values; runtime fields, results, listings (by their digests),
     ``swa_lr`` without ``swa_epochs``, the validation set's fraction and seed where no image was held
-    out, neither by the run nor by a --recipe search that chose its recipe (``search_budget`` recorded),
-    and the folder format's test folders are ignored); [] for the same run."""
+    out (its seed counts where either run's recipe came from a --recipe search, whose candidates were
+    validated on the images it draws), and the folder format's test folders are ignored); [] for the
+    same run."""
     defaults = asdict(TrainConfig(epochs=1))  # fields added since the checkpoint was written
-    searched = saved_meta.get('search_budget') is not None
+    searched = any(m.get('recipe_search') for m in (saved_meta, meta))
+    unused = ('validation_fraction',) if searched else UNUSED_VALIDATION_FIELDS
 
     def learnt(m):
         config = {k: v for k, v in {**defaults, **m.get('train_config', {})}.items()
@@ -533,7 +536,7 @@ def run_differences(saved_meta, meta):
             config.pop('swa_lr', None)  # no averaging: its learning rate is never used
         rest = {k: v for k, v in m.items() if k not in RESULT_FIELDS + LISTING_FIELDS
                 and not (k in LATER_META_FIELDS and k not in saved_meta)
-                and not (k in UNUSED_VALIDATION_FIELDS and not m.get('held_out') and not searched)}
+                and not (k in unused and not m.get('held_out'))}
         if isinstance(rest.get('layout'), dict):
             rest['layout'] = {k: v for k, v in rest['layout'].items() if k not in TEST_ONLY_LAYOUT_FIELDS}
         return {**rest, **config}

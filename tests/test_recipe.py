@@ -999,6 +999,25 @@ def test_search_trains_the_candidates_and_keeps_the_best(tmp_path, capsys, selec
             error = capsys.readouterr().err
             assert f'cannot resume the finished run {final}' in error and difference in error
             assert {path: path.stat().st_mtime_ns for path in out.rglob('*.pt')} == written
+        # a run of older code, which recorded neither the search's budget nor its calibration reports, is
+        # checked by searching again (its candidates read back), as before; another --val-seed is refused
+        older = tmp_path / 'older'
+        shutil.copytree(out, older)
+        older_final = settings.trained_model_path(older, 'Shift-Intensity-M', 'plates')
+        for path in (older_final, older_final.with_name(older_final.name.replace('final_', 'last_'))):
+            checkpoint = torch.load(path, weights_only=True)
+            for name in ('search_budget', 'search_calibration'):
+                del checkpoint['meta'][name]
+            torch.save(checkpoint, path)
+        assert train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(older), '--recipe',
+                                 'search', '--search-epochs', '1', '--resume'] + FAST) == 0
+        printed = capsys.readouterr().out
+        assert printed.count('exists, skipping it') == len(search) + 1
+        with pytest.raises(SystemExit):
+            train_mvtec.main(['-s', 'Shift-Intensity-M', '-d', str(data), '-o', str(older), '--recipe',
+                              'search', '--search-epochs', '1', '--resume', '--val-seed', '1'] + FAST)
+        error = capsys.readouterr().err
+        assert f'cannot resume the finished run {older_final}' in error and 'validation_seed: 0 vs 1' in error
         # the final run gone (as if interrupted before it), a search with other arguments trains
         # its candidates again instead of refusing them
         final.unlink()

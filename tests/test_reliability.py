@@ -1112,6 +1112,15 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     assert training.run_differences(small, dict(small, validation_fraction=0.0, validation_seed=3)) == []
     held = dict(small, held_out=2)
     assert training.run_differences(held, dict(held, validation_fraction=0.2)) == ['validation_fraction: 0.1 vs 0.2']
+    # ... but the seed does where a --recipe search held out the images its candidates were chosen on,
+    # whichever run is given first (one of older code records no search_budget)
+    searched = dict(small, recipe_search={'auto': dict(score=0.5, params={})}, search_budget=dict(epochs=1))
+    older = {k: v for k, v in searched.items() if k != 'search_budget'}
+    other_seed = dict(searched, validation_seed=1)
+    for first, second in ((searched, other_seed), (older, other_seed), (other_seed, older)):
+        assert f"validation_seed: {first['validation_seed']} vs {second['validation_seed']}" in (
+            training.run_differences(first, second))
+    assert training.run_differences(searched, dict(searched, validation_fraction=0.0)) == []
 
 
 def test_a_table_recipe_changed_between_seeds_is_named():
