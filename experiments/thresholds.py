@@ -21,6 +21,7 @@ precision, recall and F1 at them.
 """
 import argparse
 import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -119,21 +120,24 @@ def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
 
 def store_thresholds(path, thresholds, out_path=None):
     """Write the checkpoint ``path`` with ``thresholds`` in its meta to ``out_path`` (default:
-    ``path``), atomically; returns the written path."""
+    ``path``, or the file it links to: the link stays), atomically; returns the written path."""
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     checkpoint['meta']['thresholds'] = dict(thresholds)
-    return save_torch_atomic(checkpoint, out_path or path)
+    return save_torch_atomic(checkpoint, out_path or Path(path).resolve())
 
 
 def warn_earlier_exports(model_path):
     """Warn for each export of the checkpoint ``model_path`` at its default name (``default_export_path``),
-    made before its thresholds were stored: it keeps the earlier ones, by which predict.py would flag."""
+    made before its thresholds were stored: it carries the thresholds its model had then (or none), by
+    which predict.py would flag images."""
     for fmt in FORMATS:
         export_path = default_export_path(model_path, fmt)
         if export_path.is_file():
-            warnings.warn(f"{export_path} was exported before these thresholds and keeps the earlier ones, "
-                          f"by which predict.py flags images with it; export the model again: "
-                          f"python -m experiments.export -m {model_path} --format {fmt}")
+            warnings.warn(f"{export_path} was exported before these thresholds were stored and does not carry "
+                          f"them (predict.py with it decides by those its model had then, or makes no "
+                          f"decisions); export the model again, with the options it was exported with "
+                          f"(--dynamic-size ...): python -m experiments.export -m {shlex.quote(str(model_path))} "
+                          f"--format {fmt}")
 
 
 def parse_args(argv=None):

@@ -2,6 +2,7 @@
 weights_only=True); the decision metrics by hand; the evaluation's threshold columns."""
 import math
 import re
+import shlex
 import shutil
 import warnings
 
@@ -284,9 +285,21 @@ def test_exports_made_before_the_thresholds_are_named(held_out_model, tmp_path):
     path, root, held_out = held_out_model
     exported = export.export(path, 'torchscript')
     assert exported == export.default_export_path(path, 'torchscript')
-    with pytest.warns(UserWarning, match=rf"^{re.escape(str(exported))} was exported before these thresholds and "
-                                         rf"keeps the earlier ones.*-m {re.escape(str(path))} --format torchscript$"):
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(exported))} was exported before these thresholds were "
+                                         rf"stored and does not carry them.*--dynamic-size.*"
+                                         rf"-m {re.escape(shlex.quote(str(path)))} --format torchscript$"):
         thresholds.main(['-m', str(path), '--batch-size', '4'])
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a copy written elsewhere has no export beside it
         thresholds.main(['-m', str(path), '--batch-size', '4', '-o', str(tmp_path / 'copy.pt')])
+
+
+def test_a_model_calibrated_through_a_link_is_the_file_linked_to(held_out_model, tmp_path):
+    """In place through a symbolic link: the linked model gains the thresholds, the link stays (writing
+    the link's path replaced it with a calibrated copy and left the model as it was)."""
+    path, root, held_out = held_out_model
+    link = tmp_path / 'linked.pt'
+    link.symlink_to(path)
+    calibrated = thresholds.main(['-m', str(link), '--batch-size', '4'])
+    assert link.is_symlink() and link.resolve() == path.resolve()
+    assert read_meta(path)['thresholds'] == calibrated
