@@ -92,8 +92,8 @@ class GaussianDensityEstimator:
     ``score(x)`` is the squared Mahalanobis distance ``(x - mu)^T S^-1 (x - mu)``, i.e. the
     negative log-density up to constants. With fewer samples than dimensions the sample
     covariance is singular; the shrinkage towards a scaled identity keeps S invertible, and a
-    warning says so. Where the Ledoit-Wolf shrinkage is 0 all the same (two samples, or samples
-    that repeat two vectors: each one's outer product is then the sample covariance), S would be
+    warning says so. Where the Ledoit-Wolf shrinkage is 0 all the same (two samples, or two vectors
+    repeated as often: each centred sample's outer product is then the sample covariance), S would be
     singular and scores would measure one direction only: S is then shrunk by SINGULAR_SHRINKAGE,
     with a warning.
     """
@@ -107,8 +107,9 @@ class GaussianDensityEstimator:
         eigenvalues = np.linalg.eigvalsh(self.estimator_.covariance_)
         if eigenvalues[0] <= SINGULAR_RATIO * eigenvalues[-1]:
             warnings.warn(f'GDE: the Ledoit-Wolf covariance of the {n} normal samples ({d} feature dimensions) '
-                          f'is singular (shrinkage {self.estimator_.shrinkage_:.2f}: two samples, or repeated '
-                          f'ones?); shrunk by {SINGULAR_SHRINKAGE} towards a scaled identity instead')
+                          f'is singular (shrinkage {max(self.estimator_.shrinkage_, 0):.2g}: two samples, or '
+                          f'two vectors repeated as often?); shrunk by {SINGULAR_SHRINKAGE} towards a scaled '
+                          f'identity instead')
             self.estimator_ = ShrunkCovariance(shrinkage=SINGULAR_SHRINKAGE).fit(features)
         elif n < d:
             warnings.warn(f'GDE: {n} normal samples for {d} feature dimensions: the sample '
