@@ -227,6 +227,21 @@ def test_a_conversion_killed_by_sigterm_or_hangup_leaves_no_build_folder(tmp_pat
     assert signal.getsignal(number) == handler  # restored
 
 
+def test_a_signal_the_caller_ignores_stays_ignored_during_a_build(request):
+    """Under nohup a hangup is ignored, and a conversion goes on through it; kill's SIGTERM, at its default,
+    still exits through the cleanup."""
+    from self_sup_data.folders import terminate_as_exit
+    outside = {number: signal.getsignal(number) for number in (signal.SIGHUP, signal.SIGTERM)}
+    request.addfinalizer(lambda: [signal.signal(number, handler) for number, handler in outside.items()])
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with terminate_as_exit():
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)  # ignored: the block goes on
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_truncated_source_image_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(magnetic_tile, 'N_TEST_GOOD', 4)
     _write_source(tmp_path / 'src')
