@@ -75,6 +75,10 @@ SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic, mixed gradients)',
                  'CutPaste-3way': 'CutPaste (3-way classifier) + Gaussian density'}
 # The budget is part of a model's identity: a model trained with another budget is retrained.
 BUDGET_FIELDS = ('epochs', 'batch_size', 'lr')
+# what the models of this script are trained with, and a model trained with other options of the
+# training script is not: all images, the last epoch's weights, no averaging, the default network
+TRAINED_AS = dict(held_out=0, select='last', swa_epochs=0, param_overrides={},
+                  network=dict(pool=True, preact=False, paper_network=False, dropout_rate=0.0))
 TABLE_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
                  'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO',
                  'pixel_auroc_border': 'pixel AUROC (border band)', 'pixel_auroc_inner': 'pixel AUROC (inner)',
@@ -109,8 +113,9 @@ def parse_args(argv=None):
                              "loss)")
     stage = parser.add_mutually_exclusive_group()
     stage.add_argument('--evaluate-only', action='store_true',
-                       help='tabulate the models that exist (those of this run\'s budget and recipe; others are '
-                            'left out, and the run fails); train nothing')
+                       help='tabulate the trained models (those of this run\'s budget and recipe; a missing or '
+                            'other one is left out, the tables of the others written as real_data_partial.md '
+                            'etc., and the run fails); train nothing')
     stage.add_argument('--train-only', action='store_true', help='train; evaluate nothing')
     parser.add_argument('--flip-average', action='store_true',
                         help='evaluate with each map averaged with that of the vertically flipped '
@@ -157,14 +162,20 @@ def training_loss(args, key):
 def mismatches(meta, args, key):
     """The fields in which a model's meta differs from what this run would train: the recipe, with
     ``table`` the generator's arguments (from the category's parameters; a calibrated recipe is
-    reproduced from the same images and seed), the generator's version, and the budget."""
+    reproduced from the same images and seed), the generator's version, the budget, and what the
+    training script's options would change and this script never gives (images held out, the weights
+    chosen, weight averaging, the network, category parameters set by hand: ``TRAINED_AS``)."""
     setting = settings.parse_setting(key)
+    config, network = meta.get('train_config', {}), meta.get('model_config', {})
     wanted = dict(recipe=args.recipe, generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
                   loss=training_loss(args, key),
-                  **{field: getattr(args, field) for field in BUDGET_FIELDS})
+                  **{field: getattr(args, field) for field in BUDGET_FIELDS}, **TRAINED_AS)
     found = dict(recipe=meta.get('recipe', 'table'), generator_version=meta.get('generator_version', 1),
-                 res_scale=meta.get('res_scale'), loss=meta.get('train_config', {}).get('loss'),
-                 **{field: meta.get('train_config', {}).get(field) for field in BUDGET_FIELDS})
+                 res_scale=meta.get('res_scale'), loss=config.get('loss'),
+                 **{field: config.get(field) for field in BUDGET_FIELDS},
+                 held_out=meta.get('held_out', 0), select=config.get('select', 'last'),
+                 swa_epochs=config.get('swa_epochs', 0), param_overrides=meta.get('param_overrides') or {},
+                 network={name: network.get(name, value) for name, value in TRAINED_AS['network'].items()})
     if args.recipe == 'table':
         wanted['self_sup_args'] = settings.mvtec_self_sup_args(setting, args.category)
         found['self_sup_args'] = meta.get('self_sup_args')
@@ -318,22 +329,23 @@ def method_name(key, self_sup_args):
     return name
 
 
-def output_suffix(args):
-    """'_flip_average' for the tables and figure of a flip-averaged evaluation, else ''."""
-    return '_flip_average' if args.flip_average else ''
+def output_suffix(args, partial=False):
+    """The suffix of the tables' and figure's names: '_flip_average' for a flip-averaged evaluation, and
+    '_partial' where settings were left out (so that the tables of a whole run are not replaced)."""
+    return ('_flip_average' if args.flip_average else '') + ('_partial' if partial else '')
 
 
-def write_figure(args, maps_by_setting, dataset):
+def write_figure(args, maps_by_setting, dataset, partial=False):
     indices = plotting.example_indices(dataset.defect_types, EXAMPLES_PER_TYPE, first='good')
     masks = [dataset.masks[i] if dataset.has_mask[i] else None for i in indices]
     titles = [dataset.defect_types[i] for i in indices]
     rows = {SETTING_NAMES.get(key, key): [maps[i] for i in indices]
             for key, maps in maps_by_setting.items()}
     return plotting.plot_map_comparison([dataset.images[i] for i in indices], masks, rows, titles,
-                                        Path(args.out) / f'heatmaps{output_suffix(args)}.png')
+                                        Path(args.out) / f'heatmaps{output_suffix(args, partial)}.png')
 
 
-def write_tables(args, records):
+def write_tables(args, records, left_out=()):
     main = pd.DataFrame([{'setting': r['setting'], 'method': r['method'],
                           **{name: r.get(m, np.nan) for m, name in TABLE_COLUMNS.items()},
                           'training (min)': r['train_minutes'], 'epochs': r['epochs']}
@@ -346,10 +358,11 @@ def write_tables(args, records):
     averaged = ', maps averaged with the vertical flip' if args.flip_average else ''
     text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, batch {args.batch_size}, '
             f'recipe {args.recipe}, BCE settings trained with {args.loss or "bce"}{averaged}\n\n'
+            + (f'Left out (see the run\'s errors): {", ".join(left_out)}.\n\n' if left_out else '')
             + main.to_markdown(index=False, floatfmt='.3f')
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
             + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
-    suffix = output_suffix(args)
+    suffix = output_suffix(args, bool(left_out))
     write_text_atomic(out / f'real_data{suffix}.md', text)
     write_text_atomic(out / f'real_data{suffix}.csv', main.to_csv(index=False))
     write_text_atomic(out / f'real_data{suffix}_per_type.csv', per_type.to_csv(index=False))
@@ -376,8 +389,9 @@ def run(args):
     """Train (unless --evaluate-only) and evaluate (unless --train-only) the settings of ``args``,
     write and print the tables -> exit status. Unknown setting keys, a model named twice, a test set
     that cannot be evaluated and flip averaging that does not apply fail before anything is trained; a
-    model that cannot be evaluated, or (--evaluate-only) was trained otherwise than this run states, is
-    left out of the tables of the others, and the status is 1."""
+    model that is missing, cannot be evaluated, or (--evaluate-only) was trained otherwise than this run
+    states, is left out of the tables of the others, which are then written as ``real_data_partial*``
+    (those of a whole run stay as they were), and the status is 1."""
     trained = {}
     for key in args.settings:
         setting = settings.parse_setting(key)
@@ -401,7 +415,8 @@ def run(args):
     for key in args.settings:
         path = model_path(args, key)
         if not path.is_file():
-            print(f'{key}: no trained model at {path}, left out')
+            print(f'real_data: {key}: no trained model at {path}', file=sys.stderr)
+            failed.append(key)
             continue
         try:
             differing = mismatches(read_meta(path), args, key)
@@ -417,11 +432,12 @@ def run(args):
     if not records:
         print('real_data: no trained model to evaluate', file=sys.stderr)
         return 1
-    print(write_tables(args, records))
-    print(f'figure: {write_figure(args, maps_by_setting, datasets[records[0]["setting"]])}')
+    print(write_tables(args, records, failed))
+    print(f'figure: {write_figure(args, maps_by_setting, datasets[records[0]["setting"]], bool(failed))}')
     print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
     if failed:
-        print(f'real_data: left out of the tables: {", ".join(failed)}', file=sys.stderr)
+        print(f'real_data: left out of the tables: {", ".join(failed)}; the others\' are in '
+              f'real_data{output_suffix(args, True)}.md', file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -102,6 +102,17 @@ def test_mismatches_names_what_differs_from_the_requested_run():
     calibrated = dict(meta, recipe='auto', self_sup_args=dict(self_sup_args, num_patches=2))
     assert real_data.mismatches(calibrated, auto, 'Shift-M') == []
     assert real_data.mismatches(calibrated, args, 'Shift-M') == ['recipe', 'self_sup_args']
+    # options of the training script that this script never gives (a model trained by hand into its folder)
+    for changes, field in ((dict(held_out=3), 'held_out'),
+                           (dict(param_overrides=dict(num_patches=8)), 'param_overrides'),
+                           (dict(model_config=dict(pool=True, paper_network=True)), 'network'),
+                           (dict(model_config=dict(pool=False)), 'network'),
+                           (dict(train_config=dict(meta['train_config'], select='best')), 'select'),
+                           (dict(train_config=dict(meta['train_config'], swa_epochs=5)), 'swa_epochs')):
+        assert real_data.mismatches(dict(meta, **changes), args, 'Shift-M') == [field]
+    trained_here = dict(meta, held_out=0, param_overrides={}, model_config=dict(
+        num_classes=1, in_channels=1, pool=True, preact=False, final_activation='sigmoid', dropout_rate=0.0))
+    assert real_data.mismatches(trained_here, args, 'Shift-M') == []
 
 
 def _rewrite_meta(path, target, **changes):
@@ -237,8 +248,17 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     assert real_data.main(base + ['--settings', 'CutPaste-3way', 'CutPaste', '--evaluate-only']) == 1
     error = capsys.readouterr().err
     assert 'real_data: CutPaste-3way: maps contains NaN' in error and 'left out of the tables: CutPaste-3way' in error
-    assert (out / 'real_data.md').read_text() == plain  # the other model's table
+    assert (out / 'real_data.md').read_text() == plain  # the whole run's table stays
+    partial = (out / 'real_data_partial.md').read_text()  # the others' table, saying what it lacks
+    assert 'Left out (see the run\'s errors): CutPaste-3way.' in partial and '| CutPaste ' in partial
+    assert (out / 'heatmaps_partial.png').is_file()
     monkeypatch.setattr(real_data, 'evaluate_model', evaluate_model)
+    # a missing model too (it was printed and left out, and the table replaced without it)
+    assert real_data.main(base + ['--settings', 'CutPaste', 'CutPaste-1', '--evaluate-only']) == 1
+    error = capsys.readouterr().err
+    assert 'real_data: CutPaste-1: no trained model at' in error and 'left out of the tables: CutPaste-1' in error
+    assert (out / 'real_data.md').read_text() == plain
+    assert 'Left out (see the run\'s errors): CutPaste-1.' in (out / 'real_data_partial.md').read_text()
 
     # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
     plain = (out / 'real_data.md').read_text()
