@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import itertools
+import math
 import os
 import tempfile
 import time
@@ -153,7 +154,9 @@ def main(argv=None):
                            torch.rand(batch_size, 1, size, size)) for _ in range(args.steps + 1)]
         model_rate = images_per_second(random_batches, step, device)
         warmup = loader_warmup(args.workers)
-        timed = repeated(dataset, -(-batch_size // SMALL_BATCH))  # a batch of 64: 240 images an epoch
+        # epochs of whole batches (60 images: 240 in batches of 16 or 64): a short batch at an epoch's end
+        # would time a new shape (with --compile a recompilation) that the model alone never sees
+        timed = repeated(dataset, batch_size // math.gcd(len(dataset), batch_size))
         data_rate, pipeline_rate = (
             images_per_second(loader_batches(timed, config, device, args.steps + warmup),
                               batch_step, device, warmup)

@@ -70,12 +70,15 @@ def test_a_tiny_run_times_real_steps_and_prints_three_positive_rates(bf16, capsy
 
 
 @pytest.mark.slow
-def test_a_batch_larger_than_the_demo_category_keeps_its_size(monkeypatch):
+@pytest.mark.parametrize('batch_size, steps', [(64, 1), (16, 6)])
+def test_every_timed_batch_has_the_batch_size(monkeypatch, batch_size, steps):
+    """Not 60 (the demo category) for a batch of 64, nor a short batch of 12 at the end of an epoch of
+    60 images in batches of 16: a shape the model alone never sees (with --compile, a recompilation)."""
     sizes = []
     monkeypatch.setattr(training, 'train_step',
                         lambda module, optimizer, loss, images, *rest: sizes.append(len(images)))
-    training.main(['--size', '32', '--batch-size', '64', '--steps', '1', '--workers', '0'])
-    assert sizes == [64] * 4  # model alone and full pipeline, each a warm-up and a timed step; not 60
+    training.main(['--size', '32', '--batch-size', str(batch_size), '--steps', str(steps), '--workers', '0'])
+    assert sizes == [batch_size] * 2 * (steps + 1)  # model alone and full pipeline, warm-up and timed steps
 
 
 @pytest.mark.slow
