@@ -4,8 +4,8 @@ and ONNX Runtime (float32), at batch 1 and 16, side by side, on the CPU with 2 t
 The network of ``predict.py``: NSA's encoder-decoder with the normalisation and the sigmoid
 (``experiments.torch_model.ImageInputModel``), randomly initialised (speed does not depend on the
 weights), on uint8 batches of --size pixels (default 256, the test side at full resolution) with
---channels channels, exported to ONNX as ``experiments.export`` does. Each figure is measured
-after one warm-up call, over --repeats calls. bfloat16 is fast only on CPUs with bfloat16
+--channels channels, exported to ONNX as ``experiments.export`` does. Each figure is the batch over
+the median time of --repeats calls, after warm-up calls (``images_per_second``). bfloat16 is fast only on CPUs with bfloat16
 instructions (AVX512-BF16, AMX) and is left out elsewhere. Run from the repository root:
 
     python bench/inference.py [--size 256] [--channels 3] [--batch-sizes 1 16] [--repeats 5]
@@ -26,15 +26,23 @@ from experiments.training import cpu_has_bf16
 from models.resnet import SIZE_MULTIPLE, resnet18_enc_dec
 
 THREADS = 2
+WARMUP_CALLS, WARMUP_SECONDS = 3, 1.0
 
 
 def images_per_second(run, batch, repeats):
-    """Images per second of ``run(batch)`` over ``repeats`` calls after one warm-up call."""
-    run(batch)
-    started = time.perf_counter()
-    for _ in range(repeats):
+    """Images per second of ``run(batch)``: the batch over the median time of ``repeats`` calls, after
+    warm-up calls (at least WARMUP_CALLS, for at least WARMUP_SECONDS: a process's first calls of a
+    network are up to tens of times slower than later ones)."""
+    started, calls = time.perf_counter(), 0
+    while calls < WARMUP_CALLS or time.perf_counter() - started < WARMUP_SECONDS:
         run(batch)
-    return repeats * len(batch) / (time.perf_counter() - started)
+        calls += 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return len(batch) / float(np.median(times))
 
 
 def runners(channels, size, folder):
