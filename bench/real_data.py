@@ -23,8 +23,8 @@ images (``experiments.recipes``), trained on every image (no validation set held
 ``focal``: the focal loss; see ``experiments.training``).
 
 It resumes where it stopped: a finished model whose configuration (the recipe, with ``table`` the
-generator arguments that the category's parameters give, the generator's version, the budget and
-the loss)
+generator arguments that the category's parameters give, the generator's version, the budget, the
+loss, and none of the training script's options that this script never gives: ``mismatches``)
 matches the request is not retrained, and an interrupted one continues from its last checkpoint. A model that no longer
 matches (e.g. after tuning a category's parameters in ``experiments/settings.py``, or trained
 before a fix of the generator: ``GENERATOR_VERSION``) is renamed ``stale_*.pt`` and retrained.
@@ -37,7 +37,9 @@ Training output goes to ``OUT/logs/<category>_<key>.log``, so the whole run can 
 
 ``--flip-average`` evaluates with each map averaged with that of the vertically flipped image
 (``experiments.prediction``; textures only, not for ``CutPaste-3way``) and writes its tables and
-figure beside the plain ones, as ``real_data_flip_average.md`` etc.
+figure beside the plain ones, as ``real_data_flip_average.md`` etc. A model that is missing or cannot
+be evaluated (or, with ``--evaluate-only``, was trained otherwise) is left out, the others' tables are
+written as ``real_data_partial.md`` etc. (those of the last whole run stay), and the status is 1.
 """
 import argparse
 import json
@@ -47,6 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -206,7 +209,7 @@ def set_aside_if_stale(args, key):
 
 def output_files(out, suffix):
     """The tables and figures that an evaluation writes into ``out`` (``suffix``: '' for the plain
-    ones, '_flip_average'), the markdown table first."""
+    ones, '_flip_average', each with '_partial': ``output_suffix``), the markdown table first."""
     return [Path(out) / f'{stem}{suffix}{ending}' for stem, ending in (
         ('real_data', '.md'), ('real_data', '.csv'), ('real_data', '_per_type.csv'), ('heatmaps', '.png'))]
 
@@ -219,18 +222,22 @@ def shows_category(table, category):
         return False
 
 
-def remove_outputs(args):
-    """Remove the tables and figures of ``args.category`` in ``args.out`` (plain and flip-averaged;
-    they show a model set aside as stale); an evaluation writes them again."""
+def remove_outputs(args, suffixes=None, why='of the models set aside'):
+    """Remove the tables and figures of ``args.category`` in ``args.out`` with the given ``suffixes``
+    (default all: plain, flip-averaged, and their partial ones; they show a model set aside as stale),
+    saying ``why``; an evaluation writes them again."""
     removed = []
-    for suffix in ('', '_flip_average'):
+    if suffixes is None:
+        suffixes = [output_suffix(SimpleNamespace(flip_average=flip), partial)
+                    for flip in (False, True) for partial in (False, True)]
+    for suffix in suffixes:
         files = output_files(args.out, suffix)
         if shows_category(files[0], args.category):
             removed += [path for path in files if path.is_file()]
     for path in removed:
         path.unlink()
     if removed:
-        print(f'removed the tables and figures of the models set aside: {", ".join(p.name for p in removed)}')
+        print(f'removed the tables and figures {why}: {", ".join(p.name for p in removed)}')
 
 
 class TrainingFailed(Exception):
@@ -433,6 +440,8 @@ def run(args):
         print('real_data: no trained model to evaluate', file=sys.stderr)
         return 1
     print(write_tables(args, records, failed))
+    if not failed:  # the whole run's tables: an earlier run's partial ones are out of date
+        remove_outputs(args, [output_suffix(args, partial=True)], 'of an earlier partial run')
     print(f'figure: {write_figure(args, maps_by_setting, datasets[records[0]["setting"]], bool(failed))}')
     print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
     if failed:

@@ -160,7 +160,8 @@ def test_benchmark_keeps_matching_models_and_retrains_stale_ones(tiny_mvtec, tmp
     assert final.stat().st_mtime_ns == written and not list(final.parent.glob('stale_*'))
 
     assert (out / 'logs' / f'{name}_FPI.log').is_file()  # a log of each category and setting
-    outputs = real_data.output_files(out, '') + real_data.output_files(out, '_flip_average')
+    outputs = [output for suffix in ('', '_flip_average', '_partial', '_flip_average_partial')
+               for output in real_data.output_files(out, suffix)]
     for output in outputs:  # an earlier evaluation's, of the model about to be set aside
         output.write_text(f'## {name}: res-scale 0.25 ...')
     other = tmp_path / 'other'  # and the tables of another category
@@ -253,12 +254,16 @@ def test_benchmark_trains_and_tables_a_decoder_and_cutpaste_3way(tiny_mvtec, tmp
     assert 'Left out (see the run\'s errors): CutPaste-3way.' in partial and '| CutPaste ' in partial
     assert (out / 'heatmaps_partial.png').is_file()
     monkeypatch.setattr(real_data, 'evaluate_model', evaluate_model)
-    # a missing model too (it was printed and left out, and the table replaced without it)
+    # a missing model too (it was printed and left out, and the whole run's table replaced without it)
     assert real_data.main(base + ['--settings', 'CutPaste', 'CutPaste-1', '--evaluate-only']) == 1
     error = capsys.readouterr().err
     assert 'real_data: CutPaste-1: no trained model at' in error and 'left out of the tables: CutPaste-1' in error
     assert (out / 'real_data.md').read_text() == plain
     assert 'Left out (see the run\'s errors): CutPaste-1.' in (out / 'real_data_partial.md').read_text()
+    # a whole run's tables make the partial ones out of date: they are removed
+    assert real_data.main(base + ['--settings', 'CutPaste', '--evaluate-only']) == 0
+    assert not (out / 'real_data_partial.md').exists() and not (out / 'heatmaps_partial.png').exists()
+    assert 'removed the tables and figures of an earlier partial run: real_data_partial.md' in capsys.readouterr().out
 
     # flip averaging writes its own tables and figure beside the plain ones; not for a classifier
     plain = (out / 'real_data.md').read_text()
