@@ -120,10 +120,12 @@ def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
 
 def store_thresholds(path, thresholds, out_path=None):
     """Write the checkpoint ``path`` with ``thresholds`` in its meta to ``out_path`` (default:
-    ``path``, or the file it links to: the link stays), atomically; returns the written path."""
+    ``path``; where it is a symbolic link, to the file it links to: the link stays), atomically;
+    returns the written path."""
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     checkpoint['meta']['thresholds'] = dict(thresholds)
-    return save_torch_atomic(checkpoint, out_path or Path(path).resolve())
+    target = Path(out_path or path)
+    return save_torch_atomic(checkpoint, target.resolve() if target.is_symlink() else target)
 
 
 def warn_earlier_exports(model_path):
@@ -183,6 +185,8 @@ def main(argv=None):
         thresholds['source'] = source
         path = store_thresholds(args.model, thresholds, args.out)
         warn_earlier_exports(path)
+        if Path(path).absolute() != Path(args.out or args.model).absolute():  # written through a link:
+            warn_earlier_exports(args.out or args.model)  # exports made of the link lie beside it
     print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
     if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:

@@ -297,9 +297,16 @@ def test_exports_made_before_the_thresholds_are_named(held_out_model, tmp_path):
 def test_a_model_calibrated_through_a_link_is_the_file_linked_to(held_out_model, tmp_path):
     """In place through a symbolic link: the linked model gains the thresholds, the link stays (writing
     the link's path replaced it with a calibrated copy and left the model as it was)."""
+    from experiments import export
     path, root, held_out = held_out_model
-    link = tmp_path / 'linked.pt'
+    link = tmp_path / 'latest' / 'final.pt'
+    link.parent.mkdir()
     link.symlink_to(path)
-    calibrated = thresholds.main(['-m', str(link), '--batch-size', '4'])
+    exported = export.export(link, 'torchscript')  # beside the link
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(exported))} was exported before these thresholds"):
+        calibrated = thresholds.main(['-m', str(link), '--batch-size', '4'])
     assert link.is_symlink() and link.resolve() == path.resolve()
     assert read_meta(path)['thresholds'] == calibrated
+    exported.unlink()
+    again = thresholds.main(['-m', str(link), '--batch-size', '4', '--fpr', '0.2', '-o', str(link)])  # the same
+    assert link.is_symlink() and read_meta(path)['thresholds'] == again != calibrated
