@@ -107,9 +107,8 @@ class GaussianDensityEstimator:
         eigenvalues = np.linalg.eigvalsh(self.estimator_.covariance_)
         if eigenvalues[0] <= SINGULAR_RATIO * eigenvalues[-1]:
             warnings.warn(f'GDE: the Ledoit-Wolf covariance of the {n} normal samples ({d} feature dimensions) '
-                          f'is singular (shrinkage {max(self.estimator_.shrinkage_, 0):.2g}: two samples, or '
-                          f'two vectors repeated as often?); shrunk by {SINGULAR_SHRINKAGE} towards a scaled '
-                          f'identity instead')
+                          f'is singular (two samples, or two vectors repeated as often?); shrunk by '
+                          f'{SINGULAR_SHRINKAGE} towards a scaled identity instead')
             self.estimator_ = ShrunkCovariance(shrinkage=SINGULAR_SHRINKAGE).fit(features)
         elif n < d:
             warnings.warn(f'GDE: {n} normal samples for {d} feature dimensions: the sample '

@@ -1117,7 +1117,9 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     searched = dict(small, recipe_search={'auto': dict(score=0.5, params={})}, search_budget=dict(epochs=1))
     older = {k: v for k, v in searched.items() if k != 'search_budget'}
     other_seed = dict(searched, validation_seed=1)
-    for first, second in ((searched, other_seed), (older, other_seed), (other_seed, older)):
+    unsearched_other_seed = {k: v for k, v in other_seed.items() if k not in ('recipe_search', 'search_budget')}
+    for first, second in ((searched, other_seed), (older, other_seed), (other_seed, older),
+                          (searched, unsearched_other_seed), (unsearched_other_seed, searched)):
         assert f"validation_seed: {first['validation_seed']} vs {second['validation_seed']}" in (
             training.run_differences(first, second))
     assert training.run_differences(searched, dict(searched, validation_fraction=0.0)) == []
