@@ -9,9 +9,10 @@ and the small-epoch check: the loader on a category of 60 images in batches of 1
 epoch) keeps at least 90% of its steady-state rate (one long epoch of the same images) across
 epoch boundaries.
 
-Data: the built-in demo category (60 training images, generated into a temporary folder; for
-batches above 16 repeated --batch-size / 16 times, rounded up, so that an epoch holds as many batches
-as the 60 images do at 16 and no batch is capped at an epoch's 60 images) at the texture recipe's
+Data: the built-in demo category (60 training images, generated into a temporary folder; for the
+timed loaders repeated ``batch // gcd(60, batch)`` times, so that every epoch is whole batches: no
+batch is capped at an epoch's 60 images, and none is short at an epoch's end; at 16 and 64, 15
+batches an epoch) at the texture recipe's
 crops of --size pixels (a multiple of 32; 128 is the real-data benchmark's budget), with the
 setting's generator arguments (default Shift-Intensity-M: Poisson blending with mixed gradients, the
 most expensive one). Run from the repository root:
@@ -154,8 +155,8 @@ def main(argv=None):
                            torch.rand(batch_size, 1, size, size)) for _ in range(args.steps + 1)]
         model_rate = images_per_second(random_batches, step, device)
         warmup = loader_warmup(args.workers)
-        # epochs of whole batches (60 images: 240 in batches of 16 or 64): a short batch at an epoch's end
-        # would time a new shape (with --compile a recompilation) that the model alone never sees
+        # epochs of whole batches (60 images: 240 in batches of 16, 960 in batches of 64): a short batch at an
+        # epoch's end would time a new shape (with --compile a recompilation) that the model alone never sees
         timed = repeated(dataset, batch_size // math.gcd(len(dataset), batch_size))
         data_rate, pipeline_rate = (
             images_per_second(loader_batches(timed, config, device, args.steps + warmup),
