@@ -20,7 +20,9 @@ rewritten atomically (or written to ``-o``) and stays loadable with ``weights_on
 precision, recall and F1 at them.
 """
 import argparse
+import itertools
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -120,21 +122,26 @@ def calibrate(detector, images, fpr=DEFAULT_FPR, flip_average=False):
 
 def store_thresholds(path, thresholds, out_path=None):
     """Write the checkpoint ``path`` with ``thresholds`` in its meta to ``out_path`` (default:
-    ``path``; where it is a symbolic link, to the file it links to: the link stays), atomically;
-    returns the written path."""
+    ``path``; where it is a symbolic link to the model ``path``, to that file: the link stays; a link to
+    another file is replaced), atomically; returns the written path."""
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     checkpoint['meta']['thresholds'] = dict(thresholds)
     target = Path(out_path or path)
-    return save_torch_atomic(checkpoint, target.resolve() if target.is_symlink() else target)
+    if target.is_symlink() and target.exists() and os.path.samefile(target, path):  # in place, through a link
+        target = Path(os.path.realpath(target))
+    return save_torch_atomic(checkpoint, target)
 
 
-def warn_earlier_exports(model_path):
-    """Warn for each export of the checkpoint ``model_path`` at its default name (``default_export_path``),
-    made before its thresholds were stored: it carries the thresholds its model had then (or none), by
-    which predict.py would flag images."""
-    for fmt in FORMATS:
+def warn_earlier_exports(*model_paths):
+    """Warn once for each export of the checkpoint at ``model_paths`` (the file written, and the link it
+    was written through) at its default name (``default_export_path``), made before its thresholds were
+    stored: it carries the thresholds its model had then (or none), by which predict.py would flag
+    images."""
+    warned = set()
+    for model_path, fmt in itertools.product(model_paths, FORMATS):
         export_path = default_export_path(model_path, fmt)
-        if export_path.is_file():
+        if export_path.is_file() and os.path.realpath(export_path) not in warned:
+            warned.add(os.path.realpath(export_path))
             warnings.warn(f"{export_path} was exported before these thresholds were stored and does not carry "
                           f"them (predict.py with it decides by those its model had then, or makes no "
                           f"decisions); export the model again, with the options it was exported with "
@@ -184,9 +191,7 @@ def main(argv=None):
                                args.flip_average)
         thresholds['source'] = source
         path = store_thresholds(args.model, thresholds, args.out)
-        warn_earlier_exports(path)
-        if Path(path).absolute() != Path(args.out or args.model).absolute():  # written through a link:
-            warn_earlier_exports(args.out or args.model)  # exports made of the link lie beside it
+        warn_earlier_exports(path, args.out or args.model)  # exports made of a link lie beside it
     print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
     if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:

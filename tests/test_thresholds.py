@@ -310,3 +310,28 @@ def test_a_model_calibrated_through_a_link_is_the_file_linked_to(held_out_model,
     exported.unlink()
     again = thresholds.main(['-m', str(link), '--batch-size', '4', '--fpr', '0.2', '-o', str(link)])  # the same
     assert link.is_symlink() and read_meta(path)['thresholds'] == again != calibrated
+    # -o naming a link to another model, or a link to itself, replaces the link and leaves what it names
+    other = tmp_path / 'other.pt'
+    shutil.copy(path, other)
+    thresholds_of_other = read_meta(other)['thresholds']
+    for name, points_to in (('to_other.pt', other), ('loop.pt', 'loop.pt')):
+        written = tmp_path / name
+        written.symlink_to(points_to)
+        thresholds.main(['-m', str(link), '--batch-size', '4', '-o', str(written)])
+        assert not written.is_symlink() and read_meta(written)['thresholds'] == calibrated
+    assert read_meta(other)['thresholds'] == thresholds_of_other
+
+
+def test_an_export_beside_both_a_link_and_its_model_is_named_once(held_out_model, tmp_path):
+    from experiments import export
+    path, root, held_out = held_out_model
+    (tmp_path / 'deployed').mkdir()
+    model = tmp_path / 'deployed' / 'model.pth'
+    shutil.copy(path, model)
+    link = tmp_path / 'deployed' / 'model.pt'
+    link.symlink_to(model.name)  # relative, in the same folder: both give model.torchscript.pt
+    exported = export.export(model, 'torchscript')
+    with pytest.warns(UserWarning, match='exported before these thresholds') as caught:
+        thresholds.main(['-m', str(link), '--batch-size', '4'])
+    assert [str(w.message).split(' was ')[0] for w in caught if 'exported before' in str(w.message)] == [
+        str(exported)]
