@@ -199,10 +199,9 @@ def paper_setting_key(base, class_name, kind=None, seed=None):
 # Per-category parameters (the paper's code, MVTec AD)
 # ------------------------------------------------------------------------------------------------
 # Half-width bounds of a patch as fractions of the image side: ((h_min, h_max), (w_min, w_max)).
-# (The released code's table has ((0.05, 0.4), (0.05, 0.4)) for cable.)
 _FULL = ((0.03, 0.4), (0.03, 0.4))
 WIDTH_BOUNDS_PCT = {
-    'bottle': _FULL, 'cable': ((0.1, 0.2), (0.1, 0.2)), 'capsule': ((0.03, 0.15), (0.03, 0.4)),
+    'bottle': _FULL, 'cable': ((0.05, 0.4), (0.05, 0.4)), 'capsule': ((0.03, 0.15), (0.03, 0.4)),
     'hazelnut': ((0.03, 0.35), (0.03, 0.35)), 'metal_nut': _FULL,
     'pill': ((0.03, 0.2), (0.03, 0.4)), 'screw': ((0.03, 0.12), (0.03, 0.12)),
     'toothbrush': ((0.03, 0.4), (0.03, 0.2)), 'transistor': _FULL,

@@ -113,6 +113,12 @@ def test_object_category_arguments_follow_the_paper():
     assert training_epochs(category_params('bottle')) == 320
 
 
+def test_cable_patches_span_the_released_codes_widths():
+    # this project had (0.1, 0.2), which drew neither the small nor the large patches the paper's code does
+    args = mvtec_self_sup_args(parse_setting('Shift'), 'cable')
+    assert args['width_bounds_pct'] == ((0.05, 0.4), (0.05, 0.4))
+
+
 @pytest.mark.parametrize('name', ['cable', 'transistor'])
 def test_objects_without_background_have_no_mask(name):
     args = mvtec_self_sup_args(parse_setting('Shift'), name)
