@@ -94,7 +94,9 @@ def add_training_arguments(parser):
                             "for soft labels)")
     group.add_argument('--no-pool', '--no_pool', dest='no_pool', action='store_true',
                        help='no max pool in the stem')
-    group.add_argument('--preact', action='store_true', help='pre-activation residual blocks')
+    group.add_argument('--preact', action='store_true',
+                       help="pre-activation residual blocks in the encoder (not the paper's --preact network, "
+                            "which also differs in the stem, shortcuts, bottleneck and decoder)")
     group.add_argument('--paper-network', action='store_true',
                        help="the paper's code's network exactly (no BN in the bottleneck, transposed "
                             "1x1 shortcuts in the decoder, ...; see models/resnet.py) instead of this "

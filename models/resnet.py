@@ -18,8 +18,10 @@ convolution of stride 2, which fills one pixel in four and leaves the others 0),
 upsampling with ``align_corners=False`` (the paper's: True), a bias in the last transposed
 convolution (the paper's: none) and Kaiming initialisation of the transposed convolutions too (the
 paper's: PyTorch's default for them). ``paper_network=True`` builds the paper's network exactly
-(post-activation blocks only: the paper's pre-activation variant differs in more places than
-``preact`` here, which changes the encoder's blocks).
+(post-activation blocks only: the paper's pre-activation variant also differs in its stem, shortcuts,
+bottleneck and decoder, where ``preact`` here changes only the encoder's blocks; and without dropout,
+as the paper trained: ``dropout_rate`` here drops channels after each up-block, where the paper's
+code drops elements inside every residual branch).
 
 ``resnet18_classifier`` is the same encoder with CutPaste's projection head and a linear
 classifier (the ``CutPaste-3way`` setting); ``build_model`` rebuilds either from its config.
