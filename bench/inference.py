@@ -5,8 +5,9 @@ The network of ``predict.py``: NSA's encoder-decoder with the normalisation and 
 (``experiments.torch_model.ImageInputModel``), randomly initialised (speed does not depend on the
 weights), on uint8 batches of --size pixels (default 256, the test side at full resolution) with
 --channels channels, exported to ONNX as ``experiments.export`` does. Each figure is the batch over
-the median time of --repeats calls, after warm-up calls (``images_per_second``). bfloat16 is fast only on CPUs with bfloat16
-instructions (AVX512-BF16, AMX) and is left out elsewhere. Run from the repository root:
+the median time of --repeats calls, after warm-up calls (``images_per_second``). bfloat16 is fast
+only on CPUs with bfloat16 instructions (AVX512-BF16, AMX) and is left out elsewhere. Run from the
+repository root:
 
     python bench/inference.py [--size 256] [--channels 3] [--batch-sizes 1 16] [--repeats 5]
 """

@@ -88,7 +88,8 @@ def test_gde_of_two_vectors_shrinks_a_singular_covariance(rows):
     rng = np.random.default_rng(0)
     normal = l2_normalize(np.abs(rng.standard_normal((2, 64))))[rows]
     with pytest.warns(UserWarning, match=rf'covariance of the {len(rows)} normal samples \(64 feature dimensions\) '
-                                         r'is singular \(two samples, or two vectors repeated as often\?\); shrunk by 0.1'):
+                                         r'is singular \(two samples, or two vectors repeated as often\?\); '
+                                         r'shrunk by 0.1'):
         model = GaussianDensityEstimator().fit(normal)
     mean = normal.mean(axis=0)
     covariance = 0.9 * np.cov(normal.T, bias=True) + 0.1 * np.trace(np.cov(normal.T, bias=True)) / 64 * np.eye(64)
