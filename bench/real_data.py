@@ -49,7 +49,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -228,8 +227,7 @@ def remove_outputs(args, suffixes=None, why='of the models set aside'):
     saying ``why``; an evaluation writes them again."""
     removed = []
     if suffixes is None:
-        suffixes = [output_suffix(SimpleNamespace(flip_average=flip), partial)
-                    for flip in (False, True) for partial in (False, True)]
+        suffixes = [output_suffix(flip, partial) for flip in (False, True) for partial in (False, True)]
     for suffix in suffixes:
         files = output_files(args.out, suffix)
         if shows_category(files[0], args.category):
@@ -336,10 +334,10 @@ def method_name(key, self_sup_args):
     return name
 
 
-def output_suffix(args, partial=False):
+def output_suffix(flip_average, partial=False):
     """The suffix of the tables' and figure's names: '_flip_average' for a flip-averaged evaluation, and
     '_partial' where settings were left out (so that the tables of a whole run are not replaced)."""
-    return ('_flip_average' if args.flip_average else '') + ('_partial' if partial else '')
+    return ('_flip_average' if flip_average else '') + ('_partial' if partial else '')
 
 
 def write_figure(args, maps_by_setting, dataset, partial=False):
@@ -349,7 +347,7 @@ def write_figure(args, maps_by_setting, dataset, partial=False):
     rows = {SETTING_NAMES.get(key, key): [maps[i] for i in indices]
             for key, maps in maps_by_setting.items()}
     return plotting.plot_map_comparison([dataset.images[i] for i in indices], masks, rows, titles,
-                                        Path(args.out) / f'heatmaps{output_suffix(args, partial)}.png')
+                                        Path(args.out) / f'heatmaps{output_suffix(args.flip_average, partial)}.png')
 
 
 def write_tables(args, records, left_out=()):
@@ -369,7 +367,7 @@ def write_tables(args, records, left_out=()):
             + main.to_markdown(index=False, floatfmt='.3f')
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'
             + per_type.to_markdown(index=False, floatfmt='.3f') + '\n')
-    suffix = output_suffix(args, bool(left_out))
+    suffix = output_suffix(args.flip_average, bool(left_out))
     write_text_atomic(out / f'real_data{suffix}.md', text)
     write_text_atomic(out / f'real_data{suffix}.csv', main.to_csv(index=False))
     write_text_atomic(out / f'real_data{suffix}_per_type.csv', per_type.to_csv(index=False))
@@ -441,12 +439,12 @@ def run(args):
         return 1
     print(write_tables(args, records, failed))
     if not failed:  # the whole run's tables: an earlier run's partial ones are out of date
-        remove_outputs(args, [output_suffix(args, partial=True)], 'of an earlier partial run')
+        remove_outputs(args, [output_suffix(args.flip_average, partial=True)], 'of an earlier partial run')
     print(f'figure: {write_figure(args, maps_by_setting, datasets[records[0]["setting"]], bool(failed))}')
     print(f'wall time of this run: {(time.perf_counter() - started) / 60:.1f} min')
     if failed:
         print(f'real_data: left out of the tables: {", ".join(failed)}; the others\' are in '
-              f'real_data{output_suffix(args, True)}.md', file=sys.stderr)
+              f'real_data{output_suffix(args.flip_average, True)}.md', file=sys.stderr)
     return 1 if failed else 0
 
 
