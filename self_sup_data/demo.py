@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import skimage.data
 
-from self_sup_data.folders import build_folder, terminate_as_exit
+from self_sup_data.folders import folder_being_built
 
 DEMO_CATEGORY = "demo_texture"
 TEXTURES = ("brick", "grass", "gravel")  # 512 x 512 grayscale photographs in skimage.data
@@ -202,9 +202,8 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
     if os.path.lexists(target) and not (target / INFO_FILE).is_file():  # a link to nothing too
         raise FileExistsError(f"{target} exists and was not made by make_demo_dataset; "
                               "choose another OUT_DIR or remove it")
-    with terminate_as_exit():
-        build_dir = build_folder(out_dir, name)
-        try:
+    try:
+        with folder_being_built(out_dir, name) as build_dir:
             _write_category(build_dir, seed, texture)
             if _made_with(target, seed, texture):  # a concurrent writer finished first: keep its copy
                 return target
@@ -219,11 +218,9 @@ def make_demo_dataset(out_dir, seed=0, texture="brick"):
                 os.replace(target, old / name)
                 shutil.rmtree(old)
             os.replace(build_dir, target)
-        except OSError:
-            if not _made_with(target, seed, texture):  # not a concurrent writer that finished first
-                raise
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    except OSError:
+        if not _made_with(target, seed, texture):  # not a concurrent writer that finished first
+            raise
     return target
 
 

@@ -2,6 +2,7 @@
 renamed into place, so that an interrupted or concurrent run never leaves a partial dataset under
 the target's name."""
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -22,6 +23,19 @@ def build_folder(parent, name):
     special = folder.stat().st_mode & 0o7000  # a set-group-ID bit inherited from parent stays
     os.chmod(folder, (0o777 & ~umask) | special)
     return folder
+
+
+@contextmanager
+def folder_being_built(parent, name):
+    """A new hidden folder (``build_folder``) for the block to build the dataset in and rename into
+    place; removed when the block ends, also by an error, Ctrl-C, SIGTERM or SIGHUP
+    (``terminate_as_exit``), unless it was renamed."""
+    with terminate_as_exit():
+        folder = build_folder(parent, name)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

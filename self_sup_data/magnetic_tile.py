@@ -28,7 +28,6 @@ Pillow with ``optimize=True``, which reproduces the published conversion byte fo
 import argparse
 import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from self_sup_data.folders import build_folder, terminate_as_exit
+from self_sup_data.folders import folder_being_built
 from self_sup_data.images import as_displayed, decode_mask_values, displayed_size, is_image_name, opened_image
 
 CATEGORY = 'magnetic_tile'
@@ -136,23 +135,19 @@ def convert(src, out):
         raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
     plan = conversion_plan(src)  # checks the whole source before anything is written
     empty_masks = []
-    with terminate_as_exit():
-        build_dir = build_folder(out, CATEGORY)
-        try:
-            for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
-                (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
-                convert_image(image).save(build_dir / image_name, optimize=True)
-                if mask is not None:
-                    (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
-                    converted = convert_mask(mask)
-                    converted.save(build_dir / mask_name, optimize=True)
-                    if not np.asarray(converted).any():
-                        empty_masks.append(f'{mask_name} (from {mask})')
-            if os.path.lexists(target):  # another run finished first (a rename would replace an empty folder)
-                raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
-            os.rename(build_dir, target)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    with folder_being_built(out, CATEGORY) as build_dir:
+        for image, mask, image_name, mask_name in tqdm(plan, desc='converting magnetic tiles', disable=None):
+            (build_dir / image_name).parent.mkdir(parents=True, exist_ok=True)
+            convert_image(image).save(build_dir / image_name, optimize=True)
+            if mask is not None:
+                (build_dir / mask_name).parent.mkdir(parents=True, exist_ok=True)
+                converted = convert_mask(mask)
+                converted.save(build_dir / mask_name, optimize=True)
+                if not np.asarray(converted).any():
+                    empty_masks.append(f'{mask_name} (from {mask})')
+        if os.path.lexists(target):  # another run finished first (a rename would replace an empty folder)
+            raise FileExistsError(f"{target} already exists; remove it or choose another OUT")
+        os.rename(build_dir, target)
     if empty_masks:
         warnings.warn(f"{len(empty_masks)} defect masks mark no pixel, as in the source (the public dataset has "
                       f"{PUBLISHED_EMPTY_MASKS}), e.g. {empty_masks[0]}: their images count as defective, and add "
