@@ -37,6 +37,7 @@ Files of a run ``name`` in ``run_dir``:
                       has every other file too (and a replaced run's files removed)
     best_<name>.pt    with a validation set: the best validated model so far (see ``train``)
     <name>_samples_epoch<E>.png, <name>_loss.png   example predictions (maps only), the loss curve
+                      (written with each ``last_<name>.pt``)
     <name>_validation.csv, <name>_validation.png   with a validation set: its scores, their curve
 
 and the exports of its models that ``experiments.export`` writes at their default names
@@ -948,6 +949,8 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
             save_resume_checkpoint(done)
+            if config.figures:  # with each checkpoint, so that a run still going has its curve
+                save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
             last_write = time.monotonic()
 
     final_model = model
@@ -965,8 +968,6 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                 best_state = torch.load(best_model_path(run_dir, name), map_location=device,
                                         weights_only=True)['model']
             model.load_state_dict(best_state)
-        if config.figures:
-            save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
         if run_started_ns is not None:
             remove_earlier_run_files(run_dir, name, run_started_ns)
         # last: a run with a final model is finished (a resume skips it), its other files written

@@ -485,6 +485,19 @@ def test_figures_are_written(tmp_path):
     assert {'toy_samples_epoch0001.png', 'toy_samples_epoch0002.png'} <= set(names)
 
 
+@pytest.mark.slow
+def test_loss_figure_is_written_with_each_checkpoint(tmp_path, monkeypatch):
+    """A run still going (or stopped) has the loss curve of its last checkpoint."""
+    drawn = []
+    plot = training.plot_loss_curve
+    monkeypatch.setattr(training, 'plot_loss_curve', lambda losses, path: (
+        drawn.append((len(losses), (tmp_path / 'last_toy.pt').is_file(), (tmp_path / 'final_toy.pt').is_file())),
+        plot(losses, path))[1])
+    train(fresh_model(), SquaresDataset(n=4), config(epochs=3, figures=True, checkpoint_every=1), tmp_path, 'toy')
+    assert drawn == [(1, True, False), (2, True, False), (3, True, False)]
+    assert (tmp_path / 'toy_loss.png').is_file()
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
     def order(seed, epoch):
         return [key for batch in EpochBatchSampler(10, 4, seed, epoch + 1, epoch) for key in batch]
