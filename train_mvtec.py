@@ -2,8 +2,8 @@
 
     python train_mvtec.py -s SETTING -d DATA_DIR -o OUT_DIR [-n CATEGORY | -c all|texture|object]
                           [--single-patch] [--cutpaste-patch-gen] [--no-mask] [--no-pool]
-                          [--preact] [--ellipse] [--epochs E] [--batch-size B] [--res-scale S]
-                          [--workers W] [--device D] [--resume] [--kind object|texture] ...
+                          [--preact] [--[no-]standardize-input] [--ellipse] [--epochs E] [--batch-size B]
+                          [--res-scale S] [--workers W] [--device D] [--resume] [--kind object|texture] ...
     python train_mvtec.py -s SETTING -o OUT_DIR   # quick start: the demo dataset, small budget
     python train_mvtec.py -s SETTING --format folder --normal DIR [-n NAME] -o OUT_DIR
 
@@ -36,8 +36,8 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              exit_on_input_error, exit_on_interrupt, figure_files, found_run, layout_from_args,
                              model_from_args, other_run_message, prepare_output_dir, print_slow_bf16_note,
                              print_warnings, refuse_existing_run, refuse_twin_run, remove_report_temporaries,
-                             report_problems, reports_from_first_process_only, train_config, train_unless_finished,
-                             warn_low_contrast, warn_unused_reading, write_evaluation)
+                             report_problems, reports_from_first_process_only, standardizes_input, train_config,
+                             train_unless_finished, warn_low_contrast, warn_unused_reading, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
@@ -445,6 +445,9 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                                                     overrides, seed)
             print('\n'.join(recipes.report_lines(PROG, category, recipe, calibration,
                                                   recipes.unused_params(args, setting), overrides)))
+            if standardizes_input(args, calibrated=True):
+                print(f"{PROG}: {category}: recipe {recipe}: each image standardised by its own mean and "
+                      f"standard deviation before the network (--no-standardize-input: not)")
             note = recipes.mix_note(PROG, category, recipe, calibration, overrides,
                                     searchable=len(dataset.images) + held_out.size >= MIN_VALIDATION_IMAGES)
             if note:
@@ -462,7 +465,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
         print(f"{PROG}: {category}: note: one training image: its patches come from the image itself, "
               f"where {setting.key} takes them from another image")
     model = model_from_args(args, dataset.in_channels, setting.final_activation, seed,
-                            num_classes=None if views is None else views.num_classes)
+                            num_classes=None if views is None else views.num_classes,
+                            calibrated=recipe != 'table')
     config = dataclasses.replace(
         train_config(args, epochs=settings.training_epochs(params, args.ellipse), seed=seed,
                      loss=setting.loss), select=args.select if held_out.size else 'last')

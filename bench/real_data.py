@@ -79,8 +79,10 @@ SETTING_NAMES = {'Shift-Intensity-M': 'NSA (logistic, mixed gradients)',
 BUDGET_FIELDS = ('epochs', 'batch_size', 'lr')
 # what the models of this script are trained with, and a model trained with other options of the
 # training script is not: all images, the last epoch's weights, no averaging, the default network
+# (whose input is standardised with a calibrated recipe: ``trained_network``)
 TRAINED_AS = dict(held_out=0, select='last', swa_epochs=0, param_overrides={},
-                  network=dict(pool=True, preact=False, paper_network=False, dropout_rate=0.0))
+                  network=dict(pool=True, preact=False, paper_network=False, dropout_rate=0.0,
+                               standardize_input=False))
 TABLE_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
                  'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO',
                  'pixel_auroc_border': 'pixel AUROC (border band)', 'pixel_auroc_inner': 'pixel AUROC (inner)',
@@ -161,6 +163,12 @@ def training_loss(args, key):
     return cli.training_loss(args, loss) if loss in LOGIT_LOSSES else loss
 
 
+def trained_network(recipe):
+    """The network options of the models this script trains with ``recipe``: the training script's
+    defaults (``TRAINED_AS``), whose network standardises its input with a calibrated recipe."""
+    return dict(TRAINED_AS['network'], standardize_input=recipe != 'table')
+
+
 def mismatches(meta, args, key):
     """The fields in which a model's meta differs from what this run would train: the recipe, with
     ``table`` the generator's arguments (from the category's parameters; a calibrated recipe is
@@ -171,7 +179,8 @@ def mismatches(meta, args, key):
     config, network = meta.get('train_config', {}), meta.get('model_config', {})
     wanted = dict(recipe=args.recipe, generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
                   loss=training_loss(args, key),
-                  **{field: getattr(args, field) for field in BUDGET_FIELDS}, **TRAINED_AS)
+                  **{field: getattr(args, field) for field in BUDGET_FIELDS},
+                  **dict(TRAINED_AS, network=trained_network(args.recipe)))
     found = dict(recipe=meta.get('recipe', 'table'), generator_version=meta.get('generator_version', 1),
                  res_scale=meta.get('res_scale'), loss=config.get('loss'),
                  **{field: config.get(field) for field in BUDGET_FIELDS},

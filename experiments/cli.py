@@ -40,8 +40,8 @@ def default_workers():
 
 
 def add_training_arguments(parser):
-    """Add the model and loop options: --epochs ... --no-pool, --preact, --paper-network (see
-    train_config)."""
+    """Add the model and loop options: --epochs ... --no-pool, --preact, --paper-network,
+    --standardize-input (see train_config and model_from_args)."""
     group = parser.add_argument_group('model and training loop')
     group.add_argument('--epochs', type=int, help="number of epochs (default: the paper's for the data)")
     group.add_argument('--batch-size', type=int, help=f'default: {TrainConfig.batch_size}')
@@ -101,6 +101,11 @@ def add_training_arguments(parser):
                        help="the paper's code's network exactly (no BN in the bottleneck, transposed "
                             "1x1 shortcuts in the decoder, ...; see models/resnet.py) instead of this "
                             "project's")
+    group.add_argument('--standardize-input', action=argparse.BooleanOptionalAction,
+                       help="the network first standardises each image by its own mean and standard "
+                            "deviation, so that normal images of other brightness or contrast are scored "
+                            "alike (not the paper's; default: on with a recipe calibrated from the "
+                            "training images, --recipe auto or search, off otherwise)")
 
 
 def training_loss(args, loss):
@@ -204,20 +209,28 @@ def flag(name):
     return '--' + name.replace('_', '-')
 
 
-def model_from_args(args, in_channels, final_activation, seed, num_classes=None):
-    """NSA's encoder-decoder with the --no-pool/--preact/--paper-network options, initialised from
-    ``seed``; with ``num_classes``, the encoder with CutPaste's heads and a num_classes-way
-    classifier instead (ValueError with --paper-network: it has no decoder)."""
+def standardizes_input(args, calibrated):
+    """--standardize-input, or without it whether the recipe was ``calibrated`` from the training
+    images: per-image standardisation is part of the calibrated recipes (see models/resnet.py)."""
+    return calibrated if args.standardize_input is None else args.standardize_input
+
+
+def model_from_args(args, in_channels, final_activation, seed, num_classes=None, calibrated=False):
+    """NSA's encoder-decoder with the --no-pool/--preact/--paper-network/--standardize-input options
+    (``standardizes_input``), initialised from ``seed``; with ``num_classes``, the encoder with
+    CutPaste's heads and a num_classes-way classifier instead (ValueError with --paper-network: it
+    has no decoder)."""
     seed_everything(seed)
+    standardize_input = standardizes_input(args, calibrated)
     if num_classes is not None:
         if args.paper_network:
             raise ValueError("--paper-network builds the paper's encoder-decoder; this setting trains a "
                              "classifier (CutPaste's)")
         return resnet18_classifier(num_classes=num_classes, in_channels=in_channels,
-                                   pool=not args.no_pool, preact=args.preact)
+                                   pool=not args.no_pool, preact=args.preact, standardize_input=standardize_input)
     return resnet18_enc_dec(num_classes=1, in_channels=in_channels, pool=not args.no_pool,
                             preact=args.preact, final_activation=final_activation,
-                            paper_network=args.paper_network)
+                            paper_network=args.paper_network, standardize_input=standardize_input)
 
 
 def prepare_output_dir(path):

@@ -23,6 +23,10 @@ bottleneck and decoder, where ``preact`` here changes only the encoder's blocks;
 as the paper trained: ``dropout_rate`` here drops channels after each up-block, where the paper's
 code drops elements inside every residual branch).
 
+``standardize_input=True`` (either network; not the paper's) first standardises each input image
+by its own statistics, ``(x - mean(x)) / std(x)`` over its channels and pixels, so that images of
+one material taken brighter or with more contrast reach the layers alike (``standardize_images``).
+
 ``resnet18_classifier`` is the same encoder with CutPaste's projection head and a linear
 classifier (the ``CutPaste-3way`` setting); ``build_model`` rebuilds either from its config.
 
@@ -41,6 +45,9 @@ STAGE_STRIDES = (1, 2, 2, 2)
 DECODER_CHANNELS = (64, 32, 16)
 FINAL_ACTIVATIONS = ('identity', 'sigmoid', 'relu', 'softmax')
 SIZE_MULTIPLE = 32  # input sides must be multiples of this (half of it without the max pool)
+# standardize_images divides by at least this: about one grey level of an 8-bit image in the
+# network's input units (x / 255 less a mean, divided by a std of about 0.23)
+MIN_INPUT_STD = 0.02
 
 
 def conv3x3(in_channels, out_channels, stride=1):
@@ -103,16 +110,29 @@ class PreActBasicBlock(nn.Module):
         return out + shortcut
 
 
+def standardize_images(x, min_std=MIN_INPUT_STD):
+    """Each image of ``x`` (``B x C x H x W``) less its mean over channels and pixels, divided by
+    its standard deviation there (at least ``min_std``), computed in float32 -> ``x``'s dtype."""
+    x32 = x.float()
+    centred = x32 - x32.mean(dim=(1, 2, 3), keepdim=True)
+    std = centred.square().mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(min_std)
+    return (centred / std).to(x.dtype)
+
+
 class ResNetEncoder(nn.Module):
     """ResNet trunk without the classifier; ``forward`` returns the four stage feature maps.
 
     ``out_channels`` and ``reductions`` give each map's channels and its stride with respect to
     the input (4, 8, 16, 32 with the max pool; 2, 4, 8, 16 without). With ``preact`` the blocks
-    are pre-activation blocks and a final BN + ReLU is applied to the last stage's output.
+    are pre-activation blocks and a final BN + ReLU is applied to the last stage's output. With
+    ``standardize_input`` each image is first standardised by its own statistics
+    (``standardize_images``).
     """
 
-    def __init__(self, in_channels=3, layers=(2, 2, 2, 2), pool=True, preact=False):
+    def __init__(self, in_channels=3, layers=(2, 2, 2, 2), pool=True, preact=False,
+                 standardize_input=False):
         super().__init__()
+        self.standardize_input = standardize_input
         block = PreActBasicBlock if preact else BasicBlock
         self.conv1 = nn.Conv2d(in_channels, STAGE_CHANNELS[0], 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(STAGE_CHANNELS[0])
@@ -131,6 +151,8 @@ class ResNetEncoder(nn.Module):
         self.reductions = tuple(stem_reduction * 2 ** i for i in range(len(STAGE_CHANNELS)))
 
     def forward(self, x):
+        if self.standardize_input:
+            x = standardize_images(x)
         x = F.relu(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
@@ -219,12 +241,13 @@ class ResNetEncDec(nn.Module):
     """
 
     def __init__(self, num_classes=1, in_channels=3, pool=True, preact=False,
-                 final_activation='identity', dropout_rate=0.0, paper_network=False):
+                 final_activation='identity', dropout_rate=0.0, paper_network=False, standardize_input=False):
         super().__init__()
         num_classes = _check_int('num_classes', num_classes, 1)
         in_channels = _check_int('in_channels', in_channels, 1)
         pool = _check_bool('pool', pool)
         preact = _check_bool('preact', preact)
+        standardize_input = _check_bool('standardize_input', standardize_input)
         paper_network = _check_bool('paper_network', paper_network)
         if paper_network and preact:
             raise ValueError("paper_network builds the paper's post-activation network; preact=True is "
@@ -238,11 +261,12 @@ class ResNetEncDec(nn.Module):
         self.config = dict(num_classes=num_classes, in_channels=in_channels, pool=pool,
                            preact=preact, final_activation=final_activation,
                            dropout_rate=float(dropout_rate))
-        if paper_network:  # only where set: the configs of earlier models stay as they were
-            self.config['paper_network'] = True
+        # only where set: the configs of earlier models stay as they were
+        self.config.update({name: True for name, value in (('paper_network', paper_network),
+                                                           ('standardize_input', standardize_input)) if value})
         self.size_multiple = SIZE_MULTIPLE if pool else SIZE_MULTIPLE // 2
 
-        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
+        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact, standardize_input=standardize_input)
         if paper_network:
             self.bottleneck = nn.Sequential(conv1x1(STAGE_CHANNELS[-1], 256), nn.ReLU(inplace=True),
                                             conv1x1(256, 128), nn.ReLU(inplace=True))
@@ -280,12 +304,14 @@ class ResNetEncDec(nn.Module):
 
 
 def resnet18_enc_dec(num_classes=1, in_channels=3, pool=True, preact=False,
-                     final_activation='identity', dropout_rate=0.0, paper_network=False):
+                     final_activation='identity', dropout_rate=0.0, paper_network=False, standardize_input=False):
     """NSA's ResNet-18 encoder-decoder: B x in_channels x H x W -> B x num_classes x H x W
-    (``paper_network``: the paper's code's layers exactly, see the module docstring)."""
+    (``paper_network``: the paper's code's layers exactly; ``standardize_input``: each image
+    standardised first; see the module docstring)."""
     return ResNetEncDec(num_classes=num_classes, in_channels=in_channels, pool=pool,
                         preact=preact, final_activation=final_activation,
-                        dropout_rate=dropout_rate, paper_network=paper_network)
+                        dropout_rate=dropout_rate, paper_network=paper_network,
+                        standardize_input=standardize_input)
 
 
 class ResNetClassifier(nn.Module):
@@ -297,15 +323,19 @@ class ResNetClassifier(nn.Module):
     holds the constructor arguments and ``arch='resnet18_classifier'`` for ``build_model``.
     """
 
-    def __init__(self, num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128)):
+    def __init__(self, num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128),
+                 standardize_input=False):
         super().__init__()
         num_classes = _check_int('num_classes', num_classes, 2)
         in_channels = _check_int('in_channels', in_channels, 1)
         head_dims = [_check_int('head_dims', dim, 1) for dim in head_dims]
+        standardize_input = _check_bool('standardize_input', standardize_input)
         self.config = dict(arch='resnet18_classifier', num_classes=num_classes,
                            in_channels=in_channels, pool=_check_bool('pool', pool),
                            preact=_check_bool('preact', preact), head_dims=head_dims)
-        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact)
+        if standardize_input:  # only where set, as in ResNetEncDec
+            self.config['standardize_input'] = True
+        self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact, standardize_input=standardize_input)
         layers, channels = [], STAGE_CHANNELS[-1]
         for dim in head_dims:
             layers += [nn.Linear(channels, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
@@ -319,10 +349,11 @@ class ResNetClassifier(nn.Module):
         return self.classifier(self.head(features))
 
 
-def resnet18_classifier(num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128)):
+def resnet18_classifier(num_classes=3, in_channels=3, pool=True, preact=False, head_dims=(512, 128),
+                        standardize_input=False):
     """CutPaste's ResNet-18 classifier: B x in_channels x H x W -> B x num_classes logits."""
     return ResNetClassifier(num_classes=num_classes, in_channels=in_channels, pool=pool,
-                            preact=preact, head_dims=head_dims)
+                            preact=preact, head_dims=head_dims, standardize_input=standardize_input)
 
 
 ARCHITECTURES = {'resnet18_enc_dec': resnet18_enc_dec, 'resnet18_classifier': resnet18_classifier}

@@ -98,10 +98,16 @@ def test_mismatches_names_what_differs_from_the_requested_run():
     assert real_data.mismatches(classifier, earlier_loss, 'CutPaste-3way') == []  # not a BCE setting
     # a calibrated recipe is not a table model; its generator arguments come from the images
     auto = SimpleNamespace(**{**vars(args), 'recipe': 'auto'})
-    assert real_data.mismatches(meta, auto, 'Shift-M') == ['recipe']
-    calibrated = dict(meta, recipe='auto', self_sup_args=dict(self_sup_args, num_patches=2))
+    assert real_data.mismatches(meta, auto, 'Shift-M') == ['network', 'recipe']
+    calibrated = dict(meta, recipe='auto', self_sup_args=dict(self_sup_args, num_patches=2),
+                      model_config=dict(meta.get('model_config', {}), standardize_input=True))
     assert real_data.mismatches(calibrated, auto, 'Shift-M') == []
-    assert real_data.mismatches(calibrated, args, 'Shift-M') == ['recipe', 'self_sup_args']
+    assert real_data.mismatches(calibrated, args, 'Shift-M') == ['network', 'recipe', 'self_sup_args']
+    # a calibrated recipe's network standardises its input (the training script's default): an
+    # earlier calibrated model without it is another model
+    unstandardized = dict(calibrated, model_config=dict(meta.get('model_config', {})))
+    assert real_data.mismatches(unstandardized, auto, 'Shift-M') == ['network']
+    assert real_data.mismatches(dict(meta, model_config=dict(standardize_input=True)), args, 'Shift-M') == ['network']
     # options of the training script that this script never gives (a model trained by hand into its folder)
     for changes, field in ((dict(held_out=3), 'held_out'),
                            (dict(param_overrides=dict(num_patches=8)), 'param_overrides'),

@@ -614,9 +614,13 @@ def prepared(tmp_path, data, category, *extra):
 def test_auto_recipe_is_the_default_for_new_categories_and_ignores_test_images(tmp_path, capsys):
     data = tmp_path / 'data'
     make_mvtec_category(data, 'plates', n_train=12)
-    _, _, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
+    _, model, _, meta, validator = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert meta['recipe'] == 'auto' and meta['held_out'] == 1 and len(validator) == 2
-    assert 'recipe auto: logistic label' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'recipe auto: logistic label' in printed
+    # the calibrated recipe's network standardises each image, and says so
+    assert model.config['standardize_input'] is True and model.encoder.standardize_input
+    assert 'recipe auto: each image standardised by its own mean and standard deviation' in printed
     shutil.rmtree(data / 'plates' / 'test')
     _, _, _, again, _ = prepared(tmp_path, data, 'plates', '--val-fraction', '0.1')
     assert again['category_params'] == meta['category_params']
@@ -793,6 +797,18 @@ def test_small_category_trains_without_validation_and_says_so(tmp_path, capsys):
     assert validator is None and len(dataset) == 6 and meta['held_out'] == 0
     assert meta['validation_fraction'] == 0  # as trained: nothing held out
     assert 'without a validation set' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('recipe, flag, standardized', [
+    ('table', None, False), ('table', '--standardize-input', True), ('auto', '--no-standardize-input', False)])
+def test_input_standardisation_follows_the_recipe_unless_asked(tmp_path, capsys, recipe, flag, standardized):
+    data = tmp_path / 'data'
+    make_mvtec_category(data, 'plates', n_train=12)
+    _, model, _, _, _ = prepared(tmp_path, data, 'plates', '--recipe', recipe, *([flag] if flag else []))
+    assert model.config.get('standardize_input', False) is standardized
+    assert model.encoder.standardize_input is standardized
+    assert 'each image standardised' not in capsys.readouterr().out
 
 
 @pytest.mark.slow

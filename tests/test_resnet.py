@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.resnet import build_model, resnet18_classifier, resnet18_enc_dec
+from models.resnet import MIN_INPUT_STD, build_model, resnet18_classifier, resnet18_enc_dec, standardize_images
 
 # torchvision's resnet18 has 11,689,512 parameters; without its fc layer (512*1000 + 1000)
 # the trunk (stem, BN, four stages) has 11,176,512.
@@ -134,6 +134,7 @@ def test_final_activations():
     (dict(dropout_rate=-0.1), 'dropout_rate'),
     (dict(pool='yes'), 'pool'),
     (dict(preact=None), 'preact'),
+    (dict(standardize_input='yes'), 'standardize_input'),
 ])
 def test_invalid_arguments_raise(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -162,6 +163,7 @@ def test_dropout_only_in_training():
     dict(num_classes=2, in_channels=1, pool=False, preact=True, final_activation='sigmoid',
          dropout_rate=0.25),
     dict(paper_network=True, in_channels=1),
+    dict(standardize_input=True, in_channels=1),
 ])
 @pytest.mark.slow
 def test_build_model_from_config_rebuilds_architecture(kwargs):
@@ -267,3 +269,36 @@ def test_the_map_is_the_sigmoid_of_the_logits_and_the_state_is_unchanged():
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.sigmoid(model.logits(x)), rtol=0, atol=0)
     assert not any('final_activation' in key for key in model.state_dict())
+
+
+def test_standardize_images_gives_each_image_zero_mean_and_unit_std():
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1])[:, None, None, None] + 7
+    x[2] = 0.25  # a constant image: its std is below MIN_INPUT_STD
+    y = standardize_images(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    flat = x[:2].reshape(2, -1).numpy()
+    expected = (flat - flat.mean(1, keepdims=True)) / flat.std(1, keepdims=True)  # numpy: population std
+    # computed in float32
+    torch.testing.assert_close(y[:2].reshape(2, -1), torch.from_numpy(expected), atol=1e-5, rtol=1e-5)
+    assert torch.equal(y[2], torch.zeros_like(y[2]))
+    nearly_flat = torch.full((1, 1, 4, 4), 3.0)
+    nearly_flat[0, 0, 0, 0] += 4 * MIN_INPUT_STD  # std 0.97 MIN_INPUT_STD: divided by MIN_INPUT_STD
+    assert standardize_images(nearly_flat).abs().max().item() == pytest.approx(4 * 15 / 16, rel=1e-5)
+
+
+@pytest.mark.parametrize('build', [
+    lambda: resnet18_enc_dec(in_channels=3, standardize_input=True),
+    pytest.param(lambda: resnet18_classifier(in_channels=3, standardize_input=True), marks=pytest.mark.slow),
+])
+def test_standardized_input_makes_maps_blind_to_each_images_brightness_and_contrast(build):
+    model = build().eval()
+    assert model.config['standardize_input'] is True
+    x = torch.randn(2, 3, 64, 64)
+    brighter = x * torch.tensor([3.0, 0.5])[:, None, None, None] + torch.tensor([2.0, -1.0])[:, None, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(brighter), model(x), atol=1e-4, rtol=1e-4)
+        plain = build_model({k: v for k, v in model.config.items() if k != 'standardize_input'}).eval()
+        plain.load_state_dict(model.state_dict())  # the same weights: only the input's standardisation differs
+        assert not torch.allclose(plain(brighter), plain(x), atol=1e-2)
+        torch.testing.assert_close(plain(standardize_images(x)), model(x))
+    assert 'standardize_input' not in resnet18_enc_dec().config  # earlier models' configs as they were
