@@ -163,3 +163,19 @@ def test_predict_with_onnx_imports_no_torch(exported, tmp_path):
                                             for p in sorted(image_dir.iterdir())])[1]
     for index, map_ in enumerate(expected):
         assert np.abs(np.load(out / 'maps' / f'{index}.npy') - map_).max() <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_standardising_model_exports_with_its_standardisation(checkpoint, tmp_path):
+    saved = torch.load(checkpoint, weights_only=True)
+    saved['meta']['model_config'] = dict(saved['meta']['model_config'], standardize_input=True)
+    path = tmp_path / checkpoint.name
+    torch.save(saved, path)
+    torch_run, _ = load_checkpoint(path)
+    onnx_run = Detector.load(export.export(path, 'onnx', tmp_path / 'standardized.onnx', dynamic_size=True)).run
+    for side in (64, 96):
+        batch = np.stack(real_looking(3, side)).transpose(0, 3, 1, 2)
+        expected = torch_run(batch)
+        assert np.abs(onnx_run(batch) - expected).max() <= TOLERANCE
+    plain_run, _ = load_checkpoint(checkpoint)  # the same weights, without the standardisation
+    assert np.abs(plain_run(batch) - expected).max() > 100 * TOLERANCE
