@@ -296,7 +296,8 @@ def high_depth_percentiles(path, percentiles=(1, 99)):
 def decode_mask_values(path):
     """The stored values of the mask file at ``path`` (``decode_values``) as ``H x W``: a colour
     mask by its largest channel, 0 where it is transparent (a mask layer exported from an image
-    editor: alpha channel or palette transparency)."""
+    editor: alpha channel or palette transparency); where every pixel that is not transparent has
+    one colour (strokes of one brush on a transparent layer, black ones included), its alpha."""
     values = decode_values(path)
     with opened_image(path) as image:
         key = image.info.get('transparency')
@@ -304,6 +305,9 @@ def decode_mask_values(path):
             values = np.where(values != key, values, 0)
         elif has_transparency(image):
             alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
+            drawn = values[alpha > 0]
+            if 0 < drawn.shape[0] < alpha.size and (drawn == drawn.flat[0]).all():
+                return alpha
             values = np.where(alpha[..., None] > 0 if values.ndim == 3 else alpha > 0, values, 0)
     return values.max(axis=2) if values.ndim == 3 else values
 

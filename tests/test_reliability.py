@@ -1160,8 +1160,20 @@ def test_transparent_mask_pixels_are_no_defect(tmp_path):
     keyed[4:8, 4:8] = 65535
     keyed[0, :] = 1000  # a grey value marked transparent (the PNG's tRNS key): no defect
     Image.fromarray(keyed).save(tmp_path / 'keyed.png', transparency=1000)
-    for name in ('layer.png', 'strokes.png', 'keyed.png'):
+    black = np.zeros((16, 16, 4), np.uint8)
+    black[4:8, 4:8, 3] = 255  # black strokes on a transparent layer (an editor's default brush): the alpha
+    Image.fromarray(black).save(tmp_path / 'black_layer.png')
+    Image.fromarray(black[..., 2:], 'LA').save(tmp_path / 'black_strokes.png')
+    for name in ('layer.png', 'strokes.png', 'keyed.png', 'black_layer.png', 'black_strokes.png'):
         assert (decode_mask_values(tmp_path / name) > 0).sum() == 16
+    opaque_black = np.zeros((16, 16, 4), np.uint8)
+    opaque_black[..., 3] = 255  # opaque everywhere and black: no defect
+    Image.fromarray(opaque_black).save(tmp_path / 'no_defect.png')
+    two_colours = black.copy()
+    two_colours[:, 12:] = (255, 255, 255, 255)  # a drawn white defect beside opaque black: by colour
+    Image.fromarray(two_colours).save(tmp_path / 'two_colours.png')
+    assert (decode_mask_values(tmp_path / 'no_defect.png') > 0).sum() == 0
+    assert (decode_mask_values(tmp_path / 'two_colours.png') > 0).sum() == 64
 
 
 def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
