@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, folder_images, resize_mask
+from self_sup_data.images import IMAGE_SUFFIXES, decode_mask_values, folder_images, is_image_name, resize_mask
 
 FOLDER_CATEGORY = 'custom'
 MASK_SUFFIX = '_mask'  # MVTec AD: ground_truth/<type>/<image stem>_mask.png
@@ -114,9 +114,14 @@ def _images_by_stem(images, what):
 def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
     """Images of the sub-folders of ``test_dir`` (type = folder name; not ``masks_dir``, the name of
     a sub-folder that holds the masks) and ``mask_of(type, path)``; the errors of ``_images_by_stem``
-    for the defect images of each folder."""
+    for the defect images of each folder; a warning counts the images directly in ``test_dir``, which
+    have no type and are left out."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
+    loose = sorted(p.name for p in Path(test_dir).iterdir() if p.is_file() and is_image_name(p))
+    if loose:
+        warnings.warn(f"{test_dir}: {len(loose)} image{'s' * (len(loose) != 1)} directly in it left out (first: "
+                      f"{loose[0]}): a test image belongs in the sub-folder of its type ({what})")
     paths, defect_types, masks = [], [], []
     for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
         if type_dir.name.lower() == 'good' and type_dir.name != 'good':  # its normal images would be defects

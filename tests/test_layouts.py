@@ -196,6 +196,16 @@ def test_images_in_subfolders_of_an_image_folder_are_counted_in_a_warning(tmp_pa
         make_layout('folder', empty).train_files(None, FOLDER_CATEGORY)
 
 
+def test_images_directly_in_the_test_folder_are_counted_in_a_warning(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    _png(tmp_path / 'tiles' / 'test' / 'loose.png')
+    _png(tmp_path / 'tiles' / 'test' / '._loose.png')  # hidden: not counted
+    with pytest.warns(UserWarning, match=r"test: 1 image directly in it left out \(first: loose.png\): a test image "
+                                         r"belongs in the sub-folder of its type"):
+        test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert not any(path.endswith('loose.png') for path in test.paths) and len(test.paths) == 6
+
+
 def test_a_good_folder_in_another_case_is_refused_not_scored_as_a_defect_type(tmp_path):
     make_mvtec_category(tmp_path, 'tiles', n_train=3)
     test = tmp_path / 'tiles' / 'test'
