@@ -111,6 +111,10 @@ def parse_args(argv=None):
     parser.add_argument('--recipe', choices=('table', 'auto'), default='table',
                         help="the generator's recipe: the category's parameters (table) or "
                              'calibrated from its training images (auto)')
+    parser.add_argument('--standardize-input', action=argparse.BooleanOptionalAction,
+                        help="the network standardises each input image first (default: the training "
+                             "script's, on with --recipe auto); --no-standardize-input with --recipe auto "
+                             "trains the calibrated recipe's earlier network")
     parser.add_argument('--loss', choices=LOGIT_LOSSES,
                         help="the loss of the settings trained with BCE (default: 'bce', the "
                              "training script's; 'bce-bf16': the earlier loss; 'focal': the focal "
@@ -163,10 +167,11 @@ def training_loss(args, key):
     return cli.training_loss(args, loss) if loss in LOGIT_LOSSES else loss
 
 
-def trained_network(recipe):
-    """The network options of the models this script trains with ``recipe``: the training script's
-    defaults (``TRAINED_AS``), whose network standardises its input with a calibrated recipe."""
-    return dict(TRAINED_AS['network'], standardize_input=recipe != 'table')
+def trained_network(args):
+    """The network options of the models this script trains: the training script's defaults
+    (``TRAINED_AS``), whose network standardises its input with a calibrated recipe, unless
+    --[no-]standardize-input says otherwise (``cli.standardizes_input``)."""
+    return dict(TRAINED_AS['network'], standardize_input=cli.standardizes_input(args, args.recipe != 'table'))
 
 
 def mismatches(meta, args, key):
@@ -180,7 +185,7 @@ def mismatches(meta, args, key):
     wanted = dict(recipe=args.recipe, generator_version=GENERATOR_VERSION, res_scale=args.res_scale,
                   loss=training_loss(args, key),
                   **{field: getattr(args, field) for field in BUDGET_FIELDS},
-                  **dict(TRAINED_AS, network=trained_network(args.recipe)))
+                  **dict(TRAINED_AS, network=trained_network(args)))
     found = dict(recipe=meta.get('recipe', 'table'), generator_version=meta.get('generator_version', 1),
                  res_scale=meta.get('res_scale'), loss=config.get('loss'),
                  **{field: config.get(field) for field in BUDGET_FIELDS},
@@ -267,6 +272,8 @@ def train(args, key):
         command += ['--device', args.device]
     if args.bf16:
         command.append('--bf16')
+    if args.standardize_input is not None:
+        command.append('--standardize-input' if args.standardize_input else '--no-standardize-input')
     print(f'{key}: training ({" ".join(command[1:])}), log in {log}', flush=True)
     with open(log, 'a') as out:
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode
@@ -370,8 +377,9 @@ def write_tables(args, records, left_out=()):
     per_type = pd.DataFrame([{'setting': r['setting'], **r['per_type_auroc']} for r in records])
     out = Path(args.out)
     averaged = ', maps averaged with the vertical flip' if args.flip_average else ''
+    standardized = ', each input image standardised' if trained_network(args)['standardize_input'] else ''
     text = (f'## {args.category}: res-scale {args.res_scale}, {args.epochs} epochs, batch {args.batch_size}, '
-            f'recipe {args.recipe}, BCE settings trained with {args.loss or "bce"}{averaged}\n\n'
+            f'recipe {args.recipe}{standardized}, BCE settings trained with {args.loss or "bce"}{averaged}\n\n'
             + (f'Left out (see the run\'s errors): {", ".join(left_out)}.\n\n' if left_out else '')
             + main.to_markdown(index=False, floatfmt='.3f')
             + '\n\nImage AUROC (mean of the map) per defect type against the normal test images:\n\n'

@@ -105,7 +105,8 @@ def add_training_arguments(parser):
                        help="the network first standardises each image by its own mean and standard "
                             "deviation, so that normal images of other brightness or contrast are scored "
                             "alike (not the paper's; default: on with a recipe calibrated from the "
-                            "training images, --recipe auto or search, off otherwise)")
+                            "training images, train_mvtec.py's --recipe auto or search, unless "
+                            "--paper-network; off otherwise)")
 
 
 def training_loss(args, loss):
@@ -211,8 +212,11 @@ def flag(name):
 
 def standardizes_input(args, calibrated):
     """--standardize-input, or without it whether the recipe was ``calibrated`` from the training
-    images: per-image standardisation is part of the calibrated recipes (see models/resnet.py)."""
-    return calibrated if args.standardize_input is None else args.standardize_input
+    images (per-image standardisation is part of the calibrated recipes, see models/resnet.py) and
+    the network is not the paper's (--paper-network, which asks for the paper's network exactly)."""
+    if args.standardize_input is not None:
+        return args.standardize_input
+    return calibrated and not getattr(args, 'paper_network', False)
 
 
 def model_from_args(args, in_channels, final_activation, seed, num_classes=None, calibrated=False):
@@ -367,9 +371,14 @@ def other_run_message(found, state, differing, previous):
     """Why --resume refuses the ``state`` run ``found`` (of meta ``previous``): its
     ``run_differences`` ``differing`` (with the option that keeps a run's 16-bit images read as it
     read them, where their bit depth or intensity window differs: the rule that finds a depth has
-    changed)."""
+    changed; and the one that keeps its network's input standardisation, where that differs: a run
+    of a calibrated recipe from before it was the default)."""
     depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
     keep = '' if depth is None else f"; {reading_option(depth)} reads its images as it did"
+    if any(line.startswith('model_config.standardize_input: ') for line in differing):
+        network = '--standardize-input' if previous.get('model_config', {}).get('standardize_input') else \
+            '--no-standardize-input'
+        keep += f"; {network} trains its network as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")

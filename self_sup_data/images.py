@@ -296,8 +296,9 @@ def high_depth_percentiles(path, percentiles=(1, 99)):
 def decode_mask_values(path):
     """The stored values of the mask file at ``path`` (``decode_values``) as ``H x W``: a colour
     mask by its largest channel, 0 where it is transparent (a mask layer exported from an image
-    editor: alpha channel or palette transparency); where every pixel that is not transparent has
-    one colour (strokes of one brush on a transparent layer, black ones included), its alpha."""
+    editor: alpha channel or palette transparency); where every pixel that is not transparent is
+    black and most are transparent (black strokes on a transparent layer, an editor's default
+    brush), its alpha."""
     values = decode_values(path)
     with opened_image(path) as image:
         key = image.info.get('transparency')
@@ -306,7 +307,7 @@ def decode_mask_values(path):
         elif has_transparency(image):
             alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
             drawn = values[alpha > 0]
-            if 0 < drawn.shape[0] < alpha.size and (drawn == drawn.flat[0]).all():
+            if 0 < drawn.shape[0] < alpha.size / 2 and not drawn.any():
                 return alpha
             values = np.where(alpha[..., None] > 0 if values.ndim == 3 else alpha > 0, values, 0)
     return values.max(axis=2) if values.ndim == 3 else values

@@ -77,7 +77,7 @@ def test_method_name_names_the_paste_fraction_when_the_generator_used_one():
 
 def test_mismatches_names_what_differs_from_the_requested_run():
     args = SimpleNamespace(category='magnetic_tile', res_scale=0.5, epochs=60, batch_size=16, lr=1e-3,
-                           recipe='table', loss=None)
+                           recipe='table', loss=None, standardize_input=None)
     self_sup_args = settings.mvtec_self_sup_args(settings.parse_setting('Shift-M'), 'magnetic_tile')
     meta = dict(self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, res_scale=0.5,
                 train_config=dict(epochs=60, batch_size=16, lr=1e-3, loss='bce', workers=0))
@@ -107,6 +107,9 @@ def test_mismatches_names_what_differs_from_the_requested_run():
     # earlier calibrated model without it is another model
     unstandardized = dict(calibrated, model_config=dict(meta.get('model_config', {})))
     assert real_data.mismatches(unstandardized, auto, 'Shift-M') == ['network']
+    earlier_network = SimpleNamespace(**{**vars(auto), 'standardize_input': False})  # --no-standardize-input
+    assert real_data.mismatches(unstandardized, earlier_network, 'Shift-M') == []
+    assert real_data.mismatches(calibrated, earlier_network, 'Shift-M') == ['network']
     assert real_data.mismatches(dict(meta, model_config=dict(standardize_input=True)), args, 'Shift-M') == ['network']
     # options of the training script that this script never gives (a model trained by hand into its folder)
     for changes, field in ((dict(held_out=3), 'held_out'),
@@ -326,3 +329,14 @@ def test_bad_budgets_are_refused_before_any_model_is_set_aside(argv, message, ca
     with pytest.raises(SystemExit):
         real_data.parse_args(['--data-dir', 'data', '--out', 'out'] + argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, passed', [([], []), (['--no-standardize-input'], ['--no-standardize-input']),
+                                           (['--standardize-input'], ['--standardize-input'])])
+def test_the_input_standardisation_flag_reaches_the_training_command(tmp_path, monkeypatch, flags, passed):
+    commands = []
+    monkeypatch.setattr(real_data.subprocess, 'run',
+                        lambda command, **kwargs: commands.append(command) or SimpleNamespace(returncode=0))
+    args = real_data.parse_args(['--data-dir', 'data', '--out', str(tmp_path), '--recipe', 'auto'] + flags)
+    real_data.train(args, 'Shift-M')
+    assert [flag for flag in commands[0] if 'standardize-input' in flag] == passed

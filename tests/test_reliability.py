@@ -1169,10 +1169,13 @@ def test_transparent_mask_pixels_are_no_defect(tmp_path):
     opaque_black = np.zeros((16, 16, 4), np.uint8)
     opaque_black[..., 3] = 255  # opaque everywhere and black: no defect
     Image.fromarray(opaque_black).save(tmp_path / 'no_defect.png')
+    opaque_black[0, :2, 3] = 0  # black, a few pixels transparent: still no defect, not the alpha
+    Image.fromarray(opaque_black).save(tmp_path / 'no_defect_with_holes.png')
     two_colours = black.copy()
     two_colours[:, 12:] = (255, 255, 255, 255)  # a drawn white defect beside opaque black: by colour
     Image.fromarray(two_colours).save(tmp_path / 'two_colours.png')
-    assert (decode_mask_values(tmp_path / 'no_defect.png') > 0).sum() == 0
+    for name in ('no_defect.png', 'no_defect_with_holes.png'):
+        assert (decode_mask_values(tmp_path / name) > 0).sum() == 0
     assert (decode_mask_values(tmp_path / 'two_colours.png') > 0).sum() == 64
 
 
@@ -1824,3 +1827,14 @@ def test_a_resume_refused_for_another_bit_depth_names_the_option_that_keeps_the_
     assert '(then vs now: bit_depth: 12 vs 10; lr: 0.001 vs 0.01); --bit-depth 12 reads its images as it did; ' \
         'pass --force' in message
     assert '--bit-depth' not in other_run_message('final.pt', 'finished', ['bit_depth: absent vs 16'], {})
+
+
+def test_a_resume_refused_for_another_input_standardisation_names_the_option_that_keeps_the_run():
+    from experiments.cli import other_run_message
+    differing = ['model_config.standardize_input: absent vs True']
+    message = other_run_message('last.pt', 'interrupted', differing, {'model_config': {'pool': True}})
+    assert '; --no-standardize-input trains its network as it did; pass --force' in message
+    message = other_run_message('last.pt', 'interrupted', ['model_config.standardize_input: True vs absent'],
+                                {'model_config': {'standardize_input': True}})
+    assert '; --standardize-input trains its network as it did; pass --force' in message
+    assert 'standardize' not in other_run_message('last.pt', 'finished', ['lr: 0.001 vs 0.01'], {})
