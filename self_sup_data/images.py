@@ -195,6 +195,16 @@ def displayed_size(image):
     return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
 
 
+def turned_note(path):
+    """' (turned by its EXIF orientation N, as viewers show it; stored WxH)' for an image file
+    that ``as_displayed`` turns by a quarter, else '': for messages that give its size."""
+    with opened_image(path) as image:
+        if _orientation(image) not in (5, 6, 7, 8):
+            return ''
+        return (f" (turned by its EXIF orientation {_orientation(image)}, as viewers show it; stored "
+                f"{image.size[0]}x{image.size[1]})")
+
+
 def as_displayed(image):
     """Pillow's ``image`` turned as image viewers show it, and masks are drawn on it: a JPEG's EXIF
     orientation applied (``EXIF_ORIENTED_FORMATS``); other images as stored."""

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
 from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
-                                  read_image, resize, resize_mask, to_channels)
+                                  read_image, resize, resize_mask, to_channels, turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -166,7 +166,8 @@ def _load_item(image_path, mask_path, size, bits):
         if mask.shape != image.shape[:2]:
             masks = ', '.join(map(str, mask_path)) if isinstance(mask_path, tuple) else mask_path
             raise ValueError(f"mask {masks} is {mask.shape[1]}x{mask.shape[0]} but its image "
-                             f"{image_path} is {image.shape[1]}x{image.shape[0]}; they must match")
+                             f"{image_path} is {image.shape[1]}x{image.shape[0]}{turned_note(image_path)}; "
+                             f"they must match")
         mask = resize_mask(mask.astype(np.uint8), size)
     return resize(image, size), mask
 

@@ -1145,6 +1145,14 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     read = read_image(tmp_path / 'photo.jpg')
     assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
     assert image_size(tmp_path / 'photo.jpg') == (30, 20)
+    # a mask drawn on the stored pixels: the error says that the image was turned
+    from self_sup_data.images import turned_note
+    from self_sup_data.mvtec import _load_item
+    Image.fromarray(np.zeros((30, 20), np.uint8)).save(tmp_path / 'photo_mask.png')
+    with pytest.raises(ValueError, match=r'photo_mask.png is 20x30 but its image .*photo.jpg is 30x20 \(turned by '
+                                         r'its EXIF orientation 6, as viewers show it; stored 20x30\); they must match'):
+        _load_item(tmp_path / 'photo.jpg', tmp_path / 'photo_mask.png', 16, None)
+    assert turned_note(tmp_path / 'photo_mask.png') == ''
 
 
 def test_transparent_mask_pixels_are_no_defect(tmp_path):
