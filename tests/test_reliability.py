@@ -1149,8 +1149,9 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     from self_sup_data.images import turned_note
     from self_sup_data.mvtec import _load_item
     Image.fromarray(np.zeros((30, 20), np.uint8)).save(tmp_path / 'photo_mask.png')
-    with pytest.raises(ValueError, match=r'photo_mask.png is 20x30 but its image .*photo.jpg is 30x20 \(turned by '
-                                         r'its EXIF orientation 6, as viewers show it; stored 20x30\); they must match'):
+    with pytest.raises(ValueError, match=r'photo_mask.png is 20x30 but its image .*photo.jpg is 30x20 \(turned '
+                                         r'by its EXIF orientation 6, as viewers show it; stored 20x30\); they must '
+                                         r'match'):
         _load_item(tmp_path / 'photo.jpg', tmp_path / 'photo_mask.png', 16, None)
     assert turned_note(tmp_path / 'photo_mask.png') == ''
 
