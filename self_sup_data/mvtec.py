@@ -386,7 +386,8 @@ def unmasked_defects(class_name, layout, files, allow_missing):
     if missing and layout.has_masks and not allow_missing:
         raise FileNotFoundError(f"no mask for the defect image {missing[0]} ({len(missing)} of "
                                 f"{defects} defect images of {class_name!r} have none; "
-                                f"{layout.name} layout: {layout.expected}){_loco_note(missing[0])}; to "
+                                f"{layout.name} layout: {layout.expected}){_loco_note(missing[0])}"
+                                f"{_mask_folder_note(missing[0]) if layout.name == 'mvtec' else ''}; to "
                                 f"evaluate them at image level only, allow missing masks (--allow-missing-masks)")
     return missing, defects
 
@@ -404,6 +405,20 @@ def _loco_note(defect_image):
     config = category_dir / 'defects_config.json'
     return (f"; {masks} is a folder of masks as in MVTec LOCO AD, whose {config} is missing"
             if masks.is_dir() and not config.is_file() else '')
+
+
+def _mask_folder_note(defect_image):
+    """A note for a defect image ``<cat>/test/<type>/<name>`` whose mask folder
+    ``<cat>/ground_truth/<type>`` does not exist although ``ground_truth`` does: the folders that it
+    holds (a misnamed one, ``cracks`` for ``crack``); '' otherwise."""
+    image = Path(defect_image)
+    if len(image.parents) < 3:
+        return ''
+    truth = image.parents[2] / 'ground_truth'
+    if not truth.is_dir() or (truth / image.parent.name).is_dir():
+        return ''
+    folders = sorted(p.name for p in truth.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    return f"; {truth / image.parent.name} does not exist ({truth} holds: {', '.join(folders) or 'no folders'})"
 
 
 def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False, bit_depth=None):

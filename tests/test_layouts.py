@@ -264,6 +264,20 @@ def test_masks_that_match_no_image_are_counted_in_a_warning(tmp_path):
         == [('000.png', '000_mask.png'), ('001.png', None), ('002.png', '002_mask.png')]
 
 
+def test_a_missing_mask_names_the_folders_that_ground_truth_holds_where_its_own_is_missing(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    truth = tmp_path / 'tiles' / 'ground_truth'
+    (truth / 'crack').rename(truth / 'cracks')  # a misnamed mask folder
+    with pytest.raises(FileNotFoundError, match=r"no mask for the defect image .*000.png .*; .*ground_truth.crack "
+                                                r"does not exist \(.*ground_truth holds: cracks\); to evaluate"):
+        SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    (truth / 'cracks').rename(truth / 'crack')
+    next((truth / 'crack').iterdir()).unlink()  # the folder is there, a mask missing: no such note
+    with pytest.raises(FileNotFoundError, match='no mask for the defect image') as error:
+        SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert 'does not exist' not in str(error.value)
+
+
 def test_ad2(tmp_path):
     make_ad2(tmp_path)
     assert detect_layout(tmp_path, 'vial').name == 'ad2'
