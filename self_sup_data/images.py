@@ -460,8 +460,9 @@ def _listed(folder):
 def folder_images(folder):
     """The image files directly in ``folder`` (``is_image_name``; not its subfolders, even one
     named like an image), sorted; a warning counts the image files of other formats that it
-    leaves out (``UNREAD_IMAGE_SUFFIXES``: where a file is named, ``image_files`` takes it), and
-    one the images of its (non-hidden) subfolders, which it does not read."""
+    leaves out (``UNREAD_IMAGE_SUFFIXES``: where a file is named, ``image_files`` takes it), one
+    its image names that are links to a missing file, and one the images of its (non-hidden)
+    subfolders, which it does not read."""
     entries = list(Path(folder).iterdir())
     files = [p for p in entries if p.is_file()]
     unread = sorted(p.name for p in files if p.suffix.lower() in UNREAD_IMAGE_SUFFIXES and not p.name.startswith('.'))
@@ -469,6 +470,10 @@ def folder_images(folder):
         files_of = f"{len(unread)} file{'s' if len(unread) > 1 else ''}"
         warnings.warn(f"{folder}: {files_of} of another image format left out (first: {unread[0]}): a folder's "
                       f"images are its {', '.join(IMAGE_SUFFIXES)} files; convert them to one of these")
+    broken = sorted(p.name for p in entries if is_image_name(p) and p.is_symlink() and not p.exists())
+    if broken:
+        warnings.warn(f"{folder}: {len(broken)} link{'s' * (len(broken) != 1)} to a missing file left out (first: "
+                      f"{broken[0]} -> {os.readlink(folder / broken[0])})")
     below = sorted(p.relative_to(folder) for sub in entries if sub.is_dir() and not sub.name.startswith('.')
                    for p in _listed(sub) if p.is_file() and is_image_name(p))
     if below:

@@ -196,6 +196,17 @@ def test_images_in_subfolders_of_an_image_folder_are_counted_in_a_warning(tmp_pa
         make_layout('folder', empty).train_files(None, FOLDER_CATEGORY)
 
 
+def test_links_to_missing_images_are_counted_in_a_warning(tmp_path):
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+    good = tmp_path / 'tiles' / 'train' / 'good'
+    (good / 'zzz.png').symlink_to(tmp_path / 'moved' / 'zzz.png')
+    (good / 'notes.txt').symlink_to(tmp_path / 'moved' / 'notes.txt')  # not an image name: not counted
+    with pytest.warns(UserWarning, match=r"good: 1 link to a missing file left out \(first: zzz.png -> "
+                                         r".*moved.zzz.png\)"):
+        files = MVTecLayout().train_files(tmp_path, 'tiles')
+    assert len(files) == 3
+
+
 def test_images_directly_in_the_test_folder_are_counted_in_a_warning(tmp_path):
     make_mvtec_category(tmp_path, 'tiles', n_train=3)
     _png(tmp_path / 'tiles' / 'test' / 'loose.png')
