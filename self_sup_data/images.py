@@ -306,9 +306,9 @@ def high_depth_percentiles(path, percentiles=(1, 99)):
 def decode_mask_values(path):
     """The stored values of the mask file at ``path`` (``decode_values``) as ``H x W``: a colour
     mask by its largest channel, 0 where it is transparent (a mask layer exported from an image
-    editor: alpha channel or palette transparency); where every pixel that is not transparent is
-    black and most are transparent (black strokes on a transparent layer, an editor's default
-    brush), its alpha."""
+    editor: alpha channel or palette transparency); where most pixels are transparent and the most
+    opaque ones are all dark, below a quarter of the value range (black strokes on a transparent
+    layer, an editor's default brush, whose anti-aliased or resized edges may be grey), its alpha."""
     values = decode_values(path)
     with opened_image(path) as image:
         key = image.info.get('transparency')
@@ -316,11 +316,16 @@ def decode_mask_values(path):
             values = np.where(values != key, values, 0)
         elif has_transparency(image):
             alpha = np.asarray(as_displayed(image).convert('RGBA'))[:, :, 3]
-            drawn = values[alpha > 0]
-            if 0 < drawn.shape[0] < alpha.size / 2 and not drawn.any():
+            most_opaque = values[alpha == alpha.max()]
+            if 0 < np.count_nonzero(alpha) < alpha.size / 2 and most_opaque.max() < _value_range(values) / 4:
                 return alpha
             values = np.where(alpha[..., None] > 0 if values.ndim == 3 else alpha > 0, values, 0)
     return values.max(axis=2) if values.ndim == 3 else values
+
+
+def _value_range(values):
+    """The largest value that the integer dtype of ``values`` holds (255 for 8 bits), 1 for floats."""
+    return np.iinfo(values.dtype).max if values.dtype.kind in 'ui' else 1.0
 
 
 def has_transparency(image):
@@ -472,8 +477,8 @@ def folder_images(folder):
                       f"images are its {', '.join(IMAGE_SUFFIXES)} files; convert them to one of these")
     broken = sorted(p.name for p in entries if is_image_name(p) and p.is_symlink() and not p.exists())
     if broken:
-        warnings.warn(f"{folder}: {len(broken)} link{'s' * (len(broken) != 1)} to a missing file left out (first: "
-                      f"{broken[0]} -> {os.readlink(folder / broken[0])})")
+        warnings.warn(f"{folder}: {len(broken)} link{'s' * (len(broken) != 1)} that lead{'s' * (len(broken) == 1)} "
+                      f"to no file left out (first: {broken[0]} -> {os.readlink(Path(folder) / broken[0])})")
     below = sorted(p.relative_to(folder) for sub in entries if sub.is_dir() and not sub.name.startswith('.')
                    for p in _listed(sub) if p.is_file() and is_image_name(p))
     if below:

@@ -165,7 +165,8 @@ def _load_item(image_path, mask_path, size, bits):
         mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             masks = ', '.join(map(str, mask_path)) if isinstance(mask_path, tuple) else mask_path
-            raise ValueError(f"mask {masks} is {mask.shape[1]}x{mask.shape[0]} but its image "
+            mask_note = '' if isinstance(mask_path, tuple) else turned_note(mask_path)
+            raise ValueError(f"mask {masks} is {mask.shape[1]}x{mask.shape[0]}{mask_note} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}{turned_note(image_path)}; "
                              f"they must match")
         mask = resize_mask(mask.astype(np.uint8), size)

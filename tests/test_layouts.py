@@ -201,7 +201,7 @@ def test_links_to_missing_images_are_counted_in_a_warning(tmp_path):
     good = tmp_path / 'tiles' / 'train' / 'good'
     (good / 'zzz.png').symlink_to(tmp_path / 'moved' / 'zzz.png')
     (good / 'notes.txt').symlink_to(tmp_path / 'moved' / 'notes.txt')  # not an image name: not counted
-    with pytest.warns(UserWarning, match=r"good: 1 link to a missing file left out \(first: zzz.png -> "
+    with pytest.warns(UserWarning, match=r"good: 1 link that leads to no file left out \(first: zzz.png -> "
                                          r".*moved.zzz.png\)"):
         files = MVTecLayout().train_files(tmp_path, 'tiles')
     assert len(files) == 3

@@ -1185,6 +1185,15 @@ def test_transparent_mask_pixels_are_no_defect(tmp_path):
     Image.fromarray(two_colours).save(tmp_path / 'two_colours.png')
     for name in ('no_defect.png', 'no_defect_with_holes.png'):
         assert (decode_mask_values(tmp_path / name) > 0).sum() == 0
+    # black strokes whose hidden pixels are white, resized with the colours blended: grey edges
+    layer = np.full((32, 32, 4), 255, np.uint8)
+    layer[..., 3] = 0
+    disc = cv2.circle(np.zeros((32, 32), np.uint8), (16, 16), 6, 1, -1).astype(bool)
+    layer[disc] = (0, 0, 0, 255)
+    resized = cv2.resize(layer, (24, 24), interpolation=cv2.INTER_LINEAR)
+    assert 0 < resized[..., 0][resized[..., 3] > 0].max() < 255  # grey edges
+    cv2.imwrite(str(tmp_path / 'resized.png'), resized)
+    assert ((decode_mask_values(tmp_path / 'resized.png') > 0) == (resized[..., 3] > 0)).all()
     assert (decode_mask_values(tmp_path / 'two_colours.png') > 0).sum() == 64
 
 
