@@ -56,10 +56,9 @@ from self_sup_data.validation import (MIN_VALIDATION_IMAGES, VALIDATION_KINDS, V
 
 PROG = 'train_mvtec.py'
 CATEGORY_GROUPS = ('all', 'texture', 'object')
-# Quick start without -d: the demo category at 64 pixels, 450 steps of 8 images, about 2 minutes
-# on a 2-core CPU. Measured with Shift-Intensity and the calibrated recipe (3 seeds): image AUROC
-# 0.80 (mean) / 0.83 (max), pixel AUROC 0.83, AU-PRO 0.59; 12 epochs of 16 images at 128 pixels
-# (48 steps) learnt nothing.
+# Quick start without -d: the demo category at 64 pixels, 450 steps of 8 images, about a minute on
+# 2 AVX512 cores. Measured with Shift-Intensity and the calibrated recipe (3 seeds): see README's
+# quick start; 12 epochs of 16 images at 128 pixels (48 steps) learnt nothing.
 DEMO_EPOCHS, DEMO_BATCH_SIZE, DEMO_RES_SCALE = 60, 8, 0.25
 # 1,024-pixel textures (896-pixel objects): the side of MVTec AD's largest images
 MAX_RES_SCALE = 4

@@ -12,13 +12,15 @@ epochs it trains about twice as long as an encoder-decoder setting.
     python bench/real_data.py --data-dir DATA_DIR [--category magnetic_tile]
                               [--out bench_out/real_data] [--settings KEY ...]
                               [--res-scale 0.5] [--epochs 60] [--batch-size 16] [--workers 2]
-                              [--bf16] [--recipe table|auto] [--loss bce|bce-bf16|focal]
+                              [--bf16] [--recipe table|auto] [--[no-]standardize-input]
+                              [--loss bce|bce-bf16|focal]
                               [--train-only | --evaluate-only]
                               [--flip-average]
 
 ``--recipe`` is passed to the training script: ``table`` (default) trains with the category's
 parameters in ``experiments/settings.py``, ``auto`` with the recipe calibrated from the training
-images (``experiments.recipes``), trained on every image (no validation set held out).
+images (``experiments.recipes``), trained on every image (no validation set held out);
+``--[no-]standardize-input`` too, where given (default: the training script's, on with ``auto``).
 ``--loss`` is passed on for the settings trained with BCE (``bce-bf16``: the earlier loss;
 ``focal``: the focal loss; see ``experiments.training``).
 
