@@ -376,9 +376,8 @@ def other_run_message(found, state, differing, previous):
     depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
     keep = '' if depth is None else f"; {reading_option(depth)} reads its images as it did"
     if any(line.startswith('model_config.standardize_input: ') for line in differing):
-        network = '--standardize-input' if previous.get('model_config', {}).get('standardize_input') else \
-            '--no-standardize-input'
-        keep += f"; {network} trains its network as it did"
+        standardized = previous.get('model_config', {}).get('standardize_input')
+        keep += f"; --{'' if standardized else 'no-'}standardize-input trains its network as it did"
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "
             f"output folder")

@@ -261,9 +261,10 @@ class ResNetEncDec(nn.Module):
         self.config = dict(num_classes=num_classes, in_channels=in_channels, pool=pool,
                            preact=preact, final_activation=final_activation,
                            dropout_rate=float(dropout_rate))
-        # only where set: the configs of earlier models stay as they were
-        self.config.update({name: True for name, value in (('paper_network', paper_network),
-                                                           ('standardize_input', standardize_input)) if value})
+        if paper_network:  # only where set: the configs of earlier models stay as they were
+            self.config['paper_network'] = True
+        if standardize_input:  # the same
+            self.config['standardize_input'] = True
         self.size_multiple = SIZE_MULTIPLE if pool else SIZE_MULTIPLE // 2
 
         self.encoder = ResNetEncoder(in_channels, pool=pool, preact=preact, standardize_input=standardize_input)

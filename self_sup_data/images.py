@@ -188,18 +188,22 @@ def _orientation(image):
     return image.getexif().get(EXIF_ORIENTATION, 1) if image.format in EXIF_ORIENTED_FORMATS else 1
 
 
+def _turned_by_a_quarter(image):
+    """Whether ``as_displayed`` turns Pillow's ``image`` by a quarter (EXIF orientations 5-8)."""
+    return _orientation(image) in (5, 6, 7, 8)
+
+
 def displayed_size(image):
-    """(width, height) of Pillow's ``image`` as ``as_displayed`` turns it, from its header alone
-    (EXIF orientations 5-8 turn it by a quarter)."""
+    """(width, height) of Pillow's ``image`` as ``as_displayed`` turns it, from its header alone."""
     width, height = image.size
-    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+    return (height, width) if _turned_by_a_quarter(image) else (width, height)
 
 
 def turned_note(path):
     """' (turned by its EXIF orientation N, as viewers show it; stored WxH)' for an image file
     that ``as_displayed`` turns by a quarter, else '': for messages that give its size."""
     with opened_image(path) as image:
-        if _orientation(image) not in (5, 6, 7, 8):
+        if not _turned_by_a_quarter(image):
             return ''
         return (f" (turned by its EXIF orientation {_orientation(image)}, as viewers show it; stored "
                 f"{image.size[0]}x{image.size[1]})")
