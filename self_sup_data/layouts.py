@@ -111,11 +111,17 @@ def _images_by_stem(images, what):
     return by_stem
 
 
+# names of a test folder that would hold normal images in another dataset's convention; only 'good' is read as normal
+NORMAL_FOLDER_NAMES = {'good', 'normal', 'ok', 'nominal', 'defect_free', 'defect-free', 'no_defect', 'non_defective'}
+
+
 def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
     """Images of the sub-folders of ``test_dir`` (type = folder name; not ``masks_dir``, the name of
     a sub-folder that holds the masks) and ``mask_of(type, path)``; the errors of ``_images_by_stem``
-    for the defect images of each folder; a warning counts the images directly in ``test_dir``, which
-    have no type and are left out."""
+    for the defect images of each folder, and a ValueError for a folder named as normal images other
+    than ``good`` (``Good``, ``normal``, ``ok``: ``NORMAL_FOLDER_NAMES``), whose images would be scored
+    as defects; a warning counts the images directly in ``test_dir``, which have no type and are
+    left out."""
     if not Path(test_dir).is_dir():
         raise FileNotFoundError(f"{test_dir} does not exist; {what}")
     loose = sorted(p.name for p in Path(test_dir).iterdir() if p.is_file() and is_image_name(p))
@@ -124,9 +130,10 @@ def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
                       f"{loose[0]}): a test image belongs in the sub-folder of its type ({what})")
     paths, defect_types, masks = [], [], []
     for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
-        if type_dir.name.lower() == 'good' and type_dir.name != 'good':  # its normal images would be defects
-            raise ValueError(f"{type_dir}: normal test images belong in {type_dir.with_name('good')} (lower case); "
-                             f"other folders of {test_dir} hold defect types")
+        if type_dir.name.lower() in NORMAL_FOLDER_NAMES and type_dir.name != 'good':  # its images would be defects
+            raise ValueError(f"{type_dir}: normal test images belong in {type_dir.with_name('good')} (this name, in "
+                             f"lower case); other folders of {test_dir} hold defect types, so its images would "
+                             f"be scored as defects")
         images = folder_images(type_dir)
         if type_dir.name != 'good':
             _images_by_stem(images, 'defect')

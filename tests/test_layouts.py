@@ -217,11 +217,13 @@ def test_images_directly_in_the_test_folder_are_counted_in_a_warning(tmp_path):
     assert not any(path.endswith('loose.png') for path in test.paths) and len(test.paths) == 6
 
 
-def test_a_good_folder_in_another_case_is_refused_not_scored_as_a_defect_type(tmp_path):
+@pytest.mark.parametrize('name', ['Good', 'normal', 'OK', 'defect_free'])
+def test_a_normal_folder_named_other_than_good_is_refused_not_scored_as_a_defect_type(tmp_path, name):
     make_mvtec_category(tmp_path, 'tiles', n_train=3)
     test = tmp_path / 'tiles' / 'test'
-    (test / 'good').rename(test / 'Good')
-    with pytest.raises(ValueError, match=r"test/Good: normal test images belong in .*test/good \(lower case\)"):
+    (test / 'good').rename(test / name)
+    with pytest.raises(ValueError, match=rf"test/{name}: normal test images belong in .*test/good \(this name, in "
+                                         r"lower case\); .* would be scored as defects"):
         SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE, allow_missing_masks=True)
 
 
