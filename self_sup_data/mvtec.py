@@ -458,6 +458,23 @@ def warn_empty_masks(class_name, paths, defect_types, masks, side):
                       f"normal in the pixel metrics")
 
 
+INVERTED_MASK_FRACTION = 0.9  # a mask marking more of its image than this looks inverted (white background)
+
+
+def warn_inverted_masks(class_name, paths, defect_types, masks, side):
+    """Warn, with their count and the first path, about defect images whose mask marks more than
+    ``INVERTED_MASK_FRACTION`` of the image as defect at ``side`` pixels: most likely a mask drawn
+    as a dark defect on a white background, which would score the image's normal pixels as defect."""
+    full = [path for path, t, mask in zip(paths, defect_types, masks)
+            if t != 'good' and mask is not None and mask.mean() > INVERTED_MASK_FRACTION]
+    if full:
+        defects = sum(t != 'good' for t in defect_types)
+        warnings.warn(f"{class_name}: {len(full)} of {defects} defect images have a mask that marks more than "
+                      f"{INVERTED_MASK_FRACTION:.0%} of the image as defect at {side} pixels (first: {full[0]}); "
+                      f"if it is inverted, redraw it with the defect white (non-zero) on black: the pixel "
+                      f"metrics take its non-zero pixels as the defect")
+
+
 def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
     """Warn, with their count and the first path, about defect images whose mask's defect pixels all
     lie outside the central ``crop`` square of the ``side``-pixel test images that object models
@@ -533,6 +550,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
+            warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':
                 warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])
         super().__init__(images, is_train, transform, train_size, self_sup_args, seed,

@@ -268,6 +268,25 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
 
 
+def test_masks_that_look_inverted_are_counted_in_a_warning(tmp_path):
+    """A dark defect drawn on a white mask marks nearly the whole image as defect: the pixel metrics
+    would score the image's normal pixels as the defect."""
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 3})
+    mask_file = tmp_path / 'cat' / 'ground_truth' / 'crack' / '002_mask.png'
+    inverted = 255 - np.asarray(Image.open(mask_file))
+    Image.fromarray(inverted).save(mask_file)
+    with pytest.warns(UserWarning, match=r"cat: 1 of 3 defect images have a mask that marks more than 90% of the "
+                                         r"image as defect at 32 pixels \(first: .*002.png\); if it is inverted"):
+        ds = SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    assert ds.masks[2].mean() == pytest.approx(1 - 1 / 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        large = np.zeros((64, 64), np.uint8)
+        large[:, :56] = 255  # a large defect, 87.5% of the image: no warning
+        Image.fromarray(large).save(mask_file)
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+
+
 def test_object_defects_wholly_outside_the_scored_crop_are_counted_in_a_warning(tmp_path):
     """Objects are scored on the central ``train_size`` square of their test images (64 of 73 pixels
     at res_scale 0.25): a defect outside it is missed whatever the model does."""
