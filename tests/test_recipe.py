@@ -206,6 +206,30 @@ def test_calibration_is_deterministic_and_keeps_what_the_user_fixed():
         assert params[name] == defaults[name]
 
 
+def faint_images(count, size=64, seed=0, grain=2.0):
+    """A material of fine grain whose standard deviation is ``grain`` grey levels: a seamless blend
+    changes its pixels by about a grey level, which the label's tolerance does not count."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        noise = cv2.GaussianBlur(rng.normal(size=(size, size)).astype(np.float32), (0, 0), 1)
+        images.append(np.clip(128 + grain * noise / noise.std(), 0, 255).round().astype(np.uint8)[..., None])
+    return images
+
+
+def test_blends_that_change_no_label_count_as_invisible_and_are_mixed_with_their_pastes():
+    """The label follows the plain pastes where few blends change anything beyond the label's
+    tolerance; the blends' sub-tolerance change must not keep them seamless, or training would
+    draw anomalies that its label almost never marks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # few anomalies change such a flat material: warned
+        params, report = calibrate(faint_images(12))
+    assert recipe.label_from_pastes(report) and report['blends_changed'] == 0
+    assert report['visibility'] > recipe.INVISIBLE  # the faint change alone would call for a weaker mix
+    assert params['paste_fraction'] == recipe.paste_fraction_for(0.0) == (0.5, 1.0)
+    assert "few of them change the label, so they count as invisible: mixed in" in recipe.describe(report)[1]
+
+
 def test_calibration_keeps_seamless_blends_where_they_are_visible():
     # source gradients on a high-contrast texture keep about a quarter of a paste's change
     params, report = calibrate(contrasted_images(12), key='Shift-Intensity')
