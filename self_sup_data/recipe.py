@@ -45,7 +45,7 @@ a defective image:
   ``MAX_PATCH_FACTOR`` times the default).
 - **patches over the border** (``clip_at_border``) for textures whose border band looks like the
   inside: the median local standard deviation (``LOCAL_WINDOW`` pixels) of the outer tenth of each
-  side within a factor ``BORDER_RATIO`` of the inner region's. A stationary texture can have a
+  side within a factor ``BORDER_RATIO`` of the inner region's (``border_texture_ratio``). A stationary texture can have a
   defect anywhere, and patches that must lie inside the image rarely cover its border. Objects
   (and data with an object mask) keep their patches inside.
 
@@ -194,7 +194,9 @@ def label_from_pastes(report):
 
 def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
     """Median local standard deviation (``window`` x ``window``) in the outer ``band`` of each
-    side over that of the inner region, pooled over ``images`` (uint8 H x W x C)."""
+    side over that of the inner region, pooled over ``images`` (uint8 H x W x C). Where both medians
+    are 0 (flat in most windows), the ratio of the means: sparse specks everywhere are alike (about
+    1), a small object on a plain background is not (0); 1 where both means are 0 too."""
     border, inner = [], []
     for image in images:
         gray = image.astype(np.float32).mean(axis=-1)
@@ -206,10 +208,12 @@ def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
         in_band[rows:height - rows, cols:width - cols] = False
         border.append(local_std[in_band])
         inner.append(local_std[~in_band])
-    border_median, inner_median = (float(np.median(np.concatenate(parts))) for parts in (border, inner))
-    if max(border_median, inner_median) < 1e-6:  # flat in most windows, at the border as inside: alike
-        return 1.0
-    return border_median / max(inner_median, 1e-6)
+    border, inner = np.concatenate(border), np.concatenate(inner)
+    for statistic in (np.median, np.mean):
+        border_value, inner_value = float(statistic(border)), float(statistic(inner))
+        if max(border_value, inner_value) >= 1e-6:
+            return border_value / max(inner_value, 1e-6)
+    return 1.0  # flat everywhere
 
 
 def grey_level_spread(images):

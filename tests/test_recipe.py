@@ -163,7 +163,12 @@ def test_border_ratio_tells_a_texture_from_an_object_on_a_plain_background():
     # flat in most windows at the border as inside (sparse specks): alike, not a ratio of 0
     specks = np.zeros((4, 64, 64, 1), np.uint8)
     specks[:, ::16, ::16] = 255
-    assert recipe.border_texture_ratio(specks) == 1.0
+    assert 0.8 < recipe.border_texture_ratio(specks) < 1.25
+    # flat in most windows too, but the contrast is all inside: a small object on a plain background
+    small_objects = np.zeros((4, 64, 64, 1), np.uint8)
+    small_objects[:, 26:38, 26:38] = contrasted_images(4, size=12)
+    assert recipe.border_texture_ratio(small_objects) == 0.0
+    assert recipe.border_texture_ratio(np.full((2, 64, 64, 1), 90, np.uint8)) == 1.0  # flat everywhere
 
 
 # ---------------------------------------------------------------------------- calibrate_recipe
