@@ -157,8 +157,9 @@ def read_id_masks(paths):
 
 
 def _load_item(image_path, mask_path, size, bits):
-    """(image resized to ``size``, mask or None): the image as ``read_image(image_path, bits)``
-    reads it (16-bit images scaled to uint8 first), then resized, as new images are prepared."""
+    """(image resized to ``size``, mask or None, the image's own (width, height)): the image as
+    ``read_image(image_path, bits)`` reads it (16-bit images scaled to uint8 first), then resized,
+    as new images are prepared."""
     image = read_image(image_path, bits)
     mask = None
     if mask_path is not None:
@@ -170,7 +171,24 @@ def _load_item(image_path, mask_path, size, bits):
                              f"{image_path} is {image.shape[1]}x{image.shape[0]}{turned_note(image_path)}; "
                              f"they must match")
         mask = resize_mask(mask.astype(np.uint8), size)
-    return resize(image, size), mask
+    return resize(image, size), mask, (image.shape[1], image.shape[0])
+
+
+STRETCH_NOTE_ASPECT = 2.0  # images this many times longer than wide (or the reverse) get a note: squares stretch them
+
+
+def warn_stretched(image_paths, sizes, size):
+    """Warn, with their count and the first path, about images whose sides (``sizes``: (width,
+    height) each) differ by ``STRETCH_NOTE_ASPECT`` or more: resizing them to ``size`` x ``size``
+    squares stretches them, and the patches and defects on them, along their short side."""
+    stretched = [(path, (width, height)) for path, (width, height) in zip(image_paths, sizes)
+                 if max(width, height) >= STRETCH_NOTE_ASPECT * min(width, height)]
+    if stretched:
+        path, (width, height) = stretched[0]
+        warnings.warn(f"{len(stretched)} of {len(sizes)} images are at least {STRETCH_NOTE_ASPECT:g} times longer "
+                      f"than wide (first: {path}, {width}x{height}); each is resized to a {size}x{size} square, "
+                      f"which stretches it, and its defects, {max(width, height) / min(width, height):.1f} times "
+                      f"along its short side: cut such images into squares to keep their shapes")
 
 
 def set_bit_depth(image_paths, pool):
@@ -220,7 +238,7 @@ def reading_pool():
 
 
 def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images',
-                bit_depth=None):
+                bit_depth=None, stretch_note=True):
     """Decode and resize images (and optional masks) in parallel threads.
 
     A mask path is None, a path (``read_mask``) or a tuple of paths (``read_id_masks``). 16-bit
@@ -232,7 +250,8 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     Returns (images, masks, bit depth): images uint8 ``size x size x C`` with one C for all
     (``channels``, or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size``
     in {0, 1}, or None where ``mask_paths`` has None; the set's bit depth (for SET_BIT_DEPTH; None
-    without a 16-bit image) or ``bit_depth``.
+    without a 16-bit image) or ``bit_depth``. ``stretch_note``: ``warn_stretched`` about images
+    far from square.
     """
     mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
     with reading_pool() as pool:
@@ -242,10 +261,12 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
         loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * count,
                                     [bit_depth] * count),
                            total=count, desc=desc, disable=None, leave=False))
-    images = [image for image, _ in loaded]
+    if stretch_note:
+        warn_stretched(image_paths, [image_size for _, _, image_size in loaded], size)
+    images = [image for image, _, _ in loaded]
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
-    return [to_channels(image, channels) for image in images], [mask for _, mask in loaded], bit_depth
+    return [to_channels(image, channels) for image, _, _ in loaded], [mask for _, mask, _ in loaded], bit_depth
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -439,7 +460,8 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
                              f"({layout.name} layout: {layout.expected}); the evaluation needs "
                              f"both normal and defect images")
     unmasked_defects(class_name, layout, files, allow_missing_masks)
-    load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}', bit_depth=bit_depth)
+    load_images(files.paths, CHECK_SIZE, files.masks, desc=f'checking {class_name}', bit_depth=bit_depth,
+                stretch_note=False)
     if isinstance(layout, LocoLayout):
         layout.defect_regions(root_path, class_name, [path for masks in files.masks for path in masks or ()],
                               CHECK_SIZE)
@@ -578,7 +600,8 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
     recipe = data_recipe(class_name, res_scale, kind)
     images, _, _ = load_images(paths, side or recipe['test_res'], channels=channels,
-                               desc=f'loading {class_name} validation', bit_depth=bit_depth)
+                               desc=f'loading {class_name} validation', bit_depth=bit_depth,
+                               stretch_note=False)  # training images: noted when the training set is loaded
     crop = recipe['train_size'] if category_kind(class_name, kind) == 'object' else None
     images, labels, masks, defect_types = make_validation_set(images, seed, kinds,
                                                               names=[str(p) for p in paths], crop=crop,

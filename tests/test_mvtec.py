@@ -495,6 +495,23 @@ def test_a_model_is_tested_at_its_stored_side_and_an_earlier_one_at_the_earlier_
     assert model_test_side(dict(category='screw')) == 256  # the paper's scale either way
 
 
+def test_images_far_from_square_are_counted_in_a_note_that_squares_stretch_them(tmp_path):
+    strips = tmp_path / 'strips' / 'train' / 'good'
+    strips.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 96), 100, np.uint8)).save(strips / f'{i}.png')
+    Image.fromarray(np.full((64, 96), 100, np.uint8)).save(strips / '3.png')  # 1.5: as VisA's, no note
+    with pytest.warns(UserWarning, match=r"3 of 4 images are at least 2 times longer than wide \(first: .*0.png, "
+                                         r"96x32\); each is resized to a 16x16 square, which stretches it, and its "
+                                         r"defects, 3.0 times along its short side"):
+        images, _, _ = mvtec.load_images(sorted(strips.iterdir()), 16)
+    assert all(image.shape == (16, 16, 1) for image in images)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        mvtec.load_images(sorted(strips.iterdir())[3:], 16)
+        mvtec.load_images(sorted(strips.iterdir()), 16, stretch_note=False)
+
+
 def test_masks_stay_on_their_images_when_both_are_resized(tmp_path):
     """A defect drawn into the image and its mask: after resizing, the mask's centre lies where
     the image's bright square is (nearest neighbour at the corner of each footprint put it a
@@ -510,7 +527,7 @@ def test_masks_stay_on_their_images_when_both_are_resized(tmp_path):
         mask[top:top + side, left:left + side] = 255
         Image.fromarray(image).save(tmp_path / 'image.png')
         Image.fromarray(mask).save(tmp_path / 'mask.png')
-        small, small_mask = _load_item(tmp_path / 'image.png', tmp_path / 'mask.png', 224, None)
+        small, small_mask, _ = _load_item(tmp_path / 'image.png', tmp_path / 'mask.png', 224, None)
         weights = small[:, :, 0].astype(float)
         rows, cols = np.indices(weights.shape)
         image_centre = np.array([(rows * weights).sum(), (cols * weights).sum()]) / weights.sum()
