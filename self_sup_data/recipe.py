@@ -14,10 +14,10 @@ a defective image:
   wide as the central 80% of the changes (percentiles of the quantised
   changes interpolated within their grey level, ``change_percentiles``):
   the blends' labels use the range (0, 1) whatever the material's contrast (the paper's texture label
-  (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels). Where pastes are mixed into
-  blends that change the label (next item), the label is still fitted to the blends, so most
-  trained labels are near 1 (a label fitted to the mixes was rejected by the validation score,
-  BENCHMARKS.md).
+  (1/3, 7) takes it from 0.1 to 0.9 between 0.4 and 13.6 grey levels). Where the label follows the
+  blends and pastes are mixed in (next item), the mixes change the image far more than the blends,
+  so most trained labels are near 1 (a label fitted to the mixes was rejected by the validation
+  score, BENCHMARKS.md).
 - **paste fraction** from the blend's *visibility* ``v``: the mean absolute change of the seamless
   blend over the mean absolute change that a plain paste of the same patch makes (pooled over the
   samples). Poisson editing removes the patch's low-frequency difference; when it removes nearly
@@ -25,12 +25,11 @@ a defective image:
   plain paste by ``b ~ U(low, 1)``, ``low = (MIN_VISIBILITY - v) / (1 - v)``, so that the mix
   keeps at least ``MIN_VISIBILITY`` of the paste's change; a blend that keeps ``VISIBLE`` or more
   stays seamless, as in the paper, and between the two the range ``(low, 1)`` shrinks linearly
-  towards ``(0, 0)`` (materials of nearly equal visibility get nearly equal mixes). Where almost
-  no blend changes a pixel by more than the label's tolerance (``blends_unlabelled``: fewer than
-  ``MIN_CHANGED_SHARE`` of the anomalies that change the images; the label then follows the plain
-  pastes), the blends count as invisible (``v = 0``), whatever their sub-tolerance change keeps, so
-  that the anomalies trained change what the label was calibrated on. Only for the
-  Poisson-blending settings.
+  towards ``(0, 0)`` (materials of nearly equal visibility get nearly equal mixes). Where the label
+  follows the plain pastes (``label_from_pastes``: few blends change a pixel by more than the
+  label's tolerance), the blends count as invisible (``v = 0``) whatever their visibility, so that
+  the anomalies trained change the image as much as the changes the label was fitted to. Only for
+  the Poisson-blending settings.
 - **patch sizes**: a patch is *effective* when at least half of its pixels are labelled as
   anomalous by the setting's own label with the calibrated ``(k, x0)`` (``labelled_anomalous``: a
   label of 0.5 or more for the logistic and binary labels, any change for the continuous and raw
@@ -192,13 +191,6 @@ def label_from_pastes(report):
     where fewer blends than ``fewest_changed`` (or than the pastes, if fewer) change anything, else
     from the blends'."""
     return report['blends_changed'] < min(fewest_changed(report['samples']), report['changed'])
-
-
-def blends_unlabelled(report):
-    """Whether almost no seamless blend changes the label (a ``report`` of ``calibrate_recipe``):
-    fewer than ``MIN_CHANGED_SHARE`` of the anomalies that change the images (their plain pastes)
-    do so as blends; the paste fraction then treats the blends as invisible."""
-    return report['blends_changed'] < MIN_CHANGED_SHARE * report['changed']
 
 
 def border_texture_ratio(images, band=BORDER_BAND, window=LOCAL_WINDOW):
@@ -372,8 +364,8 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
             blend_change += np.abs(blended.astype(np.float32) - dest)[changed].sum()
             paste_change += np.abs(pasted.astype(np.float32) - dest)[changed].sum()
         report['visibility'] = float(blend_change / max(paste_change, 1e-6))
-        if 'paste_fraction' not in fixed:  # blends that change no label are invisible to it, however faint
-            params['paste_fraction'] = paste_fraction_for(0.0 if blends_unlabelled(report) else report['visibility'])
+        if 'paste_fraction' not in fixed:  # a label fitted to the pastes' change marks few of the blends
+            params['paste_fraction'] = paste_fraction_for(0.0 if label_from_pastes(report) else report['visibility'])
 
     final_args = {**self_sup_args,
                   'intensity_logistic_params': tuple(params['intensity_logistic_params'])}
@@ -440,7 +432,7 @@ def describe(report, unused=(), given=()):
         mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
         paste = shown('paste_fraction', f'paste fraction = {mix}')
         keep = f"seamless blends keep {report['visibility']:.3f} of a plain paste's change"
-        rule = ("few of them change the label, so they count as invisible: mixed in" if blends_unlabelled(report)
+        rule = ("the label follows the pastes, so they are mixed in" if label_from_pastes(report)
                 else f"mixed in below {VISIBLE}")
         lines.append(f"{paste}; {keep}" if 'paste_fraction' in given else f"{paste} ({keep}; {rule})")
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
