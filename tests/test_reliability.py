@@ -1856,3 +1856,12 @@ def test_a_resume_refused_for_another_input_standardisation_names_the_option_tha
                                 {'model_config': {'standardize_input': True}})
     assert '; --standardize-input trains its network as it did; pass --force' in message
     assert 'standardize' not in other_run_message('last.pt', 'finished', ['lr: 0.001 vs 0.01'], {})
+
+
+def test_a_resume_refused_for_other_calibration_measurements_says_that_no_option_restores_them():
+    from experiments.cli import other_run_message
+    message = other_run_message('final.pt', 'finished', ['calibration.border_texture_ratio: 1.0 vs 1.08'], {})
+    assert ('(then vs now: calibration.border_texture_ratio: 1.0 vs 1.08); the recipe calibration measured other '
+            "values than then (its training images or the calibration's code changed since), which no option "
+            'restores; pass --force') in message
+    assert 'calibration measured' not in other_run_message('final.pt', 'finished', ['lr: 0.001 vs 0.01'], {})
