@@ -187,8 +187,9 @@ def warn_stretched(image_paths, sizes, size):
         path, (width, height) = stretched[0]
         warnings.warn(f"{len(stretched)} of {len(sizes)} images are at least {STRETCH_NOTE_ASPECT:g} times longer "
                       f"than wide (first: {path}, {width}x{height}); each is resized to a {size}x{size} square, "
-                      f"which stretches it, and its defects, {max(width, height) / min(width, height):.1f} times "
-                      f"along its short side: cut such images into squares to keep their shapes")
+                      f"which stretches it, and its defects, along its short side (the first "
+                      f"{max(width, height) / min(width, height):.1f} times): cut such images into squares to keep "
+                      f"their shapes")
 
 
 def set_bit_depth(image_paths, pool):
