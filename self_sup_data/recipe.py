@@ -46,9 +46,9 @@ a defective image:
   ``MAX_PATCH_FACTOR`` times the default).
 - **patches over the border** (``clip_at_border``) for textures whose border band looks like the
   inside: the median local standard deviation (``LOCAL_WINDOW`` pixels) of the outer tenth of each
-  side within a factor ``BORDER_RATIO`` of the inner region's (``border_texture_ratio``). A stationary texture can have a
-  defect anywhere, and patches that must lie inside the image rarely cover its border. Objects
-  (and data with an object mask) keep their patches inside.
+  side within a factor ``BORDER_RATIO`` of the inner region's (``border_texture_ratio``). A
+  stationary texture can have a defect anywhere, and patches that must lie inside the image rarely
+  cover its border. Objects (and data with an object mask) keep their patches inside.
 
 Parameters that the user set explicitly are kept as given (``fixed``). The calibration is
 deterministic for a given seed and set of images. It knows nothing of torch.
