@@ -468,17 +468,24 @@ def check_test_set(root_path, class_name, layout=None, allow_missing_masks=False
                               CHECK_SIZE)
 
 
+def _warn_defect_masks(class_name, paths, defect_types, masks, flagged, what, consequence):
+    """Warn ``"<class_name>: <n> of <defects> defect images have <what> (first: <path>)<consequence>"``
+    about the defect images whose mask (not None) is ``flagged(mask)``."""
+    found = [path for path, t, mask in zip(paths, defect_types, masks)
+             if t != 'good' and mask is not None and flagged(mask)]
+    if found:
+        defects = sum(t != 'good' for t in defect_types)
+        warnings.warn(f"{class_name}: {len(found)} of {defects} defect images have {what} (first: {found[0]})"
+                      f"{consequence}")
+
+
 def warn_empty_masks(class_name, paths, defect_types, masks, side):
     """Warn, with their count and the first path, about defect images whose mask has no defect
     pixel at ``side`` pixels (none in the file, or a defect too small to survive the resize):
     their pixels count as normal in the pixel metrics, as in MVTec AD's evaluation."""
-    empty = [path for path, t, mask in zip(paths, defect_types, masks)
-             if t != 'good' and mask is not None and not mask.any()]
-    if empty:
-        defects = sum(t != 'good' for t in defect_types)
-        warnings.warn(f"{class_name}: {len(empty)} of {defects} defect images have a mask without a "
-                      f"defect pixel at {side} pixels (first: {empty[0]}); their pixels count as "
-                      f"normal in the pixel metrics")
+    _warn_defect_masks(class_name, paths, defect_types, masks, lambda mask: not mask.any(),
+                       f"a mask without a defect pixel at {side} pixels",
+                       "; their pixels count as normal in the pixel metrics")
 
 
 INVERTED_MASK_FRACTION = 0.9  # a mask marking more of its image than this looks inverted (white background)
@@ -488,14 +495,11 @@ def warn_inverted_masks(class_name, paths, defect_types, masks, side):
     """Warn, with their count and the first path, about defect images whose mask marks more than
     ``INVERTED_MASK_FRACTION`` of the image as defect at ``side`` pixels: most likely a mask drawn
     as a dark defect on a white background, which would score the image's normal pixels as defect."""
-    full = [path for path, t, mask in zip(paths, defect_types, masks)
-            if t != 'good' and mask is not None and mask.mean() > INVERTED_MASK_FRACTION]
-    if full:
-        defects = sum(t != 'good' for t in defect_types)
-        warnings.warn(f"{class_name}: {len(full)} of {defects} defect images have a mask that marks more than "
-                      f"{INVERTED_MASK_FRACTION:.0%} of the image as defect at {side} pixels (first: {full[0]}); "
-                      f"if it is inverted, redraw it with the defect white (non-zero) on black: the pixel "
-                      f"metrics take its non-zero pixels as the defect")
+    _warn_defect_masks(class_name, paths, defect_types, masks, lambda mask: mask.mean() > INVERTED_MASK_FRACTION,
+                       f"a mask that marks more than {INVERTED_MASK_FRACTION:.0%} of the image as defect at "
+                       f"{side} pixels",
+                       "; if it is inverted, redraw it with the defect white (non-zero) on black: the pixel "
+                       "metrics take its non-zero pixels as the defect")
 
 
 def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
@@ -503,14 +507,10 @@ def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
     lie outside the central ``crop`` square of the ``side``-pixel test images that object models
     score (their map is 0 there): those defects count as missed in the pixel metrics."""
     box = central_box((side, side), crop)
-    outside = [path for path, t, mask in zip(paths, defect_types, masks)
-               if t != 'good' and mask is not None and mask.any() and not mask[box].any()]
-    if outside:
-        defects = sum(t != 'good' for t in defect_types)
-        warnings.warn(f"{class_name}: {len(outside)} of {defects} defect images have all their mask's defect pixels "
-                      f"outside the central {crop}-pixel square of the {side}-pixel test images that object "
-                      f"models score (first: {outside[0]}): their defects count as missed in the pixel metrics "
-                      f"(--kind texture scores whole images)")
+    _warn_defect_masks(class_name, paths, defect_types, masks, lambda mask: mask.any() and not mask[box].any(),
+                       f"all their mask's defect pixels outside the central {crop}-pixel square of the "
+                       f"{side}-pixel test images that object models score",
+                       ": their defects count as missed in the pixel metrics (--kind texture scores whole images)")
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
