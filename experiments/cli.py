@@ -372,15 +372,16 @@ def other_run_message(found, state, differing, previous):
     ``run_differences`` ``differing`` (with the option that keeps a run's 16-bit images read as it
     read them, where their bit depth or intensity window differs: the rule that finds a depth has
     changed; and the one that keeps its network's input standardisation, where that differs: a run
-    of a calibrated recipe from before it was the default; a note where the calibration's
-    measurements differ, as after a change of its code)."""
+    of a calibrated recipe from before it was the default; a note where nothing but the
+    calibration's measurements differs, as after a change of its code: an option that the
+    calibration keeps as given changes its measurements too, and then differs as well)."""
     depth = previous.get('bit_depth') if any(line.startswith('bit_depth: ') for line in differing) else None
     keep = '' if depth is None else f"; {reading_option(depth)} reads its images as it did"
     if any(line.startswith('model_config.standardize_input: ') for line in differing):
         standardized = previous.get('model_config', {}).get('standardize_input')
         keep += f"; --{'' if standardized else 'no-'}standardize-input trains its network as it did"
-    if any(line.startswith('calibration.') for line in differing):
-        keep += ("; the recipe calibration measured other values than then (its training images or the "
+    if differing and all(line.startswith('calibration.') for line in differing):
+        keep += ("; only the recipe calibration's measurements differ (its training images or the "
                  "calibration's code changed since), which no option restores")
     return (f"cannot resume the {state} run {found}: it was run with other arguments (then vs now: "
             f"{'; '.join(differing)}){keep}; pass --force to train again and replace it, or use another "

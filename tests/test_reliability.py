@@ -1861,7 +1861,11 @@ def test_a_resume_refused_for_another_input_standardisation_names_the_option_tha
 def test_a_resume_refused_for_other_calibration_measurements_says_that_no_option_restores_them():
     from experiments.cli import other_run_message
     message = other_run_message('final.pt', 'finished', ['calibration.border_texture_ratio: 1.0 vs 1.08'], {})
-    assert ('(then vs now: calibration.border_texture_ratio: 1.0 vs 1.08); the recipe calibration measured other '
-            "values than then (its training images or the calibration's code changed since), which no option "
+    assert ('(then vs now: calibration.border_texture_ratio: 1.0 vs 1.08); only the recipe calibration\'s '
+            "measurements differ (its training images or the calibration's code changed since), which no option "
             'restores; pass --force') in message
-    assert 'calibration measured' not in other_run_message('final.pt', 'finished', ['lr: 0.001 vs 0.01'], {})
+    assert 'measurements differ' not in other_run_message('final.pt', 'finished', ['lr: 0.001 vs 0.01'], {})
+    # an option that calibration keeps (--num-patches) changes its measurements too: the option is the cause
+    option = ['calibration.effective_fraction: 0.98 vs 0.99', 'calibration.params.num_patches: 5 vs 3',
+              'category_params.num_patches: 5 vs 3']
+    assert 'measurements differ' not in other_run_message('final.pt', 'finished', option, {})
