@@ -7,7 +7,8 @@ a defective image:
 
 - **logistic label** ``(k, x0)`` from the distribution of the seamless blends' intensity change
   ``d`` (the values the 'intensity' label takes on changed pixels; the plain pastes' where fewer
-  than a tenth of the blends, ``MIN_CHANGED_SHARE``, change anything; a warning where fewer than
+  than a tenth of the blends, ``MIN_CHANGED_SHARE``, change anything, or fewer blends than pastes
+  where fewer than that share of pastes do, ``label_from_pastes``; a warning where fewer than
   that share of anomalies change the images at all, and an error where none does): ``x0`` is its
   median, so that half of the changed pixels are labelled above 0.5, and
   ``k = 2 ln 9 / (q90 - q10)``, the slope that takes the label from 0.1 to 0.9 across a span as
