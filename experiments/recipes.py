@@ -8,8 +8,8 @@ Recipes (``--recipe``):
              category's ``CATEGORY_PARAMS`` entry is ignored; the default for categories without
              an entry
     search   the auto recipe and a few alternatives (``search_candidates``: the calibrated
-             recipe with more patches, the calibration with the paste fraction switched, the
-             table recipe) are each trained for a short budget and scored on the validation set;
+             recipe with more patches, the calibration with the paste fraction switched
+             (``calibrate_switched``), the table recipe) are each trained for a short budget and scored on the validation set;
              the best is trained in full, on all the training images (the held-out ones too)
              unless ``--select best`` needs them
 
@@ -25,7 +25,7 @@ without ``--select best`` it sizes the candidates' validation set only: the chos
 run trains on every image and has no curve.
 """
 from experiments import settings
-from self_sup_data.recipe import CALIBRATED_PARAMS, calibrate_recipe, describe, paste_fraction_for
+from self_sup_data.recipe import CALIBRATED_PARAMS, calibrate_recipe, describe, label_from_pastes, paste_fraction_for
 
 RECIPES = ('table', 'auto', 'search')
 DEFAULT_VAL_FRACTION = 0.1
@@ -146,12 +146,14 @@ def switched_paste_fraction(auto_params):
 
 def calibrate_switched(dataset, setting, start_params, auto_report, args, overrides, seed):
     """The calibration with the paste fraction fixed to ``switched_paste_fraction`` -> (params,
-    report), or (None, None) when the user fixed the paste fraction or the setting blends no
-    patch (no visibility in ``auto_report``, the calibration report of the auto recipe). The
+    report), or (None, None) when the user fixed the paste fraction, the setting blends no
+    patch (no visibility in ``auto_report``, the calibration report of the auto recipe), or the
+    label follows the plain pastes (``label_from_pastes``: seamless blends, the switch, would
+    train anomalies that the label almost never marks). The
     other parameters are calibrated again to it (patch sizes and count depend on how visible the
     blends are as trained). ``start_params``: the uncalibrated parameters the auto recipe came
     from."""
-    if 'paste_fraction' in overrides or 'visibility' not in auto_report:
+    if 'paste_fraction' in overrides or 'visibility' not in auto_report or label_from_pastes(auto_report):
         return None, None
     switched = switched_paste_fraction(auto_report['params'])
     return calibrate(dataset, setting, {**start_params, 'paste_fraction': switched}, args,

@@ -933,6 +933,10 @@ def test_search_alternative_is_calibrated_again_to_the_switched_paste_fraction(t
     assert switched == given and switched['num_patches'] < auto['num_patches']
     assert not_switched == (None, None)  # the user's fraction is kept
     assert run(key='Shift-Intensity-Swap')[1] == (None, None)  # pastes only: nothing to switch
+    # a label fitted to the plain pastes (few blends change anything): seamless blends are no alternative
+    faint = dict(visibility=0.3, samples=300, changed=20, blends_changed=3, params=dict(paste_fraction=(0.5, 1.0)))
+    assert recipe.label_from_pastes(faint)
+    assert recipes.calibrate_switched(None, None, {}, faint, None, {}, 0) == (None, None)
     assert recipes.search_candidates(auto, None, None, auto) == {'auto': auto}
 
 
