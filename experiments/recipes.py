@@ -9,9 +9,9 @@ Recipes (``--recipe``):
              an entry
     search   the auto recipe and a few alternatives (``search_candidates``: the calibrated
              recipe with more patches, the calibration with the paste fraction switched
-             (``calibrate_switched``), the table recipe) are each trained for a short budget and scored on the validation set;
-             the best is trained in full, on all the training images (the held-out ones too)
-             unless ``--select best`` needs them
+             (``calibrate_switched``), the table recipe) are each trained for a short budget and
+             scored on the validation set; the best is trained in full, on all the training images
+             (the held-out ones too) unless ``--select best`` needs them
 
 Command-line overrides (``--logistic`` ...) are kept by every recipe. The validation set
 (``--val-fraction``) holds out normal training images (``self_sup_data.validation``), drawn by

@@ -267,7 +267,7 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     images = [image for image, _, _ in loaded]
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
-    return [to_channels(image, channels) for image, _, _ in loaded], [mask for _, mask, _ in loaded], bit_depth
+    return [to_channels(image, channels) for image in images], [mask for _, mask, _ in loaded], bit_depth
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -415,15 +415,20 @@ def unmasked_defects(class_name, layout, files, allow_missing):
     return missing, defects
 
 
+def _category_dir(defect_image):
+    """``<cat>`` of a defect image ``<cat>/test/<type>/<name>``; None for a path too short to have one."""
+    image = Path(defect_image)
+    return image.parents[2] if len(image.parents) >= 3 else None
+
+
 def _loco_note(defect_image):
     """A note for a defect image ``<cat>/test/<type>/<name>`` of an MVTec LOCO AD category read as
     another layout (its defects_config.json missing): LOCO's masks of it are the folder
     ``<cat>/ground_truth/<type>/<name>/``; '' where there is no such folder, or the category has its
     defects_config.json (a LOCO category, whose layout names its own expected masks)."""
-    image = Path(defect_image)
-    if len(image.parents) < 3:
+    image, category_dir = Path(defect_image), _category_dir(defect_image)
+    if category_dir is None:
         return ''
-    category_dir = image.parents[2]
     masks = category_dir / 'ground_truth' / image.parent.name / image.stem
     config = category_dir / 'defects_config.json'
     return (f"; {masks} is a folder of masks as in MVTec LOCO AD, whose {config} is missing"
@@ -434,10 +439,10 @@ def _mask_folder_note(defect_image):
     """A note for a defect image ``<cat>/test/<type>/<name>`` whose mask folder
     ``<cat>/ground_truth/<type>`` does not exist although ``ground_truth`` does: the folders that it
     holds (a misnamed one, ``cracks`` for ``crack``); '' otherwise."""
-    image = Path(defect_image)
-    if len(image.parents) < 3:
+    image, category_dir = Path(defect_image), _category_dir(defect_image)
+    if category_dir is None:
         return ''
-    truth = image.parents[2] / 'ground_truth'
+    truth = category_dir / 'ground_truth'
     if not truth.is_dir() or (truth / image.parent.name).is_dir():
         return ''
     folders = sorted(p.name for p in truth.iterdir() if p.is_dir() and not p.name.startswith('.'))

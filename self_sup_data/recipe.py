@@ -352,7 +352,8 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
                       f"changed the training images, and the calibrated recipe rests on them; "
                       f"{cause}, else --recipe table")
     # blends that (almost) never change anything: the label follows the pastes' change
-    source = pastes if label_from_pastes(report) else blends
+    from_pastes = label_from_pastes(report)
+    source = pastes if from_pastes else blends
     changes = np.concatenate([label[label > 0] for _, label in source])
     report['change_quantiles'] = [float(q) for q in change_percentiles(changes)]
     if 'intensity_logistic_params' not in fixed:
@@ -366,7 +367,7 @@ def calibrate_recipe(images, transform, self_sup_args, params, kind, seed=0, fix
             paste_change += np.abs(pasted.astype(np.float32) - dest)[changed].sum()
         report['visibility'] = float(blend_change / max(paste_change, 1e-6))
         if 'paste_fraction' not in fixed:  # a label fitted to the pastes' change marks few of the blends
-            params['paste_fraction'] = paste_fraction_for(0.0 if label_from_pastes(report) else report['visibility'])
+            params['paste_fraction'] = paste_fraction_for(0.0 if from_pastes else report['visibility'])
 
     final_args = {**self_sup_args,
                   'intensity_logistic_params': tuple(params['intensity_logistic_params'])}
@@ -424,7 +425,8 @@ def describe(report, unused=(), given=()):
     label = shown('intensity_logistic_params',
                   f"logistic label (k, x0) = {params['intensity_logistic_params']}")
     change = f"10/50/90th percentile {q10:.1f} / {q50:.1f} / {q90:.1f} grey levels"
-    source = ("the plain pastes' intensity change (few seamless blends change anything)" if label_from_pastes(report)
+    from_pastes = label_from_pastes(report)
+    source = ("the plain pastes' intensity change (few seamless blends change anything)" if from_pastes
               else "the blends' intensity change")
     lines = [f"{label}; {source}: {change}" if 'intensity_logistic_params' in given
              else f"{label} from {source} ({change})"]
@@ -433,8 +435,7 @@ def describe(report, unused=(), given=()):
         mix = 'none (seamless blends)' if fraction is None else f"U{tuple(fraction)}"
         paste = shown('paste_fraction', f'paste fraction = {mix}')
         keep = f"seamless blends keep {report['visibility']:.3f} of a plain paste's change"
-        rule = ("the label follows the pastes, so they are mixed in" if label_from_pastes(report)
-                else f"mixed in below {VISIBLE}")
+        rule = "the label follows the pastes, so they are mixed in" if from_pastes else f"mixed in below {VISIBLE}"
         lines.append(f"{paste}; {keep}" if 'paste_fraction' in given else f"{paste} ({keep}; {rule})")
     widths = shown('width_bounds_pct', f"patch half-widths {params['width_bounds_pct']}")
     gamma = shown('gamma_params', f"gamma {params['gamma_params']}")
