@@ -111,8 +111,16 @@ def _images_by_stem(images, what):
     return by_stem
 
 
-# names of a test folder that would hold normal images in another dataset's convention; only 'good' is read as normal
-NORMAL_FOLDER_NAMES = {'good', 'normal', 'ok', 'nominal', 'defect_free', 'defect-free', 'no_defect', 'non_defective'}
+# names of a test folder that would hold normal images in another dataset's convention, as ``folder_name_key``
+# gives them; only 'good' is read as normal
+NORMAL_FOLDER_NAMES = {'good', 'normal', 'ok', 'nominal', 'defectfree', 'nodefect', 'nodefects', 'nondefective',
+                       'notdefective', 'flawless'}
+
+
+def folder_name_key(name):
+    """A folder name as ``NORMAL_FOLDER_NAMES`` holds it: case-folded, letters and digits only
+    (``Defect-Free``, ``defect free`` and ``defect_free`` -> ``defectfree``)."""
+    return ''.join(character for character in name.casefold() if character.isalnum())
 
 
 def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
@@ -130,7 +138,7 @@ def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
                       f"{loose[0]}): a test image belongs in the sub-folder of its type ({what})")
     paths, defect_types, masks = [], [], []
     for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
-        if type_dir.name.lower() in NORMAL_FOLDER_NAMES and type_dir.name != 'good':  # its images would be defects
+        if folder_name_key(type_dir.name) in NORMAL_FOLDER_NAMES and type_dir.name != 'good':  # its images would be defects
             raise ValueError(f"{type_dir}: normal test images belong in {type_dir.with_name('good')} (this name, in "
                              f"lower case); other folders of {test_dir} hold defect types, so its images would "
                              f"be scored as defects")
