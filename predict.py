@@ -9,7 +9,8 @@ depth of folders, 'DIR/**/*.png') or files (with --overwrite, not the earlier ru
 masks); any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
-back to the image's own pixels (``experiments.detector``). OUT_DIR gets
+back to the image's own pixels (``experiments.detector``); images unlike the model's training
+images in aspect ratio or size are counted in a warning (``Detector.shape_notes``). OUT_DIR gets
 
     scores.csv              file, output name (the file's stem; bytes of a name that are not
                             UTF-8 written as \\xNN), score_mean, score_max, anomalous (score_mean
@@ -39,6 +40,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -165,7 +167,7 @@ def remove_outputs(out_dir, name):
 def predict_files(detector, files, out_dir, flip_average=False):
     """Predict ``files`` in batches of ``detector.batch_size`` and write OUT_DIR's files (see the
     module docstring) -> the list of (file, error) of the files that could not be read."""
-    rows, errors = [], []
+    rows, errors, shapes = [], [], []
     names = output_names(files, out_dir)
     with tqdm(total=len(files), desc='predicting', unit='image', disable=None) as progress:
         for start in range(0, len(files), detector.batch_size):
@@ -178,6 +180,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     errors.append((printable(str(path)), printable(str(error))))
             if batch:
                 images = [image for _, _, image in batch]
+                shapes += [(printable(str(path)), image.shape) for path, _, image in batch]
                 if detector.pixel_threshold is None:  # no masks
                     (scores, maps), masks = detector.predict(images, flip_average), [None] * len(batch)
                 else:
@@ -197,6 +200,8 @@ def predict_files(detector, files, out_dir, flip_average=False):
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
             (out_dir / PENDING).unlink(missing_ok=True)
             progress.update(len(files[start:start + detector.batch_size]))
+    for note in detector.shape_notes(*zip(*shapes)) if shapes else ():
+        warnings.warn(note)
     return errors
 
 

@@ -4,6 +4,7 @@ ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
     detector = Detector.load('final_tile_shift_intensity_m.pt')   # or 'tile.onnx'
     scores, maps = detector.predict([detector.read(path) for path in paths])
     anomalous = scores['mean'] > detector.threshold                # after calibration
+    notes = detector.shape_notes(paths, [image.shape for image in images])  # unlike its training images
     scores, maps, masks = detector.predict(images, masks=True)     # and defect pixels
 
 Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
@@ -128,6 +129,11 @@ class Detector:
         16-bit images scaled from the bit depth of its training images, or from its intensity window
         (``spec['bit_depth']``; image by image for models trained on 8-bit images)."""
         return read_image(path, self.spec.get('bit_depth'))
+
+    def shape_notes(self, names, shapes):
+        """Notes (strings) on the images, of ``shapes`` as read and named by ``names``, whose
+        aspect ratio or size is unlike the model's training images (``inference.shape_notes``)."""
+        return inference.shape_notes(self.spec, names, shapes)
 
     def check_flip_average(self):
         """ValueError when flip averaging does not apply to this model (objects)."""

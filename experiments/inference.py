@@ -17,6 +17,9 @@ checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported 
     thresholds          None, or the calibrated thresholds (``experiments.thresholds``)
     bit_depth           how 16-bit image files are read (``self_sup_data.images.to_uint8``): None,
                         each image from its own bit depth; bits; or an intensity window [low, high]
+    train_image_shape   the training images' aspect ratios and longer sides
+                        (``self_sup_data.images.image_shape_summary``), which ``shape_notes``
+                        compares new images with; None for models trained before it was recorded
 
 This is ``experiments.prediction`` on uint8 images instead of normalised tensors: cropping,
 reflect padding and flips commute with the per-pixel normalisation, which the network input
@@ -106,6 +109,59 @@ def warn_flip_average_mismatch(thresholds, flip_average, source, consequence='')
         warnings.warn(f'{source}: its thresholds were calibrated {with_or_without(not flip_average)} '
                       f'flip averaging and these maps are {with_or_without(flip_average)} it{consequence}')
     return mismatch
+
+
+ASPECT_TOLERANCE = 1.1  # aspect ratios within this factor of the training images' range count as theirs
+SCALE_TOLERANCE = 1.5  # ... and longer sides within this factor of theirs
+LARGER = {True: 'larger', False: 'smaller'}
+
+
+def _unlike(sizes, measure, bounds, tolerance):
+    """The (name, width, height) items of ``sizes`` whose ``measure(width, height)`` lies outside
+    ``bounds`` [low, high] widened by the factor ``tolerance``."""
+    low, high = bounds
+    return [item for item in sizes if not low / tolerance <= measure(*item[1:]) <= high * tolerance]
+
+
+def _span(bounds, form):
+    """'low' or 'low to high' of ``bounds``, each formatted by ``form``."""
+    low, high = bounds
+    return format(low, form) if low == high else f'{low:{form}} to {high:{form}}'
+
+
+def shape_notes(spec, names, shapes):
+    """Notes (strings) on the images whose ``shapes`` ((H, W, ...) each, named by ``names``) are
+    unlike the model's training images (``spec['train_image_shape']``; none for a model without
+    it): an aspect ratio (width / height) outside the training images' range widened by
+    ASPECT_TOLERANCE, and a longer side outside theirs widened by SCALE_TOLERANCE. Every image is
+    resized to the model's square as the training images were, so the former are stretched
+    otherwise than the network learnt, and the latter reach it at another scale unless they show
+    the training images' field of view."""
+    trained = spec.get('train_image_shape')
+    if not trained:
+        return []
+    sizes = [(name, shape[1], shape[0]) for name, shape in zip(names, shapes)]
+    side, notes = spec['side'], []
+    stretched = _unlike(sizes, lambda width, height: width / height, trained['aspect'], ASPECT_TOLERANCE)
+    if stretched:
+        name, width, height = stretched[0]
+        notes.append(f"{len(stretched)} of {len(sizes)} images have another aspect ratio (width / height) than the "
+                     f"model's training images ({_span(trained['aspect'], '.2f')}; first: {name}, {width}x{height}, "
+                     f"{width / height:.2f}): each is resized to the model's {side}x{side} square as they were, which "
+                     f"stretches it and its defects otherwise than the network learnt; crop such images to the "
+                     f"training images' shape first")
+    rescaled = _unlike(sizes, max, trained['long_side'], SCALE_TOLERANCE)
+    if rescaled:
+        name, width, height = rescaled[0]
+        larger = {max(item[1:]) > trained['long_side'][1] for item in rescaled}
+        which = ' or '.join(LARGER[flag] for flag in (True, False) if flag in larger)
+        notes.append(f"{len(rescaled)} of {len(sizes)} images are {which} than the "
+                     f"model's training images (longer side {_span(trained['long_side'], 'd')} pixels; first: "
+                     f"{name}, {width}x{height}): each is resized to the model's {side} pixels as they were, so "
+                     f"unless they show the training images' field of view, their texture and defects reach the "
+                     f"network at another scale than it learnt; crop or resize them to the training images' scale "
+                     f"first")
+    return notes
 
 
 def _view_maps(run, images, spec):

@@ -59,7 +59,8 @@ def model_spec(meta):
     return dict(side=int(side), crop=crop, size_multiple=SIZE_MULTIPLE,
                 channels=int(config['in_channels']), flip_average_error=flip_error,
                 category=category, setting=meta.get('setting'),
-                thresholds=meta.get('thresholds'), bit_depth=meta.get('bit_depth'))
+                thresholds=meta.get('thresholds'), bit_depth=meta.get('bit_depth'),
+                train_image_shape=meta.get('train_image_shape'))
 
 
 class TorchRunner:

@@ -121,7 +121,7 @@ SELECTIONS = ('last', 'best')
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
                      'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget',
-                     'train_contents_sha256')
+                     'train_contents_sha256', 'train_image_shape')
 # the validation set's settings, which change nothing where no image was held out (a category too small),
 # but for the seed of the images that a --recipe search held out to choose the recipe (its final run trains
 # on all of them; the fraction is in its search_budget)

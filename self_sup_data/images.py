@@ -199,6 +199,21 @@ def displayed_size(image):
     return (height, width) if _turned_by_a_quarter(image) else (width, height)
 
 
+def image_shape_summary(paths):
+    """The shapes of the image files at ``paths`` as viewers show them (``displayed_size``, from
+    their headers): {'aspect': [least, greatest width / height], 'long_side': [least, greatest
+    longer side in pixels]}, plain values for a model's meta (``experiments.inference.shape_notes``
+    compares new images with them)."""
+    sizes = []
+    for path in paths:
+        with opened_image(path) as image:
+            sizes.append(displayed_size(image))
+    aspects = [width / height for width, height in sizes]
+    long_sides = [max(size) for size in sizes]
+    return dict(aspect=[round(min(aspects), 4), round(max(aspects), 4)],
+                long_side=[int(min(long_sides)), int(max(long_sides))])
+
+
 def turned_note(path):
     """' (turned by its EXIF orientation N, as viewers show it; stored WxH)' for an image file
     that ``as_displayed`` turns by a quarter, else '': for messages that give its size."""

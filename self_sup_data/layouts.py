@@ -138,7 +138,8 @@ def _typed_test_files(test_dir, mask_of, what, masks_dir=None):
                       f"{loose[0]}): a test image belongs in the sub-folder of its type ({what})")
     paths, defect_types, masks = [], [], []
     for type_dir in (folder for folder in _subfolders(test_dir) if folder.name != masks_dir):
-        if folder_name_key(type_dir.name) in NORMAL_FOLDER_NAMES and type_dir.name != 'good':  # its images would be defects
+        # a normal folder of another name: its images would be scored as defects
+        if folder_name_key(type_dir.name) in NORMAL_FOLDER_NAMES and type_dir.name != 'good':
             raise ValueError(f"{type_dir}: normal test images belong in {type_dir.with_name('good')} (this name, in "
                              f"lower case); other folders of {test_dir} hold defect types, so its images would "
                              f"be scored as defects")

@@ -357,6 +357,7 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     assert meta['train_config']['epochs'] == 1 and meta['in_channels'] == 1
     assert meta['generator_version'] == GENERATOR_VERSION
     assert meta['train_names'] == names and meta['train_size'] == 32  # the evaluation's checks and crop
+    assert meta['train_image_shape'] == dict(aspect=[1.0, 1.0], long_side=[64, 64])  # predict.py's notes
     # the list rewritten at the same path with other images (as the list builder does): another run
     listing.write_text('\n'.join(names[1:]) + '\n')
     message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)

@@ -1,6 +1,7 @@
 """Using a model on new images: the Detector reproduces the evaluation's maps, predict.py writes
 its files, bad inputs give named errors and lose nothing already written."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,35 @@ def test_predict_writes_scores_maps_overlays_masks_and_errors(calibrated, inputs
     assert '2 images predicted, 1 unreadable' in capsys.readouterr().out
 
 
+def test_images_unlike_the_training_images_are_noted_by_aspect_ratio_and_size():
+    spec = dict(side=64, train_image_shape=dict(aspect=[1.0, 1.0], long_side=[64, 64]))
+    assert inference.shape_notes(spec, ['a', 'b', 'c'], [(64, 64, 1), (60, 64), (90, 90, 3)]) == []  # within 1.1, 1.5
+    wide, small = inference.shape_notes(spec, ['a', 'wide', 'small', 'long'],
+                                        [(64, 64), (50, 90, 3), (30, 30), (64, 150)])
+    assert wide.startswith("2 of 4 images have another aspect ratio (width / height) than the model's training "
+                           "images (1.00; first: wide, 90x50, 1.80): each is resized to the model's 64x64 square")
+    assert small.startswith("2 of 4 images are larger or smaller than the model's training images (longer side 64 "
+                            "pixels; first: small, 30x30)")
+    assert inference.shape_notes(spec, ['big'], [(200, 200)])[0].startswith('1 of 1 images are larger than')
+    assert inference.shape_notes(spec, ['big', 'small'], [(200, 200), (9, 9)])[0].startswith(
+        '2 of 2 images are larger or smaller than')
+    ranged = dict(side=64, train_image_shape=dict(aspect=[0.5, 2.0], long_side=[64, 128]))
+    assert inference.shape_notes(ranged, ['tall', 'big'], [(128, 64), (180, 180)]) == []
+    assert '(0.50 to 2.00; first: wider' in inference.shape_notes(ranged, ['wider'], [(40, 100)])[0]
+    assert inference.shape_notes(dict(side=64, train_image_shape=None), ['x'], [(10, 500)]) == []  # older models
+
+
+def test_predict_notes_images_unlike_the_models_training_images(calibrated, inputs, tmp_path):
+    detector = Detector.load(calibrated)
+    detector.spec['train_image_shape'] = dict(aspect=[1.0, 1.0], long_side=[64, 64])
+    files = [inputs / 'a.png', inputs / 'b.jpg']
+    (tmp_path / 'out').mkdir()
+    first = re.escape(str(files[1]))
+    with pytest.warns(UserWarning, match=rf"1 of 2 images have another aspect ratio .*first: {first}, 90x50, 1.80\)"):
+        predict.predict_files(detector, files, tmp_path / 'out')
+    assert len(pd.read_csv(tmp_path / 'out' / 'scores.csv')) == 2
+
+
 def test_bfloat16_maps_are_warned_of_beside_float32_thresholds(calibrated):
     with pytest.warns(UserWarning, match='its thresholds were calibrated on float32 maps, and bfloat16 maps'):
         Detector.load(calibrated, bf16=True)
@@ -457,12 +487,14 @@ def test_end_to_end_on_a_trained_model(category, tmp_path):
     train_mvtec.main(['-s', 'Shift', '-d', str(root), '-n', name, '-o', str(tmp_path / 'm')] + FAST)
     path = next((tmp_path / 'm').rglob('final_*.pt'))
     model, meta = load_model(path)
+    assert meta['train_image_shape'] == dict(aspect=[1.0, 1.0], long_side=[64, 64])
     dataset = load_test_set(root, meta)
     out = tmp_path / 'out'
     result = subprocess.run([sys.executable, str(ROOT / 'predict.py'), '-m', str(path), '-i',
                              str(root / name / 'test' / '*' / '*.png'), '-o', str(out),
                              '--batch-size', '32'], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert 'training images' not in result.stderr  # the test images are shaped as the training images
     expected = predict_maps(model, dataset, batch_size=32)
     names = pd.read_csv(out / 'scores.csv')['output']
     assert len(names) == len(dataset.paths)

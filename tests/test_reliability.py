@@ -1145,6 +1145,10 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     read = read_image(tmp_path / 'photo.jpg')
     assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
     assert image_size(tmp_path / 'photo.jpg') == (30, 20)
+    from self_sup_data.images import image_shape_summary  # a model's training images, for predict.py
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'square.png')
+    assert image_shape_summary([tmp_path / 'photo.jpg', tmp_path / 'square.png']) == dict(aspect=[1.0, 1.5],
+                                                                                         long_side=[20, 30])
     # a mask drawn on the stored pixels: the error says that the image was turned
     from self_sup_data.images import turned_note
     from self_sup_data.mvtec import _load_item
