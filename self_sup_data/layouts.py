@@ -11,7 +11,9 @@ A layout answers, for a root folder and a category name:
 A test image's mask is None (a normal image, or a defect image without a mask), a path (any
 nonzero pixel is a defect, see ``mvtec.read_mask``), or a tuple of paths whose nonzero pixels
 together are the defect (masks whose pixel values are region or defect ids). Mask files are
-matched by exact name (``[`` and ``]`` in a name are plain characters). ``has_masks`` says whether
+matched by name (``[`` and ``]`` in a name are plain characters); in the mvtec, ad2 and folder
+formats the same letters in either Unicode normal form match (``stem_key``), as macOS may store
+them decomposed. ``has_masks`` says whether
 the layout gives each defect image a mask (all but the folder layout without a mask folder): then
 a missing mask is an error unless asked otherwise (``mvtec.SelfSupMVTecDataset``).
 
@@ -25,7 +27,7 @@ Formats (``--format`` of the command lines; ``detect_layout`` recognises all but
                        <cat>/test/{good,logical_anomalies,structural_anomalies}/NNN.png,
                        <cat>/ground_truth/<type>/NNN/000.png, 001.png ... (one PNG per defect)
     ad2     MVTec AD 2: <cat>/train/good/*, <cat>/test_public/{good,bad}/*,
-                       <cat>/test_public/ground_truth/bad/<name>_mask.png
+                       <cat>/test_public/ground_truth/bad/<name>_mask.*
     folder  any names: a folder of normal images, a folder of anomalous images, optionally a
             folder of their masks matched by file stem (``abc.jpg`` <- ``abc.png``); a fixed
             fifth of the normal images (``random.Random(0)`` over the sorted paths) is held out
@@ -39,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -98,17 +101,44 @@ def _category_dir(layout, root, category):
     return root / category
 
 
+def stem_key(stem):
+    """A file stem as masks are matched by: in Unicode normal form NFC, so that a name stored
+    decomposed (NFD: ``e`` and a combining accent, as macOS may write it) matches the same name
+    stored composed."""
+    return unicodedata.normalize('NFC', stem)
+
+
 def _images_by_stem(images, what):
-    """{stem: path} of the image paths ``images``; ValueError naming two ``what`` images with the same
-    stem (``000.png`` and ``000.jpg``), which masks are matched by: one mask would stand for both,
-    or for the wrong one."""
+    """{stem (``stem_key``): path} of the image paths ``images``; ValueError naming two ``what``
+    images with the same stem (``000.png`` and ``000.jpg``), which masks are matched by: one mask
+    would stand for both, or for the wrong one."""
     by_stem = {}
     for path in images:
-        if path.stem in by_stem:
-            raise ValueError(f"{what} images {by_stem[path.stem]} and {path} have the same stem, by which their "
-                             f"masks are found; rename one")
-        by_stem[path.stem] = path
+        if stem_key(path.stem) in by_stem:
+            raise ValueError(f"{what} images {by_stem[stem_key(path.stem)]} and {path} have the same stem, by which "
+                             f"their masks are found; rename one")
+        by_stem[stem_key(path.stem)] = path
     return by_stem
+
+
+def _masks_by_stem(folder):
+    """{image stem (``stem_key``): [its masks]} of the mask files ``<image stem>_mask.<any image
+    suffix>`` in ``folder`` (none where it does not exist); the masks of other names under None."""
+    by_stem = {}
+    for mask in folder_images(folder) if folder.is_dir() else []:
+        stem = stem_key(mask.stem[:-len(MASK_SUFFIX)]) if mask.stem.endswith(MASK_SUFFIX) else None
+        by_stem.setdefault(stem, []).append(mask)
+    return by_stem
+
+
+def _single_mask(path, masks_by_stem):
+    """The mask of the test image ``path`` in ``masks_by_stem`` (``_masks_by_stem``), None without
+    one; ValueError where it has several (``000_mask.png`` and ``000_mask.tif``)."""
+    candidates = masks_by_stem.get(stem_key(path.stem), [])
+    if len(candidates) > 1:
+        raise ValueError(f"{path} has {len(candidates)} masks: {', '.join(str(mask) for mask in candidates)}; "
+                         f"keep one")
+    return candidates[0] if candidates else None
 
 
 # names of a test folder that would hold normal images in another dataset's convention, as ``folder_name_key``
@@ -182,25 +212,13 @@ class MVTecLayout(CategoryLayout):
         category_dir = _category_dir(self, root, category)
         masks_by_type = {}
 
-        def masks_of_type(defect_type):  # {image stem: its masks} of ground_truth/<type>, None: not a mask name
-            if defect_type not in masks_by_type:
-                folder = category_dir / 'ground_truth' / defect_type
-                by_stem = {}
-                for mask in folder_images(folder) if folder.is_dir() else []:
-                    stem = mask.stem[:-len(MASK_SUFFIX)] if mask.stem.endswith(MASK_SUFFIX) else None
-                    by_stem.setdefault(stem, []).append(mask)
-                masks_by_type[defect_type] = by_stem
-            return masks_by_type[defect_type]
-
         def mask_of(defect_type, path):
-            candidates = masks_of_type(defect_type).get(path.stem, [])
-            if len(candidates) > 1:
-                raise ValueError(f"{path} has {len(candidates)} masks: "
-                                 f"{', '.join(str(mask) for mask in candidates)}; keep one")
-            return candidates[0] if candidates else None
+            if defect_type not in masks_by_type:
+                masks_by_type[defect_type] = _masks_by_stem(category_dir / 'ground_truth' / defect_type)
+            return _single_mask(path, masks_by_type[defect_type])
         files = _typed_test_files(category_dir / 'test', mask_of, 'testing needs test/good and test/<defect> folders')
         for defect_type, by_stem in masks_by_type.items():
-            stems = {path.stem for path, t in zip(files.paths, files.defect_types) if t == defect_type}
+            stems = {stem_key(path.stem) for path, t in zip(files.paths, files.defect_types) if t == defect_type}
             unmatched = sorted(str(mask) for stem, masks in by_stem.items() if stem not in stems for mask in masks)
             if unmatched:
                 warnings.warn(f"{category}: {len(unmatched)} of the masks in ground_truth/{defect_type} match no image "
@@ -279,10 +297,12 @@ class AD2Layout(CategoryLayout):
 
     def test_files(self, root, category):
         test_dir = _category_dir(self, root, category) / 'test_public'
+        masks_by_type = {}
 
         def mask_of(defect_type, path):
-            mask = test_dir / 'ground_truth' / defect_type / f'{path.stem}_mask.png'
-            return mask if mask.is_file() else None
+            if defect_type not in masks_by_type:
+                masks_by_type[defect_type] = _masks_by_stem(test_dir / 'ground_truth' / defect_type)
+            return _single_mask(path, masks_by_type[defect_type])
         return _typed_test_files(test_dir, mask_of, 'testing needs test_public/good and test_public/bad',
                                  masks_dir='ground_truth')
 
@@ -396,16 +416,16 @@ class FolderLayout:
         masks = _images_in(self.mask_dir, 'it should hold the masks of the anomalous images, named as they are')
         by_stem = {}
         for mask in masks:
-            if mask.stem in by_stem:
-                raise ValueError(f"masks {by_stem[mask.stem]} and {mask} have the same stem; "
+            if stem_key(mask.stem) in by_stem:
+                raise ValueError(f"masks {by_stem[stem_key(mask.stem)]} and {mask} have the same stem; "
                                  "keep one mask per anomalous image")
-            by_stem[mask.stem] = mask
+            by_stem[stem_key(mask.stem)] = mask
         seen = _images_by_stem(abnormal, 'anomalous')
         unmatched = sorted(set(by_stem) - set(seen))
         if unmatched:
             raise ValueError(f"masks in {self.mask_dir} match no image of {self.abnormal} by name: "
                              f"{unmatched[:5]}; a mask must have its image's stem (abc.jpg <- abc.png)")
-        return {path: by_stem.get(path.stem) for path in abnormal}
+        return {path: by_stem.get(stem_key(path.stem)) for path in abnormal}
 
     def test_files(self, root=None, category=None):
         if self.abnormal is None:

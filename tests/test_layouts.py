@@ -310,6 +310,30 @@ def test_ad2(tmp_path):
     assert list(test.has_mask) == [True, False, True, True] and _mask_pixels(test, 0) == 25
 
 
+def test_masks_match_their_images_in_either_unicode_normal_form_and_any_suffix_case(tmp_path):
+    composed, decomposed = 'd\u00e9faut', 'de\u0301faut'  # 'défaut' as typed, and as macOS may store it
+    make_mvtec_category(tmp_path, 'tiles', n_train=3, defects={'crack': 1})
+    crack = tmp_path / 'tiles' / 'test' / 'crack'
+    (crack / '000.png').rename(crack / f'{composed}.png')
+    truth = tmp_path / 'tiles' / 'ground_truth' / 'crack'
+    (truth / '000_mask.png').rename(truth / f'{decomposed}_mask.png')
+    test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert test.has_mask.all() and test.masks[test.defect_types.index('crack')].any()
+    make_ad2(tmp_path)  # AD 2: its masks with another suffix case too
+    bad = tmp_path / 'vial' / 'test_public' / 'bad'
+    (bad / '001_regular.png').rename(bad / f'{decomposed}.png')
+    _png(tmp_path / 'vial' / 'test_public' / 'ground_truth' / 'bad' / f'{composed}_mask.PNG', mask_box=(2, 2, 4))
+    test = SelfSupMVTecDataset(tmp_path, 'vial', is_train=False, low_res=SIZE)
+    assert test.has_mask.all() and sorted(int(mask.sum()) for mask in test.masks[:2]) == [16, 25]
+    folder = tmp_path / 'folder'
+    for i in range(5):
+        _png(folder / 'ok' / f'{i}.png', value=80 + i)
+    _png(folder / 'ng' / f'{composed}.png', value=200)
+    _png(folder / 'masks' / f'{decomposed}.png', mask_box=(0, 0, 3))
+    layout = make_layout('folder', folder / 'ok', folder / 'ng', folder / 'masks')
+    assert layout.test_files().masks[-1] == folder / 'masks' / f'{decomposed}.png'
+
+
 def test_folder_layout_pairs_masks_by_stem(tmp_path):
     for i in range(10):
         _png(tmp_path / 'ok' / f'normal {i}.jpg', value=80 + i)
