@@ -81,6 +81,7 @@ MAX_LOWER_HALF_WIDTH = 0.15  # a raised lower half-width bound stays at most thi
 BORDER_BAND = 0.1
 BORDER_RATIO = 2.0
 LOCAL_WINDOW = 7
+SHOWN_RATIO = 1000  # a border / inner ratio above it is printed as such (an inside flat in most windows)
 LOW_CONTRAST = 16  # grey levels: training images spanning fewer (median) are too flat for NSA's labels
 CALIBRATED_PARAMS = ('intensity_logistic_params', 'paste_fraction', 'width_bounds_pct',
                      'gamma_params', 'num_patches', 'clip_at_border')
@@ -446,5 +447,7 @@ def describe(report, unused=(), given=()):
         effective = f"{report['effective_fraction']:.2f} of single patches effective"
     lines.append(f"{widths}, {gamma}, {count} ({effective})")
     border = shown('clip_at_border', f"patches over the border: {params['clip_at_border']}")
-    lines.append(f"{border} (border / inner local contrast {report['border_texture_ratio']:.2f})")
+    ratio = report['border_texture_ratio']
+    ratio_text = f'{ratio:.2f}' if ratio <= SHOWN_RATIO else f'over {SHOWN_RATIO:g}: flat inside'
+    lines.append(f"{border} (border / inner local contrast {ratio_text})")
     return lines

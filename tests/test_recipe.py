@@ -757,6 +757,10 @@ def test_the_printed_calibration_names_the_sources_its_values_came_from():
     assert lines[2].endswith('up to 7 patches (0.69 of single patches of these sizes effective)')
     assert not recipe.label_from_pastes(dict(report, blends_changed=30))
     assert not recipe.label_from_pastes(dict(report, changed=10, blends_changed=10))  # as many as the pastes
+    # an inside flat in most windows (median local contrast 0) and a busy border: no ratio of about 1e7
+    assert recipe.describe(dict(report, border_texture_ratio=3 / 1e-6))[3].endswith(
+        '(border / inner local contrast over 1000: flat inside)')
+    assert recipe.describe(dict(report, border_texture_ratio=0.0))[3].endswith('(border / inner local contrast 0.00)')
 
 
 def test_table_recipe_keeps_the_written_parameters_and_trains_on_every_image(tmp_path):
