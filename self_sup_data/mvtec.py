@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
-from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
+from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values, displayed_sizes,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels, turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
@@ -518,6 +518,29 @@ def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
                        ": their defects count as missed in the pixel metrics (--kind texture scores whole images)")
 
 
+def _sizes_text(sizes):
+    """'WxH' of the one size in ``sizes``, else 'N sizes (first WxH)'."""
+    distinct = sorted(set(sizes))
+    first = f'{distinct[0][0]}x{distinct[0][1]}'
+    return first if len(distinct) == 1 else f'{len(distinct)} sizes (first {first})'
+
+
+def warn_sizes_tell_defects(class_name, paths, defect_types):
+    """Warn where no normal test image (``defect_types`` 'good') has the size of any defect image
+    (from the files' headers, ``displayed_sizes``): images of two sources, which a model can tell
+    apart by their sharpness or stretch once resized to one square, whatever their defects, so the
+    figures may be too high."""
+    sizes = displayed_sizes(paths)
+    normal = {size for size, kind in zip(sizes, defect_types) if kind == 'good'}
+    defect = [size for size, kind in zip(sizes, defect_types) if kind != 'good']
+    if normal and defect and not normal & set(defect):
+        warnings.warn(f"{class_name}: no normal test image has the size of a defect image (normal: "
+                      f"{_sizes_text(normal)}; defect: {_sizes_text(defect)}): images of two sources, resized to "
+                      f"one square, differ in sharpness or stretch, which a model can score instead of their "
+                      f"defects, so the figures may be too high; test on normal and defect images of one source "
+                      f"and size")
+
+
 class SelfSupMVTecDataset(SelfSupImageDataset):
     """One category of a data folder: MVTec AD layout (see the module docstring) or another
     ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
@@ -578,6 +601,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
+            warn_sizes_tell_defects(class_name, paths, defect_types)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':
                 warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])

@@ -268,6 +268,26 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
 
 
+def test_normal_and_defect_test_images_of_disjoint_sizes_are_warned_of(tmp_path):
+    """Normal and defect images of two sources (sizes): a model can tell them apart by their
+    sharpness once resized, whatever their defects."""
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 1})
+    test = tmp_path / 'cat' / 'test'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # one size: no warning
+    for name, size in (('crack/000', (48, 48)), ('crack/001', (48, 40)), ('hole/000', (48, 48))):
+        for path in (test / f'{name}.png', tmp_path / 'cat' / 'ground_truth' / f'{name}_mask.png'):
+            Image.open(path).resize(size).save(path)
+    with pytest.warns(UserWarning, match=r"cat: no normal test image has the size of a defect image \(normal: 64x64; "
+                                         r"defect: 2 sizes \(first 48x40\)\): images of two sources"):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    Image.open(test / 'good' / '000.png').resize((48, 48)).save(test / 'good' / '000.png')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # a size in common: no warning
+
+
 def test_masks_that_look_inverted_are_counted_in_a_warning(tmp_path):
     """A dark defect drawn on a white mask marks nearly the whole image as defect: the pixel metrics
     would score the image's normal pixels as the defect."""
