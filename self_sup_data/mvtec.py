@@ -518,27 +518,34 @@ def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
                        ": their defects count as missed in the pixel metrics (--kind texture scores whole images)")
 
 
-def _sizes_text(sizes):
-    """'WxH' of the one size in ``sizes``, else 'N sizes (first WxH)'."""
-    distinct = sorted(set(sizes))
-    first = f'{distinct[0][0]}x{distinct[0][1]}'
-    return first if len(distinct) == 1 else f'{len(distinct)} sizes (first {first})'
+def _values_text(values, what):
+    """The one value in ``values``, else 'N <what>s (first <value>)'."""
+    distinct = sorted(set(values))
+    return distinct[0] if len(distinct) == 1 else f'{len(distinct)} {what}s (first {distinct[0]})'
 
 
-def warn_sizes_tell_defects(class_name, paths, defect_types):
-    """Warn where no normal test image (``defect_types`` 'good') has the size of any defect image
-    (from the files' headers, ``displayed_sizes``): images of two sources, which a model can tell
-    apart by their sharpness or stretch once resized to one square, whatever their defects, so the
-    figures may be too high."""
-    sizes = displayed_sizes(paths)
-    normal = {size for size, kind in zip(sizes, defect_types) if kind == 'good'}
-    defect = [size for size, kind in zip(sizes, defect_types) if kind != 'good']
-    if normal and defect and not normal & set(defect):
-        warnings.warn(f"{class_name}: no normal test image has the size of a defect image (normal: "
-                      f"{_sizes_text(normal)}; defect: {_sizes_text(defect)}): images of two sources, resized to "
-                      f"one square, differ in sharpness or stretch, which a model can score instead of their "
-                      f"defects, so the figures may be too high; test on normal and defect images of one source "
-                      f"and size")
+def file_format(path):
+    """A file's format by its suffix, as a message names it: 'PNG', 'JPEG' (.jpg and .jpeg) ..."""
+    suffix = Path(path).suffix.lower().lstrip('.')
+    return {'jpg': 'JPEG', 'tif': 'TIFF'}.get(suffix, suffix.upper())
+
+
+def warn_sources_tell_defects(class_name, paths, defect_types):
+    """Warn where no normal test image (``defect_types`` 'good') has the size (from the files'
+    headers, ``displayed_sizes``), or the file format, of any defect image: images of two sources,
+    which a model can tell apart by their sharpness, stretch or compression once resized to one
+    square, whatever their defects, so the figures may be too high."""
+    normal = [kind == 'good' for kind in defect_types]
+    for what, values in (('size', [f'{width}x{height}' for width, height in displayed_sizes(paths)]),
+                         ('file format', [file_format(path) for path in paths])):
+        of_normal = {value for value, is_normal in zip(values, normal) if is_normal}
+        of_defects = [value for value, is_normal in zip(values, normal) if not is_normal]
+        if of_normal and of_defects and not of_normal & set(of_defects):
+            warnings.warn(f"{class_name}: no normal test image has the {what} of a defect image (normal: "
+                          f"{_values_text(of_normal, what)}; defect: {_values_text(of_defects, what)}): images of "
+                          f"two sources, resized to one square, differ in sharpness, stretch or compression, which a "
+                          f"model can score instead of their defects, so the figures may be too high; test on "
+                          f"normal and defect images of one source, {what} and preparation")
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
@@ -601,7 +608,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
-            warn_sizes_tell_defects(class_name, paths, defect_types)
+            warn_sources_tell_defects(class_name, paths, defect_types)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':
                 warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])

@@ -268,9 +268,9 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
 
 
-def test_normal_and_defect_test_images_of_disjoint_sizes_are_warned_of(tmp_path):
-    """Normal and defect images of two sources (sizes): a model can tell them apart by their
-    sharpness once resized, whatever their defects."""
+def test_normal_and_defect_test_images_of_disjoint_sizes_or_formats_are_warned_of(tmp_path):
+    """Normal and defect images of two sources (sizes, file formats): a model can tell them apart by
+    their sharpness or compression once resized, whatever their defects."""
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 1})
     test = tmp_path / 'cat' / 'test'
     with warnings.catch_warnings():
@@ -286,6 +286,12 @@ def test_normal_and_defect_test_images_of_disjoint_sizes_are_warned_of(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # a size in common: no warning
+    for path in sorted((test / 'good').iterdir()):  # normal images stored as JPEG, the defect images as PNG
+        Image.open(path).save(path.with_suffix('.jpeg'), quality=95)
+        path.unlink()
+    with pytest.warns(UserWarning, match=r"cat: no normal test image has the file format of a defect image \(normal: "
+                                         r"JPEG; defect: PNG\)"):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
 
 
 def test_masks_that_look_inverted_are_counted_in_a_warning(tmp_path):
