@@ -113,7 +113,7 @@ def prepare_run(args, setting, params):
                 normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
                 normal_list_order_sha256=listed_names_sha256(names),  # and so is a reordered one
                 train_contents_sha256=contents_sha256(dataset.paths),  # and images replaced
-                train_image_shape=image_shape_summary(dataset.paths))  # new images are compared with it
+                train_image_shape=image_shape_summary(dataset.image_sizes))  # new images are compared with it
     if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None

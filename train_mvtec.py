@@ -486,7 +486,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 test_res=data_recipe(category, res_scale, args.kind)['test_res'],
                 train_files_sha256=names_sha256(dataset.paths),  # images added or removed: another run
                 train_contents_sha256=contents_sha256(dataset.paths),  # and images replaced
-                train_image_shape=image_shape_summary(dataset.paths),  # new images are compared with it
+                train_image_shape=image_shape_summary(dataset.image_sizes),  # new images are compared with it
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 param_overrides=overrides,  # what calibration was not to change
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,

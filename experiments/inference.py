@@ -124,9 +124,9 @@ def _unlike(sizes, measure, bounds, tolerance):
 
 
 def _span(bounds, form):
-    """'low' or 'low to high' of ``bounds``, each formatted by ``form``."""
-    low, high = bounds
-    return format(low, form) if low == high else f'{low:{form}} to {high:{form}}'
+    """'low' or 'low to high' of ``bounds``, each formatted by ``form`` (one where both read alike)."""
+    low, high = (format(bound, form) for bound in bounds)
+    return low if low == high else f'{low} to {high}'
 
 
 def shape_notes(spec, names, shapes):
@@ -157,7 +157,7 @@ def shape_notes(spec, names, shapes):
         which = ' or '.join(LARGER[flag] for flag in (True, False) if flag in larger)
         notes.append(f"{len(rescaled)} of {len(sizes)} images are {which} than the "
                      f"model's training images (longer side {_span(trained['long_side'], 'd')} pixels; first: "
-                     f"{name}, {width}x{height}): each is resized to the model's {side} pixels as they were, so "
+                     f"{name}, {width}x{height}): each is resized to the model's {side}x{side} square as they were, so "
                      f"unless they show the training images' field of view, their texture and defects reach the "
                      f"network at another scale than it learnt; crop or resize them to the training images' scale "
                      f"first")

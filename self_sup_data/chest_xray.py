@@ -227,8 +227,8 @@ class SelfSupChestXRay(SelfSupImageDataset):
             check_test_lists(normal, anomalous, *labels)
         names = normal + anomalous
         paths = listed_paths(data_dir, normal, anomalous, *labels)
-        images, _, bit_depth = load_images(paths, res, channels=1, desc='loading chest X-rays',
-                                           bit_depth=bit_depth)
+        images, _, bit_depth, sizes = load_images(paths, res, channels=1, desc='loading chest X-rays',
+                                                  bit_depth=bit_depth)
         train_size = None
         if transform is None:
             recipe = chest_recipe(res)
@@ -245,6 +245,7 @@ class SelfSupChestXRay(SelfSupImageDataset):
         self.paths = [str(p) for p in paths]
         self.defect_types = ['good'] * len(normal) + ['anomaly'] * len(anomalous)
         self.bit_depth = bit_depth
+        self.image_sizes = sizes
 
 
 # ----------------------------------------------------------------------------- list builder

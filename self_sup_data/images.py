@@ -199,24 +199,14 @@ def displayed_size(image):
     return (height, width) if _turned_by_a_quarter(image) else (width, height)
 
 
-def displayed_sizes(paths):
-    """(width, height) of each image file at ``paths`` as viewers show it (``displayed_size``, from
-    its header)."""
-    sizes = []
-    for path in paths:
-        with opened_image(path) as image:
-            sizes.append(displayed_size(image))
-    return sizes
-
-
-def image_shape_summary(paths):
-    """The shapes of the image files at ``paths`` (``displayed_sizes``): {'aspect': [least,
-    greatest width / height], 'long_side': [least, greatest longer side in pixels]}, plain values
-    for a model's meta (``experiments.inference.shape_notes`` compares new images with them)."""
-    sizes = displayed_sizes(paths)
+def image_shape_summary(sizes):
+    """The shapes of images of ``sizes`` ((width, height) each, as read: ``mvtec.load_images``):
+    {'aspect': [least, greatest width / height], 'long_side': [least, greatest longer side in
+    pixels]}, plain values for a model's meta (``experiments.inference.shape_notes`` compares new
+    images with them)."""
     aspects = [width / height for width, height in sizes]
     long_sides = [max(size) for size in sizes]
-    return dict(aspect=[round(min(aspects), 4), round(max(aspects), 4)],
+    return dict(aspect=[float(f'{min(aspects):.6g}'), float(f'{max(aspects):.6g}')],
                 long_side=[int(min(long_sides)), int(max(long_sides))])
 
 

@@ -142,15 +142,23 @@ def _single_mask(path, masks_by_stem):
 
 
 # names of a test folder that would hold normal images in another dataset's convention, as ``folder_name_key``
-# gives them; only 'good' is read as normal
-NORMAL_FOLDER_NAMES = {'good', 'normal', 'ok', 'nominal', 'defectfree', 'nodefect', 'nodefects', 'nondefective',
-                       'notdefective', 'flawless'}
+# gives them (AITEX's NODefect_images, Kaggle casting's ok_front, magnetic tile's MT_Free, crack sets' Negative ...);
+# only 'good' is read as normal
+NORMAL_FOLDER_NAMES = {'good', 'normal', 'normals', 'ok', 'okfront', 'nominal', 'defectfree', 'nodefect', 'nodefects',
+                       'nondefect', 'nondefects', 'nondefective', 'notdefective', 'noanomaly', 'noanomalies',
+                       'anomalyfree', 'flawless', 'negative', 'mtfree'}
+FOLDER_NAME_ENDINGS = ('images', 'image', 'samples')  # left out of a key: 'NODefect_images' is 'nodefect'
 
 
 def folder_name_key(name):
-    """A folder name as ``NORMAL_FOLDER_NAMES`` holds it: case-folded, letters and digits only
-    (``Defect-Free``, ``defect free`` and ``defect_free`` -> ``defectfree``)."""
-    return ''.join(character for character in name.casefold() if character.isalnum())
+    """A folder name as ``NORMAL_FOLDER_NAMES`` holds it: case-folded, letters and digits only,
+    without a FOLDER_NAME_ENDING (``Defect-Free``, ``defect free`` and ``defect_free_images`` ->
+    ``defectfree``)."""
+    key = ''.join(character for character in name.casefold() if character.isalnum())
+    for ending in FOLDER_NAME_ENDINGS:
+        if key.endswith(ending) and len(key) > len(ending):
+            return key[:-len(ending)]
+    return key
 
 
 def _typed_test_files(test_dir, mask_of, what, masks_dir=None):

@@ -33,6 +33,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
-from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values, displayed_sizes,
+from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels, turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
@@ -238,6 +239,14 @@ def reading_pool():
     return ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 2))
 
 
+class LoadedImages(NamedTuple):
+    """What ``load_images`` returns."""
+    images: list
+    masks: list
+    bit_depth: object
+    sizes: list
+
+
 def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading images',
                 bit_depth=None, stretch_note=True):
     """Decode and resize images (and optional masks) in parallel threads.
@@ -248,11 +257,11 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     (``images.to_uint8``), then resized; ``bit_depth`` SET_BIT_DEPTH: one depth for the whole set
     (``set_bit_depth``; a training set's, which training stores as the model's ``bit_depth``);
     None: each image's own (``high_bit_depth``), as for a model trained on 8-bit images.
-    Returns (images, masks, bit depth): images uint8 ``size x size x C`` with one C for all
-    (``channels``, or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x size``
-    in {0, 1}, or None where ``mask_paths`` has None; the set's bit depth (for SET_BIT_DEPTH; None
-    without a 16-bit image) or ``bit_depth``. ``stretch_note``: ``warn_stretched`` about images
-    far from square.
+    Returns LoadedImages(images, masks, bit depth, sizes): images uint8 ``size x size x C`` with one
+    C for all (``channels``, or 1 if every image is grayscale and 3 otherwise); masks uint8 ``size x
+    size`` in {0, 1}, or None where ``mask_paths`` has None; the set's bit depth (for SET_BIT_DEPTH;
+    None without a 16-bit image) or ``bit_depth``; each image's (width, height) as read.
+    ``stretch_note``: ``warn_stretched`` about images far from square.
     """
     mask_paths = [None] * len(image_paths) if mask_paths is None else mask_paths
     with reading_pool() as pool:
@@ -262,12 +271,14 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
         loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * count,
                                     [bit_depth] * count),
                            total=count, desc=desc, disable=None, leave=False))
+    sizes = [image_size for _, _, image_size in loaded]
     if stretch_note:
-        warn_stretched(image_paths, [image_size for _, _, image_size in loaded], size)
+        warn_stretched(image_paths, sizes, size)
     images = [image for image, _, _ in loaded]
     if channels is None:
         channels = 1 if all(image.shape[2] == 1 for image in images) else 3
-    return [to_channels(image, channels) for image in images], [mask for _, mask, _ in loaded], bit_depth
+    return LoadedImages([to_channels(image, channels) for image in images], [mask for _, mask, _ in loaded],
+                        bit_depth, sizes)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -530,13 +541,13 @@ def file_format(path):
     return {'jpg': 'JPEG', 'tif': 'TIFF'}.get(suffix, suffix.upper())
 
 
-def warn_sources_tell_defects(class_name, paths, defect_types):
-    """Warn where no normal test image (``defect_types`` 'good') has the size (from the files'
-    headers, ``displayed_sizes``), or the file format, of any defect image: images of two sources,
-    which a model can tell apart by their sharpness, stretch or compression once resized to one
-    square, whatever their defects, so the figures may be too high."""
+def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
+    """Warn where no normal test image (``defect_types`` 'good') has the size (``sizes``: (width,
+    height) each, as read), or the file format, of any defect image: images of two sources, which a
+    model can tell apart by their sharpness, stretch or compression once resized to one square,
+    whatever their defects, so the figures may be too high."""
     normal = [kind == 'good' for kind in defect_types]
-    for what, values in (('size', [f'{width}x{height}' for width, height in displayed_sizes(paths)]),
+    for what, values in (('size', [f'{width}x{height}' for width, height in sizes]),
                          ('file format', [file_format(path) for path in paths])):
         of_normal = {value for value, is_normal in zip(values, normal) if is_normal}
         of_defects = [value for value, is_normal in zip(values, normal) if not is_normal]
@@ -598,8 +609,8 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
                 warnings.warn(f"{class_name}: {len(missing)} of {defects} defect images have no "
                               f"mask and are evaluated at image level only (left out of the pixel "
                               f"metrics)")
-        images, masks, bit_depth = load_images(paths, low_res, mask_paths, channels=channels,
-                                               desc=f'loading {class_name}', bit_depth=bit_depth)
+        images, masks, bit_depth, sizes = load_images(paths, low_res, mask_paths, channels=channels,
+                                                      desc=f'loading {class_name}', bit_depth=bit_depth)
         train_size = None
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
@@ -608,7 +619,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
-            warn_sources_tell_defects(class_name, paths, defect_types)
+            warn_sources_tell_defects(class_name, paths, defect_types, sizes)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':
                 warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])
@@ -621,6 +632,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         self.defect_types = ['good'] * len(paths) if is_train else defect_types
         self.mask_paths = mask_paths
         self.bit_depth = bit_depth
+        self.image_sizes = sizes
 
 
 def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kind=None,
@@ -636,9 +648,9 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     files = train_files(root_path, class_name, layout)
     paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
     recipe = data_recipe(class_name, res_scale, kind)
-    images, _, _ = load_images(paths, side or recipe['test_res'], channels=channels,
-                               desc=f'loading {class_name} validation', bit_depth=bit_depth,
-                               stretch_note=False)  # training images: noted when the training set is loaded
+    images = load_images(paths, side or recipe['test_res'], channels=channels,
+                         desc=f'loading {class_name} validation', bit_depth=bit_depth,
+                         stretch_note=False).images  # training images: noted when the training set is loaded
     crop = recipe['train_size'] if category_kind(class_name, kind) == 'object' else None
     images, labels, masks, defect_types = make_validation_set(images, seed, kinds,
                                                               names=[str(p) for p in paths], crop=crop,

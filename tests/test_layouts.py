@@ -218,7 +218,8 @@ def test_images_directly_in_the_test_folder_are_counted_in_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['Good', 'normal', 'OK', 'defect_free', 'Defect-Free', 'defect free', 'No_Defects',
-                                  'non-defective'])
+                                  'non-defective', 'non-defect', 'NODefect_images', 'ok_front', 'MT_Free', 'Negative',
+                                  'no_anomaly', 'good images'])
 def test_a_normal_folder_named_other_than_good_is_refused_not_scored_as_a_defect_type(tmp_path, name):
     make_mvtec_category(tmp_path, 'tiles', n_train=3)
     test = tmp_path / 'tiles' / 'test'

@@ -530,8 +530,8 @@ def test_images_far_from_square_are_counted_in_a_note_that_squares_stretch_them(
     with pytest.warns(UserWarning, match=r"3 of 4 images are at least 2 times longer than wide \(first: .*0.png, "
                                          r"96x32\); each is resized to a 16x16 square, which stretches it, and its "
                                          r"defects, along its short side \(the first 3.0 times\)"):
-        images, _, _ = mvtec.load_images(sorted(strips.iterdir()), 16)
-    assert all(image.shape == (16, 16, 1) for image in images)
+        images, _, _, sizes = mvtec.load_images(sorted(strips.iterdir()), 16)
+    assert all(image.shape == (16, 16, 1) for image in images) and sizes == [(96, 32)] * 3 + [(96, 64)]
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         mvtec.load_images(sorted(strips.iterdir())[3:], 16)

@@ -923,11 +923,11 @@ def test_16_bit_images_are_scaled_by_the_bit_depth_of_the_training_set(tmp_path)
         Image.fromarray(np.full((16, 16), value, np.uint16)).save(tmp_path / f'{name}.png')
     assert decode(tmp_path / 'dark.png').max() == round(3000 * 255 / 4095)  # alone: read as 12-bit data
     both = [tmp_path / 'bright.png', tmp_path / 'dark.png']
-    images, _, bits = load_images(both, 8, bit_depth=SET_BIT_DEPTH)  # a training set
+    images, _, bits, _ = load_images(both, 8, bit_depth=SET_BIT_DEPTH)  # a training set
     assert bits == 16 and images[1].max() == round(3000 * 255 / 65535)  # as dark as it is
-    images, _, bits = load_images(both, 8)  # image by image (a model trained on 8-bit images)
+    images, _, bits, _ = load_images(both, 8)  # image by image (a model trained on 8-bit images)
     assert bits is None and images[1].max() == round(3000 * 255 / 4095)
-    images, _, bits = load_images([tmp_path / 'dark.png'], 8, bit_depth=16)  # a 16-bit model's test image
+    images, _, bits, _ = load_images([tmp_path / 'dark.png'], 8, bit_depth=16)  # a 16-bit model's test image
     assert bits == 16 and images[0].max() == round(3000 * 255 / 65535)
     assert load_images([tmp_path / 'dark.png'], 8, bit_depth=SET_BIT_DEPTH)[2] == 12
     assert load_images([tmp_path / 'dark.png'], 8, bit_depth=16)[2] == 16
@@ -1145,10 +1145,18 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     read = read_image(tmp_path / 'photo.jpg')
     assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
     assert image_size(tmp_path / 'photo.jpg') == (30, 20)
-    from self_sup_data.images import image_shape_summary  # a model's training images, for predict.py
+    # the sizes as read, and a model's summary of its training images for predict.py; a TIFF's orientation
+    # tag is not applied (its size is the decoded array's, whatever its header says)
+    from self_sup_data.images import image_shape_summary
+    from self_sup_data.mvtec import load_images
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'square.png')
-    assert image_shape_summary([tmp_path / 'photo.jpg', tmp_path / 'square.png']) == dict(aspect=[1.0, 1.5],
-                                                                                         long_side=[20, 30])
+    tiff_exif = Image.new('L', (1, 1)).getexif()
+    tiff_exif[0x0112] = 6
+    Image.fromarray(np.zeros((10, 40), np.uint8)).save(tmp_path / 'scan.tif', exif=tiff_exif.tobytes())
+    files = [tmp_path / 'photo.jpg', tmp_path / 'square.png', tmp_path / 'scan.tif']
+    sizes = load_images(files, 8).sizes
+    assert sizes == [(30, 20), (20, 20), read_image(files[2]).shape[1::-1]]
+    assert image_shape_summary(sizes[:2]) == dict(aspect=[1.0, 1.5], long_side=[20, 30])
     # a mask drawn on the stored pixels: the error says that the image was turned
     from self_sup_data.images import turned_note
     from self_sup_data.mvtec import _load_item
