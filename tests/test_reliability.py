@@ -1145,18 +1145,13 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     read = read_image(tmp_path / 'photo.jpg')
     assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
     assert image_size(tmp_path / 'photo.jpg') == (30, 20)
-    # the sizes as read, and a model's summary of its training images for predict.py; a TIFF's orientation
-    # tag is not applied (its size is the decoded array's, whatever its header says)
+    # the sizes as read, and a model's summary of its training images for predict.py
     from self_sup_data.images import image_shape_summary
     from self_sup_data.mvtec import load_images
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'square.png')
-    tiff_exif = Image.new('L', (1, 1)).getexif()
-    tiff_exif[0x0112] = 6
-    Image.fromarray(np.zeros((10, 40), np.uint8)).save(tmp_path / 'scan.tif', exif=tiff_exif.tobytes())
-    files = [tmp_path / 'photo.jpg', tmp_path / 'square.png', tmp_path / 'scan.tif']
-    sizes = load_images(files, 8).sizes
-    assert sizes == [(30, 20), (20, 20), read_image(files[2]).shape[1::-1]]
-    assert image_shape_summary(sizes[:2]) == dict(aspect=[1.0, 1.5], long_side=[20, 30])
+    sizes = load_images([tmp_path / 'photo.jpg', tmp_path / 'square.png'], 8).sizes
+    assert sizes == [(30, 20), (20, 20)]
+    assert image_shape_summary(sizes) == dict(aspect=[1.0, 1.5], long_side=[20, 30])
     # a mask drawn on the stored pixels: the error says that the image was turned
     from self_sup_data.images import turned_note
     from self_sup_data.mvtec import _load_item
@@ -1166,6 +1161,22 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
                                          r'match'):
         _load_item(tmp_path / 'photo.jpg', tmp_path / 'photo_mask.png', 16, None)
     assert turned_note(tmp_path / 'photo_mask.png') == ''
+
+
+@pytest.mark.parametrize('orientation', [3, 6])
+def test_a_tiff_with_an_orientation_tag_is_refused_not_read_turned_or_scrambled(tmp_path, orientation):
+    """Pillow decodes such TIFFs turned (3) or with their pixels scrambled (6), while a mask of
+    another format stays as stored."""
+    from self_sup_data.images import decode_mask_values
+    tags = Image.new('L', (1, 1)).getexif()
+    tags[0x0112] = orientation
+    Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6)).save(tmp_path / 'scan.tif', exif=tags.tobytes())
+    for read in (read_image, decode_mask_values):
+        with pytest.raises(ValueError, match=rf'cannot read image .*scan.tif: a TIFF with orientation tag '
+                                             rf'{orientation}, which Pillow decodes turned or mirrored'):
+            read(tmp_path / 'scan.tif')
+    Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6)).save(tmp_path / 'plain.tif')
+    assert read_image(tmp_path / 'plain.tif')[..., 0].tolist() == np.arange(24).reshape(4, 6).tolist()
 
 
 def test_transparent_mask_pixels_are_no_defect(tmp_path):
