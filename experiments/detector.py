@@ -2,7 +2,8 @@
 ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
 
     detector = Detector.load('final_tile_shift_intensity_m.pt')   # or 'tile.onnx'
-    scores, maps = detector.predict([detector.read(path) for path in paths])
+    images = [detector.read(path) for path in paths]
+    scores, maps = detector.predict(images)
     anomalous = scores['mean'] > detector.threshold                # after calibration
     notes = detector.shape_notes(paths, [image.shape for image in images])  # unlike its training images
     scores, maps, masks = detector.predict(images, masks=True)     # and defect pixels
