@@ -121,7 +121,7 @@ SELECTIONS = ('last', 'best')
 # which a resume does not redo for the epochs it keeps)
 LATER_META_FIELDS = ('validation_background', 'test_res', 'normal_list_sha256', 'train_files_sha256',
                      'validation_every', 'normal_list_order_sha256', 'search_calibration', 'search_budget',
-                     'train_contents_sha256', 'train_image_shape')
+                     'train_contents_sha256')
 # the validation set's settings, which change nothing where no image was held out (a category too small),
 # but for the seed of the images that a --recipe search held out to choose the recipe (its final run trains
 # on all of them; the fraction is in its search_budget)
@@ -129,11 +129,11 @@ UNUSED_VALIDATION_FIELDS = ('validation_fraction', 'validation_seed')
 # entries of a layout's spec that name test images only (the folder format's): never trained on
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
 RESUMED_FIELDS = ('epoch_losses', 'epoch_bf16', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
-# meta entries that record what a run measured, not what it is (thresholds: calibrated later), and
-# how its values were chosen (the category parameters set on the command line: what is learnt
-# is the parameters they gave)
+# meta entries that record what a run measured, not what it is (thresholds: calibrated later; the
+# training images' shapes, which their digests pin down), and how its values were chosen (the category
+# parameters set on the command line: what is learnt is the parameters they gave)
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds',
-                 'param_overrides') + RESUMED_FIELDS
+                 'param_overrides', 'train_image_shape') + RESUMED_FIELDS
 # meta entries that list a run's data in full, for the evaluation's checks; a run is told from
 # another by their digests (normal_list_sha256)
 LISTING_FIELDS = ('train_names',)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from self_sup_data.mvtec import SET_BIT_DEPTH, SelfSupImageDataset, load_images
+from self_sup_data.mvtec import SET_BIT_DEPTH, SelfSupImageDataset, load_images, warn_sources_tell_defects
 from self_sup_data.transforms import CenterCrop, Compose, RandomCrop, RandomRotation
 
 NORMAL_FINDING = 'No Finding'
@@ -246,6 +246,8 @@ class SelfSupChestXRay(SelfSupImageDataset):
         self.defect_types = ['good'] * len(normal) + ['anomaly'] * len(anomalous)
         self.bit_depth = bit_depth
         self.image_sizes = sizes
+        if not is_train:
+            warn_sources_tell_defects('chest_xray', self.paths, self.defect_types, sizes)
 
 
 # ----------------------------------------------------------------------------- list builder

@@ -258,8 +258,8 @@ def _decoded(path):
     A deeper TIFF whose 0 is white (PhotometricInterpretation 0) is inverted, as Pillow does for
     8-bit ones; a PGM or PPM of a maxval above 255 gives its values as stored (``_deep_pnm_values``).
     Images of floating-point pixels or of integers outside 0..65535 (signed or 32-bit data, whose
-    range is not known), deeper TIFFs stored plane by plane, TIFFs with an orientation tag other than
-    1 (which Pillow decodes inconsistently), and images larger than Pillow's decompression-bomb
+    range is not known), deeper TIFFs stored plane by plane, TIFFs with an orientation tag of 2 to
+    8 (which Pillow decodes turned, mirrored or scrambled), and images larger than Pillow's decompression-bomb
     limit are ValueErrors naming the file."""
     with opened_image(path) as image:
         if image.mode == 'F':
@@ -273,7 +273,7 @@ def _decoded(path):
                              '(PlanarConfiguration 2), which neither Pillow nor OpenCV decodes '
                              'correctly; save it interleaved (contiguous)')
         orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format == 'TIFF' else 1
-        if orientation != 1:
+        if 2 <= orientation <= 8:  # 0 and 9 (out of the standard's range) Pillow reads as stored
             raise ValueError(f'a TIFF with orientation tag {orientation}, which Pillow decodes turned or mirrored, '
                              f'or scrambled (tags 5-8), while its masks may be stored as they are; save it '
                              f'without the tag (orientation 1), turned as it should be read')

@@ -529,34 +529,46 @@ def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
                        ": their defects count as missed in the pixel metrics (--kind texture scores whole images)")
 
 
-def _values_text(values, what):
-    """The one value in ``values``, else 'N <what>s (first <value>)'."""
+SOURCE_ASPECT_FACTOR = 1.1  # test images whose aspect ratios lie within this factor ...
+SOURCE_SIDE_FACTOR = 1.2  # ... and whose longer sides lie within this factor have sizes alike
+LOSSY_FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG'}  # by suffix; the rest (PNG, BMP, TIFF, WebP ...) as 'lossless'
+
+
+def _sizes_alike(sizes, others):
+    """Whether some (width, height) of ``sizes`` is alike some of ``others``: aspect ratios within
+    SOURCE_ASPECT_FACTOR and longer sides within SOURCE_SIDE_FACTOR of each other."""
+    sizes, others = np.array(sorted(set(sizes)), float), np.array(sorted(set(others)), float)
+    aspect = (sizes[:, 0] / sizes[:, 1])[:, None] / (others[:, 0] / others[:, 1])[None]
+    side = sizes.max(axis=1)[:, None] / others.max(axis=1)[None]
+    return bool(((np.abs(np.log(aspect)) <= math.log(SOURCE_ASPECT_FACTOR))
+                 & (np.abs(np.log(side)) <= math.log(SOURCE_SIDE_FACTOR))).any())
+
+
+def _listed(values, what):
+    """The one value of ``values``, else 'N <what>s (first <the smallest>)'."""
     distinct = sorted(set(values))
-    return distinct[0] if len(distinct) == 1 else f'{len(distinct)} {what}s (first {distinct[0]})'
-
-
-def file_format(path):
-    """A file's format by its suffix, as a message names it: 'PNG', 'JPEG' (.jpg and .jpeg) ..."""
-    suffix = Path(path).suffix.lower().lstrip('.')
-    return {'jpg': 'JPEG', 'tif': 'TIFF'}.get(suffix, suffix.upper())
+    first = distinct[0] if isinstance(distinct[0], str) else f'{distinct[0][0]}x{distinct[0][1]}'
+    return first if len(distinct) == 1 else f'{len(distinct)} {what}s (first {first})'
 
 
 def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
-    """Warn where no normal test image (``defect_types`` 'good') has the size (``sizes``: (width,
-    height) each, as read), or the file format, of any defect image: images of two sources, which a
-    model can tell apart by their sharpness, stretch or compression once resized to one square,
-    whatever their defects, so the figures may be too high."""
+    """Warn where the normal test images (``defect_types`` 'good') and the defect images look like
+    two sources: no normal image of a size alike any defect image's (``_sizes_alike``; ``sizes``:
+    (width, height) each, as read), or JPEG compression (LOSSY_FORMATS) on one side only. Resized to
+    one square, they differ in sharpness, stretch or compression, which a model can score instead
+    of their defects, so the figures may be too high."""
     normal = [kind == 'good' for kind in defect_types]
-    for what, values in (('size', [f'{width}x{height}' for width, height in sizes]),
-                         ('file format', [file_format(path) for path in paths])):
-        of_normal = {value for value, is_normal in zip(values, normal) if is_normal}
+    compressions = [LOSSY_FORMATS.get(Path(path).suffix.lower(), 'lossless') for path in paths]
+    for what, values, alike in (('size', [tuple(size) for size in sizes], _sizes_alike),
+                                ('compression', compressions, lambda ones, others: bool(set(ones) & set(others)))):
+        of_normal = [value for value, is_normal in zip(values, normal) if is_normal]
         of_defects = [value for value, is_normal in zip(values, normal) if not is_normal]
-        if of_normal and of_defects and not of_normal & set(of_defects):
-            warnings.warn(f"{class_name}: no normal test image has the {what} of a defect image (normal: "
-                          f"{_values_text(of_normal, what)}; defect: {_values_text(of_defects, what)}): images of "
-                          f"two sources, resized to one square, differ in sharpness, stretch or compression, which a "
-                          f"model can score instead of their defects, so the figures may be too high; test on "
-                          f"normal and defect images of one source, {what} and preparation")
+        if of_normal and of_defects and not alike(of_normal, of_defects):
+            warnings.warn(f"{class_name}: no normal test image has a {what} like a defect image's (normal: "
+                          f"{_listed(of_normal, what)}; defect: {_listed(of_defects, what)}): images of two sources, "
+                          f"resized to one square, differ in sharpness, stretch or compression, which a model can "
+                          f"score instead of their defects, so the figures may be too high; test on normal and defect "
+                          f"images of one source, {what} and preparation")
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):

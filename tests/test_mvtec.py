@@ -268,29 +268,41 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
     assert ds.has_mask.all() and ds.masks[1].sum() == 0
 
 
-def test_normal_and_defect_test_images_of_disjoint_sizes_or_formats_are_warned_of(tmp_path):
-    """Normal and defect images of two sources (sizes, file formats): a model can tell them apart by
-    their sharpness or compression once resized, whatever their defects."""
+def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned_of(tmp_path):
+    """Normal and defect images of two sources (sizes, JPEG on one side): a model can tell them
+    apart by their sharpness or compression once resized, whatever their defects."""
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 1})
-    test = tmp_path / 'cat' / 'test'
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # one size: no warning
+    test, truth = tmp_path / 'cat' / 'test', tmp_path / 'cat' / 'ground_truth'
+
+    def resize(name, size):
+        for path in (test / f'{name}.png', truth / f'{name}_mask.png'):
+            if path.exists():
+                Image.open(path).resize(size).save(path)
+
+    def no_warning():
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    no_warning()  # one size
+    for name, size in (('crack/000', (62, 60)), ('crack/001', (66, 64)), ('hole/000', (68, 70))):
+        resize(name, size)
+    no_warning()  # sizes of one source, image by image: alike within a factor 1.1 (aspect) and 1.2 (side)
     for name, size in (('crack/000', (48, 48)), ('crack/001', (48, 40)), ('hole/000', (48, 48))):
-        for path in (test / f'{name}.png', tmp_path / 'cat' / 'ground_truth' / f'{name}_mask.png'):
-            Image.open(path).resize(size).save(path)
-    with pytest.warns(UserWarning, match=r"cat: no normal test image has the size of a defect image \(normal: 64x64; "
-                                         r"defect: 2 sizes \(first 48x40\)\): images of two sources"):
+        resize(name, size)
+    with pytest.warns(UserWarning, match=r"cat: no normal test image has a size like a defect image's \(normal: "
+                                         r"64x64; defect: 2 sizes \(first 48x40\)\): images of two sources"):
         SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
-    Image.open(test / 'good' / '000.png').resize((48, 48)).save(test / 'good' / '000.png')
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # a size in common: no warning
-    for path in sorted((test / 'good').iterdir()):  # normal images stored as JPEG, the defect images as PNG
+    resize('good/000', (48, 48))
+    no_warning()  # a size in common
+    for path in sorted((test / 'good').iterdir()):  # normal images stored as BMP: lossless as the PNGs
+        Image.open(path).save(path.with_suffix('.bmp'))
+        path.unlink()
+    no_warning()
+    for path in sorted((test / 'good').iterdir()):  # ... and as JPEG: compressed, the defect images not
         Image.open(path).save(path.with_suffix('.jpeg'), quality=95)
         path.unlink()
-    with pytest.warns(UserWarning, match=r"cat: no normal test image has the file format of a defect image \(normal: "
-                                         r"JPEG; defect: PNG\)"):
+    with pytest.warns(UserWarning, match=r"cat: no normal test image has a compression like a defect image's "
+                                         r"\(normal: JPEG; defect: lossless\)"):
         SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
 
 

@@ -1094,6 +1094,10 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     assert training.run_differences(earlier, two) == []
     # the command line's category parameters say how values were chosen, not what is learnt
     assert training.run_differences({**one, 'param_overrides': dict(num_patches=4)}, one) == []
+    # the training images' shapes describe the data, which its digests pin down, however they are rounded
+    shapes = [dict(one, train_image_shape=dict(aspect=[aspect] * 2, long_side=[1600] * 2))
+              for aspect in (1.4545, 1.45455)]
+    assert training.run_differences(*shapes) == []
     # the folder format's test folders are not trained on; its normal folder is
     folder = dict(format='folder', normal='/n', abnormal=None, mask_dir=None, held_out_sha256='ab')
     tested = dict(one, layout=dict(folder, abnormal='/a', mask_dir='/m'))
@@ -1175,7 +1179,8 @@ def test_a_tiff_with_an_orientation_tag_is_refused_not_read_turned_or_scrambled(
         with pytest.raises(ValueError, match=rf'cannot read image .*scan.tif: a TIFF with orientation tag '
                                              rf'{orientation}, which Pillow decodes turned or mirrored'):
             read(tmp_path / 'scan.tif')
-    Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6)).save(tmp_path / 'plain.tif')
+    tags[0x0112] = 0  # out of the standard's range, as some software writes it: read as stored
+    Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6)).save(tmp_path / 'plain.tif', exif=tags.tobytes())
     assert read_image(tmp_path / 'plain.tif')[..., 0].tolist() == np.arange(24).reshape(4, 6).tolist()
 
 
