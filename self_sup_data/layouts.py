@@ -473,11 +473,40 @@ def contents_sha256(paths, chunk_bytes=1 << 20):
     for path in sorted(paths, key=lambda path: (Path(path).name, str(path))):
         name = os.fsencode(Path(path).name)
         digest.update(len(name).to_bytes(8, 'little') + name)
-        with open(path, 'rb') as file:
-            digest.update(os.fstat(file.fileno()).st_size.to_bytes(8, 'little'))
-            while chunk := file.read(chunk_bytes):
-                digest.update(chunk)
+        _feed_file(digest, path, chunk_bytes, with_size=True)
     return digest.hexdigest()
+
+
+def _feed_file(digest, path, chunk_bytes=1 << 20, with_size=False):
+    """Update ``digest`` with the bytes of the file at ``path`` (after its size in 8 bytes, with
+    ``with_size``), chunk by chunk -> ``digest``."""
+    with open(path, 'rb') as file:
+        if with_size:
+            digest.update(os.fstat(file.fileno()).st_size.to_bytes(8, 'little'))
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest
+
+
+def identical_files(paths, others):
+    """[(path, other)] for each of ``paths`` whose bytes some file of ``others`` has (the first such
+    other; compared by size, then by SHA-256, so that only files of a size in common are read)."""
+    sizes = {}
+    for other in others:
+        sizes.setdefault(os.path.getsize(other), []).append(other)
+    digests, pairs = {}, []
+    for path in paths:
+        candidates = [other for other in sizes.get(os.path.getsize(path), ()) if os.path.realpath(other)
+                      != os.path.realpath(path)]
+        if not candidates:
+            continue
+        for file in [path] + candidates:
+            if file not in digests:
+                digests[file] = _feed_file(hashlib.sha256(), file).hexdigest()
+        same = [other for other in candidates if digests[other] == digests[path]]
+        if same:
+            pairs.append((path, same[0]))
+    return pairs
 
 
 LAYOUTS = {layout.name: layout for layout in (VisALayout(), LocoLayout(), AD2Layout(), MVTecLayout())}

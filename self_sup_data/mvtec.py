@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout
+from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, identical_files
 from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
                                   high_bit_depth, high_depth_maximum, high_depth_percentiles, opened_image,
                                   read_image, resize, resize_mask, to_channels, turned_note)
@@ -571,6 +571,24 @@ def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
                           f"images of one source, {what} and preparation")
 
 
+def warn_repeated_images(class_name, paths, defect_types, train_paths):
+    """Warn about test images (``paths``) with the bytes of a training image (``train_paths``; a
+    model trained on them scores them as seen images) and about defect images with the bytes of a
+    normal test image (``defect_types`` 'good': one image counted as normal and as defect), with
+    their counts and the first pair (``layouts.identical_files``)."""
+    normal = [path for path, kind in zip(paths, defect_types) if kind == 'good']
+    defects = [path for path, kind in zip(paths, defect_types) if kind != 'good']
+    for repeated, of, what, consequence in (
+            (identical_files(paths, train_paths), paths, 'test images are copies of training images',
+             'a model trained on them (unless they were held out for validation) scores them as seen images'),
+            (identical_files(defects, normal), defects, 'defect images are copies of normal test images',
+             'each counts as normal and as defect')):
+        if repeated:
+            warnings.warn(f"{class_name}: {len(repeated)} of {len(of)} {what} (first: {repeated[0][0]}, the same "
+                          f"bytes as {repeated[0][1]}): {consequence}, so the figures are biased; keep each image "
+                          f"in one place")
+
+
 class SelfSupMVTecDataset(SelfSupImageDataset):
     """One category of a data folder: MVTec AD layout (see the module docstring) or another
     ``layout`` of ``self_sup_data.layouts`` (None: detected from the folder; ``.layout``).
@@ -632,6 +650,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
             warn_sources_tell_defects(class_name, paths, defect_types, sizes)
+            try:
+                with warnings.catch_warnings():  # the training folder's notes are training's to give
+                    warnings.simplefilter('ignore')
+                    trained = train_files(root_path, class_name, layout)
+            except (FileNotFoundError, ValueError):  # a test set without training images beside it
+                trained = []
+            warn_repeated_images(class_name, paths, defect_types, trained)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':
                 warn_masks_outside_crop(class_name, paths, defect_types, masks, low_res, recipe['train_size'])

@@ -1,3 +1,4 @@
+import re
 import warnings
 from pathlib import Path
 
@@ -303,6 +304,31 @@ def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned
         path.unlink()
     with pytest.warns(UserWarning, match=r"cat: no normal test image has a compression like a defect image's "
                                          r"\(normal: JPEG; defect: lossless\)"):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+
+
+def test_test_images_that_are_copies_of_training_or_normal_images_are_warned_of(tmp_path):
+    import shutil
+    category = make_mvtec_category(tmp_path, 'cat', defects={'crack': 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)  # every image distinct
+    shutil.copy(category / 'train' / 'good' / '004.png', category / 'test' / 'good' / 'copy.png')
+    shutil.copy(category / 'test' / 'good' / '001.png', category / 'test' / 'crack' / 'copy.png')
+    truth = category / 'ground_truth' / 'crack'
+    shutil.copy(truth / '000_mask.png', truth / 'copy_mask.png')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    messages = [str(warning.message) for warning in caught]
+    assert any(re.fullmatch(r"cat: 1 of 7 test images are copies of training images \(first: .*test/good/copy.png, "
+                            r"the same bytes as .*train/good/004.png\): a model trained on them .*", message)
+               for message in messages), messages
+    assert any(re.fullmatch(r"cat: 1 of 3 defect images are copies of normal test images \(first: .*test/crack/"
+                            r"copy.png, the same bytes as .*test/good/001.png\): each counts as normal and as defect.*",
+                            message) for message in messages), messages
+    shutil.rmtree(category / 'train')  # a test set without its training images: the test set's own check only
+    with pytest.warns(UserWarning, match='1 of 3 defect images are copies'):
         SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
 
 
