@@ -488,24 +488,31 @@ def _feed_file(digest, path, chunk_bytes=1 << 20, with_size=False):
     return digest
 
 
-def identical_files(paths, others):
-    """[(path, other)] for each of ``paths`` whose bytes some file of ``others`` has (the first such
-    other; compared by size, then by SHA-256, so that only files of a size in common are read)."""
-    sizes = {}
+def identical_files(paths, others, digests=None):
+    """[(path, other)] for each of ``paths`` whose bytes a file of ``others`` has (the first such
+    other; a link to it too). Files are compared by size, then by SHA-256: only files of a size in
+    common are read, each once (``digests``: {real path: digest}, a cache that calls may share)."""
+    digests = {} if digests is None else digests
+
+    def digest(path):
+        real = os.path.realpath(path)
+        if real not in digests:
+            digests[real] = _feed_file(hashlib.sha256(), real).hexdigest()
+        return digests[real]
+    by_size = {}
     for other in others:
-        sizes.setdefault(os.path.getsize(other), []).append(other)
-    digests, pairs = {}, []
+        by_size.setdefault(os.path.getsize(other), []).append(other)
+    first_of, hashed, pairs = {}, set(), []  # (size, digest) -> the first other of that content
     for path in paths:
-        candidates = [other for other in sizes.get(os.path.getsize(path), ()) if os.path.realpath(other)
-                      != os.path.realpath(path)]
-        if not candidates:
+        size = os.path.getsize(path)
+        if size not in by_size:
             continue
-        for file in [path] + candidates:
-            if file not in digests:
-                digests[file] = _feed_file(hashlib.sha256(), file).hexdigest()
-        same = [other for other in candidates if digests[other] == digests[path]]
-        if same:
-            pairs.append((path, same[0]))
+        if size not in hashed:  # the others of this size, once
+            hashed.add(size)
+            for other in by_size[size]:
+                first_of.setdefault((size, digest(other)), other)
+        if (size, digest(path)) in first_of:
+            pairs.append((path, first_of[size, digest(path)]))
     return pairs
 
 

@@ -554,9 +554,9 @@ def _listed(values, what):
 def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
     """Warn where the normal test images (``defect_types`` 'good') and the defect images look like
     two sources: no normal image of a size alike any defect image's (``_sizes_alike``; ``sizes``:
-    (width, height) each, as read), or JPEG compression (LOSSY_FORMATS) on one side only. Resized to
-    one square, they differ in sharpness, stretch or compression, which a model can score instead
-    of their defects, so the figures may be too high."""
+    (width, height) each, as read), or every image of one side JPEG (LOSSY_FORMATS) and none of
+    the other's. Resized to one square, they differ in sharpness, stretch or compression, which a
+    model can score instead of their defects, so the figures may be too high."""
     normal = [kind == 'good' for kind in defect_types]
     compressions = [LOSSY_FORMATS.get(Path(path).suffix.lower(), 'lossless') for path in paths]
     for what, values, alike in (('size', [tuple(size) for size in sizes], _sizes_alike),
@@ -578,15 +578,20 @@ def warn_repeated_images(class_name, paths, defect_types, train_paths):
     their counts and the first pair (``layouts.identical_files``)."""
     normal = [path for path, kind in zip(paths, defect_types) if kind == 'good']
     defects = [path for path, kind in zip(paths, defect_types) if kind != 'good']
-    for repeated, of, what, consequence in (
-            (identical_files(paths, train_paths), paths, 'test images are copies of training images',
+    digests = {}
+    for files, others, subject, source, consequence in (
+            (paths, train_paths, 'test images', 'training images',
              'a model trained on them (unless they were held out for validation) scores them as seen images'),
-            (identical_files(defects, normal), defects, 'defect images are copies of normal test images',
-             'each counts as normal and as defect')):
+            (defects, normal, 'defect images', 'normal test images', 'each counts as normal and as defect')):
+        try:
+            repeated = identical_files(files, others, digests)
+        except OSError as error:  # a file that cannot be read: the check is left out, not the evaluation
+            warnings.warn(f"{class_name}: {subject} not compared with {source} ({error})")
+            continue
         if repeated:
-            warnings.warn(f"{class_name}: {len(repeated)} of {len(of)} {what} (first: {repeated[0][0]}, the same "
-                          f"bytes as {repeated[0][1]}): {consequence}, so the figures are biased; keep each image "
-                          f"in one place")
+            warnings.warn(f"{class_name}: {len(repeated)} of {len(files)} {subject} are copies of {source} (first: "
+                          f"{repeated[0][0]}, the same bytes as {repeated[0][1]}): {consequence}, so the figures are "
+                          f"biased; keep each image in one place")
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
@@ -654,7 +659,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
                 with warnings.catch_warnings():  # the training folder's notes are training's to give
                     warnings.simplefilter('ignore')
                     trained = train_files(root_path, class_name, layout)
-            except (FileNotFoundError, ValueError):  # a test set without training images beside it
+            except (OSError, ValueError):  # a test set without (readable) training images beside it
                 trained = []
             warn_repeated_images(class_name, paths, defect_types, trained)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)

@@ -335,6 +335,46 @@ def test_masks_match_their_images_in_either_unicode_normal_form_and_any_suffix_c
     assert layout.test_files().masks[-1] == folder / 'masks' / f'{decomposed}.png'
 
 
+def test_identical_files_reads_each_file_once_and_finds_copies_and_links(tmp_path, monkeypatch):
+    from self_sup_data import layouts
+    others = []
+    for i in range(30):  # files of one byte size, as BMPs of one image size are
+        others.append(tmp_path / f'train{i}.bin')
+        others[-1].write_bytes(bytes([i]) * 64)
+    paths = [tmp_path / f'test{i}.bin' for i in range(10)]
+    for i, path in enumerate(paths):
+        path.write_bytes(bytes([100 + i]) * 64)
+    paths[3].write_bytes(bytes([7]) * 64)  # a copy of train7
+    paths[5].unlink()
+    paths[5].symlink_to(others[9])  # a link to train9
+    reads = []
+    feed = layouts._feed_file
+    monkeypatch.setattr(layouts, '_feed_file', lambda digest, path, *rest, **kw: reads.append(path) or feed(
+        digest, path, *rest, **kw))
+    digests = {}
+    assert layouts.identical_files(paths, others, digests) == [(paths[3], others[7]), (paths[5], others[9])]
+    assert len(reads) == len(set(reads)) == 39  # each distinct file once (the link is its target)
+    assert layouts.identical_files(paths, others, digests) == [(paths[3], others[7]), (paths[5], others[9])]
+    assert len(reads) == 39  # a shared cache reads nothing again
+
+
+def test_a_copy_check_that_cannot_read_a_file_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    from self_sup_data import layouts
+    make_mvtec_category(tmp_path, 'tiles', n_train=3)
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError('permission denied')
+    monkeypatch.setattr(layouts.os.path, 'getsize', lambda path: 1)  # every file of one size: all are read
+    monkeypatch.setattr(layouts, '_feed_file', unreadable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        test = SelfSupMVTecDataset(tmp_path, 'tiles', is_train=False, low_res=SIZE)
+    assert [str(warning.message) for warning in caught] == [
+        'tiles: test images not compared with training images (permission denied)',
+        'tiles: defect images not compared with normal test images (permission denied)']
+    assert len(test.paths) == 6
+
+
 def test_folder_layout_pairs_masks_by_stem(tmp_path):
     for i in range(10):
         _png(tmp_path / 'ok' / f'normal {i}.jpg', value=80 + i)

@@ -327,6 +327,11 @@ def test_test_images_that_are_copies_of_training_or_normal_images_are_warned_of(
     assert any(re.fullmatch(r"cat: 1 of 3 defect images are copies of normal test images \(first: .*test/crack/"
                             r"copy.png, the same bytes as .*test/good/001.png\): each counts as normal and as defect.*",
                             message) for message in messages), messages
+    (category / 'test' / 'good' / 'copy.png').unlink()  # a link to a training image: the worst copy
+    (category / 'test' / 'good' / 'link.png').symlink_to(category / 'train' / 'good' / '002.png')
+    with pytest.warns(UserWarning, match=r'1 of 7 test images are copies of training images \(first: .*link.png'):
+        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    (category / 'test' / 'good' / 'link.png').unlink()
     shutil.rmtree(category / 'train')  # a test set without its training images: the test set's own check only
     with pytest.warns(UserWarning, match='1 of 3 defect images are copies'):
         SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
