@@ -114,10 +114,11 @@ def _images_by_stem(images, what):
     would stand for both, or for the wrong one."""
     by_stem = {}
     for path in images:
-        if stem_key(path.stem) in by_stem:
-            raise ValueError(f"{what} images {by_stem[stem_key(path.stem)]} and {path} have the same stem, by which "
-                             f"their masks are found; rename one")
-        by_stem[stem_key(path.stem)] = path
+        key = stem_key(path.stem)
+        if key in by_stem:
+            raise ValueError(f"{what} images {by_stem[key]} and {path} have the same stem, by which their masks "
+                             f"are found; rename one")
+        by_stem[key] = path
     return by_stem
 
 
@@ -424,10 +425,11 @@ class FolderLayout:
         masks = _images_in(self.mask_dir, 'it should hold the masks of the anomalous images, named as they are')
         by_stem = {}
         for mask in masks:
-            if stem_key(mask.stem) in by_stem:
-                raise ValueError(f"masks {by_stem[stem_key(mask.stem)]} and {mask} have the same stem; "
+            key = stem_key(mask.stem)
+            if key in by_stem:
+                raise ValueError(f"masks {by_stem[key]} and {mask} have the same stem; "
                                  "keep one mask per anomalous image")
-            by_stem[stem_key(mask.stem)] = mask
+            by_stem[key] = mask
         seen = _images_by_stem(abnormal, 'anomalous')
         unmatched = sorted(set(by_stem) - set(seen))
         if unmatched:
@@ -511,8 +513,9 @@ def identical_files(paths, others, digests=None):
             hashed.add(size)
             for other in by_size[size]:
                 first_of.setdefault((size, digest(other)), other)
-        if (size, digest(path)) in first_of:
-            pairs.append((path, first_of[size, digest(path)]))
+        match = first_of.get((size, digest(path)))
+        if match is not None:
+            pairs.append((path, match))
     return pairs
 
 
