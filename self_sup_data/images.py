@@ -234,9 +234,15 @@ def decode_values(path):
 def image_values(path):
     """``decode_values`` of the image file at ``path`` composited over black where some pixel is
     transparent (``_decoded``'s opacity), in their own dtype: a cut-out as viewers show it, what its
-    transparent pixels hide (often leftovers) read as 0, before any scaling of 16-bit values."""
+    transparent pixels hide (often leftovers) read as 0, before any scaling of 16-bit values. An
+    image that is transparent everywhere (an alpha channel zeroed on export, which viewers show as
+    nothing) gives its colour as stored, with a warning naming it, not an all-black image."""
     values, opacity = _decoded(path)
     if opacity is None:
+        return values
+    if not opacity.any():
+        warnings.warn(f'{path}: every pixel is fully transparent (alpha 0), so it shows nothing; its colour is '
+                      f'read as stored, transparency ignored; save it without an alpha channel if that is right')
         return values
     opacity = opacity[..., None] if values.ndim == 3 else opacity
     return (values * opacity).round().astype(values.dtype)

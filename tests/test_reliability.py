@@ -1281,6 +1281,28 @@ def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
     assert read_image(tmp_path / 'keyed16.png')[:, :6].min() == round(4000 * 255 / 65535)
 
 
+def test_image_transparent_everywhere_is_read_as_stored_with_a_warning(tmp_path):
+    """An alpha channel zeroed on export hides the whole image: its colour is read as stored (not as
+    an all-black image that would be trained on or scored silently), with a warning naming the file;
+    one opaque pixel makes it a cut-out again, read over black."""
+    rng = np.random.default_rng(1)
+    colour = rng.integers(1, 256, (10, 14, 3), dtype=np.uint8)
+    clear = np.zeros((10, 14), np.uint8)
+    Image.fromarray(np.dstack([colour, clear]), 'RGBA').save(tmp_path / 'clear.png')
+    Image.fromarray(np.dstack([colour[..., 0], clear]), 'LA').save(tmp_path / 'clear_grey.png')
+    deep = np.dstack([colour.astype(np.uint16) * 257, clear.astype(np.uint16)])
+    assert cv2.imwrite(str(tmp_path / 'clear16.png'), deep[..., [2, 1, 0, 3]])
+    for name, expected in (('clear.png', colour), ('clear_grey.png', colour[..., :1]), ('clear16.png', colour)):
+        with pytest.warns(UserWarning, match=f'{name}: every pixel is fully transparent'):
+            np.testing.assert_array_equal(read_image(tmp_path / name), expected)
+    clear[0, 0] = 255
+    Image.fromarray(np.dstack([colour, clear]), 'RGBA').save(tmp_path / 'cut_out.png')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        read = read_image(tmp_path / 'cut_out.png')
+    assert read[0, 0].tolist() == colour[0, 0].tolist() and read.reshape(-1, 3)[1:].max() == 0
+
+
 def test_signed_or_32_bit_integer_images_are_refused_and_extra_pages_warned(tmp_path):
     import tifffile
     tifffile.imwrite(tmp_path / 'signed.tif', np.linspace(-1000, 1000, 64).reshape(8, 8).astype(np.int16))
