@@ -26,6 +26,8 @@ ALPHA_MODES = ('RGBA', 'RGBa', 'LA', 'La', 'PA')  # Pillow's modes with an alpha
 PREMULTIPLIED_MODES = {'La': 'LA', 'RGBa': 'RGBA'}  # Pillow's modes of premultiplied colour, and straight
 EXIF_ORIENTED_FORMATS = ('JPEG', 'MPO')  # camera images, which viewers turn by their EXIF orientation
 EXIF_ORIENTATION = 0x0112
+JPEG_FORMATS = ('JPEG', 'MPO')  # Pillow's formats of JPEG files (MPO: a photo and its previews)
+TIFF_JPEG_COMPRESSIONS = ('jpeg', 'tiff_jpeg')  # Pillow's names of the JPEG compression of TIFFs
 # bits of the data in 16-bit images: 8-bit data saved as 16 bits, 10-, 12- and 14-bit sensors, the full range
 HIGH_BIT_DEPTHS = (8, 10, 12, 14, 16)
 # a suggested intensity window's widening on each side, a fraction of the range of the normal images' values
@@ -218,6 +220,33 @@ def turned_note(path):
             return ''
         return (f" (turned by its EXIF orientation {_orientation(image)}, as viewers show it; stored "
                 f"{image.size[0]}x{image.size[1]})")
+
+
+def lossy_compression(path):
+    """The lossy compression of the image file at ``path``, by what its header says it holds (not by
+    its suffix): 'JPEG' for a JPEG (or MPO) file and for a TIFF of JPEG-compressed data, 'lossy WebP'
+    for a WebP of VP8 data (VP8L is lossless), else None (PNG, BMP, PNM, other TIFFs, lossless WebP).
+    Lossy compression rings around edges and blurs fine texture."""
+    with opened_image(path) as image:
+        if image.format in JPEG_FORMATS:
+            return 'JPEG'
+        if image.format == 'TIFF' and image.info.get('compression') in TIFF_JPEG_COMPRESSIONS:
+            return 'JPEG'
+        if image.format == 'WEBP' and b'VP8 ' in _riff_chunk_ids(path):
+            return 'lossy WebP'
+    return None
+
+
+def _riff_chunk_ids(path):
+    """The four-byte ids of the top-level chunks of the RIFF file (a WebP) at ``path``."""
+    ids = []
+    with open(path, 'rb') as file:
+        file.seek(12)  # 'RIFF', the file's size, 'WEBP'
+        while len(header := file.read(8)) == 8:
+            ids.append(header[:4])
+            size = int.from_bytes(header[4:], 'little')
+            file.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to an even size
+    return ids
 
 
 def as_displayed(image):

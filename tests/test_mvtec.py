@@ -270,9 +270,10 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
 
 
 def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned_of(tmp_path):
-    """Normal and defect images of two sources (sizes, JPEG on one side): a model can tell them
-    apart by their sharpness or compression once resized, whatever their defects."""
-    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 1})
+    """Normal and defect images of two sources (sizes, lossy compression on one side, for at least
+    half of a side's images): a model can tell them apart by their sharpness or compression once
+    resized, whatever their defects. Compression is told by what a file holds, not its suffix."""
+    make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 2})
     test, truth = tmp_path / 'cat' / 'test', tmp_path / 'cat' / 'ground_truth'
 
     def resize(name, size):
@@ -284,27 +285,49 @@ def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned
         with warnings.catch_warnings():
             warnings.simplefilter('error')
             SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+
+    def warned(pattern):
+        with pytest.warns(UserWarning, match=pattern):
+            SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
     no_warning()  # one size
     for name, size in (('crack/000', (62, 60)), ('crack/001', (66, 64)), ('hole/000', (68, 70))):
         resize(name, size)
     no_warning()  # sizes of one source, image by image: alike within a factor 1.1 (aspect) and 1.2 (side)
-    for name, size in (('crack/000', (48, 48)), ('crack/001', (48, 40)), ('hole/000', (48, 48))):
-        resize(name, size)
-    with pytest.warns(UserWarning, match=r"cat: no normal test image has a size like a defect image's \(normal: "
-                                         r"64x64; defect: 2 sizes \(first 48x40\)\): images of two sources"):
-        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    resize('crack/000', (48, 40))
+    no_warning()  # one of four defect images of another size: under half
+    resize('crack/001', (48, 48))
+    warned(r"cat: 2 of 4 defect test images have a size like no normal image's \(normal: 64x64; defect: "
+           r"4 sizes \(first 48x40\)\): images of two sources")
     resize('good/000', (48, 48))
-    no_warning()  # a size in common
+    no_warning()  # a size in common: 1 of 4 defect images (48x40) of a size like no normal image's
+    for name, size in (('crack/000', (64, 64)), ('crack/001', (64, 64)), ('good/000', (80, 50)),
+                       ('good/001', (80, 50))):
+        resize(name, size)
+    warned(r"cat: 2 of 3 normal test images have a size like no defect image's \(normal: 2 sizes \(first "
+           r"64x64\); defect: 2 sizes \(first 64x64\)\)")
+    for name in ('good/000', 'good/001'):
+        resize(name, (64, 64))
     for path in sorted((test / 'good').iterdir()):  # normal images stored as BMP: lossless as the PNGs
         Image.open(path).save(path.with_suffix('.bmp'))
         path.unlink()
     no_warning()
-    for path in sorted((test / 'good').iterdir()):  # ... and as JPEG: compressed, the defect images not
-        Image.open(path).save(path.with_suffix('.jpeg'), quality=95)
+    good = sorted((test / 'good').iterdir())
+    Image.open(good[0]).save(good[0].with_suffix('.jpeg'), quality=95)  # one of three normal images JPEG
+    good[0].unlink()
+    no_warning()
+    Image.open(good[1]).save(good[1], format='JPEG', quality=95)  # a JPEG named .bmp: two of three
+    warned(r"cat: 2 of 3 normal test images have a compression like no defect image's \(normal: 2 compressions "
+           r"\(first JPEG\); defect: lossless\)")
+    for path in sorted((test / 'good').iterdir()):  # all lossless WebP again, the defect images half lossy WebP
+        Image.open(path).save(path.with_suffix('.webp'), lossless=True)
         path.unlink()
-    with pytest.warns(UserWarning, match=r"cat: no normal test image has a compression like a defect image's "
-                                         r"\(normal: JPEG; defect: lossless\)"):
-        SelfSupMVTecDataset(tmp_path, 'cat', is_train=False, low_res=32)
+    no_warning()
+    for name in ('crack/000', 'hole/000'):
+        image = Image.open(test / f'{name}.png')
+        image.save(test / f'{name}.webp', quality=90)
+        (test / f'{name}.png').unlink()
+    warned(r"cat: 2 of 4 defect test images have a compression like no normal image's \(normal: lossless; "
+           r"defect: 2 compressions \(first lossless\)\)")
 
 
 def test_test_images_that_are_copies_of_training_or_normal_images_are_warned_of(tmp_path):
@@ -380,10 +403,14 @@ def test_masks_mark_their_nonzero_pixels_whatever_the_format(tmp_path):
                          ('ones16.png', (defect * 1).astype(np.uint16)),  # 16-bit 0/1: not rescaled
                          ('ids16.png', (defect * 4000).astype(np.uint16)),
                          ('colour.png', np.repeat((defect * 200)[:, :, None], 3, axis=2)),
-                         ('lossy.jpg', defect * 255)]:  # JPEG rings around the edges
+                         ('lossy.jpg', defect * 255),  # JPEG rings around the edges
+                         ('lossy.webp', defect * 255), ('jpeg_data.png', defect * 255),  # told by their data
+                         ('lossless.webp', defect * 1)]:
         path = tmp_path / name
-        Image.fromarray(values.astype(np.uint16 if values.dtype == np.uint16 else np.uint8)).save(path)
-        if name == 'lossy.jpg':
+        image = Image.fromarray(values.astype(np.uint16 if values.dtype == np.uint16 else np.uint8))
+        image.save(path, **{'lossy.webp': dict(quality=50), 'jpeg_data.png': dict(format='JPEG'),
+                            'lossless.webp': dict(lossless=True)}.get(name, {}))
+        if name in ('lossy.jpg', 'lossy.webp', 'jpeg_data.png'):
             assert (np.asarray(Image.open(path)) > 0).sum() > defect.sum()
         np.testing.assert_array_equal(mvtec.read_mask(path), defect, err_msg=name)
     np.testing.assert_array_equal(mvtec.read_id_masks((tmp_path / 'ones16.png', tmp_path / 'lossy.jpg')),

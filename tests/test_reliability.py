@@ -35,7 +35,7 @@ from experiments.training import (TrainConfig, final_model_path, last_checkpoint
 from models.resnet import resnet18_enc_dec
 from self_sup_data import chest_xray
 from self_sup_data.images import (decode, decode_values, high_depth_maximum, image_files, is_high_depth_file,
-                                  read_image)
+                                  lossy_compression, read_image)
 from self_sup_data.self_sup_tasks import check_object_pixels
 from test_chest_xray import synthetic_table
 from test_cli import run_error
@@ -1279,6 +1279,26 @@ def test_transparent_image_pixels_are_read_over_black_as_displayed(tmp_path):
     at = png.index(b'IDAT') - 4  # the key goes before the image data
     (tmp_path / 'keyed16.png').write_bytes(png[:at] + chunk + png[at:])
     assert read_image(tmp_path / 'keyed16.png')[:, :6].min() == round(4000 * 255 / 65535)
+
+
+def test_lossy_compression_is_told_by_what_a_file_holds_not_its_suffix(tmp_path):
+    rng = np.random.default_rng(2)
+    colour = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    opaque = np.dstack([colour, np.full((16, 24), 255, np.uint8)])
+    for name, array, options, expected in (
+            ('plain.png', colour, {}, None), ('photo.jpg', colour, {}, 'JPEG'),
+            ('misnamed.png', colour, dict(format='JPEG'), 'JPEG'),
+            ('jpeg.tif', colour, dict(compression='jpeg'), 'JPEG'),
+            ('lzw.tif', colour, dict(compression='tiff_lzw'), None),
+            ('plain.bmp', colour, {}, None), ('lossy.webp', colour, dict(quality=80), 'lossy WebP'),
+            ('lossless.webp', colour, dict(lossless=True), None),
+            ('alpha.webp', opaque, dict(quality=80), 'lossy WebP'),  # an extended WebP (VP8X, ALPH, VP8)
+            ('alpha_lossless.webp', opaque, dict(lossless=True), None)):
+        Image.fromarray(array).save(tmp_path / name, **options)
+        assert lossy_compression(tmp_path / name) == expected, name
+    (tmp_path / 'broken.webp').write_bytes((tmp_path / 'lossy.webp').read_bytes()[:20])
+    with pytest.raises(ValueError, match='cannot read image .*broken.webp'):
+        lossy_compression(tmp_path / 'broken.webp')
 
 
 def test_image_transparent_everywhere_is_read_as_stored_with_a_warning(tmp_path):
