@@ -10,7 +10,8 @@ masks); any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``); images unlike the model's training
-images in aspect ratio or size are counted in a warning (``Detector.shape_notes``). OUT_DIR gets
+images in aspect ratio or size are counted in a warning (``Detector.shape_notes``), also written to
+notes.txt. OUT_DIR gets
 
     scores.csv              file, output name (the file's stem; bytes of a name that are not
                             UTF-8 written as \\xNN), score_mean, score_max, anomalous (score_mean
@@ -21,6 +22,8 @@ images in aspect ratio or size are counted in a warning (``Detector.shape_notes`
     masks/<name>.png        pixels above the model's pixel threshold at its resolution, resized
                             (0/255; calibrated models; ``Detector.predict``)
     errors.csv              the files that could not be read (or their outputs not written), and why
+    notes.txt               the warnings about the images unlike the training images, one a line
+                            (only where there are some)
 
 Every file is written atomically, and scores.csv and errors.csv after each batch, so that an
 interrupted run keeps what it wrote (the output names of the batch being written are kept in
@@ -28,7 +31,7 @@ interrupted run keeps what it wrote (the output names of the batch being written
 exit status is the number of such files (at most 100), or 101 when the run could not start (bad
 arguments, a missing or unreadable model, an input that does not exist or holds no images, an
 OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which deletes the earlier
-run's files once the model and the inputs are found: its scores.csv, errors.csv and .pending, and
+run's files once the model and the inputs are found: its scores.csv, errors.csv, notes.txt and .pending, and
 the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
 own, and an image whose output name would replace one of them gets the next free name ``<stem>-2``
 ...) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
@@ -59,7 +62,8 @@ STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
 PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them
-RUN_FILES = ('scores.csv', 'errors.csv', PENDING)
+NOTES = 'notes.txt'  # the warnings about images unlike the model's training images
+RUN_FILES = ('scores.csv', 'errors.csv', NOTES, PENDING)
 
 
 class StopRun(Exception):
@@ -200,7 +204,10 @@ def predict_files(detector, files, out_dir, flip_average=False):
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
             (out_dir / PENDING).unlink(missing_ok=True)
             progress.update(len(files[start:start + detector.batch_size]))
-    for note in detector.shape_notes(*zip(*shapes)) if shapes else ():
+    notes = detector.shape_notes(*zip(*shapes)) if shapes else []
+    if notes:
+        write_text_atomic(out_dir / NOTES, ''.join(f'{note}\n' for note in notes))
+    for note in notes:
         warnings.warn(note)
     return errors
 
@@ -357,8 +364,9 @@ def main(argv=None):
               f'written in {out_dir / PENDING}); the same command with --overwrite predicts them all again',
               file=sys.stderr)
         return INTERRUPTED_STATUS
+    notes = f'; warnings about the images in {out_dir / NOTES}' if (out_dir / NOTES).exists() else ''
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
-          f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}')
+          f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}{notes}')
     return min(len(errors), MAX_FAILED_STATUS)
 
 
