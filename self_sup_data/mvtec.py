@@ -585,27 +585,34 @@ def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
                 break
 
 
+def _warn_copies(class_name, files, others, subject, source, consequence, digests=None):
+    """Warn, with their count and the first pair, about the ``files`` with the bytes of a file of
+    ``others`` (``layouts.identical_files``; ``digests``: its cache), named ``subject`` and
+    ``source`` in the message; a file that cannot be read leaves the check out with a warning."""
+    try:
+        repeated = identical_files(files, others, digests)
+    except OSError as error:  # a file that cannot be read: the check is left out, not the evaluation
+        warnings.warn(f"{class_name}: {subject} not compared with {source} ({error})")
+        return
+    if repeated:
+        warnings.warn(f"{class_name}: {len(repeated)} of {len(files)} {subject} are copies of {source} (first: "
+                      f"{repeated[0][0]}, the same bytes as {repeated[0][1]}): {consequence}, so the figures are "
+                      f"biased; keep each image in one place")
+
+
 def warn_repeated_images(class_name, paths, defect_types, train_paths):
     """Warn about test images (``paths``) with the bytes of a training image (``train_paths``; a
     model trained on them scores them as seen images) and about defect images with the bytes of a
-    normal test image (``defect_types`` 'good': one image counted as normal and as defect), with
-    their counts and the first pair (``layouts.identical_files``)."""
+    normal test image (``defect_types`` 'good': one image counted as normal and as defect)
+    (``_warn_copies``)."""
     normal = [path for path, kind in zip(paths, defect_types) if kind == 'good']
     defects = [path for path, kind in zip(paths, defect_types) if kind != 'good']
     digests = {}
-    for files, others, subject, source, consequence in (
-            (paths, train_paths, 'test images', 'training images',
-             'a model trained on them (unless they were held out for validation) scores them as seen images'),
-            (defects, normal, 'defect images', 'normal test images', 'each counts as normal and as defect')):
-        try:
-            repeated = identical_files(files, others, digests)
-        except OSError as error:  # a file that cannot be read: the check is left out, not the evaluation
-            warnings.warn(f"{class_name}: {subject} not compared with {source} ({error})")
-            continue
-        if repeated:
-            warnings.warn(f"{class_name}: {len(repeated)} of {len(files)} {subject} are copies of {source} (first: "
-                          f"{repeated[0][0]}, the same bytes as {repeated[0][1]}): {consequence}, so the figures are "
-                          f"biased; keep each image in one place")
+    _warn_copies(class_name, paths, train_paths, 'test images', 'training images',
+                 'a model trained on them (unless they were held out for validation) scores them as seen images',
+                 digests)
+    _warn_copies(class_name, defects, normal, 'defect images', 'normal test images',
+                 'each counts as normal and as defect', digests)
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
@@ -700,9 +707,13 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     (``self_sup_data.validation.make_validation_set``, drawn by ``seed``; for objects inside the
     central crop that their models score, and with a ``background``, on the object).
     ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
-    trained on."""
+    trained on. Held-out images with the bytes of an image trained on are warned of (``_warn_copies``)."""
     files = train_files(root_path, class_name, layout)
     paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
+    held_out = set(paths)
+    _warn_copies(class_name, paths, [path for path in files if path not in held_out], 'held-out validation images',
+                 'images trained on', 'the model has seen them, and the validation score (or a threshold set on '
+                 'them) takes them for unseen normal images, which favours memorising')
     recipe = data_recipe(class_name, res_scale, kind)
     images = load_images(paths, side or recipe['test_res'], channels=channels,
                          desc=f'loading {class_name} validation', bit_depth=bit_depth,

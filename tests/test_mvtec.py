@@ -196,6 +196,25 @@ def test_excluded_and_validation_indices_are_checked(tmp_path):
         SelfSupMVTecDataset(tmp_path, 'tiny', exclude=range(4), **SMALL)
 
 
+def test_held_out_validation_images_that_are_copies_of_training_images_are_warned_of(tmp_path):
+    """A copy of a training image held out for validation is an image the model has seen: the
+    validation score would take it for an unseen normal image (and favour memorising)."""
+    import shutil
+    from self_sup_data.mvtec import load_validation_set
+    train = make_mvtec_category(tmp_path, 'cat', n_train=6) / 'train' / 'good'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_validation_set(tmp_path, 'cat', [1, 4], 0, res_scale=0.25)  # every image distinct
+    shutil.copy(train / '000.png', train / '006.png')  # the copy sorts last: index 6
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_validation_set(tmp_path, 'cat', [1, 4], 0, res_scale=0.25)  # both copies trained on: no bias
+    with pytest.warns(UserWarning, match=r"cat: 1 of 2 held-out validation images are copies of images trained on "
+                                         r"\(first: .*train/good/006.png, the same bytes as .*train/good/000.png\): "
+                                         r"the model has seen them"):
+        load_validation_set(tmp_path, 'cat', [1, 6], 0, res_scale=0.25)
+
+
 def batches(ds, num_workers):
     loader = DataLoader(ds, batch_size=3, num_workers=num_workers)
     return [torch.cat([x.flatten(1), y.flatten(1)], 1) for x, _, y in loader]
