@@ -40,12 +40,13 @@ from experiments.detector import Detector
 from experiments.export import FORMATS, default_export_path
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
-from self_sup_data.layouts import layout_from_spec, names_sha256
+from self_sup_data.layouts import identical_files, layout_from_spec, names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.images import central_box
 
 PROG = 'python -m experiments.thresholds'
 DEFAULT_FPR = 0.01
+TRAINING_IMAGES = 'normal training images'  # the source of a model's thresholds when it held out none
 
 
 def normal_image_files(meta, data_dir=None):
@@ -70,7 +71,7 @@ def normal_image_files(meta, data_dir=None):
                          'or normal images with -i')
     files = train_files(data_dir, meta['category'], layout)
     if not meta.get('held_out'):
-        return files, 'normal training images'
+        return files, TRAINING_IMAGES
     try:
         indices = held_out_indices(files, meta, data_dir or 'the folder format')
     except ValueError as error:
@@ -98,14 +99,19 @@ def training_images(meta):
     return {Path(path).resolve() for path in trained}
 
 
-def warn_trained_on(meta, files):
-    """Warn where the given normal ``files`` include images the model was trained on
-    (``training_images``), whose scores are lower than those of new normal images."""
+def warn_trained_on(meta, files, source='given normal images'):
+    """Warn where the normal ``files`` (named ``source`` in the message) include images the model
+    was trained on (``training_images``), or copies of them (the same bytes:
+    ``layouts.identical_files``; only their paths where a file cannot be read), whose scores are
+    lower than those of new normal images."""
     trained = training_images(meta)
-    seen = [str(path) for path in files if Path(path).resolve() in trained]
+    try:
+        seen = [str(path) for path, _ in identical_files(files, sorted(trained))]
+    except OSError:
+        seen = [str(path) for path in files if Path(path).resolve() in trained]
     if seen:
-        warnings.warn(f"{len(seen)} of the {len(files)} given normal images are images the model was trained "
-                      f"on, e.g. {seen[:2]}: their scores are lower than those of new normal images, and the "
+        warnings.warn(f"{len(seen)} of the {len(files)} {source} are images the model was trained on (or copies "
+                      f"of them), e.g. {seen[:2]}: their scores are lower than those of new normal images, and the "
                       f"thresholds flag more than the FPR of these; give normal images it has not seen")
 
 
@@ -184,9 +190,10 @@ def main(argv=None):
         detector = Detector.load(args.model, args.device, args.batch_size)
         if args.input:
             files, source = image_files(args.input), 'given normal images'
-            warn_trained_on(read_meta(args.model), files)
         else:
             files, source = normal_image_files(read_meta(args.model), args.data_dir)
+        if source != TRAINING_IMAGES:  # (all the training images: the docstring says what that does)
+            warn_trained_on(read_meta(args.model), files, source)
         thresholds = calibrate(detector, [detector.read(path) for path in files], args.fpr,
                                args.flip_average)
         thresholds['source'] = source

@@ -172,9 +172,18 @@ def test_given_normal_images_that_the_model_was_trained_on_are_named(held_out_mo
         thresholds.main(['-m', str(path), '-i', str(unseen), '-o', str(tmp_path / 'a.pt')])
         thresholds.main(['-m', str(path), '-i', *[str(files[index]) for index in held_out],
                          '-o', str(tmp_path / 'b.pt')])
-    with pytest.warns(UserWarning, match=r"^9 of the 12 given normal images are images the model was trained on, "
-                                         r"e.g. \[.*000.png'.*\]: their scores are lower"):
+    with pytest.warns(UserWarning, match=r"^9 of the 12 given normal images are images the model was trained on "
+                                         r"\(or copies of them\), e.g. \[.*000.png'.*\]: their scores are lower"):
         thresholds.main(['-m', str(path), '-i', str(root / 'tiny' / 'train' / 'good'), '-o', str(tmp_path / 'c.pt')])
+    trained_index = next(index for index in range(len(files)) if index not in held_out)
+    shutil.copy(files[trained_index], unseen / 'copy of a trained image.png')  # the same bytes, elsewhere
+    with pytest.warns(UserWarning, match=r"^1 of the 4 given normal images are images the model was trained on "
+                                         r"\(or copies of them\), e.g. \[.*copy of a trained image.png'\]"):
+        thresholds.main(['-m', str(path), '-i', str(unseen), '-o', str(tmp_path / 'd.pt')])
+    shutil.copy(files[trained_index], files[held_out[0]])  # a held-out image that is a copy: the default source
+    with pytest.warns(UserWarning, match=r"^1 of the 3 held-out normal training images are images the model was "
+                                         r"trained on \(or copies of them\)"):
+        thresholds.main(['-m', str(path), '-o', str(tmp_path / 'e.pt')])
     assert thresholds.training_images(dict(read_meta(path), data_dir=str(tmp_path / 'gone'))) == set()
     # a model trained on all its images: those of its recorded names, and none once images were added
     trained = dict(read_meta(path), held_out=0, train_files_sha256=names_sha256(files))
