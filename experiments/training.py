@@ -394,6 +394,16 @@ class OneOpenCVThreadLoader(DataLoader):
             cv2.setNumThreads(threads)
 
 
+def shut_down_workers(batches):
+    """Stop the worker processes of the DataLoader iterator ``batches`` (if it has any). An
+    iterator not run to its end keeps them until the garbage collector frees it, which may happen
+    in a process forked later (the next run's DataLoader worker), where it fails with 'can only
+    test a child process'."""
+    shutdown = getattr(batches, '_shutdown_workers', None)  # DataLoader's multi-process iterator
+    if shutdown is not None:
+        shutdown()
+
+
 def make_loader(dataset, config, device, start_epoch=0, epochs=None, rank=0, world_size=1):
     """DataLoader over ``dataset`` for epochs ``start_epoch`` .. ``epochs - 1`` (default
     ``config.epochs``) in one pass (``EpochBatchSampler``; per rank ``config.batch_size / world_size``
@@ -886,82 +896,85 @@ def train(model, dataset, config, run_dir, name, meta=None, resume=False, valida
                          rank, world_size)
     steps = loader.batch_sampler.batches_per_epoch
     batches = iter(loader) if len(loader.batch_sampler) else iter(())
-    figure_every = config.figure_every or max(1, config.epochs // 4)
-    progress = config.progress and writer
-    log_every = max(1, config.epochs // 10)  # one line per tenth of the run without bars
-    epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
-                  desc=name, unit='epoch', disable=not progress)
-    last_write = time.monotonic()
-    for epoch in epochs:
-        started = time.perf_counter()
-        epoch_lr = optimizer.param_groups[0]['lr']  # the epoch's (the scheduler steps after it)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        count = torch.zeros((), device=device)
-        for _ in tqdm(range(steps), desc=f'epoch {epoch + 1}', unit='batch', leave=False,
-                      disable=not progress):
-            images, _, labels = next(batches)
-            try:
-                images, labels, preds, loss = train_step(module, optimizer, config.loss,
-                                                         images, labels, device, config.bf16)
-            except (ValueError, RuntimeError) as error:  # batch norm's, on a batch of one image
-                if len(images) > 1 or (not isinstance(error, ValueError)  # under torch.compile
-                                       and BATCH_NORM_MESSAGE not in str(error)):
-                    raise
-                raise RunError(
-                    f"run {name!r}: a batch of one image cannot be trained ({error}): batch norm "
-                    f"needs two values per channel, and crops under 64 pixels leave one at the "
-                    f"encoder's end; train with at least two images per batch and process (more "
-                    f"training images, --batch-size) or larger crops ({crop_option(meta)})") from error
-            loss_sum += loss * len(images)
-            count += len(images)
-        meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
-        meta['epoch_bf16'].append(autocast)
-        if not math.isfinite(meta['epoch_losses'][-1]):  # before anything is written with it
-            raise RunError(f"run {name!r}: the loss of epoch {epoch + 1} is {meta['epoch_losses'][-1]} "
-                           f"(learning rate {epoch_lr:.3g}): training "
-                           f"diverged; try a lower learning rate (--lr); the last checkpoint is kept")
-        if epoch < cosine_epochs:
-            scheduler.step()  # then constant at swa_lr
-        else:
-            averaged.update_parameters(model)
-        seconds = time.perf_counter() - started
-        meta['train_time_s'] += seconds
-        epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}", lr=f'{epoch_lr:.2e}')
-        if not writer:
-            continue
-
-        done = epoch + 1
-        if not progress and first_every_last(done, log_every, config.epochs):
-            print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
-                  f"lr {epoch_lr:.2e}, {seconds:.1f} s", flush=True)
-        if validator is not None and validator.due(done, config.epochs):
-            if validate(model, validator, meta, done, run_dir, name, config.figures):
-                best_state, best_meta = _cpu_state_dict(model, copy=True), copy.deepcopy(meta)
-            tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
-                       f"{describe_scores(meta['validation'][-1])}")
+    try:
+        figure_every = config.figure_every or max(1, config.epochs // 4)
+        progress = config.progress and writer
+        log_every = max(1, config.epochs // 10)  # one line per tenth of the run without bars
+        epochs = tqdm(range(start_epoch, config.epochs), initial=start_epoch, total=config.epochs,
+                      desc=name, unit='epoch', disable=not progress)
+        last_write = time.monotonic()
+        for epoch in epochs:
+            started = time.perf_counter()
+            epoch_lr = optimizer.param_groups[0]['lr']  # the epoch's (the scheduler steps after it)
             model.train()
-        if (config.figures and preds.dim() == 4  # example predictions: maps only
-                and first_every_last(done, figure_every, config.epochs)):
-            save_sample_figure(images, labels, preds,
-                               run_dir / f'{name}_samples_epoch{done:04d}.png')
-        if (done == config.epochs
-                or (config.checkpoint_every and done % config.checkpoint_every == 0)
-                or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
-            save_resume_checkpoint(done)
-            if config.figures:  # with each checkpoint, so that a run still going has its curve
-                save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
-            last_write = time.monotonic()
+            loss_sum = torch.zeros((), device=device)
+            count = torch.zeros((), device=device)
+            for _ in tqdm(range(steps), desc=f'epoch {epoch + 1}', unit='batch', leave=False,
+                          disable=not progress):
+                images, _, labels = next(batches)
+                try:
+                    images, labels, preds, loss = train_step(module, optimizer, config.loss,
+                                                             images, labels, device, config.bf16)
+                except (ValueError, RuntimeError) as error:  # batch norm's, on a batch of one image
+                    if len(images) > 1 or (not isinstance(error, ValueError)  # under torch.compile
+                                           and BATCH_NORM_MESSAGE not in str(error)):
+                        raise
+                    raise RunError(
+                        f"run {name!r}: a batch of one image cannot be trained ({error}): batch norm "
+                        f"needs two values per channel, and crops under 64 pixels leave one at the "
+                        f"encoder's end; train with at least two images per batch and process (more "
+                        f"training images, --batch-size) or larger crops ({crop_option(meta)})") from error
+                loss_sum += loss * len(images)
+                count += len(images)
+            meta['epoch_losses'].append(epoch_mean(loss_sum, count, world_size))
+            meta['epoch_bf16'].append(autocast)
+            if not math.isfinite(meta['epoch_losses'][-1]):  # before anything is written with it
+                raise RunError(f"run {name!r}: the loss of epoch {epoch + 1} is {meta['epoch_losses'][-1]} "
+                               f"(learning rate {epoch_lr:.3g}): training "
+                               f"diverged; try a lower learning rate (--lr); the last checkpoint is kept")
+            if epoch < cosine_epochs:
+                scheduler.step()  # then constant at swa_lr
+            else:
+                averaged.update_parameters(model)
+            seconds = time.perf_counter() - started
+            meta['train_time_s'] += seconds
+            epochs.set_postfix(loss=f"{meta['epoch_losses'][-1]:.4f}", lr=f'{epoch_lr:.2e}')
+            if not writer:
+                continue
 
-    final_model = model
-    if averaged is not None:
-        started = time.perf_counter()
-        recompute_batch_norm(averaged.module, itertools.islice(batches, steps), device,
-                             config.bf16)  # on the samples of one more epoch
-        if world_size > 1:  # each process's share of it
-            average_batch_norm_statistics(averaged.module, world_size)
-        meta['train_time_s'] += time.perf_counter() - started
-        final_model = averaged.module
+            done = epoch + 1
+            if not progress and first_every_last(done, log_every, config.epochs):
+                print(f"{name}: epoch {done}/{config.epochs}, loss {meta['epoch_losses'][-1]:.4f}, "
+                      f"lr {epoch_lr:.2e}, {seconds:.1f} s", flush=True)
+            if validator is not None and validator.due(done, config.epochs):
+                if validate(model, validator, meta, done, run_dir, name, config.figures):
+                    best_state, best_meta = _cpu_state_dict(model, copy=True), copy.deepcopy(meta)
+                tqdm.write(f"{name}: epoch {done}/{config.epochs}, "
+                           f"{describe_scores(meta['validation'][-1])}")
+                model.train()
+            if (config.figures and preds.dim() == 4  # example predictions: maps only
+                    and first_every_last(done, figure_every, config.epochs)):
+                save_sample_figure(images, labels, preds,
+                                   run_dir / f'{name}_samples_epoch{done:04d}.png')
+            if (done == config.epochs
+                    or (config.checkpoint_every and done % config.checkpoint_every == 0)
+                    or time.monotonic() - last_write >= 60 * config.checkpoint_minutes):
+                save_resume_checkpoint(done)
+                if config.figures:  # with each checkpoint, so that a run still going has its curve
+                    save_loss_figure(meta['epoch_losses'], run_dir / f'{name}_loss.png')
+                last_write = time.monotonic()
+
+        final_model = model
+        if averaged is not None:
+            started = time.perf_counter()
+            recompute_batch_norm(averaged.module, itertools.islice(batches, steps), device,
+                                 config.bf16)  # on the samples of one more epoch
+            if world_size > 1:  # each process's share of it
+                average_batch_norm_statistics(averaged.module, world_size)
+            meta['train_time_s'] += time.perf_counter() - started
+            final_model = averaged.module
+    finally:  # the workers now, not at garbage collection (maybe in a process forked later)
+        shut_down_workers(batches)
     if writer:
         if config.select == 'best':
             if best_state is None:  # resumed from a checkpoint of an earlier version

@@ -1,7 +1,9 @@
 """The generic training loop: learning, resume = uninterrupted, checkpoints, sampling, atomic writes."""
 
 import copy
+import gc
 import math
+import multiprocessing
 from types import SimpleNamespace
 
 import cv2
@@ -631,6 +633,25 @@ def test_workers_see_every_epoch():
     single = items(0)
     assert [e for e, _ in single] == [0] * 6 + [1] * 6 + [2] * 6
     assert items(2) == single
+
+
+def test_training_stops_its_loader_workers_when_it_returns_or_fails(tmp_path):
+    """The loader's workers stop when ``train`` returns or raises, not when the garbage collector
+    frees its iterator (a reference cycle keeps it): that may happen in a process forked later,
+    such as the next run's DataLoader worker (--recipe search's candidates), which then fails."""
+    gc.collect()
+    gc.disable()
+    try:
+        training.train(TinyNet(), SquaresDataset(n=8), config(epochs=2, workers=1), tmp_path, 'done')
+        assert multiprocessing.active_children() == []
+        diverging = TinyNet()
+        with torch.no_grad():
+            diverging.layers[2].bias.fill_(float('nan'))
+        with pytest.raises(training.RunError, match='training diverged'):
+            training.train(diverging, SquaresDataset(n=8), config(epochs=2, workers=1), tmp_path, 'diverged')
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
 
 
 class OpenCVThreads(EpochEcho):
