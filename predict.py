@@ -11,7 +11,7 @@ masks); any size, grey or colour
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``); images unlike the model's training
 images in aspect ratio or size are counted in a warning (``Detector.shape_notes``), also written to
-notes.txt. OUT_DIR gets
+shape_notes.txt. OUT_DIR gets
 
     scores.csv              file, output name (the file's stem; bytes of a name that are not
                             UTF-8 written as \\xNN), score_mean, score_max, anomalous (score_mean
@@ -22,7 +22,7 @@ notes.txt. OUT_DIR gets
     masks/<name>.png        pixels above the model's pixel threshold at its resolution, resized
                             (0/255; calibrated models; ``Detector.predict``)
     errors.csv              the files that could not be read (or their outputs not written), and why
-    notes.txt               the warnings about the images unlike the training images, one a line
+    shape_notes.txt         the warnings about the images unlike the training images, one a line
                             (only where there are some)
 
 Every file is written atomically, and scores.csv and errors.csv after each batch, so that an
@@ -31,7 +31,7 @@ interrupted run keeps what it wrote (the output names of the batch being written
 exit status is the number of such files (at most 100), or 101 when the run could not start (bad
 arguments, a missing or unreadable model, an input that does not exist or holds no images, an
 OUT_DIR with an earlier run's scores.csv or .pending unless --overwrite, which deletes the earlier
-run's files once the model and the inputs are found: its scores.csv, errors.csv, notes.txt and .pending, and
+run's files once the model and the inputs are found: its scores.csv, errors.csv, shape_notes.txt and .pending, and
 the map, overlay and mask of each image they list; no other file, so OUT_DIR may hold the user's
 own, and an image whose output name would replace one of them gets the next free name ``<stem>-2``
 ...) or was stopped by a model that gave NaN or infinite maps (a diverged or damaged model; the
@@ -62,7 +62,7 @@ STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
 PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them
-NOTES = 'notes.txt'  # the warnings about images unlike the model's training images
+NOTES = 'shape_notes.txt'  # the warnings about images unlike the model's training images
 RUN_FILES = ('scores.csv', 'errors.csv', NOTES, PENDING)
 
 
@@ -170,7 +170,8 @@ def remove_outputs(out_dir, name):
 
 def predict_files(detector, files, out_dir, flip_average=False):
     """Predict ``files`` in batches of ``detector.batch_size`` and write OUT_DIR's files (see the
-    module docstring) -> the list of (file, error) of the files that could not be read."""
+    module docstring) -> (the list of (file, error) of the files that could not be read, the notes
+    on images unlike the model's training images)."""
     rows, errors, shapes = [], [], []
     names = output_names(files, out_dir)
     with tqdm(total=len(files), desc='predicting', unit='image', disable=None) as progress:
@@ -209,7 +210,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
         write_text_atomic(out_dir / NOTES, ''.join(f'{note}\n' for note in notes))
     for note in notes:
         warnings.warn(note)
-    return errors
+    return errors, notes
 
 
 def earlier_output_names(out_dir):
@@ -339,7 +340,7 @@ def parse_args(argv=None):
                              '(textures only; calibrate the thresholds the same way)')
     parser.add_argument('--overwrite', action='store_true',
                         help="replace an earlier run in OUT_DIR: its scores.csv, errors.csv, "
-                             ".pending and the maps, overlays and masks of the images they list "
+                             "shape_notes.txt, .pending and the maps, overlays and masks of the images they list "
                              "are deleted first")
     return parser.parse_args(argv)
 
@@ -354,7 +355,7 @@ def main(argv=None):
         print(f'{PROG}: error: {error}', file=sys.stderr)
         return STOPPED_STATUS
     try:
-        errors = predict_files(detector, files, out_dir, args.flip_average)
+        errors, notes = predict_files(detector, files, out_dir, args.flip_average)
     except NonFiniteMapError as error:
         print(f'{PROG}: error: {error} (the batches before it are in {out_dir / "scores.csv"})',
               file=sys.stderr)
@@ -364,9 +365,9 @@ def main(argv=None):
               f'written in {out_dir / PENDING}); the same command with --overwrite predicts them all again',
               file=sys.stderr)
         return INTERRUPTED_STATUS
-    notes = f'; warnings about the images in {out_dir / NOTES}' if (out_dir / NOTES).exists() else ''
+    noted = f'; warnings about the images in {out_dir / NOTES}' if notes else ''
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '
-          f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}{notes}')
+          f'(listed in {out_dir / "errors.csv"}); scores in {out_dir / "scores.csv"}{noted}')
     return min(len(errors), MAX_FAILED_STATUS)
 
 

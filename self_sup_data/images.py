@@ -237,15 +237,28 @@ def lossy_compression(path):
     return None
 
 
+ANIMATION_FRAME_HEADER = 16  # bytes of an ANMF chunk (a WebP animation frame) before its ALPH / VP8 / VP8L chunks
+
+
 def _riff_chunk_ids(path):
-    """The four-byte ids of the top-level chunks of the RIFF file (a WebP) at ``path``."""
+    """The four-byte ids of the chunks of the RIFF file (a WebP) at ``path``: its top-level chunks
+    and those of each animation frame (ANMF), read within the RIFF's own size (bytes after it are
+    not chunks)."""
     ids = []
     with open(path, 'rb') as file:
-        file.seek(12)  # 'RIFF', the file's size, 'WEBP'
-        while len(header := file.read(8)) == 8:
-            ids.append(header[:4])
-            size = int.from_bytes(header[4:], 'little')
-            file.seek(size + size % 2, os.SEEK_CUR)  # chunks are padded to an even size
+        header = file.read(12)  # 'RIFF', the size of what follows, 'WEBP'
+        end = min(8 + int.from_bytes(header[4:8], 'little'), os.fstat(file.fileno()).st_size)
+
+        def scan(position, stop):
+            while position + 8 <= stop:
+                file.seek(position)
+                chunk = file.read(8)
+                size = int.from_bytes(chunk[4:], 'little')
+                ids.append(chunk[:4])
+                if chunk[:4] == b'ANMF':
+                    scan(position + 8 + ANIMATION_FRAME_HEADER, min(position + 8 + size, stop))
+                position += 8 + size + size % 2  # chunks are padded to an even size
+        scan(12, end)
     return ids
 
 
@@ -260,18 +273,26 @@ def decode_values(path):
     return _decoded(path)[0]
 
 
-def image_values(path):
+TRANSPARENT_NOTE = ('they show nothing; the colour is read as stored, transparency ignored (hidden values too); '
+                    'save such images without transparency if that is right')
+
+
+def image_values(path, transparent=None):
     """``decode_values`` of the image file at ``path`` composited over black where some pixel is
     transparent (``_decoded``'s opacity), in their own dtype: a cut-out as viewers show it, what its
     transparent pixels hide (often leftovers) read as 0, before any scaling of 16-bit values. An
-    image that is transparent everywhere (an alpha channel zeroed on export, which viewers show as
-    nothing) gives its colour as stored, with a warning naming it, not an all-black image."""
+    image transparent everywhere (an alpha channel zeroed on export, or every pixel of the colour
+    keyed transparent), which viewers show as nothing, gives its colour as stored instead, not an
+    all-black image, with a warning naming it; ``transparent``, a list, collects its path instead
+    (for a count: ``self_sup_data.mvtec.load_images``)."""
     values, opacity = _decoded(path)
     if opacity is None:
         return values
     if not opacity.any():
-        warnings.warn(f'{path}: every pixel is fully transparent (alpha 0), so it shows nothing; its colour is '
-                      f'read as stored, transparency ignored; save it without an alpha channel if that is right')
+        if transparent is None:
+            warnings.warn(f'{path} is transparent everywhere: {TRANSPARENT_NOTE}')
+        else:
+            transparent.append(path)
         return values
     opacity = opacity[..., None] if values.ndim == 3 else opacity
     return (values * opacity).round().astype(values.dtype)
@@ -349,14 +370,17 @@ def is_high_depth_file(path):
 
 def high_depth_maximum(path):
     """The largest value of the image file at ``path`` when it stores more than 8 bits a channel
-    (``is_high_depth_file``), else None; an 8-bit file is not decoded (its header tells)."""
-    return int(image_values(path).max(initial=0)) if is_high_depth_file(path) else None
+    (``is_high_depth_file``), else None; an 8-bit file is not decoded (its header tells). (An image
+    transparent everywhere is noted where it is read, ``read_image``.)"""
+    return int(image_values(path, transparent=[]).max(initial=0)) if is_high_depth_file(path) else None
 
 
 def high_depth_percentiles(path, percentiles=(1, 99)):
     """The ``percentiles`` of the values (``image_values``, all channels) of the image file at
     ``path`` when it stores more than 8 bits a channel (``is_high_depth_file``), else None."""
-    return tuple(np.percentile(image_values(path), percentiles).tolist()) if is_high_depth_file(path) else None
+    if not is_high_depth_file(path):
+        return None
+    return tuple(np.percentile(image_values(path, transparent=[]), percentiles).tolist())
 
 
 def decode_mask_values(path):
@@ -406,16 +430,16 @@ def to_uint8(values, reading):
     return scaled.round().clip(0, 255).astype(np.uint8)
 
 
-def decode(path, bits=None):
+def decode(path, bits=None, transparent=None):
     """``decode_values`` as uint8: a 16-bit image is scaled from the range of ``bits``-bit data
     (a model's ``bit_depth``, see ``self_sup_data.mvtec.load_images``), or from an intensity window
     that ``bits`` gives as a pair (low, high), or, without ``bits``, from the range of the image's
     own bit depth (``high_bit_depth``: e.g. 0..4095 for 12-bit data), so that 8- to 14-bit data
     keeps 256 grey levels (``to_uint8``). ValueError naming the file for values beyond ``bits``
     bits; values outside a window saturate. An image with transparency is composited over black
-    first (``image_values``), so that what its transparent pixels hide sets neither the scaling nor
-    the values."""
-    values = image_values(path)
+    first (``image_values``, which ``transparent`` is passed to), so that what its transparent
+    pixels hide sets neither the scaling nor the values."""
+    values = image_values(path, transparent)
     return values if values.dtype == np.uint8 else _scaled_to_uint8(path, values, bits)
 
 
@@ -440,9 +464,9 @@ def image_channels(array):
     return array
 
 
-def read_image(path, bits=None):
+def read_image(path, bits=None, transparent=None):
     """uint8 ``H x W x C`` (``image_channels``) of the file at ``path`` (``decode``)."""
-    return image_channels(decode(path, bits))
+    return image_channels(decode(path, bits, transparent))
 
 
 def to_channels(image, channels):

@@ -41,9 +41,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, identical_files
-from self_sup_data.images import (GREY_MODES, WINDOW_MARGIN, central_box, decode_mask_values,
-                                  high_bit_depth, high_depth_maximum, high_depth_percentiles, lossy_compression,
-                                  opened_image, read_image, resize, resize_mask, to_channels, turned_note)
+from self_sup_data.images import (GREY_MODES, TRANSPARENT_NOTE, WINDOW_MARGIN, central_box, decode_mask_values,
+                                  displayed_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
+                                  lossy_compression, opened_image, read_image, resize, resize_mask, to_channels,
+                                  turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -132,7 +133,7 @@ def model_test_side(meta):
 def mask_pixels(values, path):
     """Boolean ``H x W``: the defect pixels of a mask's stored values (``decode_mask_values``):
     every nonzero pixel (0/255, 0/1, 16-bit or any other values), or, for a mask saved with lossy
-    compression (``lossy_compression``: JPEG or lossy WebP, which ring around edges), the pixels
+    compression (``lossy_compression``: JPEG, also in a TIFF, or lossy WebP, which ring around edges), the pixels
     above half of its largest value."""
     if lossy_compression(path):
         return values > values.max(initial=0) / 2
@@ -156,11 +157,11 @@ def read_id_masks(paths):
     return np.any(np.stack(masks), axis=0)
 
 
-def _load_item(image_path, mask_path, size, bits):
+def _load_item(image_path, mask_path, size, bits, transparent=None):
     """(image resized to ``size``, mask or None, the image's own (width, height)): the image as
-    ``read_image(image_path, bits)`` reads it (16-bit images scaled to uint8 first), then resized,
-    as new images are prepared."""
-    image = read_image(image_path, bits)
+    ``read_image(image_path, bits, transparent)`` reads it (16-bit images scaled to uint8 first),
+    then resized, as new images are prepared."""
+    image = read_image(image_path, bits, transparent)
     mask = None
     if mask_path is not None:
         mask = read_id_masks(mask_path) if isinstance(mask_path, tuple) else read_mask(mask_path)
@@ -266,10 +267,15 @@ def load_images(image_paths, size, mask_paths=None, channels=None, desc='loading
     with reading_pool() as pool:
         if bit_depth == SET_BIT_DEPTH:
             bit_depth = set_bit_depth(image_paths, pool)
-        count = len(image_paths)
+        count, transparent = len(image_paths), []
         loaded = list(tqdm(pool.map(_load_item, image_paths, mask_paths, [size] * count,
-                                    [bit_depth] * count),
+                                    [bit_depth] * count, [transparent] * count),
                            total=count, desc=desc, disable=None, leave=False))
+    if transparent:
+        collected = set(transparent)
+        first = next(path for path in image_paths if path in collected)  # in the order given
+        warnings.warn(f"{len(transparent)} of {count} images are transparent everywhere (first: {first}): "
+                      f"{TRANSPARENT_NOTE}")
     sizes = [image_size for _, _, image_size in loaded]
     if stretch_note:
         warn_stretched(image_paths, sizes, size)
@@ -530,59 +536,100 @@ def warn_masks_outside_crop(class_name, paths, defect_types, masks, side, crop):
 
 SOURCE_ASPECT_FACTOR = 1.1  # test images whose aspect ratios lie within this factor ...
 SOURCE_SIDE_FACTOR = 1.2  # ... and whose longer sides lie within this factor have sizes alike
-# a share of one side's test images (normal or defect) whose size or compression none of the other side's has,
-# from which on they are warned of: that alone tells those images apart, an AUROC of at least 0.75
-SOURCE_TELLING_SHARE = 0.5
+# what a test set's image sizes or compressions alone would tell defect images from normal ones by, an AUROC,
+# from which on it is warned of: images of two sources
+SOURCE_TELLING_AUROC = 0.75
 
 
-def _sizes_alike(sizes, others):
-    """Whether some (width, height) of ``sizes`` is alike some of ``others``: aspect ratios within
-    SOURCE_ASPECT_FACTOR and longer sides within SOURCE_SIDE_FACTOR of each other."""
-    sizes, others = np.array(sorted(set(sizes)), float), np.array(sorted(set(others)), float)
-    aspect = (sizes[:, 0] / sizes[:, 1])[:, None] / (others[:, 0] / others[:, 1])[None]
-    side = sizes.max(axis=1)[:, None] / others.max(axis=1)[None]
-    return bool(((np.abs(np.log(aspect)) <= math.log(SOURCE_ASPECT_FACTOR))
-                 & (np.abs(np.log(side)) <= math.log(SOURCE_SIDE_FACTOR))).any())
+def _alike_any(sizes, others, chunk=1024):
+    """Bool per (width, height) of ``sizes``: whether some of ``others`` is alike it, its aspect ratio
+    within SOURCE_ASPECT_FACTOR and its longer side within SOURCE_SIDE_FACTOR."""
+    sizes = np.asarray(sizes, float).reshape(-1, 2)
+    others = np.unique(np.asarray(others, float).reshape(-1, 2), axis=0)
+    other_aspects, other_sides = others[:, 0] / others[:, 1], others.max(axis=1)
+    alike = np.zeros(len(sizes), bool)
+    for start in range(0, len(sizes), chunk):  # a chunk of sizes against all others at once
+        part = sizes[start:start + chunk]
+        aspect = (part[:, 0] / part[:, 1])[:, None] / other_aspects[None]
+        side = part.max(axis=1)[:, None] / other_sides[None]
+        alike[start:start + chunk] = ((np.abs(np.log(aspect)) <= math.log(SOURCE_ASPECT_FACTOR))
+                                      & (np.abs(np.log(side)) <= math.log(SOURCE_SIDE_FACTOR))).any(axis=1)
+    return alike
 
 
-def _compressions_alike(compressions, others):
-    """Whether some compression of ``compressions`` is one of ``others``."""
-    return bool(set(compressions) & set(others))
+def separating_auroc(values, is_defect):
+    """The AUROC with which the ``values`` (one hashable per image) alone tell the defect images
+    (``is_defect``) from the normal ones: that of the best score knowing only the value, the share of
+    defect images among the images of each value (ties counted half); 0.5 where they tell nothing."""
+    counts = {}
+    for value, defect in zip(values, is_defect):
+        counts.setdefault(value, [0, 0])[bool(defect)] += 1
+    normals, defects = sum(count[0] for count in counts.values()), sum(count[1] for count in counts.values())
+    if not normals or not defects:
+        return 0.5
+    share = {value: count[1] / sum(count) for value, count in counts.items()}
+    above = sum(counts[a][1] * counts[b][0] * (1.0 if share[a] > share[b] else 0.5 if share[a] == share[b] else 0.0)
+                for a in counts for b in counts)
+    return above / (normals * defects)
 
 
-def _listed(values, what):
-    """The one value of ``values``, else 'N <what>s (first <the smallest>)'."""
-    distinct = sorted(set(values))
-    first = distinct[0] if isinstance(distinct[0], str) else f'{distinct[0][0]}x{distinct[0][1]}'
-    return first if len(distinct) == 1 else f'{len(distinct)} {what}s (first {first})'
+def _listed(values):
+    """'N value, M other value' of ``values``, the commonest first."""
+    counts = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    commonest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ', '.join(f'{count} {value}' for value, count in commonest)
 
 
-def warn_sources_tell_defects(class_name, paths, defect_types, sizes):
+def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_sizes=()):
     """Warn where the normal test images (``defect_types`` 'good') and the defect images look like
-    two sources: at least SOURCE_TELLING_SHARE of one side's images have a size alike none of the
-    other side's (``_sizes_alike``; ``sizes``: (width, height) each, as read) or a compression that
-    none of them has (``lossy_compression``: JPEG, lossy WebP or lossless). Resized to one square,
-    they differ in sharpness, stretch or compression, which a model can score instead of their
-    defects, so the figures may be too high."""
-    normal = [kind == 'good' for kind in defect_types]
+    two sources, which a model can tell apart whatever their defects, so that the figures may be too
+    high: at least half of the defect images of a size alike no normal image's (``_alike_any``;
+    ``sizes``: (width, height) each, as read; ``train_sizes``: those of the normal training images,
+    which count as normal images here; alone that tells them apart with an AUROC of 0.75 or
+    more), or compressions (``lossy_compression``: JPEG, lossy WebP, lossless) that alone tell them
+    apart with an AUROC of SOURCE_TELLING_AUROC or more (``separating_auroc``). Resized to one
+    square, they differ in sharpness, stretch or compression."""
+    is_defect = [kind != 'good' for kind in defect_types]
+    if all(is_defect) or not any(is_defect):
+        return
+    advice = ("images of two sources, resized to one square, differ in sharpness, stretch or compression, which a "
+              "model can score instead of their defects, so the figures may be too high; test on normal and defect "
+              "images of one source, {} and preparation")
+    normal_sizes = [tuple(size) for size, defect in zip(sizes, is_defect) if not defect] + list(train_sizes)
+    defects = [(path, tuple(size)) for path, size, defect in zip(paths, sizes, is_defect) if defect]
+    unlike = [item for item, alike in zip(defects, _alike_any([size for _, size in defects], normal_sizes))
+              if not alike]
+    if len(unlike) >= 2 * (SOURCE_TELLING_AUROC - 0.5) * len(defects):  # a share f unlike: AUROC 0.5 + f / 2
+        path, (width, height) = unlike[0]
+        smallest, largest = (f'{size[0]}x{size[1]}' for size in (min(normal_sizes, key=max),
+                                                                   max(normal_sizes, key=max)))
+        span = smallest if smallest == largest else f'{smallest} to {largest}'
+        warnings.warn(f"{class_name}: {len(unlike)} of {len(defects)} defect test images have a size like no normal "
+                      f"image's (first: {path}, {width}x{height}; normal: {span}): "
+                      + advice.format('size'))
     compressions = [lossy_compression(path) or 'lossless' for path in paths]
-    for what, values, alike in (('size', [tuple(size) for size in sizes], _sizes_alike),
-                                ('compression', compressions, _compressions_alike)):
-        sides = {'normal': [value for value, is_normal in zip(values, normal) if is_normal],
-                 'defect': [value for value, is_normal in zip(values, normal) if not is_normal]}
-        if not (sides['normal'] and sides['defect']):
+    auroc = separating_auroc(compressions, is_defect)
+    if auroc >= SOURCE_TELLING_AUROC:
+        normal = [value for value, defect in zip(compressions, is_defect) if not defect]
+        defect = [value for value, defect in zip(compressions, is_defect) if defect]
+        warnings.warn(f"{class_name}: the compression of the test images alone tells defect images from normal ones "
+                      f"with an AUROC of {auroc:.2f} (normal: {_listed(normal)}; defect: {_listed(defect)}): "
+                      + advice.format('compression'))
+
+
+def header_sizes(paths):
+    """(width, height) of each readable image file of ``paths`` as viewers show it, from its header
+    (``images.displayed_size``); unreadable files are left out."""
+    sizes = []
+    for path in paths:
+        try:
+            with opened_image(path) as image:
+                sizes.append(displayed_size(image))
+        except ValueError:
             continue
-        for side, other in (('defect', 'normal'), ('normal', 'defect')):
-            matched = {value: alike([value], sides[other]) for value in set(sides[side])}
-            unmatched = sum(not matched[value] for value in sides[side])
-            if unmatched >= SOURCE_TELLING_SHARE * len(sides[side]):
-                warnings.warn(f"{class_name}: {unmatched} of {len(sides[side])} {side} test images have a {what} "
-                              f"like no {other} image's (normal: {_listed(sides['normal'], what)}; defect: "
-                              f"{_listed(sides['defect'], what)}): images of two sources, resized to one square, "
-                              f"differ in sharpness, stretch or compression, which a model can score instead of "
-                              f"their defects, so the figures may be too high; test on normal and defect images "
-                              f"of one source, {what} and preparation")
-                break
+    return sizes
 
 
 def _warn_copies(class_name, files, others, subject, source, consequence, digests=None):
@@ -675,13 +722,13 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)
-            warn_sources_tell_defects(class_name, paths, defect_types, sizes)
             try:
                 with warnings.catch_warnings():  # the training folder's notes are training's to give
                     warnings.simplefilter('ignore')
                     trained = train_files(root_path, class_name, layout)
             except (OSError, ValueError):  # a test set without (readable) training images beside it
                 trained = []
+            warn_sources_tell_defects(class_name, paths, defect_types, sizes, header_sizes(trained))
             warn_repeated_images(class_name, paths, defect_types, trained)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':

@@ -258,16 +258,16 @@ def test_predict_notes_images_unlike_the_models_training_images(calibrated, inpu
     (tmp_path / 'out').mkdir()
     first = re.escape(str(files[1]))
     with pytest.warns(UserWarning, match=rf"1 of 2 images have another aspect ratio .*first: {first}, 90x50, 1.80\)"):
-        predict.predict_files(detector, files, tmp_path / 'out')
-    assert len(pd.read_csv(tmp_path / 'out' / 'scores.csv')) == 2
-    notes = (tmp_path / 'out' / 'notes.txt').read_text(encoding='utf-8').splitlines()  # kept beside the scores
+        errors, notes = predict.predict_files(detector, files, tmp_path / 'out')
+    assert len(pd.read_csv(tmp_path / 'out' / 'scores.csv')) == 2 and errors == [] and len(notes) == 1
+    notes = (tmp_path / 'out' / 'shape_notes.txt').read_text(encoding='utf-8').splitlines()  # beside the scores
     assert len(notes) == 1 and notes[0].startswith('1 of 2 images have another aspect ratio')
     assert str(files[1]) in notes[0]
     (tmp_path / 'other').mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         predict.predict_files(detector, files[:1], tmp_path / 'other')  # like the training images: no notes
-    assert not (tmp_path / 'other' / 'notes.txt').exists()
+    assert not (tmp_path / 'other' / 'shape_notes.txt').exists()
 
 
 def test_bfloat16_maps_are_warned_of_beside_float32_thresholds(calibrated):
@@ -389,7 +389,7 @@ def test_overwrite_deletes_only_what_the_earlier_run_lists(tmp_path):
     (tmp_path / 'scores.csv').write_text('file,output,score_mean,score_max,anomalous\n'
                                          'in/a.png,a,0.1,0.2,\nin/x.png,../evil,0.1,0.2,\n')
     (tmp_path / 'errors.csv').write_text('file,error\n')
-    (tmp_path / 'notes.txt').write_text('1 of 2 images have another aspect ratio ...\n')
+    (tmp_path / 'shape_notes.txt').write_text('1 of 2 images have another aspect ratio ...\n')
     predict.remove_earlier_run(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*') if p.is_file()) == [
         'evil.npy', 'maps/mine.npy', 'masks/mine.png', 'overlays/mine.png']

@@ -1296,6 +1296,14 @@ def test_lossy_compression_is_told_by_what_a_file_holds_not_its_suffix(tmp_path)
             ('alpha_lossless.webp', opaque, dict(lossless=True), None)):
         Image.fromarray(array).save(tmp_path / name, **options)
         assert lossy_compression(tmp_path / name) == expected, name
+    frames = [Image.fromarray(colour), Image.fromarray(255 - colour)]  # an animation: VP8 inside ANMF frames
+    frames[0].save(tmp_path / 'animated.webp', save_all=True, append_images=frames[1:], quality=80)
+    frames[0].save(tmp_path / 'animated_lossless.webp', save_all=True, append_images=frames[1:], lossless=True)
+    assert lossy_compression(tmp_path / 'animated.webp') == 'lossy WebP'
+    assert lossy_compression(tmp_path / 'animated_lossless.webp') is None
+    trailing = tmp_path / 'trailing.webp'  # bytes after the RIFF's own size are not chunks
+    trailing.write_bytes((tmp_path / 'lossless.webp').read_bytes() + b'VP8 \x04\x00\x00\x00abcd')
+    assert lossy_compression(trailing) is None
     (tmp_path / 'broken.webp').write_bytes((tmp_path / 'lossy.webp').read_bytes()[:20])
     with pytest.raises(ValueError, match='cannot read image .*broken.webp'):
         lossy_compression(tmp_path / 'broken.webp')
@@ -1312,9 +1320,23 @@ def test_image_transparent_everywhere_is_read_as_stored_with_a_warning(tmp_path)
     Image.fromarray(np.dstack([colour[..., 0], clear]), 'LA').save(tmp_path / 'clear_grey.png')
     deep = np.dstack([colour.astype(np.uint16) * 257, clear.astype(np.uint16)])
     assert cv2.imwrite(str(tmp_path / 'clear16.png'), deep[..., [2, 1, 0, 3]])
-    for name, expected in (('clear.png', colour), ('clear_grey.png', colour[..., :1]), ('clear16.png', colour)):
-        with pytest.warns(UserWarning, match=f'{name}: every pixel is fully transparent'):
+    keyed = np.full((10, 14), 7, np.uint8)
+    Image.fromarray(keyed).save(tmp_path / 'keyed.png', transparency=7)  # every pixel the transparent key
+    for name, expected in (('clear.png', colour), ('clear_grey.png', colour[..., :1]), ('clear16.png', colour),
+                           ('keyed.png', keyed[..., None])):
+        with pytest.warns(UserWarning, match=f'{name} is transparent everywhere: they show nothing; the colour is '
+                                             f'read as stored'):
             np.testing.assert_array_equal(read_image(tmp_path / name), expected)
+    from self_sup_data.mvtec import SET_BIT_DEPTH, load_images
+    names = ['clear.png', 'clear16.png', 'clear_grey.png', 'keyed.png']
+    with warnings.catch_warnings(record=True) as caught:  # a set of them: one warning that counts them
+        warnings.simplefilter('always')
+        loaded = load_images([tmp_path / name for name in names], 8, bit_depth=SET_BIT_DEPTH)
+    assert [str(warning.message) for warning in caught] == [
+        f"4 of 4 images are transparent everywhere (first: {tmp_path / 'clear.png'}): they show nothing; the "
+        f"colour is read as stored, transparency ignored (hidden values too); save such images without "
+        f"transparency if that is right"]
+    assert loaded.images[0].max() > 0
     clear[0, 0] = 255
     Image.fromarray(np.dstack([colour, clear]), 'RGBA').save(tmp_path / 'cut_out.png')
     with warnings.catch_warnings():
