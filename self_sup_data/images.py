@@ -249,14 +249,14 @@ def _riff_chunk_ids(path):
         header = file.read(12)  # 'RIFF', the size of what follows, 'WEBP'
         end = min(8 + int.from_bytes(header[4:8], 'little'), os.fstat(file.fileno()).st_size)
 
-        def scan(position, stop):
+        def scan(position, stop, top_level=True):
             while position + 8 <= stop:
                 file.seek(position)
                 chunk = file.read(8)
                 size = int.from_bytes(chunk[4:], 'little')
                 ids.append(chunk[:4])
-                if chunk[:4] == b'ANMF':
-                    scan(position + 8 + ANIMATION_FRAME_HEADER, min(position + 8 + size, stop))
+                if chunk[:4] == b'ANMF' and top_level:  # frames hold no frames
+                    scan(position + 8 + ANIMATION_FRAME_HEADER, min(position + 8 + size, stop), False)
                 position += 8 + size + size % 2  # chunks are padded to an even size
         scan(12, end)
     return ids
@@ -273,7 +273,7 @@ def decode_values(path):
     return _decoded(path)[0]
 
 
-TRANSPARENT_NOTE = ('they show nothing; the colour is read as stored, transparency ignored (hidden values too); '
+TRANSPARENT_NOTE = ('nothing shows; the colour is read as stored, transparency ignored (hidden values too); '
                     'save such images without transparency if that is right')
 
 

@@ -229,7 +229,7 @@ def all_grey(image_paths):
     for path in image_paths:
         with opened_image(path) as image:
             grey_mode = image.mode in GREY_MODES
-        if not grey_mode and read_image(path).shape[2] != 1:
+        if not grey_mode and read_image(path, transparent=[]).shape[2] != 1:  # (noted where they are loaded)
             return False
     return True
 
@@ -539,22 +539,27 @@ SOURCE_SIDE_FACTOR = 1.2  # ... and whose longer sides lie within this factor ha
 # what a test set's image sizes or compressions alone would tell defect images from normal ones by, an AUROC,
 # from which on it is warned of: images of two sources
 SOURCE_TELLING_AUROC = 0.75
+SOURCE_SUPPORT = 0.01  # the share of the other images (at least one) that must be alike an image's size to match it
 
 
-def _alike_any(sizes, others, chunk=1024):
-    """Bool per (width, height) of ``sizes``: whether some of ``others`` is alike it, its aspect ratio
-    within SOURCE_ASPECT_FACTOR and its longer side within SOURCE_SIDE_FACTOR."""
+def _supported(sizes, others):
+    """Bool per (width, height) of ``sizes``: whether at least SOURCE_SUPPORT of ``others`` (at
+    least one) are alike it, their aspect ratios within SOURCE_ASPECT_FACTOR and their longer sides
+    within SOURCE_SIDE_FACTOR of its (so that a stray image of the other side does not match a
+    whole source)."""
     sizes = np.asarray(sizes, float).reshape(-1, 2)
-    others = np.unique(np.asarray(others, float).reshape(-1, 2), axis=0)
-    other_aspects, other_sides = others[:, 0] / others[:, 1], others.max(axis=1)
-    alike = np.zeros(len(sizes), bool)
-    for start in range(0, len(sizes), chunk):  # a chunk of sizes against all others at once
-        part = sizes[start:start + chunk]
-        aspect = (part[:, 0] / part[:, 1])[:, None] / other_aspects[None]
-        side = part.max(axis=1)[:, None] / other_sides[None]
-        alike[start:start + chunk] = ((np.abs(np.log(aspect)) <= math.log(SOURCE_ASPECT_FACTOR))
-                                      & (np.abs(np.log(side)) <= math.log(SOURCE_SIDE_FACTOR))).any(axis=1)
-    return alike
+    others, counts = np.unique(np.asarray(others, float).reshape(-1, 2), axis=0, return_counts=True)
+    needed = max(1.0, SOURCE_SUPPORT * counts.sum())
+    queries, back = np.unique(sizes, axis=0, return_inverse=True)
+    aspects, sides = np.log(queries[:, 0] / queries[:, 1]), np.log(queries.max(axis=1))
+    other_aspects, other_sides = np.log(others[:, 0] / others[:, 1]), np.log(others.max(axis=1))
+    support = np.zeros(len(queries))
+    chunk = max(1, 2 ** 22 // max(1, len(others)))  # a chunk of sizes against all others at once
+    for start in range(0, len(queries), chunk):
+        alike = ((np.abs(aspects[start:start + chunk, None] - other_aspects[None]) <= math.log(SOURCE_ASPECT_FACTOR))
+                 & (np.abs(sides[start:start + chunk, None] - other_sides[None]) <= math.log(SOURCE_SIDE_FACTOR)))
+        support[start:start + chunk] = alike @ counts
+    return (support >= needed)[back.reshape(-1)]
 
 
 def separating_auroc(values, is_defect):
@@ -582,33 +587,44 @@ def _listed(values):
     return ', '.join(f'{count} {value}' for value, count in commonest)
 
 
+def _span(sizes):
+    """'WxH to WxH' of the sizes of ``sizes`` with the shortest and the longest longer side."""
+    smallest, largest = (f'{size[0]}x{size[1]}' for size in (min(sizes, key=max), max(sizes, key=max)))
+    return smallest if smallest == largest else f'{smallest} to {largest}'
+
+
 def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_sizes=()):
     """Warn where the normal test images (``defect_types`` 'good') and the defect images look like
-    two sources, which a model can tell apart whatever their defects, so that the figures may be too
-    high: at least half of the defect images of a size alike no normal image's (``_alike_any``;
+    two sources, which a model can tell apart whatever their defects, so that the figures may be
+    wrong: at least half of the defect images of a size like too few normal images' (``_supported``;
     ``sizes``: (width, height) each, as read; ``train_sizes``: those of the normal training images,
-    which count as normal images here; alone that tells them apart with an AUROC of 0.75 or
-    more), or compressions (``lossy_compression``: JPEG, lossy WebP, lossless) that alone tell them
-    apart with an AUROC of SOURCE_TELLING_AUROC or more (``separating_auroc``). Resized to one
-    square, they differ in sharpness, stretch or compression."""
+    which count as normal images here; alone that tells them apart with an AUROC of 0.75 or more),
+    at least half of the normal test images of a size like too few defect or training images'
+    (where ``train_sizes`` are given: normal test images of another source than the model's), or
+    compressions (``lossy_compression``: JPEG, lossy WebP, lossless) that alone tell them apart
+    with an AUROC of SOURCE_TELLING_AUROC or more (``separating_auroc``). Resized to one square,
+    they differ in sharpness, stretch or compression."""
     is_defect = [kind != 'good' for kind in defect_types]
     if all(is_defect) or not any(is_defect):
         return
     advice = ("images of two sources, resized to one square, differ in sharpness, stretch or compression, which a "
-              "model can score instead of their defects, so the figures may be too high; test on normal and defect "
+              "model can score instead of their defects, so the figures may be wrong; test on normal and defect "
               "images of one source, {} and preparation")
-    normal_sizes = [tuple(size) for size, defect in zip(sizes, is_defect) if not defect] + list(train_sizes)
-    defects = [(path, tuple(size)) for path, size, defect in zip(paths, sizes, is_defect) if defect]
-    unlike = [item for item, alike in zip(defects, _alike_any([size for _, size in defects], normal_sizes))
-              if not alike]
-    if len(unlike) >= 2 * (SOURCE_TELLING_AUROC - 0.5) * len(defects):  # a share f unlike: AUROC 0.5 + f / 2
-        path, (width, height) = unlike[0]
-        smallest, largest = (f'{size[0]}x{size[1]}' for size in (min(normal_sizes, key=max),
-                                                                   max(normal_sizes, key=max)))
-        span = smallest if smallest == largest else f'{smallest} to {largest}'
-        warnings.warn(f"{class_name}: {len(unlike)} of {len(defects)} defect test images have a size like no normal "
-                      f"image's (first: {path}, {width}x{height}; normal: {span}): "
-                      + advice.format('size'))
+    sizes, train_sizes = [tuple(size) for size in sizes], [tuple(size) for size in train_sizes]
+    normal = [(path, size) for path, size, defect in zip(paths, sizes, is_defect) if not defect]
+    defects = [(path, size) for path, size, defect in zip(paths, sizes, is_defect) if defect]
+    checks = [('defect test images', defects, [size for _, size in normal] + train_sizes, 'normal')]
+    if train_sizes:
+        checks.append(('normal test images', normal, [size for _, size in defects] + train_sizes,
+                       'defect or training'))
+    for subject, items, others, other_name in checks:
+        unlike = [item for item, alike in zip(items, _supported([size for _, size in items], others)) if not alike]
+        if len(unlike) >= 2 * (SOURCE_TELLING_AUROC - 0.5) * len(items):  # a share f unlike: AUROC 0.5 + f / 2
+            path, (width, height) = unlike[0]
+            warnings.warn(f"{class_name}: {len(unlike)} of {len(items)} {subject} have a size like few or no "
+                          f"{other_name} image's (first: {path}, {width}x{height}; {other_name}: {_span(others)}): "
+                          + advice.format('size'))
+            break
     compressions = [lossy_compression(path) or 'lossless' for path in paths]
     auroc = separating_auroc(compressions, is_defect)
     if auroc >= SOURCE_TELLING_AUROC:
@@ -726,9 +742,10 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
                 with warnings.catch_warnings():  # the training folder's notes are training's to give
                     warnings.simplefilter('ignore')
                     trained = train_files(root_path, class_name, layout)
+                    train_sizes = header_sizes(trained)
             except (OSError, ValueError):  # a test set without (readable) training images beside it
-                trained = []
-            warn_sources_tell_defects(class_name, paths, defect_types, sizes, header_sizes(trained))
+                trained, train_sizes = [], []
+            warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_sizes)
             warn_repeated_images(class_name, paths, defect_types, trained)
             warn_inverted_masks(class_name, paths, defect_types, masks, low_res)
             if category_kind(class_name, kind) == 'object':

@@ -1,6 +1,7 @@
 import re
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -316,8 +317,8 @@ def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned
     resize('crack/000', (48, 40))
     no_warning()  # one of four defect images of another size: under half
     resize('crack/001', (48, 48))
-    warned(r"cat: 2 of 4 defect test images have a size like no normal image's \(first: .*crack/000.png, 48x40; "
-           r"normal: 64x64\): images of two sources")
+    warned(r"cat: 2 of 4 defect test images have a size like few or no normal image's \(first: .*crack/000.png, "
+           r"48x40; normal: 64x64\): images of two sources")
     resize('000', (48, 48), tmp_path / 'cat' / 'train' / 'good')
     no_warning()  # a training image of that size: it counts as a normal image
     for name in ('crack/000', 'crack/001'):
@@ -342,6 +343,35 @@ def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned
         image.save(test / f'{name}.webp', quality=90)
         (test / f'{name}.png').unlink()
     warned(r"AUROC of 0.75 \(normal: 3 lossless; defect: 2 lossless, 2 lossy WebP\)")
+
+
+def test_sizes_of_two_sources_are_told_from_one_source_of_varied_sizes():
+    from self_sup_data.mvtec import warn_sources_tell_defects
+
+    def messages(normal, defects, train):
+        paths = [f'{index}.png' for index in range(len(normal) + len(defects))]
+        with warnings.catch_warnings(record=True) as caught, mock.patch.object(mvtec, 'lossy_compression',
+                                                                               lambda path: None):
+            warnings.simplefilter('always')
+            warn_sources_tell_defects('x', paths, ['good'] * len(normal) + ['crack'] * len(defects),
+                                      normal + defects, train)
+        return [str(warning.message) for warning in caught]
+    square, small, wide = (64, 64), (48, 48), (80, 50)
+    # defects of another size: one stray training image of their size does not match them all
+    assert messages([square] * 20, [small] * 60, [square] * 200 + [small])[0].startswith(
+        "x: 60 of 60 defect test images have a size like few or no normal image's (first: 20.png, 48x48; "
+        "normal: 48x48 to 64x64)")
+    assert messages([square] * 20, [small] * 60, [square] * 200 + [small] * 3) == []  # 1% of them: a source
+    # normal test images of another source than the training and defect images
+    half_wide = [wide] * 10 + [square] * 10
+    assert messages(half_wide, [square] * 30, [square] * 100)[0].startswith(
+        "x: 10 of 20 normal test images have a size like few or no defect or training image's (first: 0.png, 80x50")
+    assert messages(half_wide, [square] * 30, []) == []  # without training images: only the defects are judged
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # one source of varied sizes: no warning
+        side, aspect = np.exp(rng.uniform(np.log(500), np.log(2000), 140)), np.exp(rng.uniform(-0.3, 0.3, 140))
+        sizes = [(int(s * min(a, 1)), int(s / max(a, 1))) for s, a in zip(side, aspect)]
+        assert messages(sizes[:10], sizes[10:40], sizes[40:]) == []
 
 
 def test_separating_auroc_is_that_of_the_best_score_knowing_only_the_value():

@@ -1324,7 +1324,7 @@ def test_image_transparent_everywhere_is_read_as_stored_with_a_warning(tmp_path)
     Image.fromarray(keyed).save(tmp_path / 'keyed.png', transparency=7)  # every pixel the transparent key
     for name, expected in (('clear.png', colour), ('clear_grey.png', colour[..., :1]), ('clear16.png', colour),
                            ('keyed.png', keyed[..., None])):
-        with pytest.warns(UserWarning, match=f'{name} is transparent everywhere: they show nothing; the colour is '
+        with pytest.warns(UserWarning, match=f'{name} is transparent everywhere: nothing shows; the colour is '
                                              f'read as stored'):
             np.testing.assert_array_equal(read_image(tmp_path / name), expected)
     from self_sup_data.mvtec import SET_BIT_DEPTH, load_images
@@ -1333,7 +1333,7 @@ def test_image_transparent_everywhere_is_read_as_stored_with_a_warning(tmp_path)
         warnings.simplefilter('always')
         loaded = load_images([tmp_path / name for name in names], 8, bit_depth=SET_BIT_DEPTH)
     assert [str(warning.message) for warning in caught] == [
-        f"4 of 4 images are transparent everywhere (first: {tmp_path / 'clear.png'}): they show nothing; the "
+        f"4 of 4 images are transparent everywhere (first: {tmp_path / 'clear.png'}): nothing shows; the "
         f"colour is read as stored, transparency ignored (hidden values too); save such images without "
         f"transparency if that is right"]
     assert loaded.images[0].max() > 0
