@@ -539,27 +539,34 @@ SOURCE_SIDE_FACTOR = 1.2  # ... and whose longer sides lie within this factor ha
 # what a test set's image sizes or compressions alone would tell defect images from normal ones by, an AUROC,
 # from which on it is warned of: images of two sources
 SOURCE_TELLING_AUROC = 0.75
-SOURCE_SUPPORT = 0.01  # the share of the other images (at least one) that must be alike an image's size to match it
+SOURCE_SUPPORT = 0.01  # the share of a group of images (at least one) that must be alike an image's size to match it
+ULP = 1e-9  # factors on the boundary (1200 against 1000 pixels) count as within, also after a logarithm's rounding
 
 
-def _supported(sizes, others):
-    """Bool per (width, height) of ``sizes``: whether at least SOURCE_SUPPORT of ``others`` (at
-    least one) are alike it, their aspect ratios within SOURCE_ASPECT_FACTOR and their longer sides
-    within SOURCE_SIDE_FACTOR of its (so that a stray image of the other side does not match a
-    whole source)."""
+def _supported(sizes, groups):
+    """Bool per (width, height) of ``sizes``: whether in some of ``groups`` (lists of sizes) at least
+    SOURCE_SUPPORT of the images (at least one) are alike it, their aspect ratios within
+    SOURCE_ASPECT_FACTOR and their longer sides within SOURCE_SIDE_FACTOR of its (so that a stray
+    image of the other side does not match a whole source, and a small group can)."""
     sizes = np.asarray(sizes, float).reshape(-1, 2)
-    others, counts = np.unique(np.asarray(others, float).reshape(-1, 2), axis=0, return_counts=True)
-    needed = max(1.0, SOURCE_SUPPORT * counts.sum())
     queries, back = np.unique(sizes, axis=0, return_inverse=True)
     aspects, sides = np.log(queries[:, 0] / queries[:, 1]), np.log(queries.max(axis=1))
-    other_aspects, other_sides = np.log(others[:, 0] / others[:, 1]), np.log(others.max(axis=1))
-    support = np.zeros(len(queries))
-    chunk = max(1, 2 ** 22 // max(1, len(others)))  # a chunk of sizes against all others at once
-    for start in range(0, len(queries), chunk):
-        alike = ((np.abs(aspects[start:start + chunk, None] - other_aspects[None]) <= math.log(SOURCE_ASPECT_FACTOR))
-                 & (np.abs(sides[start:start + chunk, None] - other_sides[None]) <= math.log(SOURCE_SIDE_FACTOR)))
-        support[start:start + chunk] = alike @ counts
-    return (support >= needed)[back.reshape(-1)]
+    matched = np.zeros(len(queries), bool)
+    for group in groups:
+        if not len(group):
+            continue
+        others, counts = np.unique(np.asarray(group, float).reshape(-1, 2), axis=0, return_counts=True)
+        other_aspects, other_sides = np.log(others[:, 0] / others[:, 1]), np.log(others.max(axis=1))
+        support = np.zeros(len(queries))
+        chunk = max(1, 2 ** 22 // len(others))  # a chunk of sizes against all of the group at once
+        for start in range(0, len(queries), chunk):
+            alike = ((np.abs(aspects[start:start + chunk, None] - other_aspects[None])
+                      <= math.log(SOURCE_ASPECT_FACTOR) + ULP)
+                     & (np.abs(sides[start:start + chunk, None] - other_sides[None])
+                        <= math.log(SOURCE_SIDE_FACTOR) + ULP))
+            support[start:start + chunk] = alike.astype(float) @ counts
+        matched |= support >= max(1.0, SOURCE_SUPPORT * counts.sum())
+    return matched[back.reshape(-1)]
 
 
 def separating_auroc(values, is_defect):
@@ -587,18 +594,21 @@ def _listed(values):
     return ', '.join(f'{count} {value}' for value, count in commonest)
 
 
-def _span(sizes):
-    """'WxH to WxH' of the sizes of ``sizes`` with the shortest and the longest longer side."""
-    smallest, largest = (f'{size[0]}x{size[1]}' for size in (min(sizes, key=max), max(sizes, key=max)))
-    return smallest if smallest == largest else f'{smallest} to {largest}'
+def _commonest(sizes, most=3):
+    """'WxH (N), ...' of the ``most`` commonest sizes of ``sizes``."""
+    counts = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    commonest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:most]
+    return ', '.join(f'{width}x{height} ({count})' for (width, height), count in commonest)
 
 
 def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_sizes=()):
     """Warn where the normal test images (``defect_types`` 'good') and the defect images look like
     two sources, which a model can tell apart whatever their defects, so that the figures may be
-    wrong: at least half of the defect images of a size like too few normal images' (``_supported``;
-    ``sizes``: (width, height) each, as read; ``train_sizes``: those of the normal training images,
-    which count as normal images here; alone that tells them apart with an AUROC of 0.75 or more),
+    wrong: at least half of the defect images of a size like too few normal test or training images'
+    (``_supported``; ``sizes``: (width, height) each, as read; ``train_sizes``: those of the normal
+    training images; alone that tells them apart with an AUROC of 0.75 or more),
     at least half of the normal test images of a size like too few defect or training images'
     (where ``train_sizes`` are given: normal test images of another source than the model's), or
     compressions (``lossy_compression``: JPEG, lossy WebP, lossless) that alone tell them apart
@@ -613,16 +623,17 @@ def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_size
     sizes, train_sizes = [tuple(size) for size in sizes], [tuple(size) for size in train_sizes]
     normal = [(path, size) for path, size, defect in zip(paths, sizes, is_defect) if not defect]
     defects = [(path, size) for path, size, defect in zip(paths, sizes, is_defect) if defect]
-    checks = [('defect test images', defects, [size for _, size in normal] + train_sizes, 'normal')]
+    normal_sizes, defect_sizes = [size for _, size in normal], [size for _, size in defects]
+    checks = [('defect test images', defects, (normal_sizes, train_sizes), 'normal')]
     if train_sizes:
-        checks.append(('normal test images', normal, [size for _, size in defects] + train_sizes,
-                       'defect or training'))
-    for subject, items, others, other_name in checks:
-        unlike = [item for item, alike in zip(items, _supported([size for _, size in items], others)) if not alike]
+        checks.append(('normal test images', normal, (defect_sizes, train_sizes), 'defect or training'))
+    for subject, items, groups, other_name in checks:
+        unlike = [item for item, alike in zip(items, _supported([size for _, size in items], groups)) if not alike]
         if len(unlike) >= 2 * (SOURCE_TELLING_AUROC - 0.5) * len(items):  # a share f unlike: AUROC 0.5 + f / 2
             path, (width, height) = unlike[0]
             warnings.warn(f"{class_name}: {len(unlike)} of {len(items)} {subject} have a size like few or no "
-                          f"{other_name} image's (first: {path}, {width}x{height}; {other_name}: {_span(others)}): "
+                          f"{other_name} images' (first: {path}, {width}x{height}; the commonest {other_name} "
+                          f"sizes: {_commonest([size for group in groups for size in group])}): "
                           + advice.format('size'))
             break
     compressions = [lossy_compression(path) or 'lossless' for path in paths]

@@ -208,7 +208,7 @@ def test_test_items_without_boxes_are_image_level(xrays):
     for name in names[2:]:  # the anomalous X-rays of another source (size)
         Image.open(data_dir / name).resize((40, 48)).save(data_dir / name)
     with pytest.warns(UserWarning, match=r"chest_xray: 5 of 5 defect test images have a size like few or no normal "
-                                         r"image's \(first: .*, 40x48"):
+                                         r"images' \(first: .*, 40x48"):
         SelfSupChestXRay(data_dir, names[:2], names[2:], is_train=False, res=64)
 
 

@@ -290,8 +290,8 @@ def test_defect_images_whose_masks_mark_nothing_are_counted_in_a_warning(tmp_pat
 
 
 def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned_of(tmp_path):
-    """Normal and defect images of two sources (at least half of the defect images of sizes unlike
-    any normal image's, test or training; compressions that tell them apart with an AUROC of 0.75):
+    """Normal and defect images of two sources (at least half of the defect images of sizes like few
+    or no normal images', test or training; compressions that tell them apart with an AUROC of 0.75):
     a model can tell them apart by their sharpness or compression once resized, whatever their
     defects. Compression is told by what a file holds, not its suffix."""
     make_mvtec_category(tmp_path, 'cat', defects={'crack': 2, 'hole': 2})
@@ -317,10 +317,10 @@ def test_normal_and_defect_test_images_of_unlike_sizes_or_compression_are_warned
     resize('crack/000', (48, 40))
     no_warning()  # one of four defect images of another size: under half
     resize('crack/001', (48, 48))
-    warned(r"cat: 2 of 4 defect test images have a size like few or no normal image's \(first: .*crack/000.png, "
-           r"48x40; normal: 64x64\): images of two sources")
+    warned(r"cat: 2 of 4 defect test images have a size like few or no normal images' \(first: .*crack/000.png, "
+           r"48x40; the commonest normal sizes: 64x64 \(9\)\): images of two sources")
     resize('000', (48, 48), tmp_path / 'cat' / 'train' / 'good')
-    no_warning()  # a training image of that size: it counts as a normal image
+    no_warning()  # a training image of that size, one of six (over 1% of them): it counts as a normal image
     for name in ('crack/000', 'crack/001'):
         resize(name, (64, 64))
     for path in sorted((test / 'good').iterdir()):  # normal images stored as BMP: lossless as the PNGs
@@ -359,13 +359,17 @@ def test_sizes_of_two_sources_are_told_from_one_source_of_varied_sizes():
     square, small, wide = (64, 64), (48, 48), (80, 50)
     # defects of another size: one stray training image of their size does not match them all
     assert messages([square] * 20, [small] * 60, [square] * 200 + [small])[0].startswith(
-        "x: 60 of 60 defect test images have a size like few or no normal image's (first: 20.png, 48x48; "
-        "normal: 48x48 to 64x64)")
+        "x: 60 of 60 defect test images have a size like few or no normal images' (first: 20.png, 48x48; "
+        "the commonest normal sizes: 64x64 (220), 48x48 (1))")
     assert messages([square] * 20, [small] * 60, [square] * 200 + [small] * 3) == []  # 1% of them: a source
+    # each group judged on its own: a few normal test images of the defects' size, many training images of another
+    assert messages([(512, 512)] * 10, [(512, 512)] * 100, [(1024, 1024)] * 1200) == []
+    assert messages([(512, 512)] * 100, [(512, 512)] * 5, [(1024, 1024)] * 1000) == []
+    assert messages([(1000, 1000)] * 10, [(1200, 1200), (1100, 1000)] * 10, []) == []  # factors 1.2 and 1.1 within
     # normal test images of another source than the training and defect images
     half_wide = [wide] * 10 + [square] * 10
     assert messages(half_wide, [square] * 30, [square] * 100)[0].startswith(
-        "x: 10 of 20 normal test images have a size like few or no defect or training image's (first: 0.png, 80x50")
+        "x: 10 of 20 normal test images have a size like few or no defect or training images' (first: 0.png, 80x50")
     assert messages(half_wide, [square] * 30, []) == []  # without training images: only the defects are judged
     rng = np.random.default_rng(0)
     for _ in range(20):  # one source of varied sizes: no warning
