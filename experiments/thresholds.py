@@ -187,13 +187,13 @@ def main(argv=None):
         if args.out is not None and Path(args.out).suffix.lower() == '.onnx':
             raise ValueError(f'-o {args.out}: the calibrated model is a checkpoint; write it as .pt, '
                              f'then export it (python -m experiments.export)')
-        detector = Detector.load(args.model, args.device, args.batch_size)
+        detector, meta = Detector.load(args.model, args.device, args.batch_size), read_meta(args.model)
         if args.input:
             files, source = image_files(args.input), 'given normal images'
         else:
-            files, source = normal_image_files(read_meta(args.model), args.data_dir)
+            files, source = normal_image_files(meta, args.data_dir)
         if source != TRAINING_IMAGES:  # (all the training images: the docstring says what that does)
-            warn_trained_on(read_meta(args.model), files, source)
+            warn_trained_on(meta, files, source)
         thresholds = calibrate(detector, [detector.read(path) for path in files], args.fpr,
                                args.flip_average)
         thresholds['source'] = source

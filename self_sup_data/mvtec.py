@@ -27,6 +27,7 @@ with ``persistent_workers=True`` the workers would not see it).
 With ``views`` (e.g. ``CutPaste3Way``, CutPaste's classification task) a training item is
 instead several views of the transformed image with their class labels.
 """
+import collections
 import math
 import numbers
 import os
@@ -585,22 +586,19 @@ def separating_auroc(values, is_defect):
     return above / (normals * defects)
 
 
+def _commonest_first(values):
+    """[(value, count)] of the distinct ``values``, the commonest first (ties in the order of the values)."""
+    return sorted(collections.Counter(values).items(), key=lambda item: (-item[1], item[0]))
+
+
 def _listed(values):
     """'N value, M other value' of ``values``, the commonest first."""
-    counts = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    commonest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return ', '.join(f'{count} {value}' for value, count in commonest)
+    return ', '.join(f'{count} {value}' for value, count in _commonest_first(values))
 
 
 def _commonest(sizes, most=3):
     """'WxH (N), ...' of the ``most`` commonest sizes of ``sizes``."""
-    counts = {}
-    for size in sizes:
-        counts[size] = counts.get(size, 0) + 1
-    commonest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:most]
-    return ', '.join(f'{width}x{height} ({count})' for (width, height), count in commonest)
+    return ', '.join(f'{width}x{height} ({count})' for (width, height), count in _commonest_first(sizes)[:most])
 
 
 def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_sizes=()):
@@ -639,10 +637,10 @@ def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_size
     compressions = [lossy_compression(path) or 'lossless' for path in paths]
     auroc = separating_auroc(compressions, is_defect)
     if auroc >= SOURCE_TELLING_AUROC:
-        normal = [value for value, defect in zip(compressions, is_defect) if not defect]
-        defect = [value for value, defect in zip(compressions, is_defect) if defect]
+        of_normal = [value for value, defect in zip(compressions, is_defect) if not defect]
+        of_defects = [value for value, defect in zip(compressions, is_defect) if defect]
         warnings.warn(f"{class_name}: the compression of the test images alone tells defect images from normal ones "
-                      f"with an AUROC of {auroc:.2f} (normal: {_listed(normal)}; defect: {_listed(defect)}): "
+                      f"with an AUROC of {auroc:.2f} (normal: {_listed(of_normal)}; defect: {_listed(of_defects)}): "
                       + advice.format('compression'))
 
 
