@@ -16,7 +16,7 @@ from pathlib import Path
 from experiments import settings
 from experiments.arguments import (add_image_reading_arguments, check_image_reading, image_reading,
                                   one_line_warnings, path_argument)
-from experiments.cli import (add_training_arguments, check_training_options, exit_on_input_error,
+from experiments.cli import (add_training_arguments, check_swa_epochs, check_training_options, exit_on_input_error,
                              exit_on_interrupt, model_from_args, prepare_output_dir, print_slow_bf16_note,
                              print_warnings, refuse_twin_run, reports_from_first_process_only, train_config,
                              train_unless_finished, warn_low_contrast, warn_unused_reading)
@@ -65,6 +65,7 @@ def plan(args):
     notes = settings.ignored_task_options(args, setting, overrides)
     params = settings.chest_xray_params(overrides)
     check_training_options(args, setting.loss)
+    check_swa_epochs(args, settings.training_epochs(params, args.ellipse), CATEGORY)
     if not 64 <= args.res <= MAX_RES:
         raise ValueError(f"--res must be from 64 to {MAX_RES} (the side of NIH's images), got {args.res}")
     if not Path(args.data_dir).is_dir():

@@ -32,12 +32,13 @@ from pathlib import Path
 from experiments import recipes, settings, tables
 from experiments.arguments import (add_image_reading_arguments, check_image_reading, image_reading,
                                   one_line_warnings, path_argument)
-from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_training_options,
-                             exit_on_input_error, exit_on_interrupt, figure_files, found_run, layout_from_args,
-                             model_from_args, other_run_message, prepare_output_dir, print_slow_bf16_note,
-                             print_warnings, refuse_existing_run, refuse_twin_run, remove_report_temporaries,
-                             report_problems, reports_from_first_process_only, standardizes_input, train_config,
-                             train_unless_finished, warn_low_contrast, warn_unused_reading, write_evaluation)
+from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_swa_epochs,
+                             check_training_options, exit_on_input_error, exit_on_interrupt, figure_files, found_run,
+                             layout_from_args, model_from_args, other_run_message, prepare_output_dir,
+                             print_slow_bf16_note, print_warnings, refuse_existing_run, refuse_twin_run,
+                             remove_report_temporaries, report_problems, reports_from_first_process_only,
+                             standardizes_input, train_config, train_unless_finished, warn_low_contrast,
+                             warn_unused_reading, write_evaluation)
 from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
 from experiments.mvtec_tasks import evaluate_checkpoints, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
@@ -181,6 +182,7 @@ def plan(args):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
                              f"a file name of its models (no folder separator, not . or ..)")
         notes += settings.ignored_category_options(categories[0], args.kind, overrides)  # checks them
+        check_default_swa_epochs(args, categories, overrides)
         check_evaluable(args, None, categories)
         print_warnings(PROG, notes)
         return setting, None, categories, prepare_output_dir(args.out_dir)
@@ -191,6 +193,7 @@ def plan(args):
         categories = select_categories(args, data_dir)
         for category in categories:
             notes += settings.ignored_category_options(category, args.kind, overrides)
+        check_default_swa_epochs(args, categories, overrides)
         check_evaluable(args, data_dir, categories)
         print_warnings(PROG, notes)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
@@ -201,6 +204,7 @@ def plan(args):
             raise ValueError(f"{option} chooses categories of a data folder, and there is none: pass "
                              f"-d DATA_DIR (without it, the built-in demo category {DEMO_CATEGORY} trains)")
     print_warnings(PROG, notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
+    check_default_swa_epochs(args, [DEMO_CATEGORY], overrides, DEMO_EPOCHS)
     if args.evaluate is not False:
         check_output_dir(Path(args.out_dir) / 'eval')
     out_dir = prepare_output_dir(args.out_dir)
@@ -214,6 +218,14 @@ def plan(args):
     if args.evaluate is None:
         args.evaluate = True
     return setting, category_dir.parent, [category_dir.name], out_dir
+
+
+def check_default_swa_epochs(args, categories, overrides, default_epochs=None):
+    """``check_swa_epochs`` for each of ``categories``, against ``default_epochs`` or its parameters'
+    (``settings.training_epochs``)."""
+    for category in categories:
+        check_swa_epochs(args, default_epochs or settings.training_epochs(
+            settings.category_params(category, args.kind, overrides), args.ellipse), category)
 
 
 def check_evaluable(args, data_dir, categories):

@@ -138,8 +138,8 @@ def train_config(args, epochs, seed, loss):
 
 def check_training_options(args, loss, default_batch_size=TrainConfig.batch_size):
     """Validate the loop's options of parsed ``add_training_arguments`` before any run is prepared
-    (ValueError). Without --epochs, each run checks --swa-epochs against its own default epochs
-    when it is prepared: here any epochs count that --swa-epochs leaves valid stands in. The batch
+    (ValueError). Without --epochs, ``check_swa_epochs`` checks --swa-epochs against each category's
+    default epochs: here any epochs count that --swa-epochs leaves valid stands in. The batch
     size (``default_batch_size`` without --batch-size) must divide by the processes of a torchrun
     launch. The messages name the flag: '--batch-size must be a positive integer, got 0'."""
     for name in ('epochs', 'batch_size', 'checkpoint_every', 'figure_every'):
@@ -172,6 +172,15 @@ def check_training_options(args, loss, default_batch_size=TrainConfig.batch_size
                          "combine with --preact")
     resolve_device(args.device)
     train_config(args, epochs=max(1, args.swa_epochs + 1), seed=0, loss=loss)
+
+
+def check_swa_epochs(args, default_epochs, category):
+    """Without --epochs (``check_training_options`` checks --swa-epochs against it): ValueError naming
+    --swa-epochs where it is not less than ``default_epochs``, the epochs that ``category`` trains for
+    without --epochs; called before anything is loaded or written."""
+    if args.epochs is None and args.swa_epochs >= default_epochs:
+        raise ValueError(f"--swa-epochs must be less than the {default_epochs} epochs that category {category!r} "
+                         f"trains for without --epochs, got {args.swa_epochs}; pass --epochs")
 
 
 def print_warnings(prog, notes):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from experiments import training
+from experiments import settings, training
 from self_sup_data import chest_xray
 from self_sup_data.chest_xray import (SelfSupChestXRay, build_file_lists, chest_recipe, read_file_list,
                                       read_table, write_file_lists)
@@ -108,6 +108,19 @@ def test_test_items_with_box_masks(xrays):
     expected[125:128, :] = 1
     np.testing.assert_array_equal(ds[5][2][0].numpy(), expected)
     assert not ds[0][2].any() and not ds[6][2].any()
+
+
+def test_weight_averaging_longer_than_the_default_epochs_is_refused_before_anything_is_written(tmp_path):
+    import train_chest_xray
+    Image.fromarray(np.full((64, 64), 100, np.uint8)).save(tmp_path / 'a.png')
+    (tmp_path / 'normal.txt').write_text('a.png\n')
+    argv = ['-s', 'Shift', '-d', str(tmp_path), '-l', str(tmp_path / 'normal.txt'), '-o', str(tmp_path / 'out')]
+    epochs = settings.training_epochs(settings.chest_xray_params())
+    with pytest.raises(ValueError, match=rf"^--swa-epochs must be less than the {epochs} epochs that category "
+                                         rf"'chest_xray' trains for without --epochs, got {epochs}; pass --epochs$"):
+        train_chest_xray.plan(train_chest_xray.parse_args(argv + ['--swa-epochs', str(epochs)]))
+    assert not (tmp_path / 'out').exists()
+    train_chest_xray.plan(train_chest_xray.parse_args(argv + ['--swa-epochs', str(epochs), '--epochs', str(epochs + 1)]))
 
 
 def test_16_bit_x_rays_are_read_with_the_training_sets_bit_depth(tmp_path):

@@ -44,6 +44,8 @@ def run_error(main, argv, capsys):
     (['-s', 'Shift', '--res-scale', '0'], '--res-scale'),
     (['-s', 'Shift', '--epochs', '4', '--swa-epochs', '4'], '--swa-epochs must be less than --epochs (4), got 4'),
     (['-s', 'Shift', '--swa-epochs', '-3'], '--swa-epochs must be 0 or more, got -3'),
+    (['-s', 'Shift', '--swa-epochs', '100000'], "--swa-epochs must be less than the 320 epochs that category 'tiny' "
+                                                "trains for without --epochs, got 100000; pass --epochs"),
     (['-s', 'Shift', '--checkpoint-minutes', '-5'], '--checkpoint-minutes must be 0 or more, got -5.0'),
     (['-s', 'Shift', '--checkpoint-minutes', 'nan'], '--checkpoint-minutes must be 0 or more, got nan'),
 ])
@@ -162,6 +164,15 @@ def test_a_run_whose_blends_are_too_small_for_its_crops_is_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
         train_mvtec.prepare_run(args, setting, data, 'tiles')
+
+
+def test_demo_weight_averaging_longer_than_its_budget_is_refused_before_the_demo_is_written(tmp_path, capsys):
+    out = tmp_path / 'out'
+    message = run_error(train_mvtec.main, ['-s', 'Shift', '--swa-epochs', str(train_mvtec.DEMO_EPOCHS),
+                                           '-o', str(out)], capsys)
+    assert (f"--swa-epochs must be less than the {train_mvtec.DEMO_EPOCHS} epochs that category 'demo_texture' "
+            f"trains for") in message
+    assert not out.exists()
 
 
 @pytest.mark.slow
