@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -39,11 +40,12 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              remove_report_temporaries, report_problems, reports_from_first_process_only,
                              standardizes_input, train_config, train_unless_finished, warn_low_contrast,
                              warn_unused_reading, write_evaluation)
-from experiments.checkpoints import SEARCH_DIR, read_meta, sort_records, weights_sha256
-from experiments.mvtec_tasks import evaluate_checkpoints, write_report
+from experiments.checkpoints import (SEARCH_DIR, check_one_model_per_seed, read_meta, select_checkpoints,
+                                     sort_records, weights_sha256)
+from experiments.mvtec_tasks import evaluate_checkpoints, find_evaluable, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
-from experiments.training import (TrainConfig, dict_differences, is_distributed, is_first_process, run_differences,
-                                  run_meta)
+from experiments.training import (TrainConfig, dict_differences, final_model_path, is_distributed, is_first_process,
+                                  run_differences, run_meta)
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.images import image_shape_summary
@@ -183,7 +185,7 @@ def plan(args):
                              f"a file name of its models (no folder separator, not . or ..)")
         notes += settings.ignored_category_options(categories[0], args.kind, overrides)  # checks them
         check_default_swa_epochs(args, categories, overrides)
-        check_evaluable(args, None, categories)
+        check_evaluable(args, setting, None, categories)
         print_warnings(PROG, notes)
         return setting, None, categories, prepare_output_dir(args.out_dir)
     if args.data_dir is not None:
@@ -194,7 +196,7 @@ def plan(args):
         for category in categories:
             notes += settings.ignored_category_options(category, args.kind, overrides)
         check_default_swa_epochs(args, categories, overrides)
-        check_evaluable(args, data_dir, categories)
+        check_evaluable(args, setting, data_dir, categories)
         print_warnings(PROG, notes)
         return setting, data_dir, categories, prepare_output_dir(args.out_dir)
 
@@ -207,6 +209,7 @@ def plan(args):
     check_default_swa_epochs(args, [DEMO_CATEGORY], overrides, DEMO_EPOCHS)
     if args.evaluate is not False:
         check_output_dir(Path(args.out_dir) / 'eval')
+        check_one_model_each(args.out_dir, setting, [DEMO_CATEGORY])
     out_dir = prepare_output_dir(args.out_dir)
     category_dir = make_demo_dataset(out_dir / 'demo_data')
     args.epochs = args.epochs or DEMO_EPOCHS
@@ -228,18 +231,44 @@ def check_default_swa_epochs(args, categories, overrides, default_epochs=None):
             settings.category_params(category, args.kind, overrides), args.ellipse), category)
 
 
-def check_evaluable(args, data_dir, categories):
+def check_evaluable(args, setting, data_dir, categories):
     """With --evaluate: every category's test set can be evaluated (``check_test_set``: its
     folders, normal and defect images, a mask for each defect image unless --allow-missing-masks,
     every image and mask readable, 16-bit images within the training images' bit depth, MVTec LOCO
-    AD's masks in its defects_config.json), checked
-    before anything is trained; and that OUT_DIR/eval can be an output folder."""
+    AD's masks in its defects_config.json), OUT_DIR/eval can be an output folder, and OUT_DIR will
+    hold one model per seed of ``setting`` (``check_one_model_each``), checked before anything is
+    trained."""
     if args.evaluate:
         check_output_dir(Path(args.out_dir) / 'eval')
         layout = layout_from_args(args)
         for category in categories:
             bit_depth = image_reading(args) or training_bit_depth(data_dir, category, layout)
             check_test_set(data_dir, category, layout, args.allow_missing_masks, bit_depth)
+        check_one_model_each(args.out_dir, setting, categories)
+
+
+def check_one_model_each(out_dir, setting, categories):
+    """ValueError where the evaluation after training would find two models of one category, setting
+    and seed under ``out_dir`` (``check_one_model_per_seed``): two there already, or one of this
+    run's seed at another path than the final model that the run writes (a copy or a moved model)."""
+    if not Path(out_dir).is_dir():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # unreadable checkpoints: the evaluation warns of them
+        selected = select_checkpoints(find_evaluable(out_dir), [setting.seedless_key], categories)
+    present = {path.resolve() for path, _ in selected}
+    planned = [(path, dict(category=category, setting=setting.key, seed=setting.run_seed))
+               for category in categories
+               if (path := final_model_path(setting.run_dir(out_dir, category), setting.run_name(category))).resolve()
+               not in present]
+    try:
+        check_one_model_per_seed(selected + planned)
+    except ValueError as error:
+        written = any(str(path) in str(error) for path, _ in planned)
+        raise ValueError(f"--evaluate would find {error}".replace(
+            '; keep one model per seed (or evaluate them apart, with -m naming one folder)',
+            (' (the model this run writes)' if written else '') + '; keep one model per seed under OUT_DIR, '
+            'or train into another one')) from None
 
 
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',

@@ -10,7 +10,7 @@ from PIL import Image
 
 import train_chest_xray
 import train_mvtec
-from conftest import make_mvtec_category
+from conftest import make_mvtec_category, save_checkpoint
 from experiments import mvtec_tasks
 from experiments.settings import trained_model_path
 from experiments.training import cpu_has_bf16, last_checkpoint_path, load_model
@@ -55,6 +55,28 @@ def test_mvtec_input_errors_write_nothing(tiny_mvtec, tmp_path, capsys, argv, ex
     message = run_error(train_mvtec.main, argv + ['-d', str(root), '-o', str(out)], capsys)
     assert expected.format(root=root) in message and 'train_mvtec.py: error:' in message
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_second_model_of_the_seed_under_the_output_folder_is_refused_before_training(tiny_mvtec, tmp_path, capsys):
+    root, name = tiny_mvtec
+    out = tmp_path / 'out'
+    argv = ['-s', 'Shift-1', '-d', str(root), '-o', str(out), '--epochs', '1', '--evaluate']
+    model = save_checkpoint(out, 'Shift', name, 'texture', seed=0)
+    train_mvtec.plan(train_mvtec.parse_args(argv))  # another seed's model: fine
+    copy = out / 'backup' / 'final_1.pt'
+    save_checkpoint(out / 'backup', 'Shift-1', name, 'texture', seed=1).rename(copy)  # a copy of seed 1 elsewhere
+    final = trained_model_path(out, train_mvtec.settings.parse_setting('Shift-1'), name)
+    message = run_error(train_mvtec.main, argv, capsys)
+    assert (f"--evaluate would find two models of category '{name}', setting 'Shift', seed 1: {copy} and {final} "
+            f"(the model this run writes); keep one model per seed under OUT_DIR") in message
+    assert not final.exists()
+    train_mvtec.plan(train_mvtec.parse_args(argv[:-1]))  # without --evaluate nothing reads them together
+    copy.unlink()
+    seed_0 = save_checkpoint(out / 'backup', 'Shift', name, 'texture', seed=0)  # two models of seed 0 already
+    message = run_error(train_mvtec.main, argv, capsys)
+    assert f"--evaluate would find two models of category '{name}', setting 'Shift', seed 0: " in message
+    assert str(model) in message and str(seed_0) in message and 'this run writes' not in message
 
 
 def test_missing_data_dir_and_unwritable_output(tiny_mvtec, tmp_path, capsys):
