@@ -40,8 +40,8 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              remove_report_temporaries, report_problems, reports_from_first_process_only,
                              standardizes_input, train_config, train_unless_finished, warn_low_contrast,
                              warn_unused_reading, write_evaluation)
-from experiments.checkpoints import (SEARCH_DIR, check_one_model_per_seed, read_meta, select_checkpoints,
-                                     sort_records, weights_sha256)
+from experiments.checkpoints import (SEARCH_DIR, check_one_model_per_seed, model_checksums, read_meta,
+                                     select_checkpoints, sort_records)
 from experiments.mvtec_tasks import evaluate_checkpoints, find_evaluable, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import (TrainConfig, dict_differences, final_model_path, is_distributed, is_first_process,
@@ -306,7 +306,7 @@ def earlier_results(eval_dir, records, redone):
     categories into one output folder leave one table of them all. A note counts those left out. A
     results file that cannot be read gives a warning line and none."""
     try:
-        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone, weights_sha256)
+        kept, left_out = tables.earlier_results(Path(eval_dir) / 'results.csv', redone, model_checksums)
     except ValueError as error:
         print(f"{PROG}: warning: {error}; the tables hold this evaluation's results only", file=sys.stderr)
         return []
@@ -377,17 +377,17 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
 def warn_replaced_results(eval_dir, redone):
     """Where an evaluation wrote nothing (every result failed): a warning line when
     ``eval_dir/results.csv`` (kept as it was) holds results that it redoes (``redone``) of models
-    gone or written again since, which its tables still show."""
+    gone, written again or given other thresholds since, which its tables still show."""
     try:
         _, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: not redone(record),
-                                              weights_sha256)
+                                              model_checksums)
     except ValueError:
         return  # earlier_results warned of it
     replaced = [record for record in replaced if record.get('checkpoint')]
     if replaced:
-        print(f"{PROG}: warning: the tables in {eval_dir} still show {len(replaced)} results of models "
-              f"gone or trained again since they were evaluated, e.g. {replaced[0]['checkpoint']}: they are not the "
-              f"figures of the models now there", file=sys.stderr)
+        print(f"{PROG}: warning: the tables in {eval_dir} still show {len(replaced)} results of models gone, "
+              f"trained again or given other thresholds since they were evaluated, e.g. "
+              f"{replaced[0]['checkpoint']}: they are not the figures of the models now there", file=sys.stderr)
 
 
 def held_out_images(args, data_dir, category, recipe, searched=False):

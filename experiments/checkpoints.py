@@ -6,6 +6,8 @@ meta names at least its setting. Its results are named after the setting without
 ``Shift-Intensity-M+GDE`` (``result_setting``); a classifier setting (``CutPaste-3way``) has no
 map of its own and is scored by one-class models only (default: GDE, ``result_variants``).
 """
+import hashlib
+import json
 import pickle
 import re
 import struct
@@ -102,6 +104,32 @@ def weights_sha256(path):
         return read_meta(path).get('weights_sha256')
     except ValueError:
         return None
+
+
+def thresholds_sha256(thresholds):
+    """SHA-256 (hex) of a model's calibrated ``thresholds`` (its meta's, ``experiments.thresholds``) as
+    JSON with sorted keys; None for none: what the precision, recall and F1 of an evaluation at them
+    were computed with, recorded beside them."""
+    if not thresholds:
+        return None
+    return hashlib.sha256(json.dumps(thresholds, sort_keys=True).encode()).hexdigest()
+
+
+def weights_checksums(path):
+    """{'weights_sha256': ``weights_sha256(path)``}: what a result of the checkpoint at ``path`` that
+    does not use its thresholds was computed with (``tables.earlier_results``)."""
+    return dict(weights_sha256=weights_sha256(path))
+
+
+def model_checksums(path):
+    """``weights_checksums`` with the ``thresholds_sha256`` of the thresholds stored in the checkpoint
+    at ``path`` (None where it stores none or cannot be read): what an MVTec-layout result, with
+    precision, recall and F1 at those thresholds, was computed with."""
+    try:
+        thresholds = read_meta(path).get('thresholds')
+    except ValueError:
+        thresholds = None
+    return dict(weights_checksums(path), thresholds_sha256=thresholds_sha256(thresholds))
 
 
 def read_model(path, device):

@@ -43,7 +43,7 @@ from experiments.inference import warn_flip_average_mismatch
 from experiments.checkpoints import (CHECKPOINT_PATTERN, CLASSIFIER_ONE_CLASS, check_one_model_per_seed,
                                      failure_reason, find_checkpoints, read_model, result_setting,
                                      result_variants, select_checkpoints, setting_from_path, sort_records,
-                                     warn_replaced_models, warn_unlike_seeds)
+                                     thresholds_sha256, warn_replaced_models, warn_unlike_seeds)
 from experiments.cli import (add_evaluation_options, add_layout_arguments, evaluation_parser,
                              layout_from_args, run_evaluation)
 from experiments.plotting import figure_path, plot_test_examples
@@ -145,7 +145,8 @@ def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
                 setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.run_seed),
                 **values, checkpoint=None if path is None else str(Path(path).resolve()),
-                weights_sha256=meta.get('weights_sha256'))
+                weights_sha256=meta.get('weights_sha256'),
+                thresholds_sha256=thresholds_sha256(meta.get('thresholds')))
 
 
 def _undefined(one_class_name=None, error=None):

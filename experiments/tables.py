@@ -313,33 +313,34 @@ def read_results(path):
     return records
 
 
-def earlier_results(path, redone, weights_checksum=None):
+def earlier_results(path, redone, checksums=None):
     """(kept, left_out) of an earlier results file ``path`` (``read_results``; none where there is
     no file), of the records that ``redone(record)`` does not claim: those whose checkpoint is
     still there as it was when ``path`` was written, which an evaluation into the same folder keeps
-    beside its own, and those whose checkpoint is gone or was written again since (retrained, or
-    another model moved or copied there), or that had none (a requested pair without a model), which
-    it leaves out. As it was: the weights checksum that ``weights_checksum(checkpoint path)`` reads
-    equals the record's ``weights_sha256``; for records without one (or without ``weights_checksum``),
-    the file is not newer than ``path``."""
+    beside its own, and those whose checkpoint is gone or was written again since (retrained, given
+    other thresholds, or another model moved or copied there), or that had none (a requested pair
+    without a model), which it leaves out. As it was: each value of ``checksums(checkpoint path)``
+    (a dict such as ``{'weights_sha256': ..., 'thresholds_sha256': ...}``, ``checkpoints.model_checksums``)
+    equals the record's value of that name (None for a name the record lacks); for records without a
+    ``weights_sha256`` (or without ``checksums``), the file is not newer than ``path``."""
     if not Path(path).is_file():
         return [], []
     written = Path(path).stat().st_mtime
     kept, left_out = [], []
     for record in read_results(path):
         if not redone(record):
-            (kept if _unchanged_checkpoint(record, written, weights_checksum) else left_out).append(record)
+            (kept if _unchanged_checkpoint(record, written, checksums) else left_out).append(record)
     return kept, left_out
 
 
-def _unchanged_checkpoint(record, written, weights_checksum):
+def _unchanged_checkpoint(record, written, checksums):
     """Whether the checkpoint of ``record`` is still there as it was when its results file was
     ``written`` (a modification time), by ``earlier_results``'s rule."""
     checkpoint = record.get('checkpoint') and Path(record['checkpoint'])
     if not checkpoint or not checkpoint.is_file():
         return False
-    if record.get('weights_sha256') and weights_checksum is not None:
-        return weights_checksum(checkpoint) == record['weights_sha256']
+    if record.get('weights_sha256') and checksums is not None:
+        return all(record.get(name) == value for name, value in checksums(checkpoint).items())
     return checkpoint.stat().st_mtime <= written
 
 
@@ -349,9 +350,9 @@ def left_out_note(left_out):
     with_model = [record for record in left_out if record.get('checkpoint')]
     if not with_model:
         return None
-    return (f"{len(with_model)} earlier results left out of the tables: their models are gone or were "
-            f"written again since they were evaluated, e.g. {with_model[0]['checkpoint']}; evaluate them "
-            f"again (python -m experiments.mvtec_tasks or chest_xray_tasks)")
+    return (f"{len(with_model)} earlier results left out of the tables: their models are gone, were written "
+            f"again or given other thresholds since they were evaluated, e.g. {with_model[0]['checkpoint']}; "
+            f"evaluate them again (python -m experiments.mvtec_tasks or chest_xray_tasks)")
 
 
 def of_models_under(record, model_dir):

@@ -255,8 +255,9 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
     # a model deleted since leaves the tables; an unreadable results file leaves this evaluation's
     trained_model_path(out, 'Shift-8', 'tiles').unlink()
     assert train_mvtec.main(argv + ['--evaluate', '--resume']) == 0
-    assert (f"note: 1 earlier results left out of the tables: their models are gone or were written again "
-            f"since they were evaluated, e.g. {trained_model_path(out, 'Shift-8', 'tiles')}") in capsys.readouterr().out
+    assert (f"note: 1 earlier results left out of the tables: their models are gone, were written again or given "
+            f"other thresholds since they were evaluated, e.g. {trained_model_path(out, 'Shift-8', 'tiles')}"
+            ) in capsys.readouterr().out
     results = pd.read_csv(out / 'eval' / 'results.csv')
     assert sorted(zip(results['setting'], results['seed'])) == [('FPI', 7), ('Shift', 7)]
     (out / 'eval' / 'results.csv').write_text('not,a results table\n')
@@ -340,8 +341,8 @@ def test_evaluate_checks_the_test_masks_before_training_and_may_score_images_onl
     error = capsys.readouterr().err
     assert error.strip().splitlines()[-1].startswith('failed: plates Shift seed 7')
     assert 'results failed (nothing was written, and the output folder keeps the files' in error
-    assert (f"warning: the tables in {out / 'eval'} still show 1 results of models gone or trained again since "
-            f"they were evaluated, e.g. {model_path}") in error
+    assert (f"warning: the tables in {out / 'eval'} still show 1 results of models gone, trained again or given "
+            f"other thresholds since they were evaluated, e.g. {model_path}") in error
 
 
 def test_evaluate_reads_every_test_image_and_mask_before_training(tmp_path, capsys):
