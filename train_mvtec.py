@@ -302,7 +302,8 @@ def earlier_results(eval_dir, records, redone):
     (``redone``, of ``redone_results``) and that still hold: those of other categories and settings
     (two-stage variants such as ``SETTING+GDE`` included), and of other seeds of this folder's, whose
     checkpoint is still there as it was, of plain maps as this evaluation's (not ``--flip-average``d),
-    and of the kind that this evaluation gives their category; so that runs of several settings or
+    of the kind that this evaluation gives their category, and of the test set it scores of their
+    category (``test_set_sha256``); so that runs of several settings or
     categories into one output folder leave one table of them all. A note counts those left out. A
     results file that cannot be read gives a warning line and none."""
     try:
@@ -314,19 +315,25 @@ def earlier_results(eval_dir, records, redone):
     if note:
         print(f"{PROG}: note: {note}")
     kinds = {record['category']: record['kind'] for record in records if not tables.failed(record)}
-    still, other_kind, flipped = [], [], []
+    test_sets = {record['category']: record['test_set_sha256'] for record in records if 'test_set_sha256' in record}
+    still, other_kind, flipped, other_test_set = [], [], [], []
     for record in kept:
         if kinds.get(record['category'], record['kind']) != record['kind']:
             other_kind.append(record)
         elif record.get('flip_average') is not False:
             flipped.append(record)
+        elif record['category'] in test_sets and record.get('test_set_sha256') != test_sets[record['category']]:
+            other_test_set.append(record)
         else:
             still.append(record)
     categories_of_other_kind = ', '.join(sorted({record['category'] for record in other_kind}))
     for left, why in ((other_kind, f"this evaluation gives their categories ({categories_of_other_kind}) "
                                    f"another kind"),
                       (flipped, "they were evaluated with --flip-average (or before the results recorded "
-                                "whether they were), and this evaluation's maps are plain")):
+                                "whether they were), and this evaluation's maps are plain"),
+                      (other_test_set, "they were scored on another test set of their category than this "
+                                       "evaluation's (other images, defect types or masks), or before the results "
+                                       "recorded their test set")):
         if left:
             print(f"{PROG}: note: {len(left)} earlier results left out of the tables: {why}, e.g. "
                   f"{left[0].get('checkpoint')}")

@@ -30,6 +30,7 @@ The data layout is each model's own (recorded in its meta), detected for older m
 with ``--format`` (``self_sup_data.layouts``); ``-d`` is not needed for a ``--format folder`` model.
 """
 import functools
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -139,6 +140,21 @@ def load_normal_set(data_dir, meta, layout=None):
                                   bit_depth=meta.get('bit_depth'), channels=meta.get('in_channels'))
     dataset.configure_self_sup(False)
     return dataset
+
+
+def test_set_sha256(dataset):
+    """SHA-256 (hex) of a test set as scored: each image's defect type, file name and size in bytes,
+    with its mask's (none, or the files of MVTec LOCO AD's mask folder), sorted. Recorded with each
+    result, so that an evaluation does not keep in its tables results of another test set of a
+    category (images added, removed or replaced by others of another size, other masks), wherever
+    the data folder lies."""
+    def entry(path):
+        return f"{Path(path).name}:{Path(path).stat().st_size}"
+    entries = []
+    for path, defect_type, mask in zip(dataset.paths, dataset.defect_types, dataset.mask_paths):
+        masks = [] if mask is None else [mask] if isinstance(mask, (str, Path)) else list(mask)
+        entries.append('/'.join([defect_type, entry(path)] + sorted(map(entry, masks))))
+    return hashlib.sha256('\n'.join(sorted(entries)).encode()).hexdigest()
 
 
 def _record(meta, setting, path, values, one_class_name=None):
@@ -298,7 +314,7 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
         errors = {}  # of the one-class models that cannot be fitted: their rows fail alone
         results = evaluate_variants(model, dataset, variants, normal_set, batch_size, device,
                                     crop_size, source=str(path), flip_average=flip_average, errors=errors)
-        rows = []
+        rows, digest = [], test_set_sha256(dataset)
         for variant in variants:
             if variant in errors:
                 rows += failed_rows(path, meta, setting, [variant], errors[variant])
@@ -309,7 +325,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
                                                          flip_average, str(path)))
             if isinstance(dataset.layout, LocoLayout):
                 values = dict(values, **spro_values(dataset, maps, defects()))
-            rows.append(_record(meta, setting, path, values | undefined_note(dataset), variant))
+            rows.append(_record(meta, setting, path, values | undefined_note(dataset) | dict(test_set_sha256=digest),
+                                variant))
             figure = figure_dir and figure_path(figure_dir, meta['category'],
                                                 result_setting(setting, variant))
             if figure and figure not in plotted:

@@ -13,6 +13,7 @@ import time
 import warnings
 import zlib
 from dataclasses import asdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
@@ -1771,6 +1772,62 @@ def test_evaluations_ending_at_once_in_one_folder_keep_each_others_results(tmp_p
     assert sorted(record['category'] for record in results) == ['a', 'b']
     waited = f'waiting for another evaluation that writes its results into {tmp_path / "eval"}\n'
     assert sorted(output.count(waited) for output in outputs) == [0, 1]
+
+
+def test_training_evaluation_leaves_out_earlier_results_of_another_test_set_of_the_category(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Results of a category scored on another test set than this evaluation's (another data folder,
+    test images added or removed) would compare unlike figures in one table: they are left out with a
+    note; results of categories that this evaluation does not score are kept."""
+    eval_dir = tmp_path / 'out' / 'eval'
+    figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
+    earlier = []
+    for category, setting, digest in (('tiny', 'FPI', 'other images'), ('tiny', 'CutPaste', 'this test set'),
+                                      ('tiny', 'Shift-Intensity', None), ('plates', 'FPI', 'its own')):
+        model = tmp_path / f'{category}_{setting}.pt'
+        model.write_bytes(b'a model')
+        earlier.append(dict(category=category, kind='texture', setting=setting, seed=0, checkpoint=str(model),
+                            flip_average=False, **figures, **({} if digest is None else dict(test_set_sha256=digest))))
+    eval_dir.mkdir(parents=True)
+    tables.write_results(earlier, eval_dir / 'results.csv')
+    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
+                    flip_average=False, test_set_sha256='this test set', **figures)]
+    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
+    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
+                           abnormal=None, mask_dir=None)
+    capsys.readouterr()
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
+                                        tmp_path / 'out') == []
+    assert ("note: 2 earlier results left out of the tables: they were scored on another test set of their category "
+            f"than this evaluation's (other images, defect types or masks), or before the results recorded their test "
+            f"set, e.g. {tmp_path / 'tiny_FPI.pt'}") in capsys.readouterr().out
+    assert sorted((record['category'], record['setting']) for record in tables.read_results(
+        eval_dir / 'results.csv')) == [('plates', 'FPI'), ('tiny', 'CutPaste'), ('tiny', 'Shift')]
+
+
+def test_test_set_digest_follows_the_images_their_defect_types_and_masks_not_the_folder(tmp_path):
+    def test_set(root, types=('good', 'crack', 'crack'), masks=(None, 'm1.png', ('a.png', 'b.png'))):
+        paths = []
+        for index, defect_type in enumerate(types):
+            path = root / defect_type / f'{index:03d}.png'
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                path.write_bytes(b'image' * (index + 1))
+            paths.append(str(path))
+        for name in ('m1.png', 'a.png', 'b.png'):
+            (root / name).write_bytes(b'mask')
+        mask_paths = [None if m is None else root / m if isinstance(m, str) else tuple(root / n for n in m)
+                      for m in masks]
+        return SimpleNamespace(paths=paths, defect_types=list(types), mask_paths=mask_paths)
+    first = mvtec_tasks.test_set_sha256(test_set(tmp_path / 'a'))
+    assert mvtec_tasks.test_set_sha256(test_set(tmp_path / 'moved')) == first  # another folder, the same set
+    assert mvtec_tasks.test_set_sha256(test_set(tmp_path / 'b', types=('good', 'crack', 'hole'))) != first
+    assert mvtec_tasks.test_set_sha256(test_set(tmp_path / 'c', masks=(None, 'm1.png', ('a.png',)))) != first
+    assert mvtec_tasks.test_set_sha256(test_set(tmp_path / 'd', types=('good', 'crack', 'crack', 'good'),
+                                                masks=(None, 'm1.png', ('a.png', 'b.png'), None))) != first
+    replaced = test_set(tmp_path / 'e')
+    Path(replaced.paths[1]).write_bytes(b'another image of another size')
+    assert mvtec_tasks.test_set_sha256(replaced) != first
 
 
 def test_training_evaluation_reads_the_earlier_results_while_it_holds_their_lock(tmp_path, monkeypatch):
