@@ -360,6 +360,10 @@ def main(argv=None):
         print(f'{PROG}: error: {error} (the batches before it are in {out_dir / "scores.csv"})',
               file=sys.stderr)
         return STOPPED_STATUS
+    except OSError as error:  # a file of the whole run (scores.csv, errors.csv, .pending, the notes)
+        print(f'{PROG}: error: {error}; the batches before it are in {out_dir / "scores.csv"} (and the one being '
+              f'written in {out_dir / PENDING}, if it is there)', file=sys.stderr)
+        return STOPPED_STATUS
     except KeyboardInterrupt:
         print(f'{PROG}: interrupted; the batches before it are in {out_dir / "scores.csv"} (and the one being '
               f'written in {out_dir / PENDING}); the same command with --overwrite predicts them all again',

@@ -2,6 +2,7 @@
 its files, bad inputs give named errors and lose nothing already written."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -467,6 +468,15 @@ def test_outputs_that_cannot_be_written_are_errors_of_their_image_and_the_run_go
     capsys.readouterr()
     assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
     assert 'earlier run (.pending)' in capsys.readouterr().err
+    # a file of the whole run that cannot be written stops it in one line
+    shutil.rmtree(out)
+    monkeypatch.setattr(predict, 'write_png', original)
+    (out / 'errors.csv').mkdir(parents=True)
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs), '-o', str(out)]) == predict.STOPPED_STATUS
+    error = capsys.readouterr().err
+    assert error.startswith(f'predict.py: error: [Errno 21] cannot write {out / "errors.csv"}')
+    assert 'Traceback' not in error
+    assert f'the batches before it are in {out / "scores.csv"}' in error
 
 
 @pytest.mark.slow
