@@ -40,8 +40,8 @@ from experiments.cli import (add_layout_arguments, add_training_arguments, check
                              remove_report_temporaries, report_problems, reports_from_first_process_only,
                              standardizes_input, train_config, train_unless_finished, warn_low_contrast,
                              warn_unused_reading, write_evaluation)
-from experiments.checkpoints import (SEARCH_DIR, check_one_model_per_seed, model_checksums, read_meta,
-                                     select_checkpoints, sort_records)
+from experiments.checkpoints import (NO_THRESHOLDS, SEARCH_DIR, check_one_model_per_seed, model_checksums,
+                                     read_meta, select_checkpoints, sort_records)
 from experiments.mvtec_tasks import evaluate_checkpoints, find_evaluable, write_report
 from experiments.run_lock import refuse_run_in_progress, run_lock
 from experiments.training import (TrainConfig, dict_differences, final_model_path, is_distributed, is_first_process,
@@ -302,8 +302,10 @@ def earlier_results(eval_dir, records, redone):
     (``redone``, of ``redone_results``) and that still hold: those of other categories and settings
     (two-stage variants such as ``SETTING+GDE`` included), and of other seeds of this folder's, whose
     checkpoint is still there as it was, of plain maps as this evaluation's (not ``--flip-average``d),
-    of the kind that this evaluation gives their category, and of the test set it scores of their
-    category (``test_set_sha256``); so that runs of several settings or
+    of the kind that this evaluation gives their category, of the test set it scores of their
+    category (``test_set_sha256``; failed results, which scored none, are kept), and, for results of a
+    model's own maps written before results recorded their thresholds, of a model without thresholds
+    (``unrecorded_thresholds``); so that runs of several settings or
     categories into one output folder leave one table of them all. A note counts those left out. A
     results file that cannot be read gives a warning line and none."""
     try:
@@ -316,14 +318,17 @@ def earlier_results(eval_dir, records, redone):
         print(f"{PROG}: note: {note}")
     kinds = {record['category']: record['kind'] for record in records if not tables.failed(record)}
     test_sets = {record['category']: record['test_set_sha256'] for record in records if 'test_set_sha256' in record}
-    still, other_kind, flipped, other_test_set = [], [], [], []
+    still, other_kind, flipped, other_test_set, thresholds_unrecorded = [], [], [], [], []
     for record in kept:
         if kinds.get(record['category'], record['kind']) != record['kind']:
             other_kind.append(record)
         elif record.get('flip_average') is not False:
             flipped.append(record)
-        elif record['category'] in test_sets and record.get('test_set_sha256') != test_sets[record['category']]:
+        elif (record['category'] in test_sets and not tables.failed(record)
+              and record.get('test_set_sha256') != test_sets[record['category']]):
             other_test_set.append(record)
+        elif unrecorded_thresholds(record):
+            thresholds_unrecorded.append(record)
         else:
             still.append(record)
     categories_of_other_kind = ', '.join(sorted({record['category'] for record in other_kind}))
@@ -333,11 +338,22 @@ def earlier_results(eval_dir, records, redone):
                                 "whether they were), and this evaluation's maps are plain"),
                       (other_test_set, "they were scored on another test set of their category than this "
                                        "evaluation's (other images, defect types or masks), or before the results "
-                                       "recorded their test set")):
+                                       "recorded their test set"),
+                      (thresholds_unrecorded, "they were evaluated before the results recorded the thresholds of "
+                                              "their precision, recall and F1, and their models store thresholds "
+                                              "now")):
         if left:
             print(f"{PROG}: note: {len(left)} earlier results left out of the tables: {why}, e.g. "
                   f"{left[0].get('checkpoint')}")
     return still
+
+
+def unrecorded_thresholds(record):
+    """Whether ``record`` is a result of a model's own maps (with precision, recall and F1 at its
+    thresholds) written before results recorded the thresholds of those (no ``thresholds_sha256``),
+    whose model stores thresholds now: they may not be the ones it was evaluated at."""
+    return ('thresholds_sha256' not in record and not tables.failed(record) and '+' not in record['setting']
+            and model_checksums(record['checkpoint'])['thresholds_sha256'] not in (NO_THRESHOLDS, None))
 
 
 def evaluate_trained(args, setting, data_dir, categories, out_dir):

@@ -23,6 +23,7 @@ from experiments.training import (TORCHSCRIPT_SUFFIX, dict_differences, last_che
 from self_sup_data.recipe import CALIBRATED_PARAMS
 
 CHECKPOINT_PATTERN = 'final_*.pt'
+NO_THRESHOLDS = 'none'  # the thresholds_sha256 of a model without thresholds
 SEARCH_DIR = 'search'  # <run dir>/search/<candidate>/: the short runs of --recipe search
 REQUIRED_META = ('setting',)
 CLASSIFIER_ONE_CLASS = ('gde',)  # how a classifier (CutPaste-3way) is scored without one-class models
@@ -108,28 +109,22 @@ def weights_sha256(path):
 
 def thresholds_sha256(thresholds):
     """SHA-256 (hex) of a model's calibrated ``thresholds`` (its meta's, ``experiments.thresholds``) as
-    JSON with sorted keys; None for none: what the precision, recall and F1 of an evaluation at them
-    were computed with, recorded beside them."""
+    JSON with sorted keys, NO_THRESHOLDS for none: what the precision, recall and F1 of an evaluation
+    of its own maps were computed at, recorded beside them."""
     if not thresholds:
-        return None
+        return NO_THRESHOLDS
     return hashlib.sha256(json.dumps(thresholds, sort_keys=True).encode()).hexdigest()
 
 
-def weights_checksums(path):
-    """{'weights_sha256': ``weights_sha256(path)``}: what a result of the checkpoint at ``path`` that
-    does not use its thresholds was computed with (``tables.earlier_results``)."""
-    return dict(weights_sha256=weights_sha256(path))
-
-
 def model_checksums(path):
-    """``weights_checksums`` with the ``thresholds_sha256`` of the thresholds stored in the checkpoint
-    at ``path`` (None where it stores none or cannot be read): what an MVTec-layout result, with
-    precision, recall and F1 at those thresholds, was computed with."""
+    """{'weights_sha256', 'thresholds_sha256'} of the checkpoint at ``path`` (``thresholds_sha256`` of
+    the thresholds it stores), read once; None values where it cannot be read: what
+    ``tables.earlier_results`` compares with the values a result recorded."""
     try:
-        thresholds = read_meta(path).get('thresholds')
+        meta = read_meta(path)
     except ValueError:
-        thresholds = None
-    return dict(weights_checksums(path), thresholds_sha256=thresholds_sha256(thresholds))
+        return dict(weights_sha256=None, thresholds_sha256=None)
+    return dict(weights_sha256=meta.get('weights_sha256'), thresholds_sha256=thresholds_sha256(meta.get('thresholds')))
 
 
 def read_model(path, device):

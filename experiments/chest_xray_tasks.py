@@ -28,7 +28,7 @@ from experiments import tables
 from experiments.checkpoints import (CHECKPOINT_PATTERN, check_one_model_per_seed, failure_reason,
                                      find_checkpoints, model_seed, read_model, select_checkpoints,
                                      setting_from_path, sort_records, warn_replaced_models, warn_unlike_seeds,
-                                     weights_checksums)
+                                     model_checksums)
 from experiments.arguments import path_argument
 from experiments.cli import add_evaluation_options, evaluation_parser, run_evaluation
 from experiments.plotting import figure_path, plot_test_examples
@@ -263,7 +263,7 @@ def write_report(records, out_dir, percent=False, model_dir=None):
     try:
         kept, left_out = tables.earlier_results(
             Path(out_dir) / 'results.csv',
-            lambda record: (record['category'], record['setting'], record['seed']) in redone, weights_checksums)
+            lambda record: (record['category'], record['setting'], record['seed']) in redone, model_checksums)
     except ValueError as error:
         warnings.warn(f"{error}; the tables hold this evaluation's results only")
         kept, left_out = [], []

@@ -161,8 +161,7 @@ def _record(meta, setting, path, values, one_class_name=None):
     return dict(category=meta['category'], kind=category_kind(meta['category'], meta.get('kind')),
                 setting=result_setting(setting, one_class_name), seed=meta.get('seed', setting.run_seed),
                 **values, checkpoint=None if path is None else str(Path(path).resolve()),
-                weights_sha256=meta.get('weights_sha256'),
-                thresholds_sha256=thresholds_sha256(meta.get('thresholds')))
+                weights_sha256=meta.get('weights_sha256'))
 
 
 def _undefined(one_class_name=None, error=None):
@@ -322,7 +321,8 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
             values, maps = results[variant]
             if variant is None:
                 values = dict(values, **threshold_values(dataset, maps, meta.get('thresholds'),
-                                                         flip_average, str(path)))
+                                                         flip_average, str(path)),
+                              thresholds_sha256=thresholds_sha256(meta.get('thresholds')))
             if isinstance(dataset.layout, LocoLayout):
                 values = dict(values, **spro_values(dataset, maps, defects()))
             rows.append(_record(meta, setting, path, values | undefined_note(dataset) | dict(test_set_sha256=digest),

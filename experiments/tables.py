@@ -320,9 +320,10 @@ def earlier_results(path, redone, checksums=None):
     beside its own, and those whose checkpoint is gone or was written again since (retrained, given
     other thresholds, or another model moved or copied there), or that had none (a requested pair
     without a model), which it leaves out. As it was: each value of ``checksums(checkpoint path)``
-    (a dict such as ``{'weights_sha256': ..., 'thresholds_sha256': ...}``, ``checkpoints.model_checksums``)
-    equals the record's value of that name (None for a name the record lacks); for records without a
-    ``weights_sha256`` (or without ``checksums``), the file is not newer than ``path``."""
+    (``checkpoints.model_checksums``: of the weights and of the stored thresholds) equals the record's
+    value of that name, where the record holds one (a result recorded the checksums of what it was
+    computed from: the thresholds' only where it has precision, recall and F1 at them); for records
+    without a ``weights_sha256`` (or without ``checksums``), the file is not newer than ``path``."""
     if not Path(path).is_file():
         return [], []
     written = Path(path).stat().st_mtime
@@ -340,7 +341,7 @@ def _unchanged_checkpoint(record, written, checksums):
     if not checkpoint or not checkpoint.is_file():
         return False
     if record.get('weights_sha256') and checksums is not None:
-        return all(record.get(name) == value for name, value in checksums(checkpoint).items())
+        return all(record[name] == value for name, value in checksums(checkpoint).items() if name in record)
     return checkpoint.stat().st_mtime <= written
 
 

@@ -1805,6 +1805,43 @@ def test_training_evaluation_leaves_out_earlier_results_of_another_test_set_of_t
         eval_dir / 'results.csv')) == [('plates', 'FPI'), ('tiny', 'CutPaste'), ('tiny', 'Shift')]
 
 
+def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thresholds(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A failed result scored no test set: it stays. A result of a model's own maps written before
+    results recorded the thresholds of their precision, recall and F1 is left out where its model stores
+    thresholds now (they may be others), kept where it stores none; a two-stage result does not use them."""
+    from conftest import save_untrained_model
+    eval_dir = tmp_path / 'out' / 'eval'
+    figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
+    earlier = []
+    for setting, thresholds, more in (('FPI', False, dict(error='ValueError: NaN maps')),
+                                      ('CutPaste', True, {}), ('Shift-Intensity', False, {}),
+                                      ('Shift-Intensity+GDE', True, {})):
+        model = save_untrained_model(tmp_path / f'{setting}.pt', dict(setting=setting.split('+')[0]), checksum=True)
+        if thresholds:
+            store_thresholds(model, dict(image=0.1, pixel=0.2, fpr=0.01, flip_average=False, images=3))
+        earlier.append(dict(category='tiny', kind='texture', setting=setting, seed=0, checkpoint=str(model),
+                            weights_sha256=read_meta(model)['weights_sha256'], flip_average=False, **figures,
+                            **({} if 'error' in more else dict(test_set_sha256='this test set')), **more))
+    eval_dir.mkdir(parents=True)
+    tables.write_results(earlier, eval_dir / 'results.csv')
+    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
+                    flip_average=False, test_set_sha256='this test set', **figures)]
+    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
+    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
+                           abnormal=None, mask_dir=None)
+    capsys.readouterr()
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
+                                        tmp_path / 'out') == []
+    printed = capsys.readouterr().out
+    assert ("note: 1 earlier results left out of the tables: they were evaluated before the results recorded the "
+            f"thresholds of their precision, recall and F1, and their models store thresholds now, e.g. "
+            f"{tmp_path / 'CutPaste.pt'}") in printed
+    assert 'another test set' not in printed
+    assert sorted(record['setting'] for record in tables.read_results(eval_dir / 'results.csv')) == [
+        'FPI', 'Shift', 'Shift-Intensity', 'Shift-Intensity+GDE']
+
+
 def test_test_set_digest_follows_the_images_their_defect_types_and_masks_not_the_folder(tmp_path):
     def test_set(root, types=('good', 'crack', 'crack'), masks=(None, 'm1.png', ('a.png', 'b.png'))):
         paths = []

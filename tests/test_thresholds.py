@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
 from experiments import metrics, mvtec_tasks, thresholds
-from experiments.checkpoints import read_meta, thresholds_sha256
+from experiments.checkpoints import NO_THRESHOLDS, read_meta, thresholds_sha256
 from experiments.detector import Detector
 from self_sup_data.images import read_image
 from self_sup_data.layouts import names_sha256
@@ -270,7 +270,7 @@ def test_evaluation_reports_f1_optimal_and_stored_threshold_metrics(tiny_mvtec, 
     (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8)
     assert 0 < record['image_f1_best'] <= 1 and 0 < record['pixel_f1_best'] <= 1
     assert math.isnan(record['image_f1']) and math.isnan(record['pixel_precision'])
-    assert record['thresholds_sha256'] is None
+    assert record['thresholds_sha256'] == NO_THRESHOLDS
     stored = dict(image=record['image_threshold_best'], pixel=record['pixel_threshold_best'], flip_average=False)
     thresholds.store_thresholds(path, stored)
     (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', root, batch_size=8)
