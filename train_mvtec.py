@@ -253,6 +253,8 @@ def check_one_model_each(out_dir, setting, categories):
     run's seed at another path than the final model that the run writes (a copy or a moved model)."""
     if not Path(out_dir).is_dir():
         return
+    for category in categories:  # a twin run (Shift-0 beside Shift) is told so, as training would
+        refuse_twin_run(setting, out_dir, category)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # unreadable checkpoints: the evaluation warns of them
         selected = select_checkpoints(find_evaluable(out_dir), [setting.seedless_key], categories)

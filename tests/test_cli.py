@@ -72,6 +72,8 @@ def test_a_second_model_of_the_seed_under_the_output_folder_is_refused_before_tr
             f"(the model this run writes); keep one model per seed under OUT_DIR") in message
     assert not final.exists()
     train_mvtec.plan(train_mvtec.parse_args(argv[:-1]))  # without --evaluate nothing reads them together
+    message = run_error(train_mvtec.main, ['-s', 'Shift-0'] + argv[2:], capsys)  # the twin of Shift's seed 0
+    assert f"{model} is a run of Shift, which trains seed 0 as Shift-0 does; use -s Shift" in message
     copy.unlink()
     seed_0 = save_checkpoint(out / 'backup', 'Shift', name, 'texture', seed=0)  # two models of seed 0 already
     message = run_error(train_mvtec.main, argv, capsys)
