@@ -402,13 +402,15 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
 def warn_replaced_results(eval_dir, redone):
     """Where an evaluation wrote nothing (every result failed): a warning line when
     ``eval_dir/results.csv`` (kept as it was) holds results that it redoes (``redone``) of models
-    gone, written again or given other thresholds since, which its tables still show."""
+    gone, written again or given other thresholds since (or, written before results recorded them,
+    ``unrecorded_thresholds``), which its tables still show."""
     try:
-        _, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv', lambda record: not redone(record),
-                                              model_checksums)
+        unchanged, replaced = tables.earlier_results(Path(eval_dir) / 'results.csv',
+                                                     lambda record: not redone(record), model_checksums)
     except ValueError:
         return  # earlier_results warned of it
-    replaced = [record for record in replaced if record.get('checkpoint')]
+    replaced = [record for record in replaced if record.get('checkpoint')] + [
+        record for record in unchanged if unrecorded_thresholds(record)]
     if replaced:
         print(f"{PROG}: warning: the tables in {eval_dir} still show {len(replaced)} results of models gone, "
               f"trained again or given other thresholds since they were evaluated, e.g. "

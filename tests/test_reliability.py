@@ -1842,6 +1842,21 @@ def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thre
         'FPI', 'Shift', 'Shift-Intensity', 'Shift-Intensity+GDE']
 
 
+def test_a_failed_evaluation_warns_of_kept_results_at_thresholds_that_were_not_recorded(tmp_path, capsys):
+    """Where every result fails and the earlier tables stay, a result of a model's own maps written before
+    results recorded their thresholds, whose model stores thresholds now, is among those warned of."""
+    from conftest import save_untrained_model
+    model = save_untrained_model(tmp_path / 'shift.pt', dict(setting='Shift'), checksum=True)
+    store_thresholds(model, dict(image=0.1, pixel=0.2, fpr=0.01, flip_average=False, images=3))
+    figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
+    tables.write_results([dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(model),
+                               weights_sha256=read_meta(model)['weights_sha256'], flip_average=False, **figures)],
+                         tmp_path / 'results.csv')
+    train_mvtec.warn_replaced_results(tmp_path, lambda record: True)
+    assert f"still show 1 results of models gone, trained again or given other thresholds since they were " \
+           f"evaluated, e.g. {model}" in capsys.readouterr().err
+
+
 def test_test_set_digest_follows_the_images_their_defect_types_and_masks_not_the_folder(tmp_path):
     def test_set(root, types=('good', 'crack', 'crack'), masks=(None, 'm1.png', ('a.png', 'b.png'))):
         paths = []
