@@ -120,7 +120,8 @@ def test_weight_averaging_longer_than_the_default_epochs_is_refused_before_anyth
                                          rf"'chest_xray' trains for without --epochs, got {epochs}; pass --epochs$"):
         train_chest_xray.plan(train_chest_xray.parse_args(argv + ['--swa-epochs', str(epochs)]))
     assert not (tmp_path / 'out').exists()
-    train_chest_xray.plan(train_chest_xray.parse_args(argv + ['--swa-epochs', str(epochs), '--epochs', str(epochs + 1)]))
+    longer = ['--swa-epochs', str(epochs), '--epochs', str(epochs + 1)]
+    train_chest_xray.plan(train_chest_xray.parse_args(argv + longer))
 
 
 def test_16_bit_x_rays_are_read_with_the_training_sets_bit_depth(tmp_path):
