@@ -1774,12 +1774,27 @@ def test_evaluations_ending_at_once_in_one_folder_keep_each_others_results(tmp_p
     assert sorted(output.count(waited) for output in outputs) == [0, 1]
 
 
+def evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records):
+    """train_mvtec.evaluate_trained of 'Shift' on 'tiny' whose evaluation gives ``records``, into OUT/eval
+    that holds the results ``earlier`` -> (what it printed, the (category, setting) of the results written)."""
+    eval_dir = tmp_path / 'out' / 'eval'
+    eval_dir.mkdir(parents=True)
+    tables.write_results(earlier, eval_dir / 'results.csv')
+    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
+    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
+                           abnormal=None, mask_dir=None)
+    capsys.readouterr()
+    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
+                                        tmp_path / 'out') == []
+    return capsys.readouterr().out, sorted((record['category'], record['setting'])
+                                           for record in tables.read_results(eval_dir / 'results.csv'))
+
+
 def test_training_evaluation_leaves_out_earlier_results_of_another_test_set_of_the_category(tmp_path, monkeypatch,
                                                                                             capsys):
     """Results of a category scored on another test set than this evaluation's (another data folder,
     test images added or removed) would compare unlike figures in one table: they are left out with a
     note; results of categories that this evaluation does not score are kept."""
-    eval_dir = tmp_path / 'out' / 'eval'
     figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
     earlier = []
     for category, setting, digest in (('tiny', 'FPI', 'other images'), ('tiny', 'CutPaste', 'this test set'),
@@ -1788,21 +1803,13 @@ def test_training_evaluation_leaves_out_earlier_results_of_another_test_set_of_t
         model.write_bytes(b'a model')
         earlier.append(dict(category=category, kind='texture', setting=setting, seed=0, checkpoint=str(model),
                             flip_average=False, **figures, **({} if digest is None else dict(test_set_sha256=digest))))
-    eval_dir.mkdir(parents=True)
-    tables.write_results(earlier, eval_dir / 'results.csv')
     records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
                     flip_average=False, test_set_sha256='this test set', **figures)]
-    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
-    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
-                           abnormal=None, mask_dir=None)
-    capsys.readouterr()
-    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
-                                        tmp_path / 'out') == []
+    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records)
     assert ("note: 2 earlier results left out of the tables: they were scored on another test set of their category "
             f"than this evaluation's (other images, defect types or masks), or before the results recorded their test "
-            f"set, e.g. {tmp_path / 'tiny_FPI.pt'}") in capsys.readouterr().out
-    assert sorted((record['category'], record['setting']) for record in tables.read_results(
-        eval_dir / 'results.csv')) == [('plates', 'FPI'), ('tiny', 'CutPaste'), ('tiny', 'Shift')]
+            f"set, e.g. {tmp_path / 'tiny_FPI.pt'}") in printed
+    assert written == [('plates', 'FPI'), ('tiny', 'CutPaste'), ('tiny', 'Shift')]
 
 
 def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thresholds(tmp_path, monkeypatch,
@@ -1811,7 +1818,6 @@ def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thre
     results recorded the thresholds of their precision, recall and F1 is left out where its model stores
     thresholds now (they may be others), kept where it stores none; a two-stage result does not use them."""
     from conftest import save_untrained_model
-    eval_dir = tmp_path / 'out' / 'eval'
     figures = dict.fromkeys(mvtec_tasks.METRICS, 0.5)
     earlier = []
     for setting, thresholds, more in (('FPI', False, dict(error='ValueError: NaN maps')),
@@ -1823,23 +1829,14 @@ def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thre
         earlier.append(dict(category='tiny', kind='texture', setting=setting, seed=0, checkpoint=str(model),
                             weights_sha256=read_meta(model)['weights_sha256'], flip_average=False, **figures,
                             **({} if 'error' in more else dict(test_set_sha256='this test set')), **more))
-    eval_dir.mkdir(parents=True)
-    tables.write_results(earlier, eval_dir / 'results.csv')
     records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
                     flip_average=False, test_set_sha256='this test set', **figures)]
-    monkeypatch.setattr(train_mvtec, 'evaluate_checkpoints', lambda *args, **kwargs: records)
-    args = SimpleNamespace(no_figures=True, device='cpu', allow_missing_masks=False, format=None, normal=None,
-                           abnormal=None, mask_dir=None)
-    capsys.readouterr()
-    assert train_mvtec.evaluate_trained(args, settings.parse_setting('Shift'), tmp_path, ['tiny'],
-                                        tmp_path / 'out') == []
-    printed = capsys.readouterr().out
+    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records)
     assert ("note: 1 earlier results left out of the tables: they were evaluated before the results recorded the "
             f"thresholds of their precision, recall and F1, and their models store thresholds now, e.g. "
             f"{tmp_path / 'CutPaste.pt'}") in printed
     assert 'another test set' not in printed
-    assert sorted(record['setting'] for record in tables.read_results(eval_dir / 'results.csv')) == [
-        'FPI', 'Shift', 'Shift-Intensity', 'Shift-Intensity+GDE']
+    assert written == [('tiny', 'FPI'), ('tiny', 'Shift'), ('tiny', 'Shift-Intensity'), ('tiny', 'Shift-Intensity+GDE')]
 
 
 def test_a_failed_evaluation_warns_of_kept_results_at_thresholds_that_were_not_recorded(tmp_path, capsys):
