@@ -98,15 +98,6 @@ def read_meta(path):
     return meta
 
 
-def weights_sha256(path):
-    """The ``weights_sha256`` that the checkpoint at ``path`` records of its weights; None where it
-    records none or cannot be read."""
-    try:
-        return read_meta(path).get('weights_sha256')
-    except ValueError:
-        return None
-
-
 def thresholds_sha256(thresholds):
     """SHA-256 (hex) of a model's calibrated ``thresholds`` (its meta's, ``experiments.thresholds``) as
     JSON with sorted keys, NO_THRESHOLDS for none: what the precision, recall and F1 of an evaluation
