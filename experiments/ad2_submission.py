@@ -30,7 +30,7 @@ from PIL import Image
 
 from experiments.atomic import write_atomic
 from experiments.inference import mask_to_image_size
-from self_sup_data.images import displayed_size, opened_image
+from self_sup_data.images import displayed_file_size
 from self_sup_data.layouts import AD2_PRIVATE_SPLITS
 
 
@@ -42,13 +42,6 @@ def _save_tiff_atomic(array, path):
     buffer = io.BytesIO()  # tifffile seeks in what it writes: a buffer, then the file at once
     tifffile.imwrite(buffer, array)
     write_atomic(path, lambda f: f.write(buffer.getvalue()))
-
-
-def image_size(path):
-    """(width, height) of the image at ``path`` as it is read (``images.as_displayed``);
-    ValueError naming an unreadable file."""
-    with opened_image(path) as image:
-        return displayed_size(image)
 
 
 def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
@@ -82,7 +75,7 @@ def write_ad2_maps(out_dir, category, split, image_paths, maps, threshold):
         if np.abs(score).max() > half_max:
             raise ValueError(f"the map of {path} reaches {np.abs(score).max():g}, beyond the float16 "
                              f"TIFF's range ({half_max:g}); rescale the maps")
-    sizes = [image_size(path) for path in paths]  # every image readable before a file is written
+    sizes = [displayed_file_size(path) for path in paths]  # every image readable before a file is written
     written = []
     for path, size, score in zip(paths, sizes, maps):
         full = cv2.resize(score, size, interpolation=cv2.INTER_LINEAR)

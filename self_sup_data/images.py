@@ -201,6 +201,13 @@ def displayed_size(image):
     return (height, width) if _turned_by_a_quarter(image) else (width, height)
 
 
+def displayed_file_size(path):
+    """(width, height) of the image file at ``path`` as it is read (``as_displayed``), from its header
+    alone; ValueError naming an unreadable file."""
+    with opened_image(path) as image:
+        return displayed_size(image)
+
+
 def image_shape_summary(sizes):
     """The shapes of images of ``sizes`` ((width, height) each, as read: ``mvtec.load_images``):
     {'aspect': [least, greatest width / height], 'long_side': [least, greatest longer side in

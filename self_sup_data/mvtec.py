@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, identical_files
 from self_sup_data.images import (GREY_MODES, TRANSPARENT_NOTE, WINDOW_MARGIN, central_box, decode_mask_values,
-                                  displayed_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
+                                  displayed_file_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
                                   lossy_compression, opened_image, read_image, resize, resize_mask, to_channels,
                                   turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
@@ -646,12 +646,11 @@ def warn_sources_tell_defects(class_name, paths, defect_types, sizes, train_size
 
 def header_sizes(paths):
     """(width, height) of each readable image file of ``paths`` as viewers show it, from its header
-    (``images.displayed_size``); unreadable files are left out."""
+    (``images.displayed_file_size``); unreadable files are left out."""
     sizes = []
     for path in paths:
         try:
-            with opened_image(path) as image:
-                sizes.append(displayed_size(image))
+            sizes.append(displayed_file_size(path))
         except ValueError:
             continue
     return sizes

@@ -1140,7 +1140,7 @@ def test_a_table_recipe_changed_between_seeds_is_named():
 
 
 def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_path):
-    from experiments.ad2_submission import image_size
+    from self_sup_data.images import displayed_file_size
     shown = np.zeros((20, 30, 3), np.uint8)
     shown[2:6, 20:28] = 250  # a defect in the top right corner, as the viewer shows it
     stored = np.ascontiguousarray(np.rot90(shown, 1))  # a camera's sideways pixels ...
@@ -1149,7 +1149,7 @@ def test_a_jpeg_is_read_turned_by_its_exif_orientation_as_viewers_show_it(tmp_pa
     Image.fromarray(stored).save(tmp_path / 'photo.jpg', exif=exif.tobytes(), quality=100)
     read = read_image(tmp_path / 'photo.jpg')
     assert read.shape[:2] == (20, 30) and read[2:6, 20:28].mean() > 200 and read[10:, :15].mean() < 20
-    assert image_size(tmp_path / 'photo.jpg') == (30, 20)
+    assert displayed_file_size(tmp_path / 'photo.jpg') == (30, 20)
     # the sizes as read, and a model's summary of its training images for predict.py
     from self_sup_data.images import image_shape_summary
     from self_sup_data.mvtec import load_images
