@@ -259,18 +259,16 @@ def check_one_model_each(out_dir, setting, categories):
         warnings.simplefilter('ignore')  # unreadable checkpoints: the evaluation warns of them
         selected = select_checkpoints(find_evaluable(out_dir), [setting.seedless_key], categories)
     present = {path.resolve() for path, _ in selected}
-    planned = [(path, dict(category=category, setting=setting.key, seed=setting.run_seed))
+    planned = [(f'{path} (the model this run writes)', dict(category=category, setting=setting.key,
+                                                            seed=setting.run_seed))
                for category in categories
                if (path := final_model_path(setting.run_dir(out_dir, category), setting.run_name(category))).resolve()
                not in present]
     try:
-        check_one_model_per_seed(selected + planned)
+        check_one_model_per_seed(selected + planned, 'keep one model per seed under OUT_DIR, or train into '
+                                                     'another one')
     except ValueError as error:
-        written = any(str(path) in str(error) for path, _ in planned)
-        raise ValueError(f"--evaluate would find {error}".replace(
-            '; keep one model per seed (or evaluate them apart, with -m naming one folder)',
-            (' (the model this run writes)' if written else '') + '; keep one model per seed under OUT_DIR, '
-            'or train into another one')) from None
+        raise ValueError(f"--evaluate would find {error}") from None
 
 
 SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',

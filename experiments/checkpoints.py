@@ -302,18 +302,19 @@ def model_seed(meta):
     return meta.get('seed', parse_setting(meta['setting']).run_seed)
 
 
-def check_one_model_per_seed(selected):
-    """ValueError naming both checkpoints, before any work, when two of ``selected`` ((path, meta)
-    pairs) are models of one category, setting and seed (e.g. a copy of a model folder under the
-    model folder): their results would be one cell of the tables."""
+def check_one_model_per_seed(selected, advice='keep one model per seed (or evaluate them apart, with -m '
+                                               'naming one folder)'):
+    """ValueError naming both checkpoints and ending in ``advice``, before any work, when two of
+    ``selected`` ((path, meta) pairs; a path is only named, so it may be a described one) are models
+    of one category, setting and seed (e.g. a copy of a model folder under the model folder): their
+    results would be one cell of the tables."""
     seen = {}
     for path, meta in selected:
         key = (meta.get('category'), parse_setting(meta['setting']).seedless_key, model_seed(meta))
         if key in seen:
             category = '' if key[0] is None else f'category {key[0]!r}, '
             raise ValueError(f'two models of {category}setting {key[1]!r}, seed {key[2]}: '
-                             f'{seen[key]} and {path}; keep one model per seed (or evaluate them '
-                             f'apart, with -m naming one folder)')
+                             f'{seen[key]} and {path}; {advice}')
         seen[key] = path
 
 
