@@ -9,10 +9,12 @@ file that ``open`` creates (0666 less the process's umask; ``mkstemp`` alone mak
 any exception the temporary file is removed and ``path`` is left as it was (a write that the
 system refuses, a full disk or a folder that cannot be written, is an OSError naming ``path``); a
 process killed while writing leaves the temporary file, which ``remove_stale_temporaries``
-deletes on the next run. ``signals_held`` keeps Ctrl-C from stopping the writes of a set of files
-midway.
+deletes on the next run. ``write_atomic_set`` writes files that belong together (results.csv and
+its tables) as a set: all the temporary files first, then the renames; ``signals_held`` keeps Ctrl-C
+from stopping the renames midway.
 """
 import contextlib
+import errno
 import functools
 import os
 import signal
@@ -47,6 +49,40 @@ def write_atomic(path, write, binary=True):
     text) on a temporary file in the same folder, then rename it to ``path``; returns the Path.
     Creates the folder when needed."""
     path = Path(path)
+    _rename(_temporary_file(path, write, binary), path)
+    _sync_folder(path.parent)
+    return path
+
+
+def write_atomic_set(writes):
+    """Write the files of ``writes`` (``(path, write, binary)`` each, as ``write_atomic`` takes them) as
+    one set: every temporary file first, the renames only once all are written, so that a failed write
+    (a full disk) leaves every path as it was; returns the Paths. A path that is a folder is refused,
+    an OSError naming it, before anything is written (a rename onto it would fail midway). Hold
+    Ctrl-C around it (``signals_held``) to keep an interrupt out of the renames."""
+    writes = [(Path(path), write, binary) for path, write, binary in writes]
+    for path, _, _ in writes:
+        if path.is_dir():
+            raise _write_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
+    temporaries = []
+    try:
+        for path, write, binary in writes:
+            temporaries.append(_temporary_file(path, write, binary))
+    except BaseException:
+        for tmp in temporaries:
+            _discard(tmp)
+        raise
+    for tmp, (path, _, _) in zip(temporaries, writes):
+        _rename(tmp, path)
+    for folder in dict.fromkeys(path.parent for path, _, _ in writes):
+        _sync_folder(folder)
+    return [path for path, _, _ in writes]
+
+
+def _temporary_file(path, write, binary):
+    """A new temporary file beside ``path`` (``temporary_prefix``), written through ``write`` and
+    flushed to disk -> its name; on any exception it is removed and the error raised as
+    ``_raise_write_failure`` makes it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix='.tmp')
@@ -59,25 +95,53 @@ def write_atomic(path, write, binary=True):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException as error:
+        _discard(tmp)
+        _raise_write_failure(path, error)
+    return tmp
+
+
+def _rename(tmp, path):
+    """Rename the temporary file ``tmp`` to ``path``; on any exception ``tmp`` is removed (gone where
+    an interrupt came just after the rename) and the error raised as ``_raise_write_failure`` makes it."""
+    try:
         os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)  # gone where an interrupt came just after the rename
-        # torch.save reports a failed write (a full disk) or a Ctrl-C during it as a RuntimeError raised
-        # while handling it: the Ctrl-C stays a KeyboardInterrupt (the scripts end on it with a line)
-        interrupt = _interrupt_in(error)
-        if interrupt is not None and interrupt is not error:
-            raise interrupt from None
-        cause = error if isinstance(error, OSError) else error.__context__
-        if isinstance(error, Exception) and isinstance(cause, OSError):
-            raise _write_error(path, cause) from error
-        raise
+        _discard(tmp)
+        _raise_write_failure(path, error)
+
+
+def _discard(tmp):
+    """Remove the temporary file ``tmp`` where it can be: a folder that has become read-only keeps
+    it (``remove_stale_temporaries`` deletes it on a later run), and the error that stopped the write
+    is the one raised."""
+    with contextlib.suppress(OSError):
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _raise_write_failure(path, error):
+    """Raise ``error`` of a write of ``path`` as the caller should see it: a KeyboardInterrupt that
+    it was raised while handling as that interrupt (torch.save reports a failed write, a full disk,
+    or a Ctrl-C during it as a RuntimeError raised while handling it: the Ctrl-C stays a
+    KeyboardInterrupt, on which the scripts end with a line), an OSError behind it as one naming
+    ``path`` (``_write_error``), anything else as it is."""
+    interrupt = _interrupt_in(error)
+    if interrupt is not None and interrupt is not error:
+        raise interrupt from None
+    cause = error if isinstance(error, OSError) else error.__context__
+    if isinstance(error, Exception) and isinstance(cause, OSError):
+        raise _write_error(path, cause) from error
+    raise error
+
+
+def _sync_folder(folder):
+    """Flush ``folder`` to disk (POSIX), so that the renames into it are on disk too."""
     if os.name == 'posix':
-        folder = os.open(path.parent, os.O_RDONLY)
+        descriptor = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(folder)
+            os.fsync(descriptor)
         finally:
-            os.close(folder)
-    return path
+            os.close(descriptor)
 
 
 def _interrupt_in(error):

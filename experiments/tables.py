@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.atomic import write_text_atomic
+from experiments.atomic import write_atomic_set, write_text_atomic
 
 GROUP_ORDER = ('object', 'texture')
 AVERAGE = 'average'
@@ -257,22 +257,34 @@ EXPORTERS = {'csv': lambda t: t.to_csv(), 'md': to_markdown, 'tex': to_latex}
 
 
 def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
-    """Write each table as ``out_dir/<metric>.<format>``, then remove the other tables in
-    ``out_dir`` (files of the EXPORTERS' formats: an earlier evaluation's, of metrics this one
-    does not report, which would look current); returns the written paths."""
+    """Write each table as ``out_dir/<metric>.<format>`` (as one set: ``atomic.write_atomic_set``),
+    then remove the other tables in ``out_dir`` (``remove_other_tables``); returns the written paths."""
+    files = table_files(tables, out_dir, formats)
+    write_atomic_set(text_writes(files))
+    remove_other_tables(out_dir, files)
+    return list(files)
+
+
+def table_files(tables, out_dir, formats=('csv', 'md', 'tex')):
+    """``{out_dir/<metric>.<format>: text}`` of each table in each of ``formats`` (EXPORTERS)."""
     unknown = set(formats) - set(EXPORTERS)
     if unknown:
         raise ValueError(f'unknown table formats {sorted(unknown)}; use some of {sorted(EXPORTERS)}')
-    paths = []
-    for metric, table in tables.items():
-        for fmt in formats:
-            path = Path(out_dir) / f'{metric}.{fmt}'
-            write_text_atomic(path, EXPORTERS[fmt](table))
-            paths.append(path)
+    return {Path(out_dir) / f'{metric}.{fmt}': EXPORTERS[fmt](table)
+            for metric, table in tables.items() for fmt in formats}
+
+
+def text_writes(files):
+    """The ``(path, write, binary)`` of each ``{path: text}`` for ``atomic.write_atomic_set``."""
+    return [(path, lambda f, text=text: f.write(text), False) for path, text in files.items()]
+
+
+def remove_other_tables(out_dir, kept):
+    """Remove the tables in ``out_dir`` (files of the EXPORTERS' formats) that are not in ``kept``: an
+    earlier evaluation's, of metrics this one does not report, which would look current."""
     for path in Path(out_dir).glob('*.*'):
-        if path.suffix[1:] in EXPORTERS and path not in paths:
+        if path.suffix[1:] in EXPORTERS and path not in kept:
             path.unlink()
-    return paths
 
 
 def write_results(records, path, tables_dir=None):
@@ -400,10 +412,21 @@ def mixed_models(records, kept, model_dir):
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
-    ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``); returns the tables
-    ``{metric: DataFrame}``."""
+    ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``), all as one set
+    (``atomic.write_atomic_set``: a failed write leaves every file as it was); returns the tables
+    ``{metric: DataFrame}``. Results of one seed twice: ``write_results``'s ValueError, after the
+    results are kept and the tables removed."""
     out_dir = Path(out_dir)
-    write_results(records, out_dir / 'results.csv', tables_dir=out_dir / 'tables')
+    results, tables_dir = out_dir / 'results.csv', out_dir / 'tables'
+    frame = _keyed_frame(records)
+    try:
+        _check_unique(frame)
+    except ValueError:
+        write_text_atomic(results, frame.to_csv(index=False))
+        write_tables({}, tables_dir)  # which no longer match them
+        raise
     built = build_tables(records, metrics, paper_layout=paper_layout, percent=percent)
-    write_tables(built, out_dir / 'tables')
+    files = {results: frame.to_csv(index=False), **table_files(built, tables_dir)}
+    write_atomic_set(text_writes(files))
+    remove_other_tables(tables_dir, files)
     return built

@@ -6,7 +6,7 @@ import torch
 
 from experiments import atomic
 from experiments.atomic import (save_torch_atomic, temporary_prefix, temporary_target, write_atomic,
-                               write_text_atomic)
+                               write_atomic_set, write_text_atomic)
 
 
 def test_write_atomic_writes_the_file_and_leaves_nothing_else(tmp_path):
@@ -169,3 +169,43 @@ def test_a_folder_that_cannot_be_looked_into_keeps_the_writes_own_error(tmp_path
     error = atomic._write_error(tmp_path / 'locked' / 'x.txt', PermissionError(13, 'Permission denied'))
     assert str(error) == f"[Errno 13] cannot write {tmp_path / 'locked' / 'x.txt'}: Permission denied; an earlier " \
                          f"file there is unchanged"
+
+
+def test_a_temporary_file_that_cannot_be_removed_keeps_the_error_naming_the_file(tmp_path, monkeypatch):
+    """A folder that turns read-only during a write: the rename and the removal of the temporary file
+    both fail, and the error is still the one naming the file being written."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(atomic.os, 'replace', refuse)
+    monkeypatch.setattr(atomic.Path, 'unlink', refuse)
+    with pytest.raises(OSError, match=r'cannot write .*figure\.png: Operation not permitted'):
+        write_text_atomic(tmp_path / 'figure.png', 'x')
+
+
+def text_write(text):
+    return lambda f: f.write(text)
+
+
+def test_a_set_of_files_is_written_whole_or_not_at_all(tmp_path):
+    paths = [tmp_path / 'results.csv', tmp_path / 'tables' / 'a.md', tmp_path / 'tables' / 'b.md']
+    assert write_atomic_set([(path, text_write(f'new {path.name}'), False) for path in paths]) == paths
+    assert [path.read_text() for path in paths] == ['new results.csv', 'new a.md', 'new b.md']
+
+    def fail(f):
+        f.write('partial')
+        raise OSError(28, 'No space left on device')
+    writes = [(paths[0], text_write('newer'), False), (paths[1], fail, False), (paths[2], text_write('newer'), False)]
+    with pytest.raises(OSError, match=r'cannot write .*a\.md: No space left on device'):
+        write_atomic_set(writes)
+    assert [path.read_text() for path in paths] == ['new results.csv', 'new a.md', 'new b.md']
+    assert sorted(p.name for p in tmp_path.rglob('*') if p.is_file()) == ['a.md', 'b.md', 'results.csv']
+
+
+def test_a_folder_in_the_set_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / 'results.csv').write_text('old')
+    (tmp_path / 'b.md').mkdir()
+    with pytest.raises(OSError, match=r'cannot write .*b\.md: Is a directory; an earlier file there is unchanged'):
+        write_atomic_set([(tmp_path / 'results.csv', text_write('new'), False),
+                          (tmp_path / 'b.md', text_write('x'), False)])
+    assert (tmp_path / 'results.csv').read_text() == 'old'
+    assert sorted(os.listdir(tmp_path)) == ['b.md', 'results.csv']

@@ -353,6 +353,22 @@ def test_duplicate_results_remove_the_earlier_tables(tmp_path):
     assert [p.name for p in (tmp_path / 'tables').iterdir()] == ['notes.txt']
 
 
+def test_a_table_that_cannot_be_written_leaves_the_results_and_every_table_as_they_were(tmp_path):
+    """results.csv and the tables describe one evaluation: a write that fails midway (here a folder
+    where a table should be) must not leave the new results beside the earlier tables."""
+    records = [dict(record, pixel_auroc=0.9) for record in two_group_records()]
+    tables.write_report(records, tmp_path, ['image_auroc_mean', 'pixel_auroc'])
+    before = {path: path.read_bytes() for path in tmp_path.rglob('*') if path.is_file()}
+    (tmp_path / 'tables' / 'pixel_auroc.csv').unlink()
+    (tmp_path / 'tables' / 'pixel_auroc.csv').mkdir()
+    changed = [dict(record, image_auroc_mean=0.123) for record in records]
+    with pytest.raises(OSError, match='pixel_auroc.csv: Is a directory'):
+        tables.write_report(changed, tmp_path, ['image_auroc_mean', 'pixel_auroc'])
+    after = {path: path.read_bytes() for path in tmp_path.rglob('*') if path.is_file()}
+    del before[tmp_path / 'tables' / 'pixel_auroc.csv']
+    assert after == before
+
+
 def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
     from experiments import plotting
     for name in ('a_Shift.png', 'b_Shift.png', 'c_Shift.png', 'd_Shift.png'):
