@@ -51,7 +51,8 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.arguments import INTERRUPTED_STATUS, one_line_warnings, path_argument
-from experiments.atomic import remove_stale_temporaries, write_atomic, write_failure_reason, write_text_atomic
+from experiments.atomic import (remove_stale_temporaries, signals_held, write_atomic, write_failure_reason,
+                                write_text_atomic)
 from experiments.detector import Detector, NonFiniteMapError
 from experiments.inference import warn_flip_average_mismatch
 from self_sup_data.images import image_files, to_channels
@@ -201,9 +202,10 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     decision = '' if detector.threshold is None else bool(mean > detector.threshold)
                     rows.append((printable(str(path)), name, f'{mean:.6g}', f'{scores["max"][index]:.6g}',
                                  decision))
-            write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
-            write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
-            (out_dir / PENDING).unlink(missing_ok=True)
+            with signals_held():  # .pending goes as the batch enters scores.csv: it names no image listed there
+                write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
+                write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
+                (out_dir / PENDING).unlink(missing_ok=True)
             progress.update(len(files[start:start + detector.batch_size]))
     notes = detector.shape_notes(*zip(*shapes)) if shapes else []
     if notes:
@@ -211,6 +213,13 @@ def predict_files(detector, files, out_dir, flip_average=False):
     for note in notes:
         warnings.warn(note)
     return errors, notes
+
+
+def kept_batches(out_dir):
+    """Where a stopped run's outputs are: the batches before it in scores.csv, and the one being
+    written in .pending where it was stopped while writing one."""
+    pending = f' (and the one being written in {out_dir / PENDING})' if (out_dir / PENDING).exists() else ''
+    return f'the batches before it are in {out_dir / "scores.csv"}{pending}'
 
 
 def earlier_output_names(out_dir):
@@ -361,13 +370,11 @@ def main(argv=None):
               file=sys.stderr)
         return STOPPED_STATUS
     except OSError as error:  # a file of the whole run (scores.csv, errors.csv, .pending, the notes)
-        print(f'{PROG}: error: {error}; the batches before it are in {out_dir / "scores.csv"} (and the one being '
-              f'written in {out_dir / PENDING}, if it is there)', file=sys.stderr)
+        print(f'{PROG}: error: {error}; {kept_batches(out_dir)}', file=sys.stderr)
         return STOPPED_STATUS
     except KeyboardInterrupt:
-        print(f'{PROG}: interrupted; the batches before it are in {out_dir / "scores.csv"} (and the one being '
-              f'written in {out_dir / PENDING}); the same command with --overwrite predicts them all again',
-              file=sys.stderr)
+        print(f'{PROG}: interrupted; {kept_batches(out_dir)}; the same command with --overwrite predicts them all '
+              f'again', file=sys.stderr)
         return INTERRUPTED_STATUS
     noted = f'; warnings about the images in {out_dir / NOTES}' if notes else ''
     print(f'{len(files) - len(errors)} images predicted, {len(errors)} unreadable '

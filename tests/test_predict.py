@@ -3,6 +3,7 @@ its files, bad inputs give named errors and lose nothing already written."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -495,8 +496,28 @@ def test_an_interrupted_run_keeps_the_batches_written(calibrated, inputs, tmp_pa
                          '-o', str(out), '--batch-size', '1']) == predict.INTERRUPTED_STATUS
     err = capsys.readouterr().err  # one line, no traceback
     assert err.count('\n') == 1 and err.startswith('predict.py: interrupted; the batches before it are in ')
+    assert '.pending' not in err  # stopped before it wrote one
     assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a']
     assert sorted(p.name for p in (out / 'maps').iterdir()) == ['a.npy']  # no temporary files
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_as_a_batch_enters_scores_csv_leaves_no_pending_batch_listed_there(calibrated, inputs, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """.pending names the batch being written until scores.csv lists it: a Ctrl-C that comes just after
+    scores.csv is written waits until .pending is gone, or the next run would call the batch unfinished."""
+    original = predict.write_csv
+
+    def interrupted_write_csv(path, columns, rows):
+        original(path, columns, rows)
+        if path.name == 'scores.csv':
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(predict, 'write_csv', interrupted_write_csv)
+    out = tmp_path / 'out'
+    assert predict.main(['-m', str(calibrated), '-i', str(inputs / 'a.png'), str(inputs / 'b.jpg'),
+                         '-o', str(out), '--batch-size', '1']) == predict.INTERRUPTED_STATUS
+    assert '.pending' not in capsys.readouterr().err
+    assert list(pd.read_csv(out / 'scores.csv')['output']) == ['a'] and not (out / predict.PENDING).exists()
 
 
 @pytest.mark.slow
