@@ -148,11 +148,12 @@ def warn_earlier_exports(*model_paths):
         export_path = default_export_path(model_path, fmt)
         if export_path.is_file() and os.path.realpath(export_path) not in warned:
             warned.add(os.path.realpath(export_path))
+            uses = ('predict.py with it decides by those its model had then, or makes no decisions'
+                    if fmt == 'onnx' else 'its spec holds those its model had then, or none')
+            options = ', with the options it was exported with (--dynamic-size ...)' if fmt == 'onnx' else ''
             warnings.warn(f"{export_path} was exported before these thresholds were stored and does not carry "
-                          f"them (predict.py with it decides by those its model had then, or makes no "
-                          f"decisions); export the model again, with the options it was exported with "
-                          f"(--dynamic-size ...): python -m experiments.export -m {shlex.quote(str(model_path))} "
-                          f"--format {fmt}")
+                          f"them ({uses}); export the model again{options}: python -m experiments.export "
+                          f"-m {shlex.quote(str(model_path))} --format {fmt}")
 
 
 def parse_args(argv=None):

@@ -296,10 +296,22 @@ def test_exports_made_before_the_thresholds_are_named(held_out_model, tmp_path):
     path, root, held_out = held_out_model
     exported = export.export(path, 'torchscript')
     assert exported == export.default_export_path(path, 'torchscript')
-    with pytest.warns(UserWarning, match=rf"^{re.escape(str(exported))} was exported before these thresholds were "
-                                         rf"stored and does not carry them.*--dynamic-size.*"
-                                         rf"-m {re.escape(shlex.quote(str(path)))} --format torchscript$"):
+    onnx = export.default_export_path(path, 'onnx')
+    onnx.write_bytes(b'an earlier ONNX export')  # only its name counts
+    with pytest.warns(UserWarning) as caught:
         thresholds.main(['-m', str(path), '--batch-size', '4'])
+    messages = sorted(str(warning.message) for warning in caught if 'was exported before' in str(warning.message))
+    assert len(messages) == 2
+    assert re.fullmatch(rf"{re.escape(str(onnx))} was exported before these thresholds were stored and does not "
+                        rf"carry them \(predict\.py with it decides by those its model had then.*\); export the "
+                        rf"model again, with the options it was exported with \(--dynamic-size \.\.\.\): "
+                        rf"python -m experiments\.export -m {re.escape(shlex.quote(str(path)))} --format onnx",
+                        messages[0])
+    assert re.fullmatch(rf"{re.escape(str(exported))} was exported before these thresholds were stored and does "
+                        rf"not carry them \(its spec holds those its model had then, or none\); export the model "
+                        rf"again: python -m experiments\.export -m {re.escape(shlex.quote(str(path)))} "
+                        rf"--format torchscript", messages[1])
+    onnx.unlink()
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a copy written elsewhere has no export beside it
         thresholds.main(['-m', str(path), '--batch-size', '4', '-o', str(tmp_path / 'copy.pt')])
