@@ -33,9 +33,10 @@ from pathlib import Path
 from experiments import recipes, settings, tables
 from experiments.arguments import (add_image_reading_arguments, check_image_reading, image_reading,
                                   one_line_warnings, path_argument)
-from experiments.cli import (add_layout_arguments, add_training_arguments, check_output_dir, check_swa_epochs,
-                             check_training_options, exit_on_input_error, exit_on_interrupt, figure_files, found_run,
-                             layout_from_args, model_from_args, other_run_message, prepare_output_dir,
+from experiments.cli import (add_layout_arguments, add_training_arguments, check_evaluation_dir, check_output_dir,
+                             check_swa_epochs, check_training_options, exit_on_input_error, exit_on_interrupt,
+                             figure_files, found_run, layout_from_args, model_from_args, other_run_message,
+                             prepare_output_dir,
                              print_slow_bf16_note, print_warnings, refuse_existing_run, refuse_twin_run,
                              remove_report_temporaries, report_problems, reports_from_first_process_only,
                              standardizes_input, train_config, train_unless_finished, warn_low_contrast,
@@ -208,7 +209,7 @@ def plan(args):
     print_warnings(PROG, notes + settings.ignored_category_options(DEMO_CATEGORY, args.kind, overrides))
     check_default_swa_epochs(args, [DEMO_CATEGORY], overrides, DEMO_EPOCHS)
     if args.evaluate is not False:
-        check_output_dir(Path(args.out_dir) / 'eval')
+        check_evaluation_dir(Path(args.out_dir) / 'eval', figures=not args.no_figures)
         check_one_model_each(args.out_dir, setting, [DEMO_CATEGORY])
     out_dir = prepare_output_dir(args.out_dir)
     category_dir = make_demo_dataset(out_dir / 'demo_data')
@@ -239,7 +240,7 @@ def check_evaluable(args, setting, data_dir, categories):
     hold one model per seed of ``setting`` (``check_one_model_each``), checked before anything is
     trained."""
     if args.evaluate:
-        check_output_dir(Path(args.out_dir) / 'eval')
+        check_evaluation_dir(Path(args.out_dir) / 'eval', figures=not args.no_figures)
         layout = layout_from_args(args)
         for category in categories:
             bit_depth = image_reading(args) or training_bit_depth(data_dir, category, layout)
@@ -674,6 +675,7 @@ def main(argv=None):
     with exit_on_input_error(PROG):
         setting, data_dir, categories, out_dir = plan(args)
         for category in categories:  # before the first category trains
+            check_output_dir(setting.run_dir(out_dir, category))
             refuse_twin_run(setting, out_dir, category)
             if is_first_process():  # the one that takes the lock (under torchrun, the others' check would race it)
                 refuse_run_in_progress(setting.run_dir(out_dir, category), setting.run_name(category))

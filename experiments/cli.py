@@ -269,6 +269,15 @@ def check_output_dir(path):
         raise PermissionError(f"cannot write to output folder {path}: {existing} is not writable")
 
 
+def check_evaluation_dir(path, figures=True):
+    """``check_output_dir`` of an evaluation's output folder ``path`` and of the folders it writes
+    in: ``tables`` and, with ``figures``, ``figures`` (a file in the way would fail the evaluation only
+    once its models are scored, or trained)."""
+    path = Path(path)
+    for folder in (path, path / 'tables', *([path / 'figures'] if figures else [])):
+        check_output_dir(folder)
+
+
 INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
@@ -547,7 +556,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         if args.batch_size < 1:
             raise ValueError(f'--batch-size must be a positive integer, got {args.batch_size}')
         resolve_device(args.device)
-        check_output_dir(args.out_dir)
+        check_evaluation_dir(args.out_dir, figures=not args.no_figures)
         remove_report_temporaries(args.out_dir)
         figure_dir = None if args.no_figures else Path(args.out_dir) / 'figures'
         earlier_figures = figure_files(figure_dir)

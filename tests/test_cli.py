@@ -1,5 +1,6 @@
 """Training scripts: input errors end in one line and write nothing; short real runs; resume."""
 import math
+import shutil
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 import train_chest_xray
 import train_mvtec
 from conftest import make_mvtec_category, save_checkpoint
-from experiments import mvtec_tasks
+from experiments import cli, mvtec_tasks
 from experiments.settings import trained_model_path
 from experiments.training import cpu_has_bf16, last_checkpoint_path, load_model
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
@@ -111,6 +112,30 @@ def test_an_evaluation_folder_that_is_a_file_is_refused_before_training(tiny_mvt
         message = run_error(train_mvtec.main, ['-s', 'Shift', '-o', str(tmp_path / 'out')] + data, capsys)
         assert f"cannot write to output folder {tmp_path / 'out' / 'eval'}: " in message and 'is a file' in message
         assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['eval']
+
+
+def test_a_file_where_a_folder_of_the_run_or_its_evaluation_should_be_is_refused_before_training(
+        tiny_mvtec, tmp_path, capsys):
+    """The evaluation's figures and tables folders, and the run's folder: a file in the way is named before
+    anything is trained (it failed the evaluation, or the run, only after training or calibration)."""
+    root, name = tiny_mvtec
+    out = tmp_path / 'out'
+    for in_the_way, folder, options in (('eval/figures', 'eval/figures', ['--evaluate']),
+                                        ('eval/tables', 'eval/tables', ['--evaluate']),
+                                        ('shift', f'shift/{name}', [])):
+        shutil.rmtree(out, ignore_errors=True)
+        (out / in_the_way).parent.mkdir(parents=True, exist_ok=True)
+        (out / in_the_way).write_text('a file')
+        message = run_error(train_mvtec.main, ['-s', 'Shift', '-d', str(root), '-n', name, '-o', str(out)]
+                            + options + [flag for flag in FAST if flag != '--no-figures'], capsys)
+        assert message == (f"train_mvtec.py: error: cannot write to output folder {out / folder}: "
+                           f"{out / in_the_way} is a file")
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == [in_the_way]
+    # without figures, a file named figures is no folder of the evaluation's
+    shutil.rmtree(out)
+    (out / 'eval').mkdir(parents=True)
+    (out / 'eval' / 'figures').write_text('a file')
+    cli.check_evaluation_dir(out / 'eval', figures=False)
 
 
 def test_unknown_category_lists_the_found_ones(tmp_path, capsys):
