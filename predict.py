@@ -204,8 +204,8 @@ def predict_files(detector, files, out_dir, flip_average=False):
                                  decision))
             with signals_held():  # .pending goes as the batch enters scores.csv: it names no image listed there
                 write_csv(out_dir / 'scores.csv', SCORE_COLUMNS, rows)
-                write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
                 (out_dir / PENDING).unlink(missing_ok=True)
+            write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
             progress.update(len(files[start:start + detector.batch_size]))
     notes = detector.shape_notes(*zip(*shapes)) if shapes else []
     if notes:
@@ -218,7 +218,10 @@ def predict_files(detector, files, out_dir, flip_average=False):
 def kept_batches(out_dir):
     """Where a stopped run's outputs are: the batches before it in scores.csv, and the one being
     written in .pending where it was stopped while writing one."""
-    pending = f' (and the one being written in {out_dir / PENDING})' if (out_dir / PENDING).exists() else ''
+    try:
+        pending = f' (and the one being written in {out_dir / PENDING})' if (out_dir / PENDING).exists() else ''
+    except OSError:  # a folder that cannot be looked into (perhaps why the run stopped)
+        pending = f' (and the one being written in {out_dir / PENDING}, if it is there)'
     return f'the batches before it are in {out_dir / "scores.csv"}{pending}'
 
 

@@ -48,32 +48,36 @@ def write_atomic(path, write, binary=True):
     """Write ``path`` through ``write(f)`` (``f`` an open file, bytes when ``binary`` else UTF-8
     text) on a temporary file in the same folder, then rename it to ``path``; returns the Path.
     Creates the folder when needed."""
-    path = Path(path)
-    _rename(_temporary_file(path, write, binary), path)
-    _sync_folder(path.parent)
-    return path
+    return write_atomic_set([(path, write, binary)])[0]
 
 
 def write_atomic_set(writes):
     """Write the files of ``writes`` (``(path, write, binary)`` each, as ``write_atomic`` takes them) as
-    one set: every temporary file first, the renames only once all are written, so that a failed write
-    (a full disk) leaves every path as it was; returns the Paths. A path that is a folder is refused,
-    an OSError naming it, before anything is written (a rename onto it would fail midway). Hold
-    Ctrl-C around it (``signals_held``) to keep an interrupt out of the renames."""
+    one set: every temporary file first, the renames, in the order given, only once all are written, so
+    that a failed write (a full disk) leaves every path as it was; returns the Paths. A path that is a
+    folder is refused, an OSError naming it, before anything is written (a rename onto it would fail
+    midway). A rename that fails all the same (a file made immutable, a folder made read-only meanwhile)
+    leaves the files before it in ``writes`` new and the others as they were: put the one that tells of
+    the others last. Hold Ctrl-C around it (``signals_held``) to keep an interrupt out of the renames."""
     writes = [(Path(path), write, binary) for path, write, binary in writes]
     for path, _, _ in writes:
-        if path.is_dir():
+        try:
+            folder = path.is_dir() and not path.is_symlink()  # a link to a folder is replaced, not entered
+        except OSError as error:  # a folder above that cannot be looked into
+            raise _write_error(path, error) from error
+        if folder:
             raise _write_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
     temporaries = []
     try:
         for path, write, binary in writes:
             temporaries.append(_temporary_file(path, write, binary))
+        while temporaries:
+            _rename(temporaries[0], writes[len(writes) - len(temporaries)][0])
+            temporaries.pop(0)
     except BaseException:
         for tmp in temporaries:
             _discard(tmp)
         raise
-    for tmp, (path, _, _) in zip(temporaries, writes):
-        _rename(tmp, path)
     for folder in dict.fromkeys(path.parent for path, _, _ in writes):
         _sync_folder(folder)
     return [path for path, _, _ in writes]

@@ -411,11 +411,11 @@ def mixed_models(records, kept, model_dir):
 
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
-    """Write ``out_dir/results.csv`` (``write_results``) and the tables of ``metrics`` as
-    ``out_dir/tables/<metric>.{csv,md,tex}`` (``write_tables``), all as one set
-    (``atomic.write_atomic_set``: a failed write leaves every file as it was); returns the tables
-    ``{metric: DataFrame}``. Results of one seed twice: ``write_results``'s ValueError, after the
-    results are kept and the tables removed."""
+    """Write ``out_dir/results.csv`` (as ``write_results`` does) and the tables of ``metrics`` as
+    ``out_dir/tables/<metric>.{csv,md,tex}`` (as ``write_tables`` does), all as one set
+    (``atomic.write_atomic_set``: a failed write leaves every file as it was; results.csv is renamed
+    last); returns the tables ``{metric: DataFrame}``. Results of one seed twice: a ValueError naming
+    them, after the results are kept and the tables removed."""
     out_dir = Path(out_dir)
     results, tables_dir = out_dir / 'results.csv', out_dir / 'tables'
     frame = _keyed_frame(records)
@@ -426,7 +426,7 @@ def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
         write_tables({}, tables_dir)  # which no longer match them
         raise
     built = build_tables(records, metrics, paper_layout=paper_layout, percent=percent)
-    files = {results: frame.to_csv(index=False), **table_files(built, tables_dir)}
+    files = {**table_files(built, tables_dir), results: frame.to_csv(index=False)}  # results.csv last
     write_atomic_set(text_writes(files))
     remove_other_tables(tables_dir, files)
     return built

@@ -142,7 +142,7 @@ def warn_earlier_exports(*model_paths):
     """Warn once for each export of the checkpoint at ``model_paths`` (the file written, and the link it
     was written through) at its default name (``default_export_path``), made before its thresholds were
     stored: it carries the thresholds its model had then (or none), by which predict.py would flag
-    images."""
+    images with an ONNX export."""
     warned = set()
     for model_path, fmt in itertools.product(model_paths, FORMATS):
         export_path = default_export_path(model_path, fmt)

@@ -209,3 +209,21 @@ def test_a_folder_in_the_set_is_refused_before_anything_is_written(tmp_path):
                           (tmp_path / 'b.md', text_write('x'), False)])
     assert (tmp_path / 'results.csv').read_text() == 'old'
     assert sorted(os.listdir(tmp_path)) == ['b.md', 'results.csv']
+
+
+def test_a_rename_that_fails_midway_leaves_the_later_files_as_they_were_and_no_temporary_file(tmp_path, monkeypatch):
+    paths = [tmp_path / name for name in ('a.md', 'b.md', 'results.csv')]
+    for path in paths:
+        path.write_text('old')
+    original, renamed = os.replace, []
+
+    def replace_once(source, target):
+        if renamed:
+            raise PermissionError(1, 'Operation not permitted')
+        renamed.append(target)
+        original(source, target)
+    monkeypatch.setattr(atomic.os, 'replace', replace_once)
+    with pytest.raises(OSError, match=r'cannot write .*b\.md: Operation not permitted'):
+        write_atomic_set([(path, text_write('new'), False) for path in paths])
+    assert [path.read_text() for path in paths] == ['new', 'old', 'old']  # the last one, results.csv, old
+    assert sorted(os.listdir(tmp_path)) == ['a.md', 'b.md', 'results.csv']

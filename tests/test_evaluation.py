@@ -369,6 +369,15 @@ def test_a_table_that_cannot_be_written_leaves_the_results_and_every_table_as_th
     assert after == before
 
 
+def test_results_csv_is_renamed_after_its_tables(tmp_path, monkeypatch):
+    """A rename that fails midway leaves the files after it as they were: results.csv, which names
+    what the tables show, comes last."""
+    written = []
+    monkeypatch.setattr(tables, 'write_atomic_set', lambda writes: written.extend(path for path, _, _ in writes))
+    tables.write_report(two_group_records(), tmp_path, ['image_auroc_mean'])
+    assert written[-1] == tmp_path / 'results.csv' and len(written) == 4
+
+
 def test_earlier_figures_of_failed_evaluations_are_removed(tmp_path):
     from experiments import plotting
     for name in ('a_Shift.png', 'b_Shift.png', 'c_Shift.png', 'd_Shift.png'):
