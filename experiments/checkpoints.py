@@ -268,7 +268,9 @@ def seed_differences(a, b):
     chosen category parameters where a recipe is calibrated per seed, but not the generator
     arguments that no calibration sets), fields that one meta lacks (written by an earlier
     version) and the paths of a layout of the same format; with a calibrated recipe, the
-    calibrated parameters that one seed's command line set (``param_overrides``) count."""
+    calibrated parameters that one seed's command line set (``param_overrides``) count, and so does
+    the number of training processes (``world_size``, a result field elsewhere: torchrun's processes
+    train a few images fewer per epoch, and on a CPU each one's batch norm sees its share alone)."""
     calibrated = any(meta.get('recipe', 'table') != 'table' for meta in (a, b))
     ignored = set(SEED_FIELDS) | (set(CALIBRATED_FIELDS) if calibrated else set())
     if calibrated and (a.get('category_params') or {}).get('epochs') != (
@@ -289,6 +291,8 @@ def seed_differences(a, b):
     differences = [difference for difference in run_differences(a, b)
                    if (name := difference.split(':')[0].split('.')[0]) not in ignored
                    and recorded(a, name) and recorded(b, name)]
+    if 'world_size' in a and 'world_size' in b and a['world_size'] != b['world_size']:
+        differences.append(f"world_size: {a['world_size']} vs {b['world_size']}")
     if calibrated:
         differences += dict_differences(set_by_hand(a), set_by_hand(b), 'self_sup_args.')
         if 'param_overrides' in a and 'param_overrides' in b:

@@ -1052,6 +1052,11 @@ def test_seeds_differ_not_by_where_their_data_lay_nor_by_fields_an_earlier_versi
     assert checkpoints.seed_differences(*searched) == []
     assert checkpoints.seed_differences(seed_meta(0, epochs=320), seed_meta(1, epochs=560)) == [
         'epochs: 320 vs 560']
+    # seeds trained by another number of processes (torchrun): a note, where both metas record it
+    assert checkpoints.seed_differences({**seed_meta(0), 'world_size': 1}, {**seed_meta(1), 'world_size': 2}) == [
+        'world_size: 1 vs 2']
+    assert checkpoints.seed_differences({**seed_meta(0), 'world_size': 2}, {**seed_meta(1), 'world_size': 2}) == []
+    assert checkpoints.seed_differences({**seed_meta(0), 'world_size': 2}, seed_meta(1)) == []
 
 
 def test_calibrated_seeds_differ_by_the_generator_arguments_that_no_calibration_sets():
