@@ -1779,9 +1779,12 @@ def test_evaluations_ending_at_once_in_one_folder_keep_each_others_results(tmp_p
     assert sorted(output.count(waited) for output in outputs) == [0, 1]
 
 
-def evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records):
-    """train_mvtec.evaluate_trained of 'Shift' on 'tiny' whose evaluation gives ``records``, into OUT/eval
-    that holds the results ``earlier`` -> (what it printed, the (category, setting) of the results written)."""
+def evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier):
+    """train_mvtec.evaluate_trained of 'Shift' on 'tiny', whose evaluation gives one result (seed 0, every
+    metric 0.5, scored on the test set 'this test set'), into OUT/eval that holds the results ``earlier``
+    -> (what it printed, the (category, setting) of the results written)."""
+    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
+                    flip_average=False, test_set_sha256='this test set', **dict.fromkeys(mvtec_tasks.METRICS, 0.5))]
     eval_dir = tmp_path / 'out' / 'eval'
     eval_dir.mkdir(parents=True)
     tables.write_results(earlier, eval_dir / 'results.csv')
@@ -1808,9 +1811,7 @@ def test_training_evaluation_leaves_out_earlier_results_of_another_test_set_of_t
         model.write_bytes(b'a model')
         earlier.append(dict(category=category, kind='texture', setting=setting, seed=0, checkpoint=str(model),
                             flip_average=False, **figures, **({} if digest is None else dict(test_set_sha256=digest))))
-    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
-                    flip_average=False, test_set_sha256='this test set', **figures)]
-    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records)
+    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier)
     assert ("note: 2 earlier results left out of the tables: they were scored on another test set of their category "
             f"than this evaluation's (other images, defect types or masks), or before the results recorded their test "
             f"set, e.g. {tmp_path / 'tiny_FPI.pt'}") in printed
@@ -1834,9 +1835,7 @@ def test_training_evaluation_keeps_failed_results_and_leaves_out_unrecorded_thre
         earlier.append(dict(category='tiny', kind='texture', setting=setting, seed=0, checkpoint=str(model),
                             weights_sha256=read_meta(model)['weights_sha256'], flip_average=False, **figures,
                             **({} if 'error' in more else dict(test_set_sha256='this test set')), **more))
-    records = [dict(category='tiny', kind='texture', setting='Shift', seed=0, checkpoint=str(tmp_path / 'tiny.pt'),
-                    flip_average=False, test_set_sha256='this test set', **figures)]
-    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier, records)
+    printed, written = evaluate_beside_earlier_results(tmp_path, monkeypatch, capsys, earlier)
     assert ("note: 1 earlier results left out of the tables: they were evaluated before the results recorded the "
             f"thresholds of their precision, recall and F1, and their models store thresholds now, e.g. "
             f"{tmp_path / 'CutPaste.pt'}") in printed
