@@ -36,11 +36,10 @@ from experiments.arguments import (add_image_reading_arguments, check_image_read
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_evaluation_dir, check_output_dir,
                              check_swa_epochs, check_training_options, exit_on_input_error, exit_on_interrupt,
                              figure_files, found_run, layout_from_args, model_from_args, other_run_message,
-                             prepare_output_dir,
-                             print_slow_bf16_note, print_warnings, refuse_existing_run, refuse_twin_run,
-                             remove_report_temporaries, report_problems, reports_from_first_process_only,
-                             standardizes_input, train_config, train_unless_finished, warn_low_contrast,
-                             warn_unused_reading, write_evaluation)
+                             prepare_output_dir, print_slow_bf16_note, print_warnings, refuse_existing_run,
+                             refuse_twin_run, remove_report_temporaries, report_problems,
+                             reports_from_first_process_only, standardizes_input, train_config,
+                             train_unless_finished, warn_low_contrast, warn_unused_reading, write_evaluation)
 from experiments.checkpoints import (NO_THRESHOLDS, SEARCH_DIR, check_one_model_per_seed, model_checksums,
                                      read_meta, select_checkpoints, sort_records)
 from experiments.mvtec_tasks import evaluate_checkpoints, find_evaluable, write_report

@@ -71,12 +71,11 @@ def write_atomic_set(writes):
     try:
         for path, write, binary in writes:
             temporaries.append(_temporary_file(path, write, binary))
-        while temporaries:
-            _rename(temporaries[0], writes[len(writes) - len(temporaries)][0])
-            temporaries.pop(0)
+        for tmp, (path, _, _) in zip(temporaries, writes):
+            _rename(tmp, path)
     except BaseException:
         for tmp in temporaries:
-            _discard(tmp)
+            _discard(tmp)  # those renamed are gone
         raise
     for folder in dict.fromkeys(path.parent for path, _, _ in writes):
         _sync_folder(folder)
