@@ -10,8 +10,9 @@ masks); any size, grey or colour
 (a grey model takes colour images as their luminance, a colour model grey images as three equal
 channels). Each image is prepared as the evaluation prepares test images and its map is resized
 back to the image's own pixels (``experiments.detector``); images unlike the model's training
-images in aspect ratio or size are counted in a warning (``Detector.shape_notes``), also written to
-shape_notes.txt. OUT_DIR gets
+images in aspect ratio or size are counted in a warning (``Detector.shape_notes``), and so are
+images of far less contrast (``Detector.contrast_notes``: e.g. a 16-bit file whose data has fewer
+bits than the training images'), each also written to shape_notes.txt. OUT_DIR gets
 
     scores.csv              file, output name (the file's stem; bytes of a name that are not
                             UTF-8 written as \\xNN), score_mean, score_max, anomalous (score_mean
@@ -55,7 +56,7 @@ from experiments.atomic import (remove_stale_temporaries, signals_held, write_at
                                 write_text_atomic)
 from experiments.detector import Detector, NonFiniteMapError
 from experiments.inference import warn_flip_average_mismatch
-from self_sup_data.images import image_files, to_channels
+from self_sup_data.images import image_files, image_span, to_channels
 
 PROG = 'predict.py'
 MAX_FAILED_STATUS = 100
@@ -63,7 +64,7 @@ STOPPED_STATUS = 101
 SCORE_COLUMNS = ('file', 'output', 'score_mean', 'score_max', 'anomalous')
 OVERLAY_ALPHA = 0.5
 PENDING = '.pending'  # the output names of the batch being written, until scores.csv lists them
-NOTES = 'shape_notes.txt'  # the warnings about images unlike the model's training images
+NOTES = 'shape_notes.txt'  # the warnings about images unlike the model's training images (shape, contrast)
 RUN_FILES = ('scores.csv', 'errors.csv', NOTES, PENDING)
 
 
@@ -186,7 +187,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     errors.append((printable(str(path)), printable(str(error))))
             if batch:
                 images = [image for _, _, image in batch]
-                shapes += [(printable(str(path)), image.shape) for path, _, image in batch]
+                shapes += [(printable(str(path)), image.shape, image_span(image)) for path, _, image in batch]
                 if detector.pixel_threshold is None:  # no masks
                     (scores, maps), masks = detector.predict(images, flip_average), [None] * len(batch)
                 else:
@@ -207,7 +208,8 @@ def predict_files(detector, files, out_dir, flip_average=False):
                 (out_dir / PENDING).unlink(missing_ok=True)
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
             progress.update(len(files[start:start + detector.batch_size]))
-    notes = detector.shape_notes(*zip(*shapes)) if shapes else []
+    names, sizes, spans = zip(*shapes) if shapes else ((), (), ())
+    notes = detector.shape_notes(names, sizes) + detector.contrast_notes(names, spans) if shapes else []
     if notes:
         write_text_atomic(out_dir / NOTES, ''.join(f'{note}\n' for note in notes))
     for note in notes:

@@ -21,7 +21,7 @@ from experiments.cli import (add_training_arguments, check_swa_epochs, check_tra
                              print_warnings, refuse_twin_run, reports_from_first_process_only, train_config,
                              train_unless_finished, warn_low_contrast, warn_unused_reading)
 from self_sup_data.chest_xray import SelfSupChestXRay, check_listed_once, read_file_list
-from self_sup_data.images import image_shape_summary
+from self_sup_data.images import image_shape_summary, image_span_summary
 from self_sup_data.layouts import contents_sha256, names_sha256
 from self_sup_data.mvtec import SET_BIT_DEPTH
 from self_sup_data.recipe import check_object_pixels
@@ -114,7 +114,8 @@ def prepare_run(args, setting, params):
                 normal_list_sha256=names_sha256(dataset.paths),  # a rewritten list is another run
                 normal_list_order_sha256=listed_names_sha256(names),  # and so is a reordered one
                 train_contents_sha256=contents_sha256(dataset.paths),  # and images replaced
-                train_image_shape=image_shape_summary(dataset.image_sizes))  # new images are compared with it
+                train_image_shape=image_shape_summary(dataset.image_sizes),  # new images are compared with it
+                train_image_span=image_span_summary(dataset.images))  # and so is their contrast
     if dataset.bit_depth is not None:  # 16-bit training images (or --bit-depth): their test and new images alike
         meta['bit_depth'] = dataset.bit_depth
     return dataset, model, config, meta, None

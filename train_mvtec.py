@@ -48,7 +48,7 @@ from experiments.training import (TrainConfig, dict_differences, final_model_pat
                                   run_differences, run_meta)
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.images import image_shape_summary
+from self_sup_data.images import image_shape_summary, image_span_summary
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, contents_sha256, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
                                  load_validation_set, train_files, training_bit_depth)
@@ -553,6 +553,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                 train_files_sha256=names_sha256(dataset.paths),  # images added or removed: another run
                 train_contents_sha256=contents_sha256(dataset.paths),  # and images replaced
                 train_image_shape=image_shape_summary(dataset.image_sizes),  # new images are compared with it
+                train_image_span=image_span_summary(dataset.images),  # and so is their contrast
                 in_channels=dataset.in_channels, seed=seed, category_params=params,
                 param_overrides=overrides,  # what calibration was not to change
                 self_sup_args=self_sup_args, generator_version=GENERATOR_VERSION, recipe=recipe,

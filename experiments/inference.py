@@ -20,6 +20,9 @@ checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported 
     train_image_shape   the training images' aspect ratios and longer sides
                         (``self_sup_data.images.image_shape_summary``), which ``shape_notes``
                         compares new images with; None for models trained before it was recorded
+    train_image_span    [least, greatest] grey-level span of the training images as read
+                        (``self_sup_data.images.image_span_summary``), which ``contrast_notes``
+                        compares new images with; None for models trained before it was recorded
 
 This is ``experiments.prediction`` on uint8 images instead of normalised tensors: cropping,
 reflect padding and flips commute with the per-pixel normalisation, which the network input
@@ -162,6 +165,39 @@ def shape_notes(spec, names, shapes):
                      f"network at another scale than it learnt; crop or resize them to the training images' scale "
                      f"first")
     return notes
+
+
+CONTRAST_TOLERANCE = 4  # a new image whose grey-level span is below the training images' least by this factor
+
+
+def contrast_notes(spec, names, spans):
+    """A note (a list of one string, or none) on the images, of grey-level ``spans`` as read
+    (``self_sup_data.images.image_span`` each) and named by ``names``, whose span is below the
+    least of the model's training images (``spec['train_image_span']``; none for a model without
+    it) by more than the factor CONTRAST_TOLERANCE: images nearly uniform as the network gets them,
+    most often 16-bit files read with a bit depth that is not their data's (``spec['bit_depth']``,
+    that of the training images), whose values then fill a sliver of 0..255."""
+    trained = spec.get('train_image_span')
+    if not trained:
+        return []
+    faint = [(name, span) for name, span in zip(names, spans) if span < trained[0] / CONTRAST_TOLERANCE]
+    if not faint:
+        return []
+    name, span = faint[0]
+    depth = spec.get('bit_depth')
+    cause = (f"; the model reads 16-bit files as its training images were read ({_reading(depth)}), so a 16-bit "
+             f"file whose data has fewer bits (8-bit values saved as 16 bits, say) comes out nearly black: save "
+             f"such images as 8-bit files, or scale their data to the training images' range"
+             if depth is not None else '')
+    return [f"{len(faint)} of {len(spans)} images have far less contrast than the model's training images: "
+            f"their grey levels span at most {max(span for _, span in faint)} of 0..255 as read, the training "
+            f"images' at least {trained[0]} (first: {name}, {span}); the network scores such images unlike any "
+            f"it learnt{cause}"]
+
+
+def _reading(depth):
+    """The words for a model's ``bit_depth``: bits, or an intensity window [low, high]."""
+    return f'as {depth}-bit data' if isinstance(depth, int) else f'with the intensity window {depth[0]}..{depth[1]}'
 
 
 def _view_maps(run, images, spec):

@@ -60,7 +60,7 @@ def model_spec(meta):
                 channels=int(config['in_channels']), flip_average_error=flip_error,
                 category=category, setting=meta.get('setting'),
                 thresholds=meta.get('thresholds'), bit_depth=meta.get('bit_depth'),
-                train_image_shape=meta.get('train_image_shape'))
+                train_image_shape=meta.get('train_image_shape'), train_image_span=meta.get('train_image_span'))
 
 
 class TorchRunner:

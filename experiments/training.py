@@ -130,10 +130,11 @@ UNUSED_VALIDATION_FIELDS = ('validation_fraction', 'validation_seed')
 TEST_ONLY_LAYOUT_FIELDS = ('abnormal', 'mask_dir')
 RESUMED_FIELDS = ('epoch_losses', 'epoch_bf16', 'train_time_s', 'validation', 'best_epoch')  # carried over on resume
 # meta entries that record what a run measured, not what it is (thresholds: calibrated later; the
-# training images' shapes, which their digests pin down), and how its values were chosen (the category
-# parameters set on the command line: what is learnt is the parameters they gave)
+# training images' shapes and grey-level spans, which their digests pin down), and how its values
+# were chosen (the category parameters set on the command line: what is learnt is the parameters
+# they gave)
 RESULT_FIELDS = ('train_config', 'weights_sha256', 'world_size', 'thresholds',
-                 'param_overrides', 'train_image_shape') + RESUMED_FIELDS
+                 'param_overrides', 'train_image_shape', 'train_image_span') + RESUMED_FIELDS
 # meta entries that list a run's data in full, for the evaluation's checks; a run is told from
 # another by their digests (normal_list_sha256)
 LISTING_FIELDS = ('train_names',)

@@ -219,6 +219,19 @@ def image_shape_summary(sizes):
                 long_side=[int(min(long_sides)), int(max(long_sides))])
 
 
+def image_span(image):
+    """The grey-level span of a uint8 image as read: its largest value less its smallest (all
+    channels), 0 for a uniform image."""
+    return int(image.max()) - int(image.min()) if image.size else 0
+
+
+def image_span_summary(images):
+    """[least, greatest] ``image_span`` of ``images`` (uint8 arrays as read), plain ints for a
+    model's meta (``experiments.inference.contrast_notes`` compares new images with them)."""
+    spans = [image_span(image) for image in images]
+    return [min(spans), max(spans)]
+
+
 def turned_note(path):
     """' (turned by its EXIF orientation N, as viewers show it; stored WxH)' for an image file
     that ``as_displayed`` turns by a quarter, else '': for messages that give its size."""

@@ -15,6 +15,7 @@ from conftest import make_mvtec_category, save_checkpoint
 from experiments import cli, mvtec_tasks
 from experiments.settings import trained_model_path
 from experiments.training import cpu_has_bf16, last_checkpoint_path, load_model
+from self_sup_data.images import image_span, read_image, resize
 from self_sup_data.self_sup_tasks import GENERATOR_VERSION
 
 FAST = ['--epochs', '2', '--batch-size', '3', '--res-scale', '0.25', '--workers', '0',
@@ -419,6 +420,8 @@ def test_chest_xray_training_and_errors(tmp_path, capsys):
     assert meta['generator_version'] == GENERATOR_VERSION
     assert meta['train_names'] == names and meta['train_size'] == 32  # the evaluation's checks and crop
     assert meta['train_image_shape'] == dict(aspect=[1.0, 1.0], long_side=[64, 64])  # predict.py's notes
+    spans = [image_span(resize(read_image(tmp_path / 'images' / name), meta['low_res'])) for name in names]
+    assert meta['train_image_span'] == [min(spans), max(spans)]  # as read and resized for training
     # the list rewritten at the same path with other images (as the list builder does): another run
     listing.write_text('\n'.join(names[1:]) + '\n')
     message = run_error(train_chest_xray.main, base + ['-l', str(listing), '--resume'], capsys)

@@ -24,7 +24,7 @@ from experiments.mvtec_tasks import load_test_set
 from experiments.prediction import predict_maps
 from experiments.thresholds import store_thresholds
 from experiments.training import load_model
-from self_sup_data.images import read_image
+from self_sup_data.images import image_span, image_span_summary, read_image, resize
 from test_reliability import nan_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +270,42 @@ def test_predict_notes_images_unlike_the_models_training_images(calibrated, inpu
         warnings.simplefilter('error')
         predict.predict_files(detector, files[:1], tmp_path / 'other')  # like the training images: no notes
     assert not (tmp_path / 'other' / 'shape_notes.txt').exists()
+
+
+def test_images_of_far_less_contrast_than_the_training_images_are_noted():
+    assert image_span(np.array([[3, 7], [5, 250]], np.uint8)) == 247 and image_span(np.full((4, 4, 3), 9, np.uint8)) == 0
+    assert image_span_summary([np.array([[0, 200]], np.uint8), np.array([[10, 90]], np.uint8)]) == [80, 200]
+    spec = dict(side=64, train_image_span=[100, 255])
+    assert inference.contrast_notes(spec, ['a', 'b'], [25, 255]) == []  # a quarter of the least span is enough
+    note, = inference.contrast_notes(spec, ['a', 'flat', 'dim', 'c'], [200, 0, 24, 25])
+    assert note == ("2 of 4 images have far less contrast than the model's training images: their grey levels span at "
+                    "most 24 of 0..255 as read, the training images' at least 100 (first: flat, 0); the network scores "
+                    "such images unlike any it learnt")  # a model of 8-bit training images: no bit depth to blame
+    note, = inference.contrast_notes(dict(spec, bit_depth=16), ['x'], [1])
+    assert note.endswith("it learnt; the model reads 16-bit files as its training images were read (as 16-bit data), "
+                         "so a 16-bit file whose data has fewer bits (8-bit values saved as 16 bits, say) comes out "
+                         "nearly black: save such images as 8-bit files, or scale their data to the training images' "
+                         "range")
+    note, = inference.contrast_notes(dict(spec, bit_depth=[100, 4000]), ['x'], [1])
+    assert '(with the intensity window 100..4000)' in note
+    assert inference.contrast_notes(dict(side=64, train_image_span=None), ['x'], [0]) == []  # older models
+
+
+def test_predict_notes_a_16_bit_file_of_8_bit_values_read_with_the_models_16_bits(calibrated, inputs, tmp_path):
+    detector = Detector.load(calibrated)
+    detector.spec.update(bit_depth=16, train_image_span=[100, 255])
+    eight_bit = read_image(inputs / 'a.png')[:, :, 0]
+    assert image_span(eight_bit) >= 100  # as an 8-bit file it is like the training images
+    Image.fromarray(eight_bit.astype(np.uint16)).save(inputs / 'sixteen.png')  # its 8-bit values in a 16-bit file
+    files = [inputs / 'a.png', inputs / 'sixteen.png']
+    assert image_span(detector.read(files[1])) <= 1  # 0..255 of 0..65535: nearly black
+    (tmp_path / 'out').mkdir()
+    first = re.escape(f'first: {files[1]}, ')
+    with pytest.warns(UserWarning, match=rf"^1 of 2 images have far less contrast .*{first}.*as 16-bit data"):
+        errors, notes = predict.predict_files(detector, files, tmp_path / 'out')
+    assert errors == [] and len(pd.read_csv(tmp_path / 'out' / 'scores.csv')) == 2
+    assert (tmp_path / 'out' / 'shape_notes.txt').read_text(encoding='utf-8').splitlines() == notes
+    assert len(notes) == 1 and notes[0].startswith('1 of 2 images have far less contrast')
 
 
 def test_bfloat16_maps_are_warned_of_beside_float32_thresholds(calibrated):
@@ -529,6 +565,9 @@ def test_end_to_end_on_a_trained_model(category, tmp_path):
     path = next((tmp_path / 'm').rglob('final_*.pt'))
     model, meta = load_model(path)
     assert meta['train_image_shape'] == dict(aspect=[1.0, 1.0], long_side=[64, 64])
+    spans = [image_span(resize(read_image(file), meta['low_res']))  # as read and resized for training
+             for file in sorted((root / name / 'train' / 'good').glob('*.png'))]
+    assert len(spans) == 6 and meta['train_image_span'] == [min(spans), max(spans)]
     dataset = load_test_set(root, meta)
     out = tmp_path / 'out'
     result = subprocess.run([sys.executable, str(ROOT / 'predict.py'), '-m', str(path), '-i',
