@@ -53,6 +53,7 @@ summed on the device and read once per epoch. Under torchrun the processes share
 (see ``train``).
 """
 import copy
+import functools
 import hashlib
 import itertools
 import math
@@ -282,6 +283,35 @@ def is_first_process():
     ``RANK`` left in the environment without ``WORLD_SIZE`` > 1 counts for nothing, as in
     ``init_distributed``): the one that writes a run's files and reports."""
     return not is_distributed() or int(os.environ.get('RANK', 0)) == 0
+
+
+# how a collective ends where another process of the run has stopped (gloo; NCCL's DistBackendError)
+PEER_STOPPED_MESSAGES = ('Connection closed by peer', 'Connection reset by peer')
+
+
+def peer_stopped(error):
+    """Whether ``error``, raised in a process of a torchrun launch, says that another process of
+    the run is gone (it stopped on an error of its own, which it prints)."""
+    backend_error = getattr(dist, 'DistBackendError', ())
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and (isinstance(error, backend_error) or any(text in str(error) for text in PEER_STOPPED_MESSAGES)))
+
+
+def stops_in_one_line_with_its_peers(function):
+    """Decorate ``train`` so that a process whose collective fails because another process of the
+    run stopped (``peer_stopped``) ends with a one-line RunError saying so, not with the backend's
+    traceback below the other process's error."""
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as error:
+            if not peer_stopped(error):
+                raise
+            raise RunError(f"process {dist.get_rank()} of {dist.get_world_size()} stopped because another "
+                           f"process of the run stopped (its error says why); once that is fixed, --resume "
+                           f"continues from the run's last checkpoint") from error
+    return wrapped
 
 
 def init_distributed(device):
@@ -773,6 +803,7 @@ def check_processes_agree(name, meta, size, bf16, world_size):
                            f"({'; '.join(differing[:3])}); every process needs the same data and arguments")
 
 
+@stops_in_one_line_with_its_peers
 def train(model, dataset, config, run_dir, name, meta=None, resume=False, validator=None):
     """Train ``model`` to predict the label maps of ``dataset``; return the final meta.
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from experiments import training
 from experiments.training import RunError, final_model_path, last_checkpoint_path, train
 from test_training import CrashAtEpoch, SquaresDataset, TinyNet, config, fresh_model
 
@@ -137,6 +138,36 @@ def test_processes_with_other_training_data_stop_with_an_error_not_a_hang(tmp_pa
         assert ("run 'toy': process 1 would train another run than process 0 (training images: 8 vs 7); every "
                 "process needs the same data and arguments") == (tmp_path / f'rank{rank}.txt').read_text()
     assert not final_model_path(tmp_path / 'run', 'toy').exists()
+
+
+def run_rank_whose_first_process_cannot_write(rank, port, run_dir, out_dir):
+    """One process of a two-process run in which process 0 cannot write its checkpoint (a full
+    disk, say): saves the error each process ends with."""
+    become_rank(rank, port)
+    if rank == 0:
+        def full_disk(*args, **kwargs):
+            raise OSError(28, 'No space left on device')
+        training.save_torch_atomic = full_disk
+    try:
+        train(fresh_model(), SquaresDataset(n=8), config(epochs=2, batch_size=4, device='cpu'), run_dir, 'toy')
+    except (OSError, RunError) as error:
+        (out_dir / f'rank{rank}.txt').write_text(f'{type(error).__name__}: {error}')
+
+
+@pytest.mark.slow
+def test_the_other_processes_stop_with_one_line_when_the_first_stops_on_an_error(tmp_path):
+    mp.spawn(run_rank_whose_first_process_cannot_write, args=(free_port(), tmp_path / 'run', tmp_path),
+             nprocs=WORLD_SIZE)
+    assert (tmp_path / 'rank0.txt').read_text() == 'OSError: [Errno 28] No space left on device'
+    assert (tmp_path / 'rank1.txt').read_text() == (
+        "RunError: process 1 of 2 stopped because another process of the run stopped (its error says why); once "
+        "that is fixed, --resume continues from the run's last checkpoint")  # not gloo's error and its traceback
+    assert not final_model_path(tmp_path / 'run', 'toy').exists()
+
+
+def test_only_errors_of_a_stopped_process_are_taken_for_a_peers_stop():
+    assert not training.peer_stopped(RuntimeError('Connection closed by peer'))  # no process group
+    assert not training.peer_stopped(RuntimeError('CUDA out of memory'))
 
 
 class BatchNormNet(TinyNet):
