@@ -55,8 +55,8 @@ from experiments.arguments import INTERRUPTED_STATUS, one_line_warnings, path_ar
 from experiments.atomic import (remove_stale_temporaries, signals_held, write_atomic, write_failure_reason,
                                 write_text_atomic)
 from experiments.detector import Detector, NonFiniteMapError
-from experiments.inference import warn_flip_average_mismatch
-from self_sup_data.images import image_files, image_span, to_channels
+from experiments.inference import contrast_notes, prepared_span, warn_flip_average_mismatch
+from self_sup_data.images import image_files, to_channels
 
 PROG = 'predict.py'
 MAX_FAILED_STATUS = 100
@@ -174,7 +174,7 @@ def predict_files(detector, files, out_dir, flip_average=False):
     """Predict ``files`` in batches of ``detector.batch_size`` and write OUT_DIR's files (see the
     module docstring) -> (the list of (file, error) of the files that could not be read, the notes
     on images unlike the model's training images)."""
-    rows, errors, shapes = [], [], []
+    rows, errors, seen = [], [], []  # seen: (file, shape, span as the network gets it) of each image read
     names = output_names(files, out_dir)
     with tqdm(total=len(files), desc='predicting', unit='image', disable=None) as progress:
         for start in range(0, len(files), detector.batch_size):
@@ -187,7 +187,8 @@ def predict_files(detector, files, out_dir, flip_average=False):
                     errors.append((printable(str(path)), printable(str(error))))
             if batch:
                 images = [image for _, _, image in batch]
-                shapes += [(printable(str(path)), image.shape, image_span(image)) for path, _, image in batch]
+                seen += [(printable(str(path)), image.shape, prepared_span(image, detector.spec))
+                         for path, _, image in batch]
                 if detector.pixel_threshold is None:  # no masks
                     (scores, maps), masks = detector.predict(images, flip_average), [None] * len(batch)
                 else:
@@ -208,8 +209,8 @@ def predict_files(detector, files, out_dir, flip_average=False):
                 (out_dir / PENDING).unlink(missing_ok=True)
             write_csv(out_dir / 'errors.csv', ('file', 'error'), errors)
             progress.update(len(files[start:start + detector.batch_size]))
-    names, sizes, spans = zip(*shapes) if shapes else ((), (), ())
-    notes = detector.shape_notes(names, sizes) + detector.contrast_notes(names, spans) if shapes else []
+    files_read, shapes, spans = zip(*seen) if seen else ((), (), ())
+    notes = detector.shape_notes(files_read, shapes) + contrast_notes(detector.spec, files_read, spans)
     if notes:
         write_text_atomic(out_dir / NOTES, ''.join(f'{note}\n' for note in notes))
     for note in notes:

@@ -6,7 +6,7 @@ ONNX file (.onnx), then ``scores, maps = detector.predict(images)``.
     scores, maps = detector.predict(images)
     anomalous = scores['mean'] > detector.threshold                # after calibration
     notes = detector.shape_notes(paths, [image.shape for image in images])  # unlike its training images
-    notes += detector.contrast_notes(paths, [image_span(image) for image in images])  # in shape or contrast
+    notes += detector.contrast_notes(paths, images)                # ... and in contrast
     scores, maps, masks = detector.predict(images, masks=True)     # and defect pixels
 
 Images are uint8 arrays ``H x W``, ``H x W x 1`` or ``H x W x 3`` of any size; they are prepared
@@ -137,10 +137,12 @@ class Detector:
         aspect ratio or size is unlike the model's training images (``inference.shape_notes``)."""
         return inference.shape_notes(self.spec, names, shapes)
 
-    def contrast_notes(self, names, spans):
-        """A note (a list of one string, or none) on the images, of grey-level ``spans`` as read
-        (``self_sup_data.images.image_span`` each) and named by ``names``, of far less contrast than
-        the model's training images (``inference.contrast_notes``)."""
+    def contrast_notes(self, names, images):
+        """A note (a list of one string, or none) on ``images`` (uint8 arrays, named by ``names``)
+        of far less contrast than the model's training images as the network gets them
+        (``inference.contrast_notes``)."""
+        spans = [inference.prepared_span(inference.as_image(image, str(name)), self.spec)
+                 for name, image in zip(names, images)]
         return inference.contrast_notes(self.spec, names, spans)
 
     def check_flip_average(self):

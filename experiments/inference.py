@@ -20,14 +20,16 @@ checkpoint's meta by ``experiments.torch_model.model_spec``, stored in exported 
     train_image_shape   the training images' aspect ratios and longer sides
                         (``self_sup_data.images.image_shape_summary``), which ``shape_notes``
                         compares new images with; None for models trained before it was recorded
-    train_image_span    [least, greatest] grey-level span of the training images as read
-                        (``self_sup_data.images.image_span_summary``), which ``contrast_notes``
-                        compares new images with; None for models trained before it was recorded
+    train_image_span    [least, greatest] grey-level span of the training images as resized for
+                        training (``self_sup_data.images.image_span_summary``), which
+                        ``contrast_notes`` compares new images with (``prepared_span``); None for
+                        models trained before it was recorded
 
 This is ``experiments.prediction`` on uint8 images instead of normalised tensors: cropping,
 reflect padding and flips commute with the per-pixel normalisation, which the network input
 does itself (``experiments.torch_model.ImageInputModel``), so the maps are the evaluation's.
 """
+import numbers
 import warnings
 
 import cv2
@@ -35,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import metrics
-from self_sup_data.images import central_box, resize, resize_to, to_channels
+from self_sup_data.images import central_box, image_span, resize, resize_to, to_channels
 
 
 def as_image(image, name='image'):
@@ -167,16 +169,23 @@ def shape_notes(spec, names, shapes):
     return notes
 
 
-CONTRAST_TOLERANCE = 4  # a new image whose grey-level span is below the training images' least by this factor
+CONTRAST_TOLERANCE = 4  # a new image whose span is below the training images' least by more than this factor
+
+
+def prepared_span(image, spec):
+    """The grey-level span (``self_sup_data.images.image_span``) of ``image`` as the network gets
+    it (``prepare``: resized to the model's side, in its channels), as the training images' span
+    was measured (``spec['train_image_span']``)."""
+    return image_span(prepare(image, spec))
 
 
 def contrast_notes(spec, names, spans):
-    """A note (a list of one string, or none) on the images, of grey-level ``spans`` as read
-    (``self_sup_data.images.image_span`` each) and named by ``names``, whose span is below the
-    least of the model's training images (``spec['train_image_span']``; none for a model without
-    it) by more than the factor CONTRAST_TOLERANCE: images nearly uniform as the network gets them,
-    most often 16-bit files read with a bit depth that is not their data's (``spec['bit_depth']``,
-    that of the training images), whose values then fill a sliver of 0..255."""
+    """A note (a list of one string, or none) on the images, of grey-level ``spans``
+    (``prepared_span`` each) and named by ``names``, whose span is below the least of the model's
+    training images (``spec['train_image_span']``; none for a model without it) by more than the
+    factor CONTRAST_TOLERANCE: images nearly uniform as the network gets them, most often 16-bit
+    files read with a bit depth that is not their data's (``spec['bit_depth']``, that of the
+    training images), whose values then fill a sliver of 0..255."""
     trained = spec.get('train_image_span')
     if not trained:
         return []
@@ -185,19 +194,22 @@ def contrast_notes(spec, names, spans):
         return []
     name, span = faint[0]
     depth = spec.get('bit_depth')
-    cause = (f"; the model reads 16-bit files as its training images were read ({_reading(depth)}), so a 16-bit "
-             f"file whose data has fewer bits (8-bit values saved as 16 bits, say) comes out nearly black: save "
-             f"such images as 8-bit files, or scale their data to the training images' range"
-             if depth is not None else '')
+    cause = '' if depth is None else (
+        f"; the model reads 16-bit files as its training images were read ({_reading(depth)}), so a 16-bit file "
+        f"whose data has fewer bits (8-bit values saved as 16 bits, say) reads nearly black"
+        f"{'' if isinstance(depth, numbers.Integral) else ', and data outside the window black or white'}: save "
+        f"such images as 8-bit files, or scale their data to the training images' range")
     return [f"{len(faint)} of {len(spans)} images have far less contrast than the model's training images: "
-            f"their grey levels span at most {max(span for _, span in faint)} of 0..255 as read, the training "
-            f"images' at least {trained[0]} (first: {name}, {span}); the network scores such images unlike any "
-            f"it learnt{cause}"]
+            f"their grey levels span at most {max(span for _, span in faint)} of 0..255 as the network gets them, "
+            f"the training images' at least {trained[0]} (first: {name}, {span}); the network scores such images "
+            f"unlike any it learnt{cause}"]
 
 
 def _reading(depth):
     """The words for a model's ``bit_depth``: bits, or an intensity window [low, high]."""
-    return f'as {depth}-bit data' if isinstance(depth, int) else f'with the intensity window {depth[0]}..{depth[1]}'
+    if isinstance(depth, numbers.Integral):
+        return f'as {depth}-bit data'
+    return f'with the intensity window {depth[0]}..{depth[1]}'
 
 
 def _view_maps(run, images, spec):

@@ -220,14 +220,18 @@ def image_shape_summary(sizes):
 
 
 def image_span(image):
-    """The grey-level span of a uint8 image as read: its largest value less its smallest (all
-    channels), 0 for a uniform image."""
-    return int(image.max()) - int(image.min()) if image.size else 0
+    """The grey-level span of a uint8 image (``H x W`` or ``H x W x C``): the largest, over its
+    channels, of a channel's largest value less its smallest; 0 for a uniform or empty image."""
+    if not image.size:
+        return 0
+    channels = image.reshape(-1, image.shape[2] if image.ndim == 3 else 1)
+    return int(np.ptp(channels, axis=0).max())
 
 
 def image_span_summary(images):
-    """[least, greatest] ``image_span`` of ``images`` (uint8 arrays as read), plain ints for a
-    model's meta (``experiments.inference.contrast_notes`` compares new images with them)."""
+    """[least, greatest] ``image_span`` of ``images`` (uint8 arrays, e.g. training images as the
+    dataset holds them: resized, in the model's channels), plain ints for a model's meta
+    (``experiments.inference.contrast_notes`` compares new images with them)."""
     spans = [image_span(image) for image in images]
     return [min(spans), max(spans)]
 

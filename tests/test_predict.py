@@ -273,32 +273,49 @@ def test_predict_notes_images_unlike_the_models_training_images(calibrated, inpu
 
 
 def test_images_of_far_less_contrast_than_the_training_images_are_noted():
-    assert image_span(np.array([[3, 7], [5, 250]], np.uint8)) == 247 and image_span(np.full((4, 4, 3), 9, np.uint8)) == 0
+    assert image_span(np.array([[3, 7], [5, 250]], np.uint8)) == 247
+    assert image_span(np.full((4, 4, 3), 9, np.uint8)) == 0 and image_span(np.zeros((0, 4), np.uint8)) == 0
+    assert image_span(np.array([[[200, 0, 0], [200, 0, 0]], [[190, 0, 30], [200, 0, 0]]], np.uint8)) == 30  # by channel
     assert image_span_summary([np.array([[0, 200]], np.uint8), np.array([[10, 90]], np.uint8)]) == [80, 200]
     spec = dict(side=64, train_image_span=[100, 255])
     assert inference.contrast_notes(spec, ['a', 'b'], [25, 255]) == []  # a quarter of the least span is enough
     note, = inference.contrast_notes(spec, ['a', 'flat', 'dim', 'c'], [200, 0, 24, 25])
     assert note == ("2 of 4 images have far less contrast than the model's training images: their grey levels span at "
-                    "most 24 of 0..255 as read, the training images' at least 100 (first: flat, 0); the network scores "
-                    "such images unlike any it learnt")  # a model of 8-bit training images: no bit depth to blame
+                    "most 24 of 0..255 as the network gets them, the training images' at least 100 (first: flat, 0); "
+                    "the network scores such images unlike any it learnt")  # 8-bit training images: no depth to blame
     note, = inference.contrast_notes(dict(spec, bit_depth=16), ['x'], [1])
     assert note.endswith("it learnt; the model reads 16-bit files as its training images were read (as 16-bit data), "
-                         "so a 16-bit file whose data has fewer bits (8-bit values saved as 16 bits, say) comes out "
+                         "so a 16-bit file whose data has fewer bits (8-bit values saved as 16 bits, say) reads "
                          "nearly black: save such images as 8-bit files, or scale their data to the training images' "
                          "range")
     note, = inference.contrast_notes(dict(spec, bit_depth=[100, 4000]), ['x'], [1])
-    assert '(with the intensity window 100..4000)' in note
+    assert ("(with the intensity window 100..4000), so a 16-bit file whose data has fewer bits (8-bit values saved as "
+            "16 bits, say) reads nearly black, and data outside the window black or white: save") in note
     assert inference.contrast_notes(dict(side=64, train_image_span=None), ['x'], [0]) == []  # older models
+
+
+def test_contrast_is_measured_as_the_network_gets_the_image():
+    grey = dict(side=32, channels=1, train_image_span=[100, 255])
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[..., 0] = 200  # a span of 200 between its channels, none in the luminance a grey model gets
+    assert image_span(red) == 0 and inference.prepared_span(red, grey) == 0
+    red[:32, :, 0] = 0  # half black: its luminance spans 60 grey levels
+    assert inference.prepared_span(red, grey) == 60 and inference.prepared_span(red, dict(grey, channels=3)) == 200
+    noise = np.random.default_rng(0).integers(60, 190, (256, 256), dtype=np.uint8)
+    assert image_span(noise) == 129 and inference.prepared_span(noise, grey) < 60  # resized as the training images
 
 
 def test_predict_notes_a_16_bit_file_of_8_bit_values_read_with_the_models_16_bits(calibrated, inputs, tmp_path):
     detector = Detector.load(calibrated)
     detector.spec.update(bit_depth=16, train_image_span=[100, 255])
     eight_bit = read_image(inputs / 'a.png')[:, :, 0]
-    assert image_span(eight_bit) >= 100  # as an 8-bit file it is like the training images
+    assert inference.prepared_span(eight_bit, detector.spec) >= 100  # as an 8-bit file it is like the training images
     Image.fromarray(eight_bit.astype(np.uint16)).save(inputs / 'sixteen.png')  # its 8-bit values in a 16-bit file
     files = [inputs / 'a.png', inputs / 'sixteen.png']
-    assert image_span(detector.read(files[1])) <= 1  # 0..255 of 0..65535: nearly black
+    images = [detector.read(file) for file in files]
+    assert image_span(images[1]) <= 1  # 0..255 of 0..65535: nearly black
+    note, = detector.contrast_notes(files, images)  # the Python API's note
+    assert note == inference.contrast_notes(detector.spec, files, [1000, image_span(images[1])])[0]
     (tmp_path / 'out').mkdir()
     first = re.escape(f'first: {files[1]}, ')
     with pytest.warns(UserWarning, match=rf"^1 of 2 images have far less contrast .*{first}.*as 16-bit data"):

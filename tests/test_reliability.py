@@ -1104,6 +1104,9 @@ def test_the_epochs_between_validations_are_part_of_a_run():
     shapes = [dict(one, train_image_shape=dict(aspect=[aspect] * 2, long_side=[1600] * 2))
               for aspect in (1.4545, 1.45455)]
     assert training.run_differences(*shapes) == []
+    # ... and so do their grey-level spans, which runs written before they were recorded lack
+    assert training.run_differences(one, dict(one, train_image_span=[3, 200])) == []
+    assert training.run_differences(dict(one, train_image_span=[4, 190]), dict(one, train_image_span=[3, 200])) == []
     # the folder format's test folders are not trained on; its normal folder is
     folder = dict(format='folder', normal='/n', abnormal=None, mask_dir=None, held_out_sha256='ab')
     tested = dict(one, layout=dict(folder, abnormal='/a', mask_dir='/m'))
