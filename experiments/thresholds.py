@@ -202,6 +202,10 @@ def main(argv=None):
         warn_earlier_exports(path, args.out or args.model)  # exports made of a link lie beside it
     print(f"thresholds from {len(files)} {source} at FPR {args.fpr:g}: image (map mean) "
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
+    if source == TRAINING_IMAGES:
+        print(f"{PROG}: note: the model was trained on these images, and scores them lower than new normal images: "
+              f"the thresholds flag more than {args.fpr:g} of new ones; normal images it has not seen set them "
+              f"right (-i, or the images a model trained with --val-fraction holds out)", file=sys.stderr)
     if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:
         print(f"{PROG}: note: at FPR {args.fpr:g}, {len(files)} images allow none of them to be flagged: the image "
               f"threshold lies above all their scores, and it flags new normal images at a rate of about "

@@ -228,11 +228,15 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     assert 'pass -d DATA_DIR' in capsys.readouterr().err
     from_dir = thresholds.main(['-m', str(path), '-d', str(root), '--fpr', '0.2'])
     assert from_dir['source'] == 'normal training images' and from_dir['images'] == 6
-    assert 'note' not in capsys.readouterr().err  # 0.2 of 6 images: one
+    assert capsys.readouterr().err == (  # 0.2 of 6 images allow one: no note on that
+        "python -m experiments.thresholds: note: the model was trained on these images, and scores them lower than "
+        "new normal images: the thresholds flag more than 0.2 of new ones; normal images it has not seen set them "
+        "right (-i, or the images a model trained with --val-fraction holds out)\n")
     given = thresholds.main(['-m', str(path), '-i', str(root / name / 'train' / 'good'),
                              '--fpr', '0.2'])
     assert {k: v for k, v in given.items() if k != 'source'} == {
         k: v for k, v in from_dir.items() if k != 'source'}
+    assert 'trained on these images' not in capsys.readouterr().err  # given images: a warning if trained on
     thresholds.main(['-m', str(path), '-d', str(root)])  # the default 0.01 of 6 images: none
     assert ("note: at FPR 0.01, 6 images allow none of them to be flagged: the image threshold lies above all "
             "their scores, and it flags new normal images at a rate of about 1/7, not 0.01; 100 images or more"
