@@ -37,7 +37,7 @@ from experiments.settings import parse_setting
 from experiments.training import resolve_device
 from self_sup_data.chest_xray import (SelfSupChestXRay, check_test_lists, chest_recipe, list_label, listed_paths,
                                      read_bbox_table, read_file_list)
-from self_sup_data.layouts import names_sha256
+from self_sup_data.layouts import names_sha256, warn_copies
 
 DATASET = 'chest_xray'
 NIH_NAME = re.compile(r'(\d{8})_\d{3}\.png')  # NIH ChestX-ray14 image names: patient, follow-up
@@ -119,21 +119,47 @@ def test_set_sha256(normal_names, anomalous_names):
     return hashlib.sha256('\n'.join(digests).encode()).hexdigest()
 
 
+def test_files_sha256(normal_names, anomalous_names, paths):
+    """SHA-256 (hex) of the files of a test set: each listed name with its label and its file's
+    size in bytes (``paths``: the files of the normal, then the anomalous names), sorted; recorded
+    with its results as ``test_files_sha256``, so that the same lists read from another data folder
+    (a converted or downsampled copy) or with images replaced are another test set, wherever the
+    data folder lies."""
+    labelled = [('normal', name) for name in normal_names] + [('anomalous', name) for name in anomalous_names]
+    entries = sorted(f"{label}/{name}:{Path(path).stat().st_size}" for (label, name), path in zip(labelled, paths))
+    return hashlib.sha256('\n'.join(entries).encode()).hexdigest()
+
+
+def warn_copies_of_training_images(meta, data_dir, test_paths, source, digests=None):
+    """Warn about test images (``test_paths``) with the bytes of a training image of a model
+    (``trained_names`` of its meta, in its ``data_dir``; those that are not there are not compared):
+    copies under other names, which ``check_not_trained_on`` does not see (``warn_copies``;
+    ``digests``: its cache)."""
+    names = trained_names(meta)
+    if names is None:  # (check_not_trained_on warns of that)
+        return
+    trained_dir = Path(meta.get('data_dir') or data_dir)
+    trained = [path for path in (trained_dir / name for name in names) if path.is_file()]
+    warn_copies(source, test_paths, trained, 'test images', 'its training images',
+                'a model trained on them scores them as seen images', digests)
+
+
 def bbox_sha256(bbox_csv):
     """SHA-256 (hex) of the box table file ``bbox_csv``, or 'none' without one: the pixel labels of
     a test set (recorded with its results as ``bbox_sha256``)."""
     return 'none' if bbox_csv is None else hashlib.sha256(Path(bbox_csv).read_bytes()).hexdigest()
 
 
-def check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256=None):
+def check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256=None, files_sha256=None):
     """ValueError when ``out_dir/results.csv`` holds results that this evaluation would lose or mix
     with its own (``write_report`` keeps the earlier results beside its own): results of other data
     than chest X-rays (an MVTec-layout evaluation's, whose tables these would replace), or of another
     test set under the row name ``test_name``: other image lists (by their recorded
-    ``test_lists_sha256``) or another box table (``bbox_sha256``; None: not compared), whose results
-    and figures this one would replace, or mix pixel figures of two box tables in one row. Results
-    recorded without a digest (an earlier version's) are taken to match. A results file that cannot be
-    read is left to ``write_report`` (it warns)."""
+    ``test_lists_sha256``), other files under the same names (``test_files_sha256``; None: not
+    compared) or another box table (``bbox_sha256``; None: not compared), whose results and figures
+    this one would replace, or mix pixel figures of two box tables in one row. Results recorded
+    without a digest (an earlier version's) are taken to match. A results file that cannot be read is
+    left to ``write_report`` (it warns)."""
     path = Path(out_dir) / 'results.csv'
     try:
         earlier = tables.read_results(path) if path.is_file() else []
@@ -145,6 +171,9 @@ def check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256=None):
             continue
         if str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256:
             other = 'other image lists'
+        elif files_sha256 is not None and str(record.get('test_files_sha256', files_sha256)) != files_sha256:
+            other = ('the same image lists of other files: another data folder (-d), or images replaced, by their '
+                     'sizes')
         elif boxes_sha256 is not None and str(record.get('bbox_sha256', boxes_sha256)) != boxes_sha256:
             other = 'the same images with another box table (--bbox-csv), or with and without one'
         else:
@@ -176,7 +205,9 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     set of this name and no results of other data (``check_earlier_results``); None: not checked. A
     box table that cannot be read is the command's error, before any checkpoint is evaluated.
     Returns long-format results (``experiments.tables``): one dict per checkpoint with the metrics of
-    ``metrics.evaluate_maps``, its path and the test set's ``test_lists_sha256`` and ``bbox_sha256``.
+    ``metrics.evaluate_maps``, its path and the test set's ``test_lists_sha256``, ``test_files_sha256``
+    and ``bbox_sha256``. Anomalous images with the bytes of a normal test image, and test images with
+    the bytes of a model's training image, are counted in warnings (``warn_copies``).
     """
     device = resolve_device(device)
     if test_name is None:
@@ -193,9 +224,14 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             raise FileNotFoundError(f"the bounding-box table {bbox_csv} (--bbox-csv) does not exist")
         read_bbox_table(bbox_csv)
     boxes_sha256 = bbox_sha256(bbox_csv)
+    test_paths = listed_paths(data_dir, *test_names, *labels)  # a missing image too, once
+    files_sha256 = test_files_sha256(*test_names, test_paths)
     if out_dir is not None:
-        check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256)
-    listed_paths(data_dir, *test_names, *labels)  # a missing image too, once
+        check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256, files_sha256)
+    digests = {}  # of the files compared for copies, read once
+    normal_paths, anomalous_paths = test_paths[:len(test_names[0])], test_paths[len(test_names[0]):]
+    warn_copies(test_name, anomalous_paths, normal_paths, 'anomalous images', 'normal test images',
+                'each counts as normal and as anomalous', digests)
     unreadable = []
     found = find_checkpoints(model_dir, DATASET, unreadable)
     for path, reason in unreadable:
@@ -215,6 +251,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
         check_not_trained_on(meta, data_dir, test_names[0] + test_names[1], str(path))
+        warn_copies_of_training_images(meta, data_dir, test_paths, str(path), digests)
         depth = meta.get('bit_depth')  # bits, or an intensity window [low, high]
         key = meta.get('res', DEFAULT_RES), tuple(depth) if isinstance(depth, list) else depth
         if key not in datasets:
@@ -230,7 +267,8 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     def record(setting, seed, values, path=None, meta=None):
         return dict(category=test_name, kind=DATASET, setting=setting.seedless_key, seed=seed,
                     **values, checkpoint=path and str(Path(path).resolve()), test_lists_sha256=lists_sha256,
-                    bbox_sha256=boxes_sha256, weights_sha256=(meta or {}).get('weights_sha256'))
+                    test_files_sha256=files_sha256, bbox_sha256=boxes_sha256,
+                    weights_sha256=(meta or {}).get('weights_sha256'))
 
     records = []
     for path, meta in tqdm(selected, desc='evaluating checkpoints', disable=None):
@@ -292,7 +330,8 @@ def parse_args(argv=None):
                              '(one name per line)')
     parser.add_argument('--bbox-csv', type=path_argument, help="NIH's BBox_List_2017.csv for pixel metrics (optional)")
     parser.add_argument('--name',
-                        help="row name of the test set (default: the anomalous list's file name)")
+                        help="row name of the test set (default: the anomalous list's file name without its "
+                             "extension)")
     add_evaluation_options(parser)
     return parser.parse_args(argv)
 

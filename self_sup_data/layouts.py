@@ -519,6 +519,22 @@ def identical_files(paths, others, digests=None):
     return pairs
 
 
+def warn_copies(prefix, files, others, subject, source, consequence, digests=None):
+    """Warn, with their count and the first pair, about the ``files`` with the bytes of a file of
+    ``others`` (``identical_files``; ``digests``: its cache), the message starting with ``prefix``
+    (a category, a test set, a model) and naming them ``subject`` and ``source``; a file that cannot
+    be read leaves the check out with a warning."""
+    try:
+        repeated = identical_files(files, others, digests)
+    except OSError as error:  # a file that cannot be read: the check is left out, not the evaluation
+        warnings.warn(f"{prefix}: {subject} not compared with {source} ({error})")
+        return
+    if repeated:
+        warnings.warn(f"{prefix}: {len(repeated)} of {len(files)} {subject} are copies of {source} (first: "
+                      f"{repeated[0][0]}, the same bytes as {repeated[0][1]}): {consequence}, so the figures are "
+                      f"biased; keep each image in one place")
+
+
 LAYOUTS = {layout.name: layout for layout in (VisALayout(), LocoLayout(), AD2Layout(), MVTecLayout())}
 FORMATS = tuple(LAYOUTS) + ('folder',)
 

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, identical_files
+from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, warn_copies
 from self_sup_data.images import (GREY_MODES, TRANSPARENT_NOTE, WINDOW_MARGIN, central_box, decode_mask_values,
                                   displayed_file_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
                                   lossy_compression, opened_image, read_image, resize, resize_mask, to_channels,
@@ -656,33 +656,18 @@ def header_sizes(paths):
     return sizes
 
 
-def _warn_copies(class_name, files, others, subject, source, consequence, digests=None):
-    """Warn, with their count and the first pair, about the ``files`` with the bytes of a file of
-    ``others`` (``layouts.identical_files``; ``digests``: its cache), named ``subject`` and
-    ``source`` in the message; a file that cannot be read leaves the check out with a warning."""
-    try:
-        repeated = identical_files(files, others, digests)
-    except OSError as error:  # a file that cannot be read: the check is left out, not the evaluation
-        warnings.warn(f"{class_name}: {subject} not compared with {source} ({error})")
-        return
-    if repeated:
-        warnings.warn(f"{class_name}: {len(repeated)} of {len(files)} {subject} are copies of {source} (first: "
-                      f"{repeated[0][0]}, the same bytes as {repeated[0][1]}): {consequence}, so the figures are "
-                      f"biased; keep each image in one place")
-
-
 def warn_repeated_images(class_name, paths, defect_types, train_paths):
     """Warn about test images (``paths``) with the bytes of a training image (``train_paths``; a
     model trained on them scores them as seen images) and about defect images with the bytes of a
     normal test image (``defect_types`` 'good': one image counted as normal and as defect)
-    (``_warn_copies``)."""
+    (``warn_copies``)."""
     normal = [path for path, kind in zip(paths, defect_types) if kind == 'good']
     defects = [path for path, kind in zip(paths, defect_types) if kind != 'good']
     digests = {}
-    _warn_copies(class_name, paths, train_paths, 'test images', 'training images',
+    warn_copies(class_name, paths, train_paths, 'test images', 'training images',
                  'a model trained on them (unless they were held out for validation) scores them as seen images',
                  digests)
-    _warn_copies(class_name, defects, normal, 'defect images', 'normal test images',
+    warn_copies(class_name, defects, normal, 'defect images', 'normal test images',
                  'each counts as normal and as defect', digests)
 
 
@@ -779,11 +764,11 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     (``self_sup_data.validation.make_validation_set``, drawn by ``seed``; for objects inside the
     central crop that their models score, and with a ``background``, on the object).
     ``channels`` and ``bit_depth``: the training set's, so that the model gets what it was
-    trained on. Held-out images with the bytes of an image trained on are warned of (``_warn_copies``)."""
+    trained on. Held-out images with the bytes of an image trained on are warned of (``warn_copies``)."""
     files = train_files(root_path, class_name, layout)
     paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
     held_out = set(paths)
-    _warn_copies(class_name, paths, [path for path in files if path not in held_out], 'held-out validation images',
+    warn_copies(class_name, paths, [path for path in files if path not in held_out], 'held-out validation images',
                  'images trained on', 'the model has seen them, and the validation score (or a threshold set on '
                  'them) takes them for unseen normal images, which favours memorising')
     recipe = data_recipe(class_name, res_scale, kind)

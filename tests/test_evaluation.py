@@ -915,6 +915,12 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ chest X-rays
 
+import shutil
+import warnings
+
+from PIL import Image
+
+from conftest import save_untrained_model
 from experiments import chest_xray_tasks, plotting
 
 
@@ -1017,7 +1023,6 @@ def test_results_kept_beside_those_of_another_model_folder_are_named(chest, tmp_
                      f"outside {other}: seed 2 ({seed_2}); "
                      f"evaluate each model folder into an output folder of its own"]
     # a copy of a model elsewhere is the same model (equal weights, as training records them)
-    import shutil
     save_untrained_model(tmp_path / 'checked' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt',
                          dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64, seed=1),
                          checksum=True)
@@ -1056,7 +1061,6 @@ def test_mixed_models_names_nothing_for_categories_or_folders_of_their_own_model
 
 
 def test_a_chest_model_and_its_unreadable_copy_are_refused_before_any_work(chest, tmp_path):
-    import shutil
     model_dir, data_dir, normal, anomalous, _ = chest
     models = tmp_path / 'models'
     shutil.copytree(model_dir, models)
@@ -1066,6 +1070,57 @@ def test_a_chest_model_and_its_unreadable_copy_are_refused_before_any_work(chest
     with pytest.raises(ValueError, match=r"two models of category 'chest_xray', setting 'Shift', seed 1: .*"
                                          r"final_chest_xray_shift_1.pt and .*backup"):
         chest_xray_tasks.evaluate_checkpoints(models, data_dir, normal, anomalous)
+
+
+@pytest.mark.slow
+def test_chest_xray_copies_of_training_and_normal_images_are_warned_of(tmp_path):
+    (tmp_path / 'data').mkdir()
+    _, data_dir, normal, anomalous, _ = make_chest_test_set(tmp_path / 'data', seeds=())
+    (data_dir / 'train').mkdir()
+    rng = np.random.default_rng(1)
+    for name in ('t0.png', 't1.png'):
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(data_dir / 'train' / name)
+    meta = dict(dataset='chest_xray', setting='Shift-1', category='chest_xray', res=64, seed=1,
+                train_names=['train/t0.png', 'train/t1.png'], data_dir=str(data_dir))
+    model = save_untrained_model(tmp_path / 'models' / 'shift' / 'chest_xray' / 'final_chest_xray_shift_1.pt', meta)
+    with warnings.catch_warnings():  # the test set as made: no copies
+        warnings.simplefilter('error')
+        chest_xray_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir, normal, anomalous)
+    # a training image under another name among the normal test images, a normal one among the anomalous
+    shutil.copyfile(data_dir / 'train' / 't1.png', data_dir / 'seen.png')
+    shutil.copyfile(data_dir / 'n2.png', data_dir / 'twice.png')
+    normal.write_text(normal.read_text() + 'seen.png\n')
+    anomalous.write_text(anomalous.read_text() + 'twice.png\n')
+    with pytest.warns(UserWarning) as caught:
+        records = chest_xray_tasks.evaluate_checkpoints(tmp_path / 'models', data_dir, normal, anomalous)
+    messages = [str(warning.message) for warning in caught]
+    assert (f"anomalous: 1 of 4 anomalous images are copies of normal test images (first: {data_dir / 'twice.png'}, "
+            f"the same bytes as {data_dir / 'n2.png'}): each counts as normal and as anomalous, so the figures are "
+            f"biased; keep each image in one place") in messages
+    assert (f"{model}: 1 of 9 test images are copies of its training images (first: {data_dir / 'seen.png'}, the "
+            f"same bytes as {data_dir / 'train' / 't1.png'}): a model trained on them scores them as seen images, "
+            f"so the figures are biased; keep each image in one place") in messages
+    assert len(records) == 1 and 'error' not in records[0]  # warned of, and evaluated
+
+
+@pytest.mark.slow
+def test_chest_xray_results_of_the_same_lists_in_another_data_folder_are_refused(chest, tmp_path):
+    model_dir, data_dir, normal, anomalous, _ = chest
+    other = tmp_path / 'converted'
+    other.mkdir()
+    for name in normal.read_text().split() + anomalous.read_text().split():  # the same names, re-encoded
+        Image.open(data_dir / name).save(other / name, compress_level=0)
+    out = tmp_path / 'out'
+    arguments = ['-m', str(model_dir), '-o', str(out), '--device', 'cpu', '--no-figures', '-l', str(normal),
+                 str(anomalous)]
+    chest_xray_tasks.main(arguments + ['-d', str(data_dir), '-s', 'Shift-1'])
+    written = (out / 'results.csv').read_bytes()
+    with pytest.raises(SystemExit, match=r"another test set named 'anomalous' \(the same image lists of other files: "
+                                         r"another data folder \(-d\), or images replaced, by their sizes\)"):
+        chest_xray_tasks.main(arguments + ['-d', str(other), '-s', 'Shift-2'])
+    assert (out / 'results.csv').read_bytes() == written
+    chest_xray_tasks.main(arguments + ['-d', str(data_dir), '-s', 'Shift-2'])  # the same files: one row
+    assert sorted(pd.read_csv(out / 'results.csv')['seed']) == [1, 2]
 
 
 def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, capsys):
@@ -1111,8 +1166,12 @@ def test_chest_xray_results_of_other_seeds_test_sets_and_kinds(chest, tmp_path, 
     moved = tmp_path / 'moved' / 'anomalous.txt'
     moved.parent.mkdir()
     moved.write_text(''.join(f'elsewhere/{name}\n' for name in anomalous.read_text().split()))
+    (data_dir / 'elsewhere').mkdir()
+    for name in anomalous.read_text().split():
+        (data_dir / 'elsewhere' / name).write_bytes((data_dir / name).read_bytes())
     with pytest.raises(SystemExit, match=r"another test set named 'anomalous' \(other image lists\)"):
         evaluate('-l', str(normal), str(moved))
+    shutil.rmtree(data_dir / 'elsewhere')  # (the test set is the module's)
     # a result of another kind in the folder (an MVTec category's): refused before any work, since the
     # chest tables would replace its tables; the folder is left as it was
     results = pd.read_csv(out / 'results.csv')
