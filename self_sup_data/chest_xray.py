@@ -257,8 +257,8 @@ AGE_UNITS = {'Y': 1, 'M': 12, 'D': 365}  # ages written '058Y', '003M', '010D': 
 
 def ages_in_years(ages, csv):
     """``Patient Age`` as years (float): numbers as they are, and the ``NNNY``/``NNNM``/``NNND``
-    strings of some versions of the table converted; ValueError naming ``csv`` and a few values
-    that are neither."""
+    strings of some versions of the table converted; ValueError naming ``csv``, and a few values
+    that are neither with their lines (``ages``: the column in the table's order)."""
     numbers = pd.to_numeric(ages, errors='coerce')
     written = ages[numbers.isna()].astype(str).str.extract(r'^\s*(\d+)\s*([YMD])\s*$')
     numbers = numbers.astype(float)
@@ -266,7 +266,8 @@ def ages_in_years(ages, csv):
     bad = ages[numbers.isna()]
     if len(bad):
         raise ValueError(f"label table {csv}: 'Patient Age' must be years (58) or '058Y', '003M', "
-                         f"'010D'; got {bad.head(3).tolist()} ({len(bad)} rows)")
+                         f"'010D'; got {bad.head(3).fillna('').tolist()} ({len(bad)} rows, lines "
+                         f"{_bad_rows(numbers.isna())}; '': blank)")
     return numbers
 
 
