@@ -23,13 +23,15 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
     """The checkpoint of an untrained 64-pixel grey texture model with thresholds, which reads 16-bit
-    images with an intensity window (``train_mvtec.py --intensity-range``)."""
+    images with an intensity window (``train_mvtec.py --intensity-range``), and its training images'
+    grey-level spans."""
     folder = tmp_path_factory.mktemp('export')
     path = save_checkpoint(folder / 'models', 'Shift', 'tiny', 'texture')
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['meta']['thresholds'] = dict(image=0.5, pixel=0.7, fpr=0.01, flip_average=False,
                                             images=6, source='test')
     checkpoint['meta']['bit_depth'] = [100, 4000]
+    checkpoint['meta']['train_image_span'] = [120, 255]
     torch.save(checkpoint, path)
     return path
 
@@ -78,6 +80,8 @@ def test_onnx_file_carries_the_spec_and_the_detector_uses_it(exported):
     for expected, actual in zip(expected_maps, maps):
         assert actual.shape == expected.shape and np.abs(actual - expected).max() <= TOLERANCE
     np.testing.assert_allclose(scores['mean'], expected_scores['mean'], atol=TOLERANCE)
+    faint = [np.full((64, 64), 7, np.uint8)] + images  # a uniform image: noted by the exported model too
+    assert onnx_detector.contrast_notes(range(4), faint) == torch_detector.contrast_notes(range(4), faint) != []
     older = onnx.load(fixed)  # an export whose spec lacks an entry that inference reads
     spec = json.loads(older.metadata_props[0].value)
     del spec['flip_average_error']
