@@ -311,7 +311,8 @@ def exit_on_input_error(prog, errors=INPUT_ERRORS):
 
 def found_run(run_dir, name):
     """(path, 'finished' or 'interrupted') of the run ``name`` in ``run_dir``, or (None, None)
-    without its final model and checkpoint: the checkpoint when there is no final model, or the
+    without its final model and checkpoint: the checkpoint when there is no final model, the final
+    model cannot be read (a warning names it: a resume writes it again from the checkpoint), or the
     checkpoint belongs to another run (``run_differences``), stopped before its last epoch or
     started after the final model was written (``replaced_final_model``; the last two: a --force
     run that was interrupted, and the final model is the replaced run's), else the final model.
@@ -321,8 +322,15 @@ def found_run(run_dir, name):
         if last.is_file():
             checkpoint = read_meta(last)
             unfinished = len(checkpoint.get('epoch_losses', [])) < checkpoint.get('train_config', {}).get('epochs', 0)
-            if (not final.is_file() or unfinished or run_differences(read_meta(final), checkpoint)
-                    or replaced_final_model(run_dir, name)):
+            if not final.is_file() or unfinished or replaced_final_model(run_dir, name):
+                return last, 'interrupted'
+            try:
+                final_meta = read_meta(final)
+            except ValueError as error:  # damaged after the run: its checkpoint holds it all
+                warnings.warn(f"{error}; the run's checkpoint {last} is readable: --resume writes the final "
+                              f"model again from it")
+                return last, 'interrupted'
+            if run_differences(final_meta, checkpoint):
                 return last, 'interrupted'
         if final.is_file():
             read_meta(final)  # readable

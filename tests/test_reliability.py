@@ -92,16 +92,33 @@ def test_a_finished_model_is_replaced_only_with_force(trained, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('damaged', ['last', 'final'])
-def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys, damaged):
+def test_force_replaces_a_run_whose_checkpoint_cannot_be_read(trained, capsys):
     argv, path = trained
-    broken = path if damaged == 'final' else last_checkpoint_path(path.parent, 'tiny_shift_3')
+    broken = last_checkpoint_path(path.parent, 'tiny_shift_3')
     broken.write_bytes(broken.read_bytes()[:1000])
     for retry in ([], ['--resume']):  # refused, naming the file and what to do
         message = run_error(train_mvtec.main, argv + ONE_EPOCH + retry, capsys)
         assert f'cannot read checkpoint {broken}' in message and '--force trains the run again' in message
     assert train_mvtec.main(argv + ONE_EPOCH + ['--force']) == 0
     assert load_model(path)[1]['train_config']['epochs'] == 1
+
+
+@pytest.mark.slow
+def test_a_damaged_final_model_is_written_again_from_the_runs_checkpoint_by_resume(trained, capsys):
+    argv, path = trained
+    model, meta = load_model(path)
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    path.write_bytes(path.read_bytes()[:1000])
+    last = last_checkpoint_path(path.parent, 'tiny_shift_3')
+    with pytest.warns(UserWarning, match=rf"cannot read checkpoint {re.escape(str(path))}.*; the run's checkpoint "
+                                         rf"{re.escape(str(last))} is readable: --resume writes the final model again"):
+        message = run_error(train_mvtec.main, argv + ONE_EPOCH, capsys)  # without --resume: refused, as interrupted
+    assert f'{last} holds an interrupted run; pass --resume to continue it' in message
+    with pytest.warns(UserWarning, match='--resume writes the final model again'):
+        assert train_mvtec.main(argv + ONE_EPOCH + ['--resume']) == 0
+    model, again = load_model(path)  # the run's weights, not a run trained again
+    assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
+    assert again['epoch_losses'] == meta['epoch_losses'] and again['weights_sha256'] == meta['weights_sha256']
 
 
 @pytest.mark.slow
