@@ -40,7 +40,7 @@ from experiments.detector import Detector
 from experiments.export import FORMATS, default_export_path
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
-from self_sup_data.layouts import identical_files, layout_from_spec, names_sha256
+from self_sup_data.layouts import contents_sha256, identical_files, layout_from_spec, names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.images import central_box
 
@@ -55,7 +55,8 @@ def normal_image_files(meta, data_dir=None):
     (default ``meta['data_dir']``) read in the layout the model was trained on (``meta['layout']``,
     e.g. the folder format, which needs no ``data_dir``). The held-out images are found again by
     their index, so the images it was trained on must be those named in the model
-    (``train_files_sha256``, where it has it)."""
+    (``train_files_sha256``, where it has it). A ``data_dir`` of other images than the model was
+    trained on (``are_training_images``) gives them as ``normal images of <data_dir>``."""
     layout = layout_from_spec(meta.get('layout'))
     in_folders = layout is not None and layout.name == 'folder'
     if in_folders and data_dir is not None:
@@ -71,12 +72,21 @@ def normal_image_files(meta, data_dir=None):
                          'or normal images with -i')
     files = train_files(data_dir, meta['category'], layout)
     if not meta.get('held_out'):
-        return files, TRAINING_IMAGES
+        return files, TRAINING_IMAGES if are_training_images(meta, files) else f'normal images of {data_dir}'
     try:
         indices = held_out_indices(files, meta, data_dir or 'the folder format')
     except ValueError as error:
         raise ValueError(f'{error}; pass normal images it has not seen with -i') from None
     return [files[index] for index in indices], 'held-out normal training images'
+
+
+def are_training_images(meta, files):
+    """Whether ``files`` are the images the model of ``meta`` was trained on, by their contents
+    (``train_contents_sha256``), else their names (``train_files_sha256``), as far as it recorded
+    them (a model that recorded neither: taken to be)."""
+    if meta.get('train_contents_sha256'):
+        return contents_sha256(files) == meta['train_contents_sha256']
+    return meta.get('train_files_sha256') in (None, names_sha256(files))
 
 
 def training_images(meta):
@@ -204,8 +214,8 @@ def main(argv=None):
           f"{thresholds['image']:.6g}, pixel {thresholds['pixel']:.6g}; stored in {path}")
     if source == TRAINING_IMAGES:
         print(f"{PROG}: note: the model was trained on these images, and scores them lower than new normal images: "
-              f"the thresholds flag more than {args.fpr:g} of new ones; normal images it has not seen set them "
-              f"right (-i, or the images a model trained with --val-fraction holds out)", file=sys.stderr)
+              f"the thresholds flag somewhat more than {args.fpr:g} of new ones; normal images it has not seen set "
+              f"them right (-i, or the images a model trained with --val-fraction holds out)", file=sys.stderr)
     if args.fpr > 0 and metrics.allowed_above(args.fpr, len(files)) == 0:
         print(f"{PROG}: note: at FPR {args.fpr:g}, {len(files)} images allow none of them to be flagged: the image "
               f"threshold lies above all their scores, and it flags new normal images at a rate of about "

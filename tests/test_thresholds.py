@@ -15,7 +15,7 @@ from experiments import metrics, mvtec_tasks, thresholds
 from experiments.checkpoints import NO_THRESHOLDS, read_meta, thresholds_sha256
 from experiments.detector import Detector
 from self_sup_data.images import read_image
-from self_sup_data.layouts import names_sha256
+from self_sup_data.layouts import contents_sha256, names_sha256
 from self_sup_data.mvtec import train_files
 from self_sup_data.validation import holdout_indices
 
@@ -230,14 +230,28 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     assert from_dir['source'] == 'normal training images' and from_dir['images'] == 6
     assert capsys.readouterr().err == (  # 0.2 of 6 images allow one: no note on that
         "python -m experiments.thresholds: note: the model was trained on these images, and scores them lower than "
-        "new normal images: the thresholds flag more than 0.2 of new ones; normal images it has not seen set them "
-        "right (-i, or the images a model trained with --val-fraction holds out)\n")
+        "new normal images: the thresholds flag somewhat more than 0.2 of new ones; normal images it has not seen set "
+        "them right (-i, or the images a model trained with --val-fraction holds out)\n")
     given = thresholds.main(['-m', str(path), '-i', str(root / name / 'train' / 'good'),
                              '--fpr', '0.2'])
     assert {k: v for k, v in given.items() if k != 'source'} == {
         k: v for k, v in from_dir.items() if k != 'source'}
     assert 'trained on these images' not in capsys.readouterr().err  # given images: a warning if trained on
     thresholds.main(['-m', str(path), '-d', str(root)])  # the default 0.01 of 6 images: none
+    assert ("note: at FPR 0.01, 6 images allow none of them to be flagged: the image threshold lies above all "
+            "their scores, and it flags new normal images at a rate of about 1/7, not 0.01; 100 images or more"
+            in capsys.readouterr().err)
+    # another folder of normal images in the layout: not the training images, so no note on them
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta'].update(train_contents_sha256=contents_sha256(sorted((root / name / 'train' / 'good').iterdir())))
+    torch.save(checkpoint, path)
+    make_mvtec_category(tmp_path / 'new', name, seed=7)
+    other = thresholds.main(['-m', str(path), '-d', str(tmp_path / 'new'), '--fpr', '0.2'])
+    assert other['source'] == f"normal images of {tmp_path / 'new'}" and other['images'] == 6
+    assert 'trained on these images' not in capsys.readouterr().err
+    assert thresholds.main(['-m', str(path), '-d', str(root), '--fpr', '0.2'])['source'] == 'normal training images'
+    assert 'trained on these images' in capsys.readouterr().err
+    thresholds.main(['-m', str(path), '-d', str(root)])
     assert ("note: at FPR 0.01, 6 images allow none of them to be flagged: the image threshold lies above all "
             "their scores, and it flags new normal images at a rate of about 1/7, not 0.01; 100 images or more"
             in capsys.readouterr().err)
