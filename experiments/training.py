@@ -285,32 +285,35 @@ def is_first_process():
     return not is_distributed() or int(os.environ.get('RANK', 0)) == 0
 
 
-# how a collective ends where another process of the run has stopped (gloo; NCCL's DistBackendError)
-PEER_STOPPED_MESSAGES = ('Connection closed by peer', 'Connection reset by peer')
+# how gloo's collectives end where another process has exited ("... Connection closed by peer [host]:port. ...")
+PEER_GONE = re.compile(r'Connection closed by peer( \[[^\]]*\]:\d+)?')
 
 
-def peer_stopped(error):
-    """Whether ``error``, raised in a process of a torchrun launch, says that another process of
-    the run is gone (it stopped on an error of its own, which it prints)."""
-    backend_error = getattr(dist, 'DistBackendError', ())
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            and (isinstance(error, backend_error) or any(text in str(error) for text in PEER_STOPPED_MESSAGES)))
+def peer_gone(error):
+    """gloo's words (``PEER_GONE``) where ``error``, raised in a process of a torchrun launch,
+    reports that another process of the run closed its connection (it exited: on an error of its
+    own, or killed), else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    match = PEER_GONE.search(str(error))
+    return match and match[0].strip()
 
 
 def stops_in_one_line_with_its_peers(function):
     """Decorate ``train`` so that a process whose collective fails because another process of the
-    run stopped (``peer_stopped``) ends with a one-line RunError saying so, not with the backend's
+    run exited (``peer_gone``) ends with a one-line RunError saying so, not with the backend's
     traceback below the other process's error."""
     @functools.wraps(function)
     def wrapped(*args, **kwargs):
         try:
             return function(*args, **kwargs)
         except RuntimeError as error:
-            if not peer_stopped(error):
+            words = peer_gone(error)
+            if not words:
                 raise
-            raise RunError(f"process {dist.get_rank()} of {dist.get_world_size()} stopped because another "
-                           f"process of the run stopped (its error says why); once that is fixed, --resume "
-                           f"continues from the run's last checkpoint") from error
+            raise RunError(f"process {dist.get_rank()} of {dist.get_world_size()} stopped: another process of the "
+                           f"run exited ({words}); its error, if it printed one, says why; once that is fixed, "
+                           f"--resume continues from the run's last checkpoint") from error
     return wrapped
 
 

@@ -1,6 +1,7 @@
 """Training in several processes (as torchrun launches them), on the CPU with the gloo backend."""
 import copy
 import os
+import re
 import socket
 
 import pytest
@@ -159,15 +160,22 @@ def test_the_other_processes_stop_with_one_line_when_the_first_stops_on_an_error
     mp.spawn(run_rank_whose_first_process_cannot_write, args=(free_port(), tmp_path / 'run', tmp_path),
              nprocs=WORLD_SIZE)
     assert (tmp_path / 'rank0.txt').read_text() == 'OSError: [Errno 28] No space left on device'
-    assert (tmp_path / 'rank1.txt').read_text() == (
-        "RunError: process 1 of 2 stopped because another process of the run stopped (its error says why); once "
-        "that is fixed, --resume continues from the run's last checkpoint")  # not gloo's error and its traceback
+    assert re.fullmatch(  # not gloo's error and its traceback
+        r"RunError: process 1 of 2 stopped: another process of the run exited \(Connection closed by peer \[[\d.]+\]:"
+        r"\d+\); its error, if it printed one, says why; once that is fixed, --resume continues from the run's last "
+        r"checkpoint", (tmp_path / 'rank1.txt').read_text())
     assert not final_model_path(tmp_path / 'run', 'toy').exists()
 
 
-def test_only_errors_of_a_stopped_process_are_taken_for_a_peers_stop():
-    assert not training.peer_stopped(RuntimeError('Connection closed by peer'))  # no process group
-    assert not training.peer_stopped(RuntimeError('CUDA out of memory'))
+def test_only_gloos_report_of_a_closed_connection_is_taken_for_another_process_gone(monkeypatch):
+    gloo = RuntimeError('[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:29500. This is '
+                        'typically caused by a remote worker crashing.')
+    assert training.peer_gone(gloo) is None  # no process group
+    monkeypatch.setattr(training.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(training.dist, 'get_world_size', lambda: 2)
+    assert training.peer_gone(gloo) == 'Connection closed by peer [10.0.0.2]:29500'
+    for own in ('CUDA out of memory', 'NCCL error: unhandled system error', 'Timed out waiting 1800000ms for recv'):
+        assert training.peer_gone(RuntimeError(own)) is None  # this process's own errors keep their traceback
 
 
 class BatchNormNet(TinyNet):
