@@ -130,17 +130,21 @@ def test_files_sha256(normal_names, anomalous_names, paths):
     return hashlib.sha256('\n'.join(entries).encode()).hexdigest()
 
 
-def warn_copies_of_training_images(meta, data_dir, test_paths, source, digests=None):
+def warn_copies_of_training_images(meta, data_dir, test_paths, source, checked, digests=None):
     """Warn about test images (``test_paths``) with the bytes of a training image of a model
     (``trained_names`` of its meta, in its ``data_dir``; those that are not there are not compared):
-    copies under other names, which ``check_not_trained_on`` does not see (``warn_copies``;
-    ``digests``: its cache)."""
+    copies under other names, which ``check_not_trained_on`` does not see (``warn_copies``, the
+    message naming ``source``, the model, and its training list). Each set of training images is
+    compared once (``checked``: a set of those compared, which calls share; ``digests``: the
+    file digests, which they share too): the seeds of a setting are trained on one list."""
     names = trained_names(meta)
-    if names is None:  # (check_not_trained_on warns of that)
+    trained_dir = Path(meta.get('data_dir') or data_dir).resolve()
+    if names is None or (trained_dir, names_sha256(names)) in checked:  # (check_not_trained_on warns of the first)
         return
-    trained_dir = Path(meta.get('data_dir') or data_dir)
+    checked.add((trained_dir, names_sha256(names)))
     trained = [path for path in (trained_dir / name for name in names) if path.is_file()]
-    warn_copies(source, test_paths, trained, 'test images', 'its training images',
+    listed = f" (and any other model trained on {meta['normal_list']})" if meta.get('normal_list') else ''
+    warn_copies(f'{source}{listed}', test_paths, trained, 'test images', 'its training images',
                 'a model trained on them scores them as seen images', digests)
 
 
@@ -172,8 +176,7 @@ def check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256=None, f
         if str(record.get('test_lists_sha256', lists_sha256)) != lists_sha256:
             other = 'other image lists'
         elif files_sha256 is not None and str(record.get('test_files_sha256', files_sha256)) != files_sha256:
-            other = ('the same image lists of other files: another data folder (-d), or images replaced, by their '
-                     'sizes')
+            other = 'the same image lists of files of other sizes: another data folder (-d), or images replaced'
         elif boxes_sha256 is not None and str(record.get('bbox_sha256', boxes_sha256)) != boxes_sha256:
             other = 'the same images with another box table (--bbox-csv), or with and without one'
         else:
@@ -201,9 +204,10 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     (an unreadable checkpoint whose path names no setting: a warning), and the others are
     evaluated all the same. test_name: the row name (default: the anomalous list's file stem).
     figure_dir: ``<test_name>_<setting>.png`` of examples for the first seed of each setting.
-    out_dir: the folder the results go to (``write_report``), checked first to hold no other test
-    set of this name and no results of other data (``check_earlier_results``); None: not checked. A
-    box table that cannot be read is the command's error, before any checkpoint is evaluated.
+    out_dir: the folder the results go to (``write_report``), checked before any checkpoint is
+    evaluated to hold no other test set of this name and no results of other data
+    (``check_earlier_results``); None: not checked. A box table that cannot be read, and a listed
+    image that is missing, are the command's error, before any checkpoint is evaluated.
     Returns long-format results (``experiments.tables``): one dict per checkpoint with the metrics of
     ``metrics.evaluate_maps``, its path and the test set's ``test_lists_sha256``, ``test_files_sha256``
     and ``bbox_sha256``. Anomalous images with the bytes of a normal test image, and test images with
@@ -228,7 +232,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
     files_sha256 = test_files_sha256(*test_names, test_paths)
     if out_dir is not None:
         check_earlier_results(out_dir, test_name, lists_sha256, boxes_sha256, files_sha256)
-    digests = {}  # of the files compared for copies, read once
+    digests, checked = {}, set()  # of the files compared for copies, read once; the training sets compared
     normal_paths, anomalous_paths = test_paths[:len(test_names[0])], test_paths[len(test_names[0]):]
     warn_copies(test_name, anomalous_paths, normal_paths, 'anomalous images', 'normal test images',
                 'each counts as normal and as anomalous', digests)
@@ -251,7 +255,7 @@ def evaluate_checkpoints(model_dir, data_dir, normal_list, anomalous_list, bbox_
             raise ValueError(meta['error'])
         model, meta = read_model(path, device)
         check_not_trained_on(meta, data_dir, test_names[0] + test_names[1], str(path))
-        warn_copies_of_training_images(meta, data_dir, test_paths, str(path), digests)
+        warn_copies_of_training_images(meta, data_dir, test_paths, str(path), checked, digests)
         depth = meta.get('bit_depth')  # bits, or an intensity window [low, high]
         key = meta.get('res', DEFAULT_RES), tuple(depth) if isinstance(depth, list) else depth
         if key not in datasets:

@@ -265,9 +265,11 @@ def ages_in_years(ages, csv):
     numbers[numbers.isna()] = written[0].astype(float) / written[1].map(AGE_UNITS)
     bad = ages[numbers.isna()]
     if len(bad):
+        values = bad.head(3).fillna('').tolist()
+        shown = ', '.join(f"{value!r} (line {line})" for value, line in zip(values, _bad_rows(numbers.isna())))
+        blank = "; '': a blank cell" if '' in values else ''
         raise ValueError(f"label table {csv}: 'Patient Age' must be years (58) or '058Y', '003M', "
-                         f"'010D'; got {bad.head(3).fillna('').tolist()} ({len(bad)} rows, lines "
-                         f"{_bad_rows(numbers.isna())}; '': blank)")
+                         f"'010D'; got {shown}{' ...' * (len(bad) > 3)} ({len(bad)} rows{blank})")
     return numbers
 
 

@@ -665,10 +665,10 @@ def warn_repeated_images(class_name, paths, defect_types, train_paths):
     defects = [path for path, kind in zip(paths, defect_types) if kind != 'good']
     digests = {}
     warn_copies(class_name, paths, train_paths, 'test images', 'training images',
-                 'a model trained on them (unless they were held out for validation) scores them as seen images',
-                 digests)
+                'a model trained on them (unless they were held out for validation) scores them as seen images',
+                digests)
     warn_copies(class_name, defects, normal, 'defect images', 'normal test images',
-                 'each counts as normal and as defect', digests)
+                'each counts as normal and as defect', digests)
 
 
 class SelfSupMVTecDataset(SelfSupImageDataset):
@@ -769,8 +769,8 @@ def load_validation_set(root_path, class_name, indices, seed, res_scale=1.0, kin
     paths = [files[index] for index in checked_indices(indices, len(files), class_name)]
     held_out = set(paths)
     warn_copies(class_name, paths, [path for path in files if path not in held_out], 'held-out validation images',
-                 'images trained on', 'the model has seen them, and the validation score (or a threshold set on '
-                 'them) takes them for unseen normal images, which favours memorising')
+                'images trained on', 'the model has seen them, and the validation score (or a threshold set on '
+                'them) takes them for unseen normal images, which favours memorising')
     recipe = data_recipe(class_name, res_scale, kind)
     images = load_images(paths, side or recipe['test_res'], channels=channels,
                          desc=f'loading {class_name} validation', bit_depth=bit_depth,

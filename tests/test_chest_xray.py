@@ -420,11 +420,10 @@ def test_ages_written_with_units_are_read_as_years_and_others_named():
     ages = read_table(text)['Patient Age']
     assert ages[0] == 0.5 and (ages[1:] == table['Patient Age'][1:]).all()
     written.loc[1, 'Patient Age'] = 'unknown'
-    with pytest.raises(ValueError, match=r"'Patient Age' must be years .* got \['unknown'\] \(1 rows, lines \[3\]; "
-                                         r"'': blank\)"):
+    with pytest.raises(ValueError, match=r"'Patient Age' must be years .* got 'unknown' \(line 3\) \(1 rows\)$"):
         read_table(StringIO(written.to_csv(index=False)))
     written.loc[4, 'Patient Age'] = None  # a blank cell
-    with pytest.raises(ValueError, match=r"got \['unknown', ''\] \(2 rows, lines \[3, 6\]; '': blank\)"):
+    with pytest.raises(ValueError, match=r"got 'unknown' \(line 3\), '' \(line 6\) \(2 rows; '': a blank cell\)"):
         read_table(StringIO(written.to_csv(index=False)))
 
 
