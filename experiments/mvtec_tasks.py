@@ -368,9 +368,31 @@ def evaluate_checkpoints(model_dir, data_dir, settings=None, categories=None, de
     return sort_records(records, settings)
 
 
+def warn_seeds_on_other_test_sets(records):
+    """Warn for each category and setting whose seeds, merged in the tables as ``mean ± std``, were
+    scored on different test sets (``test_set_sha256``: e.g. folder-format models evaluated on the
+    --abnormal folders they were each trained with), naming the seeds of each test set."""
+    groups = {}
+    for record in records:
+        digest = record.get('test_set_sha256')
+        if isinstance(digest, str):
+            key = (record['category'], record['setting'])
+            groups.setdefault(key, {}).setdefault(digest, []).append(record['seed'])
+    for (category, setting), by_set in groups.items():
+        if len(by_set) > 1:
+            sets = '; '.join(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, sorted(seeds)))}"
+                             for seeds in by_set.values())
+            warnings.warn(f"{category} {setting}: the seeds merged in the tables were scored on {len(by_set)} "
+                          f"different test sets (other images or masks: {sets}), so their mean mixes them; "
+                          f"evaluate every seed on one test set (with the folder format, pass --normal, --abnormal "
+                          f"and --mask-dir)")
+
+
 def write_report(records, out_dir, paper_layout=False, percent=False):
-    """Write ``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``;
-    returns the tables ``{metric: DataFrame}``."""
+    """Write ``out_dir/results.csv`` (long format) and ``out_dir/tables/<metric>.{csv,md,tex}``,
+    with a warning where a row's seeds were scored on different test sets
+    (``warn_seeds_on_other_test_sets``); returns the tables ``{metric: DataFrame}``."""
+    warn_seeds_on_other_test_sets(records)
     extra = one_class.POOLED_METRICS + metrics.THRESHOLD_METRICS + tuple(SPRO_METRICS)
     present = tuple(m for m in extra if any(m in r for r in records))
     return tables.write_report(records, out_dir, METRICS + present, paper_layout=paper_layout,

@@ -727,6 +727,9 @@ def test_find_checkpoints_keeps_the_requested_dataset(tmp_path):
     save_torch_atomic(dict(model={}, meta=dict(category='d')), tmp_path / 'final_d.pt')
     with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'final_d.pt'} has no \\['setting'\\]"):
         checkpoints.find_checkpoints(tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"final_a.pt is a file; the evaluation takes the folder of models "
+                                                 r"\(-m\), e.g. the training command's output folder"):
+        checkpoints.find_checkpoints(tmp_path / 'final_a.pt')  # a model file where its folder is asked for
 
 
 def test_a_key_with_seed_0_selects_the_model_trained_without_a_seed():
@@ -1252,3 +1255,18 @@ def test_object_models_of_earlier_and_current_versions_are_each_tested_at_their_
     with unittest.mock.patch.object(mvtec_tasks, 'load_test_set', recording):
         records = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', tmp_path / 'data')
     assert sorted(sides) == [64, 73] and not any(r.get('error') for r in records)
+
+
+def test_seeds_scored_on_other_test_sets_are_warned_of_in_their_row():
+    def record(seed, digest, setting='Shift', category='tex'):
+        return dict(category=category, setting=setting, seed=seed, test_set_sha256=digest)
+    alike = [record(0, 'a'), record(1, 'a'), record(2, math.nan), record(0, 'b', 'FPI'), record(0, 'c', 'Shift', 'x')]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        mvtec_tasks.warn_seeds_on_other_test_sets(alike)  # one test set a row (a failed seed has none)
+    with pytest.warns(UserWarning) as caught:
+        mvtec_tasks.warn_seeds_on_other_test_sets(alike + [record(3, 'b'), record(4, 'b')])
+    assert [str(warning.message) for warning in caught] == [
+        "tex Shift: the seeds merged in the tables were scored on 2 different test sets (other images or masks: seeds "
+        "0, 1; seeds 3, 4), so their mean mixes them; evaluate every seed on one test set (with the folder format, "
+        "pass --normal, --abnormal and --mask-dir)"]
