@@ -434,7 +434,8 @@ class FolderLayout:
         unmatched = sorted(set(by_stem) - set(seen))
         if unmatched:
             raise ValueError(f"masks in {self.mask_dir} match no image of {self.abnormal} by name: "
-                             f"{unmatched[:5]}; a mask must have its image's stem (abc.jpg <- abc.png)")
+                             f"{unmatched[:5]}; each mask there must be named as an anomalous image (abc.png for "
+                             f"abc.jpg): move the others out")
         return {path: by_stem.get(stem_key(path.stem)) for path in abnormal}
 
     def test_files(self, root=None, category=None):
