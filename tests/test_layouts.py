@@ -414,8 +414,8 @@ def test_folder_layout_errors(tmp_path):
         _png(tmp_path / 'ok' / f'{i}.png')
     _png(tmp_path / 'ng' / 'a.png')
     _png(tmp_path / 'masks' / 'b.png', mask_box=(0, 0, 3))
-    with pytest.raises(ValueError, match=r"match no image of .*ng by name: \['b'\]; each mask there must be named as an "
-                                         r"anomalous image \(abc.png for abc.jpg\): move the others out"):
+    with pytest.raises(ValueError, match=r"match no image of .*ng by name: \['b'\]; each mask there must be named as "
+                                         r"an anomalous image \(abc.png for abc.jpg\): move the others out"):
         FolderLayout(tmp_path / 'ok', tmp_path / 'ng', tmp_path / 'masks').test_files()
     _png(tmp_path / 'masks' / 'a.png', mask_box=(0, 0, 3))
     _png(tmp_path / 'masks' / 'a.bmp', mask_box=(0, 0, 3))
