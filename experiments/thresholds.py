@@ -9,6 +9,8 @@ with a validation set hold out a fraction of ``train/good`` and never see it: ``
 was trained on: their scores are lower than those of new normal images, and the thresholds flag
 more than ``fpr`` of those). They come from ``DATA_DIR/<category>/train/good`` (default: the data
 folder the model was trained on); ``-i`` takes other normal images instead. No test image is read.
+Images unlike the model's training images in shape or contrast are noted in warnings, as
+``predict.py`` notes them (``Detector.shape_notes``, ``Detector.contrast_notes``).
 
 The image threshold flags at most the fraction ``fpr`` (default 1%) of these images by their
 score (the map's mean), the pixel threshold at most ``fpr`` of their pixels (maps at the model's
@@ -205,8 +207,11 @@ def main(argv=None):
             files, source = normal_image_files(meta, args.data_dir)
         if source != TRAINING_IMAGES:  # (all the training images: the docstring says what that does)
             warn_trained_on(meta, files, source)
-        thresholds = calibrate(detector, [detector.read(path) for path in files], args.fpr,
-                               args.flip_average)
+        images = [detector.read(path) for path in files]
+        for note in (detector.shape_notes(files, [image.shape for image in images])
+                     + detector.contrast_notes(files, images)):  # as predict.py notes them
+            warnings.warn(note)
+        thresholds = calibrate(detector, images, args.fpr, args.flip_average)
         thresholds['source'] = source
         path = store_thresholds(args.model, thresholds, args.out)
         warn_earlier_exports(path, args.out or args.model)  # exports made of a link lie beside it

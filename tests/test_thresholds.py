@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_mvtec_category, save_checkpoint, save_untrained_model
 from experiments import metrics, mvtec_tasks, thresholds
@@ -237,6 +238,17 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     assert {k: v for k, v in given.items() if k != 'source'} == {
         k: v for k, v in from_dir.items() if k != 'source'}
     assert 'trained on these images' not in capsys.readouterr().err  # given images: a warning if trained on
+    odd = tmp_path / 'odd'  # images unlike the training images: noted as predict.py notes them
+    odd.mkdir()
+    Image.fromarray(np.full((40, 120), 9, np.uint8)).save(odd / 'flat_and_wide.png')
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta'].update(train_image_shape=dict(aspect=[1.0, 1.0], long_side=[64, 64]), train_image_span=[80, 200])
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning) as caught:
+        thresholds.main(['-m', str(path), '-i', str(odd)])
+    messages = [str(warning.message) for warning in caught]
+    assert any(message.startswith('1 of 1 images have another aspect ratio') for message in messages)
+    assert any(message.startswith('1 of 1 images have far less contrast') for message in messages)
     thresholds.main(['-m', str(path), '-d', str(root)])  # the default 0.01 of 6 images: none
     assert ("note: at FPR 0.01, 6 images allow none of them to be flagged: the image threshold lies above all "
             "their scores, and it flags new normal images at a rate of about 1/7, not 0.01; 100 images or more"
