@@ -24,7 +24,7 @@ from experiments.training import (LOGIT_LOSSES, RunError, TrainConfig, cpu_has_b
                                   resolve_device, run_differences, run_meta, seed_everything, train)
 from models.resnet import resnet18_classifier, resnet18_enc_dec
 from self_sup_data.images import is_high_depth_file
-from self_sup_data.layouts import FORMATS, make_layout
+from self_sup_data.layouts import FORMATS, DefectFolders, make_layout
 from self_sup_data.mvtec import suggested_intensity_window
 from self_sup_data.recipe import low_contrast_message
 
@@ -481,7 +481,8 @@ def add_layout_arguments(parser):
                        help='folder layout of the data (default: detected; folder needs --normal)')
     group.add_argument('--normal', type=path_argument, metavar='DIR', help='--format folder: the normal images')
     group.add_argument('--abnormal', type=path_argument, metavar='DIR',
-                       help='--format folder: the anomalous test images')
+                       help='--format folder: the anomalous test images (an evaluation takes it alone, with '
+                            '--mask-dir, for models of the folder format: their own normal folder)')
     group.add_argument('--mask-dir', type=path_argument, metavar='DIR',
                        help='--format folder: masks of the anomalous images, matched by file stem')
     group.add_argument('--allow-missing-masks', action='store_true',
@@ -489,8 +490,12 @@ def add_layout_arguments(parser):
                             'in a warning; default: a missing mask is an error)')
 
 
-def layout_from_args(args):
-    """The layout that the parsed ``add_layout_arguments`` select (None: detect it)."""
+def layout_from_args(args, test_folders=False):
+    """The layout that the parsed ``add_layout_arguments`` select (None: detect it); with
+    ``test_folders`` (an evaluation), --abnormal and --mask-dir alone are ``DefectFolders`` of models
+    of the folder format, whose normal folder the models record."""
+    if test_folders and args.format is None and args.normal is None and (args.abnormal or args.mask_dir):
+        return DefectFolders(args.abnormal, args.mask_dir)
     return make_layout(args.format, args.normal, args.abnormal, args.mask_dir)
 
 

@@ -51,7 +51,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.layouts import FolderLayout, LocoLayout, layout_for_model
+from self_sup_data.layouts import FolderLayout, LocoLayout, DefectFolders, layout_for_model
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, model_test_side
 from self_sup_data.transforms import Compose
 
@@ -227,7 +227,9 @@ def check_data_dir_needless(selected, layout):
     test set from a data root folder and none was given (-d): in any format but 'folder', given as
     ``layout`` or else the model's (``layout_for_model``)."""
     def reads_root(spec):
-        return not isinstance(layout, FolderLayout) if layout is not None else (spec or {}).get('format') != 'folder'
+        if layout is None or isinstance(layout, DefectFolders):  # the model's own layout
+            return (spec or {}).get('format') != 'folder'
+        return not isinstance(layout, FolderLayout)
     needing = [(path, meta) for path, meta in selected  # an unreadable one fails as its own row
                if 'error' not in meta and reads_root(meta.get('layout'))]
     if needing:
@@ -435,7 +437,7 @@ def main(argv=None):
         lambda figure_dir: evaluate_checkpoints(
             args.model_dir, args.data_dir, args.settings, args.categories, device=args.device,
             batch_size=args.batch_size, figure_dir=figure_dir, one_class_names=args.one_class,
-            flip_average=args.flip_average, layout=layout_from_args(args),
+            flip_average=args.flip_average, layout=layout_from_args(args, test_folders=True),
             allow_missing_masks=args.allow_missing_masks),
         lambda records: write_report(records, args.out_dir, paper_layout=args.paper_layout,
                                      percent=args.percent),

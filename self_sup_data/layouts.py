@@ -601,13 +601,32 @@ def layout_from_spec(spec):
     return make_layout(spec.pop('format'), **spec)
 
 
+class DefectFolders:
+    """The test folders of models of the folder format, given to an evaluation without
+    ``--format folder --normal``: ``abnormal`` (None: each model's own) and ``mask_dir``, with each
+    model's own normal folder (``layout_for_model``), e.g. defect images found after training."""
+
+    def __init__(self, abnormal=None, mask_dir=None):
+        self.abnormal, self.mask_dir = abnormal, mask_dir
+
+
 def layout_for_model(layout, spec):
     """The layout in which a trained model's data are read: ``layout`` (given on the command line)
     or else the one of the model's ``spec`` (None: detect). A folder layout given for a model of
     the folder format gets the model's ``held_out_sha256``, so that a changed normal folder is
-    refused however the folders are named."""
+    refused however the folders are named; ``DefectFolders`` get the model's normal folder (a
+    ValueError for a model of another format)."""
     if layout is None:
         return layout_from_spec(spec)
+    if isinstance(layout, DefectFolders):
+        if not spec or spec.get('format') != 'folder':
+            layout_name = (spec or {}).get('format', 'detected')
+            raise ValueError(f"--abnormal and --mask-dir without --format folder are the test folders of models of "
+                             f"the folder format; this model's data are in the {layout_name} layout of its data "
+                             f"folder (-d)")
+        return FolderLayout(spec['normal'], layout.abnormal or spec.get('abnormal'),
+                            layout.mask_dir or (None if layout.abnormal else spec.get('mask_dir')),
+                            spec.get('held_out_sha256'))
     if isinstance(layout, FolderLayout) and spec and spec.get('format') == 'folder':
         return FolderLayout(layout.normal, layout.abnormal, layout.mask_dir, spec.get('held_out_sha256'))
     return layout

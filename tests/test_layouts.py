@@ -4,6 +4,7 @@ import math
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, MVTecLayout, contents_sha256,
-                                   detect_layout, layout_from_spec, make_layout)
+from self_sup_data.layouts import (FOLDER_CATEGORY, FolderLayout, LocoLayout, MVTecLayout, DefectFolders,
+                                   contents_sha256, detect_layout, layout_for_model, layout_from_spec, make_layout)
 from self_sup_data.mvtec import SelfSupMVTecDataset
 from conftest import make_mvtec_category, save_checkpoint
 
@@ -514,6 +515,31 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     assert 'are not those the model was trained with' in record['error']
 
 
+@pytest.mark.slow
+def test_a_folder_model_trained_on_normal_images_alone_is_evaluated_on_defect_folders_given_later(tmp_path):
+    import train_mvtec
+    from experiments import mvtec_tasks
+    make_mvtec_category(tmp_path / 'data', 'tiny', n_train=8, size=64)
+    category = tmp_path / 'data' / 'tiny'
+    (tmp_path / 'masks').mkdir()
+    for mask in (category / 'ground_truth' / 'crack').iterdir():  # 000_mask.png -> 000.png
+        mask.rename(tmp_path / 'masks' / mask.name.replace('_mask', ''))
+    assert train_mvtec.main(['-s', 'Shift-3', '-o', str(tmp_path / 'models'), '-n', 'widgets', '--epochs', '1',
+                             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--no-figures',
+                             '--format', 'folder', '--normal', str(category / 'train' / 'good')]) == 0
+    # the defect images found later: --abnormal and --mask-dir alone, the normal folder the model's own
+    mvtec_tasks.main(['-m', str(tmp_path / 'models'), '-o', str(tmp_path / 'eval'), '--no-figures',
+                      '--abnormal', str(category / 'test' / 'crack'), '--mask-dir', str(tmp_path / 'masks')])
+    (record,) = pd.read_csv(tmp_path / 'eval' / 'results.csv').to_dict('records')
+    assert record['category'] == 'widgets' and 0 <= record['au_pro'] <= 1  # scored with masks
+    with pytest.raises(ValueError, match=r"--abnormal and --mask-dir without --format folder are the test folders of "
+                                         r"models of the folder format; this model's data are in the mvtec layout"):
+        layout_for_model(DefectFolders(category / 'test' / 'crack'), MVTecLayout().spec())
+    layout = layout_for_model(DefectFolders(None, tmp_path / 'other_masks'),  # masks alone: the model's images
+                              dict(format='folder', normal='/n', abnormal='/a', mask_dir='/m', held_out_sha256='h'))
+    assert (layout.normal, layout.abnormal, layout.mask_dir) == (Path('/n'), Path('/a'), tmp_path / 'other_masks')
+
+
 def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     from self_sup_data.layouts import MVTecLayout
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\)'):
@@ -523,6 +549,9 @@ def test_evaluation_without_data_dir_needs_the_folder_format(tmp_path):
     folder_model = ('f/final_w.pt', dict(layout=dict(format='folder', normal='/n', abnormal=None), data_dir=None))
     mvtec_model = ('m/final_tiny.pt', dict(layout=MVTecLayout().spec(), data_dir='/data'))
     mvtec_tasks.check_data_dir_needless([folder_model], None)
+    mvtec_tasks.check_data_dir_needless([folder_model], DefectFolders('/a'))  # its test folders given alone
+    with pytest.raises(FileNotFoundError, match=r'no data root folder given'):
+        mvtec_tasks.check_data_dir_needless([mvtec_model], DefectFolders('/a'))
     unreadable = ('f/final_w_1.pt', dict(setting='Shift-1', category='w', error='cannot read'))  # fails as its row
     mvtec_tasks.check_data_dir_needless([folder_model, unreadable], None)
     with pytest.raises(FileNotFoundError, match=r'no data root folder given \(-d DATA_DIR\): 2 of the 3 models .* '
