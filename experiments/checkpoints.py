@@ -187,7 +187,7 @@ def find_checkpoints(model_dir, dataset='mvtec', unreadable=None):
     if model_dir.is_file():
         raise NotADirectoryError(f'{model_dir} is a file; the evaluation takes the folder of models (-m), e.g. '
                                  f'the training command\'s output folder, and evaluates every {CHECKPOINT_PATTERN} '
-                                 f'under it (-s, -n: some of them)')
+                                 f'under it (-s selects among them)')
     if not model_dir.is_dir():
         raise FileNotFoundError(f'model folder {model_dir} does not exist; it should hold the '
                                 f'{CHECKPOINT_PATTERN} files written by the training scripts')

@@ -426,7 +426,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     must belong to the same run (``run_differences``: epochs, learning rate, data folder, generator
     arguments ...), then a finished run is skipped and an interrupted one continued. ``prepare()``
     returns (dataset, model, TrainConfig, meta, validator or None); what it prints (a calibrated
-    recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip.
+    recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip;
+    a trained run ends with a line naming its final model.
     Refusals and the errors of ``prepare`` are input errors of the command line ``prog`` (see
     ``exit_on_input_error``). ``replace_other``: with ``resume``, a run of other arguments is
     trained again and replaced instead of refused (for --recipe search candidates, which are not
@@ -465,8 +466,11 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
             return previous
         print(printed.getvalue(), end='')
         with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
-            return train(model, dataset, config, run_dir, name, meta=meta, resume=resume,
-                         validator=validator)
+            meta = train(model, dataset, config, run_dir, name, meta=meta, resume=resume, validator=validator)
+        if first:
+            held = f" ({meta['held_out']} held out for validation)" if meta.get('held_out') else ''
+            print(f"{prog}: {name}: trained on {len(dataset)} images{held}; model in {final_model_path(run_dir, name)}")
+        return meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,8 +485,9 @@ def add_layout_arguments(parser):
                        help='folder layout of the data (default: detected; folder needs --normal)')
     group.add_argument('--normal', type=path_argument, metavar='DIR', help='--format folder: the normal images')
     group.add_argument('--abnormal', type=path_argument, metavar='DIR',
-                       help='--format folder: the anomalous test images (an evaluation takes it alone, with '
-                            '--mask-dir, for models of the folder format: their own normal folder)')
+                       help='--format folder: the anomalous test images (python -m experiments.mvtec_tasks also '
+                            'takes it alone, for models of the folder format with their own normal folder; '
+                            'without --mask-dir, at image level only)')
     group.add_argument('--mask-dir', type=path_argument, metavar='DIR',
                        help='--format folder: masks of the anomalous images, matched by file stem')
     group.add_argument('--allow-missing-masks', action='store_true',

@@ -27,7 +27,9 @@ structural anomalies apart, on the maps of the other pixel metrics.
         [--paper-layout] [--percent] [--format mvtec|visa|loco|ad2|folder ...]
 
 The data layout is each model's own (recorded in its meta), detected for older models, or given
-with ``--format`` (``self_sup_data.layouts``); ``-d`` is not needed for a ``--format folder`` model.
+with ``--format`` (``self_sup_data.layouts``); ``-d`` is not needed for a ``--format folder`` model,
+and ``--abnormal DIR [--mask-dir DIR]`` alone test such models on other defect images with their
+own normal folder (``layouts.DefectFolders``).
 """
 import functools
 import hashlib
@@ -225,7 +227,7 @@ def find_evaluable(model_dir):
 def check_data_dir_needless(selected, layout):
     """FileNotFoundError, before any work, when a model of ``selected`` ((path, meta) pairs) reads its
     test set from a data root folder and none was given (-d): in any format but 'folder', given as
-    ``layout`` or else the model's (``layout_for_model``)."""
+    ``layout`` or else the model's (``layout_for_model``; ``DefectFolders``: the model's own)."""
     def reads_root(spec):
         if layout is None or isinstance(layout, DefectFolders):  # the model's own layout
             return (spec or {}).get('format') != 'folder'
@@ -386,8 +388,8 @@ def warn_seeds_on_other_test_sets(records):
                              for seeds in by_set.values())
             warnings.warn(f"{category} {setting}: the seeds merged in the tables were scored on {len(by_set)} "
                           f"different test sets (other images or masks: {sets}), so their mean mixes them; "
-                          f"evaluate every seed on one test set (with the folder format, pass --normal, --abnormal "
-                          f"and --mask-dir)")
+                          f"evaluate every seed on one test set (models of the folder format: python -m "
+                          f"experiments.mvtec_tasks with --abnormal DIR [--mask-dir DIR])")
 
 
 def write_report(records, out_dir, paper_layout=False, percent=False):

@@ -8,7 +8,8 @@ with a validation set hold out a fraction of ``train/good`` and never see it: ``
 ``self_sup_data.validation.holdout_indices``), else all of its normal training images (which it
 was trained on: their scores are lower than those of new normal images, and the thresholds flag
 more than ``fpr`` of those). They come from ``DATA_DIR/<category>/train/good`` (default: the data
-folder the model was trained on); ``-i`` takes other normal images instead. No test image is read.
+folder the model was trained on; a ``-d`` of other images gives them as ``normal images of
+DATA_DIR``); ``-i`` takes other normal images instead. No test image is read.
 Images unlike the model's training images in shape or contrast are noted in warnings, as
 ``predict.py`` notes them (``Detector.shape_notes``, ``Detector.contrast_notes``).
 
@@ -74,7 +75,8 @@ def normal_image_files(meta, data_dir=None):
                          'or normal images with -i')
     files = train_files(data_dir, meta['category'], layout)
     if not meta.get('held_out'):
-        return files, TRAINING_IMAGES if are_training_images(meta, files) else f'normal images of {data_dir}'
+        return files, TRAINING_IMAGES if are_training_images(meta, files) else (
+            f'normal images of {layout.normal if in_folders else data_dir}')
     try:
         indices = held_out_indices(files, meta, data_dir or 'the folder format')
     except ValueError as error:
@@ -83,12 +85,12 @@ def normal_image_files(meta, data_dir=None):
 
 
 def are_training_images(meta, files):
-    """Whether ``files`` are the images the model of ``meta`` was trained on, by their contents
-    (``train_contents_sha256``), else their names (``train_files_sha256``), as far as it recorded
-    them (a model that recorded neither: taken to be)."""
-    if meta.get('train_contents_sha256'):
-        return contents_sha256(files) == meta['train_contents_sha256']
-    return meta.get('train_files_sha256') in (None, names_sha256(files))
+    """Whether ``files`` are the images the model of ``meta`` was trained on, by their names
+    (``train_files_sha256``), then their contents (``train_contents_sha256``, read only where the
+    names match), as far as it recorded them (a model that recorded neither: taken to be)."""
+    if meta.get('train_files_sha256') not in (None, names_sha256(files)):
+        return False
+    return meta.get('train_contents_sha256') in (None, contents_sha256(files))
 
 
 def training_images(meta):

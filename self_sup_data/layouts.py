@@ -603,8 +603,9 @@ def layout_from_spec(spec):
 
 class DefectFolders:
     """The test folders of models of the folder format, given to an evaluation without
-    ``--format folder --normal``: ``abnormal`` (None: each model's own) and ``mask_dir``, with each
-    model's own normal folder (``layout_for_model``), e.g. defect images found after training."""
+    ``--format folder --normal``: ``abnormal`` (None: each model's own) and ``mask_dir`` (None: the
+    model's own where ``abnormal`` is its own too, else no masks), with each model's own normal
+    folder (``layout_for_model``), e.g. defect images found after training."""
 
     def __init__(self, abnormal=None, mask_dir=None):
         self.abnormal, self.mask_dir = abnormal, mask_dir

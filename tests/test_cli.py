@@ -161,6 +161,8 @@ def test_training_a_tiny_category_lowers_the_loss_and_resume_skips_it(tiny_mvtec
     path = trained_model_path(out, 'Shift-Intensity-M-7', name)
     assert path == out / 'shift_intensity_m' / name / f'final_{name}_shift_intensity_m_7.pt'
     assert last_checkpoint_path(path.parent, f'{name}_shift_intensity_m_7').is_file()
+    printed = capsys.readouterr().out
+    assert f"train_mvtec.py: {name}_shift_intensity_m_7: trained on 6 images; model in {path}\n" in printed
     model, meta = load_model(path)
     assert (meta['setting'], meta['category'], meta['seed'], meta['kind']) == (
         'Shift-Intensity-M-7', name, 7, 'texture')

@@ -1268,5 +1268,5 @@ def test_seeds_scored_on_other_test_sets_are_warned_of_in_their_row():
         mvtec_tasks.warn_seeds_on_other_test_sets(alike + [record(3, 'b'), record(4, 'b')])
     assert [str(warning.message) for warning in caught] == [
         "tex Shift: the seeds merged in the tables were scored on 2 different test sets (other images or masks: seeds "
-        "0, 1; seeds 3, 4), so their mean mixes them; evaluate every seed on one test set (with the folder format, "
-        "pass --normal, --abnormal and --mask-dir)"]
+        "0, 1; seeds 3, 4), so their mean mixes them; evaluate every seed on one test set (models of the folder "
+        "format: python -m experiments.mvtec_tasks with --abnormal DIR [--mask-dir DIR])"]

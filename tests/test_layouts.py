@@ -505,6 +505,8 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     files, source = thresholds.normal_image_files(meta)
     assert files == layout_from_spec(meta['layout']).train_files() and len(files) < 8
     assert source == 'normal training images'
+    _png(files[0], value=7)  # an image replaced under its name: other normal images than those trained on
+    assert thresholds.normal_image_files(meta)[1] == f"normal images of {meta['layout']['normal']}"
     # one more normal image moves the held-out fifth: the evaluation refuses the changed folder
     _png(category / 'train' / 'good' / 'new.png')
     (record,) = mvtec_tasks.evaluate_checkpoints(tmp_path / 'models', None)
