@@ -427,7 +427,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     arguments ...), then a finished run is skipped and an interrupted one continued. ``prepare()``
     returns (dataset, model, TrainConfig, meta, validator or None); what it prints (a calibrated
     recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip;
-    a trained run ends with a line naming its final model.
+    a trained run ends with a line naming its final model (and with --select best its epoch).
     Refusals and the errors of ``prepare`` are input errors of the command line ``prog`` (see
     ``exit_on_input_error``). ``replace_other``: with ``resume``, a run of other arguments is
     trained again and replaced instead of refused (for --recipe search candidates, which are not
@@ -469,7 +469,10 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
             meta = train(model, dataset, config, run_dir, name, meta=meta, resume=resume, validator=validator)
         if first:
             held = f" ({meta['held_out']} held out for validation)" if meta.get('held_out') else ''
-            print(f"{prog}: {name}: trained on {len(dataset)} images{held}; model in {final_model_path(run_dir, name)}")
+            best = (f" (the weights of epoch {meta['best_epoch']}, the best validation score)"
+                    if config.select == 'best' and meta.get('best_epoch') else '')
+            print(f"{prog}: {name}: trained on {len(dataset)} images{held}; model in "
+                  f"{final_model_path(run_dir, name)}{best}")
         return meta
 
 

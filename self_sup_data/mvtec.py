@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, warn_copies
 from self_sup_data.images import (GREY_MODES, TRANSPARENT_NOTE, WINDOW_MARGIN, central_box, decode_mask_values,
                                   displayed_file_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
-                                  lossy_compression, opened_image, read_image, resize, resize_mask, to_channels,
-                                  turned_note)
+                                  image_span, lossy_compression, opened_image, read_image, resize, resize_mask,
+                                  to_channels, turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -501,6 +501,32 @@ def _warn_defect_masks(class_name, paths, defect_types, masks, flagged, what, co
                       f"{consequence}")
 
 
+FAINT_FACTOR = 4  # a training image whose span is below the set's median by more than this factor is faint
+
+
+def warn_faint_images(class_name, paths, images, bit_depth=None):
+    """Warn about the training ``images`` (uint8, as read and resized; files ``paths``) whose
+    grey-level span (``images.image_span``) is below the set's median span by more than the factor
+    FAINT_FACTOR: nearly uniform as the network gets them, most often 16-bit files whose data has
+    fewer bits than the others' (8-bit values saved as 16 bits), read with the set's ``bit_depth``
+    (bits, or an intensity window [low, high]; None: 8-bit images)."""
+    spans = np.array([image_span(image) for image in images])
+    if spans.size < 2:
+        return
+    median = float(np.median(spans))
+    faint = np.flatnonzero(spans < median / FAINT_FACTOR)
+    if not faint.size:
+        return
+    reading = (None if bit_depth is None else f'as {bit_depth}-bit data' if isinstance(bit_depth, numbers.Integral)
+               else f'with the intensity window {bit_depth[0]}..{bit_depth[1]}')
+    cause = '' if reading is None else (
+        f"; 16-bit files are read {reading}, so one whose data has fewer bits (8-bit values saved as 16 bits, say) "
+        f"reads nearly black: save such images as 8-bit files, or scale their data to the others' range")
+    warnings.warn(f"{class_name}: {len(faint)} of {spans.size} training images have far less contrast than the others: "
+                  f"their grey levels span at most {spans[faint].max()} of 0..255 as read, the median image's "
+                  f"{median:g} (first: {paths[faint[0]]}, {spans[faint[0]]}){cause}")
+
+
 def warn_empty_masks(class_name, paths, defect_types, masks, side):
     """Warn, with their count and the first path, about defect images whose mask has no defect
     pixel at ``side`` pixels (none in the file, or a defect too small to survive the resize):
@@ -727,7 +753,9 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
         labels = has_mask = None
-        if not is_train:
+        if is_train:
+            warn_faint_images(class_name, paths, images, bit_depth)
+        else:
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)

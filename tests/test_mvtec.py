@@ -695,3 +695,21 @@ def test_masks_stay_on_their_images_when_both_are_resized(tmp_path):
         mask_centre = np.argwhere(small_mask > 0).mean(axis=0)
         offsets.append(mask_centre - image_centre)
     assert np.abs(np.mean(offsets, axis=0)).max() < 0.1 and np.abs(offsets).max() < 0.5
+
+
+def test_training_images_of_far_less_contrast_than_the_others_are_warned_of(tmp_path):
+    make_mvtec_category(tmp_path, 'tiny', n_train=6, size=32)
+    good = tmp_path / 'tiny' / 'train' / 'good'
+    files = sorted(good.glob('*.png'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        SelfSupMVTecDataset(tmp_path, 'tiny', is_train=True, low_res=32)  # alike: no warning
+    for path in files:  # 12-bit data in 16-bit files, and one file of 8-bit values saved as 16 bits
+        values = np.asarray(Image.open(path).convert('L')).astype(np.uint16)
+        Image.fromarray(values if path == files[2] else values * 16).save(path)
+    with pytest.warns(UserWarning, match=rf"tiny: 1 of 6 training images have far less contrast than the others: .*"
+                                         rf"\(first: {re.escape(str(files[2]))}, \d+\); 16-bit files are read as "
+                                         rf"12-bit data, so one whose data has fewer bits .* reads nearly black"):
+        dataset = SelfSupMVTecDataset(tmp_path, 'tiny', is_train=True, low_res=32)
+    assert dataset.bit_depth == 12
+    mvtec.warn_faint_images('x', ['a'], [np.zeros((4, 4), np.uint8)])  # one image: nothing to compare with

@@ -130,6 +130,9 @@ def test_a_force_run_leaves_no_file_of_the_run_it_replaced(tmp_path, monkeypatch
             '--batch-size', '3', '--res-scale', '0.25', '--workers', '0', '--recipe', 'table']
     assert train_mvtec.main(argv + ['--epochs', '2', '--val-fraction', '0.1', '--select', 'best']) == 0
     path = trained_model_path(tmp_path / 'out', 'Shift-3', 'tiny')
+    best_epoch = load_model(path)[1]['best_epoch']
+    assert (f"tiny_shift_3: trained on 11 images (1 held out for validation); model in {path} (the weights of epoch "
+            f"{best_epoch}, the best validation score)\n") in capsys.readouterr().out
     earlier = {p.name for p in path.parent.iterdir()}
     assert {'best_tiny_shift_3.pt', 'tiny_shift_3_validation.csv', 'tiny_shift_3_validation.png',
             'tiny_shift_3_samples_epoch0002.png'} <= earlier
