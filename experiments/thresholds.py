@@ -43,7 +43,8 @@ from experiments.detector import Detector
 from experiments.export import FORMATS, default_export_path
 from self_sup_data.images import image_files
 from experiments.validation import held_out_indices
-from self_sup_data.layouts import contents_sha256, identical_files, layout_from_spec, names_sha256
+from self_sup_data.layouts import (FolderLayout, contents_sha256, detect_layout, identical_files, layout_from_spec,
+                                   names_sha256)
 from self_sup_data.mvtec import train_files
 from self_sup_data.images import central_box
 
@@ -111,6 +112,38 @@ def training_images(meta):
     if meta.get('train_files_sha256') not in (None, names_sha256(trained)):
         return set()  # images added, removed or renamed since
     return {Path(path).resolve() for path in trained}
+
+
+def normal_test_images(meta):
+    """Resolved paths of the normal test images of the model of ``meta``, as far as they can be
+    found: the fifth of the normal images that the folder format holds out, or the 'good' test images
+    of its category in its data folder, in its layout; an empty set otherwise (chest X-rays, whose
+    test lists are given to the evaluation)."""
+    if meta.get('dataset') == 'chest_xray':  # its test lists are the evaluation's to give
+        return set()
+    layout = layout_from_spec(meta.get('layout'))
+    try:
+        if isinstance(layout, FolderLayout):
+            files = layout.normal_test_files()
+        else:
+            data_dir = meta['data_dir']
+            tested = (layout or detect_layout(data_dir, meta['category'])).test_files(data_dir, meta['category'])
+            files = [path for path, kind in zip(tested.paths, tested.defect_types) if kind == 'good']
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {Path(path).resolve() for path in files}
+
+
+def warn_test_images(meta, files):
+    """Warn where the normal ``files`` given for the thresholds include the model's normal test
+    images (``normal_test_images``): the evaluation's precision and recall at the thresholds would
+    then be measured on images that set them."""
+    tested = normal_test_images(meta)
+    seen = [str(path) for path in files if Path(path).resolve() in tested]
+    if seen:
+        warnings.warn(f"{len(seen)} of the {len(files)} given normal images are normal test images of the model's "
+                      f"data, e.g. {seen[:2]}: the evaluation's precision and recall at these thresholds would be "
+                      f"measured on images that set them; give normal images outside its test set")
 
 
 def warn_trained_on(meta, files, source='given normal images'):
@@ -209,6 +242,8 @@ def main(argv=None):
             files, source = normal_image_files(meta, args.data_dir)
         if source != TRAINING_IMAGES:  # (all the training images: the docstring says what that does)
             warn_trained_on(meta, files, source)
+        if args.input:
+            warn_test_images(meta, files)
         images = [detector.read(path) for path in files]
         for note in (detector.shape_notes(files, [image.shape for image in images])
                      + detector.contrast_notes(files, images)):  # as predict.py notes them

@@ -438,6 +438,10 @@ class FolderLayout:
                              f"abc.jpg): move the others out")
         return {path: by_stem.get(stem_key(path.stem)) for path in abnormal}
 
+    def normal_test_files(self):
+        """The normal images held out for testing (the fixed fifth of ``_normal_split``)."""
+        return self._normal_split()[1]
+
     def test_files(self, root=None, category=None):
         if self.abnormal is None:
             raise ValueError("the folder layout needs a folder of anomalous images for testing (--abnormal DIR)")

@@ -505,6 +505,12 @@ def test_folder_format_trains_and_evaluates_from_the_meta(tmp_path):
     files, source = thresholds.normal_image_files(meta)
     assert files == layout_from_spec(meta['layout']).train_files() and len(files) < 8
     assert source == 'normal training images'
+    with pytest.warns(UserWarning, match=r"2 of the 8 given normal images are normal test images of the model's data, "
+                                         r"e.g. .*: the evaluation's precision and recall at these thresholds would"):
+        thresholds.warn_test_images(meta, sorted((category / 'train' / 'good').iterdir()))  # the whole --normal
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        thresholds.warn_test_images(meta, files)  # the images trained on: none of the test fifth
     _png(files[0], value=7)  # an image replaced under its name: other normal images than those trained on
     assert thresholds.normal_image_files(meta)[1] == f"normal images of {meta['layout']['normal']}"
     # one more normal image moves the held-out fifth: the evaluation refuses the changed folder

@@ -238,6 +238,11 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     assert {k: v for k, v in given.items() if k != 'source'} == {
         k: v for k, v in from_dir.items() if k != 'source'}
     assert 'trained on these images' not in capsys.readouterr().err  # given images: a warning if trained on
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta']['data_dir'] = str(root)  # as training records it
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning, match=r"3 of the 3 given normal images are normal test images of the model's data"):
+        thresholds.main(['-m', str(path), '-i', str(root / name / 'test' / 'good')])
     odd = tmp_path / 'odd'  # images unlike the training images: noted as predict.py notes them
     odd.mkdir()
     Image.fromarray(np.full((40, 120), 9, np.uint8)).save(odd / 'flat_and_wide.png')
