@@ -36,8 +36,8 @@ from experiments.arguments import (add_image_reading_arguments, check_image_read
 from experiments.cli import (add_layout_arguments, add_training_arguments, check_evaluation_dir, check_output_dir,
                              check_swa_epochs, check_training_options, exit_on_input_error, exit_on_interrupt,
                              figure_files, found_run, layout_from_args, model_from_args, other_run_message,
-                             prepare_output_dir, print_slow_bf16_note, print_warnings, refuse_existing_run,
-                             refuse_twin_run, remove_report_temporaries, report_problems,
+                             prepare_output_dir, print_slow_bf16_note, print_summary, print_warnings,
+                             refuse_existing_run, refuse_twin_run, remove_report_temporaries, report_problems,
                              reports_from_first_process_only, standardizes_input, train_config,
                              train_unless_finished, warn_low_contrast, warn_unused_reading, write_evaluation)
 from experiments.checkpoints import (NO_THRESHOLDS, SEARCH_DIR, check_one_model_per_seed, model_checksums,
@@ -51,7 +51,7 @@ from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.images import image_shape_summary, image_span_summary
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, contents_sha256, detect_layout, names_sha256
 from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
-                                 load_validation_set, train_files, training_bit_depth)
+                                 load_validation_set, train_files, training_bit_depth, warn_faint_images)
 from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
@@ -271,12 +271,6 @@ def check_one_model_each(out_dir, setting, categories):
         raise ValueError(f"--evaluate would find {error}") from None
 
 
-SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
-                   'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
-# shown where a result has it: a two-stage (CutPaste-3way) model's own image score
-POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
-
-
 def redone_results(records, setting, categories, model_dir):
     """Predicate: whether an earlier result is one that this evaluation (``records``, of ``setting``
     on ``categories``, of the models under ``model_dir``) redoes: of a requested category and
@@ -361,8 +355,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     ``setting`` on ``categories`` under ``out_dir``, every seed found there (runs of several seeds
     into one folder leave tables of all of them, ``mean ± std``), written to ``out_dir/eval`` with
     the ``earlier_results`` of other settings and categories found there; prints one line per
-    model of this evaluation (category, setting, seed) with the figures of SUMMARY_COLUMNS (and
-    POOLED_SUMMARY_COLUMN where a result has it), then the notes and failures of
+    model of this evaluation (``print_summary``), then the notes and failures of
     ``report_problems``, and returns the failed records."""
     eval_dir = Path(out_dir) / 'eval'
     remove_report_temporaries(eval_dir)
@@ -382,14 +375,7 @@ def evaluate_trained(args, setting, data_dir, categories, out_dir):
     if written is not None and kept:
         print(f"{PROG}: the tables also hold {len(kept)} earlier result{'s' * (len(kept) != 1)} of other "
               f"settings, categories or seeds from {eval_dir / 'results.csv'}")
-    columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
-                                     if any(m in r for r in records)}}
-    header = ['category', 'setting', 'seed'] + list(columns.values())
-    rows = [[str(r['category']), str(r['setting']), str(r['seed'])]
-            + [f"{r.get(m, float('nan')):.3f}" for m in columns] for r in records]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    for row in [header] + rows:
-        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
+    print_summary(records)
     if written is not None:
         print(f"{PROG}: evaluation tables in {eval_dir / 'tables'}")
     else:
@@ -482,6 +468,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     if params is None:  # once: not again for --recipe search's candidates and final run
         warn_unused_reading(args, category, dataset)
         warn_low_contrast(args, category, dataset)
+        warn_faint_images(category, dataset.paths, dataset.images, dataset.bit_depth)
     table_params = settings.category_params(category, args.kind, overrides,
                                             use_entry=recipe == 'table')
     if not args.no_mask:

@@ -427,7 +427,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     arguments ...), then a finished run is skipped and an interrupted one continued. ``prepare()``
     returns (dataset, model, TrainConfig, meta, validator or None); what it prints (a calibrated
     recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip;
-    a trained run ends with a line naming its final model (and with --select best its epoch).
+    a trained run ends with a line naming its final model (and with --select best its epoch), but
+    for ``replace_other``.
     Refusals and the errors of ``prepare`` are input errors of the command line ``prog`` (see
     ``exit_on_input_error``). ``replace_other``: with ``resume``, a run of other arguments is
     trained again and replaced instead of refused (for --recipe search candidates, which are not
@@ -467,7 +468,7 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
         print(printed.getvalue(), end='')
         with exit_on_input_error(prog, (RunError, OSError)):  # OSError: a file that cannot be written
             meta = train(model, dataset, config, run_dir, name, meta=meta, resume=resume, validator=validator)
-        if first:
+        if first and not replace_other:  # (not for --recipe search's candidates, which are not results)
             held = f" ({meta['held_out']} held out for validation)" if meta.get('held_out') else ''
             best = (f" (the weights of epoch {meta['best_epoch']}, the best validation score)"
                     if config.select == 'best' and meta.get('best_epoch') else '')
@@ -565,14 +566,34 @@ def remove_report_temporaries(out_dir):
             remove_stale_temporaries(folder, older_than=REPORT_WRITE_SECONDS)
 
 
+SUMMARY_COLUMNS = {'image_auroc_mean': 'image AUROC (mean)', 'image_auroc_max': 'image AUROC (max)',
+                   'pixel_auroc': 'pixel AUROC', 'au_pro': 'AU-PRO'}
+# shown where a result has it: a two-stage (CutPaste-3way) model's own image score
+POOLED_SUMMARY_COLUMN = {'image_auroc_pooled': 'image AUROC (pooled features)'}
+
+
+def print_summary(records):
+    """Print one line per result of ``records`` (category, setting, seed) with the figures of
+    SUMMARY_COLUMNS (and POOLED_SUMMARY_COLUMN where a result has it), under a header."""
+    columns = {**SUMMARY_COLUMNS, **{m: name for m, name in POOLED_SUMMARY_COLUMN.items()
+                                     if any(m in r for r in records)}}
+    header = ['category', 'setting', 'seed'] + list(columns.values())
+    rows = [[str(r['category']), str(r['setting']), str(r['seed'])]
+            + [f"{r.get(m, float('nan')):.3f}" for m in columns] for r in records]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
+
+
 def run_evaluation(args, evaluate, write_report, nothing_found):
     """The body of an evaluation command (parsed ``evaluation_parser`` arguments ``args``):
     ``records = evaluate(figure_dir)`` (None with --no-figures, else OUT_DIR/figures), a
     FileNotFoundError ``nothing_found`` when there are none (or naming MODEL_DIR when every one
     is a requested pair without a checkpoint), ``write_evaluation``; errors and
-    warnings as in ``run_command``, Ctrl-C as in ``exit_on_interrupt``. Prints where the tables
-    are and returns the records; when some records failed (an ``error`` entry), the last lines name
-    each with its reason and the command exits with status 1 once everything else is written."""
+    warnings as in ``run_command``, Ctrl-C as in ``exit_on_interrupt``. Prints each result's figures
+    (``print_summary``) and where the tables are, and returns the records; when some records failed
+    (an ``error`` entry), the last lines name each with its reason and the command exits with
+    status 1 once everything else is written."""
     def work():
         if args.batch_size < 1:
             raise ValueError(f'--batch-size must be a positive integer, got {args.batch_size}')
@@ -585,6 +606,7 @@ def run_evaluation(args, evaluate, write_report, nothing_found):
         if not records:
             raise FileNotFoundError(nothing_found)
         written = write_evaluation(records, args.out_dir, figure_dir, write_report, earlier_figures) is not None
+        print_summary(records)
         if written:
             print(f"{len(records)} results evaluated; tables in {Path(args.out_dir) / 'tables'}")
         elif not any(failed(record) for record in records):

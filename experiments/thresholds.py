@@ -117,18 +117,21 @@ def training_images(meta):
 def normal_test_images(meta):
     """Resolved paths of the normal test images of the model of ``meta``, as far as they can be
     found: the fifth of the normal images that the folder format holds out, or the 'good' test images
-    of its category in its data folder, in its layout; an empty set otherwise (chest X-rays, whose
-    test lists are given to the evaluation)."""
-    if meta.get('dataset') == 'chest_xray':  # its test lists are the evaluation's to give
+    of its category in its data folder, in its layout (its test folders' own warnings silenced); an
+    empty set where they cannot be listed (a data folder moved, a test set the layout refuses) and
+    for chest X-rays, whose test lists are given to the evaluation."""
+    if meta.get('dataset') == 'chest_xray':
         return set()
     layout = layout_from_spec(meta.get('layout'))
     try:
-        if isinstance(layout, FolderLayout):
-            files = layout.normal_test_files()
-        else:
-            data_dir = meta['data_dir']
-            tested = (layout or detect_layout(data_dir, meta['category'])).test_files(data_dir, meta['category'])
-            files = [path for path, kind in zip(tested.paths, tested.defect_types) if kind == 'good']
+        with warnings.catch_warnings():  # the test folders' notes are the evaluation's to give
+            warnings.simplefilter('ignore')
+            if isinstance(layout, FolderLayout):
+                files = layout.normal_test_files()
+            else:
+                data_dir = meta['data_dir']
+                tested = (layout or detect_layout(data_dir, meta['category'])).test_files(data_dir, meta['category'])
+                files = [path for path, kind in zip(tested.paths, tested.defect_types) if kind == 'good']
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     return {Path(path).resolve() for path in files}
@@ -136,8 +139,8 @@ def normal_test_images(meta):
 
 def warn_test_images(meta, files):
     """Warn where the normal ``files`` given for the thresholds include the model's normal test
-    images (``normal_test_images``): the evaluation's precision and recall at the thresholds would
-    then be measured on images that set them."""
+    images (``normal_test_images``; by their paths, not copies): the evaluation's precision and
+    recall at the thresholds would then be measured on images that set them."""
     tested = normal_test_images(meta)
     seen = [str(path) for path in files if Path(path).resolve() in tested]
     if seen:

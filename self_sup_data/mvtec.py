@@ -520,11 +520,11 @@ def warn_faint_images(class_name, paths, images, bit_depth=None):
     reading = (None if bit_depth is None else f'as {bit_depth}-bit data' if isinstance(bit_depth, numbers.Integral)
                else f'with the intensity window {bit_depth[0]}..{bit_depth[1]}')
     cause = '' if reading is None else (
-        f"; 16-bit files are read {reading}, so one whose data has fewer bits (8-bit values saved as 16 bits, say) "
-        f"reads nearly black: save such images as 8-bit files, or scale their data to the others' range")
+        f"; 16-bit files are read {reading}, so a 16-bit file whose data has fewer bits (8-bit values saved as 16 "
+        f"bits, say) reads nearly black: save such images as 8-bit files, or scale their data to the others' range")
     warnings.warn(f"{class_name}: {len(faint)} of {spans.size} training images have far less contrast than the others: "
                   f"their grey levels span at most {spans[faint].max()} of 0..255 as read, the median image's "
-                  f"{median:g} (first: {paths[faint[0]]}, {spans[faint[0]]}){cause}")
+                  f"{median:g} (first: {paths[faint[0]]}, span {spans[faint[0]]}){cause}")
 
 
 def warn_empty_masks(class_name, paths, defect_types, masks, side):
@@ -753,9 +753,7 @@ class SelfSupMVTecDataset(SelfSupImageDataset):
         if transform is None:
             transform, train_size = recipe['transform'], recipe['train_size']
         labels = has_mask = None
-        if is_train:
-            warn_faint_images(class_name, paths, images, bit_depth)
-        else:
+        if not is_train:
             labels = [t != 'good' for t in defect_types]
             has_mask = [t == 'good' or m is not None for t, m in zip(defect_types, mask_paths)]
             warn_empty_masks(class_name, paths, defect_types, masks, low_res)

@@ -254,7 +254,7 @@ def test_evaluate_ends_training_with_the_evaluation_of_every_seed_of_the_setting
     row = next(line.split() for line in printed if line.startswith('tiles'))
     assert row[:3] == ['tiles', 'Shift', '7']
     assert [float(v) for v in row[3:]] == pytest.approx(
-        [results[m][0] for m in train_mvtec.SUMMARY_COLUMNS], abs=5e-4)
+        [results[m][0] for m in cli.SUMMARY_COLUMNS], abs=5e-4)
 
     # a second seed into the same folder: the tables hold both seeds, not the last one alone
     argv[1] = 'Shift-8'

@@ -703,13 +703,16 @@ def test_training_images_of_far_less_contrast_than_the_others_are_warned_of(tmp_
     files = sorted(good.glob('*.png'))
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        SelfSupMVTecDataset(tmp_path, 'tiny', is_train=True, low_res=32)  # alike: no warning
+        alike = SelfSupMVTecDataset(tmp_path, 'tiny', is_train=True, low_res=32)
+        mvtec.warn_faint_images('tiny', alike.paths, alike.images, alike.bit_depth)  # alike: no warning
     for path in files:  # 12-bit data in 16-bit files, and one file of 8-bit values saved as 16 bits
         values = np.asarray(Image.open(path).convert('L')).astype(np.uint16)
         Image.fromarray(values if path == files[2] else values * 16).save(path)
     with pytest.warns(UserWarning, match=rf"tiny: 1 of 6 training images have far less contrast than the others: .*"
-                                         rf"\(first: {re.escape(str(files[2]))}, \d+\); 16-bit files are read as "
-                                         rf"12-bit data, so one whose data has fewer bits .* reads nearly black"):
+                                         rf"\(first: {re.escape(str(files[2]))}, span \d+\); 16-bit files are read "
+                                         rf"as 12-bit data, so a 16-bit file whose data has fewer bits .* reads nearly "
+                                         rf"black"):
         dataset = SelfSupMVTecDataset(tmp_path, 'tiny', is_train=True, low_res=32)
+        mvtec.warn_faint_images('tiny', dataset.paths, dataset.images, dataset.bit_depth)
     assert dataset.bit_depth == 12
     mvtec.warn_faint_images('x', ['a'], [np.zeros((4, 4), np.uint8)])  # one image: nothing to compare with

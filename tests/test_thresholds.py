@@ -241,8 +241,16 @@ def test_thresholds_from_training_images_or_given_images(tiny_mvtec, tmp_path, c
     checkpoint = torch.load(path, weights_only=True)
     checkpoint['meta']['data_dir'] = str(root)  # as training records it
     torch.save(checkpoint, path)
-    with pytest.warns(UserWarning, match=r"3 of the 3 given normal images are normal test images of the model's data"):
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        thresholds.warn_test_images(read_meta(path), sorted((root / name / 'train' / 'good').iterdir()))  # not tested
+    (root / name / 'test' / 'stray.png').write_bytes(b'')  # a file the test folder's listing warns of: not here
+    with pytest.warns(UserWarning) as caught:
         thresholds.main(['-m', str(path), '-i', str(root / name / 'test' / 'good')])
+    assert [str(warning.message) for warning in caught if 'stray' in str(warning.message)] == []
+    assert any(str(warning.message).startswith("3 of the 3 given normal images are normal test images of the model's "
+                                               "data") for warning in caught)
+    (root / name / 'test' / 'stray.png').unlink()
     odd = tmp_path / 'odd'  # images unlike the training images: noted as predict.py notes them
     odd.mkdir()
     Image.fromarray(np.full((40, 120), 9, np.uint8)).save(odd / 'flat_and_wide.png')
