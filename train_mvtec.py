@@ -465,7 +465,8 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
     dataset = SelfSupMVTecDataset(data_dir, category, is_train=True, seed=seed, kind=args.kind,
                                   res_scale=res_scale, exclude=held_out, layout=layout,
                                   bit_depth=image_reading(args) or SET_BIT_DEPTH)
-    if params is None:  # once: not again for --recipe search's candidates and final run
+    first_prepared = params is None  # once: not again for --recipe search's candidates and final run
+    if first_prepared:
         warn_unused_reading(args, category, dataset)
         warn_low_contrast(args, category, dataset)
         warn_faint_images(category, dataset.paths, dataset.images, dataset.bit_depth)
@@ -525,7 +526,7 @@ def prepare_run(args, setting, data_dir, category, params=None, searched=False):
                      loss=setting.loss), select=args.select if held_out.size else 'last')
     validator = None if validation_set is None else Validator(validation_set,
                                                               recipes.val_every(args, config.epochs))
-    if 0 < held_out.size < len(VALIDATION_KINDS):
+    if first_prepared and 0 < held_out.size < len(VALIDATION_KINDS):
         kinds = sorted(set(validation_set.defect_types) - {'good'}, key=VALIDATION_KINDS.index)
         print(f"{PROG}: {category}: note: the validation set holds {held_out.size} held-out "
               f"image{'s' * (held_out.size != 1)}, with "

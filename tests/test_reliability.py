@@ -770,6 +770,10 @@ def test_one_training_image_is_said_or_refused_where_the_task_needs_another(tmp_
     assert ("ten: note: the validation set holds 1 held-out image, with defects of 1 of the 5 kinds "
             "(scar): its score is coarse (its image AUROC, a third of it, compares 1 normal with 1 defective "
             "image, and is 0, 0.5 or 1), and even distant scores may be ties") in capsys.readouterr().out
+    params = train_mvtec.prepare_run(args, setting, root, 'ten')[3]['category_params']
+    assert 'the validation set holds 1 held-out image' in capsys.readouterr().out
+    train_mvtec.prepare_run(args, setting, root, 'ten', params)  # a --recipe search candidate: noted once, before
+    assert 'the validation set holds' not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('background,from_flag,noted', [
