@@ -50,8 +50,9 @@ from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
 from self_sup_data.images import image_shape_summary, image_span_summary
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, contents_sha256, detect_layout, names_sha256
-from self_sup_data.mvtec import (SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set, data_recipe,
-                                 load_validation_set, train_files, training_bit_depth, warn_faint_images)
+from self_sup_data.mvtec import (CHECK_SIZE, SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set,
+                                 data_recipe, load_images, load_validation_set, train_files, training_bit_depth,
+                                 warn_faint_images)
 from self_sup_data.recipe import CALIBRATED_PARAMS
 from self_sup_data.self_sup_tasks import (GENERATOR_VERSION, CutPaste3Way, check_object_pixels,
                                           object_mask)
@@ -179,6 +180,8 @@ def plan(args):
         layout.train_files()  # checks the folders now, not after loading or training
         if layout.abnormal is not None or layout.mask_dir is not None:
             layout.test_files()
+        elif not args.evaluate:  # (--evaluate checks the whole test set)
+            check_held_out_normal_images(layout, image_reading(args) or training_bit_depth(None, None, layout))
         categories = [args.class_name or FOLDER_CATEGORY]
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
@@ -229,6 +232,20 @@ def check_default_swa_epochs(args, categories, overrides, default_epochs=None):
     for category in categories:
         check_swa_epochs(args, default_epochs or settings.training_epochs(
             settings.category_params(category, args.kind, overrides), args.ellipse), category)
+
+
+def check_held_out_normal_images(layout, bit_depth):
+    """ValueError naming a normal image of the folder ``layout`` (trained without --abnormal) that
+    it holds out for testing and that cannot be read (decoded at CHECK_SIZE, with ``bit_depth``):
+    training never reads it, and an evaluation later would fail on it, while removing it moves the
+    held-out fifth, which the model then refuses."""
+    try:
+        load_images(layout.normal_test_files(), CHECK_SIZE, desc='checking the held-out normal images',
+                    bit_depth=bit_depth, stretch_note=False)
+    except ValueError as error:
+        raise ValueError(f"{error}; it is among the normal images held out for testing, which training does not "
+                         f"read and an evaluation later would: replace it (removing it moves the held-out "
+                         f"fifth)") from None
 
 
 def check_evaluable(args, setting, data_dir, categories):

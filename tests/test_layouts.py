@@ -805,6 +805,13 @@ def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
         message = run_error(train_mvtec.main, base + ['--format', 'folder', '--normal', normal, '-n', name],
                             capsys)
         assert f"-n {name!r}: with --format folder the name of the category is a file name" in message
+    # a broken image among the normal images held out for testing: refused now, not at the evaluation
+    held_out = FolderLayout(normal).normal_test_files()[0]
+    held_out.write_bytes(held_out.read_bytes()[:40])
+    message = run_error(train_mvtec.main, base + ['--format', 'folder', '--normal', normal], capsys)
+    assert (f"cannot read image {held_out}" in message and message.endswith(
+        "it is among the normal images held out for testing, which training does not read and an evaluation later "
+        "would: replace it (removing it moves the held-out fifth)"))
     assert not (tmp_path / 'out').exists()  # no demo data written
 
 
