@@ -48,7 +48,7 @@ from experiments.training import (TrainConfig, dict_differences, final_model_pat
                                   run_differences, run_meta)
 from experiments.validation import Validator
 from self_sup_data.demo import DEMO_CATEGORY, make_demo_dataset
-from self_sup_data.images import image_shape_summary, image_span_summary
+from self_sup_data.images import image_shape_summary, image_span_summary, is_high_depth_file
 from self_sup_data.layouts import FOLDER_CATEGORY, LAYOUTS, contents_sha256, detect_layout, names_sha256
 from self_sup_data.mvtec import (CHECK_SIZE, SET_BIT_DEPTH, SelfSupMVTecDataset, category_kind, check_test_set,
                                  data_recipe, load_images, load_validation_set, train_files, training_bit_depth,
@@ -180,8 +180,8 @@ def plan(args):
         layout.train_files()  # checks the folders now, not after loading or training
         if layout.abnormal is not None or layout.mask_dir is not None:
             layout.test_files()
-        elif not args.evaluate:  # (--evaluate checks the whole test set)
-            check_held_out_normal_images(layout, image_reading(args) or training_bit_depth(None, None, layout))
+        if not args.evaluate:  # (--evaluate checks the whole test set)
+            check_held_out_normal_images(layout, image_reading(args))
         categories = [args.class_name or FOLDER_CATEGORY]
         if Path(categories[0]).name != categories[0] or categories[0] in ('.', '..'):
             raise ValueError(f"-n {categories[0]!r}: with --format folder the name of the category is "
@@ -234,18 +234,26 @@ def check_default_swa_epochs(args, categories, overrides, default_epochs=None):
             settings.category_params(category, args.kind, overrides), args.ellipse), category)
 
 
-def check_held_out_normal_images(layout, bit_depth):
-    """ValueError naming a normal image of the folder ``layout`` (trained without --abnormal) that
-    it holds out for testing and that cannot be read (decoded at CHECK_SIZE, with ``bit_depth``):
-    training never reads it, and an evaluation later would fail on it, while removing it moves the
-    held-out fifth, which the model then refuses."""
-    try:
-        load_images(layout.normal_test_files(), CHECK_SIZE, desc='checking the held-out normal images',
-                    bit_depth=bit_depth, stretch_note=False)
-    except ValueError as error:
-        raise ValueError(f"{error}; it is among the normal images held out for testing, which training does not "
-                         f"read and an evaluation later would: replace it (removing it moves the held-out "
-                         f"fifth)") from None
+def check_held_out_normal_images(layout, reading=None):
+    """ValueError naming a normal image of the folder ``layout`` that it holds out for testing and
+    that cannot be read, or holds values beyond the training images' bit depth (decoded at
+    CHECK_SIZE, 16-bit files with ``reading``, the command's --bit-depth or --intensity-range, else
+    the bit depth that training will find, ``training_bit_depth``): training never reads it, and an
+    evaluation later would fail on it, while removing it moves the held-out fifth, which the model
+    then refuses."""
+    held_out = layout.normal_test_files()
+
+    def check(read):
+        try:
+            return read()
+        except ValueError as error:
+            raise ValueError(f"{error}; it is among the normal images held out for testing, which training does not "
+                             f"read and an evaluation later would fail on: fix it now, or replace it (removing it "
+                             f"moves the held-out fifth)") from None
+    if reading is None and check(lambda: any(is_high_depth_file(path) for path in held_out)):
+        reading = training_bit_depth(None, None, layout)  # (a training image's error is its own)
+    check(lambda: load_images(held_out, CHECK_SIZE, desc='checking the held-out normal images', bit_depth=reading,
+                              stretch_note=False))
 
 
 def check_evaluable(args, setting, data_dir, categories):

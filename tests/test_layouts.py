@@ -811,7 +811,7 @@ def test_format_flags_and_data_root_must_agree(tmp_path, capsys):
     message = run_error(train_mvtec.main, base + ['--format', 'folder', '--normal', normal], capsys)
     assert (f"cannot read image {held_out}" in message and message.endswith(
         "it is among the normal images held out for testing, which training does not read and an evaluation later "
-        "would: replace it (removing it moves the held-out fifth)"))
+        "would fail on: fix it now, or replace it (removing it moves the held-out fifth)"))
     assert not (tmp_path / 'out').exists()  # no demo data written
 
 
