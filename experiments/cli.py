@@ -427,8 +427,8 @@ def train_unless_finished(prog, run_dir, name, prepare, resume=False, force=Fals
     arguments ...), then a finished run is skipped and an interrupted one continued. ``prepare()``
     returns (dataset, model, TrainConfig, meta, validator or None); what it prints (a calibrated
     recipe) is shown when the run trains, or when ``prepare`` fails, not before a refusal or a skip;
-    a trained run ends with a line naming its final model (and with --select best its epoch), but
-    for ``replace_other``.
+    a trained run ends with a line naming its final model (and with --select best its epoch), except
+    with ``replace_other``.
     Refusals and the errors of ``prepare`` are input errors of the command line ``prog`` (see
     ``exit_on_input_error``). ``replace_other``: with ``resume``, a run of other arguments is
     trained again and replaced instead of refused (for --recipe search candidates, which are not
