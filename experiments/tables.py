@@ -256,11 +256,13 @@ def to_latex(table):
 EXPORTERS = {'csv': lambda t: t.to_csv(), 'md': to_markdown, 'tex': to_latex}
 
 
-def write_tables(tables, out_dir, formats=('csv', 'md', 'tex')):
-    """Write each table as ``out_dir/<metric>.<format>`` (as one set: ``atomic.write_atomic_set``),
-    then remove the other tables in ``out_dir`` (``remove_other_tables``); returns the written paths."""
+def write_tables(tables, out_dir, formats=('csv', 'md', 'tex'), then=None):
+    """Write each table as ``out_dir/<metric>.<format>`` and then the files of ``then`` ({path:
+    text}, e.g. the results they were built from), as one set (``atomic.write_atomic_set``: a failed
+    write leaves every file as it was), then remove the other tables in ``out_dir``
+    (``remove_other_tables``); returns the paths of the tables written."""
     files = table_files(tables, out_dir, formats)
-    write_atomic_set(text_writes(files))
+    write_atomic_set(text_writes({**files, **(then or {})}))
     remove_other_tables(out_dir, files)
     return list(files)
 
@@ -412,21 +414,18 @@ def mixed_models(records, kept, model_dir):
 
 def write_report(records, out_dir, metrics, paper_layout=False, percent=False):
     """Write ``out_dir/results.csv`` (as ``write_results`` does) and the tables of ``metrics`` as
-    ``out_dir/tables/<metric>.{csv,md,tex}`` (as ``write_tables`` does), all as one set
-    (``atomic.write_atomic_set``: a failed write leaves every file as it was; results.csv is renamed
-    last); returns the tables ``{metric: DataFrame}``. Results of one seed twice: a ValueError naming
-    them, after the results are kept and the tables removed."""
+    ``out_dir/tables/<metric>.{csv,md,tex}``, all as one set (``write_tables``: a failed write leaves
+    every file as it was; results.csv is renamed last); returns the tables ``{metric: DataFrame}``.
+    Results of one seed twice: ``write_results``'s ValueError naming them, after the results are
+    kept and the tables removed."""
     out_dir = Path(out_dir)
     results, tables_dir = out_dir / 'results.csv', out_dir / 'tables'
     frame = _keyed_frame(records)
     try:
         _check_unique(frame)
     except ValueError:
-        write_text_atomic(results, frame.to_csv(index=False))
-        write_tables({}, tables_dir)  # which no longer match them
+        write_results(records, results, tables_dir)  # raises it again, once they are written
         raise
     built = build_tables(records, metrics, paper_layout=paper_layout, percent=percent)
-    files = {**table_files(built, tables_dir), results: frame.to_csv(index=False)}  # results.csv last
-    write_atomic_set(text_writes(files))
-    remove_other_tables(tables_dir, files)
+    write_tables(built, tables_dir, then={results: frame.to_csv(index=False)})
     return built
