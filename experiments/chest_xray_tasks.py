@@ -138,10 +138,13 @@ def warn_copies_of_training_images(meta, data_dir, test_paths, source, checked, 
     compared once (``checked``: a set of those compared, which calls share; ``digests``: the
     file digests, which they share too): the seeds of a setting are trained on one list."""
     names = trained_names(meta)
-    trained_dir = Path(meta.get('data_dir') or data_dir).resolve()
-    if names is None or (trained_dir, names_sha256(names)) in checked:  # (check_not_trained_on warns of the first)
+    if names is None:  # (check_not_trained_on warns of it)
         return
-    checked.add((trained_dir, names_sha256(names)))
+    trained_dir = Path(meta.get('data_dir') or data_dir).resolve()
+    training_set = (trained_dir, names_sha256(names))
+    if training_set in checked:
+        return
+    checked.add(training_set)
     trained = [path for path in (trained_dir / name for name in names) if path.is_file()]
     listed = f" (and any other model trained on {meta['normal_list']})" if meta.get('normal_list') else ''
     warn_copies(f'{source}{listed}', test_paths, trained, 'test images', 'its training images',

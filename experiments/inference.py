@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import metrics
-from self_sup_data.images import central_box, image_span, resize, resize_to, to_channels
+from self_sup_data.images import central_box, image_span, reading_words, resize, resize_to, to_channels
 
 
 def as_image(image, name='image'):
@@ -195,7 +195,7 @@ def contrast_notes(spec, names, spans):
     name, span = faint[0]
     depth = spec.get('bit_depth')
     cause = '' if depth is None else (
-        f"; the model reads 16-bit files as its training images were read ({_reading(depth)}), so a 16-bit file "
+        f"; the model reads 16-bit files as its training images were read ({reading_words(depth)}), so a 16-bit file "
         f"whose data has fewer bits (8-bit values saved as 16 bits, say) reads nearly black"
         f"{'' if isinstance(depth, numbers.Integral) else ', and data outside the window black or white'}: save "
         f"such images as 8-bit files, or scale their data to the training images' range")
@@ -203,13 +203,6 @@ def contrast_notes(spec, names, spans):
             f"their grey levels span at most {max(span for _, span in faint)} of 0..255 as the network gets them, "
             f"the training images' at least {trained[0]} (first: {name}, {span}); the network scores such images "
             f"unlike any it learnt{cause}"]
-
-
-def _reading(depth):
-    """The words for a model's ``bit_depth``: bits, or an intensity window [low, high]."""
-    if isinstance(depth, numbers.Integral):
-        return f'as {depth}-bit data'
-    return f'with the intensity window {depth[0]}..{depth[1]}'
 
 
 def _view_maps(run, images, spec):

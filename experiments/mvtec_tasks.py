@@ -53,7 +53,7 @@ from experiments.plotting import figure_path, plot_test_examples
 from experiments.prediction import check_flip_average, evaluate_variants, undefined_note
 from experiments.settings import parse_setting
 from experiments.training import resolve_device
-from self_sup_data.layouts import FolderLayout, LocoLayout, DefectFolders, layout_for_model
+from self_sup_data.layouts import DefectFolders, FolderLayout, LocoLayout, layout_for_model
 from self_sup_data.mvtec import SelfSupMVTecDataset, category_kind, model_test_side
 from self_sup_data.transforms import Compose
 

@@ -444,6 +444,15 @@ def intensity_window(reading):
     return (0, 2 ** int(reading) - 1) if isinstance(reading, numbers.Integral) else tuple(reading)
 
 
+def reading_words(reading):
+    """How a ``reading`` of 16-bit images reads them, in words for messages: 'as 12-bit data' for
+    bits, 'with the intensity window 100..4000' for a window."""
+    if isinstance(reading, numbers.Integral):
+        return f'as {reading}-bit data'
+    low, high = reading
+    return f'with the intensity window {low}..{high}'
+
+
 def to_uint8(values, reading):
     """Integer pixel values (float arrays too, e.g. resized values) scaled to uint8 0..255 by a
     ``reading`` (``intensity_window``: ``bits``-bit data's 0..2**bits - 1, or a window low..high;

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 from self_sup_data.layouts import LocoLayout, MVTecLayout, detect_layout, warn_copies
 from self_sup_data.images import (GREY_MODES, TRANSPARENT_NOTE, WINDOW_MARGIN, central_box, decode_mask_values,
                                   displayed_file_size, high_bit_depth, high_depth_maximum, high_depth_percentiles,
-                                  image_span, lossy_compression, opened_image, read_image, resize, resize_mask,
-                                  to_channels, turned_note)
+                                  image_span, lossy_compression, opened_image, read_image, reading_words, resize,
+                                  resize_mask, to_channels, turned_note)
 from self_sup_data.self_sup_tasks import PatchParams, SyntheticAnomaly, blends_too_small, patch_ex
 from self_sup_data.validation import VALIDATION_KINDS, make_validation_set
 from self_sup_data.transforms import (CenterCrop, Compose, RandomCrop, RandomRotation,
@@ -517,11 +517,10 @@ def warn_faint_images(class_name, paths, images, bit_depth=None):
     faint = np.flatnonzero(spans < median / FAINT_FACTOR)
     if not faint.size:
         return
-    reading = (None if bit_depth is None else f'as {bit_depth}-bit data' if isinstance(bit_depth, numbers.Integral)
-               else f'with the intensity window {bit_depth[0]}..{bit_depth[1]}')
-    cause = '' if reading is None else (
-        f"; 16-bit files are read {reading}, so a 16-bit file whose data has fewer bits (8-bit values saved as 16 "
-        f"bits, say) reads nearly black: save such images as 8-bit files, or scale their data to the others' range")
+    cause = '' if bit_depth is None else (
+        f"; 16-bit files are read {reading_words(bit_depth)}, so a 16-bit file whose data has fewer bits (8-bit "
+        f"values saved as 16 bits, say) reads nearly black: save such images as 8-bit files, or scale their data to "
+        f"the others' range")
     warnings.warn(f"{class_name}: {len(faint)} of {spans.size} training images have far less contrast than the others: "
                   f"their grey levels span at most {spans[faint].max()} of 0..255 as read, the median image's "
                   f"{median:g} (first: {paths[faint[0]]}, span {spans[faint[0]]}){cause}")
